@@ -1,0 +1,354 @@
+/*
+ * attnx_shm.h — the engine ↔ capture shared-memory protocol (DESIGN §2): segment layout, buffer table,
+ * request table, token arena, Q ring and step ring; the engine-side export API (libattnx-export) and the
+ * capture-side attach / validate API.
+ *
+ * One POSIX shm segment per engine process (per TP rank), named "/attnx.<engine>[.<rank>]", mode 0600.
+ * Layout (all offsets from the segment start, every region 64-byte aligned):
+ *
+ *   ax_shm_header                      versioned header, model shape, producer and consumer counters
+ *   ax_shm_buffer[buf_cap]             buffer table: K pools, Q ring, index tables (host or CUDA)
+ *   ax_shm_request[req_cap]            request table: rid string ↔ 64-bit id, prompt location in the arena
+ *   ax_shm_step[ring_cap]              step ring (ring_cap a power of two), seqlock-published descriptors
+ *   int32_t tokens[arena_cap]          token arena: prompt and step token ids, a circular log
+ *   data[data_size]                    host-memory buffers (K pools, Q ring, index tables) live here
+ *
+ * Producer rules: it never blocks and never waits for the capture. A descriptor is written into slot
+ * seq & (ring_cap-1) only when seq - consumer_tail < ring_cap; otherwise it is dropped and ring_dropped counts
+ * it. The slot's `seq` word is written last with release order (seq+1, so 0 means "never written"); the consumer
+ * reads it with acquire order, copies the descriptor, and re-reads `seq` to detect a torn copy.
+ * Consumer rules: every descriptor is validated against the header and buffer table before any buffer is read
+ * (ax_shm_validate_step); a bad one is rejected and counted, never read. The generation word changes when an
+ * engine restarts; the consumer re-attaches. Token-arena and Q-ring reads re-check the producer's write counter
+ * after the copy (a lapped read is discarded, never returned).
+ *
+ * All multi-byte fields are native-endian (producer and consumer share one host). Every wire struct has a fixed
+ * size checked by static asserts in shm.c. Thread-safety: one producer thread per ax_export (the engine's
+ * scheduler thread), one consumer thread per ax_shm handle.
+ */
+#ifndef ATTNX_SHM_H
+#define ATTNX_SHM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define AX_SHM_MAGIC 0x314d48534e545441ull /* "ATTNSHM1" little-endian */
+#define AX_SHM_VERSION 1u
+#define AX_SHM_NAME_MAX 64     /* segment name including the leading '/' and the NUL */
+#define AX_SHM_RID_MAX 96      /* request id string including the NUL */
+#define AX_SHM_MAX_LAYERS 128  /* layer masks are 128 bits */
+#define AX_SHM_DEFAULT_NAME "/attnx.engine"
+
+/* Element types of exported buffers. */
+enum ax_dtype {
+	AX_DTYPE_F32 = 1,
+	AX_DTYPE_F16 = 2,
+	AX_DTYPE_BF16 = 3,
+	AX_DTYPE_FP8_E4M3 = 4, /* with the buffer's `scale` (value = fp8 · scale) */
+	AX_DTYPE_FP8_E5M2 = 5,
+	AX_DTYPE_I32 = 6,
+	AX_DTYPE_I64 = 7,
+};
+
+/* What a buffer-table entry holds. */
+enum ax_buf_kind {
+	AX_BUF_K_POOL = 1,      /* keys of one layer: [slots, H_kv, D] */
+	AX_BUF_Q_RING = 2,      /* query rows: [rows, H_q_local, D]; one ring for all layers */
+	AX_BUF_INDEX_TOKEN = 3, /* token-level index table (SGLang req_to_token): i32/i64 [rows, ctx] */
+	AX_BUF_INDEX_PAGED = 4, /* paged block table (vLLM): i32 [rows, max_blocks]; block_size in dim[2] */
+};
+
+/* Where a buffer lives. */
+enum ax_buf_loc {
+	AX_LOC_HOST = 1,     /* in this segment at `offset` */
+	AX_LOC_CUDA_IPC = 2, /* cudaIpcMemHandle_t in `handle` (64 bytes), device `device`, byte `offset` into it */
+	AX_LOC_CUDA_VMM = 3, /* cuMem allocation exported as a POSIX fd over the Unix socket `vmm_socket`;
+				 handle[0..7] = allocation id, `offset` into it */
+};
+
+/* One buffer-table entry. 256 bytes. */
+typedef struct ax_shm_buffer {
+	uint32_t kind;       /* enum ax_buf_kind; 0 = unused entry */
+	uint32_t loc;        /* enum ax_buf_loc */
+	uint32_t dtype;      /* enum ax_dtype */
+	int32_t layer;       /* layer index for K pools, -1 otherwise */
+	uint32_t ndim;       /* number of used dims (1..4) */
+	int32_t device;      /* CUDA device ordinal for CUDA locations, -1 for host */
+	uint64_t dim[4];     /* shape, outermost first (K pool: slots, H_kv, D; Q ring: rows, H_q, D; index: rows, ctx) */
+	uint64_t stride[4];  /* strides in elements, outermost first */
+	uint64_t offset;     /* byte offset: into the segment (HOST) or into the IPC/VMM allocation (CUDA) */
+	uint64_t bytes;      /* bytes reachable from offset (extent checked against dims and strides) */
+	float scale;         /* fp8 dequantisation scale (1.0 otherwise) */
+	uint32_t pad0;
+	uint8_t handle[64];  /* cudaIpcMemHandle_t bytes (CUDA_IPC) or allocation id (CUDA_VMM) */
+	char vmm_socket[64]; /* Unix socket path serving VMM fds (CUDA_VMM), NUL-terminated */
+	uint8_t reserved[8];
+} ax_shm_buffer;
+
+/* Request-table entry states. */
+enum ax_req_state { AX_REQ_FREE = 0, AX_REQ_ACTIVE = 1, AX_REQ_ENDED = 2 };
+
+/* One request-table entry. 160 bytes. Written by the producer before the BEGIN descriptor that names it. */
+typedef struct ax_shm_request {
+	uint32_t state;         /* enum ax_req_state (atomic) */
+	uint32_t prompt_len;    /* prompt tokens */
+	uint64_t req_id;        /* 64-bit id, unique for the segment's life (never 0) */
+	uint64_t prompt_pos;    /* token-arena position of the prompt token ids */
+	uint64_t begin_ns;      /* CLOCK_MONOTONIC when the request began */
+	char rid[AX_SHM_RID_MAX]; /* engine request id string, NUL-terminated */
+	uint8_t reserved[24];
+} ax_shm_request;
+
+/* Step descriptor kinds. */
+enum ax_step_kind { AX_STEP_BEGIN = 1, AX_STEP_FORWARD = 2, AX_STEP_END = 3 };
+/* Step flags. */
+enum { AX_STEP_F_PREFILL = 1u << 0 };
+/* End reasons (AX_STEP_END.end_reason). */
+enum ax_end_reason { AX_END_STOP = 1, AX_END_LENGTH = 2, AX_END_ABORT = 3, AX_END_ERROR = 4 };
+
+/*
+ * One step-ring descriptor. 128 bytes.
+ * BEGIN: req_slot, req_id (prompt in the request table). END: req_slot, req_id, end_reason.
+ * FORWARD: query tokens at absolute positions pos0 .. pos0+n_tokens-1 of request req_id; the query at
+ * position p sees keys 0..p (causal), key j read from K pool slot index[index_row][j]; seq_len = pos0+n_tokens.
+ * Q rows are in the Q ring from q_row on, token-major then layer-minor over the set bits of `layers`:
+ * row(t, li) = q_row + t * popcount(layers) + li. Token ids of the queries are n_tokens ints in the arena at tok_pos.
+ */
+typedef struct ax_shm_step {
+	uint64_t seq;         /* seqlock word: descriptor sequence number + 1, written last (release) */
+	uint32_t kind;        /* enum ax_step_kind */
+	uint32_t flags;       /* AX_STEP_F_* */
+	uint64_t req_id;      /* request this step belongs to */
+	uint32_t req_slot;    /* request-table index */
+	uint32_t n_tokens;    /* FORWARD: query tokens in this step (≥ 1) */
+	uint64_t pos0;        /* FORWARD: absolute position of the first query token */
+	uint64_t seq_len;     /* FORWARD: keys visible to the last query (pos0 + n_tokens) */
+	uint32_t index_row;   /* FORWARD: row of the index table holding this request's slots */
+	uint32_t decode_step; /* FORWARD: generated tokens before this step (0 for prefill) */
+	uint64_t q_row;       /* FORWARD: first Q-ring row (monotonic counter; ring row = q_row % rows) */
+	uint64_t layers[2];   /* FORWARD: layers whose Q rows are present (bit l of layers[l/64]) */
+	uint64_t tok_pos;     /* FORWARD: token-arena position of the query token ids */
+	uint32_t end_reason;  /* END: enum ax_end_reason */
+	uint32_t index_buf;   /* FORWARD: buffer-table index of the index table to use */
+	uint64_t t_ns;        /* CLOCK_MONOTONIC when the producer published it */
+	uint8_t reserved[16];
+} ax_shm_step;
+
+/* The segment header. 512 bytes. Fields marked (P) are written by the producer, (C) by the consumer. */
+typedef struct ax_shm_header {
+	uint64_t magic;            /* AX_SHM_MAGIC; written last at creation (release) */
+	uint32_t version;          /* AX_SHM_VERSION */
+	uint32_t header_size;      /* sizeof(ax_shm_header) */
+	uint64_t segment_size;     /* bytes in the whole segment */
+	uint64_t generation;       /* (P) engine start identity: pid << 32 ^ start time; changes on restart */
+	uint32_t engine_pid;       /* (P) */
+	uint32_t rank;             /* TP rank of this segment */
+	uint32_t world_size;       /* TP world size */
+	uint32_t state;            /* (P) 1 = ready, 2 = closed by the engine (atomic) */
+	char engine[32];           /* engine name ("attnx-engine", "sglang", ...) */
+	char model[96];            /* model name as the engine's /v1/models reports it */
+	/* model shape (local to this rank) */
+	uint32_t n_layers;         /* transformer layers */
+	uint32_t n_q_heads;        /* query heads on this rank */
+	uint32_t n_kv_heads;       /* KV heads on this rank */
+	uint32_t head_offset;      /* global index of this rank's first query head */
+	uint32_t n_q_heads_total;  /* query heads over all ranks */
+	uint32_t head_dim;         /* D */
+	uint32_t q_dtype;          /* enum ax_dtype of Q rows */
+	uint32_t k_dtype;          /* enum ax_dtype of K pools */
+	float scale;               /* softmax scale (usually 1/sqrt(D)) */
+	float logit_cap;           /* tanh soft cap (0 = none): s = cap·tanh(s/cap) */
+	int32_t window;            /* sliding window in tokens (0 = full attention) */
+	uint32_t max_ctx;          /* longest sequence the engine serves */
+	/* regions */
+	uint64_t buf_off;          /* buffer table */
+	uint32_t buf_cap;          /* entries */
+	uint32_t buf_count;        /* (P) entries in use (atomic; entries are filled before it grows) */
+	uint64_t req_off;          /* request table */
+	uint32_t req_cap;          /* entries */
+	uint32_t ring_cap;         /* step-ring descriptors, a power of two */
+	uint64_t ring_off;         /* step ring */
+	uint64_t arena_off;        /* token arena */
+	uint64_t arena_cap;        /* int32 entries */
+	uint64_t data_off;         /* host data region */
+	uint64_t data_size;        /* bytes */
+	/* producer counters (atomic) */
+	uint64_t ring_head;        /* (P) next descriptor sequence number */
+	uint64_t ring_dropped;     /* (P) descriptors dropped because the ring was full */
+	uint64_t arena_head;       /* (P) next token-arena position */
+	uint64_t q_head;           /* (P) next Q-ring row */
+	uint64_t heartbeat_ns;     /* (P) CLOCK_MONOTONIC of the last producer heartbeat */
+	uint64_t data_used;        /* (P) bytes of the data region handed out */
+	uint64_t next_req_id;      /* (P) */
+	uint64_t reqs_dropped;     /* (P) requests not exported (request table full) */
+	/* consumer area (atomic) */
+	uint64_t consumer_tail;    /* (C) next descriptor the consumer will read */
+	uint64_t consumer_pid;     /* (C) 0 = no consumer attached */
+	uint64_t consumer_heartbeat_ns; /* (C) */
+	uint64_t want_layers[2];   /* (C) layers whose Q rows the consumer wants (0,0 = none) */
+	uint32_t want_prefill;     /* (C) 1 = export Q rows of prefill tokens too */
+	uint32_t reserved_u32;
+	uint8_t reserved[120];
+} ax_shm_header;
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Pure layout helpers (no segment needed; used by both sides, the validator and the fuzzer).
+ */
+
+/* Bytes of one element of `dtype`; 0 for an unknown dtype. */
+size_t ax_dtype_size(uint32_t dtype);
+/* "f32", "bf16", ...; "?" for unknown. */
+const char *ax_dtype_name(uint32_t dtype);
+/* Parse a dtype name; returns the enum value or -EINVAL. */
+int ax_dtype_parse(const char *name);
+
+/*
+ * Check a buffer-table entry against the segment: known kind/loc/dtype, 1..4 dims, the extent spanned by dims
+ * and strides fits in `bytes`, and for HOST buffers the range lies inside the data region of `h`.
+ * Returns 0 or -EINVAL / -ERANGE. Thread-safe (pure).
+ */
+int ax_shm_validate_buffer(const ax_shm_header *h, const ax_shm_buffer *b);
+
+/*
+ * Check a descriptor copied out of the ring before anything it names is read: kind and flags known, req_slot <
+ * req_cap, for FORWARD n_tokens ≥ 1, seq_len == pos0 + n_tokens ≤ max_ctx, index_buf names a valid index buffer
+ * and index_row/seq_len fit its shape, layers ⊂ [0, n_layers), the Q rows and the token ids lie in ranges
+ * the producer has already written and has not yet overwritten (given the header's head counters).
+ * `bufs` is the buffer table (h->buf_count valid entries). Returns 0 or -EINVAL / -ERANGE / -ESTALE (lapped).
+ * Thread-safe (pure; reads the counters once).
+ */
+int ax_shm_validate_step(const ax_shm_header *h, const ax_shm_buffer *bufs, const ax_shm_step *s);
+
+/* Check a header read from a segment of `mapped_size` bytes: magic, version, sizes, region bounds and
+ * alignment, ring_cap a power of two, model shape sane (n_q_heads a multiple of n_kv_heads, head_dim ≤ 1024).
+ * Returns 0, -EPROTO (bad magic/version), -EINVAL or -ERANGE. Thread-safe (pure). */
+int ax_shm_validate_header(const ax_shm_header *h, uint64_t mapped_size);
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Engine side: libattnx-export.
+ */
+typedef struct ax_export ax_export;
+
+typedef struct ax_export_config {
+	const char *name;        /* segment name ("/attnx.engine"); NULL = AX_SHM_DEFAULT_NAME */
+	const char *engine;      /* engine name for the header */
+	const char *model;       /* model name */
+	uint32_t rank, world_size;
+	uint32_t n_layers, n_q_heads, n_kv_heads, head_offset, n_q_heads_total, head_dim;
+	uint32_t q_dtype, k_dtype; /* enum ax_dtype */
+	float scale, logit_cap;
+	int32_t window;
+	uint32_t max_ctx;
+	uint32_t buf_cap;        /* 0 = 2 * n_layers + 8 */
+	uint32_t req_cap;        /* 0 = 1024 */
+	uint32_t ring_cap;       /* 0 = 16384; rounded up to a power of two */
+	uint64_t arena_cap;      /* 0 = 4 Mi tokens */
+	uint64_t data_size;      /* bytes for host buffers (K pools, Q ring, index tables) */
+} ax_export_config;
+
+/* Create (or replace a stale) segment and map it. The segment is unlinked by ax_export_close.
+ * Returns 0 and sets *out, or -EINVAL (bad config), -ENAMETOOLONG, -EEXIST (a live engine owns the name),
+ * or a negative errno from shm_open/ftruncate/mmap. Not thread-safe against other calls on the same handle. */
+int ax_export_open(ax_export **out, const ax_export_config *cfg);
+/* Mark the segment closed, unmap and unlink it. Accepts NULL. */
+void ax_export_close(ax_export *ex);
+/* The mapped header (for engines that want to read the consumer area). Never NULL for an open handle. */
+ax_shm_header *ax_export_header(ax_export *ex);
+
+/* Allocate a host buffer of `desc->bytes` bytes in the data region (64-byte aligned), fill in its offset,
+ * append the entry to the buffer table, and return the pointer through *ptr and the table index through *index.
+ * desc->loc must be AX_LOC_HOST. Returns 0, -ENOSPC (table or data region full) or -EINVAL (entry invalid). */
+int ax_export_add_host_buffer(ax_export *ex, const ax_shm_buffer *desc, void **ptr, uint32_t *index);
+/* Append a CUDA buffer entry (IPC handle or VMM id filled by the caller). Returns 0, -ENOSPC or -EINVAL. */
+int ax_export_add_device_buffer(ax_export *ex, const ax_shm_buffer *desc, uint32_t *index);
+
+/* Request begin: claim a request-table entry, copy the prompt into the arena, publish BEGIN.
+ * Returns 0 and sets *req_id (never 0), or -ENOSPC when the request table is full (counted in reqs_dropped;
+ * the engine continues without exporting this request), -EAGAIN if the BEGIN descriptor was dropped (ring
+ * full; the request is still registered and later steps may still be published), -EINVAL for a bad rid. */
+int ax_export_request_begin(ax_export *ex, const char *rid, const int32_t *prompt, uint32_t prompt_len,
+			    uint64_t *req_id);
+/* Request end: publish END and free the entry. Returns 0, -ENOENT (unknown id), -EAGAIN (END dropped; the
+ * entry is still freed). */
+int ax_export_request_end(ax_export *ex, uint64_t req_id, uint32_t reason);
+
+/* Reserve `rows` consecutive Q-ring rows (host Q ring, index `qbuf`); returns their monotonic first row in
+ * *q_row and a pointer to write them through *ptr (the rows never wrap: the ring skips to its start when
+ * needed). Returns 0, -EINVAL (no such host Q ring / rows larger than the ring). */
+int ax_export_q_reserve(ax_export *ex, uint32_t qbuf, uint32_t rows, uint64_t *q_row, void **ptr);
+
+/* Publish one FORWARD step. `s` carries req_id, n_tokens, pos0, seq_len, index_buf, index_row, decode_step,
+ * q_row, layers and flags; `tokens` holds the n_tokens query token ids (copied into the arena). seq, kind,
+ * req_slot, tok_pos and t_ns are filled here. Never blocks: returns 0, -EAGAIN (ring full: dropped and
+ * counted), -ENOENT (unknown request) or -EINVAL. */
+int ax_export_step(ax_export *ex, const ax_shm_step *s, const int32_t *tokens);
+
+/* Which layers the consumer wants Q rows for, and whether it wants prefill rows; 0 if no consumer is
+ * attached (consumer_pid dead or heartbeat older than 5 s). Cheap; call once per step. */
+int ax_export_wanted(ax_export *ex, uint64_t layers[2], int *prefill);
+
+/* Store the producer heartbeat (call at least once a second; ax_export_step also stores it). */
+void ax_export_heartbeat(ax_export *ex);
+
+/* ----------------------------------------------------------------------------------------------------------
+ * Capture side.
+ */
+typedef struct ax_shm ax_shm;
+
+/* Map an existing segment read-write (the consumer area is written), validate its header and buffer table.
+ * Returns 0, -ENOENT (no segment yet), -EPROTO (bad magic/version), -EINVAL/-ERANGE (bad layout), -EAGAIN
+ * (engine still initialising) or a negative errno from shm_open/mmap. */
+int ax_shm_attach(ax_shm **out, const char *name);
+/* Clear the consumer area (consumer_pid = 0) and unmap. Accepts NULL. */
+void ax_shm_detach(ax_shm *s);
+
+const ax_shm_header *ax_shm_hdr(const ax_shm *s);
+/* Validated copy of the buffer table (entries that failed validation have kind 0). */
+const ax_shm_buffer *ax_shm_buffers(const ax_shm *s, uint32_t *count);
+/* Pointer to a host buffer's first byte, or NULL if `index` is out of range, invalid, or not HOST. */
+const void *ax_shm_host_ptr(const ax_shm *s, uint32_t index);
+/* Index of the first buffer of `kind` (and `layer` for K pools, else pass -1); -ENOENT if none. */
+int ax_shm_find_buffer(const ax_shm *s, uint32_t kind, int32_t layer);
+
+/* Announce what the consumer wants: layer mask and prefill. Also stores the consumer heartbeat. */
+void ax_shm_set_wanted(ax_shm *s, const uint64_t layers[2], int prefill);
+/* Store the consumer heartbeat. */
+void ax_shm_heartbeat(ax_shm *s);
+
+/*
+ * Take the next descriptor: copy it out, validate it, advance the tail.
+ * Returns 1 with *out filled, 0 if the ring is empty, -ESTALE if the engine restarted or closed (detach and
+ * attach again), or -EBADMSG for a descriptor that failed validation or was torn (it is skipped and counted;
+ * the next call moves on). *lost (may be NULL) receives the number of descriptors the producer dropped since
+ * the previous call (ring full) so the caller can emit a gap.
+ */
+int ax_shm_next(ax_shm *s, ax_shm_step *out, uint64_t *lost);
+
+/* Copy `n` token ids at arena position `pos`; -ESTALE if the producer has overwritten them (before or during
+ * the copy), -ERANGE if they were never written. */
+int ax_shm_read_tokens(ax_shm *s, uint64_t pos, uint32_t n, int32_t *out);
+/* The request-table entry named by a BEGIN/END/FORWARD descriptor, copied; -ESTALE if the slot no longer
+ * holds req_id. The prompt is read with ax_shm_read_tokens(prompt_pos, prompt_len). */
+int ax_shm_read_request(ax_shm *s, uint32_t slot, uint64_t req_id, ax_shm_request *out);
+/* After reading Q rows [q_row, q_row+n) of a host Q ring with `rows` rows: 0 if the producer has not lapped them
+ * (the data read is good), -ESTALE otherwise. */
+int ax_shm_check_q(ax_shm *s, uint64_t q_row, uint64_t n, uint64_t rows);
+
+/* Counters of this consumer: descriptors taken, rejected by validation, torn. */
+typedef struct ax_shm_stats {
+	uint64_t taken, rejected, torn, lost;
+} ax_shm_stats;
+void ax_shm_get_stats(const ax_shm *s, ax_shm_stats *out);
+
+/* Is the producer alive? 1 if its pid exists and the heartbeat is younger than `timeout_ns`, 0 otherwise;
+ * -ESTALE if the generation changed since attach. */
+int ax_shm_alive(ax_shm *s, uint64_t timeout_ns);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
