@@ -86,7 +86,7 @@ typedef struct ax_shm_buffer {
 	uint32_t pad0;
 	uint8_t handle[64];  /* cudaIpcMemHandle_t bytes (CUDA_IPC) or allocation id (CUDA_VMM) */
 	char vmm_socket[64]; /* Unix socket path serving VMM fds (CUDA_VMM), NUL-terminated */
-	uint8_t reserved[8];
+	uint8_t reserved[16]; /* zero; sized so the entry is 256 bytes */
 } ax_shm_buffer;
 
 /* Request-table entry states. */
@@ -100,7 +100,7 @@ typedef struct ax_shm_request {
 	uint64_t prompt_pos;    /* token-arena position of the prompt token ids */
 	uint64_t begin_ns;      /* CLOCK_MONOTONIC when the request began */
 	char rid[AX_SHM_RID_MAX]; /* engine request id string, NUL-terminated */
-	uint8_t reserved[24];
+	uint8_t reserved[32];   /* zero; sized so the entry is 160 bytes */
 } ax_shm_request;
 
 /* Step descriptor kinds. */
@@ -135,7 +135,7 @@ typedef struct ax_shm_step {
 	uint32_t end_reason;  /* END: enum ax_end_reason */
 	uint32_t index_buf;   /* FORWARD: buffer-table index of the index table to use */
 	uint64_t t_ns;        /* CLOCK_MONOTONIC when the producer published it */
-	uint8_t reserved[16];
+	uint8_t reserved[24]; /* zero; sized so the descriptor is 128 bytes */
 } ax_shm_step;
 
 /* The segment header. 512 bytes. Fields marked (P) are written by the producer, (C) by the consumer. */
@@ -192,7 +192,7 @@ typedef struct ax_shm_header {
 	uint64_t want_layers[2];   /* (C) layers whose Q rows the consumer wants (0,0 = none) */
 	uint32_t want_prefill;     /* (C) 1 = export Q rows of prefill tokens too */
 	uint32_t reserved_u32;
-	uint8_t reserved[120];
+	uint8_t reserved[104];     /* zero; sized so the header is 512 bytes */
 } ax_shm_header;
 
 /* ----------------------------------------------------------------------------------------------------------
