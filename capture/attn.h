@@ -65,6 +65,12 @@ uint32_t ax_attn_rows(const ax_attn_job *job);
  * Run one job on the CPU. `out` has room for ax_attn_rows(job) results. Returns 0, -EINVAL (bad shape, dtype,
  * mode, top_k, head index), -ERANGE (an index value outside the pool) or -ENOMEM. Thread-safe given a scratch per
  * thread.
+ *
+ * Also -EDOM: a NaN or infinite value in Q or in any visible key (or a score that overflows) fails the job instead
+ * of producing a record; keys outside the window are never read. On any error the contents of `out` are undefined.
+ * Key dtypes: f32, f16, bf16, fp8 e4m3 ("fn": no inf, 0x7f/0xff NaN) and e5m2; k_scale applies to fp8 only.
+ * Limits: H_q ≤ 4096, head_dim ≤ 4096, position < 2^40. mean_prob keeps H_q·n_keys f32 scores in the scratch
+ * up to 64 MiB and reads the keys twice beyond that.
  */
 int ax_attn_cpu(const ax_attn_job *job, ax_attn_scratch *scratch, ax_attn_result *out);
 
@@ -77,5 +83,10 @@ float ax_f16_to_f32(uint16_t h);
 float ax_bf16_to_f32(uint16_t b);
 uint16_t ax_f32_to_f16(float f);   /* round to nearest even */
 uint16_t ax_f32_to_bf16(float f);  /* round to nearest even */
+float ax_fp8_e4m3_to_f32(uint8_t b); /* OCP e4m3fn, unscaled */
+float ax_fp8_e5m2_to_f32(uint8_t b); /* OCP e5m2, unscaled */
+
+/* Internal, for tests: bytes of mean_prob scores the scratch may keep before mean_prob reads the keys twice. */
+void ax__attn_scratch_set_store_cap(ax_attn_scratch *s, size_t bytes);
 
 #endif

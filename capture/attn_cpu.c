@@ -1,1 +1,834 @@
-/* placeholder: replaced by the module's implementation */
+/*
+ * attn_cpu.c — the CPU backend of the capture's compute interface (attn.h): exact top-k attention of one query
+ * row over every visible key, plus the record conversion and the f16/bf16 helpers.
+ *
+ * How it works. The job is validated first (shape, dtypes, top_k, heads) and every visible index value is
+ * checked against the pool (-ERANGE) before any key is touched. The query heads the job needs become "virtual
+ * rows" of f32 in the scratch, grouped by KV head and with the softmax scale folded in; mean_logit without a
+ * logit cap collapses each GQA group into one row (mean_h q_h·k = (mean_h q_h)·k), so it costs H_kv dot
+ * products per key instead of H_q. Keys are then processed in blocks of AX_BLOCK positions: each key row is
+ * read once, each KV head converted to f32 once (bf16/f16/fp8 with bit operations) and dotted against every
+ * virtual row of its group, filling a score tile [rows, block]. Per block, each reduced row feeds an online
+ * logsumexp (running max in f32, sums in f64) and a sorted top-k array (insertion, skipped when the block max
+ * cannot enter). mean_prob needs each head's logsumexp before it can average probabilities, so its tiles are kept
+ * in the scratch (or, past store_cap bytes, recomputed in a second pass) and a second sweep computes
+ * log p_j = log mean_h exp(s_hj − lse_h) in the log domain (no underflow to −inf). Keys are visited in
+ * increasing position, so a strict ">" in the top-k insertion breaks ties by the lower position.
+ *
+ * Inputs that are NaN or infinite (in Q, or in any visible key: they make a dot product non-finite) make the
+ * job fail with -EDOM rather than produce a record; the check costs one multiply-add per score.
+ *
+ * Speed: the loops are written as fixed-width lane arrays so gcc -O3 vectorises them without fast-math, and the
+ * hot functions are compiled for x86-64-v3 (AVX2+FMA) and the baseline via target_clones (capture/BENCH.md).
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attn.h"
+#include "attnx_shm.h"
+
+#define AX_BLOCK 128            /* keys per score tile */
+#define AX_LANES 16             /* width of the lane arrays the vectoriser maps to registers */
+#define AX_PREFETCH 4           /* keys ahead whose rows are prefetched */
+#define AX_MAX_HEADS 4096       /* sanity caps on the job shape */
+#define AX_MAX_HEAD_DIM 4096
+#define AX_STORE_CAP_DEFAULT (64u << 20) /* bytes of mean_prob scores kept instead of a second pass */
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define AX_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define AX_HOT
+#endif
+#define AX_INLINE inline __attribute__((always_inline))
+
+struct ax_attn_scratch {
+	float *q;          /* [rows, D] virtual query rows, f32, scale folded in */
+	float *kf;         /* [D] one key head converted to f32 */
+	float *tile;       /* [rows, tstride] scores of a block (or of all keys for mean_prob) */
+	float *red;        /* [2, AX_BLOCK] reduced rows: mean logit, or max_h and Σ_h exp for mean_prob */
+	float *max;        /* [rows] running maxima of the online logsumexp (then, for mean_prob, lse) */
+	double *sum;       /* [rows] running sums of the online logsumexp */
+	uint32_t *vhead;   /* [rows] local query head of each virtual row */
+	int32_t *outrow;   /* [rows] heads mode: output row of each virtual row */
+	int32_t *hmap;     /* [H_q] heads mode: virtual row of each query head, -1 if not selected */
+	uint32_t *gbeg;    /* [H_kv + 1] virtual rows of KV head g are gbeg[g] .. gbeg[g+1]-1 */
+	size_t cap_q, cap_kf, cap_tile, cap_red, cap_max, cap_sum, cap_vhead, cap_outrow, cap_hmap, cap_gbeg;
+	size_t store_cap;  /* bytes of mean_prob scores kept in `tile` before falling back to two passes */
+};
+
+/* Everything one job needs, derived once. */
+typedef struct plan {
+	const ax_attn_job *job;
+	uint32_t H, Hkv, G, D;     /* query heads, KV heads, group size, head dim */
+	uint32_t rows;             /* virtual rows */
+	int collapsed;             /* mean_logit without cap: one row per KV head */
+	uint64_t start, n;         /* first visible key position, visible keys */
+	size_t esize;              /* bytes per key element */
+	const char *kbase;
+	uint64_t s0, s1;           /* byte strides: slot, kv head */
+} plan;
+
+/* ---- conversions ---------------------------------------------------------------------------------------- */
+
+static AX_INLINE float u2f(uint32_t u)
+{
+	float f;
+	memcpy(&f, &u, sizeof f);
+	return f;
+}
+
+static AX_INLINE uint32_t f2u(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, sizeof u);
+	return u;
+}
+
+static AX_INLINE float bf16_f32(uint16_t b)
+{
+	return u2f((uint32_t)b << 16);
+}
+
+/* Branch-free: the f16 exponent/mantissa moved into f32 position and rescaled by 2^(127-15) is exact for normal
+ * and subnormal halves; an all-ones exponent becomes inf/NaN with its payload. */
+static AX_INLINE float f16_f32(uint16_t h)
+{
+	uint32_t em = h & 0x7fffu;
+	uint32_t u = f2u(u2f(em << 13) * 0x1p112f);
+	u |= em >= 0x7c00u ? 0x7f800000u : 0u;
+	return u2f(u | ((uint32_t)(h & 0x8000u) << 16));
+}
+
+/* OCP e4m3 (the "fn" variant: no infinities, S.1111.111 is NaN), bias 7. */
+static AX_INLINE float e4m3_f32(uint8_t b)
+{
+	uint32_t em = b & 0x7fu;
+	uint32_t u = f2u(u2f(em << 20) * 0x1p120f);
+	u = em == 0x7fu ? 0x7fc00000u : u;
+	return u2f(u | ((uint32_t)(b & 0x80u) << 24));
+}
+
+/* e5m2 is the top byte of an f16. */
+static AX_INLINE float e5m2_f32(uint8_t b)
+{
+	return f16_f32((uint16_t)(b << 8));
+}
+
+float ax_f16_to_f32(uint16_t h)
+{
+	return f16_f32(h);
+}
+
+float ax_bf16_to_f32(uint16_t b)
+{
+	return bf16_f32(b);
+}
+
+float ax_fp8_e4m3_to_f32(uint8_t b)
+{
+	return e4m3_f32(b);
+}
+
+float ax_fp8_e5m2_to_f32(uint8_t b)
+{
+	return e5m2_f32(b);
+}
+
+uint16_t ax_f32_to_bf16(float f)
+{
+	uint32_t u = f2u(f);
+	if ((u & 0x7fffffffu) > 0x7f800000u)
+		return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN (quiet) */
+	u += 0x7fffu + ((u >> 16) & 1u);       /* round to nearest even; overflow carries into inf */
+	return (uint16_t)(u >> 16);
+}
+
+uint16_t ax_f32_to_f16(float f)
+{
+	uint32_t u = f2u(f);
+	uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+	u &= 0x7fffffffu;
+	if (u >= 0x7f800000u)                   /* inf / NaN */
+		return sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u);
+	if (u >= 0x477ff000u)                   /* ≥ 65520 rounds to inf */
+		return sign | 0x7c00u;
+	if (u < 0x38800000u) {                  /* below 2^-14: subnormal half; let the FPU round at 2^-24 */
+		float t = u2f(u) + 0.5f;
+		return sign | (uint16_t)(f2u(t) - 0x3f000000u);
+	}
+	u += 0xc8000fffu + ((u >> 13) & 1u);   /* rebias 127 → 15 (wraps mod 2^32), round to nearest even */
+	return sign | (uint16_t)(u >> 13);
+}
+
+/* ---- vector helpers --------------------------------------------------------------------------------------- */
+
+/* exp for x ≤ ~88 (Cephes polynomial, ~2 ulp): no branches, so loops over it vectorise. x below -87.3 is
+ * clamped, returning ~1e-38 instead of 0, which no sum here can see. */
+static AX_INLINE float ax_expf(float x)
+{
+	x = x < -87.3f ? -87.3f : x;
+	x = x > 88.3f ? 88.3f : x;
+	float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+	float r = x - n * 0.693359375f;
+	r = r - n * -2.12194440e-4f;
+	float p = 1.9875691500e-4f;
+	p = p * r + 1.3981999507e-3f;
+	p = p * r + 8.3334519073e-3f;
+	p = p * r + 4.1665795894e-2f;
+	p = p * r + 1.6666665459e-1f;
+	p = p * r + 5.0000001201e-1f;
+	p = p * r * r + r + 1.0f;
+	return p * u2f((uint32_t)((int32_t)n + 127) << 23);
+}
+
+/* cap·tanh(s/cap) without cancellation: Taylor series below |x| = 0.2, (1-e)/(1+e) with e = exp(-2|x|) above. */
+static AX_INLINE float ax_softcap(float s, float cap, float inv_cap)
+{
+	float x = s * inv_cap;
+	float a = fabsf(x);
+	float x2 = x * x;
+	float small = x * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835)))));
+	float e = ax_expf(-2.0f * a);
+	float big = copysignf((1.0f - e) / (1.0f + e), x);
+	return cap * (a < 0.2f ? small : big);
+}
+
+static AX_INLINE float lanes_sum(const float *a)
+{
+	float t[AX_LANES];
+	memcpy(t, a, sizeof t);
+	for (int w = AX_LANES / 2; w > 0; w /= 2)
+		for (int l = 0; l < w; l++)
+			t[l] += t[l + w];
+	return t[0];
+}
+
+/* ---- scores ----------------------------------------------------------------------------------------------- */
+
+/* Dot products of `nh` (1, 2 or 4) consecutive query rows q [nh, D] with one key head kf [D]; results go to
+ * out[0], out[ostride], ... */
+static AX_INLINE void dots(const float *restrict q, const float *restrict kf, uint32_t D, int nh, float *out,
+			   size_t ostride)
+{
+	float a[4][AX_LANES] = {{0}};
+	uint32_t d = 0;
+	for (; d + AX_LANES <= D; d += AX_LANES)
+		for (int h = 0; h < nh; h++)
+			for (int l = 0; l < AX_LANES; l++)
+				a[h][l] += q[(size_t)h * D + d + l] * kf[d + l];
+	for (int h = 0; h < nh; h++) {
+		float s = lanes_sum(a[h]);
+		for (uint32_t e = d; e < D; e++)
+			s += q[(size_t)h * D + e] * kf[e];
+		out[(size_t)h * ostride] = s;
+	}
+}
+
+static AX_INLINE const float *key_f32(const char *src, uint32_t dtype, uint32_t D, float *restrict kf)
+{
+	switch (dtype) {
+	case AX_DTYPE_BF16:
+		for (uint32_t d = 0; d < D; d++)
+			kf[d] = bf16_f32(((const uint16_t *)src)[d]);
+		return kf;
+	case AX_DTYPE_F16:
+		for (uint32_t d = 0; d < D; d++)
+			kf[d] = f16_f32(((const uint16_t *)src)[d]);
+		return kf;
+	case AX_DTYPE_FP8_E4M3:
+		for (uint32_t d = 0; d < D; d++)
+			kf[d] = e4m3_f32(((const uint8_t *)src)[d]);
+		return kf;
+	case AX_DTYPE_FP8_E5M2:
+		for (uint32_t d = 0; d < D; d++)
+			kf[d] = e5m2_f32(((const uint8_t *)src)[d]);
+		return kf;
+	default:
+		return (const float *)src;
+	}
+}
+
+static AX_INLINE uint64_t slot_of(const ax_attn_job *job, uint64_t j)
+{
+	if (job->index_dtype == AX_DTYPE_I32)
+		return (uint64_t)(int64_t)((const int32_t *)job->index)[j];
+	return (uint64_t)((const int64_t *)job->index)[j];
+}
+
+static AX_INLINE void prefetch_key(const plan *pl, const uint32_t *gbeg, uint64_t slot)
+{
+	const char *row = pl->kbase + slot * pl->s0;
+	size_t len = (size_t)pl->D * pl->esize;
+	for (uint32_t g = 0; g < pl->Hkv; g++) {
+		if (gbeg[g] == gbeg[g + 1])
+			continue;
+		for (size_t off = 0; off < len; off += 64)
+			__builtin_prefetch(row + g * pl->s1 + off);
+	}
+}
+
+/* Scores of keys j0 .. j0+nb-1 for every virtual row: tile[r * tstride + jj]. */
+AX_HOT static void score_block(const plan *pl, const ax_attn_scratch *s, uint64_t j0, uint32_t nb, float *tile,
+			       size_t tstride)
+{
+	const ax_attn_job *job = pl->job;
+	uint64_t end = pl->start + pl->n;
+	for (uint32_t jj = 0; jj < nb; jj++) {
+		uint64_t j = j0 + jj;
+		if (j + AX_PREFETCH < end)
+			prefetch_key(pl, s->gbeg, slot_of(job, j + AX_PREFETCH));
+		const char *row = pl->kbase + slot_of(job, j) * pl->s0;
+		for (uint32_t g = 0; g < pl->Hkv; g++) {
+			uint32_t r = s->gbeg[g], r1 = s->gbeg[g + 1];
+			if (r == r1)
+				continue;
+			const float *kf = key_f32(row + g * pl->s1, job->k_dtype, pl->D, s->kf);
+			for (; r + 4 <= r1; r += 4)
+				dots(s->q + (size_t)r * pl->D, kf, pl->D, 4, tile + r * tstride + jj, tstride);
+			for (; r + 2 <= r1; r += 2)
+				dots(s->q + (size_t)r * pl->D, kf, pl->D, 2, tile + r * tstride + jj, tstride);
+			if (r < r1)
+				dots(s->q + (size_t)r * pl->D, kf, pl->D, 1, tile + r * tstride + jj, tstride);
+		}
+	}
+}
+
+/* Finite check and logit cap over one tile row; returns 0, or NaN if any score is not finite (x·0 is 0 only
+ * for finite x). The check runs before the cap, which would map ±inf to ±cap. */
+AX_HOT static float finish_row(float *t, uint32_t n, float cap)
+{
+	float z[AX_LANES] = {0};
+	uint32_t i = 0;
+	for (; i + AX_LANES <= n; i += AX_LANES)
+		for (int l = 0; l < AX_LANES; l++)
+			z[l] += t[i + l] * 0.0f;
+	float zs = lanes_sum(z);
+	for (; i < n; i++)
+		zs += t[i] * 0.0f;
+	if (cap > 0) {
+		float inv = 1.0f / cap;
+		for (i = 0; i < n; i++)
+			t[i] = ax_softcap(t[i], cap, inv);
+	}
+	return zs;
+}
+
+AX_HOT static float row_max(const float *t, uint32_t n)
+{
+	float m[AX_LANES];
+	for (int l = 0; l < AX_LANES; l++)
+		m[l] = -INFINITY;
+	uint32_t i = 0;
+	for (; i + AX_LANES <= n; i += AX_LANES)
+		for (int l = 0; l < AX_LANES; l++)
+			m[l] = t[i + l] > m[l] ? t[i + l] : m[l];
+	for (; i < n; i++)
+		m[0] = t[i] > m[0] ? t[i] : m[0];
+	float r = m[0];
+	for (int l = 1; l < AX_LANES; l++)
+		r = m[l] > r ? m[l] : r;
+	return r;
+}
+
+/* Σ exp(t[i] - m), lanes in f32 (a block is short), total in f64. */
+AX_HOT static double row_expsum(const float *t, uint32_t n, float m)
+{
+	float a[AX_LANES] = {0};
+	uint32_t i = 0;
+	for (; i + AX_LANES <= n; i += AX_LANES)
+		for (int l = 0; l < AX_LANES; l++)
+			a[l] += ax_expf(t[i + l] - m);
+	double s = lanes_sum(a);
+	for (; i < n; i++)
+		s += ax_expf(t[i] - m);
+	return s;
+}
+
+/* acc[i] = Σ_r rows[r][i] · w over `rows` rows of stride `stride`. */
+AX_HOT static void rows_sum(const float *t, size_t stride, uint32_t rows, uint32_t n, float w, float *acc)
+{
+	for (uint32_t i = 0; i < n; i++)
+		acc[i] = 0;
+	for (uint32_t r = 0; r < rows; r++)
+		for (uint32_t i = 0; i < n; i++)
+			acc[i] += t[r * stride + i];
+	for (uint32_t i = 0; i < n; i++)
+		acc[i] *= w;
+}
+
+/* mean_prob: mx[i] = max_r (t_r[i] - lse_r), ex[i] = Σ_r exp(t_r[i] - lse_r - mx[i]). */
+AX_HOT static void prob_block(const float *t, size_t stride, uint32_t rows, uint32_t n, const float *lse, float *mx,
+			      float *ex)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		mx[i] = -INFINITY;
+		ex[i] = 0;
+	}
+	for (uint32_t r = 0; r < rows; r++)
+		for (uint32_t i = 0; i < n; i++) {
+			float v = t[r * stride + i] - lse[r];
+			mx[i] = v > mx[i] ? v : mx[i];
+		}
+	for (uint32_t r = 0; r < rows; r++)
+		for (uint32_t i = 0; i < n; i++)
+			ex[i] += ax_expf(t[r * stride + i] - lse[r] - mx[i]);
+}
+
+/* ---- top-k and logsumexp ------------------------------------------------------------------------------------ */
+
+/* Insert (v, pos) into the sorted array; positions arrive increasing, so ">" keeps earlier (lower) ties first. */
+static void topk_insert(ax_attn_result *res, uint32_t top_k, float v, int64_t pos)
+{
+	uint32_t i = res->k < top_k ? res->k++ : top_k - 1;
+	while (i > 0 && v > res->logit[i - 1]) {
+		res->logit[i] = res->logit[i - 1];
+		res->pos[i] = res->pos[i - 1];
+		i--;
+	}
+	res->logit[i] = v;
+	res->pos[i] = pos;
+}
+
+static void topk_block(ax_attn_result *res, uint32_t top_k, const float *t, uint32_t n, uint64_t pos0, float bmax)
+{
+	if (res->k == top_k && !(bmax > res->logit[top_k - 1]))
+		return;
+	for (uint32_t i = 0; i < n; i++)
+		if (res->k < top_k || t[i] > res->logit[top_k - 1])
+			topk_insert(res, top_k, t[i], (int64_t)(pos0 + i));
+}
+
+/* Online logsumexp over one block; returns the block max. */
+static float lse_block(float *m, double *sum, const float *t, uint32_t n)
+{
+	float bm = row_max(t, n);
+	if (bm > *m) {
+		*sum *= exp((double)*m - (double)bm);
+		*m = bm;
+	}
+	*sum += row_expsum(t, n, *m);
+	return bm;
+}
+
+/* ---- scratch ------------------------------------------------------------------------------------------------ */
+
+ax_attn_scratch *ax_attn_scratch_new(void)
+{
+	ax_attn_scratch *s = calloc(1, sizeof *s);
+	if (s)
+		s->store_cap = AX_STORE_CAP_DEFAULT;
+	return s;
+}
+
+void ax_attn_scratch_free(ax_attn_scratch *s)
+{
+	if (!s)
+		return;
+	free(s->q);
+	free(s->kf);
+	free(s->tile);
+	free(s->red);
+	free(s->max);
+	free(s->sum);
+	free(s->vhead);
+	free(s->gbeg);
+	free(s->outrow);
+	free(s->hmap);
+	free(s);
+}
+
+void ax__attn_scratch_set_store_cap(ax_attn_scratch *s, size_t bytes)
+{
+	s->store_cap = bytes;
+}
+
+/* Make *p hold at least `bytes` (64-byte aligned, contents not kept). */
+static int grow(void **p, size_t *cap, size_t bytes)
+{
+	if (bytes <= *cap)
+		return 0;
+	void *n = NULL;
+	if (posix_memalign(&n, 64, bytes) != 0)
+		return -ENOMEM;
+	free(*p);
+	*p = n;
+	*cap = bytes;
+	return 0;
+}
+
+static int scratch_reserve(ax_attn_scratch *s, const plan *pl, size_t tile_floats)
+{
+	size_t rows = pl->rows;
+	int rc = grow((void **)&s->q, &s->cap_q, rows * pl->D * sizeof(float));
+	rc = rc ? rc : grow((void **)&s->kf, &s->cap_kf, (size_t)pl->D * sizeof(float));
+	rc = rc ? rc : grow((void **)&s->tile, &s->cap_tile, tile_floats * sizeof(float));
+	rc = rc ? rc : grow((void **)&s->red, &s->cap_red, 2 * AX_BLOCK * sizeof(float));
+	rc = rc ? rc : grow((void **)&s->max, &s->cap_max, rows * sizeof(float));
+	rc = rc ? rc : grow((void **)&s->sum, &s->cap_sum, rows * sizeof(double));
+	rc = rc ? rc : grow((void **)&s->vhead, &s->cap_vhead, rows * sizeof(uint32_t));
+	rc = rc ? rc : grow((void **)&s->outrow, &s->cap_outrow, rows * sizeof(int32_t));
+	rc = rc ? rc : grow((void **)&s->hmap, &s->cap_hmap, (size_t)pl->H * sizeof(int32_t));
+	rc = rc ? rc : grow((void **)&s->gbeg, &s->cap_gbeg, ((size_t)pl->Hkv + 1) * sizeof(uint32_t));
+	return rc;
+}
+
+/* ---- job validation and the plan ------------------------------------------------------------------------------ */
+
+static size_t key_esize(uint32_t dtype)
+{
+	switch (dtype) {
+	case AX_DTYPE_F32:
+		return 4;
+	case AX_DTYPE_F16:
+	case AX_DTYPE_BF16:
+		return 2;
+	case AX_DTYPE_FP8_E4M3:
+	case AX_DTYPE_FP8_E5M2:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+static int is_fp8(uint32_t dtype)
+{
+	return dtype == AX_DTYPE_FP8_E4M3 || dtype == AX_DTYPE_FP8_E5M2;
+}
+
+static int check_heads(const ax_attn_job *job)
+{
+	if (job->mode != AX_MODE_HEADS || !job->heads)
+		return 0;
+	if (job->n_heads == 0 || job->n_heads > AX_MAX_HEADS)
+		return -EINVAL;
+	for (uint32_t i = 0; i < job->n_heads; i++)
+		if (job->heads[i] < 0 || (uint32_t)job->heads[i] >= job->n_q_heads)
+			return -EINVAL;
+	return 0;
+}
+
+static int check_job(const ax_attn_job *job)
+{
+	if (!job || !job->q || !job->k || !job->index)
+		return -EINVAL;
+	if (job->q_dtype != AX_DTYPE_F32 && job->q_dtype != AX_DTYPE_F16 && job->q_dtype != AX_DTYPE_BF16)
+		return -EINVAL;
+	if (key_esize(job->k_dtype) == 0 || (job->index_dtype != AX_DTYPE_I32 && job->index_dtype != AX_DTYPE_I64))
+		return -EINVAL;
+	if (job->n_q_heads == 0 || job->n_q_heads > AX_MAX_HEADS || job->n_kv_heads == 0 ||
+	    job->n_q_heads % job->n_kv_heads != 0 || job->head_dim == 0 || job->head_dim > AX_MAX_HEAD_DIM)
+		return -EINVAL;
+	if (job->mode < AX_MODE_MEAN_LOGIT || job->mode > AX_MODE_HEADS || job->top_k == 0 ||
+	    job->top_k > AX_ATTN_MAX_TOPK || job->window < 0 || job->position >= ((uint64_t)1 << 40))
+		return -EINVAL;
+	if (!isfinite(job->scale) || !isfinite(job->logit_cap) || job->logit_cap < 0)
+		return -EINVAL;
+	if (is_fp8(job->k_dtype) && (!isfinite(job->k_scale) || job->k_scale == 0))
+		return -EINVAL;
+	if (job->k_stride[2] != 1 || job->n_slots == 0)
+		return -EINVAL;
+	/* The farthest element must be addressable: (n_slots-1)·s0 + (H_kv-1)·s1 + D elements. */
+	uint64_t lim = ((uint64_t)1 << 62) / key_esize(job->k_dtype);
+	if (job->k_stride[0] > lim / job->n_slots || job->k_stride[1] > lim / job->n_kv_heads)
+		return -EINVAL;
+	return check_heads(job);
+}
+
+static void plan_init(plan *pl, const ax_attn_job *job)
+{
+	pl->job = job;
+	pl->H = job->n_q_heads;
+	pl->Hkv = job->n_kv_heads;
+	pl->G = pl->H / pl->Hkv;
+	pl->D = job->head_dim;
+	uint64_t nk = job->position + 1;
+	pl->start = job->window > 0 && nk > (uint64_t)job->window ? nk - (uint64_t)job->window : 0;
+	pl->n = nk - pl->start;
+	pl->collapsed = job->mode == AX_MODE_MEAN_LOGIT && job->logit_cap == 0;
+	pl->rows = pl->collapsed ? pl->Hkv : job->mode == AX_MODE_HEADS && job->heads ? 0 : pl->H;
+	pl->esize = key_esize(job->k_dtype);
+	pl->kbase = job->k;
+	pl->s0 = job->k_stride[0] * pl->esize;
+	pl->s1 = job->k_stride[1] * pl->esize;
+}
+
+/* Heads mode with a list: the virtual rows are the distinct selected heads, ascending. */
+static uint32_t count_selected(const ax_attn_job *job, int32_t *hmap)
+{
+	for (uint32_t h = 0; h < job->n_q_heads; h++)
+		hmap[h] = -1;
+	for (uint32_t i = 0; i < job->n_heads; i++)
+		hmap[job->heads[i]] = 0;
+	uint32_t rows = 0;
+	for (uint32_t h = 0; h < job->n_q_heads; h++)
+		if (hmap[h] == 0)
+			hmap[h] = (int32_t)rows++;
+	return rows;
+}
+
+/* Every visible index value must name a slot of the pool; checked before any key is read. */
+static int check_index(const plan *pl)
+{
+	for (uint64_t j = pl->start; j < pl->start + pl->n; j++)
+		if (slot_of(pl->job, j) >= pl->job->n_slots)
+			return -ERANGE;
+	return 0;
+}
+
+static float q_elem(const ax_attn_job *job, size_t i)
+{
+	switch (job->q_dtype) {
+	case AX_DTYPE_F16:
+		return f16_f32(((const uint16_t *)job->q)[i]);
+	case AX_DTYPE_BF16:
+		return bf16_f32(((const uint16_t *)job->q)[i]);
+	default:
+		return ((const float *)job->q)[i];
+	}
+}
+
+/* Virtual query rows in f32 with the scale folded in, grouped by KV head (gbeg). -EDOM on a non-finite Q. */
+static int build_rows(const plan *pl, ax_attn_scratch *s)
+{
+	const ax_attn_job *job = pl->job;
+	double w = (double)job->scale * (is_fp8(job->k_dtype) ? job->k_scale : 1.0);
+	for (size_t i = 0; i < (size_t)pl->H * pl->D; i++)
+		if (!isfinite(q_elem(job, i)))
+			return -EDOM;
+	for (uint32_t g = 0; g <= pl->Hkv; g++)
+		s->gbeg[g] = 0;
+	for (uint32_t r = 0, h = 0; h < pl->H; h++) {
+		if (pl->collapsed || (job->mode == AX_MODE_HEADS && job->heads && s->hmap[h] < 0))
+			continue;
+		s->vhead[r] = h;
+		for (uint32_t d = 0; d < pl->D; d++)
+			s->q[(size_t)r * pl->D + d] = (float)(w * q_elem(job, (size_t)h * pl->D + d));
+		s->gbeg[h / pl->G + 1]++;
+		r++;
+	}
+	if (pl->collapsed) {
+		for (uint32_t g = 0; g < pl->Hkv; g++) {
+			s->vhead[g] = g * pl->G;
+			s->gbeg[g + 1] = 1;
+			for (uint32_t d = 0; d < pl->D; d++) {
+				double acc = 0;
+				for (uint32_t h = g * pl->G; h < (g + 1) * pl->G; h++)
+					acc += q_elem(job, (size_t)h * pl->D + d);
+				s->q[(size_t)g * pl->D + d] = (float)(acc * w / pl->H);
+			}
+		}
+	}
+	for (uint32_t g = 0; g < pl->Hkv; g++)
+		s->gbeg[g + 1] += s->gbeg[g];
+	for (size_t i = 0; i < (size_t)pl->rows * pl->D; i++)
+		if (!isfinite(s->q[i]))
+			return -EDOM;
+	return 0;
+}
+
+/* ---- the three modes -------------------------------------------------------------------------------------------- */
+
+static void result_init(ax_attn_result *res, int32_t head_id)
+{
+	res->head_id = head_id;
+	res->k = 0;
+	res->lse = 0;
+}
+
+/* Scores of one block for every virtual row, checked and capped. */
+static int block_scores(const plan *pl, ax_attn_scratch *s, uint64_t j0, uint32_t nb, float *tile, size_t tstride)
+{
+	score_block(pl, s, j0, nb, tile, tstride);
+	float bad = 0;
+	for (uint32_t r = 0; r < pl->rows; r++)
+		bad += finish_row(tile + r * tstride, nb, pl->job->logit_cap);
+	return bad == 0 ? 0 : -EDOM;
+}
+
+static uint32_t block_len(const plan *pl, uint64_t j0)
+{
+	uint64_t left = pl->start + pl->n - j0;
+	return left < AX_BLOCK ? (uint32_t)left : AX_BLOCK;
+}
+
+static int run_mean_logit(const plan *pl, ax_attn_scratch *s, ax_attn_result *res)
+{
+	float m = -INFINITY;
+	double sum = 0;
+	float w = pl->collapsed ? 1.0f : 1.0f / (float)pl->H;
+	result_init(res, -1);
+	for (uint64_t j0 = pl->start; j0 < pl->start + pl->n; j0 += AX_BLOCK) {
+		uint32_t nb = block_len(pl, j0);
+		int rc = block_scores(pl, s, j0, nb, s->tile, AX_BLOCK);
+		if (rc)
+			return rc;
+		rows_sum(s->tile, AX_BLOCK, pl->rows, nb, w, s->red);
+		float bm = lse_block(&m, &sum, s->red, nb);
+		topk_block(res, pl->job->top_k, s->red, nb, j0, bm);
+	}
+	res->lse = (double)m + log(sum);
+	return 0;
+}
+
+static int run_heads(const plan *pl, ax_attn_scratch *s, ax_attn_result *out)
+{
+	const ax_attn_job *job = pl->job;
+	for (uint32_t r = 0; r < pl->rows; r++) {
+		s->max[r] = -INFINITY;
+		s->sum[r] = 0;
+		result_init(&out[s->outrow[r]], (int32_t)(job->head_offset + s->vhead[r]));
+	}
+	for (uint64_t j0 = pl->start; j0 < pl->start + pl->n; j0 += AX_BLOCK) {
+		uint32_t nb = block_len(pl, j0);
+		int rc = block_scores(pl, s, j0, nb, s->tile, AX_BLOCK);
+		if (rc)
+			return rc;
+		for (uint32_t r = 0; r < pl->rows; r++) {
+			const float *t = s->tile + (size_t)r * AX_BLOCK;
+			float bm = lse_block(&s->max[r], &s->sum[r], t, nb);
+			topk_block(&out[s->outrow[r]], job->top_k, t, nb, j0, bm);
+		}
+	}
+	for (uint32_t r = 0; r < pl->rows; r++)
+		out[s->outrow[r]].lse = (double)s->max[r] + log(s->sum[r]);
+	/* A head listed twice gets a copy of its first row. */
+	for (uint32_t i = 0; job->heads && i < job->n_heads; i++) {
+		int32_t first = s->outrow[s->hmap[job->heads[i]]];
+		if ((uint32_t)first != i)
+			out[i] = out[first];
+	}
+	return 0;
+}
+
+/* mean_prob, second sweep over one block: log p_j = max + log Σ_h exp(·) − log H, top-k of it. L ≤ max, so keys
+ * whose max cannot beat the current k-th entry skip the log. */
+static void prob_topk(const plan *pl, ax_attn_scratch *s, const float *t, size_t tstride, uint64_t j0, uint32_t nb,
+		      ax_attn_result *res)
+{
+	float *mx = s->red, *ex = s->red + AX_BLOCK;
+	uint32_t top_k = pl->job->top_k;
+	float log_h = logf((float)pl->H);
+	prob_block(t, tstride, pl->rows, nb, s->max, mx, ex);
+	for (uint32_t i = 0; i < nb; i++) {
+		if (res->k == top_k && !(mx[i] + 1e-3f > res->logit[top_k - 1]))
+			continue;
+		float l = mx[i] + (logf(ex[i]) - log_h);
+		if (res->k < top_k || l > res->logit[top_k - 1])
+			topk_insert(res, top_k, l, (int64_t)(j0 + i));
+	}
+}
+
+static int run_mean_prob(const plan *pl, ax_attn_scratch *s, ax_attn_result *res, int stored)
+{
+	size_t tstride = stored ? pl->n : AX_BLOCK;
+	for (uint32_t r = 0; r < pl->rows; r++) {
+		s->max[r] = -INFINITY;
+		s->sum[r] = 0;
+	}
+	result_init(res, -1);
+	for (uint64_t j0 = pl->start; j0 < pl->start + pl->n; j0 += AX_BLOCK) {
+		uint32_t nb = block_len(pl, j0);
+		float *t = stored ? s->tile + (j0 - pl->start) : s->tile;
+		int rc = block_scores(pl, s, j0, nb, t, tstride);
+		if (rc)
+			return rc;
+		for (uint32_t r = 0; r < pl->rows; r++)
+			lse_block(&s->max[r], &s->sum[r], t + r * tstride, nb);
+	}
+	for (uint32_t r = 0; r < pl->rows; r++)
+		s->max[r] = (float)((double)s->max[r] + log(s->sum[r]));
+	for (uint64_t j0 = pl->start; j0 < pl->start + pl->n; j0 += AX_BLOCK) {
+		uint32_t nb = block_len(pl, j0);
+		float *t = stored ? s->tile + (j0 - pl->start) : s->tile;
+		if (!stored) {
+			int rc = block_scores(pl, s, j0, nb, t, tstride);
+			if (rc)
+				return rc;
+		}
+		prob_topk(pl, s, t, tstride, j0, nb, res);
+	}
+	res->lse = 0;
+	return 0;
+}
+
+/* ---- public entry points ------------------------------------------------------------------------------------------ */
+
+uint32_t ax_attn_rows(const ax_attn_job *job)
+{
+	if (!job)
+		return 0;
+	if (job->mode != AX_MODE_HEADS)
+		return 1;
+	return job->heads ? job->n_heads : job->n_q_heads;
+}
+
+/* Heads mode: virtual rows and where each one's result goes. */
+static void map_heads(plan *pl, ax_attn_scratch *s)
+{
+	const ax_attn_job *job = pl->job;
+	if (!job->heads) {
+		for (uint32_t h = 0; h < pl->H; h++)
+			s->hmap[h] = (int32_t)h;
+		pl->rows = pl->H;
+	} else {
+		pl->rows = count_selected(job, s->hmap);
+	}
+	for (uint32_t i = ax_attn_rows(job); i-- > 0;)
+		s->outrow[s->hmap[job->heads ? (uint32_t)job->heads[i] : i]] = (int32_t)i;
+}
+
+int ax_attn_cpu(const ax_attn_job *job, ax_attn_scratch *s, ax_attn_result *out)
+{
+	plan pl;
+	if (!s || !out)
+		return -EINVAL;
+	int rc = check_job(job);
+	if (rc)
+		return rc;
+	plan_init(&pl, job);
+	rc = check_index(&pl);
+	if (rc)
+		return rc;
+	if (job->mode == AX_MODE_HEADS && job->heads)
+		pl.rows = job->n_heads; /* upper bound until the distinct heads are counted */
+	int stored = job->mode == AX_MODE_MEAN_PROB && (size_t)pl.rows * pl.n * sizeof(float) <= s->store_cap;
+	rc = scratch_reserve(s, &pl, (size_t)pl.rows * (stored ? pl.n : AX_BLOCK));
+	if (rc)
+		return rc;
+	if (job->mode == AX_MODE_HEADS)
+		map_heads(&pl, s);
+	rc = build_rows(&pl, s);
+	if (rc)
+		return rc;
+	switch (job->mode) {
+	case AX_MODE_MEAN_LOGIT:
+		return run_mean_logit(&pl, s, out);
+	case AX_MODE_HEADS:
+		return run_heads(&pl, s, out);
+	default:
+		return run_mean_prob(&pl, s, out, stored);
+	}
+}
+
+void ax_attn_to_record(const ax_attn_result *res, uint32_t mode, ax_rec_attn *rec)
+{
+	double lse = mode == AX_MODE_MEAN_PROB ? 0.0 : res->lse;
+	double m = res->k ? res->logit[0] : 0, z = 0, mass = 0;
+	for (uint32_t i = 1; i < res->k; i++)
+		m = res->logit[i] > m ? res->logit[i] : m;
+	for (uint32_t i = 0; i < res->k; i++)
+		z += exp((double)res->logit[i] - m);
+	rec->mode = mode;
+	rec->head_id = mode == AX_MODE_HEADS ? res->head_id : -1;
+	rec->k = res->k;
+	for (uint32_t i = 0; i < res->k; i++) {
+		rec->token_positions[i] = res->pos[i];
+		rec->topk_logits[i] = res->logit[i];
+		rec->attention_scores[i] = (float)(exp((double)res->logit[i] - m) / z);
+		mass += exp((double)res->logit[i] - lse);
+	}
+	rec->logsumexp_all = lse;
+	rec->topk_mass = mass > 1.0 ? 1.0 : mass; /* a probability: rounding may not push it past 1 */
+}
