@@ -1,0 +1,617 @@
+/*
+ * shm_test.c — unit tests of the shm module: validators, the export/attach round trip, the ring's error paths
+ * (wrap-around, full ring, torn and malformed descriptors, laps), request-table exhaustion, engine restart and
+ * stale segments, and producer and consumer in two processes (including a stalled consumer and a killed engine).
+ *
+ * Every test gets its own segment named after the test pid and a tag, and unlinks it in teardown. Corruptions are
+ * listed in tables: each row mutates a known-good header, buffer or descriptor and names the error expected.
+ */
+#include "attnx_common.h"
+#include "attnx_shm.h"
+#include "shm_internal.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+/* ---- fixture -------------------------------------------------------------------------------------------- */
+
+enum { LAYERS = 4, HQ = 4, HKV = 2, D = 8, MAXCTX = 256, QROWS = 32, IDXROWS = 4 };
+
+typedef struct fx {
+	char name[AX_SHM_NAME_MAX];
+	ax_export_config cfg;
+	ax_export *ex;
+	ax_shm *sh;
+	uint32_t qbuf, ibuf, kbuf[LAYERS];
+	float *q;     /* Q ring [QROWS, HQ, D] */
+	int32_t *idx; /* index table [IDXROWS, MAXCTX] */
+} fx;
+
+static void seg_name(char *out, const char *tag)
+{
+	snprintf(out, AX_SHM_NAME_MAX, "/attnx.test.%d.%s", (int)getpid(), tag);
+}
+
+static ax_export_config base_cfg(const char *name)
+{
+	return (ax_export_config){.name = name, .engine = "shm_test", .model = "toy", .world_size = 1,
+				  .n_layers = LAYERS, .n_q_heads = HQ, .n_kv_heads = HKV, .head_dim = D,
+				  .q_dtype = AX_DTYPE_F32, .k_dtype = AX_DTYPE_F32, .max_ctx = MAXCTX,
+				  .req_cap = 8, .ring_cap = 8, .arena_cap = 64, .data_size = 1 << 20};
+}
+
+/* Add the Q ring, one token index table and a K pool per layer. */
+static void add_buffers(fx *f)
+{
+	void *p;
+	ax_shm_buffer q = {.kind = AX_BUF_Q_RING, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_F32, .layer = -1, .ndim = 3,
+			   .dim = {QROWS, HQ, D}, .scale = 1};
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &q, &p, &f->qbuf), 0);
+	f->q = p;
+	ax_shm_buffer ix = {.kind = AX_BUF_INDEX_TOKEN, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_I32, .layer = -1,
+			    .ndim = 2, .dim = {IDXROWS, MAXCTX}, .scale = 1};
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &ix, &p, &f->ibuf), 0);
+	f->idx = p;
+	for (int l = 0; l < LAYERS; l++) {
+		ax_shm_buffer k = {.kind = AX_BUF_K_POOL, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_F32, .layer = l,
+				   .ndim = 3, .dim = {MAXCTX, HKV, D}, .scale = 1};
+		assert_int_equal(ax_export_add_host_buffer(f->ex, &k, NULL, &f->kbuf[l]), 0);
+	}
+}
+
+static int fx_open(fx *f, const char *tag, void (*tweak)(ax_export_config *))
+{
+	seg_name(f->name, tag);
+	shm_unlink(f->name);
+	f->cfg = base_cfg(f->name);
+	if (tweak)
+		tweak(&f->cfg);
+	int rc = ax_export_open(&f->ex, &f->cfg);
+	if (rc)
+		return rc;
+	add_buffers(f);
+	return ax_shm_attach(&f->sh, f->name);
+}
+
+static int setup(void **state)
+{
+	fx *f = calloc(1, sizeof *f);
+	*state = f;
+	return fx_open(f, "fx", NULL) ? -1 : 0;
+}
+
+static int teardown(void **state)
+{
+	fx *f = *state;
+	ax_shm_detach(f->sh);
+	ax_export_close(f->ex);
+	shm_unlink(f->name);
+	free(f);
+	return 0;
+}
+
+static uint32_t popcount2(const uint64_t l[2])
+{
+	return (uint32_t)(__builtin_popcountll(l[0]) + __builtin_popcountll(l[1]));
+}
+
+/* The value a test producer writes at Q row element (t, li, h, d) of the step at position pos. */
+static float q_value(uint64_t pos, uint32_t li, uint32_t h, uint32_t d)
+{
+	return (float)(pos * 1000 + li * 100 + h * 10 + d);
+}
+static int32_t tok_value(uint64_t pos) { return (int32_t)(pos * 7 + 3); }
+
+/* Export one FORWARD step with Q rows and token ids of known values. Returns ax_export_step's result. */
+static int put_step(ax_export *ex, uint32_t qbuf, uint32_t ibuf, uint64_t req, uint64_t pos0, uint32_t n,
+		    uint64_t l0)
+{
+	ax_shm_step s = {.req_id = req, .n_tokens = n, .pos0 = pos0, .seq_len = pos0 + n, .index_buf = ibuf,
+			 .index_row = 0, .layers = {l0, 0}};
+	uint32_t nl = popcount2(s.layers);
+	if (nl) {
+		void *p;
+		int rc = ax_export_q_reserve(ex, qbuf, n * nl, &s.q_row, &p);
+		if (rc)
+			return rc;
+		float *q = p;
+		for (uint32_t t = 0; t < n; t++)
+			for (uint32_t li = 0; li < nl; li++)
+				for (uint32_t h = 0; h < HQ; h++)
+					for (uint32_t d = 0; d < D; d++)
+						*q++ = q_value(pos0 + t, li, h, d);
+	}
+	int32_t toks[64];
+	for (uint32_t t = 0; t < n; t++)
+		toks[t] = tok_value(pos0 + t);
+	return ax_export_step(ex, &s, toks);
+}
+
+/* Check a taken FORWARD descriptor's Q rows and token ids against the values put_step wrote. */
+static void check_step_payload(ax_shm *sh, const ax_shm_step *s)
+{
+	int qi = ax_shm_find_buffer(sh, AX_BUF_Q_RING, -1);
+	assert_true(qi >= 0);
+	uint32_t nb;
+	const ax_shm_buffer *b = &ax_shm_buffers(sh, &nb)[qi];
+	const float *q = ax_shm_host_ptr(sh, (uint32_t)qi);
+	uint32_t nl = popcount2(s->layers);
+	float got[8 * 2 * HQ * D];
+	uint64_t n = (uint64_t)s->n_tokens * nl;
+	assert_true(n * HQ * D <= AX_ARRAY_LEN(got));
+	memcpy(got, q + (s->q_row % b->dim[0]) * b->stride[0], n * HQ * D * sizeof(float));
+	assert_int_equal(ax_shm_check_q(sh, s->q_row, n, b->dim[0]), 0);
+	const float *r = got;
+	for (uint32_t t = 0; t < s->n_tokens; t++)
+		for (uint32_t li = 0; li < nl; li++)
+			for (uint32_t h = 0; h < HQ; h++)
+				for (uint32_t d = 0; d < D; d++)
+					assert_true(*r++ == q_value(s->pos0 + t, li, h, d));
+	int32_t toks[64];
+	assert_int_equal(ax_shm_read_tokens(sh, s->tok_pos, s->n_tokens, toks), 0);
+	for (uint32_t t = 0; t < s->n_tokens; t++)
+		assert_int_equal(toks[t], tok_value(s->pos0 + t));
+}
+
+/* ---- pure helpers ------------------------------------------------------------------------------------------ */
+
+static void test_dtypes(void **state)
+{
+	static const struct {
+		uint32_t id;
+		size_t size;
+		const char *name;
+	} cases[] = {{AX_DTYPE_F32, 4, "f32"},	     {AX_DTYPE_F16, 2, "f16"},		 {AX_DTYPE_BF16, 2, "bf16"},
+		     {AX_DTYPE_FP8_E4M3, 1, "fp8_e4m3"}, {AX_DTYPE_FP8_E5M2, 1, "fp8_e5m2"}, {AX_DTYPE_I32, 4, "i32"},
+		     {AX_DTYPE_I64, 8, "i64"}};
+	for (size_t i = 0; i < AX_ARRAY_LEN(cases); i++) {
+		assert_int_equal(ax_dtype_size(cases[i].id), cases[i].size);
+		assert_string_equal(ax_dtype_name(cases[i].id), cases[i].name);
+		assert_int_equal(ax_dtype_parse(cases[i].name), (int)cases[i].id);
+	}
+	assert_int_equal(ax_dtype_parse("BFloat16"), AX_DTYPE_BF16);
+	assert_int_equal(ax_dtype_size(0), 0);
+	assert_int_equal(ax_dtype_size(99), 0);
+	assert_string_equal(ax_dtype_name(99), "?");
+	assert_int_equal(ax_dtype_parse("f33"), -EINVAL);
+	assert_int_equal(ax_dtype_parse(""), -EINVAL);
+	assert_int_equal(ax_dtype_parse(NULL), -EINVAL);
+}
+
+/* ---- header validator ---------------------------------------------------------------------------------------- */
+
+typedef struct hdr_case {
+	const char *what;
+	void (*mutate)(ax_shm_header *h, uint64_t *mapped);
+	int want;
+} hdr_case;
+
+#define HMUT(fn, body) \
+	static void fn(ax_shm_header *h, uint64_t *mapped) { (void)h, (void)mapped; body; }
+HMUT(h_magic, h->magic ^= 1)
+HMUT(h_version, h->version = 2)
+HMUT(h_hsize, h->header_size = 500)
+HMUT(h_truncated, *mapped = h->segment_size - 64)
+HMUT(h_segsmall, h->segment_size = 100)
+HMUT(h_engine_nul, memset(h->engine, 'x', sizeof h->engine))
+HMUT(h_model_nul, memset(h->model, 'x', sizeof h->model))
+HMUT(h_rank, h->rank = h->world_size)
+HMUT(h_world0, h->world_size = 0)
+HMUT(h_layers0, h->n_layers = 0)
+HMUT(h_layers_big, h->n_layers = 129)
+HMUT(h_gqa, h->n_kv_heads = 3)
+HMUT(h_kv0, h->n_kv_heads = 0)
+HMUT(h_hd0, h->head_dim = 0)
+HMUT(h_hd_big, h->head_dim = 2048)
+HMUT(h_heads_total, h->n_q_heads_total = h->n_q_heads - 1)
+HMUT(h_qdtype, h->q_dtype = AX_DTYPE_I32)
+HMUT(h_kdtype, h->k_dtype = 0)
+HMUT(h_scale0, h->scale = 0)
+HMUT(h_scale_nan, h->scale = __builtin_nanf(""))
+HMUT(h_cap_neg, h->logit_cap = -1)
+HMUT(h_window, h->window = -1)
+HMUT(h_maxctx, h->max_ctx = 0)
+HMUT(h_bufcap0, h->buf_cap = 0)
+HMUT(h_bufcount, h->buf_count = h->buf_cap + 1)
+HMUT(h_reqcap, h->req_cap = 70000)
+HMUT(h_ring_pow2, h->ring_cap = 6)
+HMUT(h_ring1, h->ring_cap = 1)
+HMUT(h_arena0, h->arena_cap = 0)
+HMUT(h_arena_huge, h->arena_cap = 1ull << 62)
+HMUT(h_buf_misaligned, h->buf_off += 8)
+HMUT(h_buf_in_header, h->buf_off = 0)
+HMUT(h_req_overlap, h->req_off = h->buf_off)
+HMUT(h_ring_past, h->ring_off = h->segment_size)
+HMUT(h_data_big, h->data_size = h->segment_size)
+HMUT(h_data_wrap, h->data_off = UINT64_MAX - 63)
+HMUT(h_data_used, h->data_used = h->data_size + 1)
+
+static const hdr_case hdr_cases[] = {
+	{"bad magic", h_magic, -EPROTO},
+	{"bad version", h_version, -EPROTO},
+	{"header_size", h_hsize, -EINVAL},
+	{"mapping shorter than segment", h_truncated, -ERANGE},
+	{"segment smaller than header", h_segsmall, -ERANGE},
+	{"engine not NUL-terminated", h_engine_nul, -EINVAL},
+	{"model not NUL-terminated", h_model_nul, -EINVAL},
+	{"rank >= world", h_rank, -EINVAL},
+	{"world 0", h_world0, -EINVAL},
+	{"0 layers", h_layers0, -EINVAL},
+	{"129 layers", h_layers_big, -EINVAL},
+	{"q heads not a multiple of kv heads", h_gqa, -EINVAL},
+	{"0 kv heads", h_kv0, -EINVAL},
+	{"head_dim 0", h_hd0, -EINVAL},
+	{"head_dim 2048", h_hd_big, -EINVAL},
+	{"head range past total", h_heads_total, -EINVAL},
+	{"q dtype not float", h_qdtype, -EINVAL},
+	{"k dtype unknown", h_kdtype, -EINVAL},
+	{"scale 0", h_scale0, -EINVAL},
+	{"scale NaN", h_scale_nan, -EINVAL},
+	{"negative logit cap", h_cap_neg, -EINVAL},
+	{"negative window", h_window, -EINVAL},
+	{"max_ctx 0", h_maxctx, -EINVAL},
+	{"buf_cap 0", h_bufcap0, -EINVAL},
+	{"buf_count > buf_cap", h_bufcount, -EINVAL},
+	{"req_cap too big", h_reqcap, -EINVAL},
+	{"ring_cap not a power of two", h_ring_pow2, -EINVAL},
+	{"ring_cap 1", h_ring1, -EINVAL},
+	{"arena_cap 0", h_arena0, -EINVAL},
+	{"arena past segment", h_arena_huge, -ERANGE},
+	{"misaligned buffer table", h_buf_misaligned, -EINVAL},
+	{"buffer table inside header", h_buf_in_header, -ERANGE},
+	{"request table overlaps buffer table", h_req_overlap, -ERANGE},
+	{"ring past segment end", h_ring_past, -ERANGE},
+	{"data region past segment end", h_data_big, -ERANGE},
+	{"data offset wraps", h_data_wrap, -ERANGE},
+	{"data_used past data_size", h_data_used, -ERANGE},
+};
+
+static void test_validate_header(void **state)
+{
+	fx *f = *state;
+	const ax_shm_header *live = ax_shm_hdr(f->sh);
+	assert_int_equal(ax_shm_validate_header(live, live->segment_size), 0);
+	for (size_t i = 0; i < AX_ARRAY_LEN(hdr_cases); i++) {
+		ax_shm_header h = *live;
+		uint64_t mapped = h.segment_size;
+		hdr_cases[i].mutate(&h, &mapped);
+		int rc = ax_shm_validate_header(&h, mapped);
+		if (rc != hdr_cases[i].want)
+			fail_msg("header case '%s': got %d, want %d", hdr_cases[i].what, rc, hdr_cases[i].want);
+	}
+}
+
+/* ---- buffer validator ---------------------------------------------------------------------------------------- */
+
+typedef struct buf_case {
+	const char *what;
+	uint32_t which; /* 0: Q ring, 1: index table, 2: K pool of layer 0 */
+	void (*mutate)(ax_shm_buffer *b, const ax_shm_header *h);
+	int want;
+} buf_case;
+
+#define BMUT(fn, body) \
+	static void fn(ax_shm_buffer *b, const ax_shm_header *h) { (void)h; body; }
+BMUT(b_kind0, b->kind = 0)
+BMUT(b_kind9, b->kind = 9)
+BMUT(b_loc, b->loc = 7)
+BMUT(b_dtype, b->dtype = 0)
+BMUT(b_ndim0, b->ndim = 0)
+BMUT(b_ndim5, b->ndim = 5)
+BMUT(b_dim0, b->dim[1] = 0)
+BMUT(b_bytes, b->bytes -= 1)
+BMUT(b_stride_ovf, b->stride[0] = UINT64_MAX / 2)
+BMUT(b_outside, b->offset = h->data_off + h->data_size - 64)
+BMUT(b_before, b->offset = h->data_off - 64)
+BMUT(b_misaligned, b->offset += 2)
+BMUT(b_hostdev, b->device = 0)
+BMUT(b_q_heads, b->dim[1] = HQ + 1)
+BMUT(b_q_hd, b->dim[2] = D * 2)
+BMUT(b_q_layer, b->layer = 0)
+BMUT(b_q_int, b->dtype = AX_DTYPE_I32)
+BMUT(b_ix_float, b->dtype = AX_DTYPE_F32)
+BMUT(b_ix_ndim, b->ndim = 3)
+BMUT(b_k_layer, b->layer = LAYERS)
+BMUT(b_k_neg, b->layer = -1)
+BMUT(b_k_heads, b->dim[1] = HKV + 1)
+BMUT(b_fp8_scale, b->dtype = AX_DTYPE_FP8_E4M3; b->scale = 0)
+BMUT(b_ipc_dev, b->loc = AX_LOC_CUDA_IPC; b->device = -1)
+BMUT(b_vmm_sock, b->loc = AX_LOC_CUDA_VMM; b->device = 0; memset(b->vmm_socket, 'x', sizeof b->vmm_socket))
+BMUT(b_vmm_empty, b->loc = AX_LOC_CUDA_VMM; b->device = 0; b->vmm_socket[0] = 0)
+
+static const buf_case buf_cases[] = {
+	{"kind 0", 0, b_kind0, -EINVAL},
+	{"kind 9", 1, b_kind9, -EINVAL},
+	{"unknown loc", 0, b_loc, -EINVAL},
+	{"unknown dtype", 2, b_dtype, -EINVAL},
+	{"ndim 0", 0, b_ndim0, -EINVAL},
+	{"ndim 5", 0, b_ndim5, -EINVAL},
+	{"zero dim", 2, b_dim0, -EINVAL},
+	{"bytes short of the extent", 1, b_bytes, -ERANGE},
+	{"stride overflows", 2, b_stride_ovf, -ERANGE},
+	{"host range past data region", 2, b_outside, -ERANGE},
+	{"host offset before data region", 0, b_before, -ERANGE},
+	{"host offset misaligned", 0, b_misaligned, -EINVAL},
+	{"host buffer with a device", 1, b_hostdev, -EINVAL},
+	{"Q ring head count", 0, b_q_heads, -EINVAL},
+	{"Q ring head dim", 0, b_q_hd, -EINVAL},
+	{"Q ring with a layer", 0, b_q_layer, -EINVAL},
+	{"Q ring of ints", 0, b_q_int, -EINVAL},
+	{"index table of floats", 1, b_ix_float, -EINVAL},
+	{"token index with 3 dims", 1, b_ix_ndim, -EINVAL},
+	{"K pool layer >= n_layers", 2, b_k_layer, -EINVAL},
+	{"K pool layer -1", 2, b_k_neg, -EINVAL},
+	{"K pool kv heads", 2, b_k_heads, -EINVAL},
+	{"fp8 scale 0", 2, b_fp8_scale, -EINVAL},
+	{"CUDA IPC without a device", 2, b_ipc_dev, -EINVAL},
+	{"VMM socket not NUL-terminated", 2, b_vmm_sock, -EINVAL},
+	{"VMM socket empty", 2, b_vmm_empty, -EINVAL},
+};
+
+static void test_validate_buffer(void **state)
+{
+	fx *f = *state;
+	const ax_shm_header *h = ax_shm_hdr(f->sh);
+	uint32_t n;
+	const ax_shm_buffer *bufs = ax_shm_buffers(f->sh, &n);
+	assert_int_equal(n, 2 + LAYERS);
+	for (uint32_t i = 0; i < n; i++)
+		assert_int_equal(ax_shm_validate_buffer(h, &bufs[i]), 0);
+	const uint32_t pick[3] = {f->qbuf, f->ibuf, f->kbuf[0]};
+	for (size_t i = 0; i < AX_ARRAY_LEN(buf_cases); i++) {
+		ax_shm_buffer b = bufs[pick[buf_cases[i].which]];
+		buf_cases[i].mutate(&b, h);
+		int rc = ax_shm_validate_buffer(h, &b);
+		if (rc != buf_cases[i].want)
+			fail_msg("buffer case '%s': got %d, want %d", buf_cases[i].what, rc, buf_cases[i].want);
+	}
+	/* Device entries are accepted by the exporter and survive attach validation. */
+	ax_shm_buffer dev = bufs[f->kbuf[1]];
+	dev.loc = AX_LOC_CUDA_IPC, dev.device = 0, dev.offset = 4096;
+	uint32_t di;
+	assert_int_equal(ax_export_add_device_buffer(f->ex, &dev, &di), 0);
+	assert_int_equal(ax_shm_find_buffer(f->sh, AX_BUF_K_POOL, 1), (int)f->kbuf[1]);
+	assert_non_null(ax_shm_buffers(f->sh, &n));
+	assert_int_equal(n, di + 1);
+	assert_null(ax_shm_host_ptr(f->sh, di));
+	assert_non_null(ax_shm_host_ptr(f->sh, f->qbuf));
+	assert_null(ax_shm_host_ptr(f->sh, 999));
+	dev.loc = AX_LOC_HOST;
+	assert_int_equal(ax_export_add_device_buffer(f->ex, &dev, &di), -EINVAL);
+}
+
+/* ---- round trip ---------------------------------------------------------------------------------------------- */
+
+static void test_roundtrip(void **state)
+{
+	fx *f = *state;
+	const int32_t prompt[5] = {11, 12, 13, 14, 15};
+	uint64_t req;
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-0001", prompt, 5, &req), 0);
+	assert_int_not_equal(req, 0);
+	assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, req, 0, 5, 0x9), 0); /* prefill, layers 0 and 3 */
+	assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, req, 5, 1, 0x9), 0);
+	assert_int_equal(ax_export_request_end(f->ex, req, AX_END_STOP), 0);
+
+	ax_shm_step s;
+	uint64_t lost = 99;
+	assert_int_equal(ax_shm_next(f->sh, &s, &lost), 1);
+	assert_int_equal(lost, 0);
+	assert_int_equal(s.kind, AX_STEP_BEGIN);
+	assert_int_equal(s.seq, 1); /* the seqlock word: sequence number 0, plus one */
+	ax_shm_request r;
+	assert_int_equal(ax_shm_read_request(f->sh, s.req_slot, req, &r), 0);
+	assert_string_equal(r.rid, "ax-0001");
+	assert_int_equal(r.prompt_len, 5);
+	int32_t got[5];
+	assert_int_equal(ax_shm_read_tokens(f->sh, r.prompt_pos, 5, got), 0);
+	assert_memory_equal(got, prompt, sizeof prompt);
+	for (int i = 0; i < 2; i++) {
+		assert_int_equal(ax_shm_next(f->sh, &s, &lost), 1);
+		assert_int_equal(s.kind, AX_STEP_FORWARD);
+		assert_int_equal(s.req_id, req);
+		assert_int_equal(s.pos0, i ? 5 : 0);
+		check_step_payload(f->sh, &s);
+	}
+	assert_int_equal(ax_shm_next(f->sh, &s, &lost), 1);
+	assert_int_equal(s.kind, AX_STEP_END);
+	assert_int_equal(s.end_reason, AX_END_STOP);
+	/* The entry stays readable after END until the slot is reused. */
+	assert_int_equal(ax_shm_read_request(f->sh, s.req_slot, req, &r), 0);
+	assert_int_equal(r.state, AX_REQ_ENDED);
+	assert_int_equal(ax_shm_next(f->sh, &s, &lost), 0);
+	assert_int_equal(ax_shm_read_request(f->sh, s.req_slot, req + 1, &r), -ESTALE);
+	assert_int_equal(ax_export_request_end(f->ex, req, AX_END_STOP), -ENOENT);
+	assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, req, 6, 1, 0), -ENOENT);
+	ax_shm_stats st;
+	ax_shm_get_stats(f->sh, &st);
+	assert_int_equal(st.taken, 4);
+	assert_int_equal(st.rejected + st.torn + st.lost, 0);
+}
+
+/* ---- malformed descriptors ------------------------------------------------------------------------------------- */
+
+/* Publish a raw descriptor into the ring, bypassing ax_export_step's own checks. */
+static void raw_publish(ax_export *ex, const ax_shm_step *d)
+{
+	ax_shm_header *h = ax_export_header(ex);
+	ax_shm_step *ring = (ax_shm_step *)((uint8_t *)h + h->ring_off);
+	uint64_t seq = h->ring_head;
+	ax__shm_slot_write(&ring[seq & (h->ring_cap - 1)], seq, d);
+	__atomic_store_n(&h->ring_head, seq + 1, __ATOMIC_RELEASE);
+}
+
+typedef struct step_case {
+	const char *what;
+	void (*mutate)(ax_shm_step *s, const fx *f);
+	int want;
+} step_case;
+
+#define SMUT(fn, body) \
+	static void fn(ax_shm_step *s, const fx *f) { (void)f; body; }
+SMUT(s_kind0, s->kind = 0)
+SMUT(s_kind4, s->kind = 4)
+SMUT(s_flags, s->flags = 2)
+SMUT(s_flags_begin, s->kind = AX_STEP_BEGIN; s->flags = AX_STEP_F_PREFILL)
+SMUT(s_slot, s->req_slot = 8)
+SMUT(s_reqid0, s->req_id = 0)
+SMUT(s_end_reason, s->kind = AX_STEP_END; s->end_reason = 9)
+SMUT(s_ntok0, s->n_tokens = 0; s->seq_len = s->pos0)
+SMUT(s_seqlen, s->seq_len += 1)
+SMUT(s_pos_wrap, s->pos0 = UINT64_MAX; s->seq_len = 1)
+SMUT(s_maxctx, s->pos0 = MAXCTX - 1; s->seq_len = MAXCTX + 1)
+SMUT(s_ibuf_range, s->index_buf = 99)
+SMUT(s_ibuf_kind, s->index_buf = f->kbuf[0])
+SMUT(s_ibuf_q, s->index_buf = f->qbuf)
+SMUT(s_irow, s->index_row = IDXROWS)
+SMUT(s_layer_bit, s->layers[0] |= 1ull << LAYERS)
+SMUT(s_layer_hi, s->layers[1] = 1)
+SMUT(s_q_unwritten, s->q_row += 2)
+SMUT(s_q_wrap, s->q_row = QROWS - 1)
+SMUT(s_q_future, s->q_row = 1000)
+SMUT(s_tok_unwritten, s->tok_pos += 1)
+SMUT(s_tok_future, s->tok_pos = 1ull << 40)
+
+static const step_case step_cases[] = {
+	{"kind 0", s_kind0, -EINVAL},
+	{"kind 4", s_kind4, -EINVAL},
+	{"unknown flag", s_flags, -EINVAL},
+	{"prefill flag on BEGIN", s_flags_begin, -EINVAL},
+	{"req_slot >= req_cap", s_slot, -EINVAL},
+	{"req_id 0", s_reqid0, -EINVAL},
+	{"END reason unknown", s_end_reason, -EINVAL},
+	{"n_tokens 0", s_ntok0, -EINVAL},
+	{"seq_len != pos0 + n_tokens", s_seqlen, -EINVAL},
+	{"pos0 + n_tokens overflows", s_pos_wrap, -EINVAL},
+	{"seq_len > max_ctx", s_maxctx, -ERANGE},
+	{"index_buf out of range", s_ibuf_range, -EINVAL},
+	{"index_buf is a K pool", s_ibuf_kind, -EINVAL},
+	{"index_buf is the Q ring", s_ibuf_q, -EINVAL},
+	{"index_row outside the table", s_irow, -ERANGE},
+	{"layer bit >= n_layers", s_layer_bit, -EINVAL},
+	{"layer bit in the high word", s_layer_hi, -EINVAL},
+	{"Q rows not yet written", s_q_unwritten, -ERANGE},
+	{"Q rows wrap the ring", s_q_wrap, -ERANGE},
+	{"Q rows far in the future", s_q_future, -ERANGE},
+	{"tokens not yet written", s_tok_unwritten, -ERANGE},
+	{"tokens far in the future", s_tok_future, -ERANGE},
+};
+
+/* A good FORWARD descriptor: the last one exported, copied out of the ring. */
+static void last_good_step(fx *f, uint64_t *req, ax_shm_step *s)
+{
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-bad", NULL, 0, req), 0);
+	assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, *req, 10, 2, 0x3), 0);
+	uint64_t lost;
+	assert_int_equal(ax_shm_next(f->sh, s, &lost), 1);
+	assert_int_equal(ax_shm_next(f->sh, s, &lost), 1);
+	assert_int_equal(s->kind, AX_STEP_FORWARD);
+}
+
+static void test_malformed_steps(void **state)
+{
+	fx *f = *state;
+	uint64_t req;
+	ax_shm_step good;
+	last_good_step(f, &req, &good);
+	const ax_shm_header *h = ax_shm_hdr(f->sh);
+	uint32_t nb;
+	const ax_shm_buffer *bufs = ax_shm_buffers(f->sh, &nb);
+	assert_int_equal(ax_shm_validate_step(h, bufs, &good), 0);
+	uint64_t rejected = 0;
+	for (size_t i = 0; i < AX_ARRAY_LEN(step_cases); i++) {
+		ax_shm_step s = good;
+		step_cases[i].mutate(&s, f);
+		int rc = ax_shm_validate_step(h, bufs, &s);
+		if (rc != step_cases[i].want)
+			fail_msg("step case '%s': got %d, want %d", step_cases[i].what, rc, step_cases[i].want);
+		/* Through the ring: rejected, counted, and the consumer moves on. */
+		raw_publish(f->ex, &s);
+		ax_shm_step out;
+		assert_int_equal(ax_shm_next(f->sh, &out, NULL), -EBADMSG);
+		ax_shm_stats st;
+		ax_shm_get_stats(f->sh, &st);
+		assert_int_equal(st.rejected, ++rejected);
+		/* The exporter refuses the same mistakes (those it does not fill in itself). */
+		if (s.kind == AX_STEP_FORWARD && s.req_id == req && s.tok_pos == good.tok_pos && s.req_slot == good.req_slot)
+			assert_int_equal(ax_export_step(f->ex, &s, (int32_t[64]){0}), -EINVAL);
+	}
+	raw_publish(f->ex, &good);
+	ax_shm_step out;
+	assert_int_equal(ax_shm_next(f->sh, &out, NULL), 1);
+	assert_memory_equal(&out.kind, &good.kind, offsetof(ax_shm_step, t_ns) - offsetof(ax_shm_step, kind));
+}
+
+/* Q rows and tokens that the producer has lapped are rejected as stale. */
+static void test_lapped_payload(void **state)
+{
+	fx *f = *state;
+	uint64_t req;
+	ax_shm_step good;
+	last_good_step(f, &req, &good);
+	const ax_shm_header *h = ax_shm_hdr(f->sh);
+	uint32_t nb;
+	const ax_shm_buffer *bufs = ax_shm_buffers(f->sh, &nb);
+	/* Reserve a whole ring of Q rows: the good step's rows are overwritten. */
+	uint64_t q_row;
+	void *p;
+	assert_int_equal(ax_export_q_reserve(f->ex, f->qbuf, QROWS, &q_row, &p), 0);
+	assert_int_equal(q_row % QROWS, 0);
+	assert_int_equal(ax_shm_validate_step(h, bufs, &good), -ESTALE);
+	assert_int_equal(ax_shm_check_q(f->sh, good.q_row, 4, QROWS), -ESTALE);
+	ax_shm_step noq = good;
+	noq.layers[0] = 0;
+	assert_int_equal(ax_shm_validate_step(h, bufs, &noq), 0);
+	/* Lap the token arena (64 entries) with a long prompt. */
+	int32_t prompt[64] = {0};
+	uint64_t r2;
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-lap", prompt, 64, &r2), 0);
+	assert_int_equal(ax_shm_validate_step(h, bufs, &noq), -ESTALE);
+	int32_t toks[2];
+	assert_int_equal(ax_shm_read_tokens(f->sh, good.tok_pos, 2, toks), -ESTALE);
+	assert_int_equal(ax_shm_read_tokens(f->sh, h->arena_head, 1, toks), -ERANGE);
+	assert_int_equal(ax_shm_read_tokens(f->sh, 0, 65, toks), -ERANGE);
+	/* Through the ring both are rejected. */
+	raw_publish(f->ex, &good);
+	raw_publish(f->ex, &noq);
+	ax_shm_step out;
+	assert_int_equal(ax_shm_next(f->sh, &out, NULL), 1); /* the BEGIN of ax-lap */
+	assert_int_equal(ax_shm_next(f->sh, &out, NULL), -EBADMSG);
+	assert_int_equal(ax_shm_next(f->sh, &out, NULL), -EBADMSG);
+	/* Q reservations never wrap and reject impossible sizes. */
+	assert_int_equal(ax_export_q_reserve(f->ex, f->qbuf, QROWS - 1, &q_row, &p), 0);
+	assert_int_equal(ax_export_q_reserve(f->ex, f->qbuf, 2, &q_row, &p), 0);
+	assert_int_equal(q_row % QROWS, 0);
+	assert_ptr_equal(p, f->q);
+	assert_int_equal(ax_export_q_reserve(f->ex, f->qbuf, QROWS + 1, &q_row, &p), -EINVAL);
+	assert_int_equal(ax_export_q_reserve(f->ex, f->qbuf, 0, &q_row, &p), -EINVAL);
+	assert_int_equal(ax_export_q_reserve(f->ex, f->ibuf, 1, &q_row, &p), -EINVAL);
+}
+
+/* ---- main ------------------------------------------------------------------------------------------------------ */
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_dtypes),
+		cmocka_unit_test_setup_teardown(test_validate_header, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_validate_buffer, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_roundtrip, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_malformed_steps, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_lapped_payload, setup, teardown),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
