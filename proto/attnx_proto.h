@@ -154,6 +154,7 @@ void ax_buf_init(ax_buf *b);
 void ax_buf_fini(ax_buf *b);
 void ax_buf_reset(ax_buf *b);
 int ax_buf_append(ax_buf *b, const void *p, size_t n); /* 0 or -ENOMEM */
+int ax_buf_reserve(ax_buf *b, size_t n);               /* room for n more bytes: 0 or -ENOMEM */
 
 /* Append one record (a msgpack map) to `out`. Returns 0, -EINVAL (record invalid) or -ENOMEM. */
 int ax_record_pack(const ax_record *r, ax_buf *out);
@@ -172,8 +173,18 @@ int ax_frame_decode(const void *data, size_t len, ax_record_cb cb, void *arg);
 int ax_record_unpack(const void *data, size_t len, ax_record *r);
 
 /* Render one record as a JSON object text (same field names as msgpack), appended to `out` without a NUL.
- * Returns 0, -EINVAL or -ENOMEM. */
+ * Returns 0, -EINVAL or -ENOMEM (out is left as it was on error). Thread-safe. */
 int ax_record_json(const ax_record *r, ax_buf *out);
+
+/* The same JSON as a jansson object (for embedding into larger documents). On success *out is a new reference
+ * the caller json_decref()s; on error *out is NULL. Returns 0, -EINVAL (record invalid) or -ENOMEM.
+ * Note: jansson prints reals with 17 significant digits unless told otherwise (JSON_REAL_PRECISION). */
+struct json_t;
+int ax_record_to_json_t(const ax_record *r, struct json_t **out);
+/* The reverse: a JSON object (as ax_record_json writes it) into *r, with the decoder's rules: unknown keys
+ * ignored, missing / mistyped / out-of-range fields -EPROTO, not an object -EBADMSG, -ENOMEM. Integers must be
+ * JSON integers; float fields take integers too. *r may own a prompt either way: ax_record_fini it afterwards. */
+int ax_record_from_json(const struct json_t *obj, ax_record *r);
 
 /*
  * Batcher: packs records into a frame (msgpack array) until it holds `max_records` or `max_bytes`, or until
@@ -192,11 +203,13 @@ typedef struct ax_batch {
 void ax_batch_init(ax_batch *b);
 void ax_batch_fini(ax_batch *b);
 /* Pack a record into the batch. Returns 1 if the batch is now full (finish and send it), 0 otherwise, or a
- * negative errno (record invalid: nothing added). */
+ * negative errno, nothing added: -EINVAL (record invalid), -ENOMEM, -EMSGSIZE (the frame would exceed
+ * AX_PROTO_MAX_FRAME: finish the batch and add the record again; a record that alone exceeds it can never be
+ * sent), -ENOBUFS (the batch already holds AX_PROTO_MAX_RECORDS: finish it). */
 int ax_batch_add(ax_batch *b, const ax_record *r);
 /* 1 if the batch holds records and is full or past its deadline at time `now_ns`. */
 int ax_batch_due(const ax_batch *b, uint64_t now_ns);
-/* Build the frame for the records packed so far and empty the batch; *data/*len point into b->frame, valid until
+/* Build the frame for the records packed so far and empty the batch; *data and *len point into b->frame, valid until
  * the next call on b. Returns the record count (0 = nothing to send). */
 int ax_batch_finish(ax_batch *b, const uint8_t **data, size_t *len);
 

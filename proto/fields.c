@@ -1,0 +1,542 @@
+/*
+ * fields.c — the decoding half of the schema: from a map of values (msgpack or JSON, seen through ax__val) to an
+ * ax_record. Keys are matched by length then memcmp (no hashing, no allocation); each known key is applied when
+ * it belongs to the record's type and ignored otherwise, like any unknown key. Every field a type requires is
+ * tracked in a bit mask and checked at the end; then the cross-field rules (equal top-k array lengths,
+ * prompt_len = len(prompt), head_id exactly in heads mode) and ax_record_validate. Any failure is -EPROTO.
+ *
+ * Integers are accepted in any msgpack integer encoding (or a JSON integer) and range-checked against the field;
+ * float fields also take integers. Strings must fit their fixed field and contain no NUL.
+ */
+#include "proto_internal.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum field {
+	F_T,
+	F_V,
+	F_SRC,
+	F_SEQ,
+	F_TS,
+	F_RID,
+	F_POSITION,
+	F_DECODE_STEP,
+	F_TOKEN_ID,
+	F_LAYER_ID,
+	F_MODE,
+	F_HEAD_ID,
+	F_TOKEN_POSITIONS,
+	F_TOPK_LOGITS,
+	F_ATTENTION_SCORES,
+	F_LOGSUMEXP_ALL,
+	F_TOPK_MASS,
+	F_PREFILL,
+	F_PROMPT,
+	F_PROMPT_LEN,
+	F_REASON,
+	F_TOKENS,
+	F_WHAT,
+	F_COUNT,
+	F_FROM_SEQ,
+	F_TO_SEQ,
+	F_COUNTERS,
+	F_TOP_K,
+	F_STRIDE,
+	F_MAX_TOKENS,
+	F_LAYERS,
+	F_HEADS,
+	F_TTL_MS,
+	F_ENGINE,
+	F_MODEL,
+	F_BACKEND,
+	F_RANK,
+	F_WORLD_SIZE,
+	F_N_LAYERS,
+	F_N_Q_HEADS,
+	F_N_KV_HEADS,
+	F_HEAD_OFFSET,
+	F_HEAD_DIM,
+	F_GENERATION
+};
+#define B(f) (UINT64_C(1) << (f))
+
+static int field_of(const char *k, size_t n)
+{
+	switch (n) {
+	case 1:
+		if (memcmp(k, "t", 1) == 0)
+			return F_T;
+		if (memcmp(k, "v", 1) == 0)
+			return F_V;
+		break;
+	case 2:
+		if (memcmp(k, "ts", 2) == 0)
+			return F_TS;
+		break;
+	case 3:
+		if (memcmp(k, "src", 3) == 0)
+			return F_SRC;
+		if (memcmp(k, "seq", 3) == 0)
+			return F_SEQ;
+		if (memcmp(k, "rid", 3) == 0)
+			return F_RID;
+		break;
+	case 4:
+		if (memcmp(k, "mode", 4) == 0)
+			return F_MODE;
+		if (memcmp(k, "what", 4) == 0)
+			return F_WHAT;
+		if (memcmp(k, "rank", 4) == 0)
+			return F_RANK;
+		break;
+	case 5:
+		if (memcmp(k, "count", 5) == 0)
+			return F_COUNT;
+		if (memcmp(k, "top_k", 5) == 0)
+			return F_TOP_K;
+		if (memcmp(k, "heads", 5) == 0)
+			return F_HEADS;
+		if (memcmp(k, "model", 5) == 0)
+			return F_MODEL;
+		break;
+	case 6:
+		if (memcmp(k, "prompt", 6) == 0)
+			return F_PROMPT;
+		if (memcmp(k, "reason", 6) == 0)
+			return F_REASON;
+		if (memcmp(k, "tokens", 6) == 0)
+			return F_TOKENS;
+		if (memcmp(k, "to_seq", 6) == 0)
+			return F_TO_SEQ;
+		if (memcmp(k, "stride", 6) == 0)
+			return F_STRIDE;
+		if (memcmp(k, "layers", 6) == 0)
+			return F_LAYERS;
+		if (memcmp(k, "ttl_ms", 6) == 0)
+			return F_TTL_MS;
+		if (memcmp(k, "engine", 6) == 0)
+			return F_ENGINE;
+		break;
+	case 7:
+		if (memcmp(k, "head_id", 7) == 0)
+			return F_HEAD_ID;
+		if (memcmp(k, "prefill", 7) == 0)
+			return F_PREFILL;
+		if (memcmp(k, "backend", 7) == 0)
+			return F_BACKEND;
+		break;
+	case 8:
+		if (memcmp(k, "position", 8) == 0)
+			return F_POSITION;
+		if (memcmp(k, "token_id", 8) == 0)
+			return F_TOKEN_ID;
+		if (memcmp(k, "layer_id", 8) == 0)
+			return F_LAYER_ID;
+		if (memcmp(k, "from_seq", 8) == 0)
+			return F_FROM_SEQ;
+		if (memcmp(k, "counters", 8) == 0)
+			return F_COUNTERS;
+		if (memcmp(k, "n_layers", 8) == 0)
+			return F_N_LAYERS;
+		if (memcmp(k, "head_dim", 8) == 0)
+			return F_HEAD_DIM;
+		break;
+	case 9:
+		if (memcmp(k, "topk_mass", 9) == 0)
+			return F_TOPK_MASS;
+		if (memcmp(k, "n_q_heads", 9) == 0)
+			return F_N_Q_HEADS;
+		break;
+	case 10:
+		if (memcmp(k, "prompt_len", 10) == 0)
+			return F_PROMPT_LEN;
+		if (memcmp(k, "max_tokens", 10) == 0)
+			return F_MAX_TOKENS;
+		if (memcmp(k, "world_size", 10) == 0)
+			return F_WORLD_SIZE;
+		if (memcmp(k, "n_kv_heads", 10) == 0)
+			return F_N_KV_HEADS;
+		if (memcmp(k, "generation", 10) == 0)
+			return F_GENERATION;
+		break;
+	case 11:
+		if (memcmp(k, "decode_step", 11) == 0)
+			return F_DECODE_STEP;
+		if (memcmp(k, "topk_logits", 11) == 0)
+			return F_TOPK_LOGITS;
+		if (memcmp(k, "head_offset", 11) == 0)
+			return F_HEAD_OFFSET;
+		break;
+	case 13:
+		if (memcmp(k, "logsumexp_all", 13) == 0)
+			return F_LOGSUMEXP_ALL;
+		break;
+	case 15:
+		if (memcmp(k, "token_positions", 15) == 0)
+			return F_TOKEN_POSITIONS;
+		break;
+	case 16:
+		if (memcmp(k, "attention_scores", 16) == 0)
+			return F_ATTENTION_SCORES;
+		break;
+	}
+	return -1;
+}
+
+#define COMMON_REQ (B(F_T) | B(F_V) | B(F_SRC) | B(F_SEQ))
+static const uint64_t required[] = {
+	[AX_REC_HELLO] = B(F_ENGINE) | B(F_MODEL) | B(F_BACKEND) | B(F_RANK) | B(F_WORLD_SIZE) | B(F_N_LAYERS) |
+			 B(F_N_Q_HEADS) | B(F_N_KV_HEADS) | B(F_HEAD_OFFSET) | B(F_HEAD_DIM) | B(F_TOP_K) | B(F_MODE) |
+			 B(F_LAYERS) | B(F_GENERATION),
+	[AX_REC_REQ] = B(F_RID) | B(F_PROMPT) | B(F_PROMPT_LEN),
+	[AX_REC_ATTN] = B(F_RID) | B(F_POSITION) | B(F_DECODE_STEP) | B(F_TOKEN_ID) | B(F_LAYER_ID) | B(F_MODE) |
+			B(F_TOKEN_POSITIONS) | B(F_TOPK_LOGITS) | B(F_ATTENTION_SCORES) | B(F_LOGSUMEXP_ALL) |
+			B(F_TOPK_MASS),
+	[AX_REC_END] = B(F_RID) | B(F_REASON) | B(F_TOKENS),
+	[AX_REC_GAP] = B(F_WHAT) | B(F_REASON) | B(F_COUNT) | B(F_FROM_SEQ) | B(F_TO_SEQ),
+	[AX_REC_STATS] = B(F_COUNTERS),
+	[AX_REC_POLICY] = B(F_RID) | B(F_TOP_K) | B(F_STRIDE) | B(F_MAX_TOKENS) | B(F_PROMPT) | B(F_LAYERS) |
+			  B(F_HEADS) | B(F_TTL_MS),
+};
+static const uint64_t optional[] = {
+	[AX_REC_ATTN] = B(F_HEAD_ID) | B(F_PREFILL),
+	[AX_REC_GAP] = B(F_RID),
+	[AX_REC_POLICY] = B(F_MODE),
+};
+
+/* Decoder state for one record. */
+struct dec {
+	ax_record *r;
+	uint64_t seen;
+	uint32_t n_pos, n_logits, n_scores; /* top-k array lengths as found */
+	uint64_t prompt_len;                 /* prompt_len as found */
+};
+
+/* ---- value conversions: 0 or -EPROTO ---- */
+static int get_u(const ax__val *v, uint64_t max, uint64_t *out)
+{
+	if (v->kind != AX_V_UINT || v->u > max)
+		return -EPROTO;
+	*out = v->u;
+	return 0;
+}
+
+static int get_u32(const ax__val *v, uint32_t *out)
+{
+	uint64_t u;
+	int rc = get_u(v, UINT32_MAX, &u);
+	if (rc == 0)
+		*out = (uint32_t)u;
+	return rc;
+}
+
+static int get_i(const ax__val *v, int64_t min, int64_t max, int64_t *out)
+{
+	if (v->kind == AX_V_UINT && v->u <= (uint64_t)max)
+		*out = (int64_t)v->u;
+	else if (v->kind == AX_V_INT && v->i >= min && v->i <= max)
+		*out = v->i;
+	else
+		return -EPROTO;
+	return 0;
+}
+
+static int get_i32(const ax__val *v, int32_t *out)
+{
+	int64_t i;
+	int rc = get_i(v, INT32_MIN, INT32_MAX, &i);
+	if (rc == 0)
+		*out = (int32_t)i;
+	return rc;
+}
+
+static int get_f(const ax__val *v, double *out)
+{
+	switch (v->kind) {
+	case AX_V_FLOAT: *out = v->f; return 0;
+	case AX_V_UINT: *out = (double)v->u; return 0;
+	case AX_V_INT: *out = (double)v->i; return 0;
+	}
+	return -EPROTO;
+}
+
+static int get_str(const ax__val *v, char *dst, size_t cap)
+{
+	if (v->kind != AX_V_STR || v->n >= cap || memchr(v->s, 0, v->n))
+		return -EPROTO;
+	memcpy(dst, v->s, v->n);
+	dst[v->n] = 0;
+	return 0;
+}
+
+static int get_mode(const ax__val *v, uint32_t *out)
+{
+	char name[16];
+	int m;
+	if (get_str(v, name, sizeof(name)) < 0 || (m = ax_mode_parse(name)) < 0)
+		return -EPROTO;
+	*out = (uint32_t)m;
+	return 0;
+}
+
+/* An array of non-negative int32 ids (layers, heads). */
+static int get_ids(const ax__val *v, int32_t *ids, uint32_t *n, uint32_t cap)
+{
+	if (v->kind != AX_V_ARRAY || v->n > cap)
+		return -EPROTO;
+	for (size_t i = 0; i < v->n; i++) {
+		ax__val e;
+		v->at(v, i, &e);
+		if (get_i32(&e, &ids[i]) < 0 || ids[i] < 0)
+			return -EPROTO;
+	}
+	*n = (uint32_t)v->n;
+	return 0;
+}
+
+static int get_prompt(const ax__val *v, ax_rec_req *q)
+{
+	if (v->kind != AX_V_ARRAY || v->n > AX_PROTO_MAX_PROMPT)
+		return -EPROTO;
+	free(q->prompt); /* a repeated key: the last one wins */
+	q->prompt = NULL;
+	q->prompt_len = 0;
+	if (v->n == 0)
+		return 0;
+	q->prompt = malloc(v->n * sizeof(*q->prompt));
+	if (!q->prompt)
+		return -ENOMEM;
+	q->prompt_len = (uint32_t)v->n;
+	for (size_t i = 0; i < v->n; i++) {
+		ax__val e;
+		v->at(v, i, &e);
+		if (get_i32(&e, &q->prompt[i]) < 0 || q->prompt[i] < 0)
+			return -EPROTO;
+	}
+	return 0;
+}
+
+/* ---- attn ---- */
+static int get_positions(const ax__val *v, ax_rec_attn *a, uint32_t *n)
+{
+	if (v->kind != AX_V_ARRAY || v->n > AX_PROTO_MAX_TOPK)
+		return -EPROTO;
+	for (size_t i = 0; i < v->n; i++) {
+		ax__val e;
+		v->at(v, i, &e);
+		if (get_i(&e, INT64_MIN, INT64_MAX, &a->token_positions[i]) < 0)
+			return -EPROTO;
+	}
+	*n = (uint32_t)v->n;
+	return 0;
+}
+
+static int get_floats(const ax__val *v, float *out, uint32_t *n)
+{
+	if (v->kind != AX_V_ARRAY || v->n > AX_PROTO_MAX_TOPK)
+		return -EPROTO;
+	for (size_t i = 0; i < v->n; i++) {
+		ax__val e;
+		double d;
+		v->at(v, i, &e);
+		if (get_f(&e, &d) < 0)
+			return -EPROTO;
+		out[i] = (float)d; /* out of float range becomes inf: validation rejects it */
+	}
+	*n = (uint32_t)v->n;
+	return 0;
+}
+
+static int apply_attn(struct dec *d, int f, const ax__val *v)
+{
+	ax_rec_attn *a = &d->r->u.attn;
+	switch (f) {
+	case F_POSITION: return get_i(v, INT64_MIN, INT64_MAX, &a->position);
+	case F_DECODE_STEP: return get_i(v, INT64_MIN, INT64_MAX, &a->decode_step);
+	case F_TOKEN_ID: return get_i(v, INT64_MIN, INT64_MAX, &a->token_id);
+	case F_LAYER_ID: return get_i32(v, &a->layer_id);
+	case F_MODE: return get_mode(v, &a->mode);
+	case F_HEAD_ID: return get_i32(v, &a->head_id);
+	case F_TOKEN_POSITIONS: return get_positions(v, a, &d->n_pos);
+	case F_TOPK_LOGITS: return get_floats(v, a->topk_logits, &d->n_logits);
+	case F_ATTENTION_SCORES: return get_floats(v, a->attention_scores, &d->n_scores);
+	case F_LOGSUMEXP_ALL: return get_f(v, &a->logsumexp_all);
+	case F_TOPK_MASS: return get_f(v, &a->topk_mass);
+	case F_PREFILL: return get_u32(v, &a->prefill);
+	}
+	return 0;
+}
+
+/* ---- other types ---- */
+static int apply_hello(ax_rec_hello *h, int f, const ax__val *v)
+{
+	switch (f) {
+	case F_ENGINE: return get_str(v, h->engine, sizeof(h->engine));
+	case F_MODEL: return get_str(v, h->model, sizeof(h->model));
+	case F_BACKEND: return get_str(v, h->backend, sizeof(h->backend));
+	case F_RANK: return get_u32(v, &h->rank);
+	case F_WORLD_SIZE: return get_u32(v, &h->world_size);
+	case F_N_LAYERS: return get_u32(v, &h->n_layers);
+	case F_N_Q_HEADS: return get_u32(v, &h->n_q_heads);
+	case F_N_KV_HEADS: return get_u32(v, &h->n_kv_heads);
+	case F_HEAD_OFFSET: return get_u32(v, &h->head_offset);
+	case F_HEAD_DIM: return get_u32(v, &h->head_dim);
+	case F_TOP_K: return get_u32(v, &h->top_k);
+	case F_MODE: return get_mode(v, &h->mode);
+	case F_LAYERS: return get_ids(v, h->layer_ids, &h->n_layer_ids, AX_PROTO_MAX_LIST);
+	case F_GENERATION: return get_u(v, INT64_MAX, &h->generation);
+	}
+	return 0;
+}
+
+static int apply_gap(ax_rec_gap *g, int f, const ax__val *v)
+{
+	switch (f) {
+	case F_WHAT: return get_str(v, g->what, sizeof(g->what));
+	case F_REASON: return get_str(v, g->reason, sizeof(g->reason));
+	case F_COUNT: return get_u(v, INT64_MAX, &g->count);
+	case F_FROM_SEQ: return get_u(v, INT64_MAX, &g->from_seq);
+	case F_TO_SEQ: return get_u(v, INT64_MAX, &g->to_seq);
+	}
+	return 0;
+}
+
+static int apply_counter(const ax__val *k, const ax__val *v, void *arg)
+{
+	ax_rec_stats *s = arg;
+	if (s->n == AX_PROTO_MAX_STATS)
+		return -EPROTO;
+	ax_stat_kv *kv = &s->kv[s->n];
+	if (get_str(k, kv->name, sizeof(kv->name)) < 0 || get_u(v, INT64_MAX, &kv->value) < 0)
+		return -EPROTO;
+	for (uint32_t i = 0; i < s->n; i++)
+		if (strcmp(s->kv[i].name, kv->name) == 0)
+			return -EPROTO; /* duplicate name */
+	s->n++;
+	return 0;
+}
+
+static int apply_stats(ax_rec_stats *s, int f, const ax__val *v)
+{
+	if (f != F_COUNTERS)
+		return 0;
+	if (v->kind != AX_V_MAP || v->n > AX_PROTO_MAX_STATS)
+		return -EPROTO;
+	s->n = 0;
+	return v->each(v, apply_counter, s);
+}
+
+static int apply_policy(ax_rec_policy *p, int f, const ax__val *v)
+{
+	switch (f) {
+	case F_TOP_K: return get_u32(v, &p->top_k);
+	case F_MODE: return get_mode(v, &p->mode);
+	case F_STRIDE: return get_u32(v, &p->stride);
+	case F_MAX_TOKENS: return get_u32(v, &p->max_tokens);
+	case F_PROMPT: return get_u32(v, &p->prompt);
+	case F_LAYERS: return get_ids(v, p->layer_ids, &p->n_layer_ids, AX_PROTO_MAX_LIST);
+	case F_HEADS: return get_ids(v, p->head_ids, &p->n_head_ids, AX_PROTO_MAX_LIST);
+	case F_TTL_MS: return get_u(v, INT64_MAX, &p->ttl_ms);
+	}
+	return 0;
+}
+
+static int apply_body(struct dec *d, int f, const ax__val *v)
+{
+	ax_record *r = d->r;
+	switch (r->type) {
+	case AX_REC_ATTN: return apply_attn(d, f, v);
+	case AX_REC_HELLO: return apply_hello(&r->u.hello, f, v);
+	case AX_REC_REQ:
+		if (f == F_PROMPT)
+			return get_prompt(v, &r->u.req);
+		return get_u(v, UINT32_MAX, &d->prompt_len);
+	case AX_REC_END:
+		if (f == F_REASON)
+			return get_str(v, r->u.end.reason, sizeof(r->u.end.reason));
+		return get_u(v, INT64_MAX, &r->u.end.tokens);
+	case AX_REC_GAP: return apply_gap(&r->u.gap, f, v);
+	case AX_REC_STATS: return apply_stats(&r->u.stats, f, v);
+	case AX_REC_POLICY: return apply_policy(&r->u.policy, f, v);
+	}
+	return 0;
+}
+
+static int apply_pair(const ax__val *k, const ax__val *v, void *arg)
+{
+	struct dec *d = arg;
+	if (k->kind != AX_V_STR)
+		return 0;
+	int f = field_of(k->s, k->n);
+	if (f < 0 || f == F_T)
+		return 0;
+	uint64_t bit = B(f);
+	if (!((COMMON_REQ | B(F_TS) | required[d->r->type] | optional[d->r->type]) & bit))
+		return 0; /* a known name that this type does not use: ignored like any unknown key */
+	d->seen |= bit;
+	switch (f) {
+	case F_V: return get_u32(v, &d->r->v);
+	case F_SRC: return get_str(v, d->r->src, sizeof(d->r->src));
+	case F_SEQ: return get_u(v, INT64_MAX, &d->r->seq);
+	case F_TS: return get_u(v, INT64_MAX, &d->r->ts_ns);
+	case F_RID: return get_str(v, d->r->rid, sizeof(d->r->rid));
+	}
+	return apply_body(d, f, v);
+}
+
+/* Clear what the previous record left. The attn arrays are left alone (k bounds them): an 8 KiB memset per
+ * record would cost more than decoding it. */
+static void reset(ax_record *r, int type)
+{
+	r->type = type;
+	r->v = 0;
+	r->seq = r->ts_ns = 0;
+	r->src[0] = r->rid[0] = 0;
+	if (type != AX_REC_ATTN) {
+		memset(&r->u, 0, sizeof(r->u));
+		return;
+	}
+	ax_rec_attn *a = &r->u.attn;
+	a->position = a->decode_step = a->token_id = 0;
+	a->layer_id = 0;
+	a->mode = a->k = a->prefill = 0;
+	a->head_id = -1;
+	a->logsumexp_all = a->topk_mass = 0;
+}
+
+static int finish(struct dec *d)
+{
+	ax_record *r = d->r;
+	uint64_t need = COMMON_REQ | required[r->type];
+	if (r->type == AX_REC_ATTN) {
+		if (r->u.attn.mode == AX_MODE_HEADS)
+			need |= B(F_HEAD_ID);
+		if (d->n_pos != d->n_logits || d->n_pos != d->n_scores)
+			return -EPROTO;
+		r->u.attn.k = d->n_pos;
+	}
+	if ((d->seen & need) != need)
+		return -EPROTO;
+	if (r->type == AX_REC_REQ && d->prompt_len != r->u.req.prompt_len)
+		return -EPROTO;
+	return ax_record_validate(r) < 0 ? -EPROTO : 0;
+}
+
+int ax__record_from_map(const ax__val *map, int (*find)(const ax__val *, const char *, ax__val *), ax_record *r)
+{
+	ax__val tv;
+	char tname[8];
+	int type;
+	if (!find(map, "t", &tv) || get_str(&tv, tname, sizeof(tname)) < 0 || (type = ax_rec_type_parse(tname)) < 0) {
+		reset(r, AX_REC_HELLO);
+		return -EPROTO;
+	}
+	reset(r, type);
+	struct dec d = {.r = r, .seen = B(F_T)};
+	int rc = map->each(map, apply_pair, &d);
+	if (rc)
+		return rc < 0 ? rc : -EPROTO;
+	return finish(&d);
+}

@@ -1,0 +1,233 @@
+/*
+ * json.c — records as JSON, with the msgpack field names (ax__record_emit drives both).
+ *
+ * ax_record_json writes text directly: strings are escaped per RFC 8259 (validation already guarantees UTF-8
+ * without NUL), integers exactly, float32 values with the fewest digits (≤ 9) that read back to the same float,
+ * float64 values with the fewest (≤ 17) that read back to the same double; NaN/Inf cannot reach here (validation).
+ * ax_record_to_json_t parses that text with jansson, so the two can never disagree. ax_record_from_json walks a
+ * jansson object through the same field decoder as msgpack (fields.c), so it accepts and rejects the same things.
+ */
+#include "proto_internal.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---- text writer ---- */
+#define JW_DEPTH 8
+struct jw {
+	ax_buf *b;
+	int depth;
+	uint8_t count[JW_DEPTH]; /* 0 = nothing written yet at this level */
+	char close[JW_DEPTH];    /* '}' or ']' */
+	uint8_t after_key;
+};
+
+static int put(struct jw *w, const char *s, size_t n)
+{
+	return ax_buf_append(w->b, s, n);
+}
+
+/* Separator before a value or key. */
+static int sep(struct jw *w)
+{
+	if (w->after_key) {
+		w->after_key = 0;
+		return 0;
+	}
+	if (w->depth > 0 && w->count[w->depth - 1]++)
+		return put(w, ",", 1);
+	return 0;
+}
+
+static int open_c(struct jw *w, char c)
+{
+	if (sep(w) || w->depth == JW_DEPTH)
+		return -ENOMEM;
+	w->count[w->depth] = 0;
+	w->close[w->depth++] = c == '{' ? '}' : ']';
+	return put(w, &c, 1);
+}
+
+static int jw_map(void *c, uint32_t n) { return open_c(c, '{'); }
+static int jw_array(void *c, uint32_t n) { return open_c(c, '['); }
+
+static int jw_end(void *c)
+{
+	struct jw *w = c;
+	w->depth--;
+	return put(w, &w->close[w->depth], 1);
+}
+
+static int put_escaped(struct jw *w, const char *s)
+{
+	static const char hex[] = "0123456789abcdef";
+	if (put(w, "\"", 1))
+		return -ENOMEM;
+	for (const char *run = s;; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch >= 0x20 && ch != '"' && ch != '\\')
+			continue;
+		if (put(w, run, (size_t)(s - run)))
+			return -ENOMEM;
+		if (ch == 0)
+			break;
+		char e[6] = {'\\', 'u', '0', '0', hex[ch >> 4], hex[ch & 15]};
+		const char *short_ = ch == '"' ? "\\\"" : ch == '\\' ? "\\\\" : ch == '\n' ? "\\n" : ch == '\t' ? "\\t" :
+				     ch == '\r' ? "\\r" : NULL;
+		if (short_ ? put(w, short_, 2) : put(w, e, 6))
+			return -ENOMEM;
+		run = s + 1;
+	}
+	return put(w, "\"", 1);
+}
+
+static int jw_str(void *c, const char *s)
+{
+	return sep(c) ? -ENOMEM : put_escaped(c, s);
+}
+
+static int jw_key(void *c, const char *k)
+{
+	struct jw *w = c;
+	if (jw_str(c, k) || put(w, ":", 1))
+		return -ENOMEM;
+	w->after_key = 1;
+	return 0;
+}
+
+static int put_num(struct jw *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int put_num(struct jw *w, const char *fmt, ...)
+{
+	char t[40];
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(t, sizeof(t), fmt, ap);
+	va_end(ap);
+	return sep(w) || put(w, t, (size_t)n) ? -ENOMEM : 0;
+}
+
+static int jw_u64(void *c, uint64_t v) { return put_num(c, "%llu", (unsigned long long)v); }
+static int jw_i64(void *c, int64_t v) { return put_num(c, "%lld", (long long)v); }
+
+static int jw_f32(void *c, float v)
+{
+	char t[32];
+	for (int prec = 6; prec <= 9; prec++) {
+		snprintf(t, sizeof(t), "%.*g", prec, (double)v);
+		if (strtof(t, NULL) == v)
+			break;
+	}
+	return put_num(c, "%s", t);
+}
+
+static int jw_f64(void *c, double v)
+{
+	char t[40];
+	for (int prec = 15; prec <= 17; prec++) {
+		snprintf(t, sizeof(t), "%.*g", prec, v);
+		if (strtod(t, NULL) == v)
+			break;
+	}
+	return put_num(c, "%s", t);
+}
+
+static const ax__emitter json_emitter = {
+	.map = jw_map, .array = jw_array, .end = jw_end, .key = jw_key, .u64 = jw_u64,
+	.i64 = jw_i64, .f32 = jw_f32, .f64 = jw_f64, .str = jw_str,
+};
+
+int ax_record_json(const ax_record *r, ax_buf *out)
+{
+	int rc = ax_record_validate(r);
+	if (rc < 0)
+		return rc;
+	size_t mark = out->len;
+	struct jw w = {.b = out};
+	if (ax__record_emit(r, &json_emitter, &w) != 0) {
+		out->len = mark;
+		return -ENOMEM;
+	}
+	return 0;
+}
+
+int ax_record_to_json_t(const ax_record *r, json_t **out)
+{
+	ax_buf b;
+	ax_buf_init(&b);
+	*out = NULL;
+	int rc = ax_record_json(r, &b);
+	if (rc == 0) {
+		*out = json_loadb((const char *)b.data, b.len, JSON_DISABLE_EOF_CHECK, NULL);
+		rc = *out ? 0 : -ENOMEM; /* the text is valid JSON by construction: failure is memory */
+	}
+	ax_buf_fini(&b);
+	return rc;
+}
+
+/* ---- JSON → record ---- */
+static void js_val(const json_t *j, ax__val *v);
+
+static void js_at(const ax__val *arr, size_t i, ax__val *out)
+{
+	js_val(json_array_get(arr->obj, i), out);
+}
+
+static int js_each(const ax__val *map, ax__kv_fn fn, void *arg)
+{
+	const char *key;
+	json_t *val;
+	json_object_foreach((json_t *)map->obj, key, val) {
+		ax__val k = {.kind = AX_V_STR, .s = key, .n = strlen(key)}, v;
+		js_val(val, &v);
+		int rc = fn(&k, &v, arg);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
+
+static int js_find(const ax__val *map, const char *key, ax__val *out)
+{
+	const json_t *j = json_object_get(map->obj, key);
+	if (!j)
+		return 0;
+	js_val(j, out);
+	return 1;
+}
+
+static void js_val(const json_t *j, ax__val *v)
+{
+	v->obj = j;
+	switch (json_typeof(j)) {
+	case JSON_INTEGER: {
+		json_int_t i = json_integer_value(j);
+		if (i >= 0) {
+			v->kind = AX_V_UINT;
+			v->u = (uint64_t)i;
+		} else {
+			v->kind = AX_V_INT;
+			v->i = i;
+		}
+		break;
+	}
+	case JSON_REAL: v->kind = AX_V_FLOAT; v->f = json_real_value(j); break;
+	case JSON_STRING: v->kind = AX_V_STR; v->s = json_string_value(j); v->n = json_string_length(j); break;
+	case JSON_ARRAY: v->kind = AX_V_ARRAY; v->n = json_array_size(j); v->at = js_at; break;
+	case JSON_OBJECT: v->kind = AX_V_MAP; v->n = json_object_size(j); v->each = js_each; break;
+	default: v->kind = AX_V_OTHER; break;
+	}
+}
+
+int ax_record_from_json(const json_t *obj, ax_record *r)
+{
+	ax_record_init(r, AX_REC_ATTN);
+	if (!json_is_object(obj))
+		return -EBADMSG;
+	ax__val map;
+	js_val(obj, &map);
+	return ax__record_from_map(&map, js_find, r);
+}
