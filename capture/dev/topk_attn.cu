@@ -1,0 +1,1381 @@
+/*
+ * topk_attn.cu — kernel lab (llm.c dev/cuda style) for the exact top-k attention of one decode query row per
+ * request (DESIGN §1, issue 4) on NVIDIA Hopper.
+ *
+ * Problem: B requests, each one query row Q [H_q, D] bf16, keys in a pool K [slots, H_kv, D] bf16 read through a
+ * token-level index row req_to_token[b][j] (int32), j = 0..n_b-1. GQA: query head h reads KV head h / (H_q/H_kv).
+ * s_hj = scale · q_h·k_{g(h),j}. Modes (ties broken by the lower position everywhere):
+ *   mean_logit: top-k of s_j = mean_h s_hj, and logsumexp over all j of s_j;
+ *   heads:      per head, top-k of s_hj and that head's logsumexp;
+ *   mean_prob:  top-k of p_j = mean_h softmax_h(s_hj) reported as log p_j; "lse" is log Σ_j p_j (= 0, computed,
+ *               which checks the two passes against each other).
+ * Lab shape: H_q 32, H_kv 8, D 128 (compile-time), top-k 1..64 (run-time).
+ *
+ * Versions (numbers: capture/dev/RESULTS.md; card, date and commit there):
+ *   v1  naive: every s_hj to global memory (one thread per (b, h, j), scalar loads), then one block per row for
+ *       logsumexp (block reductions) and top-k (k rounds of block argmax below the previous winner).
+ *       Measured: see RESULTS.md (tens to hundreds × floor: writes and re-reads the full score matrix).
+ *   v2  split-K / flash-decoding: the sequence of each request is cut into chunks, one CTA (8 warps) per chunk,
+ *       many requests in one launch (CTA -> request by binary search over split offsets). A warp takes 16 keys
+ *       at a time: lanes load their rows with 16-byte loads straight into mma.sync m16n8k16 A fragments (the dot
+ *       product is invariant under a permutation of d, so each lane's 8 contiguous dims fill its fragment
+ *       slots; Q's B fragment is read from shared memory with the same permutation), one KV head after the
+ *       other, double-buffered (KV head g+1 in flight while g multiplies). Each key row is read once for all
+ *       query heads of every group. Per warp: online logsumexp and a top-k list (mean modes: a warp-wide sorted
+ *       list in registers, insertion by ballot + shuffle, candidates filtered by the list's k-th entry; heads: a
+ *       sorted list per head in shared memory, lane h owns head h). Lists and logsumexps of the 8 warps are
+ *       merged in the CTA, then a merge kernel (one CTA per output row) merges the split lists exactly (filter
+ *       by the running k-th entry, then insert) and the split logsumexps. mean_prob: pass 1 = heads kernel with
+ *       k = 0 (logsumexp per head) + merge, pass 2 = p_j from s_hj and the head logsumexps.
+ *       Measured: see RESULTS.md.
+ *
+ * Validation: fresh random inputs per case (keys and queries uniform in [-1, 1], bf16) with planted keys aligned
+ * with each request's grouped queries (strong, distinct scores) and one duplicated planted key (an exact tie);
+ * outputs poisoned (NaN / INT_MIN) before every run; a float64 CPU reference. A row passes when every entry i <
+ * min(k, n) holds a distinct position whose reference score is the reference's i-th (or within 1e-5 relative of
+ * it: a near-tie, counted and reported), logits within 1e-3 absolute of the reference value at that position,
+ * entries past n are (-1, -inf), and the logsumexp is within 1e-3; NaN never passes.
+ * Timing: CUDA events around each run, warm-up, median of repeats, inputs rotated over sets larger than L2
+ * (separate key regions and index rows). The floor is measured in the same run: a streaming read kernel of the
+ * same bytes (K bytes + index bytes) over the same rotation; a gather read (the kernel's access pattern, nothing
+ * computed) and cudaMemcpy device-to-device are printed beside it.
+ *
+ * Usage: topk_attn [--validate] [--bench] [--small] [--cases name,...] [--versions 1,2]
+ *   --validate  small edge cases (n < k, n not a multiple of 16, k = 1 and 64, several requests), every version
+ *               and mode; exit 0 if all pass, 1 if not, 77 when no CUDA device is present.
+ *   --bench     the issue's shapes: validate, then time every version and mode; table last.
+ *   --small     one tiny case (for compute-sanitizer).
+ * Self-contained (CUDA runtime + C++ standard library) so it builds with plain nvcc on a machine without meson.
+ */
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <ctime>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#define CK(x)                                                                                                \
+	do {                                                                                                 \
+		cudaError_t e_ = (x);                                                                        \
+		if (e_ != cudaSuccess) {                                                                     \
+			fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+			exit(1);                                                                             \
+		}                                                                                            \
+	} while (0)
+
+typedef __nv_bfloat16 bf16;
+
+enum { HQ = 32, HKV = 8, GRP = HQ / HKV, HD = 128, QSTR = HD + 32 /* padded smem row: conflict-free */ };
+enum { M_MEAN_LOGIT = 1, M_MEAN_PROB = 2, M_HEADS = 3 }; /* = enum ax_mode */
+enum { MAXK = 64, NW = 8 /* warps per split CTA */, MNW = 8 /* warps per merge CTA */ };
+
+static const char *mode_name(int m)
+{
+	return m == M_MEAN_LOGIT ? "mean_logit" : m == M_MEAN_PROB ? "mean_prob" : "heads";
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* device helpers                                                                                               */
+
+#define FULL 0xffffffffu
+
+/* (a, ap) ranks before (b, bp): higher score, then lower position. */
+__host__ __device__ __forceinline__ bool better(float a, int ap, float b, int bp)
+{
+	return a > b || (a == b && ap < bp);
+}
+
+__device__ __forceinline__ void lse_add(float &m, float &s, float x)
+{
+	if (x == -INFINITY) return;
+	if (x > m) {
+		s = s * __expf(m - x) + 1.f;
+		m = x;
+	} else {
+		s += __expf(x - m);
+	}
+}
+
+__device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2)
+{
+	if (m2 == -INFINITY || s2 == 0.f) return;
+	if (m == -INFINITY) {
+		m = m2;
+		s = s2;
+	} else if (m2 > m) {
+		s = s * __expf(m - m2) + s2;
+		m = m2;
+	} else {
+		s += s2 * __expf(m2 - m);
+	}
+}
+
+__device__ __forceinline__ void lse_warp(float &m, float &s)
+{
+	for (int o = 16; o; o >>= 1) {
+		float m2 = __shfl_xor_sync(FULL, m, o), s2 = __shfl_xor_sync(FULL, s, o);
+		lse_merge(m, s, m2, s2);
+	}
+}
+
+__device__ __forceinline__ float lse_value(float m, float s)
+{
+	return (m == -INFINITY || s == 0.f) ? -INFINITY : m + logf(s);
+}
+
+/*
+ * A warp-wide sorted top-k list (k <= 64): lane i holds entry i (s0, p0) and entry 32+i (s1, p1); (ts, tp) is
+ * entry k-1, the bar a candidate must beat. Empty entries are (-inf, INT_MAX).
+ */
+struct WList {
+	float s0, s1, ts;
+	int p0, p1, tp;
+};
+
+__device__ __forceinline__ void wl_init(WList &L, int K)
+{
+	L.s0 = L.s1 = -INFINITY;
+	L.p0 = L.p1 = INT_MAX;
+	L.ts = K ? -INFINITY : INFINITY;
+	L.tp = K ? INT_MAX : -1;
+}
+
+/* Insert one warp-uniform candidate; no-op if it ranks k-th or lower. */
+__device__ __forceinline__ void wl_insert(WList &L, float cs, int cp, int K)
+{
+	const int lane = threadIdx.x & 31;
+	int r = __popc(__ballot_sync(FULL, !better(cs, cp, L.s0, L.p0)));
+	if (K > 32) r += __popc(__ballot_sync(FULL, !better(cs, cp, L.s1, L.p1)));
+	if (r >= K) return;
+	float us0 = __shfl_up_sync(FULL, L.s0, 1), us1 = __shfl_up_sync(FULL, L.s1, 1);
+	int up0 = __shfl_up_sync(FULL, L.p0, 1), up1 = __shfl_up_sync(FULL, L.p1, 1);
+	float c31s = __shfl_sync(FULL, L.s0, 31);
+	int c31p = __shfl_sync(FULL, L.p0, 31);
+	if (lane == 0) {
+		us1 = c31s;
+		up1 = c31p;
+	}
+	if (lane == r) {
+		L.s0 = cs;
+		L.p0 = cp;
+	} else if (lane > r) {
+		L.s0 = us0;
+		L.p0 = up0;
+	}
+	if (lane + 32 == r) {
+		L.s1 = cs;
+		L.p1 = cp;
+	} else if (lane + 32 > r) {
+		L.s1 = us1;
+		L.p1 = up1;
+	}
+	const int kl = K - 1;
+	if (kl < 32) {
+		L.ts = __shfl_sync(FULL, L.s0, kl);
+		L.tp = __shfl_sync(FULL, L.p0, kl);
+	} else {
+		L.ts = __shfl_sync(FULL, L.s1, kl - 32);
+		L.tp = __shfl_sync(FULL, L.p1, kl - 32);
+	}
+}
+
+/* Every lane offers one candidate (when ok); those that beat the bar are inserted one after another. */
+__device__ __forceinline__ void wl_offer(WList &L, float s, int p, bool ok, int K)
+{
+	unsigned m = __ballot_sync(FULL, ok && better(s, p, L.ts, L.tp));
+	while (m) {
+		const int src = __ffs(m) - 1;
+		m &= m - 1;
+		float cs = __shfl_sync(FULL, s, src);
+		int cp = __shfl_sync(FULL, p, src);
+		if (better(cs, cp, L.ts, L.tp)) wl_insert(L, cs, cp, K);
+	}
+}
+
+/* A per-lane sorted list in shared memory, entry i at ls[i*32] (lane-interleaved: conflict-free). The caller
+ * has checked that (x, p) beats entry k-1. */
+__device__ __forceinline__ void lane_insert(float *ls, int *lp, int K, float x, int p, float &ts, int &tp)
+{
+	int i = K - 1;
+	while (i > 0 && better(x, p, ls[(i - 1) * 32], lp[(i - 1) * 32])) {
+		ls[i * 32] = ls[(i - 1) * 32];
+		lp[i * 32] = lp[(i - 1) * 32];
+		--i;
+	}
+	ls[i * 32] = x;
+	lp[i * 32] = p;
+	ts = ls[(K - 1) * 32];
+	tp = lp[(K - 1) * 32];
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+					 uint32_t b0, uint32_t b1)
+{
+	asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+		     "{%0,%1,%2,%3};\n"
+		     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+		     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* v1: naive                                                                                                    */
+
+struct Prob {
+	const bf16 *q;      /* [B, HQ, HD] */
+	const bf16 *k;      /* pool [n_slots, HKV, HD] */
+	long k_slot, k_head; /* element strides of the pool */
+	long n_slots;
+	const int *idx;     /* req_to_token [B, idx_b] */
+	long idx_b;
+	const int *seqlen;  /* [B] */
+	int B, maxlen;
+	float scale;
+	int *err;           /* bit 0: an index value outside the pool */
+};
+
+/* sc: [B, HQ, maxlen] = scale · q_h·k_{g(h),j}; one thread per (b, h, j). */
+__global__ void v1_scores(Prob a, float *sc)
+{
+	long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+	if (i >= (long)a.B * HQ * a.maxlen) return;
+	int j = (int)(i % a.maxlen), h = (int)((i / a.maxlen) % HQ), b = (int)(i / ((long)a.maxlen * HQ));
+	if (j >= a.seqlen[b]) return;
+	int slot = a.idx[b * a.idx_b + j];
+	if (slot < 0 || slot >= a.n_slots) {
+		atomicOr(a.err, 1);
+		sc[i] = 0.f;
+		return;
+	}
+	const bf16 *kr = a.k + slot * a.k_slot + (h / GRP) * a.k_head, *qr = a.q + ((long)b * HQ + h) * HD;
+	float acc = 0.f;
+	for (int d = 0; d < HD; ++d) acc += __bfloat162float(qr[d]) * __bfloat162float(kr[d]);
+	sc[i] = acc * a.scale;
+}
+
+/* row: [B, maxlen]: the mean over heads of sc (mean_logit) or log mean_h exp(sc - lse_h) (mean_prob). */
+__global__ void v1_combine(Prob a, const float *sc, const float *lse_h, int mode, float *row)
+{
+	long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+	if (i >= (long)a.B * a.maxlen) return;
+	int j = (int)(i % a.maxlen), b = (int)(i / a.maxlen);
+	if (j >= a.seqlen[b]) return;
+	float acc = 0.f;
+	for (int h = 0; h < HQ; ++h) {
+		float x = sc[((long)b * HQ + h) * a.maxlen + j];
+		acc += mode == M_MEAN_LOGIT ? x : expf(x - lse_h[b * HQ + h]);
+	}
+	row[i] = mode == M_MEAN_LOGIT ? acc / HQ : logf(acc / HQ);
+}
+
+template <typename T, typename F> __device__ T block_reduce(T v, F op, T *sh)
+{
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+	for (int o = 16; o; o >>= 1) v = op(v, __shfl_xor_sync(FULL, v, o));
+	__syncthreads();
+	if (lane == 0) sh[w] = v;
+	__syncthreads();
+	v = sh[0];
+	for (int i = 1; i < nw; ++i) v = op(v, sh[i]);
+	return v;
+}
+
+/* One block per row r of data [rows, ld]; the row's length is seqlen[r / rows_per_b]. */
+__global__ void v1_rowtopk(const float *data, long ld, int rows_per_b, const int *seqlen, int K, float *out_s,
+			   int *out_p, float *out_lse)
+{
+	__shared__ float shf[32];
+	__shared__ unsigned long long shu[32];
+	const int r = blockIdx.x, n = seqlen[r / rows_per_b];
+	const float *x = data + r * ld;
+	float mx = -INFINITY;
+	for (int j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, x[j]);
+	mx = block_reduce(mx, [](float u, float v) { return fmaxf(u, v); }, shf);
+	float sum = 0.f;
+	if (mx > -INFINITY)
+		for (int j = threadIdx.x; j < n; j += blockDim.x) sum += expf(x[j] - mx);
+	sum = block_reduce(sum, [](float u, float v) { return u + v; }, shf);
+	if (threadIdx.x == 0) out_lse[r] = (n == 0 || sum == 0.f) ? -INFINITY : mx + logf(sum);
+	float ps = INFINITY;
+	int pp = -1;
+	for (int i = 0; i < K; ++i) {
+		float bs = -INFINITY;
+		int bp = INT_MAX;
+		for (int j = threadIdx.x; j < n; j += blockDim.x)
+			if (better(ps, pp, x[j], j) && better(x[j], j, bs, bp)) {
+				bs = x[j];
+				bp = j;
+			}
+		/* pack (score, pos) so that a max over u64 is the lexicographic best: order-preserving float key */
+		unsigned fu = __float_as_uint(bs);
+		fu = (fu & 0x80000000u) ? ~fu : (fu | 0x80000000u);
+		unsigned long long key = ((unsigned long long)fu << 32) | (unsigned)(INT_MAX - bp);
+		key = block_reduce(key, [](unsigned long long u, unsigned long long v) { return u > v ? u : v; }, shu);
+		unsigned hi = (unsigned)(key >> 32);
+		hi = (hi & 0x80000000u) ? (hi & 0x7fffffffu) : ~hi;
+		bs = __uint_as_float(hi);
+		bp = INT_MAX - (int)(key & 0xffffffffu);
+		if (threadIdx.x == 0) {
+			out_s[(long)r * K + i] = bp == INT_MAX ? -INFINITY : bs;
+			out_p[(long)r * K + i] = bp == INT_MAX ? -1 : bp;
+		}
+		ps = bs;
+		pp = bp;
+	}
+}
+
+struct V1Work {
+	float *sc, *row, *lse_h, *junk_s;
+	int *junk_p;
+};
+
+static cudaError_t v1_run(const Prob &a, int mode, int K, V1Work &w, float *out_s, int *out_p, float *out_lse,
+			  cudaStream_t st)
+{
+	const long nsc = (long)a.B * HQ * a.maxlen, nrow = (long)a.B * a.maxlen;
+	v1_scores<<<(unsigned)((nsc + 255) / 256), 256, 0, st>>>(a, w.sc);
+	if (mode == M_HEADS) {
+		v1_rowtopk<<<a.B * HQ, 256, 0, st>>>(w.sc, a.maxlen, HQ, a.seqlen, K, out_s, out_p, out_lse);
+	} else {
+		if (mode == M_MEAN_PROB)
+			v1_rowtopk<<<a.B * HQ, 256, 0, st>>>(w.sc, a.maxlen, HQ, a.seqlen, 0, w.junk_s, w.junk_p,
+							     w.lse_h);
+		v1_combine<<<(unsigned)((nrow + 255) / 256), 256, 0, st>>>(a, w.sc, w.lse_h, mode, w.row);
+		v1_rowtopk<<<a.B, 256, 0, st>>>(w.row, a.maxlen, 1, a.seqlen, K, out_s, out_p, out_lse);
+	}
+	return cudaGetLastError();
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* v2: split-K over the sequence, tensor-core dot products, per-warp online logsumexp and top-k, exact merge     */
+
+struct SplitArgs {
+	Prob a;
+	const int *split_off; /* [B+1]: CTAs of request b are split_off[b] .. split_off[b+1]-1 */
+	int chunk;            /* keys per CTA (a multiple of 16·NW) */
+	int K;                /* top-k, 0 = logsumexp only */
+	const float *lse_h;   /* mean_prob pass 2: [B, HQ] */
+	float *part_s;        /* [split_off[B]·rows, K], row (b, r, split) at (split_off[b]·rows + r·S_b + split) */
+	int *part_p;          /* same; -1 = empty */
+	float *part_lse;      /* [split_off[B]·rows] */
+};
+
+/* Dynamic shared memory of v2_split: Q tile + the mode's per-warp state. */
+__host__ __device__ constexpr size_t v2_smem(int mode, int K)
+{
+	return (size_t)HQ * QSTR * 2 +
+	       (mode == M_HEADS ? (size_t)NW * 32 * 17 * 4 + (size_t)NW * K * 32 * 8 + (size_t)NW * 32 * 8
+				: (size_t)NW * 64 * 8 + (size_t)NW * 8 + HQ * 4);
+}
+
+/* kb[c] = row grow dims 32c+8t..+8 of KV head g, kb[4+c] = same for row grow+8; o < 0: row absent (zeros). */
+__device__ __forceinline__ void load_k(uint4 (&kb)[8], const bf16 *k, long k_head, long o0, long o1, int g, int t)
+{
+	const bf16 *base = k + g * k_head + t * 8;
+#pragma unroll
+	for (int c = 0; c < 4; ++c) {
+		kb[c] = o0 >= 0 ? __ldg((const uint4 *)(base + o0 + 32 * c)) : make_uint4(0, 0, 0, 0);
+		kb[4 + c] = o1 >= 0 ? __ldg((const uint4 *)(base + o1 + 32 * c)) : make_uint4(0, 0, 0, 0);
+	}
+}
+
+/*
+ * acc (16 keys × 8 columns, column n = query head g·GRP+n for n < GRP, zero columns above) += K_g · Q_g^T.
+ * The 16-byte chunk of dims 32c+8t..+8 feeds k-steps 2c (dims +0..3) and 2c+1 (dims +4..7) in both operands.
+ */
+__device__ __forceinline__ void mma_g(float (&acc)[4], const uint4 (&kb)[8], const bf16 *q_sm, int g, int grow,
+				      int t)
+{
+#pragma unroll
+	for (int c = 0; c < 4; ++c) {
+		uint4 qv = make_uint4(0, 0, 0, 0);
+		if (grow < GRP) qv = *(const uint4 *)(q_sm + (g * GRP + grow) * QSTR + 32 * c + 8 * t);
+		mma16816(acc, kb[c].x, kb[4 + c].x, kb[c].y, kb[4 + c].y, qv.x, qv.y);
+		mma16816(acc, kb[c].z, kb[4 + c].z, kb[c].w, kb[4 + c].w, qv.z, qv.w);
+	}
+}
+
+template <int MODE> __global__ void __launch_bounds__(NW * 32, 2) v2_split(SplitArgs s)
+{
+	extern __shared__ __align__(16) unsigned char smem[];
+	const Prob &a = s.a;
+	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, grow = lane >> 2, t = lane & 3;
+	const int K = s.K;
+	const int cta = blockIdx.x;
+	int lo = 0, hi = a.B; /* largest b with split_off[b] <= cta */
+	while (hi - lo > 1) {
+		int mid = (lo + hi) >> 1;
+		if (s.split_off[mid] <= cta) lo = mid;
+		else hi = mid;
+	}
+	const int b = lo, S = s.split_off[b + 1] - s.split_off[b], sl = cta - s.split_off[b];
+	const int n = a.seqlen[b], start = sl * s.chunk, end = min(n, start + s.chunk);
+
+	bf16 *q_sm = (bf16 *)smem;
+	float *f_sm = (float *)(smem + (size_t)HQ * QSTR * 2);
+	float *sc = f_sm;                                   /* heads: [NW][32][17] scores of a tile */
+	float *hls = sc + NW * 32 * 17;                     /* heads: [NW][K][32] lists */
+	int *hlp = (int *)(hls + NW * K * 32);
+	float *hlm = (float *)(hlp + NW * K * 32), *hlsum = hlm + NW * 32;
+	float *mls = f_sm;                                  /* mean: [NW][64] lists */
+	int *mlp = (int *)(mls + NW * 64);
+	float *mm = (float *)(mlp + NW * 64), *msum = mm + NW, *lse_sm = msum + NW;
+
+	const bf16 *qb = a.q + (long)b * HQ * HD;
+	for (int i = tid; i < HQ * HD / 8; i += NW * 32) {
+		int r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+		*(uint4 *)(q_sm + r * QSTR + c) = *(const uint4 *)(qb + r * HD + c);
+	}
+	if (MODE == M_MEAN_PROB && tid < HQ) lse_sm[tid] = s.lse_h[b * HQ + tid];
+	if (MODE == M_HEADS)
+		for (int i = 0; i < K; ++i) {
+			hls[(w * K + i) * 32 + lane] = -INFINITY;
+			hlp[(w * K + i) * 32 + lane] = INT_MAX;
+		}
+	__syncthreads();
+
+
+	float m_run = -INFINITY, s_run = 0.f;
+	WList L;
+	wl_init(L, K);
+	float hts = K ? -INFINITY : INFINITY;
+	int htp = K ? INT_MAX : -1;
+	float *my_ls = hls + (w * K) * 32 + lane;
+	int *my_lp = hlp + (w * K) * 32 + lane;
+	const float scale = a.scale;
+	const int *irow = a.idx + (long)b * a.idx_b;
+
+	auto row_off = [&](int j) -> long {
+		if (j >= end) return -1;
+		int slot = irow[j];
+		if (slot < 0 || slot >= a.n_slots) {
+			atomicOr(a.err, 1);
+			return -1;
+		}
+		return (long)slot * a.k_slot;
+	};
+
+	int tile = start + w * 16;
+	long o0 = row_off(tile + grow), o1 = row_off(tile + grow + 8);
+	uint4 kA[8], kB[8];
+	load_k(kA, a.k, a.k_head, o0, o1, 0, t);
+	for (; tile < end; tile += NW * 16) {
+		const int nt = tile + NW * 16;
+		const long n0 = row_off(nt + grow), n1 = row_off(nt + grow + 8);
+		float acc[4] = {0.f, 0.f, 0.f, 0.f};
+		float pa0 = 0.f, pa1 = 0.f;
+		auto after_g = [&](int g) {
+			if (MODE == M_HEADS && t < 2) {
+				float *S_ = sc + w * (32 * 17);
+				const int h0 = g * GRP + 2 * t;
+				S_[h0 * 17 + grow] = acc[0] * scale;
+				S_[(h0 + 1) * 17 + grow] = acc[1] * scale;
+				S_[h0 * 17 + grow + 8] = acc[2] * scale;
+				S_[(h0 + 1) * 17 + grow + 8] = acc[3] * scale;
+			}
+			if (MODE == M_MEAN_PROB && t < 2) {
+				const float l0 = lse_sm[g * GRP + 2 * t], l1 = lse_sm[g * GRP + 2 * t + 1];
+				pa0 += __expf(acc[0] * scale - l0) + __expf(acc[1] * scale - l1);
+				pa1 += __expf(acc[2] * scale - l0) + __expf(acc[3] * scale - l1);
+			}
+		};
+#pragma unroll
+		for (int g = 0; g < HKV; g += 2) {
+			load_k(kB, a.k, a.k_head, o0, o1, g + 1, t);
+			if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+			mma_g(acc, kA, q_sm, g, grow, t);
+			after_g(g);
+			if (g + 2 < HKV) load_k(kA, a.k, a.k_head, o0, o1, g + 2, t);
+			else load_k(kA, a.k, a.k_head, n0, n1, 0, t);
+			if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+			mma_g(acc, kB, q_sm, g + 1, grow, t);
+			after_g(g + 1);
+		}
+		if (MODE == M_HEADS) {
+			__syncwarp();
+			const float *Sr = sc + w * (32 * 17) + lane * 17;
+#pragma unroll
+			for (int i = 0; i < 16; ++i) {
+				const int j = tile + i;
+				if (j < end) {
+					const float x = Sr[i];
+					lse_add(m_run, s_run, x);
+					if (better(x, j, hts, htp)) lane_insert(my_ls, my_lp, K, x, j, hts, htp);
+				}
+			}
+			__syncwarp();
+		} else {
+			float v0, v1;
+			if (MODE == M_MEAN_LOGIT) {
+				v0 = acc[0] + acc[1];
+				v1 = acc[2] + acc[3];
+				v0 = (v0 + __shfl_xor_sync(FULL, v0, 1)) * (scale / HQ);
+				v1 = (v1 + __shfl_xor_sync(FULL, v1, 1)) * (scale / HQ);
+			} else {
+				v0 = logf((pa0 + __shfl_xor_sync(FULL, pa0, 1)) * (1.f / HQ));
+				v1 = logf((pa1 + __shfl_xor_sync(FULL, pa1, 1)) * (1.f / HQ));
+			}
+			const int j0 = tile + grow, j1 = j0 + 8;
+			const bool ok0 = t == 0 && j0 < end, ok1 = t == 0 && j1 < end;
+			if (ok0) lse_add(m_run, s_run, v0);
+			if (ok1) lse_add(m_run, s_run, v1);
+			if (K) {
+				wl_offer(L, v0, j0, ok0, K);
+				wl_offer(L, v1, j1, ok1, K);
+			}
+		}
+		o0 = n0;
+		o1 = n1;
+	}
+
+	/* CTA merge of the NW warps, then the split's row(s) to part_*. */
+	if (MODE == M_HEADS) {
+		hlm[w * 32 + lane] = m_run;
+		hlsum[w * 32 + lane] = s_run;
+		__syncthreads();
+		if (w != 0) return;
+		float m = m_run, sm = s_run;
+		for (int ow = 1; ow < NW; ++ow) {
+			lse_merge(m, sm, hlm[ow * 32 + lane], hlsum[ow * 32 + lane]);
+			for (int i = 0; i < K; ++i) {
+				const float x = hls[(ow * K + i) * 32 + lane];
+				const int p = hlp[(ow * K + i) * 32 + lane];
+				if (!better(x, p, hts, htp)) break;
+				lane_insert(my_ls, my_lp, K, x, p, hts, htp);
+			}
+		}
+		const long rb = (long)s.split_off[b] * HQ + (long)lane * S + sl;
+		s.part_lse[rb] = lse_value(m, sm);
+		for (int i = 0; i < K; ++i) {
+			const int p = my_lp[i * 32];
+			s.part_s[rb * K + i] = my_ls[i * 32];
+			s.part_p[rb * K + i] = p == INT_MAX ? -1 : p;
+		}
+	} else {
+		lse_warp(m_run, s_run);
+		mls[w * 64 + lane] = L.s0;
+		mls[w * 64 + 32 + lane] = L.s1;
+		mlp[w * 64 + lane] = L.p0;
+		mlp[w * 64 + 32 + lane] = L.p1;
+		if (lane == 0) {
+			mm[w] = m_run;
+			msum[w] = s_run;
+		}
+		__syncthreads();
+		if (w != 0) return;
+		float m = m_run, sm = s_run;
+		for (int ow = 1; ow < NW; ++ow) {
+			lse_merge(m, sm, mm[ow], msum[ow]);
+			if (K) {
+				const int p0 = mlp[ow * 64 + lane], p1 = mlp[ow * 64 + 32 + lane];
+				wl_offer(L, mls[ow * 64 + lane], p0, lane < K && p0 != INT_MAX, K);
+				if (K > 32) wl_offer(L, mls[ow * 64 + 32 + lane], p1, lane + 32 < K && p1 != INT_MAX, K);
+			}
+		}
+		const long rb = (long)s.split_off[b] + sl;
+		if (lane == 0) s.part_lse[rb] = lse_value(m, sm);
+		if (lane < K) {
+			s.part_s[rb * K + lane] = L.s0;
+			s.part_p[rb * K + lane] = L.p0 == INT_MAX ? -1 : L.p0;
+		}
+		if (lane + 32 < K) {
+			s.part_s[rb * K + lane + 32] = L.s1;
+			s.part_p[rb * K + lane + 32] = L.p1 == INT_MAX ? -1 : L.p1;
+		}
+	}
+}
+
+struct MergeArgs {
+	const float *part_s;
+	const int *part_p;
+	const float *part_lse;
+	const int *split_off;
+	int rows, K;
+	float *out_s;  /* [B·rows, K] */
+	int *out_p;    /* [B·rows, K]; -1 past the visible keys */
+	float *out_lse; /* [B·rows] */
+};
+
+/* One CTA per output row (b, r): merge the S_b split lists and logsumexps exactly. */
+__global__ void __launch_bounds__(MNW * 32) v2_merge(MergeArgs a)
+{
+	__shared__ float sm_m[MNW], sm_s[MNW], ls[MNW * 64];
+	__shared__ int lp[MNW * 64];
+	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, K = a.K;
+	const int b = blockIdx.x / a.rows, row = blockIdx.x % a.rows;
+	const int S = a.split_off[b + 1] - a.split_off[b];
+	const long rb = (long)a.split_off[b] * a.rows + (long)row * S;
+	float m = -INFINITY, s = 0.f;
+	for (int i = tid; i < S; i += MNW * 32) lse_add(m, s, a.part_lse[rb + i]);
+	lse_warp(m, s);
+	if (lane == 0) {
+		sm_m[w] = m;
+		sm_s[w] = s;
+	}
+	WList L;
+	wl_init(L, K);
+	const long E = (long)S * K;
+	const float *ps = a.part_s + rb * K;
+	const int *pp = a.part_p + rb * K;
+	for (long e0 = w * 32; e0 < E; e0 += MNW * 32) {
+		const long e = e0 + lane;
+		const bool ok = e < E;
+		const float x = ok ? ps[e] : -INFINITY;
+		const int p = ok ? pp[e] : -1;
+		wl_offer(L, x, p, ok && p >= 0, K);
+	}
+	ls[w * 64 + lane] = L.s0;
+	ls[w * 64 + 32 + lane] = L.s1;
+	lp[w * 64 + lane] = L.p0;
+	lp[w * 64 + 32 + lane] = L.p1;
+	__syncthreads();
+	if (w != 0) return;
+	m = sm_m[0];
+	s = sm_s[0];
+	for (int ow = 1; ow < MNW; ++ow) {
+		lse_merge(m, s, sm_m[ow], sm_s[ow]);
+		if (K) {
+			const int p0 = lp[ow * 64 + lane], p1 = lp[ow * 64 + 32 + lane];
+			wl_offer(L, ls[ow * 64 + lane], p0, lane < K && p0 != INT_MAX, K);
+			if (K > 32) wl_offer(L, ls[ow * 64 + 32 + lane], p1, lane + 32 < K && p1 != INT_MAX, K);
+		}
+	}
+	const long o = blockIdx.x;
+	if (lane == 0) a.out_lse[o] = lse_value(m, s);
+	if (lane < K) {
+		a.out_s[o * K + lane] = L.p0 == INT_MAX ? -INFINITY : L.s0;
+		a.out_p[o * K + lane] = L.p0 == INT_MAX ? -1 : L.p0;
+	}
+	if (lane + 32 < K) {
+		a.out_s[o * K + lane + 32] = L.p1 == INT_MAX ? -INFINITY : L.s1;
+		a.out_p[o * K + lane + 32] = L.p1 == INT_MAX ? -1 : L.p1;
+	}
+}
+
+struct V2Work {
+	int *split_off; /* device [B+1] */
+	int nsplit, chunk;
+	float *part_s, *part_lse, *lse_h, *junk_s;
+	int *part_p, *junk_p;
+};
+
+static cudaError_t v2_run(const Prob &a, int mode, int K, V2Work &w, float *out_s, int *out_p, float *out_lse,
+			  cudaStream_t st)
+{
+	SplitArgs s = {a, w.split_off, w.chunk, K, w.lse_h, w.part_s, w.part_p, w.part_lse};
+	MergeArgs m = {w.part_s, w.part_p, w.part_lse, w.split_off, 1, K, out_s, out_p, out_lse};
+	if (w.nsplit == 0) return cudaErrorInvalidValue;
+	if (mode == M_MEAN_LOGIT) {
+		v2_split<M_MEAN_LOGIT><<<w.nsplit, NW * 32, v2_smem(M_MEAN_LOGIT, K), st>>>(s);
+	} else if (mode == M_HEADS) {
+		v2_split<M_HEADS><<<w.nsplit, NW * 32, v2_smem(M_HEADS, K), st>>>(s);
+		m.rows = HQ;
+	} else {
+		SplitArgs s1 = s;
+		s1.K = 0;
+		v2_split<M_HEADS><<<w.nsplit, NW * 32, v2_smem(M_HEADS, 0), st>>>(s1);
+		MergeArgs m1 = {w.part_s, w.part_p, w.part_lse, w.split_off, HQ, 0, w.junk_s, w.junk_p, w.lse_h};
+		v2_merge<<<a.B * HQ, MNW * 32, 0, st>>>(m1);
+		v2_split<M_MEAN_PROB><<<w.nsplit, NW * 32, v2_smem(M_MEAN_PROB, K), st>>>(s);
+	}
+	v2_merge<<<a.B * m.rows, MNW * 32, 0, st>>>(m);
+	return cudaGetLastError();
+}
+
+static void v2_init_attrs()
+{
+	const int mx = 200 * 1024;
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_LOGIT>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_PROB>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_HEADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* floor kernels                                                                                                */
+
+__global__ void floor_read(const uint4 *p, long n16, unsigned *sink)
+{
+	unsigned acc = 0;
+	const long stride = (long)gridDim.x * blockDim.x;
+	long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+	for (; i + 3 * stride < n16; i += 4 * stride) {
+		uint4 v0 = __ldg(p + i), v1 = __ldg(p + i + stride), v2 = __ldg(p + i + 2 * stride),
+		      v3 = __ldg(p + i + 3 * stride);
+		acc ^= v0.x ^ v0.y ^ v0.z ^ v0.w ^ v1.x ^ v1.y ^ v1.z ^ v1.w ^ v2.x ^ v2.y ^ v2.z ^ v2.w ^ v3.x ^
+		       v3.y ^ v3.z ^ v3.w;
+	}
+	for (; i < n16; i += stride) {
+		uint4 v = __ldg(p + i);
+		acc ^= v.x ^ v.y ^ v.z ^ v.w;
+	}
+	if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+/* The kernel's access pattern with nothing computed: one warp per key row (all KV heads, 2 KB), via the index. */
+__global__ void floor_gather(Prob a, unsigned *sink)
+{
+	const int lane = threadIdx.x & 31;
+	const long warp = (blockIdx.x * (long)blockDim.x + threadIdx.x) >> 5, nwarps = ((long)gridDim.x * blockDim.x) >> 5;
+	unsigned acc = 0;
+	for (int b = 0; b < a.B; ++b) {
+		const int n = a.seqlen[b];
+		for (long j = warp; j < n; j += nwarps) {
+			const uint4 *r = (const uint4 *)(a.k + (long)a.idx[b * a.idx_b + j] * a.k_slot);
+			uint4 v0 = __ldg(r + lane), v1 = __ldg(r + lane + 32), v2 = __ldg(r + lane + 64),
+			      v3 = __ldg(r + lane + 96);
+			acc ^= v0.x ^ v1.y ^ v2.z ^ v3.w;
+		}
+	}
+	if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+/* Poison outputs: NaN scores, INT_MIN positions. */
+__global__ void poison(float *s, int *p, long n, float *lse, long nl)
+{
+	long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+	if (i < n) {
+		s[i] = __int_as_float(0x7fc00001);
+		p[i] = INT_MIN;
+	}
+	if (i < nl) lse[i] = __int_as_float(0x7fc00001);
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* host: inputs, float64 reference, checks                                                                      */
+
+static inline float bf2f(uint16_t b)
+{
+	uint32_t u = (uint32_t)b << 16;
+	float f;
+	memcpy(&f, &u, 4);
+	return f;
+}
+
+static inline uint16_t f2bf(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, 4);
+	u += 0x7fff + ((u >> 16) & 1);
+	return (uint16_t)(u >> 16);
+}
+
+static inline uint64_t mix64(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+static inline float urand(uint64_t seed, uint64_t i) /* uniform in [-1, 1) */
+{
+	return (float)((mix64(seed * 0x100000001b3ull + i) >> 40) * (1.0 / 8388608.0)) - 1.f;
+}
+
+template <typename F> static void par_for(long n, F f)
+{
+	unsigned nt = std::max(1u, std::min(32u, std::thread::hardware_concurrency()));
+	std::vector<std::thread> th;
+	for (unsigned t = 0; t < nt; ++t)
+		th.emplace_back([&, t] {
+			long lo = n * t / nt, hi = n * (t + 1) / nt;
+			for (long i = lo; i < hi; ++i) f(i);
+		});
+	for (auto &x : th) x.join();
+}
+
+struct Case {
+	std::string name;
+	std::vector<int> n;
+	int K;
+};
+
+struct Ref { /* float64 reference of one input set (rotation set 0), per request */
+	std::vector<std::vector<double>> sh;  /* [HQ][n] */
+	std::vector<std::vector<double>> sm;  /* mean_logit [n] */
+	std::vector<std::vector<double>> lp;  /* log p, mean_prob [n] */
+	std::vector<std::vector<double>> lse_h; /* [HQ] */
+	std::vector<double> lse_m;
+};
+
+struct Setup {
+	Case c;
+	int B, maxlen, R;
+	long T, slots;
+	std::vector<uint16_t> hk, hq; /* pool, [R][B][HQ][HD] */
+	std::vector<int> hidx;        /* [R][B][maxlen] */
+	bf16 *dk = nullptr, *dq = nullptr;
+	int *didx = nullptr, *dlen = nullptr, *derr = nullptr;
+	Ref ref;
+	Prob prob(int r) const
+	{
+		Prob a;
+		a.q = dq + (long)r * B * HQ * HD;
+		a.k = dk;
+		a.k_slot = HKV * HD;
+		a.k_head = HD;
+		a.n_slots = slots;
+		a.idx = didx + (long)r * B * maxlen;
+		a.idx_b = maxlen;
+		a.seqlen = dlen;
+		a.B = B;
+		a.maxlen = maxlen;
+		a.scale = 1.f / sqrtf((float)HD);
+		a.err = derr;
+		return a;
+	}
+};
+
+static uint64_t g_seed = 0x5eed;
+
+/* Keys and queries uniform in [-1,1]; per request 12 planted keys aligned with the grouped queries
+ * (k_g = α_i · Σ_{h in g} q_h / 4, α_i = 0.5 + 0.25 i) and a copy of the strongest at another position (a tie). */
+static void make_inputs(Setup &su, long min_bytes)
+{
+	const Case &c = su.c;
+	su.B = (int)c.n.size();
+	su.maxlen = std::max(1, *std::max_element(c.n.begin(), c.n.end()));
+	su.T = 0;
+	for (int x : c.n) su.T += x;
+	const long set_bytes = su.T * HKV * HD * 2;
+	su.R = (int)std::min(32L, std::max(1L, (min_bytes + set_bytes - 1) / std::max(1L, set_bytes)));
+	su.slots = std::max(1L, su.T * su.R);
+	const uint64_t seed = ++g_seed * 7919 + (uint64_t)time(nullptr);
+	su.hk.assign((size_t)su.slots * HKV * HD, 0);
+	uint16_t *hk = su.hk.data();
+	par_for(su.slots, [&](long s) {
+		for (int e = 0; e < HKV * HD; ++e) hk[s * HKV * HD + e] = f2bf(urand(seed, (uint64_t)s * HKV * HD + e));
+	});
+	su.hq.resize((size_t)su.R * su.B * HQ * HD);
+	for (size_t i = 0; i < su.hq.size(); ++i) su.hq[i] = f2bf(urand(seed ^ 0xabcdef, i));
+	su.hidx.assign((size_t)su.R * su.B * su.maxlen, 0);
+	std::vector<int> perm(su.T);
+	for (int r = 0; r < su.R; ++r) {
+		for (long i = 0; i < su.T; ++i) perm[i] = (int)i;
+		uint64_t st = seed + r;
+		for (long i = su.T - 1; i > 0; --i) std::swap(perm[i], perm[mix64(st + i) % (uint64_t)(i + 1)]);
+		long off = 0;
+		for (int b = 0; b < su.B; ++b)
+			for (int j = 0; j < c.n[b]; ++j)
+				su.hidx[((size_t)r * su.B + b) * su.maxlen + j] = (int)(r * su.T + perm[off++]);
+	}
+	for (int b = 0; b < su.B; ++b) { /* plants, rotation set 0 */
+		const int n = c.n[b];
+		if (n < 4) continue;
+		const uint16_t *q = &su.hq[(size_t)b * HQ * HD];
+		for (int i = 0; i < 13; ++i) {
+			const int j = (int)(mix64(seed * 31 + b * 1000 + i) % (uint64_t)n);
+			const double alpha = 0.5 + 0.25 * (i == 12 ? 11 : i);
+			const long slot = su.hidx[(size_t)b * su.maxlen + j];
+			for (int g = 0; g < HKV; ++g)
+				for (int d = 0; d < HD; ++d) {
+					double qs = 0;
+					for (int h = g * GRP; h < (g + 1) * GRP; ++h) qs += bf2f(q[h * HD + d]);
+					su.hk[(size_t)slot * HKV * HD + g * HD + d] = f2bf((float)(alpha * qs / 4));
+				}
+		}
+	}
+}
+
+static void topk_ref(const double *x, int n, int K, std::vector<int> &out)
+{
+	out.clear();
+	for (int j = 0; j < n; ++j) {
+		if ((int)out.size() == K && !(x[j] > x[out.back()])) continue; /* ties: the lower j is already in */
+		int i = (int)out.size();
+		if (i < K) out.push_back(j);
+		else i = K - 1;
+		while (i > 0 && x[j] > x[out[i - 1]]) {
+			out[i] = out[i - 1];
+			--i;
+		}
+		out[i] = j;
+	}
+}
+
+static double lse_ref(const double *x, int n)
+{
+	double m = -INFINITY, s = 0;
+	for (int j = 0; j < n; ++j) m = std::max(m, x[j]);
+	if (m == -INFINITY) return -INFINITY;
+	for (int j = 0; j < n; ++j) s += exp(x[j] - m);
+	return m + log(s);
+}
+
+static void make_ref(Setup &su)
+{
+	Ref &R = su.ref;
+	const double scale = 1.0 / sqrt((double)HD);
+	R.sh.assign(su.B, {});
+	R.sm.assign(su.B, {});
+	R.lp.assign(su.B, {});
+	R.lse_h.assign(su.B, std::vector<double>(HQ));
+	R.lse_m.assign(su.B, 0);
+	for (int b = 0; b < su.B; ++b) {
+		const int n = su.c.n[b];
+		std::vector<double> qf(HQ * HD);
+		for (int i = 0; i < HQ * HD; ++i) qf[i] = bf2f(su.hq[(size_t)b * HQ * HD + i]);
+		std::vector<double> &sh = R.sh[b];
+		sh.assign((size_t)HQ * n, 0);
+		const int *ir = &su.hidx[(size_t)b * su.maxlen];
+		par_for(n, [&](long j) {
+			const uint16_t *kr = &su.hk[(size_t)ir[j] * HKV * HD];
+			for (int h = 0; h < HQ; ++h) {
+				const uint16_t *kg = kr + (h / GRP) * HD;
+				double acc = 0;
+				for (int d = 0; d < HD; ++d) acc += qf[h * HD + d] * bf2f(kg[d]);
+				sh[(size_t)h * n + j] = acc * scale;
+			}
+		});
+		for (int h = 0; h < HQ; ++h) R.lse_h[b][h] = lse_ref(&sh[(size_t)h * n], n);
+		R.sm[b].assign(n, 0);
+		R.lp[b].assign(n, 0);
+		par_for(n, [&](long j) {
+			double m = 0, p = 0;
+			for (int h = 0; h < HQ; ++h) {
+				m += sh[(size_t)h * n + j];
+				p += exp(sh[(size_t)h * n + j] - R.lse_h[b][h]);
+			}
+			R.sm[b][j] = m / HQ;
+			R.lp[b][j] = log(p / HQ);
+		});
+		R.lse_m[b] = lse_ref(R.sm[b].data(), n);
+	}
+}
+
+struct CheckRes {
+	long rows = 0, bad = 0, ties = 0;
+	double max_logit_err = 0, max_lse_err = 0;
+};
+
+/* Compare one run's outputs (host copies) with the reference; see the file comment for the rule. */
+static CheckRes check(const Setup &su, int mode, int K, const std::vector<float> &os, const std::vector<int> &op,
+		      const std::vector<float> &ol, const char *tag)
+{
+	CheckRes cr;
+	const int rows = mode == M_HEADS ? HQ : 1;
+	std::vector<int> top;
+	for (int b = 0; b < su.B; ++b)
+		for (int r = 0; r < rows; ++r) {
+			const int n = su.c.n[b];
+			const double *x = mode == M_HEADS ? &su.ref.sh[b][(size_t)r * n]
+					  : mode == M_MEAN_LOGIT ? su.ref.sm[b].data() : su.ref.lp[b].data();
+			const double lse = mode == M_HEADS ? su.ref.lse_h[b][r] : mode == M_MEAN_LOGIT ? su.ref.lse_m[b] : 0.0;
+			topk_ref(x, n, K, top);
+			const long o = (long)b * rows + r;
+			bool ok = true;
+			std::string why;
+			double le = fabs((double)ol[o] - lse);
+			if (n == 0) le = (std::isinf(ol[o]) && ol[o] < 0) ? 0 : 1e9;
+			if (!(le <= 1e-3)) {
+				ok = false;
+				why = "lse";
+			}
+			cr.max_lse_err = std::max(cr.max_lse_err, std::isnan(le) ? 1e9 : le);
+			for (int i = 0; i < K && ok; ++i) {
+				const int p = op[o * K + i];
+				const float s = os[o * K + i];
+				if (i >= (int)top.size()) {
+					if (p != -1 || !(std::isinf(s) && s < 0)) ok = false, why = "tail";
+					continue;
+				}
+				if (p < 0 || p >= n) {
+					ok = false;
+					why = "pos";
+					break;
+				}
+				for (int i2 = 0; i2 < i; ++i2)
+					if (op[o * K + i2] == p) ok = false, why = "dup";
+				const double e = fabs((double)s - x[p]);
+				if (!(e <= 1e-3)) ok = false, why = "logit";
+				cr.max_logit_err = std::max(cr.max_logit_err, std::isnan(e) ? 1e9 : e);
+				if (p != top[i]) {
+					if (fabs(x[p] - x[top[i]]) <= 1e-5 * (1 + fabs(x[p]))) cr.ties++;
+					else ok = false, why = "set";
+				}
+			}
+			cr.rows++;
+			if (!ok) {
+				if (cr.bad < 5) {
+					fprintf(stderr, "  FAIL %s %s b=%d row=%d n=%d (%s): lse %.6f ref %.6f\n", tag,
+						mode_name(mode), b, r, n, why.c_str(), ol[o], lse);
+					for (int i = 0; i < std::min(K, 12); ++i)
+						fprintf(stderr, "    %2d: got (%d, %.6f)  ref (%d, %.6f)\n", i, op[o * K + i],
+							os[o * K + i], i < (int)top.size() ? top[i] : -1,
+							i < (int)top.size() ? x[top[i]] : NAN);
+				}
+				cr.bad++;
+			}
+		}
+	return cr;
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
+/* host: running and timing                                                                                     */
+
+struct Outs {
+	float *s, *lse;
+	int *p;
+	long n, nl;
+};
+
+struct Lab {
+	Setup su;
+	V1Work w1{};
+	V2Work w2{};
+	Outs out{};
+	int sms = 0;
+	unsigned *sink = nullptr;
+};
+
+static void lab_alloc(Lab &L)
+{
+	Setup &su = L.su;
+	CK(cudaMalloc(&su.dk, su.hk.size() * 2));
+	CK(cudaMemcpy(su.dk, su.hk.data(), su.hk.size() * 2, cudaMemcpyHostToDevice));
+	CK(cudaMalloc(&su.dq, su.hq.size() * 2));
+	CK(cudaMemcpy(su.dq, su.hq.data(), su.hq.size() * 2, cudaMemcpyHostToDevice));
+	CK(cudaMalloc(&su.didx, su.hidx.size() * 4));
+	CK(cudaMemcpy(su.didx, su.hidx.data(), su.hidx.size() * 4, cudaMemcpyHostToDevice));
+	CK(cudaMalloc(&su.dlen, su.B * 4));
+	CK(cudaMemcpy(su.dlen, su.c.n.data(), su.B * 4, cudaMemcpyHostToDevice));
+	CK(cudaMalloc(&su.derr, 4));
+	CK(cudaMemset(su.derr, 0, 4));
+	/* v1 */
+	CK(cudaMalloc(&L.w1.sc, (size_t)su.B * HQ * su.maxlen * 4));
+	CK(cudaMalloc(&L.w1.row, (size_t)su.B * su.maxlen * 4));
+	CK(cudaMalloc(&L.w1.lse_h, (size_t)su.B * HQ * 4));
+	CK(cudaMalloc(&L.w1.junk_s, 4));
+	CK(cudaMalloc(&L.w1.junk_p, 4));
+	/* v2: chunk so that the splits fill the card about once (2 CTAs per SM), at least 16·NW keys */
+	const long target = 2L * L.sms, unit = 16L * NW;
+	long chunk = (su.T + target - 1) / target;
+	chunk = std::max(unit, (chunk + unit - 1) / unit * unit);
+	std::vector<int> off(su.B + 1, 0);
+	for (int b = 0; b < su.B; ++b) off[b + 1] = off[b] + (int)((su.c.n[b] + chunk - 1) / chunk);
+	L.w2.chunk = (int)chunk;
+	L.w2.nsplit = off[su.B];
+	CK(cudaMalloc(&L.w2.split_off, (su.B + 1) * 4));
+	CK(cudaMemcpy(L.w2.split_off, off.data(), (su.B + 1) * 4, cudaMemcpyHostToDevice));
+	const size_t np = (size_t)std::max(1, L.w2.nsplit) * HQ;
+	CK(cudaMalloc(&L.w2.part_s, np * MAXK * 4));
+	CK(cudaMalloc(&L.w2.part_p, np * MAXK * 4));
+	CK(cudaMalloc(&L.w2.part_lse, np * 4));
+	CK(cudaMalloc(&L.w2.lse_h, (size_t)su.B * HQ * 4));
+	CK(cudaMalloc(&L.w2.junk_s, 4));
+	CK(cudaMalloc(&L.w2.junk_p, 4));
+	L.out.n = (long)su.B * HQ * MAXK;
+	L.out.nl = (long)su.B * HQ;
+	CK(cudaMalloc(&L.out.s, L.out.n * 4));
+	CK(cudaMalloc(&L.out.p, L.out.n * 4));
+	CK(cudaMalloc(&L.out.lse, L.out.nl * 4));
+	CK(cudaMalloc(&L.sink, 4));
+}
+
+static void lab_free(Lab &L)
+{
+	void *ps[] = {L.su.dk, L.su.dq, L.su.didx, L.su.dlen, L.su.derr, L.w1.sc, L.w1.row, L.w1.lse_h, L.w1.junk_s,
+		      L.w1.junk_p, L.w2.split_off, L.w2.part_s, L.w2.part_p, L.w2.part_lse, L.w2.lse_h,
+		      L.w2.junk_s, L.w2.junk_p, L.out.s, L.out.p, L.out.lse, L.sink};
+	for (void *p : ps) CK(cudaFree(p));
+}
+
+static cudaError_t run_version(Lab &L, int ver, int mode, int r, cudaStream_t st)
+{
+	const Prob a = L.su.prob(r);
+	if (ver == 1) return v1_run(a, mode, L.su.c.K, L.w1, L.out.s, L.out.p, L.out.lse, st);
+	return v2_run(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st);
+}
+
+/* Poison, run on rotation set 0, check. Returns true when every row passes. */
+static bool validate_one(Lab &L, int ver, int mode)
+{
+	const int K = L.su.c.K, rows = mode == M_HEADS ? HQ : 1;
+	poison<<<(unsigned)((L.out.n + 255) / 256), 256>>>(L.out.s, L.out.p, L.out.n, L.out.lse, L.out.nl);
+	CK(cudaMemset(L.su.derr, 0, 4));
+	CK(run_version(L, ver, mode, 0, 0));
+	CK(cudaDeviceSynchronize());
+	int err = 0;
+	CK(cudaMemcpy(&err, L.su.derr, 4, cudaMemcpyDeviceToHost));
+	const long n = (long)L.su.B * rows * K, nl = (long)L.su.B * rows;
+	std::vector<float> os(n), ol(nl);
+	std::vector<int> op(n);
+	CK(cudaMemcpy(os.data(), L.out.s, n * 4, cudaMemcpyDeviceToHost));
+	CK(cudaMemcpy(op.data(), L.out.p, n * 4, cudaMemcpyDeviceToHost));
+	CK(cudaMemcpy(ol.data(), L.out.lse, nl * 4, cudaMemcpyDeviceToHost));
+	char tag[64];
+	snprintf(tag, sizeof tag, "v%d/%s", ver, L.su.c.name.c_str());
+	CheckRes cr = check(L.su, mode, K, os, op, ol, tag);
+	const bool ok = cr.bad == 0 && err == 0;
+	printf("validate %-10s v%d %-10s k=%-2d rows %5ld bad %ld near-ties %ld max|dlogit| %.2e max|dlse| %.2e "
+	       "err %d  %s\n",
+	       L.su.c.name.c_str(), ver, mode_name(mode), K, cr.rows, cr.bad, cr.ties, cr.max_logit_err,
+	       cr.max_lse_err, err, ok ? "PASS" : "FAIL");
+	return ok;
+}
+
+static float median(std::vector<float> v)
+{
+	std::sort(v.begin(), v.end());
+	return v[v.size() / 2];
+}
+
+template <typename F> static float time_med(F launch, int R, int reps)
+{
+	cudaEvent_t e0, e1;
+	CK(cudaEventCreate(&e0));
+	CK(cudaEventCreate(&e1));
+	for (int i = 0; i < 3; ++i) launch(i % R);
+	CK(cudaDeviceSynchronize());
+	std::vector<float> t;
+	for (int i = 0; i < reps; ++i) {
+		CK(cudaEventRecord(e0));
+		launch(i % R);
+		CK(cudaEventRecord(e1));
+		CK(cudaEventSynchronize(e1));
+		float ms;
+		CK(cudaEventElapsedTime(&ms, e0, e1));
+		t.push_back(ms * 1000.f);
+	}
+	CK(cudaGetLastError());
+	CK(cudaEventDestroy(e0));
+	CK(cudaEventDestroy(e1));
+	return median(t);
+}
+
+/* Host wall clock of launch + synchronize (end to end), plain and through a CUDA graph. */
+static void time_e2e(Lab &L, int ver, int mode, float &plain_us, float &graph_us)
+{
+	cudaStream_t st;
+	CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+	std::vector<float> t;
+	for (int i = 0; i < 210; ++i) {
+		auto t0 = std::chrono::steady_clock::now();
+		CK(run_version(L, ver, mode, i % L.su.R, st));
+		CK(cudaStreamSynchronize(st));
+		auto t1 = std::chrono::steady_clock::now();
+		if (i >= 10) t.push_back(std::chrono::duration<float, std::micro>(t1 - t0).count());
+	}
+	plain_us = median(t);
+	std::vector<cudaGraph_t> g(L.su.R); /* one graph per rotation set, so replays don't hit L2 */
+	std::vector<cudaGraphExec_t> ge(L.su.R);
+	for (int r = 0; r < L.su.R; ++r) {
+		CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+		CK(run_version(L, ver, mode, r, st));
+		CK(cudaStreamEndCapture(st, &g[r]));
+		CK(cudaGraphInstantiate(&ge[r], g[r], 0));
+	}
+	t.clear();
+	for (int i = 0; i < 210; ++i) {
+		auto t0 = std::chrono::steady_clock::now();
+		CK(cudaGraphLaunch(ge[i % L.su.R], st));
+		CK(cudaStreamSynchronize(st));
+		auto t1 = std::chrono::steady_clock::now();
+		if (i >= 10) t.push_back(std::chrono::duration<float, std::micro>(t1 - t0).count());
+	}
+	graph_us = median(t);
+	for (int r = 0; r < L.su.R; ++r) {
+		CK(cudaGraphExecDestroy(ge[r]));
+		CK(cudaGraphDestroy(g[r]));
+	}
+	CK(cudaStreamDestroy(st));
+}
+
+static std::vector<std::string> g_table;
+
+static void bench_case(Lab &L, const std::vector<int> &vers, bool e2e)
+{
+	Setup &su = L.su;
+	const long kbytes = su.T * HKV * HD * 2, ibytes = su.T * 4, bytes = kbytes + ibytes;
+	const int reps = bytes > (256L << 20) ? 30 : bytes > (32L << 20) ? 100 : 300;
+	/* floor: streaming read of the same bytes (region r of the pool: keys of rotation set r + index bytes) */
+	const long n16 = bytes / 16;
+	const long region16 = su.T * HKV * HD * 2 / 16;
+	float t_read = time_med(
+		[&](int r) {
+			const uint4 *p = (const uint4 *)su.dk + (long)r * region16;
+			long m = std::min(n16, (long)(su.hk.size() * 2 / 16) - (long)r * region16);
+			floor_read<<<L.sms * 8, 512>>>(p, m, L.sink);
+		},
+		su.R, reps);
+	float t_gather = time_med([&](int r) { floor_gather<<<L.sms * 8, 512>>>(su.prob(r), L.sink); }, su.R, reps);
+	float t_copy = time_med(
+		[&](int r) {
+			(void)r;
+			CK(cudaMemcpyAsync((char *)su.dk + (su.R > 1 ? kbytes : kbytes / 2), su.dk,
+					   su.R > 1 ? kbytes : kbytes / 2, cudaMemcpyDeviceToDevice));
+		},
+		1, reps);
+	const double copy_gbs = 2.0 * (su.R > 1 ? kbytes : kbytes / 2) / (t_copy * 1e3);
+	char buf[512];
+	snprintf(buf, sizeof buf,
+		 "%-10s floor: read %.1f us (%.0f GB/s), gather-read %.1f us (%.0f GB/s), memcpy d2d %.0f GB/s (r+w); "
+		 "bytes %.1f MB, rotation sets %d, v2 chunk %d splits %d",
+		 su.c.name.c_str(), t_read, bytes / (t_read * 1e3), t_gather, bytes / (t_gather * 1e3), copy_gbs,
+		 bytes / 1e6, su.R, L.w2.chunk, L.w2.nsplit);
+	printf("%s\n", buf);
+	g_table.push_back(buf);
+	for (int mode : {M_MEAN_LOGIT, M_HEADS, M_MEAN_PROB})
+		for (int v : vers) {
+			float t = time_med([&](int r) { CK(run_version(L, v, mode, r, 0)); }, su.R, reps);
+			snprintf(buf, sizeof buf, "%-10s v%d %-10s %10.1f us %7.0f GB/s  %6.2fx floor", su.c.name.c_str(), v,
+				 mode_name(mode), t, bytes / (t * 1e3), t / t_read);
+			std::string line = buf;
+			if (e2e) {
+				float pu, gu;
+				time_e2e(L, v, mode, pu, gu);
+				snprintf(buf, sizeof buf, "  end-to-end %.1f us, graph %.1f us", pu, gu);
+				line += buf;
+			}
+			printf("%s\n", line.c_str());
+			g_table.push_back(line);
+		}
+}
+
+/* Host-only check of the checker (runs without a GPU): the reference's own answer must pass, a swapped position,
+ * a NaN logit, a NaN logsumexp and an unwritten (poisoned) entry must each fail. */
+static int host_selftest()
+{
+	int bad = 0;
+	for (const Case &c : {Case{"edge3", {1, 37, 1000}, 10}, Case{"k33", {2049, 5}, 33}}) {
+		Setup su;
+		su.c = c;
+		make_inputs(su, 0);
+		make_ref(su);
+		for (int mode : {M_MEAN_LOGIT, M_HEADS, M_MEAN_PROB}) {
+			const int rows = mode == M_HEADS ? HQ : 1, K = c.K;
+			std::vector<float> os((size_t)su.B * rows * K), ol((size_t)su.B * rows);
+			std::vector<int> op(os.size());
+			std::vector<int> top;
+			for (int b = 0; b < su.B; ++b)
+				for (int r = 0; r < rows; ++r) {
+					const int n = c.n[b];
+					const double *x = mode == M_HEADS ? &su.ref.sh[b][(size_t)r * n]
+							  : mode == M_MEAN_LOGIT ? su.ref.sm[b].data() : su.ref.lp[b].data();
+					const long o = (long)b * rows + r;
+					ol[o] = (float)(mode == M_HEADS ? su.ref.lse_h[b][r] : mode == M_MEAN_LOGIT ? su.ref.lse_m[b] : 0);
+					topk_ref(x, n, K, top);
+					for (int i = 0; i < K; ++i) {
+						op[o * K + i] = i < (int)top.size() ? top[i] : -1;
+						os[o * K + i] = i < (int)top.size() ? (float)x[top[i]] : -INFINITY;
+					}
+				}
+			const long o = (long)(su.B - 1) * rows; /* last request: n >= 5 */
+			CheckRes good = check(su, mode, K, os, op, ol, "selftest-good");
+			auto bad_of = [&](auto mutate) {
+				std::vector<float> s2 = os, l2 = ol;
+				std::vector<int> p2 = op;
+				mutate(s2, p2, l2);
+				return check(su, mode, K, s2, p2, l2, "selftest-expected-fail").bad;
+			};
+			long f1 = bad_of([&](auto &, auto &p2, auto &) { std::swap(p2[o * K + 0], p2[o * K + 4]); });
+			long f2 = bad_of([&](auto &s2, auto &, auto &) { s2[o * K + 1] = NAN; });
+			long f3 = bad_of([&](auto &, auto &, auto &l2) { l2[o] = NAN; });
+			long f4 = bad_of([&](auto &s2, auto &p2, auto &) { uint32_t nanb = 0x7fc00001u; memcpy(&s2[o * K + 2], &nanb, 4); p2[o * K + 2] = INT_MIN; });
+			long f5 = bad_of([&](auto &, auto &p2, auto &) { p2[o * K + 3] = p2[o * K + 3] == 0 ? 1 : 0; });
+			const bool ok = good.bad == 0 && f1 && f2 && f3 && f4 && f5;
+			printf("host-selftest %-6s %-10s good rows %ld bad %ld; mutations caught %ld %ld %ld %ld %ld  %s\n",
+			       c.name.c_str(), mode_name(mode), good.rows, good.bad, f1, f2, f3, f4, f5, ok ? "PASS" : "FAIL");
+			bad += !ok;
+		}
+	}
+	return bad ? 1 : 0;
+}
+
+static Case mk(const char *name, int B, int n, int K)
+{
+	return Case{name, std::vector<int>(B, n), K};
+}
+
+int main(int argc, char **argv)
+{
+	bool do_val = false, do_bench = false, small = false;
+	std::string only;
+	std::vector<int> vers = {1, 2};
+	for (int i = 1; i < argc; ++i) {
+		if (!strcmp(argv[i], "--validate")) do_val = true;
+		else if (!strcmp(argv[i], "--bench")) do_bench = true;
+		else if (!strcmp(argv[i], "--small")) small = true;
+		else if (!strcmp(argv[i], "--host-selftest")) return host_selftest();
+		else if (!strcmp(argv[i], "--cases") && i + 1 < argc) only = argv[++i];
+		else if (!strcmp(argv[i], "--versions") && i + 1 < argc) {
+			vers.clear();
+			for (char *p = argv[++i]; *p; ++p)
+				if (*p >= '1' && *p <= '9') vers.push_back(*p - '0');
+		} else {
+			fprintf(stderr, "usage: %s [--validate] [--bench] [--small] [--cases a,b] [--versions 12]\n", argv[0]);
+			return 2;
+		}
+	}
+	if (!do_val && !do_bench && !small) do_val = true;
+	int ndev = 0;
+	if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+		printf("no CUDA device: skipping\n");
+		return 77;
+	}
+	cudaDeviceProp prop;
+	CK(cudaGetDeviceProperties(&prop, 0));
+	printf("device: %s, %d SMs, L2 %d MB, cc %d.%d\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20,
+	       prop.major, prop.minor);
+	v2_init_attrs();
+	const long min_bytes = 4L * prop.l2CacheSize; /* rotation: at least 4 × L2 per run sequence */
+
+	std::vector<Case> cases;
+	if (small) {
+		cases.push_back(Case{"small", {5, 40, 300}, 10});
+	}
+	if (do_val) {
+		cases.push_back(Case{"edge3", {1, 37, 1000}, 10});
+		cases.push_back(Case{"k64", {3000, 5000}, 64});
+		cases.push_back(Case{"k33", {2049}, 33});
+		cases.push_back(Case{"k1", {4096, 0, 17}, 1});
+		cases.push_back(Case{"mixed", {100, 20000, 3, 4096, 777}, 10});
+	}
+	std::vector<Case> bench;
+	if (do_bench) {
+		bench.push_back(mk("4K", 1, 4096, 10));
+		bench.push_back(mk("32K", 1, 32768, 10));
+		bench.push_back(mk("128K", 1, 131072, 10));
+		bench.push_back(mk("1M", 1, 1 << 20, 10));
+		bench.push_back(mk("8x128K", 8, 131072, 10));
+		bench.push_back(mk("64x4K", 64, 4096, 10));
+	}
+	bool all_ok = true;
+	auto want = [&](const std::string &n) { return only.empty() || ("," + only + ",").find("," + n + ",") != std::string::npos; };
+	for (int pass = 0; pass < 2; ++pass) {
+		std::vector<Case> &cs = pass == 0 ? cases : bench;
+		for (const Case &c : cs) {
+			if (!want(c.name)) continue;
+			Lab L;
+			L.sms = prop.multiProcessorCount;
+			L.su.c = c;
+			auto t0 = std::chrono::steady_clock::now();
+			make_inputs(L.su, pass == 0 ? 0 : min_bytes);
+			make_ref(L.su);
+			lab_alloc(L);
+			auto t1 = std::chrono::steady_clock::now();
+			printf("case %s: B=%d T=%ld K=%d (inputs + reference %.1f s)\n", c.name.c_str(), L.su.B, L.su.T, c.K,
+			       std::chrono::duration<double>(t1 - t0).count());
+			bool case_ok = true;
+			for (int v : vers)
+				for (int mode : {M_MEAN_LOGIT, M_HEADS, M_MEAN_PROB}) case_ok &= validate_one(L, v, mode);
+			all_ok &= case_ok;
+			if (pass == 1) bench_case(L, vers, c.name == "4K");
+			lab_free(L);
+		}
+	}
+	if (!g_table.empty()) {
+		printf("\n==== table (%s) ====\n", prop.name);
+		for (auto &l : g_table) printf("%s\n", l.c_str());
+	}
+	printf("%s\n", all_ok ? "ALL PASS" : "SOME FAILED");
+	return all_ok ? 0 : 1;
+}
