@@ -8,6 +8,8 @@
  */
 #include "proto_internal.h"
 
+#include <string.h>
+
 #define TRY(x)                  \
 	do {                    \
 		int rc_ = (x);  \
@@ -16,33 +18,33 @@
 	} while (0)
 
 /* Helpers: one key and its value. */
-static int kv_u64(const ax__emitter *e, void *c, const char *k, uint64_t v)
+static inline int kv_u64(const ax__emitter *e, void *c, const char *k, uint64_t v)
 {
-	TRY(e->key(c, k));
+	TRY(e->key(c, k, strlen(k)));
 	return e->u64(c, v);
 }
 
-static int kv_i64(const ax__emitter *e, void *c, const char *k, int64_t v)
+static inline int kv_i64(const ax__emitter *e, void *c, const char *k, int64_t v)
 {
-	TRY(e->key(c, k));
+	TRY(e->key(c, k, strlen(k)));
 	return e->i64(c, v);
 }
 
-static int kv_f64(const ax__emitter *e, void *c, const char *k, double v)
+static inline int kv_f64(const ax__emitter *e, void *c, const char *k, double v)
 {
-	TRY(e->key(c, k));
+	TRY(e->key(c, k, strlen(k)));
 	return e->f64(c, v);
 }
 
-static int kv_str(const ax__emitter *e, void *c, const char *k, const char *v)
+static inline int kv_str(const ax__emitter *e, void *c, const char *k, const char *v)
 {
-	TRY(e->key(c, k));
+	TRY(e->key(c, k, strlen(k)));
 	return e->str(c, v);
 }
 
-static int kv_ids(const ax__emitter *e, void *c, const char *k, const int32_t *ids, uint32_t n)
+static inline int kv_ids(const ax__emitter *e, void *c, const char *k, const int32_t *ids, uint32_t n)
 {
-	TRY(e->key(c, k));
+	TRY(e->key(c, k, strlen(k)));
 	TRY(e->array(c, n));
 	for (uint32_t i = 0; i < n; i++)
 		TRY(e->i64(c, ids[i]));
@@ -96,17 +98,17 @@ static int emit_req(const ax_rec_req *q, const ax__emitter *e, void *c)
 
 static int emit_topk(const ax_rec_attn *a, const ax__emitter *e, void *c)
 {
-	TRY(e->key(c, "token_positions"));
+	TRY(e->key(c, "token_positions", 15));
 	TRY(e->array(c, a->k));
 	for (uint32_t i = 0; i < a->k; i++)
 		TRY(e->i64(c, a->token_positions[i]));
 	TRY(e->end(c));
-	TRY(e->key(c, "topk_logits"));
+	TRY(e->key(c, "topk_logits", 11));
 	TRY(e->array(c, a->k));
 	for (uint32_t i = 0; i < a->k; i++)
 		TRY(e->f32(c, a->topk_logits[i]));
 	TRY(e->end(c));
-	TRY(e->key(c, "attention_scores"));
+	TRY(e->key(c, "attention_scores", 16));
 	TRY(e->array(c, a->k));
 	for (uint32_t i = 0; i < a->k; i++)
 		TRY(e->f32(c, a->attention_scores[i]));
@@ -141,7 +143,7 @@ static int emit_gap(const ax_rec_gap *g, const ax__emitter *e, void *c)
 
 static int emit_stats(const ax_rec_stats *s, const ax__emitter *e, void *c)
 {
-	TRY(e->key(c, "counters"));
+	TRY(e->key(c, "counters", 8));
 	TRY(e->map(c, s->n));
 	for (uint32_t i = 0; i < s->n; i++)
 		TRY(kv_u64(e, c, s->kv[i].name, s->kv[i].value));

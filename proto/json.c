@@ -90,7 +90,7 @@ static int jw_str(void *c, const char *s)
 	return sep(c) ? -ENOMEM : put_escaped(c, s);
 }
 
-static int jw_key(void *c, const char *k)
+static int jw_key(void *c, const char *k, size_t n)
 {
 	struct jw *w = c;
 	if (jw_str(c, k) || put(w, ":", 1))

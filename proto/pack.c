@@ -10,9 +10,34 @@
 #include <msgpack.h>
 #include <string.h>
 
+/* The packer writes many pieces of a few bytes: copy inline when they fit (ax_record_pack reserved a bound). */
 static int buf_write(void *data, const char *p, size_t n)
 {
-	return ax_buf_append(data, p, n) ? -1 : 0;
+	ax_buf *b = data;
+	if (__builtin_expect(n > b->cap - b->len, 0) && ax_buf_reserve(b, n) < 0)
+		return -1;
+	uint8_t *d = b->data + b->len;
+	if (n <= 16) /* keys, numbers, headers: a call to memcpy costs more than the copy */
+		for (size_t i = 0; i < n; i++)
+			d[i] = (uint8_t)p[i];
+	else
+		memcpy(d, p, n);
+	b->len += n;
+	return 0;
+}
+
+/* An upper bound of a record's packed size: every fixed string and array at its cap, 9 bytes a number. */
+static size_t size_bound(const ax_record *r)
+{
+	size_t n = 3 * AX_PROTO_STR + 512;
+	switch (r->type) {
+	case AX_REC_HELLO: return n + 2 * AX_PROTO_STR + 9 * AX_PROTO_MAX_LIST;
+	case AX_REC_REQ: return n + 5 * (size_t)r->u.req.prompt_len;
+	case AX_REC_ATTN: return n + 19 * (size_t)r->u.attn.k;
+	case AX_REC_STATS: return n + 60 * AX_PROTO_MAX_STATS;
+	case AX_REC_POLICY: return n + 18 * AX_PROTO_MAX_LIST;
+	}
+	return n;
 }
 
 static int mp_map(void *c, uint32_t n) { return msgpack_pack_map(c, n); }
@@ -23,15 +48,19 @@ static int mp_i64(void *c, int64_t v) { return msgpack_pack_int64(c, v); }
 static int mp_f32(void *c, float v) { return msgpack_pack_float(c, v); }
 static int mp_f64(void *c, double v) { return msgpack_pack_double(c, v); }
 
-static int mp_str(void *c, const char *s)
+static int mp_key(void *c, const char *s, size_t n)
 {
-	size_t n = strlen(s);
 	int rc = msgpack_pack_str(c, n);
 	return rc ? rc : msgpack_pack_str_body(c, s, n);
 }
 
+static int mp_str(void *c, const char *s)
+{
+	return mp_key(c, s, strlen(s));
+}
+
 static const ax__emitter mp_emitter = {
-	.map = mp_map, .array = mp_array, .end = mp_end, .key = mp_str, .u64 = mp_u64,
+	.map = mp_map, .array = mp_array, .end = mp_end, .key = mp_key, .u64 = mp_u64,
 	.i64 = mp_i64, .f32 = mp_f32, .f64 = mp_f64, .str = mp_str,
 };
 
@@ -41,6 +70,8 @@ int ax_record_pack(const ax_record *r, ax_buf *out)
 	if (rc < 0)
 		return rc;
 	size_t mark = out->len;
+	if (ax_buf_reserve(out, size_bound(r)) < 0)
+		return -ENOMEM;
 	msgpack_packer pk;
 	msgpack_packer_init(&pk, out, buf_write);
 	if (ax__record_emit(r, &mp_emitter, &pk) != 0) {

@@ -19,7 +19,7 @@ typedef struct ax__emitter {
 	int (*map)(void *ctx, uint32_t n);        /* begin a map of n pairs */
 	int (*array)(void *ctx, uint32_t n);      /* begin an array of n values */
 	int (*end)(void *ctx);                    /* close the innermost map or array */
-	int (*key)(void *ctx, const char *k);
+	int (*key)(void *ctx, const char *k, size_t n);
 	int (*u64)(void *ctx, uint64_t v);
 	int (*i64)(void *ctx, int64_t v);
 	int (*f32)(void *ctx, float v);

@@ -79,6 +79,11 @@ bool ax__str_ok(const char *s, size_t cap, bool nonempty)
 	if (n == cap || (nonempty && n == 0))
 		return false;
 	const uint8_t *p = (const uint8_t *)s, *e = p + n;
+	uint8_t high = 0;
+	for (size_t i = 0; i < n; i++) /* ASCII, the common case: no per-byte decoding */
+		high |= p[i];
+	if (high < 0x80)
+		return true;
 	while (p < e) {
 		if (*p < 0x80) {
 			p++;
