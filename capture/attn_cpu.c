@@ -21,6 +21,9 @@
  * Speed: the loops are written as fixed-width lane arrays so gcc -O3 vectorises them without fast-math, and the
  * hot functions are compiled for x86-64-v3 (AVX2+FMA) and the baseline via target_clones (capture/BENCH.md).
  */
+/* The 32-byte vector helpers below are always inlined: no call passes a vector across the ABI. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <errno.h>
 #include <math.h>
 #include <stdlib.h>
@@ -30,8 +33,9 @@
 #include "attnx_shm.h"
 
 #define AX_BLOCK 128            /* keys per score tile */
-#define AX_LANES 16             /* width of the lane arrays the vectoriser maps to registers */
+#ifndef AX_PREFETCH
 #define AX_PREFETCH 4           /* keys ahead whose rows are prefetched */
+#endif
 #define AX_MAX_HEADS 4096       /* sanity caps on the job shape */
 #define AX_MAX_HEAD_DIM 4096
 #define AX_STORE_CAP_DEFAULT (64u << 20) /* bytes of mean_prob scores kept instead of a second pass */
@@ -45,7 +49,6 @@
 
 struct ax_attn_scratch {
 	float *q;          /* [rows, D] virtual query rows, f32, scale folded in */
-	float *kf;         /* [D] one key head converted to f32 */
 	float *tile;       /* [rows, tstride] scores of a block (or of all keys for mean_prob) */
 	float *red;        /* [2, AX_BLOCK] reduced rows: mean logit, or max_h and Σ_h exp for mean_prob */
 	float *max;        /* [rows] running maxima of the online logsumexp (then, for mean_prob, lse) */
@@ -54,7 +57,7 @@ struct ax_attn_scratch {
 	int32_t *outrow;   /* [rows] heads mode: output row of each virtual row */
 	int32_t *hmap;     /* [H_q] heads mode: virtual row of each query head, -1 if not selected */
 	uint32_t *gbeg;    /* [H_kv + 1] virtual rows of KV head g are gbeg[g] .. gbeg[g+1]-1 */
-	size_t cap_q, cap_kf, cap_tile, cap_red, cap_max, cap_sum, cap_vhead, cap_outrow, cap_hmap, cap_gbeg;
+	size_t cap_q, cap_tile, cap_red, cap_max, cap_sum, cap_vhead, cap_outrow, cap_hmap, cap_gbeg;
 	size_t store_cap;  /* bytes of mean_prob scores kept in `tile` before falling back to two passes */
 };
 
@@ -63,6 +66,7 @@ typedef struct plan {
 	const ax_attn_job *job;
 	uint32_t H, Hkv, G, D;     /* query heads, KV heads, group size, head dim */
 	uint32_t rows;             /* virtual rows */
+	uint32_t trows;            /* tile rows: 1 when collapsed, else rows */
 	int collapsed;             /* mean_logit without cap: one row per KV head */
 	uint64_t start, n;         /* first visible key position, visible keys */
 	size_t esize;              /* bytes per key element */
@@ -195,59 +199,195 @@ static AX_INLINE float ax_softcap(float s, float cap, float inv_cap)
 	return cap * (a < 0.2f ? small : big);
 }
 
-static AX_INLINE float lanes_sum(const float *a)
-{
-	float t[AX_LANES];
-	memcpy(t, a, sizeof t);
-	for (int w = AX_LANES / 2; w > 0; w /= 2)
-		for (int l = 0; l < w; l++)
-			t[l] += t[l + w];
-	return t[0];
-}
 
 /* ---- scores ----------------------------------------------------------------------------------------------- */
 
-/* Dot products of `nh` (1, 2 or 4) consecutive query rows q [nh, D] with one key head kf [D]; results go to
- * out[0], out[ostride], ... */
-static AX_INLINE void dots(const float *restrict q, const float *restrict kf, uint32_t D, int nh, float *out,
-			   size_t ostride)
+/* Eight lanes of f32 (one AVX register, two SSE registers in the baseline clone) and the integer shapes the key
+ * conversions go through. GCC vector extensions: the conversions are the scalar bit operations above, lane-wise. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint8_t v8b __attribute__((vector_size(8)));
+
+static AX_INLINE v8f ld8(const float *p)
 {
-	float a[4][AX_LANES] = {{0}};
-	uint32_t d = 0;
-	for (; d + AX_LANES <= D; d += AX_LANES)
-		for (int h = 0; h < nh; h++)
-			for (int l = 0; l < AX_LANES; l++)
-				a[h][l] += q[(size_t)h * D + d + l] * kf[d + l];
-	for (int h = 0; h < nh; h++) {
-		float s = lanes_sum(a[h]);
-		for (uint32_t e = d; e < D; e++)
-			s += q[(size_t)h * D + e] * kf[e];
-		out[(size_t)h * ostride] = s;
+	v8f v;
+	memcpy(&v, p, sizeof v);
+	return v;
+}
+
+static AX_INLINE v8f f16x8(v8u h)
+{
+	v8u em = h & 0x7fffu;
+	v8u u = (v8u)((v8f)(em << 13) * 0x1p112f);
+	u |= (v8u)(em >= 0x7c00u) & 0x7f800000u;
+	return (v8f)(u | ((h & 0x8000u) << 16));
+}
+
+/* Eight key elements at p, of dtype dt (a constant where this is inlined), as f32. */
+static AX_INLINE v8f key8(const char *p, uint32_t dt)
+{
+	if (dt == AX_DTYPE_BF16 || dt == AX_DTYPE_F16) {
+		v8h h;
+		memcpy(&h, p, sizeof h);
+		v8u u = __builtin_convertvector(h, v8u);
+		return dt == AX_DTYPE_BF16 ? (v8f)(u << 16) : f16x8(u);
+	}
+	if (dt == AX_DTYPE_FP8_E4M3 || dt == AX_DTYPE_FP8_E5M2) {
+		v8b b;
+		memcpy(&b, p, sizeof b);
+		v8u u = __builtin_convertvector(b, v8u);
+		if (dt == AX_DTYPE_FP8_E5M2)
+			return f16x8(u << 8);
+		v8u em = u & 0x7fu;
+		v8u r = (v8u)((v8f)(em << 20) * 0x1p120f);
+		v8u nan = (v8u)(em == 0x7fu);
+		r = (nan & 0x7fc00000u) | (~nan & r);
+		return (v8f)(r | ((u & 0x80u) << 24));
+	}
+	return ld8((const float *)p);
+}
+
+/* Bytes per key element; a constant where dt is. */
+static AX_INLINE size_t dt_size(uint32_t dt)
+{
+	return dt == AX_DTYPE_F32 ? 4 : dt == AX_DTYPE_BF16 || dt == AX_DTYPE_F16 ? 2 : 1;
+}
+
+/* 16-bit keys are converted 16 at a time from one 32-byte load: the low halves of the eight u32 words are the
+ * even elements, the high halves the odd ones. The query rows are stored in the same order (even8, odd8 per
+ * full 16-element chunk; see build_rows), so the dot product needs no shuffle. */
+static AX_INLINE int paired(uint32_t dt)
+{
+	return dt == AX_DTYPE_BF16 || dt == AX_DTYPE_F16;
+}
+
+static AX_INLINE void key16(const char *p, uint32_t dt, v8f *even, v8f *odd)
+{
+	if (!paired(dt)) {
+		*even = key8(p, dt);
+		*odd = key8(p + 8 * dt_size(dt), dt);
+		return;
+	}
+	v8u u;
+	memcpy(&u, p, sizeof u);
+	if (dt == AX_DTYPE_BF16) {
+		*even = (v8f)(u << 16);
+		*odd = (v8f)(u & 0xffff0000u);
+	} else {
+		*even = f16x8(u & 0xffffu);
+		*odd = f16x8(u >> 16);
 	}
 }
 
-static AX_INLINE const float *key_f32(const char *src, uint32_t dtype, uint32_t D, float *restrict kf)
+static AX_INLINE float key1(const char *p, uint32_t dt)
 {
-	switch (dtype) {
+	switch (dt) {
 	case AX_DTYPE_BF16:
-		for (uint32_t d = 0; d < D; d++)
-			kf[d] = bf16_f32(((const uint16_t *)src)[d]);
-		return kf;
+		return bf16_f32(*(const uint16_t *)p);
 	case AX_DTYPE_F16:
-		for (uint32_t d = 0; d < D; d++)
-			kf[d] = f16_f32(((const uint16_t *)src)[d]);
-		return kf;
+		return f16_f32(*(const uint16_t *)p);
 	case AX_DTYPE_FP8_E4M3:
-		for (uint32_t d = 0; d < D; d++)
-			kf[d] = e4m3_f32(((const uint8_t *)src)[d]);
-		return kf;
+		return e4m3_f32(*(const uint8_t *)p);
 	case AX_DTYPE_FP8_E5M2:
-		for (uint32_t d = 0; d < D; d++)
-			kf[d] = e5m2_f32(((const uint8_t *)src)[d]);
-		return kf;
+		return e5m2_f32(*(const uint8_t *)p);
 	default:
-		return (const float *)src;
+		return *(const float *)p;
 	}
+}
+
+typedef float v4f __attribute__((vector_size(16)));
+
+static AX_INLINE v4f half_sum(v8f v)
+{
+	return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+}
+
+static AX_INLINE float hsum8(v8f v)
+{
+	v4f h = half_sum(v);
+	h += __builtin_shufflevector(h, h, 2, 3, 0, 1);
+	return h[0] + h[1];
+}
+
+/* The four sums of a, b, c, d as one vector (transpose and add). */
+static AX_INLINE v4f hsum8x4(v8f a, v8f b, v8f c, v8f d)
+{
+	v4f x = half_sum(a), y = half_sum(b), z = half_sum(c), w = half_sum(d);
+	v4f xy = __builtin_shufflevector(x, y, 0, 4, 1, 5) + __builtin_shufflevector(x, y, 2, 6, 3, 7);
+	v4f zw = __builtin_shufflevector(z, w, 0, 4, 1, 5) + __builtin_shufflevector(z, w, 2, 6, 3, 7);
+	return __builtin_shufflevector(xy, zw, 0, 1, 4, 5) + __builtin_shufflevector(xy, zw, 2, 3, 6, 7);
+}
+
+/* Dot products of nh (1, 2 or 4; a constant where inlined) query rows q [nh, D] with one key head k [D] of dtype
+ * dt: out[h·ostride] = q_h · k. Two accumulators per row hide the add latency; each key chunk is converted once. */
+static AX_INLINE void dots(const float *restrict q, const char *restrict k, uint32_t D, uint32_t dt, int nh,
+			   float *out, size_t ostride)
+{
+	v8f a[4][2] = {{{0}}};
+	size_t esz = dt_size(dt);
+	uint32_t d = 0;
+	for (; d + 16 <= D; d += 16) {
+		v8f k0, k1;
+		key16(k + d * esz, dt, &k0, &k1);
+		for (int h = 0; h < nh; h++) {
+			a[h][0] += ld8(q + (size_t)h * D + d) * k0;
+			a[h][1] += ld8(q + (size_t)h * D + d + 8) * k1;
+		}
+	}
+	for (; d + 8 <= D; d += 8) {
+		v8f k0 = key8(k + d * esz, dt);
+		for (int h = 0; h < nh; h++)
+			a[h][0] += ld8(q + (size_t)h * D + d) * k0;
+	}
+	float sums[4];
+	if (nh == 4) {
+		v4f v = hsum8x4(a[0][0] + a[0][1], a[1][0] + a[1][1], a[2][0] + a[2][1], a[3][0] + a[3][1]);
+		memcpy(sums, &v, sizeof v);
+	} else {
+		for (int h = 0; h < nh; h++)
+			sums[h] = hsum8(a[h][0] + a[h][1]);
+	}
+	for (int h = 0; h < nh; h++) {
+		float t = sums[h];
+		for (uint32_t e = d; e < D; e++)
+			t += q[(size_t)h * D + e] * key1(k + e * esz, dt);
+		out[(size_t)h * ostride] = t;
+	}
+}
+
+/* Collapsed mean_logit: Σ_g qbar_g · k_g with the accumulators carried across KV heads (one sum per key). */
+static AX_INLINE float dot_collapsed(const plan *pl, const float *restrict q, const char *restrict row, uint32_t dt)
+{
+	v8f a[4] = {{0}};
+	float tail = 0;
+	uint32_t D = pl->D;
+	size_t esz = dt_size(dt);
+	for (uint32_t g = 0; g < pl->Hkv; g++) {
+		const char *k = row + g * pl->s1;
+		const float *qg = q + (size_t)g * D;
+		uint32_t d = 0;
+		for (; d + 32 <= D; d += 32) {
+			v8f k0, k1, k2, k3;
+			key16(k + d * esz, dt, &k0, &k1);
+			key16(k + (d + 16) * esz, dt, &k2, &k3);
+			a[0] += ld8(qg + d) * k0;
+			a[1] += ld8(qg + d + 8) * k1;
+			a[2] += ld8(qg + d + 16) * k2;
+			a[3] += ld8(qg + d + 24) * k3;
+		}
+		for (; d + 16 <= D; d += 16) {
+			v8f k0, k1;
+			key16(k + d * esz, dt, &k0, &k1);
+			a[0] += ld8(qg + d) * k0;
+			a[1] += ld8(qg + d + 8) * k1;
+		}
+		for (; d + 8 <= D; d += 8)
+			a[2] += ld8(qg + d) * key8(k + d * esz, dt);
+		for (; d < D; d++)
+			tail += qg[d] * key1(k + d * esz, dt);
+	}
+	return hsum8((a[0] + a[1]) + (a[2] + a[3])) + tail;
 }
 
 static AX_INLINE uint64_t slot_of(const ax_attn_job *job, uint64_t j)
@@ -269,47 +409,123 @@ static AX_INLINE void prefetch_key(const plan *pl, const uint32_t *gbeg, uint64_
 	}
 }
 
-/* Scores of keys j0 .. j0+nb-1 for every virtual row: tile[r * tstride + jj]. */
-AX_HOT static void score_block(const plan *pl, const ax_attn_scratch *s, uint64_t j0, uint32_t nb, float *tile,
-			       size_t tstride)
+/* score_block for one key dtype (a constant after inlining). */
+static AX_INLINE void score_block_dt(const plan *pl, const ax_attn_scratch *s, uint64_t j0, uint32_t nb,
+				     float *tile, size_t tstride, uint32_t dt)
 {
 	const ax_attn_job *job = pl->job;
 	uint64_t end = pl->start + pl->n;
+	uint32_t D = pl->D;
 	for (uint32_t jj = 0; jj < nb; jj++) {
 		uint64_t j = j0 + jj;
-		if (j + AX_PREFETCH < end)
+		if (AX_PREFETCH && j + AX_PREFETCH < end)
 			prefetch_key(pl, s->gbeg, slot_of(job, j + AX_PREFETCH));
 		const char *row = pl->kbase + slot_of(job, j) * pl->s0;
+		if (pl->collapsed) {
+			tile[jj] = dot_collapsed(pl, s->q, row, dt);
+			continue;
+		}
 		for (uint32_t g = 0; g < pl->Hkv; g++) {
 			uint32_t r = s->gbeg[g], r1 = s->gbeg[g + 1];
-			if (r == r1)
-				continue;
-			const float *kf = key_f32(row + g * pl->s1, job->k_dtype, pl->D, s->kf);
+			const char *k = row + g * pl->s1;
 			for (; r + 4 <= r1; r += 4)
-				dots(s->q + (size_t)r * pl->D, kf, pl->D, 4, tile + r * tstride + jj, tstride);
+				dots(s->q + (size_t)r * D, k, D, dt, 4, tile + r * tstride + jj, tstride);
 			for (; r + 2 <= r1; r += 2)
-				dots(s->q + (size_t)r * pl->D, kf, pl->D, 2, tile + r * tstride + jj, tstride);
+				dots(s->q + (size_t)r * D, k, D, dt, 2, tile + r * tstride + jj, tstride);
 			if (r < r1)
-				dots(s->q + (size_t)r * pl->D, kf, pl->D, 1, tile + r * tstride + jj, tstride);
+				dots(s->q + (size_t)r * D, k, D, dt, 1, tile + r * tstride + jj, tstride);
 		}
 	}
+}
+
+/* Scores of keys j0 .. j0+nb-1 for every tile row: tile[r * tstride + jj] (one row when collapsed). */
+AX_HOT static void score_block(const plan *pl, const ax_attn_scratch *s, uint64_t j0, uint32_t nb, float *tile,
+			       size_t tstride)
+{
+	switch (pl->job->k_dtype) {
+	case AX_DTYPE_BF16:
+		score_block_dt(pl, s, j0, nb, tile, tstride, AX_DTYPE_BF16);
+		break;
+	case AX_DTYPE_F16:
+		score_block_dt(pl, s, j0, nb, tile, tstride, AX_DTYPE_F16);
+		break;
+	case AX_DTYPE_FP8_E4M3:
+		score_block_dt(pl, s, j0, nb, tile, tstride, AX_DTYPE_FP8_E4M3);
+		break;
+	case AX_DTYPE_FP8_E5M2:
+		score_block_dt(pl, s, j0, nb, tile, tstride, AX_DTYPE_FP8_E5M2);
+		break;
+	default:
+		score_block_dt(pl, s, j0, nb, tile, tstride, AX_DTYPE_F32);
+		break;
+	}
+}
+
+/* Lane-wise versions of the scalar helpers, for the row loops. sel(m, a, b) = m ? a : b per lane. */
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static AX_INLINE v8f sel(v8i m, v8f a, v8f b)
+{
+	return (v8f)(((v8u)m & (v8u)a) | (~(v8u)m & (v8u)b));
+}
+
+static AX_INLINE v8f splat(float x)
+{
+	return (v8f){x, x, x, x, x, x, x, x};
+}
+
+static AX_INLINE v8f vmax(v8f a, v8f b)
+{
+	return sel(a > b, a, b);
+}
+
+static AX_INLINE v8f v8_exp(v8f x)
+{
+	x = vmax(x, splat(-87.3f));
+	x = sel(x > 88.3f, splat(88.3f), x);
+	v8f n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+	v8f r = x - n * 0.693359375f;
+	r = r - n * -2.12194440e-4f;
+	v8f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+	p = p * r + 8.3334519073e-3f;
+	p = p * r + 4.1665795894e-2f;
+	p = p * r + 1.6666665459e-1f;
+	p = p * r + 5.0000001201e-1f;
+	p = p * r * r + r + 1.0f;
+	v8i e = __builtin_convertvector(n, v8i) + 127;
+	return p * (v8f)((v8u)e << 23);
+}
+
+static AX_INLINE v8f v8_softcap(v8f s, float cap, float inv_cap)
+{
+	v8f x = s * inv_cap;
+	v8u sign = (v8u)x & 0x80000000u;
+	v8f a = (v8f)((v8u)x & 0x7fffffffu);
+	v8f x2 = x * x;
+	v8f small = x * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835)))));
+	v8f e = v8_exp(-2.0f * a);
+	v8f big = (v8f)((v8u)((1.0f - e) / (1.0f + e)) | sign);
+	return cap * sel(a < 0.2f, small, big);
 }
 
 /* Finite check and logit cap over one tile row; returns 0, or NaN if any score is not finite (x·0 is 0 only
  * for finite x). The check runs before the cap, which would map ±inf to ±cap. */
 AX_HOT static float finish_row(float *t, uint32_t n, float cap)
 {
-	float z[AX_LANES] = {0};
+	v8f z = {0};
 	uint32_t i = 0;
-	for (; i + AX_LANES <= n; i += AX_LANES)
-		for (int l = 0; l < AX_LANES; l++)
-			z[l] += t[i + l] * 0.0f;
-	float zs = lanes_sum(z);
+	for (; i + 8 <= n; i += 8)
+		z += ld8(t + i) * 0.0f;
+	float zs = hsum8(z);
 	for (; i < n; i++)
 		zs += t[i] * 0.0f;
 	if (cap > 0) {
 		float inv = 1.0f / cap;
-		for (i = 0; i < n; i++)
+		for (i = 0; i + 8 <= n; i += 8) {
+			v8f v = v8_softcap(ld8(t + i), cap, inv);
+			memcpy(t + i, &v, sizeof v);
+		}
+		for (; i < n; i++)
 			t[i] = ax_softcap(t[i], cap, inv);
 	}
 	return zs;
@@ -317,30 +533,26 @@ AX_HOT static float finish_row(float *t, uint32_t n, float cap)
 
 AX_HOT static float row_max(const float *t, uint32_t n)
 {
-	float m[AX_LANES];
-	for (int l = 0; l < AX_LANES; l++)
-		m[l] = -INFINITY;
+	v8f m = splat(-INFINITY);
 	uint32_t i = 0;
-	for (; i + AX_LANES <= n; i += AX_LANES)
-		for (int l = 0; l < AX_LANES; l++)
-			m[l] = t[i + l] > m[l] ? t[i + l] : m[l];
-	for (; i < n; i++)
-		m[0] = t[i] > m[0] ? t[i] : m[0];
-	float r = m[0];
-	for (int l = 1; l < AX_LANES; l++)
+	for (; i + 8 <= n; i += 8)
+		m = vmax(ld8(t + i), m);
+	float r = -INFINITY;
+	for (int l = 0; l < 8; l++)
 		r = m[l] > r ? m[l] : r;
+	for (; i < n; i++)
+		r = t[i] > r ? t[i] : r;
 	return r;
 }
 
 /* Σ exp(t[i] - m), lanes in f32 (a block is short), total in f64. */
 AX_HOT static double row_expsum(const float *t, uint32_t n, float m)
 {
-	float a[AX_LANES] = {0};
+	v8f a = {0};
 	uint32_t i = 0;
-	for (; i + AX_LANES <= n; i += AX_LANES)
-		for (int l = 0; l < AX_LANES; l++)
-			a[l] += ax_expf(t[i + l] - m);
-	double s = lanes_sum(a);
+	for (; i + 8 <= n; i += 8)
+		a += v8_exp(ld8(t + i) - m);
+	double s = hsum8(a);
 	for (; i < n; i++)
 		s += ax_expf(t[i] - m);
 	return s;
@@ -358,22 +570,32 @@ AX_HOT static void rows_sum(const float *t, size_t stride, uint32_t rows, uint32
 		acc[i] *= w;
 }
 
-/* mean_prob: mx[i] = max_r (t_r[i] - lse_r), ex[i] = Σ_r exp(t_r[i] - lse_r - mx[i]). */
+/* The first w ≤ 8 floats at p, zero-filled. */
+static AX_INLINE v8f part8(const float *p, uint32_t w)
+{
+	if (w == 8)
+		return ld8(p);
+	v8f v = {0};
+	for (uint32_t l = 0; l < w; l++)
+		v[l] = p[l];
+	return v;
+}
+
+/* mean_prob: mx[i] = max_r (t_r[i] - lse_r), ex[i] = Σ_r exp(t_r[i] - lse_r - mx[i]). mx and ex have room for n
+ * rounded up to 8. */
 AX_HOT static void prob_block(const float *t, size_t stride, uint32_t rows, uint32_t n, const float *lse, float *mx,
 			      float *ex)
 {
-	for (uint32_t i = 0; i < n; i++) {
-		mx[i] = -INFINITY;
-		ex[i] = 0;
+	for (uint32_t i = 0; i < n; i += 8) {
+		uint32_t w = n - i < 8 ? n - i : 8;
+		v8f m = splat(-INFINITY), e = {0};
+		for (uint32_t r = 0; r < rows; r++)
+			m = vmax(part8(t + r * stride + i, w) - lse[r], m);
+		for (uint32_t r = 0; r < rows; r++)
+			e += v8_exp(part8(t + r * stride + i, w) - lse[r] - m);
+		memcpy(mx + i, &m, sizeof m);
+		memcpy(ex + i, &e, sizeof e);
 	}
-	for (uint32_t r = 0; r < rows; r++)
-		for (uint32_t i = 0; i < n; i++) {
-			float v = t[r * stride + i] - lse[r];
-			mx[i] = v > mx[i] ? v : mx[i];
-		}
-	for (uint32_t r = 0; r < rows; r++)
-		for (uint32_t i = 0; i < n; i++)
-			ex[i] += ax_expf(t[r * stride + i] - lse[r] - mx[i]);
 }
 
 /* ---- top-k and logsumexp ------------------------------------------------------------------------------------ */
@@ -427,7 +649,6 @@ void ax_attn_scratch_free(ax_attn_scratch *s)
 	if (!s)
 		return;
 	free(s->q);
-	free(s->kf);
 	free(s->tile);
 	free(s->red);
 	free(s->max);
@@ -462,7 +683,6 @@ static int scratch_reserve(ax_attn_scratch *s, const plan *pl, size_t tile_float
 {
 	size_t rows = pl->rows;
 	int rc = grow((void **)&s->q, &s->cap_q, rows * pl->D * sizeof(float));
-	rc = rc ? rc : grow((void **)&s->kf, &s->cap_kf, (size_t)pl->D * sizeof(float));
 	rc = rc ? rc : grow((void **)&s->tile, &s->cap_tile, tile_floats * sizeof(float));
 	rc = rc ? rc : grow((void **)&s->red, &s->cap_red, 2 * AX_BLOCK * sizeof(float));
 	rc = rc ? rc : grow((void **)&s->max, &s->cap_max, rows * sizeof(float));
@@ -589,6 +809,19 @@ static float q_elem(const ax_attn_job *job, size_t i)
 	}
 }
 
+/* Reorder each full 16-element chunk of a query row as its 8 even elements, then its 8 odd ones (key16). */
+static void pair_order(float *q, uint32_t D)
+{
+	for (uint32_t d = 0; d + 16 <= D; d += 16) {
+		float t[16];
+		for (int l = 0; l < 8; l++) {
+			t[l] = q[d + 2 * l];
+			t[8 + l] = q[d + 2 * l + 1];
+		}
+		memcpy(q + d, t, sizeof t);
+	}
+}
+
 /* Virtual query rows in f32 with the scale folded in, grouped by KV head (gbeg). -EDOM on a non-finite Q. */
 static int build_rows(const plan *pl, ax_attn_scratch *s)
 {
@@ -625,6 +858,9 @@ static int build_rows(const plan *pl, ax_attn_scratch *s)
 	for (size_t i = 0; i < (size_t)pl->rows * pl->D; i++)
 		if (!isfinite(s->q[i]))
 			return -EDOM;
+	if (paired(job->k_dtype))
+		for (uint32_t r = 0; r < pl->rows; r++)
+			pair_order(s->q + (size_t)r * pl->D, pl->D);
 	return 0;
 }
 
@@ -642,7 +878,7 @@ static int block_scores(const plan *pl, ax_attn_scratch *s, uint64_t j0, uint32_
 {
 	score_block(pl, s, j0, nb, tile, tstride);
 	float bad = 0;
-	for (uint32_t r = 0; r < pl->rows; r++)
+	for (uint32_t r = 0; r < pl->trows; r++)
 		bad += finish_row(tile + r * tstride, nb, pl->job->logit_cap);
 	return bad == 0 ? 0 : -EDOM;
 }
@@ -664,7 +900,7 @@ static int run_mean_logit(const plan *pl, ax_attn_scratch *s, ax_attn_result *re
 		int rc = block_scores(pl, s, j0, nb, s->tile, AX_BLOCK);
 		if (rc)
 			return rc;
-		rows_sum(s->tile, AX_BLOCK, pl->rows, nb, w, s->red);
+		rows_sum(s->tile, AX_BLOCK, pl->trows, nb, w, s->red);
 		float bm = lse_block(&m, &sum, s->red, nb);
 		topk_block(res, pl->job->top_k, s->red, nb, j0, bm);
 	}
@@ -799,6 +1035,7 @@ int ax_attn_cpu(const ax_attn_job *job, ax_attn_scratch *s, ax_attn_result *out)
 		return rc;
 	if (job->mode == AX_MODE_HEADS)
 		map_heads(&pl, s);
+	pl.trows = pl.collapsed ? 1 : pl.rows;
 	rc = build_rows(&pl, s);
 	if (rc)
 		return rc;

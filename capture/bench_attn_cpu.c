@@ -8,7 +8,8 @@
  * pool, so every job starts with its keys out of cache. Slots are contiguous within a region (a freshly
  * allocated request); a last line repeats mean_logit with shuffled slots. It prints the median time, the key
  * bytes per second (n·H_kv·D·2 bytes per job) and the ratio to the measured bandwidth. Options: --reps N,
- * --tokens N.
+ * --tokens N, --mode mean_logit|heads|mean_prob|shuffled (one line only, for profiling), --regions N (cycle
+ * through fewer regions: with a small --tokens the keys stay in cache, which shows the compute-bound rate).
  */
 #include <errno.h>
 #include <stdint.h>
@@ -150,9 +151,15 @@ int main(int argc, char **argv)
 {
 	int reps = 15;
 	uint32_t tokens = 32768;
+	const char *only = NULL;
+	uint32_t regions = 0;
 	for (int i = 1; i + 1 < argc; i += 2) {
 		if (strcmp(argv[i], "--reps") == 0)
 			reps = atoi(argv[i + 1]);
+		else if (strcmp(argv[i], "--mode") == 0)
+			only = argv[i + 1];
+		else if (strcmp(argv[i], "--regions") == 0)
+			regions = (uint32_t)strtoul(argv[i + 1], NULL, 0);
 		else if (strcmp(argv[i], "--tokens") == 0)
 			tokens = (uint32_t)strtoul(argv[i + 1], NULL, 0);
 	}
@@ -163,6 +170,8 @@ int main(int argc, char **argv)
 	}
 	bench b = {.regions = (uint32_t)(POOL_BYTES / ((size_t)tokens * row_bytes)), .tokens = tokens};
 	uint64_t n_slots = (uint64_t)b.regions * tokens, sink = 0;
+	if (regions > 0 && regions < b.regions)
+		b.regions = regions; /* fewer regions: keys stay cached (compute-bound rate) */
 	uint16_t *k = NULL, q[HQ * DIM];
 	if (posix_memalign((void **)&k, 64, n_slots * row_bytes) != 0)
 		return 1;
@@ -189,11 +198,20 @@ int main(int argc, char **argv)
 			      .scale = 0.08838834764f, .top_k = 10};
 	double kb = (double)tokens * row_bytes;
 	int err = 0;
-	report("mean_logit", time_mode(&b, AX_MODE_MEAN_LOGIT, reps, &err), kb, bw);
-	report("heads (all 32)", time_mode(&b, AX_MODE_HEADS, reps, &err), kb, bw);
-	report("mean_prob", time_mode(&b, AX_MODE_MEAN_PROB, reps, &err), kb, bw);
-	set_index(&b, 1);
-	report("mean_logit shuffled", time_mode(&b, AX_MODE_MEAN_LOGIT, reps, &err), kb, bw);
+	static const struct {
+		const char *name, *label;
+		uint32_t mode;
+		int shuffled;
+	} runs[] = {{"mean_logit", "mean_logit", AX_MODE_MEAN_LOGIT, 0},
+		    {"heads", "heads (all 32)", AX_MODE_HEADS, 0},
+		    {"mean_prob", "mean_prob", AX_MODE_MEAN_PROB, 0},
+		    {"shuffled", "mean_logit shuffled", AX_MODE_MEAN_LOGIT, 1}};
+	for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+		if (only && strcmp(only, runs[i].name) != 0)
+			continue;
+		set_index(&b, runs[i].shuffled);
+		report(runs[i].label, time_mode(&b, runs[i].mode, reps, &err), kb, bw);
+	}
 	printf("(checksum %llu)\n", (unsigned long long)(sink & 0xff));
 	ax_attn_scratch_free(b.s);
 	free(b.index);
