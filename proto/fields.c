@@ -273,12 +273,16 @@ static int get_str(const ax__val *v, char *dst, size_t cap)
 
 static int get_mode(const ax__val *v, uint32_t *out)
 {
-	char name[16];
-	int m;
-	if (get_str(v, name, sizeof(name)) < 0 || (m = ax_mode_parse(name)) < 0)
+	if (v->kind != AX_V_STR)
 		return -EPROTO;
-	*out = (uint32_t)m;
-	return 0;
+	for (int m = AX_MODE_MEAN_LOGIT; m <= AX_MODE_HEADS; m++) {
+		const char *name = ax_mode_name(m);
+		if (strlen(name) == v->n && memcmp(name, v->s, v->n) == 0) {
+			*out = (uint32_t)m;
+			return 0;
+		}
+	}
+	return -EPROTO;
 }
 
 /* An array of non-negative int32 ids (layers, heads). */
@@ -527,9 +531,12 @@ static int finish(struct dec *d)
 int ax__record_from_map(const ax__val *map, int (*find)(const ax__val *, const char *, ax__val *), ax_record *r)
 {
 	ax__val tv;
-	char tname[8];
-	int type;
-	if (!find(map, "t", &tv) || get_str(&tv, tname, sizeof(tname)) < 0 || (type = ax_rec_type_parse(tname)) < 0) {
+	int type = -1;
+	if (find(map, "t", &tv) && tv.kind == AX_V_STR)
+		for (int t = AX_REC_HELLO; t <= AX_REC_POLICY && type < 0; t++)
+			if (strlen(ax_rec_type_name(t)) == tv.n && memcmp(ax_rec_type_name(t), tv.s, tv.n) == 0)
+				type = t;
+	if (type < 0) {
 		reset(r, AX_REC_HELLO);
 		return -EPROTO;
 	}

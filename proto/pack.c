@@ -17,11 +17,14 @@ static int buf_write(void *data, const char *p, size_t n)
 	if (__builtin_expect(n > b->cap - b->len, 0) && ax_buf_reserve(b, n) < 0)
 		return -1;
 	uint8_t *d = b->data + b->len;
-	if (n <= 16) /* keys, numbers, headers: a call to memcpy costs more than the copy */
-		for (size_t i = 0; i < n; i++)
-			d[i] = (uint8_t)p[i];
-	else
-		memcpy(d, p, n);
+	switch (n) { /* headers and numbers: fixed small sizes the compiler copies inline */
+	case 1: d[0] = (uint8_t)p[0]; break;
+	case 2: memcpy(d, p, 2); break;
+	case 3: memcpy(d, p, 3); break;
+	case 5: memcpy(d, p, 5); break;
+	case 9: memcpy(d, p, 9); break;
+	default: memcpy(d, p, n); break;
+	}
 	b->len += n;
 	return 0;
 }

@@ -21,46 +21,26 @@ static uint64_t be(const uint8_t *p, int n)
 }
 
 /* What one header byte says: bytes of length field (lenb), fixed payload (fixed), whether the length counts
- * payload bytes (kind 1), array entries (2) or map pairs (3). */
+ * payload bytes (kind 1, or 5: fixstr), array entries (2) or map pairs (3); 4 = never used (0xc1). A table: this
+ * runs once per msgpack object of every frame. */
 struct head {
 	uint8_t lenb, fixed, kind;
 };
 
-static struct head head_of(uint8_t b)
-{
-	if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3)
-		return (struct head){0, 0, 0};
-	if (b <= 0x8f)
-		return (struct head){0, 0, 3};
-	if (b <= 0x9f)
-		return (struct head){0, 0, 2};
-	if (b <= 0xbf)
-		return (struct head){0, (uint8_t)(b & 0x1f), 0};
-	switch (b) {
-	case 0xc4: case 0xd9: return (struct head){1, 0, 1};
-	case 0xc5: case 0xda: return (struct head){2, 0, 1};
-	case 0xc6: case 0xdb: return (struct head){4, 0, 1};
-	case 0xc7: return (struct head){1, 1, 1}; /* ext: length, then a type byte */
-	case 0xc8: return (struct head){2, 1, 1};
-	case 0xc9: return (struct head){4, 1, 1};
-	case 0xca: return (struct head){0, 4, 0};
-	case 0xcb: return (struct head){0, 8, 0};
-	case 0xcc: case 0xd0: return (struct head){0, 1, 0};
-	case 0xcd: case 0xd1: return (struct head){0, 2, 0};
-	case 0xce: case 0xd2: return (struct head){0, 4, 0};
-	case 0xcf: case 0xd3: return (struct head){0, 8, 0};
-	case 0xd4: return (struct head){0, 2, 0};
-	case 0xd5: return (struct head){0, 3, 0};
-	case 0xd6: return (struct head){0, 5, 0};
-	case 0xd7: return (struct head){0, 9, 0};
-	case 0xd8: return (struct head){0, 17, 0};
-	case 0xdc: return (struct head){2, 0, 2};
-	case 0xdd: return (struct head){4, 0, 2};
-	case 0xde: return (struct head){2, 0, 3};
-	case 0xdf: return (struct head){4, 0, 3};
-	}
-	return (struct head){0, 0, 255}; /* 0xc1: never used */
-}
+static const struct head heads[256] = {
+	[0x80 ... 0x8f] = {0, 0, 3}, [0x90 ... 0x9f] = {0, 0, 2},
+	[0xa0 ... 0xbf] = {0, 0, 5}, /* fixstr: payload length in the low 5 bits */
+	[0xc1] = {0, 0, 4},
+	[0xc4] = {1, 0, 1}, [0xc5] = {2, 0, 1}, [0xc6] = {4, 0, 1},
+	[0xc7] = {1, 1, 1}, [0xc8] = {2, 1, 1}, [0xc9] = {4, 1, 1}, /* ext: length, then a type byte */
+	[0xca] = {0, 4, 0}, [0xcb] = {0, 8, 0},
+	[0xcc] = {0, 1, 0}, [0xcd] = {0, 2, 0}, [0xce] = {0, 4, 0}, [0xcf] = {0, 8, 0},
+	[0xd0] = {0, 1, 0}, [0xd1] = {0, 2, 0}, [0xd2] = {0, 4, 0}, [0xd3] = {0, 8, 0},
+	[0xd4] = {0, 2, 0}, [0xd5] = {0, 3, 0}, [0xd6] = {0, 5, 0}, [0xd7] = {0, 9, 0}, [0xd8] = {0, 17, 0},
+	[0xd9] = {1, 0, 1}, [0xda] = {2, 0, 1}, [0xdb] = {4, 0, 1},
+	[0xdc] = {2, 0, 2}, [0xdd] = {4, 0, 2}, [0xde] = {2, 0, 3}, [0xdf] = {4, 0, 3},
+	/* everything else (fixints, nil, bools) is one byte: {0, 0, 0} */
+};
 
 int ax__mp_scan(const uint8_t *d, size_t len, size_t *end, size_t *n_slots)
 {
@@ -77,13 +57,13 @@ int ax__mp_scan(const uint8_t *d, size_t len, size_t *end, size_t *n_slots)
 		if (off >= len)
 			return -EBADMSG;
 		uint8_t b = d[off++];
-		struct head h = head_of(b);
-		if (h.kind == 255 || h.lenb > len - off)
+		struct head h = heads[b];
+		if (h.kind == 4 || h.lenb > len - off)
 			return -EBADMSG;
-		uint64_t n = h.lenb ? be(d + off, h.lenb) : (b & 0x0f);
+		uint64_t n = h.lenb ? be(d + off, h.lenb) : (b & (h.kind == 5 ? 0x1f : 0x0f));
 		off += h.lenb;
-		if (h.kind <= 1) {
-			uint64_t skip = h.fixed + (h.kind == 1 ? n : 0);
+		if (h.kind <= 1 || h.kind == 5) {
+			uint64_t skip = h.fixed + (h.kind == 0 ? 0 : n);
 			if (skip > len - off)
 				return -EBADMSG;
 			off += skip;
