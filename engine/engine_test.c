@@ -323,6 +323,15 @@ static void test_model_errors(void **state)
 	const char *eos = "{\"num_hidden_layers\":1,\"hidden_size\":32,\"num_attention_heads\":2,\"intermediate_size\":24,"
 			  "\"vocab_size\":20,\"eos_token_id\":[5,7,5]}";
 	assert_int_equal(ax_model_parse_config(eos, strlen(eos), &c), 0);
+	assert_float_equal(c.rope_theta, 10000.0f, 0);
+	const char *v5 = "{\"num_hidden_layers\":1,\"hidden_size\":32,\"num_attention_heads\":2,\"intermediate_size\":24,"
+			 "\"vocab_size\":20,\"rope_parameters\":{\"rope_theta\":123.0,\"rope_type\":\"default\"}}";
+	assert_int_equal(ax_model_parse_config(v5, strlen(v5), &c), 0);
+	assert_float_equal(c.rope_theta, 123.0f, 0);
+	const char *v5y = "{\"num_hidden_layers\":1,\"hidden_size\":32,\"num_attention_heads\":2,\"intermediate_size\":24,"
+			  "\"vocab_size\":20,\"rope_parameters\":{\"rope_theta\":123.0,\"rope_type\":\"yarn\"}}";
+	assert_int_equal(ax_model_parse_config(v5y, strlen(v5y), &c), -ENOTSUP);
+	assert_int_equal(ax_model_parse_config(eos, strlen(eos), &c), 0);
 	assert_int_equal(c.n_eos, 2);
 	assert_int_equal(c.head_dim, 16);
 	assert_int_equal(c.n_kv_heads, 2);

@@ -95,7 +95,9 @@ int ax_model_parse_config(const char *json, size_t len, ax_model_config *c)
 	c->vocab = jint(o, "vocab_size", 0);
 	c->max_pos = jint(o, "max_position_embeddings", 2048);
 	c->rms_eps = (float)jnum(o, "rms_norm_eps", 1e-6);
-	c->rope_theta = (float)jnum(o, "rope_theta", 10000.0);
+	/* transformers ≥ 5 writes rope_parameters {rope_theta, rope_type}; older files rope_theta + rope_scaling */
+	json_t *rp = json_object_get(o, "rope_parameters");
+	c->rope_theta = (float)jnum(o, "rope_theta", jnum(rp, "rope_theta", 10000.0));
 	c->tie_embeddings = json_is_true(json_object_get(o, "tie_word_embeddings"));
 	c->attn_bias = json_is_true(json_object_get(o, "attention_bias"));
 	json_t *mt = json_object_get(o, "model_type");
@@ -105,6 +107,8 @@ int ax_model_parse_config(const char *json, size_t len, ax_model_config *c)
 	c->bos_id = jint(o, "bos_token_id", -1);
 	add_eos(c, json_object_get(o, "eos_token_id"));
 	json_t *rs = json_object_get(o, "rope_scaling");
+	if (!json_is_object(rs))
+		rs = rp;
 	int bad_scaling = json_is_object(rs);
 	if (bad_scaling) {
 		json_t *ty = json_object_get(rs, "rope_type");
