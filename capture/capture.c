@@ -92,6 +92,7 @@ struct ax_capture {
 	ax_shm *shm;
 	const ax_shm_header *hdr;
 	uint64_t generation, dead_generation;
+	uint64_t attach_ns;         /* CLOCK_MONOTONIC of the current attach */
 	creq *reqs;
 	uint32_t req_cap;
 	klayer *k;
@@ -438,8 +439,24 @@ static void push_req(ax_capture *c, const creq *r, const ax_shm_request *rq)
 	push_record(c, rec);
 }
 
-/* Start tracking the request at `slot` (from BEGIN, or from its first FORWARD if BEGIN was missed). */
-static creq *start_req(ax_capture *c, uint32_t slot, uint64_t req_id)
+/* A request that began before this attach, met at FORWARD `s`: report the generated positions it never saw
+ * (a capture restarted mid-stream, or attached late). */
+static void report_late_join(ax_capture *c, const creq *r, const ax_shm_request *rq, const ax_shm_step *s)
+{
+	uint64_t last_prompt = rq->prompt_len ? rq->prompt_len - 1 : 0;
+	if (s == NULL || rq->begin_ns >= c->attach_ns || s->pos0 <= last_prompt)
+		return;
+	ax_record *g = new_record(AX_REC_GAP, r->rid);
+	if (g == NULL)
+		return;
+	snprintf(g->u.gap.what, sizeof g->u.gap.what, "steps");
+	snprintf(g->u.gap.reason, sizeof g->u.gap.reason, "attached_late");
+	g->u.gap.count = s->pos0 - last_prompt;
+	push_record(c, g);
+}
+
+/* Start tracking the request at `slot`: from BEGIN (fwd NULL), or from its first FORWARD `fwd` if BEGIN was missed. */
+static creq *start_req(ax_capture *c, uint32_t slot, uint64_t req_id, const ax_shm_step *fwd)
 {
 	ax_shm_request rq;
 	if (slot >= c->req_cap || ax_shm_read_request(c->shm, slot, req_id, &rq) != 0)
@@ -453,6 +470,7 @@ static creq *start_req(ax_capture *c, uint32_t slot, uint64_t req_id)
 	r->prompt_len = rq.prompt_len;
 	refresh_settings(c, r);
 	push_req(c, r, &rq);
+	report_late_join(c, r, &rq, fwd);
 	return r;
 }
 
@@ -590,7 +608,7 @@ static void on_forward(ax_capture *c, const ax_shm_step *s)
 {
 	CNT_ADD(c, steps, 1);
 	creq *r = find_req(c, s->req_slot, s->req_id);
-	if (r == NULL && (r = start_req(c, s->req_slot, s->req_id)) == NULL) {
+	if (r == NULL && (r = start_req(c, s->req_slot, s->req_id, s)) == NULL) {
 		c->step_gaps[GAP_LATE]++; /* the request ended before we could read it */
 		return;
 	}
@@ -626,7 +644,7 @@ static void on_step(ax_capture *c, const ax_shm_step *s)
 {
 	switch (s->kind) {
 	case AX_STEP_BEGIN:
-		if (find_req(c, s->req_slot, s->req_id) == NULL && start_req(c, s->req_slot, s->req_id) == NULL)
+		if (find_req(c, s->req_slot, s->req_id) == NULL && start_req(c, s->req_slot, s->req_id, NULL) == NULL)
 			c->step_gaps[GAP_LATE]++;
 		break;
 	case AX_STEP_FORWARD:
@@ -795,6 +813,7 @@ static void try_attach(ax_capture *c)
 	}
 	c->attach_err_logged = 0;
 	c->dead_since_ns = 0;
+	c->attach_ns = ax_now_ns();
 	CNT_ADD(c, attaches, 1);
 	ax_log(AX_LOG_INFO, TAG, "attached to %s: %.32s (%.96s), %u layers, %u/%u heads, D %u, generation %llx",
 	       c->o.shm_name, h->engine, h->model, h->n_layers, h->n_q_heads, h->n_kv_heads, h->head_dim,

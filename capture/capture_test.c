@@ -938,6 +938,45 @@ static void test_restart(void **state)
 	engine_close(&e2);
 }
 
+/* A request that began before the capture attached: `req` from the request table, an `attached_late` gap naming
+ * the generated positions it missed, then correct rows from where it joined. */
+static void test_attached_late(void **state)
+{
+	(void)state;
+	engine e;
+	engine_open(&e, 0x31);
+	uint32_t all = (1u << NL) - 1;
+	treq *r = req_begin(&e, "rj", 6, 0);
+	req_prefill(&e, r, all);
+	for (int i = 0; i < 3; i++)
+		req_decode(&e, r, all); /* positions 6, 7, 8 go by unseen */
+	sink s = {0};
+	sink_listen(&s);
+	ax_capture_opts o;
+	test_opts(&o);
+	runner run;
+	runner_start(&run, &o);
+	size_t one = 1;
+	wait_for(&s, &e, has_hello_count, &one, 5000, "hello");
+	req_decode(&e, r, all);
+	req_decode(&e, r, all);
+	ax_export_request_end(e.ex, r->req_id, AX_END_STOP);
+	wait_for(&s, &e, has_end, "rj", 5000, "end rj");
+	const ax_record *q = find(&s, AX_REC_REQ, "rj", 0), *g = find(&s, AX_REC_GAP, "rj", 0);
+	assert_non_null(q);
+	assert_memory_equal(q->u.req.prompt, r->tok, 6 * sizeof(int32_t));
+	assert_non_null(g);
+	assert_true(g > q);
+	assert_string_equal(g->u.gap.reason, "attached_late");
+	assert_int_equal(g->u.gap.count, 4); /* positions 5 (P-1) .. 8 */
+	assert_int_equal(check_all_attn(&s, &e, r), 2);
+	assert_true(attn_exists(&s, "rj", 9, NL - 1) && attn_exists(&s, "rj", 10, NL - 1));
+	runner_stop(&run);
+	free(r);
+	sink_close(&s);
+	engine_close(&e);
+}
+
 /* Write a descriptor straight into the ring the way the producer does (seqlock word last), so it can be one
  * the export API would refuse to publish. `seq_word` is what the slot's seq word gets (seq+1 when intact). */
 static void inject(engine *e, const ax_shm_step *d, uint64_t seq_word)
@@ -1047,6 +1086,7 @@ int main(void)
 		cmocka_unit_test(test_policy),
 		cmocka_unit_test(test_no_relay),
 		cmocka_unit_test(test_restart),
+		cmocka_unit_test(test_attached_late),
 		cmocka_unit_test(test_bad_descriptors),
 		cmocka_unit_test(test_ring_full),
 	};
