@@ -11,6 +11,7 @@
 
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -113,12 +114,16 @@ static int put_num(struct jw *w, const char *fmt, ...)
 static int jw_u64(void *c, uint64_t v) { return put_num(c, "%llu", (unsigned long long)v); }
 static int jw_i64(void *c, int64_t v) { return put_num(c, "%lld", (long long)v); }
 
+/* JSON readers parse numbers as doubles (then a float32 field rounds): check the text that way. -0 is written
+ * "-0.0" so that it stays a negative zero real and does not read back as the integer 0. */
 static int jw_f32(void *c, float v)
 {
 	char t[32];
+	if (v == 0 && signbit(v))
+		return put_num(c, "%s", "-0.0");
 	for (int prec = 6; prec <= 9; prec++) {
 		snprintf(t, sizeof(t), "%.*g", prec, (double)v);
-		if (strtof(t, NULL) == v)
+		if ((float)strtod(t, NULL) == v)
 			break;
 	}
 	return put_num(c, "%s", t);
@@ -127,6 +132,8 @@ static int jw_f32(void *c, float v)
 static int jw_f64(void *c, double v)
 {
 	char t[40];
+	if (v == 0 && signbit(v))
+		return put_num(c, "%s", "-0.0");
 	for (int prec = 15; prec <= 17; prec++) {
 		snprintf(t, sizeof(t), "%.*g", prec, v);
 		if (strtod(t, NULL) == v)

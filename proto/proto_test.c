@@ -298,6 +298,19 @@ static void test_json_text(void **state)
 	assert_non_null(strstr((char *)b.data, "\"token_positions\":[10,3,7,0,12]"));
 	assert_null(strstr((char *)b.data, "head_id"));
 	assert_null(strstr((char *)b.data, "prefill"));
+	/* negative zero stays a negative-zero real; a subnormal float32 reads back through a double */
+	ax_buf_reset(&b);
+	r.u.attn.topk_logits[4] = -0.0f;
+	r.u.attn.logsumexp_all = -0.0;
+	r.u.attn.topk_logits[3] = 2.30472e-41f;
+	assert_int_equal(ax_record_json(&r, &b), 0);
+	json_t *j = json_loadb((const char *)b.data, b.len, 0, NULL);
+	assert_non_null(j);
+	ax_record d;
+	assert_int_equal(ax_record_from_json(j, &d), 0);
+	assert_true(signbit(d.u.attn.topk_logits[4]) && signbit(d.u.attn.logsumexp_all));
+	assert_true(d.u.attn.topk_logits[3] == 2.30472e-41f);
+	json_decref(j);
 	ax_buf_fini(&b);
 }
 
