@@ -862,8 +862,8 @@ static int pump_ring(ax_capture *c, int budget)
 		CNT_ADD(c, descriptors, 1);
 		if (rv == 1) {
 			on_step(c, &st);
-		} else if (rv == -ESTALE && engine_closed(c)) {
-			leave_engine(c, "restarted or closed", "restart");
+		} else if (rv == -ESTALE) { /* restarted, closed, or counters that went backwards: attach afresh */
+			leave_engine(c, engine_closed(c) ? "restarted or closed" : "reset its step ring", "restart");
 			return n;
 		} else { /* -EBADMSG: rejected or torn (skipped by shm); anything else: treat alike */
 			ax_shm_stats ss;
