@@ -92,7 +92,7 @@ static int copy_opts(ax_relay *r, const ax_relay_opts *o)
 	const char **f[] = {&r->o.listen, &r->o.upstream, &r->o.records, &r->o.policy, &r->o.feed, &r->o.web,
 			    &r->o.token};
 	for (int i = 0; i < 7; i++)
-		if (*f[i] && !keep(r, i, *f[i]))
+		if (*f[i] && !(*f[i] = keep(r, i, *f[i])))
 			return -ENOMEM;
 	for (int i = 0; i < o->n_cors && i < AX_RELAY_MAX_CORS; i++)
 		if (!(r->o.cors[i] = keep(r, 8 + i, o->cors[i])))

@@ -100,8 +100,8 @@ static int build_policy(json_t *o, ax_reqinfo *info, char *err, size_t errlen)
 	    (rc = opt_int(o, "attention_stride", 1, 1 << 20, &p->stride, err, errlen)) ||
 	    (rc = opt_int(o, "attention_tokens_max", 0, UINT32_MAX, &p->max_tokens, err, errlen)) ||
 	    (rc = opt_int(o, "attention_max_tokens", 0, UINT32_MAX, &p->max_tokens, err, errlen)) ||
-	    (rc = opt_list(o, "attention_capture_layer_id", -1, p->layer_ids, &p->n_layer_ids, err, errlen)) ||
-	    (rc = opt_list(o, "attention_capture_layer_ids", -1, p->layer_ids, &p->n_layer_ids, err, errlen)) ||
+	    (rc = opt_list(o, "attention_capture_layer_id", 0, p->layer_ids, &p->n_layer_ids, err, errlen)) ||
+	    (rc = opt_list(o, "attention_capture_layer_ids", 0, p->layer_ids, &p->n_layer_ids, err, errlen)) ||
 	    (rc = opt_list(o, "attention_capture_head_ids", 0, p->head_ids, &p->n_head_ids, err, errlen)) ||
 	    (rc = parse_mode(o, &p->mode, err, errlen)) ||
 	    (rc = opt_bool(o, "include_prompt_attention", &prompt, err, errlen)))
