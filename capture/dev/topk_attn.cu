@@ -376,14 +376,15 @@ __host__ __device__ constexpr size_t v2_smem(int mode, int K)
 				: (size_t)NW * 64 * 8 + (size_t)NW * 8 + HQ * 4);
 }
 
-/* kb[c] = row grow dims 32c+8t..+8 of KV head g, kb[4+c] = same for row grow+8; o < 0: row absent (zeros). */
-__device__ __forceinline__ void load_k(uint4 (&kb)[8], const bf16 *k, long k_head, long o0, long o1, int g, int t)
+/* kb[c] = row grow dims 32c+8t..+8 of KV head g, kb[4+c] = same for row grow+8; slot < 0: row absent (zeros). */
+__device__ __forceinline__ void load_k(uint4 (&kb)[8], const bf16 *k, long k_slot, long k_head, int s0, int s1,
+				       int g, int t)
 {
-	const bf16 *base = k + g * k_head + t * 8;
+	const bf16 *b0 = k + (long)s0 * k_slot + g * k_head + t * 8, *b1 = k + (long)s1 * k_slot + g * k_head + t * 8;
 #pragma unroll
 	for (int c = 0; c < 4; ++c) {
-		kb[c] = o0 >= 0 ? __ldg((const uint4 *)(base + o0 + 32 * c)) : make_uint4(0, 0, 0, 0);
-		kb[4 + c] = o1 >= 0 ? __ldg((const uint4 *)(base + o1 + 32 * c)) : make_uint4(0, 0, 0, 0);
+		kb[c] = s0 >= 0 ? __ldg((const uint4 *)(b0 + 32 * c)) : make_uint4(0, 0, 0, 0);
+		kb[4 + c] = s1 >= 0 ? __ldg((const uint4 *)(b1 + 32 * c)) : make_uint4(0, 0, 0, 0);
 	}
 }
 
@@ -403,7 +404,24 @@ __device__ __forceinline__ void mma_g(float (&acc)[4], const uint4 (&kb)[8], con
 	}
 }
 
-template <int MODE> __global__ void __launch_bounds__(NW * 32, 2) v2_split(SplitArgs s)
+/* Bring `bytes` (multiple of 16) at p into L2 without using registers (sm_90 bulk prefetch). */
+__device__ __forceinline__ void l2_prefetch(const void *p, int bytes)
+{
+	asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
+/* v3: prefetch into L2 the 16 rows × one KV head of a step (lane: row grow or grow+8, one 128-byte half). */
+__device__ __forceinline__ void prefetch_step(const bf16 *k, long k_slot, long k_head, int s0, int s1, int g, int t)
+{
+	const int sl = t < 2 ? s0 : s1;
+	if (sl >= 0) l2_prefetch(k + (long)sl * k_slot + g * k_head + (t & 1) * 64, 128);
+}
+
+enum { PF_DIST = 3 }; /* v3 prefetch distance in steps (one step = 16 keys × one KV head = 4 KB a warp) */
+
+/* PF = 0: v2; PF = 1: v3 (L2 bulk prefetch PF_DIST steps ahead; a warp with a single tile prefetches its whole
+ * tile at entry, before the Q tile is loaded). */
+template <int MODE, int PF> __global__ void __launch_bounds__(NW * 32, 2) v2_split(SplitArgs s)
 {
 	extern __shared__ __align__(16) unsigned char smem[];
 	const Prob &a = s.a;
@@ -418,6 +436,17 @@ template <int MODE> __global__ void __launch_bounds__(NW * 32, 2) v2_split(Split
 	}
 	const int b = lo, S = s.split_off[b + 1] - s.split_off[b], sl = cta - s.split_off[b];
 	const int n = a.seqlen[b], start = sl * s.chunk, end = min(n, start + s.chunk);
+
+	const int *irow = a.idx + (long)b * a.idx_b;
+	if (PF && s.chunk == 16 * NW && start + w * 16 < end) {
+		/* one tile per warp (short requests): stream its 16 rows (2 KB each) into L2 while Q loads */
+		const int j = start + w * 16 + grow + (t >> 1) * 8;
+		if (j < end) {
+			const int slot = irow[j];
+			if (slot >= 0 && slot < a.n_slots)
+				l2_prefetch(a.k + (long)slot * a.k_slot + (t & 1) * (HKV * HD / 2), HKV * HD);
+		}
+	}
 
 	bf16 *q_sm = (bf16 *)smem;
 	float *f_sm = (float *)(smem + (size_t)HQ * QSTR * 2);
@@ -451,25 +480,27 @@ template <int MODE> __global__ void __launch_bounds__(NW * 32, 2) v2_split(Split
 	float *my_ls = hls + (w * K) * 32 + lane;
 	int *my_lp = hlp + (w * K) * 32 + lane;
 	const float scale = a.scale;
-	const int *irow = a.idx + (long)b * a.idx_b;
 
-	auto row_off = [&](int j) -> long {
+	auto row_off = [&](int j) -> int { /* the key's slot, -1 if absent or outside the pool */
 		if (j >= end) return -1;
 		int slot = irow[j];
 		if (slot < 0 || slot >= a.n_slots) {
 			atomicOr(a.err, 1);
 			return -1;
 		}
-		return (long)slot * a.k_slot;
+		return slot;
 	};
 
 	int tile = start + w * 16;
-	long o0 = row_off(tile + grow), o1 = row_off(tile + grow + 8);
+	int o0 = row_off(tile + grow), o1 = row_off(tile + grow + 8);
 	uint4 kA[8], kB[8];
-	load_k(kA, a.k, a.k_head, o0, o1, 0, t);
+	load_k(kA, a.k, a.k_slot, a.k_head, o0, o1, 0, t);
+	if (PF && s.chunk != 16 * NW)
+#pragma unroll
+		for (int g = 1; g < PF_DIST; ++g) prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g, t);
 	for (; tile < end; tile += NW * 16) {
 		const int nt = tile + NW * 16;
-		const long n0 = row_off(nt + grow), n1 = row_off(nt + grow + 8);
+		const int n0 = row_off(nt + grow), n1 = row_off(nt + grow + 8);
 		float acc[4] = {0.f, 0.f, 0.f, 0.f};
 		float pa0 = 0.f, pa1 = 0.f;
 		auto after_g = [&](int g) {
@@ -489,12 +520,20 @@ template <int MODE> __global__ void __launch_bounds__(NW * 32, 2) v2_split(Split
 		};
 #pragma unroll
 		for (int g = 0; g < HKV; g += 2) {
-			load_k(kB, a.k, a.k_head, o0, o1, g + 1, t);
+			if (PF) {
+				if (g + PF_DIST < HKV) prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g + PF_DIST, t);
+				else prefetch_step(a.k, a.k_slot, a.k_head, n0, n1, g + PF_DIST - HKV, t);
+			}
+			load_k(kB, a.k, a.k_slot, a.k_head, o0, o1, g + 1, t);
 			if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
 			mma_g(acc, kA, q_sm, g, grow, t);
 			after_g(g);
-			if (g + 2 < HKV) load_k(kA, a.k, a.k_head, o0, o1, g + 2, t);
-			else load_k(kA, a.k, a.k_head, n0, n1, 0, t);
+			if (PF) {
+				if (g + 1 + PF_DIST < HKV) prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g + 1 + PF_DIST, t);
+				else prefetch_step(a.k, a.k_slot, a.k_head, n0, n1, g + 1 + PF_DIST - HKV, t);
+			}
+			if (g + 2 < HKV) load_k(kA, a.k, a.k_slot, a.k_head, o0, o1, g + 2, t);
+			else load_k(kA, a.k, a.k_slot, a.k_head, n0, n1, 0, t);
 			if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
 			mma_g(acc, kB, q_sm, g + 1, grow, t);
 			after_g(g + 1);
@@ -667,6 +706,7 @@ struct V2Work {
 	int *part_p, *junk_p;
 };
 
+template <int PF>
 static cudaError_t v2_run(const Prob &a, int mode, int K, V2Work &w, float *out_s, int *out_p, float *out_lse,
 			  cudaStream_t st)
 {
@@ -674,17 +714,17 @@ static cudaError_t v2_run(const Prob &a, int mode, int K, V2Work &w, float *out_
 	MergeArgs m = {w.part_s, w.part_p, w.part_lse, w.split_off, 1, K, out_s, out_p, out_lse};
 	if (w.nsplit == 0) return cudaErrorInvalidValue;
 	if (mode == M_MEAN_LOGIT) {
-		v2_split<M_MEAN_LOGIT><<<w.nsplit, NW * 32, v2_smem(M_MEAN_LOGIT, K), st>>>(s);
+		v2_split<M_MEAN_LOGIT, PF><<<w.nsplit, NW * 32, v2_smem(M_MEAN_LOGIT, K), st>>>(s);
 	} else if (mode == M_HEADS) {
-		v2_split<M_HEADS><<<w.nsplit, NW * 32, v2_smem(M_HEADS, K), st>>>(s);
+		v2_split<M_HEADS, PF><<<w.nsplit, NW * 32, v2_smem(M_HEADS, K), st>>>(s);
 		m.rows = HQ;
 	} else {
 		SplitArgs s1 = s;
 		s1.K = 0;
-		v2_split<M_HEADS><<<w.nsplit, NW * 32, v2_smem(M_HEADS, 0), st>>>(s1);
+		v2_split<M_HEADS, PF><<<w.nsplit, NW * 32, v2_smem(M_HEADS, 0), st>>>(s1);
 		MergeArgs m1 = {w.part_s, w.part_p, w.part_lse, w.split_off, HQ, 0, w.junk_s, w.junk_p, w.lse_h};
 		v2_merge<<<a.B * HQ, MNW * 32, 0, st>>>(m1);
-		v2_split<M_MEAN_PROB><<<w.nsplit, NW * 32, v2_smem(M_MEAN_PROB, K), st>>>(s);
+		v2_split<M_MEAN_PROB, PF><<<w.nsplit, NW * 32, v2_smem(M_MEAN_PROB, K), st>>>(s);
 	}
 	v2_merge<<<a.B * m.rows, MNW * 32, 0, st>>>(m);
 	return cudaGetLastError();
@@ -693,9 +733,12 @@ static cudaError_t v2_run(const Prob &a, int mode, int K, V2Work &w, float *out_
 static void v2_init_attrs()
 {
 	const int mx = 200 * 1024;
-	CK(cudaFuncSetAttribute(v2_split<M_MEAN_LOGIT>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
-	CK(cudaFuncSetAttribute(v2_split<M_MEAN_PROB>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
-	CK(cudaFuncSetAttribute(v2_split<M_HEADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_LOGIT, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_PROB, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_HEADS, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_LOGIT, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_PROB, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_HEADS, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -1092,7 +1135,8 @@ static cudaError_t run_version(Lab &L, int ver, int mode, int r, cudaStream_t st
 {
 	const Prob a = L.su.prob(r);
 	if (ver == 1) return v1_run(a, mode, L.su.c.K, L.w1, L.out.s, L.out.p, L.out.lse, st);
-	return v2_run(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st);
+	if (ver == 2) return v2_run<0>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st);
+	return v2_run<1>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st);
 }
 
 /* Poison, run on rotation set 0, check. Returns true when every row passes. */
@@ -1299,7 +1343,7 @@ int main(int argc, char **argv)
 {
 	bool do_val = false, do_bench = false, small = false;
 	std::string only;
-	std::vector<int> vers = {1, 2};
+	std::vector<int> vers = {1, 2, 3};
 	for (int i = 1; i < argc; ++i) {
 		if (!strcmp(argv[i], "--validate")) do_val = true;
 		else if (!strcmp(argv[i], "--bench")) do_bench = true;
