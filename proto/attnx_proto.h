@@ -8,8 +8,8 @@
  * anything that is not an array of maps, a missing or mistyped required field, an unknown `t`, arrays longer than
  * their caps, and trailing bytes. proto/README.md documents every field with examples.
  *
- * Memory: ax_record is a plain struct with fixed-size arrays except `req.prompt` and `stats` counters, which
- * the decoder allocates; ax_record_fini frees them. Encoders write into an ax_buf (growable byte buffer).
+ * Memory: ax_record is a plain struct with fixed-size arrays except `req.prompt`, which the decoder allocates;
+ * ax_record_fini frees it. Encoders write into an ax_buf (growable byte buffer).
  * Thread-safety: everything here is reentrant; one ax_batch / ax_buf per thread.
  */
 #ifndef ATTNX_PROTO_H
@@ -165,7 +165,8 @@ int ax_record_pack(const ax_record *r, ax_buf *out);
  * to NULL). A non-zero return from cb stops decoding and is returned. Returns the number of records decoded,
  * or -EMSGSIZE (frame over the cap), -EBADMSG (not msgpack / truncated / trailing bytes / not an array of maps),
  * -EPROTO (a record with a missing, mistyped or out-of-range field, or an unknown type) — on error no record
- * after the bad one is delivered. Thread-safe.
+ * after the bad one is delivered. `cb` may be NULL (validate and count only). Thread-safe.
+ * Allocation: one zone per call (~24 bytes per msgpack object of the frame) and each req's prompt.
  */
 typedef int (*ax_record_cb)(const ax_record *r, void *arg);
 int ax_frame_decode(const void *data, size_t len, ax_record_cb cb, void *arg);
