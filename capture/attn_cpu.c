@@ -34,13 +34,22 @@
 
 #define AX_BLOCK 128            /* keys per score tile */
 #ifndef AX_PREFETCH
-#define AX_PREFETCH 4           /* keys ahead whose rows are prefetched */
+#define AX_PREFETCH 8           /* keys ahead whose rows are prefetched */
+#endif
+#ifndef AX_PF_STEP
+#define AX_PF_STEP 64           /* bytes between prefetches within a key head */
+#endif
+#ifndef AX_PF_HINT
+#define AX_PF_HINT 1            /* __builtin_prefetch locality: prefetcht2 measured best (capture/BENCH.md) */
 #endif
 #define AX_MAX_HEADS 4096       /* sanity caps on the job shape */
 #define AX_MAX_HEAD_DIM 4096
 #define AX_STORE_CAP_DEFAULT (64u << 20) /* bytes of mean_prob scores kept instead of a second pass */
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+/* AX_NO_CLONES builds the baseline code only: the test suite runs it too, so the clone that machines without
+ * AVX2 take is tested on machines with it. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && \
+	!defined(AX_NO_CLONES)
 #define AX_HOT __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define AX_HOT
@@ -404,37 +413,109 @@ static AX_INLINE void prefetch_key(const plan *pl, const uint32_t *gbeg, uint64_
 	for (uint32_t g = 0; g < pl->Hkv; g++) {
 		if (gbeg[g] == gbeg[g + 1])
 			continue;
-		for (size_t off = 0; off < len; off += 64)
-			__builtin_prefetch(row + g * pl->s1 + off);
+		for (size_t off = 0; off < len; off += AX_PF_STEP)
+			__builtin_prefetch(row + g * pl->s1 + off, 0, AX_PF_HINT);
 	}
 }
 
-/* score_block for one key dtype (a constant after inlining). */
+/* dots() for two keys at once, sharing each query load: out[h·ostride] = q_h·ka, out[h·ostride + 1] = q_h·kb.
+ * With four rows that is eight independent accumulators (enough to hide the FMA latency), with fewer rows each
+ * dot gets two. */
+static AX_INLINE void dots_pair(const float *restrict q, const char *restrict ka, const char *restrict kb,
+				uint32_t D, uint32_t dt, int nh, float *out, size_t ostride)
+{
+	v8f a[4][2][2] = {{{{0}}}};
+	const int split = nh < 4;
+	size_t esz = dt_size(dt);
+	uint32_t d = 0;
+	for (; d + 16 <= D; d += 16) {
+		v8f a0, a1, b0, b1;
+		key16(ka + d * esz, dt, &a0, &a1);
+		key16(kb + d * esz, dt, &b0, &b1);
+		for (int h = 0; h < nh; h++) {
+			v8f q0 = ld8(q + (size_t)h * D + d), q1 = ld8(q + (size_t)h * D + d + 8);
+			a[h][0][0] += q0 * a0;
+			a[h][1][0] += q0 * b0;
+			a[h][0][split] += q1 * a1;
+			a[h][1][split] += q1 * b1;
+		}
+	}
+	for (; d + 8 <= D; d += 8) {
+		v8f a0 = key8(ka + d * esz, dt), b0 = key8(kb + d * esz, dt);
+		for (int h = 0; h < nh; h++) {
+			v8f q0 = ld8(q + (size_t)h * D + d);
+			a[h][0][0] += q0 * a0;
+			a[h][1][0] += q0 * b0;
+		}
+	}
+	float sa[4], sb[4];
+	if (nh == 4) {
+		v4f va = hsum8x4(a[0][0][0], a[1][0][0], a[2][0][0], a[3][0][0]);
+		v4f vb = hsum8x4(a[0][1][0], a[1][1][0], a[2][1][0], a[3][1][0]);
+		memcpy(sa, &va, sizeof va);
+		memcpy(sb, &vb, sizeof vb);
+	} else {
+		for (int h = 0; h < nh; h++) {
+			sa[h] = hsum8(a[h][0][0] + a[h][0][1]);
+			sb[h] = hsum8(a[h][1][0] + a[h][1][1]);
+		}
+	}
+	for (int h = 0; h < nh; h++) {
+		for (uint32_t e = d; e < D; e++) {
+			sa[h] += q[(size_t)h * D + e] * key1(ka + e * esz, dt);
+			sb[h] += q[(size_t)h * D + e] * key1(kb + e * esz, dt);
+		}
+		out[(size_t)h * ostride] = sa[h];
+		out[(size_t)h * ostride + 1] = sb[h];
+	}
+}
+
+/* Every virtual row's dot products with one key (kb == NULL) or two keys (ka, kb) at tile column jj (and jj+1). */
+static AX_INLINE void key_rows(const plan *pl, const ax_attn_scratch *s, const char *ra, const char *rb,
+			       float *tile, size_t tstride, uint32_t jj, uint32_t dt)
+{
+	uint32_t D = pl->D;
+	for (uint32_t g = 0; g < pl->Hkv; g++) {
+		uint32_t r = s->gbeg[g], r1 = s->gbeg[g + 1];
+		const char *ka = ra + g * pl->s1, *kb = rb ? rb + g * pl->s1 : NULL;
+		for (; r < r1;) {
+			int nh = r1 - r >= 4 ? 4 : r1 - r >= 2 ? 2 : 1;
+			const float *q = s->q + (size_t)r * D;
+			float *out = tile + r * tstride + jj;
+			if (kb && nh == 4)
+				dots_pair(q, ka, kb, D, dt, 4, out, tstride);
+			else if (kb && nh == 2)
+				dots_pair(q, ka, kb, D, dt, 2, out, tstride);
+			else if (kb)
+				dots_pair(q, ka, kb, D, dt, 1, out, tstride);
+			else if (nh == 4)
+				dots(q, ka, D, dt, 4, out, tstride);
+			else if (nh == 2)
+				dots(q, ka, D, dt, 2, out, tstride);
+			else
+				dots(q, ka, D, dt, 1, out, tstride);
+			r += (uint32_t)nh;
+		}
+	}
+}
+
+/* score_block for one key dtype (a constant after inlining): keys two at a time, rows prefetched ahead. */
 static AX_INLINE void score_block_dt(const plan *pl, const ax_attn_scratch *s, uint64_t j0, uint32_t nb,
 				     float *tile, size_t tstride, uint32_t dt)
 {
 	const ax_attn_job *job = pl->job;
 	uint64_t end = pl->start + pl->n;
-	uint32_t D = pl->D;
-	for (uint32_t jj = 0; jj < nb; jj++) {
+	for (uint32_t jj = 0; jj < nb;) {
 		uint64_t j = j0 + jj;
-		if (AX_PREFETCH && j + AX_PREFETCH < end)
-			prefetch_key(pl, s->gbeg, slot_of(job, j + AX_PREFETCH));
-		const char *row = pl->kbase + slot_of(job, j) * pl->s0;
-		if (pl->collapsed) {
-			tile[jj] = dot_collapsed(pl, s->q, row, dt);
-			continue;
-		}
-		for (uint32_t g = 0; g < pl->Hkv; g++) {
-			uint32_t r = s->gbeg[g], r1 = s->gbeg[g + 1];
-			const char *k = row + g * pl->s1;
-			for (; r + 4 <= r1; r += 4)
-				dots(s->q + (size_t)r * D, k, D, dt, 4, tile + r * tstride + jj, tstride);
-			for (; r + 2 <= r1; r += 2)
-				dots(s->q + (size_t)r * D, k, D, dt, 2, tile + r * tstride + jj, tstride);
-			if (r < r1)
-				dots(s->q + (size_t)r * D, k, D, dt, 1, tile + r * tstride + jj, tstride);
-		}
+		int two = !pl->collapsed && jj + 1 < nb;
+		for (uint64_t p = j + AX_PREFETCH; AX_PREFETCH && p < end && p <= j + AX_PREFETCH + (uint64_t)two; p++)
+			prefetch_key(pl, s->gbeg, slot_of(job, p));
+		const char *ra = pl->kbase + slot_of(job, j) * pl->s0;
+		if (pl->collapsed)
+			tile[jj] = dot_collapsed(pl, s->q, ra, dt);
+		else
+			key_rows(pl, s, ra, two ? pl->kbase + slot_of(job, j + 1) * pl->s0 : NULL, tile, tstride, jj, dt);
+		jj += 1 + (uint32_t)two;
 	}
 }
 
