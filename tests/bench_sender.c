@@ -137,7 +137,7 @@ int main(int argc, char **argv)
 	snprintf(x.src, sizeof x.src, "bench:%d", (int)getpid());
 	ax_batch_init(&x.b);
 	x.b.max_records = x.batch ? x.batch : 512;
-	if ((rv = nng_push0_open(&x.s)) != 0 || (rv = nng_socket_set_int(x.s, NNG_OPT_SENDBUF, 1024)) != 0 ||
+	if ((rv = nng_push0_open(&x.s)) != 0 || (rv = nng_socket_set_int(x.s, NNG_OPT_SENDBUF, 16)) != 0 ||
 	    (rv = nng_dial(x.s, x.addr, NULL, 0)) != 0) {
 		fprintf(stderr, "bench_sender: %s: %s\n", x.addr, nng_strerror(rv));
 		return 1;
@@ -149,7 +149,7 @@ int main(int argc, char **argv)
 	printf("{\"sent\":%llu,\"seconds\":%.3f,\"records_per_s\":%.0f}\n", (unsigned long long)x.seq, s,
 	       (double)x.seq / s);
 	fflush(stdout);
-	usleep(200000); /* nng flushes queued frames before close only while the pipe lives */
+	usleep(1000000); /* nng drops frames still queued at close: give the pipe time to drain */
 	nng_close(x.s);
 	ax_batch_fini(&x.b);
 	return rc ? 1 : 0;
