@@ -11,7 +11,9 @@
 #include "shm_internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -143,12 +145,18 @@ static int put_step(ax_export *ex, uint32_t qbuf, uint32_t ibuf, uint64_t req, u
 /* Check a taken FORWARD descriptor's Q rows and token ids against the values put_step wrote. */
 static void check_step_payload(ax_shm *sh, const ax_shm_step *s)
 {
+	int32_t toks[64];
+	assert_int_equal(ax_shm_read_tokens(sh, s->tok_pos, s->n_tokens, toks), 0);
+	for (uint32_t t = 0; t < s->n_tokens; t++)
+		assert_int_equal(toks[t], tok_value(s->pos0 + t));
+	uint32_t nl = popcount2(s->layers);
+	if (nl == 0)
+		return; /* no Q rows exported for this step */
 	int qi = ax_shm_find_buffer(sh, AX_BUF_Q_RING, -1);
 	assert_true(qi >= 0);
 	uint32_t nb;
 	const ax_shm_buffer *b = &ax_shm_buffers(sh, &nb)[qi];
 	const float *q = ax_shm_host_ptr(sh, (uint32_t)qi);
-	uint32_t nl = popcount2(s->layers);
 	float got[8 * 2 * HQ * D];
 	uint64_t n = (uint64_t)s->n_tokens * nl;
 	assert_true(n * HQ * D <= AX_ARRAY_LEN(got));
@@ -160,10 +168,6 @@ static void check_step_payload(ax_shm *sh, const ax_shm_step *s)
 			for (uint32_t h = 0; h < HQ; h++)
 				for (uint32_t d = 0; d < D; d++)
 					assert_true(*r++ == q_value(s->pos0 + t, li, h, d));
-	int32_t toks[64];
-	assert_int_equal(ax_shm_read_tokens(sh, s->tok_pos, s->n_tokens, toks), 0);
-	for (uint32_t t = 0; t < s->n_tokens; t++)
-		assert_int_equal(toks[t], tok_value(s->pos0 + t));
 }
 
 /* ---- pure helpers ------------------------------------------------------------------------------------------ */
@@ -601,6 +605,724 @@ static void test_lapped_payload(void **state)
 	assert_int_equal(ax_export_q_reserve(f->ex, f->ibuf, 1, &q_row, &p), -EINVAL);
 }
 
+/* ---- ring behaviour ------------------------------------------------------------------------------------------ */
+
+/* Take descriptors until the ring is empty; returns how many were taken (1); *lost_sum accumulates *lost. */
+static int drain(ax_shm *sh, ax_shm_step *out, int max, uint64_t *lost_sum, int *bad)
+{
+	int n = 0;
+	for (;;) {
+		uint64_t lost = 0;
+		int rc = ax_shm_next(sh, &out[n < max ? n : max - 1], &lost);
+		*lost_sum += lost;
+		if (rc == 0)
+			return n;
+		if (rc == -EBADMSG) {
+			(*bad)++;
+			continue;
+		}
+		assert_int_equal(rc, 1);
+		n++;
+	}
+}
+
+/* Many laps around an 8-slot ring, a 64-entry token arena and a 32-row Q ring, every value checked. */
+static void test_wraparound(void **state)
+{
+	fx *f = *state;
+	uint64_t req, pos = 0, next_seq, lost = 0;
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-wrap", NULL, 0, &req), 0);
+	ax_shm_step out[8];
+	int bad = 0;
+	assert_int_equal(drain(f->sh, out, 8, &lost, &bad), 1);
+	next_seq = out[0].seq + 1;
+	for (int round = 0; round < 600; round++) {
+		int k = 1 + round % 7;
+		for (int i = 0; i < k; i++) {
+			uint32_t n = 1 + (uint32_t)(round + i) % 3;
+			if (pos + n > MAXCTX)
+				pos = 0;
+			assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, req, pos, n, 0x4), 0);
+			pos += n;
+		}
+		assert_int_equal(drain(f->sh, out, 8, &lost, &bad), k);
+		for (int i = 0; i < k; i++) {
+			assert_int_equal(out[i].seq, next_seq++);
+			check_step_payload(f->sh, &out[i]);
+		}
+	}
+	assert_int_equal(lost, 0);
+	assert_int_equal(bad, 0);
+	const ax_shm_header *h = ax_shm_hdr(f->sh);
+	assert_true(h->ring_head > 100 * h->ring_cap);
+	assert_true(h->arena_head > 20 * h->arena_cap);
+	assert_true(h->q_head > 20 * QROWS);
+}
+
+/* No consumer progress: the producer drops and counts, the consumer hears about it through *lost. */
+static void test_full_ring(void **state)
+{
+	fx *f = *state;
+	uint64_t req;
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-full", NULL, 0, &req), 0);
+	int ok = 0, dropped = 0;
+	for (int i = 0; i < 20; i++) {
+		int rc = put_step(f->ex, f->qbuf, f->ibuf, req, (uint64_t)i, 1, 0);
+		if (rc == 0)
+			ok++;
+		else if (rc == -EAGAIN)
+			dropped++;
+		else
+			fail_msg("put_step: %d", rc);
+	}
+	assert_int_equal(ok, 7); /* the BEGIN holds the eighth slot */
+	assert_int_equal(dropped, 13);
+	assert_int_equal(ax_export_request_end(f->ex, req, AX_END_ABORT), -EAGAIN);
+	const ax_shm_header *h = ax_shm_hdr(f->sh);
+	assert_int_equal(h->ring_dropped, 14);
+	ax_shm_step s;
+	uint64_t lost = 0;
+	assert_int_equal(ax_shm_next(f->sh, &s, &lost), 1);
+	assert_int_equal(lost, 14);
+	assert_int_equal(s.kind, AX_STEP_BEGIN);
+	for (int i = 0; i < 7; i++) {
+		assert_int_equal(ax_shm_next(f->sh, &s, &lost), 1);
+		assert_int_equal(lost, 0);
+		assert_int_equal(s.pos0, (uint64_t)i);
+		check_step_payload(f->sh, &s);
+	}
+	assert_int_equal(ax_shm_next(f->sh, &s, &lost), 0);
+	ax_shm_stats st;
+	ax_shm_get_stats(f->sh, &st);
+	assert_int_equal(st.lost, 14);
+	/* A consumer that attaches later starts from now and is not told about drops before it came. */
+	ax_shm_detach(f->sh);
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-full2", NULL, 0, &req), 0);
+	for (int i = 0; i < 10; i++)
+		put_step(f->ex, f->qbuf, f->ibuf, req, (uint64_t)i, 1, 0);
+	assert_int_equal(ax_shm_attach(&f->sh, f->name), 0);
+	assert_int_equal(ax_shm_next(f->sh, &s, &lost), 0);
+	assert_int_equal(lost, 0);
+	assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, req, 10, 1, 0), 0);
+	assert_int_equal(ax_shm_next(f->sh, &s, &lost), 1);
+	assert_int_equal(s.pos0, 10);
+}
+
+/* A slot being rewritten (seq word 0) or already rewritten by a later lap is counted as torn and skipped. */
+static void test_torn_slot(void **state)
+{
+	fx *f = *state;
+	ax_shm_header *h = ax_export_header(f->ex);
+	ax_shm_step *ring = (ax_shm_step *)((uint8_t *)h + h->ring_off);
+	uint64_t req;
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-torn", NULL, 0, &req), 0);
+	assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, req, 0, 1, 0), 0);
+	assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, req, 1, 1, 0), 0);
+	assert_int_equal(put_step(f->ex, f->qbuf, f->ibuf, req, 2, 1, 0), 0);
+	ring[0].seq = 0;		     /* BEGIN: writer in the middle of a rewrite */
+	ring[1].seq += h->ring_cap;  /* step 1: already overwritten by the next lap */
+	ax_shm_step s;
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), -EBADMSG);
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), -EBADMSG);
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
+	assert_int_equal(s.pos0, 1);
+	ax_shm_stats st;
+	ax_shm_get_stats(f->sh, &st);
+	assert_int_equal(st.torn, 2);
+	assert_int_equal(st.taken, 1);
+	assert_int_equal(st.rejected, 0);
+}
+
+/* A writer thread rewrites one slot as fast as it can; no copy the reader accepts may mix two versions. */
+typedef struct race {
+	ax_shm_step slot;
+	int stop;
+} race;
+
+static void *race_writer(void *arg)
+{
+	race *r = arg;
+	ax_shm_step body;
+	for (uint64_t v = 1; !__atomic_load_n(&r->stop, __ATOMIC_RELAXED); v++) {
+		memset(&body, (int)(v & 0xff), sizeof body);
+		ax__shm_slot_write(&r->slot, v, &body);
+	}
+	return NULL;
+}
+
+static void test_torn_race(void **state)
+{
+	static race r;
+	memset(&r, 0, sizeof r);
+	pthread_t t;
+	assert_int_equal(pthread_create(&t, NULL, race_writer, &r), 0);
+	uint64_t clean = 0, torn = 0, t0 = ax_now_ns();
+	while (ax_now_ns() - t0 < 200000000ull || clean == 0) {
+		uint64_t w = __atomic_load_n(&r.slot.seq, __ATOMIC_ACQUIRE);
+		if (w == 0)
+			continue;
+		ax_shm_step out;
+		if (ax__shm_slot_read(&r.slot, w - 1, &out)) {
+			torn++;
+			continue;
+		}
+		clean++;
+		const uint8_t *b = (const uint8_t *)&out + sizeof out.seq;
+		for (size_t i = 0; i < sizeof out - sizeof out.seq; i++)
+			if (b[i] != (uint8_t)((w - 1) & 0xff))
+				fail_msg("accepted a mixed copy of version %llu", (unsigned long long)(w - 1));
+	}
+	__atomic_store_n(&r.stop, 1, __ATOMIC_RELAXED);
+	pthread_join(t, NULL);
+	print_message("# seqlock race: %llu clean copies, %llu retried\n", (unsigned long long)clean,
+		      (unsigned long long)torn);
+}
+
+/* ---- request table ----------------------------------------------------------------------------------------- */
+
+static void test_request_table(void **state)
+{
+	fx *f = *state;
+	uint64_t ids[8], extra;
+	char rid[AX_SHM_RID_MAX + 8];
+	ax_shm_step s;
+	for (int i = 0; i < 8; i++) {
+		snprintf(rid, sizeof rid, "ax-%d", i);
+		assert_int_equal(ax_export_request_begin(f->ex, rid, NULL, 0, &ids[i]), 0);
+		for (int j = 0; j < i; j++)
+			assert_int_not_equal(ids[i], ids[j]);
+		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
+	}
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-9", NULL, 0, &extra), -ENOSPC);
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-10", NULL, 0, &extra), -ENOSPC);
+	assert_int_equal(ax_shm_hdr(f->sh)->reqs_dropped, 2);
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), 0); /* nothing published for them */
+	assert_int_equal(ax_export_request_end(f->ex, ids[3], AX_END_LENGTH), 0);
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
+	uint32_t slot3 = s.req_slot;
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-again", NULL, 0, &extra), 0);
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
+	assert_int_equal(s.req_slot, slot3); /* the only free slot, reused under a new id */
+	assert_int_not_equal(extra, ids[3]);
+	ax_shm_request r;
+	assert_int_equal(ax_shm_read_request(f->sh, slot3, ids[3], &r), -ESTALE);
+	assert_int_equal(ax_shm_read_request(f->sh, slot3, extra, &r), 0);
+	assert_string_equal(r.rid, "ax-again");
+	assert_int_equal(ax_shm_read_request(f->sh, 8, extra, &r), -EINVAL);
+	/* Bad request ids and arguments. */
+	memset(rid, 'x', sizeof rid);
+	rid[AX_SHM_RID_MAX] = 0;
+	assert_int_equal(ax_export_request_end(f->ex, ids[0], AX_END_STOP), 0);
+	assert_int_equal(ax_export_request_begin(f->ex, rid, NULL, 0, &extra), -EINVAL);
+	assert_int_equal(ax_export_request_begin(f->ex, "", NULL, 0, &extra), -EINVAL);
+	assert_int_equal(ax_export_request_begin(f->ex, NULL, NULL, 0, &extra), -EINVAL);
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-p", NULL, 3, &extra), -EINVAL);
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-p", (int32_t[65]){0}, 65, &extra), -EINVAL);
+	assert_int_equal(ax_export_request_end(f->ex, 0, AX_END_STOP), -ENOENT);
+	assert_int_equal(ax_export_request_end(f->ex, 12345, AX_END_STOP), -ENOENT);
+	ax_shm_step bad = {.req_id = ids[1], .n_tokens = 1, .pos0 = 0, .seq_len = 1, .index_buf = f->ibuf};
+	assert_int_equal(ax_export_step(f->ex, &bad, NULL), -EINVAL);
+	bad.req_id = ids[0];
+	assert_int_equal(ax_export_step(f->ex, &bad, (int32_t[1]){1}), -ENOENT);
+}
+
+/* ---- engine lifecycle ---------------------------------------------------------------------------------------- */
+
+static void test_restart_generation(void **state)
+{
+	fx *f = *state;
+	uint64_t gen = ax_shm_hdr(f->sh)->generation;
+	assert_int_equal(ax_shm_alive(f->sh, 1000000000ull), 1);
+	ax_export_close(f->ex);
+	f->ex = NULL;
+	ax_shm_step s;
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), -ESTALE);
+	assert_int_equal(ax_shm_alive(f->sh, 1000000000ull), -ESTALE);
+	ax_shm *again;
+	assert_int_equal(ax_shm_attach(&again, f->name), -ENOENT); /* unlinked by close */
+	assert_int_equal(ax_export_open(&f->ex, &f->cfg), 0);
+	add_buffers(f);
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), -ESTALE); /* the old mapping stays closed */
+	ax_shm_detach(f->sh);
+	assert_int_equal(ax_shm_attach(&f->sh, f->name), 0);
+	assert_int_not_equal(ax_shm_hdr(f->sh)->generation, gen);
+	assert_int_equal(ax_shm_next(f->sh, &s, NULL), 0);
+	/* A second engine under a live name is refused. */
+	ax_export *two;
+	assert_int_equal(ax_export_open(&two, &f->cfg), -EEXIST);
+	/* Engine heartbeat too old: not alive. */
+	ax_shm_header *h = ax_export_header(f->ex);
+	h->heartbeat_ns = ax_now_ns() - 3000000000ull;
+	assert_int_equal(ax_shm_alive(f->sh, 1000000000ull), 0);
+	ax_export_heartbeat(f->ex);
+	assert_int_equal(ax_shm_alive(f->sh, 1000000000ull), 1);
+}
+
+/* A segment left behind by an engine that died is replaced; consumers of the old one see it closed. */
+static void test_stale_segment(void **state)
+{
+	fx *f = *state;
+	char name[AX_SHM_NAME_MAX];
+	seg_name(name, "stale");
+	shm_unlink(name);
+	ax_export_config cfg = base_cfg(name);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		ax_export *ex;
+		_exit(ax_export_open(&ex, &cfg) == 0 ? 0 : 1); /* dies without closing */
+	}
+	int status;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	assert_true(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	ax_shm *old;
+	assert_int_equal(ax_shm_attach(&old, name), 0);
+	assert_int_equal(ax_shm_alive(old, 60000000000ull), 0); /* its pid is gone */
+	uint64_t gen = ax_shm_hdr(old)->generation;
+	ax_export *ex;
+	assert_int_equal(ax_export_open(&ex, &cfg), 0);
+	ax_shm_step s;
+	assert_int_equal(ax_shm_next(old, &s, NULL), -ESTALE);
+	ax_shm *fresh;
+	assert_int_equal(ax_shm_attach(&fresh, name), 0);
+	assert_int_not_equal(ax_shm_hdr(fresh)->generation, gen);
+	assert_int_equal(ax_shm_hdr(fresh)->engine_pid, (uint32_t)getpid());
+	assert_int_equal(ax_shm_alive(fresh, 1000000000ull), 1);
+	ax_shm_detach(fresh);
+	ax_shm_detach(old);
+	ax_export_close(ex);
+	ax_shm *none;
+	assert_int_equal(ax_shm_attach(&none, name), -ENOENT);
+	(void)f;
+}
+
+/* ---- consumer area -------------------------------------------------------------------------------------------- */
+
+static pid_t dead_pid(void)
+{
+	pid_t pid = fork();
+	if (pid == 0)
+		_exit(0);
+	waitpid(pid, NULL, 0);
+	return pid;
+}
+
+static void test_wanted(void **state)
+{
+	fx *f = *state;
+	uint64_t layers[2] = {7, 7};
+	int prefill = 7;
+	ax_shm_header *h = ax_export_header(f->ex);
+	assert_int_equal(h->consumer_pid, (uint64_t)getpid());
+	assert_int_equal(ax_export_wanted(f->ex, layers, &prefill), 1);
+	assert_int_equal(layers[0] | layers[1], 0);
+	assert_int_equal(prefill, 0);
+	ax_shm_set_wanted(f->sh, (uint64_t[2]){0x9, 0}, 1);
+	assert_int_equal(ax_export_wanted(f->ex, layers, &prefill), 1);
+	assert_int_equal(layers[0], 0x9);
+	assert_int_equal(prefill, 1);
+	/* Heartbeat older than 5 s: no consumer. */
+	h->consumer_heartbeat_ns = ax_now_ns() - 6000000000ull;
+	assert_int_equal(ax_export_wanted(f->ex, layers, &prefill), 0);
+	assert_int_equal(layers[0], 0);
+	ax_shm_heartbeat(f->sh);
+	assert_int_equal(ax_export_wanted(f->ex, layers, NULL), 1);
+	/* Consumer process gone. */
+	h->consumer_pid = (uint64_t)dead_pid();
+	assert_int_equal(ax_export_wanted(f->ex, layers, &prefill), 0);
+	h->consumer_pid = (uint64_t)getpid();
+	assert_int_equal(ax_export_wanted(f->ex, NULL, NULL), 1);
+	/* Detached: pid cleared. */
+	ax_shm_detach(f->sh);
+	f->sh = NULL;
+	assert_int_equal(h->consumer_pid, 0);
+	assert_int_equal(ax_export_wanted(f->ex, layers, &prefill), 0);
+	/* Attaching claims the area again and starts from the current head. */
+	uint64_t req;
+	assert_int_equal(ax_export_request_begin(f->ex, "ax-w", NULL, 0, &req), 0);
+	assert_int_equal(ax_shm_attach(&f->sh, f->name), 0);
+	assert_int_equal(h->consumer_tail, h->ring_head);
+	assert_int_equal(ax_export_wanted(f->ex, layers, &prefill), 1);
+}
+
+/* ---- error paths of open / attach / add ----------------------------------------------------------------------- */
+
+#define CMUT(fn, body) \
+	static void fn(ax_export_config *c) { body; }
+CMUT(c_layers0, c->n_layers = 0)
+CMUT(c_layers_big, c->n_layers = 129)
+CMUT(c_gqa, c->n_kv_heads = 3)
+CMUT(c_hd0, c->head_dim = 0)
+CMUT(c_rank, c->rank = 1)
+CMUT(c_qdtype, c->q_dtype = AX_DTYPE_I64)
+CMUT(c_maxctx, c->max_ctx = 0)
+CMUT(c_reqcap, c->req_cap = 70000)
+CMUT(c_engine, c->engine = "an engine name that is far too long for the header field")
+CMUT(c_scale, c->scale = -1)
+CMUT(c_heads_total, c->n_q_heads_total = 2)
+CMUT(c_noslash, c->name = "attnx.noslash")
+CMUT(c_twoslash, c->name = "/attnx/sub")
+CMUT(c_toolong, c->name = "/attnx.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")
+
+static const struct {
+	const char *what;
+	void (*mutate)(ax_export_config *c);
+	int want;
+} cfg_cases[] = {
+	{"0 layers", c_layers0, -EINVAL},     {"129 layers", c_layers_big, -EINVAL},
+	{"GQA ratio", c_gqa, -EINVAL},	      {"head_dim 0", c_hd0, -EINVAL},
+	{"rank >= world", c_rank, -EINVAL},   {"integer Q", c_qdtype, -EINVAL},
+	{"max_ctx 0", c_maxctx, -EINVAL},     {"req_cap too big", c_reqcap, -EINVAL},
+	{"engine too long", c_engine, -EINVAL}, {"negative scale", c_scale, -EINVAL},
+	{"head range", c_heads_total, -EINVAL}, {"name without slash", c_noslash, -EINVAL},
+	{"name with two slashes", c_twoslash, -EINVAL}, {"name too long", c_toolong, -ENAMETOOLONG},
+};
+
+static void test_open_errors(void **state)
+{
+	char name[AX_SHM_NAME_MAX];
+	seg_name(name, "cfg");
+	for (size_t i = 0; i < AX_ARRAY_LEN(cfg_cases); i++) {
+		ax_export_config c = base_cfg(name);
+		cfg_cases[i].mutate(&c);
+		ax_export *ex = NULL;
+		int rc = ax_export_open(&ex, &c);
+		if (rc != cfg_cases[i].want)
+			fail_msg("config case '%s': got %d, want %d", cfg_cases[i].what, rc, cfg_cases[i].want);
+		assert_null(ex);
+	}
+	assert_int_equal(ax_export_open(NULL, NULL), -EINVAL);
+	ax_export_close(NULL);
+	ax_shm_detach(NULL);
+	assert_null(ax_export_header(NULL));
+}
+
+/* Write a raw segment file of `size` bytes holding `h` (may be NULL) at its start. */
+static void raw_segment(const char *name, size_t size, const ax_shm_header *h)
+{
+	shm_unlink(name);
+	int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+	assert_true(fd >= 0);
+	assert_int_equal(ftruncate(fd, (off_t)size), 0);
+	if (h)
+		assert_int_equal(pwrite(fd, h, sizeof *h, 0), (ssize_t)sizeof *h);
+	close(fd);
+}
+
+static void test_attach_errors(void **state)
+{
+	fx *f = *state;
+	char name[AX_SHM_NAME_MAX];
+	seg_name(name, "raw");
+	ax_shm *s = NULL;
+	shm_unlink(name);
+	assert_int_equal(ax_shm_attach(&s, name), -ENOENT);
+	assert_int_equal(ax_shm_attach(&s, "nope"), -EINVAL);
+	assert_int_equal(ax_shm_attach(NULL, name), -EINVAL);
+	raw_segment(name, 0, NULL);
+	assert_int_equal(ax_shm_attach(&s, name), -EAGAIN); /* created, not sized yet */
+	raw_segment(name, 4096, NULL);
+	assert_int_equal(ax_shm_attach(&s, name), -EAGAIN); /* sized, magic not yet written */
+	ax_shm_header h = *ax_shm_hdr(f->sh);
+	h.magic = 0x1234;
+	raw_segment(name, (size_t)h.segment_size, &h);
+	assert_int_equal(ax_shm_attach(&s, name), -EPROTO);
+	h = *ax_shm_hdr(f->sh);
+	raw_segment(name, 4096, &h); /* a header that claims more than the file holds */
+	assert_int_equal(ax_shm_attach(&s, name), -ERANGE);
+	h.state = 2;
+	raw_segment(name, (size_t)h.segment_size, &h);
+	assert_int_equal(ax_shm_attach(&s, name), -EAGAIN); /* closed by its engine */
+	/* An engine replaces any of these (no live pid owns them). */
+	ax_export_config c = base_cfg(name);
+	ax_export *ex;
+	assert_int_equal(ax_export_open(&ex, &c), 0);
+	assert_int_equal(ax_shm_attach(&s, name), 0);
+	ax_shm_detach(s);
+	ax_export_close(ex);
+	assert_null(s = NULL);
+}
+
+static void test_add_buffer_errors(void **state)
+{
+	fx *f = *state;
+	ax_shm_buffer k = {.kind = AX_BUF_K_POOL, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_F32, .layer = 0, .ndim = 3,
+			   .dim = {1 << 20, HKV, D}, .scale = 1};
+	void *p;
+	uint32_t i;
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &k, &p, &i), -ENOSPC); /* 64 MiB > data region */
+	k.dim[0] = 16;
+	k.dim[1] = HKV + 1;
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &k, &p, &i), -EINVAL);
+	k.dim[1] = HKV;
+	k.loc = AX_LOC_CUDA_IPC;
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &k, &p, &i), -EINVAL);
+	k.loc = AX_LOC_HOST;
+	k.ndim = 0;
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &k, &p, &i), -EINVAL);
+	k.ndim = 3;
+	/* Fill the table (buf_cap = 2 * layers + 8 = 16; 6 used). */
+	uint32_t used = 2 + LAYERS;
+	for (; used < 2 * LAYERS + 8; used++)
+		assert_int_equal(ax_export_add_host_buffer(f->ex, &k, &p, &i), 0);
+	assert_int_equal(((uintptr_t)p) % 64, 0);
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &k, &p, &i), -ENOSPC);
+	assert_int_equal(ax_shm_find_buffer(f->sh, AX_BUF_K_POOL, 0), (int)f->kbuf[0]);
+	assert_int_equal(ax_shm_find_buffer(f->sh, AX_BUF_INDEX_PAGED, -1), -ENOENT);
+	uint32_t n;
+	ax_shm_buffers(f->sh, &n);
+	assert_int_equal(n, 2 * LAYERS + 8);
+}
+
+/* ---- two processes --------------------------------------------------------------------------------------------- */
+
+static int send_byte(int fd, char c) { return write(fd, &c, 1) == 1 ? 0 : -1; }
+static char recv_byte(int fd)
+{
+	char c = 0;
+	return read(fd, &c, 1) == 1 ? c : 0;
+}
+
+/* A forked engine still running when a test fails is killed and reaped here, so no test leaves a spinner. */
+static pid_t g_child;
+static char g_child_seg[AX_SHM_NAME_MAX];
+
+static int kill_child(void **state)
+{
+	if (g_child > 0) {
+		kill(g_child, SIGKILL);
+		waitpid(g_child, NULL, 0);
+	}
+	g_child = 0;
+	if (g_child_seg[0])
+		shm_unlink(g_child_seg);
+	g_child_seg[0] = 0;
+	return 0;
+}
+
+/* The child gives up after 30 s of waiting on the parent. */
+static uint64_t g_child_deadline;
+static void child_wait(void)
+{
+	if (ax_now_ns() > g_child_deadline)
+		_exit(99);
+	sched_yield();
+}
+
+/* Child-side check: no cmocka in the child, just an exit code naming the step that failed. */
+#define CHILD_CHECK(cond, code) \
+	do { \
+		if (!(cond)) \
+			_exit(code); \
+	} while (0)
+
+enum { FORK_STEPS = 2000, FORK_QROWS = 64, STALL_STEPS = 100, LAP_STEPS = 20 };
+
+static void fork_cfg(ax_export_config *c)
+{
+	c->ring_cap = 16;
+	c->arena_cap = 256;
+	c->req_cap = 4;
+}
+
+/* The producer: phase 1 paced (no loss), phase 2 and 3 against a stalled consumer. */
+static void child_producer(const char *name, int rfd, int wfd)
+{
+	fx f = {0};
+	g_child_deadline = ax_now_ns() + 30000000000ull;
+	snprintf(f.name, sizeof f.name, "%s", name);
+	f.cfg = base_cfg(f.name);
+	fork_cfg(&f.cfg);
+	CHILD_CHECK(ax_export_open(&f.ex, &f.cfg) == 0, 10);
+	void *p;
+	ax_shm_buffer q = {.kind = AX_BUF_Q_RING, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_F32, .layer = -1, .ndim = 3,
+			   .dim = {FORK_QROWS, HQ, D}, .scale = 1};
+	CHILD_CHECK(ax_export_add_host_buffer(f.ex, &q, &p, &f.qbuf) == 0, 11);
+	ax_shm_buffer ix = {.kind = AX_BUF_INDEX_TOKEN, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_I32, .layer = -1,
+			    .ndim = 2, .dim = {IDXROWS, MAXCTX}, .scale = 1};
+	CHILD_CHECK(ax_export_add_host_buffer(f.ex, &ix, &p, &f.ibuf) == 0, 12);
+	CHILD_CHECK(send_byte(wfd, 'R') == 0 && recv_byte(rfd) == 'G', 13);
+	ax_shm_header *h = ax_export_header(f.ex);
+	const int32_t prompt[3] = {101, 102, 103};
+	uint64_t req, pos = 0;
+	CHILD_CHECK(ax_export_request_begin(f.ex, "ax-fork-1", prompt, 3, &req) == 0, 14);
+	for (int i = 0; i < FORK_STEPS; i++) {
+		uint32_t n = 1 + (uint32_t)i % 3;
+		if (pos + n > MAXCTX)
+			pos = 0;
+		/* The test (not the library) waits, so that phase 1 loses nothing. */
+		while (__atomic_load_n(&h->ring_head, __ATOMIC_ACQUIRE) -
+			       __atomic_load_n(&h->consumer_tail, __ATOMIC_ACQUIRE) >= 8)
+			child_wait();
+		CHILD_CHECK(put_step(f.ex, f.qbuf, f.ibuf, req, pos, n, 0x5) == 0, 15);
+		pos += n;
+	}
+	while (__atomic_load_n(&h->ring_head, __ATOMIC_ACQUIRE) - __atomic_load_n(&h->consumer_tail, __ATOMIC_ACQUIRE))
+		child_wait();
+	CHILD_CHECK(ax_export_request_end(f.ex, req, AX_END_STOP) == 0, 16);
+	/* Phase 2: the consumer stalls; 16 fit, the rest drop. */
+	CHILD_CHECK(recv_byte(rfd) == 'P', 17);
+	CHILD_CHECK(ax_export_request_begin(f.ex, "ax-fork-2", NULL, 0, &req) == 0, 18);
+	int dropped = 0;
+	for (int i = 0; i < STALL_STEPS; i++) {
+		int rc = put_step(f.ex, f.qbuf, f.ibuf, req, (uint64_t)i, 1, 0);
+		CHILD_CHECK(rc == 0 || rc == -EAGAIN, 19);
+		dropped += rc == -EAGAIN;
+	}
+	CHILD_CHECK(dropped == STALL_STEPS - 15, 20);
+	CHILD_CHECK(send_byte(wfd, 'D') == 0, 21);
+	/* Phase 3: 4 Q rows per step into a 64-row Q ring while the consumer stalls: early rows get lapped. */
+	CHILD_CHECK(recv_byte(rfd) == 'L', 22);
+	for (int i = 0; i < LAP_STEPS; i++) {
+		int rc = put_step(f.ex, f.qbuf, f.ibuf, req, 200 + (uint64_t)i, 1, 0xf);
+		CHILD_CHECK(rc == 0 || rc == -EAGAIN, 23);
+	}
+	CHILD_CHECK(send_byte(wfd, 'D') == 0, 24);
+	CHILD_CHECK(recv_byte(rfd) == 'E', 25);
+	ax_export_close(f.ex);
+	_exit(0);
+}
+
+/* Poll the ring until `want` descriptors were taken or 20 s pass; checks payloads and seq order. */
+static int consume(ax_shm *sh, int want, uint64_t *next_seq, uint64_t *lost_sum, int *rejected)
+{
+	int got = 0;
+	uint64_t t0 = ax_now_ns();
+	while (got < want && ax_now_ns() - t0 < 20000000000ull) {
+		ax_shm_step s;
+		uint64_t lost = 0;
+		int rc = ax_shm_next(sh, &s, &lost);
+		*lost_sum += lost;
+		if (rc == 0) {
+			usleep(50);
+			continue;
+		}
+		if (rc == -EBADMSG) {
+			if (getenv("SHM_TEST_DEBUG"))
+				print_message("# rejected seq %llu\n", (unsigned long long)*next_seq);
+			(*rejected)++;
+			(*next_seq)++;
+			continue;
+		}
+		assert_int_equal(rc, 1);
+		assert_int_equal(s.seq, ++*next_seq); /* seqlock word = sequence number + 1 */
+		if (s.kind == AX_STEP_FORWARD)
+			check_step_payload(sh, &s);
+		got++;
+	}
+	return got;
+}
+
+static void test_two_processes(void **state)
+{
+	char name[AX_SHM_NAME_MAX];
+	seg_name(name, "fork");
+	shm_unlink(name);
+	snprintf(g_child_seg, sizeof g_child_seg, "%s", name);
+	int p2c[2], c2p[2];
+	assert_int_equal(pipe(p2c), 0);
+	assert_int_equal(pipe(c2p), 0);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0)
+		child_producer(name, p2c[0], c2p[1]);
+	g_child = pid;
+	assert_int_equal(recv_byte(c2p[0]), 'R');
+	ax_shm *sh;
+	assert_int_equal(ax_shm_attach(&sh, name), 0);
+	uint64_t seq = ax_shm_hdr(sh)->consumer_tail, lost = 0; /* where this consumer starts */
+	assert_int_equal(send_byte(p2c[1], 'G'), 0);
+	int rejected = 0;
+	/* Phase 1: BEGIN, every step, END — in order, values intact, nothing lost. */
+	assert_int_equal(consume(sh, FORK_STEPS + 2, &seq, &lost, &rejected), FORK_STEPS + 2);
+	assert_int_equal(lost, 0);
+	assert_int_equal(rejected, 0);
+	/* Phase 2: stall while the child overfills the ring. */
+	assert_int_equal(send_byte(p2c[1], 'P'), 0);
+	assert_int_equal(recv_byte(c2p[0]), 'D');
+	assert_int_equal(consume(sh, 16, &seq, &lost, &rejected), 16);
+	assert_int_equal(lost, STALL_STEPS - 15);
+	assert_int_equal(rejected, 0);
+	/* Phase 3: stall again; the first descriptors' Q rows are lapped and rejected, the rest are intact. */
+	assert_int_equal(send_byte(p2c[1], 'L'), 0);
+	assert_int_equal(recv_byte(c2p[0]), 'D');
+	lost = 0;
+	int got = consume(sh, 16, &seq, &lost, &rejected);
+	assert_int_equal(lost, LAP_STEPS - 16);
+	assert_true(rejected >= 1 && rejected <= 5);
+	assert_int_equal(got + rejected, 16);
+	ax_shm_stats st;
+	ax_shm_get_stats(sh, &st);
+	assert_int_equal(st.rejected, (uint64_t)rejected);
+	assert_int_equal(st.lost, STALL_STEPS - 15 + LAP_STEPS - 16);
+	assert_int_equal(st.torn, 0);
+	assert_int_equal(send_byte(p2c[1], 'E'), 0);
+	int status;
+	assert_int_equal(waitpid(pid, &status, 0), pid);
+	g_child = 0;
+	if (!WIFEXITED(status) || WEXITSTATUS(status))
+		fail_msg("producer child failed with status %d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+	ax_shm_step s;
+	assert_int_equal(ax_shm_next(sh, &s, NULL), -ESTALE); /* closed by the child */
+	ax_shm_detach(sh);
+	close(p2c[0]), close(p2c[1]), close(c2p[0]), close(c2p[1]);
+	shm_unlink(name);
+}
+
+/* The engine is killed mid-stream: the consumer notices and nothing crashes. */
+static void test_engine_killed(void **state)
+{
+	char name[AX_SHM_NAME_MAX];
+	seg_name(name, "kill");
+	shm_unlink(name);
+	snprintf(g_child_seg, sizeof g_child_seg, "%s", name);
+	int c2p[2];
+	assert_int_equal(pipe(c2p), 0);
+	pid_t pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		fx f = {0};
+		snprintf(f.name, sizeof f.name, "%s", name);
+		f.cfg = base_cfg(f.name);
+		CHILD_CHECK(ax_export_open(&f.ex, &f.cfg) == 0, 10);
+		void *p;
+		ax_shm_buffer ix = {.kind = AX_BUF_INDEX_TOKEN, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_I32, .layer = -1,
+				    .ndim = 2, .dim = {IDXROWS, MAXCTX}, .scale = 1};
+		CHILD_CHECK(ax_export_add_host_buffer(f.ex, &ix, &p, &f.ibuf) == 0, 11);
+		uint64_t req;
+		CHILD_CHECK(ax_export_request_begin(f.ex, "ax-kill", NULL, 0, &req) == 0, 12);
+		CHILD_CHECK(send_byte(c2p[1], 'R') == 0, 13);
+		g_child_deadline = ax_now_ns() + 30000000000ull;
+		for (uint64_t i = 0;; i++) {
+			put_step(f.ex, 0, f.ibuf, req, i % MAXCTX, 1, 0);
+			usleep(100);
+			child_wait();
+		}
+	}
+	g_child = pid;
+	assert_int_equal(recv_byte(c2p[0]), 'R');
+	ax_shm *sh;
+	assert_int_equal(ax_shm_attach(&sh, name), 0);
+	uint64_t seq = ax_shm_hdr(sh)->ring_head, lost = 0;
+	int rejected = 0;
+	assert_int_equal(consume(sh, 20, &seq, &lost, &rejected), 20);
+	assert_int_equal(ax_shm_alive(sh, 5000000000ull), 1);
+	assert_int_equal(kill(pid, SIGKILL), 0);
+	assert_int_equal(waitpid(pid, NULL, 0), pid);
+	g_child = 0;
+	assert_int_equal(ax_shm_alive(sh, 5000000000ull), 0);
+	/* What it published is still readable; then the ring is simply empty. */
+	ax_shm_step s;
+	int rc, n = 0;
+	while ((rc = ax_shm_next(sh, &s, NULL)) != 0 && n < 100)
+		n++, assert_true(rc == 1 || rc == -EBADMSG);
+	assert_int_equal(rc, 0);
+	assert_int_equal(ax_shm_alive(sh, 5000000000ull), 0);
+	ax_shm_detach(sh);
+	close(c2p[0]), close(c2p[1]);
+	shm_unlink(name);
+}
+
 /* ---- main ------------------------------------------------------------------------------------------------------ */
 
 int main(void)
@@ -612,6 +1334,21 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_roundtrip, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_malformed_steps, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_lapped_payload, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_wraparound, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_full_ring, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_torn_slot, setup, teardown),
+		cmocka_unit_test(test_torn_race),
+		cmocka_unit_test_setup_teardown(test_request_table, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_restart_generation, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_stale_segment, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_wanted, setup, teardown),
+		cmocka_unit_test(test_open_errors),
+		cmocka_unit_test_setup_teardown(test_attach_errors, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_add_buffer_errors, setup, teardown),
+		cmocka_unit_test_teardown(test_two_processes, kill_child),
+		cmocka_unit_test_teardown(test_engine_killed, kill_child),
 	};
+	if (getenv("SHM_TEST_FILTER")) /* e.g. SHM_TEST_FILTER=test_two_processes */
+		cmocka_set_test_filter(getenv("SHM_TEST_FILTER"));
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
