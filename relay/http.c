@@ -18,8 +18,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "attnx_common.h"
 
@@ -725,10 +729,40 @@ int ax__http_start(ax_relay *r)
 	return 0;
 }
 
+/* civetweb's master thread notices mg_stop only when its accept poll (2 s) returns: connections wake it. */
+typedef struct poker {
+	atomic_int done;
+	struct sockaddr_in addr;
+} poker;
+
+static void *poke(void *arg)
+{
+	poker *p = arg;
+	while (!atomic_load(&p->done)) {
+		int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd >= 0) {
+			connect(fd, (struct sockaddr *)&p->addr, sizeof p->addr);
+			close(fd);
+		}
+		usleep(20000);
+	}
+	return NULL;
+}
+
 void ax__http_stop(ax_relay *r)
 {
 	if (!r->mg)
 		return;
+	poker p = {.addr = {.sin_family = AF_INET, .sin_port = htons((uint16_t)r->port)}};
+	char host[64] = "";
+	sscanf(r->o.listen, "%63[^:]", host);
+	if (inet_pton(AF_INET, host, &p.addr.sin_addr) != 1 || p.addr.sin_addr.s_addr == htonl(INADDR_ANY))
+		p.addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	pthread_t th;
+	int th_ok = r->port > 0 && pthread_create(&th, NULL, poke, &p) == 0;
 	mg_stop(r->mg);
 	r->mg = NULL;
+	atomic_store(&p.done, 1);
+	if (th_ok)
+		pthread_join(th, NULL);
 }

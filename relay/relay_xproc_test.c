@@ -354,10 +354,15 @@ static int fx_start(fx *f, int refused_upstream, void (*tune)(ax_relay_opts *))
 
 static void fx_stop(fx *f)
 {
+	uint64_t t0 = ax_now_ns();
 	ax_relay_stop(f->relay);
 	pthread_join(f->relay_th, NULL);
+	uint64_t t1 = ax_now_ns();
 	ax_relay_close(f->relay);
+	uint64_t t2 = ax_now_ns();
 	nng_close(f->push);
+	if (getenv("AX_LOG"))
+		fprintf(stderr, "stop: run %.1f ms, close %.1f ms, push %.1f ms\n", (t1 - t0) / 1e6, (t2 - t1) / 1e6, (ax_now_ns() - t2) / 1e6);
 	atomic_store(&f->up_stop, 1);
 	if (f->up_fd >= 0) {
 		shutdown(f->up_fd, SHUT_RDWR);
