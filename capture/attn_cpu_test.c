@@ -10,7 +10,8 @@
  * reference's k, logits and logsumexp within 1e-5·max(1, |ref|), and the reference's positions in order: a
  * position may differ from the reference only where the two values are distinct but within that tolerance (an
  * fp32 near-tie); exact ties must come lowest position first. Error paths (bad slots, dtypes, shapes, top_k,
- * heads, NaN/Inf inputs) are a second table. Conversions are checked exhaustively (decode) and on random plus
+ * heads, NaN/Inf inputs) are a second table. Every result also becomes a record that must pass proto's
+ * ax_record_validate. Conversions are checked exhaustively (decode) and on random plus
  * halfway values (encode).
  */
 #include <errno.h>
@@ -479,6 +480,26 @@ static void check_row(const ax_attn_result *res, const refset *r, const double *
 	free(ord);
 }
 
+/* The record a result becomes must pass proto's validation (the daemon's batcher rejects anything else). */
+static void check_record(const ax_attn_result *res, uint32_t mode, uint64_t position)
+{
+	ax_record r;
+	ax_record_init(&r, AX_REC_ATTN);
+	snprintf(r.src, sizeof r.src, "capture:test");
+	snprintf(r.rid, sizeof r.rid, "ax-test");
+	r.u.attn.position = (int64_t)position;
+	r.u.attn.layer_id = 3;
+	ax_attn_to_record(res, mode, &r.u.attn);
+	int rc = ax_record_validate(&r);
+	if (rc)
+		fail_msg("ax_record_validate: %d", rc);
+	double sum = 0;
+	for (uint32_t i = 0; i < r.u.attn.k; i++)
+		sum += r.u.attn.attention_scores[i];
+	assert_true(fabs(sum - 1) < 1e-5);
+	assert_true(r.u.attn.topk_mass > 0 && r.u.attn.topk_mass <= 1);
+}
+
 /* ---- kernel cases -------------------------------------------------------------------------------------------------- */
 
 static void test_case(void **state)
@@ -503,6 +524,7 @@ static void test_case(void **state)
 			for (uint64_t j = 0; j < r.n; j++)
 				v[j] = r.s[h * r.n + j];
 			check_row(&out[i], &r, v, r.lse[h], c->top_k);
+			check_record(&out[i], c->mode, c->n - 1);
 		}
 	} else {
 		ref_mean(f, &r, v);
@@ -511,6 +533,7 @@ static void test_case(void **state)
 		check_row(&out[0], &r, v, lse, c->top_k);
 		if (c->mode == AX_MODE_MEAN_PROB)
 			assert_true(out[0].lse == 0.0);
+		check_record(&out[0], c->mode, c->n - 1);
 	}
 	if (c->ties && c->n >= 8) { /* the three copies of the best key lead, lowest position first */
 		assert_int_equal(out[0].pos[0], c->n / 2 - 3);
