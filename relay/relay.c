@@ -258,9 +258,9 @@ static void up_finish(ax_up *u)
 	if (u->finished)
 		return;
 	u->finished = 1;
-	pc_end(u->pc);
-	if (u->m)
+	if (u->m) /* counted before the client can see the end */
 		atomic_fetch_add(&u->r->m.late_entries, ax__merge_late_entries(u->m));
+	pc_end(u->pc);
 	uv_timer_stop(&u->idle);
 	uv_timer_start(&u->hold, on_reap, 0, 0);
 }

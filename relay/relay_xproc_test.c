@@ -257,6 +257,11 @@ static void *serve_conn(void *arg)
 		sendf(c->fd, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n");
 		chunk(c->fd, "A");
 		chunk(c->fd, "B");
+	} else if (model && strcmp(model, "stallmid") == 0) {
+		sendf(c->fd, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n");
+		chunk(c->fd, "A");
+		while (!atomic_load(&f->up_stop))
+			usleep(10000);
 	} else if (model && strcmp(model, "stall") == 0) {
 		while (!atomic_load(&f->up_stop))
 			usleep(10000);
@@ -597,6 +602,23 @@ static void stall_times_out(void **state)
 	assert_non_null(strstr(r.body, "timeout"));
 	assert_true(ms >= 250 && ms < 3000);
 	free(r.body);
+	/* a stall after the first chunk: the client has A, then an SSE error event, then the end */
+	const char *mids[] = {"{\"model\":\"stallmid\",\"stream\":true}",
+			      "{\"model\":\"stallmid\",\"stream\":true,\"return_attention_tokens\":true}"};
+	for (int i = 0; i < 2; i++) {
+		json_t *ev[8];
+		r = (resp){0};
+		assert_int_equal(http(&f, "POST", "/v1/chat/completions", mids[i], NULL, &r), CURLE_OK);
+		assert_int_equal(r.status, 200);
+		int n = sse_events(r.body, ev, 8);
+		assert_int_equal(n, 2);
+		assert_string_equal(content_of(ev[0]), "A");
+		assert_non_null(strstr(json_string_value(json_object_get(json_object_get(ev[1], "error"), "message")),
+				       "timeout"));
+		for (int k = 0; k < n; k++)
+			json_decref(ev[k]);
+		free(r.body);
+	}
 	fx_stop(&f);
 }
 
