@@ -1183,12 +1183,13 @@ static void child_producer(const char *name, int rfd, int wfd)
 	_exit(0);
 }
 
-/* Poll the ring until `want` descriptors were taken or 20 s pass; checks payloads and seq order. */
+/* Poll the ring until `want` descriptors were taken or rejected, or 20 s pass; checks payloads and seq order.
+ * Returns how many were taken. */
 static int consume(ax_shm *sh, int want, uint64_t *next_seq, uint64_t *lost_sum, int *rejected)
 {
-	int got = 0;
+	int got = 0, bad0 = *rejected;
 	uint64_t t0 = ax_now_ns();
-	while (got < want && ax_now_ns() - t0 < 20000000000ull) {
+	while (got + *rejected - bad0 < want && ax_now_ns() - t0 < 20000000000ull) {
 		ax_shm_step s;
 		uint64_t lost = 0;
 		int rc = ax_shm_next(sh, &s, &lost);
