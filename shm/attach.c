@@ -144,6 +144,7 @@ void ax_shm_detach(ax_shm *s)
 }
 
 const ax_shm_header *ax_shm_hdr(const ax_shm *s) { return s ? s->h : NULL; }
+const ax_shm_header *ax_shm_snapshot(const ax_shm *s) { return s ? &s->snap : NULL; }
 
 const ax_shm_buffer *ax_shm_buffers(const ax_shm *s, uint32_t *count)
 {

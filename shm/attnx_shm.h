@@ -306,7 +306,12 @@ int ax_shm_attach(ax_shm **out, const char *name);
 /* Clear the consumer area (consumer_pid = 0) and unmap. Accepts NULL. */
 void ax_shm_detach(ax_shm *s);
 
+/* The live header (producer counters, consumer area). Thread-safe to read; never NULL for an attached handle. */
 const ax_shm_header *ax_shm_hdr(const ax_shm *s);
+/* The header copy validated at attach: the layout and model shape every bound check of this library uses. A
+ * capture sizing its own arrays should read the shape from here, not from the live header (which the producer
+ * could rewrite). Counters in it are stale. */
+const ax_shm_header *ax_shm_snapshot(const ax_shm *s);
 /* Validated copy of the buffer table (entries that failed validation have kind 0). */
 const ax_shm_buffer *ax_shm_buffers(const ax_shm *s, uint32_t *count);
 /* Pointer to a host buffer's first byte, or NULL if `index` is out of range, invalid, or not HOST. */
@@ -325,6 +330,9 @@ void ax_shm_heartbeat(ax_shm *s);
  * attach again), or -EBADMSG for a descriptor that failed validation or was torn (it is skipped and counted;
  * the next call moves on). *lost (may be NULL) receives the number of descriptors the producer dropped since
  * the previous call (ring full) so the caller can emit a gap.
+ * out->seq is the slot's seqlock word: the descriptor's sequence number + 1 (contiguous over published
+ * descriptors; drops do not consume numbers). Also refreshes the consumer heartbeat every 50 ms.
+ * Req ids are (counter << 16) | req_slot, unique for the segment's life; treat them as opaque.
  */
 int ax_shm_next(ax_shm *s, ax_shm_step *out, uint64_t *lost);
 

@@ -288,6 +288,11 @@ static void test_validate_header(void **state)
 	fx *f = *state;
 	const ax_shm_header *live = ax_shm_hdr(f->sh);
 	assert_int_equal(ax_shm_validate_header(live, live->segment_size), 0);
+	const ax_shm_header *snap = ax_shm_snapshot(f->sh);
+	assert_ptr_not_equal(snap, live);
+	assert_int_equal(snap->generation, live->generation);
+	assert_int_equal(snap->n_q_heads, HQ);
+	assert_string_equal(snap->model, "toy");
 	for (size_t i = 0; i < AX_ARRAY_LEN(hdr_cases); i++) {
 		ax_shm_header h = *live;
 		uint64_t mapped = h.segment_size;
