@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +44,32 @@ struct ax_export {
 };
 
 static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+/* Handles open in this process, so that a segment claiming our own pid can be told apart from one left by a
+ * previous incarnation that had the same pid (a restarted container's engine is often pid 1 again). */
+static pthread_mutex_t open_lock = PTHREAD_MUTEX_INITIALIZER;
+static ax_export *open_list[64];
+
+static void track(ax_export *ex, bool add)
+{
+	pthread_mutex_lock(&open_lock);
+	for (size_t i = 0; i < AX_ARRAY_LEN(open_list); i++)
+		if (open_list[i] == (add ? NULL : ex)) {
+			open_list[i] = add ? ex : NULL;
+			break;
+		}
+	pthread_mutex_unlock(&open_lock);
+}
+
+static bool open_here(const char *name)
+{
+	bool found = false;
+	pthread_mutex_lock(&open_lock);
+	for (size_t i = 0; i < AX_ARRAY_LEN(open_list) && !found; i++)
+		found = open_list[i] && !strcmp(open_list[i]->name, name);
+	pthread_mutex_unlock(&open_lock);
+	return found;
+}
 
 /* ---- segment creation ---------------------------------------------------------------------------------- */
 
@@ -73,7 +100,9 @@ static int replace_stale(const char *name)
 		if (h != MAP_FAILED) {
 			bool ok = AX_LOAD_ACQ(&h->magic) == AX_SHM_MAGIC;
 			uint32_t state = AX_LOAD_ACQ(&h->state);
-			bool live = ax__shm_pid_alive(AX_LOAD_ACQ(&h->engine_pid)) && (!ok || state == AX_SHM_STATE_READY);
+			uint32_t pid = AX_LOAD_ACQ(&h->engine_pid);
+			bool live = ax__shm_pid_alive(pid) && (!ok || state == AX_SHM_STATE_READY) &&
+				    (pid != (uint32_t)getpid() || open_here(name));
 			if (!live && ok) /* consumers still mapping the old segment see it closed and re-attach */
 				AX_STORE_REL(&h->state, AX_SHM_STATE_CLOSED);
 			munmap(h, sizeof *h);
@@ -245,6 +274,7 @@ int ax_export_open(ax_export **out, const ax_export_config *cfg)
 		goto fail;
 	ex->h = (ax_shm_header *)ex->base;
 	publish_header(ex);
+	track(ex, true);
 	*out = ex;
 	return 0;
 fail:
@@ -271,6 +301,7 @@ void ax_export_close(ax_export *ex)
 {
 	if (!ex)
 		return;
+	track(ex, false);
 	AX_STORE_REL(&ex->h->state, AX_SHM_STATE_CLOSED);
 	unlink_if_ours(ex);
 	munmap(ex->base, ex->size);

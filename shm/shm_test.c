@@ -1038,6 +1038,13 @@ static void test_attach_errors(void **state)
 	h.state = 2;
 	raw_segment(name, (size_t)h.segment_size, &h);
 	assert_int_equal(ax_shm_attach(&s, name), -EAGAIN); /* closed by its engine */
+	/* A ready segment claiming this very pid, but not open in this process: left by an earlier incarnation
+	 * that had the same pid (a restarted container). It is stale, not live. */
+	h = *ax_shm_hdr(f->sh);
+	h.engine_pid = (uint32_t)getpid();
+	raw_segment(name, (size_t)h.segment_size, &h);
+	assert_int_equal(ax_shm_attach(&s, name), 0);
+	ax_shm_detach(s);
 	/* An engine replaces any of these (no live pid owns them). */
 	ax_export_config c = base_cfg(name);
 	ax_export *ex;
