@@ -76,6 +76,8 @@ int ax_attn_cpu(const ax_attn_job *job, ax_attn_scratch *scratch, ax_attn_result
 
 /* Fill an attn record's arrays from a result: token_positions, topk_logits, attention_scores (softmax over the
  * top-k), logsumexp_all, topk_mass, head_id. */
+/* ax_attn_to_record also sets `k` and `mode` (head_id is -1 outside heads mode); position, decode_step, token_id,
+ * layer_id and prefill are left to the caller. topk_mass is clamped to 1 against rounding. Thread-safe. */
 void ax_attn_to_record(const ax_attn_result *res, uint32_t mode, ax_rec_attn *rec);
 
 /* Conversions used by backends and tests. */
