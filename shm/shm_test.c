@@ -564,6 +564,43 @@ static void test_malformed_steps(void **state)
 	assert_memory_equal(&out.kind, &good.kind, offsetof(ax_shm_step, t_ns) - offsetof(ax_shm_step, kind));
 }
 
+/* seq_len must fit the index table named (narrower than max_ctx here): token-level and paged tables. */
+static void test_index_extent(void **state)
+{
+	fx *f = *state;
+	uint64_t req;
+	ax_shm_step good;
+	last_good_step(f, &req, &good); /* pos0 10, 2 tokens: seq_len 12 */
+	ax_shm_buffer narrow = {.kind = AX_BUF_INDEX_TOKEN, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_I64, .layer = -1,
+				.ndim = 2, .dim = {IDXROWS, 11}, .scale = 1};
+	ax_shm_buffer paged = {.kind = AX_BUF_INDEX_PAGED, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_I32, .layer = -1,
+			       .ndim = 2, .dim = {IDXROWS, 3, 4}, .scale = 1}; /* 3 blocks of 4 tokens */
+	uint32_t in, ip;
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &narrow, NULL, &in), 0);
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &paged, NULL, &ip), 0);
+	ax_shm_find_buffer(f->sh, AX_BUF_INDEX_PAGED, -1); /* the consumer picks up the new entries */
+	const ax_shm_header *h = ax_shm_hdr(f->sh);
+	uint32_t nb;
+	const ax_shm_buffer *bufs = ax_shm_buffers(f->sh, &nb);
+	static const struct {
+		int paged;
+		uint64_t pos0;
+		int want;
+	} cases[] = {{0, 9, 0}, {0, 10, -ERANGE}, {1, 10, 0}, {1, 11, -ERANGE}};
+	for (size_t i = 0; i < AX_ARRAY_LEN(cases); i++) {
+		ax_shm_step st = good;
+		st.index_buf = cases[i].paged ? ip : in;
+		st.pos0 = cases[i].pos0;
+		st.seq_len = st.pos0 + st.n_tokens;
+		assert_int_equal(ax_shm_validate_step(h, bufs, &st), cases[i].want);
+		raw_publish(f->ex, &st);
+		ax_shm_step out;
+		assert_int_equal(ax_shm_next(f->sh, &out, NULL), cases[i].want ? -EBADMSG : 1);
+	}
+	paged.dim[2] = 0;
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &paged, NULL, &ip), -EINVAL); /* no block size */
+}
+
 /* Q rows and tokens that the producer has lapped are rejected as stale. */
 static void test_lapped_payload(void **state)
 {
@@ -1346,6 +1383,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_validate_buffer, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_roundtrip, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_malformed_steps, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_index_extent, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_lapped_payload, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_wraparound, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_full_ring, setup, teardown),
