@@ -67,7 +67,8 @@ uint32_t ax_attn_rows(const ax_attn_job *job);
  * thread.
  *
  * Also -EDOM: a NaN or infinite value in Q or in any visible key (or a score that overflows) fails the job instead
- * of producing a record; keys outside the window are never read. On any error the contents of `out` are undefined.
+ * of producing a record; keys outside the window are never read (nor, in heads mode with a head list, the KV
+ * heads no listed head uses). On any error the contents of `out` are undefined.
  * Key dtypes: f32, f16, bf16, fp8 e4m3 ("fn": no inf, 0x7f/0xff NaN) and e5m2; k_scale applies to fp8 only.
  * Limits: H_q ≤ 4096, head_dim ≤ 4096, position < 2^40. mean_prob keeps H_q·n_keys f32 scores in the scratch
  * up to 64 MiB and reads the keys twice beyond that.

@@ -5,21 +5,26 @@
  * How it works. The job is validated first (shape, dtypes, top_k, heads) and every visible index value is
  * checked against the pool (-ERANGE) before any key is touched. The query heads the job needs become "virtual
  * rows" of f32 in the scratch, grouped by KV head and with the softmax scale folded in; mean_logit without a
- * logit cap collapses each GQA group into one row (mean_h q_h·k = (mean_h q_h)·k), so it costs H_kv dot
- * products per key instead of H_q. Keys are then processed in blocks of AX_BLOCK positions: each key row is
- * read once, each KV head converted to f32 once (bf16/f16/fp8 with bit operations) and dotted against every
- * virtual row of its group, filling a score tile [rows, block]. Per block, each reduced row feeds an online
- * logsumexp (running max in f32, sums in f64) and a sorted top-k array (insertion, skipped when the block max
- * cannot enter). mean_prob needs each head's logsumexp before it can average probabilities, so its tiles are kept
- * in the scratch (or, past store_cap bytes, recomputed in a second pass) and a second sweep computes
+ * logit cap collapses each GQA group into one row (mean_h q_h·k = (mean_h q_h)·k), so it costs H_kv·D
+ * multiply-adds per key instead of H_q·D. Keys are then processed in blocks of AX_BLOCK positions, two keys per
+ * pass: each key row is read once, converted to f32 in registers (bf16/f16/fp8 with bit operations) and dotted
+ * against every virtual row of its KV head's group, filling a score tile [rows, block]. Per block, each row (or
+ * their mean) feeds an online logsumexp (running max in f32, block sums in f32 lanes, the total in f64) and a
+ * sorted top-k array (insertion, skipped when the block max cannot enter). mean_prob needs each head's
+ * logsumexp before it can average probabilities, so its scores are kept in the scratch (or, past store_cap
+ * bytes, recomputed in a second pass over the keys) and a second sweep computes
  * log p_j = log mean_h exp(s_hj − lse_h) in the log domain (no underflow to −inf). Keys are visited in
  * increasing position, so a strict ">" in the top-k insertion breaks ties by the lower position.
  *
- * Inputs that are NaN or infinite (in Q, or in any visible key: they make a dot product non-finite) make the
- * job fail with -EDOM rather than produce a record; the check costs one multiply-add per score.
+ * Inputs that are NaN or infinite (in Q, or in any key element the job reads: they make a dot product
+ * non-finite) make the job fail with -EDOM rather than produce a record; the check is one multiply-add per
+ * score (x·0 is 0 only for finite x).
  *
- * Speed: the loops are written as fixed-width lane arrays so gcc -O3 vectorises them without fast-math, and the
- * hot functions are compiled for x86-64-v3 (AVX2+FMA) and the baseline via target_clones (capture/BENCH.md).
+ * Speed (capture/BENCH.md): the hot loops use GCC vector types of 8 floats, which gcc maps to one AVX register
+ * or two SSE ones, with no fast-math; the hot functions are compiled for x86-64-v3 (AVX2+FMA) and for the
+ * baseline via target_clones, so no -march is needed. 16-bit keys are converted 16 at a time from one 32-byte
+ * load (even and odd halves, with Q stored in the same order); key rows are prefetched (prefetcht2) 8 keys ahead,
+ * which matters for shuffled slots. Buffers must be aligned to their element size.
  */
 /* The 32-byte vector helpers below are always inlined: no call passes a vector across the ABI. */
 #pragma GCC diagnostic ignored "-Wpsabi"

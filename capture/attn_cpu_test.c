@@ -16,6 +16,7 @@
  */
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -711,6 +712,69 @@ static void test_bf16_inf_q(void **state)
 	assert_int_equal(rc2, -EDOM);
 }
 
+/* ---- threads ----------------------------------------------------------------------------------------------------- */
+
+/* Jobs on several threads, each with its own scratch, give bit-identical results to the same jobs run serially. */
+#define N_THREADS 4
+static const uint32_t thread_modes[] = {AX_MODE_MEAN_LOGIT, AX_MODE_HEADS, AX_MODE_MEAN_PROB};
+
+typedef struct tjob {
+	ax_attn_job job;              /* per-thread copy of the fixture's job */
+	const ax_attn_result *want;   /* [3 modes][16 heads] serial results */
+	int bad;                      /* set by the thread: an error or a differing result */
+} tjob;
+
+static void *thread_main(void *arg)
+{
+	tjob *t = arg;
+	ax_attn_scratch *s = ax_attn_scratch_new();
+	ax_attn_result out[16];
+	t->bad = s == NULL;
+	for (int rep = 0; rep < 3 && s; rep++)
+		for (size_t m = 0; m < ARRAY_LEN(thread_modes); m++) {
+			t->job.mode = thread_modes[m];
+			uint32_t rows = ax_attn_rows(&t->job);
+			memset(out, 0, sizeof out);
+			if (ax_attn_cpu(&t->job, s, out) != 0 || memcmp(out, t->want + m * 16, rows * sizeof *out) != 0)
+				t->bad = 1;
+		}
+	ax_attn_scratch_free(s);
+	return NULL;
+}
+
+static void test_threads(void **state)
+{
+	static const tcase c = {"threads", HD, 16, 4, 128, BF16, BF16, I32, 3000, 0, 0, 10, 0, {0}, 0, 0, 0};
+	void *st = (void *)&c;
+	ax_attn_result want[3 * 16];
+	tjob jobs[N_THREADS];
+	pthread_t tid[N_THREADS];
+	(void)state;
+	assert_int_equal(setup_case(&st), 0);
+	fixture *f = st;
+	memset(want, 0, sizeof want);
+	int rc = 0;
+	for (size_t m = 0; m < ARRAY_LEN(thread_modes); m++) {
+		f->job.mode = thread_modes[m];
+		rc |= ax_attn_cpu(&f->job, g_scratch, want + m * 16);
+	}
+	int started = 0;
+	for (int i = 0; i < N_THREADS && rc == 0; i++, started++) {
+		jobs[i] = (tjob){.job = f->job, .want = want};
+		if (pthread_create(&tid[i], NULL, thread_main, &jobs[i]) != 0)
+			break;
+	}
+	int bad = 0;
+	for (int i = 0; i < started; i++) {
+		pthread_join(tid[i], NULL);
+		bad |= jobs[i].bad;
+	}
+	teardown_case(&st);
+	assert_int_equal(rc, 0);
+	assert_int_equal(started, N_THREADS);
+	assert_int_equal(bad, 0);
+}
+
 /* ---- record conversion ------------------------------------------------------------------------------------------------ */
 
 static void test_to_record(void **state)
@@ -866,7 +930,7 @@ int main(void)
 	struct CMUnitTest more[] = {
 		cmocka_unit_test(test_errors),       cmocka_unit_test(test_bf16_inf_q), cmocka_unit_test(test_to_record),
 		cmocka_unit_test(test_record_from_job), cmocka_unit_test(test_decode_all), cmocka_unit_test(test_encode),
-		cmocka_unit_test(test_rows),
+		cmocka_unit_test(test_rows),         cmocka_unit_test(test_threads),
 	};
 	for (size_t i = 0; i < ARRAY_LEN(more); i++)
 		tests[n++] = more[i];
