@@ -6,7 +6,9 @@
  * (its index-table row is live), it recomputes attention probabilities from the exported Q rows and the K pools
  * read through the exported index table, and compares them with transformers' eager attention saved in
  * engine/testdata/attn_add.f32 (max abs error ≤ 1e-4). It also checks BEGIN (prompt ids), the prefill and decode
- * FORWARD descriptors (positions, decode_step, token ids), and END after a cancel.
+ * FORWARD descriptors (positions, decode_step, token ids), and END after a cancel. A second case checks that a
+ * finished request's index row stays intact after its END (the capture reads it late) until the row or its
+ * slots are needed by later requests.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -183,10 +185,99 @@ static void test_engine_bad_requests(void **state)
 	assert_int_equal(ax_engine_open(&e, &(ax_engine_config){.model_dir = "/nonexistent"}), -ENOENT);
 }
 
+/* Run one request to its end; returns the finish reason. */
+static int run_to_end(ax_engine *e, const char *rid, const int32_t *prompt, int n, int max_tokens)
+{
+	ax_gen_params gp = {.max_tokens = max_tokens, .ignore_eos = 1};
+	ax_req *r;
+	assert_int_equal(ax_engine_submit(e, rid, prompt, n, &gp, &r), 0);
+	ax_gen_event ev;
+	int fin = 0;
+	while (!fin && ax_req_next(r, &ev, 10000) == 1)
+		fin = ev.finish;
+	ax_req_release(r);
+	return fin;
+}
+
+/* Take descriptors up to the next END; returns the index row of the last FORWARD and its seq_len. */
+static int drain_to_end(ax_shm *s, uint64_t *seq_len)
+{
+	ax_shm_step st;
+	int row = -1;
+	for (int tries = 0; tries < 400; tries++) {
+		int rc = ax_shm_next(s, &st, NULL);
+		if (rc == 0) {
+			usleep(5000);
+			continue;
+		}
+		assert_int_equal(rc, 1);
+		if (st.kind == AX_STEP_FORWARD) {
+			row = (int)st.index_row;
+			*seq_len = st.seq_len;
+		} else if (st.kind == AX_STEP_END) {
+			return row;
+		}
+	}
+	fail_msg("no END descriptor");
+	return -1;
+}
+
+/* 1 if positions 0..n-1 of index row `row` all hold slots. */
+static int row_intact(ax_shm *s, int row, uint64_t n)
+{
+	int ib = ax_shm_find_buffer(s, AX_BUF_INDEX_TOKEN, -1);
+	uint32_t nb;
+	const ax_shm_buffer *bufs = ax_shm_buffers(s, &nb);
+	const int32_t *idx = (const int32_t *)ax_shm_host_ptr(s, (uint32_t)ib) + (size_t)row * bufs[ib].dim[1];
+	for (uint64_t p = 0; p < n; p++)
+		if (idx[p] < 0 || (uint64_t)idx[p] >= bufs[ax_shm_find_buffer(s, AX_BUF_K_POOL, 0)].dim[0])
+			return 0;
+	return 1;
+}
+
+/* Retired rows: a finished request's keys stay readable after END until a later request needs the row (the
+ * oldest retired row goes first) or its slots (ctx 64, one request's worth of slots). */
+static void test_retired_rows(void **state)
+{
+	char name[64];
+	snprintf(name, sizeof name, "/attnx.engine-retire.%d", (int)getpid());
+	ax_engine_config cfg = {.model_dir = "models/attnx-tiny", .threads = 1, .max_batch = 1, .ctx = 64,
+				.shm_name = name};
+	ax_engine *e;
+	assert_int_equal(ax_engine_open(&e, &cfg), 0);
+	ax_shm *s;
+	assert_int_equal(ax_shm_attach(&s, name), 0);
+	uint64_t last[2] = {1ull << 5, 0};
+	ax_shm_set_wanted(s, last, 0);
+	int32_t prompt[48];
+	for (int i = 0; i < 48; i++)
+		prompt[i] = 100 + i;
+	uint64_t na = 0, nb = 0, nc = 0, nd = 0;
+	assert_int_equal(run_to_end(e, "a", prompt, 3, 5), AX_FINISH_LENGTH);
+	int ra = drain_to_end(s, &na);
+	assert_int_equal(na, 3 + 5 - 1); /* the last FORWARD ran at position 6 */
+	assert_true(row_intact(s, ra, na));
+	assert_int_equal(run_to_end(e, "b", prompt, 3, 5), AX_FINISH_LENGTH);
+	int rb = drain_to_end(s, &nb);
+	assert_int_not_equal(ra, rb); /* a free row is preferred over a retired one */
+	assert_true(row_intact(s, ra, na) && row_intact(s, rb, nb));
+	assert_int_equal(run_to_end(e, "c", prompt, 3, 5), AX_FINISH_LENGTH);
+	int rc = drain_to_end(s, &nc);
+	assert_int_equal(rc, ra); /* no free row: the oldest retired row (a) was released */
+	assert_true(row_intact(s, rb, nb) && row_intact(s, rc, nc));
+	/* 48 + 15 positions need 62 of the 64 slots: b and c hold 14, so both are released. */
+	assert_int_equal(run_to_end(e, "d", prompt, 48, 16), AX_FINISH_LENGTH);
+	drain_to_end(s, &nd);
+	assert_int_equal(nd, 48 + 16 - 1);
+	ax_shm_detach(s);
+	ax_engine_close(e);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_export_matches_hf_attention),
+		cmocka_unit_test(test_retired_rows),
 		cmocka_unit_test(test_engine_bad_requests),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

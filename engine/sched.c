@@ -6,8 +6,16 @@
  * requests into free index-table rows (BEGIN is exported with the prompt ids), builds ONE forward step over all
  * active requests — one decode token for every request past its prompt, then prefill chunks of the others
  * within a token budget — runs it, samples the rows that produce a token, pushes events, and retires finished
- * requests (END is exported, slots return to the free list). A request that joins or leaves changes only the
- * next step: that is continuous batching.
+ * requests (END is exported). A request that joins or leaves changes only the next step: that is continuous
+ * batching.
+ *
+ * Retired rows: attnx-capture reads keys through the index table AFTER the step that wrote them, often after
+ * the request's END (its workers run behind the engine). Releasing a finished request's slots at once would
+ * hand the capture index values of -1 (its last rows lost as `invalid`) or, worse, keys of the next request
+ * that reuses those slots. So an exported request's row and slots are only retired at the end: they stay
+ * intact until the row or the slots are needed, oldest first. The index table has 2 × max_batch rows for
+ * that, and the KV pool is sized for max_batch full contexts, so retirement never costs capacity: a retired
+ * row is released the moment admission or a slot allocation would otherwise fail.
  *
  * Export (DESIGN §2): the K pools of every layer and the token-level index table are allocated IN the shm
  * segment's data region and handed to the KV cache, so the capture reads the engine's own keys, zero copy.
@@ -85,7 +93,11 @@ struct ax_engine {
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
 	ax_req *pend_head, *pend_tail;
-	ax_req **active;     /* [max_batch] by row */
+	ax_req **active;     /* [rows] by row */
+	int rows, n_active;  /* index-table rows (2 × max_batch), rows holding an active request */
+	uint64_t *retired;   /* [rows] 0 = not retired, else its retirement order (older = smaller) */
+	int *retired_len;    /* [rows] positions to release */
+	uint64_t retire_seq;
 	int quit;
 	pthread_t th;
 	int th_started;
@@ -234,7 +246,7 @@ static int export_open(ax_engine *e, float **kpools, int32_t **index)
 	uint64_t slots = (uint64_t)e->max_batch * e->ctx, kd = (uint64_t)c->n_kv_heads * c->head_dim;
 	uint64_t qd = (uint64_t)c->n_heads * c->head_dim;
 	e->q_rows = (uint32_t)((e->budget > 512 ? e->budget : 512) * (uint64_t)c->n_layers * 2);
-	uint64_t kbytes = slots * kd * 4, ibytes = slots * 4, qbytes = (uint64_t)e->q_rows * qd * 4;
+	uint64_t kbytes = slots * kd * 4, ibytes = (uint64_t)e->rows * e->ctx * 4, qbytes = (uint64_t)e->q_rows * qd * 4;
 	ax_export_config xc = {
 		.name = e->cfg.shm_name, .engine = "attnx-engine", .model = c->name,
 		.rank = 0, .world_size = 1, .n_layers = (uint32_t)c->n_layers, .n_q_heads = (uint32_t)c->n_heads,
@@ -254,7 +266,7 @@ static int export_open(ax_engine *e, float **kpools, int32_t **index)
 		rc = ax_export_add_host_buffer(e->ex, &b, (void **)&kpools[l], &idx);
 	}
 	ax_shm_buffer ib = {.kind = AX_BUF_INDEX_TOKEN, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_I32, .layer = -1,
-			    .ndim = 2, .device = -1, .dim = {(uint64_t)e->max_batch, (uint64_t)e->ctx},
+			    .ndim = 2, .device = -1, .dim = {(uint64_t)e->rows, (uint64_t)e->ctx},
 			    .stride = {(uint64_t)e->ctx, 1}, .bytes = ibytes, .scale = 1.0f};
 	if (!rc)
 		rc = ax_export_add_host_buffer(e->ex, &ib, (void **)index, &e->ibuf);
@@ -384,13 +396,38 @@ static void export_publish(ax_engine *e, int n_seqs)
 
 /* ---- the scheduler ----------------------------------------------------------------------------------- */
 
+/* Release a retired row's slots; the row becomes free. */
+static void unretire(ax_engine *e, int row)
+{
+	ax_kv_release(e->kv, row, e->retired_len[row]);
+	e->retired[row] = 0;
+}
+
+/* Release the oldest retired row. Returns 0, or -ENOENT when none is retired. */
+static int unretire_oldest(ax_engine *e)
+{
+	int best = -1;
+	for (int row = 0; row < e->rows; row++)
+		if (e->retired[row] && (best < 0 || e->retired[row] < e->retired[best]))
+			best = row;
+	if (best < 0)
+		return -ENOENT;
+	unretire(e, best);
+	return 0;
+}
+
 static void finish(ax_engine *e, ax_req *r, int why)
 {
 	if (r->state == RS_ACTIVE) {
-		ax_kv_release(e->kv, r->row, r->pos);
 		e->active[r->row] = NULL;
-		if (e->ex && r->ex_id)
+		e->n_active--;
+		if (e->ex && r->ex_id) { /* the capture may still read this row: retire it (see the top) */
 			ax_export_request_end(e->ex, r->ex_id, end_reason(why));
+			e->retired[r->row] = ++e->retire_seq;
+			e->retired_len[r->row] = e->ctx; /* the whole row: a failed step may have left slots past pos */
+		} else {
+			ax_kv_release(e->kv, r->row, e->ctx);
+		}
 	}
 	r->state = RS_DONE;
 	ax_req_release(r);
@@ -403,12 +440,26 @@ static void finish_with_event(ax_engine *e, ax_req *r, int why)
 	finish(e, r, why);
 }
 
-/* Admit pending requests into free rows. Called with e->mu held. */
+/* A row with neither an active nor a retired request; the oldest retired one is released if none is. */
+static int free_row(ax_engine *e)
+{
+	for (int pass = 0; pass < 2; pass++) {
+		for (int row = 0; row < e->rows; row++)
+			if (!e->active[row] && !e->retired[row])
+				return row;
+		if (unretire_oldest(e))
+			break;
+	}
+	return -1;
+}
+
+/* Admit pending requests (at most max_batch active). Called with e->mu held. */
 static void admit(ax_engine *e)
 {
-	for (int row = 0; row < e->max_batch && e->pend_head; row++) {
-		if (e->active[row])
-			continue;
+	while (e->pend_head && e->n_active < e->max_batch) {
+		int row = free_row(e);
+		if (row < 0)
+			break;
 		ax_req *r = e->pend_head;
 		e->pend_head = r->next;
 		if (!e->pend_head)
@@ -417,6 +468,7 @@ static void admit(ax_engine *e)
 		r->row = row;
 		r->state = RS_ACTIVE;
 		e->active[row] = r;
+		e->n_active++;
 		if (e->ex) {
 			int rc = ax_export_request_begin(e->ex, r->rid, r->prompt, (uint32_t)r->n_prompt, &r->ex_id);
 			if (rc && rc != -EAGAIN)
@@ -466,7 +518,7 @@ static int build_step(ax_engine *e, ax_fwd_seq *seqs)
 {
 	int n = 0, used = 0;
 	for (int pass = 0; pass < 2; pass++) {
-		for (int row = 0; row < e->max_batch; row++) {
+		for (int row = 0; row < e->rows; row++) {
 			ax_req *r = e->active[row];
 			if (!r)
 				continue;
@@ -480,7 +532,10 @@ static int build_step(ax_engine *e, ax_fwd_seq *seqs)
 				len = e->budget - used;
 			if (len <= 0)
 				continue;
-			if (ax_kv_alloc(e->kv, row, r->pos, len)) {
+			int rc;
+			while ((rc = ax_kv_alloc(e->kv, row, r->pos, len)) == -ENOSPC && unretire_oldest(e) == 0)
+				;
+			if (rc) {
 				finish_with_event(e, r, AX_FINISH_ERROR);
 				continue;
 			}
@@ -496,7 +551,7 @@ static int build_step(ax_engine *e, ax_fwd_seq *seqs)
 
 static void run_step(ax_engine *e)
 {
-	for (int row = 0; row < e->max_batch; row++) /* cancellations first */
+	for (int row = 0; row < e->rows; row++) /* cancellations first */
 		if (e->active[row] && atomic_load(&e->active[row]->cancel))
 			finish_with_event(e, e->active[row], AX_FINISH_ABORT);
 	ax_fwd_seq seqs[e->max_batch];
@@ -520,13 +575,7 @@ static void run_step(ax_engine *e)
 	}
 }
 
-static int any_active(const ax_engine *e)
-{
-	for (int i = 0; i < e->max_batch; i++)
-		if (e->active[i])
-			return 1;
-	return 0;
-}
+static int any_active(const ax_engine *e) { return e->n_active > 0; }
 
 static void *sched_main(void *arg)
 {
@@ -554,7 +603,7 @@ static void *sched_main(void *arg)
 		run_step(e);
 	}
 	/* Abort everything still queued or running. */
-	for (int row = 0; row < e->max_batch; row++)
+	for (int row = 0; row < e->rows; row++)
 		if (e->active[row])
 			finish_with_event(e, e->active[row], AX_FINISH_ABORT);
 	pthread_mutex_lock(&e->mu);
@@ -586,6 +635,7 @@ static int open_parts(ax_engine *e)
 		return rc;
 	}
 	e->max_batch = e->cfg.max_batch > 0 ? e->cfg.max_batch : 8;
+	e->rows = 2 * e->max_batch;
 	e->ctx = e->cfg.ctx > 0 ? e->cfg.ctx : (e->mc->max_pos < 4096 ? e->mc->max_pos : 4096);
 	if (e->ctx > e->mc->max_pos)
 		e->ctx = e->mc->max_pos;
@@ -606,16 +656,18 @@ static int open_parts(ax_engine *e)
 			       e->cfg.shm_name ? e->cfg.shm_name : AX_SHM_DEFAULT_NAME, ax_strerror(rc));
 	}
 	ax_kv_config kc = {e->mc->n_layers, e->mc->n_kv_heads, e->mc->head_dim, (uint32_t)(e->max_batch * e->ctx),
-			   e->max_batch, e->ctx, e->ex ? kp : NULL, e->ex ? index : NULL};
+			   e->rows, e->ctx, e->ex ? kp : NULL, e->ex ? index : NULL};
 	rc = ax_kv_open(&e->kv, &kc);
 	free(kp);
 	if (rc)
 		return rc;
 	e->logits = malloc((size_t)e->max_batch * e->mc->vocab * sizeof(float));
 	e->work = malloc(ax_sample_work_size(e->mc->vocab));
-	e->active = calloc((size_t)e->max_batch, sizeof *e->active);
+	e->active = calloc((size_t)e->rows, sizeof *e->active);
+	e->retired = calloc((size_t)e->rows, sizeof *e->retired);
+	e->retired_len = calloc((size_t)e->rows, sizeof *e->retired_len);
 	e->se = calloc((size_t)e->max_batch, sizeof *e->se);
-	return e->logits && e->work && e->active && e->se ? 0 : -ENOMEM;
+	return e->logits && e->work && e->active && e->retired && e->retired_len && e->se ? 0 : -ENOMEM;
 }
 
 int ax_engine_open(ax_engine **out, const ax_engine_config *cfg)
@@ -660,6 +712,8 @@ void ax_engine_close(ax_engine *e)
 	free(e->logits);
 	free(e->work);
 	free(e->active);
+	free(e->retired);
+	free(e->retired_len);
 	free(e->se);
 	pthread_cond_destroy(&e->cv);
 	pthread_mutex_destroy(&e->mu);
