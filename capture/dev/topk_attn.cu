@@ -376,15 +376,35 @@ __host__ __device__ constexpr size_t v2_smem(int mode, int K)
 				: (size_t)NW * 64 * 8 + (size_t)NW * 8 + HQ * 4);
 }
 
+/* A 16-byte read-only load the compiler may not move across other volatile asm (the mma.sync): keeps the
+ * double buffer's loads issued before the previous buffer's multiplies (v4, v5). */
+__device__ __forceinline__ uint4 ldg_ordered(const void *p, bool pred)
+{
+	uint4 v;
+	asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
+		     "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+		     "@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
+		     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+		     : "l"(p), "r"((int)pred));
+	return v;
+}
+
 /* kb[c] = row grow dims 32c+8t..+8 of KV head g, kb[4+c] = same for row grow+8; slot < 0: row absent (zeros). */
+template <bool ORD = false>
 __device__ __forceinline__ void load_k(uint4 (&kb)[8], const bf16 *k, long k_slot, long k_head, int s0, int s1,
 				       int g, int t)
 {
-	const bf16 *b0 = k + (long)s0 * k_slot + g * k_head + t * 8, *b1 = k + (long)s1 * k_slot + g * k_head + t * 8;
+	const bf16 *b0 = k + (long)max(s0, 0) * k_slot + g * k_head + t * 8,
+		   *b1 = k + (long)max(s1, 0) * k_slot + g * k_head + t * 8;
 #pragma unroll
 	for (int c = 0; c < 4; ++c) {
-		kb[c] = s0 >= 0 ? __ldg((const uint4 *)(b0 + 32 * c)) : make_uint4(0, 0, 0, 0);
-		kb[4 + c] = s1 >= 0 ? __ldg((const uint4 *)(b1 + 32 * c)) : make_uint4(0, 0, 0, 0);
+		if (ORD) {
+			kb[c] = ldg_ordered(b0 + 32 * c, s0 >= 0);
+			kb[4 + c] = ldg_ordered(b1 + 32 * c, s1 >= 0);
+		} else {
+			kb[c] = s0 >= 0 ? __ldg((const uint4 *)(b0 + 32 * c)) : make_uint4(0, 0, 0, 0);
+			kb[4 + c] = s1 >= 0 ? __ldg((const uint4 *)(b1 + 32 * c)) : make_uint4(0, 0, 0, 0);
+		}
 	}
 }
 
@@ -419,9 +439,11 @@ __device__ __forceinline__ void prefetch_step(const bf16 *k, long k_slot, long k
 
 enum { PF_DIST = 3 }; /* v3 prefetch distance in steps (one step = 16 keys × one KV head = 4 KB a warp) */
 
-/* PF = 0: v2; PF = 1: v3 (L2 bulk prefetch PF_DIST steps ahead; a warp with a single tile prefetches its whole
- * tile at entry, before the Q tile is loaded). */
-template <int MODE, int PF> __global__ void __launch_bounds__(NW * 32, 2) v2_split(SplitArgs s)
+/* V = 0: v2; V = 1: v3 (L2 bulk prefetch PF_DIST steps ahead; a warp with a single tile prefetches its whole
+ * tile at entry, before the Q tile is loaded); V = 2: v4 (loads as volatile asm, so that the compiler keeps the
+ * next buffer's loads ahead of this buffer's mma.sync); V = 3: v5's short-request path (8-key tiles, all KV heads
+ * loaded at once; the host uses it when the whole batch fits one wave of 8·NW-key chunks, v4 otherwise). */
+template <int MODE, int V> __global__ void __launch_bounds__(NW * 32, V == 3 ? 1 : 2) v2_split(SplitArgs s)
 {
 	extern __shared__ __align__(16) unsigned char smem[];
 	const Prob &a = s.a;
@@ -438,6 +460,23 @@ template <int MODE, int PF> __global__ void __launch_bounds__(NW * 32, 2) v2_spl
 	const int n = a.seqlen[b], start = sl * s.chunk, end = min(n, start + s.chunk);
 
 	const int *irow = a.idx + (long)b * a.idx_b;
+	constexpr int PF = V == 1;
+	constexpr bool ORD = V >= 2;                           /* ordered (volatile) loads */
+	/* v5 short-request path: index and all KV heads of the warp's 8-key tile are read first, while Q loads */
+	const int stile = start + w * 8, stend = min(end, stile + 8);
+	uint4 kall[V == 3 ? HKV : 1][4];
+	if constexpr (V == 3) {
+		int s0 = stile + grow < stend ? irow[stile + grow] : -1;
+		if (s0 >= a.n_slots || (s0 < 0 && stile + grow < stend)) {
+			atomicOr(a.err, 1);
+			s0 = -1;
+		}
+		const bf16 *b0 = a.k + (long)max(s0, 0) * a.k_slot + t * 8;
+#pragma unroll
+		for (int g = 0; g < HKV; ++g)
+#pragma unroll
+			for (int c = 0; c < 4; ++c) kall[g][c] = ldg_ordered(b0 + g * a.k_head + 32 * c, s0 >= 0);
+	}
 	if (PF && s.chunk == 16 * NW && start + w * 16 < end) {
 		/* one tile per warp (short requests): stream its 16 rows (2 KB each) into L2 while Q loads */
 		const int j = start + w * 16 + grow + (t >> 1) * 8;
@@ -491,60 +530,31 @@ template <int MODE, int PF> __global__ void __launch_bounds__(NW * 32, 2) v2_spl
 		return slot;
 	};
 
-	int tile = start + w * 16;
-	int o0 = row_off(tile + grow), o1 = row_off(tile + grow + 8);
-	uint4 kA[8], kB[8];
-	load_k(kA, a.k, a.k_slot, a.k_head, o0, o1, 0, t);
-	if (PF && s.chunk != 16 * NW)
-#pragma unroll
-		for (int g = 1; g < PF_DIST; ++g) prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g, t);
-	for (; tile < end; tile += NW * 16) {
-		const int nt = tile + NW * 16;
-		const int n0 = row_off(nt + grow), n1 = row_off(nt + grow + 8);
-		float acc[4] = {0.f, 0.f, 0.f, 0.f};
-		float pa0 = 0.f, pa1 = 0.f;
-		auto after_g = [&](int g) {
-			if (MODE == M_HEADS && t < 2) {
-				float *S_ = sc + w * (32 * 17);
-				const int h0 = g * GRP + 2 * t;
-				S_[h0 * 17 + grow] = acc[0] * scale;
-				S_[(h0 + 1) * 17 + grow] = acc[1] * scale;
-				S_[h0 * 17 + grow + 8] = acc[2] * scale;
-				S_[(h0 + 1) * 17 + grow + 8] = acc[3] * scale;
-			}
-			if (MODE == M_MEAN_PROB && t < 2) {
-				const float l0 = lse_sm[g * GRP + 2 * t], l1 = lse_sm[g * GRP + 2 * t + 1];
-				pa0 += __expf(acc[0] * scale - l0) + __expf(acc[1] * scale - l1);
-				pa1 += __expf(acc[2] * scale - l0) + __expf(acc[3] * scale - l1);
-			}
-		};
-#pragma unroll
-		for (int g = 0; g < HKV; g += 2) {
-			if (PF) {
-				if (g + PF_DIST < HKV) prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g + PF_DIST, t);
-				else prefetch_step(a.k, a.k_slot, a.k_head, n0, n1, g + PF_DIST - HKV, t);
-			}
-			load_k(kB, a.k, a.k_slot, a.k_head, o0, o1, g + 1, t);
-			if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-			mma_g(acc, kA, q_sm, g, grow, t);
-			after_g(g);
-			if (PF) {
-				if (g + 1 + PF_DIST < HKV) prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g + 1 + PF_DIST, t);
-				else prefetch_step(a.k, a.k_slot, a.k_head, n0, n1, g + 1 + PF_DIST - HKV, t);
-			}
-			if (g + 2 < HKV) load_k(kA, a.k, a.k_slot, a.k_head, o0, o1, g + 2, t);
-			else load_k(kA, a.k, a.k_slot, a.k_head, n0, n1, 0, t);
-			if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-			mma_g(acc, kB, q_sm, g + 1, grow, t);
-			after_g(g + 1);
+	float acc[4] = {0.f, 0.f, 0.f, 0.f}, pa0 = 0.f, pa1 = 0.f;
+	auto after_g = [&](int g) {
+		if (MODE == M_HEADS && t < 2) {
+			float *S_ = sc + w * (32 * 17);
+			const int h0 = g * GRP + 2 * t;
+			S_[h0 * 17 + grow] = acc[0] * scale;
+			S_[(h0 + 1) * 17 + grow] = acc[1] * scale;
+			S_[h0 * 17 + grow + 8] = acc[2] * scale;
+			S_[(h0 + 1) * 17 + grow + 8] = acc[3] * scale;
 		}
+		if (MODE == M_MEAN_PROB && t < 2) {
+			const float l0 = lse_sm[g * GRP + 2 * t], l1 = lse_sm[g * GRP + 2 * t + 1];
+			pa0 += __expf(acc[0] * scale - l0) + __expf(acc[1] * scale - l1);
+			pa1 += __expf(acc[2] * scale - l0) + __expf(acc[3] * scale - l1);
+		}
+	};
+	/* keys tile..tend-1 of the tile are valid (rows grow, grow+8 of the mma tile) */
+	auto post_tile = [&](int tile, int tend) {
 		if (MODE == M_HEADS) {
 			__syncwarp();
 			const float *Sr = sc + w * (32 * 17) + lane * 17;
 #pragma unroll
 			for (int i = 0; i < 16; ++i) {
 				const int j = tile + i;
-				if (j < end) {
+				if (j < tend) {
 					const float x = Sr[i];
 					lse_add(m_run, s_run, x);
 					if (better(x, j, hts, htp)) lane_insert(my_ls, my_lp, K, x, j, hts, htp);
@@ -563,7 +573,7 @@ template <int MODE, int PF> __global__ void __launch_bounds__(NW * 32, 2) v2_spl
 				v1 = logf((pa1 + __shfl_xor_sync(FULL, pa1, 1)) * (1.f / HQ));
 			}
 			const int j0 = tile + grow, j1 = j0 + 8;
-			const bool ok0 = t == 0 && j0 < end, ok1 = t == 0 && j1 < end;
+			const bool ok0 = t == 0 && j0 < tend, ok1 = t == 0 && j1 < tend;
 			if (ok0) lse_add(m_run, s_run, v0);
 			if (ok1) lse_add(m_run, s_run, v1);
 			if (K) {
@@ -571,8 +581,68 @@ template <int MODE, int PF> __global__ void __launch_bounds__(NW * 32, 2) v2_spl
 				wl_offer(L, v1, j1, ok1, K);
 			}
 		}
-		o0 = n0;
-		o1 = n1;
+	};
+
+	if constexpr (V == 3) {
+		/* v5, short requests: chunk = 8·NW keys, one 8-key tile per warp (mma rows grow+8 are zero); all 8 KV
+		 * heads of the warp's rows are loaded at once (128 registers), so the tile costs one memory round trip
+		 * instead of eight dependent steps. */
+		const int tile = stile, tend = stend;
+		if (tile < end) {
+			acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+			pa0 = pa1 = 0.f;
+#pragma unroll
+			for (int g = 0; g < HKV; ++g) {
+				if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+#pragma unroll
+				for (int c = 0; c < 4; ++c) {
+					uint4 qv = make_uint4(0, 0, 0, 0);
+					if (grow < GRP) qv = *(const uint4 *)(q_sm + (g * GRP + grow) * QSTR + 32 * c + 8 * t);
+					mma16816(acc, kall[g][c].x, 0u, kall[g][c].y, 0u, qv.x, qv.y);
+					mma16816(acc, kall[g][c].z, 0u, kall[g][c].w, 0u, qv.z, qv.w);
+				}
+				after_g(g);
+			}
+			post_tile(tile, tend);
+		}
+	} else {
+		int tile = start + w * 16;
+		int o0 = row_off(tile + grow), o1 = row_off(tile + grow + 8);
+		uint4 kA[8], kB[8];
+		load_k<ORD>(kA, a.k, a.k_slot, a.k_head, o0, o1, 0, t);
+		if (PF && s.chunk != 16 * NW)
+#pragma unroll
+			for (int g = 1; g < PF_DIST; ++g) prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g, t);
+		for (; tile < end; tile += NW * 16) {
+			const int nt = tile + NW * 16;
+			const int n0 = row_off(nt + grow), n1 = row_off(nt + grow + 8);
+			acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+			pa0 = pa1 = 0.f;
+#pragma unroll
+			for (int g = 0; g < HKV; g += 2) {
+				if (PF) {
+					if (g + PF_DIST < HKV) prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g + PF_DIST, t);
+					else prefetch_step(a.k, a.k_slot, a.k_head, n0, n1, g + PF_DIST - HKV, t);
+				}
+				load_k<ORD>(kB, a.k, a.k_slot, a.k_head, o0, o1, g + 1, t);
+				if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+				mma_g(acc, kA, q_sm, g, grow, t);
+				after_g(g);
+				if (PF) {
+					if (g + 1 + PF_DIST < HKV)
+						prefetch_step(a.k, a.k_slot, a.k_head, o0, o1, g + 1 + PF_DIST, t);
+					else prefetch_step(a.k, a.k_slot, a.k_head, n0, n1, g + 1 + PF_DIST - HKV, t);
+				}
+				if (g + 2 < HKV) load_k<ORD>(kA, a.k, a.k_slot, a.k_head, o0, o1, g + 2, t);
+				else load_k<ORD>(kA, a.k, a.k_slot, a.k_head, n0, n1, 0, t);
+				if (MODE != M_MEAN_LOGIT) acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+				mma_g(acc, kB, q_sm, g + 1, grow, t);
+				after_g(g + 1);
+			}
+			post_tile(tile, min(end, tile + 16));
+			o0 = n0;
+			o1 = n1;
+		}
 	}
 
 	/* CTA merge of the NW warps, then the split's row(s) to part_*. */
@@ -702,31 +772,39 @@ __global__ void __launch_bounds__(MNW * 32) v2_merge(MergeArgs a)
 struct V2Work {
 	int *split_off; /* device [B+1] */
 	int nsplit, chunk;
+	int *split_off_s; /* v5 short-request path: chunks of 8·NW keys (nsplit_s = 0: path not used) */
+	int nsplit_s;
 	float *part_s, *part_lse, *lse_h, *junk_s;
 	int *part_p, *junk_p;
 };
 
+/* only: 0 = everything, 1 = the split kernel(s) alone, 2 = the merge kernel(s) alone (timing breakdowns; the
+ * merge then reads whatever partials the last full run left). */
 template <int PF>
 static cudaError_t v2_run(const Prob &a, int mode, int K, V2Work &w, float *out_s, int *out_p, float *out_lse,
-			  cudaStream_t st)
+			  cudaStream_t st, int only = 0)
 {
-	SplitArgs s = {a, w.split_off, w.chunk, K, w.lse_h, w.part_s, w.part_p, w.part_lse};
-	MergeArgs m = {w.part_s, w.part_p, w.part_lse, w.split_off, 1, K, out_s, out_p, out_lse};
-	if (w.nsplit == 0) return cudaErrorInvalidValue;
+	const bool sp = only != 2, mg = only != 1;
+	if (PF == 3 && w.nsplit_s == 0) return v2_run<2>(a, mode, K, w, out_s, out_p, out_lse, st, only);
+	const int *so = PF == 3 ? w.split_off_s : w.split_off;
+	const int ns = PF == 3 ? w.nsplit_s : w.nsplit;
+	SplitArgs s = {a, so, PF == 3 ? 8 * NW : w.chunk, K, w.lse_h, w.part_s, w.part_p, w.part_lse};
+	MergeArgs m = {w.part_s, w.part_p, w.part_lse, so, 1, K, out_s, out_p, out_lse};
+	if (ns == 0) return cudaErrorInvalidValue;
 	if (mode == M_MEAN_LOGIT) {
-		v2_split<M_MEAN_LOGIT, PF><<<w.nsplit, NW * 32, v2_smem(M_MEAN_LOGIT, K), st>>>(s);
+		if (sp) v2_split<M_MEAN_LOGIT, PF><<<ns, NW * 32, v2_smem(M_MEAN_LOGIT, K), st>>>(s);
 	} else if (mode == M_HEADS) {
-		v2_split<M_HEADS, PF><<<w.nsplit, NW * 32, v2_smem(M_HEADS, K), st>>>(s);
+		if (sp) v2_split<M_HEADS, PF><<<ns, NW * 32, v2_smem(M_HEADS, K), st>>>(s);
 		m.rows = HQ;
 	} else {
 		SplitArgs s1 = s;
 		s1.K = 0;
-		v2_split<M_HEADS, PF><<<w.nsplit, NW * 32, v2_smem(M_HEADS, 0), st>>>(s1);
-		MergeArgs m1 = {w.part_s, w.part_p, w.part_lse, w.split_off, HQ, 0, w.junk_s, w.junk_p, w.lse_h};
-		v2_merge<<<a.B * HQ, MNW * 32, 0, st>>>(m1);
-		v2_split<M_MEAN_PROB, PF><<<w.nsplit, NW * 32, v2_smem(M_MEAN_PROB, K), st>>>(s);
+		if (sp) v2_split<M_HEADS, PF><<<ns, NW * 32, v2_smem(M_HEADS, 0), st>>>(s1);
+		MergeArgs m1 = {w.part_s, w.part_p, w.part_lse, so, HQ, 0, w.junk_s, w.junk_p, w.lse_h};
+		if (mg) v2_merge<<<a.B * HQ, MNW * 32, 0, st>>>(m1);
+		if (sp) v2_split<M_MEAN_PROB, PF><<<ns, NW * 32, v2_smem(M_MEAN_PROB, K), st>>>(s);
 	}
-	v2_merge<<<a.B * m.rows, MNW * 32, 0, st>>>(m);
+	if (mg) v2_merge<<<a.B * m.rows, MNW * 32, 0, st>>>(m);
 	return cudaGetLastError();
 }
 
@@ -739,6 +817,12 @@ static void v2_init_attrs()
 	CK(cudaFuncSetAttribute(v2_split<M_MEAN_LOGIT, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
 	CK(cudaFuncSetAttribute(v2_split<M_MEAN_PROB, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
 	CK(cudaFuncSetAttribute(v2_split<M_HEADS, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_LOGIT, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_PROB, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_HEADS, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_LOGIT, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_MEAN_PROB, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
+	CK(cudaFuncSetAttribute(v2_split<M_HEADS, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, mx));
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
@@ -775,6 +859,38 @@ __global__ void floor_gather(Prob a, unsigned *sink)
 			uint4 v0 = __ldg(r + lane), v1 = __ldg(r + lane + 32), v2 = __ldg(r + lane + 64),
 			      v3 = __ldg(r + lane + 96);
 			acc ^= v0.x ^ v1.y ^ v2.z ^ v3.w;
+		}
+	}
+	if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+/* The split kernel's access pattern with nothing computed: same CTAs, warps, 16-row tiles and one 256-byte piece
+ * per row per step (KV head after KV head), double-buffered, ordered loads. Separates the cost of the access
+ * pattern from the cost of the arithmetic. */
+__global__ void __launch_bounds__(NW * 32, 2) floor_steps(Prob a, const int *split_off, int chunk, unsigned *sink)
+{
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, grow = lane >> 2, t = lane & 3;
+	int lo = 0, hi = a.B;
+	while (hi - lo > 1) {
+		int mid = (lo + hi) >> 1;
+		if (split_off[mid] <= (int)blockIdx.x) lo = mid;
+		else hi = mid;
+	}
+	const int b = lo, start = ((int)blockIdx.x - split_off[b]) * chunk, end = min(a.seqlen[b], start + chunk);
+	const int *irow = a.idx + (long)b * a.idx_b;
+	unsigned acc = 0;
+	uint4 kA[8], kB[8];
+	for (int tile = start + w * 16; tile < end; tile += NW * 16) {
+		const int s0 = tile + grow < end ? irow[tile + grow] : -1, s1 = tile + grow + 8 < end ? irow[tile + grow + 8] : -1;
+		load_k<true>(kA, a.k, a.k_slot, a.k_head, s0, s1, 0, t);
+#pragma unroll
+		for (int g = 0; g < HKV; g += 2) {
+			load_k<true>(kB, a.k, a.k_slot, a.k_head, s0, s1, g + 1, t);
+#pragma unroll
+			for (int i = 0; i < 8; ++i) acc ^= kA[i].x ^ kA[i].w;
+			if (g + 2 < HKV) load_k<true>(kA, a.k, a.k_slot, a.k_head, s0, s1, g + 2, t);
+#pragma unroll
+			for (int i = 0; i < 8; ++i) acc ^= kB[i].y ^ kB[i].z;
 		}
 	}
 	if (acc == 0x9e3779b9u) sink[0] = acc;
@@ -1108,7 +1224,13 @@ static void lab_alloc(Lab &L)
 	L.w2.nsplit = off[su.B];
 	CK(cudaMalloc(&L.w2.split_off, (su.B + 1) * 4));
 	CK(cudaMemcpy(L.w2.split_off, off.data(), (su.B + 1) * 4, cudaMemcpyHostToDevice));
-	const size_t np = (size_t)std::max(1, L.w2.nsplit) * HQ;
+	/* v5: 8·NW-key chunks when they fit one wave (one CTA per SM) */
+	std::vector<int> off_s(su.B + 1, 0);
+	for (int b = 0; b < su.B; ++b) off_s[b + 1] = off_s[b] + (su.c.n[b] + 8 * NW - 1) / (8 * NW);
+	L.w2.nsplit_s = (off_s[su.B] > 0 && off_s[su.B] <= L.sms) ? off_s[su.B] : 0;
+	CK(cudaMalloc(&L.w2.split_off_s, (su.B + 1) * 4));
+	CK(cudaMemcpy(L.w2.split_off_s, off_s.data(), (su.B + 1) * 4, cudaMemcpyHostToDevice));
+	const size_t np = (size_t)std::max(1, std::max(L.w2.nsplit, L.w2.nsplit_s)) * HQ;
 	CK(cudaMalloc(&L.w2.part_s, np * MAXK * 4));
 	CK(cudaMalloc(&L.w2.part_p, np * MAXK * 4));
 	CK(cudaMalloc(&L.w2.part_lse, np * 4));
@@ -1126,17 +1248,19 @@ static void lab_alloc(Lab &L)
 static void lab_free(Lab &L)
 {
 	void *ps[] = {L.su.dk, L.su.dq, L.su.didx, L.su.dlen, L.su.derr, L.w1.sc, L.w1.row, L.w1.lse_h, L.w1.junk_s,
-		      L.w1.junk_p, L.w2.split_off, L.w2.part_s, L.w2.part_p, L.w2.part_lse, L.w2.lse_h,
+		      L.w1.junk_p, L.w2.split_off, L.w2.split_off_s, L.w2.part_s, L.w2.part_p, L.w2.part_lse, L.w2.lse_h,
 		      L.w2.junk_s, L.w2.junk_p, L.out.s, L.out.p, L.out.lse, L.sink};
 	for (void *p : ps) CK(cudaFree(p));
 }
 
-static cudaError_t run_version(Lab &L, int ver, int mode, int r, cudaStream_t st)
+static cudaError_t run_version(Lab &L, int ver, int mode, int r, cudaStream_t st, int only = 0)
 {
 	const Prob a = L.su.prob(r);
 	if (ver == 1) return v1_run(a, mode, L.su.c.K, L.w1, L.out.s, L.out.p, L.out.lse, st);
-	if (ver == 2) return v2_run<0>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st);
-	return v2_run<1>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st);
+	if (ver == 2) return v2_run<0>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
+	if (ver == 3) return v2_run<1>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
+	if (ver == 4) return v2_run<2>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
+	return v2_run<3>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
 }
 
 /* Poison, run on rotation set 0, check. Returns true when every row passes. */
@@ -1251,6 +1375,9 @@ static void bench_case(Lab &L, const std::vector<int> &vers, bool e2e)
 		},
 		su.R, reps);
 	float t_gather = time_med([&](int r) { floor_gather<<<L.sms * 8, 512>>>(su.prob(r), L.sink); }, su.R, reps);
+	float t_steps = time_med(
+		[&](int r) { floor_steps<<<L.w2.nsplit, NW * 32>>>(su.prob(r), L.w2.split_off, L.w2.chunk, L.sink); }, su.R,
+		reps);
 	float t_copy = time_med(
 		[&](int r) {
 			(void)r;
@@ -1261,10 +1388,12 @@ static void bench_case(Lab &L, const std::vector<int> &vers, bool e2e)
 	const double copy_gbs = 2.0 * (su.R > 1 ? kbytes : kbytes / 2) / (t_copy * 1e3);
 	char buf[512];
 	snprintf(buf, sizeof buf,
-		 "%-10s floor: read %.1f us (%.0f GB/s), gather-read %.1f us (%.0f GB/s), memcpy d2d %.0f GB/s (r+w); "
-		 "bytes %.1f MB, rotation sets %d, v2 chunk %d splits %d",
-		 su.c.name.c_str(), t_read, bytes / (t_read * 1e3), t_gather, bytes / (t_gather * 1e3), copy_gbs,
-		 bytes / 1e6, su.R, L.w2.chunk, L.w2.nsplit);
+		 "%-10s floor: read %.1f us (%.0f GB/s), gather-read %.1f us (%.0f GB/s), v2-pattern read %.1f us "
+		 "(%.0f GB/s), memcpy d2d %.0f GB/s (r+w); "
+		 "bytes %.1f MB, rotation sets %d, v2 chunk %d splits %d, v5 short path %s",
+		 su.c.name.c_str(), t_read, bytes / (t_read * 1e3), t_gather, bytes / (t_gather * 1e3), t_steps,
+		 bytes / (t_steps * 1e3), copy_gbs,
+		 bytes / 1e6, su.R, L.w2.chunk, L.w2.nsplit, L.w2.nsplit_s ? "on" : "off");
 	printf("%s\n", buf);
 	g_table.push_back(buf);
 	for (int mode : {M_MEAN_LOGIT, M_HEADS, M_MEAN_PROB})
@@ -1273,6 +1402,12 @@ static void bench_case(Lab &L, const std::vector<int> &vers, bool e2e)
 			snprintf(buf, sizeof buf, "%-10s v%d %-10s %10.1f us %7.0f GB/s  %6.2fx floor", su.c.name.c_str(), v,
 				 mode_name(mode), t, bytes / (t * 1e3), t / t_read);
 			std::string line = buf;
+			if (v >= 2) { /* breakdown: split kernel(s) alone, merge kernel(s) alone */
+				float ts = time_med([&](int r) { CK(run_version(L, v, mode, r, 0, 1)); }, su.R, reps);
+				float tm = time_med([&](int r) { CK(run_version(L, v, mode, r, 0, 2)); }, su.R, reps);
+				snprintf(buf, sizeof buf, "  [split %.1f us = %.2fx, merge %.1f us]", ts, ts / t_read, tm);
+				line += buf;
+			}
 			if (e2e) {
 				float pu, gu;
 				time_e2e(L, v, mode, pu, gu);
@@ -1343,7 +1478,7 @@ int main(int argc, char **argv)
 {
 	bool do_val = false, do_bench = false, small = false;
 	std::string only;
-	std::vector<int> vers = {1, 2, 3};
+	std::vector<int> vers = {1, 2, 3, 4, 5};
 	for (int i = 1; i < argc; ++i) {
 		if (!strcmp(argv[i], "--validate")) do_val = true;
 		else if (!strcmp(argv[i], "--bench")) do_bench = true;
