@@ -46,6 +46,7 @@ typedef struct tail {
 	uint32_t body_count;
 	FILE *record;
 	uint64_t shown, frames, bad_frames, bad_records;
+	uint64_t frame_ns;    /* ax_now_ns() when the current frame arrived (one clock read per frame) */
 	int out_dead;         /* stdout closed (EPIPE) */
 	int err;              /* first fatal error */
 } tail;
@@ -185,7 +186,7 @@ static int on_record(const ax_record *r, void *arg)
 	tail *t = arg;
 	int rc;
 
-	if (ax_tail_seq_observe(&t->seq, r, ax_now_ns()) < 0)
+	if (ax_tail_seq_observe(&t->seq, r, t->frame_ns) < 0)
 		return -ENOMEM;
 	if (t->count_max && t->shown >= t->count_max)
 		return 0; /* keep accounting seqs of the rest of the frame */
@@ -207,6 +208,7 @@ static void handle_frame(tail *t, const void *data, size_t len)
 	int rc;
 
 	t->frames++;
+	t->frame_ns = ax_now_ns();
 	if (t->record && fwrite(data, 1, len, t->record) != len) {
 		fprintf(stderr, "attnx-tail: writing %s: %s\n", t->record_path, strerror(errno));
 		t->err = -EIO;
