@@ -63,6 +63,7 @@
 
 struct ax_attn_scratch {
 	float *q;          /* [rows, D] virtual query rows, f32, scale folded in */
+	float *qs;         /* [H_q, D] the job's Q in f32 */
 	float *tile;       /* [rows, tstride] scores of a block (or of all keys for mean_prob) */
 	float *red;        /* [2, AX_BLOCK] reduced rows: mean logit, or max_h and Σ_h exp for mean_prob */
 	float *max;        /* [rows] running maxima of the online logsumexp (then, for mean_prob, lse) */
@@ -71,7 +72,7 @@ struct ax_attn_scratch {
 	int32_t *outrow;   /* [rows] heads mode: output row of each virtual row */
 	int32_t *hmap;     /* [H_q] heads mode: virtual row of each query head, -1 if not selected */
 	uint32_t *gbeg;    /* [H_kv + 1] virtual rows of KV head g are gbeg[g] .. gbeg[g+1]-1 */
-	size_t cap_q, cap_tile, cap_red, cap_max, cap_sum, cap_vhead, cap_outrow, cap_hmap, cap_gbeg;
+	size_t cap_q, cap_qs, cap_tile, cap_red, cap_max, cap_sum, cap_vhead, cap_outrow, cap_hmap, cap_gbeg;
 	size_t store_cap;  /* bytes of mean_prob scores kept in `tile` before falling back to two passes */
 };
 
@@ -735,6 +736,7 @@ void ax_attn_scratch_free(ax_attn_scratch *s)
 	if (!s)
 		return;
 	free(s->q);
+	free(s->qs);
 	free(s->tile);
 	free(s->red);
 	free(s->max);
@@ -769,6 +771,7 @@ static int scratch_reserve(ax_attn_scratch *s, const plan *pl, size_t tile_float
 {
 	size_t rows = pl->rows;
 	int rc = grow((void **)&s->q, &s->cap_q, rows * pl->D * sizeof(float));
+	rc = rc ? rc : grow((void **)&s->qs, &s->cap_qs, (size_t)pl->H * pl->D * sizeof(float));
 	rc = rc ? rc : grow((void **)&s->tile, &s->cap_tile, tile_floats * sizeof(float));
 	rc = rc ? rc : grow((void **)&s->red, &s->cap_red, 2 * AX_BLOCK * sizeof(float));
 	rc = rc ? rc : grow((void **)&s->max, &s->cap_max, rows * sizeof(float));
@@ -883,15 +886,22 @@ static int check_index(const plan *pl)
 	return 0;
 }
 
-static float q_elem(const ax_attn_job *job, size_t i)
+/* Q [H_q, D] as f32 into dst: one typed loop per dtype (vectorised). */
+static void q_to_f32(const ax_attn_job *job, size_t n, float *restrict dst)
 {
+	const uint16_t *h = job->q;
 	switch (job->q_dtype) {
 	case AX_DTYPE_F16:
-		return f16_f32(((const uint16_t *)job->q)[i]);
+		for (size_t i = 0; i < n; i++)
+			dst[i] = f16_f32(h[i]);
+		break;
 	case AX_DTYPE_BF16:
-		return bf16_f32(((const uint16_t *)job->q)[i]);
+		for (size_t i = 0; i < n; i++)
+			dst[i] = bf16_f32(h[i]);
+		break;
 	default:
-		return ((const float *)job->q)[i];
+		memcpy(dst, job->q, n * sizeof *dst);
+		break;
 	}
 }
 
@@ -912,41 +922,40 @@ static void pair_order(float *q, uint32_t D)
 static int build_rows(const plan *pl, ax_attn_scratch *s)
 {
 	const ax_attn_job *job = pl->job;
-	double w = (double)job->scale * (is_fp8(job->k_dtype) ? job->k_scale : 1.0);
-	for (size_t i = 0; i < (size_t)pl->H * pl->D; i++)
-		if (!isfinite(q_elem(job, i)))
-			return -EDOM;
+	uint32_t D = pl->D;
+	float w = (float)((double)job->scale * (is_fp8(job->k_dtype) ? job->k_scale : 1.0));
+	q_to_f32(job, (size_t)pl->H * D, s->qs);
+	if (finish_row(s->qs, pl->H * D, 0) != 0)
+		return -EDOM;
 	for (uint32_t g = 0; g <= pl->Hkv; g++)
 		s->gbeg[g] = 0;
-	for (uint32_t r = 0, h = 0; h < pl->H; h++) {
-		if (pl->collapsed || (job->mode == AX_MODE_HEADS && job->heads && s->hmap[h] < 0))
+	for (uint32_t r = 0, h = 0; h < pl->H && !pl->collapsed; h++) {
+		if (job->mode == AX_MODE_HEADS && job->heads && s->hmap[h] < 0)
 			continue;
 		s->vhead[r] = h;
-		for (uint32_t d = 0; d < pl->D; d++)
-			s->q[(size_t)r * pl->D + d] = (float)(w * q_elem(job, (size_t)h * pl->D + d));
+		for (uint32_t d = 0; d < D; d++)
+			s->q[(size_t)r * D + d] = w * s->qs[(size_t)h * D + d];
 		s->gbeg[h / pl->G + 1]++;
 		r++;
 	}
-	if (pl->collapsed) {
-		for (uint32_t g = 0; g < pl->Hkv; g++) {
-			s->vhead[g] = g * pl->G;
-			s->gbeg[g + 1] = 1;
-			for (uint32_t d = 0; d < pl->D; d++) {
-				double acc = 0;
-				for (uint32_t h = g * pl->G; h < (g + 1) * pl->G; h++)
-					acc += q_elem(job, (size_t)h * pl->D + d);
-				s->q[(size_t)g * pl->D + d] = (float)(acc * w / pl->H);
-			}
-		}
+	for (uint32_t g = 0; g < pl->Hkv && pl->collapsed; g++) { /* mean over the group's heads, then the scale */
+		float *qg = s->q + (size_t)g * D;
+		s->vhead[g] = g * pl->G;
+		s->gbeg[g + 1] = 1;
+		memcpy(qg, s->qs + (size_t)g * pl->G * D, D * sizeof *qg);
+		for (uint32_t h = g * pl->G + 1; h < (g + 1) * pl->G; h++)
+			for (uint32_t d = 0; d < D; d++)
+				qg[d] += s->qs[(size_t)h * D + d];
+		for (uint32_t d = 0; d < D; d++)
+			qg[d] *= w / (float)pl->H;
 	}
 	for (uint32_t g = 0; g < pl->Hkv; g++)
 		s->gbeg[g + 1] += s->gbeg[g];
-	for (size_t i = 0; i < (size_t)pl->rows * pl->D; i++)
-		if (!isfinite(s->q[i]))
-			return -EDOM;
+	if (finish_row(s->q, pl->rows * D, 0) != 0) /* the scale can overflow */
+		return -EDOM;
 	if (paired(job->k_dtype))
 		for (uint32_t r = 0; r < pl->rows; r++)
-			pair_order(s->q + (size_t)r * pl->D, pl->D);
+			pair_order(s->q + (size_t)r * D, D);
 	return 0;
 }
 

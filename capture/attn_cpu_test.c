@@ -628,6 +628,7 @@ static void e_scale(fixture *f) { f->job.scale = NAN; }
 static void e_cap(fixture *f) { f->job.logit_cap = -1; }
 static void e_q_nan(fixture *f) { ((float *)f->q)[17] = NAN; }
 static void e_q_inf(fixture *f) { ((float *)f->q)[0] = -INFINITY; }
+static void e_q_overflow(fixture *f) { ((float *)f->q)[5] = 3e38f; f->job.scale = 10; }
 static void e_k_nan(fixture *f) { ((float *)f->k)[kelem(f, (uint64_t)f->slots[f->c->n - 1], 1, 5)] = NAN; }
 static void e_k_nan_prob(fixture *f) { e_k_nan(f); f->job.mode = MP; }
 static void e_k_nan_heads(fixture *f) { e_k_nan(f); f->job.mode = HD; }
@@ -669,6 +670,7 @@ static const ecase ecases[] = {
 	{"negative cap", -EINVAL, e_cap},
 	{"NaN in q", -EDOM, e_q_nan},
 	{"-inf in q", -EDOM, e_q_inf},
+	{"scale·q overflows", -EDOM, e_q_overflow},
 	{"NaN in a key", -EDOM, e_k_nan},
 	{"NaN in a key, mean_prob", -EDOM, e_k_nan_prob},
 	{"NaN in a key, heads", -EDOM, e_k_nan_heads},
