@@ -11,10 +11,12 @@
  *               which checks the two passes against each other).
  * Lab shape: H_q 32, H_kv 8, D 128 (compile-time), top-k 1..64 (run-time).
  *
- * Versions (numbers: capture/dev/RESULTS.md; card, date and commit there):
+ * Versions. Measured on an NVIDIA H200, 2026-11-27, commit bb83844 (capture/dev/RESULTS.md has every number, the
+ * floor and the breakdowns); × floor = time / streaming read of the same bytes, same run; mean_logit / heads /
+ * mean_prob:
  *   v1  naive: every s_hj to global memory (one thread per (b, h, j), scalar loads), then one block per row for
  *       logsumexp (block reductions) and top-k (k rounds of block argmax below the previous winner).
- *       Measured: see RESULTS.md (tens to hundreds × floor: writes and re-reads the full score matrix).
+ *       4K 99.9 / 98.6 / 108.1 us; 128K 51 / 53 / 56x floor; 1M 58 / 79 / 65x; 64x4K 36 / 37 / 36x.
  *   v2  split-K / flash-decoding: the sequence of each request is cut into chunks, one CTA (8 warps) per chunk,
  *       many requests in one launch (CTA -> request by binary search over split offsets). A warp takes 16 keys
  *       at a time: lanes load their rows with 16-byte loads straight into mma.sync m16n8k16 A fragments (the dot
@@ -27,7 +29,16 @@
  *       merged in the CTA, then a merge kernel (one CTA per output row) merges the split lists exactly (filter
  *       by the running k-th entry, then insert) and the split logsumexps. mean_prob: pass 1 = heads kernel with
  *       k = 0 (logsumexp per head) + merge, pass 2 = p_j from s_hj and the head logsumexps.
- *       Measured: see RESULTS.md.
+ *       4K 33.0 / 57.6 / 48.1 us; 128K 1.55 / 2.35 / 2.78x; 1M 1.63 / 1.39 / 2.45x; 64x4K 1.37 / 1.93 / 2.51x.
+ *       The merge kernel alone costs 12-26 us at every size; the access pattern alone (256-byte pieces of each
+ *       row at 8 different times) reads at 1.50x floor at 1M.
+ *   v3  v2 + cp.async.bulk.prefetch.L2 of 128 B per lane, 3 steps ahead. Slower everywhere (1M 1.76 / 1.90 /
+ *       3.33x): small bulk prefetches double the L2 requests. Kept as the record of a failed idea.
+ *   v4  v2 with the K loads as volatile asm so the compiler cannot move them below the previous buffer's mma.sync.
+ *       Neutral for mean_logit (128K 1.53x, 64x4K 1.34x), worse for heads (1M 1.66x).
+ *   v5  v4 + a short-request path: when the batch fits one wave of 64-key chunks, 8-key tiles per warp with all
+ *       KV heads loaded at once (168 registers, one CTA per SM), issued before the Q tile barrier. 4K: 30.4 /
+ *       50.7 / 44.5 us (v2: 33.0 / 57.6 / 48.1); end to end with a CUDA graph 32.0 us for mean_logit.
  *
  * Validation: fresh random inputs per case (keys and queries uniform in [-1, 1], bf16) with planted keys aligned
  * with each request's grouped queries (strong, distinct scores) and one duplicated planted key (an exact tie);
@@ -37,14 +48,16 @@
  * entries past n are (-1, -inf), and the logsumexp is within 1e-3; NaN never passes.
  * Timing: CUDA events around each run, warm-up, median of repeats, inputs rotated over sets larger than L2
  * (separate key regions and index rows). The floor is measured in the same run: a streaming read kernel of the
- * same bytes (K bytes + index bytes) over the same rotation; a gather read (the kernel's access pattern, nothing
- * computed) and cudaMemcpy device-to-device are printed beside it.
+ * same bytes (K bytes + index bytes) over the same rotation; a gather read (whole 2 KB rows through the index),
+ * a "v2-pattern" read (the split kernel's loads, 256 bytes of each row per step, nothing computed) and cudaMemcpy
+ * device-to-device are printed beside it. For v2..v5 the split and merge kernels are also timed alone.
  *
- * Usage: topk_attn [--validate] [--bench] [--small] [--cases name,...] [--versions 1,2]
+ * Usage: topk_attn [--validate] [--bench] [--small] [--host-selftest] [--cases name,...] [--versions 12345]
  *   --validate  small edge cases (n < k, n not a multiple of 16, k = 1 and 64, several requests), every version
  *               and mode; exit 0 if all pass, 1 if not, 77 when no CUDA device is present.
  *   --bench     the issue's shapes: validate, then time every version and mode; table last.
  *   --small     one tiny case (for compute-sanitizer).
+ *   --host-selftest  no GPU: the checker accepts the reference's own answer and rejects planted mistakes.
  * Self-contained (CUDA runtime + C++ standard library) so it builds with plain nvcc on a machine without meson.
  */
 #include <cuda_runtime.h>
