@@ -588,6 +588,10 @@ static const tcase cases[] = {
 	{"prob ties",                MP, 8, 2, 64, F32, F32, I32, 500, 0, 0, 5, 0, {0}, 1, 0, 0},
 	{"prob bench shape",         MP, 32, 8, 128, BF16, BF16, I64, 3000, 0, 0, 10, 0, {0}, 0, 0, 0},
 	{"prob two-pass bf16 block", MP, 8, 2, 64, BF16, BF16, I32, 257, 0, 0, 5, 0, {0}, 0, 0, 1},
+	/* long rows: hundreds of blocks of online logsumexp, and 40K tokens (where the seed's kernel fails) */
+	{"logit 40K bf16",           ML, 8, 2, 64, BF16, BF16, I32, 40000, 0, 0, 10, 0, {0}, 0, 0, 0},
+	{"heads 40K f32 k64",        HD, 4, 1, 64, F32, F32, I64, 40000, 0, 0, 64, 2, {0, 3}, 0, 0, 0},
+	{"prob 40K bf16 window",     MP, 4, 2, 64, BF16, BF16, I32, 40000, 32768, 0, 10, 0, {0}, 0, 0, 0},
 	/* head_dim not a multiple of 16 or 8: the 8-wide and scalar tails of every dot-product loop */
 	{"logit bf16 D72",           ML, 8, 2, 72, BF16, BF16, I32, 300, 0, 0, 5, 0, {0}, 0, 0, 0},
 	{"logit cap f16 D20",        ML, 4, 2, 20, F32, F16, I64, 200, 0, 10, 5, 0, {0}, 0, 1, 0},
