@@ -52,6 +52,7 @@ struct ax_up {
 	int sse;                 /* the response is text/event-stream */
 	int saw_done;            /* [DONE] seen (pass-through streams: in the tail) */
 	int n_srcs_end;
+	uint64_t policy_seq;     /* seq of the announced policy record; re-publications repeat it */
 	ax_merge *m;
 	ax_sse parser;
 	char *buf;               /* UP_BODY body */
@@ -634,13 +635,19 @@ static void publish(ax_relay *r, nng_socket s, const uint8_t *p, size_t n)
 		nng_msg_free(m);
 }
 
-void ax__relay_rec_init(ax_relay *r, ax_record *rec, int type)
+static void ax__relay_rec_init_seq(ax_relay *r, ax_record *rec, int type, uint64_t seq)
 {
+	(void)r;
 	ax_record_init(rec, type);
 	rec->v = AX_PROTO_VERSION;
 	snprintf(rec->src, sizeof rec->src, "relay");
-	rec->seq = atomic_fetch_add(&r->seq, 1);
+	rec->seq = seq;
 	rec->ts_ns = ax_wall_ns();
+}
+
+void ax__relay_rec_init(ax_relay *r, ax_record *rec, int type)
+{
+	ax__relay_rec_init_seq(r, rec, type, atomic_fetch_add(&r->seq, 1));
 }
 
 /* Policies of `only` (announce: also on the feed and to WebSocket clients) or of every live request. */
@@ -654,7 +661,14 @@ static void publish_policies(ax_relay *r, ax_up *only)
 		if (!u->m || u->finished)
 			continue;
 		ax_record rec;
-		ax__relay_rec_init(r, &rec, AX_REC_POLICY);
+		/* Only the announcement goes on the feed, so only it takes a new seq: a re-publication on the policy
+		 * socket repeats the announced record, and the feed's relay seq stays without holes. */
+		if (only) {
+			ax__relay_rec_init(r, &rec, AX_REC_POLICY);
+			u->policy_seq = rec.seq;
+		} else {
+			ax__relay_rec_init_seq(r, &rec, AX_REC_POLICY, u->policy_seq);
+		}
 		snprintf(rec.rid, sizeof rec.rid, "%s", u->pc->info.rid);
 		rec.u.policy = u->pc->info.policy;
 		if (ax_batch_add(&b, &rec) < 0)
