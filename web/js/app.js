@@ -79,6 +79,7 @@ class App {
   // ---------------------------------------------------------------- session
   setSession(s, keepSel) {
     this.session = s;
+    this.seenVersion = -1;
     this.limit = null;
     if (!keepSel) { this.selPos = -1; this.userSelected = false; }
     this.viewSel = { layer: null, head: null };
@@ -86,6 +87,7 @@ class App {
     this.tokens.collapsed.clear();
     this.tokens.scroller.scrollTop = 0;
     $('source').textContent = s ? `${s.origin}: ${s.rid || '(no rid)'}` : '';
+    this.syncFilters();
     this.resolveTexts();
     this.refresh(true);
   }
@@ -118,6 +120,8 @@ class App {
       this.seenVersion = s.version;
       this.syncFilters();
       this.updateScrub();
+      const key = this.key();
+      if (key) s.reverse(key); // keep the reverse index current, so a click never builds it
     }
     this.tokens.relayout();
     this.tokens.paint(true);
@@ -166,9 +170,12 @@ class App {
     if (!s || pos < 0 || pos >= s.n) return;
     this.userSelected = true;
     this.selPos = pos;
+    if (this.viewSel.layer == null) this.syncFilters();
     this.applySelection(true);
+    const t1 = performance.now();
     void this.tokens.scroller.offsetHeight; // include style and layout in the measurement
     const ms = performance.now() - t0;
+    this.perf.lastParts = { compute: this.perf.computeMs, apply: t1 - t0 - this.perf.computeMs, layout: performance.now() - t1 };
     this.perf.clickMs = ms;
     this.perf.clicks.push(ms);
     if (ev && ev.timeStamp) this.perf.inputMs = performance.now() - ev.timeStamp;
@@ -207,15 +214,17 @@ class App {
     if (nq > 1) for (const o of targets) { o.w /= nq; o.score /= nq; o.prob /= nq; }
     targets.sort((x, y) => y.w - x.w || x.pos - y.pos);
     for (const o of targets) shownProb += o.prob;
-    const sources = key ? this.sourcesOf(s, key, U, a, b, N) : { list: [], total: 0 };
+    const sources = key ? this.sourcesOf(s, key, U, a, b, N) : { list: [], total: 0, w: new Float32Array(U.nu) };
     return { u, pos: a, end: b, entry: first, nq, mass: nq ? mass / nq : 0, shownProb, targets, sources: sources.list,
-      nTargets: targets.length, nSources: sources.total, key, U };
+      srcW: sources.w, nTargets: targets.length, nSources: sources.total, key, U };
   }
 
-  /** Queries (< N) whose entries name a position in [a, b), aggregated per unit, strongest first. */
+  /** Queries (< N) whose entries name a position in [a, b), aggregated per unit, strongest first.
+   *  Returns {list: the 400 strongest, total, w: Float32Array of weights by unit (0 = not a source)}. */
   sourcesOf(s, key, U, a, b, N) {
-    const rev = s.reverse(key), sink = this.sink, prob = this.weight === 'prob';
-    const acc = new Map();
+    const rev = s.reverse(key), sink = this.sink, byProb = this.weight === 'prob';
+    const w = new Float32Array(U.nu), sc = new Float64Array(U.nu), pr = new Float64Array(U.nu), cnt = new Int32Array(U.nu);
+    const lastQ = new Int32Array(U.nu).fill(-1), units = [];
     for (let t = a; t < b; t++) {
       const list = rev[t];
       if (!list || (sink && t === 0)) continue;
@@ -224,28 +233,41 @@ class App {
         const q = list[j];
         if (q >= N || q === last) continue;
         last = q;
-        const e = s.entry(q, key);
-        const i = e.pos.indexOf(t);
+        const e = s.entry(q, key), pos = e.pos;
+        let i = -1, i0 = -1;
+        for (let x = 0; x < pos.length; x++) { if (pos[x] === t) i = x; if (pos[x] === 0) i0 = x; }
         if (i < 0) continue;
-        let sc = e.score[i], pr = Math.exp(e.logit[i] - e.lse);
-        if (sink) {
-          const i0 = e.pos.indexOf(0);
-          if (i0 >= 0) { sc /= (1 - e.score[i0]) || 1; pr /= (1 - Math.exp(e.logit[i0] - e.lse)) || 1; }
-        }
+        let vs = e.score[i], vp = Math.exp(e.logit[i] - e.lse);
+        if (sink && i0 >= 0) { vs /= (1 - e.score[i0]) || 1; vp /= (1 - Math.exp(e.logit[i0] - e.lse)) || 1; }
         const su = U.unitOf[q];
-        let o = acc.get(su);
-        if (!o) acc.set(su, o = { u: su, pos: U.start[su], w: 0, score: 0, prob: 0, n: 0, lastQ: -1 });
-        o.score += sc; o.prob += pr;
-        if (o.lastQ !== q) { o.n++; o.lastQ = q; }
+        if (!cnt[su]) units.push(su);
+        if (lastQ[su] !== q) { cnt[su]++; lastQ[su] = q; }
+        sc[su] += vs; pr[su] += vp;
       }
     }
-    const all = [...acc.values()];
-    for (const o of all) { if (o.n > 1) { o.score /= o.n; o.prob /= o.n; } o.w = prob ? o.prob : o.score; }
-    return { list: topN(all, 400), total: all.length, all };
+    const n = units.length;
+    const ws = new Float64Array(n);
+    for (let k = 0; k < n; k++) {
+      const u = units[k], c = cnt[u];
+      if (c > 1) { sc[u] /= c; pr[u] /= c; }
+      w[u] = ws[k] = byProb ? pr[u] : sc[u];
+    }
+    let cut = -1;
+    if (n > 800) { const sorted = ws.slice().sort(); cut = sorted[n - 400]; }
+    const list = [];
+    for (let k = 0; k < n; k++) {
+      const u = units[k];
+      if (ws[k] >= cut) list.push({ u, pos: U.start[u], w: ws[k], score: sc[u], prob: pr[u] });
+    }
+    list.sort((x, y) => y.w - x.w || x.pos - y.pos);
+    if (list.length > 400) list.length = 400;
+    return { list, total: n, w };
   }
 
   applySelection(scroll) {
+    const tc = performance.now();
     const sel = this.computeSelection();
+    this.perf.computeMs = performance.now() - tc;
     this.sel = sel;
     const s = this.session;
     const U = s ? s.units(this.words) : null;
@@ -255,17 +277,15 @@ class App {
       renderList($('side-list'), this.tab, null, 0);
       return;
     }
-    const t = new Map(), src = new Map();
+    const t = new Map();
     for (const o of sel.targets) t.set(o.u, o.w);
-    const srcAll = this.sourcesCache = sel.sources;
-    for (const o of srcAll) src.set(o.u, o.w);
     const th = this.threshold;
     const curves = {
       from: sel.u,
       out: sel.targets.filter(o => o.w >= th && o.u !== sel.u).map(o => [o.u, o.w]),
       in: sel.sources.filter(o => o.w >= th && o.u !== sel.u).map(o => [o.u, o.w]),
     };
-    this.tokens.setHighlight({ sel: new Set([sel.u]), t, s: src }, curves);
+    this.tokens.setHighlight({ sel: new Set([sel.u]), t, s: sel.srcW }, curves);
     if (scroll) this.tokens.scrollTo(sel.u);
     renderInfo($('sel-info'), s, U, sel, this);
     const items = this.tab === 'to' ? sel.targets : sel.sources;
@@ -276,8 +296,9 @@ class App {
   highlighted() {
     const sel = this.sel;
     if (!sel) return { selected: -1, targets: [], sources: [] };
-    return { selected: sel.pos, targets: sel.targets.map(o => o.pos).sort((a, b) => a - b),
-      sources: sel.sources.map(o => o.pos).sort((a, b) => a - b) };
+    const sources = [];
+    sel.srcW.forEach((w, u) => { if (w > 0) sources.push(sel.U.start[u]); });
+    return { selected: sel.pos, targets: sel.targets.map(o => o.pos).sort((a, b) => a - b), sources };
   }
 
   moveSelection(d) {
@@ -514,10 +535,13 @@ class App {
       for (const s of sessions) this.live.set(s.rid, s);
       const best = sessions.reduce((a, b) => (b.nRecords > a.nRecords ? b : a));
       this.setSession(best);
+      const key = this.key();
+      if (key) best.reverse(key);
       this.render();
       void this.tokens.scroller.offsetHeight;
       this.perf.loadMs = performance.now() - t0;
-      this.status(`${file.name}: ${recs.length} records, ${sessions.length} request(s); showing ${best.rid} (${best.n} tokens) · loaded in ${this.perf.loadMs.toFixed(0)} ms`);
+      this.status(`${file.name}: ${recs.length} records, ${sessions.length} request(s); showing ${best.rid} (${best.n} tokens) · loaded in ${this.perf.loadMs.toFixed(0)} ms` +
+        (recs.truncated ? ` · the file ends inside a frame (${recs.truncated}); complete frames kept` : ''));
       this.refreshLive();
     } catch (e) {
       this.status(`cannot load ${file.name}: ${e.message}`, true);

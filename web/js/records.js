@@ -95,7 +95,13 @@ export function parseRecording(bytes) {
     // a JSON array, unless it is msgpack (0x5b is not a msgpack array header, it is the positive fixint 91)
     try { const v = JSON.parse(new TextDecoder().decode(bytes)); push(v); return out; } catch { /* msgpack */ }
   }
-  decodeAll(bytes, push);
+  try {
+    decodeAll(bytes, push);
+  } catch (e) {
+    // a recording cut in the middle of a frame (attnx-tail still writing, or killed): keep the complete frames
+    if (!out.length) throw e;
+    out.truncated = e.message;
+  }
   return out;
 }
 

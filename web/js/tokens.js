@@ -31,7 +31,7 @@ export class TokenView {
     this.range = [-1, -1];
     this.els = new Map();
     this.marked = [];
-    this.hl = null;         // {sel: Set(units), t: Map(u → w), s: Map(u → w)}
+    this.hl = null;         // {sel: Set(units), t: Map(u → w), s: Float32Array(units) of source weights}
     this.curves = null;     // {from: u, out: [[u, w]], in: [[u, w]]}
     this.width = 0;
     let raf = 0;
@@ -187,7 +187,11 @@ export class TokenView {
       this.marked.push(el);
     };
     for (const [u, w] of hl.t) mark(u, 'tgt', w);
-    for (const [u, w] of hl.s) mark(u, 'src', w);
+    const sw = hl.s;
+    for (const [u, el] of this.els) {
+      const w = sw[u];
+      if (w > 0) { el.classList.add('src'); el.style.setProperty('--w', Math.min(1, w).toFixed(3)); this.marked.push(el); }
+    }
     for (const u of hl.sel) mark(u, 'sel');
   }
 
