@@ -242,23 +242,25 @@ class Pipeline:
         return times
 
     # -- records ------------------------------------------------------------------------------------------
-    def _replay(self):
-        """pull sink: decode every frame received so far into self.lines (attnx-tail --replay)."""
+    def _replay(self, filters):
+        """pull sink: decode the frames received so far with attnx-tail --replay and its filters."""
         with tempfile.NamedTemporaryFile(prefix=self.tag, suffix=".msgpack") as f:
             f.write(self.sink.snapshot())
             f.flush()
-            out = subprocess.run([self.build + "/tail/attnx-tail", "--replay", f.name], capture_output=True)
-        recs = [json.loads(x) for x in out.stdout.splitlines() if x.strip()]
-        with self.cv:
-            self.lines = recs
-            self.ended = {r.get("rid") for r in recs if r.get("t") == "end"}
+            out = subprocess.run([self.build + "/tail/attnx-tail", "--replay", f.name] + filters,
+                                 capture_output=True)
+        return [json.loads(x) for x in out.stdout.splitlines() if x.strip()]
 
     def wait_end(self, rid, timeout=30):
         t0 = time.time()
         if self.mode == "pull":
+            # only `end` records are decoded while waiting: the PULL thread needs the GIL to keep up
             while True:
-                self._replay()
-                if rid in self.ended:
+                if any(r.get("rid") == rid for r in self._replay(["--type", "end", "--rid", rid])):
+                    recs = self._replay(["--rid", rid])
+                    with self.cv:
+                        self.lines = recs  # this request's records, plus hello / gap / stats
+                        self.ended.add(rid)
                     return True
                 if time.time() - t0 > timeout:
                     return False
