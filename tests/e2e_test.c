@@ -784,6 +784,10 @@ static int shm_consumer_ready(void)
 	return ready;
 }
 
+/* The capture runs with --layers all: a policy reaches it over nng PUB/SUB while the request reaches the engine over
+ * HTTP, so the prefill row may be computed before the policy arrives (wiring.md allows it: defaults apply until the
+ * policy is known). With defaults narrower than the request (e.g. last layer only), prompt_attention then lacks the
+ * requested layers, the engine never exported their Q rows, and the token-0 chunk waits for the capture's `end`. */
 static int start_capture(void)
 {
 	if (!E.argv[P_CAPTURE])
