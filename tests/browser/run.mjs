@@ -187,6 +187,37 @@ test('segments: Prompt / Thinking / Response split on <think> … </think>', asy
   assert((await page.$$(`#rows .tok[data-pos="${think + 1}"]`)).length === 1, 'expanding shows them again');
 });
 
+test('word-level aggregation merges tokens into words and aggregates their links', async ({ page }) => {
+  const { sse } = ctx.run1;
+  const nTok = (await page.$$('#rows .tok')).length;
+  await page.keyboard.press('w');
+  await settle(page);
+  const starts = await page.$$eval('#rows .tok', els => els.map(x => +x.dataset.pos));
+  assert(starts.length < nTok, `words: ${starts.length} chips, tokens: ${nTok}`);
+  const word = await page.$$eval('#rows .tok[data-end]', els => els.map(x => [+x.dataset.pos, +x.dataset.end]));
+  const pick = word.find(([a, b]) => [...Array(b - a).keys()].some(i => sse.entries.has(a + i)) && a > 25);
+  assert(pick, 'a multi-token word with attention entries');
+  await page.click(`#rows .tok[data-pos="${pick[0]}"]`);
+  const unitOf = t => starts.filter(s => s <= t).at(-1);
+  const expect = [];
+  for (let q = pick[0]; q < pick[1]; q++) if (sse.entries.has(q)) expect.push(...sse.entries.get(q).token_positions.map(unitOf));
+  const dom = await page.$$eval('#rows .tok.tgt', els => els.map(x => +x.dataset.pos));
+  eqSets(dom, expect, `word ${pick[0]}–${pick[1] - 1}: highlighted words`);
+  await page.keyboard.press('w');
+  await settle(page);
+  assert((await page.$$('#rows .tok')).length === nTok, 'back to tokens');
+});
+
+test('the per-layer summary sets the layer filter', async ({ page }) => {
+  const rows = await page.$$eval('#layer-rows tr', els => els.map(x => x.dataset.layer));
+  assert(rows.length >= 1, 'one row per captured layer');
+  await page.click(`#layer-rows tr[data-layer="${rows[0]}"]`);
+  await settle(page);
+  assert(await page.$eval('#layer', x => x.value) === rows[0], 'layer filter follows the clicked row');
+  await page.click(`#layer-rows tr[data-layer="${rows.at(-1)}"]`);
+  await settle(page);
+});
+
 test('live monitor shows a request sent by another client (curl) and follows it', async ({ page, stack }) => {
   await page.click('#view-live');
   const hdr = path.join(stack.dir, 'curl.hdr'), out = path.join(stack.dir, 'curl.sse');
