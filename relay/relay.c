@@ -163,9 +163,13 @@ static void pc_data2(ax_pconn *pc, const char *a, size_t na, const char *b, size
 		return; /* out of memory: the client gets a shorter stream, which it can see */
 	o->next = NULL;
 	o->len = na + nb + nc;
-	memcpy(o->data, a, na);
-	memcpy(o->data + na, b, nb);
-	memcpy(o->data + na + nb, c, nc);
+	/* memcpy's pointers must be valid even for 0 bytes: skip empty pieces (they may be NULL). */
+	if (na)
+		memcpy(o->data, a, na);
+	if (nb)
+		memcpy(o->data + na, b, nb);
+	if (nc)
+		memcpy(o->data + na + nb, c, nc);
 	pthread_mutex_lock(&pc->mu);
 	if (pc->gone || pc->ended) {
 		pthread_mutex_unlock(&pc->mu);
