@@ -53,8 +53,8 @@ export class Session {
   }
 
   setToken(pos, id, text) {
-    if (id != null && id >= 0) this.ids[pos] = id;
-    if (text != null) this.texts[pos] = text;
+    if (id != null && id >= 0) setDense(this.ids, pos, id);
+    if (text != null) setDense(this.texts, pos, text);
     this.grow(pos + 1);
     this.version++;
   }
@@ -85,8 +85,8 @@ export class Session {
   addAttn(rec) {
     const p = rec.position;
     if (!(p >= 0) || !Array.isArray(rec.token_positions)) return;
-    if (rec.token_id >= 0 && this.ids[p] == null) this.ids[p] = rec.token_id;
-    if (rec.text != null && this.texts[p] == null) this.texts[p] = rec.text;
+    if (rec.token_id >= 0 && this.ids[p] == null) setDense(this.ids, p, rec.token_id);
+    if (rec.text != null && this.texts[p] == null) setDense(this.texts, p, rec.text);
     if (this.P < 0 && !rec.prefill && rec.decode_step >= 0) this.P = p - rec.decode_step;
     const e = {
       pos: rec.token_positions, score: rec.attention_scores, logit: rec.topk_logits,
@@ -102,7 +102,7 @@ export class Session {
       hs.add(rec.head_id);
       this.put(`L${layer}h${rec.head_id}`, p, e);
       const mean = `L${layer}h*`;
-      this.table(mean)[p] = undefined; // recomputed on demand
+      setDense(this.table(mean), p, undefined); // recomputed on demand
       this.log(mean).push(p);
     } else {
       this.put(`L${layer}`, p, e);
@@ -123,7 +123,7 @@ export class Session {
     if (!a) this.logs.set(key, a = []);
     return a;
   }
-  put(key, p, e) { this.table(key)[p] = e; this.log(key).push(p); }
+  put(key, p, e) { setDense(this.table(key), p, e); this.log(key).push(p); }
 
   /** Layers sorted ascending. */
   layerList() { return [...this.layers].sort((a, b) => a - b); }
@@ -142,7 +142,7 @@ export class Session {
     const a = this.store.get(key);
     if (!a) return null;
     let e = a[p];
-    if (e === undefined && key.endsWith('h*')) e = a[p] = this.meanOfHeads(p, +key.slice(1, -2));
+    if (e === undefined && key.endsWith('h*') && p < a.length) e = a[p] = this.meanOfHeads(p, +key.slice(1, -2));
     return e || null;
   }
 
@@ -167,18 +167,31 @@ export class Session {
     };
   }
 
-  /** Reverse index of key: lists[t] = query positions whose entry names t (may repeat; callers dedupe). */
+  /** Reverse index of key: lists[t] = [q, score, prob, q, score, prob, …] for every query q whose entry names key
+   *  position t (score = its top-k score, prob = its true probability), and s0[q] / p0[q] = the score / probability
+   *  q gives to position 0 (for the sink toggle). For a mean-of-heads key (whose entries change while heads arrive)
+   *  lists hold q only (stride 1) and callers read the entries. A q may repeat; callers dedupe. */
   reverse(key) {
     let r = this.revs.get(key);
-    if (!r) this.revs.set(key, r = { lists: [], done: 0 });
+    const mean = key.endsWith('h*');
+    if (!r) this.revs.set(key, r = { lists: [], done: 0, stride: mean ? 1 : 3, s0: [], p0: [] });
     const log = this.logs.get(key) || [];
     for (; r.done < log.length; r.done++) {
       const q = log[r.done];
       const e = this.entry(q, key);
       if (!e) continue;
-      for (const t of e.pos) (r.lists[t] || (r.lists[t] = [])).push(q);
+      if (!mean) { setDense(r.s0, q, 0); setDense(r.p0, q, 0); }
+      for (let i = 0; i < e.pos.length; i++) {
+        const t = e.pos[i];
+        while (r.lists.length <= t) r.lists.push(null);
+        const l = r.lists[t] || (r.lists[t] = []);
+        if (mean) { l.push(q); continue; }
+        const p = Math.exp(e.logit[i] - e.lse);
+        l.push(q, e.score[i], p);
+        if (t === 0) { r.s0[q] = e.score[i]; r.p0[q] = p; }
+      }
     }
-    return r.lists;
+    return r;
   }
 
   /** Positions with an entry under key (ascending). */
@@ -237,6 +250,13 @@ export class Session {
 
   /** Generated tokens so far (positions ≥ P). */
   generated() { return this.P >= 0 ? Math.max(0, this.n - this.P) : 0; }
+}
+
+/** a[p] = v, filling the gap with null so the array stays packed (V8 turns arrays written far past their end
+ *  into slow dictionaries, which made every lookup of a 50,000-entry table cost microseconds). */
+function setDense(a, p, v) {
+  while (a.length < p) a.push(null);
+  a[p] = v;
 }
 
 /** Weighted edges of an entry: [{t, score, prob, w}], best first. sink: drop position 0 and renormalise. */

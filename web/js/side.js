@@ -6,7 +6,7 @@
 
 import { visible, esc } from './text.js';
 
-const MAX_ROWS = 300;
+const MAX_ROWS = 120;
 
 const pct = x => (x * 100 >= 10 ? (x * 100).toFixed(1) : (x * 100).toFixed(2)) + '%';
 

@@ -13,7 +13,7 @@
 
 import { visible, isSpecial, isWhitespace, esc } from './text.js';
 
-const LINE_H = 24, SEG_H = 28, PAD = 4, BORDER = 1, GAP = 3, OVERSCAN = 600, MAX_CURVES = 96;
+const LINE_H = 24, SEG_H = 28, PAD = 4, BORDER = 1, GAP = 3, OVERSCAN = 240, MAX_CURVES = 96;
 const FONT = '13px ui-monospace, "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace';
 const FONT_SPECIAL = '11px ui-monospace, "DejaVu Sans Mono", "Liberation Mono", Menlo, Consolas, monospace';
 
