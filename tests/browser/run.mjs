@@ -15,6 +15,7 @@ import { chromium } from 'playwright-core';
 import { Stack, launchBrowser } from './harness.mjs';
 import { writeLong } from './gen.mjs';
 import { decodeAll } from '../../web/js/msgpack.js';
+import { runUnit } from './unit.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '../..');
@@ -451,7 +452,8 @@ async function main() {
     if (!fs.existsSync(path.join(build, b))) { console.error(`run.mjs: ${build}/${b} is not built`); process.exit(2); }
   }
   const stack = new Stack({ root, build, engine: engineKind });
-  let pass = 0, fail = 0, browser = null;
+  let [pass, fail] = only ? [0, 0] : runUnit(console.log);
+  let browser = null;
   const onSig = async () => { await browser?.close().catch(() => {}); await stack.down(); process.exit(130); };
   process.on('SIGINT', onSig);
   process.on('SIGTERM', onSig);
