@@ -39,6 +39,18 @@
  *   v5  v4 + a short-request path: when the batch fits one wave of 64-key chunks, 8-key tiles per warp with all
  *       KV heads loaded at once (168 registers, one CTA per SM), issued before the Q tile barrier. 4K: 30.4 /
  *       50.7 / 44.5 us (v2: 33.0 / 57.6 / 48.1); end to end with a CUDA graph 32.0 us for mean_logit.
+ *   v6  whole key rows into shared memory with one cp.async.bulk (2 KB) per row, 16-row stages on a ring of 4
+ *       mbarrier-completed buffers (3 in flight); warp w = KV head w of the staged rows, Q fragments in
+ *       registers; heads: each warp owns 4 query heads' lists outright (no CTA merge); mean modes: one reducer
+ *       warp, one list; candidates merged 16 at a time by bitonic networks when >= 4 beat the bar; the merge fused
+ *       into the same kernel (last CTA of a request, atomic ticket, threshold-bounded: only split prefixes not
+ *       worse than the best k-th of any split survive, sorted by one 32-lane bitonic network). One launch per
+ *       pass; one wave of CTAs (1 per SM, 140 KB smem). Predicted (before any run): 1M 1.05-1.15x floor for
+ *       mean_logit and heads, 128K 1.1-1.2x, 64x4K 1.1-1.2x, mean_prob ~2.2x, one 4K request 14-18 us end to end
+ *       with a graph. Measured: not yet (see RESULTS.md).
+ *   v7  v6 with a ring of 3 and two CTAs per SM (107 KB smem, <= 128 registers): one CTA's prologue and merge
+ *       overlap the other's stream. Predicted: within 3% of v6 at 1M, a few % better at 128K and 64x4K.
+ *       Measured: not yet.
  *
  * Validation: fresh random inputs per case (keys and queries uniform in [-1, 1], bf16) with planted keys aligned
  * with each request's grouped queries (strong, distinct scores) and one duplicated planted key (an exact tie);
@@ -50,14 +62,18 @@
  * (separate key regions and index rows). The floor is measured in the same run: a streaming read kernel of the
  * same bytes (K bytes + index bytes) over the same rotation; a gather read (whole 2 KB rows through the index),
  * a "v2-pattern" read (the split kernel's loads, 256 bytes of each row per step, nothing computed) and cudaMemcpy
- * device-to-device are printed beside it. For v2..v5 the split and merge kernels are also timed alone.
+ * device-to-device are printed beside it. For v2..v5 the split and merge kernels are also timed alone (v6/v7 have
+ * no separate merge kernel).
  *
- * Usage: topk_attn [--validate] [--bench] [--small] [--host-selftest] [--cases name,...] [--versions 12345]
+ * Usage: topk_attn [--validate] [--bench] [--small] [--host-selftest] [--cases name,...] [--versions 1234567]
  *   --validate  small edge cases (n < k, n not a multiple of 16, k = 1 and 64, several requests), every version
  *               and mode; exit 0 if all pass, 1 if not, 77 when no CUDA device is present.
  *   --bench     the issue's shapes: validate, then time every version and mode; table last.
  *   --small     one tiny case (for compute-sanitizer).
- *   --host-selftest  no GPU: the checker accepts the reference's own answer and rejects planted mistakes.
+ *   --host-selftest  no GPU: the checker accepts the reference's own answer and rejects planted mistakes; v6's
+ *               split planner, threshold-bounded merge, bitonic networks (32-lane sort, 16-into-K list merge,
+ *               both run over emulated lanes with the device's own compare-exchange rule) and shared-memory
+ *               layout (bank conflicts, alignment, smem per CTA) are checked against brute force.
  * Self-contained (CUDA runtime + C++ standard library) so it builds with plain nvcc on a machine without meson.
  */
 #include <cuda_runtime.h>
@@ -839,6 +855,618 @@ static void v2_init_attrs()
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
+/* v6 / v7: whole key rows staged in shared memory by cp.async.bulk, one warp per KV head, merge fused into the  */
+/* split kernel (the last CTA of a request merges, found with an atomic ticket)                                  */
+/*
+ * Why (RESULTS.md, run 3): v2 reads each 2 KB key row as eight 256-byte pieces at eight different times, and that
+ * pattern alone costs 1.5x floor at 1M; whole rows in one burst read at 1.02x. The separate merge kernel costs
+ * 12-26 us at every size. So:
+ *  - A stage is TS = 16 keys. Lanes 0..15 of warp 0 each issue ONE cp.async.bulk of their key's whole 2 KB row
+ *    (all KV heads) into shared memory, completing on the stage's mbarrier (arrival count 16, expect_tx 2 KB per
+ *    row); NS stages ring, NS-1 in flight while one is consumed. Rows sit at a padded stride (ROWS_SM = 2112 B,
+ *    = 64 mod 128) so the 16-byte fragment loads of a quarter-warp (rows r, r+1 x 64 bytes) hit 32 distinct banks.
+ *  - Warp w multiplies KV head w of the 16 staged rows by its GQA group's 4 query rows (mma.sync m16n8k16, Q's B
+ *    fragments held in registers for the whole CTA, two accumulator chains of 4). heads: warp w owns query heads
+ *    4w..4w+3 for the CTA's whole chunk (4 warp-wide top-k lists in registers, per-lane online logsumexp), so no
+ *    CTA merge. mean modes: per-warp group partials go to shared memory; after the stage barrier warp 7 sums the
+ *    8 partials of stage i and offers them to the CTA's one list (no CTA merge). Candidates are offered 16 at a
+ *    time: when 4 or more beat a list's bar (its first fill, above all) they are merged by bitonic networks
+ *    (wl_merge16, k <= 32) instead of one serial insertion each.
+ *  - Fused merge: each CTA writes its split's partial rows, __threadfence, atomicAdd on the request's counter; the
+ *    CTA that draws S-1 resets the counter (for the next launch) and merges all S splits of every row of the
+ *    request. The merge is threshold-bounded: T = the best k-th entry over the splits (a lower bound on the
+ *    global k-th), so only each split's prefix that is not worse than T can be in the answer; those survivors
+ *    (typically k plus a few) are gathered with ballots and, when <= 32, sorted by one warp-wide bitonic network;
+ *    otherwise inserted into a warp list (exact either way).
+ * v6 = NS 4, one CTA per SM (140 KB smem); v7 = NS 3, two CTAs per SM (107 KB each, <= 128 registers): whether
+ * overlapping one CTA's prologue/merge with another's stream beats a deeper ring. The host plans one wave of
+ * CTAs: the smallest 16-multiple chunk whose splits (at least one per request) fit the resident CTAs.
+ * Requires the lab's contiguous pool rows (k_slot = H_kv*D, k_head = D) and sm_90.
+ */
+enum { TS = 16, ROWB = HKV * HD * 2 /* 2048 */, ROWS_SM = ROWB + 64 };
+
+/* Byte offset in a stage buffer of the 16-byte fragment piece (row, KV head w, dims 32c+8t..+8): shared by the
+ * kernel and the host self-test's bank check. */
+__host__ __device__ constexpr int v6_lds_off(int row, int w, int c, int t)
+{
+	return row * ROWS_SM + w * (HD * 2) + c * 64 + t * 16;
+}
+
+/* Dynamic shared memory of v6_split: NS stages, NS mbarriers, 2 x [NW][TS] partials, per-warp 64-entry scratch
+ * (CTA merge, merge survivors), per-warp lse pair, the last-CTA flag. */
+__host__ __device__ constexpr size_t v6_smem(int ns)
+{
+	return (size_t)ns * TS * ROWS_SM + (size_t)ns * 8 + 2 * NW * TS * 4 + (size_t)NW * 64 * 8 + NW * 8 + 16;
+}
+
+/* A candidate (x, p) can be in the merged top-k only if the threshold (best k-th over splits) is not better. */
+__host__ __device__ __forceinline__ bool survives(float x, int p, float ts, int tp)
+{
+	return p >= 0 && !better(ts, tp, x, p);
+}
+
+/* One compare-exchange of a best-first bitonic sort over 32 lanes (stage k, distance j): take the partner's
+ * entry? Lower lane of a best-first block keeps the better one; blocks alternate direction. */
+__host__ __device__ __forceinline__ bool bitonic_take(float x, int p, float ox, int op, int lane, int j, int k)
+{
+	const bool lower = (lane & j) == 0, best_first = (lane & k) == 0;
+	return lower == best_first ? better(ox, op, x, p) : better(x, p, ox, op);
+}
+
+__device__ __forceinline__ void bitonic32(float &x, int &p)
+{
+	const int lane = threadIdx.x & 31;
+#pragma unroll
+	for (int k = 2; k <= 32; k <<= 1)
+#pragma unroll
+		for (int j = k >> 1; j; j >>= 1) {
+			const float ox = __shfl_xor_sync(FULL, x, j);
+			const int op = __shfl_xor_sync(FULL, p, j);
+			if (bitonic_take(x, p, ox, op, lane, j, k)) {
+				x = ox;
+				p = op;
+			}
+		}
+}
+
+/*
+ * Merge up to 16 candidates (lane l < 16 offers (x, p) when ok) into a warp list with K <= 32 in one go: sort the
+ * candidates best-first (bitonic, 16-lane blocks), then lane i keeps the better of list entry i and candidate
+ * 31-i (list best-first against candidates worst-first: the 32 kept entries are the best 32 of the union and form
+ * a bitonic sequence), then a 5-step bitonic merge sorts them. ~16 shuffle steps instead of one insertion (~8
+ * dependent shuffles) per candidate; used when 4 or more candidates beat the bar (a list's first fill, above all).
+ */
+__device__ __forceinline__ void wl_merge16(WList &L, float x, int p, bool ok, int K)
+{
+	const int lane = threadIdx.x & 31;
+	float cx = ok && lane < 16 ? x : -INFINITY;
+	int cp = ok && lane < 16 ? p : INT_MAX;
+#pragma unroll
+	for (int k = 2; k <= 16; k <<= 1)
+#pragma unroll
+		for (int j = k >> 1; j; j >>= 1) {
+			const float ox = __shfl_xor_sync(FULL, cx, j);
+			const int op = __shfl_xor_sync(FULL, cp, j);
+			if (bitonic_take(cx, cp, ox, op, lane, j, k)) {
+				cx = ox;
+				cp = op;
+			}
+		}
+	const float rx = __shfl_sync(FULL, cx, 31 - lane);
+	const int rp = __shfl_sync(FULL, cp, 31 - lane);
+	float ax = lane < K ? L.s0 : -INFINITY;
+	int ap = lane < K ? L.p0 : INT_MAX;
+	if (better(rx, rp, ax, ap)) {
+		ax = rx;
+		ap = rp;
+	}
+#pragma unroll
+	for (int j = 16; j; j >>= 1) {
+		const float ox = __shfl_xor_sync(FULL, ax, j);
+		const int op = __shfl_xor_sync(FULL, ap, j);
+		if (bitonic_take(ax, ap, ox, op, lane, j, 32)) {
+			ax = ox;
+			ap = op;
+		}
+	}
+	L.s0 = ax;
+	L.p0 = ap;
+	L.ts = __shfl_sync(FULL, ax, K - 1);
+	L.tp = __shfl_sync(FULL, ap, K - 1);
+}
+
+/* Offer the candidates of lanes 0..15 (lane l: (x, p), ok): nothing when none beats the bar, a batched merge when
+ * 4 or more do (k <= 32), one-by-one insertion otherwise. */
+__device__ __forceinline__ void wl_offer16(WList &L, float x, int p, bool ok, int K)
+{
+	const int lane = threadIdx.x & 31;
+	const unsigned m = __ballot_sync(FULL, ok && lane < 16 && better(x, p, L.ts, L.tp));
+	if (!m) return;
+	if (K <= 32 && __popc(m) >= 4) wl_merge16(L, x, p, ok && lane < 16, K);
+	else wl_offer(L, x, p, ok && lane < 16, K);
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p)
+{
+	return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define V6_SM90(body) __trap()
+#else
+#define V6_SM90(body) body
+#endif
+
+__device__ __forceinline__ void mbar_init(uint64_t *mb, int count)
+{
+	V6_SM90(asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(mb)), "r"(count) : "memory"));
+}
+
+__device__ __forceinline__ void mbar_init_fence()
+{
+	V6_SM90(asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"));
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t *mb)
+{
+	V6_SM90(asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(mb)) : "memory"));
+}
+
+__device__ __forceinline__ void mbar_arrive_tx(uint64_t *mb, int bytes)
+{
+	V6_SM90(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(mb)), "r"(bytes)
+			     : "memory"));
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t *mb, int parity)
+{
+	uint32_t done = 0;
+	do {
+		V6_SM90(asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+				     "selp.u32 %0, 1, 0, p;\n\t}"
+				     : "=r"(done)
+				     : "r"(smem_u32(mb)), "r"(parity)
+				     : "memory"));
+	} while (!done);
+}
+
+/* Order this thread's view of earlier generic-proxy shared accesses (made visible by a barrier) before the
+ * async-proxy writes it issues next (the ring reuses a buffer the warps just read). */
+__device__ __forceinline__ void fence_proxy_async()
+{
+	V6_SM90(asm volatile("fence.proxy.async.shared::cta;" ::: "memory"));
+}
+
+__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, int bytes, uint64_t *mb)
+{
+	V6_SM90(asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+				     smem_u32(dst)),
+			     "l"(src), "r"(bytes), "r"(smem_u32(mb))
+			     : "memory"));
+}
+
+struct V6Args {
+	Prob a;
+	const int *split_off; /* [B+1]: CTAs of request b are split_off[b] .. split_off[b+1]-1 (>= 1 each) */
+	int chunk;            /* keys per CTA, a multiple of TS */
+	int K;                /* top-k, 0 = logsumexp only */
+	const float *lse_h;   /* mean_prob pass 2: [B, HQ] */
+	float *part_s;        /* [split_off[B]·rows, K], row (b, r, split) at (split_off[b]·rows + r·S_b + split) */
+	int *part_p;          /* same; -1 = empty */
+	float *part_lse;      /* [split_off[B]·rows] */
+	int *cnt;             /* [B] tickets, 0 between launches (the last CTA of a request resets its own) */
+	float *out_s;         /* [B·rows, K] */
+	int *out_p;           /* [B·rows, K]; -1 past the visible keys */
+	float *out_lse;       /* [B·rows] */
+};
+
+/* One warp merges the S split partials of one row (rb = index of split 0's partial row) into out row o, exactly:
+ * logsumexp over the split logsumexps; top-k via the threshold bound (see the section comment). xs/xp: this
+ * warp's 64-entry shared scratch. Partials written by other CTAs are read with ld.global.cg (L2). */
+__device__ void v6_merge_row(const V6Args &s, long rb, int S, long o, float *xs, int *xp)
+{
+	const int lane = threadIdx.x & 31, K = s.K;
+	float m = -INFINITY, sm = 0.f;
+	for (int i = lane; i < S; i += 32) lse_add(m, sm, __ldcg(s.part_lse + rb + i));
+	lse_warp(m, sm);
+	if (lane == 0) s.out_lse[o] = lse_value(m, sm);
+	if (!K) return;
+	float ts = -INFINITY;
+	int tp = INT_MAX;
+	for (int i = lane; i < S; i += 32) {
+		const long e = (rb + i) * K + K - 1;
+		const float x = __ldcg(s.part_s + e);
+		const int p = __ldcg(s.part_p + e);
+		if (p >= 0 && better(x, p, ts, tp)) {
+			ts = x;
+			tp = p;
+		}
+	}
+	for (int off = 16; off; off >>= 1) {
+		const float ox = __shfl_xor_sync(FULL, ts, off);
+		const int op = __shfl_xor_sync(FULL, tp, off);
+		if (better(ox, op, ts, tp)) {
+			ts = ox;
+			tp = op;
+		}
+	}
+	/* gather the survivors: round e reads entry e of every still-active split (lists are sorted) */
+	int n = 0;
+	for (int base = 0; base < S; base += 32) {
+		const int i = base + lane;
+		bool act = i < S;
+		for (int e = 0; e < K && __any_sync(FULL, act); ++e) {
+			float x = -INFINITY;
+			int p = -1;
+			if (act) {
+				x = __ldcg(s.part_s + (rb + i) * K + e);
+				p = __ldcg(s.part_p + (rb + i) * K + e);
+				act = survives(x, p, ts, tp);
+			}
+			const unsigned bm = __ballot_sync(FULL, act);
+			const int pos = n + __popc(bm & ((1u << lane) - 1));
+			if (act && pos < 64) {
+				xs[pos] = x;
+				xp[pos] = p;
+			}
+			n += __popc(bm);
+		}
+	}
+	__syncwarp();
+	if (n <= 32) {
+		float x = lane < n ? xs[lane] : -INFINITY;
+		int p = lane < n ? xp[lane] : INT_MAX;
+		bitonic32(x, p);
+		/* n < K only when no split has k entries: then every valid entry survived and the rest is empty */
+		if (lane < K) {
+			s.out_s[o * K + lane] = p == INT_MAX ? -INFINITY : x;
+			s.out_p[o * K + lane] = p == INT_MAX ? -1 : p;
+		}
+		if (lane + 32 < K) {
+			s.out_s[o * K + lane + 32] = -INFINITY;
+			s.out_p[o * K + lane + 32] = -1;
+		}
+	} else {
+		WList L;
+		wl_init(L, K);
+		if (n <= 64) {
+			for (int q = 0; q < n; q += 32) {
+				const int i = q + lane;
+				const bool ok = i < n;
+				wl_offer(L, ok ? xs[i] : -INFINITY, ok ? xp[i] : INT_MAX, ok, K);
+			}
+		} else { /* many survivors (wide ties or k near 64): rescan, the list's own bar filters */
+			for (int base = 0; base < S; base += 32) {
+				const int i = base + lane;
+				bool act = i < S;
+				for (int e = 0; e < K && __any_sync(FULL, act); ++e) {
+					float x = -INFINITY;
+					int p = -1;
+					if (act) {
+						x = __ldcg(s.part_s + (rb + i) * K + e);
+						p = __ldcg(s.part_p + (rb + i) * K + e);
+						act = survives(x, p, ts, tp);
+					}
+					wl_offer(L, x, p, act, K);
+				}
+			}
+		}
+		if (lane < K) {
+			s.out_s[o * K + lane] = L.p0 == INT_MAX ? -INFINITY : L.s0;
+			s.out_p[o * K + lane] = L.p0 == INT_MAX ? -1 : L.p0;
+		}
+		if (lane + 32 < K) {
+			s.out_s[o * K + lane + 32] = L.p1 == INT_MAX ? -INFINITY : L.s1;
+			s.out_p[o * K + lane + 32] = L.p1 == INT_MAX ? -1 : L.p1;
+		}
+	}
+	__syncwarp();
+}
+
+/* Write a warp list as one partial row (lane < K writes entries lane and lane+32). */
+__device__ __forceinline__ void v6_put_list(const V6Args &s, long row, const WList &L)
+{
+	const int lane = threadIdx.x & 31, K = s.K;
+	if (lane < K) {
+		s.part_s[row * K + lane] = L.s0;
+		s.part_p[row * K + lane] = L.p0 == INT_MAX ? -1 : L.p0;
+	}
+	if (lane + 32 < K) {
+		s.part_s[row * K + lane + 32] = L.s1;
+		s.part_p[row * K + lane + 32] = L.p1 == INT_MAX ? -1 : L.p1;
+	}
+}
+
+template <int MODE, int NS, int MINB> __global__ void __launch_bounds__(NW * 32, MINB) v6_split(V6Args s)
+{
+	extern __shared__ __align__(16) unsigned char smem[]; /* stage rows need 16-byte alignment (bulk copy) */
+	const Prob &a = s.a;
+	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, grow = lane >> 2, t = lane & 3;
+	const int K = s.K, cta = blockIdx.x;
+	int lo = 0, hi = a.B; /* largest b with split_off[b] <= cta */
+	while (hi - lo > 1) {
+		const int mid = (lo + hi) >> 1;
+		if (s.split_off[mid] <= cta) lo = mid;
+		else hi = mid;
+	}
+	const int b = lo, S = s.split_off[b + 1] - s.split_off[b], sl = cta - s.split_off[b];
+	const int n = a.seqlen[b], start = min(n, sl * s.chunk), end = min(n, start + s.chunk);
+	const int nst = (end - start + TS - 1) / TS;
+
+	unsigned char *stg = smem;
+	uint64_t *mbar = (uint64_t *)(smem + (size_t)NS * TS * ROWS_SM);
+	float *red = (float *)(mbar + NS);  /* [2][NW][TS] */
+	float *xs = red + 2 * NW * TS;      /* [NW][64] */
+	int *xp = (int *)(xs + NW * 64);    /* [NW][64] */
+	float *xm = (float *)(xp + NW * 64), *xsum = xm + NW;
+	int *flag = (int *)(xsum + NW);
+
+	if (tid == 0) {
+		for (int i = 0; i < NS; ++i) mbar_init(&mbar[i], TS);
+		mbar_init_fence();
+	}
+	__syncthreads();
+
+	/* producer: lane r < TS of warp 0 fetches row r of every stage */
+	const int *irow = a.idx + (long)b * a.idx_b;
+	const bool prod = w == 0 && lane < TS;
+	auto slot_of = [&](int st) -> int {
+		const int j = start + st * TS + lane;
+		return st < nst && j < end ? irow[j] : INT_MIN;
+	};
+	auto issue = [&](int st, int slot) {
+		uint64_t *mb = &mbar[st % NS];
+		unsigned char *dst = stg + (size_t)(st % NS) * TS * ROWS_SM + lane * ROWS_SM;
+		if (slot >= 0 && slot < a.n_slots) {
+			fence_proxy_async();
+			mbar_arrive_tx(mb, ROWB);
+			bulk_g2s(dst, a.k + (long)slot * a.k_slot, ROWB, mb);
+		} else {
+			if (slot != INT_MIN) { /* index outside the pool: flagged, read as a zero row (as v2) */
+				atomicOr(a.err, 1);
+				for (int i = 0; i < ROWB / 16; ++i) ((uint4 *)dst)[i] = make_uint4(0, 0, 0, 0);
+			}
+			mbar_arrive(mb);
+		}
+	};
+	int nxt = INT_MIN;
+	if (prod) {
+		int pre[NS - 1];
+#pragma unroll
+		for (int i = 0; i < NS - 1; ++i) pre[i] = slot_of(i);
+#pragma unroll
+		for (int i = 0; i < NS - 1; ++i)
+			if (i < nst) issue(i, pre[i]);
+		nxt = slot_of(NS - 1);
+	}
+
+	/* Q: B fragments of this warp's group (query heads 4w..4w+3 in columns 0..3), kept in registers */
+	uint4 qf[4];
+	{
+		const bf16 *qr = a.q + ((long)b * HQ + w * GRP + (grow < GRP ? grow : 0)) * HD + 8 * t;
+#pragma unroll
+		for (int c = 0; c < 4; ++c) qf[c] = grow < GRP ? *(const uint4 *)(qr + 32 * c) : make_uint4(0, 0, 0, 0);
+	}
+	const float scale = a.scale;
+	float l0 = 0.f, l1 = 0.f; /* mean_prob: logsumexp of heads 4w+2t, 4w+2t+1 */
+	if (MODE == M_MEAN_PROB && t < 2) {
+		l0 = s.lse_h[b * HQ + w * GRP + 2 * t];
+		l1 = s.lse_h[b * HQ + w * GRP + 2 * t + 1];
+	}
+
+	WList L[MODE == M_HEADS ? 4 : 1];
+#pragma unroll
+	for (int h = 0; h < (MODE == M_HEADS ? 4 : 1); ++h) wl_init(L[h], K);
+	float mA = -INFINITY, sA = 0.f, mB = -INFINITY, sB = 0.f; /* heads: lse of heads 2t, 2t+1 (t < 2) */
+	float thAs = INFINITY, thBs = INFINITY;                     /* heads: this lane's two lists' bars */
+	int thAp = -1, thBp = -1;
+	auto bars = [&]() {
+		if (MODE == M_HEADS && K) {
+			thAs = t == 0 ? L[0].ts : t == 1 ? L[2].ts : INFINITY;
+			thAp = t == 0 ? L[0].tp : t == 1 ? L[2].tp : -1;
+			thBs = t == 0 ? L[1].ts : t == 1 ? L[3].ts : INFINITY;
+			thBp = t == 0 ? L[1].tp : t == 1 ? L[3].tp : -1;
+		}
+	};
+	bars();
+
+	for (int i = 0; i < nst; ++i) {
+		if (prod && i + NS - 1 < nst) {
+			const int cur = nxt;
+			nxt = slot_of(i + NS);
+			issue(i + NS - 1, cur);
+		}
+		mbar_wait(&mbar[i % NS], (i / NS) & 1);
+		const int tile = start + i * TS, nv = min(TS, end - tile);
+		const unsigned char *buf = stg + (size_t)(i % NS) * TS * ROWS_SM;
+		const bool r0 = grow < nv, r1 = grow + 8 < nv; /* rows past the end were not fetched: zeros */
+		float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+		for (int c = 0; c < 4; ++c) {
+			const uint4 ka = r0 ? *(const uint4 *)(buf + v6_lds_off(grow, w, c, t)) : make_uint4(0, 0, 0, 0);
+			const uint4 kb = r1 ? *(const uint4 *)(buf + v6_lds_off(grow + 8, w, c, t)) : make_uint4(0, 0, 0, 0);
+			if (c & 1) { /* two independent accumulator chains */
+				mma16816(c1, ka.x, kb.x, ka.y, kb.y, qf[c].x, qf[c].y);
+				mma16816(c1, ka.z, kb.z, ka.w, kb.w, qf[c].z, qf[c].w);
+			} else {
+				mma16816(c0, ka.x, kb.x, ka.y, kb.y, qf[c].x, qf[c].y);
+				mma16816(c0, ka.z, kb.z, ka.w, kb.w, qf[c].z, qf[c].w);
+			}
+		}
+		const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale; /* key grow: heads 2t, 2t+1 */
+		const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale; /* key grow+8 */
+		if (MODE == M_HEADS) {
+			const int j0 = tile + grow, j1 = j0 + 8;
+			const bool v0 = t < 2 && r0, v1 = t < 2 && r1;
+			if (v0) {
+				lse_add(mA, sA, x0);
+				lse_add(mB, sB, x1);
+			}
+			if (v1) {
+				lse_add(mA, sA, x2);
+				lse_add(mB, sB, x3);
+			}
+			if (K) {
+				const bool cand = (v0 && (better(x0, j0, thAs, thAp) || better(x1, j0, thBs, thBp))) ||
+						  (v1 && (better(x2, j1, thAs, thAp) || better(x3, j1, thBs, thBp)));
+				if (__any_sync(FULL, cand)) {
+					const unsigned b0 = __ballot_sync(FULL, v0), b1 = __ballot_sync(FULL, v1);
+#pragma unroll
+					for (int h = 0; h < 4; ++h) { /* lane l < 16 gathers key tile+l of head 4w+h */
+						const int src = ((lane & 7) << 2) | (h >> 1);
+						const float ya = __shfl_sync(FULL, (h & 1) ? x1 : x0, src);
+						const float yb = __shfl_sync(FULL, (h & 1) ? x3 : x2, src);
+						const bool ok = lane < 16 && (((lane < 8 ? b0 : b1) >> src) & 1);
+						wl_offer16(L[h], lane < 8 ? ya : yb, tile + lane, ok, K);
+					}
+					bars();
+				}
+			}
+			__syncthreads(); /* every warp is done with buffer i % NS before it is refilled */
+		} else {
+			float p0, p1;
+			if (MODE == M_MEAN_LOGIT) {
+				p0 = x0 + x1;
+				p1 = x2 + x3;
+			} else {
+				p0 = t < 2 ? __expf(x0 - l0) + __expf(x1 - l1) : 0.f;
+				p1 = t < 2 ? __expf(x2 - l0) + __expf(x3 - l1) : 0.f;
+			}
+			p0 += __shfl_xor_sync(FULL, p0, 1);
+			p1 += __shfl_xor_sync(FULL, p1, 1);
+			float *rd = red + (i & 1) * NW * TS;
+			if (t == 0) {
+				rd[w * TS + grow] = p0;
+				rd[w * TS + grow + 8] = p1;
+			}
+			__syncthreads(); /* partials of stage i complete; buffer i % NS free */
+			if (w == NW - 1) { /* one list for the CTA: filled once, then mostly one ballot per stage */
+				float v = 0.f;
+				if (lane < TS)
+#pragma unroll
+					for (int g = 0; g < NW; ++g) v += rd[g * TS + lane];
+				v = MODE == M_MEAN_LOGIT ? v * (1.f / HQ) : logf(v * (1.f / HQ));
+				const bool ok = lane < nv;
+				if (ok) lse_add(mA, sA, v);
+				if (K) wl_offer16(L[0], v, tile + lane, ok, K);
+			}
+		}
+	}
+
+	/* this split's partial row(s) */
+	if (MODE == M_HEADS) {
+#pragma unroll
+		for (int off = 4; off < 32; off <<= 1) {
+			lse_merge(mA, sA, __shfl_xor_sync(FULL, mA, off), __shfl_xor_sync(FULL, sA, off));
+			lse_merge(mB, sB, __shfl_xor_sync(FULL, mB, off), __shfl_xor_sync(FULL, sB, off));
+		}
+		const long rb0 = (long)s.split_off[b] * HQ + sl;
+		if (lane < 2) { /* lane t = 0, 1 holds heads 4w+2t, 4w+2t+1 */
+			s.part_lse[rb0 + (long)(w * GRP + 2 * lane) * S] = lse_value(mA, sA);
+			s.part_lse[rb0 + (long)(w * GRP + 2 * lane + 1) * S] = lse_value(mB, sB);
+		}
+		if (K)
+#pragma unroll
+			for (int h = 0; h < 4; ++h) v6_put_list(s, rb0 + (long)(w * GRP + h) * S, L[h]);
+	} else if (w == NW - 1) {
+		lse_warp(mA, sA);
+		{
+			const long rb = (long)s.split_off[b] + sl;
+			if (lane == 0) s.part_lse[rb] = lse_value(mA, sA);
+			if (K) v6_put_list(s, rb, L[0]);
+		}
+	}
+
+	/* ticket: the CTA that finishes its request's last split merges the request */
+	__threadfence();
+	__syncthreads();
+	if (tid == 0) {
+		const int last = atomicAdd(&s.cnt[b], 1) == S - 1;
+		if (last) s.cnt[b] = 0;
+		__threadfence();
+		*flag = last;
+	}
+	__syncthreads();
+	if (!*flag) return;
+	if (MODE == M_HEADS) {
+		for (int r = w; r < HQ; r += NW)
+			v6_merge_row(s, (long)s.split_off[b] * HQ + (long)r * S, S, (long)b * HQ + r, xs + w * 64, xp + w * 64);
+	} else if (w == 0) {
+		v6_merge_row(s, s.split_off[b], S, b, xs, xp);
+	}
+}
+
+struct V6Work {
+	int *split_off; /* device [B+1] */
+	int nsplit, chunk, resident;
+	int *cnt;       /* [B] tickets */
+	float *part_s, *part_lse, *lse_h;
+	int *part_p;
+};
+
+/* Splits for one wave: the smallest chunk (a multiple of `unit`) with sum_b max(1, ceil(n_b / chunk)) <= R, or
+ * one split per request when there are more requests than R. off[b] .. off[b+1]-1 are request b's splits. */
+static int plan_chunk(const std::vector<int> &n, long R, int unit, std::vector<int> &off)
+{
+	long T = 0;
+	int mx = 0;
+	for (int x : n) {
+		T += x;
+		mx = std::max(mx, x);
+	}
+	const long B = (long)n.size();
+	long chunk = std::max<long>(unit, ((T + R - 1) / std::max(1L, R) + unit - 1) / unit * unit);
+	const long cap = std::max<long>(unit, ((long)mx + unit - 1) / unit * unit);
+	for (; chunk < cap; chunk += unit) {
+		long tot = 0;
+		for (int x : n) tot += std::max(1L, (x + chunk - 1) / chunk);
+		if (tot <= R) break;
+	}
+	chunk = std::min(chunk, cap);
+	off.assign(B + 1, 0);
+	for (long b = 0; b < B; ++b) off[b + 1] = off[b] + (int)std::max(1L, (n[b] + chunk - 1) / chunk);
+	return (int)chunk;
+}
+
+template <int NS, int MINB>
+static cudaError_t v6_run(const Prob &a, int mode, int K, V6Work &w, float *out_s, int *out_p, float *out_lse,
+			  cudaStream_t st)
+{
+	if (a.k_slot != HKV * HD || a.k_head != HD || w.nsplit == 0) return cudaErrorInvalidValue;
+	V6Args s = {a, w.split_off, w.chunk, K, w.lse_h, w.part_s, w.part_p, w.part_lse, w.cnt, out_s, out_p, out_lse};
+	const size_t sm = v6_smem(NS);
+	if (mode == M_MEAN_LOGIT) {
+		v6_split<M_MEAN_LOGIT, NS, MINB><<<w.nsplit, NW * 32, sm, st>>>(s);
+	} else if (mode == M_HEADS) {
+		v6_split<M_HEADS, NS, MINB><<<w.nsplit, NW * 32, sm, st>>>(s);
+	} else {
+		V6Args s1 = s; /* pass 1: logsumexp per head into lse_h */
+		s1.K = 0;
+		s1.out_lse = w.lse_h;
+		v6_split<M_HEADS, NS, MINB><<<w.nsplit, NW * 32, sm, st>>>(s1);
+		v6_split<M_MEAN_PROB, NS, MINB><<<w.nsplit, NW * 32, sm, st>>>(s);
+	}
+	return cudaGetLastError();
+}
+
+/* v6: NS 4, 1 CTA/SM; v7: NS 3, 2 CTAs/SM */
+#define V6_CFG_V6 4, 1
+#define V6_CFG_V7 3, 2
+
+template <int NS, int MINB> static int v6_init_attrs()
+{
+	const int sm = (int)v6_smem(NS);
+	CK(cudaFuncSetAttribute(v6_split<M_MEAN_LOGIT, NS, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+	CK(cudaFuncSetAttribute(v6_split<M_MEAN_PROB, NS, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+	CK(cudaFuncSetAttribute(v6_split<M_HEADS, NS, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+	int occ = 0, o2 = 0, o3 = 0; /* resident CTAs per SM: the least over the three modes */
+	CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, v6_split<M_MEAN_LOGIT, NS, MINB>, NW * 32, sm));
+	CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o2, v6_split<M_MEAN_PROB, NS, MINB>, NW * 32, sm));
+	CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o3, v6_split<M_HEADS, NS, MINB>, NW * 32, sm));
+	return std::max(1, std::min(occ, std::min(o2, o3)));
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
 /* floor kernels                                                                                                */
 
 __global__ void floor_read(const uint4 *p, long n16, unsigned *sink)
@@ -1203,10 +1831,38 @@ struct Lab {
 	Setup su;
 	V1Work w1{};
 	V2Work w2{};
+	V6Work w6{}, w7{};
 	Outs out{};
 	int sms = 0;
 	unsigned *sink = nullptr;
 };
+
+static int g_res6 = 1, g_res7 = 2; /* resident v6 / v7 CTAs per SM (occupancy API, set in main) */
+
+/* v6/v7 buffers: split plan for one wave of R CTAs, zeroed tickets, partials for every row of every split. */
+static void v6_alloc(V6Work &w, const std::vector<int> &n, long R)
+{
+	std::vector<int> off;
+	w.chunk = plan_chunk(n, R, TS, off);
+	w.nsplit = off.back();
+	w.resident = (int)R;
+	const int B = (int)n.size();
+	CK(cudaMalloc(&w.split_off, (B + 1) * 4));
+	CK(cudaMemcpy(w.split_off, off.data(), (B + 1) * 4, cudaMemcpyHostToDevice));
+	CK(cudaMalloc(&w.cnt, std::max(1, B) * 4));
+	CK(cudaMemset(w.cnt, 0, std::max(1, B) * 4));
+	const size_t np = (size_t)std::max(1, w.nsplit) * HQ;
+	CK(cudaMalloc(&w.part_s, np * MAXK * 4));
+	CK(cudaMalloc(&w.part_p, np * MAXK * 4));
+	CK(cudaMalloc(&w.part_lse, np * 4));
+	CK(cudaMalloc(&w.lse_h, (size_t)std::max(1, B) * HQ * 4));
+}
+
+static void v6_free(V6Work &w)
+{
+	void *ps[] = {w.split_off, w.cnt, w.part_s, w.part_p, w.part_lse, w.lse_h};
+	for (void *p : ps) CK(cudaFree(p));
+}
 
 static void lab_alloc(Lab &L)
 {
@@ -1250,6 +1906,8 @@ static void lab_alloc(Lab &L)
 	CK(cudaMalloc(&L.w2.lse_h, (size_t)su.B * HQ * 4));
 	CK(cudaMalloc(&L.w2.junk_s, 4));
 	CK(cudaMalloc(&L.w2.junk_p, 4));
+	v6_alloc(L.w6, su.c.n, (long)g_res6 * L.sms);
+	v6_alloc(L.w7, su.c.n, (long)g_res7 * L.sms);
 	L.out.n = (long)su.B * HQ * MAXK;
 	L.out.nl = (long)su.B * HQ;
 	CK(cudaMalloc(&L.out.s, L.out.n * 4));
@@ -1264,6 +1922,8 @@ static void lab_free(Lab &L)
 		      L.w1.junk_p, L.w2.split_off, L.w2.split_off_s, L.w2.part_s, L.w2.part_p, L.w2.part_lse, L.w2.lse_h,
 		      L.w2.junk_s, L.w2.junk_p, L.out.s, L.out.p, L.out.lse, L.sink};
 	for (void *p : ps) CK(cudaFree(p));
+	v6_free(L.w6);
+	v6_free(L.w7);
 }
 
 static cudaError_t run_version(Lab &L, int ver, int mode, int r, cudaStream_t st, int only = 0)
@@ -1273,7 +1933,11 @@ static cudaError_t run_version(Lab &L, int ver, int mode, int r, cudaStream_t st
 	if (ver == 2) return v2_run<0>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
 	if (ver == 3) return v2_run<1>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
 	if (ver == 4) return v2_run<2>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
-	return v2_run<3>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
+	if (ver == 5) return v2_run<3>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
+	if (only) return cudaSuccess; /* v6/v7: one fused kernel per pass, no split/merge breakdown */
+	if (ver == 6) return v6_run<V6_CFG_V6>(a, mode, L.su.c.K, L.w6, L.out.s, L.out.p, L.out.lse, st);
+	if (ver == 7) return v6_run<V6_CFG_V7>(a, mode, L.su.c.K, L.w7, L.out.s, L.out.p, L.out.lse, st);
+	return cudaErrorInvalidValue;
 }
 
 /* Poison, run on rotation set 0, check. Returns true when every row passes. */
@@ -1399,14 +2063,16 @@ static void bench_case(Lab &L, const std::vector<int> &vers, bool e2e)
 		},
 		1, reps);
 	const double copy_gbs = 2.0 * (su.R > 1 ? kbytes : kbytes / 2) / (t_copy * 1e3);
-	char buf[512];
+	char buf[768];
 	snprintf(buf, sizeof buf,
 		 "%-10s floor: read %.1f us (%.0f GB/s), gather-read %.1f us (%.0f GB/s), v2-pattern read %.1f us "
 		 "(%.0f GB/s), memcpy d2d %.0f GB/s (r+w); "
-		 "bytes %.1f MB, rotation sets %d, v2 chunk %d splits %d, v5 short path %s",
+		 "bytes %.1f MB, rotation sets %d, v2 chunk %d splits %d, v5 short path %s, v6 chunk %d splits %d "
+		 "(R %d), v7 chunk %d splits %d (R %d)",
 		 su.c.name.c_str(), t_read, bytes / (t_read * 1e3), t_gather, bytes / (t_gather * 1e3), t_steps,
 		 bytes / (t_steps * 1e3), copy_gbs,
-		 bytes / 1e6, su.R, L.w2.chunk, L.w2.nsplit, L.w2.nsplit_s ? "on" : "off");
+		 bytes / 1e6, su.R, L.w2.chunk, L.w2.nsplit, L.w2.nsplit_s ? "on" : "off", L.w6.chunk, L.w6.nsplit,
+		 L.w6.resident, L.w7.chunk, L.w7.nsplit, L.w7.resident);
 	printf("%s\n", buf);
 	g_table.push_back(buf);
 	for (int mode : {M_MEAN_LOGIT, M_HEADS, M_MEAN_PROB})
@@ -1415,7 +2081,7 @@ static void bench_case(Lab &L, const std::vector<int> &vers, bool e2e)
 			snprintf(buf, sizeof buf, "%-10s v%d %-10s %10.1f us %7.0f GB/s  %6.2fx floor", su.c.name.c_str(), v,
 				 mode_name(mode), t, bytes / (t * 1e3), t / t_read);
 			std::string line = buf;
-			if (v >= 2) { /* breakdown: split kernel(s) alone, merge kernel(s) alone */
+			if (v >= 2 && v <= 5) { /* breakdown: split kernel(s) alone, merge kernel(s) alone */
 				float ts = time_med([&](int r) { CK(run_version(L, v, mode, r, 0, 1)); }, su.R, reps);
 				float tm = time_med([&](int r) { CK(run_version(L, v, mode, r, 0, 2)); }, su.R, reps);
 				snprintf(buf, sizeof buf, "  [split %.1f us = %.2fx, merge %.1f us]", ts, ts / t_read, tm);
@@ -1432,11 +2098,274 @@ static void bench_case(Lab &L, const std::vector<int> &vers, bool e2e)
 		}
 }
 
-/* Host-only check of the checker (runs without a GPU): the reference's own answer must pass, a swapped position,
- * a NaN logit, a NaN logsumexp and an unwritten (poisoned) entry must each fail. */
-static int host_selftest()
+/* ---- host self-tests of v6's host-visible pieces (no GPU) ---- */
+
+/* The planner: every key of every request in exactly one split, >= 1 split per request, chunk a multiple of the
+ * unit, one wave (<= R CTAs) whenever B <= R, and the chunk minimal (one unit less would need more than R). */
+static int selftest_plan()
+{
+	struct P {
+		std::vector<int> n;
+		long R;
+	};
+	const P ps[] = {{{4096}, 132},         {{131072}, 132},   {{1 << 20}, 264},       {std::vector<int>(64, 4096), 132},
+			{std::vector<int>(8, 131072), 264}, {{1, 37, 1000}, 132}, {{4096, 0, 17}, 132}, {{100, 20000, 3, 4096, 777}, 264},
+			{std::vector<int>(300, 50), 132},   {{0}, 132},        {{16}, 1},              {{5000, 7}, 2}};
+	int bad = 0;
+	for (const P &p : ps) {
+		std::vector<int> off;
+		const int chunk = plan_chunk(p.n, p.R, TS, off);
+		const int B = (int)p.n.size();
+		bool ok = chunk > 0 && chunk % TS == 0 && (int)off.size() == B + 1 && off[0] == 0;
+		for (int b = 0; b < B && ok; ++b) {
+			const int S = off[b + 1] - off[b];
+			long covered = 0; /* splits are [sl·chunk, min(n, sl·chunk + chunk)) as in the kernel */
+			for (int sl = 0; sl < S; ++sl) {
+				const long st = std::min<long>(p.n[b], (long)sl * chunk), en = std::min<long>(p.n[b], st + chunk);
+				ok &= st == std::min<long>(p.n[b], covered);
+				covered = std::max(covered, en);
+			}
+			ok &= S >= 1 && covered == p.n[b] && (S == 1 || (long)(S - 1) * chunk < p.n[b]);
+		}
+		const bool wave = B <= p.R;
+		if (wave) ok &= off[B] <= p.R;
+		if (wave && chunk > TS) { /* minimal */
+			long tot = 0;
+			for (int x : p.n) tot += std::max(1L, (x + chunk - TS - 1L) / (chunk - TS));
+			long T = 0;
+			for (int x : p.n) T += x;
+			ok &= tot > p.R || chunk - TS < (T + p.R - 1) / p.R;
+		}
+		printf("host-selftest plan B=%-3d R=%-3ld -> chunk %6d splits %4d  %s\n", B, p.R, chunk, off[B],
+		       ok ? "PASS" : "FAIL");
+		bad += !ok;
+	}
+	return bad;
+}
+
+/* wl_merge16 over 32 emulated lanes (same steps, same bitonic_take): the list (lane i = entry i, lanes >= K junk)
+ * and 16 candidates must give the best K of their union, with the bar at entry K-1. */
+static void merge16_host(float *s0, int *p0, int K, const float *x, const int *p, const bool *ok)
+{
+	float cx[32], ax[32], nx[32];
+	int cp[32], ap[32], np[32];
+	for (int l = 0; l < 32; ++l) {
+		cx[l] = ok[l] && l < 16 ? x[l] : -INFINITY;
+		cp[l] = ok[l] && l < 16 ? p[l] : INT_MAX;
+	}
+	for (int k = 2; k <= 16; k <<= 1)
+		for (int j = k >> 1; j; j >>= 1) {
+			for (int l = 0; l < 32; ++l) {
+				const bool tk = bitonic_take(cx[l], cp[l], cx[l ^ j], cp[l ^ j], l, j, k);
+				nx[l] = tk ? cx[l ^ j] : cx[l];
+				np[l] = tk ? cp[l ^ j] : cp[l];
+			}
+			memcpy(cx, nx, sizeof nx);
+			memcpy(cp, np, sizeof np);
+		}
+	for (int l = 0; l < 32; ++l) {
+		ax[l] = l < K ? s0[l] : -INFINITY;
+		ap[l] = l < K ? p0[l] : INT_MAX;
+		if (better(cx[31 - l], cp[31 - l], ax[l], ap[l])) {
+			ax[l] = cx[31 - l];
+			ap[l] = cp[31 - l];
+		}
+	}
+	for (int j = 16; j; j >>= 1) {
+		for (int l = 0; l < 32; ++l) {
+			const bool tk = bitonic_take(ax[l], ap[l], ax[l ^ j], ap[l ^ j], l, j, 32);
+			nx[l] = tk ? ax[l ^ j] : ax[l];
+			np[l] = tk ? ap[l ^ j] : ap[l];
+		}
+		memcpy(ax, nx, sizeof nx);
+		memcpy(ap, np, sizeof np);
+	}
+	memcpy(s0, ax, sizeof ax);
+	memcpy(p0, ap, sizeof ap);
+}
+
+static int selftest_merge16()
 {
 	int bad = 0;
+	auto cmp = [](const std::pair<float, int> &u, const std::pair<float, int> &v) {
+		return better(u.first, u.second, v.first, v.second);
+	};
+	for (int it = 0; it < 5000; ++it) {
+		const uint64_t sd = mix64(0x1616 + it);
+		const int K = 1 + (int)(sd % 32), levels = 2 + (int)((sd >> 8) % 40);
+		const int have = (int)((sd >> 16) % (uint64_t)(K + 1)); /* list entries so far (<= K) */
+		std::vector<std::pair<float, int>> pool;
+		for (int i = 0; i < have + 40; ++i)
+			pool.push_back({(float)(mix64(sd + i) % (uint64_t)levels) * 0.5f, i * 3 + (int)(mix64(sd ^ i) % 3)});
+		std::vector<std::pair<float, int>> lst(pool.begin(), pool.begin() + have);
+		std::sort(lst.begin(), lst.end(), cmp);
+		float s0[32], x[32];
+		int p0[32], p[32];
+		bool ok[32];
+		for (int l = 0; l < 32; ++l) { /* lanes >= have: empty; lanes >= K: junk worse than the list */
+			s0[l] = l < have ? lst[l].first : l < K ? -INFINITY : -1e30f;
+			p0[l] = l < have ? lst[l].second : l < K ? INT_MAX : 7;
+		}
+		std::vector<std::pair<float, int>> all = lst;
+		for (int l = 0; l < 32; ++l) {
+			x[l] = pool[have + l].first;
+			p[l] = pool[have + l].second;
+			ok[l] = l < 16 && mix64(sd * 7 + l) % 4 != 0;
+			if (ok[l]) all.push_back(pool[have + l]);
+		}
+		std::sort(all.begin(), all.end(), cmp);
+		merge16_host(s0, p0, K, x, p, ok);
+		bool good = true;
+		for (int i = 0; i < K; ++i) {
+			const auto want = i < (int)all.size() ? all[i] : std::make_pair(-INFINITY, INT_MAX);
+			good &= s0[i] == want.first && p0[i] == want.second;
+		}
+		bad += !good;
+	}
+	printf("host-selftest merge16 (batched list merge): 5000 cases, %d bad  %s\n", bad, bad ? "FAIL" : "PASS");
+	return bad;
+}
+
+/* The device network's compare-exchange rule run over 32 emulated lanes. */
+static void bitonic32_host(float *x, int *p)
+{
+	for (int k = 2; k <= 32; k <<= 1)
+		for (int j = k >> 1; j; j >>= 1) {
+			float nx[32];
+			int np[32];
+			for (int l = 0; l < 32; ++l) {
+				const bool tk = bitonic_take(x[l], p[l], x[l ^ j], p[l ^ j], l, j, k);
+				nx[l] = tk ? x[l ^ j] : x[l];
+				np[l] = tk ? p[l ^ j] : p[l];
+			}
+			memcpy(x, nx, sizeof nx);
+			memcpy(p, np, sizeof np);
+		}
+}
+
+/* The fused merge's algorithm (v6_merge_row) on the host: threshold = best k-th over the splits, survivors =
+ * each list's prefix that survives, then the bitonic network (<= 32 survivors) or a sort; against a brute-force
+ * merge of everything. Lists with ties in score, short and empty lists, k 1..64, S 1..140. */
+static int selftest_merge()
+{
+	int bad = 0;
+	long fast = 0, slow = 0, cases = 0;
+	for (int it = 0; it < 3000; ++it) {
+		const uint64_t sd = mix64(0x77 + it);
+		const int K = 1 + (int)(sd % 64) % (it % 3 == 0 ? 64 : 12), S = 1 + (int)((sd >> 8) % 140);
+		const int levels = 2 + (int)((sd >> 20) % 50); /* few score levels: many exact ties */
+		std::vector<std::vector<std::pair<float, int>>> lists(S);
+		std::vector<std::pair<float, int>> all;
+		for (int s = 0; s < S; ++s) {
+			const int m = ((sd >> 30) + s) % 5 == 0 ? (int)(mix64(sd + s) % (uint64_t)(K + 1)) : K; /* short */
+			std::vector<std::pair<float, int>> l;
+			for (int i = 0; i < m; ++i) {
+				const float x = (float)(mix64(sd * 3 + s * 131 + i) % (uint64_t)levels) * 0.25f - 3.f;
+				l.push_back({x, s * 1000 + i * 7 + (int)(mix64(sd + i) % 7)});
+			}
+			auto cmp = [](const std::pair<float, int> &u, const std::pair<float, int> &v) {
+				return better(u.first, u.second, v.first, v.second);
+			};
+			std::sort(l.begin(), l.end(), cmp);
+			l.erase(std::unique(l.begin(), l.end(), [](auto &u, auto &v) { return u.second == v.second; }), l.end());
+			for (auto &e : l) all.push_back(e);
+			while ((int)l.size() < K) l.push_back({-INFINITY, -1});
+			lists[s] = l;
+		}
+		auto cmp = [](const std::pair<float, int> &u, const std::pair<float, int> &v) {
+			return better(u.first, u.second, v.first, v.second);
+		};
+		std::sort(all.begin(), all.end(), cmp);
+		float ts = -INFINITY;
+		int tp = INT_MAX;
+		for (auto &l : lists)
+			if (l[K - 1].second >= 0 && better(l[K - 1].first, l[K - 1].second, ts, tp)) {
+				ts = l[K - 1].first;
+				tp = l[K - 1].second;
+			}
+		std::vector<std::pair<float, int>> surv;
+		for (auto &l : lists)
+			for (auto &e : l) {
+				if (!survives(e.first, e.second, ts, tp)) break;
+				surv.push_back(e);
+			}
+		std::vector<std::pair<float, int>> got;
+		if (surv.size() <= 32) {
+			float x[32];
+			int p[32];
+			for (int l = 0; l < 32; ++l) {
+				x[l] = l < (int)surv.size() ? surv[l].first : -INFINITY;
+				p[l] = l < (int)surv.size() ? surv[l].second : INT_MAX;
+			}
+			bitonic32_host(x, p);
+			for (int i = 0; i < K; ++i)
+				got.push_back(i < 32 && p[i] != INT_MAX ? std::make_pair(x[i], p[i]) : std::make_pair(-INFINITY, -1));
+			++fast;
+		} else {
+			std::sort(surv.begin(), surv.end(), cmp);
+			for (int i = 0; i < K; ++i) got.push_back(i < (int)surv.size() ? surv[i] : std::make_pair(-INFINITY, -1));
+			++slow;
+		}
+		bool ok = true;
+		for (int i = 0; i < K; ++i) {
+			const auto want = i < (int)all.size() ? all[i] : std::make_pair(-INFINITY, -1);
+			ok &= got[i].second == want.second && (got[i].first == want.first);
+		}
+		++cases;
+		if (!ok && bad < 3) printf("host-selftest merge case %d (K %d, S %d): mismatch\n", it, K, S);
+		bad += !ok;
+	}
+	/* a 32-lane bitonic sort of random entries with duplicates = std::sort */
+	for (int it = 0; it < 2000; ++it) {
+		float x[32];
+		int p[32];
+		std::vector<std::pair<float, int>> ref;
+		for (int l = 0; l < 32; ++l) {
+			const uint64_t r = mix64(it * 64 + l);
+			const bool pad = r % 5 == 0;
+			x[l] = pad ? -INFINITY : (float)(r % 9);
+			p[l] = pad ? INT_MAX : (int)((r >> 10) % 1000) * 32 + l;
+			ref.push_back({x[l], p[l]});
+		}
+		std::sort(ref.begin(), ref.end(), [](auto &u, auto &v) { return better(u.first, u.second, v.first, v.second); });
+		bitonic32_host(x, p);
+		bool ok = true;
+		for (int l = 0; l < 32; ++l) ok &= x[l] == ref[l].first && p[l] == ref[l].second;
+		bad += !ok;
+	}
+	printf("host-selftest merge: %ld cases (%ld bitonic, %ld sorted) + 2000 bitonic sorts, %d bad  %s\n", cases, fast,
+	       slow, bad, bad ? "FAIL" : "PASS");
+	return bad;
+}
+
+/* v6's shared-memory layout: each quarter-warp's 16-byte fragment loads touch 32 distinct banks (conflict-free);
+ * bulk-copy destinations (row starts) and every stage are 16-byte aligned; the smem fits one (v6) or two (v7)
+ * CTAs in 227 KB. */
+static int selftest_layout()
+{
+	bool ok = ROWS_SM % 16 == 0 && (TS * ROWS_SM) % 128 == 0 && v6_smem(4) <= 227 * 1024 &&
+		  2 * (v6_smem(3) + 1024) <= 228 * 1024;
+	for (int w = 0; w < NW; ++w)
+		for (int c = 0; c < 4; ++c)
+			for (int ph = 0; ph < 4; ++ph)
+				for (int hi = 0; hi < 2; ++hi) { /* rows grow (hi 0) and grow + 8 (hi 1) */
+					unsigned banks = 0;
+					for (int l = ph * 8; l < ph * 8 + 8; ++l) {
+						const int off = v6_lds_off((l >> 2) + 8 * hi, w, c, l & 3);
+						for (int q = 0; q < 4; ++q) banks |= 1u << (((off >> 2) + q) & 31);
+					}
+					ok &= banks == 0xffffffffu;
+				}
+	printf("host-selftest layout: row stride %d B, stage %d B, v6 smem %zu B, v7 smem %zu B, banks conflict-free  %s\n",
+	       (int)ROWS_SM, TS * ROWS_SM, v6_smem(4), v6_smem(3), ok ? "PASS" : "FAIL");
+	return !ok;
+}
+
+/* Host-only check of the checker (runs without a GPU): the reference's own answer must pass, a swapped position,
+ * a NaN logit, a NaN logsumexp and an unwritten (poisoned) entry must each fail. Then v6's host-side pieces. */
+static int host_selftest()
+{
+	int bad = selftest_plan() + selftest_merge() + selftest_merge16() + selftest_layout();
 	for (const Case &c : {Case{"edge3", {1, 37, 1000}, 10}, Case{"k33", {2049, 5}, 33}}) {
 		Setup su;
 		su.c = c;
@@ -1491,7 +2420,7 @@ int main(int argc, char **argv)
 {
 	bool do_val = false, do_bench = false, small = false;
 	std::string only;
-	std::vector<int> vers = {1, 2, 3, 4, 5};
+	std::vector<int> vers = {1, 2, 3, 4, 5, 6, 7};
 	for (int i = 1; i < argc; ++i) {
 		if (!strcmp(argv[i], "--validate")) do_val = true;
 		else if (!strcmp(argv[i], "--bench")) do_bench = true;
@@ -1503,7 +2432,7 @@ int main(int argc, char **argv)
 			for (char *p = argv[++i]; *p; ++p)
 				if (*p >= '1' && *p <= '9') vers.push_back(*p - '0');
 		} else {
-			fprintf(stderr, "usage: %s [--validate] [--bench] [--small] [--cases a,b] [--versions 12]\n", argv[0]);
+			fprintf(stderr, "usage: %s [--validate] [--bench] [--small] [--cases a,b] [--versions 1234567] [--host-selftest]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -1518,6 +2447,14 @@ int main(int argc, char **argv)
 	printf("device: %s, %d SMs, L2 %d MB, cc %d.%d\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20,
 	       prop.major, prop.minor);
 	v2_init_attrs();
+	if (prop.major >= 9) {
+		g_res6 = v6_init_attrs<V6_CFG_V6>();
+		g_res7 = v6_init_attrs<V6_CFG_V7>();
+		printf("v6: %zu B smem, %d CTA/SM; v7: %zu B smem, %d CTA/SM\n", v6_smem(4), g_res6, v6_smem(3), g_res7);
+	} else {
+		vers.erase(std::remove_if(vers.begin(), vers.end(), [](int v) { return v >= 6; }), vers.end());
+		printf("v6/v7 need sm_90 (cp.async.bulk, mbarrier tx): skipped on this device\n");
+	}
 	const long min_bytes = 4L * prop.l2CacheSize; /* rotation: at least 4 × L2 per run sequence */
 
 	std::vector<Case> cases;
