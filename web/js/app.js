@@ -337,6 +337,7 @@ class App {
       b.chat_template_kwargs = { enable_thinking: $('thinking').checked };
     } else {
       b.prompt = prompt;
+      b.logprobs = 0; // completions: an integer (top alternatives); 0 = the sampled tokens' own
     }
     return b;
   }
