@@ -2418,6 +2418,7 @@ static Case mk(const char *name, int B, int n, int K)
 
 int main(int argc, char **argv)
 {
+	setvbuf(stdout, nullptr, _IOLBF, 0); /* logs survive a timeout kill (a hung kernel) */
 	bool do_val = false, do_bench = false, small = false;
 	std::string only;
 	std::vector<int> vers = {1, 2, 3, 4, 5, 6, 7};
