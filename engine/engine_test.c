@@ -169,6 +169,8 @@ static const fwd_case fwd_cases[] = {
 	{"qwen3 f32 tied", {2, 32, 4, 2, 16, 48, 50, 1, 1, 0, AX_ST_F32, 10000.0f, 11}, 1},
 	{"llama bf16 untied bias gqa4", {2, 32, 4, 1, 8, 40, 61, 0, 0, 1, AX_ST_BF16, 500000.0f, 12}, 3},
 	{"qwen3 f16 untied", {3, 24, 6, 3, 8, 32, 40, 1, 0, 0, AX_ST_F16, 1000000.0f, 13}, 2},
+	/* sizes that are not multiples of the 8-float vectors: every kernel's scalar tail */
+	{"qwen3 bf16 odd sizes", {2, 20, 2, 1, 10, 36, 37, 1, 1, 0, AX_ST_BF16, 10000.0f, 14}, 2},
 };
 
 static float max_err(const float *a, const float *b, int n, float *scale)

@@ -358,8 +358,49 @@ const ax_model_config *ax_model_cfg(const ax_model *m) { return &m->c; }
 
 /* ---- kernels ----------------------------------------------------------------------------------------- */
 
-/* Row r of w as f32: a pointer into the mapping for f32 weights, else converted into buf. */
-static const float *wrow(const weight *w, int r, float *buf)
+/*
+ * The hot loops (matmul rows, attention) are written on GCC vector types of 8 floats and compiled three times
+ * through target_clones — AVX-512 (skylake-avx512), AVX2 + FMA (haswell), and the x86-64 baseline (SSE2, where a
+ * v8f is two xmm registers) — the dynamic loader picks the best one for the CPU once (ifunc). Helpers are
+ * always_inline so that each clone gets its own copy compiled for its ISA. -DAX_ENGINE_NO_CLONES builds only the
+ * baseline (the `engine-baseline` test runs the forward-pass cases on it).
+ */
+#define AX_INLINE static inline __attribute__((always_inline))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(AX_ENGINE_NO_CLONES)
+#define AX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define AX_CLONES
+#endif
+
+/* Matmul tiling: weight rows converted per block, tokens per block (16 rows and 32 tokens of 1024 floats: 192 KB). */
+#define MM_RB 16
+#define MM_TB 32
+
+/* Below this many multiply-adds a loop runs on the calling thread alone (about 10 µs of work). */
+#define AX_PAR_MIN_MACS 100000
+
+typedef float v8f __attribute__((vector_size(32)));
+#pragma GCC diagnostic ignored "-Wpsabi" /* v8f helpers are always inlined: no v8f crosses a call */
+
+AX_INLINE v8f ld8(const float *p)
+{
+	v8f v;
+	memcpy(&v, p, sizeof v); /* unaligned load */
+	return v;
+}
+
+AX_INLINE float hsum8(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+AX_INLINE float bf16f(uint16_t h)
+{
+	uint32_t u = (uint32_t)h << 16;
+	float f;
+	memcpy(&f, &u, 4);
+	return f;
+}
+
+/* Row r of w as f32: a pointer into the mapping for f32 weights, else converted into buf (vectorised). */
+AX_INLINE const float *wrow(const weight *w, int r, float *buf)
 {
 	size_t off = (size_t)r * w->cols;
 	if (w->dtype == AX_ST_F32)
@@ -367,7 +408,7 @@ static const float *wrow(const weight *w, int r, float *buf)
 	const uint16_t *h = (const uint16_t *)w->p + off;
 	if (w->dtype == AX_ST_BF16)
 		for (int i = 0; i < w->cols; i++)
-			buf[i] = ax_bf16_to_f32(h[i]);
+			buf[i] = bf16f(h[i]);
 	else
 		for (int i = 0; i < w->cols; i++)
 			buf[i] = ax_f16_to_f32(h[i]);
@@ -375,31 +416,58 @@ static const float *wrow(const weight *w, int r, float *buf)
 }
 
 /* Element i of a weight as f32. */
-static float wat(const weight *w, size_t i)
+AX_INLINE float wat(const weight *w, size_t i)
 {
 	if (w->dtype == AX_ST_F32)
 		return ((const float *)w->p)[i];
 	uint16_t h = ((const uint16_t *)w->p)[i];
-	return w->dtype == AX_ST_BF16 ? ax_bf16_to_f32(h) : ax_f16_to_f32(h);
+	return w->dtype == AX_ST_BF16 ? bf16f(h) : ax_f16_to_f32(h);
 }
 
-static float dot(const float *a, const float *b, int n)
+/* a · b over n floats: two 8-wide accumulators (FMA latency), scalar tail. */
+AX_INLINE float dot(const float *a, const float *b, int n)
 {
-	float s[8] = {0};
+	v8f s0 = {0}, s1 = {0};
 	int i = 0;
+	for (; i + 16 <= n; i += 16) {
+		s0 += ld8(a + i) * ld8(b + i);
+		s1 += ld8(a + i + 8) * ld8(b + i + 8);
+	}
 	for (; i + 8 <= n; i += 8)
-		for (int j = 0; j < 8; j++)
-			s[j] += a[i + j] * b[i + j];
-	float r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+		s0 += ld8(a + i) * ld8(b + i);
+	float r = hsum8(s0 + s1);
 	for (; i < n; i++)
 		r += a[i] * b[i];
 	return r;
 }
 
+/* Four dot products of one weight row w with four rows x0 + k·ldx (k < 4): each w chunk is loaded once. */
+AX_INLINE void dot4(const float *x0, size_t ldx, const float *w, int n, float out[4])
+{
+	const float *x1 = x0 + ldx, *x2 = x1 + ldx, *x3 = x2 + ldx;
+	v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+	int i = 0;
+	for (; i + 8 <= n; i += 8) {
+		v8f wv = ld8(w + i);
+		s0 += ld8(x0 + i) * wv;
+		s1 += ld8(x1 + i) * wv;
+		s2 += ld8(x2 + i) * wv;
+		s3 += ld8(x3 + i) * wv;
+	}
+	float r0 = hsum8(s0), r1 = hsum8(s1), r2 = hsum8(s2), r3 = hsum8(s3);
+	for (; i < n; i++) {
+		r0 += x0[i] * w[i];
+		r1 += x1[i] * w[i];
+		r2 += x2[i] * w[i];
+		r3 += x3[i] * w[i];
+	}
+	out[0] = r0, out[1] = r1, out[2] = r2, out[3] = r3;
+}
+
 struct ax_fwd_scratch {
 	int max_tokens, threads;
 	float *x, *xn, *q, *k, *v, *att, *gate, *up;
-	float *rowbuf;   /* [threads, wmax] weight-row conversion */
+	float *rowbuf;   /* [threads, MM_RB, wmax] weight-row conversion */
 	int wmax;        /* max(hidden, ffn, qd) */
 	float *scores;   /* [threads, max_pos] attention scores */
 	int scores_cap;
@@ -428,7 +496,7 @@ int ax_fwd_scratch_open(ax_fwd_scratch **out, const ax_model *m, int max_tokens,
 	s->att = malloc(T * qd * sizeof(float));
 	s->gate = malloc(T * c->ffn * sizeof(float));
 	s->up = malloc(T * c->ffn * sizeof(float));
-	s->rowbuf = malloc((size_t)s->threads * wmax * sizeof(float));
+	s->rowbuf = malloc((size_t)s->threads * MM_RB * wmax * sizeof(float));
 	s->scores = malloc((size_t)s->threads * s->scores_cap * sizeof(float));
 	s->tok_row = malloc(T * sizeof(int));
 	s->tok_pos = malloc(T * sizeof(int));
@@ -463,17 +531,42 @@ typedef struct mm_job {
 	int rowbuf_stride;
 } mm_job;
 
-static void mm_work(void *ctx, int o0, int o1, int tid)
+/* Output row o for tokens t0..t1 of the job, from the f32 weight row wr. */
+AX_INLINE void mm_row(const mm_job *j, const float *wr, int o, int t0, int t1)
+{
+	int n = j->w->cols;
+	float b = j->bias && j->bias->p ? wat(j->bias, (size_t)o) : 0.0f;
+	int t = t0;
+	for (; t + 4 <= t1; t += 4) {
+		float r[4];
+		dot4(j->x + (size_t)t * n, (size_t)n, wr, n, r);
+		for (int k = 0; k < 4; k++) {
+			size_t yr = (size_t)(j->ymap ? j->ymap[t + k] : t + k);
+			j->y[yr * j->ldy + o] = r[k] + b;
+		}
+	}
+	for (; t < t1; t++) {
+		size_t yr = (size_t)(j->ymap ? j->ymap[t] : t);
+		j->y[yr * j->ldy + o] = dot(j->x + (size_t)t * n, wr, n) + b;
+	}
+}
+
+/* Rows o0..o1 of the output, MM_RB weight rows at a time (converted once), tokens MM_TB at a time, so that the
+ * rows and the token block stay in L1/L2 however many tokens the step has (prefill). */
+AX_CLONES static void mm_work(void *ctx, int o0, int o1, int tid)
 {
 	const mm_job *j = ctx;
 	float *buf = j->rowbuf + (size_t)tid * j->rowbuf_stride;
 	int n = j->w->cols;
-	for (int o = o0; o < o1; o++) {
-		const float *wr = wrow(j->w, o, buf);
-		float b = j->bias && j->bias->p ? wat(j->bias, (size_t)o) : 0.0f;
-		for (int t = 0; t < j->T; t++) {
-			size_t yr = (size_t)(j->ymap ? j->ymap[t] : t);
-			j->y[yr * j->ldy + o] = dot(j->x + (size_t)t * n, wr, n) + b;
+	const float *wr[MM_RB];
+	for (int ob = o0; ob < o1; ob += MM_RB) {
+		int nr = o1 - ob < MM_RB ? o1 - ob : MM_RB;
+		for (int r = 0; r < nr; r++)
+			wr[r] = wrow(j->w, ob + r, buf + (size_t)r * n);
+		for (int tb = 0; tb < j->T; tb += MM_TB) {
+			int te = j->T - tb < MM_TB ? j->T : tb + MM_TB;
+			for (int r = 0; r < nr; r++)
+				mm_row(j, wr[r], ob + r, tb, te);
 		}
 	}
 }
@@ -481,8 +574,11 @@ static void mm_work(void *ctx, int o0, int o1, int tid)
 static void matmul(ax_pool *pool, ax_fwd_scratch *s, const weight *w, const weight *bias, const float *x, int T,
 		   float *y, int ldy, const int *ymap)
 {
-	mm_job j = {w, bias, x, y, T, ldy, ymap, s->rowbuf, s->wmax};
-	ax_pool_run(pool, mm_work, &j, w->rows);
+	mm_job j = {w, bias, x, y, T, ldy, ymap, s->rowbuf, MM_RB * s->wmax};
+	if ((size_t)w->rows * w->cols * T < AX_PAR_MIN_MACS) /* a hand-off would cost more than it saves */
+		mm_work(&j, 0, w->rows, 0);
+	else
+		ax_pool_run(pool, mm_work, &j, w->rows);
 }
 
 /* ---- forward ----------------------------------------------------------------------------------------- */
@@ -523,7 +619,7 @@ typedef struct att_job {
 } att_job;
 
 /* Items are (token, query head) pairs. */
-static void att_work(void *ctx, int i0, int i1, int tid)
+AX_CLONES static void att_work(void *ctx, int i0, int i1, int tid)
 {
 	const att_job *j = ctx;
 	const ax_model_config *c = &j->m->c;
@@ -596,7 +692,13 @@ static void layer_forward(const ax_model *m, ax_kv *kv, ax_pool *pool, ax_fwd_sc
 	if (hook)
 		hook(hook_ctx, l, s->q, T);
 	att_job aj = {m, kv, s, l};
-	ax_pool_run(pool, att_work, &aj, T * c->n_heads);
+	size_t keys = 0;
+	for (int t = 0; t < T; t++)
+		keys += (size_t)s->tok_pos[t] + 1;
+	if (keys * c->n_heads * c->head_dim * 2 < AX_PAR_MIN_MACS)
+		att_work(&aj, 0, T * c->n_heads, 0);
+	else
+		ax_pool_run(pool, att_work, &aj, T * c->n_heads);
 	matmul(pool, s, &L->wo, NULL, s->att, T, s->xn, H, NULL);
 	for (size_t i = 0; i < (size_t)T * H; i++)
 		s->x[i] += s->xn[i];

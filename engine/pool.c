@@ -1,26 +1,39 @@
 /*
  * pool.c — a fixed pthread pool for data-parallel loops (matmul rows, attention heads).
  *
- * The caller of ax_pool_run is worker 0; workers 1..n-1 sleep on a condition variable until a new generation
- * of work is posted, take their contiguous chunk of [0, n), and count down `pending`; the caller runs its own
- * chunk and then waits for pending to reach zero. One job at a time (the scheduler thread is the only caller),
- * so the job fields need no more than the mutex that publishes them.
+ * The caller of ax_pool_run is worker 0; workers 1..n-1 wait for a new generation of work, take their contiguous
+ * chunk of [0, n), and count down `pending`; the caller runs its own chunk and then waits for pending to reach
+ * zero. One job at a time (the scheduler thread is the only caller).
+ *
+ * A forward pass posts ~10 jobs per layer, each a few to a few hundred microseconds long, so the hand-off must
+ * cost far less than a futex sleep and wake-up (tens of microseconds, milliseconds on a busy machine). Both
+ * sides therefore spin for a short while (AX_POOL_SPIN_NS) on the atomic generation / pending counters and only
+ * then sleep on a condition variable. Lost wake-ups are excluded Dekker-style: the poster stores the counter and
+ * then reads the sleeper count, the sleeper increments the sleeper count and then re-reads the counter, all
+ * seq_cst, and the broadcast happens under the mutex the sleeper checks under.
  */
 #include "attnx_engine.h"
 
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
+
+#define AX_POOL_SPIN_NS 100000 /* 100 µs: longer than the gaps inside a forward, shorter than a step's idle */
 
 struct ax_pool {
 	int n;                 /* workers including the caller */
 	pthread_t *th;
 	pthread_mutex_t mu;
 	pthread_cond_t go, done;
-	uint64_t gen;          /* job generation */
-	int pending;           /* workers still running the current job */
-	int quit;
+	atomic_uint_fast64_t gen; /* job generation */
+	atomic_int pending;    /* workers still running the current job */
+	atomic_int sleepers;   /* workers asleep (or about to be) on `go` */
+	atomic_int caller_asleep; /* the caller sleeps (or is about to) on `done` */
+	atomic_int quit;
 	ax_pool_fn fn;
 	void *ctx;
 	int items;
@@ -38,32 +51,72 @@ static void chunk(int items, int n, int tid, int *i0, int *i1)
 	*i1 = *i0 + base + (tid < rem ? 1 : 0);
 }
 
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#endif
+}
+
+/* Spin until done(p) or AX_POOL_SPIN_NS passed; returns 1 if done. After the first ~2 µs each round yields
+ * the CPU, so on an oversubscribed machine the thread being waited for can run on this core. */
+static int spin_until(int (*done)(ax_pool *), ax_pool *p)
+{
+	uint64_t t0 = mono_ns();
+	for (int i = 0;; i++) {
+		if (done(p))
+			return 1;
+		if (i < 256) {
+			cpu_relax();
+			continue;
+		}
+		sched_yield();
+		if (mono_ns() - t0 > AX_POOL_SPIN_NS)
+			return 0;
+	}
+}
+
+static _Thread_local uint64_t tl_seen; /* the generation this worker last ran */
+
+static int new_work(ax_pool *p) { return atomic_load(&p->gen) != tl_seen || atomic_load(&p->quit); }
+static int all_done(ax_pool *p) { return atomic_load(&p->pending) == 0; }
+
 static void *worker(void *arg)
 {
 	worker_arg *wa = arg;
 	ax_pool *p = wa->p;
 	int tid = wa->tid;
 	free(wa);
-	uint64_t seen = 0;
-	pthread_mutex_lock(&p->mu);
+	tl_seen = 0;
 	for (;;) {
-		while (!p->quit && p->gen == seen)
-			pthread_cond_wait(&p->go, &p->mu);
-		if (p->quit)
+		if (!spin_until(new_work, p)) {
+			pthread_mutex_lock(&p->mu);
+			atomic_fetch_add(&p->sleepers, 1);
+			while (!new_work(p))
+				pthread_cond_wait(&p->go, &p->mu);
+			atomic_fetch_sub(&p->sleepers, 1);
+			pthread_mutex_unlock(&p->mu);
+		}
+		if (atomic_load(&p->quit))
 			break;
-		seen = p->gen;
-		ax_pool_fn fn = p->fn;
-		void *ctx = p->ctx;
+		tl_seen = atomic_load(&p->gen);
 		int i0, i1;
 		chunk(p->items, p->n, tid, &i0, &i1);
-		pthread_mutex_unlock(&p->mu);
 		if (i1 > i0)
-			fn(ctx, i0, i1, tid);
-		pthread_mutex_lock(&p->mu);
-		if (--p->pending == 0)
+			p->fn(p->ctx, i0, i1, tid);
+		if (atomic_fetch_sub(&p->pending, 1) == 1 && atomic_load(&p->caller_asleep)) {
+			pthread_mutex_lock(&p->mu);
 			pthread_cond_signal(&p->done);
+			pthread_mutex_unlock(&p->mu);
+		}
 	}
-	pthread_mutex_unlock(&p->mu);
 	return NULL;
 }
 
@@ -108,7 +161,7 @@ void ax_pool_close(ax_pool *p)
 	if (!p)
 		return;
 	pthread_mutex_lock(&p->mu);
-	p->quit = 1;
+	atomic_store(&p->quit, 1);
 	pthread_cond_broadcast(&p->go);
 	pthread_mutex_unlock(&p->mu);
 	for (int i = 1; i < p->n; i++)
@@ -130,20 +183,27 @@ void ax_pool_run(ax_pool *p, ax_pool_fn fn, void *ctx, int n)
 		fn(ctx, 0, n, 0);
 		return;
 	}
-	pthread_mutex_lock(&p->mu);
+	/* Workers read fn/ctx/items only after they see the new generation (seq_cst store below). */
 	p->fn = fn;
 	p->ctx = ctx;
 	p->items = n;
-	p->pending = p->n - 1;
-	p->gen++;
-	pthread_cond_broadcast(&p->go);
-	pthread_mutex_unlock(&p->mu);
+	atomic_store(&p->pending, p->n - 1);
+	atomic_fetch_add(&p->gen, 1);
+	if (atomic_load(&p->sleepers) > 0) {
+		pthread_mutex_lock(&p->mu);
+		pthread_cond_broadcast(&p->go);
+		pthread_mutex_unlock(&p->mu);
+	}
 	int i0, i1;
 	chunk(n, p->n, 0, &i0, &i1);
 	if (i1 > i0)
 		fn(ctx, i0, i1, 0);
-	pthread_mutex_lock(&p->mu);
-	while (p->pending > 0)
-		pthread_cond_wait(&p->done, &p->mu);
-	pthread_mutex_unlock(&p->mu);
+	if (!spin_until(all_done, p)) {
+		pthread_mutex_lock(&p->mu);
+		atomic_store(&p->caller_asleep, 1);
+		while (!all_done(p))
+			pthread_cond_wait(&p->done, &p->mu);
+		atomic_store(&p->caller_asleep, 0);
+		pthread_mutex_unlock(&p->mu);
+	}
 }
