@@ -11,6 +11,11 @@
  *      overwritten meanwhile (ax_shm_check_q), then becomes `attn` records;
  *   4. service: sender deadlines and retries, policy frames from the relay, consumer heartbeat, engine liveness
  *      (restart → finish queued jobs, `gap` "restart" for requests in flight, detach, re-attach), stats records.
+ * A policy for a rid the capture has not acknowledged yet is acknowledged at once: the wanted layers / prefill in
+ * the segment are updated first (so the engine exports what the policy needs), then the `policy` record is echoed
+ * on the records channel (the capture's src and seq) and the batch is flushed without waiting for its 1 ms. The relay
+ * holds the request until every live capture has acked, so the engine cannot prefill before the capture asked for
+ * the policy's layers.
  * Jobs point straight into the mapped segment (zero copy), so the loop drains the queue before it detaches.
  *
  * Which rows: the last prompt row P-1 always; other prompt rows when the policy's `prompt` or --prefill asks;
@@ -85,6 +90,8 @@ struct ax_capture {
 	nng_socket sub;
 	int sub_open;
 	ax__policy_table pol;
+	char (*acks)[AX_PROTO_STR]; /* rids of policies received in this poll and not yet acknowledged */
+	uint32_t n_acks, acks_cap;
 	ax__pool *pool;
 	ax_record rec;              /* scratch for records emitted directly */
 	uint64_t now_ns;
@@ -381,16 +388,58 @@ static void update_wanted(ax_capture *c)
 	       (unsigned long long)c->wanted[0], c->wanted_prefill);
 }
 
+/* Remember that `rid`'s policy is new: it is acknowledged once the poll's frames are read. */
+static void ack_later(ax_capture *c, const char *rid)
+{
+	if (c->n_acks == c->acks_cap) {
+		uint32_t cap = c->acks_cap ? 2 * c->acks_cap : 16;
+		char(*a)[AX_PROTO_STR] = realloc(c->acks, (size_t)cap * sizeof *a);
+		if (a == NULL) {
+			ax_log(AX_LOG_WARN, TAG, "%s: out of memory: policy not acknowledged", rid);
+			return;
+		}
+		c->acks = a;
+		c->acks_cap = cap;
+	}
+	snprintf(c->acks[c->n_acks++], AX_PROTO_STR, "%s", rid);
+}
+
 static int on_policy_record(const ax_record *r, void *arg)
 {
 	ax_capture *c = arg;
 	if (r->type != AX_REC_POLICY || r->rid[0] == '\0')
 		return 0;
-	if (ax__policy_put(&c->pol, r->rid, &r->u.policy, c->now_ns) >= 0) {
+	int rv = ax__policy_put(&c->pol, r->rid, &r->u.policy, c->now_ns);
+	if (rv >= 0) {
 		CNT_ADD(c, policies, 1);
 		c->wanted_dirty = 1;
 	}
+	if (rv == 1) /* re-publications of a policy already held are not acknowledged again */
+		ack_later(c, r->rid);
 	return 0;
+}
+
+/* Acknowledge the new policies: wanted layers into the segment first, then the echoes, sent now. */
+static void ack_policies(ax_capture *c)
+{
+	if (c->n_acks == 0)
+		return;
+	if (c->shm) /* not attached: the attach announces the union of the live policies before any step is read */
+		update_wanted(c);
+	__atomic_thread_fence(__ATOMIC_RELEASE); /* the engine learns of the request only after the ack */
+	for (uint32_t i = 0; i < c->n_acks; i++) {
+		const ax__policy_entry *e = ax__policy_get(&c->pol, c->acks[i], c->now_ns);
+		if (e == NULL)
+			continue;
+		ax_record *r = &c->rec;
+		ax_record_init(r, AX_REC_POLICY);
+		snprintf(r->rid, sizeof r->rid, "%s", e->rid);
+		r->u.policy = e->p;
+		emit(c, r);
+		CNT_ADD(c, policy_acks, 1);
+	}
+	c->n_acks = 0;
+	ax__sender_flush(c->snd, 0); /* seal and try to send now, never wait */
 }
 
 static void poll_policies(ax_capture *c)
@@ -398,12 +447,13 @@ static void poll_policies(ax_capture *c)
 	for (int i = 0; c->sub_open && i < 64; i++) {
 		nng_msg *m;
 		if (nng_recvmsg(c->sub, &m, NNG_FLAG_NONBLOCK) != 0)
-			return;
+			break;
 		int rv = ax_frame_decode(nng_msg_body(m), nng_msg_len(m), on_policy_record, c);
 		if (rv < 0)
 			ax_log(AX_LOG_WARN, TAG, "bad policy frame (%zu bytes): %s", nng_msg_len(m), ax_strerror(rv));
 		nng_msg_free(m);
 	}
+	ack_policies(c);
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -914,7 +964,7 @@ static void send_stats(ax_capture *c)
 		{"dropped", st.dropped},   {"gaps", st.gaps},         {"rejected", st.rejected},
 		{"busy_ns", st.busy_ns},   {"ring_lost", st.ring_lost}, {"lapped", st.lapped},
 		{"job_errors", st.job_errors}, {"attaches", st.attaches}, {"restarts", st.restarts},
-		{"policies", st.policies}, {"sent_frames", st.sent_frames},
+		{"policies", st.policies}, {"policy_acks", st.policy_acks}, {"sent_frames", st.sent_frames},
 	};
 	for (size_t i = 0; i < AX_ARRAY_LEN(kv) && i < AX_PROTO_MAX_STATS; i++) {
 		snprintf(r->u.stats.kv[i].name, sizeof r->u.stats.kv[i].name, "%s", kv[i].name);
@@ -1088,6 +1138,7 @@ void ax_capture_close(ax_capture *c)
 		nng_close(c->sub);
 	ax__sender_close(c->snd);
 	ax__policy_fini(&c->pol);
+	free(c->acks);
 	free(c->tok);
 	free(c);
 }

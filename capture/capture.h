@@ -5,7 +5,8 @@
  * One ax_capture owns: the shm attachment to one engine segment (re-attached when the engine restarts), a pool of
  * worker threads running exact top-k attention jobs (attn.h), an ordered output queue (records of a request leave
  * in position order, `end` after its last `attn`), the record sender (nng PUSH, non-blocking, batched, loss
- * reported as `gap` records) and the policy subscriber (nng SUB; per-request policies from the relay).
+ * reported as `gap` records) and the policy subscriber (nng SUB; per-request policies from the relay, each new one
+ * acknowledged on the records channel once the segment's wanted layers include what it asks for).
  *
  * Lifecycle: ax_capture_opts_default → (ax_capture_opts_parse) → ax_capture_open → ax_capture_run (blocks until
  * ax_capture_stop) → ax_capture_close. Nothing here exits the process: errors are negative errnos.
@@ -130,6 +131,7 @@ typedef struct ax_capture_stats {
 	uint64_t job_errors;      /* jobs that failed (bad index values, unsupported layout) */
 	uint64_t policies;        /* policy records received */
 	uint64_t busy_ns;         /* worker time spent computing */
+	uint64_t policy_acks;     /* policies acknowledged (echoed to the relay) */
 } ax_capture_stats;
 
 /* Snapshot the counters. Thread-safe. */

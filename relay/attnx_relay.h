@@ -3,7 +3,8 @@
  *
  * The relay proxies OpenAI requests to the upstream engine and merges attention records (from captures, over nng
  * PULL) into the responses; it re-publishes records on an nng PUB feed and a WebSocket feed (/ws), announces
- * per-request capture policies on an nng PUB, and serves health, metrics, capabilities and static files.
+ * per-request capture policies on an nng PUB (and holds an attention request until every live capture has
+ * acknowledged its policy, or a bound passes), and serves health, metrics, capabilities and static files.
  * relay/README.md documents the HTTP API. The `attnx-relay` program is main.c over this header; tests run a relay
  * in a thread through it.
  *
@@ -39,12 +40,14 @@ typedef struct ax_relay_opts {
 	int upstream_timeout_ms;     /* connect timeout and longest silence of the upstream */
 	int ws_queue;                /* records queued per WebSocket client before the oldest are dropped */
 	int handle_signals;          /* 1: SIGINT/SIGTERM stop the loop (the program); 0: the embedder stops it */
+	int policy_wait_ms;          /* how long an attention request waits for the captures to acknowledge its
+	                              * policy before it goes upstream anyway (0 = no wait) */
 } ax_relay_opts;
 
 typedef struct ax_relay ax_relay;
 
-/* Defaults: 127.0.0.1:8080, http://127.0.0.1:8000, the ipc:///tmp/attnx-*.sock addresses of wiring, the web/
- * folder of the source tree, 1 MiB, 64 connections, 50 ms, 30000 ms, 4096 queued records. */
+/* Defaults: 127.0.0.1:8081, http://127.0.0.1:8000, the ipc:///tmp/attnx-*.sock addresses of wiring, the web/
+ * folder of the source tree, 1 MiB, 64 connections, 50 ms, 30000 ms, 4096 queued records, 200 ms policy wait. */
 void ax_relay_opts_default(ax_relay_opts *o);
 
 /* Bind every socket and start the HTTP server. The strings in *o are copied. Returns 0, -EADDRINUSE, -EINVAL

@@ -383,7 +383,8 @@ static int h_health(struct mg_connection *c, void *cbdata)
 
 static json_t *capture_json(const ax_capture *cp, uint64_t now)
 {
-	json_t *o = json_pack("{s:s,s:I}", "src", cp->src, "last_seen_ms", (json_int_t)((now - cp->last_ns) / 1000000));
+	json_t *o = json_pack("{s:s,s:I,s:i}", "src", cp->src, "last_seen_ms", (json_int_t)((now - cp->last_ns) / 1000000),
+			      "policy_ack_misses", (int)cp->ack_misses);
 	if (!cp->has_hello)
 		return o;
 	const ax_rec_hello *h = &cp->hello;
@@ -423,11 +424,11 @@ static int h_caps(struct mg_connection *c, void *cbdata)
 	pthread_mutex_unlock(&r->cap_mu);
 	for (int l = 0; l < n_layers; l++)
 		json_array_append_new(layers, json_integer(l));
-	json_t *j = json_pack("{s:s,s:[sss],s:i,s:i,s:s?,s:i,s:o,s:i,s:o,s:i,s:[sssssssss]}", "object",
+	json_t *j = json_pack("{s:s,s:[sss],s:i,s:i,s:s?,s:i,s:o,s:i,s:o,s:i,s:i,s:[sssssssss]}", "object",
 			      "attention.capabilities", "modes", "mean_logit", "mean_prob", "heads", "max_top_k",
 			      AX_PROTO_MAX_TOPK, "default_top_k", top_k, "default_mode", mode, "n_layers", n_layers,
 			      "layers", layers, "n_heads", n_heads, "captures", caps, "attention_wait_ms",
-			      r->o.attention_wait_ms, "request_fields", "return_attention_tokens", "top_k_attention",
+			      r->o.attention_wait_ms, "policy_wait_ms", r->o.policy_wait_ms, "request_fields", "return_attention_tokens", "top_k_attention",
 			      "attention_capture_layer_ids", "attention_capture_layer_id", "attention_capture_head_ids",
 			      "attention_mode", "attention_tokens_stride", "attention_tokens_max", "include_prompt_attention");
 	send_json(c, r, 200, j);
@@ -490,6 +491,13 @@ static int h_metrics(struct mg_connection *c, void *cbdata)
 	       atomic_load(&m->client_cancels));
 	metric(&b, "late_entries_total", "counter", "Attention entries sent after their token.",
 	       atomic_load(&m->late_entries));
+	metric(&b, "policy_acks_total", "counter", "Policy acknowledgements received from captures.",
+	       atomic_load(&m->policy_acks));
+	metric(&b, "policy_waits_total", "counter", "Attention requests held until the captures acknowledged their policy.",
+	       atomic_load(&m->policy_waits));
+	metric(&b, "policy_ack_timeouts_total", "counter",
+	       "Attention requests forwarded without every capture's policy ack (--policy-wait-ms passed).",
+	       atomic_load(&m->policy_ack_timeouts));
 	latency_metric(&b, m);
 	send_body(c, r, 200, "text/plain; version=0.0.4", (const char *)b.data, b.len, NULL);
 	ax_buf_fini(&b);
@@ -696,6 +704,38 @@ static int dir_exists(const char *p)
 	return p && *p && stat(p, &st) == 0 && S_ISDIR(st.st_mode);
 }
 
+static int file_exists(const char *p)
+{
+	struct stat st;
+	return stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* GET /explorer.html: the seed's URL for the page. web/explorer.html when the folder has one, else web/index.html. */
+static int h_explorer(struct mg_connection *c, void *cbdata)
+{
+	ax_relay *r = relay_of(c);
+	const struct mg_request_info *ri = mg_get_request_info(c);
+	char path[4096];
+	if (strcmp(ri->local_uri, "/explorer.html") != 0 || !dir_exists(r->o.web)) {
+		send_error(c, r, 404, "not_found", "no such file");
+		return 404;
+	}
+	if (strcmp(ri->request_method, "GET") != 0 && strcmp(ri->request_method, "HEAD") != 0) {
+		send_error(c, r, 405, "invalid_request_error", "method not allowed");
+		return 405;
+	}
+	const char *names[] = {"explorer.html", "index.html"};
+	for (size_t i = 0; i < AX_ARRAY_LEN(names); i++) {
+		snprintf(path, sizeof path, "%s/%s", r->o.web, names[i]);
+		if (file_exists(path)) {
+			mg_send_file(c, path);
+			return 200;
+		}
+	}
+	send_error(c, r, 404, "not_found", "the web folder has neither explorer.html nor index.html");
+	return 404;
+}
+
 int ax__http_start(ax_relay *r)
 {
 	char threads[16], timeout[16];
@@ -722,6 +762,7 @@ int ax__http_start(ax_relay *r)
 	mg_set_request_handler(r->mg, "/healthz", h_health, NULL);
 	mg_set_request_handler(r->mg, "/metrics", h_metrics, NULL);
 	mg_set_request_handler(r->mg, "/v1/attention/capabilities", h_caps, NULL);
+	mg_set_request_handler(r->mg, "/explorer.html", h_explorer, NULL);
 	mg_set_websocket_handler(r->mg, "/ws", ws_connect, ws_ready, ws_data, ws_close, r);
 	struct mg_server_port ports[4];
 	int np = mg_get_server_ports(r->mg, 4, ports);

@@ -31,12 +31,14 @@ static void usage(FILE *f, const ax_relay_opts *d)
 		"                             WebSocket client holds one thread for its whole life, so this is the\n"
 		"                             number of concurrent connections; more wait in the accept queue.\n"
 		"  --attention-wait-ms MS     how long a token's chunk may wait for its attention (default %d)\n"
+		"  --policy-wait-ms MS        how long an attention request waits for every live capture to acknowledge\n"
+		"                             its policy before it goes upstream anyway (default %d; 0 = no wait)\n"
 		"  --upstream-timeout-ms MS   upstream connect timeout and longest silence (default %d)\n"
 		"  --ws-queue N               records queued per WebSocket client before the oldest drop (default %d)\n"
 		"  --log-level LEVEL          error|warn|info|debug (default info)\n"
 		"  -h, --help                 this text\n",
 		d->listen, d->upstream, d->records, d->policy, d->feed, d->web, d->max_body, d->max_connections,
-		d->attention_wait_ms, d->upstream_timeout_ms, d->ws_queue);
+		d->attention_wait_ms, d->policy_wait_ms, d->upstream_timeout_ms, d->ws_queue);
 }
 
 static int to_ll(const char *s, long long lo, long long hi, long long *v)
@@ -59,7 +61,8 @@ static int log_level(const char *s)
 	return -EINVAL;
 }
 
-enum { O_LISTEN = 256, O_UP, O_REC, O_POL, O_FEED, O_WEB, O_TOKEN, O_CORS, O_BODY, O_CONN, O_WAIT, O_UPTO, O_WSQ, O_LOG };
+enum { O_LISTEN = 256, O_UP, O_REC, O_POL, O_FEED, O_WEB, O_TOKEN, O_CORS, O_BODY, O_CONN, O_WAIT, O_UPTO, O_WSQ,
+       O_PWAIT, O_LOG };
 
 static int numeric(int opt, const char *arg, ax_relay_opts *o)
 {
@@ -90,6 +93,11 @@ static int numeric(int opt, const char *arg, ax_relay_opts *o)
 			return -EINVAL;
 		o->ws_queue = (int)v;
 		return 0;
+	case O_PWAIT:
+		if (to_ll(arg, 0, 60000, &v))
+			return -EINVAL;
+		o->policy_wait_ms = (int)v;
+		return 0;
 	}
 	return -EINVAL;
 }
@@ -101,6 +109,7 @@ static int parse(int argc, char **argv, ax_relay_opts *o)
 		{"policy", 1, 0, O_POL}, {"feed", 1, 0, O_FEED}, {"web", 1, 0, O_WEB}, {"token", 1, 0, O_TOKEN},
 		{"cors", 1, 0, O_CORS}, {"max-body", 1, 0, O_BODY}, {"max-connections", 1, 0, O_CONN},
 		{"attention-wait-ms", 1, 0, O_WAIT}, {"upstream-timeout-ms", 1, 0, O_UPTO}, {"ws-queue", 1, 0, O_WSQ},
+		{"policy-wait-ms", 1, 0, O_PWAIT},
 		{"log-level", 1, 0, O_LOG}, {"help", 0, 0, 'h'}, {0, 0, 0, 0}};
 	int c, lvl;
 	while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -124,7 +133,7 @@ static int parse(int argc, char **argv, ax_relay_opts *o)
 			break;
 		case 'h': return 1;
 		default:
-			if (c < O_BODY || c > O_WSQ || numeric(c, optarg, o))
+			if (c < O_BODY || c > O_PWAIT || numeric(c, optarg, o))
 				return -EINVAL;
 		}
 	}

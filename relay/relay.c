@@ -11,6 +11,15 @@
  * release something); a finished up is reaped from a zero timer, never from inside a libcurl callback.
  * The records PULL's receive fd is polled with uv_poll; each frame is decoded with proto, its records go to the
  * requests they belong to and to the WebSocket clients, and the frame goes verbatim to the feed PUB.
+ *
+ * Policy acknowledgement: the policy travels relay → capture over nng while the request travels relay → engine over
+ * HTTP, so an engine could prefill before the capture has told it (ax_shm_set_wanted) which layers to export. So an
+ * attention request first announces its policy, then waits (`waiting`, on its hold timer, never blocking the loop)
+ * until every live capture has echoed that `policy` record on the records channel, or --policy-wait-ms passed; only
+ * then does it go upstream. Live = sent a `hello`, its records connection (the nng pipe of its last frame) is still
+ * open, and it has not missed ACK_MISS_MAX acks in a row (a capture run without a policy subscriber never acks; any
+ * ack it sends makes it count again). While it waits, the request's policy is re-published every 50 ms, so a
+ * capture whose subscription was still connecting gets it.
  */
 #include "relay_srv.h"
 
@@ -33,6 +42,8 @@
 #define TAG "relay"
 #define MAX_BODY_IN (64u << 20) /* non-streamed upstream bodies */
 #define POLICY_REPUBLISH_MS 500
+#define POLICY_WAIT_TICK_MS 50 /* re-publication period while a request waits for acks */
+#define ACK_MISS_MAX 3         /* acks a capture may miss in a row before requests stop waiting for it */
 
 enum { UP_PASS = 0, UP_STREAM = 1, UP_BODY = 2 };
 
@@ -53,6 +64,9 @@ struct ax_up {
 	int saw_done;            /* [DONE] seen (pass-through streams: in the tail) */
 	int n_srcs_end;
 	uint64_t policy_seq;     /* seq of the announced policy record; re-publications repeat it */
+	int waiting;             /* held before the upstream until the captures in wait_mask ack its policy */
+	uint64_t wait_mask;      /* r->caps slots whose ack is outstanding */
+	uint64_t wait_start_ns, wait_deadline_ns;
 	ax_merge *m;
 	ax_sse parser;
 	char *buf;               /* UP_BODY body */
@@ -66,7 +80,7 @@ struct ax_up {
 void ax_relay_opts_default(ax_relay_opts *o)
 {
 	memset(o, 0, sizeof *o);
-	o->listen = "127.0.0.1:8080";
+	o->listen = "127.0.0.1:8081";
 	o->upstream = "http://127.0.0.1:8000";
 	o->records = "ipc:///tmp/attnx-records.sock";
 	o->policy = "ipc:///tmp/attnx-policy.sock";
@@ -77,6 +91,7 @@ void ax_relay_opts_default(ax_relay_opts *o)
 	o->attention_wait_ms = 50;
 	o->upstream_timeout_ms = 30000;
 	o->ws_queue = 4096;
+	o->policy_wait_ms = 200;
 }
 
 static const char *keep(ax_relay *r, int i, const char *s)
@@ -102,7 +117,7 @@ static int copy_opts(ax_relay *r, const ax_relay_opts *o)
 	while (n > 0 && r->o.upstream[n - 1] == '/')
 		r->strs[1][--n] = '\0';
 	if (!n || r->o.max_connections < 2 || r->o.attention_wait_ms < 0 || r->o.upstream_timeout_ms <= 0 ||
-	    r->o.ws_queue < 1 || r->o.max_body == 0)
+	    r->o.ws_queue < 1 || r->o.max_body == 0 || r->o.policy_wait_ms < 0)
 		return -EINVAL;
 	return 0;
 }
@@ -597,7 +612,7 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 	return 0;
 }
 
-/* ------------------------------------------------------------------ starting a request */
+/* ------------------------------------------------------------------ policies */
 
 /* Records that make one position complete: layers × heads the request asked for, else the captures' defaults. */
 static uint32_t expected_records(ax_relay *r, const ax_rec_policy *p)
@@ -654,8 +669,9 @@ void ax__relay_rec_init(ax_relay *r, ax_record *rec, int type)
 	ax__relay_rec_init_seq(r, rec, type, atomic_fetch_add(&r->seq, 1));
 }
 
-/* Policies of `only` (announce: also on the feed and to WebSocket clients) or of every live request. */
-static void publish_policies(ax_relay *r, ax_up *only)
+/* Policies of `only` or of every live request on the policy socket. `announce` (a request's first publication)
+ * gives the record a new seq and also puts it on the feed and to WebSocket clients. */
+static void publish_policies(ax_relay *r, ax_up *only, int announce)
 {
 	ax_batch b;
 	const uint8_t *p;
@@ -667,7 +683,7 @@ static void publish_policies(ax_relay *r, ax_up *only)
 		ax_record rec;
 		/* Only the announcement goes on the feed, so only it takes a new seq: a re-publication on the policy
 		 * socket repeats the announced record, and the feed's relay seq stays without holes. */
-		if (only) {
+		if (announce) {
 			ax__relay_rec_init(r, &rec, AX_REC_POLICY);
 			u->policy_seq = rec.seq;
 		} else {
@@ -677,13 +693,13 @@ static void publish_policies(ax_relay *r, ax_up *only)
 		rec.u.policy = u->pc->info.policy;
 		if (ax_batch_add(&b, &rec) < 0)
 			ax_log(AX_LOG_WARN, TAG, "%s: policy record rejected by proto", rec.rid);
-		else if (only)
+		else if (announce)
 			ax__ws_record(r, &rec, ax_now_ns(), 0);
 	}
 	if (ax_batch_finish(&b, &p, &n) > 0) {
 		publish(r, r->pub_policy, p, n);
 		atomic_fetch_add(&r->m.policy_frames, 1);
-		if (only) {
+		if (announce) {
 			publish(r, r->pub_feed, p, n);
 			atomic_fetch_add(&r->m.feed_frames, 1);
 		}
@@ -693,7 +709,7 @@ static void publish_policies(ax_relay *r, ax_up *only)
 
 static void on_policy_timer(uv_timer_t *t)
 {
-	publish_policies(t->data, NULL);
+	publish_policies(t->data, NULL, 0);
 }
 
 static int easy_setup(ax_relay *r, ax_up *u)
@@ -728,6 +744,122 @@ static int easy_setup(ax_relay *r, ax_up *u)
 	return 0;
 }
 
+/* Hand the request to libcurl: from here on the upstream sees it. */
+static void forward(ax_up *u)
+{
+	ax_relay *r = u->r;
+	if (easy_setup(r, u) || curl_multi_add_handle(r->multi, u->e) != CURLM_OK) {
+		up_error(u, 500, "internal_error", "relay could not start the upstream request");
+		up_finish(u);
+		return;
+	}
+	u->in_multi = 1;
+	uv_timer_start(&u->idle, on_idle, (uint64_t)r->o.upstream_timeout_ms, (uint64_t)r->o.upstream_timeout_ms);
+}
+
+/* ------------------------------------------------------------------ waiting for policy acks */
+
+static ax_up *find_up(ax_relay *r, const char *rid);
+
+/* Slots of the captures a new policy must be acknowledged by (see the file comment). */
+static uint64_t captures_to_wait(ax_relay *r)
+{
+	uint64_t mask = 0;
+	nng_sockaddr sa;
+	pthread_mutex_lock(&r->cap_mu);
+	for (int i = 0; i < r->n_caps; i++) {
+		const ax_capture *cp = &r->caps[i];
+		if (cp->has_hello && cp->ack_misses < ACK_MISS_MAX && nng_pipe_id(cp->pipe) > 0 &&
+		    nng_pipe_get_addr(cp->pipe, NNG_OPT_LOCADDR, &sa) == 0) /* fails once the connection is gone */
+			mask |= 1ull << i;
+	}
+	pthread_mutex_unlock(&r->cap_mu);
+	return mask;
+}
+
+static void on_policy_wait(uv_timer_t *t);
+
+static void arm_wait(ax_up *u, uint64_t now)
+{
+	uint64_t left = u->wait_deadline_ns > now ? u->wait_deadline_ns - now : 0;
+	uint64_t ms = (left + 999999) / 1000000;
+	uv_timer_start(&u->hold, on_policy_wait, ms < POLICY_WAIT_TICK_MS ? ms : POLICY_WAIT_TICK_MS, 0);
+}
+
+static void end_wait(ax_up *u)
+{
+	uv_timer_stop(&u->hold);
+	u->waiting = 0;
+	forward(u);
+}
+
+/* The bound passed: count it, charge a miss to each capture that stayed silent, forward anyway. */
+static void ack_timeout(ax_up *u)
+{
+	ax_relay *r = u->r;
+	char who[AX_PROTO_STR] = "";
+	int n = 0;
+	atomic_fetch_add(&r->m.policy_ack_timeouts, 1);
+	pthread_mutex_lock(&r->cap_mu);
+	for (int i = 0; i < r->n_caps; i++)
+		if (u->wait_mask >> i & 1) {
+			if (n++ == 0)
+				snprintf(who, sizeof who, "%s", r->caps[i].src);
+			r->caps[i].ack_misses++;
+		}
+	pthread_mutex_unlock(&r->cap_mu);
+	ax_log(AX_LOG_WARN, TAG, "%s: no policy ack from %d capture(s) (%s%s) within %d ms; forwarding anyway",
+	       u->pc->info.rid, n, who, n > 1 ? ", ..." : "", r->o.policy_wait_ms);
+	end_wait(u);
+}
+
+static void on_policy_wait(uv_timer_t *t)
+{
+	ax_up *u = t->data;
+	uint64_t now = ax_now_ns();
+	if (!u->waiting || u->finished)
+		return;
+	if (now + 500000 >= u->wait_deadline_ns) { /* within timer resolution of the bound */
+		ack_timeout(u);
+		return;
+	}
+	publish_policies(u->r, u, 0);
+	arm_wait(u, now);
+}
+
+/* 1 when the request now waits for acks (it goes upstream from end_wait), 0 when it may go now. */
+static int wait_for_acks(ax_up *u)
+{
+	ax_relay *r = u->r;
+	if (r->o.policy_wait_ms <= 0 || !(u->wait_mask = captures_to_wait(r)))
+		return 0;
+	u->waiting = 1;
+	u->wait_start_ns = ax_now_ns();
+	u->wait_deadline_ns = u->wait_start_ns + (uint64_t)r->o.policy_wait_ms * 1000000ull;
+	atomic_fetch_add(&r->m.policy_waits, 1);
+	arm_wait(u, u->wait_start_ns);
+	return 1;
+}
+
+/* A capture (slot) echoed the policy of `rid`. */
+static void policy_acked(ax_relay *r, int slot, const char *rid)
+{
+	atomic_fetch_add(&r->m.policy_acks, 1);
+	pthread_mutex_lock(&r->cap_mu);
+	r->caps[slot].ack_misses = 0;
+	pthread_mutex_unlock(&r->cap_mu);
+	ax_up *u = rid[0] ? find_up(r, rid) : NULL;
+	if (!u || !u->waiting)
+		return;
+	u->wait_mask &= ~(1ull << slot);
+	if (u->wait_mask)
+		return;
+	ax_log(AX_LOG_DEBUG, TAG, "%s: policy acknowledged in %.2f ms", rid, (ax_now_ns() - u->wait_start_ns) / 1e6);
+	end_wait(u);
+}
+
+/* ------------------------------------------------------------------ starting a request */
+
 static void start_request(ax_relay *r, ax_pconn *pc)
 {
 	ax_up *u = calloc(1, sizeof *u);
@@ -751,12 +883,11 @@ static void start_request(ax_relay *r, ax_pconn *pc)
 		if (!(u->m = ax__merge_new(&cfg)))
 			goto fail;
 		atomic_fetch_add(&r->m.attention_requests, 1);
-		publish_policies(r, u); /* before the engine sees the request */
+		publish_policies(r, u, 1); /* before the engine sees the request */
+		if (wait_for_acks(u))
+			return;
 	}
-	if (easy_setup(r, u) || curl_multi_add_handle(r->multi, u->e) != CURLM_OK)
-		goto fail;
-	u->in_multi = 1;
-	uv_timer_start(&u->idle, on_idle, (uint64_t)r->o.upstream_timeout_ms, (uint64_t)r->o.upstream_timeout_ms);
+	forward(u);
 	return;
 fail:
 	up_error(u, 500, "internal_error", "relay could not start the upstream request");
@@ -836,7 +967,8 @@ static void run_cmds(ax_relay *r, ax_cmd *c)
 
 /* ------------------------------------------------------------------ records in */
 
-static void capture_seen(ax_relay *r, const ax_record *rec, uint64_t now)
+/* Note a record of `rec->src`, received on `pipe`; returns the capture's slot. */
+static int capture_seen(ax_relay *r, const ax_record *rec, uint64_t now, nng_pipe pipe)
 {
 	pthread_mutex_lock(&r->cap_mu);
 	int i = 0;
@@ -855,11 +987,13 @@ static void capture_seen(ax_relay *r, const ax_record *rec, uint64_t now)
 		snprintf(r->caps[i].src, sizeof r->caps[i].src, "%s", rec->src);
 	}
 	r->caps[i].last_ns = now;
+	r->caps[i].pipe = pipe;
 	if (rec->type == AX_REC_HELLO) {
 		r->caps[i].has_hello = 1;
 		r->caps[i].hello = rec->u.hello;
 	}
 	pthread_mutex_unlock(&r->cap_mu);
+	return i;
 }
 
 static ax_up *find_up(ax_relay *r, const char *rid)
@@ -873,7 +1007,9 @@ static ax_up *find_up(ax_relay *r, const char *rid)
 typedef struct ingest {
 	ax_relay *r;
 	uint64_t t;
+	nng_pipe pipe;        /* the connection the frame came on */
 	const char *last_src; /* capture_seen once per source run */
+	int last_slot;        /* its slot */
 } ingest;
 
 static void to_request(ax_relay *r, const ax_record *rec)
@@ -898,10 +1034,13 @@ static int on_record(const ax_record *rec, void *arg)
 	ax_relay *r = in->r;
 	atomic_fetch_add(&r->m.records_in, 1);
 	if (rec->type == AX_REC_HELLO || !in->last_src || strcmp(in->last_src, rec->src) != 0) {
-		capture_seen(r, rec, in->t);
+		in->last_slot = capture_seen(r, rec, in->t, in->pipe);
 		in->last_src = rec->src;
 	}
-	to_request(r, rec);
+	if (rec->type == AX_REC_POLICY) /* on the records channel, a policy is a capture's ack */
+		policy_acked(r, in->last_slot, rec->rid);
+	else
+		to_request(r, rec);
 	ax__ws_record(r, rec, in->t, 1);
 	return 0;
 }
@@ -927,7 +1066,7 @@ static void decode_error(ax_relay *r, int rc, size_t len)
 
 static void ingest_frame(ax_relay *r, nng_msg *msg)
 {
-	ingest in = {.r = r, .t = ax_now_ns()};
+	ingest in = {.r = r, .t = ax_now_ns(), .pipe = nng_msg_get_pipe(msg)};
 	size_t len = nng_msg_len(msg);
 	atomic_fetch_add(&r->m.frames_in, 1);
 	atomic_store(&r->m.last_record_ns, in.t);

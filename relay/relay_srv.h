@@ -8,7 +8,7 @@
  *     handler thread waits on the condition variable and writes them to the client;
  *   - the WebSocket client list (ws_mu): the loop fans records out into each client's bounded queue; the filter
  *     a client subscribes with is changed under the same lock.
- * Capture descriptions (from hello records) live under cap_mu; metrics are atomics.
+ * Capture descriptions (from hello records) and their policy-ack state live under cap_mu; metrics are atomics.
  */
 #ifndef ATTNX_RELAY_SRV_H
 #define ATTNX_RELAY_SRV_H
@@ -69,6 +69,8 @@ typedef struct ax_capture {
 	int has_hello;
 	ax_rec_hello hello;
 	uint64_t last_ns;
+	nng_pipe pipe;              /* records connection its last frame came on (connected = still alive) */
+	uint32_t ack_misses;        /* policy acks owed and never sent, in a row (reset by any ack) */
 } ax_capture;
 #define AX_MAX_CAPTURES 64
 
@@ -77,6 +79,7 @@ typedef struct ax_metrics {
 	atomic_uint_fast64_t records_in, frames_in, decode_errors, feed_frames, policy_frames;
 	atomic_uint_fast64_t ws_gaps, ws_dropped, ws_sent, requests, attention_requests, upstream_errors;
 	atomic_uint_fast64_t late_entries, client_cancels;
+	atomic_uint_fast64_t policy_acks, policy_waits, policy_ack_timeouts;
 	atomic_int ws_clients, active_requests;
 	atomic_uint_fast64_t lat_bucket[AX_LAT_BUCKETS + 1]; /* record arrival → WebSocket write, µs; last = +Inf */
 	atomic_uint_fast64_t lat_count, lat_sum_us;
