@@ -78,7 +78,8 @@ def free_port():
 class Pipeline:
     def __init__(self, build, model, capture=None, engine=None, sink="relay", tag=None, logdir=None):
         """capture: None = no attnx-capture; else its extra arguments. engine: extra engine arguments.
-        sink: "relay" (relay + tail), "pull" (our own PULL socket) or None (records go nowhere)."""
+        sink: "relay" (relay + tail), "relay-only" (the relay takes the records, nobody reads its feed), "pull"
+        (our own PULL socket) or None (records go nowhere)."""
         self.build, self.model = build, model
         self.tag = tag or "axpipe-%d" % os.getpid()
         self.logdir = logdir or "/tmp"
@@ -108,7 +109,7 @@ class Pipeline:
                                    "--listen", "127.0.0.1:%d" % self.port, "--shm", self.shm] + engine)
             if sink == "pull":
                 self.sink = PullSink(self.addr["records"])
-            if sink == "relay":
+            if sink in ("relay", "relay-only"):
                 self._spawn("relay", [b + "/relay/attnx-relay", "--listen", "127.0.0.1:%d" % free_port(),
                                       "--upstream", "http://127.0.0.1:%d" % self.port,
                                       "--records", self.addr["records"], "--policy", self.addr["policy"],
@@ -122,8 +123,10 @@ class Pipeline:
                                         "--records", self.addr["records"], "--policy", self.addr["policy"],
                                         "--stats-interval", "0"] + capture)
             self._wait_http()
-            if capture is not None and sink:
+            if capture is not None and sink in ("relay", "pull"):
                 self._warm_up()
+            elif capture is not None:
+                self._wait_log("capture", "attached to")
         except BaseException:
             self.close()
             raise
@@ -154,6 +157,16 @@ class Pipeline:
                 pass
             time.sleep(0.1)
         raise RuntimeError("engine not ready after %d s" % timeout)
+
+    def _wait_log(self, name, text, timeout=20):
+        path = os.path.join(self.logdir, "%s-%s.log" % (self.tag, name))
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            with open(path) as f:
+                if text in f.read():
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("%s: no '%s' in %s after %d s" % (name, text, path, timeout))
 
     def _warm_up(self, timeout=20):
         """Until a request's `end` comes back through capture → relay → tail, every hop is connected."""
