@@ -11,9 +11,9 @@
  *               which checks the two passes against each other).
  * Lab shape: H_q 32, H_kv 8, D 128 (compile-time), top-k 1..64 (run-time).
  *
- * Versions. Measured on an NVIDIA H200, 2026-11-27, commit bb83844 (capture/dev/RESULTS.md has every number, the
- * floor and the breakdowns); × floor = time / streaming read of the same bytes, same run; mean_logit / heads /
- * mean_prob:
+ * Versions. Measured on an NVIDIA H200, 2026-11-27, v1..v5 at commit bb83844 (run 3), v6/v7 at b676aac (run 4;
+ * capture/dev/RESULTS.md has every number, the floor and the breakdowns); × floor = time / streaming read of the
+ * same bytes, same run; mean_logit / heads / mean_prob:
  *   v1  naive: every s_hj to global memory (one thread per (b, h, j), scalar loads), then one block per row for
  *       logsumexp (block reductions) and top-k (k rounds of block argmax below the previous winner).
  *       4K 99.9 / 98.6 / 108.1 us; 128K 51 / 53 / 56x floor; 1M 58 / 79 / 65x; 64x4K 36 / 37 / 36x.
@@ -47,10 +47,18 @@
  *       worse than the best k-th of any split survive, sorted by one 32-lane bitonic network). One launch per
  *       pass; one wave of CTAs (1 per SM, 140 KB smem). Predicted (before any run): 1M 1.05-1.15x floor for
  *       mean_logit and heads, 128K 1.1-1.2x, 64x4K 1.1-1.2x, mean_prob ~2.2x, one 4K request 14-18 us end to end
- *       with a graph. Measured: not yet (see RESULTS.md).
+ *       with a graph. Measured (run 4): mean_logit met it at long lengths: 1M 1.19x (v2 1.67x), 8x128K 1.13x,
+ *       64x4K 1.20x; everything else missed: 128K 1.71 / 4.86 / 3.65x, 1M heads 2.15x, mean_prob 2.95x, 4K
+ *       42.2 / 152.8 / 60.1 us (graph end to end 43.9 us for mean_logit). Two causes inferred (RESULTS.md): the
+ *       producer's fence.proxy.async is a MEMBAR that waits for the next index load every stage, and the per-stage
+ *       CTA barrier puts that latency plus the slowest warp's work on every stage (heads, even with k = 0, runs
+ *       1.7 us per stage against 0.96 of floor); the fused merge reads the split lists in dependent L2 rounds and
+ *       rescans serially when short splits make the threshold bound weak (4K: 32-key splits).
  *   v7  v6 with a ring of 3 and two CTAs per SM (107 KB smem, <= 128 registers): one CTA's prologue and merge
  *       overlap the other's stream. Predicted: within 3% of v6 at 1M, a few % better at 128K and 64x4K.
- *       Measured: not yet.
+ *       Measured (run 4): mean_logit 2-5% worse than v6 at long lengths (1M 1.24x); heads 18-31% faster than v6
+ *       (1M 1.75x, 8x128K 1.33x, 64x4K 1.61x against v2's 1.39 / 1.36 / 1.95x); mean_prob 1M 2.46x, 8x128K 2.32x,
+ *       64x4K 2.50x (best of all versions at the last two); 4K / 32K / 128K the worst (twice the splits).
  *
  * Validation: fresh random inputs per case (keys and queries uniform in [-1, 1], bf16) with planted keys aligned
  * with each request's grouped queries (strong, distinct scores) and one duplicated planted key (an exact tie);
