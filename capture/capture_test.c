@@ -8,7 +8,8 @@
  * order exactly; logits and logsumexp to 1e-5 relative). Loss is provoked for real: no relay listening (send_full
  * gaps), an engine that closes mid-request and a new one under the same name (restart gap, new hello), descriptors
  * written straight into the ring that fail validation or are torn, a burst that overflows a tiny step ring. Option
- * parsing, layer selection and the policy table have table-driven unit cases.
+ * parsing, layer selection and the policy table have table-driven unit cases. Policy acknowledgement: a new policy's
+ * echo arrives only after the segment's wanted layers include the policy's, once per rid, attached or not.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -826,6 +827,134 @@ static void test_policy(void **state)
 	engine_close(&e);
 }
 
+/* The records of `type` and `rid` the sink holds. */
+static size_t count_type(const sink *s, int type, const char *rid)
+{
+	size_t n = 0;
+	for (size_t i = 0; i < s->n; i++)
+		n += s->v[i].type == type && strcmp(s->v[i].rid, rid) == 0;
+	return n;
+}
+
+static int has_ack(const sink *s, const void *rid) { return find(s, AX_REC_POLICY, rid, 0) != NULL; }
+
+/* Publish (as the relay does while it waits) until the capture's ack for rid arrives in the sink. */
+static void policy_until_acked(sink *s, nng_socket pub, engine *e, const char *rid, const ax_rec_policy *p)
+{
+	uint64_t deadline = ax_now_ns() + 5000000000ull;
+	while (!has_ack(s, rid)) {
+		assert_true(ax_now_ns() < deadline);
+		publish_policy(pub, rid, p);
+		if (e && e->ex)
+			ax_export_heartbeat(e->ex);
+		uint64_t until = ax_now_ns() + 20000000ull;
+		while (!has_ack(s, rid) && ax_now_ns() < until) { /* read frames one by one: stop at the ack's */
+			nng_msg *m;
+			if (nng_recvmsg(s->pull, &m, 0) != 0)
+				continue;
+			assert_true(ax_frame_decode(nng_msg_body(m), nng_msg_len(m), keep_record, s) >= 0);
+			nng_msg_free(m);
+		}
+	}
+}
+
+/* A new policy is acknowledged once: the segment's wanted layers / prefill already include what it asks for when
+ * the ack arrives, the ack echoes the policy with the capture's src and the rid, and the rows the engine then
+ * exports are captured on the policy's layers. */
+static void test_policy_ack(void **state)
+{
+	(void)state;
+	nng_socket pub;
+	assert_int_equal(nng_pub0_open(&pub), 0);
+	assert_int_equal(nng_listen(pub, g_pol_addr, NULL, 0), 0);
+	engine e;
+	engine_open(&e, 0x4242);
+	sink s = {0};
+	sink_listen(&s);
+	ax_capture_opts o;
+	test_opts(&o); /* defaults: layer L-1, no prefill */
+	runner run;
+	runner_start(&run, &o);
+	size_t one = 1;
+	wait_for(&s, &e, has_hello_count, &one, 5000, "hello");
+	uint64_t wl[2];
+	int wp;
+	assert_int_equal(ax_export_wanted(e.ex, wl, &wp), 1);
+	assert_int_equal(wl[0], 1u << (NL - 1));
+	assert_int_equal(wp, 0);
+
+	ax_rec_policy pa = {.top_k = 3, .n_layer_ids = 2, .layer_ids = {0, 2}, .prompt = 1, .ttl_ms = 30000};
+	policy_until_acked(&s, pub, &e, "ra", &pa);
+	assert_int_equal(ax_export_wanted(e.ex, wl, &wp), 1); /* read as soon as the ack is in */
+	assert_int_equal(wl[0], 1u | 1u << 2 | 1u << (NL - 1));
+	assert_int_equal(wp, 1);
+	const ax_record *ack = find(&s, AX_REC_POLICY, "ra", 0);
+	assert_string_equal(ack->src, "capture:test");
+	assert_int_equal(ack->u.policy.top_k, 3);
+	assert_int_equal(ack->u.policy.n_layer_ids, 2);
+	assert_int_equal(ack->u.policy.layer_ids[1], 2);
+	assert_int_equal(ack->u.policy.prompt, 1);
+	for (int i = 0; i < 5; i++) { /* re-publications are not acknowledged again */
+		publish_policy(pub, "ra", &pa);
+		sleep_ms(5);
+	}
+
+	/* the engine exports what the segment asks for: every prompt row, layers 0, 2 and L-1 */
+	int want_prefill = 0;
+	assert_int_equal(ax_export_wanted(e.ex, wl, &want_prefill), 1);
+	treq *a = req_begin(&e, "ra", 5, 0);
+	req_prefill(&e, a, (uint32_t)wl[0]);
+	req_decode(&e, a, (uint32_t)wl[0]);
+	ax_export_request_end(e.ex, a->req_id, AX_END_STOP);
+	wait_for(&s, &e, has_end, "ra", 5000, "end ra");
+	assert_int_equal(check_all_attn(&s, &e, a), (5 + 1) * 2); /* rows 0..P, on layers 0 and 2 only */
+	for (uint32_t p = 0; p < 5; p++)
+		assert_true(attn_exists(&s, "ra", p, 0) && attn_exists(&s, "ra", p, 2) && !attn_exists(&s, "ra", p, NL - 1));
+	assert_int_equal(count_type(&s, AX_REC_POLICY, "ra"), 1);
+	ax_capture_stats st;
+	ax_capture_get_stats(run.c, &st);
+	assert_int_equal(st.policy_acks, 1);
+	runner_stop(&run);
+	drain_sink(&s, 50);
+	assert_int_equal(count_type(&s, AX_REC_POLICY, "ra"), 1);
+	check_seq(&s, 0); /* acks take their place in the capture's seq */
+	free(a);
+	nng_close(pub);
+	sink_close(&s);
+	engine_close(&e);
+}
+
+/* No engine yet: the policy is acknowledged all the same, and the attach announces its layers. */
+static void test_policy_ack_unattached(void **state)
+{
+	(void)state;
+	nng_socket pub;
+	assert_int_equal(nng_pub0_open(&pub), 0);
+	assert_int_equal(nng_listen(pub, g_pol_addr, NULL, 0), 0);
+	sink s = {0};
+	sink_listen(&s);
+	ax_capture_opts o;
+	test_opts(&o);
+	runner run;
+	runner_start(&run, &o);
+	ax_rec_policy pb = {.n_layer_ids = 1, .layer_ids = {1}};
+	policy_until_acked(&s, pub, NULL, "rb", &pb);
+	assert_null(find(&s, AX_REC_HELLO, NULL, 0));
+	engine e;
+	engine_open(&e, 0x99);
+	size_t one = 1;
+	wait_for(&s, &e, has_hello_count, &one, 5000, "hello");
+	sleep_ms(20);
+	uint64_t wl[2];
+	int wp;
+	assert_int_equal(ax_export_wanted(e.ex, wl, &wp), 1);
+	assert_int_equal(wl[0], 1u << 1 | 1u << (NL - 1));
+	runner_stop(&run);
+	nng_close(pub);
+	sink_close(&s);
+	engine_close(&e);
+}
+
 /* ---- cases: loss ---------------------------------------------------------------------------------------- */
 
 static int attached(engine *e)
@@ -1084,6 +1213,8 @@ int main(void)
 		cmocka_unit_test(test_policy_table),
 		cmocka_unit_test(test_stream),
 		cmocka_unit_test(test_policy),
+		cmocka_unit_test(test_policy_ack),
+		cmocka_unit_test(test_policy_ack_unattached),
 		cmocka_unit_test(test_no_relay),
 		cmocka_unit_test(test_restart),
 		cmocka_unit_test(test_attached_late),

@@ -4,6 +4,10 @@
  * mid-stream, records are pushed into the relay's PULL with nng PUSH, and responses are read with libcurl.
  * The last case starts the attnx-relay binary (argv[1]) and stops it with SIGTERM.
  *
+ * Policy acknowledgement runs against a fake capture (its own PUSH and SUB sockets, a `hello`, then an echo of each
+ * new policy after a delay, or never): the upstream must see an attention request only after the ack, or after
+ * --policy-wait-ms when none comes.
+ *
  * The fake upstream picks its behaviour from the request body's "model": "stream" (role chunk + tokens A B C,
  * pushing the `req` and `attn` records of the relay's rid around the chunks as the scenario says), "die" (two
  * chunks, then the connection closes), "stall" (reads the request, never answers), "slow" (a chunk every 100 ms
@@ -56,6 +60,7 @@ typedef struct fx {
 	atomic_int up_stop, up_requests, up_saw_close;
 	int late_ms;          /* "stream": push position P+1's record this long after chunk C instead of before B */
 	char last_body[4096]; /* body of the last upstream request */
+	atomic_uint_fast64_t up_req_ns; /* ax_now_ns() when the upstream had read its last request */
 	pthread_mutex_t mu;
 	nng_socket push;
 	atomic_uint_fast64_t seq;
@@ -240,6 +245,7 @@ static void *serve_conn(void *arg)
 	fx *f = c->f;
 	char path[256] = "";
 	char *body = read_request(c->fd, path, sizeof path);
+	atomic_store(&f->up_req_ns, ax_now_ns());
 	atomic_fetch_add(&f->up_requests, 1);
 	json_t *j = body ? json_loads(body, 0, NULL) : NULL;
 	const char *model = json_string_value(json_object_get(j, "model")), *rid = json_string_value(json_object_get(j, "rid"));
@@ -962,6 +968,302 @@ static void policy_published(void **state)
 	fx_stop(&f);
 }
 
+/* ------------------------------------------------------------------ policy acknowledgement */
+
+/* A capture as the relay sees it: a `hello` on its own PUSH connection, then (when ack_ms >= 0) an echo of each new
+ * policy ack_ms after it arrived on its SUB. */
+typedef struct fakecap {
+	fx *f;
+	nng_socket push, sub;
+	int ack_ms;                 /* < 0: never acknowledges */
+	char src[64];
+	pthread_t th;
+	atomic_int stop, acks;
+	atomic_uint_fast64_t ack_ns; /* ax_now_ns() just before the last echo was sent */
+	uint64_t seq;
+	char acked[16][AX_PROTO_STR];
+} fakecap;
+
+static void cap_send(fakecap *c, ax_record *r)
+{
+	ax_batch b;
+	const uint8_t *p;
+	size_t len;
+	r->v = AX_PROTO_VERSION;
+	snprintf(r->src, sizeof r->src, "%s", c->src);
+	r->seq = c->seq++;
+	ax_batch_init(&b);
+	assert_true(ax_batch_add(&b, r) >= 0);
+	assert_true(ax_batch_finish(&b, &p, &len) > 0);
+	assert_int_equal(nng_send(c->push, (void *)p, len, 0), 0);
+	ax_batch_fini(&b);
+}
+
+static int is_new(fakecap *c, const char *rid)
+{
+	int n = atomic_load(&c->acks);
+	for (int i = 0; i < n && i < 16; i++)
+		if (strcmp(c->acked[i], rid) == 0)
+			return 0;
+	return 1;
+}
+
+static void *fakecap_main(void *arg)
+{
+	fakecap *c = arg;
+	while (!atomic_load(&c->stop)) {
+		void *m;
+		size_t n;
+		ax_record rec;
+		if (nng_recv(c->sub, &m, &n, NNG_FLAG_ALLOC) != 0)
+			continue;
+		int ok = ax_frame_decode(m, n, keep_rec, &rec) == 1 && rec.type == AX_REC_POLICY;
+		nng_free(m, n);
+		if (!ok || c->ack_ms < 0 || !is_new(c, rec.rid) || atomic_load(&c->acks) >= 16)
+			continue;
+		usleep((useconds_t)c->ack_ms * 1000);
+		snprintf(c->acked[atomic_load(&c->acks)], AX_PROTO_STR, "%s", rec.rid);
+		atomic_store(&c->ack_ns, ax_now_ns());
+		cap_send(c, &rec); /* the relay's record, echoed with this capture's src and seq */
+		atomic_fetch_add(&c->acks, 1);
+	}
+	return NULL;
+}
+
+static void fakecap_start(fx *f, fakecap *c, int ack_ms)
+{
+	memset(c, 0, sizeof *c);
+	c->f = f;
+	c->ack_ms = ack_ms;
+	snprintf(c->src, sizeof c->src, "capture:fake:%d:0", ack_ms);
+	assert_int_equal(nng_push0_open(&c->push), 0);
+	assert_int_equal(nng_dial(c->push, f->rec_addr, NULL, 0), 0);
+	assert_int_equal(nng_sub0_open(&c->sub), 0);
+	nng_socket_set(c->sub, NNG_OPT_SUB_SUBSCRIBE, "", 0);
+	nng_socket_set_ms(c->sub, NNG_OPT_RECVTIMEO, 20);
+	assert_int_equal(nng_dial(c->sub, f->pol_addr, NULL, 0), 0);
+	ax_record h;
+	ax_record_init(&h, AX_REC_HELLO);
+	snprintf(h.u.hello.engine, sizeof h.u.hello.engine, "fake");
+	snprintf(h.u.hello.backend, sizeof h.u.hello.backend, "cpu");
+	h.u.hello.world_size = 1;
+	h.u.hello.n_layers = 12;
+	h.u.hello.n_q_heads = 8;
+	h.u.hello.top_k = 5;
+	h.u.hello.mode = AX_MODE_MEAN_LOGIT;
+	h.u.hello.n_layer_ids = 1;
+	h.u.hello.layer_ids[0] = 5;
+	cap_send(c, &h);
+	assert_int_equal(pthread_create(&c->th, NULL, fakecap_main, c), 0);
+}
+
+static void fakecap_stop(fakecap *c)
+{
+	atomic_store(&c->stop, 1);
+	pthread_join(c->th, NULL);
+	nng_close(c->sub);
+	nng_close(c->push);
+}
+
+/* The value of attnx_relay_<name> on /metrics (-1 if absent). */
+static long long metric_of(fx *f, const char *name)
+{
+	resp r = {0};
+	char key[128];
+	long long v = -1;
+	http(f, "GET", "/metrics", NULL, NULL, &r);
+	snprintf(key, sizeof key, "\nattnx_relay_%s ", name);
+	const char *p = strstr(r.body, key);
+	if (p)
+		v = strtoll(p + strlen(key), NULL, 10);
+	free(r.body);
+	return v;
+}
+
+/* Wait until the relay lists n captures with a hello (so its next request knows whom to wait for). */
+static void wait_captures(fx *f, size_t n)
+{
+	for (int i = 0; i < 300; i++) {
+		resp r = {0};
+		http(f, "GET", "/v1/attention/capabilities", NULL, NULL, &r);
+		json_t *j = json_loads(r.body, 0, NULL);
+		size_t have = 0, k;
+		json_t *c;
+		json_array_foreach(json_object_get(j, "captures"), k, c)
+			have += json_object_get(c, "engine") != NULL;
+		json_decref(j);
+		free(r.body);
+		if (have >= n)
+			return;
+		usleep(10000);
+	}
+	fail_msg("the relay never listed %zu captures", n);
+}
+
+static void long_policy_wait(ax_relay_opts *o)
+{
+	o->policy_wait_ms = 5000; /* far above the fake capture's delay: only its ack can release the request */
+}
+
+/* A capture that acks 150 ms after the policy: the upstream sees the request only after the ack. */
+static void policy_ack_holds(void **state)
+{
+	fx f = {0};
+	fakecap c;
+	resp r = {0};
+	fx_start(&f, 0, long_policy_wait);
+	fakecap_start(&f, &c, 150);
+	wait_captures(&f, 1);
+	uint64_t t0 = ax_now_ns();
+	assert_int_equal(http(&f, "POST", "/v1/chat/completions", CHAT_STREAM, NULL, &r), CURLE_OK);
+	assert_int_equal(r.status, 200);
+	assert_non_null(strstr(r.body, "data: [DONE]"));
+	uint64_t up = atomic_load(&f.up_req_ns), ack = atomic_load(&c.ack_ns);
+	assert_int_equal(atomic_load(&c.acks), 1); /* re-publications while waiting were not acked twice */
+	assert_true(ack > t0 && up > ack);
+	assert_true(up - t0 >= 150000000ull && up - t0 < 3000000000ull);
+	assert_int_equal(metric_of(&f, "policy_waits_total"), 1);
+	assert_int_equal(metric_of(&f, "policy_acks_total"), 1);
+	assert_int_equal(metric_of(&f, "policy_ack_timeouts_total"), 0);
+	free(r.body);
+	/* a request without attention never waits */
+	r = (resp){0};
+	assert_int_equal(http(&f, "POST", "/v1/chat/completions", "{\"model\":\"stream\",\"stream\":true}", NULL, &r),
+			 CURLE_OK);
+	assert_int_equal(metric_of(&f, "policy_waits_total"), 1);
+	free(r.body);
+	fakecap_stop(&c);
+	fx_stop(&f);
+}
+
+static void short_policy_wait(ax_relay_opts *o)
+{
+	o->policy_wait_ms = 100;
+}
+
+static long long timed_request(fx *f, uint64_t *up_ms)
+{
+	resp r = {0};
+	uint64_t t0 = ax_now_ns();
+	assert_int_equal(http(f, "POST", "/v1/chat/completions", CHAT_STREAM, NULL, &r), CURLE_OK);
+	assert_int_equal(r.status, 200);
+	assert_non_null(strstr(r.body, "data: [DONE]"));
+	free(r.body);
+	*up_ms = (atomic_load(&f->up_req_ns) - t0) / 1000000;
+	return metric_of(f, "policy_ack_timeouts_total");
+}
+
+/* A capture that never acks: forwarded after the bound and counted; after 3 misses in a row it is not waited
+ * for; one ack from it makes it count again. */
+static void policy_ack_timeout(void **state)
+{
+	fx f = {0};
+	fakecap c;
+	uint64_t up_ms;
+	fx_start(&f, 0, short_policy_wait);
+	fakecap_start(&f, &c, -1);
+	wait_captures(&f, 1);
+	for (int i = 1; i <= 3; i++) {
+		assert_int_equal(timed_request(&f, &up_ms), i);
+		if (up_ms < 100 || up_ms > 2000)
+			fail_msg("request %d reached the upstream after %llu ms, want the 100 ms bound", i,
+				 (unsigned long long)up_ms);
+	}
+	assert_int_equal(timed_request(&f, &up_ms), 3); /* three misses: no longer waited for */
+	assert_int_equal(metric_of(&f, "policy_waits_total"), 3);
+	ax_record ack;
+	ax_record_init(&ack, AX_REC_POLICY);
+	snprintf(ack.rid, sizeof ack.rid, "ax-0000000000000001");
+	cap_send(&c, &ack);
+	for (int i = 0; i < 300 && metric_of(&f, "policy_acks_total") < 1; i++)
+		usleep(10000);
+	assert_int_equal(timed_request(&f, &up_ms), 4);
+	assert_int_equal(metric_of(&f, "policy_waits_total"), 4);
+	fakecap_stop(&c);
+	fx_stop(&f);
+}
+
+/* Captures that went away, or --policy-wait-ms 0: no wait. */
+static void no_policy_wait(ax_relay_opts *o)
+{
+	o->policy_wait_ms = 0;
+}
+
+static void policy_no_wait(void **state)
+{
+	fx f = {0};
+	fakecap c;
+	uint64_t up_ms;
+	fx_start(&f, 0, short_policy_wait);
+	fakecap_start(&f, &c, -1);
+	wait_captures(&f, 1);
+	fakecap_stop(&c); /* its records connection closes */
+	usleep(100000);
+	assert_int_equal(timed_request(&f, &up_ms), 0);
+	assert_int_equal(metric_of(&f, "policy_waits_total"), 0);
+	fx_stop(&f);
+	memset(&f, 0, sizeof f);
+	fx_start(&f, 0, no_policy_wait);
+	fakecap_start(&f, &c, -1);
+	wait_captures(&f, 1);
+	assert_int_equal(timed_request(&f, &up_ms), 0);
+	assert_int_equal(metric_of(&f, "policy_waits_total"), 0);
+	fakecap_stop(&c);
+	fx_stop(&f);
+}
+
+/* ------------------------------------------------------------------ static files */
+
+static char web_dir[128];
+
+static void with_web(ax_relay_opts *o)
+{
+	o->web = web_dir;
+}
+
+static void write_file(const char *dir, const char *name, const char *text)
+{
+	char p[256];
+	snprintf(p, sizeof p, "%s/%s", dir, name);
+	FILE *f = fopen(p, "w");
+	assert_non_null(f);
+	fputs(text, f);
+	fclose(f);
+}
+
+/* GET /explorer.html: web/explorer.html, or web/index.html when there is none. */
+static void explorer_page(void **state)
+{
+	fx f = {0};
+	resp r = {0};
+	snprintf(web_dir, sizeof web_dir, "/tmp/attnx-rt-%d-web-XXXXXX", getpid());
+	assert_non_null(mkdtemp(web_dir));
+	write_file(web_dir, "index.html", "<p>index</p>");
+	fx_start(&f, 0, with_web);
+	assert_int_equal(http(&f, "GET", "/explorer.html", NULL, NULL, &r), CURLE_OK);
+	assert_int_equal(r.status, 200);
+	assert_string_equal(r.body, "<p>index</p>");
+	assert_non_null(strcasestr(r.headers, "Content-Type: text/html"));
+	free(r.body);
+	write_file(web_dir, "explorer.html", "<p>explorer</p>");
+	r = (resp){0};
+	assert_int_equal(http(&f, "GET", "/explorer.html", NULL, NULL, &r), CURLE_OK);
+	assert_int_equal(r.status, 200);
+	assert_string_equal(r.body, "<p>explorer</p>");
+	free(r.body);
+	r = (resp){0};
+	assert_int_equal(http(&f, "GET", "/", NULL, NULL, &r), CURLE_OK);
+	assert_string_equal(r.body, "<p>index</p>");
+	free(r.body);
+	fx_stop(&f);
+	char p[256];
+	snprintf(p, sizeof p, "%s/explorer.html", web_dir);
+	unlink(p);
+	snprintf(p, sizeof p, "%s/index.html", web_dir);
+	unlink(p);
+	rmdir(web_dir);
+}
+
 /* The binary: --help states the connection limit; SIGTERM stops it cleanly. */
 static void binary_sigterm(void **state)
 {
@@ -975,6 +1277,8 @@ static void binary_sigterm(void **state)
 	assert_int_equal(pclose(p), 0);
 	assert_non_null(strstr(out, "--max-connections"));
 	assert_non_null(strstr(out, "concurrent connections"));
+	assert_non_null(strstr(out, "default 127.0.0.1:8081"));
+	assert_non_null(strstr(out, "--policy-wait-ms"));
 	char rec[96], pol[96], feed[96];
 	snprintf(rec, sizeof rec, "ipc:///tmp/attnx-rt-%d-bin-rec.sock", getpid());
 	snprintf(pol, sizeof pol, "ipc:///tmp/attnx-rt-%d-bin-pol.sock", getpid());
@@ -1011,6 +1315,8 @@ int main(int argc, char **argv)
 		cmocka_unit_test(client_gone_cancels), cmocka_unit_test(passthrough_and_errors),
 		cmocka_unit_test(cap_auth_cors),     cmocka_unit_test(ws_feed),
 		cmocka_unit_test(pub_feed_verbatim), cmocka_unit_test(policy_published),
+		cmocka_unit_test(policy_ack_holds),  cmocka_unit_test(policy_ack_timeout),
+		cmocka_unit_test(policy_no_wait),    cmocka_unit_test(explorer_page),
 		cmocka_unit_test(binary_sigterm),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);
