@@ -360,6 +360,8 @@ static void add_policy_wants(const ax__policy_entry *e, void *arg)
 {
 	struct wanted_acc *w = arg;
 	uint64_t m[2];
+	if (e->ended)
+		return;
 	if (e->p.n_layer_ids) {
 		ax_capture_resolve_layers(AX_LAYERS_LIST, e->p.layer_ids, e->p.n_layer_ids, w->c->n_layers, m, NULL);
 		w->layers[0] |= m[0];
@@ -540,7 +542,7 @@ static void on_end(ax_capture *c, const ax_shm_step *s)
 		rec->u.end.tokens = r->seen;
 		push_record(c, rec);
 	}
-	ax__policy_remove(&c->pol, r->rid);
+	ax__policy_end(&c->pol, r->rid, c->now_ns); /* late re-publications must not bring it back */
 	c->wanted_dirty = 1;
 	r->req_id = 0;
 }

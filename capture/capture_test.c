@@ -607,6 +607,18 @@ static void test_policy_table(void **state)
 	ax__policy_remove(&t, "a");
 	ax__policy_remove(&t, "a");
 	assert_int_equal(t.count, 0);
+	/* an ended request: late puts are ignored until the tombstone expires, then the rid is new again */
+	uint64_t t0 = 200 * 1000000ull;
+	assert_int_equal(ax__policy_put(&t, "c", &p, t0), 1);
+	assert_int_equal(ax__policy_end(&t, "c", t0), 0);
+	assert_int_equal(ax__policy_end(&t, "d", t0), 0); /* ended before its policy came */
+	assert_int_equal(ax__policy_end(&t, "", t0), -EINVAL);
+	assert_int_equal(ax__policy_put(&t, "c", &p, t0 + 1), -EALREADY);
+	assert_int_equal(ax__policy_put(&t, "d", &p, t0 + 1), -EALREADY);
+	assert_null(ax__policy_get(&t, "c", t0 + 1));
+	assert_int_equal(ax__policy_expire(&t, t0 + AX_POLICY_ENDED_MS * 1000000ull - 1), 0);
+	assert_int_equal(ax__policy_expire(&t, t0 + AX_POLICY_ENDED_MS * 1000000ull), 2);
+	assert_int_equal(ax__policy_put(&t, "c", &p, t0 + AX_POLICY_ENDED_MS * 1000000ull), 1);
 	ax__policy_fini(&t);
 }
 

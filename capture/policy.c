@@ -59,24 +59,41 @@ static ax__policy_entry **find_link(const ax__policy_table *t, const char *rid)
 	return link;
 }
 
+/* The entry of rid, created (zeroed) if absent; *added says which. NULL with *err on failure. */
+static ax__policy_entry *get_or_add(ax__policy_table *t, const char *rid, int *added, int *err)
+{
+	*added = 0;
+	if (rid == NULL || rid[0] == '\0' || strlen(rid) >= AX_PROTO_STR) {
+		*err = -EINVAL;
+		return NULL;
+	}
+	ax__policy_entry **link = find_link(t, rid);
+	if (*link != NULL)
+		return *link;
+	if (t->count >= AX_POLICY_MAX_ENTRIES) {
+		*err = -ENOSPC;
+		return NULL;
+	}
+	ax__policy_entry *e = calloc(1, sizeof *e);
+	if (e == NULL) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	memcpy(e->rid, rid, strlen(rid) + 1);
+	*link = e;
+	t->count++;
+	*added = 1;
+	return e;
+}
+
 int ax__policy_put(ax__policy_table *t, const char *rid, const ax_rec_policy *p, uint64_t now_ns)
 {
-	if (rid == NULL || rid[0] == '\0' || strlen(rid) >= AX_PROTO_STR)
-		return -EINVAL;
-	ax__policy_entry **link = find_link(t, rid);
-	int added = 0;
-	if (*link == NULL) {
-		if (t->count >= AX_POLICY_MAX_ENTRIES)
-			return -ENOSPC;
-		ax__policy_entry *e = calloc(1, sizeof *e);
-		if (e == NULL)
-			return -ENOMEM;
-		memcpy(e->rid, rid, strlen(rid) + 1);
-		*link = e;
-		t->count++;
-		added = 1;
-	}
-	ax__policy_entry *e = *link;
+	int added, err = 0;
+	ax__policy_entry *e = get_or_add(t, rid, &added, &err);
+	if (e == NULL)
+		return err;
+	if (e->ended)
+		return -EALREADY;
 	e->p = *p;
 	e->version = ++t->version;
 	e->expires_ns = now_ns + ttl_ns(p);
@@ -88,7 +105,7 @@ const ax__policy_entry *ax__policy_get(ax__policy_table *t, const char *rid, uin
 	if (t->buckets == NULL || rid == NULL || rid[0] == '\0')
 		return NULL;
 	ax__policy_entry *e = *find_link(t, rid);
-	if (e == NULL || e->expires_ns <= now_ns)
+	if (e == NULL || e->ended || e->expires_ns <= now_ns)
 		return NULL;
 	e->expires_ns = now_ns + ttl_ns(&e->p);
 	return e;
@@ -106,6 +123,18 @@ void ax__policy_remove(ax__policy_table *t, const char *rid)
 	free(e);
 	t->count--;
 	t->version++;
+}
+
+int ax__policy_end(ax__policy_table *t, const char *rid, uint64_t now_ns)
+{
+	int added, err = 0;
+	ax__policy_entry *e = get_or_add(t, rid, &added, &err);
+	if (e == NULL)
+		return err;
+	e->ended = 1;
+	e->version = ++t->version;
+	e->expires_ns = now_ns + AX_POLICY_ENDED_MS * 1000000ull;
+	return 0;
 }
 
 uint32_t ax__policy_expire(ax__policy_table *t, uint64_t now_ns)
