@@ -366,7 +366,8 @@ const ax_model_config *ax_model_cfg(const ax_model *m) { return &m->c; }
  * baseline (the `engine-baseline` test runs the forward-pass cases on it).
  */
 #define AX_INLINE static inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(AX_ENGINE_NO_CLONES)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(AX_ENGINE_NO_CLONES) && \
+	!defined(__SANITIZE_THREAD__) && !defined(__SANITIZE_ADDRESS__) /* ifunc resolvers run before the sanitizer runtime */
 #define AX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define AX_CLONES
@@ -380,7 +381,9 @@ const ax_model_config *ax_model_cfg(const ax_model *m) { return &m->c; }
 #define AX_PAR_MIN_MACS 100000
 
 typedef float v8f __attribute__((vector_size(32)));
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi" /* v8f helpers are always inlined: no v8f crosses a call */
+#endif
 
 AX_INLINE v8f ld8(const float *p)
 {
