@@ -59,6 +59,15 @@
  *       Measured (run 4): mean_logit 2-5% worse than v6 at long lengths (1M 1.24x); heads 18-31% faster than v6
  *       (1M 1.75x, 8x128K 1.33x, 64x4K 1.61x against v2's 1.39 / 1.36 / 1.95x); mean_prob 1M 2.46x, 8x128K 2.32x,
  *       64x4K 2.50x (best of all versions at the last two); 4K / 32K / 128K the worst (twice the splits).
+ *   v8  v6 rebuilt on those two findings (written after run 4, NOT YET MEASURED): a decoupled ring (full / empty /
+ *       partials mbarriers per buffer, no CTA barrier in the loop, no proxy fence, the next index loaded after the
+ *       bulk issue), all 8 fragment loads of a stage before its multiplies, and a merge that stages the first
+ *       entries of every split in shared memory (batched loads), bounds by the better of the best k-th of a split
+ *       and the k-th best of the 32 lane maxima of split heads (host test, 128 splits of 32 keys, k 10: 11.6
+ *       survivors per row instead of v6's 500), and sorts <= 64 survivors with bitonic networks. Predicted: heads
+ *       1M ~1.2x, mean_logit 1M ~1.1x, 128K ~1.3x, mean_prob ~2.3x, 4K mean_logit ~20 us and heads ~30 us.
+ *   v9  v8 with v7's configuration (ring of 3, 2 CTAs/SM). NOT YET MEASURED. Predicted: within 5% of v8 at
+ *       long lengths, worse at 4K-32K (twice the splits).
  *
  * Validation: fresh random inputs per case (keys and queries uniform in [-1, 1], bf16) with planted keys aligned
  * with each request's grouped queries (strong, distinct scores) and one duplicated planted key (an exact tie);
@@ -73,7 +82,7 @@
  * device-to-device are printed beside it. For v2..v5 the split and merge kernels are also timed alone (v6/v7 have
  * no separate merge kernel).
  *
- * Usage: topk_attn [--validate] [--bench] [--small] [--host-selftest] [--cases name,...] [--versions 1234567]
+ * Usage: topk_attn [--validate] [--bench] [--small] [--host-selftest] [--cases name,...] [--versions 123456789]
  *   --validate  small edge cases (n < k, n not a multiple of 16, k = 1 and 64, several requests), every version
  *               and mode; exit 0 if all pass, 1 if not, 77 when no CUDA device is present.
  *   --bench     the issue's shapes: validate, then time every version and mode; table last.
@@ -464,7 +473,12 @@ __device__ __forceinline__ void mma_g(float (&acc)[4], const uint4 (&kb)[8], con
 /* Bring `bytes` (multiple of 16) at p into L2 without using registers (sm_90 bulk prefetch). */
 __device__ __forceinline__ void l2_prefetch(const void *p, int bytes)
 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+	(void)p; /* a hint: nothing below sm_90, so the lab also builds for other -Dgpu_arch values */
+	(void)bytes;
+#else
 	asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
 }
 
 /* v3: prefetch into L2 the 16 rows × one KV head of a step (lane: row grow or grow+8, one 128-byte half). */
@@ -1475,6 +1489,465 @@ template <int NS, int MINB> static int v6_init_attrs()
 }
 
 /* ------------------------------------------------------------------------------------------------------------ */
+/* v8 / v9: v6 / v7 with a decoupled ring and a shared-memory merge (written after run 4; see RESULTS.md)         */
+/*
+ * Run 4 inferred two costs in v6 (not yet isolated by a measurement):
+ *  - every stage paid an index-load latency plus the slowest warp's work: the producer's fence.proxy.async is a
+ *    MEMBAR that waited for the index load issued just before it, and one CTA barrier per stage tied all warps
+ *    to that. v8: no proxy fence (a buffer is reused only after its "empty" mbarrier completes, as in CUTLASS's
+ *    TMA pipelines), the next index is loaded after the bulk copies are issued, and there is no CTA barrier in
+ *    the loop: full[s] (16 producer arrivals + 32 KB of tx), empty[s] (one arrival per warp once it is done with
+ *    the buffer; in mean modes the reducer warp arrives after it has also consumed the stage's partials),
+ *    redfull[s] (mean modes: the 8 writer lanes of each warp arrive after writing their partials; the reducer
+ *    waits on it). Warps may drift up to NS stages apart; the producer waits for empty before refilling.
+ *  - the fused merge walked the split lists entry by entry through dependent L2 round trips and, with short
+ *    splits, its bound let hundreds of entries through to a serial rescan. v8: the first E (<= 8) entries of
+ *    every split of the row are copied into shared memory (the idle stage ring) with all loads in flight; the
+ *    bound is the better of (best k-th over splits) and (k-th best of the 32 lane maxima of the split heads:
+ *    32 real entries, so the global k-th is at least as good); survivors <= 32 are sorted by one bitonic
+ *    network, <= 64 by two plus a bitonic split; more fall back to insertion.
+ * v8 = ring 4, 1 CTA/SM; v9 = ring 3, 2 CTAs/SM. Unmeasured at the time of writing (host self-tests only).
+ */
+
+/* Dynamic shared memory of v8_split: NS stages, 3·NS mbarriers, [NS][NW][TS] partials, per-warp 64-entry survivor
+ * scratch, the last-CTA flag. The merge reuses the stage ring as per-warp entry staging. */
+__host__ __device__ constexpr size_t v8_smem(int ns)
+{
+	return (size_t)ns * TS * ROWS_SM + (size_t)ns * 8 * 3 + (size_t)ns * NW * TS * 4 + (size_t)NW * 64 * 8 + 16;
+}
+
+/* Sort a bitonic sequence held one entry per lane, best first (the last 5 steps of a 32-lane bitonic sort). */
+__device__ __forceinline__ void bitonic_merge32(float &x, int &p)
+{
+	const int lane = threadIdx.x & 31;
+#pragma unroll
+	for (int j = 16; j; j >>= 1) {
+		const float ox = __shfl_xor_sync(FULL, x, j);
+		const int op = __shfl_xor_sync(FULL, p, j);
+		if (bitonic_take(x, p, ox, op, lane, j, 32)) {
+			x = ox;
+			p = op;
+		}
+	}
+}
+
+/* One warp merges the S split partials of one row into out row o (see the section comment). xs/xp: this warp's
+ * 64-entry survivor scratch; es/ep: its staging area of cap entries. */
+__device__ void v8_merge_row(const V6Args &s, long rb, int S, long o, float *xs, int *xp, float *es, int *ep, int cap)
+{
+	const int lane = threadIdx.x & 31, K = s.K;
+	float m = -INFINITY, sm = 0.f;
+	for (int i = lane; i < S; i += 32) lse_add(m, sm, __ldcg(s.part_lse + rb + i));
+	lse_warp(m, sm);
+	if (lane == 0) s.out_lse[o] = lse_value(m, sm);
+	if (!K) return;
+	const int E = max(1, min(min(K, 8), cap / max(1, S)));
+	for (int q0 = 0; q0 < S * E; q0 += 32 * 8) { /* 16 independent loads in flight per lane per batch */
+		float vx[8];
+		int vp[8];
+#pragma unroll
+		for (int u = 0; u < 8; ++u) {
+			const int q = q0 + u * 32 + lane, i = q / E, e = q - i * E;
+			vx[u] = q < S * E ? __ldcg(s.part_s + (rb + i) * K + e) : 0.f;
+			vp[u] = q < S * E ? __ldcg(s.part_p + (rb + i) * K + e) : -1;
+		}
+#pragma unroll
+		for (int u = 0; u < 8; ++u) {
+			const int q = q0 + u * 32 + lane, i = q / E, e = q - i * E;
+			if (q < S * E) {
+				es[e * S + i] = vx[u];
+				ep[e * S + i] = vp[u];
+			}
+		}
+	}
+	float ts = -INFINITY;
+	int tp = INT_MAX;
+	for (int i = lane; i < S; i += 32) {
+		const long e = (rb + i) * K + K - 1;
+		const float x = __ldcg(s.part_s + e);
+		const int p = __ldcg(s.part_p + e);
+		if (p >= 0 && better(x, p, ts, tp)) {
+			ts = x;
+			tp = p;
+		}
+	}
+	for (int off = 16; off; off >>= 1) {
+		const float ox = __shfl_xor_sync(FULL, ts, off);
+		const int op = __shfl_xor_sync(FULL, tp, off);
+		if (better(ox, op, ts, tp)) {
+			ts = ox;
+			tp = op;
+		}
+	}
+	__syncwarp();
+	if (K <= 32) { /* k-th best of the lane maxima of the split heads */
+		float bx = -INFINITY;
+		int bp = INT_MAX;
+		for (int i = lane; i < S; i += 32)
+			if (ep[i] >= 0 && better(es[i], ep[i], bx, bp)) {
+				bx = es[i];
+				bp = ep[i];
+			}
+		bitonic32(bx, bp);
+		const float t2 = __shfl_sync(FULL, bx, K - 1);
+		const int t2p = __shfl_sync(FULL, bp, K - 1);
+		if (t2p != INT_MAX && better(t2, t2p, ts, tp)) {
+			ts = t2;
+			tp = t2p;
+		}
+	}
+	auto ent = [&](int i, int e, float &x, int &p) {
+		if (e < E) {
+			x = es[e * S + i];
+			p = ep[e * S + i];
+		} else {
+			x = __ldcg(s.part_s + (rb + i) * K + e);
+			p = __ldcg(s.part_p + (rb + i) * K + e);
+		}
+	};
+	int n = 0;
+	for (int base = 0; base < S; base += 32) {
+		const int i = base + lane;
+		bool act = i < S;
+		for (int e = 0; e < K && __any_sync(FULL, act); ++e) {
+			float x = -INFINITY;
+			int p = -1;
+			if (act) {
+				ent(i, e, x, p);
+				act = survives(x, p, ts, tp);
+			}
+			const unsigned bm = __ballot_sync(FULL, act);
+			const int pos = n + __popc(bm & ((1u << lane) - 1));
+			if (act && pos < 64) {
+				xs[pos] = x;
+				xp[pos] = p;
+			}
+			n += __popc(bm);
+		}
+	}
+	__syncwarp();
+	float hx, lx = -INFINITY;
+	int hp, lp = INT_MAX;
+	if (n <= 64) {
+		hx = lane < n ? xs[lane] : -INFINITY;
+		hp = lane < n ? xp[lane] : INT_MAX;
+		bitonic32(hx, hp);
+		if (n > 32) { /* second half sorted too, then the bitonic split: best 32 / next 32, each bitonic */
+			lx = lane + 32 < n ? xs[lane + 32] : -INFINITY;
+			lp = lane + 32 < n ? xp[lane + 32] : INT_MAX;
+			bitonic32(lx, lp);
+			const float rx = __shfl_sync(FULL, lx, 31 - lane);
+			const int rp = __shfl_sync(FULL, lp, 31 - lane);
+			if (better(rx, rp, hx, hp)) {
+				lx = hx;
+				lp = hp;
+				hx = rx;
+				hp = rp;
+			} else {
+				lx = rx;
+				lp = rp;
+			}
+			bitonic_merge32(hx, hp);
+			bitonic_merge32(lx, lp);
+		}
+	} else { /* many survivors (wide ties, or k > 32 with a weak bound): insertion, the list's bar filters */
+		WList L;
+		wl_init(L, K);
+		for (int base = 0; base < S; base += 32) {
+			const int i = base + lane;
+			bool act = i < S;
+			for (int e = 0; e < K && __any_sync(FULL, act); ++e) {
+				float x = -INFINITY;
+				int p = -1;
+				if (act) {
+					ent(i, e, x, p);
+					act = survives(x, p, ts, tp);
+				}
+				wl_offer(L, x, p, act, K);
+			}
+		}
+		hx = L.s0;
+		hp = L.p0;
+		lx = L.s1;
+		lp = L.p1;
+	}
+	if (lane < K) {
+		s.out_s[o * K + lane] = hp == INT_MAX ? -INFINITY : hx;
+		s.out_p[o * K + lane] = hp == INT_MAX ? -1 : hp;
+	}
+	if (lane + 32 < K) {
+		s.out_s[o * K + lane + 32] = lp == INT_MAX ? -INFINITY : lx;
+		s.out_p[o * K + lane + 32] = lp == INT_MAX ? -1 : lp;
+	}
+	__syncwarp();
+}
+
+template <int MODE, int NS, int MINB> __global__ void __launch_bounds__(NW * 32, MINB) v8_split(V6Args s)
+{
+	extern __shared__ __align__(16) unsigned char smem[]; /* stage rows need 16-byte alignment (bulk copy) */
+	const Prob &a = s.a;
+	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, grow = lane >> 2, t = lane & 3;
+	const int K = s.K, cta = blockIdx.x;
+	int lo = 0, hi = a.B; /* largest b with split_off[b] <= cta */
+	while (hi - lo > 1) {
+		const int mid = (lo + hi) >> 1;
+		if (s.split_off[mid] <= cta) lo = mid;
+		else hi = mid;
+	}
+	const int b = lo, S = s.split_off[b + 1] - s.split_off[b], sl = cta - s.split_off[b];
+	const int n = a.seqlen[b], start = min(n, sl * s.chunk), end = min(n, start + s.chunk);
+	const int nst = (end - start + TS - 1) / TS;
+
+	unsigned char *stg = smem;
+	uint64_t *full = (uint64_t *)(smem + (size_t)NS * TS * ROWS_SM), *empty = full + NS, *redfull = empty + NS;
+	float *red = (float *)(redfull + NS); /* [NS][NW][TS] */
+	float *xs = red + NS * NW * TS;      /* [NW][64] */
+	int *xp = (int *)(xs + NW * 64);     /* [NW][64] */
+	int *flag = xp + NW * 64;
+
+	if (tid == 0) {
+		for (int i = 0; i < NS; ++i) {
+			mbar_init(&full[i], TS);
+			mbar_init(&empty[i], NW);
+			mbar_init(&redfull[i], NW * 8);
+		}
+		mbar_init_fence();
+	}
+	__syncthreads();
+
+	const int *irow = a.idx + (long)b * a.idx_b;
+	const bool prod = w == 0 && lane < TS;
+	auto slot_of = [&](int st) -> int {
+		const int j = start + st * TS + lane;
+		return st < nst && j < end ? irow[j] : INT_MIN;
+	};
+	auto issue = [&](int st, int slot) {
+		uint64_t *mb = &full[st % NS];
+		unsigned char *dst = stg + (size_t)(st % NS) * TS * ROWS_SM + lane * ROWS_SM;
+		if (slot >= 0 && slot < a.n_slots) {
+			mbar_arrive_tx(mb, ROWB);
+			bulk_g2s(dst, a.k + (long)slot * a.k_slot, ROWB, mb);
+		} else {
+			if (slot != INT_MIN) { /* index outside the pool: flagged, read as a zero row (as v2) */
+				atomicOr(a.err, 1);
+				for (int i = 0; i < ROWB / 16; ++i) ((uint4 *)dst)[i] = make_uint4(0, 0, 0, 0);
+			}
+			mbar_arrive(mb);
+		}
+	};
+	int nxt = INT_MIN;
+	if (prod) {
+		int pre[NS - 1];
+#pragma unroll
+		for (int i = 0; i < NS - 1; ++i) pre[i] = slot_of(i);
+#pragma unroll
+		for (int i = 0; i < NS - 1; ++i)
+			if (i < nst) issue(i, pre[i]);
+		nxt = slot_of(NS - 1);
+	}
+
+	uint4 qf[4];
+	{
+		const bf16 *qr = a.q + ((long)b * HQ + w * GRP + (grow < GRP ? grow : 0)) * HD + 8 * t;
+#pragma unroll
+		for (int c = 0; c < 4; ++c) qf[c] = grow < GRP ? *(const uint4 *)(qr + 32 * c) : make_uint4(0, 0, 0, 0);
+	}
+	const float scale = a.scale;
+	float l0 = 0.f, l1 = 0.f;
+	if (MODE == M_MEAN_PROB && t < 2) {
+		l0 = s.lse_h[b * HQ + w * GRP + 2 * t];
+		l1 = s.lse_h[b * HQ + w * GRP + 2 * t + 1];
+	}
+
+	WList L[MODE == M_HEADS ? 4 : 1];
+#pragma unroll
+	for (int h = 0; h < (MODE == M_HEADS ? 4 : 1); ++h) wl_init(L[h], K);
+	float mA = -INFINITY, sA = 0.f, mB = -INFINITY, sB = 0.f;
+	float thAs = INFINITY, thBs = INFINITY;
+	int thAp = -1, thBp = -1;
+	auto bars = [&]() {
+		if (MODE == M_HEADS && K) {
+			thAs = t == 0 ? L[0].ts : t == 1 ? L[2].ts : INFINITY;
+			thAp = t == 0 ? L[0].tp : t == 1 ? L[2].tp : -1;
+			thBs = t == 0 ? L[1].ts : t == 1 ? L[3].ts : INFINITY;
+			thBp = t == 0 ? L[1].tp : t == 1 ? L[3].tp : -1;
+		}
+	};
+	bars();
+
+	for (int i = 0; i < nst; ++i) {
+		const int st = i + NS - 1;
+		if (prod && st < nst) { /* refill the buffer stage i-1 used, once every warp has released it */
+			if (st >= NS) mbar_wait(&empty[st % NS], ((st / NS) - 1) & 1);
+			issue(st, nxt);
+			nxt = slot_of(st + 1); /* after the issue: nothing waits for this load until the next stage */
+		}
+		mbar_wait(&full[i % NS], (i / NS) & 1);
+		const int tile = start + i * TS, nv = min(TS, end - tile);
+		const unsigned char *buf = stg + (size_t)(i % NS) * TS * ROWS_SM;
+		const bool r0 = grow < nv, r1 = grow + 8 < nv;
+		float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+		uint4 ka[4], kb[4];
+#pragma unroll
+		for (int c = 0; c < 4; ++c) { /* all 8 fragment loads first, then the multiplies */
+			ka[c] = r0 ? *(const uint4 *)(buf + v6_lds_off(grow, w, c, t)) : make_uint4(0, 0, 0, 0);
+			kb[c] = r1 ? *(const uint4 *)(buf + v6_lds_off(grow + 8, w, c, t)) : make_uint4(0, 0, 0, 0);
+		}
+#pragma unroll
+		for (int c = 0; c < 4; ++c) {
+			if (c & 1) {
+				mma16816(c1, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
+				mma16816(c1, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
+			} else {
+				mma16816(c0, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
+				mma16816(c0, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
+			}
+		}
+		const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale;
+		const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
+		if (MODE == M_HEADS) {
+			__syncwarp(); /* the fragments are in registers: release the buffer before the list work */
+			if (lane == 0) mbar_arrive(&empty[i % NS]);
+			const int j0 = tile + grow, j1 = j0 + 8;
+			const bool v0 = t < 2 && r0, v1 = t < 2 && r1;
+			if (v0) {
+				lse_add(mA, sA, x0);
+				lse_add(mB, sB, x1);
+			}
+			if (v1) {
+				lse_add(mA, sA, x2);
+				lse_add(mB, sB, x3);
+			}
+			if (K) {
+				const bool cand = (v0 && (better(x0, j0, thAs, thAp) || better(x1, j0, thBs, thBp))) ||
+						  (v1 && (better(x2, j1, thAs, thAp) || better(x3, j1, thBs, thBp)));
+				if (__any_sync(FULL, cand)) {
+					const unsigned b0 = __ballot_sync(FULL, v0), b1 = __ballot_sync(FULL, v1);
+#pragma unroll
+					for (int h = 0; h < 4; ++h) {
+						const int src = ((lane & 7) << 2) | (h >> 1);
+						const float ya = __shfl_sync(FULL, (h & 1) ? x1 : x0, src);
+						const float yb = __shfl_sync(FULL, (h & 1) ? x3 : x2, src);
+						const bool ok = lane < 16 && (((lane < 8 ? b0 : b1) >> src) & 1);
+						wl_offer16(L[h], lane < 8 ? ya : yb, tile + lane, ok, K);
+					}
+					bars();
+				}
+			}
+		} else {
+			float p0, p1;
+			if (MODE == M_MEAN_LOGIT) {
+				p0 = x0 + x1;
+				p1 = x2 + x3;
+			} else {
+				p0 = t < 2 ? __expf(x0 - l0) + __expf(x1 - l1) : 0.f;
+				p1 = t < 2 ? __expf(x2 - l0) + __expf(x3 - l1) : 0.f;
+			}
+			p0 += __shfl_xor_sync(FULL, p0, 1);
+			p1 += __shfl_xor_sync(FULL, p1, 1);
+			float *rd = red + (i % NS) * NW * TS;
+			if (t == 0) {
+				rd[w * TS + grow] = p0;
+				rd[w * TS + grow + 8] = p1;
+				mbar_arrive(&redfull[i % NS]); /* each writer releases its own two partials */
+			}
+			__syncwarp();
+			if (w != NW - 1) {
+				if (lane == 0) mbar_arrive(&empty[i % NS]);
+			} else { /* the reducer: stage i's 8 partials, then release the stage (buffer and partials) */
+				mbar_wait(&redfull[i % NS], (i / NS) & 1);
+				float v = 0.f;
+				if (lane < TS)
+#pragma unroll
+					for (int g = 0; g < NW; ++g) v += rd[g * TS + lane];
+				__syncwarp();
+				if (lane == 0) mbar_arrive(&empty[i % NS]);
+				v = MODE == M_MEAN_LOGIT ? v * (1.f / HQ) : logf(v * (1.f / HQ));
+				const bool ok = lane < nv;
+				if (ok) lse_add(mA, sA, v);
+				if (K) wl_offer16(L[0], v, tile + lane, ok, K);
+			}
+		}
+	}
+
+	if (MODE == M_HEADS) {
+#pragma unroll
+		for (int off = 4; off < 32; off <<= 1) {
+			lse_merge(mA, sA, __shfl_xor_sync(FULL, mA, off), __shfl_xor_sync(FULL, sA, off));
+			lse_merge(mB, sB, __shfl_xor_sync(FULL, mB, off), __shfl_xor_sync(FULL, sB, off));
+		}
+		const long rb0 = (long)s.split_off[b] * HQ + sl;
+		if (lane < 2) {
+			s.part_lse[rb0 + (long)(w * GRP + 2 * lane) * S] = lse_value(mA, sA);
+			s.part_lse[rb0 + (long)(w * GRP + 2 * lane + 1) * S] = lse_value(mB, sB);
+		}
+		if (K)
+#pragma unroll
+			for (int h = 0; h < 4; ++h) v6_put_list(s, rb0 + (long)(w * GRP + h) * S, L[h]);
+	} else if (w == NW - 1) {
+		lse_warp(mA, sA);
+		const long rb = (long)s.split_off[b] + sl;
+		if (lane == 0) s.part_lse[rb] = lse_value(mA, sA);
+		if (K) v6_put_list(s, rb, L[0]);
+	}
+
+	__threadfence();
+	__syncthreads(); /* also: every warp is past the loop, so the stage ring is free for the merge */
+	if (tid == 0) {
+		const int last = atomicAdd(&s.cnt[b], 1) == S - 1;
+		if (last) s.cnt[b] = 0;
+		__threadfence();
+		*flag = last;
+	}
+	__syncthreads();
+	if (!*flag) return;
+	const int cap = (int)((size_t)NS * TS * ROWS_SM / NW / 8); /* staging entries per warp */
+	float *es = (float *)(stg + (size_t)w * cap * 8);
+	int *ep = (int *)(es + cap);
+	if (MODE == M_HEADS) {
+		for (int r = w; r < HQ; r += NW)
+			v8_merge_row(s, (long)s.split_off[b] * HQ + (long)r * S, S, (long)b * HQ + r, xs + w * 64, xp + w * 64,
+				     es, ep, cap);
+	} else if (w == 0) {
+		v8_merge_row(s, s.split_off[b], S, b, xs, xp, es, ep, cap);
+	}
+}
+
+template <int NS, int MINB>
+static cudaError_t v8_run(const Prob &a, int mode, int K, V6Work &w, float *out_s, int *out_p, float *out_lse,
+			  cudaStream_t st)
+{
+	if (a.k_slot != HKV * HD || a.k_head != HD || w.nsplit == 0) return cudaErrorInvalidValue;
+	V6Args s = {a, w.split_off, w.chunk, K, w.lse_h, w.part_s, w.part_p, w.part_lse, w.cnt, out_s, out_p, out_lse};
+	const size_t sm = v8_smem(NS);
+	if (mode == M_MEAN_LOGIT) {
+		v8_split<M_MEAN_LOGIT, NS, MINB><<<w.nsplit, NW * 32, sm, st>>>(s);
+	} else if (mode == M_HEADS) {
+		v8_split<M_HEADS, NS, MINB><<<w.nsplit, NW * 32, sm, st>>>(s);
+	} else {
+		V6Args s1 = s;
+		s1.K = 0;
+		s1.out_lse = w.lse_h;
+		v8_split<M_HEADS, NS, MINB><<<w.nsplit, NW * 32, sm, st>>>(s1);
+		v8_split<M_MEAN_PROB, NS, MINB><<<w.nsplit, NW * 32, sm, st>>>(s);
+	}
+	return cudaGetLastError();
+}
+
+template <int NS, int MINB> static int v8_init_attrs()
+{
+	const int sm = (int)v8_smem(NS);
+	CK(cudaFuncSetAttribute(v8_split<M_MEAN_LOGIT, NS, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+	CK(cudaFuncSetAttribute(v8_split<M_MEAN_PROB, NS, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+	CK(cudaFuncSetAttribute(v8_split<M_HEADS, NS, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, sm));
+	int occ = 0, o2 = 0, o3 = 0;
+	CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, v8_split<M_MEAN_LOGIT, NS, MINB>, NW * 32, sm));
+	CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o2, v8_split<M_MEAN_PROB, NS, MINB>, NW * 32, sm));
+	CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o3, v8_split<M_HEADS, NS, MINB>, NW * 32, sm));
+	return std::max(1, std::min(occ, std::min(o2, o3)));
+}
+
+/* ------------------------------------------------------------------------------------------------------------ */
 /* floor kernels                                                                                                */
 
 __global__ void floor_read(const uint4 *p, long n16, unsigned *sink)
@@ -1839,13 +2312,13 @@ struct Lab {
 	Setup su;
 	V1Work w1{};
 	V2Work w2{};
-	V6Work w6{}, w7{};
+	V6Work w6{}, w7{}, w8{}, w9{};
 	Outs out{};
 	int sms = 0;
 	unsigned *sink = nullptr;
 };
 
-static int g_res6 = 1, g_res7 = 2; /* resident v6 / v7 CTAs per SM (occupancy API, set in main) */
+static int g_res6 = 1, g_res7 = 2, g_res8 = 1, g_res9 = 2; /* resident CTAs per SM (occupancy API, set in main) */
 
 /* v6/v7 buffers: split plan for one wave of R CTAs, zeroed tickets, partials for every row of every split. */
 static void v6_alloc(V6Work &w, const std::vector<int> &n, long R)
@@ -1916,6 +2389,8 @@ static void lab_alloc(Lab &L)
 	CK(cudaMalloc(&L.w2.junk_p, 4));
 	v6_alloc(L.w6, su.c.n, (long)g_res6 * L.sms);
 	v6_alloc(L.w7, su.c.n, (long)g_res7 * L.sms);
+	v6_alloc(L.w8, su.c.n, (long)g_res8 * L.sms);
+	v6_alloc(L.w9, su.c.n, (long)g_res9 * L.sms);
 	L.out.n = (long)su.B * HQ * MAXK;
 	L.out.nl = (long)su.B * HQ;
 	CK(cudaMalloc(&L.out.s, L.out.n * 4));
@@ -1932,6 +2407,8 @@ static void lab_free(Lab &L)
 	for (void *p : ps) CK(cudaFree(p));
 	v6_free(L.w6);
 	v6_free(L.w7);
+	v6_free(L.w8);
+	v6_free(L.w9);
 }
 
 static cudaError_t run_version(Lab &L, int ver, int mode, int r, cudaStream_t st, int only = 0)
@@ -1942,9 +2419,11 @@ static cudaError_t run_version(Lab &L, int ver, int mode, int r, cudaStream_t st
 	if (ver == 3) return v2_run<1>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
 	if (ver == 4) return v2_run<2>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
 	if (ver == 5) return v2_run<3>(a, mode, L.su.c.K, L.w2, L.out.s, L.out.p, L.out.lse, st, only);
-	if (only) return cudaSuccess; /* v6/v7: one fused kernel per pass, no split/merge breakdown */
+	if (only) return cudaSuccess; /* v6..v9: one fused kernel per pass, no split/merge breakdown */
 	if (ver == 6) return v6_run<V6_CFG_V6>(a, mode, L.su.c.K, L.w6, L.out.s, L.out.p, L.out.lse, st);
 	if (ver == 7) return v6_run<V6_CFG_V7>(a, mode, L.su.c.K, L.w7, L.out.s, L.out.p, L.out.lse, st);
+	if (ver == 8) return v8_run<V6_CFG_V6>(a, mode, L.su.c.K, L.w8, L.out.s, L.out.p, L.out.lse, st);
+	if (ver == 9) return v8_run<V6_CFG_V7>(a, mode, L.su.c.K, L.w9, L.out.s, L.out.p, L.out.lse, st);
 	return cudaErrorInvalidValue;
 }
 
@@ -2076,11 +2555,11 @@ static void bench_case(Lab &L, const std::vector<int> &vers, bool e2e)
 		 "%-10s floor: read %.1f us (%.0f GB/s), gather-read %.1f us (%.0f GB/s), v2-pattern read %.1f us "
 		 "(%.0f GB/s), memcpy d2d %.0f GB/s (r+w); "
 		 "bytes %.1f MB, rotation sets %d, v2 chunk %d splits %d, v5 short path %s, v6 chunk %d splits %d "
-		 "(R %d), v7 chunk %d splits %d (R %d)",
+		 "(R %d), v7 chunk %d splits %d (R %d), v8 %d/%d, v9 %d/%d",
 		 su.c.name.c_str(), t_read, bytes / (t_read * 1e3), t_gather, bytes / (t_gather * 1e3), t_steps,
 		 bytes / (t_steps * 1e3), copy_gbs,
 		 bytes / 1e6, su.R, L.w2.chunk, L.w2.nsplit, L.w2.nsplit_s ? "on" : "off", L.w6.chunk, L.w6.nsplit,
-		 L.w6.resident, L.w7.chunk, L.w7.nsplit, L.w7.resident);
+		 L.w6.resident, L.w7.chunk, L.w7.nsplit, L.w7.resident, L.w8.chunk, L.w8.nsplit, L.w9.chunk, L.w9.nsplit);
 	printf("%s\n", buf);
 	g_table.push_back(buf);
 	for (int mode : {M_MEAN_LOGIT, M_HEADS, M_MEAN_PROB})
@@ -2251,13 +2730,29 @@ static void bitonic32_host(float *x, int *p)
 		}
 }
 
+/* bitonic_merge32 over 32 emulated lanes. */
+static void merge32_host(float *x, int *p)
+{
+	for (int j = 16; j; j >>= 1) {
+		float nx[32];
+		int np[32];
+		for (int l = 0; l < 32; ++l) {
+			const bool tk = bitonic_take(x[l], p[l], x[l ^ j], p[l ^ j], l, j, 32);
+			nx[l] = tk ? x[l ^ j] : x[l];
+			np[l] = tk ? p[l ^ j] : p[l];
+		}
+		memcpy(x, nx, sizeof nx);
+		memcpy(p, np, sizeof np);
+	}
+}
+
 /* The fused merge's algorithm (v6_merge_row) on the host: threshold = best k-th over the splits, survivors =
  * each list's prefix that survives, then the bitonic network (<= 32 survivors) or a sort; against a brute-force
  * merge of everything. Lists with ties in score, short and empty lists, k 1..64, S 1..140. */
 static int selftest_merge()
 {
 	int bad = 0;
-	long fast = 0, slow = 0, cases = 0;
+	long fast = 0, slow = 0, cases = 0, n6 = 0, n8 = 0, fast8 = 0;
 	for (int it = 0; it < 3000; ++it) {
 		const uint64_t sd = mix64(0x77 + it);
 		const int K = 1 + (int)(sd % 64) % (it % 3 == 0 ? 64 : 12), S = 1 + (int)((sd >> 8) % 140);
@@ -2297,6 +2792,75 @@ static int selftest_merge()
 				if (!survives(e.first, e.second, ts, tp)) break;
 				surv.push_back(e);
 			}
+		/* v8's bound: also the k-th best of the 32 lane maxima of the split heads (lane = split mod 32) */
+		float ts8 = ts;
+		int tp8 = tp;
+		if (K <= 32) {
+			float lx[32];
+			int lp[32];
+			for (int l = 0; l < 32; ++l) {
+				lx[l] = -INFINITY;
+				lp[l] = INT_MAX;
+			}
+			for (int s = 0; s < S; ++s)
+				if (lists[s][0].second >= 0 && better(lists[s][0].first, lists[s][0].second, lx[s % 32], lp[s % 32])) {
+					lx[s % 32] = lists[s][0].first;
+					lp[s % 32] = lists[s][0].second;
+				}
+			bitonic32_host(lx, lp);
+			if (lp[K - 1] != INT_MAX && better(lx[K - 1], lp[K - 1], ts8, tp8)) {
+				ts8 = lx[K - 1];
+				tp8 = lp[K - 1];
+			}
+		}
+		std::vector<std::pair<float, int>> surv8;
+		for (auto &l : lists)
+			for (auto &e : l) {
+				if (!survives(e.first, e.second, ts8, tp8)) break;
+				surv8.push_back(e);
+			}
+		n6 += (long)surv.size();
+		n8 += (long)surv8.size();
+		if (surv8.size() <= 64) { /* v8_merge_row's <= 64 path: two 32-lane sorts, bitonic split, two merges */
+			float hx[32], hx2[32];
+			int hp[32], hp2[32];
+			for (int l = 0; l < 32; ++l) {
+				hx[l] = l < (int)surv8.size() ? surv8[l].first : -INFINITY;
+				hp[l] = l < (int)surv8.size() ? surv8[l].second : INT_MAX;
+				hx2[l] = l + 32 < (int)surv8.size() ? surv8[l + 32].first : -INFINITY;
+				hp2[l] = l + 32 < (int)surv8.size() ? surv8[l + 32].second : INT_MAX;
+			}
+			bitonic32_host(hx, hp);
+			bitonic32_host(hx2, hp2);
+			float ax[32], bx[32];
+			int ap[32], bp[32];
+			for (int l = 0; l < 32; ++l) {
+				const float rx = hx2[31 - l];
+				const int rp = hp2[31 - l];
+				const bool rb = better(rx, rp, hx[l], hp[l]);
+				ax[l] = rb ? rx : hx[l];
+				ap[l] = rb ? rp : hp[l];
+				bx[l] = rb ? hx[l] : rx;
+				bp[l] = rb ? hp[l] : rp;
+			}
+			merge32_host(ax, ap);
+			merge32_host(bx, bp);
+			bool ok8 = true;
+			for (int i = 0; i < K; ++i) {
+				const auto want = i < (int)all.size() ? all[i] : std::make_pair(-INFINITY, INT_MAX);
+				const float gx = i < 32 ? ax[i] : bx[i - 32];
+				const int gp = i < 32 ? ap[i] : bp[i - 32];
+				ok8 &= gx == want.first && gp == want.second;
+			}
+			++fast8;
+			if (!ok8 && bad < 3) printf("host-selftest merge (v8 path) case %d (K %d, S %d): mismatch\n", it, K, S);
+			bad += !ok8;
+		} else {
+			bool ok8 = true; /* insertion path: the survivors must hold the answer */
+			std::sort(surv8.begin(), surv8.end(), cmp);
+			for (int i = 0; i < K && i < (int)all.size(); ++i) ok8 &= surv8[i] == all[i];
+			bad += !ok8;
+		}
 		std::vector<std::pair<float, int>> got;
 		if (surv.size() <= 32) {
 			float x[32];
@@ -2341,8 +2905,45 @@ static int selftest_merge()
 		for (int l = 0; l < 32; ++l) ok &= x[l] == ref[l].first && p[l] == ref[l].second;
 		bad += !ok;
 	}
-	printf("host-selftest merge: %ld cases (%ld bitonic, %ld sorted) + 2000 bitonic sorts, %d bad  %s\n", cases, fast,
-	       slow, bad, bad ? "FAIL" : "PASS");
+	printf("host-selftest merge: %ld cases (v6: %ld bitonic, %ld sorted; v8: %ld <= 64 networks) + 2000 bitonic sorts, "
+	       "survivors v6 %ld, v8 %ld; %d bad  %s\n",
+	       cases, fast, slow, fast8, n6, n8, bad, bad ? "FAIL" : "PASS");
+	/* survivors on the shape that hurt v6 (4K: 128 splits of 32 random keys, k 10): v6's bound vs v8's */
+	{
+		auto cmp = [](const std::pair<float, int> &u, const std::pair<float, int> &v) {
+			return better(u.first, u.second, v.first, v.second);
+		};
+		long s6 = 0, s8 = 0;
+		for (int rep = 0; rep < 20; ++rep) {
+			std::vector<std::vector<std::pair<float, int>>> lists(128);
+			for (int s = 0; s < 128; ++s) {
+				std::vector<std::pair<float, int>> l;
+				for (int j = 0; j < 32; ++j) l.push_back({urand(rep + 99, (uint64_t)s * 32 + j), s * 32 + j});
+				std::sort(l.begin(), l.end(), cmp);
+				l.resize(10);
+				lists[s] = l;
+			}
+			float ts = -INFINITY, lx[32];
+			int tp = INT_MAX, lp[32];
+			for (auto &l : lists)
+				if (better(l[9].first, l[9].second, ts, tp)) ts = l[9].first, tp = l[9].second;
+			for (int l = 0; l < 32; ++l) lx[l] = -INFINITY, lp[l] = INT_MAX;
+			for (int s = 0; s < 128; ++s)
+				if (better(lists[s][0].first, lists[s][0].second, lx[s % 32], lp[s % 32]))
+					lx[s % 32] = lists[s][0].first, lp[s % 32] = lists[s][0].second;
+			bitonic32_host(lx, lp);
+			float t8 = ts;
+			int p8 = tp;
+			if (better(lx[9], lp[9], t8, p8)) t8 = lx[9], p8 = lp[9];
+			for (auto &l : lists)
+				for (auto &e : l) {
+					s6 += survives(e.first, e.second, ts, tp);
+					s8 += survives(e.first, e.second, t8, p8);
+				}
+		}
+		printf("host-selftest merge bound, 128 splits x 32 keys, k 10: survivors per row v6 %.1f, v8 %.1f\n", s6 / 20.0,
+		       s8 / 20.0);
+	}
 	return bad;
 }
 
@@ -2352,7 +2953,8 @@ static int selftest_merge()
 static int selftest_layout()
 {
 	bool ok = ROWS_SM % 16 == 0 && (TS * ROWS_SM) % 128 == 0 && v6_smem(4) <= 227 * 1024 &&
-		  2 * (v6_smem(3) + 1024) <= 228 * 1024;
+		  2 * (v6_smem(3) + 1024) <= 228 * 1024 && v8_smem(4) <= 227 * 1024 && 2 * (v8_smem(3) + 1024) <= 228 * 1024 &&
+		  (TS * ROWS_SM * 3 / NW) % 8 == 0 && (TS * ROWS_SM * 3 / NW / 8) >= 264 * 4;
 	for (int w = 0; w < NW; ++w)
 		for (int c = 0; c < 4; ++c)
 			for (int ph = 0; ph < 4; ++ph)
@@ -2364,8 +2966,9 @@ static int selftest_layout()
 					}
 					ok &= banks == 0xffffffffu;
 				}
-	printf("host-selftest layout: row stride %d B, stage %d B, v6 smem %zu B, v7 smem %zu B, banks conflict-free  %s\n",
-	       (int)ROWS_SM, TS * ROWS_SM, v6_smem(4), v6_smem(3), ok ? "PASS" : "FAIL");
+	printf("host-selftest layout: row stride %d B, stage %d B, smem v6 %zu / v7 %zu / v8 %zu / v9 %zu B, banks "
+	       "conflict-free, merge staging fits  %s\n",
+	       (int)ROWS_SM, TS * ROWS_SM, v6_smem(4), v6_smem(3), v8_smem(4), v8_smem(3), ok ? "PASS" : "FAIL");
 	return !ok;
 }
 
@@ -2429,7 +3032,7 @@ int main(int argc, char **argv)
 	setvbuf(stdout, nullptr, _IOLBF, 0); /* logs survive a timeout kill (a hung kernel) */
 	bool do_val = false, do_bench = false, small = false;
 	std::string only;
-	std::vector<int> vers = {1, 2, 3, 4, 5, 6, 7};
+	std::vector<int> vers = {1, 2, 3, 4, 5, 6, 7, 8, 9};
 	for (int i = 1; i < argc; ++i) {
 		if (!strcmp(argv[i], "--validate")) do_val = true;
 		else if (!strcmp(argv[i], "--bench")) do_bench = true;
@@ -2441,7 +3044,7 @@ int main(int argc, char **argv)
 			for (char *p = argv[++i]; *p; ++p)
 				if (*p >= '1' && *p <= '9') vers.push_back(*p - '0');
 		} else {
-			fprintf(stderr, "usage: %s [--validate] [--bench] [--small] [--cases a,b] [--versions 1234567] [--host-selftest]\n", argv[0]);
+			fprintf(stderr, "usage: %s [--validate] [--bench] [--small] [--cases a,b] [--versions 123456789] [--host-selftest]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -2459,10 +3062,13 @@ int main(int argc, char **argv)
 	if (prop.major >= 9) {
 		g_res6 = v6_init_attrs<V6_CFG_V6>();
 		g_res7 = v6_init_attrs<V6_CFG_V7>();
-		printf("v6: %zu B smem, %d CTA/SM; v7: %zu B smem, %d CTA/SM\n", v6_smem(4), g_res6, v6_smem(3), g_res7);
+		g_res8 = v8_init_attrs<V6_CFG_V6>();
+		g_res9 = v8_init_attrs<V6_CFG_V7>();
+		printf("v6: %zu B smem, %d CTA/SM; v7: %zu B smem, %d CTA/SM; v8: %zu B, %d CTA/SM; v9: %zu B, %d CTA/SM\n",
+		       v6_smem(4), g_res6, v6_smem(3), g_res7, v8_smem(4), g_res8, v8_smem(3), g_res9);
 	} else {
 		vers.erase(std::remove_if(vers.begin(), vers.end(), [](int v) { return v >= 6; }), vers.end());
-		printf("v6/v7 need sm_90 (cp.async.bulk, mbarrier tx): skipped on this device\n");
+		printf("v6..v9 need sm_90 (cp.async.bulk, mbarrier tx): skipped on this device\n");
 	}
 	const long min_bytes = 4L * prop.l2CacheSize; /* rotation: at least 4 × L2 per run sequence */
 
