@@ -286,13 +286,13 @@ static int get_mode(const ax__val *v, uint32_t *out)
 }
 
 /* An array of non-negative int32 ids (layers, heads). */
-static int get_ids(const ax__val *v, int32_t *ids, uint32_t *n, uint32_t cap)
+static int get_ids(ax__val *v, int32_t *ids, uint32_t *n, uint32_t cap)
 {
 	if (v->kind != AX_V_ARRAY || v->n > cap)
 		return -EPROTO;
+	ax__val e;
 	for (size_t i = 0; i < v->n; i++) {
-		ax__val e;
-		v->at(v, i, &e);
+		v->next(v, &e);
 		if (get_i32(&e, &ids[i]) < 0 || ids[i] < 0)
 			return -EPROTO;
 	}
@@ -300,7 +300,7 @@ static int get_ids(const ax__val *v, int32_t *ids, uint32_t *n, uint32_t cap)
 	return 0;
 }
 
-static int get_prompt(const ax__val *v, ax_rec_req *q)
+static int get_prompt(ax__val *v, ax_rec_req *q)
 {
 	if (v->kind != AX_V_ARRAY || v->n > AX_PROTO_MAX_PROMPT)
 		return -EPROTO;
@@ -313,9 +313,9 @@ static int get_prompt(const ax__val *v, ax_rec_req *q)
 	if (!q->prompt)
 		return -ENOMEM;
 	q->prompt_len = (uint32_t)v->n;
+	ax__val e;
 	for (size_t i = 0; i < v->n; i++) {
-		ax__val e;
-		v->at(v, i, &e);
+		v->next(v, &e);
 		if (get_i32(&e, &q->prompt[i]) < 0 || q->prompt[i] < 0)
 			return -EPROTO;
 	}
@@ -323,13 +323,13 @@ static int get_prompt(const ax__val *v, ax_rec_req *q)
 }
 
 /* ---- attn ---- */
-static int get_positions(const ax__val *v, ax_rec_attn *a, uint32_t *n)
+static int get_positions(ax__val *v, ax_rec_attn *a, uint32_t *n)
 {
 	if (v->kind != AX_V_ARRAY || v->n > AX_PROTO_MAX_TOPK)
 		return -EPROTO;
+	ax__val e;
 	for (size_t i = 0; i < v->n; i++) {
-		ax__val e;
-		v->at(v, i, &e);
+		v->next(v, &e);
 		if (get_i(&e, INT64_MIN, INT64_MAX, &a->token_positions[i]) < 0)
 			return -EPROTO;
 	}
@@ -337,14 +337,14 @@ static int get_positions(const ax__val *v, ax_rec_attn *a, uint32_t *n)
 	return 0;
 }
 
-static int get_floats(const ax__val *v, float *out, uint32_t *n)
+static int get_floats(ax__val *v, float *out, uint32_t *n)
 {
 	if (v->kind != AX_V_ARRAY || v->n > AX_PROTO_MAX_TOPK)
 		return -EPROTO;
+	ax__val e;
 	for (size_t i = 0; i < v->n; i++) {
-		ax__val e;
 		double d;
-		v->at(v, i, &e);
+		v->next(v, &e);
 		if (get_f(&e, &d) < 0)
 			return -EPROTO;
 		out[i] = (float)d; /* out of float range becomes inf: validation rejects it */
@@ -353,7 +353,7 @@ static int get_floats(const ax__val *v, float *out, uint32_t *n)
 	return 0;
 }
 
-static int apply_attn(struct dec *d, int f, const ax__val *v)
+static int apply_attn(struct dec *d, int f, ax__val *v)
 {
 	ax_rec_attn *a = &d->r->u.attn;
 	switch (f) {
@@ -374,7 +374,7 @@ static int apply_attn(struct dec *d, int f, const ax__val *v)
 }
 
 /* ---- other types ---- */
-static int apply_hello(ax_rec_hello *h, int f, const ax__val *v)
+static int apply_hello(ax_rec_hello *h, int f, ax__val *v)
 {
 	switch (f) {
 	case F_ENGINE: return get_str(v, h->engine, sizeof(h->engine));
@@ -395,7 +395,7 @@ static int apply_hello(ax_rec_hello *h, int f, const ax__val *v)
 	return 0;
 }
 
-static int apply_gap(ax_rec_gap *g, int f, const ax__val *v)
+static int apply_gap(ax_rec_gap *g, int f, ax__val *v)
 {
 	switch (f) {
 	case F_WHAT: return get_str(v, g->what, sizeof(g->what));
@@ -407,7 +407,7 @@ static int apply_gap(ax_rec_gap *g, int f, const ax__val *v)
 	return 0;
 }
 
-static int apply_counter(const ax__val *k, const ax__val *v, void *arg)
+static int apply_counter(const ax__val *k, ax__val *v, void *arg)
 {
 	ax_rec_stats *s = arg;
 	if (s->n == AX_PROTO_MAX_STATS)
@@ -422,7 +422,7 @@ static int apply_counter(const ax__val *k, const ax__val *v, void *arg)
 	return 0;
 }
 
-static int apply_stats(ax_rec_stats *s, int f, const ax__val *v)
+static int apply_stats(ax_rec_stats *s, int f, ax__val *v)
 {
 	if (f != F_COUNTERS)
 		return 0;
@@ -432,7 +432,7 @@ static int apply_stats(ax_rec_stats *s, int f, const ax__val *v)
 	return v->each(v, apply_counter, s);
 }
 
-static int apply_policy(ax_rec_policy *p, int f, const ax__val *v)
+static int apply_policy(ax_rec_policy *p, int f, ax__val *v)
 {
 	switch (f) {
 	case F_TOP_K: return get_u32(v, &p->top_k);
@@ -447,7 +447,7 @@ static int apply_policy(ax_rec_policy *p, int f, const ax__val *v)
 	return 0;
 }
 
-static int apply_body(struct dec *d, int f, const ax__val *v)
+static int apply_body(struct dec *d, int f, ax__val *v)
 {
 	ax_record *r = d->r;
 	switch (r->type) {
@@ -468,7 +468,7 @@ static int apply_body(struct dec *d, int f, const ax__val *v)
 	return 0;
 }
 
-static int apply_pair(const ax__val *k, const ax__val *v, void *arg)
+static int apply_pair(const ax__val *k, ax__val *v, void *arg)
 {
 	struct dec *d = arg;
 	if (k->kind != AX_V_STR)
@@ -528,7 +528,7 @@ static int finish(struct dec *d)
 	return ax_record_validate(r) < 0 ? -EPROTO : 0;
 }
 
-int ax__record_from_map(const ax__val *map, int (*find)(const ax__val *, const char *, ax__val *), ax_record *r)
+int ax__record_from_map(ax__val *map, int (*find)(const ax__val *, const char *, ax__val *), ax_record *r)
 {
 	ax__val tv;
 	int type = -1;

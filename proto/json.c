@@ -3,7 +3,8 @@
  *
  * ax_record_json writes text directly: strings are escaped per RFC 8259 (validation already guarantees UTF-8
  * without NUL), integers exactly, float32 values with the fewest digits (≤ 9) that read back to the same float,
- * float64 values with the fewest (≤ 17) that read back to the same double; NaN/Inf cannot reach here (validation).
+ * float64 values with the fewest (≤ 17) that read back to the same double (fmt.c: no printf, no strtod); NaN/Inf
+ * cannot reach here (validation). Bytes go straight into the caller's buffer, which grows only when full.
  * ax_record_to_json_t parses that text with jansson, so the two can never disagree. ax_record_from_json walks a
  * jansson object through the same field decoder as msgpack (fields.c), so it accepts and rejects the same things.
  */
@@ -11,9 +12,6 @@
 
 #include <errno.h>
 #include <jansson.h>
-#include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,9 +25,14 @@ struct jw {
 	uint8_t after_key;
 };
 
-static int put(struct jw *w, const char *s, size_t n)
+static inline int put(struct jw *w, const char *s, size_t n)
 {
-	return ax_buf_append(w->b, s, n);
+	ax_buf *b = w->b;
+	if (b->cap - b->len < n)
+		return ax_buf_append(b, s, n);
+	memcpy(b->data + b->len, s, n);
+	b->len += n;
+	return 0;
 }
 
 /* Separator before a value or key. */
@@ -100,46 +103,36 @@ static int jw_key(void *c, const char *k, size_t n)
 	return 0;
 }
 
-static int put_num(struct jw *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int put_num(struct jw *w, const char *fmt, ...)
+static int put_num(struct jw *w, const char *t, size_t n)
 {
-	char t[40];
-	va_list ap;
-	va_start(ap, fmt);
-	int n = vsnprintf(t, sizeof(t), fmt, ap);
-	va_end(ap);
-	return sep(w) || put(w, t, (size_t)n) ? -ENOMEM : 0;
+	return sep(w) || put(w, t, n) ? -ENOMEM : 0;
 }
 
-static int jw_u64(void *c, uint64_t v) { return put_num(c, "%llu", (unsigned long long)v); }
-static int jw_i64(void *c, int64_t v) { return put_num(c, "%lld", (long long)v); }
+static int jw_u64(void *c, uint64_t v)
+{
+	char t[24];
+	return put_num(c, t, ax__fmt_u64(v, t));
+}
 
-/* JSON readers parse numbers as doubles (then a float32 field rounds): check the text that way. -0 is written
- * "-0.0" so that it stays a negative zero real and does not read back as the integer 0. */
+static int jw_i64(void *c, int64_t v)
+{
+	char t[24];
+	return put_num(c, t, ax__fmt_i64(v, t));
+}
+
+/* Shortest text that reads back as the same number (fmt.c); JSON readers parse a double, then a float32 field
+ * narrows it, and fmt.c checks float32 text that way. -0 is written "-0.0" so that it stays a negative zero real
+ * and does not read back as the integer 0. */
 static int jw_f32(void *c, float v)
 {
-	char t[32];
-	if (v == 0 && signbit(v))
-		return put_num(c, "%s", "-0.0");
-	for (int prec = 6; prec <= 9; prec++) {
-		snprintf(t, sizeof(t), "%.*g", prec, (double)v);
-		if ((float)strtod(t, NULL) == v)
-			break;
-	}
-	return put_num(c, "%s", t);
+	char t[40];
+	return put_num(c, t, ax__fmt_f32(v, t));
 }
 
 static int jw_f64(void *c, double v)
 {
 	char t[40];
-	if (v == 0 && signbit(v))
-		return put_num(c, "%s", "-0.0");
-	for (int prec = 15; prec <= 17; prec++) {
-		snprintf(t, sizeof(t), "%.*g", prec, v);
-		if (strtod(t, NULL) == v)
-			break;
-	}
-	return put_num(c, "%s", t);
+	return put_num(c, t, ax__fmt_f64(v, t));
 }
 
 static const ax__emitter json_emitter = {
@@ -154,6 +147,8 @@ int ax_record_json(const ax_record *r, ax_buf *out)
 		return rc;
 	size_t mark = out->len;
 	struct jw w = {.b = out};
+	if (ax_buf_reserve(out, 1024) < 0) /* one record's usual size: the writes below then rarely check twice */
+		return -ENOMEM;
 	if (ax__record_emit(r, &json_emitter, &w) != 0) {
 		out->len = mark;
 		return -ENOMEM;
@@ -178,12 +173,12 @@ int ax_record_to_json_t(const ax_record *r, json_t **out)
 /* ---- JSON → record ---- */
 static void js_val(const json_t *j, ax__val *v);
 
-static void js_at(const ax__val *arr, size_t i, ax__val *out)
+static void js_next(ax__val *arr, ax__val *out)
 {
-	js_val(json_array_get(arr->obj, i), out);
+	js_val(json_array_get(arr->obj, arr->idx++), out);
 }
 
-static int js_each(const ax__val *map, ax__kv_fn fn, void *arg)
+static int js_each(ax__val *map, ax__kv_fn fn, void *arg)
 {
 	const char *key;
 	json_t *val;
@@ -223,7 +218,7 @@ static void js_val(const json_t *j, ax__val *v)
 	}
 	case JSON_REAL: v->kind = AX_V_FLOAT; v->f = json_real_value(j); break;
 	case JSON_STRING: v->kind = AX_V_STR; v->s = json_string_value(j); v->n = json_string_length(j); break;
-	case JSON_ARRAY: v->kind = AX_V_ARRAY; v->n = json_array_size(j); v->at = js_at; break;
+	case JSON_ARRAY: v->kind = AX_V_ARRAY; v->n = json_array_size(j); v->next = js_next; v->idx = 0; break;
 	case JSON_OBJECT: v->kind = AX_V_MAP; v->n = json_object_size(j); v->each = js_each; break;
 	default: v->kind = AX_V_OTHER; break;
 	}

@@ -4,8 +4,8 @@
  * One schema, two directions, three representations. Encoding walks a record once through an emitter (a small
  * table of "write a map / key / number / string / array" callbacks): pack.c plugs in msgpack_packer, json.c a JSON
  * text writer, so the two outputs cannot disagree on names or on which fields are present. Decoding turns each
- * value into an ax__val (a scalar, or an array/map with accessors) — unpack.c from msgpack_object, json.c from
- * json_t — and fields.c applies them to the record, checks required fields, then ax_record_validate runs.
+ * value into an ax__val (a scalar, or an array/map with accessors) — unpack.c from the msgpack bytes (a cursor),
+ * json.c from json_t — and fields.c applies them to the record, checks required fields, then ax_record_validate runs.
  */
 #ifndef ATTNX_PROTO_INTERNAL_H
 #define ATTNX_PROTO_INTERNAL_H
@@ -34,7 +34,7 @@ int ax__record_emit(const ax_record *r, const ax__emitter *e, void *ctx);
 enum ax__vkind { AX_V_UINT, AX_V_INT, AX_V_FLOAT, AX_V_STR, AX_V_ARRAY, AX_V_MAP, AX_V_OTHER };
 
 typedef struct ax__val ax__val;
-typedef int (*ax__kv_fn)(const ax__val *k, const ax__val *v, void *arg);
+typedef int (*ax__kv_fn)(const ax__val *k, ax__val *v, void *arg);
 struct ax__val {
 	int kind;          /* enum ax__vkind; AX_V_INT only for negative integers */
 	uint64_t u;        /* AX_V_UINT */
@@ -42,20 +42,44 @@ struct ax__val {
 	double f;          /* AX_V_FLOAT */
 	const char *s;     /* AX_V_STR: not NUL-terminated */
 	size_t n;          /* AX_V_STR bytes, AX_V_ARRAY / AX_V_MAP entries */
-	const void *obj;   /* the representation's own object (msgpack_object * / json_t *) */
-	void (*at)(const ax__val *arr, size_t i, ax__val *out); /* AX_V_ARRAY: element i < n */
-	int (*each)(const ax__val *map, ax__kv_fn fn, void *arg); /* AX_V_MAP: stops at fn's first non-zero */
+	const void *obj;   /* the representation's own object (json_t *; msgpack: the first entry's bytes) */
+	const void *end;   /* msgpack: end of the bytes the value lies in (bounds every read) */
+	size_t idx;        /* entries (arrays) / pairs (maps) consumed so far by next() / each() */
+	/* AX_V_ARRAY: the next element (at most n times, in order). The array value itself is the iterator, so the
+	 * msgpack reader knows where a fully read array ends. An element that cannot be read comes back AX_V_OTHER. */
+	void (*next)(ax__val *arr, ax__val *out);
+	/* AX_V_MAP: fn for every pair, stopping at fn's first non-zero (returned). fn may iterate the value. */
+	int (*each)(ax__val *map, ax__kv_fn fn, void *arg);
 };
 
 /* Decode one map into *r. `find` looks one key up (1 found, 0 not; used for `t`, which may come anywhere).
  * Returns 0, -EPROTO or -ENOMEM; *r may hold an allocated prompt either way: the caller runs ax_record_fini. */
-int ax__record_from_map(const ax__val *map, int (*find)(const ax__val *, const char *, ax__val *), ax_record *r);
+int ax__record_from_map(ax__val *map, int (*find)(const ax__val *, const char *, ax__val *), ax_record *r);
 
 /* Structural check of one msgpack object at data[0..len): well-formed, complete, containers no longer than the
- * bytes left, nesting ≤ AX__MAX_DEPTH. Sets *end (bytes used) and *n_slots (msgpack_object slots the unpacker
- * will allocate). 0 or -EBADMSG. */
+ * bytes left, nesting ≤ AX__MAX_DEPTH. Sets *end (bytes used). 0 or -EBADMSG. Allocates nothing. */
 #define AX__MAX_DEPTH 16
-int ax__mp_scan(const uint8_t *data, size_t len, size_t *end, size_t *n_slots);
+int ax__mp_scan(const uint8_t *data, size_t len, size_t *end);
+/* What a msgpack head byte says: ≥ 0, a scalar with that many payload bytes after the head (fixint 0, fixstr its
+ * length, float32 4, ...); else one of these. */
+enum { AX__H_FIXMAP = -1, AX__H_FIXARRAY = -2, AX__H_VAR = -3, AX__H_BIG = -4, AX__H_BAD = -5 };
+extern const int8_t ax__mp_head[256] __attribute__((visibility("hidden")));
+/* Skip n msgpack values starting at p (bounded by end): the first byte after them, or NULL if they do not fit. */
+const uint8_t *ax__mp_skip(const uint8_t *p, const uint8_t *end, uint64_t n);
+
+/* The previous msgpack-c based decoder (unpack_mpc.c): only the differential test links it. */
+int ax__frame_decode_mpc(const void *data, size_t len, ax_record_cb cb, void *arg);
+int ax__record_unpack_mpc(const void *data, size_t len, ax_record *r);
+
+/* ---- numbers as text (fmt.c) ---- */
+/* Shortest decimal text that reads back as exactly v (float32: strtod, then a cast to float), in %g style with
+ * precision max(digits, 6) (f32) / max(digits, 15) (f64); -0 as "-0.0". v finite. Writes at most 32 bytes, no
+ * NUL; returns the length. Thread-safe (a table is built once, on first use). */
+size_t ax__fmt_f32(float v, char *out);
+size_t ax__fmt_f64(double v, char *out);
+/* Decimal integers: at most 20 bytes, no NUL; returns the length. */
+size_t ax__fmt_u64(uint64_t v, char *out);
+size_t ax__fmt_i64(int64_t v, char *out);
 
 /* UTF-8 check of a NUL-terminated string of at most `cap` bytes including the NUL: 1 valid. */
 bool ax__str_ok(const char *s, size_t cap, bool nonempty);

@@ -1,12 +1,15 @@
 /*
- * scan.c — a structural pre-check of msgpack bytes before msgpack-c unpacks them.
+ * scan.c — walking msgpack bytes without decoding them: the structural pre-check of a frame (ax__mp_scan) and
+ * skipping values (ax__mp_skip).
  *
- * Why: msgpack-c allocates a container's slots when it reads the container's header, so 5 bytes claiming an
- * array of 4 billion entries make it ask for ~96 GiB before noticing the input is short. This walk (no
- * allocation, iterative, O(len)) proves the object is complete and well formed, that every container declares no
- * more entries than there are bytes left (each entry takes at least one byte, so what msgpack-c allocates is
- * bounded by the input size), and that nesting is shallow; it also counts the slots msgpack-c will allocate so
- * the caller can size the zone in one chunk.
+ * Why a pre-check: a frame is delivered record by record, and a frame that is not even well-formed msgpack must
+ * deliver none (-EBADMSG before the first callback), so the whole frame is proven complete and well formed before
+ * any record is decoded. The walk (no allocation, iterative, O(len)) also proves that every container declares no
+ * more entries than there are bytes left (each entry takes at least one byte) and that nesting is shallow. One
+ * table says what each head byte is; scalars whose size the head byte alone fixes (fixint, fixstr, numbers, nil,
+ * booleans, fixext: nearly every value of a record) cost a lookup, a bounds check and an add. The values still
+ * to walk at the current level live in a register; outer levels wait on a 16-deep stack. The decoder (unpack.c)
+ * still bounds-checks every read on its own.
  */
 #include "proto_internal.h"
 
@@ -20,62 +23,119 @@ static uint64_t be(const uint8_t *p, int n)
 	return v;
 }
 
-/* What one header byte says: bytes of length field (lenb), fixed payload (fixed), whether the length counts
- * payload bytes (kind 1, or 5: fixstr), array entries (2) or map pairs (3); 4 = never used (0xc1). A table: this
- * runs once per msgpack object of every frame. */
-struct head {
-	uint8_t lenb, fixed, kind;
+#define FIXSTR8(b) [b] = (b) & 0x1f, [b + 1] = (b + 1) & 0x1f, [b + 2] = (b + 2) & 0x1f, [b + 3] = (b + 3) & 0x1f, \
+	[b + 4] = (b + 4) & 0x1f, [b + 5] = (b + 5) & 0x1f, [b + 6] = (b + 6) & 0x1f, [b + 7] = (b + 7) & 0x1f
+const int8_t ax__mp_head[256] = {
+	[0x00 ... 0x7f] = 0, [0xe0 ... 0xff] = 0,   /* fixints */
+	[0x80 ... 0x8f] = AX__H_FIXMAP, [0x90 ... 0x9f] = AX__H_FIXARRAY,
+	FIXSTR8(0xa0), FIXSTR8(0xa8), FIXSTR8(0xb0), FIXSTR8(0xb8),
+	[0xc0] = 0, [0xc1] = AX__H_BAD, [0xc2] = 0, [0xc3] = 0,
+	[0xc4 ... 0xc9] = AX__H_VAR,                /* bin8/16/32, ext8/16/32 */
+	[0xca] = 4, [0xcb] = 8, [0xcc] = 1, [0xcd] = 2, [0xce] = 4, [0xcf] = 8,
+	[0xd0] = 1, [0xd1] = 2, [0xd2] = 4, [0xd3] = 8,
+	[0xd4] = 2, [0xd5] = 3, [0xd6] = 5, [0xd7] = 9, [0xd8] = 17, /* fixext: type byte + data */
+	[0xd9 ... 0xdb] = AX__H_VAR,                /* str8/16/32 */
+	[0xdc ... 0xdf] = AX__H_BIG,                /* array16/32, map16/32 */
 };
 
-static const struct head heads[256] = {
-	[0x80 ... 0x8f] = {0, 0, 3}, [0x90 ... 0x9f] = {0, 0, 2},
-	[0xa0 ... 0xbf] = {0, 0, 5}, /* fixstr: payload length in the low 5 bits */
-	[0xc1] = {0, 0, 4},
-	[0xc4] = {1, 0, 1}, [0xc5] = {2, 0, 1}, [0xc6] = {4, 0, 1},
-	[0xc7] = {1, 1, 1}, [0xc8] = {2, 1, 1}, [0xc9] = {4, 1, 1}, /* ext: length, then a type byte */
-	[0xca] = {0, 4, 0}, [0xcb] = {0, 8, 0},
-	[0xcc] = {0, 1, 0}, [0xcd] = {0, 2, 0}, [0xce] = {0, 4, 0}, [0xcf] = {0, 8, 0},
-	[0xd0] = {0, 1, 0}, [0xd1] = {0, 2, 0}, [0xd2] = {0, 4, 0}, [0xd3] = {0, 8, 0},
-	[0xd4] = {0, 2, 0}, [0xd5] = {0, 3, 0}, [0xd6] = {0, 5, 0}, [0xd7] = {0, 9, 0}, [0xd8] = {0, 17, 0},
-	[0xd9] = {1, 0, 1}, [0xda] = {2, 0, 1}, [0xdb] = {4, 0, 1},
-	[0xdc] = {2, 0, 2}, [0xdd] = {4, 0, 2}, [0xde] = {2, 0, 3}, [0xdf] = {4, 0, 3},
-	/* everything else (fixints, nil, bools) is one byte: {0, 0, 0} */
-};
-
-int ax__mp_scan(const uint8_t *d, size_t len, size_t *end, size_t *n_slots)
+/* A head that is not a fixed-size scalar (b taken, *pp after it): moves *pp past a variable-size scalar or past a
+ * container's header, setting *entries (values inside: 2 per map pair). 0 scalar, 1 container, -EBADMSG. */
+static int step_slow(uint8_t b, int h, const uint8_t **pp, const uint8_t *end, uint64_t *entries)
 {
-	uint64_t left[AX__MAX_DEPTH + 1];
-	int depth = 0;
-	size_t off = 0, slots = 0;
-	left[0] = 1;
-	while (depth >= 0) {
-		if (left[depth] == 0) {
-			depth--;
-			continue;
-		}
-		left[depth]--;
-		if (off >= len)
+	const uint8_t *p = *pp;
+	size_t left = (size_t)(end - p);
+	uint64_t n;
+	int lb;
+	switch (h) {
+	case AX__H_FIXMAP: n = 2 * (uint64_t)(b & 0x0f); break;
+	case AX__H_FIXARRAY: n = b & 0x0f; break;
+	case AX__H_VAR: { /* 0xc4..c6 bin, 0xc7..c9 ext (+ type byte), 0xd9..db str */
+		int idx = b >= 0xd9 ? b - 0xd9 : (b - 0xc4) % 3;
+		lb = 1 << idx;
+		if ((size_t)lb > left)
 			return -EBADMSG;
-		uint8_t b = d[off++];
-		struct head h = heads[b];
-		if (h.kind == 4 || h.lenb > len - off)
+		n = be(p, lb) + (b >= 0xc7 && b <= 0xc9);
+		if (n > left - (size_t)lb)
 			return -EBADMSG;
-		uint64_t n = h.lenb ? be(d + off, h.lenb) : (b & (h.kind == 5 ? 0x1f : 0x0f));
-		off += h.lenb;
-		if (h.kind <= 1 || h.kind == 5) {
-			uint64_t skip = h.fixed + (h.kind == 0 ? 0 : n);
-			if (skip > len - off)
-				return -EBADMSG;
-			off += skip;
-			continue;
-		}
-		uint64_t entries = h.kind == 3 ? 2 * n : n;
-		if (entries > len - off || depth == AX__MAX_DEPTH)
-			return -EBADMSG;
-		slots += entries + 1; /* +1: alignment slack per container */
-		left[++depth] = entries;
+		*pp = p + lb + n;
+		return 0;
 	}
-	*end = off;
-	*n_slots = slots;
+	case AX__H_BIG:
+		lb = (b & 1) ? 4 : 2;
+		if ((size_t)lb > left)
+			return -EBADMSG;
+		n = be(p, lb) << (b >= 0xde);
+		p += lb;
+		left -= (size_t)lb;
+		break;
+	default: return -EBADMSG;
+	}
+	if (n > left)
+		return -EBADMSG;
+	*pp = p;
+	*entries = n;
+	return 1;
+}
+
+int ax__mp_scan(const uint8_t *d, size_t len, size_t *end)
+{
+	uint64_t outer[AX__MAX_DEPTH]; /* values left at the enclosing levels */
+	uint64_t rem = 1;              /* values left at this level */
+	int depth = 0;
+	const uint8_t *p = d, *e = d + len;
+	for (;;) {
+		if (rem == 0) {
+			if (depth == 0)
+				break;
+			rem = outer[--depth];
+			continue;
+		}
+		rem--;
+		if (p == e)
+			return -EBADMSG;
+		uint8_t b = *p++;
+		int h = ax__mp_head[b];
+		if (h >= 0) {
+			if ((size_t)h > (size_t)(e - p))
+				return -EBADMSG;
+			p += h;
+			continue;
+		}
+		uint64_t entries;
+		int rc = step_slow(b, h, &p, e, &entries);
+		if (rc < 0)
+			return rc;
+		if (rc == 1) {
+			if (depth == AX__MAX_DEPTH)
+				return -EBADMSG;
+			outer[depth++] = rem;
+			rem = entries;
+		}
+	}
+	*end = (size_t)(p - d);
 	return 0;
+}
+
+const uint8_t *ax__mp_skip(const uint8_t *p, const uint8_t *end, uint64_t n)
+{
+	while (n) {
+		n--;
+		if (p == end)
+			return NULL;
+		uint8_t b = *p++;
+		int h = ax__mp_head[b];
+		if (h >= 0) {
+			if ((size_t)h > (size_t)(end - p))
+				return NULL;
+			p += h;
+			continue;
+		}
+		uint64_t entries;
+		int rc = step_slow(b, h, &p, end, &entries);
+		if (rc < 0)
+			return NULL;
+		if (rc == 1)
+			n += entries; /* entries ≤ bytes left, so n stays far from overflowing */
+	}
+	return p;
 }

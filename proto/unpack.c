@@ -1,109 +1,279 @@
 /*
- * unpack.c — ax_frame_decode / ax_record_unpack on top of msgpack-c.
+ * unpack.c — ax_frame_decode / ax_record_unpack: a bounds-checked cursor over the msgpack bytes.
  *
- * One decode call: ax__mp_scan proves the bytes are one complete, sanely sized msgpack object with nothing after
- * it; msgpack_unpack then builds the object tree in a zone sized from the scan (one allocation per call; strings
- * point into the caller's bytes); each map becomes an ax_record in one stack-resident record that is reused for
- * every record of the frame (no per-record allocation except a req's prompt). Errors map to: -EMSGSIZE (over
- * AX_PROTO_MAX_FRAME bytes or AX_PROTO_MAX_RECORDS records), -EBADMSG (bytes / structure), -EPROTO (a record's
- * fields), -ENOMEM.
+ * One decode call: ax__mp_scan first proves the bytes are one complete, well-formed, shallow msgpack object with
+ * nothing after it (so a broken frame delivers no record at all). Then a cursor walks the root array; every record
+ * map is seen by fields.c through ax__val: a value is read where it lies (the head byte says its type; integers and
+ * floats are converted, strings point into the caller's bytes, containers carry their entry count and a pointer to
+ * their first entry), arrays are iterated in order, maps pair by pair, and whatever fields.c did not consume is
+ * skipped by counting values (ax__mp_skip). Every read is checked against the end of the bytes, even though the
+ * scan already proved them, so a bug here cannot read past the caller's buffer. One stack-resident ax_record is
+ * reused for every record of the frame; nothing is allocated except a req's prompt (fields.c).
+ *
+ * Types as the previous msgpack-c decoder saw them (unpack_mpc.c, the differential test's reference): every
+ * integer encoding that holds a value ≥ 0 is AX_V_UINT, a negative one AX_V_INT; float32 and float64 are AX_V_FLOAT;
+ * str8/16/32 and fixstr are AX_V_STR; nil, booleans, bin and ext are AX_V_OTHER.
+ *
+ * Errors: -EMSGSIZE (over AX_PROTO_MAX_FRAME bytes or AX_PROTO_MAX_RECORDS records), -EBADMSG (bytes / structure,
+ * an element of the frame that is not a map), -EPROTO (a record's fields), -ENOMEM (a prompt).
  */
 #include "proto_internal.h"
 
 #include <errno.h>
-#include <msgpack.h>
-#include <stdlib.h>
 #include <string.h>
 
-static void mp_val(const msgpack_object *o, ax__val *v);
+static void mp_next(ax__val *arr, ax__val *out);
+static int mp_each(ax__val *map, ax__kv_fn fn, void *arg);
 
-static void mp_at(const ax__val *arr, size_t i, ax__val *out)
+static inline uint64_t be(const uint8_t *p, int n)
 {
-	const msgpack_object *o = arr->obj;
-	mp_val(&o->via.array.ptr[i], out);
+	uint64_t v = 0;
+	for (int i = 0; i < n; i++)
+		v = (v << 8) | p[i];
+	return v;
 }
 
-static int mp_each(const ax__val *map, ax__kv_fn fn, void *arg)
+/* Big-endian loads of known width (one load and a byte swap, not a loop). */
+static inline uint16_t be16(const uint8_t *p)
 {
-	const msgpack_object *o = map->obj;
-	for (uint32_t i = 0; i < o->via.map.size; i++) {
-		ax__val k, v;
-		mp_val(&o->via.map.ptr[i].key, &k);
-		mp_val(&o->via.map.ptr[i].val, &v);
-		int rc = fn(&k, &v, arg);
-		if (rc)
-			return rc;
+	uint16_t v;
+	memcpy(&v, p, 2);
+	return __builtin_bswap16(v);
+}
+
+static inline uint32_t be32(const uint8_t *p)
+{
+	uint32_t v;
+	memcpy(&v, p, 4);
+	return __builtin_bswap32(v);
+}
+
+static inline uint64_t be64(const uint8_t *p)
+{
+	uint64_t v;
+	memcpy(&v, p, 8);
+	return __builtin_bswap64(v);
+}
+
+static inline void set_int(ax__val *v, int64_t i)
+{
+	if (i >= 0) {
+		v->kind = AX_V_UINT;
+		v->u = (uint64_t)i;
+	} else {
+		v->kind = AX_V_INT;
+		v->i = i;
 	}
-	return 0;
 }
 
-static int mp_find(const ax__val *map, const char *key, ax__val *out)
+static void set_container(ax__val *v, int kind, uint64_t n, const uint8_t *first, const uint8_t *end)
 {
-	const msgpack_object *o = map->obj;
-	size_t n = strlen(key);
-	for (uint32_t i = 0; i < o->via.map.size; i++) {
-		const msgpack_object *k = &o->via.map.ptr[i].key;
-		if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == n && memcmp(k->via.str.ptr, key, n) == 0) {
-			mp_val(&o->via.map.ptr[i].val, out);
-			return 1;
-		}
-	}
-	return 0;
+	v->kind = kind;
+	v->n = (size_t)n;
+	v->obj = first;
+	v->end = end;
+	v->idx = 0;
+	if (kind == AX_V_ARRAY)
+		v->next = mp_next;
+	else
+		v->each = mp_each;
 }
 
-static void mp_val(const msgpack_object *o, ax__val *v)
+/* Fixed-size scalar classes by head byte (a dense switch on these is one indirect jump). */
+enum { C_OTHER, C_POSFIX, C_NEGFIX, C_FIXSTR, C_F32, C_F64, C_U8, C_U16, C_U32, C_U64, C_I8, C_I16, C_I32, C_I64 };
+static const uint8_t scalar_class[256] = {
+	[0x00 ... 0x7f] = C_POSFIX, [0xe0 ... 0xff] = C_NEGFIX, [0xa0 ... 0xbf] = C_FIXSTR,
+	[0xca] = C_F32, [0xcb] = C_F64, [0xcc] = C_U8, [0xcd] = C_U16, [0xce] = C_U32, [0xcf] = C_U64,
+	[0xd0] = C_I8, [0xd1] = C_I16, [0xd2] = C_I32, [0xd3] = C_I64,
+	/* nil, booleans, fixext: C_OTHER */
+};
+
+/* A scalar of fixed size (payload at p, bounds already checked) into *v. */
+static inline __attribute__((always_inline)) void fixed_scalar(uint8_t b, const uint8_t *p, ax__val *v)
 {
-	v->obj = o;
-	switch (o->type) {
-	case MSGPACK_OBJECT_POSITIVE_INTEGER: v->kind = AX_V_UINT; v->u = o->via.u64; break;
-	case MSGPACK_OBJECT_NEGATIVE_INTEGER: v->kind = AX_V_INT; v->i = o->via.i64; break;
-	case MSGPACK_OBJECT_FLOAT32:
-	case MSGPACK_OBJECT_FLOAT64: v->kind = AX_V_FLOAT; v->f = o->via.f64; break;
-	case MSGPACK_OBJECT_STR: v->kind = AX_V_STR; v->s = o->via.str.ptr; v->n = o->via.str.size; break;
-	case MSGPACK_OBJECT_ARRAY: v->kind = AX_V_ARRAY; v->n = o->via.array.size; v->at = mp_at; break;
-	case MSGPACK_OBJECT_MAP: v->kind = AX_V_MAP; v->n = o->via.map.size; v->each = mp_each; break;
+	union {
+		uint32_t u;
+		float f;
+	} f32;
+	union {
+		uint64_t u;
+		double f;
+	} f64;
+	switch (scalar_class[b]) {
+	case C_POSFIX: v->kind = AX_V_UINT; v->u = b; break;
+	case C_NEGFIX: v->kind = AX_V_INT; v->i = (int8_t)b; break;
+	case C_FIXSTR: v->kind = AX_V_STR; v->s = (const char *)p; v->n = b & 0x1f; break;
+	case C_F32: f32.u = be32(p); v->kind = AX_V_FLOAT; v->f = f32.f; break;
+	case C_F64: f64.u = be64(p); v->kind = AX_V_FLOAT; v->f = f64.f; break;
+	case C_U8: v->kind = AX_V_UINT; v->u = p[0]; break;
+	case C_U16: v->kind = AX_V_UINT; v->u = be16(p); break;
+	case C_U32: v->kind = AX_V_UINT; v->u = be32(p); break;
+	case C_U64: v->kind = AX_V_UINT; v->u = be64(p); break;
+	case C_I8: set_int(v, (int8_t)p[0]); break;
+	case C_I16: set_int(v, (int16_t)be16(p)); break;
+	case C_I32: set_int(v, (int32_t)be32(p)); break;
+	case C_I64: set_int(v, (int64_t)be64(p)); break;
 	default: v->kind = AX_V_OTHER; break;
 	}
 }
 
-/* Decode one map object into *r (the caller fini's *r afterwards). */
-static int record_from_object(const msgpack_object *o, ax_record *r)
+/* Containers and variable-size scalars (str8/16/32, bin, ext): see mp_read. */
+static int read_slow(uint8_t b, int h, const uint8_t **pp, const uint8_t *end, ax__val *v)
 {
-	if (o->type != MSGPACK_OBJECT_MAP)
-		return -EBADMSG;
-	ax__val map;
-	mp_val(o, &map);
-	return ax__record_from_map(&map, mp_find, r);
+	const uint8_t *p = *pp;
+	size_t left = (size_t)(end - p);
+	uint64_t n;
+	int lb;
+	switch (h) {
+	case AX__H_FIXMAP:
+	case AX__H_FIXARRAY:
+		n = b & 0x0f;
+		if (n << (h == AX__H_FIXMAP) > left)
+			return -EBADMSG;
+		set_container(v, h == AX__H_FIXMAP ? AX_V_MAP : AX_V_ARRAY, n, p, end);
+		return 0;
+	case AX__H_BIG: /* array16/32, map16/32 */
+		lb = (b & 1) ? 4 : 2;
+		if ((size_t)lb > left || (be(p, lb) << (b >= 0xde)) > left - (size_t)lb)
+			return -EBADMSG;
+		set_container(v, b >= 0xde ? AX_V_MAP : AX_V_ARRAY, be(p, lb), p + lb, end);
+		*pp = p + lb;
+		return 0;
+	case AX__H_VAR:
+		if (b >= 0xd9) { /* str8/16/32 */
+			lb = 1 << (b - 0xd9);
+			if ((size_t)lb > left || (n = be(p, lb)) > left - (size_t)lb)
+				return -EBADMSG;
+			v->kind = AX_V_STR;
+			v->s = (const char *)p + lb;
+			v->n = (size_t)n;
+			*pp = p + lb + n;
+			return 0;
+		}
+		v->kind = AX_V_OTHER; /* bin, ext */
+		return (*pp = ax__mp_skip(p - 1, end, 1)) ? 0 : -EBADMSG;
+	}
+	return -EBADMSG;
 }
 
-/* Scan, then unpack into `zone` (initialised here; the caller destroys it when 0 is returned). */
-static int unpack_checked(const void *data, size_t len, msgpack_zone *zone, msgpack_object *root)
+/* Read the value at *pp (bounded by end) into *v: scalars whole, containers their header only (v->obj = their
+ * first entry, v->idx = 0). Advances *pp past what it read. 0 or -EBADMSG (truncated, 0xc1). */
+static inline __attribute__((always_inline)) int mp_read(const uint8_t **pp, const uint8_t *end, ax__val *v)
 {
-	size_t end, slots;
+	const uint8_t *p = *pp;
+	if (p >= end)
+		return -EBADMSG;
+	uint8_t b = *p++;
+	int h = ax__mp_head[b];
+	if (h < 0) {
+		*pp = p;
+		return read_slow(b, h, pp, end, v);
+	}
+	if ((size_t)h > (size_t)(end - p))
+		return -EBADMSG;
+	fixed_scalar(b, p, v);
+	*pp = p + h;
+	return 0;
+}
+
+/* Past the value read into v from bytes that ended at p: what next() / each() left of a container is skipped. */
+static inline const uint8_t *past(const ax__val *v, const uint8_t *p)
+{
+	if (v->kind == AX_V_ARRAY)
+		return v->idx == v->n ? v->obj : ax__mp_skip(v->obj, v->end, v->n - v->idx);
+	if (v->kind == AX_V_MAP)
+		return v->idx == v->n ? v->obj : ax__mp_skip(v->obj, v->end, 2 * (uint64_t)(v->n - v->idx));
+	return p;
+}
+
+static void mp_next(ax__val *arr, ax__val *out)
+{
+	const uint8_t *p = arr->obj;
+	if (arr->idx >= arr->n || mp_read(&p, arr->end, out) < 0 || !(p = past(out, p))) {
+		out->kind = AX_V_OTHER;
+		return;
+	}
+	arr->idx++;
+	arr->obj = p;
+}
+
+/* Walk the pairs of a map, calling fn with each key and value; the map's obj / idx follow the walk. */
+static int mp_each(ax__val *map, ax__kv_fn fn, void *arg)
+{
+	const uint8_t *p = map->obj, *end = map->end;
+	while (map->idx < map->n) {
+		ax__val k, v;
+		if (mp_read(&p, end, &k) < 0 || !(p = past(&k, p)) || mp_read(&p, end, &v) < 0)
+			return -EBADMSG;
+		int rc = fn(&k, &v, arg);
+		if (rc)
+			return rc;
+		if (!(p = past(&v, p)))
+			return -EBADMSG;
+		map->obj = p;
+		map->idx++;
+	}
+	return 0;
+}
+
+/* The first value under a string key `key` (1), or 0 if there is none. */
+static int mp_find(const ax__val *map, const char *key, ax__val *out)
+{
+	const uint8_t *p = map->obj, *end = map->end;
+	size_t n = strlen(key);
+	for (size_t i = map->idx; i < map->n; i++) {
+		ax__val k;
+		if (mp_read(&p, end, &k) < 0 || !(p = past(&k, p)) || mp_read(&p, end, out) < 0)
+			return 0;
+		if (k.kind == AX_V_STR && k.n == n && memcmp(k.s, key, n) == 0)
+			return 1;
+		if (!(p = past(out, p)))
+			return 0;
+	}
+	return 0;
+}
+
+/* Decode the map at *pp into *r and move *pp past it (the caller fini's *r afterwards). */
+static int record_at(const uint8_t **pp, const uint8_t *end, ax_record *r)
+{
+	ax__val map;
+	if (mp_read(pp, end, &map) < 0 || map.kind != AX_V_MAP)
+		return -EBADMSG;
+	int rc = ax__record_from_map(&map, mp_find, r);
+	if (rc == 0 && !(*pp = past(&map, *pp)))
+		rc = -EBADMSG;
+	return rc;
+}
+
+/* The frame's checks before any record is decoded: 0 or -EBADMSG / -EMSGSIZE. */
+static int check_bytes(const void *data, size_t len)
+{
+	size_t used;
 	if (!data || len == 0)
 		return -EBADMSG;
 	if (len > AX_PROTO_MAX_FRAME)
 		return -EMSGSIZE;
-	if (ax__mp_scan(data, len, &end, &slots) < 0 || end != len)
+	if (ax__mp_scan(data, len, &used) < 0 || used != len)
 		return -EBADMSG;
-	if (!msgpack_zone_init(zone, slots * sizeof(msgpack_object) + 256))
-		return -ENOMEM;
-	size_t off = 0;
-	msgpack_unpack_return ret = msgpack_unpack(data, len, &off, zone, root);
-	if (ret == MSGPACK_UNPACK_SUCCESS)
-		return 0;
-	msgpack_zone_destroy(zone);
-	return ret == MSGPACK_UNPACK_NOMEM_ERROR ? -ENOMEM : -EBADMSG;
+	return 0;
 }
 
-static int deliver(const msgpack_object *root, ax_record_cb cb, void *arg)
+int ax_frame_decode(const void *data, size_t len, ax_record_cb cb, void *arg)
 {
+	int rc = check_bytes(data, len);
+	if (rc < 0)
+		return rc;
+	const uint8_t *p = data, *end = p + len;
+	ax__val root;
+	if (mp_read(&p, end, &root) < 0 || root.kind != AX_V_ARRAY)
+		return -EBADMSG;
+	if (root.n > AX_PROTO_MAX_RECORDS)
+		return -EMSGSIZE;
 	ax_record r;
 	ax_record_init(&r, AX_REC_ATTN);
-	int rc = 0;
-	uint32_t i;
-	for (i = 0; i < root->via.array.size && rc == 0; i++) {
-		rc = record_from_object(&root->via.array.ptr[i], &r);
+	size_t i;
+	for (i = 0; i < root.n && rc == 0; i++) {
+		rc = record_at(&p, end, &r);
 		if (rc == 0 && cb)
 			rc = cb(&r, arg);
 		ax_record_fini(&r);
@@ -111,32 +281,12 @@ static int deliver(const msgpack_object *root, ax_record_cb cb, void *arg)
 	return rc ? rc : (int)i;
 }
 
-int ax_frame_decode(const void *data, size_t len, ax_record_cb cb, void *arg)
-{
-	msgpack_zone zone;
-	msgpack_object root;
-	int rc = unpack_checked(data, len, &zone, &root);
-	if (rc < 0)
-		return rc;
-	if (root.type != MSGPACK_OBJECT_ARRAY)
-		rc = -EBADMSG;
-	else if (root.via.array.size > AX_PROTO_MAX_RECORDS)
-		rc = -EMSGSIZE;
-	else
-		rc = deliver(&root, cb, arg);
-	msgpack_zone_destroy(&zone);
-	return rc;
-}
-
 int ax_record_unpack(const void *data, size_t len, ax_record *r)
 {
-	msgpack_zone zone;
-	msgpack_object root;
 	ax_record_init(r, AX_REC_ATTN);
-	int rc = unpack_checked(data, len, &zone, &root);
+	int rc = check_bytes(data, len);
 	if (rc < 0)
 		return rc;
-	rc = record_from_object(&root, r);
-	msgpack_zone_destroy(&zone);
-	return rc;
+	const uint8_t *p = data;
+	return record_at(&p, p + len, r);
 }
