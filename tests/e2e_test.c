@@ -7,6 +7,8 @@
  * ready (HTTP health, the capture attached to the segment), and connects the WebSocket client. Cases, in order:
  *   stream_chat          a streamed chat request with return_attention_tokens: every generated token's chunk
  *                        carries the entry of its position (DESIGN §4 alignment), prompt_attention carries P-1,
+ *                        with every layer the request asked for although the capture's default is the last layer
+ *                        only (the relay waits for the capture to acknowledge the request's policy),
  *                        every entry (all layers) equals a float64 brute force over the Q/K of qk_gen.h (top-k
  *                        positions and order exactly, logits, scores and logsumexp to 1e-5 relative), the text is
  *                        the deterministic token sequence;
@@ -784,15 +786,17 @@ static int shm_consumer_ready(void)
 	return ready;
 }
 
-/* The capture runs with --layers all: a policy reaches it over nng PUB/SUB while the request reaches the engine over
- * HTTP, so the prefill row may be computed before the policy arrives (wiring.md allows it: defaults apply until the
- * policy is known). With defaults narrower than the request (e.g. last layer only), prompt_attention then lacks the
- * requested layers, the engine never exported their Q rows, and the token-0 chunk waits for the capture's `end`. */
+/* The capture runs with its default layer set, the last layer only, while the requests ask for other layers (0 and
+ * the last; 1): those come only from the request's policy. A policy reaches the capture over nng PUB/SUB while the
+ * request would reach the engine over HTTP, so the relay holds each attention request until every live capture has
+ * acknowledged its policy (the capture acks after the segment's wanted layers include it). Without that, the
+ * prefill row could be computed from the defaults: prompt_attention would lack the asked layers, and the engine
+ * would not have exported their Q rows. missing_entries() checks that every asked layer is there from P-1 on. */
 static int start_capture(void)
 {
 	if (!E.argv[P_CAPTURE])
 		E.argv[P_CAPTURE] = mkargv(E.bin[P_CAPTURE], "--shm", E.shm, "--records", E.rec, "--policy", E.pol,
-					   "--backend", "cpu", "--top-k", "5", "--layers", "all", NULL);
+					   "--backend", "cpu", "--top-k", "5", "--layers", "last", NULL);
 	spawn(P_CAPTURE, E.argv[P_CAPTURE]);
 	for (int i = 0; i < 150 && alive(P_CAPTURE); i++) {
 		if (shm_consumer_ready()) {
@@ -830,7 +834,7 @@ static int setup(void **state)
 		goto fail;
 	snprintf(listen, sizeof listen, "127.0.0.1:%d", E.relay_port);
 	spawn(P_RELAY, mkargv(E.bin[P_RELAY], "--listen", listen, "--upstream", upstream, "--records", E.rec, "--policy",
-			      E.pol, "--feed", E.feed, "--attention-wait-ms", "5000", NULL));
+			      E.pol, "--feed", E.feed, "--attention-wait-ms", "5000", "--policy-wait-ms", "5000", NULL));
 	snprintf(url, sizeof url, "http://%s/healthz", listen);
 	if (wait_http(url, 20))
 		goto fail;
