@@ -25,7 +25,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
-#include <netinet/in.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -35,9 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -47,6 +44,7 @@
 
 #include "attnx_common.h"
 #include "attnx_shm.h"
+#include "e2e_util.h"
 #include "qk_gen.h"
 
 /* The producer's model shape: power-of-two head_dim (exact scale 1/8) and head counts, see qk_gen.h. */
@@ -58,14 +56,12 @@
 #define TOL 1e-5
 
 enum { P_PRODUCER, P_RELAY, P_CAPTURE, P_TAIL, P_N };
-static const char *const pname[P_N] = {"producer", "relay", "capture", "tail"};
 
 static struct {
 	const char *bin[P_N];
-	char dir[128], shm[64], rec[160], pol[160], feed[160], tail_out[200];
+	char dir[128], shm[64], rec[160], pol[160], feed[160];
 	int prod_port, relay_port;
-	pid_t pid[P_N];
-	char **argv[P_N];
+	ex_proc p[P_N];      /* producer, relay, capture, tail (tail's stdout: <dir>/tail.jsonl) */
 	/* WebSocket client */
 	struct mg_connection *ws;
 	pthread_mutex_t ws_mu;
@@ -75,179 +71,34 @@ static struct {
 	char rids[4][64];
 	int n_rids;
 	int dtype_bf16;
-} E = {.ws_mu = PTHREAD_MUTEX_INITIALIZER};
+} E = {.ws_mu = PTHREAD_MUTEX_INITIALIZER,
+       .p = {{.name = "producer"}, {.name = "relay"}, {.name = "capture"}, {.name = "tail"}}};
 
 /* ---- processes ------------------------------------------------------------------------------------------------ */
 
-static pid_t spawn(int which, char **argv)
+static void spawn(int which, char **argv)
 {
-	char log[300];
-	pid_t pid;
-
-	snprintf(log, sizeof log, "%s/%s.log", E.dir, pname[which]);
-	pid = fork();
-	if (pid == 0) {
-		int fd = open(log, O_WRONLY | O_CREAT | O_APPEND, 0644);
-		if (which == P_TAIL) {
-			int out = open(E.tail_out, O_WRONLY | O_CREAT | O_APPEND, 0644);
-			dup2(out, 1);
-		} else {
-			dup2(fd, 1);
-		}
-		dup2(fd, 2);
-		execv(argv[0], argv);
-		_exit(127);
+	if (E.p[which].argv != argv) {
+		ex_argv_free(E.p[which].argv);
+		E.p[which].argv = argv;
 	}
-	E.pid[which] = pid;
-	E.argv[which] = argv;
-	return pid;
+	ex_spawn(&E.p[which], E.dir);
 }
 
 static int alive(int which)
 {
-	return E.pid[which] > 0 && waitpid(E.pid[which], NULL, WNOHANG) == 0;
+	return ex_alive(&E.p[which]);
 }
 
 /* SIGTERM (or `sig`) and wait up to 10 s; returns the exit status, 128+signal if killed, -1 if it had to be killed. */
 static int stop(int which, int sig)
 {
-	int st;
-
-	if (E.pid[which] <= 0)
-		return 0;
-	kill(E.pid[which], sig);
-	for (int i = 0; i < 200; i++) {
-		if (waitpid(E.pid[which], &st, WNOHANG) == E.pid[which]) {
-			E.pid[which] = 0;
-			return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-		}
-		usleep(50000);
-	}
-	kill(E.pid[which], SIGKILL);
-	waitpid(E.pid[which], &st, 0);
-	E.pid[which] = 0;
-	return -1;
+	return ex_stop(&E.p[which], sig);
 }
 
 static void dump_logs(void)
 {
-	char cmd[400];
-
-	for (int i = 0; i < P_N; i++) {
-		fprintf(stderr, "---- %s log (last 30 lines) ----\n", pname[i]);
-		snprintf(cmd, sizeof cmd, "tail -n 30 %s/%s.log 1>&2", E.dir, pname[i]);
-		if (system(cmd)) {
-		}
-	}
-}
-
-static int free_port(void)
-{
-	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-	socklen_t len = sizeof a;
-	int fd = socket(AF_INET, SOCK_STREAM, 0), port = -1;
-
-	if (fd >= 0 && !bind(fd, (struct sockaddr *)&a, sizeof a) && !getsockname(fd, (struct sockaddr *)&a, &len))
-		port = ntohs(a.sin_port);
-	if (fd >= 0)
-		close(fd);
-	return port;
-}
-
-static char **mkargv(const char *first, ...)
-{
-	va_list ap;
-	char **v = calloc(40, sizeof *v);
-	int n = 0;
-
-	v[n++] = strdup(first);
-	va_start(ap, first);
-	for (const char *s; n < 39 && (s = va_arg(ap, const char *));)
-		v[n++] = strdup(s);
-	va_end(ap);
-	return v;
-}
-
-static void free_argv(char **v)
-{
-	for (int i = 0; v && v[i]; i++)
-		free(v[i]);
-	free(v);
-}
-
-/* ---- HTTP (libcurl) ------------------------------------------------------------------------------------------- */
-
-typedef struct hbuf {
-	char *p;
-	size_t n;
-	pthread_mutex_t mu;
-	int events; /* "data:" events seen so far (streaming progress) */
-} hbuf;
-
-static size_t on_body(char *d, size_t sz, size_t nm, void *arg)
-{
-	hbuf *b = arg;
-	size_t n = sz * nm;
-
-	pthread_mutex_lock(&b->mu);
-	b->p = realloc(b->p, b->n + n + 1);
-	memcpy(b->p + b->n, d, n);
-	b->n += n;
-	b->p[b->n] = 0;
-	b->events = 0;
-	for (const char *s = b->p; (s = strstr(s, "data:")); s += 5)
-		b->events++;
-	pthread_mutex_unlock(&b->mu);
-	return n;
-}
-
-/* POST (body != NULL) or GET; returns the HTTP status (0 when no connection) and the body in *b. */
-static long http(const char *url, const char *body, hbuf *b, long timeout_ms)
-{
-	CURL *c = curl_easy_init();
-	struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
-	long status = 0;
-
-	curl_easy_setopt(c, CURLOPT_URL, url);
-	curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, on_body);
-	curl_easy_setopt(c, CURLOPT_WRITEDATA, b);
-	curl_easy_setopt(c, CURLOPT_TIMEOUT_MS, timeout_ms);
-	curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
-	if (body) {
-		curl_easy_setopt(c, CURLOPT_POSTFIELDS, body);
-		curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
-	}
-	if (curl_easy_perform(c) == CURLE_OK)
-		curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, &status);
-	curl_slist_free_all(h);
-	curl_easy_cleanup(c);
-	return status;
-}
-
-static void hbuf_init(hbuf *b)
-{
-	memset(b, 0, sizeof *b);
-	pthread_mutex_init(&b->mu, NULL);
-}
-
-static void hbuf_fini(hbuf *b)
-{
-	free(b->p);
-	pthread_mutex_destroy(&b->mu);
-}
-
-static int wait_http(const char *url, int seconds)
-{
-	for (int i = 0; i < seconds * 10; i++) {
-		hbuf b;
-		hbuf_init(&b);
-		long st = http(url, NULL, &b, 1000);
-		hbuf_fini(&b);
-		if (st == 200)
-			return 0;
-		usleep(100000);
-	}
-	return -ETIMEDOUT;
+	ex_dump_logs(E.p, P_N, E.dir);
 }
 
 /* ---- the world of qk_gen.h and the float64 brute force ---------------------------------------------------------- */
@@ -366,7 +217,7 @@ typedef struct req {
 	int layers[LAYERS], n_layers;
 	/* what came back */
 	long status;
-	hbuf body;
+	ex_buf body;
 	int64_t P;                /* prompt length from the producer's own tokenizer */
 	json_t *chunks;           /* streamed: parsed data events */
 	int done;                 /* saw [DONE] */
@@ -401,20 +252,20 @@ static char *req_body(const req *r, int with_attention)
 static int64_t prompt_len(const req *r)
 {
 	char url[128];
-	hbuf b;
+	ex_buf b;
 	json_t *body = r->chat ? json_pack("{s:[{s:s,s:s}]}", "messages", "role", "user", "content", r->text)
 			       : json_pack("{s:s}", "prompt", r->text);
 	char *s = json_dumps(body, JSON_COMPACT);
 	int64_t n = -1;
 
 	snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/tokenize", E.prod_port);
-	hbuf_init(&b);
-	if (http(url, s, &b, 5000) == 200) {
+	ex_buf_init(&b);
+	if (ex_http(url, s, &b, 5000) == 200) {
 		json_t *j = json_loads(b.p, 0, NULL);
 		n = json_integer_value(json_object_get(j, "count"));
 		json_decref(j);
 	}
-	hbuf_fini(&b);
+	ex_buf_fini(&b);
 	free(s);
 	json_decref(body);
 	return n;
@@ -432,7 +283,7 @@ static void req_init(req *r, int chat, int stream, int max_tokens, uint64_t seed
 	r->layers[0] = 0;
 	r->layers[1] = LAYERS - 1;
 	r->n_layers = 2;
-	hbuf_init(&r->body);
+	ex_buf_init(&r->body);
 	r->chunks = json_array();
 	if (E.n_rids < 4)
 		snprintf(E.rids[E.n_rids++], sizeof E.rids[0], "%s", r->rid);
@@ -440,7 +291,7 @@ static void req_init(req *r, int chat, int stream, int max_tokens, uint64_t seed
 
 static void req_fini(req *r)
 {
-	hbuf_fini(&r->body);
+	ex_buf_fini(&r->body);
 	json_decref(r->chunks);
 	free(r->seen);
 }
@@ -451,7 +302,7 @@ static void *req_run(void *arg)
 	char url[128], *body = req_body(r, 1);
 
 	snprintf(url, sizeof url, "http://127.0.0.1:%d/v1/%s", E.relay_port, r->chat ? "chat/completions" : "completions");
-	r->status = http(url, body, &r->body, 60000);
+	r->status = ex_http(url, body, &r->body, 60000);
 	free(body);
 	return NULL;
 }
@@ -459,25 +310,8 @@ static void *req_run(void *arg)
 /* Split the SSE body into parsed chunks; note [DONE]. */
 static void parse_sse(req *r)
 {
-	char *save = NULL, *body = strdup(r->body.p ? r->body.p : "");
-
-	for (char *line = strtok_r(body, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-		size_t n = strlen(line);
-		if (n && line[n - 1] == '\r')
-			line[--n] = 0;
-		if (strncmp(line, "data:", 5))
-			continue;
-		line += 5;
-		line += *line == ' ';
-		if (!strcmp(line, "[DONE]")) {
-			r->done = 1;
-			continue;
-		}
-		json_t *j = json_loads(line, 0, NULL);
-		if (j)
-			json_array_append_new(r->chunks, j);
-	}
-	free(body);
+	json_decref(r->chunks);
+	r->chunks = ex_sse_parse(r->body.p, &r->done);
 }
 
 /* Where a response puts its text and attention: choices[0].delta (chat stream), choices[0] (others). */
@@ -674,20 +508,7 @@ static void ws_close(const struct mg_connection *c, void *arg)
 
 static json_t *tail_records(void)
 {
-	FILE *f = fopen(E.tail_out, "r");
-	json_t *a = json_array();
-	char *line = NULL;
-	size_t cap = 0;
-
-	while (f && getline(&line, &cap, f) > 0) {
-		json_t *j = json_loads(line, 0, NULL);
-		if (j)
-			json_array_append_new(a, j);
-	}
-	free(line);
-	if (f)
-		fclose(f);
-	return a;
+	return ex_jsonl_read(E.p[P_TAIL].out);
 }
 
 static int ours(json_t *rec)
@@ -768,24 +589,6 @@ static int uncovered_holes(json_t *recs)
 
 /* ---- set-up and cases ---------------------------------------------------------------------------------------------- */
 
-static int shm_consumer_ready(void)
-{
-	int fd = shm_open(E.shm, O_RDONLY, 0);
-	ax_shm_header *h;
-	int ready = 0;
-
-	if (fd < 0)
-		return 0;
-	h = mmap(NULL, sizeof *h, PROT_READ, MAP_SHARED, fd, 0);
-	close(fd);
-	if (h == MAP_FAILED)
-		return 0;
-	ready = __atomic_load_n(&h->consumer_pid, __ATOMIC_ACQUIRE) != 0 &&
-		(__atomic_load_n(&h->want_layers[0], __ATOMIC_RELAXED) | h->want_layers[1]) != 0;
-	munmap(h, sizeof *h);
-	return ready;
-}
-
 /* The capture runs with its default layer set, the last layer only, while the requests ask for other layers (0 and
  * the last; 1): those come only from the request's policy. A policy reaches the capture over nng PUB/SUB while the
  * request would reach the engine over HTTP, so the relay holds each attention request until every live capture has
@@ -794,12 +597,12 @@ static int shm_consumer_ready(void)
  * would not have exported their Q rows. missing_entries() checks that every asked layer is there from P-1 on. */
 static int start_capture(void)
 {
-	if (!E.argv[P_CAPTURE])
-		E.argv[P_CAPTURE] = mkargv(E.bin[P_CAPTURE], "--shm", E.shm, "--records", E.rec, "--policy", E.pol,
+	if (!E.p[P_CAPTURE].argv)
+		E.p[P_CAPTURE].argv = ex_argv(E.bin[P_CAPTURE], "--shm", E.shm, "--records", E.rec, "--policy", E.pol,
 					   "--backend", "cpu", "--top-k", "5", "--layers", "last", NULL);
-	spawn(P_CAPTURE, E.argv[P_CAPTURE]);
+	spawn(P_CAPTURE, E.p[P_CAPTURE].argv);
 	for (int i = 0; i < 150 && alive(P_CAPTURE); i++) {
-		if (shm_consumer_ready()) {
+		if (ex_shm_consumer_ready(E.shm)) {
 			usleep(800000); /* its SUB socket learns the policy feed; the relay republishes every 500 ms */
 			return 0;
 		}
@@ -819,26 +622,26 @@ static int setup(void **state)
 	snprintf(E.rec, sizeof E.rec, "ipc://%s/records.sock", E.dir);
 	snprintf(E.pol, sizeof E.pol, "ipc://%s/policy.sock", E.dir);
 	snprintf(E.feed, sizeof E.feed, "ipc://%s/feed.sock", E.dir);
-	snprintf(E.tail_out, sizeof E.tail_out, "%s/tail.jsonl", E.dir);
-	E.prod_port = free_port();
-	E.relay_port = free_port();
+	snprintf(E.p[P_TAIL].out, sizeof E.p[P_TAIL].out, "%s/tail.jsonl", E.dir);
+	E.prod_port = ex_free_port();
+	E.relay_port = ex_free_port();
 	snprintf(listen, sizeof listen, "127.0.0.1:%d", E.prod_port);
 	snprintf(port, sizeof port, "%d", E.relay_port);
 	snprintf(upstream, sizeof upstream, "http://127.0.0.1:%d", E.prod_port);
 
-	spawn(P_PRODUCER, mkargv(E.bin[P_PRODUCER], "--listen", listen, "--shm", E.shm, "--layers", "4", "--q-heads",
+	spawn(P_PRODUCER, ex_argv(E.bin[P_PRODUCER], "--listen", listen, "--shm", E.shm, "--layers", "4", "--q-heads",
 				 "8", "--kv-heads", "2", "--head-dim", "64", "--dtype", E.dtype_bf16 ? "bf16" : "f32",
 				 "--tokens-per-s", "40", NULL));
 	snprintf(url, sizeof url, "http://%s/health", listen);
-	if (wait_http(url, 20))
+	if (ex_wait_http(url, 20))
 		goto fail;
 	snprintf(listen, sizeof listen, "127.0.0.1:%d", E.relay_port);
-	spawn(P_RELAY, mkargv(E.bin[P_RELAY], "--listen", listen, "--upstream", upstream, "--records", E.rec, "--policy",
+	spawn(P_RELAY, ex_argv(E.bin[P_RELAY], "--listen", listen, "--upstream", upstream, "--records", E.rec, "--policy",
 			      E.pol, "--feed", E.feed, "--attention-wait-ms", "5000", "--policy-wait-ms", "5000", NULL));
 	snprintf(url, sizeof url, "http://%s/healthz", listen);
-	if (wait_http(url, 20))
+	if (ex_wait_http(url, 20))
 		goto fail;
-	spawn(P_TAIL, mkargv(E.bin[P_TAIL], "--feed", E.feed, "--stats", "--record", "/dev/null", NULL));
+	spawn(P_TAIL, ex_argv(E.bin[P_TAIL], "--feed", E.feed, "--stats", "--record", "/dev/null", NULL));
 	if (start_capture())
 		goto fail;
 	char err[256] = "";
@@ -863,9 +666,7 @@ static int teardown(void **state)
 		mg_close_connection(E.ws);
 	E.ws = NULL;
 	for (int i = P_N - 1; i >= 0; i--) {
-		stop(i, SIGKILL);
-		free_argv(E.argv[i]);
-		E.argv[i] = NULL;
+		ex_proc_forget(&E.p[i]);
 	}
 	shm_unlink(E.shm);
 	json_decref(E.ws_recs);
@@ -1034,7 +835,7 @@ int main(int argc, char **argv)
 	for (int i = 0; i < P_N; i++) {
 		E.bin[i] = argv[1 + i];
 		if (access(E.bin[i], X_OK)) {
-			fprintf(stderr, "e2e: %s not built (%s): skipping\n", pname[i], E.bin[i]);
+			fprintf(stderr, "e2e: %s not built (%s): skipping\n", E.p[i].name, E.bin[i]);
 			return 77;
 		}
 	}
