@@ -222,11 +222,13 @@ static inline int digits_back(uint64_t v, char *buf)
 	return i;
 }
 
+/* Copies of a fixed 20 bytes (the widest digit string) compile to a few moves instead of a memcpy call; the
+ * bytes past the digits are scratch in the caller's room (AX__FMT_ROOM). */
 size_t ax__fmt_u64(uint64_t v, char *out)
 {
-	char buf[20];
+	char buf[40];
 	int i = digits_back(v, buf);
-	memcpy(out, buf + i, (size_t)(20 - i));
+	memcpy(out, buf + i, 20);
 	return (size_t)(20 - i);
 }
 
@@ -241,14 +243,15 @@ size_t ax__fmt_i64(int64_t v, char *out)
 /* f·10^e (f > 0) as %g would print it with precision max(digits, min_prec). */
 static size_t put_dec(int neg, uint64_t f, int e, int min_prec, char *out)
 {
-	char buf[20];
+	char buf[40];
 	char *o = out;
 	while (f % 10 == 0) {
 		f /= 10;
 		e++;
 	}
 	int i = digits_back(f, buf), n = 20 - i;
-	const char *d = buf + i;
+	memmove(buf, buf + i, 20); /* digits at buf[0..n), scratch after: fixed-size copies below */
+	const char *d = buf;
 	int x = e + n - 1, prec = n > min_prec ? n : min_prec;
 	if (neg)
 		*o++ = '-';
@@ -256,7 +259,7 @@ static size_t put_dec(int neg, uint64_t f, int e, int min_prec, char *out)
 		*o++ = d[0];
 		if (n > 1) {
 			*o++ = '.';
-			memcpy(o, d + 1, (size_t)(n - 1));
+			memcpy(o, d + 1, 19);
 			o += n - 1;
 		}
 		*o++ = 'e';
@@ -269,20 +272,20 @@ static size_t put_dec(int neg, uint64_t f, int e, int min_prec, char *out)
 	} else if (x < 0) { /* 0.000ddd */
 		*o++ = '0';
 		*o++ = '.';
-		memset(o, '0', (size_t)(-x - 1));
+		memset(o, '0', 4); /* x ≥ −5 here */
 		o += -x - 1;
-		memcpy(o, d, (size_t)n);
+		memcpy(o, d, 20);
 		o += n;
 	} else if (x + 1 >= n) { /* ddd000: an integer */
-		memcpy(o, d, (size_t)n);
+		memcpy(o, d, 20);
 		o += n;
-		memset(o, '0', (size_t)(x + 1 - n));
+		memset(o, '0', (size_t)(x + 1 - n)); /* fewer than 17 */
 		o += x + 1 - n;
 	} else { /* dd.ddd */
-		memcpy(o, d, (size_t)(x + 1));
+		memcpy(o, d, 20);
 		o += x + 1;
 		*o++ = '.';
-		memcpy(o, d + x + 1, (size_t)(n - x - 1));
+		memcpy(o, d + x + 1, 20);
 		o += n - x - 1;
 	}
 	return (size_t)(o - out);

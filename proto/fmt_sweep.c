@@ -65,7 +65,7 @@ static void note(struct job *j, const char *what, const char *t, double v)
 
 static void check_f32(struct job *j, float v)
 {
-	char t[40], r[40];
+	char t[AX__FMT_ROOM], r[40];
 	size_t n = ax__fmt_f32(v, t);
 	t[n] = 0;
 	float a = strtof(t, NULL), b = (float)strtod(t, NULL);
@@ -98,7 +98,7 @@ static void check_f32(struct job *j, float v)
 
 static void check_f64(struct job *j, double v)
 {
-	char t[40], r[40];
+	char t[AX__FMT_ROOM], r[40];
 	size_t n = ax__fmt_f64(v, t);
 	t[n] = 0;
 	double a = strtod(t, NULL);

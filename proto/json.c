@@ -66,14 +66,15 @@ static int jw_end(void *c)
 	return put(w, &w->close[w->depth], 1);
 }
 
-static int put_escaped(struct jw *w, const char *s)
+/* Bytes a JSON string cannot hold as they are: controls, '"' and '\\' (NUL ends the string). */
+static const uint8_t needs_escape[256] = {[0x00 ... 0x1f] = 1, ['"'] = 1, ['\\'] = 1};
+
+static int put_escaped_slow(struct jw *w, const char *s)
 {
 	static const char hex[] = "0123456789abcdef";
-	if (put(w, "\"", 1))
-		return -ENOMEM;
 	for (const char *run = s;; s++) {
 		unsigned char ch = (unsigned char)*s;
-		if (ch >= 0x20 && ch != '"' && ch != '\\')
+		if (!needs_escape[ch])
 			continue;
 		if (put(w, run, (size_t)(s - run)))
 			return -ENOMEM;
@@ -86,6 +87,21 @@ static int put_escaped(struct jw *w, const char *s)
 			return -ENOMEM;
 		run = s + 1;
 	}
+	return put(w, "\"", 1);
+}
+
+/* Names and ids are plain ASCII almost always: one pass finds the end, one copy writes the string. */
+static int put_escaped(struct jw *w, const char *s)
+{
+	size_t n = 0;
+	while (!needs_escape[(unsigned char)s[n]])
+		n++;
+	if (put(w, "\"", 1))
+		return -ENOMEM;
+	if (s[n] != 0)
+		return put_escaped_slow(w, s);
+	if (put(w, s, n))
+		return -ENOMEM;
 	return put(w, "\"", 1);
 }
 
@@ -103,21 +119,27 @@ static int jw_key(void *c, const char *k, size_t n)
 	return 0;
 }
 
-static int put_num(struct jw *w, const char *t, size_t n)
+/* Room for one number right in the output buffer (fmt.c writes there directly), after its separator. */
+static char *num_room(struct jw *w)
 {
-	return sep(w) || put(w, t, n) ? -ENOMEM : 0;
+	ax_buf *b = w->b;
+	if (sep(w) || (b->cap - b->len < AX__FMT_ROOM && ax_buf_reserve(b, AX__FMT_ROOM) < 0))
+		return NULL;
+	return (char *)b->data + b->len;
 }
 
 static int jw_u64(void *c, uint64_t v)
 {
-	char t[24];
-	return put_num(c, t, ax__fmt_u64(v, t));
+	struct jw *w = c;
+	char *o = num_room(w);
+	return o ? (w->b->len += ax__fmt_u64(v, o), 0) : -ENOMEM;
 }
 
 static int jw_i64(void *c, int64_t v)
 {
-	char t[24];
-	return put_num(c, t, ax__fmt_i64(v, t));
+	struct jw *w = c;
+	char *o = num_room(w);
+	return o ? (w->b->len += ax__fmt_i64(v, o), 0) : -ENOMEM;
 }
 
 /* Shortest text that reads back as the same number (fmt.c); JSON readers parse a double, then a float32 field
@@ -125,14 +147,16 @@ static int jw_i64(void *c, int64_t v)
  * and does not read back as the integer 0. */
 static int jw_f32(void *c, float v)
 {
-	char t[40];
-	return put_num(c, t, ax__fmt_f32(v, t));
+	struct jw *w = c;
+	char *o = num_room(w);
+	return o ? (w->b->len += ax__fmt_f32(v, o), 0) : -ENOMEM;
 }
 
 static int jw_f64(void *c, double v)
 {
-	char t[40];
-	return put_num(c, t, ax__fmt_f64(v, t));
+	struct jw *w = c;
+	char *o = num_room(w);
+	return o ? (w->b->len += ax__fmt_f64(v, o), 0) : -ENOMEM;
 }
 
 static const ax__emitter json_emitter = {

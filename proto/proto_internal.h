@@ -73,11 +73,13 @@ int ax__record_unpack_mpc(const void *data, size_t len, ax_record *r);
 
 /* ---- numbers as text (fmt.c) ---- */
 /* Shortest decimal text that reads back as exactly v (float32: strtod, then a cast to float), in %g style with
- * precision max(digits, 6) (f32) / max(digits, 15) (f64); -0 as "-0.0". v finite. Writes at most 32 bytes, no
- * NUL; returns the length. Thread-safe (a table is built once, on first use). */
+ * precision max(digits, 6) (f32) / max(digits, 15) (f64); -0 as "-0.0". v finite. The text is at most 32 bytes,
+ * no NUL, and the length is returned; out must have AX__FMT_ROOM bytes (the rest is scratch). Thread-safe (a
+ * table is built once, on first use). */
+#define AX__FMT_ROOM 64
 size_t ax__fmt_f32(float v, char *out);
 size_t ax__fmt_f64(double v, char *out);
-/* Decimal integers: at most 20 bytes, no NUL; returns the length. */
+/* Decimal integers: at most 20 bytes, no NUL; returns the length. out: AX__FMT_ROOM bytes, like above. */
 size_t ax__fmt_u64(uint64_t v, char *out);
 size_t ax__fmt_i64(int64_t v, char *out);
 

@@ -9,8 +9,10 @@
  */
 #include "attnx_common.h"
 #include "attnx_proto.h"
+#include "proto_internal.h"
 
 #include <errno.h>
+#include <float.h>
 #include <jansson.h>
 #include <math.h>
 #include <msgpack.h>
@@ -852,6 +854,134 @@ static void test_batch_giant_record(void **state)
 	ax_batch_fini(&bt);
 }
 
+/* ---- fmt.c: number text ---- */
+static void test_fmt_table(void **state)
+{
+	static const struct {
+		float v;
+		const char *text;
+	} f32[] = {
+		{0.0f, "0"}, {-0.0f, "-0.0"}, {1.0f, "1"}, {-2.5f, "-2.5"}, {0.1f, "0.1"}, {0.5761169f, "0.5761169"},
+		{0.21194156f, "0.21194156"}, {1e-4f, "0.0001"}, {1e-5f, "1e-05"}, {1.5e-5f, "1.5e-05"},
+		{123456.0f, "123456"}, {1234567.0f, "1234567"}, {1e7f, "1e+07"}, {33672428.0f, "33672428"},
+		{16777216.0f, "16777216"}, {FLT_MAX, "3.4028235e+38"}, {FLT_MIN, "1.1754944e-38"},
+		{1.4e-45f, "1e-45"}, {3.0f, "3"}, {1e10f, "1e+10"}, {7.038531e-26f, "7.038531e-26"},
+	};
+	static const struct {
+		double v;
+		const char *text;
+	} f64[] = {
+		{0.0, "0"}, {-0.0, "-0.0"}, {0.3, "0.3"}, {0.1 + 0.2, "0.30000000000000004"}, {7.25, "7.25"},
+		{-7.25, "-7.25"}, {1e21, "1e+21"}, {1e15, "1e+15"}, {123456789012345.0, "123456789012345"},
+		{1234567890123456.0, "1234567890123456"}, {5e-324, "5e-324"}, {1e-323, "1e-323"},
+		{DBL_MAX, "1.7976931348623157e+308"}, {DBL_MIN, "2.2250738585072014e-308"}, {1e-5, "1e-05"},
+		{0.00012345, "0.00012345"}, {9007199254740993.0, "9007199254740992"}, {1e23, "1e+23"},
+		{5.551115123125783e-17, "5.551115123125783e-17"},
+	};
+	char t[AX__FMT_ROOM];
+	for (size_t i = 0; i < sizeof f32 / sizeof f32[0]; i++) {
+		t[ax__fmt_f32(f32[i].v, t)] = 0;
+		assert_string_equal(t, f32[i].text);
+	}
+	for (size_t i = 0; i < sizeof f64 / sizeof f64[0]; i++) {
+		t[ax__fmt_f64(f64[i].v, t)] = 0;
+		assert_string_equal(t, f64[i].text);
+	}
+	static const struct {
+		int64_t v;
+		const char *text;
+	} ints[] = {{0, "0"}, {9, "9"}, {10, "10"}, {-1, "-1"}, {99, "99"}, {100, "100"}, {1234567, "1234567"},
+		    {INT64_MAX, "9223372036854775807"}, {INT64_MIN, "-9223372036854775808"}};
+	for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
+		t[ax__fmt_i64(ints[i].v, t)] = 0;
+		assert_string_equal(t, ints[i].text);
+	}
+	t[ax__fmt_u64(UINT64_MAX, t)] = 0;
+	assert_string_equal(t, "18446744073709551615");
+}
+
+/* Text of v reads back as v (float32: as JSON readers do, strtod then narrowing), and printf's correctly rounded
+ * decimal with one digit fewer does not: shortest. */
+static int sig_digits(const char *t)
+{
+	int n = 0, lead = 1, dot = strchr(t, '.') != NULL, last_nz = 0;
+	for (; *t && *t != 'e'; t++) {
+		if (*t < '0' || *t > '9' || (lead && *t == '0'))
+			continue;
+		lead = 0;
+		n++;
+		if (*t != '0')
+			last_nz = n;
+	}
+	return dot ? n : last_nz; /* an integer's trailing zeros are not significant */
+}
+
+static void check_f32_text(float v)
+{
+	char t[AX__FMT_ROOM], r[48];
+	t[ax__fmt_f32(v, t)] = 0;
+	float a = (float)strtod(t, NULL), b = strtof(t, NULL);
+	assert_memory_equal(&a, &v, 4);
+	assert_memory_equal(&b, &v, 4);
+	int d = sig_digits(t);
+	if (d > 1) {
+		snprintf(r, sizeof r, "%.*e", d - 2, (double)v);
+		assert_false((float)strtod(r, NULL) == v);
+	}
+}
+
+static void check_f64_text(double v)
+{
+	char t[AX__FMT_ROOM], r[48];
+	t[ax__fmt_f64(v, t)] = 0;
+	double a = strtod(t, NULL);
+	assert_memory_equal(&a, &v, 8);
+	int d = sig_digits(t);
+	if (d > 1) {
+		snprintf(r, sizeof r, "%.*e", d - 2, v);
+		assert_false(strtod(r, NULL) == v);
+	}
+}
+
+static void test_fmt_roundtrip(void **state)
+{
+	uint64_t x = 0x243f6a8885a308d3ull;
+	for (int i = 0; i < 300000; i++) { /* random bit patterns */
+		x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+		uint32_t b32 = (uint32_t)x;
+		float f;
+		double d;
+		memcpy(&f, &b32, 4);
+		memcpy(&d, &x, 8);
+		if (isfinite(f))
+			check_f32_text(f);
+		if (isfinite(d) && i % 3 == 0)
+			check_f64_text(d);
+	}
+	for (int e = -149; e <= 127; e++) { /* powers of two (lopsided intervals) and their neighbours */
+		float p = ldexpf(1.0f, e);
+		check_f32_text(p);
+		check_f32_text(nextafterf(p, 0));
+		check_f32_text(nextafterf(p, INFINITY));
+	}
+	for (int e = -1074; e <= 1023; e++) {
+		double p = ldexp(1.0, e);
+		check_f64_text(p);
+		check_f64_text(nextafter(p, 0));
+		if (e < 1023)
+			check_f64_text(nextafter(p, INFINITY));
+	}
+	for (uint32_t c = 1; c < 4096; c++) { /* small subnormals: few significant bits */
+		float f;
+		memcpy(&f, &c, 4);
+		check_f32_text(f);
+		uint64_t c64 = c;
+		double d;
+		memcpy(&d, &c64, 8);
+		check_f64_text(d);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -872,6 +1002,8 @@ int main(void)
 		cmocka_unit_test(test_batch_count_flush),
 		cmocka_unit_test(test_batch_bytes_deadline),
 		cmocka_unit_test(test_batch_giant_record),
+		cmocka_unit_test(test_fmt_table),
+		cmocka_unit_test(test_fmt_roundtrip),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
