@@ -84,6 +84,7 @@ typedef struct ereq {
 	int32_t seq[1024];      /* prompt + generated ids (in-process engine, export off) */
 	int P, n_gen, stop;     /* n_gen shown tokens; stop: ended on a stop token */
 	char gen_text[8192];    /* their text (special tokens skipped, as the server does) */
+	char *tok_text[MAX_GEN]; /* each shown token's text */
 	/* response */
 	long status;
 	ex_buf body;
@@ -93,7 +94,7 @@ typedef struct ereq {
 	int n_tok;
 	/* entries: seen[p * MAX_LAYERS + layer] = bitmask of heads (bit 0 outside heads mode) */
 	uint64_t *seen;
-	int bad, misaligned, late, checked, foreign;
+	int bad, misaligned, late, checked, foreign, texts;
 } ereq;
 
 static void ereq_init(ereq *r, const char *tag, const char *content, int chat, int stream, int max_tokens)
@@ -119,6 +120,8 @@ static size_t seen_size(const ereq *r)
 
 static void ereq_fini(ereq *r)
 {
+	for (int i = 0; i < MAX_GEN; i++)
+		free(r->tok_text[i]);
 	ex_buf_fini(&r->body);
 	json_decref(r->chunks);
 	free(r->seen);
@@ -137,7 +140,8 @@ static void prompt_ids(ereq *r)
 	json_decref(body);
 	assert_non_null(j);
 	r->P = (int)json_array_size(t);
-	assert_true(r->P > 0 && r->P + r->max_tokens + 1 < (int)(sizeof r->seq / sizeof r->seq[0]));
+	assert_true(r->P > 0 && r->P + r->max_tokens + 1 < (int)(sizeof r->seq / sizeof r->seq[0]) &&
+		    r->max_tokens <= MAX_GEN);
 	json_array_foreach(t, i, v)
 		r->seq[i] = (int32_t)json_integer_value(v);
 	json_decref(j);
@@ -172,8 +176,11 @@ static void generate_in_process(ereq *r)
 		if (!r->stream || !r->logprobs)
 			assert_false(ax_tok_is_special(tok, ev.token)); /* text chunks count tokens: none may be empty */
 		size_t have = strlen(r->gen_text);
-		if (n > (int)sizeof buf)
-			n = (int)sizeof buf;
+		if (n > (int)sizeof buf - 1)
+			n = (int)sizeof buf - 1;
+		buf[n > 0 ? n : 0] = 0;
+		if (r->n_gen <= MAX_GEN)
+			r->tok_text[r->n_gen - 1] = strdup(buf);
 		if (n > 0 && !ax_tok_is_special(tok, ev.token) && have + (size_t)n < sizeof r->gen_text) {
 			memcpy(r->gen_text + have, buf, (size_t)n);
 			r->gen_text[have + (size_t)n] = 0;
@@ -376,6 +383,13 @@ static void check_identity(ereq *r, json_t *e, int p, const char *where)
 			r->seq[p]);
 		r->bad++;
 	}
+	json_t *text = json_object_get(e, "text");
+	r->texts += p >= r->P && json_is_string(text);
+	if (p >= r->P && json_is_string(text) && strcmp(json_string_value(text), r->tok_text[p - r->P])) {
+		fprintf(stderr, "%s: position %d: text '%s', the token there is '%s'\n", where, p,
+			json_string_value(text), r->tok_text[p - r->P]);
+		r->bad++;
+	}
 	if (json_is_integer(ds) && json_integer_value(ds) != (p < r->P ? 0 : p - r->P + 1)) {
 		fprintf(stderr, "%s: position %d: decode_step %lld, expected %d\n", where, p, json_integer_value(ds),
 			p < r->P ? 0 : p - r->P + 1);
@@ -436,13 +450,26 @@ static int complete(const ereq *r, int p)
 	return 1;
 }
 
-/* Tokens of one streamed chunk: its logprobs entries when asked for, else 1 when it has text. */
-static int chunk_tokens(const ereq *r, json_t *t, json_t *c0, const char **text)
+/* Tokens of one streamed chunk: its logprobs entries when asked for (each token string must be the in-process
+ * token's), else 1 when it has text. */
+static int chunk_tokens(ereq *r, json_t *t, json_t *c0, const char **text)
 {
+	json_t *lp = json_object_get(json_object_get(c0, "logprobs"), "content"), *v;
+	size_t i;
+
 	*text = json_string_value(json_object_get(t, r->chat ? "content" : "text"));
-	if (r->logprobs)
-		return (int)json_array_size(json_object_get(json_object_get(c0, "logprobs"), "content"));
-	return *text && (*text)[0];
+	if (!r->logprobs)
+		return *text && (*text)[0];
+	json_array_foreach(lp, i, v) {
+		const char *tok = json_string_value(json_object_get(v, "token"));
+		int k = r->n_tok + (int)i;
+		if (k >= r->n_gen || !tok || strcmp(tok, r->tok_text[k])) {
+			fprintf(stderr, "%s: logprobs token %d is '%s', the engine's '%s'\n", r->rid, k, tok ? tok : "?",
+				k < r->n_gen ? r->tok_text[k] : "(none)");
+			r->bad++;
+		}
+	}
+	return (int)json_array_size(lp);
 }
 
 /* Walk the chunks in order: the chunk of token i (i ≥ 1) must carry position P+i-1, complete; token 0's chunk
@@ -579,7 +606,8 @@ static void verify(ereq *r)
 		fail_msg("%s: relayed text (%d tokens) '%s' differs from the in-process generation (%d tokens) '%s'",
 			 r->rid, r->n_tok, r->text_out, r->n_gen, r->gen_text);
 	int missing = missing_rows(r);
-	fprintf(stderr, "%s: %d values checked, worst relative deviation %.2e\n", r->rid, r->checked, W.worst);
+	fprintf(stderr, "%s: %d values checked, worst relative deviation %.2e; %d entry texts checked\n", r->rid,
+		r->checked, W.worst, r->texts);
 	if (r->bad || r->misaligned || r->late || missing || r->foreign) {
 		ex_dump_logs(W.p, P_N, W.dir);
 		fail_msg("%s: %d values differ from the reference, %d entries misaligned, %d chunks left without their "
