@@ -20,7 +20,7 @@
  *                        is complete again, nothing else died;
  *   clean_shutdown       SIGTERM everything: each process exits 0, attnx-tail's recording replays.
  * argv: producer relay capture tail binaries [bf16]. Exits 77 (skip) if a binary is missing. Logs of every process are in
- * /tmp/attnx-e2e-<pid>/ and printed on failure.
+ * /tmp/attnx-e2e-<pid>/, printed on failure and removed after a clean run.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -844,6 +844,12 @@ int main(int argc, char **argv)
 	curl_global_init(CURL_GLOBAL_DEFAULT);
 	mg_init_library(0);
 	int rc = cmocka_run_group_tests(tests, setup, teardown);
+	if (rc == 0) { /* the logs are kept only for a failed run */
+		char cmd[200];
+		snprintf(cmd, sizeof cmd, "rm -rf %s", E.dir);
+		if (system(cmd)) {
+		}
+	}
 	mg_exit_library();
 	curl_global_cleanup();
 	return rc;
