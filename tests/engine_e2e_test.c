@@ -23,7 +23,13 @@
  *                        (position, layer, head) set and are equally exact;
  *   nonstream_completion a non-streamed /v1/completions request: attention_tokens positions P..P+n-2,
  *                        prompt_attention with P-1, values exact;
+ *   policy_other_layers  requests asking for what the capture does not compute by default (mean_logit on layers
+ *                        1 and 3 with every prompt row; mean_prob on layer 4): the relay waits for the capture to
+ *                        acknowledge the policy, so every row from 0 (or P-1) on carries exactly those, exact;
  *   clean_shutdown       SIGTERM: capture, relay, engine and tail exit 0; the engine removed its segment.
+ * Prompt ids come from the engine's /v1/tokenize (its tokenizer is checked against Hugging Face's in
+ * engine/model_test.c). When a request ends on a stop token, the row that sampled it (P+n-1) is checked where it
+ * appears but not required. Positions are those of notes/wiring.md: row p has the token AT p as its query.
  * argv: engine relay capture tail model-dir. Exits 77 (skip) when a binary is missing. Logs are in
  * /tmp/attnx-ee2e-<pid>/ (printed on failure; removed after a clean run).
  */
