@@ -493,8 +493,8 @@ static int h_metrics(struct mg_connection *c, void *cbdata)
 	       atomic_load(&m->late_entries));
 	metric(&b, "policy_acks_total", "counter", "Policy acknowledgements received from captures.",
 	       atomic_load(&m->policy_acks));
-	metric(&b, "policy_waits_total", "counter", "Attention requests held until the captures acknowledged their policy.",
-	       atomic_load(&m->policy_waits));
+	metric(&b, "policy_waits_total", "counter",
+	       "Attention requests held until the captures acknowledged their policy.", atomic_load(&m->policy_waits));
 	metric(&b, "policy_ack_timeouts_total", "counter",
 	       "Attention requests forwarded without every capture's policy ack (--policy-wait-ms passed).",
 	       atomic_load(&m->policy_ack_timeouts));

@@ -8,7 +8,9 @@
  * new policy after a delay, or never): the upstream must see an attention request only after the ack, or after
  * --policy-wait-ms when none comes.
  *
- * The fake upstream picks its behaviour from the request body's "model": "stream" (role chunk + tokens A B C,
+ * The fake upstream closes every connection after one response and says so (`Connection: close`), so libcurl
+ * never reuses a connection the fake already closed (that race turned the pass-through 400 into a 502 now and then).
+ * It picks its behaviour from the request body's "model": "stream" (role chunk + tokens A B C,
  * pushing the `req` and `attn` records of the relay's rid around the chunks as the scenario says), "die" (two
  * chunks, then the connection closes), "stall" (reads the request, never answers), "slow" (a chunk every 100 ms
  * until the client is gone), "json" (a non-streamed body with usage).
@@ -235,8 +237,8 @@ static void serve_json(fx *f, int fd, const char *rid)
 	const char *body = "{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[{\"index\":0,\"message\":{\"role\":"
 			   "\"assistant\",\"content\":\"ABC\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":4,"
 			   "\"completion_tokens\":3,\"total_tokens\":7}}";
-	sendf(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s", strlen(body),
-	      body);
+	sendf(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n%s",
+	      strlen(body), body);
 }
 
 static void *serve_conn(void *arg)
@@ -254,7 +256,8 @@ static void *serve_conn(void *arg)
 	pthread_mutex_unlock(&f->mu);
 	if (strcmp(path, "/v1/models") == 0) {
 		const char *m = "{\"object\":\"list\",\"data\":[{\"id\":\"fake\",\"object\":\"model\"}]}";
-		sendf(c->fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s", strlen(m), m);
+		sendf(c->fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+			     "Content-Length: %zu\r\n\r\n%s", strlen(m), m);
 	} else if (model && strcmp(model, "stream") == 0) {
 		serve_stream(f, c->fd, rid);
 	} else if (model && strcmp(model, "json") == 0) {
@@ -281,7 +284,8 @@ static void *serve_conn(void *arg)
 			usleep(100000);
 		}
 	} else {
-		sendf(c->fd, "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}");
+		sendf(c->fd, "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\n"
+			     "Content-Length: 2\r\n\r\n{}");
 	}
 	json_decref(j);
 	free(body);
