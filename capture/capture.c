@@ -170,7 +170,10 @@ static void emit(ax_capture *c, ax_record *r)
 /* Drain finished queue items (forward declaration: the queue may need room while records are produced). */
 static int drain(ax_capture *c);
 
-/* A free queue slot, waiting for the head (and sending meanwhile) when the queue is full. */
+static void poll_policies(ax_capture *c);
+
+/* A free queue slot, waiting for the head (and sending meanwhile) when the queue is full. Policies keep being
+ * acknowledged meanwhile: the relay holds their requests until then. */
 static ax__item *reserve_wait(ax_capture *c)
 {
 	for (;;) {
@@ -179,7 +182,9 @@ static ax__item *reserve_wait(ax_capture *c)
 			return it;
 		ax__pool_wait_head(c->pool, MS);
 		drain(c);
-		ax__sender_poll(c->snd, ax_now_ns());
+		c->now_ns = ax_now_ns();
+		ax__sender_poll(c->snd, c->now_ns);
+		poll_policies(c);
 	}
 }
 
