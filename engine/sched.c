@@ -328,6 +328,10 @@ static void export_prepare(ax_engine *e, int n_seqs)
 	e->n_want = 0;
 	if (!e->ex)
 		return;
+	/* q_hook walks every batch entry: entries past this step's batch must not keep an earlier step's Q rows,
+	 * or it would copy into ring rows that were already published (a batch that shrank). */
+	for (int i = n_seqs; i < e->max_batch; i++)
+		e->se[i].qptr = NULL;
 	ax_export_heartbeat(e->ex);
 	if (ax_export_wanted(e->ex, e->want, &e->want_prefill) > 0)
 		e->n_want = __builtin_popcountll(e->want[0]) + __builtin_popcountll(e->want[1]);
