@@ -1,8 +1,9 @@
 /*
  * bench_proto.c — records per second through ax_batch (pack), ax_frame_decode (decode) and decode + ax_record_json
  * per record into one buffer per frame (what attnx-tail does), with the records the capture sends most: 5-entry
- * mean_logit attn records with computed (not round) scores, in frames of 512. Usage: bench_proto [records] (default
- * 1,000,000). A dev tool, not a test: it prints, it does not judge. Numbers go in proto/README.md.
+ * mean_logit attn records with computed (not round) scores, in frames of 512. Usage: bench_proto [records [FILE]]
+ * (default 1,000,000; FILE: also write the frames there, a recording for `attnx-tail --replay FILE`, e.g. under
+ * perf). A dev tool, not a test: it prints, it does not judge. Numbers go in proto/README.md.
  */
 #include "attnx_common.h"
 #include "attnx_proto.h"
@@ -83,6 +84,14 @@ int main(int argc, char **argv)
 		}
 	}
 	uint64_t t1 = ax_now_ns();
+	if (argc > 2) {
+		FILE *rec = fopen(argv[2], "wb");
+		if (!rec || fwrite(fr.all.data, 1, fr.all.len, rec) != fr.all.len || fclose(rec)) {
+			perror(argv[2]);
+			return 1;
+		}
+		t1 = ax_now_ns();
+	}
 	uint64_t entries = 0, got = 0;
 	for (size_t f = 0; f < fr.n; f++) {
 		int rc = ax_frame_decode(fr.all.data + fr.offs[f], fr.offs[f + 1] - fr.offs[f], count_cb, &entries);

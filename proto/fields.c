@@ -14,52 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum field {
-	F_T,
-	F_V,
-	F_SRC,
-	F_SEQ,
-	F_TS,
-	F_RID,
-	F_POSITION,
-	F_DECODE_STEP,
-	F_TOKEN_ID,
-	F_LAYER_ID,
-	F_MODE,
-	F_HEAD_ID,
-	F_TOKEN_POSITIONS,
-	F_TOPK_LOGITS,
-	F_ATTENTION_SCORES,
-	F_LOGSUMEXP_ALL,
-	F_TOPK_MASS,
-	F_PREFILL,
-	F_PROMPT,
-	F_PROMPT_LEN,
-	F_REASON,
-	F_TOKENS,
-	F_WHAT,
-	F_COUNT,
-	F_FROM_SEQ,
-	F_TO_SEQ,
-	F_COUNTERS,
-	F_TOP_K,
-	F_STRIDE,
-	F_MAX_TOKENS,
-	F_LAYERS,
-	F_HEADS,
-	F_TTL_MS,
-	F_ENGINE,
-	F_MODEL,
-	F_BACKEND,
-	F_RANK,
-	F_WORLD_SIZE,
-	F_N_LAYERS,
-	F_N_Q_HEADS,
-	F_N_KV_HEADS,
-	F_HEAD_OFFSET,
-	F_HEAD_DIM,
-	F_GENERATION
-};
+
 #define B(f) (UINT64_C(1) << (f))
 
 static int field_of(const char *k, size_t n)
@@ -67,152 +22,146 @@ static int field_of(const char *k, size_t n)
 	switch (n) {
 	case 1:
 		if (memcmp(k, "t", 1) == 0)
-			return F_T;
+			return AX__F_T;
 		if (memcmp(k, "v", 1) == 0)
-			return F_V;
+			return AX__F_V;
 		break;
 	case 2:
 		if (memcmp(k, "ts", 2) == 0)
-			return F_TS;
+			return AX__F_TS;
 		break;
 	case 3:
 		if (memcmp(k, "src", 3) == 0)
-			return F_SRC;
+			return AX__F_SRC;
 		if (memcmp(k, "seq", 3) == 0)
-			return F_SEQ;
+			return AX__F_SEQ;
 		if (memcmp(k, "rid", 3) == 0)
-			return F_RID;
+			return AX__F_RID;
 		break;
 	case 4:
 		if (memcmp(k, "mode", 4) == 0)
-			return F_MODE;
+			return AX__F_MODE;
 		if (memcmp(k, "what", 4) == 0)
-			return F_WHAT;
+			return AX__F_WHAT;
 		if (memcmp(k, "rank", 4) == 0)
-			return F_RANK;
+			return AX__F_RANK;
 		break;
 	case 5:
 		if (memcmp(k, "count", 5) == 0)
-			return F_COUNT;
+			return AX__F_COUNT;
 		if (memcmp(k, "top_k", 5) == 0)
-			return F_TOP_K;
+			return AX__F_TOP_K;
 		if (memcmp(k, "heads", 5) == 0)
-			return F_HEADS;
+			return AX__F_HEADS;
 		if (memcmp(k, "model", 5) == 0)
-			return F_MODEL;
+			return AX__F_MODEL;
 		break;
 	case 6:
 		if (memcmp(k, "prompt", 6) == 0)
-			return F_PROMPT;
+			return AX__F_PROMPT;
 		if (memcmp(k, "reason", 6) == 0)
-			return F_REASON;
+			return AX__F_REASON;
 		if (memcmp(k, "tokens", 6) == 0)
-			return F_TOKENS;
+			return AX__F_TOKENS;
 		if (memcmp(k, "to_seq", 6) == 0)
-			return F_TO_SEQ;
+			return AX__F_TO_SEQ;
 		if (memcmp(k, "stride", 6) == 0)
-			return F_STRIDE;
+			return AX__F_STRIDE;
 		if (memcmp(k, "layers", 6) == 0)
-			return F_LAYERS;
+			return AX__F_LAYERS;
 		if (memcmp(k, "ttl_ms", 6) == 0)
-			return F_TTL_MS;
+			return AX__F_TTL_MS;
 		if (memcmp(k, "engine", 6) == 0)
-			return F_ENGINE;
+			return AX__F_ENGINE;
 		break;
 	case 7:
 		if (memcmp(k, "head_id", 7) == 0)
-			return F_HEAD_ID;
+			return AX__F_HEAD_ID;
 		if (memcmp(k, "prefill", 7) == 0)
-			return F_PREFILL;
+			return AX__F_PREFILL;
 		if (memcmp(k, "backend", 7) == 0)
-			return F_BACKEND;
+			return AX__F_BACKEND;
 		break;
 	case 8:
 		if (memcmp(k, "position", 8) == 0)
-			return F_POSITION;
+			return AX__F_POSITION;
 		if (memcmp(k, "token_id", 8) == 0)
-			return F_TOKEN_ID;
+			return AX__F_TOKEN_ID;
 		if (memcmp(k, "layer_id", 8) == 0)
-			return F_LAYER_ID;
+			return AX__F_LAYER_ID;
 		if (memcmp(k, "from_seq", 8) == 0)
-			return F_FROM_SEQ;
+			return AX__F_FROM_SEQ;
 		if (memcmp(k, "counters", 8) == 0)
-			return F_COUNTERS;
+			return AX__F_COUNTERS;
 		if (memcmp(k, "n_layers", 8) == 0)
-			return F_N_LAYERS;
+			return AX__F_N_LAYERS;
 		if (memcmp(k, "head_dim", 8) == 0)
-			return F_HEAD_DIM;
+			return AX__F_HEAD_DIM;
 		break;
 	case 9:
 		if (memcmp(k, "topk_mass", 9) == 0)
-			return F_TOPK_MASS;
+			return AX__F_TOPK_MASS;
 		if (memcmp(k, "n_q_heads", 9) == 0)
-			return F_N_Q_HEADS;
+			return AX__F_N_Q_HEADS;
 		break;
 	case 10:
 		if (memcmp(k, "prompt_len", 10) == 0)
-			return F_PROMPT_LEN;
+			return AX__F_PROMPT_LEN;
 		if (memcmp(k, "max_tokens", 10) == 0)
-			return F_MAX_TOKENS;
+			return AX__F_MAX_TOKENS;
 		if (memcmp(k, "world_size", 10) == 0)
-			return F_WORLD_SIZE;
+			return AX__F_WORLD_SIZE;
 		if (memcmp(k, "n_kv_heads", 10) == 0)
-			return F_N_KV_HEADS;
+			return AX__F_N_KV_HEADS;
 		if (memcmp(k, "generation", 10) == 0)
-			return F_GENERATION;
+			return AX__F_GENERATION;
 		break;
 	case 11:
 		if (memcmp(k, "decode_step", 11) == 0)
-			return F_DECODE_STEP;
+			return AX__F_DECODE_STEP;
 		if (memcmp(k, "topk_logits", 11) == 0)
-			return F_TOPK_LOGITS;
+			return AX__F_TOPK_LOGITS;
 		if (memcmp(k, "head_offset", 11) == 0)
-			return F_HEAD_OFFSET;
+			return AX__F_HEAD_OFFSET;
 		break;
 	case 13:
 		if (memcmp(k, "logsumexp_all", 13) == 0)
-			return F_LOGSUMEXP_ALL;
+			return AX__F_LOGSUMEXP_ALL;
 		break;
 	case 15:
 		if (memcmp(k, "token_positions", 15) == 0)
-			return F_TOKEN_POSITIONS;
+			return AX__F_TOKEN_POSITIONS;
 		break;
 	case 16:
 		if (memcmp(k, "attention_scores", 16) == 0)
-			return F_ATTENTION_SCORES;
+			return AX__F_ATTENTION_SCORES;
 		break;
 	}
 	return -1;
 }
 
-#define COMMON_REQ (B(F_T) | B(F_V) | B(F_SRC) | B(F_SEQ))
+#define COMMON_REQ (B(AX__F_T) | B(AX__F_V) | B(AX__F_SRC) | B(AX__F_SEQ))
 static const uint64_t required[] = {
-	[AX_REC_HELLO] = B(F_ENGINE) | B(F_MODEL) | B(F_BACKEND) | B(F_RANK) | B(F_WORLD_SIZE) | B(F_N_LAYERS) |
-			 B(F_N_Q_HEADS) | B(F_N_KV_HEADS) | B(F_HEAD_OFFSET) | B(F_HEAD_DIM) | B(F_TOP_K) | B(F_MODE) |
-			 B(F_LAYERS) | B(F_GENERATION),
-	[AX_REC_REQ] = B(F_RID) | B(F_PROMPT) | B(F_PROMPT_LEN),
-	[AX_REC_ATTN] = B(F_RID) | B(F_POSITION) | B(F_DECODE_STEP) | B(F_TOKEN_ID) | B(F_LAYER_ID) | B(F_MODE) |
-			B(F_TOKEN_POSITIONS) | B(F_TOPK_LOGITS) | B(F_ATTENTION_SCORES) | B(F_LOGSUMEXP_ALL) |
-			B(F_TOPK_MASS),
-	[AX_REC_END] = B(F_RID) | B(F_REASON) | B(F_TOKENS),
-	[AX_REC_GAP] = B(F_WHAT) | B(F_REASON) | B(F_COUNT) | B(F_FROM_SEQ) | B(F_TO_SEQ),
-	[AX_REC_STATS] = B(F_COUNTERS),
-	[AX_REC_POLICY] = B(F_RID) | B(F_TOP_K) | B(F_STRIDE) | B(F_MAX_TOKENS) | B(F_PROMPT) | B(F_LAYERS) |
-			  B(F_HEADS) | B(F_TTL_MS),
+	[AX_REC_HELLO] = B(AX__F_ENGINE) | B(AX__F_MODEL) | B(AX__F_BACKEND) | B(AX__F_RANK) | B(AX__F_WORLD_SIZE) | B(AX__F_N_LAYERS) |
+			 B(AX__F_N_Q_HEADS) | B(AX__F_N_KV_HEADS) | B(AX__F_HEAD_OFFSET) | B(AX__F_HEAD_DIM) | B(AX__F_TOP_K) | B(AX__F_MODE) |
+			 B(AX__F_LAYERS) | B(AX__F_GENERATION),
+	[AX_REC_REQ] = B(AX__F_RID) | B(AX__F_PROMPT) | B(AX__F_PROMPT_LEN),
+	[AX_REC_ATTN] = B(AX__F_RID) | B(AX__F_POSITION) | B(AX__F_DECODE_STEP) | B(AX__F_TOKEN_ID) | B(AX__F_LAYER_ID) | B(AX__F_MODE) |
+			B(AX__F_TOKEN_POSITIONS) | B(AX__F_TOPK_LOGITS) | B(AX__F_ATTENTION_SCORES) | B(AX__F_LOGSUMEXP_ALL) |
+			B(AX__F_TOPK_MASS),
+	[AX_REC_END] = B(AX__F_RID) | B(AX__F_REASON) | B(AX__F_TOKENS),
+	[AX_REC_GAP] = B(AX__F_WHAT) | B(AX__F_REASON) | B(AX__F_COUNT) | B(AX__F_FROM_SEQ) | B(AX__F_TO_SEQ),
+	[AX_REC_STATS] = B(AX__F_COUNTERS),
+	[AX_REC_POLICY] = B(AX__F_RID) | B(AX__F_TOP_K) | B(AX__F_STRIDE) | B(AX__F_MAX_TOKENS) | B(AX__F_PROMPT) | B(AX__F_LAYERS) |
+			  B(AX__F_HEADS) | B(AX__F_TTL_MS),
 };
 static const uint64_t optional[] = {
-	[AX_REC_ATTN] = B(F_HEAD_ID) | B(F_PREFILL),
-	[AX_REC_GAP] = B(F_RID),
-	[AX_REC_POLICY] = B(F_MODE),
+	[AX_REC_ATTN] = B(AX__F_HEAD_ID) | B(AX__F_PREFILL),
+	[AX_REC_GAP] = B(AX__F_RID),
+	[AX_REC_POLICY] = B(AX__F_MODE),
 };
 
-/* Decoder state for one record. */
-struct dec {
-	ax_record *r;
-	uint64_t seen;
-	uint32_t n_pos, n_logits, n_scores; /* top-k array lengths as found */
-	uint64_t prompt_len;                 /* prompt_len as found */
-};
+
 
 /* ---- value conversions: 0 or -EPROTO ---- */
 static int get_u(const ax__val *v, uint64_t max, uint64_t *out)
@@ -353,22 +302,22 @@ static int get_floats(ax__val *v, float *out, uint32_t *n)
 	return 0;
 }
 
-static int apply_attn(struct dec *d, int f, ax__val *v)
+static int apply_attn(ax__dec *d, int f, ax__val *v)
 {
 	ax_rec_attn *a = &d->r->u.attn;
 	switch (f) {
-	case F_POSITION: return get_i(v, INT64_MIN, INT64_MAX, &a->position);
-	case F_DECODE_STEP: return get_i(v, INT64_MIN, INT64_MAX, &a->decode_step);
-	case F_TOKEN_ID: return get_i(v, INT64_MIN, INT64_MAX, &a->token_id);
-	case F_LAYER_ID: return get_i32(v, &a->layer_id);
-	case F_MODE: return get_mode(v, &a->mode);
-	case F_HEAD_ID: return get_i32(v, &a->head_id);
-	case F_TOKEN_POSITIONS: return get_positions(v, a, &d->n_pos);
-	case F_TOPK_LOGITS: return get_floats(v, a->topk_logits, &d->n_logits);
-	case F_ATTENTION_SCORES: return get_floats(v, a->attention_scores, &d->n_scores);
-	case F_LOGSUMEXP_ALL: return get_f(v, &a->logsumexp_all);
-	case F_TOPK_MASS: return get_f(v, &a->topk_mass);
-	case F_PREFILL: return get_u32(v, &a->prefill);
+	case AX__F_POSITION: return get_i(v, INT64_MIN, INT64_MAX, &a->position);
+	case AX__F_DECODE_STEP: return get_i(v, INT64_MIN, INT64_MAX, &a->decode_step);
+	case AX__F_TOKEN_ID: return get_i(v, INT64_MIN, INT64_MAX, &a->token_id);
+	case AX__F_LAYER_ID: return get_i32(v, &a->layer_id);
+	case AX__F_MODE: return get_mode(v, &a->mode);
+	case AX__F_HEAD_ID: return get_i32(v, &a->head_id);
+	case AX__F_TOKEN_POSITIONS: return get_positions(v, a, &d->n_pos);
+	case AX__F_TOPK_LOGITS: return get_floats(v, a->topk_logits, &d->n_logits);
+	case AX__F_ATTENTION_SCORES: return get_floats(v, a->attention_scores, &d->n_scores);
+	case AX__F_LOGSUMEXP_ALL: return get_f(v, &a->logsumexp_all);
+	case AX__F_TOPK_MASS: return get_f(v, &a->topk_mass);
+	case AX__F_PREFILL: return get_u32(v, &a->prefill);
 	}
 	return 0;
 }
@@ -377,20 +326,20 @@ static int apply_attn(struct dec *d, int f, ax__val *v)
 static int apply_hello(ax_rec_hello *h, int f, ax__val *v)
 {
 	switch (f) {
-	case F_ENGINE: return get_str(v, h->engine, sizeof(h->engine));
-	case F_MODEL: return get_str(v, h->model, sizeof(h->model));
-	case F_BACKEND: return get_str(v, h->backend, sizeof(h->backend));
-	case F_RANK: return get_u32(v, &h->rank);
-	case F_WORLD_SIZE: return get_u32(v, &h->world_size);
-	case F_N_LAYERS: return get_u32(v, &h->n_layers);
-	case F_N_Q_HEADS: return get_u32(v, &h->n_q_heads);
-	case F_N_KV_HEADS: return get_u32(v, &h->n_kv_heads);
-	case F_HEAD_OFFSET: return get_u32(v, &h->head_offset);
-	case F_HEAD_DIM: return get_u32(v, &h->head_dim);
-	case F_TOP_K: return get_u32(v, &h->top_k);
-	case F_MODE: return get_mode(v, &h->mode);
-	case F_LAYERS: return get_ids(v, h->layer_ids, &h->n_layer_ids, AX_PROTO_MAX_LIST);
-	case F_GENERATION: return get_u(v, INT64_MAX, &h->generation);
+	case AX__F_ENGINE: return get_str(v, h->engine, sizeof(h->engine));
+	case AX__F_MODEL: return get_str(v, h->model, sizeof(h->model));
+	case AX__F_BACKEND: return get_str(v, h->backend, sizeof(h->backend));
+	case AX__F_RANK: return get_u32(v, &h->rank);
+	case AX__F_WORLD_SIZE: return get_u32(v, &h->world_size);
+	case AX__F_N_LAYERS: return get_u32(v, &h->n_layers);
+	case AX__F_N_Q_HEADS: return get_u32(v, &h->n_q_heads);
+	case AX__F_N_KV_HEADS: return get_u32(v, &h->n_kv_heads);
+	case AX__F_HEAD_OFFSET: return get_u32(v, &h->head_offset);
+	case AX__F_HEAD_DIM: return get_u32(v, &h->head_dim);
+	case AX__F_TOP_K: return get_u32(v, &h->top_k);
+	case AX__F_MODE: return get_mode(v, &h->mode);
+	case AX__F_LAYERS: return get_ids(v, h->layer_ids, &h->n_layer_ids, AX_PROTO_MAX_LIST);
+	case AX__F_GENERATION: return get_u(v, INT64_MAX, &h->generation);
 	}
 	return 0;
 }
@@ -398,11 +347,11 @@ static int apply_hello(ax_rec_hello *h, int f, ax__val *v)
 static int apply_gap(ax_rec_gap *g, int f, ax__val *v)
 {
 	switch (f) {
-	case F_WHAT: return get_str(v, g->what, sizeof(g->what));
-	case F_REASON: return get_str(v, g->reason, sizeof(g->reason));
-	case F_COUNT: return get_u(v, INT64_MAX, &g->count);
-	case F_FROM_SEQ: return get_u(v, INT64_MAX, &g->from_seq);
-	case F_TO_SEQ: return get_u(v, INT64_MAX, &g->to_seq);
+	case AX__F_WHAT: return get_str(v, g->what, sizeof(g->what));
+	case AX__F_REASON: return get_str(v, g->reason, sizeof(g->reason));
+	case AX__F_COUNT: return get_u(v, INT64_MAX, &g->count);
+	case AX__F_FROM_SEQ: return get_u(v, INT64_MAX, &g->from_seq);
+	case AX__F_TO_SEQ: return get_u(v, INT64_MAX, &g->to_seq);
 	}
 	return 0;
 }
@@ -424,7 +373,7 @@ static int apply_counter(const ax__val *k, ax__val *v, void *arg)
 
 static int apply_stats(ax_rec_stats *s, int f, ax__val *v)
 {
-	if (f != F_COUNTERS)
+	if (f != AX__F_COUNTERS)
 		return 0;
 	if (v->kind != AX_V_MAP || v->n > AX_PROTO_MAX_STATS)
 		return -EPROTO;
@@ -435,30 +384,30 @@ static int apply_stats(ax_rec_stats *s, int f, ax__val *v)
 static int apply_policy(ax_rec_policy *p, int f, ax__val *v)
 {
 	switch (f) {
-	case F_TOP_K: return get_u32(v, &p->top_k);
-	case F_MODE: return get_mode(v, &p->mode);
-	case F_STRIDE: return get_u32(v, &p->stride);
-	case F_MAX_TOKENS: return get_u32(v, &p->max_tokens);
-	case F_PROMPT: return get_u32(v, &p->prompt);
-	case F_LAYERS: return get_ids(v, p->layer_ids, &p->n_layer_ids, AX_PROTO_MAX_LIST);
-	case F_HEADS: return get_ids(v, p->head_ids, &p->n_head_ids, AX_PROTO_MAX_LIST);
-	case F_TTL_MS: return get_u(v, INT64_MAX, &p->ttl_ms);
+	case AX__F_TOP_K: return get_u32(v, &p->top_k);
+	case AX__F_MODE: return get_mode(v, &p->mode);
+	case AX__F_STRIDE: return get_u32(v, &p->stride);
+	case AX__F_MAX_TOKENS: return get_u32(v, &p->max_tokens);
+	case AX__F_PROMPT: return get_u32(v, &p->prompt);
+	case AX__F_LAYERS: return get_ids(v, p->layer_ids, &p->n_layer_ids, AX_PROTO_MAX_LIST);
+	case AX__F_HEADS: return get_ids(v, p->head_ids, &p->n_head_ids, AX_PROTO_MAX_LIST);
+	case AX__F_TTL_MS: return get_u(v, INT64_MAX, &p->ttl_ms);
 	}
 	return 0;
 }
 
-static int apply_body(struct dec *d, int f, ax__val *v)
+static int apply_body(ax__dec *d, int f, ax__val *v)
 {
 	ax_record *r = d->r;
 	switch (r->type) {
 	case AX_REC_ATTN: return apply_attn(d, f, v);
 	case AX_REC_HELLO: return apply_hello(&r->u.hello, f, v);
 	case AX_REC_REQ:
-		if (f == F_PROMPT)
+		if (f == AX__F_PROMPT)
 			return get_prompt(v, &r->u.req);
 		return get_u(v, UINT32_MAX, &d->prompt_len);
 	case AX_REC_END:
-		if (f == F_REASON)
+		if (f == AX__F_REASON)
 			return get_str(v, r->u.end.reason, sizeof(r->u.end.reason));
 		return get_u(v, INT64_MAX, &r->u.end.tokens);
 	case AX_REC_GAP: return apply_gap(&r->u.gap, f, v);
@@ -468,26 +417,28 @@ static int apply_body(struct dec *d, int f, ax__val *v)
 	return 0;
 }
 
+int ax__dec_field(ax__dec *d, int f, ax__val *v)
+{
+	uint64_t bit = B(f);
+	if (f == AX__F_T || !((COMMON_REQ | B(AX__F_TS) | required[d->r->type] | optional[d->r->type]) & bit))
+		return 0; /* `t` was read first; a known name that this type does not use: ignored like any unknown key */
+	d->seen |= bit;
+	switch (f) {
+	case AX__F_V: return get_u32(v, &d->r->v);
+	case AX__F_SRC: return get_str(v, d->r->src, sizeof(d->r->src));
+	case AX__F_SEQ: return get_u(v, INT64_MAX, &d->r->seq);
+	case AX__F_TS: return get_u(v, INT64_MAX, &d->r->ts_ns);
+	case AX__F_RID: return get_str(v, d->r->rid, sizeof(d->r->rid));
+	}
+	return apply_body(d, f, v);
+}
+
 static int apply_pair(const ax__val *k, ax__val *v, void *arg)
 {
-	struct dec *d = arg;
 	if (k->kind != AX_V_STR)
 		return 0;
 	int f = field_of(k->s, k->n);
-	if (f < 0 || f == F_T)
-		return 0;
-	uint64_t bit = B(f);
-	if (!((COMMON_REQ | B(F_TS) | required[d->r->type] | optional[d->r->type]) & bit))
-		return 0; /* a known name that this type does not use: ignored like any unknown key */
-	d->seen |= bit;
-	switch (f) {
-	case F_V: return get_u32(v, &d->r->v);
-	case F_SRC: return get_str(v, d->r->src, sizeof(d->r->src));
-	case F_SEQ: return get_u(v, INT64_MAX, &d->r->seq);
-	case F_TS: return get_u(v, INT64_MAX, &d->r->ts_ns);
-	case F_RID: return get_str(v, d->r->rid, sizeof(d->r->rid));
-	}
-	return apply_body(d, f, v);
+	return f < 0 ? 0 : ax__dec_field(arg, f, v);
 }
 
 /* Clear what the previous record left. The attn arrays are left alone (k bounds them): an 8 KiB memset per
@@ -510,13 +461,13 @@ static void reset(ax_record *r, int type)
 	a->logsumexp_all = a->topk_mass = 0;
 }
 
-static int finish(struct dec *d)
+int ax__dec_finish(ax__dec *d)
 {
 	ax_record *r = d->r;
 	uint64_t need = COMMON_REQ | required[r->type];
 	if (r->type == AX_REC_ATTN) {
 		if (r->u.attn.mode == AX_MODE_HEADS)
-			need |= B(F_HEAD_ID);
+			need |= B(AX__F_HEAD_ID);
 		if (d->n_pos != d->n_logits || d->n_pos != d->n_scores)
 			return -EPROTO;
 		r->u.attn.k = d->n_pos;
@@ -526,6 +477,12 @@ static int finish(struct dec *d)
 	if (r->type == AX_REC_REQ && d->prompt_len != r->u.req.prompt_len)
 		return -EPROTO;
 	return ax_record_validate(r) < 0 ? -EPROTO : 0;
+}
+
+void ax__dec_begin(ax__dec *d, ax_record *r, int type)
+{
+	reset(r, type);
+	*d = (ax__dec){.r = r, .seen = B(AX__F_T)};
 }
 
 int ax__record_from_map(ax__val *map, int (*find)(const ax__val *, const char *, ax__val *), ax_record *r)
@@ -540,10 +497,10 @@ int ax__record_from_map(ax__val *map, int (*find)(const ax__val *, const char *,
 		reset(r, AX_REC_HELLO);
 		return -EPROTO;
 	}
-	reset(r, type);
-	struct dec d = {.r = r, .seen = B(F_T)};
+	ax__dec d;
+	ax__dec_begin(&d, r, type);
 	int rc = map->each(map, apply_pair, &d);
 	if (rc)
 		return rc < 0 ? rc : -EPROTO;
-	return finish(&d);
+	return ax__dec_finish(&d);
 }

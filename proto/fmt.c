@@ -243,15 +243,14 @@ size_t ax__fmt_i64(int64_t v, char *out)
 /* f·10^e (f > 0) as %g would print it with precision max(digits, min_prec). */
 static size_t put_dec(int neg, uint64_t f, int e, int min_prec, char *out)
 {
-	char buf[40];
+	char buf[40], d[40];
 	char *o = out;
 	while (f % 10 == 0) {
 		f /= 10;
 		e++;
 	}
 	int i = digits_back(f, buf), n = 20 - i;
-	memmove(buf, buf + i, 20); /* digits at buf[0..n), scratch after: fixed-size copies below */
-	const char *d = buf;
+	memcpy(d, buf + i, 20); /* digits at d[0..n), scratch after: fixed-size copies below */
 	int x = e + n - 1, prec = n > min_prec ? n : min_prec;
 	if (neg)
 		*o++ = '-';

@@ -52,6 +52,68 @@ struct ax__val {
 	int (*each)(ax__val *map, ax__kv_fn fn, void *arg);
 };
 
+/* Every key the schema knows (fields.c maps names to these). */
+enum ax__field {
+	AX__F_T,
+	AX__F_V,
+	AX__F_SRC,
+	AX__F_SEQ,
+	AX__F_TS,
+	AX__F_RID,
+	AX__F_POSITION,
+	AX__F_DECODE_STEP,
+	AX__F_TOKEN_ID,
+	AX__F_LAYER_ID,
+	AX__F_MODE,
+	AX__F_HEAD_ID,
+	AX__F_TOKEN_POSITIONS,
+	AX__F_TOPK_LOGITS,
+	AX__F_ATTENTION_SCORES,
+	AX__F_LOGSUMEXP_ALL,
+	AX__F_TOPK_MASS,
+	AX__F_PREFILL,
+	AX__F_PROMPT,
+	AX__F_PROMPT_LEN,
+	AX__F_REASON,
+	AX__F_TOKENS,
+	AX__F_WHAT,
+	AX__F_COUNT,
+	AX__F_FROM_SEQ,
+	AX__F_TO_SEQ,
+	AX__F_COUNTERS,
+	AX__F_TOP_K,
+	AX__F_STRIDE,
+	AX__F_MAX_TOKENS,
+	AX__F_LAYERS,
+	AX__F_HEADS,
+	AX__F_TTL_MS,
+	AX__F_ENGINE,
+	AX__F_MODEL,
+	AX__F_BACKEND,
+	AX__F_RANK,
+	AX__F_WORLD_SIZE,
+	AX__F_N_LAYERS,
+	AX__F_N_Q_HEADS,
+	AX__F_N_KV_HEADS,
+	AX__F_HEAD_OFFSET,
+	AX__F_HEAD_DIM,
+	AX__F_GENERATION
+};
+
+/* Decoder state for one record (fields.c). */
+typedef struct ax__dec {
+	ax_record *r;
+	uint64_t seen;
+	uint32_t n_pos, n_logits, n_scores; /* top-k array lengths as found */
+	uint64_t prompt_len;                 /* prompt_len as found */
+} ax__dec;
+/* One record, field by field, for a reader that already knows which field a key is (unpack.c's canonical attn
+ * path): begin (clears *r, sets its type), then ax__dec_field for every pair in map order (0, -EPROTO, -ENOMEM;
+ * the value may be iterated), then finish (required fields, cross-field rules, ax_record_validate: 0 / -EPROTO). */
+void ax__dec_begin(ax__dec *d, ax_record *r, int type);
+int ax__dec_field(ax__dec *d, int f, ax__val *v);
+int ax__dec_finish(ax__dec *d);
+
 /* Decode one map into *r. `find` looks one key up (1 found, 0 not; used for `t`, which may come anywhere).
  * Returns 0, -EPROTO or -ENOMEM; *r may hold an allocated prompt either way: the caller runs ax_record_fini. */
 int ax__record_from_map(ax__val *map, int (*find)(const ax__val *, const char *, ax__val *), ax_record *r);

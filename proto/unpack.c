@@ -233,13 +233,100 @@ static int mp_find(const ax__val *map, const char *key, ax__val *out)
 	return 0;
 }
 
+/*
+ * The canonical attn record, in the key order emit.c writes (t first, optional keys where emit.c puts them): read
+ * straight through, each key recognised by comparing its bytes (fixstr head + name) with the one expected next,
+ * each value handed to fields.c's rules for that field (ax__dec_field), so the result and every error are those
+ * of the general path. Anything else (another type, keys in another order, unknown or repeated keys) returns
+ * NOT_CANONICAL and the general path (ax__record_from_map, which restarts the record) decodes it.
+ */
+#define NOT_CANONICAL 1
+static const struct canon_key {
+	uint8_t f, optional, len;
+	char bytes[18];
+} attn_keys[] = {
+	{AX__F_V, 0, 2, "\xa1v"}, {AX__F_SRC, 0, 4, "\xa3src"}, {AX__F_SEQ, 0, 4, "\xa3seq"},
+	{AX__F_TS, 1, 3, "\xa2ts"}, {AX__F_RID, 0, 4, "\xa3rid"}, {AX__F_POSITION, 0, 9, "\xa8position"},
+	{AX__F_DECODE_STEP, 0, 12, "\xab" "decode_step"}, {AX__F_TOKEN_ID, 0, 9, "\xa8token_id"},
+	{AX__F_LAYER_ID, 0, 9, "\xa8layer_id"}, {AX__F_MODE, 0, 5, "\xa4mode"}, {AX__F_HEAD_ID, 1, 8, "\xa7head_id"},
+	{AX__F_TOKEN_POSITIONS, 0, 16, "\xaftoken_positions"}, {AX__F_TOPK_LOGITS, 0, 12, "\xabtopk_logits"},
+	{AX__F_ATTENTION_SCORES, 0, 17, "\xb0" "attention_scores"},
+	{AX__F_LOGSUMEXP_ALL, 0, 14, "\xad" "logsumexp_all"}, {AX__F_TOPK_MASS, 0, 10, "\xa9topk_mass"},
+	{AX__F_PREFILL, 1, 8, "\xa7prefill"},
+};
+
+/* n (2..17) bytes at p equal k (18 bytes, zero padded)? Word compares instead of a memcmp call. */
+static inline int key_eq(const uint8_t *p, const char *k, size_t n)
+{
+	uint64_t a, b;
+	if (n < 8) {
+		uint32_t x, y;
+		if (n < 4)
+			return p[0] == (uint8_t)k[0] && p[1] == (uint8_t)k[1] && (n == 2 || p[2] == (uint8_t)k[2]);
+		memcpy(&x, p, 4), memcpy(&y, k, 4);
+		if (x != y)
+			return 0;
+		memcpy(&x, p + n - 4, 4), memcpy(&y, k + n - 4, 4);
+		return x == y;
+	}
+	memcpy(&a, p, 8), memcpy(&b, k, 8);
+	if (a != b)
+		return 0;
+	if (n > 16) {
+		memcpy(&a, p + 8, 8), memcpy(&b, k + 8, 8);
+		if (a != b)
+			return 0;
+	}
+	memcpy(&a, p + n - 8, 8), memcpy(&b, k + n - 8, 8);
+	return a == b;
+}
+
+static int canonical_attn(ax__val *map, ax_record *r)
+{
+	const uint8_t *p = map->obj, *end = map->end;
+	size_t pairs = 1;
+	if (map->n < 1 || end - p < 7 || memcmp(p, "\xa1t\xa4" "attn", 7) != 0)
+		return NOT_CANONICAL;
+	p += 7;
+	ax__dec d;
+	ax__dec_begin(&d, r, AX_REC_ATTN);
+	for (size_t i = 0; i < sizeof attn_keys / sizeof attn_keys[0] && pairs < map->n; i++) {
+		const struct canon_key *k = &attn_keys[i];
+		if ((size_t)(end - p) < k->len || !key_eq(p, k->bytes, k->len)) {
+			if (k->optional)
+				continue;
+			return NOT_CANONICAL;
+		}
+		p += k->len;
+		ax__val v;
+		if (mp_read(&p, end, &v) < 0)
+			return -EBADMSG;
+		int rc = ax__dec_field(&d, k->f, &v);
+		if (rc)
+			return rc;
+		if (!(p = past(&v, p)))
+			return -EBADMSG;
+		pairs++;
+	}
+	if (pairs != map->n)
+		return NOT_CANONICAL;
+	map->obj = p;
+	map->idx = map->n;
+	return ax__dec_finish(&d);
+}
+
 /* Decode the map at *pp into *r and move *pp past it (the caller fini's *r afterwards). */
 static int record_at(const uint8_t **pp, const uint8_t *end, ax_record *r)
 {
 	ax__val map;
 	if (mp_read(pp, end, &map) < 0 || map.kind != AX_V_MAP)
 		return -EBADMSG;
-	int rc = ax__record_from_map(&map, mp_find, r);
+	int rc = canonical_attn(&map, r);
+	if (rc == NOT_CANONICAL) {
+		map.obj = *pp; /* from the first pair again */
+		map.idx = 0;
+		rc = ax__record_from_map(&map, mp_find, r);
+	}
 	if (rc == 0 && !(*pp = past(&map, *pp)))
 		rc = -EBADMSG;
 	return rc;
