@@ -94,6 +94,14 @@ int ax__mp_scan(const uint8_t *d, size_t len, size_t *end)
 		if (p == e)
 			return -EBADMSG;
 		uint8_t b = *p++;
+		/* The next object's address depends on this one's size: keep that chain short for the common heads
+		 * (a size computed from the byte itself, not loaded from the table). */
+		if ((uint8_t)(b - 0xa0) < 0x20) { /* fixstr: keys, names */
+			if ((size_t)(b & 0x1f) > (size_t)(e - p))
+				return -EBADMSG;
+			p += b & 0x1f;
+			continue;
+		}
 		int h = ax__mp_head[b];
 		if (h >= 0) {
 			if ((size_t)h > (size_t)(e - p))
