@@ -164,11 +164,8 @@ static const ax__emitter json_emitter = {
 	.i64 = jw_i64, .f32 = jw_f32, .f64 = jw_f64, .str = jw_str,
 };
 
-int ax_record_json(const ax_record *r, ax_buf *out)
+int ax__record_json_emit(const ax_record *r, ax_buf *out)
 {
-	int rc = ax_record_validate(r);
-	if (rc < 0)
-		return rc;
 	size_t mark = out->len;
 	struct jw w = {.b = out};
 	if (ax_buf_reserve(out, 1024) < 0) /* one record's usual size: the writes below then rarely check twice */
@@ -177,6 +174,112 @@ int ax_record_json(const ax_record *r, ax_buf *out)
 		out->len = mark;
 		return -ENOMEM;
 	}
+	return 0;
+}
+
+/*
+ * attn records, the bulk of every feed, are written straight into the buffer: one reservation for the largest
+ * possible record, literal key runs copied as constants, numbers formatted in place. The text is the emitter's
+ * byte for byte (same keys, order and optional-key rules as emit.c); proto_test compares the two on many records.
+ */
+#define LIT(o, s) (memcpy((o), (s), sizeof(s) - 1), (o) + sizeof(s) - 1)
+#define ATTN_MAX (1024 + 2 * 6 * AX_PROTO_STR + AX_PROTO_MAX_TOPK * 3 * 32) /* keys, escaped strings, arrays */
+
+static char *str_at(char *o, const char *s)
+{
+	static const char hex[] = "0123456789abcdef";
+	*o++ = '"';
+	for (;; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (!needs_escape[ch]) {
+			*o++ = (char)ch;
+			continue;
+		}
+		if (ch == 0)
+			break;
+		*o++ = '\\';
+		switch (ch) {
+		case '"': *o++ = '"'; break;
+		case '\\': *o++ = '\\'; break;
+		case '\n': *o++ = 'n'; break;
+		case '\t': *o++ = 't'; break;
+		case '\r': *o++ = 'r'; break;
+		default: o = LIT(o, "u00"), *o++ = hex[ch >> 4], *o++ = hex[ch & 15]; break;
+		}
+	}
+	*o++ = '"';
+	return o;
+}
+
+static char *f32s_at(char *o, const float *v, uint32_t k)
+{
+	*o++ = '[';
+	for (uint32_t i = 0; i < k; i++) {
+		if (i)
+			*o++ = ',';
+		o += ax__fmt_f32(v[i], o);
+	}
+	*o++ = ']';
+	return o;
+}
+
+static void json_attn(const ax_record *r, ax_buf *out)
+{
+	const ax_rec_attn *a = &r->u.attn;
+	char *o = (char *)out->data + out->len;
+	o = LIT(o, "{\"t\":\"attn\",\"v\":");
+	o += ax__fmt_u64(r->v, o);
+	o = str_at(LIT(o, ",\"src\":"), r->src);
+	o = LIT(o, ",\"seq\":");
+	o += ax__fmt_u64(r->seq, o);
+	if (r->ts_ns) {
+		o = LIT(o, ",\"ts\":");
+		o += ax__fmt_u64(r->ts_ns, o);
+	}
+	o = str_at(LIT(o, ",\"rid\":"), r->rid);
+	o = LIT(o, ",\"position\":");
+	o += ax__fmt_i64(a->position, o);
+	o = LIT(o, ",\"decode_step\":");
+	o += ax__fmt_i64(a->decode_step, o);
+	o = LIT(o, ",\"token_id\":");
+	o += ax__fmt_i64(a->token_id, o);
+	o = LIT(o, ",\"layer_id\":");
+	o += ax__fmt_i64(a->layer_id, o);
+	o = str_at(LIT(o, ",\"mode\":"), ax_mode_name(a->mode));
+	if (a->mode == AX_MODE_HEADS) {
+		o = LIT(o, ",\"head_id\":");
+		o += ax__fmt_i64(a->head_id, o);
+	}
+	o = LIT(o, ",\"token_positions\":[");
+	for (uint32_t i = 0; i < a->k; i++) {
+		if (i)
+			*o++ = ',';
+		o += ax__fmt_i64(a->token_positions[i], o);
+	}
+	o = f32s_at(LIT(o, "],\"topk_logits\":"), a->topk_logits, a->k);
+	o = f32s_at(LIT(o, ",\"attention_scores\":"), a->attention_scores, a->k);
+	o = LIT(o, ",\"logsumexp_all\":");
+	o += ax__fmt_f64(a->logsumexp_all, o);
+	o = LIT(o, ",\"topk_mass\":");
+	o += ax__fmt_f64(a->topk_mass, o);
+	if (a->prefill) {
+		o = LIT(o, ",\"prefill\":");
+		o += ax__fmt_u64(a->prefill, o);
+	}
+	*o++ = '}';
+	out->len = (size_t)((uint8_t *)o - out->data);
+}
+
+int ax_record_json(const ax_record *r, ax_buf *out)
+{
+	int rc = ax_record_validate(r);
+	if (rc < 0)
+		return rc;
+	if (r->type != AX_REC_ATTN)
+		return ax__record_json_emit(r, out);
+	if (ax_buf_reserve(out, ATTN_MAX) < 0)
+		return -ENOMEM;
+	json_attn(r, out);
 	return 0;
 }
 

@@ -133,6 +133,10 @@ const uint8_t *ax__mp_skip(const uint8_t *p, const uint8_t *end, uint64_t n);
 int ax__frame_decode_mpc(const void *data, size_t len, ax_record_cb cb, void *arg);
 int ax__record_unpack_mpc(const void *data, size_t len, ax_record *r);
 
+/* ax_record_json through the emitter for every type (attn included; ax_record_json writes attn directly). The
+ * record must be valid. 0 or -ENOMEM. For the test that the two agree. */
+int ax__record_json_emit(const ax_record *r, ax_buf *out);
+
 /* ---- numbers as text (fmt.c) ---- */
 /* Shortest decimal text that reads back as exactly v (float32: strtod, then a cast to float), in %g style with
  * precision max(digits, 6) (f32) / max(digits, 15) (f64); -0 as "-0.0". v finite. The text is at most 32 bytes,

@@ -12,6 +12,7 @@
 #include "proto_internal.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <float.h>
 #include <jansson.h>
 #include <math.h>
@@ -854,6 +855,51 @@ static void test_batch_giant_record(void **state)
 	ax_batch_fini(&bt);
 }
 
+/* ax_record_json writes attn records directly: byte for byte what the emitter writes, whatever the options. */
+static void test_json_attn_direct(void **state)
+{
+	static const char *srcs[] = {"capture:gen:1:0", "a\"b\\c\n\t\x01\x1f", "caf\xc3\xa9 \xe2\x82\xac", "relay"};
+	uint64_t x = 0x9e3779b97f4a7c15ull;
+	ax_buf a, b;
+	ax_buf_init(&a);
+	ax_buf_init(&b);
+	for (int n = 0; n < 3000; n++) {
+		ax_record r;
+		ax_record_init(&r, AX_REC_ATTN);
+		x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+		snprintf(r.src, sizeof r.src, "%s", srcs[x % 4]);
+		snprintf(r.rid, sizeof r.rid, "%s%d", srcs[(x >> 2) % 4], n);
+		r.seq = x >> 1;
+		r.ts_ns = (x & 8) ? x >> 2 : 0;
+		r.v = 1 + (uint32_t)(x % 3);
+		ax_rec_attn *t = &r.u.attn;
+		t->mode = 1 + (uint32_t)((x >> 5) % 3);
+		t->head_id = t->mode == AX_MODE_HEADS ? (int32_t)((x >> 7) % 64) : -1;
+		t->prefill = (uint32_t)((x >> 9) & 1);
+		t->k = 1 + (uint32_t)((x >> 11) % 64);
+		t->position = (int64_t)((x >> 20) % 100000) + t->k;
+		t->decode_step = (int64_t)((x >> 30) % 1000);
+		t->token_id = (int64_t)((x >> 40) % 200000) - 1;
+		t->layer_id = (int32_t)((x >> 50) % 80);
+		for (uint32_t i = 0; i < t->k; i++) {
+			t->token_positions[i] = (int64_t)i * (t->position / t->k);
+			t->topk_logits[i] = 30.0f - (float)i * 0.37f - (float)(x % 1000) * 1e-4f;
+			t->attention_scores[i] = 1.0f / (float)t->k;
+		}
+		t->logsumexp_all = ldexp((double)(x >> 11), -50) - 1e3;
+		t->topk_mass = (double)(x % 1000003) / 1000003.0;
+		assert_int_equal(ax_record_validate(&r), 0);
+		ax_buf_reset(&a);
+		ax_buf_reset(&b);
+		assert_int_equal(ax_record_json(&r, &a), 0);
+		assert_int_equal(ax__record_json_emit(&r, &b), 0);
+		assert_int_equal(a.len, b.len);
+		assert_memory_equal(a.data, b.data, a.len);
+	}
+	ax_buf_fini(&a);
+	ax_buf_fini(&b);
+}
+
 /* ---- fmt.c: number text ---- */
 static void test_fmt_table(void **state)
 {
@@ -1002,6 +1048,7 @@ int main(void)
 		cmocka_unit_test(test_batch_count_flush),
 		cmocka_unit_test(test_batch_bytes_deadline),
 		cmocka_unit_test(test_batch_giant_record),
+		cmocka_unit_test(test_json_attn_direct),
 		cmocka_unit_test(test_fmt_table),
 		cmocka_unit_test(test_fmt_roundtrip),
 	};
