@@ -84,7 +84,7 @@ static double pct(double p)
 int main(int argc, char **argv)
 {
 	const char *host = argc > 1 ? argv[1] : "127.0.0.1";
-	int port = argc > 2 ? atoi(argv[2]) : 8080;
+	int port = argc > 2 ? atoi(argv[2]) : 8081;
 	size_t count = argc > 3 ? strtoul(argv[3], NULL, 10) : 10000;
 	double timeout = argc > 4 ? strtod(argv[4], NULL) : 30;
 	char err[256] = "";
