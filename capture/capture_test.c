@@ -33,6 +33,7 @@
 #include "attnx_common.h"
 #include "capture.h"
 #include "policy.h"
+#include "sender.h"
 
 /* ---- test model --------------------------------------------------------------------------------------- */
 #define NL 4      /* layers */
@@ -465,6 +466,36 @@ static int attn_exists(const sink *s, const char *rid, int64_t pos, int32_t laye
 }
 
 /* ---- cases: options ------------------------------------------------------------------------------------- */
+
+/* A frame sealed after the loop read its clock (born later than now_ns) is young: it must not be taken for an
+ * ancient one and dropped (unsigned now - born wrapped before the fix and dropped whole frames in bursts). */
+static void test_sender_clock_order(void **state)
+{
+	(void)state;
+	char addr[128];
+	snprintf(addr, sizeof addr, "ipc:///tmp/attnx-capture-test-nobody-%d.sock", (int)getpid());
+	ax__sender_cfg cfg = {.addr = addr, .src = "capture:test", .max_pending = 8,
+			      .pending_max_ns = 1000000000ull, .batch_records = 1};
+	ax__sender *s;
+	assert_int_equal(ax__sender_open(&s, &cfg), 0);
+	uint64_t loop_now = ax_now_ns(); /* the loop's clock, read before the record is added */
+	struct timespec ts = {0, 2000000};
+	nanosleep(&ts, NULL);
+	ax_record r;
+	ax_record_init(&r, AX_REC_END);
+	snprintf(r.rid, sizeof r.rid, "rid-clock");
+	snprintf(r.u.end.reason, sizeof r.u.end.reason, "stop");
+	assert_int_equal(ax__sender_add(s, &r), 0); /* one record fills the batch: sealed now, nobody listening */
+	ax__sender_poll(s, loop_now);
+	ax__sender_stats st;
+	ax__sender_get_stats(s, &st);
+	assert_int_equal(st.dropped, 0);
+	assert_int_equal(ax__sender_pending(s), 1);
+	ax__sender_poll(s, ax_now_ns() + 2000000000ull); /* really older than the limit now: dropped */
+	ax__sender_get_stats(s, &st);
+	assert_int_equal(st.dropped, 1);
+	ax__sender_close(s);
+}
 
 static void test_options(void **state)
 {
@@ -1221,6 +1252,7 @@ int main(void)
 	ax_log_set_level(AX_LOG_WARN);
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_options),
+		cmocka_unit_test(test_sender_clock_order),
 		cmocka_unit_test(test_layers_and_lists),
 		cmocka_unit_test(test_policy_table),
 		cmocka_unit_test(test_stream),

@@ -264,7 +264,8 @@ void ax__sender_poll(ax__sender *s, uint64_t now_ns)
 	try_send(s);
 	while (s->pending_max_ns && s->len > 0) {
 		frame *old = q_at(s, 0)->is_gap ? (s->len > 1 ? q_at(s, 1) : NULL) : q_at(s, 0);
-		if (old == NULL || now_ns - old->born_ns <= s->pending_max_ns)
+		/* A frame sealed after the caller read its clock is newer than now_ns: young, not 2^64 ns old. */
+		if (old == NULL || now_ns <= old->born_ns || now_ns - old->born_ns <= s->pending_max_ns)
 			break;
 		drop_oldest(s, now_ns);
 	}
