@@ -25,6 +25,8 @@
 #include "proto_internal.h"
 
 #include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef unsigned __int128 u128;
@@ -117,10 +119,13 @@ static inline uint64_t rop64(u128 g, uint64_t cp)
 	return (uint64_t)(mid >> 63) | (((uint64_t)mid & ((1ull << 63) - 1)) != 0);
 }
 
-/* ⌊cp·g / 2^95⌋ rounded to odd over bits 64..94 (g < 2^63, cp < 2^64), likewise. */
-static inline uint32_t rop32(uint64_t g, uint64_t cp)
+/* ⌊cp·g / 2^95⌋ rounded to odd over bits 64..94 (g < 2^63, cp < 2^64), likewise. *near is set when cp·g / 2^95
+ * lies within 2^−21 of an integer (its error from g is below 2^−31): see dec32. */
+static inline uint32_t rop32(uint64_t g, uint64_t cp, int *near)
 {
-	uint64_t hi = (uint64_t)(((u128)g * cp) >> 64);
+	u128 p = (u128)g * cp, frac = p & (((u128)1 << 95) - 1), tol = (u128)1 << (95 - 21);
+	uint64_t hi = (uint64_t)(p >> 64);
+	*near |= frac < tol || frac > ((u128)1 << 95) - tol;
 	return (uint32_t)(hi >> 31) | ((hi & ((1ull << 31) - 1)) != 0);
 }
 
@@ -162,7 +167,8 @@ static void dec64(int q, uint64_t c, int c_is_min, uint64_t *f, int *e)
 	*f = cmp < 0 || (cmp == 0 && (s & 1) == 0) ? s : t;
 }
 
-static void dec32(int q, uint32_t c, int c_is_min, uint32_t *f, int *e)
+/* Returns 1 when the float32 text may not survive JSON's double-then-float reading: see ax__fmt_f32. */
+static int dec32(int q, uint32_t c, int c_is_min, uint32_t *f, int *e)
 {
 	uint64_t out = c & 1, cb = (uint64_t)c << 2, cbr = cb + 2, cbl;
 	int k;
@@ -175,7 +181,10 @@ static void dec32(int q, uint32_t c, int c_is_min, uint32_t *f, int *e)
 	}
 	int h = q + flog2pow10(-k) + 33;
 	uint64_t g = (uint64_t)(g_of(k) >> 63) + 1;
-	uint32_t vb = rop32(g, cb << h), vbl = rop32(g, cbl << h), vbr = rop32(g, cbr << h);
+	int near = 0, ignore = 0;
+	uint32_t vb = rop32(g, cb << h, &ignore), vbl = rop32(g, cbl << h, &near), vbr = rop32(g, cbr << h, &near);
+	if (q >= 0 && k <= 0) /* 2^q and 10^−k are integers: the ends of R are exact integers, never "just off" one */
+		near = 0;
 	uint32_t s = vb >> 2;
 	if (s >= 10) {
 		uint32_t sp10 = s / 10 * 10, tp10 = sp10 + 10;
@@ -183,7 +192,7 @@ static void dec32(int q, uint32_t c, int c_is_min, uint32_t *f, int *e)
 		if (upin != wpin) {
 			*f = upin ? sp10 : tp10;
 			*e = k;
-			return;
+			return near;
 		}
 	}
 	uint32_t t = s + 1;
@@ -191,10 +200,11 @@ static void dec32(int q, uint32_t c, int c_is_min, uint32_t *f, int *e)
 	*e = k;
 	if (uin != win) {
 		*f = uin ? s : t;
-		return;
+		return near;
 	}
 	int64_t cmp = (int64_t)vb - (int64_t)(((uint64_t)s + t) << 1);
 	*f = cmp < 0 || (cmp == 0 && (s & 1) == 0) ? s : t;
+	return near;
 }
 
 /* ---- text ------------------------------------------------------------------------------------------------------- */
@@ -314,6 +324,32 @@ size_t ax__fmt_f64(double v, char *out)
 	return put_dec(neg, f, e, 15, out);
 }
 
+/*
+ * JSON readers get a float32 by parsing a double and narrowing it. That double rounding can move a decimal that
+ * lies inside v's rounding interval, but within half a double ulp of one of its ends, onto that end, and the
+ * narrowing then rounds to even, maybe away from v (7.038531e-26 is such a case: strtof reads it as v,
+ * (float)strtod does not). dec32 flags every value whose interval ends it computed within 2^−21 units of an
+ * integer (about 2^−20 of all floats; the hazard needs 2^−22): those take this path, the previous writer's search,
+ * with both readings checked (9 digits always pass: the rounding error is far inside the interval).
+ */
+static size_t f32_careful(float v, int neg, char *out)
+{
+	char t[48];
+	int prec;
+	for (prec = 1; prec < 9; prec++) {
+		snprintf(t, sizeof t, "%.*e", prec - 1, (double)v);
+		if ((float)strtod(t, NULL) == v && strtof(t, NULL) == v)
+			break;
+	}
+	snprintf(t, sizeof t, "%.*e", prec - 1, (double)v);
+	uint64_t f = 0;
+	const char *p = t + neg;
+	for (; *p != 'e'; p++)
+		if (*p != '.')
+			f = f * 10 + (uint64_t)(*p - '0');
+	return put_dec(neg, f, atoi(p + 1) - (prec - 1), 6, out);
+}
+
 size_t ax__fmt_f32(float v, char *out)
 {
 	uint32_t bits, f;
@@ -333,6 +369,7 @@ size_t ax__fmt_f32(float v, char *out)
 		c = t;
 		q = -149;
 	}
-	dec32(q, c, t == 0 && bq > 1, &f, &e);
+	if (dec32(q, c, t == 0 && bq > 1, &f, &e))
+		return f32_careful(v, neg, out);
 	return put_dec(neg, f, e, 6, out);
 }

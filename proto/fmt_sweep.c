@@ -9,7 +9,8 @@
  * where a shorter candidate exists (subnormals, which the previous writer printed with at least 6 / 15 digits, and
  * powers of two, where the rounding interval is lopsided); this third check runs on every 16th value.
  *
- * Usage: fmt_sweep f32 [STEP [THREADS]]  every STEP-th float32 bit pattern (1 = all 2^32; default 97)
+ * Usage: fmt_sweep f32 [STEP [THREADS [FROM TO]]]  every STEP-th float32 bit pattern in [FROM, TO) (default all
+ *                                        2^32; STEP 1 = every one; default 97)
  *        fmt_sweep f64 [N [THREADS]]     N random doubles: random bit patterns and values of typical magnitude
  * Prints counts; exits 1 on any failure of (1) or (2).
  */
@@ -178,15 +179,19 @@ int main(int argc, char **argv)
 		return 2;
 	struct job *jobs = calloc((size_t)nt, sizeof *jobs);
 	pthread_t *th = calloc((size_t)nt, sizeof *th);
-	uint64_t total = f64 ? arg : (1ull << 32);
+	uint64_t total = f64 ? arg : (1ull << 32), base = 0;
+	if (!f64 && argc > 5) {
+		base = strtoull(argv[4], NULL, 0);
+		total = strtoull(argv[5], NULL, 0) - base;
+	}
 	struct timespec t0, t1;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (int i = 0; i < nt; i++) {
 		struct job *j = &jobs[i];
 		j->f64 = f64;
 		j->step = f64 ? 1 : arg;
-		j->from = total / (uint64_t)nt * (uint64_t)i;
-		j->to = i == nt - 1 ? total : total / (uint64_t)nt * (uint64_t)(i + 1);
+		j->from = base + total / (uint64_t)nt * (uint64_t)i;
+		j->to = base + (i == nt - 1 ? total : total / (uint64_t)nt * (uint64_t)(i + 1));
 		if (!f64) /* keep the sample on the global STEP grid */
 			j->from = (j->from + arg - 1) / arg * arg;
 		j->seed = 0x9e3779b97f4a7c15ull * (uint64_t)(i + 1) | 1;

@@ -911,7 +911,8 @@ static void test_fmt_table(void **state)
 		{0.21194156f, "0.21194156"}, {1e-4f, "0.0001"}, {1e-5f, "1e-05"}, {1.5e-5f, "1.5e-05"},
 		{123456.0f, "123456"}, {1234567.0f, "1234567"}, {1e7f, "1e+07"}, {33672428.0f, "33672428"},
 		{16777216.0f, "16777216"}, {FLT_MAX, "3.4028235e+38"}, {FLT_MIN, "1.1754944e-38"},
-		{1.4e-45f, "1e-45"}, {3.0f, "3"}, {1e10f, "1e+10"}, {7.038531e-26f, "7.038531e-26"},
+		{1.4e-45f, "1e-45"}, {3.0f, "3"}, {1e10f, "1e+10"},
+		{7.038531e-26f, "7.0385307e-26"}, /* 7.038531e-26 is shorter, but (float)strtod misreads it */
 	};
 	static const struct {
 		double v;
@@ -1004,6 +1005,8 @@ static void test_fmt_roundtrip(void **state)
 		if (isfinite(d) && i % 3 == 0)
 			check_f64_text(d);
 	}
+	check_f32_text(7.038531e-26f); /* the shortest text, 7.038531e-26, fails the double-then-float reading */
+	check_f32_text(-7.038531e-26f);
 	for (int e = -149; e <= 127; e++) { /* powers of two (lopsided intervals) and their neighbours */
 		float p = ldexpf(1.0f, e);
 		check_f32_text(p);
