@@ -67,7 +67,7 @@ static void fuzz_body(const uint8_t *d, size_t n)
 	if (!m)
 		return;
 	merge_inputs(m);
-	if (ax__merge_body(m, (const char *)d, n, 0) == 0 && ax__merge_body_take(m, 100, &out, &len, &dl) > 0)
+	if (ax__merge_body(m, (const char *)d, n, 0, 0) == 0 && ax__merge_body_take(m, 100, &out, &len, &dl) > 0)
 		free(out);
 	ax__merge_free(m);
 }
@@ -84,7 +84,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	ax_filter f;
 	switch (data[0] % 5) {
 	case 0:
-		if (ax__req_parse(p, n, "ax-fuzz", &info, &out, &olen, err, sizeof err) == 0)
+		if (ax__req_parse(data[0] & 8 ? AX_RK_CHAT : AX_RK_COMPLETION, p, n, "ax-fuzz", &info, &out, &olen, err,
+				  sizeof err) == 0)
 			free(out);
 		break;
 	case 1:

@@ -241,7 +241,7 @@ static int build_request(struct mg_connection *c, ax_relay *r, const route *rt, 
 		return 0;
 	}
 	ax__rid_new(rid);
-	rc = ax__req_parse(body, blen, rid, &pc->info, &pc->body, &pc->body_len, err, sizeof err);
+	rc = ax__req_parse(rt->kind, body, blen, rid, &pc->info, &pc->body, &pc->body_len, err, sizeof err);
 	free(body);
 	if (rc == -ENOMEM)
 		return 503;

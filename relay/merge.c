@@ -12,10 +12,17 @@
  * the chunk carrying token 0 carries `prompt_attention` (P-1, and the other prompt rows that are present).
  * Once a chunk has left, every position it should have carried is "due"; records that arrive for due positions
  * are collected in `late` and leave as an extra chunk (empty content, attention entries only) at the next poll.
- * After the upstream's end the stream's DONE waits, within the same bound, for due positions to complete.
+ * After the upstream's end the stream's DONE waits, within the same bound, for due positions to complete; then
+ * every record still unsent, whatever its position, leaves in one last extra chunk, so the stream delivers every
+ * row the captures produced for it (rows no chunk carried included) before DONE.
+ * The stop token: engines sample it (its forward P+n-1 ran, and usage.completion_tokens counts it) but do not show
+ * it, so its chunk is the one with finish_reason "stop" and no text. Such a chunk counts as one token unless usage
+ * or logprobs say otherwise; it carries P+n-1 like any token chunk. A usage-only chunk (choices: []) that counts
+ * tokens has no place for entries: they go in an extra chunk just before it.
  *
  * Non-streamed bodies wait the same way, then get choices[0].attention_tokens (positions P..P+n-2) and
- * choices[0].prompt_attention. Entries render the top (highest) layer at the top level for seed clients and all
+ * choices[0].prompt_attention; entry texts come from the body's logprobs (the relay asks the upstream for them when
+ * the client did not, and strips them again: see ax__merge_body). Entries render the top (highest) layer at the top level for seed clients and all
  * layers under "layers"; heads mode adds "heads". Everything runs on the relay's loop thread.
  */
 #include "relay_int.h"
@@ -72,6 +79,7 @@ struct ax_merge {
 	uint64_t t_done;
 	uint64_t late_entries;
 	json_t *body;             /* non-stream body */
+	int strip_lp;             /* the relay added logprobs upstream: null them in the merged body */
 	uint64_t t_body;
 	int64_t body_ntok;
 };
@@ -264,9 +272,21 @@ void ax__merge_set_prompt_len(ax_merge *m, int64_t P)
 		requeue_due(m);
 }
 
+/* The policy tells the captures not to capture generated row p (stride, max_tokens): nothing will come for it. */
+static int never_comes(const ax_merge *m, int64_t p)
+{
+	if (m->P < 0 || p < m->P - 1)
+		return 0;
+	uint64_t i = (uint64_t)(p - (m->P - 1)); /* generated token this row samples */
+	uint32_t st = m->cfg.stride > 1 ? m->cfg.stride : 1;
+	if (i % st)
+		return 1;
+	return m->cfg.max_tokens && i / st >= m->cfg.max_tokens;
+}
+
 static int complete(const ax_merge *m, int64_t p)
 {
-	if (m->cap_end)
+	if (m->cap_end || never_comes(m, p))
 		return 1;
 	const mslot *s = (p >= 0 && (size_t)p < m->nslots) ? &m->slots[p] : NULL;
 	return s && s->n >= m->cfg.expected;
@@ -463,7 +483,27 @@ static uint32_t chunk_tokens(ax_merge *m, json_t *j, char *text, size_t tlen)
 		return (uint32_t)(json_integer_value(ct) - m->tokens_seen);
 	if (json_is_array(lp) && json_array_size(lp))
 		return (uint32_t)json_array_size(lp);
-	return (*a || *b) ? 1 : 0;
+	if (*a || *b)
+		return 1;
+	/* No text, no count: the finish chunk of a stop token (sampled, not shown) stands for that token. */
+	json_t *fr = json_object_get(c0, "finish_reason");
+	return json_is_string(fr) && strcmp(json_string_value(fr), "stop") == 0 ? 1 : 0;
+}
+
+/* Per-token texts of a chunk's logprobs (chat content[i].token, completions tokens[i]), when it has n of them. */
+static int lp_texts(ax_merge *m, json_t *c0, int64_t tok0, uint32_t n)
+{
+	json_t *lp = json_object_get(c0, "logprobs");
+	json_t *arr = json_object_get(lp, m->cfg.kind == AX_RK_CHAT ? "content" : "tokens");
+	if (!json_is_array(arr) || json_array_size(arr) != n)
+		return 0;
+	for (uint32_t i = 0; i < n; i++) {
+		json_t *e = json_array_get(arr, i);
+		json_t *s = m->cfg.kind == AX_RK_CHAT ? json_object_get(e, "token") : e;
+		if (text_push(m, tok0 + i, json_is_string(s) ? json_string_value(s) : NULL))
+			return -ENOMEM;
+	}
+	return 1;
 }
 
 static void keep_template(ax_merge *m, json_t *j)
@@ -501,9 +541,11 @@ int ax__merge_chunk(ax_merge *m, const char *data, size_t len, uint64_t now_ns)
 		char text[1024];
 		c->tok0 = m->tokens_seen;
 		c->ntok = chunk_tokens(m, c->j, text, sizeof text);
-		if (c->ntok == 1)
+		json_t *c0 = json_array_get(json_object_get(c->j, "choices"), 0);
+		int own = c->ntok > 1 && lp_texts(m, c0, c->tok0, c->ntok) > 0; /* each token's own text */
+		if (!own && c->ntok == 1)
 			text_push(m, c->tok0, text);
-		for (uint32_t i = (c->ntok == 1); i < c->ntok; i++)
+		for (uint32_t i = (c->ntok == 1); !own && i < c->ntok; i++)
 			text_push(m, c->tok0 + i, NULL);
 		m->tokens_seen += c->ntok;
 		keep_template(m, c->j);
@@ -554,6 +596,8 @@ static int emit_json(json_t *j, int what, ax_merge_emit emit, void *arg)
 	return rc;
 }
 
+static int emit_extra(ax_merge *m, json_t *pa, json_t *at, ax_merge_emit emit, void *arg);
+
 static int emit_chunk(ax_merge *m, mchunk *c, ax_merge_emit emit, void *arg)
 {
 	if (!c->j)
@@ -566,27 +610,27 @@ static int emit_chunk(ax_merge *m, mchunk *c, ax_merge_emit emit, void *arg)
 		else
 			take_entry(m, m->P + tok - 1, at);
 	}
-	json_t *t = target(m, c->j);
-	attach(t, "prompt_attention", pa);
-	attach(t, "attention_tokens", at);
 	if (c->ntok) {
 		m->tokens_emitted = c->tok0 + c->ntok;
 		if (c->tok0 == 0)
 			m->first_emitted = 1;
 	}
+	json_t *t = target(m, c->j);
+	if (!t) { /* no choices[0] (a usage-only chunk): its entries go just before it */
+		int rc = emit_extra(m, pa, at, emit, arg);
+		if (rc)
+			return rc;
+	} else {
+		attach(t, "prompt_attention", pa);
+		attach(t, "attention_tokens", at);
+	}
 	return emit_json(c->j, AX_MOUT_CHUNK, emit, arg);
 }
 
-/* An extra chunk with the late entries (empty content). */
-static int emit_late(ax_merge *m, ax_merge_emit emit, void *arg)
+/* An extra chunk (empty content, finish_reason null, the stream's id) carrying pa and at; consumes both. Nothing
+ * is emitted when both are empty. */
+static int emit_extra(ax_merge *m, json_t *pa, json_t *at, ax_merge_emit emit, void *arg)
 {
-	if (!m->nlate)
-		return 0;
-	json_t *at = json_array(), *pa = json_array();
-	for (size_t i = 0; i < m->nlate; i++)
-		take_entry(m, m->late[i], m->late[i] < m->P ? pa : at);
-	m->nlate = 0;
-	m->late_entries += json_array_size(at) + json_array_size(pa);
 	if (!json_array_size(at) && !json_array_size(pa)) {
 		json_decref(at);
 		json_decref(pa);
@@ -611,6 +655,44 @@ static int emit_late(ax_merge *m, ax_merge_emit emit, void *arg)
 	int rc = emit_json(ch, AX_MOUT_CHUNK, emit, arg);
 	json_decref(ch);
 	return rc;
+}
+
+/* An extra chunk with the late entries. */
+static int emit_late(ax_merge *m, ax_merge_emit emit, void *arg)
+{
+	if (!m->nlate)
+		return 0;
+	json_t *at = json_array(), *pa = json_array();
+	for (size_t i = 0; i < m->nlate; i++)
+		take_entry(m, m->late[i], m->late[i] < m->P ? pa : at);
+	m->nlate = 0;
+	m->late_entries += json_array_size(at) + json_array_size(pa);
+	return emit_extra(m, pa, at, emit, arg);
+}
+
+/* 1 when slot p holds a record not sent yet; *prefill tells that record's kind. */
+static int unsent(const ax_merge *m, size_t p, int *prefill)
+{
+	const mslot *s = &m->slots[p];
+	for (uint32_t i = 0; i < s->n; i++)
+		if (!s->r[i]->sent) {
+			*prefill = (int)s->r[i]->prefill;
+			return 1;
+		}
+	return 0;
+}
+
+/* Before DONE: every record not sent yet, in position order, in one extra chunk (prompt rows — below P, or flagged
+ * prefill while P is unknown — in prompt_attention). */
+static int emit_rest(ax_merge *m, ax_merge_emit emit, void *arg)
+{
+	json_t *at = json_array(), *pa = json_array();
+	int pf;
+	for (size_t p = 0; p < m->nslots; p++)
+		if (unsent(m, p, &pf))
+			take_entry(m, (int64_t)p, (m->P >= 0 ? (int64_t)p < m->P : pf) ? pa : at);
+	m->late_entries += json_array_size(at) + json_array_size(pa);
+	return emit_extra(m, pa, at, emit, arg);
 }
 
 /* Every due position is complete (the stream's end need not wait any more). */
@@ -654,6 +736,8 @@ int64_t ax__merge_poll(ax_merge *m, uint64_t now_ns, ax_merge_emit emit, void *a
 		return 0;
 	if (!all_due_complete(m) && now_ns < m->t_done + m->cfg.wait_ns)
 		return (int64_t)(m->t_done + m->cfg.wait_ns);
+	if ((rc = emit_rest(m, emit, arg)))
+		return rc < 0 ? rc : -ECANCELED;
 	m->done_emitted = 1;
 	rc = emit(AX_MOUT_DONE, NULL, 0, arg);
 	return rc ? (rc < 0 ? rc : -ECANCELED) : 0;
@@ -674,7 +758,7 @@ static void body_texts(ax_merge *m, json_t *c0)
 	}
 }
 
-int ax__merge_body(ax_merge *m, const char *body, size_t len, uint64_t now_ns)
+int ax__merge_body(ax_merge *m, const char *body, size_t len, uint64_t now_ns, int strip_logprobs)
 {
 	json_t *j = json_loadb(body, len, 0, NULL);
 	if (!json_is_object(j)) {
@@ -691,6 +775,7 @@ int ax__merge_body(ax_merge *m, const char *body, size_t len, uint64_t now_ns)
 	json_decref(m->body);
 	m->body = j;
 	m->t_body = now_ns;
+	m->strip_lp = strip_logprobs;
 	return 0;
 }
 
@@ -723,6 +808,13 @@ int ax__merge_body_take(ax_merge *m, uint64_t now_ns, char **out, size_t *out_le
 		int64_t end = m->body_ntok >= 0 ? m->P + m->body_ntok - 1 : (int64_t)m->nslots;
 		for (int64_t p = m->P; p < end; p++)
 			take_entry(m, p, at);
+	}
+	if (m->strip_lp) { /* the client did not ask for logprobs: as the upstream would have answered */
+		size_t i;
+		json_t *c;
+		json_array_foreach(json_object_get(m->body, "choices"), i, c)
+			if (json_is_object(c) && json_object_get(c, "logprobs"))
+				json_object_set_new(c, "logprobs", json_null());
 	}
 	json_t *c0 = json_array_get(json_object_get(m->body, "choices"), 0);
 	if (json_is_object(c0)) {

@@ -2,7 +2,9 @@
  * merge_test.c — the attention merge: alignment of entries to chunks (token i ≥ 1 → position P+i-1, token 0 →
  * prompt_attention), the bounded hold, late entries in an extra chunk, chunk order kept, several layers, heads
  * mode, completions placement, non-streamed bodies, the end of stream waiting for due entries, a prompt length
- * learnt late, token counting from usage, and non-JSON events passed through.
+ * learnt late, token counting from usage, non-JSON events passed through; the row of a stop token (finish-only
+ * chunk), a usage-only chunk's entries, rows no chunk carried (sent before DONE), policy stride / max_tokens,
+ * per-token texts from logprobs, and non-streamed entry texts (with the relay's own logprobs stripped).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -403,8 +405,8 @@ static void non_stream(void **state)
 	uint64_t dl = 0;
 	add(m, 4);
 	add(m, 5);
-	assert_int_equal(ax__merge_body(m, "[1]", 3, 0), -EBADMSG);
-	assert_int_equal(ax__merge_body(m, body, strlen(body), 0), 0);
+	assert_int_equal(ax__merge_body(m, "[1]", 3, 0, 0), -EBADMSG);
+	assert_int_equal(ax__merge_body(m, body, strlen(body), 0, 0), 0);
 	assert_int_equal(ax__merge_body_take(m, 1, &outb, &n, &dl), 0); /* position 6 missing */
 	assert_int_equal(dl, WAIT);
 	add(m, 6);
@@ -432,7 +434,7 @@ static void non_stream_timeout(void **state)
 	size_t n;
 	uint64_t dl;
 	add(m, 4);
-	ax__merge_body(m, body, strlen(body), 0);
+	ax__merge_body(m, body, strlen(body), 0, 0);
 	assert_int_equal(ax__merge_body_take(m, WAIT, &outb, &n, &dl), 1);
 	json_t *j = json_loadb(outb, n, 0, NULL);
 	json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
@@ -454,6 +456,196 @@ static void bad_records(void **state)
 	ax__merge_free(NULL);
 }
 
+static void raw_chunk(ax_merge *m, const char *json)
+{
+	assert_int_equal(ax__merge_chunk(m, json, strlen(json), 0), 0);
+}
+
+/* The stream ends on a stop token (sampled by the forward at P+n-1, not shown): the engine's last chunk has only
+ * finish_reason "stop". It stands for that token, waits for row P+n-1 like any token chunk and carries it. */
+static void stop_token_row(void **state)
+{
+	ax_merge *m = chat(1, 0);
+	out o = {0};
+	ax__merge_set_prompt_len(m, 5);
+	add(m, 4);
+	add(m, 5);
+	chunk(m, "A", 0);
+	chunk(m, "B", 0);
+	raw_chunk(m, "{\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}");
+	ax__merge_upstream_done(m, 0);
+	assert_true(ax__merge_poll(m, 1, collect, &o) > 0); /* the finish chunk waits for row 6 */
+	assert_int_equal(o.n, 2);
+	add(m, 6);
+	assert_int_equal(ax__merge_poll(m, 2, collect, &o), 0);
+	assert_int_equal(o.n, 3);
+	assert_int_equal(o.done, 1);
+	json_t *at = json_object_get(delta(&o, 2), "attention_tokens");
+	assert_int_equal(json_array_size(at), 1);
+	assert_int_equal(pos_of(at, 0), 6);
+	/* the token at position 6 is g1 ("B") */
+	assert_string_equal(json_string_value(json_object_get(json_array_get(at, 0), "text")), "B");
+	assert_string_equal(json_string_value(json_object_get(json_array_get(json_object_get(o.ev[2], "choices"), 0),
+							      "finish_reason")),
+			    "stop");
+	out_free(&o);
+	ax__merge_free(m);
+
+	/* "length" ends on a shown token: no row after it is waited for */
+	m = chat(1, 0);
+	ax__merge_set_prompt_len(m, 5);
+	add(m, 4);
+	chunk(m, "A", 0);
+	raw_chunk(m, "{\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}");
+	ax__merge_upstream_done(m, 0);
+	assert_int_equal(ax__merge_poll(m, 1, collect, &o), 0);
+	assert_int_equal(o.n, 2);
+	assert_int_equal(o.done, 1);
+	out_free(&o);
+	ax__merge_free(m);
+}
+
+/* stream_options.include_usage: the usage-only chunk (choices: []) counts a token no chunk showed; its entry goes
+ * in an extra chunk just before it, never lost. */
+static void usage_only_chunk(void **state)
+{
+	ax_merge *m = chat(1, 0);
+	out o = {0};
+	ax__merge_set_prompt_len(m, 5);
+	for (int p = 4; p <= 6; p++)
+		add(m, p);
+	chunk(m, "A", 0);
+	chunk(m, "B", 0);
+	raw_chunk(m, "{\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}");
+	raw_chunk(m, "{\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":3}}");
+	ax__merge_upstream_done(m, 0);
+	assert_int_equal(ax__merge_poll(m, 1, collect, &o), 0);
+	assert_int_equal(o.n, 5);
+	json_t *at = json_object_get(delta(&o, 3), "attention_tokens");
+	assert_int_equal(json_array_size(at), 1);
+	assert_int_equal(pos_of(at, 0), 6);
+	assert_string_equal(json_string_value(json_object_get(delta(&o, 3), "content")), "");
+	assert_int_equal(json_array_size(json_object_get(o.ev[4], "choices")), 0); /* the usage chunk, unchanged */
+	assert_non_null(json_object_get(o.ev[4], "usage"));
+	out_free(&o);
+	ax__merge_free(m);
+}
+
+/* Rows no chunk carried (here after a merged last chunk) still leave before DONE, in one extra chunk. */
+static void rest_before_done(void **state)
+{
+	ax_merge *m = chat(1, 0);
+	out o = {0};
+	ax__merge_set_prompt_len(m, 5);
+	add(m, 4);
+	chunk(m, "A", 0);
+	ax__merge_upstream_done(m, 0);
+	add(m, 5);
+	add(m, 6);
+	assert_int_equal(ax__merge_poll(m, 1, collect, &o), 0);
+	assert_int_equal(o.n, 2);
+	assert_int_equal(o.done, 1);
+	json_t *at = json_object_get(delta(&o, 1), "attention_tokens");
+	assert_int_equal(json_array_size(at), 2);
+	assert_int_equal(pos_of(at, 0), 5);
+	assert_int_equal(pos_of(at, 1), 6);
+	assert_int_equal(ax__merge_late_entries(m), 2);
+	out_free(&o);
+	ax__merge_free(m);
+}
+
+/* A policy stride of 2 (rows P-1, P+1, … only): chunks of the skipped rows do not wait; nor do rows past
+ * max_tokens. */
+static void stride_rows(void **state)
+{
+	ax_merge_cfg cfg = {.kind = AX_RK_CHAT, .stream = 1, .expected = 1, .wait_ns = WAIT, .stride = 2,
+			    .max_tokens = 2};
+	ax_merge *m = ax__merge_new(&cfg);
+	out o = {0};
+	ax__merge_set_prompt_len(m, 5);
+	add(m, 4);
+	add(m, 6);
+	chunk(m, "A", 0); /* row 4 */
+	chunk(m, "B", 0); /* row 5: skipped by the stride */
+	chunk(m, "C", 0); /* row 6 */
+	chunk(m, "D", 0); /* row 7: skipped */
+	chunk(m, "E", 0); /* row 8: past max_tokens (2 rows) */
+	assert_int_equal(ax__merge_poll(m, 1, collect, &o), 0);
+	assert_int_equal(o.n, 5);
+	assert_int_equal(pos_of(json_object_get(delta(&o, 2), "attention_tokens"), 0), 6);
+	out_free(&o);
+	ax__merge_free(m);
+}
+
+/* Tokens counted by logprobs: each entry gets its own token's text, not NULL. */
+static void logprob_texts(void **state)
+{
+	ax_merge *m = chat(1, 0);
+	out o = {0};
+	ax__merge_set_prompt_len(m, 5);
+	for (int p = 4; p <= 6; p++)
+		add(m, p);
+	raw_chunk(m, "{\"choices\":[{\"delta\":{\"content\":\"Hi\"},\"logprobs\":{\"content\":[{\"token\":\"H\"},"
+		     "{\"token\":\"i\"}]}}]}");
+	raw_chunk(m, "{\"choices\":[{\"delta\":{\"content\":\"!\"},\"logprobs\":{\"content\":[{\"token\":\"!\"}]}}]}");
+	ax__merge_poll(m, 1, collect, &o);
+	assert_int_equal(o.n, 2);
+	json_t *a0 = json_object_get(delta(&o, 0), "attention_tokens"), *a1 = json_object_get(delta(&o, 1), "attention_tokens");
+	assert_int_equal(pos_of(a0, 0), 5);
+	assert_string_equal(json_string_value(json_object_get(json_array_get(a0, 0), "text")), "H");
+	assert_int_equal(pos_of(a1, 0), 6);
+	assert_string_equal(json_string_value(json_object_get(json_array_get(a1, 0), "text")), "i");
+	out_free(&o);
+	ax__merge_free(m);
+}
+
+/* Non-streamed bodies: every entry has its token's text, from the logprobs the relay asked for; with
+ * strip_logprobs the body goes out with logprobs null (the client did not ask for them). Chat and completions. */
+static void non_stream_texts(void **state)
+{
+	static const struct {
+		int kind, strip;
+		const char *body;
+	} cases[] = {
+		{AX_RK_CHAT, 1,
+		 "{\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"ABC\"},\"logprobs\":{\"content\":"
+		 "[{\"token\":\"A\",\"logprob\":-1},{\"token\":\"B\",\"logprob\":-1},{\"token\":\"C\",\"logprob\":-1}]},"
+		 "\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4}}"},
+		{AX_RK_CHAT, 0,
+		 "{\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"ABC\"},\"logprobs\":{\"content\":"
+		 "[{\"token\":\"A\",\"logprob\":-1},{\"token\":\"B\",\"logprob\":-1},{\"token\":\"C\",\"logprob\":-1}]},"
+		 "\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4}}"},
+		{AX_RK_COMPLETION, 1,
+		 "{\"choices\":[{\"index\":0,\"text\":\"ABC\",\"logprobs\":{\"tokens\":[\"A\",\"B\",\"C\"],\"token_logprobs\":"
+		 "[-1,-1,-1],\"top_logprobs\":[{},{},{}],\"text_offset\":[0,1,2]},\"finish_reason\":\"stop\"}],"
+		 "\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4}}"},
+	};
+	for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+		ax_merge_cfg cfg = {.kind = cases[k].kind, .stream = 0, .expected = 1, .wait_ns = WAIT};
+		ax_merge *m = ax__merge_new(&cfg);
+		char *outb;
+		size_t n;
+		uint64_t dl;
+		for (int p = 4; p <= 7; p++) /* 7: the row that sampled the stop token */
+			add(m, p);
+		assert_int_equal(ax__merge_body(m, cases[k].body, strlen(cases[k].body), 0, cases[k].strip), 0);
+		assert_int_equal(ax__merge_body_take(m, 1, &outb, &n, &dl), 1);
+		json_t *j = json_loadb(outb, n, 0, NULL);
+		json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
+		json_t *at = json_object_get(c0, "attention_tokens");
+		assert_int_equal(json_array_size(at), 3);
+		for (int i = 0; i < 3; i++) {
+			char want[2] = {(char)('A' + i), 0};
+			assert_int_equal(pos_of(at, (size_t)i), 5 + i);
+			assert_string_equal(json_string_value(json_object_get(json_array_get(at, (size_t)i), "text")), want);
+		}
+		assert_int_equal(json_is_null(json_object_get(c0, "logprobs")), cases[k].strip);
+		json_decref(j);
+		free(outb);
+		ax__merge_free(m);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -464,6 +656,9 @@ int main(void)
 		cmocka_unit_test(usage_counting),     cmocka_unit_test(prompt_rows),
 		cmocka_unit_test(raw_events_keep_order), cmocka_unit_test(non_stream),
 		cmocka_unit_test(non_stream_timeout), cmocka_unit_test(bad_records),
+		cmocka_unit_test(stop_token_row),     cmocka_unit_test(usage_only_chunk),
+		cmocka_unit_test(rest_before_done),   cmocka_unit_test(stride_rows),
+		cmocka_unit_test(logprob_texts),      cmocka_unit_test(non_stream_texts),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

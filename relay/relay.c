@@ -468,7 +468,7 @@ static void complete_ok(ax_up *u)
 		ax__merge_upstream_done(u->m, ax_now_ns());
 		pump(u);
 	} else if (u->mode == UP_BODY) {
-		if (ax__merge_body(u->m, u->buf ? u->buf : "", u->blen, ax_now_ns()) < 0) {
+		if (ax__merge_body(u->m, u->buf ? u->buf : "", u->blen, ax_now_ns(), u->pc->info.lp_added) < 0) {
 			send_body(u, u->buf ? u->buf : "", u->blen); /* not JSON: as it came */
 			return;
 		}
@@ -614,7 +614,16 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 
 /* ------------------------------------------------------------------ policies */
 
-/* Records that make one position complete: layers × heads the request asked for, else the captures' defaults. */
+/* A capture that said hello and whose records connection is still open (the pipe's address lookup fails once the
+ * connection is gone). Caller holds cap_mu. */
+static int capture_connected(const ax_capture *cp)
+{
+	nng_sockaddr sa;
+	return cp->has_hello && nng_pipe_id(cp->pipe) > 0 && nng_pipe_get_addr(cp->pipe, NNG_OPT_LOCADDR, &sa) == 0;
+}
+
+/* Records that make one position complete: layers × heads the request asked for, else the defaults of the
+ * connected captures (a capture that went away no longer adds its heads: its successor says hello again). */
 static uint32_t expected_records(ax_relay *r, const ax_rec_policy *p)
 {
 	uint32_t layers = p->n_layer_ids, heads = 1, mode = p->mode, hello_heads = 0;
@@ -623,7 +632,7 @@ static uint32_t expected_records(ax_relay *r, const ax_rec_policy *p)
 	pthread_mutex_lock(&r->cap_mu);
 	for (int i = 0; i < r->n_caps; i++) {
 		const ax_rec_hello *h = &r->caps[i].hello;
-		if (!r->caps[i].has_hello)
+		if (!capture_connected(&r->caps[i]))
 			continue;
 		if (!mode)
 			mode = h->mode;
@@ -765,12 +774,10 @@ static ax_up *find_up(ax_relay *r, const char *rid);
 static uint64_t captures_to_wait(ax_relay *r)
 {
 	uint64_t mask = 0;
-	nng_sockaddr sa;
 	pthread_mutex_lock(&r->cap_mu);
 	for (int i = 0; i < r->n_caps; i++) {
 		const ax_capture *cp = &r->caps[i];
-		if (cp->has_hello && cp->ack_misses < ACK_MISS_MAX && nng_pipe_id(cp->pipe) > 0 &&
-		    nng_pipe_get_addr(cp->pipe, NNG_OPT_LOCADDR, &sa) == 0) /* fails once the connection is gone */
+		if (capture_connected(cp) && cp->ack_misses < ACK_MISS_MAX)
 			mask |= 1ull << i;
 	}
 	pthread_mutex_unlock(&r->cap_mu);
@@ -879,7 +886,8 @@ static void start_request(ax_relay *r, ax_pconn *pc)
 	if (pc->kind != AX_PK_PASS && pc->info.attention) {
 		ax_merge_cfg cfg = {.kind = pc->kind, .stream = pc->info.stream, .want_prompt = (int)pc->info.policy.prompt,
 				    .expected = expected_records(r, &pc->info.policy),
-				    .wait_ns = (uint64_t)r->o.attention_wait_ms * 1000000ull};
+				    .wait_ns = (uint64_t)r->o.attention_wait_ms * 1000000ull,
+				    .stride = pc->info.policy.stride, .max_tokens = pc->info.policy.max_tokens};
 		if (!(u->m = ax__merge_new(&cfg)))
 			goto fail;
 		atomic_fetch_add(&r->m.attention_requests, 1);
@@ -1028,6 +1036,18 @@ static void to_request(ax_relay *r, const ax_record *rec)
 	u->touched = 1;
 }
 
+/* A hello changes what completes a position (its heads and default layers): requests already in the store were
+ * sized from the hellos known when they started, which misses a capture whose hello arrives later (a capture that
+ * starts or re-attaches while a request runs). Their chunks would then leave with part of their layers × heads. */
+static void refresh_expected(ax_relay *r)
+{
+	for (ax_up *u = r->ups; u; u = u->next)
+		if (u->m && !u->finished) {
+			ax__merge_set_expected(u->m, expected_records(r, &u->pc->info.policy));
+			u->touched = 1;
+		}
+}
+
 static int on_record(const ax_record *rec, void *arg)
 {
 	ingest *in = arg;
@@ -1037,6 +1057,8 @@ static int on_record(const ax_record *rec, void *arg)
 		in->last_slot = capture_seen(r, rec, in->t, in->pipe);
 		in->last_src = rec->src;
 	}
+	if (rec->type == AX_REC_HELLO)
+		refresh_expected(r);
 	if (rec->type == AX_REC_POLICY) /* on the records channel, a policy is a capture's ack */
 		policy_acked(r, in->last_slot, rec->rid);
 	else

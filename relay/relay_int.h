@@ -30,17 +30,21 @@ typedef struct ax_reqinfo {
 	int attention;             /* "return_attention_tokens": true */
 	char rid[AX_PROTO_STR];    /* client's "rid" if it gave a usable one, else the generated one */
 	ax_rec_policy policy;      /* policy announced to captures (meaningful when attention) */
+	int lp_added;              /* the relay asked the upstream for logprobs the client did not ask for (see below) */
 } ax_reqinfo;
 
 /*
- * Parse `body` (len bytes, not NUL-terminated) as a chat/completions request. Fills *info, sets "rid" in the
+ * Parse `body` (len bytes, not NUL-terminated) as a request of `kind` (enum ax_rkind). Fills *info, sets "rid" in the
  * object and returns the upstream body (compact JSON, malloc'd, caller frees) in *out / *out_len.
+ * A non-streamed request with return_attention_tokens whose client did not ask for logprobs gets them upstream
+ * (chat "logprobs": true, completions "logprobs": 0) and info->lp_added = 1: the logprobs give the exact text of
+ * each generated token for the entries, and the merge strips them from the response again.
  * `gen_rid` is used unless the body carries a string "rid" of 1..95 printable characters.
  * Returns 0, -EBADMSG (not JSON / not an object; *err gets a message) or -EINVAL (an attnx field of the wrong
  * type or out of range; *err names it), -ENOMEM. `err` is a static or caller buffer of errlen bytes.
  */
-int ax__req_parse(const char *body, size_t len, const char *gen_rid, ax_reqinfo *info, char **out, size_t *out_len,
-		  char *err, size_t errlen);
+int ax__req_parse(int kind, const char *body, size_t len, const char *gen_rid, ax_reqinfo *info, char **out,
+		  size_t *out_len, char *err, size_t errlen);
 /* A fresh request id "ax-<16 hex>" (thread-safe: reads /dev/urandom once, then a counter). */
 void ax__rid_new(char out[AX_PROTO_STR]);
 
@@ -82,6 +86,8 @@ typedef struct ax_merge_cfg {
 	int want_prompt;          /* prompt rows 0..P-2 asked for */
 	uint32_t expected;        /* records (layer × head) that make a position complete; 0 = 1 */
 	uint64_t wait_ns;         /* how long a chunk may wait for its attention */
+	uint32_t stride;          /* the policy's stride: generated rows P-1+i with i % stride != 0 never come (0/1 = all) */
+	uint32_t max_tokens;      /* the policy's max_tokens: generated rows past that many never come (0 = no limit) */
 } ax_merge_cfg;
 
 /* What ax__merge_poll produces, in order. */
@@ -105,12 +111,16 @@ void ax__merge_capture_end(ax_merge *m);
 int ax__merge_chunk(ax_merge *m, const char *data, size_t len, uint64_t now_ns);
 /* The upstream stream ended (its [DONE] or its end of body) at now_ns. */
 void ax__merge_upstream_done(ax_merge *m, uint64_t now_ns);
-/* Emit every chunk that is ready at now_ns, then late entries, then DONE once it is due. Returns the next time
+/* Emit every chunk that is ready at now_ns, then late entries, then DONE once it is due: before DONE, every record
+ * of the request not sent yet (rows no chunk carried, e.g. beyond the last counted token) goes out in one extra
+ * chunk, so a stream delivers every row the captures produced before its end. Returns the next time
  * (ns) at which polling could release something (0 = nothing is waiting on time), or a negative errno from emit. */
 int64_t ax__merge_poll(ax_merge *m, uint64_t now_ns, ax_merge_emit emit, void *arg);
-/* Non-streamed: the full upstream body arrived at now_ns. Returns 0, -EBADMSG (not a JSON object: pass it
- * through unchanged). */
-int ax__merge_body(ax_merge *m, const char *body, size_t len, uint64_t now_ns);
+/* Non-streamed: the full upstream body arrived at now_ns. Entry texts come from its choices[0].logprobs (chat
+ * `content[i].token`, completions `tokens[i]`). When `strip_logprobs` is set (the relay asked the upstream for
+ * logprobs on the client's behalf), the merged body gets `logprobs: null` back. Returns 0, -EBADMSG (not a JSON
+ * object: pass it through unchanged). */
+int ax__merge_body(ax_merge *m, const char *body, size_t len, uint64_t now_ns, int strip_logprobs);
 /* Non-streamed: 1 and the merged body (malloc'd, caller frees) when it is ready at now_ns or its hold is over;
  * 0 and *deadline_ns while waiting. */
 int ax__merge_body_take(ax_merge *m, uint64_t now_ns, char **out, size_t *out_len, uint64_t *deadline_ns);

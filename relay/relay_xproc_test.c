@@ -10,10 +10,11 @@
  *
  * The fake upstream closes every connection after one response and says so (`Connection: close`), so libcurl
  * never reuses a connection the fake already closed (that race turned the pass-through 400 into a 502 now and then).
- * It picks its behaviour from the request body's "model": "stream" (role chunk + tokens A B C,
- * pushing the `req` and `attn` records of the relay's rid around the chunks as the scenario says), "die" (two
- * chunks, then the connection closes), "stall" (reads the request, never answers), "slow" (a chunk every 100 ms
- * until the client is gone), "json" (a non-streamed body with usage).
+ * It picks its behaviour from the request body's "model": "stream" (role chunk + tokens A B C, then a stop
+ * token's finish-only chunk, pushing the `req` and `attn` records of the relay's rid around the chunks as the
+ * scenario says, the stop token's row included), "die" (two chunks, then the connection closes), "stall" (reads the
+ * request, never answers), "slow" (a chunk every 100 ms until the client is gone), "json" (a non-streamed body with
+ * usage, and logprobs when the request asks for them).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -225,18 +226,25 @@ static void serve_stream(fx *f, int fd, const char *rid)
 		push_attn(f, rid, P_LEN + 1); /* after C left: a late entry */
 		usleep(50000);
 	}
+	push_attn(f, rid, P_LEN + 2); /* the row that sampled the stop token: the finish chunk's */
 	sendf(fd, "data: {\"id\":\"cmpl-1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n");
 	sendf(fd, "data: [DONE]\n\n");
 }
 
-static void serve_json(fx *f, int fd, const char *rid)
+/* A non-streamed chat answer "ABC"; with logprobs when asked (as engines do: one entry per sampled token). */
+static void serve_json(fx *f, int fd, const char *rid, int logprobs)
 {
 	push_req(f, rid);
 	for (int p = P_LEN - 1; p < P_LEN + 2; p++)
 		push_attn(f, rid, p);
-	const char *body = "{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[{\"index\":0,\"message\":{\"role\":"
-			   "\"assistant\",\"content\":\"ABC\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":4,"
-			   "\"completion_tokens\":3,\"total_tokens\":7}}";
+	char body[1024];
+	snprintf(body, sizeof body,
+		 "{\"id\":\"x\",\"object\":\"chat.completion\",\"choices\":[{\"index\":0,\"message\":{\"role\":"
+		 "\"assistant\",\"content\":\"ABC\"},\"logprobs\":%s,\"finish_reason\":\"stop\"}],\"usage\":{"
+		 "\"prompt_tokens\":4,\"completion_tokens\":3,\"total_tokens\":7}}",
+		 logprobs ? "{\"content\":[{\"token\":\"A\",\"logprob\":-0.5},{\"token\":\"B\",\"logprob\":-0.5},"
+			    "{\"token\":\"C\",\"logprob\":-0.5}]}"
+			  : "null");
 	sendf(fd, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n%s",
 	      strlen(body), body);
 }
@@ -261,7 +269,7 @@ static void *serve_conn(void *arg)
 	} else if (model && strcmp(model, "stream") == 0) {
 		serve_stream(f, c->fd, rid);
 	} else if (model && strcmp(model, "json") == 0) {
-		serve_json(f, c->fd, rid);
+		serve_json(f, c->fd, rid, json_is_true(json_object_get(j, "logprobs")));
 	} else if (model && strcmp(model, "die") == 0) {
 		sendf(c->fd, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n");
 		chunk(c->fd, "A");
@@ -511,6 +519,8 @@ static void stream_alignment(void **state)
 	assert_int_equal(json_integer_value(json_object_get(e, "layer_id")), 5);
 	assert_string_equal(content_of(ev[3]), "C");
 	assert_int_equal(first_pos(ev[3], "attention_tokens"), P_LEN + 1);
+	/* the finish chunk stands for the stop token: it carries the row that sampled it */
+	assert_int_equal(first_pos(ev[4], "attention_tokens"), P_LEN + 2);
 	assert_string_equal(json_string_value(ev[5]), "[DONE]");
 	/* the upstream got the rid in its body, and the response header names the same one */
 	pthread_mutex_lock(&f.mu);
@@ -571,6 +581,15 @@ static void non_stream(void **state)
 	assert_int_equal(json_integer_value(json_object_get(json_array_get(at, 0), "position")), P_LEN);
 	assert_int_equal(json_integer_value(json_object_get(json_array_get(at, 1), "position")), P_LEN + 1);
 	assert_int_equal(json_array_size(json_object_get(c0, "prompt_attention")), 1);
+	/* every entry has its token's text: the relay asked the upstream for logprobs, and took them out again */
+	assert_string_equal(json_string_value(json_object_get(json_array_get(at, 0), "text")), "A");
+	assert_string_equal(json_string_value(json_object_get(json_array_get(at, 1), "text")), "B");
+	assert_true(json_is_null(json_object_get(c0, "logprobs")));
+	pthread_mutex_lock(&f.mu);
+	json_t *ub = json_loads(f.last_body, 0, NULL);
+	pthread_mutex_unlock(&f.mu);
+	assert_true(json_is_true(json_object_get(ub, "logprobs")));
+	json_decref(ub);
 	json_decref(j);
 	free(r.body);
 	fx_stop(&f);

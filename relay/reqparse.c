@@ -5,7 +5,7 @@
  * The body is parsed with jansson; it must be a JSON object. The attnx fields are optional, but when present they
  * must have the right type and range (a wrong type is the client's bug, answered with 400 rather than silently
  * ignored). The relay keeps every field in the body it forwards (attnx-engine and SGLang ignore what they do not
- * know) and adds "rid". Request ids are "ax-" + 16 hex digits from a random base plus an atomic counter.
+ * know) and adds "rid" (and, for non-streamed attention requests, "logprobs": see add_logprobs). Request ids are "ax-" + 16 hex digits from a random base plus an atomic counter.
  */
 #include "relay_int.h"
 
@@ -124,8 +124,27 @@ static int usable_rid(json_t *j)
 	return 1;
 }
 
-int ax__req_parse(const char *body, size_t len, const char *gen_rid, ax_reqinfo *info, char **out, size_t *out_len,
-		  char *err, size_t errlen)
+/* Non-streamed attention requests need each generated token's text for their entries; the upstream's logprobs
+ * carry exactly that (the engine's own token strings, one per sampled token, in order), so ask for them when the
+ * client did not. A client value that already asks is left alone. */
+static int add_logprobs(json_t *o, int kind, ax_reqinfo *info)
+{
+	json_t *lp = json_object_get(o, "logprobs");
+	if (!info->attention || info->stream)
+		return 0;
+	if (kind == AX_RK_CHAT && !json_is_true(lp)) {
+		info->lp_added = 1;
+		return json_object_set_new(o, "logprobs", json_true());
+	}
+	if (kind == AX_RK_COMPLETION && (!lp || json_is_null(lp))) {
+		info->lp_added = 1;
+		return json_object_set_new(o, "logprobs", json_integer(0));
+	}
+	return 0;
+}
+
+int ax__req_parse(int kind, const char *body, size_t len, const char *gen_rid, ax_reqinfo *info, char **out,
+		  size_t *out_len, char *err, size_t errlen)
 {
 	json_error_t jerr;
 	memset(info, 0, sizeof *info);
@@ -149,7 +168,7 @@ int ax__req_parse(const char *body, size_t len, const char *gen_rid, ax_reqinfo 
 	json_t *r = json_object_get(o, "rid");
 	snprintf(info->rid, sizeof info->rid, "%s", usable_rid(r) ? json_string_value(r) : gen_rid);
 	rc = -ENOMEM;
-	if (json_object_set_new(o, "rid", json_string(info->rid)))
+	if (json_object_set_new(o, "rid", json_string(info->rid)) || add_logprobs(o, kind, info))
 		goto done;
 	*out = json_dumps(o, JSON_COMPACT);
 	if (!*out)

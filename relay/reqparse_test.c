@@ -18,7 +18,7 @@ static int parse(const char *body, ax_reqinfo *info, json_t **out)
 {
 	char *up = NULL, err[256] = "";
 	size_t n = 0;
-	int rc = ax__req_parse(body, strlen(body), "ax-gen", info, &up, &n, err, sizeof err);
+	int rc = ax__req_parse(AX_RK_CHAT, body, strlen(body), "ax-gen", info, &up, &n, err, sizeof err);
 	if (rc == 0) {
 		assert_non_null(up);
 		assert_int_equal(n, strlen(up));
@@ -150,12 +150,56 @@ static void rids_unique(void **state)
 	assert_string_not_equal(a, b);
 }
 
+/* Non-streamed attention requests get logprobs upstream (for the entries' token texts) unless the client asked;
+ * streams and plain requests are left alone. */
+static const struct {
+	int kind;
+	const char *body;
+	int added;
+	const char *lp; /* the upstream body's "logprobs", as JSON */
+} lp_cases[] = {
+	{AX_RK_CHAT, "{\"return_attention_tokens\":true}", 1, "true"},
+	{AX_RK_CHAT, "{\"return_attention_tokens\":true,\"logprobs\":false}", 1, "true"},
+	{AX_RK_CHAT, "{\"return_attention_tokens\":true,\"logprobs\":true,\"top_logprobs\":2}", 0, "true"},
+	{AX_RK_CHAT, "{\"return_attention_tokens\":true,\"stream\":true}", 0, NULL},
+	{AX_RK_CHAT, "{\"stream\":false}", 0, NULL},
+	{AX_RK_COMPLETION, "{\"return_attention_tokens\":true,\"prompt\":\"x\"}", 1, "0"},
+	{AX_RK_COMPLETION, "{\"return_attention_tokens\":true,\"logprobs\":null}", 1, "0"},
+	{AX_RK_COMPLETION, "{\"return_attention_tokens\":true,\"logprobs\":3}", 0, "3"},
+};
+
+static void logprobs_for_texts(void **state)
+{
+	for (size_t i = 0; i < sizeof lp_cases / sizeof *lp_cases; i++) {
+		ax_reqinfo in;
+		char *up = NULL, err[128];
+		size_t n;
+		const char *b = lp_cases[i].body;
+		assert_int_equal(ax__req_parse(lp_cases[i].kind, b, strlen(b), "ax-gen", &in, &up, &n, err, sizeof err), 0);
+		json_t *o = json_loads(up, 0, NULL), *lp = json_object_get(o, "logprobs");
+		assert_non_null(o);
+		if (in.lp_added != lp_cases[i].added)
+			fail_msg("case %zu (%s): lp_added %d", i, b, in.lp_added);
+		if (!lp_cases[i].lp) {
+			assert_true(!lp || json_is_false(lp) || json_is_null(lp));
+		} else {
+			char *got = json_dumps(lp, JSON_ENCODE_ANY);
+			if (!got || strcmp(got, lp_cases[i].lp))
+				fail_msg("case %zu (%s): logprobs %s, want %s", i, b, got ? got : "?", lp_cases[i].lp);
+			free(got);
+		}
+		json_decref(o);
+		free(up);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(full_policy),     cmocka_unit_test(defaults_and_single_layer),
 		cmocka_unit_test(client_rid),      cmocka_unit_test(bad_bodies),
 		cmocka_unit_test(too_many_layers), cmocka_unit_test(rids_unique),
+		cmocka_unit_test(logprobs_for_texts),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
