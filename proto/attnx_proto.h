@@ -172,6 +172,11 @@ typedef int (*ax_record_cb)(const ax_record *r, void *arg);
 int ax_frame_decode(const void *data, size_t len, ax_record_cb cb, void *arg);
 /* Decode exactly one msgpack map (not a frame) into *r (ax_record_fini it afterwards). Same errors. */
 int ax_record_unpack(const void *data, size_t len, ax_record *r);
+/* Where the first msgpack value at data ends (frames laid end to end, as in a recording): 1 and *frame_len set, 0
+ * if the bytes end before the value does (or a container claims more entries than bytes follow: need more), or
+ * -EBADMSG (a never-used head byte, nesting deeper than the decoder accepts). Does not check that the value is
+ * an array of records (ax_frame_decode does). No allocation; thread-safe. */
+int ax_frame_span(const void *data, size_t len, size_t *frame_len);
 
 /* Render one record as a JSON object text (same field names as msgpack), appended to `out` without a NUL.
  * Returns 0, -EINVAL or -ENOMEM (out is left as it was on error). Thread-safe. */

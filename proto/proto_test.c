@@ -900,6 +900,40 @@ static void test_json_attn_direct(void **state)
 	ax_buf_fini(&b);
 }
 
+/* ax_frame_span: where a frame ends in a recording; truncation is "need more", bad bytes an error. */
+static void test_frame_span(void **state)
+{
+	ax_batch bt;
+	ax_record r;
+	const uint8_t *p;
+	size_t n, len, got;
+	ax_buf two;
+	ax_batch_init(&bt);
+	ax_buf_init(&two);
+	for (int i = 0; i < 40; i++) {
+		sample(&r, i % 7);
+		assert_true(ax_batch_add(&bt, &r) >= 0);
+		ax_record_fini(&r);
+	}
+	assert_int_equal(ax_batch_finish(&bt, &p, &len), 40);
+	ax_buf_append(&two, p, len);
+	ax_buf_append(&two, p, len);
+	assert_int_equal(ax_frame_span(two.data, two.len, &got), 1);
+	assert_int_equal(got, len);
+	for (n = 0; n < len; n++) /* every strict prefix: incomplete, never an error */
+		assert_int_equal(ax_frame_span(two.data, n, &got), 0);
+	static const uint8_t bad[] = {0x91, 0xc1}, huge[] = {0xdd, 0xff, 0xff, 0xff, 0xff, 0x80};
+	assert_int_equal(ax_frame_span(bad, sizeof bad, &got), -EBADMSG);
+	assert_int_equal(ax_frame_span(huge, sizeof huge, &got), 0); /* claims more than follows: need more */
+	uint8_t deep[40];
+	memset(deep, 0x91, sizeof deep); /* 39 nested one-element arrays, then an integer */
+	deep[39] = 0x01;
+	assert_int_equal(ax_frame_span(deep, sizeof deep, &got), -EBADMSG);
+	assert_int_equal(ax_frame_span(deep + 40 - 17, 17, &got), 1); /* 16 deep: accepted */
+	ax_buf_fini(&two);
+	ax_batch_fini(&bt);
+}
+
 /* ---- fmt.c: number text ---- */
 static void test_fmt_table(void **state)
 {
@@ -1052,6 +1086,7 @@ int main(void)
 		cmocka_unit_test(test_batch_bytes_deadline),
 		cmocka_unit_test(test_batch_giant_record),
 		cmocka_unit_test(test_json_attn_direct),
+		cmocka_unit_test(test_frame_span),
 		cmocka_unit_test(test_fmt_table),
 		cmocka_unit_test(test_fmt_roundtrip),
 	};

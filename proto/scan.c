@@ -9,7 +9,8 @@
  * table says what each head byte is; scalars whose size the head byte alone fixes (fixint, fixstr, numbers, nil,
  * booleans, fixext: nearly every value of a record) cost a lookup, a bounds check and an add. The values still
  * to walk at the current level live in a register; outer levels wait on a 16-deep stack. The decoder (unpack.c)
- * still bounds-checks every read on its own.
+ * still bounds-checks every read on its own. The same walk tells a recording reader (ax_frame_span) whether bytes
+ * are missing (the value is not complete yet) or wrong.
  */
 #include "proto_internal.h"
 
@@ -39,7 +40,8 @@ const int8_t ax__mp_head[256] = {
 };
 
 /* A head that is not a fixed-size scalar (b taken, *pp after it): moves *pp past a variable-size scalar or past a
- * container's header, setting *entries (values inside: 2 per map pair). 0 scalar, 1 container, -EBADMSG. */
+ * container's header, setting *entries (values inside: 2 per map pair). 0 scalar, 1 container, -EAGAIN (the bytes
+ * end first, or a container claims more entries than bytes follow), -EBADMSG (0xc1). */
 static int step_slow(uint8_t b, int h, const uint8_t **pp, const uint8_t *end, uint64_t *entries)
 {
 	const uint8_t *p = *pp;
@@ -53,31 +55,32 @@ static int step_slow(uint8_t b, int h, const uint8_t **pp, const uint8_t *end, u
 		int idx = b >= 0xd9 ? b - 0xd9 : (b - 0xc4) % 3;
 		lb = 1 << idx;
 		if ((size_t)lb > left)
-			return -EBADMSG;
+			return -EAGAIN;
 		n = be(p, lb) + (b >= 0xc7 && b <= 0xc9);
 		if (n > left - (size_t)lb)
-			return -EBADMSG;
+			return -EAGAIN;
 		*pp = p + lb + n;
 		return 0;
 	}
 	case AX__H_BIG:
 		lb = (b & 1) ? 4 : 2;
 		if ((size_t)lb > left)
-			return -EBADMSG;
+			return -EAGAIN;
 		n = be(p, lb) << (b >= 0xde);
 		p += lb;
 		left -= (size_t)lb;
 		break;
-	default: return -EBADMSG;
+	default: return -EBADMSG; /* 0xc1 */
 	}
 	if (n > left)
-		return -EBADMSG;
+		return -EAGAIN;
 	*pp = p;
 	*entries = n;
 	return 1;
 }
 
-int ax__mp_scan(const uint8_t *d, size_t len, size_t *end)
+/* The walk: 0, -EAGAIN (the bytes end before the value does), -EBADMSG (0xc1, nesting too deep). */
+static int scan(const uint8_t *d, size_t len, size_t *end)
 {
 	uint64_t outer[AX__MAX_DEPTH]; /* values left at the enclosing levels */
 	uint64_t rem = 1;              /* values left at this level */
@@ -92,20 +95,20 @@ int ax__mp_scan(const uint8_t *d, size_t len, size_t *end)
 		}
 		rem--;
 		if (p == e)
-			return -EBADMSG;
+			return -EAGAIN;
 		uint8_t b = *p++;
 		/* The next object's address depends on this one's size: keep that chain short for the common heads
 		 * (a size computed from the byte itself, not loaded from the table). */
 		if ((uint8_t)(b - 0xa0) < 0x20) { /* fixstr: keys, names */
 			if ((size_t)(b & 0x1f) > (size_t)(e - p))
-				return -EBADMSG;
+				return -EAGAIN;
 			p += b & 0x1f;
 			continue;
 		}
 		int h = ax__mp_head[b];
 		if (h >= 0) {
 			if ((size_t)h > (size_t)(e - p))
-				return -EBADMSG;
+				return -EAGAIN;
 			p += h;
 			continue;
 		}
@@ -122,6 +125,26 @@ int ax__mp_scan(const uint8_t *d, size_t len, size_t *end)
 	}
 	*end = (size_t)(p - d);
 	return 0;
+}
+
+int ax__mp_scan(const uint8_t *d, size_t len, size_t *end)
+{
+	int rc = scan(d, len, end);
+	return rc == -EAGAIN ? -EBADMSG : rc;
+}
+
+int ax_frame_span(const void *data, size_t len, size_t *frame_len)
+{
+	size_t end;
+	if (!data || len == 0)
+		return 0;
+	int rc = scan(data, len, &end);
+	if (rc == -EAGAIN)
+		return 0;
+	if (rc < 0)
+		return rc;
+	*frame_len = end;
+	return 1;
 }
 
 const uint8_t *ax__mp_skip(const uint8_t *p, const uint8_t *end, uint64_t n)

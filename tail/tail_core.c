@@ -4,7 +4,8 @@
  * The hole tracker keeps a small array of pending holes per source. A forward jump in seq opens a hole; a gap record
  * trims holes (a range may split one hole in two); late records trim them too. Holes are reported only when they
  * outlive the grace period or at flush, so a gap record that follows its hole (the usual order: the sender learns of
- * the loss, then says so) silences it. See tail_core.h for the rules.
+ * the loss, then says so) silences it. See tail_core.h for the rules. Recordings are split with proto's
+ * ax_frame_span (a walk over the bytes, no allocation), and frame headers are written by hand.
  */
 #include "tail_core.h"
 
@@ -13,7 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <msgpack.h>
 
 /* ---- filters ---------------------------------------------------------------------------------------------- */
 
@@ -281,40 +281,26 @@ int ax_tail_seq_expire(ax_tail_seq *t, uint64_t now_ns, int all)
 
 int ax_tail_next_frame(const void *data, size_t len, size_t *frame_len)
 {
-	msgpack_unpacked u;
-	size_t off = 0;
-	int rc;
-
-	if (!len)
-		return 0;
-	msgpack_unpacked_init(&u);
-	rc = msgpack_unpack_next(&u, data, len, &off);
-	msgpack_unpacked_destroy(&u);
-	switch (rc) {
-	case MSGPACK_UNPACK_SUCCESS:
-	case MSGPACK_UNPACK_EXTRA_BYTES:
-		*frame_len = off;
-		return 1;
-	case MSGPACK_UNPACK_CONTINUE:
-		return 0;
-	case MSGPACK_UNPACK_NOMEM_ERROR:
-		return -ENOMEM;
-	default:
-		return -EBADMSG;
-	}
-}
-
-static int buf_write(void *data, const char *p, size_t n)
-{
-	return ax_buf_append(data, p, n) ? -1 : 0;
+	return ax_frame_span(data, len, frame_len);
 }
 
 int ax_tail_frame_wrap(const ax_buf *body, uint32_t count, ax_buf *out)
 {
-	msgpack_packer pk;
+	uint8_t h[5];
+	size_t n;
 
-	msgpack_packer_init(&pk, out, buf_write);
-	if (msgpack_pack_array(&pk, count))
+	if (count < 16) { /* the smallest msgpack array header, as ax_batch writes */
+		h[0] = (uint8_t)(0x90 | count);
+		n = 1;
+	} else if (count <= 0xffff) {
+		h[0] = 0xdc, h[1] = (uint8_t)(count >> 8), h[2] = (uint8_t)count;
+		n = 3;
+	} else {
+		h[0] = 0xdd, h[1] = (uint8_t)(count >> 24), h[2] = (uint8_t)(count >> 16);
+		h[3] = (uint8_t)(count >> 8), h[4] = (uint8_t)count;
+		n = 5;
+	}
+	if (ax_buf_append(out, h, n))
 		return -ENOMEM;
 	return body->len ? ax_buf_append(out, body->data, body->len) : 0;
 }
