@@ -118,6 +118,7 @@ struct ax_capture {
 	uint64_t lapped_rows, failed_rows; /* record-level losses found while draining, not yet reported */
 	/* timers (CLOCK_MONOTONIC ns) */
 	uint64_t next_attach_ns, next_hb_ns, next_alive_ns, next_stats_ns, next_sweep_ns, dead_since_ns;
+	uint64_t next_hello_ns;    /* hello is repeated while attached, so a relay started later learns the shape */
 	uint64_t idle_since_ns;
 	int attach_err_logged;
 	ax_capture_stats cnt;       /* atomics; sender / pool fields filled at snapshot time */
@@ -817,6 +818,10 @@ static int setup_attachment(ax_capture *c)
 	return 0;
 }
 
+/* A relay that starts (or restarts) after the attach has missed the hello; it needs the shape and default layers
+ * to know when a position's records are complete, so the hello is repeated this often while attached. */
+#define HELLO_EVERY_NS (5000ull * MS)
+
 static void send_hello(ax_capture *c)
 {
 	const ax_shm_header *h = c->hdr;
@@ -876,6 +881,7 @@ static void try_attach(ax_capture *c)
 	       c->o.shm_name, h->engine, h->model, h->n_layers, h->n_q_heads, h->n_kv_heads, h->head_dim,
 	       (unsigned long long)h->generation);
 	send_hello(c);
+	c->next_hello_ns = c->now_ns + HELLO_EVERY_NS;
 	update_wanted(c);
 	ax_shm_heartbeat(c->shm);
 }
@@ -1000,6 +1006,10 @@ static void service(ax_capture *c)
 	if (c->shm && now >= c->next_alive_ns) {
 		check_engine(c);
 		c->next_alive_ns = now + 200 * MS;
+	}
+	if (c->shm && now >= c->next_hello_ns) {
+		send_hello(c);
+		c->next_hello_ns = now + HELLO_EVERY_NS;
 	}
 	if (c->o.stats_interval_ms && now >= c->next_stats_ns) {
 		if (c->next_stats_ns != 0)
