@@ -37,7 +37,8 @@ typedef unsigned __int128 u128;
 static u128 g_tab[K_MAX - K_MIN + 1]; /* g(k) at [k − K_MIN] */
 static pthread_once_t g_once = PTHREAD_ONCE_INIT;
 
-/* ⌊q·log10 2⌋, ⌊log10(¾·2^q)⌋, ⌊e·log2 10⌋ by fixed-point multiplication (exact over |q|, |e| ≤ 2000: fmt_test). */
+/* ⌊q·log10 2⌋, ⌊log10(¾·2^q)⌋, ⌊e·log2 10⌋ by fixed-point multiplication (checked against long double logarithms
+ * for |q|, |e| ≤ 2000; doubles need |q| ≤ 1075). */
 static inline int flog10pow2(int q) { return (int)(((int64_t)q * 661971961083LL) >> 41); }
 static inline int flog10_3q_pow2(int q) { return (int)(((int64_t)q * 661971961083LL - 274743187321LL) >> 41); }
 static inline int flog2pow10(int e) { return (int)(((int64_t)e * 913124641741LL) >> 38); }
@@ -329,8 +330,9 @@ size_t ax__fmt_f64(double v, char *out)
  * lies inside v's rounding interval, but within half a double ulp of one of its ends, onto that end, and the
  * narrowing then rounds to even, maybe away from v (7.038531e-26 is such a case: strtof reads it as v,
  * (float)strtod does not). dec32 flags every value whose interval ends it computed within 2^−21 units of an
- * integer (about 2^−20 of all floats; the hazard needs 2^−22): those take this path, the previous writer's search,
- * with both readings checked (9 digits always pass: the rounding error is far inside the interval).
+ * integer (about 2^−20 of all floats; the hazard needs less than 2^−23): those take this path, the previous
+ * writer's search, with both readings checked (9 digits always pass: the rounding error is far inside the
+ * interval).
  */
 static size_t f32_careful(float v, int neg, char *out)
 {
