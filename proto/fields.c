@@ -276,6 +276,10 @@ static int get_positions(ax__val *v, ax_rec_attn *a, uint32_t *n)
 {
 	if (v->kind != AX_V_ARRAY || v->n > AX_PROTO_MAX_TOPK)
 		return -EPROTO;
+	if (v->u32s && v->u32s(v, a->token_positions)) { /* all small non-negative integers: what get_i accepts */
+		*n = (uint32_t)v->n;
+		return 0;
+	}
 	ax__val e;
 	for (size_t i = 0; i < v->n; i++) {
 		v->next(v, &e);
@@ -290,6 +294,10 @@ static int get_floats(ax__val *v, float *out, uint32_t *n)
 {
 	if (v->kind != AX_V_ARRAY || v->n > AX_PROTO_MAX_TOPK)
 		return -EPROTO;
+	if (v->f32s && v->f32s(v, out)) { /* all float32: (float)(double)x is x */
+		*n = (uint32_t)v->n;
+		return 0;
+	}
 	ax__val e;
 	for (size_t i = 0; i < v->n; i++) {
 		double d;

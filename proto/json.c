@@ -345,7 +345,7 @@ static void js_val(const json_t *j, ax__val *v)
 	}
 	case JSON_REAL: v->kind = AX_V_FLOAT; v->f = json_real_value(j); break;
 	case JSON_STRING: v->kind = AX_V_STR; v->s = json_string_value(j); v->n = json_string_length(j); break;
-	case JSON_ARRAY: v->kind = AX_V_ARRAY; v->n = json_array_size(j); v->next = js_next; v->idx = 0; break;
+	case JSON_ARRAY: v->kind = AX_V_ARRAY; v->n = json_array_size(j); v->next = js_next; v->idx = 0; v->f32s = NULL; v->u32s = NULL; break;
 	case JSON_OBJECT: v->kind = AX_V_MAP; v->n = json_object_size(j); v->each = js_each; break;
 	default: v->kind = AX_V_OTHER; break;
 	}

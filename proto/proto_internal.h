@@ -50,6 +50,11 @@ struct ax__val {
 	void (*next)(ax__val *arr, ax__val *out);
 	/* AX_V_MAP: fn for every pair, stopping at fn's first non-zero (returned). fn may iterate the value. */
 	int (*each)(ax__val *map, ax__kv_fn fn, void *arg);
+	/* AX_V_ARRAY, optional (NULL in JSON): all n elements at once when every one is a float32 (f32s) or a
+	 * non-negative integer below 2^32 (u32s, into int64_t): 1, the array consumed; else 0, nothing consumed
+	 * (iterate with next). The common top-k arrays in one loop instead of a call per element. */
+	int (*f32s)(ax__val *arr, float *out);
+	int (*u32s)(ax__val *arr, int64_t *out);
 };
 
 /* Every key the schema knows (fields.c maps names to these). */

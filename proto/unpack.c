@@ -24,6 +24,8 @@
 
 static void mp_next(ax__val *arr, ax__val *out);
 static int mp_each(ax__val *map, ax__kv_fn fn, void *arg);
+static int mp_f32s(ax__val *arr, float *out);
+static int mp_u32s(ax__val *arr, int64_t *out);
 
 static inline uint64_t be(const uint8_t *p, int n)
 {
@@ -73,9 +75,11 @@ static void set_container(ax__val *v, int kind, uint64_t n, const uint8_t *first
 	v->obj = first;
 	v->end = end;
 	v->idx = 0;
-	if (kind == AX_V_ARRAY)
+	if (kind == AX_V_ARRAY) {
 		v->next = mp_next;
-	else
+		v->f32s = mp_f32s;
+		v->u32s = mp_u32s;
+	} else
 		v->each = mp_each;
 }
 
@@ -195,6 +199,46 @@ static void mp_next(ax__val *arr, ax__val *out)
 	}
 	arr->idx++;
 	arr->obj = p;
+}
+
+static int mp_f32s(ax__val *arr, float *out)
+{
+	const uint8_t *p = arr->obj;
+	size_t n = arr->n - arr->idx;
+	if ((size_t)((const uint8_t *)arr->end - p) < 5 * n)
+		return 0;
+	for (size_t i = 0; i < n; i++, p += 5) {
+		union {
+			uint32_t u;
+			float f;
+		} x;
+		if (p[0] != 0xca)
+			return 0;
+		x.u = be32(p + 1);
+		out[i] = x.f;
+	}
+	arr->obj = p;
+	arr->idx = arr->n;
+	return 1;
+}
+
+static int mp_u32s(ax__val *arr, int64_t *out)
+{
+	const uint8_t *p = arr->obj, *end = arr->end;
+	size_t n = arr->n - arr->idx;
+	for (size_t i = 0; i < n; i++) {
+		if (p == end)
+			return 0;
+		uint8_t b = *p++;
+		size_t w = b < 0x80 ? 0 : b == 0xcc ? 1 : b == 0xcd ? 2 : b == 0xce ? 4 : 8;
+		if (w == 8 || (size_t)(end - p) < w)
+			return 0;
+		out[i] = w == 0 ? b : w == 1 ? p[0] : w == 2 ? be16(p) : be32(p);
+		p += w;
+	}
+	arr->obj = p;
+	arr->idx = arr->n;
+	return 1;
 }
 
 /* Walk the pairs of a map, calling fn with each key and value; the map's obj / idx follow the walk. */

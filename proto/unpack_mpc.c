@@ -131,7 +131,7 @@ static void mp_val(const msgpack_object *o, ax__val *v)
 	case MSGPACK_OBJECT_FLOAT32:
 	case MSGPACK_OBJECT_FLOAT64: v->kind = AX_V_FLOAT; v->f = o->via.f64; break;
 	case MSGPACK_OBJECT_STR: v->kind = AX_V_STR; v->s = o->via.str.ptr; v->n = o->via.str.size; break;
-	case MSGPACK_OBJECT_ARRAY: v->kind = AX_V_ARRAY; v->n = o->via.array.size; v->next = mp_next; v->idx = 0; break;
+	case MSGPACK_OBJECT_ARRAY: v->kind = AX_V_ARRAY; v->n = o->via.array.size; v->next = mp_next; v->idx = 0; v->f32s = NULL; v->u32s = NULL; break;
 	case MSGPACK_OBJECT_MAP: v->kind = AX_V_MAP; v->n = o->via.map.size; v->each = mp_each; break;
 	default: v->kind = AX_V_OTHER; break;
 	}
