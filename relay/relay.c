@@ -9,8 +9,9 @@
  *   UP_BODY    the whole body is collected, merged once its attention is in (or its hold is over), then sent.
  * Every up has an idle timer (the upstream's longest allowed silence) and a hold timer (the next time the merge can
  * release something); a finished up is reaped from a zero timer, never from inside a libcurl callback.
- * The records PULL's receive fd is polled with uv_poll; each frame is decoded with proto, its records go to the
- * requests they belong to and to the WebSocket clients, and the frame goes verbatim to the feed PUB.
+ * The records PULL's receive fd is polled with uv_poll; each frame is checked for structure (no decoding) and goes
+ * verbatim to the feed PUB; its records are decoded only as far as requests, WebSocket clients and the capture table
+ * need them (ingest_frame says what that means for validation).
  *
  * Policy acknowledgement: the policy travels relay → capture over nng while the request travels relay → engine over
  * HTTP, so an engine could prefill before the capture has told it (ax_shm_set_wanted) which layers to export. So an
@@ -1052,7 +1053,6 @@ static int on_record(const ax_record *rec, void *arg)
 {
 	ingest *in = arg;
 	ax_relay *r = in->r;
-	atomic_fetch_add(&r->m.records_in, 1);
 	if (rec->type == AX_REC_HELLO || !in->last_src || strcmp(in->last_src, rec->src) != 0) {
 		in->last_slot = capture_seen(r, rec, in->t, in->pipe);
 		in->last_src = rec->src;
@@ -1067,43 +1067,148 @@ static int on_record(const ax_record *rec, void *arg)
 	return 0;
 }
 
-static void decode_error(ax_relay *r, int rc, size_t len)
+/* A frame whose records fail the decoder. `published`: it passed the structural check and is already on the feed
+ * (its records were not all valid); else it was dropped and the feed gets a `gap` for it. Either way it counts as a
+ * decode error and WebSocket clients get a gap (they never see its records verbatim). */
+static void decode_error(ax_relay *r, int rc, size_t len, int published)
 {
 	ax_record g;
 	ax_batch b;
 	const uint8_t *p;
 	size_t n;
 	atomic_fetch_add(&r->m.decode_errors, 1);
-	ax_log(AX_LOG_WARN, TAG, "dropped a %zu-byte frame: %s", len, ax_strerror(rc));
+	ax_log(AX_LOG_WARN, TAG, "%s a %zu-byte frame: %s", published ? "published (records invalid)" : "dropped", len,
+	       ax_strerror(rc));
 	ax__relay_rec_init(r, &g, AX_REC_GAP);
 	snprintf(g.u.gap.what, sizeof g.u.gap.what, "frames");
 	snprintf(g.u.gap.reason, sizeof g.u.gap.reason, "invalid");
 	g.u.gap.count = 1;
 	ax_batch_init(&b);
-	if (ax_batch_add(&b, &g) >= 0 && ax_batch_finish(&b, &p, &n) > 0)
+	if (!published && ax_batch_add(&b, &g) >= 0 && ax_batch_finish(&b, &p, &n) > 0)
 		publish(r, r->pub_feed, p, n);
 	ax_batch_fini(&b);
 	ax__ws_record(r, &g, ax_now_ns(), 0);
 }
 
+/* The records of a frame that must be decoded even when nobody needs attention: every record that is not an
+ * `attn` (hello, req, end, gap, stats, policy acks), and the first record (the capture table learns the frame's
+ * source and pipe from it). More than AX_FRAME_PICKS of them: the whole frame is decoded. */
+#define AX_FRAME_PICKS 32
+typedef struct frame_walk {
+	uint32_t n_records;
+	int n_picks;                    /* -1: too many, decode the frame */
+	uint32_t pick_off[AX_FRAME_PICKS], pick_len[AX_FRAME_PICKS];
+} frame_walk;
+
+/* An `attn` record as proto's encoder writes it: the map's first pair is "t": "attn". A record laid out otherwise
+ * (another encoder's key order) is simply decoded. */
+static int looks_attn(const uint8_t *p, size_t n)
+{
+	static const uint8_t key[] = {0xa1, 't', 0xa4, 'a', 't', 't', 'n'};
+	size_t h = (p[0] & 0xf0) == 0x80 ? 1 : p[0] == 0xde ? 3 : 5;
+	return n >= h + sizeof key && memcmp(p + h, key, sizeof key) == 0;
+}
+
+/* The structural check before a frame goes on the feed: one msgpack array of maps, nothing after it, within the
+ * caps; each record's extent found with ax_frame_span (no decoding). Returns 0 or -EBADMSG / -EMSGSIZE. */
+static int frame_walk_check(const uint8_t *p, size_t len, frame_walk *w)
+{
+	const uint8_t *end = p + len, *q;
+	uint64_t n;
+	if (len > AX_PROTO_MAX_FRAME)
+		return -EMSGSIZE;
+	if (len >= 1 && (p[0] & 0xf0) == 0x90)
+		n = p[0] & 0x0f, q = p + 1;
+	else if (len >= 3 && p[0] == 0xdc)
+		n = (uint64_t)p[1] << 8 | p[2], q = p + 3;
+	else if (len >= 5 && p[0] == 0xdd)
+		n = (uint64_t)p[1] << 24 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 8 | p[4], q = p + 5;
+	else
+		return -EBADMSG;
+	if (n > AX_PROTO_MAX_RECORDS)
+		return -EMSGSIZE;
+	w->n_records = (uint32_t)n;
+	w->n_picks = 0;
+	for (uint64_t i = 0; i < n; i++) {
+		size_t rl;
+		if (q == end || ((*q & 0xf0) != 0x80 && *q != 0xde && *q != 0xdf))
+			return -EBADMSG;
+		if (ax_frame_span(q, (size_t)(end - q), &rl) != 1)
+			return -EBADMSG;
+		if (w->n_picks >= 0 && (i == 0 || !looks_attn(q, rl))) {
+			if (w->n_picks == AX_FRAME_PICKS) {
+				w->n_picks = -1;
+			} else {
+				w->pick_off[w->n_picks] = (uint32_t)(q - p);
+				w->pick_len[w->n_picks++] = (uint32_t)rl;
+			}
+		}
+		q += rl;
+	}
+	return q == end ? 0 : -EBADMSG;
+}
+
+/* Someone needs every record: a WebSocket client, or a live request whose attention is merged. */
+static int records_wanted(ax_relay *r)
+{
+	if (ax__ws_count(r) > 0)
+		return 1;
+	for (ax_up *u = r->ups; u; u = u->next)
+		if (u->m && !u->finished)
+			return 1;
+	return 0;
+}
+
+/* Decode only the picked records (attn records are skipped unread). 0 or the first decoder error. */
+static int decode_picks(const uint8_t *p, const frame_walk *w, ingest *in)
+{
+	for (int i = 0; i < w->n_picks; i++) {
+		ax_record rec;
+		int rc = ax_record_unpack(p + w->pick_off[i], w->pick_len[i], &rec);
+		if (rc < 0)
+			return rc;
+		on_record(&rec, in);
+		ax_record_fini(&rec);
+	}
+	return 0;
+}
+
+/*
+ * One capture frame. The feed needs only the verdict that the frame is well-formed (frame_walk_check: garbage never
+ * reaches the feed), not its records, so whether the frame is published no longer depends on decoding them. Its
+ * records are decoded only as far as someone needs them: all of them (with full field validation) when a WebSocket
+ * client is connected or a request is merging attention; otherwise only the non-attn records and the first one
+ * (capture table, hellos, policy acks, req/end), while the attn records are counted but not read. Consequences: a
+ * structurally sound frame whose records fail field validation is still published on the feed and counts as a
+ * decode error (records_in counts all its records); WebSocket clients get a gap instead of it. When nobody needs
+ * records, an attn record with bad fields is not noticed at all (attnx-tail validates what it shows).
+ */
 static void ingest_frame(ax_relay *r, nng_msg *msg)
 {
 	ingest in = {.r = r, .t = ax_now_ns(), .pipe = nng_msg_get_pipe(msg)};
+	const uint8_t *body = nng_msg_body(msg);
 	size_t len = nng_msg_len(msg);
+	frame_walk w;
 	atomic_fetch_add(&r->m.frames_in, 1);
 	atomic_store(&r->m.last_record_ns, in.t);
-	int rc = ax_frame_decode(nng_msg_body(msg), len, on_record, &in);
+	int rc = frame_walk_check(body, len, &w);
+	if (rc < 0) {
+		decode_error(r, rc, len, 0);
+		nng_msg_free(msg);
+		return;
+	}
+	atomic_fetch_add(&r->m.records_in, w.n_records);
+	int full = w.n_picks < 0 || records_wanted(r);
+	rc = full ? ax_frame_decode(body, len, on_record, &in) : decode_picks(body, &w, &in);
 	for (ax_up *u = r->ups; u; u = u->next)
 		if (u->touched) {
 			u->touched = 0;
 			pump(u);
 		}
-	if (rc < 0) {
-		decode_error(r, rc, len);
-		nng_msg_free(msg);
-		return;
-	}
-	ax__ws_frame(r, nng_msg_body(msg), len, in.t);
+	if (rc < 0)
+		decode_error(r, rc, len, 1);
+	else if (full)
+		ax__ws_frame(r, body, len, in.t);
 	atomic_fetch_add(&r->m.feed_frames, 1);
 	if (nng_sendmsg(r->pub_feed, msg, NNG_FLAG_NONBLOCK)) /* verbatim; ownership moves on success */
 		nng_msg_free(msg);
