@@ -1293,12 +1293,18 @@ static int nng_err(int rv)
 	}
 }
 
+#define AX_FEED_SENDBUF 256 /* frames queued per feed subscriber */
+
 static int open_nng(ax_relay *r)
 {
 	int rv, fd;
 	if ((rv = nng_pull0_open(&r->pull)) || (rv = nng_pub0_open(&r->pub_policy)) || (rv = nng_pub0_open(&r->pub_feed)))
 		return nng_err(rv);
 	nng_socket_set_int(r->pull, NNG_OPT_RECVBUF, 1024);
+	/* PUB drops a frame for a subscriber whose queue is full; nng's default of 16 frames (~8 k records) lets a
+	 * subscriber that is briefly descheduled lose frames at feed rates of 10^6 records/s. Queued frames are shared
+	 * references, so this costs memory only while a subscriber lags: ≤ AX_FEED_SENDBUF × the frame size each. */
+	nng_socket_set_int(r->pub_feed, NNG_OPT_SENDBUF, AX_FEED_SENDBUF);
 	const char *addr[] = {r->o.records, r->o.policy, r->o.feed};
 	nng_socket s[] = {r->pull, r->pub_policy, r->pub_feed};
 	for (int i = 0; i < 3; i++)
