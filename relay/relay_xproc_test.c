@@ -1159,6 +1159,47 @@ static void feed_structural_check(void **state)
 	fx_stop(&f);
 }
 
+/* Without WebSocket clients or requests, attn records are skipped unread, but every other record of a frame is still
+ * decoded: a hello behind attn records reaches the capture table; a frame of attn records alone changes only counts. */
+static void feed_fast_path_sees_hello(void **state)
+{
+	fx f = {0};
+	fx_start(&f, 0, NULL);
+	ax_record recs[3];
+	attn_rec(&f, &recs[0], "rid-a", 7, 3);
+	attn_rec(&f, &recs[1], "rid-a", 8, 3);
+	rec_head(&f, &recs[2], AX_REC_HELLO, NULL);
+	snprintf(recs[2].u.hello.engine, sizeof recs[2].u.hello.engine, "late");
+	snprintf(recs[2].u.hello.backend, sizeof recs[2].u.hello.backend, "cpu");
+	recs[2].u.hello.world_size = 1;
+	recs[2].u.hello.n_layers = 9;
+	recs[2].u.hello.n_q_heads = 4;
+	recs[2].u.hello.top_k = 5;
+	recs[2].u.hello.mode = AX_MODE_MEAN_LOGIT;
+	ax_batch b;
+	const uint8_t *p;
+	size_t len;
+	ax_batch_init(&b);
+	for (int i = 0; i < 3; i++)
+		assert_true(ax_batch_add(&b, &recs[i]) >= 0);
+	assert_true(ax_batch_finish(&b, &p, &len) > 0);
+	assert_int_equal(nng_send(f.push, (void *)p, len, 0), 0);
+	ax_batch_fini(&b);
+	long long n = -1;
+	for (int t = 0; t < 100 && (n = metric_of(&f, "records_in_total")) != 3; t++)
+		usleep(10000);
+	assert_int_equal(n, 3);
+	assert_int_equal(metric_of(&f, "decode_errors_total"), 0);
+	resp r = {0};
+	http(&f, "GET", "/v1/attention/capabilities", NULL, NULL, &r);
+	json_t *j = json_loads(r.body, 0, NULL);
+	assert_non_null(j);
+	assert_int_equal(json_integer_value(json_object_get(j, "n_layers")), 9);
+	json_decref(j);
+	free(r.body);
+	fx_stop(&f);
+}
+
 /* Wait until the relay lists n captures with a hello (so its next request knows whom to wait for). */
 static void wait_captures(fx *f, size_t n)
 {
@@ -1396,7 +1437,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(pub_feed_verbatim), cmocka_unit_test(policy_published),
 		cmocka_unit_test(policy_ack_holds),  cmocka_unit_test(policy_ack_timeout),
 		cmocka_unit_test(policy_no_wait),    cmocka_unit_test(explorer_page),
-		cmocka_unit_test(binary_sigterm),   cmocka_unit_test(feed_structural_check),
+		cmocka_unit_test(binary_sigterm),   cmocka_unit_test(feed_structural_check), cmocka_unit_test(feed_fast_path_sees_hello),
 	};
 	int rc = cmocka_run_group_tests(tests, NULL, NULL);
 	mg_exit_library();
