@@ -233,6 +233,8 @@ typedef struct ax_engine_config {
 	int prefill_chunk; /* prompt tokens per request per step; default 256 */
 	const char *shm_name; /* NULL = AX_SHM_DEFAULT_NAME */
 	int no_export;     /* 1: no shm segment */
+	int max_steps_per_s; /* pace: at most this many forward steps a second (0 = as fast as the cores go); lets a
+			      * demo or a test watch tokens stream on a machine where the tiny model is too fast */
 } ax_engine_config;
 
 #define AX_MAX_TOP_LOGPROBS 20

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "attnx_common.h"
 #include "attnx_engine.h"
 #include "attnx_shm.h"
 
@@ -237,6 +238,22 @@ static int row_intact(ax_shm *s, int row, uint64_t n)
 
 /* Retired rows: a finished request's keys stay readable after END until a later request needs the row (the
  * oldest retired row goes first) or its slots (ctx 64, one request's worth of slots). */
+/* --max-steps-per-s: 20 decode tokens at 50 steps a second take at least 0.38 s (unpaced they take a few ms). */
+static void test_pacing(void **state)
+{
+	(void)state;
+	ax_engine_config cfg = {.model_dir = "models/attnx-tiny", .threads = 1, .max_batch = 1, .ctx = 64,
+				.no_export = 1, .max_steps_per_s = 50};
+	ax_engine *e;
+	assert_int_equal(ax_engine_open(&e, &cfg), 0);
+	int32_t ids[3] = {1, 2, 3};
+	uint64_t t0 = ax_now_ns();
+	assert_int_equal(run_to_end(e, "paced", ids, 3, 20), AX_FINISH_LENGTH);
+	uint64_t dt = ax_now_ns() - t0;
+	assert_true(dt >= 380000000ull);
+	ax_engine_close(e);
+}
+
 static void test_retired_rows(void **state)
 {
 	char name[64];
@@ -279,6 +296,7 @@ int main(void)
 		cmocka_unit_test(test_export_matches_hf_attention),
 		cmocka_unit_test(test_retired_rows),
 		cmocka_unit_test(test_engine_bad_requests),
+		cmocka_unit_test(test_pacing),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -30,6 +30,8 @@ static void usage(FILE *f)
 		"  --ctx N            longest sequence in tokens (default min(max_position_embeddings, 4096))\n"
 		"  --prefill-chunk N  prompt tokens per request per step (default 256)\n"
 		"  --http-threads N   civetweb worker threads (default 32)\n"
+		"  --max-steps-per-s N  pace generation: at most N forward steps a second (default 0 = unpaced;\n"
+		"                     for demos and tests that watch tokens stream)\n"
 		"  -v, --verbose      debug logging\n");
 }
 
@@ -51,12 +53,13 @@ int main(int argc, char **argv)
 		{"threads", required_argument, 0, 't'}, {"max-batch", required_argument, 0, 'b'},
 		{"ctx", required_argument, 0, 'c'}, {"prefill-chunk", required_argument, 0, 'p'},
 		{"http-threads", required_argument, 0, 'H'}, {"verbose", no_argument, 0, 'v'},
+		{"max-steps-per-s", required_argument, 0, 'P'},
 		{"help", no_argument, 0, 'h'}, {0, 0, 0, 0},
 	};
 	ax_engine_config cfg = {0};
 	const char *listen = "127.0.0.1:8000";
 	int http_threads = 32, o, bad = 0;
-	while ((o = getopt_long(argc, argv, "m:l:s:nt:b:c:p:H:vh", opts, NULL)) != -1) {
+	while ((o = getopt_long(argc, argv, "m:l:s:nt:b:c:p:H:P:vh", opts, NULL)) != -1) {
 		switch (o) {
 		case 'm': cfg.model_dir = optarg; break;
 		case 'l': listen = optarg; break;
@@ -67,6 +70,7 @@ int main(int argc, char **argv)
 		case 'c': bad |= parse_int(optarg, 16, 1 << 20, &cfg.ctx); break;
 		case 'p': bad |= parse_int(optarg, 1, 1 << 16, &cfg.prefill_chunk); break;
 		case 'H': bad |= parse_int(optarg, 1, 1024, &http_threads); break;
+		case 'P': bad |= parse_int(optarg, 0, 1000000, &cfg.max_steps_per_s); break;
 		case 'v': ax_log_set_level(AX_LOG_DEBUG); break;
 		case 'h': usage(stdout); return 0;
 		default: bad = 1;

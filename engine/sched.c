@@ -581,6 +581,18 @@ static void run_step(ax_engine *e)
 
 static int any_active(const ax_engine *e) { return e->n_active > 0; }
 
+/* --max-steps-per-s: sleep out the rest of this step's share of a second (never when unpaced). */
+static void pace(const ax_engine *e, uint64_t step_start_ns)
+{
+	if (e->cfg.max_steps_per_s <= 0)
+		return;
+	uint64_t period = 1000000000ull / (uint64_t)e->cfg.max_steps_per_s, spent = ax_now_ns() - step_start_ns;
+	if (spent >= period)
+		return;
+	struct timespec ts = {(time_t)((period - spent) / 1000000000ull), (long)((period - spent) % 1000000000ull)};
+	nanosleep(&ts, NULL);
+}
+
 static void *sched_main(void *arg)
 {
 	ax_engine *e = arg;
@@ -604,7 +616,9 @@ static void *sched_main(void *arg)
 		pthread_mutex_unlock(&e->mu);
 		if (quit)
 			break;
+		uint64_t t0 = ax_now_ns();
 		run_step(e);
+		pace(e, t0);
 	}
 	/* Abort everything still queued or running. */
 	for (int row = 0; row < e->rows; row++)

@@ -60,7 +60,9 @@ export class Stack {
     let eng;
     if (this.engineKind === 'engine') {
       eng = this.start('engine', b('engine/attnx-engine'), ['--model', path.join(this.root, 'engine/models/attnx-tiny'),
-        '--listen', listen, '--shm', this.shm, '--threads', '1']);
+        '--listen', listen, '--shm', this.shm, '--threads', '1',
+        // paced so tokens visibly stream: unpaced, the tiny model can finish a reply within one frame of the page
+        '--max-steps-per-s', '100']);
     } else {
       eng = this.start('engine', b('tests/attnx-test-producer'), ['--listen', listen, '--shm', this.shm, '--tokens-per-s', '40']);
     }
