@@ -1244,6 +1244,31 @@ static void test_ring_full(void **state)
 	engine_close(&e);
 }
 
+/* A relay that comes up after the attach still learns the shape: the hello is repeated every 5 s while attached. */
+static void test_hello_repeated(void **state)
+{
+	(void)state;
+	engine e;
+	engine_open(&e, 0x4711);
+	ax_capture_opts o;
+	test_opts(&o);
+	runner run;
+	runner_start(&run, &o);
+	assert_true(attached(&e));
+	sink s = {0};
+	sink_listen(&s); /* the "relay" starts after the first hello */
+	size_t two = 2;
+	uint64_t t0 = ax_now_ns();
+	wait_for(&s, &e, has_hello_count, &two, 12000, "a repeated hello");
+	assert_true(ax_now_ns() - t0 >= 3000000000ull); /* one every 5 s, not a flood */
+	const ax_record *h = find(&s, AX_REC_HELLO, NULL, 0);
+	assert_non_null(h);
+	assert_int_equal(h->u.hello.n_layers, NL);
+	runner_stop(&run);
+	sink_close(&s);
+	engine_close(&e);
+}
+
 int main(void)
 {
 	snprintf(g_shm, sizeof g_shm, "/attnx.capture-test.%d", (int)getpid());
@@ -1253,6 +1278,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_options),
 		cmocka_unit_test(test_sender_clock_order),
+		cmocka_unit_test(test_hello_repeated),
 		cmocka_unit_test(test_layers_and_lists),
 		cmocka_unit_test(test_policy_table),
 		cmocka_unit_test(test_stream),
