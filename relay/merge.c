@@ -34,6 +34,8 @@
 #include "attnx_common.h"
 
 #define MAX_POSITION (1ll << 26)
+/* Most generated tokens one upstream chunk may claim (usage deltas above it are an upstream fault, clamped). */
+#define MAX_CHUNK_TOKENS 65536
 #define DUMP_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION(9))
 
 typedef struct mrec {
@@ -292,6 +294,31 @@ static int complete(const ax_merge *m, int64_t p)
 	return s && s->n >= m->cfg.expected;
 }
 
+/* Every row in [lo, hi) is complete. Rows past the slot table hold nothing, so there the answer is whether the
+ * policy skips all of them: found in O(1), so bounds taken from an upstream (usage counts) cost nothing. */
+static int range_complete(const ax_merge *m, int64_t lo, int64_t hi)
+{
+	if (m->cap_end)
+		return 1;
+	if (lo < 0)
+		lo = 0;
+	int64_t mid = hi < (int64_t)m->nslots ? hi : (int64_t)m->nslots;
+	for (int64_t p = lo; p < mid; p++)
+		if (!complete(m, p))
+			return 0;
+	int64_t p = lo > mid ? lo : mid;
+	if (p >= hi)
+		return 1;
+	if (m->P < 0 || p < m->P - 1)
+		return 0; /* a prompt row (or P unknown): it comes */
+	uint64_t st = m->cfg.stride > 1 ? m->cfg.stride : 1;
+	uint64_t i = (uint64_t)(p - (m->P - 1));
+	uint64_t first = (i + st - 1) / st; /* first sampled generated index at or after p */
+	if (m->cfg.max_tokens && first >= m->cfg.max_tokens)
+		return 1;
+	return (int64_t)(first * st) >= hi - (m->P - 1);
+}
+
 /* ------------------------------------------------------------------ rendering */
 
 static int rec_cmp(const void *a, const void *b)
@@ -411,7 +438,7 @@ static int take_entry(ax_merge *m, int64_t p, json_t *arr)
 /* Prompt rows 0..P-1 that hold unsent records. */
 static void take_prompt(ax_merge *m, json_t *arr)
 {
-	for (int64_t p = 0; p < m->P; p++)
+	for (int64_t p = 0; p < m->P && (size_t)p < m->nslots; p++)
 		take_entry(m, p, arr);
 }
 
@@ -458,6 +485,11 @@ static const char *str_or_empty(json_t *j)
 	return json_is_string(j) ? json_string_value(j) : "";
 }
 
+static uint32_t clamp_tokens(int64_t n)
+{
+	return n > MAX_CHUNK_TOKENS ? MAX_CHUNK_TOKENS : (uint32_t)n;
+}
+
 /* How many generated tokens a chunk carries, and the text of one. */
 static uint32_t chunk_tokens(ax_merge *m, json_t *j, char *text, size_t tlen)
 {
@@ -480,9 +512,9 @@ static uint32_t chunk_tokens(ax_merge *m, json_t *j, char *text, size_t tlen)
 	snprintf(text, tlen, "%s%s", a, b);
 	json_t *ct = json_object_get(usage, "completion_tokens");
 	if (json_is_integer(ct) && json_integer_value(ct) >= m->tokens_seen)
-		return (uint32_t)(json_integer_value(ct) - m->tokens_seen);
+		return clamp_tokens(json_integer_value(ct) - m->tokens_seen);
 	if (json_is_array(lp) && json_array_size(lp))
-		return (uint32_t)json_array_size(lp);
+		return clamp_tokens((int64_t)json_array_size(lp));
 	if (*a || *b)
 		return 1;
 	/* No text, no count: the finish chunk of a stop token (sampled, not shown) stands for that token. */
@@ -573,17 +605,10 @@ static int chunk_ready(const ax_merge *m, const mchunk *c)
 		return 1;
 	if (m->P < 0)
 		return m->cap_end;
-	for (uint32_t i = 0; i < c->ntok; i++) {
-		int64_t tok = c->tok0 + i;
-		int64_t p = tok == 0 ? m->P - 1 : m->P + tok - 1;
-		if (!complete(m, p))
-			return 0;
-		if (tok == 0 && m->cfg.want_prompt)
-			for (int64_t q = 0; q < m->P - 1; q++)
-				if (!complete(m, q))
-					return 0;
-	}
-	return 1;
+	/* token t samples from row P + t - 1: the chunk's rows are one contiguous range */
+	if (!range_complete(m, m->P + c->tok0 - 1, m->P + c->tok0 + c->ntok - 1))
+		return 0;
+	return !(c->tok0 == 0 && m->cfg.want_prompt) || range_complete(m, 0, m->P - 1);
 }
 
 static int emit_json(json_t *j, int what, ax_merge_emit emit, void *arg)
@@ -607,6 +632,8 @@ static int emit_chunk(ax_merge *m, mchunk *c, ax_merge_emit emit, void *arg)
 		int64_t tok = c->tok0 + i;
 		if (tok == 0)
 			take_prompt(m, pa);
+		else if ((size_t)(m->P + tok - 1) >= m->nslots)
+			break; /* nothing is held past the slot table */
 		else
 			take_entry(m, m->P + tok - 1, at);
 	}
@@ -704,11 +731,7 @@ static int all_due_complete(const ax_merge *m)
 		return 1;
 	if (m->P < 0)
 		return 0;
-	int64_t lo = m->cfg.want_prompt ? 0 : m->P - 1;
-	for (int64_t p = lo; p < due_bound(m); p++)
-		if (!complete(m, p))
-			return 0;
-	return 1;
+	return range_complete(m, m->cfg.want_prompt ? 0 : m->P - 1, due_bound(m));
 }
 
 int64_t ax__merge_poll(ax_merge *m, uint64_t now_ns, ax_merge_emit emit, void *arg)
@@ -769,8 +792,8 @@ int ax__merge_body(ax_merge *m, const char *body, size_t len, uint64_t now_ns, i
 	json_t *pt = json_object_get(usage, "prompt_tokens"), *ct = json_object_get(usage, "completion_tokens");
 	if (json_is_integer(pt))
 		ax__merge_set_prompt_len(m, json_integer_value(pt));
-	if (json_is_integer(ct))
-		m->body_ntok = json_integer_value(ct);
+	if (json_is_integer(ct) && json_integer_value(ct) >= 0)
+		m->body_ntok = json_integer_value(ct) < MAX_POSITION ? json_integer_value(ct) : MAX_POSITION;
 	body_texts(m, json_array_get(json_object_get(j, "choices"), 0));
 	json_decref(m->body);
 	m->body = j;
@@ -785,11 +808,7 @@ static int body_ready(const ax_merge *m)
 		return 1;
 	if (m->P < 0 || m->body_ntok < 0)
 		return 0;
-	int64_t lo = m->cfg.want_prompt ? 0 : m->P - 1;
-	for (int64_t p = lo; p < m->P + m->body_ntok - 1; p++)
-		if (!complete(m, p))
-			return 0;
-	return 1;
+	return range_complete(m, m->cfg.want_prompt ? 0 : m->P - 1, m->P + m->body_ntok - 1);
 }
 
 int ax__merge_body_take(ax_merge *m, uint64_t now_ns, char **out, size_t *out_len, uint64_t *deadline_ns)
@@ -806,6 +825,8 @@ int ax__merge_body_take(ax_merge *m, uint64_t now_ns, char **out, size_t *out_le
 	if (m->P >= 0) {
 		take_prompt(m, pa);
 		int64_t end = m->body_ntok >= 0 ? m->P + m->body_ntok - 1 : (int64_t)m->nslots;
+		if (end > (int64_t)m->nslots)
+			end = (int64_t)m->nslots;
 		for (int64_t p = m->P; p < end; p++)
 			take_entry(m, p, at);
 	}

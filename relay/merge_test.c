@@ -577,6 +577,64 @@ static void stride_rows(void **state)
 	ax__merge_free(m);
 }
 
+/* Counts an upstream makes up (usage of 2^62 tokens, a chunk claiming 4e9) cost nothing: before the bounds were
+ * clamped these loops ran for hours (libFuzzer timeout in CI). */
+static void absurd_upstream_counts(void **state)
+{
+	ax_merge_cfg cfg = {.kind = AX_RK_CHAT, .stream = 0, .expected = 1, .wait_ns = WAIT, .stride = 2};
+	ax_merge *m = ax__merge_new(&cfg);
+	const char *body = "{\"choices\":[{\"message\":{\"content\":\"A\"}}],"
+			   "\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":4611686018427387904}}";
+	char *outb;
+	size_t n;
+	uint64_t dl;
+	add(m, 4);
+	add(m, 6);
+	assert_int_equal(ax__merge_body(m, body, strlen(body), 0, 0), 0);
+	assert_int_equal(ax__merge_body_take(m, 1, &outb, &n, &dl), 0); /* row 8 may come */
+	assert_int_equal(ax__merge_body_take(m, WAIT, &outb, &n, &dl), 1);
+	json_t *j = json_loadb(outb, n, 0, NULL);
+	json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
+	assert_int_equal(json_array_size(json_object_get(c0, "attention_tokens")), 1);
+	json_decref(j);
+	free(outb);
+	ax__merge_free(m);
+
+	out o = {0};
+	m = chat(1, 0);
+	ax__merge_set_prompt_len(m, 5);
+	add(m, 4);
+	add(m, 5);
+	raw_chunk(m, "{\"choices\":[{\"delta\":{\"content\":\"x\"}}],\"usage\":{\"completion_tokens\":4294967295}}");
+	ax__merge_upstream_done(m, 0);
+	assert_int_equal(ax__merge_poll(m, WAIT, collect, &o), 0);
+	assert_int_equal(o.done, 1);
+	assert_int_equal(pos_of(json_object_get(delta(&o, 0), "attention_tokens"), 0), 5);
+	out_free(&o);
+	ax__merge_free(m);
+}
+
+/* Rows past the slot table: complete exactly when the policy skips every one of them (stride, max_tokens). */
+static void rows_past_table(void **state)
+{
+	for (int cap = 0; cap < 2; cap++) {
+		ax_merge_cfg cfg = {.kind = AX_RK_CHAT, .expected = 1, .wait_ns = WAIT, .stride = 2, .max_tokens = cap ? 30 : 0};
+		ax_merge *m = ax__merge_new(&cfg);
+		const char *body = "{\"choices\":[{\"message\":{\"content\":\"A\"}}],"
+				   "\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1000}}";
+		char *outb = NULL;
+		size_t n;
+		uint64_t dl;
+		for (int p = 4; p < 64; p += 2) /* every sampled row the 64-slot table holds */
+			add(m, p);
+		assert_int_equal(ax__merge_body(m, body, strlen(body), 0, 0), 0);
+		/* with max_tokens 30 the rows from 64 on (generated index 60 = 30 strides) never come */
+		assert_int_equal(ax__merge_body_take(m, 1, &outb, &n, &dl), cap ? 1 : 0);
+		free(outb);
+		ax__merge_free(m);
+	}
+}
+
 /* Tokens counted by logprobs: each entry gets its own token's text, not NULL. */
 static void logprob_texts(void **state)
 {
@@ -659,6 +717,7 @@ int main(void)
 		cmocka_unit_test(stop_token_row),     cmocka_unit_test(usage_only_chunk),
 		cmocka_unit_test(rest_before_done),   cmocka_unit_test(stride_rows),
 		cmocka_unit_test(logprob_texts),      cmocka_unit_test(non_stream_texts),
+		cmocka_unit_test(absurd_upstream_counts), cmocka_unit_test(rows_past_table),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
