@@ -1,0 +1,63 @@
+/*
+ * attn_cuda.h — the capture's CUDA compute backend: the same jobs and results as attn.h's CPU backend, run on a
+ * GPU in batches (many requests, layers and modes in one call), with results identical to ax_attn_cpu (top-k
+ * sets equal, ties by lower position; logits and logsumexp within 1e-3 of the float64 reference: fp32
+ * accumulation). Internal to capture/ (the daemon and its tests). Compiled only where nvcc exists
+ * (AX_HAVE_CUDA); a build without CUDA has no --backend cuda.
+ *
+ * Memory: in jobs given to ax_attn_cuda_run, `q`, `k` and `index` are DEVICE pointers valid on the context's
+ * device (the caller owns them: typically imported CUDA IPC / VMM allocations of the engine); `heads` is a host
+ * array. The context owns its stream, its device scratch (bounded: grown to the largest batch seen, at most
+ * AX_ATTN_CUDA_MAX_SCRATCH bytes) and its pinned host staging; nothing else is allocated per call once warm.
+ *
+ * Threads: one context is used by one thread at a time. Contexts on the same device are independent.
+ */
+#ifndef ATTNX_CAPTURE_ATTN_CUDA_H
+#define ATTNX_CAPTURE_ATTN_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "attn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define AX_ATTN_CUDA_MAX_SCRATCH ((size_t)1 << 30) /* device scratch cap per context */
+
+typedef struct ax_attn_cuda ax_attn_cuda;
+
+/* Number of CUDA devices usable here (> 0), or -ENODEV (no device or no driver). Never aborts. */
+int ax_attn_cuda_devices(void);
+
+/* Create a context on `device` (its own non-blocking stream). Returns 0, -ENODEV, -ENOMEM or -EIO (a CUDA error;
+ * ax_attn_cuda_strerror(NULL) tells which). */
+int ax_attn_cuda_open(ax_attn_cuda **out, int device);
+/* Free the context (waits for its stream). Accepts NULL. */
+void ax_attn_cuda_close(ax_attn_cuda *c);
+
+/* Make the context's next run wait, on the GPU, for `event` (a cudaEvent_t, e.g. opened from the engine's IPC
+ * event handle) — no host synchronisation. Returns 0 or -EIO. */
+int ax_attn_cuda_wait_event(ax_attn_cuda *c, void *event);
+
+/*
+ * Run n jobs (any mix of requests, layers, modes, dtypes and shapes) and copy the results to the host. Job i's
+ * rows (ax_attn_rows(&jobs[i]) of them) are out[off_i ..], off_i = sum of the rows of jobs 0..i-1. rc[i] gets
+ * job i's result: 0, -EINVAL (bad shape, dtype, mode, top_k or head index, found before launching), -ERANGE
+ * (an index value outside [0, n_slots): found on the GPU, no key outside the pool is read) or -EDOM (NaN or
+ * infinity in Q or a visible key, or an overflowing score); a failed job's rows are undefined.
+ * Returns 0 (rc[] then tells each job), or for the whole batch -ENOMEM (scratch over the cap) or -EIO (a CUDA
+ * error; the context is unusable afterwards if it was sticky — close and reopen). Synchronous on the context's
+ * stream (returns when results are on the host).
+ */
+int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc);
+
+/* The last CUDA error of `c` (or of the last failed ax_attn_cuda_open when c is NULL) as text; never NULL. */
+const char *ax_attn_cuda_strerror(const ax_attn_cuda *c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
