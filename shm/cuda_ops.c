@@ -1,0 +1,255 @@
+/*
+ * cuda_ops.c — the CUDA calls behind attnx_shm_cuda.h: the capture importer's ax_cuda_ops (IPC memory handles,
+ * VMM fds, IPC events) and the engine-side helpers that fill CUDA_IPC entries. CUDA builds only.
+ *
+ * Kept deliberately thin: every decision (which entries share an allocation, extents, what is rejected) is made in
+ * the plain-C files that CPU tests cover; here each function is one CUDA sequence with its error converted to a
+ * negative errno at this edge (-ENODEV for a missing device, -ERANGE for a size that does not fit the allocation's
+ * granularity, -EIO for anything else, with the CUDA text kept for ax_shm_cuda_last_error).
+ *
+ * Runtime API where it has the call (IPC handles, events, device selection, which also makes the device's primary
+ * context current), driver API for what only it has (cuMemGetAddressRange, the cuMem* VMM calls).
+ * VMM imports are mapped read-only when the driver allows it (read-write otherwise): the capture never writes.
+ * NOT RUN YET: this file has been compiled but never executed (no GPU in the session that wrote it).
+ */
+#include "attnx_shm_cuda.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+static __thread char g_err[256] = "no error";
+
+static int rt_fail(cudaError_t e, const char *what)
+{
+	snprintf(g_err, sizeof g_err, "%s: %s", what, cudaGetErrorString(e));
+	cudaGetLastError(); /* clear a non-sticky error so later calls start clean */
+	return e == cudaErrorNoDevice || e == cudaErrorInvalidDevice || e == cudaErrorInsufficientDriver ? -ENODEV
+													       : -EIO;
+}
+
+static int drv_fail(CUresult r, const char *what)
+{
+	const char *s = NULL;
+	if (cuGetErrorString(r, &s) != CUDA_SUCCESS || s == NULL)
+		s = "unknown driver error";
+	snprintf(g_err, sizeof g_err, "%s: %s", what, s);
+	return r == CUDA_ERROR_NO_DEVICE || r == CUDA_ERROR_INVALID_DEVICE ? -ENODEV : -EIO;
+}
+
+/* Select the device and make sure its primary context exists (driver calls below need a current context). */
+static int use_device(int device)
+{
+	cudaError_t e = cudaSetDevice(device);
+	if (e == cudaSuccess)
+		e = cudaFree(0);
+	return e == cudaSuccess ? 0 : rt_fail(e, "cudaSetDevice");
+}
+
+static int ipc_open(void *ctx, int device, const uint8_t handle[AX_CUDA_IPC_HANDLE_SIZE], uint64_t *base,
+		    uint64_t *size)
+{
+	(void)ctx;
+	int rc = use_device(device);
+	if (rc)
+		return rc;
+	cudaIpcMemHandle_t h;
+	memcpy(&h, handle, sizeof h);
+	void *p = NULL;
+	cudaError_t e = cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess);
+	if (e != cudaSuccess)
+		return rt_fail(e, "cudaIpcOpenMemHandle");
+	CUdeviceptr b = 0;
+	size_t n = 0;
+	CUresult r = cuMemGetAddressRange(&b, &n, (CUdeviceptr)(uintptr_t)p);
+	if (r != CUDA_SUCCESS || b != (CUdeviceptr)(uintptr_t)p) {
+		rc = r != CUDA_SUCCESS ? drv_fail(r, "cuMemGetAddressRange")
+				       : (snprintf(g_err, sizeof g_err, "IPC mapping is not an allocation base"), -EIO);
+		cudaIpcCloseMemHandle(p);
+		return rc;
+	}
+	*base = (uint64_t)b;
+	*size = (uint64_t)n;
+	return 0;
+}
+
+static void ipc_close(void *ctx, int device, uint64_t base)
+{
+	(void)ctx;
+	if (cudaSetDevice(device) == cudaSuccess)
+		cudaIpcCloseMemHandle((void *)(uintptr_t)base);
+	cudaGetLastError();
+}
+
+/* Grant `device` access to [p, p+size): read-only if the driver accepts it, else read-write. */
+static CUresult set_access(CUdeviceptr p, size_t size, int device)
+{
+	CUmemAccessDesc ad;
+	memset(&ad, 0, sizeof ad);
+	ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+	ad.location.id = device;
+	ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
+	if (cuMemSetAccess(p, size, &ad, 1) == CUDA_SUCCESS)
+		return CUDA_SUCCESS;
+	ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+	return cuMemSetAccess(p, size, &ad, 1);
+}
+
+static int vmm_map(void *ctx, int device, int fd, uint64_t size, uint64_t *base)
+{
+	(void)ctx;
+	int rc = use_device(device);
+	if (rc)
+		return rc;
+	CUmemGenericAllocationHandle h;
+	CUresult r = cuMemImportFromShareableHandle(&h, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+	if (r != CUDA_SUCCESS)
+		return drv_fail(r, "cuMemImportFromShareableHandle");
+	CUmemAllocationProp prop;
+	size_t gran = 0;
+	CUdeviceptr p = 0;
+	memset(&prop, 0, sizeof prop);
+	if ((r = cuMemGetAllocationPropertiesFromHandle(&prop, h)) != CUDA_SUCCESS ||
+	    (r = cuMemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM)) != CUDA_SUCCESS) {
+		rc = drv_fail(r, "cuMemGetAllocationPropertiesFromHandle");
+		goto release;
+	}
+	if (gran == 0 || size % gran != 0) {
+		snprintf(g_err, sizeof g_err, "VMM size %llu is not a multiple of the granularity %zu",
+			 (unsigned long long)size, gran);
+		rc = -ERANGE;
+		goto release;
+	}
+	if ((r = cuMemAddressReserve(&p, (size_t)size, 0, 0, 0)) != CUDA_SUCCESS) {
+		rc = drv_fail(r, "cuMemAddressReserve");
+		goto release;
+	}
+	/* cuMemMap fails if size exceeds the allocation: the server's size claim is checked here. */
+	if ((r = cuMemMap(p, (size_t)size, 0, h, 0)) != CUDA_SUCCESS) {
+		rc = drv_fail(r, "cuMemMap");
+		goto free_va;
+	}
+	if ((r = set_access(p, (size_t)size, device)) != CUDA_SUCCESS) {
+		rc = drv_fail(r, "cuMemSetAccess");
+		cuMemUnmap(p, (size_t)size);
+		goto free_va;
+	}
+	cuMemRelease(h); /* the mapping keeps the allocation alive until vmm_unmap */
+	*base = (uint64_t)p;
+	return 0;
+free_va:
+	cuMemAddressFree(p, (size_t)size);
+release:
+	cuMemRelease(h);
+	return rc;
+}
+
+static void vmm_unmap(void *ctx, int device, uint64_t base, uint64_t size)
+{
+	(void)ctx;
+	if (cudaSetDevice(device) != cudaSuccess)
+		return;
+	cuMemUnmap((CUdeviceptr)base, (size_t)size);
+	cuMemAddressFree((CUdeviceptr)base, (size_t)size);
+}
+
+static int event_open(void *ctx, int device, const uint8_t handle[AX_CUDA_IPC_HANDLE_SIZE], void **event)
+{
+	(void)ctx;
+	int rc = use_device(device);
+	if (rc)
+		return rc;
+	cudaIpcEventHandle_t h;
+	memcpy(&h, handle, sizeof h);
+	cudaEvent_t ev = NULL;
+	cudaError_t e = cudaIpcOpenEventHandle(&ev, h);
+	if (e != cudaSuccess)
+		return rt_fail(e, "cudaIpcOpenEventHandle");
+	*event = ev;
+	return 0;
+}
+
+static void event_close(void *ctx, int device, void *event)
+{
+	(void)ctx;
+	if (cudaSetDevice(device) == cudaSuccess)
+		cudaEventDestroy((cudaEvent_t)event);
+	cudaGetLastError();
+}
+
+static const char *last_error(void *ctx)
+{
+	(void)ctx;
+	return g_err;
+}
+
+static const ax_cuda_ops real_ops = {
+	.ctx = NULL,
+	.ipc_open = ipc_open,
+	.ipc_close = ipc_close,
+	.vmm_map = vmm_map,
+	.vmm_unmap = vmm_unmap,
+	.event_open = event_open,
+	.event_close = event_close,
+	.last_error = last_error,
+};
+
+const ax_cuda_ops *ax_cuda_ops_real(void) { return &real_ops; }
+
+/* ---- engine side ---------------------------------------------------------------------------------------- */
+
+static int fill_ipc_on_device(ax_shm_buffer *b, int device, const void *dptr, uint64_t bytes);
+
+int ax_cuda_fill_ipc(ax_shm_buffer *b, const void *dptr, uint64_t bytes)
+{
+	struct cudaPointerAttributes at;
+	cudaError_t e = cudaPointerGetAttributes(&at, dptr);
+	if (e != cudaSuccess) {
+		rt_fail(e, "cudaPointerGetAttributes");
+		return -EINVAL;
+	}
+	if (at.type != cudaMemoryTypeDevice)
+		return -EINVAL;
+	int prev = -1;
+	cudaGetDevice(&prev);
+	int rc = use_device(at.device); /* the driver calls below need the pointer's context current */
+	if (rc == 0)
+		rc = fill_ipc_on_device(b, at.device, dptr, bytes);
+	if (prev >= 0 && prev != at.device)
+		cudaSetDevice(prev);
+	return rc;
+}
+
+static int fill_ipc_on_device(ax_shm_buffer *b, int device, const void *dptr, uint64_t bytes)
+{
+	cudaError_t e;
+	int ipc_ok = 0;
+	CUresult r = cuPointerGetAttribute(&ipc_ok, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+					   (CUdeviceptr)(uintptr_t)dptr);
+	if (r != CUDA_SUCCESS || !ipc_ok)
+		return -EINVAL; /* VMM memory: export an fd instead (ax_cuda_entry_set_vmm + ax_vmm_server_add) */
+	CUdeviceptr base = 0;
+	size_t size = 0;
+	if ((r = cuMemGetAddressRange(&base, &size, (CUdeviceptr)(uintptr_t)dptr)) != CUDA_SUCCESS)
+		return drv_fail(r, "cuMemGetAddressRange");
+	uint64_t off = (uint64_t)(uintptr_t)dptr - (uint64_t)base;
+	if (bytes == 0 || bytes > size || off > size - bytes)
+		return -ERANGE;
+	cudaIpcMemHandle_t h;
+	if ((e = cudaIpcGetMemHandle(&h, (void *)(uintptr_t)base)) != cudaSuccess)
+		return rt_fail(e, "cudaIpcGetMemHandle");
+	return ax_cuda_entry_set_ipc(b, device, &h, sizeof h, off, bytes);
+}
+
+int ax_cuda_event_handle(void *event, uint8_t out[AX_CUDA_IPC_HANDLE_SIZE])
+{
+	cudaIpcEventHandle_t h;
+	cudaError_t e = cudaIpcGetEventHandle(&h, (cudaEvent_t)event);
+	if (e != cudaSuccess)
+		return rt_fail(e, "cudaIpcGetEventHandle");
+	memcpy(out, &h, sizeof h);
+	return 0;
+}
