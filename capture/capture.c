@@ -34,6 +34,7 @@
 #include <nng/protocol/pubsub0/sub.h>
 
 #include "attn.h"
+#include "backend_cuda.h"
 #include "attnx_common.h"
 #include "attnx_config.h"
 #include "policy.h"
@@ -121,6 +122,8 @@ struct ax_capture {
 	uint64_t next_hello_ns;    /* hello is repeated while attached, so a relay started later learns the shape */
 	uint64_t idle_since_ns;
 	int attach_err_logged;
+	ax__cuda_be *cuda;          /* CUDA backend (backend_cuda.h), opened at the first attach that uses it */
+	int cuda_active;            /* this attachment's buffers are read on the GPU */
 	ax_capture_stats cnt;       /* atomics; sender / pool fields filled at snapshot time */
 };
 
@@ -170,6 +173,8 @@ static void emit(ax_capture *c, ax_record *r)
 
 /* Drain finished queue items (forward declaration: the queue may need room while records are produced). */
 static int drain(ax_capture *c);
+/* Run the pending GPU batch (CUDA backend) and emit its records (forward declaration). */
+static int cuda_flush(ax_capture *c);
 
 static void poll_policies(ax_capture *c);
 
@@ -192,6 +197,7 @@ static ax__item *reserve_wait(ax_capture *c)
 /* Queue a heap record behind the jobs already queued (takes ownership of r). */
 static void push_record(ax_capture *c, ax_record *r)
 {
+	cuda_flush(c); /* GPU jobs queued before this record leave before it */
 	ax__item *it = reserve_wait(c);
 	it->kind = AX_ITEM_RECORD;
 	it->rec = r;
@@ -266,7 +272,7 @@ static void emit_attn(ax_capture *c, ax__item *it)
 
 static int drain(ax_capture *c)
 {
-	int n = 0;
+	int n = cuda_flush(c);
 	ax__item *it;
 	while ((it = ax__pool_head(c->pool)) != NULL) {
 		if (it->kind == AX_ITEM_ATTN)
@@ -284,11 +290,94 @@ static int drain(ax_capture *c)
 /* Finish every queued item (jobs read the mapping, so this precedes any detach). */
 static void drain_all(ax_capture *c)
 {
+	cuda_flush(c);
 	while (ax__pool_count(c->pool) > 0) {
 		if (drain(c) == 0)
 			ax__pool_wait_head(c->pool, MS);
 		ax__sender_poll(c->snd, ax_now_ns());
 	}
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * CUDA backend hooks (backend_cuda.h). An attachment runs on the GPU with --backend cuda, or with auto when the
+ * segment's Q ring is in GPU memory and this build and machine have the backend. Its jobs (device addresses of the
+ * Q row, K pool and index row) are batched instead of queued: the batch runs when the loop drains (once per pump of
+ * the step ring), when it is full, and before any record is queued behind it, and its results become records
+ * through emit_attn — the CPU path's records, in the CPU path's order.
+ */
+
+static int cuda_flush(ax_capture *c)
+{
+	if (!c->cuda_active || ax__cuda_be_pending(c->cuda) == 0)
+		return 0;
+	ax__item *items;
+	uint32_t n;
+	if (ax__cuda_be_run(c->cuda, &items, &n) < 0)
+		ax_log(AX_LOG_ERROR, TAG, "GPU batch of %u jobs failed: %s", n, ax__cuda_be_strerror(c->cuda));
+	int k = drain(c); /* the records queued before the batch's first job (all done at commit) */
+	for (uint32_t i = 0; i < n; i++)
+		emit_attn(c, &items[i]);
+	if (c->lapped_rows || c->failed_rows)
+		flush_drain_gaps(c);
+	return k + (int)n;
+}
+
+/* A batch slot, running the batch first when it is full. */
+static ax__item *cuda_reserve(ax_capture *c)
+{
+	ax__item *it = ax__cuda_be_reserve(c->cuda);
+	if (it == NULL) {
+		cuda_flush(c);
+		it = ax__cuda_be_reserve(c->cuda);
+	}
+	return it;
+}
+
+/* Where jobs read buffer `idx`: its mapped host address (CPU backend) or its imported device address (CUDA);
+ * NULL if this attachment's backend cannot read it. Addresses of device memory are never dereferenced here. */
+static const uint8_t *buf_base(ax_capture *c, uint32_t idx)
+{
+	if (!c->cuda_active)
+		return ax_shm_host_ptr(c->shm, idx);
+	uint64_t d = 0;
+	return ax__cuda_be_map(c->cuda, idx, &d) == 0 ? (const uint8_t *)(uintptr_t)d : NULL;
+}
+
+/* Choose this attachment's backend; for CUDA, open the backend (once) and start importing the segment's buffers. */
+static void cuda_attach(ax_capture *c)
+{
+	c->cuda_active = 0;
+	if (c->o.backend == AX_BACKEND_CPU)
+		return;
+	uint32_t nb;
+	const ax_shm_buffer *bufs = ax_shm_buffers(c->shm, &nb);
+	int qi = ax_shm_find_buffer(c->shm, AX_BUF_Q_RING, -1);
+	int q_on_gpu = qi >= 0 && bufs[qi].loc != AX_LOC_HOST;
+	if (c->o.backend == AX_BACKEND_AUTO && (!q_on_gpu || ax__cuda_be_devices() <= 0)) {
+		if (q_on_gpu)
+			ax_log(AX_LOG_ERROR, TAG, "the engine's buffers are in GPU memory but %s", ax__cuda_be_why());
+		return;
+	}
+	if (c->cuda == NULL) {
+		int ndev = ax__cuda_be_devices();
+		int dev = c->o.device >= 0 ? c->o.device : (q_on_gpu && bufs[qi].device < ndev ? bufs[qi].device : 0);
+		int rv = ax__cuda_be_open(&c->cuda, dev);
+		if (rv < 0) {
+			ax_log(AX_LOG_ERROR, TAG, "CUDA backend on device %d: %s", dev, ax_strerror(rv));
+			return;
+		}
+	}
+	if (ax__cuda_be_attach(c->cuda, c->shm, qi) == 0)
+		c->cuda_active = 1;
+	else
+		ax_log(AX_LOG_ERROR, TAG, "CUDA backend: cannot start importing the segment's buffers");
+}
+
+static void cuda_detach(ax_capture *c)
+{
+	if (c->cuda_active)
+		ax__cuda_be_detach(c->cuda);
+	c->cuda_active = 0;
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -568,12 +657,12 @@ static int want_row(creq *r, uint64_t p)
 	return 1;
 }
 
-/* The index row a FORWARD step names, or NULL (and a gap) if the CPU backend cannot read it. */
+/* The index row a FORWARD step names, or NULL (and a gap) if this attachment's backend cannot read it. */
 static const uint8_t *index_row(ax_capture *c, const ax_shm_step *s, uint32_t *dtype)
 {
 	uint32_t nb;
 	const ax_shm_buffer *bufs = ax_shm_buffers(c->shm, &nb);
-	const uint8_t *base = ax_shm_host_ptr(c->shm, s->index_buf);
+	const uint8_t *base = s->index_buf < nb ? buf_base(c, s->index_buf) : NULL;
 	if (s->index_buf >= nb || base == NULL)
 		return NULL;
 	const ax_shm_buffer *b = &bufs[s->index_buf];
@@ -599,7 +688,7 @@ static void submit_job(ax_capture *c, const rowctx *x, uint32_t t, uint32_t li, 
 	const settings *set = &x->r->set;
 	if (set->mode == AX_MODE_HEADS && set->no_heads)
 		return;
-	ax__item *it = reserve_wait(c);
+	ax__item *it = c->cuda_active ? cuda_reserve(c) : reserve_wait(c);
 	ax_attn_job *j = &it->job;
 	const ax_shm_header *h = c->hdr;
 	uint64_t q_abs = x->s->q_row + (uint64_t)t * x->n_step_layers + li;
@@ -629,7 +718,7 @@ static void submit_job(ax_capture *c, const rowctx *x, uint32_t t, uint32_t li, 
 		j->n_heads = set->n_heads;
 	}
 	it->n_res = ax_attn_rows(j);
-	if (ax__pool_item_results(it, it->n_res) != 0) { /* out of memory: an empty record item keeps order */
+	if (!c->cuda_active && ax__pool_item_results(it, it->n_res) != 0) { /* CUDA: sized when the batch runs */ /* out of memory: an empty record item keeps order */
 		c->failed_rows += it->n_res;
 		it->kind = AX_ITEM_RECORD;
 		it->rec = NULL;
@@ -646,7 +735,10 @@ static void submit_job(ax_capture *c, const rowctx *x, uint32_t t, uint32_t li, 
 	it->q_row = q_abs;
 	it->q_rows = c->q_rows;
 	it->generation = c->generation;
-	ax__pool_commit(c->pool);
+	if (c->cuda_active)
+		ax__cuda_be_commit(c->cuda);
+	else
+		ax__pool_commit(c->pool);
 	CNT_ADD(c, rows, 1);
 }
 
@@ -723,6 +815,7 @@ static void on_step(ax_capture *c, const ax_shm_step *s)
 
 static void detach(ax_capture *c)
 {
+	cuda_detach(c); /* unmap the engine's GPU buffers before the segment naming them */
 	ax_shm_detach(c->shm);
 	c->shm = NULL;
 	c->hdr = NULL;
@@ -744,9 +837,9 @@ static int setup_k(ax_capture *c, uint32_t l)
 	if (idx < 0)
 		return -ENOENT;
 	const ax_shm_buffer *b = &bufs[idx];
-	const uint8_t *base = ax_shm_host_ptr(c->shm, (uint32_t)idx);
+	const uint8_t *base = buf_base(c, (uint32_t)idx);
 	if (base == NULL)
-		return -ENOTSUP; /* CUDA memory: the CUDA backend's job */
+		return c->cuda_active ? -EIO : -ENOTSUP; /* import failed / CUDA memory: the CUDA backend's job */
 	if (b->ndim != 3 || b->dim[1] != c->hdr->n_kv_heads || b->dim[2] != c->hdr->head_dim || b->stride[2] != 1 ||
 	    ax_dtype_size(b->dtype) == 0 || b->dtype == AX_DTYPE_I32 || b->dtype == AX_DTYPE_I64)
 		return -EINVAL;
@@ -770,9 +863,9 @@ static int setup_q(ax_capture *c)
 	if (idx < 0)
 		return -ENOENT;
 	const ax_shm_buffer *b = &bufs[idx];
-	const uint8_t *base = ax_shm_host_ptr(c->shm, (uint32_t)idx);
+	const uint8_t *base = buf_base(c, (uint32_t)idx);
 	if (base == NULL)
-		return -ENOTSUP;
+		return c->cuda_active ? -EIO : -ENOTSUP;
 	if (b->ndim != 3 || b->dim[0] == 0 || b->dim[1] != c->hdr->n_q_heads || b->dim[2] != c->hdr->head_dim ||
 	    b->stride[2] != 1 || b->stride[1] != c->hdr->head_dim ||
 	    (b->dtype != AX_DTYPE_F32 && b->dtype != AX_DTYPE_F16 && b->dtype != AX_DTYPE_BF16))
@@ -786,14 +879,17 @@ static int setup_q(ax_capture *c)
 
 static void log_layer_problems(ax_capture *c, int qrv)
 {
+	const char *be = c->cuda_active ? "CUDA" : "CPU";
 	if (qrv < 0)
-		ax_log(AX_LOG_ERROR, TAG, "Q ring unusable by the CPU backend (%s): nothing will be captured",
-		       qrv == -ENOTSUP ? "in CUDA memory; needs --backend cuda" : ax_strerror(qrv));
+		ax_log(AX_LOG_ERROR, TAG, "Q ring unusable by the %s backend (%s): nothing will be captured", be,
+		       qrv == -ENOTSUP ? "in CUDA memory; needs --backend cuda"
+		       : qrv == -EIO ? ax__cuda_be_import_error(c->cuda) : ax_strerror(qrv));
 	uint32_t missing = 0;
 	for (uint32_t l = 0; l < c->n_layers; l++)
 		missing += (c->defaults.layers[l / 64] >> (l % 64) & 1) && !c->k[l].ok;
 	if (missing)
-		ax_log(AX_LOG_WARN, TAG, "%u selected layers have no K pool the CPU backend can read", missing);
+		ax_log(AX_LOG_WARN, TAG, "%u selected layers have no K pool the %s backend can read%s%s", missing, be,
+		       c->cuda_active ? ": " : "", c->cuda_active ? ax__cuda_be_import_error(c->cuda) : "");
 }
 
 static int setup_attachment(ax_capture *c)
@@ -807,6 +903,7 @@ static int setup_attachment(ax_capture *c)
 	if (c->reqs == NULL || c->k == NULL)
 		return -ENOMEM;
 	c->avail[0] = c->avail[1] = 0;
+	cuda_attach(c);
 	int qrv = setup_q(c);
 	for (uint32_t l = 0; qrv == 0 && l < c->n_layers; l++)
 		setup_k(c, l);
@@ -830,7 +927,7 @@ static void send_hello(ax_capture *c)
 	ax_rec_hello *e = &r->u.hello;
 	snprintf(e->engine, sizeof e->engine, "%.*s", (int)sizeof h->engine, h->engine);
 	snprintf(e->model, sizeof e->model, "%.*s", (int)sizeof h->model, h->model);
-	snprintf(e->backend, sizeof e->backend, "cpu");
+	snprintf(e->backend, sizeof e->backend, "%s", c->cuda_active ? "cuda" : "cpu");
 	e->rank = h->rank;
 	e->world_size = h->world_size;
 	e->n_layers = h->n_layers;
@@ -978,6 +1075,7 @@ static void send_stats(ax_capture *c)
 		{"busy_ns", st.busy_ns},   {"ring_lost", st.ring_lost}, {"lapped", st.lapped},
 		{"job_errors", st.job_errors}, {"attaches", st.attaches}, {"restarts", st.restarts},
 		{"policies", st.policies}, {"policy_acks", st.policy_acks}, {"sent_frames", st.sent_frames},
+		{"cuda_rejected", st.cuda_rejected},
 	};
 	for (size_t i = 0; i < AX_ARRAY_LEN(kv) && i < AX_PROTO_MAX_STATS; i++) {
 		snprintf(r->u.stats.kv[i].name, sizeof r->u.stats.kv[i].name, "%s", kv[i].name);
@@ -1050,11 +1148,13 @@ static int check_opts(const ax_capture_opts *o)
 	    o->mode < AX_MODE_MEAN_LOGIT || o->mode > AX_MODE_HEADS || o->max_pending_frames < 2 ||
 	    o->queue_cap < 2 || o->shm_name[0] != '/' || o->records_addr[0] == '\0' || o->attach_retry_ms == 0)
 		return -EINVAL;
-	if (o->backend == AX_BACKEND_CUDA) {
-		ax_log(AX_LOG_ERROR, TAG, "--backend cuda: %s", AX_HAVE_CUDA
-		       ? "the CUDA capture backend is not implemented yet; use --backend cpu"
-		       : "this build has no CUDA support (configure with -Dcuda=enabled on a machine with nvcc)");
+	if (o->backend == AX_BACKEND_CUDA && ax__cuda_be_devices() <= 0) {
+		ax_log(AX_LOG_ERROR, TAG, "--backend cuda: %s", ax__cuda_be_why());
 		return -ENOTSUP;
+	}
+	if (o->backend == AX_BACKEND_CUDA && o->device >= ax__cuda_be_devices()) {
+		ax_log(AX_LOG_ERROR, TAG, "--device %d: this machine has %d CUDA devices", o->device, ax__cuda_be_devices());
+		return -EINVAL;
 	}
 	return 0;
 }
@@ -1151,6 +1251,7 @@ void ax_capture_close(ax_capture *c)
 	ax__pool_close(c->pool); /* joins workers before the mapping goes */
 	if (c->shm)
 		detach(c);
+	ax__cuda_be_close(c->cuda);
 	if (c->sub_open)
 		nng_close(c->sub);
 	ax__sender_close(c->snd);
@@ -1171,5 +1272,6 @@ void ax_capture_get_stats(ax_capture *c, ax_capture_stats *out)
 	out->sent_frames = ss.frames;
 	out->dropped = ss.dropped;
 	out->gaps += ss.gaps;
-	out->busy_ns = ax__pool_busy_ns(c->pool);
+	out->busy_ns = ax__pool_busy_ns(c->pool) + ax__cuda_be_busy_ns(c->cuda);
+	ax__cuda_be_counts(c->cuda, &out->cuda_rejected, NULL);
 }

@@ -42,6 +42,7 @@ typedef struct ax_capture_opts {
 	char shm_name[AX_SHM_NAME_MAX];  /* segment name, rank suffix already applied ("/attnx.engine.1") */
 	int32_t rank;                    /* --rank, -1 when not given */
 	int backend;                     /* enum ax_backend */
+	int32_t device;                  /* --device: CUDA device ordinal, -1 = the Q ring's device if present, else 0 */
 	uint32_t top_k;                  /* default top-k, 1..AX_PROTO_MAX_TOPK */
 	int layer_sel;                   /* enum ax_layer_sel */
 	uint32_t n_layer_ids;            /* AX_LAYERS_LIST entries */
@@ -132,6 +133,7 @@ typedef struct ax_capture_stats {
 	uint64_t policies;        /* policy records received */
 	uint64_t busy_ns;         /* worker time spent computing */
 	uint64_t policy_acks;     /* policies acknowledged (echoed to the relay) */
+	uint64_t cuda_rejected;   /* CUDA buffer entries the importer rejected (bad extent, unopenable handle) */
 } ax_capture_stats;
 
 /* Snapshot the counters. Thread-safe. */

@@ -23,6 +23,7 @@ void ax_capture_opts_default(ax_capture_opts *o)
 	snprintf(o->shm_name, sizeof o->shm_name, "%s", AX_SHM_DEFAULT_NAME);
 	o->rank = -1;
 	o->backend = AX_BACKEND_AUTO;
+	o->device = -1;
 	o->top_k = 5;
 	o->layer_sel = AX_LAYERS_LAST;
 	o->mode = AX_MODE_MEAN_LOGIT;
@@ -51,7 +52,9 @@ void ax_capture_usage(FILE *out, const char *prog)
 		"Engine:\n"
 		"  --shm NAME            segment name (default %s)\n"
 		"  --rank R              tensor-parallel rank; R > 0 attaches NAME.R (default: none)\n"
-		"  --backend B           auto | cpu | cuda (default auto = cpu; cuda is not in this build yet)\n"
+		"  --backend B           auto | cpu | cuda (default auto: cuda when the engine's buffers are in GPU\n"
+		"                        memory and this build and machine have CUDA, else cpu)\n"
+		"  --device N            CUDA device to run on (default: the engine's Q-ring device)\n"
 		"What to capture (defaults; the relay's per-request policy overrides them):\n"
 		"  --top-k N             key positions per record, 1..%d (default 5)\n"
 		"  --layers SEL          last | auto (L/4, L/2, 3L/4, L-1) | all | LIST such as 0,4,8-11,-1\n"
@@ -245,13 +248,14 @@ static int opt_shm(ax_capture_opts *o, const char *arg, FILE *err)
 
 enum {
 	OPT_SHM = 256, OPT_RANK, OPT_BACKEND, OPT_TOPK, OPT_LAYERS, OPT_MODE, OPT_HEADS, OPT_STRIDE, OPT_MAXTOK,
-	OPT_PREFILL, OPT_THREADS, OPT_RECORDS, OPT_POLICY, OPT_ID, OPT_STATS, OPT_LOGLEVEL,
+	OPT_PREFILL, OPT_THREADS, OPT_RECORDS, OPT_POLICY, OPT_ID, OPT_STATS, OPT_LOGLEVEL, OPT_DEVICE,
 };
 
 static const struct option long_opts[] = {
 	{"shm", required_argument, NULL, OPT_SHM},
 	{"rank", required_argument, NULL, OPT_RANK},
 	{"backend", required_argument, NULL, OPT_BACKEND},
+	{"device", required_argument, NULL, OPT_DEVICE},
 	{"top-k", required_argument, NULL, OPT_TOPK},
 	{"layers", required_argument, NULL, OPT_LAYERS},
 	{"mode", required_argument, NULL, OPT_MODE},
@@ -282,6 +286,11 @@ static int apply_opt(ax_capture_opts *o, int c, const char *arg, FILE *err)
 		o->rank = (int32_t)u;
 		return 0;
 	case OPT_BACKEND: return opt_backend(o, arg, err);
+	case OPT_DEVICE:
+		if (opt_uint("device", arg, 0, 1023, &u, err) < 0)
+			return -EINVAL;
+		o->device = (int32_t)u;
+		return 0;
 	case OPT_TOPK: return opt_uint("top-k", arg, 1, AX_PROTO_MAX_TOPK, &o->top_k, err);
 	case OPT_LAYERS: return opt_layers(o, arg, err);
 	case OPT_MODE:

@@ -1,0 +1,72 @@
+/*
+ * backend_cuda.h — the capture daemon's CUDA backend: the engine's GPU buffers imported for one attachment, and a
+ * batch of attention jobs run together on the GPU (many requests and layers in one ax_attn_cuda_run call).
+ * Internal to capture/ (capture.c is the only user).
+ *
+ * Jobs are queued as ax__item (pool.h) so the loop turns finished ones into records with the same code, in the
+ * same order, as CPU jobs: the batch is run when the loop drains its queue (once per pump of the step ring), when
+ * it is full, and before any other record is queued behind it. The items are never given to the CPU workers.
+ *
+ * Availability: the backend is compiled in only when the build has CUDA and the kernels (attn_cuda.h's
+ * ax_attn_cuda_*; AX_CAPTURE_CUDA defined by capture/meson.build). Otherwise every call that would need it returns
+ * -ENOTSUP and ax__cuda_be_why says why.
+ *
+ * Threads: one backend is used by the capture loop thread only.
+ */
+#ifndef ATTNX_CAPTURE_BACKEND_CUDA_H
+#define ATTNX_CAPTURE_BACKEND_CUDA_H
+
+#include <stdint.h>
+
+#include "attnx_shm.h"
+#include "pool.h"
+
+#define AX_CUDA_BATCH_MAX 2048 /* jobs per ax_attn_cuda_run call */
+
+typedef struct ax__cuda_be ax__cuda_be;
+
+/* CUDA devices usable by the backend (> 0), -ENOTSUP (not in this build) or -ENODEV (no device / driver). */
+int ax__cuda_be_devices(void);
+/* Why the backend is unavailable (build or machine), for the error message. Never NULL. */
+const char *ax__cuda_be_why(void);
+
+/* A backend on `device` (its own CUDA context stream). Returns 0, -ENOTSUP, -ENODEV, -ENOMEM or -EIO. */
+int ax__cuda_be_open(ax__cuda_be **out, int device);
+/* Close (detaching first). Accepts NULL. */
+void ax__cuda_be_close(ax__cuda_be *b);
+int ax__cuda_be_device(const ax__cuda_be *b);
+
+/* Start importing the CUDA buffers of attached segment `shm`; `event_buf` is the buffer-table index whose IPC
+ * event the batch waits for on the GPU before each run (the Q ring's; -1 = none). Returns 0, -ENOMEM, -EINVAL. */
+int ax__cuda_be_attach(ax__cuda_be *b, const ax_shm *shm, int32_t event_buf);
+/* Close every imported allocation and event (the batch must be empty: run it first). Safe when not attached. */
+void ax__cuda_be_detach(ax__cuda_be *b);
+/* Device address of buffer `index`'s first byte (imported on first use). Returns 0 or the importer's error
+ * (-ERANGE: the entry overruns its allocation; -EINVAL: a HOST entry; -ENOENT, -EIO, ...). */
+int ax__cuda_be_map(ax__cuda_be *b, uint32_t index, uint64_t *dptr);
+/* Entries the importer rejected, allocations opened. */
+void ax__cuda_be_counts(const ax__cuda_be *b, uint64_t *rejected, uint64_t *allocations);
+/* Why the last import failed. Never NULL. */
+const char *ax__cuda_be_import_error(const ax__cuda_be *b);
+
+/* The next batch slot to fill (its job's q, k and index DEVICE addresses), or NULL when the batch is full (run it
+ * first). Results room is the caller's (ax__pool_item_results). */
+ax__item *ax__cuda_be_reserve(ax__cuda_be *b);
+/* Add the slot returned by ax__cuda_be_reserve to the batch. */
+void ax__cuda_be_commit(ax__cuda_be *b);
+/* Jobs waiting in the batch. */
+uint32_t ax__cuda_be_pending(const ax__cuda_be *b);
+
+/*
+ * Run every queued job: wait (on the GPU) for the engine's event, one ax_attn_cuda_run, results into each item's
+ * `res` and `err` (the job's own rc; -EIO for all of them when the batch failed as a whole). The batch is empty
+ * afterwards; *items / *n give the jobs just run, valid until the next reserve. Returns 0, or the batch-level error
+ * (-EIO, -ENOMEM) after which the context is reopened at the next run.
+ */
+int ax__cuda_be_run(ax__cuda_be *b, ax__item **items, uint32_t *n);
+/* Nanoseconds spent in runs, runs made. */
+uint64_t ax__cuda_be_busy_ns(const ax__cuda_be *b);
+/* Text of the last batch-level CUDA error. Never NULL. */
+const char *ax__cuda_be_strerror(const ax__cuda_be *b);
+
+#endif
