@@ -1,0 +1,164 @@
+/*
+ * attnx_export_graph.h — graph-safe export for CUDA engines (libattnx-export-graph, export_graph.cu).
+ *
+ * A CUDA engine cannot call ax_export_step from its decode loop: the loop runs as a replayed CUDA graph, and the
+ * host code that would know positions, batch rows and token ids is not executed on replay. Here every per-step
+ * action is a small kernel enqueued on the engine's stream, reading the step's metadata from the engine's own
+ * device tensors (fixed addresses, as graph inputs are) and writing the step ring, token arena, request table and
+ * header counters of the segment through a host-mapped view of it (cudaHostRegister). No host synchronisation,
+ * no allocation after ax_graph_open, so the kernels are captured into and replayed from a CUDA graph like any
+ * other kernel.
+ *
+ * Ownership of the segment: once ax_graph_open has run, the device is the only producer of descriptors, token-arena
+ * entries, Q-ring rows and request-table entries of that segment (its counters continue from the header's values
+ * at open). The engine must not call ax_export_request_begin/end, ax_export_q_reserve or ax_export_step on it any
+ * more. It may still add buffers (ax_export_add_device_buffer). A helper thread started by ax_graph_open stores the
+ * producer heartbeat and mirrors ax_export_wanted (consumer alive, wanted layers, prefill) into pinned memory
+ * every 10 ms; the kernels read that, so a dead or absent capture turns the export off within 10 ms + 5 s, and
+ * the engine never waits for anything.
+ *
+ * Request slots: request-map row r (SGLang's req_pool_idx, HF's batch row) IS request-table slot r, and the map
+ * lives in device memory: begin/end/step kernels look a row's request up on the GPU, so the host needs neither the
+ * row number (it may be a device value) nor the request id. A BEGIN on a row that still holds a request first
+ * publishes that request's END (reason abort): recycled rows never leak.
+ *
+ * One step = ax_graph_step_begin, ax_graph_export_q once per layer (any order, layers not wanted are no-ops on the
+ * GPU), ax_graph_step_publish after the last layer's attention has written its keys. All calls of one handle go
+ * to one stream, in that order, from one host thread.
+ *
+ * Descriptor semantics are DESIGN §2 / attnx_shm.h: per valid batch row one FORWARD with the exported tokens
+ * (prefill rows: every token when the consumer wants prefill rows, else the row's last token only), Q rows
+ * token-major then layer-minor, token ids in the arena, the seqlock publication order. Padded batch rows (no
+ * request in their map row, or a `pad` marker equal to pad_value) publish nothing.
+ */
+#ifndef ATTNX_EXPORT_GRAPH_H
+#define ATTNX_EXPORT_GRAPH_H
+
+#include <stdint.h>
+
+#include "attnx_shm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define AX_GRAPH_MAX_BATCH 1024u /* batch rows per step (one thread block scans them) */
+
+typedef struct ax_graph ax_graph;
+
+typedef struct ax_graph_config {
+	int device;          /* CUDA device of the engine's tensors */
+	uint32_t qbuf;       /* buffer-table index of the Q ring (a CUDA entry the caller added) */
+	void *q_ring;        /* device pointer to Q-ring row 0: [q_rows, H_q, D] contiguous, header q_dtype */
+	uint64_t q_rows;     /* rows of the Q ring */
+	uint32_t index_buf;  /* buffer-table index of the index table named by FORWARD descriptors */
+	uint32_t map_rows;   /* request-map rows = index-table rows; ≤ the header's req_cap */
+	uint32_t max_batch;  /* most batch rows one step carries, ≤ AX_GRAPH_MAX_BATCH */
+} ax_graph_config;
+
+/* A device integer vector indexed by batch row: value(b) = p[b * stride] + add (int32 or int64 elements). */
+typedef struct ax_graph_ivec {
+	const void *p;  /* device pointer; NULL = absent */
+	int32_t bytes;  /* 4 or 8 */
+	int32_t pad0;
+	int64_t stride; /* elements between rows; 0 = one value for every row */
+	int64_t add;
+} ax_graph_ivec;
+
+enum { AX_GRAPH_PREFILL = 1u << 0 }; /* the forward is a prefill / extend (rows with > 1 token, or before P) */
+
+/* What one forward looks like. Every pointer is a device pointer that stays valid (and at the same address) for
+ * as long as a graph that captured the step is replayed. */
+typedef struct ax_graph_step_args {
+	uint32_t n_rows;       /* batch rows, padded rows included; 1..max_batch */
+	uint32_t flags;        /* AX_GRAPH_PREFILL */
+	ax_graph_ivec row;     /* request-map row of batch row b (SGLang req_pool_indices); absent = b */
+	ax_graph_ivec seq_end; /* keys visible to row b's last token = its seq_len (SGLang seq_lens) */
+	ax_graph_ivec n_tok;   /* query tokens of row b (SGLang extend_seq_lens); absent = n_tok_const */
+	uint32_t n_tok_const;
+	uint32_t pad1;
+	ax_graph_ivec in_off;  /* row b's first token in the flattened inputs (SGLang extend_start_loc); absent = 0 */
+	ax_graph_ivec pad;     /* row b is padding when value(b) == pad_value (SGLang out_cache_loc, 0); absent = none */
+	int64_t pad_value;
+	const void *tokens;    /* token ids: tokens[b * tok_stride_b + (in_off(b) + i) * tok_stride_t] */
+	int32_t token_bytes;   /* 4 or 8 */
+	int32_t pad2;
+	int64_t tok_stride_b, tok_stride_t;
+} ax_graph_step_args;
+
+/* Map the segment of `ex` into the device's address space (cudaHostRegister), allocate the device control block,
+ * request map and staging, and start the heartbeat thread. `ex` must outlive the handle. Returns 0, -EINVAL (bad
+ * config: Q ring / index entry missing or not CUDA, map_rows > req_cap, max_batch out of range), -ENODEV (no
+ * CUDA device), -ENOMEM, or -EIO (another CUDA error; ax_graph_strerror says which). Not thread-safe. */
+int ax_graph_open(ax_graph **out, ax_export *ex, const ax_graph_config *cfg);
+/* Stop the thread, wait for the device, free everything, unregister the segment. Accepts NULL. */
+void ax_graph_close(ax_graph *g);
+
+/* Begin a request on request-map row `row` (or, when row_dev is not NULL, on the row held by the int32/int64
+ * value at device address row_dev, width row_bytes): one kernel writes the prompt into the arena, the request
+ * entry and BEGIN. The prompt's ids for positions skip..prompt_len-1 are read from dev_tokens (int32 or int64,
+ * contiguous, prompt_len - skip of them); positions below `skip` (a prefix the engine took from its cache, whose
+ * ids it does not hold on the device) are written as 0. Legal in graph capture (not needed there).
+ * Returns 0, -EINVAL (rid empty or ≥ AX_SHM_RID_MAX bytes, skip > prompt_len, prompt_len > max_ctx, row out of
+ * range) or -EIO. */
+int ax_graph_request_begin(ax_graph *g, void *stream, uint32_t row, const void *row_dev, int row_bytes,
+			   const char *rid, const void *dev_tokens, int token_bytes, uint32_t prompt_len, uint32_t skip);
+/* End whatever request map row `row` holds (nothing if none): END with `reason`, entry marked ended, map row
+ * cleared. Returns 0, -EINVAL or -EIO. Legal in graph capture (not needed there). */
+int ax_graph_request_end(ax_graph *g, void *stream, uint32_t row, uint32_t reason);
+
+/* Step kernels (legal inside CUDA graph capture). Each returns 0, -EINVAL (bad arguments: nothing enqueued, the
+ * step exports nothing) or -EIO (launch failure). `stream` is a cudaStream_t (NULL = the legacy default). */
+int ax_graph_step_begin(ax_graph *g, void *stream, const ax_graph_step_args *a);
+/* Copy layer `layer`'s Q rows of the step: q element (b, i, h, d) at
+ * q[b * st_b + (in_off(b) + i) * st_t + h * st_h + d] (elements of elem_bytes; d contiguous; elem_bytes must be the
+ * header q_dtype's size). */
+int ax_graph_export_q(ax_graph *g, void *stream, uint32_t layer, const void *q, int elem_bytes, int64_t st_b,
+		      int64_t st_t, int64_t st_h);
+/* Publish the step's FORWARD descriptors (after every layer's K of this step is written). */
+int ax_graph_step_publish(ax_graph *g, void *stream);
+
+/* Counters kept on the device, copied to the host (synchronous: for tests and diagnostics, never in a hot path). */
+typedef struct ax_graph_stats {
+	uint64_t ring_head, ring_dropped, arena_head, q_head, next_req_id;
+	uint64_t steps, steps_dropped; /* steps begun while enabled; steps whose Q rows did not fit the ring */
+} ax_graph_stats;
+int ax_graph_get_stats(ax_graph *g, ax_graph_stats *out);
+
+/* The last CUDA error of `g` (or of the last failed ax_graph_open when g is NULL) as text; never NULL. */
+const char *ax_graph_strerror(const ax_graph *g);
+
+/* ---- pure helpers, shared by the kernels and the host-side unit test (no CUDA needed) ---- */
+
+#ifdef __CUDACC__
+#define AX_GRAPH_HD __host__ __device__
+#else
+#define AX_GRAPH_HD
+#endif
+static inline AX_GRAPH_HD int ax_graph_popcount64(uint64_t v)
+{
+#ifdef __CUDA_ARCH__
+	return __popcll(v);
+#else
+	return __builtin_popcountll(v);
+#endif
+}
+/* First row of a run of `rows` rows in a ring of `ring_rows` rows starting at or after `head`, never wrapping. */
+static inline AX_GRAPH_HD uint64_t ax_graph_q_run(uint64_t head, uint64_t rows, uint64_t ring_rows)
+{
+	return head % ring_rows + rows > ring_rows ? head + (ring_rows - head % ring_rows) : head;
+}
+/* Index of layer `l` among the set bits of mask (token-major, layer-minor Q rows); -1 if l is not set. */
+static inline AX_GRAPH_HD int ax_graph_layer_slot(const uint64_t mask[2], uint32_t l)
+{
+	if (l >= 128 || !((mask[l >> 6] >> (l & 63)) & 1))
+		return -1;
+	uint64_t lo = l < 64 ? mask[0] & ((1ull << l) - 1) : mask[0];
+	uint64_t hi = l <= 64 ? 0 : mask[1] & ((1ull << (l - 64)) - 1);
+	return ax_graph_popcount64(lo) + ax_graph_popcount64(hi);
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,727 @@
+/*
+ * export_graph.cu — libattnx-export-graph: the per-step export of a CUDA engine as a handful of tiny kernels on
+ * the engine's stream (contract and rules in attnx_export_graph.h; segment rules in attnx_shm.h / shm/README.md).
+ *
+ * The segment (already created by ax_export_open) is registered with cudaHostRegister so kernels store into it
+ * directly. Every producer counter (ring, arena, Q ring, request ids) lives in a device control block; kernels
+ * advance it and mirror it into the header with volatile stores. Publication follows the host producer's order:
+ * head counters first (store, __threadfence_system), then the data they cover, then each descriptor by seqlock
+ * (seq word 0, fence, body, fence, seq = s + 1), then ring_head. A CPU consumer reading ring_head with acquire
+ * order therefore sees complete slots; Q rows live in device memory and are written (and fenced at system scope)
+ * before the descriptor that names them.
+ *
+ * Nothing here allocates, synchronises or reads the host after ax_graph_open: the wanted layers, the consumer's
+ * liveness and a clock come from a pinned block that the heartbeat thread refreshes every 10 ms.
+ *
+ * NOTE (2026-11-27): written and compiled on a machine without a GPU. The host-side helpers are unit-tested
+ * (export_graph_test.c); the kernels have never run. Review notes are in shm/python/README.md.
+ */
+#include "attnx_export_graph.h"
+
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <stddef.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "attnx_common.h"
+
+typedef unsigned long long u64;
+
+/* Device control block (device memory). */
+struct ax_graph_dev {
+	u64 ring_head, ring_dropped, arena_head, q_head, next_req_id, steps, steps_dropped;
+	u64 layers[2]; /* layers whose Q rows this step exports */
+	u64 q_base;    /* first Q-ring row (monotonic) of this step */
+	unsigned nl;   /* popcount(layers) */
+	unsigned active; /* a consumer is there: publish this step */
+};
+
+/* Request map entry (device memory), indexed by request-map row = request-table slot. */
+struct ax_graph_map {
+	u64 req_id;          /* 0 = free */
+	unsigned prompt_len; /* prompt positions known so far (grows with chunked prefill) */
+	unsigned pad;
+};
+
+/* Per batch row of the current step (device memory), written by step_begin. */
+struct ax_graph_row {
+	u64 req_id, pos0, q_off; /* pos0: first position of the row's tokens; q_off: its Q rows from q_base */
+	unsigned valid, n, q_first, prefill, mrow, decode_step;
+	long long in_off;
+};
+
+/* Pinned, mapped; written by the heartbeat thread, read by kernels. */
+struct ax_graph_ctl {
+	u64 want[2];
+	unsigned prefill, enabled;
+	u64 now_ns;
+};
+
+/* Device view of the segment. */
+struct seg_view {
+	ax_shm_header *h;
+	ax_shm_step *ring;
+	ax_shm_request *reqs;
+	int *arena;
+	u64 ring_cap, arena_cap, max_ctx, layer_mask[2];
+	unsigned map_rows;
+};
+
+struct ax_graph {
+	ax_export *ex;
+	ax_graph_config cfg;
+	void *seg_base;
+	size_t seg_size;
+	seg_view sv;
+	ax_graph_dev *st;     /* device */
+	ax_graph_map *map;    /* device [map_rows] */
+	ax_graph_row *rows;   /* device [max_batch] */
+	ax_graph_ctl *ctl_h;  /* pinned host */
+	ax_graph_ctl *ctl_d;  /* its device alias */
+	uint32_t H, D, esize, n_rows;
+	ax_graph_step_args last;  /* the step begun last (ax_graph_step_publish reads its token ids) */
+	int registered;
+	pthread_t thread;
+	int thread_started;
+	volatile int stop;
+	char err[160];
+};
+
+static char open_err[160] = "no error";
+
+/* libattnx-export may offer this (a producer that cannot futex-wake a sleeping consumer tells it to poll). Weak:
+ * a libattnx-export without it has no wake-up either, and consumers poll anyway. */
+extern "C" void ax_export_disable_wake(ax_export *ex) __attribute__((weak));
+
+/* ---- device helpers -------------------------------------------------------------------------------------- */
+
+__device__ static long long ivec_get(const ax_graph_ivec &v, long long b, long long dflt)
+{
+	if (!v.p)
+		return dflt;
+	long long i = b * v.stride;
+	long long x = v.bytes == 8 ? ((const long long *)v.p)[i] : (long long)((const int *)v.p)[i];
+	return x + v.add;
+}
+
+__device__ static void st64(void *p, u64 v) { *(volatile u64 *)p = v; }
+__device__ static u64 ld64(const void *p) { return *(const volatile u64 *)p; }
+
+/* Seqlock write of descriptor sequence number s (body d) into its slot: seq 0, fence, body, fence, seq = s + 1. */
+__device__ static void slot_write(const seg_view &sv, u64 s, const ax_shm_step *d)
+{
+	volatile u64 *w = (volatile u64 *)&sv.ring[s & (sv.ring_cap - 1)];
+	const u64 *src = (const u64 *)d;
+	w[0] = 0;
+	__threadfence_system();
+	for (int i = 1; i < (int)(sizeof(ax_shm_step) / 8); i++)
+		w[i] = src[i];
+	__threadfence_system();
+	w[0] = s + 1;
+}
+
+/* One control descriptor (BEGIN/END) by one thread; ring space checked; counters mirrored, ring_head last. */
+__device__ static void publish_one(const seg_view &sv, ax_graph_dev *st, const ax_graph_ctl *ctl, ax_shm_step *d)
+{
+	u64 tail = ld64(&sv.h->consumer_tail), head = st->ring_head;
+	if (head - tail >= sv.ring_cap) {
+		st->ring_dropped++;
+		st64(&sv.h->ring_dropped, st->ring_dropped);
+		return;
+	}
+	d->t_ns = ld64(&ctl->now_ns);
+	slot_write(sv, head, d);
+	st->ring_head = head + 1;
+	__threadfence_system();
+	st64(&sv.h->ring_head, head + 1);
+}
+
+/* Rewrite request entry `slot`: req_id 0 first, then the fields, then the new req_id (shm README rule 6). */
+__device__ static void request_write(const seg_view &sv, unsigned slot, const ax_shm_request *r)
+{
+	volatile u64 *w = (volatile u64 *)&sv.reqs[slot];
+	const u64 *src = (const u64 *)r;
+	const int id_word = (int)(offsetof(ax_shm_request, req_id) / 8);
+	w[id_word] = 0;
+	__threadfence_system();
+	for (int i = 0; i < (int)(sizeof(ax_shm_request) / 8); i++)
+		if (i != id_word)
+			w[i] = src[i];
+	__threadfence_system();
+	w[id_word] = r->req_id;
+}
+
+/* End the request map row `row` holds, if any (END, entry ended, map row cleared). One thread. */
+__device__ static void end_row(const seg_view &sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
+			       unsigned row, unsigned reason)
+{
+	u64 id = map[row].req_id;
+	if (!id)
+		return;
+	ax_shm_step d;
+	memset(&d, 0, sizeof d);
+	d.kind = AX_STEP_END;
+	d.req_id = id;
+	d.req_slot = row;
+	d.end_reason = reason;
+	publish_one(sv, st, ctl, &d);
+	*(volatile unsigned *)&sv.reqs[row].state = (unsigned)AX_REQ_ENDED;
+	map[row].req_id = 0;
+}
+
+/* Inclusive block scan of one u64 per thread (blockDim.x ≤ 1024); returns the exclusive prefix, *total the sum. */
+__device__ static u64 block_scan(u64 v, u64 *buf, u64 *total)
+{
+	unsigned t = threadIdx.x, n = blockDim.x;
+	buf[t] = v;
+	__syncthreads();
+	for (unsigned off = 1; off < n; off <<= 1) {
+		u64 add = t >= off ? buf[t - off] : 0;
+		__syncthreads();
+		buf[t] += add;
+		__syncthreads();
+	}
+	*total = buf[n - 1];
+	u64 excl = buf[t] - v;
+	__syncthreads();
+	return excl;
+}
+
+/* ---- kernels --------------------------------------------------------------------------------------------- */
+
+struct begin_args {
+	unsigned row;
+	const void *row_dev;
+	int row_bytes, token_bytes;
+	const void *tokens;
+	unsigned prompt_len, skip;
+	char rid[AX_SHM_RID_MAX];
+};
+
+__global__ void k_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl, begin_args a)
+{
+	__shared__ u64 s_pos;
+	__shared__ unsigned s_row;
+	if (threadIdx.x == 0) {
+		u64 row = a.row;
+		if (a.row_dev)
+			row = a.row_bytes == 8 ? *(const u64 *)a.row_dev : (u64)(unsigned)*(const int *)a.row_dev;
+		s_row = row < sv.map_rows ? (unsigned)row : 0xffffffffu;
+		if (s_row != 0xffffffffu) {
+			end_row(sv, st, map, ctl, s_row, AX_END_ABORT); /* a recycled row whose END was missed */
+			u64 pos = st->arena_head;
+			st->arena_head = pos + a.prompt_len;
+			st64(&sv.h->arena_head, st->arena_head);
+			__threadfence_system();
+			s_pos = pos;
+		}
+	}
+	__syncthreads();
+	if (s_row == 0xffffffffu)
+		return;
+	for (unsigned i = threadIdx.x; i < a.prompt_len; i += blockDim.x) {
+		int tok = 0;
+		if (i >= a.skip) {
+			unsigned j = i - a.skip;
+			tok = a.token_bytes == 8 ? (int)((const long long *)a.tokens)[j] : ((const int *)a.tokens)[j];
+		}
+		((volatile int *)sv.arena)[(s_pos + i) % sv.arena_cap] = tok;
+	}
+	__threadfence_system();
+	__syncthreads();
+	if (threadIdx.x != 0)
+		return;
+	u64 id = (++st->next_req_id) << 16 | s_row;
+	st64(&sv.h->next_req_id, st->next_req_id);
+	ax_shm_request r;
+	memset(&r, 0, sizeof r);
+	r.state = AX_REQ_ACTIVE;
+	r.prompt_len = a.prompt_len;
+	r.req_id = id;
+	r.prompt_pos = s_pos;
+	r.begin_ns = ld64(&ctl->now_ns);
+	memcpy(r.rid, a.rid, sizeof r.rid);
+	request_write(sv, s_row, &r);
+	map[s_row].req_id = id;
+	map[s_row].prompt_len = a.prompt_len;
+	ax_shm_step d;
+	memset(&d, 0, sizeof d);
+	d.kind = AX_STEP_BEGIN;
+	d.req_id = id;
+	d.req_slot = s_row;
+	publish_one(sv, st, ctl, &d);
+}
+
+__global__ void k_end(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl, unsigned row,
+		      unsigned reason)
+{
+	if (threadIdx.x == 0 && blockIdx.x == 0 && row < sv.map_rows)
+		end_row(sv, st, map, ctl, row, reason);
+}
+
+/* Row b of the step: which request, which positions, which tokens export Q. */
+__device__ static void row_setup(const seg_view &sv, ax_graph_map *map, const ax_graph_step_args &a, unsigned b,
+				 unsigned nl, unsigned want_prefill, ax_graph_row *r)
+{
+	memset(r, 0, sizeof *r);
+	long long mrow = ivec_get(a.row, b, b);
+	long long n = ivec_get(a.n_tok, b, a.n_tok_const);
+	long long end = ivec_get(a.seq_end, b, -1);
+	if (a.pad.p && ivec_get(a.pad, b, 0) == a.pad_value)
+		return;
+	if (mrow < 0 || mrow >= sv.map_rows || n < 1 || end < n || (u64)end > sv.max_ctx)
+		return;
+	u64 id = map[mrow].req_id;
+	if (!id)
+		return;
+	unsigned plen = map[mrow].prompt_len;
+	u64 pos0 = (u64)(end - n);
+	unsigned prefill = (a.flags & AX_GRAPH_PREFILL) && (n > 1 || pos0 < plen);
+	if (prefill && (u64)end > plen)
+		map[mrow].prompt_len = (unsigned)end; /* chunked prefill: the prompt is known up to here */
+	r->valid = 1;
+	r->req_id = id;
+	r->mrow = (unsigned)mrow;
+	r->n = (unsigned)n;
+	r->pos0 = pos0;
+	r->prefill = prefill;
+	r->q_first = prefill && !want_prefill ? (unsigned)n - 1 : 0;
+	r->decode_step = prefill ? 0 : (unsigned)(pos0 + 1 > plen ? pos0 + 1 - plen : 0);
+	r->in_off = ivec_get(a.in_off, b, 0);
+}
+
+__global__ void k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
+			     ax_graph_row *rows, ax_graph_step_args a, u64 q_rows)
+{
+	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	__shared__ u64 s_layers[2];
+	__shared__ unsigned s_nl, s_enabled, s_prefill;
+	if (threadIdx.x == 0) {
+		s_enabled = *(const volatile unsigned *)&ctl->enabled;
+		s_layers[0] = s_enabled ? ld64(&ctl->want[0]) & sv.layer_mask[0] : 0;
+		s_layers[1] = s_enabled ? ld64(&ctl->want[1]) & sv.layer_mask[1] : 0;
+		s_nl = ax_graph_popcount64(s_layers[0]) + ax_graph_popcount64(s_layers[1]);
+		s_prefill = *(const volatile unsigned *)&ctl->prefill;
+	}
+	__syncthreads();
+	unsigned b = threadIdx.x;
+	ax_graph_row r;
+	memset(&r, 0, sizeof r);
+	if (b < a.n_rows && s_enabled)
+		row_setup(sv, map, a, b, s_nl, s_prefill, &r);
+	u64 mine = r.valid ? (u64)(r.n - r.q_first) * s_nl : 0, total;
+	r.q_off = block_scan(mine, scan, &total);
+	if (b < a.n_rows)
+		rows[b] = r;
+	if (b != 0)
+		return;
+	st->active = s_enabled;
+	st->layers[0] = s_layers[0];
+	st->layers[1] = s_layers[1];
+	st->nl = s_nl;
+	if (!s_enabled)
+		return;
+	st->steps++;
+	if (total > q_rows) { /* does not fit the ring: descriptors go out without Q */
+		st->steps_dropped++;
+		st->nl = 0;
+		st->layers[0] = st->layers[1] = 0;
+		return;
+	}
+	if (total) {
+		u64 base = ax_graph_q_run(st->q_head, total, q_rows);
+		st->q_head = base + total;
+		st->q_base = base;
+		st64(&sv.h->q_head, st->q_head); /* head before data: a lapped reader notices */
+		__threadfence_system();
+	}
+}
+
+/* Copy layer `layer`'s Q rows of every valid row; `unit` bytes per load (16, 4 or 2), chosen by the host. */
+__global__ void k_export_q(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, unsigned layer,
+			   const char *q, int esize, long long st_b, long long st_t, long long st_h, char *ring,
+			   u64 q_rows, unsigned H, unsigned D, unsigned unit)
+{
+	if (!st->active || !st->nl)
+		return;
+	uint64_t lm[2] = {st->layers[0], st->layers[1]};
+	int li = ax_graph_layer_slot(lm, layer);
+	if (li < 0)
+		return;
+	unsigned nl = st->nl;
+	u64 base = st->q_base % q_rows;
+	unsigned uph = D * (unsigned)esize / unit; /* units per head */
+	for (unsigned b = blockIdx.x; b < n_rows; b += gridDim.x) {
+		const ax_graph_row &r = rows[b];
+		if (!r.valid)
+			continue;
+		u64 nexp = r.n - r.q_first, total = nexp * H * uph;
+		for (u64 e = threadIdx.x; e < total; e += blockDim.x) {
+			u64 t = e / ((u64)H * uph), rem = e % ((u64)H * uph);
+			unsigned h = (unsigned)(rem / uph), u = (unsigned)(rem % uph);
+			long long tok = r.in_off + r.q_first + (long long)t;
+			const char *src = q + ((long long)b * st_b + tok * st_t + (long long)h * st_h) * esize + (u64)u * unit;
+			u64 row = base + r.q_off + t * nl + (unsigned)li;
+			char *dst = ring + ((row * H + h) * D) * (u64)esize + (u64)u * unit;
+			if (unit == 16)
+				*(uint4 *)dst = *(const uint4 *)src;
+			else if (unit == 4)
+				*(unsigned *)dst = *(const unsigned *)src;
+			else
+				*(unsigned short *)dst = *(const unsigned short *)src;
+		}
+	}
+	__threadfence_system(); /* Q rows visible beyond this GPU before the descriptor (another kernel) names them */
+}
+
+__global__ void k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
+			  ax_graph_step_args a, unsigned index_buf)
+{
+	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	__shared__ u64 s_head, s_pos, s_k;
+	if (!st->active)
+		return;
+	unsigned b = threadIdx.x;
+	ax_graph_row r;
+	memset(&r, 0, sizeof r);
+	if (b < a.n_rows)
+		r = rows[b];
+	u64 nexp = r.valid ? r.n - r.q_first : 0;
+	u64 packed = r.valid ? (1ull << 40) | nexp : 0, total;
+	u64 excl = block_scan(packed, scan, &total);
+	u64 idx = excl >> 40, tok0 = excl & ((1ull << 40) - 1);
+	if (b == 0) {
+		u64 head = st->ring_head, tail = ld64(&sv.h->consumer_tail), n = total >> 40;
+		u64 space = head - tail >= sv.ring_cap ? 0 : sv.ring_cap - (head - tail);
+		s_head = head;
+		s_k = n < space ? n : space;
+		s_pos = st->arena_head;
+		st->arena_head += total & ((1ull << 40) - 1);
+		st64(&sv.h->arena_head, st->arena_head);
+		__threadfence_system();
+	}
+	__syncthreads();
+	if (r.valid) {
+		for (u64 i = 0; i < nexp; i++) {
+			long long ti = (long long)b * a.tok_stride_b + (r.in_off + r.q_first + (long long)i) * a.tok_stride_t;
+			int tok = a.token_bytes == 8 ? (int)((const long long *)a.tokens)[ti] : ((const int *)a.tokens)[ti];
+			((volatile int *)sv.arena)[(s_pos + tok0 + i) % sv.arena_cap] = tok;
+		}
+		__threadfence_system();
+		if (idx < s_k) {
+			ax_shm_step d;
+			memset(&d, 0, sizeof d);
+			d.kind = AX_STEP_FORWARD;
+			d.flags = r.prefill ? AX_STEP_F_PREFILL : 0;
+			d.req_id = r.req_id;
+			d.req_slot = r.mrow;
+			d.n_tokens = (unsigned)nexp;
+			d.pos0 = r.pos0 + r.q_first;
+			d.seq_len = r.pos0 + r.n;
+			d.index_row = r.mrow;
+			d.decode_step = r.decode_step;
+			d.index_buf = index_buf;
+			if (st->nl) {
+				d.q_row = st->q_base + r.q_off;
+				d.layers[0] = st->layers[0];
+				d.layers[1] = st->layers[1];
+			}
+			d.tok_pos = s_pos + tok0;
+			d.t_ns = ld64(&ctl->now_ns);
+			slot_write(sv, s_head + idx, &d);
+		}
+	}
+	__syncthreads();
+	if (b == 0) {
+		u64 n = total >> 40;
+		if (n > s_k) {
+			st->ring_dropped += n - s_k;
+			st64(&sv.h->ring_dropped, st->ring_dropped);
+		}
+		st->ring_head = s_head + s_k;
+		__threadfence_system();
+		st64(&sv.h->ring_head, st->ring_head); /* last: every slot above is complete */
+	}
+}
+
+/* ---- host side ------------------------------------------------------------------------------------------- */
+
+static int cuda_fail(ax_graph *g, cudaError_t e, const char *what)
+{
+	char *dst = g ? g->err : open_err;
+	snprintf(dst, sizeof g->err, "%s: %s", what, cudaGetErrorString(e));
+	return e == cudaErrorMemoryAllocation ? -ENOMEM : (e == cudaErrorNoDevice ? -ENODEV : -EIO);
+}
+
+static void *heartbeat_main(void *arg)
+{
+	ax_graph *g = (ax_graph *)arg;
+	while (!g->stop) {
+		uint64_t want[2] = {0, 0};
+		int prefill = 0;
+		int on = ax_export_wanted(g->ex, want, &prefill);
+		ax_export_heartbeat(g->ex);
+		__atomic_store_n(&g->ctl_h->want[0], want[0], __ATOMIC_RELAXED);
+		__atomic_store_n(&g->ctl_h->want[1], want[1], __ATOMIC_RELAXED);
+		__atomic_store_n(&g->ctl_h->prefill, (unsigned)prefill, __ATOMIC_RELAXED);
+		__atomic_store_n(&g->ctl_h->now_ns, (u64)ax_now_ns(), __ATOMIC_RELAXED);
+		__atomic_store_n(&g->ctl_h->enabled, (unsigned)(on > 0), __ATOMIC_RELEASE);
+		struct timespec ts = {0, 10 * 1000 * 1000};
+		nanosleep(&ts, NULL);
+	}
+	return NULL;
+}
+
+/* The config against the segment's own buffer table (the header is ours: we created it). */
+static int check_config(const ax_shm_header *h, const ax_shm_buffer *bufs, const ax_graph_config *c)
+{
+	if (!c->q_ring || c->q_rows < 1 || c->max_batch < 1 || c->max_batch > AX_GRAPH_MAX_BATCH || c->map_rows < 1 ||
+	    c->map_rows > h->req_cap || c->qbuf >= h->buf_count || c->index_buf >= h->buf_count)
+		return -EINVAL;
+	const ax_shm_buffer *q = &bufs[c->qbuf], *ix = &bufs[c->index_buf];
+	if (q->kind != AX_BUF_Q_RING || q->loc == AX_LOC_HOST || q->dim[0] != c->q_rows)
+		return -EINVAL;
+	if (ix->kind != AX_BUF_INDEX_TOKEN || ix->dim[0] < c->map_rows)
+		return -EINVAL;
+	return 0;
+}
+
+static int alloc_all(ax_graph *g)
+{
+	cudaError_t e;
+	if ((e = cudaMalloc((void **)&g->st, sizeof *g->st)) != cudaSuccess)
+		return cuda_fail(g, e, "cudaMalloc state");
+	if ((e = cudaMalloc((void **)&g->map, sizeof *g->map * g->cfg.map_rows)) != cudaSuccess)
+		return cuda_fail(g, e, "cudaMalloc map");
+	if ((e = cudaMalloc((void **)&g->rows, sizeof *g->rows * g->cfg.max_batch)) != cudaSuccess)
+		return cuda_fail(g, e, "cudaMalloc rows");
+	if ((e = cudaHostAlloc((void **)&g->ctl_h, sizeof *g->ctl_h, cudaHostAllocMapped)) != cudaSuccess)
+		return cuda_fail(g, e, "cudaHostAlloc");
+	memset(g->ctl_h, 0, sizeof *g->ctl_h);
+	if ((e = cudaHostGetDevicePointer((void **)&g->ctl_d, g->ctl_h, 0)) != cudaSuccess)
+		return cuda_fail(g, e, "cudaHostGetDevicePointer ctl");
+	if ((e = cudaHostRegister(g->seg_base, g->seg_size, cudaHostRegisterMapped | cudaHostRegisterPortable)) !=
+	    cudaSuccess)
+		return cuda_fail(g, e, "cudaHostRegister segment");
+	void *dseg;
+	if ((e = cudaHostGetDevicePointer(&dseg, g->seg_base, 0)) != cudaSuccess)
+		return cuda_fail(g, e, "cudaHostGetDevicePointer segment");
+	g->registered = 1;
+	const ax_shm_header *h = (const ax_shm_header *)g->seg_base;
+	char *d = (char *)dseg;
+	g->sv.h = (ax_shm_header *)d;
+	g->sv.ring = (ax_shm_step *)(d + h->ring_off);
+	g->sv.reqs = (ax_shm_request *)(d + h->req_off);
+	g->sv.arena = (int *)(d + h->arena_off);
+	return 0;
+}
+
+/* The device counters continue from the header (the host producer may have published before). */
+static int init_state(ax_graph *g)
+{
+	const ax_shm_header *h = (const ax_shm_header *)g->seg_base;
+	ax_graph_dev s;
+	memset(&s, 0, sizeof s);
+	s.ring_head = __atomic_load_n(&h->ring_head, __ATOMIC_ACQUIRE);
+	s.ring_dropped = __atomic_load_n(&h->ring_dropped, __ATOMIC_ACQUIRE);
+	s.arena_head = __atomic_load_n(&h->arena_head, __ATOMIC_ACQUIRE);
+	s.q_head = __atomic_load_n(&h->q_head, __ATOMIC_ACQUIRE);
+	s.next_req_id = __atomic_load_n(&h->next_req_id, __ATOMIC_ACQUIRE);
+	cudaError_t e = cudaMemcpy(g->st, &s, sizeof s, cudaMemcpyHostToDevice);
+	if (e == cudaSuccess)
+		e = cudaMemset(g->map, 0, sizeof *g->map * g->cfg.map_rows);
+	if (e == cudaSuccess)
+		e = cudaMemset(g->rows, 0, sizeof *g->rows * g->cfg.max_batch);
+	return e == cudaSuccess ? 0 : cuda_fail(g, e, "init state");
+}
+
+int ax_graph_open(ax_graph **out, ax_export *ex, const ax_graph_config *cfg)
+{
+	if (!out || !ex || !cfg)
+		return -EINVAL;
+	*out = NULL;
+	ax_shm_header *h = ax_export_header(ex);
+	const ax_shm_buffer *bufs = (const ax_shm_buffer *)((const char *)h + h->buf_off);
+	if (check_config(h, bufs, cfg))
+		return -EINVAL;
+	int ndev = 0;
+	cudaError_t e = cudaGetDeviceCount(&ndev);
+	if (e != cudaSuccess || ndev < 1 || cfg->device < 0 || cfg->device >= ndev) {
+		snprintf(open_err, sizeof open_err, "no CUDA device %d", cfg->device);
+		return -ENODEV;
+	}
+	if ((e = cudaSetDevice(cfg->device)) != cudaSuccess)
+		return cuda_fail(NULL, e, "cudaSetDevice");
+	ax_graph *g = (ax_graph *)calloc(1, sizeof *g);
+	if (!g)
+		return -ENOMEM;
+	g->ex = ex;
+	g->cfg = *cfg;
+	g->seg_base = h;
+	g->seg_size = h->segment_size;
+	g->H = h->n_q_heads;
+	g->D = h->head_dim;
+	g->esize = (uint32_t)ax_dtype_size(h->q_dtype);
+	g->sv.ring_cap = h->ring_cap;
+	g->sv.arena_cap = h->arena_cap;
+	g->sv.max_ctx = h->max_ctx;
+	g->sv.map_rows = cfg->map_rows;
+	for (uint32_t l = 0; l < h->n_layers; l++)
+		g->sv.layer_mask[l >> 6] |= 1ull << (l & 63);
+	if (ax_export_disable_wake)
+		ax_export_disable_wake(ex); /* before the first device-written descriptor */
+	int rc = alloc_all(g);
+	if (!rc)
+		rc = init_state(g);
+	if (rc) {
+		snprintf(open_err, sizeof open_err, "%s", g->err);
+		ax_graph_close(g);
+		return rc;
+	}
+	if (pthread_create(&g->thread, NULL, heartbeat_main, g) != 0) {
+		ax_graph_close(g);
+		return -ENOMEM;
+	}
+	g->thread_started = 1;
+	*out = g;
+	return 0;
+}
+
+void ax_graph_close(ax_graph *g)
+{
+	if (!g)
+		return;
+	if (g->thread_started) {
+		g->stop = 1;
+		pthread_join(g->thread, NULL);
+	}
+	cudaDeviceSynchronize(); /* kernels in flight still write the segment */
+	if (g->registered)
+		cudaHostUnregister(g->seg_base);
+	cudaFreeHost(g->ctl_h);
+	cudaFree(g->rows);
+	cudaFree(g->map);
+	cudaFree(g->st);
+	free(g);
+}
+
+static int launched(ax_graph *g, const char *what)
+{
+	cudaError_t e = cudaGetLastError();
+	return e == cudaSuccess ? 0 : cuda_fail(g, e, what);
+}
+
+int ax_graph_request_begin(ax_graph *g, void *stream, uint32_t row, const void *row_dev, int row_bytes,
+			   const char *rid, const void *dev_tokens, int token_bytes, uint32_t prompt_len, uint32_t skip)
+{
+	if (!g || !rid || skip > prompt_len || prompt_len > g->sv.max_ctx || (prompt_len > skip && !dev_tokens))
+		return -EINVAL;
+	if ((row_dev && row_bytes != 4 && row_bytes != 8) || (!row_dev && row >= g->cfg.map_rows))
+		return -EINVAL;
+	if (token_bytes != 4 && token_bytes != 8)
+		return -EINVAL;
+	size_t n = strnlen(rid, AX_SHM_RID_MAX);
+	if (n == 0 || n >= AX_SHM_RID_MAX)
+		return -EINVAL;
+	begin_args a;
+	memset(&a, 0, sizeof a);
+	a.row = row;
+	a.row_dev = row_dev;
+	a.row_bytes = row_bytes;
+	a.token_bytes = token_bytes;
+	a.tokens = dev_tokens;
+	a.prompt_len = prompt_len;
+	a.skip = skip;
+	memcpy(a.rid, rid, n);
+	k_begin<<<1, 256, 0, (cudaStream_t)stream>>>(g->sv, g->st, g->map, g->ctl_d, a);
+	return launched(g, "k_begin");
+}
+
+int ax_graph_request_end(ax_graph *g, void *stream, uint32_t row, uint32_t reason)
+{
+	if (!g || row >= g->cfg.map_rows)
+		return -EINVAL;
+	if (reason < AX_END_STOP || reason > AX_END_ERROR)
+		reason = AX_END_ERROR;
+	k_end<<<1, 1, 0, (cudaStream_t)stream>>>(g->sv, g->st, g->map, g->ctl_d, row, reason);
+	return launched(g, "k_end");
+}
+
+static bool ivec_ok(const ax_graph_ivec *v) { return !v->p || v->bytes == 4 || v->bytes == 8; }
+
+int ax_graph_step_begin(ax_graph *g, void *stream, const ax_graph_step_args *a)
+{
+	if (!g || !a || a->n_rows < 1 || a->n_rows > g->cfg.max_batch || !a->seq_end.p || !a->tokens)
+		return -EINVAL;
+	if (!ivec_ok(&a->row) || !ivec_ok(&a->seq_end) || !ivec_ok(&a->n_tok) || !ivec_ok(&a->in_off) ||
+	    !ivec_ok(&a->pad) || (a->token_bytes != 4 && a->token_bytes != 8) || (!a->n_tok.p && a->n_tok_const < 1))
+		return -EINVAL;
+	g->n_rows = a->n_rows;
+	g->last = *a;
+	/* The block size is a power of two ≥ n_rows (block_scan needs every row in one block). */
+	unsigned threads = 32;
+	while (threads < a->n_rows)
+		threads <<= 1;
+	k_step_begin<<<1, threads, 0, (cudaStream_t)stream>>>(g->sv, g->st, g->map, g->ctl_d, g->rows, *a,
+								 g->cfg.q_rows);
+	return launched(g, "k_step_begin");
+}
+
+int ax_graph_export_q(ax_graph *g, void *stream, uint32_t layer, const void *q, int elem_bytes, int64_t st_b,
+		      int64_t st_t, int64_t st_h)
+{
+	if (!g || !q || !g->n_rows || elem_bytes != (int)g->esize || layer >= 128 || st_h < (int64_t)g->D)
+		return -EINVAL;
+	unsigned unit = (unsigned)elem_bytes;
+	uint64_t align = (uint64_t)(uintptr_t)q | (uint64_t)(uintptr_t)g->cfg.q_ring;
+	uint64_t bytes_b = (uint64_t)st_b * elem_bytes, bytes_t = (uint64_t)st_t * elem_bytes;
+	uint64_t bytes_h = (uint64_t)st_h * elem_bytes, bytes_d = (uint64_t)g->D * elem_bytes;
+	if (((align | bytes_b | bytes_t | bytes_h | bytes_d) & 15) == 0)
+		unit = 16;
+	else if (((align | bytes_b | bytes_t | bytes_h | bytes_d) & 3) == 0)
+		unit = 4;
+	else if (elem_bytes == 1)
+		return -EINVAL; /* fp8 Q rows need 2-byte alignment at least */
+	else
+		unit = 2;
+	unsigned blocks = g->n_rows < 1024 ? g->n_rows : 1024;
+	k_export_q<<<blocks, 256, 0, (cudaStream_t)stream>>>(g->st, g->rows, g->n_rows, layer, (const char *)q,
+							       elem_bytes, st_b, st_t, st_h, (char *)g->cfg.q_ring,
+							       g->cfg.q_rows, g->H, g->D, unit);
+	return launched(g, "k_export_q");
+}
+
+int ax_graph_step_publish(ax_graph *g, void *stream)
+{
+	if (!g || !g->n_rows)
+		return -EINVAL;
+	unsigned threads = 32;
+	while (threads < g->n_rows)
+		threads <<= 1;
+	k_publish<<<1, threads, 0, (cudaStream_t)stream>>>(g->sv, g->st, g->rows, g->ctl_d, g->last, g->cfg.index_buf);
+	return launched(g, "k_publish");
+}
+
+int ax_graph_get_stats(ax_graph *g, ax_graph_stats *out)
+{
+	if (!g || !out)
+		return -EINVAL;
+	ax_graph_dev s;
+	cudaError_t e = cudaMemcpy(&s, g->st, sizeof s, cudaMemcpyDeviceToHost);
+	if (e != cudaSuccess)
+		return cuda_fail(g, e, "cudaMemcpy stats");
+	out->ring_head = s.ring_head;
+	out->ring_dropped = s.ring_dropped;
+	out->arena_head = s.arena_head;
+	out->q_head = s.q_head;
+	out->next_req_id = s.next_req_id;
+	out->steps = s.steps;
+	out->steps_dropped = s.steps_dropped;
+	return 0;
+}
+
+const char *ax_graph_strerror(const ax_graph *g) { return g ? g->err : open_err; }

@@ -1,0 +1,59 @@
+/*
+ * export_graph_test.c — the host-side logic of libattnx-export-graph that needs no GPU: the Q-run placement
+ * (runs never wrap, the head only moves forward) and the layer-slot mapping (token-major, layer-minor Q rows over
+ * a 128-bit layer mask), the same inline functions the kernels call. Cases in tables; suite 'python' (the
+ * adapter's CPU tests).
+ */
+#include "attnx_export_graph.h"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+static void test_q_run(void **state)
+{
+	(void)state;
+	static const struct {
+		uint64_t head, rows, ring, want;
+	} cases[] = {
+		{0, 1, 8, 0},     {0, 8, 8, 0},     {3, 5, 8, 3},    {3, 6, 8, 8},      /* skips to the next lap */
+		{8, 8, 8, 8},     {15, 1, 8, 15},   {15, 2, 8, 16},  {1000, 24, 1024, 1000},
+		{1001, 24, 1024, 1024}, {7, 1, 1, 7},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		uint64_t got = ax_graph_q_run(cases[i].head, cases[i].rows, cases[i].ring);
+		assert_int_equal(got, cases[i].want);
+		assert_true(got >= cases[i].head);
+		assert_true(got % cases[i].ring + cases[i].rows <= cases[i].ring);
+	}
+}
+
+static void test_layer_slot(void **state)
+{
+	(void)state;
+	static const struct {
+		uint64_t m0, m1;
+		uint32_t layer;
+		int want;
+	} cases[] = {
+		{0x1, 0, 0, 0},         {0x1, 0, 1, -1},       {0xf0, 0, 4, 0},          {0xf0, 0, 7, 3},
+		{0xf0, 0, 3, -1},       {1ull << 63, 1, 63, 0}, {1ull << 63, 1, 64, 1},   {~0ull, ~0ull, 127, 127},
+		{~0ull, ~0ull, 64, 64}, {0, 1ull << 63, 127, 0}, {~0ull, 0, 128, -1},     {0, 0x6, 66, 1},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		uint64_t m[2] = {cases[i].m0, cases[i].m1};
+		assert_int_equal(ax_graph_layer_slot(m, cases[i].layer), cases[i].want);
+	}
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_q_run),
+		cmocka_unit_test(test_layer_slot),
+	};
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
