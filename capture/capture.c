@@ -25,6 +25,8 @@
 #include "capture.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -125,7 +127,27 @@ struct ax_capture {
 	ax__cuda_be *cuda;          /* CUDA backend (backend_cuda.h), opened at the first attach that uses it */
 	int cuda_active;            /* this attachment's buffers are read on the GPU */
 	ax_capture_stats cnt;       /* atomics; sender / pool fields filled at snapshot time */
+	/* waking the loop from other threads: workers, the policy aio, ax_capture_stop */
+	ax_shm *wake_shm;           /* atomic: the handle whose futex the loop sleeps on; NULL while detached */
+	int wakers;                 /* atomic: threads inside wake_loop (detach waits for 0 before unmapping) */
+	nng_aio *sub_aio;           /* policy frames: received on an nng thread, queued in pq */
+	pthread_mutex_t pmu;        /* guards pq */
+	nng_msg *pq[256];
+	uint32_t pq_head, pq_len;
 };
+
+/* Wake the loop if it sleeps in ax_shm_wait (any thread; async-signal-safe: atomics and a futex call). The handle is
+ * read inside a `wakers` section so detach never unmaps the futex word under a waker. */
+static void wake_loop(ax_capture *c)
+{
+	__atomic_add_fetch(&c->wakers, 1, __ATOMIC_SEQ_CST);
+	ax_shm *s = __atomic_load_n(&c->wake_shm, __ATOMIC_SEQ_CST);
+	if (s)
+		ax_shm_wake(s);
+	__atomic_sub_fetch(&c->wakers, 1, __ATOMIC_RELEASE);
+}
+
+static void pool_done(void *arg) { wake_loop(arg); }
 
 /* ---------------------------------------------------------------------------------------------------------
  * Emitting records.
@@ -539,12 +561,48 @@ static void ack_policies(ax_capture *c)
 	ax__sender_flush(c->snd, 0); /* seal and try to send now, never wait */
 }
 
+/* Policy frames arrive on the aio's callback (an nng thread), which queues them and wakes the loop: a sleeping loop
+ * acknowledges a new policy at once (the relay holds the request until then). */
+static void on_sub_recv(void *arg)
+{
+	ax_capture *c = arg;
+	int rv = nng_aio_result(c->sub_aio);
+	if (rv == NNG_ECLOSED || rv == NNG_ECANCELED)
+		return;
+	if (rv == 0) {
+		nng_msg *m = nng_aio_get_msg(c->sub_aio);
+		pthread_mutex_lock(&c->pmu);
+		if (c->pq_len < AX_ARRAY_LEN(c->pq)) {
+			c->pq[(c->pq_head + c->pq_len++) % AX_ARRAY_LEN(c->pq)] = m;
+			m = NULL;
+		}
+		pthread_mutex_unlock(&c->pmu);
+		if (m) { /* 256 frames unread: the relay re-publishes every live policy each 500 ms */
+			ax_log(AX_LOG_WARN, TAG, "policy queue full: frame dropped");
+			nng_msg_free(m);
+		}
+		wake_loop(c);
+	}
+	nng_recv_aio(c->sub, c->sub_aio);
+}
+
+static nng_msg *pq_pop(ax_capture *c)
+{
+	nng_msg *m = NULL;
+	pthread_mutex_lock(&c->pmu);
+	if (c->pq_len) {
+		m = c->pq[c->pq_head];
+		c->pq_head = (c->pq_head + 1) % AX_ARRAY_LEN(c->pq);
+		c->pq_len--;
+	}
+	pthread_mutex_unlock(&c->pmu);
+	return m;
+}
+
 static void poll_policies(ax_capture *c)
 {
-	for (int i = 0; c->sub_open && i < 64; i++) {
-		nng_msg *m;
-		if (nng_recvmsg(c->sub, &m, NNG_FLAG_NONBLOCK) != 0)
-			break;
+	nng_msg *m;
+	while ((m = pq_pop(c)) != NULL) {
 		int rv = ax_frame_decode(nng_msg_body(m), nng_msg_len(m), on_policy_record, c);
 		if (rv < 0)
 			ax_log(AX_LOG_WARN, TAG, "bad policy frame (%zu bytes): %s", nng_msg_len(m), ax_strerror(rv));
@@ -815,6 +873,9 @@ static void on_step(ax_capture *c, const ax_shm_step *s)
 
 static void detach(ax_capture *c)
 {
+	__atomic_store_n(&c->wake_shm, NULL, __ATOMIC_SEQ_CST);
+	while (__atomic_load_n(&c->wakers, __ATOMIC_ACQUIRE))
+		sched_yield(); /* a waker still holds the old handle */
 	cuda_detach(c); /* unmap the engine's GPU buffers before the segment naming them */
 	ax_shm_detach(c->shm);
 	c->shm = NULL;
@@ -972,6 +1033,7 @@ static void try_attach(ax_capture *c)
 	}
 	c->attach_err_logged = 0;
 	c->dead_since_ns = 0;
+	__atomic_store_n(&c->wake_shm, c->shm, __ATOMIC_SEQ_CST);
 	c->attach_ns = ax_now_ns();
 	CNT_ADD(c, attaches, 1);
 	ax_log(AX_LOG_INFO, TAG, "attached to %s: %.32s (%.96s), %u layers, %u/%u heads, D %u, generation %llx",
@@ -1116,18 +1178,36 @@ static void service(ax_capture *c)
 	}
 }
 
-/* Nothing happened this iteration: wait briefly (for a job if any is queued), longer when long idle. */
+/* How long the loop may sleep: until the earliest timer (heartbeat, liveness, hello, policy sweep, stats, the
+ * sender's batch deadline or retry), at most idle_ms. Steps, finished worker jobs, policy frames and
+ * ax_capture_stop wake it sooner. */
+static uint64_t idle_timeout(ax_capture *c)
+{
+	uint64_t now = c->now_ns, t = (c->o.idle_ms ? c->o.idle_ms : 100) * MS;
+	const uint64_t at[] = {c->next_hb_ns, c->next_alive_ns, c->next_hello_ns, c->next_sweep_ns,
+			       c->o.stats_interval_ms ? c->next_stats_ns : UINT64_MAX};
+	for (size_t i = 0; i < AX_ARRAY_LEN(at); i++) {
+		if (at[i] <= now)
+			return 0;
+		if (at[i] - now < t)
+			t = at[i] - now;
+	}
+	uint64_t snd = ax__sender_due_in(c->snd, now);
+	return snd < t ? snd : t;
+}
+
+/* Nothing happened this iteration: sleep on the segment until the engine publishes a step, a worker finishes, a
+ * policy frame comes, or the next timer; not attached, retry the attach every few milliseconds. */
 static void idle_wait(ax_capture *c)
 {
 	if (c->idle_since_ns == 0)
 		c->idle_since_ns = c->now_ns;
-	if (ax__pool_count(c->pool) > 0) {
-		ax__pool_wait_head(c->pool, 500000);
+	if (c->shm == NULL) {
+		struct timespec ts = {0, 5000000};
+		nanosleep(&ts, NULL);
 		return;
 	}
-	long ns = c->shm == NULL ? 5000000 : (c->now_ns - c->idle_since_ns < 20 * MS ? 200000 : 1000000);
-	struct timespec ts = {0, ns};
-	nanosleep(&ts, NULL);
+	ax_shm_wait(c->shm, idle_timeout(c));
 }
 
 /* ---------------------------------------------------------------------------------------------------------
@@ -1167,6 +1247,8 @@ static int open_sub(ax_capture *c)
 	if (rv != 0)
 		return -EIO;
 	c->sub_open = 1;
+	if (nng_aio_alloc(&c->sub_aio, on_sub_recv, c) != 0)
+		return -ENOMEM;
 	nng_socket_set(c->sub, NNG_OPT_SUB_SUBSCRIBE, "", 0);
 	nng_socket_set_ms(c->sub, NNG_OPT_RECONNMINT, 50);
 	nng_socket_set_ms(c->sub, NNG_OPT_RECONNMAXT, 500);
@@ -1174,6 +1256,7 @@ static int open_sub(ax_capture *c)
 		ax_log(AX_LOG_ERROR, TAG, "cannot dial policy address %s: %s", c->o.policy_addr, nng_strerror(rv));
 		return rv == NNG_EADDRINVAL || rv == NNG_ENOTSUP ? -EINVAL : -EIO;
 	}
+	nng_recv_aio(c->sub, c->sub_aio);
 	return 0;
 }
 
@@ -1186,12 +1269,15 @@ int ax_capture_open(ax_capture **out, const ax_capture_opts *o)
 	if (c == NULL)
 		return -ENOMEM;
 	c->o = *o;
+	pthread_mutex_init(&c->pmu, NULL);
 	if (c->o.src[0] == '\0')
 		default_src(c);
 	if ((rv = ax__policy_init(&c->pol)) < 0)
 		goto fail;
 	if ((rv = ax__pool_open(&c->pool, o->threads, o->queue_cap)) < 0)
 		goto fail;
+	ax__pool_set_inline(c->pool, o->inline_kmacs < 0 ? 0 : (o->inline_kmacs ? (uint64_t)o->inline_kmacs : 256) * 1000);
+	ax__pool_set_notify(c->pool, pool_done, c);
 	ax__sender_cfg sc = {.addr = o->records_addr, .src = c->o.src, .max_pending = o->max_pending_frames,
 			     .pending_max_ns = (uint64_t)o->pending_max_ms * MS};
 	if ((rv = ax__sender_open(&c->snd, &sc)) < 0)
@@ -1211,12 +1297,15 @@ int ax_capture_run(ax_capture *c)
 	       c->o.records_addr, c->o.policy_addr[0] ? c->o.policy_addr : "(none)", c->o.threads);
 	while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
 		c->now_ns = ax_now_ns();
-		int busy = 0;
+		int busy = 0, taken = 0;
 		if (c->shm == NULL)
 			try_attach(c);
 		else
-			busy += pump_ring(c, 256);
+			busy += taken = pump_ring(c, 256);
 		busy += drain(c);
+		/* Ring empty and every job done: this step's records leave now, in one frame, without a timer wake-up. */
+		if (busy && taken < 256 && ax__pool_count(c->pool) == 0)
+			ax__sender_flush(c->snd, 0);
 		service(c);
 		if (busy)
 			c->idle_since_ns = 0;
@@ -1242,7 +1331,11 @@ int ax_capture_run(ax_capture *c)
 	return 0;
 }
 
-void ax_capture_stop(ax_capture *c) { __atomic_store_n(&c->stop, 1, __ATOMIC_RELEASE); }
+void ax_capture_stop(ax_capture *c)
+{
+	__atomic_store_n(&c->stop, 1, __ATOMIC_RELEASE);
+	wake_loop(c);
+}
 
 void ax_capture_close(ax_capture *c)
 {
@@ -1252,8 +1345,14 @@ void ax_capture_close(ax_capture *c)
 	if (c->shm)
 		detach(c);
 	ax__cuda_be_close(c->cuda);
+	if (c->sub_aio)
+		nng_aio_stop(c->sub_aio); /* waits for a callback in progress; a re-armed receive is cancelled */
 	if (c->sub_open)
 		nng_close(c->sub);
+	nng_aio_free(c->sub_aio);
+	for (uint32_t i = 0; i < c->pq_len; i++)
+		nng_msg_free(c->pq[(c->pq_head + i) % AX_ARRAY_LEN(c->pq)]);
+	pthread_mutex_destroy(&c->pmu);
 	ax__sender_close(c->snd);
 	ax__policy_fini(&c->pol);
 	free(c->acks);

@@ -65,6 +65,10 @@ typedef struct ax_capture_opts {
 	uint32_t attach_retry_ms;        /* attach retry period (default 100) */
 	uint32_t dead_after_ms;          /* engine heartbeat silence that counts as a restart (default 2000) */
 	uint32_t queue_cap;              /* ordered output queue entries (default 2048) */
+	uint32_t idle_ms;                /* longest sleep while attached and idle (0 = 100): the engine wakes the loop
+					    when it publishes a step, so this only bounds how late timers run */
+	int32_t inline_kmacs;            /* jobs up to this many thousand multiply-adds run on the loop thread, not a
+					    worker (0 = 256; -1 = every job on a worker) */
 } ax_capture_opts;
 
 /* Fill the defaults (see --help). Never fails. */

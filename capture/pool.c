@@ -6,6 +6,9 @@
  * is an ATTN item (RECORD items are skipped: they are done at commit), runs it without the lock, then marks it
  * done and signals the loop. Jobs take tens of microseconds to milliseconds, so one lock round trip per job is
  * cheap next to the work. Workers block every signal so SIGINT/SIGTERM reach the daemon's main thread.
+ * A job below the inline threshold never reaches a worker: commit runs it on the loop thread (with the loop's own
+ * scratch) and queues it done, so the per-token jobs of a small model cost no thread wake-ups at all; workers
+ * skip done items. A worker that finishes a job calls the notify hook, which wakes a loop sleeping on the segment.
  */
 #include "pool.h"
 
@@ -29,7 +32,20 @@ struct ax__pool {
 	pthread_t *threads;
 	uint32_t n_threads, started;
 	uint64_t busy_ns;         /* atomic */
+	uint64_t inline_macs;     /* jobs up to this size run at commit on the loop thread (0 = none) */
+	ax_attn_scratch *loop_scratch; /* the loop thread's scratch for inline jobs, made on first use */
+	void (*notify)(void *);   /* called under mu when a worker's job becomes done */
+	void *notify_arg;
 };
+
+/* Multiply-adds of a job's scores: visible keys × query heads × head dim. */
+static uint64_t job_macs(const ax_attn_job *j)
+{
+	uint64_t keys = j->position + 1;
+	if (j->window > 0 && keys > (uint64_t)j->window)
+		keys = (uint64_t)j->window;
+	return keys * j->n_q_heads * j->head_dim;
+}
 
 static void *worker_main(void *arg)
 {
@@ -37,8 +53,9 @@ static void *worker_main(void *arg)
 	ax_attn_scratch *scratch = ax_attn_scratch_new();
 	pthread_mutex_lock(&p->mu);
 	for (;;) {
-		while (p->next_work < p->tail && p->items[p->next_work % p->cap].kind != AX_ITEM_ATTN)
-			p->next_work++;
+		while (p->next_work < p->tail && (p->items[p->next_work % p->cap].kind != AX_ITEM_ATTN ||
+						  p->items[p->next_work % p->cap].done))
+			p->next_work++; /* records and inline jobs are done at commit */
 		if (p->next_work == p->tail) {
 			if (p->stopping)
 				break;
@@ -54,6 +71,8 @@ static void *worker_main(void *arg)
 		it->err = err;
 		it->done = 1;
 		pthread_cond_signal(&p->done_cv);
+		if (p->notify)
+			p->notify(p->notify_arg);
 	}
 	pthread_mutex_unlock(&p->mu);
 	ax_attn_scratch_free(scratch);
@@ -123,6 +142,7 @@ void ax__pool_close(ax__pool *p)
 		}
 		free(p->items[i].res);
 	}
+	ax_attn_scratch_free(p->loop_scratch);
 	free(p->items);
 	free(p->threads);
 	pthread_cond_destroy(&p->work_cv);
@@ -158,15 +178,40 @@ int ax__pool_item_results(ax__item *it, uint32_t rows)
 	return 0;
 }
 
+/* Run a small ATTN item now, on the loop thread (the item is not yet visible to workers). 1 if it ran. */
+static int run_inline(ax__pool *p, ax__item *it)
+{
+	if (p->inline_macs == 0 || job_macs(&it->job) > p->inline_macs)
+		return 0;
+	if (p->loop_scratch == NULL && (p->loop_scratch = ax_attn_scratch_new()) == NULL)
+		return 0; /* out of memory: a worker (with its own scratch) will try */
+	uint64_t t0 = ax_now_ns();
+	it->err = ax_attn_cpu(&it->job, p->loop_scratch, it->res);
+	__atomic_fetch_add(&p->busy_ns, ax_now_ns() - t0, __ATOMIC_RELAXED);
+	return 1;
+}
+
 void ax__pool_commit(ax__pool *p)
 {
-	pthread_mutex_lock(&p->mu);
+	/* tail is written only by this thread, so reading it unlocked here is exact. */
 	ax__item *it = &p->items[p->tail % p->cap];
-	if (it->kind != AX_ITEM_ATTN)
+	int ran = it->kind == AX_ITEM_ATTN && run_inline(p, it);
+	pthread_mutex_lock(&p->mu);
+	if (it->kind != AX_ITEM_ATTN || ran)
 		it->done = 1;
 	p->tail++;
-	if (it->kind == AX_ITEM_ATTN)
+	if (it->kind == AX_ITEM_ATTN && !ran)
 		pthread_cond_signal(&p->work_cv);
+	pthread_mutex_unlock(&p->mu);
+}
+
+void ax__pool_set_inline(ax__pool *p, uint64_t max_macs) { p->inline_macs = max_macs; }
+
+void ax__pool_set_notify(ax__pool *p, void (*fn)(void *arg), void *arg)
+{
+	pthread_mutex_lock(&p->mu);
+	p->notify = fn;
+	p->notify_arg = arg;
 	pthread_mutex_unlock(&p->mu);
 }
 

@@ -8,6 +8,8 @@
  * bounded; when it is full the loop waits for the head (and the engine's step ring absorbs the delay, dropping
  * and counting if it must).
  *
+ * Small jobs (ax__pool_set_inline) run on the loop thread at commit and are done before they are queued.
+ *
  * Threads: one producer/consumer (the capture loop: reserve, commit, head, pop, wait) and n worker threads.
  * An item's fields belong to the loop before commit and after it is done, to one worker in between.
  */
@@ -67,6 +69,16 @@ void ax__pool_pop(ax__pool *p);
 uint32_t ax__pool_count(ax__pool *p);
 /* Wait up to timeout_ns for the head item to be done. Returns 1 if it is, 0 otherwise. */
 int ax__pool_wait_head(ax__pool *p, uint64_t timeout_ns);
+
+/* Jobs of at most `max_macs` multiply-adds (visible keys × H_q × D) run on the calling thread inside
+ * ax__pool_commit instead of on a worker: for a small job the hand-off (a worker wake-up, then the loop's) costs more
+ * CPU than the job, and on a machine without a spare core it takes that CPU from the engine. 0 = every job goes to a
+ * worker (the default). Loop thread only. */
+void ax__pool_set_inline(ax__pool *p, uint64_t max_macs);
+/* fn(arg) is called by a worker, under the pool lock, each time a job becomes done, so a loop that sleeps somewhere
+ * other than ax__pool_wait_head learns of it. fn must be quick and must not call into the pool. NULL = none. Call
+ * before any job is committed. */
+void ax__pool_set_notify(ax__pool *p, void (*fn)(void *arg), void *arg);
 
 /* Nanoseconds workers spent running jobs, and jobs run. Thread-safe. */
 uint64_t ax__pool_busy_ns(ax__pool *p);

@@ -284,6 +284,21 @@ uint32_t ax__sender_flush(ax__sender *s, uint64_t timeout_ns)
 	}
 }
 
+/* Frames nng refused (no relay yet, or its queue full) are offered again this often while the loop sleeps. */
+#define RETRY_NS 2000000ull
+
+uint64_t ax__sender_due_in(const ax__sender *s, uint64_t now_ns)
+{
+	uint64_t t = s->len ? RETRY_NS : UINT64_MAX;
+	if (s->batch.count) {
+		uint64_t due = s->batch.first_ns + s->batch.max_delay_ns;
+		uint64_t d = due > now_ns ? due - now_ns : 0;
+		if (d < t)
+			t = d;
+	}
+	return t;
+}
+
 uint32_t ax__sender_pending(const ax__sender *s) { return s->len; }
 
 uint64_t ax__sender_next_seq(const ax__sender *s) { return s->next_seq; }

@@ -56,6 +56,10 @@ void ax__sender_poll(ax__sender *s, uint64_t now_ns);
 /* Seal the current batch and try to send everything for up to `timeout_ns`. Returns the frames still pending. */
 uint32_t ax__sender_flush(ax__sender *s, uint64_t timeout_ns);
 
+/* Nanoseconds until ax__sender_poll has work: the open batch's deadline (0 if past), a retry period while frames
+ * wait for nng, UINT64_MAX when there is nothing to send. The capture loop sleeps no longer than this. */
+uint64_t ax__sender_due_in(const ax__sender *s, uint64_t now_ns);
+
 /* Frames waiting (sealed, not yet accepted by nng). */
 uint32_t ax__sender_pending(const ax__sender *s);
 

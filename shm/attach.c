@@ -6,7 +6,8 @@
  * a private snapshot; buffer-table entries are copied and validated as buf_count grows; every descriptor is copied
  * out of its slot under the seqlock and validated against the snapshot before it is returned. Only the producer's
  * counters (ring_head, arena_head, q_head, ring_dropped, generation, state) are read live, and each is only ever
- * compared, never used as an address. The consumer writes only the consumer area of the header.
+ * compared, never used as an address. The consumer writes only the consumer area of the header. ax_shm_wait
+ * sleeps on the consumer_wait futex word, which a producer with AX_SHM_FEAT_WAKE clears and wakes after publishing.
  */
 #include "attnx_common.h"
 #include "shm_internal.h"
@@ -33,6 +34,8 @@ struct ax_shm {
 	uint64_t tail;         /* next descriptor sequence number to take */
 	uint64_t dropped_seen; /* ring_dropped already reported through *lost */
 	uint64_t hb_ns;        /* last consumer heartbeat stored */
+	uint32_t poked;        /* atomic: ax_shm_wake was called since the last ax_shm_wait returned */
+	int missed_wakes;      /* sleeps that timed out over a descriptor nobody woke us for; 2 = poll from now on */
 	ax_shm_stats st;
 };
 
@@ -316,4 +319,48 @@ int ax_shm_alive(ax_shm *s, uint64_t timeout_ns)
 		return 0;
 	uint64_t hb = AX_LOAD_ACQ(&s->h->heartbeat_ns), now = ax_now_ns();
 	return now > hb && now - hb > timeout_ns ? 0 : 1;
+}
+
+/* Is there something for ax_shm_next to return (a descriptor, or -ESTALE)? */
+static bool pending(const ax_shm *s)
+{
+	return AX_LOAD_ACQ(&s->h->ring_head) != s->tail || !segment_current(s);
+}
+
+int ax_shm_wait(ax_shm *s, uint64_t timeout_ns)
+{
+	if (!s)
+		return -EINVAL;
+	/* Read live: a producer may stop waking after attach (ax_export_disable_wake). Only a timeout depends on it. */
+	if ((s->missed_wakes >= 2 || !(AX_LOAD_ACQ(&s->h->features) & AX_SHM_FEAT_WAKE)) && timeout_ns > AX_SHM_POLL_NS)
+		timeout_ns = AX_SHM_POLL_NS; /* nobody will wake us: poll */
+	uint32_t *w = &s->h->consumer_wait;
+	/* Store the flag, then look (seq_cst): a waker stores its event (ring_head, or `poked`), fences, then looks at
+	 * the flag; so either we see the event here or the waker sees the flag and wakes us. */
+	__atomic_store_n(w, 1u, __ATOMIC_SEQ_CST);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (!pending(s) && !__atomic_exchange_n(&s->poked, 0u, __ATOMIC_SEQ_CST) && timeout_ns &&
+	    ax__shm_futex_wait(w, 1u, timeout_ns) == -ETIMEDOUT && AX_LOAD_ACQ(w) == 1u && pending(s) &&
+	    timeout_ns > AX_SHM_POLL_NS) {
+		/* A descriptor came while we slept and nobody cleared the flag (a waking producer clears it before its
+		 * FUTEX_WAKE): this producer advertises wakes it does not send (GPU kernels writing the ring). Twice, so
+		 * that a publish racing with the timeout is not taken for it. */
+		if (++s->missed_wakes == 2)
+			ax_log(AX_LOG_WARN, "shm", "the producer publishes without waking the consumer: polling every "
+			       "%llu us", (unsigned long long)(AX_SHM_POLL_NS / 1000));
+	}
+	AX_STORE_RLX(w, 0u);
+	__atomic_store_n(&s->poked, 0u, __ATOMIC_RELAXED);
+	return pending(s) ? 1 : 0;
+}
+
+void ax_shm_wake(ax_shm *s)
+{
+	if (!s)
+		return;
+	uint32_t *w = &s->h->consumer_wait;
+	__atomic_store_n(&s->poked, 1u, __ATOMIC_SEQ_CST);
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (AX_LOAD_RLX(w) != 0 && __atomic_exchange_n(w, 0u, __ATOMIC_ACQ_REL) != 0)
+		ax__shm_futex_wake(w);
 }

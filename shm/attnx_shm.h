@@ -16,7 +16,9 @@
  * Producer rules: it never blocks and never waits for the capture. A descriptor is written into slot
  * seq & (ring_cap-1) only when seq - consumer_tail < ring_cap; otherwise it is dropped and ring_dropped counts
  * it. The slot's `seq` word is written last with release order (seq+1, so 0 means "never written"); the consumer
- * reads it with acquire order, copies the descriptor, and re-reads `seq` to detect a torn copy.
+ * reads it with acquire order, copies the descriptor, and re-reads `seq` to detect a torn copy. After ring_head is
+ * stored, libattnx-export wakes a consumer that sleeps on the header's consumer_wait word (a futex; one load and
+ * no system call when none sleeps, one non-blocking FUTEX_WAKE when one does) and says so with AX_SHM_FEAT_WAKE.
  * Consumer rules: every descriptor is validated against the header and buffer table before any buffer is read
  * (ax_shm_validate_step); a bad one is rejected and counted, never read. The generation word changes when an
  * engine restarts; the consumer re-attaches. Token-arena and Q-ring reads re-check the producer's write counter
@@ -192,8 +194,20 @@ typedef struct ax_shm_header {
 	uint64_t want_layers[2];   /* (C) layers whose Q rows the consumer wants (0,0 = none) */
 	uint32_t want_prefill;     /* (C) 1 = export Q rows of prefill tokens too */
 	uint32_t reserved_u32;
-	uint8_t reserved[104];     /* zero; sized so the header is 512 bytes */
+	/* wake-up (additions of this version; zero in segments of producers that do not wake) */
+	uint32_t consumer_wait;    /* (C; cleared by P) futex word: 1 while the consumer sleeps in ax_shm_wait; a
+				      producer with AX_SHM_FEAT_WAKE swaps it to 0 after each publish and FUTEX_WAKEs it */
+	uint32_t features;         /* (P) AX_SHM_FEAT_* bits, set at creation (before magic); WAKE may be cleared
+				      later (ax_export_disable_wake), so consumers read it live */
+	uint8_t reserved[96];      /* zero; sized so the header is 512 bytes */
 } ax_shm_header;
+
+/* Producer features (ax_shm_header.features). */
+enum {
+	AX_SHM_FEAT_WAKE = 1u << 0, /* each publish (and close) wakes a consumer sleeping on consumer_wait */
+};
+/* ax_shm_wait's longest sleep when the producer does not wake (no AX_SHM_FEAT_WAKE): it is polled instead. */
+#define AX_SHM_POLL_NS 200000ull
 
 /* ----------------------------------------------------------------------------------------------------------
  * Pure layout helpers (no segment needed; used by both sides, the validator and the fuzzer).
@@ -294,6 +308,11 @@ int ax_export_wanted(ax_export *ex, uint64_t layers[2], int *prefill);
 /* Store the producer heartbeat (call at least once a second; ax_export_step also stores it). */
 void ax_export_heartbeat(ax_export *ex);
 
+/* Clear AX_SHM_FEAT_WAKE: for a producer that will publish descriptors by other means than this library (GPU
+ * kernels writing the ring, libattnx-export-graph), which cannot wake a sleeping consumer. Consumers then poll
+ * (ax_shm_wait sleeps at most AX_SHM_POLL_NS). Call it before the first such descriptor. Accepts NULL. */
+void ax_export_disable_wake(ax_export *ex);
+
 /* ----------------------------------------------------------------------------------------------------------
  * Capture side.
  */
@@ -323,6 +342,22 @@ int ax_shm_find_buffer(const ax_shm *s, uint32_t kind, int32_t layer);
 void ax_shm_set_wanted(ax_shm *s, const uint64_t layers[2], int prefill);
 /* Store the consumer heartbeat. */
 void ax_shm_heartbeat(ax_shm *s);
+
+/*
+ * Sleep until there is something to take (a descriptor past this consumer's tail, or the segment closed or
+ * replaced), ax_shm_wake(s) is called, or timeout_ns passes. Returns 1 when there is something to take (at once if
+ * there already is), 0 otherwise (timeout, wake, signal), -EINVAL for NULL. The consumer sets consumer_wait and
+ * sleeps on it (futex); a producer advertising AX_SHM_FEAT_WAKE clears it and wakes it after each publish, so a
+ * step is seen within a wake-up latency whatever the timeout. Without AX_SHM_FEAT_WAKE (an older
+ * libattnx-export, a producer that cannot make system calls) the sleep is capped at AX_SHM_POLL_NS; so is every
+ * sleep after two that timed out with a descriptor published and the flag still set (a producer that advertises
+ * wakes but does not send them costs two full timeouts, once per attachment).
+ * Consumer thread only.
+ */
+int ax_shm_wait(ax_shm *s, uint64_t timeout_ns);
+/* Wake the thread sleeping in ax_shm_wait on `s` (no system call when none sleeps). Thread-safe: any thread of the
+ * consumer process may call it while `s` stays attached. */
+void ax_shm_wake(ax_shm *s);
 
 /*
  * Take the next descriptor: copy it out, validate it, advance the tail.

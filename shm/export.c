@@ -6,7 +6,8 @@
  * of the header layout, buffer table and request slots in private memory and only *stores* them into the segment,
  * so a confused or hostile consumer (which maps the segment read-write for its consumer area) can make the
  * producer drop descriptors but never write outside its regions. The only word it reads back from the segment is
- * consumer_tail (ring space) and the consumer area for ax_export_wanted.
+ * consumer_tail (ring space), the consumer area for ax_export_wanted, and consumer_wait, the futex word it clears
+ * to wake a sleeping consumer after each publish.
  *
  * Publishing order (the consumer's validation relies on it): token ids and Q rows are written first — their head
  * counters are advanced *before* the overwrite so a consumer re-checking the head after its copy sees any lap —
@@ -193,6 +194,7 @@ static int init_header(ax_shm_header *h, const ax_export_config *c)
 	memset(h, 0, sizeof *h);
 	h->version = AX_SHM_VERSION;
 	h->header_size = sizeof *h;
+	h->features = AX_SHM_FEAT_WAKE;
 	h->rank = c->rank;
 	h->world_size = c->world_size ? c->world_size : 1;
 	snprintf(h->engine, sizeof h->engine, "%s", c->engine ? c->engine : "");
@@ -284,6 +286,18 @@ fail:
 	return rc;
 }
 
+/* After ring_head (or state) is stored: wake a consumer sleeping in ax_shm_wait. The full fence orders that store
+ * before the load of consumer_wait, as the consumer orders its store of consumer_wait before its load of ring_head
+ * (so one of the two sees the other). No sleeper: one load, no system call. A sleeper: the swap to 0 makes this
+ * the only wake it gets, and FUTEX_WAKE never blocks — even when the sleeper has died with the word set. */
+static void wake_consumer(ax_export *ex)
+{
+	uint32_t *w = &ex->h->consumer_wait;
+	__atomic_thread_fence(__ATOMIC_SEQ_CST);
+	if (AX_LOAD_RLX(w) != 0 && __atomic_exchange_n(w, 0u, __ATOMIC_ACQ_REL) != 0)
+		ax__shm_futex_wake(w);
+}
+
 /* Unlink the name only if it still names our segment (a replacement must not lose its name). */
 static void unlink_if_ours(ax_export *ex)
 {
@@ -303,6 +317,7 @@ void ax_export_close(ax_export *ex)
 		return;
 	track(ex, false);
 	AX_STORE_REL(&ex->h->state, AX_SHM_STATE_CLOSED);
+	wake_consumer(ex); /* a sleeping capture learns of the close now, not at its next timer */
 	unlink_if_ours(ex);
 	munmap(ex->base, ex->size);
 	close(ex->fd);
@@ -312,6 +327,15 @@ void ax_export_close(ax_export *ex)
 }
 
 ax_shm_header *ax_export_header(ax_export *ex) { return ex ? ex->h : NULL; }
+
+void ax_export_disable_wake(ax_export *ex)
+{
+	if (!ex)
+		return;
+	ex->hl.features &= ~(uint32_t)AX_SHM_FEAT_WAKE;
+	AX_STORE_REL(&ex->h->features, ex->hl.features);
+	wake_consumer(ex); /* a consumer asleep now must not sleep out its whole timeout */
+}
 
 void ax_export_heartbeat(ax_export *ex)
 {
@@ -459,6 +483,7 @@ static void publish(ax_export *ex, ax_shm_step *d)
 	ex->ring_head = seq + 1;
 	AX_STORE_REL(&ex->h->ring_head, ex->ring_head);
 	AX_STORE_REL(&ex->h->heartbeat_ns, now);
+	wake_consumer(ex);
 }
 
 /* Publish a BEGIN/END descriptor; -EAGAIN if the ring is full (dropped and counted). */

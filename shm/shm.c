@@ -17,6 +17,10 @@
 #include <stddef.h>
 #include <string.h>
 #include <strings.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 /* The wire structs are the protocol: their sizes and the position of the words read concurrently are fixed. */
 _Static_assert(sizeof(ax_shm_header) == 512, "ax_shm_header is 512 bytes");
@@ -28,6 +32,8 @@ _Static_assert(offsetof(ax_shm_step, seq) == 0, "seqlock word first");
 _Static_assert(offsetof(ax_shm_header, ring_head) % 8 == 0, "counters 8-byte aligned");
 _Static_assert(offsetof(ax_shm_header, consumer_tail) % 8 == 0, "consumer area 8-byte aligned");
 _Static_assert(offsetof(ax_shm_request, req_id) % 8 == 0, "req_id 8-byte aligned");
+_Static_assert(offsetof(ax_shm_header, consumer_wait) % 4 == 0 && offsetof(ax_shm_header, consumer_wait) == 408,
+	       "futex word: 4-byte aligned, where reserved bytes were in the first layout (old peers see zero)");
 _Static_assert(sizeof(ax_shm_step) % sizeof(uint64_t) == 0, "step copied in 64-bit words");
 _Static_assert(sizeof(ax_shm_header) % AX_SHM_ALIGN == 0 && sizeof(ax_shm_step) % AX_SHM_ALIGN == 0,
 	       "header and ring slots keep cache-line alignment");
@@ -345,6 +351,19 @@ bool ax__shm_pid_alive(uint64_t pid)
 	if (pid == 0 || pid > (uint64_t)INT32_MAX)
 		return false;
 	return kill((pid_t)pid, 0) == 0 || errno != ESRCH;
+}
+
+int ax__shm_futex_wait(uint32_t *w, uint32_t val, uint64_t timeout_ns)
+{
+	struct timespec ts = {(time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull)};
+	if (syscall(SYS_futex, w, FUTEX_WAIT, val, &ts, NULL, 0) == 0)
+		return 0;
+	return -errno;
+}
+
+void ax__shm_futex_wake(uint32_t *w)
+{
+	syscall(SYS_futex, w, FUTEX_WAKE, 1, NULL, NULL, 0);
 }
 
 /* Ring slots are copied as relaxed 64-bit atomics so a concurrent rewrite is a detected race, not UB. */

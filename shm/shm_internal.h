@@ -50,6 +50,12 @@ int ax__shm_check_name(const char *name);
 /* Is `pid` a live process (kill(pid, 0) succeeds or fails with EPERM)? pid 0 is never alive. */
 bool ax__shm_pid_alive(uint64_t pid);
 
+/* Futex on a 32-bit word of the shared mapping (not FUTEX_PRIVATE: producer and consumer are two processes).
+ * wait: sleep while *w == val, at most timeout_ns; returns 0 when woken, -ETIMEDOUT, -EAGAIN (*w != val), -EINTR.
+ * wake: wake one sleeper; never blocks. */
+int ax__shm_futex_wait(uint32_t *w, uint32_t val, uint64_t timeout_ns);
+void ax__shm_futex_wake(uint32_t *w);
+
 /* Seqlock copy of ring slot `slot` expecting descriptor sequence number `seq`: 0 on a clean copy, -EAGAIN if the
  * slot does not (or no longer) hold `seq` or changed during the copy. */
 int ax__shm_slot_read(const ax_shm_step *slot, uint64_t seq, ax_shm_step *out);
