@@ -1,0 +1,388 @@
+/*
+ * attn_cuda_testdata.h — inputs and an independent float64 reference for the CUDA backend's tests (the CPU test
+ * of the kernel logic and the GPU test). Plain C, also valid C++; test code only (fails fast on malloc failure).
+ *
+ * A case (tcase) becomes one job's host inputs (tdata): fresh random Q and keys (uniform in [-1, 1], never all
+ * zeros; fp8 keys are random finite codes of magnitude ≤ 4), a K pool with more slots than keys addressed
+ * through a shuffled index row (positions outside the window hold out-of-pool garbage, which must never be
+ * read), a few planted high-scoring keys (their elements ±1, ±1.5, ±2 with the sign of the group's mean query)
+ * and, when asked, an exact tie: a second slot holding a byte copy of the strongest planted key at a later
+ * position. The reference (td_ref) computes every s_hj in double with plain loops from attn_cpu's public
+ * conversions, the cap, the mode's values, logsumexp and a full sort. td_check accepts a result when k and
+ * head_id match, each entry i holds a distinct position whose reference value equals the reference's i-th or is
+ * within 1e-5·max(1, |v|) of it (a near-tie, counted), its logit is within tol of the reference value at that
+ * position, entries with equal logits come lowest position first, and the logsumexp is within tol; NaN never
+ * passes.
+ */
+#ifndef ATTNX_CAPTURE_ATTN_CUDA_TESTDATA_H
+#define ATTNX_CAPTURE_ATTN_CUDA_TESTDATA_H
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attnx_shm.h"
+
+typedef struct tcase {
+	const char *name;
+	uint32_t mode, kdt, qdt, idt; /* enum ax_mode, key dtype, query dtype, index dtype */
+	uint32_t D, H, Hkv, top_k;
+	uint64_t n_keys;              /* position = n_keys - 1 */
+	int32_t window;               /* 0: all keys */
+	float cap;                    /* tanh cap, 0: none */
+	uint32_t n_heads;             /* heads mode: listed heads (0: all) */
+	int32_t heads[8];
+	int tie;                      /* plant an exact tie */
+	int pad;                      /* pad the pool's strides (rows not 16-byte aligned) */
+} tcase;
+
+typedef struct tdata {
+	void *q, *k, *index;          /* host inputs */
+	size_t qbytes, kbytes, ibytes;
+	uint64_t slots;
+	ax_attn_job job;              /* pointers are the host buffers above */
+	int64_t tie_pos[2];           /* the tied positions (-1 if none) */
+} tdata;
+
+typedef struct tref {
+	uint32_t rows;
+	uint64_t start, n;
+	double *v;                    /* [rows][n] value of each visible key (position start + j) */
+	double *lse;                  /* [rows] */
+	int64_t *order;               /* [rows][min(top_k, n)] the exact top-k positions */
+	int32_t *head_id;             /* [rows] */
+} tref;
+
+static uint64_t td_state = 0x1234567ull;
+
+static uint64_t td_u64(void)
+{
+	uint64_t z = (td_state += 0x9e3779b97f4a7c15ull);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+static double td_uni(void)
+{
+	return (double)(td_u64() >> 11) * 0x1p-53 * 2.0 - 1.0;
+}
+
+static void *td_alloc(size_t n)
+{
+	void *p = aligned_alloc(64, (n + 63) / 64 * 64);
+	if (!p) {
+		fprintf(stderr, "out of memory\n");
+		exit(1);
+	}
+	return p;
+}
+
+static size_t td_esize(uint32_t dt)
+{
+	return dt == AX_DTYPE_F32 || dt == AX_DTYPE_I32 ? 4 : dt == AX_DTYPE_I64 ? 8 : dt <= AX_DTYPE_BF16 ? 2 : 1;
+}
+
+static double td_dec(const void *p, uint32_t dt, uint64_t i)
+{
+	switch (dt) {
+	case AX_DTYPE_F16:
+		return ax_f16_to_f32(((const uint16_t *)p)[i]);
+	case AX_DTYPE_BF16:
+		return ax_bf16_to_f32(((const uint16_t *)p)[i]);
+	case AX_DTYPE_FP8_E4M3:
+		return ax_fp8_e4m3_to_f32(((const uint8_t *)p)[i]);
+	case AX_DTYPE_FP8_E5M2:
+		return ax_fp8_e5m2_to_f32(((const uint8_t *)p)[i]);
+	default:
+		return ((const float *)p)[i];
+	}
+}
+
+/* Store x at element i of dtype dt (fp8: the nearest finite code). */
+static void td_enc(void *p, uint32_t dt, uint64_t i, float x)
+{
+	if (dt == AX_DTYPE_F32) {
+		((float *)p)[i] = x;
+	} else if (dt == AX_DTYPE_F16) {
+		((uint16_t *)p)[i] = ax_f32_to_f16(x);
+	} else if (dt == AX_DTYPE_BF16) {
+		((uint16_t *)p)[i] = ax_f32_to_bf16(x);
+	} else {
+		int best = 0;
+		double bd = INFINITY;
+		for (int b = 0; b < 256; b++) {
+			float v = dt == AX_DTYPE_FP8_E4M3 ? ax_fp8_e4m3_to_f32((uint8_t)b) : ax_fp8_e5m2_to_f32((uint8_t)b);
+			if (isfinite(v) && fabs(v - x) < bd)
+				bd = fabs(v - x), best = b;
+		}
+		((uint8_t *)p)[i] = (uint8_t)best;
+	}
+}
+
+/* A random finite value of magnitude ≤ 4 in dtype dt at element i. */
+static void td_rand(void *p, uint32_t dt, uint64_t i)
+{
+	if (dt != AX_DTYPE_FP8_E4M3 && dt != AX_DTYPE_FP8_E5M2) {
+		td_enc(p, dt, i, (float)td_uni());
+		return;
+	}
+	for (;;) {
+		uint8_t b = (uint8_t)td_u64();
+		float v = dt == AX_DTYPE_FP8_E4M3 ? ax_fp8_e4m3_to_f32(b) : ax_fp8_e5m2_to_f32(b);
+		if (isfinite(v) && fabsf(v) <= 4) {
+			((uint8_t *)p)[i] = b;
+			return;
+		}
+	}
+}
+
+/* Inputs of one case. Index entries outside the window are out-of-pool garbage. */
+static void td_make(const tcase *c, tdata *t)
+{
+	memset(t, 0, sizeof *t);
+	uint32_t G = c->H / c->Hkv;
+	uint64_t n = c->n_keys, slots = n + n / 3 + 7;
+	uint64_t s1 = c->D + (c->pad ? 3 : 0), s0 = c->Hkv * s1 + (c->pad ? 5 : 0);
+	size_t kes = td_esize(c->kdt), ies = td_esize(c->idt);
+	t->slots = slots;
+	t->qbytes = (size_t)c->H * c->D * td_esize(c->qdt);
+	t->kbytes = (size_t)slots * s0 * kes;
+	t->ibytes = (size_t)n * ies;
+	t->q = td_alloc(t->qbytes);
+	t->k = td_alloc(t->kbytes);
+	t->index = td_alloc(t->ibytes);
+	memset(t->k, 0x7f, t->kbytes); /* padding: e4m3 NaN, a huge value otherwise: never read */
+	for (uint64_t i = 0; i < (uint64_t)c->H * c->D; i++)
+		td_rand(t->q, c->qdt, i);
+	for (uint64_t s = 0; s < slots; s++)
+		for (uint32_t g = 0; g < c->Hkv; g++)
+			for (uint32_t d = 0; d < c->D; d++)
+				td_rand(t->k, c->kdt, s * s0 + g * s1 + d);
+	/* shuffled slots */
+	uint64_t *perm = (uint64_t *)td_alloc(slots * sizeof *perm);
+	for (uint64_t s = 0; s < slots; s++)
+		perm[s] = s;
+	for (uint64_t s = slots - 1; s > 0; s--) {
+		uint64_t r = td_u64() % (s + 1), x = perm[s];
+		perm[s] = perm[r], perm[r] = x;
+	}
+	uint64_t start = c->window > 0 && n > (uint64_t)c->window ? n - (uint64_t)c->window : 0;
+	for (uint64_t j = 0; j < n; j++) {
+		int64_t v = j >= start ? (int64_t)perm[j] : (j % 2 ? -3 : (int64_t)slots + 11);
+		if (c->idt == AX_DTYPE_I32)
+			((int32_t *)t->index)[j] = (int32_t)v;
+		else
+			((int64_t *)t->index)[j] = v;
+	}
+	/* planted keys: up to 3 visible positions, strengths 2, 1.5, 1 */
+	static const float str[3] = {2.0f, 1.5f, 1.0f};
+	uint64_t vis = n - start;
+	t->tie_pos[0] = t->tie_pos[1] = -1;
+	for (int p = 0; p < 3 && (uint64_t)p < vis; p++) {
+		uint64_t j = start + td_u64() % vis, slot = perm[j];
+		for (uint32_t g = 0; g < c->Hkv; g++)
+			for (uint32_t d = 0; d < c->D; d++) {
+				double m = 0;
+				for (uint32_t h = g * G; h < (g + 1) * G; h++)
+					m += td_dec(t->q, c->qdt, (uint64_t)h * c->D + d);
+				td_enc(t->k, c->kdt, slot * s0 + g * s1 + d, m >= 0 ? str[p] : -str[p]);
+			}
+		if (p == 0 && c->tie && vis >= 2) {
+			/* a byte copy of this key at another visible position: an exact tie */
+			uint64_t j2 = start + td_u64() % vis;
+			while (j2 == j)
+				j2 = start + td_u64() % vis;
+			memcpy((char *)t->k + perm[j2] * s0 * kes, (char *)t->k + slot * s0 * kes, s0 * kes);
+			t->tie_pos[0] = (int64_t)(j < j2 ? j : j2);
+			t->tie_pos[1] = (int64_t)(j < j2 ? j2 : j);
+		}
+	}
+	free(perm);
+	ax_attn_job *jb = &t->job;
+	memset(jb, 0, sizeof *jb);
+	jb->q = t->q, jb->q_dtype = c->qdt;
+	jb->k = t->k, jb->k_dtype = c->kdt;
+	jb->k_scale = c->kdt == AX_DTYPE_FP8_E4M3 || c->kdt == AX_DTYPE_FP8_E5M2 ? 0.5f : 1.0f;
+	jb->k_stride[0] = s0, jb->k_stride[1] = s1, jb->k_stride[2] = 1;
+	jb->n_slots = slots;
+	jb->index = t->index, jb->index_dtype = c->idt;
+	jb->position = n - 1;
+	jb->window = c->window;
+	jb->n_q_heads = c->H, jb->n_kv_heads = c->Hkv, jb->head_dim = c->D;
+	jb->head_offset = 100;
+	jb->scale = (float)(1.0 / sqrt((double)c->D));
+	jb->logit_cap = c->cap;
+	jb->mode = c->mode;
+	jb->top_k = c->top_k;
+	jb->heads = c->n_heads ? c->heads : NULL;
+	jb->n_heads = c->n_heads;
+}
+
+static void td_free(tdata *t)
+{
+	free(t->q);
+	free(t->k);
+	free(t->index);
+	memset(t, 0, sizeof *t);
+}
+
+/* s_hj for all heads of visible key j (double). */
+static void td_scores(const ax_attn_job *jb, uint64_t pos, double *s)
+{
+	uint32_t G = jb->n_q_heads / jb->n_kv_heads, D = jb->head_dim;
+	uint64_t slot = jb->index_dtype == AX_DTYPE_I32 ? (uint64_t)(int64_t)((const int32_t *)jb->index)[pos]
+							 : (uint64_t)((const int64_t *)jb->index)[pos];
+	int fp8 = jb->k_dtype == AX_DTYPE_FP8_E4M3 || jb->k_dtype == AX_DTYPE_FP8_E5M2;
+	double w = (double)jb->scale * (fp8 ? (double)jb->k_scale : 1.0);
+	for (uint32_t h = 0; h < jb->n_q_heads; h++) {
+		uint64_t base = slot * jb->k_stride[0] + (uint64_t)(h / G) * jb->k_stride[1];
+		double acc = 0;
+		for (uint32_t d = 0; d < D; d++)
+			acc += td_dec(jb->q, jb->q_dtype, (uint64_t)h * D + d) * td_dec(jb->k, jb->k_dtype, base + d);
+		acc *= w;
+		s[h] = jb->logit_cap > 0 ? jb->logit_cap * tanh(acc / jb->logit_cap) : acc;
+	}
+}
+
+static double td_lse(const double *v, uint64_t n)
+{
+	double m = -INFINITY, s = 0;
+	for (uint64_t j = 0; j < n; j++)
+		m = v[j] > m ? v[j] : m;
+	for (uint64_t j = 0; j < n; j++)
+		s += exp(v[j] - m);
+	return m + log(s);
+}
+
+/* The reference of a valid job with finite inputs and in-pool visible slots. */
+static void td_ref(const ax_attn_job *jb, tref *r)
+{
+	uint32_t H = jb->n_q_heads;
+	uint64_t nk = jb->position + 1;
+	r->start = jb->window > 0 && nk > (uint64_t)jb->window ? nk - (uint64_t)jb->window : 0;
+	r->n = nk - r->start;
+	r->rows = jb->mode != AX_MODE_HEADS ? 1 : jb->heads ? jb->n_heads : H;
+	double *all = (double *)td_alloc((size_t)H * r->n * sizeof(double)); /* [H][n] */
+	double *s = (double *)td_alloc(H * sizeof(double));
+	for (uint64_t j = 0; j < r->n; j++) {
+		td_scores(jb, r->start + j, s);
+		for (uint32_t h = 0; h < H; h++)
+			all[h * r->n + j] = s[h];
+	}
+	r->v = (double *)td_alloc((size_t)r->rows * r->n * sizeof(double));
+	r->lse = (double *)td_alloc(r->rows * sizeof(double));
+	r->head_id = (int32_t *)td_alloc(r->rows * sizeof(int32_t));
+	if (jb->mode == AX_MODE_HEADS) {
+		for (uint32_t i = 0; i < r->rows; i++) {
+			uint32_t h = jb->heads ? (uint32_t)jb->heads[i] : i;
+			memcpy(r->v + i * r->n, all + h * r->n, r->n * sizeof(double));
+			r->lse[i] = td_lse(r->v + i * r->n, r->n);
+			r->head_id[i] = (int32_t)(jb->head_offset + h);
+		}
+	} else if (jb->mode == AX_MODE_MEAN_LOGIT) {
+		for (uint64_t j = 0; j < r->n; j++) {
+			double m = 0;
+			for (uint32_t h = 0; h < H; h++)
+				m += all[h * r->n + j];
+			r->v[j] = m / H;
+		}
+		r->lse[0] = td_lse(r->v, r->n);
+		r->head_id[0] = -1;
+	} else {
+		for (uint32_t h = 0; h < H; h++)
+			s[h] = td_lse(all + h * r->n, r->n);
+		for (uint64_t j = 0; j < r->n; j++) {
+			double p = 0;
+			for (uint32_t h = 0; h < H; h++)
+				p += exp(all[h * r->n + j] - s[h]);
+			r->v[j] = log(p / H);
+		}
+		r->lse[0] = 0;
+		r->head_id[0] = -1;
+	}
+	uint32_t k = jb->top_k < r->n ? jb->top_k : (uint32_t)r->n;
+	r->order = (int64_t *)td_alloc((size_t)r->rows * (k ? k : 1) * sizeof(int64_t));
+	for (uint32_t i = 0; i < r->rows; i++) {
+		const double *v = r->v + i * r->n;
+		int64_t *o = r->order + (size_t)i * k;
+		uint32_t c = 0;
+		for (uint64_t j = 0; j < r->n; j++) { /* insertion of (v desc, pos asc) into the first k */
+			if (c == k && !(v[j] > v[o[k - 1] - (int64_t)r->start]))
+				continue;
+			uint32_t at = c < k ? c++ : k - 1;
+			while (at > 0 && v[j] > v[o[at - 1] - (int64_t)r->start]) {
+				o[at] = o[at - 1];
+				at--;
+			}
+			o[at] = (int64_t)(r->start + j);
+		}
+	}
+	free(all);
+	free(s);
+}
+
+static void td_ref_free(tref *r)
+{
+	free(r->v);
+	free(r->lse);
+	free(r->order);
+	free(r->head_id);
+	memset(r, 0, sizeof *r);
+}
+
+static int td_fail(char *why, size_t len, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(why, len, fmt, ap);
+	va_end(ap);
+	return -1;
+}
+
+/* Check rows got[0 .. r->rows) against the reference; tol: logits and logsumexp. *near counts near-tie
+ * substitutions. Returns 0, or -1 with a reason in why. */
+static int td_check(const tref *r, uint32_t top_k, const ax_attn_result *got, double tol, int *near, char *why,
+		    size_t len)
+{
+	uint32_t k = top_k < r->n ? top_k : (uint32_t)r->n;
+	for (uint32_t i = 0; i < r->rows; i++) {
+		const ax_attn_result *g = &got[i];
+		const double *v = r->v + i * r->n;
+		const int64_t *o = r->order + (size_t)i * k;
+		if (g->k != k)
+			return td_fail(why, len, "row %u: k %u, want %u", i, g->k, k);
+		if (g->head_id != r->head_id[i])
+			return td_fail(why, len, "row %u: head_id %d, want %d", i, g->head_id, r->head_id[i]);
+		if (!(fabs(g->lse - r->lse[i]) <= tol))
+			return td_fail(why, len, "row %u: lse %.9g, want %.9g", i, g->lse, r->lse[i]);
+		for (uint32_t e = 0; e < k; e++) {
+			int64_t p = g->pos[e];
+			if (p < (int64_t)r->start || p >= (int64_t)(r->start + r->n))
+				return td_fail(why, len, "row %u entry %u: position %lld not visible", i, e, (long long)p);
+			for (uint32_t f = 0; f < e; f++)
+				if (g->pos[f] == p)
+					return td_fail(why, len, "row %u: position %lld twice", i, (long long)p);
+			double want = v[o[e] - (int64_t)r->start], have = v[p - (int64_t)r->start];
+			if (p != o[e]) {
+				if (!(fabs(have - want) <= 1e-5 * (fabs(want) > 1 ? fabs(want) : 1)))
+					return td_fail(why, len, "row %u entry %u: position %lld (%.9g), want %lld (%.9g)", i,
+						       e, (long long)p, have, (long long)o[e], want);
+				(*near)++;
+			}
+			if (!(fabs((double)g->logit[e] - have) <= tol))
+				return td_fail(why, len, "row %u entry %u: logit %.9g, want %.9g", i, e, g->logit[e],
+					       have);
+			if (e > 0 && g->logit[e] == g->logit[e - 1] && !(g->pos[e - 1] < p))
+				return td_fail(why, len, "row %u entry %u: equal logits not in position order", i, e);
+			if (e > 0 && g->logit[e] > g->logit[e - 1])
+				return td_fail(why, len, "row %u entry %u: not sorted", i, e);
+		}
+	}
+	return 0;
+}
+
+#endif
