@@ -125,6 +125,10 @@ typedef struct ax_graph_stats {
 } ax_graph_stats;
 int ax_graph_get_stats(ax_graph *g, ax_graph_stats *out);
 
+/* What the kernels see now (the heartbeat thread's last mirror of ax_export_wanted): 1 and the layer mask when a
+ * live consumer wants something, 0 otherwise. Cheap (reads pinned memory); any thread. */
+int ax_graph_enabled(const ax_graph *g, uint64_t layers[2], int *prefill);
+
 /* The last CUDA error of `g` (or of the last failed ax_graph_open when g is NULL) as text; never NULL. */
 const char *ax_graph_strerror(const ax_graph *g);
 

@@ -724,4 +724,18 @@ int ax_graph_get_stats(ax_graph *g, ax_graph_stats *out)
 	return 0;
 }
 
+int ax_graph_enabled(const ax_graph *g, uint64_t layers[2], int *prefill)
+{
+	if (!g)
+		return 0;
+	int on = (int)__atomic_load_n(&g->ctl_h->enabled, __ATOMIC_ACQUIRE);
+	if (layers) {
+		layers[0] = on ? __atomic_load_n(&g->ctl_h->want[0], __ATOMIC_RELAXED) : 0;
+		layers[1] = on ? __atomic_load_n(&g->ctl_h->want[1], __ATOMIC_RELAXED) : 0;
+	}
+	if (prefill)
+		*prefill = on ? (int)__atomic_load_n(&g->ctl_h->prefill, __ATOMIC_RELAXED) : 0;
+	return on;
+}
+
 const char *ax_graph_strerror(const ax_graph *g) { return g ? g->err : open_err; }

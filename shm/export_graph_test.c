@@ -13,6 +13,12 @@
 
 #include <cmocka.h>
 
+/* The Python mirror (shm/python/attnx/graph.py) asserts the same sizes. */
+_Static_assert(sizeof(ax_graph_ivec) == 32, "ax_graph_ivec size");
+_Static_assert(sizeof(ax_graph_step_args) == 216, "ax_graph_step_args size");
+_Static_assert(sizeof(ax_graph_config) == 40, "ax_graph_config size");
+_Static_assert(sizeof(ax_graph_stats) == 56, "ax_graph_stats size");
+
 static void test_q_run(void **state)
 {
 	(void)state;

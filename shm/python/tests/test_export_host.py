@@ -307,6 +307,20 @@ def case_dead_capture(capture):
     return "5000 steps after SIGKILL, worst %.2f ms, nobody wanted" % (worst * 1e3)
 
 
+def case_modules_without_torch():
+    """The graph binding's structs and the SGLang hook's JSON load without torch (their CUDA parts import it
+    lazily); the struct sizes are asserted against the C header at import."""
+    import json as _json
+
+    from attnx import graph, sglang_hook
+
+    specs = _json.loads(sglang_hook.forward_hooks_json("/attnx.x"))
+    assert [s["hook_type"] for s in specs] == ["forward_pre", "forward"] and specs[0]["with_kwargs"]
+    assert specs[0]["hook_factory"] == "attnx.sglang_hook:pre_hook_factory"
+    assert graph.PREFILL == 1 and graph.MAX_BATCH == 1024
+    return "attnx.graph and attnx.sglang_hook import; ctypes mirrors match the C sizes"
+
+
 def main():
     if len(sys.argv) != 4:
         print(__doc__)
@@ -315,6 +329,7 @@ def main():
     cases = [("bad names and configs", case_bad_names),
              ("bad buffers and requests", case_bad_buffers_and_requests),
              ("full ring", case_full_ring),
+             ("modules without torch", case_modules_without_torch),
              ("dead capture", lambda: case_dead_capture(capture)),
              ("end to end: capture, relay, tail", lambda: case_end_to_end(capture, relay, tail))]
     failed = 0

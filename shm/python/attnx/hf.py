@@ -1,0 +1,206 @@
+"""Hugging Face transformers hook: export Q and K of a Llama- or Qwen3-family model to attnx-capture.
+
+    from transformers import AutoModelForCausalLM, StaticCache
+    from attnx.hf import HFExporter
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).cuda()
+    cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=2048, device="cuda", dtype=model.dtype)
+    ax = HFExporter(model, cache, batch_size=1, max_cache_len=2048, inner="sdpa")   # installs "attnx" attention
+    ax.warmup()                  # one token through the model: the static cache exists, K pools are registered
+    # ... start attnx-capture --backend cuda --shm /attnx.engine ...
+    ax.rids = ["ax-0123456789abcdef"]           # optional: the rid of the next prefill's rows
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=64, do_sample=False)
+    ax.end_all()                 # END for the rows of that generate() call
+    ax.close()
+
+How: an attention function registered through transformers' AttentionInterface under the name "attnx" wraps the
+model's normal one (`inner`: "sdpa", "eager", ...). At layer 0 of every forward it enqueues the step's begin
+kernel (libattnx-export-graph) with the forward's position_ids and input_ids, at every layer a Q-row copy of that
+layer's query_states (post q_norm and RoPE, [B, H, S, D]), and after the last layer's attention the publish
+kernel; then it runs the normal attention, so outputs are bit-identical to the model without the hook. Keys are
+not copied: each layer's static-cache tensor [B, H_kv, max_cache_len, D] is a K pool (slot s of row b is
+b·H_kv·max_cache_len + position, through a constant index table). Nothing synchronises the host, so the same
+forward captured in torch.cuda.graph() and replayed exports every step.
+
+Limits (said plainly): a static cache is required (DynamicCache reallocates its tensors each step); batch rows
+must not be left-padded (positions must start at 0 for each row: use batch 1 or equal-length prompts); K pools are
+registered on the first forward (call warmup() before starting attnx-capture, which reads the buffer table when
+it attaches); an error in the export path disables export for the process (logged once) and never reaches the
+model.
+"""
+import logging
+
+import torch
+
+from . import _ffi
+from .cuda import register
+from .export import Exporter
+from .graph import PREFILL, GraphExporter, StepArgs, ivec
+
+log = logging.getLogger("attnx.hf")
+
+
+def _text_config(model):
+    c = model.config
+    return c.get_text_config() if hasattr(c, "get_text_config") else c
+
+
+class HFExporter:
+    def __init__(self, model, cache, batch_size, max_cache_len, name=_ffi.DEFAULT_NAME, inner="sdpa",
+                 q_rows=1 << 16, engine="transformers", model_name=None, impl_name="attnx"):
+        c = _text_config(model)
+        self.model, self.cache, self.B, self.Lmax = model, cache, batch_size, max_cache_len
+        self.L = c.num_hidden_layers
+        self.Hq, self.Hkv = c.num_attention_heads, c.num_key_value_heads
+        self.D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        dev, dt = model.device, model.dtype
+        from .cuda import dtype_name
+
+        qd = dtype_name(torch.empty(0, dtype=dt))
+        self.ex = Exporter(name, engine=engine, model=(model_name or getattr(c, "_name_or_path", ""))[:95],
+                           n_layers=self.L, n_q_heads=self.Hq, n_kv_heads=self.Hkv, head_dim=self.D, q_dtype=qd,
+                           k_dtype=qd, max_ctx=max_cache_len, data_size=4096, req_cap=max(16, batch_size),
+                           buf_cap=self.L + 8, scale=self.D ** -0.5)
+        self.q_ring = torch.zeros((q_rows, self.Hq, self.D), dtype=dt, device=dev)
+        qbuf = register(self.ex, self.q_ring, _ffi.BUF_Q_RING)
+        rows = torch.arange(batch_size, device=dev, dtype=torch.int64)[:, None] * (self.Hkv * max_cache_len)
+        self.index = (rows + torch.arange(max_cache_len, device=dev)[None, :]).to(torch.int32).contiguous()
+        ibuf = register(self.ex, self.index, _ffi.BUF_INDEX_TOKEN)
+        self.g = GraphExporter(self.ex, self.q_ring, qbuf, ibuf, map_rows=batch_size, max_batch=batch_size)
+        self.k_registered = set()
+        self.rids, self.active, self.n_requests = [], [False] * batch_size, 0
+        self.disabled, self._ids, self._step_ok = False, None, False
+        self._zeros = torch.zeros((batch_size, max_cache_len), dtype=torch.int32, device=dev)
+        self._inner_name = inner
+        self._install(impl_name)
+
+    # ---- installation ----------------------------------------------------------------------------------------
+
+    def _install(self, impl_name):
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        if self._inner_name == "eager":
+            from transformers.models.llama.modeling_llama import eager_attention_forward as inner
+        else:
+            inner = ALL_ATTENTION_FUNCTIONS[self._inner_name]
+        self._inner = inner
+        AttentionInterface.register(impl_name, self._attention)
+        try:  # transformers ≥ 4.53 builds masks per attention implementation
+            from transformers import AttentionMaskInterface
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+            AttentionMaskInterface.register(impl_name, ALL_MASK_ATTENTION_FUNCTIONS[self._inner_name])
+        except (ImportError, KeyError):
+            pass
+        if hasattr(self.model, "set_attn_implementation"):
+            self.model.set_attn_implementation(impl_name)
+        else:
+            self.model.config._attn_implementation = impl_name
+        self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+
+    def close(self):
+        """END for active rows, stop exporting, close the segment. The model keeps its attention wrapper, which
+        then only runs the inner attention."""
+        if self.g:
+            self.end_all("abort")
+            torch.cuda.synchronize()
+            self.g.close()
+            self.g = None
+        self.disabled = True
+        self.ex.close()
+
+    # ---- per forward -----------------------------------------------------------------------------------------
+
+    def _pre_forward(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        return None
+
+    def _fail(self, what, e):
+        if not self.disabled:
+            log.error("attnx: export disabled after an error in %s: %s", what, e)
+        self.disabled = True
+
+    def _register_k(self, layer, key):
+        B, H, Lm, D = key.shape
+        if (B, H, Lm, D) != (self.B, self.Hkv, self.Lmax, self.D) or not key.is_contiguous():
+            raise ValueError("layer %d keys %s are not the static cache [%d, %d, %d, %d]" %
+                             (layer, tuple(key.shape), self.B, self.Hkv, self.Lmax, self.D))
+        slots = (B - 1) * H * Lm + Lm
+        register(self.ex, key, _ffi.BUF_K_POOL, layer=layer, shape=(slots, H, D), strides=(D, Lm * D, 1))
+        self.k_registered.add(layer)
+
+    def _begin_rows(self, S):
+        ids = self._ids if self._ids is not None else self._zeros[:, :S]
+        for b in range(self.B):
+            if self.active[b]:
+                self.g.request_end(b, "stop")
+            rid = self.rids.pop(0) if self.rids else "hf-%d-%d" % (id(self) & 0xffff, self.n_requests)
+            self.n_requests += 1
+            self.g.request_begin(rid, ids[b].contiguous() if not ids[b].is_contiguous() else ids[b],
+                                 prompt_len=S, row=b)
+            self.active[b] = True
+
+    def _step_begin(self, query, kw):
+        B, _, S, _ = query.shape
+        pos = kw.get("position_ids")
+        self._step_ok = B == self.B and pos is not None and pos.dim() == 2 and pos.shape[1] == S
+        if not self._step_ok:
+            return
+        if S > 1:
+            self._begin_rows(S)
+        ids = self._ids if self._ids is not None and tuple(self._ids.shape) == (B, S) else self._zeros[:, :S]
+        a = StepArgs()
+        a.n_rows, a.flags, a.n_tok_const = B, PREFILL if S > 1 else 0, S
+        a.seq_end = ivec(pos, stride=pos.stride(0) if pos.shape[0] == B else 0, add=1,
+                         offset=(S - 1) * pos.stride(1))
+        a.tokens, a.token_bytes = ids.data_ptr(), ids.element_size()
+        a.tok_stride_b, a.tok_stride_t = ids.stride(0), ids.stride(1)
+        self._args = a  # the struct is copied into the kernel launch; kept for debugging
+        self.g.step_begin(a)
+
+    def _attention(self, module, query, key, value, attention_mask, **kw):
+        layer = getattr(module, "layer_idx", None)
+        if not self.disabled and layer is not None:
+            try:
+                if layer not in self.k_registered:
+                    self._register_k(layer, key)
+                if layer == 0:
+                    self._step_begin(query, kw)
+                if self._step_ok:
+                    self.g.export_q(layer, query, query.stride(0), query.stride(2), query.stride(1))
+            except Exception as e:  # never into the model
+                self._fail("layer %s" % layer, e)
+        out = self._inner(module, query, key, value, attention_mask, **kw)
+        if not self.disabled and layer == self.L - 1 and self._step_ok:
+            try:
+                self.g.publish()
+            except Exception as e:
+                self._fail("publish", e)
+        return out
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+
+    def warmup(self):
+        """Run one token through the model with the static cache (so every layer's cache tensor exists and is
+        registered), then reset the cache. Call before starting attnx-capture."""
+        ids = torch.zeros((self.B, 1), dtype=torch.long, device=self.model.device)
+        with torch.no_grad():
+            self.model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                       cache_position=torch.zeros(1, dtype=torch.long, device=ids.device))
+        torch.cuda.synchronize()
+        self.end_all("abort")
+        if hasattr(self.cache, "reset"):
+            self.cache.reset()
+        missing = set(range(self.L)) - self.k_registered
+        if missing:
+            raise RuntimeError("attnx: no K pool for layers %s" % sorted(missing))
+
+    def end_all(self, reason="stop"):
+        """END for every row that began a request (call after generate())."""
+        if self.g is None:
+            return
+        for b in range(self.B):
+            if self.active[b]:
+                self.g.request_end(b, reason)
+                self.active[b] = False

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Benchmark: decode tokens/s of a Qwen3-shaped model (32 query heads, 8 KV heads, head_dim 128, hidden 4096,
+bf16, random weights, AX_BENCH_LAYERS layers, default 8) at batch 1 and 32, attnx hook off vs on, CUDA graphs on
+and off. Hook on = attnx.hf.HFExporter with a consumer attached that wants the capture's `--layers auto` set
+(L/4, L/2, 3L/4, L-1) and drains descriptors without computing (the engine-side cost alone; a real
+attnx-capture's GPU work competes for the same card and is measured by its own benchmarks). Exit 77 without a
+GPU. NEVER RUN YET (written 2026-11-27 on a machine without a GPU). Prints a table; writes it to
+$OUT/bench-hf.txt too when OUT is set. Goal (issue 6): hook on ≥ 0.99 × off with graphs on.
+"""
+import datetime
+import os
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_common import SKIP, require_gpu, start_consumer, wait_wanted  # noqa: E402
+
+torch = require_gpu()
+try:
+    from transformers import AutoModelForCausalLM, Qwen3Config, StaticCache
+except ImportError as e:
+    print("SKIP: transformers: %s" % e)
+    sys.exit(SKIP)
+from attnx.hf import HFExporter  # noqa: E402
+
+LAYERS = int(os.environ.get("AX_BENCH_LAYERS", "8"))
+PROMPT, STEPS, REPS = 128, int(os.environ.get("AX_BENCH_STEPS", "128")), 3
+
+
+def model_():
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=32000, hidden_size=4096, intermediate_size=12288, num_hidden_layers=LAYERS,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192,
+                      attn_implementation="sdpa")
+    with torch.device("cuda"):
+        return AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).eval()
+
+
+def cache_(model, B, max_len):
+    try:
+        return StaticCache(config=model.config, max_batch_size=B, max_cache_len=max_len, device="cuda",
+                           dtype=model.dtype)
+    except TypeError:
+        return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def run(model, cache, B, graph, ax=None):
+    """Prefill, then STEPS greedy decode steps; returns decode tokens/s (CUDA events)."""
+    cache.reset()
+    if ax is not None:
+        ax.rids = ["bench-%d" % i for i in range(B)]
+    prompt = torch.randint(0, 32000, (B, PROMPT), device="cuda")
+    with torch.no_grad():
+        o = model(prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(PROMPT, device="cuda"),
+                  position_ids=torch.arange(PROMPT, device="cuda")[None].expand(B, -1))
+        ids = o.logits[:, -1:].argmax(-1)
+        pos = torch.full((B, 1), PROMPT, device="cuda")
+        cp = torch.tensor([PROMPT], device="cuda")
+
+        def step():
+            lo = model(ids, past_key_values=cache, use_cache=True, cache_position=cp, position_ids=pos).logits
+            ids.copy_(lo[:, -1:].argmax(-1))
+            pos.add_(1)
+            cp.add_(1)
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        g = None
+        if graph:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record()
+        for _ in range(STEPS):
+            g.replay() if graph else step()
+        t1.record()
+        torch.cuda.synchronize()
+    if ax is not None:
+        ax.end_all()
+    return B * STEPS / (t0.elapsed_time(t1) / 1e3)
+
+
+def main():
+    model = model_()
+    L = LAYERS
+    auto = sorted({L // 4, L // 2, 3 * L // 4, L - 1})
+    rows = []
+    for B in (1, 32):
+        max_len = PROMPT + STEPS + 8
+        cache = cache_(model, B, max_len)
+        model.set_attn_implementation("sdpa")
+        off = {gr: [run(model, cache, B, gr) for _ in range(REPS)] for gr in (True, False)}
+        shm = "/attnx.bench%d.%d" % (os.getpid(), B)
+        ax = HFExporter(model, cache, batch_size=B, max_cache_len=max_len, name=shm, inner="sdpa")
+        ax.warmup()
+        cons = start_consumer(shm, os.devnull, layers=",".join(map(str, auto)), prefill=False,
+                              ends=2 * REPS * B, timeout=1200, topk=-1)
+        wait_wanted(ax.g)
+        on = {gr: [run(model, cache, B, gr, ax) for _ in range(REPS)] for gr in (True, False)}
+        st = ax.g.stats()
+        ax.close()
+        cons.kill()
+        model.set_attn_implementation("sdpa")
+        for gr in (True, False):
+            a, b = statistics.median(off[gr]), statistics.median(on[gr])
+            rows.append((B, "on" if gr else "off", a, b, b / a))
+        rows.append(("stats", B, st))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    lines = ["attnx HF hook decode benchmark: %s, %s, commit %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps,"
+             " median of %d" % (torch.cuda.get_device_name(), datetime.date.today(), commit, L, PROMPT, STEPS, REPS),
+             "| batch | CUDA graphs | hook off tok/s | hook on tok/s | on/off |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r[0] == "stats":
+            lines.append("(batch %d exporter counters: %s)" % (r[1], r[2]))
+        else:
+            lines.append("| %d | %s | %.1f | %.1f | %.4f |" % r)
+    text = "\n".join(lines)
+    print(text)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench-hf.txt"), "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
