@@ -15,6 +15,7 @@
 #include "attnx_shm_cuda.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -22,6 +23,63 @@
 #include <cuda_runtime_api.h>
 
 static __thread char g_err[256] = "no error";
+
+/* Driver entry points, resolved through the runtime (cudaGetDriverEntryPointByVersion) instead of linking
+ * libcuda: a binary built with CUDA must still start on a machine without the driver (CI, CPU-only hosts). */
+static struct {
+	CUresult (*GetErrorString)(CUresult, const char **);
+	CUresult (*MemGetAddressRange)(CUdeviceptr *, size_t *, CUdeviceptr);
+	CUresult (*MemImportFromShareableHandle)(CUmemGenericAllocationHandle *, void *, CUmemAllocationHandleType);
+	CUresult (*MemGetAllocationPropertiesFromHandle)(CUmemAllocationProp *, CUmemGenericAllocationHandle);
+	CUresult (*MemGetAllocationGranularity)(size_t *, const CUmemAllocationProp *, CUmemAllocationGranularity_flags);
+	CUresult (*MemAddressReserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+	CUresult (*MemMap)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+	CUresult (*MemSetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+	CUresult (*MemUnmap)(CUdeviceptr, size_t);
+	CUresult (*MemAddressFree)(CUdeviceptr, size_t);
+	CUresult (*MemRelease)(CUmemGenericAllocationHandle);
+	CUresult (*PointerGetAttribute)(void *, CUpointer_attribute, CUdeviceptr);
+} drv;
+static pthread_once_t drv_once = PTHREAD_ONCE_INIT;
+static int drv_ok;
+
+static void drv_resolve(void)
+{
+	static const struct {
+		const char *sym;
+		void **fn;
+	} t[] = {
+		{"cuGetErrorString", (void **)&drv.GetErrorString},
+		{"cuMemGetAddressRange", (void **)&drv.MemGetAddressRange},
+		{"cuMemImportFromShareableHandle", (void **)&drv.MemImportFromShareableHandle},
+		{"cuMemGetAllocationPropertiesFromHandle", (void **)&drv.MemGetAllocationPropertiesFromHandle},
+		{"cuMemGetAllocationGranularity", (void **)&drv.MemGetAllocationGranularity},
+		{"cuMemAddressReserve", (void **)&drv.MemAddressReserve},
+		{"cuMemMap", (void **)&drv.MemMap},
+		{"cuMemSetAccess", (void **)&drv.MemSetAccess},
+		{"cuMemUnmap", (void **)&drv.MemUnmap},
+		{"cuMemAddressFree", (void **)&drv.MemAddressFree},
+		{"cuMemRelease", (void **)&drv.MemRelease},
+		{"cuPointerGetAttribute", (void **)&drv.PointerGetAttribute},
+	};
+	for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+		enum cudaDriverEntryPointQueryResult q;
+		if (cudaGetDriverEntryPointByVersion(t[i].sym, t[i].fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+		    q != cudaDriverEntryPointSuccess || *t[i].fn == NULL) {
+			snprintf(g_err, sizeof g_err, "driver entry point %s not found", t[i].sym);
+			cudaGetLastError();
+			return;
+		}
+	}
+	drv_ok = 1;
+}
+
+/* 0 once the driver's entry points are resolved, -ENODEV without a driver. */
+static int drv_init(void)
+{
+	pthread_once(&drv_once, drv_resolve);
+	return drv_ok ? 0 : -ENODEV;
+}
 
 static int rt_fail(cudaError_t e, const char *what)
 {
@@ -34,7 +92,7 @@ static int rt_fail(cudaError_t e, const char *what)
 static int drv_fail(CUresult r, const char *what)
 {
 	const char *s = NULL;
-	if (cuGetErrorString(r, &s) != CUDA_SUCCESS || s == NULL)
+	if (drv.GetErrorString == NULL || drv.GetErrorString(r, &s) != CUDA_SUCCESS || s == NULL)
 		s = "unknown driver error";
 	snprintf(g_err, sizeof g_err, "%s: %s", what, s);
 	return r == CUDA_ERROR_NO_DEVICE || r == CUDA_ERROR_INVALID_DEVICE ? -ENODEV : -EIO;
@@ -46,7 +104,9 @@ static int use_device(int device)
 	cudaError_t e = cudaSetDevice(device);
 	if (e == cudaSuccess)
 		e = cudaFree(0);
-	return e == cudaSuccess ? 0 : rt_fail(e, "cudaSetDevice");
+	if (e != cudaSuccess)
+		return rt_fail(e, "cudaSetDevice");
+	return drv_init();
 }
 
 static int ipc_open(void *ctx, int device, const uint8_t handle[AX_CUDA_IPC_HANDLE_SIZE], uint64_t *base,
@@ -64,7 +124,7 @@ static int ipc_open(void *ctx, int device, const uint8_t handle[AX_CUDA_IPC_HAND
 		return rt_fail(e, "cudaIpcOpenMemHandle");
 	CUdeviceptr b = 0;
 	size_t n = 0;
-	CUresult r = cuMemGetAddressRange(&b, &n, (CUdeviceptr)(uintptr_t)p);
+	CUresult r = drv.MemGetAddressRange(&b, &n, (CUdeviceptr)(uintptr_t)p);
 	if (r != CUDA_SUCCESS || b != (CUdeviceptr)(uintptr_t)p) {
 		rc = r != CUDA_SUCCESS ? drv_fail(r, "cuMemGetAddressRange")
 				       : (snprintf(g_err, sizeof g_err, "IPC mapping is not an allocation base"), -EIO);
@@ -92,10 +152,10 @@ static CUresult set_access(CUdeviceptr p, size_t size, int device)
 	ad.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
 	ad.location.id = device;
 	ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READ;
-	if (cuMemSetAccess(p, size, &ad, 1) == CUDA_SUCCESS)
+	if (drv.MemSetAccess(p, size, &ad, 1) == CUDA_SUCCESS)
 		return CUDA_SUCCESS;
 	ad.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
-	return cuMemSetAccess(p, size, &ad, 1);
+	return drv.MemSetAccess(p, size, &ad, 1);
 }
 
 static int vmm_map(void *ctx, int device, int fd, uint64_t size, uint64_t *base)
@@ -105,15 +165,15 @@ static int vmm_map(void *ctx, int device, int fd, uint64_t size, uint64_t *base)
 	if (rc)
 		return rc;
 	CUmemGenericAllocationHandle h;
-	CUresult r = cuMemImportFromShareableHandle(&h, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
+	CUresult r = drv.MemImportFromShareableHandle(&h, (void *)(uintptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR);
 	if (r != CUDA_SUCCESS)
 		return drv_fail(r, "cuMemImportFromShareableHandle");
 	CUmemAllocationProp prop;
 	size_t gran = 0;
 	CUdeviceptr p = 0;
 	memset(&prop, 0, sizeof prop);
-	if ((r = cuMemGetAllocationPropertiesFromHandle(&prop, h)) != CUDA_SUCCESS ||
-	    (r = cuMemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM)) != CUDA_SUCCESS) {
+	if ((r = drv.MemGetAllocationPropertiesFromHandle(&prop, h)) != CUDA_SUCCESS ||
+	    (r = drv.MemGetAllocationGranularity(&gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM)) != CUDA_SUCCESS) {
 		rc = drv_fail(r, "cuMemGetAllocationPropertiesFromHandle");
 		goto release;
 	}
@@ -123,27 +183,27 @@ static int vmm_map(void *ctx, int device, int fd, uint64_t size, uint64_t *base)
 		rc = -ERANGE;
 		goto release;
 	}
-	if ((r = cuMemAddressReserve(&p, (size_t)size, 0, 0, 0)) != CUDA_SUCCESS) {
+	if ((r = drv.MemAddressReserve(&p, (size_t)size, 0, 0, 0)) != CUDA_SUCCESS) {
 		rc = drv_fail(r, "cuMemAddressReserve");
 		goto release;
 	}
 	/* cuMemMap fails if size exceeds the allocation: the server's size claim is checked here. */
-	if ((r = cuMemMap(p, (size_t)size, 0, h, 0)) != CUDA_SUCCESS) {
+	if ((r = drv.MemMap(p, (size_t)size, 0, h, 0)) != CUDA_SUCCESS) {
 		rc = drv_fail(r, "cuMemMap");
 		goto free_va;
 	}
 	if ((r = set_access(p, (size_t)size, device)) != CUDA_SUCCESS) {
 		rc = drv_fail(r, "cuMemSetAccess");
-		cuMemUnmap(p, (size_t)size);
+		drv.MemUnmap(p, (size_t)size);
 		goto free_va;
 	}
-	cuMemRelease(h); /* the mapping keeps the allocation alive until vmm_unmap */
+	drv.MemRelease(h); /* the mapping keeps the allocation alive until vmm_unmap */
 	*base = (uint64_t)p;
 	return 0;
 free_va:
-	cuMemAddressFree(p, (size_t)size);
+	drv.MemAddressFree(p, (size_t)size);
 release:
-	cuMemRelease(h);
+	drv.MemRelease(h);
 	return rc;
 }
 
@@ -152,8 +212,8 @@ static void vmm_unmap(void *ctx, int device, uint64_t base, uint64_t size)
 	(void)ctx;
 	if (cudaSetDevice(device) != cudaSuccess)
 		return;
-	cuMemUnmap((CUdeviceptr)base, (size_t)size);
-	cuMemAddressFree((CUdeviceptr)base, (size_t)size);
+	drv.MemUnmap((CUdeviceptr)base, (size_t)size);
+	drv.MemAddressFree((CUdeviceptr)base, (size_t)size);
 }
 
 static int event_open(void *ctx, int device, const uint8_t handle[AX_CUDA_IPC_HANDLE_SIZE], void **event)
@@ -227,13 +287,13 @@ static int fill_ipc_on_device(ax_shm_buffer *b, int device, const void *dptr, ui
 {
 	cudaError_t e;
 	int ipc_ok = 0;
-	CUresult r = cuPointerGetAttribute(&ipc_ok, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
+	CUresult r = drv.PointerGetAttribute(&ipc_ok, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE,
 					   (CUdeviceptr)(uintptr_t)dptr);
 	if (r != CUDA_SUCCESS || !ipc_ok)
 		return -EINVAL; /* VMM memory: export an fd instead (ax_cuda_entry_set_vmm + ax_vmm_server_add) */
 	CUdeviceptr base = 0;
 	size_t size = 0;
-	if ((r = cuMemGetAddressRange(&base, &size, (CUdeviceptr)(uintptr_t)dptr)) != CUDA_SUCCESS)
+	if ((r = drv.MemGetAddressRange(&base, &size, (CUdeviceptr)(uintptr_t)dptr)) != CUDA_SUCCESS)
 		return drv_fail(r, "cuMemGetAddressRange");
 	uint64_t off = (uint64_t)(uintptr_t)dptr - (uint64_t)base;
 	if (bytes == 0 || bytes > size || off > size - bytes)

@@ -151,15 +151,15 @@ static void serve_one(ax_vmm_server *s, int cfd)
 	} else {
 		return; /* silent peer */
 	}
-	send_reply(cfd, &r, r.status == 0 ? fd : -1);
-	if (fd >= 0)
-		close(fd);
-	pthread_mutex_lock(&s->mu);
+	pthread_mutex_lock(&s->mu); /* counted before the reply, so a client that got it sees the count */
 	if (r.status == 0)
 		s->served++;
 	else
 		s->refused++;
 	pthread_mutex_unlock(&s->mu);
+	send_reply(cfd, &r, r.status == 0 ? fd : -1);
+	if (fd >= 0)
+		close(fd);
 }
 
 static void *server_main(void *arg)

@@ -1,0 +1,212 @@
+/*
+ * capture_emul.c — an emulated GPU for attnx-capture-emul, the capture daemon built with its CUDA backend
+ * (backend_cuda.c, AX_CAPTURE_CUDA) but with these definitions of attn_cuda.h's ax_attn_cuda_* and of
+ * ax_cuda_ops_real() in place of the kernels and the CUDA calls. It lets the capture's CUDA path — attach-time
+ * import through the real importer, batching, flushes, record order, detach — run on a CPU against
+ * gpu_engine_emul's "device" allocations (named shm objects; handle = "AXEM" + name).
+ *
+ * It is strict where the GPU is: opening one handle twice fails (as cudaIpcOpenMemHandle does), every job's Q row,
+ * index row and K pool must lie inside an imported mapping (else the job fails with -EFAULT and a message), and a
+ * run before any wait on the engine's event is counted and reported at exit. Results come from ax_attn_cpu, so the
+ * comparison against --backend cpu must be exact. A test fixture: never a user-facing backend.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "attn.h"
+#include "attn_cuda.h"
+#include "attnx_shm_cuda.h"
+
+/* ---- imported mappings ------------------------------------------------------------------------------------ */
+
+typedef struct mapping {
+	char name[64];
+	uint8_t *base;
+	uint64_t size;
+} mapping;
+
+static mapping g_maps[64];
+static int g_nmaps;
+static char g_err[160] = "no error";
+static unsigned long g_runs, g_runs_unwaited, g_waits, g_bad_addr;
+
+static int inside(const void *p, uint64_t bytes)
+{
+	uintptr_t a = (uintptr_t)p;
+	for (int i = 0; i < g_nmaps; i++)
+		if (a >= (uintptr_t)g_maps[i].base && a + bytes <= (uintptr_t)g_maps[i].base + g_maps[i].size)
+			return 1;
+	return 0;
+}
+
+static int em_ipc_open(void *ctx, int device, const uint8_t h[64], uint64_t *base, uint64_t *size)
+{
+	(void)ctx, (void)device;
+	char name[64];
+	if (memcmp(h, "AXEM", 4) != 0 || memchr(h + 4, 0, 60) == NULL) {
+		snprintf(g_err, sizeof g_err, "emul: not an emulated IPC handle");
+		return -EIO;
+	}
+	snprintf(name, sizeof name, "%s", (const char *)h + 4);
+	for (int i = 0; i < g_nmaps; i++)
+		if (strcmp(g_maps[i].name, name) == 0) {
+			snprintf(g_err, sizeof g_err, "emul: %s opened twice (CUDA refuses this)", name);
+			return -EIO;
+		}
+	int fd = shm_open(name, O_RDONLY, 0);
+	struct stat st;
+	if (fd < 0 || fstat(fd, &st) != 0 || g_nmaps == 64) {
+		snprintf(g_err, sizeof g_err, "emul: cannot open %s", name);
+		if (fd >= 0)
+			close(fd);
+		return -EIO;
+	}
+	void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+	close(fd);
+	if (p == MAP_FAILED)
+		return -EIO;
+	mapping *m = &g_maps[g_nmaps++];
+	snprintf(m->name, sizeof m->name, "%s", name);
+	m->base = p;
+	m->size = (uint64_t)st.st_size;
+	*base = (uint64_t)(uintptr_t)p;
+	*size = m->size;
+	return 0;
+}
+
+static void unmap_at(uint64_t base)
+{
+	for (int i = 0; i < g_nmaps; i++)
+		if ((uint64_t)(uintptr_t)g_maps[i].base == base) {
+			munmap(g_maps[i].base, g_maps[i].size);
+			g_maps[i] = g_maps[--g_nmaps];
+			return;
+		}
+}
+
+static void em_ipc_close(void *ctx, int device, uint64_t base) { (void)ctx, (void)device, unmap_at(base); }
+
+static int em_vmm_map(void *ctx, int device, int fd, uint64_t size, uint64_t *base)
+{
+	(void)ctx, (void)device;
+	void *p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED || g_nmaps == 64)
+		return -EIO;
+	mapping *m = &g_maps[g_nmaps++];
+	snprintf(m->name, sizeof m->name, "vmm");
+	m->base = p;
+	m->size = size;
+	*base = (uint64_t)(uintptr_t)p;
+	return 0;
+}
+
+static void em_vmm_unmap(void *ctx, int device, uint64_t base, uint64_t size)
+{
+	(void)ctx, (void)device, (void)size;
+	unmap_at(base);
+}
+
+static int em_event_open(void *ctx, int device, const uint8_t h[64], void **ev)
+{
+	(void)ctx, (void)device;
+	if (memcmp(h, "AXEV", 4) != 0)
+		return -EIO;
+	*ev = (void *)&g_waits; /* any stable non-NULL tag */
+	return 0;
+}
+
+static void em_event_close(void *ctx, int device, void *ev) { (void)ctx, (void)device, (void)ev; }
+static const char *em_last_error(void *ctx) { (void)ctx; return g_err; }
+
+static const ax_cuda_ops emul_ops = {NULL, em_ipc_open, em_ipc_close, em_vmm_map, em_vmm_unmap, em_event_open,
+				     em_event_close, em_last_error};
+
+const ax_cuda_ops *ax_cuda_ops_real(void) { return &emul_ops; }
+
+/* ---- the "kernels" ----------------------------------------------------------------------------------------- */
+
+struct ax_attn_cuda {
+	ax_attn_scratch *scratch;
+	int waited;
+};
+
+static void report(void)
+{
+	fprintf(stderr, "capture_emul: %lu runs, %lu event waits, %lu runs without a wait, %lu jobs outside the "
+		"imported memory\n", g_runs, g_waits, g_runs_unwaited, g_bad_addr);
+}
+
+int ax_attn_cuda_devices(void) { return getenv("AX_EMUL_NO_DEVICE") ? -ENODEV : 1; }
+
+int ax_attn_cuda_open(ax_attn_cuda **out, int device)
+{
+	if (device != 0)
+		return -ENODEV;
+	ax_attn_cuda *c = calloc(1, sizeof *c);
+	if (c == NULL || (c->scratch = ax_attn_scratch_new()) == NULL) {
+		free(c);
+		return -ENOMEM;
+	}
+	static int registered;
+	if (!registered++)
+		atexit(report);
+	*out = c;
+	return 0;
+}
+
+void ax_attn_cuda_close(ax_attn_cuda *c)
+{
+	if (c == NULL)
+		return;
+	ax_attn_scratch_free(c->scratch);
+	free(c);
+}
+
+int ax_attn_cuda_wait_event(ax_attn_cuda *c, void *event)
+{
+	if (event == NULL)
+		return -EIO;
+	c->waited = 1;
+	g_waits++;
+	return 0;
+}
+
+/* Does every byte the job reads lie in imported memory? (Q row, index row, first and last K slot row.) */
+static int job_in_device_memory(const ax_attn_job *j)
+{
+	size_t qs = ax_dtype_size(j->q_dtype), ks = ax_dtype_size(j->k_dtype), is = ax_dtype_size(j->index_dtype);
+	uint64_t krow = (j->k_stride[1] * (j->n_kv_heads - 1) + j->head_dim) * ks;
+	return inside(j->q, (uint64_t)j->n_q_heads * j->head_dim * qs) && inside(j->index, (j->position + 1) * is) &&
+	       inside(j->k, krow) && inside((const uint8_t *)j->k + (j->n_slots - 1) * j->k_stride[0] * ks, krow);
+}
+
+int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+{
+	g_runs++;
+	g_runs_unwaited += !c->waited;
+	c->waited = 0;
+	uint32_t off = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		if (!job_in_device_memory(&jobs[i])) {
+			g_bad_addr++;
+			fprintf(stderr, "capture_emul: job %u reads outside the imported allocations\n", i);
+			rc[i] = -EFAULT;
+		} else {
+			rc[i] = ax_attn_cpu(&jobs[i], c->scratch, out + off);
+		}
+		off += ax_attn_rows(&jobs[i]);
+	}
+	return 0;
+}
+
+const char *ax_attn_cuda_strerror(const ax_attn_cuda *c)
+{
+	(void)c;
+	return g_err;
+}

@@ -1,0 +1,721 @@
+/*
+ * gpu_engine_core.c — the GPU test engine (see gpu_engine_core.h): one engine, two segments with identical
+ * contents, two captures, one comparison.
+ *
+ * The engine is shaped like SGLang: one K tensor per layer [slots, H_kv, D] bf16 (here the four layers are carved
+ * out of ONE device allocation at different offsets, as PyTorch's caching allocator packs tensors, so the capture's
+ * importer must share the mapping), req_to_token int32 [rows, ctx], a Q ring [rows, H_q, D] bf16. Requests run
+ * concurrently; each forward allocates KV slots from a free stack that requests return (shuffled) when they end,
+ * so index rows point all over the pool and slots are reused by later requests, as in a real engine. A prefill
+ * forward covers the whole prompt; then one decode forward per token.
+ *
+ * The device segment's Q ring is a CUDA entry; libattnx-export only reserves rows of HOST Q rings
+ * (ax_export_q_reserve), so that segment also carries a host "shadow" Q ring of the same row count, listed after
+ * the device ring: reserving rows there advances the segment's q_head exactly as a device reservation would, and
+ * the capture (which reads the first Q ring) reads the device one. The step event is recorded after each step's
+ * uploads and before its descriptors are published.
+ *
+ * Checks: both captures attach and announce the expected backend in `hello`; every request's records arrive and
+ * `end` follows; no step dropped, no gap on either side; the attn record sets are equal key by key (rid, position,
+ * layer, head) with equal k, token ids, decode steps and prefill flags, positions equal except where two keys'
+ * logits tie within 1e-3 at the top-k boundary, logits and logsumexp within 1e-3; each side's records of a request
+ * arrive in position order.
+ */
+#include "gpu_engine_core.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <nng/nng.h>
+#include <nng/protocol/pipeline0/pull.h>
+
+#include "attnx_proto.h"
+#include "attnx_shm_cuda.h"
+
+enum { L = 4, HQ = 8, HKV = 2, D = 64, SLOTS = 8192, CTX = 512, IROWS = 8, QROWS = 4096 };
+enum { NREQ = 10, CONC = 3, TOPK = 8 };
+#define TOL 1e-3
+
+/* ---- tiny helpers ---------------------------------------------------------------------------------------- */
+
+static uint64_t rng_state;
+static uint32_t rnd(void)
+{
+	rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+	return (uint32_t)(rng_state >> 33);
+}
+static float rndf(void) { return (float)rnd() / 2147483648.0f - 1.0f; } /* [-1, 1) */
+
+static uint16_t to_bf16(float f)
+{
+	uint32_t u;
+	memcpy(&u, &f, 4);
+	u += 0x7fff + ((u >> 16) & 1);
+	return (uint16_t)(u >> 16);
+}
+
+static void msleep(int ms)
+{
+	struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+	nanosleep(&ts, NULL);
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+#define CHECK(cond, ...)                                                                                           \
+	do {                                                                                                       \
+		if (!(cond)) {                                                                                     \
+			fprintf(stderr, "gpu_engine: " __VA_ARGS__);                                                \
+			fprintf(stderr, "\n");                                                                     \
+			return -1;                                                                                 \
+		}                                                                                                  \
+	} while (0)
+
+/* ---- the engine ------------------------------------------------------------------------------------------ */
+
+typedef struct greq {
+	int live;
+	char rid[32];
+	uint32_t P, gen, pos, row;
+	uint64_t id_d, id_h;
+	int32_t toks[CTX];
+} greq;
+
+/* A request's slots waiting to be recycled until both captures have sent its `end`: a capture computes rows some
+ * time after it takes their descriptors, and a K slot rewritten meanwhile would be read with the new keys. */
+typedef struct pending_free {
+	char rid[32];
+	uint32_t row; /* its req_to_token row: rewritten by the next request that gets it */
+	uint32_t n;
+	uint32_t slots[CTX];
+} pending_free;
+
+typedef struct side side;
+
+typedef struct engine {
+	const ge_dev_ops *dev;
+	side *sides[2];
+	pending_free pend[NREQ];
+	uint32_t n_pend;
+	char name_d[AX_SHM_NAME_MAX], name_h[AX_SHM_NAME_MAX];
+	ax_export *exd, *exh;
+	uint32_t qd, qshadow, qh, idx_d, idx_h;
+	uint64_t k_dev, q_dev, i_dev;      /* device addresses */
+	uint16_t *k_host[L];               /* host segment K pools */
+	int32_t *i_host;                   /* host segment req_to_token */
+	uint32_t free_slots[SLOTS], n_free;
+	uint32_t free_rows[IROWS], n_free_rows;
+	greq reqs[CONC];
+	uint32_t started, ended;
+	uint64_t drops;
+} engine;
+
+static ax_export_config seg_cfg(const char *name)
+{
+	ax_export_config c;
+	memset(&c, 0, sizeof c);
+	c.name = name, c.engine = "gpu-test-engine", c.model = "gpu-test", c.world_size = 1;
+	c.n_layers = L, c.n_q_heads = HQ, c.n_kv_heads = HKV, c.n_q_heads_total = HQ, c.head_dim = D;
+	c.q_dtype = AX_DTYPE_BF16, c.k_dtype = AX_DTYPE_BF16, c.scale = 0.125f, c.max_ctx = CTX;
+	c.ring_cap = 4096, c.req_cap = 64, c.arena_cap = 1 << 20;
+	c.data_size = (uint64_t)L * SLOTS * HKV * D * 2 + 2ull * QROWS * HQ * D * 2 + (uint64_t)IROWS * CTX * 4 + 65536;
+	return c;
+}
+
+static ax_shm_buffer desc(uint32_t kind, int32_t layer, uint64_t d0, uint64_t d1, uint64_t d2, uint32_t dtype)
+{
+	ax_shm_buffer b;
+	memset(&b, 0, sizeof b);
+	b.kind = kind, b.layer = layer, b.dtype = dtype, b.scale = 1, b.device = -1;
+	b.ndim = d2 ? 3 : 2;
+	b.dim[0] = d0, b.dim[1] = d1, b.dim[2] = d2;
+	return b;
+}
+
+/* Device segment: K pools in one allocation, Q ring (with the step event), index table, host shadow Q ring. */
+static int export_device(engine *e)
+{
+	const uint64_t kl = (uint64_t)SLOTS * HKV * D * 2, qb = (uint64_t)QROWS * HQ * D * 2, ib = IROWS * CTX * 4;
+	CHECK(e->dev->alloc(e->dev->ctx, kl * L, &e->k_dev) == 0, "device alloc (K)");
+	CHECK(e->dev->alloc(e->dev->ctx, qb, &e->q_dev) == 0, "device alloc (Q)");
+	CHECK(e->dev->alloc(e->dev->ctx, ib, &e->i_dev) == 0, "device alloc (index)");
+	for (int l = 0; l < L; l++) {
+		ax_shm_buffer b = desc(AX_BUF_K_POOL, l, SLOTS, HKV, D, AX_DTYPE_BF16);
+		CHECK(e->dev->entry(e->dev->ctx, &b, e->k_dev + l * kl, kl) == 0, "K entry");
+		CHECK(ax_export_add_device_buffer(e->exd, &b, NULL) == 0, "add K entry");
+	}
+	ax_shm_buffer q = desc(AX_BUF_Q_RING, -1, QROWS, HQ, D, AX_DTYPE_BF16);
+	CHECK(e->dev->entry(e->dev->ctx, &q, e->q_dev, qb) == 0, "Q entry");
+	uint8_t ev[64];
+	if (e->dev->event_handle(e->dev->ctx, ev) == 0)
+		CHECK(ax_cuda_entry_set_event(&q, ev) == 0, "Q event");
+	CHECK(ax_export_add_device_buffer(e->exd, &q, &e->qd) == 0, "add Q entry");
+	ax_shm_buffer ix = desc(AX_BUF_INDEX_TOKEN, -1, IROWS, CTX, 0, AX_DTYPE_I32);
+	CHECK(e->dev->entry(e->dev->ctx, &ix, e->i_dev, ib) == 0, "index entry");
+	CHECK(ax_export_add_device_buffer(e->exd, &ix, &e->idx_d) == 0, "add index entry");
+	ax_shm_buffer sh = desc(AX_BUF_Q_RING, -1, QROWS, HQ, D, AX_DTYPE_BF16);
+	sh.loc = AX_LOC_HOST;
+	CHECK(ax_export_add_host_buffer(e->exd, &sh, NULL, &e->qshadow) == 0, "add shadow Q ring");
+	return 0;
+}
+
+static int export_host(engine *e)
+{
+	void *p;
+	for (int l = 0; l < L; l++) {
+		ax_shm_buffer b = desc(AX_BUF_K_POOL, l, SLOTS, HKV, D, AX_DTYPE_BF16);
+		b.loc = AX_LOC_HOST;
+		CHECK(ax_export_add_host_buffer(e->exh, &b, &p, NULL) == 0, "host K");
+		e->k_host[l] = p;
+	}
+	ax_shm_buffer q = desc(AX_BUF_Q_RING, -1, QROWS, HQ, D, AX_DTYPE_BF16);
+	q.loc = AX_LOC_HOST;
+	CHECK(ax_export_add_host_buffer(e->exh, &q, NULL, &e->qh) == 0, "host Q");
+	ax_shm_buffer ix = desc(AX_BUF_INDEX_TOKEN, -1, IROWS, CTX, 0, AX_DTYPE_I32);
+	ix.loc = AX_LOC_HOST;
+	CHECK(ax_export_add_host_buffer(e->exh, &ix, &p, &e->idx_h) == 0, "host index");
+	e->i_host = p;
+	return 0;
+}
+
+static int engine_open(engine *e, const ge_dev_ops *dev)
+{
+	memset(e, 0, sizeof *e);
+	e->dev = dev;
+	snprintf(e->name_d, sizeof e->name_d, "/attnx.gputest.%d.dev", (int)getpid());
+	snprintf(e->name_h, sizeof e->name_h, "/attnx.gputest.%d.host", (int)getpid());
+	ax_export_config cd = seg_cfg(e->name_d), ch = seg_cfg(e->name_h);
+	CHECK(ax_export_open(&e->exd, &cd) == 0, "export open (device segment)");
+	CHECK(ax_export_open(&e->exh, &ch) == 0, "export open (host segment)");
+	if (export_device(e) < 0 || export_host(e) < 0)
+		return -1;
+	for (uint32_t i = 0; i < SLOTS; i++) /* slot 0 stays unused, as SGLang reserves it */
+		e->free_slots[i] = SLOTS - 1 - i;
+	e->n_free = SLOTS - 1;
+	for (uint32_t i = 0; i < IROWS; i++)
+		e->free_rows[i] = IROWS - 1 - i;
+	e->n_free_rows = IROWS;
+	return 0;
+}
+
+static void engine_close(engine *e)
+{
+	ax_export_close(e->exd);
+	ax_export_close(e->exh);
+}
+
+/* Random K rows for `slot` in every layer, written to both segments. */
+static int write_k(engine *e, uint32_t slot)
+{
+	uint16_t row[HKV * D];
+	for (int l = 0; l < L; l++) {
+		float boost = rnd() % 16 == 0 ? 3.0f : 1.0f; /* a few keys that stand out */
+		for (int i = 0; i < HKV * D; i++)
+			row[i] = to_bf16(rndf() * boost);
+		memcpy(e->k_host[l] + (uint64_t)slot * HKV * D, row, sizeof row);
+		uint64_t off = ((uint64_t)l * SLOTS + slot) * HKV * D * 2;
+		CHECK(e->dev->upload(e->dev->ctx, e->k_dev + off, row, sizeof row) == 0, "upload K");
+	}
+	return 0;
+}
+
+/* (Slots and index rows of an ended request are recycled only after both captures sent its `end`.) */
+/* Slots for positions [p0, p0 + n) of request r: from the free stack, into req_to_token on both sides. */
+static int place_tokens(engine *e, greq *r, uint32_t p0, uint32_t n)
+{
+	CHECK(e->n_free >= n, "out of KV slots");
+	for (uint32_t p = p0; p < p0 + n; p++) {
+		uint32_t s = e->free_slots[--e->n_free];
+		e->i_host[r->row * CTX + p] = (int32_t)s;
+		if (write_k(e, s) < 0)
+			return -1;
+	}
+	CHECK(e->dev->upload(e->dev->ctx, e->i_dev + ((uint64_t)r->row * CTX + p0) * 4, &e->i_host[r->row * CTX + p0],
+			     (uint64_t)n * 4) == 0, "upload index");
+	return 0;
+}
+
+/* Q rows of one step for `nl` layers: the same bytes into the host ring and the device ring. */
+static int write_q(engine *e, uint32_t rows, uint64_t *q_row)
+{
+	void *hp;
+	uint64_t qr_h, qr_d;
+	CHECK(ax_export_q_reserve(e->exh, e->qh, rows, &qr_h, &hp) == 0, "q reserve (host)");
+	CHECK(ax_export_q_reserve(e->exd, e->qshadow, rows, &qr_d, NULL) == 0, "q reserve (device shadow)");
+	CHECK(qr_h == qr_d, "Q rows diverged");
+	uint16_t *q = hp;
+	for (uint64_t i = 0; i < (uint64_t)rows * HQ * D; i++)
+		q[i] = to_bf16(rndf());
+	CHECK(e->dev->upload(e->dev->ctx, e->q_dev + (qr_d % QROWS) * HQ * D * 2, q, (uint64_t)rows * HQ * D * 2) == 0,
+	      "upload Q");
+	*q_row = qr_h;
+	return 0;
+}
+
+/* One forward of request r: prefill (whole prompt) or one decode token. */
+static int forward(engine *e, greq *r)
+{
+	uint32_t n = r->pos == 0 ? r->P : 1, p0 = r->pos;
+	if (place_tokens(e, r, p0, n) < 0)
+		return -1;
+	uint64_t wd[2], wh[2];
+	int pd, ph;
+	ax_export_wanted(e->exd, wd, &pd);
+	ax_export_wanted(e->exh, wh, &ph);
+	ax_shm_step s;
+	memset(&s, 0, sizeof s);
+	s.layers[0] = wd[0] & wh[0] & ((1u << L) - 1);
+	uint32_t nl = (uint32_t)__builtin_popcountll(s.layers[0]);
+	if (nl && write_q(e, n * nl, &s.q_row) < 0)
+		return -1;
+	CHECK(e->dev->step_done(e->dev->ctx) == 0, "step event");
+	s.n_tokens = n, s.pos0 = p0, s.seq_len = p0 + n, s.index_row = r->row;
+	s.decode_step = r->pos == 0 ? 0 : r->pos - r->P + 1;
+	s.flags = r->pos == 0 ? AX_STEP_F_PREFILL : 0;
+	ax_shm_step sh = s; /* the two segments have their own request ids and index-table entries */
+	s.req_id = r->id_d, s.index_buf = e->idx_d;
+	sh.req_id = r->id_h, sh.index_buf = e->idx_h;
+	int a = ax_export_step(e->exd, &s, r->toks + p0), b = ax_export_step(e->exh, &sh, r->toks + p0);
+	e->drops += (a == -EAGAIN) + (b == -EAGAIN);
+	CHECK((a == 0 || a == -EAGAIN) && (b == 0 || b == -EAGAIN), "ax_export_step: %d / %d", a, b);
+	r->pos = p0 + n;
+	return 0;
+}
+
+static int begin_req(engine *e, greq *r)
+{
+	memset(r, 0, sizeof *r);
+	snprintf(r->rid, sizeof r->rid, "ge-%u", e->started++);
+	r->P = 8 + rnd() % 120;
+	r->gen = 4 + rnd() % 24;
+	for (uint32_t i = 0; i < r->P + r->gen; i++)
+		r->toks[i] = (int32_t)(rnd() % 32000);
+	CHECK(e->n_free_rows > 0, "out of index rows");
+	r->row = e->free_rows[--e->n_free_rows];
+	CHECK(ax_export_request_begin(e->exd, r->rid, r->toks, r->P, &r->id_d) == 0, "begin (device)");
+	CHECK(ax_export_request_begin(e->exh, r->rid, r->toks, r->P, &r->id_h) == 0, "begin (host)");
+	r->live = 1;
+	return 0;
+}
+
+/* End r: publish END; its slots are recycled once both captures are done with it (recycle). */
+static int end_req(engine *e, greq *r)
+{
+	CHECK(ax_export_request_end(e->exd, r->id_d, AX_END_STOP) == 0, "end (device)");
+	CHECK(ax_export_request_end(e->exh, r->id_h, AX_END_STOP) == 0, "end (host)");
+	pending_free *f = &e->pend[e->n_pend++];
+	snprintf(f->rid, sizeof f->rid, "%s", r->rid);
+	f->n = r->pos;
+	for (uint32_t p = 0; p < r->pos; p++)
+		f->slots[p] = (uint32_t)e->i_host[r->row * CTX + p];
+	f->row = r->row;
+	r->live = 0;
+	e->ended++;
+	return 0;
+}
+
+static int side_has_end(side *s, const char *rid);
+
+/* Give back, shuffled, the slots of requests both captures have finished (later requests reuse them scattered). */
+static void recycle(engine *e)
+{
+	for (uint32_t k = 0; k < e->n_pend;) {
+		pending_free *f = &e->pend[k];
+		if (!side_has_end(e->sides[0], f->rid) || !side_has_end(e->sides[1], f->rid)) {
+			k++;
+			continue;
+		}
+		uint32_t base = e->n_free;
+		for (uint32_t p = 0; p < f->n; p++)
+			e->free_slots[e->n_free++] = f->slots[p];
+		for (uint32_t i = e->n_free - 1; i > base; i--) {
+			uint32_t j = base + rnd() % (i - base + 1), t = e->free_slots[i];
+			e->free_slots[i] = e->free_slots[j];
+			e->free_slots[j] = t;
+		}
+		e->free_rows[e->n_free_rows++] = f->row;
+		*f = e->pend[--e->n_pend];
+	}
+}
+
+/* Wait (bounded) until both captures have taken every descriptor: keeps the rings and Q rings from lapping. */
+static void wait_consumers(engine *e)
+{
+	for (int i = 0; i < 2000; i++) {
+		const ax_shm_header *a = ax_export_header(e->exd), *b = ax_export_header(e->exh);
+		if (__atomic_load_n(&a->consumer_tail, __ATOMIC_ACQUIRE) == __atomic_load_n(&a->ring_head, __ATOMIC_ACQUIRE) &&
+		    __atomic_load_n(&b->consumer_tail, __ATOMIC_ACQUIRE) == __atomic_load_n(&b->ring_head, __ATOMIC_ACQUIRE))
+			return;
+		msleep(1);
+	}
+}
+
+static int run_requests(engine *e)
+{
+	while (e->ended < NREQ) {
+		for (int i = 0; i < CONC; i++) {
+			greq *r = &e->reqs[i];
+			if (!r->live && e->started < NREQ && e->n_free >= CTX && e->n_free_rows > 0 && begin_req(e, r) < 0)
+				return -1;
+			if (!r->live)
+				continue;
+			if (forward(e, r) < 0)
+				return -1;
+			if (r->pos >= r->P + r->gen && end_req(e, r) < 0)
+				return -1;
+		}
+		wait_consumers(e);
+		recycle(e);
+		msleep(1); /* an engine's step pace, roughly; also lets the captures' records arrive */
+		ax_export_heartbeat(e->exd);
+		ax_export_heartbeat(e->exh);
+	}
+	return 0;
+}
+
+/* ---- record collection ------------------------------------------------------------------------------------ */
+
+typedef struct arec {
+	char rid[32];
+	ax_rec_attn a;
+} arec;
+
+struct side {
+	const char *tag;
+	char addr[128];
+	nng_socket sock;
+	pthread_t th;
+	int stop;
+	pthread_mutex_t mu;
+	arec *recs;
+	size_t n, cap;
+	char backend[16];
+	int hellos, ends, gaps, bad_frames;
+	char ended[NREQ][32];
+	char last_gap[160];
+	pid_t pid;
+};
+
+static int on_record(const ax_record *r, void *arg)
+{
+	side *s = arg;
+	pthread_mutex_lock(&s->mu);
+	if (r->type == AX_REC_HELLO) {
+		s->hellos++;
+		snprintf(s->backend, sizeof s->backend, "%s", r->u.hello.backend);
+	} else if (r->type == AX_REC_END) {
+		if (s->ends < NREQ)
+			snprintf(s->ended[s->ends], sizeof s->ended[0], "%.31s", r->rid);
+		s->ends++;
+	} else if (r->type == AX_REC_GAP) {
+		s->gaps++;
+		snprintf(s->last_gap, sizeof s->last_gap, "%.32s/%.32s x%llu (%.40s)", r->u.gap.what, r->u.gap.reason,
+			 (unsigned long long)r->u.gap.count, r->rid);
+	} else if (r->type == AX_REC_ATTN) {
+		if (s->n == s->cap) {
+			size_t cap = s->cap ? 2 * s->cap : 4096;
+			arec *a = realloc(s->recs, cap * sizeof *a);
+			if (a == NULL) {
+				pthread_mutex_unlock(&s->mu);
+				return -ENOMEM;
+			}
+			s->recs = a, s->cap = cap;
+		}
+		snprintf(s->recs[s->n].rid, sizeof s->recs[s->n].rid, "%.31s", r->rid);
+		s->recs[s->n++].a = r->u.attn;
+	}
+	pthread_mutex_unlock(&s->mu);
+	return 0;
+}
+
+static void *collect_main(void *arg)
+{
+	side *s = arg;
+	while (!__atomic_load_n(&s->stop, __ATOMIC_ACQUIRE)) {
+		nng_msg *m;
+		if (nng_recvmsg(s->sock, &m, 0) != 0)
+			continue; /* receive timeout: look at the stop flag */
+		if (ax_frame_decode(nng_msg_body(m), nng_msg_len(m), on_record, s) < 0)
+			s->bad_frames++;
+		nng_msg_free(m);
+	}
+	return NULL;
+}
+
+static int side_open(side *s, const char *tag)
+{
+	memset(s, 0, sizeof *s);
+	s->tag = tag;
+	pthread_mutex_init(&s->mu, NULL);
+	snprintf(s->addr, sizeof s->addr, "ipc:///tmp/attnx-gputest-%d-%s.sock", (int)getpid(), tag);
+	CHECK(nng_pull0_open(&s->sock) == 0, "nng_pull0_open");
+	nng_socket_set_ms(s->sock, NNG_OPT_RECVTIMEO, 50);
+	nng_socket_set_int(s->sock, NNG_OPT_RECVBUF, 8192); /* absorb a capture's bursts: a refused frame is dropped */
+	CHECK(nng_listen(s->sock, s->addr, NULL, 0) == 0, "listen %s", s->addr);
+	CHECK(pthread_create(&s->th, NULL, collect_main, s) == 0, "collector thread");
+	return 0;
+}
+
+static void side_close(side *s)
+{
+	__atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
+	pthread_join(s->th, NULL);
+	nng_close(s->sock);
+	free(s->recs);
+	pthread_mutex_destroy(&s->mu);
+}
+
+static int side_has_end(side *s, const char *rid)
+{
+	int found = 0;
+	pthread_mutex_lock(&s->mu);
+	for (int i = 0; i < s->ends && i < NREQ && !found; i++)
+		found = strcmp(s->ended[i], rid) == 0;
+	pthread_mutex_unlock(&s->mu);
+	return found;
+}
+
+static int side_count(side *s, int *hellos, int *ends)
+{
+	pthread_mutex_lock(&s->mu);
+	*hellos = s->hellos, *ends = s->ends;
+	pthread_mutex_unlock(&s->mu);
+	return 0;
+}
+
+static pid_t spawn_capture(const char *bin, const char *shm, const char *backend, const char *mode, side *s)
+{
+	char topk[8];
+	snprintf(topk, sizeof topk, "%d", TOPK);
+	const char *argv[] = {bin, "--shm", shm, "--backend", backend, "--records", s->addr, "--policy", "",
+			      "--layers", "0,2,3", "--mode", mode, "--top-k", topk, "--prefill", "--threads", "2",
+			      "--stats-interval", "0", "--max-tokens", "0", "--id", s->tag,
+			      strcmp(mode, "heads") == 0 ? "--heads" : NULL, "1,6", NULL};
+	pid_t pid = fork();
+	if (pid == 0) {
+		execv(bin, (char **)argv);
+		_exit(127);
+	}
+	return pid;
+}
+
+/* Wait until both captures attached (the engine sees its consumer and the hello arrived) or one exited. */
+static int wait_attached(engine *e, side *sd, side *sh)
+{
+	uint64_t t0 = now_ms();
+	for (;;) {
+		uint64_t w[2];
+		int pf, h1, h2, x;
+		side_count(sd, &h1, &x);
+		side_count(sh, &h2, &x);
+		if (ax_export_wanted(e->exd, w, &pf) && ax_export_wanted(e->exh, w, &pf) && h1 && h2)
+			return 0;
+		int st;
+		CHECK(waitpid(sd->pid, &st, WNOHANG) == 0, "the %s capture exited before attaching (status %d%s)",
+		      sd->tag, WIFEXITED(st) ? WEXITSTATUS(st) : -1,
+		      WIFEXITED(st) && WEXITSTATUS(st) == 2 ? ": it has no CUDA backend or refused its options" : "");
+		CHECK(waitpid(sh->pid, &st, WNOHANG) == 0, "the %s capture exited before attaching", sh->tag);
+		CHECK(now_ms() - t0 < 20000, "captures did not attach within 20 s");
+		ax_export_heartbeat(e->exd);
+		ax_export_heartbeat(e->exh);
+		msleep(10);
+	}
+}
+
+static int wait_ends(side *sd, side *sh)
+{
+	uint64_t t0 = now_ms();
+	for (;;) {
+		int h, e1, e2;
+		side_count(sd, &h, &e1);
+		side_count(sh, &h, &e2);
+		if (e1 >= NREQ && e2 >= NREQ)
+			return 0;
+		CHECK(now_ms() - t0 < 60000, "records incomplete after 60 s: %d / %d of %d ends", e1, e2, NREQ);
+		msleep(20);
+	}
+}
+
+static void stop_capture(pid_t pid)
+{
+	if (pid <= 0)
+		return;
+	kill(pid, SIGTERM);
+	for (int i = 0; i < 300; i++) {
+		if (waitpid(pid, NULL, WNOHANG) == pid)
+			return;
+		msleep(10);
+	}
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+}
+
+/* ---- comparison -------------------------------------------------------------------------------------------- */
+
+static int key_cmp(const void *x, const void *y)
+{
+	const arec *a = x, *b = y;
+	int c = strcmp(a->rid, b->rid);
+	if (c)
+		return c;
+	if (a->a.position != b->a.position)
+		return a->a.position < b->a.position ? -1 : 1;
+	if (a->a.layer_id != b->a.layer_id)
+		return a->a.layer_id < b->a.layer_id ? -1 : 1;
+	return (a->a.head_id > b->a.head_id) - (a->a.head_id < b->a.head_id);
+}
+
+/* Records of one request arrive in position order. Returns violations. */
+static int order_violations(const side *s)
+{
+	int bad = 0;
+	for (size_t i = 0; i < s->n; i++)
+		for (size_t j = i + 1; j < s->n && j < i + 64; j++)
+			if (strcmp(s->recs[i].rid, s->recs[j].rid) == 0) {
+				bad += s->recs[j].a.position < s->recs[i].a.position;
+				break;
+			}
+	return bad;
+}
+
+/* One record pair; returns 0, or 1 after printing the difference. *ties counts tolerated boundary swaps. */
+static int g_exact; /* emulated device: the same CPU code on both sides, so every value must be identical */
+
+static int compare_one(const arec *c, const arec *g, int *ties)
+{
+	const ax_rec_attn *a = &c->a, *b = &g->a;
+	if (a->k != b->k || a->token_id != b->token_id || a->decode_step != b->decode_step || a->prefill != b->prefill ||
+	    a->mode != b->mode) {
+		fprintf(stderr, "  %s pos %lld layer %d head %d: k %u/%u token %lld/%lld step %lld/%lld\n", c->rid,
+			(long long)a->position, a->layer_id, a->head_id, a->k, b->k, (long long)a->token_id,
+			(long long)b->token_id, (long long)a->decode_step, (long long)b->decode_step);
+		return 1;
+	}
+	if (g_exact && (a->logsumexp_all != b->logsumexp_all || memcmp(a->token_positions, b->token_positions,
+			a->k * sizeof a->token_positions[0]) || memcmp(a->topk_logits, b->topk_logits, a->k * sizeof(float)))) {
+		fprintf(stderr, "  %s pos %lld layer %d head %d: not bit-identical\n", c->rid, (long long)a->position,
+			a->layer_id, a->head_id);
+		return 1;
+	}
+	int bad = fabs(a->logsumexp_all - b->logsumexp_all) > TOL;
+	for (uint32_t i = 0; i < a->k; i++) {
+		bad |= !(fabsf(a->topk_logits[i] - b->topk_logits[i]) <= TOL);
+		if (a->token_positions[i] == b->token_positions[i])
+			continue;
+		int found = 0;
+		for (uint32_t j = 0; j < a->k; j++)
+			found |= a->token_positions[j] == b->token_positions[i];
+		if (found || fabsf(b->topk_logits[i] - a->topk_logits[a->k - 1]) <= TOL)
+			(*ties)++;
+		else
+			bad = 1;
+	}
+	if (bad)
+		fprintf(stderr, "  %s pos %lld layer %d head %d: cpu top1 %lld %.6f lse %.6f | cuda top1 %lld %.6f lse %.6f\n",
+			c->rid, (long long)a->position, a->layer_id, a->head_id, (long long)a->token_positions[0],
+			a->topk_logits[0], a->logsumexp_all, (long long)b->token_positions[0], b->topk_logits[0],
+			b->logsumexp_all);
+	return bad;
+}
+
+static int compare(side *cpu, side *cuda)
+{
+	int fails = 0, ties = 0;
+	fprintf(stderr, "gpu_engine: %zu records (cpu) vs %zu (%s backend '%s'); gaps %d / %d\n", cpu->n, cuda->n,
+		cuda->tag, cuda->backend, cpu->gaps, cuda->gaps);
+	if (strcmp(cpu->backend, "cpu") != 0 || strcmp(cuda->backend, "cuda") != 0) {
+		fprintf(stderr, "gpu_engine: hello backends '%s' / '%s', want cpu / cuda\n", cpu->backend, cuda->backend);
+		fails++;
+	}
+	if (cpu->gaps || cuda->gaps) {
+		fprintf(stderr, "gpu_engine: gaps: cpu '%s', cuda '%s'\n", cpu->last_gap, cuda->last_gap);
+		fails++;
+	}
+	if (order_violations(cpu) || order_violations(cuda)) {
+		fprintf(stderr, "gpu_engine: records out of position order\n");
+		fails++;
+	}
+	if (cpu->n == 0 || cpu->n != cuda->n) {
+		fprintf(stderr, "gpu_engine: record counts differ or are zero\n");
+		fails++;
+	}
+	qsort(cpu->recs, cpu->n, sizeof *cpu->recs, key_cmp);
+	qsort(cuda->recs, cuda->n, sizeof *cuda->recs, key_cmp);
+	for (size_t i = 0; i < cpu->n && i < cuda->n && fails < 20; i++) {
+		if (key_cmp(&cpu->recs[i], &cuda->recs[i]) != 0) {
+			fprintf(stderr, "  record sets differ at %s pos %lld layer %d\n", cpu->recs[i].rid,
+				(long long)cpu->recs[i].a.position, cpu->recs[i].a.layer_id);
+			fails++;
+			break;
+		}
+		fails += compare_one(&cpu->recs[i], &cuda->recs[i], &ties);
+	}
+	fprintf(stderr, "gpu_engine: %d mismatches, %d top-k boundary ties tolerated\n", fails, ties);
+	return fails;
+}
+
+/* ---- main ---------------------------------------------------------------------------------------------------- */
+
+static int run(const ge_dev_ops *dev, const char *bin_d, const char *bin_h, const char *mode)
+{
+	engine e;
+	side sd, sh;
+	int rc = -1;
+	if (engine_open(&e, dev) < 0)
+		return -1;
+	if (side_open(&sd, "cuda") < 0 || side_open(&sh, "cpu") < 0)
+		goto out;
+	e.sides[0] = &sd, e.sides[1] = &sh;
+	sd.pid = spawn_capture(bin_d, e.name_d, "cuda", mode, &sd);
+	sh.pid = spawn_capture(bin_h, e.name_h, "cpu", mode, &sh);
+	if (wait_attached(&e, &sd, &sh) < 0 || run_requests(&e) < 0 || wait_ends(&sd, &sh) < 0)
+		goto stop;
+	if (e.drops) {
+		fprintf(stderr, "gpu_engine: %llu steps dropped (ring full): the comparison would be meaningless\n",
+			(unsigned long long)e.drops);
+		goto stop;
+	}
+	msleep(50);
+	rc = 0;
+stop:
+	stop_capture(sd.pid);
+	stop_capture(sh.pid);
+	if (rc == 0)
+		rc = compare(&sh, &sd) == 0 ? 0 : -1;
+	side_close(&sd);
+	side_close(&sh);
+out:
+	engine_close(&e);
+	dev->release(dev->ctx);
+	return rc;
+}
+
+int ge_main(int argc, char **argv, const ge_dev_ops *dev)
+{
+	if (argc < 4 || ax_mode_parse(argv[3]) < 0) {
+		fprintf(stderr, "usage: %s DEV_CAPTURE HOST_CAPTURE mean_logit|mean_prob|heads [SEED]\n", argv[0]);
+		return 2;
+	}
+	rng_state = argc > 4 ? strtoull(argv[4], NULL, 10) : 0x5eed;
+	g_exact = strcmp(dev->name, "emul") == 0;
+	signal(SIGPIPE, SIG_IGN);
+	fprintf(stderr, "gpu_engine: device '%s', mode %s, %d requests, layers 0,2,3 of %d, H_q %d, H_kv %d, D %d\n",
+		dev->name, argv[3], NREQ, L, HQ, HKV, D);
+	int rc = run(dev, argv[1], argv[2], argv[3]);
+	fprintf(stderr, "gpu_engine: %s\n", rc == 0 ? "PASS" : "FAIL");
+	return rc == 0 ? 0 : 1;
+}
