@@ -122,6 +122,8 @@ __device__ static void slot_write(const seg_view &sv, u64 s, const ax_shm_step *
 		w[i] = src[i];
 	__threadfence_system();
 	w[0] = s + 1;
+	__threadfence_system(); /* the seq word is out before whatever this thread (or, after a barrier, its block)
+				   stores next — ring_head above all */
 }
 
 /* One control descriptor (BEGIN/END) by one thread; ring space checked; counters mirrored, ring_head last. */
@@ -311,8 +313,10 @@ __global__ void k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, c
 	unsigned b = threadIdx.x;
 	ax_graph_row r;
 	memset(&r, 0, sizeof r);
-	if (b < a.n_rows && s_enabled)
-		row_setup(sv, map, a, b, s_nl, s_prefill, &r);
+	if (b < a.n_rows)
+		row_setup(sv, map, a, b, s_nl, s_prefill, &r); /* also while disabled: chunked-prefill lengths */
+	if (!s_enabled)
+		r.valid = 0;
 	u64 mine = r.valid ? (u64)(r.n - r.q_first) * s_nl : 0, total;
 	r.q_off = block_scan(mine, scan, &total);
 	if (b < a.n_rows)
@@ -445,6 +449,7 @@ __global__ void k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *row
 		st->ring_head = s_head + s_k;
 		__threadfence_system();
 		st64(&sv.h->ring_head, st->ring_head); /* last: every slot above is complete */
+		st->active = 0; /* a publish without a fresh step_begin publishes nothing */
 	}
 }
 
@@ -485,6 +490,8 @@ static int check_config(const ax_shm_header *h, const ax_shm_buffer *bufs, const
 	const ax_shm_buffer *q = &bufs[c->qbuf], *ix = &bufs[c->index_buf];
 	if (q->kind != AX_BUF_Q_RING || q->loc == AX_LOC_HOST || q->dim[0] != c->q_rows)
 		return -EINVAL;
+	if (q->stride[2] != 1 || q->stride[1] != h->head_dim || q->stride[0] != (uint64_t)h->n_q_heads * h->head_dim)
+		return -EINVAL; /* the kernels write rows as contiguous [H, D] blocks */
 	if (ix->kind != AX_BUF_INDEX_TOKEN || ix->dim[0] < c->map_rows)
 		return -EINVAL;
 	return 0;

@@ -80,11 +80,11 @@ def register(exporter, t, kind, **kw):
 class DeviceArray:
     """A raw device address as something torch.as_tensor accepts (__cuda_array_interface__ v2)."""
 
-    TYPESTR = {"f32": "<f4", "f16": "<f2", "bf16": "<V2", "i32": "<i4", "i64": "<i8", "fp8_e4m3": "|u1",
+    TYPESTR = {"f32": "<f4", "f16": "<f2", "bf16": "<i2", "i32": "<i4", "i64": "<i8", "fp8_e4m3": "|u1",
                "fp8_e5m2": "|u1"}
 
     def __init__(self, ptr, shape, strides_elems, dtype):
         esize = _ffi.DTYPE_SIZE[_ffi.DTYPES[dtype]]
         self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": self.TYPESTR[dtype],
-                                         "data": (ptr, True), "version": 2,
+                                         "data": (ptr, False), "version": 2,
                                          "strides": tuple(s * esize for s in strides_elems)}
