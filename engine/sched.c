@@ -570,6 +570,7 @@ static void run_step(ax_engine *e)
 			finish_with_event(e, e->se[i].r, AX_FINISH_ERROR);
 		return;
 	}
+	ax_export_hold_wake(e->ex); /* the step's descriptors (and the ENDs it causes) wake the capture once */
 	export_publish(e, n);
 	for (int i = 0; i < n; i++) {
 		ax_req *r = e->se[i].r;
@@ -577,6 +578,7 @@ static void run_step(ax_engine *e)
 		if (seqs[i].want_logits)
 			emit(e, r, e->logits + (size_t)i * e->mc->vocab);
 	}
+	ax_export_flush_wake(e->ex);
 }
 
 static int any_active(const ax_engine *e) { return e->n_active > 0; }

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #define HEARTBEAT_EVERY_NS 50000000ull /* ax_shm_next refreshes the consumer heartbeat this often */
+#define MISSED_WAKE_GRACE_NS 10000000ull /* see ax_shm_wait: how long a held wake-up may take to come */
 
 struct ax_shm {
 	int fd;
@@ -341,10 +342,12 @@ int ax_shm_wait(ax_shm *s, uint64_t timeout_ns)
 	__atomic_thread_fence(__ATOMIC_SEQ_CST);
 	if (!pending(s) && !__atomic_exchange_n(&s->poked, 0u, __ATOMIC_SEQ_CST) && timeout_ns &&
 	    ax__shm_futex_wait(w, 1u, timeout_ns) == -ETIMEDOUT && AX_LOAD_ACQ(w) == 1u && pending(s) &&
-	    timeout_ns > AX_SHM_POLL_NS) {
+	    timeout_ns > AX_SHM_POLL_NS && ax__shm_futex_wait(w, 1u, MISSED_WAKE_GRACE_NS) == -ETIMEDOUT &&
+	    AX_LOAD_ACQ(w) == 1u) {
 		/* A descriptor came while we slept and nobody cleared the flag (a waking producer clears it before its
-		 * FUTEX_WAKE): this producer advertises wakes it does not send (GPU kernels writing the ring). Twice, so
-		 * that a publish racing with the timeout is not taken for it. */
+		 * FUTEX_WAKE), not even within a grace period (a producer holding its wake-ups over a step flushes them
+		 * at the step's end): this producer advertises wakes it does not send (GPU kernels writing the ring).
+		 * Twice, so that a publish racing with the timeout is not taken for it. */
 		if (++s->missed_wakes == 2)
 			ax_log(AX_LOG_WARN, "shm", "the producer publishes without waking the consumer: polling every "
 			       "%llu us", (unsigned long long)(AX_SHM_POLL_NS / 1000));

@@ -308,6 +308,13 @@ int ax_export_wanted(ax_export *ex, uint64_t layers[2], int *prefill);
 /* Store the producer heartbeat (call at least once a second; ax_export_step also stores it). */
 void ax_export_heartbeat(ax_export *ex);
 
+/* Batch wake-ups: after ax_export_hold_wake, publishes do not wake the consumer; ax_export_flush_wake wakes it once
+ * if anything was published since. For an engine that publishes one descriptor per sequence of a batched step:
+ * held over the step, the capture wakes once and finds them all (one frame of records per step, not one per
+ * sequence). The hold must not outlast the step (a held descriptor waits for the consumer's timeout). Accept NULL. */
+void ax_export_hold_wake(ax_export *ex);
+void ax_export_flush_wake(ax_export *ex);
+
 /* Clear AX_SHM_FEAT_WAKE: for a producer that will publish descriptors by other means than this library (GPU
  * kernels writing the ring, libattnx-export-graph), which cannot wake a sleeping consumer. Consumers then poll
  * (ax_shm_wait sleeps at most AX_SHM_POLL_NS). Call it before the first such descriptor. Accepts NULL. */

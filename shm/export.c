@@ -33,6 +33,8 @@ struct ax_export {
 	uint8_t *base;
 	uint64_t size;
 	ax_shm_header *h;      /* live header in the segment */
+	int hold_wake;         /* ax_export_hold_wake: publishes defer their wake-up to ax_export_flush_wake */
+	int held;              /* something was published while held */
 	ax_shm_header hl;      /* private copy of the layout and model (never read back from the segment) */
 	ax_shm_buffer *bufs;   /* private buffer table [buf_cap] */
 	uint32_t nbufs;
@@ -328,6 +330,22 @@ void ax_export_close(ax_export *ex)
 
 ax_shm_header *ax_export_header(ax_export *ex) { return ex ? ex->h : NULL; }
 
+void ax_export_hold_wake(ax_export *ex)
+{
+	if (ex)
+		ex->hold_wake = 1;
+}
+
+void ax_export_flush_wake(ax_export *ex)
+{
+	if (!ex)
+		return;
+	ex->hold_wake = 0;
+	if (ex->held)
+		wake_consumer(ex);
+	ex->held = 0;
+}
+
 void ax_export_disable_wake(ax_export *ex)
 {
 	if (!ex)
@@ -483,7 +501,10 @@ static void publish(ax_export *ex, ax_shm_step *d)
 	ex->ring_head = seq + 1;
 	AX_STORE_REL(&ex->h->ring_head, ex->ring_head);
 	AX_STORE_REL(&ex->h->heartbeat_ns, now);
-	wake_consumer(ex);
+	if (ex->hold_wake)
+		ex->held = 1;
+	else
+		wake_consumer(ex);
 }
 
 /* Publish a BEGIN/END descriptor; -EAGAIN if the ring is full (dropped and counted). */

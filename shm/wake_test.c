@@ -425,6 +425,52 @@ static void test_silent_producer(void **state)
 	assert_true(ax_now_ns() - t0 < 100 * MS);
 }
 
+/* Held wake-ups (ax_export_hold_wake): descriptors published under the hold do not wake the sleeper, the flush
+ * wakes it once; a sleep that times out during a hold is not taken for a producer that never wakes (three of them,
+ * then a 10 s sleep still ends at the next publish, not after AX_SHM_POLL_NS polls). */
+static void *flush_later(void *arg)
+{
+	fx *f = arg;
+	sleep_ms(40);
+	ax_export_flush_wake(f->ex);
+	return NULL;
+}
+
+static void test_hold_wake(void **state)
+{
+	fx *f = *state;
+	for (int i = 0; i < 3; i++) {
+		ax_export_hold_wake(f->ex);
+		assert_int_equal(put(f), 0);
+		assert_int_equal(put(f), 0);
+		assert_int_equal(wait_word(f), 0); /* nobody sleeps yet: nothing touched */
+		pthread_t th;
+		assert_int_equal(pthread_create(&th, NULL, flush_later, f), 0);
+		/* Pending already: returns at once, whatever the hold. */
+		assert_int_equal(ax_shm_wait(f->sh, SLEEP_NS), 1);
+		ax_shm_step s;
+		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
+		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
+		pthread_join(th, NULL);
+		/* A sleep whose timeout ends inside a hold: the flush (30 ms later) comes within the grace period. */
+		ax_export_hold_wake(f->ex);
+		assert_int_equal(pthread_create(&th, NULL, flush_later, f), 0);
+		sleep_ms(5);
+		assert_int_equal(put(f), 0);
+		uint64_t t0 = ax_now_ns();
+		assert_int_equal(ax_shm_wait(f->sh, 20 * MS), 1);
+		assert_true(ax_now_ns() - t0 < 1000 * MS);
+		pthread_join(th, NULL);
+		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
+	}
+	/* Still trusted to wake, so a sleep lasts its timeout (a consumer that gave up on wakes would poll). */
+	uint64_t t0 = ax_now_ns();
+	assert_int_equal(ax_shm_wait(f->sh, 200 * MS), 0);
+	assert_true(ax_now_ns() - t0 >= 150 * MS); /* slept, not polled */
+	ax_export_hold_wake(NULL);
+	ax_export_flush_wake(NULL);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -438,6 +484,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_close_wakes, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_no_wake_polls, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_silent_producer, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_hold_wake, setup, teardown),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
