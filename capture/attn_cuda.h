@@ -50,6 +50,10 @@ int ax_attn_cuda_wait_event(ax_attn_cuda *c, void *event);
  * Returns 0 (rc[] then tells each job), or for the whole batch -ENOMEM (scratch over the cap) or -EIO (a CUDA
  * error; the context is unusable afterwards if it was sticky — close and reopen). Synchronous on the context's
  * stream (returns when results are on the host).
+ * Also, per job: -EOPNOTSUPP for a shape ax_attn_cpu accepts but this backend does not run (head_dim > 512), and
+ * -EINVAL for q, k or index not aligned to their element size. -EINVAL for the whole batch when c, or (n > 0)
+ * jobs, out or rc is NULL; n = 0 returns 0. In heads mode with a head list, a head listed twice gets two equal
+ * rows (as in ax_attn_cpu). Entries past k in a row are (position -1, logit -inf).
  */
 int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc);
 

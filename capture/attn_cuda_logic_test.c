@@ -416,38 +416,6 @@ static void test_check_job(void **state)
 
 /* ---- whole emulated runs ------------------------------------------------------------------------------------------- */
 
-#define BF AX_DTYPE_BF16
-#define F16 AX_DTYPE_F16
-#define F32 AX_DTYPE_F32
-#define E4 AX_DTYPE_FP8_E4M3
-#define E5 AX_DTYPE_FP8_E5M2
-#define I32 AX_DTYPE_I32
-#define I64 AX_DTYPE_I64
-#define ML AX_MODE_MEAN_LOGIT
-#define MP AX_MODE_MEAN_PROB
-#define HD AX_MODE_HEADS
-
-static const tcase g_cases[] = {
-	/* name, mode, kdt, qdt, idt, D, H, Hkv, top_k, n_keys, window, cap, n_heads, heads, tie, pad */
-	{"logit bf16 D128 G4", ML, BF, BF, I32, 128, 32, 8, 10, 5000, 0, 0, 0, {0}, 1, 0},
-	{"heads bf16 D128 list+dup", HD, BF, BF, I32, 128, 32, 8, 10, 3000, 0, 0, 4, {5, 1, 5, 30}, 1, 0},
-	{"prob bf16 D128 G4", MP, BF, BF, I32, 128, 32, 8, 10, 4000, 0, 0, 0, {0}, 1, 0},
-	{"logit f32 D64 G1 i64 pad", ML, F32, F32, I64, 64, 4, 4, 64, 700, 0, 0, 0, {0}, 1, 1},
-	{"heads f16 D256 G8 window cap", HD, F16, F16, I32, 256, 8, 1, 64, 2000, 777, 30, 0, {0}, 1, 0},
-	{"prob e4m3 D128 window k1", MP, E4, BF, I64, 128, 8, 2, 1, 1500, 1000, 0, 0, {0}, 1, 0},
-	{"logit e5m2 D64 cap", ML, E5, F16, I32, 64, 16, 4, 33, 900, 0, 5, 0, {0}, 1, 0},
-	{"heads bf16 D80 (runtime D)", HD, BF, BF, I32, 80, 4, 2, 7, 300, 0, 0, 0, {0}, 1, 0},
-	{"logit f16 D100 unaligned rows", ML, F16, F32, I64, 100, 6, 3, 5, 257, 0, 0, 0, {0}, 1, 0},
-	{"logit n=1", ML, BF, BF, I32, 128, 32, 8, 10, 1, 0, 0, 0, {0}, 0, 0},
-	{"heads n<k", HD, BF, F32, I32, 64, 4, 1, 64, 37, 0, 0, 0, {0}, 1, 0},
-	{"logit H160 G80 (Q per chunk)", ML, BF, BF, I32, 128, 160, 2, 10, 300, 0, 0, 0, {0}, 1, 0},
-	{"prob H160 G80 cap", MP, F16, BF, I64, 128, 160, 2, 10, 200, 0, 20, 0, {0}, 1, 0},
-	{"heads window 1", HD, BF, BF, I64, 64, 4, 2, 3, 50, 1, 0, 2, {3, 0}, 0, 0},
-	{"prob f32 D256 G8 pad", MP, F32, F32, I32, 256, 16, 2, 64, 700, 0, 0, 0, {0}, 1, 1},
-	{"heads e5m2 D512 (runtime)", HD, E5, F16, I32, 512, 2, 1, 10, 400, 0, 0, 0, {0}, 1, 0},
-	{"logit fp8 e4m3 D64 pad", ML, E4, F32, I64, 64, 8, 8, 64, 3000, 2500, 0, 0, {0}, 1, 1},
-};
-
 static const emu_opts g_opts[] = {
 	{AXC_SPLIT_THREADS, AXC_MERGE_THREADS, 528, AXC_MERGE_CAP}, /* an H100-sized plan */
 	{64, 32, 4, 70},                                            /* few, long splits; small merge buffer */
@@ -484,24 +452,24 @@ static void test_emulated_cases(void **state)
 {
 	(void)state;
 	int near = 0;
-	for (size_t c = 0; c < ARRAY_LEN(g_cases); c++)
+	for (size_t c = 0; c < ARRAY_LEN(td_cases); c++)
 		for (size_t o = 0; o < ARRAY_LEN(g_opts); o++) {
-			if (o > 0 && g_cases[c].n_keys > 3000)
+			if (o > 0 && td_cases[c].n_keys > 3000)
 				continue; /* the long cases once */
 			tdata t;
-			td_make(&g_cases[c], &t);
+			td_make(&td_cases[c], &t);
 			uint32_t rows = ax_attn_rows(&t.job);
 			ax_attn_result *out = malloc(rows * sizeof *out);
 			memset(out, 0xff, rows * sizeof *out); /* poisoned: NaN logits, -1 everywhere */
 			int rc = 1;
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, &g_opts[o]), 0);
 			if (rc != 0)
-				fail_msg("%s (opts %zu): rc %d", g_cases[c].name, o, rc);
-			check_rows(&g_cases[c], &t.job, out, &near);
-			if (t.tie_pos[0] >= 0 && g_cases[c].mode != HD) /* the tie is in the top k, lower position first */
+				fail_msg("%s (opts %zu): rc %d", td_cases[c].name, o, rc);
+			check_rows(&td_cases[c], &t.job, out, &near);
+			if (t.tie_pos[0] >= 0 && td_cases[c].mode != HD) /* the tie is in the top k, lower position first */
 				for (uint32_t e = 0; e + 1 < out[0].k; e++)
 					if (out[0].pos[e + 1] == t.tie_pos[0])
-						fail_msg("%s: tie in the wrong order", g_cases[c].name);
+						fail_msg("%s: tie in the wrong order", td_cases[c].name);
 			free(out);
 			td_free(&t);
 		}
@@ -512,13 +480,13 @@ static void test_emulated_cases(void **state)
 static void test_emulated_batch(void **state)
 {
 	(void)state;
-	size_t n = ARRAY_LEN(g_cases);
-	tdata t[ARRAY_LEN(g_cases)];
-	ax_attn_job jobs[2 * ARRAY_LEN(g_cases)];
-	int rc[2 * ARRAY_LEN(g_cases)], near = 0;
-	uint32_t rows = 0, off[2 * ARRAY_LEN(g_cases)];
+	size_t n = ARRAY_LEN(td_cases);
+	tdata t[ARRAY_LEN(td_cases)];
+	ax_attn_job jobs[2 * ARRAY_LEN(td_cases)];
+	int rc[2 * ARRAY_LEN(td_cases)], near = 0;
+	uint32_t rows = 0, off[2 * ARRAY_LEN(td_cases)];
 	for (size_t c = 0; c < n; c++) {
-		td_make(&g_cases[c], &t[c]);
+		td_make(&td_cases[c], &t[c]);
 		jobs[2 * c] = t[c].job;
 		jobs[2 * c + 1] = t[c].job;
 		jobs[2 * c + 1].top_k = 0; /* invalid */
@@ -533,8 +501,8 @@ static void test_emulated_batch(void **state)
 	for (size_t c = 0; c < n; c++) {
 		assert_int_equal(rc[2 * c + 1], -EINVAL);
 		if (rc[2 * c] != 0)
-			fail_msg("%s: rc %d", g_cases[c].name, rc[2 * c]);
-		check_rows(&g_cases[c], &jobs[2 * c], out + off[2 * c], &near);
+			fail_msg("%s: rc %d", td_cases[c].name, rc[2 * c]);
+		check_rows(&td_cases[c], &jobs[2 * c], out + off[2 * c], &near);
 		td_free(&t[c]);
 	}
 	free(out);
@@ -542,102 +510,17 @@ static void test_emulated_batch(void **state)
 
 /* ---- error cases ----------------------------------------------------------------------------------------------------- */
 
-enum { E_SLOT_END, E_SLOT_NEG, E_SLOT_FIRST, E_Q_NAN_UNLISTED, E_K_INF, E_SCALE, E_BOTH, E_K_NAN_UNUSED, E_K_NAN_OUTSIDE,
-       E_D1024, E_DOM_THEN_RANGE };
-
-static void corrupt(tdata *t, int what)
-{
-	ax_attn_job *j = &t->job;
-	uint64_t last = j->position;
-	int32_t *i32 = (int32_t *)t->index;
-	int64_t *i64 = (int64_t *)t->index;
-	uint64_t s0 = j->k_stride[0], s1 = j->k_stride[1];
-	uint16_t *k16 = (uint16_t *)t->k;
-	switch (what) {
-	case E_SLOT_END:
-		j->index_dtype == AX_DTYPE_I32 ? (void)(i32[last] = (int32_t)j->n_slots) : (void)(i64[last] = (int64_t)j->n_slots);
-		break;
-	case E_SLOT_NEG:
-		j->index_dtype == AX_DTYPE_I32 ? (void)(i32[last / 2] = -1) : (void)(i64[last / 2] = -1);
-		break;
-	case E_SLOT_FIRST: {
-		uint64_t first = j->window > 0 && last + 1 > (uint64_t)j->window ? last + 1 - (uint64_t)j->window : 0;
-		j->index_dtype == AX_DTYPE_I32 ? (void)(i32[first] = INT32_MAX) : (void)(i64[first] = INT64_MAX);
-		break;
-	}
-	case E_Q_NAN_UNLISTED: /* heads list {3, 0}: head 2 is not reported but Q is checked whole */
-		((uint16_t *)t->q)[2 * j->head_dim + 7] = 0x7fc0;
-		break;
-	case E_K_INF:
-	case E_K_NAN_UNUSED: {
-		uint64_t pos = last / 3 * 2;
-		uint64_t slot = j->index_dtype == AX_DTYPE_I32 ? (uint64_t)i32[pos] : (uint64_t)i64[pos];
-		uint32_t g = what == E_K_NAN_UNUSED ? 1 : 0; /* heads list {0}, G 2: KV head 1 is never read */
-		k16[slot * s0 + g * s1 + 5] = what == E_K_INF ? 0x7f80 : 0x7fc0;
-		break;
-	}
-	case E_K_NAN_OUTSIDE: { /* every slot no visible key uses (the keys before the window among them) */
-		char *used = calloc(j->n_slots, 1);
-		uint64_t first = last + 1 > (uint64_t)j->window ? last + 1 - (uint64_t)j->window : 0;
-		for (uint64_t p = first; p <= last; p++)
-			used[j->index_dtype == AX_DTYPE_I32 ? (uint64_t)i32[p] : (uint64_t)i64[p]] = 1;
-		for (uint64_t s = 0; s < j->n_slots; s++)
-			if (!used[s])
-				k16[s * s0 + 3] = 0x7fc0;
-		free(used);
-		break;
-	}
-	case E_SCALE:
-		j->scale = 3e38f;
-		break;
-	case E_BOTH:
-		corrupt(t, E_K_INF);
-		corrupt(t, E_SLOT_END);
-		break;
-	case E_D1024:
-		j->head_dim = 1024;
-		break;
-	case E_DOM_THEN_RANGE: { /* in one split (splits start at multiples of 32 ≥ 128): an inf key, then a bad slot */
-		uint64_t slot = j->index_dtype == AX_DTYPE_I32 ? (uint64_t)i32[645] : (uint64_t)i64[645];
-		k16[slot * s0 + 9] = 0xff80;
-		j->index_dtype == AX_DTYPE_I32 ? (void)(i32[760] = -5) : (void)(i64[760] = -5);
-		break;
-	}
-	}
-}
-
 static void test_emulated_errors(void **state)
 {
 	(void)state;
-	static const struct {
-		const char *name;
-		int what;
-		uint32_t mode, n_heads;
-		int32_t heads[2];
-		int32_t window;
-		int want;
-	} cs[] = {
-		{"slot = n_slots at the end", E_SLOT_END, ML, 0, {0}, 0, -ERANGE},
-		{"slot -1 in the middle", E_SLOT_NEG, HD, 0, {0}, 0, -ERANGE},
-		{"slot INT_MAX at the window's start", E_SLOT_FIRST, MP, 0, {0}, 1500, -ERANGE},
-		{"NaN in Q of an unlisted head", E_Q_NAN_UNLISTED, HD, 2, {3, 0}, 0, -EDOM},
-		{"inf in a visible key", E_K_INF, ML, 0, {0}, 0, -EDOM},
-		{"inf in a visible key, mean_prob", E_K_INF, MP, 0, {0}, 0, -EDOM},
-		{"scale overflows Q", E_SCALE, HD, 0, {0}, 0, -EDOM},
-		{"inf key and a bad slot: ERANGE wins", E_BOTH, HD, 0, {0}, 0, -ERANGE},
-		{"NaN in a KV head no listed head uses", E_K_NAN_UNUSED, HD, 1, {0}, 0, 0},
-		{"NaN in a key outside the window", E_K_NAN_OUTSIDE, ML, 0, {0}, 100, 0},
-		{"head_dim 1024", E_D1024, ML, 0, {0}, 0, -EOPNOTSUPP},
-		{"-inf key, then a bad slot in the same split", E_DOM_THEN_RANGE, ML, 0, {0}, 0, -ERANGE},
-		{"-inf key, then a bad slot, heads", E_DOM_THEN_RANGE, HD, 0, {0}, 0, -ERANGE},
-	};
-	for (size_t c = 0; c < ARRAY_LEN(cs); c++) {
+	const td_error *cs = td_errors;
+	for (size_t c = 0; c < ARRAY_LEN(td_errors); c++) {
 		tcase tc = {cs[c].name, cs[c].mode, BF, BF, c % 2 ? I64 : I32, 64, 4, 2, 5, 2000, cs[c].window, 0,
 			    cs[c].n_heads, {cs[c].heads[0], cs[c].heads[1]}, 0, 0};
 		tdata t, ok;
 		td_make(&tc, &t);
 		td_make(&tc, &ok);
-		corrupt(&t, cs[c].what);
+		td_corrupt(&t, cs[c].what);
 		ax_attn_job jobs[3] = {ok.job, t.job, ok.job};
 		uint32_t r0 = ax_attn_rows(&ok.job), r1 = ax_attn_rows(&t.job);
 		ax_attn_result *out = calloc(2 * r0 + r1, sizeof *out);

@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attn.h"
 #include "attnx_shm.h"
 
 typedef struct tcase {
@@ -384,5 +385,130 @@ static int td_check(const tref *r, uint32_t top_k, const ax_attn_result *got, do
 	}
 	return 0;
 }
+
+#define BF AX_DTYPE_BF16
+#define F16 AX_DTYPE_F16
+#define F32 AX_DTYPE_F32
+#define E4 AX_DTYPE_FP8_E4M3
+#define E5 AX_DTYPE_FP8_E5M2
+#define I32 AX_DTYPE_I32
+#define I64 AX_DTYPE_I64
+#define ML AX_MODE_MEAN_LOGIT
+#define MP AX_MODE_MEAN_PROB
+#define HD AX_MODE_HEADS
+
+/* Small cases for every feature (the CPU test emulates each; the GPU test runs them too). */
+static const tcase td_cases[] = {
+	/* name, mode, kdt, qdt, idt, D, H, Hkv, top_k, n_keys, window, cap, n_heads, heads, tie, pad */
+	{"logit bf16 D128 G4", ML, BF, BF, I32, 128, 32, 8, 10, 5000, 0, 0, 0, {0}, 1, 0},
+	{"heads bf16 D128 list+dup", HD, BF, BF, I32, 128, 32, 8, 10, 3000, 0, 0, 4, {5, 1, 5, 30}, 1, 0},
+	{"prob bf16 D128 G4", MP, BF, BF, I32, 128, 32, 8, 10, 4000, 0, 0, 0, {0}, 1, 0},
+	{"logit f32 D64 G1 i64 pad", ML, F32, F32, I64, 64, 4, 4, 64, 700, 0, 0, 0, {0}, 1, 1},
+	{"heads f16 D256 G8 window cap", HD, F16, F16, I32, 256, 8, 1, 64, 2000, 777, 30, 0, {0}, 1, 0},
+	{"prob e4m3 D128 window k1", MP, E4, BF, I64, 128, 8, 2, 1, 1500, 1000, 0, 0, {0}, 1, 0},
+	{"logit e5m2 D64 cap", ML, E5, F16, I32, 64, 16, 4, 33, 900, 0, 5, 0, {0}, 1, 0},
+	{"heads bf16 D80 (runtime D)", HD, BF, BF, I32, 80, 4, 2, 7, 300, 0, 0, 0, {0}, 1, 0},
+	{"logit f16 D100 unaligned rows", ML, F16, F32, I64, 100, 6, 3, 5, 257, 0, 0, 0, {0}, 1, 0},
+	{"logit n=1", ML, BF, BF, I32, 128, 32, 8, 10, 1, 0, 0, 0, {0}, 0, 0},
+	{"heads n<k", HD, BF, F32, I32, 64, 4, 1, 64, 37, 0, 0, 0, {0}, 1, 0},
+	{"logit H160 G80 (Q per chunk)", ML, BF, BF, I32, 128, 160, 2, 10, 300, 0, 0, 0, {0}, 1, 0},
+	{"prob H160 G80 cap", MP, F16, BF, I64, 128, 160, 2, 10, 200, 0, 20, 0, {0}, 1, 0},
+	{"heads window 1", HD, BF, BF, I64, 64, 4, 2, 3, 50, 1, 0, 2, {3, 0}, 0, 0},
+	{"prob f32 D256 G8 pad", MP, F32, F32, I32, 256, 16, 2, 64, 700, 0, 0, 0, {0}, 1, 1},
+	{"heads e5m2 D512 (runtime)", HD, E5, F16, I32, 512, 2, 1, 10, 400, 0, 0, 0, {0}, 1, 0},
+	{"logit fp8 e4m3 D64 pad", ML, E4, F32, I64, 64, 8, 8, 64, 3000, 2500, 0, 0, {0}, 1, 1},
+};
+
+enum { E_SLOT_END, E_SLOT_NEG, E_SLOT_FIRST, E_Q_NAN_UNLISTED, E_K_INF, E_SCALE, E_BOTH, E_K_NAN_UNUSED, E_K_NAN_OUTSIDE,
+       E_D1024, E_DOM_THEN_RANGE };
+
+/* Corrupt a job's host data (before it is copied anywhere). */
+static void td_corrupt(tdata *t, int what)
+{
+	ax_attn_job *j = &t->job;
+	uint64_t last = j->position;
+	int32_t *i32 = (int32_t *)t->index;
+	int64_t *i64 = (int64_t *)t->index;
+	uint64_t s0 = j->k_stride[0], s1 = j->k_stride[1];
+	uint16_t *k16 = (uint16_t *)t->k;
+	switch (what) {
+	case E_SLOT_END:
+		j->index_dtype == AX_DTYPE_I32 ? (void)(i32[last] = (int32_t)j->n_slots) : (void)(i64[last] = (int64_t)j->n_slots);
+		break;
+	case E_SLOT_NEG:
+		j->index_dtype == AX_DTYPE_I32 ? (void)(i32[last / 2] = -1) : (void)(i64[last / 2] = -1);
+		break;
+	case E_SLOT_FIRST: {
+		uint64_t first = j->window > 0 && last + 1 > (uint64_t)j->window ? last + 1 - (uint64_t)j->window : 0;
+		j->index_dtype == AX_DTYPE_I32 ? (void)(i32[first] = INT32_MAX) : (void)(i64[first] = INT64_MAX);
+		break;
+	}
+	case E_Q_NAN_UNLISTED: /* heads list {3, 0}: head 2 is not reported but Q is checked whole */
+		((uint16_t *)t->q)[2 * j->head_dim + 7] = 0x7fc0;
+		break;
+	case E_K_INF:
+	case E_K_NAN_UNUSED: {
+		uint64_t pos = last / 3 * 2;
+		uint64_t slot = j->index_dtype == AX_DTYPE_I32 ? (uint64_t)i32[pos] : (uint64_t)i64[pos];
+		uint32_t g = what == E_K_NAN_UNUSED ? 1 : 0; /* heads list {0}, G 2: KV head 1 is never read */
+		k16[slot * s0 + g * s1 + 5] = what == E_K_INF ? 0x7f80 : 0x7fc0;
+		break;
+	}
+	case E_K_NAN_OUTSIDE: { /* every slot no visible key uses (the keys before the window among them) */
+		char *used = (char *)calloc(j->n_slots, 1);
+		uint64_t first = last + 1 > (uint64_t)j->window ? last + 1 - (uint64_t)j->window : 0;
+		for (uint64_t p = first; p <= last; p++)
+			used[j->index_dtype == AX_DTYPE_I32 ? (uint64_t)i32[p] : (uint64_t)i64[p]] = 1;
+		for (uint64_t s = 0; s < j->n_slots; s++)
+			if (!used[s])
+				k16[s * s0 + 3] = 0x7fc0;
+		free(used);
+		break;
+	}
+	case E_SCALE:
+		j->scale = 3e38f;
+		break;
+	case E_BOTH:
+		td_corrupt(t, E_K_INF);
+		td_corrupt(t, E_SLOT_END);
+		break;
+	case E_D1024:
+		j->head_dim = 1024;
+		break;
+	case E_DOM_THEN_RANGE: { /* in one split (splits start at multiples of 32 ≥ 128): an inf key, then a bad slot */
+		uint64_t slot = j->index_dtype == AX_DTYPE_I32 ? (uint64_t)i32[645] : (uint64_t)i64[645];
+		k16[slot * s0 + 9] = 0xff80;
+		j->index_dtype == AX_DTYPE_I32 ? (void)(i32[760] = -5) : (void)(i64[760] = -5);
+		break;
+	}
+	}
+}
+
+typedef struct td_error {
+	const char *name;
+	int what;
+	uint32_t mode, n_heads;
+	int32_t heads[2];
+	int32_t window;
+	int want;
+} td_error;
+
+/* Error cases: a 2000-key job (bf16, D 64, H 4, H_kv 2, top-5) corrupted by td_corrupt; want is the code both
+ * backends must return. */
+static const td_error td_errors[] = {
+	{"slot = n_slots at the end", E_SLOT_END, ML, 0, {0}, 0, -ERANGE},
+	{"slot -1 in the middle", E_SLOT_NEG, HD, 0, {0}, 0, -ERANGE},
+	{"slot INT_MAX at the window's start", E_SLOT_FIRST, MP, 0, {0}, 1500, -ERANGE},
+	{"NaN in Q of an unlisted head", E_Q_NAN_UNLISTED, HD, 2, {3, 0}, 0, -EDOM},
+	{"inf in a visible key", E_K_INF, ML, 0, {0}, 0, -EDOM},
+	{"inf in a visible key, mean_prob", E_K_INF, MP, 0, {0}, 0, -EDOM},
+	{"scale overflows Q", E_SCALE, HD, 0, {0}, 0, -EDOM},
+	{"inf key and a bad slot: ERANGE wins", E_BOTH, HD, 0, {0}, 0, -ERANGE},
+	{"NaN in a KV head no listed head uses", E_K_NAN_UNUSED, HD, 1, {0}, 0, 0},
+	{"NaN in a key outside the window", E_K_NAN_OUTSIDE, ML, 0, {0}, 100, 0},
+	{"head_dim 1024", E_D1024, ML, 0, {0}, 0, -EOPNOTSUPP},
+	{"-inf key, then a bad slot in the same split", E_DOM_THEN_RANGE, ML, 0, {0}, 0, -ERANGE},
+	{"-inf key, then a bad slot, heads", E_DOM_THEN_RANGE, HD, 0, {0}, 0, -ERANGE},
+};
 
 #endif
