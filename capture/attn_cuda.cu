@@ -225,9 +225,11 @@ int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_at
 	if (e == cudaSuccess)
 		e = cudaMemsetAsync(c->dbuf + p->L.flags, 0, n * sizeof(uint32_t), c->stream);
 	if (e != cudaSuccess)
-		return cuda_fail(c, e);
-	if ((r = launch_pass(c, &p->A)) != 0 || (r = launch_pass(c, &p->B)) != 0)
+		r = cuda_fail(c, e);
+	if (r || (r = launch_pass(c, &p->A)) != 0 || (r = launch_pass(c, &p->B)) != 0) {
+		cudaStreamSynchronize(c->stream); /* the next run rewrites the staging the upload may still read */
 		return r;
+	}
 	e = cudaMemcpyAsync(c->hbuf + p->L.up, c->dbuf + p->L.up, p->L.down, cudaMemcpyDeviceToHost, c->stream);
 	if (e == cudaSuccess)
 		e = cudaStreamSynchronize(c->stream);
