@@ -72,6 +72,7 @@ static inline uint32_t axc_host_or(uint32_t *p, uint32_t v)
 
 #define AXC_TILE 32               /* keys per tile */
 #define AXC_CHUNK 32              /* computed rows per chunk (all of one KV head) */
+#define AXC_VS (AXC_TILE + 1)     /* row stride of the score tile (padded: per-row reads conflict-free) */
 #define AXC_SPLIT_THREADS 256     /* threads per split CTA (a multiple of AXC_TILE) */
 #define AXC_MERGE_THREADS 256     /* threads per merge CTA */
 #define AXC_MERGE_CAP 1024        /* merge buffer entries (> AXC_MAX_K) */
@@ -108,6 +109,7 @@ typedef struct axc_job {
 	uint32_t flag;        /* flag word (one per user job) */
 	uint32_t vec;         /* key rows 16-byte aligned: 16-byte loads */
 	uint32_t q_all;       /* R·D ≤ AXC_QCAP: Q staged once per split */
+	uint32_t collapsed;   /* mean_logit without cap: one row per KV head, q = (w/H)·Σ_group q_h (as attn_cpu) */
 	float w;              /* scale · k_scale (fp8) folded into Q */
 	float cap;            /* tanh cap (0: none) */
 } axc_job;
@@ -342,10 +344,10 @@ typedef struct axc_split_sm {
 	float pe[AXC_TILE];
 } axc_split_sm;
 
-/* Floats of dynamic shared memory a split CTA needs: Q area, key tile [AXC_TILE][D+1], scores [AXC_CHUNK][AXC_TILE]. */
+/* Floats of dynamic shared memory a split CTA needs: Q area, key tile [AXC_TILE][D+1], scores [AXC_CHUNK][AXC_VS]. */
 AXC_HD uint32_t axc_split_dyn_floats(uint32_t qcap, uint32_t D)
 {
-	return qcap + AXC_TILE * (D + 1) + AXC_CHUNK * AXC_TILE;
+	return qcap + AXC_TILE * (D + 1) + AXC_CHUNK * AXC_VS;
 }
 
 /* Stage Q rows r0 .. r0+nr-1 (job-local computed rows) as w·q in f32 at qs [nr][D]. Returns AXC_F_DOM if a
@@ -357,7 +359,15 @@ AXC_HD uint32_t axc_stage_q(const axc_args *a, const axc_job *jb, uint32_t r0, u
 	for (uint32_t i = tid; i < nr * D; i += nth) {
 		uint32_t r = i / D, d = i % D;
 		uint32_t h = (uint32_t)a->row_head[jb->row0 + r0 + r];
-		float x = jb->w * axc_elem(jb->q, jb->qdt, (uint64_t)h * D + d);
+		float x;
+		if (jb->collapsed) { /* h = g·G: the group's sum, then w/H (attn_cpu's order) */
+			x = 0;
+			for (uint32_t k = h; k < h + jb->G; k++)
+				x += axc_elem(jb->q, jb->qdt, (uint64_t)k * D + d);
+			x *= jb->w / (float)jb->H;
+		} else {
+			x = jb->w * axc_elem(jb->q, jb->qdt, (uint64_t)h * D + d);
+		}
 		if (!axc_finite(x)) {
 			f = AXC_F_DOM;
 			x = 0;
@@ -398,7 +408,7 @@ AXC_HD void axc_stage_k(const axc_job *jb, uint32_t g, uint32_t nt, uint32_t kdt
 	}
 }
 
-/* Scores of chunk rows (qb [n][D]) against the tile's keys (ks) into vs [AXC_CHUNK][AXC_TILE], capped. Thread
+/* Scores of chunk rows (qb [n][D]) against the tile's keys (ks) into vs [AXC_CHUNK][AXC_VS], capped. Thread
  * tid takes key tid % AXC_TILE and rows tid / AXC_TILE + i·(nth / AXC_TILE). Returns AXC_F_DOM if one of its
  * scores is not finite (checked before the cap, which would hide an infinity), else 0. */
 AXC_HD uint32_t axc_scores(const axc_job *jb, const axc_chunk *ch, uint32_t nt, uint32_t D, const float *qb,
@@ -417,7 +427,7 @@ AXC_HD uint32_t axc_scores(const axc_job *jb, const axc_chunk *ch, uint32_t nt, 
 			f = AXC_F_DOM;
 			acc = 0;
 		}
-		vs[r * AXC_TILE + t] = jb->cap > 0 ? axc_softcap(acc, jb->cap) : acc;
+		vs[r * AXC_VS + t] = jb->cap > 0 ? axc_softcap(acc, jb->cap) : acc;
 	}
 	return f;
 }
@@ -428,7 +438,7 @@ AXC_HD void axc_fold(const axc_args *a, const axc_job *jb, const axc_chunk *ch, 
 {
 	if (jb->mode == AXC_PJ_HEADS || jb->mode == AXC_PJ_LSE) {
 		if (tid < ch->n)
-			axc_row_tile(&a->st, jb, sbase + ch->row0 + tid, vs + tid * AXC_TILE, 1, nt, t0);
+			axc_row_tile(&a->st, jb, sbase + ch->row0 + tid, vs + tid * AXC_VS, 1, nt, t0);
 		return;
 	}
 	if (tid >= nt)
@@ -436,13 +446,13 @@ AXC_HD void axc_fold(const axc_args *a, const axc_job *jb, const axc_chunk *ch, 
 	if (jb->mode == AXC_PJ_LOGIT) {
 		float sum = 0;
 		for (uint32_t r = 0; r < ch->n; r++)
-			sum += vs[r * AXC_TILE + tid];
+			sum += vs[r * AXC_VS + tid];
 		sm->acc[tid] += sum;
 		return;
 	}
 	for (uint32_t r = 0; r < ch->n; r++) {
 		uint32_t h = (uint32_t)a->row_head[jb->row0 + ch->row0 + r];
-		axc_lse_add(&sm->pm[tid], &sm->pe[tid], vs[r * AXC_TILE + tid] - a->lse[jb->lse0 + h]);
+		axc_lse_add(&sm->pm[tid], &sm->pe[tid], vs[r * AXC_VS + tid] - a->lse[jb->lse0 + h]);
 	}
 }
 
@@ -452,7 +462,7 @@ AXC_HD uint32_t axc_mean_push(const axc_args *a, const axc_job *jb, uint64_t sba
 			      axc_split_sm *sm)
 {
 	uint32_t f = 0;
-	float inv_h = 1.0f / (float)jb->H, log_h = logf((float)jb->H);
+	float inv_h = jb->collapsed ? 1.0f : 1.0f / (float)jb->H, log_h = logf((float)jb->H);
 	for (uint32_t t = 0; t < nt; t++) {
 		float v = jb->mode == AXC_PJ_LOGIT ? sm->acc[t] * inv_h : sm->pm[t] + (logf(sm->pe[t]) - log_h);
 		if (!axc_finite(v)) { /* a sum of finite scores can still overflow */

@@ -142,6 +142,12 @@ static inline int axc_add_pass_a(axc_plan *p, const ax_attn_job *job, uint32_t i
 	axc_job_fields(jb, job, i);
 	jb->row0 = p->nrh;
 	jb->R = axc_rows(job, p->rh + p->nrh, p->out_row, p->mark);
+	jb->collapsed = jb->mode == AXC_PJ_LOGIT && jb->cap == 0;
+	if (jb->collapsed) { /* one row per KV head, named by its group's first head */
+		jb->R = jb->Hkv;
+		for (uint32_t g = 0; g < jb->Hkv; g++)
+			p->rh[p->nrh + g] = (int32_t)(g * jb->G);
+	}
 	jb->chunk0 = p->nch;
 	jb->n_chunks = axc_chunks(p->rh + p->nrh, jb->R, jb->G, p->ch + p->nch);
 	jb->q_all = (uint64_t)jb->R * jb->D <= AXC_QCAP;
