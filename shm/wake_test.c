@@ -436,6 +436,18 @@ static void *flush_later(void *arg)
 	return NULL;
 }
 
+static void *held_step(void *arg)
+{
+	fx *f = arg;
+	ax_export_hold_wake(f->ex);
+	sleep_ms(5);
+	if (put(f) != 0)
+		return (void *)1;
+	sleep_ms(20);
+	ax_export_flush_wake(f->ex);
+	return NULL;
+}
+
 static void test_hold_wake(void **state)
 {
 	fx *f = *state;
@@ -452,15 +464,15 @@ static void test_hold_wake(void **state)
 		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
 		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
 		pthread_join(th, NULL);
-		/* A sleep whose timeout ends inside a hold: the flush (30 ms later) comes within the grace period. */
-		ax_export_hold_wake(f->ex);
-		assert_int_equal(pthread_create(&th, NULL, flush_later, f), 0);
-		sleep_ms(5);
-		assert_int_equal(put(f), 0);
+		/* A sleep whose timeout (20 ms) ends inside a hold: the step's flush (25 ms) comes within the grace
+		 * period. The producer's calls all run on the thread (one thread at a time per ax_export). */
+		assert_int_equal(pthread_create(&th, NULL, held_step, f), 0);
 		uint64_t t0 = ax_now_ns();
 		assert_int_equal(ax_shm_wait(f->sh, 20 * MS), 1);
 		assert_true(ax_now_ns() - t0 < 1000 * MS);
-		pthread_join(th, NULL);
+		void *ret;
+		pthread_join(th, &ret);
+		assert_null(ret);
 		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
 	}
 	/* Still trusted to wake, so a sleep lasts its timeout (a consumer that gave up on wakes would poll). */
