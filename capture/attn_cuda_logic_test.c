@@ -476,6 +476,34 @@ static void test_emulated_cases(void **state)
 	print_message("near-tie substitutions: %d\n", near);
 }
 
+/* Long jobs under a plan with hundreds of 128-key splits per job (merges of ~30,000 list entries per row). */
+static void test_emulated_long(void **state)
+{
+	(void)state;
+	static const tcase cs[] = {
+		{"heads bf16 D64 G4 60K top-64", HD, BF, BF, I64, 64, 8, 2, 64, 60000, 0, 0, 0, {0}, 1, 0},
+		{"prob f16 D64 G2 window 40K (50K) top-10", MP, F16, BF, I32, 64, 4, 2, 10, 50000, 40000, 0, 0, {0}, 1, 0},
+		{"logit e4m3 D128 G8 cap 30K", ML, E4, F16, I32, 128, 16, 2, 10, 30000, 0, 10, 0, {0}, 1, 0},
+	};
+	emu_opts o = emu_default;
+	o.target = 4096;
+	int near = 0;
+	for (size_t c = 0; c < ARRAY_LEN(cs); c++) {
+		tdata t;
+		td_make(&cs[c], &t);
+		uint32_t rows = ax_attn_rows(&t.job);
+		ax_attn_result *out = malloc(rows * sizeof *out);
+		memset(out, 0xff, rows * sizeof *out);
+		int rc = 1;
+		assert_int_equal(emu_run(&t.job, 1, out, &rc, &o), 0);
+		if (rc != 0)
+			fail_msg("%s: rc %d", cs[c].name, rc);
+		check_rows(&cs[c], &t.job, out, &near);
+		free(out);
+		td_free(&t);
+	}
+}
+
 /* All cases in one batch, between invalid jobs: one run, several instances, both passes. */
 static void test_emulated_batch(void **state)
 {
@@ -573,7 +601,8 @@ int main(void)
 		cmocka_unit_test(test_topk_insert),    cmocka_unit_test(test_lse_online),
 		cmocka_unit_test(test_merge),          cmocka_unit_test(test_rows_chunks),
 		cmocka_unit_test(test_split_plan),     cmocka_unit_test(test_check_job),
-		cmocka_unit_test(test_emulated_cases), cmocka_unit_test(test_emulated_batch),
+		cmocka_unit_test(test_emulated_cases), cmocka_unit_test(test_emulated_long),
+		cmocka_unit_test(test_emulated_batch),
 		cmocka_unit_test(test_emulated_errors),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
