@@ -395,6 +395,12 @@ static void cuda_attach(ax_capture *c)
 		ax_log(AX_LOG_ERROR, TAG, "CUDA backend: cannot start importing the segment's buffers");
 }
 
+/* Why buf_base gave nothing: -ENOTSUP for memory of the other backend's kind, -EIO for a failed CUDA import. */
+static int base_err(const ax_capture *c, const ax_shm_buffer *b)
+{
+	return c->cuda_active && b->loc != AX_LOC_HOST ? -EIO : -ENOTSUP;
+}
+
 static void cuda_detach(ax_capture *c)
 {
 	if (c->cuda_active)
@@ -900,7 +906,7 @@ static int setup_k(ax_capture *c, uint32_t l)
 	const ax_shm_buffer *b = &bufs[idx];
 	const uint8_t *base = buf_base(c, (uint32_t)idx);
 	if (base == NULL)
-		return c->cuda_active ? -EIO : -ENOTSUP; /* import failed / CUDA memory: the CUDA backend's job */
+		return base_err(c, b);
 	if (b->ndim != 3 || b->dim[1] != c->hdr->n_kv_heads || b->dim[2] != c->hdr->head_dim || b->stride[2] != 1 ||
 	    ax_dtype_size(b->dtype) == 0 || b->dtype == AX_DTYPE_I32 || b->dtype == AX_DTYPE_I64)
 		return -EINVAL;
@@ -926,7 +932,7 @@ static int setup_q(ax_capture *c)
 	const ax_shm_buffer *b = &bufs[idx];
 	const uint8_t *base = buf_base(c, (uint32_t)idx);
 	if (base == NULL)
-		return c->cuda_active ? -EIO : -ENOTSUP;
+		return base_err(c, b);
 	if (b->ndim != 3 || b->dim[0] == 0 || b->dim[1] != c->hdr->n_q_heads || b->dim[2] != c->hdr->head_dim ||
 	    b->stride[2] != 1 || b->stride[1] != c->hdr->head_dim ||
 	    (b->dtype != AX_DTYPE_F32 && b->dtype != AX_DTYPE_F16 && b->dtype != AX_DTYPE_BF16))
@@ -943,7 +949,8 @@ static void log_layer_problems(ax_capture *c, int qrv)
 	const char *be = c->cuda_active ? "CUDA" : "CPU";
 	if (qrv < 0)
 		ax_log(AX_LOG_ERROR, TAG, "Q ring unusable by the %s backend (%s): nothing will be captured", be,
-		       qrv == -ENOTSUP ? "in CUDA memory; needs --backend cuda"
+		       qrv == -ENOTSUP ? (c->cuda_active ? "in host memory; the CUDA backend reads GPU memory only: use --backend "
+					   "auto or cpu" : "in CUDA memory; needs --backend cuda")
 		       : qrv == -EIO ? ax__cuda_be_import_error(c->cuda) : ax_strerror(qrv));
 	uint32_t missing = 0;
 	for (uint32_t l = 0; l < c->n_layers; l++)

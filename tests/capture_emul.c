@@ -54,11 +54,20 @@ static int em_ipc_open(void *ctx, int device, const uint8_t h[64], uint64_t *bas
 		return -EIO;
 	}
 	snprintf(name, sizeof name, "%s", (const char *)h + 4);
-	for (int i = 0; i < g_nmaps; i++)
+	for (int i = 0; i < g_nmaps; i++) {
 		if (strcmp(g_maps[i].name, name) == 0) {
 			snprintf(g_err, sizeof g_err, "emul: %s opened twice (CUDA refuses this)", name);
 			return -EIO;
 		}
+		int old = strcmp(g_maps[i].name, "vmm") != 0 ? shm_open(g_maps[i].name, O_RDONLY, 0) : 0;
+		if (old < 0) { /* the engine freed it: an importer of a previous attachment was never closed */
+			fprintf(stderr, "capture_emul: %s still mapped after its engine freed it\n", g_maps[i].name);
+			snprintf(g_err, sizeof g_err, "emul: stale mapping %.100s", g_maps[i].name);
+			return -EIO;
+		}
+		if (old > 0)
+			close(old);
+	}
 	int fd = shm_open(name, O_RDONLY, 0);
 	struct stat st;
 	if (fd < 0 || fstat(fd, &st) != 0 || g_nmaps == 64) {

@@ -79,13 +79,19 @@ int g_step_done(void *ctx)
 	return e == cudaSuccess ? 0 : fail(e, "cudaEventRecord");
 }
 
-void g_release(void *ctx)
+void g_free_all(void *ctx)
 {
 	gpu *g = static_cast<gpu *>(ctx);
 	cudaStreamSynchronize(g->stream);
 	for (int i = 0; i < g->n; i++)
 		cudaFree(g->allocs[i]);
 	g->n = 0;
+}
+
+void g_release(void *ctx)
+{
+	gpu *g = static_cast<gpu *>(ctx);
+	g_free_all(ctx);
 	cudaEventDestroy(g->event);
 	cudaStreamDestroy(g->stream);
 }
@@ -116,6 +122,7 @@ int main(int argc, char **argv)
 	ops.entry = g_entry;
 	ops.event_handle = g_event;
 	ops.step_done = g_step_done;
+	ops.free_all = g_free_all;
 	ops.release = g_release;
 	return ge_main(argc, argv, &ops);
 }

@@ -45,6 +45,15 @@ enum { L = 4, HQ = 8, HKV = 2, D = 64, SLOTS = 8192, CTX = 512, IROWS = 8, QROWS
 enum { NREQ = 10, CONC = 3, TOPK = 8 };
 #define TOL 1e-3
 
+/* Scenarios (argv[4]): plain; auto (the device capture runs with --backend auto and must pick cuda); reject (the
+ * device segment's layer-1 K pool claims bytes past its allocation: the importer must reject and count it, the
+ * capture must stop wanting layer 1, and neither side may emit layer-1 records); restart (halfway, with no request
+ * in flight, the engine closes both segments, frees its device memory and exports new allocations: both captures
+ * must re-attach, and the device one must have closed the old mappings before opening the new). */
+enum { SC_PLAIN, SC_AUTO, SC_REJECT, SC_RESTART };
+static const char *const sc_names[] = {"plain", "auto", "reject", "restart"};
+static int g_scenario;
+
 /* ---- tiny helpers ---------------------------------------------------------------------------------------- */
 
 static uint64_t rng_state;
@@ -156,6 +165,8 @@ static int export_device(engine *e)
 	for (int l = 0; l < L; l++) {
 		ax_shm_buffer b = desc(AX_BUF_K_POOL, l, SLOTS, HKV, D, AX_DTYPE_BF16);
 		CHECK(e->dev->entry(e->dev->ctx, &b, e->k_dev + l * kl, kl) == 0, "K entry");
+		if (g_scenario == SC_REJECT && l == 1)
+			b.offset = 3 * kl + kl / 2; /* ends half a pool past the allocation (the segment cannot tell) */
 		CHECK(ax_export_add_device_buffer(e->exd, &b, NULL) == 0, "add K entry");
 	}
 	ax_shm_buffer q = desc(AX_BUF_Q_RING, -1, QROWS, HQ, D, AX_DTYPE_BF16);
@@ -192,12 +203,9 @@ static int export_host(engine *e)
 	return 0;
 }
 
-static int engine_open(engine *e, const ge_dev_ops *dev)
+/* Create both segments and their buffers (again after a restart). */
+static int engine_export(engine *e)
 {
-	memset(e, 0, sizeof *e);
-	e->dev = dev;
-	snprintf(e->name_d, sizeof e->name_d, "/attnx.gputest.%d.dev", (int)getpid());
-	snprintf(e->name_h, sizeof e->name_h, "/attnx.gputest.%d.host", (int)getpid());
 	ax_export_config cd = seg_cfg(e->name_d), ch = seg_cfg(e->name_h);
 	CHECK(ax_export_open(&e->exd, &cd) == 0, "export open (device segment)");
 	CHECK(ax_export_open(&e->exh, &ch) == 0, "export open (host segment)");
@@ -209,13 +217,32 @@ static int engine_open(engine *e, const ge_dev_ops *dev)
 	for (uint32_t i = 0; i < IROWS; i++)
 		e->free_rows[i] = IROWS - 1 - i;
 	e->n_free_rows = IROWS;
+	e->n_pend = 0;
 	return 0;
+}
+
+static int engine_open(engine *e, const ge_dev_ops *dev)
+{
+	memset(e, 0, sizeof *e);
+	e->dev = dev;
+	snprintf(e->name_d, sizeof e->name_d, "/attnx.gputest.%d.dev", (int)getpid());
+	snprintf(e->name_h, sizeof e->name_h, "/attnx.gputest.%d.host", (int)getpid());
+	return engine_export(e);
 }
 
 static void engine_close(engine *e)
 {
 	ax_export_close(e->exd);
 	ax_export_close(e->exh);
+	e->exd = e->exh = NULL;
+}
+
+/* The engine restarts: segments closed, device memory freed, everything exported anew (new generation). */
+static int engine_restart(engine *e)
+{
+	engine_close(e);
+	e->dev->free_all(e->dev->ctx);
+	return engine_export(e);
 }
 
 /* Random K rows for `slot` in every layer, written to both segments. */
@@ -364,12 +391,13 @@ static void wait_consumers(engine *e)
 	}
 }
 
-static int run_requests(engine *e)
+/* Start requests until `upto` have started; return when all of them have ended. */
+static int run_requests(engine *e, uint32_t upto)
 {
-	while (e->ended < NREQ) {
+	while (e->ended < upto) {
 		for (int i = 0; i < CONC; i++) {
 			greq *r = &e->reqs[i];
-			if (!r->live && e->started < NREQ && e->n_free >= CTX && e->n_free_rows > 0 && begin_req(e, r) < 0)
+			if (!r->live && e->started < upto && e->n_free >= CTX && e->n_free_rows > 0 && begin_req(e, r) < 0)
 				return -1;
 			if (!r->live)
 				continue;
@@ -405,6 +433,7 @@ struct side {
 	size_t n, cap;
 	char backend[16];
 	int hellos, ends, gaps, bad_frames;
+	int64_t cuda_rejected; /* from the last stats record, -1 before one */
 	char ended[NREQ][32];
 	char last_gap[160];
 	pid_t pid;
@@ -421,6 +450,10 @@ static int on_record(const ax_record *r, void *arg)
 		if (s->ends < NREQ)
 			snprintf(s->ended[s->ends], sizeof s->ended[0], "%.31s", r->rid);
 		s->ends++;
+	} else if (r->type == AX_REC_STATS) {
+		for (uint32_t i = 0; i < r->u.stats.n; i++)
+			if (strcmp(r->u.stats.kv[i].name, "cuda_rejected") == 0)
+				s->cuda_rejected = (int64_t)r->u.stats.kv[i].value;
 	} else if (r->type == AX_REC_GAP) {
 		s->gaps++;
 		snprintf(s->last_gap, sizeof s->last_gap, "%.32s/%.32s x%llu (%.40s)", r->u.gap.what, r->u.gap.reason,
@@ -460,6 +493,7 @@ static int side_open(side *s, const char *tag)
 {
 	memset(s, 0, sizeof *s);
 	s->tag = tag;
+	s->cuda_rejected = -1;
 	pthread_mutex_init(&s->mu, NULL);
 	snprintf(s->addr, sizeof s->addr, "ipc:///tmp/attnx-gputest-%d-%s.sock", (int)getpid(), tag);
 	CHECK(nng_pull0_open(&s->sock) == 0, "nng_pull0_open");
@@ -501,9 +535,11 @@ static pid_t spawn_capture(const char *bin, const char *shm, const char *backend
 {
 	char topk[8];
 	snprintf(topk, sizeof topk, "%d", TOPK);
+	if (g_scenario == SC_AUTO && strcmp(backend, "cuda") == 0)
+		backend = "auto";
 	const char *argv[] = {bin, "--shm", shm, "--backend", backend, "--records", s->addr, "--policy", "",
-			      "--layers", "0,2,3", "--mode", mode, "--top-k", topk, "--prefill", "--threads", "2",
-			      "--stats-interval", "0", "--max-tokens", "0", "--id", s->tag,
+			      "--layers", g_scenario == SC_REJECT ? "0,1,2,3" : "0,2,3", "--mode", mode, "--top-k", topk, "--prefill", "--threads", "2",
+			      "--stats-interval", "600000", "--max-tokens", "0", "--id", s->tag,
 			      strcmp(mode, "heads") == 0 ? "--heads" : NULL, "1,6", NULL};
 	pid_t pid = fork();
 	if (pid == 0) {
@@ -668,6 +704,43 @@ static int compare(side *cpu, side *cuda)
 	return fails;
 }
 
+/* ---- scenarios ------------------------------------------------------------------------------------------------ */
+
+/* Wait until both captures are done with every ended request, restart the engine, wait for both to re-attach. */
+static int restart_between(engine *e, side *sd, side *sh)
+{
+	for (int i = 0; e->n_pend > 0; i++) {
+		CHECK(i < 10000, "captures did not finish the first half within 10 s");
+		recycle(e);
+		msleep(1);
+	}
+	CHECK(engine_restart(e) == 0, "engine restart");
+	fprintf(stderr, "gpu_engine: engine restarted after %u requests\n", e->ended);
+	return wait_attached(e, sd, sh);
+}
+
+static int count_layer(const side *s, int32_t layer)
+{
+	int n = 0;
+	for (size_t i = 0; i < s->n; i++)
+		n += s->recs[i].a.layer_id == layer;
+	return n;
+}
+
+static int check_scenario(const side *cpu, const side *cuda)
+{
+	if (g_scenario == SC_REJECT) {
+		CHECK(cuda->cuda_rejected == 1, "reject: the device capture's stats say cuda_rejected %lld, want 1",
+		      (long long)cuda->cuda_rejected);
+		CHECK(count_layer(cpu, 1) == 0 && count_layer(cuda, 1) == 0,
+		      "reject: layer-1 records (%d cpu, %d cuda): the rejected layer was still wanted", count_layer(cpu, 1),
+		      count_layer(cuda, 1));
+	} else {
+		CHECK(cuda->cuda_rejected == 0, "the device capture rejected %lld entries", (long long)cuda->cuda_rejected);
+	}
+	return 0;
+}
+
 /* ---- main ---------------------------------------------------------------------------------------------------- */
 
 static int run(const ge_dev_ops *dev, const char *bin_d, const char *bin_h, const char *mode)
@@ -682,7 +755,11 @@ static int run(const ge_dev_ops *dev, const char *bin_d, const char *bin_h, cons
 	e.sides[0] = &sd, e.sides[1] = &sh;
 	sd.pid = spawn_capture(bin_d, e.name_d, "cuda", mode, &sd);
 	sh.pid = spawn_capture(bin_h, e.name_h, "cpu", mode, &sh);
-	if (wait_attached(&e, &sd, &sh) < 0 || run_requests(&e) < 0 || wait_ends(&sd, &sh) < 0)
+	if (wait_attached(&e, &sd, &sh) < 0 || run_requests(&e, g_scenario == SC_RESTART ? NREQ / 2 : NREQ) < 0)
+		goto stop;
+	if (g_scenario == SC_RESTART && (restart_between(&e, &sd, &sh) < 0 || run_requests(&e, NREQ) < 0))
+		goto stop;
+	if (wait_ends(&sd, &sh) < 0)
 		goto stop;
 	if (e.drops) {
 		fprintf(stderr, "gpu_engine: %llu steps dropped (ring full): the comparison would be meaningless\n",
@@ -694,8 +771,9 @@ static int run(const ge_dev_ops *dev, const char *bin_d, const char *bin_h, cons
 stop:
 	stop_capture(sd.pid);
 	stop_capture(sh.pid);
+	msleep(100); /* the exit stats record */
 	if (rc == 0)
-		rc = compare(&sh, &sd) == 0 ? 0 : -1;
+		rc = compare(&sh, &sd) == 0 && check_scenario(&sh, &sd) == 0 ? 0 : -1;
 	side_close(&sd);
 	side_close(&sh);
 out:
@@ -706,15 +784,22 @@ out:
 
 int ge_main(int argc, char **argv, const ge_dev_ops *dev)
 {
-	if (argc < 4 || ax_mode_parse(argv[3]) < 0) {
-		fprintf(stderr, "usage: %s DEV_CAPTURE HOST_CAPTURE mean_logit|mean_prob|heads [SEED]\n", argv[0]);
+	g_scenario = -1;
+	for (int i = 0; i < 4 && argc > 4; i++)
+		if (strcmp(argv[4], sc_names[i]) == 0)
+			g_scenario = i;
+	if (argc < 4 || ax_mode_parse(argv[3]) < 0 || (argc > 4 && g_scenario < 0)) {
+		fprintf(stderr, "usage: %s DEV_CAPTURE HOST_CAPTURE mean_logit|mean_prob|heads [plain|auto|reject|restart "
+			"[SEED]]\n", argv[0]);
 		return 2;
 	}
-	rng_state = argc > 4 ? strtoull(argv[4], NULL, 10) : 0x5eed;
+	if (g_scenario < 0)
+		g_scenario = SC_PLAIN;
+	rng_state = argc > 5 ? strtoull(argv[5], NULL, 10) : 0x5eed;
 	g_exact = strcmp(dev->name, "emul") == 0;
 	signal(SIGPIPE, SIG_IGN);
-	fprintf(stderr, "gpu_engine: device '%s', mode %s, %d requests, layers 0,2,3 of %d, H_q %d, H_kv %d, D %d\n",
-		dev->name, argv[3], NREQ, L, HQ, HKV, D);
+	fprintf(stderr, "gpu_engine: device '%s', mode %s, scenario %s, %d requests, %d layers, H_q %d, H_kv %d, D %d\n",
+		dev->name, argv[3], sc_names[g_scenario], NREQ, L, HQ, HKV, D);
 	int rc = run(dev, argv[1], argv[2], argv[3]);
 	fprintf(stderr, "gpu_engine: %s\n", rc == 0 ? "PASS" : "FAIL");
 	return rc == 0 ? 0 : 1;

@@ -32,12 +32,15 @@ typedef struct ge_dev_ops {
 	int (*event_handle)(void *ctx, uint8_t out[64]);
 	/* After a step's uploads, before its descriptor is published: record the step event. */
 	int (*step_done)(void *ctx);
+	/* Free every allocation, keep the stream and event (an engine restart). */
+	void (*free_all)(void *ctx);
 	/* Free everything (after the captures are gone). */
 	void (*release)(void *ctx);
 } ge_dev_ops;
 
 /*
- * Run the test: argv = prog DEV_CAPTURE HOST_CAPTURE MODE [SEED]. DEV_CAPTURE reads the device segment with
+ * Run the test: argv = prog DEV_CAPTURE HOST_CAPTURE MODE [SCENARIO [SEED]], SCENARIO plain (default), auto,
+ * reject or restart (gpu_engine_core.c says what each checks). DEV_CAPTURE reads the device segment with
  * --backend cuda, HOST_CAPTURE the host segment with --backend cpu; MODE is mean_logit, mean_prob or heads.
  * Returns the process exit status: 0 pass, 1 fail (mismatches printed), 2 usage.
  */

@@ -26,6 +26,7 @@ typedef struct emul_alloc {
 typedef struct emul {
 	emul_alloc a[16];
 	int n;
+	int serial; /* names are never reused, so a capture holding a freed allocation is detectable */
 	uint64_t steps;
 } emul;
 
@@ -35,7 +36,7 @@ static int e_alloc(void *ctx, uint64_t bytes, uint64_t *dptr)
 	if (e->n == 16)
 		return -ENOMEM;
 	emul_alloc *a = &e->a[e->n];
-	snprintf(a->name, sizeof a->name, "/attnx.emul.%d.%d", (int)getpid(), e->n);
+	snprintf(a->name, sizeof a->name, "/attnx.emul.%d.%d", (int)getpid(), e->serial++);
 	shm_unlink(a->name);
 	int fd = shm_open(a->name, O_RDWR | O_CREAT | O_EXCL, 0600);
 	if (fd < 0)
@@ -95,7 +96,7 @@ static int e_step_done(void *ctx)
 	return 0;
 }
 
-static void e_release(void *ctx)
+static void e_free_all(void *ctx)
 {
 	emul *e = ctx;
 	for (int i = 0; i < e->n; i++) {
@@ -105,9 +106,11 @@ static void e_release(void *ctx)
 	e->n = 0;
 }
 
+static void e_release(void *ctx) { e_free_all(ctx); }
+
 int main(int argc, char **argv)
 {
 	static emul e;
-	ge_dev_ops ops = {&e, "emul", e_alloc, e_upload, e_entry, e_event, e_step_done, e_release};
+	ge_dev_ops ops = {&e, "emul", e_alloc, e_upload, e_entry, e_event, e_step_done, e_free_all, e_release};
 	return ge_main(argc, argv, &ops);
 }
