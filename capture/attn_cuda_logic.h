@@ -547,26 +547,30 @@ AXC_HD void axc_split_cta(const axc_args *a, uint32_t cta, uint32_t nth, axc_spl
 		}
 		if (AXC_SYNC_ANY(seen & AXC_F_RANGE))
 			break;
+		/* Per chunk c: [fold c-1 | stage c] barrier [scores c] barrier. The fold reads only vs and writes only the
+		 * states and the per-key sums; the staging writes only ks and qs, which scores c-1 (before the last
+		 * barrier) was the last to read; so the two share a phase and the loads overlap the fold. */
 		uint32_t staged = UINT32_MAX;
-		for (uint32_t c = 0; c < jb->n_chunks; c++) {
-			const axc_chunk ch = a->chunks[jb->chunk0 + c];
-			const float *qb = jb->q_all ? qs + (size_t)ch.row0 * D : qs;
-			if (ch.g != staged || !jb->q_all) {
-				AXC_PHASE(tid, nth) {
-					if (ch.g != staged)
-						axc_stage_k(jb, ch.g, nt, kdt, D, ks, sm, tid, nth);
-					if (!jb->q_all)
-						seen |= axc_stage_q(a, jb, ch.row0, ch.n, D, qs, tid, nth);
-				}
-				AXC_SYNC();
-				staged = ch.g;
-			}
+		axc_chunk prev = {0, 0, 0, 0};
+		for (uint32_t c = 0; c <= jb->n_chunks; c++) {
+			const int last = c == jb->n_chunks;
+			const axc_chunk ch = last ? prev : a->chunks[jb->chunk0 + c];
 			AXC_PHASE(tid, nth) {
-				seen |= axc_scores(jb, &ch, nt, D, qb, ks, vs, tid, nth);
+				if (c > 0)
+					axc_fold(a, jb, &prev, sbase, nt, t0, vs, sm, tid);
+				if (!last && ch.g != staged)
+					axc_stage_k(jb, ch.g, nt, kdt, D, ks, sm, tid, nth);
+				if (!last && !jb->q_all)
+					seen |= axc_stage_q(a, jb, ch.row0, ch.n, D, qs, tid, nth);
 			}
 			AXC_SYNC();
+			if (last)
+				break;
+			staged = ch.g;
+			prev = ch;
+			const float *qb = jb->q_all ? qs + (size_t)ch.row0 * D : qs;
 			AXC_PHASE(tid, nth) {
-				axc_fold(a, jb, &ch, sbase, nt, t0, vs, sm, tid);
+				seen |= axc_scores(jb, &ch, nt, D, qb, ks, vs, tid, nth);
 			}
 			AXC_SYNC();
 		}
