@@ -334,8 +334,10 @@ static int cuda_flush(ax_capture *c)
 		return 0;
 	ax__item *items;
 	uint32_t n;
-	if (ax__cuda_be_run(c->cuda, &items, &n) < 0)
-		ax_log(AX_LOG_ERROR, TAG, "GPU batch of %u jobs failed: %s", n, ax__cuda_be_strerror(c->cuda));
+	static uint64_t failures; /* a broken context fails every batch: log the first and every 1000th */
+	if (ax__cuda_be_run(c->cuda, &items, &n) < 0 && failures++ % 1000 == 0)
+		ax_log(AX_LOG_ERROR, TAG, "GPU batch of %u jobs failed (%llu so far): %s", n,
+		       (unsigned long long)failures, ax__cuda_be_strerror(c->cuda));
 	int k = drain(c); /* the records queued before the batch's first job (all done at commit) */
 	for (uint32_t i = 0; i < n; i++)
 		emit_attn(c, &items[i]);

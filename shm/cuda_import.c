@@ -8,8 +8,8 @@
  * Per attachment: a state per buffer-table index (not yet looked at / mapped to an allocation / rejected with an
  * error, remembered so a bad entry costs one attempt and one count) and a list of opened allocations keyed by
  * what identifies them in the engine (IPC: the 64 handle bytes; VMM: socket path + allocation id), so the K pools
- * that PyTorch's caching allocator packs into one cudaMalloc block are opened once — CUDA refuses to open one IPC
- * handle twice in a process. Events are opened per entry on first use. Close releases events, then allocations,
+ * that PyTorch's caching allocator packs into one cudaMalloc block are opened once (older CUDA refused a second
+ * cudaIpcOpenMemHandle of one handle in a process; newer reference-counts it; one open is right for both). Events are opened per entry on first use. Close releases events, then allocations,
  * in reverse order of opening.
  */
 #include "attnx_shm_cuda.h"

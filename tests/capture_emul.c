@@ -5,7 +5,8 @@
  * import through the real importer, batching, flushes, record order, detach — run on a CPU against
  * gpu_engine_emul's "device" allocations (named shm objects; handle = "AXEM" + name).
  *
- * It is strict where the GPU is: opening one handle twice fails (as cudaIpcOpenMemHandle does), every job's Q row,
+ * It is strict where the GPU is, or stricter: opening one handle twice fails (older CUDA refused it; CUDA 13
+ * reference-counts it, and the importer opens each allocation once either way), every job's Q row,
  * index row and K pool must lie inside an imported mapping (else the job fails with -EFAULT and a message), and a
  * run before any wait on the engine's event is counted and reported at exit. Results come from ax_attn_cpu, so the
  * comparison against --backend cpu must be exact. A test fixture: never a user-facing backend.
@@ -56,7 +57,7 @@ static int em_ipc_open(void *ctx, int device, const uint8_t h[64], uint64_t *bas
 	snprintf(name, sizeof name, "%s", (const char *)h + 4);
 	for (int i = 0; i < g_nmaps; i++) {
 		if (strcmp(g_maps[i].name, name) == 0) {
-			snprintf(g_err, sizeof g_err, "emul: %s opened twice (CUDA refuses this)", name);
+			snprintf(g_err, sizeof g_err, "emul: %s opened twice (the importer opens each allocation once)", name);
 			return -EIO;
 		}
 		int old = strcmp(g_maps[i].name, "vmm") != 0 ? shm_open(g_maps[i].name, O_RDONLY, 0) : 0;

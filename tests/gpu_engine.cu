@@ -24,7 +24,7 @@ struct gpu {
 	cudaStream_t stream = nullptr;
 	cudaEvent_t event = nullptr;
 	void *allocs[16] = {};
-	int n = 0;
+	int n = 0;       /* allocations made (live or retired) */
 };
 
 int fail(cudaError_t e, const char *what)
@@ -40,8 +40,8 @@ int g_alloc(void *ctx, uint64_t bytes, uint64_t *dptr)
 		return -ENOMEM;
 	void *p = nullptr;
 	cudaError_t e = cudaMalloc(&p, bytes);
-	if (e == cudaSuccess)
-		e = cudaMemset(p, 0, bytes);
+	if (e == cudaSuccess) /* on the engine's (non-blocking) stream, ordered before the uploads */
+		e = cudaMemsetAsync(p, 0, bytes, g->stream);
 	if (e != cudaSuccess)
 		return fail(e, "cudaMalloc");
 	g->allocs[g->n++] = p;
@@ -79,19 +79,17 @@ int g_step_done(void *ctx)
 	return e == cudaSuccess ? 0 : fail(e, "cudaEventRecord");
 }
 
-void g_free_all(void *ctx)
+/* An engine restart: the old allocations are retired, not freed — cudaFree of memory that an importer still has
+ * open (the capture closes it only when it notices the restart) is undefined behaviour. Freed at release. */
+void g_free_all(void *ctx) { (void)ctx; }
+
+void g_release(void *ctx)
 {
 	gpu *g = static_cast<gpu *>(ctx);
 	cudaStreamSynchronize(g->stream);
 	for (int i = 0; i < g->n; i++)
 		cudaFree(g->allocs[i]);
 	g->n = 0;
-}
-
-void g_release(void *ctx)
-{
-	gpu *g = static_cast<gpu *>(ctx);
-	g_free_all(ctx);
 	cudaEventDestroy(g->event);
 	cudaStreamDestroy(g->stream);
 }

@@ -32,7 +32,8 @@ typedef struct ge_dev_ops {
 	int (*event_handle)(void *ctx, uint8_t out[64]);
 	/* After a step's uploads, before its descriptor is published: record the step event. */
 	int (*step_done)(void *ctx);
-	/* Free every allocation, keep the stream and event (an engine restart). */
+	/* An engine restart: stop using every allocation (free it, or retire it until release where freeing memory a
+	 * capture may still have open is undefined, as with CUDA IPC); keep the stream and event. */
 	void (*free_all)(void *ctx);
 	/* Free everything (after the captures are gone). */
 	void (*release)(void *ctx);
