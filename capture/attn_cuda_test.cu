@@ -144,6 +144,7 @@ static const tcase big_cases[] = {
 	{"logit bf16 D64 n = k = 64", ML, BF, BF, I32, 64, 8, 2, 64, 64, 0, 0, 0, {0}, 1, 0},
 	{"heads bf16 D128 n 33 (a partial tile)", HD, BF, BF, I32, 128, 32, 8, 10, 33, 0, 0, 0, {0}, 1, 0},
 	{"prob f16 D128 G1 window 4096 cap (70K)", MP, F16, F16, I64, 128, 8, 8, 10, 70000, 4096, 30, 0, {0}, 1, 0},
+	{"heads bf16 D64 G4 1M keys", HD, BF, BF, I64, 64, 4, 1, 10, 1048576, 0, 0, 0, {0}, 1, 0},
 };
 
 /* Each case alone. */
