@@ -12,7 +12,6 @@ Tensors passed as step metadata must keep their address for as long as a graph t
 import ctypes
 
 from . import _ffi
-from ._ffi import check
 
 PREFILL = 1
 MAX_BATCH = 1024

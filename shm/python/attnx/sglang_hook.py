@@ -120,8 +120,10 @@ class _State:
 
         l = module.layer_id - self.start_layer
         kb = self.k_pool.k_buffer[l]  # raw storage: uint8 for fp8
-        scale = getattr(module, "k_scale_float", None) or getattr(module, "k_scale", None) or 1.0
-        scale = float(scale.item() if hasattr(scale, "item") else scale)
+        scale = getattr(module, "k_scale_float", None)
+        if scale is None:
+            scale = getattr(module, "k_scale", None)
+        scale = 1.0 if scale is None else float(scale.item() if hasattr(scale, "item") else scale)
         register(self.ex, kb, _ffi.BUF_K_POOL, layer=l, dtype=self.kdt,
                  scale=scale if self.kdt.startswith("fp8") else 1.0)
         self.k_done.add(l)
