@@ -113,8 +113,13 @@ def capture_chain(shm, model, cache, ax, ids, n, ref, seq, what):
     if not all(os.path.exists(b) for b in bins):
         print("%s: attnx-capture chain: SKIP (not built in %s)" % (what, build))
         return
-    if subprocess.run([bins[0], "--backend", "cuda", "--help"], capture_output=True).returncode == 2:
-        print("%s: attnx-capture chain: SKIP (this attnx-capture has no --backend cuda)" % what)
+    try:  # a build without the CUDA backend refuses --backend cuda at once with status 2
+        rc = subprocess.run([bins[0], "--backend", "cuda", "--shm", "/attnx.none%d" % os.getpid(), "--policy", "",
+                             "--records", "ipc:///tmp/attnx-none.sock"], capture_output=True, timeout=2).returncode
+    except subprocess.TimeoutExpired:
+        rc = None  # it started and waits for the segment: the backend is there
+    if rc is not None:
+        print("%s: attnx-capture chain: SKIP (attnx-capture --backend cuda exits %d)" % (what, rc))
         return
     d = tempfile.mkdtemp(prefix="attnx-gpu")
     rec, pol, feed = ("ipc://%s/%s.sock" % (d, x) for x in ("rec", "pol", "feed"))
