@@ -10,7 +10,10 @@
  *   3. pop finished items from the ordered queue (pool.h): a job's result is trusted only if its Q row was not
  *      overwritten meanwhile (ax_shm_check_q), then becomes `attn` records;
  *   4. service: sender deadlines and retries, policy frames from the relay, consumer heartbeat, engine liveness
- *      (restart → finish queued jobs, `gap` "restart" for requests in flight, detach, re-attach), stats records.
+ *      (restart → finish queued jobs, `gap` "restart" for requests in flight, detach, re-attach), stats records;
+ *   5. nothing done: sleep in ax_shm_wait until the engine publishes, a worker finishes, a policy frame arrives
+ *      (nng aio callback), ax_capture_stop, or the next timer (wake_loop wakes it from other threads).
+ * Small jobs run on this thread at commit (pool.h); a step's records are sealed into one frame when it is done.
  * A policy for a rid the capture has not acknowledged yet is acknowledged at once: the wanted layers / prefill in
  * the segment are updated first (so the engine exports what the policy needs), then the `policy` record is echoed
  * on the records channel (the capture's src and seq) and the batch is flushed without waiting for its 1 ms. The relay

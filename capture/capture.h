@@ -113,7 +113,8 @@ int ax_capture_open(ax_capture **out, const ax_capture_opts *o);
  */
 int ax_capture_run(ax_capture *c);
 
-/* Ask ax_capture_run to return. Async-signal-safe and thread-safe (one atomic store). */
+/* Ask ax_capture_run to return. Async-signal-safe and thread-safe (an atomic store, and a futex wake of the loop
+ * if it sleeps on the segment). */
 void ax_capture_stop(ax_capture *c);
 
 /* Stop the workers, close sockets, free everything. Accepts NULL. Call after ax_capture_run returned. */
