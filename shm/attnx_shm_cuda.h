@@ -97,6 +97,10 @@ typedef struct ax_vmm_reply {
 
 enum { AX_VMM_F_EVENT = 1u << 0 };
 
+/* Check a request datagram of `len` bytes (what the server does with every datagram it receives): exact size,
+ * magic, version. Returns 0 and sets *id, or -EPROTO. Pure. */
+int ax_vmm_request_check(const void *buf, size_t len, uint64_t *id);
+
 /* Check a reply datagram of `len` bytes that arrived with `nfds` descriptors for request `id`: size, magic, id,
  * status (returned when negative), one fd exactly when status is 0, size > 0, known flags.
  * Returns 0, the reply's negative status, or -EPROTO. Pure. */

@@ -118,11 +118,24 @@ static void send_reply(int cfd, const ax_vmm_reply *r, int fd)
 		(void)sendmsg(cfd, &m, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
+int ax_vmm_request_check(const void *buf, size_t len, uint64_t *id)
+{
+	ax_vmm_request q;
+	if (len != sizeof q)
+		return -EPROTO;
+	memcpy(&q, buf, sizeof q);
+	if (q.magic != AX_VMM_MAGIC || q.version != AX_VMM_VERSION)
+		return -EPROTO;
+	*id = q.id;
+	return 0;
+}
+
 /* Read one request from a connected peer and answer it. Never blocks past the peer timeout. */
 static void serve_one(ax_vmm_server *s, int cfd)
 {
 	ax_vmm_request q;
 	ax_vmm_reply r;
+	uint64_t id;
 	memset(&r, 0, sizeof r);
 	r.magic = AX_VMM_MAGIC;
 	r.status = -EPROTO;
@@ -130,11 +143,11 @@ static void serve_one(ax_vmm_server *s, int cfd)
 	if (!peer_same_uid(cfd)) {
 		r.status = -EACCES;
 	} else if (wait_fd(cfd, POLLIN, PEER_TIMEOUT_MS) == 0) {
-		ssize_t n = recv(cfd, &q, sizeof q, MSG_DONTWAIT | MSG_TRUNC);
-		if (n == (ssize_t)sizeof q && q.magic == AX_VMM_MAGIC && q.version == AX_VMM_VERSION) {
-			r.id = q.id;
+		ssize_t n = recv(cfd, &q, sizeof q, MSG_DONTWAIT | MSG_TRUNC); /* MSG_TRUNC: n is the datagram's size */
+		if (n > 0 && ax_vmm_request_check(&q, (size_t)n, &id) == 0) {
+			r.id = id;
 			pthread_mutex_lock(&s->mu);
-			vmm_alloc *a = find_alloc(s, q.id);
+			vmm_alloc *a = find_alloc(s, id);
 			if (a && (fd = dup(a->fd)) >= 0) {
 				r.status = 0;
 				r.size = a->size;
