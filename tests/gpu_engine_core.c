@@ -50,8 +50,10 @@ enum { NREQ = 10, CONC = 3, TOPK = 8 };
  * capture must stop wanting layer 1, and neither side may emit layer-1 records); restart (halfway, with no request
  * in flight, the engine closes both segments, frees its device memory and exports new allocations: both captures
  * must re-attach, and the device one must have closed the old mappings before opening the new). */
-enum { SC_PLAIN, SC_AUTO, SC_REJECT, SC_RESTART };
-static const char *const sc_names[] = {"plain", "auto", "reject", "restart"};
+/* vmm: the device buffers are VMM allocations (cuMemCreate) exported as POSIX fds, served by ax_vmm_server on a
+ * Unix socket, named by CUDA_VMM entries; the step event comes with the Q ring's fd. */
+enum { SC_PLAIN, SC_AUTO, SC_REJECT, SC_RESTART, SC_VMM, SC_N };
+static const char *const sc_names[SC_N] = {"plain", "auto", "reject", "restart", "vmm"};
 static int g_scenario;
 
 /* ---- tiny helpers ---------------------------------------------------------------------------------------- */
@@ -124,6 +126,8 @@ typedef struct engine {
 	ax_export *exd, *exh;
 	uint32_t qd, qshadow, qh, idx_d, idx_h;
 	uint64_t k_dev, q_dev, i_dev;      /* device addresses */
+	ax_vmm_server *vmm;                /* SC_VMM: the fd server */
+	char vmm_path[108];
 	uint16_t *k_host[L];               /* host segment K pools */
 	int32_t *i_host;                   /* host segment req_to_token */
 	uint32_t free_slots[SLOTS], n_free;
@@ -155,28 +159,55 @@ static ax_shm_buffer desc(uint32_t kind, int32_t layer, uint64_t d0, uint64_t d1
 	return b;
 }
 
+/* One device allocation (id 1 K, 2 Q, 3 index): plain (an IPC entry is made from it later) or, in the vmm
+ * scenario, a VMM allocation whose fd the engine's server offers (with the step event for the Q ring). */
+static int dev_alloc(engine *e, uint64_t id, uint64_t bytes, uint64_t *dptr)
+{
+	if (g_scenario != SC_VMM)
+		return e->dev->alloc(e->dev->ctx, bytes, dptr);
+	int fd;
+	uint64_t size;
+	uint8_t ev[64];
+	int have_ev = id == 2 && e->dev->event_handle(e->dev->ctx, ev) == 0;
+	CHECK(e->dev->alloc_vmm && e->dev->alloc_vmm(e->dev->ctx, bytes, dptr, &fd, &size) == 0, "VMM alloc");
+	CHECK(ax_vmm_server_add(e->vmm, id, fd, size, 0, have_ev ? ev : NULL) == 0, "VMM server add");
+	return 0;
+}
+
+/* The location fields of an entry for [dptr, dptr + bytes) of allocation `id` based at `base`. */
+static int dev_entry(engine *e, ax_shm_buffer *b, uint64_t id, uint64_t base, uint64_t dptr, uint64_t bytes)
+{
+	if (g_scenario != SC_VMM)
+		return e->dev->entry(e->dev->ctx, b, dptr, bytes);
+	return ax_cuda_entry_set_vmm(b, 0, id, e->vmm_path, dptr - base, bytes);
+}
+
 /* Device segment: K pools in one allocation, Q ring (with the step event), index table, host shadow Q ring. */
 static int export_device(engine *e)
 {
 	const uint64_t kl = (uint64_t)SLOTS * HKV * D * 2, qb = (uint64_t)QROWS * HQ * D * 2, ib = IROWS * CTX * 4;
-	CHECK(e->dev->alloc(e->dev->ctx, kl * L, &e->k_dev) == 0, "device alloc (K)");
-	CHECK(e->dev->alloc(e->dev->ctx, qb, &e->q_dev) == 0, "device alloc (Q)");
-	CHECK(e->dev->alloc(e->dev->ctx, ib, &e->i_dev) == 0, "device alloc (index)");
+	if (g_scenario == SC_VMM && e->vmm == NULL) {
+		snprintf(e->vmm_path, sizeof e->vmm_path, "/tmp/attnx-gputest-%d.vmm.sock", (int)getpid());
+		CHECK(ax_vmm_server_start(&e->vmm, e->vmm_path) == 0, "VMM server on %s", e->vmm_path);
+	}
+	CHECK(dev_alloc(e, 1, kl * L, &e->k_dev) == 0, "device alloc (K)");
+	CHECK(dev_alloc(e, 2, qb, &e->q_dev) == 0, "device alloc (Q)");
+	CHECK(dev_alloc(e, 3, ib, &e->i_dev) == 0, "device alloc (index)");
 	for (int l = 0; l < L; l++) {
 		ax_shm_buffer b = desc(AX_BUF_K_POOL, l, SLOTS, HKV, D, AX_DTYPE_BF16);
-		CHECK(e->dev->entry(e->dev->ctx, &b, e->k_dev + l * kl, kl) == 0, "K entry");
+		CHECK(dev_entry(e, &b, 1, e->k_dev, e->k_dev + l * kl, kl) == 0, "K entry");
 		if (g_scenario == SC_REJECT && l == 1)
 			b.offset = 3 * kl + kl / 2; /* ends half a pool past the allocation (the segment cannot tell) */
 		CHECK(ax_export_add_device_buffer(e->exd, &b, NULL) == 0, "add K entry");
 	}
 	ax_shm_buffer q = desc(AX_BUF_Q_RING, -1, QROWS, HQ, D, AX_DTYPE_BF16);
-	CHECK(e->dev->entry(e->dev->ctx, &q, e->q_dev, qb) == 0, "Q entry");
+	CHECK(dev_entry(e, &q, 2, e->q_dev, e->q_dev, qb) == 0, "Q entry");
 	uint8_t ev[64];
-	if (e->dev->event_handle(e->dev->ctx, ev) == 0)
+	if (g_scenario != SC_VMM && e->dev->event_handle(e->dev->ctx, ev) == 0) /* VMM: the server gives it */
 		CHECK(ax_cuda_entry_set_event(&q, ev) == 0, "Q event");
 	CHECK(ax_export_add_device_buffer(e->exd, &q, &e->qd) == 0, "add Q entry");
 	ax_shm_buffer ix = desc(AX_BUF_INDEX_TOKEN, -1, IROWS, CTX, 0, AX_DTYPE_I32);
-	CHECK(e->dev->entry(e->dev->ctx, &ix, e->i_dev, ib) == 0, "index entry");
+	CHECK(dev_entry(e, &ix, 3, e->i_dev, e->i_dev, ib) == 0, "index entry");
 	CHECK(ax_export_add_device_buffer(e->exd, &ix, &e->idx_d) == 0, "add index entry");
 	ax_shm_buffer sh = desc(AX_BUF_Q_RING, -1, QROWS, HQ, D, AX_DTYPE_BF16);
 	sh.loc = AX_LOC_HOST;
@@ -235,6 +266,19 @@ static void engine_close(engine *e)
 	ax_export_close(e->exd);
 	ax_export_close(e->exh);
 	e->exd = e->exh = NULL;
+}
+
+/* After the captures are gone. */
+static void engine_free(engine *e)
+{
+	if (e->vmm) {
+		uint64_t served = 0, refused = 0;
+		ax_vmm_server_counts(e->vmm, &served, &refused);
+		fprintf(stderr, "gpu_engine: VMM server: %llu fds served, %llu requests refused\n",
+			(unsigned long long)served, (unsigned long long)refused);
+	}
+	ax_vmm_server_stop(e->vmm);
+	e->vmm = NULL;
 }
 
 /* The engine restarts: segments closed, device memory freed, everything exported anew (new generation). */
@@ -778,6 +822,7 @@ stop:
 	side_close(&sh);
 out:
 	engine_close(&e);
+	engine_free(&e);
 	dev->release(dev->ctx);
 	return rc;
 }
@@ -785,11 +830,11 @@ out:
 int ge_main(int argc, char **argv, const ge_dev_ops *dev)
 {
 	g_scenario = -1;
-	for (int i = 0; i < 4 && argc > 4; i++)
+	for (int i = 0; i < SC_N && argc > 4; i++)
 		if (strcmp(argv[4], sc_names[i]) == 0)
 			g_scenario = i;
 	if (argc < 4 || ax_mode_parse(argv[3]) < 0 || (argc > 4 && g_scenario < 0)) {
-		fprintf(stderr, "usage: %s DEV_CAPTURE HOST_CAPTURE mean_logit|mean_prob|heads [plain|auto|reject|restart "
+		fprintf(stderr, "usage: %s DEV_CAPTURE HOST_CAPTURE mean_logit|mean_prob|heads [plain|auto|reject|restart|vmm "
 			"[SEED]]\n", argv[0]);
 		return 2;
 	}

@@ -26,6 +26,10 @@ typedef struct ge_dev_ops {
 	int (*alloc)(void *ctx, uint64_t bytes, uint64_t *dptr);
 	/* Copy host → device, ordered on the engine's stream (no host sync needed by the caller). */
 	int (*upload)(void *ctx, uint64_t dst, const void *src, uint64_t bytes);
+	/* A VMM allocation (cuMemCreate) of at least `bytes`, zeroed, mapped read-write at *dptr, exported as a POSIX fd
+	 * (*fd, kept open by the provider until release) of *size bytes (rounded up to the granularity). NULL where the
+	 * device has none (the vmm scenario then fails). */
+	int (*alloc_vmm)(void *ctx, uint64_t bytes, uint64_t *dptr, int *fd, uint64_t *size);
 	/* Fill the location fields of a CUDA_IPC entry for [dptr, dptr + bytes) of an allocation made by alloc. */
 	int (*entry)(void *ctx, ax_shm_buffer *b, uint64_t dptr, uint64_t bytes);
 	/* The step event's IPC handle (stored in the Q ring entry); -ENOENT for none. */
@@ -41,7 +45,7 @@ typedef struct ge_dev_ops {
 
 /*
  * Run the test: argv = prog DEV_CAPTURE HOST_CAPTURE MODE [SCENARIO [SEED]], SCENARIO plain (default), auto,
- * reject or restart (gpu_engine_core.c says what each checks). DEV_CAPTURE reads the device segment with
+ * reject, restart or vmm (gpu_engine_core.c says what each checks). DEV_CAPTURE reads the device segment with
  * --backend cuda, HOST_CAPTURE the host segment with --backend cpu; MODE is mean_logit, mean_prob or heads.
  * Returns the process exit status: 0 pass, 1 fail (mismatches printed), 2 usage.
  */

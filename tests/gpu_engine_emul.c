@@ -18,7 +18,8 @@
 #include "attnx_shm_cuda.h"
 
 typedef struct emul_alloc {
-	char name[48];
+	char name[48];  /* shm object ("IPC" allocation), or "" for a VMM one */
+	int fd;         /* VMM: the exported fd (a memfd), -1 otherwise */
 	uint8_t *base;
 	uint64_t size;
 } emul_alloc;
@@ -51,8 +52,35 @@ static int e_alloc(void *ctx, uint64_t bytes, uint64_t *dptr)
 		return -errno;
 	a->base = p;
 	a->size = bytes;
+	a->fd = -1;
 	e->n++;
 	*dptr = (uint64_t)(uintptr_t)p;
+	return 0;
+}
+
+/* A "VMM allocation": a memfd of the size rounded up to 2 MiB (the usual granularity), exported as that fd. */
+static int e_alloc_vmm(void *ctx, uint64_t bytes, uint64_t *dptr, int *fd, uint64_t *size)
+{
+	emul *e = ctx;
+	if (e->n == 16)
+		return -ENOMEM;
+	uint64_t sz = (bytes + (2u << 20) - 1) / (2u << 20) * (2u << 20);
+	int f = memfd_create("attnx-emul-vmm", MFD_CLOEXEC);
+	if (f < 0)
+		return -errno;
+	void *p = MAP_FAILED;
+	if (ftruncate(f, (off_t)sz) != 0 || (p = mmap(NULL, sz, PROT_READ | PROT_WRITE, MAP_SHARED, f, 0)) == MAP_FAILED) {
+		close(f);
+		return -EIO;
+	}
+	emul_alloc *a = &e->a[e->n++];
+	a->name[0] = '\0';
+	a->fd = f;
+	a->base = p;
+	a->size = sz;
+	*dptr = (uint64_t)(uintptr_t)p;
+	*fd = f;
+	*size = sz;
 	return 0;
 }
 
@@ -101,7 +129,10 @@ static void e_free_all(void *ctx)
 	emul *e = ctx;
 	for (int i = 0; i < e->n; i++) {
 		munmap(e->a[i].base, e->a[i].size);
-		shm_unlink(e->a[i].name);
+		if (e->a[i].fd >= 0)
+			close(e->a[i].fd);
+		else
+			shm_unlink(e->a[i].name);
 	}
 	e->n = 0;
 }
@@ -111,6 +142,8 @@ static void e_release(void *ctx) { e_free_all(ctx); }
 int main(int argc, char **argv)
 {
 	static emul e;
-	ge_dev_ops ops = {&e, "emul", e_alloc, e_upload, e_entry, e_event, e_step_done, e_free_all, e_release};
+	ge_dev_ops ops = {.ctx = &e, .name = "emul", .alloc = e_alloc, .upload = e_upload, .alloc_vmm = e_alloc_vmm,
+			  .entry = e_entry, .event_handle = e_event, .step_done = e_step_done, .free_all = e_free_all,
+			  .release = e_release};
 	return ge_main(argc, argv, &ops);
 }
