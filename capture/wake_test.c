@@ -6,8 +6,8 @@
  * One process: a real engine-side segment (ax_export, host K pools / index table / Q ring of random f32), the real
  * capture loop in a thread, an nng PULL socket as the relay's record sink and a PUB socket as its policy publisher.
  * The loop's own timers (heartbeat 250 ms, engine liveness 200 ms) still wake it, so a loop that only polled would
- * see a step after 100 ms on average: the latency bounds asserted (median 40 ms, max 190 ms over 12 trials) fail
- * without the wake-ups.
+ * see a step after 100 ms on average: the median latency asserted (under 40 ms over 12 trials) fails without the
+ * wake-ups.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -243,8 +243,8 @@ static void check_latency(uint64_t *lat, const char *what)
 	qsort(lat, TRIALS, sizeof *lat, cmp_u64);
 	printf("# %s: median %.2f ms, max %.2f ms (idle sleep 5 s)\n", what, lat[TRIALS / 2] / 1e6,
 	       lat[TRIALS - 1] / 1e6);
-	assert_true(lat[TRIALS / 2] < 40 * MS);
-	assert_true(lat[TRIALS - 1] < 190 * MS);
+	assert_true(lat[TRIALS / 2] < 40 * MS);  /* polling on its timers would give ~100 ms */
+	assert_true(lat[TRIALS - 1] < 1000 * MS); /* a sanity bound: a loaded machine may delay one wake-up */
 }
 
 /* ---- cases ------------------------------------------------------------------------------------------------- */
@@ -273,7 +273,7 @@ static void step_latency(int32_t inline_kmacs, uint64_t *n_attn, uint64_t *sum)
 		lat[i] = ax_now_ns() - t0;
 	}
 	check_latency(lat, inline_kmacs < 0 ? "step → records (worker jobs)" : "step → records (inline jobs)");
-	assert_true(stop(&r) < 190 * MS); /* ax_capture_stop wakes the sleeping loop */
+	assert_true(stop(&r) < 1000 * MS); /* ax_capture_stop wakes the sleeping loop (its idle sleep is 5 s) */
 	*n_attn = s.n_attn;
 	*sum = s.sum;
 	nng_close(s.pull);
@@ -349,6 +349,7 @@ static void test_policy_ack(void **state)
 
 int main(void)
 {
+	ax_log_set_level(AX_LOG_WARN);
 	snprintf(g_rec, sizeof g_rec, "ipc:///tmp/attnx-capwake-%d-rec.sock", (int)getpid());
 	snprintf(g_pol, sizeof g_pol, "ipc:///tmp/attnx-capwake-%d-pol.sock", (int)getpid());
 	static uint64_t sum;

@@ -4,7 +4,7 @@
  * of the consumer.
  *
  * Every sleep in these tests is given a timeout far longer than the latency asserted, so a lost or missing wake-up
- * shows as a failure, not as a slow pass: a step published by another process is seen within 250 ms by a consumer
+ * shows as a failure, not as a slow pass: a step published by another process is seen within 1 s by a consumer
  * sleeping with a 10 s timeout; thousands of steps published by a thread at random moments never leave the consumer
  * asleep past 1 s (lost-wakeup race); a consumer killed while asleep leaves the flag set and the producer still
  * publishes a thousand steps without blocking; a producer without AX_SHM_FEAT_WAKE is polled instead, and so is
@@ -136,7 +136,7 @@ static void test_pending_and_timeout(void **state)
 }
 
 /* A producer in another process publishes while the consumer sleeps with a 10 s timeout: 20 times, each seen in
- * well under 250 ms (median printed). The child publishes only once the consumer's flag says it sleeps. */
+ * under 1 s (microseconds in practice: median printed). The child publishes only once the consumer's flag says it sleeps. */
 static void test_cross_process(void **state)
 {
 	fx *f = *state;
@@ -170,7 +170,7 @@ static void test_cross_process(void **state)
 		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
 		assert_true(now - t0 < 5000 * MS);
 		lat[i] = now - s.t_ns;
-		assert_true(lat[i] < 250 * MS);
+		assert_true(lat[i] < 1000 * MS); /* microseconds in practice; without the wake, the 10 s timeout */
 	}
 	int st;
 	assert_int_equal(waitpid(f->child, &st, 0), f->child);
