@@ -2,8 +2,8 @@
  * fuzz_cuda.c — libFuzzer target for the decoders of attnx_shm_cuda.h: the VMM server's request check (every
  * datagram a peer sends), the client's reply check (with every fd count it could have received), IPC handle
  * parsing (raw and PyTorch-prefixed bytes), and a buffer-table entry's event field and extent check. Built with
- * -Dfuzz=true (CC=clang) as build-fuzz/shm/fuzz_cuda; seed corpus in shm/fuzz_cuda_corpus/.
- * Run: build-fuzz/shm/fuzz_cuda -max_total_time=60 shm/fuzz_cuda_corpus
+ * -Dfuzz=true (CC=clang) as build-fuzz/shm/fuzz_cuda; seed corpus in shm/fuzz_corpus/cuda/.
+ * Run: build-fuzz/shm/fuzz_cuda -max_total_time=60 shm/fuzz_corpus/cuda
  */
 #include <stdint.h>
 #include <string.h>
