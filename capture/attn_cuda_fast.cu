@@ -1,0 +1,1015 @@
+/*
+ * attn_cuda_fast.cu — the CUDA backend's fast path (attn_cuda_fast.h): the kernel lab's v9 design
+ * (capture/dev/topk_attn.cu: v8's decoupled ring and shared-memory merge, ring of 3, 2 CTAs per SM) ported to
+ * the production contract: run-time H_q / H_kv (H_kv ≤ 8, group ≤ 8), bf16 or f16, i32 or i64 index rows, a
+ * window, many requests of any mix of mean_logit / heads / mean_prob in one call, every index value checked
+ * before its row is fetched, NaN/inf reported, 64-bit positions, results written as ax_attn_result rows.
+ *
+ * How a CTA works (one split of one pass-job, 8 warps). Lanes 0..15 of warp 0 are the producer: for each stage
+ * of AXF_TS = 16 keys, lane r reads the index value of key r, checks it against n_slots (outside: the job is
+ * flagged AXF_F_RANGE and the copy reads slot 0 instead, so nothing outside the pool is ever read), and issues
+ * one cp.async.bulk of the whole key row (H_kv·128 elements) into the stage's buffer, completing on the stage's
+ * `full` mbarrier. AXF_NS stages ring; a buffer is refilled only after its `empty` mbarrier has collected one
+ * arrival per warp (no CTA barrier and no proxy fence in the loop: CUTLASS's TMA pipeline discipline). Warp w
+ * (w < H_kv) multiplies KV head w of the 16 staged rows by its group's G ≤ 8 query rows with mma.sync m16n8k16
+ * (keys as A, 16 × 16 per step; Q as B, kept in registers, column c = query head w·G + c); the products are
+ * exact and accumulate in f32, the scale is applied after. heads (and mean_prob's logsumexp pass): each warp
+ * keeps warp-wide top-k lists (one per query head it owns) and per-lane online logsumexps; mean modes: each
+ * warp writes its group's per-key partial (Σ s_hj, or Σ exp(s_hj − lse_h)) to shared memory and arrives on the
+ * stage's `redfull` mbarrier; warp 7 sums the 8 partials per key and feeds one list. At the end each CTA writes
+ * its partial rows; the last CTA of the pass-job (atomic ticket) merges them exactly (logsumexp over splits;
+ * top-k bounded by the better of the best k-th of any split and the k-th best of the split heads, survivors
+ * sorted by bitonic networks) into the result rows. Ties go to the lower position everywhere.
+ *
+ * Errors: Q elements are checked (NaN/inf: AXF_F_DOM); every score of heads mode and the per-key sums of the
+ * mean modes are checked (a NaN or inf in a visible key makes every score of its KV head non-finite: x·0 is NaN
+ * for x inf). -ERANGE wins over -EDOM (attn_cuda_fast.h's finish). A job whose flag is set has undefined rows.
+ *
+ * NEVER RUN ON A GPU (2026-11-27, session 2: no device time). The lab's v8/v9 kernels this is ported from did
+ * run (capture/dev/RESULTS.md, run 5: validated, memcheck/racecheck clean); this file's kernels, launches and
+ * driver have only been compiled. The host half (attn_cuda_fast.h) runs in attn_cuda_fast_test.c.
+ */
+#include <cuda_runtime.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "attn.h"
+}
+#include "attn_cuda.h"
+#include "attn_cuda_fast.h"
+
+#define FULLM 0xffffffffu
+
+/* ---- device helpers (the lab's, positions as 32-bit offsets) ---------------------------------------------------- */
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define AXF_SM90(body) __trap()
+#else
+#define AXF_SM90(body) body
+#endif
+
+/* (a, ap) ranks before (b, bp): higher value, then lower position. */
+__device__ __forceinline__ bool fb(float a, int ap, float b, int bp)
+{
+	return a > b || (a == b && ap < bp);
+}
+
+__device__ __forceinline__ bool finite_f(float x)
+{
+	return x - x == 0.0f; /* false for NaN and ±inf */
+}
+
+__device__ __forceinline__ void lse_add(float &m, float &s, float x)
+{
+	if (x == -INFINITY)
+		return;
+	if (x > m) {
+		s = s * __expf(m - x) + 1.f;
+		m = x;
+	} else {
+		s += __expf(x - m);
+	}
+}
+
+__device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2)
+{
+	if (m2 == -INFINITY || s2 == 0.f)
+		return;
+	if (m == -INFINITY) {
+		m = m2;
+		s = s2;
+	} else if (m2 > m) {
+		s = s * __expf(m - m2) + s2;
+		m = m2;
+	} else {
+		s += s2 * __expf(m2 - m);
+	}
+}
+
+__device__ __forceinline__ void lse_warp(float &m, float &s)
+{
+	for (int o = 16; o; o >>= 1) {
+		float m2 = __shfl_xor_sync(FULLM, m, o), s2 = __shfl_xor_sync(FULLM, s, o);
+		lse_merge(m, s, m2, s2);
+	}
+}
+
+__device__ __forceinline__ float lse_value(float m, float s)
+{
+	return (m == -INFINITY || s == 0.f) ? -INFINITY : m + logf(s);
+}
+
+/* A warp-wide sorted top-k list (k ≤ 64): lane i holds entry i (s0, p0) and entry 32+i (s1, p1); (ts, tp) is
+ * entry k-1, the bar. Empty entries are (-inf, INT_MAX). */
+struct WList {
+	float s0, s1, ts;
+	int p0, p1, tp;
+};
+
+__device__ __forceinline__ void wl_init(WList &L, int K)
+{
+	L.s0 = L.s1 = -INFINITY;
+	L.p0 = L.p1 = INT_MAX;
+	L.ts = K ? -INFINITY : INFINITY;
+	L.tp = K ? INT_MAX : -1;
+}
+
+__device__ __forceinline__ void wl_insert(WList &L, float cs, int cp, int K)
+{
+	const int lane = threadIdx.x & 31;
+	int r = __popc(__ballot_sync(FULLM, !fb(cs, cp, L.s0, L.p0)));
+	if (K > 32)
+		r += __popc(__ballot_sync(FULLM, !fb(cs, cp, L.s1, L.p1)));
+	if (r >= K)
+		return;
+	float us0 = __shfl_up_sync(FULLM, L.s0, 1), us1 = __shfl_up_sync(FULLM, L.s1, 1);
+	int up0 = __shfl_up_sync(FULLM, L.p0, 1), up1 = __shfl_up_sync(FULLM, L.p1, 1);
+	float c31s = __shfl_sync(FULLM, L.s0, 31);
+	int c31p = __shfl_sync(FULLM, L.p0, 31);
+	if (lane == 0) {
+		us1 = c31s;
+		up1 = c31p;
+	}
+	if (lane == r) {
+		L.s0 = cs;
+		L.p0 = cp;
+	} else if (lane > r) {
+		L.s0 = us0;
+		L.p0 = up0;
+	}
+	if (lane + 32 == r) {
+		L.s1 = cs;
+		L.p1 = cp;
+	} else if (lane + 32 > r) {
+		L.s1 = us1;
+		L.p1 = up1;
+	}
+	const int kl = K - 1;
+	if (kl < 32) {
+		L.ts = __shfl_sync(FULLM, L.s0, kl);
+		L.tp = __shfl_sync(FULLM, L.p0, kl);
+	} else {
+		L.ts = __shfl_sync(FULLM, L.s1, kl - 32);
+		L.tp = __shfl_sync(FULLM, L.p1, kl - 32);
+	}
+}
+
+__device__ __forceinline__ void wl_offer(WList &L, float s, int p, bool ok, int K)
+{
+	unsigned m = __ballot_sync(FULLM, ok && fb(s, p, L.ts, L.tp));
+	while (m) {
+		const int src = __ffs(m) - 1;
+		m &= m - 1;
+		float cs = __shfl_sync(FULLM, s, src);
+		int cp = __shfl_sync(FULLM, p, src);
+		if (fb(cs, cp, L.ts, L.tp))
+			wl_insert(L, cs, cp, K);
+	}
+}
+
+__device__ __forceinline__ bool survives(float x, int p, float ts, int tp)
+{
+	return p >= 0 && !fb(ts, tp, x, p);
+}
+
+__device__ __forceinline__ bool bitonic_take(float x, int p, float ox, int op, int lane, int j, int k)
+{
+	const bool lower = (lane & j) == 0, best_first = (lane & k) == 0;
+	return lower == best_first ? fb(ox, op, x, p) : fb(x, p, ox, op);
+}
+
+__device__ __forceinline__ void bitonic32(float &x, int &p)
+{
+	const int lane = threadIdx.x & 31;
+#pragma unroll
+	for (int k = 2; k <= 32; k <<= 1)
+#pragma unroll
+		for (int j = k >> 1; j; j >>= 1) {
+			const float ox = __shfl_xor_sync(FULLM, x, j);
+			const int op = __shfl_xor_sync(FULLM, p, j);
+			if (bitonic_take(x, p, ox, op, lane, j, k)) {
+				x = ox;
+				p = op;
+			}
+		}
+}
+
+__device__ __forceinline__ void bitonic_merge32(float &x, int &p)
+{
+	const int lane = threadIdx.x & 31;
+#pragma unroll
+	for (int j = 16; j; j >>= 1) {
+		const float ox = __shfl_xor_sync(FULLM, x, j);
+		const int op = __shfl_xor_sync(FULLM, p, j);
+		if (bitonic_take(x, p, ox, op, lane, j, 32)) {
+			x = ox;
+			p = op;
+		}
+	}
+}
+
+/* Merge up to 16 candidates (lanes < 16) into a list with K ≤ 32 by bitonic networks (the lab's wl_merge16). */
+__device__ __forceinline__ void wl_merge16(WList &L, float x, int p, bool ok, int K)
+{
+	const int lane = threadIdx.x & 31;
+	float cx = ok && lane < 16 ? x : -INFINITY;
+	int cp = ok && lane < 16 ? p : INT_MAX;
+#pragma unroll
+	for (int k = 2; k <= 16; k <<= 1)
+#pragma unroll
+		for (int j = k >> 1; j; j >>= 1) {
+			const float ox = __shfl_xor_sync(FULLM, cx, j);
+			const int op = __shfl_xor_sync(FULLM, cp, j);
+			if (bitonic_take(cx, cp, ox, op, lane, j, k)) {
+				cx = ox;
+				cp = op;
+			}
+		}
+	const float rx = __shfl_sync(FULLM, cx, 31 - lane);
+	const int rp = __shfl_sync(FULLM, cp, 31 - lane);
+	float ax = lane < K ? L.s0 : -INFINITY;
+	int ap = lane < K ? L.p0 : INT_MAX;
+	if (fb(rx, rp, ax, ap)) {
+		ax = rx;
+		ap = rp;
+	}
+	bitonic_merge32(ax, ap);
+	L.s0 = ax;
+	L.p0 = ap;
+	L.ts = __shfl_sync(FULLM, ax, K - 1);
+	L.tp = __shfl_sync(FULLM, ap, K - 1);
+}
+
+__device__ __forceinline__ void wl_offer16(WList &L, float x, int p, bool ok, int K)
+{
+	const int lane = threadIdx.x & 31;
+	const unsigned m = __ballot_sync(FULLM, ok && lane < 16 && fb(x, p, L.ts, L.tp));
+	if (!m)
+		return;
+	if (K <= 32 && __popc(m) >= 4)
+		wl_merge16(L, x, p, ok && lane < 16, K);
+	else
+		wl_offer(L, x, p, ok && lane < 16, K);
+}
+
+template <int F16>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+					 uint32_t b0, uint32_t b1)
+{
+	if (F16)
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+			     "{%8,%9}, {%0,%1,%2,%3};\n"
+			     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+			     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+	else
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+			     "{%8,%9}, {%0,%1,%2,%3};\n"
+			     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+			     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* 1 if any of the 8 16-bit elements of v is NaN or infinite (exponent all ones). */
+template <int F16> __device__ __forceinline__ uint32_t nonfinite8(uint4 v)
+{
+	const uint32_t e = F16 ? 0x7c007c00u : 0x7f807f80u;
+	uint32_t bad = 0;
+	const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		bad |= ((w[i] & 0xffffu & e) == (e & 0xffffu)) | ((w[i] & 0xffff0000u & e) == (e & 0xffff0000u));
+	return bad;
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p)
+{
+	return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t *mb, int count)
+{
+	AXF_SM90(asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(mb)), "r"(count) : "memory"));
+}
+
+__device__ __forceinline__ void mbar_init_fence()
+{
+	AXF_SM90(asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"));
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t *mb)
+{
+	AXF_SM90(asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(mb)) : "memory"));
+}
+
+__device__ __forceinline__ void mbar_arrive_tx(uint64_t *mb, uint32_t bytes)
+{
+	AXF_SM90(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(mb)),
+			      "r"(bytes)
+			      : "memory"));
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t *mb, uint32_t parity)
+{
+	uint32_t done = 0;
+	do {
+		AXF_SM90(asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+				      "selp.u32 %0, 1, 0, p;\n\t}"
+				      : "=r"(done)
+				      : "r"(smem_u32(mb)), "r"(parity)
+				      : "memory"));
+	} while (!done);
+}
+
+/* One bulk copy global → shared (dst, src and bytes multiples of 16), completing tx bytes on mb. */
+__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *mb)
+{
+	AXF_SM90(asm volatile(
+		"cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+			smem_u32(dst)),
+		"l"(src), "r"(bytes), "r"(smem_u32(mb))
+		: "memory"));
+}
+
+/* Byte offset in a stage buffer of the 16-byte fragment piece (row, KV head w, dims 32c+8t .. +8). */
+__device__ __forceinline__ uint32_t lds_off(int row, int w, int c, int t)
+{
+	return (uint32_t)(row * AXF_ROWS_SM + w * (AXF_D * 2) + c * 64 + t * 16);
+}
+
+/* ---- the merge (the lab's v8_merge_row) ---------------------------------------------------------------------------- */
+
+/* Write one merged row: result row o (entries best first; past kout: -1, -inf), or the logsumexp slot. */
+__device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb, int r, int32_t head_id, float lse,
+					   float hx, int hp, float lx, int lp)
+{
+	const int lane = threadIdx.x & 31;
+	if (jb.lse_out >= 0) {
+		if (lane == 0)
+			a.lse[jb.lse_out + r] = lse;
+		return;
+	}
+	ax_attn_result *res = &a.res[jb.res + r];
+	const bool v0 = lane < (int)jb.kout && hp != INT_MAX, v1 = lane + 32 < (int)jb.kout && lp != INT_MAX;
+	res->pos[lane] = v0 ? (int64_t)(jb.start + (uint64_t)hp) : -1;
+	res->logit[lane] = v0 ? hx : -INFINITY;
+	res->pos[lane + 32] = v1 ? (int64_t)(jb.start + (uint64_t)lp) : -1;
+	res->logit[lane + 32] = v1 ? lx : -INFINITY;
+	if (lane == 0) {
+		res->head_id = head_id;
+		res->k = jb.kout;
+		res->lse = (double)lse;
+	}
+}
+
+/* One warp merges the S partials of row r of pass-job jb (partial rows at prow0 + i, entries at ent + i·K) into
+ * its result row (head_id: the row's) or logsumexp slot. xs/xp: the warp's 64-entry survivor scratch; es/ep: its
+ * staging of cap ≥ S entries. */
+__device__ void merge_row(const axf_args &a, const axf_job &jb, int r, int32_t head_id, float *xs, int *xp,
+			  float *es, int *ep, int cap, int mode)
+{
+	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
+	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
+	float m = -INFINITY, sm = 0.f;
+	for (int i = lane; i < S; i += 32) {
+		const float x = __ldcg(a.part_lse + prow0 + i);
+		if (x != -INFINITY)
+			lse_merge(m, sm, x, 1.f);
+	}
+	lse_warp(m, sm);
+	const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
+	if (!K) {
+		put_result(a, jb, r, head_id, lse, -INFINITY, INT_MAX, -INFINITY, INT_MAX);
+		return;
+	}
+	const int E = max(1, min(min(K, 8), cap / max(1, S)));
+	for (int q0 = 0; q0 < S * E; q0 += 32 * 8) { /* 8 independent loads in flight per lane per batch */
+		float vx[8];
+		int vp[8];
+#pragma unroll
+		for (int u = 0; u < 8; ++u) {
+			const int q = q0 + u * 32 + lane, i = q / E, e = q - i * E;
+			vx[u] = q < S * E ? __ldcg(a.part_s + ent + (uint64_t)i * K + e) : 0.f;
+			vp[u] = q < S * E ? __ldcg(a.part_p + ent + (uint64_t)i * K + e) : -1;
+		}
+#pragma unroll
+		for (int u = 0; u < 8; ++u) {
+			const int q = q0 + u * 32 + lane, i = q / E, e = q - i * E;
+			if (q < S * E) {
+				es[e * S + i] = vx[u];
+				ep[e * S + i] = vp[u];
+			}
+		}
+	}
+	float ts = -INFINITY;
+	int tp = INT_MAX;
+	for (int i = lane; i < S; i += 32) {
+		const uint64_t e = ent + (uint64_t)i * K + K - 1;
+		const float x = __ldcg(a.part_s + e);
+		const int p = __ldcg(a.part_p + e);
+		if (p >= 0 && fb(x, p, ts, tp))
+			ts = x, tp = p;
+	}
+	for (int off = 16; off; off >>= 1) {
+		const float ox = __shfl_xor_sync(FULLM, ts, off);
+		const int op = __shfl_xor_sync(FULLM, tp, off);
+		if (fb(ox, op, ts, tp))
+			ts = ox, tp = op;
+	}
+	__syncwarp();
+	if (K <= 32) { /* the k-th best of the lane maxima of the split heads: k real entries, a valid bar */
+		float bx = -INFINITY;
+		int bp = INT_MAX;
+		for (int i = lane; i < S; i += 32)
+			if (ep[i] >= 0 && fb(es[i], ep[i], bx, bp))
+				bx = es[i], bp = ep[i];
+		bitonic32(bx, bp);
+		const float t2 = __shfl_sync(FULLM, bx, K - 1);
+		const int t2p = __shfl_sync(FULLM, bp, K - 1);
+		if (t2p != INT_MAX && fb(t2, t2p, ts, tp))
+			ts = t2, tp = t2p;
+	}
+	auto entry = [&](int i, int e, float &x, int &p) {
+		if (e < E) {
+			x = es[e * S + i];
+			p = ep[e * S + i];
+		} else {
+			x = __ldcg(a.part_s + ent + (uint64_t)i * K + e);
+			p = __ldcg(a.part_p + ent + (uint64_t)i * K + e);
+		}
+	};
+	int n = 0;
+	for (int base = 0; base < S; base += 32) {
+		const int i = base + lane;
+		bool act = i < S;
+		for (int e = 0; e < K && __any_sync(FULLM, act); ++e) {
+			float x = -INFINITY;
+			int p = -1;
+			if (act) {
+				entry(i, e, x, p);
+				act = survives(x, p, ts, tp);
+			}
+			const unsigned bm = __ballot_sync(FULLM, act);
+			const int pos = n + __popc(bm & ((1u << lane) - 1));
+			if (act && pos < 64) {
+				xs[pos] = x;
+				xp[pos] = p;
+			}
+			n += __popc(bm);
+		}
+	}
+	__syncwarp();
+	float hx, lx = -INFINITY;
+	int hp, lp = INT_MAX;
+	if (n <= 64) {
+		hx = lane < n ? xs[lane] : -INFINITY;
+		hp = lane < n ? xp[lane] : INT_MAX;
+		bitonic32(hx, hp);
+		if (n > 32) { /* both halves sorted, a bitonic split, two bitonic merges */
+			lx = lane + 32 < n ? xs[lane + 32] : -INFINITY;
+			lp = lane + 32 < n ? xp[lane + 32] : INT_MAX;
+			bitonic32(lx, lp);
+			const float rx = __shfl_sync(FULLM, lx, 31 - lane);
+			const int rp = __shfl_sync(FULLM, lp, 31 - lane);
+			if (fb(rx, rp, hx, hp)) {
+				lx = hx, lp = hp;
+				hx = rx, hp = rp;
+			} else {
+				lx = rx, lp = rp;
+			}
+			bitonic_merge32(hx, hp);
+			bitonic_merge32(lx, lp);
+		}
+	} else { /* many survivors (wide ties, or k > 32 with a weak bar): insertion; the list's bar filters */
+		WList L;
+		wl_init(L, K);
+		for (int base = 0; base < S; base += 32) {
+			const int i = base + lane;
+			bool act = i < S;
+			for (int e = 0; e < K && __any_sync(FULLM, act); ++e) {
+				float x = -INFINITY;
+				int p = -1;
+				if (act) {
+					entry(i, e, x, p);
+					act = survives(x, p, ts, tp);
+				}
+				wl_offer(L, x, p, act, K);
+			}
+		}
+		hx = L.s0, hp = L.p0, lx = L.s1, lp = L.p1;
+	}
+	put_result(a, jb, r, head_id, lse, hx, hp, lx, lp);
+	__syncwarp();
+}
+
+/* Write a warp list as the partial row `prow` (entries at ent .. ent+K-1; lanes < K write entries lane, lane+32). */
+__device__ __forceinline__ void put_list(const axf_args &a, uint64_t ent, const WList &L, int K)
+{
+	const int lane = threadIdx.x & 31;
+	if (lane < K) {
+		a.part_s[ent + lane] = L.s0;
+		a.part_p[ent + lane] = L.p0 == INT_MAX ? -1 : L.p0;
+	}
+	if (lane + 32 < K) {
+		a.part_s[ent + lane + 32] = L.s1;
+		a.part_p[ent + lane + 32] = L.p1 == INT_MAX ? -1 : L.p1;
+	}
+}
+
+/* ---- the kernel ----------------------------------------------------------------------------------------------------- */
+
+/* Pass-job of CTA `cta`: the largest i with split_off[i] ≤ cta. */
+__device__ __forceinline__ int find_job(const axf_args &a, uint32_t cta)
+{
+	int lo = 0, hi = (int)a.nj;
+	while (hi - lo > 1) {
+		const int mid = (lo + hi) >> 1;
+		if (a.split_off[mid] <= cta)
+			lo = mid;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+/* Slot of visible key j of the pass-job (index value as signed, then unsigned: negative values are out of
+ * range); an out-of-pool value sets *rng and reads slot 0 instead. */
+__device__ __forceinline__ uint64_t load_slot(const axf_job &jb, uint32_t j, uint32_t &rng)
+{
+	const uint64_t at = jb.start + j;
+	uint64_t s = jb.idt == AX_DTYPE_I32 ? (uint64_t)(int64_t)((const int32_t *)jb.index)[at]
+					    : (uint64_t)((const int64_t *)jb.index)[at];
+	if (s >= jb.n_slots) {
+		rng = 1;
+		s = 0;
+	}
+	return s;
+}
+
+template <int MODE, int F16, int NL>
+__global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
+{
+	extern __shared__ __align__(128) unsigned char smem[];
+	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, grow = lane >> 2, t = lane & 3;
+	const int ji = find_job(a, blockIdx.x);
+	const axf_job &jb = a.jobs[ji];
+	const int K = (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - a.split_off[ji]);
+	const int G = (int)jb.G, Hkv = (int)jb.Hkv;
+	const uint32_t n = jb.n, start = (uint32_t)sl * jb.chunk, end = min(n, start + jb.chunk);
+	const int nst = (int)((end - start + AXF_TS - 1) / AXF_TS);
+	const uint32_t rowb = (uint32_t)Hkv * AXF_D * 2;
+	const bool wv = w < Hkv, cA = wv && 2 * t < G, cB = wv && 2 * t + 1 < G;
+
+	unsigned char *stg = smem;
+	uint64_t *full = (uint64_t *)(smem + (size_t)AXF_NS * AXF_TS * AXF_ROWS_SM), *empty = full + AXF_NS,
+		 *redfull = empty + AXF_NS;
+	float *red = (float *)(redfull + AXF_NS); /* [NS][NW][TS] */
+	float *xs = red + AXF_NS * AXF_NW * AXF_TS; /* [NW][64] */
+	int *xp = (int *)(xs + AXF_NW * 64);        /* [NW][64] */
+	int *flag = xp + AXF_NW * 64;
+
+	if (tid == 0) {
+		for (int i = 0; i < AXF_NS; ++i) {
+			mbar_init(&full[i], AXF_TS);
+			mbar_init(&empty[i], AXF_NW);
+			mbar_init(&redfull[i], AXF_NW * 8);
+		}
+		mbar_init_fence();
+	}
+	__syncthreads();
+
+	/* producer: lane r < AXF_TS of warp 0 fetches row r of every stage; -1 = no row (past the split's end) */
+	const bool prod = w == 0 && lane < AXF_TS;
+	uint32_t rng = 0, bad = 0;
+	auto slot_of = [&](int st) -> int64_t {
+		const uint32_t j = start + (uint32_t)st * AXF_TS + (uint32_t)lane;
+		return st < nst && j < end ? (int64_t)load_slot(jb, j, rng) : -1;
+	};
+	auto issue = [&](int st, int64_t slot) {
+		uint64_t *mb = &full[st % AXF_NS];
+		if (slot >= 0) {
+			unsigned char *dst = stg + (size_t)(st % AXF_NS) * AXF_TS * AXF_ROWS_SM + (size_t)lane * AXF_ROWS_SM;
+			mbar_arrive_tx(mb, rowb);
+			bulk_g2s(dst, (const char *)jb.k + (uint64_t)slot * jb.s0 * 2, rowb, mb);
+		} else {
+			mbar_arrive(mb);
+		}
+	};
+	int64_t nxt = -1;
+	if (prod) {
+		int64_t pre[AXF_NS - 1];
+#pragma unroll
+		for (int i = 0; i < AXF_NS - 1; ++i)
+			pre[i] = slot_of(i);
+#pragma unroll
+		for (int i = 0; i < AXF_NS - 1; ++i)
+			if (i < nst)
+				issue(i, pre[i]);
+		nxt = slot_of(AXF_NS - 1);
+	}
+	__syncwarp();
+
+	/* Q: B fragments of this warp's group (column c = query head w·G + c, c < G), in registers; checked */
+	uint4 qf[4];
+	{
+		const bool qv = wv && grow < G;
+		const uint16_t *qr = (const uint16_t *)jb.q + ((size_t)(qv ? w * G + grow : 0) * AXF_D + 8 * t);
+#pragma unroll
+		for (int c = 0; c < 4; ++c) {
+			qf[c] = qv ? *(const uint4 *)(qr + 32 * c) : make_uint4(0, 0, 0, 0);
+			bad |= nonfinite8<F16>(qf[c]);
+		}
+	}
+	const float scale = jb.scale;
+	float l0 = 0.f, l1 = 0.f; /* mean_prob: logsumexps of columns 2t, 2t+1 */
+	if (MODE == AXF_M_PROB) {
+		l0 = cA ? a.lse[jb.lse_in + w * G + 2 * t] : 0.f;
+		l1 = cB ? a.lse[jb.lse_in + w * G + 2 * t + 1] : 0.f;
+	}
+
+	WList L[NL];
+#pragma unroll
+	for (int h = 0; h < NL; ++h)
+		wl_init(L[h], K);
+	float mA = -INFINITY, sA = 0.f, mB = -INFINITY, sB = 0.f; /* heads: columns 2t, 2t+1; mean: the list's lse */
+	float thAs = INFINITY, thBs = INFINITY;                     /* heads: this lane's two lists' bars */
+	int thAp = -1, thBp = -1;
+	auto bars = [&]() {
+		if (MODE == AXF_M_HEADS && K) {
+#pragma unroll
+			for (int h = 0; h < NL; ++h) {
+				if (h == 2 * t)
+					thAs = L[h].ts, thAp = L[h].tp;
+				if (h == 2 * t + 1)
+					thBs = L[h].ts, thBp = L[h].tp;
+			}
+			if (!cA)
+				thAs = INFINITY, thAp = -1;
+			if (!cB)
+				thBs = INFINITY, thBp = -1;
+		}
+	};
+	bars();
+
+	for (int i = 0; i < nst; ++i) {
+		const int st = i + AXF_NS - 1;
+		if (prod && st < nst) { /* refill the buffer stage i-1 used once every warp has released it */
+			if (st >= AXF_NS)
+				mbar_wait(&empty[st % AXF_NS], (uint32_t)((st / AXF_NS) - 1) & 1);
+			issue(st, nxt);
+			nxt = slot_of(st + 1); /* after the issue: nothing waits for this load until the next stage */
+		}
+		__syncwarp();
+		mbar_wait(&full[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
+		const uint32_t tile = start + (uint32_t)i * AXF_TS;
+		const int nv = (int)min((uint32_t)AXF_TS, end - tile);
+		const unsigned char *buf = stg + (size_t)(i % AXF_NS) * AXF_TS * AXF_ROWS_SM;
+		const bool r0 = wv && grow < nv, r1 = wv && grow + 8 < nv; /* rows past the end: not fetched */
+		float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+		uint4 ka[4], kb[4];
+#pragma unroll
+		for (int c = 0; c < 4; ++c) { /* all 8 fragment loads first, then the multiplies */
+			ka[c] = r0 ? *(const uint4 *)(buf + lds_off(grow, w, c, t)) : make_uint4(0, 0, 0, 0);
+			kb[c] = r1 ? *(const uint4 *)(buf + lds_off(grow + 8, w, c, t)) : make_uint4(0, 0, 0, 0);
+		}
+#pragma unroll
+		for (int c = 0; c < 4; ++c) {
+			if (c & 1) {
+				mma16816<F16>(c1, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
+				mma16816<F16>(c1, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
+			} else {
+				mma16816<F16>(c0, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
+				mma16816<F16>(c0, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
+			}
+		}
+		/* x0, x1: key grow, columns 2t, 2t+1; x2, x3: key grow+8 */
+		const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale;
+		const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
+		if (MODE == AXF_M_HEADS) {
+			__syncwarp(); /* the fragments are in registers: release the buffer before the list work */
+			if (lane == 0)
+				mbar_arrive(&empty[i % AXF_NS]);
+			const int j0 = (int)tile + grow, j1 = j0 + 8;
+			if (r0) {
+				bad |= (cA && !finite_f(x0)) | (cB && !finite_f(x1));
+				if (cA)
+					lse_add(mA, sA, x0);
+				if (cB)
+					lse_add(mB, sB, x1);
+			}
+			if (r1) {
+				bad |= (cA && !finite_f(x2)) | (cB && !finite_f(x3));
+				if (cA)
+					lse_add(mA, sA, x2);
+				if (cB)
+					lse_add(mB, sB, x3);
+			}
+			if (K && wv) { /* wv is warp-uniform */
+				const bool cand = (r0 && (fb(x0, j0, thAs, thAp) || fb(x1, j0, thBs, thBp))) ||
+						  (r1 && (fb(x2, j1, thAs, thAp) || fb(x3, j1, thBs, thBp)));
+				if (__any_sync(FULLM, cand)) {
+					const unsigned b0 = __ballot_sync(FULLM, r0), b1 = __ballot_sync(FULLM, r1);
+#pragma unroll
+					for (int h = 0; h < NL; ++h) { /* lane l < 16 gathers key tile+l of column h */
+						if (h < G) {
+							const int src = ((lane & 7) << 2) | (h >> 1);
+							const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
+							const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
+							const bool ok = lane < 16 && (((lane < 8 ? b0 : b1) >> src) & 1);
+							wl_offer16(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
+						}
+					}
+					bars();
+				}
+			}
+		} else {
+			float p0, p1;
+			if (MODE == AXF_M_LOGIT) {
+				p0 = (cA ? x0 : 0.f) + (cB ? x1 : 0.f);
+				p1 = (cA ? x2 : 0.f) + (cB ? x3 : 0.f);
+			} else {
+				p0 = (cA ? __expf(x0 - l0) : 0.f) + (cB ? __expf(x1 - l1) : 0.f);
+				p1 = (cA ? __expf(x2 - l0) : 0.f) + (cB ? __expf(x3 - l1) : 0.f);
+			}
+			p0 += __shfl_xor_sync(FULLM, p0, 1);
+			p1 += __shfl_xor_sync(FULLM, p1, 1);
+			p0 += __shfl_xor_sync(FULLM, p0, 2);
+			p1 += __shfl_xor_sync(FULLM, p1, 2);
+			float *rd = red + (i % AXF_NS) * AXF_NW * AXF_TS;
+			if (t == 0) {
+				rd[w * AXF_TS + grow] = p0;
+				rd[w * AXF_TS + grow + 8] = p1;
+				mbar_arrive(&redfull[i % AXF_NS]); /* each writer releases its own two partials */
+			}
+			__syncwarp();
+			if (w != AXF_NW - 1) {
+				if (lane == 0)
+					mbar_arrive(&empty[i % AXF_NS]);
+			} else { /* the reducer: stage i's 8 partials, then release the stage (buffer and partials) */
+				mbar_wait(&redfull[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
+				float v = 0.f;
+				if (lane < AXF_TS)
+#pragma unroll
+					for (int g = 0; g < AXF_NW; ++g)
+						v += rd[g * AXF_TS + lane];
+				__syncwarp();
+				if (lane == 0)
+					mbar_arrive(&empty[i % AXF_NS]);
+				v = MODE == AXF_M_LOGIT ? v * jb.inv_h : logf(v * jb.inv_h);
+				const bool ok = lane < nv;
+				bad |= ok && !finite_f(v);
+				if (ok)
+					lse_add(mA, sA, v);
+				if (K)
+					wl_offer16(L[0], v, (int)tile + lane, ok, K);
+			}
+		}
+	}
+
+	/* this split's partial rows */
+	if (MODE == AXF_M_HEADS) {
+#pragma unroll
+		for (int off = 4; off < 32; off <<= 1) {
+			lse_merge(mA, sA, __shfl_xor_sync(FULLM, mA, off), __shfl_xor_sync(FULLM, sA, off));
+			lse_merge(mB, sB, __shfl_xor_sync(FULLM, mB, off), __shfl_xor_sync(FULLM, sB, off));
+		}
+		if (lane < 4) { /* lane t holds columns 2t, 2t+1 */
+			if (cA)
+				a.part_lse[jb.part0 + (uint64_t)(w * G + 2 * t) * S + sl] = lse_value(mA, sA);
+			if (cB)
+				a.part_lse[jb.part0 + (uint64_t)(w * G + 2 * t + 1) * S + sl] = lse_value(mB, sB);
+		}
+		if (K && wv)
+#pragma unroll
+			for (int h = 0; h < NL; ++h)
+				if (h < G)
+					put_list(a, jb.ent0 + ((uint64_t)(w * G + h) * S + sl) * K, L[h], K);
+	} else if (w == AXF_NW - 1) {
+		lse_warp(mA, sA);
+		if (lane == 0)
+			a.part_lse[jb.part0 + sl] = lse_value(mA, sA);
+		if (K)
+			put_list(a, jb.ent0 + (uint64_t)sl * K, L[0], K);
+	}
+	if (prod && rng)
+		atomicOr(&a.flags[jb.flag], AXF_F_RANGE);
+	if (bad)
+		atomicOr(&a.flags[jb.flag], AXF_F_DOM);
+
+	/* ticket: the CTA that finishes the pass-job's last split merges it */
+	__threadfence();
+	__syncthreads(); /* also: every warp is past the loop, so the ring is free for the merge's staging */
+	if (tid == 0) {
+		const int last = atomicAdd(&a.tickets[jb.ticket], 1u) == (uint32_t)S - 1;
+		if (last)
+			a.tickets[jb.ticket] = 0;
+		__threadfence();
+		*flag = last;
+	}
+	__syncthreads();
+	if (!*flag)
+		return;
+	const int cap = (int)AXF_MERGE_CAP;
+	float *es = (float *)(stg + (size_t)w * cap * 8);
+	int *ep = (int *)(es + cap);
+	if (MODE == AXF_M_HEADS) {
+		for (int r = w; r < (int)jb.H; r += AXF_NW)
+			merge_row(a, jb, r, (int32_t)(jb.head_offset + (uint32_t)r), xs + w * 64, xp + w * 64, es, ep, cap,
+				  MODE);
+	} else if (w == 0) {
+		merge_row(a, jb, 0, -1, xs, xp, es, ep, cap, MODE);
+	}
+}
+
+/* ---- the driver ------------------------------------------------------------------------------------------------------ */
+
+typedef void (*axf_kfn)(axf_args);
+static const axf_kfn axf_kernels[AXF_N_INST] = {
+	axf_kernel<AXF_M_LOGIT, 0, 1>, axf_kernel<AXF_M_LOGIT, 1, 1>, axf_kernel<AXF_M_HEADS, 0, 4>,
+	axf_kernel<AXF_M_HEADS, 1, 4>, axf_kernel<AXF_M_HEADS, 0, 8>, axf_kernel<AXF_M_HEADS, 1, 8>,
+	axf_kernel<AXF_M_PROB, 0, 1>,  axf_kernel<AXF_M_PROB, 1, 1>};
+
+struct ax_attn_fast {
+	int device;
+	uint32_t resident;      /* CTAs of one wave: SMs × the least occupancy of the instances */
+	cudaStream_t stream;    /* the context's */
+	cudaError_t err;
+	char *dbuf;             /* device scratch */
+	size_t dcap;
+	char *hbuf;             /* pinned staging */
+	size_t hcap;
+	axf_plan *plan;
+	axf_split split;
+};
+
+static int fast_fail(ax_attn_fast *f, cudaError_t e)
+{
+	f->err = e;
+	return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
+}
+
+int ax__attn_fast_eligible(const ax_attn_job *j)
+{
+	return j ? axf_eligible(j) : 0;
+}
+
+/* Shared-memory opt-in for every instance and the least resident CTAs per SM (0: the fast path cannot run:
+ * kernels not built for this device, or not sm_90). */
+static int fast_setup(int device, int *occ)
+{
+	int major = 0, sms = 0;
+	*occ = 0;
+	if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+	    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+		return -EIO;
+	if (major < 9)
+		return 0;
+	int least = INT_MAX;
+	for (int i = 0; i < AXF_N_INST; i++) {
+		cudaFuncAttributes fa;
+		int o = 0;
+		const void *fn = (const void *)axf_kernels[i];
+		if (cudaFuncGetAttributes(&fa, fn) != cudaSuccess || fa.binaryVersion < 90 ||
+		    cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)AXF_SMEM) != cudaSuccess ||
+		    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, fn, AXF_NW * 32, AXF_SMEM) != cudaSuccess) {
+			cudaGetLastError(); /* not built for this device: the generic path serves it */
+			return 0;
+		}
+		least = o < least ? o : least;
+	}
+	*occ = least * sms;
+	return 0;
+}
+
+int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream)
+{
+	if (!out)
+		return -EINVAL;
+	*out = NULL;
+	const char *env = getenv("AX_ATTN_CUDA_FAST");
+	if (env && strcmp(env, "0") == 0)
+		return 0;
+	int resident = 0, r = fast_setup(device, &resident);
+	if (r || resident <= 0)
+		return r;
+	ax_attn_fast *f = (ax_attn_fast *)calloc(1, sizeof *f);
+	axf_plan *p = (axf_plan *)calloc(1, sizeof *p);
+	if (!f || !p) {
+		free(f);
+		free(p);
+		return -ENOMEM;
+	}
+	f->device = device;
+	f->resident = (uint32_t)resident;
+	f->stream = (cudaStream_t)stream;
+	f->plan = p;
+	*out = f;
+	return 0;
+}
+
+void ax__attn_fast_free(ax_attn_fast *f)
+{
+	if (!f)
+		return;
+	cudaStreamSynchronize(f->stream);
+	cudaFree(f->dbuf);
+	cudaFreeHost(f->hbuf);
+	axf_plan_free(f->plan);
+	axf_split_fini(&f->split);
+	free(f);
+}
+
+int ax__attn_fast_take_error(ax_attn_fast *f)
+{
+	if (!f)
+		return 0;
+	int e = (int)f->err;
+	f->err = cudaSuccess;
+	return e;
+}
+
+/* Grow the device scratch and the pinned staging to the plan's layout (contents not kept). */
+static int fast_reserve(ax_attn_fast *f, const axf_layout *y)
+{
+	cudaError_t e;
+	if (y->total > AX_ATTN_CUDA_MAX_SCRATCH)
+		return -ENOMEM;
+	if (y->total > f->dcap) {
+		cudaStreamSynchronize(f->stream);
+		cudaFree(f->dbuf);
+		f->dbuf = NULL, f->dcap = 0;
+		if ((e = cudaMalloc((void **)&f->dbuf, y->total)) != cudaSuccess)
+			return fast_fail(f, e);
+		f->dcap = y->total;
+	}
+	if (y->off_dev > f->hcap) {
+		cudaStreamSynchronize(f->stream); /* the last download may still target the old staging */
+		cudaFreeHost(f->hbuf);
+		f->hbuf = NULL, f->hcap = 0;
+		if ((e = cudaMallocHost((void **)&f->hbuf, y->off_dev)) != cudaSuccess)
+			return fast_fail(f, e);
+		f->hcap = y->off_dev;
+	}
+	return 0;
+}
+
+static int fast_launch(ax_attn_fast *f, const axf_launch *L)
+{
+	axf_args a = axf_plan_args(f->plan, f->dbuf, L);
+	void *argv[] = {&a};
+	cudaError_t e = cudaLaunchKernel((const void *)axf_kernels[L->inst], dim3(L->ctas), dim3(AXF_NW * 32), argv,
+					 AXF_SMEM, f->stream);
+	return e == cudaSuccess ? 0 : fast_fail(f, e);
+}
+
+int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+{
+	if (!f || (n && (!jobs || !out || !rc)))
+		return -EINVAL;
+	if (n == 0)
+		return 0;
+	axf_plan *p = f->plan;
+	int r = axf_plan_build(p, jobs, n, rc, f->resident);
+	if (r || p->nl == 0)
+		return r;
+	cudaError_t e = cudaSetDevice(f->device);
+	if (e != cudaSuccess)
+		return fast_fail(f, e);
+	if ((r = fast_reserve(f, &p->lay)) != 0)
+		return r;
+	axf_plan_tables(p, f->hbuf);
+	e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
+	if (e == cudaSuccess)
+		e = cudaMemsetAsync(f->dbuf + p->lay.up, 0, p->lay.zero, f->stream);
+	r = e == cudaSuccess ? 0 : fast_fail(f, e);
+	for (uint32_t l = 0; r == 0 && l < p->nl; l++) /* in plan order: mean_prob's logsumexps first */
+		r = fast_launch(f, &p->L[l]);
+	if (r) {
+		cudaStreamSynchronize(f->stream); /* the next run rewrites the staging the upload may still read */
+		return r;
+	}
+	e = cudaMemcpyAsync(f->hbuf + p->lay.up, f->dbuf + p->lay.up, p->lay.down, cudaMemcpyDeviceToHost, f->stream);
+	if (e == cudaSuccess)
+		e = cudaStreamSynchronize(f->stream);
+	if (e != cudaSuccess)
+		return fast_fail(f, e);
+	axf_plan_finish(p, f->hbuf, jobs, out, rc);
+	return 0;
+}
+
+static int fast_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+{
+	return ax__attn_fast_run((ax_attn_fast *)ctx, jobs, n, out, rc);
+}
+
+int ax__attn_fast_dispatch(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
+			   axf_runner generic, void *gctx)
+{
+	if (!f)
+		return generic(gctx, jobs, n, out, rc);
+	return axf_dispatch(&f->split, jobs, n, out, rc, fast_runner, f, generic, gctx);
+}

@@ -1,0 +1,595 @@
+/*
+ * attn_cuda_fast.h — the CUDA backend's fast path (attn_cuda_fast.cu): the kernel lab's v8/v9 design
+ * (capture/dev/topk_attn.cu) behind attn_cuda.h's contract, for the common decode shape: bf16 (or f16) keys and
+ * queries, head_dim 128, a contiguous [slots, H_kv, 128] pool, H_kv ≤ 8, GQA group ≤ 8, no logit cap, no head
+ * list. Internal to capture/: attn_cuda.cu's dispatch hook, the GPU test and the CPU test include it.
+ *
+ * This header is the fast path's host half in plain C (also valid C++), so attn_cuda_fast_test.c runs it on a
+ * machine without a GPU: which jobs are eligible (axf_eligible), the plan of a run (pass-jobs, launches, one
+ * wave of split CTAs per launch, partial rows, result rows, scratch layout: axf_plan_build), the per-job codes
+ * from the downloaded flags (axf_plan_finish) and the split of a mixed batch between the fast and the generic
+ * path (axf_dispatch, with the two runners as callbacks). The kernels and the driver are in attn_cuda_fast.cu.
+ *
+ * How a run works (details in attn_cuda_fast.cu): every user job becomes one pass-job (mean_prob: two, a
+ * per-head logsumexp pass-job and the probability pass-job); pass-jobs are grouped by kernel instance (mode,
+ * key dtype, lists per warp) into launches, heads launches first (mean_prob's logsumexps come from them), then
+ * mean_logit, then mean_prob's second pass. Each launch is planned as one wave: the shortest split (a multiple
+ * of AXF_TS keys) whose CTAs fit the resident CTAs, at least one split per pass-job. A CTA streams its split
+ * through a ring of shared-memory stages (one cp.async.bulk per key row), scores on the tensor cores, keeps
+ * per-split top-k lists and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic
+ * ticket) merges them into the result rows (ax_attn_result, as the generic path writes them).
+ *
+ * Positions inside the kernels are 32-bit offsets from the pass-job's first visible key (eligibility bounds the
+ * visible keys by AXF_MAX_N); results carry start + offset in 64 bits.
+ */
+#ifndef ATTNX_CAPTURE_ATTN_CUDA_FAST_H
+#define ATTNX_CAPTURE_ATTN_CUDA_FAST_H
+
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attn.h"
+#include "attn_cuda_logic.h" /* axc_check_job, axc_visible, axc_out_rows: the generic path's validation */
+
+#define AXF_D 128                 /* head_dim of the fast path */
+#define AXF_TS 16                 /* keys per stage (the m16n8k16 M dimension) */
+#define AXF_NS 3                  /* ring stages (v9) */
+#define AXF_NW 8                  /* warps per CTA: warp w scores KV head w */
+#define AXF_MINB 2                /* CTAs per SM the kernels are built for (v9) */
+#define AXF_MAX_HKV 8
+#define AXF_MAX_G 8
+#define AXF_ROW_MAX (AXF_MAX_HKV * AXF_D * 2)  /* bytes of a key row (all KV heads), at most */
+#define AXF_ROWS_SM (AXF_ROW_MAX + 64)         /* stage row stride: ≡ 64 mod 128, fragment loads conflict-free */
+#define AXF_MAX_SPLITS 1024       /* splits per pass-job (the merge stages ≥ 1 entry per split per warp) */
+#define AXF_MAX_N (1u << 30)      /* visible keys per job */
+#define AXF_N_INST 8              /* kernel instances: see axf_inst */
+
+/* Bytes of dynamic shared memory of a fast CTA: the ring, 3 mbarriers per stage, [NS][NW][TS] partial sums,
+ * per-warp 64-entry survivor scratch, the last-CTA flag. One expression, used by the kernel and the launch. */
+#define AXF_SMEM                                                                                              \
+	((size_t)AXF_NS * AXF_TS * AXF_ROWS_SM + (size_t)AXF_NS * 8 * 3 + (size_t)AXF_NS * AXF_NW * AXF_TS * 4 + \
+	 (size_t)AXF_NW * 64 * 8 + 16)
+/* Survivor staging entries per warp in the merge (the idle ring, 8 bytes an entry). */
+#define AXF_MERGE_CAP ((uint32_t)((size_t)AXF_NS * AXF_TS * AXF_ROWS_SM / AXF_NW / 8))
+
+#define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
+#define AXF_F_DOM 2u
+
+/* Kernel modes (the lab's): mean_logit, mean_prob's probability pass, heads (and mean_prob's logsumexp pass). */
+enum axf_mode { AXF_M_LOGIT = 1, AXF_M_PROB = 2, AXF_M_HEADS = 3 };
+
+/* One pass-job (device table). Pointers are device addresses. */
+typedef struct axf_job {
+	const void *q;          /* [H, 128] query row, dtype = key dtype, 16-byte aligned */
+	const void *k;          /* pool base, 16-byte aligned; row of slot s: H_kv·128 elements at s·s0 */
+	const void *index;      /* index row, dtype idt: slot of position start + j at index[start + j] */
+	uint64_t s0;            /* slot stride in elements (s0·2 a multiple of 16) */
+	uint64_t n_slots;
+	uint64_t start;         /* first visible position */
+	uint64_t part0;         /* first partial row: row r of split s at part0 + r·S + s */
+	uint64_t ent0;          /* first partial list entry: row r of split s at ent0 + (r·S + s)·K */
+	uint32_t n;             /* visible keys (1 .. AXF_MAX_N) */
+	uint32_t chunk;         /* keys per split, a multiple of AXF_TS */
+	uint32_t S;             /* splits */
+	uint32_t H, Hkv, G, K;  /* query heads, KV heads, group size, list length (0: logsumexp only) */
+	uint32_t idt;           /* AX_DTYPE_I32 / AX_DTYPE_I64 */
+	uint32_t flag;          /* flag word of the user job */
+	uint32_t kout;          /* entries of a result row: min(K, n) */
+	int32_t res;            /* first result row, or -1 (logsumexp pass) */
+	int32_t lse_out;        /* logsumexp pass: head h's logsumexp goes to lse[lse_out + h]; else -1 */
+	uint32_t lse_in;        /* probability pass: head h's logsumexp is lse[lse_in + h] */
+	uint32_t head_offset;   /* heads mode: head_id = head_offset + h */
+	uint32_t ticket;        /* ticket word of this pass-job */
+	float scale;            /* softmax scale (|scale| ≤ 1) */
+	float inv_h;            /* 1 / H */
+} axf_job;
+
+/* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1. */
+typedef struct axf_launch {
+	uint32_t inst, j0, nj, so0, ctas;
+} axf_launch;
+
+/* Everything a launch's kernel reads (by value). */
+typedef struct axf_args {
+	const axf_job *jobs;        /* this launch's pass-jobs */
+	const uint32_t *split_off;  /* [nj + 1] */
+	uint32_t nj;
+	float *part_s;              /* [entries] partial list values */
+	int32_t *part_p;            /* [entries] partial list offsets, -1 = empty */
+	float *part_lse;            /* [partial rows] */
+	float *lse;                 /* per-head logsumexps of mean_prob jobs */
+	uint32_t *tickets;          /* per pass-job, 0 before the launch (the last CTA resets its own) */
+	uint32_t *flags;            /* per user job: AXF_F_* */
+	ax_attn_result *res;        /* result rows */
+} axf_args;
+
+/* Byte offsets into the scratch buffer; the host staging holds [0, off_dev). */
+typedef struct axf_layout {
+	size_t jobs, so;            /* uploaded: [0, up) */
+	size_t flags, tickets, res; /* [up, up + zero): zeroed each run; [up, up + down): downloaded */
+	size_t up, zero, down, off_dev;
+	size_t lse, part_lse, part_s, part_p; /* device only */
+	size_t total;
+} axf_layout;
+
+typedef struct axf_plan {
+	axf_job *jb;
+	size_t jb_cap;
+	uint32_t *so;
+	size_t so_cap;
+	uint32_t *roff;             /* [n] first result row of each user job */
+	size_t roff_cap;
+	uint32_t *lslot;            /* [n] mean_prob jobs: first of their H logsumexp slots */
+	size_t lslot_cap;
+	uint32_t *nk;               /* planning scratch: visible keys of a launch's pass-jobs */
+	size_t nk_cap;
+	uint32_t n, njb, nso, nlse;
+	uint64_t rows, parts, entries;
+	axf_launch L[AXF_N_INST];
+	uint32_t nl;
+	axf_layout lay;
+} axf_plan;
+
+/* ---- eligibility ------------------------------------------------------------------------------------------------ */
+
+/* Why a job is not eligible (0: eligible). For tests and the README's table. */
+enum axf_why {
+	AXF_OK = 0,
+	AXF_NO_INVALID,     /* the generic path's validation fails: it reports the code */
+	AXF_NO_DTYPE,       /* keys not bf16/f16, or Q not the keys' dtype */
+	AXF_NO_DIM,         /* head_dim ≠ 128 */
+	AXF_NO_HEADS,       /* H_kv > 8 or group > 8 */
+	AXF_NO_LAYOUT,      /* KV heads not contiguous in a slot, or a row/pointer not 16-byte aligned */
+	AXF_NO_CAP,         /* a logit cap */
+	AXF_NO_LIST,        /* heads mode with a head list */
+	AXF_NO_SCALE,       /* |scale| > 1 (the fast path applies it after the dot product) */
+	AXF_NO_LONG,        /* more than AXF_MAX_N visible keys */
+};
+
+static inline int axf_why_not(const ax_attn_job *j)
+{
+	if (axc_check_job(j) != 0)
+		return AXF_NO_INVALID;
+	if ((j->k_dtype != AX_DTYPE_BF16 && j->k_dtype != AX_DTYPE_F16) || j->q_dtype != j->k_dtype)
+		return AXF_NO_DTYPE;
+	if (j->head_dim != AXF_D)
+		return AXF_NO_DIM;
+	if (j->n_kv_heads > AXF_MAX_HKV || j->n_q_heads / j->n_kv_heads > AXF_MAX_G)
+		return AXF_NO_HEADS;
+	if ((j->n_kv_heads > 1 && j->k_stride[1] != AXF_D) || (uintptr_t)j->k % 16 || (uintptr_t)j->q % 16 ||
+	    j->k_stride[0] * 2 % 16)
+		return AXF_NO_LAYOUT;
+	if (j->logit_cap != 0)
+		return AXF_NO_CAP;
+	if (j->mode == AX_MODE_HEADS && j->heads)
+		return AXF_NO_LIST;
+	if (!(fabsf(j->scale) <= 1.0f))
+		return AXF_NO_SCALE;
+	uint64_t start, n;
+	axc_visible(j, &start, &n);
+	if (n > AXF_MAX_N)
+		return AXF_NO_LONG;
+	return AXF_OK;
+}
+
+static inline int axf_eligible(const ax_attn_job *j)
+{
+	return axf_why_not(j) == AXF_OK;
+}
+
+/* ---- instances and launches ------------------------------------------------------------------------------------- */
+
+/* Instance of a pass-job: 0/1 mean_logit, 2/3 heads with ≤ 4 lists per warp, 4/5 heads with ≤ 8, 6/7 mean_prob
+ * (bf16 / f16). axf_launch_order lists them in launch order. */
+static inline uint32_t axf_inst(uint32_t mode, uint32_t kdt, uint32_t G)
+{
+	uint32_t f = kdt == AX_DTYPE_F16;
+	if (mode == AXF_M_LOGIT)
+		return f;
+	if (mode == AXF_M_PROB)
+		return 6 + f;
+	return (G <= 4 ? 2 : 4) + f;
+}
+
+static const uint32_t axf_launch_order[AXF_N_INST] = {2, 3, 4, 5, 0, 1, 6, 7};
+
+static inline uint32_t axf_inst_mode(uint32_t inst)
+{
+	return inst < 2 ? AXF_M_LOGIT : inst < 6 ? AXF_M_HEADS : AXF_M_PROB;
+}
+
+/* Splits of n keys at chunk keys each (at least 1). */
+static inline uint64_t axf_splits(uint64_t n, uint64_t chunk)
+{
+	uint64_t s = (n + chunk - 1) / chunk;
+	return s ? s : 1;
+}
+
+static inline uint64_t axf_total_splits(const uint32_t *nk, uint32_t nj, uint64_t chunk)
+{
+	uint64_t t = 0;
+	for (uint32_t i = 0; i < nj; i++)
+		t += axf_splits(nk[i], chunk);
+	return t;
+}
+
+/*
+ * The lab's one-wave planner: the shortest split (a multiple of AXF_TS) with Σ_i max(1, ⌈n_i / chunk⌉) ≤
+ * resident, found by bisection (the sum only falls as the chunk grows); when even one split per pass-job is more
+ * than resident, the longest job in one split. Then at least ⌈max n / AXF_MAX_SPLITS⌉ (rounded up to AXF_TS),
+ * so no pass-job has more than AXF_MAX_SPLITS splits.
+ */
+static inline uint32_t axf_plan_chunk(const uint32_t *nk, uint32_t nj, uint32_t resident)
+{
+	uint64_t mx = 0;
+	for (uint32_t i = 0; i < nj; i++)
+		mx = nk[i] > mx ? nk[i] : mx;
+	uint64_t hi = (mx + AXF_TS - 1) / AXF_TS; /* in units of AXF_TS */
+	hi = hi ? hi : 1;
+	uint64_t lo = 1;
+	while (lo < hi) {
+		uint64_t mid = lo + (hi - lo) / 2;
+		if (axf_total_splits(nk, nj, mid * AXF_TS) <= resident)
+			hi = mid;
+		else
+			lo = mid + 1;
+	}
+	uint64_t minc = (mx + AXF_MAX_SPLITS - 1) / AXF_MAX_SPLITS;
+	minc = (minc + AXF_TS - 1) / AXF_TS;
+	if (lo < minc)
+		lo = minc;
+	return (uint32_t)(lo * AXF_TS);
+}
+
+/* ---- the plan --------------------------------------------------------------------------------------------------- */
+
+static inline void axf_plan_free(axf_plan *p)
+{
+	if (!p)
+		return;
+	free(p->jb);
+	free(p->so);
+	free(p->roff);
+	free(p->lslot);
+	free(p->nk);
+	free(p);
+}
+
+/* Make *ptr hold n elements of size esz (contents kept). */
+static inline int axf_grow(void **ptr, size_t *cap, size_t n, size_t esz)
+{
+	if (n <= *cap)
+		return 0;
+	size_t c = *cap ? *cap : 64;
+	while (c < n)
+		c *= 2;
+	void *q = realloc(*ptr, c * esz);
+	if (!q)
+		return -ENOMEM;
+	*ptr = q;
+	*cap = c;
+	return 0;
+}
+
+/* The pass-job of user job i in kernel mode `mode` (partials and splits are set by axf_plan_launch). */
+static inline void axf_job_fields(axf_plan *p, axf_job *jb, const ax_attn_job *j, uint32_t i, uint32_t mode)
+{
+	uint64_t start, n;
+	axc_visible(j, &start, &n);
+	memset(jb, 0, sizeof *jb);
+	jb->q = j->q, jb->k = j->k, jb->index = j->index;
+	jb->s0 = j->k_stride[0], jb->n_slots = j->n_slots, jb->start = start, jb->n = (uint32_t)n;
+	jb->H = j->n_q_heads, jb->Hkv = j->n_kv_heads, jb->G = jb->H / jb->Hkv;
+	jb->idt = j->index_dtype, jb->flag = i, jb->head_offset = j->head_offset;
+	jb->scale = j->scale, jb->inv_h = 1.0f / (float)jb->H;
+	jb->res = (int32_t)p->roff[i], jb->lse_out = -1, jb->lse_in = 0;
+	jb->K = j->top_k;
+	if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) /* the logsumexp pass */
+		jb->K = 0, jb->res = -1, jb->lse_out = (int32_t)p->lslot[i];
+	else if (mode == AXF_M_PROB)
+		jb->lse_in = p->lslot[i];
+	jb->kout = jb->K < jb->n ? jb->K : jb->n;
+}
+
+/* Kernel mode of user job j's pass-job number `pass` (0, or 1 for mean_prob's second), or 0 for none. */
+static inline uint32_t axf_pass_mode(const ax_attn_job *j, int pass)
+{
+	if (j->mode == AX_MODE_MEAN_LOGIT)
+		return pass == 0 ? AXF_M_LOGIT : 0;
+	if (j->mode == AX_MODE_HEADS)
+		return pass == 0 ? AXF_M_HEADS : 0;
+	return pass == 0 ? AXF_M_HEADS : AXF_M_PROB;
+}
+
+/* Partial rows of a pass-job per split. */
+static inline uint32_t axf_prows(const axf_job *jb, uint32_t mode)
+{
+	return mode == AXF_M_HEADS ? jb->H : 1;
+}
+
+/* Split plan of launch L: chunk, splits, split offsets, partial rows and entries, tickets. */
+static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
+{
+	uint32_t mode = axf_inst_mode(L->inst);
+	if (axf_grow((void **)&p->nk, &p->nk_cap, L->nj, sizeof *p->nk) ||
+	    axf_grow((void **)&p->so, &p->so_cap, (size_t)p->nso + L->nj + 1, sizeof *p->so))
+		return -ENOMEM;
+	for (uint32_t i = 0; i < L->nj; i++)
+		p->nk[i] = p->jb[L->j0 + i].n;
+	uint32_t chunk = axf_plan_chunk(p->nk, L->nj, resident);
+	L->so0 = p->nso;
+	uint64_t ctas = 0;
+	for (uint32_t i = 0; i < L->nj; i++) {
+		axf_job *jb = &p->jb[L->j0 + i];
+		jb->chunk = chunk;
+		jb->S = (uint32_t)axf_splits(jb->n, chunk);
+		jb->part0 = p->parts;
+		jb->ent0 = p->entries;
+		jb->ticket = L->j0 + i;
+		p->parts += (uint64_t)axf_prows(jb, mode) * jb->S;
+		p->entries += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
+		p->so[p->nso + i] = (uint32_t)ctas;
+		ctas += jb->S;
+	}
+	if (ctas > INT32_MAX)
+		return -ENOMEM;
+	p->so[p->nso + L->nj] = (uint32_t)ctas;
+	p->nso += L->nj + 1;
+	L->ctas = (uint32_t)ctas;
+	return 0;
+}
+
+/* Append the pass-jobs of instance inst (in user-job order) as one launch, if there are any. */
+static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const int *rc, uint32_t inst,
+				uint32_t resident)
+{
+	axf_launch L = {inst, p->njb, 0, 0, 0};
+	for (uint32_t i = 0; i < p->n; i++) {
+		if (rc[i] != 0)
+			continue;
+		const ax_attn_job *j = &jobs[i];
+		for (int pass = 0; pass < 2; pass++) {
+			uint32_t mode = axf_pass_mode(j, pass);
+			if (!mode || axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads) != inst)
+				continue;
+			if (axf_grow((void **)&p->jb, &p->jb_cap, (size_t)p->njb + 1, sizeof *p->jb))
+				return -ENOMEM;
+			axf_job_fields(p, &p->jb[p->njb], j, i, mode);
+			p->njb++, L.nj++;
+		}
+	}
+	if (L.nj == 0)
+		return 0;
+	p->L[p->nl] = L;
+	int r = axf_plan_launch(p, &p->L[p->nl], resident);
+	p->nl += r == 0;
+	return r;
+}
+
+static inline size_t axf_al(size_t x)
+{
+	return (x + 255) & ~(size_t)255;
+}
+
+static inline void axf_make_layout(axf_plan *p)
+{
+	axf_layout *L = &p->lay;
+	size_t o = 0;
+	L->jobs = o, o += axf_al(p->njb * sizeof(axf_job));
+	L->so = o, o += axf_al(p->nso * sizeof(uint32_t));
+	L->up = o;
+	L->flags = o, o += axf_al(p->n * sizeof(uint32_t));
+	L->tickets = o, o += axf_al(p->njb * sizeof(uint32_t));
+	L->zero = o - L->up;
+	L->res = o, o += axf_al(p->rows * sizeof(ax_attn_result));
+	L->down = o - L->up;
+	L->off_dev = o;
+	L->lse = o, o += axf_al(p->nlse * sizeof(float));
+	L->part_lse = o, o += axf_al(p->parts * sizeof(float));
+	L->part_s = o, o += axf_al(p->entries * sizeof(float));
+	L->part_p = o, o += axf_al(p->entries * sizeof(int32_t));
+	L->total = o;
+}
+
+/*
+ * Plan a fast run of n jobs: rc[i] = 0 for an eligible job, the generic validation's code for an invalid one,
+ * -EOPNOTSUPP for a valid job the fast path does not run (the dispatcher never passes those). Result rows at the
+ * usual offsets (job i's first row = Σ rows of jobs before it); one launch per instance present, in launch order;
+ * `resident` CTAs per wave. mean_prob: its logsumexp pass-job comes in a heads launch, which runs before the
+ * mean_prob launch, and both pass-jobs name the same lse slots. Returns 0 or -ENOMEM (tables, or more than 2^31
+ * result rows or CTAs).
+ */
+static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t n, int *rc, uint32_t resident)
+{
+	if (axf_grow((void **)&p->roff, &p->roff_cap, n, sizeof *p->roff) ||
+	    axf_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot))
+		return -ENOMEM;
+	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		int why = axf_why_not(&jobs[i]);
+		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
+		p->roff[i] = (uint32_t)p->rows;
+		p->rows += axc_out_rows(&jobs[i]);
+		p->lslot[i] = p->nlse;
+		if (rc[i] == 0 && jobs[i].mode == AX_MODE_MEAN_PROB)
+			p->nlse += jobs[i].n_q_heads;
+	}
+	if (p->rows > INT32_MAX)
+		return -ENOMEM;
+	for (uint32_t o = 0; o < AXF_N_INST; o++) {
+		int r = axf_plan_inst(p, jobs, rc, axf_launch_order[o], resident);
+		if (r)
+			return r;
+	}
+	axf_make_layout(p);
+	return 0;
+}
+
+/* The tables into the staging buffer h (at least lay.off_dev bytes), at their layout offsets. */
+static inline void axf_plan_tables(const axf_plan *p, char *h)
+{
+	memcpy(h + p->lay.jobs, p->jb, p->njb * sizeof(axf_job));
+	memcpy(h + p->lay.so, p->so, p->nso * sizeof(uint32_t));
+}
+
+/* The argument block of launch L over scratch buffer d. */
+static inline axf_args axf_plan_args(const axf_plan *p, char *d, const axf_launch *L)
+{
+	const axf_layout *y = &p->lay;
+	axf_args a;
+	memset(&a, 0, sizeof a);
+	a.jobs = (const axf_job *)(d + y->jobs) + L->j0;
+	a.split_off = (const uint32_t *)(d + y->so) + L->so0;
+	a.nj = L->nj;
+	a.part_s = (float *)(d + y->part_s);
+	a.part_p = (int32_t *)(d + y->part_p);
+	a.part_lse = (float *)(d + y->part_lse);
+	a.lse = (float *)(d + y->lse);
+	a.tickets = (uint32_t *)(d + y->tickets);
+	a.flags = (uint32_t *)(d + y->flags);
+	a.res = (ax_attn_result *)(d + y->res);
+	return a;
+}
+
+/* From the downloaded part of the staging buffer h: each planned job's code (-ERANGE wins over -EDOM, as in
+ * attn_cpu) and, where 0, its rows copied to out. Jobs whose rc was already non-zero are left alone. */
+static inline void axf_plan_finish(const axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out,
+				   int *rc)
+{
+	const uint32_t *flags = (const uint32_t *)(h + p->lay.flags);
+	const ax_attn_result *res = (const ax_attn_result *)(h + p->lay.res);
+	for (uint32_t i = 0; i < p->n; i++) {
+		if (rc[i] != 0)
+			continue;
+		rc[i] = flags[i] & AXF_F_RANGE ? -ERANGE : flags[i] & AXF_F_DOM ? -EDOM : 0;
+		if (rc[i] == 0)
+			memcpy(out + p->roff[i], res + p->roff[i], axc_out_rows(&jobs[i]) * sizeof *out);
+	}
+}
+
+/* ---- a batch split between the fast and the generic path ------------------------------------------------------- */
+
+/* A runner: attn_cuda.h's ax_attn_cuda_run contract (rows at the usual offsets, rc per job, whole-batch code). */
+typedef int (*axf_runner)(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc);
+
+/* Host arrays of a split batch, grown to the largest seen (kept across runs). */
+typedef struct axf_split {
+	ax_attn_job *sj;            /* one side's jobs, compacted */
+	size_t sj_cap;
+	uint32_t *si;               /* their indices in the batch */
+	size_t si_cap;
+	ax_attn_result *sout;       /* their rows */
+	size_t sout_cap;
+	int *src;                   /* their codes */
+	size_t src_cap;
+	uint32_t *roff;             /* [n] first row of each job of the batch */
+	size_t roff_cap;
+} axf_split;
+
+static inline void axf_split_fini(axf_split *s)
+{
+	free(s->sj);
+	free(s->si);
+	free(s->sout);
+	free(s->src);
+	free(s->roff);
+	memset(s, 0, sizeof *s);
+}
+
+/* Run the jobs with axf_eligible(job) == want through `run`, compacted, and scatter codes and rows back. */
+static inline int axf_run_side(axf_split *s, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
+			       int want, axf_runner run, void *ctx)
+{
+	uint32_t m = 0;
+	uint64_t rows = 0;
+	for (uint32_t i = 0; i < n; i++)
+		if (axf_eligible(&jobs[i]) == want) {
+			s->sj[m] = jobs[i];
+			s->si[m++] = i;
+			rows += axc_out_rows(&jobs[i]);
+		}
+	if (m == 0)
+		return 0;
+	if (axf_grow((void **)&s->sout, &s->sout_cap, rows ? rows : 1, sizeof *s->sout))
+		return -ENOMEM;
+	int r = run(ctx, s->sj, m, s->sout, s->src);
+	if (r)
+		return r;
+	uint64_t o = 0;
+	for (uint32_t k = 0; k < m; k++) {
+		uint32_t i = s->si[k], nr = axc_out_rows(&jobs[i]);
+		rc[i] = s->src[k];
+		if (rc[i] == 0)
+			memcpy(out + s->roff[i], s->sout + o, nr * sizeof *out);
+		o += nr;
+	}
+	return 0;
+}
+
+/*
+ * Run a batch: eligible jobs through `fast`, the others (invalid ones included: the generic path reports
+ * their codes) through `generic`. A uniform batch goes straight to one runner (no copies); a mixed one is
+ * compacted into two sub-batches, run one after the other, and scattered back. Returns 0 (rc[] tells each
+ * job) or the first runner's whole-batch error (-ENOMEM, -EIO; -ENOMEM also for the host arrays here).
+ */
+static inline int axf_dispatch(axf_split *s, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
+			       axf_runner fast, void *fctx, axf_runner generic, void *gctx)
+{
+	uint32_t nf = 0;
+	for (uint32_t i = 0; i < n; i++)
+		nf += (uint32_t)axf_eligible(&jobs[i]);
+	if (nf == 0 || !fast)
+		return generic(gctx, jobs, n, out, rc);
+	if (nf == n)
+		return fast(fctx, jobs, n, out, rc);
+	if (axf_grow((void **)&s->sj, &s->sj_cap, n, sizeof *s->sj) ||
+	    axf_grow((void **)&s->si, &s->si_cap, n, sizeof *s->si) ||
+	    axf_grow((void **)&s->src, &s->src_cap, n, sizeof *s->src) ||
+	    axf_grow((void **)&s->roff, &s->roff_cap, n, sizeof *s->roff))
+		return -ENOMEM;
+	uint64_t rows = 0;
+	for (uint32_t i = 0; i < n; i++)
+		s->roff[i] = (uint32_t)rows, rows += axc_out_rows(&jobs[i]);
+	int r = axf_run_side(s, jobs, n, out, rc, 1, fast, fctx);
+	return r ? r : axf_run_side(s, jobs, n, out, rc, 0, generic, gctx);
+}
+
+/* ---- the driver (attn_cuda_fast.cu) ------------------------------------------------------------------------------ */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ax_attn_fast ax_attn_fast;
+
+/* axf_eligible, exported. Thread-safe. */
+int ax__attn_fast_eligible(const ax_attn_job *j);
+
+/*
+ * Fast-path state for a context on `device` running on `stream` (a cudaStream_t the caller owns and keeps until
+ * ax__attn_fast_free). *out = NULL with 0 when the fast path is off here: AX_ATTN_CUDA_FAST=0 in the environment,
+ * a device before sm_90, or kernels not built for this device. Returns 0, -ENOMEM or -EIO.
+ */
+int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream);
+/* Free the state (waits for the stream). Accepts NULL. */
+void ax__attn_fast_free(ax_attn_fast *f);
+
+/* Run n jobs, every one eligible (others get -EOPNOTSUPP or their validation code), with ax_attn_cuda_run's
+ * contract: synchronous on the stream; 0, or -ENOMEM / -EIO for the whole batch. Not thread-safe per state. */
+int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc);
+
+/* axf_dispatch with this state as the fast runner (f NULL: everything through generic). */
+int ax__attn_fast_dispatch(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
+			   axf_runner generic, void *gctx);
+
+/* The last CUDA error of the fast path (a cudaError_t), then cleared; 0 when none. */
+int ax__attn_fast_take_error(ax_attn_fast *f);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
