@@ -1,0 +1,580 @@
+/*
+ * attn_cuda_fast_test.c — the CUDA fast path's host half (attn_cuda_fast.h) on the CPU: no GPU, no nvcc needed
+ * to build it (gcc, cmocka). What the GPU runs (attn_cuda_fast.cu's kernels) is not exercised here: the GPU test
+ * (attn_cuda_test.cu) compares it with the generic path and the float64 reference.
+ *
+ * Cases: eligibility (a table of jobs, each with the reason it must be refused or 0); the one-wave split planner
+ * against a brute-force search over random length sets; whole plans of random mixed batches against their
+ * invariants (codes, launch order, mean_prob's two pass-jobs sharing logsumexp slots with the first launched
+ * before the second, splits covering every key, partial rows and entries disjoint and in bounds, tickets,
+ * result rows, a layout of aligned, disjoint regions); the flags → codes step (-ERANGE winning over -EDOM, rows
+ * copied only for successful jobs); and the dispatcher, with both runners backed by ax_attn_cpu on host data:
+ * uniform batches go to one runner untouched, mixed ones are split (the fast runner sees only eligible jobs,
+ * the generic one the rest, invalid jobs included) and scattered back to exactly what ax_attn_cpu returns for
+ * the whole batch; a runner's whole-batch error comes back.
+ * AX_TEST_SEED=N repeats a run (the seed is printed).
+ */
+#include <errno.h>
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cmocka.h>
+
+#include "attn.h"
+#include "attn_cuda_fast.h"
+#include "attn_cuda_testdata.h"
+
+#define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+
+/* ---- eligibility ------------------------------------------------------------------------------------------------ */
+
+static _Alignas(64) uint16_t fake_q[64 * 128];
+static _Alignas(64) uint16_t fake_k[16];
+static _Alignas(64) int32_t fake_index[4];
+static int32_t one_head[1] = {0};
+
+/* The lab's shape: bf16, H_q 32, H_kv 8, D 128, contiguous pool, top-10. Pointers only need to be aligned. */
+static ax_attn_job base_job(void)
+{
+	ax_attn_job j;
+	memset(&j, 0, sizeof j);
+	j.q = fake_q, j.q_dtype = AX_DTYPE_BF16;
+	j.k = fake_k, j.k_dtype = AX_DTYPE_BF16, j.k_scale = 1;
+	j.k_stride[0] = 8 * 128, j.k_stride[1] = 128, j.k_stride[2] = 1, j.n_slots = 1000;
+	j.index = fake_index, j.index_dtype = AX_DTYPE_I32;
+	j.position = 4095;
+	j.n_q_heads = 32, j.n_kv_heads = 8, j.head_dim = 128;
+	j.scale = 0.088f;
+	j.mode = AX_MODE_MEAN_LOGIT, j.top_k = 10;
+	return j;
+}
+
+enum { X_NONE, X_F16, X_F32, X_QF32, X_E4M3, X_D64, X_HKV16, X_G16, X_G8, X_HKV1_S1, X_S1, X_KMIS, X_QMIS, X_S0ODD,
+       X_CAP, X_LIST, X_HEADS, X_PROB, X_SCALE2, X_SCALENEG, X_TOPK0, X_TOPK64, X_I64, X_LONG, X_LONG_WINDOW,
+       X_HKV3_G5, X_DTYPE_BAD };
+
+static const struct elig_case {
+	const char *name;
+	int what;
+	int why;
+} elig_cases[] = {
+	{"lab shape", X_NONE, AXF_OK},
+	{"f16 keys and Q", X_F16, AXF_OK},
+	{"f32 keys", X_F32, AXF_NO_DTYPE},
+	{"f32 Q with bf16 keys", X_QF32, AXF_NO_DTYPE},
+	{"fp8 keys", X_E4M3, AXF_NO_DTYPE},
+	{"head_dim 64", X_D64, AXF_NO_DIM},
+	{"H_kv 16", X_HKV16, AXF_NO_HEADS},
+	{"group 16", X_G16, AXF_NO_HEADS},
+	{"group 8", X_G8, AXF_OK},
+	{"H_kv 1, any head stride", X_HKV1_S1, AXF_OK},
+	{"KV heads not contiguous", X_S1, AXF_NO_LAYOUT},
+	{"K pool 8-byte aligned only", X_KMIS, AXF_NO_LAYOUT},
+	{"Q 8-byte aligned only", X_QMIS, AXF_NO_LAYOUT},
+	{"slot stride not 16 bytes", X_S0ODD, AXF_NO_LAYOUT},
+	{"logit cap", X_CAP, AXF_NO_CAP},
+	{"heads with a head list", X_LIST, AXF_NO_LIST},
+	{"heads, all heads", X_HEADS, AXF_OK},
+	{"mean_prob", X_PROB, AXF_OK},
+	{"scale 2", X_SCALE2, AXF_NO_SCALE},
+	{"scale -0.5", X_SCALENEG, AXF_OK},
+	{"top_k 0 (invalid)", X_TOPK0, AXF_NO_INVALID},
+	{"top_k 64", X_TOPK64, AXF_OK},
+	{"i64 index", X_I64, AXF_OK},
+	{"2^31 visible keys", X_LONG, AXF_NO_LONG},
+	{"2^31 keys, window 2^20", X_LONG_WINDOW, AXF_OK},
+	{"H_kv 3, group 5", X_HKV3_G5, AXF_OK},
+	{"index dtype f32 (invalid)", X_DTYPE_BAD, AXF_NO_INVALID},
+};
+
+static ax_attn_job elig_job(int what)
+{
+	ax_attn_job j = base_job();
+	switch (what) {
+	case X_F16: j.k_dtype = j.q_dtype = AX_DTYPE_F16; break;
+	case X_F32: j.k_dtype = j.q_dtype = AX_DTYPE_F32; break;
+	case X_QF32: j.q_dtype = AX_DTYPE_F32; break;
+	case X_E4M3: j.k_dtype = AX_DTYPE_FP8_E4M3; break;
+	case X_D64: j.head_dim = 64, j.k_stride[0] = 8 * 64, j.k_stride[1] = 64; break;
+	case X_HKV16: j.n_kv_heads = 16, j.n_q_heads = 32, j.k_stride[0] = 16 * 128; break;
+	case X_G16: j.n_q_heads = 128; break;
+	case X_G8: j.n_q_heads = 64; break;
+	case X_HKV1_S1: j.n_kv_heads = 1, j.n_q_heads = 8, j.k_stride[1] = 4096, j.k_stride[0] = 200; break;
+	case X_S1: j.k_stride[1] = 136, j.k_stride[0] = 8 * 136; break;
+	case X_KMIS: j.k = (const char *)fake_k + 8; break;
+	case X_QMIS: j.q = (const char *)fake_q + 8; break;
+	case X_S0ODD: j.k_stride[0] = 8 * 128 + 4; break;
+	case X_CAP: j.logit_cap = 30; break;
+	case X_LIST: j.mode = AX_MODE_HEADS, j.heads = one_head, j.n_heads = 1; break;
+	case X_HEADS: j.mode = AX_MODE_HEADS; break;
+	case X_PROB: j.mode = AX_MODE_MEAN_PROB; break;
+	case X_SCALE2: j.scale = 2; break;
+	case X_SCALENEG: j.scale = -0.5f; break;
+	case X_TOPK0: j.top_k = 0; break;
+	case X_TOPK64: j.top_k = 64; break;
+	case X_I64: j.index_dtype = AX_DTYPE_I64; break;
+	case X_LONG: j.position = ((uint64_t)1 << 31) - 1; break;
+	case X_LONG_WINDOW: j.position = ((uint64_t)1 << 31) - 1, j.window = 1 << 20; break;
+	case X_HKV3_G5: j.n_kv_heads = 3, j.n_q_heads = 15, j.k_stride[0] = 3 * 128; break;
+	case X_DTYPE_BAD: j.index_dtype = AX_DTYPE_F32; break;
+	}
+	return j;
+}
+
+static void test_eligibility(void **state)
+{
+	(void)state;
+	for (size_t i = 0; i < ARRAY_LEN(elig_cases); i++) {
+		ax_attn_job j = elig_job(elig_cases[i].what);
+		int why = axf_why_not(&j);
+		if (why != elig_cases[i].why)
+			fail_msg("%s: reason %d, want %d", elig_cases[i].name, why, elig_cases[i].why);
+		assert_int_equal(axf_eligible(&j), elig_cases[i].why == AXF_OK);
+	}
+}
+
+/* ---- the split planner ------------------------------------------------------------------------------------------ */
+
+/* The definition, by a linear search: the smallest multiple of AXF_TS whose splits fit, or one split each. */
+static uint32_t chunk_brute(const uint32_t *nk, uint32_t nj, uint32_t R)
+{
+	uint32_t mx = 0;
+	for (uint32_t i = 0; i < nj; i++)
+		mx = nk[i] > mx ? nk[i] : mx;
+	uint32_t top = (mx + AXF_TS - 1) / AXF_TS * AXF_TS, c = AXF_TS;
+	top = top ? top : AXF_TS;
+	while (c < top && axf_total_splits(nk, nj, c) > R)
+		c += AXF_TS;
+	uint32_t minc = ((mx + AXF_MAX_SPLITS - 1) / AXF_MAX_SPLITS + AXF_TS - 1) / AXF_TS * AXF_TS;
+	return c > minc ? c : minc;
+}
+
+static void test_plan_chunk(void **state)
+{
+	(void)state;
+	uint32_t nk[300];
+	for (int it = 0; it < 3000; it++) {
+		uint32_t nj = 1 + (uint32_t)(td_u64() % (it % 3 == 0 ? 300 : 12));
+		uint32_t R = 1 + (uint32_t)(td_u64() % 600);
+		uint32_t lim = it % 4 == 0 ? 1u << 22 : it % 4 == 1 ? 70000 : it % 4 == 2 ? 5000 : 40;
+		for (uint32_t i = 0; i < nj; i++)
+			nk[i] = 1 + (uint32_t)(td_u64() % lim);
+		uint32_t c = axf_plan_chunk(nk, nj, R), mx = 0;
+		for (uint32_t i = 0; i < nj; i++)
+			mx = nk[i] > mx ? nk[i] : mx;
+		if (lim <= 70000) { /* the definition by linear search */
+			uint32_t b = chunk_brute(nk, nj, R);
+			if (c != b)
+				fail_msg("iteration %d: chunk %u, brute force %u (nj %u, R %u)", it, c, b, nj, R);
+		} else { /* the same by its two sides: c fits (or is one split each), c - AXF_TS does not */
+			uint32_t minc = ((mx + AXF_MAX_SPLITS - 1) / AXF_MAX_SPLITS + AXF_TS - 1) / AXF_TS * AXF_TS;
+			assert_true(axf_total_splits(nk, nj, c) <= R || c >= mx || c == minc);
+			assert_true(c == AXF_TS || c == minc || axf_total_splits(nk, nj, c - AXF_TS) > R);
+		}
+		assert_int_equal(c % AXF_TS, 0);
+		for (uint32_t i = 0; i < nj; i++)
+			assert_true(axf_splits(nk[i], c) <= AXF_MAX_SPLITS);
+	}
+	/* the shapes on an H100 (132 SMs × 2): one wave */
+	uint32_t one[1] = {1u << 20};
+	assert_true(axf_total_splits(one, 1, axf_plan_chunk(one, 1, 264)) <= 264);
+	uint32_t many[64];
+	for (int i = 0; i < 64; i++)
+		many[i] = 4096;
+	uint32_t c = axf_plan_chunk(many, 64, 264);
+	assert_int_equal(c, 1024); /* 4 splits each: 256 CTAs */
+}
+
+/* ---- whole plans ------------------------------------------------------------------------------------------------ */
+
+/* A random job over fake pointers (plans never read them): eligible most of the time. */
+static ax_attn_job rand_job(void)
+{
+	static const uint32_t modes[3] = {AX_MODE_MEAN_LOGIT, AX_MODE_HEADS, AX_MODE_MEAN_PROB};
+	static const uint32_t hkv[5] = {1, 2, 3, 4, 8};
+	ax_attn_job j = base_job();
+	j.mode = modes[td_u64() % 3];
+	j.n_kv_heads = hkv[td_u64() % 5];
+	j.n_q_heads = j.n_kv_heads * (1 + (uint32_t)(td_u64() % 8));
+	j.k_stride[0] = j.n_kv_heads * 128 + (td_u64() % 3) * 8;
+	j.k_dtype = j.q_dtype = td_u64() % 2 ? AX_DTYPE_BF16 : AX_DTYPE_F16;
+	j.index_dtype = td_u64() % 2 ? AX_DTYPE_I32 : AX_DTYPE_I64;
+	j.top_k = 1 + (uint32_t)(td_u64() % 64);
+	j.position = td_u64() % (td_u64() % 4 == 0 ? 2000000 : 5000);
+	j.window = td_u64() % 5 == 0 ? (int32_t)(1 + td_u64() % 3000) : 0;
+	j.head_offset = (uint32_t)(td_u64() % 100);
+	switch (td_u64() % 12) { /* a few refused ones */
+	case 0: j.logit_cap = 10; break;
+	case 1: j.top_k = 0; break;
+	case 2: j.k_dtype = AX_DTYPE_F32, j.q_dtype = AX_DTYPE_F32; break;
+	default: break;
+	}
+	return j;
+}
+
+/* Every invariant of a plan of jobs[0 .. n). */
+static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, const int *rc, uint32_t R)
+{
+	uint64_t rows = 0;
+	uint32_t want_pj = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		int why = axf_why_not(&jobs[i]);
+		int want = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
+		assert_int_equal(rc[i], want);
+		assert_true(why != AXF_NO_INVALID || want != 0);
+		assert_int_equal(p->roff[i], rows);
+		rows += axc_out_rows(&jobs[i]);
+		want_pj += rc[i] == 0 ? (jobs[i].mode == AX_MODE_MEAN_PROB ? 2 : 1) : 0;
+	}
+	assert_int_equal(p->rows, rows);
+	assert_int_equal(p->njb, want_pj);
+	/* launches: each pass-job in exactly one, instances in launch order, contiguous */
+	uint32_t next = 0, ord = 0, so = 0;
+	uint64_t parts = 0, ents = 0;
+	char *seen_lse = calloc(p->nlse + 1, 1), *lse_done = calloc(p->nlse + 1, 1);
+	char *ticket = calloc(p->njb + 1, 1);
+	assert_non_null(seen_lse);
+	assert_non_null(lse_done);
+	assert_non_null(ticket);
+	for (uint32_t l = 0; l < p->nl; l++) {
+		const axf_launch *L = &p->L[l];
+		while (ord < AXF_N_INST && axf_launch_order[ord] != L->inst)
+			ord++;
+		assert_true(ord < AXF_N_INST); /* in launch order, each instance once */
+		ord++;
+		assert_int_equal(L->j0, next);
+		assert_int_equal(L->so0, so);
+		assert_true(L->nj > 0);
+		uint32_t mode = axf_inst_mode(L->inst), ctas = 0;
+		for (uint32_t k = 0; k < L->nj; k++) {
+			const axf_job *jb = &p->jb[L->j0 + k];
+			const ax_attn_job *j = &jobs[jb->flag];
+			uint64_t start, nv;
+			axc_visible(j, &start, &nv);
+			assert_true(jb->flag < n && rc[jb->flag] == 0);
+			assert_int_equal(axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads), L->inst);
+			assert_int_equal(jb->start, start);
+			assert_int_equal(jb->n, nv);
+			assert_int_equal(jb->G * jb->Hkv, jb->H);
+			assert_int_equal(jb->chunk % AXF_TS, 0);
+			assert_int_equal(jb->S, (jb->n + jb->chunk - 1) / jb->chunk);
+			assert_true(jb->S >= 1 && jb->S <= AXF_MAX_SPLITS && (uint64_t)(jb->S - 1) * jb->chunk < jb->n);
+			assert_true(jb->S <= AXF_MERGE_CAP);
+			assert_int_equal(p->so[L->so0 + k], ctas);
+			ctas += jb->S;
+			assert_int_equal(jb->part0, parts);
+			assert_int_equal(jb->ent0, ents);
+			parts += (uint64_t)axf_prows(jb, mode) * jb->S;
+			ents += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
+			assert_false(ticket[jb->ticket]);
+			ticket[jb->ticket] = 1;
+			assert_true(jb->kout == (jb->K < jb->n ? jb->K : jb->n));
+			if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) { /* logsumexp pass: before the second */
+				assert_int_equal(jb->K, 0);
+				assert_int_equal(jb->res, -1);
+				assert_true(jb->lse_out >= 0 && (uint32_t)jb->lse_out + jb->H <= p->nlse);
+				assert_false(seen_lse[jb->lse_out]);
+				seen_lse[jb->lse_out] = 1;
+			} else {
+				assert_int_equal(jb->lse_out, -1);
+				assert_int_equal(jb->res, (int32_t)p->roff[jb->flag]);
+				assert_int_equal(jb->K, j->top_k);
+				if (mode == AXF_M_PROB) {
+					assert_true(seen_lse[jb->lse_in]); /* its logsumexps come from an earlier launch */
+					assert_false(lse_done[jb->lse_in]);
+					lse_done[jb->lse_in] = 1;
+				}
+			}
+			assert_true(jb->scale == j->scale && jb->head_offset == j->head_offset);
+			assert_true(jb->q == j->q && jb->k == j->k && jb->index == j->index && jb->idt == j->index_dtype);
+		}
+		assert_int_equal(p->so[L->so0 + L->nj], ctas);
+		assert_int_equal(L->ctas, ctas);
+		/* one wave when the pass-jobs allow it */
+		uint64_t mx = 0;
+		for (uint32_t k = 0; k < L->nj; k++)
+			mx = p->jb[L->j0 + k].n > mx ? p->jb[L->j0 + k].n : mx;
+		if (L->nj <= R && mx <= (uint64_t)R * AXF_TS && mx <= AXF_MAX_SPLITS * (uint64_t)AXF_TS)
+			assert_true(ctas <= R);
+		next += L->nj, so += L->nj + 1;
+	}
+	assert_int_equal(next, p->njb);
+	assert_int_equal(so, p->nso);
+	assert_int_equal(p->parts, parts);
+	assert_int_equal(p->entries, ents);
+	for (uint32_t s = 0; s < p->nlse; s++)
+		assert_int_equal(seen_lse[s], lse_done[s]);
+	/* layout: aligned, disjoint, in this order, large enough */
+	const axf_layout *y = &p->lay;
+	size_t off[] = {y->jobs, y->so, y->flags, y->tickets, y->res, y->lse, y->part_lse, y->part_s, y->part_p, y->total};
+	size_t need[] = {p->njb * sizeof(axf_job), p->nso * 4, n * 4, p->njb * 4, p->rows * sizeof(ax_attn_result),
+			 p->nlse * 4, p->parts * 4, p->entries * 4, p->entries * 4};
+	for (size_t i = 0; i + 1 < ARRAY_LEN(off); i++) {
+		assert_int_equal(off[i] % 256, 0);
+		assert_true(off[i] + need[i] <= off[i + 1]);
+	}
+	assert_int_equal(y->up, y->flags);
+	assert_int_equal(y->up + y->zero, y->res); /* flags and tickets zeroed */
+	assert_int_equal(y->up + y->down, y->off_dev);
+	assert_int_equal(y->off_dev, y->lse);
+	free(seen_lse);
+	free(lse_done);
+	free(ticket);
+}
+
+static void test_plans(void **state)
+{
+	(void)state;
+	axf_plan *p = calloc(1, sizeof *p);
+	assert_non_null(p);
+	enum { MAXN = 200 };
+	ax_attn_job jobs[MAXN];
+	int rc[MAXN];
+	for (int it = 0; it < 400; it++) {
+		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
+		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
+		for (uint32_t i = 0; i < n; i++)
+			jobs[i] = rand_job();
+		assert_int_equal(axf_plan_build(p, jobs, n, rc, R), 0);
+		check_plan(p, jobs, n, rc, R);
+	}
+	/* a batch of nothing eligible: no launch */
+	jobs[0] = elig_job(X_CAP);
+	jobs[1] = elig_job(X_TOPK0);
+	assert_int_equal(axf_plan_build(p, jobs, 2, rc, 264), 0);
+	assert_int_equal(p->nl, 0);
+	assert_int_equal(rc[0], -EOPNOTSUPP);
+	assert_int_equal(rc[1], -EINVAL);
+	/* the lab's shape: one launch, one wave (1M keys over 264 CTAs) */
+	jobs[0] = elig_job(X_NONE);
+	jobs[0].position = (1u << 20) - 1;
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->nl, 1);
+	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
+	axf_plan_free(p);
+}
+
+/* ---- flags → codes ----------------------------------------------------------------------------------------------- */
+
+static void test_finish(void **state)
+{
+	(void)state;
+	axf_plan *p = calloc(1, sizeof *p);
+	assert_non_null(p);
+	ax_attn_job jobs[5] = {elig_job(X_NONE), elig_job(X_HEADS), elig_job(X_PROB), elig_job(X_CAP),
+			       elig_job(X_NONE)};
+	int rc[5];
+	assert_int_equal(axf_plan_build(p, jobs, 5, rc, 100), 0);
+	char *h = calloc(1, p->lay.off_dev);
+	assert_non_null(h);
+	uint32_t *flags = (uint32_t *)(h + p->lay.flags);
+	ax_attn_result *res = (ax_attn_result *)(h + p->lay.res);
+	for (uint64_t r = 0; r < p->rows; r++)
+		res[r].k = (uint32_t)(1000 + r);
+	flags[0] = AXF_F_DOM;
+	flags[1] = 0;
+	flags[2] = AXF_F_DOM | AXF_F_RANGE;
+	flags[3] = AXF_F_RANGE; /* a job not planned: its code stays */
+	flags[4] = AXF_F_RANGE;
+	uint64_t rows = p->rows;
+	ax_attn_result *out = calloc(rows, sizeof *out);
+	assert_non_null(out);
+	axf_plan_finish(p, h, jobs, out, rc);
+	assert_int_equal(rc[0], -EDOM);
+	assert_int_equal(rc[1], 0);
+	assert_int_equal(rc[2], -ERANGE);
+	assert_int_equal(rc[3], -EOPNOTSUPP);
+	assert_int_equal(rc[4], -ERANGE);
+	assert_int_equal(out[0].k, 0); /* not copied */
+	for (uint32_t r = 0; r < 32; r++)
+		assert_int_equal(out[1 + r].k, 1001 + r);
+	assert_int_equal(out[33].k, 0);
+	free(out);
+	free(h);
+	axf_plan_free(p);
+}
+
+/* ---- the dispatcher ------------------------------------------------------------------------------------------------ */
+
+typedef struct fake_runner {
+	int want_eligible;      /* 1: every job must be eligible; 0: none may be (in a split batch); -1: any */
+	int calls, fail;
+	uint32_t jobs_seen;
+	const ax_attn_job *last;
+} fake_runner;
+
+/* A runner backed by ax_attn_cpu on host data. */
+static int cpu_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+{
+	fake_runner *f = ctx;
+	f->calls++;
+	f->jobs_seen += n;
+	f->last = jobs;
+	if (f->fail)
+		return f->fail;
+	ax_attn_scratch *s = ax_attn_scratch_new();
+	assert_non_null(s);
+	uint64_t o = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		if (f->want_eligible >= 0)
+			assert_int_equal(axf_eligible(&jobs[i]), f->want_eligible);
+		rc[i] = ax_attn_cpu(&jobs[i], s, out + o);
+		o += ax_attn_rows(&jobs[i]);
+	}
+	ax_attn_scratch_free(s);
+	return 0;
+}
+
+static const tcase disp_cases[] = {
+	/* name, mode, kdt, qdt, idt, D, H, Hkv, top_k, n_keys, window, cap, n_heads, heads, tie, pad */
+	{"logit bf16", ML, BF, BF, I32, 128, 32, 8, 10, 700, 0, 0, 0, {0}, 1, 0},
+	{"heads f16 i64", HD, F16, F16, I64, 128, 16, 4, 5, 300, 0, 0, 0, {0}, 1, 0},
+	{"prob bf16 window", MP, BF, BF, I32, 128, 8, 2, 7, 500, 200, 0, 0, {0}, 1, 0},
+	{"logit cap (generic)", ML, BF, BF, I32, 128, 8, 2, 3, 200, 0, 20, 0, {0}, 1, 0},
+	{"heads list (generic)", HD, BF, BF, I32, 128, 8, 2, 4, 150, 0, 0, 2, {3, 1}, 1, 0},
+	{"logit D64 (generic)", ML, BF, BF, I32, 64, 8, 8, 6, 100, 0, 0, 0, {0}, 1, 0},
+	{"heads G8 H_kv 1", HD, BF, BF, I32, 128, 8, 1, 9, 64, 0, 0, 0, {0}, 0, 0},
+	{"logit f32 (generic)", ML, F32, F32, I64, 128, 4, 2, 10, 90, 0, 0, 0, {0}, 1, 1},
+};
+
+/* Rows equal where ax_attn_cpu defines them (it leaves entries past k unwritten). */
+static void rows_equal(const ax_attn_result *a, const ax_attn_result *b, uint32_t nr)
+{
+	for (uint32_t r = 0; r < nr; r++) {
+		assert_int_equal(a[r].head_id, b[r].head_id);
+		assert_int_equal(a[r].k, b[r].k);
+		assert_memory_equal(&a[r].lse, &b[r].lse, sizeof a[r].lse);
+		assert_memory_equal(a[r].pos, b[r].pos, a[r].k * sizeof a[r].pos[0]);
+		assert_memory_equal(a[r].logit, b[r].logit, a[r].k * sizeof a[r].logit[0]);
+	}
+}
+
+static void run_dispatch(const uint32_t *pick, uint32_t n, int bad_job, int expect)
+{
+	tdata t[16];
+	ax_attn_job jobs[16];
+	uint32_t rows = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		td_make(&disp_cases[pick[i]], &t[i]);
+		jobs[i] = t[i].job;
+		if ((int)i == bad_job)
+			jobs[i].top_k = 0; /* invalid: the generic path reports it */
+		rows += ax_attn_rows(&jobs[i]);
+	}
+	ax_attn_result *out = malloc(rows * sizeof *out), *want = malloc(rows * sizeof *want);
+	int rc[16], wrc[16];
+	assert_non_null(out);
+	assert_non_null(want);
+	uint32_t nf = 0;
+	for (uint32_t i = 0; i < n; i++)
+		nf += (uint32_t)axf_eligible(&jobs[i]);
+	fake_runner all = {-1, 0, 0, 0, NULL};
+	assert_int_equal(cpu_runner(&all, jobs, n, want, wrc), 0);
+	fake_runner fast = {nf == n ? 1 : 1, 0, 0, 0, NULL}, gen = {nf == 0 ? -1 : 0, 0, 0, 0, NULL};
+	axf_split s;
+	memset(&s, 0, sizeof s);
+	memset(out, 0xff, rows * sizeof *out);
+	int r = axf_dispatch(&s, jobs, n, out, rc, cpu_runner, &fast, cpu_runner, &gen);
+	assert_int_equal(r, expect);
+	assert_int_equal(fast.jobs_seen, nf ? nf : 0);
+	assert_int_equal(gen.jobs_seen, n - nf);
+	assert_int_equal(fast.calls, nf ? 1 : 0);
+	assert_int_equal(gen.calls, nf < n ? 1 : 0);
+	if (nf == n)
+		assert_ptr_equal(fast.last, jobs); /* a uniform batch is not copied */
+	if (nf == 0)
+		assert_ptr_equal(gen.last, jobs);
+	uint32_t o = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		assert_int_equal(rc[i], wrc[i]);
+		uint32_t nr = ax_attn_rows(&jobs[i]);
+		if (rc[i] == 0)
+			rows_equal(out + o, want + o, nr);
+		o += nr;
+	}
+	axf_split_fini(&s);
+	free(out);
+	free(want);
+	for (uint32_t i = 0; i < n; i++)
+		td_free(&t[i]);
+}
+
+static void test_dispatch(void **state)
+{
+	(void)state;
+	static const uint32_t fast_only[] = {0, 1, 2, 6, 0};
+	static const uint32_t generic_only[] = {3, 4, 5, 7};
+	static const uint32_t mixed[] = {3, 0, 4, 1, 2, 5, 6, 7, 0, 3};
+	run_dispatch(fast_only, ARRAY_LEN(fast_only), -1, 0);
+	run_dispatch(generic_only, ARRAY_LEN(generic_only), -1, 0);
+	run_dispatch(mixed, ARRAY_LEN(mixed), -1, 0);
+	run_dispatch(mixed, ARRAY_LEN(mixed), 1, 0); /* an invalid job (else eligible) goes to the generic path */
+	run_dispatch(fast_only, ARRAY_LEN(fast_only), 2, 0);
+	/* a runner's whole-batch error comes back */
+	tdata t[2];
+	td_make(&disp_cases[0], &t[0]);
+	td_make(&disp_cases[3], &t[1]);
+	ax_attn_job jobs[2] = {t[0].job, t[1].job};
+	ax_attn_result out[2];
+	int rc[2];
+	axf_split s;
+	memset(&s, 0, sizeof s);
+	fake_runner fast = {1, 0, 0, 0, NULL}, gen = {0, 0, 0, 0, NULL};
+	fast.fail = -EIO;
+	assert_int_equal(axf_dispatch(&s, jobs, 2, out, rc, cpu_runner, &fast, cpu_runner, &gen), -EIO);
+	assert_int_equal(gen.calls, 0);
+	fast.fail = 0, gen.fail = -ENOMEM;
+	assert_int_equal(axf_dispatch(&s, jobs, 2, out, rc, cpu_runner, &fast, cpu_runner, &gen), -ENOMEM);
+	/* no fast runner (the fast path off): everything through the generic one */
+	fake_runner any = {-1, 0, 0, 0, NULL};
+	assert_int_equal(axf_dispatch(&s, jobs, 2, out, rc, NULL, NULL, cpu_runner, &any), 0);
+	assert_int_equal(any.jobs_seen, 2);
+	assert_int_equal(rc[0], 0);
+	assert_int_equal(rc[1], 0);
+	axf_split_fini(&s);
+	td_free(&t[0]);
+	td_free(&t[1]);
+}
+
+/* ---- constants the kernels rely on --------------------------------------------------------------------------------- */
+
+static void test_constants(void **state)
+{
+	(void)state;
+	assert_int_equal(AXF_ROWS_SM % 128, 64);   /* fragment loads of two rows hit different banks */
+	assert_int_equal(AXF_ROWS_SM % 16, 0);     /* bulk-copy destinations 16-byte aligned */
+	assert_int_equal((AXF_NS * AXF_TS * AXF_ROWS_SM) % 8, 0); /* mbarriers 8-byte aligned */
+	assert_true(AXF_SMEM <= 227 * 1024);       /* per-CTA limit on sm_90 */
+	assert_true(AXF_MINB * (AXF_SMEM + 1024) <= 228 * 1024); /* two CTAs per SM */
+	assert_true(AXF_MERGE_CAP >= AXF_MAX_SPLITS); /* ≥ 1 staged entry per split */
+	assert_int_equal(AXF_F_RANGE, AXC_F_RANGE);
+	assert_int_equal(AXF_F_DOM, AXC_F_DOM);
+	for (uint32_t hkv = 1; hkv <= AXF_MAX_HKV; hkv++)
+		assert_int_equal(hkv * AXF_D * 2 % 16, 0); /* bulk-copy sizes */
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	const char *e = getenv("AX_TEST_SEED");
+	td_state = e ? strtoull(e, NULL, 0) : (uint64_t)time(NULL);
+	printf("# seed %llu (AX_TEST_SEED=%llu repeats it)\n", (unsigned long long)td_state,
+	       (unsigned long long)td_state);
+	return 0;
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_plan_chunk),
+		cmocka_unit_test(test_plans),     cmocka_unit_test(test_finish),      cmocka_unit_test(test_dispatch),
+	};
+	return cmocka_run_group_tests(tests, setup, NULL);
+}
