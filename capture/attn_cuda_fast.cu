@@ -536,14 +536,13 @@ __device__ __forceinline__ int find_job(const axf_args &a, uint32_t cta)
 	return lo;
 }
 
-/* Slot of visible key j of the pass-job (index value as signed, then unsigned: negative values are out of
- * range); an out-of-pool value sets *rng and reads slot 0 instead. */
-__device__ __forceinline__ uint64_t load_slot(const axf_job &jb, uint32_t j, uint32_t &rng)
+/* Slot of index entry `at` (the value as signed, then unsigned: negative values are out of range); an
+ * out-of-pool value sets rng and reads slot 0 instead. */
+__device__ __forceinline__ uint64_t load_slot(const void *index, bool i32, uint64_t at, uint64_t n_slots,
+					      uint32_t &rng)
 {
-	const uint64_t at = jb.start + j;
-	uint64_t s = jb.idt == AX_DTYPE_I32 ? (uint64_t)(int64_t)((const int32_t *)jb.index)[at]
-					    : (uint64_t)((const int64_t *)jb.index)[at];
-	if (s >= jb.n_slots) {
+	uint64_t s = i32 ? (uint64_t)(int64_t)((const int32_t *)index)[at] : (uint64_t)((const int64_t *)index)[at];
+	if (s >= n_slots) {
 		rng = 1;
 		s = 0;
 	}
@@ -587,7 +586,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 	uint32_t rng = 0, bad = 0;
 	auto slot_of = [&](int st) -> int64_t {
 		const uint32_t j = start + (uint32_t)st * AXF_TS + (uint32_t)lane;
-		return st < nst && j < end ? (int64_t)load_slot(jb, j, rng) : -1;
+		return st < nst && j < end ? (int64_t)load_slot(jb.index, jb.idt == AX_DTYPE_I32, jb.start + j, jb.n_slots, rng) : -1;
 	};
 	auto issue = [&](int st, int64_t slot) {
 		uint64_t *mb = &full[st % AXF_NS];
@@ -624,7 +623,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 			bad |= nonfinite8<F16>(qf[c]);
 		}
 	}
-	const float scale = jb.scale;
+	const float scale = jb.scale, inv_h = jb.inv_h;
 	float l0 = 0.f, l1 = 0.f; /* mean_prob: logsumexps of columns 2t, 2t+1 */
 	if (MODE == AXF_M_PROB) {
 		l0 = cA ? a.lse[jb.lse_in + w * G + 2 * t] : 0.f;
@@ -665,6 +664,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 		}
 		__syncwarp();
 		mbar_wait(&full[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
+		__syncwarp(); /* converged for mma.sync.aligned */
 		const uint32_t tile = start + (uint32_t)i * AXF_TS;
 		const int nv = (int)min((uint32_t)AXF_TS, end - tile);
 		const unsigned char *buf = stg + (size_t)(i % AXF_NS) * AXF_TS * AXF_ROWS_SM;
@@ -759,9 +759,9 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 				__syncwarp();
 				if (lane == 0)
 					mbar_arrive(&empty[i % AXF_NS]);
-				v = MODE == AXF_M_LOGIT ? v * jb.inv_h : logf(v * jb.inv_h);
 				const bool ok = lane < nv;
-				bad |= ok && !finite_f(v);
+				bad |= ok && !finite_f(v); /* a NaN/inf score, or (mean_prob) Σ exp overflowing; 0 is fine */
+				v = MODE == AXF_M_LOGIT ? v * inv_h : logf(v * inv_h);
 				if (ok)
 					lse_add(mA, sA, v);
 				if (K)
