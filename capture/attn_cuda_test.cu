@@ -18,7 +18,9 @@
  * --small: only the small feature table and the error table (for compute-sanitizer memcheck / racecheck).
  * --bench: bf16, H_q 32, H_kv 8, D 128, top-10, the issue's shapes and modes; host clock around each
  * (synchronous) ax_attn_cuda_run, median of repeats, against a streaming read of the same bytes timed with
- * events in the same run (the floor). This is the generic path: expect several × the floor.
+ * events in the same run (the floor). Two columns: the default context (the fast path, attn_cuda_fast.cu, serves
+ * these shapes through ax_attn_cuda_run's dispatch) and a context opened with AX_ATTN_CUDA_FAST=0 (generic only).
+ * The fast path block (cudafast) compares both paths on every eligible case; see fast_tests.
  */
 #include <cuda_runtime.h>
 
@@ -35,6 +37,7 @@ extern "C" {
 #include "attn.h"
 }
 #include "attn_cuda.h"
+#include "attn_cuda_fast.h" /* fast-path block (cudafast) */
 #include "attn_cuda_testdata.h"
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
@@ -343,6 +346,215 @@ static void test_api(ax_attn_cuda *c)
 	cudaStreamDestroy(side);
 }
 
+/* ==== fast path block (attn_cuda_fast.cu; owner: cudafast) =================================================== */
+/*
+ * The fast path (bf16/f16, D 128, H_kv ≤ 8, group ≤ 8, no cap, no head list) against the generic path: every
+ * eligible case of the tables (the small and big ones above and fast_cases below) runs through
+ * ax__attn_fast_run directly and through a context opened with AX_ATTN_CUDA_FAST=0 (the generic path only);
+ * both must match the float64 reference and each other (same codes, k, head_id, positions up to near-ties,
+ * logits and logsumexp within TOL). Also: all of them in one fast batch, the same batch again (bitwise
+ * identical: deterministic), and the error table at head_dim 128 through the fast path. The ordinary tests
+ * above go through the dispatch hook of ax_attn_cuda_run, so their eligible cases run the fast path too.
+ */
+static const tcase fast_cases[] = {
+	/* name, mode, kdt, qdt, idt, D, H, Hkv, top_k, n_keys, window, cap, n_heads, heads, tie, pad */
+	{"fast logit bf16 32/8 4K", ML, BF, BF, I32, 128, 32, 8, 10, 4096, 0, 0, 0, {0}, 1, 0},
+	{"fast heads bf16 32/8 10K", HD, BF, BF, I32, 128, 32, 8, 10, 10000, 0, 0, 0, {0}, 1, 0},
+	{"fast prob bf16 32/8 6K", MP, BF, BF, I32, 128, 32, 8, 10, 6000, 0, 0, 0, {0}, 1, 0},
+	{"fast logit f16 G1 i64 top-64", ML, F16, F16, I64, 128, 8, 8, 64, 3000, 0, 0, 0, {0}, 1, 0},
+	{"fast heads f16 G8 H_kv 1 top-33", HD, F16, F16, I32, 128, 8, 1, 33, 2000, 0, 0, 0, {0}, 1, 0},
+	{"fast heads bf16 G5 H_kv 3 i64", HD, BF, BF, I64, 128, 15, 3, 12, 1500, 0, 0, 0, {0}, 1, 0},
+	{"fast prob bf16 G8 window 700", MP, BF, BF, I32, 128, 16, 2, 10, 5000, 700, 0, 0, {0}, 1, 0},
+	{"fast logit G3 H_kv 5 n 17", ML, BF, BF, I32, 128, 15, 5, 10, 17, 0, 0, 0, {0}, 1, 0},
+	{"fast heads n 1", HD, BF, BF, I32, 128, 4, 2, 5, 1, 0, 0, 0, {0}, 0, 0},
+	{"fast heads n < k", HD, BF, BF, I64, 128, 8, 4, 64, 40, 0, 0, 0, {0}, 1, 0},
+	{"fast prob top-64 G2", MP, BF, BF, I32, 128, 4, 2, 64, 3000, 0, 0, 0, {0}, 1, 0},
+	{"fast logit window 1", ML, BF, BF, I32, 128, 8, 2, 3, 500, 1, 0, 0, {0}, 0, 0},
+	{"fast logit bf16 32/8 200K", ML, BF, BF, I32, 128, 32, 8, 10, 200000, 0, 0, 0, {0}, 1, 0},
+	{"fast heads bf16 32/8 window 50K (120K)", HD, BF, BF, I64, 128, 32, 8, 10, 120000, 50000, 0, 0, {0}, 1, 0},
+};
+#define N_FAST_SMALL 12 /* fast_cases[0 .. N_FAST_SMALL) run under --small */
+
+/* A context with the fast path off (the environment is read when a context opens). */
+static ax_attn_cuda *open_generic(void)
+{
+	const char *old = getenv("AX_ATTN_CUDA_FAST");
+	char *keep = old ? strdup(old) : NULL;
+	setenv("AX_ATTN_CUDA_FAST", "0", 1);
+	ax_attn_cuda *g = NULL;
+	int r = ax_attn_cuda_open(&g, 0);
+	if (keep)
+		setenv("AX_ATTN_CUDA_FAST", keep, 1), free(keep);
+	else
+		unsetenv("AX_ATTN_CUDA_FAST");
+	return r ? NULL : g;
+}
+
+/* Fast rows against generic rows: codes were equal; k, head_id, positions (a swap only between logits within
+ * 1e-5), logits and logsumexp within TOL, entries past k both (-1, -inf). *maxd: largest logit difference. */
+static int fast_same(const ax_attn_result *f, const ax_attn_result *g, uint32_t rows, double *maxd, char *why,
+		     size_t len)
+{
+	for (uint32_t r = 0; r < rows; r++) {
+		if (f[r].k != g[r].k || f[r].head_id != g[r].head_id)
+			return td_fail(why, len, "row %u: k %u / %u, head_id %d / %d (fast / generic)", r, f[r].k, g[r].k,
+				       f[r].head_id, g[r].head_id);
+		if (!(fabs(f[r].lse - g[r].lse) <= TOL))
+			return td_fail(why, len, "row %u: lse %.9g / %.9g", r, f[r].lse, g[r].lse);
+		for (uint32_t e = 0; e < AX_ATTN_MAX_TOPK; e++) {
+			if (e >= f[r].k) {
+				if (f[r].pos[e] != -1 || f[r].logit[e] != -INFINITY || g[r].pos[e] != -1)
+					return td_fail(why, len, "row %u entry %u past k: %lld / %lld", r, e,
+						       (long long)f[r].pos[e], (long long)g[r].pos[e]);
+				continue;
+			}
+			double d = fabs((double)f[r].logit[e] - g[r].logit[e]);
+			*maxd = d > *maxd ? d : *maxd;
+			if (!(d <= TOL))
+				return td_fail(why, len, "row %u entry %u: logit %.9g / %.9g", r, e, f[r].logit[e],
+					       g[r].logit[e]);
+			if (f[r].pos[e] != g[r].pos[e] && !(d <= 1e-5 * fmax(1, fabs(g[r].logit[e]))))
+				return td_fail(why, len, "row %u entry %u: position %lld / %lld", r, e,
+					       (long long)f[r].pos[e], (long long)g[r].pos[e]);
+		}
+	}
+	return 0;
+}
+
+/* Jobs through the fast path and the generic context: codes, reference, agreement. */
+static void fast_compare(ax_attn_fast *f, ax_attn_cuda *g, const char *name, const tdata *t, const ax_attn_job *jobs,
+			 uint32_t n)
+{
+	uint32_t rows = 0;
+	for (uint32_t i = 0; i < n; i++)
+		rows += ax_attn_rows(&jobs[i]);
+	ax_attn_result *fo = (ax_attn_result *)malloc(rows * sizeof *fo), *go = (ax_attn_result *)malloc(rows * sizeof *go);
+	int *frc = (int *)malloc(n * sizeof *frc), *grc = (int *)malloc(n * sizeof *grc);
+	memset(fo, 0xff, rows * sizeof *fo);
+	for (uint32_t i = 0; i < n; i++)
+		frc[i] = 12345;
+	int fr = ax__attn_fast_run(f, jobs, n, fo, frc), gr = gpu_run(g, jobs, n, go, rows, grc);
+	char why[256] = "";
+	double maxd = 0;
+	int ok = fr == 0 && gr == 0;
+	if (!ok)
+		snprintf(why, sizeof why, "fast run %d (cuda error %d), generic run %d", fr, ax__attn_fast_take_error(f), gr);
+	for (uint32_t i = 0, o = 0; ok && i < n; o += ax_attn_rows(&jobs[i]), i++) {
+		if (frc[i] != 0 || grc[i] != 0)
+			snprintf(why, sizeof why, "job %u: rc %d / %d (fast / generic)", i, frc[i], grc[i]), ok = 0;
+		else if (check_rows(&t[i].job, fo + o, why, sizeof why) || fast_same(fo + o, go + o, ax_attn_rows(&jobs[i]),
+										   &maxd, why, sizeof why))
+			ok = 0;
+	}
+	tap(ok, "fast = generic: %s (largest logit difference %.2g)%s%s", name, maxd, ok ? "" : ": ", why);
+	free(fo), free(go), free(frc), free(grc);
+}
+
+/* Every eligible case of a table alone; returns how many ran. */
+static int fast_table(ax_attn_fast *f, ax_attn_cuda *g, const tcase *cs, size_t n)
+{
+	int ran = 0;
+	for (size_t i = 0; i < n; i++) {
+		tdata t;
+		djob d;
+		td_make(&cs[i], &t);
+		dj_make(&t, &d);
+		if (ax__attn_fast_eligible(&d.job)) {
+			fast_compare(f, g, cs[i].name, &t, &d.job, 1);
+			ran++;
+		}
+		dj_free(&d);
+		td_free(&t);
+	}
+	return ran;
+}
+
+/* All fast cases in one batch; then again: bitwise identical. */
+static void fast_batch(ax_attn_fast *f, ax_attn_cuda *g)
+{
+	size_t n = ARRAY_LEN(fast_cases);
+	tdata *t = (tdata *)calloc(n, sizeof *t);
+	djob *d = (djob *)calloc(n, sizeof *d);
+	ax_attn_job *jobs = (ax_attn_job *)calloc(n, sizeof *jobs);
+	uint32_t rows = 0;
+	for (size_t i = 0; i < n; i++) {
+		td_make(&fast_cases[i], &t[i]);
+		dj_make(&t[i], &d[i]);
+		jobs[i] = d[i].job;
+		rows += ax_attn_rows(&jobs[i]);
+	}
+	fast_compare(f, g, "every fast case in one batch", t, jobs, (uint32_t)n);
+	ax_attn_result *a = (ax_attn_result *)malloc(rows * sizeof *a), *b = (ax_attn_result *)malloc(rows * sizeof *b);
+	int *rc = (int *)calloc(n, sizeof *rc);
+	int r1 = ax__attn_fast_run(f, jobs, (uint32_t)n, a, rc), r2 = ax__attn_fast_run(f, jobs, (uint32_t)n, b, rc);
+	tap(r1 == 0 && r2 == 0 && memcmp(a, b, rows * sizeof *a) == 0, "fast path: the same batch twice, bitwise identical");
+	for (size_t i = 0; i < n; i++) {
+		dj_free(&d[i]);
+		td_free(&t[i]);
+	}
+	free(a), free(b), free(rc), free(t), free(d), free(jobs);
+}
+
+/* The error table at head_dim 128 through the fast path (the cases it takes), each between two valid jobs. */
+static void fast_errors(ax_attn_fast *f)
+{
+	for (size_t i = 0; i < ARRAY_LEN(td_errors); i++) {
+		const td_error *e = &td_errors[i];
+		tcase tc = {e->name, e->mode, BF, BF, (uint32_t)(i % 2 ? I64 : I32), 128, 4, 2, 5, 2000, e->window, 0,
+			    e->n_heads, {e->heads[0], e->heads[1]}, 0, 0};
+		tdata t, okd;
+		djob d, dok;
+		td_make(&tc, &t);
+		td_make(&tc, &okd);
+		td_corrupt(&t, e->what);
+		dj_make(&t, &d);
+		dj_make(&okd, &dok);
+		if (!ax__attn_fast_eligible(&d.job) || !ax__attn_fast_eligible(&dok.job)) {
+			dj_free(&d), dj_free(&dok), td_free(&t), td_free(&okd);
+			continue;
+		}
+		ax_attn_job jobs[3] = {dok.job, d.job, dok.job};
+		uint32_t r0 = ax_attn_rows(&okd.job), r1 = ax_attn_rows(&t.job), rows = 2 * r0 + r1;
+		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+		int rc[3] = {1, 1, 1}, r = ax__attn_fast_run(f, jobs, 3, out, rc);
+		char why[256] = "";
+		int ok = r == 0 && rc[1] == e->want && rc[0] == 0 && rc[2] == 0;
+		if (!ok)
+			snprintf(why, sizeof why, "run %d, rc %d %d %d, want 0 %d 0", r, rc[0], rc[1], rc[2], e->want);
+		if (ok && (check_rows(&okd.job, out, why, sizeof why) || check_rows(&okd.job, out + r0 + r1, why, sizeof why)))
+			ok = 0;
+		tap(ok, "fast error: %s%s%s", e->name, ok ? "" : ": ", why);
+		free(out);
+		dj_free(&d), dj_free(&dok), td_free(&t), td_free(&okd);
+	}
+}
+
+static void fast_tests(int small)
+{
+	cudaStream_t s;
+	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+	ax_attn_fast *f = NULL;
+	int r = ax__attn_fast_new(&f, 0, s);
+	ax_attn_cuda *g = open_generic();
+	if (r || !f || !g) {
+		printf("ok %d - # SKIP fast path: not available here (new %d, %s; generic context %s)\n", ++g_tests, r,
+		       f ? "on" : "off: AX_ATTN_CUDA_FAST=0, not sm_90, or no sm_90 kernels", g ? "open" : "failed");
+	} else {
+		int ran = fast_table(f, g, fast_cases, small ? N_FAST_SMALL : ARRAY_LEN(fast_cases));
+		ran += fast_table(f, g, td_cases, ARRAY_LEN(td_cases));
+		if (!small) {
+			ran += fast_table(f, g, big_cases, ARRAY_LEN(big_cases));
+			fast_batch(f, g);
+		}
+		fast_errors(f);
+		printf("# fast path: %d eligible cases compared with the generic path\n", ran);
+	}
+	ax__attn_fast_free(f);
+	ax_attn_cuda_close(g);
+	cudaStreamDestroy(s);
+}
+/* ==== end of fast path block ======================================================================================= */
+
 /* ---- benchmark ----------------------------------------------------------------------------------------------------- */
 
 __global__ void fill_bf16(uint16_t *k, size_t n, uint64_t seed)
@@ -429,9 +641,13 @@ static int bench(ax_attn_cuda *c)
 	int dev;
 	CK(cudaGetDevice(&dev));
 	CK(cudaGetDeviceProperties(&prop, dev));
-	printf("# bench: %s, generic path, bf16 H_q %u H_kv %u D %u top-%u; host clock around ax_attn_cuda_run "
-	       "(synchronous: plan, upload, kernels, download), median\n", prop.name, H, Hkv, D, K);
-	printf("%-10s %-10s %12s %10s %12s %9s\n", "shape", "mode", "us", "GB/s", "floor us", "x floor");
+	ax_attn_cuda *cg = open_generic(); /* fast path block (cudafast): the generic path beside the dispatched one */
+	printf("# bench: %s, bf16 H_q %u H_kv %u D %u top-%u; host clock around ax_attn_cuda_run "
+	       "(synchronous: plan, upload, kernels, download), median; 'us' = the default context (fast path for "
+	       "these shapes unless AX_ATTN_CUDA_FAST=0), 'generic us' = a context with AX_ATTN_CUDA_FAST=0\n",
+	       prop.name, H, Hkv, D, K);
+	printf("%-10s %-10s %12s %10s %12s %9s %12s %9s\n", "shape", "mode", "us", "GB/s", "floor us", "x floor",
+	       "generic us", "x floor");
 	for (size_t s = 0; s < ARRAY_LEN(shapes); s++) {
 		uint64_t keys = shapes[s].B * shapes[s].n;
 		size_t kbytes = keys * Hkv * D * 2, ibytes = keys * 4;
@@ -472,26 +688,34 @@ static int bench(ax_attn_cuda *c)
 			uint32_t rows = shapes[s].B * (modes[m] == HD ? H : 1);
 			ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 			int *rc = (int *)malloc(shapes[s].B * sizeof *rc);
-			double t[64];
+			double t[64], us2[2] = {0, 0};
 			int reps = shapes[s].reps, bad = 0;
-			for (int r = -2; r < reps; r++) {
-				double t0 = now_us();
-				int x = ax_attn_cuda_run(c, jobs, shapes[s].B, out, rc);
-				double t1 = now_us();
-				bad |= x != 0 || rc[0] != 0;
-				if (r >= 0)
-					t[r] = t1 - t0;
+			for (int which = 0; which < 2; which++) {
+				ax_attn_cuda *cx = which == 0 ? c : cg;
+				if (!cx)
+					continue;
+				for (int r = -2; r < reps; r++) {
+					double t0 = now_us();
+					int x = ax_attn_cuda_run(cx, jobs, shapes[s].B, out, rc);
+					double t1 = now_us();
+					bad |= x != 0 || rc[0] != 0;
+					if (r >= 0)
+						t[r] = t1 - t0;
+				}
+				us2[which] = median(t, reps);
 			}
-			double us = median(t, reps);
-			printf("%-10s %-10s %12.1f %10.1f %12.1f %9.2f%s\n", shapes[s].name,
+			double us = us2[0];
+			printf("%-10s %-10s %12.1f %10.1f %12.1f %9.2f %12.1f %9.2f%s\n", shapes[s].name,
 			       modes[m] == ML ? "mean_logit" : modes[m] == HD ? "heads" : "mean_prob", us,
-			       (double)(kbytes + ibytes) / us / 1e3, fl, us / fl, bad ? "  RUN FAILED" : "");
+			       (double)(kbytes + ibytes) / us / 1e3, fl, us / fl, us2[1], us2[1] / fl,
+			       bad ? "  RUN FAILED" : "");
 			fflush(stdout);
 			free(out), free(rc), free(jobs);
 		}
 		free(hidx);
 		cudaFree(k), cudaFree(idx), cudaFree(q);
 	}
+	ax_attn_cuda_close(cg);
 	return 0;
 }
 
@@ -528,6 +752,7 @@ int main(int argc, char **argv)
 	test_errors(c);
 	if (!small)
 		test_api(c);
+	fast_tests(small); /* fast path block (cudafast) */
 	ax_attn_cuda_close(c);
 	printf("1..%d\n", g_tests);
 	printf("# attn_cuda_test: %d/%d passed, %d near-tie substitutions, seed %llu\n", g_tests - g_failed, g_tests,
