@@ -20,6 +20,9 @@
  * or logprobs say otherwise; it carries P+n-1 like any token chunk. A usage-only chunk (choices: []) that counts
  * tokens has no place for entries: they go in an extra chunk just before it.
  *
+ * Several captures (one per TP rank, each with its own heads) each send an `end`: the merge counts which capture
+ * slots have (`ends`) against the live ones (`live`), and the captures are done only when all live ones have ended,
+ * so one rank's early `end` never cuts off another rank's records still on their way.
  * Non-streamed bodies wait the same way, then get choices[0].attention_tokens (positions P..P+n-2) and
  * choices[0].prompt_attention; entry texts come from the body's logprobs (the relay asks the upstream for them when
  * the client did not, and strips them again: see ax__merge_body). Entries render the top (highest) layer at the top level for seed clients and all
@@ -78,6 +81,7 @@ struct ax_merge {
 	size_t ntexts;
 	json_t *tmpl;             /* id/object/created/model of the last chunk, for extra chunks */
 	int up_done, done_emitted, cap_end;
+	uint64_t ends, live;       /* capture slots that sent `end`; capture slots that count */
 	uint64_t t_done;
 	uint64_t late_entries;
 	json_t *body;             /* non-stream body */
@@ -149,6 +153,29 @@ uint64_t ax__merge_late_entries(const ax_merge *m)
 void ax__merge_capture_end(ax_merge *m)
 {
 	m->cap_end = 1;
+}
+
+static void sources_check(ax_merge *m)
+{
+	if (m->ends && !(m->live & ~m->ends))
+		m->cap_end = 1;
+}
+
+void ax__merge_source_end(ax_merge *m, int slot, uint64_t live)
+{
+	if (slot < 0 || slot >= 64) {
+		m->cap_end = 1;
+		return;
+	}
+	m->ends |= 1ull << slot;
+	m->live = live;
+	sources_check(m);
+}
+
+void ax__merge_set_sources(ax_merge *m, uint64_t live)
+{
+	m->live = live;
+	sources_check(m);
 }
 
 static mslot *slot_at(ax_merge *m, int64_t p)

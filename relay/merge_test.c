@@ -4,7 +4,8 @@
  * mode, completions placement, non-streamed bodies, the end of stream waiting for due entries, a prompt length
  * learnt late, token counting from usage, non-JSON events passed through; the row of a stop token (finish-only
  * chunk), a usage-only chunk's entries, rows no chunk carried (sent before DONE), policy stride / max_tokens,
- * per-token texts from logprobs, and non-streamed entry texts (with the relay's own logprobs stripped).
+ * per-token texts from logprobs, and non-streamed entry texts (with the relay's own logprobs stripped); several
+ * captures' (TP ranks') `end`s, all of the live ones awaited.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -704,6 +705,51 @@ static void non_stream_texts(void **state)
 	}
 }
 
+/* Several captures (TP ranks) each send `end`: the stream's DONE waits until every live capture has (ends from slots
+ * not live, or a live set that shrinks to those that ended, complete it too); a chunk is held the same way. */
+static void source_ends(void **state)
+{
+	(void)state;
+	enum { END, LIVE };
+	static const struct {
+		const char *what;
+		int n;
+		struct { int op, slot; uint64_t live; int done_after; } ev[4];
+	} cases[] = {
+		{"one capture", 1, {{END, 0, 0x1, 1}}},
+		{"two ranks, rank 0 first", 2, {{END, 0, 0x3, 0}, {END, 1, 0x3, 1}}},
+		{"two ranks, rank 1 first", 2, {{END, 1, 0x3, 0}, {END, 0, 0x3, 1}}},
+		{"a repeated end of one rank", 3, {{END, 0, 0x3, 0}, {END, 0, 0x3, 0}, {END, 1, 0x3, 1}}},
+		{"the other rank's connection closed", 2, {{END, 0, 0x3, 0}, {LIVE, 0, 0x1, 1}}},
+		{"a rank said hello meanwhile", 3, {{END, 0, 0x1, 1}, {LIVE, 0, 0x3, 1}, {END, 1, 0x3, 1}}},
+		{"an end from a capture not live", 2, {{END, 5, 0x3, 0}, {END, 0, 0x3, 0}}},
+		{"no live capture known", 1, {{END, 2, 0x0, 1}}},
+		{"slot out of range", 1, {{END, 64, 0x3, 1}}},
+		{"sources only, no end", 1, {{LIVE, 0, 0x3, 0}}},
+	};
+	for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+		ax_merge *m = chat(2, 0);
+		out o = {0};
+		ax__merge_set_prompt_len(m, 5);
+		ax_rec_attn a = attn(4, 0, 0, AX_MODE_HEADS); /* rank 0's head of row P-1; rank 1's head 1 never comes */
+		assert_int_equal(ax__merge_add(m, &a), 0);
+		chunk(m, "A", 0);
+		ax__merge_upstream_done(m, 0);
+		for (int i = 0; i < cases[k].n; i++) {
+			if (cases[k].ev[i].op == END)
+				ax__merge_source_end(m, cases[k].ev[i].slot, cases[k].ev[i].live);
+			else
+				ax__merge_set_sources(m, cases[k].ev[i].live);
+			ax__merge_poll(m, 1 + (uint64_t)i, collect, &o); /* well within the hold */
+			if (o.done != cases[k].ev[i].done_after)
+				fail_msg("%s: after event %d, done %d", cases[k].what, i, o.done);
+			assert_int_equal(o.n, o.done); /* the chunk A leaves with DONE, not before */
+		}
+		out_free(&o);
+		ax__merge_free(m);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -718,6 +764,7 @@ int main(void)
 		cmocka_unit_test(rest_before_done),   cmocka_unit_test(stride_rows),
 		cmocka_unit_test(logprob_texts),      cmocka_unit_test(non_stream_texts),
 		cmocka_unit_test(absurd_upstream_counts), cmocka_unit_test(rows_past_table),
+		cmocka_unit_test(source_ends),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -654,6 +654,18 @@ static uint32_t expected_records(ax_relay *r, const ax_rec_policy *p)
 	return layers * heads;
 }
 
+/* The capture slots that count for a request's `end`s: connected, with a hello (as expected_records counts). */
+static uint64_t live_captures(ax_relay *r)
+{
+	uint64_t live = 0;
+	pthread_mutex_lock(&r->cap_mu);
+	for (int i = 0; i < r->n_caps && i < 64; i++)
+		if (capture_connected(&r->caps[i]))
+			live |= 1ull << i;
+	pthread_mutex_unlock(&r->cap_mu);
+	return live;
+}
+
 static void publish(ax_relay *r, nng_socket s, const uint8_t *p, size_t n)
 {
 	nng_msg *m;
@@ -1021,7 +1033,9 @@ typedef struct ingest {
 	int last_slot;        /* its slot */
 } ingest;
 
-static void to_request(ax_relay *r, const ax_record *rec)
+/* A record of capture `slot` for its request. Each capture (TP rank) sends its own `end`: the request's captures
+ * are done when every live one has sent it (merge.c), not at the first. */
+static void to_request(ax_relay *r, const ax_record *rec, int slot)
 {
 	ax_up *u = rec->rid[0] ? find_up(r, rec->rid) : NULL;
 	if (!u)
@@ -1031,7 +1045,7 @@ static void to_request(ax_relay *r, const ax_record *rec)
 	else if (rec->type == AX_REC_REQ)
 		ax__merge_set_prompt_len(u->m, rec->u.req.prompt_len);
 	else if (rec->type == AX_REC_END)
-		ax__merge_capture_end(u->m);
+		ax__merge_source_end(u->m, slot, live_captures(r));
 	else
 		return;
 	u->touched = 1;
@@ -1042,9 +1056,11 @@ static void to_request(ax_relay *r, const ax_record *rec)
  * starts or re-attaches while a request runs). Their chunks would then leave with part of their layers × heads. */
 static void refresh_expected(ax_relay *r)
 {
+	uint64_t live = live_captures(r);
 	for (ax_up *u = r->ups; u; u = u->next)
 		if (u->m && !u->finished) {
 			ax__merge_set_expected(u->m, expected_records(r, &u->pc->info.policy));
+			ax__merge_set_sources(u->m, live);
 			u->touched = 1;
 		}
 }
@@ -1062,7 +1078,7 @@ static int on_record(const ax_record *rec, void *arg)
 	if (rec->type == AX_REC_POLICY) /* on the records channel, a policy is a capture's ack */
 		policy_acked(r, in->last_slot, rec->rid);
 	else
-		to_request(r, rec);
+		to_request(r, rec, in->last_slot);
 	ax__ws_record(r, rec, in->t, 1);
 	return 0;
 }

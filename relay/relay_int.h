@@ -106,6 +106,13 @@ int64_t ax__merge_prompt_len(const ax_merge *m);
 int ax__merge_add(ax_merge *m, const ax_rec_attn *a);
 /* The captures sent `end` for the request: no more records will come, stop waiting for missing ones. */
 void ax__merge_capture_end(ax_merge *m);
+/* Capture `slot` (0..63: its index in the relay's capture table) sent `end` for the request; `live` = the slots of
+ * the captures that count now (connected, with a hello). Several captures (one per TP rank) each send their own
+ * `end`: the captures are done (as ax__merge_capture_end) only once every live one has, so a rank whose records
+ * lag behind another's end is still waited for. With no live capture known, any end is the last. */
+void ax__merge_source_end(ax_merge *m, int slot, uint64_t live);
+/* The captures that count changed (a hello, a closed connection): done when every live one has sent its end. */
+void ax__merge_set_sources(ax_merge *m, uint64_t live);
 /* A streamed chunk arrived at `now_ns`: `data` is the SSE event's data. Takes nothing; copies what it needs.
  * Returns 0 or -ENOMEM. */
 int ax__merge_chunk(ax_merge *m, const char *data, size_t len, uint64_t now_ns);
