@@ -863,7 +863,7 @@ static int fast_setup(int device, int *occ)
 {
 	int major = 0, sms = 0;
 	*occ = 0;
-	if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+	if (cudaSetDevice(device) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
 	    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
 		return -EIO;
 	if (major < 9)
