@@ -857,15 +857,18 @@ int ax__attn_fast_eligible(const ax_attn_job *j)
 	return j ? axf_eligible(j) : 0;
 }
 
-/* Shared-memory opt-in for every instance and the least resident CTAs per SM (0: the fast path cannot run:
- * kernels not built for this device, or not sm_90). */
+/* Shared-memory opt-in for every instance and *occ = resident CTAs of a wave (SMs × the least occupancy); 0 when
+ * the fast path cannot run here (not sm_90, kernels not built for this device, or any query failing). Returns 0. */
 static int fast_setup(int device, int *occ)
 {
 	int major = 0, sms = 0;
 	*occ = 0;
-	if (cudaSetDevice(device) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-	    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-		return -EIO;
+	if (cudaSetDevice(device) != cudaSuccess ||
+	    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+	    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+		cudaGetLastError(); /* the generic path serves this device (and reports its own errors) */
+		return 0;
+	}
 	if (major < 9)
 		return 0;
 	int least = INT_MAX;

@@ -571,7 +571,8 @@ int ax__attn_fast_eligible(const ax_attn_job *j);
 /*
  * Fast-path state for a context on `device` running on `stream` (a cudaStream_t the caller owns and keeps until
  * ax__attn_fast_free). *out = NULL with 0 when the fast path is off here: AX_ATTN_CUDA_FAST=0 in the environment,
- * a device before sm_90, or kernels not built for this device. Returns 0, -ENOMEM or -EIO.
+ * a device before sm_90, kernels not built for this device, or a failing device query (the generic path then
+ * serves everything). Returns 0, -EINVAL (out NULL) or -ENOMEM.
  */
 int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream);
 /* Free the state (waits for the stream). Accepts NULL. */
