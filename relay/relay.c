@@ -623,13 +623,72 @@ static int capture_connected(const ax_capture *cp)
 	return cp->has_hello && nng_pipe_id(cp->pipe) > 0 && nng_pipe_get_addr(cp->pipe, NNG_OPT_LOCADDR, &sa) == 0;
 }
 
-/* Records that make one position complete: layers × heads the request asked for, else the defaults of the
- * connected captures (a capture that went away no longer adds its heads: its successor says hello again). */
+/* Query heads of the live captures: [lo, hi) per capture, one range per TP rank. */
+typedef struct head_ranges {
+	uint32_t lo[AX_MAX_CAPTURES], hi[AX_MAX_CAPTURES];
+	int n;
+	uint32_t n_layers; /* the largest model depth a capture reported */
+} head_ranges;
+
+static int in_ranges(const head_ranges *hr, int64_t h)
+{
+	for (int i = 0; i < hr->n; i++)
+		if (h >= hr->lo[i] && h < hr->hi[i])
+			return 1;
+	return 0;
+}
+
+/* Distinct ids of a list (n ≤ AX_PROTO_MAX_LIST) that some capture will report: below n_layers for layers (when
+ * known), inside a live rank's head range for heads (when known). Ids the captures drop are never waited for. */
+static uint32_t distinct_ids(const int32_t *ids, uint32_t n, const head_ranges *hr, int heads)
+{
+	uint32_t c = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		uint32_t j = 0;
+		while (j < i && ids[j] != ids[i])
+			j++;
+		if (j < i)
+			continue;
+		if (heads ? (!hr->n || in_ranges(hr, ids[i])) : (!hr->n_layers || (uint32_t)ids[i] < hr->n_layers))
+			c++;
+	}
+	return c;
+}
+
+/* Heads in the union of the ranges (ranks overlap only when two captures attach the same rank). */
+static uint32_t union_heads(const head_ranges *hr)
+{
+	uint32_t lo[AX_MAX_CAPTURES], hi[AX_MAX_CAPTURES], c = 0;
+	for (int i = 0; i < hr->n; i++) { /* insertion sort by lo */
+		int j = i;
+		for (; j > 0 && lo[j - 1] > hr->lo[i]; j--) {
+			lo[j] = lo[j - 1];
+			hi[j] = hi[j - 1];
+		}
+		lo[j] = hr->lo[i];
+		hi[j] = hr->hi[i];
+	}
+	uint32_t end = 0;
+	for (int i = 0; i < hr->n; i++) {
+		uint32_t from = lo[i] > end ? lo[i] : end;
+		if (hi[i] > from)
+			c += hi[i] - from;
+		if (hi[i] > end)
+			end = hi[i];
+	}
+	return c;
+}
+
+/* Records that make one position complete: layers × heads the request asked for that some live capture will
+ * report, else the defaults of the connected captures (a capture that went away no longer adds its heads: its
+ * successor says hello again). With TP, each rank's capture reports the heads of its range, so the heads are the
+ * union of the ranks' ranges (∩ the request's list). */
 static uint32_t expected_records(ax_relay *r, const ax_rec_policy *p)
 {
-	uint32_t layers = p->n_layer_ids, heads = 1, mode = p->mode, hello_heads = 0;
+	uint32_t layers, heads = 1, mode = p->mode;
 	int32_t seen[AX_PROTO_MAX_LIST];
 	uint32_t nseen = 0;
+	head_ranges hr = {.n = 0};
 	pthread_mutex_lock(&r->cap_mu);
 	for (int i = 0; i < r->n_caps; i++) {
 		const ax_rec_hello *h = &r->caps[i].hello;
@@ -637,7 +696,10 @@ static uint32_t expected_records(ax_relay *r, const ax_rec_policy *p)
 			continue;
 		if (!mode)
 			mode = h->mode;
-		hello_heads += h->n_q_heads;
+		hr.lo[hr.n] = h->head_offset;
+		hr.hi[hr.n++] = h->head_offset + h->n_q_heads;
+		if (h->n_layers > hr.n_layers)
+			hr.n_layers = h->n_layers;
 		for (uint32_t k = 0; k < h->n_layer_ids && k < AX_PROTO_MAX_LIST; k++) {
 			uint32_t j = 0;
 			while (j < nseen && seen[j] != h->layer_ids[k])
@@ -647,11 +709,14 @@ static uint32_t expected_records(ax_relay *r, const ax_rec_policy *p)
 		}
 	}
 	pthread_mutex_unlock(&r->cap_mu);
-	if (!layers)
-		layers = nseen ? nseen : 1;
+	if (p->n_layer_ids)
+		layers = distinct_ids(p->layer_ids, p->n_layer_ids, &hr, 0);
+	else
+		layers = nseen;
 	if (mode == AX_MODE_HEADS)
-		heads = p->n_head_ids ? p->n_head_ids : (hello_heads ? hello_heads : 1);
-	return layers * heads;
+		heads = p->n_head_ids ? distinct_ids(p->head_ids, p->n_head_ids, &hr, 1) : union_heads(&hr);
+	layers = layers ? layers : 1;
+	return layers * (heads ? heads : 1);
 }
 
 /* The capture slots that count for a request's `end`s: connected, with a hello (as expected_records counts). */
