@@ -29,7 +29,11 @@
  * run (capture/dev/RESULTS.md, run 5: validated, memcheck/racecheck clean); this file's kernels, launches and
  * driver have only been compiled. The host half (attn_cuda_fast.h) runs in attn_cuda_fast_test.c.
  */
+#ifdef AXF_EMU
+#include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_fast_emu_test.cc): kernels only */
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <errno.h>
 #include <limits.h>
@@ -52,6 +56,9 @@ extern "C" {
 #define AXF_SM90(body) __trap()
 #else
 #define AXF_SM90(body) body
+#endif
+#ifndef AXF_EMU
+#define AXF_DYN_SMEM(name) extern __shared__ __align__(128) unsigned char name[] /* bulk copies: 16-byte aligned */
 #endif
 
 /* (a, ap) ranks before (b, bp): higher value, then lower position. */
@@ -258,6 +265,7 @@ __device__ __forceinline__ void wl_offer16(WList &L, float x, int p, bool ok, in
 		wl_offer(L, x, p, ok && lane < 16, K);
 }
 
+#ifndef AXF_EMU /* the emulator has its own mma, mbarriers and bulk copy */
 template <int F16>
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
 					 uint32_t b0, uint32_t b1)
@@ -274,6 +282,8 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 			     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+#endif
+
 /* 1 if any of the 8 16-bit elements of v is NaN or infinite (exponent all ones). */
 template <int F16> __device__ __forceinline__ uint32_t nonfinite8(uint4 v)
 {
@@ -286,6 +296,7 @@ template <int F16> __device__ __forceinline__ uint32_t nonfinite8(uint4 v)
 	return bad;
 }
 
+#ifndef AXF_EMU
 __device__ __forceinline__ uint32_t smem_u32(const void *p)
 {
 	return (uint32_t)__cvta_generic_to_shared(p);
@@ -334,6 +345,8 @@ __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t by
 		"l"(src), "r"(bytes), "r"(smem_u32(mb))
 		: "memory"));
 }
+
+#endif
 
 /* Byte offset in a stage buffer of the 16-byte fragment piece (row, KV head w, dims 32c+8t .. +8). */
 __device__ __forceinline__ uint32_t lds_off(int row, int w, int c, int t)
@@ -552,7 +565,7 @@ __device__ __forceinline__ uint64_t load_slot(const void *index, bool i32, uint6
 template <int MODE, int F16, int NL>
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 {
-	extern __shared__ __align__(128) unsigned char smem[];
+	AXF_DYN_SMEM(smem);
 	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, grow = lane >> 2, t = lane & 3;
 	const int ji = find_job(a, blockIdx.x);
 	const axf_job &jb = a.jobs[ji];
@@ -826,6 +839,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 }
 
 /* ---- the driver ------------------------------------------------------------------------------------------------------ */
+#ifndef AXF_EMU
 
 typedef void (*axf_kfn)(axf_args);
 static const axf_kfn axf_kernels[AXF_N_INST] = {
@@ -1016,3 +1030,4 @@ int ax__attn_fast_dispatch(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n,
 		return generic(gctx, jobs, n, out, rc);
 	return axf_dispatch(&f->split, jobs, n, out, rc, fast_runner, f, generic, gctx);
 }
+#endif /* AXF_EMU */

@@ -495,11 +495,25 @@ static void fast_batch(ax_attn_fast *f, ax_attn_cuda *g)
 	free(a), free(b), free(rc), free(t), free(d), free(jobs);
 }
 
-/* The error table at head_dim 128 through the fast path (the cases it takes), each between two valid jobs. */
+/* Errors only the fast path's own checks catch (its table, beside td_errors): non-finite keys in every mode and
+ * KV head, NaN in Q with all heads reported; and NaN outside the window, which must not matter. */
+static const td_error fast_error_cases[] = {
+	{"inf in a visible key, heads", E_K_INF, HD, 0, {0}, 0, -EDOM},
+	{"NaN in Q, heads (all heads)", E_Q_NAN_UNLISTED, HD, 0, {0}, 0, -EDOM},
+	{"NaN in Q, mean_logit", E_Q_NAN_UNLISTED, ML, 0, {0}, 0, -EDOM},
+	{"NaN in Q, mean_prob", E_Q_NAN_UNLISTED, MP, 0, {0}, 0, -EDOM},
+	{"NaN in a visible key of KV head 1, mean_logit", E_K_NAN_UNUSED, ML, 0, {0}, 0, -EDOM},
+	{"NaN in a visible key of KV head 1, heads", E_K_NAN_UNUSED, HD, 0, {0}, 0, -EDOM},
+	{"NaN in keys outside the window, heads", E_K_NAN_OUTSIDE, HD, 0, {0}, 100, 0},
+	{"NaN in keys outside the window, mean_prob", E_K_NAN_OUTSIDE, MP, 0, {0}, 300, 0},
+};
+
+/* The error tables at head_dim 128 through the fast path (the cases it takes), each between two valid jobs. */
 static void fast_errors(ax_attn_fast *f)
 {
-	for (size_t i = 0; i < ARRAY_LEN(td_errors); i++) {
-		const td_error *e = &td_errors[i];
+	const size_t nt = ARRAY_LEN(td_errors), nx = ARRAY_LEN(fast_error_cases);
+	for (size_t i = 0; i < nt + nx; i++) {
+		const td_error *e = i < nt ? &td_errors[i] : &fast_error_cases[i - nt];
 		tcase tc = {e->name, e->mode, BF, BF, (uint32_t)(i % 2 ? I64 : I32), 128, 4, 2, 5, 2000, e->window, 0,
 			    e->n_heads, {e->heads[0], e->heads[1]}, 0, 0};
 		tdata t, okd;

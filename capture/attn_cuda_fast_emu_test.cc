@@ -1,0 +1,252 @@
+/*
+ * attn_cuda_fast_emu_test.cc — attn_cuda_fast.cu's kernels run on the CPU, unchanged, under the SIMT emulator
+ * of attn_cuda_fast_emu.h (g++, no GPU, no nvcc): the real kernel code, the real plan and layout of
+ * attn_cuda_fast.h, host memory in place of device memory, each launch's CTAs one after the other. What it
+ * checks: results against the float64 reference and ax_attn_cpu (attn_cuda_testdata.h's checker: k, head_id,
+ * positions with near-ties, logits and logsumexp within 1e-3, ties by lower position), entries past k (-1,
+ * -inf), error codes (-ERANGE / -EDOM, -ERANGE winning, neighbours unharmed), determinism, and — by the
+ * emulator — that warp collectives are never divergent, mbarrier arrivals never exceed their counts, bulk
+ * copies are 16-byte aligned and inside shared memory, and no CTA deadlocks. Plans are forced to one split per
+ * job, a few, and many short (16-key) splits, so the merge runs with 1..~200 splits.
+ * What it cannot check: races, memory ordering, the async proxy, timing (the GPU test and compute-sanitizer).
+ * AX_TEST_SEED=N repeats a run.
+ */
+#define AXF_EMU 1
+#include "attn_cuda_fast.cu"
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <time.h>
+
+extern "C" {
+#include <cmocka.h>
+}
+
+#include "attn_cuda_testdata.h"
+
+#define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define TOL 1e-3
+
+struct emu_arg {
+	axf_args a;
+	uint32_t inst;
+};
+
+static void emu_body(void *p)
+{
+	const emu_arg *x = (const emu_arg *)p;
+	switch (x->inst) {
+	case 0: axf_kernel<AXF_M_LOGIT, 0, 1>(x->a); break;
+	case 1: axf_kernel<AXF_M_LOGIT, 1, 1>(x->a); break;
+	case 2: axf_kernel<AXF_M_HEADS, 0, 4>(x->a); break;
+	case 3: axf_kernel<AXF_M_HEADS, 1, 4>(x->a); break;
+	case 4: axf_kernel<AXF_M_HEADS, 0, 8>(x->a); break;
+	case 5: axf_kernel<AXF_M_HEADS, 1, 8>(x->a); break;
+	case 6: axf_kernel<AXF_M_PROB, 0, 1>(x->a); break;
+	default: axf_kernel<AXF_M_PROB, 1, 1>(x->a); break;
+	}
+}
+
+/* ax__attn_fast_run's steps with host memory: plan, tables, zeroed flags/tickets, launches, finish. */
+static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc, uint32_t resident)
+{
+	axf_plan *p = (axf_plan *)calloc(1, sizeof *p);
+	assert_non_null(p);
+	int r = axf_plan_build(p, jobs, n, rc, resident);
+	if (r || p->nl == 0) {
+		axf_plan_free(p);
+		return r;
+	}
+	char *buf = (char *)aligned_alloc(256, (p->lay.total + 255) / 256 * 256);
+	assert_non_null(buf);
+	memset(buf, 0xa5, p->lay.total); /* garbage: nothing may depend on scratch contents */
+	axf_plan_tables(p, buf);
+	memset(buf + p->lay.up, 0, p->lay.zero);
+	for (uint32_t l = 0; l < p->nl; l++) {
+		emu_arg x = {axf_plan_args(p, buf, &p->L[l]), p->L[l].inst};
+		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
+	}
+	axf_plan_finish(p, buf, jobs, out, rc);
+	free(buf);
+	axf_plan_free(p);
+	return 0;
+}
+
+static int g_near;
+
+/* Rows of one job against the float64 reference, ax_attn_cpu, and the (-1, -inf) padding past k. */
+static void check_job(const ax_attn_job *job, const ax_attn_result *got, const char *name)
+{
+	tref ref;
+	char why[256] = "";
+	td_ref(job, &ref);
+	int r = td_check(&ref, job->top_k, got, TOL, &g_near, why, sizeof why);
+	if (r == 0) {
+		ax_attn_scratch *s = ax_attn_scratch_new();
+		ax_attn_result *cpu = (ax_attn_result *)calloc(ref.rows, sizeof *cpu);
+		assert_int_equal(ax_attn_cpu(job, s, cpu), 0);
+		for (uint32_t i = 0; r == 0 && i < ref.rows; i++) {
+			for (uint32_t e = 0; r == 0 && e < got[i].k; e++)
+				if (got[i].pos[e] != cpu[i].pos[e] &&
+				    !(fabs(got[i].logit[e] - cpu[i].logit[e]) <= 1e-5 * fmax(1, fabs(cpu[i].logit[e]))))
+					r = td_fail(why, sizeof why, "row %u entry %u: position %lld, ax_attn_cpu %lld", i, e,
+						    (long long)got[i].pos[e], (long long)cpu[i].pos[e]);
+			for (uint32_t e = got[i].k; r == 0 && e < AX_ATTN_MAX_TOPK; e++)
+				if (got[i].pos[e] != -1 || got[i].logit[e] != -INFINITY)
+					r = td_fail(why, sizeof why, "row %u entry %u past k: %lld", i, e, (long long)got[i].pos[e]);
+		}
+		free(cpu);
+		ax_attn_scratch_free(s);
+	}
+	td_ref_free(&ref);
+	if (r)
+		fail_msg("%s: %s", name, why);
+}
+
+static const tcase emu_cases[] = {
+	/* name, mode, kdt, qdt, idt, D, H, Hkv, top_k, n_keys, window, cap, n_heads, heads, tie, pad */
+	{"logit bf16 32/8", ML, BF, BF, I32, 128, 32, 8, 10, 700, 0, 0, 0, {0}, 1, 0},
+	{"heads bf16 32/8", HD, BF, BF, I32, 128, 32, 8, 10, 500, 0, 0, 0, {0}, 1, 0},
+	{"prob bf16 32/8", MP, BF, BF, I32, 128, 32, 8, 10, 600, 0, 0, 0, {0}, 1, 0},
+	{"logit f16 G1 i64 top-64", ML, F16, F16, I64, 128, 8, 8, 64, 400, 0, 0, 0, {0}, 1, 0},
+	{"heads f16 G8 H_kv 1 top-33", HD, F16, F16, I32, 128, 8, 1, 33, 300, 0, 0, 0, {0}, 1, 0},
+	{"heads bf16 G5 H_kv 3 i64", HD, BF, BF, I64, 128, 15, 3, 12, 350, 0, 0, 0, {0}, 1, 0},
+	{"prob bf16 G8 window 200", MP, BF, BF, I32, 128, 16, 2, 10, 900, 200, 0, 0, {0}, 1, 0},
+	{"logit G3 H_kv 5 n 17", ML, BF, BF, I32, 128, 15, 5, 10, 17, 0, 0, 0, {0}, 1, 0},
+	{"heads n 1", HD, BF, BF, I32, 128, 4, 2, 5, 1, 0, 0, 0, {0}, 0, 0},
+	{"heads n < k top-64", HD, BF, BF, I64, 128, 8, 4, 64, 40, 0, 0, 0, {0}, 1, 0},
+	{"prob top-64 G2", MP, F16, F16, I32, 128, 4, 2, 64, 300, 0, 0, 0, {0}, 1, 0},
+	{"logit window 1", ML, BF, BF, I32, 128, 8, 2, 3, 100, 1, 0, 0, {0}, 0, 0},
+	{"heads G2 H_kv 8 top-1", HD, BF, BF, I32, 128, 16, 8, 1, 257, 0, 0, 0, {0}, 1, 0},
+	{"logit G7 H_kv 2 top-40", ML, F16, F16, I64, 128, 14, 2, 40, 333, 0, 0, 0, {0}, 1, 0},
+};
+
+/* Plans: one split per job (resident 1), a few, many 16-key splits. */
+static const uint32_t emu_resident[] = {1, 5, 64};
+
+static void test_cases(void **state)
+{
+	(void)state;
+	for (size_t i = 0; i < ARRAY_LEN(emu_cases); i++) {
+		tdata t;
+		td_make(&emu_cases[i], &t);
+		assert_true(axf_eligible(&t.job));
+		uint32_t rows = ax_attn_rows(&t.job);
+		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+		for (size_t p = 0; p < ARRAY_LEN(emu_resident); p++) {
+			int rc = 12345;
+			memset(out, 0xff, rows * sizeof *out);
+			assert_int_equal(emu_run(&t.job, 1, out, &rc, emu_resident[p]), 0);
+			if (rc != 0)
+				fail_msg("%s (resident %u): rc %d", emu_cases[i].name, emu_resident[p], rc);
+			check_job(&t.job, out, emu_cases[i].name);
+		}
+		free(out);
+		td_free(&t);
+	}
+}
+
+/* All cases in one batch (every instance in one plan, mean_prob's two launches), twice: bitwise identical. */
+static void test_batch(void **state)
+{
+	(void)state;
+	size_t n = ARRAY_LEN(emu_cases);
+	tdata *t = (tdata *)calloc(n, sizeof *t);
+	ax_attn_job *jobs = (ax_attn_job *)calloc(n, sizeof *jobs);
+	uint32_t *off = (uint32_t *)calloc(n, sizeof *off), rows = 0;
+	int *rc = (int *)calloc(n, sizeof *rc);
+	for (size_t i = 0; i < n; i++) {
+		td_make(&emu_cases[i], &t[i]);
+		jobs[i] = t[i].job;
+		off[i] = rows, rows += ax_attn_rows(&jobs[i]);
+	}
+	ax_attn_result *a = (ax_attn_result *)malloc(rows * sizeof *a), *b = (ax_attn_result *)malloc(rows * sizeof *b);
+	memset(a, 0xff, rows * sizeof *a);
+	memset(b, 0x00, rows * sizeof *b);
+	assert_int_equal(emu_run(jobs, (uint32_t)n, a, rc, 40), 0);
+	for (size_t i = 0; i < n; i++) {
+		if (rc[i] != 0)
+			fail_msg("%s in the batch: rc %d", emu_cases[i].name, rc[i]);
+		check_job(&jobs[i], a + off[i], emu_cases[i].name);
+	}
+	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
+	assert_memory_equal(a, b, rows * sizeof *a);
+	for (size_t i = 0; i < n; i++)
+		td_free(&t[i]);
+	free(a), free(b), free(t), free(jobs), free(off), free(rc);
+}
+
+/* Errors only the fast path's own checks catch (its table, beside td_errors): non-finite keys in every mode and
+ * KV head, NaN in Q with all heads reported; and NaN outside the window, which must not matter. */
+static const td_error fast_error_cases[] = {
+	{"inf in a visible key, heads", E_K_INF, HD, 0, {0}, 0, -EDOM},
+	{"NaN in Q, heads (all heads)", E_Q_NAN_UNLISTED, HD, 0, {0}, 0, -EDOM},
+	{"NaN in Q, mean_logit", E_Q_NAN_UNLISTED, ML, 0, {0}, 0, -EDOM},
+	{"NaN in Q, mean_prob", E_Q_NAN_UNLISTED, MP, 0, {0}, 0, -EDOM},
+	{"NaN in a visible key of KV head 1, mean_logit", E_K_NAN_UNUSED, ML, 0, {0}, 0, -EDOM},
+	{"NaN in a visible key of KV head 1, heads", E_K_NAN_UNUSED, HD, 0, {0}, 0, -EDOM},
+	{"NaN in keys outside the window, heads", E_K_NAN_OUTSIDE, HD, 0, {0}, 100, 0},
+	{"NaN in keys outside the window, mean_prob", E_K_NAN_OUTSIDE, MP, 0, {0}, 300, 0},
+};
+
+/* The error tables at head_dim 128 (the cases the fast path takes), each between two valid jobs. */
+static void test_errors(void **state)
+{
+	(void)state;
+	int ran = 0;
+	const size_t nt = ARRAY_LEN(td_errors), nx = ARRAY_LEN(fast_error_cases);
+	for (size_t i = 0; i < nt + nx; i++) {
+		const td_error *e = i < nt ? &td_errors[i] : &fast_error_cases[i - nt];
+		tcase tc = {e->name, e->mode, BF, BF, (uint32_t)(i % 2 ? I64 : I32), 128, 4, 2, 5, 2000, e->window, 0,
+			    e->n_heads, {e->heads[0], e->heads[1]}, 0, 0};
+		tdata t, okd;
+		td_make(&tc, &t);
+		td_make(&tc, &okd);
+		td_corrupt(&t, e->what);
+		if (!axf_eligible(&t.job) || !axf_eligible(&okd.job)) {
+			td_free(&t), td_free(&okd);
+			continue;
+		}
+		ax_attn_job jobs[3] = {okd.job, t.job, okd.job};
+		uint32_t r0 = ax_attn_rows(&okd.job), r1 = ax_attn_rows(&t.job), rows = 2 * r0 + r1;
+		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+		int rc[3] = {1, 1, 1};
+		assert_int_equal(emu_run(jobs, 3, out, rc, 12), 0);
+		if (rc[0] != 0 || rc[1] != e->want || rc[2] != 0)
+			fail_msg("%s: rc %d %d %d, want 0 %d 0", e->name, rc[0], rc[1], rc[2], e->want);
+		check_job(&okd.job, out, e->name);
+		check_job(&okd.job, out + r0 + r1, e->name);
+		ax_attn_scratch *s = ax_attn_scratch_new();
+		ax_attn_result *cpu = (ax_attn_result *)calloc(r1, sizeof *cpu);
+		assert_int_equal(ax_attn_cpu(&t.job, s, cpu), e->want);
+		free(cpu);
+		ax_attn_scratch_free(s);
+		free(out);
+		td_free(&t), td_free(&okd);
+		ran++;
+	}
+	assert_true(ran >= 16);
+}
+
+static int setup(void **state)
+{
+	(void)state;
+	const char *e = getenv("AX_TEST_SEED");
+	td_state = e ? strtoull(e, NULL, 0) : (uint64_t)time(NULL);
+	printf("# seed %llu (AX_TEST_SEED=%llu repeats it)\n", (unsigned long long)td_state,
+	       (unsigned long long)td_state);
+	return 0;
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_cases),
+		cmocka_unit_test(test_batch),
+		cmocka_unit_test(test_errors),
+	};
+	int r = cmocka_run_group_tests(tests, setup, NULL);
+	printf("# near-tie substitutions: %d\n", g_near);
+	return r;
+}
