@@ -147,6 +147,40 @@ static void test_cases(void **state)
 	}
 }
 
+/* Every key equal: every score ties, so the top k are the k lowest positions and every merge keeps all its
+ * entries (the insertion fallback past 64 survivors). */
+static void test_all_ties(void **state)
+{
+	(void)state;
+	static const tcase cs[] = {
+		{"ties logit", ML, BF, BF, I32, 128, 32, 8, 10, 600, 0, 0, 0, {0}, 0, 0},
+		{"ties heads top-64", HD, F16, F16, I64, 128, 8, 2, 64, 700, 0, 0, 0, {0}, 0, 0},
+		{"ties prob top-20 window", MP, BF, BF, I32, 128, 16, 4, 20, 900, 500, 0, 0, {0}, 0, 0},
+	};
+	for (size_t i = 0; i < ARRAY_LEN(cs); i++) {
+		tdata t;
+		td_make(&cs[i], &t);
+		size_t row = t.job.k_stride[0] * 2;
+		for (uint64_t s = 1; s < t.slots; s++)
+			memcpy((char *)t.k + s * row, t.k, row);
+		uint32_t rows = ax_attn_rows(&t.job);
+		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+		for (size_t p = 0; p < ARRAY_LEN(emu_resident); p++) {
+			int rc = 1;
+			assert_int_equal(emu_run(&t.job, 1, out, &rc, emu_resident[p]), 0);
+			assert_int_equal(rc, 0);
+			check_job(&t.job, out, cs[i].name);
+			for (uint32_t r = 0; r < rows; r++)
+				for (uint32_t e = 0; e < out[r].k; e++) {
+					uint64_t first = t.job.window ? t.job.position + 1 - (uint64_t)t.job.window : 0;
+					assert_int_equal(out[r].pos[e], (int64_t)(first + e));
+				}
+		}
+		free(out);
+		td_free(&t);
+	}
+}
+
 /* All cases in one batch (every instance in one plan, mean_prob's two launches), twice: bitwise identical. */
 static void test_batch(void **state)
 {
@@ -243,6 +277,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_cases),
+		cmocka_unit_test(test_all_ties),
 		cmocka_unit_test(test_batch),
 		cmocka_unit_test(test_errors),
 	};
