@@ -26,8 +26,11 @@
  * for x inf). -ERANGE wins over -EDOM (attn_cuda_fast.h's finish). A job whose flag is set has undefined rows.
  *
  * NEVER RUN ON A GPU (2026-11-27, session 2: no device time). The lab's v8/v9 kernels this is ported from did
- * run (capture/dev/RESULTS.md, run 5: validated, memcheck/racecheck clean); this file's kernels, launches and
- * driver have only been compiled. The host half (attn_cuda_fast.h) runs in attn_cuda_fast_test.c.
+ * run (capture/dev/RESULTS.md, run 5: validated, memcheck/racecheck clean). This file's kernels have run only on
+ * the CPU, unchanged, under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with
+ * AXF_EMU: the intrinsics, mbarriers, bulk copies and mma.sync come from the emulator, the driver is left out);
+ * the launches and the driver have only been compiled. The host half (attn_cuda_fast.h) runs in
+ * attn_cuda_fast_test.c.
  */
 #ifdef AXF_EMU
 #include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_fast_emu_test.cc): kernels only */
