@@ -147,6 +147,30 @@ static void test_cases(void **state)
 	}
 }
 
+/* The shared small table (attn_cuda_testdata.h): its eligible cases, one plan each. */
+static void test_shared_table(void **state)
+{
+	(void)state;
+	int ran = 0;
+	for (size_t i = 0; i < ARRAY_LEN(td_cases); i++) {
+		tdata t;
+		td_make(&td_cases[i], &t);
+		if (axf_eligible(&t.job)) {
+			uint32_t rows = ax_attn_rows(&t.job);
+			ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+			int rc = 1;
+			assert_int_equal(emu_run(&t.job, 1, out, &rc, 40), 0);
+			if (rc != 0)
+				fail_msg("%s: rc %d", td_cases[i].name, rc);
+			check_job(&t.job, out, td_cases[i].name);
+			free(out);
+			ran++;
+		}
+		td_free(&t);
+	}
+	assert_true(ran >= 3);
+}
+
 /* Every key equal: every score ties, so the top k are the k lowest positions and every merge keeps all its
  * entries (the insertion fallback past 64 survivors). */
 static void test_all_ties(void **state)
@@ -278,6 +302,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_cases),
 		cmocka_unit_test(test_all_ties),
+		cmocka_unit_test(test_shared_table),
 		cmocka_unit_test(test_batch),
 		cmocka_unit_test(test_errors),
 	};
