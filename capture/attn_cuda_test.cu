@@ -450,6 +450,13 @@ static void fast_compare(ax_attn_fast *f, ax_attn_cuda *g, const char *name, con
 	free(fo), free(go), free(frc), free(grc);
 }
 
+/* Whether a case can be eligible (checked before paying for its inputs; the job is checked again after). */
+static int fast_candidate(const tcase *c)
+{
+	return c->D == 128 && (c->kdt == BF || c->kdt == F16) && c->qdt == c->kdt && c->cap == 0 && !c->pad &&
+	       !(c->mode == HD && c->n_heads) && c->Hkv <= 8 && c->H / c->Hkv <= 8;
+}
+
 /* Every eligible case of a table alone; returns how many ran. */
 static int fast_table(ax_attn_fast *f, ax_attn_cuda *g, const tcase *cs, size_t n)
 {
@@ -457,6 +464,8 @@ static int fast_table(ax_attn_fast *f, ax_attn_cuda *g, const tcase *cs, size_t 
 	for (size_t i = 0; i < n; i++) {
 		tdata t;
 		djob d;
+		if (!fast_candidate(&cs[i]))
+			continue;
 		td_make(&cs[i], &t);
 		dj_make(&t, &d);
 		if (ax__attn_fast_eligible(&d.job)) {
