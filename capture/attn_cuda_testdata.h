@@ -181,10 +181,17 @@ static void td_make(const tcase *c, tdata *t)
 	}
 	/* planted keys: up to 3 visible positions, strengths 2, 1.5, 1 */
 	static const float str[3] = {2.0f, 1.5f, 1.0f};
-	uint64_t vis = n - start;
+	uint64_t vis = n - start, taken[4];
+	int ntaken = 0;
 	t->tie_pos[0] = t->tie_pos[1] = -1;
 	for (int p = 0; p < 3 && (uint64_t)p < vis; p++) {
-		uint64_t j = start + td_u64() % vis, slot = perm[j];
+		/* distinct positions: a later planted key must not overwrite the strongest one or its tie copy */
+		uint64_t j = start + td_u64() % vis, slot;
+		for (int u = 0; u < ntaken && vis > (uint64_t)ntaken; u++)
+			if (taken[u] == j)
+				j = start + td_u64() % vis, u = -1;
+		slot = perm[j];
+		taken[ntaken++] = j;
 		for (uint32_t g = 0; g < c->Hkv; g++)
 			for (uint32_t d = 0; d < c->D; d++) {
 				double m = 0;
@@ -198,6 +205,7 @@ static void td_make(const tcase *c, tdata *t)
 			while (j2 == j)
 				j2 = start + td_u64() % vis;
 			memcpy((char *)t->k + perm[j2] * s0 * kes, (char *)t->k + slot * s0 * kes, s0 * kes);
+			taken[ntaken++] = j2;
 			t->tie_pos[0] = (int64_t)(j < j2 ? j : j2);
 			t->tie_pos[1] = (int64_t)(j < j2 ? j2 : j);
 		}
