@@ -336,6 +336,19 @@ static void emu_fiber(void)
 	_longjmp(g_emu->sched_jb, 1);
 }
 
+/* Threads run in a fresh random order every scheduler round (seeded by emu_seed), so runs explore different
+ * interleavings of the warps; a test repeats one by its seed. */
+static uint64_t emu_seed = 0x9e3779b97f4a7c15ull;
+
+static void emu_shuffle(int *order)
+{
+	for (int i = EMU_NT - 1; i > 0; i--) {
+		emu_seed ^= emu_seed << 13, emu_seed ^= emu_seed >> 7, emu_seed ^= emu_seed << 17;
+		int j = (int)(emu_seed % (uint64_t)(i + 1)), x = order[i];
+		order[i] = order[j], order[j] = x;
+	}
+}
+
 /* Run thread i until it yields or ends (no locals live across the jump back). */
 static __attribute__((noinline)) void emu_resume(emu_state *s, int i)
 {
@@ -359,6 +372,9 @@ static void emu_launch(uint32_t ctas, size_t smem_bytes, void (*body)(void *), v
 	if (!s->stacks || !s->smem)
 		EMU_FAIL("out of memory");
 	s->smem_bytes = smem_bytes;
+	int order[EMU_NT];
+	for (int i = 0; i < EMU_NT; i++)
+		order[i] = i;
 	s->body = body;
 	s->arg = arg;
 	for (uint32_t b = 0; b < ctas; b++) {
@@ -380,7 +396,9 @@ static void emu_launch(uint32_t ctas, size_t smem_bytes, void (*body)(void *), v
 			int alive = 0;
 			uint64_t e0 = s->epoch;
 			int all_waiting = 1;
-			for (int i = 0; i < EMU_NT; i++) {
+			emu_shuffle(order);
+			for (int k = 0; k < EMU_NT; k++) {
+				const int i = order[k];
 				if (s->done[i])
 					continue;
 				alive++;

@@ -292,6 +292,7 @@ static int setup(void **state)
 	(void)state;
 	const char *e = getenv("AX_TEST_SEED");
 	td_state = e ? strtoull(e, NULL, 0) : (uint64_t)time(NULL);
+	emu_seed = td_state * 2 + 1; /* the emulator's thread order follows the seed too */
 	printf("# seed %llu (AX_TEST_SEED=%llu repeats it)\n", (unsigned long long)td_state,
 	       (unsigned long long)td_state);
 	return 0;
