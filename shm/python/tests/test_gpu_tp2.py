@@ -45,6 +45,7 @@ Usage: test_gpu_tp2.py                                   (ATTNX_LIB_DIR = the bu
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import socketserver
@@ -602,6 +603,7 @@ def deployment(bins, world, teacher, requests, cpu=False):
             server.shutdown()
             server.server_close()
         ranks.close()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _port(log):

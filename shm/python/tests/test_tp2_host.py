@@ -35,6 +35,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socketserver
 import subprocess
@@ -348,6 +349,7 @@ class Deployment:
         for r in self.ranks:
             r.close()
         self.tail_out.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def request(self, path, body):
         """POST through the relay: (rid, [events or the body], [arrival time of each])."""
