@@ -51,7 +51,18 @@
 #define AXC_ATOMIC_ADD(p, v) atomicAdd((p), (v))
 #define AXC_ATOMIC_OR(p, v) atomicOr((p), (v))
 #else
-#define AXC_PHASE(tid, nth) for (uint32_t tid = 0; tid < (nth); tid++)
+/* Host: a phase's threads one after another, thread AXC_EMU_TID(i, nth) i-th. The test permutes that order
+ * (reversed, strided) and requires identical results: a phase whose outcome depends on the order of its threads
+ * reads what another thread of the same phase writes, which on the GPU is a race. */
+#ifndef AXC_EMU_TID
+#define AXC_EMU_TID(i, nth) (i)
+#endif
+#define AXC_PHASE(tid, nth)                                                                                   \
+	for (uint32_t axc_i_ = 0, tid = 0; axc_i_ < (nth) && ((tid = AXC_EMU_TID(axc_i_, (nth))), 1); axc_i_++)
+/* The host's stand-in for the 16-byte __ldg (the test checks the address is 16-byte aligned, as the GPU needs). */
+#ifndef AXC_EMU_LOAD16
+#define AXC_EMU_LOAD16(w, p) memcpy((w), (p), 16)
+#endif
 #define AXC_SYNC() ((void)0)
 #define AXC_SYNC_ANY(x) ((x) != 0)
 #define AXC_ATOMIC_ADD(p, v) axc_host_add((p), (v))
@@ -393,7 +404,7 @@ AXC_HD void axc_stage_k(const axc_job *jb, uint32_t g, uint32_t nt, uint32_t kdt
 			uint4 v = __ldg((const uint4 *)(kb + el * esz));
 			w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
 #else
-			memcpy(w, kb + el * esz, 16);
+			AXC_EMU_LOAD16(w, kb + el * esz);
 #endif
 			float f[16];
 			axc_decode16(w, kdt, f);

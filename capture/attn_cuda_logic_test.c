@@ -25,6 +25,31 @@
 
 #include <cmocka.h>
 
+/* Hooks of attn_cuda_logic.h's host emulation (before it is included): the order of a phase's threads, and the
+ * 16-byte key loads, which must be 16-byte aligned (the GPU's __ldg of a uint4 faults otherwise; memcpy would not). */
+static uint32_t g_order;      /* 0: threads ascending, 1: descending, 2: strided */
+static uint32_t g_misaligned; /* 16-byte loads from addresses that are not 16-byte aligned */
+
+static uint32_t emu_tid(uint32_t i, uint32_t nth)
+{
+	if (g_order == 1)
+		return nth - 1 - i;
+	if (g_order == 2) {
+		uint32_t step = nth % 37 ? 37 : 41; /* coprime with nth (no emulated count is a multiple of both) */
+		return (uint32_t)((uint64_t)i * step % nth);
+	}
+	return i;
+}
+
+static void emu_load16(uint32_t w[4], const void *p)
+{
+	g_misaligned += (uintptr_t)p % 16 != 0;
+	memcpy(w, p, 16);
+}
+
+#define AXC_EMU_TID(i, nth) emu_tid((i), (nth))
+#define AXC_EMU_LOAD16(w, p) emu_load16((w), (p))
+
 #include "attn.h"
 #include "attn_cuda_plan.h"
 #include "attn_cuda_testdata.h"
@@ -41,6 +66,8 @@ typedef struct emu_opts {
 	uint32_t cap;        /* merge buffer */
 } emu_opts;
 
+#define EMU_GUARD 64 /* floats checked past a split CTA's dynamic shared memory */
+
 static const emu_opts emu_default = {AXC_SPLIT_THREADS, AXC_MERGE_THREADS, 528, AXC_MERGE_CAP};
 
 static void emu_pass(const axc_plan *p, char *d, const axc_pass *P, const emu_opts *o)
@@ -55,13 +82,17 @@ static void emu_pass(const axc_plan *p, char *d, const axc_pass *P, const emu_op
 		uint32_t kdt = sg->inst / 8 + AX_DTYPE_F32, idt = sg->inst % 8 >= 4 ? AX_DTYPE_I64 : AX_DTYPE_I32;
 		static const uint32_t dcs[4] = {64, 128, 256, 0};
 		size_t nf = axc_split_dyn_floats(sg->qcap, sg->dmax);
-		float *dyn = malloc(nf * sizeof(float));
+		float *dyn = malloc((nf + EMU_GUARD) * sizeof(float));
 		assert_non_null(dyn);
 		for (uint32_t cta = 0; cta < sg->count; cta++) {
-			for (size_t f = 0; f < nf; f++)
+			for (size_t f = 0; f < nf + EMU_GUARD; f++)
 				dyn[f] = NAN; /* shared memory is garbage at launch */
+			memset(dyn + nf, 0x5a, EMU_GUARD * sizeof(float)); /* past the launch's dynamic size */
 			memset(sm, 0xa5, sizeof *sm);
 			axc_split_cta(&a, cta, o->nth, sm, dyn, kdt, idt, dcs[sg->inst % 4]);
+			for (size_t f = nf; f < nf + EMU_GUARD; f++)
+				if (axc_f2u(dyn[f]) != 0x5a5a5a5au)
+					fail_msg("split CTA %u wrote past its %zu floats of dynamic shared memory", cta, nf);
 		}
 		free(dyn);
 	}
@@ -422,6 +453,35 @@ static const emu_opts g_opts[] = {
 	{32, 1, 100000, 65},                                        /* the shortest splits; one merge thread */
 };
 
+/* The run of `n` jobs again under the other thread orders: the same codes and bitwise the same rows. */
+static void check_orders(const char *name, const ax_attn_job *jobs, uint32_t n, const ax_attn_result *want,
+			 const int *want_rc, const emu_opts *o)
+{
+	uint32_t rows = 0;
+	for (uint32_t i = 0; i < n; i++)
+		rows += ax_attn_rows(&jobs[i]);
+	ax_attn_result *got = malloc(rows * sizeof *got);
+	int *rc = malloc(n * sizeof *rc);
+	assert_non_null(got);
+	assert_non_null(rc);
+	for (g_order = 1; g_order <= 2; g_order++) {
+		memset(got, 0xff, rows * sizeof *got);
+		assert_int_equal(emu_run(jobs, n, got, rc, o), 0);
+		for (uint32_t i = 0, r = 0; i < n; r += ax_attn_rows(&jobs[i]), i++) {
+			if (rc[i] != want_rc[i])
+				fail_msg("%s: job %u rc %d with threads in order %u, %d ascending", name, i, rc[i], g_order,
+					 want_rc[i]);
+			if (rc[i] == 0 && memcmp(got + r, want + r, ax_attn_rows(&jobs[i]) * sizeof *got) != 0)
+				fail_msg("%s: job %u: rows differ with threads in order %u (a race on the GPU)", name, i,
+					 g_order);
+		}
+	}
+	g_order = 0;
+	assert_int_equal(g_misaligned, 0);
+	free(got);
+	free(rc);
+}
+
 /* Check rows against the reference and against ax_attn_cpu on the same data. */
 static void check_rows(const tcase *c, const ax_attn_job *job, const ax_attn_result *got, int *near)
 {
@@ -466,6 +526,7 @@ static void test_emulated_cases(void **state)
 			if (rc != 0)
 				fail_msg("%s (opts %zu): rc %d", td_cases[c].name, o, rc);
 			check_rows(&td_cases[c], &t.job, out, &near);
+			check_orders(td_cases[c].name, &t.job, 1, out, &rc, &g_opts[o]);
 			if (t.tie_pos[0] >= 0 && td_cases[c].mode != HD) { /* the tie: lower position right before */
 				int i0 = -1, i1 = -1;
 				for (uint32_t e = 0; e < out[0].k; e++) {
@@ -505,6 +566,7 @@ static void test_emulated_long(void **state)
 		if (rc != 0)
 			fail_msg("%s: rc %d", cs[c].name, rc);
 		check_rows(&cs[c], &t.job, out, &near);
+		check_orders(cs[c].name, &t.job, 1, out, &rc, &o);
 		free(out);
 		td_free(&t);
 	}
@@ -537,8 +599,10 @@ static void test_emulated_batch(void **state)
 		if (rc[2 * c] != 0)
 			fail_msg("%s: rc %d", td_cases[c].name, rc[2 * c]);
 		check_rows(&td_cases[c], &jobs[2 * c], out + off[2 * c], &near);
-		td_free(&t[c]);
 	}
+	check_orders("batch", jobs, (uint32_t)(2 * n), out, rc, &o);
+	for (size_t c = 0; c < n; c++)
+		td_free(&t[c]);
 	free(out);
 }
 
@@ -576,6 +640,7 @@ static void test_emulated_errors(void **state)
 		assert_int_equal(rc[2], 0);
 		check_rows(&tc, &ok.job, out, &near);
 		check_rows(&tc, &ok.job, out + r0 + r1, &near);
+		check_orders(cs[c].name, jobs, 3, out, rc, &o);
 		free(out);
 		td_free(&t);
 		td_free(&ok);

@@ -70,26 +70,26 @@ static void tap(int ok, const char *fmt, ...)
 /* ---- device copies of a job's inputs --------------------------------------------------------------------------- */
 
 typedef struct djob {
-	void *q, *k, *index;
+	void *q, *kbase, *index; /* the pool starts t->koff bytes into kbase, as in the host data */
 	ax_attn_job job; /* device pointers */
 } djob;
 
 static void dj_make(const tdata *t, djob *d)
 {
 	CK(cudaMalloc(&d->q, t->qbytes));
-	CK(cudaMalloc(&d->k, t->kbytes));
+	CK(cudaMalloc(&d->kbase, t->kbytes + t->koff));
 	CK(cudaMalloc(&d->index, t->ibytes));
 	CK(cudaMemcpy(d->q, t->q, t->qbytes, cudaMemcpyHostToDevice));
-	CK(cudaMemcpy(d->k, t->k, t->kbytes, cudaMemcpyHostToDevice));
+	CK(cudaMemcpy((char *)d->kbase + t->koff, t->k, t->kbytes, cudaMemcpyHostToDevice));
 	CK(cudaMemcpy(d->index, t->index, t->ibytes, cudaMemcpyHostToDevice));
 	d->job = t->job;
-	d->job.q = d->q, d->job.k = d->k, d->job.index = d->index;
+	d->job.q = d->q, d->job.k = (char *)d->kbase + t->koff, d->job.index = d->index;
 }
 
 static void dj_free(djob *d)
 {
 	cudaFree(d->q);
-	cudaFree(d->k);
+	cudaFree(d->kbase);
 	cudaFree(d->index);
 	memset(d, 0, sizeof *d);
 }

@@ -37,12 +37,15 @@ typedef struct tcase {
 	uint32_t n_heads;             /* heads mode: listed heads (0: all) */
 	int32_t heads[8];
 	int tie;                      /* plant an exact tie */
-	int pad;                      /* pad the pool's strides (rows not 16-byte aligned) */
+	int pad;                      /* 1: pad the pool's strides (rows not 16-byte aligned); 2: the pool starts one
+	                               * element past a 16-byte boundary (strides unpadded) */
 } tcase;
 
 typedef struct tdata {
 	void *q, *k, *index;          /* host inputs */
 	size_t qbytes, kbytes, ibytes;
+	size_t koff;                  /* k = kbase + koff (the pool's offset in its allocation) */
+	void *kbase;
 	uint64_t slots;
 	ax_attn_job job;              /* pointers are the host buffers above */
 	int64_t tie_pos[2];           /* the tied positions (-1 if none) */
@@ -147,14 +150,16 @@ static void td_make(const tcase *c, tdata *t)
 	memset(t, 0, sizeof *t);
 	uint32_t G = c->H / c->Hkv;
 	uint64_t n = c->n_keys, slots = n + n / 3 + 7;
-	uint64_t s1 = c->D + (c->pad ? 3 : 0), s0 = c->Hkv * s1 + (c->pad ? 5 : 0);
+	uint64_t s1 = c->D + (c->pad == 1 ? 3 : 0), s0 = c->Hkv * s1 + (c->pad == 1 ? 5 : 0);
 	size_t kes = td_esize(c->kdt), ies = td_esize(c->idt);
 	t->slots = slots;
 	t->qbytes = (size_t)c->H * c->D * td_esize(c->qdt);
 	t->kbytes = (size_t)slots * s0 * kes;
 	t->ibytes = (size_t)n * ies;
 	t->q = td_alloc(t->qbytes);
-	t->k = td_alloc(t->kbytes);
+	t->koff = c->pad == 2 ? kes : 0;
+	t->kbase = td_alloc(t->kbytes + t->koff);
+	t->k = (char *)t->kbase + t->koff;
 	t->index = td_alloc(t->ibytes);
 	memset(t->k, 0x7f, t->kbytes); /* padding: e4m3 NaN, a huge value otherwise: never read */
 	for (uint64_t i = 0; i < (uint64_t)c->H * c->D; i++)
@@ -234,7 +239,7 @@ static void td_make(const tcase *c, tdata *t)
 static void td_free(tdata *t)
 {
 	free(t->q);
-	free(t->k);
+	free(t->kbase);
 	free(t->index);
 	memset(t, 0, sizeof *t);
 }
@@ -425,6 +430,8 @@ static const tcase td_cases[] = {
 	{"prob f32 D256 G8 pad", MP, F32, F32, I32, 256, 16, 2, 64, 700, 0, 0, 0, {0}, 1, 1},
 	{"heads e5m2 D512 (runtime)", HD, E5, F16, I32, 512, 2, 1, 10, 400, 0, 0, 0, {0}, 1, 0},
 	{"logit fp8 e4m3 D64 pad", ML, E4, F32, I64, 64, 8, 8, 64, 3000, 2500, 0, 0, {0}, 1, 1},
+	{"prob e5m2 D64 H_kv 1 pad (72-byte rows)", MP, E5, BF, I32, 64, 4, 1, 8, 600, 0, 0, 0, {0}, 1, 1},
+	{"heads bf16 D128 pool at +2 bytes", HD, BF, BF, I64, 128, 8, 2, 10, 500, 0, 0, 0, {0}, 1, 2},
 };
 
 enum { E_SLOT_END, E_SLOT_NEG, E_SLOT_FIRST, E_Q_NAN_UNLISTED, E_K_INF, E_SCALE, E_BOTH, E_K_NAN_UNUSED, E_K_NAN_OUTSIDE,
