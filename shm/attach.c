@@ -99,6 +99,9 @@ static void claim_consumer(ax_shm *s)
 	s->tail = AX_LOAD_ACQ(&h->ring_head);
 	s->dropped_seen = AX_LOAD_ACQ(&h->ring_dropped);
 	AX_STORE_REL(&h->consumer_tail, s->tail);
+	/* Nothing before the attach is ours to finish (rule 9); progress is advertised by the first ax_shm_complete. */
+	AX_STORE_REL(&h->consumer_features, 0u);
+	AX_STORE_REL(&h->consumer_done, s->tail);
 	s->hb_ns = ax_now_ns();
 	AX_STORE_REL(&h->consumer_heartbeat_ns, s->hb_ns);
 	AX_STORE_REL(&h->consumer_pid, (uint64_t)getpid());
@@ -140,7 +143,8 @@ void ax_shm_detach(ax_shm *s)
 		return;
 	uint64_t me = (uint64_t)getpid();
 	/* Leave the area alone if another consumer has claimed it since. */
-	__atomic_compare_exchange_n(&s->h->consumer_pid, &me, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+	if (__atomic_compare_exchange_n(&s->h->consumer_pid, &me, 0, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+		AX_STORE_REL(&s->h->consumer_features, 0u);
 	munmap(s->base, s->size);
 	close(s->fd);
 	free(s->bufs);
@@ -303,6 +307,46 @@ int ax_shm_check_q(ax_shm *s, uint64_t q_row, uint64_t n, uint64_t rows)
 		return -ESTALE;
 	return 0;
 }
+
+/* Rule 9. The fence orders the caller's key reads (finished before this call) before the loads below: if a read saw
+ * a write the engine made after freeing the slots, these loads see the freed_step and the step start that preceded
+ * that write (the engine stores both, then a release fence, then writes). */
+int ax_shm_check_keys(ax_shm *s, uint64_t req_id)
+{
+	if (!s || req_id == 0)
+		return -EINVAL;
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	if (!(AX_LOAD_RLX(&s->h->features) & AX_SHM_FEAT_RECYCLE))
+		return 0;
+	uint64_t slot = req_id & 0xffff; /* ids are (counter << 16) | slot (ax_shm_next) */
+	if (slot >= s->snap.req_cap) {
+		s->st.recycled++;
+		return -ESTALE;
+	}
+	const ax_shm_request *r = (const ax_shm_request *)(s->base + s->snap.req_off) + slot;
+	uint64_t id = AX_LOAD_ACQ(&r->req_id), freed = AX_LOAD_ACQ(&r->freed_step);
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	uint64_t steps = AX_LOAD_RLX(&s->h->steps_started);
+	if (id != req_id || AX_LOAD_RLX(&r->req_id) != req_id || (freed != 0 && steps >= freed)) {
+		s->st.recycled++; /* entry reused (so long freed), or a step started since the free */
+		return -ESTALE;
+	}
+	return 0;
+}
+
+void ax_shm_complete(ax_shm *s, uint64_t seq_end)
+{
+	if (!s)
+		return;
+	if (seq_end > s->tail)
+		seq_end = s->tail;
+	if (seq_end > AX_LOAD_RLX(&s->h->consumer_done))
+		AX_STORE_REL(&s->h->consumer_done, seq_end);
+	if (!(AX_LOAD_RLX(&s->h->consumer_features) & AX_SHM_CFEAT_DONE))
+		AX_STORE_REL(&s->h->consumer_features, (uint32_t)AX_SHM_CFEAT_DONE);
+}
+
+uint64_t ax_shm_taken(const ax_shm *s) { return s ? s->tail : 0; }
 
 void ax_shm_get_stats(const ax_shm *s, ax_shm_stats *out)
 {

@@ -102,7 +102,9 @@ typedef struct ax_shm_request {
 	uint64_t prompt_pos;    /* token-arena position of the prompt token ids */
 	uint64_t begin_ns;      /* CLOCK_MONOTONIC when the request began */
 	char rid[AX_SHM_RID_MAX]; /* engine request id string, NUL-terminated */
-	uint8_t reserved[32];   /* zero; sized so the entry is 160 bytes */
+	uint64_t freed_step;    /* (AX_SHM_FEAT_RECYCLE, atomic) 0 while the request's KV slots and index row are its
+				   own; 1 + steps_started when the engine freed them (at END, or later: see README) */
+	uint8_t reserved[24];   /* zero; sized so the entry is 160 bytes */
 } ax_shm_request;
 
 /* Step descriptor kinds. */
@@ -199,12 +201,25 @@ typedef struct ax_shm_header {
 				      producer with AX_SHM_FEAT_WAKE swaps it to 0 after each publish and FUTEX_WAKEs it */
 	uint32_t features;         /* (P) AX_SHM_FEAT_* bits, set at creation (before magic); WAKE may be cleared
 				      later (ax_export_disable_wake), so consumers read it live */
-	uint8_t reserved[96];      /* zero; sized so the header is 512 bytes */
+	/* slot recycling (additions of this version; zero where a side does not take part: see shm/README.md) */
+	uint64_t steps_started;    /* (P) with AX_SHM_FEAT_RECYCLE: bumped (ax_export_step_start) before a step writes
+				      any K-pool slot or index-table row, so before any write into freed ones */
+	uint64_t consumer_done;    /* (C) with AX_SHM_CFEAT_DONE: every descriptor with sequence number < this has been
+				      fully processed (its rows computed); the engine may recycle what they name */
+	uint32_t consumer_features; /* (C) AX_SHM_CFEAT_* bits of the attached consumer (cleared at attach/detach) */
+	uint32_t reserved_u32b;
+	uint8_t reserved[72];      /* zero; sized so the header is 512 bytes */
 } ax_shm_header;
 
 /* Producer features (ax_shm_header.features). */
 enum {
 	AX_SHM_FEAT_WAKE = 1u << 0, /* each publish (and close) wakes a consumer sleeping on consumer_wait */
+	AX_SHM_FEAT_RECYCLE = 1u << 1, /* steps_started and the request entries' freed_step are maintained: a consumer
+					  can tell a row whose keys may have been recycled (ax_shm_check_keys) */
+};
+/* Consumer features (ax_shm_header.consumer_features). */
+enum {
+	AX_SHM_CFEAT_DONE = 1u << 0, /* consumer_done is published (ax_shm_complete) */
 };
 /* ax_shm_wait's longest sleep when the producer does not wake (no AX_SHM_FEAT_WAKE): it is polled instead. */
 #define AX_SHM_POLL_NS 200000ull
@@ -286,13 +301,47 @@ int ax_export_add_device_buffer(ax_export *ex, const ax_shm_buffer *desc, uint32
  * full; the request is still registered and later steps may still be published), -EINVAL for a bad rid. */
 int ax_export_request_begin(ax_export *ex, const char *rid, const int32_t *prompt, uint32_t prompt_len,
 			    uint64_t *req_id);
-/* Request end: publish END and free the entry. Returns 0, -ENOENT (unknown id), -EAGAIN (END dropped; the
- * entry is still freed). */
+/* Request end: publish END and free the entry. The engine frees the request's KV slots and index row now
+ * (their freed_step is stored: see ax_export_step_start). Returns 0, -ENOENT (unknown id), -EAGAIN (END dropped;
+ * the entry is still freed). */
 int ax_export_request_end(ax_export *ex, uint64_t req_id, uint32_t reason);
 
-/* Reserve `rows` consecutive Q-ring rows (host Q ring, index `qbuf`); returns their monotonic first row in
- * *q_row and a pointer to write them through *ptr (the rows never wrap: the ring skips to its start when
- * needed). Returns 0, -EINVAL (no such host Q ring / rows larger than the ring). */
+/*
+ * Slot recycling (shm/README.md, rule 9). A capture computes a request's rows after the engine's step, often after
+ * its END; an engine that hands the request's KV slots or index row to another request meanwhile would have it read
+ * the other request's keys. With these calls the capture never emits such a row (it becomes a `gap` "recycled"),
+ * and an engine that can wait may prefer to recycle what the capture has finished with.
+ *
+ * ax_export_step_start: call before each step writes any K-pool slot or index-table entry (before the forward,
+ * and before the allocation of the step's slots writes the index table). The first call advertises
+ * AX_SHM_FEAT_RECYCLE; from then on every step must be preceded by it (a step without it could overwrite freed keys
+ * unseen). One relaxed store and a release fence. Accepts NULL.
+ *
+ * ax_export_request_end_keep: as ax_export_request_end, but the engine keeps the request's KV slots and index row
+ * until it calls ax_export_request_freed. *done_seq (may be NULL) receives the descriptor count after the END, for
+ * ax_export_consumer_done. Same returns as ax_export_request_end.
+ *
+ * ax_export_request_freed: the engine is freeing the slots of a request ended with _keep, and may write into them
+ * at once: records freed_step and counts as a step start (so it need not be followed by ax_export_step_start before
+ * those writes). Returns 0, or -ENOENT when the request's table entry was already reused for another request (the
+ * capture then treats its rows as recycled anyway) or was never ended with _keep.
+ *
+ * ax_export_consumer_done: 1 when recycling what an END with `done_seq` names costs the capture nothing: the
+ * attached capture has processed every descriptor before done_seq (AX_SHM_CFEAT_DONE), or no capture is attached
+ * and alive (ax_export_wanted's test). 0 while a live capture has not finished them, or does not say (an older
+ * capture: the engine may keep the slots as long as it can, and must free them anyway when it needs them). Never
+ * blocks; cheap (two loads; the consumer pid is probed at most every 100 ms).
+ */
+void ax_export_step_start(ax_export *ex);
+int ax_export_request_end_keep(ax_export *ex, uint64_t req_id, uint32_t reason, uint64_t *done_seq);
+int ax_export_request_freed(ax_export *ex, uint64_t req_id);
+int ax_export_consumer_done(ax_export *ex, uint64_t done_seq);
+
+/* Reserve `rows` consecutive Q-ring rows (Q ring at buffer index `qbuf`); returns their monotonic first row in
+ * *q_row and, for a HOST Q ring, a pointer to write them through *ptr (the rows never wrap: the ring skips to its
+ * start when needed). For a CUDA Q ring (CUDA_IPC / CUDA_VMM entry) *ptr is set to NULL: the engine writes ring row
+ * (*q_row % dim[0]) on the GPU itself, before the step's descriptor is published (and before the step event the
+ * capture waits on). Returns 0, -EINVAL (no such Q ring / rows 0 or larger than the ring). */
 int ax_export_q_reserve(ax_export *ex, uint32_t qbuf, uint32_t rows, uint64_t *q_row, void **ptr);
 
 /* Publish one FORWARD step. `s` carries req_id, n_tokens, pos0, seq_len, index_buf, index_row, decode_step,
@@ -388,9 +437,26 @@ int ax_shm_read_request(ax_shm *s, uint32_t slot, uint64_t req_id, ax_shm_reques
  * (the data read is good), -ESTALE otherwise. */
 int ax_shm_check_q(ax_shm *s, uint64_t q_row, uint64_t n, uint64_t rows);
 
+/*
+ * Slot recycling, capture side (shm/README.md, rule 9).
+ * ax_shm_check_keys: call AFTER a row of request req_id has been computed (every K-pool and index-table read of it
+ * finished, GPU work synchronised): 0 if the keys read were the request's own, -ESTALE if the engine may have
+ * recycled its slots or index row before the reads finished (the row must not be emitted: report it as a gap
+ * "recycled"). Always 0 when the producer does not advertise AX_SHM_FEAT_RECYCLE (nothing can be told); -EINVAL for
+ * NULL. Consumer thread only (or any thread after the reads, with the handle attached); a few loads.
+ * ax_shm_complete: every descriptor with sequence number < seq_end (out->seq of ax_shm_next is seq + 1, so pass the
+ * last finished descriptor's out->seq) has been fully processed; published as consumer_done (monotonic, clamped to
+ * the descriptors taken) with AX_SHM_CFEAT_DONE. Consumer thread only.
+ * ax_shm_taken: sequence number of the next descriptor ax_shm_next will take (= descriptors taken or skipped).
+ */
+int ax_shm_check_keys(ax_shm *s, uint64_t req_id);
+void ax_shm_complete(ax_shm *s, uint64_t seq_end);
+uint64_t ax_shm_taken(const ax_shm *s);
+
 /* Counters of this consumer: descriptors taken, rejected by validation, torn. */
 typedef struct ax_shm_stats {
 	uint64_t taken, rejected, torn, lost;
+	uint64_t recycled; /* rows ax_shm_check_keys refused */
 } ax_shm_stats;
 void ax_shm_get_stats(const ax_shm *s, ax_shm_stats *out);
 

@@ -39,6 +39,8 @@ struct ax_export {
 	ax_shm_buffer *bufs;   /* private buffer table [buf_cap] */
 	uint32_t nbufs;
 	uint64_t *req_ids;     /* private: req_id held by each request slot, 0 = free [req_cap] */
+	uint64_t *kept_ids;    /* private: req_id ended with _keep whose entry still holds it, 0 = none [req_cap] */
+	uint64_t steps;        /* steps_started (ax_export_step_start, ax_export_request_freed) */
 	uint32_t req_hint;     /* where the next free-slot search starts */
 	uint64_t ring_head, ring_dropped, arena_head, q_head, data_used, next_req_id, reqs_dropped;
 	uint64_t cpid;         /* consumer pid seen at the last liveness probe */
@@ -270,7 +272,8 @@ int ax_export_open(ax_export **out, const ax_export_config *cfg)
 	ex->hl.state = AX_SHM_STATE_READY;
 	ex->bufs = calloc(ex->hl.buf_cap, sizeof *ex->bufs);
 	ex->req_ids = calloc(ex->hl.req_cap, sizeof *ex->req_ids);
-	if (!ex->bufs || !ex->req_ids) {
+	ex->kept_ids = calloc(ex->hl.req_cap, sizeof *ex->kept_ids);
+	if (!ex->bufs || !ex->req_ids || !ex->kept_ids) {
 		rc = -ENOMEM;
 		goto fail;
 	}
@@ -282,6 +285,7 @@ int ax_export_open(ax_export **out, const ax_export_config *cfg)
 	*out = ex;
 	return 0;
 fail:
+	free(ex->kept_ids);
 	free(ex->req_ids);
 	free(ex->bufs);
 	free(ex);
@@ -323,6 +327,7 @@ void ax_export_close(ax_export *ex)
 	unlink_if_ours(ex);
 	munmap(ex->base, ex->size);
 	close(ex->fd);
+	free(ex->kept_ids);
 	free(ex->req_ids);
 	free(ex->bufs);
 	free(ex);
@@ -461,10 +466,12 @@ static uint64_t arena_write(ax_export *ex, const int32_t *toks, uint32_t n)
 
 int ax_export_q_reserve(ax_export *ex, uint32_t qbuf, uint32_t rows, uint64_t *q_row, void **ptr)
 {
+	if (ptr)
+		*ptr = NULL;
 	if (!ex || qbuf >= ex->nbufs)
 		return -EINVAL;
 	const ax_shm_buffer *b = &ex->bufs[qbuf];
-	if (b->kind != AX_BUF_Q_RING || b->loc != AX_LOC_HOST || rows < 1 || rows > b->dim[0])
+	if (b->kind != AX_BUF_Q_RING || rows < 1 || rows > b->dim[0])
 		return -EINVAL;
 	uint64_t n = b->dim[0], head = ex->q_head;
 	if (head % n + rows > n)
@@ -474,7 +481,7 @@ int ax_export_q_reserve(ax_export *ex, uint32_t qbuf, uint32_t rows, uint64_t *q
 	__atomic_thread_fence(__ATOMIC_RELEASE);
 	if (q_row)
 		*q_row = head;
-	if (ptr)
+	if (ptr && b->loc == AX_LOC_HOST) /* a CUDA ring's rows are written on the GPU by the engine */
 		*ptr = ex->base + b->offset + (head % n) * b->stride[0] * ax_dtype_size(b->dtype);
 	return 0;
 }
@@ -577,13 +584,27 @@ int ax_export_request_begin(ax_export *ex, const char *rid, const int32_t *promp
 	ax_shm_request r = {.state = AX_REQ_ACTIVE, .prompt_len = prompt_len, .req_id = id, .begin_ns = ax_now_ns()};
 	memcpy(r.rid, rid, rlen);
 	r.prompt_pos = arena_write(ex, prompt, prompt_len);
-	write_request(ex, (uint32_t)slot, &r);
+	write_request(ex, (uint32_t)slot, &r); /* freed_step 0: the new request owns its slots */
 	ex->req_ids[slot] = id;
+	ex->kept_ids[slot] = 0; /* an entry reused before its old request was freed: that one reads as recycled */
 	*req_id = id;
 	return publish_control(ex, AX_STEP_BEGIN, (uint32_t)slot, id, 0);
 }
 
-int ax_export_request_end(ax_export *ex, uint64_t req_id, uint32_t reason)
+static ax_shm_request *shared_request(ax_export *ex, uint32_t slot)
+{
+	return (ax_shm_request *)(ex->base + ex->hl.req_off) + slot;
+}
+
+/* The request's KV slots are freed now: freed_step = 1 + steps_started (rule 9). Stored before anything the engine
+ * writes into them, which it does only after a later step start. */
+static void mark_freed(ax_export *ex, uint32_t slot)
+{
+	AX_STORE_REL(&shared_request(ex, slot)->freed_step, ex->steps + 1);
+}
+
+/* END, entry ended; `keep`: the engine keeps the slots (freed later with ax_export_request_freed). */
+static int end_request(ax_export *ex, uint64_t req_id, uint32_t reason, int keep, uint64_t *done_seq)
 {
 	if (!ex)
 		return -EINVAL;
@@ -592,11 +613,51 @@ int ax_export_request_end(ax_export *ex, uint64_t req_id, uint32_t reason)
 		return slot;
 	if (reason < AX_END_STOP || reason > AX_END_ERROR)
 		reason = AX_END_ERROR;
+	if (!keep)
+		mark_freed(ex, (uint32_t)slot);
 	int rc = publish_control(ex, AX_STEP_END, (uint32_t)slot, req_id, reason);
-	ax_shm_request *r = (ax_shm_request *)(ex->base + ex->hl.req_off) + slot;
-	AX_STORE_REL(&r->state, (uint32_t)AX_REQ_ENDED); /* readable until the slot is reused */
+	AX_STORE_REL(&shared_request(ex, (uint32_t)slot)->state, (uint32_t)AX_REQ_ENDED); /* readable until reused */
 	ex->req_ids[slot] = 0;
+	ex->kept_ids[slot] = keep ? req_id : 0;
+	if (done_seq) /* dropped or not: the capture is done with the request once it has processed all before this */
+		*done_seq = ex->ring_head;
 	return rc;
+}
+
+int ax_export_request_end(ax_export *ex, uint64_t req_id, uint32_t reason)
+{
+	return end_request(ex, req_id, reason, 0, NULL);
+}
+
+int ax_export_request_end_keep(ax_export *ex, uint64_t req_id, uint32_t reason, uint64_t *done_seq)
+{
+	return end_request(ex, req_id, reason, 1, done_seq);
+}
+
+void ax_export_step_start(ax_export *ex)
+{
+	if (!ex)
+		return;
+	if (!(ex->hl.features & AX_SHM_FEAT_RECYCLE)) {
+		ex->hl.features |= AX_SHM_FEAT_RECYCLE;
+		AX_STORE_REL(&ex->h->features, ex->hl.features);
+	}
+	ex->steps++;
+	AX_STORE_RLX(&ex->h->steps_started, ex->steps);
+	__atomic_thread_fence(__ATOMIC_RELEASE); /* the counter before the step's writes (as rule 2's heads) */
+}
+
+int ax_export_request_freed(ax_export *ex, uint64_t req_id)
+{
+	if (!ex || req_id == 0)
+		return -EINVAL;
+	uint64_t slot = req_id & 0xffff;
+	if (slot >= ex->hl.req_cap || ex->kept_ids[slot] != req_id)
+		return -ENOENT;
+	ex->kept_ids[slot] = 0;
+	mark_freed(ex, (uint32_t)slot);
+	ax_export_step_start(ex); /* the engine writes into the slots right away */
+	return 0;
 }
 
 int ax_export_step(ax_export *ex, const ax_shm_step *s, const int32_t *tokens)
@@ -627,14 +688,9 @@ int ax_export_step(ax_export *ex, const ax_shm_step *s, const int32_t *tokens)
 	return 0;
 }
 
-int ax_export_wanted(ax_export *ex, uint64_t layers[2], int *prefill)
+/* Is a consumer attached and alive (pid set and alive, heartbeat younger than the timeout)? */
+static int consumer_alive(ax_export *ex)
 {
-	if (layers)
-		layers[0] = layers[1] = 0;
-	if (prefill)
-		*prefill = 0;
-	if (!ex)
-		return 0;
 	uint64_t pid = AX_LOAD_ACQ(&ex->h->consumer_pid), hb = AX_LOAD_ACQ(&ex->h->consumer_heartbeat_ns);
 	uint64_t now = ax_now_ns();
 	if (pid == 0 || (now > hb && now - hb > AX_SHM_CONSUMER_TIMEOUT_NS))
@@ -644,7 +700,25 @@ int ax_export_wanted(ax_export *ex, uint64_t layers[2], int *prefill)
 		ex->cpid_ns = now;
 		ex->cpid_alive = ax__shm_pid_alive(pid);
 	}
-	if (!ex->cpid_alive)
+	return ex->cpid_alive;
+}
+
+int ax_export_consumer_done(ax_export *ex, uint64_t done_seq)
+{
+	if (!ex || !consumer_alive(ex))
+		return 1;
+	if (!(AX_LOAD_ACQ(&ex->h->consumer_features) & AX_SHM_CFEAT_DONE))
+		return 0;
+	return AX_LOAD_ACQ(&ex->h->consumer_done) >= done_seq;
+}
+
+int ax_export_wanted(ax_export *ex, uint64_t layers[2], int *prefill)
+{
+	if (layers)
+		layers[0] = layers[1] = 0;
+	if (prefill)
+		*prefill = 0;
+	if (!ex || !consumer_alive(ex))
 		return 0;
 	if (layers) {
 		layers[0] = AX_LOAD_RLX(&ex->h->want_layers[0]);

@@ -35,6 +35,9 @@ _Static_assert(offsetof(ax_shm_request, req_id) % 8 == 0, "req_id 8-byte aligned
 _Static_assert(offsetof(ax_shm_header, consumer_wait) % 4 == 0 && offsetof(ax_shm_header, consumer_wait) == 408,
 	       "futex word: 4-byte aligned, where reserved bytes were in the first layout (old peers see zero)");
 _Static_assert(sizeof(ax_shm_step) % sizeof(uint64_t) == 0, "step copied in 64-bit words");
+_Static_assert(offsetof(ax_shm_header, steps_started) == 416 && offsetof(ax_shm_header, consumer_done) == 424 &&
+		       offsetof(ax_shm_request, freed_step) == 128,
+	       "recycling words at their version-1 offsets (formerly reserved zero bytes)");
 _Static_assert(sizeof(ax_shm_header) % AX_SHM_ALIGN == 0 && sizeof(ax_shm_step) % AX_SHM_ALIGN == 0,
 	       "header and ring slots keep cache-line alignment");
 
