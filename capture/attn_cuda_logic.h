@@ -305,13 +305,14 @@ AXC_HD int axc_topk_insert(float *val, int64_t *pos, uint32_t *cnt, uint32_t K, 
 	return 1;
 }
 
-/* Online logsumexp in f32: (m, s) represents m + log s; start from (-inf, 0). x must not be NaN. */
+/* Online logsumexp in f32: (m, s) represents m + log s; start from (-inf, 0). x must not be NaN; x = -inf adds
+ * nothing (mean_prob's s − lse_h overflows to -inf when scores reach ±1.7e38, and exp(-inf − -inf) is NaN). */
 AXC_HD void axc_lse_add(float *m, float *s, float x)
 {
 	if (x > *m) {
 		*s = *s * expf(*m - x) + 1.0f;
 		*m = x;
-	} else {
+	} else if (x != -INFINITY) {
 		*s += expf(x - *m);
 	}
 }

@@ -606,6 +606,29 @@ static void test_emulated_batch(void **state)
 	free(out);
 }
 
+/* Scores near ±FLT_MAX: a head's s − lse is -inf for most keys, the other head keeps p_j finite (as in
+ * ax_attn_cpu: 0, not -EDOM). */
+static void test_emulated_extreme(void **state)
+{
+	(void)state;
+	tdata t;
+	tcase c;
+	memset(&c, 0, sizeof c);
+	c.name = "mean_prob, s - lse = -inf in one head";
+	td_make_extreme(&t);
+	ax_attn_result out[1];
+	int rc = 1, near = 0;
+	for (size_t o = 0; o < ARRAY_LEN(g_opts); o++) {
+		memset(out, 0xff, sizeof out);
+		assert_int_equal(emu_run(&t.job, 1, out, &rc, &g_opts[o]), 0);
+		if (rc != 0)
+			fail_msg("%s (opts %zu): rc %d, ax_attn_cpu 0", c.name, o, rc);
+		check_rows(&c, &t.job, out, &near);
+		assert_int_equal(out[0].pos[0], 123);
+	}
+	td_free(&t);
+}
+
 /* ---- error cases ----------------------------------------------------------------------------------------------------- */
 
 static void test_emulated_errors(void **state)
@@ -673,7 +696,7 @@ int main(void)
 		cmocka_unit_test(test_merge),          cmocka_unit_test(test_rows_chunks),
 		cmocka_unit_test(test_split_plan),     cmocka_unit_test(test_check_job),
 		cmocka_unit_test(test_emulated_cases), cmocka_unit_test(test_emulated_long),
-		cmocka_unit_test(test_emulated_batch),
+		cmocka_unit_test(test_emulated_batch),  cmocka_unit_test(test_emulated_extreme),
 		cmocka_unit_test(test_emulated_errors),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);

@@ -304,6 +304,27 @@ static void test_errors(ax_attn_cuda *c)
 	}
 }
 
+/* Scores near ±FLT_MAX in mean_prob (attn_cuda_testdata.h's td_make_extreme): 0 and the reference's rows, as
+ * ax_attn_cpu, not -EDOM. */
+static void test_extreme(ax_attn_cuda *c)
+{
+	tdata t;
+	djob d;
+	char why[256] = "";
+	td_make_extreme(&t);
+	dj_make(&t, &d);
+	ax_attn_result out[1];
+	int rc, r = gpu_run(c, &d.job, 1, out, 1, &rc);
+	int ok = r == 0 && rc == 0;
+	if (!ok)
+		snprintf(why, sizeof why, "run %d (%s), rc %d", r, ax_attn_cuda_strerror(c), rc);
+	else
+		ok = check_rows(&t.job, out, why, sizeof why) == 0;
+	tap(ok, "mean_prob with scores at +-2e38 (s - lse = -inf in one head)%s%s", ok ? "" : ": ", why);
+	dj_free(&d);
+	td_free(&t);
+}
+
 __global__ void spin_kernel(unsigned long long cycles)
 {
 	unsigned long long t0 = clock64();
@@ -773,6 +794,7 @@ int main(int argc, char **argv)
 		test_requests(c);
 	}
 	test_errors(c);
+	test_extreme(c);
 	if (!small)
 		test_api(c);
 	fast_tests(small); /* fast path block (cudafast) */

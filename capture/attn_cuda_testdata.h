@@ -236,6 +236,36 @@ static void td_make(const tcase *c, tdata *t)
 	jb->n_heads = c->n_heads;
 }
 
+/*
+ * mean_prob with scores at ±2e38 (finite): H 2, H_kv 1, D 64, f32, scale 1, 300 keys in slots 0..299. Head 0's
+ * query is (2e38, 0, ...) and every key's element 0 is -1 except key 123's (+1), so head 0's logsumexp is 2e38
+ * and s_0j − lse_0 overflows to -inf for every other key, while head 1 (random query) keeps every p_j finite:
+ * a valid job (ax_attn_cpu returns 0; key 123 is the top entry) whose per-key logsumexp over heads starts at -inf.
+ */
+static void td_make_extreme(tdata *t)
+{
+	enum { H = 2, D = 64, N = 300 };
+	memset(t, 0, sizeof *t);
+	t->slots = N;
+	t->qbytes = H * D * sizeof(float), t->kbytes = (size_t)N * D * sizeof(float), t->ibytes = N * sizeof(int32_t);
+	t->q = td_alloc(t->qbytes), t->kbase = t->k = td_alloc(t->kbytes), t->index = td_alloc(t->ibytes);
+	float *q = (float *)t->q, *k = (float *)t->k;
+	for (uint32_t d = 0; d < D; d++)
+		q[d] = d == 0 ? 2e38f : 0.0f, q[D + d] = (float)td_uni();
+	for (uint32_t j = 0; j < N; j++) {
+		for (uint32_t d = 0; d < D; d++)
+			k[j * D + d] = d == 0 ? (j == 123 ? 1.0f : -1.0f) : (float)td_uni();
+		((int32_t *)t->index)[j] = (int32_t)j;
+	}
+	t->tie_pos[0] = t->tie_pos[1] = -1;
+	ax_attn_job *jb = &t->job;
+	jb->q = t->q, jb->q_dtype = AX_DTYPE_F32, jb->k = t->k, jb->k_dtype = AX_DTYPE_F32, jb->k_scale = 1;
+	jb->k_stride[0] = D, jb->k_stride[1] = D, jb->k_stride[2] = 1, jb->n_slots = N;
+	jb->index = t->index, jb->index_dtype = AX_DTYPE_I32, jb->position = N - 1;
+	jb->n_q_heads = H, jb->n_kv_heads = 1, jb->head_dim = D, jb->scale = 1, jb->mode = AX_MODE_MEAN_PROB;
+	jb->top_k = 5;
+}
+
 static void td_free(tdata *t)
 {
 	free(t->q);
