@@ -17,6 +17,7 @@ capture reports, streamed and not; the "paced-" ones decode a step every 0.4 s):
   (both ranks' heads: the relay waited for them), global head ids, the top level = lowest head of the top layer;
 - attnx-tail's feed: every record exactly once across the two sources, each head from the rank that holds it;
 - paced streams: every row but the last reached the client before the engine's END (rows leave when complete);
+- no policy acknowledgement timed out (both captures acked each request's policy before it went upstream);
 - the response was not held to --attention-wait-ms (8 s): the relay counted what completes a row right (layers ×
   the union of the ranks' head ranges, ∩ the lists asked, ids no capture reports left out) and was released by the
   ends;
@@ -370,6 +371,12 @@ class Deployment:
             assert done, "stream without [DONE]"
             return rid, evs, at
 
+    def metric(self, name):
+        """A counter of the relay's /metrics (attnx_relay_<name>)."""
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % self.port, timeout=5) as r:
+            m = re.search(r"^attnx_relay_%s (\d+)" % name, r.read().decode(), re.M)
+        return int(m.group(1)) if m else None
+
     def feed_records(self, rid, end_count):
         """The tail's records of rid once `end_count` ends arrived."""
         wait_for(lambda: sum(1 for r in read_records(self.tail_path) if r.get("t") == "end"
@@ -540,6 +547,7 @@ def run_requests(dep, reqs):
         # Nothing here should be held to --attention-wait-ms: a response that took that long waited for records
         # that never come (a wrong count) or was not released by the captures' ends.
         assert ms < WAIT_MS / 2, "%s took %.0f ms: held for the bound (%d ms)" % (label, ms, WAIT_MS)
+        assert dep.metric("policy_ack_timeouts_total") == 0, "%s: a capture did not ack its policy" % label
         out[label] = (got, fh, ms)
     return out
 
