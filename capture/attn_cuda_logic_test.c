@@ -490,6 +490,11 @@ static void check_rows(const tcase *c, const ax_attn_job *job, const ax_attn_res
 	td_ref(job, &ref);
 	if (td_check(&ref, job->top_k, got, TOL, near, why, sizeof why))
 		fail_msg("%s: vs float64: %s", c->name, why);
+	for (uint32_t r = 0; r < ref.rows; r++) /* attn_cuda.h: entries past k are (-1, -inf) */
+		for (uint32_t e = got[r].k; e < AX_ATTN_MAX_TOPK; e++)
+			if (got[r].pos[e] != -1 || got[r].logit[e] != -INFINITY)
+				fail_msg("%s row %u entry %u past k: (%lld, %g)", c->name, r, e, (long long)got[r].pos[e],
+					 got[r].logit[e]);
 	ax_attn_scratch *s = ax_attn_scratch_new();
 	ax_attn_result *cpu = calloc(ref.rows, sizeof *cpu);
 	assert_int_equal(ax_attn_cpu(job, s, cpu), 0);

@@ -109,6 +109,11 @@ static int check_rows(const ax_attn_job *host_job, const ax_attn_result *got, ch
 	tref ref;
 	td_ref(host_job, &ref);
 	int r = td_check(&ref, host_job->top_k, got, TOL, &g_near, why, len);
+	for (uint32_t i = 0; r == 0 && i < ref.rows; i++) /* attn_cuda.h: entries past k are (-1, -inf) */
+		for (uint32_t e = got[i].k; r == 0 && e < AX_ATTN_MAX_TOPK; e++)
+			if (got[i].pos[e] != -1 || got[i].logit[e] != -INFINITY)
+				r = td_fail(why, len, "row %u entry %u past k: (%lld, %g)", i, e, (long long)got[i].pos[e],
+					    got[i].logit[e]);
 	if (r == 0) {
 		ax_attn_scratch *s = ax_attn_scratch_new();
 		ax_attn_result *cpu = (ax_attn_result *)calloc(ref.rows, sizeof *cpu);
