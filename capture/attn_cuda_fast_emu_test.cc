@@ -248,6 +248,48 @@ static const td_error fast_error_cases[] = {
 	{"NaN in keys outside the window, mean_prob", E_K_NAN_OUTSIDE, MP, 0, {0}, 300, 0},
 };
 
+/* Random eligible jobs (shape, dtypes, mode, top-k, length, window all drawn) in one batch under a random plan. */
+static void test_random(void **state)
+{
+	(void)state;
+	static const uint32_t modes[3] = {ML, HD, MP}, hkvs[6] = {1, 2, 3, 4, 6, 8};
+	enum { NJ = 10 };
+	for (int round = 0; round < 2; round++) {
+		tcase cs[NJ];
+		tdata t[NJ];
+		ax_attn_job jobs[NJ];
+		uint32_t off[NJ], rows = 0;
+		int rc[NJ];
+		for (int i = 0; i < NJ; i++) {
+			uint32_t hkv = hkvs[td_u64() % 6], g = 1 + (uint32_t)(td_u64() % 8), n = 1 + (uint32_t)(td_u64() % 700);
+			uint32_t dt = td_u64() % 2 ? (uint32_t)BF : (uint32_t)F16;
+			tcase c = {"random", modes[td_u64() % 3], dt, dt, td_u64() % 2 ? (uint32_t)I32 : (uint32_t)I64, 128,
+				   hkv * g, hkv, 1 + (uint32_t)(td_u64() % 64), n,
+				   td_u64() % 4 == 0 ? (int32_t)(1 + td_u64() % n) : 0, 0, 0, {0}, (int)(td_u64() % 2), 0};
+			cs[i] = c;
+			td_make(&cs[i], &t[i]);
+			jobs[i] = t[i].job;
+			assert_true(axf_eligible(&jobs[i]));
+			off[i] = rows, rows += ax_attn_rows(&jobs[i]);
+		}
+		uint32_t resident = 1 + (uint32_t)(td_u64() % 80);
+		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
+		for (int i = 0; i < NJ; i++) {
+			char name[128];
+			snprintf(name, sizeof name, "random job %d (mode %u, H %u, H_kv %u, k %u, n %llu, window %d, resident %u)",
+				 i, cs[i].mode, cs[i].H, cs[i].Hkv, cs[i].top_k, (unsigned long long)cs[i].n_keys, cs[i].window,
+				 resident);
+			if (rc[i] != 0)
+				fail_msg("%s: rc %d", name, rc[i]);
+			check_job(&jobs[i], out + off[i], name);
+		}
+		free(out);
+		for (int i = 0; i < NJ; i++)
+			td_free(&t[i]);
+	}
+}
+
 /* The error tables at head_dim 128 (the cases the fast path takes), each between two valid jobs. */
 static void test_errors(void **state)
 {
@@ -305,6 +347,7 @@ int main(void)
 		cmocka_unit_test(test_all_ties),
 		cmocka_unit_test(test_shared_table),
 		cmocka_unit_test(test_batch),
+		cmocka_unit_test(test_random),
 		cmocka_unit_test(test_errors),
 	};
 	int r = cmocka_run_group_tests(tests, setup, NULL);
