@@ -74,6 +74,12 @@ int ax_pool_threads(const ax_pool *p);
 /* Split [0, n) into contiguous chunks, run fn on all workers, return when all are done. Only one thread may
  * call ax_pool_run at a time (the scheduler). p may be NULL: then fn runs inline. */
 void ax_pool_run(ax_pool *p, ax_pool_fn fn, void *ctx, int n);
+/* Use only workers 0..n-1 for the following ax_pool_run calls (clamped to 1..threads); the others sleep without
+ * spinning until the count is raised again. The caller of ax_pool_run only, between runs. Returns the count set.
+ * The engine lowers it by one while a consumer (attnx-capture) is attached, to leave that process a core. */
+int ax_pool_set_active(ax_pool *p, int n);
+/* Workers the next ax_pool_run uses (1 for NULL). */
+int ax_pool_active(const ax_pool *p);
 
 /* ---------------------------------------------------------------------------------------------------------
  * model (model.c) and KV cache (kv.c)
@@ -235,6 +241,9 @@ typedef struct ax_engine_config {
 	int no_export;     /* 1: no shm segment */
 	int max_steps_per_s; /* pace: at most this many forward steps a second (0 = as fast as the cores go); lets a
 			      * demo or a test watch tokens stream on a machine where the tiny model is too fast */
+	int spare_core;    /* while a consumer (attnx-capture) is attached, run the forward on one thread fewer,
+			    * leaving it a core: 0 = only when threads ≤ 0 (the default), 1 = also with threads
+			    * given, -1 = never. Checked once per step; all threads come back when it detaches. */
 } ax_engine_config;
 
 #define AX_MAX_TOP_LOGPROBS 20
@@ -277,6 +286,8 @@ const ax_model_config *ax_engine_model_cfg(const ax_engine *e);
 const ax_tok *ax_engine_tok(const ax_engine *e);
 int ax_engine_ctx(const ax_engine *e);
 int ax_engine_exporting(const ax_engine *e);
+/* Compute threads the latest forward step used (all of them before the first step). Thread-safe. */
+int ax_engine_threads(const ax_engine *e);
 
 /* Queue a request. rid may be NULL (one is made). The prompt is copied. *out holds a reference the caller
  * releases with ax_req_release. Returns 0, -EINVAL (empty prompt, bad params), -E2BIG (prompt + max_tokens

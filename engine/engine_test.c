@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -127,6 +128,53 @@ static void test_pool(void **state)
 	}
 	ax_pool_close(p);
 	ax_pool_close(NULL);
+}
+
+typedef struct tid_job {
+	int *hits;
+	atomic_int tids[8]; /* items run per worker */
+} tid_job;
+
+static void mark_tid(void *ctx, int i0, int i1, int tid)
+{
+	tid_job *j = ctx;
+	for (int i = i0; i < i1; i++)
+		j->hits[i]++;
+	atomic_fetch_add(&j->tids[tid], i1 - i0);
+}
+
+/* ax_pool_set_active: a job runs on exactly workers 0..active-1 (each item once), the others never run, and
+ * the count goes down and back up (the engine's capture-attached / detached switch) any number of times. */
+static void test_pool_active(void **state)
+{
+	static const struct { int set, want; } steps[] = {
+		{4, 4}, {3, 3}, {1, 1}, {2, 2}, {4, 4}, {0, 1}, {9, 4}, {3, 3}, {3, 3}, {4, 4}, {2, 2}, {-5, 1}, {4, 4},
+	};
+	ax_pool *p;
+	assert_int_equal(ax_pool_open(&p, 4), 0);
+	assert_int_equal(ax_pool_active(p), 4);
+	int hits[400];
+	for (size_t k = 0; k < sizeof steps / sizeof steps[0]; k++) {
+		assert_int_equal(ax_pool_set_active(p, steps[k].set), steps[k].want);
+		assert_int_equal(ax_pool_active(p), steps[k].want);
+		for (int round = 0; round < 20; round++) {
+			int n = 40 + round * 17;
+			tid_job j = {.hits = hits};
+			memset(hits, 0, sizeof hits);
+			ax_pool_run(p, mark_tid, &j, n);
+			for (int i = 0; i < n; i++)
+				assert_int_equal(hits[i], 1);
+			for (int t = 0; t < 4; t++) { /* n ≥ 40 items: every active worker has a chunk */
+				if (t < steps[k].want)
+					assert_true(atomic_load(&j.tids[t]) > 0);
+				else
+					assert_int_equal(atomic_load(&j.tids[t]), 0);
+			}
+		}
+	}
+	assert_int_equal(ax_pool_set_active(NULL, 3), 1);
+	assert_int_equal(ax_pool_active(NULL), 1);
+	ax_pool_close(p);
 }
 
 /* ---- KV slots ---------------------------------------------------------------------------------------- */
@@ -566,6 +614,7 @@ int main(void)
 		cmocka_unit_test(test_st_errors),
 		cmocka_unit_test(test_dtype_conv),
 		cmocka_unit_test(test_pool),
+		cmocka_unit_test(test_pool_active),
 		cmocka_unit_test(test_kv_slots),
 		cmocka_unit_test(test_forward_cases),
 		cmocka_unit_test(test_model_errors),

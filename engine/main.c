@@ -25,7 +25,10 @@ static void usage(FILE *f)
 		"  --listen ADDR:PORT HTTP address (default 127.0.0.1:8000)\n"
 		"  --shm NAME         shm segment for attnx-capture (default " AX_SHM_DEFAULT_NAME ")\n"
 		"  --no-export        do not create the shm segment\n"
-		"  --threads N        compute threads (default: all cores)\n"
+		"  --threads N        compute threads (default: all cores, and one fewer while an attnx-capture is\n"
+		"                     attached, so the capture has a core and never preempts the forward pass)\n"
+		"  --spare-core WHEN  leave a core to an attached capture: auto (only without --threads; default),\n"
+		"                     on (also with --threads N: N-1 threads while attached), off (never)\n"
 		"  --max-batch N      concurrent requests (default 8)\n"
 		"  --ctx N            longest sequence in tokens (default min(max_position_embeddings, 4096))\n"
 		"  --prefill-chunk N  prompt tokens per request per step (default 256)\n"
@@ -45,6 +48,18 @@ static int parse_int(const char *s, int lo, int hi, int *out)
 	return 0;
 }
 
+/* --spare-core auto|on|off → ax_engine_config.spare_core 0 / 1 / -1. */
+static int parse_spare(const char *s, int *out)
+{
+	static const struct { const char *name; int v; } t[] = {{"auto", 0}, {"on", 1}, {"off", -1}};
+	for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+		if (!strcmp(s, t[i].name)) {
+			*out = t[i].v;
+			return 0;
+		}
+	return -1;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -53,13 +68,13 @@ int main(int argc, char **argv)
 		{"threads", required_argument, 0, 't'}, {"max-batch", required_argument, 0, 'b'},
 		{"ctx", required_argument, 0, 'c'}, {"prefill-chunk", required_argument, 0, 'p'},
 		{"http-threads", required_argument, 0, 'H'}, {"verbose", no_argument, 0, 'v'},
-		{"max-steps-per-s", required_argument, 0, 'P'},
+		{"max-steps-per-s", required_argument, 0, 'P'}, {"spare-core", required_argument, 0, 'S'},
 		{"help", no_argument, 0, 'h'}, {0, 0, 0, 0},
 	};
 	ax_engine_config cfg = {0};
 	const char *listen = "127.0.0.1:8000";
 	int http_threads = 32, o, bad = 0;
-	while ((o = getopt_long(argc, argv, "m:l:s:nt:b:c:p:H:P:vh", opts, NULL)) != -1) {
+	while ((o = getopt_long(argc, argv, "m:l:s:nt:b:c:p:H:P:S:vh", opts, NULL)) != -1) {
 		switch (o) {
 		case 'm': cfg.model_dir = optarg; break;
 		case 'l': listen = optarg; break;
@@ -71,6 +86,7 @@ int main(int argc, char **argv)
 		case 'p': bad |= parse_int(optarg, 1, 1 << 16, &cfg.prefill_chunk); break;
 		case 'H': bad |= parse_int(optarg, 1, 1024, &http_threads); break;
 		case 'P': bad |= parse_int(optarg, 0, 1000000, &cfg.max_steps_per_s); break;
+		case 'S': bad |= parse_spare(optarg, &cfg.spare_core); break;
 		case 'v': ax_log_set_level(AX_LOG_DEBUG); break;
 		case 'h': usage(stdout); return 0;
 		default: bad = 1;

@@ -11,6 +11,14 @@
  * then sleep on a condition variable. Lost wake-ups are excluded Dekker-style: the poster stores the counter and
  * then reads the sleeper count, the sleeper increments the sleeper count and then re-reads the counter, all
  * seq_cst, and the broadcast happens under the mutex the sleeper checks under.
+ *
+ * Active workers (ax_pool_set_active): a job may use fewer workers than the pool has, so the engine can leave a
+ * core to a consumer process (attnx-capture) while one is attached, and take it back when it goes. The job's
+ * worker count travels in the low bits of the generation word (`gen` = seq << 16 | n), so a worker that sees a
+ * generation also sees how many workers that job counted in `pending`: a worker with tid ≥ n neither runs nor
+ * counts down, and can never mistake a job it was not counted in for one it was. Workers above the active count
+ * park on `idle` (a plain condition-variable sleep, no spinning: the core is someone else's now) until
+ * ax_pool_set_active raises the count or the pool closes.
  */
 #include "attnx_engine.h"
 
@@ -23,13 +31,15 @@
 #include <unistd.h>
 
 #define AX_POOL_SPIN_NS 100000 /* 100 µs: longer than the gaps inside a forward, shorter than a step's idle */
+#define AX_GEN_SHIFT 16        /* low bits of `gen`: the job's worker count (≤ 256) */
 
 struct ax_pool {
 	int n;                 /* workers including the caller */
 	pthread_t *th;
 	pthread_mutex_t mu;
-	pthread_cond_t go, done;
-	atomic_uint_fast64_t gen; /* job generation */
+	pthread_cond_t go, done, idle;
+	atomic_uint_fast64_t gen; /* job generation << AX_GEN_SHIFT | the job's worker count */
+	atomic_int active;     /* workers the next jobs use (1..n); written by the caller between jobs */
 	atomic_int pending;    /* workers still running the current job */
 	atomic_int sleepers;   /* workers asleep (or about to be) on `go` */
 	atomic_int caller_asleep; /* the caller sleeps (or is about to) on `done` */
@@ -83,10 +93,21 @@ static int spin_until(int (*done)(ax_pool *), ax_pool *p)
 	}
 }
 
-static _Thread_local uint64_t tl_seen; /* the generation this worker last ran */
+static _Thread_local uint64_t tl_seen; /* the generation word this worker last saw (0: none yet; jobs start at 1 << 16) */
 
 static int new_work(ax_pool *p) { return atomic_load(&p->gen) != tl_seen || atomic_load(&p->quit); }
 static int all_done(ax_pool *p) { return atomic_load(&p->pending) == 0; }
+
+/* A worker above the active count sleeps here until it is needed again (or the pool closes). */
+static void park_while_inactive(ax_pool *p, int tid)
+{
+	if (tid < atomic_load(&p->active) || atomic_load(&p->quit))
+		return;
+	pthread_mutex_lock(&p->mu);
+	while (tid >= atomic_load(&p->active) && !atomic_load(&p->quit))
+		pthread_cond_wait(&p->idle, &p->mu);
+	pthread_mutex_unlock(&p->mu);
+}
 
 static void *worker(void *arg)
 {
@@ -96,6 +117,7 @@ static void *worker(void *arg)
 	free(wa);
 	tl_seen = 0;
 	for (;;) {
+		park_while_inactive(p, tid);
 		if (!spin_until(new_work, p)) {
 			pthread_mutex_lock(&p->mu);
 			atomic_fetch_add(&p->sleepers, 1);
@@ -107,8 +129,11 @@ static void *worker(void *arg)
 		if (atomic_load(&p->quit))
 			break;
 		tl_seen = atomic_load(&p->gen);
+		int jn = (int)(tl_seen & ((1u << AX_GEN_SHIFT) - 1));
+		if (tid >= jn)
+			continue; /* not counted in this job (fewer active workers): park or wait for the next */
 		int i0, i1;
-		chunk(p->items, p->n, tid, &i0, &i1);
+		chunk(p->items, jn, tid, &i0, &i1);
 		if (i1 > i0)
 			p->fn(p->ctx, i0, i1, tid);
 		if (atomic_fetch_sub(&p->pending, 1) == 1 && atomic_load(&p->caller_asleep)) {
@@ -140,6 +165,8 @@ int ax_pool_open(ax_pool **out, int threads)
 	pthread_mutex_init(&p->mu, NULL);
 	pthread_cond_init(&p->go, NULL);
 	pthread_cond_init(&p->done, NULL);
+	pthread_cond_init(&p->idle, NULL);
+	atomic_store(&p->active, threads);
 	for (int i = 1; i < threads; i++) {
 		worker_arg *wa = malloc(sizeof *wa);
 		if (wa) {
@@ -149,6 +176,7 @@ int ax_pool_open(ax_pool **out, int threads)
 		if (!wa || pthread_create(&p->th[i], NULL, worker, wa)) {
 			free(wa);
 			p->n = i; /* run with the workers we have */
+			atomic_store(&p->active, i);
 			break;
 		}
 	}
@@ -163,11 +191,13 @@ void ax_pool_close(ax_pool *p)
 	pthread_mutex_lock(&p->mu);
 	atomic_store(&p->quit, 1);
 	pthread_cond_broadcast(&p->go);
+	pthread_cond_broadcast(&p->idle);
 	pthread_mutex_unlock(&p->mu);
 	for (int i = 1; i < p->n; i++)
 		pthread_join(p->th[i], NULL);
 	pthread_cond_destroy(&p->go);
 	pthread_cond_destroy(&p->done);
+	pthread_cond_destroy(&p->idle);
 	pthread_mutex_destroy(&p->mu);
 	free(p->th);
 	free(p);
@@ -175,11 +205,33 @@ void ax_pool_close(ax_pool *p)
 
 int ax_pool_threads(const ax_pool *p) { return p ? p->n : 1; }
 
+int ax_pool_active(const ax_pool *p) { return p ? atomic_load(&((ax_pool *)p)->active) : 1; }
+
+int ax_pool_set_active(ax_pool *p, int n)
+{
+	if (!p)
+		return 1;
+	if (n < 1)
+		n = 1;
+	if (n > p->n)
+		n = p->n;
+	int was = atomic_load(&p->active);
+	if (n == was)
+		return n;
+	pthread_mutex_lock(&p->mu);
+	atomic_store(&p->active, n);
+	if (n > was) /* wake the parked workers that are needed again */
+		pthread_cond_broadcast(&p->idle);
+	pthread_mutex_unlock(&p->mu);
+	return n;
+}
+
 void ax_pool_run(ax_pool *p, ax_pool_fn fn, void *ctx, int n)
 {
 	if (n <= 0)
 		return;
-	if (!p || p->n == 1 || n == 1) {
+	int jn = p ? atomic_load(&p->active) : 1;
+	if (jn == 1 || n == 1) {
 		fn(ctx, 0, n, 0);
 		return;
 	}
@@ -187,15 +239,16 @@ void ax_pool_run(ax_pool *p, ax_pool_fn fn, void *ctx, int n)
 	p->fn = fn;
 	p->ctx = ctx;
 	p->items = n;
-	atomic_store(&p->pending, p->n - 1);
-	atomic_fetch_add(&p->gen, 1);
+	atomic_store(&p->pending, jn - 1);
+	uint64_t g = atomic_load(&p->gen) >> AX_GEN_SHIFT;
+	atomic_store(&p->gen, (g + 1) << AX_GEN_SHIFT | (uint64_t)jn);
 	if (atomic_load(&p->sleepers) > 0) {
 		pthread_mutex_lock(&p->mu);
 		pthread_cond_broadcast(&p->go);
 		pthread_mutex_unlock(&p->mu);
 	}
 	int i0, i1;
-	chunk(n, p->n, 0, &i0, &i1);
+	chunk(n, jn, 0, &i0, &i1);
 	if (i1 > i0)
 		fn(ctx, i0, i1, 0);
 	if (!spin_until(all_done, p)) {

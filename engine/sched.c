@@ -23,6 +23,13 @@
  * rows (post q_norm and RoPE) in the Q ring for the layers the consumer asked for, and for prefill tokens only
  * when it asked for them (the last prompt row is always sent). Every export call is non-blocking; a full ring or
  * table only drops descriptors, never delays a token.
+ *
+ * Threads while a consumer is attached: attnx-capture does its work right when a step is published, i.e. when
+ * the next step's forward starts on every core; on a machine whose cores all run the forward it preempts one
+ * pool thread, and every job of the pass then waits for that thread (BENCH.md: b1 at 0.70 of capture-off on 2
+ * cores). So when the thread count was not given (cfg.threads ≤ 0, or cfg.spare_core > 0), the step that finds
+ * a consumer attached (ax_export_wanted, once per step) runs its forward on one thread fewer, leaving that core
+ * to the consumer, and the first step without one takes it back (adapt_threads).
  */
 #include "attnx_engine.h"
 
@@ -89,6 +96,8 @@ struct ax_engine {
 	uint64_t want[2];
 	int n_want, want_prefill;
 	step_exp *se;
+	int spare;           /* leave a core to an attached consumer (see adapt_threads) */
+	atomic_int step_threads; /* pool workers the latest step's forward used (ax_engine_threads) */
 	/* requests */
 	pthread_mutex_t mu;
 	pthread_cond_t cv;
@@ -322,6 +331,19 @@ static void q_hook(void *ctx, int layer, const float *q, int T)
 	(void)T;
 }
 
+/* One core fewer for the forward while a consumer is attached (only when e->spare: see the top of the file). */
+static void adapt_threads(ax_engine *e, int attached)
+{
+	if (!e->spare)
+		return;
+	int all = ax_pool_threads(e->pool), want = attached ? all - 1 : all;
+	if (ax_pool_active(e->pool) == want)
+		return;
+	ax_pool_set_active(e->pool, want);
+	ax_log(AX_LOG_INFO, "engine", attached ? "consumer attached: forward on %d of %d threads (one core left to it)"
+	       : "no consumer: forward on %d of %d threads", want, all);
+}
+
 /* Before the step: decide which tokens of each seq get Q rows and reserve them. */
 static void export_prepare(ax_engine *e, int n_seqs)
 {
@@ -333,8 +355,10 @@ static void export_prepare(ax_engine *e, int n_seqs)
 	for (int i = n_seqs; i < e->max_batch; i++)
 		e->se[i].qptr = NULL;
 	ax_export_heartbeat(e->ex);
-	if (ax_export_wanted(e->ex, e->want, &e->want_prefill) > 0)
+	int attached = ax_export_wanted(e->ex, e->want, &e->want_prefill) > 0;
+	if (attached)
 		e->n_want = __builtin_popcountll(e->want[0]) + __builtin_popcountll(e->want[1]);
+	adapt_threads(e, attached);
 	for (int i = 0; i < n_seqs; i++) {
 		step_exp *x = &e->se[i];
 		x->qptr = NULL;
@@ -563,6 +587,7 @@ static void run_step(ax_engine *e)
 	if (n == 0)
 		return;
 	export_prepare(e, n);
+	atomic_store(&e->step_threads, ax_pool_active(e->pool));
 	int rc = ax_model_forward(e->m, e->kv, e->pool, e->s, seqs, n, e->logits, e->n_want ? q_hook : NULL, e);
 	if (rc) {
 		ax_log(AX_LOG_ERROR, "engine", "forward failed: %s", ax_strerror(rc));
@@ -675,6 +700,9 @@ static int open_parts(ax_engine *e)
 			ax_log(AX_LOG_WARN, "engine", "shm export disabled: cannot create %s: %s",
 			       e->cfg.shm_name ? e->cfg.shm_name : AX_SHM_DEFAULT_NAME, ax_strerror(rc));
 	}
+	e->spare = e->ex && ax_pool_threads(e->pool) > 1 &&
+		   (e->cfg.spare_core > 0 || (e->cfg.spare_core == 0 && e->cfg.threads <= 0));
+	atomic_store(&e->step_threads, ax_pool_threads(e->pool));
 	ax_kv_config kc = {e->mc->n_layers, e->mc->n_kv_heads, e->mc->head_dim, (uint32_t)(e->max_batch * e->ctx),
 			   e->rows, e->ctx, e->ex ? kp : NULL, e->ex ? index : NULL};
 	rc = ax_kv_open(&e->kv, &kc);
@@ -744,3 +772,4 @@ const ax_model_config *ax_engine_model_cfg(const ax_engine *e) { return e->mc; }
 const ax_tok *ax_engine_tok(const ax_engine *e) { return e->tok; }
 int ax_engine_ctx(const ax_engine *e) { return e->ctx; }
 int ax_engine_exporting(const ax_engine *e) { return e->ex != NULL; }
+int ax_engine_threads(const ax_engine *e) { return atomic_load(&((ax_engine *)e)->step_threads); }
