@@ -794,9 +794,10 @@ static void test_policy(void **state)
 	size_t one = 1;
 	wait_for(&s, &e, has_hello_count, &one, 5000, "hello");
 
-	/* rp: heads mode on one head of this rank (and one that is not), layer 1, top-3, prompt rows too */
+	/* rp: heads mode on one head of this rank (listed twice: one record, not two) and one that is not, layer 1,
+	 * top-3, prompt rows too */
 	ax_rec_policy pp = {.top_k = 3, .mode = AX_MODE_HEADS, .n_layer_ids = 1, .layer_ids = {1},
-			    .n_head_ids = 2, .head_ids = {HEAD_OFFSET + 2, 99}, .prompt = 1};
+			    .n_head_ids = 3, .head_ids = {HEAD_OFFSET + 2, 99, HEAD_OFFSET + 2}, .prompt = 1};
 	policy_until_seen(&run, pub, &e, "rp", &pp);
 	/* rm: at most 2 generated positions */
 	ax_rec_policy pm = {.max_tokens = 2};
