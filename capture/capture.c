@@ -425,7 +425,10 @@ static void local_heads(const ax_capture *c, const int32_t *ids, uint32_t n, set
 		return;
 	for (uint32_t i = 0; i < n; i++) {
 		int64_t h = (int64_t)ids[i] - c->hdr->head_offset;
-		if (h >= 0 && h < c->hdr->n_q_heads && s->n_heads < AX_PROTO_MAX_LIST)
+		int dup = 0;
+		for (uint32_t j = 0; j < s->n_heads && !dup; j++)
+			dup = s->heads[j] == h; /* a head listed twice is reported once */
+		if (!dup && h >= 0 && h < c->hdr->n_q_heads && s->n_heads < AX_PROTO_MAX_LIST)
 			s->heads[s->n_heads++] = (int32_t)h;
 	}
 	s->no_heads = s->n_heads == 0;
