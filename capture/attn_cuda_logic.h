@@ -184,7 +184,10 @@ AXC_HD float axc_bf16(uint16_t b)
 	return axc_u2f((uint32_t)b << 16);
 }
 
-/* The exponent/mantissa moved into f32 position and rescaled by 2^112: exact for normal and subnormal halves. */
+/* The exponent/mantissa moved into f32 position and rescaled by 2^112: exact for normal and subnormal halves.
+ * A subnormal half (and a small fp8 code) passes through an f32 subnormal here, which flush-to-zero would lose:
+ * never build this with --use_fast_math / -ftz=true (nvcc defines no macro to check; attn_cuda_test decodes
+ * every code on the device and compares). */
 AXC_HD float axc_f16(uint16_t h)
 {
 	uint32_t em = h & 0x7fffu;

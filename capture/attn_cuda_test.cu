@@ -37,6 +37,7 @@ extern "C" {
 #include "attn.h"
 }
 #include "attn_cuda.h"
+#include "attn_cuda_logic.h" /* the device's conversions, checked against attn_cpu.c's */
 #include "attn_cuda_fast.h" /* fast-path block (cudafast) */
 #include "attn_cuda_testdata.h"
 
@@ -307,6 +308,46 @@ static void test_errors(ax_attn_cuda *c)
 		td_free(&t);
 		td_free(&okd);
 	}
+}
+
+/* Every f16 / bf16 / fp8 code decoded on the device (axc_*: subnormals need the default -ftz=false, the bit casts
+ * nvcc's memcpy) bitwise equal to attn_cpu.c's decoders on the host; NaN codes only NaN. */
+__global__ void decode_all(float *out)
+{
+	uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
+	if (i < 65536) {
+		out[i] = axc_f16((uint16_t)i);
+		out[65536 + i] = axc_bf16((uint16_t)i);
+	}
+	if (i < 256) {
+		out[131072 + i] = axc_e4m3((uint8_t)i);
+		out[131328 + i] = axc_e5m2((uint8_t)i);
+	}
+}
+
+static void test_decoders(void)
+{
+	const size_t n = 131584;
+	float *d, *h = (float *)malloc(n * sizeof *h);
+	CK(cudaMalloc(&d, n * sizeof *d));
+	decode_all<<<65536 / 256, 256>>>(d);
+	CK(cudaGetLastError());
+	CK(cudaMemcpy(h, d, n * sizeof *d, cudaMemcpyDeviceToHost));
+	int bad = -1;
+	for (size_t i = 0; i < n && bad < 0; i++) {
+		float want = i < 65536    ? ax_f16_to_f32((uint16_t)i)
+			     : i < 131072 ? ax_bf16_to_f32((uint16_t)(i - 65536))
+			     : i < 131328 ? ax_fp8_e4m3_to_f32((uint8_t)(i - 131072))
+					  : ax_fp8_e5m2_to_f32((uint8_t)(i - 131328));
+		uint32_t a, b;
+		memcpy(&a, &h[i], 4), memcpy(&b, &want, 4);
+		if (isnan(want) ? !isnan(h[i]) : a != b)
+			bad = (int)i;
+	}
+	tap(bad < 0, "device decoders: every f16/bf16/fp8 code as attn_cpu.c's%s%d", bad < 0 ? "" : ": first bad entry ",
+	    bad);
+	cudaFree(d);
+	free(h);
 }
 
 /* Scores near ±FLT_MAX in mean_prob (attn_cuda_testdata.h's td_make_extreme): 0 and the reference's rows, as
@@ -792,6 +833,7 @@ int main(int argc, char **argv)
 		ax_attn_cuda_close(c);
 		return 0;
 	}
+	test_decoders();
 	test_cases(c, td_cases, ARRAY_LEN(td_cases));
 	if (!small) {
 		test_cases(c, big_cases, ARRAY_LEN(big_cases));
