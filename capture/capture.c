@@ -122,6 +122,11 @@ struct ax_capture {
 	uint64_t last_torn;
 	uint64_t step_gaps[GAP_N];  /* descriptor-level losses not yet reported */
 	uint64_t lapped_rows, failed_rows; /* record-level losses found while draining, not yet reported */
+	uint64_t recycled_rows;     /* rows whose keys the engine may have recycled (ax_shm_check_keys), not yet reported */
+	char recycled_rid[AX_PROTO_STR]; /* ... all of this request */
+	uint64_t recycled_total;    /* for the stats record */
+	struct { const ax_record *rec; uint64_t seq_end; } endq[64]; /* queued END records and their descriptor */
+	uint32_t endq_head, endq_len;
 	/* timers (CLOCK_MONOTONIC ns) */
 	uint64_t next_attach_ns, next_hb_ns, next_alive_ns, next_stats_ns, next_sweep_ns, dead_since_ns;
 	uint64_t next_hello_ns;    /* hello is repeated while attached, so a relay started later learns the shape */
@@ -173,17 +178,21 @@ static void emit_gap(ax_capture *c, const char *what, const char *reason, uint64
 /* Report record-level losses found while draining, before the next record goes out. */
 static void flush_drain_gaps(ax_capture *c)
 {
-	uint64_t lapped = c->lapped_rows, failed = c->failed_rows;
-	c->lapped_rows = c->failed_rows = 0;
+	uint64_t lapped = c->lapped_rows, failed = c->failed_rows, recycled = c->recycled_rows;
+	c->lapped_rows = c->failed_rows = c->recycled_rows = 0;
 	if (lapped)
 		emit_gap(c, "records", "lapped", lapped, NULL);
 	if (failed)
 		emit_gap(c, "records", "invalid", failed, NULL);
+	if (recycled)
+		emit_gap(c, "records", "recycled", recycled, c->recycled_rid);
 }
+
+static int drain_gaps_pending(const ax_capture *c) { return c->lapped_rows || c->failed_rows || c->recycled_rows; }
 
 static void emit(ax_capture *c, ax_record *r)
 {
-	if (r != &c->rec && (c->lapped_rows || c->failed_rows))
+	if (r != &c->rec && drain_gaps_pending(c))
 		flush_drain_gaps(c);
 	int rv = ax__sender_add(c->snd, r);
 	if (rv < 0) {
@@ -271,12 +280,22 @@ static void emit_attn(ax_capture *c, ax__item *it)
 		return;
 	}
 	if (c->shm == NULL || it->generation != c->generation ||
-	    ax_shm_check_q(c->shm, it->q_row, 1, it->q_rows) != 0) {
+	    ax_shm_check_q(c->shm, it->q_row, 1, c->q_rows) != 0) {
 		CNT_ADD(c, lapped, 1);
 		c->lapped_rows += it->n_res;
 		return;
 	}
-	if (c->lapped_rows || c->failed_rows)
+	/* Keys read through slots the engine may have handed to another request since (shm rule 9): never a record.
+	 * (it->q_rows carries the request's shm id: the Q ring's size is the attachment's, c->q_rows.) */
+	if (ax_shm_check_keys(c->shm, it->q_rows) != 0) {
+		if (c->recycled_rows && strcmp(c->recycled_rid, it->rid) != 0)
+			flush_drain_gaps(c);
+		memcpy(c->recycled_rid, it->rid, sizeof c->recycled_rid);
+		c->recycled_rows += it->n_res;
+		c->recycled_total += it->n_res;
+		return;
+	}
+	if (drain_gaps_pending(c))
 		flush_drain_gaps(c);
 	for (uint32_t i = 0; i < it->n_res; i++) {
 		ax_record *r = &c->rec;
@@ -300,14 +319,21 @@ static int drain(ax_capture *c)
 	int n = cuda_flush(c);
 	ax__item *it;
 	while ((it = ax__pool_head(c->pool)) != NULL) {
-		if (it->kind == AX_ITEM_ATTN)
+		if (it->kind == AX_ITEM_ATTN) {
 			emit_attn(c, it);
-		else if (it->rec)
+		} else if (it->rec) {
 			emit(c, it->rec);
+			if (c->endq_len && c->endq[c->endq_head].rec == it->rec) { /* an END: its request is done */
+				if (c->shm)
+					ax_shm_complete(c->shm, c->endq[c->endq_head].seq_end);
+				c->endq_head = (c->endq_head + 1) % AX_ARRAY_LEN(c->endq);
+				c->endq_len--;
+			}
+		}
 		ax__pool_pop(c->pool);
 		n++;
 	}
-	if (c->lapped_rows || c->failed_rows)
+	if (drain_gaps_pending(c))
 		flush_drain_gaps(c);
 	return n;
 }
@@ -344,7 +370,7 @@ static int cuda_flush(ax_capture *c)
 	int k = drain(c); /* the records queued before the batch's first job (all done at commit) */
 	for (uint32_t i = 0; i < n; i++)
 		emit_attn(c, &items[i]);
-	if (c->lapped_rows || c->failed_rows)
+	if (drain_gaps_pending(c))
 		flush_drain_gaps(c);
 	return k + (int)n;
 }
@@ -708,6 +734,11 @@ static void on_end(ax_capture *c, const ax_shm_step *s)
 		snprintf(rec->u.end.reason, sizeof rec->u.end.reason, "%s", end_reason_name(s->end_reason));
 		rec->u.end.tokens = r->seen;
 		push_record(c, rec);
+		if (c->endq_len < AX_ARRAY_LEN(c->endq)) { /* drain completes s->seq (= its number + 1) on emitting it */
+			uint32_t i = (c->endq_head + c->endq_len++) % AX_ARRAY_LEN(c->endq);
+			c->endq[i].rec = rec;
+			c->endq[i].seq_end = s->seq;
+		}
 	}
 	ax__policy_end(&c->pol, r->rid, c->now_ns); /* late re-publications must not bring it back */
 	c->wanted_dirty = 1;
@@ -805,7 +836,7 @@ static void submit_job(ax_capture *c, const rowctx *x, uint32_t t, uint32_t li, 
 	it->layer = (int32_t)l;
 	it->prefill = (x->s->flags & AX_STEP_F_PREFILL) != 0;
 	it->q_row = q_abs;
-	it->q_rows = c->q_rows;
+	it->q_rows = x->s->req_id; /* for ax_shm_check_keys (see emit_attn) */
 	it->generation = c->generation;
 	if (c->cuda_active)
 		ax__cuda_be_commit(c->cuda);
@@ -901,6 +932,7 @@ static void detach(ax_capture *c)
 	c->qbase = NULL;
 	c->req_cap = c->n_layers = 0;
 	c->wanted_set = 0;
+	c->endq_len = 0; /* descriptor numbers of the old segment */
 }
 
 /* K pool of layer l: host memory, [slots, H_kv, D], unit dim stride, a dtype the CPU backend reads. */
@@ -1152,7 +1184,7 @@ static void send_stats(ax_capture *c)
 		{"busy_ns", st.busy_ns},   {"ring_lost", st.ring_lost}, {"lapped", st.lapped},
 		{"job_errors", st.job_errors}, {"attaches", st.attaches}, {"restarts", st.restarts},
 		{"policies", st.policies}, {"policy_acks", st.policy_acks}, {"sent_frames", st.sent_frames},
-		{"cuda_rejected", st.cuda_rejected},
+		{"cuda_rejected", st.cuda_rejected}, {"recycled", c->recycled_total},
 	};
 	for (size_t i = 0; i < AX_ARRAY_LEN(kv) && i < AX_PROTO_MAX_STATS; i++) {
 		snprintf(r->u.stats.kv[i].name, sizeof r->u.stats.kv[i].name, "%s", kv[i].name);
@@ -1318,6 +1350,10 @@ int ax_capture_run(ax_capture *c)
 		else
 			busy += taken = pump_ring(c, 256);
 		busy += drain(c);
+		if (c->shm && ax__pool_count(c->pool) == 0 && !(c->cuda_active && ax__cuda_be_pending(c->cuda))) {
+			ax_shm_complete(c->shm, ax_shm_taken(c->shm)); /* every descriptor taken is done (shm rule 9) */
+			c->endq_len = 0;
+		}
 		/* Ring empty and every job done: this step's records leave now, in one frame, without a timer wake-up. */
 		if (busy && taken < 256 && ax__pool_count(c->pool) == 0)
 			ax__sender_flush(c->snd, 0);

@@ -9,11 +9,20 @@
  * so index rows point all over the pool and slots are reused by later requests, as in a real engine. A prefill
  * forward covers the whole prompt; then one decode forward per token.
  *
- * The device segment's Q ring is a CUDA entry; libattnx-export only reserves rows of HOST Q rings
- * (ax_export_q_reserve), so that segment also carries a host "shadow" Q ring of the same row count, listed after
- * the device ring: reserving rows there advances the segment's q_head exactly as a device reservation would, and
- * the capture (which reads the first Q ring) reads the device one. The step event is recorded after each step's
- * uploads and before its descriptors are published.
+ * The device segment's Q ring is a CUDA entry: ax_export_q_reserve returns its row numbers (no pointer) and the
+ * engine uploads the rows there. The step event is recorded after each step's uploads and before its descriptors
+ * are published.
+ *
+ * Slot recycling (shm/README.md rule 9): each forward starts with ax_export_step_start. Normally a request ends with
+ * ax_export_request_end_keep and its slots and index row go back to the free lists only when
+ * ax_export_consumer_done says both captures have processed its END (then ax_export_request_freed): the engine
+ * never waits, and no row is lost. The `recycle` scenario frees at once (ax_export_request_end), starts the next
+ * step and overwrites the freed slots with poison keys (K = 200 in every element: logits far outside what real
+ * keys give) before the captures wake (wake-ups held): rows computed after that must come out as `gap` "recycled",
+ * never as records (a record with a logit above POISON_LOGIT is a wrong record).
+ *
+ * Before the scenario, rule_test() checks the recycling contract in-process, case by case (export + attach of one
+ * small segment).
  *
  * Checks: both captures attach and announce the expected backend in `hello`; every request's records arrive and
  * `end` follows; no step dropped, no gap on either side; the attn record sets are equal key by key (rid, position,
@@ -52,8 +61,11 @@ enum { NREQ = 10, CONC = 3, TOPK = 8 };
  * must re-attach, and the device one must have closed the old mappings before opening the new). */
 /* vmm: the device buffers are VMM allocations (cuMemCreate) exported as POSIX fds, served by ax_vmm_server on a
  * Unix socket, named by CUDA_VMM entries; the step event comes with the Q ring's fd. */
-enum { SC_PLAIN, SC_AUTO, SC_REJECT, SC_RESTART, SC_VMM, SC_N };
-static const char *const sc_names[SC_N] = {"plain", "auto", "reject", "restart", "vmm"};
+/* recycle: see the top. */
+enum { SC_PLAIN, SC_AUTO, SC_REJECT, SC_RESTART, SC_VMM, SC_RECYCLE, SC_N };
+static const char *const sc_names[SC_N] = {"plain", "auto", "reject", "restart", "vmm", "recycle"};
+#define POISON_K 200.0f
+#define POISON_LOGIT 50.0f /* real keys: |logit| < 10 (scale 1/8, |q| < 1, |k| < 3); poison: 25·Σq, hundreds */
 static int g_scenario;
 
 /* ---- tiny helpers ---------------------------------------------------------------------------------------- */
@@ -106,10 +118,12 @@ typedef struct greq {
 	int32_t toks[CTX];
 } greq;
 
-/* A request's slots waiting to be recycled until both captures have sent its `end`: a capture computes rows some
- * time after it takes their descriptors, and a K slot rewritten meanwhile would be read with the new keys. */
+/* A request's slots waiting to be recycled until both captures have processed its END (ax_export_consumer_done): a
+ * capture computes rows some time after it takes their descriptors, and a K slot rewritten meanwhile would be read
+ * with the new keys (the capture would then report the rows as recycled). */
 typedef struct pending_free {
 	char rid[32];
+	uint64_t id_d, id_h, done_d, done_h; /* request ids and END descriptor counts in the two segments */
 	uint32_t row; /* its req_to_token row: rewritten by the next request that gets it */
 	uint32_t n;
 	uint32_t slots[CTX];
@@ -124,7 +138,7 @@ typedef struct engine {
 	uint32_t n_pend;
 	char name_d[AX_SHM_NAME_MAX], name_h[AX_SHM_NAME_MAX];
 	ax_export *exd, *exh;
-	uint32_t qd, qshadow, qh, idx_d, idx_h;
+	uint32_t qd, qh, idx_d, idx_h;
 	uint64_t k_dev, q_dev, i_dev;      /* device addresses */
 	ax_vmm_server *vmm;                /* SC_VMM: the fd server */
 	char vmm_path[108];
@@ -145,7 +159,7 @@ static ax_export_config seg_cfg(const char *name)
 	c.n_layers = L, c.n_q_heads = HQ, c.n_kv_heads = HKV, c.n_q_heads_total = HQ, c.head_dim = D;
 	c.q_dtype = AX_DTYPE_BF16, c.k_dtype = AX_DTYPE_BF16, c.scale = 0.125f, c.max_ctx = CTX;
 	c.ring_cap = 4096, c.req_cap = 64, c.arena_cap = 1 << 20;
-	c.data_size = (uint64_t)L * SLOTS * HKV * D * 2 + 2ull * QROWS * HQ * D * 2 + (uint64_t)IROWS * CTX * 4 + 65536;
+	c.data_size = (uint64_t)L * SLOTS * HKV * D * 2 + (uint64_t)QROWS * HQ * D * 2 + (uint64_t)IROWS * CTX * 4 + 65536;
 	return c;
 }
 
@@ -182,7 +196,7 @@ static int dev_entry(engine *e, ax_shm_buffer *b, uint64_t id, uint64_t base, ui
 	return ax_cuda_entry_set_vmm(b, 0, id, e->vmm_path, dptr - base, bytes);
 }
 
-/* Device segment: K pools in one allocation, Q ring (with the step event), index table, host shadow Q ring. */
+/* Device segment: K pools in one allocation, Q ring (with the step event), index table. */
 static int export_device(engine *e)
 {
 	const uint64_t kl = (uint64_t)SLOTS * HKV * D * 2, qb = (uint64_t)QROWS * HQ * D * 2, ib = IROWS * CTX * 4;
@@ -209,9 +223,6 @@ static int export_device(engine *e)
 	ax_shm_buffer ix = desc(AX_BUF_INDEX_TOKEN, -1, IROWS, CTX, 0, AX_DTYPE_I32);
 	CHECK(dev_entry(e, &ix, 3, e->i_dev, e->i_dev, ib) == 0, "index entry");
 	CHECK(ax_export_add_device_buffer(e->exd, &ix, &e->idx_d) == 0, "add index entry");
-	ax_shm_buffer sh = desc(AX_BUF_Q_RING, -1, QROWS, HQ, D, AX_DTYPE_BF16);
-	sh.loc = AX_LOC_HOST;
-	CHECK(ax_export_add_host_buffer(e->exd, &sh, NULL, &e->qshadow) == 0, "add shadow Q ring");
 	return 0;
 }
 
@@ -289,14 +300,14 @@ static int engine_restart(engine *e)
 	return engine_export(e);
 }
 
-/* Random K rows for `slot` in every layer, written to both segments. */
-static int write_k(engine *e, uint32_t slot)
+/* Random K rows for `slot` in every layer (poison: POISON_K everywhere), written to both segments. */
+static int write_k(engine *e, uint32_t slot, int poison)
 {
 	uint16_t row[HKV * D];
 	for (int l = 0; l < L; l++) {
 		float boost = rnd() % 16 == 0 ? 3.0f : 1.0f; /* a few keys that stand out */
 		for (int i = 0; i < HKV * D; i++)
-			row[i] = to_bf16(rndf() * boost);
+			row[i] = to_bf16(poison ? POISON_K : rndf() * boost);
 		memcpy(e->k_host[l] + (uint64_t)slot * HKV * D, row, sizeof row);
 		uint64_t off = ((uint64_t)l * SLOTS + slot) * HKV * D * 2;
 		CHECK(e->dev->upload(e->dev->ctx, e->k_dev + off, row, sizeof row) == 0, "upload K");
@@ -304,7 +315,6 @@ static int write_k(engine *e, uint32_t slot)
 	return 0;
 }
 
-/* (Slots and index rows of an ended request are recycled only after both captures sent its `end`.) */
 /* Slots for positions [p0, p0 + n) of request r: from the free stack, into req_to_token on both sides. */
 static int place_tokens(engine *e, greq *r, uint32_t p0, uint32_t n)
 {
@@ -312,7 +322,7 @@ static int place_tokens(engine *e, greq *r, uint32_t p0, uint32_t n)
 	for (uint32_t p = p0; p < p0 + n; p++) {
 		uint32_t s = e->free_slots[--e->n_free];
 		e->i_host[r->row * CTX + p] = (int32_t)s;
-		if (write_k(e, s) < 0)
+		if (write_k(e, s, 0) < 0)
 			return -1;
 	}
 	CHECK(e->dev->upload(e->dev->ctx, e->i_dev + ((uint64_t)r->row * CTX + p0) * 4, &e->i_host[r->row * CTX + p0],
@@ -325,8 +335,9 @@ static int write_q(engine *e, uint32_t rows, uint64_t *q_row)
 {
 	void *hp;
 	uint64_t qr_h, qr_d;
+	void *dp = &dp;
 	CHECK(ax_export_q_reserve(e->exh, e->qh, rows, &qr_h, &hp) == 0, "q reserve (host)");
-	CHECK(ax_export_q_reserve(e->exd, e->qshadow, rows, &qr_d, NULL) == 0, "q reserve (device shadow)");
+	CHECK(ax_export_q_reserve(e->exd, e->qd, rows, &qr_d, &dp) == 0 && dp == NULL, "q reserve (device ring)");
 	CHECK(qr_h == qr_d, "Q rows diverged");
 	uint16_t *q = hp;
 	for (uint64_t i = 0; i < (uint64_t)rows * HQ * D; i++)
@@ -341,6 +352,8 @@ static int write_q(engine *e, uint32_t rows, uint64_t *q_row)
 static int forward(engine *e, greq *r)
 {
 	uint32_t n = r->pos == 0 ? r->P : 1, p0 = r->pos;
+	ax_export_step_start(e->exd); /* before the step writes slots or index entries (rule 9) */
+	ax_export_step_start(e->exh);
 	if (place_tokens(e, r, p0, n) < 0)
 		return -1;
 	uint64_t wd[2], wh[2];
@@ -383,12 +396,40 @@ static int begin_req(engine *e, greq *r)
 	return 0;
 }
 
-/* End r: publish END; its slots are recycled once both captures are done with it (recycle). */
-static int end_req(engine *e, greq *r)
+static void give_back(engine *e, const pending_free *f);
+
+/* recycle scenario: free at END, start the next step, overwrite the freed slots at once (see the top). They go back
+ * to the free lists a little later (the next iteration), so the poison is what a late reader finds, not the keys of
+ * the next step's requests (which a capture could not tell from the right ones). */
+static int end_now(engine *e, greq *r)
 {
 	CHECK(ax_export_request_end(e->exd, r->id_d, AX_END_STOP) == 0, "end (device)");
 	CHECK(ax_export_request_end(e->exh, r->id_h, AX_END_STOP) == 0, "end (host)");
+	ax_export_step_start(e->exd);
+	ax_export_step_start(e->exh);
+	pending_free *f = &e->pend[e->n_pend++]; /* back to the free lists at the next iteration (recycle) */
+	memset(f, 0, sizeof *f);
+	f->n = r->pos;
+	f->row = r->row;
+	for (uint32_t p = 0; p < r->pos; p++) {
+		f->slots[p] = (uint32_t)e->i_host[r->row * CTX + p];
+		if (write_k(e, f->slots[p], 1) < 0)
+			return -1;
+	}
+	r->live = 0;
+	e->ended++;
+	return 0;
+}
+
+/* End r: publish END, keeping its slots until both captures are done with it (recycle). */
+static int end_req(engine *e, greq *r)
+{
+	if (g_scenario == SC_RECYCLE)
+		return end_now(e, r);
 	pending_free *f = &e->pend[e->n_pend++];
+	CHECK(ax_export_request_end_keep(e->exd, r->id_d, AX_END_STOP, &f->done_d) == 0, "end (device)");
+	CHECK(ax_export_request_end_keep(e->exh, r->id_h, AX_END_STOP, &f->done_h) == 0, "end (host)");
+	f->id_d = r->id_d, f->id_h = r->id_h;
 	snprintf(f->rid, sizeof f->rid, "%s", r->rid);
 	f->n = r->pos;
 	for (uint32_t p = 0; p < r->pos; p++)
@@ -399,26 +440,37 @@ static int end_req(engine *e, greq *r)
 	return 0;
 }
 
-static int side_has_end(side *s, const char *rid);
+/* Slots back to the free stack, shuffled (later requests reuse them scattered), and the index row. */
+static void give_back(engine *e, const pending_free *f)
+{
+	uint32_t base = e->n_free;
+	for (uint32_t p = 0; p < f->n; p++)
+		e->free_slots[e->n_free++] = f->slots[p];
+	for (uint32_t i = e->n_free - 1; i > base && f->n; i--) {
+		uint32_t j = base + rnd() % (i - base + 1), t = e->free_slots[i];
+		e->free_slots[i] = e->free_slots[j];
+		e->free_slots[j] = t;
+	}
+	e->free_rows[e->n_free_rows++] = f->row;
+}
 
-/* Give back, shuffled, the slots of requests both captures have finished (later requests reuse them scattered). */
+/* Free the requests both captures have finished with (never waits: the others stay pending). */
 static void recycle(engine *e)
 {
 	for (uint32_t k = 0; k < e->n_pend;) {
 		pending_free *f = &e->pend[k];
-		if (!side_has_end(e->sides[0], f->rid) || !side_has_end(e->sides[1], f->rid)) {
+		if (g_scenario == SC_RECYCLE) { /* freed at END already */
+			give_back(e, f);
+			*f = e->pend[--e->n_pend];
+			continue;
+		}
+		if (!ax_export_consumer_done(e->exd, f->done_d) || !ax_export_consumer_done(e->exh, f->done_h)) {
 			k++;
 			continue;
 		}
-		uint32_t base = e->n_free;
-		for (uint32_t p = 0; p < f->n; p++)
-			e->free_slots[e->n_free++] = f->slots[p];
-		for (uint32_t i = e->n_free - 1; i > base; i--) {
-			uint32_t j = base + rnd() % (i - base + 1), t = e->free_slots[i];
-			e->free_slots[i] = e->free_slots[j];
-			e->free_slots[j] = t;
-		}
-		e->free_rows[e->n_free_rows++] = f->row;
+		ax_export_request_freed(e->exd, f->id_d); /* -ENOENT only if the entry was reused: nothing to mark */
+		ax_export_request_freed(e->exh, f->id_h);
+		give_back(e, f);
 		*f = e->pend[--e->n_pend];
 	}
 }
@@ -445,14 +497,23 @@ static int run_requests(engine *e, uint32_t upto)
 				return -1;
 			if (!r->live)
 				continue;
+			int last = r->pos >= r->P + r->gen - 1 && r->pos > 0;
+			if (last && g_scenario == SC_RECYCLE) { /* the captures wake after the poison (see the top) */
+				wait_consumers(e);
+				msleep(3); /* asleep in ax_shm_wait, so they take the step only at the flush */
+				ax_export_hold_wake(e->exd);
+				ax_export_hold_wake(e->exh);
+			}
 			if (forward(e, r) < 0)
 				return -1;
 			if (r->pos >= r->P + r->gen && end_req(e, r) < 0)
 				return -1;
+			ax_export_flush_wake(e->exd);
+			ax_export_flush_wake(e->exh);
 		}
 		wait_consumers(e);
-		recycle(e);
 		msleep(1); /* an engine's step pace, roughly; also lets the captures' records arrive */
+		recycle(e);
 		ax_export_heartbeat(e->exd);
 		ax_export_heartbeat(e->exh);
 	}
@@ -477,11 +538,26 @@ struct side {
 	size_t n, cap;
 	char backend[16];
 	int hellos, ends, gaps, bad_frames;
+	int recycled_gaps, poisoned; /* gaps "recycled"; attn records with a poison logit (wrong records) */
+	uint64_t recycled_rows;
 	int64_t cuda_rejected; /* from the last stats record, -1 before one */
 	char ended[NREQ][32];
 	char last_gap[160];
 	pid_t pid;
 };
+
+/* A record computed from poison keys: every poisoned key gets the same logit (so the top k tie exactly, in every
+ * mode; random keys never do), far outside the real range in the logit modes. */
+static int poisoned(const ax_rec_attn *a)
+{
+	int ties = a->k >= 4;
+	for (uint32_t i = 0; i < a->k; i++) {
+		if (fabsf(a->topk_logits[i]) > POISON_LOGIT)
+			return 1;
+		ties &= a->topk_logits[i] == a->topk_logits[0];
+	}
+	return ties;
+}
 
 static int on_record(const ax_record *r, void *arg)
 {
@@ -500,6 +576,8 @@ static int on_record(const ax_record *r, void *arg)
 				s->cuda_rejected = (int64_t)r->u.stats.kv[i].value;
 	} else if (r->type == AX_REC_GAP) {
 		s->gaps++;
+		if (strcmp(r->u.gap.reason, "recycled") == 0)
+			s->recycled_gaps++, s->recycled_rows += r->u.gap.count;
 		snprintf(s->last_gap, sizeof s->last_gap, "%.32s/%.32s x%llu (%.40s)", r->u.gap.what, r->u.gap.reason,
 			 (unsigned long long)r->u.gap.count, r->rid);
 	} else if (r->type == AX_REC_ATTN) {
@@ -512,6 +590,7 @@ static int on_record(const ax_record *r, void *arg)
 			}
 			s->recs = a, s->cap = cap;
 		}
+		s->poisoned += poisoned(&r->u.attn);
 		snprintf(s->recs[s->n].rid, sizeof s->recs[s->n].rid, "%.31s", r->rid);
 		s->recs[s->n++].a = r->u.attn;
 	}
@@ -555,16 +634,6 @@ static void side_close(side *s)
 	nng_close(s->sock);
 	free(s->recs);
 	pthread_mutex_destroy(&s->mu);
-}
-
-static int side_has_end(side *s, const char *rid)
-{
-	int found = 0;
-	pthread_mutex_lock(&s->mu);
-	for (int i = 0; i < s->ends && i < NREQ && !found; i++)
-		found = strcmp(s->ended[i], rid) == 0;
-	pthread_mutex_unlock(&s->mu);
-	return found;
 }
 
 static int side_count(side *s, int *hellos, int *ends)
@@ -771,8 +840,28 @@ static int count_layer(const side *s, int32_t layer)
 	return n;
 }
 
+/* recycle: the record sets differ with the timing, so no comparison: no wrong record, every loss a "recycled" gap,
+ * and some (rows computed after the poison, which the held wake-ups make the common case). */
+static int check_recycle(const side *cpu, const side *cuda)
+{
+	const side *sides[2] = {cpu, cuda};
+	for (int i = 0; i < 2; i++) {
+		const side *s = sides[i];
+		fprintf(stderr, "gpu_engine: %s: %zu records, %d recycled gaps (%llu rows), %d other gaps, %d poisoned\n",
+			s->tag, s->n, s->recycled_gaps, (unsigned long long)s->recycled_rows, s->gaps - s->recycled_gaps,
+			s->poisoned);
+		CHECK(s->poisoned == 0, "recycle: %s: %d records computed from recycled (poisoned) keys", s->tag,
+		      s->poisoned);
+		CHECK(s->gaps == s->recycled_gaps, "recycle: %s: other gaps (last: %s)", s->tag, s->last_gap);
+		CHECK(s->recycled_rows > 0, "recycle: %s: no row reported as recycled", s->tag);
+		CHECK(s->n > 0 && order_violations(s) == 0, "recycle: %s: no records, or out of order", s->tag);
+	}
+	return 0;
+}
+
 static int check_scenario(const side *cpu, const side *cuda)
 {
+	CHECK(cpu->poisoned == 0 && cuda->poisoned == 0, "records with poison logits");
 	if (g_scenario == SC_REJECT) {
 		CHECK(cuda->cuda_rejected == 1, "reject: the device capture's stats say cuda_rejected %lld, want 1",
 		      (long long)cuda->cuda_rejected);
@@ -783,6 +872,183 @@ static int check_scenario(const side *cpu, const side *cuda)
 		CHECK(cuda->cuda_rejected == 0, "the device capture rejected %lld entries", (long long)cuda->cuda_rejected);
 	}
 	return 0;
+}
+
+/* ---- the recycling rule, in-process ----------------------------------------------------------------------------- */
+
+/* One small segment (req_cap 2: the third request reuses the first one's entry) and a consumer attached to it. */
+typedef struct rt {
+	ax_export *ex;
+	ax_shm *shm;
+	uint32_t qd, qh, kp;
+} rt;
+
+static int rt_open(rt *t, const char *name)
+{
+	memset(t, 0, sizeof *t);
+	ax_export_config c = seg_cfg(name);
+	c.req_cap = 2, c.ring_cap = 64, c.arena_cap = 4096, c.data_size = 1 << 20;
+	CHECK(ax_export_open(&t->ex, &c) == 0, "rule: export open");
+	ax_shm_buffer q = desc(AX_BUF_Q_RING, -1, 16, HQ, D, AX_DTYPE_BF16), k = desc(AX_BUF_K_POOL, 0, 64, HKV, D,
+										   AX_DTYPE_BF16);
+	q.loc = AX_LOC_CUDA_IPC, q.device = 0, q.bytes = 16 * HQ * D * 2;
+	k.loc = AX_LOC_HOST;
+	CHECK(ax_export_add_device_buffer(t->ex, &q, &t->qd) == 0, "rule: device Q ring");
+	q.loc = AX_LOC_HOST, q.device = -1, q.bytes = 0;
+	CHECK(ax_export_add_host_buffer(t->ex, &q, NULL, &t->qh) == 0, "rule: host Q ring");
+	CHECK(ax_export_add_host_buffer(t->ex, &k, NULL, &t->kp) == 0, "rule: K pool");
+	CHECK(ax_shm_attach(&t->shm, name) == 0, "rule: attach");
+	return 0;
+}
+
+static void rt_close(rt *t)
+{
+	ax_shm_detach(t->shm);
+	ax_export_close(t->ex);
+}
+
+static uint64_t rt_begin(rt *t, const char *rid)
+{
+	int32_t prompt[2] = {1, 2};
+	uint64_t id = 0;
+	return ax_export_request_begin(t->ex, rid, prompt, 2, &id) == 0 ? id : 0;
+}
+
+/* Drain the ring as a capture would (descriptors taken, nothing computed). */
+static void rt_take(rt *t)
+{
+	ax_shm_step st;
+	while (ax_shm_next(t->shm, &st, NULL) != 0)
+		;
+}
+
+/* Each case: the engine's actions, then what ax_shm_check_keys must say about request A's rows computed now. */
+enum { RT_NO_STEPS, RT_END_NO_STEP, RT_END_STEP, RT_ACTIVE_STEPS, RT_KEEP_STEPS, RT_KEEP_FREED, RT_ENTRY_REUSED,
+       RT_N };
+static const struct { const char *name; int want; } rt_cases[RT_N] = {
+	[RT_NO_STEPS] = {"no ax_export_step_start ever: nothing can be told (feature off)", 0},
+	[RT_END_NO_STEP] = {"freed at END, no step since: the normal last rows", 0},
+	[RT_END_STEP] = {"freed at END, a step started since", -ESTALE},
+	[RT_ACTIVE_STEPS] = {"still active, steps started", 0},
+	[RT_KEEP_STEPS] = {"ended with _keep, steps started, not freed", 0},
+	[RT_KEEP_FREED] = {"ended with _keep, then freed", -ESTALE},
+	[RT_ENTRY_REUSED] = {"request entry reused by a later request", -ESTALE},
+};
+
+static int rt_case(int c)
+{
+	char name[AX_SHM_NAME_MAX];
+	snprintf(name, sizeof name, "/attnx.gputest.%d.rule", (int)getpid());
+	rt t;
+	if (rt_open(&t, name) < 0)
+		return -1;
+	int rc = -1;
+	uint64_t a = rt_begin(&t, "rule-a"), done;
+	CHECK(a != 0, "rule: begin");
+	if (c != RT_NO_STEPS)
+		ax_export_step_start(t.ex);
+	switch (c) {
+	case RT_NO_STEPS:
+		ax_export_request_end(t.ex, a, AX_END_STOP);
+		break;
+	case RT_END_NO_STEP:
+		ax_export_request_end(t.ex, a, AX_END_STOP);
+		break;
+	case RT_END_STEP:
+		ax_export_request_end(t.ex, a, AX_END_STOP);
+		ax_export_step_start(t.ex);
+		break;
+	case RT_ACTIVE_STEPS:
+		ax_export_step_start(t.ex);
+		ax_export_step_start(t.ex);
+		break;
+	case RT_KEEP_STEPS:
+		ax_export_request_end_keep(t.ex, a, AX_END_STOP, &done);
+		ax_export_step_start(t.ex);
+		break;
+	case RT_KEEP_FREED:
+		ax_export_request_end_keep(t.ex, a, AX_END_STOP, &done);
+		if (ax_export_request_freed(t.ex, a) != 0)
+			goto out;
+		break;
+	case RT_ENTRY_REUSED:
+		ax_export_request_end_keep(t.ex, a, AX_END_STOP, &done);
+		ax_export_request_end(t.ex, rt_begin(&t, "rule-b"), AX_END_STOP);
+		if (rt_begin(&t, "rule-c") == 0 || ax_export_request_freed(t.ex, a) != -ENOENT)
+			goto out; /* the entry is rule-c's now: a late free has nothing to mark */
+		break;
+	}
+	rt_take(&t);
+	int got = ax_shm_check_keys(t.shm, a);
+	ax_shm_stats st;
+	ax_shm_get_stats(t.shm, &st);
+	if (got == rt_cases[c].want && st.recycled == (got != 0))
+		rc = 0;
+	else
+		fprintf(stderr, "gpu_engine: rule: %s: ax_shm_check_keys %d (want %d), recycled stat %llu\n",
+			rt_cases[c].name, got, rt_cases[c].want, (unsigned long long)st.recycled);
+out:
+	rt_close(&t);
+	return rc;
+}
+
+/* Deferral (consumer_done), q_reserve of a CUDA Q ring, error paths. */
+static int rt_progress(void)
+{
+	char name[AX_SHM_NAME_MAX];
+	snprintf(name, sizeof name, "/attnx.gputest.%d.rule", (int)getpid());
+	rt t;
+	if (rt_open(&t, name) < 0)
+		return -1;
+	int rc = -1;
+	uint64_t a = rt_begin(&t, "rule-a"), done = 0, row;
+	void *p = &p;
+	ax_export_step_start(t.ex);
+	CHECK(ax_export_request_end_keep(t.ex, a, AX_END_STOP, &done) == 0 && done == 2, "rule: end_keep (done %llu)",
+	      (unsigned long long)done);
+	if (ax_export_consumer_done(t.ex, done) != 0) /* a live capture that has not said anything yet */
+		goto out;
+	rt_take(&t);
+	ax_shm_complete(t.shm, 1); /* BEGIN processed, END not yet */
+	if (ax_export_consumer_done(t.ex, done) != 0)
+		goto out;
+	ax_shm_complete(t.shm, 1000); /* clamped to the descriptors taken */
+	if (ax_export_consumer_done(t.ex, done) != 1 || ax_shm_hdr(t.shm)->consumer_done != 2)
+		goto out;
+	if (ax_export_request_freed(t.ex, a) != 0 || ax_export_request_freed(t.ex, a) != -ENOENT ||
+	    ax_export_request_freed(t.ex, 0) != -EINVAL || ax_export_request_freed(NULL, a) != -EINVAL ||
+	    ax_export_request_end_keep(t.ex, a, AX_END_STOP, NULL) != -ENOENT || ax_shm_check_keys(NULL, a) != -EINVAL ||
+	    ax_shm_check_keys(t.shm, 0) != -EINVAL || ax_shm_check_keys(t.shm, (7ull << 16) | 9) != -ESTALE)
+		goto out;
+	/* A CUDA Q ring: row numbers, no pointer; the host ring after it continues from the same q_head. */
+	if (ax_export_q_reserve(t.ex, t.qd, 10, &row, &p) != 0 || p != NULL || row != 0 ||
+	    ax_export_q_reserve(t.ex, t.qd, 10, &row, &p) != 0 || row != 16 || /* never wraps */
+	    ax_export_q_reserve(t.ex, t.qh, 1, &row, &p) != 0 || p == NULL || row != 26 ||
+	    ax_export_q_reserve(t.ex, t.qd, 0, &row, &p) != -EINVAL || p != NULL ||
+	    ax_export_q_reserve(t.ex, t.qd, 17, &row, NULL) != -EINVAL || ax_export_q_reserve(t.ex, t.kp, 1, &row, NULL) != -EINVAL ||
+	    ax_export_q_reserve(t.ex, 99, 1, &row, NULL) != -EINVAL)
+		goto out;
+	ax_shm_detach(t.shm);
+	t.shm = NULL;
+	if (ax_export_consumer_done(t.ex, 1u << 30) != 1) /* nobody attached: nothing to wait for */
+		goto out;
+	ax_export_step_start(NULL);
+	rc = 0;
+out:
+	if (rc)
+		fprintf(stderr, "gpu_engine: rule: deferral / q_reserve / error-path checks failed\n");
+	rt_close(&t);
+	return rc;
+}
+
+static int rule_test(void)
+{
+	int fails = 0;
+	for (int c = 0; c < RT_N; c++)
+		fails += rt_case(c) != 0;
+	fails += rt_progress() != 0;
+	fprintf(stderr, "gpu_engine: recycling rule: %d of %d cases failed\n", fails, RT_N + 1);
+	return fails ? -1 : 0;
 }
 
 /* ---- main ---------------------------------------------------------------------------------------------------- */
@@ -816,7 +1082,9 @@ stop:
 	stop_capture(sd.pid);
 	stop_capture(sh.pid);
 	msleep(100); /* the exit stats record */
-	if (rc == 0)
+	if (rc == 0 && g_scenario == SC_RECYCLE)
+		rc = check_recycle(&sh, &sd);
+	else if (rc == 0)
 		rc = compare(&sh, &sd) == 0 && check_scenario(&sh, &sd) == 0 ? 0 : -1;
 	side_close(&sd);
 	side_close(&sh);
@@ -834,8 +1102,8 @@ int ge_main(int argc, char **argv, const ge_dev_ops *dev)
 		if (strcmp(argv[4], sc_names[i]) == 0)
 			g_scenario = i;
 	if (argc < 4 || ax_mode_parse(argv[3]) < 0 || (argc > 4 && g_scenario < 0)) {
-		fprintf(stderr, "usage: %s DEV_CAPTURE HOST_CAPTURE mean_logit|mean_prob|heads [plain|auto|reject|restart|vmm "
-			"[SEED]]\n", argv[0]);
+		fprintf(stderr, "usage: %s DEV_CAPTURE HOST_CAPTURE mean_logit|mean_prob|heads [plain|auto|reject|restart|vmm|"
+			"recycle [SEED]]\n", argv[0]);
 		return 2;
 	}
 	if (g_scenario < 0)
@@ -845,7 +1113,9 @@ int ge_main(int argc, char **argv, const ge_dev_ops *dev)
 	signal(SIGPIPE, SIG_IGN);
 	fprintf(stderr, "gpu_engine: device '%s', mode %s, scenario %s, %d requests, %d layers, H_q %d, H_kv %d, D %d\n",
 		dev->name, argv[3], sc_names[g_scenario], NREQ, L, HQ, HKV, D);
-	int rc = run(dev, argv[1], argv[2], argv[3]);
+	int rc = rule_test();
+	if (rc == 0)
+		rc = run(dev, argv[1], argv[2], argv[3]);
 	fprintf(stderr, "gpu_engine: %s\n", rc == 0 ? "PASS" : "FAIL");
 	return rc == 0 ? 0 : 1;
 }

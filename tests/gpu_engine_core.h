@@ -45,7 +45,8 @@ typedef struct ge_dev_ops {
 
 /*
  * Run the test: argv = prog DEV_CAPTURE HOST_CAPTURE MODE [SCENARIO [SEED]], SCENARIO plain (default), auto,
- * reject, restart or vmm (gpu_engine_core.c says what each checks). DEV_CAPTURE reads the device segment with
+ * reject, restart, vmm or recycle (gpu_engine_core.c says what each checks; every run first checks the recycling
+ * rule in-process). DEV_CAPTURE reads the device segment with
  * --backend cuda, HOST_CAPTURE the host segment with --backend cpu; MODE is mean_logit, mean_prob or heads.
  * Returns the process exit status: 0 pass, 1 fail (mismatches printed), 2 usage.
  */
