@@ -106,6 +106,8 @@ struct ax_engine {
 	int rows, n_active;  /* index-table rows (2 × max_batch), rows holding an active request */
 	uint64_t *retired;   /* [rows] 0 = not retired, else its retirement order (older = smaller) */
 	int *retired_len;    /* [rows] positions to release */
+	uint64_t *retired_id;   /* [rows] export id of the retired request (ended with _keep), 0 = none */
+	uint64_t *retired_done; /* [rows] its END's descriptor count: ax_export_consumer_done says when the capture is done */
 	uint64_t retire_seq;
 	int quit;
 	pthread_t th;
@@ -424,9 +426,13 @@ static void export_publish(ax_engine *e, int n_seqs)
 
 /* ---- the scheduler ----------------------------------------------------------------------------------- */
 
-/* Release a retired row's slots; the row becomes free. */
+/* Release a retired row's slots; the row becomes free. The export learns of the free first (shm rule 9: a capture
+ * still computing the request's rows reports them as recycled rather than reading the next request's keys). */
 static void unretire(ax_engine *e, int row)
 {
+	if (e->retired_id[row])
+		ax_export_request_freed(e->ex, e->retired_id[row]);
+	e->retired_id[row] = 0;
 	ax_kv_release(e->kv, row, e->retired_len[row]);
 	e->retired[row] = 0;
 }
@@ -435,9 +441,11 @@ static void unretire(ax_engine *e, int row)
 static int unretire_oldest(ax_engine *e)
 {
 	int best = -1;
-	for (int row = 0; row < e->rows; row++)
-		if (e->retired[row] && (best < 0 || e->retired[row] < e->retired[best]))
-			best = row;
+	for (int pass = 0; pass < 2 && best < 0; pass++) /* first the rows the capture is done with (never waits) */
+		for (int row = 0; row < e->rows; row++)
+			if (e->retired[row] && (best < 0 || e->retired[row] < e->retired[best]) &&
+			    (pass || ax_export_consumer_done(e->ex, e->retired_done[row])))
+				best = row;
 	if (best < 0)
 		return -ENOENT;
 	unretire(e, best);
@@ -450,7 +458,9 @@ static void finish(ax_engine *e, ax_req *r, int why)
 		e->active[r->row] = NULL;
 		e->n_active--;
 		if (e->ex && r->ex_id) { /* the capture may still read this row: retire it (see the top) */
-			ax_export_request_end(e->ex, r->ex_id, end_reason(why));
+			e->retired_done[r->row] = 0;
+			ax_export_request_end_keep(e->ex, r->ex_id, end_reason(why), &e->retired_done[r->row]);
+			e->retired_id[r->row] = r->ex_id;
 			e->retired[r->row] = ++e->retire_seq;
 			e->retired_len[r->row] = e->ctx; /* the whole row: a failed step may have left slots past pos */
 		} else {
@@ -714,8 +724,11 @@ static int open_parts(ax_engine *e)
 	e->active = calloc((size_t)e->rows, sizeof *e->active);
 	e->retired = calloc((size_t)e->rows, sizeof *e->retired);
 	e->retired_len = calloc((size_t)e->rows, sizeof *e->retired_len);
+	e->retired_id = calloc((size_t)e->rows, sizeof *e->retired_id);
+	e->retired_done = calloc((size_t)e->rows, sizeof *e->retired_done);
 	e->se = calloc((size_t)e->max_batch, sizeof *e->se);
-	return e->logits && e->work && e->active && e->retired && e->retired_len && e->se ? 0 : -ENOMEM;
+	return e->logits && e->work && e->active && e->retired && e->retired_len && e->retired_id && e->retired_done &&
+	       e->se ? 0 : -ENOMEM;
 }
 
 int ax_engine_open(ax_engine **out, const ax_engine_config *cfg)
@@ -762,6 +775,8 @@ void ax_engine_close(ax_engine *e)
 	free(e->active);
 	free(e->retired);
 	free(e->retired_len);
+	free(e->retired_id);
+	free(e->retired_done);
 	free(e->se);
 	pthread_cond_destroy(&e->cv);
 	pthread_mutex_destroy(&e->mu);
