@@ -30,6 +30,7 @@ extern "C" {
 #include "attn_cuda.h"
 #include "attn_cuda_logic.h"
 #include "attn_cuda_plan.h"
+#include "attn_cuda_fast.h" /* the fast path (cudafast): see ax_attn_cuda_run */
 
 #define AXC_CTAS_PER_SM 4       /* split planning target */
 
@@ -69,6 +70,7 @@ struct ax_attn_cuda {
 	size_t hcap;
 	int smem_set[AXC_N_INST];  /* dynamic shared memory each instance is allowed (opt-in attribute) */
 	axc_plan *plan;            /* host tables, grown to the largest batch seen */
+	ax_attn_fast *fast;        /* the fast path (attn_cuda_fast.cu); NULL when off (AX_ATTN_CUDA_FAST=0, not sm_90) */
 };
 
 static cudaError_t g_open_err = cudaSuccess;
@@ -117,6 +119,13 @@ int ax_attn_cuda_open(ax_attn_cuda **out, int device)
 		free(c);
 		return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
 	}
+	int fr = ax__attn_fast_new(&c->fast, device, c->stream); /* fast path hook (cudafast) */
+	if (fr) {
+		cudaStreamDestroy(c->stream);
+		axc_plan_free(p);
+		free(c);
+		return fr;
+	}
 	*out = c;
 	return 0;
 }
@@ -127,6 +136,7 @@ void ax_attn_cuda_close(ax_attn_cuda *c)
 		return;
 	cudaSetDevice(c->device);
 	cudaStreamSynchronize(c->stream);
+	ax__attn_fast_free(c->fast); /* before its stream goes */
 	cudaStreamDestroy(c->stream);
 	cudaFree(c->dbuf);
 	cudaFreeHost(c->hbuf);
@@ -205,7 +215,7 @@ static int launch_pass(ax_attn_cuda *c, const axc_pass *P)
 	return 0;
 }
 
-int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+static int run_generic(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
 {
 	if (!c || (n && (!jobs || !out || !rc)))
 		return -EINVAL;
@@ -237,4 +247,26 @@ int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_at
 		return cuda_fail(c, e);
 	axc_plan_finish(p, c->hbuf, jobs, out, rc);
 	return 0;
+}
+
+/* ---- fast path hook (cudafast) --------------------------------------------------------------------------------------- */
+
+static int generic_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+{
+	return run_generic((ax_attn_cuda *)ctx, jobs, n, out, rc);
+}
+
+/* Eligible jobs (attn_cuda_fast.h: bf16/f16, D 128, H_kv <= 8, group <= 8, no cap, no head list) run on the fast
+ * path, the rest on the generic path above; a mixed batch is split and scattered back (axf_dispatch). */
+int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+{
+	if (!c || (n && (!jobs || !out || !rc)))
+		return -EINVAL;
+	if (n == 0)
+		return 0;
+	int r = ax__attn_fast_dispatch(c->fast, jobs, n, out, rc, generic_runner, c);
+	cudaError_t fe = (cudaError_t)ax__attn_fast_take_error(c->fast);
+	if (fe != cudaSuccess)
+		c->err = fe;
+	return r;
 }
