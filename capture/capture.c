@@ -8,7 +8,9 @@
  *   2. take up to 256 descriptors: BEGIN → `req`, FORWARD → one ax_attn_job per captured (position, layer),
  *      END → `end`; lost / invalid / torn descriptors become `gap` records;
  *   3. pop finished items from the ordered queue (pool.h): a job's result is trusted only if its Q row was not
- *      overwritten meanwhile (ax_shm_check_q), then becomes `attn` records;
+ *      overwritten meanwhile (ax_shm_check_q) and its keys were not possibly recycled (ax_shm_check_keys, else a
+ *      `recycled` gap), then becomes `attn` records; emitting a request's `end`, or an empty queue, publishes how
+ *      far the capture has got (ax_shm_complete) so the engine can recycle what it is done with;
  *   4. service: sender deadlines and retries, policy frames from the relay, consumer heartbeat, engine liveness
  *      (restart → finish queued jobs, `gap` "restart" for requests in flight, detach, re-attach), stats records;
  *   5. nothing done: sleep in ax_shm_wait until the engine publishes, a worker finishes, a policy frame arrives

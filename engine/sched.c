@@ -15,7 +15,9 @@
  * that reuses those slots. So an exported request's row and slots are only retired at the end: they stay
  * intact until the row or the slots are needed, oldest first. The index table has 2 × max_batch rows for
  * that, and the KV pool is sized for max_batch full contexts, so retirement never costs capacity: a retired
- * row is released the moment admission or a slot allocation would otherwise fail.
+ * row is released the moment admission or a slot allocation would otherwise fail — the oldest one whose END the
+ * capture has finished (ax_export_consumer_done), else the oldest, never waiting; ax_export_request_freed tells
+ * the capture first, which then reports any row it computes later as a `recycled` gap (shm/README.md rule 9).
  *
  * Export (DESIGN §2): the K pools of every layer and the token-level index table are allocated IN the shm
  * segment's data region and handed to the KV cache, so the capture reads the engine's own keys, zero copy.

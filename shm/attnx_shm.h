@@ -314,8 +314,8 @@ int ax_export_request_end(ax_export *ex, uint64_t req_id, uint32_t reason);
  *
  * ax_export_step_start: call before each step writes any K-pool slot or index-table entry (before the forward,
  * and before the allocation of the step's slots writes the index table). The first call advertises
- * AX_SHM_FEAT_RECYCLE; from then on every step must be preceded by it (a step without it could overwrite freed keys
- * unseen). One relaxed store and a release fence. Accepts NULL.
+ * AX_SHM_FEAT_RECYCLE; from then on nothing the engine freed may be written before a step start that follows the free
+ * (a write without one could overwrite freed keys unseen). One relaxed store and a release fence. Accepts NULL.
  *
  * ax_export_request_end_keep: as ax_export_request_end, but the engine keeps the request's KV slots and index row
  * until it calls ax_export_request_freed. *done_seq (may be NULL) receives the descriptor count after the END, for
