@@ -25,7 +25,12 @@ Limits (said plainly): a static cache is required (DynamicCache reallocates its 
 must not be left-padded (positions must start at 0 for each row: use batch 1 or equal-length prompts); K pools are
 registered on the first forward (call warmup() before starting attnx-capture, which reads the buffer table when
 it attaches); an error in the export path disables export for the process (logged once) and never reaches the
-model.
+model. Slot recycling (shm/README.md rule 9) is not covered: the next generate() overwrites the cache rows of the
+previous one at its prefill, and neither can be deferred without blocking the model (the host does not run per step
+under graph replay, and the END is a GPU kernel's, with no host descriptor count for ax_export_consumer_done); the
+graph exporter does not advertise AX_SHM_FEAT_RECYCLE, so a capture still computing the previous call's last rows
+when the next prefill writes its keys can report them wrong. Let the capture finish (its `end` records) before the
+next generate() when that matters.
 """
 import logging
 

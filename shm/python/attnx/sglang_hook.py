@@ -27,6 +27,12 @@ wrapped so a freed req_pool_idx publishes END; a row reused without a free publi
 BEGIN (on the GPU). TP: rank r exports segment `shm` (+ ".r" for r > 0) with head_offset = r·H_q_local, so each
 rank's attnx-capture reports global head ids.
 
+Slot recycling (shm/README.md rule 9) is not covered: SGLang frees a finished request's req_to_token row and KV
+slots in its scheduler and reuses them at once; deferring that without blocking would mean wrapping its allocators
+(free, alloc and the size queries admission reads), and the END is published by a GPU kernel (no host descriptor
+count for ax_export_consumer_done). The graph exporter does not advertise AX_SHM_FEAT_RECYCLE, so captures cannot
+flag a late row computed from reused slots; the CUDA backend keeps that window short (one batch per pump).
+
 Decode forwards replayed from SGLang's CUDA graphs run the kernels the hooks enqueued at capture time: the hooks
 themselves (Python) run only for eager forwards and at graph capture. Never run inside SGLang in this repository
 (SGLang cannot be installed here): tests/test_gpu_sglang_shape.py drives these hooks with objects shaped and
