@@ -242,8 +242,9 @@ typedef struct ax_engine_config {
 	int max_steps_per_s; /* pace: at most this many forward steps a second (0 = as fast as the cores go); lets a
 			      * demo or a test watch tokens stream on a machine where the tiny model is too fast */
 	int spare_core;    /* while a consumer (attnx-capture) is attached, run the forward on one thread fewer,
-			    * leaving it a core: 0 = only when threads ≤ 0 (the default), 1 = also with threads
-			    * given, -1 = never. Checked once per step; all threads come back when it detaches. */
+			    * leaving it a core: 0 = only when threads ≤ 0 (the default) and there are ≥ 4 cores,
+			    * 1 = whenever there are ≥ 2 threads, -1 = never. Checked once per step; all threads
+			    * come back when it detaches. */
 } ax_engine_config;
 
 #define AX_MAX_TOP_LOGPROBS 20

@@ -30,7 +30,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#ifndef AX_POOL_SPIN_NS /* -D for experiments (BENCH.md: a shorter spin next to a capture) */
 #define AX_POOL_SPIN_NS 100000 /* 100 µs: longer than the gaps inside a forward, shorter than a step's idle */
+#endif
 #define AX_GEN_SHIFT 16        /* low bits of `gen`: the job's worker count (≤ 256) */
 
 struct ax_pool {

@@ -31,8 +31,14 @@
  * pool thread, and every job of the pass then waits for that thread (BENCH.md: b1 at 0.70 of capture-off on 2
  * cores). So when the thread count was not given (cfg.threads ≤ 0, or cfg.spare_core > 0), the step that finds
  * a consumer attached (ax_export_wanted, once per step) runs its forward on one thread fewer, leaving that core
- * to the consumer, and the first step without one takes it back (adapt_threads).
+ * to the consumer, and the first step without one takes it back (adapt_threads). Only from AX_SPARE_MIN_THREADS
+ * threads up by default: with n threads the forward loses up to 1/n of its speed to the spare core, while the
+ * capture's preemption costs its own CPU per step (~10% of a step at b1 on the shipped model); measured on 2
+ * cores, one thread fewer ran b8 decode at 0.55 of 2 threads and sharing both cores at 0.85 (BENCH.md), and that
+ * model's break-even n(n-1) ≈ T(1 thread) / capture time per step is 3.5-4 threads for the shipped model.
+ * spare_core on forces it at any count ≥ 2.
  */
+#define AX_SPARE_MIN_THREADS 4
 #include "attnx_engine.h"
 
 #include "attnx_common.h"
@@ -713,7 +719,8 @@ static int open_parts(ax_engine *e)
 			       e->cfg.shm_name ? e->cfg.shm_name : AX_SHM_DEFAULT_NAME, ax_strerror(rc));
 	}
 	e->spare = e->ex && ax_pool_threads(e->pool) > 1 &&
-		   (e->cfg.spare_core > 0 || (e->cfg.spare_core == 0 && e->cfg.threads <= 0));
+		   (e->cfg.spare_core > 0 ||
+		    (e->cfg.spare_core == 0 && e->cfg.threads <= 0 && ax_pool_threads(e->pool) >= AX_SPARE_MIN_THREADS));
 	atomic_store(&e->step_threads, ax_pool_threads(e->pool));
 	ax_kv_config kc = {e->mc->n_layers, e->mc->n_kv_heads, e->mc->head_dim, (uint32_t)(e->max_batch * e->ctx),
 			   e->rows, e->ctx, e->ex ? kp : NULL, e->ex ? index : NULL};

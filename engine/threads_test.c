@@ -55,11 +55,13 @@ static void stop_heartbeat(ax_shm *s)
 typedef struct threads_case {
 	const char *what;
 	int threads, spare_core, no_export;
-	int off, on; /* threads used without / with a consumer; 0 = all cores, -1 = all cores less one (≥ 1) */
+	int off, on; /* threads used without / with a consumer; 0 = all cores, -1 = all cores less one on 4 or more
+		      * cores (the default's threshold), else all */
 } threads_case;
 
 static const threads_case cases[] = {
 	{"explicit 3, spare on", 3, 1, 0, 3, 2},
+	{"explicit 2, spare on", 2, 1, 0, 2, 1},
 	{"default (all cores)", 0, 0, 0, 0, -1},
 	{"explicit 2, spare auto: fixed", 2, 0, 0, 2, 2},
 	{"explicit 3, spare off", 3, -1, 0, 3, 3},
@@ -73,7 +75,7 @@ static int resolve(int want)
 	int all = c > 0 ? (int)(c > 256 ? 256 : c) : 1;
 	if (want > 0)
 		return want;
-	return want == 0 ? all : (all > 1 ? all - 1 : 1);
+	return want == 0 ? all : (all >= 4 ? all - 1 : all);
 }
 
 static void run_case(const threads_case *c)
