@@ -8,8 +8,9 @@
  * into the next collective cannot overwrite what a slow lane has yet to read; the call site's line is recorded
  * and must be the same for all 32 lanes: divergent collectives fail), __syncthreads a rendezvous of the CTA,
  * mbarrier waits spin with a yield. mbarriers follow PTX: an arrival count per phase and a transaction count;
- * try_wait.parity(P) succeeds once the phase of parity P has completed. cp.async.bulk copies at once and then
- * completes its bytes on the mbarrier. mma.sync m16n8k16 (bf16 / f16 → f32) gathers the 32 lanes' fragments,
+ * try_wait.parity(P) succeeds once the phase of parity P has completed. cp.async.bulk lands later, at a random
+ * scheduling point (its destination holds garbage meanwhile; overlapping copies in flight fail), and then
+ * completes its bytes on the mbarrier; a CTA that ends with copies in flight fails. mma.sync m16n8k16 (bf16 / f16 → f32) gathers the 32 lanes' fragments,
  * multiplies them as the PTX fragment layouts say, and hands each lane its accumulators. A round of the
  * scheduler in which no thread made progress is a deadlock: the run fails.
  *
@@ -28,6 +29,7 @@
 #include <ucontext.h>
 
 #include <map>
+#include <vector>
 
 #define __global__
 #define __device__
@@ -83,6 +85,13 @@ struct emu_bar {
 	int64_t tx;
 };
 
+struct emu_copy {
+	void *dst;
+	const void *src;
+	uint32_t bytes;
+	uint64_t *mb;
+};
+
 struct emu_state {
 	ucontext_t sched, fib[EMU_NT];  /* used once per fiber to start it; switches use _setjmp/_longjmp */
 	jmp_buf sched_jb, fib_jb[EMU_NT];
@@ -93,6 +102,7 @@ struct emu_state {
 	emu_warp warp[EMU_NT / 32];
 	uint32_t cta_arrived, cta_gen;
 	std::map<const void *, emu_bar> bars;
+	std::vector<emu_copy> inflight; /* bulk copies issued, not yet landed */
 	unsigned char *smem;
 	size_t smem_bytes;
 	uint32_t block;
@@ -245,6 +255,8 @@ static inline void mbar_wait(uint64_t *mb, uint32_t parity)
 	emu_wait([&] { return (emu_bar_of(mb).phase & 1) != (parity & 1); });
 }
 
+/* A bulk copy lands later, at a point the scheduler picks; until then its destination holds garbage, so a read
+ * that does not wait for the copy's mbarrier sees wrong data. */
 static inline void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *mb)
 {
 	unsigned char *d = (unsigned char *)dst;
@@ -252,9 +264,24 @@ static inline void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t
 		EMU_FAIL("bulk copy not 16-byte aligned: dst %p src %p bytes %u", dst, src, bytes);
 	if (d < g_emu->smem || d + bytes > g_emu->smem + g_emu->smem_bytes)
 		EMU_FAIL("bulk copy outside shared memory");
-	memcpy(dst, src, bytes);
-	emu_bar &b = emu_bar_of(mb);
-	b.tx -= bytes;
+	for (const emu_copy &c : g_emu->inflight)
+		if (d < (unsigned char *)c.dst + c.bytes && (unsigned char *)c.dst < d + bytes)
+			EMU_FAIL("bulk copy into a buffer another copy is still filling");
+	memset(dst, 0x5a, bytes);
+	emu_bar_of(mb);
+	emu_copy c = {dst, src, bytes, mb};
+	g_emu->inflight.push_back(c);
+}
+
+static inline void emu_land(size_t i)
+{
+	emu_copy c = g_emu->inflight[i];
+	g_emu->inflight.erase(g_emu->inflight.begin() + (long)i);
+	memcpy(c.dst, c.src, c.bytes);
+	emu_bar &b = emu_bar_of(c.mb);
+	b.tx -= c.bytes;
+	if (b.tx < 0)
+		EMU_FAIL("mbarrier %p: more bytes completed than expected", (const void *)c.mb);
 	emu_bar_check(b);
 }
 
@@ -340,6 +367,12 @@ static void emu_fiber(void)
  * interleavings of the warps; a test repeats one by its seed. */
 static uint64_t emu_seed = 0x9e3779b97f4a7c15ull;
 
+static uint64_t emu_rand(void)
+{
+	emu_seed ^= emu_seed << 13, emu_seed ^= emu_seed >> 7, emu_seed ^= emu_seed << 17;
+	return emu_seed;
+}
+
 static void emu_shuffle(int *order)
 {
 	for (int i = EMU_NT - 1; i > 0; i--) {
@@ -380,6 +413,7 @@ static void emu_launch(uint32_t ctas, size_t smem_bytes, void (*body)(void *), v
 	for (uint32_t b = 0; b < ctas; b++) {
 		s->block = b;
 		s->bars.clear();
+		s->inflight.clear();
 		memset(s->warp, 0, sizeof s->warp);
 		memset(s->done, 0, sizeof s->done);
 		memset(s->started, 0, sizeof s->started);
@@ -405,12 +439,20 @@ static void emu_launch(uint32_t ctas, size_t smem_bytes, void (*body)(void *), v
 				s->cur = i;
 				s->waiting = 0;
 				emu_resume(s, i);
+				if (!s->inflight.empty() && emu_rand() % 4 == 0) /* a copy lands now and then */
+					emu_land((size_t)(emu_rand() % s->inflight.size()));
 				all_waiting &= s->waiting && !s->done[i];
 			}
-			if (!alive)
+			if (!alive) {
+				if (!s->inflight.empty())
+					EMU_FAIL("CTA %u ended with %zu bulk copies in flight", b, s->inflight.size());
 				break;
-			if (all_waiting && s->epoch == e0)
-				EMU_FAIL("deadlock in CTA %u: every live thread waits and nothing changed", b);
+			}
+			if (all_waiting && s->epoch == e0) {
+				if (s->inflight.empty())
+					EMU_FAIL("deadlock in CTA %u: every live thread waits and nothing changed", b);
+				emu_land(0); /* only a copy can make progress */
+			}
 		}
 	}
 	free(s->stacks);
