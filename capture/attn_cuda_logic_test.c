@@ -611,6 +611,70 @@ static void test_emulated_batch(void **state)
 	free(out);
 }
 
+/* Random jobs (every dtype, head_dim, GQA shape, mode, head list, window, cap, top-k, length, stride layout) in
+ * one batch under a random plan (threads, split count, merge buffer and threads), several rounds. */
+static void test_emulated_random(void **state)
+{
+	(void)state;
+	enum { NJ = 24, ROUNDS = 4 };
+	static const uint32_t kdts[] = {F32, F16, BF, E4, E5}, qdts[] = {F32, F16, BF}, Ds[] = {64, 128, 256, 80, 96, 48};
+	static const uint32_t nths[] = {32, 64, 96, 256};
+	for (int round = 0; round < ROUNDS; round++) {
+		tcase cs[NJ];
+		tdata t[NJ];
+		ax_attn_job jobs[NJ];
+		int rc[NJ], near = 0;
+		uint32_t rows = 0, off[NJ];
+		char names[NJ][96];
+		for (int i = 0; i < NJ; i++) {
+			tcase *c = &cs[i];
+			memset(c, 0, sizeof *c);
+			c->mode = 1 + (uint32_t)(td_u64() % 3);
+			c->kdt = kdts[td_u64() % 5], c->qdt = qdts[td_u64() % 3];
+			c->idt = td_u64() % 2 ? I64 : I32;
+			c->D = Ds[td_u64() % 6];
+			c->Hkv = 1 + (uint32_t)(td_u64() % 4);
+			c->H = c->Hkv * (1 + (uint32_t)(td_u64() % 9));
+			c->top_k = 1 + (uint32_t)(td_u64() % 64);
+			c->n_keys = 1 + td_u64() % (td_u64() % 4 ? 700 : 3000);
+			c->window = td_u64() % 3 ? 0 : 1 + (int32_t)(td_u64() % 800);
+			c->cap = td_u64() % 3 ? 0 : 5.0f + (float)(td_u64() % 40);
+			if (c->mode == HD && td_u64() % 2) {
+				c->n_heads = 1 + (uint32_t)(td_u64() % 8);
+				for (uint32_t h = 0; h < c->n_heads; h++)
+					c->heads[h] = (int32_t)(td_u64() % c->H);
+			}
+			c->tie = (int)(td_u64() % 2);
+			c->pad = (int)(td_u64() % 3);
+			snprintf(names[i], sizeof names[i], "random %d.%d: mode %u k%u q%u i%u D%u H%u/%u top%u n%llu w%d cap%g",
+				 round, i, c->mode, c->kdt, c->qdt, c->idt, c->D, c->H, c->Hkv, c->top_k,
+				 (unsigned long long)c->n_keys, c->window, c->cap);
+			c->name = names[i];
+			td_make(c, &t[i]);
+			jobs[i] = t[i].job;
+			off[i] = rows, rows += ax_attn_rows(&jobs[i]);
+		}
+		emu_opts o;
+		o.nth = nths[td_u64() % 4];
+		o.mth = 1 + (uint32_t)(td_u64() % AXC_MERGE_THREADS);
+		o.target = 1 + (uint32_t)(td_u64() % 2000);
+		o.cap = AXC_MAX_K + 1 + (uint32_t)(td_u64() % (AXC_MERGE_CAP - AXC_MAX_K));
+		ax_attn_result *out = malloc(rows * sizeof *out);
+		memset(out, 0xff, rows * sizeof *out);
+		assert_int_equal(emu_run(jobs, NJ, out, rc, &o), 0);
+		for (int i = 0; i < NJ; i++) {
+			if (rc[i] != 0)
+				fail_msg("%s: rc %d (plan nth %u mth %u target %u cap %u)", cs[i].name, rc[i], o.nth, o.mth,
+					 o.target, o.cap);
+			check_rows(&cs[i], &jobs[i], out + off[i], &near);
+		}
+		check_orders("random batch", jobs, NJ, out, rc, &o);
+		for (int i = 0; i < NJ; i++)
+			td_free(&t[i]);
+		free(out);
+	}
+}
+
 /* Scores near ±FLT_MAX: a head's s − lse is -inf for most keys, the other head keeps p_j finite (as in
  * ax_attn_cpu: 0, not -EDOM). */
 static void test_emulated_extreme(void **state)
@@ -701,7 +765,8 @@ int main(void)
 		cmocka_unit_test(test_merge),          cmocka_unit_test(test_rows_chunks),
 		cmocka_unit_test(test_split_plan),     cmocka_unit_test(test_check_job),
 		cmocka_unit_test(test_emulated_cases), cmocka_unit_test(test_emulated_long),
-		cmocka_unit_test(test_emulated_batch),  cmocka_unit_test(test_emulated_extreme),
+		cmocka_unit_test(test_emulated_batch),  cmocka_unit_test(test_emulated_random),
+		cmocka_unit_test(test_emulated_extreme),
 		cmocka_unit_test(test_emulated_errors),
 	};
 	return cmocka_run_group_tests(tests, setup, teardown);
