@@ -627,10 +627,16 @@ static int side_open(side *s, const char *tag)
 	return 0;
 }
 
+/* Stop the collector (after this, the side's fields are read without the lock). Idempotent. */
+static void side_stop(side *s)
+{
+	if (__atomic_exchange_n(&s->stop, 1, __ATOMIC_ACQ_REL) == 0)
+		pthread_join(s->th, NULL);
+}
+
 static void side_close(side *s)
 {
-	__atomic_store_n(&s->stop, 1, __ATOMIC_RELEASE);
-	pthread_join(s->th, NULL);
+	side_stop(s);
 	nng_close(s->sock);
 	free(s->recs);
 	pthread_mutex_destroy(&s->mu);
@@ -1082,6 +1088,8 @@ stop:
 	stop_capture(sd.pid);
 	stop_capture(sh.pid);
 	msleep(100); /* the exit stats record */
+	side_stop(&sd); /* the collectors are done: what follows reads their results */
+	side_stop(&sh);
 	if (rc == 0 && g_scenario == SC_RECYCLE)
 		rc = check_recycle(&sh, &sd);
 	else if (rc == 0)
