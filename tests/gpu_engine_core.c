@@ -490,7 +490,12 @@ static void wait_consumers(engine *e)
 /* Start requests until `upto` have started; return when all of them have ended. */
 static int run_requests(engine *e, uint32_t upto)
 {
+	uint64_t progress_ms = now_ms(), seen = 0;
 	while (e->ended < upto) {
+		if (e->started + e->ended != seen)
+			seen = e->started + e->ended, progress_ms = now_ms();
+		CHECK(now_ms() - progress_ms < 20000, "no request could start or end for 20 s (%u pending frees: the "
+		      "captures never reported them done through consumer_done)", e->n_pend);
 		for (int i = 0; i < CONC; i++) {
 			greq *r = &e->reqs[i];
 			if (!r->live && e->started < upto && e->n_free >= CTX && e->n_free_rows > 0 && begin_req(e, r) < 0)
