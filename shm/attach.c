@@ -38,6 +38,7 @@ struct ax_shm {
 	uint32_t poked;        /* atomic: ax_shm_wake was called since the last ax_shm_wait returned */
 	int missed_wakes;      /* sleeps that timed out over a descriptor nobody woke us for; 2 = poll from now on */
 	ax_shm_stats st;
+	uint64_t recycled;     /* rows ax_shm_check_keys refused */
 };
 
 static int map_segment(ax_shm *s, const char *name)
@@ -320,7 +321,7 @@ int ax_shm_check_keys(ax_shm *s, uint64_t req_id)
 		return 0;
 	uint64_t slot = req_id & 0xffff; /* ids are (counter << 16) | slot (ax_shm_next) */
 	if (slot >= s->snap.req_cap) {
-		s->st.recycled++;
+		s->recycled++;
 		return -ESTALE;
 	}
 	const ax_shm_request *r = (const ax_shm_request *)(s->base + s->snap.req_off) + slot;
@@ -328,7 +329,7 @@ int ax_shm_check_keys(ax_shm *s, uint64_t req_id)
 	__atomic_thread_fence(__ATOMIC_ACQUIRE);
 	uint64_t steps = AX_LOAD_RLX(&s->h->steps_started);
 	if (id != req_id || AX_LOAD_RLX(&r->req_id) != req_id || (freed != 0 && steps >= freed)) {
-		s->st.recycled++; /* entry reused (so long freed), or a step started since the free */
+		s->recycled++; /* entry reused (so long freed), or a step started since the free */
 		return -ESTALE;
 	}
 	return 0;
@@ -347,6 +348,8 @@ void ax_shm_complete(ax_shm *s, uint64_t seq_end)
 }
 
 uint64_t ax_shm_taken(const ax_shm *s) { return s ? s->tail : 0; }
+
+uint64_t ax_shm_recycled(const ax_shm *s) { return s ? s->recycled : 0; }
 
 void ax_shm_get_stats(const ax_shm *s, ax_shm_stats *out)
 {

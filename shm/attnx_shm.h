@@ -442,8 +442,8 @@ int ax_shm_check_q(ax_shm *s, uint64_t q_row, uint64_t n, uint64_t rows);
  * ax_shm_check_keys: call AFTER a row of request req_id has been computed (every K-pool and index-table read of it
  * finished, GPU work synchronised): 0 if the keys read were the request's own, -ESTALE if the engine may have
  * recycled its slots or index row before the reads finished (the row must not be emitted: report it as a gap
- * "recycled"). Always 0 when the producer does not advertise AX_SHM_FEAT_RECYCLE (nothing can be told); -EINVAL for
- * NULL. Consumer thread only (or any thread after the reads, with the handle attached); a few loads.
+ * "recycled"; counted, ax_shm_recycled). Always 0 when the producer does not advertise AX_SHM_FEAT_RECYCLE (nothing
+ * can be told); -EINVAL for NULL. Consumer thread only; a few loads.
  * ax_shm_complete: every descriptor with sequence number < seq_end (out->seq of ax_shm_next is seq + 1, so pass the
  * last finished descriptor's out->seq) has been fully processed; published as consumer_done (monotonic, clamped to
  * the descriptors taken) with AX_SHM_CFEAT_DONE. Consumer thread only.
@@ -456,8 +456,9 @@ uint64_t ax_shm_taken(const ax_shm *s);
 /* Counters of this consumer: descriptors taken, rejected by validation, torn. */
 typedef struct ax_shm_stats {
 	uint64_t taken, rejected, torn, lost;
-	uint64_t recycled; /* rows ax_shm_check_keys refused */
 } ax_shm_stats;
+/* Rows ax_shm_check_keys refused on this handle (kept out of ax_shm_stats, whose layout bindings mirror). */
+uint64_t ax_shm_recycled(const ax_shm *s);
 void ax_shm_get_stats(const ax_shm *s, ax_shm_stats *out);
 
 /* Is the producer alive? 1 if its pid exists and the heartbeat is younger than `timeout_ns`, 0 otherwise;
