@@ -153,7 +153,7 @@ static void test_pool_active(void **state)
 	ax_pool *p;
 	assert_int_equal(ax_pool_open(&p, 4), 0);
 	assert_int_equal(ax_pool_active(p), 4);
-	int hits[400];
+	int hits[400], used = 0;
 	for (size_t k = 0; k < sizeof steps / sizeof steps[0]; k++) {
 		assert_int_equal(ax_pool_set_active(p, steps[k].set), steps[k].want);
 		assert_int_equal(ax_pool_active(p), steps[k].want);
@@ -164,14 +164,12 @@ static void test_pool_active(void **state)
 			ax_pool_run(p, mark_tid, &j, n);
 			for (int i = 0; i < n; i++)
 				assert_int_equal(hits[i], 1);
-			for (int t = 0; t < 4; t++) { /* n ≥ 40 items: every active worker has a chunk */
-				if (t < steps[k].want)
-					assert_true(atomic_load(&j.tids[t]) > 0);
-				else
-					assert_int_equal(atomic_load(&j.tids[t]), 0);
-			}
+			for (int t = steps[k].want; t < 4; t++) /* chunks are taken, not assigned: only the */
+				assert_int_equal(atomic_load(&j.tids[t]), 0); /* inactive workers are sure to run none */
+			used += steps[k].want > 1 && atomic_load(&j.tids[steps[k].want - 1]) > 0;
 		}
 	}
+	assert_true(used > 0); /* the highest active worker took part at least once (woken after parking) */
 	assert_int_equal(ax_pool_set_active(NULL, 3), 1);
 	assert_int_equal(ax_pool_active(NULL), 1);
 	ax_pool_close(p);

@@ -1,9 +1,11 @@
 /*
  * pool.c — a fixed pthread pool for data-parallel loops (matmul rows, attention heads).
  *
- * The caller of ax_pool_run is worker 0; workers 1..n-1 wait for a new generation of work, take their contiguous
- * chunk of [0, n), and count down `pending`; the caller runs its own chunk and then waits for pending to reach
- * zero. One job at a time (the scheduler thread is the only caller).
+ * The caller of ax_pool_run is worker 0; workers 1..n-1 wait for a new generation of work, take chunks of
+ * [0, n) from a shared counter (AX_POOL_GRABS per worker, so a worker that was preempted — by attnx-capture,
+ * by another user's process — takes fewer and the others do its share instead of waiting for it), and count
+ * down `pending`; the caller takes chunks too and then waits for pending to reach zero. One job at a time (the
+ * scheduler thread is the only caller).
  *
  * A forward pass posts ~10 jobs per layer, each a few to a few hundred microseconds long, so the hand-off must
  * cost far less than a futex sleep and wake-up (tens of microseconds, milliseconds on a busy machine). Both
@@ -33,6 +35,9 @@
 #ifndef AX_POOL_SPIN_NS /* -D for experiments (BENCH.md: a shorter spin next to a capture) */
 #define AX_POOL_SPIN_NS 100000 /* 100 µs: longer than the gaps inside a forward, shorter than a step's idle */
 #endif
+#ifndef AX_POOL_GRABS /* -D for experiments */
+#define AX_POOL_GRABS 4        /* chunks per worker and job: balance against one atomic add per chunk */
+#endif
 #define AX_GEN_SHIFT 16        /* low bits of `gen`: the job's worker count (≤ 256) */
 
 struct ax_pool {
@@ -49,6 +54,8 @@ struct ax_pool {
 	ax_pool_fn fn;
 	void *ctx;
 	int items;
+	int grain;             /* items per chunk */
+	atomic_int next;       /* first item not yet taken */
 };
 
 typedef struct worker_arg {
@@ -56,11 +63,16 @@ typedef struct worker_arg {
 	int tid;
 } worker_arg;
 
-static void chunk(int items, int n, int tid, int *i0, int *i1)
+/* Take chunks of the current job until none is left. */
+static void run_chunks(ax_pool *p, int tid)
 {
-	int base = items / n, rem = items % n;
-	*i0 = tid * base + (tid < rem ? tid : rem);
-	*i1 = *i0 + base + (tid < rem ? 1 : 0);
+	int items = p->items, grain = p->grain;
+	for (;;) {
+		int i0 = atomic_fetch_add(&p->next, grain);
+		if (i0 >= items)
+			return;
+		p->fn(p->ctx, i0, i0 + grain < items ? i0 + grain : items, tid);
+	}
 }
 
 static uint64_t mono_ns(void)
@@ -134,10 +146,7 @@ static void *worker(void *arg)
 		int jn = (int)(tl_seen & ((1u << AX_GEN_SHIFT) - 1));
 		if (tid >= jn)
 			continue; /* not counted in this job (fewer active workers): park or wait for the next */
-		int i0, i1;
-		chunk(p->items, jn, tid, &i0, &i1);
-		if (i1 > i0)
-			p->fn(p->ctx, i0, i1, tid);
+		run_chunks(p, tid);
 		if (atomic_fetch_sub(&p->pending, 1) == 1 && atomic_load(&p->caller_asleep)) {
 			pthread_mutex_lock(&p->mu);
 			pthread_cond_signal(&p->done);
@@ -241,6 +250,8 @@ void ax_pool_run(ax_pool *p, ax_pool_fn fn, void *ctx, int n)
 	p->fn = fn;
 	p->ctx = ctx;
 	p->items = n;
+	p->grain = (n + jn * AX_POOL_GRABS - 1) / (jn * AX_POOL_GRABS);
+	atomic_store(&p->next, 0);
 	atomic_store(&p->pending, jn - 1);
 	uint64_t g = atomic_load(&p->gen) >> AX_GEN_SHIFT;
 	atomic_store(&p->gen, (g + 1) << AX_GEN_SHIFT | (uint64_t)jn);
@@ -249,10 +260,7 @@ void ax_pool_run(ax_pool *p, ax_pool_fn fn, void *ctx, int n)
 		pthread_cond_broadcast(&p->go);
 		pthread_mutex_unlock(&p->mu);
 	}
-	int i0, i1;
-	chunk(n, jn, 0, &i0, &i1);
-	if (i1 > i0)
-		fn(ctx, i0, i1, 0);
+	run_chunks(p, 0);
 	if (!spin_until(all_done, p)) {
 		pthread_mutex_lock(&p->mu);
 		atomic_store(&p->caller_asleep, 1);
