@@ -124,7 +124,7 @@ struct ax_capture {
 	uint64_t last_torn;
 	uint64_t step_gaps[GAP_N];  /* descriptor-level losses not yet reported */
 	uint64_t lapped_rows, failed_rows; /* record-level losses found while draining, not yet reported */
-	uint64_t recycled_rows;     /* rows whose keys the engine may have recycled (ax_shm_check_keys), not yet reported */
+	uint64_t recycled_rows;     /* rows whose keys may have been recycled (ax_shm_check_keys), not yet reported */
 	char recycled_rid[AX_PROTO_STR]; /* ... all of this request */
 	uint64_t recycled_total;    /* for the stats record */
 	struct { const ax_record *rec; uint64_t seq_end; } endq[64]; /* queued END records and their descriptor */
@@ -736,7 +736,7 @@ static void on_end(ax_capture *c, const ax_shm_step *s)
 		snprintf(rec->u.end.reason, sizeof rec->u.end.reason, "%s", end_reason_name(s->end_reason));
 		rec->u.end.tokens = r->seen;
 		push_record(c, rec);
-		if (c->endq_len < AX_ARRAY_LEN(c->endq)) { /* drain completes s->seq (= its number + 1) on emitting it */
+		if (c->endq_len < AX_ARRAY_LEN(c->endq)) { /* drain completes s->seq (its number + 1) at emission */
 			uint32_t i = (c->endq_head + c->endq_len++) % AX_ARRAY_LEN(c->endq);
 			c->endq[i].rec = rec;
 			c->endq[i].seq_end = s->seq;

@@ -115,7 +115,7 @@ struct ax_engine {
 	uint64_t *retired;   /* [rows] 0 = not retired, else its retirement order (older = smaller) */
 	int *retired_len;    /* [rows] positions to release */
 	uint64_t *retired_id;   /* [rows] export id of the retired request (ended with _keep), 0 = none */
-	uint64_t *retired_done; /* [rows] its END's descriptor count: ax_export_consumer_done says when the capture is done */
+	uint64_t *retired_done; /* [rows] its END's descriptor count (ax_export_consumer_done: capture done?) */
 	uint64_t retire_seq;
 	int quit;
 	pthread_t th;

@@ -159,7 +159,8 @@ static ax_export_config seg_cfg(const char *name)
 	c.n_layers = L, c.n_q_heads = HQ, c.n_kv_heads = HKV, c.n_q_heads_total = HQ, c.head_dim = D;
 	c.q_dtype = AX_DTYPE_BF16, c.k_dtype = AX_DTYPE_BF16, c.scale = 0.125f, c.max_ctx = CTX;
 	c.ring_cap = 4096, c.req_cap = 64, c.arena_cap = 1 << 20;
-	c.data_size = (uint64_t)L * SLOTS * HKV * D * 2 + (uint64_t)QROWS * HQ * D * 2 + (uint64_t)IROWS * CTX * 4 + 65536;
+	c.data_size = (uint64_t)L * SLOTS * HKV * D * 2 + (uint64_t)QROWS * HQ * D * 2 + (uint64_t)IROWS * CTX * 4 +
+		      65536;
 	return c;
 }
 
@@ -1027,7 +1028,8 @@ static int rt_progress(void)
 		goto out;
 	if (ax_export_request_freed(t.ex, a) != 0 || ax_export_request_freed(t.ex, a) != -ENOENT ||
 	    ax_export_request_freed(t.ex, 0) != -EINVAL || ax_export_request_freed(NULL, a) != -EINVAL ||
-	    ax_export_request_end_keep(t.ex, a, AX_END_STOP, NULL) != -ENOENT || ax_shm_check_keys(NULL, a) != -EINVAL ||
+	    ax_export_request_end_keep(t.ex, a, AX_END_STOP, NULL) != -ENOENT ||
+	    ax_shm_check_keys(NULL, a) != -EINVAL ||
 	    ax_shm_check_keys(t.shm, 0) != -EINVAL || ax_shm_check_keys(t.shm, (7ull << 16) | 9) != -ESTALE)
 		goto out;
 	/* A CUDA Q ring: row numbers, no pointer; the host ring after it continues from the same q_head. */
@@ -1035,7 +1037,8 @@ static int rt_progress(void)
 	    ax_export_q_reserve(t.ex, t.qd, 10, &row, &p) != 0 || row != 16 || /* never wraps */
 	    ax_export_q_reserve(t.ex, t.qh, 1, &row, &p) != 0 || p == NULL || row != 26 ||
 	    ax_export_q_reserve(t.ex, t.qd, 0, &row, &p) != -EINVAL || p != NULL ||
-	    ax_export_q_reserve(t.ex, t.qd, 17, &row, NULL) != -EINVAL || ax_export_q_reserve(t.ex, t.kp, 1, &row, NULL) != -EINVAL ||
+	    ax_export_q_reserve(t.ex, t.qd, 17, &row, NULL) != -EINVAL ||
+	    ax_export_q_reserve(t.ex, t.kp, 1, &row, NULL) != -EINVAL ||
 	    ax_export_q_reserve(t.ex, 99, 1, &row, NULL) != -EINVAL)
 		goto out;
 	ax_shm_detach(t.shm);
