@@ -287,9 +287,8 @@ static void emit_attn(ax_capture *c, ax__item *it)
 		c->lapped_rows += it->n_res;
 		return;
 	}
-	/* Keys read through slots the engine may have handed to another request since (shm rule 9): never a record.
-	 * (it->q_rows carries the request's shm id: the Q ring's size is the attachment's, c->q_rows.) */
-	if (ax_shm_check_keys(c->shm, it->q_rows) != 0) {
+	/* Keys read through slots the engine may have handed to another request since (shm rule 9): never a record. */
+	if (ax_shm_check_keys(c->shm, it->req_id) != 0) {
 		if (c->recycled_rows && strcmp(c->recycled_rid, it->rid) != 0)
 			flush_drain_gaps(c);
 		memcpy(c->recycled_rid, it->rid, sizeof c->recycled_rid);
@@ -838,7 +837,7 @@ static void submit_job(ax_capture *c, const rowctx *x, uint32_t t, uint32_t li, 
 	it->layer = (int32_t)l;
 	it->prefill = (x->s->flags & AX_STEP_F_PREFILL) != 0;
 	it->q_row = q_abs;
-	it->q_rows = x->s->req_id; /* for ax_shm_check_keys (see emit_attn) */
+	it->req_id = x->s->req_id; /* for ax_shm_check_keys (see emit_attn) */
 	it->generation = c->generation;
 	if (c->cuda_active)
 		ax__cuda_be_commit(c->cuda);

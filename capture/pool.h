@@ -42,7 +42,7 @@ typedef struct ax__item {
 	int32_t layer;
 	uint32_t prefill;
 	uint64_t q_row;           /* absolute Q-ring row read by the job (checked for lapping after the run) */
-	uint64_t q_rows;          /* rows in the Q ring */
+	uint64_t req_id;          /* the request's shm id (keys re-checked against recycling after the run) */
 	uint64_t generation;      /* attachment the job belongs to */
 } ax__item;
 
