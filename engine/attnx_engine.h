@@ -71,8 +71,8 @@ typedef void (*ax_pool_fn)(void *ctx, int i0, int i1, int tid);
 int ax_pool_open(ax_pool **out, int threads);
 void ax_pool_close(ax_pool *p);
 int ax_pool_threads(const ax_pool *p);
-/* Split [0, n) into chunks that the active workers take from a shared counter (fn may see several ranges per
- * call; every item exactly once), return when all are done. Only one thread may
+/* Split [0, n) into chunks that the active workers take from a shared counter (fn may be called several times
+ * per worker and job, with per-worker scratch indexed by tid; every item exactly once); return when all are done. Only one thread may
  * call ax_pool_run at a time (the scheduler). p may be NULL: then fn runs inline. */
 void ax_pool_run(ax_pool *p, ax_pool_fn fn, void *ctx, int n);
 /* Use only workers 0..n-1 for the following ax_pool_run calls (clamped to 1..threads); the others sleep without
