@@ -9,6 +9,12 @@
  * array, sizes the contiguous result array (rows of job i start at the sum of the rows before it), waits on the GPU
  * for the engine's step event, runs, and scatters results and per-job codes back into the items.
  *
+ * Sticky CUDA errors (backend_cuda.h, "Recovery"): a failed batch or import is classified through the ops'
+ * device_sticky; a sticky one releases the context and the importer, resets the device and marks the backend
+ * stale until the capture attaches afresh (ax__cuda_be_lost), so no device address of the old mappings is ever
+ * handed to the GPU again. The state is three flags: stale (addresses held by the capture are dead), broken (the
+ * device failed its probe: retried with backoff), and the streak of resets since the last good batch.
+ *
  * Built two ways: with AX_CAPTURE_CUDA (the build has CUDA and the kernels behind capture/attn_cuda.h) and
  * without, where every entry point reports -ENOTSUP with the reason.
  * NOT RUN YET: the AX_CAPTURE_CUDA half has been compiled but never executed (no GPU in the session that wrote it).
@@ -44,7 +50,17 @@ struct ax__cuda_be {
 	uint64_t busy_ns;
 	int warned_no_event;
 	char err[160];
+	const ax_shm *shm;          /* the current attachment, or NULL */
+	const ax_cuda_recovery_ops *ops; /* device_sticky / device_reset (NULL: no classification) */
+	int stale;                  /* a reset closed the mappings whose addresses the capture holds */
+	int broken;                 /* the device failed its probe after a reset: retried at retry_ns */
+	uint64_t retry_ns;
+	uint32_t streak;            /* resets since the last good batch */
+	ax__cuda_be_recovery rs;
 };
+
+#define BACKOFF_FIRST_NS (100 * 1000000ull)
+#define BACKOFF_MAX_NS (30 * 1000000000ull)
 
 int ax__cuda_be_devices(void)
 {
@@ -64,6 +80,7 @@ int ax__cuda_be_open(ax__cuda_be **out, int device)
 		return -ENOMEM;
 	b->device = device;
 	b->event_buf = -1;
+	b->ops = ax_cuda_recovery_real();
 	b->items = calloc(AX_CUDA_BATCH_MAX, sizeof *b->items);
 	b->jobs = calloc(AX_CUDA_BATCH_MAX, sizeof *b->jobs);
 	b->rc = calloc(AX_CUDA_BATCH_MAX, sizeof *b->rc);
@@ -104,6 +121,7 @@ int ax__cuda_be_attach(ax__cuda_be *b, const ax_shm *shm, int32_t event_buf)
 	int rv = ax_shm_cuda_open(&b->imp, shm, b->device, ax_cuda_ops_real());
 	if (rv < 0)
 		return rv;
+	b->shm = shm;
 	b->event_buf = event_buf;
 	b->warned_no_event = 0;
 	return 0;
@@ -111,7 +129,11 @@ int ax__cuda_be_attach(ax__cuda_be *b, const ax_shm *shm, int32_t event_buf)
 
 void ax__cuda_be_detach(ax__cuda_be *b)
 {
-	if (b == NULL || b->imp == NULL)
+	if (b == NULL)
+		return;
+	b->shm = NULL;
+	b->stale = 0; /* the capture dropped the addresses it held with the attachment */
+	if (b->imp == NULL)
 		return;
 	/* Kernels of the last run finished inside ax_attn_cuda_run (synchronous), so nothing reads the mappings. */
 	b->n = 0;
@@ -120,9 +142,98 @@ void ax__cuda_be_detach(ax__cuda_be *b)
 	b->event_buf = -1;
 }
 
+/* Backoff before the next attempt of a streak: none for the first reset, then 100 ms doubling to 30 s. */
+static uint64_t backoff_ns(uint32_t streak)
+{
+	if (streak <= 1)
+		return 0;
+	uint32_t sh = streak - 2 < 16 ? streak - 2 : 16;
+	uint64_t d = BACKOFF_FIRST_NS << sh;
+	return d < BACKOFF_MAX_NS ? d : BACKOFF_MAX_NS;
+}
+
+/* Reset the device (everything on it already released) and reopen the context; `broken` if either fails. */
+static void reset_device(ax__cuda_be *b, uint64_t now)
+{
+	b->rs.resets++;
+	int rv = b->ops->device_reset(b->ops->ctx, b->device);
+	if (rv == 0 && (rv = ax_attn_cuda_open(&b->ctx, b->device)) != 0)
+		snprintf(b->err, sizeof b->err, "reopen after reset: %s", ax_attn_cuda_strerror(NULL));
+	else if (rv != 0)
+		snprintf(b->err, sizeof b->err, "device reset: %s", b->ops->last_error(b->ops->ctx));
+	b->broken = rv != 0;
+	b->retry_ns = now + backoff_ns(b->streak);
+	if (b->broken && b->rs.reset_failed++ % 100 == 0)
+		ax_log(AX_LOG_ERROR, TAG, "device %d still unusable after reset %llu (%s); retrying in %llu ms, capturing "
+		       "nothing meanwhile (a sticky error may need a process restart)", b->device,
+		       (unsigned long long)b->rs.resets, b->err, (unsigned long long)(b->retry_ns - now) / 1000000);
+	else if (!b->broken)
+		ax_log(AX_LOG_INFO, TAG, "device %d reset (reset %llu); importing the engine's buffers afresh", b->device,
+		       (unsigned long long)b->rs.resets);
+}
+
+/* A CUDA call failed with -EIO during `what`. Not sticky: 0. Sticky: release the context and every mapping and
+ * event, reset the device, mark the addresses the capture holds stale; 1. Without the ops' hooks: 0 (the old
+ * behaviour: the context is reopened at the next run). */
+static int device_error(ax__cuda_be *b, const char *what)
+{
+	if (b->ops == NULL || b->ops->device_sticky == NULL || b->ops->device_reset == NULL)
+		return 0;
+	if (b->ops->device_sticky(b->ops->ctx, b->device) == 0) {
+		b->rs.transient++;
+		return 0;
+	}
+	if (b->rs.sticky++ % 100 == 0) /* the first, then every 100th */
+		ax_log(AX_LOG_ERROR, TAG, "sticky CUDA error during %s on device %d (%s): releasing the context and every "
+		       "imported mapping and event, resetting the device, attaching afresh", what, b->device, b->err);
+	ax_attn_cuda_close(b->ctx);
+	b->ctx = NULL;
+	ax_shm_cuda_close(b->imp); /* every IPC / VMM mapping and event: none survives the reset */
+	b->imp = NULL;
+	b->stale = b->shm != NULL;
+	b->streak++;
+	reset_device(b, ax_now_ns());
+	return 1;
+}
+
+int ax__cuda_be_lost(ax__cuda_be *b, uint64_t now_ns)
+{
+	if (b == NULL || (!b->stale && !b->broken) || now_ns < b->retry_ns)
+		return 0;
+	if (b->broken) {
+		b->streak++;
+		reset_device(b, now_ns);
+		if (b->broken)
+			return 0;
+	}
+	b->rs.reattaches++;
+	return 1;
+}
+
+void ax__cuda_be_recovery_get(const ax__cuda_be *b, ax__cuda_be_recovery *out)
+{
+	memset(out, 0, sizeof *out);
+	if (b)
+		*out = b->rs;
+}
+
 int ax__cuda_be_map(ax__cuda_be *b, uint32_t index, uint64_t *dptr)
 {
-	return b->imp ? ax_shm_cuda_map(b->imp, index, dptr) : -ENOENT;
+	if (b->stale || b->broken)
+		return -EIO;
+	if (b->imp == NULL)
+		return -ENOENT;
+	ax_shm_cuda_stats st0, st1;
+	ax_shm_cuda_get_stats(b->imp, &st0);
+	int rv = ax_shm_cuda_map(b->imp, index, dptr);
+	if (rv == -EIO) {
+		ax_shm_cuda_get_stats(b->imp, &st1);
+		if (st1.rejected != st0.rejected) { /* a fresh failure, not a remembered rejection */
+			snprintf(b->err, sizeof b->err, "import: %s", ax_shm_cuda_last_error(b->imp));
+			device_error(b, "an import");
+		}
+	}
+	return rv;
 }
 
 void ax__cuda_be_counts(const ax__cuda_be *b, uint64_t *rejected, uint64_t *allocations)
@@ -136,7 +247,13 @@ void ax__cuda_be_counts(const ax__cuda_be *b, uint64_t *rejected, uint64_t *allo
 		*allocations = st.allocations;
 }
 
-const char *ax__cuda_be_import_error(const ax__cuda_be *b) { return ax_shm_cuda_last_error(b ? b->imp : NULL); }
+const char *ax__cuda_be_import_error(const ax__cuda_be *b)
+{
+	if (b && (b->stale || b->broken))
+		return b->broken ? "the CUDA device is being reset after a sticky error"
+				 : "the mappings were released by a CUDA device reset (attaching afresh)";
+	return ax_shm_cuda_last_error(b ? b->imp : NULL);
+}
 
 ax__item *ax__cuda_be_reserve(ax__cuda_be *b)
 {
@@ -219,19 +336,28 @@ int ax__cuda_be_run(ax__cuda_be *b, ax__item **items, uint32_t *n)
 	uint64_t t0 = ax_now_ns();
 	uint32_t rows = 0;
 	int rv = stage(b, &rows);
-	if (rv == 0 && b->ctx == NULL && (rv = ax_attn_cuda_open(&b->ctx, b->device)) < 0)
+	if (rv == 0 && (b->stale || b->broken || b->imp == NULL)) /* addresses of released mappings: never run */
+		rv = -EIO;
+	if (rv == 0 && b->ctx == NULL && (rv = ax_attn_cuda_open(&b->ctx, b->device)) < 0) {
 		snprintf(b->err, sizeof b->err, "reopen: %s", ax_attn_cuda_strerror(NULL));
+		if (rv == -EIO)
+			device_error(b, "a context reopen");
+	}
 	if (rv == 0) {
 		wait_engine(b);
 		rv = ax_attn_cuda_run(b->ctx, b->jobs, b->n, b->res, b->rc);
 		if (rv < 0) {
 			snprintf(b->err, sizeof b->err, "%s", ax_attn_cuda_strerror(b->ctx));
-			if (rv == -EIO) { /* possibly sticky: start over with a fresh context */
+			if (rv == -EIO && device_error(b, "a batch") == 0) { /* not sticky: a fresh context anyway */
 				ax_attn_cuda_close(b->ctx);
 				b->ctx = NULL;
 			}
 		}
 	}
+	if (rv == 0)
+		b->streak = 0;
+	else
+		b->rs.lost_jobs += b->n;
 	scatter(b, rv);
 	b->n = 0;
 	b->busy_ns += ax_now_ns() - t0;
@@ -290,6 +416,12 @@ int ax__cuda_be_run(ax__cuda_be *b, ax__item **items, uint32_t *n)
 	return 0;
 }
 uint64_t ax__cuda_be_busy_ns(const ax__cuda_be *b) { (void)b; return 0; }
+void ax__cuda_be_recovery_get(const ax__cuda_be *b, ax__cuda_be_recovery *out)
+{
+	(void)b;
+	memset(out, 0, sizeof *out);
+}
+int ax__cuda_be_lost(ax__cuda_be *b, uint64_t now_ns) { (void)b, (void)now_ns; return 0; }
 const char *ax__cuda_be_strerror(const ax__cuda_be *b) { (void)b; return ax__cuda_be_why(); }
 
 #endif

@@ -64,6 +64,33 @@ uint32_t ax__cuda_be_pending(const ax__cuda_be *b);
  * (-EIO, -ENOMEM) after which the context is reopened at the next run.
  */
 int ax__cuda_be_run(ax__cuda_be *b, ax__item **items, uint32_t *n);
+/*
+ * Recovery from a sticky CUDA error (an illegal address in a kernel reading a dead engine's mapping, a launch
+ * failure: every later call on the device fails until cudaDeviceReset). A batch-level -EIO from the run, or an
+ * -EIO from an import, is classified through the ops' device_sticky (attnx_shm_cuda.h). Not sticky: the error is
+ * cleared, the context reopened at the next run, the mappings kept. Sticky: logged, then the context, the importer
+ * (every IPC / VMM mapping and event, through ax_shm_cuda_close) are released, the device is reset and probed,
+ * and the backend turns `stale`: the capture still holds device addresses of the closed mappings (its Q ring and
+ * K pool bases), so from then on every run fails its jobs with -EIO without touching the GPU, every map answers
+ * -EIO, and ax__cuda_be_lost tells the capture to leave the attachment and attach afresh (a fresh importer: the
+ * engine may have restarted meanwhile). A device that fails its probe after the reset stays `broken`: retried from
+ * ax__cuda_be_lost with a backoff (none for the first reset of a streak, then 100 ms doubling to 30 s; the streak
+ * ends with a good batch). Nothing exits, nothing spins.
+ */
+typedef struct ax__cuda_be_recovery {
+	uint64_t sticky;       /* sticky errors (each followed by a release and a reset) */
+	uint64_t transient;    /* -EIO errors that cleared (context reopened, mappings kept) */
+	uint64_t resets;       /* device resets made */
+	uint64_t reset_failed; /* resets after which the device still failed its probe */
+	uint64_t lost_jobs;    /* jobs failed by a batch-level error or dropped while recovering */
+	uint64_t reattaches;   /* times ax__cuda_be_lost asked the capture to attach afresh */
+} ax__cuda_be_recovery;
+void ax__cuda_be_recovery_get(const ax__cuda_be *b, ax__cuda_be_recovery *out);
+/* 1 when the capture must leave its attachment now (its device addresses died with a reset) and attach afresh;
+ * 0 otherwise. Retries a broken device's reset when its backoff has passed. Call it periodically (the capture:
+ * with its engine liveness check). NULL → 0. */
+int ax__cuda_be_lost(ax__cuda_be *b, uint64_t now_ns);
+
 /* Nanoseconds spent in runs, runs made. */
 uint64_t ax__cuda_be_busy_ns(const ax__cuda_be *b);
 /* Text of the last batch-level CUDA error. Never NULL. */

@@ -1150,6 +1150,10 @@ static int pump_ring(ax_capture *c, int budget)
 
 static void check_engine(ax_capture *c)
 {
+	if (c->cuda_active && ax__cuda_be_lost(c->cuda, c->now_ns)) { /* device reset: its addresses are dead */
+		leave_engine(c, "is unreadable after a CUDA device reset", "cuda_reset");
+		return;
+	}
 	if (__atomic_load_n(&c->hdr->state, __ATOMIC_ACQUIRE) == 2) {
 		pump_ring(c, 1 << 20); /* read what it published before closing */
 		if (c->shm)

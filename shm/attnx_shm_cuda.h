@@ -160,6 +160,24 @@ typedef struct ax_cuda_ops {
  * which is linked only into CUDA builds (shm_cudart_dep). */
 const ax_cuda_ops *ax_cuda_ops_real(void);
 
+/* Recovery from a failed CUDA call (the capture's backend; a table of its own so ax_cuda_ops stays as it was).
+ * device_sticky: after a call on `device` failed, clear the error if it can be cleared (cudaGetLastError) and
+ * probe the context (cudaDeviceSynchronize, cudaPeekAtLastError): 0 = the error is gone (the context, mappings
+ * and events are still good), 1 = sticky (every later call fails until cudaDeviceReset: the caller must close
+ * everything it opened on the device first), negative errno = the device cannot be queried (treat as sticky).
+ * device_reset: cudaDeviceReset of `device` — call it only after closing every context, mapping and event this
+ * process opened there, since the reset invalidates them all — then a probe: 0 = usable again, -EIO / -ENODEV =
+ * still broken (try again later; per the CUDA documentation a sticky error may need a new process).
+ * last_error: text of the last failure (never NULL). */
+typedef struct ax_cuda_recovery_ops {
+	void *ctx;
+	int (*device_sticky)(void *ctx, int device);
+	int (*device_reset)(void *ctx, int device);
+	const char *(*last_error)(void *ctx);
+} ax_cuda_recovery_ops;
+/* The CUDA runtime implementation (cuda_ops.c, CUDA builds only). */
+const ax_cuda_recovery_ops *ax_cuda_recovery_real(void);
+
 typedef struct ax_shm_cuda ax_shm_cuda;
 
 /* An importer for the CUDA entries of attached segment `shm`, opening them on `device` through `ops`. Nothing is

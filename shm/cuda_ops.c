@@ -240,6 +240,41 @@ static void event_close(void *ctx, int device, void *event)
 	cudaGetLastError();
 }
 
+/* After a failed call: cudaGetLastError clears a non-sticky error (and returns it); a sticky one (an illegal
+ * address, a launch failure: "any further CUDA work will return the same error") is returned again by the
+ * synchronize probe and by cudaPeekAtLastError, which does not clear. */
+static int device_sticky(void *ctx, int device)
+{
+	(void)ctx;
+	cudaGetLastError();
+	cudaError_t e = cudaSetDevice(device);
+	if (e == cudaSuccess)
+		e = cudaDeviceSynchronize();
+	if (e == cudaSuccess)
+		e = cudaPeekAtLastError();
+	if (e == cudaSuccess)
+		return 0;
+	int rc = rt_fail(e, "device probe");
+	return rc == -ENODEV ? rc : 1;
+}
+
+/* Destroy this process's primary context on `device` (every mapping, event, stream and allocation in it), then
+ * probe with a fresh one. */
+static int device_reset(void *ctx, int device)
+{
+	(void)ctx;
+	cudaError_t e = cudaSetDevice(device);
+	if (e == cudaSuccess)
+		e = cudaDeviceReset();
+	if (e != cudaSuccess)
+		return rt_fail(e, "cudaDeviceReset");
+	cudaGetLastError();
+	e = cudaFree(0); /* creates the new primary context */
+	if (e == cudaSuccess)
+		e = cudaDeviceSynchronize();
+	return e == cudaSuccess ? 0 : rt_fail(e, "device probe after cudaDeviceReset");
+}
+
 static const char *last_error(void *ctx)
 {
 	(void)ctx;
@@ -258,6 +293,15 @@ static const ax_cuda_ops real_ops = {
 };
 
 const ax_cuda_ops *ax_cuda_ops_real(void) { return &real_ops; }
+
+static const ax_cuda_recovery_ops real_recovery = {
+	.ctx = NULL,
+	.device_sticky = device_sticky,
+	.device_reset = device_reset,
+	.last_error = last_error,
+};
+
+const ax_cuda_recovery_ops *ax_cuda_recovery_real(void) { return &real_recovery; }
 
 /* ---- engine side ---------------------------------------------------------------------------------------- */
 

@@ -10,6 +10,12 @@
  * index row and K pool must lie inside an imported mapping (else the job fails with -EFAULT and a message), and a
  * run before any wait on the engine's event is counted and reported at exit. Results come from ax_attn_cpu, so the
  * comparison against --backend cpu must be exact. A test fixture: never a user-facing backend.
+ *
+ * Sticky errors (backend_cuda.h, "Recovery"): ax_emul_inject (tests) or AX_EMUL_STICKY_AT_RUN=N (the daemon)
+ * makes the N-th run fault like a kernel reading freed memory: from then on every run, open, import and wait
+ * fails with -EIO and device_sticky says 1, until device_reset — which first checks, as the real device would
+ * make necessary, that every mapping and context was closed (else counted as a leak and the mappings torn down
+ * under the holder), and can be made to fail a few times (AX_EMUL_RESET_FAILS) to exercise the backoff.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -36,6 +42,32 @@ static mapping g_maps[64];
 static int g_nmaps;
 static char g_err[160] = "no error";
 static unsigned long g_runs, g_runs_unwaited, g_waits, g_bad_addr;
+static long g_sticky_at = -1, g_transient_at = -1; /* run numbers (g_runs) that fault */
+static int g_sticky, g_reset_fails, g_ctx_open;
+static unsigned long g_resets, g_reset_leaks;
+
+/* Tests: the run `sticky_in` runs from now faults for good (0: the device is broken now; < 0: never); the next
+ * `reset_fails` resets fail; the run `transient_in` runs from now fails once with a clearable error. */
+void ax_emul_inject(long sticky_in, int reset_fails, long transient_in);
+void ax_emul_inject(long sticky_in, int reset_fails, long transient_in)
+{
+	g_sticky = sticky_in == 0;
+	g_sticky_at = sticky_in > 0 ? (long)g_runs + sticky_in : -1;
+	g_transient_at = transient_in > 0 ? (long)g_runs + transient_in : -1;
+	g_reset_fails = reset_fails;
+}
+/* Tests: runs made, resets, resets made while something was still open, jobs outside the imported memory. */
+void ax_emul_counts(unsigned long *runs, unsigned long *resets, unsigned long *leaks, unsigned long *bad);
+void ax_emul_counts(unsigned long *runs, unsigned long *resets, unsigned long *leaks, unsigned long *bad)
+{
+	*runs = g_runs, *resets = g_resets, *leaks = g_reset_leaks, *bad = g_bad_addr;
+}
+
+static int sticky_fail(void)
+{
+	snprintf(g_err, sizeof g_err, "emul: an illegal memory access was encountered (injected sticky error)");
+	return -EIO;
+}
 
 static int inside(const void *p, uint64_t bytes)
 {
@@ -50,6 +82,8 @@ static int em_ipc_open(void *ctx, int device, const uint8_t h[64], uint64_t *bas
 {
 	(void)ctx, (void)device;
 	char name[64];
+	if (g_sticky)
+		return sticky_fail();
 	if (memcmp(h, "AXEM", 4) != 0 || memchr(h + 4, 0, 60) == NULL) {
 		snprintf(g_err, sizeof g_err, "emul: not an emulated IPC handle");
 		return -EIO;
@@ -105,6 +139,8 @@ static void em_ipc_close(void *ctx, int device, uint64_t base) { (void)ctx, (voi
 static int em_vmm_map(void *ctx, int device, int fd, uint64_t size, uint64_t *base)
 {
 	(void)ctx, (void)device;
+	if (g_sticky)
+		return sticky_fail();
 	void *p = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
 	if (p == MAP_FAILED || g_nmaps == 64)
 		return -EIO;
@@ -125,6 +161,8 @@ static void em_vmm_unmap(void *ctx, int device, uint64_t base, uint64_t size)
 static int em_event_open(void *ctx, int device, const uint8_t h[64], void **ev)
 {
 	(void)ctx, (void)device;
+	if (g_sticky)
+		return sticky_fail();
 	if (memcmp(h, "AXEV", 4) != 0)
 		return -EIO;
 	*ev = (void *)&g_waits; /* any stable non-NULL tag */
@@ -134,8 +172,33 @@ static int em_event_open(void *ctx, int device, const uint8_t h[64], void **ev)
 static void em_event_close(void *ctx, int device, void *ev) { (void)ctx, (void)device, (void)ev; }
 static const char *em_last_error(void *ctx) { (void)ctx; return g_err; }
 
+static int em_device_sticky(void *ctx, int device) { (void)ctx, (void)device; return g_sticky; }
+
+static int em_device_reset(void *ctx, int device)
+{
+	(void)ctx, (void)device;
+	if (g_nmaps || g_ctx_open) { /* the reset unmaps them under their holder */
+		fprintf(stderr, "capture_emul: device reset with %d mappings and %d contexts still open\n", g_nmaps,
+			g_ctx_open);
+		g_reset_leaks++;
+		while (g_nmaps)
+			unmap_at((uint64_t)(uintptr_t)g_maps[0].base);
+	}
+	if (g_reset_fails > 0) {
+		g_reset_fails--;
+		snprintf(g_err, sizeof g_err, "emul: the device stays broken after the reset (injected)");
+		return -EIO;
+	}
+	g_sticky = 0;
+	g_resets++;
+	return 0;
+}
+
 static const ax_cuda_ops emul_ops = {NULL, em_ipc_open, em_ipc_close, em_vmm_map, em_vmm_unmap, em_event_open,
 				     em_event_close, em_last_error};
+static const ax_cuda_recovery_ops emul_recovery = {NULL, em_device_sticky, em_device_reset, em_last_error};
+
+const ax_cuda_recovery_ops *ax_cuda_recovery_real(void) { return &emul_recovery; }
 
 const ax_cuda_ops *ax_cuda_ops_real(void) { return &emul_ops; }
 
@@ -149,7 +212,8 @@ struct ax_attn_cuda {
 static void report(void)
 {
 	fprintf(stderr, "capture_emul: %lu runs, %lu event waits, %lu runs without a wait, %lu jobs outside the "
-		"imported memory\n", g_runs, g_waits, g_runs_unwaited, g_bad_addr);
+		"imported memory, %lu device resets, %lu with something still open\n", g_runs, g_waits, g_runs_unwaited,
+		g_bad_addr, g_resets, g_reset_leaks);
 }
 
 int ax_attn_cuda_devices(void) { return getenv("AX_EMUL_NO_DEVICE") ? -ENODEV : 1; }
@@ -158,6 +222,14 @@ int ax_attn_cuda_open(ax_attn_cuda **out, int device)
 {
 	if (device != 0)
 		return -ENODEV;
+	static int env_read;
+	if (!env_read++) {
+		const char *at = getenv("AX_EMUL_STICKY_AT_RUN"), *rf = getenv("AX_EMUL_RESET_FAILS");
+		g_sticky_at = at ? atol(at) : g_sticky_at;
+		g_reset_fails = rf ? atoi(rf) : g_reset_fails;
+	}
+	if (g_sticky)
+		return sticky_fail();
 	ax_attn_cuda *c = calloc(1, sizeof *c);
 	if (c == NULL || (c->scratch = ax_attn_scratch_new()) == NULL) {
 		free(c);
@@ -166,6 +238,7 @@ int ax_attn_cuda_open(ax_attn_cuda **out, int device)
 	static int registered;
 	if (!registered++)
 		atexit(report);
+	g_ctx_open++;
 	*out = c;
 	return 0;
 }
@@ -176,11 +249,12 @@ void ax_attn_cuda_close(ax_attn_cuda *c)
 		return;
 	ax_attn_scratch_free(c->scratch);
 	free(c);
+	g_ctx_open--;
 }
 
 int ax_attn_cuda_wait_event(ax_attn_cuda *c, void *event)
 {
-	if (event == NULL)
+	if (event == NULL || g_sticky)
 		return -EIO;
 	c->waited = 1;
 	g_waits++;
@@ -199,6 +273,13 @@ static int job_in_device_memory(const ax_attn_job *j)
 int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
 {
 	g_runs++;
+	g_sticky |= (long)g_runs == g_sticky_at; /* a kernel faults: the context is broken for good */
+	if (g_sticky)
+		return sticky_fail();
+	if ((long)g_runs == g_transient_at) {
+		snprintf(g_err, sizeof g_err, "emul: launch out of resources (injected, clearable)");
+		return -EIO;
+	}
 	g_runs_unwaited += !c->waited;
 	c->waited = 0;
 	uint32_t off = 0;
