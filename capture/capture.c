@@ -1118,6 +1118,10 @@ static int engine_closed(ax_capture *c)
 /* Take up to `budget` descriptors. Returns how many were taken. */
 static int pump_ring(ax_capture *c, int budget)
 {
+	if (c->cuda_active && ax__cuda_be_lost(c->cuda, c->now_ns)) { /* CUDA device reset: attach afresh */
+		leave_engine(c, "is unreadable after a CUDA device reset", "cuda_reset");
+		return 0;
+	}
 	int n = 0;
 	for (; n < budget && c->shm; n++) {
 		ax_shm_step st;
@@ -1150,10 +1154,6 @@ static int pump_ring(ax_capture *c, int budget)
 
 static void check_engine(ax_capture *c)
 {
-	if (c->cuda_active && ax__cuda_be_lost(c->cuda, c->now_ns)) { /* device reset: its addresses are dead */
-		leave_engine(c, "is unreadable after a CUDA device reset", "cuda_reset");
-		return;
-	}
 	if (__atomic_load_n(&c->hdr->state, __ATOMIC_ACQUIRE) == 2) {
 		pump_ring(c, 1 << 20); /* read what it published before closing */
 		if (c->shm)

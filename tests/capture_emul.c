@@ -44,7 +44,7 @@ static char g_err[160] = "no error";
 static unsigned long g_runs, g_runs_unwaited, g_waits, g_bad_addr;
 static long g_sticky_at = -1, g_transient_at = -1; /* run numbers (g_runs) that fault */
 static int g_sticky, g_reset_fails, g_ctx_open;
-static unsigned long g_resets, g_reset_leaks;
+static unsigned long g_resets, g_reset_leaks, g_ok_since_reset; /* good runs since the last reset */
 
 /* Tests: the run `sticky_in` runs from now faults for good (0: the device is broken now; < 0: never); the next
  * `reset_fails` resets fail; the run `transient_in` runs from now fails once with a clearable error. */
@@ -191,6 +191,7 @@ static int em_device_reset(void *ctx, int device)
 	}
 	g_sticky = 0;
 	g_resets++;
+	g_ok_since_reset = 0;
 	return 0;
 }
 
@@ -212,8 +213,8 @@ struct ax_attn_cuda {
 static void report(void)
 {
 	fprintf(stderr, "capture_emul: %lu runs, %lu event waits, %lu runs without a wait, %lu jobs outside the "
-		"imported memory, %lu device resets, %lu with something still open\n", g_runs, g_waits, g_runs_unwaited,
-		g_bad_addr, g_resets, g_reset_leaks);
+		"imported memory, %lu device resets, %lu with something still open, %lu good runs since the last reset\n",
+		g_runs, g_waits, g_runs_unwaited, g_bad_addr, g_resets, g_reset_leaks, g_ok_since_reset);
 }
 
 int ax_attn_cuda_devices(void) { return getenv("AX_EMUL_NO_DEVICE") ? -ENODEV : 1; }
@@ -281,6 +282,7 @@ int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_at
 		return -EIO;
 	}
 	g_runs_unwaited += !c->waited;
+	g_ok_since_reset++;
 	c->waited = 0;
 	uint32_t off = 0;
 	for (uint32_t i = 0; i < n; i++) {
