@@ -22,6 +22,15 @@
  * row number (it may be a device value) nor the request id. A BEGIN on a row that still holds a request first
  * publishes that request's END (reason abort): recycled rows never leak.
  *
+ * Slot recycling (shm/README.md rule 9): ax_graph_open sets AX_SHM_FEAT_RECYCLE; every ax_graph_step_begin and
+ * ax_graph_step_start counts a step start (steps_started, visible before any later kernel of the stream runs);
+ * every END (ax_graph_request_end, and the END a BEGIN publishes for the request it displaces) stores the entry's
+ * freed_step before the END descriptor. The engine must therefore enqueue a step start (on the same stream) after
+ * an END and before anything writes into the ended request's K slots or index row: ax_graph_step_begin does when
+ * it precedes every K write of the step; otherwise call ax_graph_step_start first (HF: from the forward pre-hook,
+ * since layer 0's cache update runs before its attention). Writes made by other streams or by the host (SGLang's
+ * req_to_token rows, written by the scheduler) are not ordered by these kernels.
+ *
  * One step = ax_graph_step_begin, ax_graph_export_q once per layer (any order, layers not wanted are no-ops on the
  * GPU), ax_graph_step_publish after the last layer's attention has written its keys. All calls of one handle go
  * to one stream, in that order, from one host thread.
@@ -115,6 +124,9 @@ int ax_graph_step_begin(ax_graph *g, void *stream, const ax_graph_step_args *a);
  * header q_dtype's size). */
 int ax_graph_export_q(ax_graph *g, void *stream, uint32_t layer, const void *q, int elem_bytes, int64_t st_b,
 		      int64_t st_t, int64_t st_h);
+/* Count a step start only (rule 9; one kernel, graph-safe): for an engine whose step writes K slots or index rows
+ * before it can call ax_graph_step_begin. Returns 0, -EINVAL (NULL) or -EIO. */
+int ax_graph_step_start(ax_graph *g, void *stream);
 /* Publish the step's FORWARD descriptors (after every layer's K of this step is written). */
 int ax_graph_step_publish(ax_graph *g, void *stream);
 
@@ -146,6 +158,15 @@ static inline AX_GRAPH_HD int ax_graph_popcount64(uint64_t v)
 #else
 	return __builtin_popcountll(v);
 #endif
+}
+/* Rule 9 on the device's counter: the value after a step start, and the freed_step an END stores. A capture refuses
+ * a row of a freed request once steps_started >= freed_step (ax_graph_row_recycled: the same test, for the unit
+ * test and the Python mirror); so a free is refused only after the next step start, never at the END itself. */
+static inline AX_GRAPH_HD uint64_t ax_graph_next_step(uint64_t steps_started) { return steps_started + 1; }
+static inline AX_GRAPH_HD uint64_t ax_graph_freed_step(uint64_t steps_started) { return steps_started + 1; }
+static inline AX_GRAPH_HD int ax_graph_row_recycled(uint64_t freed_step, uint64_t steps_started)
+{
+	return freed_step != 0 && steps_started >= freed_step;
 }
 /* First row of a run of `rows` rows in a ring of `ring_rows` rows starting at or after `head`, never wrapping. */
 static inline AX_GRAPH_HD uint64_t ax_graph_q_run(uint64_t head, uint64_t rows, uint64_t ring_rows)

@@ -10,6 +10,14 @@
  * order therefore sees complete slots; Q rows live in device memory and are written (and fenced at system scope)
  * before the descriptor that names them.
  *
+ * Slot recycling (shm/README.md rule 9): ax_graph_open advertises AX_SHM_FEAT_RECYCLE (ax_export_step_start, which
+ * also counts one step start) and the device continues the header's steps_started. k_step_begin (and k_step_start)
+ * bump it first thing, store it at system scope and fence (__threadfence_system) before the thread exits: the kernel
+ * is complete before any later kernel of the stream starts, so the counter is out before the engine's K writes of
+ * the step that follow on the stream — the device form of the host's "relaxed store, release fence, then the
+ * step's writes". Every END (k_end, and the END k_begin publishes for a row it recycles) stores the request
+ * entry's freed_step = 1 + steps_started, fenced, before the END descriptor and before the map row is cleared.
+ *
  * Nothing here allocates, synchronises or reads the host after ax_graph_open: the wanted layers, the consumer's
  * liveness and a clock come from a pinned block that the heartbeat thread refreshes every 10 ms.
  *
@@ -34,6 +42,7 @@ typedef unsigned long long u64;
 /* Device control block (device memory). */
 struct ax_graph_dev {
 	u64 ring_head, ring_dropped, arena_head, q_head, next_req_id, steps, steps_dropped;
+	u64 steps_started; /* rule 9: mirrors the header word; this handle's kernels are its only writers after open */
 	u64 layers[2]; /* layers whose Q rows this step exports */
 	u64 q_base;    /* first Q-ring row (monotonic) of this step */
 	unsigned nl;   /* popcount(layers) */
@@ -157,13 +166,26 @@ __device__ static void request_write(const seg_view &sv, unsigned slot, const ax
 	w[id_word] = r->req_id;
 }
 
-/* End the request map row `row` holds, if any (END, entry ended, map row cleared). One thread. */
+/* Count a step start (rule 9): store, then a system-scope fence, so the new value is visible everywhere before
+ * this thread (hence its kernel) finishes, hence before any later kernel of the stream writes a K slot. One thread. */
+__device__ static void step_started(const seg_view &sv, ax_graph_dev *st)
+{
+	st->steps_started = ax_graph_next_step(st->steps_started);
+	st64(&sv.h->steps_started, st->steps_started);
+	__threadfence_system();
+}
+
+/* End the request map row `row` holds, if any (freed_step, END, entry ended, map row cleared). One thread.
+ * The engine frees the row's slots at (or right after) END, so freed_step is stored first and fenced: a capture
+ * that sees the END, or a later step start, also sees it (rule 9). */
 __device__ static void end_row(const seg_view &sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
 			       unsigned row, unsigned reason)
 {
 	u64 id = map[row].req_id;
 	if (!id)
 		return;
+	st64(&sv.reqs[row].freed_step, ax_graph_freed_step(st->steps_started));
+	__threadfence_system();
 	ax_shm_step d;
 	memset(&d, 0, sizeof d);
 	d.kind = AX_STEP_END;
@@ -265,6 +287,12 @@ __global__ void k_end(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax
 		end_row(sv, st, map, ctl, row, reason);
 }
 
+__global__ void k_step_start(seg_view sv, ax_graph_dev *st)
+{
+	if (threadIdx.x == 0 && blockIdx.x == 0)
+		step_started(sv, st);
+}
+
 /* Row b of the step: which request, which positions, which tokens export Q. */
 __device__ static void row_setup(const seg_view &sv, ax_graph_map *map, const ax_graph_step_args &a, unsigned b,
 				 unsigned nl, unsigned want_prefill, ax_graph_row *r)
@@ -303,6 +331,7 @@ __global__ void k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, c
 	__shared__ u64 s_layers[2];
 	__shared__ unsigned s_nl, s_enabled, s_prefill;
 	if (threadIdx.x == 0) {
+		step_started(sv, st); /* always (enabled or not): a capture may attach at any step */
 		s_enabled = *(const volatile unsigned *)&ctl->enabled;
 		s_layers[0] = s_enabled ? ld64(&ctl->want[0]) & sv.layer_mask[0] : 0;
 		s_layers[1] = s_enabled ? ld64(&ctl->want[1]) & sv.layer_mask[1] : 0;
@@ -538,6 +567,7 @@ static int init_state(ax_graph *g)
 	s.arena_head = __atomic_load_n(&h->arena_head, __ATOMIC_ACQUIRE);
 	s.q_head = __atomic_load_n(&h->q_head, __ATOMIC_ACQUIRE);
 	s.next_req_id = __atomic_load_n(&h->next_req_id, __ATOMIC_ACQUIRE);
+	s.steps_started = __atomic_load_n(&h->steps_started, __ATOMIC_ACQUIRE); /* after ax_export_step_start */
 	cudaError_t e = cudaMemcpy(g->st, &s, sizeof s, cudaMemcpyHostToDevice);
 	if (e == cudaSuccess)
 		e = cudaMemset(g->map, 0, sizeof *g->map * g->cfg.map_rows);
@@ -582,8 +612,12 @@ int ax_graph_open(ax_graph **out, ax_export *ex, const ax_graph_config *cfg)
 	if (ax_export_disable_wake)
 		ax_export_disable_wake(ex); /* before the first device-written descriptor */
 	int rc = alloc_all(g);
-	if (!rc)
+	if (!rc) {
+		/* Rule 9: AX_SHM_FEAT_RECYCLE from now on (one step start counted; init_state continues the counter on
+		 * the device). The host producer's own frees so far stored freed_step against the same counter. */
+		ax_export_step_start(ex);
 		rc = init_state(g);
+	}
 	if (rc) {
 		snprintf(open_err, sizeof open_err, "%s", g->err);
 		ax_graph_close(g);
@@ -656,6 +690,14 @@ int ax_graph_request_end(ax_graph *g, void *stream, uint32_t row, uint32_t reaso
 		reason = AX_END_ERROR;
 	k_end<<<1, 1, 0, (cudaStream_t)stream>>>(g->sv, g->st, g->map, g->ctl_d, row, reason);
 	return launched(g, "k_end");
+}
+
+int ax_graph_step_start(ax_graph *g, void *stream)
+{
+	if (!g)
+		return -EINVAL;
+	k_step_start<<<1, 1, 0, (cudaStream_t)stream>>>(g->sv, g->st);
+	return launched(g, "k_step_start");
 }
 
 static bool ivec_ok(const ax_graph_ivec *v) { return !v->p || v->bytes == 4 || v->bytes == 8; }

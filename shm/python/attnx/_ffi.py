@@ -19,6 +19,7 @@ LOC_HOST, LOC_CUDA_IPC, LOC_CUDA_VMM = 1, 2, 3
 STEP_BEGIN, STEP_FORWARD, STEP_END = 1, 2, 3
 STEP_F_PREFILL = 1
 END_REASONS = {"stop": 1, "length": 2, "abort": 3, "error": 4}
+FEAT_WAKE, FEAT_RECYCLE = 1 << 0, 1 << 1  # ax_shm_header.features (AX_SHM_FEAT_*)
 
 
 class ShmBuffer(ctypes.Structure):
@@ -29,7 +30,7 @@ class ShmBuffer(ctypes.Structure):
 
 class ShmRequest(ctypes.Structure):
     _fields_ = [("state", u32), ("prompt_len", u32), ("req_id", u64), ("prompt_pos", u64), ("begin_ns", u64),
-                ("rid", ctypes.c_char * SHM_RID_MAX), ("reserved", u8 * 32)]
+                ("rid", ctypes.c_char * SHM_RID_MAX), ("freed_step", u64), ("reserved", u8 * 24)]
 
 
 class ShmStep(ctypes.Structure):
@@ -51,7 +52,9 @@ class ShmHeader(ctypes.Structure):
                 ("data_size", u64), ("ring_head", u64), ("ring_dropped", u64), ("arena_head", u64), ("q_head", u64),
                 ("heartbeat_ns", u64), ("data_used", u64), ("next_req_id", u64), ("reqs_dropped", u64),
                 ("consumer_tail", u64), ("consumer_pid", u64), ("consumer_heartbeat_ns", u64),
-                ("want_layers", u64 * 2), ("want_prefill", u32), ("reserved_u32", u32), ("reserved", u8 * 104)]
+                ("want_layers", u64 * 2), ("want_prefill", u32), ("reserved_u32", u32),
+                ("consumer_wait", u32), ("features", u32), ("steps_started", u64), ("consumer_done", u64),
+                ("consumer_features", u32), ("reserved_u32b", u32), ("reserved", u8 * 72)]
 
 
 class ExportConfig(ctypes.Structure):
@@ -69,6 +72,9 @@ class ShmStats(ctypes.Structure):
 for _s, _n in ((ShmBuffer, 256), (ShmRequest, 160), (ShmStep, 128), (ShmHeader, 512)):
     if ctypes.sizeof(_s) != _n:  # pragma: no cover - a mirror out of date
         raise ImportError("attnx: %s is %d bytes, attnx_shm.h says %d" % (_s.__name__, ctypes.sizeof(_s), _n))
+for _s, _f, _o in ((ShmHeader, "features", 412), (ShmHeader, "steps_started", 416), (ShmRequest, "freed_step", 128)):
+    if getattr(_s, _f).offset != _o:  # pragma: no cover - the rule-9 words as shm/README.md places them
+        raise ImportError("attnx: %s.%s at %d, attnx_shm.h says %d" % (_s.__name__, _f, getattr(_s, _f).offset, _o))
 
 P, VP, I, U32, U64, F = ctypes.POINTER, ctypes.c_void_p, ctypes.c_int, u32, u64, f32
 

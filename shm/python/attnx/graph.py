@@ -62,6 +62,7 @@ def glib():
             "ax_graph_step_begin": (I, [V, V, P(StepArgs)]),
             "ax_graph_export_q": (I, [V, V, U32, V, I, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
             "ax_graph_step_publish": (I, [V, V]),
+            "ax_graph_step_start": (I, [V, V]),
             "ax_graph_get_stats": (I, [V, P(GraphStats)]),
             "ax_graph_enabled": (I, [V, P(ctypes.c_uint64), P(I)]),
             "ax_graph_strerror": (ctypes.c_char_p, [V]),
@@ -145,6 +146,11 @@ class GraphExporter:
             raise ValueError("attnx: Q rows need a contiguous head dim")
         return self._check("ax_graph_export_q", self._l.ax_graph_export_q(
             self._h, _stream(stream), layer, q.data_ptr(), q.element_size(), st_b, st_t, st_h))
+
+    def step_start(self, stream=None):
+        """Count a step start (shm/README.md rule 9) before anything of the step writes K slots or index rows, where
+        step_begin cannot come first (step_begin counts one itself)."""
+        return self._check("ax_graph_step_start", self._l.ax_graph_step_start(self._h, _stream(stream)))
 
     def publish(self, stream=None):
         return self._check("ax_graph_step_publish", self._l.ax_graph_step_publish(self._h, _stream(stream)))

@@ -25,12 +25,20 @@ Limits (said plainly): a static cache is required (DynamicCache reallocates its 
 must not be left-padded (positions must start at 0 for each row: use batch 1 or equal-length prompts); K pools are
 registered on the first forward (call warmup() before starting attnx-capture, which reads the buffer table when
 it attaches); an error in the export path disables export for the process (logged once) and never reaches the
-model. Slot recycling (shm/README.md rule 9) is not covered: the next generate() overwrites the cache rows of the
-previous one at its prefill, and neither can be deferred without blocking the model (the host does not run per step
-under graph replay, and the END is a GPU kernel's, with no host descriptor count for ax_export_consumer_done); the
-graph exporter does not advertise AX_SHM_FEAT_RECYCLE, so a capture still computing the previous call's last rows
-when the next prefill writes its keys can report them wrong. Let the capture finish (its `end` records) before the
-next generate() when that matters.
+model.
+
+Slot recycling (shm/README.md rule 9) is detected, not avoided: the graph exporter advertises AX_SHM_FEAT_RECYCLE.
+The model's forward pre-hook runs before any layer writes its cache: for a prefill (more than one token) it first
+ENDs every row still active (the END kernel stores freed_step: the rows' cache is about to be overwritten), then
+enqueues a step start (ax_graph_step_start); layer 0's step_begin counts another. A capture still computing the
+previous call's rows when the next prefill has started refuses them (gap "recycled") instead of reporting keys
+of the new prompt. Avoidance (waiting for the capture before the next generate()) is left to the caller: let the
+capture finish (its `end` records) before the next generate() when those last rows matter.
+
+Tensor parallel (rank, world_size > 1): each rank's HFExporter makes its own segment ("/attnx.engine.<rank>" for
+rank > 0 with the default name) over its own heads; query and KV heads are taken to be split evenly over the ranks
+(n_q_heads = num_attention_heads / world_size, likewise KV heads; head_offset defaults to rank · n_q_heads), as
+transformers' tp_plan shards q/k/v projections. Never run with real TP (see shm/python/README.md).
 """
 import logging
 
@@ -44,6 +52,19 @@ from .graph import PREFILL, GraphExporter, StepArgs, ivec
 log = logging.getLogger("attnx.hf")
 
 
+def _local_heads(hq, hkv, rank, world_size, head_offset):
+    """This rank's (query heads, KV heads, head_offset) when heads are split evenly over world_size ranks."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError("attnx: rank %r of world_size %r" % (rank, world_size))
+    if hq % world_size or hkv % world_size:
+        raise ValueError("attnx: %d query / %d KV heads do not split over %d ranks" % (hq, hkv, world_size))
+    hq, hkv = hq // world_size, hkv // world_size
+    off = rank * hq if head_offset is None else head_offset
+    if off < 0 or off + hq > hq * world_size:
+        raise ValueError("attnx: head_offset %r out of range" % off)
+    return hq, hkv, off
+
+
 def _text_config(model):
     c = model.config
     return c.get_text_config() if hasattr(c, "get_text_config") else c
@@ -51,17 +72,24 @@ def _text_config(model):
 
 class HFExporter:
     def __init__(self, model, cache, batch_size, max_cache_len, name=_ffi.DEFAULT_NAME, inner="sdpa",
-                 q_rows=1 << 16, engine="transformers", model_name=None, impl_name="attnx"):
+                 q_rows=1 << 16, engine="transformers", model_name=None, impl_name="attnx", rank=0, world_size=1,
+                 head_offset=None):
         c = _text_config(model)
         self.model, self.cache, self.B, self.Lmax = model, cache, batch_size, max_cache_len
         self.L = c.num_hidden_layers
-        self.Hq, self.Hkv = c.num_attention_heads, c.num_key_value_heads
+        self.rank, self.world_size = rank, world_size
+        self.Hq, self.Hkv, head_offset = _local_heads(c.num_attention_heads, c.num_key_value_heads, rank, world_size,
+                                                      head_offset)
+        if rank > 0 and name == _ffi.DEFAULT_NAME:
+            name = "%s.%d" % (name, rank)
         self.D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         dev, dt = model.device, model.dtype
         from .cuda import dtype_name
 
         qd = dtype_name(torch.empty(0, dtype=dt))
         self.ex = Exporter(name, engine=engine, model=(model_name or getattr(c, "_name_or_path", ""))[:95],
+                           rank=rank, world_size=world_size, head_offset=head_offset,
+                           n_q_heads_total=c.num_attention_heads,
                            n_layers=self.L, n_q_heads=self.Hq, n_kv_heads=self.Hkv, head_dim=self.D, q_dtype=qd,
                            k_dtype=qd, max_ctx=max_cache_len, data_size=4096, req_cap=max(16, batch_size),
                            buf_cap=self.L + 8, scale=self.D ** -0.5)
@@ -119,6 +147,15 @@ class HFExporter:
     def _pre_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        if self.disabled or self.g is None:
+            return None
+        x = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+        try:
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 1:
+                self.end_all("stop")  # rule 9: freed_step before this prefill overwrites their cache rows
+            self.g.step_start()  # before layer 0's cache update (which runs before its attention)
+        except Exception as e:  # never into the model
+            self._fail("pre hook", e)
         return None
 
     def _fail(self, what, e):

@@ -27,11 +27,14 @@ wrapped so a freed req_pool_idx publishes END; a row reused without a free publi
 BEGIN (on the GPU). TP: rank r exports segment `shm` (+ ".r" for r > 0) with head_offset = r·H_q_local, so each
 rank's attnx-capture reports global head ids.
 
-Slot recycling (shm/README.md rule 9) is not covered: SGLang frees a finished request's req_to_token row and KV
-slots in its scheduler and reuses them at once; deferring that without blocking would mean wrapping its allocators
-(free, alloc and the size queries admission reads), and the END is published by a GPU kernel (no host descriptor
-count for ax_export_consumer_done). The graph exporter does not advertise AX_SHM_FEAT_RECYCLE, so captures cannot
-flag a late row computed from reused slots; the CUDA backend keeps that window short (one batch per pump).
+Slot recycling (shm/README.md rule 9) is detected, not avoided: the graph exporter advertises AX_SHM_FEAT_RECYCLE,
+the END kernel (from the wrapped free, on the forward stream) stores freed_step, and layer 0's step_begin (this pre
+hook, before its attention writes K) counts a step start, so rows computed from KV slots the next forwards rewrite
+are refused (gap "recycled"). Not covered: SGLang rewrites a reused req_to_token row in the scheduler before the
+next forward's step_begin; a row checked in that window (between the rewrite and layer 0 of the next forward) can
+pass. Closing it needs a step start right after each END in the free wrapper (GraphExporter.step_start), which
+the CPU logic test's fake graph does not offer yet. Avoidance (deferring SGLang's frees without blocking) would
+mean wrapping its allocators, and the device END has no host descriptor count for ax_export_consumer_done.
 
 Decode forwards replayed from SGLang's CUDA graphs run the kernels the hooks enqueued at capture time: the hooks
 themselves (Python) run only for eager forwards and at graph capture. Never run inside SGLang in this repository
