@@ -263,13 +263,15 @@ static int device_sticky(void *ctx, int device)
 static int device_reset(void *ctx, int device)
 {
 	(void)ctx;
+	/* cudaSetDevice itself may answer the sticky error: only a missing device stops the reset. */
 	cudaError_t e = cudaSetDevice(device);
-	if (e == cudaSuccess)
-		e = cudaDeviceReset();
-	if (e != cudaSuccess)
+	if (e == cudaErrorInvalidDevice || e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver)
+		return rt_fail(e, "cudaSetDevice");
+	if ((e = cudaDeviceReset()) != cudaSuccess)
 		return rt_fail(e, "cudaDeviceReset");
+	cudaSetDevice(device); /* the device stays current; the call below creates its new primary context */
 	cudaGetLastError();
-	e = cudaFree(0); /* creates the new primary context */
+	e = cudaFree(0);
 	if (e == cudaSuccess)
 		e = cudaDeviceSynchronize();
 	return e == cudaSuccess ? 0 : rt_fail(e, "device probe after cudaDeviceReset");
