@@ -116,8 +116,9 @@ int ax_graph_request_begin(ax_graph *g, void *stream, uint32_t row, const void *
  * cleared. Returns 0, -EINVAL or -EIO. Legal in graph capture (not needed there). */
 int ax_graph_request_end(ax_graph *g, void *stream, uint32_t row, uint32_t reason);
 
-/* Step kernels (legal inside CUDA graph capture). Each returns 0, -EINVAL (bad arguments: nothing enqueued, the
- * step exports nothing) or -EIO (launch failure). `stream` is a cudaStream_t (NULL = the legacy default). */
+/* Step kernels (legal inside CUDA graph capture). Each returns 0, -EINVAL (bad arguments: the step exports nothing;
+ * ax_graph_step_begin with a handle still enqueues its step start, rule 9) or -EIO (launch failure). `stream` is a
+ * cudaStream_t (NULL = the legacy default). */
 int ax_graph_step_begin(ax_graph *g, void *stream, const ax_graph_step_args *a);
 /* Copy layer `layer`'s Q rows of the step: q element (b, i, h, d) at
  * q[b * st_b + (in_off(b) + i) * st_t + h * st_h + d] (elements of elem_bytes; d contiguous; elem_bytes must be the

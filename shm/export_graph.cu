@@ -702,13 +702,23 @@ int ax_graph_step_start(ax_graph *g, void *stream)
 
 static bool ivec_ok(const ax_graph_ivec *v) { return !v->p || v->bytes == 4 || v->bytes == 8; }
 
+/* The step's arguments as the kernels need them (every ivec readable, something to read tokens from). */
+static bool step_args_ok(const ax_graph *g, const ax_graph_step_args *a)
+{
+	if (!a || a->n_rows < 1 || a->n_rows > g->cfg.max_batch || !a->seq_end.p || !a->tokens)
+		return false;
+	return ivec_ok(&a->row) && ivec_ok(&a->seq_end) && ivec_ok(&a->n_tok) && ivec_ok(&a->in_off) &&
+	       ivec_ok(&a->pad) && (a->token_bytes == 4 || a->token_bytes == 8) && (a->n_tok.p || a->n_tok_const >= 1);
+}
+
 int ax_graph_step_begin(ax_graph *g, void *stream, const ax_graph_step_args *a)
 {
-	if (!g || !a || a->n_rows < 1 || a->n_rows > g->cfg.max_batch || !a->seq_end.p || !a->tokens)
+	if (!g)
 		return -EINVAL;
-	if (!ivec_ok(&a->row) || !ivec_ok(&a->seq_end) || !ivec_ok(&a->n_tok) || !ivec_ok(&a->in_off) ||
-	    !ivec_ok(&a->pad) || (a->token_bytes != 4 && a->token_bytes != 8) || (!a->n_tok.p && a->n_tok_const < 1))
-		return -EINVAL;
+	if (!step_args_ok(g, a)) { /* the step exports nothing, but the engine still runs it: count its start */
+		int rc = ax_graph_step_start(g, stream);
+		return rc ? rc : -EINVAL;
+	}
 	g->n_rows = a->n_rows;
 	g->last = *a;
 	/* The block size is a power of two ≥ n_rows (block_scan needs every row in one block). */
