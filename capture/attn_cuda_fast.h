@@ -33,6 +33,7 @@
 
 #include "attn.h"
 #include "attn_cuda_logic.h" /* axc_check_job, axc_visible, axc_out_rows: the generic path's validation */
+#include "attn_cuda_plan.h"  /* axc_grow */
 
 #define AXF_D 128                 /* head_dim of the fast path */
 #define AXF_TS 16                 /* keys per stage (the m16n8k16 M dimension) */
@@ -258,22 +259,6 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p);
 }
 
-/* Make *ptr hold n elements of size esz (contents kept). */
-static inline int axf_grow(void **ptr, size_t *cap, size_t n, size_t esz)
-{
-	if (n <= *cap)
-		return 0;
-	size_t c = *cap ? *cap : 64;
-	while (c < n)
-		c *= 2;
-	void *q = realloc(*ptr, c * esz);
-	if (!q)
-		return -ENOMEM;
-	*ptr = q;
-	*cap = c;
-	return 0;
-}
-
 /* The pass-job of user job i in kernel mode `mode` (partials and splits are set by axf_plan_launch). */
 static inline void axf_job_fields(axf_plan *p, axf_job *jb, const ax_attn_job *j, uint32_t i, uint32_t mode)
 {
@@ -314,8 +299,8 @@ static inline uint32_t axf_prows(const axf_job *jb, uint32_t mode)
 static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 {
 	uint32_t mode = axf_inst_mode(L->inst);
-	if (axf_grow((void **)&p->nk, &p->nk_cap, L->nj, sizeof *p->nk) ||
-	    axf_grow((void **)&p->so, &p->so_cap, (size_t)p->nso + L->nj + 1, sizeof *p->so))
+	if (axc_grow((void **)&p->nk, &p->nk_cap, L->nj, sizeof *p->nk) ||
+	    axc_grow((void **)&p->so, &p->so_cap, (size_t)p->nso + L->nj + 1, sizeof *p->so))
 		return -ENOMEM;
 	for (uint32_t i = 0; i < L->nj; i++)
 		p->nk[i] = p->jb[L->j0 + i].n;
@@ -355,7 +340,7 @@ static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const int 
 			uint32_t mode = axf_pass_mode(j, pass);
 			if (!mode || axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads) != inst)
 				continue;
-			if (axf_grow((void **)&p->jb, &p->jb_cap, (size_t)p->njb + 1, sizeof *p->jb))
+			if (axc_grow((void **)&p->jb, &p->jb_cap, (size_t)p->njb + 1, sizeof *p->jb))
 				return -ENOMEM;
 			axf_job_fields(p, &p->jb[p->njb], j, i, mode);
 			p->njb++, L.nj++;
@@ -404,8 +389,8 @@ static inline void axf_make_layout(axf_plan *p)
  */
 static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t n, int *rc, uint32_t resident)
 {
-	if (axf_grow((void **)&p->roff, &p->roff_cap, n, sizeof *p->roff) ||
-	    axf_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot))
+	if (axc_grow((void **)&p->roff, &p->roff_cap, n, sizeof *p->roff) ||
+	    axc_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot))
 		return -ENOMEM;
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
 	for (uint32_t i = 0; i < n; i++) {
@@ -513,7 +498,7 @@ static inline int axf_run_side(axf_split *s, const ax_attn_job *jobs, uint32_t n
 		}
 	if (m == 0)
 		return 0;
-	if (axf_grow((void **)&s->sout, &s->sout_cap, rows ? rows : 1, sizeof *s->sout))
+	if (axc_grow((void **)&s->sout, &s->sout_cap, rows ? rows : 1, sizeof *s->sout))
 		return -ENOMEM;
 	int r = run(ctx, s->sj, m, s->sout, s->src);
 	if (r)
@@ -545,10 +530,10 @@ static inline int axf_dispatch(axf_split *s, const ax_attn_job *jobs, uint32_t n
 		return generic(gctx, jobs, n, out, rc);
 	if (nf == n)
 		return fast(fctx, jobs, n, out, rc);
-	if (axf_grow((void **)&s->sj, &s->sj_cap, n, sizeof *s->sj) ||
-	    axf_grow((void **)&s->si, &s->si_cap, n, sizeof *s->si) ||
-	    axf_grow((void **)&s->src, &s->src_cap, n, sizeof *s->src) ||
-	    axf_grow((void **)&s->roff, &s->roff_cap, n, sizeof *s->roff))
+	if (axc_grow((void **)&s->sj, &s->sj_cap, n, sizeof *s->sj) ||
+	    axc_grow((void **)&s->si, &s->si_cap, n, sizeof *s->si) ||
+	    axc_grow((void **)&s->src, &s->src_cap, n, sizeof *s->src) ||
+	    axc_grow((void **)&s->roff, &s->roff_cap, n, sizeof *s->roff))
 		return -ENOMEM;
 	uint64_t rows = 0;
 	for (uint32_t i = 0; i < n; i++)
