@@ -24,14 +24,15 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 SKIP = 77
 
 
-def require_gpu():
+def require_gpu(devices=1):
+    """torch, or exit 77 without torch, `devices` CUDA devices or the attnx CUDA libraries."""
     try:
         import torch
     except ImportError:
         print("SKIP: no torch")
         sys.exit(SKIP)
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 1:
-        print("SKIP: no CUDA device")
+    if not torch.cuda.is_available() or torch.cuda.device_count() < devices:
+        print("SKIP: no CUDA device" if devices == 1 else "SKIP: fewer than %d CUDA devices" % devices)
         sys.exit(SKIP)
     try:
         from attnx import cuda, graph

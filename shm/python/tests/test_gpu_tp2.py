@@ -691,22 +691,9 @@ def compare(tp, one, ref, what):
 # ---- main ------------------------------------------------------------------------------------------------------
 
 def require():
-    try:
-        import torch
-    except ImportError:
-        print("SKIP: no torch")
-        sys.exit(SKIP)
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        print("SKIP: fewer than 2 CUDA devices")
-        sys.exit(SKIP)
-    try:
-        from attnx import cuda, graph
+    from gpu_common import require_gpu
 
-        graph.glib()
-        cuda.clib()
-    except OSError as e:
-        print("SKIP: attnx CUDA libraries not built: %s" % e)
-        sys.exit(SKIP)
+    torch = require_gpu(2)
     build = os.environ.get("AX_BUILD_DIR", os.path.join(ROOT, "build-gpu"))
     bins = [os.path.join(build, p) for p in ("capture/attnx-capture", "relay/attnx-relay", "tail/attnx-tail")]
     if not all(os.path.exists(b) for b in bins):
