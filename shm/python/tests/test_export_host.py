@@ -28,6 +28,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import attnx  # noqa: E402
 from attnx import _ffi  # noqa: E402
+from proc_util import read_records, stop  # noqa: E402
 from attnx.consumer import Attached  # noqa: E402
 
 L, HQ, HKV, D, SLOTS, QROWS, CTX, TOPK = 3, 4, 2, 16, 128, 256, 64, 5
@@ -134,24 +135,6 @@ def start(cmd, out=subprocess.DEVNULL):
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, start_new_session=False)
 
 
-def stop(p):
-    if p and p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def read_records(path):
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
 
 
 def case_end_to_end(capture, relay, tail):

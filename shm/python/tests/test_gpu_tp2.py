@@ -59,6 +59,7 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import proc_util  # noqa: E402
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 SKIP = 77
@@ -534,13 +535,7 @@ def wait_for(pred, timeout, what):
 
 
 def stop(p):
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    proc_util.stop(p, timeout=10)
 
 
 def deployment(bins, world, teacher, requests, cpu=False):

@@ -49,6 +49,7 @@ import urllib.request
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import attnx  # noqa: E402
 from attnx import _ffi  # noqa: E402
+from proc_util import read_records, stop  # noqa: E402
 
 L, HQ, HKV, D, SLOTS, QROWS, CTX, TOPK = 2, 8, 2, 16, 96, 256, 32, 5
 P_LEN, N_GEN = 6, 5           # prompt tokens, generated tokens shown (finish "length": rows 0..P+N-2)
@@ -264,25 +265,6 @@ def start(cmd, out=subprocess.DEVNULL):
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
 
 
-def stop(p):
-    if p and p.poll() is None:
-        p.send_signal(signal.SIGCONT)
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def read_records(path):
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                out.append(json.loads(line))
-    return out
 
 
 class Deployment:
