@@ -50,7 +50,18 @@
 #include "attnx_proto.h"
 #include "attnx_shm_cuda.h"
 
-enum { L = 4, HQ = 8, HKV = 2, D = 64, SLOTS = 8192, CTX = 512, IROWS = 8, QROWS = 4096 };
+/* The shape: H_q 8, H_kv 2, D 64 by default (the generic kernels); the build's gpu_engine_d128 sets GE_HQ 16, GE_HKV 4,
+ * GE_D 128 so the same scenarios run through the sm_90 fast path (bf16, D 128, group <= 8). */
+#ifndef GE_HQ
+#define GE_HQ 8
+#endif
+#ifndef GE_HKV
+#define GE_HKV 2
+#endif
+#ifndef GE_D
+#define GE_D 64
+#endif
+enum { L = 4, HQ = GE_HQ, HKV = GE_HKV, D = GE_D, SLOTS = 8192, CTX = 512, IROWS = 8, QROWS = 4096 };
 enum { NREQ = 10, CONC = 3, TOPK = 8 };
 #define TOL 1e-3
 
