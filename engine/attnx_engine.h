@@ -106,7 +106,15 @@ typedef struct ax_model_config {
 	int bos_id;            /* -1 if none */
 	int eos_ids[AX_MAX_EOS]; /* from config.json and generation_config.json */
 	int n_eos;
+	int rope_type;         /* enum ax_rope_type: rope_scaling / rope_parameters' rope_type */
+	float rope_factor;     /* linear, llama3: factor */
+	float rope_low_freq;   /* llama3: low_freq_factor */
+	float rope_high_freq;  /* llama3: high_freq_factor */
+	int rope_orig_max_pos; /* llama3: original_max_position_embeddings */
 } ax_model_config;
+
+/* RoPE frequency schemes the engine implements (others make ax_model_parse_config fail with -ENOTSUP). */
+enum ax_rope_type { AX_ROPE_DEFAULT = 0, AX_ROPE_LINEAR = 1, AX_ROPE_LLAMA3 = 2 };
 
 typedef struct ax_model ax_model;
 
@@ -117,8 +125,13 @@ typedef struct ax_model ax_model;
 int ax_model_open(ax_model **out, const char *dir);
 void ax_model_close(ax_model *m);
 const ax_model_config *ax_model_cfg(const ax_model *m);
-/* Parse only config.json text into cfg (exposed for tests). Returns 0 or -EPROTO. */
+/* Parse only config.json text into cfg (exposed for tests). Returns 0, -EPROTO, or -ENOTSUP for what the forward
+ * pass does not implement: a model_type other than llama / qwen3 / qwen2 / mistral, hidden_act other than silu,
+ * sliding-window layers, RoPE scaling other than default / linear / llama3. */
 int ax_model_parse_config(const char *json, size_t len, ax_model_config *cfg);
+/* RoPE inverse frequencies for cfg (rope_theta, then rope_type's rescaling), as transformers computes them:
+ * inv_freq[head_dim / 2]. Exposed for tests. */
+void ax_model_rope_freqs(const ax_model_config *cfg, float *inv_freq);
 
 typedef struct ax_kv ax_kv;
 typedef struct ax_kv_config {

@@ -230,11 +230,15 @@ typedef struct fwd_case {
 } fwd_case;
 
 static const fwd_case fwd_cases[] = {
-	{"qwen3 f32 tied", {2, 32, 4, 2, 16, 48, 50, 1, 1, 0, AX_ST_F32, 10000.0f, 11}, 1},
-	{"llama bf16 untied bias gqa4", {2, 32, 4, 1, 8, 40, 61, 0, 0, 1, AX_ST_BF16, 500000.0f, 12}, 3},
-	{"qwen3 f16 untied", {3, 24, 6, 3, 8, 32, 40, 1, 0, 0, AX_ST_F16, 1000000.0f, 13}, 2},
+	{"qwen3 f32 tied", {2, 32, 4, 2, 16, 48, 50, 1, 1, 0, AX_ST_F32, 10000.0f, 11, 0, 0, 0, 0, 0}, 1},
+	{"llama bf16 untied bias gqa4", {2, 32, 4, 1, 8, 40, 61, 0, 0, 1, AX_ST_BF16, 500000.0f, 12, 0, 0, 0, 0, 0}, 3},
+	{"qwen3 f16 untied", {3, 24, 6, 3, 8, 32, 40, 1, 0, 0, AX_ST_F16, 1000000.0f, 13, 0, 0, 0, 0, 0}, 2},
 	/* sizes that are not multiples of the 8-float vectors: every kernel's scalar tail */
-	{"qwen3 bf16 odd sizes", {2, 20, 2, 1, 10, 36, 37, 1, 1, 0, AX_ST_BF16, 10000.0f, 14}, 2},
+	{"qwen3 bf16 odd sizes", {2, 20, 2, 1, 10, 36, 37, 1, 1, 0, AX_ST_BF16, 10000.0f, 14, 0, 0, 0, 0, 0}, 2},
+	/* Llama's attention_bias (o_proj too) and mlp_bias, weights in 3 shards with an index */
+	{"llama f16 o/mlp biases, 3 shards", {2, 32, 4, 2, 8, 40, 45, 0, 0, 1, AX_ST_F16, 10000.0f, 15, 1, 1, 3, 0, 0}, 2},
+	/* Llama 3.1 rope_scaling (all three wavelength bands at D 16), tied with a stray lm_head.weight to ignore */
+	{"llama bf16 llama3 rope, tied + stray lm_head", {2, 32, 4, 1, 16, 40, 53, 0, 1, 0, AX_ST_BF16, 500000.0f, 16, 0, 0, 0, 1, 1}, 2},
 };
 
 static float max_err(const float *a, const float *b, int n, float *scale)
@@ -254,15 +258,6 @@ static void mkdir_tmp(char *dir, size_t cap)
 	assert_non_null(mkdtemp(dir));
 }
 
-static void rm_model(const char *dir)
-{
-	char p[512];
-	snprintf(p, sizeof p, "%s/model.safetensors", dir);
-	unlink(p);
-	snprintf(p, sizeof p, "%s/config.json", dir);
-	unlink(p);
-	rmdir(dir);
-}
 
 /* Two requests, chunked prefill interleaved with decode, slots fragmented by a third row. */
 static void run_fwd_case(const fwd_case *fc)
@@ -347,7 +342,7 @@ static void run_fwd_case(const fwd_case *fc)
 	ax_pool_close(pool);
 	ax_kv_close(kv);
 	ax_model_close(m);
-	rm_model(dir);
+	tm_remove(dir);
 	tm_free(&tm);
 }
 
@@ -359,11 +354,57 @@ static void test_forward_cases(void **state)
 	}
 }
 
+/* What the forward pass does not compute must be refused, not run wrong; what it does must parse. */
+static void check_unsupported_configs(void)
+{
+#define BASE "{\"num_hidden_layers\":1,\"hidden_size\":32,\"num_attention_heads\":2,\"intermediate_size\":24,\"vocab_size\":20,"
+	static const struct {
+		const char *json;
+		int rc, rope_type;
+	} cases[] = {
+		{BASE "\"model_type\":\"gemma\"}", -ENOTSUP, 0},
+		{BASE "\"model_type\":\"smollm3\"}", -ENOTSUP, 0},
+		{BASE "\"model_type\":\"llama\",\"hidden_act\":\"gelu\"}", -ENOTSUP, 0},
+		{BASE "\"model_type\":\"qwen3\",\"use_sliding_window\":true}", -ENOTSUP, 0},
+		{BASE "\"layer_types\":[\"full_attention\",\"sliding_attention\"]}", -ENOTSUP, 0},
+		{BASE "\"rope_scaling\":{\"rope_type\":\"dynamic\",\"factor\":2}}", -ENOTSUP, 0},
+		{BASE "\"rope_scaling\":{\"type\":\"llama3\",\"factor\":8}}", -ENOTSUP, 0}, /* numbers missing */
+		{BASE "\"model_type\":\"qwen3\",\"use_sliding_window\":false,\"layer_types\":[\"full_attention\"],"
+		      "\"hidden_act\":\"silu\"}", 0, AX_ROPE_DEFAULT},
+		{BASE "\"model_type\":\"mistral\",\"sliding_window\":null}", 0, AX_ROPE_DEFAULT},
+		{BASE "\"rope_scaling\":{\"type\":\"linear\",\"factor\":4}}", 0, AX_ROPE_LINEAR},
+		{BASE "\"rope_parameters\":{\"rope_type\":\"llama3\",\"rope_theta\":500000.0,\"factor\":32.0,"
+		      "\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}}", 0,
+		 AX_ROPE_LLAMA3},
+	};
+#undef BASE
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		ax_model_config c;
+		int rc = ax_model_parse_config(cases[i].json, strlen(cases[i].json), &c);
+		if (rc != cases[i].rc)
+			print_error("config %zu: %d, want %d\n", i, rc, cases[i].rc);
+		assert_int_equal(rc, cases[i].rc);
+		if (!rc)
+			assert_int_equal(c.rope_type, cases[i].rope_type);
+	}
+	/* linear scaling divides every frequency; llama3 with rope_theta from rope_parameters */
+	ax_model_config c;
+	float f[8];
+	assert_int_equal(ax_model_parse_config(cases[9].json, strlen(cases[9].json), &c), 0);
+	ax_model_rope_freqs(&c, f);
+	assert_float_equal(f[0], 0.25f, 1e-7);
+	assert_float_equal(f[1], 0.25f / powf(10000.0f, 2.0f / 16), 1e-7);
+	assert_int_equal(ax_model_parse_config(cases[10].json, strlen(cases[10].json), &c), 0);
+	assert_float_equal(c.rope_theta, 500000.0f, 0);
+	assert_float_equal(c.rope_factor, 32.0f, 0);
+	assert_int_equal(c.rope_orig_max_pos, 8192);
+}
+
 static void test_model_errors(void **state)
 {
 	ax_model *m;
 	assert_int_equal(ax_model_open(&m, "/nonexistent"), -ENOENT);
-	tm_spec sp = {1, 16, 2, 1, 8, 24, 20, 0, 1, 0, AX_ST_F32, 10000.0f, 5};
+	tm_spec sp = {1, 16, 2, 1, 8, 24, 20, 0, 1, 0, AX_ST_F32, 10000.0f, 5, 0, 0, 0, 0, 0};
 	tm_model tm;
 	char dir[64], p[128];
 	assert_int_equal(tm_make(&tm, &sp), 0);
@@ -382,7 +423,7 @@ static void test_model_errors(void **state)
 	fputs("{\"num_hidden_layers\": \"x\"", f);
 	fclose(f);
 	assert_int_equal(ax_model_open(&m, dir), -EPROTO);
-	rm_model(dir);
+	tm_remove(dir);
 	tm_free(&tm);
 	ax_model_config c;
 	const char *rs = "{\"num_hidden_layers\":1,\"hidden_size\":32,\"num_attention_heads\":2,\"intermediate_size\":24,"
@@ -401,6 +442,7 @@ static void test_model_errors(void **state)
 	assert_int_equal(ax_model_parse_config(v5y, strlen(v5y), &c), -ENOTSUP);
 	assert_int_equal(ax_model_parse_config(eos, strlen(eos), &c), 0);
 	assert_int_equal(c.n_eos, 2);
+	check_unsupported_configs();
 	assert_int_equal(c.head_dim, 16);
 	assert_int_equal(c.n_kv_heads, 2);
 }

@@ -31,7 +31,7 @@ typedef struct weight {
 } weight;
 
 typedef struct layer {
-	weight attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, ffn_norm, gate, up, down;
+	weight attn_norm, wq, wk, wv, wo, bq, bk, bv, bo, q_norm, k_norm, ffn_norm, gate, up, down, bg, bu, bd;
 } layer;
 
 struct ax_model {
@@ -75,6 +75,62 @@ static void add_eos(ax_model_config *c, json_t *v)
 	}
 }
 
+/* rope_scaling (older files) or rope_parameters (transformers ≥ 5): the rope_type and its numbers into c.
+ * Returns 1 for a rope_type the forward pass does not implement, or numbers that make no sense. */
+static int parse_rope(json_t *o, json_t *rp, ax_model_config *c)
+{
+	json_t *rs = json_object_get(o, "rope_scaling");
+	if (!json_is_object(rs))
+		rs = rp;
+	if (!json_is_object(rs))
+		return 0;
+	json_t *ty = json_object_get(rs, "rope_type");
+	if (!ty)
+		ty = json_object_get(rs, "type");
+	const char *t = json_is_string(ty) ? json_string_value(ty) : "";
+	c->rope_factor = (float)jnum(rs, "factor", 1.0);
+	if (!strcmp(t, "default"))
+		return 0;
+	if (!strcmp(t, "linear")) {
+		c->rope_type = AX_ROPE_LINEAR;
+		return !(c->rope_factor > 0);
+	}
+	if (!strcmp(t, "llama3")) {
+		c->rope_type = AX_ROPE_LLAMA3;
+		c->rope_low_freq = (float)jnum(rs, "low_freq_factor", 0);
+		c->rope_high_freq = (float)jnum(rs, "high_freq_factor", 0);
+		c->rope_orig_max_pos = jint(rs, "original_max_position_embeddings", 0);
+		return !(c->rope_factor > 0 && c->rope_low_freq > 0 && c->rope_high_freq > c->rope_low_freq &&
+			 c->rope_orig_max_pos > 0);
+	}
+	return 1; /* yarn, dynamic, longrope, ...: not implemented */
+}
+
+/* 1 if the config asks for something this forward pass does not compute: another model family (Gemma's (1+w)
+ * norms, SmolLM3's NoPE layers, ...), an activation other than SiLU, sliding-window attention layers. */
+static int unsupported_arch(json_t *o)
+{
+	static const char *const types[] = {"llama", "qwen3", "qwen2", "mistral"};
+	json_t *mt = json_object_get(o, "model_type"), *act = json_object_get(o, "hidden_act");
+	int bad = 0;
+	if (json_is_string(mt)) {
+		bad = 1;
+		for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
+			bad &= !!strcmp(json_string_value(mt), types[i]);
+	}
+	if (json_is_string(act) && strcmp(json_string_value(act), "silu") && strcmp(json_string_value(act), "swish"))
+		bad = 1;
+	if (json_is_true(json_object_get(o, "use_sliding_window")))
+		bad = 1;
+	size_t i;
+	json_t *lt;
+	json_array_foreach(json_object_get(o, "layer_types"), i, lt)
+	{
+		bad |= !json_is_string(lt) || strcmp(json_string_value(lt), "full_attention");
+	}
+	return bad;
+}
+
 int ax_model_parse_config(const char *json, size_t len, ax_model_config *c)
 {
 	json_error_t err;
@@ -106,26 +162,39 @@ int ax_model_parse_config(const char *json, size_t len, ax_model_config *c)
 		c->attn_bias = 1;
 	c->bos_id = jint(o, "bos_token_id", -1);
 	add_eos(c, json_object_get(o, "eos_token_id"));
-	json_t *rs = json_object_get(o, "rope_scaling");
-	if (!json_is_object(rs))
-		rs = rp;
-	int bad_scaling = json_is_object(rs);
-	if (bad_scaling) {
-		json_t *ty = json_object_get(rs, "rope_type");
-		if (!ty)
-			ty = json_object_get(rs, "type");
-		bad_scaling = !(json_is_string(ty) && !strcmp(json_string_value(ty), "default"));
-	}
+	int unsupported = parse_rope(o, rp, c) || unsupported_arch(o);
 	json_decref(o);
 	if (c->n_layers <= 0 || c->hidden <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 || c->head_dim <= 0 ||
 	    c->ffn <= 0 || c->vocab <= 0 || c->n_heads % c->n_kv_heads || c->head_dim % 2 || c->n_layers > 1024 ||
 	    c->head_dim > 1024 || c->max_pos <= 0)
 		return -EPROTO;
-	if (bad_scaling)
+	if (unsupported)
 		return -ENOTSUP;
 	return 0;
 }
 
+void ax_model_rope_freqs(const ax_model_config *c, float *inv_freq)
+{
+	int D = c->head_dim;
+	for (int i = 0; i < D / 2; i++) {
+		/* transformers: 1 / base ** (arange(0, D, 2) / D), then the rope_type's rescaling */
+		double f = 1.0 / pow((double)c->rope_theta, (double)(2 * i) / D);
+		if (c->rope_type == AX_ROPE_LINEAR) {
+			f /= c->rope_factor;
+		} else if (c->rope_type == AX_ROPE_LLAMA3) {
+			/* Llama 3.1: long wavelengths slowed down by factor, short ones kept, a smooth blend between */
+			double wavelen = 2 * M_PI / f, old = c->rope_orig_max_pos;
+			double lo = old / c->rope_low_freq, hi = old / c->rope_high_freq;
+			if (wavelen > lo) {
+				f /= c->rope_factor;
+			} else if (wavelen >= hi) {
+				double sm = (old / wavelen - c->rope_low_freq) / (c->rope_high_freq - c->rope_low_freq);
+				f = (1 - sm) * f / c->rope_factor + sm * f;
+			}
+		}
+		inv_freq[i] = (float)f;
+	}
+}
 static char *slurp(const char *path, size_t *len)
 {
 	FILE *f = fopen(path, "rb");
@@ -210,12 +279,16 @@ static int bind_layer(ax_model *m, int i)
 	B(bq, "self_attn.q_proj.bias", qd, 0, 1);
 	B(bk, "self_attn.k_proj.bias", kd, 0, 1);
 	B(bv, "self_attn.v_proj.bias", kd, 0, 1);
+	B(bo, "self_attn.o_proj.bias", c->hidden, 0, 1); /* Llama / Qwen3 with attention_bias (not Qwen2) */
 	B(q_norm, "self_attn.q_norm.weight", c->head_dim, 0, !c->qk_norm);
 	B(k_norm, "self_attn.k_norm.weight", c->head_dim, 0, !c->qk_norm);
 	B(ffn_norm, "post_attention_layernorm.weight", c->hidden, 0, 0);
 	B(gate, "mlp.gate_proj.weight", c->ffn, c->hidden, 0);
 	B(up, "mlp.up_proj.weight", c->ffn, c->hidden, 0);
 	B(down, "mlp.down_proj.weight", c->hidden, c->ffn, 0);
+	B(bg, "mlp.gate_proj.bias", c->ffn, 0, 1); /* Llama's mlp_bias */
+	B(bu, "mlp.up_proj.bias", c->ffn, 0, 1);
+	B(bd, "mlp.down_proj.bias", c->hidden, 0, 1);
 #undef B
 	return rc;
 }
@@ -324,7 +397,9 @@ int ax_model_open(ax_model **out, const char *dir)
 	rc = bind(m, &m->embed, "model.embed_tokens.weight", c->vocab, c->hidden, 0);
 	if (!rc)
 		rc = bind(m, &m->norm, "model.norm.weight", c->hidden, 0, 0);
-	if (!rc)
+	/* tie_word_embeddings: the output layer IS the embedding, whatever lm_head.weight a file also carries (as
+	 * transformers ties them); untied without lm_head.weight, the embedding is the best guess left. */
+	if (!rc && !c->tie_embeddings)
 		rc = bind(m, &m->lm_head, "lm_head.weight", c->vocab, c->hidden, 1);
 	if (!rc && !m->lm_head.p)
 		m->lm_head = m->embed;
@@ -332,9 +407,7 @@ int ax_model_open(ax_model **out, const char *dir)
 		rc = bind_layer(m, i);
 	if (rc)
 		goto fail;
-	/* HF computes inv_freq in f32 from base ** (2i / D); keep the same rounding. */
-	for (int i = 0; i < c->head_dim / 2; i++)
-		m->inv_freq[i] = (float)(1.0 / pow((double)c->rope_theta, (double)(2 * i) / c->head_dim));
+	ax_model_rope_freqs(c, m->inv_freq);
 	*out = m;
 	return 0;
 fail:
@@ -702,17 +775,17 @@ static void layer_forward(const ax_model *m, ax_kv *kv, ax_pool *pool, ax_fwd_sc
 		att_work(&aj, 0, T * c->n_heads, 0);
 	else
 		ax_pool_run(pool, att_work, &aj, T * c->n_heads);
-	matmul(pool, s, &L->wo, NULL, s->att, T, s->xn, H, NULL);
+	matmul(pool, s, &L->wo, &L->bo, s->att, T, s->xn, H, NULL);
 	for (size_t i = 0; i < (size_t)T * H; i++)
 		s->x[i] += s->xn[i];
 	rmsnorm(s->xn, s->x, &L->ffn_norm, T, H, c->rms_eps);
-	matmul(pool, s, &L->gate, NULL, s->xn, T, s->gate, F, NULL);
-	matmul(pool, s, &L->up, NULL, s->xn, T, s->up, F, NULL);
+	matmul(pool, s, &L->gate, &L->bg, s->xn, T, s->gate, F, NULL);
+	matmul(pool, s, &L->up, &L->bu, s->xn, T, s->up, F, NULL);
 	for (size_t i = 0; i < (size_t)T * F; i++) {
 		float g = s->gate[i];
 		s->gate[i] = g / (1.0f + expf(-g)) * s->up[i];
 	}
-	matmul(pool, s, &L->down, NULL, s->gate, T, s->xn, H, NULL);
+	matmul(pool, s, &L->down, &L->bd, s->gate, T, s->xn, H, NULL);
 	for (size_t i = 0; i < (size_t)T * H; i++)
 		s->x[i] += s->xn[i];
 }

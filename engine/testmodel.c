@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 static float rnd(uint64_t *st) { return (float)((ax_rng_next(st) >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f; }
 
@@ -45,6 +47,8 @@ int tm_make(tm_model *m, const tm_spec *s)
 	m->embed = draw(s, &st, V * H, 0, 1.0f);
 	m->norm = draw(s, &st, H, 1.0f, 0.2f);
 	m->lm_head = s->tie ? m->embed : draw(s, &st, V * H, 0, ws);
+	if (s->tie && s->lm_head_too && !(m->decoy = draw(s, &st, V * H, 0, ws)))
+		return -ENOMEM;
 	m->L = calloc((size_t)s->layers, sizeof *m->L);
 	if (!m->embed || !m->norm || !m->lm_head || !m->L)
 		return -ENOMEM;
@@ -59,6 +63,15 @@ int tm_make(tm_model *m, const tm_spec *s)
 			L->bq = draw(s, &st, qd, 0, 0.1f);
 			L->bk = draw(s, &st, kd, 0, 0.1f);
 			L->bv = draw(s, &st, kd, 0, 0.1f);
+		}
+		if (s->o_bias && !(L->bo = draw(s, &st, H, 0, 0.1f)))
+			return -ENOMEM;
+		if (s->mlp_bias) {
+			L->bg = draw(s, &st, F, 0, 0.1f);
+			L->bu = draw(s, &st, F, 0, 0.1f);
+			L->bd = draw(s, &st, H, 0, 0.1f);
+			if (!L->bg || !L->bu || !L->bd)
+				return -ENOMEM;
 		}
 		if (s->qk_norm) {
 			L->qn = draw(s, &st, D, 1.0f, 0.2f);
@@ -78,7 +91,8 @@ void tm_free(tm_model *m)
 {
 	for (int l = 0; m->L && l < m->s.layers; l++) {
 		tm_layer *L = &m->L[l];
-		float *all[] = {L->an, L->wq, L->wk, L->wv, L->wo, L->bq, L->bk, L->bv, L->qn, L->kn, L->fn, L->g, L->u, L->d};
+		float *all[] = {L->an, L->wq, L->wk, L->wv, L->wo, L->bq, L->bk, L->bv, L->bo, L->qn,
+				L->kn, L->fn, L->g,  L->u,  L->d,  L->bg, L->bu, L->bd};
 		for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
 			free(all[i]);
 	}
@@ -86,6 +100,7 @@ void tm_free(tm_model *m)
 	if (m->lm_head != m->embed)
 		free(m->lm_head);
 	free(m->embed);
+	free(m->decoy);
 	free(m->norm);
 	memset(m, 0, sizeof *m);
 }
@@ -101,12 +116,13 @@ typedef struct tensor_out {
 
 static size_t esize(uint32_t dtype) { return dtype == AX_ST_F32 ? 4 : 2; }
 
-static int write_st(const char *path, const tensor_out *t, int n, uint32_t dtype)
+/* The tensors i ≡ shard (mod every) of t[0..n) into one file (every = 1: all of them). */
+static int write_st(const char *path, const tensor_out *t, int n, uint32_t dtype, int shard, int every)
 {
 	json_t *hdr = json_object();
 	size_t off = 0;
 	const char *dn = dtype == AX_ST_F32 ? "F32" : dtype == AX_ST_F16 ? "F16" : "BF16";
-	for (int i = 0; i < n; i++) {
+	for (int i = shard; i < n; i += every) {
 		size_t cnt = (size_t)t[i].shape[0] * (t[i].ndim == 2 ? (size_t)t[i].shape[1] : 1);
 		json_t *sh = json_array();
 		for (int d = 0; d < t[i].ndim; d++)
@@ -135,7 +151,7 @@ static int write_st(const char *path, const tensor_out *t, int n, uint32_t dtype
 	for (size_t i = jl; i < padded; i++)
 		fputc(' ', f);
 	free(js);
-	for (int i = 0; i < n; i++) {
+	for (int i = shard; i < n; i += every) {
 		size_t cnt = (size_t)t[i].shape[0] * (t[i].ndim == 2 ? (size_t)t[i].shape[1] : 1);
 		for (size_t k = 0; k < cnt; k++) {
 			if (dtype == AX_ST_F32) {
@@ -161,16 +177,43 @@ static void add(tensor_out *t, int *n, const char *name, const float *v, int64_t
 	o->ndim = c ? 2 : 1;
 }
 
+/* Shards: file k of n holds the tensors i ≡ k (mod n); the index maps every name to its file. */
+static int write_shards(const char *dir, const tensor_out *t, int n, uint32_t dtype, int shards)
+{
+	char path[512], file[64];
+	json_t *map = json_object();
+	int rc = 0;
+	for (int k = 0; k < shards && !rc; k++) {
+		snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", k + 1, shards);
+		snprintf(path, sizeof path, "%s/%s", dir, file);
+		rc = write_st(path, t, n, dtype, k, shards);
+		for (int i = k; i < n; i += shards)
+			json_object_set_new(map, t[i].name, json_string(file));
+	}
+	json_t *idx = json_pack("{s:{s:i},s:o}", "metadata", "total_size", 0, "weight_map", map);
+	snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+	if (!rc && json_dump_file(idx, path, JSON_INDENT(2)))
+		rc = -EIO;
+	json_decref(idx);
+	return rc;
+}
+
 static int write_config(const tm_model *m, const char *dir)
 {
 	const tm_spec *s = &m->s;
-	json_t *c = json_pack("{s:[s],s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:b,s:b,s:i,s:i}", "architectures",
-			      s->qk_norm ? "Qwen3ForCausalLM" : "LlamaForCausalLM", "model_type", s->qk_norm ? "qwen3" : "llama",
-			      "num_hidden_layers", s->layers, "hidden_size", s->hidden, "num_attention_heads", s->heads,
-			      "num_key_value_heads", s->kv_heads, "head_dim", s->head_dim, "intermediate_size", s->ffn,
-			      "vocab_size", s->vocab, "max_position_embeddings", 256, "rms_norm_eps", 1e-6,
-			      "rope_theta", (double)s->theta, "tie_word_embeddings", s->tie, "attention_bias", s->bias,
-			      "bos_token_id", 1, "eos_token_id", 2);
+	json_t *c = json_pack("{s:[s],s:s,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:i,s:f,s:f,s:b,s:b,s:i,s:i,s:b,s:s}",
+			      "architectures", s->qk_norm ? "Qwen3ForCausalLM" : "LlamaForCausalLM", "model_type",
+			      s->qk_norm ? "qwen3" : "llama", "num_hidden_layers", s->layers, "hidden_size", s->hidden,
+			      "num_attention_heads", s->heads, "num_key_value_heads", s->kv_heads, "head_dim", s->head_dim,
+			      "intermediate_size", s->ffn, "vocab_size", s->vocab, "max_position_embeddings", 256,
+			      "rms_norm_eps", 1e-6, "rope_theta", (double)s->theta, "tie_word_embeddings", s->tie,
+			      "attention_bias", s->bias || s->o_bias, "bos_token_id", 1, "eos_token_id", 2, "mlp_bias",
+			      s->mlp_bias, "hidden_act", "silu");
+	if (s->llama3_rope)
+		json_object_set_new(c, "rope_scaling",
+				    json_pack("{s:s,s:f,s:f,s:f,s:i}", "rope_type", "llama3", "factor", 8.0,
+					      "low_freq_factor", 1.0, "high_freq_factor", 4.0,
+					      "original_max_position_embeddings", 64));
 	char path[512];
 	snprintf(path, sizeof path, "%s/config.json", dir);
 	int rc = json_dump_file(c, path, JSON_INDENT(2)) ? -EIO : 0;
@@ -185,13 +228,14 @@ int tm_write(const tm_model *m, const char *dir)
 	int64_t H = s->hidden, qd = (int64_t)s->heads * s->head_dim, kd = (int64_t)s->kv_heads * s->head_dim,
 		F = s->ffn, V = s->vocab, D = s->head_dim;
 	int n = 0;
-	tensor_out *t = calloc((size_t)(16 * s->layers + 4), sizeof *t);
+	tensor_out *t = calloc((size_t)(20 * s->layers + 4), sizeof *t);
 	if (!t)
 		return -ENOMEM;
 	add(t, &n, "model.embed_tokens.weight", m->embed, V, H);
 	add(t, &n, "model.norm.weight", m->norm, H, 0);
 	if (!s->tie)
 		add(t, &n, "lm_head.weight", m->lm_head, V, H);
+	add(t, &n, "lm_head.weight", m->decoy, V, H);
 	for (int l = 0; l < s->layers; l++) {
 		const tm_layer *L = &m->L[l];
 		char p[96];
@@ -208,19 +252,38 @@ int tm_write(const tm_model *m, const char *dir)
 		A("self_attn.q_proj.bias", L->bq, qd, 0);
 		A("self_attn.k_proj.bias", L->bk, kd, 0);
 		A("self_attn.v_proj.bias", L->bv, kd, 0);
+		A("self_attn.o_proj.bias", L->bo, H, 0);
 		A("self_attn.q_norm.weight", L->qn, D, 0);
 		A("self_attn.k_norm.weight", L->kn, D, 0);
 		A("post_attention_layernorm.weight", L->fn, H, 0);
 		A("mlp.gate_proj.weight", L->g, F, H);
 		A("mlp.up_proj.weight", L->u, F, H);
 		A("mlp.down_proj.weight", L->d, H, F);
+		A("mlp.gate_proj.bias", L->bg, F, 0);
+		A("mlp.up_proj.bias", L->bu, F, 0);
+		A("mlp.down_proj.bias", L->bd, H, 0);
 #undef A
 	}
 	char path[512];
 	snprintf(path, sizeof path, "%s/model.safetensors", dir);
-	int rc = write_st(path, t, n, s->dtype);
+	int rc = s->shards > 1 ? write_shards(dir, t, n, s->dtype, s->shards) : write_st(path, t, n, s->dtype, 0, 1);
 	free(t);
 	return rc ? rc : write_config(m, dir);
+}
+
+void tm_remove(const char *dir)
+{
+	DIR *d = opendir(dir);
+	struct dirent *e;
+	char p[512];
+	while (d && (e = readdir(d)))
+		if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
+			snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+			unlink(p);
+		}
+	if (d)
+		closedir(d);
+	rmdir(dir);
 }
 
 /* ---- reference forward ------------------------------------------------------------------------------- */
@@ -246,10 +309,26 @@ static void ref_mv(double *y, const float *W, const float *b, const double *x, i
 	}
 }
 
-static void ref_rope(double *v, int D, int pos, double theta)
+/* Frequency i of D: theta^(-2i/D), and with llama3 scaling (factor 8, low 1, high 4, original context 64) the
+ * long wavelengths divided by 8, the short ones kept, a linear blend in 1/wavelength between them. */
+static double ref_freq(const tm_spec *s, int i, int D)
+{
+	double f = 1.0 / pow(s->theta, 2.0 * i / D);
+	if (!s->llama3_rope)
+		return f;
+	double wl = 2 * M_PI / f;
+	if (wl < 64.0 / 4)
+		return f;
+	if (wl > 64.0 / 1)
+		return f / 8;
+	double a = (64.0 / wl - 1) / (4 - 1);
+	return (1 - a) * f / 8 + a * f;
+}
+
+static void ref_rope(double *v, int D, int pos, const tm_spec *s)
 {
 	for (int i = 0; i < D / 2; i++) {
-		double ang = pos / pow(theta, 2.0 * i / D), a = v[i], b = v[i + D / 2];
+		double ang = pos * ref_freq(s, i, D), a = v[i], b = v[i + D / 2];
 		v[i] = a * cos(ang) - b * sin(ang);
 		v[i + D / 2] = b * cos(ang) + a * sin(ang);
 	}
@@ -279,13 +358,13 @@ void tm_ref_forward(const tm_model *m, const int32_t *tok, int n, float *logits)
 				double *qh = q + (size_t)t * qd + (size_t)h * D;
 				if (L->qn)
 					ref_rms(qh, qh, L->qn, D);
-				ref_rope(qh, D, t, s->theta);
+				ref_rope(qh, D, t, s);
 			}
 			for (int h = 0; h < Hkv; h++) {
 				double *kh = k + (size_t)t * kd + (size_t)h * D;
 				if (L->kn)
 					ref_rms(kh, kh, L->kn, D);
-				ref_rope(kh, D, t, s->theta);
+				ref_rope(kh, D, t, s);
 			}
 		}
 		for (int t = 0; t < n; t++) {
@@ -308,15 +387,15 @@ void tm_ref_forward(const tm_model *m, const int32_t *tok, int n, float *logits)
 					att[h * D + e] = a;
 				}
 			}
-			ref_mv(o, L->wo, NULL, att, H, qd);
+			ref_mv(o, L->wo, L->bo, att, H, qd);
 			for (int i = 0; i < H; i++)
 				x[(size_t)t * H + i] += o[i];
 			ref_rms(xn, x + (size_t)t * H, L->fn, H);
-			ref_mv(g, L->g, NULL, xn, F, H);
-			ref_mv(u, L->u, NULL, xn, F, H);
+			ref_mv(g, L->g, L->bg, xn, F, H);
+			ref_mv(u, L->u, L->bu, xn, F, H);
 			for (int i = 0; i < F; i++)
 				g[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
-			ref_mv(o, L->d, NULL, g, H, F);
+			ref_mv(o, L->d, L->bd, g, H, F);
 			for (int i = 0; i < H; i++)
 				x[(size_t)t * H + i] += o[i];
 		}
