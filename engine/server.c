@@ -169,6 +169,7 @@ typedef struct gen_req {
 	ax_gen_params gp;
 	int chat, stream, include_usage, skip_special, echo;
 	int lp_chat;              /* chat: logprobs true */
+	int lp_ids;               /* return_tokens_as_token_ids (vLLM): logprobs tokens as "token_id:N" */
 	char rid[96];
 	char *stops[MAX_STOPS];
 	int n_stops;
@@ -280,6 +281,7 @@ static int parse_sampling(struct mg_connection *c, json_t *b, gen_req *g)
 		g->gp.top_logprobs = (int)json_integer_value(lp);
 	}
 	g->echo = !g->chat && json_is_true(json_object_get(b, "echo"));
+	g->lp_ids = json_is_true(json_object_get(b, "return_tokens_as_token_ids"));
 	return parse_stops(c, b, g);
 }
 
@@ -415,18 +417,26 @@ static json_t *bytes_array(const char *s, int n)
 	return a;
 }
 
+/* The logprobs text of token id: its bytes (at most cap - 1), or "token_id:<id>" when as_id (vLLM's
+ * return_tokens_as_token_ids: exact where the bytes are not valid UTF-8 on their own). Returns the length. */
+static int lp_text(const ax_tok *t, int32_t id, int as_id, char *buf, int cap)
+{
+	if (as_id)
+		return snprintf(buf, (size_t)cap, "token_id:%d", id);
+	int n = ax_tok_token_bytes(t, id, buf, (size_t)cap - 1);
+	return n < 0 ? 0 : n > cap - 1 ? cap - 1 : n;
+}
+
 /* Chat logprobs entry of one token, or the completions columns. */
-static json_t *lp_entry(const ax_tok *t, const ax_gen_event *ev, int chat, gen_out *o, size_t offset)
+static json_t *lp_entry(const ax_tok *t, const ax_gen_event *ev, const gen_req *g, gen_out *o, size_t offset)
 {
 	char buf[256];
-	int n = ax_tok_token_bytes(t, ev->token, buf, sizeof buf);
-	n = n < 0 ? 0 : n > (int)sizeof buf ? (int)sizeof buf : n;
+	int n = lp_text(t, ev->token, g->lp_ids, buf, sizeof buf), chat = g->chat;
 	if (chat) {
 		json_t *top = json_array();
 		for (int i = 0; i < ev->n_top; i++) {
 			char tb[256];
-			int k = ax_tok_token_bytes(t, ev->top_ids[i], tb, sizeof tb);
-			k = k < 0 ? 0 : k > (int)sizeof tb ? (int)sizeof tb : k;
+			int k = lp_text(t, ev->top_ids[i], g->lp_ids, tb, sizeof tb);
 			json_array_append_new(top, json_pack("{s:o,s:f,s:o}", "token", jstr_bytes(tb, (size_t)k), "logprob",
 							     (double)ev->top_lps[i], "bytes", bytes_array(tb, k)));
 		}
@@ -438,8 +448,7 @@ static json_t *lp_entry(const ax_tok *t, const ax_gen_event *ev, int chat, gen_o
 	json_t *top = json_object();
 	for (int i = 0; i < ev->n_top; i++) {
 		char tb[256];
-		int k = ax_tok_token_bytes(t, ev->top_ids[i], tb, sizeof tb - 1);
-		k = k < 0 ? 0 : k > (int)sizeof tb - 1 ? (int)sizeof tb - 1 : k;
+		int k = lp_text(t, ev->top_ids[i], g->lp_ids, tb, sizeof tb);
 		size_t cl;
 		char *key = utf8_clean(tb, (size_t)k, &cl);
 		if (key)
@@ -559,7 +568,7 @@ static int consume(gen_ctx *x, gen_out *o)
 					ev.finish = AX_FINISH_ERROR;
 			}
 			if (x->g->gp.logprobs && !ev.stop_token) {
-				lp = lp_entry(t, &ev, x->g->chat, o, before);
+				lp = lp_entry(t, &ev, x->g, o, before);
 				if (x->g->chat && !x->g->stream)
 					json_array_append(o->lp_content, lp);
 			}
