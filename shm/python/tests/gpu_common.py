@@ -10,6 +10,13 @@ through the engine's index table — one JSON line per (position, layer) with th
 prefill flag. It checks nothing itself: the tests compare its lines with transformers' eager attention. It is a
 second consumer, not attnx-capture: when attnx-capture (--backend cuda), attnx-relay and attnx-tail are built
 (AX_BUILD_DIR), test_gpu_hf.py also runs them.
+
+Its output: lines `begin`, `end`, `step` (one per FORWARD), `attn` (one per row and layer), `lost`, and a last
+`exit` line (END count, whether it timed out, ax_shm_get_stats). It flushes whenever the ring is empty and every
+FLUSH_S while busy, so a test may wait for a line while the engine idles (`wait_for_record`, which on a timeout
+reports what the consumer did write). It brings CUDA up before it tells the engine what it wants, so the engine's
+first exported step never races the consumer's CUDA start-up. topk -1 (drain) imports neither torch nor the CUDA
+library: `test_reference_consumer.py` runs it on the CPU against a host segment.
 """
 import ctypes
 import json
@@ -22,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 SKIP = 77
+FLUSH_S = 0.1  # the reference consumer flushes its output at least this often while busy (and whenever idle)
 
 
 def require_gpu(devices=1):
@@ -67,6 +75,38 @@ def load(path):
         return [json.loads(l) for l in f if l.strip()]
 
 
+def tail_lines(path, n=12):
+    """The last n lines of a file (for a failure message); '' when it does not exist."""
+    try:
+        with open(path) as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+def wait_for_record(path, pred, timeout=60, what="a record", cons=None, explain=None):
+    """Wait until the consumer's output at `path` holds a record satisfying pred. On a timeout raise an
+    AssertionError that says what the consumer DID write (its last lines), whether it is still running, and
+    whatever explain() returns (the exporter's counters): a future failure explains itself."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path) and any(pred(r) for r in load(path)):
+            return
+        if cons is not None and cons.poll() is not None and not any(pred(r) for r in load(path)):
+            break  # it exited: no point waiting
+        time.sleep(0.05)
+    msg = ["the consumer did not write %s in %d s" % (what, timeout)]
+    if cons is not None:
+        msg.append("consumer: %s" % ("running" if cons.poll() is None else "exited rc=%s" % cons.returncode))
+    msg.append("its last lines (%s):\n%s" % (path, tail_lines(path) or "(none)"))
+    if explain is not None:
+        try:
+            msg.append(explain())
+        except Exception as e:  # the diagnostics must not hide the failure
+            msg.append("(explain failed: %s)" % e)
+    raise AssertionError("\n".join(msg))
+
+
 # ---- the reference consumer -----------------------------------------------------------------------------------
 
 def _importer(att):
@@ -107,8 +147,10 @@ def _tensor(torch, ptr, buf):
 
 
 def consume(shm, out, layers, prefill, ends, timeout, topk):
-    import torch
-
+    """The reference consumer's loop (see the module doc). topk < 0 (drain) needs neither torch nor CUDA. Lines
+    are flushed whenever the ring is empty and at least every FLUSH_S while it is not: a test that waits for a
+    line (an END, a position) while the engine is idle must see it (session 3's first GPU run: END lines sat in
+    the file buffer and test_gpu_sglang_shape waited for them for 60 s)."""
     from attnx import _ffi
     from attnx.consumer import Attached
 
@@ -124,69 +166,102 @@ def consume(shm, out, layers, prefill, ends, timeout, topk):
     snap = att.snapshot
     L = snap.n_layers
     mask = (1 << L) - 1 if layers == "all" else sum(1 << int(x) for x in layers.split(","))
+    rows = None
+    if topk >= 0:  # CUDA up before the engine sees us: a slow first CUDA call must not outlast our heartbeat
+        rows = _Rows(att, snap)
     att.set_wanted(mask, prefill)
-    mapped = _importer(att)
-    bufs = att.buffers()
-    kpool = {b.layer: i for i, b in enumerate(bufs) if b.kind == _ffi.BUF_K_POOL}
-    qbuf = next(i for i, b in enumerate(bufs) if b.kind == _ffi.BUF_Q_RING)
-    cache = {}
-
-    def tensor(i):
-        if i not in cache:
-            cache[i] = _tensor(torch, mapped(i), bufs[i])
-        return cache[i]
-
-    rids, n_end = {}, 0
-    H, Hkv, scale = snap.n_q_heads, snap.n_kv_heads, snap.scale
-    g = H // Hkv
+    rids, n_end, last_flush, dirty = {}, 0, time.time(), False
     with open(out, "w") as f:
+        def emit(rec):
+            f.write(json.dumps(rec) + "\n")
+
         while n_end < ends and time.time() < deadline:
             s, lost = att.next()
             if lost:
-                f.write(json.dumps({"t": "lost", "count": lost}) + "\n")
+                emit({"t": "lost", "count": lost})
+                dirty = True
             if s is None:
+                if dirty:
+                    f.flush()
+                    dirty, last_flush = False, time.time()
                 time.sleep(0.0005)
                 continue
+            dirty = True
+            if time.time() - last_flush > FLUSH_S:
+                f.flush()
+                last_flush = time.time()
             if s.kind == _ffi.STEP_BEGIN:
                 r = att.request(s.req_slot, s.req_id)
                 rids[s.req_id] = r.rid.decode()
-                f.write(json.dumps({"t": "begin", "rid": rids[s.req_id], "prompt_len": r.prompt_len,
-                                    "prompt": att.tokens(r.prompt_pos, r.prompt_len)}) + "\n")
+                emit({"t": "begin", "rid": rids[s.req_id], "prompt_len": r.prompt_len,
+                      "prompt": att.tokens(r.prompt_pos, r.prompt_len)})
                 continue
             if s.kind == _ffi.STEP_END:
                 n_end += 1
-                f.write(json.dumps({"t": "end", "rid": rids.get(s.req_id), "reason": s.end_reason}) + "\n")
+                emit({"t": "end", "rid": rids.get(s.req_id), "reason": s.end_reason})
                 continue
             toks = att.tokens(s.tok_pos, s.n_tokens)
             lay = [l for l in range(128) if (s.layers[l >> 6] >> (l & 63)) & 1]
-            f.write(json.dumps({"t": "step", "rid": rids.get(s.req_id), "pos0": s.pos0, "n": s.n_tokens,
-                                "seq_len": s.seq_len, "decode_step": s.decode_step, "prefill": s.flags & 1,
-                                "tokens": toks, "layers": lay, "row": s.index_row}) + "\n")
-            if not lay or topk < 0:
-                continue
-            Q = tensor(qbuf)
-            ix = tensor(s.index_buf)[s.index_row]
-            for t in range(s.n_tokens):
-                p = s.pos0 + t
-                slots = ix[:p + 1].long()
-                for li, l in enumerate(lay):
-                    q = Q[(s.q_row + t * len(lay) + li) % Q.shape[0]].double()  # [H, D]
-                    k = tensor(kpool[l])[slots].double()                        # [p+1, Hkv, D]
-                    if bufs[kpool[l]].dtype in (4, 5):
-                        k = k * bufs[kpool[l]].scale
-                    k = k.repeat_interleave(g, dim=1)                          # [p+1, H, D]
-                    logits = torch.einsum("hd,jhd->hj", q, k) * scale
-                    probs = torch.softmax(logits, dim=-1)
-                    rec = {"t": "attn", "rid": rids.get(s.req_id), "position": p, "layer": l, "token": toks[t],
-                           "lse": torch.logsumexp(logits, -1).cpu().tolist()}
-                    if topk > 0:
-                        v, i = torch.topk(probs, min(topk, p + 1), dim=-1)
-                        rec["top_pos"], rec["top_prob"] = i.cpu().tolist(), v.cpu().tolist()
-                    else:
-                        rec["probs"] = probs.cpu().tolist()
-                    f.write(json.dumps(rec) + "\n")
-            f.flush()
+            emit({"t": "step", "rid": rids.get(s.req_id), "pos0": s.pos0, "n": s.n_tokens, "seq_len": s.seq_len,
+                  "decode_step": s.decode_step, "prefill": s.flags & 1, "tokens": toks, "layers": lay,
+                  "row": s.index_row})
+            if lay and rows is not None:
+                for rec in rows.compute(s, lay, toks, topk):
+                    rec["rid"] = rids.get(s.req_id)
+                    emit(rec)
+        emit({"t": "exit", "ends": n_end, "timed_out": n_end < ends, "stats": att.stats()})
     att.close()
+
+
+class _Rows:
+    """Attention of a FORWARD's rows in float64 with torch, from the engine's CUDA buffers (CUDA IPC, through
+    libattnx-export-cuda's importer)."""
+
+    def __init__(self, att, snap):
+        import torch
+
+        from attnx import _ffi
+
+        self.torch, self.att = torch, att
+        torch.zeros(1, device="cuda")  # the CUDA context now, not at the first step
+        self.mapped = _importer(att)
+        self.H, self.Hkv, self.scale = snap.n_q_heads, snap.n_kv_heads, snap.scale
+        self.fp8 = (_ffi.DTYPES["fp8_e4m3"], _ffi.DTYPES["fp8_e5m2"])
+        self.cache = {}
+
+    def tensor(self, i):
+        if i not in self.cache:
+            self.cache[i] = _tensor(self.torch, self.mapped(i), self.att.buffers()[i])
+        return self.cache[i]
+
+    def compute(self, s, lay, toks, topk):
+        from attnx import _ffi
+
+        torch = self.torch
+        bufs = self.att.buffers()
+        kpool = {b.layer: i for i, b in enumerate(bufs) if b.kind == _ffi.BUF_K_POOL}
+        qbuf = next(i for i, b in enumerate(bufs) if b.kind == _ffi.BUF_Q_RING)
+        Q, ix = self.tensor(qbuf), self.tensor(s.index_buf)[s.index_row]
+        g = self.H // self.Hkv
+        for t in range(s.n_tokens):
+            p = s.pos0 + t
+            slots = ix[:p + 1].long()
+            for li, l in enumerate(lay):
+                q = Q[(s.q_row + t * len(lay) + li) % Q.shape[0]].double()  # [H, D]
+                k = self.tensor(kpool[l])[slots].double()                  # [p+1, Hkv, D]
+                if bufs[kpool[l]].dtype in self.fp8:
+                    k = k * bufs[kpool[l]].scale
+                k = k.repeat_interleave(g, dim=1)                           # [p+1, H, D]
+                logits = torch.einsum("hd,jhd->hj", q, k) * self.scale
+                probs = torch.softmax(logits, dim=-1)
+                rec = {"t": "attn", "position": p, "layer": l, "token": toks[t],
+                       "lse": torch.logsumexp(logits, -1).cpu().tolist()}
+                if topk > 0:
+                    v, i = torch.topk(probs, min(topk, p + 1), dim=-1)
+                    rec["top_pos"], rec["top_prob"] = i.cpu().tolist(), v.cpu().tolist()
+                else:
+                    rec["probs"] = probs.cpu().tolist()
+                yield rec
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """GPU test of the SGLang hook (attnx.sglang_hook) on buffers shaped and recycled exactly as SGLang's — exit 77
-without torch / CUDA. NEVER RUN YET: written on a machine without a GPU (2026-11-27); scripts/gpu-test runs it.
+without torch / CUDA. Run once (H200, 2026-11-27, 3a279e1): it stopped at "the consumer did not get there" while
+waiting for B's END — the reference consumer had the END line in its file buffer (gpu_common flushed only after
+attention rows); it now flushes when idle, and a wait that times out prints what the consumer wrote and the
+exporter's counters. Nothing after that first wait has run yet; scripts/gpu-test runs it.
 SGLang itself is not installed anywhere here; this drives the hook factories the way SGLang's hook_manager
 registers them (forward_pre with kwargs + forward on RadixAttention-like modules).
 
@@ -23,7 +26,7 @@ import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_common import load, require_gpu, start_consumer  # noqa: E402
+from gpu_common import load, require_gpu, start_consumer, wait_for_record  # noqa: E402
 
 torch = require_gpu()
 from attnx import sglang_hook as sh  # noqa: E402
@@ -182,16 +185,21 @@ class World:
         self.g.replay()
 
 
-def wait_for_line(path, pred, timeout=60):
-    end = time.time() + timeout
-    while time.time() < end:
-        if os.path.exists(path) and any(pred(r) for r in load(path)):
-            return
-        time.sleep(0.05)
-    raise AssertionError("the consumer did not get there in %d s" % timeout)
+def explain():
+    """The exporter's side, for a timeout: header counters, the device counters, what the kernels see."""
+    st = sh._state
+    if st is None or not getattr(st, "ready", False):
+        return "exporter: not set up"
+    h = st.ex.header
+    hd = {k: getattr(h, k) for k in ("ring_head", "ring_dropped", "arena_head", "q_head", "consumer_tail",
+                                      "consumer_pid", "steps_started", "features", "consumer_done")}
+    torch.cuda.synchronize()
+    return "exporter header %r\ndevice counters %r\nenabled %r, hook disabled %r" % (
+        hd, st.g.stats(), st.g.enabled(), st.disabled)
 
 
 def main():
+    global cons
     shm = "/attnx.gputests%d" % os.getpid()
     w = World(shm)
     rng = random.Random(5)
@@ -203,8 +211,10 @@ def main():
     w.decode_graph()
     out = tempfile.mktemp(suffix=".jsonl")
     cons = start_consumer(shm, out, ends=5, timeout=300)
-    end = time.time() + 30
-    while sh._state.g.enabled() is None and time.time() < end:
+    end = time.time() + 60
+    while (sh._state.g.enabled() or (0, False))[1] is not True:  # the layers and the prefill rows wanted
+        if time.time() > end or cons.poll() is not None:
+            raise AssertionError("the consumer never asked for rows (rc %r)\n%s" % (cons.poll(), explain()))
         time.sleep(0.02)
     a = toks(10)
     w.extend([("A", a, None, 0), ("B", toks(7), None, 0)])
@@ -213,7 +223,7 @@ def main():
         w.decode_step(["A", "B", "C"], stale_row=w.reqs["A"]["row"])
     torch.cuda.synchronize()
     w.rpool.free(w.reqs["B"]["row"])  # the wrapped free publishes END for B
-    wait_for_line(out, lambda r: r["t"] == "end" and r["rid"] == "B")
+    wait_for_record(out, lambda r: r["t"] == "end" and r["rid"] == "B", 60, "B's END", cons, explain)
     w.extend([("D", toks(6), None, 0)])
     check(w.reqs["D"]["row"] == w.reqs["B"]["row"], "D did not recycle B's row (test set-up)")
     for _ in range(5):
@@ -221,8 +231,8 @@ def main():
     torch.cuda.synchronize()
     # The consumer reads index rows when it gets to a step: let it finish A before A's row is rewritten.
     last_a = len(w.reqs["A"]["tokens"]) - 1
-    wait_for_line(out, lambda r: r["t"] == "attn" and r["rid"] == "A" and r["position"] == last_a and
-                  r["layer"] == L - 1)
+    wait_for_record(out, lambda r: r["t"] == "attn" and r["rid"] == "A" and r["position"] == last_a and
+                    r["layer"] == L - 1, 60, "A's last row", cons, explain)
     # E takes A's row without A being freed (a missed free): the GPU ends A (abort) before E begins.
     w.rpool.free_slots.insert(0, w.reqs["A"]["row"])
     w.extend([("E", toks(5), None, 0)])
@@ -232,6 +242,8 @@ def main():
     torch.cuda.synchronize()
     cons.wait(300)
     lines = load(out)
+    ex = next((r for r in lines if r["t"] == "exit"), None)
+    check(ex is not None and not ex["timed_out"], "the consumer ended early: %r\n%s" % (ex, explain()))
     begins = [(r["rid"], r["prompt_len"]) for r in lines if r["t"] == "begin"]
     check([b[0] for b in begins] == ["A", "B", "C", "D", "E"], "BEGINs %r" % begins)
     cb = next((r for r in lines if r["t"] == "begin" and r["rid"] == "C"), None)
@@ -271,5 +283,12 @@ def main():
     return 1 if failures else 0
 
 
+cons = None
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        rc = main()
+    finally:
+        if cons is not None and cons.poll() is None:
+            cons.kill()  # a failed wait leaves it running until its own timeout
+    sys.exit(rc)
