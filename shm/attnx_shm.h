@@ -58,11 +58,24 @@ enum ax_dtype {
 
 /* What a buffer-table entry holds. */
 enum ax_buf_kind {
-	AX_BUF_K_POOL = 1,      /* keys of one layer: [slots, H_kv, D] */
+	AX_BUF_K_POOL = 1,      /* keys of one layer: [slots, H_kv, D], or paged: [blocks, block_size, H_kv, D] */
 	AX_BUF_Q_RING = 2,      /* query rows: [rows, H_q_local, D]; one ring for all layers */
 	AX_BUF_INDEX_TOKEN = 3, /* token-level index table (SGLang req_to_token): i32/i64 [rows, ctx] */
 	AX_BUF_INDEX_PAGED = 4, /* paged block table (vLLM): i32 [rows, max_blocks]; block_size in dim[2] */
 };
+
+/*
+ * Paged layouts (vLLM). A block table (AX_BUF_INDEX_PAGED) is i32 [rows, max_blocks] with ndim 2, unit column stride
+ * and its block size in dim[2] (1 .. AX_SHM_MAX_BLOCK_SIZE; dim[3] and stride[2..3] zero): key position p of the
+ * request in row r lives in block table[r][p / block_size], row p % block_size of that block. A K pool read through
+ * it is either 4-D, [blocks, block_size, H_kv, D] with dim[1] equal to the table's block size and any strides
+ * (vLLM's NHD layout, or HND: [blocks, H_kv, block_size, D] described by its strides), or 3-D [slots, H_kv, D],
+ * seen as blocks of block_size consecutive slots (block b = slots b·bs .. b·bs + bs − 1; blocks = slots / bs).
+ * A 4-D pool read through a token index table is seen as slots = blocks × block_size when its strides allow it
+ * (stride[0] == block_size · stride[1]). Block ids outside the pool are rejected (-ERANGE) by the capture, never
+ * read; table cells past the blocks a step needs are never read.
+ */
+#define AX_SHM_MAX_BLOCK_SIZE 65536u
 
 /* Where a buffer lives. */
 enum ax_buf_loc {
@@ -80,7 +93,8 @@ typedef struct ax_shm_buffer {
 	int32_t layer;       /* layer index for K pools, -1 otherwise */
 	uint32_t ndim;       /* number of used dims (1..4) */
 	int32_t device;      /* CUDA device ordinal for CUDA locations, -1 for host */
-	uint64_t dim[4];     /* shape, outermost first (K pool: slots, H_kv, D; Q ring: rows, H_q, D; index: rows, ctx) */
+	uint64_t dim[4];     /* shape, outermost first (K pool: slots, H_kv, D or blocks, block_size, H_kv, D; Q ring:
+				rows, H_q, D; token index: rows, ctx; block table: rows, max_blocks, then block_size in dim[2]) */
 	uint64_t stride[4];  /* strides in elements, outermost first */
 	uint64_t offset;     /* byte offset: into the segment (HOST) or into the IPC/VMM allocation (CUDA) */
 	uint64_t bytes;      /* bytes reachable from offset (extent checked against dims and strides) */
@@ -252,6 +266,19 @@ int ax_shm_validate_buffer(const ax_shm_header *h, const ax_shm_buffer *b);
  */
 int ax_shm_validate_step(const ax_shm_header *h, const ax_shm_buffer *bufs, const ax_shm_step *s);
 
+/* Paged layouts: the block size of a block table (dim[2]) or of a 4-D K pool (dim[1]); 0 for any other entry.
+ * Thread-safe (pure; does not validate). */
+uint32_t ax_shm_block_size(const ax_shm_buffer *b);
+/* Fill `b` (zeroed first) as a block table i32 [rows, max_blocks] of `block_size`, contiguous, bytes exact; the
+ * caller sets the location (loc, device, handle / offset). Returns 0 or -EINVAL (a zero dim, block_size 0 or past
+ * AX_SHM_MAX_BLOCK_SIZE, an extent past 2^62 bytes). Thread-safe (pure). */
+int ax_shm_block_table_desc(ax_shm_buffer *b, uint64_t rows, uint64_t max_blocks, uint32_t block_size);
+/* Fill `b` (zeroed first) as layer `layer`'s paged K pool [blocks, block_size, H_kv, D] of `dtype`, contiguous
+ * (vLLM's NHD layout; for HND set the strides afterwards), bytes exact, scale 1 (set it for fp8); location as
+ * above. Returns 0 or -EINVAL (as above, or a dtype that is not f32/f16/bf16/fp8). Thread-safe (pure). */
+int ax_shm_paged_kpool_desc(ax_shm_buffer *b, int32_t layer, uint32_t dtype, uint64_t blocks, uint32_t block_size,
+			    uint32_t n_kv_heads, uint32_t head_dim);
+
 /* Check a header read from a segment of `mapped_size` bytes: magic, version, sizes, region bounds and
  * alignment, ring_cap a power of two, model shape sane (n_q_heads a multiple of n_kv_heads, head_dim ≤ 1024).
  * Returns 0, -EPROTO (bad magic/version), -EINVAL or -ERANGE. Thread-safe (pure). */
@@ -294,6 +321,18 @@ ax_shm_header *ax_export_header(ax_export *ex);
 int ax_export_add_host_buffer(ax_export *ex, const ax_shm_buffer *desc, void **ptr, uint32_t *index);
 /* Append a CUDA buffer entry (IPC handle or VMM id filled by the caller). Returns 0, -ENOSPC or -EINVAL. */
 int ax_export_add_device_buffer(ax_export *ex, const ax_shm_buffer *desc, uint32_t *index);
+
+/*
+ * Paged engines (vLLM's layout; see "Paged layouts" above). ax_export_add_block_table: a host block table i32
+ * [rows, max_blocks] of `block_size` in the data region (zeroed), returned through *ptr (row r at *ptr + r·max_blocks)
+ * and its table index through *index. A request's steps name it (ax_shm_step.index_buf) and the request's row
+ * (index_row) in each FORWARD; the engine writes the row's block ids for positions 0 .. seq_len − 1 before the step
+ * is published, and follows rule 9 (ax_export_step_start) before it rewrites a row or a block it freed. Device
+ * tables and K pools: ax_shm_block_table_desc / ax_shm_paged_kpool_desc, then the location, then
+ * ax_export_add_device_buffer (or ax_export_add_host_buffer). Returns 0, -ENOSPC or -EINVAL.
+ */
+int ax_export_add_block_table(ax_export *ex, uint64_t rows, uint64_t max_blocks, uint32_t block_size, int32_t **ptr,
+			      uint32_t *index);
 
 /* Request begin: claim a request-table entry, copy the prompt into the arena, publish BEGIN.
  * Returns 0 and sets *req_id (never 0), or -ENOSPC when the request table is full (counted in reqs_dropped;

@@ -449,6 +449,16 @@ int ax_export_add_device_buffer(ax_export *ex, const ax_shm_buffer *desc, uint32
 	return append_entry(ex, &b, index);
 }
 
+int ax_export_add_block_table(ax_export *ex, uint64_t rows, uint64_t max_blocks, uint32_t block_size, int32_t **ptr,
+			      uint32_t *index)
+{
+	ax_shm_buffer b;
+	if (!ex || ax_shm_block_table_desc(&b, rows, max_blocks, block_size))
+		return -EINVAL;
+	b.loc = AX_LOC_HOST;
+	return ax_export_add_host_buffer(ex, &b, (void **)ptr, index); /* the data region is fresh (zero) memory */
+}
+
 /* ---- token arena, Q ring, step ring ----------------------------------------------------------------------- */
 
 /* Copy n token ids into the arena; returns their position. The head moves before the overwrite (see top). */

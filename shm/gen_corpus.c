@@ -53,6 +53,17 @@ static void good_input(input *in)
 			      .index_buf = 1};
 }
 
+/* The good input with a paged layout: block table i32 [4, 4] of 16 (64 tokens a row), K pool [4, 16, 2, 8]. */
+static void paged_input(input *in)
+{
+	good_input(in);
+	uint64_t off1 = in->b[1].offset, off2 = in->b[2].offset;
+	ax_shm_block_table_desc(&in->b[1], 4, 4, 16);
+	ax_shm_paged_kpool_desc(&in->b[2], 0, AX_DTYPE_F32, 4, 16, 2, 8);
+	in->b[1].loc = in->b[2].loc = AX_LOC_HOST;
+	in->b[1].offset = off1, in->b[2].offset = off2;
+}
+
 static int write_input(const char *dir, const char *name, const input *in)
 {
 	char path[512];
@@ -95,6 +106,19 @@ int main(int argc, char **argv)
 	good_input(&in);
 	in.b[1].dim[0] = 0xffffffffffffffffull, in.b[1].stride[0] = 0x100000000ull;
 	bad |= write_input(dir, "huge_index_shape", &in);
+	paged_input(&in);
+	if (ax_shm_validate_buffer(&in.h, &in.b[1]) || ax_shm_validate_buffer(&in.h, &in.b[2]) ||
+	    ax_shm_validate_step(&in.h, in.b, &in.s)) {
+		fprintf(stderr, "the paged input does not validate\n");
+		return 1;
+	}
+	bad |= write_input(dir, "valid_forward_paged", &in);
+	in.b[1].dim[2] = 0;
+	bad |= write_input(dir, "paged_block_size_0", &in);
+	paged_input(&in);
+	in.b[1].dim[1] = 2; /* rows of 32 tokens: a step at 40 needs a third block (-ERANGE) */
+	in.s.pos0 = 40, in.s.seq_len = 42;
+	bad |= write_input(dir, "paged_past_row", &in);
 	good_input(&in);
 	in.h.ring_cap = 6;
 	bad |= write_input(dir, "ring_not_pow2", &in);

@@ -115,15 +115,34 @@ static uint64_t buffer_extent(const ax_shm_buffer *b, size_t esize)
 	return bytes;
 }
 
+/* A K pool: [slots, H_kv, D], or paged [blocks, block_size, H_kv, D] with a block size in range. */
+static int check_k_pool(const ax_shm_header *h, const ax_shm_buffer *b)
+{
+	if (b->layer < 0 || (uint32_t)b->layer >= h->n_layers || !is_float_dtype(b->dtype))
+		return -EINVAL;
+	if (b->ndim == 3)
+		return b->dim[1] == h->n_kv_heads && b->dim[2] == h->head_dim ? 0 : -EINVAL;
+	if (b->ndim != 4 || b->dim[1] > AX_SHM_MAX_BLOCK_SIZE)
+		return -EINVAL;
+	return b->dim[2] == h->n_kv_heads && b->dim[3] == h->head_dim ? 0 : -EINVAL;
+}
+
+/* A block table: i32 [rows, max_blocks], unit column stride, block size in dim[2], nothing past it. */
+static int check_block_table(const ax_shm_buffer *b)
+{
+	if (b->ndim != 2 || b->layer != -1 || b->dtype != AX_DTYPE_I32 || b->stride[1] != 1)
+		return -EINVAL;
+	if (b->dim[2] == 0 || b->dim[2] > AX_SHM_MAX_BLOCK_SIZE || b->dim[3] || b->stride[2] || b->stride[3])
+		return -EINVAL;
+	return 0;
+}
+
 /* Shape rules of each buffer kind against the model in the header. */
 static int check_buffer_shape(const ax_shm_header *h, const ax_shm_buffer *b)
 {
 	switch (b->kind) {
 	case AX_BUF_K_POOL:
-		if (b->ndim != 3 || b->layer < 0 || (uint32_t)b->layer >= h->n_layers || !is_float_dtype(b->dtype) ||
-		    b->dim[1] != h->n_kv_heads || b->dim[2] != h->head_dim)
-			return -EINVAL;
-		return 0;
+		return check_k_pool(h, b);
 	case AX_BUF_Q_RING:
 		if (b->ndim != 3 || b->layer != -1 || !is_float_dtype(b->dtype) || b->dim[1] != h->n_q_heads ||
 		    b->dim[2] != h->head_dim)
@@ -134,9 +153,7 @@ static int check_buffer_shape(const ax_shm_header *h, const ax_shm_buffer *b)
 			return -EINVAL;
 		return 0;
 	case AX_BUF_INDEX_PAGED: /* [rows, max_blocks], block size in dim[2] */
-		if (b->ndim != 2 || b->layer != -1 || b->dtype != AX_DTYPE_I32 || b->dim[2] == 0)
-			return -EINVAL;
-		return 0;
+		return check_block_table(b);
 	default:
 		return -EINVAL;
 	}
@@ -180,6 +197,55 @@ int ax_shm_validate_buffer(const ax_shm_header *h, const ax_shm_buffer *b)
 	if (!need || need > b->bytes)
 		return -ERANGE;
 	return check_buffer_location(h, b, esize);
+}
+
+uint32_t ax_shm_block_size(const ax_shm_buffer *b)
+{
+	if (b && b->kind == AX_BUF_INDEX_PAGED && b->ndim == 2 && b->dim[2] <= AX_SHM_MAX_BLOCK_SIZE)
+		return (uint32_t)b->dim[2];
+	if (b && b->kind == AX_BUF_K_POOL && b->ndim == 4 && b->dim[1] <= AX_SHM_MAX_BLOCK_SIZE)
+		return (uint32_t)b->dim[1];
+	return 0;
+}
+
+/* Contiguous strides and the exact byte extent of b's dims; -EINVAL past 2^62 bytes. */
+static int contiguous(ax_shm_buffer *b)
+{
+	uint64_t st = 1, esize = ax_dtype_size(b->dtype);
+	for (int i = (int)b->ndim - 1; i >= 0; i--) {
+		b->stride[i] = st;
+		if (b->dim[i] == 0 || __builtin_mul_overflow(st, b->dim[i], &st))
+			return -EINVAL;
+	}
+	if (!esize || st > (1ull << 62) / esize)
+		return -EINVAL;
+	b->bytes = st * esize;
+	return 0;
+}
+
+int ax_shm_block_table_desc(ax_shm_buffer *b, uint64_t rows, uint64_t max_blocks, uint32_t block_size)
+{
+	if (!b)
+		return -EINVAL;
+	*b = (ax_shm_buffer){.kind = AX_BUF_INDEX_PAGED, .dtype = AX_DTYPE_I32, .layer = -1, .ndim = 2,
+			     .dim = {rows, max_blocks}, .scale = 1, .device = -1};
+	if (block_size == 0 || block_size > AX_SHM_MAX_BLOCK_SIZE)
+		return -EINVAL;
+	int rc = contiguous(b);
+	b->dim[2] = block_size; /* after the strides: it is not a dimension of the table */
+	return rc;
+}
+
+int ax_shm_paged_kpool_desc(ax_shm_buffer *b, int32_t layer, uint32_t dtype, uint64_t blocks, uint32_t block_size,
+			    uint32_t n_kv_heads, uint32_t head_dim)
+{
+	if (!b)
+		return -EINVAL;
+	*b = (ax_shm_buffer){.kind = AX_BUF_K_POOL, .dtype = dtype, .layer = layer, .ndim = 4,
+			     .dim = {blocks, block_size, n_kv_heads, head_dim}, .scale = 1, .device = -1};
+	if (!is_float_dtype(dtype) || block_size > AX_SHM_MAX_BLOCK_SIZE)
+		return -EINVAL;
+	return contiguous(b);
 }
 
 /* Region [off, off+bytes) must be aligned, after *cursor and inside the segment; advances *cursor. */

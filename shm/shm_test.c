@@ -601,6 +601,156 @@ static void test_index_extent(void **state)
 	assert_int_equal(ax_export_add_host_buffer(f->ex, &paged, NULL, &ip), -EINVAL); /* no block size */
 }
 
+/* ---- paged layouts (vLLM) --------------------------------------------------------------------------------------- */
+
+typedef struct paged_case {
+	const char *what;
+	int pool;            /* 0: the block table, 1: the 4-D K pool */
+	void (*mutate)(ax_shm_buffer *b);
+	int want;
+} paged_case;
+
+#define PMUT(fn, body) \
+	static void fn(ax_shm_buffer *b) { body; }
+PMUT(p_none, (void)b)
+PMUT(p_bs0, b->dim[2] = 0)
+PMUT(p_bs_max, b->dim[2] = AX_SHM_MAX_BLOCK_SIZE)
+PMUT(p_bs_big, b->dim[2] = AX_SHM_MAX_BLOCK_SIZE + 1)
+PMUT(p_bs_huge, b->dim[2] = 1ull << 40)
+PMUT(p_i64, b->dtype = AX_DTYPE_I64; b->bytes *= 2)
+PMUT(p_f32, b->dtype = AX_DTYPE_F32)
+PMUT(p_colstride, b->stride[1] = 2; b->stride[0] = 16; b->bytes = 4 * 16 * 4)
+PMUT(p_dim3, b->dim[3] = 1)
+PMUT(p_stride2, b->stride[2] = 1)
+PMUT(p_ndim3, b->ndim = 3)
+PMUT(p_layer, b->layer = 0)
+PMUT(p_rows_short, b->bytes -= 4)
+PMUT(p_k_bs0, b->dim[1] = 0)
+PMUT(p_k_bs_big, b->dim[1] = AX_SHM_MAX_BLOCK_SIZE + 1)
+PMUT(p_k_heads, b->dim[2] = HKV + 1)
+PMUT(p_k_hd, b->dim[3] = D + 1)
+PMUT(p_k_short, b->bytes -= 1)
+PMUT(p_k_layer, b->layer = LAYERS)
+PMUT(p_k_int, b->dtype = AX_DTYPE_I32)
+PMUT(p_k_hnd, b->stride[1] = D; b->stride[2] = 16 * D) /* HND: [blocks, H_kv, bs, D] through strides */
+PMUT(p_k_ndim5, b->ndim = 5)
+
+static const paged_case paged_cases[] = {
+	{"good block table", 0, p_none, 0},
+	{"block size 0", 0, p_bs0, -EINVAL},
+	{"block size at the maximum", 0, p_bs_max, 0},
+	{"block size past the maximum", 0, p_bs_big, -EINVAL},
+	{"block size 2^40", 0, p_bs_huge, -EINVAL},
+	{"table of i64", 0, p_i64, -EINVAL},
+	{"table of floats", 0, p_f32, -EINVAL},
+	{"column stride 2", 0, p_colstride, -EINVAL},
+	{"dim[3] set", 0, p_dim3, -EINVAL},
+	{"stride[2] set", 0, p_stride2, -EINVAL},
+	{"table with 3 dims", 0, p_ndim3, -EINVAL},
+	{"table with a layer", 0, p_layer, -EINVAL},
+	{"table bytes short of its extent", 0, p_rows_short, -ERANGE},
+	{"good 4-D K pool", 1, p_none, 0},
+	{"K pool block size 0", 1, p_k_bs0, -EINVAL},
+	{"K pool block size past the maximum", 1, p_k_bs_big, -EINVAL},
+	{"K pool kv heads", 1, p_k_heads, -EINVAL},
+	{"K pool head dim", 1, p_k_hd, -EINVAL},
+	{"K pool bytes short", 1, p_k_short, -ERANGE},
+	{"K pool layer >= n_layers", 1, p_k_layer, -EINVAL},
+	{"K pool of ints", 1, p_k_int, -EINVAL},
+	{"K pool HND strides", 1, p_k_hnd, 0},
+	{"K pool with 5 dims", 1, p_k_ndim5, -EINVAL},
+};
+
+/* Block table i32 [4, 8] of 16 and a 4-D K pool [8, 16, H_kv, D], validated in place (inside the data region). */
+static void test_paged_buffers(void **state)
+{
+	fx *f = *state;
+	const ax_shm_header *h = ax_shm_hdr(f->sh);
+	ax_shm_buffer t, k;
+	assert_int_equal(ax_shm_block_table_desc(&t, 4, 8, 16), 0);
+	assert_int_equal(ax_shm_paged_kpool_desc(&k, 1, AX_DTYPE_BF16, 8, 16, HKV, D), 0);
+	assert_true(t.stride[0] == 8 && t.stride[1] == 1 && t.bytes == 4 * 8 * 4 && t.dim[2] == 16 && t.dim[3] == 0);
+	assert_true(k.stride[0] == 16 * HKV * D && k.stride[1] == HKV * D && k.stride[2] == D && k.stride[3] == 1);
+	assert_true(k.bytes == 8ull * 16 * HKV * D * 2 && k.ndim == 4 && k.layer == 1);
+	assert_int_equal(ax_shm_block_size(&t), 16);
+	assert_int_equal(ax_shm_block_size(&k), 16);
+	for (size_t i = 0; i < AX_ARRAY_LEN(paged_cases); i++) {
+		ax_shm_buffer b = paged_cases[i].pool ? k : t;
+		b.loc = AX_LOC_HOST, b.offset = h->data_off;
+		paged_cases[i].mutate(&b);
+		int rc = ax_shm_validate_buffer(h, &b);
+		if (rc != paged_cases[i].want)
+			fail_msg("paged case '%s': got %d, want %d", paged_cases[i].what, rc, paged_cases[i].want);
+	}
+	/* The helpers refuse what the validator would. */
+	ax_shm_buffer b;
+	assert_int_equal(ax_shm_block_table_desc(&b, 4, 8, 0), -EINVAL);
+	assert_int_equal(ax_shm_block_table_desc(&b, 4, 8, AX_SHM_MAX_BLOCK_SIZE + 1), -EINVAL);
+	assert_int_equal(ax_shm_block_table_desc(&b, 0, 8, 16), -EINVAL);
+	assert_int_equal(ax_shm_block_table_desc(&b, 1ull << 40, 1ull << 40, 16), -EINVAL);
+	assert_int_equal(ax_shm_block_table_desc(NULL, 4, 8, 16), -EINVAL);
+	assert_int_equal(ax_shm_paged_kpool_desc(&b, 0, AX_DTYPE_I32, 8, 16, HKV, D), -EINVAL);
+	assert_int_equal(ax_shm_paged_kpool_desc(&b, 0, AX_DTYPE_F32, 8, 0, HKV, D), -EINVAL);
+	assert_int_equal(ax_shm_paged_kpool_desc(&b, 0, AX_DTYPE_F32, 1ull << 50, 256, HKV, 1024), -EINVAL);
+	ax_shm_buffer k3 = {.kind = AX_BUF_K_POOL, .ndim = 3, .dim = {16, HKV, D}};
+	assert_int_equal(ax_shm_block_size(&k3), 0);
+	assert_int_equal(ax_shm_block_size(NULL), 0);
+}
+
+/* The export calls of a paged engine, and steps through a block table: extents, rows, and a table scribbled on
+ * after it was exported (rejected at the consumer's copy, and every step naming it rejected and counted). */
+static void test_paged_steps(void **state)
+{
+	fx *f = *state;
+	int32_t *tab;
+	uint32_t ti, ki, ti2;
+	assert_int_equal(ax_export_add_block_table(f->ex, 4, 8, 16, &tab, &ti), 0); /* 128 tokens a row */
+	assert_non_null(tab);
+	assert_int_equal(tab[4 * 8 - 1], 0);
+	ax_shm_buffer k;
+	assert_int_equal(ax_shm_paged_kpool_desc(&k, 2, AX_DTYPE_F32, 8, 16, HKV, D), 0);
+	k.loc = AX_LOC_HOST;
+	assert_int_equal(ax_export_add_host_buffer(f->ex, &k, NULL, &ki), 0);
+	assert_int_equal(ax_export_add_block_table(f->ex, 4, 8, 0, &tab, NULL), -EINVAL);
+	assert_int_equal(ax_export_add_block_table(NULL, 4, 8, 16, &tab, NULL), -EINVAL);
+	assert_int_equal(ax_export_add_block_table(f->ex, 4, 8, 16, NULL, &ti2), 0); /* scribbled on below */
+	ax_shm_buffer *shared = (ax_shm_buffer *)((uint8_t *)ax_export_header(f->ex) + ax_export_header(f->ex)->buf_off);
+	shared[ti2].dim[2] = 0; /* before the consumer copies it */
+	ax_shm_find_buffer(f->sh, AX_BUF_INDEX_PAGED, -1); /* the consumer picks up the new entries */
+	uint32_t nb;
+	const ax_shm_buffer *bufs = ax_shm_buffers(f->sh, &nb);
+	assert_int_equal(nb, ti2 + 1);
+	assert_int_equal(bufs[ti].kind, AX_BUF_INDEX_PAGED);
+	assert_int_equal(bufs[ki].kind, AX_BUF_K_POOL);
+	assert_int_equal(bufs[ti2].kind, 0); /* failed validation: kind 0, never read */
+	uint64_t req;
+	ax_shm_step good;
+	last_good_step(f, &req, &good);
+	const ax_shm_header *h = ax_shm_hdr(f->sh);
+	static const struct {
+		uint32_t which;  /* 0: the good table, 1: the scribbled one */
+		uint64_t pos0;   /* 2 tokens: seq_len pos0 + 2 */
+		uint32_t row;
+		int want;
+	} cases[] = {{0, 10, 0, 0}, {0, 126, 3, 0}, {0, 127, 0, -ERANGE}, {0, 10, 4, -ERANGE}, {1, 10, 0, -EINVAL}};
+	uint64_t rejected = 0;
+	for (size_t i = 0; i < AX_ARRAY_LEN(cases); i++) {
+		ax_shm_step st = good;
+		st.index_buf = cases[i].which ? ti2 : ti;
+		st.index_row = cases[i].row;
+		st.pos0 = cases[i].pos0;
+		st.seq_len = st.pos0 + st.n_tokens;
+		assert_int_equal(ax_shm_validate_step(h, bufs, &st), cases[i].want);
+		raw_publish(f->ex, &st);
+		ax_shm_step out;
+		assert_int_equal(ax_shm_next(f->sh, &out, NULL), cases[i].want ? -EBADMSG : 1);
+		ax_shm_stats sts;
+		ax_shm_get_stats(f->sh, &sts);
+		rejected += cases[i].want != 0;
+		assert_int_equal(sts.rejected, rejected);
+	}
+}
+
 /* Q rows and tokens that the producer has lapped are rejected as stale. */
 static void test_lapped_payload(void **state)
 {
@@ -1384,6 +1534,8 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_roundtrip, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_malformed_steps, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_index_extent, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_paged_buffers, setup, teardown),
+		cmocka_unit_test_setup_teardown(test_paged_steps, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_lapped_payload, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_wraparound, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_full_ring, setup, teardown),
