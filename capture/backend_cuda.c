@@ -13,21 +13,68 @@
  * device_sticky; a sticky one releases the context and the importer, resets the device and marks the backend
  * stale until the capture attaches afresh (ax__cuda_be_lost), so no device address of the old mappings is ever
  * handed to the GPU again. The state is three flags: stale (addresses held by the capture are dead), broken (the
- * device failed its probe: retried with backoff), and the streak of resets since the last good batch.
+ * device failed its probe: a new process is needed, ax__cuda_be_need_new_process; retried with backoff meanwhile),
+ * and the streak of resets since the last good batch. A test-only fault (ATTNX_CUDA_FAULT_AFTER) replaces one
+ * batch by the ops' inject_fault and then takes exactly the path a real fault takes.
  *
  * Built two ways: with AX_CAPTURE_CUDA (the build has CUDA and the kernels behind capture/attn_cuda.h) and
- * without, where every entry point reports -ENOTSUP with the reason.
- * NOT RUN YET: the AX_CAPTURE_CUDA half has been compiled but never executed (no GPU in the session that wrote it).
+ * without, where every entry point reports -ENOTSUP with the reason. The re-exec bookkeeping (pure) is in both.
+ * Ran on an H200 (3a279e1): batches, imports, events. Not yet on a GPU: the sticky path, the fault injection.
  */
 #include "backend_cuda.h"
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "attnx_common.h"
 #include "attnx_config.h"
+
+/* ---- re-exec bookkeeping (both builds; backend_cuda.h) ------------------------------------------------------ */
+
+#define REEXEC_WINDOW_S 60
+#define REEXEC_MAX_DELAY_MS 60000ull
+
+int ax__cuda_be_reexec_parse(const char *env, ax__cuda_be_reexec *out)
+{
+	memset(out, 0, sizeof *out);
+	if (env == NULL || env[0] == '\0')
+		return 0;
+	unsigned long long v[3];
+	int used = 0;
+	if (strspn(env, "0123456789 ") != strlen(env) || env[0] == ' ' ||
+	    sscanf(env, "%llu %llu %llu%n", &v[0], &v[1], &v[2], &used) != 3 || env[used] != '\0' ||
+	    v[0] > UINT32_MAX || v[2] > UINT32_MAX)
+		return -EINVAL;
+	out->count = (uint32_t)v[0];
+	out->window_s = v[1];
+	out->in_window = (uint32_t)v[2];
+	return 0;
+}
+
+uint64_t ax__cuda_be_reexec_next(ax__cuda_be_reexec *r, uint64_t now_s)
+{
+	if (r->in_window == 0 || now_s < r->window_s || now_s - r->window_s >= REEXEC_WINDOW_S) {
+		r->window_s = now_s;
+		r->in_window = 0;
+	}
+	if (r->count < UINT32_MAX)
+		r->count++;
+	if (r->in_window < UINT32_MAX)
+		r->in_window++;
+	if (r->in_window <= AX_REEXEC_FREE)
+		return 0;
+	uint32_t sh = r->in_window - AX_REEXEC_FREE - 1;
+	return sh >= 6 ? REEXEC_MAX_DELAY_MS : (1000ull << sh < REEXEC_MAX_DELAY_MS ? 1000ull << sh : REEXEC_MAX_DELAY_MS);
+}
+
+int ax__cuda_be_reexec_format(const ax__cuda_be_reexec *r, char *buf, size_t n)
+{
+	int len = snprintf(buf, n, "%" PRIu32 " %" PRIu64 " %" PRIu32, r->count, r->window_s, r->in_window);
+	return len < 0 || (size_t)len >= n ? -ENOSPC : len;
+}
 
 #ifdef AX_CAPTURE_CUDA
 
@@ -57,6 +104,8 @@ struct ax__cuda_be {
 	uint64_t retry_ns;
 	uint32_t streak;            /* resets since the last good batch */
 	ax__cuda_be_recovery rs;
+	int64_t fault_after;        /* test only: the batch after this many faults (-1: none; AX_CUDA_FAULT_ENV) */
+	uint64_t runs;              /* batches attempted on the device, for fault_after */
 };
 
 #define BACKOFF_FIRST_NS (100 * 1000000ull)
@@ -73,6 +122,23 @@ const char *ax__cuda_be_why(void)
 	return ax__cuda_be_devices() > 0 ? "available" : "no CUDA device or driver on this machine";
 }
 
+/* The test-only fault (backend_cuda.h): armed in the first ATTNX_CUDA_FAULT_IMAGES images only. */
+static void arm_fault(ax__cuda_be *b)
+{
+	const char *after = getenv(AX_CUDA_FAULT_ENV), *images = getenv(AX_CUDA_FAULT_IMAGES_ENV);
+	ax__cuda_be_reexec re;
+	b->fault_after = -1;
+	if (after == NULL || after[0] < '0' || after[0] > '9')
+		return;
+	ax__cuda_be_reexec_parse(getenv(AX_REEXEC_ENV), &re);
+	long n_images = images && images[0] >= '0' && images[0] <= '9' ? strtol(images, NULL, 10) : 1;
+	if ((long)re.count >= n_images)
+		return;
+	b->fault_after = strtoll(after, NULL, 10);
+	ax_log(AX_LOG_WARN, TAG, "TEST ONLY: %s=%lld: batch %lld on device %d will fault (sticky) instead of running",
+	       AX_CUDA_FAULT_ENV, (long long)b->fault_after, (long long)b->fault_after + 1, b->device);
+}
+
 int ax__cuda_be_open(ax__cuda_be **out, int device)
 {
 	ax__cuda_be *b = calloc(1, sizeof *b);
@@ -81,6 +147,7 @@ int ax__cuda_be_open(ax__cuda_be **out, int device)
 	b->device = device;
 	b->event_buf = -1;
 	b->ops = ax_cuda_recovery_real();
+	arm_fault(b);
 	b->items = calloc(AX_CUDA_BATCH_MAX, sizeof *b->items);
 	b->jobs = calloc(AX_CUDA_BATCH_MAX, sizeof *b->jobs);
 	b->rc = calloc(AX_CUDA_BATCH_MAX, sizeof *b->rc);
@@ -164,9 +231,10 @@ static void reset_device(ax__cuda_be *b, uint64_t now)
 	b->broken = rv != 0;
 	b->retry_ns = now + backoff_ns(b->streak);
 	if (b->broken && b->rs.reset_failed++ % 100 == 0)
-		ax_log(AX_LOG_ERROR, TAG, "device %d still unusable after reset %llu (%s); retrying in %llu ms, capturing "
-		       "nothing meanwhile (a sticky error may need a process restart)", b->device,
-		       (unsigned long long)b->rs.resets, b->err, (unsigned long long)(b->retry_ns - now) / 1000000);
+		ax_log(AX_LOG_ERROR, TAG, "device %d still unusable after reset %llu (%s): only a new process gets it "
+		       "back (the daemon re-executes itself; otherwise the reset is retried in %llu ms, capturing nothing "
+		       "meanwhile)", b->device, (unsigned long long)b->rs.resets, b->err,
+		       (unsigned long long)(b->retry_ns - now) / 1000000);
 	else if (!b->broken)
 		ax_log(AX_LOG_INFO, TAG, "device %d reset (reset %llu); importing the engine's buffers afresh", b->device,
 		       (unsigned long long)b->rs.resets);
@@ -216,6 +284,8 @@ void ax__cuda_be_recovery_get(const ax__cuda_be *b, ax__cuda_be_recovery *out)
 	if (b)
 		*out = b->rs;
 }
+
+int ax__cuda_be_need_new_process(const ax__cuda_be *b) { return b != NULL && b->broken; }
 
 int ax__cuda_be_map(ax__cuda_be *b, uint32_t index, uint64_t *dptr)
 {
@@ -309,6 +379,22 @@ static void wait_engine(ax__cuda_be *b)
 	}
 }
 
+/* The armed test fault is due: fault the device instead of running the batch (once per image). -EIO. */
+static int inject_fault(ax__cuda_be *b)
+{
+	b->fault_after = -1;
+	b->rs.faults++;
+	if (b->ops == NULL || b->ops->inject_fault == NULL) {
+		snprintf(b->err, sizeof b->err, "injected fault: these ops cannot fault the device");
+		return -EIO;
+	}
+	int rv = b->ops->inject_fault(b->ops->ctx, b->device);
+	snprintf(b->err, sizeof b->err, "%s", b->ops->last_error(b->ops->ctx));
+	ax_log(AX_LOG_WARN, TAG, "TEST ONLY: fault injected on device %d after %llu batches: %s", b->device,
+	       (unsigned long long)b->runs - 1, b->err);
+	return rv < 0 ? rv : -EIO;
+}
+
 /* Results of the run back into the items; every item is done. */
 static void scatter(ax__cuda_be *b, int batch_rc)
 {
@@ -345,9 +431,14 @@ int ax__cuda_be_run(ax__cuda_be *b, ax__item **items, uint32_t *n)
 	}
 	if (rv == 0) {
 		wait_engine(b);
-		rv = ax_attn_cuda_run(b->ctx, b->jobs, b->n, b->res, b->rc);
+		if (b->fault_after >= 0 && b->runs++ == (uint64_t)b->fault_after) {
+			rv = inject_fault(b);
+		} else {
+			rv = ax_attn_cuda_run(b->ctx, b->jobs, b->n, b->res, b->rc);
+			if (rv < 0)
+				snprintf(b->err, sizeof b->err, "%s", ax_attn_cuda_strerror(b->ctx));
+		}
 		if (rv < 0) {
-			snprintf(b->err, sizeof b->err, "%s", ax_attn_cuda_strerror(b->ctx));
 			if (rv == -EIO && device_error(b, "a batch") == 0) { /* not sticky: a fresh context anyway */
 				ax_attn_cuda_close(b->ctx);
 				b->ctx = NULL;
@@ -422,6 +513,7 @@ void ax__cuda_be_recovery_get(const ax__cuda_be *b, ax__cuda_be_recovery *out)
 	memset(out, 0, sizeof *out);
 }
 int ax__cuda_be_lost(ax__cuda_be *b, uint64_t now_ns) { (void)b, (void)now_ns; return 0; }
+int ax__cuda_be_need_new_process(const ax__cuda_be *b) { (void)b; return 0; }
 const char *ax__cuda_be_strerror(const ax__cuda_be *b) { (void)b; return ax__cuda_be_why(); }
 
 #endif

@@ -16,6 +16,7 @@
 #ifndef ATTNX_CAPTURE_BACKEND_CUDA_H
 #define ATTNX_CAPTURE_BACKEND_CUDA_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "attnx_shm.h"
@@ -73,9 +74,16 @@ int ax__cuda_be_run(ax__cuda_be *b, ax__item **items, uint32_t *n);
  * and the backend turns `stale`: the capture still holds device addresses of the closed mappings (its Q ring and
  * K pool bases), so from then on every run fails its jobs with -EIO without touching the GPU, every map answers
  * -EIO, and ax__cuda_be_lost tells the capture to leave the attachment and attach afresh (a fresh importer: the
- * engine may have restarted meanwhile). A device that fails its probe after the reset stays `broken`: retried from
- * ax__cuda_be_lost with a backoff (none for the first reset of a streak, then 100 ms doubling to 30 s; the streak
- * ends with a good batch). Nothing exits, nothing spins.
+ * engine may have restarted meanwhile). A device that fails its probe after the reset stays `broken`: on real
+ * hardware (an H200, driver 580, CUDA 13) the reset never brings it back in the same process, as the CUDA
+ * documentation warns, so ax__cuda_be_need_new_process says 1 and the daemon re-executes itself (main.c; the
+ * capture returns AX_CAPTURE_REEXEC). A user that cannot (the library in a test thread, a failed exec) keeps the
+ * retries from ax__cuda_be_lost with a backoff (none for the first reset of a streak, then 100 ms doubling to
+ * 30 s; the streak ends with a good batch). Nothing exits, nothing spins.
+ *
+ * Why one reset before a re-exec: the release and the reset are needed anyway (a re-exec should not leave IPC
+ * mappings of the engine's memory open any longer than it must), they cost milliseconds, and a driver whose reset
+ * does recover keeps the process, its records' seq numbering and its warm context.
  */
 typedef struct ax__cuda_be_recovery {
 	uint64_t sticky;       /* sticky errors (each followed by a release and a reset) */
@@ -84,12 +92,51 @@ typedef struct ax__cuda_be_recovery {
 	uint64_t reset_failed; /* resets after which the device still failed its probe */
 	uint64_t lost_jobs;    /* jobs failed by a batch-level error or dropped while recovering */
 	uint64_t reattaches;   /* times ax__cuda_be_lost asked the capture to attach afresh */
+	uint64_t faults;       /* test-only faults injected (ATTNX_CUDA_FAULT_AFTER, below) */
 } ax__cuda_be_recovery;
 void ax__cuda_be_recovery_get(const ax__cuda_be *b, ax__cuda_be_recovery *out);
 /* 1 when the capture must leave its attachment now (its device addresses died with a reset) and attach afresh;
  * 0 otherwise. Retries a broken device's reset when its backoff has passed. Call it periodically (the capture:
  * with its engine liveness check). NULL → 0. */
 int ax__cuda_be_lost(ax__cuda_be *b, uint64_t now_ns);
+
+/* 1 when the device failed its probe after a reset: only a new process gets a working device (the daemon
+ * re-executes itself). 0 otherwise, NULL → 0. */
+int ax__cuda_be_need_new_process(const ax__cuda_be *b);
+
+/*
+ * Test-only fault injection, read from the environment at ax__cuda_be_open: ATTNX_CUDA_FAULT_AFTER=N makes the
+ * batch after N good ones fault instead of running (ax_cuda_recovery_ops.inject_fault: on a GPU, a kernel storing
+ * to address 0x10, cudaErrorIllegalAddress, sticky), once per process image, and only in the first
+ * ATTNX_CUDA_FAULT_IMAGES images (default 1) counted by ATTNX_CAPTURE_REEXEC below, so a re-executed daemon does
+ * not fault again unless asked to. Logged as a warning when armed. Unset: nothing changes.
+ */
+#define AX_CUDA_FAULT_ENV "ATTNX_CUDA_FAULT_AFTER"
+#define AX_CUDA_FAULT_IMAGES_ENV "ATTNX_CUDA_FAULT_IMAGES"
+
+/*
+ * Re-execution bookkeeping (both builds; main.c uses it, the backend reads the count for the fault injection).
+ * The environment variable carries, into the new image, "<count> <window_s> <in_window>": re-execs of this daemon
+ * so far, the start (CLOCK_MONOTONIC seconds, which survive exec) of the current one-minute window and re-execs in
+ * that window. The first AX_REEXEC_FREE re-execs of a window go at once; each later one waits 1 s doubling to
+ * 60 s, so a device that faults at every start costs a few re-execs a minute, never a spin.
+ */
+#define AX_REEXEC_ENV "ATTNX_CAPTURE_REEXEC"
+#define AX_REEXEC_FREE 3
+typedef struct ax__cuda_be_reexec {
+	uint32_t count;     /* re-execs so far (0: the first image) */
+	uint64_t window_s;  /* start of the current window, CLOCK_MONOTONIC seconds */
+	uint32_t in_window; /* re-execs in that window */
+} ax__cuda_be_reexec;
+/* Parse the variable's value (NULL or "" → all zero). Returns 0, or -EINVAL for anything else than three decimal
+ * numbers (*out zeroed: a garbled value counts as a first image). Pure. */
+int ax__cuda_be_reexec_parse(const char *env, ax__cuda_be_reexec *out);
+/* Account one more re-exec at `now_s` (a new window when the current one is a minute old) and return the delay
+ * before it in milliseconds (0 for the first AX_REEXEC_FREE of a window, then 1000 << (n - FREE - 1), at most
+ * 60000). Pure. */
+uint64_t ax__cuda_be_reexec_next(ax__cuda_be_reexec *r, uint64_t now_s);
+/* Write the value for the next image into buf. Returns the length, or -ENOSPC when it does not fit. Pure. */
+int ax__cuda_be_reexec_format(const ax__cuda_be_reexec *r, char *buf, size_t n);
 
 /* Nanoseconds spent in runs, runs made. */
 uint64_t ax__cuda_be_busy_ns(const ax__cuda_be *b);

@@ -136,6 +136,7 @@ struct ax_capture {
 	int attach_err_logged;
 	ax__cuda_be *cuda;          /* CUDA backend (backend_cuda.h), opened at the first attach that uses it */
 	int cuda_active;            /* this attachment's buffers are read on the GPU */
+	int reexec;                 /* the CUDA device needs a new process: ax_capture_run returns AX_CAPTURE_REEXEC */
 	ax_capture_stats cnt;       /* atomics; sender / pool fields filled at snapshot time */
 	/* waking the loop from other threads: workers, the policy aio, ax_capture_stop */
 	ax_shm *wake_shm;           /* atomic: the handle whose futex the loop sleeps on; NULL while detached */
@@ -1118,6 +1119,12 @@ static int engine_closed(ax_capture *c)
 /* Take up to `budget` descriptors. Returns how many were taken. */
 static int pump_ring(ax_capture *c, int budget)
 {
+	if (c->cuda_active && c->o.may_reexec && ax__cuda_be_need_new_process(c->cuda)) { /* main.c re-executes */
+		leave_engine(c, "is unreadable: the CUDA device needs a new process after a sticky error",
+			     "cuda_restart");
+		c->reexec = 1;
+		return 0;
+	}
 	if (c->cuda_active && ax__cuda_be_lost(c->cuda, c->now_ns)) { /* CUDA device reset: attach afresh */
 		leave_engine(c, "is unreadable after a CUDA device reset", "cuda_reset");
 		return 0;
@@ -1181,6 +1188,8 @@ static void send_stats(ax_capture *c)
 {
 	ax_capture_stats st;
 	ax_capture_get_stats(c, &st);
+	ax__cuda_be_recovery rs; /* sticky-error recovery in this process image (capture/README.md) */
+	ax__cuda_be_recovery_get(c->cuda, &rs);
 	ax_record *r = &c->rec;
 	ax_record_init(r, AX_REC_STATS);
 	const struct { const char *name; uint64_t v; } kv[] = {
@@ -1190,6 +1199,8 @@ static void send_stats(ax_capture *c)
 		{"job_errors", st.job_errors}, {"attaches", st.attaches}, {"restarts", st.restarts},
 		{"policies", st.policies}, {"policy_acks", st.policy_acks}, {"sent_frames", st.sent_frames},
 		{"cuda_rejected", st.cuda_rejected}, {"recycled", c->recycled_total},
+		{"cuda_sticky", rs.sticky}, {"cuda_resets", rs.resets}, {"cuda_reset_failed", rs.reset_failed},
+		{"cuda_reexecs", c->o.reexecs},
 	};
 	for (size_t i = 0; i < AX_ARRAY_LEN(kv) && i < AX_PROTO_MAX_STATS; i++) {
 		snprintf(r->u.stats.kv[i].name, sizeof r->u.stats.kv[i].name, "%s", kv[i].name);
@@ -1347,7 +1358,7 @@ int ax_capture_run(ax_capture *c)
 {
 	ax_log(AX_LOG_INFO, TAG, "%s: segment %s, records → %s, policy ← %s, %u workers", c->o.src, c->o.shm_name,
 	       c->o.records_addr, c->o.policy_addr[0] ? c->o.policy_addr : "(none)", c->o.threads);
-	while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE)) {
+	while (!__atomic_load_n(&c->stop, __ATOMIC_ACQUIRE) && !c->reexec) {
 		c->now_ns = ax_now_ns();
 		int busy = 0, taken = 0;
 		if (c->shm == NULL)
@@ -1383,6 +1394,12 @@ int ax_capture_run(ax_capture *c)
 		ax_log(AX_LOG_WARN, TAG, "stopping with %u frames the relay did not take", left);
 	if (c->shm)
 		detach(c);
+	if (c->reexec) { /* at most once: a caller that cannot re-execute runs again with the backoff retries */
+		c->reexec = 0;
+		c->o.may_reexec = 0;
+		ax_log(AX_LOG_WARN, TAG, "released the segment and the CUDA device for a new process");
+		return AX_CAPTURE_REEXEC;
+	}
 	ax_log(AX_LOG_INFO, TAG, "stopped");
 	return 0;
 }

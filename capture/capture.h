@@ -69,6 +69,10 @@ typedef struct ax_capture_opts {
 					    when it publishes a step, so this only bounds how late timers run */
 	int32_t inline_kmacs;            /* jobs up to this many thousand multiply-adds run on the loop thread, not a
 					    worker (0 = 256; -1 = every job on a worker) */
+	int may_reexec;                  /* 1: ax_capture_run may return AX_CAPTURE_REEXEC when the CUDA device needs a
+					    new process (the daemon, main.c, sets it); 0 (default): retry with backoff */
+	uint32_t reexecs;                /* times this daemon re-executed itself before (main.c, from the environment;
+					    logged and reported in stats as cuda_reexecs) */
 } ax_capture_opts;
 
 /* Fill the defaults (see --help). Never fails. */
@@ -110,7 +114,13 @@ int ax_capture_open(ax_capture **out, const ax_capture_opts *o);
  * send. Survives a dead engine (re-attaches), a dead relay (drops with gap records) and bad descriptors. On
  * stop: finishes queued jobs, flushes what the relay will take within ~0.5 s, detaches. Returns 0, or a
  * negative errno for an unrecoverable local failure (-ENOMEM). Call from one thread.
+ * With opts.may_reexec, it may also return AX_CAPTURE_REEXEC: the CUDA device is broken for this process (a
+ * sticky error the reset did not clear, capture/README.md); the requests in flight were reported
+ * (`requests/cuda_restart` gaps), a stats record sent (unless --stats-interval 0), records flushed, the segment and every CUDA mapping
+ * released, as at a stop. The caller should re-execute the process; if it cannot, calling ax_capture_run again
+ * resumes with backoff retries of the device (AX_CAPTURE_REEXEC is returned at most once per capture).
  */
+#define AX_CAPTURE_REEXEC 1
 int ax_capture_run(ax_capture *c);
 
 /* Ask ax_capture_run to return. Async-signal-safe and thread-safe (an atomic store, and a futex wake of the loop

@@ -5,22 +5,44 @@
  * handler only calls ax_capture_stop (one atomic store); the loop notices within a millisecond or so, finishes
  * queued jobs, flushes what the relay will take, detaches and returns. Exit status: 0 after a signal, 1 on a
  * runtime failure, 2 on invalid options (or a backend this build lacks).
+ *
+ * Re-execution after a sticky CUDA error (capture/README.md, "Sticky CUDA errors"): when the device stays broken
+ * after a reset, which on real hardware it does (only a new process gets a working context), ax_capture_run
+ * returns AX_CAPTURE_REEXEC having reported what was in flight, sent its stats, flushed its records and released
+ * the segment and every CUDA mapping. This file then replaces the process image with a fresh copy of itself: same
+ * pid, same argv (copied before getopt could permute it), the environment plus ATTNX_CAPTURE_REEXEC (count and a
+ * one-minute window, backend_cuda.h) so the new image logs "restarted after a sticky CUDA error (n)", reports
+ * cuda_reexecs in stats, and so that repeated re-execs wait (1 s doubling to 60 s after 3 a minute). Every fd above
+ * stderr is marked close-on-exec rather than closed (nng's sockets and pipes, the CUDA driver's device files): the
+ * exec closes them all, and a failed exec leaves the process intact, in which case the capture runs on with the
+ * backend's backoff retries. The relay sees the records socket close and a new hello, as for any capture restart.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <nng/nng.h>
 
 #include "attnx_common.h"
+#include "backend_cuda.h"
 #include "capture.h"
 
+#define TAG "capture"
+
 static ax_capture *g_capture;
+static volatile sig_atomic_t g_stop;
 
 static void on_signal(int sig)
 {
 	(void)sig;
+	g_stop = 1;
 	if (g_capture)
 		ax_capture_stop(g_capture);
 }
@@ -36,26 +58,120 @@ static void install_signals(void)
 	signal(SIGPIPE, SIG_IGN);
 }
 
+/* argv as given (getopt_long permutes the array it parses), NULL-terminated, for the re-exec. NULL on ENOMEM. */
+static char **copy_args(int argc, char **argv)
+{
+	char **a = calloc((size_t)argc + 1, sizeof *a);
+	if (a)
+		memcpy(a, argv, (size_t)argc * sizeof *a);
+	return a;
+}
+
+/* Mark every descriptor above stderr close-on-exec: close_range (Linux ≥ 5.11), else /proc/self/fd. */
+static void cloexec_above_stderr(void)
+{
+#if defined(SYS_close_range) && defined(CLOSE_RANGE_CLOEXEC)
+	if (syscall(SYS_close_range, 3u, ~0u, CLOSE_RANGE_CLOEXEC) == 0)
+		return;
+#endif
+	DIR *d = opendir("/proc/self/fd");
+	if (d == NULL)
+		return;
+	struct dirent *e;
+	while ((e = readdir(d)) != NULL) {
+		int fd = atoi(e->d_name), fl;
+		if (fd > 2 && fd != dirfd(d) && (fl = fcntl(fd, F_GETFD)) >= 0)
+			fcntl(fd, F_SETFD, fl | FD_CLOEXEC);
+	}
+	closedir(d);
+}
+
+/* Sleep `ms`, waking early on a stop signal. Returns 1 if stopped. */
+static int sleep_unless_stopped(uint64_t ms)
+{
+	for (uint64_t t = 0; t < ms && !g_stop; t += 100) {
+		struct timespec ts = {0, 100 * 1000000L};
+		nanosleep(&ts, NULL);
+	}
+	return g_stop != 0;
+}
+
+/* Replace this process with a fresh image of itself (see the top). Returns only on failure (or a stop signal
+ * during the backoff wait: -EINTR), with the process intact. */
+static int reexec(char **args, ax__cuda_be_reexec *re)
+{
+	uint64_t delay_ms = ax__cuda_be_reexec_next(re, ax_now_ns() / 1000000000ull);
+	if (delay_ms)
+		ax_log(AX_LOG_WARN, TAG, "%u re-executions in the last minute: waiting %llu ms before the next",
+		       re->in_window - 1, (unsigned long long)delay_ms);
+	if (sleep_unless_stopped(delay_ms))
+		return -EINTR;
+	char val[80];
+	if (ax__cuda_be_reexec_format(re, val, sizeof val) < 0 || setenv(AX_REEXEC_ENV, val, 1) != 0)
+		return -ENOMEM;
+	ax_log(AX_LOG_WARN, TAG, "re-executing (%u) for a fresh CUDA context after a sticky error", re->count);
+	fflush(NULL);
+	cloexec_above_stderr();
+	execv("/proc/self/exe", args);
+	int err = errno;
+	if (strchr(args[0], '/'))
+		execv(args[0], args); /* no /proc: the path it was started with (the cwd is unchanged) */
+	ax_log(AX_LOG_ERROR, TAG, "cannot re-execute %s: %s; capturing nothing on the CUDA device until one of its "
+	       "resets (retried with backoff) brings it back", args[0], strerror(err));
+	return -err;
+}
+
+/* After a re-exec the device may take a moment to be enumerable again: retry the open (1 s apart, 60 s at most)
+ * before giving up, instead of exiting on the first -ENOTSUP. */
+static int open_capture(ax_capture **c, const ax_capture_opts *o)
+{
+	int rv = ax_capture_open(c, o);
+	for (int i = 0; rv < 0 && rv != -EINVAL && o->reexecs > 0 && i < 60; i++) {
+		if (i == 0)
+			ax_log(AX_LOG_WARN, TAG, "capture open after a re-exec failed (%s); retrying every second",
+			       ax_strerror(rv));
+		if (sleep_unless_stopped(1000))
+			break;
+		rv = ax_capture_open(c, o);
+	}
+	return rv;
+}
+
 int main(int argc, char **argv)
 {
+	char **args = copy_args(argc, argv);
+	ax__cuda_be_reexec re;
+	if (args == NULL)
+		return 1;
+	if (ax__cuda_be_reexec_parse(getenv(AX_REEXEC_ENV), &re) < 0)
+		fprintf(stderr, "attnx-capture: ignoring a malformed %s\n", AX_REEXEC_ENV);
 	ax_capture_opts o;
 	ax_capture_opts_default(&o);
 	int rv = ax_capture_opts_parse(&o, argc, argv, stdout, stderr);
-	if (rv == 1)
-		return 0;
-	if (rv < 0)
-		return 2;
+	if (rv != 0) {
+		free(args);
+		return rv == 1 ? 0 : 2;
+	}
 	ax_log_set_level(o.log_level);
+	o.may_reexec = 1;
+	o.reexecs = re.count;
+	if (re.count)
+		ax_log(AX_LOG_WARN, TAG, "restarted after a sticky CUDA error (%u)", re.count);
+	install_signals();
 	ax_capture *c;
-	if ((rv = ax_capture_open(&c, &o)) < 0) {
+	if ((rv = open_capture(&c, &o)) < 0) {
 		fprintf(stderr, "attnx-capture: %s\n", ax_strerror(rv));
+		free(args);
 		return rv == -EINVAL || rv == -ENOTSUP ? 2 : 1;
 	}
 	g_capture = c;
-	install_signals();
-	rv = ax_capture_run(c);
+	if (g_stop)
+		ax_capture_stop(c);
+	while ((rv = ax_capture_run(c)) == AX_CAPTURE_REEXEC && !g_stop)
+		reexec(args, &re); /* returns only on failure: run again, with the backend's backoff retries */
 	g_capture = NULL;
 	ax_capture_close(c);
 	nng_fini();
+	free(args);
 	return rv < 0 ? 1 : 0;
 }

@@ -167,13 +167,19 @@ const ax_cuda_ops *ax_cuda_ops_real(void);
  * everything it opened on the device first), negative errno = the device cannot be queried (treat as sticky).
  * device_reset: cudaDeviceReset of `device` — call it only after closing every context, mapping and event this
  * process opened there, since the reset invalidates them all — then a probe: 0 = usable again, -EIO / -ENODEV =
- * still broken (try again later; per the CUDA documentation a sticky error may need a new process).
- * last_error: text of the last failure (never NULL). */
+ * still broken (try again later; per the CUDA documentation a sticky error may need a new process, and on an
+ * H200 with driver 580 / CUDA 13 the probe after the reset does fail: the capture then re-executes itself).
+ * last_error: text of the last failure (never NULL).
+ * inject_fault (tests only; may be NULL): break `device` the way a kernel reading a dead engine's mapping does —
+ * the real one launches a one-thread kernel (PTX, loaded through the driver API, so no nvcc-built code is needed
+ * here) that stores to address 0x10, and waits for it: cudaErrorIllegalAddress, sticky. Returns -EIO with the
+ * fault's text in last_error (the expected outcome), -ENODEV, or -EIO "did not fault" if the store went through. */
 typedef struct ax_cuda_recovery_ops {
 	void *ctx;
 	int (*device_sticky)(void *ctx, int device);
 	int (*device_reset)(void *ctx, int device);
 	const char *(*last_error)(void *ctx);
+	int (*inject_fault)(void *ctx, int device);
 } ax_cuda_recovery_ops;
 /* The CUDA runtime implementation (cuda_ops.c, CUDA builds only). */
 const ax_cuda_recovery_ops *ax_cuda_recovery_real(void);

@@ -10,7 +10,9 @@
  * Runtime API where it has the call (IPC handles, events, device selection, which also makes the device's primary
  * context current), driver API for what only it has (cuMemGetAddressRange, the cuMem* VMM calls).
  * VMM imports are mapped read-only when the driver allows it (read-write otherwise): the capture never writes.
- * NOT RUN YET: this file has been compiled but never executed (no GPU in the session that wrote it).
+ * Ran on an H200 (driver 580.159.04, CUDA 13, 3a279e1) through the GPU tests: import, events, device_sticky; there
+ * device_reset's probe failed after an illegal address (a new process is needed). inject_fault (tests only) is
+ * newer and has not run on a GPU yet.
  */
 #include "attnx_shm_cuda.h"
 
@@ -283,6 +285,88 @@ static const char *last_error(void *ctx)
 	return g_err;
 }
 
+/* ---- test-only fault injection (ax_cuda_recovery_ops.inject_fault) ------------------------------------------
+ * A one-thread kernel storing 1 to the u32 at its parameter, as PTX (ISA 7.0, sm_52: the driver JIT-compiles it
+ * for any newer device; `ptxas -arch=sm_90` accepts it), loaded through the driver API so that this plain-C file
+ * needs no nvcc-built code. Launched with 0x10, it faults like a kernel reading through a dead engine's mapping. */
+static const char fault_ptx[] = ".version 7.0\n"
+				".target sm_52\n"
+				".address_size 64\n"
+				".visible .entry ax_fault(.param .u64 ax_fault_p)\n"
+				"{\n"
+				"\t.reg .b32 %r<2>;\n"
+				"\t.reg .b64 %rd<2>;\n"
+				"\tld.param.u64 %rd1, [ax_fault_p];\n"
+				"\tmov.u32 %r1, 1;\n"
+				"\tst.global.u32 [%rd1], %r1;\n"
+				"\tret;\n"
+				"}\n";
+
+static struct {
+	CUresult (*ModuleLoadData)(CUmodule *, const void *);
+	CUresult (*ModuleGetFunction)(CUfunction *, CUmodule, const char *);
+	CUresult (*LaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+				 CUstream, void **, void **);
+	CUresult (*CtxSynchronize)(void);
+	CUresult (*ModuleUnload)(CUmodule);
+} fdrv;
+
+/* Resolved apart from drv: a driver without one of these must not break the importer. 0 or -ENODEV. */
+static int fault_resolve(void)
+{
+	const struct {
+		const char *sym;
+		void **fn;
+	} t[] = {
+		{"cuModuleLoadData", (void **)&fdrv.ModuleLoadData},
+		{"cuModuleGetFunction", (void **)&fdrv.ModuleGetFunction},
+		{"cuLaunchKernel", (void **)&fdrv.LaunchKernel},
+		{"cuCtxSynchronize", (void **)&fdrv.CtxSynchronize},
+		{"cuModuleUnload", (void **)&fdrv.ModuleUnload},
+	};
+	for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+		enum cudaDriverEntryPointQueryResult q;
+		if (cudaGetDriverEntryPointByVersion(t[i].sym, t[i].fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+		    q != cudaDriverEntryPointSuccess || *t[i].fn == NULL) {
+			snprintf(g_err, sizeof g_err, "driver entry point %s not found", t[i].sym);
+			cudaGetLastError();
+			return -ENODEV;
+		}
+	}
+	return 0;
+}
+
+static int inject_fault(void *ctx, int device)
+{
+	(void)ctx;
+	int rc = use_device(device); /* the primary context, current: the one ax_attn_cuda and the mappings use */
+	if (rc == 0)
+		rc = fault_resolve();
+	if (rc)
+		return rc;
+	CUmodule mod = NULL;
+	CUfunction fn = NULL;
+	CUresult r = fdrv.ModuleLoadData(&mod, fault_ptx);
+	if (r == CUDA_SUCCESS)
+		r = fdrv.ModuleGetFunction(&fn, mod, "ax_fault");
+	if (r != CUDA_SUCCESS) {
+		rc = drv_fail(r, "injected fault: loading the kernel");
+		if (mod)
+			fdrv.ModuleUnload(mod);
+		return rc;
+	}
+	unsigned long long addr = 0x10;
+	void *args[] = {&addr};
+	r = fdrv.LaunchKernel(fn, 1, 1, 1, 1, 1, 1, 0, NULL, args, NULL);
+	if (r == CUDA_SUCCESS)
+		r = fdrv.CtxSynchronize();
+	if (r != CUDA_SUCCESS) /* the expected outcome; the module dies with the context at the reset */
+		return drv_fail(r, "injected fault (a kernel storing to 0x10)");
+	fdrv.ModuleUnload(mod);
+	snprintf(g_err, sizeof g_err, "injected fault: a store to 0x10 did not fault");
+	return -EIO;
+}
+
 static const ax_cuda_ops real_ops = {
 	.ctx = NULL,
 	.ipc_open = ipc_open,
@@ -301,6 +385,7 @@ static const ax_cuda_recovery_ops real_recovery = {
 	.device_sticky = device_sticky,
 	.device_reset = device_reset,
 	.last_error = last_error,
+	.inject_fault = inject_fault,
 };
 
 const ax_cuda_recovery_ops *ax_cuda_recovery_real(void) { return &real_recovery; }

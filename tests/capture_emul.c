@@ -15,7 +15,10 @@
  * makes the N-th run fault like a kernel reading freed memory: from then on every run, open, import and wait
  * fails with -EIO and device_sticky says 1, until device_reset — which first checks, as the real device would
  * make necessary, that every mapping and context was closed (else counted as a leak and the mappings torn down
- * under the holder), and can be made to fail a few times (AX_EMUL_RESET_FAILS) to exercise the backoff.
+ * under the holder), and can be made to fail a few times (AX_EMUL_RESET_FAILS=n) to exercise the backoff, or for
+ * good (AX_EMUL_RESET_FAILS=-1: "reset does not recover", what an H200 with driver 580 / CUDA 13 does), which makes
+ * the daemon re-execute itself. inject_fault (the backend's ATTNX_CUDA_FAULT_AFTER) breaks the device the same way.
+ * The emulated device's state is the process's: a re-executed daemon finds a fresh, working one, as on a GPU.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -47,7 +50,8 @@ static int g_sticky, g_reset_fails, g_ctx_open;
 static unsigned long g_resets, g_reset_leaks, g_ok_since_reset; /* good runs since the last reset */
 
 /* Tests: the run `sticky_in` runs from now faults for good (0: the device is broken now; < 0: never); the next
- * `reset_fails` resets fail; the run `transient_in` runs from now fails once with a clearable error. */
+ * `reset_fails` resets fail (< 0: every reset); the run `transient_in` runs from now fails once with a clearable
+ * error. */
 void ax_emul_inject(long sticky_in, int reset_fails, long transient_in);
 void ax_emul_inject(long sticky_in, int reset_fails, long transient_in)
 {
@@ -184,9 +188,10 @@ static int em_device_reset(void *ctx, int device)
 		while (g_nmaps)
 			unmap_at((uint64_t)(uintptr_t)g_maps[0].base);
 	}
-	if (g_reset_fails > 0) {
-		g_reset_fails--;
-		snprintf(g_err, sizeof g_err, "emul: the device stays broken after the reset (injected)");
+	if (g_reset_fails != 0) {
+		g_reset_fails -= g_reset_fails > 0;
+		snprintf(g_err, sizeof g_err, "emul: device probe after cudaDeviceReset: CUDA-capable device(s) is/are busy "
+			 "or unavailable (injected%s)", g_reset_fails < 0 ? ": resets never recover" : "");
 		return -EIO;
 	}
 	g_sticky = 0;
@@ -195,9 +200,18 @@ static int em_device_reset(void *ctx, int device)
 	return 0;
 }
 
+static int em_inject_fault(void *ctx, int device)
+{
+	(void)ctx, (void)device;
+	g_sticky = 1;
+	snprintf(g_err, sizeof g_err, "emul: an illegal memory access was encountered (ATTNX_CUDA_FAULT_AFTER)");
+	return -EIO;
+}
+
 static const ax_cuda_ops emul_ops = {NULL, em_ipc_open, em_ipc_close, em_vmm_map, em_vmm_unmap, em_event_open,
 				     em_event_close, em_last_error};
-static const ax_cuda_recovery_ops emul_recovery = {NULL, em_device_sticky, em_device_reset, em_last_error};
+static const ax_cuda_recovery_ops emul_recovery = {NULL, em_device_sticky, em_device_reset, em_last_error,
+						   em_inject_fault};
 
 const ax_cuda_recovery_ops *ax_cuda_recovery_real(void) { return &emul_recovery; }
 

@@ -11,6 +11,12 @@
  * for a fresh attachment (at once, or after the backoff while the device stays broken, without retrying in
  * between), and after it the batch gives the right results again. Without the recovery the device stays broken
  * and every later batch fails: the cases fail.
+ *
+ * Also: a device whose resets never recover (what an H200 does) must say it needs a new process
+ * (ax__cuda_be_need_new_process, the daemon's cue to re-execute itself) and keep the backoff for a user that cannot;
+ * the test-only fault (ATTNX_CUDA_FAULT_AFTER, armed per process image through ATTNX_CAPTURE_REEXEC and
+ * ATTNX_CUDA_FAULT_IMAGES) must replace exactly the batch it names and take the real fault's path; and the re-exec
+ * bookkeeping (parse, next delay, format) is checked on a table of values, garbage included.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -274,6 +280,7 @@ static void run_case(void **state)
 	assert_int_equal(rs.sticky, 1);
 	assert_int_equal(rs.resets, 1);
 	assert_int_equal(resets1 - resets0, c->reset_fails ? 0 : 1);
+	assert_int_equal(ax__cuda_be_need_new_process(f->be), c->reset_fails != 0);
 
 	/* Until the capture attaches afresh: no import, and jobs holding the old addresses never reach the device. */
 	uint64_t d;
@@ -306,6 +313,7 @@ static void run_case(void **state)
 	assert_true(rs.lost_jobs >= (c->sticky_in ? QROWS : 0u));
 
 	/* Attached afresh: imports again, right results, and nothing left to recover. */
+	assert_int_equal(ax__cuda_be_need_new_process(f->be), 0);
 	reattach(f);
 	assert_int_equal(queue_rows(f, NULL), 0);
 	assert_int_equal(run_check(f), 0);
@@ -313,6 +321,129 @@ static void run_case(void **state)
 	counts(&runs1, &resets1, &leaks);
 	assert_int_equal(leaks, 0);
 	assert_int_equal(resets1 - resets0, 1);
+}
+
+/* Resets never recover (an H200, driver 580): the backend says a new process is needed, keeps retrying with a
+ * growing backoff (never between), never asks for a re-attach, and never hands the device a job. */
+static void reset_never_recovers(void **state)
+{
+	fx *f = *state;
+	assert_int_equal(queue_rows(f, NULL), 0);
+	assert_int_equal(run_check(f), 0);
+	ax_emul_inject(1, -1, -1);
+	assert_int_equal(queue_rows(f, NULL), 0);
+	assert_int_equal(run_check(f), -EIO);
+	assert_int_equal(ax__cuda_be_need_new_process(f->be), 1);
+	unsigned long runs0, runs1, resets0, resets, leaks;
+	counts(&runs0, &resets0, &leaks);
+	assert_int_equal(leaks, 0);
+	uint64_t t = ax_now_ns();
+	ax__cuda_be_recovery rs;
+	for (int i = 0; i < 5; i++) {
+		assert_int_equal(ax__cuda_be_lost(f->be, t), 0);
+		ax__cuda_be_recovery_get(f->be, &rs);
+		uint64_t before = rs.resets;
+		assert_int_equal(ax__cuda_be_lost(f->be, t), 0); /* same instant: no new attempt */
+		ax__cuda_be_recovery_get(f->be, &rs);
+		assert_int_equal(rs.resets, before);
+		t += 31ull * 1000000000ull;
+	}
+	assert_int_equal(rs.reattaches, 0);
+	assert_int_equal(rs.reset_failed, rs.resets);
+	assert_true(rs.resets >= 5);
+	assert_int_equal(ax__cuda_be_need_new_process(f->be), 1);
+	uint64_t d;
+	assert_int_equal(ax__cuda_be_map(f->be, (uint32_t)f->ki, &d), -EIO);
+	counts(&runs1, &resets, &leaks);
+	assert_int_equal(runs1, runs0);
+	assert_int_equal(leaks, 0);
+	assert_int_equal(resets, resets0); /* the emulator counts successful resets only */
+}
+
+/* Reopen the fixture's backend with the environment as set now (the fault is armed at open). */
+static void reopen(fx *f)
+{
+	ax__cuda_be_close(f->be);
+	assert_int_equal(ax__cuda_be_open(&f->be, 0), 0);
+	assert_int_equal(ax__cuda_be_attach(f->be, f->shm, -1), 0);
+}
+
+/* ATTNX_CUDA_FAULT_AFTER=2: two good batches, the third faults (sticky, the real path: reset, re-attach), then good
+ * again; armed once per image; not armed in a re-executed image unless ATTNX_CUDA_FAULT_IMAGES says so. */
+static void fault_env(void **state)
+{
+	fx *f = *state;
+	const struct { const char *reexec, *images; int armed; } t[] = {
+		{NULL, NULL, 1}, {"1 100 1", NULL, 0}, {"1 100 1", "2", 1}, {"2 100 2", "2", 0}, {"garbage", NULL, 1},
+	};
+	for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+		setenv("ATTNX_CUDA_FAULT_AFTER", "2", 1);
+		t[i].reexec ? setenv("ATTNX_CAPTURE_REEXEC", t[i].reexec, 1) : unsetenv("ATTNX_CAPTURE_REEXEC");
+		t[i].images ? setenv("ATTNX_CUDA_FAULT_IMAGES", t[i].images, 1) : unsetenv("ATTNX_CUDA_FAULT_IMAGES");
+		reopen(f);
+		unsetenv("ATTNX_CUDA_FAULT_AFTER");
+		unsetenv("ATTNX_CAPTURE_REEXEC");
+		unsetenv("ATTNX_CUDA_FAULT_IMAGES");
+		for (int b = 0; b < 2; b++) {
+			assert_int_equal(queue_rows(f, NULL), 0);
+			assert_int_equal(run_check(f), 0);
+		}
+		assert_int_equal(queue_rows(f, NULL), 0);
+		assert_int_equal(run_check(f), t[i].armed ? -EIO : 0);
+		ax__cuda_be_recovery rs;
+		ax__cuda_be_recovery_get(f->be, &rs);
+		assert_int_equal(rs.faults, (uint64_t)t[i].armed);
+		assert_int_equal(rs.sticky, (uint64_t)t[i].armed);
+		assert_int_equal(rs.resets, (uint64_t)t[i].armed);
+		assert_int_equal(ax__cuda_be_lost(f->be, ax_now_ns()), t[i].armed);
+		if (t[i].armed)
+			reattach(f);
+		for (int b = 0; b < 3; b++) { /* once per image: never again */
+			assert_int_equal(queue_rows(f, NULL), 0);
+			assert_int_equal(run_check(f), 0);
+		}
+	}
+}
+
+/* The re-exec bookkeeping: parse (garbage counts as a first image), the delays of a burst, a new window, format. */
+static void reexec_plan(void **state)
+{
+	(void)state;
+	static const struct { const char *in; int rv; uint32_t count; uint64_t window; uint32_t in_window; } p[] = {
+		{NULL, 0, 0, 0, 0},        {"", 0, 0, 0, 0},          {"1 2 3", 0, 1, 2, 3},
+		{"7 123456 2", 0, 7, 123456, 2}, {"x", -EINVAL, 0, 0, 0}, {"1 2", -EINVAL, 0, 0, 0},
+		{"1 2 3 4", -EINVAL, 0, 0, 0}, {"-1 2 3", -EINVAL, 0, 0, 0}, {" 1 2 3", -EINVAL, 0, 0, 0},
+		{"4294967296 0 0", -EINVAL, 0, 0, 0}, {"1 2 3x", -EINVAL, 0, 0, 0}, {"1 2 -3", -EINVAL, 0, 0, 0},
+	};
+	for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) {
+		ax__cuda_be_reexec r = {9, 9, 9};
+		assert_int_equal(ax__cuda_be_reexec_parse(p[i].in, &r), p[i].rv);
+		assert_int_equal(r.count, p[i].count);
+		assert_int_equal(r.window_s, p[i].window);
+		assert_int_equal(r.in_window, p[i].in_window);
+	}
+	/* A burst at t = 1000 s: three free, then 1, 2, 4, 8, 16, 32 s, then 60 s for good. */
+	static const uint64_t want[] = {0, 0, 0, 1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000};
+	ax__cuda_be_reexec r;
+	assert_int_equal(ax__cuda_be_reexec_parse(NULL, &r), 0);
+	for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+		assert_int_equal(ax__cuda_be_reexec_next(&r, 1000 + i), want[i]);
+		assert_int_equal(r.count, i + 1);
+		assert_int_equal(r.window_s, 1000);
+	}
+	/* A minute later: a new window, free again; the total goes on. */
+	assert_int_equal(ax__cuda_be_reexec_next(&r, 1060), 0);
+	assert_int_equal(r.in_window, 1);
+	assert_int_equal(r.window_s, 1060);
+	assert_int_equal(r.count, 13);
+	/* format → parse round trip; too small a buffer */
+	char buf[64];
+	assert_true(ax__cuda_be_reexec_format(&r, buf, sizeof buf) > 0);
+	assert_string_equal(buf, "13 1060 1");
+	ax__cuda_be_reexec back;
+	assert_int_equal(ax__cuda_be_reexec_parse(buf, &back), 0);
+	assert_memory_equal(&back, &r, sizeof r);
+	assert_int_equal(ax__cuda_be_reexec_format(&r, buf, 5), -ENOSPC);
 }
 
 #define CASE(i) \
@@ -329,8 +460,11 @@ int main(void)
 		cmocka_unit_test_setup_teardown(case_1, setup, teardown),
 		cmocka_unit_test_setup_teardown(case_2, setup, teardown),
 		cmocka_unit_test_setup_teardown(case_3, setup, teardown),
+		cmocka_unit_test_setup_teardown(reset_never_recovers, setup, teardown),
+		cmocka_unit_test_setup_teardown(fault_env, setup, teardown),
+		cmocka_unit_test(reexec_plan),
 	};
-	for (size_t i = 0; i < sizeof t / sizeof t[0]; i++)
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
 		t[i].name = cases[i].name;
 	ax_log_set_level(AX_LOG_WARN);
 	return cmocka_run_group_tests(t, NULL, NULL);

@@ -24,6 +24,16 @@
  * Before the scenario, rule_test() checks the recycling contract in-process, case by case (export + attach of one
  * small segment).
  *
+ * The `sticky` scenario (capture/README.md, "Sticky CUDA errors"): the device capture runs with the backend's
+ * test-only fault (ATTNX_CUDA_FAULT_AFTER=10: its 11th batch faults instead of running: on a GPU a kernel storing to
+ * 0x10, cudaErrorIllegalAddress, sticky) and, on the emulated device, with resets that never recover
+ * (AX_EMUL_RESET_FAILS=-1, what an H200 does): the capture must re-execute itself (same pid, a fresh image: its
+ * record seq starts again, its hello comes again, its stats say cuda_reexecs 1) or, on a driver whose reset
+ * recovers, attach afresh in-process (cuda_sticky and cuda_resets 1); either way it must still run at the end,
+ * report every request it lost track of (an `end` or a `requests` gap for each), emit no wrong record (each of its
+ * attn records equals the CPU capture's for the same key; no duplicates, no poison) and resume: the last request's
+ * records are complete. The CPU side must be complete and gap-free as usual.
+ *
  * Checks: both captures attach and announce the expected backend in `hello`; every request's records arrive and
  * `end` follows; no step dropped, no gap on either side; the attn record sets are equal key by key (rid, position,
  * layer, head) with equal k, token ids, decode steps and prefill flags, positions equal except where two keys'
@@ -73,11 +83,14 @@ enum { NREQ = 10, CONC = 3, TOPK = 8 };
 /* vmm: the device buffers are VMM allocations (cuMemCreate) exported as POSIX fds, served by ax_vmm_server on a
  * Unix socket, named by CUDA_VMM entries; the step event comes with the Q ring's fd. */
 /* recycle: see the top. */
-enum { SC_PLAIN, SC_AUTO, SC_REJECT, SC_RESTART, SC_VMM, SC_RECYCLE, SC_N };
-static const char *const sc_names[SC_N] = {"plain", "auto", "reject", "restart", "vmm", "recycle"};
+/* sticky: see the top. */
+enum { SC_PLAIN, SC_AUTO, SC_REJECT, SC_RESTART, SC_VMM, SC_RECYCLE, SC_STICKY, SC_N };
+static const char *const sc_names[SC_N] = {"plain", "auto", "reject", "restart", "vmm", "recycle", "sticky"};
+#define STICKY_FAULT_AFTER "10" /* batches before the injected fault (the run has about 70) */
 #define POISON_K 200.0f
 #define POISON_LOGIT 50.0f /* real keys: |logit| < 10 (scale 1/8, |q| < 1, |k| < 3); poison: 25·Σq, hundreds */
 static int g_scenario;
+static int g_exact; /* emulated device: the same CPU code on both sides, so every value must be identical */
 
 /* ---- tiny helpers ---------------------------------------------------------------------------------------- */
 
@@ -558,6 +571,11 @@ struct side {
 	int recycled_gaps, poisoned; /* gaps "recycled"; attn records with a poison logit (wrong records) */
 	uint64_t recycled_rows;
 	int64_t cuda_rejected; /* from the last stats record, -1 before one */
+	uint64_t cuda_sticky, cuda_resets, cuda_reset_failed, cuda_reexecs; /* largest in any stats record */
+	uint64_t last_seq;
+	int seq_restarts;      /* records whose seq went back: a new process image of the same source */
+	int req_gaps;          /* `requests` gaps (a request the capture lost track of) */
+	char req_gapped[NREQ][32];
 	char ended[NREQ][32];
 	char last_gap[160];
 	pid_t pid;
@@ -576,10 +594,20 @@ static int poisoned(const ax_rec_attn *a)
 	return ties;
 }
 
+/* The largest value of stats counter `name` in stats record `r` into *v. */
+static void stat_max(const ax_record *r, const char *name, uint64_t *v)
+{
+	for (uint32_t i = 0; i < r->u.stats.n; i++)
+		if (strcmp(r->u.stats.kv[i].name, name) == 0 && r->u.stats.kv[i].value > *v)
+			*v = r->u.stats.kv[i].value;
+}
+
 static int on_record(const ax_record *r, void *arg)
 {
 	side *s = arg;
 	pthread_mutex_lock(&s->mu);
+	s->seq_restarts += r->seq < s->last_seq;
+	s->last_seq = r->seq;
 	if (r->type == AX_REC_HELLO) {
 		s->hellos++;
 		snprintf(s->backend, sizeof s->backend, "%s", r->u.hello.backend);
@@ -591,8 +619,14 @@ static int on_record(const ax_record *r, void *arg)
 		for (uint32_t i = 0; i < r->u.stats.n; i++)
 			if (strcmp(r->u.stats.kv[i].name, "cuda_rejected") == 0)
 				s->cuda_rejected = (int64_t)r->u.stats.kv[i].value;
+		stat_max(r, "cuda_sticky", &s->cuda_sticky);
+		stat_max(r, "cuda_resets", &s->cuda_resets);
+		stat_max(r, "cuda_reset_failed", &s->cuda_reset_failed);
+		stat_max(r, "cuda_reexecs", &s->cuda_reexecs);
 	} else if (r->type == AX_REC_GAP) {
 		s->gaps++;
+		if (strcmp(r->u.gap.what, "requests") == 0 && s->req_gaps < NREQ)
+			snprintf(s->req_gapped[s->req_gaps++], sizeof s->req_gapped[0], "%.31s", r->rid);
 		if (strcmp(r->u.gap.reason, "recycled") == 0)
 			s->recycled_gaps++, s->recycled_rows += r->u.gap.count;
 		snprintf(s->last_gap, sizeof s->last_gap, "%.32s/%.32s x%llu (%.40s)", r->u.gap.what, r->u.gap.reason,
@@ -677,9 +711,23 @@ static pid_t spawn_capture(const char *bin, const char *shm, const char *backend
 			      "--layers", g_scenario == SC_REJECT ? "0,1,2,3" : "0,2,3", "--mode", mode, "--top-k", topk, "--prefill", "--threads", "2",
 			      "--stats-interval", "600000", "--max-tokens", "0", "--id", s->tag,
 			      strcmp(mode, "heads") == 0 ? "--heads" : NULL, "1,6", NULL};
+	extern char **environ;
+	char **envp = environ, *fault[3 + 256];
+	if (g_scenario == SC_STICKY && strcmp(backend, "cuda") == 0) { /* built before fork: the child only execs */
+		size_t n = 0;
+		fault[n++] = (char *)"ATTNX_CUDA_FAULT_AFTER=" STICKY_FAULT_AFTER;
+		if (g_exact)
+			fault[n++] = (char *)"AX_EMUL_RESET_FAILS=-1"; /* resets never recover: the capture re-executes */
+		for (char **e = environ; *e && n < sizeof fault / sizeof fault[0] - 1; e++)
+			if (strncmp(*e, "ATTNX_CUDA_FAULT", 16) != 0 && strncmp(*e, "AX_EMUL_", 8) != 0 &&
+			    strncmp(*e, "ATTNX_CAPTURE_REEXEC=", 21) != 0)
+				fault[n++] = *e;
+		fault[n] = NULL;
+		envp = fault;
+	}
 	pid_t pid = fork();
 	if (pid == 0) {
-		execv(bin, (char **)argv);
+		execve(bin, (char **)argv, envp);
 		_exit(127);
 	}
 	return pid;
@@ -708,6 +756,33 @@ static int wait_attached(engine *e, side *sd, side *sh)
 	}
 }
 
+/* Is request `rid` accounted for on side s: ended, or reported lost by a `requests` gap? Caller holds s->mu (or
+ * the collector has stopped). */
+static int accounted(const side *s, const char *rid)
+{
+	for (int i = 0; i < s->ends && i < NREQ; i++)
+		if (strcmp(s->ended[i], rid) == 0)
+			return 1;
+	for (int i = 0; i < s->req_gaps; i++)
+		if (strcmp(s->req_gapped[i], rid) == 0)
+			return 1;
+	return 0;
+}
+
+/* sticky: every request ended or reported lost on side s (a capture that restarted cannot end what it forgot). */
+static int all_accounted(side *s)
+{
+	int ok = 1;
+	pthread_mutex_lock(&s->mu);
+	for (unsigned i = 0; i < NREQ && ok; i++) {
+		char rid[32];
+		snprintf(rid, sizeof rid, "ge-%u", i);
+		ok = accounted(s, rid);
+	}
+	pthread_mutex_unlock(&s->mu);
+	return ok;
+}
+
 static int wait_ends(side *sd, side *sh)
 {
 	uint64_t t0 = now_ms();
@@ -715,7 +790,7 @@ static int wait_ends(side *sd, side *sh)
 		int h, e1, e2;
 		side_count(sd, &h, &e1);
 		side_count(sh, &h, &e2);
-		if (e1 >= NREQ && e2 >= NREQ)
+		if ((g_scenario == SC_STICKY ? all_accounted(sd) : e1 >= NREQ) && e2 >= NREQ)
 			return 0;
 		CHECK(now_ms() - t0 < 60000, "records incomplete after 60 s: %d / %d of %d ends", e1, e2, NREQ);
 		msleep(20);
@@ -765,7 +840,6 @@ static int order_violations(const side *s)
 }
 
 /* One record pair; returns 0, or 1 after printing the difference. *ties counts tolerated boundary swaps. */
-static int g_exact; /* emulated device: the same CPU code on both sides, so every value must be identical */
 
 static int compare_one(const arec *c, const arec *g, int *ties)
 {
@@ -879,6 +953,75 @@ static int check_recycle(const side *cpu, const side *cuda)
 		CHECK(s->recycled_rows > 0, "recycle: %s: no row reported as recycled", s->tag);
 		CHECK(s->n > 0 && order_violations(s) == 0, "recycle: %s: no records, or out of order", s->tag);
 	}
+	return 0;
+}
+
+static int count_rid(const side *s, const char *rid)
+{
+	int n = 0;
+	for (size_t i = 0; i < s->n; i++)
+		n += strcmp(s->recs[i].rid, rid) == 0;
+	return n;
+}
+
+/* sticky: each device record has an equal CPU twin, and no key comes twice. Sorts both sides. Returns the
+ * number of wrong records. */
+static int wrong_records(side *cpu, side *cuda)
+{
+	int bad = 0, ties = 0;
+	qsort(cpu->recs, cpu->n, sizeof *cpu->recs, key_cmp);
+	qsort(cuda->recs, cuda->n, sizeof *cuda->recs, key_cmp);
+	for (size_t i = 0, j = 0; i < cuda->n && bad < 20; i++) {
+		const arec *g = &cuda->recs[i];
+		if (i > 0 && key_cmp(&cuda->recs[i - 1], g) == 0) {
+			fprintf(stderr, "  %s pos %lld layer %d: sent twice\n", g->rid, (long long)g->a.position, g->a.layer_id);
+			bad++;
+			continue;
+		}
+		while (j < cpu->n && key_cmp(&cpu->recs[j], g) < 0)
+			j++;
+		if (j == cpu->n || key_cmp(&cpu->recs[j], g) != 0) {
+			fprintf(stderr, "  %s pos %lld layer %d: no CPU twin\n", g->rid, (long long)g->a.position, g->a.layer_id);
+			bad++;
+			continue;
+		}
+		bad += compare_one(&cpu->recs[j], g, &ties);
+	}
+	return bad;
+}
+
+/* sticky: see the top. `alive`: the device capture's pid was still running before the harness stopped it. */
+static int check_sticky(side *cpu, side *cuda, int alive)
+{
+	fprintf(stderr, "gpu_engine: sticky: device capture: %zu records (cpu %zu), %d hellos, %d gaps (last %s), %d "
+		"requests reported lost, seq restarts %d; stats: cuda_sticky %llu, cuda_resets %llu, cuda_reset_failed "
+		"%llu, cuda_reexecs %llu\n", cuda->n, cpu->n, cuda->hellos, cuda->gaps, cuda->last_gap, cuda->req_gaps,
+		cuda->seq_restarts, (unsigned long long)cuda->cuda_sticky, (unsigned long long)cuda->cuda_resets,
+		(unsigned long long)cuda->cuda_reset_failed, (unsigned long long)cuda->cuda_reexecs);
+	CHECK(alive, "sticky: the device capture exited: it must recover, not die");
+	CHECK(strcmp(cpu->backend, "cpu") == 0 && strcmp(cuda->backend, "cuda") == 0, "sticky: hello backends %s / %s",
+	      cpu->backend, cuda->backend);
+	CHECK(cpu->gaps == 0 && cpu->ends == NREQ && cpu->n > 0, "sticky: the CPU side is incomplete (%d gaps, %d ends)",
+	      cpu->gaps, cpu->ends);
+	int reexec = cuda->cuda_reexecs >= 1 && cuda->seq_restarts >= 1;
+	int in_proc = cuda->cuda_reexecs == 0 && cuda->cuda_sticky >= 1 && cuda->cuda_resets > cuda->cuda_reset_failed;
+	CHECK(reexec || in_proc, "sticky: no recovery seen (no re-exec, no in-process reset): was the fault injected?");
+	CHECK(!g_exact || (reexec && cuda->cuda_reexecs == 1), "sticky: the emulated device's resets never recover: "
+	      "the capture must re-execute exactly once");
+	fprintf(stderr, "gpu_engine: sticky: recovered by %s\n", reexec ? "re-executing itself (a fresh process image)"
+									     : "a device reset in the same process");
+	CHECK(cuda->hellos >= 2 && cuda->gaps > 0, "sticky: no fresh hello (%d) or no gap for the failed batch (%d)",
+	      cuda->hellos, cuda->gaps);
+	CHECK(cpu->poisoned == 0 && cuda->poisoned == 0, "sticky: records with poison logits");
+	CHECK(order_violations(cpu) == 0 && order_violations(cuda) == 0, "sticky: records out of position order");
+	int bad = wrong_records(cpu, cuda);
+	CHECK(bad == 0, "sticky: %d wrong records on the device side", bad);
+	char last[32];
+	snprintf(last, sizeof last, "ge-%u", NREQ - 1);
+	CHECK(count_rid(cpu, last) > 0 && count_rid(cuda, last) == count_rid(cpu, last),
+	      "sticky: records did not resume: %s has %d records (cpu %d)", last, count_rid(cuda, last),
+	      count_rid(cpu, last));
+	fprintf(stderr, "gpu_engine: sticky: no wrong record, %s complete (%d records)\n", last, count_rid(cuda, last));
 	return 0;
 }
 
@@ -1081,7 +1224,7 @@ static int run(const ge_dev_ops *dev, const char *bin_d, const char *bin_h, cons
 {
 	engine e;
 	side sd, sh;
-	int rc = -1;
+	int rc = -1, alive = 0;
 	if (engine_open(&e, dev) < 0)
 		return -1;
 	if (side_open(&sd, "cuda") < 0 || side_open(&sh, "cpu") < 0)
@@ -1095,12 +1238,16 @@ static int run(const ge_dev_ops *dev, const char *bin_d, const char *bin_h, cons
 		goto stop;
 	if (wait_ends(&sd, &sh) < 0)
 		goto stop;
-	if (e.drops) {
+	if (e.drops && g_scenario == SC_STICKY) { /* the restarting capture fell behind: its gaps say so */
+		fprintf(stderr, "gpu_engine: %llu steps dropped (ring full) while the device capture recovered\n",
+			(unsigned long long)e.drops);
+	} else if (e.drops) {
 		fprintf(stderr, "gpu_engine: %llu steps dropped (ring full): the comparison would be meaningless\n",
 			(unsigned long long)e.drops);
 		goto stop;
 	}
 	msleep(50);
+	alive = waitpid(sd.pid, NULL, WNOHANG) == 0;
 	rc = 0;
 stop:
 	stop_capture(sd.pid);
@@ -1110,6 +1257,8 @@ stop:
 	side_stop(&sh);
 	if (rc == 0 && g_scenario == SC_RECYCLE)
 		rc = check_recycle(&sh, &sd);
+	else if (rc == 0 && g_scenario == SC_STICKY)
+		rc = check_sticky(&sh, &sd, alive);
 	else if (rc == 0)
 		rc = compare(&sh, &sd) == 0 && check_scenario(&sh, &sd) == 0 ? 0 : -1;
 	side_close(&sd);
@@ -1129,7 +1278,7 @@ int ge_main(int argc, char **argv, const ge_dev_ops *dev)
 			g_scenario = i;
 	if (argc < 4 || ax_mode_parse(argv[3]) < 0 || (argc > 4 && g_scenario < 0)) {
 		fprintf(stderr, "usage: %s DEV_CAPTURE HOST_CAPTURE mean_logit|mean_prob|heads [plain|auto|reject|restart|vmm|"
-			"recycle [SEED]]\n", argv[0]);
+			"recycle|sticky [SEED]]\n", argv[0]);
 		return 2;
 	}
 	if (g_scenario < 0)
