@@ -33,7 +33,8 @@
  *
  * One step = ax_graph_step_begin, ax_graph_export_q once per layer (any order, layers not wanted are no-ops on the
  * GPU), ax_graph_step_publish after the last layer's attention has written its keys. All calls of one handle go
- * to one stream, in that order, from one host thread.
+ * to one stream, in that order, from one host thread. Kernels per step: 2 + layers; the fused forms
+ * (ax_graph_step_begin_q, ax_graph_export_q_publish) make it `layers` for small steps.
  *
  * Descriptor semantics are DESIGN §2 / attnx_shm.h: per valid batch row one FORWARD with the exported tokens
  * (prefill rows: every token when the consumer wants prefill rows, else the row's last token only), Q rows
@@ -131,6 +132,19 @@ int ax_graph_step_start(ax_graph *g, void *stream);
 /* Publish the step's FORWARD descriptors (after every layer's K of this step is written). */
 int ax_graph_step_publish(ax_graph *g, void *stream);
 
+/* Fused forms, for the hot path of small steps (decode): one kernel where the plain calls take two, same effect.
+ * ax_graph_step_begin_q = ax_graph_step_begin + ax_graph_export_q of the first layer; ax_graph_export_q_publish =
+ * ax_graph_export_q of the last layer + ax_graph_step_publish, for engines whose last layer has written its keys
+ * before its Q rows can be copied (Hugging Face: the cache update precedes the attention function). The fused
+ * kernel is one thread block, so it is used only when ax_graph_fuse says the step is small (every row's token count
+ * known on the host, one layer's Q rows ≤ AX_GRAPH_FUSE_MAX_BYTES); otherwise these calls enqueue the two plain
+ * kernels. The choice is made on the host at the call (at capture time for a graph). Returns as the plain calls;
+ * with bad step arguments ax_graph_step_begin_q still counts the step start and returns -EINVAL. */
+int ax_graph_step_begin_q(ax_graph *g, void *stream, const ax_graph_step_args *a, uint32_t layer, const void *q,
+			  int elem_bytes, int64_t st_b, int64_t st_t, int64_t st_h);
+int ax_graph_export_q_publish(ax_graph *g, void *stream, uint32_t layer, const void *q, int elem_bytes, int64_t st_b,
+			      int64_t st_t, int64_t st_h);
+
 /* Counters kept on the device, copied to the host (synchronous: for tests and diagnostics, never in a hot path). */
 typedef struct ax_graph_stats {
 	uint64_t ring_head, ring_dropped, arena_head, q_head, next_req_id;
@@ -168,6 +182,35 @@ static inline AX_GRAPH_HD uint64_t ax_graph_freed_step(uint64_t steps_started) {
 static inline AX_GRAPH_HD int ax_graph_row_recycled(uint64_t freed_step, uint64_t steps_started)
 {
 	return freed_step != 0 && steps_started >= freed_step;
+}
+/* Bytes per load of a Q copy: 16, 4 or 2, the widest unit that both addresses (OR-ed into addr_or), the three
+ * strides and a head row (D elements) are multiples of, in bytes; 0 when not even 2 (fp8 at an odd address). */
+static inline AX_GRAPH_HD unsigned ax_graph_q_unit(uint64_t addr_or, uint32_t esize, int64_t st_b, int64_t st_t,
+						   int64_t st_h, uint32_t D)
+{
+	uint64_t m = addr_or | (uint64_t)st_b * esize | (uint64_t)st_t * esize | (uint64_t)st_h * esize |
+		     (uint64_t)D * esize;
+	return (m & 15) == 0 ? 16u : (m & 3) == 0 ? 4u : (m & 1) == 0 ? 2u : 0u;
+}
+#define AX_GRAPH_FUSE_MAX_BYTES (64u << 10) /* one block copies this in about a microsecond */
+/* Whether a step may use the one-block fused kernels: token counts known on the host (no per-row n_tok vector)
+ * and one layer's Q rows (n_rows · n_tok_const · H · D · esize bytes) at most AX_GRAPH_FUSE_MAX_BYTES. */
+static inline AX_GRAPH_HD int ax_graph_fuse(uint32_t n_rows, uint32_t n_tok_const, int n_tok_vec, uint32_t H,
+					    uint32_t D, uint32_t esize)
+{
+	uint64_t tok_bytes = (uint64_t)H * D * esize; /* callers: H ≤ 2^16, D ≤ 1024, esize ≤ 8 */
+	if (n_tok_vec || n_tok_const < 1 || tok_bytes == 0 || tok_bytes > AX_GRAPH_FUSE_MAX_BYTES)
+		return 0;
+	return (uint64_t)n_rows * n_tok_const <= AX_GRAPH_FUSE_MAX_BYTES / tok_bytes; /* no overflow */
+}
+/* Threads of a one-block kernel over n_rows batch rows (block_scan needs every row in the block): the smallest power
+ * of two ≥ n_rows and ≥ min_threads, at most AX_GRAPH_MAX_BATCH. */
+static inline AX_GRAPH_HD uint32_t ax_graph_block_threads(uint32_t n_rows, uint32_t min_threads)
+{
+	uint32_t t = 32;
+	while ((t < n_rows || t < min_threads) && t < AX_GRAPH_MAX_BATCH)
+		t <<= 1;
+	return t;
 }
 /* First row of a run of `rows` rows in a ring of `ring_rows` rows starting at or after `head`, never wrapping. */
 static inline AX_GRAPH_HD uint64_t ax_graph_q_run(uint64_t head, uint64_t rows, uint64_t ring_rows)

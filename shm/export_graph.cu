@@ -324,10 +324,38 @@ __device__ static void row_setup(const seg_view &sv, ax_graph_map *map, const ax
 	r->in_off = ivec_get(a.in_off, b, 0);
 }
 
-__global__ void k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
-			     ax_graph_row *rows, ax_graph_step_args a, u64 q_rows)
+/* Thread 0's half of the step set-up: what this step exports, its Q-ring run. */
+__device__ static void setup_state(const seg_view &sv, ax_graph_dev *st, unsigned enabled, const u64 *layers,
+				   unsigned nl, u64 total, u64 q_rows)
 {
-	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	st->active = enabled;
+	st->layers[0] = layers[0];
+	st->layers[1] = layers[1];
+	st->nl = nl;
+	if (!enabled)
+		return;
+	st->steps++;
+	if (total > q_rows) { /* does not fit the ring: descriptors go out without Q */
+		st->steps_dropped++;
+		st->nl = 0;
+		st->layers[0] = st->layers[1] = 0;
+		return;
+	}
+	if (total) {
+		u64 base = ax_graph_q_run(st->q_head, total, q_rows);
+		st->q_head = base + total;
+		st->q_base = base;
+		st64(&sv.h->q_head, st->q_head); /* head before data: a lapped reader notices */
+		__threadfence_system();
+	}
+}
+
+/* The step set-up, by every thread of one block (blockDim.x a power of two ≥ a.n_rows): count the step start,
+ * read what the consumer wants, resolve each batch row, scan the Q rows, reserve their run. Every thread returns
+ * after the closing barrier (no early exit), so a fused kernel goes on with st and rows[] complete. */
+__device__ static void step_setup(const seg_view &sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
+				  ax_graph_row *rows, const ax_graph_step_args &a, u64 q_rows, u64 *scan)
+{
 	__shared__ u64 s_layers[2];
 	__shared__ unsigned s_nl, s_enabled, s_prefill;
 	if (threadIdx.x == 0) {
@@ -350,45 +378,37 @@ __global__ void k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, c
 	r.q_off = block_scan(mine, scan, &total);
 	if (b < a.n_rows)
 		rows[b] = r;
-	if (b != 0)
-		return;
-	st->active = s_enabled;
-	st->layers[0] = s_layers[0];
-	st->layers[1] = s_layers[1];
-	st->nl = s_nl;
-	if (!s_enabled)
-		return;
-	st->steps++;
-	if (total > q_rows) { /* does not fit the ring: descriptors go out without Q */
-		st->steps_dropped++;
-		st->nl = 0;
-		st->layers[0] = st->layers[1] = 0;
-		return;
-	}
-	if (total) {
-		u64 base = ax_graph_q_run(st->q_head, total, q_rows);
-		st->q_head = base + total;
-		st->q_base = base;
-		st64(&sv.h->q_head, st->q_head); /* head before data: a lapped reader notices */
-		__threadfence_system();
-	}
+	if (b == 0)
+		setup_state(sv, st, s_enabled, s_layers, s_nl, total, q_rows);
+	__syncthreads(); /* st and rows[] written by this block are visible to all of it */
 }
 
-/* Copy layer `layer`'s Q rows of every valid row; `unit` bytes per load (16, 4 or 2), chosen by the host. */
-__global__ void k_export_q(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, unsigned layer,
-			   const char *q, int esize, long long st_b, long long st_t, long long st_h, char *ring,
-			   u64 q_rows, unsigned H, unsigned D, unsigned unit)
+/* What a Q copy reads and writes. Element (b, i, h, d) of q at q[b * st_b + (in_off(b) + i) * st_t + h * st_h + d]
+ * (esize bytes each); `unit` bytes per load (16, 4 or 2, ax_graph_q_unit); ring: [q_rows, H, D]. */
+struct qcopy_args {
+	const char *q;
+	char *ring;
+	long long st_b, st_t, st_h;
+	u64 q_rows;
+	unsigned layer, H, D, esize, unit;
+};
+
+/* Copy layer qa.layer's Q rows of the batch rows b0, b0 + bstep, ... with this block's threads; then a system
+ * fence (the rows are out before the descriptor that names them, a later kernel or, after a barrier, this one).
+ * No barrier inside: a thread may return early. */
+__device__ static void copy_q(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, unsigned b0,
+			      unsigned bstep, const qcopy_args &qa)
 {
 	if (!st->active || !st->nl)
 		return;
 	uint64_t lm[2] = {st->layers[0], st->layers[1]};
-	int li = ax_graph_layer_slot(lm, layer);
+	int li = ax_graph_layer_slot(lm, qa.layer);
 	if (li < 0)
 		return;
-	unsigned nl = st->nl;
-	u64 base = st->q_base % q_rows;
-	unsigned uph = D * (unsigned)esize / unit; /* units per head */
-	for (unsigned b = blockIdx.x; b < n_rows; b += gridDim.x) {
+	unsigned nl = st->nl, H = qa.H, unit = qa.unit;
+	u64 base = st->q_base % qa.q_rows;
+	unsigned uph = qa.D * qa.esize / unit; /* units per head */
+	for (unsigned b = b0; b < n_rows; b += bstep) {
 		const ax_graph_row &r = rows[b];
 		if (!r.valid)
 			continue;
@@ -397,9 +417,10 @@ __global__ void k_export_q(const ax_graph_dev *st, const ax_graph_row *rows, uns
 			u64 t = e / ((u64)H * uph), rem = e % ((u64)H * uph);
 			unsigned h = (unsigned)(rem / uph), u = (unsigned)(rem % uph);
 			long long tok = r.in_off + r.q_first + (long long)t;
-			const char *src = q + ((long long)b * st_b + tok * st_t + (long long)h * st_h) * esize + (u64)u * unit;
+			const char *src = qa.q + ((long long)b * qa.st_b + tok * qa.st_t + (long long)h * qa.st_h) * qa.esize +
+					  (u64)u * unit;
 			u64 row = base + r.q_off + t * nl + (unsigned)li;
-			char *dst = ring + ((row * H + h) * D) * (u64)esize + (u64)u * unit;
+			char *dst = qa.ring + ((row * H + h) * qa.D) * (u64)qa.esize + (u64)u * unit;
 			if (unit == 16)
 				*(uint4 *)dst = *(const uint4 *)src;
 			else if (unit == 4)
@@ -408,13 +429,15 @@ __global__ void k_export_q(const ax_graph_dev *st, const ax_graph_row *rows, uns
 				*(unsigned short *)dst = *(const unsigned short *)src;
 		}
 	}
-	__threadfence_system(); /* Q rows visible beyond this GPU before the descriptor (another kernel) names them */
+	__threadfence_system(); /* Q rows visible beyond this GPU before the descriptor names them */
 }
 
-__global__ void k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
-			  ax_graph_step_args a, unsigned index_buf)
+/* Publish the step's FORWARD descriptors, by every thread of one block (blockDim.x a power of two ≥ a.n_rows):
+ * token ids into the arena (head first), one seqlock slot per valid row, flow control against consumer_tail,
+ * ring_head last. Uniform early exit only (st->active is read by all threads before anyone clears it). */
+__device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const ax_graph_row *rows,
+				    const ax_graph_ctl *ctl, const ax_graph_step_args &a, unsigned index_buf, u64 *scan)
 {
-	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
 	__shared__ u64 s_head, s_pos, s_k;
 	if (!st->active)
 		return;
@@ -480,6 +503,44 @@ __global__ void k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *row
 		st64(&sv.h->ring_head, st->ring_head); /* last: every slot above is complete */
 		st->active = 0; /* a publish without a fresh step_begin publishes nothing */
 	}
+}
+
+__global__ void k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
+			     ax_graph_row *rows, ax_graph_step_args a, u64 q_rows)
+{
+	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	step_setup(sv, st, map, ctl, rows, a, q_rows, scan);
+}
+
+__global__ void k_export_q(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, qcopy_args qa)
+{
+	copy_q(st, rows, n_rows, blockIdx.x, gridDim.x, qa);
+}
+
+__global__ void k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
+			  ax_graph_step_args a, unsigned index_buf)
+{
+	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	publish_step(sv, st, rows, ctl, a, index_buf, scan);
+}
+
+/* Fused (one block; small steps only, ax_graph_fuse): the step set-up, then the first layer's Q copy. */
+__global__ void k_step_begin_q(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
+			       ax_graph_row *rows, ax_graph_step_args a, u64 q_rows, qcopy_args qa)
+{
+	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	step_setup(sv, st, map, ctl, rows, a, q_rows, scan);
+	copy_q(st, rows, a.n_rows, 0, 1, qa);
+}
+
+/* Fused (one block; small steps only): the last layer's Q copy, then the publish (keys already written). */
+__global__ void k_export_q_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
+				   ax_graph_step_args a, unsigned index_buf, qcopy_args qa)
+{
+	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	copy_q(st, rows, a.n_rows, 0, 1, qa);
+	__syncthreads(); /* every thread's rows (and its system fence) before any descriptor */
+	publish_step(sv, st, rows, ctl, a, index_buf, scan);
 }
 
 /* ---- host side ------------------------------------------------------------------------------------------- */
@@ -721,36 +782,44 @@ int ax_graph_step_begin(ax_graph *g, void *stream, const ax_graph_step_args *a)
 	}
 	g->n_rows = a->n_rows;
 	g->last = *a;
-	/* The block size is a power of two ≥ n_rows (block_scan needs every row in one block). */
-	unsigned threads = 32;
-	while (threads < a->n_rows)
-		threads <<= 1;
-	k_step_begin<<<1, threads, 0, (cudaStream_t)stream>>>(g->sv, g->st, g->map, g->ctl_d, g->rows, *a,
-								 g->cfg.q_rows);
+	k_step_begin<<<1, ax_graph_block_threads(a->n_rows, 32), 0, (cudaStream_t)stream>>>(
+		g->sv, g->st, g->map, g->ctl_d, g->rows, *a, g->cfg.q_rows);
 	return launched(g, "k_step_begin");
+}
+
+/* A Q copy's arguments, checked against the handle (the step begun last gives the rows). */
+static int qcopy(const ax_graph *g, uint32_t layer, const void *q, int elem_bytes, int64_t st_b, int64_t st_t,
+		 int64_t st_h, qcopy_args *qa)
+{
+	if (!g || !q || !g->n_rows || elem_bytes != (int)g->esize || layer >= 128 || st_h < (int64_t)g->D)
+		return -EINVAL;
+	uint64_t addr = (uint64_t)(uintptr_t)q | (uint64_t)(uintptr_t)g->cfg.q_ring;
+	unsigned unit = ax_graph_q_unit(addr, (uint32_t)elem_bytes, st_b, st_t, st_h, g->D);
+	if (!unit)
+		return -EINVAL; /* fp8 Q rows need 2-byte alignment at least */
+	qa->q = (const char *)q;
+	qa->ring = (char *)g->cfg.q_ring;
+	qa->st_b = st_b;
+	qa->st_t = st_t;
+	qa->st_h = st_h;
+	qa->q_rows = g->cfg.q_rows;
+	qa->layer = layer;
+	qa->H = g->H;
+	qa->D = g->D;
+	qa->esize = (unsigned)elem_bytes;
+	qa->unit = unit;
+	return 0;
 }
 
 int ax_graph_export_q(ax_graph *g, void *stream, uint32_t layer, const void *q, int elem_bytes, int64_t st_b,
 		      int64_t st_t, int64_t st_h)
 {
-	if (!g || !q || !g->n_rows || elem_bytes != (int)g->esize || layer >= 128 || st_h < (int64_t)g->D)
-		return -EINVAL;
-	unsigned unit = (unsigned)elem_bytes;
-	uint64_t align = (uint64_t)(uintptr_t)q | (uint64_t)(uintptr_t)g->cfg.q_ring;
-	uint64_t bytes_b = (uint64_t)st_b * elem_bytes, bytes_t = (uint64_t)st_t * elem_bytes;
-	uint64_t bytes_h = (uint64_t)st_h * elem_bytes, bytes_d = (uint64_t)g->D * elem_bytes;
-	if (((align | bytes_b | bytes_t | bytes_h | bytes_d) & 15) == 0)
-		unit = 16;
-	else if (((align | bytes_b | bytes_t | bytes_h | bytes_d) & 3) == 0)
-		unit = 4;
-	else if (elem_bytes == 1)
-		return -EINVAL; /* fp8 Q rows need 2-byte alignment at least */
-	else
-		unit = 2;
+	qcopy_args qa;
+	int rc = qcopy(g, layer, q, elem_bytes, st_b, st_t, st_h, &qa);
+	if (rc)
+		return rc;
 	unsigned blocks = g->n_rows < 1024 ? g->n_rows : 1024;
-	k_export_q<<<blocks, 256, 0, (cudaStream_t)stream>>>(g->st, g->rows, g->n_rows, layer, (const char *)q,
-							       elem_bytes, st_b, st_t, st_h, (char *)g->cfg.q_ring,
-							       g->cfg.q_rows, g->H, g->D, unit);
+	k_export_q<<<blocks, 256, 0, (cudaStream_t)stream>>>(g->st, g->rows, g->n_rows, qa);
 	return launched(g, "k_export_q");
 }
 
@@ -758,11 +827,52 @@ int ax_graph_step_publish(ax_graph *g, void *stream)
 {
 	if (!g || !g->n_rows)
 		return -EINVAL;
-	unsigned threads = 32;
-	while (threads < g->n_rows)
-		threads <<= 1;
-	k_publish<<<1, threads, 0, (cudaStream_t)stream>>>(g->sv, g->st, g->rows, g->ctl_d, g->last, g->cfg.index_buf);
+	k_publish<<<1, ax_graph_block_threads(g->n_rows, 32), 0, (cudaStream_t)stream>>>(g->sv, g->st, g->rows,
+											   g->ctl_d, g->last,
+											   g->cfg.index_buf);
 	return launched(g, "k_publish");
+}
+
+static bool fusable(const ax_graph *g, const ax_graph_step_args *a)
+{
+	return ax_graph_fuse(a->n_rows, a->n_tok_const, a->n_tok.p != NULL, g->H, g->D, g->esize);
+}
+
+int ax_graph_step_begin_q(ax_graph *g, void *stream, const ax_graph_step_args *a, uint32_t layer, const void *q,
+			  int elem_bytes, int64_t st_b, int64_t st_t, int64_t st_h)
+{
+	if (!g)
+		return -EINVAL;
+	qcopy_args qa;
+	uint32_t saved = g->n_rows;
+	g->n_rows = a ? a->n_rows : 0; /* qcopy checks against the step being begun */
+	int bad = !step_args_ok(g, a) || qcopy(g, layer, q, elem_bytes, st_b, st_t, st_h, &qa);
+	g->n_rows = saved;
+	if (bad || !fusable(g, a)) { /* the two kernels (bad arguments: as ax_graph_step_begin reports them) */
+		int rc = ax_graph_step_begin(g, stream, a);
+		return rc ? rc : ax_graph_export_q(g, stream, layer, q, elem_bytes, st_b, st_t, st_h);
+	}
+	g->n_rows = a->n_rows;
+	g->last = *a;
+	k_step_begin_q<<<1, ax_graph_block_threads(a->n_rows, 256), 0, (cudaStream_t)stream>>>(
+		g->sv, g->st, g->map, g->ctl_d, g->rows, *a, g->cfg.q_rows, qa);
+	return launched(g, "k_step_begin_q");
+}
+
+int ax_graph_export_q_publish(ax_graph *g, void *stream, uint32_t layer, const void *q, int elem_bytes, int64_t st_b,
+			      int64_t st_t, int64_t st_h)
+{
+	qcopy_args qa;
+	int rc = qcopy(g, layer, q, elem_bytes, st_b, st_t, st_h, &qa);
+	if (rc)
+		return rc;
+	if (!fusable(g, &g->last)) {
+		rc = ax_graph_export_q(g, stream, layer, q, elem_bytes, st_b, st_t, st_h);
+		return rc ? rc : ax_graph_step_publish(g, stream);
+	}
+	k_export_q_publish<<<1, ax_graph_block_threads(g->n_rows, 256), 0, (cudaStream_t)stream>>>(
+		g->sv, g->st, g->rows, g->ctl_d, g->last, g->cfg.index_buf, qa);
+	return launched(g, "k_export_q_publish");
 }
 
 int ax_graph_get_stats(ax_graph *g, ax_graph_stats *out)

@@ -89,12 +89,78 @@ static void test_recycle_counters(void **state)
 	}
 }
 
+/* Load width of a Q copy: every address, stride and the head row must be a multiple of it. */
+static void test_q_unit(void **state)
+{
+	(void)state;
+	static const struct {
+		uint64_t addr;
+		uint32_t esize;
+		int64_t st_b, st_t, st_h;
+		uint32_t D;
+		unsigned want;
+	} cases[] = {
+		{0x1000, 2, 0, 4096, 128, 128, 16},   /* HF bf16 [B, H, S, D] decode: st_b 0 */
+		{0x1000, 2, 0, 1536, 128, 128, 16},   /* SGLang q, a slice of a fused qkv */
+		{0x1002, 2, 0, 4096, 128, 128, 2},    /* an odd-element address */
+		{0x1004, 2, 0, 4096, 128, 128, 4},
+		{0x1000, 2, 0, 4098, 128, 128, 4},    /* a token stride that is not a multiple of 8 elements */
+		{0x1000, 2, 0, 4096, 128, 6, 4},      /* D 6: 12-byte rows */
+		{0x1000, 2, 0, 4096, 128, 5, 2},      /* D 5: 10-byte rows */
+		{0x1000, 4, 0, 512, 64, 64, 16},      /* f32 */
+		{0x1000, 4, 0, 513, 64, 64, 4},
+		{0x1000, 1, 0, 4096, 128, 128, 16},   /* fp8 */
+		{0x1001, 1, 0, 4096, 128, 128, 0},    /* fp8 at an odd address: refused */
+		{0x1000, 1, 0, 4097, 128, 128, 0},    /* fp8 with an odd token stride */
+		{0x1000, 2, -4096, 4096, 128, 128, 16}, /* a negative stride keeps its alignment */
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+		assert_int_equal(ax_graph_q_unit(cases[i].addr, cases[i].esize, cases[i].st_b, cases[i].st_t,
+						 cases[i].st_h, cases[i].D),
+				 cases[i].want);
+}
+
+/* Which steps take the one-block fused kernels, and with how many threads. */
+static void test_fuse(void **state)
+{
+	(void)state;
+	static const struct {
+		uint32_t n_rows, n_tok, H, D, esize;
+		int vec, want;
+	} cases[] = {
+		{1, 1, 32, 128, 2, 0, 1},     /* batch 1 decode: 8 KB */
+		{8, 1, 32, 128, 2, 0, 1},     /* 64 KB: the limit */
+		{9, 1, 32, 128, 2, 0, 0},
+		{32, 1, 32, 128, 2, 0, 0},    /* batch 32: 256 KB, two kernels */
+		{1, 8, 32, 128, 2, 0, 1},     /* a short prefill */
+		{1, 9, 32, 128, 2, 0, 0},
+		{1, 1, 32, 128, 2, 1, 0},     /* SGLang extend: per-row counts only on the device */
+		{1, 0, 32, 128, 2, 0, 0},     /* no token count at all */
+		{1024, 1, 1, 8, 4, 0, 1},
+		{0xffffffffu, 0xffffffffu, 32, 128, 2, 0, 0}, /* no overflow into "small" */
+		{0x10000, 0x10000, 1, 1, 1, 0, 0},            /* 2^32 tokens of one byte */
+		{1, 1, 0, 128, 2, 0, 0},                      /* a degenerate shape */
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+		assert_int_equal(ax_graph_fuse(cases[i].n_rows, cases[i].n_tok, cases[i].vec, cases[i].H, cases[i].D,
+					       cases[i].esize),
+				 cases[i].want);
+	static const uint32_t threads[][3] = {
+		{1, 32, 32}, {1, 256, 256}, {33, 32, 64}, {256, 32, 256}, {257, 256, 512}, {1000, 32, 1024},
+		{1024, 256, 1024}, {5000, 32, 1024}, /* callers keep n_rows ≤ 1024; never more than one full block */
+	};
+	for (size_t i = 0; i < sizeof threads / sizeof threads[0]; i++)
+		assert_int_equal(ax_graph_block_threads(threads[i][0], threads[i][1]), threads[i][2]);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_q_run),
 		cmocka_unit_test(test_layer_slot),
 		cmocka_unit_test(test_recycle_counters),
+		cmocka_unit_test(test_q_unit),
+		cmocka_unit_test(test_fuse),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -63,6 +63,9 @@ def glib():
             "ax_graph_export_q": (I, [V, V, U32, V, I, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
             "ax_graph_step_publish": (I, [V, V]),
             "ax_graph_step_start": (I, [V, V]),
+            "ax_graph_step_begin_q": (I, [V, V, P(StepArgs), U32, V, I, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_int64]),
+            "ax_graph_export_q_publish": (I, [V, V, U32, V, I, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
             "ax_graph_get_stats": (I, [V, P(GraphStats)]),
             "ax_graph_enabled": (I, [V, P(ctypes.c_uint64), P(I)]),
             "ax_graph_strerror": (ctypes.c_char_p, [V]),
@@ -145,6 +148,21 @@ class GraphExporter:
         if q.stride(-1) != 1:
             raise ValueError("attnx: Q rows need a contiguous head dim")
         return self._check("ax_graph_export_q", self._l.ax_graph_export_q(
+            self._h, _stream(stream), layer, q.data_ptr(), q.element_size(), st_b, st_t, st_h))
+
+    def step_begin_q(self, args, layer, q, st_b, st_t, st_h, stream=None):
+        """step_begin + export_q of `layer` (the step's first), one kernel for a small step (ax_graph_fuse)."""
+        if q.stride(-1) != 1:
+            raise ValueError("attnx: Q rows need a contiguous head dim")
+        return self._check("ax_graph_step_begin_q", self._l.ax_graph_step_begin_q(
+            self._h, _stream(stream), ctypes.byref(args), layer, q.data_ptr(), q.element_size(), st_b, st_t, st_h))
+
+    def export_q_publish(self, layer, q, st_b, st_t, st_h, stream=None):
+        """export_q of `layer` (the step's last) + publish, one kernel for a small step; only where every layer's
+        keys of the step are already written (Hugging Face: the cache update runs before the attention)."""
+        if q.stride(-1) != 1:
+            raise ValueError("attnx: Q rows need a contiguous head dim")
+        return self._check("ax_graph_export_q_publish", self._l.ax_graph_export_q_publish(
             self._h, _stream(stream), layer, q.data_ptr(), q.element_size(), st_b, st_t, st_h))
 
     def step_start(self, stream=None):

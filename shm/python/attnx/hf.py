@@ -15,8 +15,10 @@
 How: an attention function registered through transformers' AttentionInterface under the name "attnx" wraps the
 model's normal one (`inner`: "sdpa", "eager", ...). At layer 0 of every forward it enqueues the step's begin
 kernel (libattnx-export-graph) with the forward's position_ids and input_ids, at every layer a Q-row copy of that
-layer's query_states (post q_norm and RoPE, [B, H, S, D]), and after the last layer's attention the publish
-kernel; then it runs the normal attention, so outputs are bit-identical to the model without the hook. Keys are
+layer's query_states (post q_norm and RoPE, [B, H, S, D]), and the publish kernel once the last layer's keys are in
+the cache; then it runs the normal attention, so outputs are bit-identical to the model without the hook. For
+small steps (decode; ax_graph_fuse) the begin rides on layer 0's Q copy and the publish on the last layer's, so a
+step adds one small kernel per layer and nothing else (`fuse=False`: two more, the first GPU run's layout). Keys are
 not copied: each layer's static-cache tensor [B, H_kv, max_cache_len, D] is a K pool (slot s of row b is
 b·H_kv·max_cache_len + position, through a constant index table). Nothing synchronises the host, so the same
 forward captured in torch.cuda.graph() and replayed exports every step.
@@ -30,7 +32,8 @@ model.
 Slot recycling (shm/README.md rule 9) is detected, not avoided: the graph exporter advertises AX_SHM_FEAT_RECYCLE.
 The model's forward pre-hook runs before any layer writes its cache: for a prefill (more than one token) it first
 ENDs every row still active (the END kernel stores freed_step: the rows' cache is about to be overwritten), then
-enqueues a step start (ax_graph_step_start); layer 0's step_begin counts another. A capture still computing the
+enqueues a step start (ax_graph_step_start); layer 0's step_begin counts another, and is a decode step's only one
+(a decode step writes no key that an ended request's rows read). A capture still computing the
 previous call's rows when the next prefill has started refuses them (gap "recycled") instead of reporting keys
 of the new prompt. Avoidance (waiting for the capture before the next generate()) is left to the caller: let the
 capture finish (its `end` records) before the next generate() when those last rows matter.
@@ -73,7 +76,7 @@ def _text_config(model):
 class HFExporter:
     def __init__(self, model, cache, batch_size, max_cache_len, name=_ffi.DEFAULT_NAME, inner="sdpa",
                  q_rows=1 << 16, engine="transformers", model_name=None, impl_name="attnx", rank=0, world_size=1,
-                 head_offset=None):
+                 head_offset=None, fuse=True):
         c = _text_config(model)
         self.model, self.cache, self.B, self.Lmax = model, cache, batch_size, max_cache_len
         self.L = c.num_hidden_layers
@@ -104,6 +107,8 @@ class HFExporter:
         self.disabled, self._ids, self._step_ok = False, None, False
         self._zeros = torch.zeros((batch_size, max_cache_len), dtype=torch.int32, device=dev)
         self._inner_name = inner
+        self.fuse = fuse  # one kernel for begin + layer 0's Q and for the last layer's Q + publish (small steps)
+        self._impl_name = impl_name
         self._install(impl_name)
 
     # ---- installation ----------------------------------------------------------------------------------------
@@ -144,6 +149,19 @@ class HFExporter:
 
     # ---- per forward -----------------------------------------------------------------------------------------
 
+    def set_enabled(self, on):
+        """Install (True) or remove (False) the hook: removed, the model runs its `inner` attention and no pre hook,
+        exactly as without attnx (for A/B benchmarks); the segment and the graph exporter stay open."""
+        if on and self._hook is None:
+            self._install(self._impl_name)
+        elif not on and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+            if hasattr(self.model, "set_attn_implementation"):
+                self.model.set_attn_implementation(self._inner_name)
+            else:
+                self.model.config._attn_implementation = self._inner_name
+
     def _pre_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
@@ -152,8 +170,13 @@ class HFExporter:
         x = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
         try:
             if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1] > 1:
-                self.end_all("stop")  # rule 9: freed_step before this prefill overwrites their cache rows
-            self.g.step_start()  # before layer 0's cache update (which runs before its attention)
+                # Rule 9: a prefill restarts its rows at position 0, so layer 0's cache update (before its
+                # attention, where step_begin runs) overwrites keys of the requests it ends: END them (freed_step),
+                # then count a step start before that update. A decode step writes only position
+                # cache_position of rows whose requests go on, never a key an ended request's rows read (those
+                # lie below its length), so layer 0's step_begin is its step start: one kernel less per step.
+                self.end_all("stop")
+                self.g.step_start()
         except Exception as e:  # never into the model
             self._fail("pre hook", e)
         return None
@@ -183,7 +206,7 @@ class HFExporter:
                                  prompt_len=S, row=b)
             self.active[b] = True
 
-    def _step_begin(self, query, kw):
+    def _step_begin(self, query, kw, fused):
         B, _, S, _ = query.shape
         pos = kw.get("position_ids")
         self._step_ok = B == self.B and pos is not None and pos.dim() == 2 and pos.shape[1] == S
@@ -199,22 +222,36 @@ class HFExporter:
         a.tokens, a.token_bytes = ids.data_ptr(), ids.element_size()
         a.tok_stride_b, a.tok_stride_t = ids.stride(0), ids.stride(1)
         self._args = a  # the struct is copied into the kernel launch; kept for debugging
-        self.g.step_begin(a)
+        if fused:
+            self.g.step_begin_q(a, 0, query, query.stride(0), query.stride(2), query.stride(1))
+        else:
+            self.g.step_begin(a)
 
     def _attention(self, module, query, key, value, attention_mask, **kw):
+        """Kernels per step, fused (default): layer 0 begin + its Q rows, one Q copy per middle layer, the last
+        layer's Q rows + publish: `layers` kernels. Publishing before the last layer's attention is right here
+        because `key` is the static cache with this step's keys already written (the cache update precedes the
+        attention function; _register_k checks that `key` is the cache tensor). Unfused: 2 + layers."""
         layer = getattr(module, "layer_idx", None)
+        published = False
         if not self.disabled and layer is not None:
             try:
                 if layer not in self.k_registered:
                     self._register_k(layer, key)
+                st = (query.stride(0), query.stride(2), query.stride(1))
                 if layer == 0:
-                    self._step_begin(query, kw)
-                if self._step_ok:
-                    self.g.export_q(layer, query, query.stride(0), query.stride(2), query.stride(1))
+                    self._step_begin(query, kw, self.fuse)
+                    if self._step_ok and not self.fuse:
+                        self.g.export_q(0, query, *st)
+                elif self._step_ok and self.fuse and layer == self.L - 1:
+                    self.g.export_q_publish(layer, query, *st)
+                    published = True
+                elif self._step_ok:
+                    self.g.export_q(layer, query, *st)
             except Exception as e:  # never into the model
                 self._fail("layer %s" % layer, e)
         out = self._inner(module, query, key, value, attention_mask, **kw)
-        if not self.disabled and layer == self.L - 1 and self._step_ok:
+        if not self.disabled and layer == self.L - 1 and self._step_ok and not published:
             try:
                 self.g.publish()
             except Exception as e:

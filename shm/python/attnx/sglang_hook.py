@@ -30,11 +30,12 @@ rank's attnx-capture reports global head ids.
 Slot recycling (shm/README.md rule 9) is detected, not avoided: the graph exporter advertises AX_SHM_FEAT_RECYCLE,
 the END kernel (from the wrapped free, on the forward stream) stores freed_step, and layer 0's step_begin (this pre
 hook, before its attention writes K) counts a step start, so rows computed from KV slots the next forwards rewrite
-are refused (gap "recycled"). Not covered: SGLang rewrites a reused req_to_token row in the scheduler before the
-next forward's step_begin; a row checked in that window (between the rewrite and layer 0 of the next forward) can
-pass. Closing it needs a step start right after each END in the free wrapper (GraphExporter.step_start), which
-the CPU logic test's fake graph does not offer yet. Avoidance (deferring SGLang's frees without blocking) would
-mean wrapping its allocators, and the device END has no host descriptor count for ax_export_consumer_done.
+are refused (gap "recycled"). The wrapped free also enqueues a step start right after its ENDs (session 3): SGLang
+rewrites a reused req_to_token row in the scheduler before the next forward, and a row checked between that
+rewrite and layer 0 of the next forward passed before. The price: rows the capture computes after the free (not
+only after the next forward's start) are refused; on a busy engine the two moments are a step apart. Avoidance
+(deferring SGLang's frees without blocking) would mean wrapping its allocators, and the device END has no host
+descriptor count for ax_export_consumer_done. Writes by another stream or the host are not ordered by any of this.
 
 Decode forwards replayed from SGLang's CUDA graphs run the kernels the hooks enqueued at capture time: the hooks
 themselves (Python) run only for eager forwards and at graph capture. Never run inside SGLang in this repository
@@ -145,8 +146,11 @@ class _State:
             try:
                 if not state.disabled and state.stream is not None:
                     idx = getattr(free_index, "req_pool_idx", free_index)  # newer SGLang passes the Req
-                    for i in ([idx] if isinstance(idx, int) else list(idx)):
+                    rows = [idx] if isinstance(idx, int) else list(idx)
+                    for i in rows:
                         state.g.request_end(int(i), "stop", stream=state.stream)
+                    if rows:  # rule 9: the scheduler may rewrite these req_to_token rows before the next forward
+                        state.g.step_start(stream=state.stream)
             except Exception as e:
                 state.fail("free", e)
             return orig(free_index)
@@ -178,7 +182,8 @@ class _State:
                                      skip=int(pre[b]), row_tensor=fb.req_pool_indices[b:b + 1])
             start += n
 
-    def step_begin(self, fb):
+    def step_begin(self, fb, q3):
+        """The step's begin kernel fused with layer 0's Q copy (q3: [tokens, H, D] view); False: not exported."""
         from .graph import PREFILL, StepArgs, ivec
 
         mode = fb.forward_mode
@@ -200,7 +205,7 @@ class _State:
             a.tok_stride_b, a.tok_stride_t = 0, 1
         else:
             return False  # speculative verify / draft modes: not exported
-        self.g.step_begin(a)
+        self.g.step_begin_q(a, 0, q3, 0, q3.stride(0), q3.stride(1))
         return True
 
 
@@ -233,12 +238,12 @@ def pre_hook_factory(config):
             l = module.layer_id - st.start_layer
             if l not in st.k_done:
                 st.register_k(module)
+            q3 = q.view(q.shape[0], -1, st.D) if q.dim() == 2 else q
             if l == 0:
                 if not torch.cuda.is_current_stream_capturing():
                     st.stream = torch.cuda.current_stream()  # where ENDs go: the stream replays run on
-                st.active = st.step_begin(fb)
-            if getattr(st, "active", False):
-                q3 = q.view(q.shape[0], -1, st.D) if q.dim() == 2 else q
+                st.active = st.step_begin(fb, q3)  # with layer 0's Q rows: one kernel for a small step
+            elif getattr(st, "active", False):
                 st.g.export_q(l, q3, 0, q3.stride(0), q3.stride(1))
         except Exception as e:
             st.fail("pre hook of layer %s" % getattr(module, "layer_id", "?"), e)

@@ -9,9 +9,10 @@ library. What is checked: the hook specs SGLang would register; set-up from a Fo
 offset from the environment, fp8 K pools exported with the fp8 dtype and the layer's k_scale, the index table, the
 Q ring); BEGIN only for rids new in an extend batch, with the right device addresses (req_pool_indices[b], the
 extend chunk's ids), prompt length and radix prefix; the step arguments for extend and decode (row / seq_len /
-token / padding vectors with their addresses and strides); one Q copy per layer with [tokens, H, D] strides;
-publish after the last layer only; END on the wrapped ReqToTokenPool.free on the forward stream, never on a
-graph-capture stream; and that an exception inside the hook disables export without reaching the model.
+token / padding vectors with their addresses and strides); one Q copy per layer with [tokens, H, D] strides,
+layer 0's through the fused step_begin_q; publish after the last layer only; END on the wrapped
+ReqToTokenPool.free on the forward stream, never on a graph-capture stream, followed by one step start per free
+(rule 9); and that an exception inside the hook disables export without reaching the model.
 """
 import os
 import sys
@@ -131,8 +132,17 @@ class FakeGraph:
                       iv(a.in_off), iv(a.pad), a.pad_value, a.tokens, a.token_bytes, a.tok_stride_b,
                       a.tok_stride_t))
 
+    def step_begin_q(self, a, layer, q, st_b, st_t, st_h, stream=None):
+        """As libattnx-export-graph: step_begin, then export_q of `layer` (one kernel when small)."""
+        calls.append(("fused", layer))
+        self.step_begin(a, stream)
+        self.export_q(layer, q, st_b, st_t, st_h, stream)
+
     def export_q(self, layer, q, st_b, st_t, st_h, stream=None):
         calls.append(("q", layer, q.data_ptr(), st_b, st_t, st_h))
+
+    def step_start(self, stream=None):
+        calls.append(("start", stream.name if stream else None))
 
     def publish(self, stream=None):
         calls.append(("publish",))
@@ -242,6 +252,8 @@ def main():
     q = [c for c in calls if c[0] == "q"]
     expect([c[1] for c in q] == list(range(L)) and all(c[3:] == (0, (HQ + 2 * HKV) * D, D) for c in q),
            "Q copies %r" % q)
+    expect([c for c in calls if c[0] == "fused"] == [("fused", 0)] and
+           calls.index(("fused", 0)) < calls.index(s[0]), "layer 0's Q rides on the step's begin: %r" % calls)
     expect([c[0] for c in calls].count("publish") == 1 and calls[-1] == ("publish",), "one publish, last")
     out.append("extend: set-up, 2 BEGINs, step, %d Q copies, publish" % len(q))
 
@@ -264,11 +276,12 @@ def main():
     expect(st.stream.name == "forward", "the END stream must stay the forward stream, got %s" % st.stream.name)
     rpool.free(2)
     rpool.free([0, 3])
-    ends = [c for c in calls if c[0] == "end"]
-    expect(ends == [("end", 2, "stop", "forward"), ("end", 0, "stop", "forward"), ("end", 3, "stop", "forward")],
-           "ENDs %r" % ends)
+    ends = [c for c in calls if c[0] in ("end", "start")]
+    expect(ends == [("end", 2, "stop", "forward"), ("start", "forward"), ("end", 0, "stop", "forward"),
+                    ("end", 3, "stop", "forward"), ("start", "forward")],
+           "ENDs, each free followed by one step start on the forward stream (rule 9): %r" % ends)
     expect(rpool.freed == [2, [0, 3]], "the original free still runs")
-    out.append("decode under capture: padding vector, ENDs on the forward stream")
+    out.append("decode under capture: padding vector, ENDs and their step start on the forward stream")
 
     # 4. speculative verify and idle batches export nothing
     del calls[:]
