@@ -4,7 +4,11 @@ bf16, random weights, AX_BENCH_LAYERS layers, default 8) at batch 1 and 32, attn
 and off. Hook on = attnx.hf.HFExporter with a consumer attached that wants the capture's `--layers auto` set
 (L/4, L/2, 3L/4, L-1) and drains descriptors without computing (the engine-side cost alone; a real
 attnx-capture's GPU work competes for the same card and is measured by its own benchmarks). Exit 77 without a
-GPU. NEVER RUN YET (written 2026-11-27 on a machine without a GPU). Prints a table; writes it to
+GPU. First run: H200, 2026-11-27, 3a279e1 (median of 3; batch 1 graphs on 0.981, batch 32 0.990). Now AX_BENCH_REPS
+rounds (default 7), each running every mode once in an order rotated round by round; the table gives the medians,
+the median of the per-round ratios (each pair ran back to back) and every round's ratio, so noise shows. With graphs
+on a third mode, "on-unfused" (HFExporter(fuse=False): the kernels of the first run, layers + 3 per step), measures
+the fused kernels against it in the same process. About 3 minutes on an H200. Prints a table; writes it to
 $OUT/bench-hf.txt too when OUT is set. Goal (issue 6): hook on ≥ 0.99 × off with graphs on.
 """
 import datetime
@@ -12,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_common import SKIP, require_gpu, start_consumer, wait_wanted  # noqa: E402
@@ -25,7 +30,8 @@ except ImportError as e:
 from attnx.hf import HFExporter  # noqa: E402
 
 LAYERS = int(os.environ.get("AX_BENCH_LAYERS", "8"))
-PROMPT, STEPS, REPS = 128, int(os.environ.get("AX_BENCH_STEPS", "128")), 3
+PROMPT, STEPS = 128, int(os.environ.get("AX_BENCH_STEPS", "128"))
+REPS = int(os.environ.get("AX_BENCH_REPS", "7"))
 
 
 def model_():
@@ -86,43 +92,76 @@ def run(model, cache, B, graph, ax=None):
     return B * STEPS / (t0.elapsed_time(t1) / 1e3)
 
 
+MODES = {True: ("off", "on", "on-unfused"), False: ("off", "on")}  # graphs on: the fusion's A/B too
+
+
+def measure(model, cache, B, ax):
+    """REPS rounds; each round runs every mode once, the order rotated round by round (off first, then on
+    first, ...) so that drift (clocks, temperature, the consumer's start-up) does not favour one mode. Returns
+    {graphs: {mode: [tok/s per round]}}."""
+    res = {gr: {m: [] for m in MODES[gr]} for gr in MODES}
+    for gr in (True, False):
+        modes = MODES[gr]
+        for rep in range(REPS):
+            k = rep % len(modes)
+            for m in modes[k:] + modes[:k]:
+                ax.set_enabled(m != "off")
+                ax.fuse = m == "on"
+                res[gr][m].append(run(model, cache, B, gr, ax if m != "off" else None))
+    ax.set_enabled(True)
+    ax.fuse = True
+    return res
+
+
+def table_rows(B, res):
+    rows = []
+    for gr in (True, False):
+        off = res[gr]["off"]
+        for m in MODES[gr][1:]:
+            ratios = [x / o for x, o in zip(res[gr][m], off)]  # same round: the pair ran back to back
+            rows.append("| %d | %s | %s | %.1f | %.1f | %.4f | %.4f | %s |" % (
+                B, "on" if gr else "off", m, statistics.median(off), statistics.median(res[gr][m]),
+                statistics.median(res[gr][m]) / statistics.median(off), statistics.median(ratios),
+                " ".join("%.3f" % r for r in ratios)))
+    return rows
+
+
 def main():
     model = model_()
     L = LAYERS
     auto = sorted({L // 4, L // 2, 3 * L // 4, L - 1})
-    rows = []
+    rows, stats = [], []
+    t0 = time.time()
     for B in (1, 32):
         max_len = PROMPT + STEPS + 8
         cache = cache_(model, B, max_len)
-        model.set_attn_implementation("sdpa")
-        off = {gr: [run(model, cache, B, gr) for _ in range(REPS)] for gr in (True, False)}
         shm = "/attnx.bench%d.%d" % (os.getpid(), B)
         ax = HFExporter(model, cache, batch_size=B, max_cache_len=max_len, name=shm, inner="sdpa")
         ax.warmup()
-        cons = start_consumer(shm, os.devnull, layers=",".join(map(str, auto)), prefill=False,
-                              ends=2 * REPS * B, timeout=1200, topk=-1)
-        wait_wanted(ax.g)
-        on = {gr: [run(model, cache, B, gr, ax) for _ in range(REPS)] for gr in (True, False)}
-        st = ax.g.stats()
-        ax.close()
-        cons.kill()
-        model.set_attn_implementation("sdpa")
-        for gr in (True, False):
-            a, b = statistics.median(off[gr]), statistics.median(on[gr])
-            rows.append((B, "on" if gr else "off", a, b, b / a))
-        rows.append(("stats", B, st))
+        cons = start_consumer(shm, os.devnull, layers=",".join(map(str, auto)), prefill=False, ends=1 << 40,
+                              timeout=1200, topk=-1)
+        try:
+            wait_wanted(ax.g)
+            res = measure(model, cache, B, ax)
+            stats.append((B, ax.g.stats()))
+        finally:
+            ax.close()
+            cons.kill()
+            cons.wait()
+        ax.set_enabled(False)  # the model back to its own attention for the next batch size
+        rows += table_rows(B, res)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "?"
-    lines = ["attnx HF hook decode benchmark: %s, %s, commit %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps,"
-             " median of %d" % (torch.cuda.get_device_name(), datetime.date.today(), commit, L, PROMPT, STEPS, REPS),
-             "| batch | CUDA graphs | hook off tok/s | hook on tok/s | on/off |", "|---|---|---|---|---|"]
-    for r in rows:
-        if r[0] == "stats":
-            lines.append("(batch %d exporter counters: %s)" % (r[1], r[2]))
-        else:
-            lines.append("| %d | %s | %.1f | %.1f | %.4f |" % r)
+    lines = ["attnx HF hook decode benchmark: %s, %s, commit %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps, "
+             "%d rounds (modes alternating), %.0f s" % (torch.cuda.get_device_name(), datetime.date.today(), commit,
+                                                       L, PROMPT, STEPS, REPS, time.time() - t0),
+             "on = fused kernels (%d per decode step), on-unfused = the first GPU run's layout (%d per step)" %
+             (L, L + 3),
+             "| batch | CUDA graphs | hook | off tok/s | on tok/s | on/off (medians) | on/off (median of rounds) | "
+             "per-round on/off |", "|---|---|---|---|---|---|---|---|"] + rows
+    lines += ["(batch %d exporter counters: %s)" % st for st in stats]
     text = "\n".join(lines)
     print(text)
     if os.environ.get("OUT"):
