@@ -137,6 +137,30 @@ static int open_capture(ax_capture **c, const ax_capture_opts *o)
 	return rv;
 }
 
+/* After a re-exec, wait (1 s apart, 30 s at most) until the CUDA device opens, so that the capture's first attach
+ * finds it usable: the driver may still be tearing down the previous image's faulted context, and the capture
+ * opens its backend once per attach. The device is --device, or 0 (a probe only: the capture picks its own). */
+static void wait_device(const ax_capture_opts *o)
+{
+	if (o->reexecs == 0 || o->backend == AX_BACKEND_CPU || ax__cuda_be_devices() <= 0)
+		return;
+	int dev = o->device >= 0 ? o->device : 0;
+	for (int i = 0; i < 30 && !g_stop; i++) {
+		ax__cuda_be *b = NULL;
+		int rv = ax__cuda_be_open(&b, dev);
+		ax__cuda_be_close(b);
+		if (rv == 0) {
+			if (i)
+				ax_log(AX_LOG_INFO, TAG, "device %d usable %d s after the re-exec", dev, i);
+			return;
+		}
+		if (i == 0)
+			ax_log(AX_LOG_WARN, TAG, "device %d not usable yet after the re-exec (%s); waiting up to 30 s", dev,
+			       ax_strerror(rv));
+		sleep_unless_stopped(1000);
+	}
+}
+
 int main(int argc, char **argv)
 {
 	char **args = copy_args(argc, argv);
@@ -158,6 +182,7 @@ int main(int argc, char **argv)
 	if (re.count)
 		ax_log(AX_LOG_WARN, TAG, "restarted after a sticky CUDA error (%u)", re.count);
 	install_signals();
+	wait_device(&o);
 	ax_capture *c;
 	if ((rv = open_capture(&c, &o)) < 0) {
 		fprintf(stderr, "attnx-capture: %s\n", ax_strerror(rv));
