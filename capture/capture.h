@@ -116,9 +116,10 @@ int ax_capture_open(ax_capture **out, const ax_capture_opts *o);
  * negative errno for an unrecoverable local failure (-ENOMEM). Call from one thread.
  * With opts.may_reexec, it may also return AX_CAPTURE_REEXEC: the CUDA device is broken for this process (a
  * sticky error the reset did not clear, capture/README.md); the requests in flight were reported
- * (`requests/cuda_restart` gaps), a stats record sent (unless --stats-interval 0), records flushed, the segment and every CUDA mapping
- * released, as at a stop. The caller should re-execute the process; if it cannot, calling ax_capture_run again
- * resumes with backoff retries of the device (AX_CAPTURE_REEXEC is returned at most once per capture).
+ * (`requests/cuda_restart` gaps), a stats record sent (unless --stats-interval 0), records flushed, the segment
+ * and every CUDA mapping released, as at a stop. The caller should re-execute the process; if it cannot, calling
+ * ax_capture_run again resumes with backoff retries of the device (AX_CAPTURE_REEXEC is returned at most once per
+ * capture).
  */
 #define AX_CAPTURE_REEXEC 1
 int ax_capture_run(ax_capture *c);
