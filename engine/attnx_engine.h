@@ -187,7 +187,8 @@ int ax_model_forward(const ax_model *m, ax_kv *kv, ax_pool *pool, ax_fwd_scratch
  */
 typedef struct ax_tok ax_tok;
 /* Load a tokenizer.json (model.type "BPE" with a ByteLevel pre-tokenizer / decoder). Returns 0, -ENOENT,
- * -EPROTO (malformed), -ENOTSUP (not byte-level BPE), -ENOMEM. */
+ * -EPROTO (malformed), -ENOTSUP (not byte-level BPE, or a normalizer / pre-tokenizer stage tok.c does not
+ * implement: refused rather than tokenizing differently from HF), -ENOMEM. */
 int ax_tok_open(ax_tok **out, const char *path);
 int ax_tok_open_mem(ax_tok **out, const char *json, size_t len);
 void ax_tok_close(ax_tok *t);
@@ -195,6 +196,10 @@ int ax_tok_vocab_size(const ax_tok *t); /* 1 + the largest id */
 /* Encode UTF-8 text. Added tokens are matched first (special ones only when parse_special). *ids is malloc'd
  * (caller frees). Returns the number of ids or a negative errno. Thread-safe. */
 int ax_tok_encode(const ax_tok *t, const char *text, size_t len, int parse_special, int32_t **ids);
+/* ax_tok_encode (special tokens parsed) with the special tokens the tokenizer's post-processor puts around a
+ * single sequence (TemplateProcessing), as HF's encode(add_special_tokens=True) does: Llama 3's <|begin_of_text|>
+ * first; nothing for Qwen's. What a completions prompt string gets. Same returns; thread-safe. */
+int ax_tok_encode_prompt(const ax_tok *t, const char *text, size_t len, int32_t **ids);
 /* Decode ids to UTF-8 bytes (malloc'd, NUL-terminated; caller frees); special tokens skipped when
  * skip_special. Invalid UTF-8 sequences are passed through as bytes. Returns the byte count or -errno. */
 int ax_tok_decode(const ax_tok *t, const int32_t *ids, size_t n, int skip_special, char **out);

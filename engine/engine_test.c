@@ -577,6 +577,128 @@ static void test_tok_roundtrip(void **state)
 	assert_int_equal(ax_tok_decode(t, bad, 1, 0, &out), -EINVAL);
 }
 
+/* A byte-level tokenizer (ids: byte b → b, then the merges' results 256.., added <s> 300 and </s> 301) with the
+ * given pre-tokenizer, normalizer and post-processor (each NULL for none; references stolen). */
+static int open_tok(ax_tok **t, json_t *pre, json_t *norm, json_t *post, const char *const *merges, int n_merges)
+{
+	json_t *vocab = json_object(), *ml = json_array();
+	char bc[4];
+	for (int b = 0; b < 256; b++) {
+		byte_char(b, bc);
+		json_object_set_new(vocab, bc, json_integer(b));
+	}
+	for (int i = 0; i < n_merges; i++) {
+		char merged[16];
+		const char *sp = strchr(merges[i], ' ');
+		snprintf(merged, sizeof merged, "%.*s%s", (int)(sp - merges[i]), merges[i], sp + 1);
+		json_object_set_new(vocab, merged, json_integer(256 + i));
+		json_array_append_new(ml, json_string(merges[i]));
+	}
+	json_t *root = json_pack("{s:[{s:i,s:s,s:b},{s:i,s:s,s:b}],s:{s:s,s:o,s:o},s:{s:s}}", "added_tokens", "id", 300,
+				 "content", "<s>", "special", 1, "id", 301, "content", "</s>", "special", 1, "model", "type",
+				 "BPE", "vocab", vocab, "merges", ml, "decoder", "type", "ByteLevel");
+	json_object_set_new(root, "pre_tokenizer", pre ? pre : json_null());
+	json_object_set_new(root, "normalizer", norm ? norm : json_null());
+	json_object_set_new(root, "post_processor", post ? post : json_null());
+	char *js = json_dumps(root, 0);
+	json_decref(root);
+	int rc = ax_tok_open_mem(t, js, strlen(js));
+	free(js);
+	return rc;
+}
+
+static json_t *byte_level(int use_regex)
+{
+	return json_pack("{s:s,s:b,s:b,s:b}", "type", "ByteLevel", "add_prefix_space", 0, "trim_offsets", 1, "use_regex",
+			 use_regex);
+}
+
+static void expect_ids(const ax_tok *t, const char *text, int prompt, const int32_t *want, int n_want)
+{
+	int32_t *ids;
+	int n = prompt ? ax_tok_encode_prompt(t, text, strlen(text), &ids) : ax_tok_encode(t, text, strlen(text), 0, &ids);
+	if (n != n_want)
+		print_error("'%s': %d ids, want %d\n", text, n, n_want);
+	assert_int_equal(n, n_want);
+	for (int i = 0; i < n; i++)
+		assert_int_equal(ids[i], want[i]);
+	free(ids);
+}
+
+/* The pre-tokenizer chain: SmolLM's Digits + ByteLevel regex, every Split behavior, the BOS template. */
+static void test_tok_pipeline(void **state)
+{
+	(void)state;
+	ax_tok *t;
+	/* merges: "12" 256, "Ġ1" 257, "ab" 258, "abc" 259 */
+	static const char *const dm[] = {"1 2", "\xc4\xa0 1", "a b", "ab c"};
+	static const struct {
+		int digits; /* 0: none (GPT-2 regex alone), 1: individual, 2: runs */
+		int n;
+		int32_t ids[6];
+	} dc[] = {
+		{0, 3, {259, ' ', 256}}, /* "abc", " 12": "1 2" outranks "Ġ 1" */
+		{1, 4, {259, ' ', '1', '2'}}, /* "abc " | "1" | "2", then "abc" | " " */
+		{2, 3, {259, ' ', 256}},      /* "abc " | "12" */
+	};
+	for (size_t i = 0; i < sizeof dc / sizeof dc[0]; i++) {
+		json_t *pre = dc[i].digits ? json_pack("{s:s,s:[{s:s,s:b},o]}", "type", "Sequence", "pretokenizers", "type",
+						       "Digits", "individual_digits", dc[i].digits == 1, byte_level(1))
+					   : byte_level(1);
+		assert_int_equal(open_tok(&t, pre, NULL, NULL, dm, 4), 0);
+		expect_ids(t, "abc 12", 0, dc[i].ids, dc[i].n);
+		ax_tok_close(t);
+	}
+	/* Split on "-" (a String pattern) with each behavior; merges "a-" 256, "-b" 257, "--" 258 */
+	static const char *const sm[] = {"a -", "- b", "- -"};
+	static const struct {
+		const char *behavior;
+		int invert, n;
+		int32_t ids[6];
+	} sc[] = {
+		{"Isolated", 0, 6, {'a', '-', 'b', '-', '-', 'c'}},
+		{"Removed", 0, 3, {'a', 'b', 'c'}},
+		{"MergedWithPrevious", 0, 5, {256, 'b', '-', '-', 'c'}}, /* "a-" "b-" "-" "c" */
+		{"MergedWithNext", 0, 5, {'a', 257, '-', '-', 'c'}},     /* "a" "-b" "-" "-c" */
+		{"Contiguous", 0, 5, {'a', '-', 'b', 258, 'c'}},        /* "a" "-" "b" "--" "c" */
+		{"Removed", 1, 3, {'-', '-', '-'}},                     /* invert: the letters are the delimiters */
+	};
+	for (size_t i = 0; i < sizeof sc / sizeof sc[0]; i++) {
+		json_t *pre = json_pack("{s:s,s:[{s:s,s:{s:s},s:s,s:b},o]}", "type", "Sequence", "pretokenizers", "type",
+					"Split", "pattern", "String", "-", "behavior", sc[i].behavior, "invert", sc[i].invert,
+					byte_level(0));
+		assert_int_equal(open_tok(&t, pre, NULL, NULL, sm, 3), 0);
+		print_message("split %s%s\n", sc[i].behavior, sc[i].invert ? " inverted" : "");
+		expect_ids(t, "a-b--c", 0, sc[i].ids, sc[i].n);
+		ax_tok_close(t);
+	}
+	/* Llama 3's post-processor: <s> before (and here </s> after) a prompt, nothing for plain encode */
+	json_t *post = json_pack("{s:s,s:[{s:s,s:b},{s:s,s:[{s:{s:s,s:i}},{s:{s:s,s:i}},{s:{s:s,s:i}}],s:{s:{s:[i]},s:{s:[i]}}}]}",
+				 "type", "Sequence", "processors", "type", "ByteLevel", "trim_offsets", 0, "type",
+				 "TemplateProcessing", "single", "SpecialToken", "id", "<s>", "type_id", 0, "Sequence", "id", "A",
+				 "type_id", 0, "SpecialToken", "id", "</s>", "type_id", 0, "special_tokens", "<s>", "ids", 300,
+				 "</s>", "ids", 301);
+	assert_int_equal(open_tok(&t, byte_level(1), json_pack("{s:s}", "type", "NFC"), post, dm, 4), 0);
+	expect_ids(t, "abc", 1, (const int32_t[]){300, 259, 301}, 3);
+	expect_ids(t, "abc", 0, (const int32_t[]){259}, 1);
+	expect_ids(t, "", 1, (const int32_t[]){300, 301}, 2);
+	ax_tok_close(t);
+	/* what tok.c does not implement is refused, not run differently from HF */
+	json_t *refused[] = {
+		json_pack("{s:s,s:s}", "type", "Metaspace", "replacement", "_"),
+		json_pack("{s:s,s:b,s:b}", "type", "ByteLevel", "add_prefix_space", 1, "use_regex", 1),
+		json_pack("{s:s,s:{s:s},s:s}", "type", "Split", "pattern", "String", "-", "behavior", "Sideways"),
+		json_pack("{s:s,s:[{s:s}]}", "type", "Sequence", "pretokenizers", "type", "Whitespace"),
+	};
+	for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++)
+		assert_int_equal(open_tok(&t, refused[i], NULL, NULL, dm, 4), -ENOTSUP);
+	assert_int_equal(open_tok(&t, byte_level(1), json_pack("{s:s}", "type", "Lowercase"), NULL, dm, 4), -ENOTSUP);
+	assert_int_equal(open_tok(&t, byte_level(1), json_pack("{s:s,s:[{s:s},{s:s}]}", "type", "Sequence", "normalizers",
+							      "type", "NFC", "type", "NFKC"), NULL, dm, 4), -ENOTSUP);
+	assert_int_equal(open_tok(&t, json_pack("{s:s,s:{s:s}}", "type", "Split", "pattern", "Regex", "(unclosed"), NULL,
+				  NULL, dm, 4), -EPROTO);
+}
+
 static void test_tok_errors(void **state)
 {
 	const ax_tok *t = *state;
@@ -679,6 +801,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_tok_ids, setup_tok, teardown_tok),
 		cmocka_unit_test_setup_teardown(test_tok_roundtrip, setup_tok, teardown_tok),
 		cmocka_unit_test_setup_teardown(test_tok_errors, setup_tok, teardown_tok),
+		cmocka_unit_test(test_tok_pipeline),
 		cmocka_unit_test(test_sampling),
 		cmocka_unit_test(test_chat),
 	};

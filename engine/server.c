@@ -356,8 +356,8 @@ static int prompt_ids(struct mg_connection *c, ax_server *sv, json_t *b, int32_t
 	json_t *p = json_object_get(b, "prompt");
 	if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
 		p = json_array_get(p, 0);
-	if (json_is_string(p)) {
-		int n = ax_tok_encode(ax_engine_tok(sv->e), json_string_value(p), json_string_length(p), 1, ids);
+	if (json_is_string(p)) { /* with the post-processor's BOS (Llama 3), as vLLM's add_special_tokens default */
+		int n = ax_tok_encode_prompt(ax_engine_tok(sv->e), json_string_value(p), json_string_length(p), ids);
 		if (n < 0)
 			send_error(c, 400, "'prompt' is not valid UTF-8", "prompt");
 		return n < 0 ? -1 : n;

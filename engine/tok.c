@@ -3,14 +3,21 @@
  *
  * Encoding runs the same stages as HF tokenizers for GPT-2 / Llama 3 / Qwen2 / Qwen3 files:
  *   1. added tokens are cut out first (longest match at each position; special ones only when asked);
- *   2. the pre-tokenizer regex (Split pattern, or ByteLevel's GPT-2 regex when use_regex) splits each remaining
- *      span into words; the regex is the file's own, compiled with PCRE2 in UTF + UCP mode (\p{L}, \p{N}, and
- *      lookahead work as in the Rust `onig`/`fancy-regex` engines);
+ *   2. the pre-tokenizer chain splits each remaining span into words, stage by stage, every stage working on
+ *      each piece the previous one produced: Split (the file's regex or literal string, with its behavior:
+ *      Isolated, Removed, MergedWithPrevious, MergedWithNext, Contiguous; invert), Digits (SmolLM, StarCoder:
+ *      \p{N} one by one or in runs), ByteLevel's GPT-2 regex when use_regex — in a Sequence or alone. Regexes
+ *      are compiled with PCRE2 in UTF + UCP mode (\p{L}, \p{N}, and lookahead work as in the Rust
+ *      `onig`/`fancy-regex` engines);
  *   3. each word's bytes are mapped to GPT-2's printable characters (bytes_to_unicode) and merged by BPE: the
  *      adjacent pair with the lowest merge rank is merged until none is left (ignore_merges: a word already in
  *      the vocabulary is taken whole).
- * Decoding maps each piece back through the inverse byte map. Not implemented: normalizers (Qwen's NFC is the
- * identity on already-composed text), add_prefix_space, added-token lstrip/rstrip.
+ *   4. the post-processor's TemplateProcessing "single" template puts its special tokens around the sequence
+ *      (Llama 3's <|begin_of_text|>) for callers that ask for it (ax_tok_encode_prompt).
+ * Decoding maps each piece back through the inverse byte map. Not implemented, and refused with -ENOTSUP where a
+ * file asks for it (so no text is ever tokenized differently from HF without a word): normalizers other than NFC
+ * (Qwen's NFC is the identity on already-composed text), other pre-tokenizers (Metaspace, Whitespace, ...),
+ * ByteLevel's add_prefix_space. Not implemented and not detected: added-token lstrip/rstrip.
  * The tables are read-only after loading, so encode/decode are thread-safe (each call has its own match data).
  */
 #include "attnx_engine.h"
@@ -35,6 +42,18 @@ typedef struct pmap_ent {
 	int32_t rank, merged;
 } pmap_ent;
 
+/* HF SplitDelimiterBehavior: what a stage does with the pieces its pattern matches. */
+enum split_behavior { SPLIT_ISOLATED, SPLIT_REMOVED, SPLIT_MERGED_PREV, SPLIT_MERGED_NEXT, SPLIT_CONTIGUOUS };
+
+#define MAX_PRE 8
+#define MAX_TPL 4
+
+typedef struct pre_split {
+	pcre2_code *re;
+	int behavior; /* enum split_behavior */
+	int invert;   /* the pattern matches the pieces, not the delimiters */
+} pre_split;
+
 typedef struct added {
 	char *content;
 	size_t len;
@@ -52,7 +71,10 @@ struct ax_tok {
 	added *add;
 	int n_add;
 	uint8_t *is_special; /* [n_ids] */
-	pcre2_code *re;     /* NULL: no pre-tokenizer split */
+	pre_split pre[MAX_PRE]; /* the pre-tokenizer chain, applied in order */
+	int n_pre;
+	int32_t tpl_pre[MAX_TPL], tpl_post[MAX_TPL]; /* TemplateProcessing "single": ids before / after $A */
+	int n_tpl_pre, n_tpl_post;
 	int ignore_merges;
 	char byte_chr[256][3]; /* byte → UTF-8 of its mapped char (NUL-terminated, 1-2 bytes) */
 	int16_t chr_byte[512];  /* mapped code point → byte, -1 if none */
@@ -234,32 +256,147 @@ static int load_merge(ax_tok *t, json_t *m, int32_t rank)
 	return 0;
 }
 
-/* Find the pre-tokenizer regex: Split{pattern:{Regex}} or ByteLevel{use_regex}, possibly in a Sequence. */
-static const char *find_pattern(json_t *pt)
+static int add_stage(ax_tok *t, const char *pat, int literal, int behavior, int invert)
 {
-	if (!json_is_object(pt))
-		return NULL;
+	int err;
+	PCRE2_SIZE off;
+	if (t->n_pre == MAX_PRE)
+		return -ENOTSUP;
+	/* PCRE2_LITERAL takes no UCP (nothing to classify in a literal) */
+	pcre2_code *re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED,
+				       PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP), &err, &off, NULL);
+	if (!re)
+		return -EPROTO;
+	pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* optional speed-up; interpretive match otherwise */
+	t->pre[t->n_pre++] = (pre_split){re, behavior, invert};
+	return 0;
+}
+
+static int behavior_of(json_t *b)
+{
+	static const char *const names[] = {"Isolated", "Removed", "MergedWithPrevious", "MergedWithNext", "Contiguous"};
+	if (!b)
+		return SPLIT_ISOLATED;
+	for (int i = 0; json_is_string(b) && i < 5; i++)
+		if (!strcmp(json_string_value(b), names[i]))
+			return i;
+	return -1;
+}
+
+/* The pre-tokenizer (a Sequence or one stage) into t->pre. Sets *byte_level when a ByteLevel stage is there.
+ * Returns 0, -EPROTO (bad regex or fields), -ENOTSUP (a stage we do not implement). */
+static int load_pre(ax_tok *t, json_t *pt, int *byte_level)
+{
+	if (!pt || json_is_null(pt))
+		return 0;
 	const char *type = json_string_value(json_object_get(pt, "type"));
 	if (!type)
-		return NULL;
+		return -EPROTO;
 	if (!strcmp(type, "Sequence")) {
 		size_t i;
 		json_t *e;
+		int rc = 0;
 		json_array_foreach(json_object_get(pt, "pretokenizers"), i, e)
 		{
-			const char *p = find_pattern(e);
-			if (p)
-				return p;
+			if (!rc)
+				rc = load_pre(t, e, byte_level);
 		}
-		return NULL;
+		return rc;
 	}
-	if (!strcmp(type, "Split"))
-		return json_string_value(json_object_get(json_object_get(pt, "pattern"), "Regex"));
+	if (!strcmp(type, "Split")) {
+		json_t *pat = json_object_get(pt, "pattern");
+		json_t *re = json_object_get(pat, "Regex"), *str = json_object_get(pat, "String");
+		int b = behavior_of(json_object_get(pt, "behavior"));
+		if (b < 0 || (!json_is_string(re) && !json_is_string(str)))
+			return b < 0 ? -ENOTSUP : -EPROTO;
+		return add_stage(t, json_string_value(re ? re : str), !re, b,
+				 json_is_true(json_object_get(pt, "invert")));
+	}
+	if (!strcmp(type, "Digits")) /* HF: is_numeric chars, one by one or in runs (= \p{N}, \p{N}+ isolated) */
+		return add_stage(t, json_is_true(json_object_get(pt, "individual_digits")) ? "\\p{N}" : "\\p{N}+", 0,
+				 SPLIT_ISOLATED, 0);
 	if (!strcmp(type, "ByteLevel")) {
+		*byte_level = 1;
+		if (json_is_true(json_object_get(pt, "add_prefix_space")))
+			return -ENOTSUP;
 		json_t *ur = json_object_get(pt, "use_regex");
-		return (!ur || json_is_true(ur)) ? GPT2_PATTERN : NULL;
+		return !ur || json_is_true(ur) ? add_stage(t, GPT2_PATTERN, 0, SPLIT_ISOLATED, 0) : 0;
 	}
-	return NULL;
+	return -ENOTSUP; /* Metaspace, Whitespace, Punctuation, BertPreTokenizer, ... */
+}
+
+/* Normalizers that leave the text of our families alone: none, NFC (a no-op on composed text), a Sequence of
+ * those. Returns 0 or -ENOTSUP. */
+static int check_normalizer(json_t *n)
+{
+	if (!n || json_is_null(n))
+		return 0;
+	const char *type = json_string_value(json_object_get(n, "type"));
+	if (type && !strcmp(type, "NFC"))
+		return 0;
+	if (type && !strcmp(type, "Sequence")) {
+		size_t i;
+		json_t *e;
+		json_array_foreach(json_object_get(n, "normalizers"), i, e)
+		{
+			if (check_normalizer(e))
+				return -ENOTSUP;
+		}
+		return 0;
+	}
+	return -ENOTSUP;
+}
+
+/* Ids of one TemplateProcessing SpecialToken entry, appended to ids[*n]. */
+static int template_ids(json_t *tp, json_t *st, int32_t *ids, int *n)
+{
+	json_t *def = json_object_get(json_object_get(tp, "special_tokens"), json_string_value(json_object_get(st, "id")));
+	size_t i;
+	json_t *v;
+	if (!json_is_array(json_object_get(def, "ids")))
+		return -EPROTO;
+	json_array_foreach(json_object_get(def, "ids"), i, v)
+	{
+		if (!json_is_integer(v) || *n == MAX_TPL)
+			return json_is_integer(v) ? -ENOTSUP : -EPROTO;
+		ids[(*n)++] = (int32_t)json_integer_value(v);
+	}
+	return 0;
+}
+
+/* The post-processor's TemplateProcessing (alone or in a Sequence): the special ids its "single" template puts
+ * before and after the sequence. Other processors (ByteLevel offsets) change no ids. */
+static int load_template(ax_tok *t, json_t *pp)
+{
+	const char *type = json_string_value(json_object_get(pp, "type"));
+	if (!type)
+		return 0;
+	if (!strcmp(type, "Sequence")) {
+		size_t i;
+		json_t *e;
+		int rc = 0;
+		json_array_foreach(json_object_get(pp, "processors"), i, e)
+		{
+			if (!rc)
+				rc = load_template(t, e);
+		}
+		return rc;
+	}
+	if (strcmp(type, "TemplateProcessing"))
+		return 0;
+	size_t i;
+	json_t *e;
+	int seen_a = 0, rc = 0;
+	json_array_foreach(json_object_get(pp, "single"), i, e)
+	{
+		json_t *st = json_object_get(e, "SpecialToken");
+		if (json_object_get(e, "Sequence"))
+			seen_a = 1;
+		else if (st && !rc)
+			rc = seen_a ? template_ids(pp, st, t->tpl_post, &t->n_tpl_post)
+				    : template_ids(pp, st, t->tpl_pre, &t->n_tpl_pre);
+	}
+	return rc;
 }
 
 static int load_model(ax_tok *t, json_t *root)
@@ -296,16 +433,14 @@ static int load_model(ax_tok *t, json_t *root)
 		return rc;
 	for (int b = 0; b < 256; b++)
 		t->byte_id[b] = smap_get(t, t->byte_chr[b], strlen(t->byte_chr[b]));
-	const char *pat = find_pattern(json_object_get(root, "pre_tokenizer"));
-	if (pat) {
-		int err;
-		PCRE2_SIZE off;
-		t->re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP, &err, &off, NULL);
-		if (!t->re)
-			return -EPROTO;
-		pcre2_jit_compile(t->re, PCRE2_JIT_COMPLETE); /* optional speed-up; interpretive match otherwise */
-	}
-	return 0;
+	int byte_level = 0;
+	const char *dec = json_string_value(json_object_get(json_object_get(root, "decoder"), "type"));
+	if ((rc = load_pre(t, json_object_get(root, "pre_tokenizer"), &byte_level)) ||
+	    (rc = check_normalizer(json_object_get(root, "normalizer"))) ||
+	    (rc = load_template(t, json_object_get(root, "post_processor"))))
+		return rc;
+	/* SentencePiece-style BPE (Metaspace, byte_fallback) is not byte-level: refuse rather than mis-tokenize */
+	return byte_level || (dec && !strcmp(dec, "ByteLevel")) ? 0 : -ENOTSUP;
 }
 
 int ax_tok_open_mem(ax_tok **out, const char *json, size_t len)
@@ -364,8 +499,8 @@ void ax_tok_close(ax_tok *t)
 	free(t->pmap);
 	free(t->add);
 	free(t->is_special);
-	if (t->re)
-		pcre2_code_free(t->re);
+	for (int i = 0; i < t->n_pre; i++)
+		pcre2_code_free(t->pre[i].re);
 	free(t);
 }
 
@@ -458,31 +593,101 @@ static int bpe_word(const ax_tok *t, const char *w, size_t len, ids_buf *out)
 	return rc;
 }
 
-/* Pre-tokenize a span with no added tokens and BPE each piece. */
-static int encode_span(const ax_tok *t, const char *s, size_t len, pcre2_match_data *md, ids_buf *out)
+static int pre_stage(const ax_tok *t, int k, const char *s, size_t len, pcre2_match_data **md, ids_buf *out);
+
+/* One stage's walk over a span: segments (gaps and matches, in order) go through the stage's behavior; `pend`
+ * holds a piece that may still merge with the next segment. Pieces go on to stage k + 1. */
+typedef struct split_walk {
+	const ax_tok *t;
+	int k;
+	const char *s;
+	pcre2_match_data **md;
+	ids_buf *out;
+	size_t a, b;  /* pending piece [a, b) */
+	int has;      /* a piece is pending */
+	int prev_m;   /* the previous segment was a match */
+} split_walk;
+
+static int emit(split_walk *w, size_t a, size_t b)
 {
-	if (!t->re)
+	return b > a ? pre_stage(w->t, w->k + 1, w->s + a, b - a, w->md, w->out) : 0;
+}
+
+static int flush(split_walk *w)
+{
+	int rc = w->has ? emit(w, w->a, w->b) : 0;
+	w->has = 0;
+	return rc;
+}
+
+static int hold(split_walk *w, size_t a, size_t b)
+{
+	int rc = flush(w);
+	w->a = a, w->b = b, w->has = 1;
+	return rc;
+}
+
+/* Segment [a, b), a pattern match when m: as HF's SplitDelimiterBehavior treats it. */
+static int segment(split_walk *w, size_t a, size_t b, int m)
+{
+	const pre_split *p = &w->t->pre[w->k];
+	int rc = 0;
+	m ^= p->invert;
+	switch (p->behavior) {
+	case SPLIT_REMOVED:
+		rc = m ? 0 : emit(w, a, b);
+		break;
+	case SPLIT_ISOLATED:
+		rc = emit(w, a, b);
+		break;
+	case SPLIT_MERGED_PREV: /* a match joins the gap before it */
+		if (m && !w->prev_m && w->has)
+			w->b = b;
+		else
+			rc = hold(w, a, b);
+		break;
+	case SPLIT_MERGED_NEXT: /* a match joins the gap after it */
+		if (w->has && !m) {
+			rc = emit(w, w->a, b);
+			w->has = 0;
+		} else {
+			rc = flush(w);
+			if (!rc)
+				rc = m ? hold(w, a, b) : emit(w, a, b);
+		}
+		break;
+	default: /* SPLIT_CONTIGUOUS: runs of matches (and of gaps) become one piece */
+		if (w->has && m == w->prev_m)
+			w->b = b;
+		else
+			rc = hold(w, a, b);
+	}
+	w->prev_m = m;
+	return rc;
+}
+
+/* Stage k of the pre-tokenizer over s[0, len) (no added tokens in it); past the last stage, BPE. Empty matches
+ * (no pattern of our families has one) are skipped (PCRE2_NOTEMPTY): they would only make empty pieces. */
+static int pre_stage(const ax_tok *t, int k, const char *s, size_t len, pcre2_match_data **md, ids_buf *out)
+{
+	if (k == t->n_pre)
 		return len ? bpe_word(t, s, len, out) : 0;
+	split_walk w = {t, k, s, md, out, 0, 0, 0, 0};
 	size_t pos = 0;
 	int rc = 0;
 	while (pos < len && !rc) {
-		int m = pcre2_match(t->re, (PCRE2_SPTR)s, len, pos, PCRE2_NO_UTF_CHECK, md, NULL);
-		if (m < 0) /* no more matches: the rest is one piece (Split's Isolated keeps gaps) */
-			return bpe_word(t, s + pos, len - pos, out);
-		PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
+		if (pcre2_match(t->pre[k].re, (PCRE2_SPTR)s, len, pos, PCRE2_NO_UTF_CHECK | PCRE2_NOTEMPTY, md[k], NULL) < 0)
+			break; /* no more matches: the rest is one gap */
+		PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md[k]);
 		if (ov[0] > pos)
-			rc = bpe_word(t, s + pos, ov[0] - pos, out);
-		if (!rc && ov[1] > ov[0])
-			rc = bpe_word(t, s + ov[0], ov[1] - ov[0], out);
-		if (ov[1] > ov[0]) {
-			pos = ov[1];
-		} else { /* empty match: step over one UTF-8 character */
-			pos = ov[0] + 1;
-			while (pos < len && ((uint8_t)s[pos] & 0xc0) == 0x80)
-				pos++;
-		}
+			rc = segment(&w, pos, ov[0], 0);
+		if (!rc)
+			rc = segment(&w, ov[0], ov[1], 1);
+		pos = ov[1];
 	}
-	return rc;
+	if (!rc && pos < len)
+		rc = segment(&w, pos, len, 0);
+	return rc ? rc : flush(&w);
 }
 
 /* Longest added token starting at s, or NULL. */
@@ -499,48 +704,79 @@ static const added *match_added(const ax_tok *t, const char *s, size_t left, int
 	return best;
 }
 
-int ax_tok_encode(const ax_tok *t, const char *text, size_t len, int parse_special, int32_t **ids)
+/* PCRE2 with NO_UTF_CHECK needs valid UTF-8: 0, or -EILSEQ for invalid input. */
+static int check_utf8(const ax_tok *t, const char *text, size_t len)
 {
-	ids_buf out = {0};
-	*ids = NULL;
-	/* PCRE2 with NO_UTF_CHECK needs valid UTF-8: reject invalid input up front. */
-	if (t->re && len) {
-		pcre2_match_data *probe = pcre2_match_data_create(1, NULL);
-		if (!probe)
-			return -ENOMEM;
-		int m = pcre2_match(t->re, (PCRE2_SPTR)text, len, 0, 0, probe, NULL);
-		pcre2_match_data_free(probe);
-		if (m <= PCRE2_ERROR_UTF8_ERR1 && m >= PCRE2_ERROR_UTF8_ERR21)
-			return -EILSEQ;
-	}
-	pcre2_match_data *md = t->re ? pcre2_match_data_create_from_pattern(t->re, NULL) : NULL;
-	if (t->re && !md)
+	if (!t->n_pre || !len)
+		return 0;
+	pcre2_match_data *probe = pcre2_match_data_create(1, NULL);
+	if (!probe)
 		return -ENOMEM;
+	int m = pcre2_match(t->pre[0].re, (PCRE2_SPTR)text, len, 0, 0, probe, NULL);
+	pcre2_match_data_free(probe);
+	return m <= PCRE2_ERROR_UTF8_ERR1 && m >= PCRE2_ERROR_UTF8_ERR21 ? -EILSEQ : 0;
+}
+
+/* Encode text into out (appending). */
+static int encode_into(const ax_tok *t, const char *text, size_t len, int parse_special, ids_buf *out)
+{
+	pcre2_match_data *md[MAX_PRE] = {0};
+	int rc = check_utf8(t, text, len);
+	for (int k = 0; k < t->n_pre && !rc; k++)
+		if (!(md[k] = pcre2_match_data_create_from_pattern(t->pre[k].re, NULL)))
+			rc = -ENOMEM;
 	size_t start = 0, i = 0;
-	int rc = 0;
 	while (i < len && !rc) {
 		const added *a = t->n_add ? match_added(t, text + i, len - i, parse_special) : NULL;
 		if (!a) {
 			i++;
 			continue;
 		}
-		rc = encode_span(t, text + start, i - start, md, &out);
+		rc = pre_stage(t, 0, text + start, i - start, md, out);
 		if (!rc)
-			rc = push(&out, a->id);
+			rc = push(out, a->id);
 		i += a->len;
 		start = i;
 	}
 	if (!rc)
-		rc = encode_span(t, text + start, len - start, md, &out);
-	pcre2_match_data_free(md);
+		rc = pre_stage(t, 0, text + start, len - start, md, out);
+	for (int k = 0; k < t->n_pre; k++)
+		pcre2_match_data_free(md[k]);
+	return rc;
+}
+
+/* The ids of out, handed to the caller (an empty result is still a malloc'd pointer). */
+static int finish(ids_buf *out, int rc, int32_t **ids)
+{
+	if (!rc && !out->v && !(out->v = malloc(sizeof(int32_t))))
+		rc = -ENOMEM;
 	if (rc) {
-		free(out.v);
+		free(out->v);
 		return rc;
 	}
-	if (!out.v)
-		out.v = malloc(sizeof(int32_t));
-	*ids = out.v;
-	return out.v ? (int)out.n : -ENOMEM;
+	*ids = out->v;
+	return (int)out->n;
+}
+
+int ax_tok_encode(const ax_tok *t, const char *text, size_t len, int parse_special, int32_t **ids)
+{
+	ids_buf out = {0};
+	*ids = NULL;
+	return finish(&out, encode_into(t, text, len, parse_special, &out), ids);
+}
+
+int ax_tok_encode_prompt(const ax_tok *t, const char *text, size_t len, int32_t **ids)
+{
+	ids_buf out = {0};
+	int rc = 0;
+	*ids = NULL;
+	for (int i = 0; i < t->n_tpl_pre && !rc; i++)
+		rc = push(&out, t->tpl_pre[i]);
+	if (!rc)
+		rc = encode_into(t, text, len, 1, &out);
+	for (int i = 0; i < t->n_tpl_post && !rc; i++)
+		rc = push(&out, t->tpl_post[i]);
+	return finish(&out, rc, ids);
 }
 
 /* ---- decode ------------------------------------------------------------------------------------------ */
