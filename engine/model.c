@@ -100,7 +100,7 @@ static int parse_rope(json_t *o, json_t *rp, ax_model_config *c)
 		c->rope_low_freq = (float)jnum(rs, "low_freq_factor", 0);
 		c->rope_high_freq = (float)jnum(rs, "high_freq_factor", 0);
 		c->rope_orig_max_pos = jint(rs, "original_max_position_embeddings", 0);
-		return !(c->rope_factor > 0 && c->rope_low_freq > 0 && c->rope_high_freq > c->rope_low_freq &&
+		return !(c->rope_factor > 0 && c->rope_low_freq > 0 && c->rope_high_freq >= c->rope_low_freq &&
 			 c->rope_orig_max_pos > 0);
 	}
 	return 1; /* yarn, dynamic, longrope, ...: not implemented */
@@ -187,7 +187,7 @@ void ax_model_rope_freqs(const ax_model_config *c, float *inv_freq)
 			double lo = old / c->rope_low_freq, hi = old / c->rope_high_freq;
 			if (wavelen > lo) {
 				f /= c->rope_factor;
-			} else if (wavelen >= hi) {
+			} else if (wavelen >= hi && c->rope_high_freq > c->rope_low_freq) {
 				double sm = (old / wavelen - c->rope_low_freq) / (c->rope_high_freq - c->rope_low_freq);
 				f = (1 - sm) * f / c->rope_factor + sm * f;
 			}
