@@ -96,6 +96,24 @@ static int sleep_unless_stopped(uint64_t ms)
 	return g_stop != 0;
 }
 
+/* The environment with `var` (NAME=value) in place of any NAME= entry: built for execve, since setenv is not safe
+ * while nng's and the workers' threads run. The array is malloc'ed (the caller frees it), its strings are not. */
+static char **env_with(char *var)
+{
+	extern char **environ;
+	size_t n = 0, k = 0, name = (size_t)(strchr(var, '=') - var) + 1;
+	while (environ[n])
+		n++;
+	char **env = calloc(n + 2, sizeof *env);
+	if (env == NULL)
+		return NULL;
+	for (size_t i = 0; i < n; i++)
+		if (strncmp(environ[i], var, name) != 0)
+			env[k++] = environ[i];
+	env[k] = var;
+	return env;
+}
+
 /* Replace this process with a fresh image of itself (see the top). Returns only on failure (or a stop signal
  * during the backoff wait: -EINTR), with the process intact. */
 static int reexec(char **args, ax__cuda_be_reexec *re)
@@ -106,16 +124,19 @@ static int reexec(char **args, ax__cuda_be_reexec *re)
 		       re->in_window - 1, (unsigned long long)delay_ms);
 	if (sleep_unless_stopped(delay_ms))
 		return -EINTR;
-	char val[80];
-	if (ax__cuda_be_reexec_format(re, val, sizeof val) < 0 || setenv(AX_REEXEC_ENV, val, 1) != 0)
+	char var[96];
+	int len = snprintf(var, sizeof var, "%s=", AX_REEXEC_ENV);
+	char **env = ax__cuda_be_reexec_format(re, var + len, sizeof var - (size_t)len) < 0 ? NULL : env_with(var);
+	if (env == NULL)
 		return -ENOMEM;
 	ax_log(AX_LOG_WARN, TAG, "re-executing (%u) for a fresh CUDA context after a sticky error", re->count);
 	fflush(NULL);
 	cloexec_above_stderr();
-	execv("/proc/self/exe", args);
+	execve("/proc/self/exe", args, env);
 	int err = errno;
 	if (strchr(args[0], '/'))
-		execv(args[0], args); /* no /proc: the path it was started with (the cwd is unchanged) */
+		execve(args[0], args, env); /* no /proc: the path it was started with (the cwd is unchanged) */
+	free(env);
 	ax_log(AX_LOG_ERROR, TAG, "cannot re-execute %s: %s; capturing nothing on the CUDA device until one of its "
 	       "resets (retried with backoff) brings it back", args[0], strerror(err));
 	return -err;
