@@ -82,7 +82,7 @@ def ivec(t=None, stride=1, add=0, offset=0):
     v = IVec()
     if t is None:
         return v
-    if t.dtype.itemsize not in (4, 8) or t.dtype.is_floating_point:
+    if t.element_size() not in (4, 8) or t.dtype.is_floating_point:
         raise TypeError("attnx: step metadata must be int32 or int64, got %s" % t.dtype)
     v.p = t.data_ptr() + offset * t.element_size()
     v.bytes, v.stride, v.add = t.element_size(), stride, add

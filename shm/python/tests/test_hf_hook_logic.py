@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""The Hugging Face hook's host logic (attnx.hf) on the CPU: which kernels it enqueues, in which order, with which
+arguments — no GPU, no transformers. Needs torch (CPU is enough; exit 77 without it): hf.py computes its index
+table and reads query/key strides with real tensors.
+
+A stand-in for the three pieces of transformers the hook touches (AttentionInterface, ALL_ATTENTION_FUNCTIONS, the
+model's forward pre-hooks and set_attn_implementation) drives it the way a Llama/Qwen3 forward does: the forward
+pre-hook, then per layer the static-cache update (this step's keys written into `key`) and the attention function
+with position_ids. attnx.cuda.register and attnx.graph.GraphExporter are replaced by recorders (the real host
+Exporter is used, so the segment configuration is validated by the C library). What is checked:
+  * warm-up registers one K pool per layer as [B·H_kv·max_len, H_kv, D] with strides (D, max_len·D, 1);
+  * prefill: ENDs for active rows, one step start, BEGIN per row, then, fused (default), layer 0's begin_q, a Q
+    copy per middle layer and the last layer's Q copy + publish BEFORE its attention runs (its keys are in the
+    cache already): `layers` kernels per step; the step arguments (rows, seq_end from position_ids, tokens);
+  * decode: no step start, no BEGIN, `layers` kernels; fuse=False: step_begin, a copy per layer, publish after the
+    last attention (layers + 2, and the pre-hook's start only for a prefill);
+  * every attention output is the inner attention's own; set_enabled(False) leaves the model running its inner
+    attention with no attnx call at all, set_enabled(True) restores the hook; an error in the export path disables
+    export and never reaches the model.
+"""
+import os
+import sys
+import types
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+try:
+    import torch
+except ImportError:
+    print("SKIP: no torch")
+    sys.exit(77)
+
+import attnx.cuda  # noqa: E402
+from attnx import _ffi  # noqa: E402
+
+L, HQ, HKV, D, B, LMAX = 4, 4, 2, 8, 2, 32
+calls = []
+
+# ---- transformers stand-in ---------------------------------------------------------------------------------------
+
+ALL = {}
+
+
+def sdpa(module, query, key, value, attention_mask, **kw):
+    calls.append(("inner", module.layer_idx))
+    return ("out", module.layer_idx, query.shape)
+
+
+ALL["sdpa"] = sdpa
+tf = types.ModuleType("transformers")
+tf.AttentionInterface = types.SimpleNamespace(register=lambda name, fn: ALL.__setitem__(name, fn))
+tf_mu = types.ModuleType("transformers.modeling_utils")
+tf_mu.ALL_ATTENTION_FUNCTIONS = ALL
+sys.modules["transformers"], sys.modules["transformers.modeling_utils"] = tf, tf_mu
+
+
+class Handle:
+    def __init__(self, hooks, fn):
+        self.hooks, self.fn = hooks, fn
+
+    def remove(self):
+        self.hooks.remove(self.fn)
+
+
+class Model:
+    """Llama/Qwen3's forward as the hook sees it: pre-hooks, then per layer cache update and attention."""
+
+    def __init__(self):
+        self.config = types.SimpleNamespace(num_hidden_layers=L, num_attention_heads=HQ, num_key_value_heads=HKV,
+                                            head_dim=D, hidden_size=HQ * D, _name_or_path="fake")
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.impl, self.hooks = "sdpa", []
+        self.layers = [types.SimpleNamespace(layer_idx=l) for l in range(L)]
+        self.k = [torch.zeros(B, HKV, LMAX, D) for _ in range(L)]
+        self.v = [torch.zeros(B, HKV, LMAX, D) for _ in range(L)]
+
+    def register_forward_pre_hook(self, fn, with_kwargs=False):
+        assert with_kwargs
+        self.hooks.append(fn)
+        return Handle(self.hooks, fn)
+
+    def set_attn_implementation(self, name):
+        self.impl = name
+
+    def __call__(self, input_ids=None, past_key_values=None, use_cache=True, cache_position=None, position_ids=None):
+        kw = dict(input_ids=input_ids, past_key_values=past_key_values, cache_position=cache_position,
+                  position_ids=position_ids)
+        for h in list(self.hooks):
+            h(self, (), kw)
+        S = input_ids.shape[1]
+        pos = position_ids if position_ids is not None else cache_position[None].expand(B, -1)
+        outs = []
+        for l, m in enumerate(self.layers):
+            q = torch.randn(B, S, HQ, D).transpose(1, 2)  # [B, H, S, D] as Llama's view + transpose
+            calls.append(("kv", l))                       # the cache update, before the attention function
+            self.k[l][:, :, cache_position] = torch.randn(B, HKV, S, D)
+            outs.append(ALL[self.impl](m, q, self.k[l], self.v[l], None, position_ids=pos))
+        return outs
+
+
+# ---- recorders -------------------------------------------------------------------------------------------------
+
+registered = []
+
+
+def fake_register(ex, t, kind, **kw):
+    registered.append((kind, tuple(t.shape), kw))
+    return len(registered) - 1
+
+
+def iv(v):
+    return (v.p, v.bytes, v.stride, v.add) if v.p else None
+
+
+class FakeGraph:
+    def __init__(self, exporter, q_ring, qbuf, index_buf, map_rows, max_batch):
+        self.max_batch = max_batch
+        calls.append(("open", map_rows, max_batch))
+
+    def step_start(self, stream=None):
+        calls.append(("start",))
+
+    def request_begin(self, rid, tokens, prompt_len=None, skip=0, row=0, row_tensor=None, stream=None):
+        calls.append(("begin", row, rid, tokens.tolist(), prompt_len))
+
+    def request_end(self, row, reason="stop", stream=None):
+        calls.append(("end", row, reason))
+
+    def _args(self, a):
+        return (a.n_rows, a.flags, a.n_tok_const, iv(a.seq_end), a.tokens, a.token_bytes, a.tok_stride_b,
+                a.tok_stride_t)
+
+    def step_begin(self, a, stream=None):
+        calls.append(("step_begin",) + self._args(a))
+
+    def step_begin_q(self, a, layer, q, st_b, st_t, st_h, stream=None):
+        calls.append(("begin_q", layer) + self._args(a) + ((st_b, st_t, st_h),))
+
+    def export_q(self, layer, q, st_b, st_t, st_h, stream=None):
+        calls.append(("q", layer, (st_b, st_t, st_h)))
+
+    def export_q_publish(self, layer, q, st_b, st_t, st_h, stream=None):
+        calls.append(("q_publish", layer, (st_b, st_t, st_h)))
+
+    def publish(self, stream=None):
+        calls.append(("publish",))
+
+    def close(self):
+        calls.append(("close",))
+
+
+def expect(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+def kernels(cs):
+    return [c[0] for c in cs if c[0] in ("start", "step_begin", "begin_q", "q", "q_publish", "publish", "end")]
+
+
+def forward(model, ids, pos0):
+    del calls[:]
+    S = ids.shape[1]
+    cp = torch.arange(pos0, pos0 + S)
+    pos = cp[None].expand(B, -1)
+    with torch.no_grad():
+        outs = model(input_ids=ids, past_key_values="cache", cache_position=cp, position_ids=pos)
+    return outs, pos
+
+
+def main():
+    torch.cuda.synchronize = lambda: None  # close() synchronises; nothing to wait for here
+    import attnx.graph
+
+    attnx.cuda.register = fake_register
+    attnx.graph.GraphExporter = FakeGraph
+    import attnx.hf as hf
+
+    hf.register, hf.GraphExporter = fake_register, FakeGraph
+    model = Model()
+    ax = hf.HFExporter(model, "cache", batch_size=B, max_cache_len=LMAX, name="/attnx.hft%d" % os.getpid())
+    out = []
+    try:
+        expect(model.impl == "attnx" and "attnx" in ALL, "the attnx attention is installed (%s)" % model.impl)
+        ax.warmup()
+        ks = [r for r in registered if r[0] == _ffi.BUF_K_POOL]
+        expect([(r[1], r[2]["layer"], r[2]["shape"], r[2]["strides"]) for r in ks] ==
+               [((B, HKV, LMAX, D), l, ((B - 1) * HKV * LMAX + LMAX, HKV, D), (D, LMAX * D, 1)) for l in range(L)],
+               "K pools %r" % ks)
+        out.append("warm-up: %d K pools as [slots, H_kv, D] over the static cache" % L)
+
+        # prefill, fused
+        ax.rids = ["r0", "r1"]
+        ids = torch.arange(10, 10 + B * 5).view(B, 5)
+        outs, pos = forward(model, ids, 0)
+        k = kernels(calls)
+        expect(k == ["start", "begin_q"] + ["q"] * (L - 2) + ["q_publish"], "prefill kernels %r" % k)
+        b = [c for c in calls if c[0] == "begin"]
+        expect(b == [("begin", 0, "r0", [10, 11, 12, 13, 14], 5), ("begin", 1, "r1", [15, 16, 17, 18, 19], 5)],
+               "BEGINs %r" % b)
+        bq = next(c for c in calls if c[0] == "begin_q")
+        expect(bq[1:] == (0, B, 1, 5, (pos.data_ptr() + 4 * pos.stride(1) * 8, 8, pos.stride(0), 1),
+                          ids.data_ptr(), 8, 5, 1, (HQ * 5 * D, HQ * D, D)),
+               "prefill begin_q %r" % (bq,))
+        order = [c for c in calls if c[0] in ("kv", "inner", "q_publish")]
+        expect(order[-3:] == [("kv", L - 1), ("q_publish", L - 1, (HQ * 5 * D, HQ * D, D)), ("inner", L - 1)],
+               "the last layer publishes after its cache update, before its attention: %r" % order[-3:])
+        expect(outs == [("out", l, (B, HQ, 5, D)) for l in range(L)], "outputs are the inner attention's")
+        out.append("prefill: start, BEGINs, %d kernels (begin + Q, Q, Q + publish)" % (L))
+
+        # decode, fused: no step start, no BEGIN
+        outs, pos = forward(model, torch.tensor([[7], [8]]), 5)
+        k = kernels(calls)
+        expect(k == ["begin_q"] + ["q"] * (L - 2) + ["q_publish"], "decode kernels %r" % k)
+        bq = next(c for c in calls if c[0] == "begin_q")
+        expect(bq[2:4] == (B, 0) and bq[4] == 1, "decode step args %r" % (bq,))
+        out.append("decode: %d kernels per step, no step start" % L)
+
+        # unfused (the first GPU run's layout)
+        ax.fuse = False
+        forward(model, torch.tensor([[7], [8]]), 6)
+        k = kernels(calls)
+        expect(k == ["step_begin"] + ["q"] * L + ["publish"], "unfused decode kernels %r" % k)
+        expect(calls[-1] == ("publish",) and calls[-2] == ("inner", L - 1), "unfused: publish after the attention")
+        ax.fuse = True
+        out.append("fuse=False: %d kernels, publish after the last attention" % (L + 2))
+
+        # a second prefill ends the active rows first (rule 9), then one step start
+        ax.rids = ["r2", "r3"]
+        forward(model, torch.arange(B * 3).view(B, 3), 0)
+        k = [c for c in calls if c[0] in ("end", "start", "begin")]
+        expect(k == [("end", 0, "stop"), ("end", 1, "stop"), ("start",), ("begin", 0, "r2", [0, 1, 2], 3),
+                     ("begin", 1, "r3", [3, 4, 5], 3)], "second prefill %r" % k)
+        out.append("a new prefill: END the active rows, a step start, then BEGIN")
+
+        # hook removed: the model's own attention, nothing from attnx; restored
+        ax.set_enabled(False)
+        outs, _ = forward(model, torch.tensor([[1], [2]]), 3)
+        expect(model.impl == "sdpa" and not kernels(calls) and outs == [("out", l, (B, HQ, 1, D)) for l in range(L)],
+               "set_enabled(False): %s %r" % (model.impl, kernels(calls)))
+        ax.set_enabled(True)
+        forward(model, torch.tensor([[1], [2]]), 4)
+        expect(model.impl == "attnx" and len(kernels(calls)) == L, "set_enabled(True): %r" % kernels(calls))
+        out.append("set_enabled(False) leaves no attnx call; set_enabled(True) restores the hook")
+
+        # an exception in the export path disables export; the model's outputs are unaffected
+        def boom(*a, **k):
+            raise RuntimeError("kernel launch failed")
+
+        ax.g.export_q = boom
+        outs, _ = forward(model, torch.tensor([[1], [2]]), 5)
+        expect(ax.disabled and outs == [("out", l, (B, HQ, 1, D)) for l in range(L)], "error path")
+        forward(model, torch.tensor([[1], [2]]), 6)
+        expect(not kernels(calls), "calls after disabling: %r" % kernels(calls))
+        out.append("an export error disables export quietly")
+    finally:
+        ax.ex.close()
+    for o in out:
+        print("ok - " + o)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except AssertionError as e:
+        print("not ok - %s" % e)
+        sys.exit(1)
