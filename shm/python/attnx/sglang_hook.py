@@ -238,7 +238,7 @@ def pre_hook_factory(config):
             l = module.layer_id - st.start_layer
             if l not in st.k_done:
                 st.register_k(module)
-            q3 = q.view(q.shape[0], -1, st.D) if q.dim() == 2 else q
+            q3 = q.view(q.shape[0], st.Hq, st.D) if q.dim() == 2 else q  # no -1: an idle batch has 0 tokens
             if l == 0:
                 if not torch.cuda.is_current_stream_capturing():
                     st.stream = torch.cuda.current_stream()  # where ENDs go: the stream replays run on

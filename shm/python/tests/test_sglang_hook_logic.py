@@ -82,6 +82,9 @@ class T:
 
     def view(self, *shape):
         assert len(shape) == 3 and self.dim() == 2 and self._strides[1] == 1
+        if -1 in shape and self.numel() == 0:  # as torch: -1 is ambiguous for an empty tensor
+            raise RuntimeError("cannot reshape tensor of 0 elements into shape %r" % (shape,))
+        assert shape[0] == self.shape[0] and shape[1] * shape[2] in (self.shape[1], -shape[2])
         return T((self.shape[0], self.shape[1] // shape[2], shape[2]), self.dtype, self.ptr,
                  (self._strides[0], shape[2], 1))
 
@@ -288,6 +291,7 @@ def main():
     forward(mods, pre, post, fb("verify", 2, 4, rids=["r9", "r8"], pre=[1, 1], ext=[2, 2]), 4)
     forward(mods, pre, post, fb("idle", 0, 0), 0)
     expect(not [c for c in calls if c[0] in ("step", "q", "publish", "begin")], "verify/idle exported %r" % calls)
+    expect(not st.disabled, "an idle batch (0 tokens) or a verify batch disabled export")
 
     # 5. an exception inside the hook disables export and never reaches the model
     del calls[:]
