@@ -61,7 +61,7 @@ def start_consumer(shm, out, layers="all", prefill=True, ends=1, timeout=120, to
     return subprocess.Popen(cmd)
 
 
-def wait_wanted(gx, timeout=30):
+def wait_wanted(gx, timeout=60):
     end = time.time() + timeout
     while time.time() < end:
         if gx.enabled():
