@@ -359,34 +359,31 @@ __device__ __forceinline__ uint32_t lds_off(int row, int w, int c, int t)
 
 /* ---- the merge (the lab's v8_merge_row) ---------------------------------------------------------------------------- */
 
-/* Write one merged row: result row o (entries best first; past kout: -1, -inf), or the logsumexp slot. */
-__device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb, int r, int32_t head_id, float lse,
-					   float hx, int hp, float lx, int lp)
+/* Write one merged row in compact form: the row's logsumexp and its kout entries, best first (offset -1: empty;
+ * axf_plan_finish expands them), or the logsumexp slot. */
+__device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb, int r, float lse, float hx, int hp,
+					   float lx, int lp)
 {
-	const int lane = threadIdx.x & 31;
+	const int lane = threadIdx.x & 31, kout = (int)jb.kout;
 	if (jb.lse_out >= 0) {
 		if (lane == 0)
 			a.lse[jb.lse_out + r] = lse;
 		return;
 	}
-	ax_attn_result *res = &a.res[jb.res + r];
-	const bool v0 = lane < (int)jb.kout && hp != INT_MAX, v1 = lane + 32 < (int)jb.kout && lp != INT_MAX;
-	res->pos[lane] = v0 ? (int64_t)(jb.start + (uint64_t)hp) : -1;
-	res->logit[lane] = v0 ? hx : -INFINITY;
-	res->pos[lane + 32] = v1 ? (int64_t)(jb.start + (uint64_t)lp) : -1;
-	res->logit[lane + 32] = v1 ? lx : -INFINITY;
-	if (lane == 0) {
-		res->head_id = head_id;
-		res->k = jb.kout;
-		res->lse = (double)lse;
-	}
+	axf_ent *e = a.rent + jb.rent + (uint64_t)r * jb.kout;
+	if (lane < kout)
+		e[lane] = axf_ent{hx, hp != INT_MAX ? hp : -1};
+	if (lane + 32 < kout)
+		e[lane + 32] = axf_ent{lx, lp != INT_MAX ? lp : -1};
+	if (lane == 0)
+		a.rlse[jb.res + r] = lse;
 }
 
 /* One warp merges the S partials of row r of pass-job jb (partial rows at prow0 + i, entries at ent + i·K) into
- * its result row (head_id: the row's) or logsumexp slot. xs/xp: the warp's 64-entry survivor scratch; es/ep: its
- * staging of cap ≥ S entries. */
-__device__ void merge_row(const axf_args &a, const axf_job &jb, int r, int32_t head_id, float *xs, int *xp,
-			  float *es, int *ep, int cap, int mode)
+ * its result row or logsumexp slot. xs/xp: the warp's 64-entry survivor scratch; es/ep: its staging of cap ≥ S
+ * entries. */
+__device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs, int *xp, float *es, int *ep, int cap,
+			  int mode)
 {
 	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
 	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
@@ -399,7 +396,7 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, int32_t h
 	lse_warp(m, sm);
 	const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
 	if (!K) {
-		put_result(a, jb, r, head_id, lse, -INFINITY, INT_MAX, -INFINITY, INT_MAX);
+		put_result(a, jb, r, lse, -INFINITY, INT_MAX, -INFINITY, INT_MAX);
 		return;
 	}
 	const int E = max(1, min(min(K, 8), cap / max(1, S)));
@@ -518,7 +515,7 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, int32_t h
 		}
 		hx = L.s0, hp = L.p0, lx = L.s1, lp = L.p1;
 	}
-	put_result(a, jb, r, head_id, lse, hx, hp, lx, lp);
+	put_result(a, jb, r, lse, hx, hp, lx, lp);
 	__syncwarp();
 }
 
@@ -565,6 +562,14 @@ __device__ __forceinline__ uint64_t load_slot(const void *index, bool i32, uint6
 	return s;
 }
 
+/* The merge's survivor scratch in a CTA's dynamic shared memory (after the ring, the mbarriers and the partials;
+ * the layout of AXF_SMEM). */
+__device__ __forceinline__ float *smem_xs(unsigned char *smem)
+{
+	return (float *)(smem + (size_t)AXF_NS * AXF_TS * AXF_ROWS_SM + (size_t)AXF_NS * 8 * 3) +
+	       AXF_NS * AXF_NW * AXF_TS;
+}
+
 template <int MODE, int F16, int NL>
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 {
@@ -583,7 +588,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 	uint64_t *full = (uint64_t *)(smem + (size_t)AXF_NS * AXF_TS * AXF_ROWS_SM), *empty = full + AXF_NS,
 		 *redfull = empty + AXF_NS;
 	float *red = (float *)(redfull + AXF_NS); /* [NS][NW][TS] */
-	float *xs = red + AXF_NS * AXF_NW * AXF_TS; /* [NW][64] */
+	float *xs = smem_xs(smem);                  /* [NW][64] */
 	int *xp = (int *)(xs + AXF_NW * 64);        /* [NW][64] */
 	int *flag = xp + AXF_NW * 64;
 
@@ -815,6 +820,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 		atomicOr(&a.flags[jb.flag], AXF_F_RANGE);
 	if (bad)
 		atomicOr(&a.flags[jb.flag], AXF_F_DOM);
+	if (jb.sepm) /* CTA-uniform: the merge launch that follows merges this pass-job */
+		return;
 
 	/* ticket: the CTA that finishes the pass-job's last split merges it */
 	__threadfence();
@@ -834,11 +841,28 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 	int *ep = (int *)(es + cap);
 	if (MODE == AXF_M_HEADS) {
 		for (int r = w; r < (int)jb.H; r += AXF_NW)
-			merge_row(a, jb, r, (int32_t)(jb.head_offset + (uint32_t)r), xs + w * 64, xp + w * 64, es, ep, cap,
-				  MODE);
+			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, MODE);
 	} else if (w == 0) {
-		merge_row(a, jb, 0, -1, xs, xp, es, ep, cap, MODE);
+		merge_row(a, jb, 0, xs, xp, es, ep, cap, MODE);
 	}
+}
+
+/* The separate merge of heads lists (pass-jobs with sepm, after their split launch): CTA b merges rows
+ * (b mod mg)·AXF_NW + w of pass-job b / mg, one row per warp, all rows of all pass-jobs at once; the same
+ * merge_row and staging as the last-CTA merge. */
+__global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(axf_args a)
+{
+	AXF_DYN_SMEM(smem);
+	const int w = threadIdx.x >> 5;
+	const uint32_t ji = blockIdx.x / a.mg, g = blockIdx.x - ji * a.mg;
+	const axf_job &jb = a.jobs[ji];
+	const int r = (int)(g * AXF_NW) + w;
+	if (!jb.sepm || r >= (int)jb.H) /* warp-uniform; no CTA barrier below */
+		return;
+	const int cap = (int)AXF_MERGE_CAP;
+	float *xs = smem_xs(smem), *es = (float *)(smem + (size_t)w * cap * 8);
+	int *xp = (int *)(xs + AXF_NW * 64), *ep = (int *)(es + cap);
+	merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, AXF_M_HEADS);
 }
 
 /* ---- the driver ------------------------------------------------------------------------------------------------------ */
@@ -852,8 +876,12 @@ static const axf_kfn axf_kernels[AXF_N_INST] = {
 
 struct ax_attn_fast {
 	int device;
-	uint32_t resident;      /* CTAs of one wave: SMs × the least occupancy of the instances */
+	uint32_t sms, occ;      /* SMs; the least occupancy (CTAs per SM) of the instances */
+	uint32_t resident;      /* CTAs a launch is planned for: SMs × (knob ctas_per_sm, or occ) */
 	cudaStream_t stream;    /* the context's */
+	cudaEvent_t ev[2];      /* around the launches, when timing is on */
+	int timing;
+	float kernel_ms;        /* the last run's launches (timing on), or -1 */
 	cudaError_t err;
 	char *dbuf;             /* device scratch */
 	size_t dcap;
@@ -874,9 +902,10 @@ int ax__attn_fast_eligible(const ax_attn_job *j)
 	return j ? axf_eligible(j) : 0;
 }
 
-/* Shared-memory opt-in for every instance and *occ = resident CTAs of a wave (SMs × the least occupancy); 0 when
- * the fast path cannot run here (not sm_90, kernels not built for this device, or any query failing). Returns 0. */
-static int fast_setup(int device, int *occ)
+/* Shared-memory opt-in for every kernel (once, here: never per call), *occ = the least occupancy (CTAs per SM)
+ * and *sms; *occ = 0 when the fast path cannot run here (not sm_90, kernels not built for this device, or any
+ * query failing). Returns 0. */
+static int fast_setup(int device, int *occ, int *sms_out)
 {
 	int major = 0, sms = 0;
 	*occ = 0;
@@ -889,10 +918,10 @@ static int fast_setup(int device, int *occ)
 	if (major < 9)
 		return 0;
 	int least = INT_MAX;
-	for (int i = 0; i < AXF_N_INST; i++) {
+	for (int i = 0; i <= AXF_N_INST; i++) { /* the split kernels and the merge kernel */
 		cudaFuncAttributes fa;
 		int o = 0;
-		const void *fn = (const void *)axf_kernels[i];
+		const void *fn = i < AXF_N_INST ? (const void *)axf_kernels[i] : (const void *)axf_merge_kernel;
 		if (cudaFuncGetAttributes(&fa, fn) != cudaSuccess || fa.binaryVersion < 90 ||
 		    cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)AXF_SMEM) != cudaSuccess ||
 		    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, fn, AXF_NW * 32, AXF_SMEM) != cudaSuccess) {
@@ -901,8 +930,17 @@ static int fast_setup(int device, int *occ)
 		}
 		least = o < least ? o : least;
 	}
-	*occ = least * sms;
+	*occ = least;
+	*sms_out = sms;
 	return 0;
+}
+
+/* CTAs a launch is planned for under f's knobs. */
+static uint32_t fast_resident(const ax_attn_fast *f)
+{
+	uint64_t per = f->plan->kn.ctas_per_sm ? f->plan->kn.ctas_per_sm : f->occ;
+	uint64_t r = per * f->sms;
+	return (uint32_t)(r < (1u << 24) ? r : (1u << 24));
 }
 
 int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream)
@@ -913,8 +951,8 @@ int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream)
 	const char *env = getenv("AX_ATTN_CUDA_FAST");
 	if (env && strcmp(env, "0") == 0)
 		return 0;
-	int resident = 0, r = fast_setup(device, &resident);
-	if (r || resident <= 0)
+	int occ = 0, sms = 0, r = fast_setup(device, &occ, &sms);
+	if (r || occ <= 0 || sms <= 0)
 		return r;
 	ax_attn_fast *f = (ax_attn_fast *)calloc(1, sizeof *f);
 	axf_plan *p = (axf_plan *)calloc(1, sizeof *p);
@@ -924,11 +962,48 @@ int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream)
 		return -ENOMEM;
 	}
 	f->device = device;
-	f->resident = (uint32_t)resident;
+	f->sms = (uint32_t)sms, f->occ = (uint32_t)occ;
 	f->stream = (cudaStream_t)stream;
+	f->kernel_ms = -1.f;
 	f->plan = p;
+	const axf_knobs d = AXF_KNOBS_DEFAULT;
+	p->kn = d;
+	axf_knobs_env(&p->kn); /* read once per state */
+	f->resident = fast_resident(f);
 	*out = f;
 	return 0;
+}
+
+void ax__attn_fast_knobs(ax_attn_fast *f, axf_knobs *get, const axf_knobs *set)
+{
+	if (!f)
+		return;
+	if (get)
+		*get = f->plan->kn;
+	if (set) {
+		f->plan->kn = *set;
+		f->resident = fast_resident(f);
+	}
+}
+
+int ax__attn_fast_timing(ax_attn_fast *f, int on)
+{
+	if (!f)
+		return -EINVAL;
+	if (on && !f->ev[0]) {
+		cudaError_t e = cudaEventCreate(&f->ev[0]);
+		if (e == cudaSuccess)
+			e = cudaEventCreate(&f->ev[1]);
+		if (e != cudaSuccess)
+			return fast_fail(f, e);
+	}
+	f->timing = on != 0;
+	return 0;
+}
+
+float ax__attn_fast_kernel_us(const ax_attn_fast *f)
+{
+	return f && f->kernel_ms >= 0 ? f->kernel_ms * 1e3f : -1.f;
 }
 
 void ax__attn_fast_free(ax_attn_fast *f)
@@ -936,6 +1011,10 @@ void ax__attn_fast_free(ax_attn_fast *f)
 	if (!f)
 		return;
 	cudaStreamSynchronize(f->stream);
+	if (f->ev[0])
+		cudaEventDestroy(f->ev[0]);
+	if (f->ev[1])
+		cudaEventDestroy(f->ev[1]);
 	cudaFree(f->dbuf);
 	cudaFreeHost(f->hbuf);
 	axf_plan_free(f->plan);
@@ -977,12 +1056,16 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y)
 	return 0;
 }
 
+/* A launch's split kernel and, when it has one, its merge kernel. */
 static int fast_launch(ax_attn_fast *f, const axf_launch *L)
 {
 	axf_args a = axf_plan_args(f->plan, f->dbuf, L);
 	void *argv[] = {&a};
 	cudaError_t e = cudaLaunchKernel((const void *)axf_kernels[L->inst], dim3(L->ctas), dim3(AXF_NW * 32), argv,
 					 AXF_SMEM, f->stream);
+	if (e == cudaSuccess && L->mg)
+		e = cudaLaunchKernel((const void *)axf_merge_kernel, dim3(L->nj * L->mg), dim3(AXF_NW * 32), argv,
+				     AXF_SMEM, f->stream);
 	return e == cudaSuccess ? 0 : fast_fail(f, e);
 }
 
@@ -993,6 +1076,8 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	if (n == 0)
 		return 0;
 	axf_plan *p = f->plan;
+	if (!f->timing)
+		f->kernel_ms = -1.f;
 	int r = axf_plan_build(p, jobs, n, rc, f->resident);
 	if (r || p->nl == 0)
 		return r;
@@ -1001,20 +1086,25 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		return fast_fail(f, e);
 	if ((r = fast_reserve(f, &p->lay)) != 0)
 		return r;
-	axf_plan_tables(p, f->hbuf);
+	axf_plan_tables(p, f->hbuf); /* tables and zeroed flags/tickets: one upload */
 	e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
-	if (e == cudaSuccess)
-		e = cudaMemsetAsync(f->dbuf + p->lay.up, 0, p->lay.zero, f->stream);
+	if (e == cudaSuccess && f->timing)
+		e = cudaEventRecord(f->ev[0], f->stream);
 	r = e == cudaSuccess ? 0 : fast_fail(f, e);
 	for (uint32_t l = 0; r == 0 && l < p->nl; l++) /* in plan order: mean_prob's logsumexps first */
 		r = fast_launch(f, &p->L[l]);
+	if (r == 0 && f->timing && (e = cudaEventRecord(f->ev[1], f->stream)) != cudaSuccess)
+		r = fast_fail(f, e);
 	if (r) {
 		cudaStreamSynchronize(f->stream); /* the next run rewrites the staging the upload may still read */
 		return r;
 	}
-	e = cudaMemcpyAsync(f->hbuf + p->lay.up, f->dbuf + p->lay.up, p->lay.down, cudaMemcpyDeviceToHost, f->stream);
+	e = cudaMemcpyAsync(f->hbuf + p->lay.flags, f->dbuf + p->lay.flags, p->lay.down, cudaMemcpyDeviceToHost,
+			    f->stream);
 	if (e == cudaSuccess)
 		e = cudaStreamSynchronize(f->stream);
+	if (e == cudaSuccess && f->timing)
+		e = cudaEventElapsedTime(&f->kernel_ms, f->ev[0], f->ev[1]);
 	if (e != cudaSuccess)
 		return fast_fail(f, e);
 	axf_plan_finish(p, f->hbuf, jobs, out, rc);

@@ -13,11 +13,20 @@
  * How a run works (details in attn_cuda_fast.cu): every user job becomes one pass-job (mean_prob: two, a
  * per-head logsumexp pass-job and the probability pass-job); pass-jobs are grouped by kernel instance (mode,
  * key dtype, lists per warp) into launches, heads launches first (mean_prob's logsumexps come from them), then
- * mean_logit, then mean_prob's second pass. Each launch is planned as one wave: the shortest split (a multiple
- * of AXF_TS keys) whose CTAs fit the resident CTAs, at least one split per pass-job. A CTA streams its split
- * through a ring of shared-memory stages (one cp.async.bulk per key row), scores on the tensor cores, keeps
- * per-split top-k lists and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic
- * ticket) merges them into the result rows (ax_attn_result, as the generic path writes them).
+ * mean_logit, then mean_prob's second pass. Each launch is planned as one wave of `resident` CTAs (SMs × CTAs
+ * per SM): the shortest base split (a multiple of AXF_TS keys) whose CTAs fit, each pass-job's split raised to
+ * its own floor (axf_knobs: least keys per split, most splits per pass-job, separately for heads lists, whose
+ * merge costs H_q times more), at least one split per pass-job. A CTA streams its split through a ring of
+ * shared-memory stages (one cp.async.bulk per key row), scores on the tensor cores, keeps per-split top-k lists
+ * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
+ * for heads lists with many splits (knob merge_heads), a separate merge launch right after the split launch
+ * merges every row in parallel (8 rows per CTA). Result rows are written compactly (a float logsumexp per row,
+ * kout (logit, offset) entries per row) so the download is small; axf_plan_finish expands them into
+ * ax_attn_result rows, as the generic path writes them.
+ *
+ * A call costs one upload (tables and the zeroed flags and tickets, from pinned staging), the launches, one
+ * download and one stream synchronisation; the knobs are read from the environment once per state
+ * (axf_knobs_env).
  *
  * Positions inside the kernels are 32-bit offsets from the pass-job's first visible key (eligibility bounds the
  * visible keys by AXF_MAX_N); results carry start + offset in 64 bits.
@@ -56,6 +65,20 @@
 /* Survivor staging entries per warp in the merge (the idle ring, 8 bytes an entry). */
 #define AXF_MERGE_CAP ((uint32_t)((size_t)AXF_NS * AXF_TS * AXF_ROWS_SM / AXF_NW / 8))
 
+/* Planner knobs (attn_cuda_fast.h's planner; 0 = the lab's one-wave planner for that knob). "lists" = heads
+ * pass-jobs with top-k lists (K > 0), whose merge reads H_q lists per split. */
+typedef struct axf_knobs {
+	uint32_t ctas_per_sm;      /* wave target per SM (0: the kernels' occupancy); more than it: several waves */
+	uint32_t min_keys;         /* least keys per split, mean modes and logsumexp passes */
+	uint32_t max_splits;       /* most splits per pass-job, same (capped at AXF_MAX_SPLITS) */
+	uint32_t min_keys_heads;   /* least keys per split, heads lists */
+	uint32_t max_splits_heads; /* most splits per pass-job, heads lists */
+	uint32_t merge_heads;      /* heads lists with ≥ this many splits merge in a separate launch (0: never) */
+} axf_knobs;
+
+/* The defaults (set from the H100 sweep, capture/dev/RESULTS.md). */
+#define AXF_KNOBS_DEFAULT {0, 64, 0, 256, 0, 0}
+
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
 
@@ -72,6 +95,7 @@ typedef struct axf_job {
 	uint64_t start;         /* first visible position */
 	uint64_t part0;         /* first partial row: row r of split s at part0 + r·S + s */
 	uint64_t ent0;          /* first partial list entry: row r of split s at ent0 + (r·S + s)·K */
+	uint64_t rent;          /* first result entry: entry e of result row r at rent + r·kout + e */
 	uint32_t n;             /* visible keys (1 .. AXF_MAX_N) */
 	uint32_t chunk;         /* keys per split, a multiple of AXF_TS */
 	uint32_t S;             /* splits */
@@ -79,19 +103,29 @@ typedef struct axf_job {
 	uint32_t idt;           /* AX_DTYPE_I32 / AX_DTYPE_I64 */
 	uint32_t flag;          /* flag word of the user job */
 	uint32_t kout;          /* entries of a result row: min(K, n) */
-	int32_t res;            /* first result row, or -1 (logsumexp pass) */
+	int32_t res;            /* first result row (its logsumexp at rlse[res + r]), or -1 (logsumexp pass) */
 	int32_t lse_out;        /* logsumexp pass: head h's logsumexp goes to lse[lse_out + h]; else -1 */
 	uint32_t lse_in;        /* probability pass: head h's logsumexp is lse[lse_in + h] */
 	uint32_t head_offset;   /* heads mode: head_id = head_offset + h */
 	uint32_t ticket;        /* ticket word of this pass-job */
+	uint32_t sepm;          /* 1: merged by the separate merge launch (heads lists), not by its last CTA */
 	float scale;            /* softmax scale (|scale| ≤ 1) */
 	float inv_h;            /* 1 / H */
 } axf_job;
 
-/* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1. */
+/* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1.
+ * mg > 0: a merge launch follows, nj·mg CTAs, CTA b merging rows (b mod mg)·AXF_NW + warp of pass-job b / mg
+ * (those with sepm). */
 typedef struct axf_launch {
-	uint32_t inst, j0, nj, so0, ctas;
+	uint32_t inst, j0, nj, so0, ctas, mg;
 } axf_launch;
+
+/* A compact result entry: the logit and the position as an offset from the pass-job's first visible key
+ * (-1: empty). */
+typedef struct axf_ent {
+	float x;
+	int32_t p;
+} axf_ent;
 
 /* Everything a launch's kernel reads (by value). */
 typedef struct axf_args {
@@ -104,13 +138,16 @@ typedef struct axf_args {
 	float *lse;                 /* per-head logsumexps of mean_prob jobs */
 	uint32_t *tickets;          /* per pass-job, 0 before the launch (the last CTA resets its own) */
 	uint32_t *flags;            /* per user job: AXF_F_* */
-	ax_attn_result *res;        /* result rows */
+	float *rlse;                /* per result row: its logsumexp */
+	axf_ent *rent;              /* result entries (axf_job.rent) */
+	uint32_t mg;                /* merge launch: CTAs per pass-job */
 } axf_args;
 
 /* Byte offsets into the scratch buffer; the host staging holds [0, off_dev). */
 typedef struct axf_layout {
-	size_t jobs, so;            /* uploaded: [0, up) */
-	size_t flags, tickets, res; /* [up, up + zero): zeroed each run; [up, up + down): downloaded */
+	size_t jobs, so;            /* uploaded: [0, up), the flags and tickets as zeros */
+	size_t flags, tickets;
+	size_t rlse, rent;          /* [flags, flags + down): downloaded */
 	size_t up, zero, down, off_dev;
 	size_t lse, part_lse, part_s, part_p; /* device only */
 	size_t total;
@@ -125,10 +162,15 @@ typedef struct axf_plan {
 	size_t roff_cap;
 	uint32_t *lslot;            /* [n] mean_prob jobs: first of their H logsumexp slots */
 	size_t lslot_cap;
+	uint64_t *eoff;             /* [n] first result entry of each user job */
+	size_t eoff_cap;
+	uint32_t *lo;               /* planning scratch: each pass-job's least split of a launch */
+	size_t lo_cap;
 	uint32_t *nk;               /* planning scratch: visible keys of a launch's pass-jobs */
 	size_t nk_cap;
 	uint32_t n, njb, nso, nlse;
-	uint64_t rows, parts, entries;
+	uint64_t rows, parts, entries, rents;
+	axf_knobs kn;               /* set by the owner; all 0 = the lab's planner */
 	axf_launch L[AXF_N_INST];
 	uint32_t nl;
 	axf_layout lay;
@@ -245,6 +287,85 @@ static inline uint32_t axf_plan_chunk(const uint32_t *nk, uint32_t nj, uint32_t 
 	return (uint32_t)(lo * AXF_TS);
 }
 
+/* Entries of a result row of a valid job: min(top_k, visible keys). */
+static inline uint32_t axf_kout(const ax_attn_job *j)
+{
+	uint64_t start, n;
+	axc_visible(j, &start, &n);
+	return j->top_k < n ? j->top_k : (uint32_t)n;
+}
+
+/* Whether a pass-job of kernel mode `mode` with list length K keeps heads lists (H_q lists per split to merge). */
+static inline int axf_lists(uint32_t mode, uint32_t K)
+{
+	return mode == AXF_M_HEADS && K > 0;
+}
+
+/* The least split of a pass-job of n keys under the knobs, a multiple of AXF_TS: at least min_keys, at most
+ * max_splits splits (and never more than AXF_MAX_SPLITS), never longer than n rounded up (one split). */
+static inline uint32_t axf_lo_chunk(const axf_knobs *kn, uint64_t n, int lists)
+{
+	uint64_t mink = lists ? kn->min_keys_heads : kn->min_keys;
+	uint64_t maxs = lists ? kn->max_splits_heads : kn->max_splits;
+	if (maxs == 0 || maxs > AXF_MAX_SPLITS)
+		maxs = AXF_MAX_SPLITS;
+	uint64_t lo = (n + maxs - 1) / maxs, one = (n + AXF_TS - 1) / AXF_TS * AXF_TS;
+	lo = lo > mink ? lo : mink;
+	lo = (lo + AXF_TS - 1) / AXF_TS * AXF_TS;
+	lo = lo < one ? lo : one;
+	return (uint32_t)(lo > AXF_TS ? lo : AXF_TS);
+}
+
+/* Σ_i splits of n_i keys at max(chunk, lo_i) keys each. */
+static inline uint64_t axf_total_splits_lo(const uint32_t *nk, const uint32_t *lo, uint32_t nj, uint64_t chunk)
+{
+	uint64_t t = 0;
+	for (uint32_t i = 0; i < nj; i++)
+		t += axf_splits(nk[i], chunk > lo[i] ? chunk : lo[i]);
+	return t;
+}
+
+/* The base split of a launch: the shortest multiple of AXF_TS with Σ_i splits(n_i, max(base, lo_i)) ≤ resident
+ * (bisection: the sum only falls as the base grows); when even one split each is more, the longest job's
+ * length (every pass-job in one split). Pass-job i then splits at max(base, lo_i). */
+static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uint32_t nj, uint32_t resident)
+{
+	uint64_t mx = 0;
+	for (uint32_t i = 0; i < nj; i++)
+		mx = nk[i] > mx ? nk[i] : mx;
+	uint64_t hi = (mx + AXF_TS - 1) / AXF_TS, l = 1;
+	hi = hi ? hi : 1;
+	while (l < hi) {
+		uint64_t mid = l + (hi - l) / 2;
+		if (axf_total_splits_lo(nk, lo, nj, mid * AXF_TS) <= resident)
+			hi = mid;
+		else
+			l = mid + 1;
+	}
+	return (uint32_t)(l * AXF_TS);
+}
+
+/* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
+ * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
+ * AX_FAST_MERGE_HEADS (decimal, 0 .. 2^30). */
+static inline void axf_knobs_env(axf_knobs *kn)
+{
+	static const char *const names[6] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+					     "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
+					     "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS"};
+	uint32_t *f[6] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+			  &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads};
+	for (int i = 0; i < 6; i++) {
+		const char *v = getenv(names[i]);
+		char *end = NULL;
+		if (!v || !*v)
+			continue;
+		unsigned long long x = strtoull(v, &end, 10);
+		if (*end == '\0' && v[0] != '-' && x <= (1ull << 30))
+			*f[i] = (uint32_t)x;
+	}
+}
+
 /* ---- the plan --------------------------------------------------------------------------------------------------- */
 
 static inline void axf_plan_free(axf_plan *p)
@@ -255,6 +376,8 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p->so);
 	free(p->roff);
 	free(p->lslot);
+	free(p->eoff);
+	free(p->lo);
 	free(p->nk);
 	free(p);
 }
@@ -270,10 +393,10 @@ static inline void axf_job_fields(axf_plan *p, axf_job *jb, const ax_attn_job *j
 	jb->H = j->n_q_heads, jb->Hkv = j->n_kv_heads, jb->G = jb->H / jb->Hkv;
 	jb->idt = j->index_dtype, jb->flag = i, jb->head_offset = j->head_offset;
 	jb->scale = j->scale, jb->inv_h = 1.0f / (float)jb->H;
-	jb->res = (int32_t)p->roff[i], jb->lse_out = -1, jb->lse_in = 0;
+	jb->res = (int32_t)p->roff[i], jb->lse_out = -1, jb->lse_in = 0, jb->rent = p->eoff[i];
 	jb->K = j->top_k;
 	if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) /* the logsumexp pass */
-		jb->K = 0, jb->res = -1, jb->lse_out = (int32_t)p->lslot[i];
+		jb->K = 0, jb->res = -1, jb->lse_out = (int32_t)p->lslot[i], jb->rent = 0;
 	else if (mode == AXF_M_PROB)
 		jb->lse_in = p->lslot[i];
 	jb->kout = jb->K < jb->n ? jb->K : jb->n;
@@ -295,22 +418,30 @@ static inline uint32_t axf_prows(const axf_job *jb, uint32_t mode)
 	return mode == AXF_M_HEADS ? jb->H : 1;
 }
 
-/* Split plan of launch L: chunk, splits, split offsets, partial rows and entries, tickets. */
+/* Split plan of launch L: chunks, splits, split offsets, partial rows and entries, tickets, merge launch. */
 static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 {
 	uint32_t mode = axf_inst_mode(L->inst);
 	if (axc_grow((void **)&p->nk, &p->nk_cap, L->nj, sizeof *p->nk) ||
+	    axc_grow((void **)&p->lo, &p->lo_cap, L->nj, sizeof *p->lo) ||
 	    axc_grow((void **)&p->so, &p->so_cap, (size_t)p->nso + L->nj + 1, sizeof *p->so))
 		return -ENOMEM;
-	for (uint32_t i = 0; i < L->nj; i++)
-		p->nk[i] = p->jb[L->j0 + i].n;
-	uint32_t chunk = axf_plan_chunk(p->nk, L->nj, resident);
+	for (uint32_t i = 0; i < L->nj; i++) {
+		const axf_job *jb = &p->jb[L->j0 + i];
+		p->nk[i] = jb->n;
+		p->lo[i] = axf_lo_chunk(&p->kn, jb->n, axf_lists(mode, jb->K));
+	}
+	uint32_t base = axf_plan_base(p->nk, p->lo, L->nj, resident);
 	L->so0 = p->nso;
+	L->mg = 0;
 	uint64_t ctas = 0;
 	for (uint32_t i = 0; i < L->nj; i++) {
 		axf_job *jb = &p->jb[L->j0 + i];
-		jb->chunk = chunk;
-		jb->S = (uint32_t)axf_splits(jb->n, chunk);
+		jb->chunk = base > p->lo[i] ? base : p->lo[i];
+		jb->S = (uint32_t)axf_splits(jb->n, jb->chunk);
+		jb->sepm = axf_lists(mode, jb->K) && p->kn.merge_heads && jb->S >= p->kn.merge_heads;
+		if (jb->sepm && (jb->H + AXF_NW - 1) / AXF_NW > L->mg)
+			L->mg = (jb->H + AXF_NW - 1) / AXF_NW;
 		jb->part0 = p->parts;
 		jb->ent0 = p->entries;
 		jb->ticket = L->j0 + i;
@@ -319,7 +450,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		p->so[p->nso + i] = (uint32_t)ctas;
 		ctas += jb->S;
 	}
-	if (ctas > INT32_MAX)
+	if (ctas > INT32_MAX || (uint64_t)L->nj * L->mg > INT32_MAX)
 		return -ENOMEM;
 	p->so[p->nso + L->nj] = (uint32_t)ctas;
 	p->nso += L->nj + 1;
@@ -331,7 +462,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const int *rc, uint32_t inst,
 				uint32_t resident)
 {
-	axf_launch L = {inst, p->njb, 0, 0, 0};
+	axf_launch L = {inst, p->njb, 0, 0, 0, 0};
 	for (uint32_t i = 0; i < p->n; i++) {
 		if (rc[i] != 0)
 			continue;
@@ -365,12 +496,13 @@ static inline void axf_make_layout(axf_plan *p)
 	size_t o = 0;
 	L->jobs = o, o += axf_al(p->njb * sizeof(axf_job));
 	L->so = o, o += axf_al(p->nso * sizeof(uint32_t));
-	L->up = o;
 	L->flags = o, o += axf_al(p->n * sizeof(uint32_t));
 	L->tickets = o, o += axf_al(p->njb * sizeof(uint32_t));
-	L->zero = o - L->up;
-	L->res = o, o += axf_al(p->rows * sizeof(ax_attn_result));
-	L->down = o - L->up;
+	L->zero = o - L->flags;
+	L->up = o;
+	L->rlse = o, o += axf_al(p->rows * sizeof(float));
+	L->rent = o, o += axf_al(p->rents * sizeof(axf_ent));
+	L->down = o - L->flags;
 	L->off_dev = o;
 	L->lse = o, o += axf_al(p->nlse * sizeof(float));
 	L->part_lse = o, o += axf_al(p->parts * sizeof(float));
@@ -390,15 +522,20 @@ static inline void axf_make_layout(axf_plan *p)
 static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t n, int *rc, uint32_t resident)
 {
 	if (axc_grow((void **)&p->roff, &p->roff_cap, n, sizeof *p->roff) ||
-	    axc_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot))
+	    axc_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot) ||
+	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff))
 		return -ENOMEM;
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
+	p->rents = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
 		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
 		p->roff[i] = (uint32_t)p->rows;
 		p->rows += axc_out_rows(&jobs[i]);
 		p->lslot[i] = p->nlse;
+		p->eoff[i] = p->rents;
+		if (rc[i] == 0)
+			p->rents += (uint64_t)axc_out_rows(&jobs[i]) * axf_kout(&jobs[i]);
 		if (rc[i] == 0 && jobs[i].mode == AX_MODE_MEAN_PROB)
 			p->nlse += jobs[i].n_q_heads;
 	}
@@ -413,11 +550,13 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	return 0;
 }
 
-/* The tables into the staging buffer h (at least lay.off_dev bytes), at their layout offsets. */
+/* The upload into the staging buffer h (at least lay.off_dev bytes): the tables at their layout offsets, the
+ * flags and tickets zeroed (one copy [0, lay.up) brings all of it to the device). */
 static inline void axf_plan_tables(const axf_plan *p, char *h)
 {
 	memcpy(h + p->lay.jobs, p->jb, p->njb * sizeof(axf_job));
 	memcpy(h + p->lay.so, p->so, p->nso * sizeof(uint32_t));
+	memset(h + p->lay.flags, 0, p->lay.zero);
 }
 
 /* The argument block of launch L over scratch buffer d. */
@@ -435,23 +574,52 @@ static inline axf_args axf_plan_args(const axf_plan *p, char *d, const axf_launc
 	a.lse = (float *)(d + y->lse);
 	a.tickets = (uint32_t *)(d + y->tickets);
 	a.flags = (uint32_t *)(d + y->flags);
-	a.res = (ax_attn_result *)(d + y->res);
+	a.rlse = (float *)(d + y->rlse);
+	a.rent = (axf_ent *)(d + y->rent);
+	a.mg = L->mg;
 	return a;
 }
 
+/* One ax_attn_result row from its compact form: kout entries (offset -1: empty), the rest (-1, -inf). */
+static inline void axf_expand_row(ax_attn_result *o, float lse, const axf_ent *e, uint32_t kout, uint64_t start,
+				  int32_t head_id)
+{
+	uint32_t i = 0;
+	o->head_id = head_id;
+	o->k = kout;
+	o->lse = (double)lse;
+	for (; i < kout; i++) {
+		const int ok = e[i].p >= 0;
+		o->pos[i] = ok ? (int64_t)(start + (uint64_t)e[i].p) : -1;
+		o->logit[i] = ok ? e[i].x : -INFINITY;
+	}
+	for (; i < AX_ATTN_MAX_TOPK; i++) {
+		o->pos[i] = -1;
+		o->logit[i] = -INFINITY;
+	}
+}
+
 /* From the downloaded part of the staging buffer h: each planned job's code (-ERANGE wins over -EDOM, as in
- * attn_cpu) and, where 0, its rows copied to out. Jobs whose rc was already non-zero are left alone. */
+ * attn_cpu) and, where 0, its rows expanded into out. Jobs whose rc was already non-zero are left alone. */
 static inline void axf_plan_finish(const axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out,
 				   int *rc)
 {
 	const uint32_t *flags = (const uint32_t *)(h + p->lay.flags);
-	const ax_attn_result *res = (const ax_attn_result *)(h + p->lay.res);
+	const float *rlse = (const float *)(h + p->lay.rlse);
+	const axf_ent *rent = (const axf_ent *)(h + p->lay.rent);
 	for (uint32_t i = 0; i < p->n; i++) {
 		if (rc[i] != 0)
 			continue;
 		rc[i] = flags[i] & AXF_F_RANGE ? -ERANGE : flags[i] & AXF_F_DOM ? -EDOM : 0;
-		if (rc[i] == 0)
-			memcpy(out + p->roff[i], res + p->roff[i], axc_out_rows(&jobs[i]) * sizeof *out);
+		if (rc[i] != 0)
+			continue;
+		const ax_attn_job *j = &jobs[i];
+		uint64_t start, nv;
+		axc_visible(j, &start, &nv);
+		const uint32_t rows = axc_out_rows(j), kout = axf_kout(j), heads = j->mode == AX_MODE_HEADS;
+		for (uint32_t r = 0; r < rows; r++)
+			axf_expand_row(out + p->roff[i] + r, rlse[p->roff[i] + r], rent + p->eoff[i] + (uint64_t)r * kout,
+				       kout, start, heads ? (int32_t)(j->head_offset + r) : -1);
 	}
 }
 
@@ -573,6 +741,17 @@ int ax__attn_fast_dispatch(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n,
 
 /* The last CUDA error of the fast path (a cudaError_t), then cleared; 0 when none. */
 int ax__attn_fast_take_error(ax_attn_fast *f);
+
+/* The planner's knobs: *get = the current ones (get may be NULL); then, when set is not NULL, replace them (the
+ * next run plans with them). Accepts f NULL (does nothing). For benchmarks and sweeps; a context reads the
+ * environment once (axf_knobs_env). */
+void ax__attn_fast_knobs(ax_attn_fast *f, axf_knobs *get, const axf_knobs *set);
+
+/* Kernel timing: with on, every run records CUDA events around its launches (after the upload, before the
+ * download); ax__attn_fast_kernel_us then gives the last run's launches in µs (-1 when off or none).
+ * ax__attn_fast_timing returns 0, -EINVAL (f NULL) or -EIO (event creation failed). */
+int ax__attn_fast_timing(ax_attn_fast *f, int on);
+float ax__attn_fast_kernel_us(const ax_attn_fast *f);
 
 #ifdef __cplusplus
 }

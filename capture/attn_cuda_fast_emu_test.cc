@@ -7,7 +7,8 @@
  * -inf), error codes (-ERANGE / -EDOM, -ERANGE winning, neighbours unharmed), determinism, and — by the
  * emulator — that warp collectives are never divergent, mbarrier arrivals never exceed their counts, bulk
  * copies are 16-byte aligned and inside shared memory, and no CTA deadlocks. Plans are forced to one split per
- * job, a few, and many short (16-key) splits, so the merge runs with 1..~200 splits.
+ * job, a few, and many short (16-key) splits, so the merge runs with 1..~200 splits; and under planner knobs
+ * (floors, caps, the default ones) with heads lists merged by the separate merge kernel.
  * What it cannot check: races, memory ordering, the async proxy, timing (the GPU test and compute-sanitizer).
  * AX_TEST_SEED=N repeats a run.
  */
@@ -44,15 +45,20 @@ static void emu_body(void *p)
 	case 4: axf_kernel<AXF_M_HEADS, 0, 8>(x->a); break;
 	case 5: axf_kernel<AXF_M_HEADS, 1, 8>(x->a); break;
 	case 6: axf_kernel<AXF_M_PROB, 0, 1>(x->a); break;
-	default: axf_kernel<AXF_M_PROB, 1, 1>(x->a); break;
+	case 7: axf_kernel<AXF_M_PROB, 1, 1>(x->a); break;
+	default: axf_merge_kernel(x->a); break; /* AXF_N_INST: the separate heads merge */
 	}
 }
+
+/* The planner knobs of emu_run's plans (all 0: the lab's one-wave planner). */
+static axf_knobs g_kn;
 
 /* ax__attn_fast_run's steps with host memory: plan, tables, zeroed flags/tickets, launches, finish. */
 static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc, uint32_t resident)
 {
 	axf_plan *p = (axf_plan *)calloc(1, sizeof *p);
 	assert_non_null(p);
+	p->kn = g_kn;
 	int r = axf_plan_build(p, jobs, n, rc, resident);
 	if (r || p->nl == 0) {
 		axf_plan_free(p);
@@ -61,11 +67,14 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	char *buf = (char *)aligned_alloc(256, (p->lay.total + 255) / 256 * 256);
 	assert_non_null(buf);
 	memset(buf, 0xa5, p->lay.total); /* garbage: nothing may depend on scratch contents */
-	axf_plan_tables(p, buf);
-	memset(buf + p->lay.up, 0, p->lay.zero);
+	axf_plan_tables(p, buf); /* the upload: tables, zeroed flags and tickets */
 	for (uint32_t l = 0; l < p->nl; l++) {
 		emu_arg x = {axf_plan_args(p, buf, &p->L[l]), p->L[l].inst};
 		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
+		if (p->L[l].mg) { /* the separate merge launch of heads lists */
+			emu_arg m = {x.a, AXF_N_INST};
+			emu_launch(p->L[l].nj * p->L[l].mg, AXF_SMEM, emu_body, &m);
+		}
 	}
 	axf_plan_finish(p, buf, jobs, out, rc);
 	free(buf);
@@ -122,8 +131,16 @@ static const tcase emu_cases[] = {
 	{"logit G7 H_kv 2 top-40", ML, F16, F16, I64, 128, 14, 2, 40, 333, 0, 0, 0, {0}, 1, 0},
 };
 
-/* Plans: one split per job (resident 1), a few, many 16-key splits. */
-static const uint32_t emu_resident[] = {1, 5, 64};
+/* Plans: one split per job (resident 1), a few, many 16-key splits (the lab's planner); the defaults; heads lists
+ * merged by the separate merge launch (every split count, and from 3 splits on) under floors and caps. */
+static const struct emu_plan {
+	uint32_t resident;
+	axf_knobs kn;
+} emu_plans[] = {
+	{1, {0, 0, 0, 0, 0, 0}},    {5, {0, 0, 0, 0, 0, 0}},     {64, {0, 0, 0, 0, 0, 0}},
+	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1}},    {50, {0, 48, 5, 32, 7, 3}},
+};
+#define emu_resident_n ARRAY_LEN(emu_plans)
 
 static void test_cases(void **state)
 {
@@ -134,14 +151,16 @@ static void test_cases(void **state)
 		assert_true(axf_eligible(&t.job));
 		uint32_t rows = ax_attn_rows(&t.job);
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
-		for (size_t p = 0; p < ARRAY_LEN(emu_resident); p++) {
+		for (size_t p = 0; p < emu_resident_n; p++) {
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			assert_int_equal(emu_run(&t.job, 1, out, &rc, emu_resident[p]), 0);
+			g_kn = emu_plans[p].kn;
+			assert_int_equal(emu_run(&t.job, 1, out, &rc, emu_plans[p].resident), 0);
 			if (rc != 0)
-				fail_msg("%s (resident %u): rc %d", emu_cases[i].name, emu_resident[p], rc);
+				fail_msg("%s (plan %zu): rc %d", emu_cases[i].name, p, rc);
 			check_job(&t.job, out, emu_cases[i].name);
 		}
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -189,9 +208,10 @@ static void test_all_ties(void **state)
 			memcpy((char *)t.k + s * row, t.k, row);
 		uint32_t rows = ax_attn_rows(&t.job);
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
-		for (size_t p = 0; p < ARRAY_LEN(emu_resident); p++) {
+		for (size_t p = 0; p < emu_resident_n; p++) {
 			int rc = 1;
-			assert_int_equal(emu_run(&t.job, 1, out, &rc, emu_resident[p]), 0);
+			g_kn = emu_plans[p].kn;
+			assert_int_equal(emu_run(&t.job, 1, out, &rc, emu_plans[p].resident), 0);
 			assert_int_equal(rc, 0);
 			check_job(&t.job, out, cs[i].name);
 			for (uint32_t r = 0; r < rows; r++)
@@ -200,6 +220,7 @@ static void test_all_ties(void **state)
 					assert_int_equal(out[r].pos[e], (int64_t)(first + e));
 				}
 		}
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -230,6 +251,12 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2}; /* heads lists merged separately: the same rows, bitwise */
+	memset(b, 0x00, rows * sizeof *b);
+	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
+	g_kn = axf_knobs{0, 0, 0, 0, 0, 0};
+	for (size_t i = 0; i < n; i++)
+		check_job(&jobs[i], b + off[i], emu_cases[i].name);
 	for (size_t i = 0; i < n; i++)
 		td_free(&t[i]);
 	free(a), free(b), free(t), free(jobs), free(off), free(rc);
@@ -273,8 +300,12 @@ static void test_random(void **state)
 			off[i] = rows, rows += ax_attn_rows(&jobs[i]);
 		}
 		uint32_t resident = 1 + (uint32_t)(td_u64() % 80);
+		if (round == 1) /* random knobs */
+			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
+					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6)};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0};
 		for (int i = 0; i < NJ; i++) {
 			char name[128];
 			snprintf(name, sizeof name, "random job %d (mode %u, H %u, H_kv %u, k %u, n %llu, window %d, resident %u)",

@@ -7,8 +7,11 @@
  * against a brute-force search over random length sets; whole plans of random mixed batches against their
  * invariants (codes, launch order, mean_prob's two pass-jobs sharing logsumexp slots with the first launched
  * before the second, splits covering every key, partial rows and entries disjoint and in bounds, tickets,
- * result rows, a layout of aligned, disjoint regions); the flags → codes step (-ERANGE winning over -EDOM, rows
- * copied only for successful jobs); and the dispatcher, with both runners backed by ax_attn_cpu on host data:
+ * result rows, a layout of aligned, disjoint regions, one upload and one download); the planner's knobs (each
+ * pass-job's floor and the launch's base split against linear searches, random knob sets in whole plans, the
+ * issue's shapes under knobs, the environment parser); the flags → codes step (-ERANGE winning over -EDOM,
+ * compact rows expanded only for successful jobs, empty entries and entries past k as (-1, -inf)); and the
+ * dispatcher, with both runners backed by ax_attn_cpu on host data:
  * uniform batches go to one runner untouched, mixed ones are split (the fast runner sees only eligible jobs,
  * the generic one the rest, invalid jobs included) and scattered back to exactly what ax_attn_cpu returns for
  * the whole batch; a runner's whole-batch error comes back.
@@ -192,6 +195,97 @@ static void test_plan_chunk(void **state)
 	assert_int_equal(c, 1024); /* 4 splits each: 256 CTAs */
 }
 
+/* The knobs' floor of one pass-job, by its definition. */
+static uint32_t lo_brute(const axf_knobs *kn, uint64_t n, int lists)
+{
+	uint64_t mink = lists ? kn->min_keys_heads : kn->min_keys, maxs = lists ? kn->max_splits_heads : kn->max_splits;
+	if (!maxs || maxs > AXF_MAX_SPLITS)
+		maxs = AXF_MAX_SPLITS;
+	uint64_t c = AXF_TS;
+	while (c < n && (c < mink || axf_splits(n, c) > maxs)) /* the least multiple of AXF_TS meeting both */
+		c += AXF_TS;                                    /* or one split */
+	return (uint32_t)c;
+}
+
+/* A random knob set: each knob 0 (off) a third of the time. */
+static axf_knobs rand_knobs(void)
+{
+	axf_knobs k;
+	uint32_t *f[6] = {&k.ctas_per_sm, &k.min_keys, &k.max_splits, &k.min_keys_heads, &k.max_splits_heads,
+			  &k.merge_heads};
+	static const uint32_t lim[6] = {9, 5000, 1500, 5000, 1500, 300};
+	for (int i = 0; i < 6; i++)
+		*f[i] = td_u64() % 3 == 0 ? 0 : (uint32_t)(td_u64() % lim[i]);
+	return k;
+}
+
+/* The floors (axf_lo_chunk) and the base split (axf_plan_base) against their definitions by linear search. */
+static void test_plan_base(void **state)
+{
+	(void)state;
+	uint32_t nk[200], lo[200];
+	for (int it = 0; it < 2000; it++) {
+		axf_knobs kn = rand_knobs();
+		uint32_t nj = 1 + (uint32_t)(td_u64() % (it % 3 == 0 ? 200 : 10)), R = 1 + (uint32_t)(td_u64() % 600);
+		uint32_t lim = it % 3 == 0 ? 5000 : it % 3 == 1 ? 40000 : 300;
+		uint32_t mx = 0;
+		for (uint32_t i = 0; i < nj; i++) {
+			nk[i] = 1 + (uint32_t)(td_u64() % lim);
+			int lists = (int)(td_u64() % 2);
+			lo[i] = axf_lo_chunk(&kn, nk[i], lists);
+			uint32_t want = lo_brute(&kn, nk[i], lists);
+			if (lo[i] != want)
+				fail_msg("floor of n %u (lists %d): %u, by search %u", nk[i], lists, lo[i], want);
+			assert_int_equal(lo[i] % AXF_TS, 0);
+			assert_true(axf_splits(nk[i], lo[i]) <= AXF_MAX_SPLITS);
+			mx = nk[i] > mx ? nk[i] : mx;
+		}
+		uint32_t b = axf_plan_base(nk, lo, nj, R), c = AXF_TS, top = (mx + AXF_TS - 1) / AXF_TS * AXF_TS;
+		while (c < top && axf_total_splits_lo(nk, lo, nj, c) > R)
+			c += AXF_TS;
+		if (b != c)
+			fail_msg("iteration %d: base %u, by search %u (nj %u, R %u)", it, b, c, nj, R);
+		if (nj <= R)
+			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
+	}
+	/* the knobs' edges: huge floors give one split; caps hold */
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0};
+	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
+	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
+	axf_knobs cap = {0, 0, 3, 0, 7, 0};
+	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
+	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
+	axf_knobs none = {0, 0, 0, 0, 0, 0};
+	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
+}
+
+/* The knobs from the environment: set, garbage ignored, unset kept. */
+static void test_knobs_env(void **state)
+{
+	(void)state;
+	axf_knobs k = AXF_KNOBS_DEFAULT, d = AXF_KNOBS_DEFAULT;
+	setenv("AX_FAST_CTAS_PER_SM", "4", 1);
+	setenv("AX_FAST_MIN_SPLIT_KEYS", "12x", 1);
+	setenv("AX_FAST_MAX_SPLITS", "-3", 1);
+	setenv("AX_FAST_MIN_SPLIT_KEYS_HEADS", "99999999999", 1);
+	setenv("AX_FAST_MAX_SPLITS_HEADS", "16", 1);
+	setenv("AX_FAST_MERGE_HEADS", "0", 1);
+	axf_knobs_env(&k);
+	assert_int_equal(k.ctas_per_sm, 4);
+	assert_int_equal(k.min_keys, d.min_keys);
+	assert_int_equal(k.max_splits, d.max_splits);
+	assert_int_equal(k.min_keys_heads, d.min_keys_heads);
+	assert_int_equal(k.max_splits_heads, 16);
+	assert_int_equal(k.merge_heads, 0);
+	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
+			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS"};
+	for (size_t i = 0; i < ARRAY_LEN(names); i++)
+		unsetenv(names[i]);
+	axf_knobs e = d;
+	axf_knobs_env(&e);
+	assert_memory_equal(&e, &d, sizeof d);
+}
+
 /* ---- whole plans ------------------------------------------------------------------------------------------------ */
 
 /* A random job over fake pointers (plans never read them): eligible most of the time. */
@@ -222,7 +316,7 @@ static ax_attn_job rand_job(void)
 /* Every invariant of a plan of jobs[0 .. n). */
 static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, const int *rc, uint32_t R)
 {
-	uint64_t rows = 0;
+	uint64_t rows = 0, rents = 0;
 	uint32_t want_pj = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
@@ -230,10 +324,13 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(rc[i], want);
 		assert_true(why != AXF_NO_INVALID || want != 0);
 		assert_int_equal(p->roff[i], rows);
+		assert_int_equal(p->eoff[i], rents);
 		rows += axc_out_rows(&jobs[i]);
+		rents += rc[i] == 0 ? (uint64_t)axc_out_rows(&jobs[i]) * axf_kout(&jobs[i]) : 0;
 		want_pj += rc[i] == 0 ? (jobs[i].mode == AX_MODE_MEAN_PROB ? 2 : 1) : 0;
 	}
 	assert_int_equal(p->rows, rows);
+	assert_int_equal(p->rents, rents);
 	assert_int_equal(p->njb, want_pj);
 	/* launches: each pass-job in exactly one, instances in launch order, contiguous */
 	uint32_t next = 0, ord = 0, so = 0;
@@ -252,7 +349,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(L->j0, next);
 		assert_int_equal(L->so0, so);
 		assert_true(L->nj > 0);
-		uint32_t mode = axf_inst_mode(L->inst), ctas = 0;
+		uint32_t mode = axf_inst_mode(L->inst), ctas = 0, mg = 0, base = 0;
 		for (uint32_t k = 0; k < L->nj; k++) {
 			const axf_job *jb = &p->jb[L->j0 + k];
 			const ax_attn_job *j = &jobs[jb->flag];
@@ -267,6 +364,23 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			assert_int_equal(jb->S, (jb->n + jb->chunk - 1) / jb->chunk);
 			assert_true(jb->S >= 1 && jb->S <= AXF_MAX_SPLITS && (uint64_t)(jb->S - 1) * jb->chunk < jb->n);
 			assert_true(jb->S <= AXF_MERGE_CAP);
+			/* the knobs: at least the floor; above it, the launch's one base split */
+			const int lists = axf_lists(mode, jb->K);
+			const uint32_t lo = axf_lo_chunk(&p->kn, jb->n, lists);
+			const uint32_t maxs = lists ? p->kn.max_splits_heads : p->kn.max_splits;
+			assert_true(jb->chunk >= lo);
+			assert_true(!maxs || jb->S <= maxs);
+			assert_true(jb->S == 1 || jb->chunk >= (lists ? p->kn.min_keys_heads : p->kn.min_keys));
+			if (jb->chunk > lo) {
+				assert_true(base == 0 || base == jb->chunk);
+				base = jb->chunk;
+			}
+			const uint32_t mh = p->kn.merge_heads;
+			assert_int_equal(jb->sepm, lists && mh && jb->S >= mh);
+			if (jb->sepm && (jb->H + AXF_NW - 1) / AXF_NW > mg)
+				mg = (jb->H + AXF_NW - 1) / AXF_NW;
+			if (jb->res >= 0)
+				assert_int_equal(jb->rent, p->eoff[jb->flag]);
 			assert_int_equal(p->so[L->so0 + k], ctas);
 			ctas += jb->S;
 			assert_int_equal(jb->part0, parts);
@@ -297,11 +411,9 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		}
 		assert_int_equal(p->so[L->so0 + L->nj], ctas);
 		assert_int_equal(L->ctas, ctas);
-		/* one wave when the pass-jobs allow it */
-		uint64_t mx = 0;
-		for (uint32_t k = 0; k < L->nj; k++)
-			mx = p->jb[L->j0 + k].n > mx ? p->jb[L->j0 + k].n : mx;
-		if (L->nj <= R && mx <= (uint64_t)R * AXF_TS && mx <= AXF_MAX_SPLITS * (uint64_t)AXF_TS)
+		assert_int_equal(L->mg, mg);
+		/* one wave whenever one split per pass-job fits */
+		if (L->nj <= R)
 			assert_true(ctas <= R);
 		next += L->nj, so += L->nj + 1;
 	}
@@ -313,17 +425,19 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(seen_lse[s], lse_done[s]);
 	/* layout: aligned, disjoint, in this order, large enough */
 	const axf_layout *y = &p->lay;
-	size_t off[] = {y->jobs, y->so, y->flags, y->tickets, y->res, y->lse, y->part_lse, y->part_s, y->part_p, y->total};
-	size_t need[] = {p->njb * sizeof(axf_job), p->nso * 4, n * 4, p->njb * 4, p->rows * sizeof(ax_attn_result),
+	size_t off[] = {y->jobs, y->so, y->flags, y->tickets, y->rlse, y->rent, y->lse, y->part_lse, y->part_s,
+			y->part_p, y->total};
+	size_t need[] = {p->njb * sizeof(axf_job), p->nso * 4, n * 4, p->njb * 4, p->rows * 4, p->rents * sizeof(axf_ent),
 			 p->nlse * 4, p->parts * 4, p->entries * 4, p->entries * 4};
 	for (size_t i = 0; i + 1 < ARRAY_LEN(off); i++) {
 		assert_int_equal(off[i] % 256, 0);
 		assert_true(off[i] + need[i] <= off[i + 1]);
 	}
-	assert_int_equal(y->up, y->flags);
-	assert_int_equal(y->up + y->zero, y->res); /* flags and tickets zeroed */
-	assert_int_equal(y->up + y->down, y->off_dev);
+	assert_int_equal(y->flags + y->zero, y->up); /* one upload: tables, then flags and tickets as zeros */
+	assert_int_equal(y->up, y->rlse);
+	assert_int_equal(y->flags + y->down, y->off_dev); /* one download: flags, tickets, compact results */
 	assert_int_equal(y->off_dev, y->lse);
+	assert_true(y->down <= axf_al(n * 4) + axf_al(p->njb * 4) + axf_al(p->rows * 4) + axf_al(p->rents * 8));
 	free(seen_lse);
 	free(lse_done);
 	free(ticket);
@@ -337,14 +451,17 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	for (int it = 0; it < 400; it++) {
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0};
+	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
+		p->kn = it % 3 == 0 ? none : it % 3 == 1 ? def : rand_knobs();
 		for (uint32_t i = 0; i < n; i++)
 			jobs[i] = rand_job();
 		assert_int_equal(axf_plan_build(p, jobs, n, rc, R), 0);
 		check_plan(p, jobs, n, rc, R);
 	}
+	p->kn = none;
 	/* a batch of nothing eligible: no launch */
 	jobs[0] = elig_job(X_CAP);
 	jobs[1] = elig_job(X_TOPK0);
@@ -358,6 +475,41 @@ static void test_plans(void **state)
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
 	assert_int_equal(p->nl, 1);
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
+	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
+	 * in a few longer splits, several waves when asked */
+	axf_knobs k = {0, 256, 0, 512, 16, 8};
+	p->kn = k;
+	jobs[0] = elig_job(X_HEADS); /* 4K keys */
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].chunk, 512);
+	assert_int_equal(p->jb[0].S, 8);
+	assert_int_equal(p->jb[0].sepm, 1);
+	assert_int_equal(p->L[0].mg, 4); /* 32 rows, 8 per merge CTA */
+	check_plan(p, jobs, 1, rc, 264);
+	jobs[0].position = (1u << 17) - 1; /* 128K keys: 16 splits (the cap), not 256 */
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].S, 16);
+	jobs[0] = elig_job(X_NONE); /* mean_logit 4K: 16 splits of 256 */
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].S, 16);
+	assert_int_equal(p->jb[0].sepm, 0);
+	assert_int_equal(p->L[0].mg, 0);
+	jobs[0].position = (1u << 17) - 1; /* 128K over 4 waves of 264: the floor of 256 keys binds */
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 4 * 264), 0);
+	assert_int_equal(p->jb[0].chunk, 256);
+	assert_int_equal(p->jb[0].S, 512);
+	p->kn.min_keys = 0; /* without it: 128 keys, 1024 splits */
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 4 * 264), 0);
+	assert_int_equal(p->jb[0].chunk, 128);
+	assert_int_equal(p->jb[0].S, 1024);
+	for (int i = 0; i < 64; i++) { /* 64 × 4K heads: 4 splits each (1024 keys), below the cap */
+		jobs[i] = elig_job(X_HEADS);
+	}
+	assert_int_equal(axf_plan_build(p, jobs, 64, rc, 264), 0);
+	assert_int_equal(p->nl, 1);
+	assert_int_equal(p->jb[0].S, 4);
+	assert_int_equal(p->jb[0].sepm, 0);
+	check_plan(p, jobs, 64, rc, 264);
 	axf_plan_free(p);
 }
 
@@ -375,9 +527,12 @@ static void test_finish(void **state)
 	char *h = calloc(1, p->lay.off_dev);
 	assert_non_null(h);
 	uint32_t *flags = (uint32_t *)(h + p->lay.flags);
-	ax_attn_result *res = (ax_attn_result *)(h + p->lay.res);
+	float *rlse = (float *)(h + p->lay.rlse);
+	axf_ent *rent = (axf_ent *)(h + p->lay.rent);
 	for (uint64_t r = 0; r < p->rows; r++)
-		res[r].k = (uint32_t)(1000 + r);
+		rlse[r] = 0.5f + (float)r;
+	for (uint64_t e = 0; e < p->rents; e++) /* every third entry empty */
+		rent[e].x = (float)e, rent[e].p = e % 3 == 2 ? -1 : (int32_t)(7 * e);
 	flags[0] = AXF_F_DOM;
 	flags[1] = 0;
 	flags[2] = AXF_F_DOM | AXF_F_RANGE;
@@ -392,9 +547,25 @@ static void test_finish(void **state)
 	assert_int_equal(rc[2], -ERANGE);
 	assert_int_equal(rc[3], -EOPNOTSUPP);
 	assert_int_equal(rc[4], -ERANGE);
-	assert_int_equal(out[0].k, 0); /* not copied */
-	for (uint32_t r = 0; r < 32; r++)
-		assert_int_equal(out[1 + r].k, 1001 + r);
+	assert_int_equal(out[0].k, 0); /* not written */
+	uint64_t start, nv;
+	axc_visible(&jobs[1], &start, &nv);
+	for (uint32_t r = 0; r < 32; r++) { /* job 1 (heads, 32 rows of k 10) expanded */
+		const ax_attn_result *o = &out[1 + r];
+		assert_int_equal(o->k, 10);
+		assert_int_equal(o->head_id, (int32_t)(jobs[1].head_offset + r));
+		assert_true(o->lse == 0.5 + 1 + r);
+		for (uint32_t e = 0; e < AX_ATTN_MAX_TOPK; e++) {
+			uint64_t g = p->eoff[1] + (uint64_t)r * 10 + e;
+			if (e < 10 && g % 3 != 2) {
+				assert_int_equal(o->pos[e], (int64_t)(start + 7 * g));
+				assert_true(o->logit[e] == (float)g);
+			} else {
+				assert_int_equal(o->pos[e], -1);
+				assert_true(o->logit[e] == -INFINITY);
+			}
+		}
+	}
 	assert_int_equal(out[33].k, 0);
 	free(out);
 	free(h);
@@ -574,7 +745,8 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_plan_chunk),
-		cmocka_unit_test(test_plans),     cmocka_unit_test(test_finish),      cmocka_unit_test(test_dispatch),
+		cmocka_unit_test(test_plan_base), cmocka_unit_test(test_knobs_env),   cmocka_unit_test(test_plans),
+		cmocka_unit_test(test_finish),    cmocka_unit_test(test_dispatch),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -16,11 +16,15 @@
  * (bitwise identical results), an event wait, and API edges. AX_TEST_SEED=N repeats a run.
  *
  * --small: only the small feature table and the error table (for compute-sanitizer memcheck / racecheck).
- * --bench: bf16, H_q 32, H_kv 8, D 128, top-10, the issue's shapes and modes; host clock around each
- * (synchronous) ax_attn_cuda_run, median of repeats, against a streaming read of the same bytes timed with
- * events in the same run (the floor). Two columns: the default context (the fast path, attn_cuda_fast.cu, serves
- * these shapes through ax_attn_cuda_run's dispatch) and a context opened with AX_ATTN_CUDA_FAST=0 (generic only).
- * The fast path block (cudafast) compares both paths on every eligible case; see fast_tests.
+ * --bench: bf16, H_q 32, H_kv 8, D 128, top-10, the issue's shapes and modes, request sets rotated over >= 200 MB
+ * so no repeat reads keys from a warm L2; medians of repeats against a streaming read of the same bytes timed with
+ * events in the same run (the floor). Columns: end to end (host clock around the default context's synchronous
+ * ax_attn_cuda_run: from the call to results on the host), the fast path's kernels alone (CUDA events around its
+ * launches), and a context opened with AX_ATTN_CUDA_FAST=0 (generic only), end to end.
+ * --sweep: the fast path's planner knobs (attn_cuda_fast.h, axf_knobs) over a small grid on the bench's shapes,
+ * each knob set checked against the generic path's rows; the best set per shape and mode last (see sweep()).
+ * The fast path block (cudafast) compares both paths on every eligible case, also under two other knob sets (the
+ * separate heads merge, split caps, several waves); see fast_tests.
  */
 #include <cuda_runtime.h>
 
@@ -637,6 +641,21 @@ static void fast_tests(int small)
 			fast_batch(f, g);
 		}
 		fast_errors(f);
+		/* again under other planner knobs: short splits everywhere, heads lists merged by the separate merge
+		 * kernel (every split count), a split cap; then under several waves (CTAs per SM over the occupancy) */
+		static const axf_knobs alt[2] = {{0, 16, 0, 16, 0, 1}, {6, 32, 0, 48, 9, 3}};
+		axf_knobs keep;
+		ax__attn_fast_knobs(f, &keep, NULL);
+		for (int a = 0; a < 2; a++) {
+			ax__attn_fast_knobs(f, NULL, &alt[a]);
+			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u\n", alt[a].ctas_per_sm,
+			       alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads, alt[a].max_splits_heads,
+			       alt[a].merge_heads);
+			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim);
+			if (!small)
+				fast_batch(f, g);
+		}
+		ax__attn_fast_knobs(f, NULL, &keep);
 		printf("# fast path: %d eligible cases compared with the generic path\n", ran);
 	}
 	ax__attn_fast_free(f);
@@ -688,8 +707,9 @@ static double median(double *v, int n)
 	return v[n / 2];
 }
 
-/* Median µs of a streaming read of `bytes` (the floor), events. */
-static double floor_us(const void *p, size_t bytes, int reps)
+/* Median µs of a streaming read of `bytes` at p + (rep mod rot)·stride (the floor; rotated like the runs, so
+ * short shapes do not read from a warm L2), events. */
+static double floor_us(const void *p, size_t bytes, size_t stride, int rot, int reps)
 {
 	cudaEvent_t a, b;
 	unsigned *sink;
@@ -701,8 +721,9 @@ static double floor_us(const void *p, size_t bytes, int reps)
 	CK(cudaGetDevice(&dev));
 	CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
 	for (int r = -2; r < reps; r++) {
+		const char *src = (const char *)p + (size_t)((r + 2) % rot) * stride;
 		CK(cudaEventRecord(a));
-		stream_read<<<sms * 8, 256>>>((const uint4 *)p, bytes / 16, sink);
+		stream_read<<<sms * 8, 256>>>((const uint4 *)src, bytes / 16, sink);
 		CK(cudaEventRecord(b));
 		CK(cudaEventSynchronize(b));
 		float ms;
@@ -716,102 +737,320 @@ static double floor_us(const void *p, size_t bytes, int reps)
 	return median(t, reps);
 }
 
-static int bench(ax_attn_cuda *c)
+/* ---- bench and sweep data: the issue's shape (bf16, H_q 32, H_kv 8, D 128, top-10), B requests of n keys, key
+ * rows in a shuffled pool; `rot` disjoint sets of requests (each its own slots), used in turn by the repeats so
+ * that a short shape's keys are not in L2 from the previous repeat (sets ≥ 200 MB together, at most 16). ---- */
+
+enum { B_H = 32, B_HKV = 8, B_D = 128, B_K = 10, B_MAXREPS = 64 };
+
+typedef struct bdata {
+	const char *name;
+	uint32_t B, rot;
+	uint64_t n;
+	int reps;
+	uint16_t *k;            /* device pool: B·n·rot slots */
+	int32_t *idx;           /* device index rows: set r, request b at (r·B + b)·n */
+	void *q;
+	size_t kbytes, ibytes;  /* of one set */
+	double floor;           /* µs: streaming read of one set's K and index bytes */
+	ax_attn_job *jobs[3];   /* per mode: rot·B jobs, set r at r·B */
+	ax_attn_result *out;
+	int *rc;
+	uint32_t rows[3];       /* result rows of one set, per mode */
+} bdata;
+
+static const uint32_t b_modes[3] = {ML, HD, MP};
+
+static const char *mode_name(uint32_t m)
 {
-	static const struct {
-		const char *name;
-		uint32_t B;
-		uint64_t n;
-		int reps;
-	} shapes[] = {{"1 x 4K", 1, 4096, 50}, {"1 x 32K", 1, 32768, 30}, {"1 x 128K", 1, 131072, 20},
-		      {"1 x 1M", 1, 1048576, 7}, {"64 x 4K", 64, 4096, 15}, {"8 x 128K", 8, 131072, 7}};
-	static const uint32_t modes[3] = {ML, HD, MP};
-	const uint32_t H = 32, Hkv = 8, D = 128, K = 10;
+	return m == ML ? "mean_logit" : m == HD ? "heads" : "mean_prob";
+}
+
+static void bd_make(bdata *d, const char *name, uint32_t B, uint64_t n, int reps)
+{
+	memset(d, 0, sizeof *d);
+	d->name = name, d->B = B, d->n = n, d->reps = reps;
+	d->kbytes = (size_t)B * n * B_HKV * B_D * 2, d->ibytes = (size_t)B * n * 4;
+	size_t want = (size_t)200 << 20;
+	d->rot = (uint32_t)((want + d->kbytes - 1) / d->kbytes);
+	d->rot = d->rot < 1 ? 1 : d->rot > 16 ? 16 : d->rot;
+	uint64_t slots = (uint64_t)B * n * d->rot;
+	CK(cudaMalloc(&d->k, d->kbytes * d->rot));
+	CK(cudaMalloc(&d->idx, d->ibytes * d->rot));
+	CK(cudaMalloc(&d->q, (size_t)B_H * B_D * 2));
+	fill_bf16<<<1024, 256>>>(d->k, d->kbytes * d->rot / 2, td_u64());
+	int32_t *h = (int32_t *)malloc(d->ibytes * d->rot);
+	for (uint64_t i = 0; i < slots; i++)
+		h[i] = (int32_t)i;
+	for (uint64_t i = slots - 1; i > 0; i--) {
+		uint64_t j = td_u64() % (i + 1);
+		int32_t x = h[i];
+		h[i] = h[j], h[j] = x;
+	}
+	uint16_t hq[B_H * B_D];
+	for (uint32_t i = 0; i < B_H * B_D; i++)
+		hq[i] = ax_f32_to_bf16((float)td_uni());
+	CK(cudaMemcpy(d->idx, h, d->ibytes * d->rot, cudaMemcpyHostToDevice));
+	CK(cudaMemcpy(d->q, hq, sizeof hq, cudaMemcpyHostToDevice));
+	CK(cudaDeviceSynchronize());
+	free(h);
+	/* the floor: each set's slots are spread over the whole pool, so read set-sized regions in turn */
+	d->floor = floor_us(d->k, d->kbytes, d->kbytes, (int)d->rot, 10) * (double)(d->kbytes + d->ibytes) / d->kbytes;
+	for (int m = 0; m < 3; m++) {
+		d->jobs[m] = (ax_attn_job *)calloc((size_t)B * d->rot, sizeof(ax_attn_job));
+		for (uint32_t i = 0; i < B * d->rot; i++) {
+			ax_attn_job *j = &d->jobs[m][i];
+			j->q = d->q, j->q_dtype = BF, j->k = d->k, j->k_dtype = BF, j->k_scale = 1;
+			j->k_stride[0] = B_HKV * B_D, j->k_stride[1] = B_D, j->k_stride[2] = 1, j->n_slots = slots;
+			j->index = d->idx + (uint64_t)i * n, j->index_dtype = I32;
+			j->position = n - 1;
+			j->n_q_heads = B_H, j->n_kv_heads = B_HKV, j->head_dim = B_D;
+			j->scale = 1.0f / sqrtf((float)B_D);
+			j->mode = b_modes[m], j->top_k = B_K;
+		}
+		d->rows[m] = B * (b_modes[m] == HD ? B_H : 1);
+	}
+	d->out = (ax_attn_result *)malloc((size_t)B * B_H * sizeof *d->out);
+	d->rc = (int *)malloc(B * sizeof *d->rc);
+}
+
+static void bd_free(bdata *d)
+{
+	for (int m = 0; m < 3; m++)
+		free(d->jobs[m]);
+	free(d->out), free(d->rc);
+	cudaFree(d->k), cudaFree(d->idx), cudaFree(d->q);
+}
+
+/* Timings of one (shape, mode) through one path: medians over the repeats (set r mod rot in turn). */
+typedef struct bmeas {
+	double e2e;  /* µs, host clock around the synchronous call */
+	double kern; /* µs, events around the fast path's launches (-1: generic path) */
+	int bad;     /* a run failed, or a job's code was not 0 */
+} bmeas;
+
+/* f: time ax__attn_fast_run (with kernel events); else c: ax_attn_cuda_run. */
+static bmeas bd_time(bdata *d, int m, ax_attn_fast *f, ax_attn_cuda *c, int reps)
+{
+	double te[B_MAXREPS], tk[B_MAXREPS];
+	bmeas r = {0, -1, 0};
+	reps = reps > B_MAXREPS ? B_MAXREPS : reps;
+	for (int i = -2; i < reps; i++) {
+		const ax_attn_job *jobs = d->jobs[m] + (size_t)((i + 2) % d->rot) * d->B;
+		double t0 = now_us();
+		int x = f ? ax__attn_fast_run(f, jobs, d->B, d->out, d->rc) : ax_attn_cuda_run(c, jobs, d->B, d->out, d->rc);
+		double t1 = now_us();
+		for (uint32_t b = 0; b < d->B; b++)
+			x |= d->rc[b];
+		r.bad |= x != 0;
+		if (i >= 0)
+			te[i] = t1 - t0, tk[i] = f ? ax__attn_fast_kernel_us(f) : -1;
+	}
+	r.e2e = median(te, reps);
+	r.kern = f ? median(tk, reps) : -1;
+	return r;
+}
+
+static const struct bshape {
+	const char *name;
+	uint32_t B;
+	uint64_t n;
+	int reps;
+} b_shapes[] = {{"1x4K", 1, 4096, 50},     {"1x32K", 1, 32768, 30},  {"1x128K", 1, 131072, 20},
+		{"1x1M", 1, 1048576, 7},   {"64x4K", 64, 4096, 15},  {"8x128K", 8, 131072, 7}};
+
+static void bench_head(const char *what)
+{
 	cudaDeviceProp prop;
 	int dev;
 	CK(cudaGetDevice(&dev));
 	CK(cudaGetDeviceProperties(&prop, dev));
-	ax_attn_cuda *cg = open_generic(); /* fast path block (cudafast): the generic path beside the dispatched one */
-	printf("# bench: %s, bf16 H_q %u H_kv %u D %u top-%u; host clock around ax_attn_cuda_run "
-	       "(synchronous: plan, upload, kernels, download), median; 'us' = the default context (fast path for "
-	       "these shapes unless AX_ATTN_CUDA_FAST=0), 'generic us' = a context with AX_ATTN_CUDA_FAST=0\n",
-	       prop.name, H, Hkv, D, K);
-	printf("%-10s %-10s %12s %10s %12s %9s %12s %9s\n", "shape", "mode", "us", "GB/s", "floor us", "x floor",
-	       "generic us", "x floor");
-	for (size_t s = 0; s < ARRAY_LEN(shapes); s++) {
-		uint64_t keys = shapes[s].B * shapes[s].n;
-		size_t kbytes = keys * Hkv * D * 2, ibytes = keys * 4;
-		uint16_t *k;
-		int32_t *idx;
-		void *q;
-		CK(cudaMalloc(&k, kbytes));
-		CK(cudaMalloc(&idx, ibytes));
-		CK(cudaMalloc(&q, (size_t)H * D * 2));
-		fill_bf16<<<1024, 256>>>(k, kbytes / 2, td_u64());
-		int32_t *hidx = (int32_t *)malloc(ibytes);
-		for (uint64_t i = 0; i < keys; i++)
-			hidx[i] = (int32_t)i;
-		for (uint64_t i = keys - 1; i > 0; i--) {
-			uint64_t j = td_u64() % (i + 1);
-			int32_t x = hidx[i];
-			hidx[i] = hidx[j], hidx[j] = x;
-		}
-		uint16_t hq[32 * 128];
-		for (uint32_t i = 0; i < H * D; i++)
-			hq[i] = ax_f32_to_bf16((float)td_uni());
-		CK(cudaMemcpy(idx, hidx, ibytes, cudaMemcpyHostToDevice));
-		CK(cudaMemcpy(q, hq, sizeof hq, cudaMemcpyHostToDevice));
-		CK(cudaDeviceSynchronize());
-		double fl = floor_us(k, kbytes, 10) * (double)(kbytes + ibytes) / kbytes; /* K and index bytes */
+	printf("# %s: %s (%d SMs), bf16 H_q %u H_kv %u D %u top-%u; request sets rotated over >= 200 MB (no warm L2); "
+	       "medians\n",
+	       what, prop.name, prop.multiProcessorCount, B_H, B_HKV, B_D, B_K);
+}
+
+/*
+ * --bench: per shape and mode, the default context's ax_attn_cuda_run end to end (host clock: plan, upload,
+ * launches, download, expansion of the rows, one synchronisation — what a caller waits for), the fast path's
+ * kernels alone (events around its launches, same knobs as the default context), the floor, and the generic
+ * path (a context with AX_ATTN_CUDA_FAST=0) end to end.
+ */
+static int bench(ax_attn_cuda *c)
+{
+	ax_attn_cuda *cg = open_generic();
+	cudaStream_t s;
+	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+	ax_attn_fast *f = NULL;
+	if (ax__attn_fast_new(&f, 0, s) != 0 || !f || ax__attn_fast_timing(f, 1) != 0)
+		printf("# fast path not available here: kernel column empty\n");
+	axf_knobs kn = {0, 0, 0, 0, 0, 0};
+	ax__attn_fast_knobs(f, &kn, NULL);
+	bench_head("bench");
+	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
+	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
+	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads);
+	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
+	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
+	for (size_t i = 0; i < ARRAY_LEN(b_shapes); i++) {
+		bdata d;
+		bd_make(&d, b_shapes[i].name, b_shapes[i].B, b_shapes[i].n, b_shapes[i].reps);
 		for (int m = 0; m < 3; m++) {
-			ax_attn_job *jobs = (ax_attn_job *)calloc(shapes[s].B, sizeof *jobs);
-			for (uint32_t b = 0; b < shapes[s].B; b++) {
-				ax_attn_job *j = &jobs[b];
-				j->q = q, j->q_dtype = BF, j->k = k, j->k_dtype = BF, j->k_scale = 1;
-				j->k_stride[0] = Hkv * D, j->k_stride[1] = D, j->k_stride[2] = 1, j->n_slots = keys;
-				j->index = idx + b * shapes[s].n, j->index_dtype = I32;
-				j->position = shapes[s].n - 1;
-				j->n_q_heads = H, j->n_kv_heads = Hkv, j->head_dim = D;
-				j->scale = 1.0f / sqrtf((float)D);
-				j->mode = modes[m], j->top_k = K;
-			}
-			uint32_t rows = shapes[s].B * (modes[m] == HD ? H : 1);
-			ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
-			int *rc = (int *)malloc(shapes[s].B * sizeof *rc);
-			double t[64], us2[2] = {0, 0};
-			int reps = shapes[s].reps, bad = 0;
-			for (int which = 0; which < 2; which++) {
-				ax_attn_cuda *cx = which == 0 ? c : cg;
-				if (!cx)
-					continue;
-				for (int r = -2; r < reps; r++) {
-					double t0 = now_us();
-					int x = ax_attn_cuda_run(cx, jobs, shapes[s].B, out, rc);
-					double t1 = now_us();
-					bad |= x != 0 || rc[0] != 0;
-					if (r >= 0)
-						t[r] = t1 - t0;
-				}
-				us2[which] = median(t, reps);
-			}
-			double us = us2[0];
-			printf("%-10s %-10s %12.1f %10.1f %12.1f %9.2f %12.1f %9.2f%s\n", shapes[s].name,
-			       modes[m] == ML ? "mean_logit" : modes[m] == HD ? "heads" : "mean_prob", us,
-			       (double)(kbytes + ibytes) / us / 1e3, fl, us / fl, us2[1], us2[1] / fl,
-			       bad ? "  RUN FAILED" : "");
+			bmeas e = bd_time(&d, m, NULL, c, d.reps);
+			bmeas k = f ? bd_time(&d, m, f, NULL, d.reps) : bmeas{0, -1, 0};
+			bmeas g = cg ? bd_time(&d, m, NULL, cg, d.reps < 10 ? d.reps : 10) : bmeas{0, -1, 0};
+			printf("%-8s %-10s %9.1f %9.1f %9.1f %8.2f %8.2f %10.1f %8.2f%s\n", d.name, mode_name(b_modes[m]),
+			       e.e2e, k.kern, d.floor, e.e2e / d.floor, k.kern / d.floor, g.e2e, g.e2e / d.floor,
+			       e.bad || k.bad || g.bad ? "  RUN FAILED" : "");
 			fflush(stdout);
-			free(out), free(rc), free(jobs);
 		}
-		free(hidx);
-		cudaFree(k), cudaFree(idx), cudaFree(q);
+		bd_free(&d);
 	}
+	ax__attn_fast_free(f);
+	cudaStreamDestroy(s);
 	ax_attn_cuda_close(cg);
 	return 0;
+}
+
+/* ---- --sweep: the fast path's planner knobs (attn_cuda_fast.h, axf_knobs) over a small grid ---------------------- */
+
+/* One knob set of the grid; `modes`: bit m = b_modes[m] is affected (others are not rerun). */
+typedef struct sweep_cfg {
+	axf_knobs kn;
+	unsigned modes;
+} sweep_cfg;
+
+/* The grid: the default; mean modes (and mean_prob's logsumexp pass) over least keys per split and CTAs per SM;
+ * heads lists over least keys, a split cap, the separate merge, CTAs per SM. Others at the defaults. */
+static uint32_t sweep_grid(sweep_cfg *g, uint32_t cap, const axf_knobs *def)
+{
+	uint32_t n = 0;
+	static const uint32_t mink[] = {16, 32, 64, 128, 256, 512, 1024}, mink_w[] = {16, 64, 256};
+	static const uint32_t cps_w[] = {3, 4, 8}, minkh[] = {16, 64, 256, 1024}, maxsh[] = {0, 8, 32}, cpsh[] = {0, 4};
+	g[n].kn = *def, g[n++].modes = 7;
+	for (size_t a = 0; a < ARRAY_LEN(mink) && n < cap; a++) {
+		g[n].kn = *def, g[n].kn.ctas_per_sm = 0, g[n].kn.min_keys = mink[a], g[n++].modes = 5;
+	}
+	for (size_t c = 0; c < ARRAY_LEN(cps_w); c++)
+		for (size_t a = 0; a < ARRAY_LEN(mink_w) && n < cap; a++) {
+			g[n].kn = *def, g[n].kn.ctas_per_sm = cps_w[c], g[n].kn.min_keys = mink_w[a], g[n++].modes = 5;
+		}
+	for (size_t c = 0; c < ARRAY_LEN(cpsh); c++)
+		for (size_t a = 0; a < ARRAY_LEN(minkh); a++)
+			for (size_t b = 0; b < ARRAY_LEN(maxsh); b++)
+				for (uint32_t sep = 0; sep < 2 && n < cap; sep++) {
+					g[n].kn = *def, g[n].kn.ctas_per_sm = cpsh[c], g[n].kn.min_keys_heads = minkh[a];
+					g[n].kn.max_splits_heads = maxsh[b], g[n].kn.merge_heads = sep, g[n++].modes = 2;
+				}
+	return n;
+}
+
+/* Rows of set 0 through the fast path against the generic path's rows (same codes, fast_same). */
+static int sweep_check(bdata *d, int m, ax_attn_fast *f, const ax_attn_result *gen, char *why, size_t len)
+{
+	int x = ax__attn_fast_run(f, d->jobs[m], d->B, d->out, d->rc);
+	for (uint32_t b = 0; b < d->B; b++)
+		x |= d->rc[b];
+	if (x)
+		return snprintf(why, len, "fast run %d (cuda %d)", x, ax__attn_fast_take_error(f)), 1;
+	double maxd = 0;
+	return fast_same(d->out, gen, d->rows[m], &maxd, why, len) != 0;
+}
+
+/*
+ * --sweep: for the bench's shapes (1 x 4K, 1 x 128K, 1 x 1M, 64 x 4K) and modes, every knob set of sweep_grid:
+ * kernel µs (events), end to end µs (host clock around ax__attn_fast_run), × floor, and a check of set 0's rows
+ * against the generic path's (once per shape and mode, also timed). Last, per shape and mode, the best knob set
+ * by kernel time and by end-to-end time, beside the default's. Lines start with "sweep" / "best" for grep.
+ */
+static int sweep(void)
+{
+	static const int pick[] = {0, 2, 3, 4}; /* b_shapes: 1x4K, 1x128K, 1x1M, 64x4K */
+	cudaStream_t s;
+	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+	ax_attn_fast *f = NULL;
+	ax_attn_cuda *cg = open_generic();
+	if (ax__attn_fast_new(&f, 0, s) != 0 || !f || ax__attn_fast_timing(f, 1) != 0 || !cg) {
+		printf("Bail out! sweep: the fast path or the generic context is not available here\n");
+		return 1;
+	}
+	axf_knobs def;
+	ax__attn_fast_knobs(f, &def, NULL);
+	static sweep_cfg grid[128];
+	uint32_t ng = sweep_grid(grid, ARRAY_LEN(grid), &def);
+	bench_head("sweep");
+	printf("# %u knob sets; cps = CTAs per SM planned (0: occupancy), mink/maxs = least keys / most splits per split "
+	       "(mean modes), minkh/maxsh = the same for heads lists, mergeh = separate heads merge from this many "
+	       "splits (0 off); kern = launches (events), e2e = host clock around ax__attn_fast_run\n", ng);
+	printf("%-6s %-7s %-10s %4s %5s %4s %5s %5s %6s %9s %9s %8s %8s %s\n", "", "shape", "mode", "cps", "mink", "maxs",
+	       "minkh", "maxsh", "mergeh", "kern us", "e2e us", "kern xfl", "e2e xfl", "check");
+	int failed = 0;
+	char best[64][200];
+	int nb = 0;
+	for (size_t si = 0; si < ARRAY_LEN(pick); si++) {
+		const struct bshape *bs = &b_shapes[pick[si]];
+		bdata d;
+		bd_make(&d, bs->name, bs->B, bs->n, bs->reps);
+		ax_attn_result *gen = (ax_attn_result *)malloc((size_t)d.B * B_H * sizeof *gen);
+		for (int m = 0; m < 3; m++) {
+			int x = ax_attn_cuda_run(cg, d.jobs[m], d.B, gen, d.rc); /* set 0: the reference rows */
+			for (uint32_t b = 0; b < d.B; b++)
+				x |= d.rc[b];
+			bmeas g = bd_time(&d, m, NULL, cg, d.reps < 5 ? d.reps : 5);
+			printf("sweep  %-7s %-10s %-38s %9s %9.1f %8s %8.2f %s\n", d.name, mode_name(b_modes[m]),
+			       "generic path (AX_ATTN_CUDA_FAST=0)", "-", g.e2e, "-", g.e2e / d.floor,
+			       x || g.bad ? "RUN FAILED" : "ref");
+			double bk = 1e30, be = 1e30, dk = 0, de = 0;
+			uint32_t ik = 0, ie = 0;
+			for (uint32_t c = 0; c < ng; c++) {
+				if (!(grid[c].modes >> m & 1))
+					continue;
+				const axf_knobs *k = &grid[c].kn;
+				ax__attn_fast_knobs(f, NULL, k);
+				bmeas r = bd_time(&d, m, f, NULL, d.reps);
+				char why[256] = "";
+				int bad = r.bad || x || sweep_check(&d, m, f, gen, why, sizeof why);
+				failed |= bad;
+				printf("sweep  %-7s %-10s %4u %5u %4u %5u %5u %6u %9.1f %9.1f %8.2f %8.2f %s%s%s\n", d.name,
+				       mode_name(b_modes[m]), k->ctas_per_sm, k->min_keys, k->max_splits, k->min_keys_heads,
+				       k->max_splits_heads, k->merge_heads, r.kern, r.e2e, r.kern / d.floor, r.e2e / d.floor,
+				       bad ? "FAIL " : "ok", bad ? why : "", c == 0 ? "  (default)" : "");
+				fflush(stdout);
+				if (c == 0)
+					dk = r.kern, de = r.e2e;
+				if (!bad && r.kern < bk)
+					bk = r.kern, ik = c;
+				if (!bad && r.e2e < be)
+					be = r.e2e, ie = c;
+			}
+			const axf_knobs *a = &grid[ik].kn, *b = &grid[ie].kn;
+			if (nb < 64)
+				snprintf(best[nb++], sizeof best[0],
+					 "best   %-7s %-10s floor %7.1f | default kern %7.1f e2e %7.1f | best kern %7.1f (%.2fx) "
+					 "at %u/%u/%u/%u/%u/%u | best e2e %7.1f at %u/%u/%u/%u/%u/%u",
+					 d.name, mode_name(b_modes[m]), d.floor, dk, de, bk, bk / d.floor, a->ctas_per_sm,
+					 a->min_keys, a->max_splits, a->min_keys_heads, a->max_splits_heads, a->merge_heads, be,
+					 b->ctas_per_sm, b->min_keys, b->max_splits, b->min_keys_heads, b->max_splits_heads,
+					 b->merge_heads);
+		}
+		free(gen);
+		bd_free(&d);
+	}
+	ax__attn_fast_knobs(f, NULL, &def);
+	printf("# best per shape and mode (knobs as cps/mink/maxs/minkh/maxsh/mergeh):\n");
+	for (int i = 0; i < nb; i++)
+		printf("%s\n", best[i]);
+	printf("# sweep: %s\n", failed ? "SOME CHECKS FAILED (see FAIL lines)" : "every knob set matched the generic path");
+	ax__attn_fast_free(f);
+	cudaStreamDestroy(s);
+	ax_attn_cuda_close(cg);
+	return failed;
 }
 
 int main(int argc, char **argv)
 {
 	int do_bench = argc > 1 && strcmp(argv[1], "--bench") == 0;
+	int do_sweep = argc > 1 && strcmp(argv[1], "--sweep") == 0; /* the fast path's planner knobs */
 	int small = argc > 1 && strcmp(argv[1], "--small") == 0; /* for compute-sanitizer: small cases, errors */
 	int n = ax_attn_cuda_devices();
 	if (n < 0) {
@@ -832,6 +1071,11 @@ int main(int argc, char **argv)
 		bench(c);
 		ax_attn_cuda_close(c);
 		return 0;
+	}
+	if (do_sweep) {
+		int sr = sweep();
+		ax_attn_cuda_close(c);
+		return sr;
 	}
 	test_decoders();
 	test_cases(c, td_cases, ARRAY_LEN(td_cases));
