@@ -50,6 +50,10 @@ static int parse_line(const char *line, seq *s, int vocab)
 		}
 	}
 	json_decref(o);
+	if (!ok) {
+		free(s->ids);
+		s->ids = NULL;
+	}
 	return ok ? 0 : -1;
 }
 
