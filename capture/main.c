@@ -12,7 +12,8 @@
  * the segment and every CUDA mapping. This file then replaces the process image with a fresh copy of itself: same
  * pid, same argv (copied before getopt could permute it), the environment plus ATTNX_CAPTURE_REEXEC (count and a
  * one-minute window, backend_cuda.h) so the new image logs "restarted after a sticky CUDA error (n)", reports
- * cuda_reexecs in stats, and so that repeated re-execs wait (1 s doubling to 60 s after 3 a minute). Every fd above
+ * cuda_reexecs in stats, and so that repeated re-execs wait (1 s doubling to 60 s after 3 a minute). The new image
+ * probes the device before it starts and re-executes again while it does not open. Every fd above
  * stderr is marked close-on-exec rather than closed (nng's sockets and pipes, the CUDA driver's device files): the
  * exec closes them all, and a failed exec leaves the process intact, in which case the capture runs on with the
  * backend's backoff retries. The relay sees the records socket close and a new hello, as for any capture restart.
@@ -158,28 +159,28 @@ static int open_capture(ax_capture **c, const ax_capture_opts *o)
 	return rv;
 }
 
-/* After a re-exec, wait (1 s apart, 30 s at most) until the CUDA device opens, so that the capture's first attach
- * finds it usable: the driver may still be tearing down the previous image's faulted context, and the capture
- * opens its backend once per attach. The device is --device, or 0 (a probe only: the capture picks its own). */
-static void wait_device(const ax_capture_opts *o)
+/* After a re-exec: does the CUDA device open? The capture opens its backend once per attach, so a device still
+ * unusable here (the driver tearing down the previous image's faulted context) would leave this image capturing
+ * nothing. Two probes 1 s apart; 0 if usable (or nothing to probe: no re-exec, --backend cpu, no device left, where
+ * the capture's own checks decide), -EIO if not: the caller re-executes again (bounded by the re-exec delays).
+ * The device is --device, or 0 (a probe only: the capture picks its own). */
+static int probe_device(const ax_capture_opts *o)
 {
 	if (o->reexecs == 0 || o->backend == AX_BACKEND_CPU || ax__cuda_be_devices() <= 0)
-		return;
-	int dev = o->device >= 0 ? o->device : 0;
-	for (int i = 0; i < 30 && !g_stop; i++) {
+		return 0;
+	int dev = o->device >= 0 ? o->device : 0, rv = 0;
+	for (int i = 0; i < 2 && !g_stop; i++) {
 		ax__cuda_be *b = NULL;
-		int rv = ax__cuda_be_open(&b, dev);
-		ax__cuda_be_close(b);
-		if (rv == 0) {
-			if (i)
-				ax_log(AX_LOG_INFO, TAG, "device %d usable %d s after the re-exec", dev, i);
-			return;
+		if ((rv = ax__cuda_be_open(&b, dev)) == 0) {
+			ax__cuda_be_close(b);
+			return 0;
 		}
+		ax_log(AX_LOG_WARN, TAG, "device %d not usable after the re-exec (%s)%s", dev, ax_strerror(rv),
+		       i == 0 ? "; probing again in 1 s" : "");
 		if (i == 0)
-			ax_log(AX_LOG_WARN, TAG, "device %d not usable yet after the re-exec (%s); waiting up to 30 s", dev,
-			       ax_strerror(rv));
-		sleep_unless_stopped(1000);
+			sleep_unless_stopped(1000);
 	}
+	return g_stop ? 0 : -EIO;
 }
 
 int main(int argc, char **argv)
@@ -203,7 +204,8 @@ int main(int argc, char **argv)
 	if (re.count)
 		ax_log(AX_LOG_WARN, TAG, "restarted after a sticky CUDA error (%u)", re.count);
 	install_signals();
-	wait_device(&o);
+	if (probe_device(&o) < 0)
+		reexec(args, &re); /* returns only if the exec failed: go on, the capture retries the device itself */
 	ax_capture *c;
 	if ((rv = open_capture(&c, &o)) < 0) {
 		fprintf(stderr, "attnx-capture: %s\n", ax_strerror(rv));

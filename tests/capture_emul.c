@@ -18,7 +18,9 @@
  * under the holder), and can be made to fail a few times (AX_EMUL_RESET_FAILS=n) to exercise the backoff, or for
  * good (AX_EMUL_RESET_FAILS=-1: "reset does not recover", what an H200 with driver 580 / CUDA 13 does), which makes
  * the daemon re-execute itself. inject_fault (the backend's ATTNX_CUDA_FAULT_AFTER) breaks the device the same way.
- * The emulated device's state is the process's: a re-executed daemon finds a fresh, working one, as on a GPU.
+ * The emulated device's state is the process's: a re-executed daemon finds a fresh, working one, as on a GPU —
+ * except in the image named by AX_EMUL_OPEN_FAILS_IN_IMAGE=n (ATTNX_CAPTURE_REEXEC's count n), where every open
+ * fails as if the driver were still tearing down the previous image's context (the daemon must re-execute again).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -242,6 +244,12 @@ int ax_attn_cuda_open(ax_attn_cuda **out, int device)
 		const char *at = getenv("AX_EMUL_STICKY_AT_RUN"), *rf = getenv("AX_EMUL_RESET_FAILS");
 		g_sticky_at = at ? atol(at) : g_sticky_at;
 		g_reset_fails = rf ? atoi(rf) : g_reset_fails;
+	}
+	const char *of = getenv("AX_EMUL_OPEN_FAILS_IN_IMAGE"), *rx = getenv("ATTNX_CAPTURE_REEXEC");
+	if (of && rx && atol(rx) == atol(of)) { /* the driver still tearing down the previous image's context */
+		snprintf(g_err, sizeof g_err, "emul: CUDA-capable device(s) is/are busy or unavailable "
+			 "(AX_EMUL_OPEN_FAILS_IN_IMAGE)");
+		return -EIO;
 	}
 	if (g_sticky)
 		return sticky_fail();
