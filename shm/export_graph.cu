@@ -167,12 +167,14 @@ __device__ static void request_write(const seg_view &sv, unsigned slot, const ax
 }
 
 /* Count a step start (rule 9): store, then a system-scope fence, so the new value is visible everywhere before
- * this thread (hence its kernel) finishes, hence before any later kernel of the stream writes a K slot. One thread. */
-__device__ static void step_started(const seg_view &sv, ax_graph_dev *st)
+ * this thread (hence its kernel) finishes, hence before any later kernel of the stream writes a K slot. One thread.
+ * fence = false: the caller fences before its kernel ends (step_setup: one fence for this and q_head). */
+__device__ static void step_started(const seg_view &sv, ax_graph_dev *st, bool fence = true)
 {
 	st->steps_started = ax_graph_next_step(st->steps_started);
 	st64(&sv.h->steps_started, st->steps_started);
-	__threadfence_system();
+	if (fence)
+		__threadfence_system();
 }
 
 /* End the request map row `row` holds, if any (freed_step, END, entry ended, map row cleared). One thread.
@@ -324,7 +326,9 @@ __device__ static void row_setup(const seg_view &sv, ax_graph_map *map, const ax
 	r->in_off = ivec_get(a.in_off, b, 0);
 }
 
-/* Thread 0's half of the step set-up: what this step exports, its Q-ring run. */
+/* Thread 0's half of the step set-up: what this step exports, its Q-ring run; then one system fence for the two
+ * header words this thread stored (steps_started at the set-up's start, q_head here), before anything later writes
+ * K slots (rule 9) or Q rows (head before data). */
 __device__ static void setup_state(const seg_view &sv, ax_graph_dev *st, unsigned enabled, const u64 *layers,
 				   unsigned nl, u64 total, u64 q_rows)
 {
@@ -332,22 +336,20 @@ __device__ static void setup_state(const seg_view &sv, ax_graph_dev *st, unsigne
 	st->layers[0] = layers[0];
 	st->layers[1] = layers[1];
 	st->nl = nl;
-	if (!enabled)
-		return;
-	st->steps++;
-	if (total > q_rows) { /* does not fit the ring: descriptors go out without Q */
-		st->steps_dropped++;
-		st->nl = 0;
-		st->layers[0] = st->layers[1] = 0;
-		return;
+	if (enabled) {
+		st->steps++;
+		if (total > q_rows) { /* does not fit the ring: descriptors go out without Q */
+			st->steps_dropped++;
+			st->nl = 0;
+			st->layers[0] = st->layers[1] = 0;
+		} else if (total) {
+			u64 base = ax_graph_q_run(st->q_head, total, q_rows);
+			st->q_head = base + total;
+			st->q_base = base;
+			st64(&sv.h->q_head, st->q_head); /* head before data: a lapped reader notices */
+		}
 	}
-	if (total) {
-		u64 base = ax_graph_q_run(st->q_head, total, q_rows);
-		st->q_head = base + total;
-		st->q_base = base;
-		st64(&sv.h->q_head, st->q_head); /* head before data: a lapped reader notices */
-		__threadfence_system();
-	}
+	__threadfence_system();
 }
 
 /* The step set-up, by every thread of one block (blockDim.x a power of two ≥ a.n_rows): count the step start,
@@ -359,7 +361,7 @@ __device__ static void step_setup(const seg_view &sv, ax_graph_dev *st, ax_graph
 	__shared__ u64 s_layers[2];
 	__shared__ unsigned s_nl, s_enabled, s_prefill;
 	if (threadIdx.x == 0) {
-		step_started(sv, st); /* always (enabled or not): a capture may attach at any step */
+		step_started(sv, st, false); /* always (enabled or not); fenced in setup_state */
 		s_enabled = *(const volatile unsigned *)&ctl->enabled;
 		s_layers[0] = s_enabled ? ld64(&ctl->want[0]) & sv.layer_mask[0] : 0;
 		s_layers[1] = s_enabled ? ld64(&ctl->want[1]) & sv.layer_mask[1] : 0;
@@ -393,11 +395,13 @@ struct qcopy_args {
 	unsigned layer, H, D, esize, unit;
 };
 
-/* Copy layer qa.layer's Q rows of the batch rows b0, b0 + bstep, ... with this block's threads; then a system
- * fence (the rows are out before the descriptor that names them, a later kernel or, after a barrier, this one).
- * No barrier inside: a thread may return early. */
+/* Copy layer qa.layer's Q rows of the batch rows b0, b0 + bstep, ... with this block's threads. fence: a system
+ * fence after the copy, for a kernel that publishes the rows itself (after a barrier). A kernel that only copies
+ * needs none: the descriptor naming the rows is written by a later kernel of the stream, which starts after this
+ * one has completed (its writes performed in device memory, where the capture reads them through its IPC mapping)
+ * and fences at system scope before its descriptor. No barrier inside: a thread may return early. */
 __device__ static void copy_q(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, unsigned b0,
-			      unsigned bstep, const qcopy_args &qa)
+			      unsigned bstep, const qcopy_args &qa, bool fence)
 {
 	if (!st->active || !st->nl)
 		return;
@@ -429,7 +433,8 @@ __device__ static void copy_q(const ax_graph_dev *st, const ax_graph_row *rows, 
 				*(unsigned short *)dst = *(const unsigned short *)src;
 		}
 	}
-	__threadfence_system(); /* Q rows visible beyond this GPU before the descriptor names them */
+	if (fence)
+		__threadfence_system(); /* Q rows out before this kernel's descriptor names them */
 }
 
 /* Publish the step's FORWARD descriptors, by every thread of one block (blockDim.x a power of two ≥ a.n_rows):
@@ -467,7 +472,7 @@ __device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const 
 			int tok = a.token_bytes == 8 ? (int)((const long long *)a.tokens)[ti] : ((const int *)a.tokens)[ti];
 			((volatile int *)sv.arena)[(s_pos + tok0 + i) % sv.arena_cap] = tok;
 		}
-		__threadfence_system();
+		/* slot_write's first fence (after the seq word's 0) puts the token ids out before the body and seq */
 		if (idx < s_k) {
 			ax_shm_step d;
 			memset(&d, 0, sizeof d);
@@ -514,7 +519,7 @@ __global__ void k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, c
 
 __global__ void k_export_q(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, qcopy_args qa)
 {
-	copy_q(st, rows, n_rows, blockIdx.x, gridDim.x, qa);
+	copy_q(st, rows, n_rows, blockIdx.x, gridDim.x, qa, false);
 }
 
 __global__ void k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
@@ -530,7 +535,7 @@ __global__ void k_step_begin_q(seg_view sv, ax_graph_dev *st, ax_graph_map *map,
 {
 	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
 	step_setup(sv, st, map, ctl, rows, a, q_rows, scan);
-	copy_q(st, rows, a.n_rows, 0, 1, qa);
+	copy_q(st, rows, a.n_rows, 0, 1, qa, false); /* published by a later kernel */
 }
 
 /* Fused (one block; small steps only): the last layer's Q copy, then the publish (keys already written). */
@@ -538,7 +543,7 @@ __global__ void k_export_q_publish(seg_view sv, ax_graph_dev *st, const ax_graph
 				   ax_graph_step_args a, unsigned index_buf, qcopy_args qa)
 {
 	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
-	copy_q(st, rows, a.n_rows, 0, 1, qa);
+	copy_q(st, rows, a.n_rows, 0, 1, qa, true);
 	__syncthreads(); /* every thread's rows (and its system fence) before any descriptor */
 	publish_step(sv, st, rows, ctl, a, index_buf, scan);
 }
