@@ -12,7 +12,8 @@
  *      classified sticky and really breaks later calls; device_reset either recovers (then a kernel and an IPC
  *      handle work in the same process) or fails its probe (printed: the daemon will re-execute);
  *   2. the process then re-executes itself exactly as attnx-capture does (every fd above stderr close-on-exec,
- *      execv of /proc/self/exe, same pid): the new image must get a working device, no sticky error, and a CUDA
+ *      execv of /proc/self/exe, same pid; again, up to 3 images, while the device does not work yet, as the daemon
+ *      does after its probe): the new image must get a working device, no sticky error, and a CUDA
  *      IPC round trip — it opens, through ax_cuda_ops_real()->ipc_open (the capture importer's call), a buffer
  *      exported by a helper process it spawned (argv "export": cudaMalloc, a 0x5a pattern, the handle in hex on
  *      stdout, exits when its stdin closes) and reads the pattern back.
@@ -130,13 +131,28 @@ static int read_handle(int fd, uint8_t h[AX_CUDA_IPC_HANDLE_SIZE])
 	return 0;
 }
 
-/* Step 2, in the re-executed image: a working device, nothing sticky, an IPC round trip with a fresh exporter. */
-static int after_reexec(const char *self, const char *reset_recovered)
+static void cloexec_above_stderr(void);
+
+/* Step 2, in re-executed image `image` (1, 2, 3): a working device (else the next image, as the daemon does), nothing
+ * sticky, an IPC round trip with a fresh exporter. */
+static int after_reexec(const char *self, const char *reset_recovered, int image)
 {
 	const ax_cuda_recovery_ops *rops = ax_cuda_recovery_real();
 	const ax_cuda_ops *ops = ax_cuda_ops_real();
-	fprintf(stderr, "cuda_sticky_gpu: re-executed image (pid %d, same as before)\n", (int)getpid());
-	CHECK(cudaSetDevice(0) == cudaSuccess && device_works(), "the re-executed image has no working device");
+	fprintf(stderr, "cuda_sticky_gpu: re-executed image %d (pid %d, same as before)\n", image, (int)getpid());
+	if (!(cudaSetDevice(0) == cudaSuccess && device_works()) && image < 3) {
+		fprintf(stderr, "cuda_sticky_gpu: no working device in image %d (%s): re-executing again in 1 s\n", image,
+			cudaGetErrorString(cudaGetLastError()));
+		sleep(1);
+		char next[16];
+		snprintf(next, sizeof next, "%d", image + 1);
+		char *args[] = {(char *)self, (char *)"reexec", (char *)reset_recovered, next, NULL};
+		fflush(NULL);
+		cloexec_above_stderr();
+		execv("/proc/self/exe", args);
+		CHECK(0, "execv /proc/self/exe: %s", strerror(errno));
+	}
+	CHECK(device_works(), "no working device in 3 re-executed images");
 	CHECK(rops->device_sticky(rops->ctx, 0) == 0, "sticky in the re-executed image (%s)", rops->last_error(rops->ctx));
 	int to = -1, from = -1;
 	pid_t pid = spawn_exporter(self, &to, &from);
@@ -160,10 +176,10 @@ static int after_reexec(const char *self, const char *reset_recovered)
 	CHECK(ro == 0, "ipc_open in the re-executed image: %s", ops->last_error(ops->ctx));
 	CHECK(ok, "the pattern read through the IPC mapping is wrong");
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the exporter failed (status %d)", st);
-	fprintf(stderr, "cuda_sticky_gpu: PASS (clearable error kept; injected fault sticky; cudaDeviceReset %s; a "
-		"re-executed image has a working device and a CUDA IPC round trip)\n",
+	fprintf(stderr, "cuda_sticky_gpu: PASS (clearable error kept; injected fault sticky; cudaDeviceReset %s; "
+		"re-executed image %d has a working device and a CUDA IPC round trip)\n",
 		strcmp(reset_recovered, "1") == 0 ? "recovered the device in-process"
-						  : "did NOT recover the device in-process (the capture re-executes)");
+						  : "did NOT recover the device in-process (the capture re-executes)", image);
 	return 0;
 }
 
@@ -186,8 +202,8 @@ int main(int argc, char **argv)
 	int n = 0;
 	if (argc > 1 && strcmp(argv[1], "export") == 0)
 		return exporter();
-	if (argc > 2 && strcmp(argv[1], "reexec") == 0)
-		return after_reexec(argv[0], argv[2]);
+	if (argc > 3 && strcmp(argv[1], "reexec") == 0)
+		return after_reexec(argv[0], argv[2], atoi(argv[3]));
 	if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
 		fprintf(stderr, "cuda_sticky_gpu: no CUDA device: skipped\n");
 		return 77;
@@ -225,7 +241,7 @@ int main(int argc, char **argv)
 	}
 	fflush(NULL);
 	cloexec_above_stderr();
-	char *args[] = {argv[0], (char *)"reexec", (char *)(rc == 0 ? "1" : "0"), NULL};
+	char *args[] = {argv[0], (char *)"reexec", (char *)(rc == 0 ? "1" : "0"), (char *)"1", NULL};
 	execv("/proc/self/exe", args);
 	CHECK(0, "execv /proc/self/exe: %s", strerror(errno));
 }
