@@ -628,14 +628,14 @@ static int on_record(const ax_record *r, void *arg)
 		s->gaps++;
 		if (strcmp(r->u.gap.what, "requests") == 0 && s->req_gaps < NREQ)
 			snprintf(s->req_gapped[s->req_gaps++], sizeof s->req_gapped[0], "%.31s", r->rid);
-	} else if (r->type == AX_REC_REQ) {
-		unsigned i;
-		if (sscanf(r->rid, "ge-%u", &i) == 1 && i < NREQ)
-			s->req_seen |= 1u << i;
 		if (strcmp(r->u.gap.reason, "recycled") == 0)
 			s->recycled_gaps++, s->recycled_rows += r->u.gap.count;
 		snprintf(s->last_gap, sizeof s->last_gap, "%.32s/%.32s x%llu (%.40s)", r->u.gap.what, r->u.gap.reason,
 			 (unsigned long long)r->u.gap.count, r->rid);
+	} else if (r->type == AX_REC_REQ) {
+		unsigned i;
+		if (sscanf(r->rid, "ge-%u", &i) == 1 && i < NREQ)
+			s->req_seen |= 1u << i;
 	} else if (r->type == AX_REC_ATTN) {
 		if (s->n == s->cap) {
 			size_t cap = s->cap ? 2 * s->cap : 4096;
