@@ -111,6 +111,8 @@ typedef struct ax_model_config {
 	float rope_low_freq;   /* llama3: low_freq_factor */
 	float rope_high_freq;  /* llama3: high_freq_factor */
 	int rope_orig_max_pos; /* llama3: original_max_position_embeddings */
+	int sliding_window;    /* Mistral: every layer attends to this many positions (0: all); the engine's context
+				* is clamped to it, where full attention is the same computation */
 } ax_model_config;
 
 /* RoPE frequency schemes the engine implements (others make ax_model_parse_config fail with -ENOTSUP). */

@@ -372,6 +372,7 @@ static void check_unsupported_configs(void)
 		{BASE "\"model_type\":\"qwen3\",\"use_sliding_window\":false,\"layer_types\":[\"full_attention\"],"
 		      "\"hidden_act\":\"silu\"}", 0, AX_ROPE_DEFAULT},
 		{BASE "\"model_type\":\"mistral\",\"sliding_window\":null}", 0, AX_ROPE_DEFAULT},
+		{BASE "\"model_type\":\"mistral\",\"sliding_window\":64}", 0, AX_ROPE_DEFAULT},
 		{BASE "\"rope_scaling\":{\"type\":\"linear\",\"factor\":4}}", 0, AX_ROPE_LINEAR},
 		{BASE "\"rope_parameters\":{\"rope_type\":\"llama3\",\"rope_theta\":500000.0,\"factor\":32.0,"
 		      "\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}}", 0,
@@ -387,14 +388,19 @@ static void check_unsupported_configs(void)
 		if (!rc)
 			assert_int_equal(c.rope_type, cases[i].rope_type);
 	}
-	/* linear scaling divides every frequency; llama3 with rope_theta from rope_parameters */
+	/* Mistral's window is kept (and clamps the engine's context); none when null */
 	ax_model_config c;
-	float f[8];
 	assert_int_equal(ax_model_parse_config(cases[9].json, strlen(cases[9].json), &c), 0);
+	assert_int_equal(c.sliding_window, 64);
+	assert_int_equal(ax_model_parse_config(cases[8].json, strlen(cases[8].json), &c), 0);
+	assert_int_equal(c.sliding_window, 0);
+	/* linear scaling divides every frequency; llama3 with rope_theta from rope_parameters */
+	float f[8];
+	assert_int_equal(ax_model_parse_config(cases[10].json, strlen(cases[10].json), &c), 0);
 	ax_model_rope_freqs(&c, f);
 	assert_float_equal(f[0], 0.25f, 1e-7);
 	assert_float_equal(f[1], 0.25f / powf(10000.0f, 2.0f / 16), 1e-7);
-	assert_int_equal(ax_model_parse_config(cases[10].json, strlen(cases[10].json), &c), 0);
+	assert_int_equal(ax_model_parse_config(cases[11].json, strlen(cases[11].json), &c), 0);
 	assert_float_equal(c.rope_theta, 500000.0f, 0);
 	assert_float_equal(c.rope_factor, 32.0f, 0);
 	assert_int_equal(c.rope_orig_max_pos, 8192);

@@ -162,6 +162,10 @@ int ax_model_parse_config(const char *json, size_t len, ax_model_config *c)
 		c->attn_bias = 1;
 	c->bos_id = jint(o, "bos_token_id", -1);
 	add_eos(c, json_object_get(o, "eos_token_id"));
+	json_t *sw = json_object_get(o, "sliding_window");
+	if (json_is_string(mt) && !strcmp(json_string_value(mt), "mistral") && json_is_integer(sw) &&
+	    json_integer_value(sw) > 0 && json_integer_value(sw) < c->max_pos)
+		c->sliding_window = (int)json_integer_value(sw);
 	int unsupported = parse_rope(o, rp, c) || unsupported_arch(o);
 	json_decref(o);
 	if (c->n_layers <= 0 || c->hidden <= 0 || c->n_heads <= 0 || c->n_kv_heads <= 0 || c->head_dim <= 0 ||

@@ -702,6 +702,11 @@ static int open_parts(ax_engine *e)
 	e->ctx = e->cfg.ctx > 0 ? e->cfg.ctx : (e->mc->max_pos < 4096 ? e->mc->max_pos : 4096);
 	if (e->ctx > e->mc->max_pos)
 		e->ctx = e->mc->max_pos;
+	if (e->mc->sliding_window > 0 && e->ctx > e->mc->sliding_window) {
+		ax_log(AX_LOG_WARN, "engine", "context %d clamped to the model's sliding window %d (not implemented)",
+		       e->ctx, e->mc->sliding_window);
+		e->ctx = e->mc->sliding_window;
+	}
 	e->chunk = e->cfg.prefill_chunk > 0 ? e->cfg.prefill_chunk : 256;
 	e->budget = e->chunk + e->max_batch;
 	if ((rc = ax_pool_open(&e->pool, e->cfg.threads)))
