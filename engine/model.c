@@ -7,10 +7,12 @@
  * requests into one step reads the weights once for all of them (that is what continuous batching buys on a CPU).
  *
  * One step = T tokens from any number of requests (prefill chunks and decode tokens mixed). Per layer:
- * x → RMSNorm → q,k,v projections (+bias) → Qwen3 per-head q/k RMSNorm → RoPE (HF rotate_half layout) →
- * K/V written into the token slots the scheduler allocated → causal attention of each token over its request's
- * slots 0..pos (GQA: query head h reads KV head h / (H_q/H_kv)) → o_proj → residual → RMSNorm → SwiGLU MLP →
- * residual. Logits are computed only for the tokens that sample. All arithmetic is f32.
+ * x → RMSNorm → q,k,v projections (+bias) → Qwen3 per-head q/k RMSNorm → RoPE (HF rotate_half layout; inverse
+ * frequencies from rope_theta with linear / llama3 rescaling) → K/V written into the token slots the scheduler
+ * allocated → causal attention of each token over its request's slots 0..pos (GQA: query head h reads KV head
+ * h / (H_q/H_kv)) → o_proj (+bias) → residual → RMSNorm → SwiGLU MLP (+biases) → residual. Every bias is
+ * optional: present in the file, it is used. Logits are computed only for the tokens that sample. All arithmetic
+ * is f32. The config parser refuses (-ENOTSUP) what this does not compute, rather than run it wrong.
  */
 #include "attnx_engine.h"
 
