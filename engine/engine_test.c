@@ -1,9 +1,10 @@
 /*
  * engine_test.c — unit tests of the engine core (suite 'engine'): safetensors parsing and its error paths, dtype
  * conversions, the thread pool, the KV slot allocator, the batched forward against a naive reference on tiny
- * random checkpoints written to disk (f32 / bf16 / f16, tied / untied, Qwen3 q/k norms, biases, GQA), the
- * byte-level BPE tokenizer on a hand-made tokenizer.json (merge order, added tokens, round trips, bad input),
- * sampling and logprobs, chat templates. The shipped model's reference data (engine/testdata/) is checked by
+ * random checkpoints written to disk (f32 / bf16 / f16, tied / untied, Qwen3 q/k norms, q/k/v/o and MLP biases,
+ * GQA, shards with an index, llama3 RoPE), config parsing and what it refuses, the byte-level BPE tokenizer on
+ * hand-made tokenizer.json files (merge order, added tokens, round trips, bad input, pre-tokenizer chains and
+ * Split behaviors, the BOS template, refused stages), sampling and logprobs, chat templates. The shipped model's reference data (engine/testdata/) is checked by
  * model_test.c.
  */
 #include <setjmp.h>
