@@ -11,6 +11,14 @@
  *   heads:      per selected head h: top-k of s_hj and that head's logsumexp; head_id = head_offset + h.
  * GQA: query head h reads KV head h / (H_q / H_kv). Ties are broken by the lower key position. Slot indices
  * outside [0, n_slots) make the job fail with -ERANGE before any key is read past the pool.
+ *
+ * Paged addressing (vLLM's block tables; index_kind AX_ATTN_INDEX_PAGED): `index` is the request's block-table row,
+ * key j lives in block index[j / block_size] at row j % block_size of it, element (j, g, d) at
+ *   index[j / block_size] · k_block_stride + (j % block_size) · k_stride[0] + g · k_stride[1] + d,
+ * so NHD pools [blocks, block_size, H_kv, D] and HND pools [blocks, H_kv, block_size, D] are both strides. Block ids
+ * outside [0, n_blocks) fail the job with -ERANGE before any key is read; only the cells of blocks holding visible
+ * keys are read. A paged job carries n_slots = 0: code that predates paged jobs and ignores index_kind finds every
+ * slot out of range (or the job invalid) instead of reading keys through a misread table.
  */
 #ifndef ATTNX_CAPTURE_ATTN_H
 #define ATTNX_CAPTURE_ATTN_H
@@ -21,6 +29,13 @@
 #include "attnx_proto.h"
 
 #define AX_ATTN_MAX_TOPK AX_PROTO_MAX_TOPK
+#define AX_ATTN_MAX_BLOCK_SIZE 65536u /* = AX_SHM_MAX_BLOCK_SIZE */
+
+/* How a job's `index` addresses its keys (ax_attn_job.index_kind). */
+enum ax_attn_index_kind {
+	AX_ATTN_INDEX_TOKEN = 0, /* index[j] = slot of key j (SGLang req_to_token row) */
+	AX_ATTN_INDEX_PAGED = 1, /* index[j / block_size] = block of key j (vLLM block-table row) */
+};
 
 typedef struct ax_attn_job {
 	const void *q;           /* [H_q, D] query row, dtype q_dtype, contiguous */
@@ -42,6 +57,12 @@ typedef struct ax_attn_job {
 	uint32_t top_k;          /* 1..AX_ATTN_MAX_TOPK */
 	const int32_t *heads;    /* heads mode: local head indices to report (NULL = all) */
 	uint32_t n_heads;        /* entries in heads */
+	/* Paged addressing (an addition: all zero for a token index row). */
+	uint32_t index_kind;     /* enum ax_attn_index_kind (paged: index_dtype AX_DTYPE_I32, as vLLM's tables) */
+	uint32_t block_size;     /* paged: keys per block, 1 .. AX_ATTN_MAX_BLOCK_SIZE (any value, not only 2^n) */
+	uint64_t k_block_stride; /* paged: element stride between blocks (k_stride[0] is then the stride between rows
+				    of a block) */
+	uint64_t n_blocks;       /* paged: blocks in the pool (block ids must be < n_blocks); n_slots must be 0 */
 } ax_attn_job;
 
 /* One result row (one per job for mean modes, one per selected head in heads mode). */
@@ -63,7 +84,8 @@ uint32_t ax_attn_rows(const ax_attn_job *job);
 
 /*
  * Run one job on the CPU. `out` has room for ax_attn_rows(job) results. Returns 0, -EINVAL (bad shape, dtype,
- * mode, top_k, head index), -ERANGE (an index value outside the pool) or -ENOMEM. Thread-safe given a scratch per
+ * mode, top_k, head index; paged: block size, n_blocks, strides past 2^62 bytes, n_slots not 0), -ERANGE (an index
+ * value outside the pool: a slot, or a block id of a block holding a visible key) or -ENOMEM. Thread-safe given a scratch per
  * thread.
  *
  * Also -EDOM: a NaN or infinite value in Q or in any visible key (or a score that overflows) fails the job instead

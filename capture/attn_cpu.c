@@ -16,6 +16,9 @@
  * log p_j = log mean_h exp(s_hj − lse_h) in the log domain (no underflow to −inf). Keys are visited in
  * increasing position, so a strict ">" in the top-k insertion breaks ties by the lower position.
  *
+ * Paged jobs (vLLM block tables) differ only in where a key row is (key_at): block index[j / bs] at row j % bs, a
+ * shift and a mask when bs is a power of two; check_index checks the block ids of every block holding a visible key.
+ *
  * Inputs that are NaN or infinite (in Q, or in any key element the job reads: they make a dot product
  * non-finite) make the job fail with -EDOM rather than produce a record; the check is one multiply-add per
  * score (x·0 is 0 only for finite x).
@@ -86,7 +89,10 @@ typedef struct plan {
 	uint64_t start, n;         /* first visible key position, visible keys */
 	size_t esize;              /* bytes per key element */
 	const char *kbase;
-	uint64_t s0, s1;           /* byte strides: slot, kv head */
+	uint64_t s0, s1;           /* byte strides: slot (paged: row of a block), kv head */
+	int paged;                 /* index is a block-table row (AX_ATTN_INDEX_PAGED) */
+	uint64_t bs, sb;           /* paged: block size, byte stride between blocks */
+	int bshift;                /* paged: log2(bs) when bs is a power of two, else -1 (a division per key) */
 } plan;
 
 /* ---- conversions ---------------------------------------------------------------------------------------- */
@@ -405,16 +411,27 @@ static AX_INLINE float dot_collapsed(const plan *pl, const float *restrict q, co
 	return hsum8((a[0] + a[1]) + (a[2] + a[3])) + tail;
 }
 
-static AX_INLINE uint64_t slot_of(const ax_attn_job *job, uint64_t j)
+/* Index entry i read as a signed integer then as unsigned (negative values are out of range). */
+static AX_INLINE uint64_t index_at(const ax_attn_job *job, uint64_t i)
 {
 	if (job->index_dtype == AX_DTYPE_I32)
-		return (uint64_t)(int64_t)((const int32_t *)job->index)[j];
-	return (uint64_t)((const int64_t *)job->index)[j];
+		return (uint64_t)(int64_t)((const int32_t *)job->index)[i];
+	return (uint64_t)((const int64_t *)job->index)[i];
 }
 
-static AX_INLINE void prefetch_key(const plan *pl, const uint32_t *gbeg, uint64_t slot)
+/* First byte of key j's row (KV head 0): through its slot, or its block and the row in the block. Only called for
+ * visible keys, whose slots / block ids check_index has checked. */
+static AX_INLINE const char *key_at(const plan *pl, uint64_t j)
 {
-	const char *row = pl->kbase + slot * pl->s0;
+	if (!pl->paged)
+		return pl->kbase + index_at(pl->job, j) * pl->s0;
+	uint64_t b = pl->bshift >= 0 ? j >> pl->bshift : j / pl->bs;
+	uint64_t r = pl->bshift >= 0 ? j & (pl->bs - 1) : j % pl->bs;
+	return pl->kbase + index_at(pl->job, b) * pl->sb + r * pl->s0;
+}
+
+static AX_INLINE void prefetch_key(const plan *pl, const uint32_t *gbeg, const char *row)
+{
 	size_t len = (size_t)pl->D * pl->esize;
 	for (uint32_t g = 0; g < pl->Hkv; g++) {
 		if (gbeg[g] == gbeg[g + 1])
@@ -509,18 +526,17 @@ static AX_INLINE void key_rows(const plan *pl, const ax_attn_scratch *s, const c
 static AX_INLINE void score_block_dt(const plan *pl, const ax_attn_scratch *s, uint64_t j0, uint32_t nb,
 				     float *tile, size_t tstride, uint32_t dt)
 {
-	const ax_attn_job *job = pl->job;
 	uint64_t end = pl->start + pl->n;
 	for (uint32_t jj = 0; jj < nb;) {
 		uint64_t j = j0 + jj;
 		int two = !pl->collapsed && jj + 1 < nb;
 		for (uint64_t p = j + AX_PREFETCH; AX_PREFETCH && p < end && p <= j + AX_PREFETCH + (uint64_t)two; p++)
-			prefetch_key(pl, s->gbeg, slot_of(job, p));
-		const char *ra = pl->kbase + slot_of(job, j) * pl->s0;
+			prefetch_key(pl, s->gbeg, key_at(pl, p));
+		const char *ra = key_at(pl, j);
 		if (pl->collapsed)
 			tile[jj] = dot_collapsed(pl, s->q, ra, dt);
 		else
-			key_rows(pl, s, ra, two ? pl->kbase + slot_of(job, j + 1) * pl->s0 : NULL, tile, tstride, jj, dt);
+			key_rows(pl, s, ra, two ? key_at(pl, j + 1) : NULL, tile, tstride, jj, dt);
 		jj += 1 + (uint32_t)two;
 	}
 }
@@ -836,11 +852,21 @@ static int check_job(const ax_attn_job *job)
 		return -EINVAL;
 	if (is_fp8(job->k_dtype) && (!isfinite(job->k_scale) || job->k_scale == 0))
 		return -EINVAL;
-	if (job->k_stride[2] != 1 || job->n_slots == 0)
+	if (job->k_stride[2] != 1)
 		return -EINVAL;
-	/* The farthest element must be addressable: (n_slots-1)·s0 + (H_kv-1)·s1 + D elements. */
 	uint64_t lim = ((uint64_t)1 << 62) / key_esize(job->k_dtype);
-	if (job->k_stride[0] > lim / job->n_slots || job->k_stride[1] > lim / job->n_kv_heads)
+	if (job->index_kind == AX_ATTN_INDEX_PAGED) {
+		/* (n_blocks-1)·sb + (bs-1)·s0 + (H_kv-1)·s1 + D elements, each term below lim/4. */
+		uint64_t q = lim / 4;
+		if (job->n_slots != 0 || job->index_dtype != AX_DTYPE_I32 || job->n_blocks == 0 || job->block_size == 0 ||
+		    job->block_size > AX_ATTN_MAX_BLOCK_SIZE || job->k_block_stride > q / job->n_blocks ||
+		    job->k_stride[0] > q / job->block_size || job->k_stride[1] > q / job->n_kv_heads)
+			return -EINVAL;
+		return check_heads(job);
+	}
+	/* The farthest element must be addressable: (n_slots-1)·s0 + (H_kv-1)·s1 + D elements. */
+	if (job->index_kind != AX_ATTN_INDEX_TOKEN || job->n_slots == 0 || job->k_stride[0] > lim / job->n_slots ||
+	    job->k_stride[1] > lim / job->n_kv_heads)
 		return -EINVAL;
 	return check_heads(job);
 }
@@ -861,6 +887,10 @@ static void plan_init(plan *pl, const ax_attn_job *job)
 	pl->kbase = job->k;
 	pl->s0 = job->k_stride[0] * pl->esize;
 	pl->s1 = job->k_stride[1] * pl->esize;
+	pl->paged = job->index_kind == AX_ATTN_INDEX_PAGED;
+	pl->bs = pl->paged ? job->block_size : 1;
+	pl->sb = job->k_block_stride * pl->esize;
+	pl->bshift = (pl->bs & (pl->bs - 1)) == 0 ? __builtin_ctzll(pl->bs) : -1;
 }
 
 /* Heads mode with a list: the virtual rows are the distinct selected heads, ascending. */
@@ -877,11 +907,14 @@ static uint32_t count_selected(const ax_attn_job *job, int32_t *hmap)
 	return rows;
 }
 
-/* Every visible index value must name a slot of the pool; checked before any key is read. */
+/* Every visible index value must name a slot of the pool (paged: every block holding a visible key, a block of
+ * the pool); checked before any key is read. */
 static int check_index(const plan *pl)
 {
-	for (uint64_t j = pl->start; j < pl->start + pl->n; j++)
-		if (slot_of(pl->job, j) >= pl->job->n_slots)
+	uint64_t first = pl->start / pl->bs, last = (pl->start + pl->n - 1) / pl->bs;
+	uint64_t lim = pl->paged ? pl->job->n_blocks : pl->job->n_slots;
+	for (uint64_t i = first; i <= last; i++)
+		if (index_at(pl->job, i) >= lim)
 			return -ERANGE;
 	return 0;
 }

@@ -264,6 +264,8 @@ int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_at
 		return -EINVAL;
 	if (n == 0)
 		return 0;
+	if (axc_any_paged(jobs, n)) /* paged jobs (block tables): the generic path only; attn_cuda_fast.h reads token rows */
+		return run_generic(c, jobs, n, out, rc);
 	int r = ax__attn_fast_dispatch(c->fast, jobs, n, out, rc, generic_runner, c);
 	cudaError_t fe = (cudaError_t)ax__attn_fast_take_error(c->fast);
 	if (fe != cudaSuccess)

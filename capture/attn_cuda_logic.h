@@ -7,7 +7,8 @@
  * each, a mean_prob job two (AXC_PJ_LSE: every head's logsumexp; AXC_PJ_PROB: p_j = mean_h exp(s_hj − lse_h),
  * which needs the first pass's result). The visible keys of a pass-job are cut into splits of split_len keys;
  * one CTA (axc_split_cta) runs one split: it walks the split in tiles of AXC_TILE keys; per tile it loads the
- * slots (out-of-pool slot: AXC_F_RANGE, the tile is not read), then per "chunk" (≤ AXC_CHUNK computed rows of
+ * slots, or for paged jobs (vLLM block tables) the block ids, as element offsets of the key rows (an out-of-pool
+ * slot or block: AXC_F_RANGE, the tile is not read), then per "chunk" (≤ AXC_CHUNK computed rows of
  * one KV head g) stages the tile's keys of head g as f32 in shared memory ([AXC_TILE][D+1]: the +1 keeps the
  * per-key reads conflict-free), computes the scores s = (w·q_h)·k (w = scale · k_scale; non-finite: AXC_F_DOM;
  * then the tanh cap) and feeds them to the split's state: heads / lse rows get a per-row online logsumexp and a
@@ -101,10 +102,11 @@ enum axc_pass_mode { AXC_PJ_LOGIT = 1, AXC_PJ_PROB = 2, AXC_PJ_HEADS = 3, AXC_PJ
 /* One pass-job (device table). Pointers are device addresses on the GPU (host addresses in the CPU test). */
 typedef struct axc_job {
 	const void *q;        /* [H, D] query row, dtype qdt */
-	const void *k;        /* K pool base, dtype kdt; element (slot, g, d) at slot·s0 + g·s1 + d */
-	const void *index;    /* index row, dtype idt: slot of key j */
-	uint64_t s0, s1;      /* element strides: slot, KV head */
-	uint64_t n_slots;     /* slots in the pool */
+	const void *k;        /* K pool base, dtype kdt; element (slot, g, d) at slot·s0 + g·s1 + d; paged: element
+				 (j, g, d) at index[j / bs]·sb + (j % bs)·s0 + g·s1 + d */
+	const void *index;    /* index row, dtype idt: slot of key j (paged: block of key j at index[j / bs]) */
+	uint64_t s0, s1;      /* element strides: slot (paged: row of a block), KV head */
+	uint64_t n_slots;     /* index values must be below this: slots in the pool (paged: blocks) */
 	uint64_t start, n;    /* visible keys: positions start .. start+n-1 (n ≥ 1) */
 	uint64_t split_len;   /* keys per split (the last one may be shorter) */
 	uint64_t state0;      /* first state (axc_state m/s/cnt index) of split 0 */
@@ -123,6 +125,9 @@ typedef struct axc_job {
 	uint32_t collapsed;   /* mean_logit without cap: one row per KV head, q = (w/H)·Σ_group q_h (as attn_cpu) */
 	float w;              /* scale · k_scale (fp8) folded into Q */
 	float cap;            /* tanh cap (0: none) */
+	uint64_t sb;          /* paged: element stride between blocks */
+	uint32_t bs;          /* paged: block size (0: a token index row) */
+	uint32_t pad_;
 } axc_job;
 
 typedef struct axc_chunk {
@@ -353,7 +358,7 @@ AXC_HD void axc_row_tile(const axc_state *st, const axc_job *jb, uint64_t si, co
 /* ---- the split CTA ------------------------------------------------------------------------------------------------ */
 
 typedef struct axc_split_sm {
-	uint64_t slot[AXC_TILE];  /* slots of the tile's keys */
+	uint64_t koff[AXC_TILE];  /* element offset of each tile key's row (KV head 0) in the pool */
 	float acc[AXC_TILE];      /* mean_logit: Σ_h s_hj; then the key's value */
 	float pm[AXC_TILE];       /* mean_prob: per-key online logsumexp over heads of s_hj − lse_h */
 	float pe[AXC_TILE];
@@ -402,7 +407,7 @@ AXC_HD void axc_stage_k(const axc_job *jb, uint32_t g, uint32_t nt, uint32_t kdt
 		uint32_t epc = 16 / esz, cpr = D / epc; /* elements per 16 bytes, 16-byte pieces per row */
 		for (uint32_t i = tid; i < nt * cpr; i += nth) {
 			uint32_t t = i / cpr, c = i % cpr;
-			uint64_t el = sm->slot[t] * jb->s0 + (uint64_t)g * jb->s1 + (uint64_t)c * epc;
+			uint64_t el = sm->koff[t] + (uint64_t)g * jb->s1 + (uint64_t)c * epc;
 			uint32_t w[4];
 #if defined(__CUDA_ARCH__)
 			uint4 v = __ldg((const uint4 *)(kb + el * esz));
@@ -419,7 +424,7 @@ AXC_HD void axc_stage_k(const axc_job *jb, uint32_t g, uint32_t nt, uint32_t kdt
 	}
 	for (uint32_t i = tid; i < nt * D; i += nth) {
 		uint32_t t = i / D, d = i % D;
-		ks[t * (D + 1) + d] = axc_elem(kb, kdt, sm->slot[t] * jb->s0 + (uint64_t)g * jb->s1 + d);
+		ks[t * (D + 1) + d] = axc_elem(kb, kdt, sm->koff[t] + (uint64_t)g * jb->s1 + d);
 	}
 }
 
@@ -509,19 +514,22 @@ AXC_HD uint32_t axc_split_init(const axc_args *a, const axc_job *jb, uint32_t sp
 	return f;
 }
 
-/* Phase body: the tile's slots (an out-of-pool value: AXC_F_RANGE, and slot 0 so nothing outside is read) and
- * the per-key accumulators reset. */
+/* Phase body: the row offsets of the tile's keys (an out-of-pool slot or block: AXC_F_RANGE, and offset 0 so
+ * nothing outside is read) and the per-key accumulators reset. A paged key j reads cell j / bs of the block table
+ * (the cells of the blocks holding visible keys, no other). */
 AXC_HD uint32_t axc_tile_slots(const axc_job *jb, uint64_t t0, uint32_t nt, uint32_t idt, axc_split_sm *sm,
 			       uint32_t tid)
 {
 	uint32_t f = 0;
 	if (tid < nt) {
-		uint64_t slot = axc_slot(jb->index, idt, t0 + tid);
-		if (slot >= jb->n_slots) {
+		uint64_t j = t0 + tid;
+		uint64_t v = axc_slot(jb->index, idt, jb->bs ? j / jb->bs : j);
+		uint64_t off = jb->bs ? v * jb->sb + (j % jb->bs) * jb->s0 : v * jb->s0;
+		if (v >= jb->n_slots) {
 			f = AXC_F_RANGE;
-			slot = 0;
+			off = 0;
 		}
-		sm->slot[tid] = slot;
+		sm->koff[tid] = off;
 	}
 	if (tid < AXC_TILE) {
 		sm->acc[tid] = 0;
@@ -827,11 +835,18 @@ static inline int axc_check_job(const ax_attn_job *job)
 		return -EINVAL;
 	if (fp8 && (!isfinite(job->k_scale) || job->k_scale == 0))
 		return -EINVAL;
-	if (job->k_stride[2] != 1 || job->n_slots == 0)
+	if (job->k_stride[2] != 1)
 		return -EINVAL;
-	uint64_t lim = ((uint64_t)1 << 62) / kes;
-	if (job->k_stride[0] > lim / job->n_slots || job->k_stride[1] > lim / job->n_kv_heads)
+	uint64_t lim = ((uint64_t)1 << 62) / kes, q = lim / 4;
+	if (job->index_kind == AX_ATTN_INDEX_PAGED) { /* each term of the farthest element below lim / 4 */
+		if (job->n_slots != 0 || job->index_dtype != AX_DTYPE_I32 || job->n_blocks == 0 || job->block_size == 0 ||
+		    job->block_size > AX_ATTN_MAX_BLOCK_SIZE || job->k_block_stride > q / job->n_blocks ||
+		    job->k_stride[0] > q / job->block_size || job->k_stride[1] > q / job->n_kv_heads)
+			return -EINVAL;
+	} else if (job->index_kind != AX_ATTN_INDEX_TOKEN || job->n_slots == 0 ||
+		   job->k_stride[0] > lim / job->n_slots || job->k_stride[1] > lim / job->n_kv_heads) {
 		return -EINVAL;
+	}
 	if (job->mode == AX_MODE_HEADS && job->heads) {
 		if (job->n_heads == 0 || job->n_heads > 4096)
 			return -EINVAL;

@@ -123,8 +123,10 @@ static inline void axc_job_fields(axc_job *jb, const ax_attn_job *job, uint32_t 
 						   : AXC_PJ_LSE;
 	jb->K = jb->mode == AXC_PJ_LSE ? 0 : job->top_k;
 	jb->flag = i;
+	if (job->index_kind == AX_ATTN_INDEX_PAGED) /* block ids are checked against n_blocks */
+		jb->bs = job->block_size, jb->sb = job->k_block_stride, jb->n_slots = job->n_blocks;
 	jb->vec = (uintptr_t)job->k % 16 == 0 && jb->s0 * kes % 16 == 0 && (jb->Hkv == 1 || jb->s1 * kes % 16 == 0) &&
-		  jb->D * kes % 16 == 0;
+		  jb->D * kes % 16 == 0 && (jb->bs == 0 || jb->sb * kes % 16 == 0);
 	jb->w = (float)((double)job->scale * (fp8 ? job->k_scale : 1.0));
 	jb->cap = job->logit_cap;
 }
@@ -297,6 +299,16 @@ static inline int axc_plan_build(axc_plan *p, const ax_attn_job *jobs, uint32_t 
 	if ((r = axc_plan_pass(p, &p->A, target)) != 0 || (r = axc_plan_pass(p, &p->B, target)) != 0)
 		return r;
 	axc_make_layout(p);
+	return 0;
+}
+
+/* 1 if a job of the batch reads keys through a block table (the fast path reads token index rows only, so
+ * ax_attn_cuda_run sends such a batch to the generic path whole). */
+static inline int axc_any_paged(const ax_attn_job *jobs, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++)
+		if (jobs[i].index_kind != AX_ATTN_INDEX_TOKEN)
+			return 1;
 	return 0;
 }
 

@@ -44,6 +44,7 @@ extern "C" {
 #include "attn_cuda_logic.h" /* the device's conversions, checked against attn_cpu.c's */
 #include "attn_cuda_fast.h" /* fast-path block (cudafast) */
 #include "attn_cuda_testdata.h"
+#include "attn_paged_testdata.h" /* paged block (owner: paged) */
 
 #define ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 #define TOL 1e-3
@@ -415,6 +416,59 @@ static void test_api(ax_attn_cuda *c)
 	td_free(&t);
 	cudaEventDestroy(ev);
 	cudaStreamDestroy(side);
+}
+
+/* ==== paged block (vLLM block tables, attn.h's AX_ATTN_INDEX_PAGED; owner: paged) ============================== */
+/*
+ * Every small case as a paged job (attn_paged_testdata.h: block sizes 1, 16, 48 and 256 in turn, NHD and HND pools,
+ * poison wherever nothing may be read), in one batch with its token twin (paged batches run the generic path whole):
+ * the paged rows against the float64 reference and ax_attn_cpu (check_rows), and bit for bit equal to the twin's;
+ * then a visible block id past the pool (-ERANGE, the twin unaffected).
+ */
+static void paged_case(ax_attn_cuda *c, const tcase *tc, uint32_t bs, int hnd, int spoil)
+{
+	tdata t;
+	tpaged p;
+	djob d;
+	char why[256] = "";
+	td_make(tc, &t);
+	dj_make(&t, &d);
+	tp_make(&t, bs, hnd, &p);
+	if (spoil)
+		p.table[t.job.position / bs] = (int32_t)p.blocks;
+	void *dk, *dt;
+	CK(cudaMalloc(&dk, p.kbytes));
+	CK(cudaMalloc(&dt, p.tbytes));
+	CK(cudaMemcpy(dk, p.k, p.kbytes, cudaMemcpyHostToDevice));
+	CK(cudaMemcpy(dt, p.table, p.tbytes, cudaMemcpyHostToDevice));
+	ax_attn_job jobs[2] = {d.job, p.job};
+	jobs[1].q = d.job.q, jobs[1].k = dk, jobs[1].index = dt;
+	uint32_t rows = ax_attn_rows(&t.job);
+	ax_attn_result *out = (ax_attn_result *)malloc(2 * rows * sizeof *out);
+	int rc[2], r = gpu_run(c, jobs, 2, out, 2 * rows, rc);
+	int ok = r == 0 && rc[0] == 0 && rc[1] == (spoil ? -ERANGE : 0);
+	if (!ok)
+		snprintf(why, sizeof why, "run %d (%s), rc %d %d", r, ax_attn_cuda_strerror(c), rc[0], rc[1]);
+	else if (!spoil && check_rows(&t.job, out + rows, why, sizeof why) == 0 && !tp_same_rows(out, out + rows, rows))
+		snprintf(why, sizeof why, "paged rows differ from the token twin's");
+	ok = ok && !why[0];
+	tap(ok, "paged bs %u%s%s: %s%s%s", bs, hnd ? " HND" : "", spoil ? " bad block id" : "", tc->name, ok ? "" : ": ",
+	    why);
+	free(out);
+	cudaFree(dk);
+	cudaFree(dt);
+	tp_free(&p);
+	dj_free(&d);
+	td_free(&t);
+}
+
+static void test_paged(ax_attn_cuda *c)
+{
+	static const uint32_t bss[4] = {1, 16, 48, 256};
+	for (size_t i = 0; i < ARRAY_LEN(td_cases); i++)
+		paged_case(c, &td_cases[i], bss[i % 4], (int)(i % 2), 0);
+	paged_case(c, &td_cases[0], 16, 0, 1);
+	paged_case(c, &td_cases[2], 48, 1, 1);
 }
 
 /* ==== fast path block (attn_cuda_fast.cu; owner: cudafast) =================================================== */
@@ -1086,6 +1140,7 @@ int main(int argc, char **argv)
 	}
 	test_errors(c);
 	test_extreme(c);
+	test_paged(c); /* paged block */
 	if (!small)
 		test_api(c);
 	fast_tests(small); /* fast path block (cudafast) */

@@ -74,11 +74,13 @@ typedef struct creq {
 	settings set;
 } creq;
 
-/* A layer's K pool as the CPU backend reads it. */
+/* A layer's K pool as the backends read it: [slots, H_kv, D], or paged [blocks, bsize, H_kv, D]. */
 typedef struct klayer {
 	const uint8_t *base;
-	uint64_t stride[3];
-	uint64_t n_slots;
+	uint64_t stride[3];         /* elements: slot (paged: row of a block), KV head, dim */
+	uint64_t n_slots;           /* slots (paged: blocks) */
+	uint32_t bsize;             /* 0, or the block size of a 4-D pool */
+	uint64_t bstride;           /* paged: elements between blocks */
 	uint32_t dtype;
 	float scale;
 	int ok;
@@ -762,8 +764,9 @@ static int want_row(creq *r, uint64_t p)
 	return 1;
 }
 
-/* The index row a FORWARD step names, or NULL (and a gap) if this attachment's backend cannot read it. */
-static const uint8_t *index_row(ax_capture *c, const ax_shm_step *s, uint32_t *dtype)
+/* The index row a FORWARD step names, or NULL (and a gap) if this attachment's backend cannot read it; *bs: 0 for a
+ * token index row, the block size of a block-table row (shm/README.md, "Paged layouts"). */
+static const uint8_t *index_row(ax_capture *c, const ax_shm_step *s, uint32_t *dtype, uint32_t *bs)
 {
 	uint32_t nb;
 	const ax_shm_buffer *bufs = ax_shm_buffers(c->shm, &nb);
@@ -772,8 +775,9 @@ static const uint8_t *index_row(ax_capture *c, const ax_shm_step *s, uint32_t *d
 		return NULL;
 	const ax_shm_buffer *b = &bufs[s->index_buf];
 	size_t es = ax_dtype_size(b->dtype);
-	if (b->kind != AX_BUF_INDEX_TOKEN || b->ndim != 2 || b->stride[1] != 1 ||
-	    (b->dtype != AX_DTYPE_I32 && b->dtype != AX_DTYPE_I64))
+	*bs = b->kind == AX_BUF_INDEX_PAGED ? ax_shm_block_size(b) : 0;
+	if ((b->kind != AX_BUF_INDEX_TOKEN && *bs == 0) || b->ndim != 2 || b->stride[1] != 1 ||
+	    (b->dtype != AX_DTYPE_I32 && b->dtype != AX_DTYPE_I64) || (*bs && b->dtype != AX_DTYPE_I32))
 		return NULL;
 	*dtype = b->dtype;
 	return base + (uint64_t)s->index_row * b->stride[0] * es;
@@ -784,8 +788,40 @@ typedef struct rowctx {
 	creq *r;
 	const uint8_t *index;
 	uint32_t index_dtype;
+	uint32_t block_size;        /* 0: token index row; else a block-table row of this block size */
 	uint32_t n_step_layers;
 } rowctx;
+
+/* How layer pool k is read through an index row of block size bs (0: token): j's key fields. -ENOTSUP where it
+ * cannot be (a 4-D pool of another block size, a token row over a 4-D pool whose blocks are not evenly strided, a
+ * 3-D pool smaller than one block). */
+static int job_keys(const klayer *k, uint32_t bs, ax_attn_job *j)
+{
+	memcpy(j->k_stride, k->stride, sizeof j->k_stride);
+	j->n_slots = k->n_slots;
+	if (bs == 0 && k->bsize == 0)
+		return 0;
+	if (bs == 0) { /* blocks × bsize slots */
+		if (k->bstride != (uint64_t)k->bsize * k->stride[0])
+			return -ENOTSUP;
+		j->n_slots = k->n_slots * k->bsize; /* within the validated extent: no overflow */
+		return 0;
+	}
+	j->index_kind = AX_ATTN_INDEX_PAGED;
+	j->block_size = bs;
+	j->n_slots = 0;
+	j->n_blocks = k->bsize ? k->n_slots : k->n_slots / bs; /* a 3-D pool: block b = slots b·bs .. */
+	j->k_block_stride = k->bsize ? k->bstride : bs * k->stride[0];
+	return (k->bsize && k->bsize != bs) || j->n_blocks == 0 ? -ENOTSUP : 0;
+}
+
+/* Can layer l's pool be read through this step's index row? */
+static int layer_readable(const ax_capture *c, const rowctx *x, uint32_t l)
+{
+	ax_attn_job j;
+	memset(&j, 0, sizeof j);
+	return c->k[l].ok && job_keys(&c->k[l], x->block_size, &j) == 0;
+}
 
 /* Queue the job for (token t of the step, its li-th exported layer = layer l). */
 static void submit_job(ax_capture *c, const rowctx *x, uint32_t t, uint32_t li, uint32_t l)
@@ -803,8 +839,7 @@ static void submit_job(ax_capture *c, const rowctx *x, uint32_t t, uint32_t li, 
 	j->k = c->k[l].base;
 	j->k_dtype = c->k[l].dtype;
 	j->k_scale = c->k[l].scale;
-	memcpy(j->k_stride, c->k[l].stride, sizeof j->k_stride);
-	j->n_slots = c->k[l].n_slots;
+	job_keys(&c->k[l], x->block_size, j); /* on_forward checked it (layer_readable) */
 	j->index = x->index;
 	j->index_dtype = x->index_dtype;
 	j->position = x->s->pos0 + t;
@@ -870,7 +905,7 @@ static void on_forward(ax_capture *c, const ax_shm_step *s)
 	refresh_settings(c, r);
 	rowctx x = {.s = s, .r = r, .n_step_layers = (uint32_t)(__builtin_popcountll(s->layers[0]) +
 								  __builtin_popcountll(s->layers[1]))};
-	if (c->qbase == NULL || (x.index = index_row(c, s, &x.index_dtype)) == NULL) {
+	if (c->qbase == NULL || (x.index = index_row(c, s, &x.index_dtype, &x.block_size)) == NULL) {
 		c->step_gaps[GAP_UNSUPPORTED]++;
 		return;
 	}
@@ -878,6 +913,7 @@ static void on_forward(ax_capture *c, const ax_shm_step *s)
 		c->step_gaps[GAP_TOKENS]++;
 		return;
 	}
+	uint32_t unreadable = 0; /* wanted layers whose pool this step's index cannot address (paged block sizes) */
 	for (uint32_t t = 0; t < s->n_tokens; t++) {
 		uint64_t p = s->pos0 + t;
 		if (p + 1 > r->seen)
@@ -888,11 +924,17 @@ static void on_forward(ax_capture *c, const ax_shm_step *s)
 		for (uint32_t l = 0; l < c->n_layers; l++) {
 			if (!(s->layers[l / 64] >> (l % 64) & 1))
 				continue;
-			if ((r->set.layers[l / 64] >> (l % 64) & 1) && c->k[l].ok)
-				submit_job(c, &x, t, li, l);
+			if ((r->set.layers[l / 64] >> (l % 64) & 1) && c->k[l].ok) {
+				if (layer_readable(c, &x, l))
+					submit_job(c, &x, t, li, l);
+				else
+					unreadable++;
+			}
 			li++;
 		}
 	}
+	if (unreadable)
+		c->step_gaps[GAP_UNSUPPORTED]++;
 }
 
 static void on_step(ax_capture *c, const ax_shm_step *s)
@@ -937,7 +979,7 @@ static void detach(ax_capture *c)
 	c->endq_len = 0; /* descriptor numbers of the old segment */
 }
 
-/* K pool of layer l: host memory, [slots, H_kv, D], unit dim stride, a dtype the CPU backend reads. */
+/* K pool of layer l: [slots, H_kv, D] or paged [blocks, block_size, H_kv, D], unit dim stride, a float dtype. */
 static int setup_k(ax_capture *c, uint32_t l)
 {
 	uint32_t nb;
@@ -949,13 +991,17 @@ static int setup_k(ax_capture *c, uint32_t l)
 	const uint8_t *base = buf_base(c, (uint32_t)idx);
 	if (base == NULL)
 		return base_err(c, b);
-	if (b->ndim != 3 || b->dim[1] != c->hdr->n_kv_heads || b->dim[2] != c->hdr->head_dim || b->stride[2] != 1 ||
-	    ax_dtype_size(b->dtype) == 0 || b->dtype == AX_DTYPE_I32 || b->dtype == AX_DTYPE_I64)
+	uint32_t p = b->ndim == 4; /* paged [blocks, block_size, H_kv, D]: the last three dims as a 3-D pool's */
+	if ((b->ndim != 3 && !p) || b->dim[1 + p] != c->hdr->n_kv_heads || b->dim[2 + p] != c->hdr->head_dim ||
+	    b->stride[2 + p] != 1 || ax_dtype_size(b->dtype) == 0 || b->dtype == AX_DTYPE_I32 ||
+	    b->dtype == AX_DTYPE_I64)
 		return -EINVAL;
 	klayer *k = &c->k[l];
 	k->base = base;
-	memcpy(k->stride, b->stride, sizeof k->stride);
+	memcpy(k->stride, b->stride + p, sizeof k->stride);
 	k->n_slots = b->dim[0];
+	k->bsize = p ? ax_shm_block_size(b) : 0;
+	k->bstride = p ? b->stride[0] : 0;
 	k->dtype = b->dtype;
 	k->scale = b->scale != 0 ? b->scale : 1.0f;
 	k->ok = 1;

@@ -1,0 +1,474 @@
+/*
+ * paged_e2e_test.c — a paged engine (vLLM's layout) end to end through attnx-capture: this process exports a segment
+ * whose keys are addressed through a block table (shm/README.md, "Paged layouts"), a real attnx-capture process
+ * (--backend cpu) computes the records, and every attn record is checked against a float64 brute force over the
+ * keys the engine wrote.
+ *
+ * The engine: 4 layers, H_q 4, H_kv 2, D 64, bf16 Q and K; one block table i32 [4 rows, 64 blocks] of block size BS
+ * (argv; not only powers of two); layer 0's pool is 4-D NHD [blocks, BS, H_kv, D], layer 1's 4-D HND (the same shape
+ * described by strides: [blocks, H_kv, BS, D] in memory), layer 2's 3-D [blocks·BS, H_kv, D] (blocks of BS slots),
+ * layer 3's 4-D with block size 2·BS, which the table cannot address: the capture must skip it (`gap` "unsupported",
+ * no layer-3 record). Three requests run interleaved, each in its own table row, their blocks drawn from a shuffled
+ * free list (so table cells jump all over the pools); a prefill forward covers the prompt, then decode forwards one
+ * token each. Blocks are never reused (no recycling race to reason about). Planted keys (a key equal to a scaled
+ * copy of the group's summed query) make the top-k meaningful.
+ *
+ * Checks: every (request, position, layer 0..2, head) record arrives exactly once, none for layer 3, an `end` per
+ * request; top-k positions equal the reference's (a swap allowed only between keys whose reference values agree to
+ * 1e-5), logits and logsumexp within 1e-3; a gap "unsupported" was reported. Usage: paged_e2e_test CAPTURE MODE BS.
+ * Exit 0 pass, 1 fail, 2 usage. A test program: it fails fast.
+ */
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <nng/nng.h>
+#include <nng/protocol/pipeline0/pull.h>
+
+#include "attnx_proto.h"
+#include "attnx_shm.h"
+
+enum { NL = 4, HQ = 4, HKV = 2, D = 64, TROWS = 4, MAXB = 64, NREQ = 3, ND = 6, TOPK = 8, QROWS = 4096 };
+#define TOL 1e-3
+
+static uint32_t g_bs, g_mode;
+static int g_fail;
+
+#define FAIL(...)                                                                                             \
+	do {                                                                                                  \
+		fprintf(stderr, "FAIL: " __VA_ARGS__);                                                        \
+		fprintf(stderr, "\n");                                                                        \
+		g_fail++;                                                                                     \
+	} while (0)
+#define DIE(...)                                                                                              \
+	do {                                                                                                  \
+		fprintf(stderr, "FATAL: " __VA_ARGS__);                                                       \
+		fprintf(stderr, "\n");                                                                        \
+		exit(1);                                                                                      \
+	} while (0)
+
+static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
+static double uni(void)
+{
+	g_rng ^= g_rng << 13, g_rng ^= g_rng >> 7, g_rng ^= g_rng << 17;
+	return (double)(g_rng >> 11) * 0x1p-53 * 2.0 - 1.0;
+}
+
+static uint16_t to_bf16(double x)
+{
+	float f = (float)x;
+	uint32_t u;
+	memcpy(&u, &f, 4);
+	u += 0x7fffu + ((u >> 16) & 1u);
+	return (uint16_t)(u >> 16);
+}
+static double from_bf16(uint16_t b)
+{
+	uint32_t u = (uint32_t)b << 16;
+	float f;
+	memcpy(&f, &u, 4);
+	return f;
+}
+
+/* ---- the engine ---------------------------------------------------------------------------------------------------- */
+
+typedef struct pool {
+	uint16_t *k;
+	uint64_t sb, sr, sg; /* element strides: block, row in the block, KV head */
+} pool;
+
+typedef struct req {
+	char rid[32];
+	uint64_t id;
+	uint32_t row, P, len; /* table row, prompt length, positions written */
+	double (*q)[NL][HQ][D];  /* [positions] the decoded Q rows */
+	double (*k)[NL][HKV][D]; /* [positions] the decoded keys */
+	int ended;
+} req;
+
+typedef struct engine {
+	ax_export *ex;
+	pool pl[NL];
+	int32_t *table; /* [TROWS, MAXB] */
+	uint32_t tbuf, qbuf;
+	uint32_t *freeb, nfree; /* shuffled free blocks */
+	float scale;
+} engine;
+
+static void add_pool(engine *e, uint32_t l, uint64_t blocks)
+{
+	ax_shm_buffer b;
+	pool *p = &e->pl[l];
+	uint32_t bs = l == 3 ? 2 * g_bs : g_bs;
+	if (l == 2) { /* [blocks·bs, H_kv, D] */
+		b = (ax_shm_buffer){.kind = AX_BUF_K_POOL, .dtype = AX_DTYPE_BF16, .layer = 2, .ndim = 3,
+				    .dim = {blocks * bs, HKV, D}, .scale = 1};
+		p->sb = (uint64_t)bs * HKV * D, p->sr = HKV * D, p->sg = D;
+	} else if (ax_shm_paged_kpool_desc(&b, (int32_t)l, AX_DTYPE_BF16, blocks, bs, HKV, D)) {
+		DIE("ax_shm_paged_kpool_desc");
+	} else if (l == 1) { /* HND */
+		b.stride[1] = D, b.stride[2] = (uint64_t)bs * D;
+		p->sb = b.stride[0], p->sr = D, p->sg = (uint64_t)bs * D;
+	} else {
+		p->sb = b.stride[0], p->sr = b.stride[1], p->sg = b.stride[2];
+	}
+	b.loc = AX_LOC_HOST;
+	void *ptr;
+	if (ax_export_add_host_buffer(e->ex, &b, &ptr, NULL))
+		DIE("add K pool %u", l);
+	p->k = ptr;
+	uint64_t n = b.bytes / 2;
+	for (uint64_t i = 0; i < n; i++)
+		p->k[i] = to_bf16(uni() * 3); /* every cell random: a misaddressed read gives wrong records */
+}
+
+static void engine_open(engine *e, const char *name)
+{
+	uint64_t blocks = NREQ * MAXB + 5;
+	ax_export_config cfg = {.name = name, .engine = "paged-e2e", .model = "toy", .world_size = 1, .n_layers = NL,
+				.n_q_heads = HQ, .n_kv_heads = HKV, .n_q_heads_total = HQ, .head_dim = D,
+				.q_dtype = AX_DTYPE_BF16, .k_dtype = AX_DTYPE_BF16, .max_ctx = MAXB * g_bs,
+				.data_size = (uint64_t)NL * 2 * blocks * 2 * g_bs * HKV * D + QROWS * HQ * D * 2 +
+					     TROWS * MAXB * 4 + 65536};
+	memset(e, 0, sizeof *e);
+	int rc = ax_export_open(&e->ex, &cfg);
+	if (rc)
+		DIE("ax_export_open: %d", rc);
+	e->scale = ax_export_header(e->ex)->scale;
+	for (uint32_t l = 0; l < NL; l++)
+		add_pool(e, l, blocks);
+	if (ax_export_add_block_table(e->ex, TROWS, MAXB, g_bs, &e->table, &e->tbuf))
+		DIE("ax_export_add_block_table");
+	ax_shm_buffer q = {.kind = AX_BUF_Q_RING, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_BF16, .layer = -1, .ndim = 3,
+			   .dim = {QROWS, HQ, D}, .scale = 1};
+	if (ax_export_add_host_buffer(e->ex, &q, NULL, &e->qbuf))
+		DIE("Q ring");
+	e->nfree = (uint32_t)blocks;
+	e->freeb = malloc(blocks * sizeof *e->freeb);
+	for (uint32_t i = 0; i < e->nfree; i++)
+		e->freeb[i] = i;
+	for (uint32_t i = e->nfree - 1; i > 0; i--) {
+		uint32_t j = (uint32_t)((g_rng = g_rng * 6364136223846793005ull + 1) >> 33) % (i + 1), t = e->freeb[i];
+		e->freeb[i] = e->freeb[j], e->freeb[j] = t;
+	}
+}
+
+/* Write the key of position p of r into every layer (a fresh block at each block boundary). */
+static void put_key(engine *e, req *r, uint32_t p)
+{
+	if (p % g_bs == 0) {
+		if (e->nfree == 0)
+			DIE("out of blocks");
+		e->table[r->row * MAXB + p / g_bs] = (int32_t)e->freeb[--e->nfree];
+	}
+	uint64_t b = (uint64_t)e->table[r->row * MAXB + p / g_bs];
+	int plant = p % 7 == 3;
+	for (uint32_t l = 0; l < NL; l++) {
+		const pool *pl = &e->pl[l];
+		uint64_t row = l == 3 ? 0 : p % g_bs; /* layer 3 is never read: its cells stay random */
+		for (uint32_t g = 0; g < HKV; g++)
+			for (uint32_t d = 0; d < D; d++) {
+				double x = uni();
+				if (plant && p > 0) { /* a copy of the group's summed query of an earlier position */
+					uint32_t src = p / 2;
+					x = 0;
+					for (uint32_t h = g * (HQ / HKV); h < (g + 1) * (HQ / HKV); h++)
+						x += r->q[src][l][h][d];
+					x *= 0.5 + (p % 5) * 0.3;
+				}
+				uint16_t v = to_bf16(x);
+				if (l != 3)
+					pl->k[b * pl->sb + row * pl->sr + g * pl->sg + d] = v;
+				r->k[p][l][g][d] = from_bf16(v);
+			}
+	}
+}
+
+/* One forward over positions pos0 .. pos0+n-1 (keys and Q rows written first, then the descriptor). */
+static void forward(engine *e, req *r, uint32_t pos0, uint32_t n)
+{
+	uint64_t want[2] = {0, 0};
+	int prefill = 0;
+	ax_export_wanted(e->ex, want, &prefill);
+	uint32_t nl = (uint32_t)__builtin_popcountll(want[0]);
+	ax_shm_step s = {.req_id = r->id, .n_tokens = n, .pos0 = pos0, .seq_len = pos0 + n, .index_buf = e->tbuf,
+			 .index_row = r->row, .decode_step = pos0 >= r->P ? pos0 - r->P + 1 : 0,
+			 .layers = {want[0], 0}, .flags = pos0 < r->P ? AX_STEP_F_PREFILL : 0};
+	for (uint32_t t = 0; t < n; t++)
+		for (uint32_t l = 0; l < NL; l++)
+			for (uint32_t h = 0; h < HQ; h++)
+				for (uint32_t d = 0; d < D; d++)
+					r->q[pos0 + t][l][h][d] = from_bf16(to_bf16(uni()));
+	for (uint32_t t = 0; t < n; t++)
+		put_key(e, r, pos0 + t);
+	if (nl) {
+		void *ptr;
+		if (ax_export_q_reserve(e->ex, e->qbuf, n * nl, &s.q_row, &ptr))
+			DIE("q_reserve");
+		uint16_t *q = ptr;
+		for (uint32_t t = 0; t < n; t++)
+			for (uint32_t l = 0; l < NL; l++)
+				if (want[0] >> l & 1)
+					for (uint32_t h = 0; h < HQ; h++)
+						for (uint32_t d = 0; d < D; d++)
+							*q++ = to_bf16(r->q[pos0 + t][l][h][d]);
+	}
+	int32_t toks[512];
+	for (uint32_t t = 0; t < n; t++)
+		toks[t] = (int32_t)(1000 + pos0 + t);
+	int rc = ax_export_step(e->ex, &s, toks);
+	if (rc)
+		DIE("ax_export_step: %d", rc);
+	r->len = pos0 + n;
+}
+
+/* ---- the reference ---------------------------------------------------------------------------------------------- */
+
+/* Values of keys 0..p (heads mode: of head h) into v; returns their logsumexp (0 for mean_prob). */
+static double ref_values(const engine *e, const req *r, uint32_t p, uint32_t l, uint32_t h, double *v)
+{
+	static double s[HQ][MAXB * 300];
+	double lse[HQ];
+	for (uint32_t hh = 0; hh < HQ; hh++) {
+		double m = -INFINITY, sum = 0;
+		for (uint32_t j = 0; j <= p; j++) {
+			double acc = 0;
+			for (uint32_t d = 0; d < D; d++)
+				acc += r->q[p][l][hh][d] * r->k[j][l][hh / (HQ / HKV)][d];
+			s[hh][j] = (double)e->scale * acc;
+			m = fmax(m, s[hh][j]);
+		}
+		for (uint32_t j = 0; j <= p; j++)
+			sum += exp(s[hh][j] - m);
+		lse[hh] = m + log(sum);
+	}
+	double m = -INFINITY, sum = 0;
+	for (uint32_t j = 0; j <= p; j++) {
+		if (g_mode == AX_MODE_HEADS) {
+			v[j] = s[h][j];
+		} else if (g_mode == AX_MODE_MEAN_LOGIT) {
+			v[j] = 0;
+			for (uint32_t hh = 0; hh < HQ; hh++)
+				v[j] += s[hh][j] / HQ;
+		} else {
+			double acc = 0;
+			for (uint32_t hh = 0; hh < HQ; hh++)
+				acc += exp(s[hh][j] - lse[hh]);
+			v[j] = log(acc / HQ);
+		}
+		m = fmax(m, v[j]);
+	}
+	if (g_mode == AX_MODE_MEAN_PROB)
+		return 0;
+	for (uint32_t j = 0; j <= p; j++)
+		sum += exp(v[j] - m);
+	return m + log(sum);
+}
+
+static void check_record(const engine *e, const req *r, const ax_rec_attn *a)
+{
+	static double v[MAXB * 300];
+	uint32_t p = (uint32_t)a->position, l = (uint32_t)a->layer_id;
+	uint32_t h = g_mode == AX_MODE_HEADS ? (uint32_t)a->head_id : 0;
+	double lse = ref_values(e, r, p, l, h, v);
+	uint32_t k = p + 1 < TOPK ? p + 1 : TOPK;
+	if (a->k != k) {
+		FAIL("%s p %u layer %u head %d: k %u, want %u", r->rid, p, l, a->head_id, a->k, k);
+		return;
+	}
+	if (fabs(a->logsumexp_all - lse) > TOL)
+		FAIL("%s p %u layer %u head %d: logsumexp %.9g, want %.9g", r->rid, p, l, a->head_id, a->logsumexp_all, lse);
+	char used[MAXB * 300] = {0};
+	for (uint32_t i = 0; i < k; i++) {
+		/* the i-th best of the reference: highest value, lowest position among equals, not yet taken */
+		uint32_t best = UINT32_MAX;
+		for (uint32_t j = 0; j <= p; j++)
+			if (!used[j] && (best == UINT32_MAX || v[j] > v[best]))
+				best = j;
+		used[best] = 1;
+		int64_t got = a->token_positions[i];
+		if (got < 0 || got > (int64_t)p) {
+			FAIL("%s p %u layer %u: entry %u position %lld", r->rid, p, l, i, (long long)got);
+			return;
+		}
+		if ((uint32_t)got != best && fabs(v[got] - v[best]) > 1e-5 * fmax(1, fabs(v[best])))
+			FAIL("%s p %u layer %u head %d: entry %u position %lld (%.9g), want %u (%.9g)", r->rid, p, l,
+			     a->head_id, i, (long long)got, v[got], best, v[best]);
+		if (fabs(a->topk_logits[i] - v[got]) > TOL)
+			FAIL("%s p %u layer %u head %d: entry %u logit %.9g, want %.9g", r->rid, p, l, a->head_id, i,
+			     a->topk_logits[i], v[got]);
+	}
+}
+
+/* ---- records ------------------------------------------------------------------------------------------------------ */
+
+typedef struct sink {
+	engine *e;
+	req *reqs;
+	uint8_t *seen;     /* [req][pos][layer][head] */
+	uint64_t attn, ends, unsupported, layer3;
+} sink;
+
+static int on_record(const ax_record *rec, void *arg)
+{
+	sink *s = arg;
+	if (rec->type == AX_REC_GAP && !strcmp(rec->u.gap.reason, "unsupported"))
+		s->unsupported += rec->u.gap.count;
+	if (rec->type == AX_REC_GAP && strcmp(rec->u.gap.reason, "unsupported"))
+		FAIL("gap %s/%s × %llu", rec->u.gap.what, rec->u.gap.reason, (unsigned long long)rec->u.gap.count);
+	if (rec->type != AX_REC_ATTN && rec->type != AX_REC_END)
+		return 0;
+	int ri = -1;
+	for (int i = 0; i < NREQ; i++)
+		if (!strcmp(s->reqs[i].rid, rec->rid))
+			ri = i;
+	if (ri < 0) {
+		FAIL("record of unknown rid %s", rec->rid);
+		return 0;
+	}
+	if (rec->type == AX_REC_END) {
+		s->ends++;
+		return 0;
+	}
+	const ax_rec_attn *a = &rec->u.attn;
+	uint32_t hi = g_mode == AX_MODE_HEADS ? (uint32_t)a->head_id : 0;
+	if (a->layer_id == 3) {
+		s->layer3++;
+		return 0;
+	}
+	if (a->layer_id < 0 || a->layer_id > 2 || a->position < 0 || a->position >= MAXB * 300 || hi >= HQ) {
+		FAIL("attn record out of range: layer %d position %lld head %d", a->layer_id, (long long)a->position,
+		     a->head_id);
+		return 0;
+	}
+	uint8_t *seen = &s->seen[(((size_t)ri * MAXB * 300 + (size_t)a->position) * NL + (size_t)a->layer_id) * HQ + hi];
+	if ((*seen)++)
+		FAIL("%s p %lld layer %d head %d twice", rec->rid, (long long)a->position, a->layer_id, a->head_id);
+	check_record(s->e, &s->reqs[ri], a);
+	s->attn++;
+	return 0;
+}
+
+static void drain(nng_socket pull, sink *s, uint64_t want_attn, int timeout_ms)
+{
+	for (int waited = 0; waited < timeout_ms && (s->attn < want_attn || s->ends < NREQ || !s->unsupported);) {
+		nng_msg *m;
+		int rc = nng_recvmsg(pull, &m, 0);
+		if (rc == NNG_ETIMEDOUT) {
+			waited += 50;
+			continue;
+		}
+		if (rc)
+			DIE("nng_recvmsg: %s", nng_strerror(rc));
+		if (ax_frame_decode(nng_msg_body(m), nng_msg_len(m), on_record, s) < 0)
+			FAIL("undecodable frame");
+		nng_msg_free(m);
+	}
+}
+
+/* ---- main ------------------------------------------------------------------------------------------------------------ */
+
+static pid_t spawn_capture(const char *bin, const char *shm, const char *addr, const char *mode)
+{
+	char topk[16];
+	snprintf(topk, sizeof topk, "%d", TOPK);
+	pid_t pid = fork();
+	if (pid == 0) {
+		execl(bin, bin, "--shm", shm, "--records", addr, "--backend", "cpu", "--mode", mode, "--top-k", topk,
+		      "--layers", "all", "--prefill", "--threads", "2", "--log-level", "warn", (char *)NULL);
+		_exit(127);
+	}
+	return pid;
+}
+
+static int wait_wanted(engine *e)
+{
+	for (int i = 0; i < 1000; i++) {
+		uint64_t want[2];
+		int prefill;
+		if (ax_export_wanted(e->ex, want, &prefill) && want[0] == (1u << NL) - 1 && prefill)
+			return 0;
+		ax_export_heartbeat(e->ex);
+		usleep(10000);
+	}
+	return -ETIMEDOUT;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 4 || ax_mode_parse(argv[2]) < 0 || atoi(argv[3]) < 1 || atoi(argv[3]) > 64) {
+		fprintf(stderr, "usage: %s CAPTURE mean_logit|mean_prob|heads BLOCK_SIZE(1..64)\n", argv[0]);
+		return 2;
+	}
+	g_mode = (uint32_t)ax_mode_parse(argv[2]);
+	g_bs = (uint32_t)atoi(argv[3]);
+	char shm[64], addr[128];
+	snprintf(shm, sizeof shm, "/attnx.paged-e2e.%d", (int)getpid());
+	snprintf(addr, sizeof addr, "ipc:///tmp/attnx-paged-e2e-%d.rec", (int)getpid());
+	engine e;
+	engine_open(&e, shm);
+	nng_socket pull;
+	if (nng_pull0_open(&pull) || nng_listen(pull, addr, NULL, 0))
+		DIE("nng pull");
+	nng_socket_set_ms(pull, NNG_OPT_RECVTIMEO, 50);
+	pid_t cap = spawn_capture(argv[1], shm, addr, argv[2]);
+	if (cap < 0 || wait_wanted(&e))
+		DIE("the capture did not attach");
+	req reqs[NREQ];
+	uint32_t maxpos = MAXB * g_bs;
+	for (int i = 0; i < NREQ; i++) {
+		req *r = &reqs[i];
+		memset(r, 0, sizeof *r);
+		snprintf(r->rid, sizeof r->rid, "ax-paged-%d", i);
+		r->row = (uint32_t)(TROWS - 1 - i); /* rows not in request order */
+		r->P = g_bs * (uint32_t)(i + 2) + 3 * (uint32_t)i + 1;
+		r->P = r->P < 200 ? r->P : 150 + (uint32_t)i;
+		if (r->P + ND > maxpos)
+			r->P = maxpos - ND;
+		r->q = calloc(r->P + ND, sizeof *r->q);
+		r->k = calloc(r->P + ND, sizeof *r->k);
+		int32_t prompt[512];
+		for (uint32_t t = 0; t < r->P; t++)
+			prompt[t] = (int32_t)(1000 + t);
+		if (ax_export_request_begin(e.ex, r->rid, prompt, r->P, &r->id))
+			DIE("request_begin");
+		forward(&e, r, 0, r->P);
+	}
+	for (uint32_t t = 1; t <= ND; t++) /* decode, interleaved */
+		for (int i = 0; i < NREQ; i++)
+			forward(&e, &reqs[i], reqs[i].P - 1 + t, 1);
+	for (int i = 0; i < NREQ; i++)
+		ax_export_request_end(e.ex, reqs[i].id, AX_END_STOP);
+	uint64_t want_attn = 0;
+	for (int i = 0; i < NREQ; i++)
+		want_attn += (uint64_t)reqs[i].len * 3 * (g_mode == AX_MODE_HEADS ? HQ : 1);
+	sink s = {.e = &e, .reqs = reqs, .seen = calloc((size_t)NREQ * MAXB * 300 * NL * HQ, 1)};
+	drain(pull, &s, want_attn, 30000);
+	if (s.attn != want_attn)
+		FAIL("%llu attn records, want %llu", (unsigned long long)s.attn, (unsigned long long)want_attn);
+	if (s.ends != NREQ)
+		FAIL("%llu end records, want %d", (unsigned long long)s.ends, NREQ);
+	if (s.layer3)
+		FAIL("%llu records of layer 3 (a pool the table cannot address)", (unsigned long long)s.layer3);
+	if (!s.unsupported)
+		FAIL("no gap \"unsupported\" for layer 3");
+	kill(cap, SIGTERM);
+	waitpid(cap, NULL, 0);
+	nng_close(pull);
+	ax_export_close(e.ex);
+	printf("paged_e2e_test %s bs %u: %llu attn records checked, %d failures\n", argv[2], g_bs,
+	       (unsigned long long)s.attn, g_fail);
+	for (int i = 0; i < NREQ; i++) {
+		free(reqs[i].q);
+		free(reqs[i].k);
+	}
+	free(s.seen);
+	free(e.freeb);
+	return g_fail ? 1 : 0;
+}
