@@ -182,6 +182,13 @@ class _State:
                                      skip=int(pre[b]), row_tensor=fb.req_pool_indices[b:b + 1])
             start += n
 
+    def q_strides(self, q3):
+        """(st_b, st_t, st_h) of q3 [tokens, H, D] for this step: element (b, i, h, d) at
+        b·st_b + (in_off(b) + i)·st_t + h·st_h + d (attnx_export_graph.h). Decode rows have no in_off, so the batch
+        stride carries them (found by the --cpu run of test_gpu_sglang_shape: every decode row but the first
+        exported row 0's Q)."""
+        return (q3.stride(0) if self.q_row_b else 0), q3.stride(0), q3.stride(1)
+
     def step_begin(self, fb, q3):
         """The step's begin kernel fused with layer 0's Q copy (q3: [tokens, H, D] view); False: not exported."""
         from .graph import PREFILL, StepArgs, ivec
@@ -197,15 +204,17 @@ class _State:
         a.tokens, a.token_bytes = ids.data_ptr(), ids.element_size()
         if mode.is_decode():
             a.n_tok_const, a.tok_stride_b, a.tok_stride_t = 1, 1, 1
+            self.q_row_b = True  # row b's one token is q[b]: Q's batch stride is its token stride
             a.pad, a.pad_value = ivec(fb.out_cache_loc), 0  # padded CUDA-graph rows write slot 0
         elif mode.is_extend() and not mode.is_target_verify():
             self.begin_new(fb)
             a.flags = PREFILL
             a.n_tok, a.in_off = ivec(fb.extend_seq_lens), ivec(fb.extend_start_loc)
             a.tok_stride_b, a.tok_stride_t = 0, 1
+            self.q_row_b = False  # row b's tokens are q[extend_start_loc[b] + i]
         else:
             return False  # speculative verify / draft modes: not exported
-        self.g.step_begin_q(a, 0, q3, 0, q3.stride(0), q3.stride(1))
+        self.g.step_begin_q(a, 0, q3, *self.q_strides(q3))
         return True
 
 
@@ -244,7 +253,7 @@ def pre_hook_factory(config):
                     st.stream = torch.cuda.current_stream()  # where ENDs go: the stream replays run on
                 st.active = st.step_begin(fb, q3)  # with layer 0's Q rows: one kernel for a small step
             elif getattr(st, "active", False):
-                st.g.export_q(l, q3, 0, q3.stride(0), q3.stride(1))
+                st.g.export_q(l, q3, *st.q_strides(q3))
         except Exception as e:
             st.fail("pre hook of layer %s" % getattr(module, "layer_id", "?"), e)
         return None

@@ -53,11 +53,12 @@ def require_gpu(devices=1):
     return torch
 
 
-def start_consumer(shm, out, layers="all", prefill=True, ends=1, timeout=120, topk=0):
+def start_consumer(shm, out, layers="all", prefill=True, ends=1, timeout=120, topk=0, cpu=False):
     """topk 0: every head's full probabilities; k > 0: each head's top-k (positions, probabilities); -1: drain
-    descriptors only (no attention computed: for the benchmark)."""
+    descriptors only (no attention computed: for the benchmark). cpu: the buffers are host buffers of the segment
+    (tests' --cpu runs, host_graph.py), read in place with CPU torch."""
     cmd = [sys.executable, os.path.join(HERE, "gpu_common.py"), "consume", shm, out, layers,
-           "1" if prefill else "0", str(ends), str(timeout), str(topk)]
+           "1" if prefill else "0", str(ends), str(timeout), str(topk), "cpu" if cpu else "cuda"]
     return subprocess.Popen(cmd)
 
 
@@ -71,8 +72,11 @@ def wait_wanted(gx, timeout=60):
 
 
 def load(path):
+    """The JSON lines of a consumer's output. A line still being written (no newline yet: the consumer's buffer
+    flushes mid-line when a row's probabilities outgrow it) is left for the next read."""
     with open(path) as f:
-        return [json.loads(l) for l in f if l.strip()]
+        text = f.read()
+    return [json.loads(l) for l in text.split("\n")[:-1] if l.strip()]
 
 
 def tail_lines(path, n=12):
@@ -146,7 +150,7 @@ def _tensor(torch, ptr, buf):
     return torch.as_tensor(DeviceArray(ptr, shape, strides, dt), device="cuda")
 
 
-def consume(shm, out, layers, prefill, ends, timeout, topk):
+def consume(shm, out, layers, prefill, ends, timeout, topk, cpu=False):
     """The reference consumer's loop (see the module doc). topk < 0 (drain) needs neither torch nor CUDA. Lines
     are flushed whenever the ring is empty and at least every FLUSH_S while it is not: a test that waits for a
     line (an END, a position) while the engine is idle must see it (session 3's first GPU run: END lines sat in
@@ -168,7 +172,7 @@ def consume(shm, out, layers, prefill, ends, timeout, topk):
     mask = (1 << L) - 1 if layers == "all" else sum(1 << int(x) for x in layers.split(","))
     rows = None
     if topk >= 0:  # CUDA up before the engine sees us: a slow first CUDA call must not outlast our heartbeat
-        rows = _Rows(att, snap)
+        rows = _Rows(att, snap, cpu)
     att.set_wanted(mask, prefill)
     rids, n_end, last_flush, dirty = {}, 0, time.time(), False
     with open(out, "w") as f:
@@ -215,24 +219,39 @@ def consume(shm, out, layers, prefill, ends, timeout, topk):
 
 class _Rows:
     """Attention of a FORWARD's rows in float64 with torch, from the engine's CUDA buffers (CUDA IPC, through
-    libattnx-export-cuda's importer)."""
+    libattnx-export-cuda's importer), or with cpu from host buffers of the segment, in place."""
 
-    def __init__(self, att, snap):
+    def __init__(self, att, snap, cpu=False):
         import torch
 
         from attnx import _ffi
 
-        self.torch, self.att = torch, att
-        torch.zeros(1, device="cuda")  # the CUDA context now, not at the first step
-        self.mapped = _importer(att)
+        self.torch, self.att, self.cpu = torch, att, cpu
+        if not cpu:
+            torch.zeros(1, device="cuda")  # the CUDA context now, not at the first step
+            self.mapped = _importer(att)
         self.H, self.Hkv, self.scale = snap.n_q_heads, snap.n_kv_heads, snap.scale
         self.fp8 = (_ffi.DTYPES["fp8_e4m3"], _ffi.DTYPES["fp8_e5m2"])
         self.cache = {}
 
     def tensor(self, i):
         if i not in self.cache:
-            self.cache[i] = _tensor(self.torch, self.mapped(i), self.att.buffers()[i])
+            b = self.att.buffers()[i]
+            self.cache[i] = self._host(i, b) if self.cpu else _tensor(self.torch, self.mapped(i), b)
         return self.cache[i]
+
+    def _host(self, i, b):
+        from attnx import _ffi
+
+        names = {v: k for k, v in _ffi.DTYPES.items()}
+        dt = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i32": "int32",
+              "i64": "int64"}[names[b.dtype]]  # fp8 host pools: not needed by any --cpu test (KeyError)
+        ptr = self.att._l.ax_shm_host_ptr(self.att._h, i)
+        if not ptr:
+            raise RuntimeError("buffer %d is not a host buffer" % i)
+        raw = (ctypes.c_char * b.bytes).from_address(ptr)
+        flat = self.torch.frombuffer(raw, dtype=getattr(self.torch, dt))
+        return flat.as_strided([b.dim[k] for k in range(b.ndim)], [b.stride[k] for k in range(b.ndim)])
 
     def compute(self, s, lay, toks, topk):
         from attnx import _ffi
@@ -267,7 +286,8 @@ class _Rows:
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "consume":
         a = sys.argv[2:]
-        consume(a[0], a[1], a[2], a[3] == "1", int(a[4]), float(a[5]), int(a[6]) if len(a) > 6 else 0)
+        consume(a[0], a[1], a[2], a[3] == "1", int(a[4]), float(a[5]), int(a[6]) if len(a) > 6 else 0,
+                len(a) > 7 and a[7] == "cpu")
     else:
         print(__doc__)
         sys.exit(2)

@@ -276,6 +276,10 @@ def main():
     s = [c for c in calls if c[0] == "step"]
     expect(s == [("step", 8, 0, (f.req_pool_indices.ptr, 8, 1), (f.seq_lens.ptr, 8, 1), None, 1, None,
                   (f.out_cache_loc.ptr, 8, 1), 0, f.input_ids.ptr, 8, 1, 1)], "decode step %r" % s)
+    q = [c for c in calls if c[0] == "q"]
+    row = (HQ + 2 * HKV) * D
+    expect([c[1] for c in q] == list(range(L)) and all(c[3:] == (row, row, D) for c in q),
+           "decode Q copies: row b's Q at q[b] (batch stride = token stride): %r" % q)
     expect(st.stream.name == "forward", "the END stream must stay the forward stream, got %s" % st.stream.name)
     rpool.free(2)
     rpool.free([0, 3])
