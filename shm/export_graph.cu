@@ -510,8 +510,10 @@ __device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const 
 	}
 }
 
-__global__ void k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
-			     ax_graph_row *rows, ax_graph_step_args a, u64 q_rows)
+#define ONE_BLOCK __global__ void __launch_bounds__(AX_GRAPH_MAX_BATCH) /* up to 1024 threads (≤ 52 registers) */
+
+ONE_BLOCK k_step_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl, ax_graph_row *rows,
+		       ax_graph_step_args a, u64 q_rows)
 {
 	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
 	step_setup(sv, st, map, ctl, rows, a, q_rows, scan);
@@ -522,16 +524,16 @@ __global__ void k_export_q(const ax_graph_dev *st, const ax_graph_row *rows, uns
 	copy_q(st, rows, n_rows, blockIdx.x, gridDim.x, qa, false);
 }
 
-__global__ void k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
-			  ax_graph_step_args a, unsigned index_buf)
+ONE_BLOCK k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
+		    ax_graph_step_args a, unsigned index_buf)
 {
 	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
 	publish_step(sv, st, rows, ctl, a, index_buf, scan);
 }
 
 /* Fused (one block; small steps only, ax_graph_fuse): the step set-up, then the first layer's Q copy. */
-__global__ void k_step_begin_q(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
-			       ax_graph_row *rows, ax_graph_step_args a, u64 q_rows, qcopy_args qa)
+ONE_BLOCK k_step_begin_q(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl,
+			 ax_graph_row *rows, ax_graph_step_args a, u64 q_rows, qcopy_args qa)
 {
 	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
 	step_setup(sv, st, map, ctl, rows, a, q_rows, scan);
@@ -539,8 +541,8 @@ __global__ void k_step_begin_q(seg_view sv, ax_graph_dev *st, ax_graph_map *map,
 }
 
 /* Fused (one block; small steps only): the last layer's Q copy, then the publish (keys already written). */
-__global__ void k_export_q_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
-				   ax_graph_step_args a, unsigned index_buf, qcopy_args qa)
+ONE_BLOCK k_export_q_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, const ax_graph_ctl *ctl,
+			     ax_graph_step_args a, unsigned index_buf, qcopy_args qa)
 {
 	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
 	copy_q(st, rows, a.n_rows, 0, 1, qa, true);
@@ -838,6 +840,10 @@ int ax_graph_step_publish(ax_graph *g, void *stream)
 	return launched(g, "k_publish");
 }
 
+/* Threads of the fused kernels: a full block, so that a copy of AX_GRAPH_FUSE_MAX_BYTES takes 4 rounds of 16-byte
+ * loads (latency-bound in one block: fewer threads would take proportionally longer). ptxas: ≤ 52 registers. */
+#define FUSED_THREADS 1024u
+
 static bool fusable(const ax_graph *g, const ax_graph_step_args *a)
 {
 	return ax_graph_fuse(a->n_rows, a->n_tok_const, a->n_tok.p != NULL, g->H, g->D, g->esize);
@@ -859,7 +865,7 @@ int ax_graph_step_begin_q(ax_graph *g, void *stream, const ax_graph_step_args *a
 	}
 	g->n_rows = a->n_rows;
 	g->last = *a;
-	k_step_begin_q<<<1, ax_graph_block_threads(a->n_rows, 256), 0, (cudaStream_t)stream>>>(
+	k_step_begin_q<<<1, ax_graph_block_threads(a->n_rows, FUSED_THREADS), 0, (cudaStream_t)stream>>>(
 		g->sv, g->st, g->map, g->ctl_d, g->rows, *a, g->cfg.q_rows, qa);
 	return launched(g, "k_step_begin_q");
 }
@@ -875,7 +881,7 @@ int ax_graph_export_q_publish(ax_graph *g, void *stream, uint32_t layer, const v
 		rc = ax_graph_export_q(g, stream, layer, q, elem_bytes, st_b, st_t, st_h);
 		return rc ? rc : ax_graph_step_publish(g, stream);
 	}
-	k_export_q_publish<<<1, ax_graph_block_threads(g->n_rows, 256), 0, (cudaStream_t)stream>>>(
+	k_export_q_publish<<<1, ax_graph_block_threads(g->n_rows, FUSED_THREADS), 0, (cudaStream_t)stream>>>(
 		g->sv, g->st, g->rows, g->ctl_d, g->last, g->cfg.index_buf, qa);
 	return launched(g, "k_export_q_publish");
 }

@@ -137,7 +137,7 @@ static void test_fuse(void **state)
 		{1, 1, 32, 128, 2, 1, 0},     /* SGLang extend: per-row counts only on the device */
 		{1, 0, 32, 128, 2, 0, 0},     /* no token count at all */
 		{1024, 1, 1, 8, 4, 0, 1},
-		{0xffffffffu, 0xffffffffu, 32, 128, 2, 0, 0}, /* no overflow into "small" */
+		{0xffffffffu, 0xffffffffu, 32, 128, 2, 0, 0}, /* no overflow */
 		{0x10000, 0x10000, 1, 1, 1, 0, 0},            /* 2^32 tokens of one byte */
 		{1, 1, 0, 128, 2, 0, 0},                      /* a degenerate shape */
 	};
