@@ -379,6 +379,19 @@ __device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb,
 		a.rlse[jb.res + r] = lse;
 }
 
+/* One warp ORs the flag words of pass-job jb's S splits into its flag word (the host reads it). */
+__device__ __forceinline__ void put_flags(const axf_args &a, const axf_job &jb)
+{
+	const int lane = threadIdx.x & 31;
+	uint32_t v = 0;
+	for (int i = lane; i < (int)jb.S; i += 32)
+		v |= (uint32_t)__ldcg((const int *)a.part_f + jb.pf0 + i);
+	for (int o = 16; o; o >>= 1)
+		v |= (uint32_t)__shfl_xor_sync(FULLM, (int)v, o);
+	if (lane == 0)
+		a.pflags[jb.ticket] = v;
+}
+
 /* One warp merges the S partials of row r of pass-job jb (partial rows at prow0 + i, entries at ent + i·K) into
  * its result row or logsumexp slot. xs/xp: the warp's 64-entry survivor scratch; es/ep: its staging of cap ≥ S
  * entries. */
@@ -571,13 +584,13 @@ __device__ __forceinline__ float *smem_xs(unsigned char *smem)
 }
 
 template <int MODE, int F16, int NL>
-__global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
+__global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
 	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, grow = lane >> 2, t = lane & 3;
-	const int ji = find_job(a, blockIdx.x);
-	const axf_job &jb = a.jobs[ji];
-	const int K = (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - a.split_off[ji]);
+	const int ji = a.inl ? 0 : find_job(a, blockIdx.x);
+	const axf_job &jb = a.inl ? a.one : a.jobs[ji]; /* the parameter itself (grid constant) or the table */
+	const int K = (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
 	const int G = (int)jb.G, Hkv = (int)jb.Hkv;
 	const uint32_t n = jb.n, start = (uint32_t)sl * jb.chunk, end = min(n, start + jb.chunk);
 	const int nst = (int)((end - start + AXF_TS - 1) / AXF_TS);
@@ -591,6 +604,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 	float *xs = smem_xs(smem);                  /* [NW][64] */
 	int *xp = (int *)(xs + AXF_NW * 64);        /* [NW][64] */
 	int *flag = xp + AXF_NW * 64;
+	uint32_t *cfl = (uint32_t *)(flag + 1);     /* this CTA's error bits */
 
 	if (tid == 0) {
 		for (int i = 0; i < AXF_NS; ++i) {
@@ -599,6 +613,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 			mbar_init(&redfull[i], AXF_NW * 8);
 		}
 		mbar_init_fence();
+		*cfl = 0;
 	}
 	__syncthreads();
 
@@ -816,16 +831,17 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 		if (K)
 			put_list(a, jb.ent0 + (uint64_t)sl * K, L[0], K);
 	}
-	if (prod && rng)
-		atomicOr(&a.flags[jb.flag], AXF_F_RANGE);
-	if (bad)
-		atomicOr(&a.flags[jb.flag], AXF_F_DOM);
+	/* this split's flag word, written whatever it holds (nothing to zero beforehand; the merger ORs them) */
+	if ((prod && rng) || bad)
+		atomicOr(cfl, (prod && rng ? AXF_F_RANGE : 0u) | (bad ? AXF_F_DOM : 0u));
+	__syncthreads(); /* also: every warp is past the loop, so the ring is free for the merge's staging */
+	if (tid == 0)
+		a.part_f[jb.pf0 + (uint64_t)sl] = *cfl;
 	if (jb.sepm) /* CTA-uniform: the merge launch that follows merges this pass-job */
 		return;
 
 	/* ticket: the CTA that finishes the pass-job's last split merges it */
 	__threadfence();
-	__syncthreads(); /* also: every warp is past the loop, so the ring is free for the merge's staging */
 	if (tid == 0) {
 		const int last = atomicAdd(&a.tickets[jb.ticket], 1u) == (uint32_t)S - 1;
 		if (last)
@@ -839,6 +855,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 	const int cap = (int)AXF_MERGE_CAP;
 	float *es = (float *)(stg + (size_t)w * cap * 8);
 	int *ep = (int *)(es + cap);
+	if (w == 0)
+		put_flags(a, jb);
 	if (MODE == AXF_M_HEADS) {
 		for (int r = w; r < (int)jb.H; r += AXF_NW)
 			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, MODE);
@@ -850,15 +868,17 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(axf_args a)
 /* The separate merge of heads lists (pass-jobs with sepm, after their split launch): CTA b merges rows
  * (b mod mg)·AXF_NW + w of pass-job b / mg, one row per warp, all rows of all pass-jobs at once; the same
  * merge_row and staging as the last-CTA merge. */
-__global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(axf_args a)
+__global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
 	const int w = threadIdx.x >> 5;
 	const uint32_t ji = blockIdx.x / a.mg, g = blockIdx.x - ji * a.mg;
-	const axf_job &jb = a.jobs[ji];
+	const axf_job &jb = a.inl ? a.one : a.jobs[ji];
 	const int r = (int)(g * AXF_NW) + w;
 	if (!jb.sepm || r >= (int)jb.H) /* warp-uniform; no CTA barrier below */
 		return;
+	if (r == 0)
+		put_flags(a, jb);
 	const int cap = (int)AXF_MERGE_CAP;
 	float *xs = smem_xs(smem), *es = (float *)(smem + (size_t)w * cap * 8);
 	int *xp = (int *)(xs + AXF_NW * 64), *ep = (int *)(es + cap);
@@ -885,8 +905,11 @@ struct ax_attn_fast {
 	cudaError_t err;
 	char *dbuf;             /* device scratch */
 	size_t dcap;
-	char *hbuf;             /* pinned staging */
+	char *hbuf;             /* pinned staging (mapped: the kernels write the results into it) */
+	char *hdev;             /* hbuf as the device addresses it */
 	size_t hcap;
+	uint32_t *tick;         /* tickets: zeroed when allocated, each pass-job's last CTA resets its own */
+	size_t tcap;
 	axf_plan *plan;
 	axf_split split;
 };
@@ -1016,6 +1039,7 @@ void ax__attn_fast_free(ax_attn_fast *f)
 	if (f->ev[1])
 		cudaEventDestroy(f->ev[1]);
 	cudaFree(f->dbuf);
+	cudaFree(f->tick);
 	cudaFreeHost(f->hbuf);
 	axf_plan_free(f->plan);
 	axf_split_fini(&f->split);
@@ -1031,12 +1055,22 @@ int ax__attn_fast_take_error(ax_attn_fast *f)
 	return e;
 }
 
-/* Grow the device scratch and the pinned staging to the plan's layout (contents not kept). */
-static int fast_reserve(ax_attn_fast *f, const axf_layout *y)
+/* Grow the device scratch, the tickets (zeroed) and the pinned staging to the plan (contents not kept). */
+static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 {
 	cudaError_t e;
 	if (y->total > AX_ATTN_CUDA_MAX_SCRATCH)
 		return -ENOMEM;
+	if (njb > f->tcap) {
+		size_t cap = njb < 1024 ? 1024 : (size_t)njb * 2;
+		cudaStreamSynchronize(f->stream);
+		cudaFree(f->tick);
+		f->tick = NULL, f->tcap = 0;
+		if ((e = cudaMalloc((void **)&f->tick, cap * sizeof(uint32_t))) != cudaSuccess ||
+		    (e = cudaMemset(f->tick, 0, cap * sizeof(uint32_t))) != cudaSuccess)
+			return fast_fail(f, e);
+		f->tcap = cap;
+	}
 	if (y->total > f->dcap) {
 		cudaStreamSynchronize(f->stream);
 		cudaFree(f->dbuf);
@@ -1046,11 +1080,16 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y)
 		f->dcap = y->total;
 	}
 	if (y->off_dev > f->hcap) {
-		cudaStreamSynchronize(f->stream); /* the last download may still target the old staging */
+		cudaStreamSynchronize(f->stream); /* kernels may still write into the old staging */
 		cudaFreeHost(f->hbuf);
-		f->hbuf = NULL, f->hcap = 0;
-		if ((e = cudaMallocHost((void **)&f->hbuf, y->off_dev)) != cudaSuccess)
+		f->hbuf = f->hdev = NULL, f->hcap = 0;
+		if ((e = cudaHostAlloc((void **)&f->hbuf, y->off_dev, cudaHostAllocMapped)) != cudaSuccess)
 			return fast_fail(f, e);
+		if ((e = cudaHostGetDevicePointer((void **)&f->hdev, f->hbuf, 0)) != cudaSuccess) {
+			cudaFreeHost(f->hbuf);
+			f->hbuf = NULL;
+			return fast_fail(f, e);
+		}
 		f->hcap = y->off_dev;
 	}
 	return 0;
@@ -1059,7 +1098,7 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y)
 /* A launch's split kernel and, when it has one, its merge kernel. */
 static int fast_launch(ax_attn_fast *f, const axf_launch *L)
 {
-	axf_args a = axf_plan_args(f->plan, f->dbuf, L);
+	axf_args a = axf_plan_args(f->plan, f->dbuf, f->hdev, f->tick, L);
 	void *argv[] = {&a};
 	cudaError_t e = cudaLaunchKernel((const void *)axf_kernels[L->inst], dim3(L->ctas), dim3(AXF_NW * 32), argv,
 					 AXF_SMEM, f->stream);
@@ -1084,10 +1123,13 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	cudaError_t e = cudaSetDevice(f->device);
 	if (e != cudaSuccess)
 		return fast_fail(f, e);
-	if ((r = fast_reserve(f, &p->lay)) != 0)
+	if ((r = fast_reserve(f, &p->lay, p->njb)) != 0)
 		return r;
-	axf_plan_tables(p, f->hbuf); /* tables and zeroed flags/tickets: one upload */
-	e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
+	e = cudaSuccess;
+	if (p->upload) { /* a launch of several pass-jobs reads its table from the device */
+		axf_plan_tables(p, f->hbuf);
+		e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
+	}
 	if (e == cudaSuccess && f->timing)
 		e = cudaEventRecord(f->ev[0], f->stream);
 	r = e == cudaSuccess ? 0 : fast_fail(f, e);
@@ -1099,16 +1141,12 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		cudaStreamSynchronize(f->stream); /* the next run rewrites the staging the upload may still read */
 		return r;
 	}
-	e = cudaMemcpyAsync(f->hbuf + p->lay.flags, f->dbuf + p->lay.flags, p->lay.down, cudaMemcpyDeviceToHost,
-			    f->stream);
-	if (e == cudaSuccess)
-		e = cudaStreamSynchronize(f->stream);
+	e = cudaStreamSynchronize(f->stream); /* the results are in the mapped staging once the kernels are done */
 	if (e == cudaSuccess && f->timing)
 		e = cudaEventElapsedTime(&f->kernel_ms, f->ev[0], f->ev[1]);
 	if (e != cudaSuccess)
 		return fast_fail(f, e);
-	axf_plan_finish(p, f->hbuf, jobs, out, rc);
-	return 0;
+	return axf_plan_finish(p, f->hbuf, jobs, out, rc);
 }
 
 static int fast_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)

@@ -7,7 +7,7 @@
  * This header is the fast path's host half in plain C (also valid C++), so attn_cuda_fast_test.c runs it on a
  * machine without a GPU: which jobs are eligible (axf_eligible), the plan of a run (pass-jobs, launches, one
  * wave of split CTAs per launch, partial rows, result rows, scratch layout: axf_plan_build), the per-job codes
- * from the downloaded flags (axf_plan_finish) and the split of a mixed batch between the fast and the generic
+ * from the flags the kernels wrote (axf_plan_finish) and the split of a mixed batch between the fast and the generic
  * path (axf_dispatch, with the two runners as callbacks). The kernels and the driver are in attn_cuda_fast.cu.
  *
  * How a run works (details in attn_cuda_fast.cu): every user job becomes one pass-job (mean_prob: two, a
@@ -20,13 +20,15 @@
  * shared-memory stages (one cp.async.bulk per key row), scores on the tensor cores, keeps per-split top-k lists
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
  * for heads lists with many splits (knob merge_heads), a separate merge launch right after the split launch
- * merges every row in parallel (8 rows per CTA). Result rows are written compactly (a float logsumexp per row,
- * kout (logit, offset) entries per row) so the download is small; axf_plan_finish expands them into
- * ax_attn_result rows, as the generic path writes them.
+ * merges every row in parallel (8 rows per CTA). Errors: each CTA writes its split's flag word (no zeroing needed);
+ * the merger ORs them into its pass-job's flag word. Results are written compactly (a float logsumexp per row,
+ * kout (logit, offset) entries per row, a flag word per pass-job) straight into the pinned host staging (mapped:
+ * no download); axf_plan_finish expands them into ax_attn_result rows, as the generic path writes them.
  *
- * A call costs one upload (tables and the zeroed flags and tickets, from pinned staging), the launches, one
- * download and one stream synchronisation; the knobs are read from the environment once per state
- * (axf_knobs_env).
+ * A call costs the launches and one stream synchronisation, plus one upload of the tables when a launch has more
+ * than one pass-job (a launch of one pass-job carries it in the kernel's parameters); the tickets live in a
+ * device buffer zeroed once, each pass-job's last CTA resetting its own. The knobs are read from the environment
+ * once per state (axf_knobs_env).
  *
  * Positions inside the kernels are 32-bit offsets from the pass-job's first visible key (eligibility bounds the
  * visible keys by AXF_MAX_N); results carry start + offset in 64 bits.
@@ -96,6 +98,7 @@ typedef struct axf_job {
 	uint64_t part0;         /* first partial row: row r of split s at part0 + r·S + s */
 	uint64_t ent0;          /* first partial list entry: row r of split s at ent0 + (r·S + s)·K */
 	uint64_t rent;          /* first result entry: entry e of result row r at rent + r·kout + e */
+	uint64_t pf0;           /* first split flag word: split s's at part_f[pf0 + s] */
 	uint32_t n;             /* visible keys (1 .. AXF_MAX_N) */
 	uint32_t chunk;         /* keys per split, a multiple of AXF_TS */
 	uint32_t S;             /* splits */
@@ -107,7 +110,7 @@ typedef struct axf_job {
 	int32_t lse_out;        /* logsumexp pass: head h's logsumexp goes to lse[lse_out + h]; else -1 */
 	uint32_t lse_in;        /* probability pass: head h's logsumexp is lse[lse_in + h] */
 	uint32_t head_offset;   /* heads mode: head_id = head_offset + h */
-	uint32_t ticket;        /* ticket word of this pass-job */
+	uint32_t ticket;        /* this pass-job's index in the plan: its ticket word and flag word (pflags) */
 	uint32_t sepm;          /* 1: merged by the separate merge launch (heads lists), not by its last CTA */
 	float scale;            /* softmax scale (|scale| ≤ 1) */
 	float inv_h;            /* 1 / H */
@@ -127,29 +130,33 @@ typedef struct axf_ent {
 	int32_t p;
 } axf_ent;
 
-/* Everything a launch's kernel reads (by value). */
+/* Everything a launch's kernel reads (by value; a __grid_constant__ parameter). */
 typedef struct axf_args {
-	const axf_job *jobs;        /* this launch's pass-jobs */
-	const uint32_t *split_off;  /* [nj + 1] */
+	const axf_job *jobs;        /* this launch's pass-jobs (device table; unused when inl) */
+	const uint32_t *split_off;  /* [nj + 1] (unused when inl) */
 	uint32_t nj;
+	uint32_t inl;               /* 1: one pass-job, `one` (no table: nothing uploaded for this launch) */
+	axf_job one;
 	float *part_s;              /* [entries] partial list values */
 	int32_t *part_p;            /* [entries] partial list offsets, -1 = empty */
 	float *part_lse;            /* [partial rows] */
+	uint32_t *part_f;           /* [split flag words] AXF_F_* of each split (every CTA writes its own) */
 	float *lse;                 /* per-head logsumexps of mean_prob jobs */
 	uint32_t *tickets;          /* per pass-job, 0 before the launch (the last CTA resets its own) */
-	uint32_t *flags;            /* per user job: AXF_F_* */
-	float *rlse;                /* per result row: its logsumexp */
-	axf_ent *rent;              /* result entries (axf_job.rent) */
+	uint32_t *pflags;           /* per pass-job (host staging): AXF_F_* of all its splits, by the merger */
+	float *rlse;                /* per result row (host staging): its logsumexp */
+	axf_ent *rent;              /* result entries (host staging; axf_job.rent) */
 	uint32_t mg;                /* merge launch: CTAs per pass-job */
 } axf_args;
 
-/* Byte offsets into the scratch buffer; the host staging holds [0, off_dev). */
+/* Byte offsets: the host staging holds [0, off_dev) — the tables, uploaded ([0, up)) when p->upload, and the
+ * results the kernels write into it ([pflags, off_dev)); the device scratch uses the same offsets for the tables
+ * and [off_dev, total) for its own regions. */
 typedef struct axf_layout {
-	size_t jobs, so;            /* uploaded: [0, up), the flags and tickets as zeros */
-	size_t flags, tickets;
-	size_t rlse, rent;          /* [flags, flags + down): downloaded */
-	size_t up, zero, down, off_dev;
-	size_t lse, part_lse, part_s, part_p; /* device only */
+	size_t jobs, so;            /* tables */
+	size_t pflags, rlse, rent;  /* results, host staging only */
+	size_t up, off_dev;
+	size_t lse, part_lse, part_s, part_p, part_f; /* device only */
 	size_t total;
 } axf_layout;
 
@@ -168,8 +175,11 @@ typedef struct axf_plan {
 	size_t lo_cap;
 	uint32_t *nk;               /* planning scratch: visible keys of a launch's pass-jobs */
 	size_t nk_cap;
+	uint32_t *uf;               /* [n] finish scratch: flags of each user job */
+	size_t uf_cap;
 	uint32_t n, njb, nso, nlse;
-	uint64_t rows, parts, entries, rents;
+	uint32_t upload;            /* 1: some launch has a table (more than one pass-job) */
+	uint64_t rows, parts, entries, rents, pfl;
 	axf_knobs kn;               /* set by the owner; all 0 = the lab's planner */
 	axf_launch L[AXF_N_INST];
 	uint32_t nl;
@@ -378,6 +388,7 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p->lslot);
 	free(p->eoff);
 	free(p->lo);
+	free(p->uf);
 	free(p->nk);
 	free(p);
 }
@@ -444,7 +455,9 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 			L->mg = (jb->H + AXF_NW - 1) / AXF_NW;
 		jb->part0 = p->parts;
 		jb->ent0 = p->entries;
+		jb->pf0 = p->pfl;
 		jb->ticket = L->j0 + i;
+		p->pfl += jb->S;
 		p->parts += (uint64_t)axf_prows(jb, mode) * jb->S;
 		p->entries += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
 		p->so[p->nso + i] = (uint32_t)ctas;
@@ -482,6 +495,7 @@ static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const int 
 	p->L[p->nl] = L;
 	int r = axf_plan_launch(p, &p->L[p->nl], resident);
 	p->nl += r == 0;
+	p->upload |= L.nj > 1;
 	return r;
 }
 
@@ -496,18 +510,16 @@ static inline void axf_make_layout(axf_plan *p)
 	size_t o = 0;
 	L->jobs = o, o += axf_al(p->njb * sizeof(axf_job));
 	L->so = o, o += axf_al(p->nso * sizeof(uint32_t));
-	L->flags = o, o += axf_al(p->n * sizeof(uint32_t));
-	L->tickets = o, o += axf_al(p->njb * sizeof(uint32_t));
-	L->zero = o - L->flags;
 	L->up = o;
+	L->pflags = o, o += axf_al(p->njb * sizeof(uint32_t));
 	L->rlse = o, o += axf_al(p->rows * sizeof(float));
 	L->rent = o, o += axf_al(p->rents * sizeof(axf_ent));
-	L->down = o - L->flags;
 	L->off_dev = o;
 	L->lse = o, o += axf_al(p->nlse * sizeof(float));
 	L->part_lse = o, o += axf_al(p->parts * sizeof(float));
 	L->part_s = o, o += axf_al(p->entries * sizeof(float));
 	L->part_p = o, o += axf_al(p->entries * sizeof(int32_t));
+	L->part_f = o, o += axf_al(p->pfl * sizeof(uint32_t));
 	L->total = o;
 }
 
@@ -526,7 +538,7 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff))
 		return -ENOMEM;
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
-	p->rents = 0;
+	p->rents = 0, p->pfl = 0, p->upload = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
 		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
@@ -550,17 +562,17 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	return 0;
 }
 
-/* The upload into the staging buffer h (at least lay.off_dev bytes): the tables at their layout offsets, the
- * flags and tickets zeroed (one copy [0, lay.up) brings all of it to the device). */
+/* The tables into the staging buffer h (at least lay.off_dev bytes), at their layout offsets (one copy of
+ * [0, lay.up) brings them to the device; needed only when p->upload). */
 static inline void axf_plan_tables(const axf_plan *p, char *h)
 {
 	memcpy(h + p->lay.jobs, p->jb, p->njb * sizeof(axf_job));
 	memcpy(h + p->lay.so, p->so, p->nso * sizeof(uint32_t));
-	memset(h + p->lay.flags, 0, p->lay.zero);
 }
 
-/* The argument block of launch L over scratch buffer d. */
-static inline axf_args axf_plan_args(const axf_plan *p, char *d, const axf_launch *L)
+/* The argument block of launch L over device scratch d, host staging h (as the device addresses it: pinned and
+ * mapped) and the tickets (≥ njb words, all 0). */
+static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32_t *tickets, const axf_launch *L)
 {
 	const axf_layout *y = &p->lay;
 	axf_args a;
@@ -568,14 +580,18 @@ static inline axf_args axf_plan_args(const axf_plan *p, char *d, const axf_launc
 	a.jobs = (const axf_job *)(d + y->jobs) + L->j0;
 	a.split_off = (const uint32_t *)(d + y->so) + L->so0;
 	a.nj = L->nj;
+	a.inl = L->nj == 1;
+	if (a.inl)
+		a.one = p->jb[L->j0];
 	a.part_s = (float *)(d + y->part_s);
 	a.part_p = (int32_t *)(d + y->part_p);
 	a.part_lse = (float *)(d + y->part_lse);
+	a.part_f = (uint32_t *)(d + y->part_f);
 	a.lse = (float *)(d + y->lse);
-	a.tickets = (uint32_t *)(d + y->tickets);
-	a.flags = (uint32_t *)(d + y->flags);
-	a.rlse = (float *)(d + y->rlse);
-	a.rent = (axf_ent *)(d + y->rent);
+	a.tickets = tickets;
+	a.pflags = (uint32_t *)(h + y->pflags);
+	a.rlse = (float *)(h + y->rlse);
+	a.rent = (axf_ent *)(h + y->rent);
 	a.mg = L->mg;
 	return a;
 }
@@ -599,14 +615,20 @@ static inline void axf_expand_row(ax_attn_result *o, float lse, const axf_ent *e
 	}
 }
 
-/* From the downloaded part of the staging buffer h: each planned job's code (-ERANGE wins over -EDOM, as in
- * attn_cpu) and, where 0, its rows expanded into out. Jobs whose rc was already non-zero are left alone. */
-static inline void axf_plan_finish(const axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out,
-				   int *rc)
+/* From the results in the staging buffer h: each planned job's code (the OR of its pass-jobs' flags; -ERANGE wins
+ * over -EDOM, as in attn_cpu) and, where 0, its rows expanded into out. Jobs whose rc was already non-zero are
+ * left alone. Returns 0 or -ENOMEM (the flags scratch). */
+static inline int axf_plan_finish(axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
 {
-	const uint32_t *flags = (const uint32_t *)(h + p->lay.flags);
+	if (axc_grow((void **)&p->uf, &p->uf_cap, p->n ? p->n : 1, sizeof *p->uf))
+		return -ENOMEM;
+	const uint32_t *pflags = (const uint32_t *)(h + p->lay.pflags);
 	const float *rlse = (const float *)(h + p->lay.rlse);
 	const axf_ent *rent = (const axf_ent *)(h + p->lay.rent);
+	memset(p->uf, 0, p->n * sizeof *p->uf);
+	for (uint32_t k = 0; k < p->njb; k++)
+		p->uf[p->jb[k].flag] |= pflags[k];
+	const uint32_t *flags = p->uf;
 	for (uint32_t i = 0; i < p->n; i++) {
 		if (rc[i] != 0)
 			continue;
@@ -621,6 +643,7 @@ static inline void axf_plan_finish(const axf_plan *p, const char *h, const ax_at
 			axf_expand_row(out + p->roff[i] + r, rlse[p->roff[i] + r], rent + p->eoff[i] + (uint64_t)r * kout,
 				       kout, start, heads ? (int32_t)(j->head_offset + r) : -1);
 	}
+	return 0;
 }
 
 /* ---- a batch split between the fast and the generic path ------------------------------------------------------- */

@@ -36,6 +36,7 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(a, b)
+#define __grid_constant__
 
 struct uint4 {
 	uint32_t x, y, z, w;

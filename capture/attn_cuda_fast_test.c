@@ -7,10 +7,10 @@
  * against a brute-force search over random length sets; whole plans of random mixed batches against their
  * invariants (codes, launch order, mean_prob's two pass-jobs sharing logsumexp slots with the first launched
  * before the second, splits covering every key, partial rows and entries disjoint and in bounds, tickets,
- * result rows, a layout of aligned, disjoint regions, one upload and one download); the planner's knobs (each
+ * result rows, a layout of aligned, disjoint regions, split flag words, an upload only for launches with a table); the planner's knobs (each
  * pass-job's floor and the launch's base split against linear searches, random knob sets in whole plans, the
  * issue's shapes under knobs, the environment parser); the flags → codes step (-ERANGE winning over -EDOM,
- * compact rows expanded only for successful jobs, empty entries and entries past k as (-1, -inf)); and the
+ * a job's code the OR of its pass-jobs' flag words, compact rows expanded only for successful jobs, empty entries and entries past k as (-1, -inf)); and the
  * dispatcher, with both runners backed by ax_attn_cpu on host data:
  * uniform batches go to one runner untouched, mixed ones are split (the fast runner sees only eligible jobs,
  * the generic one the rest, invalid jobs included) and scattered back to exactly what ax_attn_cpu returns for
@@ -425,19 +425,28 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(seen_lse[s], lse_done[s]);
 	/* layout: aligned, disjoint, in this order, large enough */
 	const axf_layout *y = &p->lay;
-	size_t off[] = {y->jobs, y->so, y->flags, y->tickets, y->rlse, y->rent, y->lse, y->part_lse, y->part_s,
-			y->part_p, y->total};
-	size_t need[] = {p->njb * sizeof(axf_job), p->nso * 4, n * 4, p->njb * 4, p->rows * 4, p->rents * sizeof(axf_ent),
-			 p->nlse * 4, p->parts * 4, p->entries * 4, p->entries * 4};
+	size_t off[] = {y->jobs, y->so, y->pflags, y->rlse, y->rent, y->lse, y->part_lse, y->part_s, y->part_p,
+			y->part_f, y->total};
+	size_t need[] = {p->njb * sizeof(axf_job), p->nso * 4, p->njb * 4, p->rows * 4, p->rents * sizeof(axf_ent),
+			 p->nlse * 4, p->parts * 4, p->entries * 4, p->entries * 4, p->pfl * 4};
 	for (size_t i = 0; i + 1 < ARRAY_LEN(off); i++) {
 		assert_int_equal(off[i] % 256, 0);
 		assert_true(off[i] + need[i] <= off[i + 1]);
 	}
-	assert_int_equal(y->flags + y->zero, y->up); /* one upload: tables, then flags and tickets as zeros */
-	assert_int_equal(y->up, y->rlse);
-	assert_int_equal(y->flags + y->down, y->off_dev); /* one download: flags, tickets, compact results */
-	assert_int_equal(y->off_dev, y->lse);
-	assert_true(y->down <= axf_al(n * 4) + axf_al(p->njb * 4) + axf_al(p->rows * 4) + axf_al(p->rents * 8));
+	assert_int_equal(y->up, y->pflags); /* the upload: the tables only */
+	assert_int_equal(y->off_dev, y->lse); /* the results in the staging, written by the kernels */
+	/* split flag words: one per split, disjoint; the upload only when a launch has a table */
+	uint64_t pfl = 0;
+	uint32_t any_table = 0;
+	for (uint32_t k = 0; k < p->njb; k++) {
+		assert_int_equal(p->jb[k].pf0, pfl);
+		assert_int_equal(p->jb[k].ticket, k);
+		pfl += p->jb[k].S;
+	}
+	for (uint32_t l = 0; l < p->nl; l++)
+		any_table |= p->L[l].nj > 1;
+	assert_int_equal(p->pfl, pfl);
+	assert_int_equal(p->upload, any_table);
 	free(seen_lse);
 	free(lse_done);
 	free(ticket);
@@ -526,7 +535,7 @@ static void test_finish(void **state)
 	assert_int_equal(axf_plan_build(p, jobs, 5, rc, 100), 0);
 	char *h = calloc(1, p->lay.off_dev);
 	assert_non_null(h);
-	uint32_t *flags = (uint32_t *)(h + p->lay.flags);
+	uint32_t *pflags = (uint32_t *)(h + p->lay.pflags), flags[5] = {0, 0, 0, 0, 0};
 	float *rlse = (float *)(h + p->lay.rlse);
 	axf_ent *rent = (axf_ent *)(h + p->lay.rent);
 	for (uint64_t r = 0; r < p->rows; r++)
@@ -535,13 +544,19 @@ static void test_finish(void **state)
 		rent[e].x = (float)e, rent[e].p = e % 3 == 2 ? -1 : (int32_t)(7 * e);
 	flags[0] = AXF_F_DOM;
 	flags[1] = 0;
-	flags[2] = AXF_F_DOM | AXF_F_RANGE;
+	flags[2] = AXF_F_DOM | AXF_F_RANGE; /* split over mean_prob's two pass-jobs below */
 	flags[3] = AXF_F_RANGE; /* a job not planned: its code stays */
 	flags[4] = AXF_F_RANGE;
+	int seen2 = 0;
+	for (uint32_t k = 0; k < p->njb; k++) { /* each pass-job's flag word; a user job's code is their OR */
+		uint32_t u = p->jb[k].flag;
+		pflags[k] = u == 2 ? (seen2++ ? AXF_F_RANGE : AXF_F_DOM) : flags[u];
+	}
+	assert_int_equal(seen2, 2);
 	uint64_t rows = p->rows;
 	ax_attn_result *out = calloc(rows, sizeof *out);
 	assert_non_null(out);
-	axf_plan_finish(p, h, jobs, out, rc);
+	assert_int_equal(axf_plan_finish(p, h, jobs, out, rc), 0);
 	assert_int_equal(rc[0], -EDOM);
 	assert_int_equal(rc[1], 0);
 	assert_int_equal(rc[2], -ERANGE);
