@@ -192,7 +192,8 @@ static inline AX_GRAPH_HD unsigned ax_graph_q_unit(uint64_t addr_or, uint32_t es
 		     (uint64_t)D * esize;
 	return (m & 15) == 0 ? 16u : (m & 3) == 0 ? 4u : (m & 1) == 0 ? 2u : 0u;
 }
-#define AX_GRAPH_FUSE_MAX_BYTES (64u << 10) /* one block of 1024 threads: 4 rounds of 16-byte loads */
+#define AX_GRAPH_FUSE_MAX_BYTES (32u << 10) /* one block of 1024 threads copies a row's 8 KB (bf16, 32 × 128) in a
+						     round of 16-byte loads, row after row: ≤ 4 rounds */
 /* Whether a step may use the one-block fused kernels: token counts known on the host (no per-row n_tok vector)
  * and one layer's Q rows (n_rows · n_tok_const · H · D · esize bytes) at most AX_GRAPH_FUSE_MAX_BYTES. */
 static inline AX_GRAPH_HD int ax_graph_fuse(uint32_t n_rows, uint32_t n_tok_const, int n_tok_vec, uint32_t H,

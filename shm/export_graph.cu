@@ -840,8 +840,9 @@ int ax_graph_step_publish(ax_graph *g, void *stream)
 	return launched(g, "k_publish");
 }
 
-/* Threads of the fused kernels: a full block, so that a copy of AX_GRAPH_FUSE_MAX_BYTES takes 4 rounds of 16-byte
- * loads (latency-bound in one block: fewer threads would take proportionally longer). ptxas: ≤ 52 registers. */
+/* Threads of the fused kernels: a full block, so that a row's Q (8 KB for bf16, 32 heads × 128) is one round of
+ * 16-byte loads (latency-bound in one block: fewer threads take proportionally longer; rows go one after the other,
+ * hence AX_GRAPH_FUSE_MAX_BYTES). ptxas: ≤ 52 registers. */
 #define FUSED_THREADS 1024u
 
 static bool fusable(const ax_graph *g, const ax_graph_step_args *a)

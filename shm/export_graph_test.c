@@ -129,11 +129,11 @@ static void test_fuse(void **state)
 		int vec, want;
 	} cases[] = {
 		{1, 1, 32, 128, 2, 0, 1},     /* batch 1 decode: 8 KB */
-		{8, 1, 32, 128, 2, 0, 1},     /* 64 KB: the limit */
-		{9, 1, 32, 128, 2, 0, 0},
+		{4, 1, 32, 128, 2, 0, 1},     /* 32 KB: the limit */
+		{5, 1, 32, 128, 2, 0, 0},
 		{32, 1, 32, 128, 2, 0, 0},    /* batch 32: 256 KB, two kernels */
-		{1, 8, 32, 128, 2, 0, 1},     /* a short prefill */
-		{1, 9, 32, 128, 2, 0, 0},
+		{1, 4, 32, 128, 2, 0, 1},     /* a short prefill */
+		{1, 5, 32, 128, 2, 0, 0},
 		{1, 1, 32, 128, 2, 1, 0},     /* SGLang extend: per-row counts only on the device */
 		{1, 0, 32, 128, 2, 0, 0},     /* no token count at all */
 		{1024, 1, 1, 8, 4, 0, 1},
