@@ -25,12 +25,13 @@
  * mean modes are checked (a NaN or inf in a visible key makes every score of its KV head non-finite: x·0 is NaN
  * for x inf). -ERANGE wins over -EDOM (attn_cuda_fast.h's finish). A job whose flag is set has undefined rows.
  *
- * NEVER RUN ON A GPU (2026-11-27, session 2: no device time). The lab's v8/v9 kernels this is ported from did
- * run (capture/dev/RESULTS.md, run 5: validated, memcheck/racecheck clean). This file's kernels have run only on
- * the CPU, unchanged, under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with
- * AXF_EMU: the intrinsics, mbarriers, bulk copies and mma.sync come from the emulator, the driver is left out);
- * the launches and the driver have only been compiled. The host half (attn_cuda_fast.h) runs in
- * attn_cuda_fast_test.c.
+ * What has run where: the session-2 code ran on an H100 and an H200 (capture/dev/RESULTS.md, runs 5b and 6:
+ * validated against float64 and the generic path, sanitizers clean). The session-3 changes (planner knobs, the
+ * separate heads merge kernel, split flag words, results written into mapped pinned memory, one-pass-job
+ * launches in the __grid_constant__ parameter, tickets zeroed once) have run only on the CPU: the kernels under
+ * attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
+ * mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host half in
+ * attn_cuda_fast_test.c; the driver only compiled. NOT RUN ON A GPU until RESULTS.md says so.
  */
 #ifdef AXF_EMU
 #include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_fast_emu_test.cc): kernels only */
@@ -1085,10 +1086,9 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 		f->hbuf = f->hdev = NULL, f->hcap = 0;
 		if ((e = cudaHostAlloc((void **)&f->hbuf, y->off_dev, cudaHostAllocMapped)) != cudaSuccess)
 			return fast_fail(f, e);
-		if ((e = cudaHostGetDevicePointer((void **)&f->hdev, f->hbuf, 0)) != cudaSuccess) {
-			cudaFreeHost(f->hbuf);
-			f->hbuf = NULL;
-			return fast_fail(f, e);
+		if (cudaHostGetDevicePointer((void **)&f->hdev, f->hbuf, 0) != cudaSuccess) {
+			cudaGetLastError(); /* unified addressing (every 64-bit sm_90 process): the host pointer works */
+			f->hdev = f->hbuf;
 		}
 		f->hcap = y->off_dev;
 	}
