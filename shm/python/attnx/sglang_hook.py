@@ -151,6 +151,9 @@ class _State:
                         state.g.request_end(int(i), "stop", stream=state.stream)
                     if rows:  # rule 9: the scheduler may rewrite these req_to_token rows before the next forward
                         state.g.step_start(stream=state.stream)
+                    rid = getattr(free_index, "rid", None)
+                    if rid is not None:  # a Req: if it comes back (retracted, re-prefilled), it begins again
+                        state.known.pop(rid, None)
             except Exception as e:
                 state.fail("free", e)
             return orig(free_index)

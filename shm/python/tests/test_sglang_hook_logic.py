@@ -288,6 +288,16 @@ def main():
                     ("end", 3, "stop", "forward"), ("start", "forward")],
            "ENDs, each free followed by one step start on the forward stream (rule 9): %r" % ends)
     expect(rpool.freed == [2, [0, 3]], "the original free still runs")
+    # newer SGLang frees with the Req: its rid may come back (a retracted request re-prefilled) and begins again
+    del calls[:]
+    req = types.SimpleNamespace(req_pool_idx=1, rid="r1")
+    rpool.free(req)
+    expect([c for c in calls if c[0] in ("end", "start")] == [("end", 1, "stop", "forward"), ("start", "forward")],
+           "free(Req) %r" % calls)
+    del calls[:]
+    forward(mods, pre, post, fb("extend", 2, 6, rids=["r1", "r2"], pre=[2, 0], ext=[4, 2]), 6)
+    expect([c[1] for c in calls if c[0] == "begin"] == ["r1"], "r1 re-prefilled after free(Req) begins again, "
+           "r2 (still running) does not: %r" % [c for c in calls if c[0] == "begin"])
     out.append("decode under capture: padding vector, ENDs and their step start on the forward stream")
 
     # 4. speculative verify and idle batches export nothing
