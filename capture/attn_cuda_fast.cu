@@ -835,6 +835,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	/* this split's flag word, written whatever it holds (nothing to zero beforehand; the merger ORs them) */
 	if ((prod && rng) || bad)
 		atomicOr(cfl, (prod && rng ? AXF_F_RANGE : 0u) | (bad ? AXF_F_DOM : 0u));
+	__threadfence(); /* every thread's partial writes, before the barrier and the ticket */
 	__syncthreads(); /* also: every warp is past the loop, so the ring is free for the merge's staging */
 	if (tid == 0)
 		a.part_f[jb.pf0 + (uint64_t)sl] = *cfl;
@@ -842,8 +843,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		return;
 
 	/* ticket: the CTA that finishes the pass-job's last split merges it */
-	__threadfence();
 	if (tid == 0) {
+		__threadfence(); /* the split's flag word before the ticket */
 		const int last = atomicAdd(&a.tickets[jb.ticket], 1u) == (uint32_t)S - 1;
 		if (last)
 			a.tickets[jb.ticket] = 0;
