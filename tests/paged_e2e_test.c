@@ -15,8 +15,13 @@
  *
  * Checks: every (request, position, layer 0..2, head) record arrives exactly once, none for layer 3, an `end` per
  * request; top-k positions equal the reference's (a swap allowed only between keys whose reference values agree to
- * 1e-5), logits and logsumexp within 1e-3; a gap "unsupported" was reported. Usage: paged_e2e_test CAPTURE MODE BS.
- * Exit 0 pass, 1 fail, 2 usage. A test program: it fails fast.
+ * 1e-5), logits and logsumexp within 1e-3; a gap "unsupported" was reported.
+ *
+ * Built with PE_CUDA (paged_e2e_gpu, with paged_e2e_dev.cu) and run with BACKEND cuda, every buffer lives in GPU
+ * memory (cudaMalloc, CUDA IPC entries through ax_cuda_fill_ipc): the engine writes host shadows and uploads them
+ * (synchronously) before each descriptor is published, and the capture runs --backend cuda; the checks are the same.
+ * Usage: paged_e2e_test CAPTURE MODE BS [cpu|cuda]. Exit 0 pass, 1 fail, 2 usage, 77 no CUDA device (cuda).
+ * A test program: it fails fast.
  */
 #include <errno.h>
 #include <math.h>
@@ -39,6 +44,15 @@ enum { NL = 4, HQ = 4, HKV = 2, D = 64, TROWS = 4, MAXB = 64, NREQ = 3, ND = 6, 
 
 static uint32_t g_bs, g_mode;
 static int g_fail;
+static int g_dev; /* buffers in GPU memory (BACKEND cuda) */
+
+#ifdef PE_CUDA /* paged_e2e_dev.cu */
+int pe_dev_init(void);
+int pe_dev_alloc(uint64_t bytes, uint64_t *dptr);
+int pe_dev_upload(uint64_t dst, const void *src, uint64_t bytes);
+int pe_dev_entry(ax_shm_buffer *b, uint64_t dptr, uint64_t bytes);
+void pe_dev_free(uint64_t dptr);
+#endif
 
 #define FAIL(...)                                                                                             \
 	do {                                                                                                  \
@@ -78,6 +92,61 @@ static double from_bf16(uint16_t b)
 
 /* ---- the engine ---------------------------------------------------------------------------------------------------- */
 
+/* Every exported buffer: where the engine writes it (the segment, or a host shadow of GPU memory at dptr). */
+typedef struct xbuf {
+	void *host;
+	uint64_t dptr, bytes;
+} xbuf;
+static xbuf g_bufs[8];
+static int g_nbufs;
+
+/* Export *b (strides all zero: contiguous) in the segment or in GPU memory; returns where the engine writes it. */
+static void *add_buf(ax_export *ex, ax_shm_buffer *b, uint32_t *index)
+{
+	uint64_t st = 1, last = 0;
+	for (int i = (int)b->ndim - 1; i >= 0 && !b->bytes; i--)
+		b->stride[i] = st, st *= b->dim[i];
+	for (uint32_t i = 0; i < b->ndim; i++)
+		last += (b->dim[i] - 1) * b->stride[i];
+	b->bytes = (last + 1) * ax_dtype_size(b->dtype);
+	xbuf *x = &g_bufs[g_nbufs++];
+	x->bytes = b->bytes;
+	if (!g_dev) {
+		b->loc = AX_LOC_HOST;
+		if (ax_export_add_host_buffer(ex, b, &x->host, index))
+			DIE("ax_export_add_host_buffer (kind %u)", b->kind);
+		return x->host;
+	}
+#ifdef PE_CUDA
+	x->host = calloc(1, b->bytes);
+	if (!x->host || pe_dev_alloc(b->bytes, &x->dptr) || pe_dev_entry(b, x->dptr, b->bytes) ||
+	    ax_export_add_device_buffer(ex, b, index))
+		DIE("device buffer (kind %u)", b->kind);
+#endif
+	return x->host;
+}
+
+/* GPU memory: upload every shadow before a descriptor names what was written (no-op for host buffers). */
+static void sync_bufs(void)
+{
+#ifdef PE_CUDA
+	for (int i = 0; g_dev && i < g_nbufs; i++)
+		if (pe_dev_upload(g_bufs[i].dptr, g_bufs[i].host, g_bufs[i].bytes))
+			DIE("upload");
+#endif
+}
+
+static void free_bufs(void)
+{
+	for (int i = 0; g_dev && i < g_nbufs; i++) {
+#ifdef PE_CUDA
+		pe_dev_free(g_bufs[i].dptr);
+#endif
+		free(g_bufs[i].host);
+	}
+	g_nbufs = 0;
+}
+
 typedef struct pool {
 	uint16_t *k;
 	uint64_t sb, sr, sg; /* element strides: block, row in the block, KV head */
@@ -96,6 +165,7 @@ typedef struct engine {
 	ax_export *ex;
 	pool pl[NL];
 	int32_t *table; /* [TROWS, MAXB] */
+	uint16_t *q;    /* the Q ring [QROWS, HQ, D] */
 	uint32_t tbuf, qbuf;
 	uint32_t *freeb, nfree; /* shuffled free blocks */
 	float scale;
@@ -118,11 +188,7 @@ static void add_pool(engine *e, uint32_t l, uint64_t blocks)
 	} else {
 		p->sb = b.stride[0], p->sr = b.stride[1], p->sg = b.stride[2];
 	}
-	b.loc = AX_LOC_HOST;
-	void *ptr;
-	if (ax_export_add_host_buffer(e->ex, &b, &ptr, NULL))
-		DIE("add K pool %u", l);
-	p->k = ptr;
+	p->k = add_buf(e->ex, &b, NULL);
 	uint64_t n = b.bytes / 2;
 	for (uint64_t i = 0; i < n; i++)
 		p->k[i] = to_bf16(uni() * 3); /* every cell random: a misaddressed read gives wrong records */
@@ -143,12 +209,14 @@ static void engine_open(engine *e, const char *name)
 	e->scale = ax_export_header(e->ex)->scale;
 	for (uint32_t l = 0; l < NL; l++)
 		add_pool(e, l, blocks);
-	if (ax_export_add_block_table(e->ex, TROWS, MAXB, g_bs, &e->table, &e->tbuf))
-		DIE("ax_export_add_block_table");
-	ax_shm_buffer q = {.kind = AX_BUF_Q_RING, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_BF16, .layer = -1, .ndim = 3,
-			   .dim = {QROWS, HQ, D}, .scale = 1};
-	if (ax_export_add_host_buffer(e->ex, &q, NULL, &e->qbuf))
-		DIE("Q ring");
+	ax_shm_buffer tb;
+	if (g_dev && ax_shm_block_table_desc(&tb, TROWS, MAXB, g_bs) == 0)
+		e->table = add_buf(e->ex, &tb, &e->tbuf);
+	else if (g_dev || ax_export_add_block_table(e->ex, TROWS, MAXB, g_bs, &e->table, &e->tbuf))
+		DIE("block table");
+	ax_shm_buffer q = {.kind = AX_BUF_Q_RING, .dtype = AX_DTYPE_BF16, .layer = -1, .ndim = 3, .dim = {QROWS, HQ, D},
+			   .scale = 1};
+	e->q = add_buf(e->ex, &q, &e->qbuf);
 	e->nfree = (uint32_t)blocks;
 	e->freeb = malloc(blocks * sizeof *e->freeb);
 	for (uint32_t i = 0; i < e->nfree; i++)
@@ -211,7 +279,7 @@ static void forward(engine *e, req *r, uint32_t pos0, uint32_t n)
 		void *ptr;
 		if (ax_export_q_reserve(e->ex, e->qbuf, n * nl, &s.q_row, &ptr))
 			DIE("q_reserve");
-		uint16_t *q = ptr;
+		uint16_t *q = e->q + (s.q_row % QROWS) * HQ * D; /* = ptr for a host ring (NULL for a device one) */
 		for (uint32_t t = 0; t < n; t++)
 			for (uint32_t l = 0; l < NL; l++)
 				if (want[0] >> l & 1)
@@ -222,6 +290,7 @@ static void forward(engine *e, req *r, uint32_t pos0, uint32_t n)
 	int32_t toks[512];
 	for (uint32_t t = 0; t < n; t++)
 		toks[t] = (int32_t)(1000 + pos0 + t);
+	sync_bufs();
 	int rc = ax_export_step(e->ex, &s, toks);
 	if (rc)
 		DIE("ax_export_step: %d", rc);
@@ -376,11 +445,12 @@ static void drain(nng_socket pull, sink *s, uint64_t want_attn, int timeout_ms)
 
 static pid_t spawn_capture(const char *bin, const char *shm, const char *addr, const char *mode)
 {
+	const char *backend = g_dev ? "cuda" : "cpu";
 	char topk[16];
 	snprintf(topk, sizeof topk, "%d", TOPK);
 	pid_t pid = fork();
 	if (pid == 0) {
-		execl(bin, bin, "--shm", shm, "--records", addr, "--backend", "cpu", "--mode", mode, "--top-k", topk,
+		execl(bin, bin, "--shm", shm, "--records", addr, "--backend", backend, "--mode", mode, "--top-k", topk,
 		      "--layers", "all", "--prefill", "--threads", "2", "--log-level", "warn", (char *)NULL);
 		_exit(127);
 	}
@@ -402,12 +472,25 @@ static int wait_wanted(engine *e)
 
 int main(int argc, char **argv)
 {
-	if (argc != 4 || ax_mode_parse(argv[2]) < 0 || atoi(argv[3]) < 1 || atoi(argv[3]) > 64) {
-		fprintf(stderr, "usage: %s CAPTURE mean_logit|mean_prob|heads BLOCK_SIZE(1..64)\n", argv[0]);
+	if (argc < 4 || argc > 5 || ax_mode_parse(argv[2]) < 0 || atoi(argv[3]) < 1 || atoi(argv[3]) > 64 ||
+	    (argc == 5 && strcmp(argv[4], "cpu") && strcmp(argv[4], "cuda"))) {
+		fprintf(stderr, "usage: %s CAPTURE mean_logit|mean_prob|heads BLOCK_SIZE(1..64) [cpu|cuda]\n", argv[0]);
 		return 2;
 	}
 	g_mode = (uint32_t)ax_mode_parse(argv[2]);
 	g_bs = (uint32_t)atoi(argv[3]);
+	g_dev = argc == 5 && !strcmp(argv[4], "cuda");
+#ifdef PE_CUDA
+	if (g_dev && pe_dev_init() != 0) {
+		printf("paged_e2e_test: SKIP (no CUDA device)\n");
+		return 77;
+	}
+#else
+	if (g_dev) {
+		fprintf(stderr, "paged_e2e_test: built without CUDA (paged_e2e_gpu has it)\n");
+		return 2;
+	}
+#endif
 	char shm[64], addr[128];
 	snprintf(shm, sizeof shm, "/attnx.paged-e2e.%d", (int)getpid());
 	snprintf(addr, sizeof addr, "ipc:///tmp/attnx-paged-e2e-%d.rec", (int)getpid());
@@ -462,8 +545,9 @@ int main(int argc, char **argv)
 	waitpid(cap, NULL, 0);
 	nng_close(pull);
 	ax_export_close(e.ex);
-	printf("paged_e2e_test %s bs %u: %llu attn records checked, %d failures\n", argv[2], g_bs,
-	       (unsigned long long)s.attn, g_fail);
+	free_bufs();
+	printf("paged_e2e_test %s bs %u%s: %llu attn records checked, %d failures\n", argv[2], g_bs,
+	       g_dev ? " (GPU buffers, --backend cuda)" : "", (unsigned long long)s.attn, g_fail);
 	for (int i = 0; i < NREQ; i++) {
 		free(reqs[i].q);
 		free(reqs[i].k);
