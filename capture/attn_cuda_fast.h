@@ -261,42 +261,6 @@ static inline uint64_t axf_splits(uint64_t n, uint64_t chunk)
 	return s ? s : 1;
 }
 
-static inline uint64_t axf_total_splits(const uint32_t *nk, uint32_t nj, uint64_t chunk)
-{
-	uint64_t t = 0;
-	for (uint32_t i = 0; i < nj; i++)
-		t += axf_splits(nk[i], chunk);
-	return t;
-}
-
-/*
- * The lab's one-wave planner: the shortest split (a multiple of AXF_TS) with Σ_i max(1, ⌈n_i / chunk⌉) ≤
- * resident, found by bisection (the sum only falls as the chunk grows); when even one split per pass-job is more
- * than resident, the longest job in one split. Then at least ⌈max n / AXF_MAX_SPLITS⌉ (rounded up to AXF_TS),
- * so no pass-job has more than AXF_MAX_SPLITS splits.
- */
-static inline uint32_t axf_plan_chunk(const uint32_t *nk, uint32_t nj, uint32_t resident)
-{
-	uint64_t mx = 0;
-	for (uint32_t i = 0; i < nj; i++)
-		mx = nk[i] > mx ? nk[i] : mx;
-	uint64_t hi = (mx + AXF_TS - 1) / AXF_TS; /* in units of AXF_TS */
-	hi = hi ? hi : 1;
-	uint64_t lo = 1;
-	while (lo < hi) {
-		uint64_t mid = lo + (hi - lo) / 2;
-		if (axf_total_splits(nk, nj, mid * AXF_TS) <= resident)
-			hi = mid;
-		else
-			lo = mid + 1;
-	}
-	uint64_t minc = (mx + AXF_MAX_SPLITS - 1) / AXF_MAX_SPLITS;
-	minc = (minc + AXF_TS - 1) / AXF_TS;
-	if (lo < minc)
-		lo = minc;
-	return (uint32_t)(lo * AXF_TS);
-}
-
 /* Entries of a result row of a valid job: min(top_k, visible keys). */
 static inline uint32_t axf_kout(const ax_attn_job *j)
 {

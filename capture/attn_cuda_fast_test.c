@@ -3,9 +3,9 @@
  * to build it (gcc, cmocka). What the GPU runs (attn_cuda_fast.cu's kernels) is not exercised here: the GPU test
  * (attn_cuda_test.cu) compares it with the generic path and the float64 reference.
  *
- * Cases: eligibility (a table of jobs, each with the reason it must be refused or 0); the one-wave split planner
- * against a brute-force search over random length sets; whole plans of random mixed batches against their
- * invariants (codes, launch order, mean_prob's two pass-jobs sharing logsumexp slots with the first launched
+ * Cases: eligibility (a table of jobs, each with the reason it must be refused or 0); the split planner (per-job
+ * floors and the one-wave base split) against linear searches over random length sets and knob sets; whole
+ * plans of random mixed batches against their invariants (codes, launch order, mean_prob's two pass-jobs sharing logsumexp slots with the first launched
  * before the second, splits covering every key, partial rows and entries disjoint and in bounds, tickets,
  * result rows, a layout of aligned, disjoint regions, split flag words, an upload only for launches with a table); the planner's knobs (each
  * pass-job's floor and the launch's base split against linear searches, random knob sets in whole plans, the
@@ -145,56 +145,6 @@ static void test_eligibility(void **state)
 
 /* ---- the split planner ------------------------------------------------------------------------------------------ */
 
-/* The definition, by a linear search: the smallest multiple of AXF_TS whose splits fit, or one split each. */
-static uint32_t chunk_brute(const uint32_t *nk, uint32_t nj, uint32_t R)
-{
-	uint32_t mx = 0;
-	for (uint32_t i = 0; i < nj; i++)
-		mx = nk[i] > mx ? nk[i] : mx;
-	uint32_t top = (mx + AXF_TS - 1) / AXF_TS * AXF_TS, c = AXF_TS;
-	top = top ? top : AXF_TS;
-	while (c < top && axf_total_splits(nk, nj, c) > R)
-		c += AXF_TS;
-	uint32_t minc = ((mx + AXF_MAX_SPLITS - 1) / AXF_MAX_SPLITS + AXF_TS - 1) / AXF_TS * AXF_TS;
-	return c > minc ? c : minc;
-}
-
-static void test_plan_chunk(void **state)
-{
-	(void)state;
-	uint32_t nk[300];
-	for (int it = 0; it < 3000; it++) {
-		uint32_t nj = 1 + (uint32_t)(td_u64() % (it % 3 == 0 ? 300 : 12));
-		uint32_t R = 1 + (uint32_t)(td_u64() % 600);
-		uint32_t lim = it % 4 == 0 ? 1u << 22 : it % 4 == 1 ? 70000 : it % 4 == 2 ? 5000 : 40;
-		for (uint32_t i = 0; i < nj; i++)
-			nk[i] = 1 + (uint32_t)(td_u64() % lim);
-		uint32_t c = axf_plan_chunk(nk, nj, R), mx = 0;
-		for (uint32_t i = 0; i < nj; i++)
-			mx = nk[i] > mx ? nk[i] : mx;
-		if (lim <= 70000) { /* the definition by linear search */
-			uint32_t b = chunk_brute(nk, nj, R);
-			if (c != b)
-				fail_msg("iteration %d: chunk %u, brute force %u (nj %u, R %u)", it, c, b, nj, R);
-		} else { /* the same by its two sides: c fits (or is one split each), c - AXF_TS does not */
-			uint32_t minc = ((mx + AXF_MAX_SPLITS - 1) / AXF_MAX_SPLITS + AXF_TS - 1) / AXF_TS * AXF_TS;
-			assert_true(axf_total_splits(nk, nj, c) <= R || c >= mx || c == minc);
-			assert_true(c == AXF_TS || c == minc || axf_total_splits(nk, nj, c - AXF_TS) > R);
-		}
-		assert_int_equal(c % AXF_TS, 0);
-		for (uint32_t i = 0; i < nj; i++)
-			assert_true(axf_splits(nk[i], c) <= AXF_MAX_SPLITS);
-	}
-	/* the shapes on an H100 (132 SMs × 2): one wave */
-	uint32_t one[1] = {1u << 20};
-	assert_true(axf_total_splits(one, 1, axf_plan_chunk(one, 1, 264)) <= 264);
-	uint32_t many[64];
-	for (int i = 0; i < 64; i++)
-		many[i] = 4096;
-	uint32_t c = axf_plan_chunk(many, 64, 264);
-	assert_int_equal(c, 1024); /* 4 splits each: 256 CTAs */
-}
-
 /* The knobs' floor of one pass-job, by its definition. */
 static uint32_t lo_brute(const axf_knobs *kn, uint64_t n, int lists)
 {
@@ -248,6 +198,31 @@ static void test_plan_base(void **state)
 		if (nj <= R)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
+	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0};
+	for (int it = 0; it < 300; it++) {
+		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
+		for (uint32_t i = 0; i < nj; i++) {
+			nk[i % 200] = 1 + (uint32_t)(td_u64() % (1u << 22));
+			lo[i % 200] = axf_lo_chunk(&none0, nk[i % 200], 0);
+		}
+		nj = nj > 200 ? 200 : nj;
+		uint32_t b = axf_plan_base(nk, lo, nj, R);
+		assert_int_equal(b % AXF_TS, 0);
+		if (nj <= R)
+			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R);
+		if (b > AXF_TS)
+			assert_true(axf_total_splits_lo(nk, lo, nj, b - AXF_TS) > R);
+		for (uint32_t i = 0; i < nj; i++)
+			assert_true(axf_splits(nk[i], b > lo[i] ? b : lo[i]) <= AXF_MAX_SPLITS);
+	}
+	/* the shapes on an H100 (132 SMs × 2), the lab's planner: one wave */
+	uint32_t one[1] = {1u << 20}, one_lo[1] = {axf_lo_chunk(&none0, 1u << 20, 0)};
+	assert_true(axf_total_splits_lo(one, one_lo, 1, axf_plan_base(one, one_lo, 1, 264)) <= 264);
+	uint32_t many[64], many_lo[64];
+	for (int i = 0; i < 64; i++)
+		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
+	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
 	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
@@ -759,8 +734,8 @@ static int setup(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_plan_chunk),
-		cmocka_unit_test(test_plan_base), cmocka_unit_test(test_knobs_env),   cmocka_unit_test(test_plans),
+		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_plan_base),
+		cmocka_unit_test(test_knobs_env), cmocka_unit_test(test_plans),
 		cmocka_unit_test(test_finish),    cmocka_unit_test(test_dispatch),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
