@@ -145,6 +145,13 @@ int ax_graph_step_begin_q(ax_graph *g, void *stream, const ax_graph_step_args *a
 int ax_graph_export_q_publish(ax_graph *g, void *stream, uint32_t layer, const void *q, int elem_bytes, int64_t st_b,
 			      int64_t st_t, int64_t st_h);
 
+/* Restrict which layers' Q rows may be exported: bit l of layers[] = layer l; both words 0 = every layer (the
+ * default). The step set-up intersects the consumer's wish with this set, so no Q row is reserved or named for a
+ * layer outside it, and the engine may skip ax_graph_export_q for those layers altogether (a kernel less per layer
+ * per step: attnx.hf / attnx.sglang_hook `layers=`). Applies to the kernels enqueued, or captured into a graph,
+ * after the call. Returns 0, or -EINVAL (NULL, or a set naming none of the model's layers). Not thread-safe. */
+int ax_graph_set_layers(ax_graph *g, const uint64_t layers[2]);
+
 /* Counters kept on the device, copied to the host (synchronous: for tests and diagnostics, never in a hot path). */
 typedef struct ax_graph_stats {
 	uint64_t ring_head, ring_dropped, arena_head, q_head, next_req_id;
@@ -212,6 +219,23 @@ static inline AX_GRAPH_HD uint32_t ax_graph_block_threads(uint32_t n_rows, uint3
 	while ((t < n_rows || t < min_threads) && t < AX_GRAPH_MAX_BATCH)
 		t <<= 1;
 	return t;
+}
+/* The exportable-layer mask of ax_graph_set_layers: the model's layers (n_layers, ≤ 128) ∩ `want` (NULL or both
+ * words 0 = all of them). Returns 0, or -1 when the intersection is empty (out untouched). */
+static inline AX_GRAPH_HD int ax_graph_layer_set(uint32_t n_layers, const uint64_t *want, uint64_t out[2])
+{
+	uint64_t all[2] = {0, 0};
+	for (uint32_t l = 0; l < n_layers && l < 128; l++)
+		all[l >> 6] |= 1ull << (l & 63);
+	if (want && (want[0] | want[1])) {
+		all[0] &= want[0];
+		all[1] &= want[1];
+		if (!(all[0] | all[1]))
+			return -1;
+	}
+	out[0] = all[0];
+	out[1] = all[1];
+	return 0;
 }
 /* First row of a run of `rows` rows in a ring of `ring_rows` rows starting at or after `head`, never wrapping. */
 static inline AX_GRAPH_HD uint64_t ax_graph_q_run(uint64_t head, uint64_t rows, uint64_t ring_rows)

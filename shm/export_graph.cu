@@ -675,8 +675,7 @@ int ax_graph_open(ax_graph **out, ax_export *ex, const ax_graph_config *cfg)
 	g->sv.arena_cap = h->arena_cap;
 	g->sv.max_ctx = h->max_ctx;
 	g->sv.map_rows = cfg->map_rows;
-	for (uint32_t l = 0; l < h->n_layers; l++)
-		g->sv.layer_mask[l >> 6] |= 1ull << (l & 63);
+	ax_graph_set_layers(g, NULL);
 	if (ax_export_disable_wake)
 		ax_export_disable_wake(ex); /* before the first device-written descriptor */
 	int rc = alloc_all(g);
@@ -885,6 +884,19 @@ int ax_graph_export_q_publish(ax_graph *g, void *stream, uint32_t layer, const v
 	k_export_q_publish<<<1, ax_graph_block_threads(g->n_rows, FUSED_THREADS), 0, (cudaStream_t)stream>>>(
 		g->sv, g->st, g->rows, g->ctl_d, g->last, g->cfg.index_buf, qa);
 	return launched(g, "k_export_q_publish");
+}
+
+int ax_graph_set_layers(ax_graph *g, const uint64_t layers[2])
+{
+	if (!g)
+		return -EINVAL;
+	const ax_shm_header *h = (const ax_shm_header *)g->seg_base;
+	uint64_t m[2];
+	if (ax_graph_layer_set(h->n_layers, layers, m))
+		return -EINVAL;
+	g->sv.layer_mask[0] = m[0];
+	g->sv.layer_mask[1] = m[1];
+	return 0;
 }
 
 int ax_graph_get_stats(ax_graph *g, ax_graph_stats *out)

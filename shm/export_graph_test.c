@@ -153,6 +153,39 @@ static void test_fuse(void **state)
 		assert_int_equal(ax_graph_block_threads(threads[i][0], threads[i][1]), threads[i][2]);
 }
 
+/* Which layers may be exported (ax_graph_set_layers). */
+static void test_layer_set(void **state)
+{
+	(void)state;
+	static const struct {
+		uint32_t n_layers;
+		uint64_t w0, w1;
+		int null_want, rc;
+		uint64_t m0, m1;
+	} cases[] = {
+		{8, 0, 0, 1, 0, 0xff, 0},              /* NULL: every layer */
+		{8, 0, 0, 0, 0, 0xff, 0},              /* both 0: every layer */
+		{8, 0xd4, 0, 0, 0, 0xd4, 0},           /* the capture's auto set of 8 layers: 2, 4, 6, 7 */
+		{8, 0x3f0, 0, 0, 0, 0xf0, 0},          /* layers past the model dropped */
+		{8, 0x300, 0, 0, -1, 0, 0},            /* only layers past the model: refused */
+		{64, ~0ull, 0, 0, 0, ~0ull, 0},
+		{65, 0, 1, 0, 0, 0, 1},                /* layer 64 only */
+		{128, 0, 0, 1, 0, ~0ull, ~0ull},
+		{200, 0, 0, 1, 0, ~0ull, ~0ull},       /* never more than 128 */
+		{0, 0, 0, 1, 0, 0, 0},
+	};
+	for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+		uint64_t want[2] = {cases[i].w0, cases[i].w1}, out[2] = {7, 7};
+		int rc = ax_graph_layer_set(cases[i].n_layers, cases[i].null_want ? NULL : want, out);
+		assert_int_equal(rc, cases[i].rc);
+		if (rc == 0) {
+			assert_true(out[0] == cases[i].m0 && out[1] == cases[i].m1);
+		} else {
+			assert_true(out[0] == 7 && out[1] == 7);
+		}
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -161,6 +194,7 @@ int main(void)
 		cmocka_unit_test(test_recycle_counters),
 		cmocka_unit_test(test_q_unit),
 		cmocka_unit_test(test_fuse),
+		cmocka_unit_test(test_layer_set),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -67,6 +67,7 @@ def glib():
                                           ctypes.c_int64]),
             "ax_graph_export_q_publish": (I, [V, V, U32, V, I, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
             "ax_graph_get_stats": (I, [V, P(GraphStats)]),
+            "ax_graph_set_layers": (I, [V, P(ctypes.c_uint64)]),
             "ax_graph_enabled": (I, [V, P(ctypes.c_uint64), P(I)]),
             "ax_graph_strerror": (ctypes.c_char_p, [V]),
         }
@@ -180,6 +181,14 @@ class GraphExporter:
         if self._l.ax_graph_enabled(self._h, m, ctypes.byref(p)) <= 0:
             return None
         return m[0] | (m[1] << 64), bool(p.value)
+
+    def set_layers(self, layers=None):
+        """Export Q rows of these layers only (an iterable of layer indices; None = every layer); the caller then
+        skips export_q for the others. Applies to kernels enqueued or captured after the call."""
+        m = (ctypes.c_uint64 * 2)()
+        for l in (layers or ()):
+            m[l >> 6] |= 1 << (l & 63)
+        self._check("ax_graph_set_layers", self._l.ax_graph_set_layers(self._h, m))
 
     def stats(self):
         s = GraphStats()

@@ -76,7 +76,7 @@ def _text_config(model):
 class HFExporter:
     def __init__(self, model, cache, batch_size, max_cache_len, name=_ffi.DEFAULT_NAME, inner="sdpa",
                  q_rows=1 << 16, engine="transformers", model_name=None, impl_name="attnx", rank=0, world_size=1,
-                 head_offset=None, fuse=True):
+                 head_offset=None, fuse=True, layers=None):
         c = _text_config(model)
         self.model, self.cache, self.B, self.Lmax = model, cache, batch_size, max_cache_len
         self.L = c.num_hidden_layers
@@ -108,6 +108,8 @@ class HFExporter:
         self._zeros = torch.zeros((batch_size, max_cache_len), dtype=torch.int32, device=dev)
         self._inner_name = inner
         self.fuse = fuse  # one kernel for begin + layer 0's Q and for the last layer's Q + publish (small steps)
+        self.export_layers = None
+        self.set_export_layers(layers)
         self._impl_name = impl_name
         self._install(impl_name)
 
@@ -148,6 +150,16 @@ class HFExporter:
         self.ex.close()
 
     # ---- per forward -----------------------------------------------------------------------------------------
+
+    def set_export_layers(self, layers=None):
+        """Export only these layers' Q rows (None: every layer): the other layers' Q copies are not enqueued at all,
+        so each costs nothing per step; a consumer asking for them gets none. Takes effect for forwards (and graph
+        captures) after the call."""
+        self.export_layers = set(layers) if layers else None
+        self.g.set_layers(sorted(self.export_layers) if self.export_layers else None)
+
+    def _exports(self, layer):
+        return self.export_layers is None or layer in self.export_layers
 
     def set_enabled(self, on):
         """Install (True) or remove (False) the hook: removed, the model runs its `inner` attention and no pre hook,
@@ -241,12 +253,12 @@ class HFExporter:
                 st = (query.stride(0), query.stride(2), query.stride(1))
                 if layer == 0:
                     self._step_begin(query, kw, self.fuse)
-                    if self._step_ok and not self.fuse:
+                    if self._step_ok and not self.fuse and self._exports(0):
                         self.g.export_q(0, query, *st)
                 elif self._step_ok and self.fuse and layer == self.L - 1:
-                    self.g.export_q_publish(layer, query, *st)
+                    self.g.export_q_publish(layer, query, *st)  # the device skips the copy of a layer not exported
                     published = True
-                elif self._step_ok:
+                elif self._step_ok and self._exports(layer):
                     self.g.export_q(layer, query, *st)
             except Exception as e:  # never into the model
                 self._fail("layer %s" % layer, e)

@@ -118,6 +118,10 @@ class _State:
         self.k_pool, self.kdt = pool, kdt
         self.g = GraphExporter(self.ex, self.q_ring, qbuf, ibuf, map_rows=r2t.shape[0],
                                max_batch=int(self.config.get("max_batch", 1024)))
+        layers = self.config.get("layers")  # export only these (local) layers: no Q-copy kernel for the others
+        self.export_layers = set(int(l) for l in layers) if layers else None
+        if self.export_layers:
+            self.g.set_layers(sorted(self.export_layers))
         self._wrap_free(rpool)
         self.ready = True
         log.info("attnx: exporting %s: %d layers, %d/%d heads, D %d, rank %d/%d", name, self.n_layers, self.Hq,
@@ -255,7 +259,7 @@ def pre_hook_factory(config):
                 if not torch.cuda.is_current_stream_capturing():
                     st.stream = torch.cuda.current_stream()  # where ENDs go: the stream replays run on
                 st.active = st.step_begin(fb, q3)  # with layer 0's Q rows: one kernel for a small step
-            elif getattr(st, "active", False):
+            elif getattr(st, "active", False) and (st.export_layers is None or l in st.export_layers):
                 st.g.export_q(l, q3, *st.q_strides(q3))
         except Exception as e:
             st.fail("pre hook of layer %s" % getattr(module, "layer_id", "?"), e)

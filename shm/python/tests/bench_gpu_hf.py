@@ -7,8 +7,9 @@ attnx-capture's GPU work competes for the same card and is measured by its own b
 GPU. First run: H200, 2026-11-27, 3a279e1 (median of 3; batch 1 graphs on 0.981, batch 32 0.990). Now AX_BENCH_REPS
 rounds (default 7), each running every mode once in an order rotated round by round; the table gives the medians,
 the median of the per-round ratios (each pair ran back to back) and every round's ratio, so noise shows. With graphs
-on a third mode, "on-unfused" (HFExporter(fuse=False): the kernels of the first run, layers + 3 per step), measures
-the fused kernels against it in the same process. About 3 minutes on an H200. Prints a table; writes it to
+on two more modes: "on-layers" (HFExporter.set_export_layers(the consumer's layers): layers nobody asked for get no
+Q-copy kernel) and "on-unfused" (HFExporter(fuse=False): the kernels of the first run, layers + 3 per step), to
+measure the fused kernels against it in the same process. About 2-3 minutes on an H200. Prints a table; writes it to
 $OUT/bench-hf.txt too when OUT is set. Goal (issue 6): hook on ≥ 0.99 × off with graphs on.
 """
 import datetime
@@ -92,10 +93,12 @@ def run(model, cache, B, graph, ax=None):
     return B * STEPS / (t0.elapsed_time(t1) / 1e3)
 
 
-MODES = {True: ("off", "on", "on-unfused"), False: ("off", "on")}  # graphs on: the fusion's A/B too
+# graphs on: also the fusion's A/B ("on-unfused") and "on-layers" (HFExporter.set_export_layers(the consumer's
+# layers): no Q-copy kernel for the layers nobody asked for)
+MODES = {True: ("off", "on", "on-layers", "on-unfused"), False: ("off", "on")}
 
 
-def measure(model, cache, B, ax):
+def measure(model, cache, B, ax, auto):
     """REPS rounds; each round runs every mode once, the order rotated round by round (off first, then on
     first, ...) so that drift (clocks, temperature, the consumer's start-up) does not favour one mode. Returns
     {graphs: {mode: [tok/s per round]}}."""
@@ -106,10 +109,12 @@ def measure(model, cache, B, ax):
             k = rep % len(modes)
             for m in modes[k:] + modes[:k]:
                 ax.set_enabled(m != "off")
-                ax.fuse = m == "on"
+                ax.fuse = m != "on-unfused"
+                ax.set_export_layers(auto if m == "on-layers" else None)
                 res[gr][m].append(run(model, cache, B, gr, ax if m != "off" else None))
     ax.set_enabled(True)
     ax.fuse = True
+    ax.set_export_layers(None)
     return res
 
 
@@ -142,7 +147,7 @@ def main():
                               timeout=1200, topk=-1)
         try:
             wait_wanted(ax.g)
-            res = measure(model, cache, B, ax)
+            res = measure(model, cache, B, ax, auto)
             stats.append((B, ax.g.stats()))
         finally:
             ax.close()
@@ -157,8 +162,8 @@ def main():
     lines = ["attnx HF hook decode benchmark: %s, %s, commit %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps, "
              "%d rounds (modes alternating), %.0f s" % (torch.cuda.get_device_name(), datetime.date.today(), commit,
                                                        L, PROMPT, STEPS, REPS, time.time() - t0),
-             "on = fused kernels (%d per decode step), on-unfused = the first GPU run's layout (%d per step)" %
-             (L, L + 3),
+             "on = fused kernels (%d per decode step), on-layers = only the consumer's layers %s exportable (%d "
+             "kernels), on-unfused = the first GPU run's layout (%d)" % (L, auto, len(set(auto) | {0, L - 1}), L + 3),
              "| batch | CUDA graphs | hook | off tok/s | on tok/s | on/off (medians) | on/off (median of rounds) | "
              "per-round on/off |", "|---|---|---|---|---|---|---|---|"] + rows
     lines += ["(batch %d exporter counters: %s)" % st for st in stats]

@@ -105,6 +105,7 @@ class HostGraph:
         self.map = {}  # row -> [req_id, prompt_len]
         self.rows, self.active, self.layers, self.q_base = [], False, [], 0
         self.steps = self.steps_dropped = 0
+        self.layer_set = (1 << self.L) - 1
         self._l = _ffi.lib()
         self._l.ax_export_step_start.argtypes = [ctypes.c_void_p]
         self._l.ax_export_step_start(exporter.handle)  # ax_graph_open does this: AX_SHM_FEAT_RECYCLE
@@ -153,7 +154,7 @@ class HostGraph:
     def _setup(self, a):
         self._l.ax_export_step_start(self.ex.handle)
         w = self.ex.wanted()
-        layers = layer_list(w[0] & ((1 << self.L) - 1)) if w else []
+        layers = layer_list(w[0] & self.layer_set) if w else []
         want_prefill = bool(w and w[1])
         rows = []
         for b in range(a.n_rows):
@@ -243,6 +244,12 @@ class HostGraph:
                          self.q_base + r["q_off"] if self.layers else 0, (mask & (2 ** 64 - 1), mask >> 64),
                          r["prefill"])
         self.active = False  # a publish without a fresh step set-up publishes nothing
+
+    def set_layers(self, layers=None):
+        m = sum(1 << l for l in layers or ()) & ((1 << self.L) - 1)
+        if layers and not m:
+            raise ValueError("set_layers: no layer of the model")
+        self.layer_set = m or (1 << self.L) - 1
 
     # ---- diagnostics ----------------------------------------------------------------------------------------
 

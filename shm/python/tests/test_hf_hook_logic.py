@@ -144,6 +144,9 @@ class FakeGraph:
     def publish(self, stream=None):
         calls.append(("publish",))
 
+    def set_layers(self, layers=None):
+        calls.append(("set_layers", layers))
+
     def close(self):
         calls.append(("close",))
 
@@ -223,6 +226,17 @@ def main():
         expect(calls[-1] == ("publish",) and calls[-2] == ("inner", L - 1), "unfused: publish after the attention")
         ax.fuse = True
         out.append("fuse=False: %d kernels, publish after the last attention" % (L + 2))
+
+        # export only some layers: no Q-copy kernel for the others (the device skips layer 0's and the last's copy)
+        ax.set_export_layers([1, L - 1])
+        expect(calls[-1] == ("set_layers", [1, L - 1]), "set_layers %r" % calls[-1:])
+        forward(model, torch.tensor([[7], [8]]), 7)
+        k = [(c[0], c[1]) for c in calls if c[0] in ("begin_q", "q", "q_publish")]
+        expect(k == [("begin_q", 0), ("q", 1), ("q_publish", L - 1)], "layers [1, %d]: %r" % (L - 1, k))
+        ax.set_export_layers(None)
+        forward(model, torch.tensor([[7], [8]]), 8)
+        expect(len(kernels(calls)) == L, "every layer again: %r" % kernels(calls))
+        out.append("set_export_layers([1, %d]): 3 kernels per step; None: %d again" % (L - 1, L))
 
         # a second prefill ends the active rows first (rule 9), then one step start
         ax.rids = ["r2", "r3"]

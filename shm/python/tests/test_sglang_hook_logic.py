@@ -150,6 +150,9 @@ class FakeGraph:
     def publish(self, stream=None):
         calls.append(("publish",))
 
+    def set_layers(self, layers=None):
+        calls.append(("set_layers", layers))
+
     def enabled(self):
         return None
 
@@ -299,6 +302,14 @@ def main():
     expect([c[1] for c in calls if c[0] == "begin"] == ["r1"], "r1 re-prefilled after free(Req) begins again, "
            "r2 (still running) does not: %r" % [c for c in calls if c[0] == "begin"])
     out.append("decode under capture: padding vector, ENDs and their step start on the forward stream")
+
+    # 3b. "layers" in the config: no Q copy for the other layers (layer 0's rides on the set-up, skipped on the GPU)
+    del calls[:]
+    st.export_layers = {2}
+    forward(mods, pre, post, fb("decode", 2, 2), 2)
+    st.export_layers = None
+    expect([c[1] for c in calls if c[0] == "q"] == [0, 2], "layers {2}: Q copies %r" % calls)
+    out.append("export layers {2}: one Q-copy kernel besides the set-up's")
 
     # 4. speculative verify and idle batches export nothing
     del calls[:]
