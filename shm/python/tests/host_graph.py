@@ -81,7 +81,7 @@ def host_register(ex, t, kind, layer=-1, dtype=None, scale=1.0, shape=None, stri
     hb = ex.add_host_buffer(make_buffer(kind, name, tuple(t.shape), layer=layer, scale=scale))
     flat = torch.frombuffer(hb.view, dtype=t.dtype, count=t.numel())
     flat.copy_(t.reshape(-1))
-    t.set_(flat.storage(), 0, t.shape, t.stride())
+    t.set_(flat.view(t.shape))  # t now shares the segment's bytes (same shape, contiguous strides)
     return hb.index
 
 
