@@ -17,8 +17,10 @@
  *   index[j / block_size] · k_block_stride + (j % block_size) · k_stride[0] + g · k_stride[1] + d,
  * so NHD pools [blocks, block_size, H_kv, D] and HND pools [blocks, H_kv, block_size, D] are both strides. Block ids
  * outside [0, n_blocks) fail the job with -ERANGE before any key is read; only the cells of blocks holding visible
- * keys are read. A paged job carries n_slots = 0: code that predates paged jobs and ignores index_kind finds every
- * slot out of range (or the job invalid) instead of reading keys through a misread table.
+ * keys are read. A paged job carries n_slots = 0, so code that predates paged jobs and ignores index_kind finds every
+ * slot out of range (or the job invalid) rather than keys through a misread table; such code may still read up to
+ * n_keys index cells (past the row's needed ones), so it must not be given paged jobs (ax_attn_cuda_run keeps them
+ * off the fast path).
  */
 #ifndef ATTNX_CAPTURE_ATTN_H
 #define ATTNX_CAPTURE_ATTN_H
