@@ -393,28 +393,20 @@ __device__ __forceinline__ void put_flags(const axf_args &a, const axf_job &jb)
 		a.pflags[jb.ticket] = v;
 }
 
-/* One warp merges the S partials of row r of pass-job jb (partial rows at prow0 + i, entries at ent + i·K) into
- * its result row or logsumexp slot. xs/xp: the warp's 64-entry survivor scratch; es/ep: its staging of cap ≥ S
- * entries. */
-__device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs, int *xp, float *es, int *ep, int cap,
-			  int mode)
+/* Entries of each split list staged in shared memory by the merge: E = max(1, min(K, 8, cap / S)). */
+__device__ __forceinline__ int stage_e(int K, int S, int cap)
+{
+	return max(1, min(min(K, 8), cap / max(1, S)));
+}
+
+/* Stage the first E entries of the S split lists of row r of pass-job jb at es/ep[e·S + i], by warp wk of nwk
+ * warps working together (8 independent loads in flight per lane per batch). */
+__device__ __forceinline__ void stage_row(const axf_args &a, const axf_job &jb, int r, float *es, int *ep, int E, int wk,
+					  int nwk)
 {
 	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
-	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
-	float m = -INFINITY, sm = 0.f;
-	for (int i = lane; i < S; i += 32) {
-		const float x = __ldcg(a.part_lse + prow0 + i);
-		if (x != -INFINITY)
-			lse_merge(m, sm, x, 1.f);
-	}
-	lse_warp(m, sm);
-	const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
-	if (!K) {
-		put_result(a, jb, r, lse, -INFINITY, INT_MAX, -INFINITY, INT_MAX);
-		return;
-	}
-	const int E = max(1, min(min(K, 8), cap / max(1, S)));
-	for (int q0 = 0; q0 < S * E; q0 += 32 * 8) { /* 8 independent loads in flight per lane per batch */
+	const uint64_t ent = jb.ent0 + (uint64_t)r * S * K;
+	for (int q0 = wk * 256; q0 < S * E; q0 += nwk * 256) {
 		float vx[8];
 		int vp[8];
 #pragma unroll
@@ -432,6 +424,31 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 			}
 		}
 	}
+}
+
+/* One warp merges the S partials of row r of pass-job jb (partial rows at prow0 + i, entries at ent + i·K) into
+ * its result row or logsumexp slot. xs/xp: the warp's 64-entry survivor scratch; es/ep: its staging of cap ≥ S
+ * entries, already filled by stage_row when `staged`. */
+__device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs, int *xp, float *es, int *ep, int cap,
+			  int mode, int staged)
+{
+	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
+	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
+	float m = -INFINITY, sm = 0.f;
+	for (int i = lane; i < S; i += 32) {
+		const float x = __ldcg(a.part_lse + prow0 + i);
+		if (x != -INFINITY)
+			lse_merge(m, sm, x, 1.f);
+	}
+	lse_warp(m, sm);
+	const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
+	if (!K) {
+		put_result(a, jb, r, lse, -INFINITY, INT_MAX, -INFINITY, INT_MAX);
+		return;
+	}
+	const int E = stage_e(K, S, cap);
+	if (!staged)
+		stage_row(a, jb, r, es, ep, E, 0, 1);
 	float ts = -INFINITY;
 	int tp = INT_MAX;
 	for (int i = lane; i < S; i += 32) {
@@ -861,9 +878,15 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		put_flags(a, jb);
 	if (MODE == AXF_M_HEADS) {
 		for (int r = w; r < (int)jb.H; r += AXF_NW)
-			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, MODE);
-	} else if (w == 0) {
-		merge_row(a, jb, 0, xs, xp, es, ep, cap, MODE);
+			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, MODE, 0);
+	} else { /* one row: every warp stages its split lists (the whole ring), warp 0 merges */
+		const int capm = cap * AXF_NW;
+		float *ms = (float *)stg;
+		int *mp = (int *)(ms + capm);
+		stage_row(a, jb, 0, ms, mp, stage_e(K, S, capm), w, AXF_NW);
+		__syncthreads();
+		if (w == 0)
+			merge_row(a, jb, 0, xs, xp, ms, mp, capm, MODE, 1);
 	}
 }
 
@@ -884,7 +907,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	const int cap = (int)AXF_MERGE_CAP;
 	float *xs = smem_xs(smem), *es = (float *)(smem + (size_t)w * cap * 8);
 	int *xp = (int *)(xs + AXF_NW * 64), *ep = (int *)(es + cap);
-	merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, AXF_M_HEADS);
+	merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, AXF_M_HEADS, 0);
 }
 
 /* ---- the driver ------------------------------------------------------------------------------------------------------ */
