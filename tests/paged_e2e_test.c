@@ -17,10 +17,14 @@
  * request; top-k positions equal the reference's (a swap allowed only between keys whose reference values agree to
  * 1e-5), logits and logsumexp within 1e-3; a gap "unsupported" was reported.
  *
+ * INDEX token: the same pools read through a token index table (SGLang's req_to_token, slot = block·BS + row): the
+ * 4-D NHD pools (layers 0 and 3, block sizes BS and 2·BS) and the 3-D one are seen as slots, the HND pool (layer 1)
+ * cannot be (its blocks are not evenly strided in slots) and is the skipped one.
+ *
  * Built with PE_CUDA (paged_e2e_gpu, with paged_e2e_dev.cu) and run with BACKEND cuda, every buffer lives in GPU
  * memory (cudaMalloc, CUDA IPC entries through ax_cuda_fill_ipc): the engine writes host shadows and uploads them
  * (synchronously) before each descriptor is published, and the capture runs --backend cuda; the checks are the same.
- * Usage: paged_e2e_test CAPTURE MODE BS [cpu|cuda]. Exit 0 pass, 1 fail, 2 usage, 77 no CUDA device (cuda).
+ * Usage: paged_e2e_test CAPTURE MODE BS [cpu|cuda [paged|token]]. Exit 0 pass, 1 fail, 2 usage, 77 no CUDA device (cuda).
  * A test program: it fails fast.
  */
 #include <errno.h>
@@ -44,7 +48,9 @@ enum { NL = 4, HQ = 4, HKV = 2, D = 64, TROWS = 4, MAXB = 64, NREQ = 3, ND = 6, 
 
 static uint32_t g_bs, g_mode;
 static int g_fail;
-static int g_dev; /* buffers in GPU memory (BACKEND cuda) */
+static int g_dev;   /* buffers in GPU memory (BACKEND cuda) */
+static int g_token; /* a token index table instead of the block table (INDEX token) */
+static uint32_t g_skip; /* the layer the index cannot address: 3 (paged), 1 (token) */
 
 #ifdef PE_CUDA /* paged_e2e_dev.cu */
 int pe_dev_init(void);
@@ -156,6 +162,7 @@ typedef struct req {
 	char rid[32];
 	uint64_t id;
 	uint32_t row, P, len; /* table row, prompt length, positions written */
+	int32_t blk[MAXB];    /* the request's blocks */
 	double (*q)[NL][HQ][D];  /* [positions] the decoded Q rows */
 	double (*k)[NL][HKV][D]; /* [positions] the decoded keys */
 	int ended;
@@ -209,8 +216,11 @@ static void engine_open(engine *e, const char *name)
 	e->scale = ax_export_header(e->ex)->scale;
 	for (uint32_t l = 0; l < NL; l++)
 		add_pool(e, l, blocks);
-	ax_shm_buffer tb;
-	if (g_dev && ax_shm_block_table_desc(&tb, TROWS, MAXB, g_bs) == 0)
+	ax_shm_buffer tb, ti = {.kind = AX_BUF_INDEX_TOKEN, .dtype = AX_DTYPE_I32, .layer = -1, .ndim = 2,
+				.dim = {TROWS, (uint64_t)MAXB * g_bs}, .scale = 1};
+	if (g_token)
+		e->table = add_buf(e->ex, &ti, &e->tbuf);
+	else if (g_dev && ax_shm_block_table_desc(&tb, TROWS, MAXB, g_bs) == 0)
 		e->table = add_buf(e->ex, &tb, &e->tbuf);
 	else if (g_dev || ax_export_add_block_table(e->ex, TROWS, MAXB, g_bs, &e->table, &e->tbuf))
 		DIE("block table");
@@ -233,13 +243,19 @@ static void put_key(engine *e, req *r, uint32_t p)
 	if (p % g_bs == 0) {
 		if (e->nfree == 0)
 			DIE("out of blocks");
-		e->table[r->row * MAXB + p / g_bs] = (int32_t)e->freeb[--e->nfree];
+		r->blk[p / g_bs] = (int32_t)e->freeb[--e->nfree];
+		if (!g_token)
+			e->table[r->row * MAXB + p / g_bs] = r->blk[p / g_bs];
 	}
-	uint64_t b = (uint64_t)e->table[r->row * MAXB + p / g_bs];
+	uint64_t b = (uint64_t)r->blk[p / g_bs], slot = b * g_bs + p % g_bs;
+	if (g_token)
+		e->table[(uint64_t)r->row * MAXB * g_bs + p] = (int32_t)slot;
 	int plant = p % 7 == 3;
 	for (uint32_t l = 0; l < NL; l++) {
 		const pool *pl = &e->pl[l];
-		uint64_t row = l == 3 ? 0 : p % g_bs; /* layer 3 is never read: its cells stay random */
+		/* paged: block b, row p % bs; token: slot·(row stride) in the pools seen as slots; the skipped layer's
+		 * cells stay random */
+		uint64_t at = g_token ? slot * pl->sr : b * pl->sb + (p % g_bs) * pl->sr;
 		for (uint32_t g = 0; g < HKV; g++)
 			for (uint32_t d = 0; d < D; d++) {
 				double x = uni();
@@ -251,8 +267,8 @@ static void put_key(engine *e, req *r, uint32_t p)
 					x *= 0.5 + (p % 5) * 0.3;
 				}
 				uint16_t v = to_bf16(x);
-				if (l != 3)
-					pl->k[b * pl->sb + row * pl->sr + g * pl->sg + d] = v;
+				if (l != g_skip)
+					pl->k[at + g * pl->sg + d] = v;
 				r->k[p][l][g][d] = from_bf16(v);
 			}
 	}
@@ -381,7 +397,7 @@ typedef struct sink {
 	engine *e;
 	req *reqs;
 	uint8_t *seen;     /* [req][pos][layer][head] */
-	uint64_t attn, ends, unsupported, layer3;
+	uint64_t attn, ends, unsupported, skipped;
 } sink;
 
 static int on_record(const ax_record *rec, void *arg)
@@ -407,11 +423,11 @@ static int on_record(const ax_record *rec, void *arg)
 	}
 	const ax_rec_attn *a = &rec->u.attn;
 	uint32_t hi = g_mode == AX_MODE_HEADS ? (uint32_t)a->head_id : 0;
-	if (a->layer_id == 3) {
-		s->layer3++;
+	if (a->layer_id == (int32_t)g_skip) {
+		s->skipped++;
 		return 0;
 	}
-	if (a->layer_id < 0 || a->layer_id > 2 || a->position < 0 || a->position >= MAXB * 300 || hi >= HQ) {
+	if (a->layer_id < 0 || a->layer_id >= NL || a->position < 0 || a->position >= MAXB * 300 || hi >= HQ) {
 		FAIL("attn record out of range: layer %d position %lld head %d", a->layer_id, (long long)a->position,
 		     a->head_id);
 		return 0;
@@ -472,14 +488,18 @@ static int wait_wanted(engine *e)
 
 int main(int argc, char **argv)
 {
-	if (argc < 4 || argc > 5 || ax_mode_parse(argv[2]) < 0 || atoi(argv[3]) < 1 || atoi(argv[3]) > 64 ||
-	    (argc == 5 && strcmp(argv[4], "cpu") && strcmp(argv[4], "cuda"))) {
-		fprintf(stderr, "usage: %s CAPTURE mean_logit|mean_prob|heads BLOCK_SIZE(1..64) [cpu|cuda]\n", argv[0]);
+	if (argc < 4 || argc > 6 || ax_mode_parse(argv[2]) < 0 || atoi(argv[3]) < 1 || atoi(argv[3]) > 64 ||
+	    (argc >= 5 && strcmp(argv[4], "cpu") && strcmp(argv[4], "cuda")) ||
+	    (argc == 6 && strcmp(argv[5], "paged") && strcmp(argv[5], "token"))) {
+		fprintf(stderr, "usage: %s CAPTURE mean_logit|mean_prob|heads BLOCK_SIZE(1..64) [cpu|cuda [paged|token]]\n",
+			argv[0]);
 		return 2;
 	}
+	g_token = argc == 6 && !strcmp(argv[5], "token");
+	g_skip = g_token ? 1 : 3;
 	g_mode = (uint32_t)ax_mode_parse(argv[2]);
 	g_bs = (uint32_t)atoi(argv[3]);
-	g_dev = argc == 5 && !strcmp(argv[4], "cuda");
+	g_dev = argc >= 5 && !strcmp(argv[4], "cuda");
 #ifdef PE_CUDA
 	if (g_dev && pe_dev_init() != 0) {
 		printf("paged_e2e_test: SKIP (no CUDA device)\n");
@@ -537,17 +557,18 @@ int main(int argc, char **argv)
 		FAIL("%llu attn records, want %llu", (unsigned long long)s.attn, (unsigned long long)want_attn);
 	if (s.ends != NREQ)
 		FAIL("%llu end records, want %d", (unsigned long long)s.ends, NREQ);
-	if (s.layer3)
-		FAIL("%llu records of layer 3 (a pool the table cannot address)", (unsigned long long)s.layer3);
+	if (s.skipped)
+		FAIL("%llu records of layer %u (a pool the index cannot address)", (unsigned long long)s.skipped, g_skip);
 	if (!s.unsupported)
-		FAIL("no gap \"unsupported\" for layer 3");
+		FAIL("no gap \"unsupported\" for layer %u", g_skip);
 	kill(cap, SIGTERM);
 	waitpid(cap, NULL, 0);
 	nng_close(pull);
 	ax_export_close(e.ex);
 	free_bufs();
-	printf("paged_e2e_test %s bs %u%s: %llu attn records checked, %d failures\n", argv[2], g_bs,
-	       g_dev ? " (GPU buffers, --backend cuda)" : "", (unsigned long long)s.attn, g_fail);
+	printf("paged_e2e_test %s bs %u%s%s: %llu attn records checked, %d failures\n", argv[2], g_bs,
+	       g_token ? " token index" : "", g_dev ? " (GPU buffers, --backend cuda)" : "", (unsigned long long)s.attn,
+	       g_fail);
 	for (int i = 0; i < NREQ; i++) {
 		free(reqs[i].q);
 		free(reqs[i].k);
