@@ -434,11 +434,21 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 {
 	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
 	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
-	float m = -INFINITY, sm = 0.f;
-	for (int i = lane; i < S; i += 32) {
+	float m = -INFINITY, sm = 0.f, ts = -INFINITY; /* (ts, tp): the best k-th entry of any split */
+	int tp = INT_MAX;
+	for (int i = lane; i < S; i += 32) { /* the splits' logsumexps and k-th entries: loads issued together */
 		const float x = __ldcg(a.part_lse + prow0 + i);
+		float kx = -INFINITY;
+		int kp = -1;
+		if (K) {
+			const uint64_t e = ent + (uint64_t)i * K + K - 1;
+			kx = __ldcg(a.part_s + e);
+			kp = __ldcg(a.part_p + e);
+		}
 		if (x != -INFINITY)
 			lse_merge(m, sm, x, 1.f);
+		if (kp >= 0 && fb(kx, kp, ts, tp))
+			ts = kx, tp = kp;
 	}
 	lse_warp(m, sm);
 	const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
@@ -449,15 +459,6 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 	const int E = stage_e(K, S, cap);
 	if (!staged)
 		stage_row(a, jb, r, es, ep, E, 0, 1);
-	float ts = -INFINITY;
-	int tp = INT_MAX;
-	for (int i = lane; i < S; i += 32) {
-		const uint64_t e = ent + (uint64_t)i * K + K - 1;
-		const float x = __ldcg(a.part_s + e);
-		const int p = __ldcg(a.part_p + e);
-		if (p >= 0 && fb(x, p, ts, tp))
-			ts = x, tp = p;
-	}
 	for (int off = 16; off; off >>= 1) {
 		const float ox = __shfl_xor_sync(FULLM, ts, off);
 		const int op = __shfl_xor_sync(FULLM, tp, off);
