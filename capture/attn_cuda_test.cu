@@ -452,7 +452,7 @@ static void paged_case(ax_attn_cuda *c, const tcase *tc, uint32_t bs, int hnd, i
 	else if (!spoil && check_rows(&t.job, out + rows, why, sizeof why) == 0 && !tp_same_rows(out, out + rows, rows))
 		snprintf(why, sizeof why, "paged rows differ from the token twin's");
 	ok = ok && !why[0];
-	tap(ok, "paged bs %u%s%s: %s%s%s", bs, hnd ? " HND" : "", spoil ? " bad block id" : "", tc->name, ok ? "" : ": ",
+	tap(ok, "paged bs %u%s%s: %s%s%s", bs, hnd == TP_HND ? " HND" : hnd == TP_KV ? " K/V" : "", spoil ? " bad block id" : "", tc->name, ok ? "" : ": ",
 	    why);
 	free(out);
 	cudaFree(dk);
@@ -466,7 +466,7 @@ static void test_paged(ax_attn_cuda *c)
 {
 	static const uint32_t bss[4] = {1, 16, 48, 256};
 	for (size_t i = 0; i < ARRAY_LEN(td_cases); i++)
-		paged_case(c, &td_cases[i], bss[i % 4], (int)(i % 2), 0);
+		paged_case(c, &td_cases[i], bss[i % 4], (int)(i % 3), 0); /* NHD, HND, K/V interleaved */
 	paged_case(c, &td_cases[0], 16, 0, 1);
 	paged_case(c, &td_cases[2], 48, 1, 1);
 }

@@ -4,8 +4,8 @@
  * runs them). Usage: attn_paged_test cpu | emu (meson registers both).
  *
  * Every case of attn_cuda_testdata.h's table becomes a paged job (attn_paged_testdata.h: shuffled block ids, block
- * sizes 1, 16, 256 and 48 (not a power of two), NHD and HND pools, poison wherever a correct backend must not
- * read) and must give (a) the float64 reference of the token job holding the same key bytes (top-k set, ties by
+ * sizes 1, 16, 256 and 48 (not a power of two), NHD, HND and K/V-interleaved pools, poison wherever a correct
+ * backend must not read) and must give (a) the float64 reference of the token job holding the same key bytes (top-k set, ties by
  * lower position, logits and logsumexp within 1e-3) and (b) bit for bit what the same backend gives the token job.
  * Error cases: block ids past the pool, negative, at the window's first visible block (-ERANGE before any key is
  * read), an infinite key (-EDOM), bad block sizes, n_blocks, n_slots, strides, index kinds and dtypes (-EINVAL);
@@ -108,8 +108,9 @@ static int run1(const ax_attn_job *job, ax_attn_result *out)
 
 static const struct {
 	uint32_t bs;
-	int hnd;
-} layouts[] = {{1, 0}, {16, 0}, {256, 0}, {16, 1}, {48, 1}, {256, 1}};
+	int layout; /* TP_NHD, TP_HND, TP_KV */
+} layouts[] = {{1, TP_NHD}, {16, TP_NHD}, {256, TP_NHD}, {16, TP_HND}, {48, TP_HND}, {256, TP_HND}, {16, TP_KV}};
+static const char *const layout_names[] = {"", " HND", " K/V"};
 
 /* Case c with layout l: the paged job against the reference and against the token job, bit for bit. */
 static void check_case(const tcase *c, size_t l)
@@ -120,21 +121,21 @@ static void check_case(const tcase *c, size_t l)
 	char why[256] = "";
 	int near = 0;
 	td_make(c, &t);
-	tp_make(&t, layouts[l].bs, layouts[l].hnd, &p);
+	tp_make(&t, layouts[l].bs, layouts[l].layout, &p);
 	uint32_t rows = ax_attn_rows(&t.job);
 	ax_attn_result *tok = calloc(rows, sizeof *tok), *pg = calloc(rows, sizeof *pg);
 	assert_non_null(tok);
 	assert_non_null(pg);
 	int rt = run1(&t.job, tok), rp = run1(&p.job, pg);
 	if (rt != 0 || rp != 0)
-		fail_msg("%s, bs %u%s: token job %d, paged job %d", c->name, layouts[l].bs, layouts[l].hnd ? " HND" : "",
+		fail_msg("%s, bs %u%s: token job %d, paged job %d", c->name, layouts[l].bs, layout_names[layouts[l].layout],
 			 rt, rp);
 	td_ref(&t.job, &ref);
 	if (td_check(&ref, c->top_k, pg, TOL, &near, why, sizeof why) != 0)
-		fail_msg("%s, bs %u%s: %s", c->name, layouts[l].bs, layouts[l].hnd ? " HND" : "", why);
+		fail_msg("%s, bs %u%s: %s", c->name, layouts[l].bs, layout_names[layouts[l].layout], why);
 	if (!tp_same_rows(tok, pg, rows))
 		fail_msg("%s, bs %u%s: paged rows differ from the token job's", c->name, layouts[l].bs,
-			 layouts[l].hnd ? " HND" : "");
+			 layout_names[layouts[l].layout]);
 	td_ref_free(&ref);
 	free(tok);
 	free(pg);
@@ -219,7 +220,7 @@ static void test_errors(void **state)
 		tdata t;
 		tpaged p;
 		td_make(&c, &t);
-		tp_make(&t, 16, 0, &p);
+		tp_make(&t, 16, TP_NHD, &p);
 		uint64_t start = c.window ? 2000 - (uint64_t)c.window : 0, last_cell = 1999 / 16;
 		perrs[i].spoil(&p, start, last_cell);
 		ax_attn_result out[1];
@@ -252,7 +253,7 @@ static void test_mixed_batch(void **state)
 	uint32_t rows = 0, off[2 * N + 1];
 	for (size_t i = 0; i < N; i++) {
 		td_make(&td_cases[i], &t[i]);
-		tp_make(&t[i], layouts[(i + 1) % ARRAY_LEN(layouts)].bs, (int)(i % 2), &p[i]);
+		tp_make(&t[i], layouts[(i + 1) % ARRAY_LEN(layouts)].bs, (int)(i % 3), &p[i]);
 		jobs[2 * i] = t[i].job;
 		jobs[2 * i + 1] = p[i].job;
 	}

@@ -4,7 +4,8 @@
  * GPU). Plain C, also valid C++; test code only (fails fast on malloc failure).
  *
  * tp_make builds, from a case's host data (a K pool addressed through a shuffled index row), a paged pool of
- * blocks of `bs` rows in NHD ([blocks, bs, H_kv, D]) or HND ([blocks, H_kv, bs, D]) order and a block-table row with
+ * blocks of `bs` rows in NHD ([blocks, bs, H_kv, D]), HND ([blocks, H_kv, bs, D]) or K/V-interleaved order (FlashInfer's
+ * [blocks, 2, bs, H_kv, D] with K at index 0: NHD blocks twice as far apart, V poison) and a block-table row with
  * shuffled block ids, and copies every visible key's bytes (all KV heads) to block table[j / bs], row j % bs. The
  * keys are byte copies, so the token job's float64 reference (td_ref) is the paged job's reference too, and a
  * backend must give the paged job exactly what it gives the token job. Everything a correct backend must never read
@@ -25,8 +26,10 @@ typedef struct tpaged {
 	ax_attn_job job;       /* the token job with paged addressing over k and table */
 } tpaged;
 
-/* A paged copy of t (made by td_make) with block size bs; hnd: HND order instead of NHD. */
-static void tp_make(const tdata *t, uint32_t bs, int hnd, tpaged *p)
+enum { TP_NHD = 0, TP_HND = 1, TP_KV = 2 }; /* pool layouts */
+
+/* A paged copy of t (made by td_make) with block size bs in layout `layout` (TP_*). */
+static void tp_make(const tdata *t, uint32_t bs, int layout, tpaged *p)
 {
 	const ax_attn_job *tj = &t->job;
 	uint32_t Hkv = tj->n_kv_heads, D = tj->head_dim;
@@ -36,7 +39,9 @@ static void tp_make(const tdata *t, uint32_t bs, int hnd, tpaged *p)
 	memset(p, 0, sizeof *p);
 	p->blocks = need + 3; /* spare blocks no cell names */
 	p->ncells = need + 2;
-	uint64_t s0 = hnd ? D : (uint64_t)Hkv * D, s1 = hnd ? (uint64_t)bs * D : D, sb = (uint64_t)bs * Hkv * D;
+	int hnd = layout == TP_HND;
+	uint64_t s0 = hnd ? D : (uint64_t)Hkv * D, s1 = hnd ? (uint64_t)bs * D : D;
+	uint64_t sb = (uint64_t)bs * Hkv * D * (layout == TP_KV ? 2 : 1);
 	p->kbytes = p->blocks * sb * kes;
 	p->tbytes = p->ncells * sizeof(int32_t);
 	p->k = td_alloc(p->kbytes);
