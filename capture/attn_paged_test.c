@@ -1,12 +1,13 @@
 /*
- * attn_paged_test.c — paged addressing (vLLM block tables, attn.h's AX_ATTN_INDEX_PAGED) on the CPU backend and on the
- * CUDA backend's algorithm emulated on the CPU (attn_cuda_logic.h + attn_cuda_plan.h, as attn_cuda_logic_test.c
+ * attn_paged_test.c — paged addressing (vLLM block tables, attn.h's AX_ATTN_INDEX_PAGED) on the CPU backend and on
+ * the CUDA backend's algorithm emulated on the CPU (attn_cuda_logic.h + attn_cuda_plan.h, as attn_cuda_logic_test.c
  * runs them). Usage: attn_paged_test cpu | emu (meson registers both).
  *
  * Every case of attn_cuda_testdata.h's table becomes a paged job (attn_paged_testdata.h: shuffled block ids, block
  * sizes 1, 16, 256 and 48 (not a power of two), NHD, HND and K/V-interleaved pools, poison wherever a correct
- * backend must not read) and must give (a) the float64 reference of the token job holding the same key bytes (top-k set, ties by
- * lower position, logits and logsumexp within 1e-3) and (b) bit for bit what the same backend gives the token job.
+ * backend must not read) and must give (a) the float64 reference of the token job holding the same key bytes (top-k
+ * set, ties by lower position, logits and logsumexp within 1e-3) and (b) bit for bit what the same backend gives the
+ * token job.
  * Error cases: block ids past the pool, negative, at the window's first visible block (-ERANGE before any key is
  * read), an infinite key (-EDOM), bad block sizes, n_blocks, n_slots, strides, index kinds and dtypes (-EINVAL);
  * the emulated backend also runs everything as one batch mixed with token jobs. AX_TEST_SEED=N repeats a run.
@@ -104,7 +105,7 @@ static int run1(const ax_attn_job *job, ax_attn_result *out)
 	return rc;
 }
 
-/* ---- cases --------------------------------------------------------------------------------------------------------- */
+/* ---- cases ------------------------------------------------------------------------------------------------------- */
 
 static const struct {
 	uint32_t bs;
@@ -128,8 +129,8 @@ static void check_case(const tcase *c, size_t l)
 	assert_non_null(pg);
 	int rt = run1(&t.job, tok), rp = run1(&p.job, pg);
 	if (rt != 0 || rp != 0)
-		fail_msg("%s, bs %u%s: token job %d, paged job %d", c->name, layouts[l].bs, layout_names[layouts[l].layout],
-			 rt, rp);
+		fail_msg("%s, bs %u%s: token job %d, paged job %d", c->name, layouts[l].bs,
+			 layout_names[layouts[l].layout], rt, rp);
 	td_ref(&t.job, &ref);
 	if (td_check(&ref, c->top_k, pg, TOL, &near, why, sizeof why) != 0)
 		fail_msg("%s, bs %u%s: %s", c->name, layouts[l].bs, layout_names[layouts[l].layout], why);
@@ -154,7 +155,7 @@ static void test_cases(void **state)
 	assert_int_equal(g_misaligned, 0);
 }
 
-/* ---- errors -------------------------------------------------------------------------------------------------------- */
+/* ---- errors ------------------------------------------------------------------------------------------------------ */
 
 typedef struct perr {
 	const char *name;
@@ -182,7 +183,10 @@ static void s_inf(tpaged *p, uint64_t start, uint64_t lc)
 	((uint16_t *)p->k)[b * p->job.k_block_stride + (j % 16) * p->job.k_stride[0] + 3] = 0x7f80;
 }
 static void s_bs0(tpaged *p, uint64_t s, uint64_t lc) { (void)s, (void)lc, p->job.block_size = 0; }
-static void s_bsbig(tpaged *p, uint64_t s, uint64_t lc) { (void)s, (void)lc, p->job.block_size = AX_ATTN_MAX_BLOCK_SIZE + 1; }
+static void s_bsbig(tpaged *p, uint64_t s, uint64_t lc)
+{
+	(void)s, (void)lc, p->job.block_size = AX_ATTN_MAX_BLOCK_SIZE + 1;
+}
 static void s_nb0(tpaged *p, uint64_t s, uint64_t lc) { (void)s, (void)lc, p->job.n_blocks = 0; }
 static void s_slots(tpaged *p, uint64_t s, uint64_t lc) { (void)s, (void)lc, p->job.n_slots = 5; }
 static void s_sb(tpaged *p, uint64_t s, uint64_t lc) { (void)s, (void)lc, p->job.k_block_stride = (uint64_t)1 << 61; }

@@ -4,8 +4,9 @@
  * GPU). Plain C, also valid C++; test code only (fails fast on malloc failure).
  *
  * tp_make builds, from a case's host data (a K pool addressed through a shuffled index row), a paged pool of
- * blocks of `bs` rows in NHD ([blocks, bs, H_kv, D]), HND ([blocks, H_kv, bs, D]) or K/V-interleaved order (FlashInfer's
- * [blocks, 2, bs, H_kv, D] with K at index 0: NHD blocks twice as far apart, V poison) and a block-table row with
+ * blocks of `bs` rows in NHD ([blocks, bs, H_kv, D]), HND ([blocks, H_kv, bs, D]) or K/V-interleaved order
+ * (FlashInfer's [blocks, 2, bs, H_kv, D] with K at index 0: NHD blocks twice as far apart, V poison) and a block-table
+ * row with
  * shuffled block ids, and copies every visible key's bytes (all KV heads) to block table[j / bs], row j % bs. The
  * keys are byte copies, so the token job's float64 reference (td_ref) is the paged job's reference too, and a
  * backend must give the paged job exactly what it gives the token job. Everything a correct backend must never read

@@ -93,8 +93,9 @@ typedef struct ax_shm_buffer {
 	int32_t layer;       /* layer index for K pools, -1 otherwise */
 	uint32_t ndim;       /* number of used dims (1..4) */
 	int32_t device;      /* CUDA device ordinal for CUDA locations, -1 for host */
-	uint64_t dim[4];     /* shape, outermost first (K pool: slots, H_kv, D or blocks, block_size, H_kv, D; Q ring:
-				rows, H_q, D; token index: rows, ctx; block table: rows, max_blocks, then block_size in dim[2]) */
+	uint64_t dim[4];     /* shape, outermost first (K pool: slots, H_kv, D or blocks, block_size, H_kv, D; Q
+				ring: rows, H_q, D; token index: rows, ctx; block table: rows, max_blocks, then
+				block_size in dim[2]) */
 	uint64_t stride[4];  /* strides in elements, outermost first */
 	uint64_t offset;     /* byte offset: into the segment (HOST) or into the IPC/VMM allocation (CUDA) */
 	uint64_t bytes;      /* bytes reachable from offset (extent checked against dims and strides) */

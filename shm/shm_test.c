@@ -714,7 +714,8 @@ static void test_paged_steps(void **state)
 	assert_int_equal(ax_export_add_block_table(f->ex, 4, 8, 0, &tab, NULL), -EINVAL);
 	assert_int_equal(ax_export_add_block_table(NULL, 4, 8, 16, &tab, NULL), -EINVAL);
 	assert_int_equal(ax_export_add_block_table(f->ex, 4, 8, 16, NULL, &ti2), 0); /* scribbled on below */
-	ax_shm_buffer *shared = (ax_shm_buffer *)((uint8_t *)ax_export_header(f->ex) + ax_export_header(f->ex)->buf_off);
+	ax_shm_header *eh = ax_export_header(f->ex);
+	ax_shm_buffer *shared = (ax_shm_buffer *)((uint8_t *)eh + eh->buf_off);
 	shared[ti2].dim[2] = 0; /* before the consumer copies it */
 	ax_shm_find_buffer(f->sh, AX_BUF_INDEX_PAGED, -1); /* the consumer picks up the new entries */
 	uint32_t nb;

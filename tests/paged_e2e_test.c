@@ -24,7 +24,8 @@
  * Built with PE_CUDA (paged_e2e_gpu, with paged_e2e_dev.cu) and run with BACKEND cuda, every buffer lives in GPU
  * memory (cudaMalloc, CUDA IPC entries through ax_cuda_fill_ipc): the engine writes host shadows and uploads them
  * (synchronously) before each descriptor is published, and the capture runs --backend cuda; the checks are the same.
- * Usage: paged_e2e_test CAPTURE MODE BS [cpu|cuda [paged|token]]. Exit 0 pass, 1 fail, 2 usage, 77 no CUDA device (cuda).
+ * Usage: paged_e2e_test CAPTURE MODE BS [cpu|cuda [paged|token]]. Exit 0 pass, 1 fail, 2 usage, 77 no CUDA device
+ * (cuda).
  * A test program: it fails fast.
  */
 #include <errno.h>
@@ -96,7 +97,7 @@ static double from_bf16(uint16_t b)
 	return f;
 }
 
-/* ---- the engine ---------------------------------------------------------------------------------------------------- */
+/* ---- the engine -------------------------------------------------------------------------------------------------- */
 
 /* Every exported buffer: where the engine writes it (the segment, or a host shadow of GPU memory at dptr). */
 typedef struct xbuf {
@@ -368,7 +369,8 @@ static void check_record(const engine *e, const req *r, const ax_rec_attn *a)
 		return;
 	}
 	if (fabs(a->logsumexp_all - lse) > TOL)
-		FAIL("%s p %u layer %u head %d: logsumexp %.9g, want %.9g", r->rid, p, l, a->head_id, a->logsumexp_all, lse);
+		FAIL("%s p %u layer %u head %d: logsumexp %.9g, want %.9g", r->rid, p, l, a->head_id, a->logsumexp_all,
+		     lse);
 	char used[MAXB * 300] = {0};
 	for (uint32_t i = 0; i < k; i++) {
 		/* the i-th best of the reference: highest value, lowest position among equals, not yet taken */
@@ -391,7 +393,7 @@ static void check_record(const engine *e, const req *r, const ax_rec_attn *a)
 	}
 }
 
-/* ---- records ------------------------------------------------------------------------------------------------------ */
+/* ---- records ----------------------------------------------------------------------------------------------------- */
 
 typedef struct sink {
 	engine *e;
@@ -432,7 +434,8 @@ static int on_record(const ax_record *rec, void *arg)
 		     a->head_id);
 		return 0;
 	}
-	uint8_t *seen = &s->seen[(((size_t)ri * MAXB * 300 + (size_t)a->position) * NL + (size_t)a->layer_id) * HQ + hi];
+	size_t at = (((size_t)ri * MAXB * 300 + (size_t)a->position) * NL + (size_t)a->layer_id) * HQ + hi;
+	uint8_t *seen = &s->seen[at];
 	if ((*seen)++)
 		FAIL("%s p %lld layer %d head %d twice", rec->rid, (long long)a->position, a->layer_id, a->head_id);
 	check_record(s->e, &s->reqs[ri], a);
@@ -457,7 +460,7 @@ static void drain(nng_socket pull, sink *s, uint64_t want_attn, int timeout_ms)
 	}
 }
 
-/* ---- main ------------------------------------------------------------------------------------------------------------ */
+/* ---- main -------------------------------------------------------------------------------------------------------- */
 
 static pid_t spawn_capture(const char *bin, const char *shm, const char *addr, const char *mode)
 {
@@ -491,8 +494,8 @@ int main(int argc, char **argv)
 	if (argc < 4 || argc > 6 || ax_mode_parse(argv[2]) < 0 || atoi(argv[3]) < 1 || atoi(argv[3]) > 64 ||
 	    (argc >= 5 && strcmp(argv[4], "cpu") && strcmp(argv[4], "cuda")) ||
 	    (argc == 6 && strcmp(argv[5], "paged") && strcmp(argv[5], "token"))) {
-		fprintf(stderr, "usage: %s CAPTURE mean_logit|mean_prob|heads BLOCK_SIZE(1..64) [cpu|cuda [paged|token]]\n",
-			argv[0]);
+		fprintf(stderr, "usage: %s CAPTURE mean_logit|mean_prob|heads BLOCK_SIZE(1..64) [cpu|cuda [paged|token]]"
+				"\n", argv[0]);
 		return 2;
 	}
 	g_token = argc == 6 && !strcmp(argv[5], "token");
@@ -558,7 +561,8 @@ int main(int argc, char **argv)
 	if (s.ends != NREQ)
 		FAIL("%llu end records, want %d", (unsigned long long)s.ends, NREQ);
 	if (s.skipped)
-		FAIL("%llu records of layer %u (a pool the index cannot address)", (unsigned long long)s.skipped, g_skip);
+		FAIL("%llu records of layer %u (a pool the index cannot address)", (unsigned long long)s.skipped,
+		     g_skip);
 	if (!s.unsupported)
 		FAIL("no gap \"unsupported\" for layer %u", g_skip);
 	kill(cap, SIGTERM);
