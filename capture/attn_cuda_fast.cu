@@ -984,12 +984,19 @@ static int fast_setup(int device, int *occ, int *sms_out)
 	return 0;
 }
 
-/* CTAs a launch is planned for under f's knobs. */
-static uint32_t fast_resident(const ax_attn_fast *f)
+/* CTAs a launch is planned for: SMs × CTAs per SM (a knob, or the occupancy). */
+static uint32_t fast_resident(const ax_attn_fast *f, uint32_t per_sm)
 {
-	uint64_t per = f->plan->kn.ctas_per_sm ? f->plan->kn.ctas_per_sm : f->occ;
-	uint64_t r = per * f->sms;
+	uint64_t r = (uint64_t)(per_sm ? per_sm : f->occ) * f->sms;
 	return (uint32_t)(r < (1u << 24) ? r : (1u << 24));
+}
+
+/* Both wave targets from the knobs: every launch, and launches with heads lists. */
+static void fast_waves(ax_attn_fast *f)
+{
+	const axf_knobs *k = &f->plan->kn;
+	f->resident = fast_resident(f, k->ctas_per_sm);
+	f->plan->res_lists = k->ctas_per_sm_heads ? fast_resident(f, k->ctas_per_sm_heads) : 0;
 }
 
 int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream)
@@ -1018,7 +1025,7 @@ int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream)
 	const axf_knobs d = AXF_KNOBS_DEFAULT;
 	p->kn = d;
 	axf_knobs_env(&p->kn); /* read once per state */
-	f->resident = fast_resident(f);
+	fast_waves(f);
 	*out = f;
 	return 0;
 }
@@ -1031,7 +1038,7 @@ void ax__attn_fast_knobs(ax_attn_fast *f, axf_knobs *get, const axf_knobs *set)
 		*get = f->plan->kn;
 	if (set) {
 		f->plan->kn = *set;
-		f->resident = fast_resident(f);
+		fast_waves(f);
 	}
 }
 

@@ -76,10 +76,11 @@ typedef struct axf_knobs {
 	uint32_t min_keys_heads;   /* least keys per split, heads lists */
 	uint32_t max_splits_heads; /* most splits per pass-job, heads lists */
 	uint32_t merge_heads;      /* heads lists with ≥ this many splits merge in a separate launch (0: never) */
+	uint32_t ctas_per_sm_heads; /* wave target per SM of launches with heads lists (0: ctas_per_sm's) */
 } axf_knobs;
 
 /* The defaults (set from the H100 sweep, capture/dev/RESULTS.md). */
-#define AXF_KNOBS_DEFAULT {0, 64, 0, 256, 0, 0}
+#define AXF_KNOBS_DEFAULT {0, 64, 0, 256, 0, 0, 0}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -181,6 +182,7 @@ typedef struct axf_plan {
 	int empty_ok;
 	uint32_t n, njb, nso, nlse;
 	uint32_t upload;            /* 1: some launch has a table (more than one pass-job) */
+	uint32_t res_lists;         /* set by the owner: CTAs a launch with heads lists is planned for (0: resident) */
 	uint64_t rows, parts, entries, rents, pfl;
 	axf_knobs kn;               /* set by the owner; all 0 = the lab's planner */
 	axf_launch L[AXF_N_INST];
@@ -323,15 +325,17 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
- * AX_FAST_MERGE_HEADS (decimal, 0 .. 2^30). */
+ * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS (decimal, 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[6] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[7] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					     "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
-					     "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS"};
-	uint32_t *f[6] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
-			  &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads};
-	for (int i = 0; i < 6; i++) {
+					     "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
+					     "AX_FAST_CTAS_PER_SM_HEADS"};
+	uint32_t *f[7] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+			  &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
+			  &kn->ctas_per_sm_heads};
+	for (int i = 0; i < 7; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -403,11 +407,15 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	    axc_grow((void **)&p->lo, &p->lo_cap, L->nj, sizeof *p->lo) ||
 	    axc_grow((void **)&p->so, &p->so_cap, (size_t)p->nso + L->nj + 1, sizeof *p->so))
 		return -ENOMEM;
+	int lists = 0;
 	for (uint32_t i = 0; i < L->nj; i++) {
 		const axf_job *jb = &p->jb[L->j0 + i];
 		p->nk[i] = jb->n;
 		p->lo[i] = axf_lo_chunk(&p->kn, jb->n, axf_lists(mode, jb->K));
+		lists |= axf_lists(mode, jb->K);
 	}
+	if (lists && p->res_lists)
+		resident = p->res_lists;
 	uint32_t base = axf_plan_base(p->nk, p->lo, L->nj, resident);
 	L->so0 = p->nso;
 	L->mg = 0;
@@ -493,7 +501,7 @@ static inline void axf_make_layout(axf_plan *p)
  * Plan a fast run of n jobs: rc[i] = 0 for an eligible job, the generic validation's code for an invalid one,
  * -EOPNOTSUPP for a valid job the fast path does not run (the dispatcher never passes those). Result rows at the
  * usual offsets (job i's first row = Σ rows of jobs before it); one launch per instance present, in launch order;
- * `resident` CTAs per wave. mean_prob: its logsumexp pass-job comes in a heads launch, which runs before the
+ * `resident` CTAs per wave (p->res_lists for a launch with heads lists, when set), floors from p->kn. mean_prob: its logsumexp pass-job comes in a heads launch, which runs before the
  * mean_prob launch, and both pass-jobs name the same lse slots. Returns 0 or -ENOMEM (tables, or more than 2^31
  * result rows or CTAs).
  */

@@ -59,6 +59,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	axf_plan *p = (axf_plan *)calloc(1, sizeof *p);
 	assert_non_null(p);
 	p->kn = g_kn;
+	p->res_lists = g_kn.ctas_per_sm_heads ? 7 * g_kn.ctas_per_sm_heads : 0; /* the driver's SMs × knob */
 	int r = axf_plan_build(p, jobs, n, rc, resident);
 	if (r || p->nl == 0) {
 		axf_plan_free(p);
@@ -143,8 +144,9 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0}},    {5, {0, 0, 0, 0, 0, 0}},     {64, {0, 0, 0, 0, 0, 0}},
-	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1}},    {50, {0, 48, 5, 32, 7, 3}},
+	{1, {0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0}},  {64, {0, 0, 0, 0, 0, 0, 0}},
+	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0}}, {50, {0, 48, 5, 32, 7, 3, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1}}, /* lists launches on fewer CTAs than the others */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -166,7 +168,7 @@ static void test_cases(void **state)
 				fail_msg("%s (plan %zu): rc %d", emu_cases[i].name, p, rc);
 			check_job(&t.job, out, emu_cases[i].name);
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -226,7 +228,7 @@ static void test_all_ties(void **state)
 					assert_int_equal(out[r].pos[e], (int64_t)(first + e));
 				}
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -257,10 +259,10 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
-	g_kn = axf_knobs{0, 0, 0, 0, 0, 0};
+	g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0};
 	for (size_t i = 0; i < n; i++)
 		check_job(&jobs[i], b + off[i], emu_cases[i].name);
 	for (size_t i = 0; i < n; i++)
@@ -308,10 +310,11 @@ static void test_random(void **state)
 		uint32_t resident = 1 + (uint32_t)(td_u64() % 80);
 		if (round == 1) /* random knobs */
 			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
-					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6)};
+					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
+					 (uint32_t)(td_u64() % 4)};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0};
 		for (int i = 0; i < NJ; i++) {
 			char name[128];
 			snprintf(name, sizeof name, "random job %d (mode %u, H %u, H_kv %u, k %u, n %llu, window %d, resident %u)",

@@ -161,10 +161,10 @@ static uint32_t lo_brute(const axf_knobs *kn, uint64_t n, int lists)
 static axf_knobs rand_knobs(void)
 {
 	axf_knobs k;
-	uint32_t *f[6] = {&k.ctas_per_sm, &k.min_keys, &k.max_splits, &k.min_keys_heads, &k.max_splits_heads,
-			  &k.merge_heads};
-	static const uint32_t lim[6] = {9, 5000, 1500, 5000, 1500, 300};
-	for (int i = 0; i < 6; i++)
+	uint32_t *f[7] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
+			  &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads};
+	static const uint32_t lim[7] = {9, 5000, 1500, 5000, 1500, 300, 9};
+	for (int i = 0; i < 7; i++)
 		*f[i] = td_u64() % 3 == 0 ? 0 : (uint32_t)(td_u64() % lim[i]);
 	return k;
 }
@@ -199,7 +199,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -224,13 +224,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -245,7 +245,9 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_MIN_SPLIT_KEYS_HEADS", "99999999999", 1);
 	setenv("AX_FAST_MAX_SPLITS_HEADS", "16", 1);
 	setenv("AX_FAST_MERGE_HEADS", "0", 1);
+	setenv("AX_FAST_CTAS_PER_SM_HEADS", "3", 1);
 	axf_knobs_env(&k);
+	assert_int_equal(k.ctas_per_sm_heads, 3);
 	assert_int_equal(k.ctas_per_sm, 4);
 	assert_int_equal(k.min_keys, d.min_keys);
 	assert_int_equal(k.max_splits, d.max_splits);
@@ -253,7 +255,8 @@ static void test_knobs_env(void **state)
 	assert_int_equal(k.max_splits_heads, 16);
 	assert_int_equal(k.merge_heads, 0);
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
-			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS"};
+			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
+			       "AX_FAST_CTAS_PER_SM_HEADS"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -387,9 +390,13 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(p->so[L->so0 + L->nj], ctas);
 		assert_int_equal(L->ctas, ctas);
 		assert_int_equal(L->mg, mg);
-		/* one wave whenever one split per pass-job fits */
-		if (L->nj <= R)
-			assert_true(ctas <= R);
+		/* one wave whenever one split per pass-job fits (launches with heads lists: their own wave size) */
+		int any_lists = 0;
+		for (uint32_t k = 0; k < L->nj; k++)
+			any_lists |= axf_lists(mode, p->jb[L->j0 + k].K);
+		const uint32_t RL = any_lists && p->res_lists ? p->res_lists : R;
+		if (L->nj <= RL)
+			assert_true(ctas <= RL);
 		next += L->nj, so += L->nj + 1;
 	}
 	assert_int_equal(next, p->njb);
@@ -435,17 +442,19 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
 		p->kn = it % 3 == 0 ? none : it % 3 == 1 ? def : rand_knobs();
+		p->res_lists = it % 4 == 3 ? 1 + (uint32_t)(td_u64() % 300) : 0;
 		for (uint32_t i = 0; i < n; i++)
 			jobs[i] = rand_job();
 		assert_int_equal(axf_plan_build(p, jobs, n, rc, R), 0);
 		check_plan(p, jobs, n, rc, R);
 	}
 	p->kn = none;
+	p->res_lists = 0;
 	/* a batch of nothing eligible: no launch */
 	jobs[0] = elig_job(X_CAP);
 	jobs[1] = elig_job(X_TOPK0);
@@ -461,7 +470,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
@@ -494,6 +503,13 @@ static void test_plans(void **state)
 	assert_int_equal(p->jb[0].S, 4);
 	assert_int_equal(p->jb[0].sepm, 0);
 	check_plan(p, jobs, 64, rc, 264);
+	p->res_lists = 132; /* heads lists on one CTA per SM: 64 × 4K in 2 splits each */
+	jobs[63] = elig_job(X_PROB); /* its logsumexp pass-job shares the heads launch: the launch has lists */
+	assert_int_equal(axf_plan_build(p, jobs, 64, rc, 264), 0);
+	assert_int_equal(p->jb[0].S, 2);
+	assert_int_equal(p->L[0].ctas, 128);
+	check_plan(p, jobs, 64, rc, 264);
+	p->res_lists = 0;
 	axf_plan_free(p);
 }
 

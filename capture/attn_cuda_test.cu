@@ -697,14 +697,14 @@ static void fast_tests(int small)
 		fast_errors(f);
 		/* again under other planner knobs: short splits everywhere, heads lists merged by the separate merge
 		 * kernel (every split count), a split cap; then under several waves (CTAs per SM over the occupancy) */
-		static const axf_knobs alt[2] = {{0, 16, 0, 16, 0, 1}, {6, 32, 0, 48, 9, 3}};
+		static const axf_knobs alt[2] = {{0, 16, 0, 16, 0, 1, 0}, {6, 32, 0, 48, 9, 3, 3}};
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
 		for (int a = 0; a < 2; a++) {
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
-			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u\n", alt[a].ctas_per_sm,
-			       alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads, alt[a].max_splits_heads,
-			       alt[a].merge_heads);
+			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u\n",
+			       alt[a].ctas_per_sm, alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads,
+			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads);
 			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim);
 			if (!small)
 				fast_batch(f, g);
@@ -938,12 +938,13 @@ static int bench(ax_attn_cuda *c)
 	ax_attn_fast *f = NULL;
 	if (ax__attn_fast_new(&f, 0, s) != 0 || !f || ax__attn_fast_timing(f, 1) != 0)
 		printf("# fast path not available here: kernel column empty\n");
-	axf_knobs kn = {0, 0, 0, 0, 0, 0};
+	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0};
 	ax__attn_fast_knobs(f, &kn, NULL);
 	bench_head("bench");
 	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
-	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
-	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads);
+	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
+	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
+	       kn.ctas_per_sm_heads);
 	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
 	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
 	for (size_t i = 0; i < ARRAY_LEN(b_shapes); i++) {
@@ -975,12 +976,12 @@ typedef struct sweep_cfg {
 } sweep_cfg;
 
 /* The grid: the default; mean modes (and mean_prob's logsumexp pass) over least keys per split and CTAs per SM;
- * heads lists over least keys, a split cap, the separate merge, CTAs per SM. Others at the defaults. */
+ * heads lists over least keys, a split cap, the separate merge, their own CTAs per SM. Others at the defaults. */
 static uint32_t sweep_grid(sweep_cfg *g, uint32_t cap, const axf_knobs *def)
 {
 	uint32_t n = 0;
 	static const uint32_t mink[] = {16, 32, 64, 128, 256, 512, 1024}, mink_w[] = {16, 64, 256};
-	static const uint32_t cps_w[] = {3, 4, 8}, minkh[] = {16, 64, 256, 1024}, maxsh[] = {0, 8, 32}, cpsh[] = {0, 4};
+	static const uint32_t cps_w[] = {3, 4, 8}, minkh[] = {16, 64, 256, 1024}, maxsh[] = {0, 8, 32}, cpsh[] = {0, 1, 4};
 	g[n].kn = *def, g[n++].modes = 7;
 	for (size_t a = 0; a < ARRAY_LEN(mink) && n < cap; a++) {
 		g[n].kn = *def, g[n].kn.ctas_per_sm = 0, g[n].kn.min_keys = mink[a], g[n++].modes = 5;
@@ -993,7 +994,7 @@ static uint32_t sweep_grid(sweep_cfg *g, uint32_t cap, const axf_knobs *def)
 		for (size_t a = 0; a < ARRAY_LEN(minkh); a++)
 			for (size_t b = 0; b < ARRAY_LEN(maxsh); b++)
 				for (uint32_t sep = 0; sep < 2 && n < cap; sep++) {
-					g[n].kn = *def, g[n].kn.ctas_per_sm = cpsh[c], g[n].kn.min_keys_heads = minkh[a];
+					g[n].kn = *def, g[n].kn.ctas_per_sm_heads = cpsh[c], g[n].kn.min_keys_heads = minkh[a];
 					g[n].kn.max_splits_heads = maxsh[b], g[n].kn.merge_heads = sep, g[n++].modes = 2;
 				}
 	return n;
@@ -1030,14 +1031,15 @@ static int sweep(void)
 	}
 	axf_knobs def;
 	ax__attn_fast_knobs(f, &def, NULL);
-	static sweep_cfg grid[128];
+	static sweep_cfg grid[160];
 	uint32_t ng = sweep_grid(grid, ARRAY_LEN(grid), &def);
 	bench_head("sweep");
 	printf("# %u knob sets; cps = CTAs per SM planned (0: occupancy), mink/maxs = least keys / most splits per split "
 	       "(mean modes), minkh/maxsh = the same for heads lists, mergeh = separate heads merge from this many "
-	       "splits (0 off); kern = launches (events), e2e = host clock around ax__attn_fast_run\n", ng);
-	printf("%-6s %-7s %-10s %4s %5s %4s %5s %5s %6s %9s %9s %8s %8s %s\n", "", "shape", "mode", "cps", "mink", "maxs",
-	       "minkh", "maxsh", "mergeh", "kern us", "e2e us", "kern xfl", "e2e xfl", "check");
+	       "splits (0 off), cpsh = CTAs per SM of launches with heads lists (0: cps); kern = launches (events), "
+	       "e2e = host clock around ax__attn_fast_run\n", ng);
+	printf("%-6s %-7s %-10s %4s %5s %4s %5s %5s %6s %4s %9s %9s %8s %8s %s\n", "", "shape", "mode", "cps", "mink",
+	       "maxs", "minkh", "maxsh", "mergeh", "cpsh", "kern us", "e2e us", "kern xfl", "e2e xfl", "check");
 	int failed = 0;
 	char best[64][200];
 	int nb = 0;
@@ -1051,7 +1053,7 @@ static int sweep(void)
 			for (uint32_t b = 0; b < d.B; b++)
 				x |= d.rc[b];
 			bmeas g = bd_time(&d, m, NULL, cg, d.reps < 5 ? d.reps : 5);
-			printf("sweep  %-7s %-10s %-38s %9s %9.1f %8s %8.2f %s\n", d.name, mode_name(b_modes[m]),
+			printf("sweep  %-7s %-10s %-43s %9s %9.1f %8s %8.2f %s\n", d.name, mode_name(b_modes[m]),
 			       "generic path (AX_ATTN_CUDA_FAST=0)", "-", g.e2e, "-", g.e2e / d.floor,
 			       x || g.bad ? "RUN FAILED" : "ref");
 			double bk = 1e30, be = 1e30, dk = 0, de = 0;
@@ -1065,9 +1067,10 @@ static int sweep(void)
 				char why[256] = "";
 				int bad = r.bad || x || sweep_check(&d, m, f, gen, why, sizeof why);
 				failed |= bad;
-				printf("sweep  %-7s %-10s %4u %5u %4u %5u %5u %6u %9.1f %9.1f %8.2f %8.2f %s%s%s\n", d.name,
+				printf("sweep  %-7s %-10s %4u %5u %4u %5u %5u %6u %4u %9.1f %9.1f %8.2f %8.2f %s%s%s\n", d.name,
 				       mode_name(b_modes[m]), k->ctas_per_sm, k->min_keys, k->max_splits, k->min_keys_heads,
-				       k->max_splits_heads, k->merge_heads, r.kern, r.e2e, r.kern / d.floor, r.e2e / d.floor,
+				       k->max_splits_heads, k->merge_heads, k->ctas_per_sm_heads, r.kern, r.e2e, r.kern / d.floor,
+				       r.e2e / d.floor,
 				       bad ? "FAIL " : "ok", bad ? why : "", c == 0 ? "  (default)" : "");
 				fflush(stdout);
 				if (c == 0)
@@ -1081,17 +1084,17 @@ static int sweep(void)
 			if (nb < 64)
 				snprintf(best[nb++], sizeof best[0],
 					 "best   %-7s %-10s floor %7.1f | default kern %7.1f e2e %7.1f | best kern %7.1f (%.2fx) "
-					 "at %u/%u/%u/%u/%u/%u | best e2e %7.1f at %u/%u/%u/%u/%u/%u",
+					 "at %u/%u/%u/%u/%u/%u/%u | best e2e %7.1f at %u/%u/%u/%u/%u/%u/%u",
 					 d.name, mode_name(b_modes[m]), d.floor, dk, de, bk, bk / d.floor, a->ctas_per_sm,
-					 a->min_keys, a->max_splits, a->min_keys_heads, a->max_splits_heads, a->merge_heads, be,
-					 b->ctas_per_sm, b->min_keys, b->max_splits, b->min_keys_heads, b->max_splits_heads,
-					 b->merge_heads);
+					 a->min_keys, a->max_splits, a->min_keys_heads, a->max_splits_heads, a->merge_heads,
+					 a->ctas_per_sm_heads, be, b->ctas_per_sm, b->min_keys, b->max_splits, b->min_keys_heads,
+					 b->max_splits_heads, b->merge_heads, b->ctas_per_sm_heads);
 		}
 		free(gen);
 		bd_free(&d);
 	}
 	ax__attn_fast_knobs(f, NULL, &def);
-	printf("# best per shape and mode (knobs as cps/mink/maxs/minkh/maxsh/mergeh):\n");
+	printf("# best per shape and mode (knobs as cps/mink/maxs/minkh/maxsh/mergeh/cpsh):\n");
 	for (int i = 0; i < nb; i++)
 		printf("%s\n", best[i]);
 	printf("# sweep: %s\n", failed ? "SOME CHECKS FAILED (see FAIL lines)" : "every knob set matched the generic path");
