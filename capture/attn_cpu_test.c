@@ -612,7 +612,15 @@ typedef struct ecase {
 static void e_slot_past(fixture *f) { ((int32_t *)f->index)[7] = (int32_t)f->n_slots; }
 static void e_slot_neg(fixture *f) { ((int32_t *)f->index)[0] = -1; }
 static void e_slot_i64(fixture *f) { f->job.index_dtype = I64; memset(f->index, 0xff, 8 * 4); }
-static void e_slot_n1(fixture *f) { f->job.n_slots = (uint64_t)f->slots[f->c->n - 1]; }
+/* The pool ends just below the highest slot in use (the highest, not the last position's: the shuffle may put
+ * slot 0 last, and a pool of 0 slots is -EINVAL, not -ERANGE). */
+static void e_slot_n1(fixture *f)
+{
+	int64_t hi = 0;
+	for (uint64_t j = 0; j < f->c->n; j++)
+		hi = f->slots[j] > hi ? f->slots[j] : hi;
+	f->job.n_slots = (uint64_t)hi;
+}
 static void e_qdt(fixture *f) { f->job.q_dtype = AX_DTYPE_I32; }
 static void e_kdt(fixture *f) { f->job.k_dtype = 99; }
 static void e_idt(fixture *f) { f->job.index_dtype = F32; }
