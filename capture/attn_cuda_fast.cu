@@ -1099,8 +1099,10 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 		cudaStreamSynchronize(f->stream);
 		cudaFree(f->tick);
 		f->tick = NULL, f->tcap = 0;
+		/* zeroed on the context's stream: ordered before the kernels (a plain cudaMemset is not: the stream is
+		 * non-blocking) */
 		if ((e = cudaMalloc((void **)&f->tick, cap * sizeof(uint32_t))) != cudaSuccess ||
-		    (e = cudaMemset(f->tick, 0, cap * sizeof(uint32_t))) != cudaSuccess)
+		    (e = cudaMemsetAsync(f->tick, 0, cap * sizeof(uint32_t), f->stream)) != cudaSuccess)
 			return fast_fail(f, e);
 		f->tcap = cap;
 	}
