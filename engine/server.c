@@ -111,8 +111,10 @@ static char *read_body(struct mg_connection *c, size_t *len, int *st)
 	return buf;
 }
 
-/* Replace invalid UTF-8 by U+FFFD so jansson accepts the text. Returns a malloc'd string. */
-static char *utf8_clean(const char *s, size_t n, size_t *out_len)
+/* Replace invalid UTF-8 by U+FFFD so jansson accepts the text; a NUL byte stays (JSON strings carry it as \u0000,
+ * as tokenizers' decode gives it) unless keep_nul is 0 (object keys: jansson's are C strings). Returns a malloc'd
+ * string. */
+static char *utf8_clean(const char *s, size_t n, size_t *out_len, int keep_nul)
 {
 	char *o = malloc(n * 3 + 1);
 	size_t k = 0;
@@ -122,7 +124,7 @@ static char *utf8_clean(const char *s, size_t n, size_t *out_len)
 		int ok = cl > 0 && i + (size_t)cl <= n && !(cl == 2 && b < 0xc2);
 		for (int j = 1; ok && j < cl; j++)
 			ok = ((unsigned char)s[i + j] & 0xc0) == 0x80;
-		if (ok && b != 0) {
+		if (ok && (b != 0 || keep_nul)) {
 			memcpy(o + k, s + i, (size_t)cl);
 			k += (size_t)cl;
 			i += (size_t)cl;
@@ -141,7 +143,7 @@ static char *utf8_clean(const char *s, size_t n, size_t *out_len)
 static json_t *jstr_bytes(const char *s, size_t n)
 {
 	size_t k;
-	char *c = utf8_clean(s, n, &k);
+	char *c = utf8_clean(s, n, &k, 1);
 	json_t *j = c ? json_stringn(c, k) : json_string("");
 	free(c);
 	return j;
@@ -450,7 +452,7 @@ static json_t *lp_entry(const ax_tok *t, const ax_gen_event *ev, const gen_req *
 		char tb[256];
 		int k = lp_text(t, ev->top_ids[i], g->lp_ids, tb, sizeof tb);
 		size_t cl;
-		char *key = utf8_clean(tb, (size_t)k, &cl);
+		char *key = utf8_clean(tb, (size_t)k, &cl, 0);
 		if (key)
 			json_object_set_new(top, key, json_real(ev->top_lps[i]));
 		free(key);

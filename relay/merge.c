@@ -526,23 +526,26 @@ static uint32_t chunk_tokens(ax_merge *m, json_t *j, char *text, size_t tlen)
 		ax__merge_set_prompt_len(m, json_integer_value(pt));
 	json_t *c0 = json_array_get(json_object_get(j, "choices"), 0);
 	const char *a = "", *b = "";
-	json_t *lp = NULL;
+	json_t *lp = NULL, *ja = NULL, *jb;
 	if (m->cfg.kind == AX_RK_CHAT) {
 		json_t *d = json_object_get(c0, "delta");
-		a = str_or_empty(json_object_get(d, "reasoning_content"));
-		b = str_or_empty(json_object_get(d, "content"));
+		ja = json_object_get(d, "reasoning_content");
+		jb = json_object_get(d, "content");
 		lp = json_object_get(json_object_get(c0, "logprobs"), "content");
 	} else {
-		b = str_or_empty(json_object_get(c0, "text"));
+		jb = json_object_get(c0, "text");
 		lp = json_object_get(json_object_get(c0, "logprobs"), "tokens");
 	}
+	a = str_or_empty(ja), b = str_or_empty(jb);
+	/* lengths, not the C strings: a token's text may be a NUL byte ("\u0000") */
+	int has_text = json_string_length(ja) > 0 || json_string_length(jb) > 0;
 	snprintf(text, tlen, "%s%s", a, b);
 	json_t *ct = json_object_get(usage, "completion_tokens");
 	if (json_is_integer(ct) && json_integer_value(ct) >= m->tokens_seen)
 		return clamp_tokens(json_integer_value(ct) - m->tokens_seen);
 	if (json_is_array(lp) && json_array_size(lp))
 		return clamp_tokens((int64_t)json_array_size(lp));
-	if (*a || *b)
+	if (has_text)
 		return 1;
 	/* No text, no count: the finish chunk of a stop token (sampled, not shown) stands for that token. */
 	json_t *fr = json_object_get(c0, "finish_reason");
@@ -584,7 +587,7 @@ int ax__merge_chunk(ax_merge *m, const char *data, size_t len, uint64_t now_ns)
 	if (!c)
 		return -ENOMEM;
 	c->t = now_ns;
-	c->j = json_loadb(data, len, 0, NULL);
+	c->j = json_loadb(data, len, JSON_ALLOW_NUL, NULL); /* a token text may be "\u0000" */
 	if (!json_is_object(c->j)) {
 		json_decref(c->j);
 		c->j = NULL;
@@ -810,7 +813,7 @@ static void body_texts(ax_merge *m, json_t *c0)
 
 int ax__merge_body(ax_merge *m, const char *body, size_t len, uint64_t now_ns, int strip_logprobs)
 {
-	json_t *j = json_loadb(body, len, 0, NULL);
+	json_t *j = json_loadb(body, len, JSON_ALLOW_NUL, NULL);
 	if (!json_is_object(j)) {
 		json_decref(j);
 		return -EBADMSG;

@@ -37,7 +37,7 @@ static int collect(int what, const char *text, size_t len, void *arg)
 	}
 	assert_false(o->done); /* nothing after DONE */
 	assert_true(o->n < 32);
-	o->ev[o->n++] = what == AX_MOUT_RAW ? json_stringn(text, len) : json_loadb(text, len, 0, NULL);
+	o->ev[o->n++] = what == AX_MOUT_RAW ? json_stringn(text, len) : json_loadb(text, len, JSON_ALLOW_NUL, NULL);
 	assert_non_null(o->ev[o->n - 1]);
 	return 0;
 }
@@ -108,6 +108,37 @@ static json_t *delta(out *o, int i)
 static json_int_t pos_of(json_t *entries, size_t i)
 {
 	return json_integer_value(json_object_get(json_array_get(entries, i), "position"));
+}
+
+/* A token whose text is a NUL byte (byte-level vocabularies have one; the engine sends it as "\u0000", as
+ * tokenizers' decode gives it): the chunk is merged like any other, its content kept, and the next chunk carries
+ * the entry of that token's position. */
+static void nul_text(void **state)
+{
+	ax_merge *m = chat(1, 0);
+	out o = {0};
+	ax__merge_set_prompt_len(m, 5);
+	for (int p = 4; p <= 6; p++)
+		add(m, p);
+	chunk(m, NULL, 0);
+	chunk(m, "A", 0);
+	chunk(m, "\\u0000", 0);
+	chunk(m, "C", 0);
+	ax__merge_upstream_done(m, 0);
+	assert_int_equal(ax__merge_poll(m, 1, collect, &o), 0);
+	assert_int_equal(o.n, 4);
+	for (int i = 0; i < 4; i++)
+		assert_true(json_is_object(o.ev[i])); /* merged, not passed through raw */
+	json_t *c = json_object_get(delta(&o, 2), "content");
+	assert_int_equal(json_string_length(c), 1);
+	assert_int_equal(json_string_value(c)[0], 0);
+	assert_int_equal(json_array_size(json_object_get(delta(&o, 2), "attention_tokens")), 1);
+	json_t *e = json_array_get(json_object_get(delta(&o, 3), "attention_tokens"), 0);
+	assert_int_equal(pos_of(json_object_get(delta(&o, 3), "attention_tokens"), 0), 6);
+	assert_non_null(e);
+	out_free(&o);
+	ax__merge_free(m);
+	(void)state;
 }
 
 /* P = 5; tokens A B C; the A chunk carries prompt_attention [4], B carries 5, C carries 6. */
@@ -753,7 +784,7 @@ static void source_ends(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(alignment),          cmocka_unit_test(hold_then_release),
+		cmocka_unit_test(alignment),          cmocka_unit_test(nul_text),          cmocka_unit_test(hold_then_release),
 		cmocka_unit_test(late_entry),         cmocka_unit_test(several_layers),
 		cmocka_unit_test(heads_mode),         cmocka_unit_test(completions_stream),
 		cmocka_unit_test(done_waits),         cmocka_unit_test(prompt_len_late),
