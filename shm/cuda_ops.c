@@ -11,8 +11,9 @@
  * context current), driver API for what only it has (cuMemGetAddressRange, the cuMem* VMM calls).
  * VMM imports are mapped read-only when the driver allows it (read-write otherwise): the capture never writes.
  * Ran on an H200 (driver 580.159.04, CUDA 13, 3a279e1) through the GPU tests: import, events, device_sticky; there
- * device_reset's probe failed after an illegal address (a new process is needed). inject_fault (tests only) is
- * newer and has not run on a GPU yet.
+ * device_reset's probe failed after an illegal address (a new process is needed). inject_fault (tests only) ran
+ * on two H100 machines (2026-11-27, trees e8187c5 and e1ec643): the daemon's sticky scenario faulted, re-executed
+ * and resumed.
  */
 #include "attnx_shm_cuda.h"
 

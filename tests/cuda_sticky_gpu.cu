@@ -17,8 +17,8 @@
  *      IPC round trip — it opens, through ax_cuda_ops_real()->ipc_open (the capture importer's call), a buffer
  *      exported by a helper process it spawned (argv "export": cudaMalloc, a 0x5a pattern, the handle in hex on
  *      stdout, exits when its stdin closes) and reads the pattern back.
- * Exit 77 (skip) without a device. Suite `gpu`. NOT RUN YET in this form (the in-process part ran on the H200 and
- * failed at the reset, which this version accepts and follows up with step 2).
+ * Exit 77 (skip) without a device. Suite `gpu`. Passed on H100s (2026-11-27, e8187c5 and e1ec643): the reset did
+ * not recover the device in-process; the re-executed image had a working device and a CUDA IPC round trip.
  */
 #include <errno.h>
 #include <fcntl.h>
