@@ -11,12 +11,22 @@ prefill flag. It checks nothing itself: the tests compare its lines with transfo
 second consumer, not attnx-capture: when attnx-capture (--backend cuda), attnx-relay and attnx-tail are built
 (AX_BUILD_DIR), test_gpu_hf.py also runs them.
 
-Its output: lines `begin`, `end`, `step` (one per FORWARD), `attn` (one per row and layer), `lost`, and a last
-`exit` line (END count, whether it timed out, ax_shm_get_stats). It flushes whenever the ring is empty and every
-FLUSH_S while busy, so a test may wait for a line while the engine idles (`wait_for_record`, which on a timeout
-reports what the consumer did write). It brings CUDA up before it tells the engine what it wants, so the engine's
-first exported step never races the consumer's CUDA start-up. topk -1 (drain) imports neither torch nor the CUDA
-library: `test_reference_consumer.py` runs it on the CPU against a host segment.
+Its output: a first line `ready` (the layer mask and prefill flag it asked for, written once it has asked), then
+`begin`, `end`, `step` (one per FORWARD, with its layers and q_row), `attn` (one per row and layer), `lost`, and a
+last `exit` line (END count, whether it timed out, ax_shm_get_stats). It flushes whenever the ring is empty and
+every FLUSH_S while busy, so a test may wait for a line while the engine idles (`wait_for_record`, which on a
+timeout reports what the consumer did write). It brings CUDA up before it tells the engine what it wants, so the
+engine's first exported step never races the consumer's CUDA start-up; until then it wants nothing.
+
+The engine side must wait for that wish, not for the consumer's arrival: ax_shm_attach makes a consumer live to
+the exporter at once (pid and heartbeat), with the wish the header already holds (none, or what the previous
+consumer asked for), and a step exported under "none" names no layer, so no `attn` line comes of it. That is how
+test_gpu_hf lost every row after d3f5a42 put CUDA's start (seconds) between the attach and set_wanted: its
+wait_wanted returned on (0, False), the whole generate() ran while the consumer started CUDA. So the consumer
+clears the leftover wish right after attaching, and `wait_wanted(gx, out=...)` returns only once the consumer's
+`ready` line is written and the exporter sees that mask (test_hf_hook_logic.py replays it on the CPU).
+topk -1 (drain) imports neither torch nor the CUDA library: `test_reference_consumer.py` runs it on the CPU
+against a host segment.
 """
 import ctypes
 import json
@@ -62,13 +72,32 @@ def start_consumer(shm, out, layers="all", prefill=True, ends=1, timeout=120, to
     return subprocess.Popen(cmd)
 
 
-def wait_wanted(gx, timeout=60):
-    end = time.time() + timeout
+def _ready(out):
+    """(layers mask, prefill) of the consumer's `ready` line in `out`, or None before it is written."""
+    if out is None or not os.path.exists(out):
+        return None
+    r = next((r for r in load(out) if r["t"] == "ready"), None)
+    return (r["layers"], bool(r["prefill"])) if r else None
+
+
+def wait_wanted(gx, timeout=60, out=None, cons=None):
+    """Wait until gx (a GraphExporter, or anything with its enabled()) sees a consumer that wants some layer: a
+    non-empty mask, since a consumer that has attached but not yet said what it wants shows as (0, False), and
+    steps exported then carry no Q rows. With `out` (the reference consumer's output), also until its `ready` line
+    is written and the mask and prefill flag gx sees are the ones it announced there (not a wish a previous
+    consumer left in the header). cons: its Popen, to give up when it exits. Returns (mask, prefill)."""
+    end, want, seen = time.time() + timeout, None, None
     while time.time() < end:
-        if gx.enabled():
-            return gx.enabled()
+        want = want or _ready(out)
+        seen = gx.enabled()
+        if seen and seen[0] and (out is None or seen == want):
+            return seen
+        if cons is not None and cons.poll() is not None:
+            break
         time.sleep(0.02)
-    raise AssertionError("no consumer became visible to the exporter")
+    raise AssertionError("no consumer's wish became visible to the exporter in %d s: it sees %r; the consumer's "
+                         "ready line %r%s" % (timeout, seen, want, "" if cons is None else ", consumer %s" % (
+                             "running" if cons.poll() is None else "exited rc=%s" % cons.returncode)))
 
 
 def load(path):
@@ -86,6 +115,26 @@ def tail_lines(path, n=12):
             return "".join(f.readlines()[-n:])
     except OSError:
         return ""
+
+
+def consumer_report(lines, n_steps=6):
+    """What a reference consumer wrote, for a failure message: line counts by kind, its ready and exit lines, the
+    first step lines (position, tokens, layers, q_row) and the positions its attn lines cover."""
+    counts = {}
+    for r in lines:
+        counts[r["t"]] = counts.get(r["t"], 0) + 1
+    out = ["consumer lines: %s" % (", ".join("%s %d" % kv for kv in sorted(counts.items())) or "none")]
+    for kind in ("ready", "exit"):
+        r = next((r for r in lines if r["t"] == kind), None)
+        out.append("  %s: %s" % (kind, json.dumps(r) if r else "(none)"))
+    for r in [r for r in lines if r["t"] == "step"][:n_steps]:
+        out.append("  step rid %s pos0 %s n %s prefill %s decode_step %s layers %s q_row %s row %s" % (
+            r.get("rid"), r.get("pos0"), r.get("n"), r.get("prefill"), r.get("decode_step"), r.get("layers"),
+            r.get("q_row"), r.get("row")))
+    pos = sorted({r["position"] for r in lines if r["t"] == "attn"})
+    if pos:
+        out.append("  attn positions %d..%d (%d distinct)" % (pos[0], pos[-1], len(pos)))
+    return "\n".join(out)
 
 
 def wait_for_record(path, pred, timeout=60, what="a record", cons=None, explain=None):
@@ -167,17 +216,21 @@ def consume(shm, out, layers, prefill, ends, timeout, topk, cpu=False):
             if time.time() > deadline:
                 raise
             time.sleep(0.05)
+    att.set_wanted(0, False)  # the attach made us live with the header's wish (a previous consumer's): none yet
     snap = att.snapshot
     L = snap.n_layers
     mask = (1 << L) - 1 if layers == "all" else sum(1 << int(x) for x in layers.split(","))
     rows = None
-    if topk >= 0:  # CUDA up before the engine sees us: a slow first CUDA call must not outlast our heartbeat
+    if topk >= 0:  # CUDA up before we ask for rows: nothing is exported for us while it starts (seconds)
         rows = _Rows(att, snap, cpu)
     att.set_wanted(mask, prefill)
     rids, n_end, last_flush, dirty = {}, 0, time.time(), False
     with open(out, "w") as f:
         def emit(rec):
             f.write(json.dumps(rec) + "\n")
+
+        emit({"t": "ready", "layers": mask, "prefill": bool(prefill)})  # what wait_wanted(out=...) waits for
+        f.flush()
 
         while n_end < ends and time.time() < deadline:
             s, lost = att.next()
@@ -208,7 +261,7 @@ def consume(shm, out, layers, prefill, ends, timeout, topk, cpu=False):
             lay = [l for l in range(128) if (s.layers[l >> 6] >> (l & 63)) & 1]
             emit({"t": "step", "rid": rids.get(s.req_id), "pos0": s.pos0, "n": s.n_tokens, "seq_len": s.seq_len,
                   "decode_step": s.decode_step, "prefill": s.flags & 1, "tokens": toks, "layers": lay,
-                  "row": s.index_row})
+                  "q_row": s.q_row, "row": s.index_row})
             if lay and rows is not None:
                 for rec in rows.compute(s, lay, toks, topk):
                     rec["rid"] = rids.get(s.req_id)

@@ -72,13 +72,19 @@ def _dtype_name(t):
 
 
 def host_register(ex, t, kind, layer=-1, dtype=None, scale=1.0, shape=None, strides=None):
-    """attnx.cuda.register for CPU tensors: a host buffer holding the tensor, which from then on lives there."""
+    """attnx.cuda.register for CPU tensors: a host buffer holding the tensor, which from then on lives there.
+    shape/strides (elements) describe the entry as another view of the tensor's bytes, as attnx.hf does for a
+    static cache [B, H_kv, max_len, D] seen as a K pool [slots, H_kv, D]; that view must span the tensor exactly."""
     import torch
 
-    if not t.is_contiguous() or shape is not None or strides is not None:
-        raise ValueError("host_register: contiguous tensors as they are only")
+    if not t.is_contiguous() or (shape is None) != (strides is None):
+        raise ValueError("host_register: a contiguous tensor, as it is or with both shape and strides")
     name = dtype or _dtype_name(t)
-    hb = ex.add_host_buffer(make_buffer(kind, name, tuple(t.shape), layer=layer, scale=scale))
+    hb = ex.add_host_buffer(make_buffer(kind, name, tuple(shape or t.shape), layer=layer, strides=strides,
+                                        scale=scale))
+    if hb.nbytes != t.numel() * t.element_size():
+        raise ValueError("host_register: the entry spans %d bytes, the tensor %d" % (hb.nbytes,
+                                                                                     t.numel() * t.element_size()))
     flat = torch.frombuffer(hb.view, dtype=t.dtype, count=t.numel())
     flat.copy_(t.reshape(-1))
     t.set_(flat.view(t.shape))  # t now shares the segment's bytes (same shape, contiguous strides)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""GPU test of the Hugging Face hook (attnx.hf) — exit 77 without torch / transformers / CUDA. NEVER RUN YET:
-written on a machine without a GPU (2026-11-27); scripts/gpu-test runs it.
+"""GPU test of the Hugging Face hook (attnx.hf) — exit 77 without torch / transformers / CUDA. Passed on an H200 at
+3a279e1; failed on H100s after d3f5a42 (0 rows: wait_wanted returned when the reference consumer attached, before
+it asked for rows; fixed in gpu_common, replayed on the CPU by test_hf_hook_logic.py); scripts/gpu-test runs it.
 
 For the shipped model (engine/models/attnx-tiny) and a randomly initialised Qwen3-shaped model (32 query heads,
 8 KV heads, head_dim 128; f32 so that 1e-3 means something), each:
@@ -15,6 +16,9 @@ For the shipped model (engine/models/attnx-tiny) and a randomly initialised Qwen
 Then the CUDA-graph part: a decode loop captured in torch.cuda.graph and replayed ≥ 1000 times, against the same
 loop run eagerly: every position's descriptor arrives once (no duplicates, no losses) and each head's top-5
 positions and probabilities match the eager run.
+A failed check prints what the reference consumer wrote (line counts, its ready and exit lines, the first step lines
+with their layers and q_row) and the exporter's side (device counters, what its kernels see), so that a GPU failure
+explains itself.
 """
 import os
 import random
@@ -26,7 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_common import SKIP, load, require_gpu, start_consumer, wait_wanted  # noqa: E402
+from gpu_common import SKIP, consumer_report, load, require_gpu, start_consumer, wait_wanted  # noqa: E402
 
 torch = require_gpu()
 try:
@@ -80,6 +84,22 @@ def eager_reference(model, seq):
     with torch.no_grad():
         o = model(torch.tensor([seq], device="cuda"), output_attentions=True, use_cache=False)
     return [a[0].double() for a in o.attentions]  # [H, S, S] per layer
+
+
+def exporter_report(ax):
+    """The exporter's side for a failure message: device counters and what the kernels see now."""
+    try:
+        torch.cuda.synchronize()
+        return "exporter: device counters %r; kernels see %r; hook disabled %r" % (ax.g.stats(), ax.g.enabled(),
+                                                                                   ax.disabled)
+    except Exception as e:  # the diagnostics must not hide the failure
+        return "exporter: (no report: %s)" % e
+
+
+def explain_on_failure(n_before, what, lines, exporter):
+    """Print the consumer's and the exporter's side when checks since n_before failed."""
+    if len(failures) > n_before:
+        print("%s: what the consumer wrote\n%s\n%s" % (what, consumer_report(lines), exporter))
 
 
 def compare_consumer(lines, ref, seq, P, what):
@@ -176,14 +196,16 @@ def hf_case(what, model, ids, n=24):
         ax.warmup()
         out = tempfile.mktemp(suffix=".jsonl")
         cons = start_consumer(shm, out, ends=1)
-        wait_wanted(ax.g)
+        wait_wanted(ax.g, out=out, cons=cons)  # the consumer's own wish, not its arrival
         ax.rids = ["ax-%016x" % random.getrandbits(64)]
         hooked = generate(model, cache, ids, n)
         ax.end_all()
         cons.wait(120)
         check(hooked == plain, "%s: generation differs with the hook" % what)
         ref = eager_reference(model, hooked)
-        compare_consumer(load(out), ref, hooked, ids.shape[1], what)
+        n_before, lines = len(failures), load(out)
+        compare_consumer(lines, ref, hooked, ids.shape[1], what)
+        explain_on_failure(n_before, what, lines, exporter_report(ax))
         model.set_attn_implementation("attnx")
         capture_chain(shm, model, cache, ax, ids, n, ref, hooked, what)
     finally:
@@ -240,27 +262,30 @@ def graph_case(steps=1100):
     max_len = len(prompt) + steps + 8
     cache = static_cache(model, max_len)
     ax = HFExporter(model, cache, batch_size=1, max_cache_len=max_len, name=shm, inner="sdpa")
-    runs = {}
+    runs, reports = {}, {}
     try:
         ax.warmup()
         for graph in (False, True):
             out = tempfile.mktemp(suffix=".jsonl")
             cons = start_consumer(shm, out, layers="1", prefill=False, ends=1, timeout=600, topk=5)
-            wait_wanted(ax.g)
+            wait_wanted(ax.g, out=out, cons=cons)  # layer 1, no prefill: this consumer's wish, not the last one's
             seq = decode_loop(model, ax, cache, prompt, steps, graph)
             cons.wait(600)
             runs[graph] = (seq, load(out))
+            reports[graph] = exporter_report(ax)
     finally:
         ax.close()
     (s0, l0), (s1, l1) = runs[False], runs[True]
     check(s0 == s1, "graph: the replayed decode generated other tokens")
     P = len(prompt)
-    for name, lines in (("eager", l0), ("graph", l1)):
+    for graph, name, lines in ((False, "eager", l0), (True, "graph", l1)):
+        n_before = len(failures)
         pos = [r["position"] for r in lines if r["t"] == "attn"]
         check(sorted(pos) == list(range(P - 1, P + steps)) and len(set(pos)) == len(pos),
               "graph (%s run): positions %d..%d not each exactly once (%d rows)" % (name, P - 1, P + steps - 1,
                                                                                       len(pos)))
         check(not any(r["t"] == "lost" for r in lines), "graph (%s run): descriptors lost" % name)
+        explain_on_failure(n_before, "graph (%s run)" % name, lines, reports[graph])
     a0 = {r["position"]: r for r in l0 if r["t"] == "attn"}
     worst = 0.0
     for r in l1:
@@ -270,7 +295,8 @@ def graph_case(steps=1100):
         check(r["top_pos"] == e["top_pos"], "graph: top-5 differ at %d" % r["position"])
         worst = max(worst, max(abs(x - y) for a, b in zip(r["top_prob"], e["top_prob"]) for x, y in zip(a, b)))
     check(worst < 1e-4, "graph: worst probability difference vs eager %.3g" % worst)
-    print("graph: %d replays, %d rows each run, worst diff %.2e" % (steps - 2, len(a0), worst))
+    print("graph: %d replays, %d and %d rows (eager, graph), worst diff %.2e" % (
+        steps - 2, len(a0), sum(1 for r in l1 if r["t"] == "attn"), worst))
 
 
 def main():

@@ -17,9 +17,18 @@ Exporter is used, so the segment configuration is validated by the C library). W
   * every attention output is the inner attention's own; set_enabled(False) leaves the model running its inner
     attention with no attnx call at all, set_enabled(True) restores the hook; an error in the export path disables
     export and never reaches the model.
+Then test_gpu_hf.py's hf_case end to end on the CPU: the same stand-in model, HFExporter over host buffers of the
+segment with libattnx-export-graph emulated (host_graph.py), the real reference consumer (gpu_common.py consume ...
+cpu, a second process) started after the warm-up, gpu_common.wait_wanted, a prefill and decode steps, end_all; every
+(request, position, layer) row must come exactly once with the token id, decode step and probabilities of the
+stand-in's own Q and cached K (float64 softmax, 1e-6). Twice on one exporter: all layers with prefill, then layer 1
+without prefill (the second consumer finds the first one's wish in the header). This is how test_gpu_hf lost every
+row on the GPU after d3f5a42 (the consumer started CUDA between its attach and set_wanted; wait_wanted returned on
+the attach): on that gpu_common.py the first run gets 0 rows.
 """
 import os
 import sys
+import tempfile
 import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -72,6 +81,7 @@ class Model:
         self.layers = [types.SimpleNamespace(layer_idx=l) for l in range(L)]
         self.k = [torch.zeros(B, HKV, LMAX, D) for _ in range(L)]
         self.v = [torch.zeros(B, HKV, LMAX, D) for _ in range(L)]
+        self.record = None  # a list: (cache_position, layer, query) of every attention call is appended to it
 
     def register_forward_pre_hook(self, fn, with_kwargs=False):
         assert with_kwargs
@@ -93,6 +103,8 @@ class Model:
             q = torch.randn(B, S, HQ, D).transpose(1, 2)  # [B, H, S, D] as Llama's view + transpose
             calls.append(("kv", l))                       # the cache update, before the attention function
             self.k[l][:, :, cache_position] = torch.randn(B, HKV, S, D)
+            if self.record is not None:
+                self.record.append((cache_position.clone(), l, q.clone()))
             outs.append(ALL[self.impl](m, q, self.k[l], self.v[l], None, position_ids=pos))
         return outs
 
@@ -268,9 +280,112 @@ def main():
         out.append("an export error disables export quietly")
     finally:
         ax.ex.close()
+    out += consumer_runs(hf)
     for o in out:
         print("ok - " + o)
     return 0
+
+
+# ---- test_gpu_hf's hf_case on the CPU: host buffers, emulated kernels, the real reference consumer ------------
+
+P, N = 5, 4  # prompt length; decode steps after the prefill (positions 0 .. P + N - 1 are fed)
+
+
+def reference(model, record, b, p, l):
+    """[HQ, p + 1] probabilities of row b's query at position p in layer l: its Q as the model made it, the keys
+    0..p in the cache now, float64, GQA heads mapped as the consumer maps them (repeat_interleave)."""
+    for cp, layer, q in record:
+        hit = (cp == p).nonzero()
+        if layer == l and len(hit):
+            qv = q[b, :, int(hit[0]), :].double()                                        # [HQ, D]
+            k = model.k[l][b, :, :p + 1, :].double().repeat_interleave(HQ // HKV, dim=0)   # [HQ, p + 1, D]
+            return torch.softmax(torch.einsum("hd,hjd->hj", qv, k) * D ** -0.5, dim=-1)
+    raise AssertionError("no query recorded for position %d layer %d" % (p, l))
+
+
+def generate(model, ax, rids, seqs):
+    """What generate() does to the hook: a prefill forward of the prompts, then N one-token forwards; end_all."""
+    ax.rids = list(rids)
+    forward(model, torch.tensor([s[:P] for s in seqs]), 0)
+    for i in range(N):
+        forward(model, torch.tensor([[s[P + i]] for s in seqs]), P + i)
+    ax.end_all()
+
+
+def check_run(lines, model, record, rids, seqs, layers, prefill, what):
+    """Every (rid, position, layer) row exactly once, right token and probabilities; decode steps numbered."""
+    import gpu_common
+
+    def fail(msg):
+        raise AssertionError("%s: %s\n%s" % (what, msg, gpu_common.consumer_report(lines)))
+
+    first = 0 if prefill else P - 1
+    want = {(rid, p, l) for rid in rids for p in range(first, P + N) for l in layers}
+    seen, worst = set(), 0.0
+    for r in lines:
+        if r["t"] == "lost":
+            fail("descriptors lost")
+        if r["t"] != "attn":
+            continue
+        key = (r["rid"], r["position"], r["layer"])
+        if key in seen or key not in want:
+            fail("%s row %r" % ("duplicate" if key in seen else "unexpected", key))
+        seen.add(key)
+        b = rids.index(r["rid"])
+        if r["token"] != seqs[b][r["position"]]:
+            fail("token at %r is %r, expected %r" % (key, r["token"], seqs[b][r["position"]]))
+        got = torch.tensor(r["probs"], dtype=torch.float64)
+        worst = max(worst, (got - reference(model, record, b, r["position"], r["layer"])).abs().max().item())
+    if seen != want:
+        fail("%d of %d (rid, position, layer) rows; missing %r" % (len(seen), len(want), sorted(want - seen)[:5]))
+    if worst > 1e-6:
+        fail("worst |p - reference| %.3g" % worst)
+    for s in (r for r in lines if r["t"] == "step" and not r["prefill"]):
+        if s["decode_step"] != s["pos0"] - P + 1:
+            fail("decode_step %d at %d" % (s["decode_step"], s["pos0"]))
+    return len(seen), worst
+
+
+def consumer_runs(hf):
+    import attnx.export
+    import gpu_common
+    from host_graph import HostGraph, host_register
+
+    class BigExporter(attnx.export.Exporter):  # host buffers need a data region; the hook asks for none
+        def __init__(self, *a, **kw):
+            kw["data_size"] = 16 << 20
+            super().__init__(*a, **kw)
+
+    hf.register, hf.GraphExporter, hf.Exporter = host_register, HostGraph, BigExporter
+    torch.manual_seed(3)
+    model = Model()
+    shm = "/attnx.hfc%d" % os.getpid()
+    ax = hf.HFExporter(model, "cache", batch_size=B, max_cache_len=LMAX, name=shm, q_rows=1024)
+    res, cons, out = [], None, None
+    try:
+        ax.warmup()
+        for run, (layers, prefill) in enumerate(((list(range(L)), True), ([1], False))):
+            out = tempfile.mktemp(suffix=".jsonl")
+            cons = gpu_common.start_consumer(shm, out, layers=",".join(map(str, layers)), prefill=prefill, ends=B,
+                                             timeout=60, cpu=True)
+            gpu_common.wait_wanted(ax.g, out=out, cons=cons)  # as test_gpu_hf does
+            rids = ["c%d-%d" % (run, b) for b in range(B)]
+            seqs = [[100 * (run + 1) + 10 * b + i for i in range(P + N)] for b in range(B)]
+            model.record = []
+            generate(model, ax, rids, seqs)
+            cons.wait(60)
+            lines = gpu_common.load(out)
+            n, worst = check_run(lines, model, model.record, rids, seqs, layers, prefill,
+                                 "consumer run %d (layers %s, prefill %s)" % (run + 1, layers, prefill))
+            os.unlink(out)
+            res.append("reference consumer, layers %s, prefill %s: all %d (rid, position, layer) rows once, "
+                       "worst |p - reference| %.1e" % (layers, prefill, n, worst))
+    finally:
+        if cons is not None and cons.poll() is None:
+            cons.kill()
+            cons.wait()
+        ax.close()
+    return res
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ Why: session 3's first GPU run of test_gpu_sglang_shape.py stopped for 60 s at "
 while waiting for B's END. The consumer had taken the END and written its line, but flushed its output only after
 attention rows, so the line sat in its file buffer while the engine, waiting for it, published nothing more. This
 test plays the engine through attnx.Exporter on host memory and checks, while the consumer keeps running, that
-every line it wrote for an idle engine is on disk within a second: BEGIN / FORWARD / END of a request, a request
-whose END comes alone, lost descriptors after the consumer was stopped (ring full). It also checks that drain mode
-imports no torch (a `torch` that raises on import is first on its path), the `exit` line, and that
-gpu_common.wait_for_record reports on a timeout what the consumer wrote, whether it runs, and the explain()
-text, and gives up at once when the consumer has exited. Fails on the consumer as it was at 3a279e1.
+every line it wrote for an idle engine is on disk within a second: its `ready` line (the wish it announced), BEGIN /
+FORWARD / END of a request, a request whose END comes alone, lost descriptors after the consumer was stopped (ring
+full). It also checks that drain mode imports no torch (a `torch` that raises on import is first on its path), the
+`exit` line, and that gpu_common.wait_for_record reports on a timeout what the consumer wrote, whether it runs, and
+the explain() text, and gives up at once when the consumer has exited. Fails on the consumer as it was at 3a279e1.
 
 Usage: test_reference_consumer.py   (ATTNX_LIB_DIR = the build's shm/ folder)
 """
@@ -86,9 +86,12 @@ def main():
         got = lines_within(out, lambda r: r["t"] == "end", 2.0)
         expect(got is not None, "r1's END line did not reach the file while the engine idled (consumer %s)" %
                ("running" if cons.poll() is None else "exited"))
-        expect([r["t"] for r in got] == ["begin", "step", "end"], "lines %r" % got)
+        expect([r["t"] for r in got] == ["ready", "begin", "step", "end"], "lines %r" % got)
+        expect(got[0] == {"t": "ready", "layers": (1 << L) - 1, "prefill": True}, "ready %r" % got[0])
+        got = got[1:]
         expect(got[0]["rid"] == "r1" and got[0]["prompt"] == [5, 6, 7], "BEGIN %r" % got[0])
-        expect((got[1]["tokens"], got[1]["layers"], got[1]["prefill"]) == ([5, 6, 7], [0, 1], 1), "step %r" % got[1])
+        expect((got[1]["tokens"], got[1]["layers"], got[1]["prefill"], got[1]["q_row"]) == ([5, 6, 7], [0, 1], 1, 0),
+               "step %r" % got[1])
         expect(got[2] == {"t": "end", "rid": "r1", "reason": 1}, "END %r" % got[2])
         results.append("BEGIN, FORWARD, END of an idle engine on disk within 2 s")
 
