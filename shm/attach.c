@@ -105,6 +105,10 @@ static void claim_consumer(ax_shm *s)
 	AX_STORE_REL(&h->consumer_done, s->tail);
 	s->hb_ns = ax_now_ns();
 	AX_STORE_REL(&h->consumer_heartbeat_ns, s->hb_ns);
+	/* A new consumer wants nothing until it says what (a dead or detached one's wish is not inherited) */
+	AX_STORE_RLX(&h->want_layers[0], 0);
+	AX_STORE_RLX(&h->want_layers[1], 0);
+	AX_STORE_RLX(&h->want_prefill, 0u);
 	AX_STORE_REL(&h->consumer_pid, (uint64_t)getpid());
 }
 

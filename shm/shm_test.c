@@ -1136,6 +1136,9 @@ static void test_wanted(void **state)
 	assert_int_equal(ax_shm_attach(&f->sh, f->name), 0);
 	assert_int_equal(h->consumer_tail, h->ring_head);
 	assert_int_equal(ax_export_wanted(f->ex, layers, &prefill), 1);
+	/* ... and with an empty wish: nothing of the previous consumer's (layer 0 and 3, prefill) until it says so */
+	assert_int_equal(layers[0] | layers[1], 0);
+	assert_int_equal(prefill, 0);
 }
 
 /* ---- error paths of open / attach / add ----------------------------------------------------------------------- */
