@@ -10,7 +10,8 @@
  * flagged AXF_F_RANGE and the copy reads slot 0 instead, so nothing outside the pool is ever read), and issues
  * one cp.async.bulk of the whole key row (H_kv·128 elements) into the stage's buffer, completing on the stage's
  * `full` mbarrier. AXF_NS stages ring; a buffer is refilled only after its `empty` mbarrier has collected one
- * arrival per warp (no CTA barrier and no proxy fence in the loop: CUTLASS's TMA pipeline discipline). Warp w
+ * arrival per thread (each thread releases its own reads of the stage: an arrive releases only the arriving
+ * thread's accesses; no CTA barrier and no proxy fence in the loop: CUTLASS's TMA pipeline discipline). Warp w
  * (w < H_kv) multiplies KV head w of the 16 staged rows by its group's G ≤ 8 query rows with mma.sync m16n8k16
  * (keys as A, 16 × 16 per step; Q as B, kept in registers, column c = query head w·G + c); the products are
  * exact and accumulate in f32, the scale is applied after. heads (and mean_prob's logsumexp pass): each warp
@@ -628,7 +629,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	if (tid == 0) {
 		for (int i = 0; i < AXF_NS; ++i) {
 			mbar_init(&full[i], AXF_TS);
-			mbar_init(&empty[i], AXF_NW);
+			mbar_init(&empty[i], AXF_NW * 32); /* every thread that read the stage arrives */
 			mbar_init(&redfull[i], AXF_NW * 8);
 		}
 		mbar_init_fence();
@@ -745,9 +746,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale;
 		const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
 		if (MODE == AXF_M_HEADS) {
-			__syncwarp(); /* the fragments are in registers: release the buffer before the list work */
-			if (lane == 0)
-				mbar_arrive(&empty[i % AXF_NS]);
+			mbar_arrive(&empty[i % AXF_NS]); /* the fragments are in registers: release the buffer */
 			const int j0 = (int)tile + grow, j1 = j0 + 8;
 			if (r0) {
 				bad |= (cA && !finite_f(x0)) | (cB && !finite_f(x1));
@@ -802,8 +801,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 			}
 			__syncwarp();
 			if (w != AXF_NW - 1) {
-				if (lane == 0)
-					mbar_arrive(&empty[i % AXF_NS]);
+				mbar_arrive(&empty[i % AXF_NS]);
 			} else { /* the reducer: stage i's 8 partials, then release the stage (buffer and partials) */
 				mbar_wait(&redfull[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
 				float v = 0.f;
@@ -811,9 +809,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 #pragma unroll
 					for (int g = 0; g < AXF_NW; ++g)
 						v += rd[g * AXF_TS + lane];
-				__syncwarp();
-				if (lane == 0)
-					mbar_arrive(&empty[i % AXF_NS]);
+				mbar_arrive(&empty[i % AXF_NS]); /* buffer and partials read */
 				const bool ok = lane < nv;
 				bad |= ok && !finite_f(v); /* a NaN/inf score, or (mean_prob) Σ exp overflowing; 0 is fine */
 				v = MODE == AXF_M_LOGIT ? v * inv_h : logf(v * inv_h);
