@@ -79,8 +79,12 @@ typedef struct axf_knobs {
 	uint32_t ctas_per_sm_heads; /* wave target per SM of launches with heads lists (0: ctas_per_sm's) */
 } axf_knobs;
 
-/* The defaults (set from the H100 sweep, capture/dev/RESULTS.md). */
-#define AXF_KNOBS_DEFAULT {0, 64, 0, 256, 0, 0, 0}
+/* The defaults, from the H100 sweep of run 7 (capture/dev/RESULTS.md): CTAs per SM = the occupancy (3, 4, 8
+ * were 3-30% slower at 128K and 1M), mean splits ≥ 32 keys (1 × 4K: 23.5 µs; 16: 26.3, 256: 42.7), heads-list
+ * splits ≥ 64 keys (1 × 4K: 37 µs, 256: 73; within 2% of the best at 128K, 1M, 64 × 4K), no split caps (8 or 32
+ * splits: up to 17× slower at 1M), heads lists always merged by the separate merge launch (4K 86 → 37 µs, 128K
+ * 200 → 150, 1M 878 → 817, 64 × 4K 251 → 241), heads launches on the same wave size. */
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 64, 0, 1, 0}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u

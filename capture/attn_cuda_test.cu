@@ -695,9 +695,10 @@ static void fast_tests(int small)
 			fast_batch(f, g);
 		}
 		fast_errors(f);
-		/* again under other planner knobs: short splits everywhere, heads lists merged by the separate merge
-		 * kernel (every split count), a split cap; then under several waves (CTAs per SM over the occupancy) */
-		static const axf_knobs alt[2] = {{0, 16, 0, 16, 0, 1, 0}, {6, 32, 0, 48, 9, 3, 3}};
+		/* again under other planner knobs: short splits everywhere with heads lists merged by their last CTA
+		 * (the defaults merge them in the separate launch); then several waves (CTAs per SM over the
+		 * occupancy), a split cap, the separate merge from 3 splits on */
+		static const axf_knobs alt[2] = {{0, 16, 0, 16, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3}};
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
 		for (int a = 0; a < 2; a++) {
