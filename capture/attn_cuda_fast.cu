@@ -402,8 +402,8 @@ __device__ __forceinline__ int stage_e(int K, int S, int cap)
 
 /* Stage the first E entries of the S split lists of row r of pass-job jb at es/ep[e·S + i], by warp wk of nwk
  * warps working together (8 independent loads in flight per lane per batch). */
-__device__ __forceinline__ void stage_row(const axf_args &a, const axf_job &jb, int r, float *es, int *ep, int E, int wk,
-					  int nwk)
+__device__ __forceinline__ void stage_row(const axf_args &a, const axf_job &jb, int r, float *es, int *ep, int E,
+					  int wk, int nwk)
 {
 	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
 	const uint64_t ent = jb.ent0 + (uint64_t)r * S * K;
@@ -887,24 +887,27 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	}
 }
 
-/* The separate merge of heads lists (pass-jobs with sepm, after their split launch): CTA b merges rows
- * (b mod mg)·AXF_NW + w of pass-job b / mg, one row per warp, all rows of all pass-jobs at once; the same
- * merge_row and staging as the last-CTA merge. */
+/* The separate merge of heads lists (pass-jobs with sepm, after their split launch): CTA b merges row b mod mg
+ * of pass-job b / mg, all rows of all pass-jobs at once; its 8 warps stage the row's split lists together (the
+ * whole ring, one round of loads), warp 0 merges (the mean modes' last-CTA merge, for one heads row). */
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
 	const int w = threadIdx.x >> 5;
-	const uint32_t ji = blockIdx.x / a.mg, g = blockIdx.x - ji * a.mg;
+	const uint32_t ji = blockIdx.x / a.mg, r = blockIdx.x - ji * a.mg;
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji];
-	const int r = (int)(g * AXF_NW) + w;
-	if (!jb.sepm || r >= (int)jb.H) /* warp-uniform; no CTA barrier below */
+	if (!jb.sepm || r >= jb.H) /* CTA-uniform */
+		return;
+	const int capm = (int)AXF_MERGE_CAP * AXF_NW, K = (int)jb.K, S = (int)jb.S;
+	float *xs = smem_xs(smem), *ms = (float *)smem;
+	int *xp = (int *)(xs + AXF_NW * 64), *mp = (int *)(ms + capm);
+	stage_row(a, jb, (int)r, ms, mp, stage_e(K, S, capm), w, AXF_NW);
+	__syncthreads();
+	if (w != 0)
 		return;
 	if (r == 0)
 		put_flags(a, jb);
-	const int cap = (int)AXF_MERGE_CAP;
-	float *xs = smem_xs(smem), *es = (float *)(smem + (size_t)w * cap * 8);
-	int *xp = (int *)(xs + AXF_NW * 64), *ep = (int *)(es + cap);
-	merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, AXF_M_HEADS, 0);
+	merge_row(a, jb, (int)r, xs, xp, ms, mp, capm, AXF_M_HEADS, 1);
 }
 
 /* ---- the driver ------------------------------------------------------------------------------------------------------ */

@@ -19,9 +19,10 @@
  * merge costs H_q times more), at least one split per pass-job. A CTA streams its split through a ring of
  * shared-memory stages (one cp.async.bulk per key row), scores on the tensor cores, keeps per-split top-k lists
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
- * for heads lists with many splits (knob merge_heads), a separate merge launch right after the split launch
- * merges every row in parallel (8 rows per CTA). Errors: each CTA writes its split's flag word (no zeroing needed);
- * the merger ORs them into its pass-job's flag word. Results are written compactly (a float logsumexp per row,
+ * for heads lists with ≥ merge_heads splits (the default: always), a separate merge launch right after the
+ * split launch merges every row in parallel (one row per CTA, its 8 warps staging the split lists together).
+ * Errors: each CTA writes its split's flag word (no zeroing needed); the merger ORs them into its pass-job's
+ * flag word. Results are written compactly (a float logsumexp per row,
  * kout (logit, offset) entries per row, a flag word per pass-job) straight into the pinned host staging (mapped:
  * no download); axf_plan_finish expands them into ax_attn_result rows, as the generic path writes them.
  *
@@ -122,8 +123,8 @@ typedef struct axf_job {
 } axf_job;
 
 /* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1.
- * mg > 0: a merge launch follows, nj·mg CTAs, CTA b merging rows (b mod mg)·AXF_NW + warp of pass-job b / mg
- * (those with sepm). */
+ * mg > 0: a merge launch follows, nj·mg CTAs, CTA b merging row b mod mg of pass-job b / mg (those with sepm;
+ * mg = the most rows of any). */
 typedef struct axf_launch {
 	uint32_t inst, j0, nj, so0, ctas, mg;
 } axf_launch;
@@ -429,8 +430,8 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		jb->chunk = base > p->lo[i] ? base : p->lo[i];
 		jb->S = (uint32_t)axf_splits(jb->n, jb->chunk);
 		jb->sepm = axf_lists(mode, jb->K) && p->kn.merge_heads && jb->S >= p->kn.merge_heads;
-		if (jb->sepm && (jb->H + AXF_NW - 1) / AXF_NW > L->mg)
-			L->mg = (jb->H + AXF_NW - 1) / AXF_NW;
+		if (jb->sepm && jb->H > L->mg)
+			L->mg = jb->H;
 		jb->part0 = p->parts;
 		jb->ent0 = p->entries;
 		jb->pf0 = p->pfl;
@@ -503,11 +504,11 @@ static inline void axf_make_layout(axf_plan *p)
 
 /*
  * Plan a fast run of n jobs: rc[i] = 0 for an eligible job, the generic validation's code for an invalid one,
- * -EOPNOTSUPP for a valid job the fast path does not run (the dispatcher never passes those). Result rows at the
- * usual offsets (job i's first row = Σ rows of jobs before it); one launch per instance present, in launch order;
- * `resident` CTAs per wave (p->res_lists for a launch with heads lists, when set), floors from p->kn. mean_prob: its logsumexp pass-job comes in a heads launch, which runs before the
- * mean_prob launch, and both pass-jobs name the same lse slots. Returns 0 or -ENOMEM (tables, or more than 2^31
- * result rows or CTAs).
+ * -EOPNOTSUPP for a valid job the fast path does not run (the dispatcher never passes those). Result rows at the usual
+ * offsets (job i's first row = Σ rows of jobs before it); one launch per instance present, in launch order; `resident`
+ * CTAs per wave (p->res_lists for a launch with heads lists, when set), floors from p->kn. mean_prob: its logsumexp
+ * pass-job comes in a heads launch, which runs before the mean_prob launch, and both pass-jobs name the same lse
+ * slots. Returns 0 or -ENOMEM (tables, or more than 2^31 result rows or CTAs).
  */
 static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t n, int *rc, uint32_t resident)
 {

@@ -136,6 +136,7 @@ static const tcase emu_cases[] = {
 	{"logit window 1", ML, BF, BF, I32, 128, 8, 2, 3, 100, 1, 0, 0, {0}, 0, 0},
 	{"heads G2 H_kv 8 top-1", HD, BF, BF, I32, 128, 16, 8, 1, 257, 0, 0, 0, {0}, 1, 0},
 	{"logit G7 H_kv 2 top-40", ML, F16, F16, I64, 128, 14, 2, 40, 333, 0, 0, 0, {0}, 1, 0},
+	{"heads bf16 8/2 1500 (many splits)", HD, BF, BF, I32, 128, 8, 2, 10, 1500, 0, 0, 0, {0}, 1, 0},
 };
 
 /* Plans: one split per job (resident 1), a few, many 16-key splits (the lab's planner); the defaults; heads lists
@@ -147,6 +148,7 @@ static const struct emu_plan {
 	{1, {0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0}},  {64, {0, 0, 0, 0, 0, 0, 0}},
 	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0}}, {50, {0, 48, 5, 32, 7, 3, 0}},
 	{30, {2, 16, 0, 64, 0, 2, 1}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0}},  /* up to ~94 splits, every heads list merged apart: S·E > one warp's 256 */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 

@@ -4,17 +4,17 @@
  * (attn_cuda_test.cu) compares it with the generic path and the float64 reference.
  *
  * Cases: eligibility (a table of jobs, each with the reason it must be refused or 0); the split planner (per-job
- * floors and the one-wave base split) against linear searches over random length sets and knob sets; whole
- * plans of random mixed batches against their invariants (codes, launch order, mean_prob's two pass-jobs sharing logsumexp slots with the first launched
- * before the second, splits covering every key, partial rows and entries disjoint and in bounds, tickets,
- * result rows, a layout of aligned, disjoint regions, split flag words, an upload only for launches with a table); the planner's knobs (each
- * pass-job's floor and the launch's base split against linear searches, random knob sets in whole plans, the
- * issue's shapes under knobs, the environment parser); the flags → codes step (-ERANGE winning over -EDOM,
- * a job's code the OR of its pass-jobs' flag words, compact rows expanded only for successful jobs, empty entries and entries past k as (-1, -inf)); and the
- * dispatcher, with both runners backed by ax_attn_cpu on host data:
- * uniform batches go to one runner untouched, mixed ones are split (the fast runner sees only eligible jobs,
- * the generic one the rest, invalid jobs included) and scattered back to exactly what ax_attn_cpu returns for
- * the whole batch; a runner's whole-batch error comes back.
+ * floors and the one-wave base split) against linear searches over random length sets and knob sets; whole plans of
+ * random mixed batches against their invariants (codes, launch order, mean_prob's two pass-jobs sharing logsumexp
+ * slots with the first launched before the second, splits covering every key, partial rows and entries disjoint and in
+ * bounds, tickets, result rows, a layout of aligned, disjoint regions, split flag words, an upload only for launches
+ * with a table); the planner's knobs (each pass-job's floor and the launch's base split against linear searches,
+ * random knob sets in whole plans, the issue's shapes under knobs, the environment parser); the flags → codes step
+ * (-ERANGE winning over -EDOM, a job's code the OR of its pass-jobs' flag words, compact rows expanded only for
+ * successful jobs, empty entries and entries past k as (-1, -inf)); and the dispatcher, with both runners backed by
+ * ax_attn_cpu on host data: uniform batches go to one runner untouched, mixed ones are split (the fast runner sees
+ * only eligible jobs, the generic one the rest, invalid jobs included) and scattered back to exactly what ax_attn_cpu
+ * returns for the whole batch; a runner's whole-batch error comes back.
  * AX_TEST_SEED=N repeats a run (the seed is printed).
  */
 #include <errno.h>
@@ -355,8 +355,8 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			}
 			const uint32_t mh = p->kn.merge_heads;
 			assert_int_equal(jb->sepm, lists && mh && jb->S >= mh);
-			if (jb->sepm && (jb->H + AXF_NW - 1) / AXF_NW > mg)
-				mg = (jb->H + AXF_NW - 1) / AXF_NW;
+			if (jb->sepm && jb->H > mg)
+				mg = jb->H;
 			if (jb->res >= 0)
 				assert_int_equal(jb->rent, p->eoff[jb->flag]);
 			assert_int_equal(p->so[L->so0 + k], ctas);
@@ -477,7 +477,7 @@ static void test_plans(void **state)
 	assert_int_equal(p->jb[0].chunk, 512);
 	assert_int_equal(p->jb[0].S, 8);
 	assert_int_equal(p->jb[0].sepm, 1);
-	assert_int_equal(p->L[0].mg, 4); /* 32 rows, 8 per merge CTA */
+	assert_int_equal(p->L[0].mg, 32); /* 32 rows, one per merge CTA */
 	check_plan(p, jobs, 1, rc, 264);
 	jobs[0].position = (1u << 17) - 1; /* 128K keys: 16 splits (the cap), not 256 */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
