@@ -753,8 +753,8 @@ int ax__attn_fast_take_error(ax_attn_fast *f);
  * environment once (axf_knobs_env). */
 void ax__attn_fast_knobs(ax_attn_fast *f, axf_knobs *get, const axf_knobs *set);
 
-/* Kernel timing: with on, every run records CUDA events around its launches (after the upload, before the
- * download); ax__attn_fast_kernel_us then gives the last run's launches in µs (-1 when off or none).
+/* Kernel timing: with on, every run records CUDA events around its launches (after the upload, if any, before
+ * the synchronisation); ax__attn_fast_kernel_us then gives the last run's launches in µs (-1 when off or none).
  * ax__attn_fast_timing returns 0, -EINVAL (f NULL) or -EIO (event creation failed). */
 int ax__attn_fast_timing(ax_attn_fast *f, int on);
 float ax__attn_fast_kernel_us(const ax_attn_fast *f);
