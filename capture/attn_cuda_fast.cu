@@ -437,19 +437,28 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
 	float m = -INFINITY, sm = 0.f, ts = -INFINITY; /* (ts, tp): the best k-th entry of any split */
 	int tp = INT_MAX;
-	for (int i = lane; i < S; i += 32) { /* the splits' logsumexps and k-th entries: loads issued together */
-		const float x = __ldcg(a.part_lse + prow0 + i);
-		float kx = -INFINITY;
-		int kp = -1;
-		if (K) {
-			const uint64_t e = ent + (uint64_t)i * K + K - 1;
-			kx = __ldcg(a.part_s + e);
-			kp = __ldcg(a.part_p + e);
+	for (int i0 = lane; i0 < S; i0 += 32 * 4) { /* the splits' logsumexps and k-th entries: 4 splits' loads per
+						      * lane issued together, then used */
+		float x[4], kx[4];
+		int kp[4];
+#pragma unroll
+		for (int u = 0; u < 4; ++u) {
+			const int i = i0 + 32 * u;
+			x[u] = i < S ? __ldcg(a.part_lse + prow0 + i) : -INFINITY;
+			kx[u] = -INFINITY, kp[u] = -1;
+			if (K && i < S) {
+				const uint64_t e = ent + (uint64_t)i * K + K - 1;
+				kx[u] = __ldcg(a.part_s + e);
+				kp[u] = __ldcg(a.part_p + e);
+			}
 		}
-		if (x != -INFINITY)
-			lse_merge(m, sm, x, 1.f);
-		if (kp >= 0 && fb(kx, kp, ts, tp))
-			ts = kx, tp = kp;
+#pragma unroll
+		for (int u = 0; u < 4; ++u) {
+			if (x[u] != -INFINITY)
+				lse_merge(m, sm, x[u], 1.f);
+			if (kp[u] >= 0 && fb(kx[u], kp[u], ts, tp))
+				ts = kx[u], tp = kp[u];
+		}
 	}
 	lse_warp(m, sm);
 	const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
