@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """GPU test of the Hugging Face hook (attnx.hf) — exit 77 without torch / transformers / CUDA. Passed on an H200 at
-3a279e1; failed on H100s after d3f5a42 (0 rows: wait_wanted returned when the reference consumer attached, before
-it asked for rows; fixed in gpu_common, replayed on the CPU by test_hf_hook_logic.py); scripts/gpu-test runs it.
+3a279e1 and on an H100 at 3939a6e; failed on H100s between (after d3f5a42 (0 rows: wait_wanted returned when the reference consumer attached, before
+it asked for rows; fixed in gpu_common, replayed on the CPU by test_hf_hook_logic.py)); scripts/gpu-test runs it.
 
 For the shipped model (engine/models/attnx-tiny) and a randomly initialised Qwen3-shaped model (32 query heads,
 8 KV heads, head_dim 128; f32 so that 1e-3 means something), each:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Tensor parallel 2 on two GPUs: two processes, one segment each, merged `heads` = the single-GPU run = eager.
 Exit 77 (SKIP) without torch, two CUDA devices, the attnx CUDA libraries, or attnx-capture (--backend cuda),
-attnx-relay and attnx-tail in AX_BUILD_DIR. NEVER RUN ON A GPU YET: written on a machine without one
-(2026-11-27); scripts/gpu-test runs it in its own stage when two GPUs are present. `--cpu` runs the model half
+attnx-relay and attnx-tail in AX_BUILD_DIR. Passed on 2 × H100 (2026-11-27, tree e8187c5); scripts/gpu-test
+runs it in its own stage when two GPUs are present. `--cpu` runs the model half
 here (below).
 
 The model: a randomly initialised Qwen3-shaped decoder (32 query heads, 8 KV heads, head_dim 128, hidden 1024,
