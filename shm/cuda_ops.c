@@ -46,12 +46,30 @@ static struct {
 static pthread_once_t drv_once = PTHREAD_ONCE_INIT;
 static int drv_ok;
 
+/* A driver entry point to resolve: its symbol and where its address goes. */
+typedef struct drv_sym {
+	const char *sym;
+	void **fn;
+} drv_sym;
+
+/* Resolve n entry points; 0, or -ENODEV with g_err naming the first one missing. */
+static int drv_resolve_table(const drv_sym *t, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		enum cudaDriverEntryPointQueryResult q;
+		if (cudaGetDriverEntryPointByVersion(t[i].sym, t[i].fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+		    q != cudaDriverEntryPointSuccess || *t[i].fn == NULL) {
+			snprintf(g_err, sizeof g_err, "driver entry point %s not found", t[i].sym);
+			cudaGetLastError();
+			return -ENODEV;
+		}
+	}
+	return 0;
+}
+
 static void drv_resolve(void)
 {
-	static const struct {
-		const char *sym;
-		void **fn;
-	} t[] = {
+	static const drv_sym t[] = {
 		{"cuGetErrorString", (void **)&drv.GetErrorString},
 		{"cuMemGetAddressRange", (void **)&drv.MemGetAddressRange},
 		{"cuMemImportFromShareableHandle", (void **)&drv.MemImportFromShareableHandle},
@@ -65,16 +83,7 @@ static void drv_resolve(void)
 		{"cuMemRelease", (void **)&drv.MemRelease},
 		{"cuPointerGetAttribute", (void **)&drv.PointerGetAttribute},
 	};
-	for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
-		enum cudaDriverEntryPointQueryResult q;
-		if (cudaGetDriverEntryPointByVersion(t[i].sym, t[i].fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-		    q != cudaDriverEntryPointSuccess || *t[i].fn == NULL) {
-			snprintf(g_err, sizeof g_err, "driver entry point %s not found", t[i].sym);
-			cudaGetLastError();
-			return;
-		}
-	}
-	drv_ok = 1;
+	drv_ok = drv_resolve_table(t, sizeof t / sizeof t[0]) == 0;
 }
 
 /* 0 once the driver's entry points are resolved, -ENODEV without a driver. */
@@ -315,26 +324,14 @@ static struct {
 /* Resolved apart from drv: a driver without one of these must not break the importer. 0 or -ENODEV. */
 static int fault_resolve(void)
 {
-	const struct {
-		const char *sym;
-		void **fn;
-	} t[] = {
+	const drv_sym t[] = {
 		{"cuModuleLoadData", (void **)&fdrv.ModuleLoadData},
 		{"cuModuleGetFunction", (void **)&fdrv.ModuleGetFunction},
 		{"cuLaunchKernel", (void **)&fdrv.LaunchKernel},
 		{"cuCtxSynchronize", (void **)&fdrv.CtxSynchronize},
 		{"cuModuleUnload", (void **)&fdrv.ModuleUnload},
 	};
-	for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
-		enum cudaDriverEntryPointQueryResult q;
-		if (cudaGetDriverEntryPointByVersion(t[i].sym, t[i].fn, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-		    q != cudaDriverEntryPointSuccess || *t[i].fn == NULL) {
-			snprintf(g_err, sizeof g_err, "driver entry point %s not found", t[i].sym);
-			cudaGetLastError();
-			return -ENODEV;
-		}
-	}
-	return 0;
+	return drv_resolve_table(t, sizeof t / sizeof t[0]);
 }
 
 static int inject_fault(void *ctx, int device)
