@@ -284,13 +284,24 @@ int ax_attn_cuda_wait_event(ax_attn_cuda *c, void *event)
 	return 0;
 }
 
-/* Does every byte the job reads lie in imported memory? (Q row, index row, first and last K slot row.) */
+/* Does every byte the job reads lie in imported memory? (Q row, index row, first and last K slot row; paged: the
+ * block-table cells of keys 0..position and the last row of the last block.) */
 static int job_in_device_memory(const ax_attn_job *j)
 {
 	size_t qs = ax_dtype_size(j->q_dtype), ks = ax_dtype_size(j->k_dtype), is = ax_dtype_size(j->index_dtype);
-	uint64_t krow = (j->k_stride[1] * (j->n_kv_heads - 1) + j->head_dim) * ks;
-	return inside(j->q, (uint64_t)j->n_q_heads * j->head_dim * qs) && inside(j->index, (j->position + 1) * is) &&
-	       inside(j->k, krow) && inside((const uint8_t *)j->k + (j->n_slots - 1) * j->k_stride[0] * ks, krow);
+	uint64_t krow = (j->k_stride[1] * (j->n_kv_heads - 1) + j->head_dim) * ks, cells = j->position + 1, last;
+	if (j->index_kind == AX_ATTN_INDEX_PAGED) {
+		if (j->block_size == 0 || j->n_blocks == 0)
+			return 0;
+		cells = (j->position + j->block_size) / j->block_size;
+		last = (j->n_blocks - 1) * j->k_block_stride + (uint64_t)(j->block_size - 1) * j->k_stride[0];
+	} else {
+		if (j->n_slots == 0)
+			return 0;
+		last = (j->n_slots - 1) * j->k_stride[0];
+	}
+	return inside(j->q, (uint64_t)j->n_q_heads * j->head_dim * qs) && inside(j->index, cells * is) &&
+	       inside(j->k, krow) && inside((const uint8_t *)j->k + last * ks, krow);
 }
 
 int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)

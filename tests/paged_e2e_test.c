@@ -21,9 +21,12 @@
  * 4-D NHD pools (layers 0 and 3, block sizes BS and 2·BS) and the 3-D one are seen as slots, the HND pool (layer 1)
  * cannot be (its blocks are not evenly strided in slots) and is the skipped one.
  *
- * Built with PE_CUDA (paged_e2e_gpu, with paged_e2e_dev.cu) and run with BACKEND cuda, every buffer lives in GPU
+ * Built with PE_DEV (paged_e2e_gpu, with paged_e2e_dev.cu) and run with BACKEND cuda, every buffer lives in GPU
  * memory (cudaMalloc, CUDA IPC entries through ax_cuda_fill_ipc): the engine writes host shadows and uploads them
  * (synchronously) before each descriptor is published, and the capture runs --backend cuda; the checks are the same.
+ * Built with PE_DEV and paged_e2e_emuldev.c instead (paged_e2e_emul), the "GPU memory" is tests/capture_emul.c's
+ * emulated device (named shm objects, "AXEM" IPC handles) and CAPTURE is attnx-capture-emul: the capture's CUDA
+ * path for paged jobs (import, job fill, batching, extents) runs in CI with the same checks.
  * Usage: paged_e2e_test CAPTURE MODE BS [cpu|cuda [paged|token]]. Exit 0 pass, 1 fail, 2 usage, 77 no CUDA device
  * (cuda).
  * A test program: it fails fast.
@@ -53,7 +56,7 @@ static int g_dev;   /* buffers in GPU memory (BACKEND cuda) */
 static int g_token; /* a token index table instead of the block table (INDEX token) */
 static uint32_t g_skip; /* the layer the index cannot address: 3 (paged), 1 (token) */
 
-#ifdef PE_CUDA /* paged_e2e_dev.cu */
+#ifdef PE_DEV /* paged_e2e_dev.cu (a GPU) or paged_e2e_emuldev.c (the emulated device) */
 int pe_dev_init(void);
 int pe_dev_alloc(uint64_t bytes, uint64_t *dptr);
 int pe_dev_upload(uint64_t dst, const void *src, uint64_t bytes);
@@ -124,7 +127,7 @@ static void *add_buf(ax_export *ex, ax_shm_buffer *b, uint32_t *index)
 			DIE("ax_export_add_host_buffer (kind %u)", b->kind);
 		return x->host;
 	}
-#ifdef PE_CUDA
+#ifdef PE_DEV
 	x->host = calloc(1, b->bytes);
 	if (!x->host || pe_dev_alloc(b->bytes, &x->dptr) || pe_dev_entry(b, x->dptr, b->bytes) ||
 	    ax_export_add_device_buffer(ex, b, index))
@@ -136,7 +139,7 @@ static void *add_buf(ax_export *ex, ax_shm_buffer *b, uint32_t *index)
 /* GPU memory: upload every shadow before a descriptor names what was written (no-op for host buffers). */
 static void sync_bufs(void)
 {
-#ifdef PE_CUDA
+#ifdef PE_DEV
 	for (int i = 0; g_dev && i < g_nbufs; i++)
 		if (pe_dev_upload(g_bufs[i].dptr, g_bufs[i].host, g_bufs[i].bytes))
 			DIE("upload");
@@ -146,7 +149,7 @@ static void sync_bufs(void)
 static void free_bufs(void)
 {
 	for (int i = 0; g_dev && i < g_nbufs; i++) {
-#ifdef PE_CUDA
+#ifdef PE_DEV
 		pe_dev_free(g_bufs[i].dptr);
 #endif
 		free(g_bufs[i].host);
@@ -503,7 +506,7 @@ int main(int argc, char **argv)
 	g_mode = (uint32_t)ax_mode_parse(argv[2]);
 	g_bs = (uint32_t)atoi(argv[3]);
 	g_dev = argc >= 5 && !strcmp(argv[4], "cuda");
-#ifdef PE_CUDA
+#ifdef PE_DEV
 	if (g_dev && pe_dev_init() != 0) {
 		printf("paged_e2e_test: SKIP (no CUDA device)\n");
 		return 77;
