@@ -166,6 +166,25 @@ int ax_graph_enabled(const ax_graph *g, uint64_t layers[2], int *prefill);
 /* The last CUDA error of `g` (or of the last failed ax_graph_open when g is NULL) as text; never NULL. */
 const char *ax_graph_strerror(const ax_graph *g);
 
+/* Variants of the step kernels, for the cost measurement (shm/python/tests/bench_gpu_export.py) and for trying a
+ * candidate layout on the GPU tests. The DBG_ bits break a guarantee and are for measurements only; OPT_ bits are
+ * candidate layouts that keep every guarantee. Baked into kernels at enqueue (capture) time. ax_graph_open applies
+ * $AX_GRAPH_DEBUG (a number) when set. */
+enum {
+	AX_GRAPH_DBG_EMPTY = 1u << 0,     /* every step kernel is an empty 1-block kernel: exports nothing */
+	AX_GRAPH_DBG_FENCE_GPU = 1u << 1, /* device-scope fences instead of system scope (ordering rules broken) */
+	AX_GRAPH_DBG_NO_QCOPY = 1u << 2,  /* Q copies skipped (descriptors name rows never written) */
+	AX_GRAPH_DBG_SEG_DEV = 1u << 3,   /* segment stores/loads go to a device-memory scratch copy: nothing reaches
+					     the consumer, no flow control; the counters are restored on leaving */
+	AX_GRAPH_DBG_CTL_DEV = 1u << 4,   /* kernels read a device copy of the heartbeat block (frozen at the call) */
+	AX_GRAPH_OPT_FEWER = 1u << 5,     /* one host round trip for the heartbeat block, the publish's host loads
+					     issued before its Q copy, 3 system fences per publish instead of 5 */
+	AX_GRAPH_DBG_ALL = (1u << 6) - 1,
+};
+/* Set the variant bits. Returns 0, -EINVAL (NULL, unknown bits) or -ENOMEM / -EIO (the scratch copies). Not
+ * thread-safe; synchronises the device when SEG_DEV or CTL_DEV changes (never in a hot path). */
+int ax_graph_debug(ax_graph *g, unsigned flags);
+
 /* ---- pure helpers, shared by the kernels and the host-side unit test (no CUDA needed) ---- */
 
 #ifdef __CUDACC__

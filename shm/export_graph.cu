@@ -69,6 +69,9 @@ struct ax_graph_ctl {
 	unsigned prefill, enabled;
 	u64 now_ns;
 };
+static_assert(sizeof(ax_graph_ctl) == 32 && offsetof(ax_graph_ctl, prefill) == 16 &&
+		      offsetof(ax_graph_ctl, now_ns) == 24,
+	      "ctl_load reads the block as two 16-byte words");
 
 /* Device view of the segment. */
 struct seg_view {
@@ -78,6 +81,7 @@ struct seg_view {
 	int *arena;
 	u64 ring_cap, arena_cap, max_ctx, layer_mask[2];
 	unsigned map_rows;
+	unsigned dbg; /* AX_GRAPH_DBG_* / AX_GRAPH_OPT_* at enqueue */
 };
 
 struct ax_graph {
@@ -91,6 +95,10 @@ struct ax_graph {
 	ax_graph_row *rows;   /* device [max_batch] */
 	ax_graph_ctl *ctl_h;  /* pinned host */
 	ax_graph_ctl *ctl_d;  /* its device alias */
+	ax_graph_ctl *ctl_copy; /* device memory: AX_GRAPH_DBG_CTL_DEV's frozen copy */
+	void *dseg;           /* device alias of the segment */
+	void *scratch;        /* device memory: AX_GRAPH_DBG_SEG_DEV's segment copy */
+	ax_graph_dev saved;   /* the counters when SEG_DEV was entered */
 	uint32_t H, D, esize, n_rows;
 	ax_graph_step_args last;  /* the step begun last (ax_graph_step_publish reads its token ids) */
 	int registered;
@@ -118,6 +126,19 @@ __device__ static long long ivec_get(const ax_graph_ivec &v, long long b, long l
 }
 
 __device__ static void st64(void *p, u64 v) { *(volatile u64 *)p = v; }
+/* The system-scope fence of the ordering rules (AX_GRAPH_DBG_FENCE_GPU: device scope, for the measurement). */
+__device__ static void sfence(unsigned dbg)
+{
+	if (dbg & AX_GRAPH_DBG_FENCE_GPU)
+		__threadfence();
+	else
+		__threadfence_system();
+}
+/* The consumer's tail for flow control (AX_GRAPH_DBG_SEG_DEV: none, every slot free). */
+__device__ static u64 tail_of(const seg_view &sv, u64 head)
+{
+	return (sv.dbg & AX_GRAPH_DBG_SEG_DEV) ? head : *(const volatile u64 *)&sv.h->consumer_tail;
+}
 __device__ static u64 ld64(const void *p) { return *(const volatile u64 *)p; }
 
 /* Seqlock write of descriptor sequence number s (body d) into its slot: seq 0, fence, body, fence, seq = s + 1. */
@@ -126,19 +147,51 @@ __device__ static void slot_write(const seg_view &sv, u64 s, const ax_shm_step *
 	volatile u64 *w = (volatile u64 *)&sv.ring[s & (sv.ring_cap - 1)];
 	const u64 *src = (const u64 *)d;
 	w[0] = 0;
-	__threadfence_system();
+	sfence(sv.dbg);
 	for (int i = 1; i < (int)(sizeof(ax_shm_step) / 8); i++)
 		w[i] = src[i];
-	__threadfence_system();
+	sfence(sv.dbg);
 	w[0] = s + 1;
-	__threadfence_system(); /* the seq word is out before whatever this thread (or, after a barrier, its block)
+	sfence(sv.dbg); /* the seq word is out before whatever this thread (or, after a barrier, its block)
 				   stores next — ring_head above all */
+}
+
+/* Seqlock write, the body half (AX_GRAPH_OPT_FEWER): the slot's seq word was zeroed and fenced by the caller
+ * (with the arena head, one fence for both); body, fence, seq = s + 1, fence. */
+__device__ static void slot_write_body(const seg_view &sv, u64 s, const ax_shm_step *d)
+{
+	volatile u64 *w = (volatile u64 *)&sv.ring[s & (sv.ring_cap - 1)];
+	const u64 *src = (const u64 *)d;
+	for (int i = 1; i < (int)(sizeof(ax_shm_step) / 8); i++)
+		w[i] = src[i];
+	sfence(sv.dbg);
+	w[0] = s + 1;
+	sfence(sv.dbg); /* the seq word is out before the block's barrier, hence before ring_head */
+}
+
+/* The heartbeat block in one round trip (two 16-byte loads in flight together; AX_GRAPH_OPT_FEWER). A mix of two
+ * heartbeats is harmless: one step exports the old or the new wish. */
+struct ctl_snap {
+	u64 want0, want1;
+	unsigned prefill, enabled;
+	u64 now_ns;
+};
+__device__ static ctl_snap ctl_load(const ax_graph_ctl *c)
+{
+	ulonglong2 a = __ldcv((const ulonglong2 *)c), b = __ldcv((const ulonglong2 *)c + 1);
+	ctl_snap r;
+	r.want0 = a.x;
+	r.want1 = a.y;
+	r.prefill = (unsigned)b.x;
+	r.enabled = (unsigned)(b.x >> 32);
+	r.now_ns = b.y;
+	return r;
 }
 
 /* One control descriptor (BEGIN/END) by one thread; ring space checked; counters mirrored, ring_head last. */
 __device__ static void publish_one(const seg_view &sv, ax_graph_dev *st, const ax_graph_ctl *ctl, ax_shm_step *d)
 {
-	u64 tail = ld64(&sv.h->consumer_tail), head = st->ring_head;
+	u64 head = st->ring_head, tail = tail_of(sv, head);
 	if (head - tail >= sv.ring_cap) {
 		st->ring_dropped++;
 		st64(&sv.h->ring_dropped, st->ring_dropped);
@@ -147,7 +200,7 @@ __device__ static void publish_one(const seg_view &sv, ax_graph_dev *st, const a
 	d->t_ns = ld64(&ctl->now_ns);
 	slot_write(sv, head, d);
 	st->ring_head = head + 1;
-	__threadfence_system();
+	sfence(sv.dbg);
 	st64(&sv.h->ring_head, head + 1);
 }
 
@@ -158,11 +211,11 @@ __device__ static void request_write(const seg_view &sv, unsigned slot, const ax
 	const u64 *src = (const u64 *)r;
 	const int id_word = (int)(offsetof(ax_shm_request, req_id) / 8);
 	w[id_word] = 0;
-	__threadfence_system();
+	sfence(sv.dbg);
 	for (int i = 0; i < (int)(sizeof(ax_shm_request) / 8); i++)
 		if (i != id_word)
 			w[i] = src[i];
-	__threadfence_system();
+	sfence(sv.dbg);
 	w[id_word] = r->req_id;
 }
 
@@ -174,7 +227,7 @@ __device__ static void step_started(const seg_view &sv, ax_graph_dev *st, bool f
 	st->steps_started = ax_graph_next_step(st->steps_started);
 	st64(&sv.h->steps_started, st->steps_started);
 	if (fence)
-		__threadfence_system();
+		sfence(sv.dbg);
 }
 
 /* End the request map row `row` holds, if any (freed_step, END, entry ended, map row cleared). One thread.
@@ -187,7 +240,7 @@ __device__ static void end_row(const seg_view &sv, ax_graph_dev *st, ax_graph_ma
 	if (!id)
 		return;
 	st64(&sv.reqs[row].freed_step, ax_graph_freed_step(st->steps_started));
-	__threadfence_system();
+	sfence(sv.dbg);
 	ax_shm_step d;
 	memset(&d, 0, sizeof d);
 	d.kind = AX_STEP_END;
@@ -242,7 +295,7 @@ __global__ void k_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const 
 			u64 pos = st->arena_head;
 			st->arena_head = pos + a.prompt_len;
 			st64(&sv.h->arena_head, st->arena_head);
-			__threadfence_system();
+			sfence(sv.dbg);
 			s_pos = pos;
 		}
 	}
@@ -257,7 +310,7 @@ __global__ void k_begin(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const 
 		}
 		((volatile int *)sv.arena)[(s_pos + i) % sv.arena_cap] = tok;
 	}
-	__threadfence_system();
+	sfence(sv.dbg);
 	__syncthreads();
 	if (threadIdx.x != 0)
 		return;
@@ -349,7 +402,7 @@ __device__ static void setup_state(const seg_view &sv, ax_graph_dev *st, unsigne
 			st64(&sv.h->q_head, st->q_head); /* head before data: a lapped reader notices */
 		}
 	}
-	__threadfence_system();
+	sfence(sv.dbg);
 }
 
 /* The step set-up, by every thread of one block (blockDim.x a power of two ≥ a.n_rows): count the step start,
@@ -362,11 +415,19 @@ __device__ static void step_setup(const seg_view &sv, ax_graph_dev *st, ax_graph
 	__shared__ unsigned s_nl, s_enabled, s_prefill;
 	if (threadIdx.x == 0) {
 		step_started(sv, st, false); /* always (enabled or not); fenced in setup_state */
-		s_enabled = *(const volatile unsigned *)&ctl->enabled;
-		s_layers[0] = s_enabled ? ld64(&ctl->want[0]) & sv.layer_mask[0] : 0;
-		s_layers[1] = s_enabled ? ld64(&ctl->want[1]) & sv.layer_mask[1] : 0;
+		if (sv.dbg & AX_GRAPH_OPT_FEWER) {
+			ctl_snap c = ctl_load(ctl);
+			s_enabled = c.enabled;
+			s_layers[0] = c.enabled ? c.want0 & sv.layer_mask[0] : 0;
+			s_layers[1] = c.enabled ? c.want1 & sv.layer_mask[1] : 0;
+			s_prefill = c.prefill;
+		} else {
+			s_enabled = *(const volatile unsigned *)&ctl->enabled;
+			s_layers[0] = s_enabled ? ld64(&ctl->want[0]) & sv.layer_mask[0] : 0;
+			s_layers[1] = s_enabled ? ld64(&ctl->want[1]) & sv.layer_mask[1] : 0;
+			s_prefill = *(const volatile unsigned *)&ctl->prefill;
+		}
 		s_nl = ax_graph_popcount64(s_layers[0]) + ax_graph_popcount64(s_layers[1]);
-		s_prefill = *(const volatile unsigned *)&ctl->prefill;
 	}
 	__syncthreads();
 	unsigned b = threadIdx.x;
@@ -393,6 +454,7 @@ struct qcopy_args {
 	long long st_b, st_t, st_h;
 	u64 q_rows;
 	unsigned layer, H, D, esize, unit;
+	unsigned dbg; /* AX_GRAPH_DBG_* at enqueue */
 };
 
 /* Copy layer qa.layer's Q rows of the batch rows b0, b0 + bstep, ... with this block's threads. fence: a system
@@ -403,7 +465,7 @@ struct qcopy_args {
 __device__ static void copy_q(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, unsigned b0,
 			      unsigned bstep, const qcopy_args &qa, bool fence)
 {
-	if (!st->active || !st->nl)
+	if (!st->active || !st->nl || (qa.dbg & AX_GRAPH_DBG_NO_QCOPY))
 		return;
 	uint64_t lm[2] = {st->layers[0], st->layers[1]};
 	int li = ax_graph_layer_slot(lm, qa.layer);
@@ -434,18 +496,37 @@ __device__ static void copy_q(const ax_graph_dev *st, const ax_graph_row *rows, 
 		}
 	}
 	if (fence)
-		__threadfence_system(); /* Q rows out before this kernel's descriptor names them */
+		sfence(qa.dbg); /* Q rows out before this kernel's descriptor names them */
+}
+
+/* What the publish loads from host memory (AX_GRAPH_OPT_FEWER: thread 0 issues both at its kernel's start, so the
+ * round trip overlaps the Q copy; reading consumer_tail early only makes flow control more conservative). */
+struct host_pre {
+	u64 tail, now_ns;
+};
+__device__ static host_pre pre_load(const seg_view &sv, const ax_graph_ctl *ctl)
+{
+	host_pre p = {0, 0};
+	p.tail = ld64(&sv.h->consumer_tail);
+	p.now_ns = ld64(&ctl->now_ns);
+	return p;
 }
 
 /* Publish the step's FORWARD descriptors, by every thread of one block (blockDim.x a power of two ≥ a.n_rows):
  * token ids into the arena (head first), one seqlock slot per valid row, flow control against consumer_tail,
- * ring_head last. Uniform early exit only (st->active is read by all threads before anyone clears it). */
+ * ring_head last. Uniform early exit only (st->active is read by all threads before anyone clears it).
+ * pre: thread 0's host loads made earlier (AX_GRAPH_OPT_FEWER) when have_pre, else loaded here. With
+ * AX_GRAPH_OPT_FEWER thread 0 stores the arena head and zeroes every slot's seq word before one fence (rule 2's head first and rule 3's seq 0),
+ * each row thread then writes token ids and body, fences, stores seq = s + 1 and fences (slot_write_body), and
+ * ring_head follows the barrier: 3 system fences on the path instead of 5. */
 __device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const ax_graph_row *rows,
-				    const ax_graph_ctl *ctl, const ax_graph_step_args &a, unsigned index_buf, u64 *scan)
+				    const ax_graph_ctl *ctl, const ax_graph_step_args &a, unsigned index_buf, u64 *scan,
+				    host_pre pre, bool have_pre)
 {
-	__shared__ u64 s_head, s_pos, s_k;
+	__shared__ u64 s_head, s_pos, s_k, s_now;
 	if (!st->active)
 		return;
+	const bool fewer = sv.dbg & AX_GRAPH_OPT_FEWER;
 	unsigned b = threadIdx.x;
 	ax_graph_row r;
 	memset(&r, 0, sizeof r);
@@ -456,14 +537,20 @@ __device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const 
 	u64 excl = block_scan(packed, scan, &total);
 	u64 idx = excl >> 40, tok0 = excl & ((1ull << 40) - 1);
 	if (b == 0) {
-		u64 head = st->ring_head, tail = ld64(&sv.h->consumer_tail), n = total >> 40;
+		host_pre p = have_pre ? pre : pre_load(sv, ctl);
+		u64 head = st->ring_head, n = total >> 40;
+		u64 tail = (sv.dbg & AX_GRAPH_DBG_SEG_DEV) ? head : p.tail;
 		u64 space = head - tail >= sv.ring_cap ? 0 : sv.ring_cap - (head - tail);
 		s_head = head;
 		s_k = n < space ? n : space;
+		s_now = p.now_ns;
 		s_pos = st->arena_head;
 		st->arena_head += total & ((1ull << 40) - 1);
 		st64(&sv.h->arena_head, st->arena_head);
-		__threadfence_system();
+		if (fewer)
+			for (u64 k = 0; k < s_k; k++)
+				st64(&sv.ring[(head + k) & (sv.ring_cap - 1)], 0); /* seq word 0 (offset 0) */
+		sfence(sv.dbg);
 	}
 	__syncthreads();
 	if (r.valid) {
@@ -472,7 +559,8 @@ __device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const 
 			int tok = a.token_bytes == 8 ? (int)((const long long *)a.tokens)[ti] : ((const int *)a.tokens)[ti];
 			((volatile int *)sv.arena)[(s_pos + tok0 + i) % sv.arena_cap] = tok;
 		}
-		/* slot_write's first fence (after the seq word's 0) puts the token ids out before the body and seq */
+		/* the token ids are out before seq = s + 1: slot_write's first fence (after the seq word's 0), or
+		 * slot_write_body's fence after the body */
 		if (idx < s_k) {
 			ax_shm_step d;
 			memset(&d, 0, sizeof d);
@@ -492,8 +580,13 @@ __device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const 
 				d.layers[1] = st->layers[1];
 			}
 			d.tok_pos = s_pos + tok0;
-			d.t_ns = ld64(&ctl->now_ns);
-			slot_write(sv, s_head + idx, &d);
+			if (fewer) {
+				d.t_ns = s_now;
+				slot_write_body(sv, s_head + idx, &d);
+			} else {
+				d.t_ns = ld64(&ctl->now_ns);
+				slot_write(sv, s_head + idx, &d);
+			}
 		}
 	}
 	__syncthreads();
@@ -504,11 +597,15 @@ __device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const 
 			st64(&sv.h->ring_dropped, st->ring_dropped);
 		}
 		st->ring_head = s_head + s_k;
-		__threadfence_system();
+		if (!fewer)
+			sfence(sv.dbg); /* fewer: every slot writer fenced after its seq word, before the barrier */
 		st64(&sv.h->ring_head, st->ring_head); /* last: every slot above is complete */
 		st->active = 0; /* a publish without a fresh step_begin publishes nothing */
 	}
 }
+
+/* AX_GRAPH_DBG_EMPTY: what a step kernel costs as a graph node that does nothing. */
+__global__ void k_nop(void) {}
 
 #define ONE_BLOCK __global__ void __launch_bounds__(AX_GRAPH_MAX_BATCH) /* up to 1024 threads (≤ 52 registers) */
 
@@ -528,7 +625,10 @@ ONE_BLOCK k_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *rows, con
 		    ax_graph_step_args a, unsigned index_buf)
 {
 	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
-	publish_step(sv, st, rows, ctl, a, index_buf, scan);
+	host_pre p = {0, 0};
+	if (threadIdx.x == 0 && (sv.dbg & AX_GRAPH_OPT_FEWER))
+		p = pre_load(sv, ctl);
+	publish_step(sv, st, rows, ctl, a, index_buf, scan, p, sv.dbg & AX_GRAPH_OPT_FEWER);
 }
 
 /* Fused (one block; small steps only, ax_graph_fuse): the step set-up, then the first layer's Q copy. */
@@ -545,9 +645,12 @@ ONE_BLOCK k_export_q_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *
 			     ax_graph_step_args a, unsigned index_buf, qcopy_args qa)
 {
 	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	host_pre p = {0, 0};
+	if (threadIdx.x == 0 && (sv.dbg & AX_GRAPH_OPT_FEWER))
+		p = pre_load(sv, ctl); /* in flight during the copy */
 	copy_q(st, rows, a.n_rows, 0, 1, qa, true);
 	__syncthreads(); /* every thread's rows (and its system fence) before any descriptor */
-	publish_step(sv, st, rows, ctl, a, index_buf, scan);
+	publish_step(sv, st, rows, ctl, a, index_buf, scan, p, sv.dbg & AX_GRAPH_OPT_FEWER);
 }
 
 /* ---- host side ------------------------------------------------------------------------------------------- */
@@ -594,6 +697,17 @@ static int check_config(const ax_shm_header *h, const ax_shm_buffer *bufs, const
 	return 0;
 }
 
+/* Point the kernels' view of the segment at device address d (the mapped segment, or SEG_DEV's scratch copy). */
+static void view_at(ax_graph *g, void *dseg)
+{
+	const ax_shm_header *h = (const ax_shm_header *)g->seg_base;
+	char *d = (char *)dseg;
+	g->sv.h = (ax_shm_header *)d;
+	g->sv.ring = (ax_shm_step *)(d + h->ring_off);
+	g->sv.reqs = (ax_shm_request *)(d + h->req_off);
+	g->sv.arena = (int *)(d + h->arena_off);
+}
+
 static int alloc_all(ax_graph *g)
 {
 	cudaError_t e;
@@ -615,12 +729,8 @@ static int alloc_all(ax_graph *g)
 	if ((e = cudaHostGetDevicePointer(&dseg, g->seg_base, 0)) != cudaSuccess)
 		return cuda_fail(g, e, "cudaHostGetDevicePointer segment");
 	g->registered = 1;
-	const ax_shm_header *h = (const ax_shm_header *)g->seg_base;
-	char *d = (char *)dseg;
-	g->sv.h = (ax_shm_header *)d;
-	g->sv.ring = (ax_shm_step *)(d + h->ring_off);
-	g->sv.reqs = (ax_shm_request *)(d + h->req_off);
-	g->sv.arena = (int *)(d + h->arena_off);
+	g->dseg = dseg;
+	view_at(g, dseg);
 	return 0;
 }
 
@@ -695,6 +805,9 @@ int ax_graph_open(ax_graph **out, ax_export *ex, const ax_graph_config *cfg)
 		return -ENOMEM;
 	}
 	g->thread_started = 1;
+	const char *dbg = getenv("AX_GRAPH_DEBUG");
+	if (dbg && *dbg && ax_graph_debug(g, (unsigned)strtoul(dbg, NULL, 0)) == -EINVAL)
+		fprintf(stderr, "attnx: AX_GRAPH_DEBUG=%s ignored (unknown bits)\n", dbg);
 	*out = g;
 	return 0;
 }
@@ -711,6 +824,8 @@ void ax_graph_close(ax_graph *g)
 	if (g->registered)
 		cudaHostUnregister(g->seg_base);
 	cudaFreeHost(g->ctl_h);
+	cudaFree(g->ctl_copy);
+	cudaFree(g->scratch);
 	cudaFree(g->rows);
 	cudaFree(g->map);
 	cudaFree(g->st);
@@ -721,6 +836,22 @@ static int launched(ax_graph *g, const char *what)
 {
 	cudaError_t e = cudaGetLastError();
 	return e == cudaSuccess ? 0 : cuda_fail(g, e, what);
+}
+
+/* AX_GRAPH_DBG_EMPTY: the empty kernel in place of a step kernel (1 when it was enqueued). */
+static int empty(ax_graph *g, void *stream, int *rc)
+{
+	if (!(g->sv.dbg & AX_GRAPH_DBG_EMPTY))
+		return 0;
+	k_nop<<<1, 32, 0, (cudaStream_t)stream>>>();
+	*rc = launched(g, "k_nop");
+	return 1;
+}
+
+/* The heartbeat block the kernels read: the pinned one, or AX_GRAPH_DBG_CTL_DEV's device copy. */
+static const ax_graph_ctl *ctl_of(const ax_graph *g)
+{
+	return (g->sv.dbg & AX_GRAPH_DBG_CTL_DEV) && g->ctl_copy ? g->ctl_copy : g->ctl_d;
 }
 
 int ax_graph_request_begin(ax_graph *g, void *stream, uint32_t row, const void *row_dev, int row_bytes,
@@ -763,6 +894,9 @@ int ax_graph_step_start(ax_graph *g, void *stream)
 {
 	if (!g)
 		return -EINVAL;
+	int rc;
+	if (empty(g, stream, &rc))
+		return rc;
 	k_step_start<<<1, 1, 0, (cudaStream_t)stream>>>(g->sv, g->st);
 	return launched(g, "k_step_start");
 }
@@ -788,8 +922,11 @@ int ax_graph_step_begin(ax_graph *g, void *stream, const ax_graph_step_args *a)
 	}
 	g->n_rows = a->n_rows;
 	g->last = *a;
+	int rc;
+	if (empty(g, stream, &rc))
+		return rc;
 	k_step_begin<<<1, ax_graph_block_threads(a->n_rows, 32), 0, (cudaStream_t)stream>>>(
-		g->sv, g->st, g->map, g->ctl_d, g->rows, *a, g->cfg.q_rows);
+		g->sv, g->st, g->map, ctl_of(g), g->rows, *a, g->cfg.q_rows);
 	return launched(g, "k_step_begin");
 }
 
@@ -814,6 +951,7 @@ static int qcopy(const ax_graph *g, uint32_t layer, const void *q, int elem_byte
 	qa->D = g->D;
 	qa->esize = (unsigned)elem_bytes;
 	qa->unit = unit;
+	qa->dbg = g->sv.dbg;
 	return 0;
 }
 
@@ -824,6 +962,8 @@ int ax_graph_export_q(ax_graph *g, void *stream, uint32_t layer, const void *q, 
 	int rc = qcopy(g, layer, q, elem_bytes, st_b, st_t, st_h, &qa);
 	if (rc)
 		return rc;
+	if (empty(g, stream, &rc))
+		return rc;
 	unsigned blocks = g->n_rows < 1024 ? g->n_rows : 1024;
 	k_export_q<<<blocks, 256, 0, (cudaStream_t)stream>>>(g->st, g->rows, g->n_rows, qa);
 	return launched(g, "k_export_q");
@@ -833,8 +973,11 @@ int ax_graph_step_publish(ax_graph *g, void *stream)
 {
 	if (!g || !g->n_rows)
 		return -EINVAL;
+	int rc;
+	if (empty(g, stream, &rc))
+		return rc;
 	k_publish<<<1, ax_graph_block_threads(g->n_rows, 32), 0, (cudaStream_t)stream>>>(g->sv, g->st, g->rows,
-											   g->ctl_d, g->last,
+											   ctl_of(g), g->last,
 											   g->cfg.index_buf);
 	return launched(g, "k_publish");
 }
@@ -865,8 +1008,11 @@ int ax_graph_step_begin_q(ax_graph *g, void *stream, const ax_graph_step_args *a
 	}
 	g->n_rows = a->n_rows;
 	g->last = *a;
+	int rc;
+	if (empty(g, stream, &rc))
+		return rc;
 	k_step_begin_q<<<1, ax_graph_block_threads(a->n_rows, FUSED_THREADS), 0, (cudaStream_t)stream>>>(
-		g->sv, g->st, g->map, g->ctl_d, g->rows, *a, g->cfg.q_rows, qa);
+		g->sv, g->st, g->map, ctl_of(g), g->rows, *a, g->cfg.q_rows, qa);
 	return launched(g, "k_step_begin_q");
 }
 
@@ -881,8 +1027,10 @@ int ax_graph_export_q_publish(ax_graph *g, void *stream, uint32_t layer, const v
 		rc = ax_graph_export_q(g, stream, layer, q, elem_bytes, st_b, st_t, st_h);
 		return rc ? rc : ax_graph_step_publish(g, stream);
 	}
+	if (empty(g, stream, &rc))
+		return rc;
 	k_export_q_publish<<<1, ax_graph_block_threads(g->n_rows, FUSED_THREADS), 0, (cudaStream_t)stream>>>(
-		g->sv, g->st, g->rows, g->ctl_d, g->last, g->cfg.index_buf, qa);
+		g->sv, g->st, g->rows, ctl_of(g), g->last, g->cfg.index_buf, qa);
 	return launched(g, "k_export_q_publish");
 }
 
@@ -932,3 +1080,46 @@ int ax_graph_enabled(const ax_graph *g, uint64_t layers[2], int *prefill)
 }
 
 const char *ax_graph_strerror(const ax_graph *g) { return g ? g->err : open_err; }
+
+/* SEG_DEV on: a device copy of the segment takes the kernels' stores, the counters are saved; off: the mapped
+ * segment again, the counters as they were (what the scratch saw never happened for the consumer). */
+static int seg_dev(ax_graph *g, int on)
+{
+	cudaError_t e = cudaDeviceSynchronize();
+	if (e != cudaSuccess)
+		return cuda_fail(g, e, "seg_dev sync");
+	if (!on) {
+		view_at(g, g->dseg);
+		e = cudaMemcpy(g->st, &g->saved, sizeof g->saved, cudaMemcpyHostToDevice);
+		return e == cudaSuccess ? 0 : cuda_fail(g, e, "seg_dev restore");
+	}
+	if (!g->scratch && (e = cudaMalloc(&g->scratch, g->seg_size)) != cudaSuccess)
+		return cuda_fail(g, e, "cudaMalloc scratch");
+	if ((e = cudaMemcpy(g->scratch, g->seg_base, g->seg_size, cudaMemcpyHostToDevice)) != cudaSuccess ||
+	    (e = cudaMemcpy(&g->saved, g->st, sizeof g->saved, cudaMemcpyDeviceToHost)) != cudaSuccess)
+		return cuda_fail(g, e, "seg_dev copy");
+	view_at(g, g->scratch);
+	return 0;
+}
+
+int ax_graph_debug(ax_graph *g, unsigned flags)
+{
+	if (!g || (flags & ~(unsigned)AX_GRAPH_DBG_ALL))
+		return -EINVAL;
+	unsigned old = g->sv.dbg;
+	int rc = 0;
+	if ((flags ^ old) & AX_GRAPH_DBG_SEG_DEV)
+		rc = seg_dev(g, !!(flags & AX_GRAPH_DBG_SEG_DEV));
+	if (!rc && (flags & AX_GRAPH_DBG_CTL_DEV)) {
+		cudaError_t e = cudaSuccess;
+		if (!g->ctl_copy)
+			e = cudaMalloc((void **)&g->ctl_copy, sizeof *g->ctl_copy);
+		if (e == cudaSuccess)
+			e = cudaMemcpy(g->ctl_copy, g->ctl_h, sizeof *g->ctl_copy, cudaMemcpyHostToDevice);
+		if (e != cudaSuccess)
+			rc = cuda_fail(g, e, "ctl copy");
+	}
+	if (!rc)
+		g->sv.dbg = flags;
+	return rc;
+}

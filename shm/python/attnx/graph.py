@@ -15,6 +15,9 @@ from . import _ffi
 
 PREFILL = 1
 MAX_BATCH = 1024
+# Kernel variants (attnx_export_graph.h ax_graph_debug): DBG_* break a guarantee and serve the cost measurement
+# (tests/bench_gpu_export.py); OPT_* are candidate layouts that keep every guarantee.
+DBG_EMPTY, DBG_FENCE_GPU, DBG_NO_QCOPY, DBG_SEG_DEV, DBG_CTL_DEV, OPT_FEWER = (1 << i for i in range(6))
 
 
 class IVec(ctypes.Structure):
@@ -70,6 +73,7 @@ def glib():
             "ax_graph_set_layers": (I, [V, P(ctypes.c_uint64)]),
             "ax_graph_enabled": (I, [V, P(ctypes.c_uint64), P(I)]),
             "ax_graph_strerror": (ctypes.c_char_p, [V]),
+            "ax_graph_debug": (I, [V, ctypes.c_uint]),
         }
         for fn, (res, args) in protos.items():
             f = getattr(l, fn)
@@ -189,6 +193,10 @@ class GraphExporter:
         for l in (layers or ()):
             m[l >> 6] |= 1 << (l & 63)
         self._check("ax_graph_set_layers", self._l.ax_graph_set_layers(self._h, m))
+
+    def debug(self, flags):
+        """Kernel variant bits (DBG_* / OPT_*) for kernels enqueued or captured after the call."""
+        self._check("ax_graph_debug", self._l.ax_graph_debug(self._h, flags))
 
     def stats(self):
         s = GraphStats()

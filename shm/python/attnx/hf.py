@@ -44,6 +44,7 @@ rank > 0 with the default name) over its own heads; query and KV heads are taken
 transformers' tp_plan shards q/k/v projections. Never run with real TP (see shm/python/README.md).
 """
 import logging
+import os
 
 import torch
 
@@ -51,6 +52,7 @@ from . import _ffi
 from .cuda import register
 from .export import Exporter
 from .graph import PREFILL, GraphExporter, StepArgs, ivec
+from .streams import SideStreams
 
 log = logging.getLogger("attnx.hf")
 
@@ -73,10 +75,16 @@ def _text_config(model):
     return c.get_text_config() if hasattr(c, "get_text_config") else c
 
 
+def side_default(env=None):
+    """The `side` an HFExporter gets when none is passed: $ATTNX_HF_SIDE ("0" / "1" / "capture"), else False."""
+    v = (os.environ if env is None else env).get("ATTNX_HF_SIDE", "")
+    return {"": False, "0": False, "1": True, "capture": "capture"}.get(v.strip().lower(), False)
+
+
 class HFExporter:
     def __init__(self, model, cache, batch_size, max_cache_len, name=_ffi.DEFAULT_NAME, inner="sdpa",
                  q_rows=1 << 16, engine="transformers", model_name=None, impl_name="attnx", rank=0, world_size=1,
-                 head_offset=None, fuse=True, layers=None):
+                 head_offset=None, fuse=True, layers=None, side=None):
         c = _text_config(model)
         self.model, self.cache, self.B, self.Lmax = model, cache, batch_size, max_cache_len
         self.L = c.num_hidden_layers
@@ -111,6 +119,12 @@ class HFExporter:
         self.export_layers = None
         self.set_export_layers(layers)
         self._impl_name = impl_name
+        dev_ = dev
+        self._streams = SideStreams(self.L + 1, lambda: torch.cuda.Stream(device=dev_), torch.cuda.Event,
+                                    lambda: torch.cuda.current_stream(dev_))
+        self.side = False
+        self.set_side(side_default() if side is None else side)
+        self._post = None
         self._install(impl_name)
 
     # ---- installation ----------------------------------------------------------------------------------------
@@ -137,6 +151,10 @@ class HFExporter:
         else:
             self.model.config._attn_implementation = impl_name
         self._hook = self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        try:  # the join runs even when the forward raises
+            self._post = self.model.register_forward_hook(self._post_forward, always_call=True)
+        except TypeError:
+            self._post = self.model.register_forward_hook(self._post_forward)
 
     def close(self):
         """END for active rows, stop exporting, close the segment. The model keeps its attention wrapper, which
@@ -158,6 +176,31 @@ class HFExporter:
         self.export_layers = set(layers) if layers else None
         self.g.set_layers(sorted(self.export_layers) if self.export_layers else None)
 
+    def set_side(self, side):
+        """Where the export kernels run: False = the engine's stream (in line); True = a side stream forked from
+        it at each layer and joined at the end of the forward (attnx.streams); "capture" = the side stream only
+        while a CUDA graph is being captured (eager forwards stay in line: no event calls on their host path).
+        Takes effect from the next forward (call outside capture)."""
+        if side not in (False, True, "capture"):
+            raise ValueError("attnx: side must be False, True or 'capture', not %r" % (side,))
+        self.side = side
+        if side and torch.cuda.is_available():
+            self._streams.prepare()
+
+    def _side_now(self):
+        if self.disabled or self.g is None or not self.side:
+            return False
+        if self.side is True:
+            return True
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+    def _post_forward(self, module, args, output):
+        try:
+            self._streams.join()
+        except Exception as e:  # never into the model
+            self._fail("join", e)
+        return None
+
     def _exports(self, layer):
         return self.export_layers is None or layer in self.export_layers
 
@@ -169,6 +212,10 @@ class HFExporter:
         elif not on and self._hook is not None:
             self._hook.remove()
             self._hook = None
+            if self._post is not None:
+                self._post.remove()
+                self._post = None
+            self._streams.join()
             if hasattr(self.model, "set_attn_implementation"):
                 self.model.set_attn_implementation(self._inner_name)
             else:
@@ -177,6 +224,10 @@ class HFExporter:
     def _pre_forward(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else None
+        try:
+            self._streams.begin(self._side_now())
+        except Exception as e:  # never into the model
+            self._fail("side stream", e)
         if self.disabled or self.g is None:
             return None
         x = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
@@ -219,13 +270,14 @@ class HFExporter:
             self.active[b] = True
 
     def _step_begin(self, query, kw, fused):
+        """The step's begin (fused with layer 0's Q copy); returns the stream it went to (None = current)."""
         B, _, S, _ = query.shape
         pos = kw.get("position_ids")
         self._step_ok = B == self.B and pos is not None and pos.dim() == 2 and pos.shape[1] == S
         if not self._step_ok:
-            return
+            return None
         if S > 1:
-            self._begin_rows(S)
+            self._begin_rows(S)  # BEGINs on the engine's stream, before the fork
         ids = self._ids if self._ids is not None and tuple(self._ids.shape) == (B, S) else self._zeros[:, :S]
         a = StepArgs()
         a.n_rows, a.flags, a.n_tok_const = B, PREFILL if S > 1 else 0, S
@@ -234,10 +286,12 @@ class HFExporter:
         a.tokens, a.token_bytes = ids.data_ptr(), ids.element_size()
         a.tok_stride_b, a.tok_stride_t = ids.stride(0), ids.stride(1)
         self._args = a  # the struct is copied into the kernel launch; kept for debugging
+        s = self._streams.fork(0, query)
         if fused:
-            self.g.step_begin_q(a, 0, query, query.stride(0), query.stride(2), query.stride(1))
+            self.g.step_begin_q(a, 0, query, query.stride(0), query.stride(2), query.stride(1), stream=s)
         else:
-            self.g.step_begin(a)
+            self.g.step_begin(a, stream=s)
+        return s
 
     def _attention(self, module, query, key, value, attention_mask, **kw):
         """Kernels per step, fused (default): layer 0 begin + its Q rows, one Q copy per middle layer, the last
@@ -252,20 +306,21 @@ class HFExporter:
                     self._register_k(layer, key)
                 st = (query.stride(0), query.stride(2), query.stride(1))
                 if layer == 0:
-                    self._step_begin(query, kw, self.fuse)
+                    s = self._step_begin(query, kw, self.fuse)
                     if self._step_ok and not self.fuse and self._exports(0):
-                        self.g.export_q(0, query, *st)
+                        self.g.export_q(0, query, *st, stream=s)
                 elif self._step_ok and self.fuse and layer == self.L - 1:
-                    self.g.export_q_publish(layer, query, *st)  # the device skips the copy of a layer not exported
+                    # the device skips the copy of a layer not exported
+                    self.g.export_q_publish(layer, query, *st, stream=self._streams.fork(layer, query))
                     published = True
                 elif self._step_ok and self._exports(layer):
-                    self.g.export_q(layer, query, *st)
+                    self.g.export_q(layer, query, *st, stream=self._streams.fork(layer, query))
             except Exception as e:  # never into the model
                 self._fail("layer %s" % layer, e)
         out = self._inner(module, query, key, value, attention_mask, **kw)
         if not self.disabled and layer == self.L - 1 and self._step_ok and not published:
             try:
-                self.g.publish()
+                self.g.publish(stream=self._streams.fork(self.L))
             except Exception as e:
                 self._fail("publish", e)
         return out

@@ -77,7 +77,7 @@ class Model:
         self.config = types.SimpleNamespace(num_hidden_layers=L, num_attention_heads=HQ, num_key_value_heads=HKV,
                                             head_dim=D, hidden_size=HQ * D, _name_or_path="fake")
         self.device, self.dtype = torch.device("cpu"), torch.float32
-        self.impl, self.hooks = "sdpa", []
+        self.impl, self.hooks, self.post_hooks = "sdpa", [], []
         self.layers = [types.SimpleNamespace(layer_idx=l) for l in range(L)]
         self.k = [torch.zeros(B, HKV, LMAX, D) for _ in range(L)]
         self.v = [torch.zeros(B, HKV, LMAX, D) for _ in range(L)]
@@ -87,6 +87,10 @@ class Model:
         assert with_kwargs
         self.hooks.append(fn)
         return Handle(self.hooks, fn)
+
+    def register_forward_hook(self, fn, always_call=False):
+        self.post_hooks.append(fn)
+        return Handle(self.post_hooks, fn)
 
     def set_attn_implementation(self, name):
         self.impl = name
@@ -106,6 +110,8 @@ class Model:
             if self.record is not None:
                 self.record.append((cache_position.clone(), l, q.clone()))
             outs.append(ALL[self.impl](m, q, self.k[l], self.v[l], None, position_ids=pos))
+        for h in list(self.post_hooks):
+            h(self, (), outs)
         return outs
 
 
