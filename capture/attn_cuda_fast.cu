@@ -354,6 +354,57 @@ __device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t by
 
 #endif
 
+#ifndef AXF_EMU
+/* Programmatic dependent launch (knob pdl): a kernel launched with the attribute may start while the kernel before
+ * it in the stream still runs; griddepcontrol.wait blocks until that kernel has completed and its memory operations
+ * are visible (PTX ISA: griddepcontrol), so nothing it wrote may be read before. launch_dependents lets the next
+ * such kernel be scheduled once every CTA of this one has issued it (or exited); without a dependent it does
+ * nothing. */
+__device__ __forceinline__ void griddep_wait()
+{
+	AXF_SM90(asm volatile("griddepcontrol.wait;" ::: "memory"));
+}
+
+__device__ __forceinline__ void griddep_launch()
+{
+	AXF_SM90(asm volatile("griddepcontrol.launch_dependents;" ::: "memory"));
+}
+
+/* A system-scope release store of the completion word (the host reads it with an acquire load). */
+__device__ __forceinline__ void st_release_sys(uint32_t *p, uint32_t v)
+{
+	AXF_SM90(asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory"));
+}
+#endif
+
+/*
+ * The completion word (knob spin). Called by one thread of a unit (a last-CTA merge or a merge CTA) once the
+ * unit's result writes are ordered before it (the caller's __syncthreads / __syncwarp: CTA / warp barriers order
+ * the other threads' writes before this thread's later operations). Memory model (PTX ISA, "Memory Consistency
+ * Model"): fence.sc.sys then the atomic increment form a release pattern at system scope, so every write the unit
+ * made (by fence cumulativity, also those of the threads the barrier ordered) precedes the increment; the unit
+ * whose increment makes the count `units` reads, through the chain of atomic increments on the one word (observation
+ * order), every other unit's increment, and its own fence.sc.sys after the atomic makes that an acquire pattern:
+ * every unit's writes happen before what follows. Its release store of seq (st.release.sys) then publishes them all
+ * to the host, which acquires with its load of the word (attn_cuda_fast.cu's fast_wait) before it reads any result.
+ * The counter is reset by that last unit: no other unit of this run touches it any more, and the next run's
+ * kernels come after this one in stream order. Units in earlier launches of the run increment too, so the count
+ * covers results of every launch (the last increment is in the last launch: its units start after the earlier
+ * launches completed).
+ */
+__device__ __forceinline__ void signal_done(const axf_args &a)
+{
+	if (!a.done)
+		return;
+	__threadfence_system();
+	const uint32_t prev = atomicAdd(a.done_cnt, 1u);
+	if (prev == a.units - 1) {
+		*a.done_cnt = 0;
+		__threadfence_system();
+		st_release_sys(a.done, a.seq);
+	}
+}
+
 /* Byte offset in a stage buffer of the 16-byte fragment piece (row, KV head w, dims 32c+8t .. +8). */
 __device__ __forceinline__ uint32_t lds_off(int row, int w, int c, int t)
 {
@@ -617,6 +668,7 @@ template <int MODE, int F16, int NL>
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
+	griddep_launch(); /* a dependent (knob pdl) may be scheduled as CTAs of this launch end */
 	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, grow = lane >> 2, t = lane & 3;
 	const int ji = a.inl ? 0 : find_job(a, blockIdx.x);
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji]; /* the parameter itself (grid constant) or the table */
@@ -636,17 +688,6 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	int *flag = xp + AXF_NW * 64;
 	uint32_t *cfl = (uint32_t *)(flag + 1);     /* this CTA's error bits */
 
-	if (tid == 0) {
-		for (int i = 0; i < AXF_NS; ++i) {
-			mbar_init(&full[i], AXF_TS);
-			mbar_init(&empty[i], AXF_NW * 32); /* every thread that read the stage arrives */
-			mbar_init(&redfull[i], AXF_NW * 8);
-		}
-		mbar_init_fence();
-		*cfl = 0;
-	}
-	__syncthreads();
-
 	/* producer: lane r < AXF_TS of warp 0 fetches row r of every stage; -1 = no row (past the split's end) */
 	const bool prod = w == 0 && lane < AXF_TS;
 	uint32_t rng = 0, bad = 0;
@@ -664,19 +705,12 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 			mbar_arrive(mb);
 		}
 	};
-	int64_t nxt = -1;
-	if (prod) {
-		int64_t pre[AXF_NS - 1];
+	/* The first stages' index values and Q are loaded before the mbarriers are set up (plain global loads: they
+	 * need no barrier), so their latency overlaps the set-up and the CTA barrier. */
+	int64_t pre[AXF_NS - 1];
 #pragma unroll
-		for (int i = 0; i < AXF_NS - 1; ++i)
-			pre[i] = slot_of(i);
-#pragma unroll
-		for (int i = 0; i < AXF_NS - 1; ++i)
-			if (i < nst)
-				issue(i, pre[i]);
-		nxt = slot_of(AXF_NS - 1);
-	}
-	__syncwarp();
+	for (int i = 0; i < AXF_NS - 1; ++i)
+		pre[i] = prod ? slot_of(i) : -1;
 
 	/* Q: B fragments of this warp's group (column c = query head w·G + c, c < G), in registers; checked */
 	uint4 qf[4];
@@ -684,14 +718,38 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		const bool qv = wv && grow < G;
 		const uint16_t *qr = (const uint16_t *)jb.q + ((size_t)(qv ? w * G + grow : 0) * AXF_D + 8 * t);
 #pragma unroll
-		for (int c = 0; c < 4; ++c) {
+		for (int c = 0; c < 4; ++c)
 			qf[c] = qv ? *(const uint4 *)(qr + 32 * c) : make_uint4(0, 0, 0, 0);
-			bad |= nonfinite8<F16>(qf[c]);
-		}
 	}
+
+	if (tid == 0) {
+		for (int i = 0; i < AXF_NS; ++i) {
+			mbar_init(&full[i], AXF_TS);
+			mbar_init(&empty[i], AXF_NW * 32); /* every thread that read the stage arrives */
+			mbar_init(&redfull[i], AXF_NW * 8);
+		}
+		mbar_init_fence();
+		*cfl = 0;
+	}
+	__syncthreads();
+
+	int64_t nxt = -1;
+	if (prod) {
+#pragma unroll
+		for (int i = 0; i < AXF_NS - 1; ++i)
+			if (i < nst)
+				issue(i, pre[i]);
+		nxt = slot_of(AXF_NS - 1);
+	}
+	__syncwarp();
+#pragma unroll
+	for (int c = 0; c < 4; ++c)
+		bad |= nonfinite8<F16>(qf[c]);
 	const float scale = jb.scale, inv_h = jb.inv_h;
 	float l0 = 0.f, l1 = 0.f; /* mean_prob: logsumexps of columns 2t, 2t+1 */
 	if (MODE == AXF_M_PROB) {
+		if (a.pdl) /* the logsumexps come from the launch before (its first stages are already in flight) */
+			griddep_wait();
 		l0 = cA ? a.lse[jb.lse_in + w * G + 2 * t] : 0.f;
 		l1 = cB ? a.lse[jb.lse_in + w * G + 2 * t + 1] : 0.f;
 	}
@@ -895,6 +953,11 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		if (w == 0)
 			merge_row(a, jb, 0, xs, xp, ms, mp, capm, MODE, 1);
 	}
+	if (a.done) { /* CTA-uniform: this merge is a unit of the completion count */
+		__syncthreads(); /* every warp's result writes before thread 0's release */
+		if (tid == 0)
+			signal_done(a);
+	}
 }
 
 /* The separate merge of heads lists (pass-jobs with sepm, after their split launch): CTA b merges row b mod mg
@@ -903,11 +966,17 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
+	griddep_launch();
 	const int w = threadIdx.x >> 5;
 	const uint32_t ji = blockIdx.x / a.mg, r = blockIdx.x - ji * a.mg;
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji];
-	if (!jb.sepm || r >= jb.H) /* CTA-uniform */
+	if (!jb.sepm || r >= jb.H) { /* CTA-uniform; still a unit of the completion count */
+		if (threadIdx.x == 0)
+			signal_done(a);
 		return;
+	}
+	if (a.pdl) /* launched while the split launch drains (knob pdl): its partial rows after it completed */
+		griddep_wait();
 	const int capm = (int)AXF_MERGE_CAP * AXF_NW, K = (int)jb.K, S = (int)jb.S;
 	float *xs = smem_xs(smem), *ms = (float *)smem;
 	int *xp = (int *)(xs + AXF_NW * 64), *mp = (int *)(ms + capm);
@@ -918,6 +987,9 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	if (r == 0)
 		put_flags(a, jb);
 	merge_row(a, jb, (int)r, xs, xp, ms, mp, capm, AXF_M_HEADS, 1);
+	__syncwarp(); /* warp 0's result writes before lane 0's release */
+	if ((threadIdx.x & 31) == 0)
+		signal_done(a);
 }
 
 /* ---- the driver ------------------------------------------------------------------------------------------------------ */
@@ -943,8 +1015,13 @@ struct ax_attn_fast {
 	char *hbuf;             /* pinned staging (mapped: the kernels write the results into it) */
 	char *hdev;             /* hbuf as the device addresses it */
 	size_t hcap;
-	uint32_t *tick;         /* tickets: zeroed when allocated, each pass-job's last CTA resets its own */
+	uint32_t *tick;         /* tickets: zeroed when allocated, each pass-job's last CTA resets its own; tick[tcap]:
+				 * the completion count (knob spin), reset by each run's last unit */
 	size_t tcap;
+	uint32_t *done_h;       /* the completion word (knob spin): pinned, mapped; done_d as the device addresses it */
+	uint32_t *done_d;
+	uint32_t seq;           /* the last run's completion value */
+	uint64_t spin_miss;     /* runs whose wait ended by the stream query, not by the word (should stay 0) */
 	axf_plan *plan;
 	axf_split split;
 };
@@ -1066,6 +1143,11 @@ int ax__attn_fast_timing(ax_attn_fast *f, int on)
 	return 0;
 }
 
+uint64_t ax__attn_fast_spin_misses(const ax_attn_fast *f)
+{
+	return f ? f->spin_miss : 0;
+}
+
 float ax__attn_fast_kernel_us(const ax_attn_fast *f)
 {
 	return f && f->kernel_ms >= 0 ? f->kernel_ms * 1e3f : -1.f;
@@ -1083,6 +1165,7 @@ void ax__attn_fast_free(ax_attn_fast *f)
 	cudaFree(f->dbuf);
 	cudaFree(f->tick);
 	cudaFreeHost(f->hbuf);
+	cudaFreeHost(f->done_h);
 	axf_plan_free(f->plan);
 	axf_split_fini(&f->split);
 	free(f);
@@ -1110,10 +1193,19 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 		f->tick = NULL, f->tcap = 0;
 		/* zeroed on the context's stream: ordered before the kernels (a plain cudaMemset is not: the stream is
 		 * non-blocking) */
-		if ((e = cudaMalloc((void **)&f->tick, cap * sizeof(uint32_t))) != cudaSuccess ||
-		    (e = cudaMemsetAsync(f->tick, 0, cap * sizeof(uint32_t), f->stream)) != cudaSuccess)
+		if ((e = cudaMalloc((void **)&f->tick, (cap + 1) * sizeof(uint32_t))) != cudaSuccess ||
+		    (e = cudaMemsetAsync(f->tick, 0, (cap + 1) * sizeof(uint32_t), f->stream)) != cudaSuccess)
 			return fast_fail(f, e);
 		f->tcap = cap;
+	}
+	if (!f->done_h) {
+		if ((e = cudaHostAlloc((void **)&f->done_h, 64, cudaHostAllocMapped)) != cudaSuccess)
+			return fast_fail(f, e);
+		*f->done_h = 0;
+		if (cudaHostGetDevicePointer((void **)&f->done_d, f->done_h, 0) != cudaSuccess) {
+			cudaGetLastError();
+			f->done_d = f->done_h;
+		}
 	}
 	if (y->total > f->dcap) {
 		cudaStreamSynchronize(f->stream);
@@ -1138,17 +1230,70 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 	return 0;
 }
 
-/* A launch's split kernel and, when it has one, its merge kernel. */
-static int fast_launch(ax_attn_fast *f, const axf_launch *L)
+/* One kernel on the context's stream; pdl: as a programmatic dependent of the kernel before it (knob pdl). */
+static cudaError_t fast_kernel(ax_attn_fast *f, const void *fn, uint32_t ctas, axf_args *a, int pdl)
+{
+	void *argv[] = {a};
+	if (!pdl)
+		return cudaLaunchKernel(fn, dim3(ctas), dim3(AXF_NW * 32), argv, AXF_SMEM, f->stream);
+	cudaLaunchAttribute at[1];
+	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[0].val.programmaticStreamSerializationAllowed = 1;
+	cudaLaunchConfig_t cfg = {};
+	cfg.gridDim = dim3(ctas), cfg.blockDim = dim3(AXF_NW * 32), cfg.dynamicSmemBytes = AXF_SMEM;
+	cfg.stream = f->stream, cfg.attrs = at, cfg.numAttrs = 1;
+	return cudaLaunchKernelExC(&cfg, fn, argv);
+}
+
+/* A launch's split kernel and, when it has one, its merge kernel; with the completion word when `seq` is not 0.
+ * Knob pdl: the merge kernel, and a mean_prob launch (its logsumexps come from an earlier launch), are launched as
+ * programmatic dependents (the kernels wait with griddepcontrol.wait before reading what the one before wrote). */
+static int fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq)
 {
 	axf_args a = axf_plan_args(f->plan, f->dbuf, f->hdev, f->tick, L);
-	void *argv[] = {&a};
-	cudaError_t e = cudaLaunchKernel((const void *)axf_kernels[L->inst], dim3(L->ctas), dim3(AXF_NW * 32), argv,
-					 AXF_SMEM, f->stream);
-	if (e == cudaSuccess && L->mg)
-		e = cudaLaunchKernel((const void *)axf_merge_kernel, dim3(L->nj * L->mg), dim3(AXF_NW * 32), argv,
-				     AXF_SMEM, f->stream);
+	if (seq)
+		a.done_cnt = f->tick + f->tcap, a.done = f->done_d, a.units = (uint32_t)f->plan->units, a.seq = seq;
+	const int pdl = f->plan->kn.pdl != 0;
+	a.pdl = pdl && axf_inst_mode(L->inst) == AXF_M_PROB;
+	cudaError_t e = fast_kernel(f, (const void *)axf_kernels[L->inst], L->ctas, &a, a.pdl);
+	if (e == cudaSuccess && L->mg) {
+		a.pdl = pdl;
+		e = fast_kernel(f, (const void *)axf_merge_kernel, L->nj * L->mg, &a, pdl);
+	}
 	return e == cudaSuccess ? 0 : fast_fail(f, e);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	asm volatile("yield" ::: "memory");
+#endif
+}
+
+/*
+ * Wait for the run with completion value seq (knob spin): spin on the completion word (an acquire load: the
+ * results it publishes are visible once it reads seq; signal_done explains the device side). Every 256 polls the
+ * stream is queried, so a CUDA error (a fault kills the kernels: the word never comes) is reported, and a stream
+ * that completed without the word (not expected: counted in spin_miss) ends the wait as cudaStreamSynchronize
+ * would. Bounded by the stream's own completion, as a synchronisation is.
+ */
+static cudaError_t fast_wait(ax_attn_fast *f, uint32_t seq)
+{
+	for (uint32_t i = 1;; i++) {
+		if (__atomic_load_n(f->done_h, __ATOMIC_ACQUIRE) == seq)
+			return cudaSuccess;
+		if ((i & 255) == 0) {
+			cudaError_t e = cudaStreamQuery(f->stream);
+			if (e == cudaErrorNotReady)
+				continue;
+			if (e == cudaSuccess && __atomic_load_n(f->done_h, __ATOMIC_ACQUIRE) != seq)
+				f->spin_miss++;
+			return e;
+		}
+		cpu_relax();
+	}
 }
 
 int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
@@ -1168,6 +1313,10 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		return fast_fail(f, e);
 	if ((r = fast_reserve(f, &p->lay, p->njb)) != 0)
 		return r;
+	uint32_t seq = 0;
+	if (p->kn.spin) {
+		seq = ++f->seq ? f->seq : ++f->seq; /* never 0: 0 = no completion word */
+	}
 	e = cudaSuccess;
 	if (p->upload) { /* a launch of several pass-jobs reads its table from the device */
 		axf_plan_tables(p, f->hbuf);
@@ -1177,14 +1326,19 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		e = cudaEventRecord(f->ev[0], f->stream);
 	r = e == cudaSuccess ? 0 : fast_fail(f, e);
 	for (uint32_t l = 0; r == 0 && l < p->nl; l++) /* in plan order: mean_prob's logsumexps first */
-		r = fast_launch(f, &p->L[l]);
+		r = fast_launch(f, &p->L[l], seq);
 	if (r == 0 && f->timing && (e = cudaEventRecord(f->ev[1], f->stream)) != cudaSuccess)
 		r = fast_fail(f, e);
 	if (r) {
 		cudaStreamSynchronize(f->stream); /* the next run rewrites the staging the upload may still read */
+		if (seq) /* some units may have counted: the next run starts from 0 */
+			cudaMemsetAsync(f->tick + f->tcap, 0, sizeof(uint32_t), f->stream);
 		return r;
 	}
-	e = cudaStreamSynchronize(f->stream); /* the results are in the mapped staging once the kernels are done */
+	axf_plan_prefill(p, jobs, out, rc); /* the results' frame, while the kernels run */
+	e = seq ? fast_wait(f, seq) : cudaStreamSynchronize(f->stream); /* then the results are in the mapped staging */
+	if (e == cudaSuccess && f->timing)
+		e = cudaEventSynchronize(f->ev[1]);
 	if (e == cudaSuccess && f->timing)
 		e = cudaEventElapsedTime(&f->kernel_ms, f->ev[0], f->ev[1]);
 	if (e != cudaSuccess)

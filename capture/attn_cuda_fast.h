@@ -78,6 +78,11 @@ typedef struct axf_knobs {
 	uint32_t max_splits_heads; /* most splits per pass-job, heads lists */
 	uint32_t merge_heads;      /* heads lists with ≥ this many splits merge in a separate launch (0: never) */
 	uint32_t ctas_per_sm_heads; /* wave target per SM of launches with heads lists (0: ctas_per_sm's) */
+	/* How a run ends (session 4; the planner does not read these): */
+	uint32_t spin;             /* 1: the host waits by spinning on the run's completion word, written by the
+				    * last unit (attn_cuda_fast.cu: signal_done), not in cudaStreamSynchronize */
+	uint32_t pdl;              /* 1: merge launches and mean_prob's second pass use programmatic dependent
+				    * launch (they start while the launch before them drains and wait for it on the GPU) */
 } axf_knobs;
 
 /* The defaults, from the H100 sweep of run 7 (capture/dev/RESULTS.md): CTAs per SM = the occupancy (3, 4, 8
@@ -85,7 +90,7 @@ typedef struct axf_knobs {
  * splits ≥ 64 keys (1 × 4K: 37 µs, 256: 73; within 2% of the best at 128K, 1M, 64 × 4K), no split caps (8 or 32
  * splits: up to 17× slower at 1M), heads lists always merged by the separate merge launch (4K 86 → 37 µs, 128K
  * 200 → 150, 1M 878 → 817, 64 × 4K 251 → 241), heads launches on the same wave size. */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 64, 0, 1, 0}
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 64, 0, 1, 0, 0, 0}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -153,6 +158,13 @@ typedef struct axf_args {
 	float *rlse;                /* per result row (host staging): its logsumexp */
 	axf_ent *rent;              /* result entries (host staging; axf_job.rent) */
 	uint32_t mg;                /* merge launch: CTAs per pass-job */
+	/* The completion word (knob spin; NULL when off): every unit of the run — the last CTA of a pass-job that
+	 * merges in its split launch, every CTA of a merge launch — counts itself in *done_cnt after its writes;
+	 * the one that makes it `units` resets it and writes `seq` into *done (host staging, mapped). */
+	uint32_t *done_cnt;         /* device word, 0 between runs */
+	uint32_t *done;             /* host staging (mapped) */
+	uint32_t units, seq;
+	uint32_t pdl;               /* 1: this kernel was launched as a programmatic dependent (waits on the GPU) */
 } axf_args;
 
 /* Byte offsets: the host staging holds [0, off_dev) — the tables, uploaded ([0, up)) when p->upload, and the
@@ -189,6 +201,7 @@ typedef struct axf_plan {
 	uint32_t upload;            /* 1: some launch has a table (more than one pass-job) */
 	uint32_t res_lists;         /* set by the owner: CTAs a launch with heads lists is planned for (0: resident) */
 	uint64_t rows, parts, entries, rents, pfl;
+	uint64_t units;             /* units of the run (axf_args.units): non-sepm pass-jobs + merge CTAs */
 	axf_knobs kn;               /* set by the owner; all 0 = the lab's planner */
 	axf_launch L[AXF_N_INST];
 	uint32_t nl;
@@ -330,17 +343,18 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
- * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS (decimal, 0 .. 2^30). */
+ * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL (decimal, 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[7] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[9] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					     "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					     "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
-					     "AX_FAST_CTAS_PER_SM_HEADS"};
-	uint32_t *f[7] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					     "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
+					     "AX_FAST_PDL"};
+	uint32_t *f[9] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			  &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
-			  &kn->ctas_per_sm_heads};
-	for (int i = 0; i < 7; i++) {
+			  &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl};
+	for (int i = 0; i < 9; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -444,6 +458,9 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	}
 	if (ctas > INT32_MAX || (uint64_t)L->nj * L->mg > INT32_MAX)
 		return -ENOMEM;
+	for (uint32_t i = 0; i < L->nj; i++) /* a pass-job merged by its last CTA is one unit; */
+		p->units += !p->jb[L->j0 + i].sepm;
+	p->units += (uint64_t)L->nj * L->mg; /* so is every CTA of the merge launch */
 	p->so[p->nso + L->nj] = (uint32_t)ctas;
 	p->nso += L->nj + 1;
 	L->ctas = (uint32_t)ctas;
@@ -517,7 +534,7 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff))
 		return -ENOMEM;
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
-	p->rents = 0, p->pfl = 0, p->upload = 0;
+	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
 		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
@@ -537,6 +554,8 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 		if (r)
 			return r;
 	}
+	if (p->units > UINT32_MAX)
+		return -ENOMEM;
 	axf_make_layout(p);
 	return 0;
 }
@@ -575,25 +594,57 @@ static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32
 	return a;
 }
 
-/* One ax_attn_result row from its compact form: kout entries (offset -1: empty), the rest (-1, -inf) as in
- * `empty` (copied whole: one wide copy beats two fill loops, the rows are 784 bytes). */
-static inline void axf_expand_row(ax_attn_result *o, const ax_attn_result *empty, float lse, const axf_ent *e,
-				  uint32_t kout, uint64_t start, int32_t head_id)
+/* An empty row: k 0, head_id -1, lse 0, every entry (-1, -inf) (the prefill copies it; made once per plan). */
+static inline void axf_empty_row(axf_plan *p)
 {
-	memcpy(o, empty, sizeof *o);
-	o->head_id = head_id;
-	o->k = kout;
+	if (p->empty_ok)
+		return;
+	memset(&p->empty, 0, sizeof p->empty);
+	p->empty.head_id = -1;
+	for (uint32_t e = 0; e < AX_ATTN_MAX_TOPK; e++)
+		p->empty.pos[e] = -1, p->empty.logit[e] = -INFINITY;
+	p->empty_ok = 1;
+}
+
+/*
+ * The half of the expansion that does not depend on the results, done while the kernels run (the driver calls it
+ * after the launches, before it waits): every row of every planned job (rc[i] == 0) gets its head_id, its k
+ * (= kout), entries past k as (-1, -inf) (attn_cuda.h's contract) and lse 0 — one copy of a 784-byte row each
+ * (1.6 MB for 64 × 4K heads: run 8's ~120 µs of host work after the GPU was done). axf_plan_finish then writes
+ * only the logsumexp and the first kout entries of each row. Rows of jobs the kernels fail are undefined anyway.
+ */
+static inline void axf_plan_prefill(axf_plan *p, const ax_attn_job *jobs, ax_attn_result *out, const int *rc)
+{
+	axf_empty_row(p);
+	for (uint32_t i = 0; i < p->n; i++) {
+		if (rc[i] != 0)
+			continue;
+		const ax_attn_job *j = &jobs[i];
+		const uint32_t rows = axc_out_rows(j), kout = axf_kout(j), heads = j->mode == AX_MODE_HEADS;
+		ax_attn_result *o = out + p->roff[i];
+		for (uint32_t r = 0; r < rows; r++) {
+			memcpy(&o[r], &p->empty, sizeof o[r]);
+			o[r].head_id = heads ? (int32_t)(j->head_offset + r) : -1;
+			o[r].k = kout;
+		}
+	}
+}
+
+/* The result half of row o (prefilled): its logsumexp and kout entries from the compact form (offset -1: empty). */
+static inline void axf_finish_row(ax_attn_result *o, float lse, const axf_ent *e, uint32_t kout, uint64_t start)
+{
 	o->lse = (double)lse;
 	for (uint32_t i = 0; i < kout; i++) {
-		const int ok = e[i].p >= 0;
-		o->pos[i] = ok ? (int64_t)(start + (uint64_t)e[i].p) : -1;
-		o->logit[i] = ok ? e[i].x : -INFINITY;
+		const int32_t q = e[i].p;
+		o->pos[i] = q >= 0 ? (int64_t)(start + (uint64_t)q) : -1;
+		o->logit[i] = q >= 0 ? e[i].x : -INFINITY;
 	}
 }
 
 /* From the results in the staging buffer h: each planned job's code (the OR of its pass-jobs' flags; -ERANGE wins
- * over -EDOM, as in attn_cpu) and, where 0, its rows expanded into out. Jobs whose rc was already non-zero are
- * left alone. Returns 0 or -ENOMEM (the flags scratch). */
+ * over -EDOM, as in attn_cpu) and, where 0, the results written into its rows, which axf_plan_prefill has prepared
+ * (the caller calls it first, for the same jobs and out). Jobs whose rc was already non-zero are left alone.
+ * Returns 0 or -ENOMEM (the flags scratch). */
 static inline int axf_plan_finish(axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
 {
 	if (axc_grow((void **)&p->uf, &p->uf_cap, p->n ? p->n : 1, sizeof *p->uf))
@@ -602,12 +653,6 @@ static inline int axf_plan_finish(axf_plan *p, const char *h, const ax_attn_job 
 	const float *rlse = (const float *)(h + p->lay.rlse);
 	const axf_ent *rent = (const axf_ent *)(h + p->lay.rent);
 	memset(p->uf, 0, p->n * sizeof *p->uf);
-	if (!p->empty_ok) {
-		memset(&p->empty, 0, sizeof p->empty);
-		for (uint32_t e = 0; e < AX_ATTN_MAX_TOPK; e++)
-			p->empty.pos[e] = -1, p->empty.logit[e] = -INFINITY;
-		p->empty_ok = 1;
-	}
 	for (uint32_t k = 0; k < p->njb; k++)
 		p->uf[p->jb[k].flag] |= pflags[k];
 	const uint32_t *flags = p->uf;
@@ -620,11 +665,11 @@ static inline int axf_plan_finish(axf_plan *p, const char *h, const ax_attn_job 
 		const ax_attn_job *j = &jobs[i];
 		uint64_t start, nv;
 		axc_visible(j, &start, &nv);
-		const uint32_t rows = axc_out_rows(j), kout = axf_kout(j), heads = j->mode == AX_MODE_HEADS;
-		for (uint32_t r = 0; r < rows; r++)
-			axf_expand_row(out + p->roff[i] + r, &p->empty, rlse[p->roff[i] + r],
-				       rent + p->eoff[i] + (uint64_t)r * kout, kout, start,
-				       heads ? (int32_t)(j->head_offset + r) : -1);
+		const uint32_t rows = axc_out_rows(j), kout = axf_kout(j);
+		const uint32_t r0 = p->roff[i];
+		const axf_ent *e = rent + p->eoff[i];
+		for (uint32_t r = 0; r < rows; r++, e += kout)
+			axf_finish_row(out + r0 + r, rlse[r0 + r], e, kout, start);
 	}
 	return 0;
 }
@@ -758,6 +803,9 @@ void ax__attn_fast_knobs(ax_attn_fast *f, axf_knobs *get, const axf_knobs *set);
  * ax__attn_fast_timing returns 0, -EINVAL (f NULL) or -EIO (event creation failed). */
 int ax__attn_fast_timing(ax_attn_fast *f, int on);
 float ax__attn_fast_kernel_us(const ax_attn_fast *f);
+/* Runs (knob spin) whose wait ended because the stream completed without the completion word: a counting bug, 0
+ * when all is well (the GPU test checks it). */
+uint64_t ax__attn_fast_spin_misses(const ax_attn_fast *f);
 
 #ifdef __cplusplus
 }

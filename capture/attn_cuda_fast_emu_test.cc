@@ -72,14 +72,29 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	assert_non_null(tick);
 	if (p->upload) /* device scratch and host staging are one buffer here: the tables are in place */
 		axf_plan_tables(p, buf);
+	/* the completion word (knob spin) on every other run: the last unit of the run, and only it, writes seq */
+	static uint32_t calls;
+	const int spin = (calls++ & 1) == 0;
+	uint32_t done_cnt = 0, done = 0, seq = 0x5eed0000u + calls;
 	for (uint32_t l = 0; l < p->nl; l++) {
 		emu_arg x = {axf_plan_args(p, buf, buf, tick, &p->L[l]), p->L[l].inst};
+		if (spin)
+			x.a.done_cnt = &done_cnt, x.a.done = &done, x.a.units = (uint32_t)p->units, x.a.seq = seq;
+		x.a.pdl = calls % 4 == 1; /* a no-op here: launches run one after the other */
 		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
 		if (p->L[l].mg) { /* the separate merge launch of heads lists */
+			assert_int_equal(done, 0);
 			emu_arg m = {x.a, AXF_N_INST};
 			emu_launch(p->L[l].nj * p->L[l].mg, AXF_SMEM, emu_body, &m);
 		}
+		if (l + 1 < p->nl)
+			assert_int_equal(done, 0); /* not before the last launch */
 	}
+	if (spin) {
+		assert_int_equal(done, seq);
+		assert_int_equal(done_cnt, 0); /* reset for the next run by the last unit */
+	}
+	axf_plan_prefill(p, jobs, out, rc); /* the driver does this while the kernels run */
 	assert_int_equal(axf_plan_finish(p, buf, jobs, out, rc), 0);
 	for (uint32_t k = 0; k < p->njb; k++) /* every last CTA reset its ticket (sepm ones never took any) */
 		assert_int_equal(tick[k], 0);
@@ -145,10 +160,10 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0}},  {64, {0, 0, 0, 0, 0, 0, 0}},
-	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0}}, {50, {0, 48, 5, 32, 7, 3, 0}},
-	{30, {2, 16, 0, 64, 0, 2, 1}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0}},  /* up to ~94 splits, every heads list merged apart: S·E > one warp's 256 */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0, 0, 0}},  {64, {0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0}},  /* up to ~94 splits, every heads list merged apart: S·E > one warp's 256 */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -170,7 +185,7 @@ static void test_cases(void **state)
 				fail_msg("%s (plan %zu): rc %d", emu_cases[i].name, p, rc);
 			check_job(&t.job, out, emu_cases[i].name);
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -230,7 +245,7 @@ static void test_all_ties(void **state)
 					assert_int_equal(out[r].pos[e], (int64_t)(first + e));
 				}
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -261,10 +276,10 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
-	g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0};
+	g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (size_t i = 0; i < n; i++)
 		check_job(&jobs[i], b + off[i], emu_cases[i].name);
 	for (size_t i = 0; i < n; i++)
@@ -313,10 +328,10 @@ static void test_random(void **state)
 		if (round == 1) /* random knobs */
 			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
-					 (uint32_t)(td_u64() % 4)};
+					 (uint32_t)(td_u64() % 4), 0, 0};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0};
 		for (int i = 0; i < NJ; i++) {
 			char name[128];
 			snprintf(name, sizeof name, "random job %d (mode %u, H %u, H_kv %u, k %u, n %llu, window %d, resident %u)",

@@ -199,7 +199,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -224,13 +224,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -246,7 +246,11 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_MAX_SPLITS_HEADS", "16", 1);
 	setenv("AX_FAST_MERGE_HEADS", "0", 1);
 	setenv("AX_FAST_CTAS_PER_SM_HEADS", "3", 1);
+	setenv("AX_FAST_SPIN", "1", 1);
+	setenv("AX_FAST_PDL", "x1", 1);
 	axf_knobs_env(&k);
+	assert_int_equal(k.spin, 1);
+	assert_int_equal(k.pdl, d.pdl);
 	assert_int_equal(k.ctas_per_sm_heads, 3);
 	assert_int_equal(k.ctas_per_sm, 4);
 	assert_int_equal(k.min_keys, d.min_keys);
@@ -256,7 +260,7 @@ static void test_knobs_env(void **state)
 	assert_int_equal(k.merge_heads, 0);
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
-			       "AX_FAST_CTAS_PER_SM_HEADS"};
+			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -312,7 +316,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	assert_int_equal(p->njb, want_pj);
 	/* launches: each pass-job in exactly one, instances in launch order, contiguous */
 	uint32_t next = 0, ord = 0, so = 0;
-	uint64_t parts = 0, ents = 0;
+	uint64_t parts = 0, ents = 0, units = 0;
 	char *seen_lse = calloc(p->nlse + 1, 1), *lse_done = calloc(p->nlse + 1, 1);
 	char *ticket = calloc(p->njb + 1, 1);
 	assert_non_null(seen_lse);
@@ -367,6 +371,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			ents += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
 			assert_false(ticket[jb->ticket]);
 			ticket[jb->ticket] = 1;
+			units += !jb->sepm; /* its last CTA merges it: one unit of the completion count */
 			assert_true(jb->kout == (jb->K < jb->n ? jb->K : jb->n));
 			if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) { /* logsumexp pass: before the second */
 				assert_int_equal(jb->K, 0);
@@ -390,6 +395,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(p->so[L->so0 + L->nj], ctas);
 		assert_int_equal(L->ctas, ctas);
 		assert_int_equal(L->mg, mg);
+		units += (uint64_t)L->nj * mg; /* every merge CTA is a unit, also those with nothing to merge */
 		/* one wave whenever one split per pass-job fits (launches with heads lists: their own wave size) */
 		int any_lists = 0;
 		for (uint32_t k = 0; k < L->nj; k++)
@@ -403,6 +409,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	assert_int_equal(so, p->nso);
 	assert_int_equal(p->parts, parts);
 	assert_int_equal(p->entries, ents);
+	assert_int_equal(p->units, units);
 	for (uint32_t s = 0; s < p->nlse; s++)
 		assert_int_equal(seen_lse[s], lse_done[s]);
 	/* layout: aligned, disjoint, in this order, large enough */
@@ -442,7 +449,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -470,7 +477,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
@@ -547,13 +554,17 @@ static void test_finish(void **state)
 	uint64_t rows = p->rows;
 	ax_attn_result *out = calloc(rows, sizeof *out);
 	assert_non_null(out);
+	axf_plan_prefill(p, jobs, out, rc); /* the driver: while the kernels run */
+	for (uint64_t r = 1; r < 33; r++) /* results are written by finish, not by the prefill */
+		for (uint32_t e = 0; e < 10; e++)
+			assert_int_equal(out[r].pos[e], -1);
+	assert_int_equal(out[34].k, 0); /* job 3: not planned, not touched */
 	assert_int_equal(axf_plan_finish(p, h, jobs, out, rc), 0);
 	assert_int_equal(rc[0], -EDOM);
 	assert_int_equal(rc[1], 0);
 	assert_int_equal(rc[2], -ERANGE);
 	assert_int_equal(rc[3], -EOPNOTSUPP);
 	assert_int_equal(rc[4], -ERANGE);
-	assert_int_equal(out[0].k, 0); /* not written */
 	uint64_t start, nv;
 	axc_visible(&jobs[1], &start, &nv);
 	for (uint32_t r = 0; r < 32; r++) { /* job 1 (heads, 32 rows of k 10) expanded */
@@ -572,7 +583,7 @@ static void test_finish(void **state)
 			}
 		}
 	}
-	assert_int_equal(out[33].k, 0);
+	assert_int_equal(out[34].k, 0);
 	free(out);
 	free(h);
 	axf_plan_free(p);
@@ -737,6 +748,92 @@ static void test_constants(void **state)
 		assert_int_equal(hkv * AXF_D * 2 % 16, 0); /* bulk-copy sizes */
 }
 
+/* ---- --host-bench: the host's share of a call, on this CPU ------------------------------------------------------ */
+
+static double hb_now_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
+}
+
+static int hb_cmp(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* Median µs of `reps` timed calls of step(what) (after 3 untimed ones). */
+enum { HB_PLAN, HB_PREFILL, HB_FINISH, HB_BOTH };
+static double hb_time(int what, int reps, axf_plan *p, const ax_attn_job *jobs, uint32_t n, int *rc, char *h,
+		      ax_attn_result *out)
+{
+	double t[512];
+	reps = reps > 512 ? 512 : reps;
+	for (int i = -3; i < reps; i++) {
+		double t0 = hb_now_us();
+		if (what == HB_PLAN)
+			axf_plan_build(p, jobs, n, rc, 264);
+		if (what == HB_PREFILL || what == HB_BOTH)
+			axf_plan_prefill(p, jobs, out, rc);
+		if (what == HB_FINISH || what == HB_BOTH) {
+			axf_plan_finish(p, h, jobs, out, rc);
+			for (uint32_t k = 0; k < n; k++) /* finish turns rc into the job codes: back to "planned" */
+				rc[k] = 0;
+		}
+		if (i >= 0)
+			t[i] = hb_now_us() - t0;
+	}
+	qsort(t, (size_t)reps, sizeof t[0], hb_cmp);
+	return t[reps / 2];
+}
+
+/*
+ * The host work of a fast call around the GPU's, for B requests of 4K keys in each mode (the bench's shapes): the
+ * plan, the prefill (axf_plan_prefill: overlaps the kernels since session 4) and the finish after the GPU is done
+ * (axf_plan_finish); "prefill + finish" is what the host did after the GPU before session 4 (one pass: a 784-byte
+ * row copy plus the entries per row). Synthetic compact results (every entry filled). Prints one line per shape.
+ */
+static int host_bench(void)
+{
+	static const struct { uint32_t B, mode; const char *name; } sh[] = {
+		{1, AX_MODE_MEAN_LOGIT, "1x4K mean_logit"}, {1, AX_MODE_HEADS, "1x4K heads"},
+		{64, AX_MODE_MEAN_LOGIT, "64x4K mean_logit"}, {64, AX_MODE_HEADS, "64x4K heads"},
+		{64, AX_MODE_MEAN_PROB, "64x4K mean_prob"}};
+	printf("# host-bench: µs on this CPU, medians; post-GPU work before session 4 = prefill + finish, after = "
+	       "finish\n%-18s %6s %9s %9s %9s %15s\n", "shape", "rows", "plan", "prefill", "finish", "prefill+finish");
+	for (size_t s = 0; s < ARRAY_LEN(sh); s++) {
+		const uint32_t B = sh[s].B;
+		ax_attn_job *jobs = calloc(B, sizeof *jobs);
+		int *rc = calloc(B, sizeof *rc);
+		axf_plan *p = calloc(1, sizeof *p);
+		if (!jobs || !rc || !p)
+			return 1;
+		const axf_knobs d = AXF_KNOBS_DEFAULT;
+		p->kn = d;
+		for (uint32_t b = 0; b < B; b++)
+			jobs[b] = base_job(), jobs[b].mode = sh[s].mode;
+		if (axf_plan_build(p, jobs, B, rc, 264) != 0)
+			return 1;
+		char *h = calloc(1, p->lay.off_dev);
+		ax_attn_result *out = calloc(p->rows, sizeof *out);
+		if (!h || !out)
+			return 1;
+		axf_ent *e = (axf_ent *)(h + p->lay.rent);
+		for (uint64_t i = 0; i < p->rents; i++)
+			e[i].x = (float)i, e[i].p = (int32_t)(i % 4096);
+		const int reps = B > 1 ? 200 : 500;
+		double tp = hb_time(HB_PLAN, reps, p, jobs, B, rc, h, out);
+		double tf = hb_time(HB_PREFILL, reps, p, jobs, B, rc, h, out);
+		double tn = hb_time(HB_FINISH, reps, p, jobs, B, rc, h, out);
+		double tb = hb_time(HB_BOTH, reps, p, jobs, B, rc, h, out);
+		printf("%-18s %6llu %9.2f %9.2f %9.2f %15.2f\n", sh[s].name, (unsigned long long)p->rows, tp, tf, tn, tb);
+		free(h), free(out), free(jobs), free(rc);
+		axf_plan_free(p);
+	}
+	return 0;
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -747,8 +844,10 @@ static int setup(void **state)
 	return 0;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	if (argc > 1 && strcmp(argv[1], "--host-bench") == 0)
+		return host_bench();
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_plan_base),
 		cmocka_unit_test(test_knobs_env), cmocka_unit_test(test_plans),

@@ -697,19 +697,29 @@ static void fast_tests(int small)
 		fast_errors(f);
 		/* again under other planner knobs: short splits everywhere with heads lists merged by their last CTA
 		 * (the defaults merge them in the separate launch); then several waves (CTAs per SM over the
-		 * occupancy), a split cap, the separate merge from 3 splits on */
-		static const axf_knobs alt[2] = {{0, 16, 0, 16, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3}};
+		 * occupancy), a split cap, the separate merge from 3 splits on (launches mixing last-CTA merges and
+		 * merge CTAs: both kinds of units of the completion word), with the completion word and programmatic
+		 * dependent launches; last the defaults with both */
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
-		for (int a = 0; a < 2; a++) {
+		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1}, keep};
+		alt[2].spin = 1, alt[2].pdl = 1;
+		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
+		for (int a = 0; a < 3; a++) {
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
-			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u\n",
+			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u "
+			       "pdl %u\n",
 			       alt[a].ctas_per_sm, alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads,
-			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads);
+			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads, alt[a].spin, alt[a].pdl);
 			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim);
 			if (!small)
 				fast_batch(f, g);
+			if (a == 2)
+				fast_errors(f); /* error codes through the completion word's wait */
 		}
+		const uint64_t miss = ax__attn_fast_spin_misses(f) - miss0;
+		tap(miss == 0, "fast path, knob spin: every wait ended on the completion word (%llu ended on the stream)",
+		    (unsigned long long)miss);
 		ax__attn_fast_knobs(f, NULL, &keep);
 		printf("# fast path: %d eligible cases compared with the generic path\n", ran);
 	}
@@ -925,27 +935,55 @@ static void bench_head(const char *what)
 	       what, prop.name, prop.multiProcessorCount, B_H, B_HKV, B_D, B_K);
 }
 
+/* The variants the bench times beside the defaults (knobs of attn_cuda_fast.h that change how a run ends, not
+ * its plan): the completion word instead of cudaStreamSynchronize, programmatic dependent launches, both. */
+static const struct bvar {
+	const char *name;
+	uint32_t spin, pdl;
+} b_vars[] = {{"sync", 0, 0}, {"spin", 1, 0}, {"pdl", 0, 1}, {"spin+pdl", 1, 1}};
+
+/* One "var" line per variant: e2e through fe (ax__attn_fast_run, no events), kernel through fk (events). */
+static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, const axf_knobs *def)
+{
+	for (size_t v = 0; v < ARRAY_LEN(b_vars); v++) {
+		axf_knobs k = *def;
+		k.spin = b_vars[v].spin, k.pdl = b_vars[v].pdl;
+		ax__attn_fast_knobs(fe, NULL, &k);
+		ax__attn_fast_knobs(fk, NULL, &k);
+		bmeas e = bd_time(d, m, fe, NULL, d->reps), t = bd_time(d, m, fk, NULL, d->reps);
+		printf("var      %-8s %-10s %-9s %9.1f %9.1f %8.2f %8.2f%s\n", d->name, mode_name(b_modes[m]), b_vars[v].name,
+		       e.e2e, t.kern, e.e2e / d->floor, t.kern / d->floor, e.bad || t.bad ? "  RUN FAILED" : "");
+	}
+	ax__attn_fast_knobs(fe, NULL, def);
+	ax__attn_fast_knobs(fk, NULL, def);
+	fflush(stdout);
+}
+
 /*
  * --bench: per shape and mode, the default context's ax_attn_cuda_run end to end (host clock: plan, upload,
  * launches, download, expansion of the rows, one synchronisation — what a caller waits for), the fast path's
  * kernels alone (events around its launches, same knobs as the default context), the floor, and the generic
- * path (a context with AX_ATTN_CUDA_FAST=0) end to end.
+ * path (a context with AX_ATTN_CUDA_FAST=0) end to end. Then, per shape and mode, "var" lines: the fast path
+ * alone (ax__attn_fast_run, end to end without events, and kernel with events) under the variants of b_vars.
  */
 static int bench(ax_attn_cuda *c)
 {
 	ax_attn_cuda *cg = open_generic();
 	cudaStream_t s;
 	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-	ax_attn_fast *f = NULL;
-	if (ax__attn_fast_new(&f, 0, s) != 0 || !f || ax__attn_fast_timing(f, 1) != 0)
+	ax_attn_fast *f = NULL, *fe = NULL;
+	if (ax__attn_fast_new(&f, 0, s) != 0 || !f || ax__attn_fast_timing(f, 1) != 0 || ax__attn_fast_new(&fe, 0, s) != 0)
 		printf("# fast path not available here: kernel column empty\n");
-	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0};
+	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0};
 	ax__attn_fast_knobs(f, &kn, NULL);
 	bench_head("bench");
 	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
-	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
+	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u pdl %u); generic = "
+	       "AX_ATTN_CUDA_FAST=0, e2e\n",
 	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
-	       kn.ctas_per_sm_heads);
+	       kn.ctas_per_sm_heads, kn.spin, kn.pdl);
+	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
+	       "dispatch; e2e without events)\n");
 	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
 	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
 	for (size_t i = 0; i < ARRAY_LEN(b_shapes); i++) {
@@ -959,10 +997,13 @@ static int bench(ax_attn_cuda *c)
 			       e.e2e, k.kern, d.floor, e.e2e / d.floor, k.kern / d.floor, g.e2e, g.e2e / d.floor,
 			       e.bad || k.bad || g.bad ? "  RUN FAILED" : "");
 			fflush(stdout);
+			if (f && fe)
+				bench_vars(&d, m, fe, f, &kn);
 		}
 		bd_free(&d);
 	}
 	ax__attn_fast_free(f);
+	ax__attn_fast_free(fe);
 	cudaStreamDestroy(s);
 	ax_attn_cuda_close(cg);
 	return 0;
