@@ -8,6 +8,8 @@ attnx.hf       — the Hugging Face transformers attention hook
 attnx.sglang_hook — the SGLang --forward-hooks module
 """
 from ._ffi import AttnxError, DEFAULT_NAME  # noqa: F401
-from .export import Exporter, HostBuffer, layer_list, make_buffer  # noqa: F401
+from .export import (Exporter, HostBuffer, block_size, block_table_desc, layer_list, make_buffer,  # noqa: F401
+                     paged_kpool_desc)
 
-__all__ = ["AttnxError", "DEFAULT_NAME", "Exporter", "HostBuffer", "layer_list", "make_buffer"]
+__all__ = ["AttnxError", "DEFAULT_NAME", "Exporter", "HostBuffer", "block_size", "block_table_desc", "layer_list",
+           "make_buffer", "paged_kpool_desc"]

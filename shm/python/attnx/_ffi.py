@@ -103,6 +103,10 @@ _PROTOS = {
     "ax_shm_check_q": (I, [VP, U64, U64, U64]),
     "ax_shm_get_stats": (None, [VP, P(ShmStats)]),
     "ax_strerror": (ctypes.c_char_p, [I]),
+    "ax_export_add_block_table": (I, [VP, U64, U64, U32, P(P(i32)), P(U32)]),
+    "ax_shm_block_table_desc": (I, [P(ShmBuffer), U64, U64, U32]),
+    "ax_shm_paged_kpool_desc": (I, [P(ShmBuffer), i32, U32, U64, U32, U32, U32]),
+    "ax_shm_block_size": (U32, [P(ShmBuffer)]),
 }
 
 _lib = None

@@ -37,6 +37,32 @@ def make_buffer(kind, dtype, shape, layer=-1, strides=None, scale=1.0, loc=_ffi.
     return b
 
 
+def block_table_desc(rows, max_blocks, block_size, loc=_ffi.LOC_HOST):
+    """A paged block table's entry (ax_shm_block_table_desc): i32 [rows, max_blocks] of block_size, contiguous;
+    key position p of row r is in block table[r][p // block_size]. For a device table set the location (attnx.cuda)
+    and add it with Exporter.add_device_buffer; a host table is simpler with Exporter.add_block_table."""
+    b = ShmBuffer()
+    check("ax_shm_block_table_desc", _ffi.lib().ax_shm_block_table_desc(ctypes.byref(b), rows, max_blocks,
+                                                                         block_size))
+    b.loc = loc
+    return b
+
+
+def paged_kpool_desc(layer, dtype, blocks, block_size, n_kv_heads, head_dim, loc=_ffi.LOC_HOST):
+    """Layer `layer`'s paged K pool entry (ax_shm_paged_kpool_desc): [blocks, block_size, H_kv, D], contiguous
+    (vLLM's NHD layout; for HND set .stride afterwards), scale 1 (set .scale for fp8)."""
+    b = ShmBuffer()
+    check("ax_shm_paged_kpool_desc", _ffi.lib().ax_shm_paged_kpool_desc(ctypes.byref(b), layer, _dtype(dtype), blocks,
+                                                                         block_size, n_kv_heads, head_dim))
+    b.loc = loc
+    return b
+
+
+def block_size(desc):
+    """The block size of a block table (dim[2]) or of a 4-D K pool (dim[1]); 0 for any other entry."""
+    return _ffi.lib().ax_shm_block_size(ctypes.byref(desc))
+
+
 class HostBuffer:
     """A buffer in the segment's data region: .index (buffer table), .ptr (address), .nbytes, .view."""
 
@@ -91,6 +117,21 @@ class Exporter:
         full = _ffi.lib().ax_export_header(self.handle).contents  # bytes were completed by the library
         buf = (ShmBuffer * full.buf_cap).from_address(ctypes.addressof(full) + full.buf_off)[idx.value]
         return HostBuffer(idx.value, ptr.value, buf)
+
+    def add_block_table(self, rows, max_blocks, block_size):
+        """A host block table i32 [rows, max_blocks] of `block_size` in the data region, zeroed
+        (ax_export_add_block_table). Returns a HostBuffer: .index for FORWARDs' index_buf, .view its bytes; row r's
+        cells are .cells[r * max_blocks : (r + 1) * max_blocks] (an int32 memoryview). The engine writes a row's
+        block ids for positions 0 .. seq_len - 1 before publishing a step that reads them (shm/README rule 9 before
+        rewriting a row or a block it freed)."""
+        ptr, idx = ctypes.POINTER(ctypes.c_int32)(), _ffi.u32()
+        check("ax_export_add_block_table", self._l.ax_export_add_block_table(self.handle, rows, max_blocks, block_size,
+                                                                            ctypes.byref(ptr), ctypes.byref(idx)))
+        full = self.header
+        buf = (ShmBuffer * full.buf_cap).from_address(ctypes.addressof(full) + full.buf_off)[idx.value]
+        hb = HostBuffer(idx.value, ctypes.cast(ptr, ctypes.c_void_p).value, buf)
+        hb.cells = hb.view.cast("i")
+        return hb
 
     def add_device_buffer(self, desc):
         idx = _ffi.u32()

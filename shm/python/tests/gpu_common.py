@@ -29,6 +29,7 @@ topk -1 (drain) imports neither torch nor the CUDA library: `test_reference_cons
 against a host segment.
 """
 import ctypes
+import errno
 import json
 import os
 import subprocess
@@ -232,8 +233,15 @@ def consume(shm, out, layers, prefill, ends, timeout, topk, cpu=False):
         emit({"t": "ready", "layers": mask, "prefill": bool(prefill)})  # what wait_wanted(out=...) waits for
         f.flush()
 
+        closed = False
         while n_end < ends and time.time() < deadline:
-            s, lost = att.next()
+            try:
+                s, lost = att.next()
+            except _ffi.AttnxError as e:
+                if e.errno != errno.ESTALE:
+                    raise
+                closed = True  # the engine closed (or restarted) its segment: the run is over, not an error
+                break
             if lost:
                 emit({"t": "lost", "count": lost})
                 dirty = True
@@ -266,7 +274,8 @@ def consume(shm, out, layers, prefill, ends, timeout, topk, cpu=False):
                 for rec in rows.compute(s, lay, toks, topk):
                     rec["rid"] = rids.get(s.req_id)
                     emit(rec)
-        emit({"t": "exit", "ends": n_end, "timed_out": n_end < ends, "stats": att.stats()})
+        emit({"t": "exit", "ends": n_end, "timed_out": n_end < ends, "closed": closed,
+              "stats": att.stats()})
     att.close()
 
 

@@ -290,6 +290,49 @@ def case_dead_capture(capture):
     return "5000 steps after SIGKILL, worst %.2f ms, nobody wanted" % (worst * 1e3)
 
 
+def case_block_tables():
+    """Paged engines' buffers through the Python bindings: a host block table (ax_export_add_block_table), the
+    entry helpers (block table, paged K pool, block_size), what the consumer sees of them, steps through the table
+    and the errors."""
+    import ctypes
+
+    name = shm_name("paged")
+    bs, mb = 4, 8
+    for bad in ((0, mb, bs), (4, 0, bs), (4, mb, 0), (4, mb, 65537)):
+        expect_errno(lambda: attnx.block_table_desc(*bad), errno.EINVAL, "block table entry %r" % (bad,))
+    expect_errno(lambda: attnx.paged_kpool_desc(0, "i32", 16, bs, HKV, D), errno.EINVAL, "an i32 K pool")
+    d = attnx.block_table_desc(4, mb, bs)
+    assert (d.kind, d.dtype, d.ndim, tuple(d.dim[:3]), d.bytes) == (
+        _ffi.BUF_INDEX_PAGED, _ffi.DTYPES["i32"], 2, (4, mb, bs), 4 * mb * 4), "entry %r" % (tuple(d.dim),)
+    with attnx.Exporter(name, **model_cfg()) as ex:
+        for bad in ((0, mb, bs), (4, mb, 0), (4, mb, 65537)):
+            expect_errno(lambda: ex.add_block_table(*bad), errno.EINVAL, "block table %r" % (bad,))
+        expect_errno(lambda: ex.add_block_table(1 << 20, 1 << 10, bs), errno.ENOSPC, "a table past the data region")
+        bt = ex.add_block_table(4, mb, bs)
+        kp = ex.add_host_buffer(attnx.paged_kpool_desc(0, "f32", 16, bs, HKV, D))
+        tok = ex.add_host_buffer(attnx.make_buffer(_ffi.BUF_INDEX_TOKEN, "i32", (2, CTX)))
+        assert len(bt.cells) == 4 * mb and not any(bt.cells), "a new table is zeroed"
+        assert (attnx.block_size(bt.desc), attnx.block_size(kp.desc), attnx.block_size(tok.desc)) == (bs, bs, 0)
+        bt.cells[1 * mb + 0], bt.cells[1 * mb + 1] = 5, 3  # row 1: positions 0-3 in block 5, 4-7 in block 3
+        with Attached(name) as c:
+            b = c.buffers()[bt.index]
+            assert b.kind == _ffi.BUF_INDEX_PAGED and tuple(b.dim[:3]) == (4, mb, bs), "the consumer's entry"
+            row = (ctypes.c_int32 * mb).from_address(c._l.ax_shm_host_ptr(c._h, bt.index) + 4 * mb)
+            assert list(row[:3]) == [5, 3, 0], "the consumer reads row 1 as %r" % list(row)
+            req = ex.request_begin("ax-paged", [1] * 6)
+            assert ex.step(req, 6, [7], bt.index, 1, 1), "a step through 2 blocks"
+            expect_errno(lambda: ex.step(req, mb * bs, [7], bt.index, 1, 2), errno.EINVAL,
+                         "a step needing %d blocks of a %d-block row" % (mb + 1, mb))
+            got = []
+            while True:
+                s, _ = c.next()
+                if s is None:
+                    break
+                got.append((s.kind, s.index_buf, s.index_row, s.seq_len))
+            assert got == [(_ffi.STEP_BEGIN, 0, 0, 0), (_ffi.STEP_FORWARD, bt.index, 1, 7)], got
+    return "host block table (zeroed, shared with the consumer), entry helpers, steps through it, %d errors" % 10
+
+
 def case_modules_without_torch():
     """The graph binding's structs and the SGLang hook's JSON load without torch (their CUDA parts import it
     lazily); the struct sizes are asserted against the C header at import."""
@@ -313,6 +356,7 @@ def main():
              ("bad buffers and requests", case_bad_buffers_and_requests),
              ("full ring", case_full_ring),
              ("modules without torch", case_modules_without_torch),
+             ("block tables", case_block_tables),
              ("dead capture", lambda: case_dead_capture(capture)),
              ("end to end: capture, relay, tail", lambda: case_end_to_end(capture, relay, tail))]
     failed = 0

@@ -213,6 +213,13 @@ def transformers_attention(torch, w, seq, device):
 
 # ---- one rank's export (the calls attnx.hf makes, with this rank's head range) --------------------------------
 
+def wishes(w):
+    """Whether an exporter's view of the capture (GraphExporter.enabled() / Exporter.wanted(): (mask, prefill) or
+    None) shows a wish for some layer. A capture that attached but has not yet said what it wants shows (0, False),
+    a truthy tuple: waiting for that alone would start exporting steps that carry no Q rows."""
+    return bool(w) and bool(w[0])
+
+
 class RankExport:
     def __init__(self, torch, model, shm, rank, world):
         import attnx
@@ -242,7 +249,7 @@ class RankExport:
     def wait_consumer(self, timeout=60):
         end = time.time() + timeout
         while time.time() < end:
-            if self.g.enabled():
+            if wishes(self.g.enabled()):
                 return
             time.sleep(0.02)
         raise RuntimeError("no capture became visible to the exporter")
@@ -308,7 +315,7 @@ class HostExport:
     def wait_consumer(self, timeout=60):
         end = time.time() + timeout
         while time.time() < end:
-            if self.ex.wanted():
+            if wishes(self.ex.wanted()):
                 return
             time.sleep(0.02)
         raise RuntimeError("no capture became visible to the exporter")

@@ -15,6 +15,7 @@ Usage: test_reference_consumer.py   (ATTNX_LIB_DIR = the build's shm/ folder)
 """
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,6 +142,40 @@ def main():
         except AssertionError as e:
             expect("exited rc=0" in str(e) and time.time() - t0 < 5, "exited consumer: %s" % e)
         results.append("exit line with the consumer's stats; no wait on an exited consumer")
+
+        # 6. the engine closes its segment under a running drain consumer (the benchmarks' end): a clean exit
+        # (rc 0, an exit line with closed, no traceback), not an AttnxError (-ESTALE) on stderr
+        name2 = name + "b"
+        eng2 = Engine(name2)
+        out2 = tempfile.mktemp(suffix=".jsonl")
+        err2 = out2 + ".err"
+        try:
+            with open(err2, "w") as ef:
+                cons2 = subprocess.Popen([sys.executable, os.path.join(HERE, "gpu_common.py"), "consume", name2, out2,
+                                          "all", "0", str(1 << 40), "60", "-1", "cuda"], stderr=ef)
+            end = time.time() + 30
+            while eng2.ex.wanted() is None:
+                expect(cons2.poll() is None and time.time() < end, "the second consumer never attached")
+                time.sleep(0.02)
+            r = eng2.ex.request_begin("c1", [1])
+            expect(eng2.forward(r, 0, [1], 0, True), "forward dropped")
+            expect(lines_within(out2, lambda x: x["t"] == "step", 2.0), "the second consumer's step line")
+            eng2.ex.close()
+            eng2 = None
+            rc = cons2.wait(10)
+            with open(err2) as ef:
+                err = ef.read()
+            got = load(out2)
+            expect(rc == 0 and "Traceback" not in err, "rc %r, stderr %r" % (rc, err[-400:]))
+            expect(got[-1]["t"] == "exit" and got[-1]["closed"], "exit line %r" % got[-1])
+        finally:
+            if eng2 is not None:
+                eng2.ex.close()
+            stop(cons2)
+            for p in (out2, err2):
+                if os.path.exists(p):
+                    os.unlink(p)
+        results.append("the engine closing under a drain consumer ends it cleanly (exit line, no traceback)")
     finally:
         stop(cons)
         eng.ex.close()
