@@ -179,7 +179,9 @@ enum {
 	AX_GRAPH_DBG_CTL_DEV = 1u << 4,   /* kernels read a device copy of the heartbeat block (frozen at the call) */
 	AX_GRAPH_OPT_FEWER = 1u << 5,     /* one host round trip for the heartbeat block, the publish's host loads
 					     issued before its Q copy, 3 system fences per publish instead of 5 */
-	AX_GRAPH_DBG_ALL = (1u << 6) - 1,
+	AX_GRAPH_OPT_SMALL = 1u << 6,     /* fused kernels with 128-thread blocks (not 1024): slower alone, but they
+					     leave room on their SM for kernels running beside them (side stream) */
+	AX_GRAPH_DBG_ALL = (1u << 7) - 1,
 };
 /* Set the variant bits. Returns 0, -EINVAL (NULL, unknown bits) or -ENOMEM / -EIO (the scratch copies). Not
  * thread-safe; synchronises the device when SEG_DEV or CTL_DEV changes (never in a hot path). */

@@ -987,6 +987,12 @@ int ax_graph_step_publish(ax_graph *g, void *stream)
  * hence AX_GRAPH_FUSE_MAX_BYTES). ptxas: ≤ 52 registers. */
 #define FUSED_THREADS 1024u
 
+/* Threads of a fused kernel's block for n_rows rows (AX_GRAPH_OPT_SMALL: 128 at least, not FUSED_THREADS). */
+static uint32_t fused_threads(const ax_graph *g, uint32_t n_rows)
+{
+	return ax_graph_block_threads(n_rows, (g->sv.dbg & AX_GRAPH_OPT_SMALL) ? 128u : FUSED_THREADS);
+}
+
 static bool fusable(const ax_graph *g, const ax_graph_step_args *a)
 {
 	return ax_graph_fuse(a->n_rows, a->n_tok_const, a->n_tok.p != NULL, g->H, g->D, g->esize);
@@ -1011,7 +1017,7 @@ int ax_graph_step_begin_q(ax_graph *g, void *stream, const ax_graph_step_args *a
 	int rc;
 	if (empty(g, stream, &rc))
 		return rc;
-	k_step_begin_q<<<1, ax_graph_block_threads(a->n_rows, FUSED_THREADS), 0, (cudaStream_t)stream>>>(
+	k_step_begin_q<<<1, fused_threads(g, a->n_rows), 0, (cudaStream_t)stream>>>(
 		g->sv, g->st, g->map, ctl_of(g), g->rows, *a, g->cfg.q_rows, qa);
 	return launched(g, "k_step_begin_q");
 }
@@ -1029,7 +1035,7 @@ int ax_graph_export_q_publish(ax_graph *g, void *stream, uint32_t layer, const v
 	}
 	if (empty(g, stream, &rc))
 		return rc;
-	k_export_q_publish<<<1, ax_graph_block_threads(g->n_rows, FUSED_THREADS), 0, (cudaStream_t)stream>>>(
+	k_export_q_publish<<<1, fused_threads(g, g->n_rows), 0, (cudaStream_t)stream>>>(
 		g->sv, g->st, g->rows, ctl_of(g), g->last, g->cfg.index_buf, qa);
 	return launched(g, "k_export_q_publish");
 }

@@ -17,7 +17,7 @@ PREFILL = 1
 MAX_BATCH = 1024
 # Kernel variants (attnx_export_graph.h ax_graph_debug): DBG_* break a guarantee and serve the cost measurement
 # (tests/bench_gpu_export.py); OPT_* are candidate layouts that keep every guarantee.
-DBG_EMPTY, DBG_FENCE_GPU, DBG_NO_QCOPY, DBG_SEG_DEV, DBG_CTL_DEV, OPT_FEWER = (1 << i for i in range(6))
+DBG_EMPTY, DBG_FENCE_GPU, DBG_NO_QCOPY, DBG_SEG_DEV, DBG_CTL_DEV, OPT_FEWER, OPT_SMALL = (1 << i for i in range(7))
 
 
 class IVec(ctypes.Structure):

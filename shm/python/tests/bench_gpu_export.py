@@ -4,7 +4,7 @@
 D 128, hidden 4096, bf16, random weights, AX_BENCH_LAYERS layers, default 8), a drain consumer attached that wants
 the capture's `--layers auto` set, CUDA graphs on. Three parts:
 
-1. Model: decode tokens/s of graph replays, hook off vs each variant, AX_HC_REPS rounds (default 4) with the mode
+1. Model: decode tokens/s of graph replays, hook off vs each variant, AX_HC_REPS rounds (default 3) with the mode
    order rotated per round, AX_HC_STEPS steps (default 256), batch sizes AX_HC_BATCH (default "1,32"). Variants
    (AX_HC_MODES, comma list, default all):
      on          the hook as shipped (fused kernels, in line on the engine's stream)
@@ -21,12 +21,19 @@ the capture's `--layers auto` set, CUDA graphs on. Three parts:
      side        the export kernels on a side stream forked per layer and joined at the forward's end
                  (attnx.streams; keeps every guarantee)
      side-opt    side + opt
+     side-small  side, the fused kernels with 128-thread blocks (OPT_SMALL: a 1024-thread block of 54 registers
+                 fills an SM's register file, so a kernel beside it may wait for it); side-small-opt: + opt
+     side-unfused  side with fuse=False (small blocks: begin 32 threads, copies 256, publish 32)
+     side-empty  side with empty kernels: the fork/join's own cost
 2. Micro: graphs of 32 steps of the export kernels alone (no model) per kernel variant, µs per step: the whole
    decode step (begin_q, L-2 copies, q_publish), begin_q alone, one Q copy alone, begin_q + q_publish; flags as above.
-3. Profile (torch.profiler, if it sees kernels inside graph replays): for modes on / opt / side at batch 1, every
-   kernel of one replayed step in order with its start, duration and the gap before it, and the span of the step.
+3. Profile (torch.profiler, if it sees kernels inside graph replays), batch 1, modes off / on / empty / opt / side /
+   side-small: the span of one replayed step and the attnx kernels' summed duration (in bench-export.txt), and
+   every kernel of that step in order with its start, duration, the gap before it and its stream
+   ($OUT/profile-export.txt).
 
-Writes $OUT/bench-export.txt (and $OUT/trace-<mode>.json) when OUT is set. Exit 77 without a GPU.
+Writes $OUT/bench-export.txt, $OUT/profile-export.txt and $OUT/trace-<mode>-b1.json when OUT is set. Exit 77
+without a GPU.
 """
 import datetime
 import json
@@ -51,7 +58,7 @@ from attnx.hf import HFExporter  # noqa: E402
 
 PROMPT = bh.PROMPT
 STEPS = int(os.environ.get("AX_HC_STEPS", "256"))
-REPS = int(os.environ.get("AX_HC_REPS", "4"))
+REPS = int(os.environ.get("AX_HC_REPS", "3"))
 BATCHES = [int(b) for b in os.environ.get("AX_HC_BATCH", "1,32").split(",") if b]
 L = bh.LAYERS
 AUTO = sorted({L // 4, L // 2, 3 * L // 4, L - 1})
@@ -70,10 +77,15 @@ MODES = {
     "unfused": dict(fuse=False),
     "side": dict(side=True),
     "side-opt": dict(side=True, flags=G.OPT_FEWER),
+    "side-small": dict(side=True, flags=G.OPT_SMALL),
+    "side-small-opt": dict(side=True, flags=G.OPT_SMALL | G.OPT_FEWER),
+    "side-unfused": dict(side=True, fuse=False),
+    "side-empty": dict(side=True, flags=G.DBG_EMPTY),
 }
 FLAG_SETS = [("none", 0), ("empty", G.DBG_EMPTY), ("fence-gpu", G.DBG_FENCE_GPU), ("ctl-dev", G.DBG_CTL_DEV),
              ("seg-dev", G.DBG_SEG_DEV | G.DBG_CTL_DEV), ("no-qcopy", G.DBG_NO_QCOPY), ("opt", G.OPT_FEWER),
-             ("opt+fence-gpu", G.OPT_FEWER | G.DBG_FENCE_GPU)]
+             ("opt+fence-gpu", G.OPT_FEWER | G.DBG_FENCE_GPU), ("small", G.OPT_SMALL),
+             ("small+opt", G.OPT_SMALL | G.OPT_FEWER)]
 
 
 def apply(ax, name):
@@ -241,7 +253,7 @@ def profile(model, cache, B, ax, modes, out):
         from torch.profiler import ProfilerActivity, profile as tprofile
     except ImportError as e:
         return ["(torch.profiler unavailable: %s)" % e]
-    lines = []
+    lines, detail = [], []
     for m in modes:
         apply(ax, m)
         g = prepare(model, cache, B, ax if m != "off" else None)
@@ -273,16 +285,20 @@ def profile(model, cache, B, ax, modes, out):
         end = max(e["ts"] + e["dur"] for e in one)
         ours = [e for e in one if e["name"].startswith("k_") or "k_step" in e["name"] or "k_export" in e["name"] or
                 "k_nop" in e["name"]]
-        lines.append("profile %s, batch %d: %d kernels per replay, span %.1f µs, attnx kernels %d, their summed "
-                     "duration %.1f µs" % (m, B, len(one), end - t0, len(ours), sum(e["dur"] for e in ours)))
-        if m in ("on", "opt", "side", "side-opt"):
-            prev_end = t0
-            lines.append("  #  start µs   dur µs   gap µs  stream  kernel")
-            for i, e in enumerate(one):
-                lines.append("  %3d %8.1f %8.2f %8.2f  %5s  %s" % (i, e["ts"] - t0, e["dur"], e["ts"] - prev_end,
-                                                                  e.get("tid", "?"), e["name"][:90]))
-                prev_end = max(prev_end, e["ts"] + e["dur"])
+        summary = ("profile %s, batch %d: %d kernels per replay, span %.1f µs, attnx kernels %d, their summed "
+                   "duration %.1f µs" % (m, B, len(one), end - t0, len(ours), sum(e["dur"] for e in ours)))
+        lines.append(summary)
+        detail.append(summary)
+        prev_end = t0
+        detail.append("  #  start µs   dur µs   gap µs  stream  kernel")
+        for i, e in enumerate(one):
+            detail.append("  %3d %8.1f %8.2f %8.2f  %5s  %s" % (i, e["ts"] - t0, e["dur"], e["ts"] - prev_end,
+                                                               e.get("tid", "?"), e["name"][:90]))
+            prev_end = max(prev_end, e["ts"] + e["dur"])
     reset(ax)
+    if out:
+        with open(os.path.join(out, "profile-export.txt"), "w") as f:
+            f.write("\n".join(detail) + "\n")
     return lines
 
 
@@ -314,7 +330,7 @@ def main():
             print("batch %d micro part: %.0f s" % (B, time.time() - t), flush=True)
             if B == 1 and os.environ.get("AX_HC_PROFILE", "1") != "0":
                 t = time.time()
-                prof_lines += profile(model, cache, B, ax, ["off", "on", "empty", "opt", "side", "side-opt"], out)
+                prof_lines += profile(model, cache, B, ax, ["off", "on", "empty", "opt", "side", "side-small"], out)
                 print("batch %d profile part: %.0f s" % (B, time.time() - t), flush=True)
             stats.append((B, ax.g.stats()))
         finally:
