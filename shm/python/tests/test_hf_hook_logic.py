@@ -129,18 +129,28 @@ def iv(v):
     return (v.p, v.bytes, v.stride, v.add) if v.p else None
 
 
+where = []  # (kernel, stream name) of every FakeGraph call: "main" = the engine's current stream (stream None)
+
+
+def on(kind, stream):
+    where.append((kind, getattr(stream, "name", "main")))
+
+
 class FakeGraph:
     def __init__(self, exporter, q_ring, qbuf, index_buf, map_rows, max_batch):
         self.max_batch = max_batch
         calls.append(("open", map_rows, max_batch))
 
     def step_start(self, stream=None):
+        on("start", stream)
         calls.append(("start",))
 
     def request_begin(self, rid, tokens, prompt_len=None, skip=0, row=0, row_tensor=None, stream=None):
+        on("begin", stream)
         calls.append(("begin", row, rid, tokens.tolist(), prompt_len))
 
     def request_end(self, row, reason="stop", stream=None):
+        on("end", stream)
         calls.append(("end", row, reason))
 
     def _args(self, a):
@@ -148,18 +158,23 @@ class FakeGraph:
                 a.tok_stride_t)
 
     def step_begin(self, a, stream=None):
+        on("step_begin", stream)
         calls.append(("step_begin",) + self._args(a))
 
     def step_begin_q(self, a, layer, q, st_b, st_t, st_h, stream=None):
+        on("begin_q", stream)
         calls.append(("begin_q", layer) + self._args(a) + ((st_b, st_t, st_h),))
 
     def export_q(self, layer, q, st_b, st_t, st_h, stream=None):
+        on("q", stream)
         calls.append(("q", layer, (st_b, st_t, st_h)))
 
     def export_q_publish(self, layer, q, st_b, st_t, st_h, stream=None):
+        on("q_publish", stream)
         calls.append(("q_publish", layer, (st_b, st_t, st_h)))
 
     def publish(self, stream=None):
+        on("publish", stream)
         calls.append(("publish",))
 
     def set_layers(self, layers=None):
@@ -274,6 +289,8 @@ def main():
         expect(model.impl == "attnx" and len(kernels(calls)) == L, "set_enabled(True): %r" % kernels(calls))
         out.append("set_enabled(False) leaves no attnx call; set_enabled(True) restores the hook")
 
+        out.append(side_case(hf, ax, model))
+
         # an exception in the export path disables export; the model's outputs are unaffected
         def boom(*a, **k):
             raise RuntimeError("kernel launch failed")
@@ -290,6 +307,96 @@ def main():
     for o in out:
         print("ok - " + o)
     return 0
+
+
+class FakeStream:
+    def __init__(self, name):
+        self.name = name
+
+    def wait_event(self, ev):
+        calls.append(("wait", self.name, ev.name))
+
+
+class FakeEvent:
+    n = 0
+
+    def __init__(self):
+        FakeEvent.n += 1
+        self.name = "e%d" % FakeEvent.n
+
+    def record(self, stream):
+        calls.append(("record", self.name, stream.name))
+
+
+def forked(cs, kinds):
+    """Each export kernel in cs must come right after its fork: (record eN main), (wait side eN), kernel; or right
+    after another kernel of the same fork (fuse=False's layer 0: begin, then its Q copy)."""
+    for i, c in enumerate(cs):
+        if c[0] in kinds and cs[i - 1][0] not in kinds:
+            rec, wait = cs[i - 2], cs[i - 1]
+            if not (rec[0] == "record" and rec[2] == "main" and wait == ("wait", "side", rec[1])):
+                return "%r not forked: %r %r" % (c, rec, wait)
+    return None
+
+
+def side_case(hf, ax, model):
+    """attnx.streams through the hook: export kernels on the side stream, each forked from the engine's stream at
+    its layer; BEGIN, END and the step start on the engine's stream, before the fork; one join after the last
+    layer's attention (the forward hook); fuse=False's publish forked after the last attention; side="capture"
+    forks only while a graph is captured."""
+    from attnx.streams import SideStreams
+
+    ks = ("begin_q", "q", "q_publish", "step_begin", "publish")
+    main = FakeStream("main")
+    ax._streams = SideStreams(L + 1, lambda: FakeStream("side"), FakeEvent, lambda: main)
+    ax.set_side(True)
+    del where[:]
+    forward(model, torch.tensor([[7], [8]]), 5)
+    expect(set(where) == {("begin_q", "side"), ("q", "side"), ("q_publish", "side")}, "decode on %r" % where)
+    expect(forked(calls, ks) is None, forked(calls, ks))
+    expect(len([c for c in calls if c[0] == "record"]) == L + 1, "L forks and one join: %r" % calls)
+    last_inner = max(i for i, c in enumerate(calls) if c[0] == "inner")
+    expect(calls[last_inner + 1:] == [("record", "e%d" % (L + 2), "side"), ("wait", "main", "e%d" % (L + 2))],
+           "the join after the last attention: %r" % calls[last_inner:])
+    expect(ax._streams.held == [] and not ax._streams.forked, "joined, nothing held")
+
+    ax.rids = ["s0", "s1"]
+    del where[:]
+    forward(model, torch.arange(B * 3).view(B, 3), 0)
+    expect([w for w in where if w[0] in ("end", "start", "begin")] ==
+           [("end", "main")] * B + [("start", "main")] + [("begin", "main")] * B, "prefill's engine-stream calls %r"
+           % where)
+    first_fork = next(i for i, c in enumerate(calls) if c[0] == "record")
+    expect(all(c[0] not in ("end", "start", "begin") for c in calls[first_fork:]), "BEGINs before the fork")
+    expect(forked(calls, ks) is None, forked(calls, ks))
+
+    ax.fuse = False
+    del where[:]
+    forward(model, torch.tensor([[7], [8]]), 3)
+    ax.fuse = True
+    expect(set(where) == {("step_begin", "side"), ("q", "side"), ("publish", "side")}, "unfused on %r" % where)
+    i = calls.index(("publish",))
+    expect(calls[i - 3] == ("inner", L - 1) and forked(calls, ks) is None, "unfused publish forked after the "
+           "attention: %r" % calls[i - 3:])
+
+    ax.set_side("capture")
+    del where[:]
+    forward(model, torch.tensor([[7], [8]]), 4)
+    expect(set(w[1] for w in where) == {"main"} and not any(c[0] == "record" for c in calls),
+           "capture mode, not capturing: in line %r" % where)
+    saved = (hf.torch.cuda.is_available, hf.torch.cuda.is_current_stream_capturing)
+    hf.torch.cuda.is_available, hf.torch.cuda.is_current_stream_capturing = (lambda: True), (lambda: True)
+    try:
+        del where[:]
+        forward(model, torch.tensor([[7], [8]]), 5)
+    finally:
+        hf.torch.cuda.is_available, hf.torch.cuda.is_current_stream_capturing = saved
+    expect(set(w[1] for w in where) == {"side"} and forked(calls, ks) is None, "capture mode, capturing: %r" % where)
+    ax.set_side(False)
+    del where[:]
+    forward(model, torch.tensor([[7], [8]]), 6)
+    expect(set(w[1] for w in where) == {"main"}, "side off again: %r" % where)
+    return "side stream: every export kernel forked per layer, BEGIN/END/start in line, one join; 'capture' mode"
 
 
 # ---- test_gpu_hf's hf_case on the CPU: host buffers, emulated kernels, the real reference consumer ------------
