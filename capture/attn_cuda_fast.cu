@@ -370,12 +370,32 @@ __device__ __forceinline__ void griddep_launch()
 	AXF_SM90(asm volatile("griddepcontrol.launch_dependents;" ::: "memory"));
 }
 
+/* The GPU's global timer (ns). */
+__device__ __forceinline__ unsigned long long gtime()
+{
+	unsigned long long t;
+	asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+	return t;
+}
+
 /* A system-scope release store of the completion word (the host reads it with an acquire load). */
 __device__ __forceinline__ void st_release_sys(uint32_t *p, uint32_t v)
 {
 	AXF_SM90(asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory"));
 }
 #endif
+
+/* Diagnostics (axf_args.trace): the time into slot `lo` (the first: min) and `hi` (the last: max; -1: none). */
+__device__ __forceinline__ void trace_at(const axf_args &a, int lo, int hi)
+{
+	if (!a.trace)
+		return;
+	const unsigned long long t = gtime();
+	if (lo >= 0)
+		atomicMin(a.trace + lo, t);
+	if (hi >= 0)
+		atomicMax(a.trace + hi, t);
+}
 
 /*
  * The completion word (knob spin). Called by one thread of a unit (a last-CTA merge or a merge CTA) once the
@@ -670,6 +690,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	AXF_DYN_SMEM(smem);
 	griddep_launch(); /* a dependent (knob pdl) may be scheduled as CTAs of this launch end */
 	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, grow = lane >> 2, t = lane & 3;
+	if (tid == 0)
+		trace_at(a, AXF_TR_START0, AXF_TR_START1);
 	const int ji = a.inl ? 0 : find_job(a, blockIdx.x);
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji]; /* the parameter itself (grid constant) or the table */
 	const int K = (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
@@ -788,6 +810,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		}
 		__syncwarp();
 		mbar_wait(&full[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
+		if (i == 0 && tid == 0)
+			trace_at(a, AXF_TR_DATA0, AXF_TR_DATA1);
 		__syncwarp(); /* converged for mma.sync.aligned */
 		const uint32_t tile = start + (uint32_t)i * AXF_TS;
 		const int nv = (int)min((uint32_t)AXF_TS, end - tile);
@@ -889,6 +913,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		}
 	}
 
+	if (tid == 0)
+		trace_at(a, AXF_TR_LOOP0, AXF_TR_LOOP1);
 	/* this split's partial rows */
 	if (MODE == AXF_M_HEADS) {
 #pragma unroll
@@ -936,6 +962,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	__syncthreads();
 	if (!*flag)
 		return;
+	if (tid == 0)
+		trace_at(a, AXF_TR_MERGE0, AXF_TR_MERGE1);
 	const int cap = (int)AXF_MERGE_CAP;
 	float *es = (float *)(stg + (size_t)w * cap * 8);
 	int *ep = (int *)(es + cap);
@@ -953,10 +981,12 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		if (w == 0)
 			merge_row(a, jb, 0, xs, xp, ms, mp, capm, MODE, 1);
 	}
-	if (a.done) { /* CTA-uniform: this merge is a unit of the completion count */
+	if (a.done || a.trace) { /* CTA-uniform: this merge is a unit of the completion count */
 		__syncthreads(); /* every warp's result writes before thread 0's release */
-		if (tid == 0)
+		if (tid == 0) {
+			trace_at(a, -1, AXF_TR_MDONE1);
 			signal_done(a);
+		}
 	}
 }
 
@@ -969,6 +999,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	griddep_launch();
 	const int w = threadIdx.x >> 5;
 	const uint32_t ji = blockIdx.x / a.mg, r = blockIdx.x - ji * a.mg;
+	if (threadIdx.x == 0)
+		trace_at(a, AXF_TR_MK0, AXF_TR_MK1);
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji];
 	if (!jb.sepm || r >= jb.H) { /* CTA-uniform; still a unit of the completion count */
 		if (threadIdx.x == 0)
@@ -977,6 +1009,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	}
 	if (a.pdl) /* launched while the split launch drains (knob pdl): its partial rows after it completed */
 		griddep_wait();
+	if (threadIdx.x == 0)
+		trace_at(a, -1, AXF_TR_MKGO);
 	const int capm = (int)AXF_MERGE_CAP * AXF_NW, K = (int)jb.K, S = (int)jb.S;
 	float *xs = smem_xs(smem), *ms = (float *)smem;
 	int *xp = (int *)(xs + AXF_NW * 64), *mp = (int *)(ms + capm);
@@ -988,8 +1022,10 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 		put_flags(a, jb);
 	merge_row(a, jb, (int)r, xs, xp, ms, mp, capm, AXF_M_HEADS, 1);
 	__syncwarp(); /* warp 0's result writes before lane 0's release */
-	if ((threadIdx.x & 31) == 0)
+	if ((threadIdx.x & 31) == 0) {
+		trace_at(a, -1, AXF_TR_MKDONE);
 		signal_done(a);
+	}
 }
 
 /* ---- the driver ------------------------------------------------------------------------------------------------------ */
@@ -1022,6 +1058,9 @@ struct ax_attn_fast {
 	uint32_t *done_d;
 	uint32_t seq;           /* the last run's completion value */
 	uint64_t spin_miss;     /* runs whose wait ended by the stream query, not by the word (should stay 0) */
+	unsigned long long *trace_d;    /* diagnostics (ax__attn_fast_trace): device slots, NULL = off */
+	unsigned long long *trace_init; /* pinned: their values before a run (min slots ~0, max slots 0) */
+	unsigned long long trace_last[AXF_TR_N]; /* the last run's */
 	axf_plan *plan;
 	axf_split split;
 };
@@ -1143,6 +1182,38 @@ int ax__attn_fast_timing(ax_attn_fast *f, int on)
 	return 0;
 }
 
+int ax__attn_fast_trace(ax_attn_fast *f, int on)
+{
+	if (!f)
+		return -EINVAL;
+	if (on && !f->trace_d) {
+		cudaError_t e = cudaMalloc((void **)&f->trace_d, AXF_TR_N * sizeof(unsigned long long));
+		if (e == cudaSuccess)
+			e = cudaHostAlloc((void **)&f->trace_init, AXF_TR_N * sizeof(unsigned long long), cudaHostAllocDefault);
+		if (e != cudaSuccess) {
+			cudaFree(f->trace_d);
+			f->trace_d = NULL;
+			return fast_fail(f, e);
+		}
+		static const int first[] = {AXF_TR_START0, AXF_TR_DATA0, AXF_TR_LOOP0, AXF_TR_MERGE0, AXF_TR_MK0};
+		memset(f->trace_init, 0, AXF_TR_N * sizeof(unsigned long long));
+		for (size_t i = 0; i < sizeof first / sizeof first[0]; i++)
+			f->trace_init[first[i]] = ~0ull;
+	}
+	if (!on && f->trace_d) {
+		cudaStreamSynchronize(f->stream);
+		cudaFree(f->trace_d);
+		cudaFreeHost(f->trace_init);
+		f->trace_d = NULL, f->trace_init = NULL;
+	}
+	return 0;
+}
+
+void ax__attn_fast_trace_get(const ax_attn_fast *f, unsigned long long *out)
+{
+	memcpy(out, f->trace_last, sizeof f->trace_last);
+}
+
 uint64_t ax__attn_fast_spin_misses(const ax_attn_fast *f)
 {
 	return f ? f->spin_miss : 0;
@@ -1166,6 +1237,8 @@ void ax__attn_fast_free(ax_attn_fast *f)
 	cudaFree(f->tick);
 	cudaFreeHost(f->hbuf);
 	cudaFreeHost(f->done_h);
+	cudaFree(f->trace_d);
+	cudaFreeHost(f->trace_init);
 	axf_plan_free(f->plan);
 	axf_split_fini(&f->split);
 	free(f);
@@ -1253,6 +1326,7 @@ static int fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq)
 	axf_args a = axf_plan_args(f->plan, f->dbuf, f->hdev, f->tick, L);
 	if (seq)
 		a.done_cnt = f->tick + f->tcap, a.done = f->done_d, a.units = (uint32_t)f->plan->units, a.seq = seq;
+	a.trace = f->trace_d;
 	const int pdl = f->plan->kn.pdl != 0;
 	a.pdl = pdl && axf_inst_mode(L->inst) == AXF_M_PROB;
 	cudaError_t e = fast_kernel(f, (const void *)axf_kernels[L->inst], L->ctas, &a, a.pdl);
@@ -1322,6 +1396,9 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		axf_plan_tables(p, f->hbuf);
 		e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
 	}
+	if (e == cudaSuccess && f->trace_d)
+		e = cudaMemcpyAsync(f->trace_d, f->trace_init, AXF_TR_N * sizeof(unsigned long long), cudaMemcpyHostToDevice,
+				    f->stream);
 	if (e == cudaSuccess && f->timing)
 		e = cudaEventRecord(f->ev[0], f->stream);
 	r = e == cudaSuccess ? 0 : fast_fail(f, e);
@@ -1341,6 +1418,11 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		e = cudaEventSynchronize(f->ev[1]);
 	if (e == cudaSuccess && f->timing)
 		e = cudaEventElapsedTime(&f->kernel_ms, f->ev[0], f->ev[1]);
+	if (e == cudaSuccess && f->trace_d) {
+		e = cudaMemcpyAsync(f->trace_last, f->trace_d, sizeof f->trace_last, cudaMemcpyDeviceToHost, f->stream);
+		if (e == cudaSuccess)
+			e = cudaStreamSynchronize(f->stream);
+	}
 	if (e != cudaSuccess)
 		return fast_fail(f, e);
 	return axf_plan_finish(p, f->hbuf, jobs, out, rc);

@@ -165,7 +165,21 @@ typedef struct axf_args {
 	uint32_t *done;             /* host staging (mapped) */
 	uint32_t units, seq;
 	uint32_t pdl;               /* 1: this kernel was launched as a programmatic dependent (waits on the GPU) */
+	unsigned long long *trace;  /* diagnostics (ax__attn_fast_trace): AXF_TR_N global-timer ns slots, NULL = off */
 } axf_args;
+
+/* Trace slots (ns of the GPU's global timer, by thread 0 of CTAs; first = atomicMin, last = atomicMax). */
+enum axf_trace_slot {
+	AXF_TR_START0, AXF_TR_START1,   /* split CTAs start: first, last */
+	AXF_TR_DATA0, AXF_TR_DATA1,     /* first stage's keys arrived in a CTA: first, last */
+	AXF_TR_LOOP0, AXF_TR_LOOP1,     /* a CTA's streaming loop ended: first, last */
+	AXF_TR_MERGE0, AXF_TR_MERGE1,   /* a last-CTA merge starts (after the ticket): first, last */
+	AXF_TR_MDONE1,                  /* a last-CTA merge ended: last */
+	AXF_TR_MK0, AXF_TR_MK1,         /* merge-kernel CTAs start: first, last */
+	AXF_TR_MKGO,                    /* merge-kernel CTAs past griddepcontrol.wait (pdl) or start: last */
+	AXF_TR_MKDONE,                  /* merge-kernel CTAs done: last */
+	AXF_TR_N
+};
 
 /* Byte offsets: the host staging holds [0, off_dev) — the tables, uploaded ([0, up)) when p->upload, and the
  * results the kernels write into it ([pflags, off_dev)); the device scratch uses the same offsets for the tables
@@ -803,6 +817,12 @@ void ax__attn_fast_knobs(ax_attn_fast *f, axf_knobs *get, const axf_knobs *set);
  * ax__attn_fast_timing returns 0, -EINVAL (f NULL) or -EIO (event creation failed). */
 int ax__attn_fast_timing(ax_attn_fast *f, int on);
 float ax__attn_fast_kernel_us(const ax_attn_fast *f);
+/* Diagnostics: with on, every run records the GPU's global timer at the points of enum axf_trace_slot (one more
+ * copy up and one down per run: not for timing the call); ax__attn_fast_trace_get copies the last run's AXF_TR_N
+ * slots (ns; a slot never reached keeps ~0 for a first-slot, 0 for a last-slot). 0, -EINVAL or -EIO. */
+int ax__attn_fast_trace(ax_attn_fast *f, int on);
+void ax__attn_fast_trace_get(const ax_attn_fast *f, unsigned long long *out);
+
 /* Runs (knob spin) whose wait ended because the stream completed without the completion word: a counting bug, 0
  * when all is well (the GPU test checks it). */
 uint64_t ax__attn_fast_spin_misses(const ax_attn_fast *f);

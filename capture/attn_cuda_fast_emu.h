@@ -59,6 +59,20 @@ static inline void __threadfence_system(void) {}
 static inline void griddep_wait(void) {}
 static inline void griddep_launch(void) {}
 static inline void st_release_sys(uint32_t *p, uint32_t v) { *p = v; }
+/* The global timer: a counter here (only its order means something). */
+static inline unsigned long long gtime(void) { static unsigned long long t; return ++t; }
+static inline unsigned long long atomicMin(unsigned long long *p, unsigned long long v)
+{
+	unsigned long long o = *p;
+	*p = v < o ? v : o;
+	return o;
+}
+static inline unsigned long long atomicMax(unsigned long long *p, unsigned long long v)
+{
+	unsigned long long o = *p;
+	*p = v > o ? v : o;
+	return o;
+}
 static inline float __ldcg(const float *p) { return *p; }
 static inline int __ldcg(const int *p) { return *p; }
 static inline uint32_t atomicOr(uint32_t *p, uint32_t v) { uint32_t o = *p; *p = o | v; return o; }

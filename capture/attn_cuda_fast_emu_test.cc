@@ -76,11 +76,18 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	static uint32_t calls;
 	const int spin = (calls++ & 1) == 0;
 	uint32_t done_cnt = 0, done = 0, seq = 0x5eed0000u + calls;
+	unsigned long long tr[AXF_TR_N]; /* diagnostics on every third run: the driver's initial values */
+	for (int i = 0; i < AXF_TR_N; i++)
+		tr[i] = i == AXF_TR_START0 || i == AXF_TR_DATA0 || i == AXF_TR_LOOP0 || i == AXF_TR_MERGE0 || i == AXF_TR_MK0
+				? ~0ull
+				: 0;
+	const int trace = calls % 3 == 0;
 	for (uint32_t l = 0; l < p->nl; l++) {
 		emu_arg x = {axf_plan_args(p, buf, buf, tick, &p->L[l]), p->L[l].inst};
 		if (spin)
 			x.a.done_cnt = &done_cnt, x.a.done = &done, x.a.units = (uint32_t)p->units, x.a.seq = seq;
 		x.a.pdl = calls % 4 == 1; /* a no-op here: launches run one after the other */
+		x.a.trace = trace ? tr : NULL;
 		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
 		if (p->L[l].mg) { /* the separate merge launch of heads lists */
 			assert_int_equal(done, 0);
@@ -93,6 +100,12 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	if (spin) {
 		assert_int_equal(done, seq);
 		assert_int_equal(done_cnt, 0); /* reset for the next run by the last unit */
+	}
+	if (trace) { /* the timer is a counter here: every CTA passed its points in order */
+		assert_true(tr[AXF_TR_START0] <= tr[AXF_TR_DATA0] && tr[AXF_TR_DATA0] <= tr[AXF_TR_LOOP0]);
+		assert_true(tr[AXF_TR_START1] <= tr[AXF_TR_LOOP1] && tr[AXF_TR_DATA1] <= tr[AXF_TR_LOOP1]);
+		assert_true(tr[AXF_TR_MERGE0] == ~0ull || tr[AXF_TR_MERGE1] <= tr[AXF_TR_MDONE1]);
+		assert_true(tr[AXF_TR_MK0] == ~0ull || tr[AXF_TR_MKGO] <= tr[AXF_TR_MKDONE]);
 	}
 	axf_plan_prefill(p, jobs, out, rc); /* the driver does this while the kernels run */
 	assert_int_equal(axf_plan_finish(p, buf, jobs, out, rc), 0);

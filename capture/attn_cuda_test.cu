@@ -959,6 +959,45 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 	fflush(stdout);
 }
 
+/* One "trace" line: medians over the repeats of where a run's time goes on the GPU (ax__attn_fast_trace: global
+ * timer at points of the kernels, µs after the first split CTA started; "-" where the run has no such point), and
+ * the kernel time (events) of the same runs. ft: a state with tracing and timing on, the default knobs. */
+static void bench_trace(bdata *d, int m, ax_attn_fast *ft)
+{
+	enum { NF = AXF_TR_N - 1 };
+	static const char *const names[NF] = {"start-last", "data-first", "data-last", "loop-first", "loop-last",
+					      "merge-first", "merge-last", "merge-done", "mk-start", "mk-last",
+					      "mk-go", "mk-done"};
+	double v[NF][B_MAXREPS], kern[B_MAXREPS];
+	int nv[NF] = {0}, reps = d->reps > B_MAXREPS ? B_MAXREPS : d->reps, bad = 0;
+	for (int i = -2; i < reps; i++) {
+		const ax_attn_job *jobs = d->jobs[m] + (size_t)((i + 2) % d->rot) * d->B;
+		int x = ax__attn_fast_run(ft, jobs, d->B, d->out, d->rc);
+		for (uint32_t b = 0; b < d->B; b++)
+			x |= d->rc[b];
+		bad |= x != 0;
+		if (i < 0)
+			continue;
+		unsigned long long t[AXF_TR_N];
+		ax__attn_fast_trace_get(ft, t);
+		kern[i] = ax__attn_fast_kernel_us(ft);
+		for (int f = 0; f < NF; f++) {
+			const unsigned long long x1 = t[f + 1];
+			if (x1 != 0 && x1 != ~0ull && x1 >= t[0])
+				v[f][nv[f]++] = (double)(x1 - t[0]) * 1e-3;
+		}
+	}
+	printf("trace    %-8s %-10s kern %7.1f |", d->name, mode_name(b_modes[m]), median(kern, reps));
+	for (int f = 0; f < NF; f++) {
+		if (nv[f])
+			printf(" %s %.1f", names[f], median(v[f], nv[f]));
+		else
+			printf(" %s -", names[f]);
+	}
+	printf("%s\n", bad ? "  RUN FAILED" : "");
+	fflush(stdout);
+}
+
 /*
  * --bench: per shape and mode, the default context's ax_attn_cuda_run end to end (host clock: plan, upload,
  * launches, download, expansion of the rows, one synchronisation — what a caller waits for), the fast path's
@@ -971,9 +1010,11 @@ static int bench(ax_attn_cuda *c)
 	ax_attn_cuda *cg = open_generic();
 	cudaStream_t s;
 	CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-	ax_attn_fast *f = NULL, *fe = NULL;
+	ax_attn_fast *f = NULL, *fe = NULL, *ft = NULL;
 	if (ax__attn_fast_new(&f, 0, s) != 0 || !f || ax__attn_fast_timing(f, 1) != 0 || ax__attn_fast_new(&fe, 0, s) != 0)
 		printf("# fast path not available here: kernel column empty\n");
+	if (ax__attn_fast_new(&ft, 0, s) != 0 || !ft || ax__attn_fast_timing(ft, 1) != 0 || ax__attn_fast_trace(ft, 1) != 0)
+		ft = NULL;
 	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0};
 	ax__attn_fast_knobs(f, &kn, NULL);
 	bench_head("bench");
@@ -984,6 +1025,10 @@ static int bench(ax_attn_cuda *c)
 	       kn.ctas_per_sm_heads, kn.spin, kn.pdl);
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
 	       "dispatch; e2e without events)\n");
+	printf("# trace lines: the default knobs, medians, µs after the first split CTA's start (GPU global timer): last "
+	       "split CTA start, first stage's keys in (first/last CTA), streaming loops ended (first/last), last-CTA "
+	       "merges started (first/last) and done (last), merge kernel CTAs started (first/last), past their "
+	       "grid-dependency wait (last), done (last)\n");
 	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
 	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
 	for (size_t i = 0; i < ARRAY_LEN(b_shapes); i++) {
@@ -999,11 +1044,14 @@ static int bench(ax_attn_cuda *c)
 			fflush(stdout);
 			if (f && fe)
 				bench_vars(&d, m, fe, f, &kn);
+			if (ft)
+				bench_trace(&d, m, ft);
 		}
 		bd_free(&d);
 	}
 	ax__attn_fast_free(f);
 	ax__attn_fast_free(fe);
+	ax__attn_fast_free(ft);
 	cudaStreamDestroy(s);
 	ax_attn_cuda_close(cg);
 	return 0;
