@@ -302,16 +302,38 @@ def profile(model, cache, B, ax, modes, out):
     return lines
 
 
+def report(head, model_rows, micro_rows, prof_lines, stats, t_start, out, final=False):
+    """The report so far (written after every part: a crash in a later part, the profiler's say, keeps the rest)."""
+    lines = list(head)
+    lines += ["", "Model: decode tok/s, graphs on. µs/step = mode − off at the medians (positive: the hook's cost).",
+              "| batch | mode | off tok/s | mode tok/s | mode/off (median of rounds) | µs/step | per round |",
+              "|---|---|---|---|---|---|---|"] + model_rows
+    lines += ["", "Micro: export kernels alone in a graph (32 repetitions per replay), µs per repetition. step = "
+              "begin_q + %d copies + q_publish." % (L - 2)] + micro_rows
+    lines += [""] + prof_lines
+    lines += ["(batch %d exporter counters: %s)" % st for st in stats]
+    lines.append("total %.0f s%s" % (time.time() - t_start, "" if final else " (so far)"))
+    text = "\n".join(lines)
+    if out:
+        with open(os.path.join(out, "bench-export.txt"), "w") as f:
+            f.write(text + "\n")
+    return text
+
+
 def main():
     out = os.environ.get("OUT")
     model = bh.model_()
     modes = os.environ.get("AX_HC_MODES")
     modes = ["off"] + [m for m in (modes.split(",") if modes else MODES) if m in MODES and m != "off"]
-    lines = ["attnx hook cost: %s, %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps, %d rounds (rotated), "
-             "consumer wants layers %s" % (torch.cuda.get_device_name(), datetime.date.today(), L, PROMPT, STEPS,
-                                           REPS, AUTO)]
+    head = ["attnx hook cost: %s, %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps, %d rounds (rotated), "
+            "consumer wants layers %s" % (torch.cuda.get_device_name(), datetime.date.today(), L, PROMPT, STEPS,
+                                          REPS, AUTO)]
     t_start = time.time()
     model_rows, micro_rows, prof_lines, stats = [], [], [], []
+
+    def progress():
+        report(head, model_rows, micro_rows, prof_lines, stats, t_start, out)
+
     for B in BATCHES:
         max_len = PROMPT + STEPS + 8
         cache = bh.cache_(model, B, max_len)
@@ -323,34 +345,26 @@ def main():
         try:
             wait_wanted(ax.g)
             t = time.time()
-            model_rows += model_part(model, cache, B, ax, modes)
-            print("batch %d model part: %.0f s" % (B, time.time() - t), flush=True)
+            rows = model_part(model, cache, B, ax, modes)
+            model_rows += rows
+            print("batch %d model part: %.0f s\n%s" % (B, time.time() - t, "\n".join(rows)), flush=True)
+            progress()
             t = time.time()
             micro_rows += micro(ax, B)
             print("batch %d micro part: %.0f s" % (B, time.time() - t), flush=True)
+            progress()
             if B == 1 and os.environ.get("AX_HC_PROFILE", "1") != "0":
                 t = time.time()
                 prof_lines += profile(model, cache, B, ax, ["off", "on", "empty", "opt", "side", "side-small"], out)
                 print("batch %d profile part: %.0f s" % (B, time.time() - t), flush=True)
+                progress()
             stats.append((B, ax.g.stats()))
         finally:
             ax.close()
             cons.kill()
             cons.wait()
         ax.set_enabled(False)
-    lines += ["", "Model: decode tok/s, graphs on. µs/step = on − off at the medians (positive: the hook's cost).",
-              "| batch | mode | off tok/s | mode tok/s | mode/off (median of rounds) | µs/step | per round |",
-              "|---|---|---|---|---|---|---|"] + model_rows
-    lines += ["", "Micro: export kernels alone in a graph (32 repetitions per replay), µs per repetition. step = "
-              "begin_q + %d copies + q_publish." % (L - 2)] + micro_rows
-    lines += [""] + prof_lines
-    lines += ["(batch %d exporter counters: %s)" % st for st in stats]
-    lines.append("total %.0f s" % (time.time() - t_start))
-    text = "\n".join(lines)
-    print(text)
-    if out:
-        with open(os.path.join(out, "bench-export.txt"), "w") as f:
-            f.write(text + "\n")
+    print(report(head, model_rows, micro_rows, prof_lines, stats, t_start, out, final=True))
     return 0
 
 
