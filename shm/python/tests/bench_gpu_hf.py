@@ -7,10 +7,12 @@ attnx-capture's GPU work competes for the same card and is measured by its own b
 GPU. First run: H200, 2026-11-27, 3a279e1 (median of 3; batch 1 graphs on 0.981, batch 32 0.990). Now AX_BENCH_REPS
 rounds (default 7), each running every mode once in an order rotated round by round; the table gives the medians,
 the median of the per-round ratios (each pair ran back to back) and every round's ratio, so noise shows. With graphs
-on two more modes: "on-layers" (HFExporter.set_export_layers(the consumer's layers): layers nobody asked for get no
-Q-copy kernel) and "on-unfused" (HFExporter(fuse=False): the kernels of the first run, layers + 3 per step), to
-measure the fused kernels against it in the same process. About 2-3 minutes on an H200. Prints a table; writes it to
-$OUT/bench-hf.txt too when OUT is set. Goal (issue 6): hook on ≥ 0.99 × off with graphs on.
+on two more modes: "on-inline" (HFExporter.set_side(False): the export kernels on the engine's stream, as before
+session 4; "on" is the hook's default, which puts them on a side stream while a graph is captured) and "on-layers"
+(HFExporter.set_export_layers(the consumer's layers): layers nobody asked for get no Q-copy kernel). Session 3's
+"on-unfused" mode (fuse=False) is gone: bench_gpu_export.py measures it with the other variants. About 2-3 minutes
+on an H200. Prints a table; writes it to $OUT/bench-hf.txt too when OUT is set. Goal (issue 6): hook on ≥ 0.99 × off
+with graphs on.
 """
 import datetime
 import os
@@ -28,7 +30,7 @@ try:
 except ImportError as e:
     print("SKIP: transformers: %s" % e)
     sys.exit(SKIP)
-from attnx.hf import HFExporter  # noqa: E402
+from attnx.hf import HFExporter, side_default  # noqa: E402
 
 LAYERS = int(os.environ.get("AX_BENCH_LAYERS", "8"))
 PROMPT, STEPS = 128, int(os.environ.get("AX_BENCH_STEPS", "128"))
@@ -93,9 +95,10 @@ def run(model, cache, B, graph, ax=None):
     return B * STEPS / (t0.elapsed_time(t1) / 1e3)
 
 
-# graphs on: also the fusion's A/B ("on-unfused") and "on-layers" (HFExporter.set_export_layers(the consumer's
-# layers): no Q-copy kernel for the layers nobody asked for)
-MODES = {True: ("off", "on", "on-layers", "on-unfused"), False: ("off", "on")}
+# graphs on: also "on-inline" (HFExporter.set_side(False): the export kernels on the engine's stream, the layout
+# before session 4) and "on-layers" (HFExporter.set_export_layers(the consumer's layers): no Q-copy kernel for the
+# layers nobody asked for)
+MODES = {True: ("off", "on", "on-inline", "on-layers"), False: ("off", "on")}
 
 
 def measure(model, cache, B, ax, auto):
@@ -103,17 +106,18 @@ def measure(model, cache, B, ax, auto):
     first, ...) so that drift (clocks, temperature, the consumer's start-up) does not favour one mode. Returns
     {graphs: {mode: [tok/s per round]}}."""
     res = {gr: {m: [] for m in MODES[gr]} for gr in MODES}
+    side = ax.side  # the default (attnx.hf.side_default(): "capture" unless ATTNX_HF_SIDE says otherwise)
     for gr in (True, False):
         modes = MODES[gr]
         for rep in range(REPS):
             k = rep % len(modes)
             for m in modes[k:] + modes[:k]:
                 ax.set_enabled(m != "off")
-                ax.fuse = m != "on-unfused"
+                ax.set_side(False if m == "on-inline" else side)
                 ax.set_export_layers(auto if m == "on-layers" else None)
                 res[gr][m].append(run(model, cache, B, gr, ax if m != "off" else None))
     ax.set_enabled(True)
-    ax.fuse = True
+    ax.set_side(side)
     ax.set_export_layers(None)
     return res
 
@@ -162,8 +166,9 @@ def main():
     lines = ["attnx HF hook decode benchmark: %s, %s, commit %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps, "
              "%d rounds (modes alternating), %.0f s" % (torch.cuda.get_device_name(), datetime.date.today(), commit,
                                                        L, PROMPT, STEPS, REPS, time.time() - t0),
-             "on = fused kernels (%d per decode step), on-layers = only the consumer's layers %s exportable (%d "
-             "kernels), on-unfused = the first GPU run's layout (%d)" % (L, auto, len(set(auto) | {0, L - 1}), L + 3),
+             "on = the hook's defaults (side=%r: with graphs, the %d fused export kernels per decode step on a side "
+             "stream), on-inline = the same kernels on the engine's stream, on-layers = on with only the consumer's "
+             "layers %s exportable (%d kernels)" % (side_default(), L, auto, len(set(auto) | {0, L - 1})),
              "| batch | CUDA graphs | hook | off tok/s | on tok/s | on/off (medians) | on/off (median of rounds) | "
              "per-round on/off |", "|---|---|---|---|---|---|---|---|"] + rows
     lines += ["(batch %d exporter counters: %s)" % st for st in stats]
