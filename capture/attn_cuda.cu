@@ -31,6 +31,7 @@ extern "C" {
 #include "attn_cuda_logic.h"
 #include "attn_cuda_plan.h"
 #include "attn_cuda_fast.h" /* the fast path (cudafast): see ax_attn_cuda_run */
+#include "attn_cuda_prefill.h" /* the prefill path (prefill): see ax_attn_cuda_run */
 
 #define AXC_CTAS_PER_SM 4       /* split planning target */
 
@@ -71,6 +72,7 @@ struct ax_attn_cuda {
 	int smem_set[AXC_N_INST];  /* dynamic shared memory each instance is allowed (opt-in attribute) */
 	axc_plan *plan;            /* host tables, grown to the largest batch seen */
 	ax_attn_fast *fast;        /* the fast path (attn_cuda_fast.cu); NULL when off (AX_ATTN_CUDA_FAST=0, not sm_90) */
+	ax_attn_prefill *prefill;  /* the prefill path (attn_cuda_prefill.cu); NULL when off (AX_ATTN_CUDA_PREFILL=0) */
 };
 
 static cudaError_t g_open_err = cudaSuccess;
@@ -120,6 +122,8 @@ int ax_attn_cuda_open(ax_attn_cuda **out, int device)
 		return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
 	}
 	int fr = ax__attn_fast_new(&c->fast, device, c->stream); /* fast path hook (cudafast) */
+	if (fr == 0 && (fr = ax__attn_prefill_new(&c->prefill, device, c->stream)) != 0) /* prefill hook */
+		ax__attn_fast_free(c->fast);
 	if (fr) {
 		cudaStreamDestroy(c->stream);
 		axc_plan_free(p);
@@ -137,6 +141,7 @@ void ax_attn_cuda_close(ax_attn_cuda *c)
 	cudaSetDevice(c->device);
 	cudaStreamSynchronize(c->stream);
 	ax__attn_fast_free(c->fast); /* before its stream goes */
+	ax__attn_prefill_free(c->prefill);
 	cudaStreamDestroy(c->stream);
 	cudaFree(c->dbuf);
 	cudaFreeHost(c->hbuf);
@@ -256,8 +261,22 @@ static int generic_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_att
 	return run_generic((ax_attn_cuda *)ctx, jobs, n, out, rc);
 }
 
-/* Eligible jobs (attn_cuda_fast.h: bf16/f16, D 128, H_kv <= 8, group <= 8, no cap, no head list) run on the fast
- * path, the rest on the generic path above; a mixed batch is split and scattered back (axf_dispatch). */
+/* Fast, then generic: the runner the prefill dispatch hands the jobs it does not place. */
+static int rest_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+{
+	ax_attn_cuda *c = (ax_attn_cuda *)ctx;
+	return ax__attn_fast_dispatch(c->fast, jobs, n, out, rc, generic_runner, c);
+}
+
+ax_attn_prefill *ax__attn_cuda_prefill_state(ax_attn_cuda *c)
+{
+	return c ? c->prefill : NULL;
+}
+
+/* Prefill rows (attn_cuda_prefill.h: fast-path shapes, ≥ 2 consecutive positions of one request and layer) run on
+ * the prefill path; of the rest, eligible jobs (attn_cuda_fast.h: bf16/f16, D 128, H_kv <= 8, group <= 8, no cap,
+ * no head list) run on the fast path, the others on the generic path above; a mixed batch is split and scattered
+ * back (axp_dispatch, axf_dispatch). */
 int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
 {
 	if (!c || (n && (!jobs || !out || !rc)))
@@ -266,9 +285,12 @@ int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_at
 		return 0;
 	if (axc_any_paged(jobs, n)) /* paged jobs (block tables): the generic path only; attn_cuda_fast.h reads token rows */
 		return run_generic(c, jobs, n, out, rc);
-	int r = ax__attn_fast_dispatch(c->fast, jobs, n, out, rc, generic_runner, c);
+	int r = ax__attn_prefill_dispatch(c->prefill, jobs, n, out, rc, rest_runner, c);
 	cudaError_t fe = (cudaError_t)ax__attn_fast_take_error(c->fast);
+	cudaError_t pe = (cudaError_t)ax__attn_prefill_take_error(c->prefill);
 	if (fe != cudaSuccess)
 		c->err = fe;
+	if (pe != cudaSuccess)
+		c->err = pe;
 	return r;
 }

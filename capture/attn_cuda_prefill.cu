@@ -1,0 +1,714 @@
+/*
+ * attn_cuda_prefill.cu — the CUDA backend's prefill path (attn_cuda_prefill.h): a block of up to R query rows of
+ * one request and layer (consecutive positions) scored against its keys in one pass, on the tensor cores.
+ *
+ * How a split CTA works (one split of one pass-block, 8 warps, 256 threads). It loads the block's Q rows once
+ * (checked: NaN/inf flags the row -EDOM) into shared memory as per-warp columns: warp w owns KV head w and its
+ * R·G columns (row r, group head g → column r·G + g, query head w·G + g). Then per stage of AXP_TS = 16 keys:
+ * every thread loads part of the 16 key rows (each index value checked against n_slots first: outside, the rows
+ * that see that key are flagged -ERANGE and slot 0 is read instead, so nothing outside the pool is read) into
+ * the stage buffer; warp w multiplies its KV head's 16 × 128 keys (mma.sync m16n8k16, keys as A) by its Q
+ * columns, 8 at a time (n-tiles, Q as B), in f32, scales and writes the scores to shared memory as one 16-key
+ * row per (row, query head) list; in the mean modes 16·R threads then sum each row's H scores per key (mean_prob:
+ * Σ exp(s − lse_h), logsumexps from pass A); finally thread l owns list l (heads: l = r·H + h; mean: l = r) and
+ * walks the 16 keys in position order, skipping those its row does not see (causality, window), checking each
+ * value, updating its online logsumexp and its sorted top-k (a per-thread array: entries move only when a key
+ * beats the k-th, ties to the lower position since keys come in order). At the end each list writes its partial
+ * row (logsumexp, K entries) and the CTA ORs its rows' flags into the global row flags. The merge launch gives
+ * one warp per list: logsumexp over the splits, then a K-round k-way merge of the splits' sorted lists (each
+ * lane owns up to 8 splits' heads; the warp's best by (value desc, position asc) is taken each round), exact.
+ * Passes: A = heads, mean_logit and mean_prob's per-(row, head) logsumexps (heads with K 0, written to the lse
+ * buffer by its merge); B = mean_prob's probability pass; each pass is a split launch and a merge launch.
+ *
+ * Simpler than the decode fast path on purpose (plain loads and CTA barriers rather than a bulk-copy ring; lists
+ * per thread rather than warp lists): the saving here is that R rows share each key's load and its mma.
+ *
+ * What has run where: the kernels under the CPU SIMT emulator (attn_cuda_prefill_emu_test.cc, AXP_EMU: mma
+ * fragments, shuffles, barriers from attn_cuda_fast_emu.h) against float64, ax_attn_cpu and the emulated decode
+ * fast path; the host half in attn_cuda_prefill_test.c. NOT RUN ON A GPU yet: the driver, the launches, the real
+ * mma.sync asm and timing (attn_cuda_prefill_gpu.cu, scripts/gpu-test's prefill stage, is the check).
+ */
+#ifdef AXP_EMU
+#include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_prefill_emu_test.cc): kernels only */
+#define AXP_DYN_SMEM(name) AXF_DYN_SMEM(name)
+#else
+#include <cuda_runtime.h>
+#define AXP_DYN_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "attn.h"
+}
+#include "attn_cuda.h"
+#include "attn_cuda_prefill.h"
+
+#define AXP_FULLM 0xffffffffu
+
+/* ---- device helpers ------------------------------------------------------------------------------------------- */
+
+/* (a, ap) ranks before (b, bp): higher value, then lower position. */
+__device__ __forceinline__ bool axp_fb(float a, int ap, float b, int bp)
+{
+	return a > b || (a == b && ap < bp);
+}
+
+__device__ __forceinline__ bool axp_finite(float x)
+{
+	return x - x == 0.0f; /* false for NaN and ±inf */
+}
+
+__device__ __forceinline__ void axp_lse_add(float &m, float &s, float x)
+{
+	if (x == -INFINITY)
+		return;
+	if (x > m) {
+		s = s * __expf(m - x) + 1.f;
+		m = x;
+	} else {
+		s += __expf(x - m);
+	}
+}
+
+__device__ __forceinline__ void axp_lse_merge(float &m, float &s, float m2, float s2)
+{
+	if (m2 == -INFINITY || s2 == 0.f)
+		return;
+	if (m == -INFINITY) {
+		m = m2;
+		s = s2;
+	} else if (m2 > m) {
+		s = s * __expf(m - m2) + s2;
+		m = m2;
+	} else {
+		s += s2 * __expf(m2 - m);
+	}
+}
+
+__device__ __forceinline__ float axp_lse_value(float m, float s)
+{
+	return (m == -INFINITY || s == 0.f) ? -INFINITY : m + logf(s);
+}
+
+#ifndef AXP_EMU
+template <int F16>
+__device__ __forceinline__ void axp_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+					uint32_t b1)
+{
+	if (F16)
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+			     "{%8,%9}, {%0,%1,%2,%3};\n"
+			     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+			     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+	else
+		asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+			     "{%8,%9}, {%0,%1,%2,%3};\n"
+			     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+			     : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#else
+template <int F16>
+static inline void axp_mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1)
+{
+	mma16816<F16>(c, a0, a1, a2, a3, b0, b1);
+}
+#endif
+
+/* 1 if any of the 8 16-bit elements of v is NaN or infinite (exponent all ones). */
+__device__ __forceinline__ uint32_t axp_nonfinite8(uint4 v, uint32_t f16)
+{
+	const uint32_t e = f16 ? 0x7c007c00u : 0x7f807f80u;
+	const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+	uint32_t bad = 0;
+	for (int i = 0; i < 4; i++)
+		bad |= ((w[i] & 0xffffu & e) == (e & 0xffffu)) | ((w[i] & 0xffff0000u & e) == (e & 0xffff0000u));
+	return bad;
+}
+
+/* The largest i < nb with off[i] ≤ x (off[0] = 0). */
+__device__ __forceinline__ int axp_find(const uint32_t *off, uint32_t nb, uint32_t x)
+{
+	int lo = 0, hi = (int)nb;
+	while (hi - lo > 1) {
+		const int mid = (lo + hi) >> 1;
+		if (off[mid] <= x)
+			lo = mid;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+/* Slot of index entry `at` (negative values and values ≥ n_slots are out of range: bad = 1, slot 0 instead). */
+__device__ __forceinline__ uint64_t axp_load_slot(const void *index, bool i32, uint64_t at, uint64_t n_slots,
+						  uint32_t &bad)
+{
+	uint64_t s = i32 ? (uint64_t)(int64_t)((const int32_t *)index)[at] : (uint64_t)((const int64_t *)index)[at];
+	if (s >= n_slots) {
+		bad = 1;
+		s = 0;
+	}
+	return s;
+}
+
+/* Key j (offset from lo) has an out-of-pool slot: flag every row of the block that sees it. */
+__device__ __forceinline__ void axp_flag_range(uint32_t *rfl, const axp_blk &b, uint32_t j)
+{
+	for (uint32_t r = 0; r < b.R; r++) {
+		const uint64_t pos = b.p0 + r;
+		if (b.lo + j <= pos && b.lo + j >= axp_first_key(pos, b.window))
+			atomicOr(&rfl[r], AXF_F_RANGE);
+	}
+}
+
+/* Insert (x, j) into a sorted list of cnt ≤ K entries (value desc, then position asc). */
+__device__ __forceinline__ void axp_list_insert(float *ls, int *lp, int &cnt, int K, float x, int j)
+{
+	if (cnt == K && !axp_fb(x, j, ls[K - 1], lp[K - 1]))
+		return;
+	int at = cnt < K ? cnt++ : K - 1;
+	while (at > 0 && axp_fb(x, j, ls[at - 1], lp[at - 1])) {
+		ls[at] = ls[at - 1];
+		lp[at] = lp[at - 1];
+		at--;
+	}
+	ls[at] = x;
+	lp[at] = j;
+}
+
+/* ---- the split kernel ------------------------------------------------------------------------------------------- */
+
+/* The block's Q rows into per-warp columns (checked), mean_prob's logsumexps, zeroed row flags. */
+__device__ __forceinline__ void axp_load_q(const axp_args &a, const axp_blk &b, unsigned char *qs, float *lse_s,
+					   uint32_t *rfl)
+{
+	const int tid = threadIdx.x, R = (int)b.R, H = (int)b.H, G = (int)b.G, ncol = R * G;
+	for (int r = tid; r < R; r += AXP_NT)
+		rfl[r] = 0;
+	__syncthreads();
+	for (int u = tid; u < R * H * 16; u += AXP_NT) {
+		const int r = u / (H * 16), rem = u - r * H * 16, h = rem >> 4, c16 = rem & 15;
+		const uint4 v = ((const uint4 *)a.qptr[b.row0 + r])[h * 16 + c16];
+		if (axp_nonfinite8(v, b.f16))
+			atomicOr(&rfl[r], AXF_F_DOM);
+		const int g = h / G, col = r * G + (h - g * G);
+		*(uint4 *)(qs + (size_t)(g * ncol + col) * AXP_QS + (size_t)c16 * 16) = v;
+	}
+	if (b.mode == AXF_M_PROB)
+		for (int u = tid; u < R * H; u += AXP_NT)
+			lse_s[u] = a.lse[b.lse_in + u];
+}
+
+/* Stage [tile, tile + nv) of the block's keys into kbuf (rows past nv zero), every slot checked first. */
+__device__ __forceinline__ void axp_load_keys(const axp_blk &b, unsigned char *kbuf, uint32_t *rfl, uint32_t tile,
+					      int nv)
+{
+	const int Hkv = (int)b.Hkv, units = AXP_TS * Hkv * 16;
+	const bool i32 = b.idt == AX_DTYPE_I32;
+	for (int u = threadIdx.x; u < units; u += AXP_NT) {
+		const int kk = u / (Hkv * 16), rem = u - kk * Hkv * 16;
+		uint4 v = make_uint4(0, 0, 0, 0);
+		if (kk < nv) {
+			uint32_t bad = 0;
+			const uint64_t slot = axp_load_slot(b.index, i32, b.lo + tile + kk, b.n_slots, bad);
+			if (bad && rem == 0)
+				axp_flag_range(rfl, b, tile + (uint32_t)kk);
+			v = ((const uint4 *)((const char *)b.k + slot * b.s0 * 2))[rem];
+		}
+		*(uint4 *)(kbuf + (size_t)kk * AXF_ROWS_SM + (size_t)rem * 16) = v;
+	}
+}
+
+/* Warp w (< H_kv): the stage's 16 keys of KV head w times its R·G Q columns; scaled scores into sc, one 16-key
+ * row per list (row r, query head h: row r·H + h). */
+__device__ __forceinline__ void axp_scores(const axp_blk &b, const unsigned char *kbuf, const unsigned char *qs,
+					   float *sc)
+{
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, grow = lane >> 2, t = lane & 3;
+	const int G = (int)b.G, H = (int)b.H, ncol = (int)b.R * G, NT = (ncol + 7) / 8;
+	const unsigned char *qw = qs + (size_t)w * ncol * AXP_QS;
+	uint4 ka[4], kb[4];
+	for (int c = 0; c < 4; ++c) { /* the A fragments of all 128 dims, reused by every n-tile */
+		ka[c] = *(const uint4 *)(kbuf + (size_t)grow * AXF_ROWS_SM + w * 256 + c * 64 + t * 16);
+		kb[c] = *(const uint4 *)(kbuf + (size_t)(grow + 8) * AXF_ROWS_SM + w * 256 + c * 64 + t * 16);
+	}
+	for (int nt = 0; nt < NT; ++nt) {
+		float acc[4] = {0.f, 0.f, 0.f, 0.f};
+		const int col = nt * 8 + grow;
+		for (int c = 0; c < 4; ++c) {
+			const uint4 qf = col < ncol ? *(const uint4 *)(qw + (size_t)col * AXP_QS + c * 64 + t * 16)
+						    : make_uint4(0, 0, 0, 0);
+			if (b.f16) {
+				axp_mma<1>(acc, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf.x, qf.y);
+				axp_mma<1>(acc, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf.z, qf.w);
+			} else {
+				axp_mma<0>(acc, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf.x, qf.y);
+				axp_mma<0>(acc, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf.z, qf.w);
+			}
+		}
+		for (int e = 0; e < 4; ++e) { /* acc[e]: key grow (+8 for e ≥ 2), column nt·8 + 2t + (e & 1) */
+			const int cc = nt * 8 + 2 * t + (e & 1), key = grow + (e >> 1) * 8;
+			if (cc < ncol) {
+				const int r = cc / G, h = w * G + (cc - r * G);
+				sc[(size_t)(r * H + h) * AXP_SCS + key] = acc[e] * b.scale;
+			}
+		}
+	}
+}
+
+/* Mean modes: per (row, key) the mean over heads (mean_prob: log of the mean of exp(s − lse_h)); a non-finite
+ * sum is stored as NaN (the owner flags it if the row sees the key; mean_prob's log 0 = -inf is a value). */
+__device__ __forceinline__ void axp_sums(const axp_blk &b, const float *sc, const float *lse_s, float *sum)
+{
+	const int H = (int)b.H;
+	for (int u = threadIdx.x; u < (int)b.R * AXP_TS; u += AXP_NT) {
+		const int r = u >> 4, kk = u & 15;
+		const float *col = sc + (size_t)r * H * AXP_SCS + kk;
+		float v = 0.f;
+		if (b.mode == AXF_M_LOGIT)
+			for (int h = 0; h < H; ++h)
+				v += col[(size_t)h * AXP_SCS];
+		else
+			for (int h = 0; h < H; ++h)
+				v += __expf(col[(size_t)h * AXP_SCS] - lse_s[r * H + h]);
+		sum[r * AXP_SCS + kk] = !axp_finite(v) ? NAN : b.mode == AXF_M_LOGIT ? v * b.inv_h : logf(v * b.inv_h);
+	}
+}
+
+/* One list's state: online logsumexp and a sorted top-k of (value, offset from lo). */
+struct axp_list {
+	float m, s;
+	int cnt;
+	uint32_t bad;
+	float ls[AX_ATTN_MAX_TOPK];
+	int lp[AX_ATTN_MAX_TOPK];
+};
+
+/* The owner of a list takes the stage's keys its row sees, in position order. */
+__device__ __forceinline__ void axp_take(axp_list &L, const float *vals, uint32_t tile, int nv, uint32_t rs,
+					 uint32_t re, int K, int prob)
+{
+	for (int kk = 0; kk < nv; ++kk) {
+		const uint32_t j = tile + (uint32_t)kk;
+		if (j < rs || j > re)
+			continue;
+		const float x = vals[kk];
+		if (!axp_finite(x) && !(prob && x == -INFINITY)) {
+			L.bad = 1;
+			continue;
+		}
+		axp_lse_add(L.m, L.s, x);
+		if (K)
+			axp_list_insert(L.ls, L.lp, L.cnt, K, x, (int)j);
+	}
+}
+
+__global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_constant__ axp_args a)
+{
+	AXP_DYN_SMEM(smem);
+	const int tid = threadIdx.x, w = tid >> 5;
+	const int bi = axp_find(a.so, a.nb, blockIdx.x);
+	const axp_blk &b = a.blk[bi];
+	const uint32_t sl = blockIdx.x - a.so[bi], a0 = sl * b.chunk, a1 = min(b.n, a0 + b.chunk);
+	const int nst = (int)((a1 - a0 + AXP_TS - 1) / AXP_TS), K = (int)b.K, mode = (int)b.mode;
+	const int L = mode == AXF_M_HEADS ? (int)b.H : 1, nl = (int)b.R * L;
+	unsigned char *kbuf = smem, *qs = smem + axp_off_qs();
+	float *sc = (float *)(smem + axp_off_sc(a.maxl)), *sum = (float *)(smem + axp_off_sum(a.maxl));
+	float *lse_s = (float *)(smem + axp_off_lse(a.maxl, a.maxr));
+	uint32_t *rfl = (uint32_t *)(smem + axp_off_fl(a.maxl, a.maxr));
+
+	axp_load_q(a, b, qs, lse_s, rfl);
+	const bool own = tid < nl;
+	const int orow = own ? tid / L : 0;
+	const uint64_t opos = b.p0 + (uint64_t)orow;
+	const uint32_t rs = (uint32_t)(axp_first_key(opos, b.window) - b.lo), re = (uint32_t)(opos - b.lo);
+	const float *vals = mode == AXF_M_HEADS ? sc + (size_t)tid * AXP_SCS : sum + (size_t)orow * AXP_SCS;
+	axp_list Ls;
+	Ls.m = -INFINITY, Ls.s = 0.f, Ls.cnt = 0, Ls.bad = 0;
+
+	for (int i = 0; i < nst; ++i) {
+		const uint32_t tile = a0 + (uint32_t)i * AXP_TS;
+		const int nv = (int)min((uint32_t)AXP_TS, a1 - tile);
+		axp_load_keys(b, kbuf, rfl, tile, nv);
+		__syncthreads(); /* keys (and, the first time, Q) staged */
+		if (w < (int)b.Hkv) /* warp-uniform */
+			axp_scores(b, kbuf, qs, sc);
+		__syncthreads();
+		if (mode != AXF_M_HEADS) {
+			axp_sums(b, sc, lse_s, sum);
+			__syncthreads();
+		}
+		if (own)
+			axp_take(Ls, vals, tile, nv, rs, re, K, mode == AXF_M_PROB);
+		__syncthreads(); /* the stage's buffers are free */
+	}
+
+	if (own) { /* this split's partial row of list tid */
+		const uint64_t pr = (uint64_t)tid * b.S + sl, e0 = b.ent0 + pr * (uint64_t)K;
+		a.part_lse[b.part0 + pr] = axp_lse_value(Ls.m, Ls.s);
+		for (int e = 0; e < K; ++e) {
+			a.part_s[e0 + e] = e < Ls.cnt ? Ls.ls[e] : -INFINITY;
+			a.part_p[e0 + e] = e < Ls.cnt ? Ls.lp[e] : -1;
+		}
+		if (Ls.bad)
+			atomicOr(&rfl[orow], AXF_F_DOM);
+	}
+	__syncthreads();
+	for (int r = tid; r < (int)b.R; r += AXP_NT)
+		if (rfl[r])
+			atomicOr(&a.rflags[b.row0 + r], rfl[r]);
+}
+
+/* ---- the merge kernel ------------------------------------------------------------------------------------------- */
+
+/* Warp w of CTA c merges list c·8 + w of the pass: logsumexp over its S splits, then K rounds of a k-way merge
+ * of the splits' sorted lists (lane owns splits lane, lane + 32, ...; ptr[u]: its next entry in each). */
+__global__ void __launch_bounds__(AXP_NT, 1) axp_merge_kernel(const __grid_constant__ axp_args a)
+{
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	const uint32_t g = blockIdx.x * AXP_NW + (uint32_t)w;
+	if (g >= a.mo[a.nb]) /* warp-uniform; no CTA barrier in this kernel */
+		return;
+	const int bi = axp_find(a.mo, a.nb, g);
+	const axp_blk &b = a.blk[bi];
+	const uint32_t l = g - a.mo[bi];
+	const int S = (int)b.S, K = (int)b.K;
+	const uint64_t pr0 = b.part0 + (uint64_t)l * S, e0 = b.ent0 + (uint64_t)l * S * K;
+	float m = -INFINITY, s = 0.f;
+	for (int i = lane; i < S; i += 32) {
+		const float x = a.part_lse[pr0 + i];
+		if (x != -INFINITY)
+			axp_lse_merge(m, s, x, 1.f);
+	}
+	for (int o = 16; o; o >>= 1) {
+		const float m2 = __shfl_xor_sync(AXP_FULLM, m, o), s2 = __shfl_xor_sync(AXP_FULLM, s, o);
+		axp_lse_merge(m, s, m2, s2);
+	}
+	const float lse = axp_lse_value(m, s);
+	if (b.res0 < 0) {
+		if (lane == 0)
+			a.lse[b.lse_out + l] = lse;
+		return;
+	}
+	if (lane == 0)
+		a.res_lse[b.res0 + l] = b.mode == AXF_M_PROB ? 0.f : lse;
+	int ptr[AXP_MAX_SPLITS / 32];
+	for (int u = 0; u < AXP_MAX_SPLITS / 32; ++u)
+		ptr[u] = 0;
+	axf_ent *out = a.res_ent + b.rent0 + (uint64_t)l * K;
+	for (int e = 0; e < K; ++e) {
+		float bx = -INFINITY;
+		int bp = INT_MAX, bu = -1;
+		for (int u = 0; u * 32 + lane < S; ++u) {
+			if (ptr[u] >= K)
+				continue;
+			const uint64_t q = e0 + (uint64_t)(u * 32 + lane) * K + ptr[u];
+			const float x = a.part_s[q];
+			const int p = a.part_p[q];
+			if (p >= 0 && axp_fb(x, p, bx, bp))
+				bx = x, bp = p, bu = u;
+		}
+		float wx = bx;
+		int wp = bp;
+		for (int o = 16; o; o >>= 1) {
+			const float ox = __shfl_xor_sync(AXP_FULLM, wx, o);
+			const int op = __shfl_xor_sync(AXP_FULLM, wp, o);
+			if (axp_fb(ox, op, wx, wp))
+				wx = ox, wp = op;
+		}
+		if (bu >= 0 && bp == wp) /* positions are distinct across splits: one lane took it */
+			ptr[bu]++;
+		if (lane == 0)
+			out[e] = axf_ent{wx, wp == INT_MAX ? -1 : wp};
+	}
+}
+
+/* ---- the driver ----------------------------------------------------------------------------------------------------- */
+#ifndef AXP_EMU
+
+struct ax_attn_prefill {
+	int device;
+	uint32_t sms, occ;
+	cudaStream_t stream;    /* the context's */
+	cudaEvent_t ev[2];      /* around the launches, when timing is on */
+	int timing;
+	float kernel_ms;
+	cudaError_t err;
+	char *dbuf;             /* device scratch */
+	size_t dcap;
+	char *hbuf;             /* pinned staging: tables up, flags and results down */
+	size_t hcap;
+	axp_plan *plan;
+	uint32_t last_rows;
+	ax_attn_job *sj;        /* the other jobs of a mixed batch, compacted */
+	size_t sj_cap;
+	uint32_t *si;
+	size_t si_cap;
+	ax_attn_result *sout;
+	size_t sout_cap;
+	int *src;
+	size_t src_cap;
+};
+
+static int pf_fail(ax_attn_prefill *f, cudaError_t e)
+{
+	f->err = e;
+	return e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
+}
+
+static uint32_t env_u32(const char *name, uint32_t dflt, uint32_t lo, uint32_t hi)
+{
+	const char *v = getenv(name);
+	char *end = NULL;
+	if (!v || !*v)
+		return dflt;
+	unsigned long x = strtoul(v, &end, 10);
+	return *end == '\0' && v[0] != '-' && x >= lo && x <= hi ? (uint32_t)x : dflt;
+}
+
+/* The kernels' shared-memory opt-in and occupancy (once); *occ = 0 when the path cannot run here. */
+static void pf_setup(int device, int *occ, int *sms)
+{
+	int major = 0;
+	*occ = 0;
+	if (cudaSetDevice(device) != cudaSuccess ||
+	    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+	    cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || major < 9) {
+		cudaGetLastError();
+		return;
+	}
+	const int smem = (int)axp_smem(AXP_MAXL, AXP_MAX_ROWS);
+	cudaFuncAttributes fa;
+	int o = 0;
+	if (cudaFuncGetAttributes(&fa, (const void *)axp_split_kernel) != cudaSuccess || fa.binaryVersion < 90 ||
+	    cudaFuncGetAttributes(&fa, (const void *)axp_merge_kernel) != cudaSuccess ||
+	    cudaFuncSetAttribute((const void *)axp_split_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+		    cudaSuccess ||
+	    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, (const void *)axp_split_kernel, AXP_NT, smem) !=
+		    cudaSuccess) {
+		cudaGetLastError();
+		return;
+	}
+	*occ = o;
+}
+
+int ax__attn_prefill_new(ax_attn_prefill **out, int device, void *stream)
+{
+	if (!out)
+		return -EINVAL;
+	*out = NULL;
+	const char *env = getenv("AX_ATTN_CUDA_PREFILL");
+	if (env && strcmp(env, "0") == 0)
+		return 0;
+	int occ = 0, sms = 0;
+	pf_setup(device, &occ, &sms);
+	if (occ <= 0 || sms <= 0)
+		return 0;
+	ax_attn_prefill *f = (ax_attn_prefill *)calloc(1, sizeof *f);
+	axp_plan *p = (axp_plan *)calloc(1, sizeof *p);
+	if (!f || !p) {
+		free(f);
+		free(p);
+		return -ENOMEM;
+	}
+	f->device = device;
+	f->sms = (uint32_t)sms, f->occ = (uint32_t)occ;
+	f->stream = (cudaStream_t)stream;
+	f->kernel_ms = -1.f;
+	f->plan = p;
+	p->kn.rows = env_u32("AX_PREFILL_ROWS", AXP_ROWS_DEFAULT, 2, AXP_MAX_ROWS);
+	p->kn.min_keys = env_u32("AX_PREFILL_MIN_KEYS", AXP_MIN_KEYS_DEFAULT, AXP_TS, 1u << 30);
+	p->kn.target = f->sms * f->occ * env_u32("AX_PREFILL_WAVES", 8, 1, 1024);
+	*out = f;
+	return 0;
+}
+
+void ax__attn_prefill_free(ax_attn_prefill *f)
+{
+	if (!f)
+		return;
+	cudaStreamSynchronize(f->stream);
+	if (f->ev[0])
+		cudaEventDestroy(f->ev[0]);
+	if (f->ev[1])
+		cudaEventDestroy(f->ev[1]);
+	cudaFree(f->dbuf);
+	cudaFreeHost(f->hbuf);
+	axp_plan_free(f->plan);
+	free(f->sj);
+	free(f->si);
+	free(f->sout);
+	free(f->src);
+	free(f);
+}
+
+int ax__attn_prefill_take_error(ax_attn_prefill *f)
+{
+	if (!f)
+		return 0;
+	int e = (int)f->err;
+	f->err = cudaSuccess;
+	return e;
+}
+
+int ax__attn_prefill_timing(ax_attn_prefill *f, int on)
+{
+	if (!f)
+		return -EINVAL;
+	if (on && !f->ev[0]) {
+		cudaError_t e = cudaEventCreate(&f->ev[0]);
+		if (e == cudaSuccess)
+			e = cudaEventCreate(&f->ev[1]);
+		if (e != cudaSuccess)
+			return pf_fail(f, e);
+	}
+	f->timing = on != 0;
+	return 0;
+}
+
+float ax__attn_prefill_kernel_us(const ax_attn_prefill *f)
+{
+	return f && f->kernel_ms >= 0 ? f->kernel_ms * 1e3f : -1.f;
+}
+
+uint32_t ax__attn_prefill_last_rows(const ax_attn_prefill *f)
+{
+	return f ? f->last_rows : 0;
+}
+
+/* Grow the device scratch and the pinned staging to the plan's layout (contents not kept). */
+static int pf_reserve(ax_attn_prefill *f, const axp_layout *y)
+{
+	cudaError_t e;
+	if (y->total > AX_ATTN_CUDA_MAX_SCRATCH)
+		return -ENOMEM;
+	if (y->total > f->dcap) {
+		cudaStreamSynchronize(f->stream);
+		cudaFree(f->dbuf);
+		f->dbuf = NULL, f->dcap = 0;
+		if ((e = cudaMalloc((void **)&f->dbuf, y->total)) != cudaSuccess)
+			return pf_fail(f, e);
+		f->dcap = y->total;
+	}
+	if (y->down > f->hcap) {
+		cudaStreamSynchronize(f->stream);
+		cudaFreeHost(f->hbuf);
+		f->hbuf = NULL, f->hcap = 0;
+		if ((e = cudaMallocHost((void **)&f->hbuf, y->down)) != cudaSuccess)
+			return pf_fail(f, e);
+		f->hcap = y->down;
+	}
+	return 0;
+}
+
+/* A pass's split launch and merge launch (nothing when the pass is empty). */
+static cudaError_t pf_launch(ax_attn_prefill *f, int ps)
+{
+	const axp_plan *p = f->plan;
+	if (p->ctas[ps] == 0)
+		return cudaSuccess;
+	axp_args a = axp_plan_args(p, f->dbuf, ps);
+	void *argv[] = {&a};
+	cudaError_t e = cudaLaunchKernel((const void *)axp_split_kernel, dim3(p->ctas[ps]), dim3(AXP_NT), argv,
+					 axp_smem(a.maxl, a.maxr), f->stream);
+	if (e == cudaSuccess)
+		e = cudaLaunchKernel((const void *)axp_merge_kernel, dim3((p->lists[ps] + AXP_NW - 1) / AXP_NW),
+				     dim3(AXP_NT), argv, 0, f->stream);
+	return e;
+}
+
+/* Run the planned blocks (f->plan built): tables up, flags zeroed, passes A and B, flags and results down. */
+static int pf_run(ax_attn_prefill *f, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
+{
+	axp_plan *p = f->plan;
+	if (!f->timing)
+		f->kernel_ms = -1.f;
+	cudaError_t e = cudaSetDevice(f->device);
+	if (e != cudaSuccess)
+		return pf_fail(f, e);
+	int r = pf_reserve(f, &p->lay);
+	if (r)
+		return r;
+	axp_plan_tables(p, f->hbuf);
+	e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
+	if (e == cudaSuccess)
+		e = cudaMemsetAsync(f->dbuf + p->lay.rflags, 0, p->nrows * sizeof(uint32_t), f->stream);
+	if (e == cudaSuccess && f->timing)
+		e = cudaEventRecord(f->ev[0], f->stream);
+	if (e == cudaSuccess)
+		e = pf_launch(f, 0);
+	if (e == cudaSuccess)
+		e = pf_launch(f, 1);
+	if (e == cudaSuccess && f->timing)
+		e = cudaEventRecord(f->ev[1], f->stream);
+	if (e == cudaSuccess)
+		e = cudaMemcpyAsync(f->hbuf + p->lay.rflags, f->dbuf + p->lay.rflags, p->lay.down - p->lay.rflags,
+				    cudaMemcpyDeviceToHost, f->stream);
+	cudaError_t se = cudaStreamSynchronize(f->stream); /* also: the next run rewrites the staging */
+	if (e == cudaSuccess)
+		e = se;
+	if (e == cudaSuccess && f->timing)
+		e = cudaEventElapsedTime(&f->kernel_ms, f->ev[0], f->ev[1]);
+	if (e != cudaSuccess)
+		return pf_fail(f, e);
+	axp_plan_finish(p, f->hbuf, jobs, out, rc);
+	return 0;
+}
+
+/* The jobs not placed in blocks through `rest`, compacted, codes and rows scattered back. */
+static int pf_rest(ax_attn_prefill *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
+		   axf_runner rest, void *rctx)
+{
+	const axp_plan *p = f->plan;
+	uint32_t m = 0;
+	uint64_t rows = 0;
+	if (axc_grow((void **)&f->sj, &f->sj_cap, n, sizeof *f->sj) ||
+	    axc_grow((void **)&f->si, &f->si_cap, n, sizeof *f->si) ||
+	    axc_grow((void **)&f->src, &f->src_cap, n, sizeof *f->src))
+		return -ENOMEM;
+	for (uint32_t i = 0; i < n; i++)
+		if (!p->in[i]) {
+			f->sj[m] = jobs[i];
+			f->si[m++] = i;
+			rows += axc_out_rows(&jobs[i]);
+		}
+	if (axc_grow((void **)&f->sout, &f->sout_cap, rows ? rows : 1, sizeof *f->sout))
+		return -ENOMEM;
+	int r = rest(rctx, f->sj, m, f->sout, f->src);
+	if (r)
+		return r;
+	uint64_t o = 0;
+	for (uint32_t k = 0; k < m; k++) {
+		const uint32_t i = f->si[k], nr = axc_out_rows(&jobs[i]);
+		rc[i] = f->src[k];
+		if (rc[i] == 0)
+			memcpy(out + p->roff[i], f->sout + o, nr * sizeof *out);
+		o += nr;
+	}
+	return 0;
+}
+
+int ax__attn_prefill_dispatch(ax_attn_prefill *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
+			      axf_runner rest, void *rctx)
+{
+	if (!f || n == 0)
+		return rest(rctx, jobs, n, out, rc);
+	axp_plan *p = f->plan;
+	int r = axp_plan_build(p, jobs, n, rc);
+	if (r)
+		return r;
+	f->last_rows = p->nrows;
+	if (p->nrows == 0)
+		return rest(rctx, jobs, n, out, rc);
+	if ((r = pf_run(f, jobs, out, rc)) != 0)
+		return r;
+	return p->nrows == n ? 0 : pf_rest(f, jobs, n, out, rc, rest, rctx);
+}
+#endif /* AXP_EMU */
