@@ -145,6 +145,16 @@ int ax_graph_step_begin_q(ax_graph *g, void *stream, const ax_graph_step_args *a
 int ax_graph_export_q_publish(ax_graph *g, void *stream, uint32_t layer, const void *q, int elem_bytes, int64_t st_b,
 			      int64_t st_t, int64_t st_h);
 
+/* A whole step in one call, at its end, for an engine that can keep every layer's Q tensor alive until its last layer
+ * has written its keys (attnx.hf's decode steps, `defer`): step set-up, layer layers[i]'s Q rows from q[i] (same
+ * element size and strides for all, as ax_graph_export_q), publish. One kernel for a small step (ax_graph_fuse), else
+ * three (set-up, one copy kernel for all n layers, publish), instead of n + 2. n ≤ AX_GRAPH_MAX_LAYERS; layers not
+ * wanted this step are skipped on the GPU. Returns as ax_graph_step_begin_q (bad arguments: the step start is still
+ * counted, -EINVAL). */
+#define AX_GRAPH_MAX_LAYERS 128u
+int ax_graph_step_all(ax_graph *g, void *stream, const ax_graph_step_args *a, uint32_t n, const uint32_t *layers,
+		      const void *const *q, int elem_bytes, int64_t st_b, int64_t st_t, int64_t st_h);
+
 /* Restrict which layers' Q rows may be exported: bit l of layers[] = layer l; both words 0 = every layer (the
  * default). The step set-up intersects the consumer's wish with this set, so no Q row is reserved or named for a
  * layer outside it, and the engine may skip ax_graph_export_q for those layers altogether (a kernel less per layer

@@ -653,6 +653,48 @@ ONE_BLOCK k_export_q_publish(seg_view sv, ax_graph_dev *st, const ax_graph_row *
 	publish_step(sv, st, rows, ctl, a, index_buf, scan, p, sv.dbg & AX_GRAPH_OPT_FEWER);
 }
 
+/* Q rows of up to AX_GRAPH_MAX_LAYERS layers in one kernel (ax_graph_step_all): qa's pointer and layer are replaced
+ * by q[i] and layer[i] in turn. */
+struct qall_args {
+	qcopy_args qa;
+	unsigned n;
+	unsigned layer[AX_GRAPH_MAX_LAYERS];
+	const char *q[AX_GRAPH_MAX_LAYERS];
+};
+
+__device__ static void copy_all(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, unsigned b0,
+				unsigned bstep, const qall_args &qa)
+{
+	for (unsigned i = 0; i < qa.n; i++) {
+		qcopy_args c = qa.qa;
+		c.q = qa.q[i];
+		c.layer = qa.layer[i];
+		copy_q(st, rows, n_rows, b0, bstep, c, false);
+	}
+}
+
+/* Fused whole step (one block; small steps only): set-up, every layer's Q copy, a system fence per thread, a
+ * barrier, the publish. */
+ONE_BLOCK k_step_all(seg_view sv, ax_graph_dev *st, ax_graph_map *map, const ax_graph_ctl *ctl, ax_graph_row *rows,
+		     ax_graph_step_args a, u64 q_rows, unsigned index_buf, qall_args qa)
+{
+	__shared__ u64 scan[AX_GRAPH_MAX_BATCH];
+	host_pre p = {0, 0};
+	if (threadIdx.x == 0 && (sv.dbg & AX_GRAPH_OPT_FEWER))
+		p = pre_load(sv, ctl); /* in flight during the set-up and the copies */
+	step_setup(sv, st, map, ctl, rows, a, q_rows, scan);
+	copy_all(st, rows, a.n_rows, 0, 1, qa);
+	sfence(sv.dbg); /* this thread's Q rows out before any descriptor names them */
+	__syncthreads();
+	publish_step(sv, st, rows, ctl, a, index_buf, scan, p, sv.dbg & AX_GRAPH_OPT_FEWER);
+}
+
+/* Every layer's Q rows of a big step (after k_step_begin): a block per batch row (grid-strided). */
+__global__ void k_export_q_all(const ax_graph_dev *st, const ax_graph_row *rows, unsigned n_rows, qall_args qa)
+{
+	copy_all(st, rows, n_rows, blockIdx.x, gridDim.x, qa);
+}
+
 /* ---- host side ------------------------------------------------------------------------------------------- */
 
 static int cuda_fail(ax_graph *g, cudaError_t e, const char *what)
@@ -1128,4 +1170,53 @@ int ax_graph_debug(ax_graph *g, unsigned flags)
 	if (!rc)
 		g->sv.dbg = flags;
 	return rc;
+}
+
+int ax_graph_step_all(ax_graph *g, void *stream, const ax_graph_step_args *a, uint32_t n, const uint32_t *layers,
+		      const void *const *q, int elem_bytes, int64_t st_b, int64_t st_t, int64_t st_h)
+{
+	if (!g)
+		return -EINVAL;
+	qall_args qa;
+	memset(&qa, 0, sizeof qa);
+	uint32_t saved = g->n_rows;
+	g->n_rows = a ? a->n_rows : 0; /* qcopy checks against the step being begun */
+	int bad = !step_args_ok(g, a) || n > AX_GRAPH_MAX_LAYERS || (n && (!layers || !q));
+	uint64_t addr = (uint64_t)(uintptr_t)g->cfg.q_ring;
+	for (uint32_t i = 0; !bad && i < n; i++) {
+		bad = !q[i] || layers[i] >= 128 || qcopy(g, layers[i], q[i], elem_bytes, st_b, st_t, st_h, &qa.qa);
+		addr |= (uint64_t)(uintptr_t)q[i];
+		qa.layer[i] = layers[i];
+		qa.q[i] = (const char *)q[i];
+	}
+	if (!bad && n) {
+		qa.qa.unit = ax_graph_q_unit(addr, g->esize, st_b, st_t, st_h, g->D); /* the widest unit every layer allows */
+		bad = !qa.qa.unit;
+	}
+	g->n_rows = saved;
+	if (bad) { /* as ax_graph_step_begin reports them; the step exports nothing */
+		int rc = ax_graph_step_start(g, stream);
+		return rc ? rc : -EINVAL;
+	}
+	qa.n = n;
+	if (!fusable(g, a)) {
+		int rc = ax_graph_step_begin(g, stream, a);
+		if (rc)
+			return rc;
+		if (n && !empty(g, stream, &rc)) {
+			unsigned blocks = g->n_rows < 1024 ? g->n_rows : 1024;
+			k_export_q_all<<<blocks, 256, 0, (cudaStream_t)stream>>>(g->st, g->rows, g->n_rows, qa);
+			rc = launched(g, "k_export_q_all");
+		}
+		return rc ? rc : ax_graph_step_publish(g, stream);
+	}
+	g->n_rows = a->n_rows;
+	g->last = *a;
+	int rc;
+	if (empty(g, stream, &rc))
+		return rc;
+	k_step_all<<<1, fused_threads(g, a->n_rows), 0, (cudaStream_t)stream>>>(g->sv, g->st, g->map, ctl_of(g), g->rows,
+										   *a, g->cfg.q_rows, g->cfg.index_buf,
+										   qa);
+	return launched(g, "k_step_all");
 }

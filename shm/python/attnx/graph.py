@@ -74,6 +74,8 @@ def glib():
             "ax_graph_enabled": (I, [V, P(ctypes.c_uint64), P(I)]),
             "ax_graph_strerror": (ctypes.c_char_p, [V]),
             "ax_graph_debug": (I, [V, ctypes.c_uint]),
+            "ax_graph_step_all": (I, [V, V, P(StepArgs), U32, P(U32), P(V), I, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_int64]),
         }
         for fn, (res, args) in protos.items():
             f = getattr(l, fn)
@@ -169,6 +171,20 @@ class GraphExporter:
             raise ValueError("attnx: Q rows need a contiguous head dim")
         return self._check("ax_graph_export_q_publish", self._l.ax_graph_export_q_publish(
             self._h, _stream(stream), layer, q.data_ptr(), q.element_size(), st_b, st_t, st_h))
+
+    def step_all(self, args, layers, qs, st_b, st_t, st_h, stream=None):
+        """A whole step at its end (ax_graph_step_all): set-up, Q rows of layers[i] from qs[i] (same strides), publish;
+        one kernel for a small step. Every layer's keys of the step must be written."""
+        n = len(qs)
+        if n != len(layers):
+            raise ValueError("attnx: %d layers for %d Q tensors" % (len(layers), n))
+        if any(q.stride(-1) != 1 for q in qs):
+            raise ValueError("attnx: Q rows need a contiguous head dim")
+        lv = (ctypes.c_uint32 * max(1, n))(*layers)
+        pv = (ctypes.c_void_p * max(1, n))(*[q.data_ptr() for q in qs])
+        es = qs[0].element_size() if n else 2
+        return self._check("ax_graph_step_all", self._l.ax_graph_step_all(
+            self._h, _stream(stream), ctypes.byref(args), n, lv, pv, es, st_b, st_t, st_h))
 
     def step_start(self, stream=None):
         """Count a step start (shm/README.md rule 9) before anything of the step writes K slots or index rows, where

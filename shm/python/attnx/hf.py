@@ -84,7 +84,7 @@ def side_default(env=None):
 class HFExporter:
     def __init__(self, model, cache, batch_size, max_cache_len, name=_ffi.DEFAULT_NAME, inner="sdpa",
                  q_rows=1 << 16, engine="transformers", model_name=None, impl_name="attnx", rank=0, world_size=1,
-                 head_offset=None, fuse=True, layers=None, side=None):
+                 head_offset=None, fuse=True, layers=None, side=None, defer=False):
         c = _text_config(model)
         self.model, self.cache, self.B, self.Lmax = model, cache, batch_size, max_cache_len
         self.L = c.num_hidden_layers
@@ -116,6 +116,9 @@ class HFExporter:
         self._zeros = torch.zeros((batch_size, max_cache_len), dtype=torch.int32, device=dev)
         self._inner_name = inner
         self.fuse = fuse  # one kernel for begin + layer 0's Q and for the last layer's Q + publish (small steps)
+        # decode steps as one call at the last layer (every layer's Q held until then): one kernel per small step
+        self.defer = defer
+        self._deferred, self._dq = False, []
         self.export_layers = None
         self.set_export_layers(layers)
         self._impl_name = impl_name
@@ -270,10 +273,12 @@ class HFExporter:
             self.active[b] = True
 
     def _step_begin(self, query, kw, fused):
-        """The step's begin (fused with layer 0's Q copy); returns the stream it went to (None = current)."""
+        """The step's begin (fused with layer 0's Q copy); returns the stream it went to (None = current). A decode
+        step in defer mode enqueues nothing here: its arguments are kept for _step_all at the last layer."""
         B, _, S, _ = query.shape
         pos = kw.get("position_ids")
         self._step_ok = B == self.B and pos is not None and pos.dim() == 2 and pos.shape[1] == S
+        self._deferred, self._dq = False, []
         if not self._step_ok:
             return None
         if S > 1:
@@ -285,13 +290,35 @@ class HFExporter:
                          offset=(S - 1) * pos.stride(1))
         a.tokens, a.token_bytes = ids.data_ptr(), ids.element_size()
         a.tok_stride_b, a.tok_stride_t = ids.stride(0), ids.stride(1)
-        self._args = a  # the struct is copied into the kernel launch; kept for debugging
+        self._args = a  # the struct is copied into the kernel launch; kept for _step_all and debugging
+        if fused and self.defer and S == 1 and self.L > 1:
+            self._deferred = True
+            self._hold(0, query)
+            return None
         s = self._streams.fork(0, query)
         if fused:
             self.g.step_begin_q(a, 0, query, query.stride(0), query.stride(2), query.stride(1), stream=s)
         else:
             self.g.step_begin(a, stream=s)
         return s
+
+    def _hold(self, layer, query):
+        """Defer mode: keep this layer's Q (alive until the step's one kernel is enqueued) if it is exported."""
+        if not self._exports(layer):
+            return
+        st = (query.stride(0), query.stride(2), query.stride(1))
+        if self._dq and (self._dq[0][2] != st or self._dq[0][1].dtype != query.dtype):
+            raise ValueError("layer %d's Q strides %s differ from layer %d's %s" % (layer, st, self._dq[0][0],
+                                                                                  self._dq[0][2]))
+        self._dq.append((layer, query, st))
+
+    def _step_all(self, layer, query):
+        """Defer mode, last layer (its keys written): the whole step in one call."""
+        self._hold(layer, query)
+        dq, self._dq, self._deferred = self._dq, [], False
+        qs = [q for _, q, _ in dq]
+        st = dq[0][2] if dq else (query.stride(0), query.stride(2), query.stride(1))
+        self.g.step_all(self._args, [l for l, _, _ in dq], qs, *st, stream=self._streams.fork(layer, qs))
 
     def _attention(self, module, query, key, value, attention_mask, **kw):
         """Kernels per step, fused (default): layer 0 begin + its Q rows, one Q copy per middle layer, the last
@@ -309,6 +336,11 @@ class HFExporter:
                     s = self._step_begin(query, kw, self.fuse)
                     if self._step_ok and not self.fuse and self._exports(0):
                         self.g.export_q(0, query, *st, stream=s)
+                elif self._step_ok and self._deferred and layer == self.L - 1:
+                    self._step_all(layer, query)
+                    published = True
+                elif self._step_ok and self._deferred:
+                    self._hold(layer, query)
                 elif self._step_ok and self.fuse and layer == self.L - 1:
                     # the device skips the copy of a layer not exported
                     self.g.export_q_publish(layer, query, *st, stream=self._streams.fork(layer, query))

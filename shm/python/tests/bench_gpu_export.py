@@ -20,15 +20,18 @@ the capture's `--layers auto` set, CUDA graphs on. Three parts:
      unfused     fuse=False: begin, one copy per layer, publish (layers + 2 kernels)
      side        the export kernels on a side stream forked per layer and joined at the forward's end
                  (attnx.streams; keeps every guarantee)
-     side-opt    side + opt
      side-small  side, the fused kernels with 128-thread blocks (OPT_SMALL: a 1024-thread block of 54 registers
                  fills an SM's register file, so a kernel beside it may wait for it); side-small-opt: + opt
-     side-unfused  side with fuse=False (small blocks: begin 32 threads, copies 256, publish 32)
      side-empty  side with empty kernels: the fork/join's own cost
+     defer       HFExporter(defer=True): a decode step is ONE call at the last layer (ax_graph_step_all: set-up,
+                 every layer's Q rows, publish; one kernel at batch 1, three at batch 32), every layer's Q tensor
+                 held until then; defer-opt: + opt; side-defer: that one kernel on the side stream (one fork);
+                 side-defer-small-opt: + small + opt
 2. Micro: graphs of 32 steps of the export kernels alone (no model) per kernel variant, µs per step: the whole
-   decode step (begin_q, L-2 copies, q_publish), begin_q alone, one Q copy alone, begin_q + q_publish; flags as above.
+   decode step (begin_q, L-2 copies, q_publish), begin_q alone, one Q copy alone, begin_q + q_publish, the whole
+   step as step_all (defer); flags as above.
 3. Profile (torch.profiler, if it sees kernels inside graph replays), batch 1, modes off / on / empty / opt / side /
-   side-small: the span of one replayed step and the attnx kernels' summed duration (in bench-export.txt), and
+   side-small / defer / side-defer: the span of one replayed step and the attnx kernels' summed duration (in bench-export.txt), and
    every kernel of that step in order with its start, duration, the gap before it and its stream
    ($OUT/profile-export.txt).
 
@@ -76,11 +79,13 @@ MODES = {
     "steps-only": dict(layers=[L - 1]),
     "unfused": dict(fuse=False),
     "side": dict(side=True),
-    "side-opt": dict(side=True, flags=G.OPT_FEWER),
     "side-small": dict(side=True, flags=G.OPT_SMALL),
     "side-small-opt": dict(side=True, flags=G.OPT_SMALL | G.OPT_FEWER),
-    "side-unfused": dict(side=True, fuse=False),
     "side-empty": dict(side=True, flags=G.DBG_EMPTY),
+    "defer": dict(defer=True),
+    "defer-opt": dict(defer=True, flags=G.OPT_FEWER),
+    "side-defer": dict(side=True, defer=True),
+    "side-defer-small-opt": dict(side=True, defer=True, flags=G.OPT_SMALL | G.OPT_FEWER),
 }
 FLAG_SETS = [("none", 0), ("empty", G.DBG_EMPTY), ("fence-gpu", G.DBG_FENCE_GPU), ("ctl-dev", G.DBG_CTL_DEV),
              ("seg-dev", G.DBG_SEG_DEV | G.DBG_CTL_DEV), ("no-qcopy", G.DBG_NO_QCOPY), ("opt", G.OPT_FEWER),
@@ -95,11 +100,13 @@ def apply(ax, name):
     ax.fuse = m.get("fuse", True)
     ax.set_export_layers(m.get("layers"))
     ax.set_side(m.get("side", False))
+    ax.defer = m.get("defer", False)
     ax.g.debug(m.get("flags", 0))
 
 
 def reset(ax):
     ax.disabled = False
+    ax.defer = False
     ax.fuse = True
     ax.set_export_layers(None)
     ax.set_side(False)
@@ -202,6 +209,7 @@ def micro(ax, B, n_steps=32):
         "begin_q": lambda: g.step_begin_q(a, 0, q, *st),
         "export_q": lambda: g.export_q(AUTO[0], q, *st),
         "begin_q+q_publish": lambda: (g.step_begin_q(a, 0, q, *st), g.export_q_publish(L - 1, q, *st)),
+        "step_all": lambda: g.step_all(a, list(range(L)), [q] * L, *st),
     }
     reps = max(2, min(20, 1024 // (n_steps * B)))
     rows = []
@@ -355,7 +363,8 @@ def main():
             progress()
             if B == 1 and os.environ.get("AX_HC_PROFILE", "1") != "0":
                 t = time.time()
-                prof_lines += profile(model, cache, B, ax, ["off", "on", "empty", "opt", "side", "side-small"], out)
+                prof_lines += profile(model, cache, B, ax, ["off", "on", "empty", "opt", "side", "side-small", "defer",
+                                                             "side-defer"], out)
                 print("batch %d profile part: %.0f s" % (B, time.time() - t), flush=True)
                 progress()
             stats.append((B, ax.g.stats()))

@@ -229,6 +229,15 @@ class HostGraph:
         self.export_q(layer, q, st_b, st_t, st_h)
         return self.publish()
 
+    def step_all(self, args, layers, qs, st_b, st_t, st_h, stream=None):
+        """ax_graph_step_all: the set-up, every listed layer's copy, the publish (what k_step_all does in one)."""
+        if len(layers) != len(qs):
+            raise ValueError("attnx: %d layers for %d Q tensors" % (len(layers), len(qs)))
+        self.step_begin(args)
+        for l, q in zip(layers, qs):
+            self.export_q(l, q, st_b, st_t, st_h)
+        return self.publish()
+
     def publish(self, stream=None):
         a = self._last
         recorder.run(lambda: self._publish(a))

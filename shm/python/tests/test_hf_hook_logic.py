@@ -173,6 +173,10 @@ class FakeGraph:
         on("q_publish", stream)
         calls.append(("q_publish", layer, (st_b, st_t, st_h)))
 
+    def step_all(self, a, layers, qs, st_b, st_t, st_h, stream=None):
+        on("all", stream)
+        calls.append(("all",) + self._args(a) + (list(layers), [q.data_ptr() for q in qs], (st_b, st_t, st_h)))
+
     def publish(self, stream=None):
         on("publish", stream)
         calls.append(("publish",))
@@ -190,7 +194,7 @@ def expect(cond, msg):
 
 
 def kernels(cs):
-    return [c[0] for c in cs if c[0] in ("start", "step_begin", "begin_q", "q", "q_publish", "publish", "end")]
+    return [c[0] for c in cs if c[0] in ("start", "step_begin", "begin_q", "q", "q_publish", "publish", "end", "all")]
 
 
 def forward(model, ids, pos0):
@@ -290,6 +294,7 @@ def main():
         out.append("set_enabled(False) leaves no attnx call; set_enabled(True) restores the hook")
 
         out.append(side_case(hf, ax, model))
+        out.append(defer_case(hf, ax, model))
 
         # an exception in the export path disables export; the model's outputs are unaffected
         def boom(*a, **k):
@@ -399,6 +404,48 @@ def side_case(hf, ax, model):
     return "side stream: every export kernel forked per layer, BEGIN/END/start in line, one join; 'capture' mode"
 
 
+def defer_case(hf, ax, model):
+    """defer=True: a decode step is one call at the last layer, after its cache update and before its attention,
+    with every exported layer's Q (the tensors the attention functions got, held until then); a prefill keeps the
+    per-layer kernels; exportable layers narrow the list; on the side stream one fork (the last layer's) and the
+    join."""
+    from attnx.streams import SideStreams
+
+    ax.defer = True
+    seen = []
+    model.record = seen
+    forward(model, torch.tensor([[7], [8]]), 5)
+    model.record = None
+    k = kernels(calls)
+    expect(k == ["all"], "decode in defer mode: %r" % k)
+    a = next(c for c in calls if c[0] == "all")
+    expect(a[9] == list(range(L)) and a[1:3] == (B, 0) and a[11] == (HQ * D, HQ * D, D), "step_all args %r" % (a,))
+    order = [c[0] for c in calls if c[0] in ("kv", "inner", "all")]
+    expect(order[-3:] == ["kv", "all", "inner"], "one call after the last cache update, before its attention: %r"
+           % order)
+    ax.rids = ["d0", "d1"]
+    forward(model, torch.arange(B * 3).view(B, 3), 0)
+    k = kernels(calls)
+    expect(k == ["end"] * B + ["start", "begin_q"] + ["q"] * (L - 2) + ["q_publish"], "prefill in defer mode %r" % k)
+    ax.set_export_layers([1, L - 1])
+    forward(model, torch.tensor([[7], [8]]), 3)
+    a = next(c for c in calls if c[0] == "all")
+    expect(a[9] == [1, L - 1], "exported layers only: %r" % (a[9],))
+    ax.set_export_layers(None)
+    main = FakeStream("main")
+    ax._streams = SideStreams(L + 1, lambda: FakeStream("side"), FakeEvent, lambda: main)
+    ax.set_side(True)
+    del where[:]
+    forward(model, torch.tensor([[7], [8]]), 4)
+    expect(where == [("all", "side")] and len([c for c in calls if c[0] == "record"]) == 2 and
+           forked(calls, ("all",)) is None, "defer on the side stream: %r %r" % (where, calls))
+    ax.set_side(False)
+    ax.defer = False
+    forward(model, torch.tensor([[7], [8]]), 5)
+    expect(kernels(calls) == ["begin_q"] + ["q"] * (L - 2) + ["q_publish"], "defer off again %r" % kernels(calls))
+    return "defer: a decode step is one call at the last layer with every exported layer's Q; prefill per layer"
+
+
 # ---- test_gpu_hf's hf_case on the CPU: host buffers, emulated kernels, the real reference consumer ------------
 
 P, N = 5, 4  # prompt length; decode steps after the prefill (positions 0 .. P + N - 1 are fed)
@@ -477,7 +524,9 @@ def consumer_runs(hf):
     res, cons, out = [], None, None
     try:
         ax.warmup()
-        for run, (layers, prefill) in enumerate(((list(range(L)), True), ([1], False))):
+        for run, (layers, prefill, defer) in enumerate(((list(range(L)), True, False), ([1], False, False),
+                                                        (list(range(L)), True, True))):
+            ax.defer = defer  # the third run: decode steps as one call at the last layer (step_all)
             out = tempfile.mktemp(suffix=".jsonl")
             cons = gpu_common.start_consumer(shm, out, layers=",".join(map(str, layers)), prefill=prefill, ends=B,
                                              timeout=60, cpu=True)
@@ -491,8 +540,8 @@ def consumer_runs(hf):
             n, worst = check_run(lines, model, model.record, rids, seqs, layers, prefill,
                                  "consumer run %d (layers %s, prefill %s)" % (run + 1, layers, prefill))
             os.unlink(out)
-            res.append("reference consumer, layers %s, prefill %s: all %d (rid, position, layer) rows once, "
-                       "worst |p - reference| %.1e" % (layers, prefill, n, worst))
+            res.append("reference consumer, layers %s, prefill %s%s: all %d (rid, position, layer) rows once, "
+                       "worst |p - reference| %.1e" % (layers, prefill, ", defer" if defer else "", n, worst))
     finally:
         if cons is not None and cons.poll() is None:
             cons.kill()
