@@ -516,9 +516,9 @@ __device__ static host_pre pre_load(const seg_view &sv, const ax_graph_ctl *ctl)
  * token ids into the arena (head first), one seqlock slot per valid row, flow control against consumer_tail,
  * ring_head last. Uniform early exit only (st->active is read by all threads before anyone clears it).
  * pre: thread 0's host loads made earlier (AX_GRAPH_OPT_FEWER) when have_pre, else loaded here. With
- * AX_GRAPH_OPT_FEWER thread 0 stores the arena head and zeroes every slot's seq word before one fence (rule 2's head first and rule 3's seq 0),
- * each row thread then writes token ids and body, fences, stores seq = s + 1 and fences (slot_write_body), and
- * ring_head follows the barrier: 3 system fences on the path instead of 5. */
+ * AX_GRAPH_OPT_FEWER thread 0 stores the arena head and zeroes every slot's seq word before one fence (rule 2's
+ * head first and rule 3's seq 0), each row thread then writes token ids and body, fences, stores seq = s + 1 and
+ * fences (slot_write_body), and ring_head follows the barrier: 3 system fences on the path instead of 5. */
 __device__ static void publish_step(const seg_view &sv, ax_graph_dev *st, const ax_graph_row *rows,
 				    const ax_graph_ctl *ctl, const ax_graph_step_args &a, unsigned index_buf, u64 *scan,
 				    host_pre pre, bool have_pre)

@@ -81,10 +81,16 @@ def side_default(env=None):
     return {"": False, "0": False, "1": True, "capture": "capture"}.get(v.strip().lower(), False)
 
 
+def defer_default(env=None):
+    """The `defer` an HFExporter gets when none is passed: $ATTNX_HF_DEFER ("0" / "1"), else False."""
+    v = (os.environ if env is None else env).get("ATTNX_HF_DEFER", "")
+    return v.strip() == "1"
+
+
 class HFExporter:
     def __init__(self, model, cache, batch_size, max_cache_len, name=_ffi.DEFAULT_NAME, inner="sdpa",
                  q_rows=1 << 16, engine="transformers", model_name=None, impl_name="attnx", rank=0, world_size=1,
-                 head_offset=None, fuse=True, layers=None, side=None, defer=False):
+                 head_offset=None, fuse=True, layers=None, side=None, defer=None):
         c = _text_config(model)
         self.model, self.cache, self.B, self.Lmax = model, cache, batch_size, max_cache_len
         self.L = c.num_hidden_layers
@@ -117,7 +123,7 @@ class HFExporter:
         self._inner_name = inner
         self.fuse = fuse  # one kernel for begin + layer 0's Q and for the last layer's Q + publish (small steps)
         # decode steps as one call at the last layer (every layer's Q held until then): one kernel per small step
-        self.defer = defer
+        self.defer = defer_default() if defer is None else bool(defer)
         self._deferred, self._dq = False, []
         self.export_layers = None
         self.set_export_layers(layers)

@@ -31,9 +31,9 @@ the capture's `--layers auto` set, CUDA graphs on. Three parts:
    decode step (begin_q, L-2 copies, q_publish), begin_q alone, one Q copy alone, begin_q + q_publish, the whole
    step as step_all (defer); flags as above.
 3. Profile (torch.profiler, if it sees kernels inside graph replays), batch 1, modes off / on / empty / opt / side /
-   side-small / defer / side-defer: the span of one replayed step and the attnx kernels' summed duration (in bench-export.txt), and
-   every kernel of that step in order with its start, duration, the gap before it and its stream
-   ($OUT/profile-export.txt).
+   side-small / defer / side-defer: the span of one replayed step and the attnx kernels' summed duration (in
+   bench-export.txt), and every kernel of that step in order with its start, duration, the gap before it and its
+   stream ($OUT/profile-export.txt).
 
 Writes $OUT/bench-export.txt, $OUT/profile-export.txt and $OUT/trace-<mode>-b1.json when OUT is set. Exit 77
 without a GPU.
