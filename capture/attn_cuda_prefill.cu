@@ -206,23 +206,40 @@ __device__ __forceinline__ void axp_load_q(const axp_args &a, const axp_blk &b, 
 			lse_s[u] = a.lse[b.lse_in + u];
 }
 
-/* Stage [tile, tile + nv) of the block's keys into kbuf (rows past nv zero), every slot checked first. */
-__device__ __forceinline__ void axp_load_keys(const axp_blk &b, unsigned char *kbuf, uint32_t *rfl, uint32_t tile,
-					      int nv)
+/* 16-byte units of a stage's key rows per thread: 16 keys × H_kv·256 bytes over 256 threads (H_kv ≤ 8). */
+#define AXP_KU (AXP_TS * AXF_MAX_HKV * 16 / AXP_NT)
+
+/* Fetch keys [tile, tile + nv) of the block into registers (unit u = tid + 256·i: key u / (H_kv·16), 16 bytes
+ * at (u mod H_kv·16)·16 of its row); every slot is checked before its row is read (outside the pool: the rows
+ * that see the key are flagged -ERANGE and slot 0 is read instead). Keys past nv are zero. */
+__device__ __forceinline__ void axp_fetch_keys(const axp_blk &b, uint4 (&v)[AXP_KU], uint32_t *rfl, uint32_t tile,
+					       int nv)
 {
 	const int Hkv = (int)b.Hkv, units = AXP_TS * Hkv * 16;
 	const bool i32 = b.idt == AX_DTYPE_I32;
-	for (int u = threadIdx.x; u < units; u += AXP_NT) {
-		const int kk = u / (Hkv * 16), rem = u - kk * Hkv * 16;
-		uint4 v = make_uint4(0, 0, 0, 0);
-		if (kk < nv) {
+#pragma unroll
+	for (int i = 0; i < AXP_KU; ++i) {
+		const int u = (int)threadIdx.x + i * AXP_NT, kk = u / (Hkv * 16), rem = u - kk * Hkv * 16;
+		v[i] = make_uint4(0, 0, 0, 0);
+		if (u < units && kk < nv) {
 			uint32_t bad = 0;
-			const uint64_t slot = axp_load_slot(b.index, i32, b.lo + tile + kk, b.n_slots, bad);
+			const uint64_t slot = axp_load_slot(b.index, i32, b.lo + tile + (uint32_t)kk, b.n_slots, bad);
 			if (bad && rem == 0)
 				axp_flag_range(rfl, b, tile + (uint32_t)kk);
-			v = ((const uint4 *)((const char *)b.k + slot * b.s0 * 2))[rem];
+			v[i] = ((const uint4 *)((const char *)b.k + slot * b.s0 * 2))[rem];
 		}
-		*(uint4 *)(kbuf + (size_t)kk * AXF_ROWS_SM + (size_t)rem * 16) = v;
+	}
+}
+
+/* The fetched units into the stage buffer (row kk at kk·AXF_ROWS_SM, KV head g at g·256 within it). */
+__device__ __forceinline__ void axp_store_keys(const axp_blk &b, const uint4 (&v)[AXP_KU], unsigned char *kbuf)
+{
+	const int Hkv = (int)b.Hkv, units = AXP_TS * Hkv * 16;
+#pragma unroll
+	for (int i = 0; i < AXP_KU; ++i) {
+		const int u = (int)threadIdx.x + i * AXP_NT, kk = u / (Hkv * 16), rem = u - kk * Hkv * 16;
+		if (u < units)
+			*(uint4 *)(kbuf + (size_t)kk * AXF_ROWS_SM + (size_t)rem * 16) = v[i];
 	}
 }
 
@@ -263,51 +280,95 @@ __device__ __forceinline__ void axp_scores(const axp_blk &b, const unsigned char
 	}
 }
 
-/* Mean modes: per (row, key) the mean over heads (mean_prob: log of the mean of exp(s − lse_h)); a non-finite
- * sum is stored as NaN (the owner flags it if the row sees the key; mean_prob's log 0 = -inf is a value). */
-__device__ __forceinline__ void axp_sums(const axp_blk &b, const float *sc, const float *lse_s, float *sum)
-{
-	const int H = (int)b.H;
-	for (int u = threadIdx.x; u < (int)b.R * AXP_TS; u += AXP_NT) {
-		const int r = u >> 4, kk = u & 15;
-		const float *col = sc + (size_t)r * H * AXP_SCS + kk;
-		float v = 0.f;
-		if (b.mode == AXF_M_LOGIT)
-			for (int h = 0; h < H; ++h)
-				v += col[(size_t)h * AXP_SCS];
-		else
-			for (int h = 0; h < H; ++h)
-				v += __expf(col[(size_t)h * AXP_SCS] - lse_s[r * H + h]);
-		sum[r * AXP_SCS + kk] = !axp_finite(v) ? NAN : b.mode == AXF_M_LOGIT ? v * b.inv_h : logf(v * b.inv_h);
-	}
-}
-
-/* One list's state: online logsumexp and a sorted top-k of (value, offset from lo). */
+/* One (sub-)list's state: online logsumexp, a sorted top-k of (value, offset from lo) with its bar (the k-th
+ * entry, or (-inf, INT_MAX) while fewer than K: then every value passes). */
 struct axp_list {
-	float m, s;
-	int cnt;
+	float m, s, bx;
+	int cnt, bp;
 	uint32_t bad;
 	float ls[AX_ATTN_MAX_TOPK];
 	int lp[AX_ATTN_MAX_TOPK];
 };
 
-/* The owner of a list takes the stage's keys its row sees, in position order. */
-__device__ __forceinline__ void axp_take(axp_list &L, const float *vals, uint32_t tile, int nv, uint32_t rs,
-					 uint32_t re, int K, int prob)
+__device__ __forceinline__ void axp_list_init(axp_list &L)
 {
-	for (int kk = 0; kk < nv; ++kk) {
+	L.m = -INFINITY, L.s = 0.f, L.bx = -INFINITY;
+	L.cnt = 0, L.bp = INT_MAX, L.bad = 0;
+}
+
+/* Offer (x, j) to the top-k (positions come in increasing order within a list). */
+__device__ __forceinline__ void axp_offer(axp_list &L, int K, float x, int j)
+{
+	if (!axp_fb(x, j, L.bx, L.bp))
+		return;
+	axp_list_insert(L.ls, L.lp, L.cnt, K, x, j);
+	if (L.cnt == K)
+		L.bx = L.ls[K - 1], L.bp = L.lp[K - 1];
+}
+
+/* Heads mode: the owner of list (row, head) takes the stage's 16 scores its row sees: the stage maximum first,
+ * then the exponentials (independent: no serial chain through the running maximum), then the top-k offers. */
+__device__ __forceinline__ void axp_take_heads(axp_list &L, const float *vals, uint32_t tile, int nv, uint32_t rs,
+					       uint32_t re, int K)
+{
+	float x[AXP_TS], mx = -INFINITY;
+	uint32_t vis = 0;
+#pragma unroll
+	for (int kk = 0; kk < AXP_TS; ++kk) {
 		const uint32_t j = tile + (uint32_t)kk;
-		if (j < rs || j > re)
-			continue;
-		const float x = vals[kk];
-		if (!axp_finite(x) && !(prob && x == -INFINITY)) {
-			L.bad = 1;
-			continue;
+		x[kk] = vals[kk];
+		if (kk < nv && j >= rs && j <= re) {
+			if (axp_finite(x[kk]))
+				vis |= 1u << kk, mx = fmaxf(mx, x[kk]);
+			else
+				L.bad = 1;
 		}
-		axp_lse_add(L.m, L.s, x);
-		if (K)
-			axp_list_insert(L.ls, L.lp, L.cnt, K, x, (int)j);
 	}
+	if (!vis)
+		return;
+	if (mx > L.m) {
+		L.s = L.m == -INFINITY ? 0.f : L.s * __expf(L.m - mx);
+		L.m = mx;
+	}
+	float add = 0.f;
+#pragma unroll
+	for (int kk = 0; kk < AXP_TS; ++kk)
+		if (vis >> kk & 1)
+			add += __expf(x[kk] - L.m);
+	L.s += add;
+	if (K)
+#pragma unroll
+		for (int kk = 0; kk < AXP_TS; ++kk)
+			if (vis >> kk & 1)
+				axp_offer(L, K, x[kk], (int)(tile + (uint32_t)kk));
+}
+
+/* Mean modes: the owner of sub-list (row r, key slot kk) takes key tile + kk if its row sees it: the mean over
+ * heads of its scores (mean_prob: log of the mean of exp(s − lse_h)); a non-finite sum flags the row (mean_prob's
+ * log 0 = -inf is a value). */
+__device__ __forceinline__ void axp_take_mean(axp_list &L, const axp_blk &b, const float *sc, const float *lse_s,
+					      int r, int kk, uint32_t tile, int nv, uint32_t rs, uint32_t re, int K)
+{
+	const uint32_t j = tile + (uint32_t)kk;
+	if (kk >= nv || j < rs || j > re)
+		return;
+	const int H = (int)b.H;
+	const float *col = sc + (size_t)r * H * AXP_SCS + kk;
+	float v = 0.f;
+	if (b.mode == AXF_M_LOGIT)
+		for (int h = 0; h < H; ++h)
+			v += col[(size_t)h * AXP_SCS];
+	else
+		for (int h = 0; h < H; ++h)
+			v += __expf(col[(size_t)h * AXP_SCS] - lse_s[r * H + h]);
+	if (!axp_finite(v)) {
+		L.bad = 1;
+		return;
+	}
+	const float x = b.mode == AXF_M_LOGIT ? v * b.inv_h : logf(v * b.inv_h);
+	axp_lse_add(L.m, L.s, x);
+	if (K)
+		axp_offer(L, K, x, (int)j);
 }
 
 __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_constant__ axp_args a)
@@ -317,41 +378,43 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 	const int bi = axp_find(a.so, a.nb, blockIdx.x);
 	const axp_blk &b = a.blk[bi];
 	const uint32_t sl = blockIdx.x - a.so[bi], a0 = sl * b.chunk, a1 = min(b.n, a0 + b.chunk);
-	const int nst = (int)((a1 - a0 + AXP_TS - 1) / AXP_TS), K = (int)b.K, mode = (int)b.mode;
-	const int L = mode == AXF_M_HEADS ? (int)b.H : 1, nl = (int)b.R * L;
+	const int nst = (int)((a1 - a0 + AXP_TS - 1) / AXP_TS), K = (int)b.K;
+	const bool heads = b.mode == AXF_M_HEADS;
+	const int sub = heads ? 1 : AXP_SUB, per = heads ? (int)b.H : AXP_SUB; /* owners per row */
 	unsigned char *kbuf = smem, *qs = smem + axp_off_qs();
-	float *sc = (float *)(smem + axp_off_sc(a.maxl)), *sum = (float *)(smem + axp_off_sum(a.maxl));
+	float *sc = (float *)(smem + axp_off_sc(a.maxl));
 	float *lse_s = (float *)(smem + axp_off_lse(a.maxl, a.maxr));
 	uint32_t *rfl = (uint32_t *)(smem + axp_off_fl(a.maxl, a.maxr));
 
-	axp_load_q(a, b, qs, lse_s, rfl);
-	const bool own = tid < nl;
-	const int orow = own ? tid / L : 0;
+	axp_load_q(a, b, qs, lse_s, rfl); /* ends with a barrier after zeroing rfl; Q is covered by the loop's first */
+	const bool own = tid < (int)b.R * per;
+	const int orow = own ? tid / per : 0, okk = tid - orow * per; /* okk: head (heads) or key slot (mean) */
 	const uint64_t opos = b.p0 + (uint64_t)orow;
 	const uint32_t rs = (uint32_t)(axp_first_key(opos, b.window) - b.lo), re = (uint32_t)(opos - b.lo);
-	const float *vals = mode == AXF_M_HEADS ? sc + (size_t)tid * AXP_SCS : sum + (size_t)orow * AXP_SCS;
 	axp_list Ls;
-	Ls.m = -INFINITY, Ls.s = 0.f, Ls.cnt = 0, Ls.bad = 0;
-
+	axp_list_init(Ls);
+	uint4 kv[AXP_KU];
+	if (nst > 0)
+		axp_fetch_keys(b, kv, rfl, a0, (int)min((uint32_t)AXP_TS, a1 - a0));
 	for (int i = 0; i < nst; ++i) {
 		const uint32_t tile = a0 + (uint32_t)i * AXP_TS;
 		const int nv = (int)min((uint32_t)AXP_TS, a1 - tile);
-		axp_load_keys(b, kbuf, rfl, tile, nv);
-		__syncthreads(); /* keys (and, the first time, Q) staged */
+		axp_store_keys(b, kv, kbuf);
+		__syncthreads(); /* keys staged (the first time: Q too); every owner is done with the last scores */
+		if (i + 1 < nst) /* the next stage's loads in flight while this one computes */
+			axp_fetch_keys(b, kv, rfl, tile + AXP_TS, (int)min((uint32_t)AXP_TS, a1 - tile - AXP_TS));
 		if (w < (int)b.Hkv) /* warp-uniform */
 			axp_scores(b, kbuf, qs, sc);
-		__syncthreads();
-		if (mode != AXF_M_HEADS) {
-			axp_sums(b, sc, lse_s, sum);
-			__syncthreads();
-		}
-		if (own)
-			axp_take(Ls, vals, tile, nv, rs, re, K, mode == AXF_M_PROB);
-		__syncthreads(); /* the stage's buffers are free */
+		__syncthreads(); /* scores ready; the stage buffer is free */
+		if (own && heads)
+			axp_take_heads(Ls, sc + (size_t)tid * AXP_SCS, tile, nv, rs, re, K);
+		else if (own)
+			axp_take_mean(Ls, b, sc, lse_s, orow, okk, tile, nv, rs, re, K);
 	}
 
-	if (own) { /* this split's partial row of list tid */
-		const uint64_t pr = (uint64_t)tid * b.S + sl, e0 = b.ent0 + pr * (uint64_t)K;
+	if (own) { /* this split's partial (sub-)list: list l = orow·(H or 1) + head, sub-list okk in mean modes */
+		const uint64_t l = heads ? (uint64_t)tid : (uint64_t)orow;
+		const uint64_t pr = (l * b.S + sl) * sub + (heads ? 0 : okk), e0 = b.ent0 + pr * (uint64_t)K;
 		a.part_lse[b.part0 + pr] = axp_lse_value(Ls.m, Ls.s);
 		for (int e = 0; e < K; ++e) {
 			a.part_s[e0 + e] = e < Ls.cnt ? Ls.ls[e] : -INFINITY;
@@ -379,7 +442,7 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_merge_kernel(const __grid_const
 	const int bi = axp_find(a.mo, a.nb, g);
 	const axp_blk &b = a.blk[bi];
 	const uint32_t l = g - a.mo[bi];
-	const int S = (int)b.S, K = (int)b.K;
+	const int S = (int)(b.S * axp_subs(&b)), K = (int)b.K; /* the list's partial lists: splits × sub-lists */
 	const uint64_t pr0 = b.part0 + (uint64_t)l * S, e0 = b.ent0 + (uint64_t)l * S * K;
 	float m = -INFINITY, s = 0.f;
 	for (int i = lane; i < S; i += 32) {
@@ -399,8 +462,8 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_merge_kernel(const __grid_const
 	}
 	if (lane == 0)
 		a.res_lse[b.res0 + l] = b.mode == AXF_M_PROB ? 0.f : lse;
-	int ptr[AXP_MAX_SPLITS / 32];
-	for (int u = 0; u < AXP_MAX_SPLITS / 32; ++u)
+	int ptr[AXP_MAX_SPLITS * AXP_SUB / 32];
+	for (int u = 0; u < AXP_MAX_SPLITS * AXP_SUB / 32; ++u)
 		ptr[u] = 0;
 	axf_ent *out = a.res_ent + b.rent0 + (uint64_t)l * K;
 	for (int e = 0; e < K; ++e) {

@@ -48,7 +48,8 @@
 #define AXP_NW 8
 #define AXP_MAXL 256       /* lists (rows × heads) per block: one list per thread */
 #define AXP_MAX_ROWS 64    /* rows per block */
-#define AXP_MAX_SPLITS 256 /* splits per block (the merge's lanes own 8 splits each at most) */
+#define AXP_MAX_SPLITS 256 /* splits per block */
+#define AXP_SUB 16         /* mean modes: sub-lists per row and split (thread (r, kk) takes keys ≡ kk mod 16) */
 #define AXP_QS 320         /* bytes of a Q column in shared memory (256 + 64: ≡ 16 words mod 32) */
 #define AXP_SCS 17         /* floats of a score row (16 keys + 1: conflict-free columns) */
 #define AXP_ROWS_DEFAULT 16 /* rows per block unless AX_PREFILL_ROWS says otherwise */
@@ -63,8 +64,8 @@ typedef struct axp_blk {
 	uint64_t n_slots;
 	uint64_t lo;         /* first key of the block: row 0's first visible position */
 	uint64_t p0;         /* position of row 0 */
-	uint64_t part0;      /* partial row of (list l, split s): part0 + l·S + s */
-	uint64_t ent0;       /* its K entries: ent0 + (l·S + s)·K .. +K */
+	uint64_t part0;      /* partial row of (list l, split s, sub-list q < subs): part0 + (l·S + s)·subs + q */
+	uint64_t ent0;       /* its K entries: ent0 + ((l·S + s)·subs + q)·K .. +K */
 	uint64_t rent0;      /* result entries of list l: rent0 + l·K .. +K */
 	uint32_t n;          /* keys of the block: p0 + R - lo */
 	uint32_t chunk, S;   /* keys per split (a multiple of AXP_TS), splits */
@@ -240,10 +241,11 @@ static inline void axp_insert(axp_plan *p, const ax_attn_job *jobs, int32_t i)
 	}
 }
 
-/* Rows per block for jobs with H query heads under a rows cap. */
+/* Rows per block for jobs with H query heads under a rows cap: R·H lists (heads) and R·AXP_SUB sub-lists (mean
+ * modes) are at most one per thread. */
 static inline uint32_t axp_rows_cap(uint32_t cap, uint32_t H)
 {
-	uint32_t r = AXP_MAXL / (H ? H : 1);
+	uint32_t r = AXP_MAXL / (H > AXP_SUB ? H : AXP_SUB);
 	r = r < AXP_MAX_ROWS ? r : AXP_MAX_ROWS;
 	return cap && cap < r ? cap : r;
 }
@@ -321,9 +323,16 @@ AXP_HD uint64_t axp_first_key(uint64_t pos, int32_t window)
 }
 
 /* Lists per row of a pass-block: one per head in heads mode (and the logsumexp pass), else one. */
-static inline uint32_t axp_lists_per_row(const axp_blk *b)
+AXP_HD uint32_t axp_lists_per_row(const axp_blk *b)
 {
 	return b->mode == AXF_M_HEADS ? b->H : 1;
+}
+
+/* Partial lists per list and split: heads 1 (thread (r, h) takes every key), mean modes AXP_SUB (thread (r, kk)
+ * takes the keys ≡ kk mod 16 of its row). */
+AXP_HD uint32_t axp_subs(const axp_blk *b)
+{
+	return b->mode == AXF_M_HEADS ? 1 : AXP_SUB;
 }
 
 static inline uint64_t axp_splits(uint64_t n, uint64_t chunk)
@@ -412,8 +421,8 @@ static inline int axp_plan_pass(axp_plan *p, uint32_t ps, uint32_t b0, uint32_t 
 		x->S = (uint32_t)axp_splits(x->n, x->chunk);
 		x->part0 = p->parts;
 		x->ent0 = p->ents;
-		p->parts += (uint64_t)nl * x->S;
-		p->ents += (uint64_t)nl * x->S * x->K;
+		p->parts += (uint64_t)nl * x->S * axp_subs(x);
+		p->ents += (uint64_t)nl * x->S * axp_subs(x) * x->K;
 		p->so[so0 + b - b0] = (uint32_t)ctas;
 		p->mo[so0 + b - b0] = (uint32_t)lists;
 		ctas += x->S;

@@ -71,8 +71,8 @@ static void mutate(ax_attn_job *j, int m)
 struct gcase {
 	const char *name;
 	uint32_t n;            /* jobs: request req[i] at position pos[i] */
-	int req[12];
-	uint64_t pos[12];
+	int req[20];
+	uint64_t pos[20];
 	uint32_t H, rows_cap;
 	int mut_at, mut;       /* job mut_at gets mutation mut (M_NONE: none) */
 	const char *want;      /* blocks as job lists: "0 1 2|3 4" ('-' = nothing placed) */
@@ -87,6 +87,8 @@ static const struct gcase g_group[] = {
 	{"duplicate position", 4, {0}, {1, 2, 2, 3}, 32, 16, 0, M_NONE, "0 1 3"},
 	{"H 64: 4 rows a block", 10, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 64, 64, 0, M_NONE, "0 1 2 3|4 5 6|7 8 9"},
 	{"H 8: cap 16", 5, {0}, {0, 1, 2, 3, 4}, 8, 16, 0, M_NONE, "0 1 2 3 4"},
+	{"H 8: 16 rows a block at most", 20, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19}, 8, 64,
+	 0, M_NONE, "0 1 2 3 4 5 6 7 8 9|10 11 12 13 14 15 16 17 18 19"},
 	{"mode differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_MODE, "0 1|3 4"},
 	{"top_k differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_TOPK, "0 1|3 4"},
 	{"scale differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_SCALE, "0 1|3 4"},
@@ -122,7 +124,7 @@ static void test_grouping(void **state)
 	(void)state;
 	for (size_t c = 0; c < ARRAY_LEN(g_group); c++) {
 		const struct gcase *g = &g_group[c];
-		ax_attn_job jobs[12];
+		ax_attn_job jobs[20];
 		for (uint32_t i = 0; i < g->n; i++)
 			jobs[i] = job(g->req[i], g->pos[i], AX_MODE_MEAN_LOGIT, g->H);
 		mutate(&jobs[g->mut_at], g->mut);
@@ -206,7 +208,7 @@ static void test_plan_invariants(void **state)
 			assert_int_equal(p->so[so0 + kk + 1] - p->so[so0 + kk], x->S);
 			assert_int_equal(p->mo[so0 + kk + 1] - p->mo[so0 + kk], x->R * axp_lists_per_row(x));
 			assert_int_equal(x->part0, parts);
-			parts += (uint64_t)x->R * axp_lists_per_row(x) * x->S;
+			parts += (uint64_t)x->R * axp_lists_per_row(x) * x->S * axp_subs(x);
 			assert_true(x->R * x->H <= p->maxl[ps] && x->R <= p->maxr[ps]);
 			assert_int_equal(x->n, x->p0 + x->R - x->lo);
 			if (x->lse_out >= 0) { /* logsumexp pass: pass A, K 0, slots in order */
