@@ -499,11 +499,135 @@ __device__ __forceinline__ void stage_row(const axf_args &a, const axf_job &jb, 
 	}
 }
 
+/* Entry e of split i's list of a row (entries at ent + i·K): from the staging (es/ep[e·S + i]) when e < E, else
+ * from the partial lists. */
+__device__ __forceinline__ void row_entry(const axf_args &a, uint64_t ent, int K, int S, int E, const float *es,
+					  const int *ep, int i, int e, float &x, int &p)
+{
+	if (e < E) {
+		x = es[e * S + i];
+		p = ep[e * S + i];
+	} else {
+		x = __ldcg(a.part_s + ent + (uint64_t)i * K + e);
+		p = __ldcg(a.part_p + ent + (uint64_t)i * K + e);
+	}
+}
+
+/* The bar (ts, tp) of a row's merge, by one warp, from the best k-th entry of any split (already in ts, tp per
+ * lane): reduced over the warp, then, for K ≤ 32, raised to the k-th best of the lane maxima of the split heads
+ * (es/ep[i], staged): K real entries of the row, so a valid bar. */
+__device__ __forceinline__ void row_bar(float &ts, int &tp, int K, int S, const float *es, const int *ep)
+{
+	const int lane = threadIdx.x & 31;
+	for (int off = 16; off; off >>= 1) {
+		const float ox = __shfl_xor_sync(FULLM, ts, off);
+		const int op = __shfl_xor_sync(FULLM, tp, off);
+		if (fb(ox, op, ts, tp))
+			ts = ox, tp = op;
+	}
+	if (K <= 32) {
+		float bx = -INFINITY;
+		int bp = INT_MAX;
+		for (int i = lane; i < S; i += 32)
+			if (ep[i] >= 0 && fb(es[i], ep[i], bx, bp))
+				bx = es[i], bp = ep[i];
+		bitonic32(bx, bp);
+		const float t2 = __shfl_sync(FULLM, bx, K - 1);
+		const int t2p = __shfl_sync(FULLM, bp, K - 1);
+		if (t2p != INT_MAX && fb(t2, t2p, ts, tp))
+			ts = t2, tp = t2p;
+	}
+}
+
+/* The end of a row's merge, by one warp: the n survivors of the bar (ts, tp) — in xs/xp when n ≤ 64, sorted by
+ * bitonic networks — or, when more survived (wide ties, or k > 32 with a weak bar), every split's entries offered
+ * again to a warp list (insertion; the bar filters); then the result row. */
+__device__ void row_finish(const axf_args &a, const axf_job &jb, int r, float lse, float ts, int tp, int n,
+			   const float *xs, const int *xp, const float *es, const int *ep, int E)
+{
+	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
+	const uint64_t ent = jb.ent0 + (uint64_t)r * S * K;
+	float hx, lx = -INFINITY;
+	int hp, lp = INT_MAX;
+	if (n <= 64) {
+		hx = lane < n ? xs[lane] : -INFINITY;
+		hp = lane < n ? xp[lane] : INT_MAX;
+		bitonic32(hx, hp);
+		if (n > 32) { /* both halves sorted, a bitonic split, two bitonic merges */
+			lx = lane + 32 < n ? xs[lane + 32] : -INFINITY;
+			lp = lane + 32 < n ? xp[lane + 32] : INT_MAX;
+			bitonic32(lx, lp);
+			const float rx = __shfl_sync(FULLM, lx, 31 - lane);
+			const int rp = __shfl_sync(FULLM, lp, 31 - lane);
+			if (fb(rx, rp, hx, hp)) {
+				lx = hx, lp = hp;
+				hx = rx, hp = rp;
+			} else {
+				lx = rx, lp = rp;
+			}
+			bitonic_merge32(hx, hp);
+			bitonic_merge32(lx, lp);
+		}
+	} else {
+		WList L;
+		wl_init(L, K);
+		for (int base = 0; base < S; base += 32) {
+			const int i = base + lane;
+			bool act = i < S;
+			for (int e = 0; e < K && __any_sync(FULLM, act); ++e) {
+				float x = -INFINITY;
+				int p = -1;
+				if (act) {
+					row_entry(a, ent, K, S, E, es, ep, i, e, x, p);
+					act = survives(x, p, ts, tp);
+				}
+				wl_offer(L, x, p, act, K);
+			}
+		}
+		hx = L.s0, hp = L.p0, lx = L.s1, lp = L.p1;
+	}
+	put_result(a, jb, r, lse, hx, hp, lx, lp);
+	__syncwarp();
+}
+
+/* Survivors of the bar (ts, tp) among splits base0, base0 + step, ... (32 at a time: lane l takes split base + l),
+ * every entry e < K of each until its first failing one (lists are sorted), appended at xs/xp[*cnt ..] (positions
+ * ≥ 64 only counted). One warp; *cnt in shared memory, shared by the warps that scan together (atomicAdd: their
+ * survivors in any order — the sort that follows is over a total order, so the result does not depend on it). */
+__device__ __forceinline__ void row_scan(const axf_args &a, uint64_t ent, int K, int S, int E, const float *es,
+					 const int *ep, float ts, int tp, int base0, int step, float *xs, int *xp,
+					 uint32_t *cnt)
+{
+	const int lane = threadIdx.x & 31;
+	for (int base = base0; base < S; base += step) {
+		const int i = base + lane;
+		bool act = i < S;
+		for (int e = 0; e < K && __any_sync(FULLM, act); ++e) {
+			float x = -INFINITY;
+			int p = -1;
+			if (act) {
+				row_entry(a, ent, K, S, E, es, ep, i, e, x, p);
+				act = survives(x, p, ts, tp);
+			}
+			const unsigned bm = __ballot_sync(FULLM, act);
+			uint32_t off = 0;
+			if (lane == 0 && bm)
+				off = atomicAdd(cnt, (uint32_t)__popc(bm));
+			off = (uint32_t)__shfl_sync(FULLM, (int)off, 0);
+			const uint32_t pos = off + (uint32_t)__popc(bm & ((1u << lane) - 1));
+			if (act && pos < 64) {
+				xs[pos] = x;
+				xp[pos] = p;
+			}
+		}
+	}
+}
+
 /* One warp merges the S partials of row r of pass-job jb (partial rows at prow0 + i, entries at ent + i·K) into
  * its result row or logsumexp slot. xs/xp: the warp's 64-entry survivor scratch; es/ep: its staging of cap ≥ S
- * entries, already filled by stage_row when `staged`. */
+ * entries; cnt: a shared-memory word of this warp's. (The last-CTA merge of heads rows: a warp per row.) */
 __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs, int *xp, float *es, int *ep, int cap,
-			  int mode, int staged)
+			  uint32_t *cnt)
 {
 	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
 	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
@@ -533,104 +657,100 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 		}
 	}
 	lse_warp(m, sm);
-	const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
+	const float lse = lse_value(m, sm);
 	if (!K) {
 		put_result(a, jb, r, lse, -INFINITY, INT_MAX, -INFINITY, INT_MAX);
 		return;
 	}
 	const int E = stage_e(K, S, cap);
-	if (!staged)
-		stage_row(a, jb, r, es, ep, E, 0, 1);
-	for (int off = 16; off; off >>= 1) {
-		const float ox = __shfl_xor_sync(FULLM, ts, off);
-		const int op = __shfl_xor_sync(FULLM, tp, off);
-		if (fb(ox, op, ts, tp))
-			ts = ox, tp = op;
-	}
+	stage_row(a, jb, r, es, ep, E, 0, 1);
 	__syncwarp();
-	if (K <= 32) { /* the k-th best of the lane maxima of the split heads: k real entries, a valid bar */
-		float bx = -INFINITY;
-		int bp = INT_MAX;
-		for (int i = lane; i < S; i += 32)
-			if (ep[i] >= 0 && fb(es[i], ep[i], bx, bp))
-				bx = es[i], bp = ep[i];
-		bitonic32(bx, bp);
-		const float t2 = __shfl_sync(FULLM, bx, K - 1);
-		const int t2p = __shfl_sync(FULLM, bp, K - 1);
-		if (t2p != INT_MAX && fb(t2, t2p, ts, tp))
-			ts = t2, tp = t2p;
+	row_bar(ts, tp, K, S, es, ep);
+	if (lane == 0)
+		*cnt = 0;
+	__syncwarp();
+	row_scan(a, ent, K, S, E, es, ep, ts, tp, 0, 32, xs, xp, cnt);
+	__syncwarp();
+	const int n = (int)*cnt;
+	__syncwarp(); /* every lane has read the count before the next row's reset */
+	row_finish(a, jb, r, lse, ts, tp, n, xs, xp, es, ep, E);
+}
+
+/* Where the CTA-wide merge keeps a row's per-split values: after the staging (capm entries of es/ep), the splits'
+ * logsumexps and k-th entries (AXF_MAX_SPLITS each); all in the idle ring. */
+#define AXF_MERGE_CAPM ((int)AXF_MERGE_CAP * AXF_NW - 2 * AXF_MAX_SPLITS)
+
+/*
+ * The whole CTA (8 warps) merges row r of pass-job jb into its result row or logsumexp slot: one round of loads by
+ * all threads brings every split's logsumexp, k-th entry and first E entries into shared memory; warp 0 merges
+ * the logsumexps and sets the bar; all 8 warps scan the splits for survivors together (row_scan, 1/8 of the
+ * splits each); warp 0 sorts them and writes the row. smem: the CTA's dynamic shared memory (the ring is idle);
+ * mode AXF_M_PROB reports logsumexp 0. Called by every thread of the CTA.
+ */
+__device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsigned char *smem, float *xs, int *xp,
+			      float *red, int mode)
+{
+	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, K = (int)jb.K, S = (int)jb.S;
+	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
+	const int capm = AXF_MERGE_CAPM;
+	float *es = (float *)smem;
+	int *ep = (int *)(es + capm);
+	float *sl = (float *)(ep + capm), *skx = sl + AXF_MAX_SPLITS;
+	int *skp = (int *)(skx + AXF_MAX_SPLITS);
+	uint32_t *cnt = (uint32_t *)red + 2;
+	const int E = K ? stage_e(K, S, capm) : 0;
+	for (int i0 = tid; i0 < S; i0 += AXF_NW * 32 * 4) { /* S ≤ 1024: one batch of ≤ 4 splits per thread */
+		float x[4], kx[4];
+		int kp[4];
+#pragma unroll
+		for (int u = 0; u < 4; ++u) {
+			const int i = i0 + AXF_NW * 32 * u;
+			x[u] = i < S ? __ldcg(a.part_lse + prow0 + i) : -INFINITY;
+			kx[u] = -INFINITY, kp[u] = -1;
+			if (K && i < S) {
+				const uint64_t e = ent + (uint64_t)i * K + K - 1;
+				kx[u] = __ldcg(a.part_s + e);
+				kp[u] = __ldcg(a.part_p + e);
+			}
+		}
+#pragma unroll
+		for (int u = 0; u < 4; ++u) {
+			const int i = i0 + AXF_NW * 32 * u;
+			if (i < S)
+				sl[i] = x[u], skx[i] = kx[u], skp[i] = kp[u];
+		}
 	}
-	auto entry = [&](int i, int e, float &x, int &p) {
-		if (e < E) {
-			x = es[e * S + i];
-			p = ep[e * S + i];
+	if (K)
+		stage_row(a, jb, r, es, ep, E, w, AXF_NW);
+	__syncthreads();
+	if (w == 0) {
+		float m = -INFINITY, sm = 0.f, ts = -INFINITY;
+		int tp = INT_MAX;
+		for (int i = lane; i < S; i += 32) {
+			if (sl[i] != -INFINITY)
+				lse_merge(m, sm, sl[i], 1.f);
+			if (skp[i] >= 0 && fb(skx[i], skp[i], ts, tp))
+				ts = skx[i], tp = skp[i];
+		}
+		lse_warp(m, sm);
+		const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
+		if (!K) {
+			put_result(a, jb, r, lse, -INFINITY, INT_MAX, -INFINITY, INT_MAX);
 		} else {
-			x = __ldcg(a.part_s + ent + (uint64_t)i * K + e);
-			p = __ldcg(a.part_p + ent + (uint64_t)i * K + e);
-		}
-	};
-	int n = 0;
-	for (int base = 0; base < S; base += 32) {
-		const int i = base + lane;
-		bool act = i < S;
-		for (int e = 0; e < K && __any_sync(FULLM, act); ++e) {
-			float x = -INFINITY;
-			int p = -1;
-			if (act) {
-				entry(i, e, x, p);
-				act = survives(x, p, ts, tp);
-			}
-			const unsigned bm = __ballot_sync(FULLM, act);
-			const int pos = n + __popc(bm & ((1u << lane) - 1));
-			if (act && pos < 64) {
-				xs[pos] = x;
-				xp[pos] = p;
-			}
-			n += __popc(bm);
+			row_bar(ts, tp, K, S, es, ep);
+			if (lane == 0)
+				red[0] = ts, ((int *)red)[1] = tp, *cnt = 0, red[3] = lse;
 		}
 	}
-	__syncwarp();
-	float hx, lx = -INFINITY;
-	int hp, lp = INT_MAX;
-	if (n <= 64) {
-		hx = lane < n ? xs[lane] : -INFINITY;
-		hp = lane < n ? xp[lane] : INT_MAX;
-		bitonic32(hx, hp);
-		if (n > 32) { /* both halves sorted, a bitonic split, two bitonic merges */
-			lx = lane + 32 < n ? xs[lane + 32] : -INFINITY;
-			lp = lane + 32 < n ? xp[lane + 32] : INT_MAX;
-			bitonic32(lx, lp);
-			const float rx = __shfl_sync(FULLM, lx, 31 - lane);
-			const int rp = __shfl_sync(FULLM, lp, 31 - lane);
-			if (fb(rx, rp, hx, hp)) {
-				lx = hx, lp = hp;
-				hx = rx, hp = rp;
-			} else {
-				lx = rx, lp = rp;
-			}
-			bitonic_merge32(hx, hp);
-			bitonic_merge32(lx, lp);
-		}
-	} else { /* many survivors (wide ties, or k > 32 with a weak bar): insertion; the list's bar filters */
-		WList L;
-		wl_init(L, K);
-		for (int base = 0; base < S; base += 32) {
-			const int i = base + lane;
-			bool act = i < S;
-			for (int e = 0; e < K && __any_sync(FULLM, act); ++e) {
-				float x = -INFINITY;
-				int p = -1;
-				if (act) {
-					entry(i, e, x, p);
-					act = survives(x, p, ts, tp);
-				}
-				wl_offer(L, x, p, act, K);
-			}
-		}
-		hx = L.s0, hp = L.p0, lx = L.s1, lp = L.p1;
-	}
-	put_result(a, jb, r, lse, hx, hp, lx, lp);
-	__syncwarp();
+	if (!K) /* CTA-uniform */
+		return;
+	__syncthreads();
+	const float ts = red[0];
+	const int tp = ((const int *)red)[1];
+	row_scan(a, ent, K, S, E, es, ep, ts, tp, w * 32, AXF_NW * 32, xs, xp, cnt);
+	__syncthreads();
+	if (w == 0)
+		row_finish(a, jb, r, red[3], ts, tp, (int)*cnt, xs, xp, es, ep, E);
 }
 
 /* Write a warp list as the partial row `prow` (entries at ent .. ent+K-1; lanes < K write entries lane, lane+32). */
@@ -674,6 +794,13 @@ __device__ __forceinline__ uint64_t load_slot(const void *index, bool i32, uint6
 		s = 0;
 	}
 	return s;
+}
+
+/* The mean modes' per-key partials [NS][NW][TS] in a CTA's dynamic shared memory (after the ring and the
+ * mbarriers); the merges use them for their bar and survivor counts once the loop is over. */
+__device__ __forceinline__ float *smem_red(unsigned char *smem)
+{
+	return (float *)(smem + (size_t)AXF_NS * AXF_TS * AXF_ROWS_SM + (size_t)AXF_NS * 8 * 3);
 }
 
 /* The merge's survivor scratch in a CTA's dynamic shared memory (after the ring, the mbarriers and the partials;
@@ -969,17 +1096,11 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	int *ep = (int *)(es + cap);
 	if (w == 0)
 		put_flags(a, jb);
-	if (MODE == AXF_M_HEADS) {
+	if (MODE == AXF_M_HEADS) { /* a warp per row (its slice of the ring, its survivor scratch and count) */
 		for (int r = w; r < (int)jb.H; r += AXF_NW)
-			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, MODE, 0);
-	} else { /* one row: every warp stages its split lists (the whole ring), warp 0 merges */
-		const int capm = cap * AXF_NW;
-		float *ms = (float *)stg;
-		int *mp = (int *)(ms + capm);
-		stage_row(a, jb, 0, ms, mp, stage_e(K, S, capm), w, AXF_NW);
-		__syncthreads();
-		if (w == 0)
-			merge_row(a, jb, 0, xs, xp, ms, mp, capm, MODE, 1);
+			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, (uint32_t *)red + 8 + w);
+	} else { /* one row: the whole CTA (the ring holds the staging; red the bar and the count) */
+		merge_row_cta(a, jb, 0, stg, xs, xp, red, MODE);
 	}
 	if (a.done || a.trace) { /* CTA-uniform: this merge is a unit of the completion count */
 		__syncthreads(); /* every warp's result writes before thread 0's release */
@@ -1011,16 +1132,13 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 		griddep_wait();
 	if (threadIdx.x == 0)
 		trace_at(a, -1, AXF_TR_MKGO);
-	const int capm = (int)AXF_MERGE_CAP * AXF_NW, K = (int)jb.K, S = (int)jb.S;
-	float *xs = smem_xs(smem), *ms = (float *)smem;
-	int *xp = (int *)(xs + AXF_NW * 64), *mp = (int *)(ms + capm);
-	stage_row(a, jb, (int)r, ms, mp, stage_e(K, S, capm), w, AXF_NW);
-	__syncthreads();
+	float *xs = smem_xs(smem);
+	int *xp = (int *)(xs + AXF_NW * 64);
+	if (r == 0 && w == 1) /* warp 0 merges: another warp ORs the flags meanwhile */
+		put_flags(a, jb);
+	merge_row_cta(a, jb, (int)r, smem, xs, xp, smem_red(smem), AXF_M_HEADS);
 	if (w != 0)
 		return;
-	if (r == 0)
-		put_flags(a, jb);
-	merge_row(a, jb, (int)r, xs, xp, ms, mp, capm, AXF_M_HEADS, 1);
 	__syncwarp(); /* warp 0's result writes before lane 0's release */
 	if ((threadIdx.x & 31) == 0) {
 		trace_at(a, -1, AXF_TR_MKDONE);

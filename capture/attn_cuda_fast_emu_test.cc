@@ -204,6 +204,41 @@ static void test_cases(void **state)
 	}
 }
 
+/* More splits than the CTA-wide merge's 8 warps scan in one round (S > 256: row_scan's second round per warp), and
+ * more staged entries than one load round: 16-key splits of 5000 keys (313 splits) in each mode, heads lists merged
+ * by the merge kernel and, with merge_heads 0, by their last CTA (a warp per row). */
+static void test_many_splits(void **state)
+{
+	(void)state;
+	static const tcase cs[] = {
+		{"313 splits logit", ML, BF, BF, I32, 128, 8, 2, 10, 5000, 0, 0, 0, {0}, 1, 0},
+		{"313 splits prob", MP, BF, BF, I32, 128, 8, 2, 10, 5000, 0, 0, 0, {0}, 1, 0},
+		{"313 splits heads", HD, BF, BF, I64, 128, 8, 2, 10, 5000, 0, 0, 0, {0}, 1, 0},
+		{"313 splits heads top-40", HD, F16, F16, I32, 128, 4, 4, 40, 5000, 0, 0, 0, {0}, 1, 0},
+	};
+	for (size_t i = 0; i < ARRAY_LEN(cs); i++) {
+		tdata t;
+		td_make(&cs[i], &t);
+		assert_true(axf_eligible(&t.job));
+		uint32_t rows = ax_attn_rows(&t.job);
+		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+		for (uint32_t mh = 0; mh < 2; mh++) {
+			int rc = 12345;
+			memset(out, 0xff, rows * sizeof *out);
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh, 0, 0, 0};
+			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
+			if (rc != 0)
+				fail_msg("%s: rc %d", cs[i].name, rc);
+			check_job(&t.job, out, cs[i].name);
+			if (cs[i].mode != HD)
+				break;
+		}
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0};
+		free(out);
+		td_free(&t);
+	}
+}
+
 /* The shared small table (attn_cuda_testdata.h): its eligible cases, one plan each. */
 static void test_shared_table(void **state)
 {
@@ -415,6 +450,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_cases),
 		cmocka_unit_test(test_all_ties),
+		cmocka_unit_test(test_many_splits),
 		cmocka_unit_test(test_shared_table),
 		cmocka_unit_test(test_batch),
 		cmocka_unit_test(test_random),
