@@ -935,12 +935,14 @@ static void bench_head(const char *what)
 	       what, prop.name, prop.multiProcessorCount, B_H, B_HKV, B_D, B_K);
 }
 
-/* The variants the bench times beside the defaults (knobs of attn_cuda_fast.h that change how a run ends, not
- * its plan): the completion word instead of cudaStreamSynchronize, programmatic dependent launches, both. */
+/* The variants the bench times beside the defaults: knobs of attn_cuda_fast.h that change how a run ends (the
+ * completion word instead of cudaStreamSynchronize, programmatic dependent launches, both), and with both, the
+ * split floors (least keys per split of mean modes / heads lists; 0: the default's), which matter at 4K. */
 static const struct bvar {
 	const char *name;
-	uint32_t spin, pdl;
-} b_vars[] = {{"sync", 0, 0}, {"spin", 1, 0}, {"pdl", 0, 1}, {"spin+pdl", 1, 1}};
+	uint32_t spin, pdl, mink, minkh;
+} b_vars[] = {{"sync", 0, 0, 0, 0},       {"spin", 1, 0, 0, 0},        {"pdl", 0, 1, 0, 0},
+	      {"spin+pdl", 1, 1, 0, 0},   {"sp+mk16/32", 1, 1, 16, 32}, {"sp+mk64/128", 1, 1, 64, 128}};
 
 /* One "var" line per variant: e2e through fe (ax__attn_fast_run, no events), kernel through fk (events). */
 static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, const axf_knobs *def)
@@ -948,10 +950,12 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 	for (size_t v = 0; v < ARRAY_LEN(b_vars); v++) {
 		axf_knobs k = *def;
 		k.spin = b_vars[v].spin, k.pdl = b_vars[v].pdl;
+		if (b_vars[v].mink)
+			k.min_keys = b_vars[v].mink, k.min_keys_heads = b_vars[v].minkh;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
 		bmeas e = bd_time(d, m, fe, NULL, d->reps), t = bd_time(d, m, fk, NULL, d->reps);
-		printf("var      %-8s %-10s %-9s %9.1f %9.1f %8.2f %8.2f%s\n", d->name, mode_name(b_modes[m]), b_vars[v].name,
+		printf("var      %-8s %-10s %-11s %9.1f %9.1f %8.2f %8.2f%s\n", d->name, mode_name(b_modes[m]), b_vars[v].name,
 		       e.e2e, t.kern, e.e2e / d->floor, t.kern / d->floor, e.bad || t.bad ? "  RUN FAILED" : "");
 	}
 	ax__attn_fast_knobs(fe, NULL, def);
