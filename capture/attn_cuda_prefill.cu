@@ -243,40 +243,70 @@ __device__ __forceinline__ void axp_store_keys(const axp_blk &b, const uint4 (&v
 	}
 }
 
-/* Warp w (< H_kv): the stage's 16 keys of KV head w times its R·G Q columns; scaled scores into sc, one 16-key
- * row per list (row r, query head h: row r·H + h). */
+/* Two n-tiles (Q columns col0 and col1 of this lane's group; past ncol: zero) against the A fragments of all 128
+ * dims: four independent accumulator chains (n-tile × even/odd 32-dim chunk), summed at the end. */
+template <int F16>
+__device__ __forceinline__ void axp_tile_pair(const uint4 (&ka)[4], const uint4 (&kb)[4], const unsigned char *qw,
+					      int col0, int col1, int ncol, float (&o0)[4], float (&o1)[4])
+{
+	const int t = threadIdx.x & 3;
+	float a0[4] = {0.f, 0.f, 0.f, 0.f}, a1[4] = {0.f, 0.f, 0.f, 0.f};
+	float b0[4] = {0.f, 0.f, 0.f, 0.f}, b1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+	for (int c = 0; c < 4; ++c) {
+		const uint4 q0 = col0 < ncol ? *(const uint4 *)(qw + (size_t)col0 * AXP_QS + c * 64 + t * 16)
+					     : make_uint4(0, 0, 0, 0);
+		const uint4 q1 = col1 < ncol ? *(const uint4 *)(qw + (size_t)col1 * AXP_QS + c * 64 + t * 16)
+					     : make_uint4(0, 0, 0, 0);
+		float(&x)[4] = (c & 1) ? a1 : a0;
+		float(&y)[4] = (c & 1) ? b1 : b0;
+		axp_mma<F16>(x, ka[c].x, kb[c].x, ka[c].y, kb[c].y, q0.x, q0.y);
+		axp_mma<F16>(y, ka[c].x, kb[c].x, ka[c].y, kb[c].y, q1.x, q1.y);
+		axp_mma<F16>(x, ka[c].z, kb[c].z, ka[c].w, kb[c].w, q0.z, q0.w);
+		axp_mma<F16>(y, ka[c].z, kb[c].z, ka[c].w, kb[c].w, q1.z, q1.w);
+	}
+#pragma unroll
+	for (int e = 0; e < 4; ++e)
+		o0[e] = a0[e] + a1[e], o1[e] = b0[e] + b1[e];
+}
+
+/* Scaled scores of one n-tile into sc: acc[e] is key grow (+8 for e ≥ 2), column nt·8 + 2t + (e & 1) = row r,
+ * group head g → list r·H + w·G + g. */
+__device__ __forceinline__ void axp_put_scores(const axp_blk &b, float *sc, int nt, const float (&acc)[4])
+{
+	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, grow = lane >> 2, t = lane & 3;
+	const int G = (int)b.G, H = (int)b.H, ncol = (int)b.R * G;
+#pragma unroll
+	for (int e = 0; e < 4; ++e) {
+		const int cc = nt * 8 + 2 * t + (e & 1), key = grow + (e >> 1) * 8;
+		if (cc < ncol) {
+			const int r = cc / G, h = w * G + (cc - r * G);
+			sc[(size_t)(r * H + h) * AXP_SCS + key] = acc[e] * b.scale;
+		}
+	}
+}
+
+/* Warp w (< H_kv): the stage's 16 keys of KV head w (A, loaded once) times its R·G Q columns (B), two n-tiles of
+ * 8 columns at a time; scaled scores into sc, one 16-key row per list (row r, query head h: row r·H + h). */
+template <int F16>
 __device__ __forceinline__ void axp_scores(const axp_blk &b, const unsigned char *kbuf, const unsigned char *qs,
 					   float *sc)
 {
 	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, grow = lane >> 2, t = lane & 3;
-	const int G = (int)b.G, H = (int)b.H, ncol = (int)b.R * G, NT = (ncol + 7) / 8;
+	const int ncol = (int)b.R * (int)b.G, NT = (ncol + 7) / 8;
 	const unsigned char *qw = qs + (size_t)w * ncol * AXP_QS;
 	uint4 ka[4], kb[4];
-	for (int c = 0; c < 4; ++c) { /* the A fragments of all 128 dims, reused by every n-tile */
+#pragma unroll
+	for (int c = 0; c < 4; ++c) {
 		ka[c] = *(const uint4 *)(kbuf + (size_t)grow * AXF_ROWS_SM + w * 256 + c * 64 + t * 16);
 		kb[c] = *(const uint4 *)(kbuf + (size_t)(grow + 8) * AXF_ROWS_SM + w * 256 + c * 64 + t * 16);
 	}
-	for (int nt = 0; nt < NT; ++nt) {
-		float acc[4] = {0.f, 0.f, 0.f, 0.f};
-		const int col = nt * 8 + grow;
-		for (int c = 0; c < 4; ++c) {
-			const uint4 qf = col < ncol ? *(const uint4 *)(qw + (size_t)col * AXP_QS + c * 64 + t * 16)
-						    : make_uint4(0, 0, 0, 0);
-			if (b.f16) {
-				axp_mma<1>(acc, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf.x, qf.y);
-				axp_mma<1>(acc, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf.z, qf.w);
-			} else {
-				axp_mma<0>(acc, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf.x, qf.y);
-				axp_mma<0>(acc, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf.z, qf.w);
-			}
-		}
-		for (int e = 0; e < 4; ++e) { /* acc[e]: key grow (+8 for e ≥ 2), column nt·8 + 2t + (e & 1) */
-			const int cc = nt * 8 + 2 * t + (e & 1), key = grow + (e >> 1) * 8;
-			if (cc < ncol) {
-				const int r = cc / G, h = w * G + (cc - r * G);
-				sc[(size_t)(r * H + h) * AXP_SCS + key] = acc[e] * b.scale;
-			}
-		}
+	for (int nt = 0; nt < NT; nt += 2) {
+		float o0[4], o1[4];
+		axp_tile_pair<F16>(ka, kb, qw, nt * 8 + grow, (nt + 1) * 8 + grow, ncol, o0, o1);
+		axp_put_scores(b, sc, nt, o0);
+		if (nt + 1 < NT)
+			axp_put_scores(b, sc, nt + 1, o1);
 	}
 }
 
@@ -354,13 +384,14 @@ __device__ __forceinline__ void axp_take_mean(axp_list &L, const axp_blk &b, con
 		return;
 	const int H = (int)b.H;
 	const float *col = sc + (size_t)r * H * AXP_SCS + kk;
-	float v = 0.f;
+	float v4[4] = {0.f, 0.f, 0.f, 0.f}; /* four chains (H is a multiple of H_kv; any H works) */
 	if (b.mode == AXF_M_LOGIT)
 		for (int h = 0; h < H; ++h)
-			v += col[(size_t)h * AXP_SCS];
+			v4[h & 3] += col[(size_t)h * AXP_SCS];
 	else
 		for (int h = 0; h < H; ++h)
-			v += __expf(col[(size_t)h * AXP_SCS] - lse_s[r * H + h]);
+			v4[h & 3] += __expf(col[(size_t)h * AXP_SCS] - lse_s[r * H + h]);
+	const float v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
 	if (!axp_finite(v)) {
 		L.bad = 1;
 		return;
@@ -403,8 +434,10 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 		__syncthreads(); /* keys staged (the first time: Q too); every owner is done with the last scores */
 		if (i + 1 < nst) /* the next stage's loads in flight while this one computes */
 			axp_fetch_keys(b, kv, rfl, tile + AXP_TS, (int)min((uint32_t)AXP_TS, a1 - tile - AXP_TS));
-		if (w < (int)b.Hkv) /* warp-uniform */
-			axp_scores(b, kbuf, qs, sc);
+		if (w < (int)b.Hkv && b.f16) /* warp-uniform */
+			axp_scores<1>(b, kbuf, qs, sc);
+		else if (w < (int)b.Hkv)
+			axp_scores<0>(b, kbuf, qs, sc);
 		__syncthreads(); /* scores ready; the stage buffer is free */
 		if (own && heads)
 			axp_take_heads(Ls, sc + (size_t)tid * AXP_SCS, tile, nv, rs, re, K);

@@ -19,6 +19,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,7 +110,7 @@ static uint64_t rows_of(const ax_attn_job *jobs, uint32_t n, uint32_t *roff)
 	return rows;
 }
 
-static ax_attn_cuda *g_on, *g_off; /* prefill path on / off (the existing path) */
+static ax_attn_cuda *g_on, *g_off, *g_on4; /* prefill path on / off (the existing path) / 4 rows a block */
 
 /* Run n device jobs on ctx with poisoned outputs. */
 static int run(ax_attn_cuda *ctx, const ax_attn_job *dj, uint32_t n, ax_attn_result *out, uint64_t rows, int *rc)
@@ -240,13 +241,14 @@ static void test_interleaved(void)
 	dp_free(&dc);
 }
 
-/* Per-row codes: an out-of-pool slot at position `at`, a NaN key at `at2`, a NaN in Q row 5. */
+/* Per-row codes: a NaN key at position at2, an out-of-pool slot at `at` > at2 (-ERANGE wins from there), an inf in
+ * Q row 5. */
 static void test_errors(void)
 {
 	const pcase c = {"errors", AX_MODE_HEADS, BF, I64, 32, 8, 10, 600, 64, 0, 0};
 	dprompt d;
 	dp_make(&c, &d);
-	const uint64_t at = 560, at2 = 580;
+	const uint64_t at = 580, at2 = 550;
 	int64_t *ix = (int64_t *)d.t.index;
 	((uint16_t *)d.t.k)[(uint64_t)ix[at2] * 8 * 128 + 9] = 0x7fc0;
 	ix[at] = -1;
@@ -261,7 +263,7 @@ static void test_errors(void)
 	ax_attn_result cpu[32];
 	for (uint32_t i = 0; r == 0 && !bad && i < c.rows; i++) {
 		const uint64_t pos = d.t.jobs[i].position;
-		const int want = pos >= at ? -ERANGE : i == 5 ? -EDOM : pos >= at2 ? -EDOM : 0;
+		const int want = pos >= at ? -ERANGE : (i == 5 || pos >= at2) ? -EDOM : 0;
 		if (rc[i] != want)
 			bad = 1, snprintf(why, sizeof why, "row %u (position %llu): rc %d, want %d", i,
 					  (unsigned long long)pos, rc[i], want);
@@ -320,20 +322,23 @@ struct bcase {
 	uint32_t mode, H, Hkv;
 	uint64_t P;
 	uint32_t rows;
+	int rows4;     /* 1: the prefill context with AX_PREFILL_ROWS=4 (the planner's rows knob) */
 };
 
 static const bcase g_bench[] = {
-	{"512 rows of 4K, mean_logit", AX_MODE_MEAN_LOGIT, 32, 8, 4096, 512},
-	{"512 rows of 4K, heads", AX_MODE_HEADS, 32, 8, 4096, 512},
-	{"512 rows of 4K, mean_prob", AX_MODE_MEAN_PROB, 32, 8, 4096, 512},
-	{"4K rows of 4K, mean_logit", AX_MODE_MEAN_LOGIT, 32, 8, 4096, 4096},
-	{"4K rows of 4K, heads", AX_MODE_HEADS, 32, 8, 4096, 4096},
-	{"4K rows of 4K, mean_logit GQA 8", AX_MODE_MEAN_LOGIT, 64, 8, 4096, 4096},
+	{"512 rows of 4K, mean_logit", AX_MODE_MEAN_LOGIT, 32, 8, 4096, 512, 0},
+	{"512 rows of 4K, heads", AX_MODE_HEADS, 32, 8, 4096, 512, 0},
+	{"512 rows of 4K, mean_prob", AX_MODE_MEAN_PROB, 32, 8, 4096, 512, 0},
+	{"4K rows of 4K, mean_logit", AX_MODE_MEAN_LOGIT, 32, 8, 4096, 4096, 0},
+	{"4K rows of 4K, heads", AX_MODE_HEADS, 32, 8, 4096, 4096, 0},
+	{"4K rows of 4K, mean_logit GQA 8", AX_MODE_MEAN_LOGIT, 64, 8, 4096, 4096, 0},
+	{"4K rows of 4K, mean_logit, 4 rows/blk", AX_MODE_MEAN_LOGIT, 32, 8, 4096, 4096, 1},
+	{"4K rows of 4K, heads, 4 rows/blk", AX_MODE_HEADS, 32, 8, 4096, 4096, 1},
 };
 
 static void bench(void)
 {
-	char lines[16][200];
+	char lines[16][220];
 	int nl = 0;
 	cudaDeviceProp prop;
 	CK(cudaGetDeviceProperties(&prop, 0));
@@ -348,9 +353,9 @@ static void bench(void)
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		int *rc = (int *)malloc(c.rows * sizeof *rc);
 		double kon = -1, koff = -1;
-		const double on = bench_ctx(g_on, dj, c.rows, out, rc, 10, &kon);
+		const double on = bench_ctx(B->rows4 ? g_on4 : g_on, dj, c.rows, out, rc, 10, &kon);
 		const double off = bench_ctx(g_off, dj, c.rows, out, rc, 10, &koff);
-		snprintf(lines[nl++], sizeof lines[0], "| %-32s | %6u | %10.1f | %10.1f | %12.3g | %10.1f | %6.2fx |", B->name,
+		snprintf(lines[nl++], sizeof lines[0], "| %-38s | %6u | %10.1f | %10.1f | %12.3g | %10.1f | %6.2fx |", B->name,
 			 B->rows, on, kon, on > 0 ? B->rows / (on * 1e-6) : 0, off, on > 0 ? off / on : 0);
 		free(roff);
 		free(out);
@@ -360,9 +365,9 @@ static void bench(void)
 	}
 	printf("==== prefill bench (%s, bf16, D 128, top-10; median of 10; µs per ax_attn_cuda_run, end to end) ====\n",
 	       prop.name);
-	printf("| %-32s | %6s | %10s | %10s | %12s | %10s | %7s |\n", "case", "rows", "prefill", "kernels", "rows/s",
+	printf("| %-38s | %6s | %10s | %10s | %12s | %10s | %7s |\n", "case", "rows", "prefill", "kernels", "rows/s",
 	       "existing", "speedup");
-	printf("|%s|\n", "----------------------------------|--------|------------|------------|--------------|------------|---------");
+	printf("|%s|\n", "----------------------------------------|--------|------------|------------|--------------|------------|---------");
 	for (int i = 0; i < nl; i++)
 		printf("%s\n", lines[i]);
 }
@@ -386,8 +391,11 @@ int main(int argc, char **argv)
 	setenv("AX_ATTN_CUDA_PREFILL", "0", 1);
 	int r2 = ax_attn_cuda_open(&g_off, 0);
 	unsetenv("AX_ATTN_CUDA_PREFILL");
-	if (r || r2) {
-		printf("Bail out! ax_attn_cuda_open: %d / %d (%s)\n", r, r2, ax_attn_cuda_strerror(NULL));
+	setenv("AX_PREFILL_ROWS", "4", 1);
+	int r3 = ax_attn_cuda_open(&g_on4, 0);
+	unsetenv("AX_PREFILL_ROWS");
+	if (r || r2 || r3) {
+		printf("Bail out! ax_attn_cuda_open: %d / %d / %d (%s)\n", r, r2, r3, ax_attn_cuda_strerror(NULL));
 		return 1;
 	}
 	if (!ax__attn_cuda_prefill_state(g_on)) {
@@ -412,5 +420,6 @@ int main(int argc, char **argv)
 	printf("1..%d\n", g_tests);
 	ax_attn_cuda_close(g_on);
 	ax_attn_cuda_close(g_off);
+	ax_attn_cuda_close(g_on4);
 	return g_fail ? 1 : 0;
 }
