@@ -46,6 +46,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <string.h>
 
 extern "C" {
@@ -1179,6 +1180,7 @@ struct ax_attn_fast {
 	unsigned long long *trace_d;    /* diagnostics (ax__attn_fast_trace): device slots, NULL = off */
 	unsigned long long *trace_init; /* pinned: their values before a run (min slots ~0, max slots 0) */
 	unsigned long long trace_last[AXF_TR_N]; /* the last run's */
+	double host_us[4];      /* the last run on the host clock (ax__attn_fast_host_us) */
 	axf_plan *plan;
 	axf_split split;
 };
@@ -1298,6 +1300,18 @@ int ax__attn_fast_timing(ax_attn_fast *f, int on)
 	}
 	f->timing = on != 0;
 	return 0;
+}
+
+static double host_now_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
+}
+
+void ax__attn_fast_host_us(const ax_attn_fast *f, double *out)
+{
+	memcpy(out, f->host_us, sizeof f->host_us);
 }
 
 int ax__attn_fast_trace(ax_attn_fast *f, int on)
@@ -1497,6 +1511,7 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	axf_plan *p = f->plan;
 	if (!f->timing)
 		f->kernel_ms = -1.f;
+	const double t0 = host_now_us();
 	int r = axf_plan_build(p, jobs, n, rc, f->resident);
 	if (r || p->nl == 0)
 		return r;
@@ -1530,8 +1545,11 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 			cudaMemsetAsync(f->tick + f->tcap, 0, sizeof(uint32_t), f->stream);
 		return r;
 	}
+	const double t1 = host_now_us();
 	axf_plan_prefill(p, jobs, out, rc); /* the results' frame, while the kernels run */
+	const double t2 = host_now_us();
 	e = seq ? fast_wait(f, seq) : cudaStreamSynchronize(f->stream); /* then the results are in the mapped staging */
+	const double t3 = host_now_us();
 	if (e == cudaSuccess && f->timing)
 		e = cudaEventSynchronize(f->ev[1]);
 	if (e == cudaSuccess && f->timing)
@@ -1543,7 +1561,10 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	}
 	if (e != cudaSuccess)
 		return fast_fail(f, e);
-	return axf_plan_finish(p, f->hbuf, jobs, out, rc);
+	r = axf_plan_finish(p, f->hbuf, jobs, out, rc);
+	const double t4 = host_now_us();
+	f->host_us[0] = t1 - t0, f->host_us[1] = t2 - t1, f->host_us[2] = t3 - t2, f->host_us[3] = t4 - t3;
+	return r;
 }
 
 static int fast_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)

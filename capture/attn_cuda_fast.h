@@ -823,6 +823,10 @@ float ax__attn_fast_kernel_us(const ax_attn_fast *f);
 int ax__attn_fast_trace(ax_attn_fast *f, int on);
 void ax__attn_fast_trace_get(const ax_attn_fast *f, unsigned long long *out);
 
+/* The last successful run on the host clock, µs: [0] plan, upload and launches (to the last launch call's return),
+ * [1] the prefill, [2] the wait (synchronisation or completion word), [3] the finish. For benchmarks. */
+void ax__attn_fast_host_us(const ax_attn_fast *f, double *out);
+
 /* Runs (knob spin) whose wait ended because the stream completed without the completion word: a counting bug, 0
  * when all is well (the GPU test checks it). */
 uint64_t ax__attn_fast_spin_misses(const ax_attn_fast *f);

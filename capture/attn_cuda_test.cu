@@ -944,7 +944,43 @@ static const struct bvar {
 } b_vars[] = {{"sync", 0, 0, 0, 0},       {"spin", 1, 0, 0, 0},        {"pdl", 0, 1, 0, 0},
 	      {"spin+pdl", 1, 1, 0, 0},   {"sp+mk16/32", 1, 1, 16, 32}, {"sp+mk64/128", 1, 1, 64, 128}};
 
-/* One "var" line per variant: e2e through fe (ax__attn_fast_run, no events), kernel through fk (events). */
+/* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
+ * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
+typedef struct bhost {
+	double e2e, part[4];
+	int bad;
+} bhost;
+
+static bhost bd_time_host(bdata *d, int m, ax_attn_fast *fe, int reps)
+{
+	double te[B_MAXREPS], tp[4][B_MAXREPS];
+	bhost r;
+	memset(&r, 0, sizeof r);
+	reps = reps > B_MAXREPS ? B_MAXREPS : reps;
+	for (int i = -2; i < reps; i++) {
+		const ax_attn_job *jobs = d->jobs[m] + (size_t)((i + 2) % d->rot) * d->B;
+		double t0 = now_us();
+		int x = ax__attn_fast_run(fe, jobs, d->B, d->out, d->rc);
+		double t1 = now_us();
+		for (uint32_t b = 0; b < d->B; b++)
+			x |= d->rc[b];
+		r.bad |= x != 0;
+		if (i < 0)
+			continue;
+		double h[4];
+		ax__attn_fast_host_us(fe, h);
+		te[i] = t1 - t0;
+		for (int k = 0; k < 4; k++)
+			tp[k][i] = h[k];
+	}
+	r.e2e = median(te, reps);
+	for (int k = 0; k < 4; k++)
+		r.part[k] = median(tp[k], reps);
+	return r;
+}
+
+/* One "var" line per variant: e2e through fe (ax__attn_fast_run, no events) with its host parts, kernel through fk
+ * (events). */
 static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, const axf_knobs *def)
 {
 	for (size_t v = 0; v < ARRAY_LEN(b_vars); v++) {
@@ -954,9 +990,12 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 			k.min_keys = b_vars[v].mink, k.min_keys_heads = b_vars[v].minkh;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
-		bmeas e = bd_time(d, m, fe, NULL, d->reps), t = bd_time(d, m, fk, NULL, d->reps);
-		printf("var      %-8s %-10s %-11s %9.1f %9.1f %8.2f %8.2f%s\n", d->name, mode_name(b_modes[m]), b_vars[v].name,
-		       e.e2e, t.kern, e.e2e / d->floor, t.kern / d->floor, e.bad || t.bad ? "  RUN FAILED" : "");
+		bhost e = bd_time_host(d, m, fe, d->reps);
+		bmeas t = bd_time(d, m, fk, NULL, d->reps);
+		printf("var      %-8s %-10s %-11s %9.1f %9.1f %8.2f %8.2f | host launch %.1f prefill %.1f wait %.1f finish "
+		       "%.1f%s\n",
+		       d->name, mode_name(b_modes[m]), b_vars[v].name, e.e2e, t.kern, e.e2e / d->floor, t.kern / d->floor,
+		       e.part[0], e.part[1], e.part[2], e.part[3], e.bad || t.bad ? "  RUN FAILED" : "");
 	}
 	ax__attn_fast_knobs(fe, NULL, def);
 	ax__attn_fast_knobs(fk, NULL, def);
@@ -1028,7 +1067,8 @@ static int bench(ax_attn_cuda *c)
 	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
 	       kn.ctas_per_sm_heads, kn.spin, kn.pdl);
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
-	       "dispatch; e2e without events)\n");
+	       "dispatch; e2e without events) | the host's parts of that e2e (medians, µs): plan+upload+launch calls, "
+	       "prefill, wait, finish\n");
 	printf("# trace lines: the default knobs, medians, µs after the first split CTA's start (GPU global timer): last "
 	       "split CTA start, first stage's keys in (first/last CTA), streaming loops ended (first/last), last-CTA "
 	       "merges started (first/last) and done (last), merge kernel CTAs started (first/last), past their "
