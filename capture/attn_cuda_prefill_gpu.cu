@@ -191,6 +191,8 @@ static const pcase g_cases[] = {
 	{"P4K 64 rows heads G8 f16 i64", AX_MODE_HEADS, F16, I64, 64, 8, 10, 4096, 64, 0, 1},
 	{"P4K 16 rows prob G8 f16 window 1000", AX_MODE_MEAN_PROB, F16, I64, 64, 8, 10, 4096, 16, 1000, 1},
 	{"P2K 33 rows heads G8 k64 window 300", AX_MODE_HEADS, BF, I32, 16, 2, 64, 2048, 33, 300, 1},
+	{"P1K 64 rows prob G1 H8 k33 (16 rows a block)", AX_MODE_MEAN_PROB, F16, I32, 8, 8, 33, 1024, 64, 0, 1},
+	{"P1K 50 rows heads G2 H16 (16 rows a block)", AX_MODE_HEADS, BF, I64, 16, 8, 10, 1024, 50, 200, 1},
 	{"P4K 2 rows logit k1", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 1, 4096, 2, 0, 0},
 	{"P4K 1 row (not placed)", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 10, 4096, 1, 0, 0},
 	{"P4K 4096 rows logit G4", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 10, 4096, 4096, 0, 1},
