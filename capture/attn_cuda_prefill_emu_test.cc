@@ -4,14 +4,16 @@
  * memory in place of device memory, each launch's CTAs one after the other.
  * What it checks: every row of prompts of several shapes (GQA 1/4/8, bf16/f16, i32/i64, windows, rows from
  * position 0, top-k 1..64, the three modes) against the float64 reference (attn_cuda_testdata.h: positions with
- * near-ties, logits and logsumexp within 1e-3, ties by lower position) and against ax_attn_cpu (the same
- * positions up to near-ties, values within 1e-3); entries past k are (-1, -inf); under three planner settings (one split per block, a few,
+ * near-ties, logits and logsumexp within 1e-3, ties by lower position), against ax_attn_cpu (the same
+ * positions up to near-ties, values within 1e-3) and against the existing generic path (attn_cuda_logic.h's
+ * CTAs emulated as attn_paged_test.c does, one job per row: within 1e-4); entries past k are (-1, -inf); under three planner settings (one split per block, a few,
  * many 16-key splits; rows per block 4..64); a batch of two interleaved layers plus unrelated decode jobs (the
  * daemon's job order); error codes per row (-ERANGE for the rows that see an out-of-pool slot, -EDOM for a NaN
  * key or a NaN Q row, -ERANGE winning, rows that do not see the bad key unharmed); and, by the emulator, that
  * warp collectives are never divergent and no CTA deadlocks. What it cannot check: races, memory ordering,
  * timing (the GPU test: attn_cuda_prefill_gpu.cu, which also compares with the existing fast/generic path).
- * The decode fast path's emulated plan is not run here: its host API is internal and moving (fastlat).
+ * The decode fast path's emulated plan is not run here: its host API is internal and moving (fastlat); the
+ * GPU test compares with it.
  * AX_TEST_SEED=N changes the data.
  */
 #define AXP_EMU 1
@@ -79,6 +81,55 @@ static uint32_t pemu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *ou
 	return rows;
 }
 
+/* The existing generic path (attn_cuda_logic.h / attn_cuda_plan.h, a stable host API), emulated as
+ * attn_paged_test.c does: the CTAs' logic run one after the other on the CPU, one job per row. */
+static void gemu_pass(const axc_plan *p, char *d, const axc_pass *P)
+{
+	axc_split_sm *sm = (axc_split_sm *)malloc(sizeof *sm);
+	axc_merge_sm *msm = (axc_merge_sm *)malloc(sizeof *msm);
+	assert_non_null(sm);
+	assert_non_null(msm);
+	for (uint32_t i = 0; i < P->nseg; i++) {
+		const axc_segment *sg = &P->seg[i];
+		axc_args a = axc_plan_seg_args(p, d, P, sg);
+		const uint32_t kdt = sg->inst / 8 + AX_DTYPE_F32, idt = sg->inst % 8 >= 4 ? AX_DTYPE_I64 : AX_DTYPE_I32;
+		static const uint32_t dcs[4] = {64, 128, 256, 0};
+		float *dyn = (float *)malloc(axc_split_dyn_floats(sg->qcap, sg->dmax) * sizeof(float));
+		assert_non_null(dyn);
+		for (uint32_t cta = 0; cta < sg->count; cta++) {
+			memset(sm, 0xa5, sizeof *sm);
+			axc_split_cta(&a, cta, AXC_SPLIT_THREADS, sm, dyn, kdt, idt, dcs[sg->inst % 4]);
+		}
+		free(dyn);
+	}
+	axc_args a = axc_plan_args(p, d, P);
+	for (uint32_t r = 0; r < P->nmr; r++) {
+		memset(msm, 0xa5, sizeof *msm);
+		axc_merge_row(&a, r, AXC_MERGE_THREADS, AXC_MERGE_CAP, msm);
+	}
+	free(sm);
+	free(msm);
+}
+
+static void gemu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc)
+{
+	axc_plan *p = (axc_plan *)calloc(1, sizeof *p);
+	assert_non_null(p);
+	assert_int_equal(axc_plan_build(p, jobs, n, rc, 528), 0);
+	if (p->A.npj) {
+		char *d = (char *)aligned_alloc(256, (p->L.total + 255) / 256 * 256);
+		assert_non_null(d);
+		memset(d, 0xa5, p->L.total);
+		axc_plan_tables(p, d);
+		memset(d + p->L.flags, 0, n * sizeof(uint32_t));
+		gemu_pass(p, d, &p->A);
+		gemu_pass(p, d, &p->B);
+		axc_plan_finish(p, d, jobs, out, rc);
+		free(d);
+	}
+	axc_plan_free(p);
+}
+
 /* ---- checks ---------------------------------------------------------------------------------------------------- */
 
 static int g_near;
@@ -115,25 +166,32 @@ static void check_row(const ax_attn_job *jb, const ax_attn_result *got, const ch
 }
 
 /* Run jobs through the emulated prefill path (want_placed of them must be placed); check every placed row
- * against float64 and ax_attn_cpu. */
+ * against float64, ax_attn_cpu and the emulated generic path. */
 static void check_batch(const ax_attn_job *jobs, uint32_t n, const char *name, uint32_t want_placed)
 {
 	uint32_t *roff = (uint32_t *)calloc(n, sizeof *roff);
 	const uint64_t rows = rows_of(jobs, n, roff);
-	ax_attn_result *got = (ax_attn_result *)calloc(rows, sizeof *got);
-	int *rc = (int *)calloc(n, sizeof *rc);
+	ax_attn_result *got = (ax_attn_result *)calloc(rows, sizeof *got), *gen = (ax_attn_result *)calloc(rows, sizeof *gen);
+	int *rc = (int *)calloc(n, sizeof *rc), *grc = (int *)calloc(n, sizeof *grc);
 	memset(got, 0x5a, rows * sizeof *got); /* poisoned: unwritten entries fail */
 	assert_int_equal(pemu_run(jobs, n, got, rc), want_placed);
+	gemu_run(jobs, n, gen, grc);
 	for (uint32_t i = 0; i < n; i++) {
 		if (rc[i] == 1) /* not placed: the other paths' job */
 			continue;
 		if (rc[i] != 0)
 			fail_msg("%s: job %u: rc %d", name, i, rc[i]);
 		check_row(&jobs[i], got + roff[i], name, i);
+		char why[256] = "";
+		assert_int_equal(grc[i], 0);
+		if (pd_same(got + roff[i], gen + roff[i], ax_attn_rows(&jobs[i]), 1e-4, why, sizeof why))
+			fail_msg("%s: job %u vs the generic path: %s", name, i, why);
 	}
 	free(roff);
 	free(got);
+	free(gen);
 	free(rc);
+	free(grc);
 }
 
 /* ---- cases ------------------------------------------------------------------------------------------------------ */
