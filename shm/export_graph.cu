@@ -848,8 +848,11 @@ int ax_graph_open(ax_graph **out, ax_export *ex, const ax_graph_config *cfg)
 	}
 	g->thread_started = 1;
 	const char *dbg = getenv("AX_GRAPH_DEBUG");
-	if (dbg && *dbg && ax_graph_debug(g, (unsigned)strtoul(dbg, NULL, 0)) == -EINVAL)
+	unsigned bits = dbg && *dbg ? (unsigned)strtoul(dbg, NULL, 0) : (unsigned)AX_GRAPH_DEFAULT_BITS;
+	if (ax_graph_debug(g, bits) == -EINVAL) {
 		fprintf(stderr, "attnx: AX_GRAPH_DEBUG=%s ignored (unknown bits)\n", dbg);
+		ax_graph_debug(g, (unsigned)AX_GRAPH_DEFAULT_BITS);
+	}
 	*out = g;
 	return 0;
 }

@@ -18,7 +18,12 @@ kernel (libattnx-export-graph) with the forward's position_ids and input_ids, at
 layer's query_states (post q_norm and RoPE, [B, H, S, D]), and the publish kernel once the last layer's keys are in
 the cache; then it runs the normal attention, so outputs are bit-identical to the model without the hook. For
 small steps (decode; ax_graph_fuse) the begin rides on layer 0's Q copy and the publish on the last layer's, so a
-step adds one small kernel per layer and nothing else (`fuse=False`: two more, the first GPU run's layout). Keys are
+step adds one small kernel per layer and nothing else (`fuse=False`: two more, the first GPU run's layout).
+Since session 4, by default (`defer`), a decode step enqueues nothing until its last layer: each layer's Q tensor is
+held, and the last layer (its keys written) enqueues ONE kernel (ax_graph_step_all: set-up, every exported layer's
+Q rows, publish); and (`side="capture"`) while a CUDA graph is captured that kernel goes to a side stream forked
+from the engine's stream there and joined at the end of the forward (attnx.streams), so the graph's main path
+carries one fork and one join instead of the kernels (measured: shm/python/README.md "Where the cost went"). Keys are
 not copied: each layer's static-cache tensor [B, H_kv, max_cache_len, D] is a K pool (slot s of row b is
 b·H_kv·max_cache_len + position, through a constant index table). Nothing synchronises the host, so the same
 forward captured in torch.cuda.graph() and replayed exports every step.
@@ -76,15 +81,17 @@ def _text_config(model):
 
 
 def side_default(env=None):
-    """The `side` an HFExporter gets when none is passed: $ATTNX_HF_SIDE ("0" / "1" / "capture"), else False."""
+    """The `side` an HFExporter gets when none is passed: $ATTNX_HF_SIDE ("0" / "1" / "capture"), else "capture"
+    (the export kernel on a side stream in captured graphs, in line in eager forwards)."""
     v = (os.environ if env is None else env).get("ATTNX_HF_SIDE", "")
-    return {"": False, "0": False, "1": True, "capture": "capture"}.get(v.strip().lower(), False)
+    return {"": "capture", "0": False, "1": True, "capture": "capture"}.get(v.strip().lower(), "capture")
 
 
 def defer_default(env=None):
-    """The `defer` an HFExporter gets when none is passed: $ATTNX_HF_DEFER ("0" / "1"), else False."""
+    """The `defer` an HFExporter gets when none is passed: $ATTNX_HF_DEFER ("0" / "1"), else True (a decode step is
+    one call at its last layer)."""
     v = (os.environ if env is None else env).get("ATTNX_HF_DEFER", "")
-    return v.strip() == "1"
+    return v.strip() != "0"
 
 
 class HFExporter:

@@ -6,7 +6,7 @@ the capture's `--layers auto` set, CUDA graphs on. Three parts:
 
 1. Model: decode tokens/s of graph replays, hook off vs each variant, AX_HC_REPS rounds (default 3) with the mode
    order rotated per round, AX_HC_STEPS steps (default 256), batch sizes AX_HC_BATCH (default "1,32"). Variants
-   (AX_HC_MODES, comma list, default all):
+   (AX_HC_MODES: a comma list, or "all"; default DEFAULT_MODES below, the micro part's flag sets likewise):
      on          the hook as shipped (fused kernels, in line on the engine's stream)
      wrap        the "attnx" attention installed but no export kernel (the wrapper and the mask path alone)
      empty       every export kernel replaced by an empty kernel (graph-node cost of `layers` nodes)
@@ -26,12 +26,12 @@ the capture's `--layers auto` set, CUDA graphs on. Three parts:
      defer       HFExporter(defer=True): a decode step is ONE call at the last layer (ax_graph_step_all: set-up,
                  every layer's Q rows, publish; one kernel at batch 1, three at batch 32), every layer's Q tensor
                  held until then; defer-opt: + opt; side-defer: that one kernel on the side stream (one fork);
-                 side-defer-small-opt: + small + opt
+                 side-defer-opt: + opt (the hook's defaults since session 4); side-defer-small-opt: + small
 2. Micro: graphs of 32 steps of the export kernels alone (no model) per kernel variant, µs per step: the whole
    decode step (begin_q, L-2 copies, q_publish), begin_q alone, one Q copy alone, begin_q + q_publish, the whole
    step as step_all (defer); flags as above.
-3. Profile (torch.profiler, if it sees kernels inside graph replays), batch 1, modes off / on / empty / opt / side /
-   side-small / defer / side-defer: the span of one replayed step and the attnx kernels' summed duration (in
+3. Profile (torch.profiler, if it sees kernels inside graph replays), batch 1, modes off / on / defer-opt /
+   side-defer-opt: the span of one replayed step and the attnx kernels' summed duration (in
    bench-export.txt), and every kernel of that step in order with its start, duration, the gap before it and its
    stream ($OUT/profile-export.txt).
 
@@ -85,12 +85,18 @@ MODES = {
     "defer": dict(defer=True),
     "defer-opt": dict(defer=True, flags=G.OPT_FEWER),
     "side-defer": dict(side=True, defer=True),
+    "side-defer-opt": dict(side=True, defer=True, flags=G.OPT_FEWER),  # the HF hook's defaults under graphs
     "side-defer-small-opt": dict(side=True, defer=True, flags=G.OPT_SMALL | G.OPT_FEWER),
 }
-FLAG_SETS = [("none", 0), ("empty", G.DBG_EMPTY), ("fence-gpu", G.DBG_FENCE_GPU), ("ctl-dev", G.DBG_CTL_DEV),
-             ("seg-dev", G.DBG_SEG_DEV | G.DBG_CTL_DEV), ("no-qcopy", G.DBG_NO_QCOPY), ("opt", G.OPT_FEWER),
-             ("opt+fence-gpu", G.OPT_FEWER | G.DBG_FENCE_GPU), ("small", G.OPT_SMALL),
-             ("small+opt", G.OPT_SMALL | G.OPT_FEWER)]
+# run 1 (H200, ea450fb) measured them all; by default now the ones that decide the layout (AX_HC_MODES=all: every one)
+DEFAULT_MODES = ["on", "steps-only", "opt", "side", "side-empty", "defer", "defer-opt", "side-defer", "side-defer-opt",
+                 "side-defer-small-opt"]
+ALL_FLAG_SETS = [("none", 0), ("empty", G.DBG_EMPTY), ("fence-gpu", G.DBG_FENCE_GPU), ("ctl-dev", G.DBG_CTL_DEV),
+                 ("seg-dev", G.DBG_SEG_DEV | G.DBG_CTL_DEV), ("no-qcopy", G.DBG_NO_QCOPY), ("opt", G.OPT_FEWER),
+                 ("opt+fence-gpu", G.OPT_FEWER | G.DBG_FENCE_GPU), ("small", G.OPT_SMALL),
+                 ("small+opt", G.OPT_SMALL | G.OPT_FEWER)]
+FLAG_SETS = ALL_FLAG_SETS if os.environ.get("AX_HC_MODES") == "all" else [
+    f for f in ALL_FLAG_SETS if f[0] in ("none", "empty", "seg-dev", "opt", "small+opt")]
 
 
 def apply(ax, name):
@@ -332,7 +338,8 @@ def main():
     out = os.environ.get("OUT")
     model = bh.model_()
     modes = os.environ.get("AX_HC_MODES")
-    modes = ["off"] + [m for m in (modes.split(",") if modes else MODES) if m in MODES and m != "off"]
+    modes = list(MODES) if modes == "all" else modes.split(",") if modes else DEFAULT_MODES
+    modes = ["off"] + [m for m in modes if m in MODES and m != "off"]
     head = ["attnx hook cost: %s, %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps, %d rounds (rotated), "
             "consumer wants layers %s" % (torch.cuda.get_device_name(), datetime.date.today(), L, PROMPT, STEPS,
                                           REPS, AUTO)]
@@ -363,8 +370,7 @@ def main():
             progress()
             if B == 1 and os.environ.get("AX_HC_PROFILE", "1") != "0":
                 t = time.time()
-                prof_lines += profile(model, cache, B, ax, ["off", "on", "empty", "opt", "side", "side-small", "defer",
-                                                             "side-defer"], out)
+                prof_lines += profile(model, cache, B, ax, ["off", "on", "defer-opt", "side-defer-opt"], out)
                 print("batch %d profile part: %.0f s" % (B, time.time() - t), flush=True)
                 progress()
             stats.append((B, ax.g.stats()))

@@ -7,8 +7,8 @@ attnx-capture's GPU work competes for the same card and is measured by its own b
 GPU. First run: H200, 2026-11-27, 3a279e1 (median of 3; batch 1 graphs on 0.981, batch 32 0.990). Now AX_BENCH_REPS
 rounds (default 7), each running every mode once in an order rotated round by round; the table gives the medians,
 the median of the per-round ratios (each pair ran back to back) and every round's ratio, so noise shows. With graphs
-on two more modes: "on-inline" (HFExporter.set_side(False): the export kernels on the engine's stream, as before
-session 4; "on" is the hook's default, which puts them on a side stream while a graph is captured) and "on-layers"
+on two more modes: "on-inline" (HFExporter.set_side(False): the export kernel on the engine's stream; "on" is the
+hook's default, which puts it on a side stream while a graph is captured) and "on-layers"
 (HFExporter.set_export_layers(the consumer's layers): layers nobody asked for get no Q-copy kernel). Session 3's
 "on-unfused" mode (fuse=False) is gone: bench_gpu_export.py measures it with the other variants. About 2-3 minutes
 on an H200. Prints a table; writes it to $OUT/bench-hf.txt too when OUT is set. Goal (issue 6): hook on ≥ 0.99 × off
@@ -30,7 +30,7 @@ try:
 except ImportError as e:
     print("SKIP: transformers: %s" % e)
     sys.exit(SKIP)
-from attnx.hf import HFExporter, side_default  # noqa: E402
+from attnx.hf import HFExporter, defer_default, side_default  # noqa: E402
 
 LAYERS = int(os.environ.get("AX_BENCH_LAYERS", "8"))
 PROMPT, STEPS = 128, int(os.environ.get("AX_BENCH_STEPS", "128"))
@@ -166,9 +166,9 @@ def main():
     lines = ["attnx HF hook decode benchmark: %s, %s, commit %s, Qwen3-shaped %d layers bf16, prompt %d, %d steps, "
              "%d rounds (modes alternating), %.0f s" % (torch.cuda.get_device_name(), datetime.date.today(), commit,
                                                        L, PROMPT, STEPS, REPS, time.time() - t0),
-             "on = the hook's defaults (side=%r: with graphs, the %d fused export kernels per decode step on a side "
-             "stream), on-inline = the same kernels on the engine's stream, on-layers = on with only the consumer's "
-             "layers %s exportable (%d kernels)" % (side_default(), L, auto, len(set(auto) | {0, L - 1})),
+             "on = the hook's defaults (side=%r, defer=%r: with graphs, one export kernel per decode step, at the "
+             "last layer, on a side stream), on-inline = the same on the engine's stream, on-layers = on with only "
+             "the consumer's layers %s exportable" % (side_default(), defer_default(), auto),
              "| batch | CUDA graphs | hook | off tok/s | on tok/s | on/off (medians) | on/off (median of rounds) | "
              "per-round on/off |", "|---|---|---|---|---|---|---|---|"] + rows
     lines += ["(batch %d exporter counters: %s)" % st for st in stats]

@@ -217,7 +217,13 @@ def main():
 
     hf.register, hf.GraphExporter = fake_register, FakeGraph
     model = Model()
-    ax = hf.HFExporter(model, "cache", batch_size=B, max_cache_len=LMAX, name="/attnx.hft%d" % os.getpid())
+    expect(hf.defer_default({}) is True and hf.side_default({}) == "capture" and
+           hf.defer_default({"ATTNX_HF_DEFER": "0"}) is False and hf.side_default({"ATTNX_HF_SIDE": "0"}) is False and
+           hf.side_default({"ATTNX_HF_SIDE": "1"}) is True, "defaults: defer, side stream while capturing")
+    # the per-layer layout first (defer=False); defer_case below takes the default one
+    ax = hf.HFExporter(model, "cache", batch_size=B, max_cache_len=LMAX, name="/attnx.hft%d" % os.getpid(),
+                       defer=False)
+    expect(ax.side == "capture", "side %r" % ax.side)
     out = []
     try:
         expect(model.impl == "attnx" and "attnx" in ALL, "the attnx attention is installed (%s)" % model.impl)
