@@ -61,6 +61,8 @@ from .streams import SideStreams
 
 log = logging.getLogger("attnx.hf")
 
+DEFER_MAX_BYTES = 64 << 20  # defer holds each layer's Q until the last layer: not past this much (else per layer)
+
 
 def _local_heads(hq, hkv, rank, world_size, head_offset):
     """This rank's (query heads, KV heads, head_offset) when heads are split evenly over world_size ranks."""
@@ -304,7 +306,8 @@ class HFExporter:
         a.tokens, a.token_bytes = ids.data_ptr(), ids.element_size()
         a.tok_stride_b, a.tok_stride_t = ids.stride(0), ids.stride(1)
         self._args = a  # the struct is copied into the kernel launch; kept for _step_all and debugging
-        if fused and self.defer and S == 1 and self.L > 1:
+        held = query.numel() * query.element_size() * self.L  # what holding every layer's Q would keep alive
+        if fused and self.defer and S == 1 and self.L > 1 and held <= DEFER_MAX_BYTES:
             self._deferred = True
             self._hold(0, query)
             return None

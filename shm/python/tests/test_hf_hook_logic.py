@@ -413,8 +413,8 @@ def side_case(hf, ax, model):
 def defer_case(hf, ax, model):
     """defer=True: a decode step is one call at the last layer, after its cache update and before its attention,
     with every exported layer's Q (the tensors the attention functions got, held until then); a prefill keeps the
-    per-layer kernels; exportable layers narrow the list; on the side stream one fork (the last layer's) and the
-    join."""
+    per-layer kernels; exportable layers narrow the list; a step whose Q tensors would hold more than
+    DEFER_MAX_BYTES stays per layer; on the side stream one fork (the last layer's) and the join."""
     from attnx.streams import SideStreams
 
     ax.defer = True
@@ -438,6 +438,13 @@ def defer_case(hf, ax, model):
     a = next(c for c in calls if c[0] == "all")
     expect(a[9] == [1, L - 1], "exported layers only: %r" % (a[9],))
     ax.set_export_layers(None)
+    saved, hf.DEFER_MAX_BYTES = hf.DEFER_MAX_BYTES, B * HQ * D * 4 * L - 1  # one byte short of holding every layer
+    try:
+        forward(model, torch.tensor([[7], [8]]), 4)
+    finally:
+        hf.DEFER_MAX_BYTES = saved
+    expect(kernels(calls) == ["begin_q"] + ["q"] * (L - 2) + ["q_publish"], "past DEFER_MAX_BYTES: per layer %r" %
+           kernels(calls))
     main = FakeStream("main")
     ax._streams = SideStreams(L + 1, lambda: FakeStream("side"), FakeEvent, lambda: main)
     ax.set_side(True)
