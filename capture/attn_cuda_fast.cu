@@ -1112,19 +1112,21 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	}
 }
 
-/* The separate merge of heads lists (pass-jobs with sepm, after their split launch): CTA b merges row b mod mg
- * of pass-job b / mg, all rows of all pass-jobs at once; its 8 warps stage the row's split lists together (the
- * whole ring, one round of loads), warp 0 merges (the mean modes' last-CTA merge, for one heads row). */
+/* The separate merge of heads lists (pass-jobs with sepm, after their split launch): CTA b merges rows
+ * (b mod mg)·mrpc .. of pass-job b / mg, all rows of all pass-jobs at once. mrpc 1 (many splits): the CTA-wide
+ * merge of one row (merge_row_cta: its 8 warps load and scan together, warp 0 sorts); mrpc AXF_NW (few splits,
+ * knob merge_warp): a row per warp (merge_row, each warp with its slice of the ring), so many short rows take
+ * 8 times fewer CTAs. Every CTA is one unit of the completion count. */
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
 	griddep_launch();
 	const int w = threadIdx.x >> 5;
-	const uint32_t ji = blockIdx.x / a.mg, r = blockIdx.x - ji * a.mg;
+	const uint32_t ji = blockIdx.x / a.mg, r0 = (blockIdx.x - ji * a.mg) * a.mrpc;
 	if (threadIdx.x == 0)
 		trace_at(a, AXF_TR_MK0, AXF_TR_MK1);
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji];
-	if (!jb.sepm || r >= jb.H) { /* CTA-uniform; still a unit of the completion count */
+	if (!jb.sepm || r0 >= jb.H) { /* CTA-uniform; still a unit of the completion count */
 		if (threadIdx.x == 0)
 			signal_done(a);
 		return;
@@ -1133,15 +1135,29 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 		griddep_wait();
 	if (threadIdx.x == 0)
 		trace_at(a, -1, AXF_TR_MKGO);
-	float *xs = smem_xs(smem);
+	float *xs = smem_xs(smem), *red = smem_red(smem);
 	int *xp = (int *)(xs + AXF_NW * 64);
-	if (r == 0 && w == 1) /* warp 0 merges: another warp ORs the flags meanwhile */
-		put_flags(a, jb);
-	merge_row_cta(a, jb, (int)r, smem, xs, xp, smem_red(smem), AXF_M_HEADS);
-	if (w != 0)
+	if (a.mrpc == 1) {
+		if (r0 == 0 && w == 1) /* warp 0 merges: another warp ORs the flags meanwhile */
+			put_flags(a, jb);
+		merge_row_cta(a, jb, (int)r0, smem, xs, xp, red, AXF_M_HEADS);
+		if (w != 0)
+			return;
+		__syncwarp(); /* warp 0's result writes (and, by the merge's CTA barriers, warp 1's flags) before lane 0 */
+		if ((threadIdx.x & 31) == 0) {
+			trace_at(a, -1, AXF_TR_MKDONE);
+			signal_done(a);
+		}
 		return;
-	__syncwarp(); /* warp 0's result writes before lane 0's release */
-	if ((threadIdx.x & 31) == 0) {
+	}
+	const int cap = (int)AXF_MERGE_CAP, r = (int)r0 + w;
+	if (r0 == 0 && w == 0)
+		put_flags(a, jb);
+	if (r < (int)jb.H) /* warp-uniform */
+		merge_row(a, jb, r, xs + w * 64, xp + w * 64, (float *)(smem + (size_t)w * cap * 8),
+			  (int *)(smem + (size_t)w * cap * 8) + cap, cap, (uint32_t *)red + 8 + w);
+	__syncthreads(); /* every warp's result writes before thread 0's release */
+	if (threadIdx.x == 0) {
 		trace_at(a, -1, AXF_TR_MKDONE);
 		signal_done(a);
 	}
@@ -1464,7 +1480,7 @@ static int fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq)
 	cudaError_t e = fast_kernel(f, (const void *)axf_kernels[L->inst], L->ctas, &a, a.pdl);
 	if (e == cudaSuccess && L->mg) {
 		a.pdl = pdl;
-		e = fast_kernel(f, (const void *)axf_merge_kernel, L->nj * L->mg, &a, pdl);
+		e = fast_kernel(f, (const void *)axf_merge_kernel, L->nj * L->mg, &a, pdl); /* mg: CTAs per pass-job */
 	}
 	return e == cudaSuccess ? 0 : fast_fail(f, e);
 }

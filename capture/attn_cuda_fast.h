@@ -83,14 +83,18 @@ typedef struct axf_knobs {
 				    * last unit (attn_cuda_fast.cu: signal_done), not in cudaStreamSynchronize */
 	uint32_t pdl;              /* 1: merge launches and mean_prob's second pass use programmatic dependent
 				    * launch (they start while the launch before them drains and wait for it on the GPU) */
+	uint32_t merge_warp;       /* a merge launch whose pass-jobs have at most this many splits merges a row per
+				    * warp (8 rows per CTA), else a row per CTA (all 8 warps on it) */
 } axf_knobs;
 
 /* The defaults, from the H100 sweep of run 7 (capture/dev/RESULTS.md): CTAs per SM = the occupancy (3, 4, 8
  * were 3-30% slower at 128K and 1M), mean splits ≥ 32 keys (1 × 4K: 23.5 µs; 16: 26.3, 256: 42.7), heads-list
  * splits ≥ 64 keys (1 × 4K: 37 µs, 256: 73; within 2% of the best at 128K, 1M, 64 × 4K), no split caps (8 or 32
  * splits: up to 17× slower at 1M), heads lists always merged by the separate merge launch (4K 86 → 37 µs, 128K
- * 200 → 150, 1M 878 → 817, 64 × 4K 251 → 241), heads launches on the same wave size. */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 64, 0, 1, 0, 0, 0}
+ * 200 → 150, 1M 878 → 817, 64 × 4K 251 → 241), heads launches on the same wave size. merge_warp 32: run 7's
+ * merge kernel (a row per warp) had 64 × 4K heads (4 splits per row) at 241 µs, run 8's (a row per CTA) 275 µs,
+ * while 128K (264 splits) went 150 → 142 µs the other way. spin and pdl: off until measured (session 4). */
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 64, 0, 1, 0, 0, 0, 32}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -128,10 +132,10 @@ typedef struct axf_job {
 } axf_job;
 
 /* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1.
- * mg > 0: a merge launch follows, nj·mg CTAs, CTA b merging row b mod mg of pass-job b / mg (those with sepm;
- * mg = the most rows of any). */
+ * mg > 0: a merge launch follows, nj·mg CTAs, CTA b merging rows (b mod mg)·mrpc .. + mrpc - 1 of pass-job b / mg
+ * (those with sepm; mg·mrpc ≥ the most rows of any): mrpc 1, a row per CTA, or AXF_NW, a row per warp. */
 typedef struct axf_launch {
-	uint32_t inst, j0, nj, so0, ctas, mg;
+	uint32_t inst, j0, nj, so0, ctas, mg, mrpc;
 } axf_launch;
 
 /* A compact result entry: the logit and the position as an offset from the pass-job's first visible key
@@ -158,6 +162,7 @@ typedef struct axf_args {
 	float *rlse;                /* per result row (host staging): its logsumexp */
 	axf_ent *rent;              /* result entries (host staging; axf_job.rent) */
 	uint32_t mg;                /* merge launch: CTAs per pass-job */
+	uint32_t mrpc;              /* merge launch: rows per CTA (1: all warps on one row; AXF_NW: a row per warp) */
 	/* The completion word (knob spin; NULL when off): every unit of the run — the last CTA of a pass-job that
 	 * merges in its split launch, every CTA of a merge launch — counts itself in *done_cnt after its writes;
 	 * the one that makes it `units` resets it and writes `seq` into *done (host staging, mapped). */
@@ -357,18 +362,20 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
- * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL (decimal, 0 .. 2^30). */
+ * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP (decimal,
+ * 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[9] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
-					     "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
-					     "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
-					     "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
-					     "AX_FAST_PDL"};
-	uint32_t *f[9] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
-			  &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
-			  &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl};
-	for (int i = 0; i < 9; i++) {
+	static const char *const names[10] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
+					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
+					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
+					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP"};
+	uint32_t *f[10] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
+			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
+			   &kn->merge_warp};
+	for (int i = 0; i < 10; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -452,6 +459,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	uint32_t base = axf_plan_base(p->nk, p->lo, L->nj, resident);
 	L->so0 = p->nso;
 	L->mg = 0;
+	uint32_t maxs = 0;
 	uint64_t ctas = 0;
 	for (uint32_t i = 0; i < L->nj; i++) {
 		axf_job *jb = &p->jb[L->j0 + i];
@@ -460,6 +468,8 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		jb->sepm = axf_lists(mode, jb->K) && p->kn.merge_heads && jb->S >= p->kn.merge_heads;
 		if (jb->sepm && jb->H > L->mg)
 			L->mg = jb->H;
+		if (jb->sepm && jb->S > maxs)
+			maxs = jb->S;
 		jb->part0 = p->parts;
 		jb->ent0 = p->entries;
 		jb->pf0 = p->pfl;
@@ -470,6 +480,8 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		p->so[p->nso + i] = (uint32_t)ctas;
 		ctas += jb->S;
 	}
+	L->mrpc = L->mg && maxs <= p->kn.merge_warp ? AXF_NW : 1;
+	L->mg = (L->mg + L->mrpc - 1) / L->mrpc;
 	if (ctas > INT32_MAX || (uint64_t)L->nj * L->mg > INT32_MAX)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < L->nj; i++) /* a pass-job merged by its last CTA is one unit; */
@@ -485,7 +497,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const int *rc, uint32_t inst,
 				uint32_t resident)
 {
-	axf_launch L = {inst, p->njb, 0, 0, 0, 0};
+	axf_launch L = {inst, p->njb, 0, 0, 0, 0, 1};
 	for (uint32_t i = 0; i < p->n; i++) {
 		if (rc[i] != 0)
 			continue;
@@ -605,6 +617,7 @@ static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32
 	a.rlse = (float *)(h + y->rlse);
 	a.rent = (axf_ent *)(h + y->rent);
 	a.mg = L->mg;
+	a.mrpc = L->mrpc;
 	return a;
 }
 

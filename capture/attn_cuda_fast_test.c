@@ -161,10 +161,11 @@ static uint32_t lo_brute(const axf_knobs *kn, uint64_t n, int lists)
 static axf_knobs rand_knobs(void)
 {
 	axf_knobs k;
-	uint32_t *f[7] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
-			  &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads};
-	static const uint32_t lim[7] = {9, 5000, 1500, 5000, 1500, 300, 9};
-	for (int i = 0; i < 7; i++)
+	memset(&k, 0, sizeof k);
+	uint32_t *f[8] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
+			  &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads, &k.merge_warp};
+	static const uint32_t lim[8] = {9, 5000, 1500, 5000, 1500, 300, 9, 100};
+	for (int i = 0; i < 8; i++)
 		*f[i] = td_u64() % 3 == 0 ? 0 : (uint32_t)(td_u64() % lim[i]);
 	return k;
 }
@@ -199,7 +200,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -224,13 +225,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -248,9 +249,11 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_CTAS_PER_SM_HEADS", "3", 1);
 	setenv("AX_FAST_SPIN", "1", 1);
 	setenv("AX_FAST_PDL", "x1", 1);
+	setenv("AX_FAST_MERGE_WARP", "7", 1);
 	axf_knobs_env(&k);
 	assert_int_equal(k.spin, 1);
 	assert_int_equal(k.pdl, d.pdl);
+	assert_int_equal(k.merge_warp, 7);
 	assert_int_equal(k.ctas_per_sm_heads, 3);
 	assert_int_equal(k.ctas_per_sm, 4);
 	assert_int_equal(k.min_keys, d.min_keys);
@@ -260,7 +263,7 @@ static void test_knobs_env(void **state)
 	assert_int_equal(k.merge_heads, 0);
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
-			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL"};
+			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -331,7 +334,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(L->j0, next);
 		assert_int_equal(L->so0, so);
 		assert_true(L->nj > 0);
-		uint32_t mode = axf_inst_mode(L->inst), ctas = 0, mg = 0, base = 0;
+		uint32_t mode = axf_inst_mode(L->inst), ctas = 0, mg = 0, base = 0, msplits = 0;
 		for (uint32_t k = 0; k < L->nj; k++) {
 			const axf_job *jb = &p->jb[L->j0 + k];
 			const ax_attn_job *j = &jobs[jb->flag];
@@ -361,6 +364,8 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			assert_int_equal(jb->sepm, lists && mh && jb->S >= mh);
 			if (jb->sepm && jb->H > mg)
 				mg = jb->H;
+			if (jb->sepm && jb->S > msplits)
+				msplits = jb->S;
 			if (jb->res >= 0)
 				assert_int_equal(jb->rent, p->eoff[jb->flag]);
 			assert_int_equal(p->so[L->so0 + k], ctas);
@@ -394,8 +399,12 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		}
 		assert_int_equal(p->so[L->so0 + L->nj], ctas);
 		assert_int_equal(L->ctas, ctas);
-		assert_int_equal(L->mg, mg);
-		units += (uint64_t)L->nj * mg; /* every merge CTA is a unit, also those with nothing to merge */
+		/* merge CTAs: a row each, or a row per warp when every merged pass-job has ≤ merge_warp splits */
+		const uint32_t rpc = mg && msplits <= p->kn.merge_warp ? AXF_NW : 1;
+		assert_int_equal(L->mrpc, rpc);
+		assert_int_equal(L->mg, (mg + rpc - 1) / rpc);
+		assert_true((uint64_t)L->mg * L->mrpc >= mg && (L->mg == 0 || (L->mg - 1) * L->mrpc < mg));
+		units += (uint64_t)L->nj * L->mg; /* every merge CTA is a unit, also those with nothing to merge */
 		/* one wave whenever one split per pass-job fits (launches with heads lists: their own wave size) */
 		int any_lists = 0;
 		for (uint32_t k = 0; k < L->nj; k++)
@@ -449,7 +458,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -477,15 +486,23 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
 	assert_int_equal(p->jb[0].chunk, 512);
 	assert_int_equal(p->jb[0].S, 8);
 	assert_int_equal(p->jb[0].sepm, 1);
-	assert_int_equal(p->L[0].mg, 32); /* 32 rows, one per merge CTA */
+	assert_int_equal(p->L[0].mg, 32); /* 32 rows, one per merge CTA (8 splits > merge_warp 0) */
+	assert_int_equal(p->L[0].mrpc, 1);
 	check_plan(p, jobs, 1, rc, 264);
+	p->kn.merge_warp = 8; /* 8 splits: a row per warp, 4 CTAs */
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->L[0].mg, 4);
+	assert_int_equal(p->L[0].mrpc, AXF_NW);
+	assert_int_equal(p->units, 4);
+	check_plan(p, jobs, 1, rc, 264);
+	p->kn.merge_warp = 0;
 	jobs[0].position = (1u << 17) - 1; /* 128K keys: 16 splits (the cap), not 256 */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
 	assert_int_equal(p->jb[0].S, 16);

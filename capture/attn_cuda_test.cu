@@ -698,19 +698,20 @@ static void fast_tests(int small)
 		/* again under other planner knobs: short splits everywhere with heads lists merged by their last CTA
 		 * (the defaults merge them in the separate launch); then several waves (CTAs per SM over the
 		 * occupancy), a split cap, the separate merge from 3 splits on (launches mixing last-CTA merges and
-		 * merge CTAs: both kinds of units of the completion word), with the completion word and programmatic
-		 * dependent launches; last the defaults with both */
+		 * merge CTAs: both kinds of units of the completion word) a row per warp, with the completion word and
+		 * programmatic dependent launches; last the defaults with both */
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
-		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1}, keep};
+		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024}, keep};
 		alt[2].spin = 1, alt[2].pdl = 1;
 		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
 		for (int a = 0; a < 3; a++) {
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
 			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u "
-			       "pdl %u\n",
+			       "pdl %u mergew %u\n",
 			       alt[a].ctas_per_sm, alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads,
-			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads, alt[a].spin, alt[a].pdl);
+			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads, alt[a].spin, alt[a].pdl,
+			       alt[a].merge_warp);
 			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim);
 			if (!small)
 				fast_batch(f, g);
@@ -937,12 +938,15 @@ static void bench_head(const char *what)
 
 /* The variants the bench times beside the defaults: knobs of attn_cuda_fast.h that change how a run ends (the
  * completion word instead of cudaStreamSynchronize, programmatic dependent launches, both), and with both, the
- * split floors (least keys per split of mean modes / heads lists; 0: the default's), which matter at 4K. */
+ * split floors (least keys per split of mean modes / heads lists), which matter at 4K, and the heads merge kernel
+ * a row per CTA always (mergew 0) or a row per warp always (mergew 1024). */
 static const struct bvar {
 	const char *name;
-	uint32_t spin, pdl, mink, minkh;
-} b_vars[] = {{"sync", 0, 0, 0, 0},       {"spin", 1, 0, 0, 0},        {"pdl", 0, 1, 0, 0},
-	      {"spin+pdl", 1, 1, 0, 0},   {"sp+mk16/32", 1, 1, 16, 32}, {"sp+mk64/128", 1, 1, 64, 128}};
+	uint32_t spin, pdl, mink, minkh, mergew; /* mink, minkh, mergew: ~0u = the default's */
+} b_vars[] = {{"sync", 0, 0, ~0u, ~0u, ~0u},        {"spin", 1, 0, ~0u, ~0u, ~0u},
+	      {"pdl", 0, 1, ~0u, ~0u, ~0u},         {"spin+pdl", 1, 1, ~0u, ~0u, ~0u},
+	      {"sp+mk16/32", 1, 1, 16, 32, ~0u},    {"sp+mk64/128", 1, 1, 64, 128, ~0u},
+	      {"sp+mergew0", 1, 1, ~0u, ~0u, 0},    {"sp+mergew1k", 1, 1, ~0u, ~0u, 1024}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
@@ -986,8 +990,10 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 	for (size_t v = 0; v < ARRAY_LEN(b_vars); v++) {
 		axf_knobs k = *def;
 		k.spin = b_vars[v].spin, k.pdl = b_vars[v].pdl;
-		if (b_vars[v].mink)
+		if (b_vars[v].mink != ~0u)
 			k.min_keys = b_vars[v].mink, k.min_keys_heads = b_vars[v].minkh;
+		if (b_vars[v].mergew != ~0u)
+			k.merge_warp = b_vars[v].mergew;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
 		bhost e = bd_time_host(d, m, fe, d->reps);
@@ -1058,14 +1064,14 @@ static int bench(ax_attn_cuda *c)
 		printf("# fast path not available here: kernel column empty\n");
 	if (ax__attn_fast_new(&ft, 0, s) != 0 || !ft || ax__attn_fast_timing(ft, 1) != 0 || ax__attn_fast_trace(ft, 1) != 0)
 		ft = NULL;
-	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	ax__attn_fast_knobs(f, &kn, NULL);
 	bench_head("bench");
 	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
-	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u pdl %u); generic = "
+	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u pdl %u mergew %u); generic = "
 	       "AX_ATTN_CUDA_FAST=0, e2e\n",
 	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
-	       kn.ctas_per_sm_heads, kn.spin, kn.pdl);
+	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp);
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
 	       "dispatch; e2e without events) | the host's parts of that e2e (medians, µs): plan+upload+launch calls, "
 	       "prefill, wait, finish\n");
