@@ -382,7 +382,7 @@ __device__ __forceinline__ unsigned long long gtime()
 /* A system-scope release store of the completion word (the host reads it with an acquire load). */
 __device__ __forceinline__ void st_release_sys(uint32_t *p, uint32_t v)
 {
-	AXF_SM90(asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory"));
+	AXF_SM90(asm volatile("st.release.sys.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory"));
 }
 #endif
 
