@@ -335,8 +335,11 @@ static inline uint32_t axf_lo_chunk(const axf_knobs *kn, uint64_t n, int lists)
 static inline uint64_t axf_total_splits_lo(const uint32_t *nk, const uint32_t *lo, uint32_t nj, uint64_t chunk)
 {
 	uint64_t t = 0;
-	for (uint32_t i = 0; i < nj; i++)
-		t += axf_splits(nk[i], chunk > lo[i] ? chunk : lo[i]);
+	const uint32_t c = chunk < UINT32_MAX ? (uint32_t)chunk : UINT32_MAX;
+	for (uint32_t i = 0; i < nj; i++) { /* 32-bit divisions (n < 2^31, the planner's hot loop) */
+		const uint32_t d = c > lo[i] ? c : lo[i];
+		t += nk[i] / d + (nk[i] % d != 0) + (nk[i] == 0); /* axf_splits: at least 1 */
+	}
 	return t;
 }
 
