@@ -747,6 +747,8 @@ static int pf_run(ax_attn_prefill *f, const ax_attn_job *jobs, ax_attn_result *o
 	if (e == cudaSuccess)
 		e = cudaMemcpyAsync(f->hbuf + p->lay.rflags, f->dbuf + p->lay.rflags, p->lay.down - p->lay.rflags,
 				    cudaMemcpyDeviceToHost, f->stream);
+	if (e == cudaSuccess)
+		axp_plan_prefill_rows(p, jobs, out); /* host work while the GPU runs */
 	cudaError_t se = cudaStreamSynchronize(f->stream); /* also: the next run rewrites the staging */
 	if (e == cudaSuccess)
 		e = se;

@@ -544,53 +544,73 @@ static inline axp_args axp_plan_args(const axp_plan *p, char *d, int ps)
 	return a;
 }
 
-/* One result row from list l of result pass-block b, row r (kout entries; the rest (-1, -inf)). */
-static inline void axp_expand(const axp_plan *p, const char *h, const axp_blk *b, uint32_t r, uint32_t l,
-			      int32_t head_id, ax_attn_result *o)
+/* Entries of row r of pass-block b: min(top_k, keys the row sees). */
+static inline uint32_t axp_kout(const axp_blk *b, uint32_t r)
 {
-	const float *lse = (const float *)(h + p->lay.res_lse);
-	const axf_ent *e = (const axf_ent *)(h + p->lay.res_ent) + b->rent0 + (uint64_t)l * b->K;
-	const uint64_t pos = b->p0 + r, first = axp_first_key(pos, b->window), nv = pos + 1 - first;
-	const uint32_t kout = b->K < nv ? b->K : (uint32_t)nv;
-	memcpy(o, &p->empty, sizeof *o);
-	o->head_id = head_id;
-	o->k = kout;
-	o->lse = (double)lse[b->res0 + l];
-	for (uint32_t i = 0; i < kout; i++) {
-		const int ok = e[i].p >= 0;
-		o->pos[i] = ok ? (int64_t)(b->lo + (uint64_t)e[i].p) : -1;
-		o->logit[i] = ok ? e[i].x : -INFINITY;
-	}
+	const uint64_t pos = b->p0 + r, nv = pos + 1 - axp_first_key(pos, b->window);
+	return b->K < nv ? b->K : (uint32_t)nv;
 }
 
-/* From the downloaded results in h (the staging at the layout's offsets): each placed job's code (-ERANGE over
- * -EDOM) and, where 0, its rows into out. */
-static inline void axp_plan_finish(axp_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
+/* Calls f(b, r, l, o, head_id) for every result row of every placed job: row r of result pass-block b, list l,
+ * output row o. */
+#define AXP_FOR_ROWS(p, jobs, out, BODY)                                                                         \
+	for (uint32_t k_ = 0; k_ < (p)->npb; k_++) {                                                              \
+		const axp_blk *b = &(p)->pb[k_];                                                                  \
+		if (b->res0 < 0)                                                                                  \
+			continue;                                                                                 \
+		for (uint32_t r = 0; r < b->R; r++) {                                                             \
+			const uint32_t i = (p)->rj[b->row0 + r], nl = b->mode == AXF_M_HEADS ? b->H : 1;          \
+			for (uint32_t hh = 0; hh < nl; hh++) {                                                    \
+				const uint32_t l = r * nl + hh;                                                   \
+				ax_attn_result *o = (out) + (p)->roff[i] + hh;                                    \
+				const int32_t head_id = b->mode == AXF_M_HEADS ? (int32_t)((jobs)[i].head_offset + hh) : -1; \
+				BODY                                                                              \
+			}                                                                                         \
+		}                                                                                                 \
+	}
+
+/*
+ * The half of the expansion that does not depend on the results, done while the kernels run (the driver calls it
+ * after the launches, before it waits): every result row of every placed job gets its head_id, k, lse 0 and every
+ * entry (-1, -inf) (one copy of a 784-byte template each: 100 MB for 4K heads rows of H_q 32). axp_plan_finish then
+ * writes only the logsumexp and the first k entries of the rows whose job succeeded.
+ */
+static inline void axp_plan_prefill_rows(axp_plan *p, const ax_attn_job *jobs, ax_attn_result *out)
 {
-	const uint32_t *fl = (const uint32_t *)(h + p->lay.rflags);
 	memset(&p->empty, 0, sizeof p->empty);
 	for (uint32_t e = 0; e < AX_ATTN_MAX_TOPK; e++)
 		p->empty.pos[e] = -1, p->empty.logit[e] = -INFINITY;
+	AXP_FOR_ROWS(p, jobs, out, {
+		(void)l;
+		memcpy(o, &p->empty, sizeof *o);
+		o->head_id = head_id;
+		o->k = axp_kout(b, r);
+	})
+}
+
+/* From the downloaded results in h (the staging at the layout's offsets; rows prefilled by axp_plan_prefill_rows):
+ * each placed job's code (-ERANGE over -EDOM) and, where 0, its rows' logsumexps and entries. */
+static inline void axp_plan_finish(axp_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
+{
+	const uint32_t *fl = (const uint32_t *)(h + p->lay.rflags);
+	const float *lse = (const float *)(h + p->lay.res_lse);
+	const axf_ent *ent = (const axf_ent *)(h + p->lay.res_ent);
 	for (uint32_t r = 0; r < p->nrows; r++) {
 		const uint32_t f = fl[r], i = p->rj[r];
 		rc[i] = f & AXF_F_RANGE ? -ERANGE : f & AXF_F_DOM ? -EDOM : 0;
 	}
-	for (uint32_t k = 0; k < p->npb; k++) {
-		const axp_blk *b = &p->pb[k];
-		if (b->res0 < 0)
+	AXP_FOR_ROWS(p, jobs, out, {
+		(void)head_id;
+		if (rc[i] != 0)
 			continue;
-		for (uint32_t r = 0; r < b->R; r++) {
-			const uint32_t i = p->rj[b->row0 + r];
-			if (rc[i] != 0)
-				continue;
-			if (b->mode == AXF_M_HEADS)
-				for (uint32_t hh = 0; hh < b->H; hh++)
-					axp_expand(p, h, b, r, r * b->H + hh, (int32_t)(jobs[i].head_offset + hh),
-						   out + p->roff[i] + hh);
-			else
-				axp_expand(p, h, b, r, r, -1, out + p->roff[i]);
+		const axf_ent *e = ent + b->rent0 + (uint64_t)l * b->K;
+		o->lse = (double)lse[b->res0 + l];
+		for (uint32_t x = 0; x < o->k; x++) {
+			const int ok = e[x].p >= 0;
+			o->pos[x] = ok ? (int64_t)(b->lo + (uint64_t)e[x].p) : -1;
+			o->logit[x] = ok ? e[x].x : -INFINITY;
 		}
-	}
+	})
 }
 
 /* ---- the driver (attn_cuda_prefill.cu) ------------------------------------------------------------------------ */

@@ -74,6 +74,7 @@ static uint32_t pemu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *ou
 			x.merge = 1;
 			emu_launch((p->lists[ps] + AXP_NW - 1) / AXP_NW, 16, pemu_body, &x);
 		}
+		axp_plan_prefill_rows(p, jobs, out);
 		axp_plan_finish(p, buf, jobs, out, rc);
 		free(buf);
 	}

@@ -262,6 +262,7 @@ static void test_finish(void **state)
 	}
 	ax_attn_result out[32];
 	memset(out, 0x5a, sizeof out);
+	axp_plan_prefill_rows(p, jobs, out);
 	axp_plan_finish(p, h, jobs, out, rc);
 	assert_int_equal(rc[0], 0);
 	assert_int_equal(rc[1], -EDOM);
