@@ -138,6 +138,7 @@ class HFExporter:
         self.set_export_layers(layers)
         self._impl_name = impl_name
         dev_ = dev
+        self._cuda = getattr(dev, "type", None) == "cuda"  # a side stream only for a model on a CUDA device
         self._streams = SideStreams(self.L + 1, lambda: torch.cuda.Stream(device=dev_), torch.cuda.Event,
                                     lambda: torch.cuda.current_stream(dev_))
         self.side = False
@@ -198,15 +199,16 @@ class HFExporter:
         """Where the export kernels run: False = the engine's stream (in line); True = a side stream forked from
         it at each layer and joined at the end of the forward (attnx.streams); "capture" = the side stream only
         while a CUDA graph is being captured (eager forwards stay in line: no event calls on their host path).
-        Takes effect from the next forward (call outside capture)."""
+        Takes effect from the next forward (call outside capture). A model that is not on a CUDA device always runs
+        in line (no stream is made for it)."""
         if side not in (False, True, "capture"):
             raise ValueError("attnx: side must be False, True or 'capture', not %r" % (side,))
         self.side = side
-        if side and torch.cuda.is_available():
+        if side and self._cuda:
             self._streams.prepare()
 
     def _side_now(self):
-        if self.disabled or self.g is None or not self.side:
+        if self.disabled or self.g is None or not self.side or not self._cuda:
             return False
         if self.side is True:
             return True

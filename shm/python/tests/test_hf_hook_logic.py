@@ -312,6 +312,7 @@ def main():
         forward(model, torch.tensor([[1], [2]]), 6)
         expect(not kernels(calls), "calls after disabling: %r" % kernels(calls))
         out.append("an export error disables export quietly")
+        out.append(cpu_model_case(hf))  # last: its exporter takes over the global "attnx" attention
     finally:
         ax.ex.close()
     out += consumer_runs(hf)
@@ -360,6 +361,7 @@ def side_case(hf, ax, model):
     ks = ("begin_q", "q", "q_publish", "step_begin", "publish")
     main = FakeStream("main")
     ax._streams = SideStreams(L + 1, lambda: FakeStream("side"), FakeEvent, lambda: main)
+    ax._cuda = True  # the stand-in plays a CUDA model here, its streams the fakes above
     ax.set_side(True)
     del where[:]
     forward(model, torch.tensor([[7], [8]]), 5)
@@ -404,10 +406,32 @@ def side_case(hf, ax, model):
         hf.torch.cuda.is_available, hf.torch.cuda.is_current_stream_capturing = saved
     expect(set(w[1] for w in where) == {"side"} and forked(calls, ks) is None, "capture mode, capturing: %r" % where)
     ax.set_side(False)
+    ax._cuda = False
     del where[:]
     forward(model, torch.tensor([[7], [8]]), 6)
     expect(set(w[1] for w in where) == {"main"}, "side off again: %r" % where)
     return "side stream: every export kernel forked per layer, BEGIN/END/start in line, one join; 'capture' mode"
+
+
+def cpu_model_case(hf):
+    """A model on the CPU of a machine with CUDA (the GPU machine's run of this very test, 59d905b): the default
+    side="capture" and set_side(True) make no stream (torch.cuda.Stream(device=cpu) raises) and run in line."""
+    saved = hf.torch.cuda.is_available, hf.torch.cuda.is_current_stream_capturing
+    hf.torch.cuda.is_available, hf.torch.cuda.is_current_stream_capturing = (lambda: True), (lambda: True)
+    m = Model()
+    cx = None
+    try:
+        cx = hf.HFExporter(m, "cache", batch_size=B, max_cache_len=LMAX, name="/attnx.hfcpu%d" % os.getpid())
+        cx.set_side(True)
+        del where[:]
+        forward(m, torch.tensor([[7], [8]]), 1)
+        expect(cx.side is True and cx._streams.side is None and {w[1] for w in where} == {"main"} and
+               not any(c[0] == "record" for c in calls), "a CPU model in line: %r" % where)
+    finally:
+        hf.torch.cuda.is_available, hf.torch.cuda.is_current_stream_capturing = saved
+        if cx is not None:
+            cx.ex.close()
+    return "a CPU model on a machine with CUDA: no side stream made, in line (side='capture' default, side=True)"
 
 
 def defer_case(hf, ax, model):
@@ -447,12 +471,14 @@ def defer_case(hf, ax, model):
            kernels(calls))
     main = FakeStream("main")
     ax._streams = SideStreams(L + 1, lambda: FakeStream("side"), FakeEvent, lambda: main)
+    ax._cuda = True  # the stand-in plays a CUDA model here, its streams the fakes above
     ax.set_side(True)
     del where[:]
     forward(model, torch.tensor([[7], [8]]), 4)
     expect(where == [("all", "side")] and len([c for c in calls if c[0] == "record"]) == 2 and
            forked(calls, ("all",)) is None, "defer on the side stream: %r %r" % (where, calls))
     ax.set_side(False)
+    ax._cuda = False
     ax.defer = False
     forward(model, torch.tensor([[7], [8]]), 5)
     expect(kernels(calls) == ["begin_q"] + ["q"] * (L - 2) + ["q_publish"], "defer off again %r" % kernels(calls))
