@@ -275,6 +275,7 @@ def graph_case(steps=1100):
             reports[graph] = exporter_report(ax)
     finally:
         ax.close()
+    layout = "side=%r defer=%r, %d side-stream forks" % (ax.side, ax.defer, ax._streams.forks)  # which layout ran
     (s0, l0), (s1, l1) = runs[False], runs[True]
     check(s0 == s1, "graph: the replayed decode generated other tokens")
     P = len(prompt)
@@ -295,8 +296,8 @@ def graph_case(steps=1100):
         check(r["top_pos"] == e["top_pos"], "graph: top-5 differ at %d" % r["position"])
         worst = max(worst, max(abs(x - y) for a, b in zip(r["top_prob"], e["top_prob"]) for x, y in zip(a, b)))
     check(worst < 1e-4, "graph: worst probability difference vs eager %.3g" % worst)
-    print("graph: %d replays, %d and %d rows (eager, graph), worst diff %.2e" % (
-        steps - 2, len(a0), sum(1 for r in l1 if r["t"] == "attn"), worst))
+    print("graph: %d replays, %d and %d rows (eager, graph), worst diff %.2e (%s)" % (
+        steps - 2, len(a0), sum(1 for r in l1 if r["t"] == "attn"), worst, layout))
 
 
 def main():
