@@ -34,7 +34,8 @@
  * One step = ax_graph_step_begin, ax_graph_export_q once per layer (any order, layers not wanted are no-ops on the
  * GPU), ax_graph_step_publish after the last layer's attention has written its keys. All calls of one handle go
  * to one stream, in that order, from one host thread. Kernels per step: 2 + layers; the fused forms
- * (ax_graph_step_begin_q, ax_graph_export_q_publish) make it `layers` for small steps.
+ * (ax_graph_step_begin_q, ax_graph_export_q_publish) make it `layers` for small steps; an engine that can hold every
+ * layer's Q until its last layer calls ax_graph_step_all once instead (one kernel for a small step, three else).
  *
  * Descriptor semantics are DESIGN §2 / attnx_shm.h: per valid batch row one FORWARD with the exported tokens
  * (prefill rows: every token when the consumer wants prefill rows, else the row's last token only), Q rows

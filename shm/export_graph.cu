@@ -21,6 +21,13 @@
  * Nothing here allocates, synchronises or reads the host after ax_graph_open: the wanted layers, the consumer's
  * liveness and a clock come from a pinned block that the heartbeat thread refreshes every 10 ms.
  *
+ * Cost (session 4, measured on an H200 by shm/python/tests/bench_gpu_export.py): a step kernel is a chain of
+ * dependent loads (the heartbeat block and the consumer's tail over PCIe, ~1.3 µs each; the request map and rows in
+ * device memory; block scans), 5-12 µs each; system fences cost nothing measurable. AX_GRAPH_OPT_FEWER (the default
+ * layout) loads the heartbeat block in one round trip, issues the publish's host loads before its copy, and puts the
+ * arena head and the slots' seq-0 words behind one fence (3 fences per publish, not 5). ax_graph_step_all makes a
+ * whole decode step one kernel (k_step_all), which attnx.hf enqueues on a side stream in captured graphs.
+ *
  * Written on a machine without a GPU; the host-side helpers are unit-tested (export_graph_test.c). The kernels
  * ran on an H200 and H100s on 2026-11-27 (the HF, SGLang-shaped and TP-2 GPU tests: shm/python/README.md).
  */
