@@ -216,7 +216,7 @@ class HFExporter:
 
     def _post_forward(self, module, args, output):
         try:
-            self._streams.join()
+            self._streams.end()
         except Exception as e:  # never into the model
             self._fail("join", e)
         return None

@@ -67,6 +67,14 @@ class SideStreams:
             self.held.append(keep)
         return self.side
 
+    def end(self):
+        """At the end of a forward: join, and fork no more until the next begin (a forward that reaches the export
+        calls without passing the pre-hook, e.g. the inner model called directly, then runs in line and cannot leave
+        side work unjoined)."""
+        joined = self.join()
+        self.on = False
+        return joined
+
     def join(self):
         """At the end of a forward: the engine's stream waits for the side stream's kernels; held tensors are
         released (their memory may be reused by work ordered after the join)."""

@@ -12,7 +12,8 @@ hook), checked against the exact sequence of stream operations it must produce:
   * a forward that never reached its join (an exception) is joined by the next begin, before anything else;
   * the current stream is looked up at every fork and join (under graph capture it is the capture stream);
   * a fork point out of range raises (a caller bug, caught by attnx.hf's export guard);
-  * on then off: the second forward enqueues nothing on the side stream.
+  * on then off: the second forward enqueues nothing on the side stream;
+  * end (the forward hook's): joins, and forks no more until the next begin.
 """
 import os
 import sys
@@ -143,7 +144,19 @@ def case_on_off():
     expect(s.fork(0) is None and not s.join() and log == [], "off after on: %s" % log)
 
 
-CASES = [case_off, case_on, case_unjoined, case_capture_stream, case_range, case_on_off]
+def case_end():
+    del log[:]
+    s = new()
+    s.begin(True)
+    s.fork(0, "q0")
+    expect(s.end() and s.held == [], "end joins")
+    del log[:]
+    expect(s.fork(1) is None and log == [] and not s.end(), "after end: in line until the next begin: %s" % log)
+    s.begin(True)
+    expect(s.fork(1) is s.side, "the next begin forks again")
+
+
+CASES = [case_off, case_on, case_unjoined, case_capture_stream, case_range, case_on_off, case_end]
 
 
 def main():
