@@ -1199,6 +1199,7 @@ struct ax_attn_fast {
 	double host_us[4];      /* the last run on the host clock (ax__attn_fast_host_us) */
 	axf_plan *plan;
 	axf_split split;
+	axf_pool pool;          /* helper threads for runs with many rows (knob threads) */
 };
 
 static int fast_fail(ax_attn_fast *f, cudaError_t e)
@@ -1377,6 +1378,7 @@ void ax__attn_fast_free(ax_attn_fast *f)
 	if (!f)
 		return;
 	cudaStreamSynchronize(f->stream);
+	axf_pool_fini(&f->pool);
 	if (f->ev[0])
 		cudaEventDestroy(f->ev[0]);
 	if (f->ev[1])
@@ -1562,7 +1564,11 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		return r;
 	}
 	const double t1 = host_now_us();
-	axf_plan_prefill(p, jobs, out, rc); /* the results' frame, while the kernels run */
+	const uint32_t nt = axf_pool_ready(&f->pool, p->kn.threads, p->rows);
+	if (nt > 1) /* the results' frame, while the kernels run: on nt threads, or the caller's alone */
+		axf_pool_start(&f->pool, nt, p, jobs, out, f->hbuf);
+	else
+		axf_plan_prefill(p, jobs, out);
 	const double t2 = host_now_us();
 	e = seq ? fast_wait(f, seq) : cudaStreamSynchronize(f->stream); /* then the results are in the mapped staging */
 	const double t3 = host_now_us();
@@ -1575,9 +1581,17 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		if (e == cudaSuccess)
 			e = cudaStreamSynchronize(f->stream);
 	}
-	if (e != cudaSuccess)
+	if (e != cudaSuccess) {
+		if (nt > 1)
+			axf_pool_finish(&f->pool, 0);
 		return fast_fail(f, e);
-	r = axf_plan_finish(p, f->hbuf, jobs, out, rc);
+	}
+	axf_plan_codes(p, f->hbuf, rc);
+	if (nt > 1)
+		axf_pool_finish(&f->pool, 1);
+	else
+		axf_finish_range(p, f->hbuf, jobs, out, 0, p->n);
+	r = 0;
 	const double t4 = host_now_us();
 	f->host_us[0] = t1 - t0, f->host_us[1] = t2 - t1, f->host_us[2] = t3 - t2, f->host_us[3] = t4 - t3;
 	return r;

@@ -39,6 +39,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,6 +86,8 @@ typedef struct axf_knobs {
 				    * launch (they start while the launch before them drains and wait for it on the GPU) */
 	uint32_t merge_warp;       /* a merge launch whose pass-jobs have at most this many splits merges a row per
 				    * warp (8 rows per CTA), else a row per CTA (all 8 warps on it) */
+	uint32_t threads;          /* host threads for a run's rows when it has ≥ AXF_POOL_MIN_ROWS (0, 1: the
+				    * calling thread only; at most AXF_POOL_MAX): axf_pool */
 } axf_knobs;
 
 /* The defaults, from the H100 sweep of run 7 (capture/dev/RESULTS.md): CTAs per SM = the occupancy (3, 4, 8
@@ -94,7 +97,7 @@ typedef struct axf_knobs {
  * 200 → 150, 1M 878 → 817, 64 × 4K 251 → 241), heads launches on the same wave size. merge_warp 32: run 7's
  * merge kernel (a row per warp) had 64 × 4K heads (4 splits per row) at 241 µs, run 8's (a row per CTA) 275 µs,
  * while 128K (264 splits) went 150 → 142 µs the other way. spin and pdl: off until measured (session 4). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 64, 0, 1, 0, 0, 0, 32}
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 64, 0, 1, 0, 0, 0, 32, 0}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -214,6 +217,8 @@ typedef struct axf_plan {
 	size_t nk_cap;
 	uint32_t *uf;               /* [n] finish scratch: flags of each user job */
 	size_t uf_cap;
+	uint8_t *planned;           /* [n] 1: job i runs here (its rc was 0 after planning) */
+	size_t planned_cap;
 	ax_attn_result empty;       /* an empty row (k 0, every entry (-1, -inf)): expansion starts from it */
 	int empty_ok;
 	uint32_t n, njb, nso, nlse;
@@ -365,20 +370,21 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
- * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP (decimal,
- * 0 .. 2^30). */
+ * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
+ * AX_FAST_THREADS (decimal, 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[10] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[11] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
 					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
-					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP"};
-	uint32_t *f[10] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP",
+					      "AX_FAST_THREADS"};
+	uint32_t *f[11] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
 			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
-			   &kn->merge_warp};
-	for (int i = 0; i < 10; i++) {
+			   &kn->merge_warp,     &kn->threads};
+	for (int i = 0; i < 11; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -402,6 +408,7 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p->eoff);
 	free(p->lo);
 	free(p->uf);
+	free(p->planned);
 	free(p->nk);
 	free(p);
 }
@@ -560,7 +567,9 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 {
 	if (axc_grow((void **)&p->roff, &p->roff_cap, n, sizeof *p->roff) ||
 	    axc_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot) ||
-	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff))
+	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff) ||
+	    axc_grow((void **)&p->uf, &p->uf_cap, n ? n : 1, sizeof *p->uf) ||
+	    axc_grow((void **)&p->planned, &p->planned_cap, n ? n : 1, sizeof *p->planned))
 		return -ENOMEM;
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
 	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0;
@@ -568,6 +577,7 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 		int why = axf_why_not(&jobs[i]);
 		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
 		p->roff[i] = (uint32_t)p->rows;
+		p->planned[i] = rc[i] == 0;
 		p->rows += axc_out_rows(&jobs[i]);
 		p->lslot[i] = p->nlse;
 		p->eoff[i] = p->rents;
@@ -636,18 +646,12 @@ static inline void axf_empty_row(axf_plan *p)
 	p->empty_ok = 1;
 }
 
-/*
- * The half of the expansion that does not depend on the results, done while the kernels run (the driver calls it
- * after the launches, before it waits): every row of every planned job (rc[i] == 0) gets its head_id, its k
- * (= kout), entries past k as (-1, -inf) (attn_cuda.h's contract) and lse 0 — one copy of a 784-byte row each
- * (1.6 MB for 64 × 4K heads: run 8's ~120 µs of host work after the GPU was done). axf_plan_finish then writes
- * only the logsumexp and the first kout entries of each row. Rows of jobs the kernels fail are undefined anyway.
- */
-static inline void axf_plan_prefill(axf_plan *p, const ax_attn_job *jobs, ax_attn_result *out, const int *rc)
+/* Prefill (below) of jobs [i0, i1). */
+static inline void axf_prefill_range(axf_plan *p, const ax_attn_job *jobs, ax_attn_result *out, uint32_t i0,
+				     uint32_t i1)
 {
-	axf_empty_row(p);
-	for (uint32_t i = 0; i < p->n; i++) {
-		if (rc[i] != 0)
+	for (uint32_t i = i0; i < i1; i++) {
+		if (!p->planned[i])
 			continue;
 		const ax_attn_job *j = &jobs[i];
 		const uint32_t rows = axc_out_rows(j), kout = axf_kout(j), heads = j->mode == AX_MODE_HEADS;
@@ -658,6 +662,19 @@ static inline void axf_plan_prefill(axf_plan *p, const ax_attn_job *jobs, ax_att
 			o[r].k = kout;
 		}
 	}
+}
+
+/*
+ * The half of the expansion that does not depend on the results, done while the kernels run (the driver calls it
+ * after the launches, before it waits): every row of every planned job gets its head_id, its k (= kout), entries
+ * past k as (-1, -inf) (attn_cuda.h's contract) and lse 0 — one copy of a 784-byte row each (1.6 MB for 64 × 4K
+ * heads: run 8's ~120 µs of host work after the GPU was done). axf_plan_finish then writes only the logsumexp and
+ * the first kout entries of each row. Rows of jobs the kernels fail are undefined anyway.
+ */
+static inline void axf_plan_prefill(axf_plan *p, const ax_attn_job *jobs, ax_attn_result *out)
+{
+	axf_empty_row(p);
+	axf_prefill_range(p, jobs, out, 0, p->n);
 }
 
 /* The result half of row o (prefilled): its logsumexp and kout entries from the compact form (offset -1: empty).
@@ -675,26 +692,28 @@ static inline void axf_finish_row(ax_attn_result *o, float lse, const axf_ent *e
 		lg[i] = c[i].p >= 0 ? c[i].x : -INFINITY;
 }
 
-/* From the results in the staging buffer h: each planned job's code (the OR of its pass-jobs' flags; -ERANGE wins
- * over -EDOM, as in attn_cpu) and, where 0, the results written into its rows, which axf_plan_prefill has prepared
- * (the caller calls it first, for the same jobs and out). Jobs whose rc was already non-zero are left alone.
- * Returns 0 or -ENOMEM (the flags scratch). */
-static inline int axf_plan_finish(axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
+/* Each planned job's flags (the OR of its pass-jobs' flag words, into p->uf) and code (-ERANGE wins over -EDOM, as in
+ * attn_cpu) from the staging buffer h; jobs whose rc was already non-zero are left alone. */
+static inline void axf_plan_codes(axf_plan *p, const char *h, int *rc)
 {
-	if (axc_grow((void **)&p->uf, &p->uf_cap, p->n ? p->n : 1, sizeof *p->uf))
-		return -ENOMEM;
 	const uint32_t *pflags = (const uint32_t *)(h + p->lay.pflags);
-	const float *rlse = (const float *)(h + p->lay.rlse);
-	const axf_ent *rent = (const axf_ent *)(h + p->lay.rent);
 	memset(p->uf, 0, p->n * sizeof *p->uf);
 	for (uint32_t k = 0; k < p->njb; k++)
 		p->uf[p->jb[k].flag] |= pflags[k];
-	const uint32_t *flags = p->uf;
-	for (uint32_t i = 0; i < p->n; i++) {
-		if (rc[i] != 0)
-			continue;
-		rc[i] = flags[i] & AXF_F_RANGE ? -ERANGE : flags[i] & AXF_F_DOM ? -EDOM : 0;
-		if (rc[i] != 0)
+	for (uint32_t i = 0; i < p->n; i++)
+		if (p->planned[i])
+			rc[i] = p->uf[i] & AXF_F_RANGE ? -ERANGE : p->uf[i] & AXF_F_DOM ? -EDOM : 0;
+}
+
+/* The results of jobs [i0, i1) whose flags (axf_plan_codes) are clear, into their prefilled rows. Reads only the
+ * plan, p->uf and h: threads may run disjoint ranges at once. */
+static inline void axf_finish_range(const axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out,
+				    uint32_t i0, uint32_t i1)
+{
+	const float *rlse = (const float *)(h + p->lay.rlse);
+	const axf_ent *rent = (const axf_ent *)(h + p->lay.rent);
+	for (uint32_t i = i0; i < i1; i++) {
+		if (!p->planned[i] || p->uf[i] & (AXF_F_RANGE | AXF_F_DOM))
 			continue;
 		const ax_attn_job *j = &jobs[i];
 		uint64_t start, nv;
@@ -705,7 +724,191 @@ static inline int axf_plan_finish(axf_plan *p, const char *h, const ax_attn_job 
 		for (uint32_t r = 0; r < rows; r++, e += kout)
 			axf_finish_row(out + r0 + r, rlse[r0 + r], e, kout, start);
 	}
+}
+
+/* From the results in the staging buffer h: each planned job's code (axf_plan_codes) and, where 0, the results
+ * written into its rows, which axf_plan_prefill has prepared (the caller calls it first, for the same jobs and
+ * out). Jobs whose rc was already non-zero are left alone. Returns 0. */
+static inline int axf_plan_finish(axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
+{
+	axf_plan_codes(p, h, rc);
+	axf_finish_range(p, h, jobs, out, 0, p->n);
 	return 0;
+}
+
+/* ---- the row pool: prefill and finish on several host threads (knob threads) ------------------------------------ */
+
+#define AXF_POOL_MAX 8            /* threads of a run, the caller's included */
+#define AXF_POOL_MIN_ROWS 512     /* fewer rows: the calling thread alone (a wake-up costs more) */
+
+/*
+ * Helper threads for runs with many result rows (64 × 4K heads: 2048 rows, ~25 µs of finish on one CPU core after
+ * the GPU is done). A run's jobs are cut into nt ranges of about equal rows; axf_pool_start (after the launches)
+ * wakes the helpers (a condition variable: they sleep between runs) and prefills range 0 on the calling thread;
+ * helper t prefills range t, then spins until the caller, once the results are in and the codes are known
+ * (axf_plan_codes), releases the finish (axf_pool_finish: a release store of the generation into `go`; helpers
+ * load it with acquire, so p->uf and the staging are theirs to read), finishes range t and counts itself out
+ * (`left`, release; the caller waits for 0 with acquire before it returns, so every row is written). Each thread
+ * prefills and finishes the same range: no row is written by two threads. An aborted run (a CUDA error) releases the
+ * helpers with `abort` set: they skip the finish. The spinning costs a core per helper for the length of the
+ * kernels, which is why it is a knob (off by default) and only for runs of ≥ AXF_POOL_MIN_ROWS rows.
+ */
+typedef struct axf_pool {
+	pthread_t th[AXF_POOL_MAX];
+	uint32_t nth;                 /* helpers started (threads of a run: nth + 1) */
+	int init;                     /* mu and cv initialised */
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	uint32_t gen;                 /* the run's generation (written under mu, read by helpers under mu) */
+	uint32_t stop;                /* under mu: helpers exit */
+	axf_plan *p;                  /* the run (written before gen, under mu) */
+	const ax_attn_job *jobs;
+	ax_attn_result *out;
+	const char *h;
+	uint32_t nt;                  /* threads of this run (≤ nth + 1); helpers t ≥ nt sit it out */
+	uint32_t cut[AXF_POOL_MAX + 1];
+	uint32_t go;                  /* atomic: the generation whose finish may start */
+	uint32_t abort;               /* written before go: 1 = skip the finish */
+	uint32_t left;                /* atomic: helpers of this run still working */
+} axf_pool;
+
+typedef struct axf_pool_arg {
+	axf_pool *pool;
+	uint32_t t;
+	uint32_t gen0;                /* the generation when it was created: it works from the next one on */
+} axf_pool_arg;
+
+/* Ranges [cut[t], cut[t+1]) of jobs with about rows/nt rows each (by the plan's row offsets). */
+static inline void axf_pool_cuts(const axf_plan *p, uint32_t nt, uint32_t *cut)
+{
+	uint32_t i = 0;
+	cut[0] = 0;
+	for (uint32_t t = 1; t < nt; t++) {
+		const uint64_t want = p->rows * t / nt;
+		while (i < p->n && p->roff[i] < want)
+			i++;
+		cut[t] = i;
+	}
+	cut[nt] = p->n;
+}
+
+static inline void *axf_pool_main(void *arg)
+{
+	axf_pool_arg a = *(axf_pool_arg *)arg;
+	free(arg);
+	axf_pool *pl = a.pool;
+	uint32_t seen = a.gen0; /* not pl->gen: the caller may have started a run before this thread got here */
+	pthread_mutex_lock(&pl->mu);
+	for (;;) {
+		while (pl->gen == seen && !pl->stop)
+			pthread_cond_wait(&pl->cv, &pl->mu);
+		if (pl->stop)
+			break;
+		seen = pl->gen;
+		axf_plan *p = pl->p;
+		const ax_attn_job *jobs = pl->jobs;
+		ax_attn_result *out = pl->out;
+		const char *h = pl->h;
+		const uint32_t nt = pl->nt, i0 = a.t < nt ? pl->cut[a.t] : 0, i1 = a.t < nt ? pl->cut[a.t + 1] : 0;
+		pthread_mutex_unlock(&pl->mu);
+		if (a.t < nt) {
+			axf_prefill_range(p, jobs, out, i0, i1);
+			while (__atomic_load_n(&pl->go, __ATOMIC_ACQUIRE) != seen)
+#if defined(__x86_64__) || defined(__i386__)
+				__builtin_ia32_pause();
+#else
+				;
+#endif
+			if (!pl->abort)
+				axf_finish_range(p, h, jobs, out, i0, i1);
+			__atomic_fetch_sub(&pl->left, 1, __ATOMIC_RELEASE);
+		}
+		pthread_mutex_lock(&pl->mu);
+	}
+	pthread_mutex_unlock(&pl->mu);
+	return NULL;
+}
+
+/* Stop and join the helpers. Accepts a pool never started. */
+static inline void axf_pool_fini(axf_pool *pl)
+{
+	if (!pl->init)
+		return;
+	pthread_mutex_lock(&pl->mu);
+	pl->stop = 1;
+	pthread_cond_broadcast(&pl->cv);
+	pthread_mutex_unlock(&pl->mu);
+	for (uint32_t t = 0; t < pl->nth; t++)
+		pthread_join(pl->th[t], NULL);
+	pthread_cond_destroy(&pl->cv);
+	pthread_mutex_destroy(&pl->mu);
+	memset(pl, 0, sizeof *pl);
+}
+
+/* Threads for a run of `rows` rows with `want` threads asked for (the knob): helpers started as needed; returns
+ * the threads to use (1: the caller alone, also when a helper cannot be started). */
+static inline uint32_t axf_pool_ready(axf_pool *pl, uint32_t want, uint64_t rows)
+{
+	want = want > AXF_POOL_MAX ? AXF_POOL_MAX : want;
+	if (want < 2 || rows < AXF_POOL_MIN_ROWS)
+		return 1;
+	if (!pl->init) {
+		if (pthread_mutex_init(&pl->mu, NULL) != 0)
+			return 1;
+		if (pthread_cond_init(&pl->cv, NULL) != 0) {
+			pthread_mutex_destroy(&pl->mu);
+			return 1;
+		}
+		pl->init = 1;
+	}
+	while (pl->nth + 1 < want) {
+		axf_pool_arg *a = (axf_pool_arg *)malloc(sizeof *a);
+		if (!a)
+			break;
+		pthread_mutex_lock(&pl->mu); /* the new helper takes part from the next generation on */
+		a->pool = pl, a->t = pl->nth + 1, a->gen0 = pl->gen;
+		int e = pthread_create(&pl->th[pl->nth], NULL, axf_pool_main, a);
+		if (e == 0)
+			pl->nth++;
+		pthread_mutex_unlock(&pl->mu);
+		if (e != 0) {
+			free(a);
+			break;
+		}
+	}
+	return pl->nth + 1 < want ? pl->nth + 1 : want;
+}
+
+/* Start a run's rows on nt threads (axf_pool_ready's answer, ≥ 2): the helpers prefill their ranges, the caller
+ * range 0 (returns when it has). */
+static inline void axf_pool_start(axf_pool *pl, uint32_t nt, axf_plan *p, const ax_attn_job *jobs,
+				  ax_attn_result *out, const char *h)
+{
+	axf_empty_row(p);
+	pthread_mutex_lock(&pl->mu);
+	pl->p = p, pl->jobs = jobs, pl->out = out, pl->h = h, pl->nt = nt, pl->abort = 0;
+	axf_pool_cuts(p, nt, pl->cut);
+	__atomic_store_n(&pl->left, nt - 1, __ATOMIC_RELAXED);
+	pl->gen++;
+	pthread_cond_broadcast(&pl->cv);
+	pthread_mutex_unlock(&pl->mu);
+	axf_prefill_range(p, jobs, out, pl->cut[0], pl->cut[1]);
+}
+
+/* The finish of the run started by axf_pool_start: ok = the results are in and rc holds the codes (axf_plan_codes,
+ * called before); 0 = abort (the helpers skip their finish). Returns once every helper is done with this run. */
+static inline void axf_pool_finish(axf_pool *pl, int ok)
+{
+	pl->abort = !ok;
+	__atomic_store_n(&pl->go, pl->gen, __ATOMIC_RELEASE);
+	if (ok)
+		axf_finish_range(pl->p, pl->h, pl->jobs, pl->out, pl->cut[0], pl->cut[1]);
+	while (__atomic_load_n(&pl->left, __ATOMIC_ACQUIRE) != 0)
+#if defined(__x86_64__) || defined(__i386__)
+		__builtin_ia32_pause();
+#else
+		;
+#endif
 }
 
 /* ---- a batch split between the fast and the generic path ------------------------------------------------------- */

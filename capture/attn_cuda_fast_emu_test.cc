@@ -107,7 +107,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		assert_true(tr[AXF_TR_MERGE0] == ~0ull || tr[AXF_TR_MERGE1] <= tr[AXF_TR_MDONE1]);
 		assert_true(tr[AXF_TR_MK0] == ~0ull || tr[AXF_TR_MKGO] <= tr[AXF_TR_MKDONE]);
 	}
-	axf_plan_prefill(p, jobs, out, rc); /* the driver does this while the kernels run */
+	axf_plan_prefill(p, jobs, out); /* the driver does this while the kernels run */
 	assert_int_equal(axf_plan_finish(p, buf, jobs, out, rc), 0);
 	for (uint32_t k = 0; k < p->njb; k++) /* every last CTA reset its ticket (sepm ones never took any) */
 		assert_int_equal(tick[k], 0);
@@ -173,10 +173,10 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},  {64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4}},
-	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0}},  /* up to ~94 splits, every heads list merged apart: S·E > one warp's 256 */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},  {64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}},  /* up to ~94 splits, every heads list merged apart: S·E > one warp's 256 */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -198,7 +198,7 @@ static void test_cases(void **state)
 				fail_msg("%s (plan %zu): rc %d", emu_cases[i].name, p, rc);
 			check_job(&t.job, out, emu_cases[i].name);
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -225,7 +225,7 @@ static void test_many_splits(void **state)
 		for (uint32_t mh = 0; mh < 3; mh++) { /* heads lists: last CTA, merge kernel a row per CTA / per warp */
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u};
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0};
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
 			if (rc != 0)
 				fail_msg("%s: rc %d", cs[i].name, rc);
@@ -233,7 +233,7 @@ static void test_many_splits(void **state)
 			if (cs[i].mode != HD)
 				break;
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -293,7 +293,7 @@ static void test_all_ties(void **state)
 					assert_int_equal(out[r].pos[e], (int64_t)(first + e));
 				}
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -324,10 +324,10 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
-	g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (size_t i = 0; i < n; i++)
 		check_job(&jobs[i], b + off[i], emu_cases[i].name);
 	for (size_t i = 0; i < n; i++)
@@ -376,10 +376,10 @@ static void test_random(void **state)
 		if (round == 1) /* random knobs */
 			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
-					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40)};
+					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 		for (int i = 0; i < NJ; i++) {
 			char name[128];
 			snprintf(name, sizeof name, "random job %d (mode %u, H %u, H_kv %u, k %u, n %llu, window %d, resident %u)",

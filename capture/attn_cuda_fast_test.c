@@ -200,7 +200,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -225,13 +225,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -250,10 +250,12 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_SPIN", "1", 1);
 	setenv("AX_FAST_PDL", "x1", 1);
 	setenv("AX_FAST_MERGE_WARP", "7", 1);
+	setenv("AX_FAST_THREADS", "4", 1);
 	axf_knobs_env(&k);
 	assert_int_equal(k.spin, 1);
 	assert_int_equal(k.pdl, d.pdl);
 	assert_int_equal(k.merge_warp, 7);
+	assert_int_equal(k.threads, 4);
 	assert_int_equal(k.ctas_per_sm_heads, 3);
 	assert_int_equal(k.ctas_per_sm, 4);
 	assert_int_equal(k.min_keys, d.min_keys);
@@ -263,7 +265,8 @@ static void test_knobs_env(void **state)
 	assert_int_equal(k.merge_heads, 0);
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
-			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP"};
+			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP",
+			       "AX_FAST_THREADS"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -458,7 +461,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -486,7 +489,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
@@ -571,7 +574,7 @@ static void test_finish(void **state)
 	uint64_t rows = p->rows;
 	ax_attn_result *out = calloc(rows, sizeof *out);
 	assert_non_null(out);
-	axf_plan_prefill(p, jobs, out, rc); /* the driver: while the kernels run */
+	axf_plan_prefill(p, jobs, out); /* the driver: while the kernels run */
 	for (uint64_t r = 1; r < 33; r++) /* results are written by finish, not by the prefill */
 		for (uint32_t e = 0; e < 10; e++)
 			assert_int_equal(out[r].pos[e], -1);
@@ -603,6 +606,83 @@ static void test_finish(void **state)
 	assert_int_equal(out[34].k, 0);
 	free(out);
 	free(h);
+	axf_plan_free(p);
+}
+
+/* ---- the row pool ---------------------------------------------------------------------------------------------------- */
+
+/* Synthetic results of plan p in a staging buffer: lse per row, entries (some empty), flags of job `bad` set. */
+static char *fake_results(const axf_plan *p, uint32_t bad)
+{
+	char *h = calloc(1, p->lay.off_dev);
+	assert_non_null(h);
+	float *rlse = (float *)(h + p->lay.rlse);
+	axf_ent *rent = (axf_ent *)(h + p->lay.rent);
+	uint32_t *pflags = (uint32_t *)(h + p->lay.pflags);
+	for (uint64_t r = 0; r < p->rows; r++)
+		rlse[r] = 0.25f * (float)r;
+	for (uint64_t e = 0; e < p->rents; e++)
+		rent[e].x = (float)e, rent[e].p = e % 7 == 3 ? -1 : (int32_t)(e % 4000);
+	for (uint32_t k = 0; k < p->njb; k++)
+		pflags[k] = p->jb[k].flag == bad ? AXF_F_DOM : 0;
+	return h;
+}
+
+/* Prefill and finish on 1..8 threads: the same rows and codes as on the calling thread alone (rows of every job
+ * but the failed one compared whole; the pool's helpers reused across runs, fewer threads than helpers, an aborted
+ * run, then a run again); fewer than AXF_POOL_MIN_ROWS rows or threads < 2: the caller alone. */
+static void test_pool(void **state)
+{
+	(void)state;
+	enum { N = 70 };
+	ax_attn_job jobs[N];
+	for (uint32_t i = 0; i < N; i++) {
+		jobs[i] = elig_job(i % 9 == 4 ? X_PROB : i % 11 == 5 ? X_NONE : X_HEADS);
+		jobs[i].position = 1000 + 37 * i;
+	}
+	jobs[17] = elig_job(X_CAP); /* not planned: its rows untouched */
+	axf_plan *p = calloc(1, sizeof *p);
+	assert_non_null(p);
+	int rc1[N], rc2[N];
+	assert_int_equal(axf_plan_build(p, jobs, N, rc1, 264), 0);
+	assert_true(p->rows >= AXF_POOL_MIN_ROWS);
+	char *h = fake_results(p, 23);
+	ax_attn_result *a = calloc(p->rows, sizeof *a), *b = calloc(p->rows, sizeof *b);
+	assert_non_null(a);
+	assert_non_null(b);
+	axf_plan_prefill(p, jobs, a);
+	assert_int_equal(axf_plan_finish(p, h, jobs, a, rc1), 0);
+	assert_int_equal(rc1[23], -EDOM);
+	assert_int_equal(rc1[17], -EOPNOTSUPP);
+	axf_pool pool;
+	memset(&pool, 0, sizeof pool);
+	assert_int_equal(axf_pool_ready(&pool, 8, 100), 1); /* few rows: the caller alone */
+	assert_int_equal(axf_pool_ready(&pool, 1, p->rows), 1);
+	static const uint32_t want[] = {4, 2, 8, 3, 8};
+	for (size_t w = 0; w < ARRAY_LEN(want); w++) {
+		memset(b, 0x5a, p->rows * sizeof *b);
+		assert_int_equal(axf_plan_build(p, jobs, N, rc2, 264), 0);
+		const uint32_t nt = axf_pool_ready(&pool, want[w], p->rows);
+		assert_int_equal(nt, want[w]);
+		axf_pool_start(&pool, nt, p, jobs, b, h);
+		if (w == 3) { /* an aborted run: helpers released without finishing */
+			axf_pool_finish(&pool, 0);
+			continue;
+		}
+		axf_plan_codes(p, h, rc2);
+		axf_pool_finish(&pool, 1);
+		assert_memory_equal(rc1, rc2, sizeof rc1);
+		for (uint32_t i = 0; i < N; i++)
+			if (i != 23 && i != 17)
+				assert_memory_equal(&a[p->roff[i]], &b[p->roff[i]], axc_out_rows(&jobs[i]) * sizeof *a);
+		const ax_attn_result *u = &b[p->roff[17]];
+		for (size_t k = 0; k < sizeof *u; k++)
+			assert_int_equal(((const unsigned char *)u)[k], 0x5a);
+	}
+	assert_int_equal(pool.nth, 7);
+	axf_pool_fini(&pool);
+	axf_pool_fini(&pool); /* twice: harmless */
+	free(a), free(b), free(h);
 	axf_plan_free(p);
 }
 
@@ -792,7 +872,7 @@ static double hb_time(int what, int reps, axf_plan *p, const ax_attn_job *jobs, 
 		if (what == HB_PLAN)
 			axf_plan_build(p, jobs, n, rc, 264);
 		if (what == HB_PREFILL || what == HB_BOTH)
-			axf_plan_prefill(p, jobs, out, rc);
+			axf_plan_prefill(p, jobs, out);
 		if (what == HB_FINISH || what == HB_BOTH) {
 			axf_plan_finish(p, h, jobs, out, rc);
 			for (uint32_t k = 0; k < n; k++) /* finish turns rc into the job codes: back to "planned" */
@@ -868,7 +948,7 @@ int main(int argc, char **argv)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_plan_base),
 		cmocka_unit_test(test_knobs_env), cmocka_unit_test(test_plans),
-		cmocka_unit_test(test_finish),    cmocka_unit_test(test_dispatch),
+		cmocka_unit_test(test_finish),    cmocka_unit_test(test_pool), cmocka_unit_test(test_dispatch),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
 }

@@ -702,7 +702,7 @@ static void fast_tests(int small)
 		 * programmatic dependent launches; last the defaults with both */
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
-		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024}, keep};
+		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4}, keep};
 		alt[2].spin = 1, alt[2].pdl = 1;
 		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
 		for (int a = 0; a < 3; a++) {
@@ -717,6 +717,24 @@ static void fast_tests(int small)
 				fast_batch(f, g);
 			if (a == 2)
 				fast_errors(f); /* error codes through the completion word's wait */
+		}
+		if (!small) { /* ≥ AXF_POOL_MIN_ROWS rows: prefill and finish on 4 host threads (knob threads) */
+			axf_knobs k4 = keep;
+			k4.threads = 4, k4.spin = 1;
+			ax__attn_fast_knobs(f, NULL, &k4);
+			enum { NP = 24 };
+			tdata t[NP];
+			djob d[NP];
+			ax_attn_job jobs[NP];
+			for (int i = 0; i < NP; i++) {
+				const tcase c = {"pool", (uint32_t)(i % 5 == 2 ? ML : HD), BF, BF, I32, 128, 32, 8, 10, (uint64_t)(1500 + 97 * i), 0, 0, 0, {0}, 1, 0};
+				td_make(&c, &t[i]);
+				dj_make(&t[i], &d[i]);
+				jobs[i] = d[i].job;
+			}
+			fast_compare(f, g, "24 jobs (~620 rows) with knobs threads 4, spin 1", t, jobs, NP);
+			for (int i = 0; i < NP; i++)
+				dj_free(&d[i]), td_free(&t[i]);
 		}
 		const uint64_t miss = ax__attn_fast_spin_misses(f) - miss0;
 		tap(miss == 0, "fast path, knob spin: every wait ended on the completion word (%llu ended on the stream)",
@@ -939,14 +957,17 @@ static void bench_head(const char *what)
 /* The variants the bench times beside the defaults: knobs of attn_cuda_fast.h that change how a run ends (the
  * completion word instead of cudaStreamSynchronize, programmatic dependent launches, both), and with both, the
  * split floors (least keys per split of mean modes / heads lists), which matter at 4K, and the heads merge kernel
- * a row per CTA always (mergew 0) or a row per warp always (mergew 1024). */
+ * a row per CTA always (mergew 0) or a row per warp always (mergew 1024), and 4 host threads for the rows (runs
+ * of ≥ 512 rows: 64 × 4K heads). */
 static const struct bvar {
 	const char *name;
 	uint32_t spin, pdl, mink, minkh, mergew; /* mink, minkh, mergew: ~0u = the default's */
-} b_vars[] = {{"sync", 0, 0, ~0u, ~0u, ~0u},        {"spin", 1, 0, ~0u, ~0u, ~0u},
-	      {"pdl", 0, 1, ~0u, ~0u, ~0u},         {"spin+pdl", 1, 1, ~0u, ~0u, ~0u},
-	      {"sp+mk16/32", 1, 1, 16, 32, ~0u},    {"sp+mk64/128", 1, 1, 64, 128, ~0u},
-	      {"sp+mergew0", 1, 1, ~0u, ~0u, 0},    {"sp+mergew1k", 1, 1, ~0u, ~0u, 1024}};
+	uint32_t threads;                        /* 0: the default's */
+} b_vars[] = {{"sync", 0, 0, ~0u, ~0u, ~0u, 0},        {"spin", 1, 0, ~0u, ~0u, ~0u, 0},
+	      {"pdl", 0, 1, ~0u, ~0u, ~0u, 0},         {"spin+pdl", 1, 1, ~0u, ~0u, ~0u, 0},
+	      {"sp+mk16/32", 1, 1, 16, 32, ~0u, 0},    {"sp+mk64/128", 1, 1, 64, 128, ~0u, 0},
+	      {"sp+mergew0", 1, 1, ~0u, ~0u, 0, 0},    {"sp+mergew1k", 1, 1, ~0u, ~0u, 1024, 0},
+	      {"sp+thr4", 1, 1, ~0u, ~0u, ~0u, 4}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
@@ -994,6 +1015,8 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 			k.min_keys = b_vars[v].mink, k.min_keys_heads = b_vars[v].minkh;
 		if (b_vars[v].mergew != ~0u)
 			k.merge_warp = b_vars[v].mergew;
+		if (b_vars[v].threads)
+			k.threads = b_vars[v].threads;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
 		bhost e = bd_time_host(d, m, fe, d->reps);
@@ -1064,7 +1087,7 @@ static int bench(ax_attn_cuda *c)
 		printf("# fast path not available here: kernel column empty\n");
 	if (ax__attn_fast_new(&ft, 0, s) != 0 || !ft || ax__attn_fast_timing(ft, 1) != 0 || ax__attn_fast_trace(ft, 1) != 0)
 		ft = NULL;
-	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	ax__attn_fast_knobs(f, &kn, NULL);
 	bench_head("bench");
 	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
