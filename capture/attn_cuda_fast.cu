@@ -1071,16 +1071,21 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	/* this split's flag word, written whatever it holds (nothing to zero beforehand; the merger ORs them) */
 	if ((prod && rng) || bad)
 		atomicOr(cfl, (prod && rng ? AXF_F_RANGE : 0u) | (bad ? AXF_F_DOM : 0u));
-	__threadfence(); /* every thread's partial writes, before the barrier and the ticket */
-	__syncthreads(); /* also: every warp is past the loop, so the ring is free for the merge's staging */
+	__syncthreads(); /* every thread's partial writes before thread 0's fence below; every warp is past the loop,
+			  * so the ring is free for the merge's staging */
 	if (tid == 0)
 		a.part_f[jb.pf0 + (uint64_t)sl] = *cfl;
 	if (jb.sepm) /* CTA-uniform: the merge launch that follows merges this pass-job */
 		return;
 
-	/* ticket: the CTA that finishes the pass-job's last split merges it */
+	/* ticket: the CTA that finishes the pass-job's last split merges it. One fence, by thread 0 after the CTA
+	 * barrier (CUTLASS's semaphore release does the same): fence.sc is cumulative in the PTX memory model, so the
+	 * partial rows every thread wrote before the barrier, and the flag word, precede the ticket's increment (a
+	 * release pattern); the last CTA's fence after its increment (an acquire pattern) orders its merge's loads
+	 * after every other CTA's writes. (Until session 4 every thread also fenced before the barrier: one more
+	 * round of write acknowledgements on each CTA's tail.) */
 	if (tid == 0) {
-		__threadfence(); /* the split's flag word before the ticket */
+		__threadfence();
 		const int last = atomicAdd(&a.tickets[jb.ticket], 1u) == (uint32_t)S - 1;
 		if (last)
 			a.tickets[jb.ticket] = 0;
