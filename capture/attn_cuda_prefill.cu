@@ -168,24 +168,10 @@ __device__ __forceinline__ void axp_flag_range(uint32_t *rfl, const axp_blk &b, 
 	}
 }
 
-/* Insert (x, j) into a sorted list of cnt ≤ K entries (value desc, then position asc). */
-__device__ __forceinline__ void axp_list_insert(float *ls, int *lp, int &cnt, int K, float x, int j)
-{
-	if (cnt == K && !axp_fb(x, j, ls[K - 1], lp[K - 1]))
-		return;
-	int at = cnt < K ? cnt++ : K - 1;
-	while (at > 0 && axp_fb(x, j, ls[at - 1], lp[at - 1])) {
-		ls[at] = ls[at - 1];
-		lp[at] = lp[at - 1];
-		at--;
-	}
-	ls[at] = x;
-	lp[at] = j;
-}
-
 /* ---- the split kernel ------------------------------------------------------------------------------------------- */
 
-/* The block's Q rows into per-warp columns (checked), mean_prob's logsumexps, zeroed row flags. */
+/* The block's Q rows into per-warp columns (checked: NaN/inf flags the row), mean_prob's logsumexps, zeroed row
+ * flags. Column layout: warp g's columns at qs + (g·ncol + col)·AXP_QS, col = r·G + (h − g·G). */
 __device__ __forceinline__ void axp_load_q(const axp_args &a, const axp_blk &b, unsigned char *qs, float *lse_s,
 					   uint32_t *rfl)
 {
@@ -206,41 +192,53 @@ __device__ __forceinline__ void axp_load_q(const axp_args &a, const axp_blk &b, 
 			lse_s[u] = a.lse[b.lse_in + u];
 }
 
-/* 16-byte units of a stage's key rows per thread: 16 keys × H_kv·256 bytes over 256 threads (H_kv ≤ 8). */
+/* 16-byte units of a stage's key rows per thread: 16 keys × H_kv·256 bytes over 256 threads (H_kv ≤ 8). Unit
+ * i of a thread is u = tid + 256·i: key u / (H_kv·16), bytes (u mod H_kv·16)·16 .. +16 of its row — the same for
+ * every stage, so each thread computes its units' key and offset once (axp_units). */
 #define AXP_KU (AXP_TS * AXF_MAX_HKV * 16 / AXP_NT)
 
-/* Fetch keys [tile, tile + nv) of the block into registers (unit u = tid + 256·i: key u / (H_kv·16), 16 bytes
- * at (u mod H_kv·16)·16 of its row); every slot is checked before its row is read (outside the pool: the rows
- * that see the key are flagged -ERANGE and slot 0 is read instead). Keys past nv are zero. */
-__device__ __forceinline__ void axp_fetch_keys(const axp_blk &b, uint4 (&v)[AXP_KU], uint32_t *rfl, uint32_t tile,
-					       int nv)
+struct axp_units {
+	int kk[AXP_KU];   /* key of unit i within the stage, or AXP_TS (no unit: H_kv < 8) */
+	uint32_t off[AXP_KU]; /* byte offset of unit i within a key row (= within the stage row) */
+};
+
+__device__ __forceinline__ void axp_units_init(axp_units &U, int Hkv)
 {
-	const int Hkv = (int)b.Hkv, units = AXP_TS * Hkv * 16;
+	const int per = Hkv * 16;
+#pragma unroll
+	for (int i = 0; i < AXP_KU; ++i) {
+		const int u = (int)threadIdx.x + i * AXP_NT, kk = u / per;
+		U.kk[i] = kk < AXP_TS ? kk : AXP_TS;
+		U.off[i] = (uint32_t)(u - kk * per) * 16;
+	}
+}
+
+/* Fetch keys [tile, tile + nv) of the block into registers; every slot is checked before its row is read (outside
+ * the pool: the rows that see the key are flagged -ERANGE and slot 0 is read instead). Keys past nv are zero. */
+__device__ __forceinline__ void axp_fetch_keys(const axp_blk &b, const axp_units &U, uint4 (&v)[AXP_KU],
+					       uint32_t *rfl, uint32_t tile, int nv)
+{
 	const bool i32 = b.idt == AX_DTYPE_I32;
 #pragma unroll
 	for (int i = 0; i < AXP_KU; ++i) {
-		const int u = (int)threadIdx.x + i * AXP_NT, kk = u / (Hkv * 16), rem = u - kk * Hkv * 16;
 		v[i] = make_uint4(0, 0, 0, 0);
-		if (u < units && kk < nv) {
+		if (U.kk[i] < nv) {
 			uint32_t bad = 0;
-			const uint64_t slot = axp_load_slot(b.index, i32, b.lo + tile + (uint32_t)kk, b.n_slots, bad);
-			if (bad && rem == 0)
-				axp_flag_range(rfl, b, tile + (uint32_t)kk);
-			v[i] = ((const uint4 *)((const char *)b.k + slot * b.s0 * 2))[rem];
+			const uint64_t slot = axp_load_slot(b.index, i32, b.lo + tile + (uint32_t)U.kk[i], b.n_slots, bad);
+			if (bad && U.off[i] == 0)
+				axp_flag_range(rfl, b, tile + (uint32_t)U.kk[i]);
+			v[i] = *(const uint4 *)((const char *)b.k + slot * b.s0 * 2 + U.off[i]);
 		}
 	}
 }
 
-/* The fetched units into the stage buffer (row kk at kk·AXF_ROWS_SM, KV head g at g·256 within it). */
-__device__ __forceinline__ void axp_store_keys(const axp_blk &b, const uint4 (&v)[AXP_KU], unsigned char *kbuf)
+/* The fetched units into the stage buffer (row kk at kk·AXF_ROWS_SM). */
+__device__ __forceinline__ void axp_store_keys(const axp_units &U, const uint4 (&v)[AXP_KU], unsigned char *kbuf)
 {
-	const int Hkv = (int)b.Hkv, units = AXP_TS * Hkv * 16;
 #pragma unroll
-	for (int i = 0; i < AXP_KU; ++i) {
-		const int u = (int)threadIdx.x + i * AXP_NT, kk = u / (Hkv * 16), rem = u - kk * Hkv * 16;
-		if (u < units)
-			*(uint4 *)(kbuf + (size_t)kk * AXF_ROWS_SM + (size_t)rem * 16) = v[i];
-	}
+	for (int i = 0; i < AXP_KU; ++i)
+		if (U.kk[i] < AXP_TS)
+			*(uint4 *)(kbuf + (size_t)U.kk[i] * AXF_ROWS_SM + U.off[i]) = v[i];
 }
 
 /* Two n-tiles (Q columns col0 and col1 of this lane's group; past ncol: zero) against the A fragments of all 128
@@ -270,31 +268,16 @@ __device__ __forceinline__ void axp_tile_pair(const uint4 (&ka)[4], const uint4 
 		o0[e] = a0[e] + a1[e], o1[e] = b0[e] + b1[e];
 }
 
-/* Scaled scores of one n-tile into sc: acc[e] is key grow (+8 for e ≥ 2), column nt·8 + 2t + (e & 1) = row r,
- * group head g → list r·H + w·G + g. */
-__device__ __forceinline__ void axp_put_scores(const axp_blk &b, float *sc, int nt, const float (&acc)[4])
-{
-	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, grow = lane >> 2, t = lane & 3;
-	const int G = (int)b.G, H = (int)b.H, ncol = (int)b.R * G;
-#pragma unroll
-	for (int e = 0; e < 4; ++e) {
-		const int cc = nt * 8 + 2 * t + (e & 1), key = grow + (e >> 1) * 8;
-		if (cc < ncol) {
-			const int r = cc / G, h = w * G + (cc - r * G);
-			sc[(size_t)(r * H + h) * AXP_SCS + key] = acc[e] * b.scale;
-		}
-	}
-}
-
-/* Warp w (< H_kv): the stage's 16 keys of KV head w (A, loaded once) times its R·G Q columns (B), two n-tiles of
- * 8 columns at a time; scaled scores into sc, one 16-key row per list (row r, query head h: row r·H + h). */
+/* Warp w (< H_kv): the stage's 16 keys of KV head w (A, loaded once) times its ncol = R·G Q columns (B), two
+ * n-tiles of 8 columns at a time; scaled scores into sc in column order: score row w·ncol + col (no division). */
 template <int F16>
-__device__ __forceinline__ void axp_scores(const axp_blk &b, const unsigned char *kbuf, const unsigned char *qs,
+__device__ __forceinline__ void axp_scores(int ncol, float scale, const unsigned char *kbuf, const unsigned char *qs,
 					   float *sc)
 {
 	const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, grow = lane >> 2, t = lane & 3;
-	const int ncol = (int)b.R * (int)b.G, NT = (ncol + 7) / 8;
+	const int NT = (ncol + 7) / 8;
 	const unsigned char *qw = qs + (size_t)w * ncol * AXP_QS;
+	float *sw = sc + (size_t)w * ncol * AXP_SCS;
 	uint4 ka[4], kb[4];
 #pragma unroll
 	for (int c = 0; c < 4; ++c) {
@@ -302,44 +285,53 @@ __device__ __forceinline__ void axp_scores(const axp_blk &b, const unsigned char
 		kb[c] = *(const uint4 *)(kbuf + (size_t)(grow + 8) * AXF_ROWS_SM + w * 256 + c * 64 + t * 16);
 	}
 	for (int nt = 0; nt < NT; nt += 2) {
-		float o0[4], o1[4];
-		axp_tile_pair<F16>(ka, kb, qw, nt * 8 + grow, (nt + 1) * 8 + grow, ncol, o0, o1);
-		axp_put_scores(b, sc, nt, o0);
-		if (nt + 1 < NT)
-			axp_put_scores(b, sc, nt + 1, o1);
+		float o[2][4];
+		axp_tile_pair<F16>(ka, kb, qw, nt * 8 + grow, (nt + 1) * 8 + grow, ncol, o[0], o[1]);
+#pragma unroll
+		for (int q = 0; q < 2; ++q)
+#pragma unroll
+			for (int e = 0; e < 4; ++e) { /* o[q][e]: key grow (+8 for e ≥ 2), column (nt+q)·8 + 2t + (e & 1) */
+				const int cc = (nt + q) * 8 + 2 * t + (e & 1);
+				if (cc < ncol)
+					sw[(size_t)cc * AXP_SCS + grow + (e >> 1) * 8] = o[q][e] * scale;
+			}
 	}
 }
 
-/* One (sub-)list's state: online logsumexp, a sorted top-k of (value, offset from lo) with its bar (the k-th
- * entry, or (-inf, INT_MAX) while fewer than K: then every value passes). */
-struct axp_list {
+/* A (sub-)list's top-k lives in shared memory (entry e of thread t at e·AXP_NT + t); its scalars — online
+ * logsumexp (m, s), count, bar (the k-th entry, or (-inf, INT_MAX) while fewer than K: every value passes), error
+ * bit — in registers of the owning thread. */
+struct axp_own {
 	float m, s, bx;
 	int cnt, bp;
 	uint32_t bad;
-	float ls[AX_ATTN_MAX_TOPK];
-	int lp[AX_ATTN_MAX_TOPK];
 };
 
-__device__ __forceinline__ void axp_list_init(axp_list &L)
-{
-	L.m = -INFINITY, L.s = 0.f, L.bx = -INFINITY;
-	L.cnt = 0, L.bp = INT_MAX, L.bad = 0;
-}
-
-/* Offer (x, j) to the top-k (positions come in increasing order within a list). */
-__device__ __forceinline__ void axp_offer(axp_list &L, int K, float x, int j)
+/* Offer (x, j) (positions come in increasing order within a list): insertion into the shared list on a pass. */
+__device__ __forceinline__ void axp_offer(axp_own &L, float *lx, int *lp, int K, float x, int j)
 {
 	if (!axp_fb(x, j, L.bx, L.bp))
 		return;
-	axp_list_insert(L.ls, L.lp, L.cnt, K, x, j);
+	int at = L.cnt < K ? L.cnt++ : K - 1;
+	while (at > 0) {
+		const float px = lx[(at - 1) * AXP_NT];
+		const int pp = lp[(at - 1) * AXP_NT];
+		if (!axp_fb(x, j, px, pp))
+			break;
+		lx[at * AXP_NT] = px;
+		lp[at * AXP_NT] = pp;
+		at--;
+	}
+	lx[at * AXP_NT] = x;
+	lp[at * AXP_NT] = j;
 	if (L.cnt == K)
-		L.bx = L.ls[K - 1], L.bp = L.lp[K - 1];
+		L.bx = lx[(K - 1) * AXP_NT], L.bp = lp[(K - 1) * AXP_NT];
 }
 
 /* Heads mode: the owner of list (row, head) takes the stage's 16 scores its row sees: the stage maximum first,
  * then the exponentials (independent: no serial chain through the running maximum), then the top-k offers. */
-__device__ __forceinline__ void axp_take_heads(axp_list &L, const float *vals, uint32_t tile, int nv, uint32_t rs,
-					       uint32_t re, int K)
+__device__ __forceinline__ void axp_take_heads(axp_own &L, float *lx, int *lp, const float *vals, uint32_t tile,
+					       int nv, uint32_t rs, uint32_t re, int K)
 {
 	float x[AXP_TS], mx = -INFINITY;
 	uint32_t vis = 0;
@@ -369,28 +361,31 @@ __device__ __forceinline__ void axp_take_heads(axp_list &L, const float *vals, u
 	if (K)
 #pragma unroll
 		for (int kk = 0; kk < AXP_TS; ++kk)
-			if (vis >> kk & 1)
-				axp_offer(L, K, x[kk], (int)(tile + (uint32_t)kk));
+			if ((vis >> kk & 1) && axp_fb(x[kk], (int)(tile + (uint32_t)kk), L.bx, L.bp))
+				axp_offer(L, lx, lp, K, x[kk], (int)(tile + (uint32_t)kk));
 }
 
 /* Mean modes: the owner of sub-list (row r, key slot kk) takes key tile + kk if its row sees it: the mean over
- * heads of its scores (mean_prob: log of the mean of exp(s − lse_h)); a non-finite sum flags the row (mean_prob's
- * log 0 = -inf is a value). */
-__device__ __forceinline__ void axp_take_mean(axp_list &L, const axp_blk &b, const float *sc, const float *lse_s,
-					      int r, int kk, uint32_t tile, int nv, uint32_t rs, uint32_t re, int K)
+ * heads of its scores (score rows w·ncol + r·G + g; mean_prob: log of the mean of exp(s − lse_h)); a non-finite
+ * sum flags the row (mean_prob's log 0 = -inf is a value). */
+__device__ __forceinline__ void axp_take_mean(axp_own &L, float *lx, int *lp, const axp_blk &b, const float *sc,
+					      const float *lse_s, int r, int kk, uint32_t tile, int nv, uint32_t rs,
+					      uint32_t re, int K)
 {
 	const uint32_t j = tile + (uint32_t)kk;
 	if (kk >= nv || j < rs || j > re)
 		return;
-	const int H = (int)b.H;
-	const float *col = sc + (size_t)r * H * AXP_SCS + kk;
-	float v4[4] = {0.f, 0.f, 0.f, 0.f}; /* four chains (H is a multiple of H_kv; any H works) */
-	if (b.mode == AXF_M_LOGIT)
-		for (int h = 0; h < H; ++h)
-			v4[h & 3] += col[(size_t)h * AXP_SCS];
-	else
-		for (int h = 0; h < H; ++h)
-			v4[h & 3] += __expf(col[(size_t)h * AXP_SCS] - lse_s[r * H + h]);
+	const int G = (int)b.G, Hkv = (int)b.Hkv, ncol = (int)b.R * G;
+	float v4[4] = {0.f, 0.f, 0.f, 0.f}; /* four chains */
+	for (int w = 0; w < Hkv; ++w) {
+		const float *col = sc + ((size_t)w * ncol + (size_t)r * G) * AXP_SCS + kk;
+		if (b.mode == AXF_M_LOGIT)
+			for (int g = 0; g < G; ++g)
+				v4[g & 3] += col[(size_t)g * AXP_SCS];
+		else
+			for (int g = 0; g < G; ++g)
+				v4[g & 3] += __expf(col[(size_t)g * AXP_SCS] - lse_s[r * (int)b.H + w * G + g]);
+	}
 	const float v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
 	if (!axp_finite(v)) {
 		L.bad = 1;
@@ -399,7 +394,7 @@ __device__ __forceinline__ void axp_take_mean(axp_list &L, const axp_blk &b, con
 	const float x = b.mode == AXF_M_LOGIT ? v * b.inv_h : logf(v * b.inv_h);
 	axp_lse_add(L.m, L.s, x);
 	if (K)
-		axp_offer(L, K, x, (int)j);
+		axp_offer(L, lx, lp, K, x, (int)j);
 }
 
 __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_constant__ axp_args a)
@@ -407,53 +402,60 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 	AXP_DYN_SMEM(smem);
 	const int tid = threadIdx.x, w = tid >> 5;
 	const int bi = axp_find(a.so, a.nb, blockIdx.x);
-	const axp_blk &b = a.blk[bi];
+	const axp_blk b = a.blk[bi]; /* a copy: its fields in registers, not reloaded from global memory */
 	const uint32_t sl = blockIdx.x - a.so[bi], a0 = sl * b.chunk, a1 = min(b.n, a0 + b.chunk);
-	const int nst = (int)((a1 - a0 + AXP_TS - 1) / AXP_TS), K = (int)b.K;
+	const int nst = (int)((a1 - a0 + AXP_TS - 1) / AXP_TS), K = (int)b.K, nq = (int)(b.R * b.H);
+	const int ncol = (int)(b.R * b.G), Hkv = (int)b.Hkv;
 	const bool heads = b.mode == AXF_M_HEADS;
 	const int sub = heads ? 1 : AXP_SUB, per = heads ? (int)b.H : AXP_SUB; /* owners per row */
-	unsigned char *kbuf = smem, *qs = smem + axp_off_qs();
-	float *sc = (float *)(smem + axp_off_sc(a.maxl));
-	float *lse_s = (float *)(smem + axp_off_lse(a.maxl, a.maxr));
-	uint32_t *rfl = (uint32_t *)(smem + axp_off_fl(a.maxl, a.maxr));
+	unsigned char *kbuf = smem, *qs = smem + axp_off_qs(b.K);
+	float *lx = (float *)(smem + axp_off_list()) + tid;
+	int *lp = (int *)(smem + axp_off_list()) + (size_t)AXP_NT * b.K + tid;
+	float *sc = (float *)(smem + axp_off_sc(b.K, nq));
+	float *lse_s = (float *)(smem + axp_off_lse(b.K, nq));
+	uint32_t *rfl = (uint32_t *)(smem + axp_off_fl(b.K, nq));
 
 	axp_load_q(a, b, qs, lse_s, rfl); /* ends with a barrier after zeroing rfl; Q is covered by the loop's first */
 	const bool own = tid < (int)b.R * per;
 	const int orow = own ? tid / per : 0, okk = tid - orow * per; /* okk: head (heads) or key slot (mean) */
 	const uint64_t opos = b.p0 + (uint64_t)orow;
 	const uint32_t rs = (uint32_t)(axp_first_key(opos, b.window) - b.lo), re = (uint32_t)(opos - b.lo);
-	axp_list Ls;
-	axp_list_init(Ls);
+	/* heads: this owner's score row (query head okk of row orow, column order) */
+	const float *vals = sc + ((size_t)(okk / (int)b.G) * ncol + (size_t)orow * b.G + (size_t)(okk % (int)b.G)) * AXP_SCS;
+	axp_own L;
+	L.m = -INFINITY, L.s = 0.f, L.bx = -INFINITY, L.cnt = 0, L.bp = INT_MAX, L.bad = 0;
+	axp_units U;
+	axp_units_init(U, Hkv);
 	uint4 kv[AXP_KU];
 	if (nst > 0)
-		axp_fetch_keys(b, kv, rfl, a0, (int)min((uint32_t)AXP_TS, a1 - a0));
+		axp_fetch_keys(b, U, kv, rfl, a0, (int)min((uint32_t)AXP_TS, a1 - a0));
 	for (int i = 0; i < nst; ++i) {
 		const uint32_t tile = a0 + (uint32_t)i * AXP_TS;
 		const int nv = (int)min((uint32_t)AXP_TS, a1 - tile);
-		axp_store_keys(b, kv, kbuf);
+		axp_store_keys(U, kv, kbuf);
 		__syncthreads(); /* keys staged (the first time: Q too); every owner is done with the last scores */
 		if (i + 1 < nst) /* the next stage's loads in flight while this one computes */
-			axp_fetch_keys(b, kv, rfl, tile + AXP_TS, (int)min((uint32_t)AXP_TS, a1 - tile - AXP_TS));
-		if (w < (int)b.Hkv && b.f16) /* warp-uniform */
-			axp_scores<1>(b, kbuf, qs, sc);
-		else if (w < (int)b.Hkv)
-			axp_scores<0>(b, kbuf, qs, sc);
+			axp_fetch_keys(b, U, kv, rfl, tile + AXP_TS, (int)min((uint32_t)AXP_TS, a1 - tile - AXP_TS));
+		if (w < Hkv && b.f16) /* warp-uniform */
+			axp_scores<1>(ncol, b.scale, kbuf, qs, sc);
+		else if (w < Hkv)
+			axp_scores<0>(ncol, b.scale, kbuf, qs, sc);
 		__syncthreads(); /* scores ready; the stage buffer is free */
 		if (own && heads)
-			axp_take_heads(Ls, sc + (size_t)tid * AXP_SCS, tile, nv, rs, re, K);
+			axp_take_heads(L, lx, lp, vals, tile, nv, rs, re, K);
 		else if (own)
-			axp_take_mean(Ls, b, sc, lse_s, orow, okk, tile, nv, rs, re, K);
+			axp_take_mean(L, lx, lp, b, sc, lse_s, orow, okk, tile, nv, rs, re, K);
 	}
 
 	if (own) { /* this split's partial (sub-)list: list l = orow·(H or 1) + head, sub-list okk in mean modes */
 		const uint64_t l = heads ? (uint64_t)tid : (uint64_t)orow;
 		const uint64_t pr = (l * b.S + sl) * sub + (heads ? 0 : okk), e0 = b.ent0 + pr * (uint64_t)K;
-		a.part_lse[b.part0 + pr] = axp_lse_value(Ls.m, Ls.s);
+		a.part_lse[b.part0 + pr] = axp_lse_value(L.m, L.s);
 		for (int e = 0; e < K; ++e) {
-			a.part_s[e0 + e] = e < Ls.cnt ? Ls.ls[e] : -INFINITY;
-			a.part_p[e0 + e] = e < Ls.cnt ? Ls.lp[e] : -1;
+			a.part_s[e0 + e] = e < L.cnt ? lx[e * AXP_NT] : -INFINITY;
+			a.part_p[e0 + e] = e < L.cnt ? lp[e * AXP_NT] : -1;
 		}
-		if (Ls.bad)
+		if (L.bad)
 			atomicOr(&rfl[orow], AXF_F_DOM);
 	}
 	__syncthreads();
@@ -580,7 +582,7 @@ static void pf_setup(int device, int *occ, int *sms)
 		cudaGetLastError();
 		return;
 	}
-	const int smem = (int)axp_smem(AXP_MAXL, AXP_MAX_ROWS);
+	const int smem = (int)AXP_SMEM_MAX;
 	cudaFuncAttributes fa;
 	int o = 0;
 	if (cudaFuncGetAttributes(&fa, (const void *)axp_split_kernel) != cudaSuccess || fa.binaryVersion < 90 ||
@@ -713,7 +715,7 @@ static cudaError_t pf_launch(ax_attn_prefill *f, int ps)
 	axp_args a = axp_plan_args(p, f->dbuf, ps);
 	void *argv[] = {&a};
 	cudaError_t e = cudaLaunchKernel((const void *)axp_split_kernel, dim3(p->ctas[ps]), dim3(AXP_NT), argv,
-					 axp_smem(a.maxl, a.maxr), f->stream);
+					 a.smem, f->stream);
 	if (e == cudaSuccess)
 		e = cudaLaunchKernel((const void *)axp_merge_kernel, dim3((p->lists[ps] + AXP_NW - 1) / AXP_NW),
 				     dim3(AXP_NT), argv, 0, f->stream);

@@ -50,6 +50,7 @@
 #define AXP_MAX_ROWS 64    /* rows per block */
 #define AXP_MAX_SPLITS 256 /* splits per block */
 #define AXP_SUB 16         /* mean modes: sub-lists per row and split (thread (r, kk) takes keys ≡ kk mod 16) */
+#define AXP_SMEM_MAX 232448u /* the most dynamic shared memory of an sm_90 block (227 KB) */
 #define AXP_QS 320         /* bytes of a Q column in shared memory (256 + 64: ≡ 16 words mod 32) */
 #define AXP_SCS 17         /* floats of a score row (16 keys + 1: conflict-free columns) */
 #define AXP_ROWS_DEFAULT 16 /* rows per block unless AX_PREFILL_ROWS says otherwise */
@@ -87,7 +88,7 @@ typedef struct axp_args {
 	const uint32_t *so;      /* [nb + 1] first CTA of each pass-block */
 	const uint32_t *mo;      /* [nb + 1] first list of each pass-block (merge: one warp per list) */
 	uint32_t nb;
-	uint32_t maxl, maxr;     /* the most rows × heads and rows of any pass-block: the shared-memory layout */
+	uint32_t smem;           /* dynamic shared memory of the split launch: the most any pass-block needs */
 	const void *const *qptr; /* [rows] Q row [H, 128] of each row (16-byte aligned) */
 	uint32_t *rflags;        /* [rows] AXF_F_* per row, zeroed before the launches */
 	float *lse;              /* per-(row, head) logsumexps of mean_prob blocks */
@@ -98,26 +99,22 @@ typedef struct axp_args {
 	axf_ent *res_ent;        /* [result entries]: offset from lo, -1 = empty */
 } axp_args;
 
-/* Bytes of dynamic shared memory of a split CTA for maxl lists and maxr rows (one expression, kernel and
- * launch): the key stage, Q columns, scores, per-row sums, logsumexps, row flags. */
+/* Dynamic shared memory of a split CTA, laid out from its own pass-block (nq = R·H Q columns and score rows, R rows,
+ * K list entries): the key stage, the owners' top-k lists (AXP_NT threads × K entries, values then offsets,
+ * entry e of thread t at e·AXP_NT + t: conflict-free), Q columns, scores, mean_prob's logsumexps, row flags. One
+ * set of expressions for the kernel, the launch and the planner. */
 AXP_HD size_t axp_al16(size_t x)
 {
 	return (x + 15) & ~(size_t)15;
 }
-AXP_HD size_t axp_off_qs(void) { return axp_al16((size_t)AXP_TS * AXF_ROWS_SM); }
-AXP_HD size_t axp_off_sc(uint32_t maxl) { return axp_off_qs() + (size_t)maxl * AXP_QS; }
-AXP_HD size_t axp_off_sum(uint32_t maxl) { return axp_off_sc(maxl) + axp_al16((size_t)maxl * AXP_SCS * 4); }
-AXP_HD size_t axp_off_lse(uint32_t maxl, uint32_t maxr)
+AXP_HD size_t axp_off_list(void) { return axp_al16((size_t)AXP_TS * AXF_ROWS_SM); }
+AXP_HD size_t axp_off_qs(uint32_t K) { return axp_off_list() + (size_t)AXP_NT * K * 8; }
+AXP_HD size_t axp_off_sc(uint32_t K, uint32_t nq) { return axp_off_qs(K) + (size_t)nq * AXP_QS; }
+AXP_HD size_t axp_off_lse(uint32_t K, uint32_t nq) { return axp_off_sc(K, nq) + axp_al16((size_t)nq * AXP_SCS * 4); }
+AXP_HD size_t axp_off_fl(uint32_t K, uint32_t nq) { return axp_off_lse(K, nq) + axp_al16((size_t)nq * 4); }
+AXP_HD size_t axp_smem(uint32_t nq, uint32_t R, uint32_t K)
 {
-	return axp_off_sum(maxl) + axp_al16((size_t)maxr * AXP_SCS * 4);
-}
-AXP_HD size_t axp_off_fl(uint32_t maxl, uint32_t maxr)
-{
-	return axp_off_lse(maxl, maxr) + axp_al16((size_t)maxl * 4);
-}
-AXP_HD size_t axp_smem(uint32_t maxl, uint32_t maxr)
-{
-	return axp_off_fl(maxl, maxr) + axp_al16((size_t)maxr * 4);
+	return axp_off_fl(K, nq) + axp_al16((size_t)R * 4);
 }
 
 /* Knobs (environment, read once per state): rows per block, least keys per split, CTAs a pass aims for. */
@@ -160,7 +157,7 @@ typedef struct axp_plan {
 	size_t so_cap;
 	uint32_t *mo;               /* same shape as so */
 	size_t mo_cap;
-	uint32_t ctas[2], lists[2], maxl[2], maxr[2];
+	uint32_t ctas[2], lists[2], smem[2];
 	uint64_t parts, ents, nlse, nres, nrent;
 	axp_layout lay;
 	ax_attn_result empty;
@@ -241,13 +238,17 @@ static inline void axp_insert(axp_plan *p, const ax_attn_job *jobs, int32_t i)
 	}
 }
 
-/* Rows per block for jobs with H query heads under a rows cap: R·H lists (heads) and R·AXP_SUB sub-lists (mean
- * modes) are at most one per thread. */
-static inline uint32_t axp_rows_cap(uint32_t cap, uint32_t H)
+/* Rows per block for jobs with H query heads and top-k K under a rows cap: R·H lists (heads) and R·AXP_SUB
+ * sub-lists (mean modes) are at most one per thread, and the CTA's shared memory fits (the lists take
+ * AXP_NT·K·8 bytes: K 64 leaves room for R·H ≤ 172). */
+static inline uint32_t axp_rows_cap(uint32_t cap, uint32_t H, uint32_t K)
 {
 	uint32_t r = AXP_MAXL / (H > AXP_SUB ? H : AXP_SUB);
 	r = r < AXP_MAX_ROWS ? r : AXP_MAX_ROWS;
-	return cap && cap < r ? cap : r;
+	r = cap && cap < r ? cap : r;
+	while (r > 1 && axp_smem(r * H, r, K) > AXP_SMEM_MAX)
+		r--;
+	return r;
 }
 
 /* Append a block of `len` rows starting at chain job i; returns the job after it. */
@@ -306,7 +307,7 @@ static inline int axp_group(axp_plan *p, const ax_attn_job *jobs, uint32_t n)
 		uint32_t len = 0;
 		for (int32_t j = (int32_t)i; j >= 0; j = p->succ[j])
 			len++;
-		const uint32_t cap = axp_rows_cap(p->kn.rows, jobs[i].n_q_heads), nb = (len + cap - 1) / cap;
+		const uint32_t cap = axp_rows_cap(p->kn.rows, jobs[i].n_q_heads, jobs[i].top_k), nb = (len + cap - 1) / cap;
 		int32_t j = (int32_t)i;
 		for (uint32_t b = 0; b < nb; b++)
 			j = axp_add_block(p, jobs, j, len / nb + (b < len % nb));
@@ -413,7 +414,7 @@ static inline int axp_plan_pass(axp_plan *p, uint32_t ps, uint32_t b0, uint32_t 
 {
 	const uint32_t base = axp_base(p, b0, b1);
 	uint64_t ctas = 0, lists = 0;
-	p->maxl[ps] = p->maxr[ps] = 0;
+	p->smem[ps] = 0;
 	for (uint32_t b = b0; b < b1; b++) {
 		axp_blk *x = &p->pb[b];
 		const uint32_t nl = x->R * axp_lists_per_row(x);
@@ -427,8 +428,8 @@ static inline int axp_plan_pass(axp_plan *p, uint32_t ps, uint32_t b0, uint32_t 
 		p->mo[so0 + b - b0] = (uint32_t)lists;
 		ctas += x->S;
 		lists += nl;
-		p->maxl[ps] = x->R * x->H > p->maxl[ps] ? x->R * x->H : p->maxl[ps]; /* Q columns, score rows */
-		p->maxr[ps] = x->R > p->maxr[ps] ? x->R : p->maxr[ps];
+		const uint32_t sm = (uint32_t)axp_smem(x->R * x->H, x->R, x->K);
+		p->smem[ps] = sm > p->smem[ps] ? sm : p->smem[ps];
 	}
 	if (ctas > INT32_MAX || lists > INT32_MAX)
 		return -ENOMEM;
@@ -532,7 +533,7 @@ static inline axp_args axp_plan_args(const axp_plan *p, char *d, int ps)
 	a.so = (const uint32_t *)(d + y->so) + so0;
 	a.mo = (const uint32_t *)(d + y->mo) + so0;
 	a.nb = ps ? p->npb - p->npa : p->npa;
-	a.maxl = p->maxl[ps], a.maxr = p->maxr[ps];
+	a.smem = p->smem[ps];
 	a.qptr = (const void *const *)(d + y->qptr);
 	a.rflags = (uint32_t *)(d + y->rflags);
 	a.lse = (float *)(d + y->lse);

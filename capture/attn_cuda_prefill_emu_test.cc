@@ -70,7 +70,7 @@ static uint32_t pemu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *ou
 			if (!p->ctas[ps])
 				continue;
 			pemu_arg x = {axp_plan_args(p, buf, ps), 0};
-			emu_launch(p->ctas[ps], axp_smem(x.a.maxl, x.a.maxr), pemu_body, &x);
+			emu_launch(p->ctas[ps], x.a.smem, pemu_body, &x);
 			x.merge = 1;
 			emu_launch((p->lists[ps] + AXP_NW - 1) / AXP_NW, 16, pemu_body, &x);
 		}

@@ -192,7 +192,8 @@ static void test_plan_invariants(void **state)
 			assert_int_equal(rc[i], p->in[i] ? 0 : 99);
 		}
 		for (uint32_t b = 0; b < p->nblocks; b++) { /* rows consecutive, within the caps */
-			const uint32_t R = p->bf[b + 1] - p->bf[b], cap = axp_rows_cap(p->kn.rows, jobs[p->rj[p->bf[b]]].n_q_heads);
+			const ax_attn_job *j0 = &jobs[p->rj[p->bf[b]]];
+			const uint32_t R = p->bf[b + 1] - p->bf[b], cap = axp_rows_cap(p->kn.rows, j0->n_q_heads, j0->top_k);
 			assert_true(R >= (cap >= 3 ? 2u : 1u) && R <= cap); /* cap 2 splits an odd chain into 2s and a 1 */
 			for (uint32_t r = p->bf[b] + 1; r < p->bf[b + 1]; r++)
 				assert_true(axp_follows(&jobs[p->rj[r - 1]], &jobs[p->rj[r]]));
@@ -209,7 +210,7 @@ static void test_plan_invariants(void **state)
 			assert_int_equal(p->mo[so0 + kk + 1] - p->mo[so0 + kk], x->R * axp_lists_per_row(x));
 			assert_int_equal(x->part0, parts);
 			parts += (uint64_t)x->R * axp_lists_per_row(x) * x->S * axp_subs(x);
-			assert_true(x->R * x->H <= p->maxl[ps] && x->R <= p->maxr[ps]);
+			assert_true(axp_smem(x->R * x->H, x->R, x->K) <= p->smem[ps] && p->smem[ps] <= AXP_SMEM_MAX);
 			assert_int_equal(x->n, x->p0 + x->R - x->lo);
 			if (x->lse_out >= 0) { /* logsumexp pass: pass A, K 0, slots in order */
 				assert_int_equal(ps, 0);
