@@ -686,10 +686,11 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
  * all threads brings every split's logsumexp, k-th entry and first E entries into shared memory; warp 0 merges
  * the logsumexps and sets the bar; all 8 warps scan the splits for survivors together (row_scan, 1/8 of the
  * splits each); warp 0 sorts them and writes the row. smem: the CTA's dynamic shared memory (the ring is idle);
- * mode AXF_M_PROB reports logsumexp 0. Called by every thread of the CTA.
+ * mode AXF_M_PROB reports logsumexp 0; flags: warp 1 also ORs the pass-job's flag words (put_flags) meanwhile.
+ * Called by every thread of the CTA.
  */
 __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsigned char *smem, float *xs, int *xp,
-			      float *red, int mode)
+			      float *red, int mode, int flags)
 {
 	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, K = (int)jb.K, S = (int)jb.S;
 	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
@@ -724,6 +725,9 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 	if (K)
 		stage_row(a, jb, r, es, ep, E, w, AXF_NW);
 	__syncthreads();
+	if (w == 1 && flags) /* the pass-job's flag word, off warp 0's path (ordered before the caller's release by the
+			      * barriers below) */
+		put_flags(a, jb);
 	if (w == 0) {
 		float m = -INFINITY, sm = 0.f, ts = -INFINITY;
 		int tp = INT_MAX;
@@ -1100,13 +1104,13 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	const int cap = (int)AXF_MERGE_CAP;
 	float *es = (float *)(stg + (size_t)w * cap * 8);
 	int *ep = (int *)(es + cap);
-	if (w == 0)
-		put_flags(a, jb);
 	if (MODE == AXF_M_HEADS) { /* a warp per row (its slice of the ring, its survivor scratch and count) */
+		if (w == 0)
+			put_flags(a, jb);
 		for (int r = w; r < (int)jb.H; r += AXF_NW)
 			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, (uint32_t *)red + 8 + w);
 	} else { /* one row: the whole CTA (the ring holds the staging; red the bar and the count) */
-		merge_row_cta(a, jb, 0, stg, xs, xp, red, MODE);
+		merge_row_cta(a, jb, 0, stg, xs, xp, red, MODE, 1);
 	}
 	if (a.done || a.trace) { /* CTA-uniform: this merge is a unit of the completion count */
 		__syncthreads(); /* every warp's result writes before thread 0's release */
@@ -1143,9 +1147,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	float *xs = smem_xs(smem), *red = smem_red(smem);
 	int *xp = (int *)(xs + AXF_NW * 64);
 	if (a.mrpc == 1) {
-		if (r0 == 0 && w == 1) /* warp 0 merges: another warp ORs the flags meanwhile */
-			put_flags(a, jb);
-		merge_row_cta(a, jb, (int)r0, smem, xs, xp, red, AXF_M_HEADS);
+		merge_row_cta(a, jb, (int)r0, smem, xs, xp, red, AXF_M_HEADS, r0 == 0);
 		if (w != 0)
 			return;
 		__syncwarp(); /* warp 0's result writes (and, by the merge's CTA barriers, warp 1's flags) before lane 0 */

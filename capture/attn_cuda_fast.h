@@ -96,8 +96,11 @@ typedef struct axf_knobs {
  * splits: up to 17× slower at 1M), heads lists always merged by the separate merge launch (4K 86 → 37 µs, 128K
  * 200 → 150, 1M 878 → 817, 64 × 4K 251 → 241), heads launches on the same wave size. merge_warp 32: run 7's
  * merge kernel (a row per warp) had 64 × 4K heads (4 splits per row) at 241 µs, run 8's (a row per CTA) 275 µs,
- * while 128K (264 splits) went 150 → 142 µs the other way. spin and pdl: off until measured (session 4). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 64, 0, 1, 0, 0, 0, 32, 0}
+ * while 128K (264 splits) went 150 → 142 µs the other way. From session 4's H200 runs (RESULTS.md, run 9b): heads-list
+ * splits ≥ 32 keys (1 × 4K heads 39.0 → 31.6 µs end to end, the same elsewhere), pdl on (merge launches and
+ * mean_prob's second pass: 1-4 µs off every heads and mean_prob shape), spin off (±0.5 µs at 1 × 4K, +7 µs at
+ * 64 × 4K heads: a system-scope fence per merge CTA), threads off (a core per helper spins through the kernels). */
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 0}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
