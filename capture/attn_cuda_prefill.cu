@@ -298,34 +298,53 @@ __device__ __forceinline__ void axp_scores(int ncol, float scale, const unsigned
 	}
 }
 
-/* A (sub-)list's top-k lives in shared memory (entry e of thread t at e·AXP_NT + t); its scalars — online
- * logsumexp (m, s), count, bar (the k-th entry, or (-inf, INT_MAX) while fewer than K: every value passes), error
- * bit — in registers of the owning thread. */
+/* A (sub-)list's top-k lives in shared memory, unsorted while it fills (entry e of thread t at e·AXP_NT + t); its
+ * scalars — online logsumexp (m, s), count, bar (the worst entry once K are held, at index bi; (-inf, INT_MAX)
+ * before: every value passes), error bit — in registers of the owning thread. */
 struct axp_own {
 	float m, s, bx;
-	int cnt, bp;
+	int cnt, bp, bi;
 	uint32_t bad;
 };
 
-/* Offer (x, j) (positions come in increasing order within a list): insertion into the shared list on a pass. */
+/* Offer (x, j): appended while fewer than K are held, else it replaces the bar; then the new bar is the worst of
+ * the K entries (one pass of independent loads: no shifting chain). A value equal to the bar's comes later, so it
+ * ranks after it and is refused: ties keep the lower position. */
 __device__ __forceinline__ void axp_offer(axp_own &L, float *lx, int *lp, int K, float x, int j)
 {
 	if (!axp_fb(x, j, L.bx, L.bp))
 		return;
-	int at = L.cnt < K ? L.cnt++ : K - 1;
-	while (at > 0) {
-		const float px = lx[(at - 1) * AXP_NT];
-		const int pp = lp[(at - 1) * AXP_NT];
-		if (!axp_fb(x, j, px, pp))
-			break;
-		lx[at * AXP_NT] = px;
-		lp[at * AXP_NT] = pp;
-		at--;
-	}
+	const int at = L.cnt < K ? L.cnt++ : L.bi;
 	lx[at * AXP_NT] = x;
 	lp[at * AXP_NT] = j;
-	if (L.cnt == K)
-		L.bx = lx[(K - 1) * AXP_NT], L.bp = lp[(K - 1) * AXP_NT];
+	if (L.cnt < K)
+		return;
+	float wx = lx[0];
+	int wp = lp[0], wi = 0;
+	for (int e = 1; e < K; ++e) {
+		const float ex = lx[e * AXP_NT];
+		const int ep = lp[e * AXP_NT];
+		if (axp_fb(wx, wp, ex, ep)) /* e ranks after the worst so far */
+			wx = ex, wp = ep, wi = e;
+	}
+	L.bx = wx, L.bp = wp, L.bi = wi;
+}
+
+/* Sort a list's cnt entries best first (once, at the end of the split). */
+__device__ __forceinline__ void axp_sort(float *lx, int *lp, int cnt)
+{
+	for (int i = 1; i < cnt; ++i) {
+		const float x = lx[i * AXP_NT];
+		const int p = lp[i * AXP_NT];
+		int at = i;
+		while (at > 0 && axp_fb(x, p, lx[(at - 1) * AXP_NT], lp[(at - 1) * AXP_NT])) {
+			lx[at * AXP_NT] = lx[(at - 1) * AXP_NT];
+			lp[at * AXP_NT] = lp[(at - 1) * AXP_NT];
+			at--;
+		}
+		lx[at * AXP_NT] = x;
+		lp[at * AXP_NT] = p;
+	}
 }
 
 /* Heads mode: the owner of list (row, head) takes the stage's 16 scores its row sees: the stage maximum first,
@@ -423,7 +442,7 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 	/* heads: this owner's score row (query head okk of row orow, column order) */
 	const float *vals = sc + ((size_t)(okk / (int)b.G) * ncol + (size_t)orow * b.G + (size_t)(okk % (int)b.G)) * AXP_SCS;
 	axp_own L;
-	L.m = -INFINITY, L.s = 0.f, L.bx = -INFINITY, L.cnt = 0, L.bp = INT_MAX, L.bad = 0;
+	L.m = -INFINITY, L.s = 0.f, L.bx = -INFINITY, L.cnt = 0, L.bp = INT_MAX, L.bi = 0, L.bad = 0;
 	axp_units U;
 	axp_units_init(U, Hkv);
 	uint4 kv[AXP_KU];
@@ -451,6 +470,7 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 		const uint64_t l = heads ? (uint64_t)tid : (uint64_t)orow;
 		const uint64_t pr = (l * b.S + sl) * sub + (heads ? 0 : okk), e0 = b.ent0 + pr * (uint64_t)K;
 		a.part_lse[b.part0 + pr] = axp_lse_value(L.m, L.s);
+		axp_sort(lx, lp, L.cnt);
 		for (int e = 0; e < K; ++e) {
 			a.part_s[e0 + e] = e < L.cnt ? lx[e * AXP_NT] : -INFINITY;
 			a.part_p[e0 + e] = e < L.cnt ? lp[e * AXP_NT] : -1;

@@ -144,6 +144,9 @@ static uint64_t rows_of(const ax_attn_job *jobs, uint32_t n, uint32_t *roff)
 }
 
 /* Job i's rows: float64 reference, ax_attn_cpu, the (-1, -inf) padding past k. */
+static int g_strict; /* 1: positions exactly the float64 reference's (exact ties there: byte-identical keys; not
+		      * ax_attn_cpu's, whose fp32 sums may round equal keys differently) */
+
 static void check_row(const ax_attn_job *jb, const ax_attn_result *got, const char *name, uint32_t i)
 {
 	char why[256] = "";
@@ -154,6 +157,17 @@ static void check_row(const ax_attn_job *jb, const ax_attn_result *got, const ch
 		ax_attn_result *cpu = (ax_attn_result *)calloc(rows, sizeof *cpu);
 		assert_int_equal(ax_attn_cpu(jb, s, cpu), 0);
 		r = pd_same(got, cpu, rows, 1e-3, why, sizeof why);
+		if (r == 0 && g_strict) {
+			tref ref;
+			td_ref(jb, &ref);
+			const uint32_t kk = jb->top_k < ref.n ? jb->top_k : (uint32_t)ref.n;
+			for (uint32_t k = 0; r == 0 && k < rows; k++)
+				for (uint32_t e = 0; r == 0 && e < kk; e++)
+					if (got[k].pos[e] != ref.order[(size_t)k * kk + e])
+						r = td_fail(why, sizeof why, "row %u entry %u: position %lld, float64 %lld (exact tie)",
+							    k, e, (long long)got[k].pos[e], (long long)ref.order[(size_t)k * kk + e]);
+			td_ref_free(&ref);
+		}
 		for (uint32_t k = 0; r == 0 && k < rows; k++)
 			for (uint32_t e = got[k].k; r == 0 && e < AX_ATTN_MAX_TOPK; e++)
 				if (got[k].pos[e] != -1 || got[k].logit[e] != -INFINITY)
@@ -199,15 +213,17 @@ static void check_batch(const ax_attn_job *jobs, uint32_t n, const char *name, u
 
 static const pcase p_cases[] = {
 	/* name, mode, dt, idt, H, Hkv, top_k, P, rows, window, tie */
-	{"heads bf16 G4 k10", AX_MODE_HEADS, BF, I32, 32, 8, 10, 200, 20, 0, 1},
-	{"logit bf16 G4 k10", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 10, 300, 17, 0, 1},
-	{"prob bf16 G4 k10", AX_MODE_MEAN_PROB, BF, I32, 32, 8, 10, 150, 9, 0, 1},
-	{"heads f16 G8 k64 window i64", AX_MODE_HEADS, F16, I64, 16, 2, 64, 120, 12, 50, 1},
-	{"logit f16 H64 G8 window (4 rows a block)", AX_MODE_MEAN_LOGIT, F16, I32, 64, 8, 5, 100, 9, 40, 0},
-	{"prob f16 G1 k33 window i64", AX_MODE_MEAN_PROB, F16, I64, 8, 8, 33, 90, 40, 30, 1},
-	{"heads G4 H_kv1 k1 from position 0", AX_MODE_HEADS, BF, I32, 4, 1, 1, 40, 40, 0, 1},
-	{"logit 3 keys", AX_MODE_MEAN_LOGIT, BF, I64, 32, 8, 10, 3, 3, 0, 0},
-	{"prob G2 window 1", AX_MODE_MEAN_PROB, BF, I32, 4, 2, 3, 30, 6, 1, 0},
+	{"heads bf16 G4 k10", AX_MODE_HEADS, BF, I32, 32, 8, 10, 200, 20, 0, 1, 0},
+	{"logit bf16 G4 k10", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 10, 300, 17, 0, 1, 0},
+	{"prob bf16 G4 k10", AX_MODE_MEAN_PROB, BF, I32, 32, 8, 10, 150, 9, 0, 1, 0},
+	{"heads f16 G8 k64 window i64", AX_MODE_HEADS, F16, I64, 16, 2, 64, 120, 12, 50, 1, 0},
+	{"logit f16 H64 G8 window (4 rows a block)", AX_MODE_MEAN_LOGIT, F16, I32, 64, 8, 5, 100, 9, 40, 0, 0},
+	{"prob f16 G1 k33 window i64", AX_MODE_MEAN_PROB, F16, I64, 8, 8, 33, 90, 40, 30, 1, 0},
+	{"heads G4 H_kv1 k1 from position 0", AX_MODE_HEADS, BF, I32, 4, 1, 1, 40, 40, 0, 1, 0},
+	{"logit 3 keys", AX_MODE_MEAN_LOGIT, BF, I64, 32, 8, 10, 3, 3, 0, 0, 0},
+	{"prob G2 window 1", AX_MODE_MEAN_PROB, BF, I32, 4, 2, 3, 30, 6, 1, 0, 0},
+	{"heads flat (ties everywhere) k5", AX_MODE_HEADS, BF, I32, 8, 2, 5, 150, 10, 0, 0, 1},
+	{"logit flat (ties everywhere) k7", AX_MODE_MEAN_LOGIT, F16, I64, 16, 4, 7, 200, 9, 0, 0, 1},
 };
 
 static const axp_knobs p_knobs[] = {
@@ -224,12 +240,14 @@ static void test_cases(void **state)
 			pdata t;
 			pd_make(&p_cases[c], &t);
 			g_pk = p_knobs[k];
+			g_strict = p_cases[c].flat;
 			char name[160];
 			snprintf(name, sizeof name, "%s (knobs %zu)", p_cases[c].name, k);
 			check_batch(t.jobs, t.rows, name, t.rows);
 			pd_free(&t);
 		}
 	g_pk = p_knobs[0];
+	g_strict = 0;
 }
 
 /* The daemon's order: token-major, two layers interleaved, plus decode jobs of another request and a job the
@@ -237,9 +255,9 @@ static void test_cases(void **state)
 static void test_interleaved(void **state)
 {
 	(void)state;
-	const pcase a = {"layer a", AX_MODE_HEADS, BF, I32, 32, 8, 10, 160, 11, 0, 1};
-	const pcase b = {"layer b", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 7, 160, 11, 0, 0};
-	const pcase d = {"decode", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 10, 90, 1, 0, 0};
+	const pcase a = {"layer a", AX_MODE_HEADS, BF, I32, 32, 8, 10, 160, 11, 0, 1, 0};
+	const pcase b = {"layer b", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 7, 160, 11, 0, 0, 0};
+	const pcase d = {"decode", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 10, 90, 1, 0, 0, 0};
 	pdata ta, tb, td;
 	pd_make(&a, &ta);
 	pd_make(&b, &tb);
@@ -281,7 +299,7 @@ static void test_errors(void **state)
 	(void)state;
 	for (size_t c = 0; c < ARRAY_LEN(p_errors); c++) {
 		const perr *E = &p_errors[c];
-		const pcase pc = {E->name, AX_MODE_HEADS, BF, I64, 16, 4, 8, 100, 16, E->window, 0};
+		const pcase pc = {E->name, AX_MODE_HEADS, BF, I64, 16, 4, 8, 100, 16, E->window, 0, 0};
 		pdata t;
 		pd_make(&pc, &t);
 		uint16_t *k = (uint16_t *)t.k;

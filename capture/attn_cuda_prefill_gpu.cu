@@ -195,6 +195,7 @@ static const pcase g_cases[] = {
 	{"P1K 50 rows heads G2 H16 (16 rows a block)", AX_MODE_HEADS, BF, I64, 16, 8, 10, 1024, 50, 200, 1},
 	{"P4K 2 rows logit k1", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 1, 4096, 2, 0, 0},
 	{"P4K 1 row (not placed)", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 10, 4096, 1, 0, 0},
+	{"P1K 40 rows heads, every key equal but 3 (ties)", AX_MODE_HEADS, BF, I32, 32, 8, 10, 1024, 40, 0, 0, 1},
 	{"P4K 4096 rows logit G4", AX_MODE_MEAN_LOGIT, BF, I32, 32, 8, 10, 4096, 4096, 0, 1},
 	{"P4K 4096 rows heads G4 window 512", AX_MODE_HEADS, BF, I32, 32, 8, 10, 4096, 4096, 512, 1},
 };

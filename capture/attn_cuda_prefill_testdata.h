@@ -5,7 +5,8 @@
  * Index entries before the block's first visible key are out-of-pool garbage (never read). Q rows are a shared
  * random base plus per-row noise, and three keys inside the rows' range are planted with the sign of the group's
  * mean query (strengths 2, 1.5, 1), so rows that see them rank them first; `tie` plants an exact byte copy of the
- * strongest at another position. Plain C, also valid C++; test code only (fails fast on malloc failure). Checks
+ * strongest at another position; `flat` makes every key a copy of one before planting (ties everywhere: lists
+ * full of equal values that later, stronger keys must evict from the highest position down). Plain C, also valid C++; test code only (fails fast on malloc failure). Checks
  * use attn_cuda_testdata.h's float64 reference (td_ref, td_check) per row.
  */
 #ifndef ATTNX_CAPTURE_ATTN_CUDA_PREFILL_TESTDATA_H
@@ -21,6 +22,7 @@ typedef struct pcase {
 	uint32_t rows;           /* query rows: positions P - rows .. P - 1 */
 	int32_t window;
 	int tie;
+	int flat;                /* 1: every key a byte copy of one key (all scores of a row tie) before planting */
 } pcase;
 
 typedef struct pdata {
@@ -51,6 +53,8 @@ static void pd_make(const pcase *c, pdata *t)
 			td_enc(t->q, c->dt, (uint64_t)r * c->H * D + i, base[i] + 0.5f * (float)td_uni());
 	for (uint64_t i = 0; i < slots * s0; i++)
 		td_rand(t->k, c->dt, i);
+	for (uint64_t sl = 1; c->flat && sl < slots; sl++)
+		memcpy((char *)t->k + sl * s0 * 2, t->k, s0 * 2);
 	uint64_t *perm = (uint64_t *)td_alloc(slots * sizeof *perm);
 	for (uint64_t s = 0; s < slots; s++)
 		perm[s] = s;
