@@ -435,12 +435,21 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 	uint32_t *rfl = (uint32_t *)(smem + axp_off_fl(b.K, nq));
 
 	axp_load_q(a, b, qs, lse_s, rfl); /* ends with a barrier after zeroing rfl; Q is covered by the loop's first */
+	/* Owners. Heads: thread tid owns score row tid (column order: KV head tid / ncol, column tid mod ncol = row r,
+	 * group head g), i.e. list r·H + h with h = (tid / ncol)·G + g — consecutive threads read consecutive rows
+	 * (conflict-free). Mean modes: thread tid owns sub-list (row tid / 16, key slot tid mod 16). */
 	const bool own = tid < (int)b.R * per;
-	const int orow = own ? tid / per : 0, okk = tid - orow * per; /* okk: head (heads) or key slot (mean) */
+	int orow = 0, okk = 0, hl = 0; /* row; key slot (mean); list (heads) */
+	if (heads && own) {
+		const int wq = tid / ncol, col = tid - wq * ncol;
+		orow = col / (int)b.G;
+		hl = orow * (int)b.H + wq * (int)b.G + (col - orow * (int)b.G);
+	} else if (own) {
+		orow = tid / per, okk = tid - orow * per;
+	}
 	const uint64_t opos = b.p0 + (uint64_t)orow;
 	const uint32_t rs = (uint32_t)(axp_first_key(opos, b.window) - b.lo), re = (uint32_t)(opos - b.lo);
-	/* heads: this owner's score row (query head okk of row orow, column order) */
-	const float *vals = sc + ((size_t)(okk / (int)b.G) * ncol + (size_t)orow * b.G + (size_t)(okk % (int)b.G)) * AXP_SCS;
+	const float *vals = sc + (size_t)tid * AXP_SCS; /* heads: this owner's score row */
 	axp_own L;
 	L.m = -INFINITY, L.s = 0.f, L.bx = -INFINITY, L.cnt = 0, L.bp = INT_MAX, L.bi = 0, L.bad = 0;
 	axp_units U;
@@ -466,8 +475,8 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 			axp_take_mean(L, lx, lp, b, sc, lse_s, orow, okk, tile, nv, rs, re, K);
 	}
 
-	if (own) { /* this split's partial (sub-)list: list l = orow·(H or 1) + head, sub-list okk in mean modes */
-		const uint64_t l = heads ? (uint64_t)tid : (uint64_t)orow;
+	if (own) { /* this split's partial (sub-)list: list l = orow·H + head (heads) or orow, sub-list okk (mean) */
+		const uint64_t l = heads ? (uint64_t)hl : (uint64_t)orow;
 		const uint64_t pr = (l * b.S + sl) * sub + (heads ? 0 : okk), e0 = b.ent0 + pr * (uint64_t)K;
 		a.part_lse[b.part0 + pr] = axp_lse_value(L.m, L.s);
 		axp_sort(lx, lp, L.cnt);

@@ -52,7 +52,7 @@
 #define AXP_SUB 16         /* mean modes: sub-lists per row and split (thread (r, kk) takes keys ≡ kk mod 16) */
 #define AXP_SMEM_MAX 232448u /* the most dynamic shared memory of an sm_90 block (227 KB) */
 #define AXP_QS 320         /* bytes of a Q column in shared memory (256 + 64: ≡ 16 words mod 32) */
-#define AXP_SCS 17         /* floats of a score row (16 keys + 1: conflict-free columns) */
+#define AXP_SCS 21         /* floats of a score row (16 keys + 5, odd: the heads owners' 32 rows in 32 banks; mma writes and mean reads at most 2-way) */
 #define AXP_ROWS_DEFAULT 16 /* rows per block unless AX_PREFILL_ROWS says otherwise */
 #define AXP_MIN_KEYS_DEFAULT 64
 
