@@ -574,6 +574,7 @@ struct ax_attn_prefill {
 	size_t hcap;
 	axp_plan *plan;
 	uint32_t last_rows;
+	uint32_t threads;       /* host threads of the expansion (AX_PREFILL_THREADS, default 4; below 8192 rows: 1) */
 	ax_attn_job *sj;        /* the other jobs of a mixed batch, compacted */
 	size_t sj_cap;
 	uint32_t *si;
@@ -653,6 +654,7 @@ int ax__attn_prefill_new(ax_attn_prefill **out, int device, void *stream)
 	p->kn.rows = env_u32("AX_PREFILL_ROWS", AXP_ROWS_DEFAULT, 2, AXP_MAX_ROWS);
 	p->kn.min_keys = env_u32("AX_PREFILL_MIN_KEYS", AXP_MIN_KEYS_DEFAULT, AXP_TS, 1u << 30);
 	p->kn.target = f->sms * f->occ * env_u32("AX_PREFILL_WAVES", 8, 1, 1024);
+	f->threads = env_u32("AX_PREFILL_THREADS", 4, 1, AXP_MAX_THREADS);
 	*out = f;
 	return 0;
 }
@@ -778,8 +780,10 @@ static int pf_run(ax_attn_prefill *f, const ax_attn_job *jobs, ax_attn_result *o
 	if (e == cudaSuccess)
 		e = cudaMemcpyAsync(f->hbuf + p->lay.rflags, f->dbuf + p->lay.rflags, p->lay.down - p->lay.rflags,
 				    cudaMemcpyDeviceToHost, f->stream);
-	if (e == cudaSuccess)
-		axp_plan_prefill_rows(p, jobs, out); /* host work while the GPU runs */
+	if (e == cudaSuccess) { /* host work while the GPU runs */
+		axp_make_empty(p);
+		axp_expand_par(p, jobs, out, NULL, NULL, f->threads);
+	}
 	cudaError_t se = cudaStreamSynchronize(f->stream); /* also: the next run rewrites the staging */
 	if (e == cudaSuccess)
 		e = se;
@@ -787,7 +791,8 @@ static int pf_run(ax_attn_prefill *f, const ax_attn_job *jobs, ax_attn_result *o
 		e = cudaEventElapsedTime(&f->kernel_ms, f->ev[0], f->ev[1]);
 	if (e != cudaSuccess)
 		return pf_fail(f, e);
-	axp_plan_finish(p, f->hbuf, jobs, out, rc);
+	axp_codes(p, f->hbuf, rc);
+	axp_expand_par(p, jobs, out, f->hbuf, rc, f->threads);
 	return 0;
 }
 

@@ -30,6 +30,7 @@
 #define ATTNX_CAPTURE_ATTN_CUDA_PREFILL_H
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -552,10 +553,10 @@ static inline uint32_t axp_kout(const axp_blk *b, uint32_t r)
 	return b->K < nv ? b->K : (uint32_t)nv;
 }
 
-/* Calls f(b, r, l, o, head_id) for every result row of every placed job: row r of result pass-block b, list l,
- * output row o. */
-#define AXP_FOR_ROWS(p, jobs, out, BODY)                                                                         \
-	for (uint32_t k_ = 0; k_ < (p)->npb; k_++) {                                                              \
+/* Runs BODY for every result row of result pass-blocks [k0, k1): row r of pass-block b, list l, output row o
+ * (of job i), head_id. */
+#define AXP_FOR_ROWS(p, jobs, out, k0, k1, BODY)                                                                 \
+	for (uint32_t k_ = (k0); k_ < (k1); k_++) {                                                               \
 		const axp_blk *b = &(p)->pb[k_];                                                                  \
 		if (b->res0 < 0)                                                                                  \
 			continue;                                                                                 \
@@ -570,18 +571,11 @@ static inline uint32_t axp_kout(const axp_blk *b, uint32_t r)
 		}                                                                                                 \
 	}
 
-/*
- * The half of the expansion that does not depend on the results, done while the kernels run (the driver calls it
- * after the launches, before it waits): every result row of every placed job gets its head_id, k, lse 0 and every
- * entry (-1, -inf) (one copy of a 784-byte template each: 100 MB for 4K heads rows of H_q 32). axp_plan_finish then
- * writes only the logsumexp and the first k entries of the rows whose job succeeded.
- */
-static inline void axp_plan_prefill_rows(axp_plan *p, const ax_attn_job *jobs, ax_attn_result *out)
+/* The template half of result pass-blocks [k0, k1) (axp_plan_prefill_rows; p->empty made). */
+static inline void axp_prefill_range(const axp_plan *p, const ax_attn_job *jobs, ax_attn_result *out, uint32_t k0,
+				     uint32_t k1)
 {
-	memset(&p->empty, 0, sizeof p->empty);
-	for (uint32_t e = 0; e < AX_ATTN_MAX_TOPK; e++)
-		p->empty.pos[e] = -1, p->empty.logit[e] = -INFINITY;
-	AXP_FOR_ROWS(p, jobs, out, {
+	AXP_FOR_ROWS(p, jobs, out, k0, k1, {
 		(void)l;
 		memcpy(o, &p->empty, sizeof *o);
 		o->head_id = head_id;
@@ -589,18 +583,13 @@ static inline void axp_plan_prefill_rows(axp_plan *p, const ax_attn_job *jobs, a
 	})
 }
 
-/* From the downloaded results in h (the staging at the layout's offsets; rows prefilled by axp_plan_prefill_rows):
- * each placed job's code (-ERANGE over -EDOM) and, where 0, its rows' logsumexps and entries. */
-static inline void axp_plan_finish(axp_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
+/* The result half of result pass-blocks [k0, k1) (axp_plan_finish; codes known). */
+static inline void axp_finish_range(const axp_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out,
+				    const int *rc, uint32_t k0, uint32_t k1)
 {
-	const uint32_t *fl = (const uint32_t *)(h + p->lay.rflags);
 	const float *lse = (const float *)(h + p->lay.res_lse);
 	const axf_ent *ent = (const axf_ent *)(h + p->lay.res_ent);
-	for (uint32_t r = 0; r < p->nrows; r++) {
-		const uint32_t f = fl[r], i = p->rj[r];
-		rc[i] = f & AXF_F_RANGE ? -ERANGE : f & AXF_F_DOM ? -EDOM : 0;
-	}
-	AXP_FOR_ROWS(p, jobs, out, {
+	AXP_FOR_ROWS(p, jobs, out, k0, k1, {
 		(void)head_id;
 		if (rc[i] != 0)
 			continue;
@@ -612,6 +601,111 @@ static inline void axp_plan_finish(axp_plan *p, const char *h, const ax_attn_job
 			o->logit[x] = ok ? e[x].x : -INFINITY;
 		}
 	})
+}
+
+static inline void axp_make_empty(axp_plan *p)
+{
+	memset(&p->empty, 0, sizeof p->empty);
+	for (uint32_t e = 0; e < AX_ATTN_MAX_TOPK; e++)
+		p->empty.pos[e] = -1, p->empty.logit[e] = -INFINITY;
+}
+
+/* Each placed job's code from its row's flag word (-ERANGE over -EDOM). */
+static inline void axp_codes(const axp_plan *p, const char *h, int *rc)
+{
+	const uint32_t *fl = (const uint32_t *)(h + p->lay.rflags);
+	for (uint32_t r = 0; r < p->nrows; r++) {
+		const uint32_t f = fl[r], i = p->rj[r];
+		rc[i] = f & AXF_F_RANGE ? -ERANGE : f & AXF_F_DOM ? -EDOM : 0;
+	}
+}
+
+/*
+ * The half of the expansion that does not depend on the results, done while the kernels run (the driver calls it
+ * after the launches, before it waits): every result row of every placed job gets its head_id, k, lse 0 and every
+ * entry (-1, -inf) (one copy of a 784-byte template each: 100 MB for 4K heads rows of H_q 32). axp_plan_finish then
+ * writes only the logsumexp and the first k entries of the rows whose job succeeded.
+ */
+static inline void axp_plan_prefill_rows(axp_plan *p, const ax_attn_job *jobs, ax_attn_result *out)
+{
+	axp_make_empty(p);
+	axp_prefill_range(p, jobs, out, 0, p->npb);
+}
+
+/* From the downloaded results in h (the staging at the layout's offsets; rows prefilled by axp_plan_prefill_rows):
+ * each placed job's code and, where 0, its rows' logsumexps and entries. */
+static inline void axp_plan_finish(axp_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
+{
+	axp_codes(p, h, rc);
+	axp_finish_range(p, h, jobs, out, rc, 0, p->npb);
+}
+
+/* ---- the expansion on several host threads (large batches: 4K heads rows are 100 MB of ax_attn_result) ---------- */
+
+#define AXP_MAX_THREADS 16
+#define AXP_PAR_MIN_ROWS 8192 /* result rows below which one thread does it (thread start-up ~20 µs each) */
+
+/* Split pass-blocks [0, npb) into T ranges of about equal result rows: bounds[0] = 0 .. bounds[T] = npb. */
+static inline void axp_split_ranges(const axp_plan *p, uint32_t T, uint32_t *bounds)
+{
+	uint64_t done = 0;
+	uint32_t t = 1;
+	bounds[0] = 0;
+	for (uint32_t k = 0; k < p->npb && t < T; k++) {
+		const axp_blk *b = &p->pb[k];
+		done += b->res0 < 0 ? 0 : (uint64_t)b->R * axp_lists_per_row(b);
+		while (t < T && done * T >= (uint64_t)t * p->nres)
+			bounds[t++] = k + 1;
+	}
+	while (t <= T)
+		bounds[t++] = p->npb;
+}
+
+typedef struct axp_par {
+	const axp_plan *p;
+	const ax_attn_job *jobs;
+	ax_attn_result *out;
+	const char *h;        /* NULL: the template half; else the result half from this staging */
+	const int *rc;
+	uint32_t k0, k1;
+} axp_par;
+
+static void *axp_par_main(void *x)
+{
+	const axp_par *a = (const axp_par *)x;
+	if (a->h)
+		axp_finish_range(a->p, a->h, a->jobs, a->out, a->rc, a->k0, a->k1);
+	else
+		axp_prefill_range(a->p, a->jobs, a->out, a->k0, a->k1);
+	return NULL;
+}
+
+/* One half of the expansion (h NULL: the template half; else the result half, codes in rc) on up to `threads`
+ * threads (the caller's included; a thread that fails to start leaves its range to the caller). */
+static inline void axp_expand_par(const axp_plan *p, const ax_attn_job *jobs, ax_attn_result *out, const char *h,
+				  const int *rc, uint32_t threads)
+{
+	uint32_t T = threads < 1 ? 1 : threads > AXP_MAX_THREADS ? AXP_MAX_THREADS : threads;
+	if (p->nres < AXP_PAR_MIN_ROWS)
+		T = 1;
+	uint32_t bounds[AXP_MAX_THREADS + 1];
+	axp_split_ranges(p, T, bounds);
+	axp_par a[AXP_MAX_THREADS];
+	pthread_t th[AXP_MAX_THREADS];
+	int started[AXP_MAX_THREADS] = {0};
+	for (uint32_t t = 0; t < T; t++) {
+		axp_par x = {p, jobs, out, h, rc, bounds[t], bounds[t + 1]};
+		a[t] = x;
+		if (t > 0 && bounds[t] < bounds[t + 1])
+			started[t] = pthread_create(&th[t], NULL, axp_par_main, &a[t]) == 0;
+	}
+	axp_par_main(&a[0]);
+	for (uint32_t t = 1; t < T; t++) {
+		if (started[t])
+			pthread_join(th[t], NULL);
+		else
+			axp_par_main(&a[t]);
+	}
 }
 
 /* ---- the driver (attn_cuda_prefill.cu) ------------------------------------------------------------------------ */

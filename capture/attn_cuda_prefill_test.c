@@ -286,12 +286,73 @@ static void test_finish(void **state)
 	axp_plan_free(p);
 }
 
+/* The expansion on several threads writes exactly what one thread writes (9600 heads rows: past the threshold). */
+static void test_expand_parallel(void **state)
+{
+	(void)state;
+	enum { N = 300 };
+	ax_attn_job *jobs = calloc(N, sizeof *jobs);
+	assert_non_null(jobs);
+	for (uint32_t i = 0; i < N; i++) {
+		jobs[i] = job((int)(i % 2), 100 + i / 2, AX_MODE_HEADS, 32);
+		jobs[i].top_k = 5 + (i % 2);
+		jobs[i].window = i % 2 ? 0 : 40;
+	}
+	axp_plan *p = calloc(1, sizeof *p);
+	assert_non_null(p);
+	p->kn.rows = 8, p->kn.min_keys = 64, p->kn.target = 500;
+	int rc[N], rc2[N];
+	assert_int_equal(axp_plan_build(p, jobs, N, rc), 0);
+	assert_true(p->nres >= AXP_PAR_MIN_ROWS);
+	char *h = calloc(1, p->lay.down);
+	assert_non_null(h);
+	uint32_t *fl = (uint32_t *)(h + p->lay.rflags);
+	float *lse = (float *)(h + p->lay.res_lse);
+	axf_ent *e = (axf_ent *)(h + p->lay.res_ent);
+	for (uint32_t r = 0; r < p->nrows; r++)
+		fl[r] = r % 37 == 5 ? AXF_F_DOM : 0;
+	for (uint64_t l = 0; l < p->nres; l++)
+		lse[l] = (float)rnd(1000);
+	for (uint64_t x = 0; x < p->nrent; x++)
+		e[x] = (axf_ent){(float)rnd(100), (int32_t)rnd(40)};
+	const size_t bytes = (size_t)N * 32 * sizeof(ax_attn_result);
+	ax_attn_result *a = malloc(bytes), *b = malloc(bytes);
+	assert_non_null(a);
+	assert_non_null(b);
+	memset(a, 0x77, bytes);
+	axp_plan_prefill_rows(p, jobs, a);
+	axp_plan_finish(p, h, jobs, a, rc);
+	static const uint32_t threads[] = {2, 3, 4, 16, 40};
+	for (size_t t = 0; t < ARRAY_LEN(threads); t++) {
+		uint32_t bounds[AXP_MAX_THREADS + 1];
+		const uint32_t T = threads[t] > AXP_MAX_THREADS ? AXP_MAX_THREADS : threads[t];
+		axp_split_ranges(p, T, bounds);
+		assert_int_equal(bounds[0], 0);
+		assert_int_equal(bounds[T], p->npb);
+		for (uint32_t k = 0; k < T; k++)
+			assert_true(bounds[k] <= bounds[k + 1]);
+		memset(b, 0x77, bytes);
+		axp_make_empty(p);
+		axp_expand_par(p, jobs, b, NULL, NULL, threads[t]);
+		axp_codes(p, h, rc2);
+		axp_expand_par(p, jobs, b, h, rc2, threads[t]);
+		assert_memory_equal(rc, rc2, sizeof rc);
+		assert_memory_equal(a, b, bytes);
+	}
+	free(a);
+	free(b);
+	free(h);
+	free(jobs);
+	axp_plan_free(p);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_grouping),
 		cmocka_unit_test(test_plan_invariants),
 		cmocka_unit_test(test_finish),
+		cmocka_unit_test(test_expand_parallel),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
