@@ -179,13 +179,24 @@ __device__ __forceinline__ void axp_load_q(const axp_args &a, const axp_blk &b, 
 	for (int r = tid; r < R; r += AXP_NT)
 		rfl[r] = 0;
 	__syncthreads();
-	for (int u = tid; u < R * H * 16; u += AXP_NT) {
-		const int r = u / (H * 16), rem = u - r * H * 16, h = rem >> 4, c16 = rem & 15;
-		const uint4 v = ((const uint4 *)a.qptr[b.row0 + r])[h * 16 + c16];
-		if (axp_nonfinite8(v, b.f16))
-			atomicOr(&rfl[r], AXF_F_DOM);
-		const int g = h / G, col = r * G + (h - g * G);
-		*(uint4 *)(qs + (size_t)(g * ncol + col) * AXP_QS + (size_t)c16 * 16) = v;
+	const int n = R * H * 16;
+	for (int u0 = tid; u0 < n; u0 += 8 * AXP_NT) { /* 8 units' loads in flight per thread, then their stores */
+		uint4 v[8];
+#pragma unroll
+		for (int q = 0; q < 8; ++q) {
+			const int u = u0 + q * AXP_NT, r = u / (H * 16), rem = u - r * H * 16;
+			v[q] = u < n ? ((const uint4 *)a.qptr[b.row0 + r])[rem] : make_uint4(0, 0, 0, 0);
+		}
+#pragma unroll
+		for (int q = 0; q < 8; ++q) {
+			const int u = u0 + q * AXP_NT, r = u / (H * 16), rem = u - r * H * 16, h = rem >> 4, c16 = rem & 15;
+			if (u >= n)
+				continue;
+			if (axp_nonfinite8(v[q], b.f16))
+				atomicOr(&rfl[r], AXF_F_DOM);
+			const int g = h / G, col = r * G + (h - g * G);
+			*(uint4 *)(qs + (size_t)(g * ncol + col) * AXP_QS + (size_t)c16 * 16) = v[q];
+		}
 	}
 	if (b.mode == AXF_M_PROB)
 		for (int u = tid; u < R * H; u += AXP_NT)
