@@ -1044,13 +1044,17 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 					lse_add(mB, sB, x3);
 			}
 			if (K && wv) { /* wv is warp-uniform */
-				const bool cand = (r0 && (fb(x0, j0, thAs, thAp) || fb(x1, j0, thBs, thBp))) ||
-						  (r1 && (fb(x2, j1, thAs, thAp) || fb(x3, j1, thBs, thBp)));
-				if (__any_sync(FULLM, cand)) {
+				/* which lists have a candidate: lane 4·g + t owns columns 2t (A) and 2t+1 (B) of keys g, g+8,
+				 * and its bars are those lists' k-th entries, so list h has one exactly when a lane of
+				 * t = h/2 has a value past its bar; lists without one are skipped (their gather and
+				 * ballots were most of a stage's work once the lists fill up) */
+				const unsigned mA = __ballot_sync(FULLM, (r0 && fb(x0, j0, thAs, thAp)) || (r1 && fb(x2, j1, thAs, thAp)));
+				const unsigned mB = __ballot_sync(FULLM, (r0 && fb(x1, j0, thBs, thBp)) || (r1 && fb(x3, j1, thBs, thBp)));
+				if (mA | mB) {
 					const unsigned b0 = __ballot_sync(FULLM, r0), b1 = __ballot_sync(FULLM, r1);
 #pragma unroll
 					for (int h = 0; h < NL; ++h) { /* lane l < 16 gathers key tile+l of column h */
-						if (h < G) {
+						if (h < G && (((h & 1) ? mB : mA) & (0x11111111u << (h >> 1)))) { /* warp-uniform */
 							const int src = ((lane & 7) << 2) | (h >> 1);
 							const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
 							const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
