@@ -30,8 +30,13 @@
  * validated against float64 and the generic path, sanitizers clean). The session-3 changes (planner knobs, the
  * separate heads merge kernel, split flag words, results written into mapped pinned memory, one-pass-job
  * launches in the __grid_constant__ parameter, tickets zeroed once) ran on an H100 in runs 7 and 8 (RESULTS.md:
- * 150/150 against float64 and the generic path, racecheck clean after da7a9e8); on the CPU they also run: the kernels under
- * attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
+ * 150/150 against float64 and the generic path, racecheck clean after da7a9e8). Session 4's first changes (the row
+ * frame written while the kernels run, the completion word (spin), programmatic dependent launch (pdl), the trace,
+ * the CTA-wide merge, the index/Q loads before the mbarrier set-up) ran on an H200 in runs 9a/9b (184/184, the three
+ * sanitizers clean). NOT yet run on a GPU (the final run of session 4 is their first): the row-per-warp merge
+ * (merge_warp), the one-fence ticket, the flags on warp 1, the heads loop's list skipping, dynamic splits (dyn), the
+ * host thread pool (threads), the defaults pdl 1 / heads-list splits ≥ 32. On the CPU everything runs: the kernels
+ * under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
  * mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host half in
  * attn_cuda_fast_test.c.
  */
