@@ -7,8 +7,9 @@
  * This header is the fast path's host half in plain C (also valid C++), so attn_cuda_fast_test.c runs it on a
  * machine without a GPU: which jobs are eligible (axf_eligible), the plan of a run (pass-jobs, launches, one
  * wave of split CTAs per launch, partial rows, result rows, scratch layout: axf_plan_build), the per-job codes
- * from the flags the kernels wrote (axf_plan_finish) and the split of a mixed batch between the fast and the generic
- * path (axf_dispatch, with the two runners as callbacks). The kernels and the driver are in attn_cuda_fast.cu.
+ * from the flags the kernels wrote and the rows (axf_plan_prefill while the kernels run, axf_plan_finish after; on
+ * several host threads with axf_pool), and the split of a mixed batch between the fast and the generic path
+ * (axf_dispatch, with the two runners as callbacks). The kernels and the driver are in attn_cuda_fast.cu.
  *
  * How a run works (details in attn_cuda_fast.cu): every user job becomes one pass-job (mean_prob: two, a
  * per-head logsumexp pass-job and the probability pass-job); pass-jobs are grouped by kernel instance (mode,
@@ -20,16 +21,19 @@
  * shared-memory stages (one cp.async.bulk per key row), scores on the tensor cores, keeps per-split top-k lists
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
  * for heads lists with ≥ merge_heads splits (the default: always), a separate merge launch right after the
- * split launch merges every row in parallel (one row per CTA, its 8 warps staging the split lists together).
+ * split launch merges every row in parallel (one row per CTA, its 8 warps working on it, or, with ≤ merge_warp
+ * splits, one row per warp). Knob dyn: long pass-jobs hand out their keys in blocks from a counter instead
+ * (dynamic splits: faster CTAs take more).
  * Errors: each CTA writes its split's flag word (no zeroing needed); the merger ORs them into its pass-job's
  * flag word. Results are written compactly (a float logsumexp per row,
  * kout (logit, offset) entries per row, a flag word per pass-job) straight into the pinned host staging (mapped:
- * no download); axf_plan_finish expands them into ax_attn_result rows, as the generic path writes them.
+ * no download); the host writes each result row's frame while the kernels run (axf_plan_prefill) and only the
+ * results once they are in (axf_plan_finish), as the generic path writes them.
  *
- * A call costs the launches and one stream synchronisation, plus one upload of the tables when a launch has more
- * than one pass-job (a launch of one pass-job carries it in the kernel's parameters); the tickets live in a
- * device buffer zeroed once, each pass-job's last CTA resetting its own. The knobs are read from the environment
- * once per state (axf_knobs_env).
+ * A call costs the launches and one wait (a stream synchronisation, or with knob spin a completion word the last
+ * unit writes), plus one upload of the tables when a launch has more than one pass-job (a launch of one pass-job
+ * carries it in the kernel's parameters); the tickets live in a device buffer zeroed once, each pass-job's last
+ * CTA resetting its own. The knobs are read from the environment once per state (axf_knobs_env).
  *
  * Positions inside the kernels are 32-bit offsets from the pass-job's first visible key (eligibility bounds the
  * visible keys by AXF_MAX_N); results carry start + offset in 64 bits.
