@@ -682,6 +682,44 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 	row_finish(a, jb, r, lse, ts, tp, n, xs, xp, es, ep, E);
 }
 
+/* The logsumexp rows of a pass-job without lists (mean_prob's first pass) merged by warp w: its rows w, w + NW, ..
+ * (≤ 8 of them: H ≤ 64) together, 4 splits of each per lane per round, so their loads are in flight at once (a warp
+ * merged its ~4 rows one after the other before: a round of L2 latency each), then one lse_warp per row and the
+ * logsumexp slot written by lane 0 (put_result's K = 0 case). */
+__device__ void merge_lse_rows(const axf_args &a, const axf_job &jb, int w)
+{
+	enum { RW = AXF_MAX_HKV * AXF_MAX_G / AXF_NW };
+	const int lane = threadIdx.x & 31, S = (int)jb.S, H = (int)jb.H;
+	float m[RW], sm[RW];
+#pragma unroll
+	for (int q = 0; q < RW; ++q)
+		m[q] = -INFINITY, sm[q] = 0.f;
+	for (int i0 = lane; i0 < S; i0 += 32 * 4) {
+		float x[4][RW];
+#pragma unroll
+		for (int u = 0; u < 4; ++u)
+#pragma unroll
+			for (int q = 0; q < RW; ++q) {
+				const int i = i0 + 32 * u, r = w + AXF_NW * q;
+				x[u][q] = i < S && r < H ? __ldcg(a.part_lse + jb.part0 + (uint64_t)r * S + i) : -INFINITY;
+			}
+#pragma unroll
+		for (int u = 0; u < 4; ++u)
+#pragma unroll
+			for (int q = 0; q < RW; ++q)
+				if (x[u][q] != -INFINITY)
+					lse_merge(m[q], sm[q], x[u][q], 1.f);
+	}
+#pragma unroll
+	for (int q = 0; q < RW; ++q) {
+		const int r = w + AXF_NW * q;
+		if (r < H) { /* warp-uniform */
+			lse_warp(m[q], sm[q]);
+			put_result(a, jb, r, lse_value(m[q], sm[q]), -INFINITY, INT_MAX, -INFINITY, INT_MAX);
+		}
+	}
+}
+
 /* Where the CTA-wide merge keeps a row's per-split values: after the staging (capm entries of es/ep), the splits'
  * logsumexps and k-th entries (AXF_MAX_SPLITS each); all in the idle ring. */
 #define AXF_MERGE_CAPM ((int)AXF_MERGE_CAP * AXF_NW - 2 * AXF_MAX_SPLITS)
@@ -1170,7 +1208,11 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	const int cap = (int)AXF_MERGE_CAP;
 	float *es = (float *)(stg + (size_t)w * cap * 8);
 	int *ep = (int *)(es + cap);
-	if (MODE == AXF_M_HEADS) { /* a warp per row (its slice of the ring, its survivor scratch and count) */
+	if (MODE == AXF_M_HEADS && !K) { /* logsumexps only (mean_prob's first pass): warp w, rows w, w + 8, .. */
+		if (w == 0)
+			put_flags(a, jb);
+		merge_lse_rows(a, jb, w);
+	} else if (MODE == AXF_M_HEADS) { /* a warp per row (its slice of the ring, its survivor scratch and count) */
 		if (w == 0)
 			put_flags(a, jb);
 		for (int r = w; r < (int)jb.H; r += AXF_NW)
