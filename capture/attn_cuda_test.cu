@@ -716,7 +716,7 @@ static void fast_tests(int small)
 		alt[2].spin = 1, alt[2].pdl = 1;
 		alt[3].dyn = 64; /* the defaults with dynamic splits (long cases: 200K, 120K) */
 		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
-		for (int a = 0; a < 4; a++) {
+		for (int a = 0; a < (small ? 3 : 4); a++) { /* --small: dyn 64 acts on no short case (alt[1] has dyn) */
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
 			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u "
 			       "pdl %u mergew %u threads %u dyn %u\n",
