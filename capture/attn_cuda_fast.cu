@@ -726,9 +726,9 @@ __device__ void merge_lse_rows(const axf_args &a, const axf_job &jb, int w)
 
 /*
  * The whole CTA (8 warps) merges row r of pass-job jb into its result row or logsumexp slot: one round of loads by
- * all threads brings every split's logsumexp, k-th entry and first E entries into shared memory; warp 0 merges
- * the logsumexps and sets the bar; all 8 warps scan the splits for survivors together (row_scan, 1/8 of the
- * splits each); warp 0 sorts them and writes the row. smem: the CTA's dynamic shared memory (the ring is idle);
+ * all threads brings every split's logsumexp, k-th entry and first E entries into shared memory; warp 0 sets the
+ * bar while warp 2 merges the logsumexps; all 8 warps scan the splits for survivors together (row_scan, 1/8 of
+ * the splits each); warp 0 sorts them and writes the row. smem: the CTA's dynamic shared memory (the ring is idle);
  * mode AXF_M_PROB reports logsumexp 0; flags: warp 1 also ORs the pass-job's flag words (put_flags) meanwhile.
  * Called by every thread of the CTA.
  */
@@ -771,27 +771,36 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 	if (w == 1 && flags) /* the pass-job's flag word, off warp 0's path (ordered before the caller's release by the
 			      * barriers below) */
 		put_flags(a, jb);
-	if (w == 0) {
-		float m = -INFINITY, sm = 0.f, ts = -INFINITY;
+	if (!K) { /* CTA-uniform (no CTA-wide merge has K = 0 today): warp 0 alone */
+		if (w == 0) {
+			float m = -INFINITY, sm = 0.f;
+			for (int i = lane; i < S; i += 32)
+				if (sl[i] != -INFINITY)
+					lse_merge(m, sm, sl[i], 1.f);
+			lse_warp(m, sm);
+			put_result(a, jb, r, mode == AXF_M_PROB ? 0.f : lse_value(m, sm), -INFINITY, INT_MAX, -INFINITY,
+				   INT_MAX);
+		}
+		return;
+	}
+	if (w == 0) { /* the bar: best k-th of any split, raised by the lane maxima of the split heads */
+		float ts = -INFINITY;
 		int tp = INT_MAX;
-		for (int i = lane; i < S; i += 32) {
-			if (sl[i] != -INFINITY)
-				lse_merge(m, sm, sl[i], 1.f);
+		for (int i = lane; i < S; i += 32)
 			if (skp[i] >= 0 && fb(skx[i], skp[i], ts, tp))
 				ts = skx[i], tp = skp[i];
-		}
+		row_bar(ts, tp, K, S, es, ep);
+		if (lane == 0)
+			red[0] = ts, ((int *)red)[1] = tp, *cnt = 0;
+	} else if (w == 2) { /* the logsumexp over the splits, meanwhile */
+		float m = -INFINITY, sm = 0.f;
+		for (int i = lane; i < S; i += 32)
+			if (sl[i] != -INFINITY)
+				lse_merge(m, sm, sl[i], 1.f);
 		lse_warp(m, sm);
-		const float lse = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
-		if (!K) {
-			put_result(a, jb, r, lse, -INFINITY, INT_MAX, -INFINITY, INT_MAX);
-		} else {
-			row_bar(ts, tp, K, S, es, ep);
-			if (lane == 0)
-				red[0] = ts, ((int *)red)[1] = tp, *cnt = 0, red[3] = lse;
-		}
+		if (lane == 0)
+			red[3] = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
 	}
-	if (!K) /* CTA-uniform */
-		return;
 	__syncthreads();
 	const float ts = red[0];
 	const int tp = ((const int *)red)[1];
