@@ -664,6 +664,7 @@ int ax__attn_prefill_new(ax_attn_prefill **out, int device, void *stream)
 	f->plan = p;
 	p->kn.rows = env_u32("AX_PREFILL_ROWS", AXP_ROWS_DEFAULT, 2, AXP_MAX_ROWS);
 	p->kn.min_keys = env_u32("AX_PREFILL_MIN_KEYS", AXP_MIN_KEYS_DEFAULT, AXP_TS, 1u << 30);
+	p->kn.min_rows = env_u32("AX_PREFILL_MIN_ROWS", AXP_MIN_ROWS_DEFAULT, 1, AXP_MAX_ROWS);
 	p->kn.target = f->sms * f->occ * env_u32("AX_PREFILL_WAVES", 8, 1, 1024);
 	f->threads = env_u32("AX_PREFILL_THREADS", 4, 1, AXP_MAX_THREADS);
 	*out = f;

@@ -12,7 +12,11 @@
  *     cap, no head list, token index rows) are chained by (K pool, index row, position) through a hash table:
  *     job b continues job a when every parameter matches and b's position is a's + 1. Chains are cut into
  *     blocks of 2 .. R rows of nearly equal size (R = min(rows cap, AXP_MAXL / H_q, AXP_MAX_ROWS)); a chain of
- *     one row stays with the other paths.
+ *     one row stays with the other paths. Blocks of fewer than min_rows rows (AX_PREFILL_MIN_ROWS, default 8)
+ *     stay there too: run 10 (H200, capture/README.md "Prefill rows") measured blocks of 4 rows at 0.80-0.86×
+ *     the decode fast path and blocks of 8 at 1.3-2.3×; so chains whose cap is below min_rows (H_q 64) or that
+ *     are shorter are left alone, and a chain whose nearly equal blocks would fall below it is cut into full
+ *     blocks of R rows, its remainder left to the other paths.
  *   - the plan (axp_plan_build): each block becomes one pass-block (mean_prob: two, a per-(row, head)
  *     logsumexp pass and the probability pass); pass A holds every first pass, pass B mean_prob's second.
  *     A block's keys are the union of its rows' visible ranges, [lo, p_last]; it is split into chunks (a
@@ -56,6 +60,7 @@
 #define AXP_SCS 21         /* floats of a score row (16 keys + 5, odd: the heads owners' 32 rows in 32 banks; mma writes and mean reads at most 2-way) */
 #define AXP_ROWS_DEFAULT 16 /* rows per block unless AX_PREFILL_ROWS says otherwise */
 #define AXP_MIN_KEYS_DEFAULT 64
+#define AXP_MIN_ROWS_DEFAULT 8 /* least rows per block unless AX_PREFILL_MIN_ROWS says otherwise */
 
 /* One pass-block (device table). Row r of the block is row row0 + r of the row tables (Q pointer, flag word);
  * its position is p0 + r and it sees keys [max(0, p0 + r + 1 - window) (window > 0), p0 + r]. */
@@ -123,6 +128,7 @@ typedef struct axp_knobs {
 	uint32_t rows;     /* AX_PREFILL_ROWS: rows per block at most (2 .. AXP_MAX_ROWS; 0: as many as fit) */
 	uint32_t min_keys; /* AX_PREFILL_MIN_KEYS: least keys per split */
 	uint32_t target;   /* CTAs a pass is planned for (the driver: SMs × occupancy × AX_PREFILL_WAVES) */
+	uint32_t min_rows; /* AX_PREFILL_MIN_ROWS: least rows per block (0 or 1: any block of 2 rows or more) */
 } axp_knobs;
 
 typedef struct axp_layout {
@@ -308,8 +314,16 @@ static inline int axp_group(axp_plan *p, const ax_attn_job *jobs, uint32_t n)
 		uint32_t len = 0;
 		for (int32_t j = (int32_t)i; j >= 0; j = p->succ[j])
 			len++;
-		const uint32_t cap = axp_rows_cap(p->kn.rows, jobs[i].n_q_heads, jobs[i].top_k), nb = (len + cap - 1) / cap;
+		const uint32_t cap = axp_rows_cap(p->kn.rows, jobs[i].n_q_heads, jobs[i].top_k), m = p->kn.min_rows;
+		if (cap < m || len < m)
+			continue; /* blocks this small are slower than the decode path: left to it */
+		uint32_t nb = (len + cap - 1) / cap;
 		int32_t j = (int32_t)i;
+		if (len / nb < m) { /* nearly equal blocks would be too small: full blocks, the rest left alone */
+			for (uint32_t b = 0; b < len / cap; b++)
+				j = axp_add_block(p, jobs, j, cap);
+			continue;
+		}
 		for (uint32_t b = 0; b < nb; b++)
 			j = axp_add_block(p, jobs, j, len / nb + (b < len % nb));
 	}
@@ -719,8 +733,8 @@ typedef struct ax_attn_prefill ax_attn_prefill;
 /*
  * Prefill state for a context on `device` running on `stream` (the caller's cudaStream_t, kept until
  * ax__attn_prefill_free). *out = NULL with 0 when the path is off: AX_ATTN_CUDA_PREFILL=0, a device before sm_90,
- * kernels not built for it, or a failing query. Knobs from AX_PREFILL_ROWS and AX_PREFILL_MIN_KEYS. Returns 0,
- * -EINVAL (out NULL) or -ENOMEM.
+ * kernels not built for it, or a failing query. Knobs from AX_PREFILL_ROWS, AX_PREFILL_MIN_ROWS and
+ * AX_PREFILL_MIN_KEYS. Returns 0, -EINVAL (out NULL) or -ENOMEM.
  */
 int ax__attn_prefill_new(ax_attn_prefill **out, int device, void *stream);
 void ax__attn_prefill_free(ax_attn_prefill *pf); /* waits for the stream; accepts NULL */

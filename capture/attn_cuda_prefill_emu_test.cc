@@ -47,7 +47,7 @@ static void pemu_body(void *p)
 		axp_split_kernel(x->a);
 }
 
-static axp_knobs g_pk = {16, 64, 8};
+static axp_knobs g_pk = {16, 64, 8, 0}; /* min_rows 0: blocks of any size (the gate: attn_cuda_prefill_test) */
 
 /* The driver's steps with host memory: plan, tables, zeroed row flags, passes A and B, finish. Jobs not placed
  * in a block keep rc = 1. Returns the rows placed. */
@@ -227,9 +227,9 @@ static const pcase p_cases[] = {
 };
 
 static const axp_knobs p_knobs[] = {
-	{16, 64, 8},      /* a few splits */
-	{4, 16, 100000},  /* many 16-key splits, small blocks */
-	{64, 1u << 20, 1} /* one split per block, blocks as large as fit */
+	{16, 64, 8, 0},      /* a few splits */
+	{4, 16, 100000, 0},  /* many 16-key splits, small blocks */
+	{64, 1u << 20, 1, 0} /* one split per block, blocks as large as fit */
 };
 
 static void test_cases(void **state)
