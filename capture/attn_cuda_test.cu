@@ -1083,6 +1083,20 @@ static void bench_trace(bdata *d, int m, ax_attn_fast *ft)
  * path (a context with AX_ATTN_CUDA_FAST=0) end to end. Then, per shape and mode, "var" lines: the fast path
  * alone (ax__attn_fast_run, end to end without events, and kernel with events) under the variants of b_vars.
  */
+/* Is `name` an entry of the comma-separated `list`? */
+static int bench_listed(const char *list, const char *name)
+{
+	const size_t n = strlen(name);
+	for (const char *p = list; *p;) {
+		const char *e = strchr(p, ',');
+		const size_t len = e ? (size_t)(e - p) : strlen(p);
+		if (len == n && strncmp(p, name, n) == 0)
+			return 1;
+		p += len + (e != NULL);
+	}
+	return 0;
+}
+
 static int bench(ax_attn_cuda *c)
 {
 	ax_attn_cuda *cg = open_generic();
@@ -1110,20 +1124,26 @@ static int bench(ax_attn_cuda *c)
 	       "grid-dependency wait (last), done (last)\n");
 	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
 	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
+	/* AX_BENCH_SHAPES="1x128K,1x1M" (say): only those shapes; AX_BENCH_BRIEF=1: the main table's fast columns only
+	 * (no generic run, no var or trace lines) — for A/B runs of two builds in little device time. */
+	const char *only = getenv("AX_BENCH_SHAPES"), *brief_env = getenv("AX_BENCH_BRIEF");
+	const int brief = brief_env && strcmp(brief_env, "1") == 0;
 	for (size_t i = 0; i < ARRAY_LEN(b_shapes); i++) {
+		if (only && !bench_listed(only, b_shapes[i].name))
+			continue;
 		bdata d;
 		bd_make(&d, b_shapes[i].name, b_shapes[i].B, b_shapes[i].n, b_shapes[i].reps);
 		for (int m = 0; m < 3; m++) {
 			bmeas e = bd_time(&d, m, NULL, c, d.reps);
 			bmeas k = f ? bd_time(&d, m, f, NULL, d.reps) : bmeas{0, -1, 0};
-			bmeas g = cg ? bd_time(&d, m, NULL, cg, d.reps < 10 ? d.reps : 10) : bmeas{0, -1, 0};
+			bmeas g = cg && !brief ? bd_time(&d, m, NULL, cg, d.reps < 10 ? d.reps : 10) : bmeas{0, -1, 0};
 			printf("%-8s %-10s %9.1f %9.1f %9.1f %8.2f %8.2f %10.1f %8.2f%s\n", d.name, mode_name(b_modes[m]),
 			       e.e2e, k.kern, d.floor, e.e2e / d.floor, k.kern / d.floor, g.e2e, g.e2e / d.floor,
 			       e.bad || k.bad || g.bad ? "  RUN FAILED" : "");
 			fflush(stdout);
-			if (f && fe)
+			if (f && fe && !brief)
 				bench_vars(&d, m, fe, f, &kn);
-			if (ft)
+			if (ft && !brief)
 				bench_trace(&d, m, ft);
 		}
 		bd_free(&d);
