@@ -59,6 +59,7 @@ extern "C" {
 }
 #include "attn_cuda.h"
 #include "attn_cuda_fast.h"
+#include "attn_cuda_dev.h" /* fb, finite_f, lse_add / lse_merge / lse_value (shared with the prefill path) */
 
 #define FULLM 0xffffffffu
 
@@ -73,55 +74,12 @@ extern "C" {
 #define AXF_DYN_SMEM(name) extern __shared__ __align__(128) unsigned char name[] /* bulk copies: 16-byte aligned */
 #endif
 
-/* (a, ap) ranks before (b, bp): higher value, then lower position. */
-__device__ __forceinline__ bool fb(float a, int ap, float b, int bp)
-{
-	return a > b || (a == b && ap < bp);
-}
-
-__device__ __forceinline__ bool finite_f(float x)
-{
-	return x - x == 0.0f; /* false for NaN and ±inf */
-}
-
-__device__ __forceinline__ void lse_add(float &m, float &s, float x)
-{
-	if (x == -INFINITY)
-		return;
-	if (x > m) {
-		s = s * __expf(m - x) + 1.f;
-		m = x;
-	} else {
-		s += __expf(x - m);
-	}
-}
-
-__device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2)
-{
-	if (m2 == -INFINITY || s2 == 0.f)
-		return;
-	if (m == -INFINITY) {
-		m = m2;
-		s = s2;
-	} else if (m2 > m) {
-		s = s * __expf(m - m2) + s2;
-		m = m2;
-	} else {
-		s += s2 * __expf(m2 - m);
-	}
-}
-
 __device__ __forceinline__ void lse_warp(float &m, float &s)
 {
 	for (int o = 16; o; o >>= 1) {
 		float m2 = __shfl_xor_sync(FULLM, m, o), s2 = __shfl_xor_sync(FULLM, s, o);
 		lse_merge(m, s, m2, s2);
 	}
-}
-
-__device__ __forceinline__ float lse_value(float m, float s)
-{
-	return (m == -INFINITY || s == 0.f) ? -INFINITY : m + logf(s);
 }
 
 /* A warp-wide sorted top-k list (k ≤ 64): lane i holds entry i (s0, p0) and entry 32+i (s1, p1); (ts, tp) is

@@ -24,9 +24,12 @@
  * per thread rather than warp lists): the saving here is that R rows share each key's load and its mma.
  *
  * What has run where: the kernels under the CPU SIMT emulator (attn_cuda_prefill_emu_test.cc, AXP_EMU: mma
- * fragments, shuffles, barriers from attn_cuda_fast_emu.h) against float64, ax_attn_cpu and the emulated decode
- * fast path; the host half in attn_cuda_prefill_test.c. NOT RUN ON A GPU yet: the driver, the launches, the real
- * mma.sync asm and timing (attn_cuda_prefill_gpu.cu, scripts/gpu-test's prefill stage, is the check).
+ * fragments, shuffles, barriers from attn_cuda_fast_emu.h) against float64, ax_attn_cpu and the emulated generic
+ * path; the host half in attn_cuda_prefill_test.c. On an H200 (scripts/gpu-test's prefill stage,
+ * attn_cuda_prefill_gpu.cu): the first design at 59d905b and this one at afc542f (run 10, capture/README.md
+ * "Prefill rows"): every row against ax_attn_cpu, float64 and the existing path, memcheck and racecheck clean.
+ * Not run on a GPU: the min_rows gate (4ee2cca, host grouping only) and the shared helpers of attn_cuda_dev.h
+ * (8848d67 → the next commit: the PTX of both .cu files is identical before and after).
  */
 #ifdef AXP_EMU
 #include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_prefill_emu_test.cc): kernels only */
@@ -49,53 +52,11 @@ extern "C" {
 }
 #include "attn_cuda.h"
 #include "attn_cuda_prefill.h"
+#include "attn_cuda_dev.h" /* fb, finite_f, lse_add / lse_merge / lse_value (shared with the fast path) */
 
 #define AXP_FULLM 0xffffffffu
 
 /* ---- device helpers ------------------------------------------------------------------------------------------- */
-
-/* (a, ap) ranks before (b, bp): higher value, then lower position. */
-__device__ __forceinline__ bool axp_fb(float a, int ap, float b, int bp)
-{
-	return a > b || (a == b && ap < bp);
-}
-
-__device__ __forceinline__ bool axp_finite(float x)
-{
-	return x - x == 0.0f; /* false for NaN and ±inf */
-}
-
-__device__ __forceinline__ void axp_lse_add(float &m, float &s, float x)
-{
-	if (x == -INFINITY)
-		return;
-	if (x > m) {
-		s = s * __expf(m - x) + 1.f;
-		m = x;
-	} else {
-		s += __expf(x - m);
-	}
-}
-
-__device__ __forceinline__ void axp_lse_merge(float &m, float &s, float m2, float s2)
-{
-	if (m2 == -INFINITY || s2 == 0.f)
-		return;
-	if (m == -INFINITY) {
-		m = m2;
-		s = s2;
-	} else if (m2 > m) {
-		s = s * __expf(m - m2) + s2;
-		m = m2;
-	} else {
-		s += s2 * __expf(m2 - m);
-	}
-}
-
-__device__ __forceinline__ float axp_lse_value(float m, float s)
-{
-	return (m == -INFINITY || s == 0.f) ? -INFINITY : m + logf(s);
-}
 
 #ifndef AXP_EMU
 template <int F16>
@@ -323,7 +284,7 @@ struct axp_own {
  * ranks after it and is refused: ties keep the lower position. */
 __device__ __forceinline__ void axp_offer(axp_own &L, float *lx, int *lp, int K, float x, int j)
 {
-	if (!axp_fb(x, j, L.bx, L.bp))
+	if (!fb(x, j, L.bx, L.bp))
 		return;
 	const int at = L.cnt < K ? L.cnt++ : L.bi;
 	lx[at * AXP_NT] = x;
@@ -335,7 +296,7 @@ __device__ __forceinline__ void axp_offer(axp_own &L, float *lx, int *lp, int K,
 	for (int e = 1; e < K; ++e) {
 		const float ex = lx[e * AXP_NT];
 		const int ep = lp[e * AXP_NT];
-		if (axp_fb(wx, wp, ex, ep)) /* e ranks after the worst so far */
+		if (fb(wx, wp, ex, ep)) /* e ranks after the worst so far */
 			wx = ex, wp = ep, wi = e;
 	}
 	L.bx = wx, L.bp = wp, L.bi = wi;
@@ -348,7 +309,7 @@ __device__ __forceinline__ void axp_sort(float *lx, int *lp, int cnt)
 		const float x = lx[i * AXP_NT];
 		const int p = lp[i * AXP_NT];
 		int at = i;
-		while (at > 0 && axp_fb(x, p, lx[(at - 1) * AXP_NT], lp[(at - 1) * AXP_NT])) {
+		while (at > 0 && fb(x, p, lx[(at - 1) * AXP_NT], lp[(at - 1) * AXP_NT])) {
 			lx[at * AXP_NT] = lx[(at - 1) * AXP_NT];
 			lp[at * AXP_NT] = lp[(at - 1) * AXP_NT];
 			at--;
@@ -370,7 +331,7 @@ __device__ __forceinline__ void axp_take_heads(axp_own &L, float *lx, int *lp, c
 		const uint32_t j = tile + (uint32_t)kk;
 		x[kk] = vals[kk];
 		if (kk < nv && j >= rs && j <= re) {
-			if (axp_finite(x[kk]))
+			if (finite_f(x[kk]))
 				vis |= 1u << kk, mx = fmaxf(mx, x[kk]);
 			else
 				L.bad = 1;
@@ -391,7 +352,7 @@ __device__ __forceinline__ void axp_take_heads(axp_own &L, float *lx, int *lp, c
 	if (K)
 #pragma unroll
 		for (int kk = 0; kk < AXP_TS; ++kk)
-			if ((vis >> kk & 1) && axp_fb(x[kk], (int)(tile + (uint32_t)kk), L.bx, L.bp))
+			if ((vis >> kk & 1) && fb(x[kk], (int)(tile + (uint32_t)kk), L.bx, L.bp))
 				axp_offer(L, lx, lp, K, x[kk], (int)(tile + (uint32_t)kk));
 }
 
@@ -417,12 +378,12 @@ __device__ __forceinline__ void axp_take_mean(axp_own &L, float *lx, int *lp, co
 				v4[g & 3] += __expf(col[(size_t)g * AXP_SCS] - lse_s[r * (int)b.H + w * G + g]);
 	}
 	const float v = (v4[0] + v4[1]) + (v4[2] + v4[3]);
-	if (!axp_finite(v)) {
+	if (!finite_f(v)) {
 		L.bad = 1;
 		return;
 	}
 	const float x = b.mode == AXF_M_LOGIT ? v * b.inv_h : logf(v * b.inv_h);
-	axp_lse_add(L.m, L.s, x);
+	lse_add(L.m, L.s, x);
 	if (K)
 		axp_offer(L, lx, lp, K, x, (int)j);
 }
@@ -489,7 +450,7 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 	if (own) { /* this split's partial (sub-)list: list l = orow·H + head (heads) or orow, sub-list okk (mean) */
 		const uint64_t l = heads ? (uint64_t)hl : (uint64_t)orow;
 		const uint64_t pr = (l * b.S + sl) * sub + (heads ? 0 : okk), e0 = b.ent0 + pr * (uint64_t)K;
-		a.part_lse[b.part0 + pr] = axp_lse_value(L.m, L.s);
+		a.part_lse[b.part0 + pr] = lse_value(L.m, L.s);
 		axp_sort(lx, lp, L.cnt);
 		for (int e = 0; e < K; ++e) {
 			a.part_s[e0 + e] = e < L.cnt ? lx[e * AXP_NT] : -INFINITY;
@@ -523,13 +484,13 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_merge_kernel(const __grid_const
 	for (int i = lane; i < S; i += 32) {
 		const float x = a.part_lse[pr0 + i];
 		if (x != -INFINITY)
-			axp_lse_merge(m, s, x, 1.f);
+			lse_merge(m, s, x, 1.f);
 	}
 	for (int o = 16; o; o >>= 1) {
 		const float m2 = __shfl_xor_sync(AXP_FULLM, m, o), s2 = __shfl_xor_sync(AXP_FULLM, s, o);
-		axp_lse_merge(m, s, m2, s2);
+		lse_merge(m, s, m2, s2);
 	}
-	const float lse = axp_lse_value(m, s);
+	const float lse = lse_value(m, s);
 	if (b.res0 < 0) {
 		if (lane == 0)
 			a.lse[b.lse_out + l] = lse;
@@ -550,7 +511,7 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_merge_kernel(const __grid_const
 			const uint64_t q = e0 + (uint64_t)(u * 32 + lane) * K + ptr[u];
 			const float x = a.part_s[q];
 			const int p = a.part_p[q];
-			if (p >= 0 && axp_fb(x, p, bx, bp))
+			if (p >= 0 && fb(x, p, bx, bp))
 				bx = x, bp = p, bu = u;
 		}
 		float wx = bx;
@@ -558,7 +519,7 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_merge_kernel(const __grid_const
 		for (int o = 16; o; o >>= 1) {
 			const float ox = __shfl_xor_sync(AXP_FULLM, wx, o);
 			const int op = __shfl_xor_sync(AXP_FULLM, wp, o);
-			if (axp_fb(ox, op, wx, wp))
+			if (fb(ox, op, wx, wp))
 				wx = ox, wp = op;
 		}
 		if (bu >= 0 && bp == wp) /* positions are distinct across splits: one lane took it */

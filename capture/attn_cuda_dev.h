@@ -1,0 +1,57 @@
+/*
+ * attn_cuda_dev.h — device helpers shared by the CUDA backend's kernels (attn_cuda_fast.cu, the decode fast path,
+ * and attn_cuda_prefill.cu, the prefill path): the ranking every top-k list uses (higher value, then lower
+ * position), the finiteness test behind -EDOM, and the online logsumexp (add one score, merge two partial sums,
+ * the value). Internal to capture/. Included after the CUDA runtime, or after attn_cuda_fast_emu.h in the CPU
+ * emulator builds (AXF_EMU / AXP_EMU), which define __device__, __forceinline__ and __expf for the host.
+ */
+#ifndef ATTNX_CAPTURE_ATTN_CUDA_DEV_H
+#define ATTNX_CAPTURE_ATTN_CUDA_DEV_H
+
+#include <math.h>
+
+/* (a, ap) ranks before (b, bp): higher value, then lower position. */
+__device__ __forceinline__ bool fb(float a, int ap, float b, int bp)
+{
+	return a > b || (a == b && ap < bp);
+}
+
+__device__ __forceinline__ bool finite_f(float x)
+{
+	return x - x == 0.0f; /* false for NaN and ±inf */
+}
+
+/* Online logsumexp: (m, s) holds max m and Σ exp(x - m); -inf scores add nothing. */
+__device__ __forceinline__ void lse_add(float &m, float &s, float x)
+{
+	if (x == -INFINITY)
+		return;
+	if (x > m) {
+		s = s * __expf(m - x) + 1.f;
+		m = x;
+	} else {
+		s += __expf(x - m);
+	}
+}
+
+__device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2)
+{
+	if (m2 == -INFINITY || s2 == 0.f)
+		return;
+	if (m == -INFINITY) {
+		m = m2;
+		s = s2;
+	} else if (m2 > m) {
+		s = s * __expf(m - m2) + s2;
+		m = m2;
+	} else {
+		s += s2 * __expf(m2 - m);
+	}
+}
+
+__device__ __forceinline__ float lse_value(float m, float s)
+{
+	return (m == -INFINITY || s == 0.f) ? -INFINITY : m + logf(s);
+}
+
+#endif
