@@ -1,14 +1,16 @@
 /*
  * attn_cuda_dev.h — device helpers shared by the CUDA backend's kernels (attn_cuda_fast.cu, the decode fast path,
  * and attn_cuda_prefill.cu, the prefill path): the ranking every top-k list uses (higher value, then lower
- * position), the finiteness test behind -EDOM, and the online logsumexp (add one score, merge two partial sums,
- * the value). Internal to capture/. Included after the CUDA runtime, or after attn_cuda_fast_emu.h in the CPU
- * emulator builds (AXF_EMU / AXP_EMU), which define __device__, __forceinline__ and __expf for the host.
+ * position), the finiteness test behind -EDOM, the online logsumexp (add one score, merge two partial sums, the
+ * value), the job lookup by CTA and the checked read of an index value. Internal to capture/. Included after
+ * the CUDA runtime, or after attn_cuda_fast_emu.h in the CPU emulator builds (AXF_EMU / AXP_EMU), which define
+ * __device__, __forceinline__ and __expf for the host.
  */
 #ifndef ATTNX_CAPTURE_ATTN_CUDA_DEV_H
 #define ATTNX_CAPTURE_ATTN_CUDA_DEV_H
 
 #include <math.h>
+#include <stdint.h>
 
 /* (a, ap) ranks before (b, bp): higher value, then lower position. */
 __device__ __forceinline__ bool fb(float a, int ap, float b, int bp)
@@ -52,6 +54,33 @@ __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2
 __device__ __forceinline__ float lse_value(float m, float s)
 {
 	return (m == -INFINITY || s == 0.f) ? -INFINITY : m + logf(s);
+}
+
+/* The largest i < n with off[i] ≤ x (off[0] = 0, off increasing): which job a CTA (or a merge unit) serves. */
+__device__ __forceinline__ int find_le(const uint32_t *off, uint32_t n, uint32_t x)
+{
+	int lo = 0, hi = (int)n;
+	while (hi - lo > 1) {
+		const int mid = (lo + hi) >> 1;
+		if (off[mid] <= x)
+			lo = mid;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+/* Slot of index entry `at` (the value as signed, then unsigned: negative values are out of range); an
+ * out-of-pool value sets bad and reads slot 0 instead, so nothing outside the pool is ever read. */
+__device__ __forceinline__ uint64_t load_slot(const void *index, bool i32, uint64_t at, uint64_t n_slots,
+					      uint32_t &bad)
+{
+	uint64_t s = i32 ? (uint64_t)(int64_t)((const int32_t *)index)[at] : (uint64_t)((const int64_t *)index)[at];
+	if (s >= n_slots) {
+		bad = 1;
+		s = 0;
+	}
+	return s;
 }
 
 #endif

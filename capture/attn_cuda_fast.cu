@@ -784,7 +784,8 @@ __device__ __forceinline__ void put_list(const axf_args &a, uint64_t ent, const 
 
 /* ---- the kernel ----------------------------------------------------------------------------------------------------- */
 
-/* Pass-job of CTA `cta`: the largest i with split_off[i] ≤ cta. */
+/* Pass-job of CTA `cta`: the largest i with split_off[i] ≤ cta (attn_cuda_dev.h's find_le on the parameter block's
+ * own fields: kept apart so the kernel reads them straight from the __grid_constant__ parameters). */
 __device__ __forceinline__ int find_job(const axf_args &a, uint32_t cta)
 {
 	int lo = 0, hi = (int)a.nj;
@@ -796,19 +797,6 @@ __device__ __forceinline__ int find_job(const axf_args &a, uint32_t cta)
 			hi = mid;
 	}
 	return lo;
-}
-
-/* Slot of index entry `at` (the value as signed, then unsigned: negative values are out of range); an
- * out-of-pool value sets rng and reads slot 0 instead. */
-__device__ __forceinline__ uint64_t load_slot(const void *index, bool i32, uint64_t at, uint64_t n_slots,
-					      uint32_t &rng)
-{
-	uint64_t s = i32 ? (uint64_t)(int64_t)((const int32_t *)index)[at] : (uint64_t)((const int64_t *)index)[at];
-	if (s >= n_slots) {
-		rng = 1;
-		s = 0;
-	}
-	return s;
 }
 
 /* The mean modes' per-key partials [NS][NW][TS] in a CTA's dynamic shared memory (after the ring and the

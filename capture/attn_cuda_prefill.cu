@@ -93,32 +93,6 @@ __device__ __forceinline__ uint32_t axp_nonfinite8(uint4 v, uint32_t f16)
 	return bad;
 }
 
-/* The largest i < nb with off[i] ≤ x (off[0] = 0). */
-__device__ __forceinline__ int axp_find(const uint32_t *off, uint32_t nb, uint32_t x)
-{
-	int lo = 0, hi = (int)nb;
-	while (hi - lo > 1) {
-		const int mid = (lo + hi) >> 1;
-		if (off[mid] <= x)
-			lo = mid;
-		else
-			hi = mid;
-	}
-	return lo;
-}
-
-/* Slot of index entry `at` (negative values and values ≥ n_slots are out of range: bad = 1, slot 0 instead). */
-__device__ __forceinline__ uint64_t axp_load_slot(const void *index, bool i32, uint64_t at, uint64_t n_slots,
-						  uint32_t &bad)
-{
-	uint64_t s = i32 ? (uint64_t)(int64_t)((const int32_t *)index)[at] : (uint64_t)((const int64_t *)index)[at];
-	if (s >= n_slots) {
-		bad = 1;
-		s = 0;
-	}
-	return s;
-}
-
 /* Key j (offset from lo) has an out-of-pool slot: flag every row of the block that sees it. */
 __device__ __forceinline__ void axp_flag_range(uint32_t *rfl, const axp_blk &b, uint32_t j)
 {
@@ -196,7 +170,7 @@ __device__ __forceinline__ void axp_fetch_keys(const axp_blk &b, const axp_units
 		v[i] = make_uint4(0, 0, 0, 0);
 		if (U.kk[i] < nv) {
 			uint32_t bad = 0;
-			const uint64_t slot = axp_load_slot(b.index, i32, b.lo + tile + (uint32_t)U.kk[i], b.n_slots, bad);
+			const uint64_t slot = load_slot(b.index, i32, b.lo + tile + (uint32_t)U.kk[i], b.n_slots, bad);
 			if (bad && U.off[i] == 0)
 				axp_flag_range(rfl, b, tile + (uint32_t)U.kk[i]);
 			v[i] = *(const uint4 *)((const char *)b.k + slot * b.s0 * 2 + U.off[i]);
@@ -392,7 +366,7 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_split_kernel(const __grid_const
 {
 	AXP_DYN_SMEM(smem);
 	const int tid = threadIdx.x, w = tid >> 5;
-	const int bi = axp_find(a.so, a.nb, blockIdx.x);
+	const int bi = find_le(a.so, a.nb, blockIdx.x);
 	const axp_blk b = a.blk[bi]; /* a copy: its fields in registers, not reloaded from global memory */
 	const uint32_t sl = blockIdx.x - a.so[bi], a0 = sl * b.chunk, a1 = min(b.n, a0 + b.chunk);
 	const int nst = (int)((a1 - a0 + AXP_TS - 1) / AXP_TS), K = (int)b.K, nq = (int)(b.R * b.H);
@@ -475,7 +449,7 @@ __global__ void __launch_bounds__(AXP_NT, 1) axp_merge_kernel(const __grid_const
 	const uint32_t g = blockIdx.x * AXP_NW + (uint32_t)w;
 	if (g >= a.mo[a.nb]) /* warp-uniform; no CTA barrier in this kernel */
 		return;
-	const int bi = axp_find(a.mo, a.nb, g);
+	const int bi = find_le(a.mo, a.nb, g);
 	const axp_blk &b = a.blk[bi];
 	const uint32_t l = g - a.mo[bi];
 	const int S = (int)(b.S * axp_subs(&b)), K = (int)b.K; /* the list's partial lists: splits × sub-lists */
