@@ -12,11 +12,12 @@
  *     cap, no head list, token index rows) are chained by (K pool, index row, position) through a hash table:
  *     job b continues job a when every parameter matches and b's position is a's + 1. Chains are cut into
  *     blocks of 2 .. R rows of nearly equal size (R = min(rows cap, AXP_MAXL / H_q, AXP_MAX_ROWS)); a chain of
- *     one row stays with the other paths. Blocks of fewer than min_rows rows (AX_PREFILL_MIN_ROWS, default 8)
- *     stay there too: run 10 (H200, capture/README.md "Prefill rows") measured blocks of 4 rows at 0.80-0.86×
- *     the decode fast path and blocks of 8 at 1.3-2.3×; so chains whose cap is below min_rows (H_q 64) or that
- *     are shorter are left alone, and a chain whose nearly equal blocks would fall below it is cut into full
- *     blocks of R rows, its remainder left to the other paths.
+ *     one row stays with the other paths. In the mean modes, blocks of fewer than min_rows rows
+ *     (AX_PREFILL_MIN_ROWS, default 8) stay there too: run 10 (H200, capture/README.md "CUDA prefill path")
+ *     measured mean_logit blocks of 4 rows at 0.80-0.86× the decode fast path and blocks of 8 at 1.3-1.6×
+ *     (heads: 4-row blocks 2.24×, so heads chains are not gated); so mean-mode chains whose cap is below
+ *     min_rows (H_q 64) or that are shorter are left alone, and a chain whose nearly equal blocks would fall
+ *     below it is cut into full blocks of R rows, its remainder left to the other paths.
  *   - the plan (axp_plan_build): each block becomes one pass-block (mean_prob: two, a per-(row, head)
  *     logsumexp pass and the probability pass); pass A holds every first pass, pass B mean_prob's second.
  *     A block's keys are the union of its rows' visible ranges, [lo, p_last]; it is split into chunks (a
@@ -128,7 +129,7 @@ typedef struct axp_knobs {
 	uint32_t rows;     /* AX_PREFILL_ROWS: rows per block at most (2 .. AXP_MAX_ROWS; 0: as many as fit) */
 	uint32_t min_keys; /* AX_PREFILL_MIN_KEYS: least keys per split */
 	uint32_t target;   /* CTAs a pass is planned for (the driver: SMs × occupancy × AX_PREFILL_WAVES) */
-	uint32_t min_rows; /* AX_PREFILL_MIN_ROWS: least rows per block (0 or 1: any block of 2 rows or more) */
+	uint32_t min_rows; /* AX_PREFILL_MIN_ROWS: least rows per block in the mean modes (0 or 1: any block) */
 } axp_knobs;
 
 typedef struct axp_layout {
@@ -314,7 +315,8 @@ static inline int axp_group(axp_plan *p, const ax_attn_job *jobs, uint32_t n)
 		uint32_t len = 0;
 		for (int32_t j = (int32_t)i; j >= 0; j = p->succ[j])
 			len++;
-		const uint32_t cap = axp_rows_cap(p->kn.rows, jobs[i].n_q_heads, jobs[i].top_k), m = p->kn.min_rows;
+		const uint32_t cap = axp_rows_cap(p->kn.rows, jobs[i].n_q_heads, jobs[i].top_k),
+			       m = jobs[i].mode == AX_MODE_HEADS ? 0 : p->kn.min_rows; /* heads blocks pay at any size */
 		if (cap < m || len < m)
 			continue; /* blocks this small are slower than the decode path: left to it */
 		uint32_t nb = (len + cap - 1) / cap;

@@ -77,46 +77,52 @@ struct gcase {
 	int mut_at, mut;       /* job mut_at gets mutation mut (M_NONE: none) */
 	const char *want;      /* blocks as job lists: "0 1 2|3 4" ('-' = nothing placed) */
 	uint32_t min_rows;     /* the planner's min_rows knob (0: any block) */
+	uint32_t mode;         /* the jobs' mode (0: mean_logit) */
 };
 
 static const struct gcase g_group[] = {
-	{"chain of 9, cap 8: 5 + 4", 9, {0}, {10, 11, 12, 13, 14, 15, 16, 17, 18}, 32, 8, 0, M_NONE, "0 1 2 3 4|5 6 7 8", 0},
-	{"one row: not placed", 1, {0}, {5}, 32, 16, 0, M_NONE, "-", 0},
-	{"two requests interleaved", 6, {0, 1, 0, 1, 0, 1}, {3, 3, 4, 4, 5, 5}, 32, 16, 0, M_NONE, "0 2 4|1 3 5", 0},
-	{"a gap", 5, {0}, {1, 2, 4, 5, 6}, 32, 16, 0, M_NONE, "0 1|2 3 4", 0},
-	{"descending order", 4, {0}, {9, 8, 7, 6}, 32, 16, 0, M_NONE, "3 2 1 0", 0},
-	{"duplicate position", 4, {0}, {1, 2, 2, 3}, 32, 16, 0, M_NONE, "0 1 3", 0},
-	{"H 64: 4 rows a block", 10, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 64, 64, 0, M_NONE, "0 1 2 3|4 5 6|7 8 9", 0},
-	{"H 8: cap 16", 5, {0}, {0, 1, 2, 3, 4}, 8, 16, 0, M_NONE, "0 1 2 3 4", 0},
+	{"chain of 9, cap 8: 5 + 4", 9, {0}, {10, 11, 12, 13, 14, 15, 16, 17, 18}, 32, 8, 0, M_NONE, "0 1 2 3 4|5 6 7 8", 0, 0},
+	{"one row: not placed", 1, {0}, {5}, 32, 16, 0, M_NONE, "-", 0, 0},
+	{"two requests interleaved", 6, {0, 1, 0, 1, 0, 1}, {3, 3, 4, 4, 5, 5}, 32, 16, 0, M_NONE, "0 2 4|1 3 5", 0, 0},
+	{"a gap", 5, {0}, {1, 2, 4, 5, 6}, 32, 16, 0, M_NONE, "0 1|2 3 4", 0, 0},
+	{"descending order", 4, {0}, {9, 8, 7, 6}, 32, 16, 0, M_NONE, "3 2 1 0", 0, 0},
+	{"duplicate position", 4, {0}, {1, 2, 2, 3}, 32, 16, 0, M_NONE, "0 1 3", 0, 0},
+	{"H 64: 4 rows a block", 10, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 64, 64, 0, M_NONE, "0 1 2 3|4 5 6|7 8 9", 0, 0},
+	{"H 8: cap 16", 5, {0}, {0, 1, 2, 3, 4}, 8, 16, 0, M_NONE, "0 1 2 3 4", 0, 0},
 	{"H 8: 16 rows a block at most", 20, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19}, 8, 64,
-	 0, M_NONE, "0 1 2 3 4 5 6 7 8 9|10 11 12 13 14 15 16 17 18 19", 0},
-	{"mode differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_MODE, "0 1|3 4", 0},
-	{"top_k differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_TOPK, "0 1|3 4", 0},
-	{"scale differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_SCALE, "0 1|3 4", 0},
-	{"window differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_WINDOW, "0 1|3 4", 0},
-	{"head offset differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_OFFSET, "0 1|3 4", 0},
-	{"n_slots differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_SLOTS, "0 1|3 4", 0},
-	{"index dtype differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_IDT, "0 1|3 4", 0},
-	{"slot stride differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_STRIDE, "0 1|3 4", 0},
-	{"f32 (not the fast shapes)", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_F32, "0 1|3 4", 0},
-	{"paged", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_PAGED, "0 1|3 4", 0},
-	{"heads list", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_LIST, "0 1|3 4", 0},
-	{"Q dtype differs (not eligible)", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_QDT, "0 1|3 4", 0},
-	{"logit cap", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_CAP, "0 1|3 4", 0},
-	{"last row differs", 3, {0}, {0, 1, 2}, 32, 16, 2, M_TOPK, "0 1", 0},
+	 0, M_NONE, "0 1 2 3 4 5 6 7 8 9|10 11 12 13 14 15 16 17 18 19", 0, 0},
+	{"mode differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_MODE, "0 1|3 4", 0, 0},
+	{"top_k differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_TOPK, "0 1|3 4", 0, 0},
+	{"scale differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_SCALE, "0 1|3 4", 0, 0},
+	{"window differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_WINDOW, "0 1|3 4", 0, 0},
+	{"head offset differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_OFFSET, "0 1|3 4", 0, 0},
+	{"n_slots differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_SLOTS, "0 1|3 4", 0, 0},
+	{"index dtype differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_IDT, "0 1|3 4", 0, 0},
+	{"slot stride differs", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_STRIDE, "0 1|3 4", 0, 0},
+	{"f32 (not the fast shapes)", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_F32, "0 1|3 4", 0, 0},
+	{"paged", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_PAGED, "0 1|3 4", 0, 0},
+	{"heads list", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_LIST, "0 1|3 4", 0, 0},
+	{"Q dtype differs (not eligible)", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_QDT, "0 1|3 4", 0, 0},
+	{"logit cap", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 2, M_CAP, "0 1|3 4", 0, 0},
+	{"last row differs", 3, {0}, {0, 1, 2}, 32, 16, 2, M_TOPK, "0 1", 0, 0},
 	/* min_rows (AX_PREFILL_MIN_ROWS, default 8): blocks that small stay on the decode path */
 	{"min 8, chain of 16, cap 8: 8 + 8", 16, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, 32, 16, 0,
-	 M_NONE, "0 1 2 3 4 5 6 7|8 9 10 11 12 13 14 15", 8},
+	 M_NONE, "0 1 2 3 4 5 6 7|8 9 10 11 12 13 14 15", 8, 0},
 	{"min 8, chain of 9, cap 8: one full block, row 8 left", 9, {0}, {10, 11, 12, 13, 14, 15, 16, 17, 18}, 32, 8, 0,
-	 M_NONE, "0 1 2 3 4 5 6 7", 8},
+	 M_NONE, "0 1 2 3 4 5 6 7", 8, 0},
 	{"min 8, chain of 20: 8 + 8, 4 left", 20, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19},
-	 32, 16, 0, M_NONE, "0 1 2 3 4 5 6 7|8 9 10 11 12 13 14 15", 8},
-	{"min 8, chain of 7: left", 7, {0}, {0, 1, 2, 3, 4, 5, 6}, 32, 16, 0, M_NONE, "-", 8},
-	{"min 8, H 64 (cap 4): left", 10, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 64, 64, 0, M_NONE, "-", 8},
+	 32, 16, 0, M_NONE, "0 1 2 3 4 5 6 7|8 9 10 11 12 13 14 15", 8, 0},
+	{"min 8, chain of 7: left", 7, {0}, {0, 1, 2, 3, 4, 5, 6}, 32, 16, 0, M_NONE, "-", 8, 0},
+	{"min 8, H 64 (cap 4): left", 10, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 64, 64, 0, M_NONE, "-", 8, 0},
+	{"min 8, H 64 mean_prob: left", 10, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 64, 64, 0, M_NONE, "-", 8,
+	 AX_MODE_MEAN_PROB},
+	{"min 8, H 64 heads (not gated): 4 + 3 + 3", 10, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 64, 64, 0, M_NONE,
+	 "0 1 2 3|4 5 6|7 8 9", 8, AX_MODE_HEADS},
+	{"min 8, heads chain of 5 (not gated)", 5, {0}, {0, 1, 2, 3, 4}, 32, 16, 0, M_NONE, "0 1 2 3 4", 8, AX_MODE_HEADS},
 	{"min 8, H 8, chain of 20: 10 + 10", 20, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19},
-	 8, 64, 0, M_NONE, "0 1 2 3 4 5 6 7 8 9|10 11 12 13 14 15 16 17 18 19", 8},
+	 8, 64, 0, M_NONE, "0 1 2 3 4 5 6 7 8 9|10 11 12 13 14 15 16 17 18 19", 8, 0},
 	{"min 3, chain of 5, cap 4: 3 + 2 would be small: 4, row 4 left", 5, {0}, {0, 1, 2, 3, 4}, 32, 4, 0, M_NONE,
-	 "0 1 2 3", 3},
+	 "0 1 2 3", 3, 0},
 };
 
 /* The blocks as text, in the plan's order. */
@@ -140,7 +146,7 @@ static void test_grouping(void **state)
 		const struct gcase *g = &g_group[c];
 		ax_attn_job jobs[20];
 		for (uint32_t i = 0; i < g->n; i++)
-			jobs[i] = job(g->req[i], g->pos[i], AX_MODE_MEAN_LOGIT, g->H);
+			jobs[i] = job(g->req[i], g->pos[i], g->mode ? g->mode : AX_MODE_MEAN_LOGIT, g->H);
 		mutate(&jobs[g->mut_at], g->mut);
 		axp_plan *p = calloc(1, sizeof *p);
 		assert_non_null(p);
@@ -210,7 +216,7 @@ static void test_plan_invariants(void **state)
 			const ax_attn_job *j0 = &jobs[p->rj[p->bf[b]]];
 			const uint32_t R = p->bf[b + 1] - p->bf[b], cap = axp_rows_cap(p->kn.rows, j0->n_q_heads, j0->top_k);
 			assert_true(R >= (cap >= 3 ? 2u : 1u) && R <= cap); /* cap 2 splits an odd chain into 2s and a 1 */
-			assert_true(R >= p->kn.min_rows);                   /* smaller blocks stay on the decode path */
+			assert_true(R >= p->kn.min_rows || j0->mode == AX_MODE_HEADS); /* mean modes: smaller stay off */
 			for (uint32_t r = p->bf[b] + 1; r < p->bf[b + 1]; r++)
 				assert_true(axp_follows(&jobs[p->rj[r - 1]], &jobs[p->rj[r]]));
 		}
