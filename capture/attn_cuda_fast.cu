@@ -33,9 +33,13 @@
  * 150/150 against float64 and the generic path, racecheck clean after da7a9e8). Session 4's first changes (the row
  * frame written while the kernels run, the completion word (spin), programmatic dependent launch (pdl), the trace,
  * the CTA-wide merge, the index/Q loads before the mbarrier set-up) ran on an H200 in runs 9a/9b (184/184, the three
- * sanitizers clean). NOT yet run on a GPU (the final run of session 4 is their first): the row-per-warp merge
- * (merge_warp), the one-fence ticket, the flags on warp 1, the heads loop's list skipping, dynamic splits (dyn), the
- * host thread pool (threads), the defaults pdl 1 / heads-list splits ≥ 32. On the CPU everything runs: the kernels
+ * sanitizers clean). The rest of session 4 (the row-per-warp merge (merge_warp), the one-fence ticket, the flags on
+ * warp 1, the heads loop's list skipping, the host thread pool (threads), the defaults pdl 1 / heads-list splits
+ * ≥ 32) ran on an H200 in run 10 (197/197, memcheck and racecheck clean). Session 5 (run 12, a bisection on one
+ * H200) found that session 4's dynamic splits (d949028: each stage's first key through shared memory, a loop of
+ * unknown length) made the static heads loop ~9% slower (1M heads 622 → 680 µs) and that merging mean_prob's
+ * logsumexp rows a warp at a time (7923dad) made 128K mean_prob ~12 µs slower; both were removed (dynamic splits
+ * were slower wherever they acted in run 10). On the CPU everything runs: the kernels
  * under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
  * mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host half in
  * attn_cuda_fast_test.c.
@@ -640,44 +644,6 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 	row_finish(a, jb, r, lse, ts, tp, n, xs, xp, es, ep, E);
 }
 
-/* The logsumexp rows of a pass-job without lists (mean_prob's first pass) merged by warp w: its rows w, w + NW, ..
- * (≤ 8 of them: H ≤ 64) together, 4 splits of each per lane per round, so their loads are in flight at once (a warp
- * merged its ~4 rows one after the other before: a round of L2 latency each), then one lse_warp per row and the
- * logsumexp slot written by lane 0 (put_result's K = 0 case). */
-__device__ void merge_lse_rows(const axf_args &a, const axf_job &jb, int w)
-{
-	enum { RW = AXF_MAX_HKV * AXF_MAX_G / AXF_NW };
-	const int lane = threadIdx.x & 31, S = (int)jb.S, H = (int)jb.H;
-	float m[RW], sm[RW];
-#pragma unroll
-	for (int q = 0; q < RW; ++q)
-		m[q] = -INFINITY, sm[q] = 0.f;
-	for (int i0 = lane; i0 < S; i0 += 32 * 4) {
-		float x[4][RW];
-#pragma unroll
-		for (int u = 0; u < 4; ++u)
-#pragma unroll
-			for (int q = 0; q < RW; ++q) {
-				const int i = i0 + 32 * u, r = w + AXF_NW * q;
-				x[u][q] = i < S && r < H ? __ldcg(a.part_lse + jb.part0 + (uint64_t)r * S + i) : -INFINITY;
-			}
-#pragma unroll
-		for (int u = 0; u < 4; ++u)
-#pragma unroll
-			for (int q = 0; q < RW; ++q)
-				if (x[u][q] != -INFINITY)
-					lse_merge(m[q], sm[q], x[u][q], 1.f);
-	}
-#pragma unroll
-	for (int q = 0; q < RW; ++q) {
-		const int r = w + AXF_NW * q;
-		if (r < H) { /* warp-uniform */
-			lse_warp(m[q], sm[q]);
-			put_result(a, jb, r, lse_value(m[q], sm[q]), -INFINITY, INT_MAX, -INFINITY, INT_MAX);
-		}
-	}
-}
-
 /* Where the CTA-wide merge keeps a row's per-split values: after the staging (capm entries of es/ep), the splits'
  * logsumexps and k-th entries (AXF_MAX_SPLITS each); all in the idle ring. */
 #define AXF_MERGE_CAPM ((int)AXF_MERGE_CAP * AXF_NW - 2 * AXF_MAX_SPLITS)
@@ -839,54 +805,16 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	int *xp = (int *)(xs + AXF_NW * 64);        /* [NW][64] */
 	int *flag = xp + AXF_NW * 64;
 	uint32_t *cfl = (uint32_t *)(flag + 1);     /* this CTA's error bits */
-	int *tinfo = (int *)(cfl + 1);               /* [NS] dynamic splits: each stage's first key, -1 = the end */
-
-	/*
-	 * Which keys a stage holds. Static (jb.dyn 0): stage st of this split starts at start + st·TS (st < nst).
-	 * Dynamic (knob dyn): the pass-job's keys come in blocks of dyn keys (DB ≥ 2 stages): block sl is this CTA's
-	 * first (blocks 0 .. S-1 are the splits' first blocks, S·dyn ≤ n), every further block is taken from the
-	 * pass-job's grab counter (S·dyn + atomicAdd(counter, dyn)) until one starts at n or past it, so CTAs that
-	 * stream faster take more blocks (run 9's 128K traces: static splits ended up to 17-27 µs apart). Warp 0 walks
-	 * the stages in order (ptile: stage → first key, AXF_END past the last), lane 0 takes the next block's grab
-	 * one block ahead (its latency hides behind a block) and hands it to the warp by a shuffle; lane 0 of the
-	 * producer writes each stage's first key (or -1: the end) into tinfo before its arrival on the stage's full
-	 * mbarrier (an arrive releases the arriving thread's writes; the consumers read it after their wait, before
-	 * they release the stage, so the producer's next write to that slot waits for their reads through `empty`).
-	 * The end stage carries no keys: every warp leaves the loop on it. A CTA's partial rows cover the keys it
-	 * streamed, whichever they were: the merge is over the union, exact as before (ties by position).
-	 */
-	const uint32_t dyn = jb.dyn, lim = dyn ? n : end;
-	const int DB = (int)(dyn / AXF_TS);
-	const uint32_t AXF_END = 0xffffffffu;
-	uint32_t cbase = (uint32_t)sl * dyn, nbase = AXF_END; /* warp 0: the current block's first key; lane 0: the next */
-	int cblk = 0;
-	auto ptile = [&](int st) -> uint32_t { /* warp 0, all lanes (a shuffle); st never decreasing */
-		if (!dyn)
-			return st < nst ? start + (uint32_t)st * AXF_TS : AXF_END;
-		const int b = st / DB;
-		while (cblk < b) {
-			const uint32_t v = (uint32_t)__shfl_sync(FULLM, (int)nbase, 0);
-			cbase = v, cblk++;
-			if (lane == 0)
-				nbase = v < n ? jb.S * dyn + atomicAdd(&a.grab[jb.ticket], dyn) : AXF_END;
-		}
-		if (cbase >= n)
-			return AXF_END;
-		const uint32_t t = cbase + (uint32_t)(st - b * DB) * AXF_TS;
-		return t < n ? t : AXF_END;
-	};
 
 	/* producer: lane r < AXF_TS of warp 0 fetches row r of every stage; -1 = no row (past the split's end) */
 	const bool prod = w == 0 && lane < AXF_TS;
 	uint32_t rng = 0, bad = 0;
-	auto slot_at = [&](uint32_t tl) -> int64_t {
-		const uint32_t j = tl + (uint32_t)lane;
-		return tl != AXF_END && j < lim ? (int64_t)load_slot(jb.index, jb.idt == AX_DTYPE_I32, jb.start + j, jb.n_slots, rng) : -1;
+	auto slot_of = [&](int st) -> int64_t {
+		const uint32_t j = start + (uint32_t)st * AXF_TS + (uint32_t)lane;
+		return st < nst && j < end ? (int64_t)load_slot(jb.index, jb.idt == AX_DTYPE_I32, jb.start + j, jb.n_slots, rng) : -1;
 	};
-	auto issue = [&](int st, int64_t slot, uint32_t tl) {
+	auto issue = [&](int st, int64_t slot) {
 		uint64_t *mb = &full[st % AXF_NS];
-		if (dyn && lane == 0)
-			tinfo[st % AXF_NS] = tl == AXF_END ? -1 : (int)tl;
 		if (slot >= 0) {
 			unsigned char *dst = stg + (size_t)(st % AXF_NS) * AXF_TS * AXF_ROWS_SM + (size_t)lane * AXF_ROWS_SM;
 			mbar_arrive_tx(mb, rowb);
@@ -899,10 +827,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	 * need no barrier), so their latency overlaps the set-up and the CTA barrier. */
 	int64_t pre[AXF_NS - 1];
 #pragma unroll
-	for (int i = 0; i < AXF_NS - 1; ++i) /* stages 0, 1: the split's first block (static, or DB ≥ 2 when dynamic) */
-		pre[i] = prod ? slot_at(dyn ? cbase + (uint32_t)i * AXF_TS : i < nst ? start + (uint32_t)i * AXF_TS : AXF_END) : -1;
-	if (dyn && w == 0 && lane == 0) /* the second block, taken now: needed only when the first is streamed */
-		nbase = jb.S * dyn + atomicAdd(&a.grab[jb.ticket], dyn);
+	for (int i = 0; i < AXF_NS - 1; ++i)
+		pre[i] = prod ? slot_of(i) : -1;
 
 	/* Q: B fragments of this warp's group (column c = query head w·G + c, c < G), in registers; checked */
 	uint4 qf[4];
@@ -926,20 +852,12 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	__syncthreads();
 
 	int64_t nxt = -1;
-	uint32_t ntile = AXF_END; /* warp 0: the first key of the next stage to issue */
-	bool pend = false;        /* warp 0: the end stage is issued (dynamic) */
-	if (w == 0) {
+	if (prod) {
 #pragma unroll
-		for (int i = 0; i < AXF_NS - 1; ++i) {
-			const uint32_t tl = ptile(i);
-			if (dyn ? !pend : i < nst) {
-				if (prod)
-					issue(i, pre[i], tl);
-				pend = tl == AXF_END;
-			}
-		}
-		ntile = pend ? AXF_END : ptile(AXF_NS - 1);
-		nxt = prod && !pend ? slot_at(ntile) : -1;
+		for (int i = 0; i < AXF_NS - 1; ++i)
+			if (i < nst)
+				issue(i, pre[i]);
+		nxt = slot_of(AXF_NS - 1);
 	}
 	__syncwarp();
 #pragma unroll
@@ -978,30 +896,21 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	};
 	bars();
 
-	for (int i = 0; dyn || i < nst; ++i) {
+	for (int i = 0; i < nst; ++i) {
 		const int st = i + AXF_NS - 1;
-		if (w == 0 && (dyn ? !pend : st < nst)) { /* warp-uniform: refill the buffer stage i-1 used once every
-							   * warp has released it */
-			if (prod && st >= AXF_NS)
+		if (prod && st < nst) { /* refill the buffer stage i-1 used once every warp has released it */
+			if (st >= AXF_NS)
 				mbar_wait(&empty[st % AXF_NS], (uint32_t)((st / AXF_NS) - 1) & 1);
-			if (prod)
-				issue(st, nxt, ntile);
-			pend = ntile == AXF_END;
-			if (!pend) {
-				ntile = ptile(st + 1);
-				nxt = prod ? slot_at(ntile) : -1; /* after the issue: nothing waits for this load until the next stage */
-			}
+			issue(st, nxt);
+			nxt = slot_of(st + 1); /* after the issue: nothing waits for this load until the next stage */
 		}
 		__syncwarp();
 		mbar_wait(&full[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
 		if (i == 0 && tid == 0)
 			trace_at(a, AXF_TR_DATA0, AXF_TR_DATA1);
-		const int tdyn = dyn ? tinfo[i % AXF_NS] : 0; /* read before this thread releases the stage */
-		if (tdyn < 0) /* CTA-uniform: the end stage */
-			break;
 		__syncwarp(); /* converged for mma.sync.aligned */
-		const uint32_t tile = dyn ? (uint32_t)tdyn : start + (uint32_t)i * AXF_TS;
-		const int nv = (int)min((uint32_t)AXF_TS, lim - tile);
+		const uint32_t tile = start + (uint32_t)i * AXF_TS;
+		const int nv = (int)min((uint32_t)AXF_TS, end - tile);
 		const unsigned char *buf = stg + (size_t)(i % AXF_NS) * AXF_TS * AXF_ROWS_SM;
 		const bool r0 = wv && grow < nv, r1 = wv && grow + 8 < nv; /* rows past the end: not fetched */
 		float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
@@ -1163,11 +1072,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	const int cap = (int)AXF_MERGE_CAP;
 	float *es = (float *)(stg + (size_t)w * cap * 8);
 	int *ep = (int *)(es + cap);
-	if (MODE == AXF_M_HEADS && !K) { /* logsumexps only (mean_prob's first pass): warp w, rows w, w + 8, .. */
-		if (w == 0)
-			put_flags(a, jb);
-		merge_lse_rows(a, jb, w);
-	} else if (MODE == AXF_M_HEADS) { /* a warp per row (its slice of the ring, its survivor scratch and count) */
+	if (MODE == AXF_M_HEADS) { /* a warp per row (its slice of the ring, its survivor scratch and count) */
 		if (w == 0)
 			put_flags(a, jb);
 		for (int r = w; r < (int)jb.H; r += AXF_NW)
@@ -1257,8 +1162,7 @@ struct ax_attn_fast {
 	char *hdev;             /* hbuf as the device addresses it */
 	size_t hcap;
 	uint32_t *tick;         /* tickets: zeroed when allocated, each pass-job's last CTA resets its own; tick[tcap]:
-				 * the completion count (knob spin), reset by each run's last unit; tick[tcap + 1 ..]:
-				 * the grab counters of dynamic splits (knob dyn), zeroed before each run that has one */
+				 * the completion count (knob spin), reset by each run's last unit */
 	size_t tcap;
 	uint32_t *done_h;       /* the completion word (knob spin): pinned, mapped; done_d as the device addresses it */
 	uint32_t *done_d;
@@ -1487,8 +1391,8 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 		f->tick = NULL, f->tcap = 0;
 		/* zeroed on the context's stream: ordered before the kernels (a plain cudaMemset is not: the stream is
 		 * non-blocking) */
-		if ((e = cudaMalloc((void **)&f->tick, (2 * cap + 1) * sizeof(uint32_t))) != cudaSuccess ||
-		    (e = cudaMemsetAsync(f->tick, 0, (2 * cap + 1) * sizeof(uint32_t), f->stream)) != cudaSuccess)
+		if ((e = cudaMalloc((void **)&f->tick, (cap + 1) * sizeof(uint32_t))) != cudaSuccess ||
+		    (e = cudaMemsetAsync(f->tick, 0, (cap + 1) * sizeof(uint32_t), f->stream)) != cudaSuccess)
 			return fast_fail(f, e);
 		f->tcap = cap;
 	}
@@ -1548,7 +1452,6 @@ static int fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq)
 	if (seq)
 		a.done_cnt = f->tick + f->tcap, a.done = f->done_d, a.units = (uint32_t)f->plan->units, a.seq = seq;
 	a.trace = f->trace_d;
-	a.grab = f->tick + f->tcap + 1;
 	const int pdl = f->plan->kn.pdl != 0;
 	a.pdl = pdl && axf_inst_mode(L->inst) == AXF_M_PROB;
 	cudaError_t e = fast_kernel(f, (const void *)axf_kernels[L->inst], L->ctas, &a, a.pdl);
@@ -1619,8 +1522,6 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		axf_plan_tables(p, f->hbuf);
 		e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
 	}
-	if (e == cudaSuccess && p->dyn_any) /* dynamic splits hand out keys from counters that start at 0 */
-		e = cudaMemsetAsync(f->tick + f->tcap + 1, 0, p->njb * sizeof(uint32_t), f->stream);
 	if (e == cudaSuccess && f->trace_d)
 		e = cudaMemcpyAsync(f->trace_d, f->trace_init, AXF_TR_N * sizeof(unsigned long long), cudaMemcpyHostToDevice,
 				    f->stream);

@@ -22,8 +22,9 @@
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
  * for heads lists with ≥ merge_heads splits (the default: always), a separate merge launch right after the
  * split launch merges every row in parallel (one row per CTA, its 8 warps working on it, or, with ≤ merge_warp
- * splits, one row per warp). Knob dyn: long pass-jobs hand out their keys in blocks from a counter instead
- * (dynamic splits: faster CTAs take more).
+ * splits, one row per warp). (Dynamic splits — blocks of keys handed out from a counter — were tried in session 4
+ * and removed in session 5: slower wherever they acted, and their loop bookkeeping cost the static heads loop ~9%;
+ * capture/dev/RESULTS.md runs 10 and 12.)
  * Errors: each CTA writes its split's flag word (no zeroing needed); the merger ORs them into its pass-job's
  * flag word. Results are written compactly (a float logsumexp per row,
  * kout (logit, offset) entries per row, a flag word per pass-job) straight into the pinned host staging (mapped:
@@ -66,11 +67,10 @@
 #define AXF_N_INST 8              /* kernel instances: see axf_inst */
 
 /* Bytes of dynamic shared memory of a fast CTA: the ring, 3 mbarriers per stage, [NS][NW][TS] partial sums,
- * per-warp 64-entry survivor scratch, the last-CTA flag, the CTA's flag word, the dynamic split's [NS] stage keys.
- * One expression, used by the kernel and the launch. */
+ * per-warp 64-entry survivor scratch, the last-CTA flag. One expression, used by the kernel and the launch. */
 #define AXF_SMEM                                                                                              \
 	((size_t)AXF_NS * AXF_TS * AXF_ROWS_SM + (size_t)AXF_NS * 8 * 3 + (size_t)AXF_NS * AXF_NW * AXF_TS * 4 + \
-	 (size_t)AXF_NW * 64 * 8 + 32)
+	 (size_t)AXF_NW * 64 * 8 + 16)
 /* Survivor staging entries per warp in the merge (the idle ring, 8 bytes an entry). */
 #define AXF_MERGE_CAP ((uint32_t)((size_t)AXF_NS * AXF_TS * AXF_ROWS_SM / AXF_NW / 8))
 
@@ -93,8 +93,6 @@ typedef struct axf_knobs {
 				    * warp (8 rows per CTA), else a row per CTA (all 8 warps on it) */
 	uint32_t threads;          /* host threads for a run's rows when it has ≥ AXF_POOL_MIN_ROWS (0, 1: the
 				    * calling thread only; at most AXF_POOL_MAX): axf_pool */
-	uint32_t dyn;              /* dynamic splits: pass-jobs of ≥ 2 splits with ≥ 4 blocks per split hand out their
-				    * keys in blocks of this many (a multiple of 16, ≥ 32; 0: static splits) */
 } axf_knobs;
 
 /* The defaults, from the H100 sweep of run 7 (capture/dev/RESULTS.md): CTAs per SM = the occupancy (3, 4, 8
@@ -107,7 +105,7 @@ typedef struct axf_knobs {
  * splits ≥ 32 keys (1 × 4K heads 39.0 → 31.6 µs end to end, the same elsewhere), pdl on (merge launches and
  * mean_prob's second pass: 1-4 µs off every heads and mean_prob shape), spin off (±0.5 µs at 1 × 4K, +7 µs at
  * 64 × 4K heads: a system-scope fence per merge CTA), threads off (a core per helper spins through the kernels). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 0, 0}
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 0}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -140,7 +138,6 @@ typedef struct axf_job {
 	uint32_t head_offset;   /* heads mode: head_id = head_offset + h */
 	uint32_t ticket;        /* this pass-job's index in the plan: its ticket word and flag word (pflags) */
 	uint32_t sepm;          /* 1: merged by the separate merge launch (heads lists), not by its last CTA */
-	uint32_t dyn;           /* dynamic split: keys per block (≥ 32, S·dyn ≤ n), 0 = static (chunk keys each) */
 	float scale;            /* softmax scale (|scale| ≤ 1) */
 	float inv_h;            /* 1 / H */
 } axf_job;
@@ -172,7 +169,6 @@ typedef struct axf_args {
 	uint32_t *part_f;           /* [split flag words] AXF_F_* of each split (every CTA writes its own) */
 	float *lse;                 /* per-head logsumexps of mean_prob jobs */
 	uint32_t *tickets;          /* per pass-job, 0 before the launch (the last CTA resets its own) */
-	uint32_t *grab;             /* per pass-job: keys handed out past the first blocks (dynamic splits), 0 before */
 	uint32_t *pflags;           /* per pass-job (host staging): AXF_F_* of all its splits, by the merger */
 	float *rlse;                /* per result row (host staging): its logsumexp */
 	axf_ent *rent;              /* result entries (host staging; axf_job.rent) */
@@ -235,7 +231,6 @@ typedef struct axf_plan {
 	int empty_ok;
 	uint32_t n, njb, nso, nlse;
 	uint32_t upload;            /* 1: some launch has a table (more than one pass-job) */
-	uint32_t dyn_any;           /* 1: some pass-job has a dynamic split (the grab counters are zeroed first) */
 	uint32_t res_lists;         /* set by the owner: CTAs a launch with heads lists is planned for (0: resident) */
 	uint64_t rows, parts, entries, rents, pfl;
 	uint64_t units;             /* units of the run (axf_args.units): non-sepm pass-jobs + merge CTAs */
@@ -349,19 +344,6 @@ static inline uint32_t axf_lo_chunk(const axf_knobs *kn, uint64_t n, int lists)
 	return (uint32_t)(lo > AXF_TS ? lo : AXF_TS);
 }
 
-/* Keys per block of a pass-job of n keys in S splits under knob dyn: a multiple of AXF_TS, at least 2 stages (the
- * kernel prefetches a split's first two stages from its first block), S blocks at most n keys (every split's
- * first block is its own); 0 (static) when off, when S < 2, or when the pass-job has fewer than 4 such blocks per
- * split (little to balance: 1 × 4K's 32-key splits stay static). */
-static inline uint32_t axf_dyn_block(const axf_knobs *kn, uint32_t n, uint32_t S)
-{
-	if (!kn->dyn || S < 2)
-		return 0;
-	uint32_t d = kn->dyn / AXF_TS * AXF_TS, cap = n / S / AXF_TS * AXF_TS;
-	d = d < cap ? d : cap;
-	return d >= 2 * AXF_TS && (uint64_t)n >= (uint64_t)4 * S * d ? d : 0;
-}
-
 /* Σ_i splits of n_i keys at max(chunk, lo_i) keys each. */
 static inline uint64_t axf_total_splits_lo(const uint32_t *nk, const uint32_t *lo, uint32_t nj, uint64_t chunk)
 {
@@ -397,20 +379,20 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
  * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
- * AX_FAST_THREADS, AX_FAST_DYN (decimal, 0 .. 2^30). */
+ * AX_FAST_THREADS (decimal, 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[12] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[11] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
 					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
 					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP",
-					      "AX_FAST_THREADS",             "AX_FAST_DYN"};
-	uint32_t *f[12] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					      "AX_FAST_THREADS"};
+	uint32_t *f[11] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
 			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
-			   &kn->merge_warp,     &kn->threads,          &kn->dyn};
-	for (int i = 0; i < 12; i++) {
+			   &kn->merge_warp,     &kn->threads};
+	for (int i = 0; i < 11; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -502,8 +484,6 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		jb->chunk = base > p->lo[i] ? base : p->lo[i];
 		jb->S = (uint32_t)axf_splits(jb->n, jb->chunk);
 		jb->sepm = axf_lists(mode, jb->K) && p->kn.merge_heads && jb->S >= p->kn.merge_heads;
-		jb->dyn = axf_dyn_block(&p->kn, jb->n, jb->S);
-		p->dyn_any |= jb->dyn != 0;
 		if (jb->sepm && jb->H > L->mg)
 			L->mg = jb->H;
 		if (jb->sepm && jb->S > maxs)
@@ -600,7 +580,7 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	    axc_grow((void **)&p->planned, &p->planned_cap, n ? n : 1, sizeof *p->planned))
 		return -ENOMEM;
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
-	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0, p->dyn_any = 0;
+	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
 		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;

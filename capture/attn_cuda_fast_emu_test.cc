@@ -69,9 +69,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	assert_non_null(buf);
 	memset(buf, 0xa5, p->lay.total); /* garbage: nothing may depend on scratch contents */
 	uint32_t *tick = (uint32_t *)calloc(p->njb, sizeof *tick); /* the driver's tickets: zero once */
-	uint32_t *grab = (uint32_t *)calloc(p->njb, sizeof *grab); /* dynamic splits' counters: zero per run */
 	assert_non_null(tick);
-	assert_non_null(grab);
 	if (p->upload) /* device scratch and host staging are one buffer here: the tables are in place */
 		axf_plan_tables(p, buf);
 	/* the completion word (knob spin) on every other run: the last unit of the run, and only it, writes seq */
@@ -90,7 +88,6 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 			x.a.done_cnt = &done_cnt, x.a.done = &done, x.a.units = (uint32_t)p->units, x.a.seq = seq;
 		x.a.pdl = calls % 4 == 1; /* a no-op here: launches run one after the other */
 		x.a.trace = trace ? tr : NULL;
-		x.a.grab = grab;
 		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
 		if (p->L[l].mg) { /* the separate merge launch of heads lists */
 			assert_int_equal(done, 0);
@@ -114,11 +111,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	assert_int_equal(axf_plan_finish(p, buf, jobs, out, rc), 0);
 	for (uint32_t k = 0; k < p->njb; k++) /* every last CTA reset its ticket (sepm ones never took any) */
 		assert_int_equal(tick[k], 0);
-	for (uint32_t k = 0; k < p->njb; k++) /* a dynamic split handed out every key: the counter went past the rest */
-		if (p->jb[k].dyn)
-			assert_true((uint64_t)p->jb[k].S * p->jb[k].dyn + grab[k] >= p->jb[k].n);
 	free(tick);
-	free(grab);
 	free(buf);
 	axf_plan_free(p);
 	return 0;
@@ -180,10 +173,10 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32}},  {64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 0}},
-	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 48}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0}},  /* up to ~94 splits, every heads list merged apart: S·E > one warp's 256 */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},  {64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}},  /* up to ~94 splits, every heads list merged apart: S·E > one warp's 256 */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -205,7 +198,7 @@ static void test_cases(void **state)
 				fail_msg("%s (plan %zu): rc %d", emu_cases[i].name, p, rc);
 			check_job(&t.job, out, emu_cases[i].name);
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -232,7 +225,7 @@ static void test_many_splits(void **state)
 		for (uint32_t mh = 0; mh < 3; mh++) { /* heads lists: last CTA, merge kernel a row per CTA / per warp */
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, 0};
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0};
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
 			if (rc != 0)
 				fail_msg("%s: rc %d", cs[i].name, rc);
@@ -240,7 +233,7 @@ static void test_many_splits(void **state)
 			if (cs[i].mode != HD)
 				break;
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -300,7 +293,7 @@ static void test_all_ties(void **state)
 					assert_int_equal(out[r].pos[e], (int64_t)(first + e));
 				}
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 		free(out);
 		td_free(&t);
 	}
@@ -331,10 +324,10 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
-	g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (size_t i = 0; i < n; i++)
 		check_job(&jobs[i], b + off[i], emu_cases[i].name);
 	for (size_t i = 0; i < n; i++)
@@ -383,10 +376,10 @@ static void test_random(void **state)
 		if (round == 1) /* random knobs */
 			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
-					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, 0};
+					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 		for (int i = 0; i < NJ; i++) {
 			char name[128];
 			snprintf(name, sizeof name, "random job %d (mode %u, H %u, H_kv %u, k %u, n %llu, window %d, resident %u)",

@@ -162,10 +162,10 @@ static axf_knobs rand_knobs(void)
 {
 	axf_knobs k;
 	memset(&k, 0, sizeof k);
-	uint32_t *f[9] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
-			  &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads, &k.merge_warp, &k.dyn};
-	static const uint32_t lim[9] = {9, 5000, 1500, 5000, 1500, 300, 9, 100, 300};
-	for (int i = 0; i < 9; i++)
+	uint32_t *f[8] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
+			  &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads, &k.merge_warp};
+	static const uint32_t lim[8] = {9, 5000, 1500, 5000, 1500, 300, 9, 100};
+	for (int i = 0; i < 8; i++)
 		*f[i] = td_u64() % 3 == 0 ? 0 : (uint32_t)(td_u64() % lim[i]);
 	return k;
 }
@@ -200,7 +200,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -225,13 +225,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -251,13 +251,11 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_PDL", "x1", 1);
 	setenv("AX_FAST_MERGE_WARP", "7", 1);
 	setenv("AX_FAST_THREADS", "4", 1);
-	setenv("AX_FAST_DYN", "64", 1);
 	axf_knobs_env(&k);
 	assert_int_equal(k.spin, 1);
 	assert_int_equal(k.pdl, d.pdl);
 	assert_int_equal(k.merge_warp, 7);
 	assert_int_equal(k.threads, 4);
-	assert_int_equal(k.dyn, 64);
 	assert_int_equal(k.ctas_per_sm_heads, 3);
 	assert_int_equal(k.ctas_per_sm, 4);
 	assert_int_equal(k.min_keys, d.min_keys);
@@ -268,7 +266,7 @@ static void test_knobs_env(void **state)
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
 			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP",
-			       "AX_FAST_THREADS", "AX_FAST_DYN"};
+			       "AX_FAST_THREADS"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -323,7 +321,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	assert_int_equal(p->rents, rents);
 	assert_int_equal(p->njb, want_pj);
 	/* launches: each pass-job in exactly one, instances in launch order, contiguous */
-	uint32_t next = 0, ord = 0, so = 0, any_dyn = 0;
+	uint32_t next = 0, ord = 0, so = 0;
 	uint64_t parts = 0, ents = 0, units = 0;
 	char *seen_lse = calloc(p->nlse + 1, 1), *lse_done = calloc(p->nlse + 1, 1);
 	char *ticket = calloc(p->njb + 1, 1);
@@ -382,15 +380,6 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			assert_false(ticket[jb->ticket]);
 			ticket[jb->ticket] = 1;
 			units += !jb->sepm; /* its last CTA merges it: one unit of the completion count */
-			/* dynamic splits: blocks of whole stages, ≥ 2 of them, every split's first block inside the keys,
-			 * ≥ 4 blocks per split; exactly when the knob asks and they fit */
-			assert_int_equal(jb->dyn, axf_dyn_block(&p->kn, jb->n, jb->S));
-			if (jb->dyn) {
-				assert_int_equal(jb->dyn % AXF_TS, 0);
-				assert_true(jb->dyn >= 2 * AXF_TS && jb->dyn <= p->kn.dyn && jb->S >= 2);
-				assert_true((uint64_t)jb->S * jb->dyn <= jb->n && (uint64_t)4 * jb->S * jb->dyn <= jb->n);
-				any_dyn = 1;
-			}
 			assert_true(jb->kout == (jb->K < jb->n ? jb->K : jb->n));
 			if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) { /* logsumexp pass: before the second */
 				assert_int_equal(jb->K, 0);
@@ -433,7 +422,6 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	assert_int_equal(p->parts, parts);
 	assert_int_equal(p->entries, ents);
 	assert_int_equal(p->units, units);
-	assert_int_equal(p->dyn_any, any_dyn);
 	for (uint32_t s = 0; s < p->nlse; s++)
 		assert_int_equal(seen_lse[s], lse_done[s]);
 	/* layout: aligned, disjoint, in this order, large enough */
@@ -473,7 +461,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -501,7 +489,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
@@ -530,12 +518,6 @@ static void test_plans(void **state)
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 4 * 264), 0);
 	assert_int_equal(p->jb[0].chunk, 256);
 	assert_int_equal(p->jb[0].S, 512);
-	p->kn.dyn = 64; /* 128K in 512 splits of 256 keys: blocks of 64 keys, 4 per split: dynamic */
-	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 4 * 264), 0);
-	assert_int_equal(p->jb[0].dyn, 64);
-	assert_int_equal(p->dyn_any, 1);
-	check_plan(p, jobs, 1, rc, 4 * 264);
-	p->kn.dyn = 0;
 	p->kn.min_keys = 0; /* without it: 128 keys, 1024 splits */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 4 * 264), 0);
 	assert_int_equal(p->jb[0].chunk, 128);

@@ -620,16 +620,7 @@ static void fast_batch(ax_attn_fast *f, ax_attn_cuda *g)
 	ax_attn_result *a = (ax_attn_result *)malloc(rows * sizeof *a), *b = (ax_attn_result *)malloc(rows * sizeof *b);
 	int *rc = (int *)calloc(n, sizeof *rc);
 	int r1 = ax__attn_fast_run(f, jobs, (uint32_t)n, a, rc), r2 = ax__attn_fast_run(f, jobs, (uint32_t)n, b, rc);
-	axf_knobs kn;
-	ax__attn_fast_knobs(f, &kn, NULL);
-	if (!kn.dyn) {
-		tap(r1 == 0 && r2 == 0 && memcmp(a, b, rows * sizeof *a) == 0, "fast path: the same batch twice, bitwise identical");
-	} else { /* dynamic splits: which keys a split holds varies, so the logsumexps' rounding may (top-k sets do not) */
-		double maxd = 0;
-		char why[256] = "";
-		int ok = r1 == 0 && r2 == 0 && fast_same(a, b, rows, &maxd, why, sizeof why) == 0;
-		tap(ok, "fast path (dynamic splits): the same batch twice, equal up to rounding%s%s", ok ? "" : ": ", why);
-	}
+	tap(r1 == 0 && r2 == 0 && memcmp(a, b, rows * sizeof *a) == 0, "fast path: the same batch twice, bitwise identical");
 	for (size_t i = 0; i < n; i++) {
 		dj_free(&d[i]);
 		td_free(&t[i]);
@@ -708,24 +699,22 @@ static void fast_tests(int small)
 		 * (the defaults merge them in the separate launch); then several waves (CTAs per SM over the
 		 * occupancy), a split cap, the separate merge from 3 splits on (launches mixing last-CTA merges and
 		 * merge CTAs: both kinds of units of the completion word) a row per warp, with the completion word and
-		 * programmatic dependent launches; last the defaults with both */
+		 * programmatic dependent launches */
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
-		axf_knobs alt[4] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4, 48}, keep,
-				    keep};
+		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4}, keep};
 		alt[2].spin = 1, alt[2].pdl = 1;
-		alt[3].dyn = 64; /* the defaults with dynamic splits (long cases: 200K, 120K) */
 		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
-		for (int a = 0; a < (small ? 3 : 4); a++) { /* --small: dyn 64 acts on no short case (alt[1] has dyn) */
+		for (int a = 0; a < 3; a++) {
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
 			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u "
-			       "pdl %u mergew %u threads %u dyn %u\n",
+			       "pdl %u mergew %u threads %u\n",
 			       alt[a].ctas_per_sm, alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads,
 			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads, alt[a].spin, alt[a].pdl,
-			       alt[a].merge_warp, alt[a].threads, alt[a].dyn);
-			/* the long cases (120K, 200K: seconds of float64 reference each) only where the knobs act on them:
-			 * dynamic splits need ≥ 4 blocks per split */
-			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), alt[a].dyn ? lim : (lim < 20000 ? lim : 20000));
+			       alt[a].merge_warp, alt[a].threads);
+			/* cases up to 20K keys (the 120K / 200K float64 references take seconds each: the defaults' table
+			 * above has them) */
+			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim < 20000 ? lim : 20000);
 			if (!small)
 				fast_batch(f, g);
 			if (a == 2)
@@ -969,14 +958,11 @@ static void bench_head(const char *what)
 
 /* The variants the bench times beside the defaults (each changes one thing of the defaults): programmatic dependent
  * launch off, the completion word on, the heads merge a row per CTA always (run 8's), 4 host threads for the rows
- * (runs of ≥ 512 rows: 64 × 4K heads), dynamic splits of 32 / 64 / 128-key blocks, and threads with dynamic splits. */
+ * (runs of ≥ 512 rows: 64 × 4K heads). */
 static const struct bvar {
 	const char *name;
-	uint32_t spin, pdl, mergew, threads, dyn; /* ~0u: the default's */
-} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u},    {"spin", 1, ~0u, ~0u, ~0u, ~0u},
-	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u},  {"thr4", ~0u, ~0u, ~0u, 4, ~0u},
-	      {"dyn32", ~0u, ~0u, ~0u, ~0u, 32},   {"dyn64", ~0u, ~0u, ~0u, ~0u, 64},
-	      {"dyn128", ~0u, ~0u, ~0u, ~0u, 128}, {"thr4+dyn64", ~0u, ~0u, ~0u, 4, 64}};
+	uint32_t spin, pdl, mergew, threads; /* ~0u: the default's */
+} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u}, {"spin", 1, ~0u, ~0u, ~0u}, {"mergew0", ~0u, ~0u, 0, ~0u}, {"thr4", ~0u, ~0u, ~0u, 4}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
@@ -1022,7 +1008,7 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 		const struct bvar *b = &b_vars[v];
 		k.spin = b->spin != ~0u ? b->spin : k.spin, k.pdl = b->pdl != ~0u ? b->pdl : k.pdl;
 		k.merge_warp = b->mergew != ~0u ? b->mergew : k.merge_warp;
-		k.threads = b->threads != ~0u ? b->threads : k.threads, k.dyn = b->dyn != ~0u ? b->dyn : k.dyn;
+		k.threads = b->threads != ~0u ? b->threads : k.threads;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
 		bhost e = bd_time_host(d, m, fe, d->reps);
@@ -1107,14 +1093,14 @@ static int bench(ax_attn_cuda *c)
 		printf("# fast path not available here: kernel column empty\n");
 	if (ax__attn_fast_new(&ft, 0, s) != 0 || !ft || ax__attn_fast_timing(ft, 1) != 0 || ax__attn_fast_trace(ft, 1) != 0)
 		ft = NULL;
-	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	ax__attn_fast_knobs(f, &kn, NULL);
 	bench_head("bench");
 	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
 	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u pdl %u mergew %u threads %u "
-	       "dyn %u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
+	       "); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
 	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
-	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads, kn.dyn);
+	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads);
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
 	       "dispatch; e2e without events; each variant = the defaults with one change, see b_vars) | the host's "
 	       "parts of that e2e (medians, µs): plan+upload+launch calls, prefill, wait, finish\n");
