@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Tensor parallel 2 on two GPUs: two processes, one segment each, merged `heads` = the single-GPU run = eager.
 Exit 77 (SKIP) without torch, two CUDA devices, the attnx CUDA libraries, or attnx-capture (--backend cuda),
-attnx-relay and attnx-tail in AX_BUILD_DIR. Passed on 2 × H100 (2026-11-27, tree e8187c5); scripts/gpu-test
-runs it in its own stage when two GPUs are present. `--cpu` runs the model half
-here (below).
+attnx-relay and attnx-tail in AX_BUILD_DIR. Passed on 2 × H100 (2026-11-27, tree e8187c5) and on 2 × H200
+(2026-11-27, tree b467c51: session 4's kernels), both before the "tp-defer" case existed; scripts/gpu-test runs it
+in its own stage when two GPUs are present. `--cpu` runs the model half here (below).
 
 The model: a randomly initialised Qwen3-shaped decoder (32 query heads, 8 KV heads, head_dim 128, hidden 1024,
 2 layers, q/k RMSNorm, RoPE θ 1e6, SwiGLU; f32, so 1e-3 means something), written in plain torch in this file so
@@ -21,6 +21,17 @@ head_offset 16r and n_q_heads_total 32. The per-step calls mirror attnx.hf's hoo
 kernel at layer 0 (position and token tensors), a Q copy per layer ([B, H, S, D] after q_norm and RoPE), publish
 after the last layer (every layer's K is in its static cache [B, H_kv, max_len, D] by then), END.
 
+Two export layouts, one per request (the relay's `model` label picks it): "tp-stream" and "tp-body" use the plain
+per-layer calls above (step_begin, export_q per layer, publish); "tp-defer" exports as HFExporter's defaults do
+(fuse and defer on; attnx.hf's rule: a step is deferred when it has one token, the model more than one layer and
+every layer's Q together is at most attnx.hf.DEFER_MAX_BYTES). A decode step then enqueues nothing per layer: each
+layer's Q is held and the last layer (its keys written) makes ONE GraphExporter.step_all call with every layer's Q;
+a prefill keeps hf's fused per-layer path (step_start before the prompt's keys, as hf's pre-hook; BEGIN; then
+step_begin_q at layer 0, export_q per middle layer, export_q_publish at the last). The kernels go to the engine's
+stream: HFExporter's default side="capture" forks a side stream only while a CUDA graph is captured, and this test
+captures none. Each rank counts its calls per request; tp-defer checks one step_all per decode step and no plain
+step_begin (so it cannot pass on the per-layer path by accident).
+
 Each deployment (the single-GPU one first, then TP 2) runs the real binaries: one attnx-capture --backend cuda per
 rank (--device r, --rank r), one attnx-relay, attnx-tail. This process is the engine's OpenAI server (http.server):
 for each request the relay forwards, it has every rank run the same prefill + decode steps (greedy on the single
@@ -31,13 +42,14 @@ or not. Checked:
   - attnx-tail's feed: each record once, each head from the rank that holds it;
   - TP 2 vs single GPU: the same keys, logsumexp within 1e-3 and the sorted top-k probabilities within 1e-3;
     each record's probabilities exp(logit - logsumexp) against eager attention within 1e-3;
-  - the TP model itself: its logits within 1e-3 of the single GPU's at every step (else the sharding is wrong).
+  - the TP model itself: its logits within 1e-3 of the single GPU's at every step (else the sharding is wrong);
+  - the export calls each rank made (GPU only): tp-defer one step_all per decode step, the others none.
 
 `--cpu`: on a machine without a GPU (gloo instead of NCCL, two processes): TP 2 logits and per-rank attention
 probabilities against the single-process model, transformers' eager attention when present; with the three
 binaries also the whole deployment and every check above, the ranks exporting through host memory (HostExport:
 attnx.Exporter, the same segment fields) to attnx-capture --backend cpu. Only RankExport (the CUDA export) and
-the CUDA backend are then left out.
+the CUDA backend are then left out (tp-defer then runs HostExport's one path like the other two requests).
 
 Usage: test_gpu_tp2.py                                   (ATTNX_LIB_DIR = the build's shm/ folder; AX_BUILD_DIR)
        test_gpu_tp2.py --cpu [CAPTURE RELAY TAIL]        (with the binaries: the whole deployment on the CPU)
@@ -70,6 +82,7 @@ MAX_LEN = 64                   # static cache length
 TOPK = 8
 TOL = 1e-3
 WAIT_MS = 8000
+DEFER_LABELS = ("tp-defer",)  # requests whose ranks export as HFExporter's defaults (fuse + defer)
 # NVLink multicast stays off (the GPU machines' rule), also in the processes started here.
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ.setdefault(_k, _v)
@@ -242,9 +255,33 @@ class RankExport:
         for l, ck in enumerate(model.cache_k):  # [1, H_kv, MAX_LEN, D]: slot s, head h at s·D + h·MAX_LEN·D
             register(self.ex, ck, _ffi.BUF_K_POOL, layer=l, shape=(MAX_LEN, model.hkv, c["d"]),
                      strides=(c["d"], MAX_LEN * c["d"], 1))
-        self.g = GraphExporter(self.ex, self.q_ring, qbuf, ibuf, map_rows=1, max_batch=1)
-        self.L = c["layers"]
-        model.hook, model.after = self._q, self._after
+        self._init_calls(GraphExporter(self.ex, self.q_ring, qbuf, ibuf, map_rows=1, max_batch=1))
+
+    def _init_calls(self, g):
+        """What decides the calls: the graph exporter g (or RecordingGraph), the layers, attnx.hf's defer limit."""
+        from attnx.hf import DEFER_MAX_BYTES
+
+        self.g, self.L, self.defer_max = g, CFG["layers"], DEFER_MAX_BYTES
+        self.set_mode(False)
+        self.model.hook, self.model.after = self._q, self._after
+
+    @classmethod
+    def dry(cls, torch, model, g):
+        """A RankExport without segment or CUDA, its calls going to g (the --cpu check of the call sequence)."""
+        self = cls.__new__(cls)
+        self.t, self.model = torch, model
+        self._init_calls(g)
+        return self
+
+    def set_mode(self, defer):
+        """Before a request: the plain per-layer calls (False) or attnx.hf's defaults, fuse + defer (True)."""
+        self.defer, self._deferred, self._dq = bool(defer), False, []
+        self.calls = dict.fromkeys(("step_start", "step_begin", "export_q", "publish", "step_begin_q",
+                                    "export_q_publish", "step_all"), 0)
+
+    def _call(self, fn, *args):
+        self.calls[fn] += 1
+        return getattr(self.g, fn)(*args)
 
     def wait_consumer(self, timeout=60):
         end = time.time() + timeout
@@ -255,6 +292,8 @@ class RankExport:
         raise RuntimeError("no capture became visible to the exporter")
 
     def begin(self, rid, ids):
+        if self.defer:  # attnx.hf's pre-hook for a prefill (its ENDs done): a step start before the prompt's keys
+            self._call("step_start")
         self.g.request_begin(rid, ids[0].contiguous(), prompt_len=ids.shape[1], row=0)
 
     def end(self):
@@ -271,20 +310,109 @@ class RankExport:
         a.seq_end = ivec(pos, stride=pos.stride(0), add=1, offset=(S - 1) * pos.stride(1))
         a.tokens, a.token_bytes = ids.data_ptr(), ids.element_size()
         a.tok_stride_b, a.tok_stride_t = ids.stride(0), ids.stride(1)
-        self._args = a
-        self.g.step_begin(a)
+        self._args, self._S = a, S  # the struct is copied at each call; ids and pos outlive the forward
+        if not self.defer:
+            self._call("step_begin", a)
 
     def _q(self, layer, q):
-        self.g.export_q(layer, q, q.stride(0), q.stride(2), q.stride(1))
+        """Layer `layer`'s K is in the cache, q [1, H, S, D] is its query (attnx.hf's attention function here)."""
+        st = (q.stride(0), q.stride(2), q.stride(1))
+        if not self.defer:
+            self._call("export_q", layer, q, *st)
+            return
+        if layer == 0:  # attnx.hf's _step_begin: defer a one-token step whose held Q stays small
+            held = q.numel() * q.element_size() * self.L
+            self._deferred, self._dq = self._S == 1 and self.L > 1 and held <= self.defer_max, []
+            if not self._deferred:
+                self._call("step_begin_q", self._args, 0, q, *st)
+                return
+        if self._deferred:  # held until the last layer (attnx.hf's _hold / _step_all, every layer exported)
+            if self._dq and (self._dq[0][2] != st or self._dq[0][1].dtype != q.dtype):
+                raise ValueError("layer %d's Q strides %s differ from layer %d's %s" % (layer, st, self._dq[0][0],
+                                                                                      self._dq[0][2]))
+            self._dq.append((layer, q, st))
+            if layer == self.L - 1:
+                dq, self._dq, self._deferred = self._dq, [], False
+                self._call("step_all", self._args, [l for l, _, _ in dq], [x for _, x, _ in dq], *dq[0][2])
+        elif layer == self.L - 1:
+            self._call("export_q_publish", layer, q, *st)
+        else:
+            self._call("export_q", layer, q, *st)
 
     def _after(self, layer):
-        if layer == self.L - 1:
-            self.g.publish()
+        if layer == self.L - 1 and not self.defer:
+            self._call("publish")
 
     def close(self):
         self.t.cuda.synchronize()
         self.g.close()
         self.ex.close()
+
+
+class RecordingGraph:
+    """Stands in for attnx.graph.GraphExporter in `--cpu`'s check of RankExport's call sequence (the real one needs
+    CUDA): records each call and its arguments, enqueues nothing; a consumer wants every layer and prefill rows."""
+
+    def __init__(self):
+        self.log = []
+
+    def enabled(self):
+        return (1 << CFG["layers"]) - 1, True
+
+    def __getattr__(self, fn):
+        if fn.startswith("_"):
+            raise AttributeError(fn)
+        return lambda *a, **kw: self.log.append((fn, a))
+
+
+def check_rank_calls(torch):
+    """RankExport's calls on the CPU model (one rank, all heads), per-layer and defer, against RecordingGraph: the
+    names in order, attnx.hf's arguments (StepArgs, layer list, strides), and that step_all hands over each layer's
+    own Q (equal to what the per-layer run's export_q got at the same step). The kernels themselves: GPU only."""
+    from attnx.graph import PREFILL
+
+    model = Model(torch, make_weights(torch), 0, 1, "cpu")
+    g = RecordingGraph()
+    rx = RankExport.dry(torch, model, g)
+    logs = {}
+    for label in ("tp-stream", "tp-defer"):
+        del g.log[:]
+        rx.set_mode(label in DEFER_LABELS)
+        run_request(torch, model, rx, "dry", None)
+        check(rx.calls == expected_calls(label), "dry %s: calls %s, expected %s" % (label, rx.calls,
+                                                                                   expected_calls(label)))
+        logs[label] = list(g.log)
+    L, names = CFG["layers"], [n for n, _ in logs["tp-defer"]]
+    want = ["step_start", "request_begin", "step_begin_q"] + ["export_q"] * (L - 2) + ["export_q_publish"] + \
+        ["step_all"] * (N_GEN - 1) + ["request_end"]
+    check(names == want, "dry tp-defer: calls %s, expected %s" % (names, want))
+    per_layer = [a for n, a in logs["tp-stream"] if n == "export_q"]  # (layer, q, st_b, st_t, st_h)
+    for n, a in logs["tp-defer"]:
+        if n == "step_begin_q":
+            args, layer, q = a[:3]
+            check(layer == 0 and args.flags == PREFILL and args.n_tok_const == P_LEN and args.n_rows == 1 and
+                  tuple(q.shape) == (1, CFG["hq"], P_LEN, CFG["d"]) and a[3:] == (q.stride(0), q.stride(2),
+                                                                                  q.stride(1)),
+                  "dry tp-defer: step_begin_q arguments")
+    alls = [a for n, a in logs["tp-defer"] if n == "step_all"]
+    worst = 0.0
+    for i, (args, layers, qs, st_b, st_t, st_h) in enumerate(alls):
+        check(args.flags == 0 and args.n_tok_const == 1 and args.n_rows == 1 and args.seq_end.add == 1 and
+              args.seq_end.p and args.tokens and layers == list(range(L)) and len(qs) == L,
+              "dry tp-defer: step_all %d arguments" % i)
+        for l, q in zip(layers, qs):
+            check((st_b, st_t, st_h) == (q.stride(0), q.stride(2), q.stride(1)), "dry tp-defer: strides")
+            ref = per_layer[(1 + i) * L + l]  # the per-layer run's step 1+i, layer l
+            check(ref[0] == l and ref[1].shape == q.shape, "dry: per-layer step %d layer %d" % (1 + i, l))
+            worst = max(worst, (ref[1] - q).abs().max().item())
+    check(len(alls) == N_GEN - 1 and worst == 0.0, "dry tp-defer: %d step_all, Q vs per-layer export_q %.3g" % (
+        len(alls), worst))
+    plain = {}
+    for n, _ in logs["tp-stream"]:
+        plain[n] = plain.get(n, 0) + 1
+    print("RankExport call sequence (RecordingGraph, no kernels): tp-defer %d step_all over layers %s, Q equal to "
+          "the per-layer run's (worst %.2g); tp-stream %s" % (len(alls), alls[0][1] if alls else None, worst,
+                                                             " ".join("%s %d" % kv for kv in sorted(plain.items()))))
 
 
 class HostExport:
@@ -310,7 +438,11 @@ class HostExport:
         self.ix = self.ex.add_host_buffer(attnx.make_buffer(_ffi.BUF_INDEX_TOKEN, "i32", (1, MAX_LEN)))
         torch.frombuffer(self.ix.view, dtype=torch.int32)[:] = torch.arange(MAX_LEN, dtype=torch.int32)
         self.L, self.row_bytes = c["layers"], hq * d * 4
+        self.calls = None
         model.hook, model.after = self._q, self._after
+
+    def set_mode(self, defer):
+        """Host memory has one export path (copies at each layer, the step at the last); no calls are counted."""
 
     def wait_consumer(self, timeout=60):
         end = time.time() + timeout
@@ -408,8 +540,11 @@ def worker(rank, world, shm, port, conn, cpu):
         conn.send(("ready", rank))
         while True:
             msg = conn.recv()
-            if msg[0] == "run":
-                conn.send(("done",) + run_request(torch, model, exp, msg[1], msg[2]))
+            if msg[0] == "run":  # ("run", rid, tokens or None[, defer])
+                if exp:
+                    exp.set_mode(len(msg) > 3 and msg[3])
+                seq, lg = run_request(torch, model, exp, msg[1], msg[2])
+                conn.send(("done", seq, lg, dict(exp.calls) if exp and exp.calls is not None else None))
             elif msg[0] == "probs":  # this rank's eager attention of a whole sequence (no cache)
                 pr = []
                 model.forward(torch.tensor([msg[1]], device=dev), 0, use_cache=False, probs=pr)
@@ -492,8 +627,8 @@ class Upstream(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
         rid, label, stream = body.get("rid", ""), body.get("model", ""), bool(body.get("stream"))
-        res = self.ranks.all(("run", rid, self.teacher.get(label)))
-        self.results[label] = (res[0][1], res[0][2])
+        res = self.ranks.all(("run", rid, self.teacher.get(label), label in DEFER_LABELS))
+        self.results[label] = (res[0][1], res[0][2], [m[3] for m in res])  # sequence, logits, each rank's calls
         texts = ["t%d " % tok for tok in res[0][1][P_LEN:P_LEN + N_GEN]]
         if stream:
             self.send_response(200)
@@ -547,7 +682,7 @@ def stop(p):
 
 def deployment(bins, world, teacher, requests, cpu=False):
     """Run `requests` [(label, stream)] through a relay in front of `world` ranks. Returns {label: (rid, events,
-    feed records, sequence, logits)}."""
+    feed records, sequence, logits, each rank's export calls (None on host memory))}."""
     capture, relay, tail = bins
     shm = "/attnx.tp2g%d.%d" % (os.getpid(), world)
     d = tempfile.mkdtemp(prefix="attnx-tp2g")
@@ -690,6 +825,30 @@ def compare(tp, one, ref, what):
     print("%s: %d records, TP 2 vs single GPU worst %.2e, vs eager worst %.2e" % (what, len(tp), worst_one, worst_ref))
 
 
+def expected_calls(label):
+    """The export calls one rank makes for a request (prefill + N_GEN-1 decode steps, CFG's layers)."""
+    n, L = N_GEN, CFG["layers"]
+    if label in DEFER_LABELS:  # prefill: step_start, step_begin_q, export_q per middle layer, export_q_publish
+        return dict(step_start=1, step_begin=0, export_q=L - 2, publish=0, step_begin_q=1, export_q_publish=1,
+                    step_all=n - 1)
+    return dict(step_start=0, step_begin=n, export_q=n * L, publish=n, step_begin_q=0, export_q_publish=0,
+                step_all=0)
+
+
+def check_calls(label, one, tp):
+    """Each rank's export calls (counted in RankExport): tp-defer must have taken the defer path."""
+    if any(c is None for c in one + tp):
+        print("%s: export calls not counted (host memory export)" % label)
+        return
+    want = expected_calls(label)
+    for what, calls in (("single GPU", one), ("TP 2", tp)):
+        for r, c in enumerate(calls):
+            check(c == want, "%s %s rank %d: export calls %s, expected %s" % (label, what, r, c, want))
+    nz = {k: v for k, v in tp[0].items() if v}
+    print("%s: export calls per rank (single GPU and both TP ranks alike: %s): %s" % (
+        label, all(c == tp[0] for c in one + tp), " ".join("%s %d" % kv for kv in sorted(nz.items()))))
+
+
 # ---- main ------------------------------------------------------------------------------------------------------
 
 def require():
@@ -718,7 +877,7 @@ def gpu_main():
 
 
 def run_all(bins, cpu=False):
-    reqs = [("tp-stream", True), ("tp-body", False)]
+    reqs = [("tp-stream", True), ("tp-body", False), ("tp-defer", True)]
     one = deployment(bins, 1, {}, reqs, cpu)
     teacher = {label: one[label][3] for label, _ in reqs}
     tp = deployment(bins, 2, teacher, reqs, cpu)
@@ -750,6 +909,7 @@ def run_all(bins, cpu=False):
             check(set(f_one) == set(r_one), "%s: single GPU feed and response keys differ" % label)
             compare(r_tp, r_one, ref, label + " (responses)")
             compare(f_tp, f_one, ref, label + " (feed)")
+            check_calls(label, one[label][5], tp[label][5])
     finally:
         ranks.close()
     print("FAILED: %d" % len(failures) if failures else "PASS")
@@ -766,7 +926,7 @@ def cpu_main():
     seq = [(7 * i + 3) % CFG["vocab"] for i in range(P_LEN)]
     one = Ranks(1, None, cpu=True)
     try:
-        s1, l1 = one.all(("run", "x", None))[0][1:]
+        s1, l1 = one.all(("run", "x", None))[0][1:3]
         ref = one.all(("probs", s1[:-1]))[0][1]
         hf = one.all(("hf", s1[:-1]))[0][1]
     finally:
@@ -778,7 +938,7 @@ def cpu_main():
         parts = two.all(("probs", s1[:-1]))
     finally:
         two.close()
-    for r, (_, s, lg) in enumerate(res):
+    for r, (_, s, lg, _) in enumerate(res):
         check(s == s1, "rank %d fed another sequence" % r)
         d = (lg - l1).abs().max().item()
         check(d < 1e-4, "rank %d: TP 2 logits vs one process %.3g" % (r, d))
@@ -788,6 +948,7 @@ def cpu_main():
         d = max((p - ref[l][r * hl:(r + 1) * hl]).abs().max().item() for l, p in enumerate(pr))
         check(d < 1e-5, "rank %d: its heads' attention vs one process %.3g" % (r, d))
         print("rank %d: heads %d..%d attention vs one process worst %.2e" % (r, r * hl, (r + 1) * hl - 1, d))
+    check_rank_calls(torch)
     # the cached decode path computes the same probabilities as the full-sequence pass
     if hf is not None:
         d = max((a - b).abs().max().item() for a, b in zip(ref, hf))
