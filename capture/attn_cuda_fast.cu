@@ -101,21 +101,35 @@ __device__ __forceinline__ void wl_init(WList &L, int K)
 	L.tp = K ? INT_MAX : -1;
 }
 
-__device__ __forceinline__ void wl_insert(WList &L, float cs, int cp, int K)
+/* KB (lists of up to 32·KB entries; the split kernels' heads instances with top-k ≤ 32 have KB 1): with KB 1 the
+ * second half (s1, p1) is never read or written, so it takes no registers (run 12: the heads kernel with 4 lists
+ * sat at the 128-register cap of 2 CTAs per SM, where small additions cost ~9% of its loop). */
+template <int KB = 2> __device__ __forceinline__ void wl_insert(WList &L, float cs, int cp, int K)
 {
 	const int lane = threadIdx.x & 31;
 	int r = __popc(__ballot_sync(FULLM, !fb(cs, cp, L.s0, L.p0)));
-	if (K > 32)
+	if (KB > 1 && K > 32)
 		r += __popc(__ballot_sync(FULLM, !fb(cs, cp, L.s1, L.p1)));
 	if (r >= K)
 		return;
-	float us0 = __shfl_up_sync(FULLM, L.s0, 1), us1 = __shfl_up_sync(FULLM, L.s1, 1);
-	int up0 = __shfl_up_sync(FULLM, L.p0, 1), up1 = __shfl_up_sync(FULLM, L.p1, 1);
-	float c31s = __shfl_sync(FULLM, L.s0, 31);
-	int c31p = __shfl_sync(FULLM, L.p0, 31);
-	if (lane == 0) {
-		us1 = c31s;
-		up1 = c31p;
+	const float us0 = __shfl_up_sync(FULLM, L.s0, 1);
+	const int up0 = __shfl_up_sync(FULLM, L.p0, 1);
+	if (KB > 1) {
+		float us1 = __shfl_up_sync(FULLM, L.s1, 1);
+		int up1 = __shfl_up_sync(FULLM, L.p1, 1);
+		const float c31s = __shfl_sync(FULLM, L.s0, 31);
+		const int c31p = __shfl_sync(FULLM, L.p0, 31);
+		if (lane == 0) {
+			us1 = c31s;
+			up1 = c31p;
+		}
+		if (lane + 32 == r) {
+			L.s1 = cs;
+			L.p1 = cp;
+		} else if (lane + 32 > r) {
+			L.s1 = us1;
+			L.p1 = up1;
+		}
 	}
 	if (lane == r) {
 		L.s0 = cs;
@@ -124,15 +138,8 @@ __device__ __forceinline__ void wl_insert(WList &L, float cs, int cp, int K)
 		L.s0 = us0;
 		L.p0 = up0;
 	}
-	if (lane + 32 == r) {
-		L.s1 = cs;
-		L.p1 = cp;
-	} else if (lane + 32 > r) {
-		L.s1 = us1;
-		L.p1 = up1;
-	}
 	const int kl = K - 1;
-	if (kl < 32) {
+	if (KB == 1 || kl < 32) {
 		L.ts = __shfl_sync(FULLM, L.s0, kl);
 		L.tp = __shfl_sync(FULLM, L.p0, kl);
 	} else {
@@ -141,7 +148,7 @@ __device__ __forceinline__ void wl_insert(WList &L, float cs, int cp, int K)
 	}
 }
 
-__device__ __forceinline__ void wl_offer(WList &L, float s, int p, bool ok, int K)
+template <int KB = 2> __device__ __forceinline__ void wl_offer(WList &L, float s, int p, bool ok, int K)
 {
 	unsigned m = __ballot_sync(FULLM, ok && fb(s, p, L.ts, L.tp));
 	while (m) {
@@ -150,7 +157,7 @@ __device__ __forceinline__ void wl_offer(WList &L, float s, int p, bool ok, int 
 		float cs = __shfl_sync(FULLM, s, src);
 		int cp = __shfl_sync(FULLM, p, src);
 		if (fb(cs, cp, L.ts, L.tp))
-			wl_insert(L, cs, cp, K);
+			wl_insert<KB>(L, cs, cp, K);
 	}
 }
 
@@ -227,16 +234,16 @@ __device__ __forceinline__ void wl_merge16(WList &L, float x, int p, bool ok, in
 	L.tp = __shfl_sync(FULLM, ap, K - 1);
 }
 
-__device__ __forceinline__ void wl_offer16(WList &L, float x, int p, bool ok, int K)
+template <int KB = 2> __device__ __forceinline__ void wl_offer16(WList &L, float x, int p, bool ok, int K)
 {
 	const int lane = threadIdx.x & 31;
 	const unsigned m = __ballot_sync(FULLM, ok && lane < 16 && fb(x, p, L.ts, L.tp));
 	if (!m)
 		return;
-	if (K <= 32 && __popc(m) >= 4)
+	if ((KB == 1 || K <= 32) && __popc(m) >= 4)
 		wl_merge16(L, x, p, ok && lane < 16, K);
 	else
-		wl_offer(L, x, p, ok && lane < 16, K);
+		wl_offer<KB>(L, x, p, ok && lane < 16, K);
 }
 
 #ifndef AXF_EMU /* the emulator has its own mma, mbarriers and bulk copy */
@@ -735,14 +742,14 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 }
 
 /* Write a warp list as the partial row `prow` (entries at ent .. ent+K-1; lanes < K write entries lane, lane+32). */
-__device__ __forceinline__ void put_list(const axf_args &a, uint64_t ent, const WList &L, int K)
+template <int KB> __device__ __forceinline__ void put_list(const axf_args &a, uint64_t ent, const WList &L, int K)
 {
 	const int lane = threadIdx.x & 31;
 	if (lane < K) {
 		a.part_s[ent + lane] = L.s0;
 		a.part_p[ent + lane] = L.p0 == INT_MAX ? -1 : L.p0;
 	}
-	if (lane + 32 < K) {
+	if (KB > 1 && lane + 32 < K) {
 		a.part_s[ent + lane + 32] = L.s1;
 		a.part_p[ent + lane + 32] = L.p1 == INT_MAX ? -1 : L.p1;
 	}
@@ -780,7 +787,7 @@ __device__ __forceinline__ float *smem_xs(unsigned char *smem)
 	       AXF_NS * AXF_NW * AXF_TS;
 }
 
-template <int MODE, int F16, int NL>
+template <int MODE, int F16, int NL, int KB>
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
@@ -966,7 +973,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 							const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
 							const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
 							const bool ok = lane < 16 && (((lane < 8 ? b0 : b1) >> src) & 1);
-							wl_offer16(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
+							wl_offer16<KB>(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
 						}
 					}
 					bars();
@@ -1008,7 +1015,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 				if (ok)
 					lse_add(mA, sA, v);
 				if (K)
-					wl_offer16(L[0], v, (int)tile + lane, ok, K);
+					wl_offer16<KB>(L[0], v, (int)tile + lane, ok, K);
 			}
 		}
 	}
@@ -1032,13 +1039,13 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 #pragma unroll
 			for (int h = 0; h < NL; ++h)
 				if (h < G)
-					put_list(a, jb.ent0 + ((uint64_t)(w * G + h) * S + sl) * K, L[h], K);
+					put_list<KB>(a, jb.ent0 + ((uint64_t)(w * G + h) * S + sl) * K, L[h], K);
 	} else if (w == AXF_NW - 1) {
 		lse_warp(mA, sA);
 		if (lane == 0)
 			a.part_lse[jb.part0 + sl] = lse_value(mA, sA);
 		if (K)
-			put_list(a, jb.ent0 + (uint64_t)sl * K, L[0], K);
+			put_list<KB>(a, jb.ent0 + (uint64_t)sl * K, L[0], K);
 	}
 	/* this split's flag word, written whatever it holds (nothing to zero beforehand; the merger ORs them) */
 	if ((prod && rng) || bad)
@@ -1142,10 +1149,11 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 #ifndef AXF_EMU
 
 typedef void (*axf_kfn)(axf_args);
-static const axf_kfn axf_kernels[AXF_N_INST] = {
-	axf_kernel<AXF_M_LOGIT, 0, 1>, axf_kernel<AXF_M_LOGIT, 1, 1>, axf_kernel<AXF_M_HEADS, 0, 4>,
-	axf_kernel<AXF_M_HEADS, 1, 4>, axf_kernel<AXF_M_HEADS, 0, 8>, axf_kernel<AXF_M_HEADS, 1, 8>,
-	axf_kernel<AXF_M_PROB, 0, 1>,  axf_kernel<AXF_M_PROB, 1, 1>};
+static const axf_kfn axf_kernels[AXF_N_INST] = { /* axf_inst's numbering */
+	axf_kernel<AXF_M_LOGIT, 0, 1, 2>, axf_kernel<AXF_M_LOGIT, 1, 1, 2>, axf_kernel<AXF_M_HEADS, 0, 4, 2>,
+	axf_kernel<AXF_M_HEADS, 1, 4, 2>, axf_kernel<AXF_M_HEADS, 0, 8, 2>, axf_kernel<AXF_M_HEADS, 1, 8, 2>,
+	axf_kernel<AXF_M_PROB, 0, 1, 2>,  axf_kernel<AXF_M_PROB, 1, 1, 2>,  axf_kernel<AXF_M_HEADS, 0, 4, 1>,
+	axf_kernel<AXF_M_HEADS, 1, 4, 1>, axf_kernel<AXF_M_HEADS, 0, 8, 1>, axf_kernel<AXF_M_HEADS, 1, 8, 1>};
 
 struct ax_attn_fast {
 	int device;

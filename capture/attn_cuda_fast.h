@@ -64,7 +64,7 @@
 #define AXF_ROWS_SM (AXF_ROW_MAX + 64)         /* stage row stride: ≡ 64 mod 128, fragment loads conflict-free */
 #define AXF_MAX_SPLITS 1024       /* splits per pass-job (the merge stages ≥ 1 entry per split per warp) */
 #define AXF_MAX_N (1u << 30)      /* visible keys per job */
-#define AXF_N_INST 8              /* kernel instances: see axf_inst */
+#define AXF_N_INST 12             /* kernel instances: see axf_inst */
 
 /* Bytes of dynamic shared memory of a fast CTA: the ring, 3 mbarriers per stage, [NS][NW][TS] partial sums,
  * per-warp 64-entry survivor scratch, the last-CTA flag. One expression, used by the kernel and the launch. */
@@ -289,23 +289,25 @@ static inline int axf_eligible(const ax_attn_job *j)
 
 /* ---- instances and launches ------------------------------------------------------------------------------------- */
 
-/* Instance of a pass-job: 0/1 mean_logit, 2/3 heads with ≤ 4 lists per warp, 4/5 heads with ≤ 8, 6/7 mean_prob
- * (bf16 / f16). axf_launch_order lists them in launch order. */
-static inline uint32_t axf_inst(uint32_t mode, uint32_t kdt, uint32_t G)
+/* Instance of a pass-job with lists of K entries: 0/1 mean_logit, 2/3 heads with ≤ 4 lists per warp, 4/5 heads
+ * with ≤ 8, 6/7 mean_prob (bf16 / f16); heads pass-jobs with K ≤ 32 (mean_prob's logsumexp pass: K 0) take
+ * 8/9 (≤ 4 lists) and 10/11 (≤ 8), built for lists of at most 32 entries (fewer registers: attn_cuda_fast.cu's
+ * wl_insert). axf_launch_order lists them in launch order (every heads instance before mean_prob's second pass). */
+static inline uint32_t axf_inst(uint32_t mode, uint32_t kdt, uint32_t G, uint32_t K)
 {
 	uint32_t f = kdt == AX_DTYPE_F16;
 	if (mode == AXF_M_LOGIT)
 		return f;
 	if (mode == AXF_M_PROB)
 		return 6 + f;
-	return (G <= 4 ? 2 : 4) + f;
+	return (K <= 32 ? 8 : 2) + (G <= 4 ? 0 : 2) + f;
 }
 
-static const uint32_t axf_launch_order[AXF_N_INST] = {2, 3, 4, 5, 0, 1, 6, 7};
+static const uint32_t axf_launch_order[AXF_N_INST] = {8, 9, 10, 11, 2, 3, 4, 5, 0, 1, 6, 7};
 
 static inline uint32_t axf_inst_mode(uint32_t inst)
 {
-	return inst < 2 ? AXF_M_LOGIT : inst < 6 ? AXF_M_HEADS : AXF_M_PROB;
+	return inst < 2 ? AXF_M_LOGIT : inst < 6 || inst >= 8 ? AXF_M_HEADS : AXF_M_PROB;
 }
 
 /* Splits of n keys at chunk keys each (at least 1). */
@@ -421,6 +423,13 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p);
 }
 
+/* List length K of user job j's pass-job of kernel mode `mode` (axf_job_fields: mean_prob's logsumexp pass has
+ * none). */
+static inline uint32_t axf_pass_k(const ax_attn_job *j, uint32_t mode)
+{
+	return j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS ? 0 : j->top_k;
+}
+
 /* The pass-job of user job i in kernel mode `mode` (partials and splits are set by axf_plan_launch). */
 static inline void axf_job_fields(axf_plan *p, axf_job *jb, const ax_attn_job *j, uint32_t i, uint32_t mode)
 {
@@ -433,9 +442,9 @@ static inline void axf_job_fields(axf_plan *p, axf_job *jb, const ax_attn_job *j
 	jb->idt = j->index_dtype, jb->flag = i, jb->head_offset = j->head_offset;
 	jb->scale = j->scale, jb->inv_h = 1.0f / (float)jb->H;
 	jb->res = (int32_t)p->roff[i], jb->lse_out = -1, jb->lse_in = 0, jb->rent = p->eoff[i];
-	jb->K = j->top_k;
+	jb->K = axf_pass_k(j, mode);
 	if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) /* the logsumexp pass */
-		jb->K = 0, jb->res = -1, jb->lse_out = (int32_t)p->lslot[i], jb->rent = 0;
+		jb->res = -1, jb->lse_out = (int32_t)p->lslot[i], jb->rent = 0;
 	else if (mode == AXF_M_PROB)
 		jb->lse_in = p->lslot[i];
 	jb->kout = jb->K < jb->n ? jb->K : jb->n;
@@ -522,7 +531,7 @@ static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const int 
 		const ax_attn_job *j = &jobs[i];
 		for (int pass = 0; pass < 2; pass++) {
 			uint32_t mode = axf_pass_mode(j, pass);
-			if (!mode || axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads) != inst)
+			if (!mode || axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads, axf_pass_k(j, mode)) != inst)
 				continue;
 			if (axc_grow((void **)&p->jb, &p->jb_cap, (size_t)p->njb + 1, sizeof *p->jb))
 				return -ENOMEM;

@@ -38,14 +38,18 @@ static void emu_body(void *p)
 {
 	const emu_arg *x = (const emu_arg *)p;
 	switch (x->inst) {
-	case 0: axf_kernel<AXF_M_LOGIT, 0, 1>(x->a); break;
-	case 1: axf_kernel<AXF_M_LOGIT, 1, 1>(x->a); break;
-	case 2: axf_kernel<AXF_M_HEADS, 0, 4>(x->a); break;
-	case 3: axf_kernel<AXF_M_HEADS, 1, 4>(x->a); break;
-	case 4: axf_kernel<AXF_M_HEADS, 0, 8>(x->a); break;
-	case 5: axf_kernel<AXF_M_HEADS, 1, 8>(x->a); break;
-	case 6: axf_kernel<AXF_M_PROB, 0, 1>(x->a); break;
-	case 7: axf_kernel<AXF_M_PROB, 1, 1>(x->a); break;
+	case 0: axf_kernel<AXF_M_LOGIT, 0, 1, 2>(x->a); break;
+	case 1: axf_kernel<AXF_M_LOGIT, 1, 1, 2>(x->a); break;
+	case 2: axf_kernel<AXF_M_HEADS, 0, 4, 2>(x->a); break;
+	case 3: axf_kernel<AXF_M_HEADS, 1, 4, 2>(x->a); break;
+	case 4: axf_kernel<AXF_M_HEADS, 0, 8, 2>(x->a); break;
+	case 5: axf_kernel<AXF_M_HEADS, 1, 8, 2>(x->a); break;
+	case 6: axf_kernel<AXF_M_PROB, 0, 1, 2>(x->a); break;
+	case 7: axf_kernel<AXF_M_PROB, 1, 1, 2>(x->a); break;
+	case 8: axf_kernel<AXF_M_HEADS, 0, 4, 1>(x->a); break;
+	case 9: axf_kernel<AXF_M_HEADS, 1, 4, 1>(x->a); break;
+	case 10: axf_kernel<AXF_M_HEADS, 0, 8, 1>(x->a); break;
+	case 11: axf_kernel<AXF_M_HEADS, 1, 8, 1>(x->a); break;
 	default: axf_merge_kernel(x->a); break; /* AXF_N_INST: the separate heads merge */
 	}
 }

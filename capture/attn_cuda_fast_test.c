@@ -344,7 +344,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			uint64_t start, nv;
 			axc_visible(j, &start, &nv);
 			assert_true(jb->flag < n && rc[jb->flag] == 0);
-			assert_int_equal(axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads), L->inst);
+			assert_int_equal(axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads, axf_pass_k(j, mode)), L->inst);
 			assert_int_equal(jb->start, start);
 			assert_int_equal(jb->n, nv);
 			assert_int_equal(jb->G * jb->Hkv, jb->H);
