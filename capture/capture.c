@@ -195,6 +195,31 @@ static void flush_drain_gaps(ax_capture *c)
 
 static int drain_gaps_pending(const ax_capture *c) { return c->lapped_rows || c->failed_rows || c->recycled_rows; }
 
+/* What a refused attn record held (the encoder's checks: proto/record.c validate_attn), so the log says which
+ * part broke them: the fields, then the first entries and the first place the list is out of order. */
+static void log_refused_attn(const ax_record *r)
+{
+	const ax_rec_attn *a = &r->u.attn;
+	uint32_t k = a->k < AX_PROTO_MAX_TOPK ? a->k : AX_PROTO_MAX_TOPK, bad = 0;
+	double sum = 0;
+	for (uint32_t i = 0; i < k; i++) {
+		sum += a->attention_scores[i];
+		if (!bad && i > 0 &&
+		    (a->topk_logits[i] > a->topk_logits[i - 1] ||
+		     (a->topk_logits[i] == a->topk_logits[i - 1] && a->token_positions[i] <= a->token_positions[i - 1])))
+			bad = i;
+	}
+	ax_log(AX_LOG_WARN, TAG,
+	       "  refused attn: rid %s pos %lld step %lld token %lld layer %d head %d mode %u prefill %u k %u lse %g "
+	       "mass %g scores sum %.6f; entries 0-3 (%lld %g) (%lld %g) (%lld %g) (%lld %g); first out of order: %u",
+	       r->rid, (long long)a->position, (long long)a->decode_step, (long long)a->token_id, (int)a->layer_id,
+	       (int)a->head_id, (unsigned)a->mode, (unsigned)a->prefill, (unsigned)a->k, a->logsumexp_all, a->topk_mass,
+	       sum, (long long)(k > 0 ? a->token_positions[0] : -1), k > 0 ? a->topk_logits[0] : 0.0,
+	       (long long)(k > 1 ? a->token_positions[1] : -1), k > 1 ? a->topk_logits[1] : 0.0,
+	       (long long)(k > 2 ? a->token_positions[2] : -1), k > 2 ? a->topk_logits[2] : 0.0,
+	       (long long)(k > 3 ? a->token_positions[3] : -1), k > 3 ? a->topk_logits[3] : 0.0, (unsigned)bad);
+}
+
 static void emit(ax_capture *c, ax_record *r)
 {
 	if (r != &c->rec && drain_gaps_pending(c))
@@ -203,6 +228,8 @@ static void emit(ax_capture *c, ax_record *r)
 	if (rv < 0) {
 		ax_log(AX_LOG_WARN, TAG, "record (%s) refused by the encoder: %s", ax_rec_type_name(r->type),
 		       ax_strerror(rv));
+		if (r->type == AX_REC_ATTN)
+			log_refused_attn(r);
 		return;
 	}
 	CNT_ADD(c, records, 1);
