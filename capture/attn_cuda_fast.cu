@@ -39,7 +39,10 @@
  * H200) found that session 4's dynamic splits (d949028: each stage's first key through shared memory, a loop of
  * unknown length) made the static heads loop ~9% slower (1M heads 622 → 680 µs) and that merging mean_prob's
  * logsumexp rows a warp at a time (7923dad) made 128K mean_prob ~12 µs slower; both were removed (dynamic splits
- * were slower wherever they acted in run 10). On the CPU everything runs: the kernels
+ * were slower wherever they acted in run 10). Heads pass-jobs with top-k ≤ 32 then got instances of their own
+ * (KB 1: lists of ≤ 32 entries, 119 instead of 126 registers with 4 lists). Session 5's final run (run 13, H200,
+ * d41752a): 179/179 against float64 and the generic path, memcheck, racecheck and synccheck clean. On the CPU
+ * everything runs: the kernels
  * under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
  * mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host half in
  * attn_cuda_fast_test.c.
