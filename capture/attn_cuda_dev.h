@@ -72,15 +72,26 @@ __device__ __forceinline__ int find_le(const uint32_t *off, uint32_t n, uint32_t
 
 /* Slot of index entry `at` (the value as signed, then unsigned: negative values are out of range); an
  * out-of-pool value sets bad and reads slot 0 instead, so nothing outside the pool is ever read. */
-__device__ __forceinline__ uint64_t load_slot(const void *index, bool i32, uint64_t at, uint64_t n_slots,
-					      uint32_t &bad)
+__device__ __forceinline__ uint64_t load_index(const void *index, bool i32, uint64_t at)
 {
-	uint64_t s = i32 ? (uint64_t)(int64_t)((const int32_t *)index)[at] : (uint64_t)((const int64_t *)index)[at];
+	return i32 ? (uint64_t)(int64_t)((const int32_t *)index)[at] : (uint64_t)((const int64_t *)index)[at];
+}
+
+/* load_slot's check, for a value load_index fetched earlier: checking right at the load makes the thread wait for
+ * it there (the fast path's prologue loads its first stages' values before the CTA barrier and checks them after). */
+__device__ __forceinline__ uint64_t check_slot(uint64_t s, uint64_t n_slots, uint32_t &bad)
+{
 	if (s >= n_slots) {
 		bad = 1;
 		s = 0;
 	}
 	return s;
+}
+
+__device__ __forceinline__ uint64_t load_slot(const void *index, bool i32, uint64_t at, uint64_t n_slots,
+					      uint32_t &bad)
+{
+	return check_slot(load_index(index, i32, at), n_slots, bad);
 }
 
 #endif

@@ -819,9 +819,10 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	/* producer: lane r < AXF_TS of warp 0 fetches row r of every stage; -1 = no row (past the split's end) */
 	const bool prod = w == 0 && lane < AXF_TS;
 	uint32_t rng = 0, bad = 0;
+	auto has_row = [&](int st) { return st < nst && start + (uint32_t)st * AXF_TS + (uint32_t)lane < end; };
 	auto slot_of = [&](int st) -> int64_t {
 		const uint32_t j = start + (uint32_t)st * AXF_TS + (uint32_t)lane;
-		return st < nst && j < end ? (int64_t)load_slot(jb.index, jb.idt == AX_DTYPE_I32, jb.start + j, jb.n_slots, rng) : -1;
+		return has_row(st) ? (int64_t)load_slot(jb.index, jb.idt == AX_DTYPE_I32, jb.start + j, jb.n_slots, rng) : -1;
 	};
 	auto issue = [&](int st, int64_t slot) {
 		uint64_t *mb = &full[st % AXF_NS];
@@ -834,11 +835,15 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		}
 	};
 	/* The first stages' index values and Q are loaded before the mbarriers are set up (plain global loads: they
-	 * need no barrier), so their latency overlaps the set-up and the CTA barrier. */
-	int64_t pre[AXF_NS - 1];
+	 * need no barrier), so their latency overlaps the set-up and the CTA barrier; the values are checked after the
+	 * barrier (session 5's profile of 1 × 4K: checked at the load, the producer lanes held the whole CTA at the
+	 * set-up barrier for the load's round trip, 14% of the kernel's warp samples). */
+	uint64_t pre[AXF_NS - 1];
 #pragma unroll
 	for (int i = 0; i < AXF_NS - 1; ++i)
-		pre[i] = prod ? slot_of(i) : -1;
+		pre[i] = prod && has_row(i)
+				 ? load_index(jb.index, jb.idt == AX_DTYPE_I32, jb.start + start + (uint32_t)i * AXF_TS + (uint32_t)lane)
+				 : 0;
 
 	/* Q: B fragments of this warp's group (column c = query head w·G + c, c < G), in registers; checked */
 	uint4 qf[4];
@@ -866,7 +871,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 #pragma unroll
 		for (int i = 0; i < AXF_NS - 1; ++i)
 			if (i < nst)
-				issue(i, pre[i]);
+				issue(i, has_row(i) ? (int64_t)check_slot(pre[i], jb.n_slots, rng) : -1);
 		nxt = slot_of(AXF_NS - 1);
 	}
 	__syncwarp();
