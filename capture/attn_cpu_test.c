@@ -823,6 +823,51 @@ static void test_to_record(void **state)
 	assert_true(fabs(rec.attention_scores[0] - 0.75) < 1e-6);
 }
 
+/* Tie-heavy keys (zero rows: every logit 0; copies of earlier rows: equal logits at several positions) at the
+ * GPU test engine's fast-path shape (bf16, H_q 16, H_kv 4, D 128), every mode, 1..300 keys, random top-k: every
+ * result row must become a record the encoder accepts (ties by lower position, logits descending, finite mass).
+ * Session 5's GPU run had a CPU-backend capture refuse two records once; this pins the backend's side of that. */
+static void test_records_on_ties(void **state)
+{
+	enum { H = 16, HKV = 4, D = 128, SLOTS = 320 };
+	(void)state;
+	uint16_t *k = calloc((size_t)SLOTS * HKV * D, sizeof *k), *q = calloc((size_t)H * D, sizeof *q);
+	int32_t *idx = calloc(SLOTS, sizeof *idx);
+	ax_attn_result *out = calloc(H, sizeof *out);
+	assert_true(k && q && idx && out);
+	for (int it = 0; it < 400; it++) {
+		const uint32_t n = 1 + (uint32_t)(rnd_u64() % 300), zero_every = 1 + (uint32_t)(rnd_u64() % 4);
+		memset(k, 0, (size_t)SLOTS * HKV * D * sizeof *k);
+		for (uint32_t r = 0; r < n; r++) {
+			idx[r] = (int32_t)(n - 1 - r); /* slots in reverse: position order is not slot order */
+			uint16_t *row = k + (size_t)idx[r] * HKV * D;
+			if (rnd_u64() % zero_every == 0)
+				continue;
+			if (r > 0 && rnd_u64() % 2) {
+				memcpy(row, k + (size_t)idx[rnd_u64() % r] * HKV * D, (size_t)HKV * D * sizeof *k);
+				continue;
+			}
+			for (int i = 0; i < HKV * D; i++)
+				row[i] = ax_f32_to_bf16((float)(rnd_u64() % 2001) / 1000.0f - 1.0f);
+		}
+		for (int i = 0; i < H * D; i++)
+			q[i] = ax_f32_to_bf16((float)(rnd_u64() % 2001) / 1000.0f - 1.0f);
+		ax_attn_job j;
+		memset(&j, 0, sizeof j);
+		j.q = q, j.q_dtype = AX_DTYPE_BF16, j.k = k, j.k_dtype = AX_DTYPE_BF16, j.k_scale = 1;
+		j.k_stride[0] = HKV * D, j.k_stride[1] = D, j.k_stride[2] = 1, j.n_slots = SLOTS;
+		j.index = idx, j.index_dtype = AX_DTYPE_I32, j.position = n - 1;
+		j.n_q_heads = H, j.n_kv_heads = HKV, j.head_dim = D, j.scale = 0.088f;
+		const uint32_t m = (uint32_t)(it % 3);
+		j.mode = m == 0 ? AX_MODE_HEADS : m == 1 ? AX_MODE_MEAN_LOGIT : AX_MODE_MEAN_PROB;
+		j.top_k = 1 + (uint32_t)(rnd_u64() % 20);
+		assert_int_equal(ax_attn_cpu(&j, g_scratch, out), 0);
+		for (uint32_t h = 0; h < ax_attn_rows(&j); h++)
+			check_record(&out[h], j.mode, j.position);
+	}
+	free(k), free(q), free(idx), free(out);
+}
+
 /* A real job end to end into a record: mass and lse agree with the result. */
 static void test_record_from_job(void **state)
 {
@@ -935,7 +980,7 @@ int main(void)
 	g_scratch = ax_attn_scratch_new();
 	if (!g_scratch)
 		return 1;
-	struct CMUnitTest tests[ARRAY_LEN(cases) + 8];
+	struct CMUnitTest tests[ARRAY_LEN(cases) + 9];
 	size_t n = 0;
 	for (size_t i = 0; i < ARRAY_LEN(cases); i++) {
 		struct CMUnitTest t = {cases[i].name, test_case, setup_case, teardown_case, (void *)&cases[i]};
@@ -944,7 +989,7 @@ int main(void)
 	struct CMUnitTest more[] = {
 		cmocka_unit_test(test_errors),       cmocka_unit_test(test_bf16_inf_q), cmocka_unit_test(test_to_record),
 		cmocka_unit_test(test_record_from_job), cmocka_unit_test(test_decode_all), cmocka_unit_test(test_encode),
-		cmocka_unit_test(test_rows),         cmocka_unit_test(test_threads),
+		cmocka_unit_test(test_rows),         cmocka_unit_test(test_threads), cmocka_unit_test(test_records_on_ties),
 	};
 	for (size_t i = 0; i < ARRAY_LEN(more); i++)
 		tests[n++] = more[i];
