@@ -4,7 +4,11 @@
  * Three monotonic counters over a ring of `cap` items, all guarded by one mutex: head (next item to pop) ≤
  * next_work (next item a worker may claim) ≤ tail (next free slot). A worker claims the item at next_work if it
  * is an ATTN item (RECORD items are skipped: they are done at commit), runs it without the lock, then marks it
- * done and signals the loop. Jobs take tens of microseconds to milliseconds, so one lock round trip per job is
+ * done and signals the loop. next_work moves only while a worker scans, so items done at commit (records, inline
+ * jobs) can be popped past it while every worker sleeps: a worker first raises it to head. (Until session 5 it did
+ * not: after more than `cap` such items, next_work named a slot since reused by a newer index, a worker claimed the
+ * newest job through the stale index and another claimed it again through the right one — two threads writing
+ * one job's rows at once, seen as a top-k list with every entry twice, which the encoder refused.) Jobs take tens of microseconds to milliseconds, so one lock round trip per job is
  * cheap next to the work. Workers block every signal so SIGINT/SIGTERM reach the daemon's main thread.
  * A job below the inline threshold never reaches a worker: commit runs it on the loop thread (with the loop's own
  * scratch) and queues it done, so the per-token jobs of a small model cost no thread wake-ups at all; workers
@@ -28,6 +32,7 @@ struct ax__pool {
 	ax__item *items;
 	uint32_t cap;
 	uint64_t head, next_work, tail;
+	uint64_t claims;          /* jobs workers have started (each ATTN item that is not run inline: once) */
 	int stopping;
 	pthread_t *threads;
 	uint32_t n_threads, started;
@@ -53,6 +58,8 @@ static void *worker_main(void *arg)
 	ax_attn_scratch *scratch = ax_attn_scratch_new();
 	pthread_mutex_lock(&p->mu);
 	for (;;) {
+		if (p->next_work < p->head) /* everything below head is done and popped: its slots may hold newer items */
+			p->next_work = p->head;
 		while (p->next_work < p->tail && (p->items[p->next_work % p->cap].kind != AX_ITEM_ATTN ||
 						  p->items[p->next_work % p->cap].done))
 			p->next_work++; /* records and inline jobs are done at commit */
@@ -63,6 +70,7 @@ static void *worker_main(void *arg)
 			continue;
 		}
 		ax__item *it = &p->items[p->next_work++ % p->cap];
+		p->claims++;
 		pthread_mutex_unlock(&p->mu);
 		uint64_t t0 = ax_now_ns();
 		int err = scratch ? ax_attn_cpu(&it->job, scratch, it->res) : -ENOMEM;
@@ -236,6 +244,14 @@ void ax__pool_pop(ax__pool *p)
 		ax_record_fini(rec);
 		free(rec);
 	}
+}
+
+uint64_t ax__pool_claims(ax__pool *p)
+{
+	pthread_mutex_lock(&p->mu);
+	uint64_t n = p->claims;
+	pthread_mutex_unlock(&p->mu);
+	return n;
 }
 
 uint32_t ax__pool_count(ax__pool *p)

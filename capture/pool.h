@@ -67,6 +67,8 @@ ax__item *ax__pool_head(ax__pool *p);
 void ax__pool_pop(ax__pool *p);
 /* Items queued and not yet popped. */
 uint32_t ax__pool_count(ax__pool *p);
+/* Jobs the workers have started so far (each queued ATTN item once; inline ones are not counted). */
+uint64_t ax__pool_claims(ax__pool *p);
 /* Wait up to timeout_ns for the head item to be done. Returns 1 if it is, 0 otherwise. */
 int ax__pool_wait_head(ax__pool *p, uint64_t timeout_ns);
 
