@@ -415,7 +415,11 @@ static __attribute__((noinline)) void emu_resume(emu_state *s, int i)
 	}
 }
 
-/* Run body(arg) as every thread of CTAs 0 .. ctas-1, one CTA after the other, with smem_bytes of shared memory. */
+/* The order emu_launch runs a launch's CTAs in (a GPU promises none): 0 by index, 1 backwards, 2 at random. */
+static int emu_cta_order;
+
+/* Run body(arg) as every thread of CTAs 0 .. ctas-1, one CTA after the other (in emu_cta_order's order), with
+ * smem_bytes of shared memory. */
 static void emu_launch(uint32_t ctas, size_t smem_bytes, void (*body)(void *), void *arg)
 {
 	emu_state *s = new emu_state();
@@ -430,7 +434,17 @@ static void emu_launch(uint32_t ctas, size_t smem_bytes, void (*body)(void *), v
 		order[i] = i;
 	s->body = body;
 	s->arg = arg;
-	for (uint32_t b = 0; b < ctas; b++) {
+	uint32_t *ord = (uint32_t *)malloc((ctas ? ctas : 1) * sizeof *ord);
+	if (!ord)
+		EMU_FAIL("out of memory");
+	for (uint32_t b = 0; b < ctas; b++)
+		ord[b] = emu_cta_order == 1 ? ctas - 1 - b : b;
+	for (uint32_t b = ctas; emu_cta_order == 2 && b > 1; b--) {
+		const uint32_t j = (uint32_t)(emu_rand() % b), x = ord[b - 1];
+		ord[b - 1] = ord[j], ord[j] = x;
+	}
+	for (uint32_t bi = 0; bi < ctas; bi++) {
+		const uint32_t b = ord[bi];
 		s->block = b;
 		s->bars.clear();
 		s->inflight.clear();
@@ -475,6 +489,7 @@ static void emu_launch(uint32_t ctas, size_t smem_bytes, void (*body)(void *), v
 			}
 		}
 	}
+	free(ord);
 	free(s->stacks);
 	free(s->smem);
 	delete s;

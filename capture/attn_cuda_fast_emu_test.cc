@@ -6,7 +6,8 @@
  * positions with near-ties, logits and logsumexp within 1e-3, ties by lower position), entries past k (-1,
  * -inf), error codes (-ERANGE / -EDOM, -ERANGE winning, neighbours unharmed), determinism, and — by the
  * emulator — that warp collectives are never divergent, mbarrier arrivals never exceed their counts, bulk
- * copies are 16-byte aligned and inside shared memory, and no CTA deadlocks. Plans are forced to one split per
+ * copies are 16-byte aligned and inside shared memory, and no CTA deadlocks. A launch's CTAs run one after
+ * the other, by index, backwards or at random (runs take turns), as a GPU promises no order. Plans are forced to one split per
  * job, a few, and many short (16-key) splits, so the merge runs with 1..~200 splits; and under planner knobs
  * (floors, caps, the default ones) with heads lists merged by the separate merge kernel.
  * What it cannot check: races, memory ordering, the async proxy, timing (the GPU test and compute-sanitizer).
@@ -86,6 +87,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 				? ~0ull
 				: 0;
 	const int trace = calls % 3 == 0;
+	emu_cta_order = (int)(calls % 7 % 3); /* CTAs by index, backwards or at random: a GPU promises no order */
 	for (uint32_t l = 0; l < p->nl; l++) {
 		emu_arg x = {axf_plan_args(p, buf, buf, tick, &p->L[l]), p->L[l].inst};
 		if (spin)
