@@ -36,6 +36,20 @@ __device__ __forceinline__ void lse_add(float &m, float &s, float x)
 	}
 }
 
+/* Two scores at once (-inf: none): the max moves at most once, then both add (the heads loop's two keys per
+ * column). A NaN or inf score leaves s NaN or the max inf (the callers flag non-finite scores apart). */
+__device__ __forceinline__ void lse_add2(float &m, float &s, float x, float y)
+{
+	const float mx = fmaxf(x, y);
+	if (mx == -INFINITY)
+		return;
+	if (mx > m) {
+		s *= __expf(m - mx);
+		m = mx;
+	}
+	s += __expf(x - m) + __expf(y - m);
+}
+
 __device__ __forceinline__ void lse_merge(float &m, float &s, float m2, float s2)
 {
 	if (m2 == -INFINITY || s2 == 0.f)

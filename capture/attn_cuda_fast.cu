@@ -893,20 +893,19 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		wl_init(L[h], K);
 	float mA = -INFINITY, sA = 0.f, mB = -INFINITY, sB = 0.f; /* heads: columns 2t, 2t+1; mean: the list's lse */
 	float thAs = INFINITY, thBs = INFINITY;                     /* heads: this lane's two lists' bars */
-	int thAp = -1, thBp = -1;
 	auto bars = [&]() {
 		if (MODE == AXF_M_HEADS && K) {
 #pragma unroll
 			for (int h = 0; h < NL; ++h) {
 				if (h == 2 * t)
-					thAs = L[h].ts, thAp = L[h].tp;
+					thAs = L[h].ts;
 				if (h == 2 * t + 1)
-					thBs = L[h].ts, thBp = L[h].tp;
+					thBs = L[h].ts;
 			}
 			if (!cA)
-				thAs = INFINITY, thAp = -1;
+				thAs = INFINITY;
 			if (!cB)
-				thBs = INFINITY, thBp = -1;
+				thBs = INFINITY;
 		}
 	};
 	bars();
@@ -950,28 +949,24 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
 		if (MODE == AXF_M_HEADS) {
 			mbar_arrive(&empty[i % AXF_NS]); /* the fragments are in registers: release the buffer */
-			const int j0 = (int)tile + grow, j1 = j0 + 8;
-			if (r0) {
-				bad |= (cA && !finite_f(x0)) | (cB && !finite_f(x1));
-				if (cA)
-					lse_add(mA, sA, x0);
-				if (cB)
-					lse_add(mB, sB, x1);
-			}
-			if (r1) {
-				bad |= (cA && !finite_f(x2)) | (cB && !finite_f(x3));
-				if (cA)
-					lse_add(mA, sA, x2);
-				if (cB)
-					lse_add(mB, sB, x3);
-			}
+			/* A non-finite score: x·0 is 0 for every finite x and NaN for ±inf and NaN (rows past the end and
+			 * columns past G hold 0: zero fragments; a NaN or inf in a key makes every column of its KV head
+			 * non-finite, so taking the columns past G in changes nothing). */
+			bad |= !(x0 * 0.f + x1 * 0.f + x2 * 0.f + x3 * 0.f == 0.f);
+			const float a0 = r0 ? x0 : -INFINITY, a2 = r1 ? x2 : -INFINITY; /* column 2t (list A) */
+			const float b1 = r0 ? x1 : -INFINITY, b3 = r1 ? x3 : -INFINITY; /* column 2t+1 (list B) */
+			if (cA)
+				lse_add2(mA, sA, a0, a2);
+			if (cB)
+				lse_add2(mB, sB, b1, b3);
 			if (K && wv) { /* wv is warp-uniform */
 				/* which lists have a candidate: lane 4·g + t owns columns 2t (A) and 2t+1 (B) of keys g, g+8,
-				 * and its bars are those lists' k-th entries, so list h has one exactly when a lane of
-				 * t = h/2 has a value past its bar; lists without one are skipped (their gather and
-				 * ballots were most of a stage's work once the lists fill up) */
-				const unsigned mA = __ballot_sync(FULLM, (r0 && fb(x0, j0, thAs, thAp)) || (r1 && fb(x2, j1, thAs, thAp)));
-				const unsigned mB = __ballot_sync(FULLM, (r0 && fb(x1, j0, thBs, thBp)) || (r1 && fb(x3, j1, thBs, thBp)));
+				 * and its bars are those lists' k-th entries, so list h may have one only when a lane of
+				 * t = h/2 has a value at or past its bar (≥: a superset, exact ties with a later position
+				 * included; wl_offer16 applies the exact order); lists without one are skipped (their gather
+				 * and ballots were most of a stage's work once the lists fill up) */
+				const unsigned mA = __ballot_sync(FULLM, fmaxf(a0, a2) >= thAs);
+				const unsigned mB = __ballot_sync(FULLM, fmaxf(b1, b3) >= thBs);
 				if (mA | mB) {
 					const unsigned b0 = __ballot_sync(FULLM, r0), b1 = __ballot_sync(FULLM, r1);
 #pragma unroll
