@@ -104,8 +104,11 @@ typedef struct axf_knobs {
  * while 128K (264 splits) went 150 → 142 µs the other way. From session 4's H200 runs (RESULTS.md, run 9b): heads-list
  * splits ≥ 32 keys (1 × 4K heads 39.0 → 31.6 µs end to end, the same elsewhere), pdl on (merge launches and
  * mean_prob's second pass: 1-4 µs off every heads and mean_prob shape), spin off (±0.5 µs at 1 × 4K, +7 µs at
- * 64 × 4K heads: a system-scope fence per merge CTA), threads off (a core per helper spins through the kernels). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 0}
+ * 64 × 4K heads: a system-scope fence per merge CTA). threads 4 since session 6 (session 4 had it off: a core per
+ * helper spins through the kernels): it only acts on runs of ≥ AXF_POOL_MIN_ROWS rows, where the finish after the
+ * GPU is the host's largest share (run 17, H200: 64 × 4K heads 306 → 260 µs end to end; the three helpers spin for
+ * the ~0.2 ms of such a run's kernels). */
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 4}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u

@@ -962,7 +962,7 @@ static void bench_head(const char *what)
 static const struct bvar {
 	const char *name;
 	uint32_t spin, pdl, mergew, threads; /* ~0u: the default's */
-} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u}, {"spin", 1, ~0u, ~0u, ~0u}, {"mergew0", ~0u, ~0u, 0, ~0u}, {"thr4", ~0u, ~0u, ~0u, 4}};
+} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u}, {"spin", 1, ~0u, ~0u, ~0u}, {"mergew0", ~0u, ~0u, 0, ~0u}, {"thr0", ~0u, ~0u, ~0u, 0}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
