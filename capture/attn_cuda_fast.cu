@@ -5,13 +5,14 @@
  * window, many requests of any mix of mean_logit / heads / mean_prob in one call, every index value checked
  * before its row is fetched, NaN/inf reported, 64-bit positions, results written as ax_attn_result rows.
  *
- * How a CTA works (one split of one pass-job, 8 warps). Lanes 0..15 of warp 0 are the producer: for each stage
- * of AXF_TS = 16 keys, lane r reads the index value of key r, checks it against n_slots (outside: the job is
- * flagged AXF_F_RANGE and the copy reads slot 0 instead, so nothing outside the pool is ever read), and issues
- * one cp.async.bulk of the whole key row (H_kv·128 elements) into the stage's buffer, completing on the stage's
- * `full` mbarrier. AXF_NS stages ring; a buffer is refilled only after its `empty` mbarrier has collected one
- * arrival per thread (each thread releases its own reads of the stage: an arrive releases only the arriving
- * thread's accesses; no CTA barrier and no proxy fence in the loop: CUTLASS's TMA pipeline discipline). Warp w
+ * How a CTA works (one split of one pass-job, 8 warps). Lanes 0..15 of warp 0 are the producer (heads pass-jobs
+ * with lists: of warp st mod 8 for stage st, session 6): for each stage of AXF_TS = 16 keys, lane r reads the
+ * index value of key r, checks it against n_slots (outside: the job is flagged AXF_F_RANGE and the copy reads
+ * slot 0 instead, so nothing outside the pool is ever read), and issues one cp.async.bulk of the whole key row
+ * (H_kv·128 elements) into the stage's buffer, completing on the stage's `full` mbarrier. AXF_NS stages ring; a
+ * buffer is refilled only after its `empty` mbarrier has collected one arrival per thread (each thread releases
+ * its own reads of the stage: an arrive releases only the arriving thread's accesses; no CTA barrier and no proxy
+ * fence in the loop: CUTLASS's TMA pipeline discipline). Warp w
  * (w < H_kv) multiplies KV head w of the 16 staged rows by its group's G ≤ 8 query rows with mma.sync m16n8k16
  * (keys as A, 16 × 16 per step; Q as B, kept in registers, column c = query head w·G + c); the products are
  * exact and accumulate in f32, the scale is applied after. heads (and mean_prob's logsumexp pass): each warp
@@ -41,9 +42,10 @@
  * logsumexp rows a warp at a time (7923dad) made 128K mean_prob ~12 µs slower; both were removed (dynamic splits
  * were slower wherever they acted in run 10). Heads pass-jobs with top-k ≤ 32 then got instances of their own
  * (KB 1: lists of ≤ 32 entries, 119 instead of 126 registers with 4 lists). Session 5's final run (run 13, H200,
- * d41752a): 179/179 against float64 and the generic path, memcheck, racecheck and synccheck clean. On the CPU
- * everything runs: the kernels
- * under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
+ * d41752a): 179/179 against float64 and the generic path, memcheck, racecheck and synccheck clean. Session 6
+ * (RESULTS.md runs 19-21): the heads loop's leaner per-stage epilogue (one non-finite check, lse_add2, a ≥ prefilter)
+ * and the rotating producer of heads pass-jobs with lists. On the CPU everything runs: the kernels under
+ * attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
  * mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host half in
  * attn_cuda_fast_test.c.
  */
@@ -816,8 +818,14 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	int *flag = xp + AXF_NW * 64;
 	uint32_t *cfl = (uint32_t *)(flag + 1);     /* this CTA's error bits */
 
-	/* producer: lane r < AXF_TS of warp 0 fetches row r of every stage; -1 = no row (past the split's end) */
+	/* producer: lane r < AXF_TS of warp 0 (or, RW > 0, of stage st's warp) fetches row r of the stage; -1 = no row
+	 * (past the split's end) */
 	const bool prod = w == 0 && lane < AXF_TS;
+	/* RW > 0 (heads with lists): the copies rotate over warps 0 .. RW−1, stage st's by warp st mod RW, so no warp
+	 * carries them every stage on top of its own scoring and lists (session 6, run 21: with warp 0 alone its stage
+	 * took the longest and every refill waited for it; rotating took 128K heads 122 → 103 µs). RW 0 (mean modes,
+	 * the logsumexp pass): warp 0's lanes alone, where rotating gained nothing measurable. */
+	const int RW = MODE == AXF_M_HEADS && K ? AXF_NW : 0;
 	uint32_t rng = 0, bad = 0;
 	auto has_row = [&](int st) { return st < nst && start + (uint32_t)st * AXF_TS + (uint32_t)lane < end; };
 	auto slot_of = [&](int st) -> int64_t {
@@ -872,8 +880,14 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		for (int i = 0; i < AXF_NS - 1; ++i)
 			if (i < nst)
 				issue(i, has_row(i) ? (int64_t)check_slot(pre[i], jb.n_slots, rng) : -1);
-		nxt = slot_of(AXF_NS - 1);
+		if (!RW)
+			nxt = slot_of(AXF_NS - 1);
 	}
+	int turn = RW ? w : AXF_NS - 1; /* the next stage this warp's lanes < 16 copy */
+	while (RW && turn < AXF_NS - 1)
+		turn += RW;
+	if (RW && w < RW && lane < AXF_TS)
+		nxt = slot_of(turn);
 	__syncwarp();
 #pragma unroll
 	for (int c = 0; c < 4; ++c)
@@ -912,12 +926,15 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 
 	for (int i = 0; i < nst; ++i) {
 		const int st = i + AXF_NS - 1;
-		if (prod && st < nst) { /* refill the buffer stage i-1 used once every warp has released it */
+		if (st == turn && (RW ? w < RW && lane < AXF_TS : prod) && st < nst) {
+			/* refill the buffer stage i-1 used once every warp has released it */
 			if (st >= AXF_NS)
 				mbar_wait(&empty[st % AXF_NS], (uint32_t)((st / AXF_NS) - 1) & 1);
 			issue(st, nxt);
-			nxt = slot_of(st + 1); /* after the issue: nothing waits for this load until the next stage */
+			nxt = slot_of(st + (RW ? RW : 1)); /* nothing waits for this load until that stage */
 		}
+		if (st == turn)
+			turn += RW ? RW : 1;
 		__syncwarp();
 		mbar_wait(&full[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
 		if (i == 0 && tid == 0)
@@ -1051,8 +1068,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 			put_list<KB>(a, jb.ent0 + (uint64_t)sl * K, L[0], K);
 	}
 	/* this split's flag word, written whatever it holds (nothing to zero beforehand; the merger ORs them) */
-	if ((prod && rng) || bad)
-		atomicOr(cfl, (prod && rng ? AXF_F_RANGE : 0u) | (bad ? AXF_F_DOM : 0u));
+	if (rng || bad) /* rng: set only by producer lanes */
+		atomicOr(cfl, (rng ? AXF_F_RANGE : 0u) | (bad ? AXF_F_DOM : 0u));
 	__syncthreads(); /* every thread's partial writes before thread 0's fence below; every warp is past the loop,
 			  * so the ring is free for the merge's staging */
 	if (tid == 0)
