@@ -44,7 +44,8 @@
  * (KB 1: lists of ≤ 32 entries, 119 instead of 126 registers with 4 lists). Session 5's final run (run 13, H200,
  * d41752a): 179/179 against float64 and the generic path, memcheck, racecheck and synccheck clean. Session 6
  * (RESULTS.md runs 19-21): the heads loop's leaner per-stage epilogue (one non-finite check, lse_add2, a ≥ prefilter)
- * and the rotating producer of heads pass-jobs with lists. On the CPU everything runs: the kernels under
+ * the rotating producer of heads pass-jobs with lists, and their lists started from one sort of the first 32
+ * keys. On the CPU everything runs: the kernels under
  * attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
  * mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host half in
  * attn_cuda_fast_test.c.
@@ -826,6 +827,9 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	 * took the longest and every refill waited for it; rotating took 128K heads 122 → 103 µs). RW 0 (mean modes,
 	 * the logsumexp pass): warp 0's lanes alone, where rotating gained nothing measurable. */
 	const int RW = MODE == AXF_M_HEADS && K ? AXF_NW : 0;
+	/* the start batch (heads lists of ≤ 32 entries, ≤ 4 lists a warp: their 32-score slices fit the merge scratch):
+	 * see the loop (session 6, run 23: 1 × 4K heads 25.5 → 21.9 µs, 128K −2.5%) */
+	constexpr bool BATCH = MODE == AXF_M_HEADS && KB == 1 && NL <= 4;
 	uint32_t rng = 0, bad = 0;
 	auto has_row = [&](int st) { return st < nst && start + (uint32_t)st * AXF_TS + (uint32_t)lane < end; };
 	auto slot_of = [&](int st) -> int64_t {
@@ -976,7 +980,39 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 				lse_add2(mA, sA, a0, a2);
 			if (cB)
 				lse_add2(mB, sB, b1, b3);
-			if (K && wv) { /* wv is warp-uniform */
+			if (BATCH && K && wv && i < 2) { /* the start batch (warp-uniform) */
+				/* stages 0 and 1: every list's 32 keys go to this warp's slice of the merge scratch (idle in the
+				 * loop: 4 lists × 32 scores), sorted once after stage 1 (or stage 0 when the split has one) into
+				 * the lists — one 32-wide bitonic sort in place of two 16-key merges per list */
+				const unsigned b0 = __ballot_sync(FULLM, r0), b1 = __ballot_sync(FULLM, r1);
+				float *lb0 = xs + w * 64, *lb1 = (float *)(xp + w * 64); /* lists 0, 1 | 2, 3 */
+#pragma unroll
+				for (int h = 0; h < NL; ++h) {
+					if (h < G) {
+						const int src = ((lane & 7) << 2) | (h >> 1);
+						const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
+						const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
+						const bool ok = (((lane < 8 ? b0 : b1) >> src) & 1);
+						if (lane < 16)
+							(h < 2 ? lb0 : lb1)[(h & 1) * 32 + i * 16 + lane] = ok ? (lane < 8 ? ya : yb) : -INFINITY;
+					}
+				}
+				if (i == min(1, nst - 1)) {
+					__syncwarp();
+#pragma unroll
+					for (int h = 0; h < NL; ++h) {
+						if (h < G) {
+							float x = lane < 16 * (i + 1) ? (h < 2 ? lb0 : lb1)[(h & 1) * 32 + lane] : -INFINITY;
+							int p = x == -INFINITY ? INT_MAX : (int)start + lane;
+							bitonic32(x, p);
+							L[h].s0 = x, L[h].p0 = p;
+							L[h].ts = __shfl_sync(FULLM, x, K - 1);
+							L[h].tp = __shfl_sync(FULLM, p, K - 1);
+						}
+					}
+					bars();
+				}
+			} else if (K && wv) { /* wv is warp-uniform */
 				/* which lists have a candidate: lane 4·g + t owns columns 2t (A) and 2t+1 (B) of keys g, g+8,
 				 * and its bars are those lists' k-th entries, so list h may have one only when a lane of
 				 * t = h/2 has a value at or past its bar (≥: a superset, exact ties with a later position
