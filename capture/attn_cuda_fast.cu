@@ -1110,7 +1110,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 			  * so the ring is free for the merge's staging */
 	if (tid == 0)
 		a.part_f[jb.pf0 + (uint64_t)sl] = *cfl;
-	if (jb.sepm) /* CTA-uniform: the merge launch that follows merges this pass-job */
+	if (jb.sepm || jb.hm) /* CTA-uniform: the merge launch that follows, or the host, merges this pass-job */
 		return;
 
 	/* ticket: the CTA that finishes the pass-job's last split merges it. One fence, by thread 0 after the CTA
@@ -1625,6 +1625,7 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 			axf_pool_finish(&f->pool, 0);
 		return fast_fail(f, e);
 	}
+	axf_plan_hmerge(p, f->hbuf); /* host-merged pass-jobs: their rows and flag words first */
 	axf_plan_codes(p, f->hbuf, rc);
 	if (nt > 1)
 		axf_pool_finish(&f->pool, 1);

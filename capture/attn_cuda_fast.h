@@ -22,9 +22,12 @@
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
  * for heads lists with ≥ merge_heads splits (the default: always), a separate merge launch right after the
  * split launch merges every row in parallel (one row per CTA, its 8 warps working on it, or, with ≤ merge_warp
- * splits, one row per warp). (Dynamic splits — blocks of keys handed out from a counter — were tried in session 4
- * and removed in session 5: slower wherever they acted, and their loop bookkeeping cost the static heads loop ~9%;
- * capture/dev/RESULTS.md runs 10 and 12.)
+ * splits, one row per warp), or — a mean_logit pass-job alone in its launch, with at most knob host_merge splits
+ * (session 6) — the host, from partial rows the CTAs write straight into the mapped staging (axf_hmerge_job: no
+ * ticket, no merge on the GPU; 1 × 4K 23.5 → 20.9 µs, 128K 90.0 → 85.8 µs end to end, H200 run 25). (Dynamic
+ * splits — blocks of keys handed out from a counter — were tried in session 4 and removed in session 5: slower
+ * wherever they acted, and their loop bookkeeping cost the static heads loop ~9%; capture/dev/RESULTS.md runs 10
+ * and 12.)
  * Errors: each CTA writes its split's flag word (no zeroing needed); the merger ORs them into its pass-job's
  * flag word. Results are written compactly (a float logsumexp per row,
  * kout (logit, offset) entries per row, a flag word per pass-job) straight into the pinned host staging (mapped:
@@ -93,6 +96,10 @@ typedef struct axf_knobs {
 				    * warp (8 rows per CTA), else a row per CTA (all 8 warps on it) */
 	uint32_t threads;          /* host threads for a run's rows when it has ≥ AXF_POOL_MIN_ROWS (0, 1: the
 				    * calling thread only; at most AXF_POOL_MAX): axf_pool */
+	/* Session 6: */
+	uint32_t host_merge;       /* a mean_logit pass-job alone in its launch with at most this many splits (and
+				    * spin off) writes its partial rows into the mapped staging and the host merges
+				    * them (axf_hmerge): no ticket, no GPU merge (0: never) */
 } axf_knobs;
 
 /* The defaults, from the H100 sweep of run 7 (capture/dev/RESULTS.md): CTAs per SM = the occupancy (3, 4, 8
@@ -108,7 +115,7 @@ typedef struct axf_knobs {
  * helper spins through the kernels): it only acts on runs of ≥ AXF_POOL_MIN_ROWS rows, where the finish after the
  * GPU is the host's largest share (run 17, H200: 64 × 4K heads 306 → 260 µs end to end; the three helpers spin for
  * the ~0.2 ms of such a run's kernels). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 4}
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 4, 256}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -141,6 +148,8 @@ typedef struct axf_job {
 	uint32_t head_offset;   /* heads mode: head_id = head_offset + h */
 	uint32_t ticket;        /* this pass-job's index in the plan: its ticket word and flag word (pflags) */
 	uint32_t sepm;          /* 1: merged by the separate merge launch (heads lists), not by its last CTA */
+	uint32_t hm;            /* 1: merged by the host (knob host_merge): partial rows in the host staging's
+				 * hm regions (part0, ent0, pf0 count from their starts) */
 	float scale;            /* softmax scale (|scale| ≤ 1) */
 	float inv_h;            /* 1 / H */
 } axf_job;
@@ -150,6 +159,7 @@ typedef struct axf_job {
  * (those with sepm; mg·mrpc ≥ the most rows of any): mrpc 1, a row per CTA, or AXF_NW, a row per warp. */
 typedef struct axf_launch {
 	uint32_t inst, j0, nj, so0, ctas, mg, mrpc;
+	uint32_t hm;                /* its (one) pass-job is merged by the host: the partials go to the staging */
 } axf_launch;
 
 /* A compact result entry: the logit and the position as an offset from the pass-job's first visible key
@@ -206,6 +216,7 @@ enum axf_trace_slot {
 typedef struct axf_layout {
 	size_t jobs, so;            /* tables */
 	size_t pflags, rlse, rent;  /* results, host staging only */
+	size_t hlse, hps, hpp, hpf; /* partial rows of host-merged pass-jobs (lse, list values, offsets, flags) */
 	size_t up, off_dev;
 	size_t lse, part_lse, part_s, part_p, part_f; /* device only */
 	size_t total;
@@ -237,6 +248,7 @@ typedef struct axf_plan {
 	uint32_t res_lists;         /* set by the owner: CTAs a launch with heads lists is planned for (0: resident) */
 	uint64_t rows, parts, entries, rents, pfl;
 	uint64_t units;             /* units of the run (axf_args.units): non-sepm pass-jobs + merge CTAs */
+	uint64_t hparts, hents;     /* partial rows and entries of host-merged pass-jobs (hparts: also flag words) */
 	axf_knobs kn;               /* set by the owner; all 0 = the lab's planner */
 	axf_launch L[AXF_N_INST];
 	uint32_t nl;
@@ -384,20 +396,20 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
  * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
- * AX_FAST_THREADS (decimal, 0 .. 2^30). */
+ * AX_FAST_THREADS, AX_FAST_HOST_MERGE (decimal, 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[11] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[12] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
 					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
 					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP",
-					      "AX_FAST_THREADS"};
-	uint32_t *f[11] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					      "AX_FAST_THREADS",             "AX_FAST_HOST_MERGE"};
+	uint32_t *f[12] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
 			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
-			   &kn->merge_warp,     &kn->threads};
-	for (int i = 0; i < 11; i++) {
+			   &kn->merge_warp,     &kn->threads,          &kn->host_merge};
+	for (int i = 0; i < 12; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -500,13 +512,22 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 			L->mg = jb->H;
 		if (jb->sepm && jb->S > maxs)
 			maxs = jb->S;
-		jb->part0 = p->parts;
-		jb->ent0 = p->entries;
-		jb->pf0 = p->pfl;
 		jb->ticket = L->j0 + i;
-		p->pfl += jb->S;
-		p->parts += (uint64_t)axf_prows(jb, mode) * jb->S;
-		p->entries += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
+		jb->hm = mode == AXF_M_LOGIT && L->nj == 1 && !p->kn.spin && p->kn.host_merge &&
+			 jb->S <= p->kn.host_merge;
+		L->hm = jb->hm;
+		if (jb->hm) { /* one partial row per split (mean mode), in the staging's hm regions */
+			jb->part0 = jb->pf0 = p->hparts, jb->ent0 = p->hents;
+			p->hparts += jb->S;
+			p->hents += (uint64_t)jb->S * jb->K;
+		} else {
+			jb->part0 = p->parts;
+			jb->ent0 = p->entries;
+			jb->pf0 = p->pfl;
+			p->pfl += jb->S;
+			p->parts += (uint64_t)axf_prows(jb, mode) * jb->S;
+			p->entries += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
+		}
 		p->so[p->nso + i] = (uint32_t)ctas;
 		ctas += jb->S;
 	}
@@ -515,7 +536,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	if (ctas > INT32_MAX || (uint64_t)L->nj * L->mg > INT32_MAX)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < L->nj; i++) /* a pass-job merged by its last CTA is one unit; */
-		p->units += !p->jb[L->j0 + i].sepm;
+		p->units += !p->jb[L->j0 + i].sepm && !p->jb[L->j0 + i].hm;
 	p->units += (uint64_t)L->nj * L->mg; /* so is every CTA of the merge launch */
 	p->so[p->nso + L->nj] = (uint32_t)ctas;
 	p->nso += L->nj + 1;
@@ -527,7 +548,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const int *rc, uint32_t inst,
 				uint32_t resident)
 {
-	axf_launch L = {inst, p->njb, 0, 0, 0, 0, 1};
+	axf_launch L = {inst, p->njb, 0, 0, 0, 0, 1, 0};
 	for (uint32_t i = 0; i < p->n; i++) {
 		if (rc[i] != 0)
 			continue;
@@ -566,6 +587,10 @@ static inline void axf_make_layout(axf_plan *p)
 	L->pflags = o, o += axf_al(p->njb * sizeof(uint32_t));
 	L->rlse = o, o += axf_al(p->rows * sizeof(float));
 	L->rent = o, o += axf_al(p->rents * sizeof(axf_ent));
+	L->hlse = o, o += axf_al(p->hparts * sizeof(float));
+	L->hpf = o, o += axf_al(p->hparts * sizeof(uint32_t));
+	L->hps = o, o += axf_al(p->hents * sizeof(float));
+	L->hpp = o, o += axf_al(p->hents * sizeof(int32_t));
 	L->off_dev = o;
 	L->lse = o, o += axf_al(p->nlse * sizeof(float));
 	L->part_lse = o, o += axf_al(p->parts * sizeof(float));
@@ -592,7 +617,7 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	    axc_grow((void **)&p->planned, &p->planned_cap, n ? n : 1, sizeof *p->planned))
 		return -ENOMEM;
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
-	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0;
+	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0, p->hparts = 0, p->hents = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
 		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
@@ -651,6 +676,12 @@ static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32
 	a.rent = (axf_ent *)(h + y->rent);
 	a.mg = L->mg;
 	a.mrpc = L->mrpc;
+	if (L->hm) { /* the partial rows go straight to the host (mapped staging) */
+		a.part_lse = (float *)(h + y->hlse);
+		a.part_f = (uint32_t *)(h + y->hpf);
+		a.part_s = (float *)(h + y->hps);
+		a.part_p = (int32_t *)(h + y->hpp);
+	}
 	return a;
 }
 
@@ -712,6 +743,73 @@ static inline void axf_finish_row(ax_attn_result *o, float lse, const axf_ent *e
 		lg[i] = c[i].p >= 0 ? c[i].x : -INFINITY;
 }
 
+/*
+ * The host's merge of a host-merged pass-job (jb->hm: a mean_logit pass-job whose partial rows the kernel wrote
+ * into the staging h): its flag word (the OR of its splits'), its logsumexp (over the splits': the max, then one
+ * sum of exponentials) and its kout best entries (value, then lower offset) into the result staging, as the GPU
+ * merge writes them. The splits' lists are sorted, so each is walked only while its entries beat the kth best found
+ * so far (most stop at their first entry); the kout best are kept sorted by insertion. Rows of a flagged pass-job
+ * are left alone (undefined). Float arithmetic, as the GPU merge's.
+ */
+static inline int axf_hm_before(float ax, int32_t ap, float bx, int32_t bp)
+{
+	return ax > bx || (ax == bx && ap < bp);
+}
+
+static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
+{
+	const float *pl = (const float *)(h + p->lay.hlse) + jb->part0;
+	const uint32_t *pf = (const uint32_t *)(h + p->lay.hpf) + jb->pf0;
+	const float *ps = (const float *)(h + p->lay.hps) + jb->ent0;
+	const int32_t *pp = (const int32_t *)(h + p->lay.hpp) + jb->ent0;
+	const uint32_t S = jb->S, K = jb->K, kout = jb->kout;
+	/* the partials came from the GPU over the bus (none of them in the caches): ask for every line at once */
+	for (uint64_t o = 0; o < (uint64_t)S * 4; o += 64)
+		__builtin_prefetch((const char *)pl + o), __builtin_prefetch((const char *)pf + o);
+	for (uint64_t o = 0; o < (uint64_t)S * K * 4; o += 64)
+		__builtin_prefetch((const char *)ps + o), __builtin_prefetch((const char *)pp + o);
+	uint32_t f = 0;
+	float m = -INFINITY;
+	for (uint32_t i = 0; i < S; i++) {
+		f |= pf[i];
+		m = pl[i] > m ? pl[i] : m;
+	}
+	((uint32_t *)(h + p->lay.pflags))[jb->ticket] = f;
+	if (f)
+		return;
+	float sum = 0.f;
+	if (m != -INFINITY)
+		for (uint32_t i = 0; i < S; i++)
+			sum += pl[i] == -INFINITY ? 0.f : expf(pl[i] - m);
+	((float *)(h + p->lay.rlse))[jb->res] = m == -INFINITY ? -INFINITY : m + logf(sum);
+	float bx[AX_ATTN_MAX_TOPK];
+	int32_t bp[AX_ATTN_MAX_TOPK];
+	uint32_t nb = 0;
+	for (uint32_t i = 0; i < S; i++) {
+		const float *x = ps + (uint64_t)i * K;
+		const int32_t *q = pp + (uint64_t)i * K;
+		for (uint32_t e = 0; e < K && q[e] >= 0; e++) {
+			if (nb == kout && !axf_hm_before(x[e], q[e], bx[kout - 1], bp[kout - 1]))
+				break; /* the list is sorted: nothing further in it gets in */
+			uint32_t j = nb < kout ? nb++ : kout - 1;
+			for (; j > 0 && axf_hm_before(x[e], q[e], bx[j - 1], bp[j - 1]); j--)
+				bx[j] = bx[j - 1], bp[j] = bp[j - 1];
+			bx[j] = x[e], bp[j] = q[e];
+		}
+	}
+	axf_ent *out = (axf_ent *)(h + p->lay.rent) + jb->rent;
+	for (uint32_t e = 0; e < kout; e++)
+		out[e].x = e < nb ? bx[e] : -INFINITY, out[e].p = e < nb ? bp[e] : -1;
+}
+
+/* The host merges of the plan's host-merged pass-jobs (before axf_plan_codes reads their flag words). */
+static inline void axf_plan_hmerge(const axf_plan *p, char *h)
+{
+	for (uint32_t l = 0; l < p->nl; l++)
+		if (p->L[l].hm)
+			axf_hmerge_job(p, h, &p->jb[p->L[l].j0]);
+}
+
 /* Each planned job's flags (the OR of its pass-jobs' flag words, into p->uf) and code (-ERANGE wins over -EDOM, as in
  * attn_cpu) from the staging buffer h; jobs whose rc was already non-zero are left alone. */
 static inline void axf_plan_codes(axf_plan *p, const char *h, int *rc)
@@ -749,8 +847,9 @@ static inline void axf_finish_range(const axf_plan *p, const char *h, const ax_a
 /* From the results in the staging buffer h: each planned job's code (axf_plan_codes) and, where 0, the results
  * written into its rows, which axf_plan_prefill has prepared (the caller calls it first, for the same jobs and
  * out). Jobs whose rc was already non-zero are left alone. Returns 0. */
-static inline int axf_plan_finish(axf_plan *p, const char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
+static inline int axf_plan_finish(axf_plan *p, char *h, const ax_attn_job *jobs, ax_attn_result *out, int *rc)
 {
+	axf_plan_hmerge(p, h);
 	axf_plan_codes(p, h, rc);
 	axf_finish_range(p, h, jobs, out, 0, p->n);
 	return 0;

@@ -79,7 +79,10 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		axf_plan_tables(p, buf);
 	/* the completion word (knob spin) on every other run: the last unit of the run, and only it, writes seq */
 	static uint32_t calls;
-	const int spin = (calls++ & 1) == 0;
+	int hm = 0; /* a host-merged pass-job: the driver's plans have those only with spin off */
+	for (uint32_t l = 0; l < p->nl; l++)
+		hm |= (int)p->L[l].hm;
+	const int spin = (calls++ & 1) == 0 && !hm;
 	uint32_t done_cnt = 0, done = 0, seq = 0x5eed0000u + calls;
 	unsigned long long tr[AXF_TR_N]; /* diagnostics on every third run: the driver's initial values */
 	for (int i = 0; i < AXF_TR_N; i++)
@@ -179,10 +182,12 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}}, {5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},  {64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0}},
-	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}},  /* up to ~94 splits, every heads list merged apart: S·E > one warp's 256 */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256}},
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64}},
+	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256 */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -204,7 +209,7 @@ static void test_cases(void **state)
 				fail_msg("%s (plan %zu): rc %d", emu_cases[i].name, p, rc);
 			check_job(&t.job, out, emu_cases[i].name);
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{};
 		free(out);
 		td_free(&t);
 	}
@@ -231,7 +236,7 @@ static void test_many_splits(void **state)
 		for (uint32_t mh = 0; mh < 3; mh++) { /* heads lists: last CTA, merge kernel a row per CTA / per warp */
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0};
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u};
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
 			if (rc != 0)
 				fail_msg("%s: rc %d", cs[i].name, rc);
@@ -239,7 +244,7 @@ static void test_many_splits(void **state)
 			if (cs[i].mode != HD)
 				break;
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{};
 		free(out);
 		td_free(&t);
 	}
@@ -299,7 +304,7 @@ static void test_all_ties(void **state)
 					assert_int_equal(out[r].pos[e], (int64_t)(first + e));
 				}
 		}
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{};
 		free(out);
 		td_free(&t);
 	}
@@ -330,10 +335,10 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
-	g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	g_kn = axf_knobs{};
 	for (size_t i = 0; i < n; i++)
 		check_job(&jobs[i], b + off[i], emu_cases[i].name);
 	for (size_t i = 0; i < n; i++)
@@ -382,10 +387,10 @@ static void test_random(void **state)
 		if (round == 1) /* random knobs */
 			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
-					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0};
+					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, (uint32_t)(td_u64() % 300)};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
-		g_kn = axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+		g_kn = axf_knobs{};
 		for (int i = 0; i < NJ; i++) {
 			char name[128];
 			snprintf(name, sizeof name, "random job %d (mode %u, H %u, H_kv %u, k %u, n %llu, window %d, resident %u)",

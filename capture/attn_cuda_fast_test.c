@@ -162,10 +162,11 @@ static axf_knobs rand_knobs(void)
 {
 	axf_knobs k;
 	memset(&k, 0, sizeof k);
-	uint32_t *f[8] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
-			  &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads, &k.merge_warp};
-	static const uint32_t lim[8] = {9, 5000, 1500, 5000, 1500, 300, 9, 100};
-	for (int i = 0; i < 8; i++)
+	uint32_t *f[10] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
+			   &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads, &k.merge_warp,
+			   &k.host_merge,       &k.spin};
+	static const uint32_t lim[10] = {9, 5000, 1500, 5000, 1500, 300, 9, 100, 600, 2};
+	for (int i = 0; i < 10; i++)
 		*f[i] = td_u64() % 3 == 0 ? 0 : (uint32_t)(td_u64() % lim[i]);
 	return k;
 }
@@ -200,7 +201,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -225,13 +226,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -251,7 +252,10 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_PDL", "x1", 1);
 	setenv("AX_FAST_MERGE_WARP", "7", 1);
 	setenv("AX_FAST_THREADS", "4", 1);
+	setenv("AX_FAST_HOST_MERGE", "0", 1);
 	axf_knobs_env(&k);
+	assert_int_equal(k.host_merge, 0);
+	assert_int_equal(d.host_merge, 256);
 	assert_int_equal(k.spin, 1);
 	assert_int_equal(k.pdl, d.pdl);
 	assert_int_equal(k.merge_warp, 7);
@@ -266,7 +270,7 @@ static void test_knobs_env(void **state)
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
 			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP",
-			       "AX_FAST_THREADS"};
+			       "AX_FAST_THREADS", "AX_FAST_HOST_MERGE"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -322,7 +326,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	assert_int_equal(p->njb, want_pj);
 	/* launches: each pass-job in exactly one, instances in launch order, contiguous */
 	uint32_t next = 0, ord = 0, so = 0;
-	uint64_t parts = 0, ents = 0, units = 0;
+	uint64_t parts = 0, ents = 0, units = 0, hparts = 0, hents = 0;
 	char *seen_lse = calloc(p->nlse + 1, 1), *lse_done = calloc(p->nlse + 1, 1);
 	char *ticket = calloc(p->njb + 1, 1);
 	assert_non_null(seen_lse);
@@ -373,13 +377,26 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 				assert_int_equal(jb->rent, p->eoff[jb->flag]);
 			assert_int_equal(p->so[L->so0 + k], ctas);
 			ctas += jb->S;
-			assert_int_equal(jb->part0, parts);
-			assert_int_equal(jb->ent0, ents);
-			parts += (uint64_t)axf_prows(jb, mode) * jb->S;
-			ents += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
+			/* host merge: a mean_logit pass-job alone in its launch, few enough splits, spin off; its partials
+			 * in the staging's own regions (in plan order), not a unit of the completion count */
+			const uint32_t hmk = p->kn.host_merge;
+			assert_int_equal(jb->hm, mode == AXF_M_LOGIT && L->nj == 1 && !p->kn.spin && hmk && jb->S <= hmk);
+			assert_int_equal(L->hm, jb->hm);
+			if (jb->hm) {
+				assert_int_equal(jb->part0, hparts);
+				assert_int_equal(jb->pf0, hparts);
+				assert_int_equal(jb->ent0, hents);
+				hparts += jb->S;
+				hents += (uint64_t)jb->S * jb->K;
+			} else {
+				assert_int_equal(jb->part0, parts);
+				assert_int_equal(jb->ent0, ents);
+				parts += (uint64_t)axf_prows(jb, mode) * jb->S;
+				ents += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
+			}
 			assert_false(ticket[jb->ticket]);
 			ticket[jb->ticket] = 1;
-			units += !jb->sepm; /* its last CTA merges it: one unit of the completion count */
+			units += !jb->sepm && !jb->hm; /* its last CTA merges it: one unit of the completion count */
 			assert_true(jb->kout == (jb->K < jb->n ? jb->K : jb->n));
 			if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) { /* logsumexp pass: before the second */
 				assert_int_equal(jb->K, 0);
@@ -421,15 +438,18 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	assert_int_equal(so, p->nso);
 	assert_int_equal(p->parts, parts);
 	assert_int_equal(p->entries, ents);
+	assert_int_equal(p->hparts, hparts);
+	assert_int_equal(p->hents, hents);
 	assert_int_equal(p->units, units);
 	for (uint32_t s = 0; s < p->nlse; s++)
 		assert_int_equal(seen_lse[s], lse_done[s]);
 	/* layout: aligned, disjoint, in this order, large enough */
 	const axf_layout *y = &p->lay;
-	size_t off[] = {y->jobs, y->so, y->pflags, y->rlse, y->rent, y->lse, y->part_lse, y->part_s, y->part_p,
-			y->part_f, y->total};
+	size_t off[] = {y->jobs, y->so,  y->pflags,   y->rlse, y->rent, y->hlse,   y->hpf,     y->hps,     y->hpp,
+			y->lse,  y->part_lse, y->part_s, y->part_p, y->part_f, y->total};
 	size_t need[] = {p->njb * sizeof(axf_job), p->nso * 4, p->njb * 4, p->rows * 4, p->rents * sizeof(axf_ent),
-			 p->nlse * 4, p->parts * 4, p->entries * 4, p->entries * 4, p->pfl * 4};
+			 p->hparts * 4, p->hparts * 4, p->hents * 4, p->hents * 4, p->nlse * 4, p->parts * 4,
+			 p->entries * 4, p->entries * 4, p->pfl * 4};
 	for (size_t i = 0; i + 1 < ARRAY_LEN(off); i++) {
 		assert_int_equal(off[i] % 256, 0);
 		assert_true(off[i] + need[i] <= off[i + 1]);
@@ -440,8 +460,10 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	uint64_t pfl = 0;
 	uint32_t any_table = 0;
 	for (uint32_t k = 0; k < p->njb; k++) {
-		assert_int_equal(p->jb[k].pf0, pfl);
 		assert_int_equal(p->jb[k].ticket, k);
+		if (p->jb[k].hm) /* its flag words in the staging (checked above) */
+			continue;
+		assert_int_equal(p->jb[k].pf0, pfl);
 		pfl += p->jb[k].S;
 	}
 	for (uint32_t l = 0; l < p->nl; l++)
@@ -461,7 +483,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -489,7 +511,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
@@ -861,14 +883,31 @@ static int hb_cmp(const void *a, const void *b)
 }
 
 /* Median µs of `reps` timed calls of step(what) (after 3 untimed ones). */
-enum { HB_PLAN, HB_PREFILL, HB_FINISH, HB_BOTH };
+enum { HB_PLAN, HB_PREFILL, HB_FINISH, HB_BOTH, HB_HMERGE };
+
+/* Evict [p, p + n) from the CPU caches (as the GPU's writes into the mapped staging leave it), where the CPU has
+ * an instruction for it. */
+static void hb_flush(const char *p, size_t n)
+{
+#if defined(__x86_64__)
+	for (size_t i = 0; i < n; i += 64)
+		__builtin_ia32_clflush(p + i);
+	__builtin_ia32_mfence();
+#else
+	(void)p, (void)n;
+#endif
+}
 static double hb_time(int what, int reps, axf_plan *p, const ax_attn_job *jobs, uint32_t n, int *rc, char *h,
 		      ax_attn_result *out)
 {
 	double t[512];
 	reps = reps > 512 ? 512 : reps;
 	for (int i = -3; i < reps; i++) {
+		if (what == HB_HMERGE)
+			hb_flush(h + p->lay.hlse, p->lay.off_dev - p->lay.hlse);
 		double t0 = hb_now_us();
+		if (what == HB_HMERGE)
+			axf_plan_hmerge(p, h);
 		if (what == HB_PLAN)
 			axf_plan_build(p, jobs, n, rc, 264);
 		if (what == HB_PREFILL || what == HB_BOTH)
@@ -898,7 +937,9 @@ static int host_bench(void)
 		{64, AX_MODE_MEAN_LOGIT, "64x4K mean_logit"}, {64, AX_MODE_HEADS, "64x4K heads"},
 		{64, AX_MODE_MEAN_PROB, "64x4K mean_prob"}};
 	printf("# host-bench: µs on this CPU, medians; post-GPU work before session 4 = prefill + finish, after = "
-	       "finish\n%-18s %6s %9s %9s %9s %15s\n", "shape", "rows", "plan", "prefill", "finish", "prefill+finish");
+	       "finish; hmerge = the host merge of host-merged pass-jobs (axf_plan_hmerge) with their partials evicted "
+	       "from the caches first (as the GPU's writes leave them)\n%-18s %6s %9s %9s %9s %15s %9s\n",
+	       "shape", "rows", "plan", "prefill", "finish", "prefill+finish", "hmerge");
 	for (size_t s = 0; s < ARRAY_LEN(sh); s++) {
 		const uint32_t B = sh[s].B;
 		ax_attn_job *jobs = calloc(B, sizeof *jobs);
@@ -924,11 +965,122 @@ static int host_bench(void)
 		double tf = hb_time(HB_PREFILL, reps, p, jobs, B, rc, h, out);
 		double tn = hb_time(HB_FINISH, reps, p, jobs, B, rc, h, out);
 		double tb = hb_time(HB_BOTH, reps, p, jobs, B, rc, h, out);
-		printf("%-18s %6llu %9.2f %9.2f %9.2f %15.2f\n", sh[s].name, (unsigned long long)p->rows, tp, tf, tn, tb);
+		/* host-merged partials: every split full, sorted, offsets within the split */
+		for (uint64_t i = 0; i < p->hents; i++)
+			((float *)(h + p->lay.hps))[i] = (float)(1000 - (int)(i % 10) - (int)(i / 10 % 97)),
+			((int32_t *)(h + p->lay.hpp))[i] = (int32_t)i;
+		double th = p->hparts ? hb_time(HB_HMERGE, reps, p, jobs, B, rc, h, out) : 0.0;
+		printf("%-18s %6llu %9.2f %9.2f %9.2f %15.2f %9.2f\n", sh[s].name, (unsigned long long)p->rows, tp, tf, tn, tb,
+		       th);
 		free(h), free(out), free(jobs), free(rc);
 		axf_plan_free(p);
 	}
 	return 0;
+}
+
+/* qsort order of (value, offset) pairs: value descending, then offset ascending. */
+static int hm_cmp(const void *a, const void *b)
+{
+	const axf_ent *x = a, *y = b;
+	if (x->x != y->x)
+		return x->x > y->x ? -1 : 1;
+	return (x->p > y->p) - (x->p < y->p);
+}
+
+/*
+ * The host merge (axf_hmerge_job) against a brute force: single mean_logit jobs planned with the default knobs
+ * (host-merged: one launch of one pass-job), the staging's hm regions filled with random split lists — sorted, with
+ * empty tails, values on a coarse grid so ties are common, a split now and then empty or with only its first
+ * entry — and logsumexps (some -inf); the result entries must be the kout best of all entries by (value
+ * descending, offset ascending), the logsumexp within 2e-6 (relative) of the double one, the flag word the OR
+ * (and a flagged pass-job's rows left alone). A mutation of the tie order fails it.
+ */
+static void test_hmerge(void **state)
+{
+	(void)state;
+	for (int it = 0; it < 300; it++) {
+		axf_plan *p = calloc(1, sizeof *p);
+		assert_non_null(p);
+		const axf_knobs d = AXF_KNOBS_DEFAULT;
+		p->kn = d;
+		ax_attn_job j = base_job();
+		j.top_k = 1 + (uint32_t)(td_u64() % 64);
+		j.position = (td_u64() % 3 == 0 ? 20 : 200) + td_u64() % 8000;
+		int rc = 0;
+		assert_int_equal(axf_plan_build(p, &j, 1, &rc, 1 + (uint32_t)(td_u64() % 264)), 0);
+		assert_int_equal(p->nl, 1);
+		const axf_job *jb = &p->jb[0];
+		assert_int_equal(jb->hm, 1);
+		char *h = calloc(1, p->lay.off_dev);
+		assert_non_null(h);
+		float *pl = (float *)(h + p->lay.hlse);
+		uint32_t *pf = (uint32_t *)(h + p->lay.hpf);
+		float *ps = (float *)(h + p->lay.hps);
+		int32_t *pp = (int32_t *)(h + p->lay.hpp);
+		const uint32_t S = jb->S, K = jb->K, kout = jb->kout;
+		axf_ent *all = calloc((size_t)S * K + 1, sizeof *all);
+		assert_non_null(all);
+		size_t na = 0;
+		double m = -INFINITY, sum = 0;
+		const int flagged = it % 10 == 9;
+		for (uint32_t i = 0; i < S; i++) {
+			const uint32_t cut = td_u64() % 3 == 0 ? (uint32_t)(td_u64() % K) : 0;
+			const uint32_t fill = td_u64() % 8 == 0 ? (uint32_t)(td_u64() % 2) : K - cut;
+			float v = (float)(td_u64() % 40) * 0.25f;
+			for (uint32_t e = 0; e < K; e++) {
+				if (e < fill) {
+					ps[(size_t)i * K + e] = v;
+					pp[(size_t)i * K + e] = (int32_t)(i * jb->chunk + td_u64() % jb->chunk);
+					all[na].x = v, all[na].p = pp[(size_t)i * K + e], na++;
+					v -= (float)(td_u64() % 3) * 0.25f; /* non-increasing: ties within a list too */
+				} else {
+					ps[(size_t)i * K + e] = -INFINITY, pp[(size_t)i * K + e] = -1;
+				}
+			}
+			/* within a list, equal values must come in ascending offset order (the kernels' order) */
+			for (uint32_t e = 1; e < fill; e++)
+				for (uint32_t q = e; q > 0 && ps[(size_t)i * K + q] == ps[(size_t)i * K + q - 1] &&
+						    pp[(size_t)i * K + q] < pp[(size_t)i * K + q - 1]; q--) {
+					const int32_t t = pp[(size_t)i * K + q];
+					pp[(size_t)i * K + q] = pp[(size_t)i * K + q - 1], pp[(size_t)i * K + q - 1] = t;
+				}
+			pl[i] = td_u64() % 5 == 0 ? -INFINITY : (float)(td_uni() * 20.0);
+			if (pl[i] != -INFINITY) {
+				const double x = pl[i];
+				if (x > m)
+					sum = sum * exp(m - x) + 1, m = x;
+				else
+					sum += exp(x - m);
+			}
+			pf[i] = flagged && i == S / 2 ? AXF_F_DOM : 0;
+		}
+		/* offsets of different splits are in different ranges, so the brute force's order is total */
+		qsort(all, na, sizeof *all, hm_cmp);
+		axf_ent *got = (axf_ent *)(h + p->lay.rent) + jb->rent;
+		for (uint32_t e = 0; e < kout; e++)
+			got[e].x = 12345.f, got[e].p = 777;
+		axf_plan_hmerge(p, h);
+		const uint32_t flags = ((const uint32_t *)(h + p->lay.pflags))[jb->ticket];
+		assert_int_equal(flags, flagged ? AXF_F_DOM : 0u);
+		if (flagged) {
+			assert_true(got[0].x == 12345.f && got[0].p == 777); /* left alone */
+		} else {
+			for (uint32_t e = 0; e < kout; e++) {
+				const float wx = e < na ? all[e].x : -INFINITY;
+				const int32_t wp = e < na ? all[e].p : -1;
+				if (got[e].x != wx || got[e].p != wp)
+					fail_msg("it %d (S %u K %u kout %u) entry %u: got (%g, %d), want (%g, %d)", it, S, K, kout, e,
+						 (double)got[e].x, got[e].p, (double)wx, wp);
+			}
+			const float lse = ((const float *)(h + p->lay.rlse))[jb->res];
+			if (m == -INFINITY)
+				assert_true(lse == -INFINITY);
+			else
+				assert_true(fabs((double)lse - (m + log(sum))) <= 2e-6 * (1 + fabs(m)));
+		}
+		free(all), free(h);
+		axf_plan_free(p);
+	}
 }
 
 static int setup(void **state)
@@ -949,6 +1101,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_plan_base),
 		cmocka_unit_test(test_knobs_env), cmocka_unit_test(test_plans),
 		cmocka_unit_test(test_finish),    cmocka_unit_test(test_pool), cmocka_unit_test(test_dispatch),
+		cmocka_unit_test(test_hmerge),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);
 }

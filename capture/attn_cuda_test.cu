@@ -702,16 +702,16 @@ static void fast_tests(int small)
 		 * programmatic dependent launches */
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
-		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4}, keep};
+		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4, 64}, keep};
 		alt[2].spin = 1, alt[2].pdl = 1;
 		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
 		for (int a = 0; a < 3; a++) {
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
 			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u "
-			       "pdl %u mergew %u threads %u\n",
+			       "pdl %u mergew %u threads %u hmerge %u\n",
 			       alt[a].ctas_per_sm, alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads,
 			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads, alt[a].spin, alt[a].pdl,
-			       alt[a].merge_warp, alt[a].threads);
+			       alt[a].merge_warp, alt[a].threads, alt[a].host_merge);
 			/* cases up to 20K keys (the 120K / 200K float64 references take seconds each: the defaults' table
 			 * above has them) */
 			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim < 20000 ? lim : 20000);
@@ -961,8 +961,12 @@ static void bench_head(const char *what)
  * (runs of ≥ 512 rows: 64 × 4K heads). */
 static const struct bvar {
 	const char *name;
-	uint32_t spin, pdl, mergew, threads; /* ~0u: the default's */
-} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u}, {"spin", 1, ~0u, ~0u, ~0u}, {"mergew0", ~0u, ~0u, 0, ~0u}, {"thr0", ~0u, ~0u, ~0u, 0}};
+	uint32_t spin, pdl, mergew, threads, hmerge; /* ~0u: the default's */
+} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u},
+	      {"spin", 1, ~0u, ~0u, ~0u, ~0u},
+	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u},
+	      {"thr0", ~0u, ~0u, ~0u, 0, ~0u},
+	      {"nohm", ~0u, ~0u, ~0u, ~0u, 0}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
@@ -1009,6 +1013,7 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 		k.spin = b->spin != ~0u ? b->spin : k.spin, k.pdl = b->pdl != ~0u ? b->pdl : k.pdl;
 		k.merge_warp = b->mergew != ~0u ? b->mergew : k.merge_warp;
 		k.threads = b->threads != ~0u ? b->threads : k.threads;
+		k.host_merge = b->hmerge != ~0u ? b->hmerge : k.host_merge;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
 		bhost e = bd_time_host(d, m, fe, d->reps);
@@ -1093,14 +1098,14 @@ static int bench(ax_attn_cuda *c)
 		printf("# fast path not available here: kernel column empty\n");
 	if (ax__attn_fast_new(&ft, 0, s) != 0 || !ft || ax__attn_fast_timing(ft, 1) != 0 || ax__attn_fast_trace(ft, 1) != 0)
 		ft = NULL;
-	axf_knobs kn = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs kn = {};
 	ax__attn_fast_knobs(f, &kn, NULL);
 	bench_head("bench");
 	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
 	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u pdl %u mergew %u threads %u "
-	       "); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
+	       "hmerge %u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
 	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
-	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads);
+	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads, kn.host_merge);
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
 	       "dispatch; e2e without events; each variant = the defaults with one change, see b_vars) | the host's "
 	       "parts of that e2e (medians, µs): plan+upload+launch calls, prefill, wait, finish\n");
