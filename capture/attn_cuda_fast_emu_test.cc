@@ -433,6 +433,15 @@ static void test_errors(void **state)
 			fail_msg("%s: rc %d %d %d, want 0 %d 0", e->name, rc[0], rc[1], rc[2], e->want);
 		check_job(&okd.job, out, e->name);
 		check_job(&okd.job, out + r0 + r1, e->name);
+		if (e->mode == ML) { /* alone in its launch: the host merge's path (the flag words from the staging) */
+			g_kn = axf_knobs{};
+			g_kn.host_merge = 256;
+			int rc1 = 1;
+			assert_int_equal(emu_run(&t.job, 1, out, &rc1, 12), 0);
+			g_kn = axf_knobs{};
+			if (rc1 != e->want)
+				fail_msg("%s alone (host merge): rc %d, want %d", e->name, rc1, e->want);
+		}
 		ax_attn_scratch *s = ax_attn_scratch_new();
 		ax_attn_result *cpu = (ax_attn_result *)calloc(r1, sizeof *cpu);
 		assert_int_equal(ax_attn_cpu(&t.job, s, cpu), e->want);
