@@ -43,9 +43,9 @@
  * were slower wherever they acted in run 10). Heads pass-jobs with top-k ≤ 32 then got instances of their own
  * (KB 1: lists of ≤ 32 entries, 119 instead of 126 registers with 4 lists). Session 5's final run (run 13, H200,
  * d41752a): 179/179 against float64 and the generic path, memcheck, racecheck and synccheck clean. Session 6
- * (RESULTS.md runs 19-21): the heads loop's leaner per-stage epilogue (one non-finite check, lse_add2, a ≥ prefilter)
- * the rotating producer of heads pass-jobs with lists, and their lists started from one sort of the first 32
- * keys. On the CPU everything runs: the kernels under
+ * (RESULTS.md runs 19-26): the heads loop's leaner per-stage epilogue (one non-finite check, lse_add2, a ≥
+ * prefilter), the rotating producer of heads pass-jobs with lists, their lists started from one sort of the first
+ * 32 keys, and the host merge of a lone mean_logit pass-job (attn_cuda_fast.h: axf_hmerge_job). On the CPU everything runs: the kernels under
  * attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
  * mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host half in
  * attn_cuda_fast_test.c.
