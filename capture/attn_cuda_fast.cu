@@ -646,12 +646,18 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 	const int E = stage_e(K, S, cap);
 	stage_row(a, jb, r, es, ep, E, 0, 1);
 	__syncwarp();
-	row_bar(ts, tp, K, S, es, ep);
 	if (lane == 0)
+		trace_at(a, -1, AXF_TR_MLOAD);
+	row_bar(ts, tp, K, S, es, ep);
+	if (lane == 0) {
 		*cnt = 0;
+		trace_at(a, -1, AXF_TR_MBAR);
+	}
 	__syncwarp();
 	row_scan(a, ent, K, S, E, es, ep, ts, tp, 0, 32, xs, xp, cnt);
 	__syncwarp();
+	if (lane == 0)
+		trace_at(a, -1, AXF_TR_MSCAN);
 	const int n = (int)*cnt;
 	__syncwarp(); /* every lane has read the count before the next row's reset */
 	row_finish(a, jb, r, lse, ts, tp, n, xs, xp, es, ep, E);
@@ -705,6 +711,8 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 	if (K)
 		stage_row(a, jb, r, es, ep, E, w, AXF_NW);
 	__syncthreads();
+	if (tid == 0)
+		trace_at(a, -1, AXF_TR_MLOAD);
 	if (w == 1 && flags) /* the pass-job's flag word, off warp 0's path (ordered before the caller's release by the
 			      * barriers below) */
 		put_flags(a, jb);
@@ -739,10 +747,14 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 			red[3] = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
 	}
 	__syncthreads();
+	if (tid == 0)
+		trace_at(a, -1, AXF_TR_MBAR);
 	const float ts = red[0];
 	const int tp = ((const int *)red)[1];
 	row_scan(a, ent, K, S, E, es, ep, ts, tp, w * 32, AXF_NW * 32, xs, xp, cnt);
 	__syncthreads();
+	if (tid == 0)
+		trace_at(a, -1, AXF_TR_MSCAN);
 	if (w == 0)
 		row_finish(a, jb, r, red[3], ts, tp, (int)*cnt, xs, xp, es, ep, E);
 }
@@ -1235,7 +1247,7 @@ struct ax_attn_fast {
 	unsigned long long *trace_d;    /* diagnostics (ax__attn_fast_trace): device slots, NULL = off */
 	unsigned long long *trace_init; /* pinned: their values before a run (min slots ~0, max slots 0) */
 	unsigned long long trace_last[AXF_TR_N]; /* the last run's */
-	double host_us[4];      /* the last run on the host clock (ax__attn_fast_host_us) */
+	double host_us[6];      /* the last run on the host clock (ax__attn_fast_host_us) */
 	axf_plan *plan;
 	axf_split split;
 	axf_pool pool;          /* helper threads for runs with many rows (knob threads) */
@@ -1582,6 +1594,7 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		seq = ++f->seq ? f->seq : ++f->seq; /* never 0: 0 = no completion word */
 	}
 	e = cudaSuccess;
+	const double tp = host_now_us();
 	if (p->upload) { /* a launch of several pass-jobs reads its table from the device */
 		axf_plan_tables(p, f->hbuf);
 		e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
@@ -1592,6 +1605,7 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	if (e == cudaSuccess && f->timing)
 		e = cudaEventRecord(f->ev[0], f->stream);
 	r = e == cudaSuccess ? 0 : fast_fail(f, e);
+	const double tu = host_now_us();
 	for (uint32_t l = 0; r == 0 && l < p->nl; l++) /* in plan order: mean_prob's logsumexps first */
 		r = fast_launch(f, &p->L[l], seq);
 	if (r == 0 && f->timing && (e = cudaEventRecord(f->ev[1], f->stream)) != cudaSuccess)
@@ -1634,6 +1648,7 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	r = 0;
 	const double t4 = host_now_us();
 	f->host_us[0] = t1 - t0, f->host_us[1] = t2 - t1, f->host_us[2] = t3 - t2, f->host_us[3] = t4 - t3;
+	f->host_us[4] = tp - t0, f->host_us[5] = tu - tp;
 	return r;
 }
 

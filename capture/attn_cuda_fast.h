@@ -207,6 +207,9 @@ enum axf_trace_slot {
 	AXF_TR_MK0, AXF_TR_MK1,         /* merge-kernel CTAs start: first, last */
 	AXF_TR_MKGO,                    /* merge-kernel CTAs past griddepcontrol.wait (pdl) or start: last */
 	AXF_TR_MKDONE,                  /* merge-kernel CTAs done: last */
+	AXF_TR_MLOAD,                   /* a row merge's (merge_row, merge_row_cta) loads staged: last */
+	AXF_TR_MBAR,                    /* a row merge's bar set: last */
+	AXF_TR_MSCAN,                   /* a row merge's survivors counted, before the sort and the writes: last */
 	AXF_TR_N
 };
 
@@ -1165,8 +1168,10 @@ float ax__attn_fast_kernel_us(const ax_attn_fast *f);
 int ax__attn_fast_trace(ax_attn_fast *f, int on);
 void ax__attn_fast_trace_get(const ax_attn_fast *f, unsigned long long *out);
 
-/* The last successful run on the host clock, µs: [0] plan, upload and launches (to the last launch call's return),
- * [1] the prefill, [2] the wait (synchronisation or completion word), [3] the finish. For benchmarks. */
+/* The last successful run on the host clock, µs (out has room for 6): [0] plan, upload and launches (to the last
+ * launch call's return), [1] the prefill, [2] the wait (synchronisation or completion word), [3] the finish; the
+ * parts of [0]: [4] the plan and the scratch check, [5] the tables' upload call (and the diagnostics' event and
+ * trace calls). For benchmarks. */
 void ax__attn_fast_host_us(const ax_attn_fast *f, double *out);
 
 /* Runs (knob spin) whose wait ended because the stream completed without the completion word: a counting bug, 0

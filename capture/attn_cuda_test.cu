@@ -957,27 +957,28 @@ static void bench_head(const char *what)
 }
 
 /* The variants the bench times beside the defaults (each changes one thing of the defaults): programmatic dependent
- * launch off, the completion word on, the heads merge a row per CTA always (run 8's), 4 host threads for the rows
- * (runs of ≥ 512 rows: 64 × 4K heads). */
+ * launch off, the completion word on, the heads merge a row per CTA always (run 8's), the host's rows on the
+ * calling thread alone, no host merge, heads lists merged by each pass-job's last CTA (no merge launch). */
 static const struct bvar {
 	const char *name;
-	uint32_t spin, pdl, mergew, threads, hmerge; /* ~0u: the default's */
-} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u},
-	      {"spin", 1, ~0u, ~0u, ~0u, ~0u},
-	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u},
-	      {"thr0", ~0u, ~0u, ~0u, 0, ~0u},
-	      {"nohm", ~0u, ~0u, ~0u, ~0u, 0}};
+	uint32_t spin, pdl, mergew, threads, hmerge, mergeh; /* ~0u: the default's */
+} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u, ~0u},
+	      {"spin", 1, ~0u, ~0u, ~0u, ~0u, ~0u},
+	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u, ~0u},
+	      {"thr0", ~0u, ~0u, ~0u, 0, ~0u, ~0u},
+	      {"nohm", ~0u, ~0u, ~0u, ~0u, 0, ~0u},
+	      {"mh0", ~0u, ~0u, ~0u, ~0u, ~0u, 0}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
 typedef struct bhost {
-	double e2e, part[4];
+	double e2e, part[6];
 	int bad;
 } bhost;
 
 static bhost bd_time_host(bdata *d, int m, ax_attn_fast *fe, int reps)
 {
-	double te[B_MAXREPS], tp[4][B_MAXREPS];
+	double te[B_MAXREPS], tp[6][B_MAXREPS];
 	bhost r;
 	memset(&r, 0, sizeof r);
 	reps = reps > B_MAXREPS ? B_MAXREPS : reps;
@@ -991,14 +992,14 @@ static bhost bd_time_host(bdata *d, int m, ax_attn_fast *fe, int reps)
 		r.bad |= x != 0;
 		if (i < 0)
 			continue;
-		double h[4];
+		double h[6];
 		ax__attn_fast_host_us(fe, h);
 		te[i] = t1 - t0;
-		for (int k = 0; k < 4; k++)
+		for (int k = 0; k < 6; k++)
 			tp[k][i] = h[k];
 	}
 	r.e2e = median(te, reps);
-	for (int k = 0; k < 4; k++)
+	for (int k = 0; k < 6; k++)
 		r.part[k] = median(tp[k], reps);
 	return r;
 }
@@ -1014,14 +1015,15 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 		k.merge_warp = b->mergew != ~0u ? b->mergew : k.merge_warp;
 		k.threads = b->threads != ~0u ? b->threads : k.threads;
 		k.host_merge = b->hmerge != ~0u ? b->hmerge : k.host_merge;
+		k.merge_heads = b->mergeh != ~0u ? b->mergeh : k.merge_heads;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
 		bhost e = bd_time_host(d, m, fe, d->reps);
 		bmeas t = bd_time(d, m, fk, NULL, d->reps);
 		printf("var      %-8s %-10s %-11s %9.1f %9.1f %8.2f %8.2f | host launch %.1f prefill %.1f wait %.1f finish "
-		       "%.1f%s\n",
+		       "%.1f (plan %.1f upload %.1f)%s\n",
 		       d->name, mode_name(b_modes[m]), b_vars[v].name, e.e2e, t.kern, e.e2e / d->floor, t.kern / d->floor,
-		       e.part[0], e.part[1], e.part[2], e.part[3], e.bad || t.bad ? "  RUN FAILED" : "");
+		       e.part[0], e.part[1], e.part[2], e.part[3], e.part[4], e.part[5], e.bad || t.bad ? "  RUN FAILED" : "");
 	}
 	ax__attn_fast_knobs(fe, NULL, def);
 	ax__attn_fast_knobs(fk, NULL, def);
@@ -1036,7 +1038,7 @@ static void bench_trace(bdata *d, int m, ax_attn_fast *ft)
 	enum { NF = AXF_TR_N - 1 };
 	static const char *const names[NF] = {"start-last", "data-first", "data-last", "loop-first", "loop-last",
 					      "merge-first", "merge-last", "merge-done", "mk-start", "mk-last",
-					      "mk-go", "mk-done"};
+					      "mk-go", "mk-done", "m-load", "m-bar", "m-scan"};
 	double v[NF][B_MAXREPS], kern[B_MAXREPS];
 	int nv[NF] = {0}, reps = d->reps > B_MAXREPS ? B_MAXREPS : d->reps, bad = 0;
 	for (int i = -2; i < reps; i++) {
@@ -1108,11 +1110,13 @@ static int bench(ax_attn_cuda *c)
 	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads, kn.host_merge);
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
 	       "dispatch; e2e without events; each variant = the defaults with one change, see b_vars) | the host's "
-	       "parts of that e2e (medians, µs): plan+upload+launch calls, prefill, wait, finish\n");
+	       "parts of that e2e (medians, µs): plan+upload+launch calls, prefill, wait, finish (the first's plan and "
+	       "upload call)\n");
 	printf("# trace lines: the default knobs, medians, µs after the first split CTA's start (GPU global timer): last "
 	       "split CTA start, first stage's keys in (first/last CTA), streaming loops ended (first/last), last-CTA "
 	       "merges started (first/last) and done (last), merge kernel CTAs started (first/last), past their "
-	       "grid-dependency wait (last), done (last)\n");
+	       "grid-dependency wait (last), done (last); a row merge's (either kind) loads staged, bar set, survivors "
+	       "counted (last)\n");
 	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
 	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
 	/* AX_BENCH_SHAPES="1x128K,1x1M" (say): only those shapes; AX_BENCH_BRIEF=1: the main table's fast columns only
