@@ -905,6 +905,8 @@ static double hb_time(int what, int reps, axf_plan *p, const ax_attn_job *jobs, 
 	for (int i = -3; i < reps; i++) {
 		if (what == HB_HMERGE)
 			hb_flush(h + p->lay.hlse, p->lay.off_dev - p->lay.hlse);
+		if (what == HB_FINISH || what == HB_BOTH) /* the results, as the GPU leaves them */
+			hb_flush(h + p->lay.pflags, p->lay.hlse - p->lay.pflags);
 		double t0 = hb_now_us();
 		if (what == HB_HMERGE)
 			axf_plan_hmerge(p, h);
@@ -937,8 +939,8 @@ static int host_bench(void)
 		{64, AX_MODE_MEAN_LOGIT, "64x4K mean_logit"}, {64, AX_MODE_HEADS, "64x4K heads"},
 		{64, AX_MODE_MEAN_PROB, "64x4K mean_prob"}};
 	printf("# host-bench: µs on this CPU, medians; post-GPU work before session 4 = prefill + finish, after = "
-	       "finish; hmerge = the host merge of host-merged pass-jobs (axf_plan_hmerge) with their partials evicted "
-	       "from the caches first (as the GPU's writes leave them)\n%-18s %6s %9s %9s %9s %15s %9s\n",
+	       "finish; hmerge = the host merge of host-merged pass-jobs (axf_plan_hmerge); the finish and the host "
+	       "merge read results evicted from the caches first (as the GPU's writes leave them)\n%-18s %6s %9s %9s %9s %15s %9s\n",
 	       "shape", "rows", "plan", "prefill", "finish", "prefill+finish", "hmerge");
 	for (size_t s = 0; s < ARRAY_LEN(sh); s++) {
 		const uint32_t B = sh[s].B;

@@ -837,16 +837,20 @@ static inline int axc_check_job(const ax_attn_job *job)
 		return -EINVAL;
 	if (job->k_stride[2] != 1)
 		return -EINVAL;
+	/* a > ⌊L / b⌋ exactly when a·b > L (b > 0): 128-bit products instead of 64-bit divisions (this runs for every
+	 * job of every call; the fast path's planner checks each job once) */
 	uint64_t lim = ((uint64_t)1 << 62) / kes, q = lim / 4;
+#define AXC_OVER(a, b, L) ((unsigned __int128)(a) * (b) > (L))
 	if (job->index_kind == AX_ATTN_INDEX_PAGED) { /* each term of the farthest element below lim / 4 */
 		if (job->n_slots != 0 || job->index_dtype != AX_DTYPE_I32 || job->n_blocks == 0 || job->block_size == 0 ||
-		    job->block_size > AX_ATTN_MAX_BLOCK_SIZE || job->k_block_stride > q / job->n_blocks ||
-		    job->k_stride[0] > q / job->block_size || job->k_stride[1] > q / job->n_kv_heads)
+		    job->block_size > AX_ATTN_MAX_BLOCK_SIZE || AXC_OVER(job->k_block_stride, job->n_blocks, q) ||
+		    AXC_OVER(job->k_stride[0], job->block_size, q) || AXC_OVER(job->k_stride[1], job->n_kv_heads, q))
 			return -EINVAL;
 	} else if (job->index_kind != AX_ATTN_INDEX_TOKEN || job->n_slots == 0 ||
-		   job->k_stride[0] > lim / job->n_slots || job->k_stride[1] > lim / job->n_kv_heads) {
+		   AXC_OVER(job->k_stride[0], job->n_slots, lim) || AXC_OVER(job->k_stride[1], job->n_kv_heads, lim)) {
 		return -EINVAL;
 	}
+#undef AXC_OVER
 	if (job->mode == AX_MODE_HEADS && job->heads) {
 		if (job->n_heads == 0 || job->n_heads > 4096)
 			return -EINVAL;

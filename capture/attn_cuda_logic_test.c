@@ -442,6 +442,31 @@ static void test_check_job(void **state)
 	j = g_base.job;
 	j.k = (const char *)j.k + 1; /* bf16 at an odd address */
 	assert_int_equal(axc_check_job(&j), -EINVAL);
+	/* the stride limits at their edges (attn_cpu's ⌊L / b⌋ bounds; axc_check_job compares products): the last
+	 * valid stride passes, one more fails (not run on the CPU: a passing job would be read) */
+	const uint64_t lim = ((uint64_t)1 << 62) / 2, q = lim / 4; /* bf16 keys */
+	j = g_base.job;
+	j.k_stride[0] = lim / j.n_slots;
+	assert_int_equal(axc_check_job(&j), 0);
+	j.k_stride[0]++;
+	assert_int_equal(axc_check_job(&j), -EINVAL);
+	j = g_base.job;
+	j.k_stride[1] = lim / j.n_kv_heads;
+	assert_int_equal(axc_check_job(&j), 0);
+	j.k_stride[1]++;
+	assert_int_equal(axc_check_job(&j), -EINVAL);
+	ax_attn_job pj = g_base.job;
+	pj.index_kind = AX_ATTN_INDEX_PAGED, pj.n_slots = 0, pj.index_dtype = AX_DTYPE_I32;
+	pj.n_blocks = 3, pj.block_size = 7, pj.k_block_stride = 7 * pj.k_stride[0];
+	assert_int_equal(axc_check_job(&pj), 0);
+	for (int t = 0; t < 3; t++) {
+		j = pj;
+		uint64_t *f = t == 0 ? &j.k_block_stride : &j.k_stride[t - 1];
+		*f = q / (t == 0 ? j.n_blocks : t == 1 ? j.block_size : j.n_kv_heads);
+		assert_int_equal(axc_check_job(&j), 0);
+		++*f;
+		assert_int_equal(axc_check_job(&j), -EINVAL);
+	}
 	ax_attn_scratch_free(s);
 }
 
