@@ -208,6 +208,26 @@ __device__ __forceinline__ void bitonic_merge32(float &x, int &p)
 	}
 }
 
+/* Merge 32 candidates sorted best first (cx, cp: entry `lane`) into a list with K ≤ 32 (lanes ≥ K of the list
+ * ignored): the reversed candidates against the list make a bitonic sequence, one bitonic merge sorts it. */
+__device__ __forceinline__ void wl_merge_sorted(WList &L, float cx, int cp, int K)
+{
+	const int lane = threadIdx.x & 31;
+	const float rx = __shfl_sync(FULLM, cx, 31 - lane);
+	const int rp = __shfl_sync(FULLM, cp, 31 - lane);
+	float ax = lane < K ? L.s0 : -INFINITY;
+	int ap = lane < K ? L.p0 : INT_MAX;
+	if (fb(rx, rp, ax, ap)) {
+		ax = rx;
+		ap = rp;
+	}
+	bitonic_merge32(ax, ap);
+	L.s0 = ax;
+	L.p0 = ap;
+	L.ts = __shfl_sync(FULLM, ax, K - 1);
+	L.tp = __shfl_sync(FULLM, ap, K - 1);
+}
+
 /* Merge up to 16 candidates (lanes < 16) into a list with K ≤ 32 by bitonic networks (the lab's wl_merge16). */
 __device__ __forceinline__ void wl_merge16(WList &L, float x, int p, bool ok, int K)
 {
@@ -225,19 +245,28 @@ __device__ __forceinline__ void wl_merge16(WList &L, float x, int p, bool ok, in
 				cp = op;
 			}
 		}
-	const float rx = __shfl_sync(FULLM, cx, 31 - lane);
-	const int rp = __shfl_sync(FULLM, cp, 31 - lane);
-	float ax = lane < K ? L.s0 : -INFINITY;
-	int ap = lane < K ? L.p0 : INT_MAX;
-	if (fb(rx, rp, ax, ap)) {
-		ax = rx;
-		ap = rp;
-	}
-	bitonic_merge32(ax, ap);
-	L.s0 = ax;
-	L.p0 = ap;
-	L.ts = __shfl_sync(FULLM, ax, K - 1);
-	L.tp = __shfl_sync(FULLM, ap, K - 1);
+	wl_merge_sorted(L, cx, cp, K);
+}
+
+/*
+ * A list's candidate buffer (session 7): the candidates of a stage that beat the list's bar are appended to a
+ * per-list buffer of AXF_LBUF entries in shared memory (bx, bp) instead of being merged into the list at once;
+ * wl_flush merges the buffer (c entries) into the list in one 32-wide sort and merge when the next stage's would
+ * not fit, and once at the end of the split. Exact: a key that does not beat the bar when it arrives cannot be in
+ * the list's final k (the bar only rises); the buffered ones are merged by the list's total order. The bar stays
+ * lower between flushes (more keys pass it), but a stage's few candidates cost a ballot and a store each instead
+ * of a warp-wide insertion (RESULTS run 29: the offers were ~9 µs of 128K heads' loop, 13 of 32K's). Called by the
+ * whole warp.
+ */
+__device__ __forceinline__ void wl_flush(WList &L, const float *bx, const int *bp, uint32_t c, int K)
+{
+	const int lane = threadIdx.x & 31;
+	__syncwarp(); /* the appends of every lane */
+	float x = lane < (int)c ? bx[lane] : -INFINITY;
+	int p = lane < (int)c ? bp[lane] : INT_MAX;
+	__syncwarp(); /* read before the next appends */
+	bitonic32(x, p);
+	wl_merge_sorted(L, x, p, K);
 }
 
 template <int KB = 2> __device__ __forceinline__ void wl_offer16(WList &L, float x, int p, bool ok, int K)
@@ -842,6 +871,15 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	/* the start batch (heads lists of ≤ 32 entries, ≤ 4 lists a warp: their 32-score slices fit the merge scratch):
 	 * see the loop (session 6, run 23: 1 × 4K heads 25.5 → 21.9 µs, 128K −2.5%) */
 	constexpr bool BATCH = MODE == AXF_M_HEADS && KB == 1 && NL <= 4;
+	/* the same instances buffer their lists' candidates (wl_flush; lists h of warp w: values at lbx + (w·4 + h)·2·
+	 * AXF_LBUF, offsets right after); bcnt: the buffers' fill, 8 bits a list (warp-uniform) */
+#ifdef AXF_NOBUF
+	constexpr bool BUF = false;
+#else
+	constexpr bool BUF = BATCH;
+#endif
+	float *lbx = (float *)(smem + AXF_SMEM - AXF_LBUF_BYTES) + w * 4 * 2 * AXF_LBUF;
+	uint32_t bcnt = 0;
 	uint32_t rng = 0, bad = 0;
 	auto has_row = [&](int st) { return st < nst && start + (uint32_t)st * AXF_TS + (uint32_t)lane < end; };
 	auto slot_of = [&](int st) -> int64_t {
@@ -1041,7 +1079,30 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 							const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
 							const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
 							const bool ok = lane < 16 && (((lane < 8 ? b0 : b1) >> src) & 1);
-							wl_offer16<KB>(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
+							if (BUF) { /* append the stage's candidates that beat the bar (flush first if full) */
+								const float v = lane < 8 ? ya : yb;
+								const int vp = (int)tile + lane;
+								float *bx = lbx + h * 2 * AXF_LBUF;
+								int *bp = (int *)(bx + AXF_LBUF);
+								bool keep = ok && fb(v, vp, L[h].ts, L[h].tp);
+								unsigned bm = __ballot_sync(FULLM, keep);
+								uint32_t c = (bcnt >> (8 * h)) & 0xffu;
+								if (bm && c + (uint32_t)__popc(bm) > AXF_LBUF) {
+									wl_flush(L[h], bx, bp, c, K);
+									c = 0;
+									keep = ok && fb(v, vp, L[h].ts, L[h].tp);
+									bm = __ballot_sync(FULLM, keep);
+								}
+								if (keep) {
+									const uint32_t at = c + (uint32_t)__popc(bm & ((1u << lane) - 1u));
+									bx[at] = v;
+									bp[at] = vp;
+								}
+								c += (uint32_t)__popc(bm);
+								bcnt = (bcnt & ~(0xffu << (8 * h))) | (c << (8 * h));
+							} else {
+								wl_offer16<KB>(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
+							}
 						}
 					}
 					bars();
@@ -1088,6 +1149,16 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		}
 	}
 
+	if (BUF && K && wv) { /* the buffered candidates (warp-uniform) */
+#pragma unroll
+		for (int h = 0; h < NL; ++h) {
+			const uint32_t c = (bcnt >> (8 * h)) & 0xffu;
+			if (h < G && c) {
+				float *bx = lbx + h * 2 * AXF_LBUF;
+				wl_flush(L[h], bx, (const int *)(bx + AXF_LBUF), c, K);
+			}
+		}
+	}
 	if (tid == 0)
 		trace_at(a, AXF_TR_LOOP0, AXF_TR_LOOP1);
 	/* this split's partial rows */

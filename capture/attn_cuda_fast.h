@@ -69,11 +69,15 @@
 #define AXF_MAX_N (1u << 30)      /* visible keys per job */
 #define AXF_N_INST 12             /* kernel instances: see axf_inst */
 
+/* Candidate buffers of heads lists (session 7: KB 1, ≤ 4 lists a warp): AXF_LBUF (value, offset) entries per list. */
+#define AXF_LBUF 32
+#define AXF_LBUF_BYTES ((size_t)AXF_NW * 4 * AXF_LBUF * 8)
 /* Bytes of dynamic shared memory of a fast CTA: the ring, 3 mbarriers per stage, [NS][NW][TS] partial sums,
- * per-warp 64-entry survivor scratch, the last-CTA flag. One expression, used by the kernel and the launch. */
+ * per-warp 64-entry survivor scratch, the last-CTA flag, the lists' candidate buffers [NW][4][2][AXF_LBUF]. One
+ * expression, used by the kernel and the launch (2 CTAs per SM: 2 × (115288 + 1 KB reserved) of sm_90's 228 KB). */
 #define AXF_SMEM                                                                                              \
 	((size_t)AXF_NS * AXF_TS * AXF_ROWS_SM + (size_t)AXF_NS * 8 * 3 + (size_t)AXF_NS * AXF_NW * AXF_TS * 4 + \
-	 (size_t)AXF_NW * 64 * 8 + 16)
+	 (size_t)AXF_NW * 64 * 8 + 16 + AXF_LBUF_BYTES)
 /* Survivor staging entries per warp in the merge (the idle ring, 8 bytes an entry). */
 #define AXF_MERGE_CAP ((uint32_t)((size_t)AXF_NS * AXF_TS * AXF_ROWS_SM / AXF_NW / 8))
 
