@@ -871,15 +871,15 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	/* the start batch (heads lists of ≤ 32 entries, ≤ 4 lists a warp: their 32-score slices fit the merge scratch):
 	 * see the loop (session 6, run 23: 1 × 4K heads 25.5 → 21.9 µs, 128K −2.5%) */
 	constexpr bool BATCH = MODE == AXF_M_HEADS && KB == 1 && NL <= 4;
-	/* the same instances buffer their lists' candidates (wl_flush; lists h of warp w: values at lbx + (w·4 + h)·2·
-	 * AXF_LBUF, offsets right after); bcnt: the buffers' fill, 8 bits a list (warp-uniform) */
+	/* the same instances buffer their lists' candidates (wl_flush; list h of warp w: values at lbx + h·2·AXF_LBUF,
+	 * offsets right after) */
 #ifdef AXF_NOBUF
 	constexpr bool BUF = false;
 #else
 	constexpr bool BUF = BATCH;
 #endif
 	float *lbx = (float *)(smem + AXF_SMEM - AXF_LBUF_BYTES) + w * 4 * 2 * AXF_LBUF;
-	uint32_t bcnt = 0;
+	uint32_t bcA = 0, bcB = 0; /* the fill of this lane's lists' buffers (lanes of the same t agree) */
 	uint32_t rng = 0, bad = 0;
 	auto has_row = [&](int st) { return st < nst && start + (uint32_t)st * AXF_TS + (uint32_t)lane < end; };
 	auto slot_of = [&](int st) -> int64_t {
@@ -1062,6 +1062,58 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 					}
 					bars();
 				}
+			} else if (BUF && K && wv) { /* wv is warp-uniform */
+				/* the candidates straight from the fragments: lane 4·g + t appends its keys g, g+8 of columns
+				 * 2t (list A) and 2t+1 (list B) that reach their list's bar (≥: a superset; the flush applies
+				 * the exact order) to those lists' buffers, at offsets counted among the lanes of the same t —
+				 * four ballots and a store per candidate, no shuffles (a stage without one: the ballots) */
+				const bool pA0 = r0 && cA && a0 >= thAs, pA2 = r1 && cA && a2 >= thAs;
+				const bool pB1 = r0 && cB && b1 >= thBs, pB3 = r1 && cB && b3 >= thBs;
+				const unsigned BA0 = __ballot_sync(FULLM, pA0), BA2 = __ballot_sync(FULLM, pA2);
+				const unsigned BB1 = __ballot_sync(FULLM, pB1), BB3 = __ballot_sync(FULLM, pB3);
+				if (BA0 | BA2 | BB1 | BB3) {
+					const unsigned same = 0x11111111u << t, below = (1u << lane) - 1u;
+					float *bxA = lbx + 2 * t * 2 * AXF_LBUF, *bxB = bxA + 2 * AXF_LBUF;
+					int *bpA = (int *)(bxA + AXF_LBUF), *bpB = (int *)(bxB + AXF_LBUF);
+					const uint32_t nA0 = (uint32_t)__popc(BA0 & same), nB1 = (uint32_t)__popc(BB1 & same);
+					const int p0 = (int)tile + grow, p8 = p0 + 8;
+					if (pA0) {
+						const uint32_t at = bcA + (uint32_t)__popc(BA0 & same & below);
+						bxA[at] = a0, bpA[at] = p0;
+					}
+					if (pA2) {
+						const uint32_t at = bcA + nA0 + (uint32_t)__popc(BA2 & same & below);
+						bxA[at] = a2, bpA[at] = p8;
+					}
+					if (pB1) {
+						const uint32_t at = bcB + (uint32_t)__popc(BB1 & same & below);
+						bxB[at] = b1, bpB[at] = p0;
+					}
+					if (pB3) {
+						const uint32_t at = bcB + nB1 + (uint32_t)__popc(BB3 & same & below);
+						bxB[at] = b3, bpB[at] = p8;
+					}
+					bcA += nA0 + (uint32_t)__popc(BA2 & same);
+					bcB += nB1 + (uint32_t)__popc(BB3 & same);
+					if (__any_sync(FULLM, bcA > AXF_LBUF - AXF_TS || bcB > AXF_LBUF - AXF_TS)) {
+						/* a buffer the next stage could overflow: merge it into its list */
+#pragma unroll
+						for (int h = 0; h < NL; ++h) {
+							const uint32_t c = (uint32_t)__shfl_sync(FULLM, (int)((h & 1) ? bcB : bcA), h >> 1);
+							if (h < G && c > AXF_LBUF - AXF_TS) { /* warp-uniform */
+								float *bx = lbx + h * 2 * AXF_LBUF;
+								wl_flush(L[h], bx, (const int *)(bx + AXF_LBUF), c, K);
+								if (t == (h >> 1)) {
+									if (h & 1)
+										bcB = 0;
+									else
+										bcA = 0;
+								}
+							}
+						}
+						bars();
+					}
+				}
 			} else if (K && wv) { /* wv is warp-uniform */
 				/* which lists have a candidate: lane 4·g + t owns columns 2t (A) and 2t+1 (B) of keys g, g+8,
 				 * and its bars are those lists' k-th entries, so list h may have one only when a lane of
@@ -1079,30 +1131,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 							const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
 							const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
 							const bool ok = lane < 16 && (((lane < 8 ? b0 : b1) >> src) & 1);
-							if (BUF) { /* append the stage's candidates that beat the bar (flush first if full) */
-								const float v = lane < 8 ? ya : yb;
-								const int vp = (int)tile + lane;
-								float *bx = lbx + h * 2 * AXF_LBUF;
-								int *bp = (int *)(bx + AXF_LBUF);
-								bool keep = ok && fb(v, vp, L[h].ts, L[h].tp);
-								unsigned bm = __ballot_sync(FULLM, keep);
-								uint32_t c = (bcnt >> (8 * h)) & 0xffu;
-								if (bm && c + (uint32_t)__popc(bm) > AXF_LBUF) {
-									wl_flush(L[h], bx, bp, c, K);
-									c = 0;
-									keep = ok && fb(v, vp, L[h].ts, L[h].tp);
-									bm = __ballot_sync(FULLM, keep);
-								}
-								if (keep) {
-									const uint32_t at = c + (uint32_t)__popc(bm & ((1u << lane) - 1u));
-									bx[at] = v;
-									bp[at] = vp;
-								}
-								c += (uint32_t)__popc(bm);
-								bcnt = (bcnt & ~(0xffu << (8 * h))) | (c << (8 * h));
-							} else {
-								wl_offer16<KB>(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
-							}
+							wl_offer16<KB>(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
 						}
 					}
 					bars();
@@ -1152,7 +1181,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	if (BUF && K && wv) { /* the buffered candidates (warp-uniform) */
 #pragma unroll
 		for (int h = 0; h < NL; ++h) {
-			const uint32_t c = (bcnt >> (8 * h)) & 0xffu;
+			const uint32_t c = (uint32_t)__shfl_sync(FULLM, (int)((h & 1) ? bcB : bcA), h >> 1);
 			if (h < G && c) {
 				float *bx = lbx + h * 2 * AXF_LBUF;
 				wl_flush(L[h], bx, (const int *)(bx + AXF_LBUF), c, K);
