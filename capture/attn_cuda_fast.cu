@@ -63,6 +63,7 @@
 #include <stdlib.h>
 #include <time.h>
 #include <string.h>
+#include <unistd.h>
 
 extern "C" {
 #include "attn.h"
@@ -1437,6 +1438,9 @@ int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream)
 	f->plan = p;
 	const axf_knobs d = AXF_KNOBS_DEFAULT;
 	p->kn = d;
+	const long ncpu = sysconf(_SC_NPROCESSORS_ONLN); /* the default's helpers spin: at most half the CPUs */
+	if (ncpu > 0 && p->kn.threads > (uint32_t)(ncpu / 2))
+		p->kn.threads = (uint32_t)(ncpu / 2);
 	axf_knobs_env(&p->kn); /* read once per state */
 	fast_waves(f);
 	*out = f;

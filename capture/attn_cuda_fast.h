@@ -118,8 +118,9 @@ typedef struct axf_knobs {
  * 64 × 4K heads: a system-scope fence per merge CTA). threads 4 since session 6 (session 4 had it off: a core per
  * helper spins through the kernels): it only acts on runs of ≥ AXF_POOL_MIN_ROWS rows, where the finish after the
  * GPU is the host's largest share (run 17, H200: 64 × 4K heads 306 → 260 µs end to end; the three helpers spin for
- * the ~0.2 ms of such a run's kernels). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 4, 256}
+ * the ~0.2 ms of such a run's kernels). threads 6 since session 7 (RESULTS run 35, H200: 64 × 4K heads 203.0 → 195.3
+ * µs end to end, 8 threads 194.9; capped at half the online CPUs by the state, ax__attn_fast_new). */
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -906,7 +907,8 @@ static inline int axf_plan_finish(axf_plan *p, char *h, const ax_attn_job *jobs,
  * (`left`, release; the caller waits for 0 with acquire before it returns, so every row is written). Each thread
  * prefills and finishes the same range: no row is written by two threads. An aborted run (a CUDA error) releases the
  * helpers with `abort` set: they skip the finish. The spinning costs a core per helper for the length of the
- * kernels, which is why it is a knob (off by default) and only for runs of ≥ AXF_POOL_MIN_ROWS rows.
+ * kernels, which is why it is a knob (6 threads by default, at most half the CPUs) and only for runs of ≥
+ * AXF_POOL_MIN_ROWS rows.
  */
 typedef struct axf_pool {
 	pthread_t th[AXF_POOL_MAX];

@@ -260,6 +260,7 @@ static void test_knobs_env(void **state)
 	assert_int_equal(k.pdl, d.pdl);
 	assert_int_equal(k.merge_warp, 7);
 	assert_int_equal(k.threads, 4);
+	assert_int_equal(d.threads, 6);
 	assert_int_equal(k.ctas_per_sm_heads, 3);
 	assert_int_equal(k.ctas_per_sm, 4);
 	assert_int_equal(k.min_keys, d.min_keys);
