@@ -48,9 +48,9 @@
  * 32 keys, and the host merge of a lone mean_logit pass-job (attn_cuda_fast.h: axf_hmerge_job). Session 7
  * (runs 29-33): those lists' candidates buffered in shared memory straight from the MMA fragments and merged by
  * 32-wide sorts (wl_flush; run 33, H200, 1877db0: 179/179, the three sanitizers clean, capture e2e 13/13), and trace
- * slots for a row merge's phases. On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics,
- * mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host half in
- * attn_cuda_fast_test.c.
+ * slots for a row merge's phases. On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT
+ * emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from
+ * the emulator, the driver left out), the host half in attn_cuda_fast_test.c.
  */
 #ifdef AXF_EMU
 #include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_fast_emu_test.cc): kernels only */
