@@ -442,6 +442,18 @@ static void test_errors(void **state)
 			if (rc1 != e->want)
 				fail_msg("%s alone (host merge): rc %d, want %d", e->name, rc1, e->want);
 		}
+		if (e->mode == HD) { /* the separate merge launch, a CTA a row (knob merge_warp 0): merge_row_cta must carry
+				      * the split's flag word into the pass-job's */
+			const axf_knobs d = AXF_KNOBS_DEFAULT;
+			g_kn = d;
+			g_kn.merge_warp = 0;
+			int rc3[3] = {1, 1, 1};
+			assert_int_equal(emu_run(jobs, 3, out, rc3, 12), 0);
+			g_kn = axf_knobs{};
+			if (rc3[0] != 0 || rc3[1] != e->want || rc3[2] != 0)
+				fail_msg("%s (merge launch): rc %d %d %d, want 0 %d 0", e->name, rc3[0], rc3[1], rc3[2], e->want);
+			check_job(&okd.job, out, e->name);
+		}
 		ax_attn_scratch *s = ax_attn_scratch_new();
 		ax_attn_result *cpu = (ax_attn_result *)calloc(r1, sizeof *cpu);
 		assert_int_equal(ax_attn_cpu(&t.job, s, cpu), e->want);
