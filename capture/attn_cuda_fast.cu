@@ -876,11 +876,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	constexpr bool BATCH = MODE == AXF_M_HEADS && KB == 1 && NL <= 4;
 	/* the same instances buffer their lists' candidates (wl_flush; list h of warp w: values at lbx + h·2·AXF_LBUF,
 	 * offsets right after) */
-#ifdef AXF_NOBUF
-	constexpr bool BUF = false;
-#else
 	constexpr bool BUF = BATCH;
-#endif
 	float *lbx = (float *)(smem + AXF_SMEM - AXF_LBUF_BYTES) + w * 4 * 2 * AXF_LBUF;
 	uint32_t bcA = 0, bcB = 0; /* the fill of this lane's lists' buffers (lanes of the same t agree) */
 	uint32_t rng = 0, bad = 0;

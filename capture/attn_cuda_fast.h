@@ -870,12 +870,10 @@ static inline void axf_finish_range(const axf_plan *p, const char *h, const ax_a
 		const uint32_t r0 = p->roff[i];
 		const axf_ent *e = rent + p->eoff[i];
 		for (uint32_t r = 0; r < rows; r++, e += kout) {
-#ifndef AXF_NO_PF
 			/* the staging ~1 KB ahead: the GPU's writes leave none of it in the CPU's caches (host bench, evicted
 			 * results: 64 × 4K heads' finish 55-80 → ~49 µs on one core of the CPU machine) */
 			__builtin_prefetch((const void *)((uintptr_t)e + 1024));
 			__builtin_prefetch((const void *)((uintptr_t)(rlse + r0 + r) + 256));
-#endif
 			axf_finish_row(out + r0 + r, rlse[r0 + r], e, kout, start);
 		}
 	}

@@ -941,7 +941,8 @@ static int host_bench(void)
 		{64, AX_MODE_MEAN_PROB, "64x4K mean_prob"}};
 	printf("# host-bench: µs on this CPU, medians; post-GPU work before session 4 = prefill + finish, after = "
 	       "finish; hmerge = the host merge of host-merged pass-jobs (axf_plan_hmerge); the finish and the host "
-	       "merge read results evicted from the caches first (as the GPU's writes leave them)\n%-18s %6s %9s %9s %9s %15s %9s\n",
+	       "merge read results evicted from the caches first (as the GPU's writes leave them)\n"
+	       "%-18s %6s %9s %9s %9s %15s %9s\n",
 	       "shape", "rows", "plan", "prefill", "finish", "prefill+finish", "hmerge");
 	for (size_t s = 0; s < ARRAY_LEN(sh); s++) {
 		const uint32_t B = sh[s].B;
