@@ -1347,6 +1347,15 @@ struct ax_attn_fast {
 	unsigned long long *trace_init; /* pinned: their values before a run (min slots ~0, max slots 0) */
 	unsigned long long trace_last[AXF_TR_N]; /* the last run's */
 	double host_us[6];      /* the last run on the host clock (ax__attn_fast_host_us) */
+	/* knob graph: chains of kernel nodes by their length and edges (fast_graph), least recently used replaced */
+	struct axf_gslot {
+		uint32_t n, pdl;        /* nodes; bit i: node i waits for node i-1 as its programmatic dependent */
+		uint64_t used;          /* the run that last launched it */
+		cudaGraph_t g;
+		cudaGraphExec_t x;
+		cudaGraphNode_t node[AXF_KMAX];
+	} gs[AXF_GSLOTS];
+	uint64_t runs;
 	axf_plan *plan;
 	axf_split split;
 	axf_pool pool;          /* helper threads for runs with many rows (knob threads) */
@@ -1542,6 +1551,12 @@ void ax__attn_fast_free(ax_attn_fast *f)
 	cudaFreeHost(f->done_h);
 	cudaFree(f->trace_d);
 	cudaFreeHost(f->trace_init);
+	for (int i = 0; i < AXF_GSLOTS; i++) {
+		if (f->gs[i].x)
+			cudaGraphExecDestroy(f->gs[i].x);
+		if (f->gs[i].g)
+			cudaGraphDestroy(f->gs[i].g);
+	}
 	axf_plan_free(f->plan);
 	axf_split_fini(&f->split);
 	free(f);
@@ -1606,25 +1621,33 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 	return 0;
 }
 
-/* One kernel on the context's stream; pdl: as a programmatic dependent of the kernel before it (knob pdl). */
-static cudaError_t fast_kernel(ax_attn_fast *f, const void *fn, uint32_t ctas, axf_args *a, int pdl)
+/* One kernel of a run: its function, CTAs and arguments (a.pdl: launched as a programmatic dependent). */
+typedef struct axf_kl {
+	const void *fn;
+	uint32_t ctas;
+	axf_args a;
+} axf_kl;
+
+/* One kernel on the context's stream; a.pdl: as a programmatic dependent of the kernel before it (knob pdl).
+ * cudaLaunchKernelExC either way (session 8, capture/dev/launch_cost.cu on an H200: its call takes ~1 µs less
+ * host time than cudaLaunchKernel's, 3.2 against 4.3 µs, and a call's round trip ~0.7 µs less). */
+static cudaError_t fast_kernel(ax_attn_fast *f, const axf_kl *k)
 {
-	void *argv[] = {a};
-	if (!pdl)
-		return cudaLaunchKernel(fn, dim3(ctas), dim3(AXF_NW * 32), argv, AXF_SMEM, f->stream);
+	void *argv[] = {(void *)&k->a};
 	cudaLaunchAttribute at[1];
 	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
 	at[0].val.programmaticStreamSerializationAllowed = 1;
 	cudaLaunchConfig_t cfg = {};
-	cfg.gridDim = dim3(ctas), cfg.blockDim = dim3(AXF_NW * 32), cfg.dynamicSmemBytes = AXF_SMEM;
-	cfg.stream = f->stream, cfg.attrs = at, cfg.numAttrs = 1;
-	return cudaLaunchKernelExC(&cfg, fn, argv);
+	cfg.gridDim = dim3(k->ctas), cfg.blockDim = dim3(AXF_NW * 32), cfg.dynamicSmemBytes = AXF_SMEM;
+	cfg.stream = f->stream, cfg.attrs = at, cfg.numAttrs = k->a.pdl ? 1 : 0;
+	return cudaLaunchKernelExC(&cfg, k->fn, argv);
 }
 
-/* A launch's split kernel and, when it has one, its merge kernel; with the completion word when `seq` is not 0.
- * Knob pdl: the merge kernel, and a mean_prob launch (its logsumexps come from an earlier launch), are launched as
- * programmatic dependents (the kernels wait with griddepcontrol.wait before reading what the one before wrote). */
-static int fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq)
+/* A launch's split kernel and, when it has one, its merge kernel, appended to k[*nk ..]; with the completion word
+ * when `seq` is not 0. Knob pdl: the merge kernel, and a mean_prob launch (its logsumexps come from an earlier
+ * launch), are launched as programmatic dependents (the kernels wait with griddepcontrol.wait before reading what
+ * the one before wrote; in a graph, knob graph, through programmatic edges). */
+static void fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq, axf_kl *k, int *nk)
 {
 	axf_args a = axf_plan_args(f->plan, f->dbuf, f->hdev, f->tick, L);
 	if (seq)
@@ -1632,12 +1655,88 @@ static int fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq)
 	a.trace = f->trace_d;
 	const int pdl = f->plan->kn.pdl != 0;
 	a.pdl = pdl && axf_inst_mode(L->inst) == AXF_M_PROB;
-	cudaError_t e = fast_kernel(f, (const void *)axf_kernels[L->inst], L->ctas, &a, a.pdl);
-	if (e == cudaSuccess && L->mg) {
+	k[*nk].fn = (const void *)axf_kernels[L->inst], k[*nk].ctas = L->ctas, k[*nk].a = a;
+	++*nk;
+	if (L->mg) {
 		a.pdl = pdl;
-		e = fast_kernel(f, (const void *)axf_merge_kernel, L->nj * L->mg, &a, pdl); /* mg: CTAs per pass-job */
+		k[*nk].fn = (const void *)axf_merge_kernel, k[*nk].ctas = L->nj * L->mg, k[*nk].a = a; /* mg: CTAs per job */
+		++*nk;
 	}
-	return e == cudaSuccess ? 0 : fast_fail(f, e);
+}
+
+/* A kernel node's parameters for k (its arguments at &k->a: copied when the node is added or updated). */
+static cudaKernelNodeParams fast_node(const axf_kl *k, void **argv)
+{
+	cudaKernelNodeParams np = {};
+	argv[0] = (void *)&k->a;
+	np.func = (void *)k->fn, np.gridDim = dim3(k->ctas), np.blockDim = dim3(AXF_NW * 32);
+	np.sharedMemBytes = AXF_SMEM, np.kernelParams = argv;
+	return np;
+}
+
+/*
+ * A run's n kernels as one graph launch (knob graph; session 8): a chain of n kernel nodes, node i after node i-1 —
+ * as its programmatic dependent when kernel i is launched as one (a.pdl: an edge from the programmatic port, so its
+ * griddepcontrol.wait works as in a stream), else after it ends. A chain is built and instantiated on the state's
+ * first run with its length and edges and kept (AXF_GSLOTS of them, the least recently used replaced); each run
+ * updates every node (function, CTAs, arguments: cudaGraphExecKernelNodeSetParams allows all three to change) and
+ * launches it: one launch call instead of n (launch_cost.cu on an H200: a graph launch's call with its update takes
+ * 1.7-1.9 µs against 3.2-4.3 µs a kernel, a round trip 6.1-6.6 µs against 7.8-8.9; two kernels 8.3-9.4 against
+ * 11.0-12.4).
+ */
+static cudaError_t fast_graph(ax_attn_fast *f, const axf_kl *k, int n)
+{
+	cudaError_t e = cudaSuccess;
+	void *argv[AXF_KMAX][1];
+	uint32_t pdl = 0;
+	for (int i = 1; i < n; i++)
+		pdl |= (k[i].a.pdl ? 1u : 0u) << i;
+	struct ax_attn_fast::axf_gslot *gs = NULL, *old = &f->gs[0];
+	for (int i = 0; i < AXF_GSLOTS && !gs; i++) {
+		if (f->gs[i].x && f->gs[i].n == (uint32_t)n && f->gs[i].pdl == pdl)
+			gs = &f->gs[i];
+		else if (f->gs[i].used < old->used)
+			old = &f->gs[i];
+	}
+	f->runs++;
+	if (!gs) { /* build it in the least recently used slot (never used: 0) */
+		gs = old;
+		if (gs->x) {
+			cudaGraphExecDestroy(gs->x);
+			cudaGraphDestroy(gs->g);
+			gs->x = NULL, gs->g = NULL;
+		}
+		cudaGraph_t g = NULL;
+		if ((e = cudaGraphCreate(&g, 0)) != cudaSuccess)
+			return e;
+		for (int i = 0; i < n && e == cudaSuccess; i++) {
+			const cudaKernelNodeParams np = fast_node(&k[i], argv[i]);
+			e = cudaGraphAddKernelNode(&gs->node[i], g, NULL, 0, &np);
+			if (e == cudaSuccess && i) {
+				cudaGraphEdgeData ed = {};
+				if (k[i].a.pdl)
+					ed.from_port = cudaGraphKernelNodePortProgrammatic, ed.type = cudaGraphDependencyTypeProgrammatic;
+				e = cudaGraphAddDependencies(g, &gs->node[i - 1], &gs->node[i], &ed, 1);
+			}
+		}
+		if (e == cudaSuccess)
+			e = cudaGraphInstantiate(&gs->x, g, 0);
+		if (e != cudaSuccess) {
+			cudaGraphDestroy(g);
+			gs->x = NULL;
+			return e;
+		}
+		gs->g = g, gs->n = (uint32_t)n, gs->pdl = pdl;
+	} else {
+		for (int i = 0; i < n && e == cudaSuccess; i++) {
+			const cudaKernelNodeParams np = fast_node(&k[i], argv[i]);
+			e = cudaGraphExecKernelNodeSetParams(gs->x, gs->node[i], &np);
+		}
+		if (e != cudaSuccess)
+			return e;
+	}
+	gs->used = f->runs;
+	return cudaGraphLaunch(gs->x, f->stream);
 }
 
 static inline void cpu_relax(void)
@@ -1708,8 +1807,20 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		e = cudaEventRecord(f->ev[0], f->stream);
 	r = e == cudaSuccess ? 0 : fast_fail(f, e);
 	const double tu = host_now_us();
-	for (uint32_t l = 0; r == 0 && l < p->nl; l++) /* in plan order: mean_prob's logsumexps first */
-		r = fast_launch(f, &p->L[l], seq);
+	axf_kl kl[AXF_KMAX];
+	int nk = 0;
+	for (uint32_t l = 0; l < p->nl; l++) /* in plan order: mean_prob's logsumexps first */
+		fast_launch(f, &p->L[l], seq, kl, &nk);
+	if (r == 0) {
+		if (p->kn.graph) {
+			e = fast_graph(f, kl, nk);
+		} else {
+			for (int i = 0; e == cudaSuccess && i < nk; i++)
+				e = fast_kernel(f, &kl[i]);
+		}
+		if (e != cudaSuccess)
+			r = fast_fail(f, e);
+	}
 	if (r == 0 && f->timing && (e = cudaEventRecord(f->ev[1], f->stream)) != cudaSuccess)
 		r = fast_fail(f, e);
 	if (r) {

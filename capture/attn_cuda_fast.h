@@ -68,6 +68,8 @@
 #define AXF_MAX_SPLITS 1024       /* splits per pass-job (the merge stages ≥ 1 entry per split per warp) */
 #define AXF_MAX_N (1u << 30)      /* visible keys per job */
 #define AXF_N_INST 12             /* kernel instances: see axf_inst */
+#define AXF_KMAX (2 * AXF_N_INST) /* kernels of a run at most: a split and a merge launch per instance */
+#define AXF_GSLOTS 8              /* CUDA graphs a fast state keeps (knob graph) */
 
 /* Candidate buffers of heads lists (session 7: KB 1, ≤ 4 lists a warp): AXF_LBUF (value, offset) entries per list. */
 #define AXF_LBUF 32
@@ -104,6 +106,10 @@ typedef struct axf_knobs {
 	uint32_t host_merge;       /* a mean_logit pass-job alone in its launch with at most this many splits (and
 				    * spin off) writes its partial rows into the mapped staging and the host merges
 				    * them (axf_hmerge): no ticket, no GPU merge (0: never) */
+	/* Session 8: */
+	uint32_t graph;            /* 1: a run's kernels go to the GPU as one CUDA graph launch (a chain of kernel
+				    * nodes, programmatic edges where pdl has a kernel wait on the GPU, whose parameters
+				    * are updated each run; AXF_GSLOTS chains kept) instead of a launch call each */
 } axf_knobs;
 
 /* The defaults, from the H100 sweep of run 7 (capture/dev/RESULTS.md): CTAs per SM = the occupancy (3, 4, 8
@@ -120,7 +126,7 @@ typedef struct axf_knobs {
  * GPU is the host's largest share (run 17, H200: 64 × 4K heads 306 → 260 µs end to end; the three helpers spin for
  * the ~0.2 ms of such a run's kernels). threads 6 since session 7 (RESULTS run 35, H200: 64 × 4K heads 203.0 → 195.3
  * µs end to end, 8 threads 194.9; capped at half the online CPUs by the state, ax__attn_fast_new). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256}
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -406,20 +412,22 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
  * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
- * AX_FAST_THREADS, AX_FAST_HOST_MERGE (decimal, 0 .. 2^30). */
+ * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH (decimal, 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[12] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[13] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
 					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
 					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP",
-					      "AX_FAST_THREADS",             "AX_FAST_HOST_MERGE"};
-	uint32_t *f[12] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					      "AX_FAST_THREADS",             "AX_FAST_HOST_MERGE",
+					      "AX_FAST_GRAPH"};
+	uint32_t *f[13] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
 			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
-			   &kn->merge_warp,     &kn->threads,          &kn->host_merge};
-	for (int i = 0; i < 12; i++) {
+			   &kn->merge_warp,     &kn->threads,          &kn->host_merge,
+			   &kn->graph};
+	for (int i = 0; i < 13; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)

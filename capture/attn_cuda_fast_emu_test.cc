@@ -182,12 +182,12 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256}},
-	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64}},
-	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3}},
-	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256 */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0}},
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0}},
+	{40, AXF_KNOBS_DEFAULT},    {64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0}}, {50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256 */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -236,7 +236,7 @@ static void test_many_splits(void **state)
 		for (uint32_t mh = 0; mh < 3; mh++) { /* heads lists: last CTA, merge kernel a row per CTA / per warp */
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u};
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0};
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
 			if (rc != 0)
 				fail_msg("%s: rc %d", cs[i].name, rc);
@@ -335,7 +335,7 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	g_kn = axf_knobs{};
@@ -387,7 +387,7 @@ static void test_random(void **state)
 		if (round == 1) /* random knobs */
 			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
-					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, (uint32_t)(td_u64() % 300)};
+					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, (uint32_t)(td_u64() % 300), 0};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
 		g_kn = axf_knobs{};

@@ -201,7 +201,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -226,13 +226,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -253,7 +253,10 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_MERGE_WARP", "7", 1);
 	setenv("AX_FAST_THREADS", "4", 1);
 	setenv("AX_FAST_HOST_MERGE", "0", 1);
+	setenv("AX_FAST_GRAPH", "1", 1);
 	axf_knobs_env(&k);
+	assert_int_equal(k.graph, 1);
+	assert_int_equal(d.graph, 0);
 	assert_int_equal(k.host_merge, 0);
 	assert_int_equal(d.host_merge, 256);
 	assert_int_equal(k.spin, 1);
@@ -271,7 +274,7 @@ static void test_knobs_env(void **state)
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
 			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP",
-			       "AX_FAST_THREADS", "AX_FAST_HOST_MERGE"};
+			       "AX_FAST_THREADS", "AX_FAST_HOST_MERGE", "AX_FAST_GRAPH"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -484,7 +487,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -512,7 +515,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
