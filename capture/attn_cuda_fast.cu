@@ -1732,8 +1732,12 @@ static cudaError_t fast_graph(ax_attn_fast *f, const axf_kl *k, int n)
 			const cudaKernelNodeParams np = fast_node(&k[i], argv[i]);
 			e = cudaGraphExecKernelNodeSetParams(gs->x, gs->node[i], &np);
 		}
-		if (e != cudaSuccess)
+		if (e != cudaSuccess) { /* the slot is dropped: the next run with this chain builds it afresh */
+			cudaGraphExecDestroy(gs->x);
+			cudaGraphDestroy(gs->g);
+			gs->x = NULL, gs->g = NULL, gs->used = 0;
 			return e;
+		}
 	}
 	gs->used = f->runs;
 	return cudaGraphLaunch(gs->x, f->stream);
