@@ -451,7 +451,9 @@ static void emu_launch(uint32_t ctas, size_t smem_bytes, void (*body)(void *), v
 		memset(s->warp, 0, sizeof s->warp);
 		memset(s->done, 0, sizeof s->done);
 		memset(s->started, 0, sizeof s->started);
-		memset(s->smem, 0xa5, smem_bytes); /* garbage, as on a GPU */
+		/* garbage, as on a GPU: every other CTA NaN in every float type (bf16, f16, f32 all ones), so a read of
+		 * a ring row that was never fetched shows as a flagged job */
+		memset(s->smem, (bi & 1) ? 0xa5 : 0xff, smem_bytes);
 		s->cta_arrived = 0;
 		for (int i = 0; i < EMU_NT; i++) {
 			getcontext(&s->fib[i]);
