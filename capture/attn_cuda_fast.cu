@@ -1189,6 +1189,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	}
 	if (tid == 0)
 		trace_at(a, AXF_TR_LOOP0, AXF_TR_LOOP1);
+	if (lane == 0)
+		trace_at(a, -1, AXF_TR_WLOOP1);
 	/* this split's partial rows */
 	if (MODE == AXF_M_HEADS) {
 #pragma unroll
@@ -1219,8 +1221,10 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		atomicOr(cfl, (rng ? AXF_F_RANGE : 0u) | (bad ? AXF_F_DOM : 0u));
 	__syncthreads(); /* every thread's partial writes before thread 0's fence below; every warp is past the loop,
 			  * so the ring is free for the merge's staging */
-	if (tid == 0)
+	if (tid == 0) {
 		a.part_f[jb.pf0 + (uint64_t)sl] = *cfl;
+		trace_at(a, -1, AXF_TR_EPI1);
+	}
 	if (jb.sepm || jb.hm) /* CTA-uniform: the merge launch that follows, or the host, merges this pass-job */
 		return;
 

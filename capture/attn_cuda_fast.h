@@ -221,6 +221,8 @@ enum axf_trace_slot {
 	AXF_TR_MLOAD,                   /* a row merge's (merge_row, merge_row_cta) loads staged: last */
 	AXF_TR_MBAR,                    /* a row merge's bar set: last */
 	AXF_TR_MSCAN,                   /* a row merge's survivors counted, before the sort and the writes: last */
+	AXF_TR_WLOOP1,                  /* any warp of a split CTA past its loop (and its lists' last flush): last */
+	AXF_TR_EPI1,                    /* a split CTA past its epilogue's barrier (partial rows written): last */
 	AXF_TR_N
 };
 

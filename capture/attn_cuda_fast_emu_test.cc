@@ -115,6 +115,8 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		assert_true(tr[AXF_TR_START1] <= tr[AXF_TR_LOOP1] && tr[AXF_TR_DATA1] <= tr[AXF_TR_LOOP1]);
 		assert_true(tr[AXF_TR_MERGE0] == ~0ull || tr[AXF_TR_MERGE1] <= tr[AXF_TR_MDONE1]);
 		assert_true(tr[AXF_TR_MK0] == ~0ull || tr[AXF_TR_MKGO] <= tr[AXF_TR_MKDONE]);
+		assert_true(tr[AXF_TR_LOOP1] <= tr[AXF_TR_WLOOP1] && tr[AXF_TR_WLOOP1] <= tr[AXF_TR_EPI1]);
+		assert_true(tr[AXF_TR_MERGE0] == ~0ull || tr[AXF_TR_EPI1] <= tr[AXF_TR_MERGE1]); /* every split wrote before the last merged */
 	}
 	axf_plan_prefill(p, jobs, out); /* the driver does this while the kernels run */
 	assert_int_equal(axf_plan_finish(p, buf, jobs, out, rc), 0);

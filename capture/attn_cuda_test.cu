@@ -1042,7 +1042,7 @@ static void bench_trace(bdata *d, int m, ax_attn_fast *ft)
 	enum { NF = AXF_TR_N - 1 };
 	static const char *const names[NF] = {"start-last", "data-first", "data-last", "loop-first", "loop-last",
 					      "merge-first", "merge-last", "merge-done", "mk-start", "mk-last",
-					      "mk-go", "mk-done", "m-load", "m-bar", "m-scan"};
+					      "mk-go", "mk-done", "m-load", "m-bar", "m-scan", "wloop-last", "epi-last"};
 	double v[NF][B_MAXREPS], kern[B_MAXREPS];
 	int nv[NF] = {0}, reps = d->reps > B_MAXREPS ? B_MAXREPS : d->reps, bad = 0;
 	for (int i = -2; i < reps; i++) {
@@ -1120,7 +1120,7 @@ static int bench(ax_attn_cuda *c)
 	       "split CTA start, first stage's keys in (first/last CTA), streaming loops ended (first/last), last-CTA "
 	       "merges started (first/last) and done (last), merge kernel CTAs started (first/last), past their "
 	       "grid-dependency wait (last), done (last); a row merge's (either kind) loads staged, bar set, survivors "
-	       "counted (last)\n");
+	       "counted (last); any warp's loop ended (last), a split CTA's partial rows written (last)\n");
 	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
 	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
 	/* AX_BENCH_SHAPES="1x128K,1x1M" (say): only those shapes; AX_BENCH_BRIEF=1: the main table's fast columns only
