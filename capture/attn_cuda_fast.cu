@@ -1189,8 +1189,10 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	}
 	if (tid == 0)
 		trace_at(a, AXF_TR_LOOP0, AXF_TR_LOOP1);
-	if (lane == 0)
+	if (lane == 0) {
 		trace_at(a, -1, AXF_TR_WLOOP1);
+		trace_at(a, -1, AXF_TR_N + (int)(blockIdx.x % AXF_TR_CTAS));
+	}
 	/* this split's partial rows */
 	if (MODE == AXF_M_HEADS) {
 #pragma unroll
@@ -1349,7 +1351,7 @@ struct ax_attn_fast {
 	uint64_t spin_miss;     /* runs whose wait ended by the stream query, not by the word (should stay 0) */
 	unsigned long long *trace_d;    /* diagnostics (ax__attn_fast_trace): device slots, NULL = off */
 	unsigned long long *trace_init; /* pinned: their values before a run (min slots ~0, max slots 0) */
-	unsigned long long trace_last[AXF_TR_N]; /* the last run's */
+	unsigned long long trace_last[AXF_TR_ALL]; /* the last run's */
 	double host_us[6];      /* the last run on the host clock (ax__attn_fast_host_us) */
 	/* knob graph: chains of kernel nodes by their length and edges (fast_graph), least recently used replaced */
 	struct axf_gslot {
@@ -1502,16 +1504,16 @@ int ax__attn_fast_trace(ax_attn_fast *f, int on)
 	if (!f)
 		return -EINVAL;
 	if (on && !f->trace_d) {
-		cudaError_t e = cudaMalloc((void **)&f->trace_d, AXF_TR_N * sizeof(unsigned long long));
+		cudaError_t e = cudaMalloc((void **)&f->trace_d, AXF_TR_ALL * sizeof(unsigned long long));
 		if (e == cudaSuccess)
-			e = cudaHostAlloc((void **)&f->trace_init, AXF_TR_N * sizeof(unsigned long long), cudaHostAllocDefault);
+			e = cudaHostAlloc((void **)&f->trace_init, AXF_TR_ALL * sizeof(unsigned long long), cudaHostAllocDefault);
 		if (e != cudaSuccess) {
 			cudaFree(f->trace_d);
 			f->trace_d = NULL;
 			return fast_fail(f, e);
 		}
 		static const int first[] = {AXF_TR_START0, AXF_TR_DATA0, AXF_TR_LOOP0, AXF_TR_MERGE0, AXF_TR_MK0};
-		memset(f->trace_init, 0, AXF_TR_N * sizeof(unsigned long long));
+		memset(f->trace_init, 0, AXF_TR_ALL * sizeof(unsigned long long));
 		for (size_t i = 0; i < sizeof first / sizeof first[0]; i++)
 			f->trace_init[first[i]] = ~0ull;
 	}
@@ -1809,7 +1811,7 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		e = cudaMemcpyAsync(f->dbuf, f->hbuf, p->lay.up, cudaMemcpyHostToDevice, f->stream);
 	}
 	if (e == cudaSuccess && f->trace_d)
-		e = cudaMemcpyAsync(f->trace_d, f->trace_init, AXF_TR_N * sizeof(unsigned long long), cudaMemcpyHostToDevice,
+		e = cudaMemcpyAsync(f->trace_d, f->trace_init, AXF_TR_ALL * sizeof(unsigned long long), cudaMemcpyHostToDevice,
 				    f->stream);
 	if (e == cudaSuccess && f->timing)
 		e = cudaEventRecord(f->ev[0], f->stream);

@@ -205,7 +205,7 @@ typedef struct axf_args {
 	uint32_t *done;             /* host staging (mapped) */
 	uint32_t units, seq;
 	uint32_t pdl;               /* 1: this kernel was launched as a programmatic dependent (waits on the GPU) */
-	unsigned long long *trace;  /* diagnostics (ax__attn_fast_trace): AXF_TR_N global-timer ns slots, NULL = off */
+	unsigned long long *trace;  /* diagnostics (ax__attn_fast_trace): AXF_TR_ALL global-timer ns slots, NULL = off */
 } axf_args;
 
 /* Trace slots (ns of the GPU's global timer, by thread 0 of CTAs; first = atomicMin, last = atomicMax). */
@@ -225,6 +225,10 @@ enum axf_trace_slot {
 	AXF_TR_EPI1,                    /* a split CTA past its epilogue's barrier (partial rows written): last */
 	AXF_TR_N
 };
+/* After the AXF_TR_N slots, one per split CTA (blockIdx mod AXF_TR_CTAS, session 9): when its last warp left the
+ * loop (atomicMax; a run with several split launches keeps the later), for the spread of the splits' ends. */
+#define AXF_TR_CTAS 2048
+#define AXF_TR_ALL (AXF_TR_N + AXF_TR_CTAS)
 
 /* Byte offsets: the host staging holds [0, off_dev) — the tables, uploaded ([0, up)) when p->upload, and the
  * results the kernels write into it ([pflags, off_dev)); the device scratch uses the same offsets for the tables
@@ -1206,7 +1210,7 @@ void ax__attn_fast_knobs(ax_attn_fast *f, axf_knobs *get, const axf_knobs *set);
 int ax__attn_fast_timing(ax_attn_fast *f, int on);
 float ax__attn_fast_kernel_us(const ax_attn_fast *f);
 /* Diagnostics: with on, every run records the GPU's global timer at the points of enum axf_trace_slot (one more
- * copy up and one down per run: not for timing the call); ax__attn_fast_trace_get copies the last run's AXF_TR_N
+ * copy up and one down per run: not for timing the call); ax__attn_fast_trace_get copies the last run's AXF_TR_ALL
  * slots (ns; a slot never reached keeps ~0 for a first-slot, 0 for a last-slot). 0, -EINVAL or -EIO. */
 int ax__attn_fast_trace(ax_attn_fast *f, int on);
 void ax__attn_fast_trace_get(const ax_attn_fast *f, unsigned long long *out);

@@ -84,8 +84,8 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		hm |= (int)p->L[l].hm;
 	const int spin = (calls++ & 1) == 0 && !hm;
 	uint32_t done_cnt = 0, done = 0, seq = 0x5eed0000u + calls;
-	unsigned long long tr[AXF_TR_N]; /* diagnostics on every third run: the driver's initial values */
-	for (int i = 0; i < AXF_TR_N; i++)
+	static unsigned long long tr[AXF_TR_ALL]; /* diagnostics on every third run: the driver's initial values */
+	for (int i = 0; i < AXF_TR_ALL; i++)
 		tr[i] = i == AXF_TR_START0 || i == AXF_TR_DATA0 || i == AXF_TR_LOOP0 || i == AXF_TR_MERGE0 || i == AXF_TR_MK0
 				? ~0ull
 				: 0;
@@ -116,6 +116,9 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		assert_true(tr[AXF_TR_MERGE0] == ~0ull || tr[AXF_TR_MERGE1] <= tr[AXF_TR_MDONE1]);
 		assert_true(tr[AXF_TR_MK0] == ~0ull || tr[AXF_TR_MKGO] <= tr[AXF_TR_MKDONE]);
 		assert_true(tr[AXF_TR_LOOP1] <= tr[AXF_TR_WLOOP1] && tr[AXF_TR_WLOOP1] <= tr[AXF_TR_EPI1]);
+		for (uint32_t l = 0; l < p->nl; l++) /* every split CTA's own end, before every epilogue was done */
+			for (uint32_t b = 0; b < p->L[l].ctas && b < AXF_TR_CTAS; b++)
+				assert_true(tr[AXF_TR_N + b] >= tr[AXF_TR_START0] && tr[AXF_TR_N + b] <= tr[AXF_TR_EPI1]);
 		assert_true(tr[AXF_TR_MERGE0] == ~0ull || tr[AXF_TR_EPI1] <= tr[AXF_TR_MERGE1]); /* every split wrote before the last merged */
 	}
 	axf_plan_prefill(p, jobs, out); /* the driver does this while the kernels run */

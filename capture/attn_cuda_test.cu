@@ -1043,8 +1043,8 @@ static void bench_trace(bdata *d, int m, ax_attn_fast *ft)
 	static const char *const names[NF] = {"start-last", "data-first", "data-last", "loop-first", "loop-last",
 					      "merge-first", "merge-last", "merge-done", "mk-start", "mk-last",
 					      "mk-go", "mk-done", "m-load", "m-bar", "m-scan", "wloop-last", "epi-last"};
-	double v[NF][B_MAXREPS], kern[B_MAXREPS];
-	int nv[NF] = {0}, reps = d->reps > B_MAXREPS ? B_MAXREPS : d->reps, bad = 0;
+	double v[NF][B_MAXREPS], kern[B_MAXREPS], pc[5][B_MAXREPS];
+	int nv[NF] = {0}, reps = d->reps > B_MAXREPS ? B_MAXREPS : d->reps, bad = 0, npc = 0;
 	for (int i = -2; i < reps; i++) {
 		const ax_attn_job *jobs = d->jobs[m] + (size_t)((i + 2) % d->rot) * d->B;
 		int x = ax__attn_fast_run(ft, jobs, d->B, d->out, d->rc);
@@ -1053,8 +1053,20 @@ static void bench_trace(bdata *d, int m, ax_attn_fast *ft)
 		bad |= x != 0;
 		if (i < 0)
 			continue;
-		unsigned long long t[AXF_TR_N];
+		static unsigned long long t[AXF_TR_ALL];
 		ax__attn_fast_trace_get(ft, t);
+		/* the split CTAs' own loop ends: percentiles over the CTAs of this run */
+		static double ce[AXF_TR_CTAS];
+		int nce = 0;
+		for (int b = 0; b < AXF_TR_CTAS; b++)
+			if (t[AXF_TR_N + b] != 0 && t[AXF_TR_N + b] >= t[0])
+				ce[nce++] = (double)(t[AXF_TR_N + b] - t[0]) * 1e-3;
+		if (nce) {
+			qsort(ce, (size_t)nce, sizeof *ce, cmp_d);
+			for (int q = 0; q < 5; q++)
+				pc[q][npc] = ce[(size_t)((nce - 1) * q / 4)];
+			npc++;
+		}
 		kern[i] = ax__attn_fast_kernel_us(ft);
 		for (int f = 0; f < NF; f++) {
 			const unsigned long long x1 = t[f + 1];
@@ -1069,6 +1081,9 @@ static void bench_trace(bdata *d, int m, ax_attn_fast *ft)
 		else
 			printf(" %s -", names[f]);
 	}
+	if (npc) /* medians over the runs of each percentile */
+		printf(" | cta-ends min %.1f q1 %.1f med %.1f q3 %.1f max %.1f", median(pc[0], npc), median(pc[1], npc),
+		       median(pc[2], npc), median(pc[3], npc), median(pc[4], npc));
 	printf("%s\n", bad ? "  RUN FAILED" : "");
 	fflush(stdout);
 }
@@ -1120,7 +1135,8 @@ static int bench(ax_attn_cuda *c)
 	       "split CTA start, first stage's keys in (first/last CTA), streaming loops ended (first/last), last-CTA "
 	       "merges started (first/last) and done (last), merge kernel CTAs started (first/last), past their "
 	       "grid-dependency wait (last), done (last); a row merge's (either kind) loads staged, bar set, survivors "
-	       "counted (last); any warp's loop ended (last), a split CTA's partial rows written (last)\n");
+	       "counted (last); any warp's loop ended (last), a split CTA's partial rows written (last); cta-ends: the split CTAs' own "
+	       "loop ends (their last warp's; the last split launch's), quartiles over the CTAs\n");
 	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
 	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
 	/* AX_BENCH_SHAPES="1x128K,1x1M" (say): only those shapes; AX_BENCH_BRIEF=1: the main table's fast columns only
