@@ -48,7 +48,10 @@
  * 32 keys, and the host merge of a lone mean_logit pass-job (attn_cuda_fast.h: axf_hmerge_job). Session 7
  * (runs 29-33): those lists' candidates buffered in shared memory straight from the MMA fragments and merged by
  * 32-wide sorts (wl_flush; run 33, H200, 1877db0: 179/179, the three sanitizers clean, capture e2e 13/13), and trace
- * slots for a row merge's phases. On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT
+ * slots for a row merge's phases. Session 9 (runs 53-59): trace slots for the end of a split CTA and each CTA's own
+ * loop end, and the tail (knob tail, default on): a split streams a static share of 85% of the pass-job's stages,
+ * then takes blocks of the remaining 15% from a counter until none is left (the outer range loop of axf_kernel; each
+ * block's logsumexp partial in its own slot, so results stay bitwise reproducible). On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT
  * emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from
  * the emulator, the driver left out), the host half in attn_cuda_fast_test.c.
  */
@@ -642,18 +645,18 @@ __device__ __forceinline__ void row_scan(const axf_args &a, uint64_t ent, int K,
 __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs, int *xp, float *es, int *ep, int cap,
 			  uint32_t *cnt)
 {
-	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S;
-	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
+	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S, SL = S + (int)jb.tblk;
+	const uint64_t prow0 = jb.part0 + (uint64_t)r * SL, ent = jb.ent0 + (uint64_t)r * S * K;
 	float m = -INFINITY, sm = 0.f, ts = -INFINITY; /* (ts, tp): the best k-th entry of any split */
 	int tp = INT_MAX;
-	for (int i0 = lane; i0 < S; i0 += 32 * 4) { /* the splits' logsumexps and k-th entries: 4 splits' loads per
-						      * lane issued together, then used */
+	for (int i0 = lane; i0 < SL; i0 += 32 * 4) { /* the splits' (and tail blocks') logsumexps and the splits' k-th
+						       * entries: 4 loads per lane issued together, then used */
 		float x[4], kx[4];
 		int kp[4];
 #pragma unroll
 		for (int u = 0; u < 4; ++u) {
 			const int i = i0 + 32 * u;
-			x[u] = i < S ? __ldcg(a.part_lse + prow0 + i) : -INFINITY;
+			x[u] = i < SL ? __ldcg(a.part_lse + prow0 + i) : -INFINITY;
 			kx[u] = -INFINITY, kp[u] = -1;
 			if (K && i < S) {
 				const uint64_t e = ent + (uint64_t)i * K + K - 1;
@@ -710,8 +713,8 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsigned char *smem, float *xs, int *xp,
 			      float *red, int mode, int flags)
 {
-	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, K = (int)jb.K, S = (int)jb.S;
-	const uint64_t prow0 = jb.part0 + (uint64_t)r * S, ent = jb.ent0 + (uint64_t)r * S * K;
+	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, K = (int)jb.K, S = (int)jb.S, SL = S + (int)jb.tblk;
+	const uint64_t prow0 = jb.part0 + (uint64_t)r * SL, ent = jb.ent0 + (uint64_t)r * S * K;
 	const int capm = AXF_MERGE_CAPM;
 	float *es = (float *)smem;
 	int *ep = (int *)(es + capm);
@@ -719,13 +722,13 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 	int *skp = (int *)(skx + AXF_MAX_SPLITS);
 	uint32_t *cnt = (uint32_t *)red + 2;
 	const int E = K ? stage_e(K, S, capm) : 0;
-	for (int i0 = tid; i0 < S; i0 += AXF_NW * 32 * 4) { /* S ≤ 1024: one batch of ≤ 4 splits per thread */
+	for (int i0 = tid; i0 < SL; i0 += AXF_NW * 32 * 4) { /* SL ≤ 1024: one batch of ≤ 4 per thread */
 		float x[4], kx[4];
 		int kp[4];
 #pragma unroll
 		for (int u = 0; u < 4; ++u) {
 			const int i = i0 + AXF_NW * 32 * u;
-			x[u] = i < S ? __ldcg(a.part_lse + prow0 + i) : -INFINITY;
+			x[u] = i < SL ? __ldcg(a.part_lse + prow0 + i) : -INFINITY;
 			kx[u] = -INFINITY, kp[u] = -1;
 			if (K && i < S) {
 				const uint64_t e = ent + (uint64_t)i * K + K - 1;
@@ -736,8 +739,10 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 #pragma unroll
 		for (int u = 0; u < 4; ++u) {
 			const int i = i0 + AXF_NW * 32 * u;
+			if (i < SL)
+				sl[i] = x[u];
 			if (i < S)
-				sl[i] = x[u], skx[i] = kx[u], skp[i] = kp[u];
+				skx[i] = kx[u], skp[i] = kp[u];
 		}
 	}
 	if (K)
@@ -751,7 +756,7 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 	if (!K) { /* CTA-uniform (no CTA-wide merge has K = 0 today): warp 0 alone */
 		if (w == 0) {
 			float m = -INFINITY, sm = 0.f;
-			for (int i = lane; i < S; i += 32)
+			for (int i = lane; i < SL; i += 32)
 				if (sl[i] != -INFINITY)
 					lse_merge(m, sm, sl[i], 1.f);
 			lse_warp(m, sm);
@@ -769,9 +774,9 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 		row_bar(ts, tp, K, S, es, ep);
 		if (lane == 0)
 			red[0] = ts, ((int *)red)[1] = tp, *cnt = 0;
-	} else if (w == 2) { /* the logsumexp over the splits, meanwhile */
+	} else if (w == 2) { /* the logsumexp over the splits (and tail blocks), meanwhile */
 		float m = -INFINITY, sm = 0.f;
-		for (int i = lane; i < S; i += 32)
+		for (int i = lane; i < SL; i += 32)
 			if (sl[i] != -INFINITY)
 				lse_merge(m, sm, sl[i], 1.f);
 		lse_warp(m, sm);
@@ -849,8 +854,13 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji]; /* the parameter itself (grid constant) or the table */
 	const int K = (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
 	const int G = (int)jb.G, Hkv = (int)jb.Hkv;
-	const uint32_t n = jb.n, start = (uint32_t)sl * jb.chunk, end = min(n, start + jb.chunk);
-	const int nst = (int)((end - start + AXF_TS - 1) / AXF_TS);
+	/* [start, end): the keys of the range being streamed — the split's static share, then (knob tail) each tail
+	 * block it takes; nst its stages; g0 the stages this CTA streamed before it (the ring's buffers and mbarrier
+	 * phases count on over ranges) */
+	const uint32_t n = jb.n;
+	uint32_t start = jb.tblk ? (uint32_t)sl * jb.tss * AXF_TS : (uint32_t)sl * jb.chunk;
+	uint32_t end = jb.tblk ? start + jb.tss * AXF_TS : min(n, start + jb.chunk);
+	int nst = (int)((end - start + AXF_TS - 1) / AXF_TS), g0 = 0;
 	const uint32_t rowb = (uint32_t)Hkv * AXF_D * 2;
 	const bool wv = w < Hkv, cA = wv && 2 * t < G, cB = wv && 2 * t + 1 < G;
 
@@ -885,10 +895,11 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		const uint32_t j = start + (uint32_t)st * AXF_TS + (uint32_t)lane;
 		return has_row(st) ? (int64_t)load_slot(jb.index, jb.idt == AX_DTYPE_I32, jb.start + j, jb.n_slots, rng) : -1;
 	};
-	auto issue = [&](int st, int64_t slot) {
-		uint64_t *mb = &full[st % AXF_NS];
+	auto issue = [&](int st, int64_t slot) { /* st: the range's stage */
+		const int gs = g0 + st;
+		uint64_t *mb = &full[gs % AXF_NS];
 		if (slot >= 0) {
-			unsigned char *dst = stg + (size_t)(st % AXF_NS) * AXF_TS * AXF_ROWS_SM + (size_t)lane * AXF_ROWS_SM;
+			unsigned char *dst = stg + (size_t)(gs % AXF_NS) * AXF_TS * AXF_ROWS_SM + (size_t)lane * AXF_ROWS_SM;
 			mbar_arrive_tx(mb, rowb);
 			bulk_g2s(dst, (const char *)jb.k + (uint64_t)slot * jb.s0 * 2, rowb, mb);
 		} else {
@@ -976,26 +987,52 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		}
 	};
 	bars();
+	/* A range's logsumexp partials into slot `slot` of its rows (SL per row: the S splits' static shares, then
+	 * the tail blocks: each its own slot, so the merge sums them in one order whichever CTA took which block —
+	 * results stay bitwise the same from run to run), the accumulators then empty for the next range. */
+	const uint64_t SL = (uint64_t)S + jb.tblk;
+	uint32_t slot = (uint32_t)sl;
+	auto put_lse = [&]() {
+		if (MODE == AXF_M_HEADS) {
+#pragma unroll
+			for (int off = 4; off < 32; off <<= 1) {
+				lse_merge(mA, sA, __shfl_xor_sync(FULLM, mA, off), __shfl_xor_sync(FULLM, sA, off));
+				lse_merge(mB, sB, __shfl_xor_sync(FULLM, mB, off), __shfl_xor_sync(FULLM, sB, off));
+			}
+			if (lane < 4) { /* lane t holds columns 2t, 2t+1 */
+				if (cA)
+					a.part_lse[jb.part0 + (uint64_t)(w * G + 2 * t) * SL + slot] = lse_value(mA, sA);
+				if (cB)
+					a.part_lse[jb.part0 + (uint64_t)(w * G + 2 * t + 1) * SL + slot] = lse_value(mB, sB);
+			}
+		} else if (w == AXF_NW - 1) {
+			lse_warp(mA, sA);
+			if (lane == 0)
+				a.part_lse[jb.part0 + slot] = lse_value(mA, sA);
+		}
+		mA = mB = -INFINITY, sA = sB = 0.f;
+	};
 
+	for (int rg = 0;; ++rg) { /* the ranges: the static share, then the tail blocks this CTA takes */
 	for (int i = 0; i < nst; ++i) {
-		const int st = i + AXF_NS - 1;
+		const int st = i + AXF_NS - 1, gi = g0 + i, gs = g0 + st;
 		if (st == turn && (RW ? w < RW && lane < AXF_TS : prod) && st < nst) {
 			/* refill the buffer stage i-1 used once every warp has released it */
-			if (st >= AXF_NS)
-				mbar_wait(&empty[st % AXF_NS], (uint32_t)((st / AXF_NS) - 1) & 1);
+			if (gs >= AXF_NS)
+				mbar_wait(&empty[gs % AXF_NS], (uint32_t)((gs / AXF_NS) - 1) & 1);
 			issue(st, nxt);
 			nxt = slot_of(st + (RW ? RW : 1)); /* nothing waits for this load until that stage */
 		}
 		if (st == turn)
 			turn += RW ? RW : 1;
 		__syncwarp();
-		mbar_wait(&full[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
-		if (i == 0 && tid == 0)
+		mbar_wait(&full[gi % AXF_NS], (uint32_t)(gi / AXF_NS) & 1);
+		if (gi == 0 && tid == 0)
 			trace_at(a, AXF_TR_DATA0, AXF_TR_DATA1);
 		__syncwarp(); /* converged for mma.sync.aligned */
 		const uint32_t tile = start + (uint32_t)i * AXF_TS;
 		const int nv = (int)min((uint32_t)AXF_TS, end - tile);
-		const unsigned char *buf = stg + (size_t)(i % AXF_NS) * AXF_TS * AXF_ROWS_SM;
+		const unsigned char *buf = stg + (size_t)(gi % AXF_NS) * AXF_TS * AXF_ROWS_SM;
 		const bool r0 = wv && grow < nv, r1 = wv && grow + 8 < nv; /* rows past the end: not fetched */
 		float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
 		uint4 ka[4], kb[4];
@@ -1018,7 +1055,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale;
 		const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
 		if (MODE == AXF_M_HEADS) {
-			mbar_arrive(&empty[i % AXF_NS]); /* the fragments are in registers: release the buffer */
+			mbar_arrive(&empty[gi % AXF_NS]); /* the fragments are in registers: release the buffer */
 			/* A non-finite score: x·0 is 0 for every finite x and NaN for ±inf and NaN (rows past the end and
 			 * columns past G hold 0: zero fragments; a NaN or inf in a key makes every column of its KV head
 			 * non-finite, so taking the columns past G in changes nothing). */
@@ -1029,7 +1066,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 				lse_add2(mA, sA, a0, a2);
 			if (cB)
 				lse_add2(mB, sB, b1, b3);
-			if (BATCH && K && wv && i < 2) { /* the start batch (warp-uniform) */
+			if (BATCH && K && wv && i < 2 && g0 == 0) { /* the start batch (warp-uniform) */
 				/* stages 0 and 1: every list's 32 keys go to this warp's slice of the merge scratch (idle in the
 				 * loop: 4 lists × 32 scores), sorted once after stage 1 (or stage 0 when the split has one) into
 				 * the lists — one 32-wide bitonic sort in place of two 16-key merges per list */
@@ -1149,23 +1186,23 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 			p1 += __shfl_xor_sync(FULLM, p1, 1);
 			p0 += __shfl_xor_sync(FULLM, p0, 2);
 			p1 += __shfl_xor_sync(FULLM, p1, 2);
-			float *rd = red + (i % AXF_NS) * AXF_NW * AXF_TS;
+			float *rd = red + (gi % AXF_NS) * AXF_NW * AXF_TS;
 			if (t == 0) {
 				rd[w * AXF_TS + grow] = p0;
 				rd[w * AXF_TS + grow + 8] = p1;
-				mbar_arrive(&redfull[i % AXF_NS]); /* each writer releases its own two partials */
+				mbar_arrive(&redfull[gi % AXF_NS]); /* each writer releases its own two partials */
 			}
 			__syncwarp();
 			if (w != AXF_NW - 1) {
-				mbar_arrive(&empty[i % AXF_NS]);
+				mbar_arrive(&empty[gi % AXF_NS]);
 			} else { /* the reducer: stage i's 8 partials, then release the stage (buffer and partials) */
-				mbar_wait(&redfull[i % AXF_NS], (uint32_t)(i / AXF_NS) & 1);
+				mbar_wait(&redfull[gi % AXF_NS], (uint32_t)(gi / AXF_NS) & 1);
 				float v = 0.f;
 				if (lane < AXF_TS)
 #pragma unroll
 					for (int g = 0; g < AXF_NW; ++g)
 						v += rd[g * AXF_TS + lane];
-				mbar_arrive(&empty[i % AXF_NS]); /* buffer and partials read */
+				mbar_arrive(&empty[gi % AXF_NS]); /* buffer and partials read */
 				const bool ok = lane < nv;
 				bad |= ok && !finite_f(v); /* a NaN/inf score, or (mean_prob) Σ exp overflowing; 0 is fine */
 				v = MODE == AXF_M_LOGIT ? v * inv_h : logf(v * inv_h);
@@ -1175,6 +1212,45 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 					wl_offer16<KB>(L[0], v, (int)tile + lane, ok, K);
 			}
 		}
+	}
+	g0 += nst;
+	if (!jb.tblk) /* CTA-uniform */
+		break;
+	/* the next tail block: thread 0 draws it (a CTA takes blocks until it draws past the last), the CTA barrier
+	 * hands it to every thread (two words in turn: a slow reader of one draw's word is past the barrier before
+	 * the draw after next overwrites it) and puts every warp past the range's last stage */
+	if (tid == 0)
+		cfl[1 + (rg & 1)] = atomicAdd(a.tailc + jb.ticket, 1u) - jb.tbase;
+	__syncthreads();
+	const uint32_t b = cfl[1 + (rg & 1)];
+	if (b >= jb.tblk)
+		break;
+	put_lse(); /* the range just streamed; the block's goes to slot S + b */
+	slot = (uint32_t)S + b;
+	start = (jb.tail0 + b * jb.tstg) * AXF_TS;
+	end = min(n, start + jb.tstg * AXF_TS);
+	nst = (int)((end - start + AXF_TS - 1) / AXF_TS);
+	/* the range's first stages, as at the start (their buffers' last readers were the range before: the refill
+	 * waits on their empty barriers); then each warp's next copy and index load */
+	nxt = -1;
+	if (prod) {
+#pragma unroll
+		for (int i = 0; i < AXF_NS - 1; ++i)
+			if (i < nst) {
+				const int gs = g0 + i;
+				if (gs >= AXF_NS)
+					mbar_wait(&empty[gs % AXF_NS], (uint32_t)((gs / AXF_NS) - 1) & 1);
+				issue(i, slot_of(i));
+			}
+		if (!RW)
+			nxt = slot_of(AXF_NS - 1);
+	}
+	turn = RW ? w : AXF_NS - 1;
+	while (RW && turn < AXF_NS - 1)
+		turn += RW;
+	if (RW && w < RW && lane < AXF_TS)
+		nxt = slot_of(turn);
+	__syncwarp();
 	}
 
 	if (BUF && K && wv) { /* the buffered candidates (warp-uniform) */
@@ -1193,28 +1269,15 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		trace_at(a, -1, AXF_TR_WLOOP1);
 		trace_at(a, -1, AXF_TR_N + (int)(blockIdx.x % AXF_TR_CTAS));
 	}
-	/* this split's partial rows */
+	/* this split's partial rows (the last range's logsumexps, the lists) */
+	put_lse();
 	if (MODE == AXF_M_HEADS) {
-#pragma unroll
-		for (int off = 4; off < 32; off <<= 1) {
-			lse_merge(mA, sA, __shfl_xor_sync(FULLM, mA, off), __shfl_xor_sync(FULLM, sA, off));
-			lse_merge(mB, sB, __shfl_xor_sync(FULLM, mB, off), __shfl_xor_sync(FULLM, sB, off));
-		}
-		if (lane < 4) { /* lane t holds columns 2t, 2t+1 */
-			if (cA)
-				a.part_lse[jb.part0 + (uint64_t)(w * G + 2 * t) * S + sl] = lse_value(mA, sA);
-			if (cB)
-				a.part_lse[jb.part0 + (uint64_t)(w * G + 2 * t + 1) * S + sl] = lse_value(mB, sB);
-		}
 		if (K && wv)
 #pragma unroll
 			for (int h = 0; h < NL; ++h)
 				if (h < G)
 					put_list<KB>(a, jb.ent0 + ((uint64_t)(w * G + h) * S + sl) * K, L[h], K);
 	} else if (w == AXF_NW - 1) {
-		lse_warp(mA, sA);
-		if (lane == 0)
-			a.part_lse[jb.part0 + sl] = lse_value(mA, sA);
 		if (K)
 			put_list<KB>(a, jb.ent0 + (uint64_t)sl * K, L[0], K);
 	}
@@ -1343,8 +1406,11 @@ struct ax_attn_fast {
 	char *hdev;             /* hbuf as the device addresses it */
 	size_t hcap;
 	uint32_t *tick;         /* tickets: zeroed when allocated, each pass-job's last CTA resets its own; tick[tcap]:
-				 * the completion count (knob spin), reset by each run's last unit */
+				 * the completion count (knob spin), reset by each run's last unit; then tcap tail
+				 * counters (knob tail), zeroed when allocated, never reset: tbase follows them */
 	size_t tcap;
+	uint32_t *tbase;        /* host: each tail counter's value when the next run starts (a run adds tblk + S to
+				 * the counter of each of its pass-jobs with a tail) */
 	uint32_t *done_h;       /* the completion word (knob spin): pinned, mapped; done_d as the device addresses it */
 	uint32_t *done_d;
 	uint32_t seq;           /* the last run's completion value */
@@ -1553,6 +1619,7 @@ void ax__attn_fast_free(ax_attn_fast *f)
 		cudaEventDestroy(f->ev[1]);
 	cudaFree(f->dbuf);
 	cudaFree(f->tick);
+	free(f->tbase);
 	cudaFreeHost(f->hbuf);
 	cudaFreeHost(f->done_h);
 	cudaFree(f->trace_d);
@@ -1577,6 +1644,14 @@ int ax__attn_fast_take_error(ax_attn_fast *f)
 	return e;
 }
 
+/* The tail counters and their bases back to 0 (after a run that may not have made all its draws). */
+static void fast_tail_reset(ax_attn_fast *f)
+{
+	cudaStreamSynchronize(f->stream);
+	cudaMemsetAsync(f->tick + f->tcap + 1, 0, f->tcap * sizeof(uint32_t), f->stream);
+	memset(f->tbase, 0, f->tcap * sizeof(uint32_t));
+}
+
 /* Grow the device scratch, the tickets (zeroed) and the pinned staging to the plan (contents not kept). */
 static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 {
@@ -1587,11 +1662,14 @@ static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 		size_t cap = njb < 1024 ? 1024 : (size_t)njb * 2;
 		cudaStreamSynchronize(f->stream);
 		cudaFree(f->tick);
-		f->tick = NULL, f->tcap = 0;
+		free(f->tbase);
+		f->tick = NULL, f->tbase = NULL, f->tcap = 0;
 		/* zeroed on the context's stream: ordered before the kernels (a plain cudaMemset is not: the stream is
 		 * non-blocking) */
-		if ((e = cudaMalloc((void **)&f->tick, (cap + 1) * sizeof(uint32_t))) != cudaSuccess ||
-		    (e = cudaMemsetAsync(f->tick, 0, (cap + 1) * sizeof(uint32_t), f->stream)) != cudaSuccess)
+		if (!(f->tbase = (uint32_t *)calloc(cap, sizeof(uint32_t))))
+			return -ENOMEM;
+		if ((e = cudaMalloc((void **)&f->tick, (2 * cap + 1) * sizeof(uint32_t))) != cudaSuccess ||
+		    (e = cudaMemsetAsync(f->tick, 0, (2 * cap + 1) * sizeof(uint32_t), f->stream)) != cudaSuccess)
 			return fast_fail(f, e);
 		f->tcap = cap;
 	}
@@ -1655,7 +1733,7 @@ static cudaError_t fast_kernel(ax_attn_fast *f, const axf_kl *k)
  * the one before wrote; in a graph, knob graph, through programmatic edges). */
 static void fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq, axf_kl *k, int *nk)
 {
-	axf_args a = axf_plan_args(f->plan, f->dbuf, f->hdev, f->tick, L);
+	axf_args a = axf_plan_args(f->plan, f->dbuf, f->hdev, f->tick, f->tick + f->tcap + 1, L);
 	if (seq)
 		a.done_cnt = f->tick + f->tcap, a.done = f->done_d, a.units = (uint32_t)f->plan->units, a.seq = seq;
 	a.trace = f->trace_d;
@@ -1804,6 +1882,16 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	if (p->kn.spin) {
 		seq = ++f->seq ? f->seq : ++f->seq; /* never 0: 0 = no completion word */
 	}
+	int tail = 0;
+	for (uint32_t k = 0; k < p->njb; k++) { /* the tail counters' bases: this run's draws start where the last
+						  * run's ended (tblk + S draws a pass-job) */
+		axf_job *jb = &p->jb[k];
+		if (jb->tblk) {
+			jb->tbase = f->tbase[jb->ticket];
+			f->tbase[jb->ticket] += jb->tblk + jb->S;
+			tail = 1;
+		}
+	}
 	e = cudaSuccess;
 	const double tp = host_now_us();
 	if (p->upload) { /* a launch of several pass-jobs reads its table from the device */
@@ -1837,6 +1925,8 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 		cudaStreamSynchronize(f->stream); /* the next run rewrites the staging the upload may still read */
 		if (seq) /* some units may have counted: the next run starts from 0 */
 			cudaMemsetAsync(f->tick + f->tcap, 0, sizeof(uint32_t), f->stream);
+		if (tail) /* some draws may have happened: counters and bases start again from 0 */
+			fast_tail_reset(f);
 		return r;
 	}
 	const double t1 = host_now_us();
@@ -1860,6 +1950,8 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	if (e != cudaSuccess) {
 		if (nt > 1)
 			axf_pool_finish(&f->pool, 0);
+		if (tail)
+			fast_tail_reset(f);
 		return fast_fail(f, e);
 	}
 	axf_plan_hmerge(p, f->hbuf); /* host-merged pass-jobs: their rows and flag words first */

@@ -17,7 +17,8 @@
  * mean_logit, then mean_prob's second pass. Each launch is planned as one wave of `resident` CTAs (SMs × CTAs
  * per SM): the shortest base split (a multiple of AXF_TS keys) whose CTAs fit, each pass-job's split raised to
  * its own floor (axf_knobs: least keys per split, most splits per pass-job, separately for heads lists, whose
- * merge costs H_q times more), at least one split per pass-job. A CTA streams its split through a ring of
+ * merge costs H_q times more), at least one split per pass-job; with knob tail the last share of a pass-job's
+ * stages is handed out at run time in blocks to the CTAs that finish their static share first (axf_plan_tail). A CTA streams its split through a ring of
  * shared-memory stages (one cp.async.bulk per key row), scores on the tensor cores, keeps per-split top-k lists
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
  * for heads lists with ≥ merge_heads splits (the default: always), a separate merge launch right after the
@@ -110,7 +111,16 @@ typedef struct axf_knobs {
 	uint32_t graph;            /* 1: a run's kernels go to the GPU as one CUDA graph launch (a chain of kernel
 				    * nodes, programmatic edges where pdl has a kernel wait on the GPU, whose parameters
 				    * are updated each run; AXF_GSLOTS chains kept) instead of a launch call each */
+	/* Session 9: */
+	uint32_t tail;             /* percent (0 .. 90) of a pass-job's stages handed out at run time: its splits
+				    * stream the rest in equal static shares, then take blocks of the tail from a
+				    * counter until none is left, so CTAs that stream faster take more (capture/dev/
+				    * RESULTS.md run 56: the static shares end 14-57 µs apart). Pass-jobs with at least
+				    * AXF_TAIL_MIN stages a split only; 0: off */
+	uint32_t tail_blk;         /* stages (of AXF_TS keys) of a tail block (0: 1) */
 } axf_knobs;
+
+#define AXF_TAIL_MIN 8 /* least stages per split (on average) of a pass-job with a tail */
 
 /* The defaults, from the H100 sweep of run 7 (capture/dev/RESULTS.md): CTAs per SM = the occupancy (3, 4, 8
  * were 3-30% slower at 128K and 1M), mean splits ≥ 32 keys (1 × 4K: 23.5 µs; 16: 26.3, 256: 42.7), heads-list
@@ -125,8 +135,10 @@ typedef struct axf_knobs {
  * helper spins through the kernels): it only acts on runs of ≥ AXF_POOL_MIN_ROWS rows, where the finish after the
  * GPU is the host's largest share (run 17, H200: 64 × 4K heads 306 → 260 µs end to end; the three helpers spin for
  * the ~0.2 ms of such a run's kernels). threads 6 since session 7 (RESULTS run 35, H200: 64 × 4K heads 203.0 → 195.3
- * µs end to end, 8 threads 194.9; capped at half the online CPUs by the state, ax__attn_fast_new). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0}
+ * µs end to end, 8 threads 194.9; capped at half the online CPUs by the state, ax__attn_fast_new). tail 15 in blocks
+ * of 4 stages since session 9 (RESULTS runs 58-59, H100: 1 × 128K heads 126.9 → 122.3 µs, mean_logit 116.5 →
+ * 112.6, 1M 3.6-4.6% faster in every mode, 64 × 4K mean modes 3-4%; 1 × 4K has no tail). */
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 15, 4}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -142,13 +154,21 @@ typedef struct axf_job {
 	uint64_t s0;            /* slot stride in elements (s0·2 a multiple of 16) */
 	uint64_t n_slots;
 	uint64_t start;         /* first visible position */
-	uint64_t part0;         /* first partial row: row r of split s at part0 + r·S + s */
+	uint64_t part0;         /* first partial row: logsumexp partial s of row r at part0 + r·(S + tblk) + s (the
+				 * S splits', then the tail blocks'); flags and lists per split */
 	uint64_t ent0;          /* first partial list entry: row r of split s at ent0 + (r·S + s)·K */
 	uint64_t rent;          /* first result entry: entry e of result row r at rent + r·kout + e */
 	uint64_t pf0;           /* first split flag word: split s's at part_f[pf0 + s] */
 	uint32_t n;             /* visible keys (1 .. AXF_MAX_N) */
 	uint32_t chunk;         /* keys per split, a multiple of AXF_TS */
 	uint32_t S;             /* splits */
+	uint32_t tss, tail0;    /* with a tail (tblk > 0): split s streams stages [s·tss, (s+1)·tss), the tail is
+				 * stages [tail0 = S·tss, ⌈n / AXF_TS⌉) */
+	uint32_t tblk, tbase;   /* tail blocks (of knob tail_blk stages; 0: no tail) and this run's base of the
+				 * pass-job's tail counter: block b is taken by the CTA whose atomicAdd returns tbase + b
+				 * (each split CTA takes until it draws a b ≥ tblk: tblk + S draws a run, which the driver
+				 * adds to the base for the next; attn_cuda_fast.cu) */
+	uint32_t tstg;          /* stages of a tail block */
 	uint32_t H, Hkv, G, K;  /* query heads, KV heads, group size, list length (0: logsumexp only) */
 	uint32_t idt;           /* AX_DTYPE_I32 / AX_DTYPE_I64 */
 	uint32_t flag;          /* flag word of the user job */
@@ -205,6 +225,7 @@ typedef struct axf_args {
 	uint32_t *done;             /* host staging (mapped) */
 	uint32_t units, seq;
 	uint32_t pdl;               /* 1: this kernel was launched as a programmatic dependent (waits on the GPU) */
+	uint32_t *tailc;            /* tail counters (device), one per pass-job of the plan (index = ticket) */
 	unsigned long long *trace;  /* diagnostics (ax__attn_fast_trace): AXF_TR_ALL global-timer ns slots, NULL = off */
 } axf_args;
 
@@ -418,22 +439,23 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
  * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
- * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH (decimal, 0 .. 2^30). */
+ * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH, AX_FAST_TAIL, AX_FAST_TAIL_BLK (decimal, 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[13] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[15] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
 					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
 					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP",
 					      "AX_FAST_THREADS",             "AX_FAST_HOST_MERGE",
-					      "AX_FAST_GRAPH"};
-	uint32_t *f[13] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					      "AX_FAST_GRAPH",               "AX_FAST_TAIL",
+					      "AX_FAST_TAIL_BLK"};
+	uint32_t *f[15] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
 			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
 			   &kn->merge_warp,     &kn->threads,          &kn->host_merge,
-			   &kn->graph};
-	for (int i = 0; i < 13; i++) {
+			   &kn->graph,          &kn->tail,             &kn->tail_blk};
+	for (int i = 0; i < 15; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -506,6 +528,26 @@ static inline uint32_t axf_prows(const axf_job *jb, uint32_t mode)
 	return mode == AXF_M_HEADS ? jb->H : 1;
 }
 
+/* A pass-job's tail (knob tail): static shares of tss stages a split, the rest in blocks of tstg stages; none
+ * (tblk 0) below AXF_TAIL_MIN stages a split or when the shares would leave no tail. tbase is the driver's. */
+static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb)
+{
+	const uint32_t nst = (jb->n + AXF_TS - 1) / AXF_TS, pct = kn->tail < 90 ? kn->tail : 90;
+	jb->tss = jb->tail0 = jb->tblk = jb->tbase = 0;
+	jb->tstg = kn->tail_blk ? kn->tail_blk : 1;
+	if (!pct || nst < (uint64_t)AXF_TAIL_MIN * jb->S || jb->S >= AXF_MAX_SPLITS)
+		return;
+	const uint32_t tss = (uint32_t)((uint64_t)nst * (100 - pct) / 100 / jb->S);
+	if (tss == 0 || (uint64_t)tss * jb->S >= nst)
+		return;
+	jb->tss = tss;
+	jb->tail0 = tss * jb->S;
+	/* blocks long enough that S + tblk ≤ AXF_MAX_SPLITS (the merges stage one logsumexp partial each) */
+	const uint32_t rest = nst - jb->tail0, room = AXF_MAX_SPLITS - jb->S, least = (rest + room - 1) / room;
+	jb->tstg = jb->tstg > least ? jb->tstg : least;
+	jb->tblk = (rest + jb->tstg - 1) / jb->tstg;
+}
+
 /* Split plan of launch L: chunks, splits, split offsets, partial rows and entries, tickets, merge launch. */
 static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 {
@@ -532,6 +574,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		axf_job *jb = &p->jb[L->j0 + i];
 		jb->chunk = base > p->lo[i] ? base : p->lo[i];
 		jb->S = (uint32_t)axf_splits(jb->n, jb->chunk);
+		axf_plan_tail(&p->kn, jb);
 		jb->sepm = axf_lists(mode, jb->K) && p->kn.merge_heads && jb->S >= p->kn.merge_heads;
 		if (jb->sepm && jb->H > L->mg)
 			L->mg = jb->H;
@@ -543,14 +586,14 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		L->hm = jb->hm;
 		if (jb->hm) { /* one partial row per split (mean mode), in the staging's hm regions */
 			jb->part0 = jb->pf0 = p->hparts, jb->ent0 = p->hents;
-			p->hparts += jb->S;
+			p->hparts += jb->S + jb->tblk;
 			p->hents += (uint64_t)jb->S * jb->K;
 		} else {
 			jb->part0 = p->parts;
 			jb->ent0 = p->entries;
 			jb->pf0 = p->pfl;
 			p->pfl += jb->S;
-			p->parts += (uint64_t)axf_prows(jb, mode) * jb->S;
+			p->parts += (uint64_t)axf_prows(jb, mode) * (jb->S + jb->tblk);
 			p->entries += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
 		}
 		p->so[p->nso + i] = (uint32_t)ctas;
@@ -698,7 +741,8 @@ static inline void axf_plan_tables(const axf_plan *p, char *h)
 
 /* The argument block of launch L over device scratch d, host staging h (as the device addresses it: pinned and
  * mapped) and the tickets (≥ njb words, all 0). */
-static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32_t *tickets, const axf_launch *L)
+static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32_t *tickets, uint32_t *tailc,
+				     const axf_launch *L)
 {
 	const axf_layout *y = &p->lay;
 	axf_args a;
@@ -715,6 +759,7 @@ static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32
 	a.part_f = (uint32_t *)(d + y->part_f);
 	a.lse = (float *)(d + y->lse);
 	a.tickets = tickets;
+	a.tailc = tailc;
 	a.pflags = (uint32_t *)(h + y->pflags);
 	a.rlse = (float *)(h + y->rlse);
 	a.rent = (axf_ent *)(h + y->rent);
@@ -806,24 +851,24 @@ static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
 	const uint32_t *pf = (const uint32_t *)(h + p->lay.hpf) + jb->pf0;
 	const float *ps = (const float *)(h + p->lay.hps) + jb->ent0;
 	const int32_t *pp = (const int32_t *)(h + p->lay.hpp) + jb->ent0;
-	const uint32_t S = jb->S, K = jb->K, kout = jb->kout;
+	const uint32_t S = jb->S, SL = jb->S + jb->tblk, K = jb->K, kout = jb->kout;
 	/* the partials came from the GPU over the bus (none of them in the caches): ask for every line at once */
-	for (uint64_t o = 0; o < (uint64_t)S * 4; o += 64)
+	for (uint64_t o = 0; o < (uint64_t)SL * 4; o += 64)
 		__builtin_prefetch((const char *)pl + o), __builtin_prefetch((const char *)pf + o);
 	for (uint64_t o = 0; o < (uint64_t)S * K * 4; o += 64)
 		__builtin_prefetch((const char *)ps + o), __builtin_prefetch((const char *)pp + o);
 	uint32_t f = 0;
 	float m = -INFINITY;
-	for (uint32_t i = 0; i < S; i++) {
+	for (uint32_t i = 0; i < S; i++)
 		f |= pf[i];
+	for (uint32_t i = 0; i < SL; i++) /* the splits' logsumexps, then the tail blocks' */
 		m = pl[i] > m ? pl[i] : m;
-	}
 	((uint32_t *)(h + p->lay.pflags))[jb->ticket] = f;
 	if (f)
 		return;
 	float sum = 0.f;
 	if (m != -INFINITY)
-		for (uint32_t i = 0; i < S; i++)
+		for (uint32_t i = 0; i < SL; i++)
 			sum += pl[i] == -INFINITY ? 0.f : expf(pl[i] - m);
 	((float *)(h + p->lay.rlse))[jb->res] = m == -INFINITY ? -INFINITY : m + logf(sum);
 	float bx[AX_ATTN_MAX_TOPK];

@@ -57,6 +57,7 @@ static void emu_body(void *p)
 
 /* The planner knobs of emu_run's plans (all 0: the lab's one-wave planner). */
 static axf_knobs g_kn;
+static uint64_t g_tail_blocks; /* tail blocks (knob tail) the runs so far had: test_tail_ran */
 
 /* ax__attn_fast_run's steps with host memory: plan, tables, zeroed flags/tickets, launches, finish. */
 static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc, uint32_t resident)
@@ -74,7 +75,9 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	assert_non_null(buf);
 	memset(buf, 0xa5, p->lay.total); /* garbage: nothing may depend on scratch contents */
 	uint32_t *tick = (uint32_t *)calloc(p->njb, sizeof *tick); /* the driver's tickets: zero once */
+	uint32_t *tailc = (uint32_t *)calloc(p->njb, sizeof *tailc); /* tail counters, from 0 (every tbase 0) */
 	assert_non_null(tick);
+	assert_non_null(tailc);
 	if (p->upload) /* device scratch and host staging are one buffer here: the tables are in place */
 		axf_plan_tables(p, buf);
 	/* the completion word (knob spin) on every other run: the last unit of the run, and only it, writes seq */
@@ -92,7 +95,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	const int trace = calls % 3 == 0;
 	emu_cta_order = (int)(calls % 7 % 3); /* CTAs by index, backwards or at random: a GPU promises no order */
 	for (uint32_t l = 0; l < p->nl; l++) {
-		emu_arg x = {axf_plan_args(p, buf, buf, tick, &p->L[l]), p->L[l].inst};
+		emu_arg x = {axf_plan_args(p, buf, buf, tick, tailc, &p->L[l]), p->L[l].inst};
 		if (spin)
 			x.a.done_cnt = &done_cnt, x.a.done = &done, x.a.units = (uint32_t)p->units, x.a.seq = seq;
 		x.a.pdl = calls % 4 == 1; /* a no-op here: launches run one after the other */
@@ -123,9 +126,14 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	}
 	axf_plan_prefill(p, jobs, out); /* the driver does this while the kernels run */
 	assert_int_equal(axf_plan_finish(p, buf, jobs, out, rc), 0);
-	for (uint32_t k = 0; k < p->njb; k++) /* every last CTA reset its ticket (sepm ones never took any) */
+	for (uint32_t k = 0; k < p->njb; k++) { /* every last CTA reset its ticket (sepm ones never took any) */
 		assert_int_equal(tick[k], 0);
+		/* every split CTA of a pass-job with a tail drew until it drew past the last block: tblk + S draws */
+		assert_int_equal(tailc[k], p->jb[k].tblk ? p->jb[k].tblk + p->jb[k].S : 0);
+		g_tail_blocks += p->jb[k].tblk;
+	}
 	free(tick);
+	free(tailc);
 	free(buf);
 	axf_plan_free(p);
 	return 0;
@@ -187,14 +195,19 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0}},
-	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0}},
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0, 0, 0}},
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0}},
 	{40, AXF_KNOBS_DEFAULT},
-	{64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0}},
-	{50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0}},
-	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256 */
+	{64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0, 0, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256 */
+	/* knob tail (session 9): splits stream a static share, then draw tail blocks — here the first CTA to finish
+	 * draws them all (CTAs run one at a time), so one CTA streams many ranges through one ring */
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1}},                /* heads merged by their last CTA */
+	{7, {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 40, 3}},          /* the defaults with a tail */
+	{3, {0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 90, 2}},                /* spin: the completion count */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -243,7 +256,7 @@ static void test_many_splits(void **state)
 		for (uint32_t mh = 0; mh < 3; mh++) { /* heads lists: last CTA, merge kernel a row per CTA / per warp */
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0};
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0, 0, 0};
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
 			if (rc != 0)
 				fail_msg("%s: rc %d", cs[i].name, rc);
@@ -342,7 +355,7 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	g_kn = axf_knobs{};
@@ -394,7 +407,8 @@ static void test_random(void **state)
 		if (round == 1) /* random knobs */
 			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
-					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, (uint32_t)(td_u64() % 300), 0};
+					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, (uint32_t)(td_u64() % 300), 0,
+					 (uint32_t)(td_u64() % 3 == 0 ? td_u64() % 60 : 0), (uint32_t)(td_u64() % 5)};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
 		g_kn = axf_knobs{};
@@ -484,6 +498,14 @@ static int setup(void **state)
 	return 0;
 }
 
+/* The plans with knob tail had tail blocks (the tests above would pass without the tail path ever running). */
+static void test_tail_ran(void **state)
+{
+	(void)state;
+	printf("# tail blocks streamed: %llu\n", (unsigned long long)g_tail_blocks);
+	assert_true(g_tail_blocks > 0);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -494,6 +516,7 @@ int main(void)
 		cmocka_unit_test(test_batch),
 		cmocka_unit_test(test_random),
 		cmocka_unit_test(test_errors),
+		cmocka_unit_test(test_tail_ran),
 	};
 	int r = cmocka_run_group_tests(tests, setup, NULL);
 	printf("# near-tie substitutions: %d\n", g_near);

@@ -201,7 +201,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -226,13 +226,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -254,7 +254,13 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_THREADS", "4", 1);
 	setenv("AX_FAST_HOST_MERGE", "0", 1);
 	setenv("AX_FAST_GRAPH", "1", 1);
+	setenv("AX_FAST_TAIL", "20", 1);
+	setenv("AX_FAST_TAIL_BLK", "4b", 1);
 	axf_knobs_env(&k);
+	assert_int_equal(k.tail, 20);
+	assert_int_equal(k.tail_blk, d.tail_blk);
+	assert_int_equal(d.tail, 15);
+	assert_int_equal(d.tail_blk, 4);
 	assert_int_equal(k.graph, 1);
 	assert_int_equal(d.graph, 0);
 	assert_int_equal(k.host_merge, 0);
@@ -274,7 +280,7 @@ static void test_knobs_env(void **state)
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
 			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP",
-			       "AX_FAST_THREADS", "AX_FAST_HOST_MERGE", "AX_FAST_GRAPH"};
+			       "AX_FAST_THREADS", "AX_FAST_HOST_MERGE", "AX_FAST_GRAPH", "AX_FAST_TAIL", "AX_FAST_TAIL_BLK"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -360,6 +366,19 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			assert_int_equal(jb->S, (jb->n + jb->chunk - 1) / jb->chunk);
 			assert_true(jb->S >= 1 && jb->S <= AXF_MAX_SPLITS && (uint64_t)(jb->S - 1) * jb->chunk < jb->n);
 			assert_true(jb->S <= AXF_MERGE_CAP);
+			/* the tail (knob tail): equal static shares of ≥ 1 stage, the rest (≥ 1 stage) in blocks of at least
+			 * tail_blk stages, one logsumexp partial each besides the splits' (≤ AXF_MAX_SPLITS a row) */
+			const uint32_t nst = (jb->n + AXF_TS - 1) / AXF_TS;
+			if (jb->tblk) {
+				assert_true(p->kn.tail > 0 && jb->tss >= 1);
+				assert_int_equal(jb->tail0, jb->tss * jb->S);
+				assert_true(jb->tail0 < nst && nst >= (uint64_t)AXF_TAIL_MIN * jb->S);
+				assert_true(jb->tstg >= (p->kn.tail_blk ? p->kn.tail_blk : 1));
+				assert_int_equal(jb->tblk, (nst - jb->tail0 + jb->tstg - 1) / jb->tstg);
+				assert_true(jb->S + jb->tblk <= AXF_MAX_SPLITS);
+			} else {
+				assert_true(!p->kn.tail || nst < (uint64_t)AXF_TAIL_MIN * jb->S);
+			}
 			/* the knobs: at least the floor; above it, the launch's one base split */
 			const int lists = axf_lists(mode, jb->K);
 			const uint32_t lo = axf_lo_chunk(&p->kn, jb->n, lists);
@@ -390,12 +409,12 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 				assert_int_equal(jb->part0, hparts);
 				assert_int_equal(jb->pf0, hparts);
 				assert_int_equal(jb->ent0, hents);
-				hparts += jb->S;
+				hparts += jb->S + jb->tblk;
 				hents += (uint64_t)jb->S * jb->K;
 			} else {
 				assert_int_equal(jb->part0, parts);
 				assert_int_equal(jb->ent0, ents);
-				parts += (uint64_t)axf_prows(jb, mode) * jb->S;
+				parts += (uint64_t)axf_prows(jb, mode) * (jb->S + jb->tblk);
 				ents += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
 			}
 			assert_false(ticket[jb->ticket]);
@@ -487,7 +506,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -515,7 +534,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
@@ -563,6 +582,32 @@ static void test_plans(void **state)
 	assert_int_equal(p->L[0].ctas, 128);
 	check_plan(p, jobs, 64, rc, 264);
 	p->res_lists = 0;
+	/* a tail (session 9): 128K heads at the defaults with 15% in blocks of 4 stages; 1M mean_logit with blocks
+	 * raised so that splits and blocks stay ≤ AXF_MAX_SPLITS; 4K: too short a split for one */
+	const axf_knobs dflt = AXF_KNOBS_DEFAULT;
+	p->kn = dflt;
+	p->kn.tail = 15, p->kn.tail_blk = 4;
+	jobs[0] = elig_job(X_HEADS);
+	jobs[0].position = (1u << 17) - 1;
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].S, 256);
+	assert_int_equal(p->jb[0].tss, 27); /* ⌊8192 · 0.85 / 256⌋ */
+	assert_int_equal(p->jb[0].tail0, 27 * 256);
+	assert_int_equal(p->jb[0].tstg, 4);
+	assert_int_equal(p->jb[0].tblk, (8192 - 27 * 256) / 4);
+	check_plan(p, jobs, 1, rc, 264);
+	jobs[0] = elig_job(X_NONE);
+	jobs[0].position = (1u << 20) - 1;
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].S, 264);
+	assert_int_equal(p->jb[0].tss, 211);
+	assert_int_equal(p->jb[0].tstg, 13); /* 9832 stages left, room for 760 blocks */
+	assert_int_equal(p->jb[0].tblk, 757);
+	check_plan(p, jobs, 1, rc, 264);
+	jobs[0].position = 4095;
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].tblk, 0);
+	check_plan(p, jobs, 1, rc, 264);
 	axf_plan_free(p);
 }
 
@@ -1005,6 +1050,7 @@ static int hm_cmp(const void *a, const void *b)
 static void test_hmerge(void **state)
 {
 	(void)state;
+	uint64_t tails = 0;
 	for (int it = 0; it < 300; it++) {
 		axf_plan *p = calloc(1, sizeof *p);
 		assert_non_null(p);
@@ -1061,6 +1107,17 @@ static void test_hmerge(void **state)
 			}
 			pf[i] = flagged && i == S / 2 ? AXF_F_DOM : 0;
 		}
+		for (uint32_t i = S; i < S + jb->tblk; i++) { /* the tail blocks' logsumexp partials (knob tail) */
+			pl[i] = td_u64() % 5 == 0 ? -INFINITY : (float)(td_uni() * 20.0);
+			if (pl[i] != -INFINITY) {
+				const double x = pl[i];
+				if (x > m)
+					sum = sum * exp(m - x) + 1, m = x;
+				else
+					sum += exp(x - m);
+			}
+			tails++;
+		}
 		/* offsets of different splits are in different ranges, so the brute force's order is total */
 		qsort(all, na, sizeof *all, hm_cmp);
 		axf_ent *got = (axf_ent *)(h + p->lay.rent) + jb->rent;
@@ -1088,6 +1145,7 @@ static void test_hmerge(void **state)
 		free(all), free(h);
 		axf_plan_free(p);
 	}
+	assert_true(tails > 0); /* the defaults' tail reached some of these plans */
 }
 
 static int setup(void **state)

@@ -702,17 +702,17 @@ static void fast_tests(int small)
 		 * programmatic dependent launches */
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
-		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4, 64, 1},
+		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4, 64, 1, 40, 1},
 				    keep};
 		alt[2].spin = 1, alt[2].pdl = 1;
 		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
 		for (int a = 0; a < 3; a++) {
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
 			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u "
-			       "pdl %u mergew %u threads %u hmerge %u graph %u\n",
+			       "pdl %u mergew %u threads %u hmerge %u graph %u tail %u/%u\n",
 			       alt[a].ctas_per_sm, alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads,
 			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads, alt[a].spin, alt[a].pdl,
-			       alt[a].merge_warp, alt[a].threads, alt[a].host_merge, alt[a].graph);
+			       alt[a].merge_warp, alt[a].threads, alt[a].host_merge, alt[a].graph, alt[a].tail, alt[a].tail_blk);
 			/* cases up to 20K keys (the 120K / 200K float64 references take seconds each: the defaults' table
 			 * above has them) */
 			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim < 20000 ? lim : 20000);
@@ -960,17 +960,19 @@ static void bench_head(const char *what)
 /* The variants the bench times beside the defaults (each changes one thing of the defaults): programmatic dependent
  * launch off, the completion word on, the heads merge a row per CTA always (run 8's), the host's rows on the
  * calling thread alone, no host merge, heads lists merged by each pass-job's last CTA (no merge launch), the
- * kernels as one graph launch (knob graph: on when the defaults have it off, off when on). */
+ * kernels as one graph launch (knob graph: on when the defaults have it off, off when on), no tail (knob tail 0:
+ * every split streams a static share). */
 static const struct bvar {
 	const char *name;
-	uint32_t spin, pdl, mergew, threads, hmerge, mergeh, graph; /* ~0u: the default's; graph 2: flipped */
-} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u},
-	      {"spin", 1, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
-	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u},
-	      {"thr0", ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u},
-	      {"nohm", ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u},
-	      {"mh0", ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u},
-	      {"graph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 2}};
+	uint32_t spin, pdl, mergew, threads, hmerge, mergeh, graph, tail; /* ~0u: the default's; graph 2: flipped */
+} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
+	      {"spin", 1, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
+	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u},
+	      {"thr0", ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u},
+	      {"nohm", ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u},
+	      {"mh0", ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u},
+	      {"graph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 2, ~0u},
+	      {"notail", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
@@ -1020,6 +1022,7 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 		k.host_merge = b->hmerge != ~0u ? b->hmerge : k.host_merge;
 		k.merge_heads = b->mergeh != ~0u ? b->mergeh : k.merge_heads;
 		k.graph = b->graph == 2 ? !k.graph : k.graph;
+		k.tail = b->tail != ~0u ? b->tail : k.tail;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
 		bhost e = bd_time_host(d, m, fe, d->reps);
@@ -1124,9 +1127,10 @@ static int bench(ax_attn_cuda *c)
 	bench_head("bench");
 	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
 	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u pdl %u mergew %u threads %u "
-	       "hmerge %u graph %u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
+	       "hmerge %u graph %u tail %u/%u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
 	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
-	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads, kn.host_merge, kn.graph);
+	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads, kn.host_merge, kn.graph, kn.tail,
+	       kn.tail_blk);
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
 	       "dispatch; e2e without events; each variant = the defaults with one change, see b_vars) | the host's "
 	       "parts of that e2e (medians, µs): plan+upload+launch calls, prefill, wait, finish (the first's plan and "
