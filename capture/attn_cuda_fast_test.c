@@ -1047,6 +1047,20 @@ static int hm_cmp(const void *a, const void *b)
  * descending, offset ascending), the logsumexp within 2e-6 (relative) of the double one, the flag word the OR
  * (and a flagged pass-job's rows left alone). A mutation of the tie order fails it.
  */
+/* A random logsumexp partial (-inf one time in 5), added to the float64 running logsumexp (m, sum). */
+static float hm_lse_part(double *m, double *sum)
+{
+	const float v = td_u64() % 5 == 0 ? -INFINITY : (float)(td_uni() * 20.0);
+	if (v != -INFINITY) {
+		const double x = v;
+		if (x > *m)
+			*sum = *sum * exp(*m - x) + 1, *m = x;
+		else
+			*sum += exp(x - *m);
+	}
+	return v;
+}
+
 static void test_hmerge(void **state)
 {
 	(void)state;
@@ -1097,25 +1111,11 @@ static void test_hmerge(void **state)
 					const int32_t t = pp[(size_t)i * K + q];
 					pp[(size_t)i * K + q] = pp[(size_t)i * K + q - 1], pp[(size_t)i * K + q - 1] = t;
 				}
-			pl[i] = td_u64() % 5 == 0 ? -INFINITY : (float)(td_uni() * 20.0);
-			if (pl[i] != -INFINITY) {
-				const double x = pl[i];
-				if (x > m)
-					sum = sum * exp(m - x) + 1, m = x;
-				else
-					sum += exp(x - m);
-			}
+			pl[i] = hm_lse_part(&m, &sum);
 			pf[i] = flagged && i == S / 2 ? AXF_F_DOM : 0;
 		}
 		for (uint32_t i = S; i < S + jb->tblk; i++) { /* the tail blocks' logsumexp partials (knob tail) */
-			pl[i] = td_u64() % 5 == 0 ? -INFINITY : (float)(td_uni() * 20.0);
-			if (pl[i] != -INFINITY) {
-				const double x = pl[i];
-				if (x > m)
-					sum = sum * exp(m - x) + 1, m = x;
-				else
-					sum += exp(x - m);
-			}
+			pl[i] = hm_lse_part(&m, &sum);
 			tails++;
 		}
 		/* offsets of different splits are in different ranges, so the brute force's order is total */
