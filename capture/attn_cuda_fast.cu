@@ -1644,11 +1644,15 @@ int ax__attn_fast_take_error(ax_attn_fast *f)
 	return e;
 }
 
-/* The tail counters and their bases back to 0 (after a run that may not have made all its draws). */
+/* The tail counters and their bases back to 0 (after a run that may not have made all its draws). If the counters
+ * cannot be zeroed, this state plans no more tails (knob tail 0): bases out of step with their counters would have
+ * every draw come back past the last block, and a run would silently miss its tail blocks. */
 static void fast_tail_reset(ax_attn_fast *f)
 {
 	cudaStreamSynchronize(f->stream);
-	cudaMemsetAsync(f->tick + f->tcap + 1, 0, f->tcap * sizeof(uint32_t), f->stream);
+	if (cudaMemsetAsync(f->tick + f->tcap + 1, 0, f->tcap * sizeof(uint32_t), f->stream) != cudaSuccess ||
+	    cudaStreamSynchronize(f->stream) != cudaSuccess)
+		f->plan->kn.tail = 0;
 	memset(f->tbase, 0, f->tcap * sizeof(uint32_t));
 }
 

@@ -545,6 +545,8 @@ static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb)
 	/* blocks long enough that S + tblk ≤ AXF_MAX_SPLITS (the merges stage one logsumexp partial each) */
 	const uint32_t rest = nst - jb->tail0, room = AXF_MAX_SPLITS - jb->S, least = (rest + room - 1) / room;
 	jb->tstg = jb->tstg > least ? jb->tstg : least;
+	jb->tstg = jb->tstg < rest ? jb->tstg : rest; /* no longer than the tail (a huge knob: one block; the kernel's
+						       * 32-bit block ends stay below n) */
 	jb->tblk = (rest + jb->tstg - 1) / jb->tstg;
 }
 

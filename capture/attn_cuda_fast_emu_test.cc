@@ -208,6 +208,7 @@ static const struct emu_plan {
 	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1}},                /* heads merged by their last CTA */
 	{7, {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 40, 3}},          /* the defaults with a tail */
 	{3, {0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 90, 2}},                /* spin: the completion count */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 1u << 28}},         /* a huge block: the whole tail in one */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 

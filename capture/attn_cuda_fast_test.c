@@ -373,11 +373,15 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 				assert_true(p->kn.tail > 0 && jb->tss >= 1);
 				assert_int_equal(jb->tail0, jb->tss * jb->S);
 				assert_true(jb->tail0 < nst && nst >= (uint64_t)AXF_TAIL_MIN * jb->S);
-				assert_true(jb->tstg >= (p->kn.tail_blk ? p->kn.tail_blk : 1));
+				assert_true(jb->tstg >= (p->kn.tail_blk ? p->kn.tail_blk : 1) || jb->tstg == nst - jb->tail0);
+				assert_true(jb->tstg <= nst - jb->tail0);
 				assert_int_equal(jb->tblk, (nst - jb->tail0 + jb->tstg - 1) / jb->tstg);
 				assert_true(jb->S + jb->tblk <= AXF_MAX_SPLITS);
-			} else {
-				assert_true(!p->kn.tail || nst < (uint64_t)AXF_TAIL_MIN * jb->S);
+			} else { /* none: off, short splits, no room for a block's partial, or shares that leave no tail */
+				const uint32_t pct = p->kn.tail < 90 ? p->kn.tail : 90;
+				const uint64_t tss = (uint64_t)nst * (100 - pct) / 100 / jb->S;
+				assert_true(!pct || nst < (uint64_t)AXF_TAIL_MIN * jb->S || jb->S >= AXF_MAX_SPLITS || tss == 0 ||
+					    tss * jb->S >= nst);
 			}
 			/* the knobs: at least the floor; above it, the launch's one base split */
 			const int lists = axf_lists(mode, jb->K);
@@ -607,6 +611,16 @@ static void test_plans(void **state)
 	jobs[0].position = 4095;
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
 	assert_int_equal(p->jb[0].tblk, 0);
+	check_plan(p, jobs, 1, rc, 264);
+	p->kn.tail_blk = 1u << 28; /* a huge block: the whole tail in one (its 32-bit end arithmetic never wraps) */
+	jobs[0].position = (1u << 20) - 1;
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].tstg, 65536 - 211 * 264);
+	assert_int_equal(p->jb[0].tblk, 1);
+	check_plan(p, jobs, 1, rc, 264);
+	p->kn.tail = 95; /* capped at 90% */
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].tss, 65536 / 10 / 264);
 	check_plan(p, jobs, 1, rc, 264);
 	axf_plan_free(p);
 }
