@@ -529,13 +529,17 @@ static inline uint32_t axf_prows(const axf_job *jb, uint32_t mode)
 }
 
 /* A pass-job's tail (knob tail): static shares of tss stages a split, the rest in blocks of tstg stages; none
- * (tblk 0) below AXF_TAIL_MIN stages a split or when the shares would leave no tail. tbase is the driver's. */
+ * (tblk 0) below AXF_TAIL_MIN stages a split or when the shares would leave no tail, and none for mean_prob's
+ * logsumexp pass (lse_out ≥ 0): its uneven ends let the probability pass's CTAs (programmatic dependents) take the
+ * SMs they free and start their first copies early; balanced, they all free them at the end (RESULTS run 64, H200:
+ * 1 × 128K mean_prob 181.1 µs with a tail in both passes, 173.5 with none, 169.9 with the second pass's alone).
+ * tbase is the driver's. */
 static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb)
 {
 	const uint32_t nst = (jb->n + AXF_TS - 1) / AXF_TS, pct = kn->tail < 90 ? kn->tail : 90;
 	jb->tss = jb->tail0 = jb->tblk = jb->tbase = 0;
 	jb->tstg = kn->tail_blk ? kn->tail_blk : 1;
-	if (!pct || nst < (uint64_t)AXF_TAIL_MIN * jb->S || jb->S >= AXF_MAX_SPLITS)
+	if (!pct || jb->lse_out >= 0 || nst < (uint64_t)AXF_TAIL_MIN * jb->S || jb->S >= AXF_MAX_SPLITS)
 		return;
 	const uint32_t tss = (uint32_t)((uint64_t)nst * (100 - pct) / 100 / jb->S);
 	if (tss == 0 || (uint64_t)tss * jb->S >= nst)
