@@ -51,9 +51,10 @@
  * slots for a row merge's phases. Session 9 (runs 53-59): trace slots for the end of a split CTA and each CTA's own
  * loop end, and the tail (knob tail, default on): a split streams a static share of 85% of the pass-job's stages,
  * then takes blocks of the remaining 15% from a counter until none is left (the outer range loop of axf_kernel; each
- * block's logsumexp partial in its own slot, so results stay bitwise reproducible). On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT
- * emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from
- * the emulator, the driver left out), the host half in attn_cuda_fast_test.c.
+ * block's logsumexp partial in its own slot, so results stay bitwise reproducible; none in mean_prob's logsumexp
+ * pass, run 64). On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator
+ * (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the
+ * emulator, the driver left out), the host half in attn_cuda_fast_test.c.
  */
 #ifdef AXF_EMU
 #include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_fast_emu_test.cc): kernels only */
@@ -1014,243 +1015,243 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	};
 
 	for (int rg = 0;; ++rg) { /* the ranges: the static share, then the tail blocks this CTA takes */
-	for (int i = 0; i < nst; ++i) {
-		const int st = i + AXF_NS - 1, gi = g0 + i, gs = g0 + st;
-		if (st == turn && (RW ? w < RW && lane < AXF_TS : prod) && st < nst) {
-			/* refill the buffer stage i-1 used once every warp has released it */
-			if (gs >= AXF_NS)
-				mbar_wait(&empty[gs % AXF_NS], (uint32_t)((gs / AXF_NS) - 1) & 1);
-			issue(st, nxt);
-			nxt = slot_of(st + (RW ? RW : 1)); /* nothing waits for this load until that stage */
-		}
-		if (st == turn)
-			turn += RW ? RW : 1;
-		__syncwarp();
-		mbar_wait(&full[gi % AXF_NS], (uint32_t)(gi / AXF_NS) & 1);
-		if (gi == 0 && tid == 0)
-			trace_at(a, AXF_TR_DATA0, AXF_TR_DATA1);
-		__syncwarp(); /* converged for mma.sync.aligned */
-		const uint32_t tile = start + (uint32_t)i * AXF_TS;
-		const int nv = (int)min((uint32_t)AXF_TS, end - tile);
-		const unsigned char *buf = stg + (size_t)(gi % AXF_NS) * AXF_TS * AXF_ROWS_SM;
-		const bool r0 = wv && grow < nv, r1 = wv && grow + 8 < nv; /* rows past the end: not fetched */
-		float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
-		uint4 ka[4], kb[4];
-#pragma unroll
-		for (int c = 0; c < 4; ++c) { /* all 8 fragment loads first, then the multiplies */
-			ka[c] = r0 ? *(const uint4 *)(buf + lds_off(grow, w, c, t)) : make_uint4(0, 0, 0, 0);
-			kb[c] = r1 ? *(const uint4 *)(buf + lds_off(grow + 8, w, c, t)) : make_uint4(0, 0, 0, 0);
-		}
-#pragma unroll
-		for (int c = 0; c < 4; ++c) {
-			if (c & 1) {
-				mma16816<F16>(c1, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
-				mma16816<F16>(c1, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
-			} else {
-				mma16816<F16>(c0, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
-				mma16816<F16>(c0, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
+		for (int i = 0; i < nst; ++i) {
+			const int st = i + AXF_NS - 1, gi = g0 + i, gs = g0 + st;
+			if (st == turn && (RW ? w < RW && lane < AXF_TS : prod) && st < nst) {
+				/* refill the buffer stage i-1 used once every warp has released it */
+				if (gs >= AXF_NS)
+					mbar_wait(&empty[gs % AXF_NS], (uint32_t)((gs / AXF_NS) - 1) & 1);
+				issue(st, nxt);
+				nxt = slot_of(st + (RW ? RW : 1)); /* nothing waits for this load until that stage */
 			}
-		}
-		/* x0, x1: key grow, columns 2t, 2t+1; x2, x3: key grow+8 */
-		const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale;
-		const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
-		if (MODE == AXF_M_HEADS) {
-			mbar_arrive(&empty[gi % AXF_NS]); /* the fragments are in registers: release the buffer */
-			/* A non-finite score: x·0 is 0 for every finite x and NaN for ±inf and NaN (rows past the end and
-			 * columns past G hold 0: zero fragments; a NaN or inf in a key makes every column of its KV head
-			 * non-finite, so taking the columns past G in changes nothing). */
-			bad |= !(x0 * 0.f + x1 * 0.f + x2 * 0.f + x3 * 0.f == 0.f);
-			const float a0 = r0 ? x0 : -INFINITY, a2 = r1 ? x2 : -INFINITY; /* column 2t (list A) */
-			const float b1 = r0 ? x1 : -INFINITY, b3 = r1 ? x3 : -INFINITY; /* column 2t+1 (list B) */
-			if (cA)
-				lse_add2(mA, sA, a0, a2);
-			if (cB)
-				lse_add2(mB, sB, b1, b3);
-			if (BATCH && K && wv && i < 2 && g0 == 0) { /* the start batch (warp-uniform) */
-				/* stages 0 and 1: every list's 32 keys go to this warp's slice of the merge scratch (idle in the
-				 * loop: 4 lists × 32 scores), sorted once after stage 1 (or stage 0 when the split has one) into
-				 * the lists — one 32-wide bitonic sort in place of two 16-key merges per list */
-				const unsigned b0 = __ballot_sync(FULLM, r0), b1 = __ballot_sync(FULLM, r1);
-				float *lb0 = xs + w * 64, *lb1 = (float *)(xp + w * 64); /* lists 0, 1 | 2, 3 */
+			if (st == turn)
+				turn += RW ? RW : 1;
+			__syncwarp();
+			mbar_wait(&full[gi % AXF_NS], (uint32_t)(gi / AXF_NS) & 1);
+			if (gi == 0 && tid == 0)
+				trace_at(a, AXF_TR_DATA0, AXF_TR_DATA1);
+			__syncwarp(); /* converged for mma.sync.aligned */
+			const uint32_t tile = start + (uint32_t)i * AXF_TS;
+			const int nv = (int)min((uint32_t)AXF_TS, end - tile);
+			const unsigned char *buf = stg + (size_t)(gi % AXF_NS) * AXF_TS * AXF_ROWS_SM;
+			const bool r0 = wv && grow < nv, r1 = wv && grow + 8 < nv; /* rows past the end: not fetched */
+			float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+			uint4 ka[4], kb[4];
 #pragma unroll
-				for (int h = 0; h < NL; ++h) {
-					if (h < G) {
-						const int src = ((lane & 7) << 2) | (h >> 1);
-						const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
-						const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
-						const bool ok = (((lane < 8 ? b0 : b1) >> src) & 1);
-						if (lane < 16)
-							(h < 2 ? lb0 : lb1)[(h & 1) * 32 + i * 16 + lane] = ok ? (lane < 8 ? ya : yb) : -INFINITY;
-					}
+			for (int c = 0; c < 4; ++c) { /* all 8 fragment loads first, then the multiplies */
+				ka[c] = r0 ? *(const uint4 *)(buf + lds_off(grow, w, c, t)) : make_uint4(0, 0, 0, 0);
+				kb[c] = r1 ? *(const uint4 *)(buf + lds_off(grow + 8, w, c, t)) : make_uint4(0, 0, 0, 0);
+			}
+#pragma unroll
+			for (int c = 0; c < 4; ++c) {
+				if (c & 1) {
+					mma16816<F16>(c1, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
+					mma16816<F16>(c1, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
+				} else {
+					mma16816<F16>(c0, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
+					mma16816<F16>(c0, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
 				}
-				if (i == min(1, nst - 1)) {
-					__syncwarp();
+			}
+			/* x0, x1: key grow, columns 2t, 2t+1; x2, x3: key grow+8 */
+			const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale;
+			const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
+			if (MODE == AXF_M_HEADS) {
+				mbar_arrive(&empty[gi % AXF_NS]); /* the fragments are in registers: release the buffer */
+				/* A non-finite score: x·0 is 0 for every finite x and NaN for ±inf and NaN (rows past the end and
+				 * columns past G hold 0: zero fragments; a NaN or inf in a key makes every column of its KV head
+				 * non-finite, so taking the columns past G in changes nothing). */
+				bad |= !(x0 * 0.f + x1 * 0.f + x2 * 0.f + x3 * 0.f == 0.f);
+				const float a0 = r0 ? x0 : -INFINITY, a2 = r1 ? x2 : -INFINITY; /* column 2t (list A) */
+				const float b1 = r0 ? x1 : -INFINITY, b3 = r1 ? x3 : -INFINITY; /* column 2t+1 (list B) */
+				if (cA)
+					lse_add2(mA, sA, a0, a2);
+				if (cB)
+					lse_add2(mB, sB, b1, b3);
+				if (BATCH && K && wv && i < 2 && g0 == 0) { /* the start batch (warp-uniform) */
+					/* stages 0 and 1: every list's 32 keys go to this warp's slice of the merge scratch (idle in the
+					 * loop: 4 lists × 32 scores), sorted once after stage 1 (or stage 0 when the split has one) into
+					 * the lists — one 32-wide bitonic sort in place of two 16-key merges per list */
+					const unsigned b0 = __ballot_sync(FULLM, r0), b1 = __ballot_sync(FULLM, r1);
+					float *lb0 = xs + w * 64, *lb1 = (float *)(xp + w * 64); /* lists 0, 1 | 2, 3 */
 #pragma unroll
 					for (int h = 0; h < NL; ++h) {
 						if (h < G) {
-							float x = lane < 16 * (i + 1) ? (h < 2 ? lb0 : lb1)[(h & 1) * 32 + lane] : -INFINITY;
-							int p = x == -INFINITY ? INT_MAX : (int)start + lane;
-							bitonic32(x, p);
-							L[h].s0 = x, L[h].p0 = p;
-							L[h].ts = __shfl_sync(FULLM, x, K - 1);
-							L[h].tp = __shfl_sync(FULLM, p, K - 1);
+							const int src = ((lane & 7) << 2) | (h >> 1);
+							const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
+							const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
+							const bool ok = (((lane < 8 ? b0 : b1) >> src) & 1);
+							if (lane < 16)
+								(h < 2 ? lb0 : lb1)[(h & 1) * 32 + i * 16 + lane] = ok ? (lane < 8 ? ya : yb) : -INFINITY;
 						}
 					}
-					bars();
-				}
-			} else if (BUF && K && wv) { /* wv is warp-uniform */
-				/* the candidates straight from the fragments: lane 4·g + t appends its keys g, g+8 of columns
-				 * 2t (list A) and 2t+1 (list B) that reach their list's bar (≥: a superset; the flush applies
-				 * the exact order) to those lists' buffers, at offsets counted among the lanes of the same t —
-				 * four ballots and a store per candidate, no shuffles (a stage without one: the ballots) */
-				const bool pA0 = r0 && cA && a0 >= thAs, pA2 = r1 && cA && a2 >= thAs;
-				const bool pB1 = r0 && cB && b1 >= thBs, pB3 = r1 && cB && b3 >= thBs;
-				const unsigned BA0 = __ballot_sync(FULLM, pA0), BA2 = __ballot_sync(FULLM, pA2);
-				const unsigned BB1 = __ballot_sync(FULLM, pB1), BB3 = __ballot_sync(FULLM, pB3);
-				if (BA0 | BA2 | BB1 | BB3) {
-					const unsigned same = 0x11111111u << t, below = (1u << lane) - 1u;
-					float *bxA = lbx + 2 * t * 2 * AXF_LBUF, *bxB = bxA + 2 * AXF_LBUF;
-					int *bpA = (int *)(bxA + AXF_LBUF), *bpB = (int *)(bxB + AXF_LBUF);
-					const uint32_t nA0 = (uint32_t)__popc(BA0 & same), nB1 = (uint32_t)__popc(BB1 & same);
-					const int p0 = (int)tile + grow, p8 = p0 + 8;
-					if (pA0) {
-						const uint32_t at = bcA + (uint32_t)__popc(BA0 & same & below);
-						bxA[at] = a0, bpA[at] = p0;
-					}
-					if (pA2) {
-						const uint32_t at = bcA + nA0 + (uint32_t)__popc(BA2 & same & below);
-						bxA[at] = a2, bpA[at] = p8;
-					}
-					if (pB1) {
-						const uint32_t at = bcB + (uint32_t)__popc(BB1 & same & below);
-						bxB[at] = b1, bpB[at] = p0;
-					}
-					if (pB3) {
-						const uint32_t at = bcB + nB1 + (uint32_t)__popc(BB3 & same & below);
-						bxB[at] = b3, bpB[at] = p8;
-					}
-					bcA += nA0 + (uint32_t)__popc(BA2 & same);
-					bcB += nB1 + (uint32_t)__popc(BB3 & same);
-					if (__any_sync(FULLM, bcA > AXF_LBUF - AXF_TS || bcB > AXF_LBUF - AXF_TS)) {
-						/* a buffer the next stage could overflow: merge it into its list */
+					if (i == min(1, nst - 1)) {
+						__syncwarp();
 #pragma unroll
 						for (int h = 0; h < NL; ++h) {
-							const uint32_t c = (uint32_t)__shfl_sync(FULLM, (int)((h & 1) ? bcB : bcA), h >> 1);
-							if (h < G && c > AXF_LBUF - AXF_TS) { /* warp-uniform */
-								float *bx = lbx + h * 2 * AXF_LBUF;
-								wl_flush(L[h], bx, (const int *)(bx + AXF_LBUF), c, K);
-								if (t == (h >> 1)) {
-									if (h & 1)
-										bcB = 0;
-									else
-										bcA = 0;
+							if (h < G) {
+								float x = lane < 16 * (i + 1) ? (h < 2 ? lb0 : lb1)[(h & 1) * 32 + lane] : -INFINITY;
+								int p = x == -INFINITY ? INT_MAX : (int)start + lane;
+								bitonic32(x, p);
+								L[h].s0 = x, L[h].p0 = p;
+								L[h].ts = __shfl_sync(FULLM, x, K - 1);
+								L[h].tp = __shfl_sync(FULLM, p, K - 1);
+							}
+						}
+						bars();
+					}
+				} else if (BUF && K && wv) { /* wv is warp-uniform */
+					/* the candidates straight from the fragments: lane 4·g + t appends its keys g, g+8 of columns
+					 * 2t (list A) and 2t+1 (list B) that reach their list's bar (≥: a superset; the flush applies
+					 * the exact order) to those lists' buffers, at offsets counted among the lanes of the same t —
+					 * four ballots and a store per candidate, no shuffles (a stage without one: the ballots) */
+					const bool pA0 = r0 && cA && a0 >= thAs, pA2 = r1 && cA && a2 >= thAs;
+					const bool pB1 = r0 && cB && b1 >= thBs, pB3 = r1 && cB && b3 >= thBs;
+					const unsigned BA0 = __ballot_sync(FULLM, pA0), BA2 = __ballot_sync(FULLM, pA2);
+					const unsigned BB1 = __ballot_sync(FULLM, pB1), BB3 = __ballot_sync(FULLM, pB3);
+					if (BA0 | BA2 | BB1 | BB3) {
+						const unsigned same = 0x11111111u << t, below = (1u << lane) - 1u;
+						float *bxA = lbx + 2 * t * 2 * AXF_LBUF, *bxB = bxA + 2 * AXF_LBUF;
+						int *bpA = (int *)(bxA + AXF_LBUF), *bpB = (int *)(bxB + AXF_LBUF);
+						const uint32_t nA0 = (uint32_t)__popc(BA0 & same), nB1 = (uint32_t)__popc(BB1 & same);
+						const int p0 = (int)tile + grow, p8 = p0 + 8;
+						if (pA0) {
+							const uint32_t at = bcA + (uint32_t)__popc(BA0 & same & below);
+							bxA[at] = a0, bpA[at] = p0;
+						}
+						if (pA2) {
+							const uint32_t at = bcA + nA0 + (uint32_t)__popc(BA2 & same & below);
+							bxA[at] = a2, bpA[at] = p8;
+						}
+						if (pB1) {
+							const uint32_t at = bcB + (uint32_t)__popc(BB1 & same & below);
+							bxB[at] = b1, bpB[at] = p0;
+						}
+						if (pB3) {
+							const uint32_t at = bcB + nB1 + (uint32_t)__popc(BB3 & same & below);
+							bxB[at] = b3, bpB[at] = p8;
+						}
+						bcA += nA0 + (uint32_t)__popc(BA2 & same);
+						bcB += nB1 + (uint32_t)__popc(BB3 & same);
+						if (__any_sync(FULLM, bcA > AXF_LBUF - AXF_TS || bcB > AXF_LBUF - AXF_TS)) {
+							/* a buffer the next stage could overflow: merge it into its list */
+#pragma unroll
+							for (int h = 0; h < NL; ++h) {
+								const uint32_t c = (uint32_t)__shfl_sync(FULLM, (int)((h & 1) ? bcB : bcA), h >> 1);
+								if (h < G && c > AXF_LBUF - AXF_TS) { /* warp-uniform */
+									float *bx = lbx + h * 2 * AXF_LBUF;
+									wl_flush(L[h], bx, (const int *)(bx + AXF_LBUF), c, K);
+									if (t == (h >> 1)) {
+										if (h & 1)
+											bcB = 0;
+										else
+											bcA = 0;
+									}
 								}
+							}
+							bars();
+						}
+					}
+				} else if (K && wv) { /* wv is warp-uniform */
+					/* which lists have a candidate: lane 4·g + t owns columns 2t (A) and 2t+1 (B) of keys g, g+8,
+					 * and its bars are those lists' k-th entries, so list h may have one only when a lane of
+					 * t = h/2 has a value at or past its bar (≥: a superset, exact ties with a later position
+					 * included; wl_offer16 applies the exact order); lists without one are skipped (their gather
+					 * and ballots were most of a stage's work once the lists fill up) */
+					const unsigned mA = __ballot_sync(FULLM, fmaxf(a0, a2) >= thAs);
+					const unsigned mB = __ballot_sync(FULLM, fmaxf(b1, b3) >= thBs);
+					if (mA | mB) {
+						const unsigned b0 = __ballot_sync(FULLM, r0), b1 = __ballot_sync(FULLM, r1);
+#pragma unroll
+						for (int h = 0; h < NL; ++h) { /* lane l < 16 gathers key tile+l of column h */
+							if (h < G && (((h & 1) ? mB : mA) & (0x11111111u << (h >> 1)))) { /* warp-uniform */
+								const int src = ((lane & 7) << 2) | (h >> 1);
+								const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
+								const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
+								const bool ok = lane < 16 && (((lane < 8 ? b0 : b1) >> src) & 1);
+								wl_offer16<KB>(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
 							}
 						}
 						bars();
 					}
 				}
-			} else if (K && wv) { /* wv is warp-uniform */
-				/* which lists have a candidate: lane 4·g + t owns columns 2t (A) and 2t+1 (B) of keys g, g+8,
-				 * and its bars are those lists' k-th entries, so list h may have one only when a lane of
-				 * t = h/2 has a value at or past its bar (≥: a superset, exact ties with a later position
-				 * included; wl_offer16 applies the exact order); lists without one are skipped (their gather
-				 * and ballots were most of a stage's work once the lists fill up) */
-				const unsigned mA = __ballot_sync(FULLM, fmaxf(a0, a2) >= thAs);
-				const unsigned mB = __ballot_sync(FULLM, fmaxf(b1, b3) >= thBs);
-				if (mA | mB) {
-					const unsigned b0 = __ballot_sync(FULLM, r0), b1 = __ballot_sync(FULLM, r1);
+			} else {
+				float p0, p1;
+				if (MODE == AXF_M_LOGIT) {
+					p0 = (cA ? x0 : 0.f) + (cB ? x1 : 0.f);
+					p1 = (cA ? x2 : 0.f) + (cB ? x3 : 0.f);
+				} else {
+					p0 = (cA ? __expf(x0 - l0) : 0.f) + (cB ? __expf(x1 - l1) : 0.f);
+					p1 = (cA ? __expf(x2 - l0) : 0.f) + (cB ? __expf(x3 - l1) : 0.f);
+				}
+				p0 += __shfl_xor_sync(FULLM, p0, 1);
+				p1 += __shfl_xor_sync(FULLM, p1, 1);
+				p0 += __shfl_xor_sync(FULLM, p0, 2);
+				p1 += __shfl_xor_sync(FULLM, p1, 2);
+				float *rd = red + (gi % AXF_NS) * AXF_NW * AXF_TS;
+				if (t == 0) {
+					rd[w * AXF_TS + grow] = p0;
+					rd[w * AXF_TS + grow + 8] = p1;
+					mbar_arrive(&redfull[gi % AXF_NS]); /* each writer releases its own two partials */
+				}
+				__syncwarp();
+				if (w != AXF_NW - 1) {
+					mbar_arrive(&empty[gi % AXF_NS]);
+				} else { /* the reducer: stage i's 8 partials, then release the stage (buffer and partials) */
+					mbar_wait(&redfull[gi % AXF_NS], (uint32_t)(gi / AXF_NS) & 1);
+					float v = 0.f;
+					if (lane < AXF_TS)
 #pragma unroll
-					for (int h = 0; h < NL; ++h) { /* lane l < 16 gathers key tile+l of column h */
-						if (h < G && (((h & 1) ? mB : mA) & (0x11111111u << (h >> 1)))) { /* warp-uniform */
-							const int src = ((lane & 7) << 2) | (h >> 1);
-							const float ya = __shfl_sync(FULLM, (h & 1) ? x1 : x0, src);
-							const float yb = __shfl_sync(FULLM, (h & 1) ? x3 : x2, src);
-							const bool ok = lane < 16 && (((lane < 8 ? b0 : b1) >> src) & 1);
-							wl_offer16<KB>(L[h], lane < 8 ? ya : yb, (int)tile + lane, ok, K);
-						}
-					}
-					bars();
+						for (int g = 0; g < AXF_NW; ++g)
+							v += rd[g * AXF_TS + lane];
+					mbar_arrive(&empty[gi % AXF_NS]); /* buffer and partials read */
+					const bool ok = lane < nv;
+					bad |= ok && !finite_f(v); /* a NaN/inf score, or (mean_prob) Σ exp overflowing; 0 is fine */
+					v = MODE == AXF_M_LOGIT ? v * inv_h : logf(v * inv_h);
+					if (ok)
+						lse_add(mA, sA, v);
+					if (K)
+						wl_offer16<KB>(L[0], v, (int)tile + lane, ok, K);
 				}
 			}
-		} else {
-			float p0, p1;
-			if (MODE == AXF_M_LOGIT) {
-				p0 = (cA ? x0 : 0.f) + (cB ? x1 : 0.f);
-				p1 = (cA ? x2 : 0.f) + (cB ? x3 : 0.f);
-			} else {
-				p0 = (cA ? __expf(x0 - l0) : 0.f) + (cB ? __expf(x1 - l1) : 0.f);
-				p1 = (cA ? __expf(x2 - l0) : 0.f) + (cB ? __expf(x3 - l1) : 0.f);
-			}
-			p0 += __shfl_xor_sync(FULLM, p0, 1);
-			p1 += __shfl_xor_sync(FULLM, p1, 1);
-			p0 += __shfl_xor_sync(FULLM, p0, 2);
-			p1 += __shfl_xor_sync(FULLM, p1, 2);
-			float *rd = red + (gi % AXF_NS) * AXF_NW * AXF_TS;
-			if (t == 0) {
-				rd[w * AXF_TS + grow] = p0;
-				rd[w * AXF_TS + grow + 8] = p1;
-				mbar_arrive(&redfull[gi % AXF_NS]); /* each writer releases its own two partials */
-			}
-			__syncwarp();
-			if (w != AXF_NW - 1) {
-				mbar_arrive(&empty[gi % AXF_NS]);
-			} else { /* the reducer: stage i's 8 partials, then release the stage (buffer and partials) */
-				mbar_wait(&redfull[gi % AXF_NS], (uint32_t)(gi / AXF_NS) & 1);
-				float v = 0.f;
-				if (lane < AXF_TS)
-#pragma unroll
-					for (int g = 0; g < AXF_NW; ++g)
-						v += rd[g * AXF_TS + lane];
-				mbar_arrive(&empty[gi % AXF_NS]); /* buffer and partials read */
-				const bool ok = lane < nv;
-				bad |= ok && !finite_f(v); /* a NaN/inf score, or (mean_prob) Σ exp overflowing; 0 is fine */
-				v = MODE == AXF_M_LOGIT ? v * inv_h : logf(v * inv_h);
-				if (ok)
-					lse_add(mA, sA, v);
-				if (K)
-					wl_offer16<KB>(L[0], v, (int)tile + lane, ok, K);
-			}
 		}
-	}
-	g0 += nst;
-	if (!jb.tblk) /* CTA-uniform */
-		break;
-	/* the next tail block: thread 0 draws it (a CTA takes blocks until it draws past the last), the CTA barrier
-	 * hands it to every thread (two words in turn: a slow reader of one draw's word is past the barrier before
-	 * the draw after next overwrites it) and puts every warp past the range's last stage */
-	if (tid == 0)
-		cfl[1 + (rg & 1)] = atomicAdd(a.tailc + jb.ticket, 1u) - jb.tbase;
-	__syncthreads();
-	const uint32_t b = cfl[1 + (rg & 1)];
-	if (b >= jb.tblk)
-		break;
-	put_lse(); /* the range just streamed; the block's goes to slot S + b */
-	slot = (uint32_t)S + b;
-	start = (jb.tail0 + b * jb.tstg) * AXF_TS;
-	end = min(n, start + jb.tstg * AXF_TS);
-	nst = (int)((end - start + AXF_TS - 1) / AXF_TS);
-	/* the range's first stages, as at the start (their buffers' last readers were the range before: the refill
-	 * waits on their empty barriers); then each warp's next copy and index load */
-	nxt = -1;
-	if (prod) {
+		g0 += nst;
+		if (!jb.tblk) /* CTA-uniform */
+			break;
+		/* the next tail block: thread 0 draws it (a CTA takes blocks until it draws past the last), the CTA barrier
+		 * hands it to every thread (two words in turn: a slow reader of one draw's word is past the barrier before
+		 * the draw after next overwrites it) and puts every warp past the range's last stage */
+		if (tid == 0)
+			cfl[1 + (rg & 1)] = atomicAdd(a.tailc + jb.ticket, 1u) - jb.tbase;
+		__syncthreads();
+		const uint32_t b = cfl[1 + (rg & 1)];
+		if (b >= jb.tblk)
+			break;
+		put_lse(); /* the range just streamed; the block's goes to slot S + b */
+		slot = (uint32_t)S + b;
+		start = (jb.tail0 + b * jb.tstg) * AXF_TS;
+		end = min(n, start + jb.tstg * AXF_TS);
+		nst = (int)((end - start + AXF_TS - 1) / AXF_TS);
+		/* the range's first stages, as at the start (their buffers' last readers were the range before: the refill
+		 * waits on their empty barriers); then each warp's next copy and index load */
+		nxt = -1;
+		if (prod) {
 #pragma unroll
-		for (int i = 0; i < AXF_NS - 1; ++i)
-			if (i < nst) {
-				const int gs = g0 + i;
-				if (gs >= AXF_NS)
-					mbar_wait(&empty[gs % AXF_NS], (uint32_t)((gs / AXF_NS) - 1) & 1);
-				issue(i, slot_of(i));
-			}
-		if (!RW)
-			nxt = slot_of(AXF_NS - 1);
-	}
-	turn = RW ? w : AXF_NS - 1;
-	while (RW && turn < AXF_NS - 1)
-		turn += RW;
-	if (RW && w < RW && lane < AXF_TS)
-		nxt = slot_of(turn);
-	__syncwarp();
+			for (int i = 0; i < AXF_NS - 1; ++i)
+				if (i < nst) {
+					const int gs = g0 + i;
+					if (gs >= AXF_NS)
+						mbar_wait(&empty[gs % AXF_NS], (uint32_t)((gs / AXF_NS) - 1) & 1);
+					issue(i, slot_of(i));
+				}
+			if (!RW)
+				nxt = slot_of(AXF_NS - 1);
+		}
+		turn = RW ? w : AXF_NS - 1;
+		while (RW && turn < AXF_NS - 1)
+			turn += RW;
+		if (RW && w < RW && lane < AXF_TS)
+			nxt = slot_of(turn);
+		__syncwarp();
 	}
 
 	if (BUF && K && wv) { /* the buffered candidates (warp-uniform) */
