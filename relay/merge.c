@@ -78,7 +78,7 @@ struct ax_merge {
 	int64_t *late;            /* due positions that got records after their chunk left */
 	size_t nlate, clate;
 	char **texts;             /* text of generated token i (one-token chunks) */
-	size_t ntexts;
+	size_t ntexts, texts_cap; /* texts_cap doubles: a chunk may stand for 65536 tokens (one push each) */
 	json_t *tmpl;             /* id/object/created/model of the last chunk, for extra chunks */
 	int up_done, done_emitted, cap_end;
 	uint64_t ends, live;       /* capture slots that sent `end`; capture slots that count */
@@ -499,10 +499,14 @@ static int text_push(ax_merge *m, int64_t i, const char *s)
 {
 	if (i < 0 || (size_t)i != m->ntexts)
 		return 0;
-	char **t = realloc(m->texts, (m->ntexts + 1) * sizeof *t);
-	if (!t)
-		return -ENOMEM;
-	m->texts = t;
+	if (m->ntexts == m->texts_cap) { /* doubling: pushing one at a time stays linear */
+		size_t c = m->texts_cap ? 2 * m->texts_cap : 16;
+		char **t = realloc(m->texts, c * sizeof *t);
+		if (!t)
+			return -ENOMEM;
+		m->texts = t;
+		m->texts_cap = c;
+	}
 	m->texts[m->ntexts++] = s ? strdup(s) : NULL;
 	return 0;
 }
