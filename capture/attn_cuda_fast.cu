@@ -1915,7 +1915,7 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	for (uint32_t l = 0; l < p->nl; l++) /* in plan order: mean_prob's logsumexps first */
 		fast_launch(f, &p->L[l], seq, kl, &nk);
 	if (r == 0) {
-		if (p->kn.graph) {
+		if (axf_plan_graph(p)) {
 			e = fast_graph(f, kl, nk);
 		} else {
 			for (int i = 0; e == cudaSuccess && i < nk; i++)

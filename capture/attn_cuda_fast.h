@@ -108,9 +108,11 @@ typedef struct axf_knobs {
 				    * spin off) writes its partial rows into the mapped staging and the host merges
 				    * them (axf_hmerge): no ticket, no GPU merge (0: never) */
 	/* Session 8: */
-	uint32_t graph;            /* 1: a run's kernels go to the GPU as one CUDA graph launch (a chain of kernel
+	uint32_t graph;            /* a run's kernels go to the GPU as one CUDA graph launch (a chain of kernel
 				    * nodes, programmatic edges where pdl has a kernel wait on the GPU, whose parameters
-				    * are updated each run; AXF_GSLOTS chains kept) instead of a launch call each */
+				    * are updated each run; AXF_GSLOTS chains kept) instead of a launch call each:
+				    * 0 never, 1 every run, N > 1 runs that stream at most N keys (axf_plan_keys: the
+				    * sum over their pass-jobs, both passes of mean_prob) — session 10 */
 	/* Session 9: */
 	uint32_t tail;             /* percent (0 .. 90) of a pass-job's stages handed out at run time: its splits
 				    * stream the rest in equal static shares, then take blocks of the tail from a
@@ -137,8 +139,10 @@ typedef struct axf_knobs {
  * the ~0.2 ms of such a run's kernels). threads 6 since session 7 (RESULTS run 35, H200: 64 × 4K heads 203.0 → 195.3
  * µs end to end, 8 threads 194.9; capped at half the online CPUs by the state, ax__attn_fast_new). tail 15 in blocks
  * of 4 stages since session 9 (RESULTS runs 58-59, H100: 1 × 128K heads 126.9 → 122.3 µs, mean_logit 116.5 →
- * 112.6, 1M 3.6-4.6% faster in every mode, 64 × 4K mean modes 3-4%; 1 × 4K has no tail). */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 15, 4}
+ * 112.6, 1M 3.6-4.6% faster in every mode, 64 × 4K mean modes 3-4%; 1 × 4K has no tail). graph 16384 since
+ * session 10: a graph launch takes 1-2 µs off a 1 × 4K request on both cards (RESULTS runs 60 and 63) but cost
+ * 1 × 128K mean_prob 2.6% on an H200 (run 63), so only short runs go as one. */
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 16384, 15, 4}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -895,6 +899,21 @@ static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
 	axf_ent *out = (axf_ent *)(h + p->lay.rent) + jb->rent;
 	for (uint32_t e = 0; e < kout; e++)
 		out[e].x = e < nb ? bx[e] : -INFINITY, out[e].p = e < nb ? bp[e] : -1;
+}
+
+/* The keys a run streams: the sum of its pass-jobs' visible keys (mean_prob's two passes both count). */
+static inline uint64_t axf_plan_keys(const axf_plan *p)
+{
+	uint64_t n = 0;
+	for (uint32_t k = 0; k < p->njb; k++)
+		n += p->jb[k].n;
+	return n;
+}
+
+/* 1 when the run's kernels go as one graph launch (knob graph: 0 never, 1 always, N > 1 runs of ≤ N keys). */
+static inline int axf_plan_graph(const axf_plan *p)
+{
+	return p->kn.graph == 1 || (p->kn.graph > 1 && axf_plan_keys(p) <= p->kn.graph);
 }
 
 /* The host merges of the plan's host-merged pass-jobs (before axf_plan_codes reads their flag words). */

@@ -262,7 +262,7 @@ static void test_knobs_env(void **state)
 	assert_int_equal(d.tail, 15);
 	assert_int_equal(d.tail_blk, 4);
 	assert_int_equal(k.graph, 1);
-	assert_int_equal(d.graph, 0);
+	assert_int_equal(d.graph, 16384);
 	assert_int_equal(k.host_merge, 0);
 	assert_int_equal(d.host_merge, 256);
 	assert_int_equal(k.spin, 1);
@@ -622,6 +622,39 @@ static void test_plans(void **state)
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
 	assert_int_equal(p->jb[0].tss, 65536 / 10 / 264);
 	check_plan(p, jobs, 1, rc, 264);
+	/* knob graph (session 10): the defaults send runs of ≤ 16384 keys as one graph launch — a 4K request, an 8K
+	 * mean_prob (two passes of 8192), not 8K + 1 of mean_prob nor 128K; 0 never, 1 always */
+	p->kn = dflt;
+	assert_int_equal(p->kn.graph, 16384);
+	const struct {
+		int what;
+		uint64_t pos;
+		uint64_t keys;
+		int graph;
+	} gr[] = {{X_HEADS, 4095, 4096, 1}, {X_NONE, 4095, 4096, 1}, {X_PROB, 8191, 16384, 1},
+		  {X_PROB, 8192, 16386, 0}, {X_HEADS, 16383, 16384, 1}, {X_HEADS, (1u << 17) - 1, 1u << 17, 0}};
+	for (size_t i = 0; i < ARRAY_LEN(gr); i++) {
+		jobs[0] = elig_job(gr[i].what);
+		jobs[0].position = gr[i].pos;
+		p->kn.graph = 16384;
+		assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+		assert_int_equal(axf_plan_keys(p), gr[i].keys);
+		assert_int_equal(axf_plan_graph(p), gr[i].graph);
+		p->kn.graph = 0;
+		assert_int_equal(axf_plan_graph(p), 0);
+		p->kn.graph = 1;
+		assert_int_equal(axf_plan_graph(p), 1);
+		p->kn.graph = (uint32_t)gr[i].keys - 1; /* the bound is inclusive */
+		assert_int_equal(axf_plan_graph(p), gr[i].keys - 1 > 1 ? 0 : 1);
+	}
+	jobs[0] = elig_job(X_HEADS), jobs[1] = elig_job(X_NONE); /* two requests of 4K and 8K: 12288 keys */
+	jobs[0].position = 4095, jobs[1].position = 8191;
+	p->kn.graph = 16384;
+	assert_int_equal(axf_plan_build(p, jobs, 2, rc, 264), 0);
+	assert_int_equal(axf_plan_keys(p), 12288);
+	assert_int_equal(axf_plan_graph(p), 1);
+	p->kn.graph = 12287;
+	assert_int_equal(axf_plan_graph(p), 0);
 	axf_plan_free(p);
 }
 

@@ -960,18 +960,19 @@ static void bench_head(const char *what)
 /* The variants the bench times beside the defaults (each changes one thing of the defaults): programmatic dependent
  * launch off, the completion word on, the heads merge a row per CTA always (run 8's), the host's rows on the
  * calling thread alone, no host merge, heads lists merged by each pass-job's last CTA (no merge launch), the
- * kernels as one graph launch (knob graph: on when the defaults have it off, off when on), no tail (knob tail 0:
- * every split streams a static share). */
+ * kernels as one graph launch in every run (knob graph 1) or in none (0; the default sends runs of ≤ 16384 keys as
+ * one), no tail (knob tail 0: every split streams a static share). */
 static const struct bvar {
 	const char *name;
-	uint32_t spin, pdl, mergew, threads, hmerge, mergeh, graph, tail; /* ~0u: the default's; graph 2: flipped */
+	uint32_t spin, pdl, mergew, threads, hmerge, mergeh, graph, tail; /* ~0u: the default's */
 } b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
 	      {"spin", 1, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
 	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u},
 	      {"thr0", ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u},
 	      {"nohm", ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u},
 	      {"mh0", ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u},
-	      {"graph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 2, ~0u},
+	      {"graph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 1, ~0u},
+	      {"nograph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u},
 	      {"notail", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
@@ -1021,7 +1022,7 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 		k.threads = b->threads != ~0u ? b->threads : k.threads;
 		k.host_merge = b->hmerge != ~0u ? b->hmerge : k.host_merge;
 		k.merge_heads = b->mergeh != ~0u ? b->mergeh : k.merge_heads;
-		k.graph = b->graph == 2 ? !k.graph : k.graph;
+		k.graph = b->graph != ~0u ? b->graph : k.graph;
 		k.tail = b->tail != ~0u ? b->tail : k.tail;
 		ax__attn_fast_knobs(fe, NULL, &k);
 		ax__attn_fast_knobs(fk, NULL, &k);
