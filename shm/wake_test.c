@@ -436,21 +436,35 @@ static void *flush_later(void *arg)
 	return NULL;
 }
 
+/* The producer's step of test_hold_wake: wake-ups held, a publish 5 ms in, the flush 20 ms later; when each
+ * happened (the test's timing preconditions: a loaded machine may break them, and then the trial is redone). */
+typedef struct held {
+	fx *f;
+	uint64_t t_put, t_flush;
+} held;
+
 static void *held_step(void *arg)
 {
-	fx *f = arg;
-	ax_export_hold_wake(f->ex);
+	held *h = arg;
+	ax_export_hold_wake(h->f->ex);
 	sleep_ms(5);
-	if (put(f) != 0)
+	if (put(h->f) != 0)
 		return (void *)1;
+	h->t_put = ax_now_ns();
 	sleep_ms(20);
-	ax_export_flush_wake(f->ex);
+	h->t_flush = ax_now_ns();
+	ax_export_flush_wake(h->f->ex);
 	return NULL;
 }
 
-static void test_hold_wake(void **state)
+/* One trial of test_hold_wake on a fresh fixture: 0, or 1 when the machine was too slow for its timing (a
+ * publish after the consumer's 20 ms timeout, or a flush after the 10 ms grace that follows it). Threads are
+ * joined before anything is asserted (a failed assertion leaves none running on a freed fixture). */
+static int hold_trial(void)
 {
-	fx *f = *state;
+	void *st = NULL;
+	assert_int_equal(setup(&st), 0);
+	fx *f = st;
 	for (int i = 0; i < 3; i++) {
 		ax_export_hold_wake(f->ex);
 		assert_int_equal(put(f), 0);
@@ -459,26 +473,47 @@ static void test_hold_wake(void **state)
 		pthread_t th;
 		assert_int_equal(pthread_create(&th, NULL, flush_later, f), 0);
 		/* Pending already: returns at once, whatever the hold. */
-		assert_int_equal(ax_shm_wait(f->sh, SLEEP_NS), 1);
+		const int pend = ax_shm_wait(f->sh, SLEEP_NS);
 		ax_shm_step s;
-		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
-		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
+		const int n1 = ax_shm_next(f->sh, &s, NULL), n2 = ax_shm_next(f->sh, &s, NULL);
 		pthread_join(th, NULL);
+		assert_int_equal(pend, 1);
+		assert_int_equal(n1, 1);
+		assert_int_equal(n2, 1);
 		/* A sleep whose timeout (20 ms) ends inside a hold: the step's flush (25 ms) comes within the grace
 		 * period. The producer's calls all run on the thread (one thread at a time per ax_export). */
-		assert_int_equal(pthread_create(&th, NULL, held_step, f), 0);
-		uint64_t t0 = ax_now_ns();
-		assert_int_equal(ax_shm_wait(f->sh, 20 * MS), 1);
-		assert_true(ax_now_ns() - t0 < 1000 * MS);
+		held h = {f, 0, 0};
+		assert_int_equal(pthread_create(&th, NULL, held_step, &h), 0);
+		const uint64_t t0 = ax_now_ns();
+		const int got = ax_shm_wait(f->sh, 20 * MS);
+		const uint64_t t1 = ax_now_ns();
 		void *ret;
 		pthread_join(th, &ret);
 		assert_null(ret);
+		if (h.t_put >= t0 + 20 * MS || h.t_flush >= t0 + 28 * MS) { /* too slow a machine for this trial */
+			teardown(&st);
+			return 1;
+		}
+		assert_int_equal(got, 1);
+		assert_true(t1 - t0 < 1000 * MS);
 		assert_int_equal(ax_shm_next(f->sh, &s, NULL), 1);
 	}
 	/* Still trusted to wake, so a sleep lasts its timeout (a consumer that gave up on wakes would poll). */
 	uint64_t t0 = ax_now_ns();
 	assert_int_equal(ax_shm_wait(f->sh, 200 * MS), 0);
 	assert_true(ax_now_ns() - t0 >= 150 * MS); /* slept, not polled */
+	teardown(&st);
+	return 0;
+}
+
+static void test_hold_wake(void **state)
+{
+	(void)state;
+	int slow = 0;
+	while (hold_trial() == 1) /* the timing is the machine's: redone, not failed (at most 20 times) */
+		assert_true(++slow < 20);
+	if (slow)
+		printf("# hold_wake: %d trial(s) redone: the machine was too slow for their timing\n", slow);
 	ax_export_hold_wake(NULL);
 	ax_export_flush_wake(NULL);
 }
@@ -496,7 +531,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_close_wakes, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_no_wake_polls, setup, teardown),
 		cmocka_unit_test_setup_teardown(test_silent_producer, setup, teardown),
-		cmocka_unit_test_setup_teardown(test_hold_wake, setup, teardown),
+		cmocka_unit_test(test_hold_wake),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
