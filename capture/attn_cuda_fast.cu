@@ -699,9 +699,38 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 	row_finish(a, jb, r, lse, ts, tp, n, xs, xp, es, ep, E);
 }
 
-/* Where the CTA-wide merge keeps a row's per-split values: after the staging (capm entries of es/ep), the splits'
- * logsumexps and k-th entries (AXF_MAX_SPLITS each); all in the idle ring. */
-#define AXF_MERGE_CAPM ((int)AXF_MERGE_CAP * AXF_NW - 2 * AXF_MAX_SPLITS)
+/* A raw split's AXF_TS scores (row r of split i: keys i·AXF_TS + e, offsets past n left out) sorted best first in
+ * registers by a bitonic network (ties: the lower offset first; empty entries (-inf, INT_MAX) last). */
+__device__ __forceinline__ void raw_sorted(const axf_args &a, uint64_t at, uint32_t first, uint32_t n,
+					   float (&x)[AXF_TS], int (&p)[AXF_TS])
+{
+	const float4 *v = (const float4 *)(a.part_s + at);
+#pragma unroll
+	for (int c = 0; c < AXF_TS / 4; ++c) {
+		const float4 f = __ldcg(v + c);
+		x[4 * c] = f.x, x[4 * c + 1] = f.y, x[4 * c + 2] = f.z, x[4 * c + 3] = f.w;
+	}
+#pragma unroll
+	for (int e = 0; e < AXF_TS; ++e) {
+		const bool ok = first + (uint32_t)e < n;
+		p[e] = ok ? (int)(first + (uint32_t)e) : INT_MAX;
+		x[e] = ok ? x[e] : -INFINITY;
+	}
+#pragma unroll
+	for (int k = 2; k <= AXF_TS; k <<= 1)
+#pragma unroll
+		for (int j = k >> 1; j; j >>= 1)
+#pragma unroll
+			for (int e = 0; e < AXF_TS; ++e) {
+				const int l = e ^ j;
+				if (l > e) {
+					const bool sw = (e & k) == 0 ? fb(x[l], p[l], x[e], p[e]) : fb(x[e], p[e], x[l], p[l]);
+					const float tx = sw ? x[l] : x[e], ux = sw ? x[e] : x[l];
+					const int tq = sw ? p[l] : p[e], uq = sw ? p[e] : p[l];
+					x[e] = tx, x[l] = ux, p[e] = tq, p[l] = uq;
+				}
+			}
+}
 
 /*
  * The whole CTA (8 warps) merges row r of pass-job jb into its result row or logsumexp slot: one round of loads by
@@ -715,15 +744,35 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 			      float *red, int mode, int flags)
 {
 	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, K = (int)jb.K, S = (int)jb.S, SL = S + (int)jb.tblk;
-	const uint64_t prow0 = jb.part0 + (uint64_t)r * SL, ent = jb.ent0 + (uint64_t)r * S * K;
+	const uint64_t prow0 = jb.part0 + (uint64_t)r * SL, ent = jb.ent0 + (uint64_t)r * S * (jb.raw ? AXF_TS : K);
 	const int capm = AXF_MERGE_CAPM;
 	float *es = (float *)smem;
 	int *ep = (int *)(es + capm);
 	float *sl = (float *)(ep + capm), *skx = sl + AXF_MAX_SPLITS;
 	int *skp = (int *)(skx + AXF_MAX_SPLITS);
 	uint32_t *cnt = (uint32_t *)red + 2;
-	const int E = K ? stage_e(K, S, capm) : 0;
-	for (int i0 = tid; i0 < SL; i0 += AXF_NW * 32 * 4) { /* SL ≤ 1024: one batch of ≤ 4 per thread */
+	const int E = jb.raw ? K : K ? stage_e(K, S, capm) : 0;
+	if (jb.raw) { /* CTA-uniform: thread i sorts split i's scores and stages its first K entries (all a merge of
+		       * k ≤ AXF_TS can read; S·K ≤ capm by the plan) and its logsumexp (SL = S: no tail) */
+		for (int i = tid; i < S; i += AXF_NW * 32) {
+			float x[AXF_TS];
+			int p[AXF_TS];
+			const float l = __ldcg(a.part_lse + prow0 + i);
+			raw_sorted(a, ent + (uint64_t)i * AXF_TS, (uint32_t)i * AXF_TS, jb.n, x, p);
+			sl[i] = l;
+#pragma unroll
+			for (int e = 0; e < AXF_TS; ++e)
+				if (e < K) {
+					es[e * S + i] = x[e];
+					ep[e * S + i] = p[e] == INT_MAX ? -1 : p[e];
+				}
+#pragma unroll
+			for (int e = 0; e < AXF_TS; ++e) /* its k-th entry (1 ≤ K ≤ AXF_TS) */
+				if (e == K - 1)
+					skx[i] = x[e], skp[i] = p[e] == INT_MAX ? -1 : p[e];
+		}
+	}
+	for (int i0 = tid; !jb.raw && i0 < SL; i0 += AXF_NW * 32 * 4) { /* SL ≤ 1024: one batch of ≤ 4 per thread */
 		float x[4], kx[4];
 		int kp[4];
 #pragma unroll
@@ -746,7 +795,7 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 				skx[i] = kx[u], skp[i] = kp[u];
 		}
 	}
-	if (K)
+	if (K && !jb.raw)
 		stage_row(a, jb, r, es, ep, E, w, AXF_NW);
 	__syncthreads();
 	if (tid == 0)
@@ -797,17 +846,19 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 		row_finish(a, jb, r, red[3], ts, tp, (int)*cnt, xs, xp, es, ep, E);
 }
 
-/* Write a warp list as the partial row `prow` (entries at ent .. ent+K-1; lanes < K write entries lane, lane+32). */
-template <int KB> __device__ __forceinline__ void put_list(const axf_args &a, uint64_t ent, const WList &L, int K)
+/* Write a warp list as a partial list: entry e at ent + e·st (lanes < K write entries lane, lane+32); st 1, or a
+ * host-merged pass-job's S (its lists entry-major: the host reads the splits' first entries from a few lines). */
+template <int KB> __device__ __forceinline__ void put_list(const axf_args &a, uint64_t ent, uint32_t st, const WList &L,
+							  int K)
 {
 	const int lane = threadIdx.x & 31;
 	if (lane < K) {
-		a.part_s[ent + lane] = L.s0;
-		a.part_p[ent + lane] = L.p0 == INT_MAX ? -1 : L.p0;
+		a.part_s[ent + (uint64_t)lane * st] = L.s0;
+		a.part_p[ent + (uint64_t)lane * st] = L.p0 == INT_MAX ? -1 : L.p0;
 	}
 	if (KB > 1 && lane + 32 < K) {
-		a.part_s[ent + lane + 32] = L.s1;
-		a.part_p[ent + lane + 32] = L.p1 == INT_MAX ? -1 : L.p1;
+		a.part_s[ent + (uint64_t)(lane + 32) * st] = L.s1;
+		a.part_p[ent + (uint64_t)(lane + 32) * st] = L.p1 == INT_MAX ? -1 : L.p1;
 	}
 }
 
@@ -853,7 +904,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		trace_at(a, AXF_TR_START0, AXF_TR_START1);
 	const int ji = a.inl ? 0 : find_job(a, blockIdx.x);
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji]; /* the parameter itself (grid constant) or the table */
-	const int K = (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
+	/* K: the lists this CTA keeps (a raw pass-job keeps none: its one stage's scores are its partial lists) */
+	const int K = jb.raw ? 0 : (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
 	const int G = (int)jb.G, Hkv = (int)jb.Hkv;
 	/* [start, end): the keys of the range being streamed — the split's static share, then (knob tail) each tail
 	 * block it takes; nst its stages; g0 the stages this CTA streamed before it (the ring's buffers and mbarrier
@@ -1067,6 +1119,14 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 					lse_add2(mA, sA, a0, a2);
 				if (cB)
 					lse_add2(mB, sB, b1, b3);
+				if (jb.raw) { /* CTA-uniform: the stage's scores as the split's lists (keys g, g+8 of columns 2t,
+					       * 2t+1; those past n too: the merge leaves them out) */
+					float *o = a.part_s + jb.ent0 + ((uint64_t)(w * G + 2 * t) * S + sl) * AXF_TS + grow;
+					if (cA)
+						o[0] = x0, o[8] = x2;
+					if (cB)
+						o[(uint64_t)S * AXF_TS] = x1, o[(uint64_t)S * AXF_TS + 8] = x3;
+				}
 				if (BATCH && K && wv && i < 2 && g0 == 0) { /* the start batch (warp-uniform) */
 					/* stages 0 and 1: every list's 32 keys go to this warp's slice of the merge scratch (idle in the
 					 * loop: 4 lists × 32 scores), sorted once after stage 1 (or stage 0 when the split has one) into
@@ -1277,10 +1337,11 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 #pragma unroll
 			for (int h = 0; h < NL; ++h)
 				if (h < G)
-					put_list<KB>(a, jb.ent0 + ((uint64_t)(w * G + h) * S + sl) * K, L[h], K);
+					put_list<KB>(a, jb.ent0 + ((uint64_t)(w * G + h) * S + sl) * K, 1u, L[h], K);
 	} else if (w == AXF_NW - 1) {
 		if (K)
-			put_list<KB>(a, jb.ent0 + (uint64_t)sl * K, L[0], K);
+			put_list<KB>(a, jb.hm ? jb.ent0 + (uint64_t)sl : jb.ent0 + (uint64_t)sl * K, jb.hm ? (uint32_t)S : 1u,
+				     L[0], K);
 	}
 	/* this split's flag word, written whatever it holds (nothing to zero beforehand; the merger ORs them) */
 	if (rng || bad) /* rng: set only by producer lanes */

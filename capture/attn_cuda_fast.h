@@ -83,6 +83,9 @@
 	 (size_t)AXF_NW * 64 * 8 + 16 + AXF_LBUF_BYTES)
 /* Survivor staging entries per warp in the merge (the idle ring, 8 bytes an entry). */
 #define AXF_MERGE_CAP ((uint32_t)((size_t)AXF_NS * AXF_TS * AXF_ROWS_SM / AXF_NW / 8))
+/* Where the CTA-wide merge keeps a row's per-split values: its staging of list entries (AXF_MERGE_CAPM entries),
+ * then the splits' logsumexps and k-th entries (AXF_MAX_SPLITS each); all in the idle ring. */
+#define AXF_MERGE_CAPM ((int)AXF_MERGE_CAP * AXF_NW - 2 * AXF_MAX_SPLITS)
 
 /* Planner knobs (attn_cuda_fast.h's planner; 0 = the lab's one-wave planner for that knob). "lists" = heads
  * pass-jobs with top-k lists (K > 0), whose merge reads H_q lists per split. */
@@ -120,6 +123,12 @@ typedef struct axf_knobs {
 				    * RESULTS.md run 56: the static shares end 14-57 µs apart). Pass-jobs with at least
 				    * AXF_TAIL_MIN stages a split only; 0: off */
 	uint32_t tail_blk;         /* stages (of AXF_TS keys) of a tail block (0: 1) */
+	/* Session 11: */
+	uint32_t raw_heads;        /* a heads launch whose pass-jobs all keep lists of k ≤ AXF_TS over at most this
+				    * many keys, and fit one wave in splits of AXF_TS keys, streams them in such
+				    * splits of one stage that write their raw scores as partial lists (no sorting in
+				    * the split kernel; the merge sorts each split's AXF_TS scores): axf_plan_raw
+				    * (0: never) */
 } axf_knobs;
 
 #define AXF_TAIL_MIN 8 /* least stages per split (on average) of a pass-job with a tail */
@@ -142,7 +151,7 @@ typedef struct axf_knobs {
  * 112.6, 1M 3.6-4.6% faster in every mode, 64 × 4K mean modes 3-4%; 1 × 4K has no tail). graph 16384 since
  * session 10: a graph launch takes 1-2 µs off a 1 × 4K request on both cards (RESULTS runs 60 and 63) but cost
  * 1 × 128K mean_prob 2.6% on an H200 (run 63), so only short runs go as one. */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 16384, 15, 4}
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 16384, 15, 4, 4096}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -160,7 +169,10 @@ typedef struct axf_job {
 	uint64_t start;         /* first visible position */
 	uint64_t part0;         /* first partial row: logsumexp partial s of row r at part0 + r·(S + tblk) + s (the
 				 * S splits', then the tail blocks'); flags and lists per split */
-	uint64_t ent0;          /* first partial list entry: row r of split s at ent0 + (r·S + s)·K */
+	uint64_t ent0;          /* first partial list entry: row r of split s at ent0 + (r·S + s)·K (a host-merged
+				 * pass-job's one row entry-major: entry e of split s at ent0 + e·S + s; raw: the
+				 * split's AXF_TS scores at ent0 + (r·S + s)·AXF_TS, ent0 a multiple of 4, no
+				 * offsets: key e of split s is offset s·AXF_TS + e, none past n) */
 	uint64_t rent;          /* first result entry: entry e of result row r at rent + r·kout + e */
 	uint64_t pf0;           /* first split flag word: split s's at part_f[pf0 + s] */
 	uint32_t n;             /* visible keys (1 .. AXF_MAX_N) */
@@ -185,6 +197,8 @@ typedef struct axf_job {
 	uint32_t sepm;          /* 1: merged by the separate merge launch (heads lists), not by its last CTA */
 	uint32_t hm;            /* 1: merged by the host (knob host_merge): partial rows in the host staging's
 				 * hm regions (part0, ent0, pf0 count from their starts) */
+	uint32_t raw;           /* 1 (knob raw_heads): splits of one stage (chunk AXF_TS) whose partial lists are
+				 * their raw scores, merged by the merge launch a row per CTA (sepm, mrpc 1) */
 	float scale;            /* softmax scale (|scale| ≤ 1) */
 	float inv_h;            /* 1 / H */
 } axf_job;
@@ -443,23 +457,25 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
  * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
- * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH, AX_FAST_TAIL, AX_FAST_TAIL_BLK (decimal, 0 .. 2^30). */
+ * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH, AX_FAST_TAIL, AX_FAST_TAIL_BLK, AX_FAST_RAW_HEADS (decimal,
+ * 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[15] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[16] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
 					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
 					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP",
 					      "AX_FAST_THREADS",             "AX_FAST_HOST_MERGE",
 					      "AX_FAST_GRAPH",               "AX_FAST_TAIL",
-					      "AX_FAST_TAIL_BLK"};
-	uint32_t *f[15] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					      "AX_FAST_TAIL_BLK",            "AX_FAST_RAW_HEADS"};
+	uint32_t *f[16] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
 			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
 			   &kn->merge_warp,     &kn->threads,          &kn->host_merge,
-			   &kn->graph,          &kn->tail,             &kn->tail_blk};
-	for (int i = 0; i < 15; i++) {
+			   &kn->graph,          &kn->tail,             &kn->tail_blk,
+			   &kn->raw_heads};
+	for (int i = 0; i < 16; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -558,6 +574,30 @@ static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb)
 	jb->tblk = (rest + jb->tstg - 1) / jb->tstg;
 }
 
+/*
+ * Whether launch L of kernel mode `mode` goes raw (knob raw_heads, session 11): heads lists only, every pass-job's
+ * k ≤ AXF_TS and n ≤ raw_heads, all of them in one wave (`resident` CTAs) at AXF_TS keys a split, each split count
+ * reaching merge_heads (the merge launch merges them, a row per CTA) and its staged entries (S·k) fitting the
+ * CTA-wide merge's staging. Then every split is one stage whose warps write their keys' scores as they are: the
+ * split kernel keeps no lists (their sorts were most of a short heads split's time: RESULTS.md, session 10's
+ * trace of 1 × 4K heads) and the merge sorts each split's AXF_TS scores in registers before its bar and scan.
+ */
+static inline int axf_plan_raw(const axf_plan *p, const axf_launch *L, uint32_t mode, uint32_t resident)
+{
+	if (mode != AXF_M_HEADS || !p->kn.raw_heads || !p->kn.merge_heads)
+		return 0;
+	uint64_t ctas = 0;
+	for (uint32_t i = 0; i < L->nj; i++) {
+		const axf_job *jb = &p->jb[L->j0 + i];
+		const uint64_t S = axf_splits(jb->n, AXF_TS);
+		if (!jb->K || jb->K > AXF_TS || jb->n > p->kn.raw_heads || S < p->kn.merge_heads || S > AXF_MAX_SPLITS ||
+		    S * jb->K > (uint64_t)AXF_MERGE_CAPM)
+			return 0;
+		ctas += S;
+	}
+	return ctas <= resident;
+}
+
 /* Split plan of launch L: chunks, splits, split offsets, partial rows and entries, tickets, merge launch. */
 static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 {
@@ -575,6 +615,9 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	}
 	if (lists && p->res_lists)
 		resident = p->res_lists;
+	const int raw = axf_plan_raw(p, L, mode, resident);
+	for (uint32_t i = 0; raw && i < L->nj; i++)
+		p->lo[i] = AXF_TS; /* one wave: the base is AXF_TS too */
 	uint32_t base = axf_plan_base(p->nk, p->lo, L->nj, resident);
 	L->so0 = p->nso;
 	L->mg = 0;
@@ -586,6 +629,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		jb->S = (uint32_t)axf_splits(jb->n, jb->chunk);
 		axf_plan_tail(&p->kn, jb);
 		jb->sepm = axf_lists(mode, jb->K) && p->kn.merge_heads && jb->S >= p->kn.merge_heads;
+		jb->raw = (uint32_t)raw; /* (then chunk AXF_TS, sepm, no tail) */
 		if (jb->sepm && jb->H > L->mg)
 			L->mg = jb->H;
 		if (jb->sepm && jb->S > maxs)
@@ -599,17 +643,19 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 			p->hparts += jb->S + jb->tblk;
 			p->hents += (uint64_t)jb->S * jb->K;
 		} else {
+			if (raw) /* its merge reads a split's scores as 16-byte vectors */
+				p->entries = (p->entries + 3) & ~(uint64_t)3;
 			jb->part0 = p->parts;
 			jb->ent0 = p->entries;
 			jb->pf0 = p->pfl;
 			p->pfl += jb->S;
 			p->parts += (uint64_t)axf_prows(jb, mode) * (jb->S + jb->tblk);
-			p->entries += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
+			p->entries += (uint64_t)axf_prows(jb, mode) * jb->S * (raw ? AXF_TS : jb->K);
 		}
 		p->so[p->nso + i] = (uint32_t)ctas;
 		ctas += jb->S;
 	}
-	L->mrpc = L->mg && maxs <= p->kn.merge_warp ? AXF_NW : 1;
+	L->mrpc = L->mg && maxs <= p->kn.merge_warp && !raw ? AXF_NW : 1;
 	L->mg = (L->mg + L->mrpc - 1) / L->mrpc;
 	if (ctas > INT32_MAX || (uint64_t)L->nj * L->mg > INT32_MAX)
 		return -ENOMEM;
@@ -847,7 +893,9 @@ static inline void axf_finish_row(ax_attn_result *o, float lse, const axf_ent *e
  * into the staging h): its flag word (the OR of its splits'), its logsumexp (over the splits': the max, then one
  * sum of exponentials) and its kout best entries (value, then lower offset) into the result staging, as the GPU
  * merge writes them. The splits' lists are sorted, so each is walked only while its entries beat the kth best found
- * so far (most stop at their first entry); the kout best are kept sorted by insertion. Rows of a flagged pass-job
+ * so far (most stop at their first entry); the kout best are kept sorted by insertion. The lists are entry-major
+ * (entry e of split i at e·S + i, session 10): the splits' first entries, which every merge reads, lie together in
+ * a few cache lines instead of one line each. Rows of a flagged pass-job
  * are left alone (undefined). Float arithmetic, as the GPU merge's.
  */
 static inline int axf_hm_before(float ax, int32_t ap, float bx, int32_t bp)
@@ -862,10 +910,11 @@ static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
 	const float *ps = (const float *)(h + p->lay.hps) + jb->ent0;
 	const int32_t *pp = (const int32_t *)(h + p->lay.hpp) + jb->ent0;
 	const uint32_t S = jb->S, SL = jb->S + jb->tblk, K = jb->K, kout = jb->kout;
-	/* the partials came from the GPU over the bus (none of them in the caches): ask for every line at once */
+	/* the partials came from the GPU over the bus (none of them in the caches): ask at once for every line of the
+	 * logsumexps, the flags and the lists' first two entries (the rest only where a list is walked that far) */
 	for (uint64_t o = 0; o < (uint64_t)SL * 4; o += 64)
 		__builtin_prefetch((const char *)pl + o), __builtin_prefetch((const char *)pf + o);
-	for (uint64_t o = 0; o < (uint64_t)S * K * 4; o += 64)
+	for (uint64_t o = 0; o < (uint64_t)S * (K < 2 ? K : 2) * 4; o += 64)
 		__builtin_prefetch((const char *)ps + o), __builtin_prefetch((const char *)pp + o);
 	uint32_t f = 0;
 	float m = -INFINITY;
@@ -885,9 +934,9 @@ static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
 	int32_t bp[AX_ATTN_MAX_TOPK];
 	uint32_t nb = 0;
 	for (uint32_t i = 0; i < S; i++) {
-		const float *x = ps + (uint64_t)i * K;
-		const int32_t *q = pp + (uint64_t)i * K;
-		for (uint32_t e = 0; e < K && q[e] >= 0; e++) {
+		const float *x = ps + i;
+		const int32_t *q = pp + i;
+		for (uint64_t e = 0; e < (uint64_t)K * S && q[e] >= 0; e += S) { /* entry e / S of split i */
 			if (nb == kout && !axf_hm_before(x[e], q[e], bx[kout - 1], bp[kout - 1]))
 				break; /* the list is sorted: nothing further in it gets in */
 			uint32_t j = nb < kout ? nb++ : kout - 1;

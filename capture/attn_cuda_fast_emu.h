@@ -46,6 +46,9 @@ static inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w)
 	uint4 v = {x, y, z, w};
 	return v;
 }
+struct float4 {
+	float x, y, z, w;
+};
 
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
@@ -84,6 +87,14 @@ static inline uint32_t atomicAdd(uint32_t *p, uint32_t v) { uint32_t o = *p; *p 
 		fprintf(stderr, "\n");                                                                       \
 		abort();                                                                                     \
 	} while (0)
+
+/* A 16-byte vector load: misaligned, the GPU faults. */
+static inline float4 __ldcg(const float4 *p)
+{
+	if ((uintptr_t)p % 16)
+		EMU_FAIL("misaligned 16-byte load at %p", (const void *)p);
+	return *p;
+}
 
 enum { EMU_NT = 256, EMU_STACK = 256 * 1024 };
 

@@ -58,6 +58,7 @@ static void emu_body(void *p)
 /* The planner knobs of emu_run's plans (all 0: the lab's one-wave planner). */
 static axf_knobs g_kn;
 static uint64_t g_tail_blocks; /* tail blocks (knob tail) the runs so far had: test_tail_ran */
+static uint64_t g_raw_jobs;    /* raw pass-jobs (knob raw_heads) the runs so far had: test_raw_ran */
 
 /* ax__attn_fast_run's steps with host memory: plan, tables, zeroed flags/tickets, launches, finish. */
 static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc, uint32_t resident)
@@ -131,6 +132,12 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		/* every split CTA of a pass-job with a tail drew until it drew past the last block: tblk + S draws */
 		assert_int_equal(tailc[k], p->jb[k].tblk ? p->jb[k].tblk + p->jb[k].S : 0);
 		g_tail_blocks += p->jb[k].tblk;
+		if (p->jb[k].raw) { /* the plan's promises to the kernels: one stage a split, merged by the merge launch,
+				     * a CTA a row, every score 16-byte aligned */
+			assert_int_equal(p->jb[k].chunk, AXF_TS);
+			assert_true(p->jb[k].sepm && !p->jb[k].tblk && p->jb[k].K <= AXF_TS && p->jb[k].ent0 % 4 == 0);
+			g_raw_jobs++;
+		}
 	}
 	free(tick);
 	free(tailc);
@@ -195,20 +202,21 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0, 0, 0}},
-	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0}},
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0, 0, 0, 0}},
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0}},
 	{40, AXF_KNOBS_DEFAULT},
-	{64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0, 0, 0}},
-	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256 */
+	{64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0, 0, 0, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2000}}, /* up to ~94 splits, every heads list merged apart: S·E > 256;
+								     * raw where k ≤ 16 */
 	/* knob tail (session 9): splits stream a static share, then draw tail blocks — here the first CTA to finish
 	 * draws them all (CTAs run one at a time), so one CTA streams many ranges through one ring */
-	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1}},                /* heads merged by their last CTA */
-	{7, {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 40, 3}},          /* the defaults with a tail */
-	{3, {0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 90, 2}},                /* spin: the completion count */
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 1u << 28}},         /* a huge block: the whole tail in one */
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1, 0}},                /* heads merged by their last CTA */
+	{7, {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 40, 3, 0}},          /* the defaults with a tail */
+	{3, {0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 90, 2, 0}},                /* spin: the completion count */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 1u << 28, 0}},         /* a huge block: the whole tail in one */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -257,7 +265,7 @@ static void test_many_splits(void **state)
 		for (uint32_t mh = 0; mh < 3; mh++) { /* heads lists: last CTA, merge kernel a row per CTA / per warp */
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0, 0, 0};
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0, 0, 0, 0};
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
 			if (rc != 0)
 				fail_msg("%s: rc %d", cs[i].name, rc);
@@ -269,6 +277,82 @@ static void test_many_splits(void **state)
 		free(out);
 		td_free(&t);
 	}
+}
+
+/* Raw heads pass-jobs (knob raw_heads, session 11): one-stage splits writing their raw scores, each sorted by
+ * the merge — every k up to AXF_TS, group sizes 1..8, lengths around a split's edge (keys past n in the last
+ * split's scores must be left out), windows, exact ties, i64 index rows; alone and in batches, and the same jobs
+ * with the knob off must give the same top-k. */
+static void test_raw(void **state)
+{
+	(void)state;
+	static const tcase cs[] = {
+		{"raw heads 32/8 k10 4096", HD, BF, BF, I32, 128, 32, 8, 10, 4096, 0, 0, 0, {0}, 1, 0},
+		{"raw heads k16 n 17", HD, F16, F16, I64, 128, 8, 2, 16, 17, 0, 0, 0, {0}, 1, 0},
+		{"raw heads k1 G8 n 16", HD, BF, BF, I32, 128, 8, 1, 1, 16, 0, 0, 0, {0}, 0, 0},
+		{"raw heads k7 G3 n 1", HD, BF, BF, I32, 128, 15, 5, 7, 1, 0, 0, 0, {0}, 0, 0},
+		{"raw heads k16 G5 n 333 window 100", HD, BF, BF, I64, 128, 15, 3, 16, 333, 100, 0, 0, {0}, 1, 0},
+		{"raw heads k12 G2 n 1000", HD, F16, F16, I32, 128, 16, 8, 12, 1000, 0, 0, 0, {0}, 1, 0},
+		{"raw heads k5 G7 n 250", HD, BF, BF, I32, 128, 14, 2, 5, 250, 0, 0, 0, {0}, 1, 0},
+	};
+	const axf_knobs d = AXF_KNOBS_DEFAULT;
+	for (size_t i = 0; i < ARRAY_LEN(cs); i++) {
+		tdata t;
+		td_make(&cs[i], &t);
+		assert_true(axf_eligible(&t.job));
+		const uint32_t rows = ax_attn_rows(&t.job);
+		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+		ax_attn_result *off = (ax_attn_result *)malloc(rows * sizeof *out);
+		for (int raw = 1; raw >= 0; raw--) {
+			int rc = 12345;
+			const uint64_t before = g_raw_jobs;
+			g_kn = d;
+			g_kn.raw_heads = raw ? 4096 : 0;
+			memset(raw ? out : off, 0xff, rows * sizeof *out);
+			assert_int_equal(emu_run(&t.job, 1, raw ? out : off, &rc, 264), 0);
+			g_kn = axf_knobs{};
+			if (rc != 0)
+				fail_msg("%s (raw %d): rc %d", cs[i].name, raw, rc);
+			assert_int_equal(g_raw_jobs - before, (uint64_t)raw); /* it took the path meant */
+			check_job(&t.job, raw ? out : off, cs[i].name);
+		}
+		for (uint32_t r = 0; r < rows; r++) { /* an exact top-k is one top-k: the same positions either way */
+			assert_int_equal(out[r].k, off[r].k);
+			assert_memory_equal(out[r].pos, off[r].pos, out[r].k * sizeof out[r].pos[0]);
+		}
+		free(out), free(off);
+		td_free(&t);
+	}
+	/* a batch of them in one launch (one instance): raw while the splits fit one wave (63 + 19 + 16 = 98 ≤ 120),
+	 * not past it (resident 90) */
+	static const tcase bs[] = {
+		{"raw batch k10 n 1000", HD, BF, BF, I32, 128, 32, 8, 10, 1000, 0, 0, 0, {0}, 1, 0},
+		{"raw batch k16 n 496 window 300", HD, BF, BF, I64, 128, 32, 8, 16, 496, 300, 0, 0, {0}, 1, 0},
+		{"raw batch k3 n 256", HD, BF, BF, I32, 128, 32, 8, 3, 256, 0, 0, 0, {0}, 0, 0},
+	};
+	tdata t[3];
+	ax_attn_job jobs[3];
+	uint32_t offs[3], rows = 0;
+	for (int i = 0; i < 3; i++) {
+		td_make(&bs[i], &t[i]);
+		jobs[i] = t[i].job, offs[i] = rows, rows += ax_attn_rows(&jobs[i]);
+	}
+	ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+	for (uint32_t res = 120; res >= 90; res -= 30) {
+		int rc[3] = {1, 1, 1};
+		const uint64_t before = g_raw_jobs;
+		g_kn = d;
+		assert_int_equal(emu_run(jobs, 3, out, rc, res), 0);
+		g_kn = axf_knobs{};
+		assert_int_equal(g_raw_jobs - before, res == 120 ? 3u : 0u);
+		for (int i = 0; i < 3; i++) {
+			assert_int_equal(rc[i], 0);
+			check_job(&jobs[i], out + offs[i], bs[i].name);
+		}
+	}
+	free(out);
+	for (int i = 0; i < 3; i++)
+		td_free(&t[i]);
 }
 
 /* The shared small table (attn_cuda_testdata.h): its eligible cases, one plan each. */
@@ -356,7 +440,7 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	g_kn = axf_knobs{};
@@ -409,7 +493,8 @@ static void test_random(void **state)
 			g_kn = axf_knobs{0, (uint32_t)(td_u64() % 200), (uint32_t)(td_u64() % 20),
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
 					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, (uint32_t)(td_u64() % 300), 0,
-					 (uint32_t)(td_u64() % 3 == 0 ? td_u64() % 60 : 0), (uint32_t)(td_u64() % 5)};
+					 (uint32_t)(td_u64() % 3 == 0 ? td_u64() % 60 : 0), (uint32_t)(td_u64() % 5),
+					 (uint32_t)(td_u64() % 2 ? td_u64() % 1000 : 0)};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
 		g_kn = axf_knobs{};
@@ -465,16 +550,22 @@ static void test_errors(void **state)
 				fail_msg("%s alone (host merge): rc %d, want %d", e->name, rc1, e->want);
 		}
 		if (e->mode == HD) { /* the separate merge launch, a CTA a row (knob merge_warp 0): merge_row_cta must carry
-				      * the split's flag word into the pass-job's */
-			const axf_knobs d = AXF_KNOBS_DEFAULT;
-			g_kn = d;
-			g_kn.merge_warp = 0;
-			int rc3[3] = {1, 1, 1};
-			assert_int_equal(emu_run(jobs, 3, out, rc3, 12), 0);
-			g_kn = axf_knobs{};
-			if (rc3[0] != 0 || rc3[1] != e->want || rc3[2] != 0)
-				fail_msg("%s (merge launch): rc %d %d %d, want 0 %d 0", e->name, rc3[0], rc3[1], rc3[2], e->want);
-			check_job(&okd.job, out, e->name);
+				      * the split's flag word into the pass-job's; and raw (knob raw_heads: 3 × 125 one-stage
+				      * splits in one wave of 400) */
+			for (int raw = 0; raw < 2; raw++) {
+				const axf_knobs d = AXF_KNOBS_DEFAULT;
+				const uint64_t before = g_raw_jobs;
+				g_kn = d;
+				g_kn.merge_warp = 0;
+				int rc3[3] = {1, 1, 1};
+				assert_int_equal(emu_run(jobs, 3, out, rc3, raw ? 400 : 12), 0);
+				g_kn = axf_knobs{};
+				assert_int_equal(g_raw_jobs - before, raw ? 3u : 0u);
+				if (rc3[0] != 0 || rc3[1] != e->want || rc3[2] != 0)
+					fail_msg("%s (merge launch, raw %d): rc %d %d %d, want 0 %d 0", e->name, raw, rc3[0],
+						 rc3[1], rc3[2], e->want);
+				check_job(&okd.job, out, e->name);
+			}
 		}
 		ax_attn_scratch *s = ax_attn_scratch_new();
 		ax_attn_result *cpu = (ax_attn_result *)calloc(r1, sizeof *cpu);
@@ -499,6 +590,14 @@ static int setup(void **state)
 	return 0;
 }
 
+/* The plans with knob raw_heads had raw pass-jobs beyond test_raw's own (the default plans, random knobs). */
+static void test_raw_ran(void **state)
+{
+	(void)state;
+	printf("# raw pass-jobs: %llu\n", (unsigned long long)g_raw_jobs);
+	assert_true(g_raw_jobs > 20);
+}
+
 /* The plans with knob tail had tail blocks (the tests above would pass without the tail path ever running). */
 static void test_tail_ran(void **state)
 {
@@ -518,6 +617,8 @@ int main(void)
 		cmocka_unit_test(test_random),
 		cmocka_unit_test(test_errors),
 		cmocka_unit_test(test_tail_ran),
+		cmocka_unit_test(test_raw),
+		cmocka_unit_test(test_raw_ran),
 	};
 	int r = cmocka_run_group_tests(tests, setup, NULL);
 	printf("# near-tie substitutions: %d\n", g_near);

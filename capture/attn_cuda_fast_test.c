@@ -162,11 +162,11 @@ static axf_knobs rand_knobs(void)
 {
 	axf_knobs k;
 	memset(&k, 0, sizeof k);
-	uint32_t *f[10] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
+	uint32_t *f[11] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
 			   &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads, &k.merge_warp,
-			   &k.host_merge,       &k.spin};
-	static const uint32_t lim[10] = {9, 5000, 1500, 5000, 1500, 300, 9, 100, 600, 2};
-	for (int i = 0; i < 10; i++)
+			   &k.host_merge,       &k.spin,        &k.raw_heads};
+	static const uint32_t lim[11] = {9, 5000, 1500, 5000, 1500, 300, 9, 100, 600, 2, 9000};
+	for (int i = 0; i < 11; i++)
 		*f[i] = td_u64() % 3 == 0 ? 0 : (uint32_t)(td_u64() % lim[i]);
 	return k;
 }
@@ -201,7 +201,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -226,13 +226,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -256,7 +256,10 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_GRAPH", "1", 1);
 	setenv("AX_FAST_TAIL", "20", 1);
 	setenv("AX_FAST_TAIL_BLK", "4b", 1);
+	setenv("AX_FAST_RAW_HEADS", "2048", 1);
 	axf_knobs_env(&k);
+	assert_int_equal(k.raw_heads, 2048);
+	assert_int_equal(d.raw_heads, 4096);
 	assert_int_equal(k.tail, 20);
 	assert_int_equal(k.tail_blk, d.tail_blk);
 	assert_int_equal(d.tail, 15);
@@ -280,7 +283,8 @@ static void test_knobs_env(void **state)
 	const char *names[] = {"AX_FAST_CTAS_PER_SM", "AX_FAST_MIN_SPLIT_KEYS", "AX_FAST_MAX_SPLITS",
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
 			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP",
-			       "AX_FAST_THREADS", "AX_FAST_HOST_MERGE", "AX_FAST_GRAPH", "AX_FAST_TAIL", "AX_FAST_TAIL_BLK"};
+			       "AX_FAST_THREADS", "AX_FAST_HOST_MERGE", "AX_FAST_GRAPH", "AX_FAST_TAIL", "AX_FAST_TAIL_BLK",
+			       "AX_FAST_RAW_HEADS"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -352,6 +356,20 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(L->so0, so);
 		assert_true(L->nj > 0);
 		uint32_t mode = axf_inst_mode(L->inst), ctas = 0, mg = 0, base = 0, msplits = 0;
+		/* raw (knob raw_heads): the launch's heads lists all short enough, k ≤ AXF_TS, one wave of 16-key splits,
+		 * each merged apart with its S·k entries staged at once — then all of them raw, else none */
+		int any_lists = 0, raw = mode == AXF_M_HEADS && p->kn.raw_heads && p->kn.merge_heads;
+		uint64_t raw_ctas = 0;
+		for (uint32_t k = 0; k < L->nj; k++) {
+			const axf_job *jb = &p->jb[L->j0 + k];
+			const uint64_t S16 = (jb->n + AXF_TS - 1) / AXF_TS;
+			any_lists |= axf_lists(mode, jb->K);
+			raw &= jb->K >= 1 && jb->K <= AXF_TS && jb->n <= p->kn.raw_heads && S16 >= p->kn.merge_heads &&
+			       S16 <= AXF_MAX_SPLITS && S16 * jb->K <= (uint64_t)AXF_MERGE_CAPM;
+			raw_ctas += S16;
+		}
+		const uint32_t RL = any_lists && p->res_lists ? p->res_lists : R;
+		raw &= raw_ctas <= RL;
 		for (uint32_t k = 0; k < L->nj; k++) {
 			const axf_job *jb = &p->jb[L->j0 + k];
 			const ax_attn_job *j = &jobs[jb->flag];
@@ -387,10 +405,13 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			const int lists = axf_lists(mode, jb->K);
 			const uint32_t lo = axf_lo_chunk(&p->kn, jb->n, lists);
 			const uint32_t maxs = lists ? p->kn.max_splits_heads : p->kn.max_splits;
-			assert_true(jb->chunk >= lo);
-			assert_true(!maxs || jb->S <= maxs);
-			assert_true(jb->S == 1 || jb->chunk >= (lists ? p->kn.min_keys_heads : p->kn.min_keys));
-			if (jb->chunk > lo) {
+			assert_int_equal(jb->raw, raw);
+			if (raw) /* splits of one stage, whatever the floors; merged apart; no tail */
+				assert_true(jb->chunk == AXF_TS && jb->sepm && jb->tblk == 0);
+			assert_true(raw || jb->chunk >= lo);
+			assert_true(raw || !maxs || jb->S <= maxs);
+			assert_true(raw || jb->S == 1 || jb->chunk >= (lists ? p->kn.min_keys_heads : p->kn.min_keys));
+			if (jb->chunk > lo && !raw) {
 				assert_true(base == 0 || base == jb->chunk);
 				base = jb->chunk;
 			}
@@ -416,10 +437,12 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 				hparts += jb->S + jb->tblk;
 				hents += (uint64_t)jb->S * jb->K;
 			} else {
+				if (raw) /* its scores read as 16-byte vectors */
+					ents = (ents + 3) / 4 * 4;
 				assert_int_equal(jb->part0, parts);
 				assert_int_equal(jb->ent0, ents);
 				parts += (uint64_t)axf_prows(jb, mode) * (jb->S + jb->tblk);
-				ents += (uint64_t)axf_prows(jb, mode) * jb->S * jb->K;
+				ents += (uint64_t)axf_prows(jb, mode) * jb->S * (raw ? AXF_TS : jb->K);
 			}
 			assert_false(ticket[jb->ticket]);
 			ticket[jb->ticket] = 1;
@@ -447,16 +470,12 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(p->so[L->so0 + L->nj], ctas);
 		assert_int_equal(L->ctas, ctas);
 		/* merge CTAs: a row each, or a row per warp when every merged pass-job has ≤ merge_warp splits */
-		const uint32_t rpc = mg && msplits <= p->kn.merge_warp ? AXF_NW : 1;
+		const uint32_t rpc = mg && msplits <= p->kn.merge_warp && !raw ? AXF_NW : 1;
 		assert_int_equal(L->mrpc, rpc);
 		assert_int_equal(L->mg, (mg + rpc - 1) / rpc);
 		assert_true((uint64_t)L->mg * L->mrpc >= mg && (L->mg == 0 || (L->mg - 1) * L->mrpc < mg));
 		units += (uint64_t)L->nj * L->mg; /* every merge CTA is a unit, also those with nothing to merge */
 		/* one wave whenever one split per pass-job fits (launches with heads lists: their own wave size) */
-		int any_lists = 0;
-		for (uint32_t k = 0; k < L->nj; k++)
-			any_lists |= axf_lists(mode, p->jb[L->j0 + k].K);
-		const uint32_t RL = any_lists && p->res_lists ? p->res_lists : R;
 		if (L->nj <= RL)
 			assert_true(ctas <= RL);
 		next += L->nj, so += L->nj + 1;
@@ -510,7 +529,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -538,7 +557,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
@@ -589,6 +608,29 @@ static void test_plans(void **state)
 	/* a tail (session 9): 128K heads at the defaults with 15% in blocks of 4 stages; 1M mean_logit with blocks
 	 * raised so that splits and blocks stay ≤ AXF_MAX_SPLITS; 4K: too short a split for one */
 	const axf_knobs dflt = AXF_KNOBS_DEFAULT;
+	/* raw (session 11): one 4K heads request at the defaults goes in 256 one-stage splits, a merge CTA a row;
+	 * not in a smaller wave, not with k > 16, not two of them (512 splits), not with the knob below 4096 */
+	p->kn = dflt;
+	jobs[0] = elig_job(X_HEADS);
+	assert_int_equal(jobs[0].top_k, 10);
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_true(p->jb[0].raw && p->jb[0].chunk == AXF_TS && p->jb[0].S == 256 && p->jb[0].sepm);
+	assert_true(p->L[0].mg == 32 && p->L[0].mrpc == 1 && p->entries == 32 * 256 * AXF_TS);
+	check_plan(p, jobs, 1, rc, 264);
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 255), 0);
+	assert_true(!p->jb[0].raw && p->jb[0].chunk == 32);
+	check_plan(p, jobs, 1, rc, 255);
+	jobs[1] = jobs[0];
+	assert_int_equal(axf_plan_build(p, jobs, 2, rc, 264), 0);
+	assert_true(!p->jb[0].raw && !p->jb[1].raw);
+	check_plan(p, jobs, 2, rc, 264);
+	jobs[0].top_k = 17;
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_false(p->jb[0].raw);
+	jobs[0].top_k = 16;
+	p->kn.raw_heads = 4095;
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_false(p->jb[0].raw);
 	p->kn = dflt;
 	p->kn.tail = 15, p->kn.tail_blk = 4;
 	jobs[0] = elig_job(X_HEADS);
@@ -1143,20 +1185,20 @@ static void test_hmerge(void **state)
 			float v = (float)(td_u64() % 40) * 0.25f;
 			for (uint32_t e = 0; e < K; e++) {
 				if (e < fill) {
-					ps[(size_t)i * K + e] = v;
-					pp[(size_t)i * K + e] = (int32_t)(i * jb->chunk + td_u64() % jb->chunk);
-					all[na].x = v, all[na].p = pp[(size_t)i * K + e], na++;
+					ps[(size_t)e * S + i] = v;
+					pp[(size_t)e * S + i] = (int32_t)(i * jb->chunk + td_u64() % jb->chunk);
+					all[na].x = v, all[na].p = pp[(size_t)e * S + i], na++;
 					v -= (float)(td_u64() % 3) * 0.25f; /* non-increasing: ties within a list too */
 				} else {
-					ps[(size_t)i * K + e] = -INFINITY, pp[(size_t)i * K + e] = -1;
+					ps[(size_t)e * S + i] = -INFINITY, pp[(size_t)e * S + i] = -1;
 				}
 			}
 			/* within a list, equal values must come in ascending offset order (the kernels' order) */
 			for (uint32_t e = 1; e < fill; e++)
-				for (uint32_t q = e; q > 0 && ps[(size_t)i * K + q] == ps[(size_t)i * K + q - 1] &&
-						    pp[(size_t)i * K + q] < pp[(size_t)i * K + q - 1]; q--) {
-					const int32_t t = pp[(size_t)i * K + q];
-					pp[(size_t)i * K + q] = pp[(size_t)i * K + q - 1], pp[(size_t)i * K + q - 1] = t;
+				for (uint32_t q = e; q > 0 && ps[(size_t)q * S + i] == ps[(size_t)(q - 1) * S + i] &&
+						    pp[(size_t)q * S + i] < pp[(size_t)(q - 1) * S + i]; q--) {
+					const int32_t t = pp[(size_t)q * S + i];
+					pp[(size_t)q * S + i] = pp[(size_t)(q - 1) * S + i], pp[(size_t)(q - 1) * S + i] = t;
 				}
 			pl[i] = hm_lse_part(&m, &sum);
 			pf[i] = flagged && i == S / 2 ? AXF_F_DOM : 0;
