@@ -699,37 +699,123 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 	row_finish(a, jb, r, lse, ts, tp, n, xs, xp, es, ep, E);
 }
 
-/* A raw split's AXF_TS scores (row r of split i: keys i·AXF_TS + e, offsets past n left out) sorted best first in
- * registers by a bitonic network (ties: the lower offset first; empty entries (-inf, INT_MAX) last). */
-__device__ __forceinline__ void raw_sorted(const axf_args &a, uint64_t at, uint32_t first, uint32_t n,
-					   float (&x)[AXF_TS], int (&p)[AXF_TS])
+/*
+ * The whole CTA merges row r of a raw pass-job (jb.raw: S ≤ AXF_NW·32 splits of one stage whose partial lists are
+ * their AXF_TS scores, unsorted; session 11). Thread i holds split i's scores in registers (keys past n left out)
+ * and stages only its best (its head) while its logsumexp goes to a CTA sum; warp 0 sets the bar — the k-th best
+ * of the split heads: k real entries of the row — while warp 2 sums the logsumexps; every thread then appends its
+ * scores that reach the bar (usually a few in the whole row) to the survivors, and warp 0 sorts them and writes the
+ * row. No list is sorted anywhere. More than 64 survivors (wide ties): warp 0 offers every split's scores that
+ * reach the bar to a warp list from the partials (slow, exact). Called by every thread of the CTA.
+ */
+__device__ void merge_row_raw(const axf_args &a, const axf_job &jb, int r, unsigned char *smem, float *xs, int *xp,
+			      float *red, int flags)
 {
-	const float4 *v = (const float4 *)(a.part_s + at);
+	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, K = (int)jb.K, S = (int)jb.S;
+	const uint64_t ent = jb.ent0 + (uint64_t)r * S * AXF_TS;
+	float *es = (float *)smem, *wm = es + 2 * AXF_NW * 32, *ws = wm + AXF_NW; /* heads; warps' logsumexp sums */
+	int *ep = (int *)(es + AXF_NW * 32);
+	uint32_t *cnt = (uint32_t *)red + 2;
+	const uint32_t first = (uint32_t)tid * AXF_TS, n = jb.n;
+	float x[AXF_TS];
+	if (tid < S) {
+		const float4 *v = (const float4 *)(a.part_s + ent + first);
 #pragma unroll
-	for (int c = 0; c < AXF_TS / 4; ++c) {
-		const float4 f = __ldcg(v + c);
-		x[4 * c] = f.x, x[4 * c + 1] = f.y, x[4 * c + 2] = f.z, x[4 * c + 3] = f.w;
+		for (int c = 0; c < AXF_TS / 4; ++c) {
+			const float4 f = __ldcg(v + c);
+			x[4 * c] = f.x, x[4 * c + 1] = f.y, x[4 * c + 2] = f.z, x[4 * c + 3] = f.w;
+		}
 	}
+	float hx = -INFINITY, m = -INFINITY, sm = 0.f;
+	int hp = INT_MAX;
 #pragma unroll
-	for (int e = 0; e < AXF_TS; ++e) {
-		const bool ok = first + (uint32_t)e < n;
-		p[e] = ok ? (int)(first + (uint32_t)e) : INT_MAX;
+	for (int e = 0; e < AXF_TS; ++e) { /* positions rise with e: the first of equal values is the lower */
+		const bool ok = tid < S && first + (uint32_t)e < n;
 		x[e] = ok ? x[e] : -INFINITY;
+		if (x[e] > hx)
+			hx = x[e], hp = (int)(first + (uint32_t)e);
 	}
+	if (hp != INT_MAX) {
 #pragma unroll
-	for (int k = 2; k <= AXF_TS; k <<= 1)
+		for (int e = 0; e < AXF_TS; ++e)
+			sm += x[e] == -INFINITY ? 0.f : __expf(x[e] - hx);
+		m = hx;
+	}
+	if (tid < S)
+		es[tid] = hx, ep[tid] = hp == INT_MAX ? -1 : hp;
+	lse_warp(m, sm);
+	if (lane == 0)
+		wm[w] = m, ws[w] = sm;
+	__syncthreads();
+	if (tid == 0)
+		trace_at(a, -1, AXF_TR_MLOAD);
+	if (w == 1 && flags)
+		put_flags(a, jb);
+	if (w == 0) {
+		float ts = -INFINITY;
+		int tp = INT_MAX;
+		row_bar(ts, tp, K, S, es, ep);
+		if (lane == 0)
+			red[0] = ts, ((int *)red)[1] = tp, *cnt = 0;
+	} else if (w == 2) {
+		float m2 = lane < AXF_NW ? wm[lane] : -INFINITY, s2 = lane < AXF_NW ? ws[lane] : 0.f;
+		lse_warp(m2, s2);
+		if (lane == 0)
+			red[3] = lse_value(m2, s2);
+	}
+	__syncthreads();
+	if (tid == 0)
+		trace_at(a, -1, AXF_TR_MBAR);
+	const float ts = red[0];
+	const int tp = ((const int *)red)[1];
+	uint32_t mk = 0;
 #pragma unroll
-		for (int j = k >> 1; j; j >>= 1)
+	for (int e = 0; e < AXF_TS; ++e)
+		mk |= (uint32_t)(x[e] != -INFINITY && survives(x[e], (int)(first + (uint32_t)e), ts, tp)) << e;
+	const int c = __popc(mk);
+	int inc = c; /* inclusive prefix of the warp's counts */
 #pragma unroll
-			for (int e = 0; e < AXF_TS; ++e) {
-				const int l = e ^ j;
-				if (l > e) {
-					const bool sw = (e & k) == 0 ? fb(x[l], p[l], x[e], p[e]) : fb(x[e], p[e], x[l], p[l]);
-					const float tx = sw ? x[l] : x[e], ux = sw ? x[e] : x[l];
-					const int tq = sw ? p[l] : p[e], uq = sw ? p[e] : p[l];
-					x[e] = tx, x[l] = ux, p[e] = tq, p[l] = uq;
-				}
+	for (int o = 1; o < 32; o <<= 1) {
+		const int y = __shfl_up_sync(FULLM, inc, o);
+		inc += lane >= o ? y : 0;
+	}
+	const int tot = __shfl_sync(FULLM, inc, 31);
+	if (tot) { /* warp-uniform */
+		uint32_t base = 0;
+		if (lane == 0)
+			base = atomicAdd(cnt, (uint32_t)tot);
+		uint32_t pos = (uint32_t)__shfl_sync(FULLM, (int)base, 0) + (uint32_t)(inc - c);
+#pragma unroll
+		for (int e = 0; e < AXF_TS; ++e)
+			if ((mk >> e) & 1) {
+				if (pos < 64)
+					xs[pos] = x[e], xp[pos] = (int)(first + (uint32_t)e);
+				pos++;
 			}
+	}
+	__syncthreads();
+	if (tid == 0)
+		trace_at(a, -1, AXF_TR_MSCAN);
+	if (w != 0)
+		return;
+	const int nsv = (int)*cnt;
+	if (nsv <= 64) {
+		row_finish(a, jb, r, red[3], ts, tp, nsv, xs, xp, es, ep, 1);
+		return;
+	}
+	WList L;
+	wl_init(L, K);
+	for (int b = 0; b < S; b += 32) {
+		const int i = b + lane;
+		for (int e = 0; e < AXF_TS; ++e) {
+			const uint32_t q = (uint32_t)i * AXF_TS + (uint32_t)e;
+			const float v = i < S && q < n ? __ldcg(a.part_s + ent + q) : -INFINITY;
+			const bool ok = i < S && q < n && survives(v, (int)q, ts, tp);
+			wl_offer(L, v, (int)q, ok, K);
+		}
+	}
+	put_result(a, jb, r, red[3], L.s0, L.p0, L.s1, L.p1);
+	__syncwarp();
 }
 
 /*
@@ -744,35 +830,15 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 			      float *red, int mode, int flags)
 {
 	const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5, K = (int)jb.K, S = (int)jb.S, SL = S + (int)jb.tblk;
-	const uint64_t prow0 = jb.part0 + (uint64_t)r * SL, ent = jb.ent0 + (uint64_t)r * S * (jb.raw ? AXF_TS : K);
+	const uint64_t prow0 = jb.part0 + (uint64_t)r * SL, ent = jb.ent0 + (uint64_t)r * S * K;
 	const int capm = AXF_MERGE_CAPM;
 	float *es = (float *)smem;
 	int *ep = (int *)(es + capm);
 	float *sl = (float *)(ep + capm), *skx = sl + AXF_MAX_SPLITS;
 	int *skp = (int *)(skx + AXF_MAX_SPLITS);
 	uint32_t *cnt = (uint32_t *)red + 2;
-	const int E = jb.raw ? K : K ? stage_e(K, S, capm) : 0;
-	if (jb.raw) { /* CTA-uniform: thread i sorts split i's scores and stages its first K entries (all a merge of
-		       * k ≤ AXF_TS can read; S·K ≤ capm by the plan) and its logsumexp (SL = S: no tail) */
-		for (int i = tid; i < S; i += AXF_NW * 32) {
-			float x[AXF_TS];
-			int p[AXF_TS];
-			const float l = __ldcg(a.part_lse + prow0 + i);
-			raw_sorted(a, ent + (uint64_t)i * AXF_TS, (uint32_t)i * AXF_TS, jb.n, x, p);
-			sl[i] = l;
-#pragma unroll
-			for (int e = 0; e < AXF_TS; ++e)
-				if (e < K) {
-					es[e * S + i] = x[e];
-					ep[e * S + i] = p[e] == INT_MAX ? -1 : p[e];
-				}
-#pragma unroll
-			for (int e = 0; e < AXF_TS; ++e) /* its k-th entry (1 ≤ K ≤ AXF_TS) */
-				if (e == K - 1)
-					skx[i] = x[e], skp[i] = p[e] == INT_MAX ? -1 : p[e];
-		}
-	}
-	for (int i0 = tid; !jb.raw && i0 < SL; i0 += AXF_NW * 32 * 4) { /* SL ≤ 1024: one batch of ≤ 4 per thread */
+	const int E = K ? stage_e(K, S, capm) : 0;
+	for (int i0 = tid; i0 < SL; i0 += AXF_NW * 32 * 4) { /* SL ≤ 1024: one batch of ≤ 4 per thread */
 		float x[4], kx[4];
 		int kp[4];
 #pragma unroll
@@ -795,7 +861,7 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 				skx[i] = kx[u], skp[i] = kp[u];
 		}
 	}
-	if (K && !jb.raw)
+	if (K)
 		stage_row(a, jb, r, es, ep, E, w, AXF_NW);
 	__syncthreads();
 	if (tid == 0)
@@ -846,19 +912,17 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 		row_finish(a, jb, r, red[3], ts, tp, (int)*cnt, xs, xp, es, ep, E);
 }
 
-/* Write a warp list as a partial list: entry e at ent + e·st (lanes < K write entries lane, lane+32); st 1, or a
- * host-merged pass-job's S (its lists entry-major: the host reads the splits' first entries from a few lines). */
-template <int KB> __device__ __forceinline__ void put_list(const axf_args &a, uint64_t ent, uint32_t st, const WList &L,
-							  int K)
+/* Write a warp list as the partial row `prow` (entries at ent .. ent+K-1; lanes < K write entries lane, lane+32). */
+template <int KB> __device__ __forceinline__ void put_list(const axf_args &a, uint64_t ent, const WList &L, int K)
 {
 	const int lane = threadIdx.x & 31;
 	if (lane < K) {
-		a.part_s[ent + (uint64_t)lane * st] = L.s0;
-		a.part_p[ent + (uint64_t)lane * st] = L.p0 == INT_MAX ? -1 : L.p0;
+		a.part_s[ent + lane] = L.s0;
+		a.part_p[ent + lane] = L.p0 == INT_MAX ? -1 : L.p0;
 	}
 	if (KB > 1 && lane + 32 < K) {
-		a.part_s[ent + (uint64_t)(lane + 32) * st] = L.s1;
-		a.part_p[ent + (uint64_t)(lane + 32) * st] = L.p1 == INT_MAX ? -1 : L.p1;
+		a.part_s[ent + lane + 32] = L.s1;
+		a.part_p[ent + lane + 32] = L.p1 == INT_MAX ? -1 : L.p1;
 	}
 }
 
@@ -904,8 +968,12 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		trace_at(a, AXF_TR_START0, AXF_TR_START1);
 	const int ji = a.inl ? 0 : find_job(a, blockIdx.x);
 	const axf_job &jb = a.inl ? a.one : a.jobs[ji]; /* the parameter itself (grid constant) or the table */
-	/* K: the lists this CTA keeps (a raw pass-job keeps none: its one stage's scores are its partial lists) */
-	const int K = jb.raw ? 0 : (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
+	/* KB 0: the raw kernels (axf_plan_raw; the plan sends only raw pass-jobs to them): no lists (K 0 here), no
+	 * logsumexps, the one stage's scores written as the split's partial lists. A template parameter, not a test of
+	 * jb.raw, so that the other instances' code stays as it was (the heads loop is sensitive to any change in its
+	 * register allocation: run 73 measured 128K heads 5% slower with a run-time test). */
+	constexpr bool RAW = KB == 0;
+	const int K = RAW ? 0 : (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
 	const int G = (int)jb.G, Hkv = (int)jb.Hkv;
 	/* [start, end): the keys of the range being streamed — the split's static share, then (knob tail) each tail
 	 * block it takes; nst its stages; g0 the stages this CTA streamed before it (the ring's buffers and mbarrier
@@ -1115,11 +1183,11 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 				bad |= !(x0 * 0.f + x1 * 0.f + x2 * 0.f + x3 * 0.f == 0.f);
 				const float a0 = r0 ? x0 : -INFINITY, a2 = r1 ? x2 : -INFINITY; /* column 2t (list A) */
 				const float b1 = r0 ? x1 : -INFINITY, b3 = r1 ? x3 : -INFINITY; /* column 2t+1 (list B) */
-				if (cA)
+				if (cA && !RAW) /* raw: the merge sums the scores' exponentials itself */
 					lse_add2(mA, sA, a0, a2);
-				if (cB)
+				if (cB && !RAW)
 					lse_add2(mB, sB, b1, b3);
-				if (jb.raw) { /* CTA-uniform: the stage's scores as the split's lists (keys g, g+8 of columns 2t,
+				if (RAW) { /* CTA-uniform: the stage's scores as the split's lists (keys g, g+8 of columns 2t,
 					       * 2t+1; those past n too: the merge leaves them out) */
 					float *o = a.part_s + jb.ent0 + ((uint64_t)(w * G + 2 * t) * S + sl) * AXF_TS + grow;
 					if (cA)
@@ -1330,18 +1398,18 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		trace_at(a, -1, AXF_TR_WLOOP1);
 		trace_at(a, -1, AXF_TR_N + (int)(blockIdx.x % AXF_TR_CTAS));
 	}
-	/* this split's partial rows (the last range's logsumexps, the lists) */
-	put_lse();
+	/* this split's partial rows (the last range's logsumexps, the lists; raw: the scores are written) */
+	if (!RAW)
+		put_lse();
 	if (MODE == AXF_M_HEADS) {
 		if (K && wv)
 #pragma unroll
 			for (int h = 0; h < NL; ++h)
 				if (h < G)
-					put_list<KB>(a, jb.ent0 + ((uint64_t)(w * G + h) * S + sl) * K, 1u, L[h], K);
+					put_list<KB>(a, jb.ent0 + ((uint64_t)(w * G + h) * S + sl) * K, L[h], K);
 	} else if (w == AXF_NW - 1) {
 		if (K)
-			put_list<KB>(a, jb.hm ? jb.ent0 + (uint64_t)sl : jb.ent0 + (uint64_t)sl * K, jb.hm ? (uint32_t)S : 1u,
-				     L[0], K);
+			put_list<KB>(a, jb.ent0 + (uint64_t)sl * K, L[0], K);
 	}
 	/* this split's flag word, written whatever it holds (nothing to zero beforehand; the merger ORs them) */
 	if (rng || bad) /* rng: set only by producer lanes */
@@ -1399,6 +1467,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
  * merge of one row (merge_row_cta: its 8 warps load and scan together, warp 0 sorts); mrpc AXF_NW (few splits,
  * knob merge_warp): a row per warp (merge_row, each warp with its slice of the ring), so many short rows take
  * 8 times fewer CTAs. Every CTA is one unit of the completion count. */
+template <int RAW> /* 1: the merge of raw launches (merge_row_raw); apart, so the other merges' code is unchanged */
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
@@ -1420,7 +1489,10 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	float *xs = smem_xs(smem), *red = smem_red(smem);
 	int *xp = (int *)(xs + AXF_NW * 64);
 	if (a.mrpc == 1) {
-		merge_row_cta(a, jb, (int)r0, smem, xs, xp, red, AXF_M_HEADS, r0 == 0);
+		if (RAW)
+			merge_row_raw(a, jb, (int)r0, smem, xs, xp, red, r0 == 0);
+		else
+			merge_row_cta(a, jb, (int)r0, smem, xs, xp, red, AXF_M_HEADS, r0 == 0);
 		if (w != 0)
 			return;
 		__syncwarp(); /* warp 0's result writes (and, by the merge's CTA barriers, warp 1's flags) before lane 0 */
@@ -1452,6 +1524,10 @@ static const axf_kfn axf_kernels[AXF_N_INST] = { /* axf_inst's numbering */
 	axf_kernel<AXF_M_HEADS, 1, 4, 2>, axf_kernel<AXF_M_HEADS, 0, 8, 2>, axf_kernel<AXF_M_HEADS, 1, 8, 2>,
 	axf_kernel<AXF_M_PROB, 0, 1, 2>,  axf_kernel<AXF_M_PROB, 1, 1, 2>,  axf_kernel<AXF_M_HEADS, 0, 4, 1>,
 	axf_kernel<AXF_M_HEADS, 1, 4, 1>, axf_kernel<AXF_M_HEADS, 0, 8, 1>, axf_kernel<AXF_M_HEADS, 1, 8, 1>};
+/* The raw kernels (KB 0) of the instances raw launches can have (heads, k ≤ AXF_TS: KB 1), by instance; else NULL. */
+static const axf_kfn axf_kernels_raw[AXF_N_INST] = {
+	NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, axf_kernel<AXF_M_HEADS, 0, 4, 0>,
+	axf_kernel<AXF_M_HEADS, 1, 4, 0>, axf_kernel<AXF_M_HEADS, 0, 8, 0>, axf_kernel<AXF_M_HEADS, 1, 8, 0>};
 
 struct ax_attn_fast {
 	int device;
@@ -1522,10 +1598,14 @@ static int fast_setup(int device, int *occ, int *sms_out)
 	if (major < 9)
 		return 0;
 	int least = INT_MAX;
-	for (int i = 0; i <= AXF_N_INST; i++) { /* the split kernels and the merge kernel */
+	for (int i = 0; i <= 2 * AXF_N_INST; i++) { /* the split kernels, the merge kernel, the raw kernels */
 		cudaFuncAttributes fa;
 		int o = 0;
-		const void *fn = i < AXF_N_INST ? (const void *)axf_kernels[i] : (const void *)axf_merge_kernel;
+		const void *fn = i < AXF_N_INST    ? (const void *)axf_kernels[i]
+				 : i == AXF_N_INST ? (const void *)axf_merge_kernel<0>
+						   : (const void *)axf_kernels_raw[i - AXF_N_INST - 1];
+		if (!fn)
+			fn = (const void *)axf_merge_kernel<1>; /* (the raw table's empty slots: the raw merge instead) */
 		if (cudaFuncGetAttributes(&fa, fn) != cudaSuccess || fa.binaryVersion < 90 ||
 		    cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)AXF_SMEM) != cudaSuccess ||
 		    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, fn, AXF_NW * 32, AXF_SMEM) != cudaSuccess) {
@@ -1805,11 +1885,12 @@ static void fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq, axf_
 	a.trace = f->trace_d;
 	const int pdl = f->plan->kn.pdl != 0;
 	a.pdl = pdl && axf_inst_mode(L->inst) == AXF_M_PROB;
-	k[*nk].fn = (const void *)axf_kernels[L->inst], k[*nk].ctas = L->ctas, k[*nk].a = a;
+	k[*nk].fn = (const void *)(L->raw ? axf_kernels_raw[L->inst] : axf_kernels[L->inst]), k[*nk].ctas = L->ctas,
+	k[*nk].a = a;
 	++*nk;
 	if (L->mg) {
 		a.pdl = pdl;
-		k[*nk].fn = (const void *)axf_merge_kernel, k[*nk].ctas = L->nj * L->mg, k[*nk].a = a; /* mg: CTAs per job */
+		k[*nk].fn = L->raw ? (const void *)axf_merge_kernel<1> : (const void *)axf_merge_kernel<0>, k[*nk].ctas = L->nj * L->mg, k[*nk].a = a; /* mg: CTAs per job */
 		++*nk;
 	}
 }

@@ -126,8 +126,8 @@ typedef struct axf_knobs {
 	/* Session 11: */
 	uint32_t raw_heads;        /* a heads launch whose pass-jobs all keep lists of k ≤ AXF_TS over at most this
 				    * many keys, and fit one wave in splits of AXF_TS keys, streams them in such
-				    * splits of one stage that write their raw scores as partial lists (no sorting in
-				    * the split kernel; the merge sorts each split's AXF_TS scores): axf_plan_raw
+				    * splits of one stage that write their raw scores as partial lists (no list and no
+				    * sorting in the split kernel; the merge scans the scores): axf_plan_raw
 				    * (0: never) */
 } axf_knobs;
 
@@ -169,8 +169,7 @@ typedef struct axf_job {
 	uint64_t start;         /* first visible position */
 	uint64_t part0;         /* first partial row: logsumexp partial s of row r at part0 + r·(S + tblk) + s (the
 				 * S splits', then the tail blocks'); flags and lists per split */
-	uint64_t ent0;          /* first partial list entry: row r of split s at ent0 + (r·S + s)·K (a host-merged
-				 * pass-job's one row entry-major: entry e of split s at ent0 + e·S + s; raw: the
+	uint64_t ent0;          /* first partial list entry: row r of split s at ent0 + (r·S + s)·K (raw: the
 				 * split's AXF_TS scores at ent0 + (r·S + s)·AXF_TS, ent0 a multiple of 4, no
 				 * offsets: key e of split s is offset s·AXF_TS + e, none past n) */
 	uint64_t rent;          /* first result entry: entry e of result row r at rent + r·kout + e */
@@ -209,6 +208,7 @@ typedef struct axf_job {
 typedef struct axf_launch {
 	uint32_t inst, j0, nj, so0, ctas, mg, mrpc;
 	uint32_t hm;                /* its (one) pass-job is merged by the host: the partials go to the staging */
+	uint32_t raw;               /* its pass-jobs are raw (axf_plan_raw): the instance's raw kernel runs it */
 } axf_launch;
 
 /* A compact result entry: the logit and the position as an offset from the pass-job's first visible key
@@ -577,10 +577,10 @@ static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb)
 /*
  * Whether launch L of kernel mode `mode` goes raw (knob raw_heads, session 11): heads lists only, every pass-job's
  * k ≤ AXF_TS and n ≤ raw_heads, all of them in one wave (`resident` CTAs) at AXF_TS keys a split, each split count
- * reaching merge_heads (the merge launch merges them, a row per CTA) and its staged entries (S·k) fitting the
- * CTA-wide merge's staging. Then every split is one stage whose warps write their keys' scores as they are: the
- * split kernel keeps no lists (their sorts were most of a short heads split's time: RESULTS.md, session 10's
- * trace of 1 × 4K heads) and the merge sorts each split's AXF_TS scores in registers before its bar and scan.
+ * reaching merge_heads (the merge launch merges them, a row per CTA) and at most AXF_NW·32 (a merge thread a
+ * split). Then every split is one stage whose warps write their keys' scores as they are: the split kernel keeps
+ * no lists and no logsumexps (the list sorts were most of a short heads split's time: RESULTS.md, session 10's
+ * trace of 1 × 4K heads); the merge (attn_cuda_fast.cu: merge_row_raw) bars and scans the raw scores, sorts none.
  */
 static inline int axf_plan_raw(const axf_plan *p, const axf_launch *L, uint32_t mode, uint32_t resident)
 {
@@ -590,8 +590,7 @@ static inline int axf_plan_raw(const axf_plan *p, const axf_launch *L, uint32_t 
 	for (uint32_t i = 0; i < L->nj; i++) {
 		const axf_job *jb = &p->jb[L->j0 + i];
 		const uint64_t S = axf_splits(jb->n, AXF_TS);
-		if (!jb->K || jb->K > AXF_TS || jb->n > p->kn.raw_heads || S < p->kn.merge_heads || S > AXF_MAX_SPLITS ||
-		    S * jb->K > (uint64_t)AXF_MERGE_CAPM)
+		if (!jb->K || jb->K > AXF_TS || jb->n > p->kn.raw_heads || S < p->kn.merge_heads || S > AXF_NW * 32)
 			return 0;
 		ctas += S;
 	}
@@ -630,6 +629,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		axf_plan_tail(&p->kn, jb);
 		jb->sepm = axf_lists(mode, jb->K) && p->kn.merge_heads && jb->S >= p->kn.merge_heads;
 		jb->raw = (uint32_t)raw; /* (then chunk AXF_TS, sepm, no tail) */
+		L->raw = (uint32_t)raw;
 		if (jb->sepm && jb->H > L->mg)
 			L->mg = jb->H;
 		if (jb->sepm && jb->S > maxs)
@@ -675,7 +675,7 @@ static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const uint
 {
 	if (m == 0)
 		return 0;
-	axf_launch L = {inst, p->njb, 0, 0, 0, 0, 1, 0};
+	axf_launch L = {inst, p->njb, 0, 0, 0, 0, 1, 0, 0};
 	if (axc_grow((void **)&p->jb, &p->jb_cap, (size_t)p->njb + m, sizeof *p->jb))
 		return -ENOMEM;
 	for (uint32_t k = 0; k < m; k++) {
@@ -893,9 +893,7 @@ static inline void axf_finish_row(ax_attn_result *o, float lse, const axf_ent *e
  * into the staging h): its flag word (the OR of its splits'), its logsumexp (over the splits': the max, then one
  * sum of exponentials) and its kout best entries (value, then lower offset) into the result staging, as the GPU
  * merge writes them. The splits' lists are sorted, so each is walked only while its entries beat the kth best found
- * so far (most stop at their first entry); the kout best are kept sorted by insertion. The lists are entry-major
- * (entry e of split i at e·S + i, session 10): the splits' first entries, which every merge reads, lie together in
- * a few cache lines instead of one line each. Rows of a flagged pass-job
+ * so far (most stop at their first entry); the kout best are kept sorted by insertion. Rows of a flagged pass-job
  * are left alone (undefined). Float arithmetic, as the GPU merge's.
  */
 static inline int axf_hm_before(float ax, int32_t ap, float bx, int32_t bp)
@@ -910,11 +908,10 @@ static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
 	const float *ps = (const float *)(h + p->lay.hps) + jb->ent0;
 	const int32_t *pp = (const int32_t *)(h + p->lay.hpp) + jb->ent0;
 	const uint32_t S = jb->S, SL = jb->S + jb->tblk, K = jb->K, kout = jb->kout;
-	/* the partials came from the GPU over the bus (none of them in the caches): ask at once for every line of the
-	 * logsumexps, the flags and the lists' first two entries (the rest only where a list is walked that far) */
+	/* the partials came from the GPU over the bus (none of them in the caches): ask for every line at once */
 	for (uint64_t o = 0; o < (uint64_t)SL * 4; o += 64)
 		__builtin_prefetch((const char *)pl + o), __builtin_prefetch((const char *)pf + o);
-	for (uint64_t o = 0; o < (uint64_t)S * (K < 2 ? K : 2) * 4; o += 64)
+	for (uint64_t o = 0; o < (uint64_t)S * K * 4; o += 64)
 		__builtin_prefetch((const char *)ps + o), __builtin_prefetch((const char *)pp + o);
 	uint32_t f = 0;
 	float m = -INFINITY;
@@ -934,9 +931,9 @@ static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
 	int32_t bp[AX_ATTN_MAX_TOPK];
 	uint32_t nb = 0;
 	for (uint32_t i = 0; i < S; i++) {
-		const float *x = ps + i;
-		const int32_t *q = pp + i;
-		for (uint64_t e = 0; e < (uint64_t)K * S && q[e] >= 0; e += S) { /* entry e / S of split i */
+		const float *x = ps + (uint64_t)i * K;
+		const int32_t *q = pp + (uint64_t)i * K;
+		for (uint32_t e = 0; e < K && q[e] >= 0; e++) {
 			if (nb == kout && !axf_hm_before(x[e], q[e], bx[kout - 1], bp[kout - 1]))
 				break; /* the list is sorted: nothing further in it gets in */
 			uint32_t j = nb < kout ? nb++ : kout - 1;

@@ -32,12 +32,26 @@ extern "C" {
 
 struct emu_arg {
 	axf_args a;
-	uint32_t inst;
+	uint32_t inst, raw; /* raw: the instance's raw kernel (KB 0) */
 };
 
 static void emu_body(void *p)
 {
 	const emu_arg *x = (const emu_arg *)p;
+	if (x->raw && x->inst == AXF_N_INST) {
+		axf_merge_kernel<1>(x->a);
+		return;
+	}
+	if (x->raw) {
+		switch (x->inst) {
+		case 8: axf_kernel<AXF_M_HEADS, 0, 4, 0>(x->a); break;
+		case 9: axf_kernel<AXF_M_HEADS, 1, 4, 0>(x->a); break;
+		case 10: axf_kernel<AXF_M_HEADS, 0, 8, 0>(x->a); break;
+		case 11: axf_kernel<AXF_M_HEADS, 1, 8, 0>(x->a); break;
+		default: EMU_FAIL("a raw launch of instance %u", x->inst);
+		}
+		return;
+	}
 	switch (x->inst) {
 	case 0: axf_kernel<AXF_M_LOGIT, 0, 1, 2>(x->a); break;
 	case 1: axf_kernel<AXF_M_LOGIT, 1, 1, 2>(x->a); break;
@@ -51,7 +65,7 @@ static void emu_body(void *p)
 	case 9: axf_kernel<AXF_M_HEADS, 1, 4, 1>(x->a); break;
 	case 10: axf_kernel<AXF_M_HEADS, 0, 8, 1>(x->a); break;
 	case 11: axf_kernel<AXF_M_HEADS, 1, 8, 1>(x->a); break;
-	default: axf_merge_kernel(x->a); break; /* AXF_N_INST: the separate heads merge */
+	default: axf_merge_kernel<0>(x->a); break; /* AXF_N_INST: the separate heads merge */
 	}
 }
 
@@ -96,7 +110,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	const int trace = calls % 3 == 0;
 	emu_cta_order = (int)(calls % 7 % 3); /* CTAs by index, backwards or at random: a GPU promises no order */
 	for (uint32_t l = 0; l < p->nl; l++) {
-		emu_arg x = {axf_plan_args(p, buf, buf, tick, tailc, &p->L[l]), p->L[l].inst};
+		emu_arg x = {axf_plan_args(p, buf, buf, tick, tailc, &p->L[l]), p->L[l].inst, p->L[l].raw};
 		if (spin)
 			x.a.done_cnt = &done_cnt, x.a.done = &done, x.a.units = (uint32_t)p->units, x.a.seq = seq;
 		x.a.pdl = calls % 4 == 1; /* a no-op here: launches run one after the other */
@@ -104,7 +118,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
 		if (p->L[l].mg) { /* the separate merge launch of heads lists */
 			assert_int_equal(done, 0);
-			emu_arg m = {x.a, AXF_N_INST};
+			emu_arg m = {x.a, AXF_N_INST, p->L[l].raw};
 			emu_launch(p->L[l].nj * p->L[l].mg, AXF_SMEM, emu_body, &m); /* mg: CTAs per pass-job */
 		}
 		if (l + 1 < p->nl)
@@ -279,7 +293,7 @@ static void test_many_splits(void **state)
 	}
 }
 
-/* Raw heads pass-jobs (knob raw_heads, session 11): one-stage splits writing their raw scores, each sorted by
+/* Raw heads pass-jobs (knob raw_heads, session 11): one-stage splits writing their raw scores, scanned by
  * the merge — every k up to AXF_TS, group sizes 1..8, lengths around a split's edge (keys past n in the last
  * split's scores must be left out), windows, exact ties, i64 index rows; alone and in batches, and the same jobs
  * with the knob off must give the same top-k. */
@@ -353,6 +367,28 @@ static void test_raw(void **state)
 	free(out);
 	for (int i = 0; i < 3; i++)
 		td_free(&t[i]);
+	/* every key equal: every score of a row ties, all survive the bar (past 64: the merge's slow exact path) */
+	static const tcase ties = {"raw ties k16 n 700", HD, BF, BF, I32, 128, 8, 2, 16, 700, 0, 0, 0, {0}, 0, 0};
+	tdata u;
+	td_make(&ties, &u);
+	const size_t row = u.job.k_stride[0] * 2;
+	for (uint64_t sl = 1; sl < u.slots; sl++)
+		memcpy((char *)u.k + sl * row, u.k, row);
+	const uint32_t ur = ax_attn_rows(&u.job);
+	ax_attn_result *uo = (ax_attn_result *)malloc(ur * sizeof *uo);
+	int rc = 1;
+	const uint64_t before = g_raw_jobs;
+	g_kn = d;
+	assert_int_equal(emu_run(&u.job, 1, uo, &rc, 264), 0);
+	g_kn = axf_knobs{};
+	assert_int_equal(rc, 0);
+	assert_int_equal(g_raw_jobs - before, 1);
+	check_job(&u.job, uo, ties.name);
+	for (uint32_t r = 0; r < ur; r++)
+		for (uint32_t e = 0; e < uo[r].k; e++)
+			assert_int_equal(uo[r].pos[e], (int64_t)e);
+	free(uo);
+	td_free(&u);
 }
 
 /* The shared small table (attn_cuda_testdata.h): its eligible cases, one plan each. */

@@ -357,7 +357,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_true(L->nj > 0);
 		uint32_t mode = axf_inst_mode(L->inst), ctas = 0, mg = 0, base = 0, msplits = 0;
 		/* raw (knob raw_heads): the launch's heads lists all short enough, k ≤ AXF_TS, one wave of 16-key splits,
-		 * each merged apart with its S·k entries staged at once — then all of them raw, else none */
+		 * each merged apart by one CTA, a thread a split (≤ 256) — then all of them raw, else none */
 		int any_lists = 0, raw = mode == AXF_M_HEADS && p->kn.raw_heads && p->kn.merge_heads;
 		uint64_t raw_ctas = 0;
 		for (uint32_t k = 0; k < L->nj; k++) {
@@ -365,7 +365,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			const uint64_t S16 = (jb->n + AXF_TS - 1) / AXF_TS;
 			any_lists |= axf_lists(mode, jb->K);
 			raw &= jb->K >= 1 && jb->K <= AXF_TS && jb->n <= p->kn.raw_heads && S16 >= p->kn.merge_heads &&
-			       S16 <= AXF_MAX_SPLITS && S16 * jb->K <= (uint64_t)AXF_MERGE_CAPM;
+			       S16 <= AXF_NW * 32;
 			raw_ctas += S16;
 		}
 		const uint32_t RL = any_lists && p->res_lists ? p->res_lists : R;
@@ -406,6 +406,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			const uint32_t lo = axf_lo_chunk(&p->kn, jb->n, lists);
 			const uint32_t maxs = lists ? p->kn.max_splits_heads : p->kn.max_splits;
 			assert_int_equal(jb->raw, raw);
+			assert_int_equal(L->raw, raw);
 			if (raw) /* splits of one stage, whatever the floors; merged apart; no tail */
 				assert_true(jb->chunk == AXF_TS && jb->sepm && jb->tblk == 0);
 			assert_true(raw || jb->chunk >= lo);
@@ -1185,20 +1186,20 @@ static void test_hmerge(void **state)
 			float v = (float)(td_u64() % 40) * 0.25f;
 			for (uint32_t e = 0; e < K; e++) {
 				if (e < fill) {
-					ps[(size_t)e * S + i] = v;
-					pp[(size_t)e * S + i] = (int32_t)(i * jb->chunk + td_u64() % jb->chunk);
-					all[na].x = v, all[na].p = pp[(size_t)e * S + i], na++;
+					ps[(size_t)i * K + e] = v;
+					pp[(size_t)i * K + e] = (int32_t)(i * jb->chunk + td_u64() % jb->chunk);
+					all[na].x = v, all[na].p = pp[(size_t)i * K + e], na++;
 					v -= (float)(td_u64() % 3) * 0.25f; /* non-increasing: ties within a list too */
 				} else {
-					ps[(size_t)e * S + i] = -INFINITY, pp[(size_t)e * S + i] = -1;
+					ps[(size_t)i * K + e] = -INFINITY, pp[(size_t)i * K + e] = -1;
 				}
 			}
 			/* within a list, equal values must come in ascending offset order (the kernels' order) */
 			for (uint32_t e = 1; e < fill; e++)
-				for (uint32_t q = e; q > 0 && ps[(size_t)q * S + i] == ps[(size_t)(q - 1) * S + i] &&
-						    pp[(size_t)q * S + i] < pp[(size_t)(q - 1) * S + i]; q--) {
-					const int32_t t = pp[(size_t)q * S + i];
-					pp[(size_t)q * S + i] = pp[(size_t)(q - 1) * S + i], pp[(size_t)(q - 1) * S + i] = t;
+				for (uint32_t q = e; q > 0 && ps[(size_t)i * K + q] == ps[(size_t)i * K + q - 1] &&
+						    pp[(size_t)i * K + q] < pp[(size_t)i * K + q - 1]; q--) {
+					const int32_t t = pp[(size_t)i * K + q];
+					pp[(size_t)i * K + q] = pp[(size_t)i * K + q - 1], pp[(size_t)i * K + q - 1] = t;
 				}
 			pl[i] = hm_lse_part(&m, &sum);
 			pf[i] = flagged && i == S / 2 ? AXF_F_DOM : 0;
