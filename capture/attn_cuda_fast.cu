@@ -700,6 +700,43 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 }
 
 /*
+ * One warp merges row r of a pass-job whose S lists hold at most 64 entries in all (S·K ≤ 64: 64 × 4K heads is 4
+ * splits of top-10 each; session 12): every entry and every logsumexp partial in one round of loads, the entries
+ * sorted whole by row_finish's bitonic networks — no staging, no bar, no scan (merge_row's four dependent steps,
+ * ~14 µs for 64 × 4K heads on an H200 in run 71). Empty entries (position -1) sort last as (-inf, INT_MAX) and come
+ * out as (-1, -inf). xs/xp: the warp's 64-entry scratch. Called by the merge kernel's warps (a row per warp).
+ */
+__device__ void merge_row_few(const axf_args &a, const axf_job &jb, int r, float *xs, int *xp)
+{
+	const int lane = threadIdx.x & 31, K = (int)jb.K, S = (int)jb.S, SL = S + (int)jb.tblk, n = S * K;
+	const uint64_t prow0 = jb.part0 + (uint64_t)r * SL, ent = jb.ent0 + (uint64_t)r * S * K;
+	float x[2];
+	int p[2];
+#pragma unroll
+	for (int u = 0; u < 2; ++u) { /* the lists lie one after the other: entry q of the row at ent + q */
+		const int q = lane + 32 * u;
+		x[u] = q < n ? __ldcg(a.part_s + ent + q) : -INFINITY;
+		p[u] = q < n ? __ldcg(a.part_p + ent + q) : -1;
+	}
+	float m = -INFINITY, sm = 0.f;
+	for (int i = lane; i < SL; i += 32) { /* the splits' (and tail blocks') logsumexps */
+		const float v = __ldcg(a.part_lse + prow0 + i);
+		if (v != -INFINITY)
+			lse_merge(m, sm, v, 1.f);
+	}
+	lse_warp(m, sm);
+#pragma unroll
+	for (int u = 0; u < 2; ++u) {
+		xs[lane + 32 * u] = p[u] >= 0 ? x[u] : -INFINITY;
+		xp[lane + 32 * u] = p[u] >= 0 ? p[u] : INT_MAX;
+	}
+	__syncwarp();
+	if (lane == 0)
+		trace_at(a, -1, AXF_TR_MLOAD);
+	row_finish(a, jb, r, lse_value(m, sm), -INFINITY, INT_MAX, n, xs, xp, NULL, NULL, 1);
+}
+
+/*
  * The whole CTA merges row r of a raw pass-job (jb.raw: S ≤ AXF_NW·32 splits of one stage whose partial lists are
  * their AXF_TS scores, unsorted; session 11). Thread i holds split i's scores in registers (keys past n left out)
  * and stages only its best (its head) while its logsumexp goes to a CTA sum; warp 0 sets the bar — the k-th best
@@ -1505,7 +1542,9 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	const int cap = (int)AXF_MERGE_CAP, r = (int)r0 + w;
 	if (r0 == 0 && w == 0)
 		put_flags(a, jb);
-	if (r < (int)jb.H) /* warp-uniform */
+	if (!RAW && r < (int)jb.H && jb.K && jb.S * jb.K <= 64) /* warp-uniform; few entries: sorted whole */
+		merge_row_few(a, jb, r, xs + w * 64, xp + w * 64);
+	else if (r < (int)jb.H)
 		merge_row(a, jb, r, xs + w * 64, xp + w * 64, (float *)(smem + (size_t)w * cap * 8),
 			  (int *)(smem + (size_t)w * cap * 8) + cap, cap, (uint32_t *)red + 8 + w);
 	__syncthreads(); /* every warp's result writes before thread 0's release */

@@ -73,6 +73,8 @@ static void emu_body(void *p)
 static axf_knobs g_kn;
 static uint64_t g_tail_blocks; /* tail blocks (knob tail) the runs so far had: test_tail_ran */
 static uint64_t g_raw_jobs;    /* raw pass-jobs (knob raw_heads) the runs so far had: test_raw_ran */
+static uint64_t g_few_jobs;    /* pass-jobs merged a row per warp with S·K ≤ 64 (merge_row_few) */
+static uint64_t g_wide_jobs;   /* pass-jobs merged a row per warp with S·K > 64 (merge_row) */
 
 /* ax__attn_fast_run's steps with host memory: plan, tables, zeroed flags/tickets, launches, finish. */
 static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc, uint32_t resident)
@@ -116,6 +118,9 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		x.a.pdl = calls % 4 == 1; /* a no-op here: launches run one after the other */
 		x.a.trace = trace ? tr : NULL;
 		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
+		for (uint32_t j = p->L[l].j0; p->L[l].mg && p->L[l].mrpc == AXF_NW && j < p->L[l].j0 + p->L[l].nj; j++)
+			if (p->jb[j].sepm && p->jb[j].K) /* which row-per-warp merge its rows take */
+				(p->jb[j].S * p->jb[j].K <= 64 ? g_few_jobs : g_wide_jobs)++;
 		if (p->L[l].mg) { /* the separate merge launch of heads lists */
 			assert_int_equal(done, 0);
 			emu_arg m = {x.a, AXF_N_INST, p->L[l].raw};
@@ -391,6 +396,82 @@ static void test_raw(void **state)
 	td_free(&u);
 }
 
+/* Heads rows merged a row per warp by the merge launch (knob merge_warp) when the splits' lists hold ≤ 64 entries in
+ * all (merge_row_few, session 12: loaded in one round and sorted whole) and just past it (merge_row): k 1..64, split
+ * counts 1..~13 (resident), lists shorter than k (n < S·k: empty entries), windows, a tail, every key equal (every
+ * entry ties: positions 0 .. k-1); the same positions as the CTA-wide merge (merge_warp 0). */
+static void test_few(void **state)
+{
+	(void)state;
+	static const tcase cs[] = {
+		{"few k10 32/8 n 4000", HD, BF, BF, I32, 128, 32, 8, 10, 4000, 0, 0, 0, {0}, 1, 0},
+		{"few k1 G8 n 100", HD, BF, BF, I32, 128, 8, 1, 1, 100, 0, 0, 0, {0}, 0, 0},
+		{"few k16 G5 n 333 window 100", HD, BF, BF, I64, 128, 15, 3, 16, 333, 100, 0, 0, {0}, 1, 0},
+		{"few k21 G2 n 50", HD, F16, F16, I32, 128, 8, 4, 21, 50, 0, 0, 0, {0}, 1, 0},
+		{"few k32 n 700", HD, BF, BF, I32, 128, 8, 2, 32, 700, 0, 0, 0, {0}, 1, 0},
+		{"few k64 n 40", HD, BF, BF, I64, 128, 8, 4, 64, 40, 0, 0, 0, {0}, 1, 0},
+		{"few k33 G4 n 1200", HD, F16, F16, I32, 128, 16, 4, 33, 1200, 0, 0, 0, {0}, 1, 0},
+	};
+	static const uint32_t res[] = {1, 2, 3, 4, 6, 7, 13};
+	const axf_knobs warp = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 0, 0, 0},
+			tail = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 40, 1, 0},
+			cta = {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const uint64_t few0 = g_few_jobs, wide0 = g_wide_jobs, tb0 = g_tail_blocks;
+	for (size_t i = 0; i < ARRAY_LEN(cs); i++) {
+		tdata t;
+		td_make(&cs[i], &t);
+		assert_true(axf_eligible(&t.job));
+		const uint32_t rows = ax_attn_rows(&t.job);
+		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
+		ax_attn_result *ref = (ax_attn_result *)malloc(rows * sizeof *out);
+		for (size_t r = 0; r < ARRAY_LEN(res); r++) {
+			for (int kn = 0; kn < 3; kn++) { /* the CTA-wide merge first: the positions to match */
+				int rc = 12345;
+				memset(kn ? out : ref, 0xff, rows * sizeof *out);
+				g_kn = kn == 0 ? cta : kn == 1 ? warp : tail;
+				assert_int_equal(emu_run(&t.job, 1, kn ? out : ref, &rc, res[r]), 0);
+				g_kn = axf_knobs{};
+				if (rc != 0)
+					fail_msg("%s (resident %u, knobs %d): rc %d", cs[i].name, res[r], kn, rc);
+				check_job(&t.job, kn ? out : ref, cs[i].name);
+				for (uint32_t o = 0; kn && o < rows; o++) {
+					assert_int_equal(out[o].k, ref[o].k);
+					assert_memory_equal(out[o].pos, ref[o].pos, out[o].k * sizeof out[o].pos[0]);
+				}
+			}
+		}
+		free(out), free(ref);
+		td_free(&t);
+	}
+	/* both row-per-warp merges ran, the short one with and without a tail */
+	printf("# row-per-warp merges: %llu few, %llu wide; tail blocks %llu\n",
+	       (unsigned long long)(g_few_jobs - few0), (unsigned long long)(g_wide_jobs - wide0),
+	       (unsigned long long)(g_tail_blocks - tb0));
+	assert_true(g_few_jobs - few0 > 20 && g_wide_jobs - wide0 > 5 && g_tail_blocks > tb0);
+	/* every key equal: all entries of all lists tie */
+	static const tcase ties = {"few ties k10 n 300", HD, BF, BF, I32, 128, 8, 2, 10, 300, 0, 0, 0, {0}, 0, 0};
+	tdata u;
+	td_make(&ties, &u);
+	const size_t row = u.job.k_stride[0] * 2;
+	for (uint64_t sl = 1; sl < u.slots; sl++)
+		memcpy((char *)u.k + sl * row, u.k, row);
+	const uint32_t ur = ax_attn_rows(&u.job);
+	ax_attn_result *uo = (ax_attn_result *)malloc(ur * sizeof *uo);
+	int rc = 1;
+	const uint64_t before = g_few_jobs;
+	g_kn = warp;
+	assert_int_equal(emu_run(&u.job, 1, uo, &rc, 6), 0);
+	g_kn = axf_knobs{};
+	assert_int_equal(rc, 0);
+	assert_int_equal(g_few_jobs - before, 1);
+	check_job(&u.job, uo, ties.name);
+	for (uint32_t r = 0; r < ur; r++)
+		for (uint32_t e = 0; e < uo[r].k; e++)
+			assert_int_equal(uo[r].pos[e], (int64_t)e);
+	free(uo);
+	td_free(&u);
+}
+
 /* The shared small table (attn_cuda_testdata.h): its eligible cases, one plan each. */
 static void test_shared_table(void **state)
 {
@@ -655,6 +736,7 @@ int main(void)
 		cmocka_unit_test(test_tail_ran),
 		cmocka_unit_test(test_raw),
 		cmocka_unit_test(test_raw_ran),
+		cmocka_unit_test(test_few),
 	};
 	int r = cmocka_run_group_tests(tests, setup, NULL);
 	printf("# near-tie substitutions: %d\n", g_near);
