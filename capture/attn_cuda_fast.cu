@@ -1504,7 +1504,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
  * merge of one row (merge_row_cta: its 8 warps load and scan together, warp 0 sorts); mrpc AXF_NW (few splits,
  * knob merge_warp): a row per warp (merge_row, each warp with its slice of the ring), so many short rows take
  * 8 times fewer CTAs. Every CTA is one unit of the completion count. */
-template <int RAW> /* 1: the merge of raw launches (merge_row_raw); apart, so the other merges' code is unchanged */
+template <int KIND> /* AXF_MK_LISTS, AXF_MK_RAW (merge_row_raw) or AXF_MK_FEW (merge_row_few): instances apart, so
+		      * each one's code is as it would be alone (the list merge's is sensitive: session 12) */
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
@@ -1526,7 +1527,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	float *xs = smem_xs(smem), *red = smem_red(smem);
 	int *xp = (int *)(xs + AXF_NW * 64);
 	if (a.mrpc == 1) {
-		if (RAW)
+		if (KIND == AXF_MK_RAW)
 			merge_row_raw(a, jb, (int)r0, smem, xs, xp, red, r0 == 0);
 		else
 			merge_row_cta(a, jb, (int)r0, smem, xs, xp, red, AXF_M_HEADS, r0 == 0);
@@ -1542,9 +1543,9 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 	const int cap = (int)AXF_MERGE_CAP, r = (int)r0 + w;
 	if (r0 == 0 && w == 0)
 		put_flags(a, jb);
-	if (!RAW && r < (int)jb.H && jb.K && jb.S * jb.K <= 64) /* warp-uniform; few entries: sorted whole */
+	if (KIND == AXF_MK_FEW && r < (int)jb.H) /* warp-uniform; ≤ AXF_FEW_ENTS entries (the plan's promise) */
 		merge_row_few(a, jb, r, xs + w * 64, xp + w * 64);
-	else if (r < (int)jb.H)
+	else if (KIND != AXF_MK_FEW && r < (int)jb.H)
 		merge_row(a, jb, r, xs + w * 64, xp + w * 64, (float *)(smem + (size_t)w * cap * 8),
 			  (int *)(smem + (size_t)w * cap * 8) + cap, cap, (uint32_t *)red + 8 + w);
 	__syncthreads(); /* every warp's result writes before thread 0's release */
@@ -1637,14 +1638,15 @@ static int fast_setup(int device, int *occ, int *sms_out)
 	if (major < 9)
 		return 0;
 	int least = INT_MAX;
-	for (int i = 0; i <= 2 * AXF_N_INST; i++) { /* the split kernels, the merge kernel, the raw kernels */
+	for (int i = 0; i <= 2 * AXF_N_INST + 1; i++) { /* the split kernels, the merge kernels, the raw kernels */
 		cudaFuncAttributes fa;
 		int o = 0;
-		const void *fn = i < AXF_N_INST    ? (const void *)axf_kernels[i]
-				 : i == AXF_N_INST ? (const void *)axf_merge_kernel<0>
-						   : (const void *)axf_kernels_raw[i - AXF_N_INST - 1];
+		const void *fn = i < AXF_N_INST        ? (const void *)axf_kernels[i]
+				 : i == AXF_N_INST     ? (const void *)axf_merge_kernel<AXF_MK_LISTS>
+				 : i == 2 * AXF_N_INST + 1 ? (const void *)axf_merge_kernel<AXF_MK_FEW>
+							   : (const void *)axf_kernels_raw[i - AXF_N_INST - 1];
 		if (!fn)
-			fn = (const void *)axf_merge_kernel<1>; /* (the raw table's empty slots: the raw merge instead) */
+			fn = (const void *)axf_merge_kernel<AXF_MK_RAW>; /* (the raw table's empty slots: the raw merge) */
 		if (cudaFuncGetAttributes(&fa, fn) != cudaSuccess || fa.binaryVersion < 90 ||
 		    cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)AXF_SMEM) != cudaSuccess ||
 		    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, fn, AXF_NW * 32, AXF_SMEM) != cudaSuccess) {
@@ -1929,7 +1931,10 @@ static void fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq, axf_
 	++*nk;
 	if (L->mg) {
 		a.pdl = pdl;
-		k[*nk].fn = L->raw ? (const void *)axf_merge_kernel<1> : (const void *)axf_merge_kernel<0>, k[*nk].ctas = L->nj * L->mg, k[*nk].a = a; /* mg: CTAs per job */
+		k[*nk].fn = L->raw   ? (const void *)axf_merge_kernel<AXF_MK_RAW>
+			    : L->few ? (const void *)axf_merge_kernel<AXF_MK_FEW>
+				     : (const void *)axf_merge_kernel<AXF_MK_LISTS>;
+		k[*nk].ctas = L->nj * L->mg, k[*nk].a = a; /* mg: CTAs per job */
 		++*nk;
 	}
 }

@@ -67,6 +67,12 @@
 #define AXF_ROW_MAX (AXF_MAX_HKV * AXF_D * 2)  /* bytes of a key row (all KV heads), at most */
 #define AXF_ROWS_SM (AXF_ROW_MAX + 64)         /* stage row stride: ≡ 64 mod 128, fragment loads conflict-free */
 #define AXF_MAX_SPLITS 1024       /* splits per pass-job (the merge stages ≥ 1 entry per split per warp) */
+#define AXF_FEW_ENTS 64           /* a row-per-warp merge whose S·K is at most this sorts the entries whole */
+/* The merge kernel's instances (axf_merge_kernel<KIND>): heads lists, raw scores (axf_job.raw), few lists (S·K ≤
+ * AXF_FEW_ENTS, a row per warp: axf_launch.few) */
+#define AXF_MK_LISTS 0
+#define AXF_MK_RAW 1
+#define AXF_MK_FEW 2
 #define AXF_MAX_N (1u << 30)      /* visible keys per job */
 #define AXF_N_INST 12             /* kernel instances: see axf_inst */
 #define AXF_KMAX (2 * AXF_N_INST) /* kernels of a run at most: a split and a merge launch per instance */
@@ -209,6 +215,9 @@ typedef struct axf_launch {
 	uint32_t inst, j0, nj, so0, ctas, mg, mrpc;
 	uint32_t hm;                /* its (one) pass-job is merged by the host: the partials go to the staging */
 	uint32_t raw;               /* its pass-jobs are raw (axf_plan_raw): the instance's raw kernel runs it */
+	uint32_t few;               /* its merge launch merges a row per warp (mrpc AXF_NW) and every pass-job it merges
+				     * (sepm) has 1 ≤ K and S·K ≤ AXF_FEW_ENTS: the few-list merge kernel runs it (all
+				     * entries loaded in one round and sorted whole; session 12) */
 } axf_launch;
 
 /* A compact result entry: the logit and the position as an offset from the pass-job's first visible key
@@ -657,6 +666,12 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	}
 	L->mrpc = L->mg && maxs <= p->kn.merge_warp && !raw ? AXF_NW : 1;
 	L->mg = (L->mg + L->mrpc - 1) / L->mrpc;
+	L->few = L->mg && L->mrpc == AXF_NW;
+	for (uint32_t i = 0; i < L->nj; i++) {
+		const axf_job *jb = &p->jb[L->j0 + i];
+		if (jb->sepm && (!jb->K || (uint64_t)jb->S * jb->K > AXF_FEW_ENTS))
+			L->few = 0;
+	}
 	if (ctas > INT32_MAX || (uint64_t)L->nj * L->mg > INT32_MAX)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < L->nj; i++) /* a pass-job merged by its last CTA is one unit; */
@@ -675,7 +690,7 @@ static inline int axf_plan_inst(axf_plan *p, const ax_attn_job *jobs, const uint
 {
 	if (m == 0)
 		return 0;
-	axf_launch L = {inst, p->njb, 0, 0, 0, 0, 1, 0, 0};
+	axf_launch L = {inst, p->njb, 0, 0, 0, 0, 1, 0, 0, 0};
 	if (axc_grow((void **)&p->jb, &p->jb_cap, (size_t)p->njb + m, sizeof *p->jb))
 		return -ENOMEM;
 	for (uint32_t k = 0; k < m; k++) {

@@ -33,13 +33,19 @@ extern "C" {
 struct emu_arg {
 	axf_args a;
 	uint32_t inst, raw; /* raw: the instance's raw kernel (KB 0) */
+	uint32_t few;       /* the merge launch (inst AXF_N_INST) of few lists: axf_merge_kernel<AXF_MK_FEW> */
 };
 
 static void emu_body(void *p)
 {
 	const emu_arg *x = (const emu_arg *)p;
-	if (x->raw && x->inst == AXF_N_INST) {
-		axf_merge_kernel<1>(x->a);
+	if (x->inst == AXF_N_INST) { /* the separate heads merge */
+		if (x->raw)
+			axf_merge_kernel<AXF_MK_RAW>(x->a);
+		else if (x->few)
+			axf_merge_kernel<AXF_MK_FEW>(x->a);
+		else
+			axf_merge_kernel<AXF_MK_LISTS>(x->a);
 		return;
 	}
 	if (x->raw) {
@@ -65,7 +71,7 @@ static void emu_body(void *p)
 	case 9: axf_kernel<AXF_M_HEADS, 1, 4, 1>(x->a); break;
 	case 10: axf_kernel<AXF_M_HEADS, 0, 8, 1>(x->a); break;
 	case 11: axf_kernel<AXF_M_HEADS, 1, 8, 1>(x->a); break;
-	default: axf_merge_kernel<0>(x->a); break; /* AXF_N_INST: the separate heads merge */
+	default: EMU_FAIL("a launch of instance %u", x->inst);
 	}
 }
 
@@ -73,8 +79,9 @@ static void emu_body(void *p)
 static axf_knobs g_kn;
 static uint64_t g_tail_blocks; /* tail blocks (knob tail) the runs so far had: test_tail_ran */
 static uint64_t g_raw_jobs;    /* raw pass-jobs (knob raw_heads) the runs so far had: test_raw_ran */
-static uint64_t g_few_jobs;    /* pass-jobs merged a row per warp with S·K ≤ 64 (merge_row_few) */
-static uint64_t g_wide_jobs;   /* pass-jobs merged a row per warp with S·K > 64 (merge_row) */
+static uint64_t g_few_jobs;    /* pass-jobs merged a row per warp by the few-list merge kernel (merge_row_few) */
+static uint64_t g_wide_jobs;   /* pass-jobs merged a row per warp by the list merge kernel (merge_row) */
+static uint32_t g_first_S;     /* the last run's first pass-job's split count */
 
 /* ax__attn_fast_run's steps with host memory: plan, tables, zeroed flags/tickets, launches, finish. */
 static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc, uint32_t resident)
@@ -88,6 +95,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		axf_plan_free(p);
 		return r;
 	}
+	g_first_S = p->jb[0].S;
 	char *buf = (char *)aligned_alloc(256, (p->lay.total + 255) / 256 * 256);
 	assert_non_null(buf);
 	memset(buf, 0xa5, p->lay.total); /* garbage: nothing may depend on scratch contents */
@@ -112,18 +120,18 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 	const int trace = calls % 3 == 0;
 	emu_cta_order = (int)(calls % 7 % 3); /* CTAs by index, backwards or at random: a GPU promises no order */
 	for (uint32_t l = 0; l < p->nl; l++) {
-		emu_arg x = {axf_plan_args(p, buf, buf, tick, tailc, &p->L[l]), p->L[l].inst, p->L[l].raw};
+		emu_arg x = {axf_plan_args(p, buf, buf, tick, tailc, &p->L[l]), p->L[l].inst, p->L[l].raw, 0};
 		if (spin)
 			x.a.done_cnt = &done_cnt, x.a.done = &done, x.a.units = (uint32_t)p->units, x.a.seq = seq;
 		x.a.pdl = calls % 4 == 1; /* a no-op here: launches run one after the other */
 		x.a.trace = trace ? tr : NULL;
 		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
 		for (uint32_t j = p->L[l].j0; p->L[l].mg && p->L[l].mrpc == AXF_NW && j < p->L[l].j0 + p->L[l].nj; j++)
-			if (p->jb[j].sepm && p->jb[j].K) /* which row-per-warp merge its rows take */
-				(p->jb[j].S * p->jb[j].K <= 64 ? g_few_jobs : g_wide_jobs)++;
+			if (p->jb[j].sepm) /* which row-per-warp merge its rows take */
+				(p->L[l].few ? g_few_jobs : g_wide_jobs)++;
 		if (p->L[l].mg) { /* the separate merge launch of heads lists */
 			assert_int_equal(done, 0);
-			emu_arg m = {x.a, AXF_N_INST, p->L[l].raw};
+			emu_arg m = {x.a, AXF_N_INST, p->L[l].raw, p->L[l].few};
 			emu_launch(p->L[l].nj * p->L[l].mg, AXF_SMEM, emu_body, &m); /* mg: CTAs per pass-job */
 		}
 		if (l + 1 < p->nl)
@@ -696,6 +704,49 @@ static void test_errors(void **state)
 	assert_true(ran >= 16);
 }
 
+/* A split's flag word reaches its pass-job's wherever the split sits among many (put_flags ORs them in batches of
+ * 8 a lane: splits 224..255 are a lane's last load of its first batch, 256 on in the second batch): an inf in one
+ * visible key of split 230 or 260 of 263 16-key splits gives -EDOM, mean_logit merged by the last CTA, heads lists
+ * by their last CTA, by the merge launch a row per CTA and a row per warp; a clean neighbour stays 0. */
+static void test_flags_splits(void **state)
+{
+	(void)state;
+	static const uint32_t at[] = {230, 260};
+	static const tcase cs[] = {
+		{"flags logit", ML, BF, BF, I32, 128, 8, 2, 10, 4200, 0, 0, 0, {0}, 0, 0},
+		{"flags heads", HD, BF, BF, I64, 128, 8, 2, 10, 4200, 0, 0, 0, {0}, 0, 0},
+	};
+	for (size_t c = 0; c < ARRAY_LEN(cs); c++) {
+		for (size_t k = 0; k < ARRAY_LEN(at); k++) {
+			tdata t, okd;
+			td_make(&cs[c], &t);
+			td_make(&cs[c], &okd);
+			const uint64_t pos = (uint64_t)at[k] * AXF_TS + 3;
+			const uint64_t slot = t.job.index_dtype == AX_DTYPE_I32 ? (uint64_t)((int32_t *)t.index)[pos]
+										: (uint64_t)((int64_t *)t.index)[pos];
+			((uint16_t *)t.k)[slot * t.job.k_stride[0] + 5] = 0x7f80; /* KV head 0, dim 5: +inf */
+			ax_attn_job jobs[2] = {t.job, okd.job};
+			const uint32_t r0 = ax_attn_rows(&t.job);
+			ax_attn_result *out = (ax_attn_result *)malloc((r0 + ax_attn_rows(&okd.job)) * sizeof *out);
+			for (uint32_t mh = 0; mh < 3; mh++) {
+				int rc[2] = {1, 1};
+				g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, 0, 0, 0, 0, 0};
+				assert_int_equal(emu_run(jobs, 2, out, rc, 640), 0);
+				g_kn = axf_knobs{};
+				assert_int_equal(g_first_S, 263);
+				if (rc[0] != -EDOM || rc[1] != 0)
+					fail_msg("%s, inf in split %u (merge %u): rc %d %d, want %d 0", cs[c].name, at[k], mh,
+						 rc[0], rc[1], -EDOM);
+				check_job(&okd.job, out + r0, cs[c].name);
+				if (cs[c].mode != HD)
+					break;
+			}
+			free(out);
+			td_free(&t), td_free(&okd);
+		}
+	}
+}
+
 static int setup(void **state)
 {
 	(void)state;
@@ -737,6 +788,7 @@ int main(void)
 		cmocka_unit_test(test_raw),
 		cmocka_unit_test(test_raw_ran),
 		cmocka_unit_test(test_few),
+		cmocka_unit_test(test_flags_splits),
 	};
 	int r = cmocka_run_group_tests(tests, setup, NULL);
 	printf("# near-tie substitutions: %d\n", g_near);

@@ -355,7 +355,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		assert_int_equal(L->j0, next);
 		assert_int_equal(L->so0, so);
 		assert_true(L->nj > 0);
-		uint32_t mode = axf_inst_mode(L->inst), ctas = 0, mg = 0, base = 0, msplits = 0;
+		uint32_t mode = axf_inst_mode(L->inst), ctas = 0, mg = 0, base = 0, msplits = 0, few = 1;
 		/* raw (knob raw_heads): the launch's heads lists all short enough, k ≤ AXF_TS, one wave of 16-key splits,
 		 * each merged apart by one CTA, a thread a split (≤ 256) — then all of them raw, else none */
 		int any_lists = 0, raw = mode == AXF_M_HEADS && p->kn.raw_heads && p->kn.merge_heads;
@@ -422,6 +422,8 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 				mg = jb->H;
 			if (jb->sepm && jb->S > msplits)
 				msplits = jb->S;
+			if (jb->sepm && (jb->K == 0 || jb->S * jb->K > AXF_FEW_ENTS))
+				few = 0;
 			if (jb->res >= 0)
 				assert_int_equal(jb->rent, p->eoff[jb->flag]);
 			assert_int_equal(p->so[L->so0 + k], ctas);
@@ -473,6 +475,9 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		/* merge CTAs: a row each, or a row per warp when every merged pass-job has ≤ merge_warp splits */
 		const uint32_t rpc = mg && msplits <= p->kn.merge_warp && !raw ? AXF_NW : 1;
 		assert_int_equal(L->mrpc, rpc);
+		/* the few-list merge kernel: a row per warp, every merged pass-job's lists ≤ AXF_FEW_ENTS entries in all */
+		assert_int_equal(L->few, rpc == AXF_NW && few);
+		assert_true(!L->few || !L->raw);
 		assert_int_equal(L->mg, (mg + rpc - 1) / rpc);
 		assert_true((uint64_t)L->mg * L->mrpc >= mg && (L->mg == 0 || (L->mg - 1) * L->mrpc < mg));
 		units += (uint64_t)L->nj * L->mg; /* every merge CTA is a unit, also those with nothing to merge */
@@ -606,6 +611,25 @@ static void test_plans(void **state)
 	assert_int_equal(p->L[0].ctas, 128);
 	check_plan(p, jobs, 64, rc, 264);
 	p->res_lists = 0;
+	/* few lists (session 12): 64 × 4K heads at the defaults, 4 splits of top-10 each, go to the few-list merge
+	 * kernel; at top-17 (68 entries) or in 7 splits (70) they do not */
+	{
+		const axf_knobs d0 = AXF_KNOBS_DEFAULT;
+		p->kn = d0;
+		for (int i = 0; i < 64; i++)
+			jobs[i] = elig_job(X_HEADS);
+		assert_int_equal(axf_plan_build(p, jobs, 64, rc, 264), 0);
+		assert_true(p->nl == 1 && p->jb[0].S == 4 && p->jb[0].sepm && p->L[0].mrpc == AXF_NW && p->L[0].few);
+		check_plan(p, jobs, 64, rc, 264);
+		jobs[5].top_k = 17;
+		assert_int_equal(axf_plan_build(p, jobs, 64, rc, 264), 0);
+		assert_true(p->nl == 1 && p->L[0].mrpc == AXF_NW && !p->L[0].few);
+		check_plan(p, jobs, 64, rc, 264);
+		jobs[5].top_k = 10;
+		assert_int_equal(axf_plan_build(p, jobs, 64, rc, 448), 0);
+		assert_true(p->nl == 1 && p->jb[0].S == 7 && !p->L[0].few);
+		check_plan(p, jobs, 64, rc, 448);
+	}
 	/* a tail (session 9): 128K heads at the defaults with 15% in blocks of 4 stages; 1M mean_logit with blocks
 	 * raised so that splits and blocks stay ≤ AXF_MAX_SPLITS; 4K: too short a split for one */
 	const axf_knobs dflt = AXF_KNOBS_DEFAULT;
