@@ -306,6 +306,32 @@ static void test_many_splits(void **state)
 	}
 }
 
+/* Heads case c (no window) with every key equal — every score ties, so each row's top-k is positions 0 .. k-1 — in
+ * one run under knobs kn on `resident` CTAs, which must add exactly one pass-job to *counter (the path meant). */
+static void run_all_equal(const tcase *c, const axf_knobs &kn, uint32_t resident, const uint64_t *counter)
+{
+	tdata u;
+	td_make(c, &u);
+	const size_t row = u.job.k_stride[0] * 2;
+	for (uint64_t sl = 1; sl < u.slots; sl++)
+		memcpy((char *)u.k + sl * row, u.k, row);
+	const uint32_t ur = ax_attn_rows(&u.job);
+	ax_attn_result *uo = (ax_attn_result *)malloc(ur * sizeof *uo);
+	int rc = 1;
+	const uint64_t before = *counter;
+	g_kn = kn;
+	assert_int_equal(emu_run(&u.job, 1, uo, &rc, resident), 0);
+	g_kn = axf_knobs{};
+	assert_int_equal(rc, 0);
+	assert_int_equal(*counter - before, 1);
+	check_job(&u.job, uo, c->name);
+	for (uint32_t r = 0; r < ur; r++)
+		for (uint32_t e = 0; e < uo[r].k; e++)
+			assert_int_equal(uo[r].pos[e], (int64_t)e);
+	free(uo);
+	td_free(&u);
+}
+
 /* Raw heads pass-jobs (knob raw_heads, session 11): one-stage splits writing their raw scores, scanned by
  * the merge — every k up to AXF_TS, group sizes 1..8, lengths around a split's edge (keys past n in the last
  * split's scores must be left out), windows, exact ties, i64 index rows; alone and in batches, and the same jobs
@@ -382,26 +408,7 @@ static void test_raw(void **state)
 		td_free(&t[i]);
 	/* every key equal: every score of a row ties, all survive the bar (past 64: the merge's slow exact path) */
 	static const tcase ties = {"raw ties k16 n 700", HD, BF, BF, I32, 128, 8, 2, 16, 700, 0, 0, 0, {0}, 0, 0};
-	tdata u;
-	td_make(&ties, &u);
-	const size_t row = u.job.k_stride[0] * 2;
-	for (uint64_t sl = 1; sl < u.slots; sl++)
-		memcpy((char *)u.k + sl * row, u.k, row);
-	const uint32_t ur = ax_attn_rows(&u.job);
-	ax_attn_result *uo = (ax_attn_result *)malloc(ur * sizeof *uo);
-	int rc = 1;
-	const uint64_t before = g_raw_jobs;
-	g_kn = d;
-	assert_int_equal(emu_run(&u.job, 1, uo, &rc, 264), 0);
-	g_kn = axf_knobs{};
-	assert_int_equal(rc, 0);
-	assert_int_equal(g_raw_jobs - before, 1);
-	check_job(&u.job, uo, ties.name);
-	for (uint32_t r = 0; r < ur; r++)
-		for (uint32_t e = 0; e < uo[r].k; e++)
-			assert_int_equal(uo[r].pos[e], (int64_t)e);
-	free(uo);
-	td_free(&u);
+	run_all_equal(&ties, d, 264, &g_raw_jobs);
 }
 
 /* Heads rows merged a row per warp by the merge launch (knob merge_warp) when the splits' lists hold ≤ 64 entries in
@@ -458,26 +465,7 @@ static void test_few(void **state)
 	assert_true(g_few_jobs - few0 > 20 && g_wide_jobs - wide0 > 5 && g_tail_blocks > tb0);
 	/* every key equal: all entries of all lists tie */
 	static const tcase ties = {"few ties k10 n 300", HD, BF, BF, I32, 128, 8, 2, 10, 300, 0, 0, 0, {0}, 0, 0};
-	tdata u;
-	td_make(&ties, &u);
-	const size_t row = u.job.k_stride[0] * 2;
-	for (uint64_t sl = 1; sl < u.slots; sl++)
-		memcpy((char *)u.k + sl * row, u.k, row);
-	const uint32_t ur = ax_attn_rows(&u.job);
-	ax_attn_result *uo = (ax_attn_result *)malloc(ur * sizeof *uo);
-	int rc = 1;
-	const uint64_t before = g_few_jobs;
-	g_kn = warp;
-	assert_int_equal(emu_run(&u.job, 1, uo, &rc, 6), 0);
-	g_kn = axf_knobs{};
-	assert_int_equal(rc, 0);
-	assert_int_equal(g_few_jobs - before, 1);
-	check_job(&u.job, uo, ties.name);
-	for (uint32_t r = 0; r < ur; r++)
-		for (uint32_t e = 0; e < uo[r].k; e++)
-			assert_int_equal(uo[r].pos[e], (int64_t)e);
-	free(uo);
-	td_free(&u);
+	run_all_equal(&ties, warp, 6, &g_few_jobs);
 }
 
 /* The shared small table (attn_cuda_testdata.h): its eligible cases, one plan each. */
