@@ -52,7 +52,11 @@
  * loop end, and the tail (knob tail, default on): a split streams a static share of 85% of the pass-job's stages,
  * then takes blocks of the remaining 15% from a counter until none is left (the outer range loop of axf_kernel; each
  * block's logsumexp partial in its own slot, so results stay bitwise reproducible; none in mean_prob's logsumexp
- * pass, run 64). On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator
+ * pass, run 64). Sessions 11-12: kernel instances of their own for raw heads splits (axf_kernel with KB 0 and
+ * axf_merge_kernel<AXF_MK_RAW>: one-stage splits writing their scores, merged without sorting lists) and for rows of
+ * few lists (axf_merge_kernel<AXF_MK_FEW>: S·K ≤ 64 entries sorted whole, run 74), so that every other instance
+ * compiles exactly as before (the heads loop and the list merge are sensitive to any change in register
+ * allocation: runs 73-74). On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator
  * (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the
  * emulator, the driver left out), the host half in attn_cuda_fast_test.c.
  */

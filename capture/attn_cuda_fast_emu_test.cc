@@ -419,7 +419,7 @@ static void test_few(void **state)
 {
 	(void)state;
 	static const tcase cs[] = {
-		{"few k10 32/8 n 4000", HD, BF, BF, I32, 128, 32, 8, 10, 4000, 0, 0, 0, {0}, 1, 0},
+		{"few k10 32/8 n 1500", HD, BF, BF, I32, 128, 32, 8, 10, 1500, 0, 0, 0, {0}, 1, 0},
 		{"few k1 G8 n 100", HD, BF, BF, I32, 128, 8, 1, 1, 100, 0, 0, 0, {0}, 0, 0},
 		{"few k16 G5 n 333 window 100", HD, BF, BF, I64, 128, 15, 3, 16, 333, 100, 0, 0, {0}, 1, 0},
 		{"few k21 G2 n 50", HD, F16, F16, I32, 128, 8, 4, 21, 50, 0, 0, 0, {0}, 1, 0},
@@ -427,7 +427,7 @@ static void test_few(void **state)
 		{"few k64 n 40", HD, BF, BF, I64, 128, 8, 4, 64, 40, 0, 0, 0, {0}, 1, 0},
 		{"few k33 G4 n 1200", HD, F16, F16, I32, 128, 16, 4, 33, 1200, 0, 0, 0, {0}, 1, 0},
 	};
-	static const uint32_t res[] = {1, 2, 3, 4, 6, 7, 13};
+	static const uint32_t res[] = {1, 2, 4, 7, 13};
 	const axf_knobs warp = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 0, 0, 0},
 			tail = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 40, 1, 0},
 			cta = {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
@@ -692,14 +692,14 @@ static void test_errors(void **state)
 	assert_true(ran >= 16);
 }
 
-/* A split's flag word reaches its pass-job's wherever the split sits among many (put_flags ORs them in batches of
- * 8 a lane: splits 224..255 are a lane's last load of its first batch, 256 on in the second batch): an inf in one
- * visible key of split 230 or 260 of 263 16-key splits gives -EDOM, mean_logit merged by the last CTA, heads lists
- * by their last CTA, by the merge launch a row per CTA and a row per warp; a clean neighbour stays 0. */
+/* A split's flag word reaches its pass-job's from far among many splits (put_flags: lane l ORs splits l, l + 32, ...;
+ * split 259 of 263 is lane 3's ninth): an inf in one visible key of it gives -EDOM, mean_logit merged by the last
+ * CTA, heads lists by their last CTA, by the merge launch a row per CTA and a row per warp; a clean neighbour in the
+ * same launch stays 0. */
 static void test_flags_splits(void **state)
 {
 	(void)state;
-	static const uint32_t at[] = {230, 260};
+	static const uint32_t at[] = {259};
 	static const tcase cs[] = {
 		{"flags logit", ML, BF, BF, I32, 128, 8, 2, 10, 4200, 0, 0, 0, {0}, 0, 0},
 		{"flags heads", HD, BF, BF, I64, 128, 8, 2, 10, 4200, 0, 0, 0, {0}, 0, 0},
