@@ -268,6 +268,11 @@ static int rest_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_r
 	return ax__attn_fast_dispatch(c->fast, jobs, n, out, rc, generic_runner, c);
 }
 
+ax_attn_fast *ax__attn_cuda_fast_state(ax_attn_cuda *c)
+{
+	return c ? c->fast : NULL;
+}
+
 ax_attn_prefill *ax__attn_cuda_prefill_state(ax_attn_cuda *c)
 {
 	return c ? c->prefill : NULL;

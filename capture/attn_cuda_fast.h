@@ -23,9 +23,10 @@
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
  * for heads lists with ≥ merge_heads splits (the default: always), a separate merge launch right after the
  * split launch merges every row in parallel (one row per CTA, its 8 warps working on it, or, with ≤ merge_warp
- * splits, one row per warp), or — a mean_logit pass-job alone in its launch, with at most knob host_merge splits
- * (session 6) — the host, from partial rows the CTAs write straight into the mapped staging (axf_hmerge_job: no
- * ticket, no merge on the GPU; 1 × 4K 23.5 → 20.9 µs, 128K 90.0 → 85.8 µs end to end, H200 run 25). (Dynamic
+ * splits, one row per warp), or — a mean_logit pass-job (session 6) or mean_prob's probability pass-job (session
+ * 13) alone in its launch, with at most knob host_merge splits — the host, from partial rows the CTAs write straight
+ * into the mapped staging (axf_hmerge_job: no ticket, no merge on the GPU; 1 × 4K mean_logit 23.5 → 20.9 µs, 128K
+ * 90.0 → 85.8 µs end to end, H200 run 25). (Dynamic
  * splits — blocks of keys handed out from a counter — were tried in session 4 and removed in session 5: slower
  * wherever they acted, and their loop bookkeeping cost the static heads loop ~9%; capture/dev/RESULTS.md runs 10
  * and 12.)
@@ -113,7 +114,8 @@ typedef struct axf_knobs {
 	uint32_t threads;          /* host threads for a run's rows when it has ≥ AXF_POOL_MIN_ROWS (0, 1: the
 				    * calling thread only; at most AXF_POOL_MAX): axf_pool */
 	/* Session 6: */
-	uint32_t host_merge;       /* a mean_logit pass-job alone in its launch with at most this many splits (and
+	uint32_t host_merge;       /* a mean_logit pass-job, or mean_prob's probability pass-job (session 13), alone
+				    * in its launch with at most this many splits (and
 				    * spin off) writes its partial rows into the mapped staging and the host merges
 				    * them (axf_hmerge): no ticket, no GPU merge (0: never) */
 	/* Session 8: */
@@ -644,7 +646,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		if (jb->sepm && jb->S > maxs)
 			maxs = jb->S;
 		jb->ticket = L->j0 + i;
-		jb->hm = mode == AXF_M_LOGIT && L->nj == 1 && !p->kn.spin && p->kn.host_merge &&
+		jb->hm = (mode == AXF_M_LOGIT || mode == AXF_M_PROB) && L->nj == 1 && !p->kn.spin && p->kn.host_merge &&
 			 jb->S <= p->kn.host_merge;
 		L->hm = jb->hm;
 		if (jb->hm) { /* one partial row per split (mean mode), in the staging's hm regions */
@@ -904,9 +906,10 @@ static inline void axf_finish_row(ax_attn_result *o, float lse, const axf_ent *e
 }
 
 /*
- * The host's merge of a host-merged pass-job (jb->hm: a mean_logit pass-job whose partial rows the kernel wrote
- * into the staging h): its flag word (the OR of its splits'), its logsumexp (over the splits': the max, then one
- * sum of exponentials) and its kout best entries (value, then lower offset) into the result staging, as the GPU
+ * The host's merge of a host-merged pass-job (jb->hm: a mean_logit pass-job, or (prob) mean_prob's probability
+ * pass-job, whose partial rows the kernel wrote into the staging h): its flag word (the OR of its splits'), its
+ * logsumexp (over the splits': the max, then one sum of exponentials; 0 for prob, as the GPU merge reports it) and
+ * its kout best entries (value, then lower offset) into the result staging, as the GPU
  * merge writes them. The splits' lists are sorted, so each is walked only while its entries beat the kth best found
  * so far (most stop at their first entry); the kout best are kept sorted by insertion. Rows of a flagged pass-job
  * are left alone (undefined). Float arithmetic, as the GPU merge's.
@@ -916,7 +919,7 @@ static inline int axf_hm_before(float ax, int32_t ap, float bx, int32_t bp)
 	return ax > bx || (ax == bx && ap < bp);
 }
 
-static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
+static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb, int prob)
 {
 	const float *pl = (const float *)(h + p->lay.hlse) + jb->part0;
 	const uint32_t *pf = (const uint32_t *)(h + p->lay.hpf) + jb->pf0;
@@ -938,10 +941,10 @@ static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb)
 	if (f)
 		return;
 	float sum = 0.f;
-	if (m != -INFINITY)
+	if (m != -INFINITY && !prob)
 		for (uint32_t i = 0; i < SL; i++)
 			sum += pl[i] == -INFINITY ? 0.f : expf(pl[i] - m);
-	((float *)(h + p->lay.rlse))[jb->res] = m == -INFINITY ? -INFINITY : m + logf(sum);
+	((float *)(h + p->lay.rlse))[jb->res] = prob ? 0.f : m == -INFINITY ? -INFINITY : m + logf(sum);
 	float bx[AX_ATTN_MAX_TOPK];
 	int32_t bp[AX_ATTN_MAX_TOPK];
 	uint32_t nb = 0;
@@ -982,7 +985,7 @@ static inline void axf_plan_hmerge(const axf_plan *p, char *h)
 {
 	for (uint32_t l = 0; l < p->nl; l++)
 		if (p->L[l].hm)
-			axf_hmerge_job(p, h, &p->jb[p->L[l].j0]);
+			axf_hmerge_job(p, h, &p->jb[p->L[l].j0], axf_inst_mode(p->L[l].inst) == AXF_M_PROB);
 }
 
 /* Each planned job's flags (the OR of its pass-jobs' flag words, into p->uf) and code (-ERANGE wins over -EDOM, as in
@@ -1240,20 +1243,27 @@ static inline void axf_split_fini(axf_split *s)
 	memset(s, 0, sizeof *s);
 }
 
-/* Run the jobs with axf_eligible(job) == want through `run`, compacted, and scatter codes and rows back. */
-static inline int axf_run_side(axf_split *s, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
-			       int want, axf_runner run, void *ctx)
+/* Run the jobs whose rc is -EOPNOTSUPP (those the fast runner left) through `run`, compacted, and scatter codes
+ * and rows back. */
+static inline int axf_run_rest(axf_split *s, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
+			       axf_runner run, void *ctx)
 {
+	if (axc_grow((void **)&s->sj, &s->sj_cap, n, sizeof *s->sj) ||
+	    axc_grow((void **)&s->si, &s->si_cap, n, sizeof *s->si) ||
+	    axc_grow((void **)&s->src, &s->src_cap, n, sizeof *s->src) ||
+	    axc_grow((void **)&s->roff, &s->roff_cap, n, sizeof *s->roff))
+		return -ENOMEM;
 	uint32_t m = 0;
-	uint64_t rows = 0;
-	for (uint32_t i = 0; i < n; i++)
-		if (axf_eligible(&jobs[i]) == want) {
+	uint64_t rows = 0, all = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		const uint32_t nr = axc_out_rows(&jobs[i]);
+		s->roff[i] = (uint32_t)all, all += nr;
+		if (rc[i] == -EOPNOTSUPP) {
 			s->sj[m] = jobs[i];
 			s->si[m++] = i;
-			rows += axc_out_rows(&jobs[i]);
+			rows += nr;
 		}
-	if (m == 0)
-		return 0;
+	}
 	if (axc_grow((void **)&s->sout, &s->sout_cap, rows ? rows : 1, sizeof *s->sout))
 		return -ENOMEM;
 	int r = run(ctx, s->sj, m, s->sout, s->src);
@@ -1271,31 +1281,29 @@ static inline int axf_run_side(axf_split *s, const ax_attn_job *jobs, uint32_t n
 }
 
 /*
- * Run a batch: eligible jobs through `fast`, the others (invalid ones included: the generic path reports
- * their codes) through `generic`. A uniform batch goes straight to one runner (no copies); a mixed one is
- * compacted into two sub-batches, run one after the other, and scattered back. Returns 0 (rc[] tells each
- * job) or the first runner's whole-batch error (-ENOMEM, -EIO; -ENOMEM also for the host arrays here).
+ * Run a batch: every job through `fast`, which runs the eligible ones and leaves the others with -EOPNOTSUPP (an
+ * invalid job gets its validation code there, the generic path's); those it left then go through `generic`,
+ * compacted and scattered back (the whole batch as it is when it left all of them: no copies). One validation pass
+ * per job (the fast runner's plan) instead of a separate eligibility pass first: 64 jobs cost ~1.8 µs a pass on an
+ * H200 host (session 13, RESULTS run 76's gap lines). Returns 0 (rc[] tells each job) or the first runner's
+ * whole-batch error (-ENOMEM, -EIO; -ENOMEM also for the host arrays here).
  */
 static inline int axf_dispatch(axf_split *s, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
 			       axf_runner fast, void *fctx, axf_runner generic, void *gctx)
 {
-	uint32_t nf = 0;
-	for (uint32_t i = 0; i < n; i++)
-		nf += (uint32_t)axf_eligible(&jobs[i]);
-	if (nf == 0 || !fast)
+	if (!fast)
 		return generic(gctx, jobs, n, out, rc);
-	if (nf == n)
-		return fast(fctx, jobs, n, out, rc);
-	if (axc_grow((void **)&s->sj, &s->sj_cap, n, sizeof *s->sj) ||
-	    axc_grow((void **)&s->si, &s->si_cap, n, sizeof *s->si) ||
-	    axc_grow((void **)&s->src, &s->src_cap, n, sizeof *s->src) ||
-	    axc_grow((void **)&s->roff, &s->roff_cap, n, sizeof *s->roff))
-		return -ENOMEM;
-	uint64_t rows = 0;
+	int r = fast(fctx, jobs, n, out, rc);
+	if (r)
+		return r;
+	uint32_t ng = 0;
 	for (uint32_t i = 0; i < n; i++)
-		s->roff[i] = (uint32_t)rows, rows += axc_out_rows(&jobs[i]);
-	int r = axf_run_side(s, jobs, n, out, rc, 1, fast, fctx);
-	return r ? r : axf_run_side(s, jobs, n, out, rc, 0, generic, gctx);
+		ng += rc[i] == -EOPNOTSUPP;
+	if (ng == 0)
+		return 0;
+	if (ng == n)
+		return generic(gctx, jobs, n, out, rc);
+	return axf_run_rest(s, jobs, n, out, rc, generic, gctx);
 }
 
 /* ---- the driver (attn_cuda_fast.cu) ------------------------------------------------------------------------------ */
@@ -1319,13 +1327,18 @@ int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream);
 /* Free the state (waits for the stream). Accepts NULL. */
 void ax__attn_fast_free(ax_attn_fast *f);
 
-/* Run n jobs, every one eligible (others get -EOPNOTSUPP or their validation code), with ax_attn_cuda_run's
- * contract: synchronous on the stream; 0, or -ENOMEM / -EIO for the whole batch. Not thread-safe per state. */
+/* Run n jobs with ax_attn_cuda_run's contract (synchronous on the stream; 0, or -ENOMEM / -EIO for the whole
+ * batch): the eligible ones; the others get -EOPNOTSUPP (valid, not the fast path's shape: axf_dispatch sends them
+ * to the generic path) or their validation code, and their rows are not written. Not thread-safe per state. */
 int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc);
 
 /* axf_dispatch with this state as the fast runner (f NULL: everything through generic). */
 int ax__attn_fast_dispatch(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,
 			   axf_runner generic, void *gctx);
+
+/* The fast-path state of a context (NULL when it has none); owned by the context. For benchmarks. */
+struct ax_attn_cuda;
+ax_attn_fast *ax__attn_cuda_fast_state(struct ax_attn_cuda *c);
 
 /* The last CUDA error of the fast path (a cudaError_t), then cleared; 0 when none. */
 int ax__attn_fast_take_error(ax_attn_fast *f);

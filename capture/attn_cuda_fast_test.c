@@ -428,10 +428,11 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 				assert_int_equal(jb->rent, p->eoff[jb->flag]);
 			assert_int_equal(p->so[L->so0 + k], ctas);
 			ctas += jb->S;
-			/* host merge: a mean_logit pass-job alone in its launch, few enough splits, spin off; its partials
+			/* host merge: a mean_logit or probability pass-job alone in its launch, few enough splits, spin off; its partials
 			 * in the staging's own regions (in plan order), not a unit of the completion count */
 			const uint32_t hmk = p->kn.host_merge;
-			assert_int_equal(jb->hm, mode == AXF_M_LOGIT && L->nj == 1 && !p->kn.spin && hmk && jb->S <= hmk);
+			assert_int_equal(jb->hm, (mode == AXF_M_LOGIT || mode == AXF_M_PROB) && L->nj == 1 && !p->kn.spin && hmk &&
+							 jb->S <= hmk);
 			assert_int_equal(L->hm, jb->hm);
 			if (jb->hm) {
 				assert_int_equal(jb->part0, hparts);
@@ -874,7 +875,9 @@ static void test_pool(void **state)
 /* ---- the dispatcher ------------------------------------------------------------------------------------------------ */
 
 typedef struct fake_runner {
-	int want_eligible;      /* 1: every job must be eligible; 0: none may be (in a split batch); -1: any */
+	int want_eligible;      /* 1: the fast path's contract (runs the eligible jobs, leaves the others with
+				 * -EOPNOTSUPP or their validation code, rows unwritten); 0: no job may be eligible or
+				 * invalid (the generic side of a split batch); -1: runs any */
 	int calls, fail;
 	uint32_t jobs_seen;
 	const ax_attn_job *last;
@@ -893,9 +896,15 @@ static int cpu_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_re
 	assert_non_null(s);
 	uint64_t o = 0;
 	for (uint32_t i = 0; i < n; i++) {
-		if (f->want_eligible >= 0)
-			assert_int_equal(axf_eligible(&jobs[i]), f->want_eligible);
-		rc[i] = ax_attn_cpu(&jobs[i], s, out + o);
+		const int why = axf_why_not(&jobs[i]);
+		if (f->want_eligible == 0) {
+			assert_int_not_equal(why, AXF_OK);
+			assert_int_not_equal(why, AXF_NO_INVALID);
+		}
+		if (f->want_eligible == 1 && why != AXF_OK)
+			rc[i] = why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
+		else
+			rc[i] = ax_attn_cpu(&jobs[i], s, out + o);
 		o += ax_attn_rows(&jobs[i]);
 	}
 	ax_attn_scratch_free(s);
@@ -942,25 +951,26 @@ static void run_dispatch(const uint32_t *pick, uint32_t n, int bad_job, int expe
 	int rc[16], wrc[16];
 	assert_non_null(out);
 	assert_non_null(want);
-	uint32_t nf = 0;
-	for (uint32_t i = 0; i < n; i++)
-		nf += (uint32_t)axf_eligible(&jobs[i]);
+	uint32_t ng = 0; /* valid jobs the fast path does not run: the generic path's */
+	for (uint32_t i = 0; i < n; i++) {
+		const int why = axf_why_not(&jobs[i]);
+		ng += why != AXF_OK && why != AXF_NO_INVALID;
+	}
 	fake_runner all = {-1, 0, 0, 0, NULL};
 	assert_int_equal(cpu_runner(&all, jobs, n, want, wrc), 0);
-	fake_runner fast = {nf == n ? 1 : 1, 0, 0, 0, NULL}, gen = {nf == 0 ? -1 : 0, 0, 0, 0, NULL};
+	fake_runner fast = {1, 0, 0, 0, NULL}, gen = {0, 0, 0, 0, NULL};
 	axf_split s;
 	memset(&s, 0, sizeof s);
 	memset(out, 0xff, rows * sizeof *out);
 	int r = axf_dispatch(&s, jobs, n, out, rc, cpu_runner, &fast, cpu_runner, &gen);
 	assert_int_equal(r, expect);
-	assert_int_equal(fast.jobs_seen, nf ? nf : 0);
-	assert_int_equal(gen.jobs_seen, n - nf);
-	assert_int_equal(fast.calls, nf ? 1 : 0);
-	assert_int_equal(gen.calls, nf < n ? 1 : 0);
-	if (nf == n)
-		assert_ptr_equal(fast.last, jobs); /* a uniform batch is not copied */
-	if (nf == 0)
-		assert_ptr_equal(gen.last, jobs);
+	assert_int_equal(fast.calls, 1); /* every job through the fast runner once: its plan is the one validation */
+	assert_int_equal(fast.jobs_seen, n);
+	assert_ptr_equal(fast.last, jobs); /* never copied */
+	assert_int_equal(gen.jobs_seen, ng);
+	assert_int_equal(gen.calls, ng ? 1 : 0);
+	if (ng == n)
+		assert_ptr_equal(gen.last, jobs); /* left whole: not copied either */
 	uint32_t o = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		assert_int_equal(rc[i], wrc[i]);
@@ -985,7 +995,8 @@ static void test_dispatch(void **state)
 	run_dispatch(fast_only, ARRAY_LEN(fast_only), -1, 0);
 	run_dispatch(generic_only, ARRAY_LEN(generic_only), -1, 0);
 	run_dispatch(mixed, ARRAY_LEN(mixed), -1, 0);
-	run_dispatch(mixed, ARRAY_LEN(mixed), 1, 0); /* an invalid job (else eligible) goes to the generic path */
+	run_dispatch(mixed, ARRAY_LEN(mixed), 1, 0); /* an invalid job gets its validation code from the fast runner */
+	run_dispatch(generic_only, ARRAY_LEN(generic_only), 0, 0); /* ... in a batch the fast path runs none of */
 	run_dispatch(fast_only, ARRAY_LEN(fast_only), 2, 0);
 	/* a runner's whole-batch error comes back */
 	tdata t[2];
@@ -1154,8 +1165,9 @@ static int hm_cmp(const void *a, const void *b)
 }
 
 /*
- * The host merge (axf_hmerge_job) against a brute force: single mean_logit jobs planned with the default knobs
- * (host-merged: one launch of one pass-job), the staging's hm regions filled with random split lists — sorted, with
+ * The host merge (axf_hmerge_job) against a brute force: single mean_logit jobs, and every third iteration a
+ * mean_prob job (its probability pass-job: logsumexp 0 whatever the partials say; session 13), planned with the
+ * default knobs (host-merged: one launch of one pass-job), the staging's hm regions filled with random split lists — sorted, with
  * empty tails, values on a coarse grid so ties are common, a split now and then empty or with only its first
  * entry — and logsumexps (some -inf); the result entries must be the kout best of all entries by (value
  * descending, offset ascending), the logsumexp within 2e-6 (relative) of the double one, the flag word the OR
@@ -1178,20 +1190,27 @@ static float hm_lse_part(double *m, double *sum)
 static void test_hmerge(void **state)
 {
 	(void)state;
-	uint64_t tails = 0;
+	uint64_t tails = 0, probs = 0;
 	for (int it = 0; it < 300; it++) {
 		axf_plan *p = calloc(1, sizeof *p);
 		assert_non_null(p);
 		const axf_knobs d = AXF_KNOBS_DEFAULT;
 		p->kn = d;
 		ax_attn_job j = base_job();
+		const int prob = it % 3 == 2;
+		j.mode = prob ? AX_MODE_MEAN_PROB : AX_MODE_MEAN_LOGIT;
 		j.top_k = 1 + (uint32_t)(td_u64() % 64);
 		j.position = (td_u64() % 3 == 0 ? 20 : 200) + td_u64() % 7992; /* ≤ 8192 keys: ≤ 256 splits of ≥ 32 */
 		int rc = 0;
 		assert_int_equal(axf_plan_build(p, &j, 1, &rc, 1 + (uint32_t)(td_u64() % 264)), 0);
-		assert_int_equal(p->nl, 1);
-		const axf_job *jb = &p->jb[0];
+		assert_int_equal(p->nl, prob ? 2 : 1); /* mean_prob: its logsumexp pass (merged on the GPU) first */
+		const axf_launch *L = &p->L[p->nl - 1];
+		assert_int_equal(axf_inst_mode(L->inst), prob ? AXF_M_PROB : AXF_M_LOGIT);
+		assert_int_equal(L->hm, 1);
+		assert_int_equal(p->L[0].hm, !prob);
+		const axf_job *jb = &p->jb[L->j0];
 		assert_int_equal(jb->hm, 1);
+		probs += prob;
 		char *h = calloc(1, p->lay.off_dev);
 		assert_non_null(h);
 		float *pl = (float *)(h + p->lay.hlse);
@@ -1251,7 +1270,9 @@ static void test_hmerge(void **state)
 						 (double)got[e].x, got[e].p, (double)wx, wp);
 			}
 			const float lse = ((const float *)(h + p->lay.rlse))[jb->res];
-			if (m == -INFINITY)
+			if (prob)
+				assert_true(lse == 0.f); /* as the GPU merge reports mean_prob's */
+			else if (m == -INFINITY)
 				assert_true(lse == -INFINITY);
 			else
 				assert_true(fabs((double)lse - (m + log(sum))) <= 2e-6 * (1 + fabs(m)));
@@ -1260,6 +1281,7 @@ static void test_hmerge(void **state)
 		axf_plan_free(p);
 	}
 	assert_true(tails > 0); /* the defaults' tail reached some of these plans */
+	assert_true(probs > 0);
 }
 
 static int setup(void **state)

@@ -147,6 +147,8 @@ typedef struct axp_plan {
 	size_t succ_cap;
 	uint8_t *head;              /* [n] grouping: 1 = job i has a predecessor */
 	size_t head_cap;
+	uint8_t *el;                /* [n] grouping: axp_eligible(job i) once known (axp_el): 0 not yet, 1 yes, 2 no */
+	size_t el_cap;
 	int32_t *ht;                /* grouping: hash table of job indices, -1 empty */
 	size_t ht_cap;
 	uint8_t *in;                /* [n] 1 = job i runs here */
@@ -178,6 +180,7 @@ static inline void axp_plan_free(axp_plan *p)
 	free(p->roff);
 	free(p->succ);
 	free(p->head);
+	free(p->el);
 	free(p->ht);
 	free(p->in);
 	free(p->rj);
@@ -218,7 +221,17 @@ static inline uint64_t axp_hash(const void *k, const void *index, uint64_t pos)
 	return h ^ (h >> 29);
 }
 
-/* The canonical job of (k, index, pos): the first eligible one inserted, or -1. */
+/* axp_eligible(&jobs[i]), computed at most once per grouping (p->el): a decode batch, where no job has a
+ * successor, is grouped without validating any job (the fast runner's plan validates each once; session 13). */
+static inline int axp_el(axp_plan *p, const ax_attn_job *jobs, int32_t i)
+{
+	if (!p->el[i])
+		p->el[i] = axp_eligible(&jobs[i]) ? 1 : 2;
+	return p->el[i] == 1;
+}
+
+/* The canonical job of (k, index, pos): the first eligible one inserted (or, when none of them is, the first
+ * one: it chains with nothing), or -1. */
 static inline int32_t axp_lookup(const axp_plan *p, const ax_attn_job *jobs, const void *k, const void *index,
 				 uint64_t pos)
 {
@@ -241,8 +254,12 @@ static inline void axp_insert(axp_plan *p, const ax_attn_job *jobs, int32_t i)
 			p->ht[s] = i;
 			return;
 		}
-		if (jobs[o].k == jobs[i].k && jobs[o].index == jobs[i].index && jobs[o].position == jobs[i].position)
-			return; /* a duplicate key: the first stays canonical, this one never chains */
+		if (jobs[o].k == jobs[i].k && jobs[o].index == jobs[i].index && jobs[o].position == jobs[i].position) {
+			/* a duplicate key: the first eligible one is canonical, the others never chain */
+			if (!axp_el(p, jobs, o) && axp_el(p, jobs, i))
+				p->ht[s] = i;
+			return;
+		}
 	}
 }
 
@@ -283,7 +300,7 @@ static inline int axp_group(axp_plan *p, const ax_attn_job *jobs, uint32_t n)
 	while (hc < 2 * (size_t)n)
 		hc *= 2;
 	if (axc_grow((void **)&p->succ, &p->succ_cap, n ? n : 1, sizeof *p->succ) ||
-	    axc_grow((void **)&p->head, &p->head_cap, n ? n : 1, 1) ||
+	    axc_grow((void **)&p->head, &p->head_cap, n ? n : 1, 1) || axc_grow((void **)&p->el, &p->el_cap, n ? n : 1, 1) ||
 	    axc_grow((void **)&p->in, &p->in_cap, n ? n : 1, 1) ||
 	    axc_grow((void **)&p->rj, &p->rj_cap, n ? n : 1, sizeof *p->rj) ||
 	    axc_grow((void **)&p->qp, &p->qp_cap, n ? n : 1, sizeof *p->qp) ||
@@ -294,19 +311,20 @@ static inline int axp_group(axp_plan *p, const ax_attn_job *jobs, uint32_t n)
 	memset(p->ht, 0xff, hc * sizeof *p->ht);
 	memset(p->in, 0, n);
 	memset(p->head, 0, n);
+	memset(p->el, 0, n);
 	p->nrows = p->nblocks = 0;
 	p->bf[0] = 0;
 	for (uint32_t i = 0; i < n; i++) {
 		p->succ[i] = -1;
-		if (axp_eligible(&jobs[i]))
+		if (jobs[i].index_kind == AX_ATTN_INDEX_TOKEN)
 			axp_insert(p, jobs, (int32_t)i);
 	}
 	for (uint32_t i = 0; i < n; i++) { /* canonical jobs only: each job has at most one predecessor */
 		const ax_attn_job *a = &jobs[i];
-		if (axp_lookup(p, jobs, a->k, a->index, a->position) != (int32_t)i)
+		if (a->index_kind != AX_ATTN_INDEX_TOKEN || axp_lookup(p, jobs, a->k, a->index, a->position) != (int32_t)i)
 			continue;
 		int32_t b = axp_lookup(p, jobs, a->k, a->index, a->position + 1);
-		if (b >= 0 && axp_follows(a, &jobs[b]))
+		if (b >= 0 && axp_el(p, jobs, (int32_t)i) && axp_el(p, jobs, b) && axp_follows(a, &jobs[b]))
 			p->succ[i] = b, p->head[b] = 1;
 	}
 	for (uint32_t i = 0; i < n; i++) {

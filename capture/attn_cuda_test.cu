@@ -1010,6 +1010,50 @@ static bhost bd_time_host(bdata *d, int m, ax_attn_fast *fe, int reps)
 	return r;
 }
 
+/*
+ * One "gap" line: the same request sets, interleaved call by call (so drift between them cancels), through the
+ * default context (ax_attn_cuda_run: the prefill grouping and the fast dispatch before the fast path), through
+ * that context's own fast state directly (ax__attn_fast_run), and through the separate state fe; medians, µs.
+ * Also the dispatch's eligibility pass alone (axf_eligible over the batch, host only). What separates the main
+ * table's e2e column from the var lines' (session 13).
+ */
+static void bench_gap(bdata *d, int m, ax_attn_cuda *c, ax_attn_fast *fe)
+{
+	ax_attn_fast *cf = ax__attn_cuda_fast_state(c);
+	if (!cf || !fe)
+		return;
+	double t[4][B_MAXREPS];
+	int bad = 0;
+	const int reps = d->reps > B_MAXREPS ? B_MAXREPS : d->reps;
+	for (int i = -2; i < reps; i++) {
+		const ax_attn_job *jobs = d->jobs[m] + (size_t)((i + 2) % d->rot) * d->B;
+		double tt[4];
+		for (int w = 0; w < 3; w++) {
+			const int k = (w + i + 2) % 3; /* rotated: no path always runs first */
+			const double t0 = now_us();
+			int x = k == 0 ? ax_attn_cuda_run(c, jobs, d->B, d->out, d->rc)
+				       : ax__attn_fast_run(k == 1 ? cf : fe, jobs, d->B, d->out, d->rc);
+			tt[k] = now_us() - t0;
+			for (uint32_t b = 0; b < d->B; b++)
+				x |= d->rc[b];
+			bad |= x != 0;
+		}
+		const double t0 = now_us();
+		uint32_t nf = 0;
+		for (uint32_t b = 0; b < d->B; b++)
+			nf += (uint32_t)axf_eligible(&jobs[b]);
+		tt[3] = now_us() - t0;
+		bad |= nf != d->B;
+		if (i >= 0)
+			for (int k = 0; k < 4; k++)
+				t[k][i] = tt[k];
+	}
+	printf("gap      %-8s %-10s context %.1f its-fast-state %.1f separate-state %.1f | eligibility pass %.2f%s\n",
+	       d->name, mode_name(b_modes[m]), median(t[0], reps), median(t[1], reps), median(t[2], reps),
+	       median(t[3], reps), bad ? "  RUN FAILED" : "");
+	fflush(stdout);
+}
+
 /* One "var" line per variant: e2e through fe (ax__attn_fast_run, no events) with its host parts, kernel through fk
  * (events). */
 static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, const axf_knobs *def)
@@ -1136,6 +1180,9 @@ static int bench(ax_attn_cuda *c)
 	       "dispatch; e2e without events; each variant = the defaults with one change, see b_vars) | the host's "
 	       "parts of that e2e (medians, µs): plan+upload+launch calls, prefill, wait, finish (the first's plan and "
 	       "upload call)\n");
+	printf("# gap lines: e2e µs, medians of calls interleaved call by call: through the default context "
+	       "(ax_attn_cuda_run), its own fast state (ax__attn_fast_run), the var lines' separate state; and the fast "
+	       "dispatch's eligibility pass alone (bench_gap)\n");
 	printf("# trace lines: the default knobs, medians, µs after the first split CTA's start (GPU global timer): last "
 	       "split CTA start, first stage's keys in (first/last CTA), streaming loops ended (first/last), last-CTA "
 	       "merges started (first/last) and done (last), merge kernel CTAs started (first/last), past their "
@@ -1145,9 +1192,12 @@ static int bench(ax_attn_cuda *c)
 	printf("%-8s %-10s %9s %9s %9s %8s %8s %10s %8s\n", "shape", "mode", "e2e us", "kern us", "floor us",
 	       "e2e xfl", "kern xfl", "generic us", "gen xfl");
 	/* AX_BENCH_SHAPES="1x128K,1x1M" (say): only those shapes; AX_BENCH_BRIEF=1: the main table's fast columns only
-	 * (no generic run, no var or trace lines) — for A/B runs of two builds in little device time. */
+	 * (no generic run, no var or trace lines) — for A/B runs of two builds in little device time; AX_BENCH_GAP=1
+	 * adds the gap lines (bench_gap) to a brief run. */
 	const char *only = getenv("AX_BENCH_SHAPES"), *brief_env = getenv("AX_BENCH_BRIEF");
 	const int brief = brief_env && strcmp(brief_env, "1") == 0;
+	const char *gap_env = getenv("AX_BENCH_GAP"); /* 1: the gap lines in brief runs too */
+	const int gap = gap_env && strcmp(gap_env, "1") == 0;
 	for (size_t i = 0; i < ARRAY_LEN(b_shapes); i++) {
 		if (only && !bench_listed(only, b_shapes[i].name))
 			continue;
@@ -1161,6 +1211,8 @@ static int bench(ax_attn_cuda *c)
 			       e.e2e, k.kern, d.floor, e.e2e / d.floor, k.kern / d.floor, g.e2e, g.e2e / d.floor,
 			       e.bad || k.bad || g.bad ? "  RUN FAILED" : "");
 			fflush(stdout);
+			if (fe && (!brief || gap))
+				bench_gap(&d, m, c, fe);
 			if (f && fe && !brief)
 				bench_vars(&d, m, fe, f, &kn);
 			if (ft && !brief)
