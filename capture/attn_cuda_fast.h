@@ -23,8 +23,8 @@
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
  * for heads lists with ≥ merge_heads splits (the default: always), a separate merge launch right after the
  * split launch merges every row in parallel (one row per CTA, its 8 warps working on it, or, with ≤ merge_warp
- * splits, one row per warp), or — a mean_logit pass-job (session 6) or mean_prob's probability pass-job (session
- * 13) alone in its launch, with at most knob host_merge splits — the host, from partial rows the CTAs write straight
+ * splits, one row per warp), or — a mean_logit launch (session 6: a lone pass-job) or mean_prob's probability launch
+ * (session 13) whose pass-jobs have at most knob host_merge splits in all — the host, from partial rows the CTAs write straight
  * into the mapped staging (axf_hmerge_job: no ticket, no merge on the GPU; 1 × 4K mean_logit 23.5 → 20.9 µs, 128K
  * 90.0 → 85.8 µs end to end, H200 run 25). (Dynamic
  * splits — blocks of keys handed out from a counter — were tried in session 4 and removed in session 5: slower
@@ -114,8 +114,8 @@ typedef struct axf_knobs {
 	uint32_t threads;          /* host threads for a run's rows when it has ≥ AXF_POOL_MIN_ROWS (0, 1: the
 				    * calling thread only; at most AXF_POOL_MAX): axf_pool */
 	/* Session 6: */
-	uint32_t host_merge;       /* a mean_logit pass-job, or mean_prob's probability pass-job (session 13), alone
-				    * in its launch with at most this many splits (and
+	uint32_t host_merge;       /* a mean_logit launch, or mean_prob's probability launch (session 13: any number
+				    * of pass-jobs), with at most this many splits in all (and
 				    * spin off) writes its partial rows into the mapped staging and the host merges
 				    * them (axf_hmerge): no ticket, no GPU merge (0: never) */
 	/* Session 8: */
@@ -215,7 +215,7 @@ typedef struct axf_job {
  * (those with sepm; mg·mrpc ≥ the most rows of any): mrpc 1, a row per CTA, or AXF_NW, a row per warp. */
 typedef struct axf_launch {
 	uint32_t inst, j0, nj, so0, ctas, mg, mrpc;
-	uint32_t hm;                /* its (one) pass-job is merged by the host: the partials go to the staging */
+	uint32_t hm;                /* its pass-jobs are merged by the host: the partials go to the staging */
 	uint32_t raw;               /* its pass-jobs are raw (axf_plan_raw): the instance's raw kernel runs it */
 	uint32_t few;               /* its merge launch merges a row per warp (mrpc AXF_NW) and every pass-job it merges
 				     * (sepm) has 1 ≤ K and S·K ≤ AXF_FEW_ENTS: the few-list merge kernel runs it (all
@@ -629,6 +629,12 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	for (uint32_t i = 0; raw && i < L->nj; i++)
 		p->lo[i] = AXF_TS; /* one wave: the base is AXF_TS too */
 	uint32_t base = axf_plan_base(p->nk, p->lo, L->nj, resident);
+	/* host merge (knob host_merge): a mean launch whose pass-jobs have at most host_merge splits in all, spin off
+	 * (session 6: one mean_logit pass-job alone; session 13: any number, and mean_prob's probability pass) */
+	uint64_t hms = 0;
+	for (uint32_t i = 0; i < L->nj; i++)
+		hms += axf_splits(p->nk[i], base > p->lo[i] ? base : p->lo[i]);
+	L->hm = (mode == AXF_M_LOGIT || mode == AXF_M_PROB) && !p->kn.spin && p->kn.host_merge && hms <= p->kn.host_merge;
 	L->so0 = p->nso;
 	L->mg = 0;
 	uint32_t maxs = 0;
@@ -646,9 +652,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		if (jb->sepm && jb->S > maxs)
 			maxs = jb->S;
 		jb->ticket = L->j0 + i;
-		jb->hm = (mode == AXF_M_LOGIT || mode == AXF_M_PROB) && L->nj == 1 && !p->kn.spin && p->kn.host_merge &&
-			 jb->S <= p->kn.host_merge;
-		L->hm = jb->hm;
+		jb->hm = L->hm;
 		if (jb->hm) { /* one partial row per split (mean mode), in the staging's hm regions */
 			jb->part0 = jb->pf0 = p->hparts, jb->ent0 = p->hents;
 			p->hparts += jb->S + jb->tblk;
@@ -984,8 +988,8 @@ static inline int axf_plan_graph(const axf_plan *p)
 static inline void axf_plan_hmerge(const axf_plan *p, char *h)
 {
 	for (uint32_t l = 0; l < p->nl; l++)
-		if (p->L[l].hm)
-			axf_hmerge_job(p, h, &p->jb[p->L[l].j0], axf_inst_mode(p->L[l].inst) == AXF_M_PROB);
+		for (uint32_t i = 0; p->L[l].hm && i < p->L[l].nj; i++)
+			axf_hmerge_job(p, h, &p->jb[p->L[l].j0 + i], axf_inst_mode(p->L[l].inst) == AXF_M_PROB);
 }
 
 /* Each planned job's flags (the OR of its pass-jobs' flag words, into p->uf) and code (-ERANGE wins over -EDOM, as in
