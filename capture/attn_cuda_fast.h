@@ -23,8 +23,8 @@
  * and logsumexps as partial rows in device scratch; the last CTA of a pass-job (atomic ticket) merges them, or,
  * for heads lists with ≥ merge_heads splits (the default: always), a separate merge launch right after the
  * split launch merges every row in parallel (one row per CTA, its 8 warps working on it, or, with ≤ merge_warp
- * splits, one row per warp), or — a mean_logit launch (session 6: a lone pass-job) or mean_prob's probability launch
- * (session 13) whose pass-jobs have at most knob host_merge splits in all — the host, from partial rows the CTAs write straight
+ * splits, one row per warp), or — a mean_logit pass-job (session 6) or mean_prob's probability pass-job (session
+ * 13) alone in its launch, with at most knob host_merge splits — the host, from partial rows the CTAs write straight
  * into the mapped staging (axf_hmerge_job: no ticket, no merge on the GPU; 1 × 4K mean_logit 23.5 → 20.9 µs, 128K
  * 90.0 → 85.8 µs end to end, H200 run 25). (Dynamic
  * splits — blocks of keys handed out from a counter — were tried in session 4 and removed in session 5: slower
@@ -114,8 +114,8 @@ typedef struct axf_knobs {
 	uint32_t threads;          /* host threads for a run's rows when it has ≥ AXF_POOL_MIN_ROWS (0, 1: the
 				    * calling thread only; at most AXF_POOL_MAX): axf_pool */
 	/* Session 6: */
-	uint32_t host_merge;       /* a mean_logit launch, or mean_prob's probability launch (session 13: any number
-				    * of pass-jobs), with at most this many splits in all (and
+	uint32_t host_merge;       /* a mean_logit pass-job, or mean_prob's probability pass-job (session 13), alone
+				    * in its launch with at most this many splits (and
 				    * spin off) writes its partial rows into the mapped staging and the host merges
 				    * them (axf_hmerge): no ticket, no GPU merge (0: never) */
 	/* Session 8: */
@@ -629,12 +629,11 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	for (uint32_t i = 0; raw && i < L->nj; i++)
 		p->lo[i] = AXF_TS; /* one wave: the base is AXF_TS too */
 	uint32_t base = axf_plan_base(p->nk, p->lo, L->nj, resident);
-	/* host merge (knob host_merge): a mean launch whose pass-jobs have at most host_merge splits in all, spin off
-	 * (session 6: one mean_logit pass-job alone; session 13: any number, and mean_prob's probability pass) */
-	uint64_t hms = 0;
-	for (uint32_t i = 0; i < L->nj; i++)
-		hms += axf_splits(p->nk[i], base > p->lo[i] ? base : p->lo[i]);
-	L->hm = (mode == AXF_M_LOGIT || mode == AXF_M_PROB) && !p->kn.spin && p->kn.host_merge && hms <= p->kn.host_merge;
+	/* host merge (knob host_merge): a mean launch of one pass-job with at most host_merge splits, spin off (session
+	 * 6: mean_logit; session 13: also mean_prob's probability pass). Launches of several pass-jobs stay on the GPU:
+	 * 64 × 4K mean_logit host-merged was 11% slower end to end for 8 µs less kernel time (RESULTS run 78) */
+	L->hm = (mode == AXF_M_LOGIT || mode == AXF_M_PROB) && L->nj == 1 && !p->kn.spin && p->kn.host_merge &&
+		axf_splits(p->nk[0], base > p->lo[0] ? base : p->lo[0]) <= p->kn.host_merge;
 	L->so0 = p->nso;
 	L->mg = 0;
 	uint32_t maxs = 0;
@@ -930,11 +929,6 @@ static inline void axf_hmerge_job(const axf_plan *p, char *h, const axf_job *jb,
 	const float *ps = (const float *)(h + p->lay.hps) + jb->ent0;
 	const int32_t *pp = (const int32_t *)(h + p->lay.hpp) + jb->ent0;
 	const uint32_t S = jb->S, SL = jb->S + jb->tblk, K = jb->K, kout = jb->kout;
-	/* the partials came from the GPU over the bus (none of them in the caches): ask for every line at once */
-	for (uint64_t o = 0; o < (uint64_t)SL * 4; o += 64)
-		__builtin_prefetch((const char *)pl + o), __builtin_prefetch((const char *)pf + o);
-	for (uint64_t o = 0; o < (uint64_t)S * K * 4; o += 64)
-		__builtin_prefetch((const char *)ps + o), __builtin_prefetch((const char *)pp + o);
 	uint32_t f = 0;
 	float m = -INFINITY;
 	for (uint32_t i = 0; i < S; i++)
@@ -987,6 +981,14 @@ static inline int axf_plan_graph(const axf_plan *p)
 /* The host merges of the plan's host-merged pass-jobs (before axf_plan_codes reads their flag words). */
 static inline void axf_plan_hmerge(const axf_plan *p, char *h)
 {
+	/* the partials came from the GPU over the bus (none of them in the caches): every line of the four hm regions
+	 * asked for at once, before any pass-job's merge waits on one (per pass-job, a launch of 64 paid ~64 memory
+	 * latencies in a row, session 13's try of several pass-jobs a launch: RESULTS run 78) */
+	const size_t reg[4][2] = {{p->lay.hlse, p->hparts * 4}, {p->lay.hpf, p->hparts * 4}, {p->lay.hps, p->hents * 4},
+				  {p->lay.hpp, p->hents * 4}};
+	for (int r = 0; r < 4; r++)
+		for (size_t o = 0; o < reg[r][1]; o += 64)
+			__builtin_prefetch(h + reg[r][0] + o);
 	for (uint32_t l = 0; l < p->nl; l++)
 		for (uint32_t i = 0; p->L[l].hm && i < p->L[l].nj; i++)
 			axf_hmerge_job(p, h, &p->jb[p->L[l].j0 + i], axf_inst_mode(p->L[l].inst) == AXF_M_PROB);

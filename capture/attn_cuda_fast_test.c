@@ -370,7 +370,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		}
 		const uint32_t RL = any_lists && p->res_lists ? p->res_lists : R;
 		raw &= raw_ctas <= RL;
-		uint64_t hm_splits = 0; /* the launch's splits in all: host-merged when few enough (session 13) */
+		uint64_t hm_splits = 0; /* the launch's splits in all */
 		for (uint32_t k = 0; k < L->nj; k++)
 			hm_splits += p->jb[L->j0 + k].S;
 		for (uint32_t k = 0; k < L->nj; k++) {
@@ -431,11 +431,11 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 				assert_int_equal(jb->rent, p->eoff[jb->flag]);
 			assert_int_equal(p->so[L->so0 + k], ctas);
 			ctas += jb->S;
-			/* host merge: a mean_logit or probability launch with few enough splits in all, spin off; its partials
+			/* host merge: a mean_logit or probability pass-job alone in its launch, few enough splits, spin off; its partials
 			 * in the staging's own regions (in plan order), not a unit of the completion count */
 			const uint32_t hmk = p->kn.host_merge;
-			assert_int_equal(L->hm, (mode == AXF_M_LOGIT || mode == AXF_M_PROB) && !p->kn.spin && hmk &&
-							hm_splits <= hmk);
+			assert_int_equal(L->hm, (mode == AXF_M_LOGIT || mode == AXF_M_PROB) && L->nj == 1 && !p->kn.spin &&
+							hmk && hm_splits <= hmk);
 			assert_int_equal(jb->hm, L->hm);
 			if (jb->hm) {
 				assert_int_equal(jb->part0, hparts);
