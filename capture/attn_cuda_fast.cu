@@ -56,7 +56,9 @@
  * axf_merge_kernel<AXF_MK_RAW>: one-stage splits writing their scores, merged without sorting lists) and for rows of
  * few lists (axf_merge_kernel<AXF_MK_FEW>: S·K ≤ 64 entries sorted whole, run 74), so that every other instance
  * compiles exactly as before (the heads loop and the list merge are sensitive to any change in register
- * allocation: runs 73-74). On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator
+ * allocation: runs 73-74). Session 13: the logsumexp pass's last-CTA merge of ≤ 128 splits takes four rows a warp
+ * at a time (merge_lse_rows, only in the ≤ 4-list instances of ≤ 32 entries: the other instances' PTX is as before;
+ * run 80). On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator
  * (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the
  * emulator, the driver left out), the host half in attn_cuda_fast_test.c.
  */
@@ -701,6 +703,45 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 	const int n = (int)*cnt;
 	__syncwarp(); /* every lane has read the count before the next row's reset */
 	row_finish(a, jb, r, lse, ts, tp, n, xs, xp, es, ep, E);
+}
+
+/*
+ * The last CTA's merge of a logsumexp pass-job (heads mode, K 0: mean_prob's first pass): warp w takes rows w,
+ * w + 8, ... four at a time, each lane's loads of the four rows' partials issued together, then four logsumexps
+ * (merge_row took its rows one after another: a round trip to L2 each, ~6.6 µs for 1 × 4K's 32 rows of 128
+ * partials in run 79's trace; session 13). Called by every warp of the last CTA.
+ */
+__device__ void merge_lse_rows(const axf_args &a, const axf_job &jb, int w)
+{
+	const int lane = threadIdx.x & 31, SL = (int)jb.S + (int)jb.tblk, H = (int)jb.H;
+	for (int r0 = w; r0 < H; r0 += 4 * AXF_NW) {
+		float m[4], sm[4];
+#pragma unroll
+		for (int u = 0; u < 4; ++u)
+			m[u] = -INFINITY, sm[u] = 0.f;
+		for (int i0 = lane; i0 < SL; i0 += 32 * 4) {
+			float x[4][4];
+#pragma unroll
+			for (int u = 0; u < 4; ++u)
+#pragma unroll
+				for (int v = 0; v < 4; ++v) {
+					const int r = r0 + u * AXF_NW, i = i0 + 32 * v;
+					x[u][v] = r < H && i < SL ? __ldcg(a.part_lse + jb.part0 + (uint64_t)r * SL + i) : -INFINITY;
+				}
+#pragma unroll
+			for (int u = 0; u < 4; ++u)
+#pragma unroll
+				for (int v = 0; v < 4; ++v)
+					if (x[u][v] != -INFINITY)
+						lse_merge(m[u], sm[u], x[u][v], 1.f);
+		}
+#pragma unroll
+		for (int u = 0; u < 4; ++u) {
+			lse_warp(m[u], sm[u]);
+			if (r0 + u * AXF_NW < H)
+				put_result(a, jb, r0 + u * AXF_NW, lse_value(m[u], sm[u]), -INFINITY, INT_MAX, -INFINITY, INT_MAX);
+		}
+	}
 }
 
 /*
@@ -1489,8 +1530,13 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	if (MODE == AXF_M_HEADS) { /* a warp per row (its slice of the ring, its survivor scratch and count) */
 		if (w == 0)
 			put_flags(a, jb);
-		for (int r = w; r < (int)jb.H; r += AXF_NW)
-			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, (uint32_t *)red + 8 + w);
+		if (KB == 1 && NL == 4 && jb.K == 0 && jb.S + jb.tblk <= 32 * 4) /* a short logsumexp pass (CTA-uniform;
+			* one round of loads a row): only in the instances with ≤ 4 lists of ≤ 32 (their registers as
+			* before; the 8-list instance spilled more) */
+			merge_lse_rows(a, jb, w);
+		else
+			for (int r = w; r < (int)jb.H; r += AXF_NW)
+				merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, (uint32_t *)red + 8 + w);
 	} else { /* one row: the whole CTA (the ring holds the staging; red the bar and the count) */
 		merge_row_cta(a, jb, 0, stg, xs, xp, red, MODE, 1);
 	}

@@ -417,6 +417,39 @@ static void test_raw(void **state)
 	run_all_equal(&ties, d, 264, &g_raw_jobs);
 }
 
+/* mean_prob's logsumexp pass merged by its last CTA four rows a warp at a time (merge_lse_rows, session 13: the ≤ 4
+ * list instances, ≤ 128 splits): split counts at a round's edges (1, 31, 97, 128) and past it (129: merge_row), group
+ * sizes 1, 2, 4 (and 8: merge_row), a window. 16-key splits (knob min_keys 16) in one wave of 200. */
+static void test_lse_rows(void **state)
+{
+	(void)state;
+	static const struct {
+		uint32_t S, H, Hkv;
+		int32_t window;
+	} c[] = {{1, 32, 8, 0}, {31, 8, 8, 0}, {97, 32, 8, 0}, {128, 16, 8, 0}, {120, 8, 2, 0}, {129, 32, 8, 0},
+		 {100, 32, 4, 0}, {128, 4, 4, 1500}, {110, 64, 8, 0}};
+	for (size_t i = 0; i < ARRAY_LEN(c); i++) {
+		const uint32_t n = c[i].window ? 3000 : 16 * c[i].S - 5;
+		tcase tc = {"lse rows", MP, BF, BF, I32, 128, c[i].H, c[i].Hkv, 10, n, c[i].window, 0, 0, {0}, 1, 0};
+		tdata t;
+		td_make(&tc, &t);
+		ax_attn_result out;
+		int rc = 1;
+		g_kn = axf_knobs{};
+		g_kn.min_keys = 16;
+		assert_int_equal(emu_run(&t.job, 1, &out, &rc, 200), 0);
+		g_kn = axf_knobs{};
+		char name[96];
+		snprintf(name, sizeof name, "lse rows: S %u, H %u, H_kv %u, window %d", c[i].S, c[i].H, c[i].Hkv, c[i].window);
+		if (rc != 0)
+			fail_msg("%s: rc %d", name, rc);
+		if (g_first_S != c[i].S && !c[i].window)
+			fail_msg("%s: the logsumexp pass has %u splits", name, g_first_S);
+		check_job(&t.job, &out, name);
+		td_free(&t);
+	}
+}
+
 /* Heads rows merged a row per warp by the merge launch (knob merge_warp) when the splits' lists hold ≤ 64 entries in
  * all (merge_row_few, session 12: loaded in one round and sorted whole) and just past it (merge_row): k 1..64, split
  * counts 1..~13 (resident), lists shorter than k (n < S·k: empty entries), windows, a tail, every key equal (every
@@ -804,6 +837,7 @@ int main(void)
 		cmocka_unit_test(test_raw),
 		cmocka_unit_test(test_raw_ran),
 		cmocka_unit_test(test_few),
+		cmocka_unit_test(test_lse_rows),
 		cmocka_unit_test(test_flags_splits),
 	};
 	int r = cmocka_run_group_tests(tests, setup, NULL);
