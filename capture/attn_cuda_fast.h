@@ -215,7 +215,7 @@ typedef struct axf_job {
  * (those with sepm; mg·mrpc ≥ the most rows of any): mrpc 1, a row per CTA, or AXF_NW, a row per warp. */
 typedef struct axf_launch {
 	uint32_t inst, j0, nj, so0, ctas, mg, mrpc;
-	uint32_t hm;                /* its pass-jobs are merged by the host: the partials go to the staging */
+	uint32_t hm;                /* its (one) pass-job is merged by the host: the partials go to the staging */
 	uint32_t raw;               /* its pass-jobs are raw (axf_plan_raw): the instance's raw kernel runs it */
 	uint32_t few;               /* its merge launch merges a row per warp (mrpc AXF_NW) and every pass-job it merges
 				     * (sepm) has 1 ≤ K and S·K ≤ AXF_FEW_ENTS: the few-list merge kernel runs it (all
