@@ -87,6 +87,9 @@ static const struct gcase g_group[] = {
 	{"a gap", 5, {0}, {1, 2, 4, 5, 6}, 32, 16, 0, M_NONE, "0 1|2 3 4", 0, 0},
 	{"descending order", 4, {0}, {9, 8, 7, 6}, 32, 16, 0, M_NONE, "3 2 1 0", 0, 0},
 	{"duplicate position", 4, {0}, {1, 2, 2, 3}, 32, 16, 0, M_NONE, "0 1 3", 0, 0},
+	/* the first of two jobs at one position not eligible: the second (eligible) chains (axp_insert, session 13) */
+	{"duplicate position, the first not eligible", 4, {0}, {1, 2, 2, 3}, 32, 16, 1, M_F32, "0 2 3", 0, 0},
+	{"duplicate position, the second not eligible", 4, {0}, {1, 2, 2, 3}, 32, 16, 2, M_F32, "0 1 3", 0, 0},
 	{"H 64: 4 rows a block", 10, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, 64, 64, 0, M_NONE, "0 1 2 3|4 5 6|7 8 9", 0, 0},
 	{"H 8: cap 16", 5, {0}, {0, 1, 2, 3, 4}, 8, 16, 0, M_NONE, "0 1 2 3 4", 0, 0},
 	{"H 8: 16 rows a block at most", 20, {0}, {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19}, 8, 64,
