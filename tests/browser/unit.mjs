@@ -4,7 +4,7 @@
 
 import { decode, decodeAll, encode, MsgpackError } from '../../web/js/msgpack.js';
 import { parseRecording, sessionsOf, sessionRecords, entryRecords } from '../../web/js/records.js';
-import { Session, edgesOf } from '../../web/js/session.js';
+import { Session, edgesOf, sourcesOf, sourcesByUnit } from '../../web/js/session.js';
 import { pieceToText, visible, startsWord } from '../../web/js/text.js';
 
 const u8 = (...b) => Uint8Array.from(b);
@@ -14,6 +14,26 @@ const attn = (p, step, pos, logits, lse, extra = {}) => {
     mode: 'mean_logit', token_positions: pos, topk_logits: logits, attention_scores: logits.map(l => Math.exp(l - m) / z),
     logsumexp_all: lse, topk_mass: logits.reduce((s, l) => s + Math.exp(l - lse), 0), ...extra };
 };
+
+/** A session of n positions whose entries (from position 1 on) name k positions each, always 0 (the sink, so it
+ *  has more than 800 sources and the top-400 cut runs) and q itself, the rest random; weights random. */
+function randomSession(n, k, seed) {
+  let x = seed >>> 0;
+  const r = () => ((x = (Math.imul(x, 1664525) + 1013904223) >>> 0) / 2 ** 32);
+  const s = new Session('ax-r', 'file');
+  for (let q = 1; q < n; q++) {
+    const set = new Set([0, q]);
+    while (set.size < Math.min(k, q + 1)) set.add(Math.floor(r() * (q + 1)));
+    const pos = [...set], logits = pos.map(() => 4 * r());
+    s.add(attn(q, q, pos, logits, Math.max(...logits) + 2 + r()));
+  }
+  return s;
+}
+const sameSources = (x, y) => x.total === y.total && x.list.length === y.list.length &&
+  x.list.every((o, i) => o.u === y.list[i].u && o.pos === y.list[i].pos && Math.abs(o.w - y.list[i].w) < 1e-12 &&
+    Math.abs(o.score - y.list[i].score) < 1e-12 && Math.abs(o.prob - y.list[i].prob) < 1e-12) &&
+  x.w.length === y.w.length && x.w.every((v, i) => v === y.w[i]);
+
 const throwsMp = (bytes) => { try { decode(bytes); return false; } catch (e) { return e instanceof MsgpackError; } };
 
 const frame = [attn(5, 1, [0, 5, 4], [2, 1.5, 1], 3), { t: 'end', v: 1, src: 'c', seq: 9, rid: 'ax-1', reason: 'stop', tokens: 7 }];
@@ -66,6 +86,27 @@ export const cases = [
     s.add(attn(3, 0, [0, 2], [2, 1], 3)); s.add(attn(4, 1, [2, 4], [2, 1], 3));
     const R = s.reverse('L3');
     return R.lists[2].filter((_, i) => i % 3 === 0).join() === '3,4' && Math.abs(R.p0[3] - Math.exp(-1)) < 1e-12;
+  }],
+  ['session: attended-by of one token (fast path) equals the per-unit aggregation, sink on and off, score and prob, cut N', () => {
+    const s = randomSession(2600, 6, 7), U = s.units(false), N = s.n;
+    if (!(s.reverse('L3').lists[0].length / 3 > 800)) return false;
+    for (const t of [0, 1, 5, 300, 2599, 4000])
+      for (const sink of [false, true]) for (const prob of [false, true]) for (const n of [N, 1500, 3]) {
+        const f = sourcesOf(s, 'L3', U, t, t + 1, n, sink, prob), g = sourcesByUnit(s, 'L3', U, t, t + 1, n, sink, prob);
+        if (!sameSources(f, g)) return false;
+        if (t === 0 && !sink && n === N && !(f.total === 2599 && f.list.length === 400)) return false;
+      }
+    return true;
+  }],
+  ['session: attended-by counts a position recorded twice once, with its latest entry', () => {
+    const s = randomSession(50, 4, 3);
+    s.add(attn(20, 20, [0, 20, 7], [3, 2, 1], 4));
+    s.reverse('L3'); // indexed before the second record arrives (as while streaming)
+    s.add(attn(20, 20, [7, 0, 20], [3, 2, 1], 4));
+    const f = sourcesOf(s, 'L3', s.units(false), 7, 8, s.n, false, false);
+    const e = s.entry(20, 'L3'), mine = f.list.filter(o => o.u === 20);
+    return e.pos[0] === 7 && mine.length === 1 && mine[0].score === e.score[0] && f.w[20] === Math.fround(e.score[0]) &&
+      f.total === new Set(s.reverse('L3').lists[7].filter((_, i) => i % 3 === 0)).size;
   }],
   ['session: segments split on <think> and </think> in the reply only', () => {
     const s = new Session('', 'stream');

@@ -8,7 +8,7 @@
 // (O(k) targets, O(sources) for "attended by") and applied to the few chips and rows it concerns; its cost from the
 // click to the updated DOM (layout included) is measured with performance.now() and shown as "click".
 
-import { Session, edgesOf } from './session.js';
+import { Session, edgesOf, sourcesOf } from './session.js';
 import { entryRecords, sessionRecords, toJsonLines, parseRecording, sessionsOf } from './records.js';
 import { getJson, postJson, streamRequest, openFeed, detokenize, tokenText } from './api.js';
 import { pieceToText } from './text.js';
@@ -214,59 +214,9 @@ class App {
     if (nq > 1) for (const o of targets) { o.w /= nq; o.score /= nq; o.prob /= nq; }
     targets.sort((x, y) => y.w - x.w || x.pos - y.pos);
     for (const o of targets) shownProb += o.prob;
-    const sources = key ? this.sourcesOf(s, key, U, a, b, N) : { list: [], total: 0, w: new Float32Array(U.nu) };
+    const sources = key ? sourcesOf(s, key, U, a, b, N, sink, kind === 'prob') : { list: [], total: 0, w: new Float32Array(U.nu) };
     return { u, pos: a, end: b, entry: first, nq, mass: nq ? mass / nq : 0, shownProb, targets, sources: sources.list,
       srcW: sources.w, nTargets: targets.length, nSources: sources.total, key, U };
-  }
-
-  /** Queries (< N) whose entries name a position in [a, b), aggregated per unit, strongest first.
-   *  Returns {list: the 400 strongest, total, w: Float32Array of weights by unit (0 = not a source)}. */
-  sourcesOf(s, key, U, a, b, N) {
-    const R = s.reverse(key), rev = R.lists, st = R.stride, sink = this.sink, byProb = this.weight === 'prob';
-    const w = new Float32Array(U.nu), sc = new Float64Array(U.nu), pr = new Float64Array(U.nu), cnt = new Int32Array(U.nu);
-    const lastQ = new Int32Array(U.nu).fill(-1), units = [];
-    for (let t = a; t < b; t++) {
-      const list = rev[t];
-      if (!list || (sink && t === 0)) continue;
-      let last = -1;
-      for (let j = 0; j < list.length; j += st) {
-        const q = list[j];
-        if (q >= N || q === last) continue;
-        last = q;
-        let vs, vp;
-        if (st === 3) {
-          vs = list[j + 1]; vp = list[j + 2];
-          if (sink) { vs /= (1 - R.s0[q]) || 1; vp /= (1 - R.p0[q]) || 1; }
-        } else {
-          const e = s.entry(q, key), pos = e.pos;
-          let i = -1, i0 = -1;
-          for (let x = 0; x < pos.length; x++) { if (pos[x] === t) i = x; if (pos[x] === 0) i0 = x; }
-          if (i < 0) continue;
-          vs = e.score[i]; vp = Math.exp(e.logit[i] - e.lse);
-          if (sink && i0 >= 0) { vs /= (1 - e.score[i0]) || 1; vp /= (1 - Math.exp(e.logit[i0] - e.lse)) || 1; }
-        }
-        const su = U.unitOf[q];
-        if (!cnt[su]) units.push(su);
-        if (lastQ[su] !== q) { cnt[su]++; lastQ[su] = q; }
-        sc[su] += vs; pr[su] += vp;
-      }
-    }
-    const n = units.length;
-    const ws = new Float64Array(n);
-    for (let k = 0; k < n; k++) {
-      const u = units[k], c = cnt[u];
-      if (c > 1) { sc[u] /= c; pr[u] /= c; }
-      w[u] = ws[k] = byProb ? pr[u] : sc[u];
-    }
-    const cut = n > 800 ? topCut(ws, 400) : -1;
-    const list = [];
-    for (let k = 0; k < n; k++) {
-      const u = units[k];
-      if (ws[k] >= cut) list.push({ u, pos: U.start[u], w: ws[k], score: sc[u], prob: pr[u] });
-    }
-    list.sort((x, y) => y.w - x.w || x.pos - y.pos);
-    if (list.length > 400) list.length = 400;
-    return { list, total: n, w };
   }
 
   applySelection(scroll) {
@@ -699,18 +649,6 @@ class App {
     document.addEventListener('drop', ev => { ev.preventDefault(); const f = ev.dataTransfer.files[0]; if (f) this.load(f); });
     window.addEventListener('resize', () => this.refresh(true));
   }
-}
-
-/** A value v such that at least n and few more of ws are ≥ v: one pass for the max, one into 4096 buckets. */
-function topCut(ws, n) {
-  let max = 0;
-  for (let i = 0; i < ws.length; i++) if (ws[i] > max) max = ws[i];
-  if (!(max > 0)) return -1;
-  const B = 4096, h = new Int32Array(B), sc = (B - 1) / max;
-  for (let i = 0; i < ws.length; i++) h[Math.floor(ws[i] * sc)]++;
-  let c = 0, b = B - 1;
-  for (; b > 0; b--) { c += h[b]; if (c >= n) break; }
-  return b / sc;
 }
 
 /** The n strongest items (by w, then position), sorted; avoids sorting tens of thousands of sources. */

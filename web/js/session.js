@@ -292,3 +292,114 @@ export function weightOf(e, t, sink, kind) {
   if (sink) { const i0 = e.pos.indexOf(0); if (i0 >= 0) s /= (1 - e.score[i0]) || 1; }
   return s;
 }
+
+/** Queries (< N) whose entries name a position in [a, b), aggregated per unit, strongest first.
+ *  Returns {list: the 400 strongest, total, w: Float32Array of weights by unit (0 = not a source)}. */
+export function sourcesOf(s, key, U, a, b, N, sink, byProb) {
+  const R = s.reverse(key);
+  if (!U.words && b === a + 1 && R.stride === 3) return sourcesOfToken(R, a, N, U.nu, sink, byProb);
+  return sourcesByUnit(s, key, U, a, b, N, sink, byProb);
+}
+
+/** sourcesOf in general: links aggregated per unit (words, several positions, the mean of heads). */
+export function sourcesByUnit(s, key, U, a, b, N, sink, byProb) {
+  const R = s.reverse(key), rev = R.lists, st = R.stride;
+  const w = new Float32Array(U.nu), sc = new Float64Array(U.nu), pr = new Float64Array(U.nu), cnt = new Int32Array(U.nu);
+  const lastQ = new Int32Array(U.nu).fill(-1), units = [];
+  for (let t = a; t < b; t++) {
+    const list = rev[t];
+    if (!list || (sink && t === 0)) continue;
+    let last = -1;
+    for (let j = 0; j < list.length; j += st) {
+      const q = list[j];
+      if (q >= N || q === last) continue;
+      last = q;
+      let vs, vp;
+      if (st === 3) {
+        vs = list[j + 1]; vp = list[j + 2];
+        if (sink) { vs /= (1 - R.s0[q]) || 1; vp /= (1 - R.p0[q]) || 1; }
+      } else {
+        const e = s.entry(q, key), pos = e.pos;
+        let i = -1, i0 = -1;
+        for (let x = 0; x < pos.length; x++) { if (pos[x] === t) i = x; if (pos[x] === 0) i0 = x; }
+        if (i < 0) continue;
+        vs = e.score[i]; vp = Math.exp(e.logit[i] - e.lse);
+        if (sink && i0 >= 0) { vs /= (1 - e.score[i0]) || 1; vp /= (1 - Math.exp(e.logit[i0] - e.lse)) || 1; }
+      }
+      const su = U.unitOf[q];
+      if (!cnt[su]) units.push(su);
+      if (lastQ[su] !== q) { cnt[su]++; lastQ[su] = q; }
+      sc[su] += vs; pr[su] += vp;
+    }
+  }
+  const n = units.length;
+  const ws = new Float64Array(n);
+  for (let k = 0; k < n; k++) {
+    const u = units[k], c = cnt[u];
+    if (c > 1) { sc[u] /= c; pr[u] /= c; }
+    w[u] = ws[k] = byProb ? pr[u] : sc[u];
+  }
+  const cut = n > 800 ? topCut(ws, 400) : -1;
+  const list = [];
+  for (let k = 0; k < n; k++) {
+    const u = units[k];
+    if (ws[k] >= cut) list.push({ u, pos: U.start[u], w: ws[k], score: sc[u], prob: pr[u] });
+  }
+  list.sort((x, y) => y.w - x.w || x.pos - y.pos);
+  if (list.length > 400) list.length = 400;
+  return { list, total: n, w };
+}
+
+/** sourcesOf for one token of a per-layer (stride 3) reverse index, with token units: every source is its own
+ *  unit, so there is nothing to aggregate. This is the click on a sink that every query attends to (tens of
+ *  thousands of sources), and the first such click runs before the JIT has optimised anything, so the loops do
+ *  as little as they can: one pass sets the weights and the maximum, one fills topCut's histogram, one collects. */
+export function sourcesOfToken(R, t, N, nu, sink, byProb) {
+  const w = new Float32Array(nu), list = R.lists[t];
+  if (!list || (sink && t === 0)) return { list: [], total: 0, w };
+  const off = byProb ? 2 : 1, z = byProb ? R.p0 : R.s0, at = new Int32Array(nu);
+  const js = new Int32Array(list.length / 3), ws = new Float64Array(list.length / 3);
+  let n = 0, max = 0;
+  for (let j = 0; j < list.length; j += 3) {
+    const q = list[j];
+    if (q >= N) continue;
+    let v = list[j + off];
+    if (sink) v /= (1 - z[q]) || 1;
+    if (v > max) max = v;
+    w[q] = v;
+    const i = at[q] - 1; // a position recorded twice counts once, with its latest entry
+    if (i >= 0) { ws[i] = v; js[i] = j; continue; }
+    ws[n] = v; js[n++] = j; at[q] = n;
+  }
+  let cut = -1;
+  if (n > 800 && max > 0) {
+    const B = 4096, h = new Int32Array(B), sc = (B - 1) / max;
+    for (let k = 0; k < n; k++) h[Math.floor(ws[k] * sc)]++;
+    let c = 0, bk = B - 1;
+    for (; bk > 0; bk--) { c += h[bk]; if (c >= 400) break; }
+    cut = bk / sc;
+  }
+  const keep = [];
+  for (let k = 0; k < n; k++) {
+    if (ws[k] < cut) continue;
+    const j = js[k], q = list[j];
+    let vs = list[j + 1], vp = list[j + 2];
+    if (sink) { vs /= (1 - R.s0[q]) || 1; vp /= (1 - R.p0[q]) || 1; }
+    keep.push({ u: q, pos: q, w: ws[k], score: vs, prob: vp });
+  }
+  keep.sort((x, y) => y.w - x.w || x.pos - y.pos);
+  if (keep.length > 400) keep.length = 400;
+  return { list: keep, total: n, w };
+}
+
+/** A value v such that at least n and few more of ws are ≥ v: one pass for the max, one into 4096 buckets. */
+function topCut(ws, n) {
+  let max = 0;
+  for (let i = 0; i < ws.length; i++) if (ws[i] > max) max = ws[i];
+  if (!(max > 0)) return -1;
+  const B = 4096, h = new Int32Array(B), sc = (B - 1) / max;
+  for (let i = 0; i < ws.length; i++) h[Math.floor(ws[i] * sc)]++;
+  let c = 0, b = B - 1;
+  for (; b > 0; b--) { c += h[b]; if (c >= n) break; }
+  return b / sc;
+}
