@@ -58,7 +58,9 @@
  * compiles exactly as before (the heads loop and the list merge are sensitive to any change in register
  * allocation: runs 73-74). Session 13: the logsumexp pass's last-CTA merge of ≤ 128 splits takes four rows a warp
  * at a time (merge_lse_rows, only in the ≤ 4-list instances of ≤ 32 entries: the other instances' PTX is as before;
- * run 80). On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator
+ * run 80). Session 14, built without a GPU (knob prob_scores, off by default until a GPU has run it): mean_prob's
+logsumexp pass writes every key's scores (DUMP) and its probability pass streams them in place of K (FROMS), in
+instances of their own (template parameter X); the others' registers and spills are unchanged. On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator
  * (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the
  * emulator, the driver left out), the host half in attn_cuda_fast_test.c.
  */
@@ -1040,7 +1042,7 @@ __device__ __forceinline__ float *smem_xs(unsigned char *smem)
 	       AXF_NS * AXF_NW * AXF_TS;
 }
 
-template <int MODE, int F16, int NL, int KB>
+template <int MODE, int F16, int NL, int KB, int X = 0>
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid_constant__ axf_args a)
 {
 	AXF_DYN_SMEM(smem);
@@ -1055,7 +1057,13 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	 * jb.raw, so that the other instances' code stays as it was (the heads loop is sensitive to any change in its
 	 * register allocation: run 73 measured 128K heads 5% slower with a run-time test). */
 	constexpr bool RAW = KB == 0;
-	const int K = RAW ? 0 : (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
+	/* X 1 (knob prob_scores, session 14): a mean_prob job's two passes with its scores in a.sc — DUMP, its
+	 * logsumexp pass (heads, K 0), also writes every key's scaled scores there (key-major, jb.scw floats a key);
+	 * FROMS, its probability pass, streams those score rows through the ring in place of key rows (no index, no
+	 * MMA: scw·4 bytes a key instead of H_kv·256). The same scores as the two passes over K, bit for bit. Template
+	 * parameters, so that the other instances compile as before. */
+	constexpr bool DUMP = MODE == AXF_M_HEADS && X == 1, FROMS = MODE == AXF_M_PROB && X == 1;
+	const int K = RAW || DUMP ? 0 : (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
 	const int G = (int)jb.G, Hkv = (int)jb.Hkv;
 	/* [start, end): the keys of the range being streamed — the split's static share, then (knob tail) each tail
 	 * block it takes; nst its stages; g0 the stages this CTA streamed before it (the ring's buffers and mbarrier
@@ -1064,7 +1072,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	uint32_t start = jb.tblk ? (uint32_t)sl * jb.tss * AXF_TS : (uint32_t)sl * jb.chunk;
 	uint32_t end = jb.tblk ? start + jb.tss * AXF_TS : min(n, start + jb.chunk);
 	int nst = (int)((end - start + AXF_TS - 1) / AXF_TS), g0 = 0;
-	const uint32_t rowb = (uint32_t)Hkv * AXF_D * 2;
+	const uint32_t rowb = FROMS ? jb.scw * 4u : (uint32_t)Hkv * AXF_D * 2;
 	const bool wv = w < Hkv, cA = wv && 2 * t < G, cB = wv && 2 * t + 1 < G;
 
 	unsigned char *stg = smem;
@@ -1096,6 +1104,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	auto has_row = [&](int st) { return st < nst && start + (uint32_t)st * AXF_TS + (uint32_t)lane < end; };
 	auto slot_of = [&](int st) -> int64_t {
 		const uint32_t j = start + (uint32_t)st * AXF_TS + (uint32_t)lane;
+		if (FROMS) /* the job's score row j */
+			return has_row(st) ? (int64_t)j : -1;
 		return has_row(st) ? (int64_t)load_slot(jb.index, jb.idt == AX_DTYPE_I32, jb.start + j, jb.n_slots, rng) : -1;
 	};
 	auto issue = [&](int st, int64_t slot) { /* st: the range's stage */
@@ -1104,7 +1114,10 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		if (slot >= 0) {
 			unsigned char *dst = stg + (size_t)(gs % AXF_NS) * AXF_TS * AXF_ROWS_SM + (size_t)lane * AXF_ROWS_SM;
 			mbar_arrive_tx(mb, rowb);
-			bulk_g2s(dst, (const char *)jb.k + (uint64_t)slot * jb.s0 * 2, rowb, mb);
+			if (FROMS)
+				bulk_g2s(dst, (const char *)(a.sc + jb.sc0) + (uint64_t)slot * rowb, rowb, mb);
+			else
+				bulk_g2s(dst, (const char *)jb.k + (uint64_t)slot * jb.s0 * 2, rowb, mb);
 		} else {
 			mbar_arrive(mb);
 		}
@@ -1114,9 +1127,11 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	 * barrier (session 5's profile of 1 × 4K: checked at the load, the producer lanes held the whole CTA at the
 	 * set-up barrier for the load's round trip, 14% of the kernel's warp samples). */
 	uint64_t pre[AXF_NS - 1];
+	if (FROMS && a.pdl) /* the score rows come from the launch before */
+		griddep_wait();
 #pragma unroll
 	for (int i = 0; i < AXF_NS - 1; ++i)
-		pre[i] = prod && has_row(i)
+		pre[i] = !FROMS && prod && has_row(i)
 				 ? load_index(jb.index, jb.idt == AX_DTYPE_I32, jb.start + start + (uint32_t)i * AXF_TS + (uint32_t)lane)
 				 : 0;
 
@@ -1146,7 +1161,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 #pragma unroll
 		for (int i = 0; i < AXF_NS - 1; ++i)
 			if (i < nst)
-				issue(i, has_row(i) ? (int64_t)check_slot(pre[i], jb.n_slots, rng) : -1);
+				issue(i, !has_row(i) ? -1 : FROMS ? slot_of(i) : (int64_t)check_slot(pre[i], jb.n_slots, rng));
 		if (!RW)
 			nxt = slot_of(AXF_NS - 1);
 	}
@@ -1162,7 +1177,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	const float scale = jb.scale, inv_h = jb.inv_h;
 	float l0 = 0.f, l1 = 0.f; /* mean_prob: logsumexps of columns 2t, 2t+1 */
 	if (MODE == AXF_M_PROB) {
-		if (a.pdl) /* the logsumexps come from the launch before (its first stages are already in flight) */
+		if (a.pdl && !FROMS) /* the logsumexps come from the launch before (its first stages are already in flight) */
 			griddep_wait();
 		l0 = cA ? a.lse[jb.lse_in + w * G + 2 * t] : 0.f;
 		l1 = cB ? a.lse[jb.lse_in + w * G + 2 * t + 1] : 0.f;
@@ -1239,13 +1254,20 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 			const bool r0 = wv && grow < nv, r1 = wv && grow + 8 < nv; /* rows past the end: not fetched */
 			float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
 			uint4 ka[4], kb[4];
+			if (FROMS) { /* the staged scores (already scaled) of keys grow, grow+8, columns 2t, 2t+1, in c0 (x0 .. x3
+				      * below take them as they are); scalar loads: with G odd a column pair is not 8-byte aligned */
+				const float *s0 = (const float *)(buf + (size_t)grow * AXF_ROWS_SM) + w * G + 2 * t;
+				const float *s1 = (const float *)(buf + (size_t)(grow + 8) * AXF_ROWS_SM) + w * G + 2 * t;
+				c0[0] = r0 && cA ? s0[0] : 0.f, c0[1] = r0 && cB ? s0[1] : 0.f;
+				c0[2] = r1 && cA ? s1[0] : 0.f, c0[3] = r1 && cB ? s1[1] : 0.f;
+			}
 #pragma unroll
-			for (int c = 0; c < 4; ++c) { /* all 8 fragment loads first, then the multiplies */
+			for (int c = 0; !FROMS && c < 4; ++c) { /* all 8 fragment loads first, then the multiplies */
 				ka[c] = r0 ? *(const uint4 *)(buf + lds_off(grow, w, c, t)) : make_uint4(0, 0, 0, 0);
 				kb[c] = r1 ? *(const uint4 *)(buf + lds_off(grow + 8, w, c, t)) : make_uint4(0, 0, 0, 0);
 			}
 #pragma unroll
-			for (int c = 0; c < 4; ++c) {
+			for (int c = 0; !FROMS && c < 4; ++c) {
 				if (c & 1) {
 					mma16816<F16>(c1, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
 					mma16816<F16>(c1, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
@@ -1255,8 +1277,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 				}
 			}
 			/* x0, x1: key grow, columns 2t, 2t+1; x2, x3: key grow+8 */
-			const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale;
-			const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
+			const float x0 = FROMS ? c0[0] : (c0[0] + c1[0]) * scale, x1 = FROMS ? c0[1] : (c0[1] + c1[1]) * scale;
+			const float x2 = FROMS ? c0[2] : (c0[2] + c1[2]) * scale, x3 = FROMS ? c0[3] : (c0[3] + c1[3]) * scale;
 			if (MODE == AXF_M_HEADS) {
 				mbar_arrive(&empty[gi % AXF_NS]); /* the fragments are in registers: release the buffer */
 				/* A non-finite score: x·0 is 0 for every finite x and NaN for ±inf and NaN (rows past the end and
@@ -1265,6 +1287,18 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 				bad |= !(x0 * 0.f + x1 * 0.f + x2 * 0.f + x3 * 0.f == 0.f);
 				const float a0 = r0 ? x0 : -INFINITY, a2 = r1 ? x2 : -INFINITY; /* column 2t (list A) */
 				const float b1 = r0 ? x1 : -INFINITY, b3 = r1 ? x3 : -INFINITY; /* column 2t+1 (list B) */
+				if (DUMP) { /* the keys' scores for the probability pass (scalar stores: with G odd a column pair
+					     * is not 8-byte aligned) */
+					float *o = a.sc + jb.sc0 + (uint64_t)(tile + (uint32_t)grow) * jb.scw + (uint32_t)(w * G + 2 * t);
+					if (r0 && cA)
+						o[0] = x0;
+					if (r0 && cB)
+						o[1] = x1;
+					if (r1 && cA)
+						o[8 * (uint64_t)jb.scw] = x2;
+					if (r1 && cB)
+						o[8 * (uint64_t)jb.scw + 1] = x3;
+				}
 				if (cA && !RAW) /* raw: the merge sums the scores' exponentials itself */
 					lse_add2(mA, sA, a0, a2);
 				if (cB && !RAW)
@@ -1613,11 +1647,15 @@ static const axf_kfn axf_kernels[AXF_N_INST] = { /* axf_inst's numbering */
 	axf_kernel<AXF_M_LOGIT, 0, 1, 2>, axf_kernel<AXF_M_LOGIT, 1, 1, 2>, axf_kernel<AXF_M_HEADS, 0, 4, 2>,
 	axf_kernel<AXF_M_HEADS, 1, 4, 2>, axf_kernel<AXF_M_HEADS, 0, 8, 2>, axf_kernel<AXF_M_HEADS, 1, 8, 2>,
 	axf_kernel<AXF_M_PROB, 0, 1, 2>,  axf_kernel<AXF_M_PROB, 1, 1, 2>,  axf_kernel<AXF_M_HEADS, 0, 4, 1>,
-	axf_kernel<AXF_M_HEADS, 1, 4, 1>, axf_kernel<AXF_M_HEADS, 0, 8, 1>, axf_kernel<AXF_M_HEADS, 1, 8, 1>};
+	axf_kernel<AXF_M_HEADS, 1, 4, 1>, axf_kernel<AXF_M_HEADS, 0, 8, 1>, axf_kernel<AXF_M_HEADS, 1, 8, 1>,
+	/* knob prob_scores: the logsumexp passes that write the scores, the probability pass that reads them */
+	axf_kernel<AXF_M_HEADS, 0, 4, 1, 1>, axf_kernel<AXF_M_HEADS, 1, 4, 1, 1>, axf_kernel<AXF_M_HEADS, 0, 8, 1, 1>,
+	axf_kernel<AXF_M_HEADS, 1, 8, 1, 1>, axf_kernel<AXF_M_PROB, 0, 1, 2, 1>};
 /* The raw kernels (KB 0) of the instances raw launches can have (heads, k ≤ AXF_TS: KB 1), by instance; else NULL. */
 static const axf_kfn axf_kernels_raw[AXF_N_INST] = {
 	NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, axf_kernel<AXF_M_HEADS, 0, 4, 0>,
-	axf_kernel<AXF_M_HEADS, 1, 4, 0>, axf_kernel<AXF_M_HEADS, 0, 8, 0>, axf_kernel<AXF_M_HEADS, 1, 8, 0>};
+	axf_kernel<AXF_M_HEADS, 1, 4, 0>, axf_kernel<AXF_M_HEADS, 0, 8, 0>, axf_kernel<AXF_M_HEADS, 1, 8, 0>,
+	NULL, NULL, NULL, NULL, NULL};
 
 struct ax_attn_fast {
 	int device;

@@ -75,9 +75,11 @@
 #define AXF_MK_RAW 1
 #define AXF_MK_FEW 2
 #define AXF_MAX_N (1u << 30)      /* visible keys per job */
-#define AXF_N_INST 12             /* kernel instances: see axf_inst */
+#define AXF_N_INST 17             /* kernel instances: see axf_inst */
 #define AXF_KMAX (2 * AXF_N_INST) /* kernels of a run at most: a split and a merge launch per instance */
 #define AXF_GSLOTS 8              /* CUDA graphs a fast state keeps (knob graph) */
+#define AXF_SC_MAX_MIB 512        /* knob prob_scores at most: half the context's device scratch (attn_cuda.h's
+				   * AX_ATTN_CUDA_MAX_SCRATCH, 1 GiB), so scores never make a run's scratch too big */
 
 /* Candidate buffers of heads lists (session 7: KB 1, ≤ 4 lists a warp): AXF_LBUF (value, offset) entries per list. */
 #define AXF_LBUF 32
@@ -137,6 +139,13 @@ typedef struct axf_knobs {
 				    * splits of one stage that write their raw scores as partial lists (no list and no
 				    * sorting in the split kernel; the merge scans the scores): axf_plan_raw
 				    * (0: never) */
+	/* Session 14: */
+	uint32_t prob_scores;      /* MiB of device scratch (at most AXF_SC_MAX_MIB) a run may give mean_prob jobs'
+				    * scores (0: none): the logsumexp pass of a job that fits writes every key's
+				    * scaled scores (all heads, key-major), and its probability pass reads them in
+				    * place of K — K streamed once instead of twice (axf_plan_build; attn_cuda_fast.cu:
+				    * DUMP, FROMS). Off by default until measured on a GPU (session 14 built it on a
+				    * machine without one) */
 } axf_knobs;
 
 #define AXF_TAIL_MIN 8 /* least stages per split (on average) of a pass-job with a tail */
@@ -159,7 +168,7 @@ typedef struct axf_knobs {
  * 112.6, 1M 3.6-4.6% faster in every mode, 64 × 4K mean modes 3-4%; 1 × 4K has no tail). graph 16384 since
  * session 10: a graph launch takes 1-2 µs off a 1 × 4K request on both cards (RESULTS runs 60 and 63) but cost
  * 1 × 128K mean_prob 2.6% on an H200 (run 63), so only short runs go as one. */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 16384, 15, 4, 4096}
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 16384, 15, 4, 4096, 0}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -208,6 +217,9 @@ typedef struct axf_job {
 				 * their raw scores, merged by the merge launch a row per CTA (sepm, mrpc 1) */
 	float scale;            /* softmax scale (|scale| ≤ 1) */
 	float inv_h;            /* 1 / H */
+	uint64_t sc0;           /* knob prob_scores: the job's scores in axf_args.sc, key j's (head h at sc0 + j·scw
+				 * + h), written by its logsumexp pass, read by its probability pass (scw 0: none) */
+	uint32_t scw, sc_pad;   /* floats a key's scores take: H rounded up to a multiple of 4 (16-byte rows) */
 } axf_job;
 
 /* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1.
@@ -256,6 +268,7 @@ typedef struct axf_args {
 	uint32_t pdl;               /* 1: this kernel was launched as a programmatic dependent (waits on the GPU) */
 	uint32_t *tailc;            /* tail counters (device), one per pass-job of the plan (index = ticket) */
 	unsigned long long *trace;  /* diagnostics (ax__attn_fast_trace): AXF_TR_ALL global-timer ns slots, NULL = off */
+	float *sc;                  /* mean_prob jobs' scores (knob prob_scores; axf_job.sc0) */
 } axf_args;
 
 /* Trace slots (ns of the GPU's global timer, by thread 0 of CTAs; first = atomicMin, last = atomicMax). */
@@ -288,7 +301,7 @@ typedef struct axf_layout {
 	size_t pflags, rlse, rent;  /* results, host staging only */
 	size_t hlse, hps, hpp, hpf; /* partial rows of host-merged pass-jobs (lse, list values, offsets, flags) */
 	size_t up, off_dev;
-	size_t lse, part_lse, part_s, part_p, part_f; /* device only */
+	size_t lse, part_lse, part_s, part_p, part_f, sc; /* device only */
 	size_t total;
 } axf_layout;
 
@@ -313,6 +326,9 @@ typedef struct axf_plan {
 	size_t planned_cap;
 	uint32_t *ord;              /* planning scratch: pass-jobs (2·job + pass) grouped by instance in launch order */
 	size_t ord_cap;
+	uint64_t *scoff;            /* [n] mean_prob jobs given scores (knob prob_scores): their first float in the
+				     * scores region; UINT64_MAX: none (two passes over K) */
+	size_t scoff_cap;
 	ax_attn_result empty;       /* an empty row (k 0, every entry (-1, -inf)): expansion starts from it */
 	int empty_ok;
 	uint32_t n, njb, nso, nlse;
@@ -321,6 +337,7 @@ typedef struct axf_plan {
 	uint64_t rows, parts, entries, rents, pfl;
 	uint64_t units;             /* units of the run (axf_args.units): non-sepm pass-jobs + merge CTAs */
 	uint64_t hparts, hents;     /* partial rows and entries of host-merged pass-jobs (hparts: also flag words) */
+	uint64_t scs;               /* floats of the scores region (knob prob_scores) */
 	axf_knobs kn;               /* set by the owner; all 0 = the lab's planner */
 	axf_launch L[AXF_N_INST];
 	uint32_t nl;
@@ -379,22 +396,25 @@ static inline int axf_eligible(const ax_attn_job *j)
 /* Instance of a pass-job with lists of K entries: 0/1 mean_logit, 2/3 heads with ≤ 4 lists per warp, 4/5 heads
  * with ≤ 8, 6/7 mean_prob (bf16 / f16); heads pass-jobs with K ≤ 32 (mean_prob's logsumexp pass: K 0) take
  * 8/9 (≤ 4 lists) and 10/11 (≤ 8), built for lists of at most 32 entries (fewer registers: attn_cuda_fast.cu's
- * wl_insert). axf_launch_order lists them in launch order (every heads instance before mean_prob's second pass). */
-static inline uint32_t axf_inst(uint32_t mode, uint32_t kdt, uint32_t G, uint32_t K)
+ * wl_insert). sc (knob prob_scores): the two passes of a mean_prob job given scores — the logsumexp pass that
+ * writes them, 12/13 (≤ 4 lists' worth of heads a warp) and 14/15 (≤ 8), and the probability pass that reads them,
+ * 16 (no keys read, so no key dtype). axf_launch_order lists them in launch order (every heads instance before
+ * mean_prob's second pass). */
+static inline uint32_t axf_inst(uint32_t mode, uint32_t kdt, uint32_t G, uint32_t K, int sc)
 {
 	uint32_t f = kdt == AX_DTYPE_F16;
 	if (mode == AXF_M_LOGIT)
 		return f;
 	if (mode == AXF_M_PROB)
-		return 6 + f;
-	return (K <= 32 ? 8 : 2) + (G <= 4 ? 0 : 2) + f;
+		return sc ? 16 : 6 + f;
+	return (sc ? 12 : K <= 32 ? 8 : 2) + (G <= 4 ? 0 : 2) + f;
 }
 
-static const uint32_t axf_launch_order[AXF_N_INST] = {8, 9, 10, 11, 2, 3, 4, 5, 0, 1, 6, 7};
+static const uint32_t axf_launch_order[AXF_N_INST] = {8, 9, 10, 11, 12, 13, 14, 15, 2, 3, 4, 5, 0, 1, 6, 7, 16};
 
 static inline uint32_t axf_inst_mode(uint32_t inst)
 {
-	return inst < 2 ? AXF_M_LOGIT : inst < 6 || inst >= 8 ? AXF_M_HEADS : AXF_M_PROB;
+	return inst < 2 ? AXF_M_LOGIT : inst == 6 || inst == 7 || inst == 16 ? AXF_M_PROB : AXF_M_HEADS;
 }
 
 /* Splits of n keys at chunk keys each (at least 1). */
@@ -468,25 +488,26 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
  * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
- * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH, AX_FAST_TAIL, AX_FAST_TAIL_BLK, AX_FAST_RAW_HEADS (decimal,
+ * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH, AX_FAST_TAIL, AX_FAST_TAIL_BLK, AX_FAST_RAW_HEADS, AX_FAST_PROB_SCORES (decimal,
  * 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[16] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[17] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
 					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
 					      "AX_FAST_PDL",                 "AX_FAST_MERGE_WARP",
 					      "AX_FAST_THREADS",             "AX_FAST_HOST_MERGE",
 					      "AX_FAST_GRAPH",               "AX_FAST_TAIL",
-					      "AX_FAST_TAIL_BLK",            "AX_FAST_RAW_HEADS"};
-	uint32_t *f[16] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					      "AX_FAST_TAIL_BLK",            "AX_FAST_RAW_HEADS",
+					      "AX_FAST_PROB_SCORES"};
+	uint32_t *f[17] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
 			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
 			   &kn->merge_warp,     &kn->threads,          &kn->host_merge,
 			   &kn->graph,          &kn->tail,             &kn->tail_blk,
-			   &kn->raw_heads};
-	for (int i = 0; i < 16; i++) {
+			   &kn->raw_heads,      &kn->prob_scores};
+	for (int i = 0; i < 17; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -512,6 +533,7 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p->uf);
 	free(p->planned);
 	free(p->ord);
+	free(p->scoff);
 	free(p->nk);
 	free(p);
 }
@@ -541,6 +563,8 @@ static inline void axf_job_fields(axf_plan *p, axf_job *jb, const ax_attn_job *j
 	else if (mode == AXF_M_PROB)
 		jb->lse_in = p->lslot[i];
 	jb->kout = jb->K < jb->n ? jb->K : jb->n;
+	if (j->mode == AX_MODE_MEAN_PROB && p->scoff[i] != UINT64_MAX) /* both passes: the job's scores */
+		jb->sc0 = p->scoff[i], jb->scw = (jb->H + 3) & ~3u;
 }
 
 /* Kernel mode of user job j's pass-job number `pass` (0, or 1 for mean_prob's second), or 0 for none. */
@@ -735,6 +759,7 @@ static inline void axf_make_layout(axf_plan *p)
 	L->part_s = o, o += axf_al(p->entries * sizeof(float));
 	L->part_p = o, o += axf_al(p->entries * sizeof(int32_t));
 	L->part_f = o, o += axf_al(p->pfl * sizeof(uint32_t));
+	L->sc = o, o += axf_al(p->scs * sizeof(float));
 	L->total = o;
 }
 
@@ -753,10 +778,13 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	    axc_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot) ||
 	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff) ||
 	    axc_grow((void **)&p->uf, &p->uf_cap, n ? n : 1, sizeof *p->uf) ||
-	    axc_grow((void **)&p->planned, &p->planned_cap, n ? n : 1, sizeof *p->planned))
+	    axc_grow((void **)&p->planned, &p->planned_cap, n ? n : 1, sizeof *p->planned) ||
+	    axc_grow((void **)&p->scoff, &p->scoff_cap, n ? n : 1, sizeof *p->scoff))
 		return -ENOMEM;
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
-	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0, p->hparts = 0, p->hents = 0;
+	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0, p->hparts = 0, p->hents = 0, p->scs = 0;
+	const uint64_t sc_cap = (uint64_t)(p->kn.prob_scores < AXF_SC_MAX_MIB ? p->kn.prob_scores : AXF_SC_MAX_MIB) << 18;
+	/* (MiB in floats) */
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
 		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
@@ -769,6 +797,15 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 			p->rents += (uint64_t)axc_out_rows(&jobs[i]) * axf_kout(&jobs[i]);
 		if (rc[i] == 0 && jobs[i].mode == AX_MODE_MEAN_PROB)
 			p->nlse += jobs[i].n_q_heads;
+		/* knob prob_scores: a mean_prob job whose scores fit in what is left gets them, in job order */
+		p->scoff[i] = UINT64_MAX;
+		if (rc[i] == 0 && jobs[i].mode == AX_MODE_MEAN_PROB && sc_cap) {
+			uint64_t st, nv;
+			axc_visible(&jobs[i], &st, &nv);
+			const uint64_t f = nv * ((jobs[i].n_q_heads + 3) & ~3u);
+			if (f <= sc_cap - p->scs)
+				p->scoff[i] = p->scs, p->scs += f;
+		}
 	}
 	if (p->rows > INT32_MAX)
 		return -ENOMEM;
@@ -786,7 +823,8 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 				const uint32_t mode = axf_pass_mode(j, pass);
 				if (!mode)
 					continue;
-				const uint32_t in = axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads, axf_pass_k(j, mode));
+				const uint32_t in = axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads, axf_pass_k(j, mode),
+							     p->scoff[i] != UINT64_MAX);
 				if (fill)
 					p->ord[at[rank[in]]++] = 2 * i + (uint32_t)pass;
 				else
@@ -841,6 +879,7 @@ static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32
 	a.rent = (axf_ent *)(h + y->rent);
 	a.mg = L->mg;
 	a.mrpc = L->mrpc;
+	a.sc = (float *)(d + y->sc);
 	if (L->hm) { /* the partial rows go straight to the host (mapped staging) */
 		a.part_lse = (float *)(h + y->hlse);
 		a.part_f = (uint32_t *)(h + y->hpf);

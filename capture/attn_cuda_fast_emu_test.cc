@@ -71,6 +71,11 @@ static void emu_body(void *p)
 	case 9: axf_kernel<AXF_M_HEADS, 1, 4, 1>(x->a); break;
 	case 10: axf_kernel<AXF_M_HEADS, 0, 8, 1>(x->a); break;
 	case 11: axf_kernel<AXF_M_HEADS, 1, 8, 1>(x->a); break;
+	case 12: axf_kernel<AXF_M_HEADS, 0, 4, 1, 1>(x->a); break;
+	case 13: axf_kernel<AXF_M_HEADS, 1, 4, 1, 1>(x->a); break;
+	case 14: axf_kernel<AXF_M_HEADS, 0, 8, 1, 1>(x->a); break;
+	case 15: axf_kernel<AXF_M_HEADS, 1, 8, 1, 1>(x->a); break;
+	case 16: axf_kernel<AXF_M_PROB, 0, 1, 2, 1>(x->a); break;
 	default: EMU_FAIL("a launch of instance %u", x->inst);
 	}
 }
@@ -83,6 +88,7 @@ static uint64_t g_few_jobs;    /* pass-jobs merged a row per warp by the few-lis
 static uint64_t g_wide_jobs;   /* pass-jobs merged a row per warp by the list merge kernel (merge_row) */
 static uint32_t g_first_S;     /* the last run's first pass-job's split count */
 static uint64_t g_hm_prob;     /* host-merged mean_prob probability launches (session 13): test_hm_ran */
+static uint64_t g_sc_jobs;     /* probability pass-jobs that read their scores (knob prob_scores, session 14) */
 
 /* ax__attn_fast_run's steps with host memory: plan, tables, zeroed flags/tickets, launches, finish. */
 static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc, uint32_t resident)
@@ -165,6 +171,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		/* every split CTA of a pass-job with a tail drew until it drew past the last block: tblk + S draws */
 		assert_int_equal(tailc[k], p->jb[k].tblk ? p->jb[k].tblk + p->jb[k].S : 0);
 		g_tail_blocks += p->jb[k].tblk;
+		g_sc_jobs += p->jb[k].scw && p->jb[k].lse_out < 0;
 		if (p->jb[k].raw) { /* the plan's promises to the kernels: one stage a split, merged by the merge launch,
 				     * a CTA a row, every score 16-byte aligned */
 			assert_int_equal(p->jb[k].chunk, AXF_TS);
@@ -235,21 +242,21 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0, 0, 0, 0}},
-	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0}},
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0, 0, 0, 0, 0}},
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0}},
 	{40, AXF_KNOBS_DEFAULT},
-	{64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0, 0, 0, 0}},
-	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2000}}, /* up to ~94 splits, every heads list merged apart: S·E > 256;
+	{64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0, 0, 0, 0, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0, 0, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2000, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256;
 								     * raw where k ≤ 16 */
 	/* knob tail (session 9): splits stream a static share, then draw tail blocks — here the first CTA to finish
 	 * draws them all (CTAs run one at a time), so one CTA streams many ranges through one ring */
-	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1, 0}},                /* heads merged by their last CTA */
-	{7, {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 40, 3, 0}},          /* the defaults with a tail */
-	{3, {0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 90, 2, 0}},                /* spin: the completion count */
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 1u << 28, 0}},         /* a huge block: the whole tail in one */
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1, 0, 0}},                /* heads merged by their last CTA */
+	{7, {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 40, 3, 0, 1}}, /* the defaults with a tail, mean_prob's scores */
+	{3, {0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 90, 2, 0, 0}},                /* spin: the completion count */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 1u << 28, 0, 0}},         /* a huge block: the whole tail in one */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -298,7 +305,7 @@ static void test_many_splits(void **state)
 		for (uint32_t mh = 0; mh < 3; mh++) { /* heads lists: last CTA, merge kernel a row per CTA / per warp */
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0, 0, 0, 0};
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0, 0, 0, 0, 0};
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
 			if (rc != 0)
 				fail_msg("%s: rc %d", cs[i].name, rc);
@@ -467,9 +474,9 @@ static void test_few(void **state)
 		{"few k33 G4 n 1200", HD, F16, F16, I32, 128, 16, 4, 33, 1200, 0, 0, 0, {0}, 1, 0},
 	};
 	static const uint32_t res[] = {1, 2, 4, 7, 13};
-	const axf_knobs warp = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 0, 0, 0},
-			tail = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 40, 1, 0},
-			cta = {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs warp = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 0, 0, 0, 0},
+			tail = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 40, 1, 0, 0},
+			cta = {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	const uint64_t few0 = g_few_jobs, wide0 = g_wide_jobs, tb0 = g_tail_blocks;
 	for (size_t i = 0; i < ARRAY_LEN(cs); i++) {
 		tdata t;
@@ -592,7 +599,7 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	g_kn = axf_knobs{};
@@ -657,7 +664,7 @@ static void test_random(void **state)
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
 					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, (uint32_t)(td_u64() % 300), 0,
 					 (uint32_t)(td_u64() % 3 == 0 ? td_u64() % 60 : 0), (uint32_t)(td_u64() % 5),
-					 (uint32_t)(td_u64() % 2 ? td_u64() % 1000 : 0)};
+					 (uint32_t)(td_u64() % 2 ? td_u64() % 1000 : 0), (uint32_t)(td_u64() % 2)};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
 		g_kn = axf_knobs{};
@@ -769,7 +776,7 @@ static void test_flags_splits(void **state)
 			ax_attn_result *out = (ax_attn_result *)malloc((r0 + ax_attn_rows(&okd.job)) * sizeof *out);
 			for (uint32_t mh = 0; mh < 3; mh++) {
 				int rc[2] = {1, 1};
-				g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, 0, 0, 0, 0, 0};
+				g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, 0, 0, 0, 0, 0, 0};
 				assert_int_equal(emu_run(jobs, 2, out, rc, 640), 0);
 				g_kn = axf_knobs{};
 				assert_int_equal(g_first_S, 263);
@@ -795,6 +802,126 @@ static int setup(void **state)
 	printf("# seed %llu (AX_TEST_SEED=%llu repeats it)\n", (unsigned long long)td_state,
 	       (unsigned long long)td_state);
 	return 0;
+}
+
+/* Rows a and b equal bit for bit (k, head_id, logsumexp, every entry). */
+static int same_rows(const ax_attn_result *a, const ax_attn_result *b, uint32_t rows)
+{
+	for (uint32_t r = 0; r < rows; r++) {
+		if (a[r].k != b[r].k || a[r].head_id != b[r].head_id || memcmp(&a[r].lse, &b[r].lse, sizeof a[r].lse))
+			return 0;
+		for (uint32_t e = 0; e < AX_ATTN_MAX_TOPK; e++)
+			if (a[r].pos[e] != b[r].pos[e] || memcmp(&a[r].logit[e], &b[r].logit[e], sizeof a[r].logit[e]))
+				return 0;
+	}
+	return 1;
+}
+
+/*
+ * mean_prob with its scores (knob prob_scores, session 14): the logsumexp pass writes every key's scaled scores,
+ * the probability pass streams them in place of K. Group sizes 1..8 (odd ones: a lane's column pair is not 8-byte
+ * aligned), a window, top-64, n < one stage, many splits; under the lab's planner on one CTA and on many, the
+ * defaults (the probability pass merged by the host) and a tail; alone and all in one batch with jobs of the other
+ * modes. Each run is checked against the reference and must have read its scores (the counter); a job alone must
+ * also equal its run without the knob bit for bit (the same scores, summed in the same order; in a batch its
+ * logsumexp pass shares a launch with other jobs only without the knob, so its splits, and the last bits of its
+ * logsumexps, can differ). Then the error cases as
+ * mean_prob jobs between two clean ones: the codes ax_attn_cpu gives.
+ */
+static void test_scores(void **state)
+{
+	(void)state;
+	static const tcase cs[] = {
+		{"scores G4 32/8", MP, BF, BF, I32, 128, 32, 8, 10, 700, 0, 0, 0, {0}, 1, 0},
+		{"scores G1 8/8 f16 i64", MP, F16, F16, I64, 128, 8, 8, 10, 400, 0, 0, 0, {0}, 1, 0},
+		{"scores G3 15/5", MP, BF, BF, I32, 128, 15, 5, 12, 350, 0, 0, 0, {0}, 1, 0},
+		{"scores G5 H_kv 1 window 150", MP, BF, BF, I32, 128, 5, 1, 7, 500, 150, 0, 0, {0}, 1, 0},
+		{"scores G8 16/2 f16 top-64", MP, F16, F16, I32, 128, 16, 2, 64, 300, 0, 0, 0, {0}, 1, 0},
+		{"scores G7 14/2 n 9", MP, BF, BF, I32, 128, 14, 2, 10, 9, 0, 0, 0, {0}, 1, 0},
+		{"scores 8/2 2500", MP, BF, BF, I64, 128, 8, 2, 10, 2500, 0, 0, 0, {0}, 1, 0},
+		{"heads beside them", HD, BF, BF, I32, 128, 8, 2, 10, 300, 0, 0, 0, {0}, 1, 0},
+		{"logit beside them", ML, F16, F16, I32, 128, 6, 3, 10, 200, 0, 0, 0, {0}, 1, 0},
+	};
+	const axf_knobs d = AXF_KNOBS_DEFAULT;
+	const struct {
+		uint32_t resident;
+		axf_knobs kn;
+	} plans[] = {
+		{1, axf_knobs{}}, {64, axf_knobs{}}, {40, d}, {5, axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1, 0, 0}},
+	};
+	enum { NC = ARRAY_LEN(cs) };
+	tdata t[NC];
+	ax_attn_job jobs[NC];
+	uint32_t off[NC], rows = 0, nprob = 0;
+	for (size_t i = 0; i < NC; i++) {
+		td_make(&cs[i], &t[i]);
+		jobs[i] = t[i].job;
+		assert_true(axf_eligible(&jobs[i]));
+		off[i] = rows, rows += ax_attn_rows(&jobs[i]);
+		nprob += cs[i].mode == MP;
+	}
+	ax_attn_result *a = (ax_attn_result *)malloc(rows * sizeof *a), *b = (ax_attn_result *)malloc(rows * sizeof *b);
+	int ra[NC], rb[NC];
+	for (size_t p = 0; p < ARRAY_LEN(plans); p++) {
+		for (size_t i = 0; i <= NC; i++) { /* each job alone, then all of them in one batch */
+			const uint32_t j0 = i < NC ? (uint32_t)i : 0, nj = i < NC ? 1 : NC;
+			memset(a, 0xff, rows * sizeof *a), memset(b, 0xff, rows * sizeof *b);
+			const uint64_t before = g_sc_jobs;
+			g_kn = plans[p].kn;
+			g_kn.prob_scores = 1;
+			assert_int_equal(emu_run(jobs + j0, nj, a + off[j0], ra, plans[p].resident), 0);
+			assert_int_equal(g_sc_jobs - before, i < NC ? (cs[i].mode == MP) : nprob);
+			g_kn.prob_scores = 0;
+			assert_int_equal(emu_run(jobs + j0, nj, b + off[j0], rb, plans[p].resident), 0);
+			assert_int_equal(g_sc_jobs - before, i < NC ? (cs[i].mode == MP) : nprob);
+			g_kn = axf_knobs{};
+			for (uint32_t k = j0; k < j0 + nj; k++) {
+				char name[160];
+				snprintf(name, sizeof name, "%s (plan %zu, %s)", cs[k].name, p, i < NC ? "alone" : "batch");
+				if (ra[k - j0] != 0 || rb[k - j0] != 0)
+					fail_msg("%s: rc %d / %d without scores", name, ra[k - j0], rb[k - j0]);
+				check_job(&jobs[k], a + off[k], name);
+				if (i < NC && !same_rows(a + off[k], b + off[k], ax_attn_rows(&jobs[k])))
+					fail_msg("%s: not the two passes' results bit for bit", name);
+			}
+		}
+	}
+	free(a), free(b);
+	for (size_t i = 0; i < NC; i++)
+		td_free(&t[i]);
+	/* errors: NaN / inf and bad index values, as mean_prob jobs with scores between two clean ones */
+	int ran = 0;
+	for (size_t i = 0; i < ARRAY_LEN(td_errors); i++) {
+		const td_error *e = &td_errors[i];
+		if (e->n_heads || e->what == E_D1024 || e->what == E_SCALE)
+			continue; /* head lists are heads mode's; the rest are not the fast path's */
+		tcase tc = {e->name, MP, BF, BF, (uint32_t)(i % 2 ? I64 : I32), 128, 4, 2, 5, 2000, e->window, 0, 0, {0}, 0, 0};
+		tdata u, okd;
+		td_make(&tc, &u);
+		td_make(&tc, &okd);
+		td_corrupt(&u, e->what);
+		ax_attn_job trio[3] = {okd.job, u.job, okd.job};
+		const uint32_t r0 = ax_attn_rows(&okd.job), r1 = ax_attn_rows(&u.job);
+		ax_attn_result *out = (ax_attn_result *)malloc((2 * r0 + r1) * sizeof *out), *cpu = (ax_attn_result *)calloc(r1, sizeof *cpu);
+		ax_attn_scratch *sc = ax_attn_scratch_new();
+		const int want = ax_attn_cpu(&u.job, sc, cpu);
+		int rc[3] = {1, 1, 1};
+		const uint64_t before = g_sc_jobs;
+		g_kn = d;
+		g_kn.prob_scores = 1;
+		assert_int_equal(emu_run(trio, 3, out, rc, 12), 0);
+		g_kn = axf_knobs{};
+		assert_int_equal(g_sc_jobs - before, 3);
+		if (rc[0] != 0 || rc[1] != want || rc[2] != 0)
+			fail_msg("%s (mean_prob with scores): rc %d %d %d, want 0 %d 0", e->name, rc[0], rc[1], rc[2], want);
+		check_job(&okd.job, out, e->name);
+		check_job(&okd.job, out + r0 + r1, e->name);
+		ran += want != 0;
+		ax_attn_scratch_free(sc);
+		free(out), free(cpu);
+		td_free(&u), td_free(&okd);
+	}
+	assert_true(ran >= 6);
 }
 
 /* The plans with knob raw_heads had raw pass-jobs beyond test_raw's own (the default plans, random knobs). */
@@ -839,6 +966,7 @@ int main(void)
 		cmocka_unit_test(test_few),
 		cmocka_unit_test(test_lse_rows),
 		cmocka_unit_test(test_flags_splits),
+		cmocka_unit_test(test_scores),
 	};
 	int r = cmocka_run_group_tests(tests, setup, NULL);
 	printf("# near-tie substitutions: %d\n", g_near);

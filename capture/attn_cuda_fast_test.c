@@ -162,11 +162,11 @@ static axf_knobs rand_knobs(void)
 {
 	axf_knobs k;
 	memset(&k, 0, sizeof k);
-	uint32_t *f[11] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
+	uint32_t *f[12] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
 			   &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads, &k.merge_warp,
-			   &k.host_merge,       &k.spin,        &k.raw_heads};
-	static const uint32_t lim[11] = {9, 5000, 1500, 5000, 1500, 300, 9, 100, 600, 2, 9000};
-	for (int i = 0; i < 11; i++)
+			   &k.host_merge,       &k.spin,        &k.raw_heads,   &k.prob_scores};
+	static const uint32_t lim[12] = {9, 5000, 1500, 5000, 1500, 300, 9, 100, 600, 2, 9000, 4};
+	for (int i = 0; i < 12; i++)
 		*f[i] = td_u64() % 3 == 0 ? 0 : (uint32_t)(td_u64() % lim[i]);
 	return k;
 }
@@ -201,7 +201,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -226,13 +226,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -322,8 +322,22 @@ static ax_attn_job rand_job(void)
 /* Every invariant of a plan of jobs[0 .. n). */
 static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, const int *rc, uint32_t R)
 {
-	uint64_t rows = 0, rents = 0;
+	uint64_t rows = 0, rents = 0, scs = 0;
 	uint32_t want_pj = 0;
+	/* knob prob_scores: mean_prob jobs get scores in job order while they fit, key rows of H rounded up to 4 */
+	uint64_t *want_sc = calloc(n + 1, sizeof *want_sc);
+	assert_non_null(want_sc);
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t st, nv;
+		want_sc[i] = UINT64_MAX;
+		if (rc[i] != 0 || jobs[i].mode != AX_MODE_MEAN_PROB)
+			continue;
+		axc_visible(&jobs[i], &st, &nv);
+		const uint64_t f = nv * ((jobs[i].n_q_heads + 3) / 4 * 4);
+		if (scs + f <= (uint64_t)(p->kn.prob_scores < 512 ? p->kn.prob_scores : 512) * 1024 * 1024 / 4)
+			want_sc[i] = scs, scs += f;
+	}
+	assert_int_equal(p->scs, scs);
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
 		int want = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
@@ -379,7 +393,12 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			uint64_t start, nv;
 			axc_visible(j, &start, &nv);
 			assert_true(jb->flag < n && rc[jb->flag] == 0);
-			assert_int_equal(axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads, axf_pass_k(j, mode)), L->inst);
+			const int sc = want_sc[jb->flag] != UINT64_MAX;
+			assert_int_equal(axf_inst(mode, j->k_dtype, j->n_q_heads / j->n_kv_heads, axf_pass_k(j, mode), sc),
+					 L->inst);
+			assert_true(!sc || L->inst >= 12); /* the scores' own instances */
+			assert_int_equal(jb->scw, sc ? (jb->H + 3) / 4 * 4 : 0);
+			assert_int_equal(jb->sc0, sc ? want_sc[jb->flag] : 0);
 			assert_int_equal(jb->start, start);
 			assert_int_equal(jb->n, nv);
 			assert_int_equal(jb->G * jb->Hkv, jb->H);
@@ -529,6 +548,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	free(seen_lse);
 	free(lse_done);
 	free(ticket);
+	free(want_sc);
 }
 
 static void test_plans(void **state)
@@ -539,7 +559,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -552,6 +572,23 @@ static void test_plans(void **state)
 	}
 	p->kn = none;
 	p->res_lists = 0;
+	/* knob prob_scores (session 14): 1 MiB holds one 6K-key job's scores (6144 × 32 floats = 768 KiB), not two;
+	 * the first gets them (the scores' instances), the second runs its two passes over K, the heads job neither */
+	p->kn.prob_scores = 1;
+	for (int i = 0; i < 3; i++)
+		jobs[i] = elig_job(i == 1 ? X_HEADS : X_PROB), jobs[i].position = 6143;
+	assert_int_equal(axf_plan_build(p, jobs, 3, rc, 264), 0);
+	check_plan(p, jobs, 3, rc, 264);
+	assert_int_equal(p->scs, 6144 * 32);
+	for (uint32_t k = 0, got = 0; k < p->njb; k++) {
+		const axf_job *jb = &p->jb[k];
+		assert_int_equal(jb->scw, jb->flag == 0 ? 32 : 0);
+		got += jb->scw != 0;
+		if (k == p->njb - 1)
+			assert_int_equal(got, 2); /* both passes of job 0 */
+	}
+	assert_true(p->lay.sc >= p->lay.part_f && p->lay.total - p->lay.sc >= p->scs * 4);
+	p->kn.prob_scores = 0;
 	/* a batch of nothing eligible: no launch */
 	jobs[0] = elig_job(X_CAP);
 	jobs[1] = elig_job(X_TOPK0);
@@ -567,7 +604,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);

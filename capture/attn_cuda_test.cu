@@ -702,17 +702,18 @@ static void fast_tests(int small)
 		 * programmatic dependent launches */
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
-		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4, 64, 1, 40, 1},
-				    keep};
-		alt[2].spin = 1, alt[2].pdl = 1;
+		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+				    {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4, 64, 1, 40, 1, 0, 64}, keep};
+		alt[2].spin = 1, alt[2].pdl = 1, alt[2].prob_scores = 64; /* mean_prob from its scores (session 14) */
 		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
 		for (int a = 0; a < 3; a++) {
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
 			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u "
-			       "pdl %u mergew %u threads %u hmerge %u graph %u tail %u/%u\n",
+			       "pdl %u mergew %u threads %u hmerge %u graph %u tail %u/%u scores %u MiB\n",
 			       alt[a].ctas_per_sm, alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads,
 			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads, alt[a].spin, alt[a].pdl,
-			       alt[a].merge_warp, alt[a].threads, alt[a].host_merge, alt[a].graph, alt[a].tail, alt[a].tail_blk);
+			       alt[a].merge_warp, alt[a].threads, alt[a].host_merge, alt[a].graph, alt[a].tail, alt[a].tail_blk,
+			       alt[a].prob_scores);
 			/* cases up to 20K keys (the 120K / 200K float64 references take seconds each: the defaults' table
 			 * above has them) */
 			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim < 20000 ? lim : 20000);
@@ -964,16 +965,18 @@ static void bench_head(const char *what)
  * one), no tail (knob tail 0: every split streams a static share). */
 static const struct bvar {
 	const char *name;
-	uint32_t spin, pdl, mergew, threads, hmerge, mergeh, graph, tail; /* ~0u: the default's */
-} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
-	      {"spin", 1, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
-	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u},
-	      {"thr0", ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u},
-	      {"nohm", ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u},
-	      {"mh0", ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u},
-	      {"graph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 1, ~0u},
-	      {"nograph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u},
-	      {"notail", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0}};
+	uint32_t spin, pdl, mergew, threads, hmerge, mergeh, graph, tail, scores; /* ~0u: the default's */
+} b_vars[] = {{"nopdl", ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
+	      {"spin", 1, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
+	      {"mergew0", ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u},
+	      {"thr0", ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u, ~0u},
+	      {"nohm", ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u, ~0u},
+	      {"mh0", ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u, ~0u},
+	      {"graph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 1, ~0u, ~0u},
+	      {"nograph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u},
+	      {"notail", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u},
+	      /* session 14: mean_prob's probability pass from the scores its logsumexp pass wrote (mean_prob only) */
+	      {"scores", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 512}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
@@ -1061,6 +1064,9 @@ static void bench_vars(bdata *d, int m, ax_attn_fast *fe, ax_attn_fast *fk, cons
 	for (size_t v = 0; v < ARRAY_LEN(b_vars); v++) {
 		axf_knobs k = *def;
 		const struct bvar *b = &b_vars[v];
+		if (b->scores != ~0u && b_modes[m] != AX_MODE_MEAN_PROB)
+			continue;
+		k.prob_scores = b->scores != ~0u ? b->scores : k.prob_scores;
 		k.spin = b->spin != ~0u ? b->spin : k.spin, k.pdl = b->pdl != ~0u ? b->pdl : k.pdl;
 		k.merge_warp = b->mergew != ~0u ? b->mergew : k.merge_warp;
 		k.threads = b->threads != ~0u ? b->threads : k.threads;
