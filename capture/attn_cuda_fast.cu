@@ -59,10 +59,11 @@
  * allocation: runs 73-74). Session 13: the logsumexp pass's last-CTA merge of ≤ 128 splits takes four rows a warp
  * at a time (merge_lse_rows, only in the ≤ 4-list instances of ≤ 32 entries: the other instances' PTX is as before;
  * run 80). Session 14, built without a GPU (knob prob_scores, off by default until a GPU has run it): mean_prob's
-logsumexp pass writes every key's scores (DUMP) and its probability pass streams them in place of K (FROMS), in
-instances of their own (template parameter X); the others' registers and spills are unchanged. On the CPU everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator
- * (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the
- * emulator, the driver left out), the host half in attn_cuda_fast_test.c.
+ * logsumexp pass writes every key's scores (DUMP) and its probability pass streams them in place of K (FROMS), in
+ * instances of their own (template parameter X); the others' registers and spills are unchanged. On the CPU
+ * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
+ * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
+ * half in attn_cuda_fast_test.c.
  */
 #ifdef AXF_EMU
 #include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_fast_emu_test.cc): kernels only */

@@ -397,7 +397,7 @@ static inline int axf_eligible(const ax_attn_job *j)
  * with ≤ 8, 6/7 mean_prob (bf16 / f16); heads pass-jobs with K ≤ 32 (mean_prob's logsumexp pass: K 0) take
  * 8/9 (≤ 4 lists) and 10/11 (≤ 8), built for lists of at most 32 entries (fewer registers: attn_cuda_fast.cu's
  * wl_insert). sc (knob prob_scores): the two passes of a mean_prob job given scores — the logsumexp pass that
- * writes them, 12/13 (≤ 4 lists' worth of heads a warp) and 14/15 (≤ 8), and the probability pass that reads them,
+ * writes them, 12/13 (groups of ≤ 4 heads) and 14/15 (≤ 8), and the probability pass that reads them,
  * 16 (no keys read, so no key dtype). axf_launch_order lists them in launch order (every heads instance before
  * mean_prob's second pass). */
 static inline uint32_t axf_inst(uint32_t mode, uint32_t kdt, uint32_t G, uint32_t K, int sc)
@@ -488,7 +488,8 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
 /* The knobs from the environment (each unset or unparsable variable keeps *kn's value): AX_FAST_CTAS_PER_SM,
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
  * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
- * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH, AX_FAST_TAIL, AX_FAST_TAIL_BLK, AX_FAST_RAW_HEADS, AX_FAST_PROB_SCORES (decimal,
+ * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH, AX_FAST_TAIL, AX_FAST_TAIL_BLK, AX_FAST_RAW_HEADS,
+ * AX_FAST_PROB_SCORES (decimal,
  * 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {

@@ -825,8 +825,8 @@ static int same_rows(const ax_attn_result *a, const ax_attn_result *b, uint32_t 
  * modes. Each run is checked against the reference and must have read its scores (the counter); a job alone must
  * also equal its run without the knob bit for bit (the same scores, summed in the same order; in a batch its
  * logsumexp pass shares a launch with other jobs only without the knob, so its splits, and the last bits of its
- * logsumexps, can differ). Then the error cases as
- * mean_prob jobs between two clean ones: the codes ax_attn_cpu gives.
+ * logsumexps, can differ). Then the error cases as mean_prob jobs between two clean ones: the codes ax_attn_cpu
+ * gives.
  */
 static void test_scores(void **state)
 {
