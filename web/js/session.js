@@ -371,14 +371,7 @@ export function sourcesOfToken(R, t, N, nu, sink, byProb) {
     if (i >= 0) { ws[i] = v; js[i] = j; continue; }
     ws[n] = v; js[n++] = j; at[q] = n;
   }
-  let cut = -1;
-  if (n > 800 && max > 0) {
-    const B = 4096, h = new Int32Array(B), sc = (B - 1) / max;
-    for (let k = 0; k < n; k++) h[Math.floor(ws[k] * sc)]++;
-    let c = 0, bk = B - 1;
-    for (; bk > 0; bk--) { c += h[bk]; if (c >= 400) break; }
-    cut = bk / sc;
-  }
+  const cut = n > 800 ? topCut(ws.subarray(0, n), 400, max) : -1;
   const keep = [];
   for (let k = 0; k < n; k++) {
     if (ws[k] < cut) continue;
@@ -392,10 +385,11 @@ export function sourcesOfToken(R, t, N, nu, sink, byProb) {
   return { list: keep, total: n, w };
 }
 
-/** A value v such that at least n and few more of ws are ≥ v: one pass for the max, one into 4096 buckets. */
-function topCut(ws, n) {
-  let max = 0;
-  for (let i = 0; i < ws.length; i++) if (ws[i] > max) max = ws[i];
+/** A value v such that at least n and few more of ws are ≥ v: one pass into 4096 buckets, after one for the
+ *  maximum unless the caller knows it (max: at least every value of ws). */
+function topCut(ws, n, max = -1) {
+  if (max < 0)
+    for (let i = 0; i < ws.length; i++) if (ws[i] > max) max = ws[i];
   if (!(max > 0)) return -1;
   const B = 4096, h = new Int32Array(B), sc = (B - 1) / max;
   for (let i = 0; i < ws.length; i++) h[Math.floor(ws[i] * sc)]++;
