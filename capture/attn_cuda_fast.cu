@@ -58,9 +58,11 @@
  * compiles exactly as before (the heads loop and the list merge are sensitive to any change in register
  * allocation: runs 73-74). Session 13: the logsumexp pass's last-CTA merge of ≤ 128 splits takes four rows a warp
  * at a time (merge_lse_rows, only in the ≤ 4-list instances of ≤ 32 entries: the other instances' PTX is as before;
- * run 80). Session 14, built without a GPU (knob prob_scores, off by default until a GPU has run it): mean_prob's
- * logsumexp pass writes every key's scores (DUMP) and its probability pass streams them in place of K (FROMS), in
- * instances of their own (template parameter X); the others' registers and spills are unchanged. On the CPU
+ * run 80). Session 14, built without a GPU (knob prob_scores): mean_prob's logsumexp pass writes every key's
+ * scores (DUMP) and its probability pass streams them in place of K (FROMS), in instances of their own (template
+ * parameter X); the others' registers and spills are unchanged. Session 15 (runs 81-83): the scores in blocks of
+ * 8 keys, head-major, and the probability pass a thread a key over 128-key stages (from_scores): 1 × 1M mean_prob
+ * 1056 → 728 µs; on by default for runs of ≥ 16K mean_prob keys (knob prob_scores_min). On the CPU
  * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
  * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
  * half in attn_cuda_fast_test.c.
@@ -1043,6 +1045,61 @@ __device__ __forceinline__ float *smem_xs(unsigned char *smem)
 	       AXF_NS * AXF_NW * AXF_TS;
 }
 
+/* Knob prob_scores: a stage of the probability pass from its scores (axf_kernel's FROMS). The stage's SK =
+ * AXF_TS·AXF_SCB keys from `tile` (nv of them valid) are in buf as blocks of AXF_SCB keys (block b, keys tile + 8b
+ * on, at b·(AXF_SCB·scw + 8) floats; head h's 8 keys at h·8 in it; scores already scaled). Thread k < SK sums key
+ * tile + k's exp(s_h − lse_h) over the heads in the order of the pass over K — per KV head ((c0 + c1) + (c2 + c3)) +
+ * ((c4 + c5) + (c6 + c7)) of its G columns (0 past G: that pass's shuffle tree), then the KV heads in turn, as its
+ * reducer summed the warps — so the sums are the same bit for bit; warp AXF_NW − 1 then takes them 16 keys at a
+ * time in key order, as that reducer did (its lanes' logsumexps, the list). Reads of buf: a warp's 32 keys are
+ * four blocks (8·scw + 8 ≡ 8 mod 32 floats apart) of 8 consecutive floats a head, 32 banks: no conflicts. lse:
+ * the H logsumexps (shared memory); rd: the stage's SK sums; par: the phase parity of empty and redfull. */
+template <int KB>
+__device__ __forceinline__ void from_scores(const unsigned char *buf, float *rd, uint64_t *empty, uint64_t *redfull,
+					    uint32_t par, const float *lse, const axf_job &jb, uint32_t tile, int nv,
+					    float &mA, float &sA, WList &L, int K, uint32_t &bad)
+{
+	constexpr int SK = AXF_TS * AXF_SCB;
+	static_assert(SK <= AXF_NW * AXF_TS, "a stage's sums fit its partials' slot");
+	static_assert(AXF_TS * (AXF_SCB * 4 * AXF_MAX_HKV * AXF_MAX_G + 32) <= AXF_TS * AXF_ROWS_SM,
+		      "a stage's blocks of scores fit its ring buffer");
+	const int tid = threadIdx.x, lane = tid & 31, G = (int)jb.G, Hkv = (int)jb.Hkv;
+	if (tid < SK) {
+		const float *sb = (const float *)buf + (tid / AXF_SCB) * (AXF_SCB * jb.scw + 8) + tid % AXF_SCB;
+		float v = 0.f;
+		for (int kv = 0; kv < Hkv; ++kv) {
+			float c[8];
+#pragma unroll
+			for (int q = 0; q < 8; ++q)
+				c[q] = q < G ? __expf(sb[(kv * G + q) * AXF_SCB] - lse[kv * G + q]) : 0.f;
+			v += ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
+		}
+		rd[tid] = v;
+		mbar_arrive(redfull);
+	}
+	float vv[AXF_SCB];
+	if (tid >> 5 == AXF_NW - 1) { /* warp-uniform */
+		mbar_wait(redfull, par);
+#pragma unroll
+		for (int q = 0; q < AXF_SCB; ++q)
+			vv[q] = lane < AXF_TS ? rd[q * AXF_TS + lane] : 0.f;
+	}
+	mbar_arrive(empty); /* every thread: the buffer read (warp AXF_NW − 1: the sums too) */
+	if (tid >> 5 == AXF_NW - 1) {
+#pragma unroll
+		for (int q = 0; q < AXF_SCB; ++q) {
+			const int k = q * AXF_TS + lane;
+			const bool ok = lane < AXF_TS && k < nv;
+			bad |= ok && !finite_f(vv[q]); /* a NaN/inf score, or Σ exp overflowing; 0 is fine */
+			const float v = logf(vv[q] * jb.inv_h);
+			if (ok)
+				lse_add(mA, sA, v);
+			if (K)
+				wl_offer16<KB>(L, v, (int)tile + k, ok, K);
+		}
+	}
+}
+
 template <int MODE, int F16, int NL, int KB, int X = 0>
 __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid_constant__ axf_args a)
 {
@@ -1058,12 +1115,14 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	 * jb.raw, so that the other instances' code stays as it was (the heads loop is sensitive to any change in its
 	 * register allocation: run 73 measured 128K heads 5% slower with a run-time test). */
 	constexpr bool RAW = KB == 0;
-	/* X 1 (knob prob_scores, session 14): a mean_prob job's two passes with its scores in a.sc — DUMP, its
-	 * logsumexp pass (heads, K 0), also writes every key's scaled scores there (key-major, jb.scw floats a key);
-	 * FROMS, its probability pass, streams those score rows through the ring in place of key rows (no index, no
-	 * MMA: scw·4 bytes a key instead of H_kv·256). The same scores as the two passes over K, bit for bit. Template
-	 * parameters, so that the other instances compile as before. */
+	/* X 1 (knob prob_scores, sessions 14-15): a mean_prob job's two passes with its scores in a.sc — DUMP, its
+	 * logsumexp pass (heads, K 0), also writes every key's scaled scores there (blocks of AXF_SCB keys, head-major
+	 * in a block: attn_cuda_fast.h's axf_sc_floats); FROMS, its probability pass, streams those blocks through the
+	 * ring in place of key rows (no index, no MMA: scw·4 bytes a key instead of H_kv·256), a stage of SK =
+	 * AXF_TS·AXF_SCB keys (a block a producer lane), a thread a key. The same values as the two passes over K,
+	 * bit for bit. Template parameters, so that the other instances compile as before. */
 	constexpr bool DUMP = MODE == AXF_M_HEADS && X == 1, FROMS = MODE == AXF_M_PROB && X == 1;
+	constexpr uint32_t SK = FROMS ? AXF_TS * AXF_SCB : AXF_TS, SL1 = FROMS ? AXF_SCB : 1; /* keys a stage, a lane */
 	const int K = RAW || DUMP ? 0 : (int)jb.K, S = (int)jb.S, sl = (int)(blockIdx.x - (a.inl ? 0u : a.split_off[ji]));
 	const int G = (int)jb.G, Hkv = (int)jb.Hkv;
 	/* [start, end): the keys of the range being streamed — the split's static share, then (knob tail) each tail
@@ -1072,8 +1131,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	const uint32_t n = jb.n;
 	uint32_t start = jb.tblk ? (uint32_t)sl * jb.tss * AXF_TS : (uint32_t)sl * jb.chunk;
 	uint32_t end = jb.tblk ? start + jb.tss * AXF_TS : min(n, start + jb.chunk);
-	int nst = (int)((end - start + AXF_TS - 1) / AXF_TS), g0 = 0;
-	const uint32_t rowb = FROMS ? jb.scw * 4u : (uint32_t)Hkv * AXF_D * 2;
+	int nst = (int)((end - start + SK - 1) / SK), g0 = 0;
+	const uint32_t rowb = FROMS ? jb.scw * 4u * AXF_SCB : (uint32_t)Hkv * AXF_D * 2; /* a producer lane's copy */
 	const bool wv = w < Hkv, cA = wv && 2 * t < G, cB = wv && 2 * t + 1 < G;
 
 	unsigned char *stg = smem;
@@ -1102,10 +1161,10 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	float *lbx = (float *)(smem + AXF_SMEM - AXF_LBUF_BYTES) + w * 4 * 2 * AXF_LBUF;
 	uint32_t bcA = 0, bcB = 0; /* the fill of this lane's lists' buffers (lanes of the same t agree) */
 	uint32_t rng = 0, bad = 0;
-	auto has_row = [&](int st) { return st < nst && start + (uint32_t)st * AXF_TS + (uint32_t)lane < end; };
+	auto has_row = [&](int st) { return st < nst && start + (uint32_t)st * SK + (uint32_t)lane * SL1 < end; };
 	auto slot_of = [&](int st) -> int64_t {
-		const uint32_t j = start + (uint32_t)st * AXF_TS + (uint32_t)lane;
-		if (FROMS) /* the job's score row j */
+		const uint32_t j = start + (uint32_t)st * SK + (uint32_t)lane * SL1;
+		if (FROMS) /* the job's block of scores from key j (ranges start at multiples of AXF_TS) */
 			return has_row(st) ? (int64_t)j : -1;
 		return has_row(st) ? (int64_t)load_slot(jb.index, jb.idt == AX_DTYPE_I32, jb.start + j, jb.n_slots, rng) : -1;
 	};
@@ -1113,10 +1172,13 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		const int gs = g0 + st;
 		uint64_t *mb = &full[gs % AXF_NS];
 		if (slot >= 0) {
-			unsigned char *dst = stg + (size_t)(gs % AXF_NS) * AXF_TS * AXF_ROWS_SM + (size_t)lane * AXF_ROWS_SM;
+			/* FROMS: block b of the stage at b·(AXF_SCB·scw + 8) floats (≡ 8 mod 32 banks from block to block:
+			 * see the loop) */
+			unsigned char *dst = stg + (size_t)(gs % AXF_NS) * AXF_TS * AXF_ROWS_SM +
+					     (size_t)lane * (FROMS ? rowb + 32 : AXF_ROWS_SM);
 			mbar_arrive_tx(mb, rowb);
 			if (FROMS)
-				bulk_g2s(dst, (const char *)(a.sc + jb.sc0) + (uint64_t)slot * rowb, rowb, mb);
+				bulk_g2s(dst, (const char *)(a.sc + jb.sc0 + (uint64_t)slot * jb.scw), rowb, mb);
 			else
 				bulk_g2s(dst, (const char *)jb.k + (uint64_t)slot * jb.s0 * 2, rowb, mb);
 		} else {
@@ -1128,8 +1190,10 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	 * barrier (session 5's profile of 1 × 4K: checked at the load, the producer lanes held the whole CTA at the
 	 * set-up barrier for the load's round trip, 14% of the kernel's warp samples). */
 	uint64_t pre[AXF_NS - 1];
-	if (FROMS && a.pdl) /* the score rows come from the launch before */
+	if (FROMS && a.pdl) /* the scores and logsumexps come from the launch before */
 		griddep_wait();
+	if (FROMS && tid < (int)jb.H) /* the logsumexps, for every thread (read after the barrier below) */
+		xs[tid] = a.lse[jb.lse_in + tid];
 #pragma unroll
 	for (int i = 0; i < AXF_NS - 1; ++i)
 		pre[i] = !FROMS && prod && has_row(i)
@@ -1150,7 +1214,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		for (int i = 0; i < AXF_NS; ++i) {
 			mbar_init(&full[i], AXF_TS);
 			mbar_init(&empty[i], AXF_NW * 32); /* every thread that read the stage arrives */
-			mbar_init(&redfull[i], AXF_NW * 8);
+			mbar_init(&redfull[i], FROMS ? SK : AXF_NW * 8); /* FROMS: a thread a key */
 		}
 		mbar_init_fence();
 		*cfl = 0;
@@ -1249,26 +1313,24 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 			if (gi == 0 && tid == 0)
 				trace_at(a, AXF_TR_DATA0, AXF_TR_DATA1);
 			__syncwarp(); /* converged for mma.sync.aligned */
-			const uint32_t tile = start + (uint32_t)i * AXF_TS;
-			const int nv = (int)min((uint32_t)AXF_TS, end - tile);
+			const uint32_t tile = start + (uint32_t)i * SK;
+			const int nv = (int)min(SK, end - tile);
 			const unsigned char *buf = stg + (size_t)(gi % AXF_NS) * AXF_TS * AXF_ROWS_SM;
+			if (FROMS) { /* CTA-uniform */
+				from_scores<KB>(buf, red + (gi % AXF_NS) * AXF_NW * AXF_TS, &empty[gi % AXF_NS], &redfull[gi % AXF_NS],
+					    (uint32_t)(gi / AXF_NS) & 1, xs, jb, tile, nv, mA, sA, L[0], K, bad);
+				continue;
+			}
 			const bool r0 = wv && grow < nv, r1 = wv && grow + 8 < nv; /* rows past the end: not fetched */
 			float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
 			uint4 ka[4], kb[4];
-			if (FROMS) { /* the staged scores (already scaled) of keys grow, grow+8, columns 2t, 2t+1, in c0 (x0 .. x3
-				      * below take them as they are); scalar loads: with G odd a column pair is not 8-byte aligned */
-				const float *s0 = (const float *)(buf + (size_t)grow * AXF_ROWS_SM) + w * G + 2 * t;
-				const float *s1 = (const float *)(buf + (size_t)(grow + 8) * AXF_ROWS_SM) + w * G + 2 * t;
-				c0[0] = r0 && cA ? s0[0] : 0.f, c0[1] = r0 && cB ? s0[1] : 0.f;
-				c0[2] = r1 && cA ? s1[0] : 0.f, c0[3] = r1 && cB ? s1[1] : 0.f;
-			}
 #pragma unroll
-			for (int c = 0; !FROMS && c < 4; ++c) { /* all 8 fragment loads first, then the multiplies */
+			for (int c = 0; c < 4; ++c) { /* all 8 fragment loads first, then the multiplies */
 				ka[c] = r0 ? *(const uint4 *)(buf + lds_off(grow, w, c, t)) : make_uint4(0, 0, 0, 0);
 				kb[c] = r1 ? *(const uint4 *)(buf + lds_off(grow + 8, w, c, t)) : make_uint4(0, 0, 0, 0);
 			}
 #pragma unroll
-			for (int c = 0; !FROMS && c < 4; ++c) {
+			for (int c = 0; c < 4; ++c) {
 				if (c & 1) {
 					mma16816<F16>(c1, ka[c].x, kb[c].x, ka[c].y, kb[c].y, qf[c].x, qf[c].y);
 					mma16816<F16>(c1, ka[c].z, kb[c].z, ka[c].w, kb[c].w, qf[c].z, qf[c].w);
@@ -1278,8 +1340,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 				}
 			}
 			/* x0, x1: key grow, columns 2t, 2t+1; x2, x3: key grow+8 */
-			const float x0 = FROMS ? c0[0] : (c0[0] + c1[0]) * scale, x1 = FROMS ? c0[1] : (c0[1] + c1[1]) * scale;
-			const float x2 = FROMS ? c0[2] : (c0[2] + c1[2]) * scale, x3 = FROMS ? c0[3] : (c0[3] + c1[3]) * scale;
+			const float x0 = (c0[0] + c1[0]) * scale, x1 = (c0[1] + c1[1]) * scale;
+			const float x2 = (c0[2] + c1[2]) * scale, x3 = (c0[3] + c1[3]) * scale;
 			if (MODE == AXF_M_HEADS) {
 				mbar_arrive(&empty[gi % AXF_NS]); /* the fragments are in registers: release the buffer */
 				/* A non-finite score: x·0 is 0 for every finite x and NaN for ±inf and NaN (rows past the end and
@@ -1288,17 +1350,19 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 				bad |= !(x0 * 0.f + x1 * 0.f + x2 * 0.f + x3 * 0.f == 0.f);
 				const float a0 = r0 ? x0 : -INFINITY, a2 = r1 ? x2 : -INFINITY; /* column 2t (list A) */
 				const float b1 = r0 ? x1 : -INFINITY, b3 = r1 ? x3 : -INFINITY; /* column 2t+1 (list B) */
-				if (DUMP) { /* the keys' scores for the probability pass (scalar stores: with G odd a column pair
-					     * is not 8-byte aligned) */
-					float *o = a.sc + jb.sc0 + (uint64_t)(tile + (uint32_t)grow) * jb.scw + (uint32_t)(w * G + 2 * t);
+				if (DUMP) { /* the keys' scores for the probability pass: key tile+grow's head h at block tile's
+					     * h·8 + grow, key tile+grow+8's in the next block (tile is a multiple of 16), so the 8
+					     * lanes of a t store 32 contiguous bytes a head */
+					static_assert(AXF_SCB == 8 && AXF_TS == 16, "DUMP's stores: blocks of 8 keys, stages of 16");
+					float *o = a.sc + jb.sc0 + (uint64_t)tile * jb.scw + (uint32_t)(w * G + 2 * t) * 8 + grow;
 					if (r0 && cA)
 						o[0] = x0;
 					if (r0 && cB)
-						o[1] = x1;
+						o[8] = x1;
 					if (r1 && cA)
 						o[8 * (uint64_t)jb.scw] = x2;
 					if (r1 && cB)
-						o[8 * (uint64_t)jb.scw + 1] = x3;
+						o[8 * (uint64_t)jb.scw + 8] = x3;
 				}
 				if (cA && !RAW) /* raw: the merge sums the scores' exponentials itself */
 					lse_add2(mA, sA, a0, a2);
@@ -1475,7 +1539,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		slot = (uint32_t)S + b;
 		start = (jb.tail0 + b * jb.tstg) * AXF_TS;
 		end = min(n, start + jb.tstg * AXF_TS);
-		nst = (int)((end - start + AXF_TS - 1) / AXF_TS);
+		nst = (int)((end - start + SK - 1) / SK);
 		/* the range's first stages, as at the start (their buffers' last readers were the range before: the refill
 		 * waits on their empty barriers); then each warp's next copy and index load */
 		nxt = -1;

@@ -78,6 +78,7 @@
 #define AXF_N_INST 17             /* kernel instances: see axf_inst */
 #define AXF_KMAX (2 * AXF_N_INST) /* kernels of a run at most: a split and a merge launch per instance */
 #define AXF_GSLOTS 8              /* CUDA graphs a fast state keeps (knob graph) */
+#define AXF_SCB 8                 /* knob prob_scores: keys a block of scores (one bulk copy of 32·scw bytes) */
 #define AXF_SC_MAX_MIB 512        /* knob prob_scores at most: half the context's device scratch (attn_cuda.h's
 				   * AX_ATTN_CUDA_MAX_SCRATCH, 1 GiB), so scores never make a run's scratch too big */
 
@@ -142,10 +143,14 @@ typedef struct axf_knobs {
 	/* Session 14: */
 	uint32_t prob_scores;      /* MiB of device scratch (at most AXF_SC_MAX_MIB) a run may give mean_prob jobs'
 				    * scores (0: none): the logsumexp pass of a job that fits writes every key's
-				    * scaled scores (all heads, key-major), and its probability pass reads them in
+				    * scaled scores (all heads, axf_sc_floats), and its probability pass reads them in
 				    * place of K — K streamed once instead of twice (axf_plan_build; attn_cuda_fast.cu:
-				    * DUMP, FROMS). Off by default until measured on a GPU (session 14 built it on a
-				    * machine without one) */
+				    * DUMP, FROMS). Session 15, H200 (RESULTS run 82): 1 × 1M mean_prob 1056 → 728 µs,
+				    * 64 × 4K 318 → 249, 1 × 4K 31.7 → 33.8 (hence prob_scores_min) */
+	/* Session 15: */
+	uint32_t prob_scores_min;  /* knob prob_scores only for runs whose mean_prob jobs stream at least this many
+				    * keys together (their visible keys): below, the two passes over K are as fast
+				    * or faster (a short split's stage of scores is one long chain of work) */
 } axf_knobs;
 
 #define AXF_TAIL_MIN 8 /* least stages per split (on average) of a pass-job with a tail */
@@ -168,7 +173,7 @@ typedef struct axf_knobs {
  * 112.6, 1M 3.6-4.6% faster in every mode, 64 × 4K mean modes 3-4%; 1 × 4K has no tail). graph 16384 since
  * session 10: a graph launch takes 1-2 µs off a 1 × 4K request on both cards (RESULTS runs 60 and 63) but cost
  * 1 × 128K mean_prob 2.6% on an H200 (run 63), so only short runs go as one. */
-#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 16384, 15, 4, 4096, 0}
+#define AXF_KNOBS_DEFAULT {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 16384, 15, 4, 4096, 512, 16384}
 
 #define AXF_F_RANGE 1u            /* same bits as the generic path's flags */
 #define AXF_F_DOM 2u
@@ -217,9 +222,10 @@ typedef struct axf_job {
 				 * their raw scores, merged by the merge launch a row per CTA (sepm, mrpc 1) */
 	float scale;            /* softmax scale (|scale| ≤ 1) */
 	float inv_h;            /* 1 / H */
-	uint64_t sc0;           /* knob prob_scores: the job's scores in axf_args.sc, key j's (head h at sc0 + j·scw
-				 * + h), written by its logsumexp pass, read by its probability pass (scw 0: none) */
-	uint32_t scw, sc_pad;   /* floats a key's scores take: H rounded up to a multiple of 4 (16-byte rows) */
+	uint64_t sc0;           /* knob prob_scores: the job's scores in axf_args.sc (scw 0: none), in blocks of
+				 * AXF_SCB keys, head-major in a block: key j's head h at axf_sc_at(sc0, scw, j, h);
+				 * written by its logsumexp pass, read by its probability pass a block a copy */
+	uint32_t scw, sc_pad;   /* floats a key's scores take: H rounded up to a multiple of 4 */
 } axf_job;
 
 /* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1.
@@ -393,6 +399,17 @@ static inline int axf_eligible(const ax_attn_job *j)
 
 /* ---- instances and launches ------------------------------------------------------------------------------------- */
 
+/* Knob prob_scores: floats of a job's scores (n keys, H heads): whole blocks of AXF_SCB keys (the probability
+ * pass copies a block whole, also the last one past n), scw = H rounded up to 4 floats a key. In a block the
+ * scores are head-major (head h's AXF_SCB keys in a row): the logsumexp pass's stores of a head fill whole
+ * 32-byte sectors, and the probability pass, a thread a key, reads its keys' scores without bank conflicts
+ * (attn_cuda_fast.cu, FROMS). Key j's head h is at float sc0 + (j - j mod AXF_SCB)·scw + h·AXF_SCB + j mod
+ * AXF_SCB. */
+static inline uint64_t axf_sc_floats(uint64_t n, uint32_t H)
+{
+	return (n + AXF_SCB - 1) / AXF_SCB * AXF_SCB * ((H + 3) & ~3u);
+}
+
 /* Instance of a pass-job with lists of K entries: 0/1 mean_logit, 2/3 heads with ≤ 4 lists per warp, 4/5 heads
  * with ≤ 8, 6/7 mean_prob (bf16 / f16); heads pass-jobs with K ≤ 32 (mean_prob's logsumexp pass: K 0) take
  * 8/9 (≤ 4 lists) and 10/11 (≤ 8), built for lists of at most 32 entries (fewer registers: attn_cuda_fast.cu's
@@ -489,11 +506,10 @@ static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uin
  * AX_FAST_MIN_SPLIT_KEYS, AX_FAST_MAX_SPLITS, AX_FAST_MIN_SPLIT_KEYS_HEADS, AX_FAST_MAX_SPLITS_HEADS,
  * AX_FAST_MERGE_HEADS, AX_FAST_CTAS_PER_SM_HEADS, AX_FAST_SPIN, AX_FAST_PDL, AX_FAST_MERGE_WARP,
  * AX_FAST_THREADS, AX_FAST_HOST_MERGE, AX_FAST_GRAPH, AX_FAST_TAIL, AX_FAST_TAIL_BLK, AX_FAST_RAW_HEADS,
- * AX_FAST_PROB_SCORES (decimal,
- * 0 .. 2^30). */
+ * AX_FAST_PROB_SCORES, AX_FAST_PROB_SCORES_MIN (decimal, 0 .. 2^30). */
 static inline void axf_knobs_env(axf_knobs *kn)
 {
-	static const char *const names[17] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
+	static const char *const names[18] = {"AX_FAST_CTAS_PER_SM",         "AX_FAST_MIN_SPLIT_KEYS",
 					      "AX_FAST_MAX_SPLITS",          "AX_FAST_MIN_SPLIT_KEYS_HEADS",
 					      "AX_FAST_MAX_SPLITS_HEADS",    "AX_FAST_MERGE_HEADS",
 					      "AX_FAST_CTAS_PER_SM_HEADS",   "AX_FAST_SPIN",
@@ -501,14 +517,14 @@ static inline void axf_knobs_env(axf_knobs *kn)
 					      "AX_FAST_THREADS",             "AX_FAST_HOST_MERGE",
 					      "AX_FAST_GRAPH",               "AX_FAST_TAIL",
 					      "AX_FAST_TAIL_BLK",            "AX_FAST_RAW_HEADS",
-					      "AX_FAST_PROB_SCORES"};
-	uint32_t *f[17] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
+					      "AX_FAST_PROB_SCORES",         "AX_FAST_PROB_SCORES_MIN"};
+	uint32_t *f[18] = {&kn->ctas_per_sm,    &kn->min_keys,         &kn->max_splits,
 			   &kn->min_keys_heads, &kn->max_splits_heads, &kn->merge_heads,
 			   &kn->ctas_per_sm_heads, &kn->spin,           &kn->pdl,
 			   &kn->merge_warp,     &kn->threads,          &kn->host_merge,
 			   &kn->graph,          &kn->tail,             &kn->tail_blk,
-			   &kn->raw_heads,      &kn->prob_scores};
-	for (int i = 0; i < 17; i++) {
+			   &kn->raw_heads,      &kn->prob_scores,      &kn->prob_scores_min};
+	for (int i = 0; i < 18; i++) {
 		const char *v = getenv(names[i]);
 		char *end = NULL;
 		if (!v || !*v)
@@ -786,6 +802,7 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0, p->hparts = 0, p->hents = 0, p->scs = 0;
 	const uint64_t sc_cap = (uint64_t)(p->kn.prob_scores < AXF_SC_MAX_MIB ? p->kn.prob_scores : AXF_SC_MAX_MIB) << 18;
 	/* (MiB in floats) */
+	uint64_t pkeys = 0; /* the mean_prob jobs' visible keys (knob prob_scores_min) */
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
 		rc[i] = why == AXF_OK ? 0 : why == AXF_NO_INVALID ? axc_check_job(&jobs[i]) : -EOPNOTSUPP;
@@ -803,10 +820,16 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 		if (rc[i] == 0 && jobs[i].mode == AX_MODE_MEAN_PROB && sc_cap) {
 			uint64_t st, nv;
 			axc_visible(&jobs[i], &st, &nv);
-			const uint64_t f = nv * ((jobs[i].n_q_heads + 3) & ~3u);
+			const uint64_t f = axf_sc_floats(nv, jobs[i].n_q_heads);
+			pkeys += nv;
 			if (f <= sc_cap - p->scs)
 				p->scoff[i] = p->scs, p->scs += f;
 		}
+	}
+	if (p->scs && pkeys < p->kn.prob_scores_min) { /* knob prob_scores_min: too few keys, no scores after all */
+		for (uint32_t i = 0; i < n; i++)
+			p->scoff[i] = UINT64_MAX;
+		p->scs = 0;
 	}
 	if (p->rows > INT32_MAX)
 		return -ENOMEM;

@@ -242,21 +242,21 @@ static const struct emu_plan {
 	uint32_t resident;
 	axf_knobs kn;
 } emu_plans[] = {
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0, 0, 0, 0, 0}},
-	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0}},
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 256, 0, 0, 0, 0, 0, 0}},
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{64, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0}},
 	{40, AXF_KNOBS_DEFAULT},
-	{64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
-	{50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0, 0, 0, 0, 0}},
-	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0, 0, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
-	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2000, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256;
+	{64, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}},
+	{50, {0, 48, 5, 32, 7, 3, 0, 0, 0, 4, 0, 3, 0, 0, 0, 0, 0, 0}},
+	{30, {2, 16, 0, 64, 0, 2, 1, 0, 0, 1000, 0, 0, 0, 0, 0, 0, 0, 0}}, /* lists launches on fewer CTAs than the others */
+	{120, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2000, 0, 0}}, /* up to ~94 splits, every heads list merged apart: S·E > 256;
 								     * raw where k ≤ 16 */
 	/* knob tail (session 9): splits stream a static share, then draw tail blocks — here the first CTA to finish
 	 * draws them all (CTAs run one at a time), so one CTA streams many ranges through one ring */
-	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1, 0, 0}},                /* heads merged by their last CTA */
-	{7, {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 40, 3, 0, 1}}, /* the defaults with a tail, mean_prob's scores */
-	{3, {0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 90, 2, 0, 0}},                /* spin: the completion count */
-	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 1u << 28, 0, 0}},         /* a huge block: the whole tail in one */
+	{5, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1, 0, 0, 0}},                /* heads merged by their last CTA */
+	{7, {0, 32, 0, 32, 0, 1, 0, 0, 1, 32, 6, 256, 0, 40, 3, 0, 1, 0}}, /* the defaults with a tail, mean_prob's scores */
+	{3, {0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0, 90, 2, 0, 0, 0}},                /* spin: the completion count */
+	{1, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 1u << 28, 0, 0, 0}},         /* a huge block: the whole tail in one */
 };
 #define emu_resident_n ARRAY_LEN(emu_plans)
 
@@ -305,7 +305,7 @@ static void test_many_splits(void **state)
 		for (uint32_t mh = 0; mh < 3; mh++) { /* heads lists: last CTA, merge kernel a row per CTA / per warp */
 			int rc = 12345;
 			memset(out, 0xff, rows * sizeof *out);
-			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0, 0, 0, 0, 0};
+			g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, mh == 0 ? 400u : 0u, 0, 0, 0, 0, 0, 0};
 			assert_int_equal(emu_run(&t.job, 1, out, &rc, 320), 0);
 			if (rc != 0)
 				fail_msg("%s: rc %d", cs[i].name, rc);
@@ -474,9 +474,9 @@ static void test_few(void **state)
 		{"few k33 G4 n 1200", HD, F16, F16, I32, 128, 16, 4, 33, 1200, 0, 0, 0, {0}, 1, 0},
 	};
 	static const uint32_t res[] = {1, 2, 4, 7, 13};
-	const axf_knobs warp = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 0, 0, 0, 0},
-			tail = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 40, 1, 0, 0},
-			cta = {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs warp = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 0, 0, 0, 0, 0},
+			tail = {0, 0, 0, 0, 0, 1, 0, 0, 0, 1024, 0, 0, 0, 40, 1, 0, 0, 0},
+			cta = {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	const uint64_t few0 = g_few_jobs, wide0 = g_wide_jobs, tb0 = g_tail_blocks;
 	for (size_t i = 0; i < ARRAY_LEN(cs); i++) {
 		tdata t;
@@ -599,7 +599,7 @@ static void test_batch(void **state)
 	}
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	assert_memory_equal(a, b, rows * sizeof *a);
-	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
+	g_kn = axf_knobs{0, 32, 0, 16, 0, 2, 3, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0}; /* heads lists merged separately: the same rows, bitwise */
 	memset(b, 0x00, rows * sizeof *b);
 	assert_int_equal(emu_run(jobs, (uint32_t)n, b, rc, 40), 0);
 	g_kn = axf_knobs{};
@@ -664,7 +664,8 @@ static void test_random(void **state)
 					 (uint32_t)(td_u64() % 300), (uint32_t)(td_u64() % 20), (uint32_t)(td_u64() % 6),
 					 (uint32_t)(td_u64() % 4), 0, 0, (uint32_t)(td_u64() % 40), 0, (uint32_t)(td_u64() % 300), 0,
 					 (uint32_t)(td_u64() % 3 == 0 ? td_u64() % 60 : 0), (uint32_t)(td_u64() % 5),
-					 (uint32_t)(td_u64() % 2 ? td_u64() % 1000 : 0), (uint32_t)(td_u64() % 2)};
+					 (uint32_t)(td_u64() % 2 ? td_u64() % 1000 : 0), (uint32_t)(td_u64() % 2),
+					 (uint32_t)(td_u64() % 2 ? td_u64() % 3000 : 0)};
 		ax_attn_result *out = (ax_attn_result *)malloc(rows * sizeof *out);
 		assert_int_equal(emu_run(jobs, NJ, out, rc, resident), 0);
 		g_kn = axf_knobs{};
@@ -776,7 +777,7 @@ static void test_flags_splits(void **state)
 			ax_attn_result *out = (ax_attn_result *)malloc((r0 + ax_attn_rows(&okd.job)) * sizeof *out);
 			for (uint32_t mh = 0; mh < 3; mh++) {
 				int rc[2] = {1, 1};
-				g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, 0, 0, 0, 0, 0, 0};
+				g_kn = axf_knobs{0, 0, 0, 0, 0, mh ? 1u : 0u, 0, 0, 0, mh == 2 ? 1024u : 0u, 0, 0, 0, 0, 0, 0, 0, 0};
 				assert_int_equal(emu_run(jobs, 2, out, rc, 640), 0);
 				g_kn = axf_knobs{};
 				assert_int_equal(g_first_S, 263);
@@ -825,8 +826,10 @@ static int same_rows(const ax_attn_result *a, const ax_attn_result *b, uint32_t 
  * modes. Each run is checked against the reference and must have read its scores (the counter); a job alone must
  * also equal its run without the knob bit for bit (the same scores, summed in the same order; in a batch its
  * logsumexp pass shares a launch with other jobs only without the knob, so its splits, and the last bits of its
- * logsumexps, can differ). Then the error cases as mean_prob jobs between two clean ones: the codes ax_attn_cpu
- * gives.
+ * logsumexps, can differ). The batch has knob prob_scores_min at its mean_prob keys (scores), then one more (none:
+ * checked too). Then the error cases as mean_prob jobs between two clean ones: the codes ax_attn_cpu gives.
+ * Session 15 changed the scores' layout (blocks of 8 keys) and the probability pass's stages (128 keys, a thread a
+ * key): the same tests.
  */
 static void test_scores(void **state)
 {
@@ -847,15 +850,19 @@ static void test_scores(void **state)
 		uint32_t resident;
 		axf_knobs kn;
 	} plans[] = {
-		{1, axf_knobs{}}, {64, axf_knobs{}}, {40, d}, {5, axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1, 0, 0}},
+		{1, axf_knobs{}}, {64, axf_knobs{}}, {40, d}, {5, axf_knobs{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30, 1, 0, 0, 0}},
 	};
 	enum { NC = ARRAY_LEN(cs) };
 	tdata t[NC];
 	ax_attn_job jobs[NC];
 	uint32_t off[NC], rows = 0, nprob = 0;
+	uint64_t pkeys = 0; /* the batch's mean_prob keys: knob prob_scores_min at exactly that still gives scores */
 	for (size_t i = 0; i < NC; i++) {
 		td_make(&cs[i], &t[i]);
 		jobs[i] = t[i].job;
+		uint64_t st, nv;
+		axc_visible(&jobs[i], &st, &nv);
+		pkeys += cs[i].mode == MP ? nv : 0;
 		assert_true(axf_eligible(&jobs[i]));
 		off[i] = rows, rows += ax_attn_rows(&jobs[i]);
 		nprob += cs[i].mode == MP;
@@ -869,9 +876,14 @@ static void test_scores(void **state)
 			const uint64_t before = g_sc_jobs;
 			g_kn = plans[p].kn;
 			g_kn.prob_scores = 1;
+			g_kn.prob_scores_min = i < NC ? 0 : (uint32_t)pkeys;
 			assert_int_equal(emu_run(jobs + j0, nj, a + off[j0], ra, plans[p].resident), 0);
 			assert_int_equal(g_sc_jobs - before, i < NC ? (cs[i].mode == MP) : nprob);
-			g_kn.prob_scores = 0;
+			/* without scores: knob prob_scores off, or (the batch) one key short of prob_scores_min */
+			if (i < NC)
+				g_kn.prob_scores = 0;
+			else
+				g_kn.prob_scores_min = (uint32_t)pkeys + 1;
 			assert_int_equal(emu_run(jobs + j0, nj, b + off[j0], rb, plans[p].resident), 0);
 			assert_int_equal(g_sc_jobs - before, i < NC ? (cs[i].mode == MP) : nprob);
 			g_kn = axf_knobs{};
@@ -881,6 +893,8 @@ static void test_scores(void **state)
 				if (ra[k - j0] != 0 || rb[k - j0] != 0)
 					fail_msg("%s: rc %d / %d without scores", name, ra[k - j0], rb[k - j0]);
 				check_job(&jobs[k], a + off[k], name);
+				if (i == NC) /* the batch without scores (knob prob_scores_min) */
+					check_job(&jobs[k], b + off[k], name);
 				if (i < NC && !same_rows(a + off[k], b + off[k], ax_attn_rows(&jobs[k])))
 					fail_msg("%s: not the two passes' results bit for bit", name);
 			}
@@ -908,7 +922,7 @@ static void test_scores(void **state)
 		int rc[3] = {1, 1, 1};
 		const uint64_t before = g_sc_jobs;
 		g_kn = d;
-		g_kn.prob_scores = 1;
+		g_kn.prob_scores = 1, g_kn.prob_scores_min = 0;
 		assert_int_equal(emu_run(trio, 3, out, rc, 12), 0);
 		g_kn = axf_knobs{};
 		assert_int_equal(g_sc_jobs - before, 3);

@@ -162,11 +162,11 @@ static axf_knobs rand_knobs(void)
 {
 	axf_knobs k;
 	memset(&k, 0, sizeof k);
-	uint32_t *f[12] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
+	uint32_t *f[13] = {&k.ctas_per_sm,      &k.min_keys,    &k.max_splits,       &k.min_keys_heads,
 			   &k.max_splits_heads, &k.merge_heads, &k.ctas_per_sm_heads, &k.merge_warp,
-			   &k.host_merge,       &k.spin,        &k.raw_heads,   &k.prob_scores};
-	static const uint32_t lim[12] = {9, 5000, 1500, 5000, 1500, 300, 9, 100, 600, 2, 9000, 4};
-	for (int i = 0; i < 12; i++)
+			   &k.host_merge,       &k.spin,        &k.raw_heads,   &k.prob_scores, &k.prob_scores_min};
+	static const uint32_t lim[13] = {9, 5000, 1500, 5000, 1500, 300, 9, 100, 600, 2, 9000, 4, 60000};
+	for (int i = 0; i < 13; i++)
 		*f[i] = td_u64() % 3 == 0 ? 0 : (uint32_t)(td_u64() % lim[i]);
 	return k;
 }
@@ -201,7 +201,7 @@ static void test_plan_base(void **state)
 			assert_true(axf_total_splits_lo(nk, lo, nj, b) <= R); /* one wave whenever one split each fits */
 	}
 	/* long jobs (up to 2^22 keys), many of them: the base by its two sides (it fits, one unit less does not) */
-	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none0 = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 300; it++) {
 		uint32_t nj = 1 + (uint32_t)(td_u64() % 300), R = 1 + (uint32_t)(td_u64() % 600);
 		for (uint32_t i = 0; i < nj; i++) {
@@ -226,13 +226,13 @@ static void test_plan_base(void **state)
 		many[i] = 4096, many_lo[i] = axf_lo_chunk(&none0, 4096, 0);
 	assert_int_equal(axf_plan_base(many, many_lo, 64, 264), 1024); /* 4 splits each: 256 CTAs */
 	/* the knobs' edges: huge floors give one split; caps hold */
-	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs big = {0, 1u << 30, 0, 1u << 30, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&big, 1000, 0), 1008);
 	assert_int_equal(axf_lo_chunk(&big, 1, 1), AXF_TS);
-	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs cap = {0, 0, 3, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 0)), 3);
 	assert_int_equal(axf_splits(4096, axf_lo_chunk(&cap, 4096, 1)), 7);
-	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	assert_int_equal(axf_lo_chunk(&none, 1u << 30, 1), (1u << 30) / AXF_MAX_SPLITS);
 }
 
@@ -257,7 +257,13 @@ static void test_knobs_env(void **state)
 	setenv("AX_FAST_TAIL", "20", 1);
 	setenv("AX_FAST_TAIL_BLK", "4b", 1);
 	setenv("AX_FAST_RAW_HEADS", "2048", 1);
+	setenv("AX_FAST_PROB_SCORES", "0", 1);
+	setenv("AX_FAST_PROB_SCORES_MIN", "100", 1);
 	axf_knobs_env(&k);
+	assert_int_equal(k.prob_scores, 0);
+	assert_int_equal(d.prob_scores, 512);
+	assert_int_equal(k.prob_scores_min, 100);
+	assert_int_equal(d.prob_scores_min, 16384);
 	assert_int_equal(k.raw_heads, 2048);
 	assert_int_equal(d.raw_heads, 4096);
 	assert_int_equal(k.tail, 20);
@@ -284,7 +290,7 @@ static void test_knobs_env(void **state)
 			       "AX_FAST_MIN_SPLIT_KEYS_HEADS", "AX_FAST_MAX_SPLITS_HEADS", "AX_FAST_MERGE_HEADS",
 			       "AX_FAST_CTAS_PER_SM_HEADS", "AX_FAST_SPIN", "AX_FAST_PDL", "AX_FAST_MERGE_WARP",
 			       "AX_FAST_THREADS", "AX_FAST_HOST_MERGE", "AX_FAST_GRAPH", "AX_FAST_TAIL", "AX_FAST_TAIL_BLK",
-			       "AX_FAST_RAW_HEADS"};
+			       "AX_FAST_RAW_HEADS", "AX_FAST_PROB_SCORES", "AX_FAST_PROB_SCORES_MIN"};
 	for (size_t i = 0; i < ARRAY_LEN(names); i++)
 		unsetenv(names[i]);
 	axf_knobs e = d;
@@ -324,8 +330,9 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 {
 	uint64_t rows = 0, rents = 0, scs = 0;
 	uint32_t want_pj = 0;
-	/* knob prob_scores: mean_prob jobs get scores in job order while they fit, key rows of H rounded up to 4 */
-	uint64_t *want_sc = calloc(n + 1, sizeof *want_sc);
+	/* knob prob_scores: mean_prob jobs get scores in job order while they fit, whole blocks of 8 keys of H rounded
+	 * up to 4 floats */
+	uint64_t *want_sc = calloc(n + 1, sizeof *want_sc), pkeys = 0;
 	assert_non_null(want_sc);
 	for (uint32_t i = 0; i < n; i++) {
 		uint64_t st, nv;
@@ -333,10 +340,14 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		if (rc[i] != 0 || jobs[i].mode != AX_MODE_MEAN_PROB)
 			continue;
 		axc_visible(&jobs[i], &st, &nv);
-		const uint64_t f = nv * ((jobs[i].n_q_heads + 3) / 4 * 4);
+		pkeys += nv;
+		const uint64_t f = (nv + 7) / 8 * 8 * ((jobs[i].n_q_heads + 3) / 4 * 4);
 		if (scs + f <= (uint64_t)(p->kn.prob_scores < 512 ? p->kn.prob_scores : 512) * 1024 * 1024 / 4)
 			want_sc[i] = scs, scs += f;
 	}
+	if (pkeys < p->kn.prob_scores_min) /* knob prob_scores_min: the run's mean_prob keys together */
+		for (uint32_t i = 0; i < n; i++)
+			want_sc[i] = UINT64_MAX, scs = 0;
 	assert_int_equal(p->scs, scs);
 	for (uint32_t i = 0; i < n; i++) {
 		int why = axf_why_not(&jobs[i]);
@@ -559,7 +570,7 @@ static void test_plans(void **state)
 	enum { MAXN = 200 };
 	ax_attn_job jobs[MAXN];
 	int rc[MAXN];
-	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	const axf_knobs def = AXF_KNOBS_DEFAULT, none = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	for (int it = 0; it < 600; it++) {
 		uint32_t n = 1 + (uint32_t)(td_u64() % (it % 5 == 0 ? MAXN : 8));
 		uint32_t R = it % 7 == 0 ? 1 : 8 + (uint32_t)(td_u64() % 600);
@@ -588,7 +599,16 @@ static void test_plans(void **state)
 			assert_int_equal(got, 2); /* both passes of job 0 */
 	}
 	assert_true(p->lay.sc >= p->lay.part_f && p->lay.total - p->lay.sc >= p->scs * 4);
-	p->kn.prob_scores = 0;
+	/* knob prob_scores_min (session 15): the two mean_prob jobs' 12288 keys give scores at 12288, none at 12289 */
+	for (uint32_t m = 12288; m <= 12289; m++) {
+		p->kn.prob_scores_min = m;
+		assert_int_equal(axf_plan_build(p, jobs, 3, rc, 264), 0);
+		check_plan(p, jobs, 3, rc, 264);
+		assert_int_equal(p->scs, m == 12288 ? 6144 * 32 : 0);
+		for (uint32_t k = 0; k < p->njb; k++)
+			assert_int_equal(p->jb[k].scw, m == 12288 && p->jb[k].flag == 0 ? 32 : 0);
+	}
+	p->kn.prob_scores = 0, p->kn.prob_scores_min = 0;
 	/* a batch of nothing eligible: no launch */
 	jobs[0] = elig_job(X_CAP);
 	jobs[1] = elig_job(X_TOPK0);
@@ -604,7 +624,7 @@ static void test_plans(void **state)
 	assert_true(p->L[0].ctas <= 264 && p->L[0].ctas >= 200);
 	/* the issue's shapes under knobs (H100: 132 SMs): heads lists capped and merged separately, short requests
 	 * in a few longer splits, several waves when asked */
-	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+	axf_knobs k = {0, 256, 0, 512, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 	p->kn = k;
 	jobs[0] = elig_job(X_HEADS); /* 4K keys */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);

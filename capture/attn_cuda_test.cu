@@ -702,18 +702,20 @@ static void fast_tests(int small)
 		 * programmatic dependent launches */
 		axf_knobs keep;
 		ax__attn_fast_knobs(f, &keep, NULL);
-		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
-				    {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4, 64, 1, 40, 1, 0, 64}, keep};
-		alt[2].spin = 1, alt[2].pdl = 1, alt[2].prob_scores = 64; /* mean_prob from its scores (session 14) */
+		axf_knobs alt[3] = {{0, 16, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0},
+				    {6, 32, 0, 48, 9, 3, 3, 1, 1, 1024, 4, 64, 1, 40, 1, 0, 64, 0}, keep};
+		/* mean_prob from its scores (session 14; on by default since session 15 for runs of ≥ 16K mean_prob keys:
+		 * here for every run) */
+		alt[2].spin = 1, alt[2].pdl = 1, alt[2].prob_scores = 64, alt[2].prob_scores_min = 0;
 		const uint64_t miss0 = ax__attn_fast_spin_misses(f);
 		for (int a = 0; a < 3; a++) {
 			ax__attn_fast_knobs(f, NULL, &alt[a]);
 			printf("# fast path under knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u "
-			       "pdl %u mergew %u threads %u hmerge %u graph %u tail %u/%u scores %u MiB\n",
+			       "pdl %u mergew %u threads %u hmerge %u graph %u tail %u/%u scores %u MiB from %u keys\n",
 			       alt[a].ctas_per_sm, alt[a].min_keys, alt[a].max_splits, alt[a].min_keys_heads,
 			       alt[a].max_splits_heads, alt[a].merge_heads, alt[a].ctas_per_sm_heads, alt[a].spin, alt[a].pdl,
 			       alt[a].merge_warp, alt[a].threads, alt[a].host_merge, alt[a].graph, alt[a].tail, alt[a].tail_blk,
-			       alt[a].prob_scores);
+			       alt[a].prob_scores, alt[a].prob_scores_min);
 			/* cases up to 20K keys (the 120K / 200K float64 references take seconds each: the defaults' table
 			 * above has them) */
 			ran += fast_table(f, g, fast_cases, ARRAY_LEN(fast_cases), lim < 20000 ? lim : 20000);
@@ -975,8 +977,9 @@ static const struct bvar {
 	      {"graph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 1, ~0u, ~0u},
 	      {"nograph", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u, ~0u},
 	      {"notail", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0, ~0u},
-	      /* session 14: mean_prob's probability pass from the scores its logsumexp pass wrote (mean_prob only) */
-	      {"scores", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 512}};
+	      /* mean_prob's two passes over K, without the scores (knob prob_scores 0; the default since session 15
+	       * reads the scores its logsumexp pass wrote for runs of ≥ 16K mean_prob keys) */
+	      {"noscores", ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, ~0u, 0}};
 
 /* Medians of timed runs of one (shape, mode) through the fast state fe (no events): end to end and the host's
  * four parts (ax__attn_fast_host_us: launch, prefill, wait, finish). */
@@ -1178,10 +1181,10 @@ static int bench(ax_attn_cuda *c)
 	bench_head("bench");
 	printf("# e2e = ax_attn_cuda_run (default context) on the host clock; kernel = the fast path's launches (events; "
 	       "knobs cps %u mink %u maxs %u minkh %u maxsh %u mergeh %u cpsh %u spin %u pdl %u mergew %u threads %u "
-	       "hmerge %u graph %u tail %u/%u); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
+	       "hmerge %u graph %u tail %u/%u scores %u MiB from %u keys); generic = AX_ATTN_CUDA_FAST=0, e2e\n",
 	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
 	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads, kn.host_merge, kn.graph, kn.tail,
-	       kn.tail_blk);
+	       kn.tail_blk, kn.prob_scores, kn.prob_scores_min);
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
 	       "dispatch; e2e without events; each variant = the defaults with one change, see b_vars) | the host's "
 	       "parts of that e2e (medians, µs): plan+upload+launch calls, prefill, wait, finish (the first's plan and "
