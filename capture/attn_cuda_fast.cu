@@ -1746,6 +1746,8 @@ struct ax_attn_fast {
 	uint32_t *done_d;
 	uint32_t seq;           /* the last run's completion value */
 	uint64_t spin_miss;     /* runs whose wait ended by the stream query, not by the word (should stay 0) */
+	size_t max_scratch;     /* device scratch a run may take (AX_ATTN_CUDA_MAX_SCRATCH; tests lower it) */
+	uint64_t sc_fallback;   /* runs planned again without mean_prob's scores: no room for them (knob prob_scores) */
 	unsigned long long *trace_d;    /* diagnostics (ax__attn_fast_trace): device slots, NULL = off */
 	unsigned long long *trace_init; /* pinned: their values before a run (min slots ~0, max slots 0) */
 	unsigned long long trace_last[AXF_TR_ALL]; /* the last run's */
@@ -1850,6 +1852,7 @@ int ax__attn_fast_new(ax_attn_fast **out, int device, void *stream)
 	f->sms = (uint32_t)sms, f->occ = (uint32_t)occ;
 	f->stream = (cudaStream_t)stream;
 	f->kernel_ms = -1.f;
+	f->max_scratch = AX_ATTN_CUDA_MAX_SCRATCH;
 	f->plan = p;
 	const axf_knobs d = AXF_KNOBS_DEFAULT;
 	p->kn = d;
@@ -1938,6 +1941,17 @@ uint64_t ax__attn_fast_spin_misses(const ax_attn_fast *f)
 	return f ? f->spin_miss : 0;
 }
 
+void ax__attn_fast_limit_scratch(ax_attn_fast *f, size_t bytes)
+{
+	if (f)
+		f->max_scratch = bytes && bytes < AX_ATTN_CUDA_MAX_SCRATCH ? bytes : AX_ATTN_CUDA_MAX_SCRATCH;
+}
+
+uint64_t ax__attn_fast_sc_fallbacks(const ax_attn_fast *f)
+{
+	return f ? f->sc_fallback : 0;
+}
+
 float ax__attn_fast_kernel_us(const ax_attn_fast *f)
 {
 	return f && f->kernel_ms >= 0 ? f->kernel_ms * 1e3f : -1.f;
@@ -1996,7 +2010,7 @@ static void fast_tail_reset(ax_attn_fast *f)
 static int fast_reserve(ax_attn_fast *f, const axf_layout *y, uint32_t njb)
 {
 	cudaError_t e;
-	if (y->total > AX_ATTN_CUDA_MAX_SCRATCH)
+	if (y->total > f->max_scratch)
 		return -ENOMEM;
 	if (njb > f->tcap) {
 		size_t cap = njb < 1024 ? 1024 : (size_t)njb * 2;
@@ -2220,7 +2234,20 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	cudaError_t e = cudaSetDevice(f->device);
 	if (e != cudaSuccess)
 		return fast_fail(f, e);
-	if ((r = fast_reserve(f, &p->lay, p->njb)) != 0)
+	if ((r = fast_reserve(f, &p->lay, p->njb)) == -ENOMEM && p->scs) {
+		/* no room for mean_prob's scores (knob prob_scores: up to AXF_SC_MAX_MIB more scratch): the same run
+		 * planned on the two passes over K, which need less; the failed allocation is not this run's error */
+		const uint32_t keep = p->kn.prob_scores;
+		cudaGetLastError();
+		f->err = cudaSuccess;
+		p->kn.prob_scores = 0;
+		r = axf_plan_build(p, jobs, n, rc, f->resident);
+		p->kn.prob_scores = keep;
+		if (r == 0)
+			r = fast_reserve(f, &p->lay, p->njb);
+		f->sc_fallback += r == 0;
+	}
+	if (r)
 		return r;
 	uint32_t seq = 0;
 	if (p->kn.spin) {

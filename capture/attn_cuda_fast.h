@@ -1438,6 +1438,13 @@ void ax__attn_fast_host_us(const ax_attn_fast *f, double *out);
  * when all is well (the GPU test checks it). */
 uint64_t ax__attn_fast_spin_misses(const ax_attn_fast *f);
 
+/* For tests: the device scratch a run of this state may take, in bytes (0 or more than AX_ATTN_CUDA_MAX_SCRATCH:
+ * that limit). A run whose plan needs more fails with -ENOMEM, unless it gave mean_prob jobs their scores (knob
+ * prob_scores): then it is planned again without them (ax__attn_fast_sc_fallbacks counts those runs), as when
+ * the scratch cannot be allocated. */
+void ax__attn_fast_limit_scratch(ax_attn_fast *f, size_t bytes);
+uint64_t ax__attn_fast_sc_fallbacks(const ax_attn_fast *f);
+
 #ifdef __cplusplus
 }
 #endif

@@ -746,6 +746,36 @@ static void fast_tests(int small)
 		tap(miss == 0, "fast path, knob spin: every wait ended on the completion word (%llu ended on the stream)",
 		    (unsigned long long)miss);
 		ax__attn_fast_knobs(f, NULL, &keep);
+		/* no room for mean_prob's scores (session 15: knob prob_scores, on by default from 16384 keys): a scratch
+		 * limit of the scores' own size; the run is planned again on the two passes over K and still right */
+		int fb_ran = small; /* (--small: not run) */
+		for (size_t i = 0; !small && i < ARRAY_LEN(big_cases); i++) {
+			const tcase *c = &big_cases[i];
+			if (c->mode != MP || c->n_keys < keep.prob_scores_min || c->n_keys > 20000 || !keep.prob_scores)
+				continue;
+			fb_ran = 1;
+			tdata t;
+			djob d;
+			td_make(c, &t);
+			dj_make(&t, &d);
+			char name[160];
+			const uint64_t fb0 = ax__attn_fast_sc_fallbacks(f);
+			fast_compare(f, g, c->name, &t, &d.job, 1); /* with its scores */
+			const uint64_t fb1 = ax__attn_fast_sc_fallbacks(f);
+			ax__attn_fast_limit_scratch(f, (size_t)axf_sc_floats(c->n_keys, c->H) * 4);
+			snprintf(name, sizeof name, "%s, no room for its scores", c->name);
+			fast_compare(f, g, name, &t, &d.job, 1);
+			ax__attn_fast_limit_scratch(f, 0);
+			const uint64_t fb2 = ax__attn_fast_sc_fallbacks(f);
+			tap(fb1 == fb0 && fb2 > fb1, "%s: planned again without its scores only when they had no room (%llu, %llu)",
+			    c->name, (unsigned long long)(fb1 - fb0), (unsigned long long)(fb2 - fb1));
+			dj_free(&d);
+			td_free(&t);
+			break;
+		}
+		if (!fb_ran)
+			tap(0, "no room for mean_prob's scores: no mean_prob case of 16K-20K keys to run it on (knobs %u MiB from "
+			       "%u keys)", keep.prob_scores, keep.prob_scores_min);
 		printf("# fast path: %d eligible cases compared with the generic path\n", ran);
 	}
 	ax__attn_fast_free(f);
