@@ -223,7 +223,7 @@ typedef struct axf_job {
 	float scale;            /* softmax scale (|scale| ≤ 1) */
 	float inv_h;            /* 1 / H */
 	uint64_t sc0;           /* knob prob_scores: the job's scores in axf_args.sc (scw 0: none), in blocks of
-				 * AXF_SCB keys, head-major in a block: key j's head h at axf_sc_at(sc0, scw, j, h);
+				 * AXF_SCB keys, head-major in a block (axf_sc_floats says where key j's head h is);
 				 * written by its logsumexp pass, read by its probability pass a block a copy */
 	uint32_t scw, sc_pad;   /* floats a key's scores take: H rounded up to a multiple of 4 */
 } axf_job;
