@@ -483,15 +483,46 @@ static inline uint64_t axf_total_splits_lo(const uint32_t *nk, const uint32_t *l
 }
 
 /* The base split of a launch: the shortest multiple of AXF_TS with Σ_i splits(n_i, max(base, lo_i)) ≤ resident
- * (bisection: the sum only falls as the base grows); when even one split each is more, the longest job's
- * length (every pass-job in one split). Pass-job i then splits at max(base, lo_i). */
+ * (the sum only falls as the base grows); when even one split each is more, the longest job's length (every
+ * pass-job in one split). Pass-job i then splits at max(base, lo_i).
+ *
+ * The search (session 16: the plan of 64 × 4K took ~8 rounds over 64 divisions, ~15% of the plan) brackets the
+ * answer first, in stages c of AXF_TS keys, with N = Σ n_i and R = resident: a c whose keys reach every lo_i
+ * gives splits ≥ N / (c·AXF_TS), so such a c with c·AXF_TS·R < N fails, and so does every shorter one; and
+ * splits ≤ Σ (n_i / (c·AXF_TS) + 1) = N / (c·AXF_TS) + nj, so c ≥ N / ((R − nj)·AXF_TS) fits when R > nj. It
+ * then steps up from the lower end by doubling steps (equal or similar jobs: the answer is a stage or two
+ * above it) and bisects the last step. */
 static inline uint32_t axf_plan_base(const uint32_t *nk, const uint32_t *lo, uint32_t nj, uint32_t resident)
 {
-	uint64_t mx = 0;
-	for (uint32_t i = 0; i < nj; i++)
+	uint64_t mx = 0, tot = 0, mlo = 0;
+	for (uint32_t i = 0; i < nj; i++) {
 		mx = nk[i] > mx ? nk[i] : mx;
+		mlo = lo[i] > mlo ? lo[i] : mlo;
+		tot += nk[i];
+	}
 	uint64_t hi = (mx + AXF_TS - 1) / AXF_TS, l = 1;
 	hi = hi ? hi : 1;
+	if (nj > resident || nj == 0) /* one split each is already more (or nothing to split): the longest */
+		return (uint32_t)(hi * AXF_TS);
+	const uint64_t per = (uint64_t)resident * AXF_TS, c1 = (tot + per - 1) / per - 1; /* c1·AXF_TS·R < N */
+	if (c1 >= 1 && c1 * AXF_TS >= mlo)
+		l = c1 + 1 < hi ? c1 + 1 : hi;
+	if (resident > nj) {
+		const uint64_t pf = (uint64_t)(resident - nj) * AXF_TS, c2 = (tot + pf - 1) / pf;
+		hi = c2 < hi ? (c2 > l ? c2 : l) : hi;
+	}
+	/* f(l - 1) fails (or l = 1), f(hi) fits */
+	uint64_t step = 1;
+	while (l < hi) {
+		if (axf_total_splits_lo(nk, lo, nj, l * AXF_TS) <= resident)
+			return (uint32_t)(l * AXF_TS);
+		const uint64_t c = l + step < hi ? l + step : hi;
+		if (axf_total_splits_lo(nk, lo, nj, c * AXF_TS) <= resident) {
+			hi = c, l = l + 1;
+			break;
+		}
+		l = c + 1, step *= 2;
+	}
 	while (l < hi) {
 		uint64_t mid = l + (hi - l) / 2;
 		if (axf_total_splits_lo(nk, lo, nj, mid * AXF_TS) <= resident)

@@ -131,6 +131,51 @@ static ax_attn_job elig_job(int what)
 	return j;
 }
 
+/* axc_check_job's alignment and extent checks (session 16: powers of two in place of divisions): a pointer not
+ * aligned to its element size (this backend's own rule; attn_cpu only assumes it) and a pool whose farthest byte
+ * passes 2^62 (attn_cpu's rule: it says -EINVAL too, before it reads anything) are -EINVAL; one step inside each
+ * limit is valid. */
+static void test_check_limits(void **state)
+{
+	(void)state;
+	static const struct { uint32_t kdt, qdt, idt; size_t qoff, koff, ioff; uint64_t s0, slots; int want; } cs[] = {
+		{AX_DTYPE_BF16, AX_DTYPE_BF16, AX_DTYPE_I32, 1, 0, 0, 1024, 1000, -EINVAL},
+		{AX_DTYPE_BF16, AX_DTYPE_F32, AX_DTYPE_I32, 2, 0, 0, 1024, 1000, -EINVAL},
+		{AX_DTYPE_BF16, AX_DTYPE_F32, AX_DTYPE_I32, 4, 0, 0, 1024, 1000, 0},
+		{AX_DTYPE_BF16, AX_DTYPE_BF16, AX_DTYPE_I32, 0, 1, 0, 1024, 1000, -EINVAL},
+		{AX_DTYPE_F32, AX_DTYPE_F32, AX_DTYPE_I32, 0, 2, 0, 1024, 1000, -EINVAL},
+		{AX_DTYPE_FP8_E4M3, AX_DTYPE_BF16, AX_DTYPE_I32, 0, 1, 0, 1024, 1000, 0},
+		{AX_DTYPE_BF16, AX_DTYPE_BF16, AX_DTYPE_I32, 0, 0, 2, 1024, 1000, -EINVAL},
+		{AX_DTYPE_BF16, AX_DTYPE_BF16, AX_DTYPE_I64, 0, 0, 4, 1024, 1000, -EINVAL},
+		{AX_DTYPE_BF16, AX_DTYPE_BF16, AX_DTYPE_I64, 0, 0, 8, 1024, 1000, 0},
+		/* k_stride[0] · n_slots against 2^62 / element size */
+		{AX_DTYPE_BF16, AX_DTYPE_BF16, AX_DTYPE_I32, 0, 0, 0, 1ull << 40, 1ull << 21, 0},
+		{AX_DTYPE_BF16, AX_DTYPE_BF16, AX_DTYPE_I32, 0, 0, 0, 1ull << 40, (1ull << 21) + 1, -EINVAL},
+		{AX_DTYPE_FP8_E5M2, AX_DTYPE_BF16, AX_DTYPE_I32, 0, 0, 0, 1ull << 40, 1ull << 22, 0},
+		{AX_DTYPE_FP8_E5M2, AX_DTYPE_BF16, AX_DTYPE_I32, 0, 0, 0, 1ull << 40, (1ull << 22) + 1, -EINVAL},
+		{AX_DTYPE_F32, AX_DTYPE_F32, AX_DTYPE_I32, 0, 0, 0, 1ull << 40, 1ull << 20, 0},
+		{AX_DTYPE_F32, AX_DTYPE_F32, AX_DTYPE_I32, 0, 0, 0, 1ull << 40, (1ull << 20) + 1, -EINVAL},
+	};
+	ax_attn_scratch *sc = ax_attn_scratch_new();
+	ax_attn_result out[1];
+	assert_non_null(sc);
+	for (size_t i = 0; i < ARRAY_LEN(cs); i++) {
+		ax_attn_job j = base_job();
+		j.k_dtype = cs[i].kdt, j.q_dtype = cs[i].qdt, j.index_dtype = cs[i].idt;
+		j.q = (const char *)fake_q + 8 + cs[i].qoff;
+		j.k = (const char *)fake_k + 8 + cs[i].koff;
+		j.index = (const char *)fake_index + cs[i].ioff;
+		j.k_stride[0] = cs[i].s0, j.n_slots = cs[i].slots;
+		const int got = axc_check_job(&j);
+		if (got != cs[i].want)
+			fail_msg("case %zu: axc_check_job %d, want %d", i, got, cs[i].want);
+		if (cs[i].want && cs[i].slots > 1000) /* the extents: attn_cpu's own check */
+			if (ax_attn_cpu(&j, sc, out) != cs[i].want)
+				fail_msg("case %zu: ax_attn_cpu does not say %d", i, cs[i].want);
+	}
+	ax_attn_scratch_free(sc);
+}
+
 static void test_eligibility(void **state)
 {
 	(void)state;
@@ -1359,7 +1404,7 @@ int main(int argc, char **argv)
 	if (argc > 1 && strcmp(argv[1], "--host-bench") == 0)
 		return host_bench();
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_plan_base),
+		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_check_limits), cmocka_unit_test(test_plan_base),
 		cmocka_unit_test(test_knobs_env), cmocka_unit_test(test_plans),
 		cmocka_unit_test(test_finish),    cmocka_unit_test(test_pool), cmocka_unit_test(test_dispatch),
 		cmocka_unit_test(test_hmerge),

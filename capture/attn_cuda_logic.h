@@ -839,7 +839,7 @@ static inline int axc_check_job(const ax_attn_job *job)
 		return -EINVAL;
 	/* a > ⌊L / b⌋ exactly when a·b > L (b > 0): 128-bit products instead of 64-bit divisions (this runs for every
 	 * job of every call; the fast path's planner checks each job once) */
-	uint64_t lim = ((uint64_t)1 << 62) / kes, q = lim / 4;
+	uint64_t lim = ((uint64_t)1 << 62) >> __builtin_ctz(kes), q = lim / 4; /* (element sizes are powers of 2) */
 #define AXC_OVER(a, b, L) ((unsigned __int128)(a) * (b) > (L))
 	if (job->index_kind == AX_ATTN_INDEX_PAGED) { /* each term of the farthest element below lim / 4 */
 		if (job->n_slots != 0 || job->index_dtype != AX_DTYPE_I32 || job->n_blocks == 0 || job->block_size == 0 ||
@@ -858,8 +858,8 @@ static inline int axc_check_job(const ax_attn_job *job)
 			if (job->heads[i] < 0 || (uint32_t)job->heads[i] >= job->n_q_heads)
 				return -EINVAL;
 	}
-	if ((uintptr_t)job->q % axc_esize(job->q_dtype) || (uintptr_t)job->k % kes ||
-	    (uintptr_t)job->index % axc_esize(job->index_dtype))
+	if (((uintptr_t)job->q & (axc_esize(job->q_dtype) - 1)) || ((uintptr_t)job->k & (kes - 1)) ||
+	    ((uintptr_t)job->index & (axc_esize(job->index_dtype) - 1)))
 		return -EINVAL;
 	if (job->head_dim > AXC_MAX_D)
 		return -EOPNOTSUPP;
