@@ -62,7 +62,8 @@
  * scores (DUMP) and its probability pass streams them in place of K (FROMS), in instances of their own (template
  * parameter X); the others' registers and spills are unchanged. Session 15 (runs 81-83): the scores in blocks of
  * 8 keys, head-major, and the probability pass a thread a key over 128-key stages (from_scores): 1 × 1M mean_prob
- * 1056 → 728 µs; on by default for runs of ≥ 16K mean_prob keys (knob prob_scores_min). On the CPU
+ * 1056 → 728 µs; on by default for runs of ≥ 16K mean_prob keys (knob prob_scores_min). Session 16 (run 91): the
+ * lists' candidate buffers merged only when a stage's candidates would overflow them (wl_flush). On the CPU
  * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
  * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
  * half in attn_cuda_fast_test.c.
@@ -269,11 +270,13 @@ __device__ __forceinline__ void wl_merge16(WList &L, float x, int p, bool ok, in
 /*
  * A list's candidate buffer (session 7): the candidates of a stage that beat the list's bar are appended to a
  * per-list buffer of AXF_LBUF entries in shared memory (bx, bp) instead of being merged into the list at once;
- * wl_flush merges the buffer (c entries) into the list in one 32-wide sort and merge when the next stage's would
- * not fit, and once at the end of the split. Exact: a key that does not beat the bar when it arrives cannot be in
- * the list's final k (the bar only rises); the buffered ones are merged by the list's total order. The bar stays
- * lower between flushes (more keys pass it), but a stage's few candidates cost a ballot and a store each instead
- * of a warp-wide insertion (RESULTS run 29: the offers were ~9 µs of 128K heads' loop, 13 of 32K's). Called by the
+ * wl_flush merges the buffer (c entries) into the list in one 32-wide sort and merge when this stage's candidates
+ * would not fit (then they go in), and once at the end of the split (session 16: until then, as soon as the next
+ * stage's might not fit, i.e. at more than 16 entries — more sorts for fewer candidates; RESULTS run 91: 1 × 32K
+ * heads 7 % faster, 64 × 4K 2 %). Exact: a key that does not beat the bar when it arrives cannot be in the list's
+ * final k (the bar only rises); the buffered ones are merged by the list's total order. The bar stays lower between
+ * flushes (more keys pass it), but a stage's few candidates cost a ballot and a store each instead of a warp-wide
+ * insertion (RESULTS run 29: the offers were ~9 µs of 128K heads' loop, 13 of 32K's). Called by the
  * whole warp.
  */
 __device__ __forceinline__ void wl_flush(WList &L, const float *bx, const int *bp, uint32_t c, int K)
@@ -1419,9 +1422,30 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 					const unsigned BB1 = __ballot_sync(FULLM, pB1), BB3 = __ballot_sync(FULLM, pB3);
 					if (BA0 | BA2 | BB1 | BB3) {
 						const unsigned same = 0x11111111u << t, below = (1u << lane) - 1u;
+						const uint32_t nA0 = (uint32_t)__popc(BA0 & same), nB1 = (uint32_t)__popc(BB1 & same);
+						const uint32_t nA = nA0 + (uint32_t)__popc(BA2 & same), nB = nB1 + (uint32_t)__popc(BB3 & same);
+						if (__any_sync(FULLM, bcA + nA > AXF_LBUF || bcB + nB > AXF_LBUF)) {
+							/* a buffer this stage's candidates would overflow: merge it into its list first (the
+							 * candidates, filtered by the bar before, still go in: a superset) */
+#pragma unroll
+							for (int h = 0; h < NL; ++h) {
+								const uint32_t c = (uint32_t)__shfl_sync(FULLM, (int)((h & 1) ? bcB : bcA), h >> 1);
+								const uint32_t nn = (uint32_t)__shfl_sync(FULLM, (int)((h & 1) ? nB : nA), h >> 1);
+								if (h < G && c + nn > AXF_LBUF) { /* warp-uniform */
+									float *bx = lbx + h * 2 * AXF_LBUF;
+									wl_flush(L[h], bx, (const int *)(bx + AXF_LBUF), c, K);
+									if (t == (h >> 1)) {
+										if (h & 1)
+											bcB = 0;
+										else
+											bcA = 0;
+									}
+								}
+							}
+							bars();
+						}
 						float *bxA = lbx + 2 * t * 2 * AXF_LBUF, *bxB = bxA + 2 * AXF_LBUF;
 						int *bpA = (int *)(bxA + AXF_LBUF), *bpB = (int *)(bxB + AXF_LBUF);
-						const uint32_t nA0 = (uint32_t)__popc(BA0 & same), nB1 = (uint32_t)__popc(BB1 & same);
 						const int p0 = (int)tile + grow, p8 = p0 + 8;
 						if (pA0) {
 							const uint32_t at = bcA + (uint32_t)__popc(BA0 & same & below);
@@ -1439,26 +1463,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 							const uint32_t at = bcB + nB1 + (uint32_t)__popc(BB3 & same & below);
 							bxB[at] = b3, bpB[at] = p8;
 						}
-						bcA += nA0 + (uint32_t)__popc(BA2 & same);
-						bcB += nB1 + (uint32_t)__popc(BB3 & same);
-						if (__any_sync(FULLM, bcA > AXF_LBUF - AXF_TS || bcB > AXF_LBUF - AXF_TS)) {
-							/* a buffer the next stage could overflow: merge it into its list */
-#pragma unroll
-							for (int h = 0; h < NL; ++h) {
-								const uint32_t c = (uint32_t)__shfl_sync(FULLM, (int)((h & 1) ? bcB : bcA), h >> 1);
-								if (h < G && c > AXF_LBUF - AXF_TS) { /* warp-uniform */
-									float *bx = lbx + h * 2 * AXF_LBUF;
-									wl_flush(L[h], bx, (const int *)(bx + AXF_LBUF), c, K);
-									if (t == (h >> 1)) {
-										if (h & 1)
-											bcB = 0;
-										else
-											bcA = 0;
-									}
-								}
-							}
-							bars();
-						}
+						bcA += nA;
+						bcB += nB;
 					}
 				} else if (K && wv) { /* wv is warp-uniform */
 					/* which lists have a candidate: lane 4·g + t owns columns 2t (A) and 2t+1 (B) of keys g, g+8,
