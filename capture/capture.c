@@ -4,7 +4,10 @@
  *
  * One thread (ax_capture_run) owns the shm handle, the per-request state (indexed by request-table slot and
  * checked against the 64-bit request id), the policy table and the sender. Each loop iteration:
- *   1. not attached: try ax_shm_attach every attach_retry_ms; on success announce `hello` and the wanted layers;
+ *   1. not attached: try ax_shm_attach every attach_retry_ms — a segment whose Q ring is not registered yet is
+ *      left for the next try (the engine is still registering its buffers) —, then announce `hello` and the wanted
+ *      layers; K pools the engine registers after the attach (hooks that register a layer at its first forward)
+ *      are taken up by the liveness check (take_new_layers) and join the wanted layers;
  *   2. take up to 256 descriptors: BEGIN → `req`, FORWARD → one ax_attn_job per captured (position, layer),
  *      END → `end`; lost / invalid / torn descriptors become `gap` records;
  *   3. pop finished items from the ordered queue (pool.h): a job's result is trusted only if its Q row was not
@@ -118,6 +121,7 @@ struct ax_capture {
 	uint64_t q_rows, q_row_elems;
 	uint32_t q_dtype;
 	uint64_t avail[2];          /* layers with a readable K pool (and a readable Q ring) */
+	uint32_t bufs_seen;         /* the segment's buffer count when the K pools were last looked up */
 	settings defaults;
 	uint64_t wanted[2];
 	int wanted_prefill, wanted_set, wanted_dirty;
@@ -1071,8 +1075,9 @@ static void log_layer_problems(ax_capture *c, int qrv)
 	for (uint32_t l = 0; l < c->n_layers; l++)
 		missing += (c->defaults.layers[l / 64] >> (l % 64) & 1) && !c->k[l].ok;
 	if (missing)
-		ax_log(AX_LOG_WARN, TAG, "%u selected layers have no K pool the %s backend can read%s%s", missing, be,
-		       c->cuda_active ? ": " : "", c->cuda_active ? ax__cuda_be_import_error(c->cuda) : "");
+		ax_log(AX_LOG_WARN, TAG, "%u selected layers have no K pool the %s backend can read%s%s (K pools the "
+		       "engine registers later are taken up)", missing, be, c->cuda_active ? ": " : "",
+		       c->cuda_active ? ax__cuda_be_import_error(c->cuda) : "");
 }
 
 static int setup_attachment(ax_capture *c)
@@ -1086,6 +1091,7 @@ static int setup_attachment(ax_capture *c)
 	if (c->reqs == NULL || c->k == NULL)
 		return -ENOMEM;
 	c->avail[0] = c->avail[1] = 0;
+	c->bufs_seen = __atomic_load_n(&c->hdr->buf_count, __ATOMIC_ACQUIRE); /* before the lookups: none missed */
 	cuda_attach(c);
 	int qrv = setup_q(c);
 	for (uint32_t l = 0; qrv == 0 && l < c->n_layers; l++)
@@ -1145,6 +1151,17 @@ static void try_attach(ax_capture *c)
 	const ax_shm_header *h = ax_shm_hdr(c->shm);
 	if (h->generation == c->dead_generation && ax_shm_alive(c->shm, c->o.dead_after_ms * MS) != 1) {
 		ax_shm_detach(c->shm); /* the segment of the engine we left: wait for a new one */
+		c->shm = NULL;
+		return;
+	}
+	if (ax_shm_find_buffer(c->shm, AX_BUF_Q_RING, -1) < 0) {
+		/* the engine opened its segment and is still registering its buffers: attached now, the backend and the
+		 * layers would be chosen from a partial table; the next try sees the rest */
+		if (c->attach_err_logged != -EINPROGRESS)
+			ax_log(AX_LOG_INFO, TAG, "engine segment %s has no Q ring yet (the engine is registering its "
+			       "buffers); retrying every %u ms", c->o.shm_name, c->o.attach_retry_ms);
+		c->attach_err_logged = -EINPROGRESS;
+		ax_shm_detach(c->shm);
 		c->shm = NULL;
 		return;
 	}
@@ -1232,6 +1249,24 @@ static int pump_ring(ax_capture *c, int budget)
 	return n;
 }
 
+/* K pools registered after the attach (the SGLang and HF hooks register a layer's at its first forward): when the
+ * segment's buffer count has grown, the layers without one are looked up again; those found join the wanted layers
+ * (the engine then exports their rows). */
+static void take_new_layers(ax_capture *c)
+{
+	const uint32_t n = __atomic_load_n(&c->hdr->buf_count, __ATOMIC_ACQUIRE);
+	if (n == c->bufs_seen || c->qbase == NULL)
+		return;
+	c->bufs_seen = n;
+	uint32_t found = 0;
+	for (uint32_t l = 0; l < c->n_layers; l++)
+		found += !c->k[l].ok && setup_k(c, l) == 0;
+	if (found == 0)
+		return;
+	ax_log(AX_LOG_INFO, TAG, "%u more layers readable (K pools registered after the attach)", found);
+	c->wanted_dirty = 1;
+}
+
 static void check_engine(ax_capture *c)
 {
 	if (__atomic_load_n(&c->hdr->state, __ATOMIC_ACQUIRE) == 2) {
@@ -1250,6 +1285,7 @@ static void check_engine(ax_capture *c)
 			leave_engine(c, "stopped its heartbeat", "restart");
 	} else {
 		c->dead_since_ns = 0;
+		take_new_layers(c);
 	}
 }
 

@@ -80,7 +80,9 @@ static void sleep_ms(int ms)
 	nanosleep(&ts, NULL);
 }
 
-static void engine_open_cfg(engine *e, uint64_t seed, uint32_t ring_cap)
+/* The segment alone (no buffer registered yet); engine_add_k / engine_add_iq register the K pools, the index
+ * table and the Q ring; engine_open_cfg does all three in that order (the C engine's). */
+static void engine_create(engine *e, uint64_t seed, uint32_t ring_cap)
 {
 	memset(e, 0, sizeof *e);
 	e->rng = seed;
@@ -93,6 +95,10 @@ static void engine_open_cfg(engine *e, uint64_t seed, uint32_t ring_cap)
 					     4096};
 	assert_int_equal(ax_export_open(&e->ex, &cfg), 0);
 	e->scale = ax_export_header(e->ex)->scale;
+}
+
+static void engine_add_k(engine *e)
+{
 	for (uint32_t l = 0; l < NL; l++) {
 		ax_shm_buffer b = {.kind = AX_BUF_K_POOL, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_F32, .layer = (int32_t)l,
 				   .ndim = 3, .dim = {SLOTS, HKV, HD}, .scale = 1};
@@ -102,6 +108,10 @@ static void engine_open_cfg(engine *e, uint64_t seed, uint32_t ring_cap)
 		for (size_t i = 0; i < (size_t)SLOTS * HKV * HD; i++)
 			e->k[l][i] = rndf(&e->rng);
 	}
+}
+
+static void engine_add_iq(engine *e)
+{
 	ax_shm_buffer ib = {.kind = AX_BUF_INDEX_TOKEN, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_I32, .layer = -1,
 			    .ndim = 2, .dim = {IROWS, CTX}, .scale = 1};
 	void *p;
@@ -110,6 +120,13 @@ static void engine_open_cfg(engine *e, uint64_t seed, uint32_t ring_cap)
 	ax_shm_buffer qb = {.kind = AX_BUF_Q_RING, .loc = AX_LOC_HOST, .dtype = AX_DTYPE_F32, .layer = -1,
 			    .ndim = 3, .dim = {QROWS, HQ, HD}, .scale = 1};
 	assert_int_equal(ax_export_add_host_buffer(e->ex, &qb, NULL, &e->qbuf), 0);
+}
+
+static void engine_open_cfg(engine *e, uint64_t seed, uint32_t ring_cap)
+{
+	engine_create(e, seed, ring_cap);
+	engine_add_k(e);
+	engine_add_iq(e);
 }
 
 static void engine_open(engine *e, uint64_t seed) { engine_open_cfg(e, seed, 0); }
@@ -454,6 +471,21 @@ static size_t check_all_attn(const sink *s, const engine *e, const treq *r)
 		n++;
 	}
 	return n;
+}
+
+/* Poll the segment until the capture wants exactly `layers` (word 0), heart-beating the engine; 0 on timeout. A
+ * fixed sleep before the check failed under load (CI's ThreadSanitizer stage: the capture had not set them yet). */
+static int wait_wanted(engine *e, uint64_t layers, int timeout_ms)
+{
+	uint64_t deadline = ax_now_ns() + (uint64_t)timeout_ms * 1000000ull, wl[2];
+	int wp;
+	while (ax_export_wanted(e->ex, wl, &wp) != 1 || wl[0] != layers) {
+		if (ax_now_ns() > deadline)
+			return 0;
+		ax_export_heartbeat(e->ex);
+		sleep_ms(2);
+	}
+	return 1;
 }
 
 static int attn_exists(const sink *s, const char *rid, int64_t pos, int32_t layer)
@@ -988,11 +1020,8 @@ static void test_policy_ack_unattached(void **state)
 	engine_open(&e, 0x99);
 	size_t one = 1;
 	wait_for(&s, &e, has_hello_count, &one, 5000, "hello");
-	sleep_ms(20);
-	uint64_t wl[2];
-	int wp;
-	assert_int_equal(ax_export_wanted(e.ex, wl, &wp), 1);
-	assert_int_equal(wl[0], 1u << 1 | 1u << (NL - 1));
+	if (!wait_wanted(&e, 1u << 1 | 1u << (NL - 1), 5000))
+		fail_msg("the wanted layers never became the policy's and the default");
 	runner_stop(&run);
 	nng_close(pub);
 	sink_close(&s);
@@ -1113,6 +1142,50 @@ static void test_restart(void **state)
 
 /* A request that began before the capture attached: `req` from the request table, an `attached_late` gap naming
  * the generated positions it missed, then correct rows from where it joined. */
+/*
+ * An engine that registers its buffers after the capture found its segment (every engine opens the segment before
+ * it registers anything; attnx's SGLang and HF hooks register a layer's K pool at its first forward). While the Q
+ * ring is missing the capture does not attach (it would choose its backend and layers from a partial table: before
+ * this, an attach in that window captured nothing for the engine's whole life); once it is there it attaches with
+ * no layer readable, wants none, and takes up the K pools registered afterwards within its liveness period: the
+ * wanted layers grow to the default and the request's rows come back exact.
+ */
+static void test_buffers_late(void **state)
+{
+	(void)state;
+	sink s = {0};
+	sink_listen(&s);
+	ax_capture_opts o;
+	test_opts(&o);
+	engine e;
+	engine_create(&e, 0x3c, 0);
+	runner run;
+	runner_start(&run, &o);
+	drain_sink(&s, 200); /* 20 attach tries */
+	assert_null(find(&s, AX_REC_HELLO, NULL, 0));
+	assert_int_equal(ax_export_wanted(e.ex, NULL, NULL), 0); /* no consumer */
+	engine_add_iq(&e);
+	size_t one = 1;
+	wait_for(&s, &e, has_hello_count, &one, 5000, "hello");
+	if (!wait_wanted(&e, 0, 5000))
+		fail_msg("attached with no K pool, the capture should want no layer");
+	engine_add_k(&e);
+	if (!wait_wanted(&e, 1u << (NL - 1), 5000))
+		fail_msg("the K pools registered after the attach were not taken up");
+	uint32_t all = (1u << NL) - 1;
+	treq *r = req_begin(&e, "rl", 5, 0);
+	req_prefill(&e, r, all);
+	req_decode(&e, r, all);
+	ax_export_request_end(e.ex, r->req_id, AX_END_STOP);
+	wait_for(&s, &e, has_end, "rl", 5000, "end rl");
+	assert_int_equal(check_all_attn(&s, &e, r), 2);
+	assert_true(attn_exists(&s, "rl", 4, NL - 1) && attn_exists(&s, "rl", 5, NL - 1));
+	runner_stop(&run);
+	free(r);
+	sink_close(&s);
+	engine_close(&e);
+}
+
 static void test_attached_late(void **state)
 {
 	(void)state;
@@ -1290,6 +1363,7 @@ int main(void)
 		cmocka_unit_test(test_restart),
 		cmocka_unit_test(test_attached_late),
 		cmocka_unit_test(test_bad_descriptors),
+		cmocka_unit_test(test_buffers_late),
 		cmocka_unit_test(test_ring_full),
 	};
 	int rv = cmocka_run_group_tests(tests, NULL, NULL);

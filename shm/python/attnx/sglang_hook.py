@@ -129,7 +129,7 @@ class _State:
 
     def register_k(self, module):
         """K pool of this layer, at its first forward (SGLang runs every layer in its warm-up and graph capture,
-        before any request: attnx-capture started after the server is ready sees them all)."""
+        before any request; an attnx-capture already attached takes each one up when it appears)."""
         from .cuda import register
 
         l = module.layer_id - self.start_layer
