@@ -122,6 +122,7 @@ struct ax_capture {
 	uint32_t q_dtype;
 	uint64_t avail[2];          /* layers with a readable K pool (and a readable Q ring) */
 	uint32_t bufs_seen;         /* the segment's buffer count when the K pools were last looked up */
+	uint64_t noq_since_ns;      /* when the segment was first found without a Q ring (attach_err_logged -EINPROGRESS) */
 	settings defaults;
 	uint64_t wanted[2];
 	int wanted_prefill, wanted_set, wanted_dirty;
@@ -1133,6 +1134,8 @@ static void send_hello(ax_capture *c)
 	emit(c, r);
 }
 
+#define NOQ_WARN_NS (5000ull * MS) /* a segment without a Q ring this long: a warning */
+
 static void try_attach(ax_capture *c)
 {
 	if (c->now_ns < c->next_attach_ns)
@@ -1156,11 +1159,18 @@ static void try_attach(ax_capture *c)
 	}
 	if (ax_shm_find_buffer(c->shm, AX_BUF_Q_RING, -1) < 0) {
 		/* the engine opened its segment and is still registering its buffers: attached now, the backend and the
-		 * layers would be chosen from a partial table; the next try sees the rest */
-		if (c->attach_err_logged != -EINPROGRESS)
+		 * layers would be chosen from a partial table; the next try sees the rest. Said once, and again as a
+		 * warning if it lasts (an engine that never registers a Q ring cannot be captured) */
+		if (c->attach_err_logged != -EINPROGRESS && c->attach_err_logged != -ETIMEDOUT) {
 			ax_log(AX_LOG_INFO, TAG, "engine segment %s has no Q ring yet (the engine is registering its "
 			       "buffers); retrying every %u ms", c->o.shm_name, c->o.attach_retry_ms);
-		c->attach_err_logged = -EINPROGRESS;
+			c->attach_err_logged = -EINPROGRESS;
+			c->noq_since_ns = c->now_ns;
+		} else if (c->attach_err_logged == -EINPROGRESS && c->now_ns - c->noq_since_ns > NOQ_WARN_NS) {
+			ax_log(AX_LOG_WARN, TAG, "engine segment %s has had no Q ring for %u s: nothing can be captured "
+			       "until the engine registers one", c->o.shm_name, (unsigned)(NOQ_WARN_NS / 1000000000ull));
+			c->attach_err_logged = -ETIMEDOUT;
+		}
 		ax_shm_detach(c->shm);
 		c->shm = NULL;
 		return;

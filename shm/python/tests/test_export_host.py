@@ -282,6 +282,9 @@ def case_dead_capture(capture):
     with attnx.Exporter(name, **model_cfg(ring_cap=16)) as ex:
         ix = ex.add_host_buffer(attnx.make_buffer(_ffi.BUF_INDEX_TOKEN, "i32", (2, CTX)))
         ex.add_host_buffer(attnx.make_buffer(_ffi.BUF_K_POOL, "f32", (CTX, HKV, D), layer=0))
+        # a Q ring: the capture attaches only to a segment that has one (before it, the engine is still
+        # registering its buffers)
+        ex.add_host_buffer(attnx.make_buffer(_ffi.BUF_Q_RING, "f32", (QROWS, HQ, D)))
         p = start([capture, "--shm", name, "--records", "ipc:///nonexistent/attnx-pyt.sock", "--policy", "",
                    "--stats-interval", "0", "--log-level", "error"])
         try:
