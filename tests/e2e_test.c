@@ -625,6 +625,10 @@ static int setup(void **state)
 	snprintf(E.p[P_TAIL].out, sizeof E.p[P_TAIL].out, "%s/tail.jsonl", E.dir);
 	E.prod_port = ex_free_port();
 	E.relay_port = ex_free_port();
+	if (E.prod_port < 0 || E.relay_port < 0 || E.prod_port == E.relay_port) {
+		fprintf(stderr, "e2e set-up: no two free ports (%d, %d)\n", E.prod_port, E.relay_port);
+		return -1;
+	}
 	snprintf(listen, sizeof listen, "127.0.0.1:%d", E.prod_port);
 	snprintf(port, sizeof port, "%d", E.relay_port);
 	snprintf(upstream, sizeof upstream, "http://127.0.0.1:%d", E.prod_port);

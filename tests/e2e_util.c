@@ -109,7 +109,8 @@ void ex_dump_logs(const ex_proc *ps, int n, const char *dir)
 	}
 }
 
-int ex_free_port(void)
+/* One port the kernel hands out for 127.0.0.1, the socket closed again (-1 on failure). */
+static int ex_one_port(void)
 {
 	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
 	socklen_t len = sizeof a;
@@ -120,6 +121,30 @@ int ex_free_port(void)
 	if (fd >= 0)
 		close(fd);
 	return port;
+}
+
+/* A free port, never one this process was given before: two calls in a row can get the same port from the kernel
+ * (its socket is closed in between), and then the engine and the relay of one test both tried to listen on it (CI,
+ * session 16: "relay: cannot listen on 127.0.0.1:34069: Address already in use"). Not thread-safe (set-up code). */
+int ex_free_port(void)
+{
+	static int given[64];
+	static int n_given;
+
+	for (int tries = 0; tries < 100; tries++) {
+		int port = ex_one_port(), seen = 0;
+
+		if (port < 0)
+			return -1;
+		for (int i = 0; i < n_given && !seen; i++)
+			seen = given[i] == port;
+		if (seen)
+			continue;
+		if (n_given < (int)(sizeof given / sizeof given[0]))
+			given[n_given++] = port;
+		return port;
+	}
+	return -1;
 }
 
 /* ---- HTTP ----------------------------------------------------------------------------------------------------- */

@@ -39,7 +39,7 @@ int ex_stop(ex_proc *p, int sig);
 void ex_proc_forget(ex_proc *p);
 /* Print the last 30 lines of each process log to stderr. */
 void ex_dump_logs(const ex_proc *ps, int n, const char *dir);
-/* A free TCP port on 127.0.0.1, or -1. */
+/* A free TCP port on 127.0.0.1, never one this process was given before, or -1. */
 int ex_free_port(void);
 
 /* ---- HTTP (libcurl easy; curl_global_init is the caller's) -------------------------------------------------- */

@@ -690,6 +690,10 @@ static int setup(void **state)
 	snprintf(W.p[P_TAIL].out, sizeof W.p[P_TAIL].out, "%s/tail.jsonl", W.dir);
 	W.eng_port = ex_free_port();
 	W.relay_port = ex_free_port();
+	if (W.eng_port < 0 || W.relay_port < 0 || W.eng_port == W.relay_port) {
+		fprintf(stderr, "engine e2e set-up: no two free ports (%d, %d)\n", W.eng_port, W.relay_port);
+		return -1;
+	}
 	if (ref_model_open(&W.ref, W.model_dir)) {
 		fprintf(stderr, "cannot load %s\n", W.model_dir);
 		return -1;
