@@ -69,10 +69,20 @@ class PullSink:
         self.lib.nng_close(self.sock)
 
 
+_GIVEN = set()
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port, never one this process was given before (two picks in a row can get the same port from the
+    kernel: its socket is closed in between)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
+    raise OSError("no free port that was not handed out before")
 
 
 class Pipeline:

@@ -12,12 +12,24 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
-export function freePort() {
+function onePort() {
   return new Promise((ok, bad) => {
     const s = net.createServer();
     s.once('error', bad);
     s.listen(0, '127.0.0.1', () => { const p = s.address().port; s.close(() => ok(p)); });
   });
+}
+
+// A free port, never one this process was given before: two picks in a row can get the same port (its socket is
+// closed in between), and then the engine and the relay of one stack would both try to listen on it (the C e2e
+// tests hit it in CI, session 16).
+const given = new Set();
+export async function freePort() {
+  for (let tries = 0; tries < 100; tries++) {
+    const p = await onePort();
+    if (!given.has(p)) { given.add(p); return p; }
+  }
+  throw new Error('no free port that was not handed out before');
 }
 
 const sleep = ms => new Promise(r => setTimeout(r, ms));
