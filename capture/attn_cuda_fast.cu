@@ -63,7 +63,8 @@
  * parameter X); the others' registers and spills are unchanged. Session 15 (runs 81-83): the scores in blocks of
  * 8 keys, head-major, and the probability pass a thread a key over 128-key stages (from_scores): 1 × 1M mean_prob
  * 1056 → 728 µs; on by default for runs of ≥ 16K mean_prob keys (knob prob_scores_min). Session 16 (run 91): the
- * lists' candidate buffers merged only when a stage's candidates would overflow them (wl_flush). On the CPU
+ * lists' candidate buffers merged only when a stage's candidates would overflow them (wl_flush). Session 17 (run
+ * 95): the raw merge's row-0 flag words loaded with its scores. On the CPU
  * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
  * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
  * half in attn_cuda_fast_test.c.
