@@ -133,7 +133,8 @@ typedef struct axf_knobs {
 				    * counter until none is left, so CTAs that stream faster take more (capture/dev/
 				    * RESULTS.md run 56: the static shares end 14-57 µs apart). Pass-jobs with at least
 				    * AXF_TAIL_MIN stages a split only; 0: off */
-	uint32_t tail_blk;         /* stages (of AXF_TS keys) of a tail block (0: 1) */
+	uint32_t tail_blk;         /* stages (of AXF_TS keys) of a tail block (0: 1); at most the tail's stages per
+				    * split (session 17: axf_plan_tail) */
 	/* Session 11: */
 	uint32_t raw_heads;        /* a heads launch whose pass-jobs all keep lists of k ≤ AXF_TS over at most this
 				    * many keys, and fit one wave in splits of AXF_TS keys, streams them in such
@@ -649,8 +650,12 @@ static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb)
 		return;
 	jb->tss = tss;
 	jb->tail0 = tss * jb->S;
-	/* blocks long enough that S + tblk ≤ AXF_MAX_SPLITS (the merges stage one logsumexp partial each) */
+	/* blocks no longer than the tail's share of a split (session 17: 1 × 32K heads had 256 splits of 6 static
+	 * stages and 128 blocks of 4 for them — half the CTAs took one and ended ~40% after the others), but long
+	 * enough that S + tblk ≤ AXF_MAX_SPLITS (the merges stage one logsumexp partial each) */
 	const uint32_t rest = nst - jb->tail0, room = AXF_MAX_SPLITS - jb->S, least = (rest + room - 1) / room;
+	const uint32_t share = rest / jb->S ? rest / jb->S : 1;
+	jb->tstg = jb->tstg < share ? jb->tstg : share;
 	jb->tstg = jb->tstg > least ? jb->tstg : least;
 	jb->tstg = jb->tstg < rest ? jb->tstg : rest; /* no longer than the tail (a huge knob: one block; the kernel's
 						       * 32-bit block ends stay below n) */

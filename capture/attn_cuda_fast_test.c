@@ -469,8 +469,14 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 				assert_true(p->kn.tail > 0 && jb->tss >= 1 && jb->lse_out < 0); /* not a logsumexp pass */
 				assert_int_equal(jb->tail0, jb->tss * jb->S);
 				assert_true(jb->tail0 < nst && nst >= (uint64_t)AXF_TAIL_MIN * jb->S);
-				assert_true(jb->tstg >= (p->kn.tail_blk ? p->kn.tail_blk : 1) || jb->tstg == nst - jb->tail0);
-				assert_true(jb->tstg <= nst - jb->tail0);
+				/* blocks of tail_blk stages, at most the tail's share of a split, at least what keeps
+				 * S + tblk ≤ AXF_MAX_SPLITS, at most the whole tail */
+				const uint32_t rest = nst - jb->tail0, blk = p->kn.tail_blk ? p->kn.tail_blk : 1;
+				const uint32_t share = rest / jb->S ? rest / jb->S : 1;
+				const uint32_t least = (rest + AXF_MAX_SPLITS - jb->S - 1) / (AXF_MAX_SPLITS - jb->S);
+				uint32_t want = blk < share ? blk : share;
+				want = want > least ? want : least;
+				assert_int_equal(jb->tstg, want < rest ? want : rest);
 				assert_int_equal(jb->tblk, (nst - jb->tail0 + jb->tstg - 1) / jb->tstg);
 				assert_true(jb->S + jb->tblk <= AXF_MAX_SPLITS);
 			} else { /* none: off, short splits, no room for a block's partial, or shares that leave no tail */
@@ -785,12 +791,28 @@ static void test_plans(void **state)
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
 	assert_int_equal(p->jb[0].tblk, 0);
 	check_plan(p, jobs, 1, rc, 264);
-	p->kn.tail_blk = 1u << 28; /* a huge block: the whole tail in one (its 32-bit end arithmetic never wraps) */
+	/* 32K heads (session 17): 256 splits of 6 static stages leave 512 tail stages, 2 a split: blocks of 2, not 4
+	 * (128 blocks of 4 went to half the CTAs) */
+	jobs[0] = elig_job(X_HEADS);
+	jobs[0].position = (1u << 15) - 1;
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
+	assert_int_equal(p->jb[0].S, 256);
+	assert_int_equal(p->jb[0].tss, 6);
+	assert_int_equal(p->jb[0].tstg, 2);
+	assert_int_equal(p->jb[0].tblk, 256);
+	check_plan(p, jobs, 1, rc, 264);
+	jobs[0] = elig_job(X_NONE);
+	p->kn.tail_blk = 1u << 28; /* a huge block: the tail's share of a split (9832 / 264 = 37 stages) */
 	jobs[0].position = (1u << 20) - 1;
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
-	assert_int_equal(p->jb[0].tstg, 65536 - 211 * 264);
-	assert_int_equal(p->jb[0].tblk, 1);
+	assert_int_equal(p->jb[0].tstg, 37);
+	assert_int_equal(p->jb[0].tblk, (9832 + 36) / 37);
 	check_plan(p, jobs, 1, rc, 264);
+	jobs[0].position = (1u << 20) - 1; /* one split: the whole tail in one block (32-bit ends never wrap) */
+	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 1), 0);
+	assert_int_equal(p->jb[0].S, 1);
+	assert_true(p->jb[0].tblk == 1 && p->jb[0].tstg == 65536 - p->jb[0].tail0);
+	check_plan(p, jobs, 1, rc, 1);
 	p->kn.tail = 95; /* capped at 90% */
 	assert_int_equal(axf_plan_build(p, jobs, 1, rc, 264), 0);
 	assert_int_equal(p->jb[0].tss, 65536 / 10 / 264);
