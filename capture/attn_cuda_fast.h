@@ -657,8 +657,8 @@ static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb)
 	const uint32_t share = rest / jb->S ? rest / jb->S : 1;
 	jb->tstg = jb->tstg < share ? jb->tstg : share;
 	jb->tstg = jb->tstg > least ? jb->tstg : least;
-	jb->tstg = jb->tstg < rest ? jb->tstg : rest; /* no longer than the tail (a huge knob: one block; the kernel's
-						       * 32-bit block ends stay below n) */
+	jb->tstg = jb->tstg < rest ? jb->tstg : rest; /* no longer than the tail (one split: the whole tail in one
+						       * block; the kernel's 32-bit block ends stay below n) */
 	jb->tblk = (rest + jb->tstg - 1) / jb->tstg;
 }
 
