@@ -485,17 +485,22 @@ __device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb,
 		a.rlse[jb.res + r] = lse;
 }
 
-/* One warp ORs the flag words of pass-job jb's S splits into its flag word (the host reads it). */
-__device__ __forceinline__ void put_flags(const axf_args &a, const axf_job &jb)
+/* One warp ORs its lanes' shares v of pass-job jb's split flag words into its flag word (the host reads it). */
+__device__ __forceinline__ void put_flag_word(const axf_args &a, const axf_job &jb, uint32_t v)
 {
-	const int lane = threadIdx.x & 31;
-	uint32_t v = 0;
-	for (int i = lane; i < (int)jb.S; i += 32)
-		v |= (uint32_t)__ldcg((const int *)a.part_f + jb.pf0 + i);
 	for (int o = 16; o; o >>= 1)
 		v |= (uint32_t)__shfl_xor_sync(FULLM, (int)v, o);
-	if (lane == 0)
+	if ((threadIdx.x & 31) == 0)
 		a.pflags[jb.ticket] = v;
+}
+
+/* One warp ORs the flag words of pass-job jb's S splits into its flag word. */
+__device__ __forceinline__ void put_flags(const axf_args &a, const axf_job &jb)
+{
+	uint32_t v = 0;
+	for (int i = threadIdx.x & 31; i < (int)jb.S; i += 32)
+		v |= (uint32_t)__ldcg((const int *)a.part_f + jb.pf0 + i);
+	put_flag_word(a, jb, v);
 }
 
 /* Entries of each split list staged in shared memory by the merge: E = max(1, min(K, 8, cap / S)). */
@@ -849,12 +854,8 @@ __device__ void merge_row_raw(const axf_args &a, const axf_job &jb, int r, unsig
 	__syncthreads();
 	if (tid == 0)
 		trace_at(a, -1, AXF_TR_MLOAD);
-	if (w == 1 && flags) { /* as put_flags writes it */
-		for (int o = 16; o; o >>= 1)
-			fw |= (uint32_t)__shfl_xor_sync(FULLM, (int)fw, o);
-		if (lane == 0)
-			a.pflags[jb.ticket] = fw;
-	}
+	if (w == 1 && flags)
+		put_flag_word(a, jb, fw);
 	if (w == 0) {
 		float ts = -INFINITY;
 		int tp = INT_MAX;
