@@ -268,6 +268,20 @@ static int rest_runner(void *ctx, const ax_attn_job *jobs, uint32_t n, ax_attn_r
 	return ax__attn_fast_dispatch(c->fast, jobs, n, out, rc, generic_runner, c);
 }
 
+ax_attn_result *ax_attn_cuda_results_alloc(ax_attn_cuda *c, size_t rows)
+{
+	if (!c || rows == 0 || rows > SIZE_MAX / sizeof(ax_attn_result))
+		return NULL;
+	ax_attn_result *r = ax__attn_fast_results_alloc(c->fast, rows);
+	return r ? r : (ax_attn_result *)calloc(rows, sizeof *r);
+}
+
+void ax_attn_cuda_results_free(ax_attn_cuda *c, ax_attn_result *r)
+{
+	if (r && !ax__attn_fast_results_free(c ? c->fast : NULL, r))
+		free(r);
+}
+
 ax_attn_fast *ax__attn_cuda_fast_state(ax_attn_cuda *c)
 {
 	return c ? c->fast : NULL;

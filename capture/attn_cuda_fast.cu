@@ -64,7 +64,9 @@
  * 8 keys, head-major, and the probability pass a thread a key over 128-key stages (from_scores): 1 × 1M mean_prob
  * 1056 → 728 µs; on by default for runs of ≥ 16K mean_prob keys (knob prob_scores_min). Session 16 (run 91): the
  * lists' candidate buffers merged only when a stage's candidates would overflow them (wl_flush). Session 17 (run
- * 95): the raw merge's row-0 flag words loaded with its scores. On the CPU
+ * 95): the raw merge's row-0 flag words loaded with its scores. Session 18 (run 104): a run whose result rows are in
+ * one of the state's mapped buffers (ax__attn_fast_results_alloc) has put_result write them there in their final
+ * form (axf_args.zout) instead of the compact staging the host then expands. On the CPU
  * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
  * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
  * half in attn_cuda_fast_test.c.
@@ -466,7 +468,8 @@ __device__ __forceinline__ uint32_t lds_off(int row, int w, int c, int t)
 /* ---- the merge (the lab's v8_merge_row) ---------------------------------------------------------------------------- */
 
 /* Write one merged row in compact form: the row's logsumexp and its kout entries, best first (offset -1: empty;
- * axf_plan_finish expands them), or the logsumexp slot. */
+ * axf_plan_finish expands them), or the logsumexp slot; a.zout: the row's first kout entries and logsumexp in the
+ * caller's ax_attn_result row itself (mapped host memory), as the finish would write them. */
 __device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb, int r, float lse, float hx, int hp,
 					   float lx, int lp)
 {
@@ -474,6 +477,18 @@ __device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb,
 	if (jb.lse_out >= 0) {
 		if (lane == 0)
 			a.lse[jb.lse_out + r] = lse;
+		return;
+	}
+	if (a.zout) { /* the caller's row itself, as axf_finish_row writes it from the compact form */
+		ax_attn_result *o = a.zout + jb.res + r;
+		if (lane < kout)
+			o->pos[lane] = hp != INT_MAX ? (int64_t)(jb.start + (uint64_t)hp) : -1,
+			o->logit[lane] = hp != INT_MAX ? hx : -INFINITY;
+		if (lane + 32 < kout)
+			o->pos[lane + 32] = lp != INT_MAX ? (int64_t)(jb.start + (uint64_t)lp) : -1,
+			o->logit[lane + 32] = lp != INT_MAX ? lx : -INFINITY;
+		if (lane == 0)
+			o->lse = (double)lse;
 		return;
 	}
 	axf_ent *e = a.rent + jb.rent + (uint64_t)r * jb.kout;
@@ -1738,6 +1753,8 @@ static const axf_kfn axf_kernels[AXF_N_INST] = { /* axf_inst's numbering */
 	axf_kernel<AXF_M_HEADS, 0, 4, 1, 1>, axf_kernel<AXF_M_HEADS, 1, 4, 1, 1>, axf_kernel<AXF_M_HEADS, 0, 8, 1, 1>,
 	axf_kernel<AXF_M_HEADS, 1, 8, 1, 1>, axf_kernel<AXF_M_PROB, 0, 1, 2, 1>};
 /* The raw kernels (KB 0) of the instances raw launches can have (heads, k ≤ AXF_TS: KB 1), by instance; else NULL. */
+#define AXF_ZB_MAX 8 /* result buffers a state keeps (ax__attn_fast_results_alloc) */
+
 static const axf_kfn axf_kernels_raw[AXF_N_INST] = {
 	NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, axf_kernel<AXF_M_HEADS, 0, 4, 0>,
 	axf_kernel<AXF_M_HEADS, 1, 4, 0>, axf_kernel<AXF_M_HEADS, 0, 8, 0>, axf_kernel<AXF_M_HEADS, 1, 8, 0>,
@@ -1782,6 +1799,13 @@ struct ax_attn_fast {
 		cudaGraphNode_t node[AXF_KMAX];
 	} gs[AXF_GSLOTS];
 	uint64_t runs;
+	/* result buffers the kernels write into directly (ax__attn_fast_results_alloc, session 18): page-locked,
+	 * mapped; h the host address, d the device's */
+	struct axf_zbuf {
+		unsigned char *h, *d;
+		size_t bytes;
+	} zb[AXF_ZB_MAX];
+	ax_attn_result *zrun;   /* this run's: the device address of its rows, or NULL (the staging and the finish) */
 	axf_plan *plan;
 	axf_split split;
 	axf_pool pool;          /* helper threads for runs with many rows (knob threads) */
@@ -1995,6 +2019,9 @@ void ax__attn_fast_free(ax_attn_fast *f)
 	cudaFreeHost(f->done_h);
 	cudaFree(f->trace_d);
 	cudaFreeHost(f->trace_init);
+	for (int i = 0; i < AXF_ZB_MAX; i++)
+		if (f->zb[i].h)
+			cudaFreeHost(f->zb[i].h);
 	for (int i = 0; i < AXF_GSLOTS; i++) {
 		if (f->gs[i].x)
 			cudaGraphExecDestroy(f->gs[i].x);
@@ -2004,6 +2031,57 @@ void ax__attn_fast_free(ax_attn_fast *f)
 	axf_plan_free(f->plan);
 	axf_split_fini(&f->split);
 	free(f);
+}
+
+ax_attn_result *ax__attn_fast_results_alloc(ax_attn_fast *f, size_t rows)
+{
+	if (!f || rows == 0 || rows > SIZE_MAX / sizeof(ax_attn_result) || cudaSetDevice(f->device) != cudaSuccess) {
+		cudaGetLastError();
+		return NULL;
+	}
+	int i = 0;
+	while (i < AXF_ZB_MAX && f->zb[i].h)
+		i++;
+	if (i == AXF_ZB_MAX)
+		return NULL;
+	void *h = NULL, *d = NULL;
+	const size_t bytes = rows * sizeof(ax_attn_result);
+	if (cudaHostAlloc(&h, bytes, cudaHostAllocMapped | cudaHostAllocPortable) != cudaSuccess) {
+		cudaGetLastError(); /* not the context's error: the caller takes other memory */
+		return NULL;
+	}
+	if (cudaHostGetDevicePointer(&d, h, 0) != cudaSuccess) {
+		cudaGetLastError();
+		cudaFreeHost(h);
+		return NULL;
+	}
+	f->zb[i].h = (unsigned char *)h, f->zb[i].d = (unsigned char *)d, f->zb[i].bytes = bytes;
+	return (ax_attn_result *)h;
+}
+
+int ax__attn_fast_results_free(ax_attn_fast *f, ax_attn_result *r)
+{
+	for (int i = 0; f && r && i < AXF_ZB_MAX; i++) {
+		if (f->zb[i].h == (unsigned char *)r) {
+			cudaFreeHost(r);
+			f->zb[i].h = f->zb[i].d = NULL, f->zb[i].bytes = 0;
+			return 1;
+		}
+	}
+	return 0;
+}
+
+/* The device address of rows out .. out + rows − 1 when they lie in one of f's result buffers, else NULL. */
+static ax_attn_result *fast_zout(const ax_attn_fast *f, const ax_attn_result *out, uint64_t rows)
+{
+	const unsigned char *o = (const unsigned char *)out;
+	for (int i = 0; i < AXF_ZB_MAX; i++) {
+		const struct ax_attn_fast::axf_zbuf *z = &f->zb[i];
+		if (z->h && o >= z->h && (uint64_t)(o - z->h) % sizeof(ax_attn_result) == 0 &&
+		    rows <= (z->bytes - (size_t)(o - z->h)) / sizeof(ax_attn_result))
+			return (ax_attn_result *)(z->d + (o - z->h));
+	}
+	return NULL;
 }
 
 int ax__attn_fast_take_error(ax_attn_fast *f)
@@ -2112,6 +2190,7 @@ static void fast_launch(ax_attn_fast *f, const axf_launch *L, uint32_t seq, axf_
 	if (seq)
 		a.done_cnt = f->tick + f->tcap, a.done = f->done_d, a.units = (uint32_t)f->plan->units, a.seq = seq;
 	a.trace = f->trace_d;
+	a.zout = f->zrun;
 	const int pdl = f->plan->kn.pdl != 0;
 	a.pdl = pdl && axf_inst_mode(L->inst) == AXF_M_PROB;
 	k[*nk].fn = (const void *)(L->raw ? axf_kernels_raw[L->inst] : axf_kernels[L->inst]), k[*nk].ctas = L->ctas,
@@ -2270,6 +2349,9 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
 	}
 	if (r)
 		return r;
+	/* results straight into the caller's rows when they are in one of our mapped buffers (session 18) */
+	f->zrun = fast_zout(f, out, p->rows);
+	p->zc = f->zrun != NULL;
 	uint32_t seq = 0;
 	if (p->kn.spin) {
 		seq = ++f->seq ? f->seq : ++f->seq; /* never 0: 0 = no completion word */

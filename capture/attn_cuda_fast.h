@@ -34,7 +34,9 @@
  * flag word. Results are written compactly (a float logsumexp per row,
  * kout (logit, offset) entries per row, a flag word per pass-job) straight into the pinned host staging (mapped:
  * no download); the host writes each result row's frame while the kernels run (axf_plan_prefill) and only the
- * results once they are in (axf_plan_finish), as the generic path writes them.
+ * results once they are in (axf_plan_finish), as the generic path writes them — or, when the caller's rows are in
+ * one of the state's mapped buffers (ax__attn_fast_results_alloc, session 18), the merges write the results into
+ * those rows themselves and the host only their frame (axf_plan.zc).
  *
  * A call costs the launches and one wait (a stream synchronisation, or with knob spin a completion word the last
  * unit writes), plus one upload of the tables when a launch has more than one pass-job (a launch of one pass-job
@@ -276,6 +278,10 @@ typedef struct axf_args {
 	uint32_t *tailc;            /* tail counters (device), one per pass-job of the plan (index = ticket) */
 	unsigned long long *trace;  /* diagnostics (ax__attn_fast_trace): AXF_TR_ALL global-timer ns slots, NULL = off */
 	float *sc;                  /* mean_prob jobs' scores (knob prob_scores; axf_job.sc0) */
+	ax_attn_result *zout;       /* NULL, or the caller's result rows themselves (session 18: a buffer from
+				     * ax__attn_fast_results_alloc, mapped; its device address): the merges write each
+				     * row's first kout entries and logsumexp there, row jb.res + r, and the host's
+				     * prefill the rest (axf_prefill_range) — no staging, no finish copy */
 } axf_args;
 
 /* Trace slots (ns of the GPU's global timer, by thread 0 of CTAs; first = atomicMin, last = atomicMax). */
@@ -336,6 +342,11 @@ typedef struct axf_plan {
 	uint64_t *scoff;            /* [n] mean_prob jobs given scores (knob prob_scores): their first float in the
 				     * scores region; UINT64_MAX: none (two passes over K) */
 	size_t scoff_cap;
+	uint8_t *hmj;               /* [n] 1: job i's rows come from a host merge (its result pass-job's hm) */
+	size_t hmj_cap;
+	uint32_t zc;                /* set by the driver before the prefill: 1 when the kernels write the rows of the
+				     * jobs without hmj straight into the caller's (axf_args.zout); the prefill then
+				     * writes only the rest of those rows and the finish skips them */
 	ax_attn_result empty;       /* an empty row (k 0, every entry (-1, -inf)): expansion starts from it */
 	int empty_ok;
 	uint32_t n, njb, nso, nlse;
@@ -578,6 +589,7 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p->roff);
 	free(p->lslot);
 	free(p->eoff);
+	free(p->hmj);
 	free(p->lo);
 	free(p->uf);
 	free(p->planned);
@@ -636,14 +648,17 @@ static inline uint32_t axf_prows(const axf_job *jb, uint32_t mode)
  * (tblk 0) below AXF_TAIL_MIN stages a split or when the shares would leave no tail, and none for mean_prob's
  * logsumexp pass (lse_out ≥ 0): its uneven ends let the probability pass's CTAs (programmatic dependents) take the
  * SMs they free and start their first copies early; balanced, they all free them at the end (RESULTS run 64, H200:
- * 1 × 128K mean_prob 181.1 µs with a tail in both passes, 173.5 with none, 169.9 with the second pass's alone).
- * tbase is the driver's. */
-static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb)
+ * 1 × 128K mean_prob 181.1 µs with a tail in both passes, 173.5 with none, 169.9 with the second pass's alone);
+ * and since session 18 none for its probability pass (mode AXF_M_PROB) either: streaming the scores the first
+ * pass wrote (knob prob_scores), the tail made it slower (RESULTS runs 101 and 105, H200: 1 × 32K mean_prob −8 %
+ * without, 128K −5 %, 64 × 4K −4 %, 8 × 128K −4 %). tbase is the driver's. */
+static inline void axf_plan_tail(const axf_knobs *kn, axf_job *jb, uint32_t mode)
 {
 	const uint32_t nst = (jb->n + AXF_TS - 1) / AXF_TS, pct = kn->tail < 90 ? kn->tail : 90;
 	jb->tss = jb->tail0 = jb->tblk = jb->tbase = 0;
 	jb->tstg = kn->tail_blk ? kn->tail_blk : 1;
-	if (!pct || jb->lse_out >= 0 || nst < (uint64_t)AXF_TAIL_MIN * jb->S || jb->S >= AXF_MAX_SPLITS)
+	if (!pct || jb->lse_out >= 0 || mode == AXF_M_PROB || nst < (uint64_t)AXF_TAIL_MIN * jb->S ||
+	    jb->S >= AXF_MAX_SPLITS)
 		return;
 	const uint32_t tss = (uint32_t)((uint64_t)nst * (100 - pct) / 100 / jb->S);
 	if (tss == 0 || (uint64_t)tss * jb->S >= nst)
@@ -719,7 +734,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 		axf_job *jb = &p->jb[L->j0 + i];
 		jb->chunk = base > p->lo[i] ? base : p->lo[i];
 		jb->S = (uint32_t)axf_splits(jb->n, jb->chunk);
-		axf_plan_tail(&p->kn, jb);
+		axf_plan_tail(&p->kn, jb, mode);
 		jb->sepm = axf_lists(mode, jb->K) && p->kn.merge_heads && jb->S >= p->kn.merge_heads;
 		jb->raw = (uint32_t)raw; /* (then chunk AXF_TS, sepm, no tail) */
 		L->raw = (uint32_t)raw;
@@ -729,6 +744,8 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 			maxs = jb->S;
 		jb->ticket = L->j0 + i;
 		jb->hm = L->hm;
+		if (jb->hm && jb->res >= 0) /* its user job's rows come from the host */
+			p->hmj[jb->flag] = 1;
 		if (jb->hm) { /* one partial row per split (mean mode), in the staging's hm regions */
 			jb->part0 = jb->pf0 = p->hparts, jb->ent0 = p->hents;
 			p->hparts += jb->S + jb->tblk;
@@ -832,8 +849,10 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff) ||
 	    axc_grow((void **)&p->uf, &p->uf_cap, n ? n : 1, sizeof *p->uf) ||
 	    axc_grow((void **)&p->planned, &p->planned_cap, n ? n : 1, sizeof *p->planned) ||
-	    axc_grow((void **)&p->scoff, &p->scoff_cap, n ? n : 1, sizeof *p->scoff))
+	    axc_grow((void **)&p->scoff, &p->scoff_cap, n ? n : 1, sizeof *p->scoff) ||
+	    axc_grow((void **)&p->hmj, &p->hmj_cap, n ? n : 1, sizeof *p->hmj))
 		return -ENOMEM;
+	memset(p->hmj, 0, n);
 	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
 	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0, p->hparts = 0, p->hents = 0, p->scs = 0;
 	const uint64_t sc_cap = (uint64_t)(p->kn.prob_scores < AXF_SC_MAX_MIB ? p->kn.prob_scores : AXF_SC_MAX_MIB) << 18;
@@ -971,6 +990,16 @@ static inline void axf_prefill_range(axf_plan *p, const ax_attn_job *jobs, ax_at
 		const ax_attn_job *j = &jobs[i];
 		const uint32_t rows = axc_out_rows(j), kout = axf_kout(j), heads = j->mode == AX_MODE_HEADS;
 		ax_attn_result *o = out + p->roff[i];
+		if (p->zc && !p->hmj[i]) { /* the kernels write the first kout entries and the logsumexp (maybe now):
+					    * not a byte of those here */
+			for (uint32_t r = 0; r < rows; r++) {
+				o[r].head_id = heads ? (int32_t)(j->head_offset + r) : -1;
+				o[r].k = kout;
+				memcpy(o[r].pos + kout, p->empty.pos + kout, (AX_ATTN_MAX_TOPK - kout) * sizeof o[r].pos[0]);
+				memcpy(o[r].logit + kout, p->empty.logit + kout, (AX_ATTN_MAX_TOPK - kout) * sizeof o[r].logit[0]);
+			}
+			continue;
+		}
 		for (uint32_t r = 0; r < rows; r++) {
 			memcpy(&o[r], &p->empty, sizeof o[r]);
 			o[r].head_id = heads ? (int32_t)(j->head_offset + r) : -1;
@@ -984,7 +1013,10 @@ static inline void axf_prefill_range(axf_plan *p, const ax_attn_job *jobs, ax_at
  * after the launches, before it waits): every row of every planned job gets its head_id, its k (= kout), entries
  * past k as (-1, -inf) (attn_cuda.h's contract) and lse 0 — one copy of a 784-byte row each (1.6 MB for 64 × 4K
  * heads: run 8's ~120 µs of host work after the GPU was done). axf_plan_finish then writes only the logsumexp and
- * the first kout entries of each row. Rows of jobs the kernels fail are undefined anyway.
+ * the first kout entries of each row. Rows of jobs the kernels fail are undefined anyway. With p->zc (session 18)
+ * the kernels write those into the rows themselves, maybe while this runs: the rows of jobs they merge get only
+ * their head_id, k and the entries past k here, not a byte of the rest (disjoint bytes of the same rows: the PCIe
+ * writes and the CPU's stores are coherent at byte granularity), and the finish leaves them alone.
  */
 static inline void axf_plan_prefill(axf_plan *p, const ax_attn_job *jobs, ax_attn_result *out)
 {
@@ -1114,7 +1146,7 @@ static inline void axf_finish_range(const axf_plan *p, const char *h, const ax_a
 	const float *rlse = (const float *)(h + p->lay.rlse);
 	const axf_ent *rent = (const axf_ent *)(h + p->lay.rent);
 	for (uint32_t i = i0; i < i1; i++) {
-		if (!p->planned[i] || p->uf[i] & (AXF_F_RANGE | AXF_F_DOM))
+		if (!p->planned[i] || p->uf[i] & (AXF_F_RANGE | AXF_F_DOM) || (p->zc && !p->hmj[i])) /* (zc: written) */
 			continue;
 		const ax_attn_job *j = &jobs[i];
 		uint64_t start, nv;
@@ -1436,6 +1468,17 @@ void ax__attn_fast_free(ax_attn_fast *f);
  * batch): the eligible ones; the others get -EOPNOTSUPP (valid, not the fast path's shape: axf_dispatch sends them
  * to the generic path) or their validation code, and their rows are not written. Not thread-safe per state. */
 int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc);
+
+/*
+ * A buffer of `rows` result rows the kernels write into directly when it is the `out` of a run (session 18):
+ * page-locked host memory mapped into the device (cudaHostAllocMapped), kept by the state (at most AXF_ZB_MAX at
+ * once; freed with it). A run whose rows all lie in one such buffer skips its staging and its host finish: the
+ * merges write each row's first k entries and its logsumexp, the host's prefill the rest (while the kernels run).
+ * NULL on failure (f NULL, no slot left, no memory): any memory still works as `out`.
+ */
+ax_attn_result *ax__attn_fast_results_alloc(ax_attn_fast *f, size_t rows);
+/* Free a buffer of ax__attn_fast_results_alloc: 1, or 0 when r is not one of f's (nothing done). */
+int ax__attn_fast_results_free(ax_attn_fast *f, ax_attn_result *r);
 
 /* axf_dispatch with this state as the fast runner (f NULL: everything through generic). */
 int ax__attn_fast_dispatch(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc,

@@ -89,6 +89,7 @@ static uint64_t g_wide_jobs;   /* pass-jobs merged a row per warp by the list me
 static uint32_t g_first_S;     /* the last run's first pass-job's split count */
 static uint64_t g_hm_prob;     /* host-merged mean_prob probability launches (session 13): test_hm_ran */
 static uint64_t g_sc_jobs;     /* probability pass-jobs that read their scores (knob prob_scores, session 14) */
+static int g_zc;               /* the kernels write the rows into out themselves (axf_args.zout, session 18) */
 
 /* ax__attn_fast_run's steps with host memory: plan, tables, zeroed flags/tickets, launches, finish. */
 static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int *rc, uint32_t resident)
@@ -103,6 +104,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 		return r;
 	}
 	g_first_S = p->jb[0].S;
+	p->zc = (uint32_t)g_zc;
 	char *buf = (char *)aligned_alloc(256, (p->lay.total + 255) / 256 * 256);
 	assert_non_null(buf);
 	memset(buf, 0xa5, p->lay.total); /* garbage: nothing may depend on scratch contents */
@@ -135,6 +137,7 @@ static int emu_run(const ax_attn_job *jobs, uint32_t n, ax_attn_result *out, int
 			x.a.done_cnt = &done_cnt, x.a.done = &done, x.a.units = (uint32_t)p->units, x.a.seq = seq;
 		x.a.pdl = calls % 4 == 1; /* a no-op here: launches run one after the other */
 		x.a.trace = trace ? tr : NULL;
+		x.a.zout = g_zc ? out : NULL;
 		emu_launch(p->L[l].ctas, AXF_SMEM, emu_body, &x);
 		for (uint32_t j = p->L[l].j0; p->L[l].mg && p->L[l].mrpc == AXF_NW && j < p->L[l].j0 + p->L[l].nj; j++)
 			if (p->jb[j].sepm) /* which row-per-warp merge its rows take */
@@ -277,6 +280,20 @@ static void test_cases(void **state)
 			if (rc != 0)
 				fail_msg("%s (plan %zu): rc %d", emu_cases[i].name, p, rc);
 			check_job(&t.job, out, emu_cases[i].name);
+			if (p != 3)
+				continue;
+			/* the defaults again with the rows written by the kernels themselves: the same rows */
+			ax_attn_result *z = (ax_attn_result *)malloc(rows * sizeof *z);
+			memset(z, 0x5a, rows * sizeof *z);
+			g_zc = 1;
+			assert_int_equal(emu_run(&t.job, 1, z, &rc, emu_plans[p].resident), 0);
+			g_zc = 0;
+			assert_int_equal(rc, 0);
+			for (uint32_t r = 0; r < rows; r++)
+				assert_true(z[r].head_id == out[r].head_id && z[r].k == out[r].k && z[r].lse == out[r].lse &&
+					    memcmp(z[r].pos, out[r].pos, sizeof z[r].pos) == 0 &&
+					    memcmp(z[r].logit, out[r].logit, sizeof z[r].logit) == 0);
+			free(z);
 		}
 		g_kn = axf_knobs{};
 		free(out);

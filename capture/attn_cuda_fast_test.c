@@ -467,6 +467,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			const uint32_t nst = (jb->n + AXF_TS - 1) / AXF_TS;
 			if (jb->tblk) {
 				assert_true(p->kn.tail > 0 && jb->tss >= 1 && jb->lse_out < 0); /* not a logsumexp pass */
+				assert_true(mode != AXF_M_PROB); /* nor a probability pass (session 18) */
 				assert_int_equal(jb->tail0, jb->tss * jb->S);
 				assert_true(jb->tail0 < nst && nst >= (uint64_t)AXF_TAIL_MIN * jb->S);
 				/* blocks of tail_blk stages, at most the tail's share of a split, at least what keeps
@@ -482,7 +483,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			} else { /* none: off, short splits, no room for a block's partial, or shares that leave no tail */
 				const uint32_t pct = p->kn.tail < 90 ? p->kn.tail : 90;
 				const uint64_t tss = (uint64_t)nst * (100 - pct) / 100 / jb->S;
-				assert_true(!pct || jb->lse_out >= 0 || nst < (uint64_t)AXF_TAIL_MIN * jb->S ||
+				assert_true(!pct || jb->lse_out >= 0 || mode == AXF_M_PROB || nst < (uint64_t)AXF_TAIL_MIN * jb->S ||
 					    jb->S >= AXF_MAX_SPLITS || tss == 0 || tss * jb->S >= nst);
 			}
 			/* the knobs: at least the floor; above it, the launch's one base split */
@@ -919,6 +920,72 @@ static void test_finish(void **state)
 	assert_int_equal(out[34].k, 0);
 	free(out);
 	free(h);
+	axf_plan_free(p);
+}
+
+static char *fake_results(const axf_plan *p, uint32_t bad);
+
+/* Results straight into the caller's rows (session 18: axf_args.zout, p->zc): the kernels write each GPU-merged
+ * row's first kout entries and logsumexp (as axf_finish_row would; here by the test, half the jobs before the
+ * prefill and half after, as they land in any order), the prefill the rest of those rows, the finish only the rows
+ * of host-merged jobs — every planned job's rows equal to the staging path's, byte for byte. */
+static void test_finish_zc(void **state)
+{
+	(void)state;
+	enum { N = 7 };
+	ax_attn_job jobs[N] = {elig_job(X_HEADS), elig_job(X_PROB), elig_job(X_CAP),   elig_job(X_HEADS),
+			       elig_job(X_NONE),  elig_job(X_TOPK64), elig_job(X_NONE)};
+	jobs[3].position = 100, jobs[5].mode = AX_MODE_HEADS;
+	axf_plan *p = calloc(1, sizeof *p);
+	assert_non_null(p);
+	p->kn.host_merge = 256; /* mean_prob's lone probability pass-job: host-merged (its rows by the finish either
+				 * way); the two mean_logit jobs share a launch: merged on the GPU */
+	int rc[N], rca[N], rcb[N];
+	assert_int_equal(axf_plan_build(p, jobs, N, rc, 100), 0);
+	char *h = fake_results(p, UINT32_MAX);
+	for (uint32_t i = 0; i < N; i++)
+		assert_int_equal(p->hmj[i], i == 1);
+	ax_attn_result *a = malloc(p->rows * sizeof *a), *b = malloc(p->rows * sizeof *b);
+	assert_non_null(a);
+	assert_non_null(b);
+	memset(a, 0xa5, p->rows * sizeof *a);
+	memset(b, 0x5a, p->rows * sizeof *b);
+	p->zc = 0;
+	memcpy(rca, rc, sizeof rc);
+	axf_plan_prefill(p, jobs, a);
+	assert_int_equal(axf_plan_finish(p, h, jobs, a, rca), 0);
+	const float *rlse = (const float *)(h + p->lay.rlse);
+	const axf_ent *rent = (const axf_ent *)(h + p->lay.rent);
+	p->zc = 1;
+	memcpy(rcb, rc, sizeof rc);
+	for (int half = 0; half < 2; half++) {
+		for (uint32_t i = 0; i < N; i++) { /* "the kernels": even jobs before the prefill, odd ones after */
+			if ((int)(i % 2) != half || !p->planned[i] || p->hmj[i])
+				continue;
+			uint64_t start, nv;
+			axc_visible(&jobs[i], &start, &nv);
+			const uint32_t kout = axf_kout(&jobs[i]);
+			for (uint32_t r = 0; r < axc_out_rows(&jobs[i]); r++)
+				axf_finish_row(&b[p->roff[i] + r], rlse[p->roff[i] + r], rent + p->eoff[i] + (uint64_t)r * kout,
+					       kout, start);
+		}
+		if (half == 0)
+			axf_plan_prefill(p, jobs, b);
+	}
+	assert_int_equal(axf_plan_finish(p, h, jobs, b, rcb), 0);
+	assert_memory_equal(rca, rcb, sizeof rca);
+	for (uint32_t i = 0; i < N; i++) {
+		if (rca[i] != 0)
+			continue;
+		const uint32_t rows = axc_out_rows(&jobs[i]);
+		for (uint32_t r = 0; r < rows; r++) /* field by field: the padding's bytes are nobody's */
+			assert_true(a[p->roff[i] + r].head_id == b[p->roff[i] + r].head_id &&
+				    a[p->roff[i] + r].k == b[p->roff[i] + r].k && a[p->roff[i] + r].lse == b[p->roff[i] + r].lse &&
+				    memcmp(a[p->roff[i] + r].pos, b[p->roff[i] + r].pos, sizeof a->pos) == 0 &&
+				    memcmp(a[p->roff[i] + r].logit, b[p->roff[i] + r].logit, sizeof a->logit) == 0);
+	}
+	assert_int_equal(rca[2], -EOPNOTSUPP);
+	free(a), free(b), free(h);
 	axf_plan_free(p);
 }
 
@@ -1428,7 +1495,7 @@ int main(int argc, char **argv)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_constants), cmocka_unit_test(test_eligibility), cmocka_unit_test(test_check_limits), cmocka_unit_test(test_plan_base),
 		cmocka_unit_test(test_knobs_env), cmocka_unit_test(test_plans),
-		cmocka_unit_test(test_finish),    cmocka_unit_test(test_pool), cmocka_unit_test(test_dispatch),
+		cmocka_unit_test(test_finish),    cmocka_unit_test(test_finish_zc), cmocka_unit_test(test_pool), cmocka_unit_test(test_dispatch),
 		cmocka_unit_test(test_hmerge),
 	};
 	return cmocka_run_group_tests(tests, setup, NULL);

@@ -552,7 +552,12 @@ static void fast_compare(ax_attn_fast *f, ax_attn_cuda *g, const char *name, con
 	uint32_t rows = 0;
 	for (uint32_t i = 0; i < n; i++)
 		rows += ax_attn_rows(&jobs[i]);
-	ax_attn_result *fo = (ax_attn_result *)malloc(rows * sizeof *fo), *go = (ax_attn_result *)malloc(rows * sizeof *go);
+	/* every other comparison: the fast rows in the state's own mapped buffer, written by the kernels directly
+	 * (ax__attn_fast_results_alloc, session 18), poisoned as the malloc'd ones are */
+	static unsigned calls;
+	ax_attn_result *zo = calls++ % 2 ? ax__attn_fast_results_alloc(f, rows) : NULL;
+	ax_attn_result *fo = zo ? zo : (ax_attn_result *)malloc(rows * sizeof *fo);
+	ax_attn_result *go = (ax_attn_result *)malloc(rows * sizeof *go);
 	int *frc = (int *)malloc(n * sizeof *frc), *grc = (int *)malloc(n * sizeof *grc);
 	memset(fo, 0xff, rows * sizeof *fo);
 	for (uint32_t i = 0; i < n; i++)
@@ -570,8 +575,13 @@ static void fast_compare(ax_attn_fast *f, ax_attn_cuda *g, const char *name, con
 										   &maxd, why, sizeof why))
 			ok = 0;
 	}
-	tap(ok, "fast = generic: %s (largest logit difference %.2g)%s%s", name, maxd, ok ? "" : ": ", why);
-	free(fo), free(go), free(frc), free(grc);
+	tap(ok, "fast = generic: %s%s (largest logit difference %.2g)%s%s", name, zo ? " (rows by the GPU)" : "", maxd,
+	    ok ? "" : ": ", why);
+	if (!zo)
+		free(fo);
+	else if (ax__attn_fast_results_free(f, zo) != 1)
+		tap(0, "fast = generic: %s: its result buffer was not the state's", name);
+	free(go), free(frc), free(grc);
 }
 
 /* Whether a case can be eligible (checked before paying for its inputs; the job is checked again after). */
@@ -875,9 +885,14 @@ typedef struct bdata {
 	double floor;           /* µs: streaming read of one set's K and index bytes */
 	ax_attn_job *jobs[3];   /* per mode: rot·B jobs, set r at r·B */
 	ax_attn_result *out;
+	ax_attn_cuda *oc;       /* out's context (ax_attn_cuda_results_alloc), or NULL (malloc) */
 	int *rc;
 	uint32_t rows[3];       /* result rows of one set, per mode */
 } bdata;
+
+/* The context whose result rows the bench's request sets take (ax_attn_cuda_results_alloc: the rows written by
+ * the GPU directly), or NULL (malloc: the staging and the host's copy); bench() sets it unless AX_BENCH_ZC=0. */
+static ax_attn_cuda *g_bench_zc;
 
 static const uint32_t b_modes[3] = {ML, HD, MP};
 
@@ -930,7 +945,9 @@ static void bd_make(bdata *d, const char *name, uint32_t B, uint64_t n, int reps
 		}
 		d->rows[m] = B * (b_modes[m] == HD ? B_H : 1);
 	}
-	d->out = (ax_attn_result *)malloc((size_t)B * B_H * sizeof *d->out);
+	d->oc = g_bench_zc;
+	d->out = d->oc ? ax_attn_cuda_results_alloc(d->oc, (size_t)B * B_H)
+		       : (ax_attn_result *)malloc((size_t)B * B_H * sizeof *d->out);
 	d->rc = (int *)malloc(B * sizeof *d->rc);
 }
 
@@ -938,7 +955,11 @@ static void bd_free(bdata *d)
 {
 	for (int m = 0; m < 3; m++)
 		free(d->jobs[m]);
-	free(d->out), free(d->rc);
+	if (d->oc)
+		ax_attn_cuda_results_free(d->oc, d->out);
+	else
+		free(d->out);
+	free(d->rc);
 	cudaFree(d->k), cudaFree(d->idx), cudaFree(d->q);
 }
 
@@ -1206,6 +1227,10 @@ static int bench(ax_attn_cuda *c)
 		printf("# fast path not available here: kernel column empty\n");
 	if (ax__attn_fast_new(&ft, 0, s) != 0 || !ft || ax__attn_fast_timing(ft, 1) != 0 || ax__attn_fast_trace(ft, 1) != 0)
 		ft = NULL;
+	/* AX_BENCH_ZC=0: the result rows in malloc'd memory (the staging and the host's copy, as before session 18);
+	 * else in the default context's own (ax_attn_cuda_results_alloc), as attnx-capture takes them */
+	const char *zc_env = getenv("AX_BENCH_ZC");
+	g_bench_zc = zc_env && strcmp(zc_env, "0") == 0 ? NULL : c;
 	axf_knobs kn = {};
 	ax__attn_fast_knobs(f, &kn, NULL);
 	bench_head("bench");
@@ -1215,6 +1240,8 @@ static int bench(ax_attn_cuda *c)
 	       kn.ctas_per_sm, kn.min_keys, kn.max_splits, kn.min_keys_heads, kn.max_splits_heads, kn.merge_heads,
 	       kn.ctas_per_sm_heads, kn.spin, kn.pdl, kn.merge_warp, kn.threads, kn.host_merge, kn.graph, kn.tail,
 	       kn.tail_blk, kn.prob_scores, kn.prob_scores_min);
+	printf("# result rows: %s\n", g_bench_zc ? "the default context's (ax_attn_cuda_results_alloc: written by the GPU)"
+						 : "malloc'd (AX_BENCH_ZC=0: staged, copied by the host)");
 	printf("# var lines: shape mode variant fast-e2e-us kern-us e2e-xfl kern-xfl (ax__attn_fast_run alone: no "
 	       "dispatch; e2e without events; each variant = the defaults with one change, see b_vars) | the host's "
 	       "parts of that e2e (medians, µs): plan+upload+launch calls, prefill, wait, finish (the first's plan and "
@@ -1259,6 +1286,7 @@ static int bench(ax_attn_cuda *c)
 		}
 		bd_free(&d);
 	}
+	g_bench_zc = NULL;
 	ax__attn_fast_free(f);
 	ax__attn_fast_free(fe);
 	ax__attn_fast_free(ft);

@@ -92,7 +92,7 @@ struct ax__cuda_be {
 	uint32_t n;
 	ax_attn_job *jobs;          /* [AX_CUDA_BATCH_MAX] staging for ax_attn_cuda_run */
 	int *rc;                    /* [AX_CUDA_BATCH_MAX] */
-	ax_attn_result *res;        /* contiguous results, res_cap rows */
+	ax_attn_result *res;        /* contiguous results, res_cap rows (from ctx: ax_attn_cuda_results_alloc) */
 	uint32_t res_cap;
 	uint64_t busy_ns;
 	int warned_no_event;
@@ -165,18 +165,27 @@ fail:
 	return rv;
 }
 
+/* Close the context, and the result room it gave (ax_attn_cuda_results_alloc: its own mapped memory). */
+static void ctx_close(ax__cuda_be *b)
+{
+	ax_attn_cuda_results_free(b->ctx, b->res);
+	b->res = NULL;
+	b->res_cap = 0;
+	ax_attn_cuda_close(b->ctx);
+	b->ctx = NULL;
+}
+
 void ax__cuda_be_close(ax__cuda_be *b)
 {
 	if (b == NULL)
 		return;
 	ax__cuda_be_detach(b);
-	ax_attn_cuda_close(b->ctx);
+	ctx_close(b);
 	for (uint32_t i = 0; b->items && i < AX_CUDA_BATCH_MAX; i++)
 		free(b->items[i].res);
 	free(b->items);
 	free(b->jobs);
 	free(b->rc);
-	free(b->res);
 	free(b);
 }
 
@@ -254,8 +263,7 @@ static int device_error(ax__cuda_be *b, const char *what)
 	if (b->rs.sticky++ % 100 == 0) /* the first, then every 100th */
 		ax_log(AX_LOG_ERROR, TAG, "sticky CUDA error during %s on device %d (%s): releasing the context and every "
 		       "imported mapping and event, resetting the device, attaching afresh", what, b->device, b->err);
-	ax_attn_cuda_close(b->ctx);
-	b->ctx = NULL;
+	ctx_close(b);
 	ax_shm_cuda_close(b->imp); /* every IPC / VMM mapping and event: none survives the reset */
 	b->imp = NULL;
 	b->stale = b->shm != NULL;
@@ -341,8 +349,8 @@ void ax__cuda_be_commit(ax__cuda_be *b) { b->n++; }
 
 uint32_t ax__cuda_be_pending(const ax__cuda_be *b) { return b ? b->n : 0; }
 
-/* Stage the batch: job copies with their head lists re-pointed at the item (items are reused), result room. */
-static int stage(ax__cuda_be *b, uint32_t *rows)
+/* Stage the batch: job copies with their head lists re-pointed at the item (items are reused). */
+static void stage(ax__cuda_be *b, uint32_t *rows)
 {
 	uint32_t total = 0;
 	for (uint32_t i = 0; i < b->n; i++) {
@@ -351,14 +359,21 @@ static int stage(ax__cuda_be *b, uint32_t *rows)
 			b->jobs[i].heads = b->items[i].heads;
 		total += ax_attn_rows(&b->jobs[i]);
 	}
-	if (total > b->res_cap) {
-		ax_attn_result *r = realloc(b->res, (size_t)total * sizeof *r);
-		if (r == NULL)
-			return -ENOMEM;
-		b->res = r;
-		b->res_cap = total;
-	}
 	*rows = total;
+}
+
+/* Result room for `rows` rows from the open context: memory its GPU writes the rows into directly where it can
+ * (ax_attn_cuda_results_alloc), grown to the largest batch and kept with the context. */
+static int room(ax__cuda_be *b, uint32_t rows)
+{
+	if (rows <= b->res_cap)
+		return 0;
+	ax_attn_result *r = ax_attn_cuda_results_alloc(b->ctx, rows);
+	if (r == NULL)
+		return -ENOMEM;
+	ax_attn_cuda_results_free(b->ctx, b->res);
+	b->res = r;
+	b->res_cap = rows;
 	return 0;
 }
 
@@ -421,14 +436,17 @@ int ax__cuda_be_run(ax__cuda_be *b, ax__item **items, uint32_t *n)
 		return 0;
 	uint64_t t0 = ax_now_ns();
 	uint32_t rows = 0;
-	int rv = stage(b, &rows);
-	if (rv == 0 && (b->stale || b->broken || b->imp == NULL)) /* addresses of released mappings: never run */
+	int rv = 0;
+	stage(b, &rows);
+	if (b->stale || b->broken || b->imp == NULL) /* addresses of released mappings: never run */
 		rv = -EIO;
 	if (rv == 0 && b->ctx == NULL && (rv = ax_attn_cuda_open(&b->ctx, b->device)) < 0) {
 		snprintf(b->err, sizeof b->err, "reopen: %s", ax_attn_cuda_strerror(NULL));
 		if (rv == -EIO)
 			device_error(b, "a context reopen");
 	}
+	if (rv == 0 && (rv = room(b, rows)) < 0)
+		snprintf(b->err, sizeof b->err, "no memory for %u result rows", rows);
 	if (rv == 0) {
 		wait_engine(b);
 		if (b->fault_after >= 0 && b->runs++ == (uint64_t)b->fault_after) {
@@ -439,10 +457,8 @@ int ax__cuda_be_run(ax__cuda_be *b, ax__item **items, uint32_t *n)
 				snprintf(b->err, sizeof b->err, "%s", ax_attn_cuda_strerror(b->ctx));
 		}
 		if (rv < 0) {
-			if (rv == -EIO && device_error(b, "a batch") == 0) { /* not sticky: a fresh context anyway */
-				ax_attn_cuda_close(b->ctx);
-				b->ctx = NULL;
-			}
+			if (rv == -EIO && device_error(b, "a batch") == 0) /* not sticky: a fresh context anyway */
+				ctx_close(b);
 		}
 	}
 	if (rv == 0)

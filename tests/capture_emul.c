@@ -221,9 +221,11 @@ const ax_cuda_ops *ax_cuda_ops_real(void) { return &emul_ops; }
 
 /* ---- the "kernels" ----------------------------------------------------------------------------------------- */
 
+#define EMUL_RES_MAX 8
 struct ax_attn_cuda {
 	ax_attn_scratch *scratch;
 	int waited;
+	ax_attn_result *res[EMUL_RES_MAX]; /* result room it gave (ax_attn_cuda_results_alloc), freed with it */
 };
 
 static void report(void)
@@ -271,6 +273,8 @@ void ax_attn_cuda_close(ax_attn_cuda *c)
 	if (c == NULL)
 		return;
 	ax_attn_scratch_free(c->scratch);
+	for (int i = 0; i < EMUL_RES_MAX; i++)
+		free(c->res[i]);
 	free(c);
 	g_ctx_open--;
 }
@@ -329,6 +333,26 @@ int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_at
 		off += ax_attn_rows(&jobs[i]);
 	}
 	return 0;
+}
+
+/* Result room: the context's own, as on the GPU (attn_cuda.h: freed with the context at the latest). */
+ax_attn_result *ax_attn_cuda_results_alloc(ax_attn_cuda *c, size_t rows)
+{
+	if (c == NULL || rows == 0)
+		return NULL;
+	for (int i = 0; i < EMUL_RES_MAX; i++) {
+		if (c->res[i] == NULL)
+			return c->res[i] = calloc(rows, sizeof(ax_attn_result));
+	}
+	return calloc(rows, sizeof(ax_attn_result));
+}
+
+void ax_attn_cuda_results_free(ax_attn_cuda *c, ax_attn_result *r)
+{
+	for (int i = 0; c && r && i < EMUL_RES_MAX; i++)
+		if (c->res[i] == r)
+			c->res[i] = NULL;
+	free(r);
 }
 
 const char *ax_attn_cuda_strerror(const ax_attn_cuda *c)
