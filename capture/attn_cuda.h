@@ -62,7 +62,8 @@ int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_at
  * into directly (mapped into the device; the fast path then skips its staging and its copy of the results — 64
  * requests × 32 heads: ~10 µs less host work after the GPU is done), or, where that is not available, ordinary
  * memory (any memory works as `out`; the copy is made then). NULL when c is NULL, rows is 0 or no memory is left.
- * Free with ax_attn_cuda_results_free on the same context before closing it (closing frees any left).
+ * Free each with ax_attn_cuda_results_free on the same context before closing it (closing releases the mapped ones
+ * still left, not the ordinary ones).
  */
 ax_attn_result *ax_attn_cuda_results_alloc(ax_attn_cuda *c, size_t rows);
 void ax_attn_cuda_results_free(ax_attn_cuda *c, ax_attn_result *r);
