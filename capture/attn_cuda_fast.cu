@@ -1753,8 +1753,6 @@ static const axf_kfn axf_kernels[AXF_N_INST] = { /* axf_inst's numbering */
 	axf_kernel<AXF_M_HEADS, 0, 4, 1, 1>, axf_kernel<AXF_M_HEADS, 1, 4, 1, 1>, axf_kernel<AXF_M_HEADS, 0, 8, 1, 1>,
 	axf_kernel<AXF_M_HEADS, 1, 8, 1, 1>, axf_kernel<AXF_M_PROB, 0, 1, 2, 1>};
 /* The raw kernels (KB 0) of the instances raw launches can have (heads, k ≤ AXF_TS: KB 1), by instance; else NULL. */
-#define AXF_ZB_MAX 8 /* result buffers a state keeps (ax__attn_fast_results_alloc) */
-
 static const axf_kfn axf_kernels_raw[AXF_N_INST] = {
 	NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, axf_kernel<AXF_M_HEADS, 0, 4, 0>,
 	axf_kernel<AXF_M_HEADS, 1, 4, 0>, axf_kernel<AXF_M_HEADS, 0, 8, 0>, axf_kernel<AXF_M_HEADS, 1, 8, 0>,

@@ -1476,6 +1476,7 @@ int ax__attn_fast_run(ax_attn_fast *f, const ax_attn_job *jobs, uint32_t n, ax_a
  * merges write each row's first k entries and its logsumexp, the host's prefill the rest (while the kernels run).
  * NULL on failure (f NULL, no slot left, no memory): any memory still works as `out`.
  */
+#define AXF_ZB_MAX 8 /* result buffers a state keeps */
 ax_attn_result *ax__attn_fast_results_alloc(ax_attn_fast *f, size_t rows);
 /* Free a buffer of ax__attn_fast_results_alloc: 1, or 0 when r is not one of f's (nothing done). */
 int ax__attn_fast_results_free(ax_attn_fast *f, ax_attn_result *r);

@@ -412,6 +412,29 @@ static void test_api(ax_attn_cuda *c)
 	tap(ax_attn_cuda_open(&x, ax_attn_cuda_devices()) == -ENODEV, "open device past the last: -ENODEV");
 	ax_attn_cuda_close(NULL);
 	tap(ax_attn_cuda_strerror(NULL) != NULL && ax_attn_cuda_strerror(c) != NULL, "strerror never NULL");
+	/* result rows from the context (session 18): mapped buffers while the fast state has slots (8), then ordinary
+	 * memory; a run into either is exact; a pointer not the state's is not freed by it */
+	tap(ax_attn_cuda_results_alloc(NULL, 1) == NULL && ax_attn_cuda_results_alloc(c, 0) == NULL,
+	    "results_alloc without a context or rows: NULL");
+	ax_attn_fast *fs = ax__attn_cuda_fast_state(c);
+	ax_attn_result *rb[AXF_ZB_MAX + 1];
+	int mapped = 0, runs_ok = 1;
+	for (int i = 0; i <= AXF_ZB_MAX; i++) {
+		rb[i] = ax_attn_cuda_results_alloc(c, 2);
+		unsigned int fl = 0;
+		mapped += rb[i] && cudaHostGetFlags(&fl, rb[i]) == cudaSuccess && (fl & cudaHostAllocMapped);
+		cudaGetLastError(); /* (ordinary memory: not the runtime's) */
+		memset(rb[i], 0xff, 2 * sizeof *rb[i]);
+		rc = 1;
+		runs_ok &= gpu_run(c, &d.job, 1, rb[i] + 1, 1, &rc) == 0 && rc == 0 &&
+			   check_rows(&t.job, rb[i] + 1, why, sizeof why) == 0;
+	}
+	tap(runs_ok && mapped == (fs ? AXF_ZB_MAX : 0), "results_alloc: %d mapped buffers of %d, runs into each exact%s%s",
+	    mapped, AXF_ZB_MAX + 1, runs_ok ? "" : ": ", runs_ok ? "" : why);
+	tap(!fs || ax__attn_fast_results_free(fs, out) == 0, "fast state's results_free of memory not its own: 0");
+	for (int i = 0; i <= AXF_ZB_MAX; i++)
+		ax_attn_cuda_results_free(c, rb[i]);
+	ax_attn_cuda_results_free(c, NULL);
 	dj_free(&d);
 	td_free(&t);
 	cudaEventDestroy(ev);
