@@ -335,7 +335,8 @@ int ax_attn_cuda_run(ax_attn_cuda *c, const ax_attn_job *jobs, uint32_t n, ax_at
 	return 0;
 }
 
-/* Result room: the context's own, as on the GPU (attn_cuda.h: freed with the context at the latest). */
+/* Result room, as on the GPU (attn_cuda.h): the first EMUL_RES_MAX live buffers are the context's (closing it frees
+ * those left), more are ordinary memory (the caller's to free). */
 ax_attn_result *ax_attn_cuda_results_alloc(ax_attn_cuda *c, size_t rows)
 {
 	if (c == NULL || rows == 0)
