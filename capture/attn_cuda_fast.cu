@@ -66,8 +66,9 @@
  * lists' candidate buffers merged only when a stage's candidates would overflow them (wl_flush). Session 17 (run
  * 95): the raw merge's row-0 flag words loaded with its scores. Session 18 (run 104): a run whose result rows are in
  * one of the state's mapped buffers (ax__attn_fast_results_alloc) has put_result write them there in their final
- * form (axf_args.zout) instead of the compact staging the host then expands. Session 19 (run 111): the raw merge's
- * bar and final order by counted ranks instead of sorting networks (its PTX alone changed). On the CPU
+ * form (axf_args.zout) instead of the compact staging the host then expands. Session 19 (runs 111-112): the raw
+ * merge's and the list merge launch's bars and final orders by counted ranks instead of sorting networks
+ * (row_finish_ranked, merge_row_cta<1>; only the merge kernels' PTX changed). On the CPU
  * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
  * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
  * half in attn_cuda_fast_test.c.
@@ -643,6 +644,33 @@ __device__ void row_finish(const axf_args &a, const axf_job &jb, int r, float ls
 	__syncwarp();
 }
 
+/* The end of a row's merge with n ≤ 64 survivors in xs/xp, by one warp, without a sorting network (session 19):
+ * each survivor's place is the number of better ones (positions differ: a total order), where it goes in ds/dp (64
+ * entries of free shared memory); then the row from there. */
+__device__ __forceinline__ void row_finish_ranked(const axf_args &a, const axf_job &jb, int r, float lse, int n,
+						  const float *xs, const int *xp, float *ds, int *dp)
+{
+	const int lane = threadIdx.x & 31;
+	const float x0 = lane < n ? xs[lane] : -INFINITY, x1 = lane + 32 < n ? xs[lane + 32] : -INFINITY;
+	const int p0 = lane < n ? xp[lane] : INT_MAX, p1 = lane + 32 < n ? xp[lane + 32] : INT_MAX;
+	int r0 = 0, r1 = 0;
+#pragma unroll 4
+	for (int j = 0; j < n; ++j) {
+		const float xj = xs[j];
+		const int pj = xp[j];
+		r0 += fb(xj, pj, x0, p0) ? 1 : 0;
+		r1 += fb(xj, pj, x1, p1) ? 1 : 0;
+	}
+	if (lane < n)
+		ds[r0] = x0, dp[r0] = p0;
+	if (lane + 32 < n)
+		ds[r1] = x1, dp[r1] = p1;
+	__syncwarp();
+	put_result(a, jb, r, lse, lane < n ? ds[lane] : -INFINITY, lane < n ? dp[lane] : INT_MAX,
+		   lane + 32 < n ? ds[lane + 32] : -INFINITY, lane + 32 < n ? dp[lane + 32] : INT_MAX);
+	__syncwarp();
+}
+
 /* Survivors of the bar (ts, tp) among splits base0, base0 + step, ... (32 at a time: lane l takes split base + l),
  * every entry e < K of each until its first failing one (lists are sorted), appended at xs/xp[*cnt ..] (positions
  * ≥ 64 only counted). One warp; *cnt in shared memory, shared by the warps that scan together (atomicAdd: their
@@ -941,25 +969,8 @@ __device__ void merge_row_raw(const axf_args &a, const axf_job &jb, int r, unsig
 	if (w != 0)
 		return;
 	const int nsv = (int)*cnt;
-	if (nsv <= 64) { /* survivor i's place: how many survivors are better (positions differ: a total order) */
-		const float x0 = lane < nsv ? xs[lane] : -INFINITY, x1 = lane + 32 < nsv ? xs[lane + 32] : -INFINITY;
-		const int p0 = lane < nsv ? xp[lane] : INT_MAX, p1 = lane + 32 < nsv ? xp[lane + 32] : INT_MAX;
-		int r0 = 0, r1 = 0;
-#pragma unroll 4
-		for (int j = 0; j < nsv; ++j) {
-			const float xj = xs[j];
-			const int pj = xp[j];
-			r0 += fb(xj, pj, x0, p0) ? 1 : 0;
-			r1 += fb(xj, pj, x1, p1) ? 1 : 0;
-		}
-		if (lane < nsv) /* es/ep are free: every warp is past the scan */
-			es[r0] = x0, ep[r0] = p0;
-		if (lane + 32 < nsv)
-			es[r1] = x1, ep[r1] = p1;
-		__syncwarp();
-		put_result(a, jb, r, red[3], lane < nsv ? es[lane] : -INFINITY, lane < nsv ? ep[lane] : INT_MAX,
-			   lane + 32 < nsv ? es[lane + 32] : -INFINITY, lane + 32 < nsv ? ep[lane + 32] : INT_MAX);
-		__syncwarp();
+	if (nsv <= 64) { /* es/ep are free: every warp is past the scan */
+		row_finish_ranked(a, jb, r, red[3], nsv, xs, xp, es, ep);
 		return;
 	}
 	WList L;
@@ -985,6 +996,7 @@ __device__ void merge_row_raw(const axf_args &a, const axf_job &jb, int r, unsig
  * mode AXF_M_PROB reports logsumexp 0; flags: warp 1 also ORs the pass-job's flag words (put_flags) meanwhile.
  * Called by every thread of the CTA.
  */
+template <int RK = 0> /* 1: the bar and the final order by counted ranks (session 19; the merge launch's instance) */
 __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsigned char *smem, float *xs, int *xp,
 			      float *red, int mode, int flags)
 {
@@ -1040,7 +1052,53 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 		}
 		return;
 	}
-	if (w == 0) { /* the bar: best k-th of any split, raised by the lane maxima of the split heads */
+	if (w == 0 && RK) { /* row_bar's bar, its reduction and 32-wide sort as 32 independent shuffles a lane */
+		float ts = -INFINITY, bx = -INFINITY;
+		int tp = INT_MAX, bp = INT_MAX;
+#pragma unroll 4
+		for (int i = lane; i < S; i += 32) {
+			const float kx = skx[i], hx = es[i];
+			const int kp = skp[i], hp = ep[i];
+			if (kp >= 0 && fb(kx, kp, ts, tp))
+				ts = kx, tp = kp;
+			if (hp >= 0 && fb(hx, hp, bx, bp))
+				bx = hx, bp = hp;
+		}
+		float tb = ts;
+		int tq = tp, rank = 0;
+#pragma unroll
+		for (int j = 0; j < 32; ++j) {
+			const float ox = __shfl_sync(FULLM, bx, j), oy = __shfl_sync(FULLM, ts, j);
+			const int op = __shfl_sync(FULLM, bp, j), oq = __shfl_sync(FULLM, tp, j);
+			rank += fb(ox, op, bx, bp) ? 1 : 0;
+			if (fb(oy, oq, tb, tq))
+				tb = oy, tq = oq;
+		}
+		const unsigned bm = __ballot_sync(FULLM, K <= 32 && bp != INT_MAX && rank == K - 1);
+		if (bm) { /* warp-uniform: the K-th best lane maximum raises the bar */
+			const float t2 = __shfl_sync(FULLM, bx, __ffs(bm) - 1);
+			const int t2p = __shfl_sync(FULLM, bp, __ffs(bm) - 1);
+			if (fb(t2, t2p, tb, tq))
+				tb = t2, tq = t2p;
+		}
+		if (lane == 0)
+			red[0] = tb, ((int *)red)[1] = tq, *cnt = 0;
+	} else if (w == 2 && RK) { /* the logsumexp: the maximum, then one sum */
+		float m = -INFINITY, sm = 0.f;
+#pragma unroll 4
+		for (int i = lane; i < SL; i += 32)
+			m = fmaxf(m, sl[i]);
+		for (int o = 16; o; o >>= 1)
+			m = fmaxf(m, __shfl_xor_sync(FULLM, m, o));
+		if (m != -INFINITY)
+#pragma unroll 4
+			for (int i = lane; i < SL; i += 32)
+				sm += sl[i] == -INFINITY ? 0.f : lse_exp(sl[i] - m);
+		for (int o = 16; o; o >>= 1)
+			sm += __shfl_xor_sync(FULLM, sm, o);
+		if (lane == 0)
+			red[3] = mode == AXF_M_PROB ? 0.f : lse_value(m, sm);
+	} else if (w == 0) { /* the bar: best k-th of any split, raised by the lane maxima of the split heads */
 		float ts = -INFINITY;
 		int tp = INT_MAX;
 		for (int i = lane; i < S; i += 32)
@@ -1067,7 +1125,9 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 	__syncthreads();
 	if (tid == 0)
 		trace_at(a, -1, AXF_TR_MSCAN);
-	if (w == 0)
+	if (w == 0 && RK && *cnt <= 64) /* es/ep are free: every warp is past the scan */
+		row_finish_ranked(a, jb, r, red[3], (int)*cnt, xs, xp, es, ep);
+	else if (w == 0)
 		row_finish(a, jb, r, red[3], ts, tp, (int)*cnt, xs, xp, es, ep, E);
 }
 
@@ -1754,7 +1814,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_merge_kernel(const 
 		if (KIND == AXF_MK_RAW)
 			merge_row_raw(a, jb, (int)r0, smem, xs, xp, red, r0 == 0);
 		else
-			merge_row_cta(a, jb, (int)r0, smem, xs, xp, red, AXF_M_HEADS, r0 == 0);
+			merge_row_cta<1>(a, jb, (int)r0, smem, xs, xp, red, AXF_M_HEADS, r0 == 0);
 		if (w != 0)
 			return;
 		__syncwarp(); /* warp 0's result writes (and, by the merge's CTA barriers, warp 1's flags) before lane 0 */
