@@ -992,7 +992,8 @@ __device__ void merge_row_raw(const axf_args &a, const axf_job &jb, int r, unsig
  * The whole CTA (8 warps) merges row r of pass-job jb into its result row or logsumexp slot: one round of loads by
  * all threads brings every split's logsumexp, k-th entry and first E entries into shared memory; warp 0 sets the
  * bar while warp 2 merges the logsumexps; all 8 warps scan the splits for survivors together (row_scan, 1/8 of
- * the splits each); warp 0 sorts them and writes the row. smem: the CTA's dynamic shared memory (the ring is idle);
+ * the splits each); warp 0 sorts them (RK: ranks them, when ≤ 64) and writes the row. smem: the CTA's dynamic shared
+ * memory (the ring is idle);
  * mode AXF_M_PROB reports logsumexp 0; flags: warp 1 also ORs the pass-job's flag words (put_flags) meanwhile.
  * Called by every thread of the CTA.
  */
