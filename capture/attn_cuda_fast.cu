@@ -68,7 +68,9 @@
  * one of the state's mapped buffers (ax__attn_fast_results_alloc) has put_result write them there in their final
  * form (axf_args.zout) instead of the compact staging the host then expands. Session 19 (runs 111-112): the raw
  * merge's and the list merge launch's bars and final orders by counted ranks instead of sorting networks
- * (row_finish_ranked, merge_row_cta<1>; only the merge kernels' PTX changed). On the CPU
+ * (row_finish_ranked, merge_row_cta<1>; only the merge kernels' PTX changed). Session 20 (run 118): a bitonic
+ * step decides with one comparison (bitonic_take), not two: the heads loop's list work is paid in instructions
+ * (runs 115-117), and this took 8 % of the heads instance's PTX and 4 % off 1 × 32K and 1 × 128K heads. On the CPU
  * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
  * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
  * half in attn_cuda_fast_test.c.
@@ -199,7 +201,10 @@ __device__ __forceinline__ bool survives(float x, int p, float ts, int tp)
 __device__ __forceinline__ bool bitonic_take(float x, int p, float ox, int op, int lane, int j, int k)
 {
 	const bool lower = (lane & j) == 0, best_first = (lane & k) == 0;
-	return lower == best_first ? fb(ox, op, x, p) : fb(x, p, ox, op);
+	/* the partner's entry when it is better (lower == best_first) or worse: one comparison, negated. Entries are
+	 * distinct (positions) but for the empty ones (-inf, INT_MAX), which are equal — then one lane of the pair takes
+	 * the other's copy of the same entry, which changes nothing (session 20: one fb a step instead of two) */
+	return fb(ox, op, x, p) != (lower != best_first);
 }
 
 __device__ __forceinline__ void bitonic32(float &x, int &p)
