@@ -70,7 +70,9 @@
  * merge's and the list merge launch's bars and final orders by counted ranks instead of sorting networks
  * (row_finish_ranked, merge_row_cta<1>; only the merge kernels' PTX changed). Session 20 (run 118): a bitonic
  * step decides with one comparison (bitonic_take), not two: the heads loop's list work is paid in instructions
- * (runs 115-117), and this took 8 % of the heads instance's PTX and 4 % off 1 × 32K and 1 × 128K heads. On the CPU
+ * (runs 115-117), and this took 8 % of the heads instance's PTX and 4 % off 1 × 32K and 1 × 128K heads. Session 21
+ * (runs 129-133): the list merge launch stages only each split's head for rows of k ≤ 32 (the scan reads the rest
+ * while it survives) and loads the flag words with it: its go → done 6.6 → 4.4 µs at 128K heads. On the CPU
  * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
  * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
  * half in attn_cuda_fast_test.c.
@@ -995,7 +997,8 @@ __device__ void merge_row_raw(const axf_args &a, const axf_job &jb, int r, unsig
 
 /*
  * The whole CTA (8 warps) merges row r of pass-job jb into its result row or logsumexp slot: one round of loads by
- * all threads brings every split's logsumexp, k-th entry and first E entries into shared memory; warp 0 sets the
+ * all threads brings every split's logsumexp and k-th entry into shared memory, then its first E entries (RK with
+ * k ≤ 32: only its head, in the first round, and with row 0 the splits' flag words); warp 0 sets the
  * bar while warp 2 merges the logsumexps; all 8 warps scan the splits for survivors together (row_scan, 1/8 of
  * the splits each); warp 0 sorts them (RK: ranks them, when ≤ 64) and writes the row. smem: the CTA's dynamic shared
  * memory (the ring is idle);
@@ -1014,19 +1017,33 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 	float *sl = (float *)(ep + capm), *skx = sl + AXF_MAX_SPLITS;
 	int *skp = (int *)(skx + AXF_MAX_SPLITS);
 	uint32_t *cnt = (uint32_t *)red + 2;
-	const int E = K ? stage_e(K, S, capm) : 0;
+	/* H1 (the merge launch's rows of k ≤ 32, session 21: runs 131-133): only each split's head is staged (E 1), in
+	 * the same round of loads as the logsumexps and k-th entries — the bar needs no more, and the scan reads a
+	 * split's next entries from the partial lists only while they survive (the bar, raised by the k-th best split
+	 * head, leaves few: a row's k best are spread over ~k splits). Staging 8 entries a split took ~2.5 µs more at
+	 * 128K heads (run 129: the staging's time grows with its loads) to save the scan one or two rounds of global
+	 * loads. Rows of k > 32 have the weaker bar (the best k-th entry alone) and stage as before. */
+	const bool H1 = RK && K <= 32;
+	const int E = K ? (H1 ? 1 : stage_e(K, S, capm)) : 0;
+	uint32_t fw = 0; /* RK, row 0's CTA (flags): the splits' flag words, loaded in the same round (put_flags' loop
+			  * is one L2 round trip a word in turn: with the short staging it became the bar phase's longest
+			  * path; run 133) */
 	for (int i0 = tid; i0 < SL; i0 += AXF_NW * 32 * 4) { /* SL ≤ 1024: one batch of ≤ 4 per thread */
-		float x[4], kx[4];
-		int kp[4];
+		float x[4], kx[4], hx[4];
+		int kp[4], hp[4];
+		uint32_t f[4];
 #pragma unroll
 		for (int u = 0; u < 4; ++u) {
 			const int i = i0 + AXF_NW * 32 * u;
+			f[u] = RK && flags && i < S ? (uint32_t)__ldcg((const int *)a.part_f + jb.pf0 + i) : 0u;
 			x[u] = i < SL ? __ldcg(a.part_lse + prow0 + i) : -INFINITY;
-			kx[u] = -INFINITY, kp[u] = -1;
+			kx[u] = -INFINITY, kp[u] = -1, hx[u] = -INFINITY, hp[u] = -1;
 			if (K && i < S) {
 				const uint64_t e = ent + (uint64_t)i * K + K - 1;
 				kx[u] = __ldcg(a.part_s + e);
 				kp[u] = __ldcg(a.part_p + e);
+				if (H1)
+					hx[u] = __ldcg(a.part_s + e - (K - 1)), hp[u] = __ldcg(a.part_p + e - (K - 1));
 			}
 		}
 #pragma unroll
@@ -1034,18 +1051,38 @@ __device__ void merge_row_cta(const axf_args &a, const axf_job &jb, int r, unsig
 			const int i = i0 + AXF_NW * 32 * u;
 			if (i < SL)
 				sl[i] = x[u];
-			if (i < S)
+			if (i < S) {
 				skx[i] = kx[u], skp[i] = kp[u];
+				if (H1)
+					es[i] = hx[u], ep[i] = hp[u];
+			}
+			fw |= f[u];
 		}
 	}
-	if (K)
+	if (K && !H1)
 		stage_row(a, jb, r, es, ep, E, w, AXF_NW);
+	uint32_t *wfl = (uint32_t *)red + 8; /* RK: each warp's OR of its flag words (red[0..3]: bar, count, lse) */
+	if (RK && flags) { /* CTA-uniform */
+		for (int o = 16; o; o >>= 1)
+			fw |= (uint32_t)__shfl_xor_sync(FULLM, (int)fw, o);
+		if (lane == 0)
+			wfl[w] = fw;
+	}
 	__syncthreads();
 	if (tid == 0)
 		trace_at(a, -1, AXF_TR_MLOAD);
-	if (w == 1 && flags) /* the pass-job's flag word, off warp 0's path (ordered before the caller's release by the
-			      * barriers below) */
-		put_flags(a, jb);
+	if (w == 1 && flags) { /* the pass-job's flag word, off warp 0's path (ordered before the caller's release by
+				* the barriers below) */
+		if (RK) {
+			uint32_t v = 0;
+#pragma unroll
+			for (int u = 0; u < AXF_NW; ++u)
+				v |= wfl[u];
+			put_flag_word(a, jb, v);
+		} else {
+			put_flags(a, jb);
+		}
+	}
 	if (!K) { /* CTA-uniform (no CTA-wide merge has K = 0 today): warp 0 alone */
 		if (w == 0) {
 			float m = -INFINITY, sm = 0.f;
