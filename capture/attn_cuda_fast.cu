@@ -997,12 +997,13 @@ __device__ void merge_row_raw(const axf_args &a, const axf_job &jb, int r, unsig
 
 /*
  * The whole CTA (8 warps) merges row r of pass-job jb into its result row or logsumexp slot: one round of loads by
- * all threads brings every split's logsumexp and k-th entry into shared memory, then its first E entries (RK with
- * k ≤ 32: only its head, in the first round, and with row 0 the splits' flag words); warp 0 sets the
+ * all threads brings every split's logsumexp and k-th entry into shared memory, then its first E entries (RK: with
+ * k ≤ 32 only its head, in that first round; row 0's CTA loads the splits' flag words in it too); warp 0 sets the
  * bar while warp 2 merges the logsumexps; all 8 warps scan the splits for survivors together (row_scan, 1/8 of
  * the splits each); warp 0 sorts them (RK: ranks them, when ≤ 64) and writes the row. smem: the CTA's dynamic shared
  * memory (the ring is idle);
- * mode AXF_M_PROB reports logsumexp 0; flags: warp 1 also ORs the pass-job's flag words (put_flags) meanwhile.
+ * mode AXF_M_PROB reports logsumexp 0; flags: warp 1 also ORs the pass-job's flag words meanwhile (put_flags; RK:
+ * the 8 warps' ORs of the words the first round loaded).
  * Called by every thread of the CTA.
  */
 template <int RK = 0> /* 1: the bar and the final order by counted ranks (session 19; the merge launch's instance) */
