@@ -56,11 +56,11 @@
  * axf_merge_kernel<AXF_MK_RAW>: one-stage splits writing their scores, merged without sorting lists) and for rows of
  * few lists (axf_merge_kernel<AXF_MK_FEW>: S·K ≤ 64 entries sorted whole, run 74), so that every other instance
  * compiles exactly as before (the heads loop and the list merge are sensitive to any change in register
- * allocation: runs 73-74). Session 13: the logsumexp pass's last-CTA merge of ≤ 128 splits takes four rows a warp
- * at a time (merge_lse_rows, only in the ≤ 4-list instances of ≤ 32 entries: the other instances' PTX is as before;
- * run 80). Session 14, built without a GPU (knob prob_scores): mean_prob's logsumexp pass writes every key's
- * scores (DUMP) and its probability pass streams them in place of K (FROMS), in instances of their own (template
- * parameter X); the others' registers and spills are unchanged. Session 15 (runs 81-83): the scores in blocks of
+ * allocation: runs 73-74). Session 13: the logsumexp pass's last-CTA merge of ≤ 128 splits took four rows a warp
+ * at a time (run 80; since session 22 no logsumexp pass is merged, see below). Session 14, built without a GPU
+ * (knob prob_scores): mean_prob's logsumexp pass writes every key's scores (DUMP) and its probability pass streams
+ * them in place of K (FROMS), in instances of their own (template parameter X); the others' registers and spills
+ * are unchanged. Session 15 (runs 81-83): the scores in blocks of
  * 8 keys, head-major, and the probability pass a thread a key over 128-key stages (from_scores): 1 × 1M mean_prob
  * 1056 → 728 µs; on by default for runs of ≥ 16K mean_prob keys (knob prob_scores_min). Session 16 (run 91): the
  * lists' candidate buffers merged only when a stage's candidates would overflow them (wl_flush). Session 17 (run
@@ -72,10 +72,13 @@
  * step decides with one comparison (bitonic_take), not two: the heads loop's list work is paid in instructions
  * (runs 115-117), and this took 8 % of the heads instance's PTX and 4 % off 1 × 32K and 1 × 128K heads. Session 21
  * (runs 129-133): the list merge launch stages only each split's head for rows of k ≤ 32 (the scan reads the rest
- * while it survives) and loads the flag words with it: its go → done 6.6 → 4.4 µs at 128K heads. On the CPU
- * everything runs: the kernels under attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled
- * with AXF_EMU: intrinsics, mbarriers, bulk copies and mma.sync from the emulator, the driver left out), the host
- * half in attn_cuda_fast_test.c.
+ * while it survives) and loads the flag words with it: its go → done 6.6 → 4.4 µs at 128K heads. Session 22 (runs
+ * 137-141): mean_prob's logsumexp pass has no merge (no ticket, fences or one-CTA merge on the path): each CTA of
+ * its probability pass reduces the pass's partial logsumexps of the heads it needs itself after its wait
+ * (lse_rows), and its split 0 ORs the pass's split flag words into that pass-job's flag word (1 × 4K mean_prob
+ * 0.89-0.92, 32K 0.88-0.91, 128K 0.95 end to end). On the CPU everything runs: the kernels under
+ * attn_cuda_fast_emu.h's SIMT emulator (attn_cuda_fast_emu_test.cc, compiled with AXF_EMU: intrinsics, mbarriers,
+ * bulk copies and mma.sync from the emulator, the driver left out), the host half in attn_cuda_fast_test.c.
  */
 #ifdef AXF_EMU
 #include "attn_cuda_fast_emu.h" /* the CPU's SIMT emulator (attn_cuda_fast_emu_test.cc): kernels only */
@@ -477,17 +480,12 @@ __device__ __forceinline__ uint32_t lds_off(int row, int w, int c, int t)
 /* ---- the merge (the lab's v8_merge_row) ---------------------------------------------------------------------------- */
 
 /* Write one merged row in compact form: the row's logsumexp and its kout entries, best first (offset -1: empty;
- * axf_plan_finish expands them), or the logsumexp slot; a.zout: the row's first kout entries and logsumexp in the
- * caller's ax_attn_result row itself (mapped host memory), as the finish would write them. */
+ * axf_plan_finish expands them); a.zout: the row's first kout entries and logsumexp in the caller's ax_attn_result
+ * row itself (mapped host memory), as the finish would write them. (No logsumexp pass is merged: session 22.) */
 __device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb, int r, float lse, float hx, int hp,
 					   float lx, int lp)
 {
 	const int lane = threadIdx.x & 31, kout = (int)jb.kout;
-	if (jb.lse_out >= 0) {
-		if (lane == 0)
-			a.lse[jb.lse_out + r] = lse;
-		return;
-	}
 	if (a.zout) { /* the caller's row itself, as axf_finish_row writes it from the compact form */
 		ax_attn_result *o = a.zout + jb.res + r;
 		if (lane < kout)
@@ -510,21 +508,32 @@ __device__ __forceinline__ void put_result(const axf_args &a, const axf_job &jb,
 }
 
 /* One warp ORs its lanes' shares v of pass-job jb's split flag words into its flag word (the host reads it). */
-__device__ __forceinline__ void put_flag_word(const axf_args &a, const axf_job &jb, uint32_t v)
+__device__ __forceinline__ void put_flag_word_at(const axf_args &a, uint32_t ticket, uint32_t v)
 {
 	for (int o = 16; o; o >>= 1)
 		v |= (uint32_t)__shfl_xor_sync(FULLM, (int)v, o);
 	if ((threadIdx.x & 31) == 0)
-		a.pflags[jb.ticket] = v;
+		a.pflags[ticket] = v;
+}
+
+__device__ __forceinline__ void put_flag_word(const axf_args &a, const axf_job &jb, uint32_t v)
+{
+	put_flag_word_at(a, jb.ticket, v);
+}
+
+/* One warp ORs the flag words of the S splits at pf[0 .. S) into flag word `ticket`. */
+__device__ __forceinline__ void put_flags_at(const axf_args &a, const uint32_t *pf, uint32_t S, uint32_t ticket)
+{
+	uint32_t v = 0;
+	for (int i = threadIdx.x & 31; i < (int)S; i += 32)
+		v |= (uint32_t)__ldcg((const int *)pf + i);
+	put_flag_word_at(a, ticket, v);
 }
 
 /* One warp ORs the flag words of pass-job jb's S splits into its flag word. */
 __device__ __forceinline__ void put_flags(const axf_args &a, const axf_job &jb)
 {
-	uint32_t v = 0;
-	for (int i = threadIdx.x & 31; i < (int)jb.S; i += 32)
-		v |= (uint32_t)__ldcg((const int *)a.part_f + jb.pf0 + i);
-	put_flag_word(a, jb, v);
+	put_flags_at(a, a.part_f + jb.pf0, jb.S, jb.ticket);
 }
 
 /* Entries of each split list staged in shared memory by the merge: E = max(1, min(K, 8, cap / S)). */
@@ -771,15 +780,17 @@ __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs
 }
 
 /*
- * The last CTA's merge of a logsumexp pass-job (heads mode, K 0: mean_prob's first pass): warp w takes rows w,
- * w + 8, ... four at a time, each lane's loads of the four rows' partials issued together, then four logsumexps
- * (merge_row took its rows one after another: a round trip to L2 each, ~6.6 µs for 1 × 4K's 32 rows of 128
- * partials in run 79's trace; session 13). Called by every warp of the last CTA.
+ * A warp's logsumexps of rows r0, r0 + rstep, ... (nr of them) of a logsumexp pass-job's partials (SL a row from
+ * part0: mean_prob's first pass), four rows at a time, each lane's loads of the four rows' partials issued
+ * together (a round of loads per 128 partials), then four warp reductions; lane 0 writes row u's to dst[u·dstep].
+ * Session 22: mean_prob's probability pass computes its logsumexps so, after its wait for the logsumexp pass,
+ * instead of that pass's last CTA merging them (a ticket, two fences and a one-CTA merge on the path: ~9 µs at
+ * 1 × 4K, RESULTS runs 137-138). Called by every lane of the warp.
  */
-__device__ void merge_lse_rows(const axf_args &a, const axf_job &jb, int w)
+__device__ void lse_rows(const axf_args &a, uint64_t part0, int SL, int r0, int nr, int rstep, float *dst, int dstep)
 {
-	const int lane = threadIdx.x & 31, SL = (int)jb.S + (int)jb.tblk, H = (int)jb.H;
-	for (int r0 = w; r0 < H; r0 += 4 * AXF_NW) {
+	const int lane = threadIdx.x & 31;
+	for (int u0 = 0; u0 < nr; u0 += 4) {
 		float m[4], sm[4];
 #pragma unroll
 		for (int u = 0; u < 4; ++u)
@@ -790,8 +801,10 @@ __device__ void merge_lse_rows(const axf_args &a, const axf_job &jb, int w)
 			for (int u = 0; u < 4; ++u)
 #pragma unroll
 				for (int v = 0; v < 4; ++v) {
-					const int r = r0 + u * AXF_NW, i = i0 + 32 * v;
-					x[u][v] = r < H && i < SL ? __ldcg(a.part_lse + jb.part0 + (uint64_t)r * SL + i) : -INFINITY;
+					const int i = i0 + 32 * v;
+					x[u][v] = u0 + u < nr && i < SL
+							  ? __ldcg(a.lpart_lse + part0 + (uint64_t)(r0 + (u0 + u) * rstep) * SL + i)
+							  : -INFINITY;
 				}
 #pragma unroll
 			for (int u = 0; u < 4; ++u)
@@ -803,8 +816,8 @@ __device__ void merge_lse_rows(const axf_args &a, const axf_job &jb, int w)
 #pragma unroll
 		for (int u = 0; u < 4; ++u) {
 			lse_warp(m[u], sm[u]);
-			if (r0 + u * AXF_NW < H)
-				put_result(a, jb, r0 + u * AXF_NW, lse_value(m[u], sm[u]), -INFINITY, INT_MAX, -INFINITY, INT_MAX);
+			if (lane == 0 && u0 + u < nr)
+				dst[(u0 + u) * dstep] = lse_value(m[u], sm[u]);
 		}
 	}
 }
@@ -1368,8 +1381,9 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	uint64_t pre[AXF_NS - 1];
 	if (FROMS && a.pdl) /* the scores and logsumexps come from the launch before */
 		griddep_wait();
-	if (FROMS && tid < (int)jb.H) /* the logsumexps, for every thread (read after the barrier below) */
-		xs[tid] = a.lse[jb.lse_in + tid];
+	if (FROMS) /* the logsumexps of every head, for every thread (read after the barrier below): warp w's rows w,
+		    * w + 8, ... from the logsumexp pass's partials */
+		lse_rows(a, jb.lpart0, (int)jb.lsl, w, ((int)jb.H - w + AXF_NW - 1) / AXF_NW, AXF_NW, xs + w, AXF_NW);
 #pragma unroll
 	for (int i = 0; i < AXF_NS - 1; ++i)
 		pre[i] = !FROMS && prod && has_row(i)
@@ -1418,10 +1432,19 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	const float scale = jb.scale, inv_h = jb.inv_h;
 	float l0 = 0.f, l1 = 0.f; /* mean_prob: logsumexps of columns 2t, 2t+1 */
 	if (MODE == AXF_M_PROB) {
-		if (a.pdl && !FROMS) /* the logsumexps come from the launch before (its first stages are already in flight) */
-			griddep_wait();
-		l0 = cA ? a.lse[jb.lse_in + w * G + 2 * t] : 0.f;
-		l1 = cB ? a.lse[jb.lse_in + w * G + 2 * t + 1] : 0.f;
+		if (!FROMS) { /* the logsumexps of this warp's G heads (warp-uniform), from the partials of the launch
+			       * before (its first stages are already in flight), in this warp's scratch */
+			if (a.pdl)
+				griddep_wait();
+			if (wv)
+				lse_rows(a, jb.lpart0, (int)jb.lsl, w * G, G, 1, xs + w * 64, 1);
+			__syncwarp();
+			l0 = cA ? xs[w * 64 + 2 * t] : 0.f;
+			l1 = cB ? xs[w * 64 + 2 * t + 1] : 0.f;
+		}
+		/* the logsumexp pass's flag word, which no merge of its own writes: split 0's warp 1 ORs its splits' */
+		if (sl == 0 && w == 1)
+			put_flags_at(a, a.lpart_f + jb.lpf0, jb.lS, jb.lticket);
 	}
 
 	WList L[NL];
@@ -1780,7 +1803,9 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		a.part_f[jb.pf0 + (uint64_t)sl] = *cfl;
 		trace_at(a, -1, AXF_TR_EPI1);
 	}
-	if (jb.sepm || jb.hm) /* CTA-uniform: the merge launch that follows, or the host, merges this pass-job */
+	if (jb.sepm || jb.hm || jb.lse_out >= 0) /* CTA-uniform: the merge launch that follows, or the host, merges
+						     * this pass-job; a logsumexp pass's partials are reduced by its
+						     * probability pass (lse_rows) */
 		return;
 
 	/* ticket: the CTA that finishes the pass-job's last split merges it. One fence, by thread 0 after the CTA
@@ -1808,13 +1833,8 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 	if (MODE == AXF_M_HEADS) { /* a warp per row (its slice of the ring, its survivor scratch and count) */
 		if (w == 0)
 			put_flags(a, jb);
-		if (KB == 1 && NL == 4 && jb.K == 0 && jb.S + jb.tblk <= 32 * 4) /* a short logsumexp pass (CTA-uniform;
-			* one round of loads a row): only in the instances with ≤ 4 lists of ≤ 32 (their registers as
-			* before; the 8-list instance spilled more) */
-			merge_lse_rows(a, jb, w);
-		else
-			for (int r = w; r < (int)jb.H; r += AXF_NW)
-				merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, (uint32_t *)red + 8 + w);
+		for (int r = w; r < (int)jb.H; r += AXF_NW)
+			merge_row(a, jb, r, xs + w * 64, xp + w * 64, es, ep, cap, (uint32_t *)red + 8 + w);
 	} else { /* one row: the whole CTA (the ring holds the staging; red the bar and the count) */
 		merge_row_cta(a, jb, 0, stg, xs, xp, red, MODE, 1);
 	}

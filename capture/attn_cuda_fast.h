@@ -214,8 +214,9 @@ typedef struct axf_job {
 	uint32_t flag;          /* flag word of the user job */
 	uint32_t kout;          /* entries of a result row: min(K, n) */
 	int32_t res;            /* first result row (its logsumexp at rlse[res + r]), or -1 (logsumexp pass) */
-	int32_t lse_out;        /* logsumexp pass: head h's logsumexp goes to lse[lse_out + h]; else -1 */
-	uint32_t lse_in;        /* probability pass: head h's logsumexp is lse[lse_in + h] */
+	int32_t lse_out;        /* logsumexp pass: its user job's logsumexp slot number (lslot, ≥ 0); else -1 */
+	uint32_t lse_in;        /* probability pass: the same number (slot numbers pair a job's two passes; since
+				 * session 22 no buffer holds logsumexps: the probability pass reduces the partials) */
 	uint32_t head_offset;   /* heads mode: head_id = head_offset + h */
 	uint32_t ticket;        /* this pass-job's index in the plan: its ticket word and flag word (pflags) */
 	uint32_t sepm;          /* 1: merged by the separate merge launch (heads lists), not by its last CTA */
@@ -229,6 +230,12 @@ typedef struct axf_job {
 				 * AXF_SCB keys, head-major in a block (axf_sc_floats says where key j's head h is);
 				 * written by its logsumexp pass, read by its probability pass a block a copy */
 	uint32_t scw, sc_pad;   /* floats a key's scores take: H rounded up to a multiple of 4 */
+	/* A probability pass: its logsumexp pass-job's partials, which it reduces itself (session 22: that pass has no
+	 * merge), and its split flag words, which its split 0 ORs into that pass-job's flag word: */
+	uint64_t lpart0;        /* first partial row (row r at lpart0 + r·lsl) */
+	uint64_t lpf0;          /* first split flag word */
+	uint32_t lsl, lS;       /* partials a row (its S + tblk) and splits */
+	uint32_t lticket, l_pad; /* its flag word */
 } axf_job;
 
 /* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1.
@@ -261,7 +268,10 @@ typedef struct axf_args {
 	int32_t *part_p;            /* [entries] partial list offsets, -1 = empty */
 	float *part_lse;            /* [partial rows] */
 	uint32_t *part_f;           /* [split flag words] AXF_F_* of each split (every CTA writes its own) */
-	float *lse;                 /* per-head logsumexps of mean_prob jobs */
+	const float *lpart_lse;     /* the device's partial rows and split flag words (part_lse, part_f of a launch not
+				    * host-merged): a probability pass reads its logsumexp pass's there even when its own
+				    * go to the host (session 22) */
+	const uint32_t *lpart_f;
 	uint32_t *tickets;          /* per pass-job, 0 before the launch (the last CTA resets its own) */
 	uint32_t *pflags;           /* per pass-job (host staging): AXF_F_* of all its splits, by the merger */
 	float *rlse;                /* per result row (host staging): its logsumexp */
@@ -314,7 +324,7 @@ typedef struct axf_layout {
 	size_t pflags, rlse, rent;  /* results, host staging only */
 	size_t hlse, hps, hpp, hpf; /* partial rows of host-merged pass-jobs (lse, list values, offsets, flags) */
 	size_t up, off_dev;
-	size_t lse, part_lse, part_s, part_p, part_f, sc; /* device only */
+	size_t part_lse, part_s, part_p, part_f, sc; /* device only */
 	size_t total;
 } axf_layout;
 
@@ -325,8 +335,10 @@ typedef struct axf_plan {
 	size_t so_cap;
 	uint32_t *roff;             /* [n] first result row of each user job */
 	size_t roff_cap;
-	uint32_t *lslot;            /* [n] mean_prob jobs: first of their H logsumexp slots */
+	uint32_t *lslot;            /* [n] mean_prob jobs: first of their H logsumexp slot numbers (lse_out, lse_in) */
 	size_t lslot_cap;
+	uint32_t *ljb;              /* [n] mean_prob jobs: their logsumexp pass-job (set when its launch is planned) */
+	size_t ljb_cap;
 	uint64_t *eoff;             /* [n] first result entry of each user job */
 	size_t eoff_cap;
 	uint32_t *lo;               /* planning scratch: each pass-job's least split of a launch */
@@ -588,6 +600,7 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p->so);
 	free(p->roff);
 	free(p->lslot);
+	free(p->ljb);
 	free(p->eoff);
 	free(p->hmj);
 	free(p->lo);
@@ -760,6 +773,13 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 			p->parts += (uint64_t)axf_prows(jb, mode) * (jb->S + jb->tblk);
 			p->entries += (uint64_t)axf_prows(jb, mode) * jb->S * (raw ? AXF_TS : jb->K);
 		}
+		if (jb->lse_out >= 0) /* a logsumexp pass: its probability pass (a later launch) reduces its partials */
+			p->ljb[jb->flag] = L->j0 + i;
+		if (mode == AXF_M_PROB) {
+			const axf_job *lj = &p->jb[p->ljb[jb->flag]];
+			jb->lpart0 = lj->part0, jb->lpf0 = lj->pf0, jb->lsl = lj->S + lj->tblk, jb->lS = lj->S;
+			jb->lticket = lj->ticket;
+		}
 		p->so[p->nso + i] = (uint32_t)ctas;
 		ctas += jb->S;
 	}
@@ -774,7 +794,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 	if (ctas > INT32_MAX || (uint64_t)L->nj * L->mg > INT32_MAX)
 		return -ENOMEM;
 	for (uint32_t i = 0; i < L->nj; i++) /* a pass-job merged by its last CTA is one unit; */
-		p->units += !p->jb[L->j0 + i].sepm && !p->jb[L->j0 + i].hm;
+		p->units += !p->jb[L->j0 + i].sepm && !p->jb[L->j0 + i].hm && p->jb[L->j0 + i].lse_out < 0;
 	p->units += (uint64_t)L->nj * L->mg; /* so is every CTA of the merge launch */
 	p->so[p->nso + L->nj] = (uint32_t)ctas;
 	p->nso += L->nj + 1;
@@ -824,7 +844,6 @@ static inline void axf_make_layout(axf_plan *p)
 	L->hps = o, o += axf_al(p->hents * sizeof(float));
 	L->hpp = o, o += axf_al(p->hents * sizeof(int32_t));
 	L->off_dev = o;
-	L->lse = o, o += axf_al(p->nlse * sizeof(float));
 	L->part_lse = o, o += axf_al(p->parts * sizeof(float));
 	L->part_s = o, o += axf_al(p->entries * sizeof(float));
 	L->part_p = o, o += axf_al(p->entries * sizeof(int32_t));
@@ -846,6 +865,7 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	if (axc_grow((void **)&p->ord, &p->ord_cap, 2 * (size_t)n, sizeof *p->ord) ||
 	    axc_grow((void **)&p->roff, &p->roff_cap, n, sizeof *p->roff) ||
 	    axc_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot) ||
+	    axc_grow((void **)&p->ljb, &p->ljb_cap, n ? n : 1, sizeof *p->ljb) ||
 	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff) ||
 	    axc_grow((void **)&p->uf, &p->uf_cap, n ? n : 1, sizeof *p->uf) ||
 	    axc_grow((void **)&p->planned, &p->planned_cap, n ? n : 1, sizeof *p->planned) ||
@@ -950,7 +970,8 @@ static inline axf_args axf_plan_args(const axf_plan *p, char *d, char *h, uint32
 	a.part_p = (int32_t *)(d + y->part_p);
 	a.part_lse = (float *)(d + y->part_lse);
 	a.part_f = (uint32_t *)(d + y->part_f);
-	a.lse = (float *)(d + y->lse);
+	a.lpart_lse = a.part_lse;
+	a.lpart_f = a.part_f;
 	a.tickets = tickets;
 	a.tailc = tailc;
 	a.pflags = (uint32_t *)(h + y->pflags);

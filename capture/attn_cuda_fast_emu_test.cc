@@ -441,9 +441,10 @@ static void test_raw(void **state)
 	run_all_equal(&ties, d, 264, &g_raw_jobs);
 }
 
-/* mean_prob's logsumexp pass merged by its last CTA four rows a warp at a time (merge_lse_rows, session 13: the ≤ 4
- * list instances, ≤ 128 splits): split counts at a round's edges (1, 31, 97, 128) and past it (129: merge_row), group
- * sizes 1, 2, 4 (and 8: merge_row), a window. 16-key splits (knob min_keys 16) in one wave of 200. */
+/* mean_prob's logsumexp pass's partials, reduced by each CTA of its probability pass (lse_rows, session 22: a warp
+ * its G heads, four rows at a time, a round of loads per 128 partials; until then the logsumexp pass's last CTA
+ * merged them): split counts at a round's edges (1, 31, 97, 128, 129, 200, 257), group sizes 1, 2, 4, 8, 64 rows, a
+ * window. 16-key splits (knob min_keys 16) in one wave of 300. */
 static void test_lse_rows(void **state)
 {
 	(void)state;
@@ -451,7 +452,8 @@ static void test_lse_rows(void **state)
 		uint32_t S, H, Hkv;
 		int32_t window;
 	} c[] = {{1, 32, 8, 0}, {31, 8, 8, 0}, {97, 32, 8, 0}, {128, 16, 8, 0}, {120, 8, 2, 0}, {129, 32, 8, 0},
-		 {100, 32, 4, 0}, {128, 4, 4, 1500}, {110, 64, 8, 0}};
+		 {100, 32, 4, 0}, {128, 4, 4, 1500}, {110, 64, 8, 0}, {200, 32, 8, 0}, {200, 64, 8, 0}, {257, 32, 8, 0},
+		 {257, 8, 1, 0}};
 	for (size_t i = 0; i < ARRAY_LEN(c); i++) {
 		const uint32_t n = c[i].window ? 3000 : 16 * c[i].S - 5;
 		tcase tc = {"lse rows", MP, BF, BF, I32, 128, c[i].H, c[i].Hkv, 10, n, c[i].window, 0, 0, {0}, 1, 0};
@@ -461,7 +463,7 @@ static void test_lse_rows(void **state)
 		int rc = 1;
 		g_kn = axf_knobs{};
 		g_kn.min_keys = 16;
-		assert_int_equal(emu_run(&t.job, 1, &out, &rc, 200), 0);
+		assert_int_equal(emu_run(&t.job, 1, &out, &rc, 300), 0);
 		g_kn = axf_knobs{};
 		char name[96];
 		snprintf(name, sizeof name, "lse rows: S %u, H %u, H_kv %u, window %d", c[i].S, c[i].H, c[i].Hkv, c[i].window);

@@ -535,7 +535,9 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			}
 			assert_false(ticket[jb->ticket]);
 			ticket[jb->ticket] = 1;
-			units += !jb->sepm && !jb->hm; /* its last CTA merges it: one unit of the completion count */
+			/* its last CTA merges it: one unit of the completion count (a logsumexp pass has no merge: its
+			 * probability pass reduces its partials, session 22) */
+			units += !jb->sepm && !jb->hm && jb->lse_out < 0;
 			assert_true(jb->kout == (jb->K < jb->n ? jb->K : jb->n));
 			if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) { /* logsumexp pass: before the second */
 				assert_int_equal(jb->K, 0);
@@ -551,6 +553,15 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 					assert_true(seen_lse[jb->lse_in]); /* its logsumexps come from an earlier launch */
 					assert_false(lse_done[jb->lse_in]);
 					lse_done[jb->lse_in] = 1;
+					/* it reduces that pass's partials and ORs its flag words (session 22): the same user
+					 * job's logsumexp pass-job, planned before it */
+					uint32_t lk = 0;
+					while (lk < p->njb && !(p->jb[lk].flag == jb->flag && p->jb[lk].lse_out >= 0))
+						lk++;
+					assert_true(lk < (uint32_t)(jb - p->jb));
+					const axf_job *lj = &p->jb[lk];
+					assert_true(jb->lpart0 == lj->part0 && jb->lpf0 == lj->pf0 && jb->lS == lj->S);
+					assert_true(jb->lsl == lj->S + lj->tblk && jb->lticket == lj->ticket && !lj->hm);
 				}
 			}
 			assert_true(jb->scale == j->scale && jb->head_offset == j->head_offset);
@@ -584,16 +595,16 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	/* layout: aligned, disjoint, in this order, large enough */
 	const axf_layout *y = &p->lay;
 	size_t off[] = {y->jobs, y->so,  y->pflags,   y->rlse, y->rent, y->hlse,   y->hpf,     y->hps,     y->hpp,
-			y->lse,  y->part_lse, y->part_s, y->part_p, y->part_f, y->total};
+			y->part_lse, y->part_s, y->part_p, y->part_f, y->total};
 	size_t need[] = {p->njb * sizeof(axf_job), p->nso * 4, p->njb * 4, p->rows * 4, p->rents * sizeof(axf_ent),
-			 p->hparts * 4, p->hparts * 4, p->hents * 4, p->hents * 4, p->nlse * 4, p->parts * 4,
+			 p->hparts * 4, p->hparts * 4, p->hents * 4, p->hents * 4, p->parts * 4,
 			 p->entries * 4, p->entries * 4, p->pfl * 4};
 	for (size_t i = 0; i + 1 < ARRAY_LEN(off); i++) {
 		assert_int_equal(off[i] % 256, 0);
 		assert_true(off[i] + need[i] <= off[i + 1]);
 	}
 	assert_int_equal(y->up, y->pflags); /* the upload: the tables only */
-	assert_int_equal(y->off_dev, y->lse); /* the results in the staging, written by the kernels */
+	assert_int_equal(y->off_dev, y->part_lse); /* the results in the staging, written by the kernels */
 	/* split flag words: one per split, disjoint; the upload only when a launch has a table */
 	uint64_t pfl = 0;
 	uint32_t any_table = 0;
