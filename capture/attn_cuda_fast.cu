@@ -1383,7 +1383,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 		griddep_wait();
 	if (FROMS) /* the logsumexps of every head, for every thread (read after the barrier below): warp w's rows w,
 		    * w + 8, ... from the logsumexp pass's partials */
-		lse_rows(a, jb.lpart0, (int)jb.lsl, w, ((int)jb.H - w + AXF_NW - 1) / AXF_NW, AXF_NW, xs + w, AXF_NW);
+		lse_rows(a, jb.lpart0, (int)jb.lS, w, ((int)jb.H - w + AXF_NW - 1) / AXF_NW, AXF_NW, xs + w, AXF_NW);
 #pragma unroll
 	for (int i = 0; i < AXF_NS - 1; ++i)
 		pre[i] = !FROMS && prod && has_row(i)
@@ -1437,7 +1437,7 @@ __global__ void __launch_bounds__(AXF_NW * 32, AXF_MINB) axf_kernel(const __grid
 			if (a.pdl)
 				griddep_wait();
 			if (wv)
-				lse_rows(a, jb.lpart0, (int)jb.lsl, w * G, G, 1, xs + w * 64, 1);
+				lse_rows(a, jb.lpart0, (int)jb.lS, w * G, G, 1, xs + w * 64, 1);
 			__syncwarp();
 			l0 = cA ? xs[w * 64 + 2 * t] : 0.f;
 			l1 = cB ? xs[w * 64 + 2 * t + 1] : 0.f;

@@ -214,9 +214,8 @@ typedef struct axf_job {
 	uint32_t flag;          /* flag word of the user job */
 	uint32_t kout;          /* entries of a result row: min(K, n) */
 	int32_t res;            /* first result row (its logsumexp at rlse[res + r]), or -1 (logsumexp pass) */
-	int32_t lse_out;        /* logsumexp pass: its user job's logsumexp slot number (lslot, ≥ 0); else -1 */
-	uint32_t lse_in;        /* probability pass: the same number (slot numbers pair a job's two passes; since
-				 * session 22 no buffer holds logsumexps: the probability pass reduces the partials) */
+	int32_t lse_out;        /* 0: mean_prob's logsumexp pass (no merge: its probability pass reduces its partials,
+				 * session 22; until then lse_out / lse_in named slots of a logsumexp buffer); else -1 */
 	uint32_t head_offset;   /* heads mode: head_id = head_offset + h */
 	uint32_t ticket;        /* this pass-job's index in the plan: its ticket word and flag word (pflags) */
 	uint32_t sepm;          /* 1: merged by the separate merge launch (heads lists), not by its last CTA */
@@ -232,10 +231,10 @@ typedef struct axf_job {
 	uint32_t scw, sc_pad;   /* floats a key's scores take: H rounded up to a multiple of 4 */
 	/* A probability pass: its logsumexp pass-job's partials, which it reduces itself (session 22: that pass has no
 	 * merge), and its split flag words, which its split 0 ORs into that pass-job's flag word: */
-	uint64_t lpart0;        /* first partial row (row r at lpart0 + r·lsl) */
+	uint64_t lpart0;        /* first partial row (row r at lpart0 + r·lS: a logsumexp pass has no tail) */
 	uint64_t lpf0;          /* first split flag word */
-	uint32_t lsl, lS;       /* partials a row (its S + tblk) and splits */
-	uint32_t lticket, l_pad; /* its flag word */
+	uint32_t lS;            /* its splits */
+	uint32_t lticket;       /* its flag word */
 } axf_job;
 
 /* One launch: pass-jobs [j0, j0 + nj) of one instance; CTAs of pass-job i: so[so0 + i] .. so[so0 + i + 1] - 1.
@@ -335,8 +334,6 @@ typedef struct axf_plan {
 	size_t so_cap;
 	uint32_t *roff;             /* [n] first result row of each user job */
 	size_t roff_cap;
-	uint32_t *lslot;            /* [n] mean_prob jobs: first of their H logsumexp slot numbers (lse_out, lse_in) */
-	size_t lslot_cap;
 	uint32_t *ljb;              /* [n] mean_prob jobs: their logsumexp pass-job (set when its launch is planned) */
 	size_t ljb_cap;
 	uint64_t *eoff;             /* [n] first result entry of each user job */
@@ -361,7 +358,7 @@ typedef struct axf_plan {
 				     * writes only the rest of those rows and the finish skips them */
 	ax_attn_result empty;       /* an empty row (k 0, every entry (-1, -inf)): expansion starts from it */
 	int empty_ok;
-	uint32_t n, njb, nso, nlse;
+	uint32_t n, njb, nso;
 	uint32_t upload;            /* 1: some launch has a table (more than one pass-job) */
 	uint32_t res_lists;         /* set by the owner: CTAs a launch with heads lists is planned for (0: resident) */
 	uint64_t rows, parts, entries, rents, pfl;
@@ -599,7 +596,6 @@ static inline void axf_plan_free(axf_plan *p)
 	free(p->jb);
 	free(p->so);
 	free(p->roff);
-	free(p->lslot);
 	free(p->ljb);
 	free(p->eoff);
 	free(p->hmj);
@@ -630,12 +626,10 @@ static inline void axf_job_fields(axf_plan *p, axf_job *jb, const ax_attn_job *j
 	jb->H = j->n_q_heads, jb->Hkv = j->n_kv_heads, jb->G = jb->H / jb->Hkv;
 	jb->idt = j->index_dtype, jb->flag = i, jb->head_offset = j->head_offset;
 	jb->scale = j->scale, jb->inv_h = 1.0f / (float)jb->H;
-	jb->res = (int32_t)p->roff[i], jb->lse_out = -1, jb->lse_in = 0, jb->rent = p->eoff[i];
+	jb->res = (int32_t)p->roff[i], jb->lse_out = -1, jb->rent = p->eoff[i];
 	jb->K = axf_pass_k(j, mode);
 	if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) /* the logsumexp pass */
-		jb->res = -1, jb->lse_out = (int32_t)p->lslot[i], jb->rent = 0;
-	else if (mode == AXF_M_PROB)
-		jb->lse_in = p->lslot[i];
+		jb->res = -1, jb->lse_out = 0, jb->rent = 0;
 	jb->kout = jb->K < jb->n ? jb->K : jb->n;
 	if (j->mode == AX_MODE_MEAN_PROB && p->scoff[i] != UINT64_MAX) /* both passes: the job's scores */
 		jb->sc0 = p->scoff[i], jb->scw = (jb->H + 3) & ~3u;
@@ -777,7 +771,7 @@ static inline int axf_plan_launch(axf_plan *p, axf_launch *L, uint32_t resident)
 			p->ljb[jb->flag] = L->j0 + i;
 		if (mode == AXF_M_PROB) {
 			const axf_job *lj = &p->jb[p->ljb[jb->flag]];
-			jb->lpart0 = lj->part0, jb->lpf0 = lj->pf0, jb->lsl = lj->S + lj->tblk, jb->lS = lj->S;
+			jb->lpart0 = lj->part0, jb->lpf0 = lj->pf0, jb->lS = lj->S; /* (no tail: axf_plan_tail) */
 			jb->lticket = lj->ticket;
 		}
 		p->so[p->nso + i] = (uint32_t)ctas;
@@ -864,7 +858,6 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 {
 	if (axc_grow((void **)&p->ord, &p->ord_cap, 2 * (size_t)n, sizeof *p->ord) ||
 	    axc_grow((void **)&p->roff, &p->roff_cap, n, sizeof *p->roff) ||
-	    axc_grow((void **)&p->lslot, &p->lslot_cap, n, sizeof *p->lslot) ||
 	    axc_grow((void **)&p->ljb, &p->ljb_cap, n ? n : 1, sizeof *p->ljb) ||
 	    axc_grow((void **)&p->eoff, &p->eoff_cap, n, sizeof *p->eoff) ||
 	    axc_grow((void **)&p->uf, &p->uf_cap, n ? n : 1, sizeof *p->uf) ||
@@ -873,7 +866,7 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 	    axc_grow((void **)&p->hmj, &p->hmj_cap, n ? n : 1, sizeof *p->hmj))
 		return -ENOMEM;
 	memset(p->hmj, 0, n);
-	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->nlse = 0, p->parts = 0, p->entries = 0, p->nl = 0;
+	p->n = n, p->rows = 0, p->njb = 0, p->nso = 0, p->parts = 0, p->entries = 0, p->nl = 0;
 	p->rents = 0, p->pfl = 0, p->upload = 0, p->units = 0, p->hparts = 0, p->hents = 0, p->scs = 0;
 	const uint64_t sc_cap = (uint64_t)(p->kn.prob_scores < AXF_SC_MAX_MIB ? p->kn.prob_scores : AXF_SC_MAX_MIB) << 18;
 	/* (MiB in floats) */
@@ -884,12 +877,9 @@ static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t 
 		p->roff[i] = (uint32_t)p->rows;
 		p->planned[i] = rc[i] == 0;
 		p->rows += axc_out_rows(&jobs[i]);
-		p->lslot[i] = p->nlse;
 		p->eoff[i] = p->rents;
 		if (rc[i] == 0)
 			p->rents += (uint64_t)axc_out_rows(&jobs[i]) * axf_kout(&jobs[i]);
-		if (rc[i] == 0 && jobs[i].mode == AX_MODE_MEAN_PROB)
-			p->nlse += jobs[i].n_q_heads;
 		/* knob prob_scores: a mean_prob job whose scores fit in what is left gets them, in job order */
 		p->scoff[i] = UINT64_MAX;
 		if (rc[i] == 0 && jobs[i].mode == AX_MODE_MEAN_PROB && sc_cap) {

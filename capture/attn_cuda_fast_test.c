@@ -411,10 +411,9 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	/* launches: each pass-job in exactly one, instances in launch order, contiguous */
 	uint32_t next = 0, ord = 0, so = 0;
 	uint64_t parts = 0, ents = 0, units = 0, hparts = 0, hents = 0;
-	char *seen_lse = calloc(p->nlse + 1, 1), *lse_done = calloc(p->nlse + 1, 1);
+	char *lse_used = calloc(p->njb + 1, 1); /* logsumexp pass-jobs whose probability pass was seen */
 	char *ticket = calloc(p->njb + 1, 1);
-	assert_non_null(seen_lse);
-	assert_non_null(lse_done);
+	assert_non_null(lse_used);
 	assert_non_null(ticket);
 	for (uint32_t l = 0; l < p->nl; l++) {
 		const axf_launch *L = &p->L[l];
@@ -542,26 +541,23 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 			if (j->mode == AX_MODE_MEAN_PROB && mode == AXF_M_HEADS) { /* logsumexp pass: before the second */
 				assert_int_equal(jb->K, 0);
 				assert_int_equal(jb->res, -1);
-				assert_true(jb->lse_out >= 0 && (uint32_t)jb->lse_out + jb->H <= p->nlse);
-				assert_false(seen_lse[jb->lse_out]);
-				seen_lse[jb->lse_out] = 1;
+				assert_int_equal(jb->lse_out, 0);
 			} else {
 				assert_int_equal(jb->lse_out, -1);
 				assert_int_equal(jb->res, (int32_t)p->roff[jb->flag]);
 				assert_int_equal(jb->K, j->top_k);
 				if (mode == AXF_M_PROB) {
-					assert_true(seen_lse[jb->lse_in]); /* its logsumexps come from an earlier launch */
-					assert_false(lse_done[jb->lse_in]);
-					lse_done[jb->lse_in] = 1;
 					/* it reduces that pass's partials and ORs its flag words (session 22): the same user
-					 * job's logsumexp pass-job, planned before it */
+					 * job's logsumexp pass-job, planned before it (an earlier launch), its only reader */
 					uint32_t lk = 0;
 					while (lk < p->njb && !(p->jb[lk].flag == jb->flag && p->jb[lk].lse_out >= 0))
 						lk++;
 					assert_true(lk < (uint32_t)(jb - p->jb));
 					const axf_job *lj = &p->jb[lk];
 					assert_true(jb->lpart0 == lj->part0 && jb->lpf0 == lj->pf0 && jb->lS == lj->S);
-					assert_true(jb->lsl == lj->S + lj->tblk && jb->lticket == lj->ticket && !lj->hm);
+					assert_true(lj->tblk == 0 && jb->lticket == lj->ticket && !lj->hm);
+					assert_false(lse_used[lk]);
+					lse_used[lk] = 1;
 				}
 			}
 			assert_true(jb->scale == j->scale && jb->head_offset == j->head_offset);
@@ -590,8 +586,8 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 	assert_int_equal(p->hparts, hparts);
 	assert_int_equal(p->hents, hents);
 	assert_int_equal(p->units, units);
-	for (uint32_t s = 0; s < p->nlse; s++)
-		assert_int_equal(seen_lse[s], lse_done[s]);
+	for (uint32_t k = 0; k < p->njb; k++) /* every logsumexp pass-job has its probability pass */
+		assert_int_equal(lse_used[k], p->jb[k].lse_out >= 0);
 	/* layout: aligned, disjoint, in this order, large enough */
 	const axf_layout *y = &p->lay;
 	size_t off[] = {y->jobs, y->so,  y->pflags,   y->rlse, y->rent, y->hlse,   y->hpf,     y->hps,     y->hpp,
@@ -619,8 +615,7 @@ static void check_plan(const axf_plan *p, const ax_attn_job *jobs, uint32_t n, c
 		any_table |= p->L[l].nj > 1;
 	assert_int_equal(p->pfl, pfl);
 	assert_int_equal(p->upload, any_table);
-	free(seen_lse);
-	free(lse_done);
+	free(lse_used);
 	free(ticket);
 	free(want_sc);
 }
