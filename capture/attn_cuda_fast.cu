@@ -721,7 +721,7 @@ __device__ __forceinline__ void row_scan(const axf_args &a, uint64_t ent, int K,
 }
 
 /* One warp merges the S partials of row r of pass-job jb (partial rows at prow0 + i, entries at ent + i·K) into
- * its result row or logsumexp slot. xs/xp: the warp's 64-entry survivor scratch; es/ep: its staging of cap ≥ S
+ * its result row. xs/xp: the warp's 64-entry survivor scratch; es/ep: its staging of cap ≥ S
  * entries; cnt: a shared-memory word of this warp's. (The last-CTA merge of heads rows: a warp per row.) */
 __device__ void merge_row(const axf_args &a, const axf_job &jb, int r, float *xs, int *xp, float *es, int *ep, int cap,
 			  uint32_t *cnt)
@@ -1009,7 +1009,7 @@ __device__ void merge_row_raw(const axf_args &a, const axf_job &jb, int r, unsig
 }
 
 /*
- * The whole CTA (8 warps) merges row r of pass-job jb into its result row or logsumexp slot: one round of loads by
+ * The whole CTA (8 warps) merges row r of pass-job jb into its result row: one round of loads by
  * all threads brings every split's logsumexp and k-th entry into shared memory, then its first E entries (RK: with
  * k ≤ 32 only its head, in that first round; row 0's CTA loads the splits' flag words in it too); warp 0 sets the
  * bar while warp 2 merges the logsumexps; all 8 warps scan the splits for survivors together (row_scan, 1/8 of

@@ -851,8 +851,8 @@ static inline void axf_make_layout(axf_plan *p)
  * -EOPNOTSUPP for a valid job the fast path does not run (the dispatcher never passes those). Result rows at the usual
  * offsets (job i's first row = Σ rows of jobs before it); one launch per instance present, in launch order; `resident`
  * CTAs per wave (p->res_lists for a launch with heads lists, when set), floors from p->kn. mean_prob: its logsumexp
- * pass-job comes in a heads launch, which runs before the mean_prob launch, and both pass-jobs name the same lse
- * slots. Returns 0 or -ENOMEM (tables, or more than 2^31 result rows or CTAs).
+ * pass-job comes in a heads launch, which runs before the mean_prob launch, whose pass-job reads its partials
+ * (ljb, lpart0 …). Returns 0 or -ENOMEM (tables, or more than 2^31 result rows or CTAs).
  */
 static inline int axf_plan_build(axf_plan *p, const ax_attn_job *jobs, uint32_t n, int *rc, uint32_t resident)
 {
